@@ -1,0 +1,5 @@
+import sys
+
+from hgsim.cli import main
+
+sys.exit(main())

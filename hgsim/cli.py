@@ -1,0 +1,54 @@
+"""Command-line entry point: ``python -m hgsim <command>``.
+
+Each command lives in ``hgsim/commands/<name>.py`` with ``register(subparsers)`` and a
+``run(args) -> int``; this module only dispatches and turns ``UserError`` into one line on
+stderr with exit code 2 (no traceback for mistakes the user can fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from hgsim import __version__
+from hgsim.errors import UserError
+
+# Order is the order shown in --help.
+COMMANDS = ["simulate", "study", "profiles", "models", "calibrate", "validate"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hgsim",
+        description="Simulate CPU-GPU collaborative long-context LLM decoding over tiered memory.",
+    )
+    parser.add_argument("--version", action="version", version=f"hgsim {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"hgsim.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"hgsim.commands.{name}":
+                continue  # command not built yet
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.run(args) or 0)
+    except UserError as exc:
+        print(f"hgsim {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"hgsim {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

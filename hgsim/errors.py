@@ -1,0 +1,28 @@
+"""User-facing errors.
+
+A ``UserError`` is something the person running hgsim can fix (a bad profile, an unknown
+model, an impossible study axis). The CLI prints its one-line message and exits with code 2,
+without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """An error in the user's input: printed as one line, exit code 2."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+        self.source = source
+        self.field = field
+        where = ": ".join(part for part in (source, field) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class ConfigError(UserError):
+    """A configuration file (profile, study) failed validation."""
+
+
+class InfeasibleError(UserError):
+    """A configuration cannot run on the hardware (e.g. KV does not fit in any tier)."""

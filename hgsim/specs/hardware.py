@@ -1,0 +1,153 @@
+"""Hardware profile specification: GPUs, CPU sockets, memory tiers and the links between them.
+
+A profile is a small graph. Nodes are GPUs, sockets and memory tiers; edges are links (PCIe
+per direction, UPI between sockets, CXL between a socket and an expander). The simulator
+turns it into contended resources; ``hw_backend.calibrate`` writes one from measurements.
+Units are fixed by name suffix: ``_gb`` = 1e9 bytes, ``_gbps`` = 1e9 bytes/s, ``_ns``, ``_us``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from hgsim.specs.base import SpecModel
+
+Dtype = Literal["fp32", "tf32", "fp16", "bf16", "fp8", "int8"]
+TierKind = Literal["hbm", "ddr", "cxl"]
+LinkKind = Literal["pcie", "upi", "cxl", "nvlink"]
+
+Positive = Field(gt=0)
+Fraction = Field(gt=0, le=1)
+
+
+class GpuSpec(SpecModel):
+    model: str
+    hbm_capacity_gb: float = Positive
+    hbm_bandwidth_gbps: float = Positive
+    peak_tflops: dict[Dtype, float]
+    kernel_launch_overhead_us: float = Field(ge=0)
+    compute_efficiency: float = Fraction  # achieved / peak FLOP/s on large GEMMs
+    memory_efficiency: float = Fraction  # achieved / peak HBM bandwidth on streaming kernels
+    attention_efficiency: float = Fraction  # achieved / peak HBM bandwidth in decode attention
+    copy_engines: int = Field(default=2, ge=1)
+    socket: str  # the socket whose root complex the GPU hangs off
+    link: str  # the PCIe link to that socket
+    source: str | None = None
+
+    @model_validator(mode="after")
+    def _peaks_positive(self) -> GpuSpec:
+        for dtype, value in self.peak_tflops.items():
+            if value <= 0:
+                raise ValueError(f"peak_tflops.{dtype} must be > 0, got {value}")
+        if "fp16" not in self.peak_tflops and "bf16" not in self.peak_tflops:
+            raise ValueError("peak_tflops needs fp16 or bf16")
+        return self
+
+    def peak_flops(self, dtype: str) -> float:
+        """Peak FLOP/s for ``dtype`` (bf16 and fp16 stand in for each other)."""
+        table = self.peak_tflops
+        for key in (dtype, "bf16" if dtype == "fp16" else "fp16"):
+            if key in table:
+                return table[key] * 1e12
+        raise KeyError(f"no peak FLOP/s for {dtype}")
+
+
+class CpuSocketSpec(SpecModel):
+    model: str
+    cores: int = Field(gt=0)
+    frequency_ghz: float = Positive
+    simd: Literal["scalar", "avx2", "avx512", "amx", "neon", "sve"]
+    attention_gflops_per_core: float = Positive  # sustained q.k FMA rate of the attention kernel
+    core_bandwidth_gbps: float = Positive  # most one core can stream from memory
+    source: str | None = None
+
+
+class MemoryTierSpec(SpecModel):
+    kind: TierKind
+    capacity_gb: float = Positive
+    read_bandwidth_gbps: float = Positive
+    write_bandwidth_gbps: float = Positive
+    latency_ns: float = Positive
+    socket: str  # the socket it hangs off (for CXL: through ``link``)
+    link: str | None = None  # CXL link between socket and expander
+    source: str | None = None
+
+
+class LinkSpec(SpecModel):
+    kind: LinkKind
+    endpoints: tuple[str, str]
+    bandwidth_gbps: float = Positive  # per direction, achievable (not signalling rate)
+    latency_ns: float = Field(ge=0)
+    source: str | None = None
+
+
+class HardwareProfile(SpecModel):
+    name: str
+    description: str = ""
+    gpus: dict[str, GpuSpec]
+    sockets: dict[str, CpuSocketSpec]
+    tiers: dict[str, MemoryTierSpec]
+    links: dict[str, LinkSpec]
+
+    @model_validator(mode="after")
+    def _check_references(self) -> HardwareProfile:
+        if not self.gpus:
+            raise ValueError("gpus: at least one GPU is required")
+        if not self.sockets:
+            raise ValueError("sockets: at least one CPU socket is required")
+        nodes = set(self.gpus) | set(self.sockets) | set(self.tiers)
+        overlap = (set(self.gpus) & set(self.sockets)) | (set(self.tiers) & (set(self.gpus) | set(self.sockets)))
+        if overlap:
+            raise ValueError(f"names must be unique across gpus, sockets and tiers: {sorted(overlap)}")
+        for name, link in self.links.items():
+            for end in link.endpoints:
+                if end not in nodes:
+                    raise _ref_error(f"links.{name}.endpoints", end, "node", nodes)
+        for name, gpu in self.gpus.items():
+            if gpu.socket not in self.sockets:
+                raise _ref_error(f"gpus.{name}.socket", gpu.socket, "socket", self.sockets)
+            link = self.links.get(gpu.link)
+            if link is None:
+                raise _ref_error(f"gpus.{name}.link", gpu.link, "link", self.links)
+            if link.kind != "pcie" or set(link.endpoints) != {name, gpu.socket}:
+                raise ValueError(
+                    f"gpus.{name}.link: '{gpu.link}' must be a pcie link between {gpu.socket} and {name}"
+                )
+        for name, tier in self.tiers.items():
+            if tier.socket not in self.sockets:
+                raise _ref_error(f"tiers.{name}.socket", tier.socket, "socket", self.sockets)
+            if tier.kind == "hbm":
+                raise ValueError(f"tiers.{name}.kind: HBM is described by the GPU (hbm_capacity_gb)")
+            if tier.kind == "cxl":
+                if tier.link is None:
+                    raise ValueError(f"tiers.{name}.link: a cxl tier needs the cxl link it sits behind")
+                link = self.links.get(tier.link)
+                if link is None:
+                    raise _ref_error(f"tiers.{name}.link", tier.link, "link", self.links)
+                if link.kind != "cxl" or set(link.endpoints) != {name, tier.socket}:
+                    raise ValueError(
+                        f"tiers.{name}.link: '{tier.link}' must be a cxl link between {tier.socket} and {name}"
+                    )
+            elif tier.link is not None:
+                raise ValueError(f"tiers.{name}.link: only cxl tiers sit behind a link")
+        for name, link in self.links.items():
+            if link.kind == "upi" and not set(link.endpoints) <= set(self.sockets):
+                raise ValueError(f"links.{name}.endpoints: upi links connect two sockets")
+        return self
+
+    # Convenience views used by the simulator and policies ------------------------------
+    @property
+    def primary_gpu(self) -> str:
+        return next(iter(self.gpus))
+
+    def tiers_of_kind(self, kind: str) -> list[str]:
+        return [name for name, tier in self.tiers.items() if tier.kind == kind]
+
+    def host_capacity_bytes(self) -> float:
+        return sum(t.capacity_gb for t in self.tiers.values()) * 1e9
+
+
+def _ref_error(field: str, value: str, what: str, known) -> ValueError:
+    return ValueError(f"{field}: unknown {what} '{value}' (known: {', '.join(sorted(known)) or 'none'})")
