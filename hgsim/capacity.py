@@ -1,0 +1,194 @@
+"""Capacity accounting: does a configuration fit, and where does each byte of KV live?
+
+Every tier has a capacity. A configuration that does not fit is reported infeasible with the
+tier and the shortfall; it is never silently simulated. Host KV placement strategies
+(semantic-aware, interleave, DRAM-first) live here because placement is decided by capacity.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from hgsim.plan import KvPlacement
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.model import ModelSpec
+
+GB = 1e9
+PlacementStrategy = Literal["semantic", "importance", "interleave", "dram_first"]
+
+
+@dataclass(frozen=True)
+class HbmReserve:
+    """HBM kept back from KV: CUDA context, allocator slack and activations (assumption:
+    1 GB plus 6% of capacity, in line with vLLM's default gpu_memory_utilization of 0.9)."""
+
+    fixed_gb: float = 1.0
+    fraction: float = 0.06
+
+    def bytes_(self, capacity_bytes: float) -> float:
+        return self.fixed_gb * GB + self.fraction * capacity_bytes
+
+
+@dataclass
+class MemoryFootprint:
+    """Bytes used and available per tier; ``hbm`` is the primary GPU's memory."""
+
+    used_bytes: dict[str, float] = field(default_factory=dict)
+    capacity_bytes: dict[str, float] = field(default_factory=dict)
+    reason: str | None = None  # set when infeasible for a reason other than a tier overflow
+
+    def add(self, tier: str, bytes_: float) -> None:
+        self.used_bytes[tier] = self.used_bytes.get(tier, 0.0) + bytes_
+
+    def shortfalls(self) -> dict[str, float]:
+        return {
+            tier: used - self.capacity_bytes.get(tier, 0.0)
+            for tier, used in self.used_bytes.items()
+            if used > self.capacity_bytes.get(tier, 0.0) * (1 + 1e-12)
+        }
+
+    @property
+    def feasible(self) -> bool:
+        return self.reason is None and not self.shortfalls()
+
+    def explain(self) -> str:
+        if self.reason:
+            return self.reason
+        parts = [
+            f"{tier} short by {short / GB:.1f} GB "
+            f"(needs {self.used_bytes[tier] / GB:.1f} GB, has {self.capacity_bytes.get(tier, 0) / GB:.1f} GB)"
+            for tier, short in sorted(self.shortfalls().items())
+        ]
+        return "; ".join(parts) if parts else "fits"
+
+
+def hbm_capacity_bytes(profile: HardwareProfile) -> float:
+    return profile.gpus[profile.primary_gpu].hbm_capacity_gb * GB
+
+
+def hbm_free_for_kv_bytes(
+    model: ModelSpec, profile: HardwareProfile, weight_dtype: str, reserve: HbmReserve
+) -> float:
+    capacity = hbm_capacity_bytes(profile)
+    return capacity - model.weight_bytes(weight_dtype) - reserve.bytes_(capacity)
+
+
+def max_gpu_tokens(
+    model: ModelSpec,
+    profile: HardwareProfile,
+    *,
+    batch: int,
+    kv_dtype: str,
+    weight_dtype: str,
+    reserve: HbmReserve,
+    extra_bytes: float = 0.0,
+) -> int:
+    """How many tokens of KV (per sequence, all layers) fit in HBM beside weights and reserve."""
+    free = hbm_free_for_kv_bytes(model, profile, weight_dtype, reserve) - extra_bytes
+    if free <= 0:
+        return 0
+    return int(free // (batch * model.kv_bytes_per_token(kv_dtype)))
+
+
+def _host_tier_order(profile: HardwareProfile, kinds: tuple[str, ...]) -> list[str]:
+    """Host tiers of the given kinds, nearest the GPU's socket first."""
+    gpu_socket = profile.gpus[profile.primary_gpu].socket
+    names = [n for n, t in profile.tiers.items() if t.kind in kinds]
+    return sorted(names, key=lambda n: (profile.tiers[n].socket != gpu_socket, n))
+
+
+def place_host_kv(
+    profile: HardwareProfile,
+    k_bytes: float,
+    v_bytes: float,
+    strategy: PlacementStrategy,
+    *,
+    allow_cxl: bool = True,
+    important_fraction: float = 0.0,
+) -> tuple[KvPlacement, dict[str, float]]:
+    """Decide which host tier holds which share of K and of V.
+
+    Returns the placement (fractions) and the bytes per tier. When host memory is too small the
+    bytes per tier exceed capacity and the caller's footprint reports the shortfall.
+    """
+    kinds = ("ddr", "cxl") if allow_cxl else ("ddr",)
+    ddr = _host_tier_order(profile, ("ddr",))
+    cxl = _host_tier_order(profile, ("cxl",)) if allow_cxl else []
+    free = {n: profile.tiers[n].capacity_gb * GB for n in _host_tier_order(profile, kinds)}
+    if not free:
+        raise ValueError("profile has no host memory tier to hold KV")
+
+    if strategy == "interleave":
+        total = sum(free.values())
+        k_frac = {n: c / total for n, c in free.items()}
+        v_frac = dict(k_frac)
+        placement = KvPlacement(k_frac, v_frac)
+        used = {n: f * (k_bytes + v_bytes) for n, f in k_frac.items()}
+        return placement, used
+
+    if strategy == "dram_first":
+        k_order = v_order = ddr + cxl
+    else:  # semantic and importance: keys local, values far
+        k_order, v_order = ddr + cxl, cxl + list(reversed(ddr))
+
+    used: dict[str, float] = {}
+    k_split = _fill(k_bytes, k_order, free, used)
+    v_split = _fill(v_bytes, v_order, free, used)
+    gather = None
+    if strategy == "importance" and important_fraction > 0 and v_bytes > 0:
+        gather = _importance_gather(v_bytes, important_fraction, ddr, free, used, v_split)
+    placement = KvPlacement(
+        _fractions(k_split, k_bytes, k_order), _fractions(v_split, v_bytes, v_order), gather
+    )
+    return placement, used
+
+
+def _importance_gather(v_bytes, important_fraction, ddr, free, used, v_split):
+    """Keep V rows of the most-attended tokens in DRAM too, so most gathers hit DRAM.
+
+    The copy costs DRAM capacity; gathers are assumed to hit the DRAM copy in proportion
+    ``important_fraction`` (the share of selections that land on important tokens).
+    """
+    copy_bytes = min(v_bytes * 0.1, sum(free.values()))
+    placed = _fill(copy_bytes, ddr, free, used) if ddr else {}
+    if not placed:
+        return None
+    gather = {n: (1 - important_fraction) * b / v_bytes for n, b in v_split.items()}
+    for n in placed:
+        gather[n] = gather.get(n, 0.0) + important_fraction * placed[n] / copy_bytes
+    total = sum(gather.values())
+    return {n: g / total for n, g in gather.items()}
+
+
+def _fill(bytes_: float, order: list[str], free: dict[str, float], used: dict[str, float]):
+    """Greedy fill in preference order; overflow lands on the last tier (reported later)."""
+    split: dict[str, float] = {}
+    remaining = bytes_
+    for name in order:
+        take = min(remaining, max(free[name], 0.0))
+        if take > 0:
+            split[name] = take
+            free[name] -= take
+            used[name] = used.get(name, 0.0) + take
+            remaining -= take
+        if remaining <= 0:
+            break
+    if remaining > 0:
+        last = order[-1]
+        split[last] = split.get(last, 0.0) + remaining
+        free[last] -= remaining
+        used[last] = used.get(last, 0.0) + remaining
+    return split
+
+
+def _fractions(split: dict[str, float], total: float, order: list[str]) -> dict[str, float]:
+    if total <= 0:
+        return {order[0]: 1.0}
+    fractions = {n: b / total for n, b in split.items()}
+    norm = sum(fractions.values())
+    return {n: f / norm for n, f in fractions.items()}
+
+
+def host_capacities(profile: HardwareProfile) -> dict[str, float]:
+    return {n: t.capacity_gb * GB for n, t in profile.tiers.items()}

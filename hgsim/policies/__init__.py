@@ -1,0 +1,66 @@
+"""KV-management policies, all expressed as the same partition plan.
+
+``POLICIES`` maps a name to (policy class, preset options): ablations are presets of HybridGen.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
+
+from pydantic import ValidationError
+
+from hgsim.errors import UserError
+from hgsim.policies.base import Policy, PolicyOptions
+from hgsim.policies.cpu_offload import CpuOffload
+from hgsim.policies.flexgen import FlexGen, FlexGenCpuAttention
+from hgsim.policies.gpu_only import GpuOnly
+from hgsim.policies.h2o import H2O
+from hgsim.policies.hgca import Hgca
+from hgsim.policies.hybridgen import HybridGen
+from hgsim.policies.infinigen import InfiniGen
+
+POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
+    "hybridgen": (HybridGen, {}, HybridGen.description),
+    "gpu_only": (GpuOnly, {}, GpuOnly.description),
+    "flexgen": (FlexGen, {}, FlexGen.description),
+    "flexgen_cpu": (FlexGenCpuAttention, {}, FlexGenCpuAttention.description),
+    "h2o": (H2O, {}, H2O.description),
+    "infinigen": (InfiniGen, {}, InfiniGen.description),
+    "hgca": (Hgca, {}, Hgca.description),
+    "cpu_offload": (CpuOffload, {}, CpuOffload.description),
+    # HybridGen ablations
+    "hybridgen_static": (HybridGen, {"adaptive": False}, "HybridGen with a static top-k ratio"),
+    "hybridgen_nocxl": (HybridGen, {"allow_cxl": False}, "HybridGen without CXL memory"),
+    "hybridgen_nosemantic": (HybridGen, {"placement": "interleave"}, "HybridGen, naive interleave"),
+    "hybridgen_importance": (HybridGen, {"placement": "importance"}, "HybridGen, importance mapping"),
+    "hybridgen_nolookahead": (HybridGen, {"lookahead": False}, "HybridGen without lookahead"),
+    "hybridgen_exact": (HybridGen, {"topk_ratio": 1.0, "adaptive": False}, "HybridGen, top-k = all"),
+}
+
+BASELINES = ["gpu_only", "flexgen", "flexgen_cpu", "h2o", "infinigen", "hgca", "cpu_offload"]
+
+
+def policy_names() -> list[str]:
+    return list(POLICIES)
+
+
+def make_policy(name: str, model, profile, workload, options: dict[str, Any] | None = None) -> Policy:
+    """Build a policy by name; ``options`` override the preset (unknown keys are errors)."""
+    entry = POLICIES.get(name)
+    if entry is None:
+        close = difflib.get_close_matches(name, POLICIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise UserError(f"unknown policy '{name}'{hint}; known: {', '.join(POLICIES)}", field="policy")
+    cls, preset, _ = entry
+    merged = {**preset, **(options or {})}
+    try:
+        opts = cls.Options(**merged)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise UserError(f"{first['msg']}", field=f"policy_options.{key}") from None
+    return cls(model, profile, workload, opts)
+
+
+__all__ = ["BASELINES", "POLICIES", "Policy", "PolicyOptions", "make_policy", "policy_names"]

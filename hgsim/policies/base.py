@@ -1,0 +1,139 @@
+"""What every KV-management policy provides: a memory footprint and a plan per decode step.
+
+A policy never touches SimPy or tensors. It decides placement and work split and returns
+``StepPlan`` objects; the simulator and ``hw_backend`` execute them. Policies that adapt
+(HybridGen) receive host/device latency through ``observe`` from whichever executor runs them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+from pydantic import Field
+
+from hgsim.capacity import (
+    HbmReserve,
+    MemoryFootprint,
+    PlacementStrategy,
+    hbm_capacity_bytes,
+    host_capacities,
+    max_gpu_tokens,
+    place_host_kv,
+)
+from hgsim.plan import KvPlacement, LayerPlan, StepPlan
+from hgsim.scheduler import FeedbackScheduler
+from hgsim.specs.base import SpecModel
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.model import DTYPE_BYTES, ModelSpec
+from hgsim.workload import Workload
+
+
+class PolicyOptions(SpecModel):
+    """Knobs shared by all policies; each policy extends this with its own."""
+
+    hbm_reserve_fraction: float = Field(default=0.06, ge=0, lt=1)
+    hbm_reserve_gb: float = Field(default=1.0, ge=0)
+
+    @property
+    def reserve(self) -> HbmReserve:
+        return HbmReserve(self.hbm_reserve_gb, self.hbm_reserve_fraction)
+
+
+class Policy(ABC):
+    name: ClassVar[str]
+    description: ClassVar[str]
+    lossy: ClassVar[bool] = False
+    Options: ClassVar[type[PolicyOptions]] = PolicyOptions
+
+    def __init__(
+        self,
+        model: ModelSpec,
+        profile: HardwareProfile,
+        workload: Workload,
+        options: PolicyOptions | None = None,
+    ):
+        self.model = model
+        self.profile = profile
+        self.workload = workload
+        self.options = options if options is not None else self.Options()
+        self.scheduler: FeedbackScheduler | None = None
+        self.footprint = MemoryFootprint(capacity_bytes={"hbm": hbm_capacity_bytes(profile)})
+        self.footprint.capacity_bytes.update(host_capacities(profile))
+        self.footprint.add("hbm", model.weight_bytes(workload.weight_dtype))
+        self.footprint.add("hbm", self.options.reserve.bytes_(hbm_capacity_bytes(profile)))
+        self.setup()
+
+    # ---------------------------------------------------------------- to implement
+    @abstractmethod
+    def setup(self) -> None:
+        """Decide residency and placement; account every byte in ``self.footprint``."""
+
+    @abstractmethod
+    def layer_plan(self, context: int) -> LayerPlan:
+        """The plan of one layer when ``context`` tokens are in the cache."""
+
+    # ---------------------------------------------------------------- shared
+    def step_plan(self, context: int) -> StepPlan:
+        return StepPlan(
+            policy=self.name,
+            batch=self.workload.batch,
+            layer=self.layer_plan(context),
+            num_layers=self.model.num_layers,
+        )
+
+    def observe(self, host_s: float, device_s: float) -> None:
+        """Feedback from the executor (simulated or measured); static policies ignore it."""
+        if self.scheduler is not None:
+            self.scheduler.observe(host_s, device_s)
+
+    @property
+    def feasible(self) -> bool:
+        return self.footprint.feasible
+
+    def infeasibility(self) -> str | None:
+        return None if self.feasible else self.footprint.explain()
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def kv_token_bytes(self) -> float:
+        """K+V bytes of one token of one sequence across all layers."""
+        return self.model.kv_bytes_per_token(self.workload.kv_dtype)
+
+    @property
+    def kv_elem_bytes(self) -> float:
+        return DTYPE_BYTES[self.workload.kv_dtype]
+
+    def gpu_token_capacity(self, extra_bytes: float = 0.0) -> int:
+        return max_gpu_tokens(
+            self.model,
+            self.profile,
+            batch=self.workload.batch,
+            kv_dtype=self.workload.kv_dtype,
+            weight_dtype=self.workload.weight_dtype,
+            reserve=self.options.reserve,
+            extra_bytes=extra_bytes,
+        )
+
+    def account_gpu_kv(self, tokens: int) -> None:
+        self.footprint.add("hbm", tokens * self.workload.batch * self.kv_token_bytes)
+
+    def place_host(
+        self, tokens: int, strategy: PlacementStrategy, *, allow_cxl: bool = True,
+        important_fraction: float = 0.0,
+    ) -> KvPlacement | None:
+        """Place ``tokens`` per sequence of host KV and account it; None when no host KV."""
+        if tokens <= 0:
+            return None
+        half = tokens * self.workload.batch * self.kv_token_bytes / 2
+        try:
+            placement, used = place_host_kv(
+                self.profile, half, half, strategy, allow_cxl=allow_cxl,
+                important_fraction=important_fraction,
+            )
+        except ValueError as exc:
+            self.footprint.reason = str(exc)
+            return None
+        for tier, bytes_ in used.items():
+            self.footprint.add(tier, bytes_)
+        return placement

@@ -1,0 +1,21 @@
+"""GPU-only (vLLM-like): the whole KV cache in HBM; beyond capacity it is infeasible."""
+
+from __future__ import annotations
+
+from hgsim.plan import CpuWork, LayerPlan, Merge, Selector, Transfer
+from hgsim.policies.base import Policy
+
+
+class GpuOnly(Policy):
+    name = "gpu_only"
+    description = "all KV in HBM (vLLM-like); infeasible beyond HBM capacity"
+
+    def setup(self) -> None:
+        self.account_gpu_kv(self.workload.final_context)
+
+    def layer_plan(self, context: int) -> LayerPlan:
+        return LayerPlan(
+            context=context, gpu_recent_tokens=context, sink_tokens=0, host_selected=0,
+            cpu_work=CpuWork.NONE, transfer=Transfer.NONE, merge=Merge.NONE,
+            selector=Selector.ALL, placement=None,
+        )

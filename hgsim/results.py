@@ -1,0 +1,113 @@
+"""What one simulation returns, and its flat row form for tables and Parquet."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class StepTiming:
+    """One decode step as the executor saw it (simulated here, measured in hw_backend)."""
+
+    step: int
+    context: int
+    latency_s: float
+    gpu_busy_s: float  # GPU compute stream busy
+    cpu_busy_s: float  # CPU attention work in flight
+    pcie_busy_s: float  # either PCIe direction busy
+    stall_s: float  # GPU idle inside the step waiting for host data
+    host_s: float  # host path time summed over layers (scheduler input)
+    device_s: float  # device work available to hide it, summed over layers
+    topk_ratio: float
+    gpu_tokens: int
+    simulated: bool = True  # False: interpolated between sampled steps
+
+
+@dataclass
+class SimResult:
+    profile: str
+    model: str
+    policy: str
+    batch: int
+    context: int
+    gen: int
+    feasible: bool
+    reason: str | None = None
+    steps: list[StepTiming] = field(default_factory=list)
+    ttft_s: float = 0.0
+    footprint_bytes: dict[str, float] = field(default_factory=dict)
+    capacity_bytes: dict[str, float] = field(default_factory=dict)
+    utilisation: dict[str, float] = field(default_factory=dict)
+    bytes_by_resource: dict[str, float] = field(default_factory=dict)
+    accuracy_mass_kept: float = 1.0
+    accuracy_rel_error: float = 0.0
+    events: int = 0
+    wall_s: float = 0.0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ derived metrics
+    @property
+    def latencies_s(self) -> np.ndarray:
+        return np.array([s.latency_s for s in self.steps])
+
+    @property
+    def decode_s(self) -> float:
+        return float(self.latencies_s.sum()) if self.steps else float("nan")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.batch * len(self.steps) / self.decode_s if self.steps else 0.0
+
+    def latency_stats_ms(self) -> dict[str, float]:
+        lat = self.latencies_s * 1e3
+        if not lat.size:
+            return {"mean": float("nan"), "p50": float("nan"), "p99": float("nan")}
+        return {
+            "mean": float(lat.mean()),
+            "p50": float(np.percentile(lat, 50)),
+            "p99": float(np.percentile(lat, 99)),
+        }
+
+    def breakdown_ms(self) -> dict[str, float]:
+        """Mean per-token time in each activity; overlapping activities each count in full."""
+        if not self.steps:
+            return {}
+        n = len(self.steps)
+        return {
+            "gpu_compute": 1e3 * sum(s.gpu_busy_s for s in self.steps) / n,
+            "cpu_compute": 1e3 * sum(s.cpu_busy_s for s in self.steps) / n,
+            "pcie": 1e3 * sum(s.pcie_busy_s for s in self.steps) / n,
+            "stall": 1e3 * sum(s.stall_s for s in self.steps) / n,
+        }
+
+    def scheduler_trace(self) -> list[tuple[int, float, int]]:
+        return [(s.step, s.topk_ratio, s.gpu_tokens) for s in self.steps]
+
+    def to_row(self) -> dict[str, Any]:
+        """Flat metrics for a results table (one row per configuration)."""
+        row: dict[str, Any] = {
+            "profile": self.profile, "model": self.model, "policy": self.policy,
+            "batch": self.batch, "context": self.context, "gen": self.gen,
+            "feasible": self.feasible, "reason": self.reason or "",
+        }
+        if self.feasible and self.steps:
+            stats = self.latency_stats_ms()
+            row.update({
+                "latency_mean_ms": stats["mean"], "latency_p50_ms": stats["p50"],
+                "latency_p99_ms": stats["p99"], "tokens_per_s": self.tokens_per_s,
+                "decode_s": self.decode_s, "ttft_s": self.ttft_s,
+                "final_topk_ratio": self.steps[-1].topk_ratio,
+                "final_gpu_tokens": self.steps[-1].gpu_tokens,
+                "accuracy_mass_kept": self.accuracy_mass_kept,
+                "accuracy_rel_error": self.accuracy_rel_error,
+            })
+            row.update({f"{k}_ms": v for k, v in self.breakdown_ms().items()})
+            row.update({f"util_{k}": v for k, v in self.utilisation.items()})
+        row.update({f"mem_{k}_gb": v / 1e9 for k, v in self.footprint_bytes.items()})
+        return row
+
+    def steps_table(self) -> list[dict[str, Any]]:
+        return [asdict(s) for s in self.steps]

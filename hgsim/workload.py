@@ -1,0 +1,29 @@
+"""What is being served: batch, prompt (context) length, tokens generated, dtypes."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from hgsim.specs.base import SpecModel
+from hgsim.units import parse_count
+
+
+class Workload(SpecModel):
+    batch: int = Field(default=1, gt=0)
+    context: int = Field(gt=0)  # tokens already in the KV cache when decoding starts
+    gen: int = Field(default=256, gt=0)  # tokens generated per sequence
+    kv_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = "fp16"
+    weight_dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = "fp16"
+    include_prefill: bool = False  # simulate the prompt's prefill before decoding
+    seed: int = 0
+
+    @field_validator("context", "gen", "batch", mode="before")
+    @classmethod
+    def _counts(cls, value: Any) -> Any:
+        return parse_count(value) if isinstance(value, str) else value
+
+    @property
+    def final_context(self) -> int:
+        return self.context + self.gen
