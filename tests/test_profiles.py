@@ -1,0 +1,278 @@
+"""Hardware profiles: shipped ones load and cite their numbers; broken ones fail in one line."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hgsim import profiles
+from hgsim.errors import ConfigError, UserError
+from hgsim.profiles import (
+    PROFILE_DIR,
+    list_profiles,
+    load_profile,
+    profile_with_overrides,
+)
+from hgsim.specs.hardware import HardwareProfile
+
+REPO = Path(__file__).resolve().parents[1]
+REQUIRED = {
+    "a100-40gb-spr-cxl",
+    "h100-80gb-spr-cxl",
+    "rtx5090-cxl",
+    "h100-2socket-cxl",
+    "dev-zen4-2core",
+}
+SHIPPED = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+BASE = PROFILE_DIR / "a100-40gb-spr-cxl.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch):
+    monkeypatch.delenv("HGSIM_PROFILE_PATH", raising=False)
+    profiles.clear_cache()
+    yield
+    profiles.clear_cache()
+
+
+# ------------------------------------------------------------------ shipped profiles
+def test_required_profiles_shipped():
+    assert REQUIRED <= set(list_profiles())
+    assert PROFILE_DIR == REPO / "hardware_profiles"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_profile_loads_and_references_resolve(name):
+    profile = load_profile(name)
+    assert isinstance(profile, HardwareProfile)
+    assert profile.name == name  # file name and profile name agree
+    nodes = set(profile.gpus) | set(profile.sockets) | set(profile.tiers)
+    for gpu_name, gpu in profile.gpus.items():
+        assert gpu.socket in profile.sockets
+        link = profile.links[gpu.link]
+        assert link.kind == "pcie" and set(link.endpoints) == {gpu_name, gpu.socket}
+    for tier in profile.tiers.values():
+        assert tier.socket in profile.sockets
+        if tier.kind == "cxl":
+            assert profile.links[tier.link].kind == "cxl"
+    for link in profile.links.values():
+        assert set(link.endpoints) <= nodes
+    assert profile.tiers_of_kind("ddr"), "every profile has host DRAM"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_number_cites_a_source(name):
+    """Each numeric YAML line carries a comment saying where the figure comes from."""
+    number = re.compile(r"^\s*[\w\-]+:\s*-?\d[\d.,]*(\s*[A-Za-z/]+)?\s*(#.*)?$")
+    for lineno, line in enumerate((PROFILE_DIR / f"{name}.yaml").read_text().splitlines(), 1):
+        if number.match(line):
+            comment = line.partition("#")[2].strip()
+            assert len(comment) > 10, f"{name}.yaml:{lineno}: number without a source comment"
+
+
+@pytest.mark.parametrize("name", sorted(REQUIRED - {"dev-zen4-2core"}))
+def test_server_capacities_are_realistic(name):
+    profile = load_profile(name)
+    for tier_name in profile.tiers_of_kind("cxl"):
+        assert 128 <= profile.tiers[tier_name].capacity_gb <= 1024, tier_name
+    ddr = sum(profile.tiers[t].capacity_gb for t in profile.tiers_of_kind("ddr"))
+    assert 512 <= ddr <= 2048
+    assert profile.tiers_of_kind("cxl"), "server profiles ship a CXL expander"
+
+
+def test_key_figures():
+    a100 = load_profile("a100-40gb-spr-cxl")
+    assert a100.gpus["gpu0"].hbm_bandwidth_gbps == 1555
+    assert a100.gpus["gpu0"].peak_flops("bf16") == 312e12
+    assert a100.links["pcie0"].bandwidth_gbps == 25
+    h100 = load_profile("h100-80gb-spr-cxl")
+    assert (h100.gpus["gpu0"].hbm_capacity_gb, h100.gpus["gpu0"].hbm_bandwidth_gbps) == (80, 3350)
+    assert h100.links["pcie0"].bandwidth_gbps == 50
+    rtx = load_profile("rtx5090-cxl")
+    assert (rtx.gpus["gpu0"].hbm_capacity_gb, rtx.gpus["gpu0"].hbm_bandwidth_gbps) == (32, 1792)
+
+
+def test_two_socket_topology():
+    profile = load_profile("h100-2socket-cxl")
+    assert set(profile.sockets) == {"cpu0", "cpu1"}
+    assert profile.gpus["gpu0"].socket == "cpu0"
+    assert {t.socket for t in profile.tiers.values() if t.kind == "ddr"} == {"cpu0", "cpu1"}
+    upi = [link for link in profile.links.values() if link.kind == "upi"]
+    assert len(upi) == 1 and set(upi[0].endpoints) == {"cpu0", "cpu1"}
+    assert profile.tiers["cxl0"].socket == "cpu1"
+
+
+def test_dev_profile_describes_this_machine_and_flags_the_gpu():
+    profile = load_profile("dev-zen4-2core")
+    cpu = profile.sockets["cpu0"]
+    assert cpu.cores == 2 and len(profile.sockets) == 1
+    assert not profile.tiers_of_kind("cxl")
+    assert profile.tiers["ddr0"].read_bandwidth_gbps == 30
+    assert "HYPOTHETICAL" in profile.gpus["gpu0"].model
+    assert "HYPOTHETICAL" in profile.description
+
+
+# ------------------------------------------------------------------ loading
+def test_load_by_path_and_cache(tmp_path):
+    first = load_profile("a100-40gb-spr-cxl")
+    assert load_profile("a100-40gb-spr-cxl") is first
+    assert load_profile(BASE) is first  # same resolved file, same object
+    copy = tmp_path / "mine.yaml"
+    copy.write_text(BASE.read_text())
+    mine = load_profile(str(copy))
+    assert mine == first and mine is not first
+    copy.write_text(BASE.read_text().replace("capacity_gb: 256", "capacity_gb: 512"))
+    os.utime(copy, ns=(0, 10**18))  # new mtime even on coarse-grained file systems
+    assert load_profile(copy).tiers["cxl0"].capacity_gb == 512
+
+
+def test_unknown_profile_name_lists_known():
+    with pytest.raises(UserError) as info:
+        load_profile("h100-80gb-spr-cx")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "did you mean 'h100-80gb-spr-cxl'" in message
+    assert all(name in message for name in REQUIRED)
+
+
+def test_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_profile(tmp_path / "nope.yaml")
+
+
+def test_profile_path_env(tmp_path, monkeypatch):
+    (tmp_path / "my-box.yaml").write_text(BASE.read_text().replace(
+        "name: a100-40gb-spr-cxl", "name: my-box"))
+    monkeypatch.setenv("HGSIM_PROFILE_PATH", f"{tmp_path}{os.pathsep}/does/not/exist")
+    assert "my-box" in list_profiles() and REQUIRED <= set(list_profiles())
+    assert load_profile("my-box").name == "my-box"
+
+
+# ------------------------------------------------------------------ bad profiles
+def _line_of(text: str, needle: str) -> int:
+    return next(i for i, line in enumerate(text.splitlines(), 1) if needle in line)
+
+
+BAD = {
+    # case: (old, new, field, message part, text marking the expected line)
+    "missing_field": (
+        "    latency_ns: 110                 # REFERENCE.md: DDR5 local node latency ~100-120 ns\n",
+        "", "tiers.ddr0.latency_ns", "required field is missing", "  ddr0:"),
+    "negative_bandwidth": (
+        "read_bandwidth_gbps: 240", "read_bandwidth_gbps: -240",
+        "tiers.ddr0.read_bandwidth_gbps", "greater than 0", "read_bandwidth_gbps: -240"),
+    "unknown_tier_referenced": (
+        "endpoints: [cpu0, cxl0]", "endpoints: [cpu0, cxl9]",
+        "links.cxl0-link.endpoints", "unknown node 'cxl9'", "endpoints: [cpu0, cxl9]"),
+    "unknown_socket": (
+        "    socket: cpu0\n    link: pcie0", "    socket: cpu7\n    link: pcie0",
+        "gpus.gpu0.socket", "unknown socket 'cpu7'", "socket: cpu7"),
+    "unknown_link": (
+        "link: cxl0-link\n", "link: nolink\n",
+        "tiers.cxl0.link", "unknown link 'nolink'", "link: nolink"),
+    "wrong_unit": (
+        "bandwidth_gbps: 25 ", "bandwidth_gbps: 25 ns ",
+        "links.pcie0.bandwidth_gbps", "wrong unit 'ns'", "bandwidth_gbps: 25 ns"),
+    "unknown_key": (
+        "    kind: pcie\n", "    kind: pcie\n    bandwdith_gbps: 3\n",
+        "links.pcie0.bandwdith_gbps", "unknown key", "bandwdith_gbps: 3"),
+}
+
+
+def _write_bad(tmp_path: Path, case: str) -> tuple[Path, str]:
+    old, new, *_ = BAD[case]
+    text = BASE.read_text()
+    assert old in text, f"fixture for {case} no longer matches the base profile"
+    bad = text.replace(old, new, 1)
+    path = tmp_path / f"{case}.yaml"
+    path.write_text(bad)
+    return path, bad
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_profile_one_line_error_with_file_line_and_field(tmp_path, case):
+    _, _, field, part, marker = BAD[case]
+    path, text = _write_bad(tmp_path, case)
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path}:{_line_of(text, marker)}: {field}: "), message
+    assert part in message
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("name: x\ngpus: [\n  gpu0: {}\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}:\d+: invalid YAML"):
+        load_profile(path)
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HGSIM_PROFILE_PATH"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    return subprocess.run([sys.executable, "-m", "hgsim", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_cli_check_bad_profile_exits_2_without_traceback(tmp_path):
+    path, _ = _write_bad(tmp_path, "wrong_unit")
+    result = _run_cli("profiles", "check", str(path))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "links.pcie0.bandwidth_gbps" in lines[0] and str(path) in lines[0]
+
+
+def test_cli_check_good_profiles_exit_0():
+    result = _run_cli("profiles", "check", *(str(PROFILE_DIR / f"{n}.yaml") for n in SHIPPED))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("ok:") == len(SHIPPED)
+
+
+# ------------------------------------------------------------------ overrides
+def test_overrides_apply_and_revalidate():
+    base = load_profile("h100-2socket-cxl")
+    tuned = profile_with_overrides(base, {
+        "tiers.cxl0.read_bandwidth_gbps": "64 GB/s",
+        "gpus.gpu0.peak_tflops.bf16": 500,
+        "links.upi0.latency_ns": "0.1 us",
+    })
+    assert tuned.tiers["cxl0"].read_bandwidth_gbps == 64
+    assert tuned.gpus["gpu0"].peak_tflops["bf16"] == 500
+    assert tuned.links["upi0"].latency_ns == pytest.approx(100)
+    assert base.tiers["cxl0"].read_bandwidth_gbps == 24  # the original is untouched
+    assert profile_with_overrides(base, {}) is base
+
+
+def test_override_shorthand_and_wildcard():
+    base = load_profile("a100-40gb-spr-cxl")
+    both = profile_with_overrides(base, {"tiers.cxl0.bandwidth_gbps": 64})
+    assert (both.tiers["cxl0"].read_bandwidth_gbps, both.tiers["cxl0"].write_bandwidth_gbps) == (
+        64, 64)
+    slow = profile_with_overrides(base, {"tiers.*.latency_ns": 500})
+    assert {t.latency_ns for t in slow.tiers.values()} == {500}
+    fp8 = profile_with_overrides(base, {"gpus.gpu0.peak_tflops.fp8": 624})
+    assert fp8.gpus["gpu0"].peak_tflops["fp8"] == 624
+
+
+@pytest.mark.parametrize("path", ["tiers.cxl9.read_bandwidth_gbps", "tiers.cxl0.bandwith_gbps",
+                                  "gpu.hbm_capacity_gb", "name.first"])
+def test_override_unknown_path_is_named(path):
+    with pytest.raises(UserError, match=re.escape(f"'{path}'")):
+        profile_with_overrides(load_profile("a100-40gb-spr-cxl"), {path: 1})
+
+
+def test_override_invalid_value_names_field():
+    with pytest.raises(ConfigError) as info:
+        profile_with_overrides(load_profile("a100-40gb-spr-cxl"),
+                               {"tiers.cxl0.read_bandwidth_gbps": -1})
+    assert "tiers.cxl0.read_bandwidth_gbps: input should be greater than 0" in str(info.value)
+    with pytest.raises(ConfigError, match="wrong unit 'ns'"):
+        profile_with_overrides(load_profile("a100-40gb-spr-cxl"), {"links.pcie0.bandwidth_gbps":
+                                                                   "3 ns"})
