@@ -12,7 +12,6 @@ from typing import Literal
 
 from hgsim.plan import KvPlacement
 from hgsim.specs.hardware import HardwareProfile
-from hgsim.specs.model import ModelSpec
 
 GB = 1e9
 PlacementStrategy = Literal["semantic", "importance", "interleave", "dram_first"]
@@ -65,30 +64,6 @@ class MemoryFootprint:
 
 def hbm_capacity_bytes(profile: HardwareProfile) -> float:
     return profile.gpus[profile.primary_gpu].hbm_capacity_gb * GB
-
-
-def hbm_free_for_kv_bytes(
-    model: ModelSpec, profile: HardwareProfile, weight_dtype: str, reserve: HbmReserve
-) -> float:
-    capacity = hbm_capacity_bytes(profile)
-    return capacity - model.weight_bytes(weight_dtype) - reserve.bytes_(capacity)
-
-
-def max_gpu_tokens(
-    model: ModelSpec,
-    profile: HardwareProfile,
-    *,
-    batch: int,
-    kv_dtype: str,
-    weight_dtype: str,
-    reserve: HbmReserve,
-    extra_bytes: float = 0.0,
-) -> int:
-    """How many tokens of KV (per sequence, all layers) fit in HBM beside weights and reserve."""
-    free = hbm_free_for_kv_bytes(model, profile, weight_dtype, reserve) - extra_bytes
-    if free <= 0:
-        return 0
-    return int(free // (batch * model.kv_bytes_per_token(kv_dtype)))
 
 
 def _host_tier_order(profile: HardwareProfile, kinds: tuple[str, ...]) -> list[str]:

@@ -163,6 +163,8 @@ class StepPlan:
     layer: LayerPlan
     num_layers: int
     per_layer: tuple[LayerPlan, ...] | None = None
+    offloaded_weight_bytes_per_layer: float = 0.0  # streamed host -> GPU every step
+    weight_tier: str | None = None  # host tier holding offloaded weights
     notes: dict[str, float] = field(default_factory=dict)
 
     def layer_plan(self, index: int) -> LayerPlan:

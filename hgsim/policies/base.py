@@ -8,7 +8,7 @@ A policy never touches SimPy or tensors. It decides placement and work split and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -18,7 +18,6 @@ from hgsim.capacity import (
     PlacementStrategy,
     hbm_capacity_bytes,
     host_capacities,
-    max_gpu_tokens,
     place_host_kv,
 )
 from hgsim.plan import KvPlacement, LayerPlan, StepPlan
@@ -34,6 +33,10 @@ class PolicyOptions(SpecModel):
 
     hbm_reserve_fraction: float = Field(default=0.06, ge=0, lt=1)
     hbm_reserve_gb: float = Field(default=1.0, ge=0)
+    # Weights that do not fit beside a minimum of KV space are kept in host DRAM and streamed
+    # over PCIe layer by layer (FlexGen-style), instead of declaring the model infeasible.
+    weight_offload: Literal["auto", "none"] = "auto"
+    min_kv_hbm_fraction: float = Field(default=0.1, ge=0, lt=1)
 
     @property
     def reserve(self) -> HbmReserve:
@@ -60,8 +63,8 @@ class Policy(ABC):
         self.scheduler: FeedbackScheduler | None = None
         self.footprint = MemoryFootprint(capacity_bytes={"hbm": hbm_capacity_bytes(profile)})
         self.footprint.capacity_bytes.update(host_capacities(profile))
-        self.footprint.add("hbm", model.weight_bytes(workload.weight_dtype))
         self.footprint.add("hbm", self.options.reserve.bytes_(hbm_capacity_bytes(profile)))
+        self.offloaded_weight_bytes = self._place_weights()
         self.setup()
 
     # ---------------------------------------------------------------- to implement
@@ -80,7 +83,30 @@ class Policy(ABC):
             batch=self.workload.batch,
             layer=self.layer_plan(context),
             num_layers=self.model.num_layers,
+            offloaded_weight_bytes_per_layer=self.offloaded_weight_bytes / self.model.num_layers,
+            weight_tier=self.weight_tier,
         )
+
+    def _place_weights(self) -> float:
+        """Put weights in HBM, offloading to host DRAM what would leave too little KV room.
+
+        Returns the offloaded bytes. Offloaded layers stream through a two-layer HBM buffer.
+        """
+        capacity = hbm_capacity_bytes(self.profile)
+        weights = self.model.weight_bytes(self.workload.weight_dtype)
+        reserve = self.options.reserve.bytes_(capacity)
+        room = capacity - reserve - self.options.min_kv_hbm_fraction * capacity
+        ddr = [n for n, t in self.profile.tiers.items() if t.kind == "ddr"]
+        self.weight_tier = ddr[0] if ddr else next(iter(self.profile.tiers), None)
+        if weights <= room or self.options.weight_offload == "none" or self.weight_tier is None:
+            self.footprint.add("hbm", weights)
+            return 0.0
+        buffer = 2 * self.model.layer_weight_bytes(self.workload.weight_dtype)
+        resident = max(0.0, room - buffer)
+        offloaded = weights - resident
+        self.footprint.add("hbm", resident + buffer)
+        self.footprint.add(self.weight_tier, offloaded)
+        return offloaded
 
     def observe(self, host_s: float, device_s: float) -> None:
         """Feedback from the executor (simulated or measured); static policies ignore it."""
@@ -105,15 +131,12 @@ class Policy(ABC):
         return DTYPE_BYTES[self.workload.kv_dtype]
 
     def gpu_token_capacity(self, extra_bytes: float = 0.0) -> int:
-        return max_gpu_tokens(
-            self.model,
-            self.profile,
-            batch=self.workload.batch,
-            kv_dtype=self.workload.kv_dtype,
-            weight_dtype=self.workload.weight_dtype,
-            reserve=self.options.reserve,
-            extra_bytes=extra_bytes,
-        )
+        """Tokens of KV (per sequence) that fit in what HBM has left, minus ``extra_bytes``."""
+        free = self.footprint.capacity_bytes["hbm"] - self.footprint.used_bytes.get("hbm", 0.0)
+        free -= extra_bytes
+        if free <= 0:
+            return 0
+        return int(free // (self.workload.batch * self.kv_token_bytes))
 
     def account_gpu_kv(self, tokens: int) -> None:
         self.footprint.add("hbm", tokens * self.workload.batch * self.kv_token_bytes)

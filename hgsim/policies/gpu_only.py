@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from hgsim.plan import CpuWork, LayerPlan, Merge, Selector, Transfer
-from hgsim.policies.base import Policy
+from hgsim.policies.base import Policy, PolicyOptions
+
+
+class GpuOnlyOptions(PolicyOptions):
+    weight_offload: Literal["auto", "none"] = "none"  # vLLM keeps weights in HBM
 
 
 class GpuOnly(Policy):
     name = "gpu_only"
     description = "all KV in HBM (vLLM-like); infeasible beyond HBM capacity"
+    Options = GpuOnlyOptions
 
     def setup(self) -> None:
         self.account_gpu_kv(self.workload.final_context)

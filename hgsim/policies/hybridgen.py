@@ -44,7 +44,7 @@ class HybridGen(Policy):
         row_bytes = self.model.head_dim * self.kv_elem_bytes + 4
         buffers = 2 * batch * heads * final * max(opts.max_ratio, opts.topk_ratio) * row_bytes
         self.footprint.add("hbm", buffers)
-        capacity = max(0, min(self.gpu_token_capacity(extra_bytes=buffers), final))
+        capacity = max(0, min(self.gpu_token_capacity(), final))
         max_share = capacity / final
         share = max_share if opts.gpu_share is None else min(opts.gpu_share, max_share)
         config = SchedulerConfig(

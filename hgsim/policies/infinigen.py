@@ -37,7 +37,7 @@ class InfiniGen(Policy):
         per_layer_prefetch = 2 * batch * final * self.options.topk_ratio * self.model.kv_bytes_per_token_layer(self.workload.kv_dtype)
         extra = partial_keys + per_layer_prefetch
         self.footprint.add("hbm", extra)
-        self.recent = max(0, min(self.gpu_token_capacity(extra_bytes=extra), final))
+        self.recent = max(0, min(self.gpu_token_capacity(), final))
         self.account_gpu_kv(self.recent)
         self.placement = self.place_host(final - self.recent, self.options.placement)
 
