@@ -8,6 +8,8 @@ CPU-attention mode: the CPU attends over host KV and only the partial output cro
 
 from __future__ import annotations
 
+from pydantic import Field
+
 from hgsim.capacity import PlacementStrategy
 from hgsim.plan import CpuWork, LayerPlan, Merge, Selector, Transfer
 from hgsim.policies.base import Policy, PolicyOptions
@@ -16,6 +18,8 @@ from hgsim.policies.base import Policy, PolicyOptions
 class FlexGenOptions(PolicyOptions):
     placement: PlacementStrategy = "dram_first"
     allow_cxl: bool = True
+    # FlexGen's KV percentage on the GPU; None keeps as many recent tokens as fit.
+    gpu_kv_fraction: float | None = Field(default=None, ge=0, le=1)
 
 
 class FlexGen(Policy):
@@ -37,6 +41,8 @@ class FlexGen(Policy):
             free_bytes = free_tokens * batch * layers * layer_bytes
             recent = (free_bytes - 2 * batch * final * layer_bytes) / ((layers - 2) * batch * layer_bytes)
             self.recent = max(0, min(int(recent), final))
+        if self.options.gpu_kv_fraction is not None:
+            self.recent = min(self.recent, int(self.options.gpu_kv_fraction * final))
         host = final - self.recent
         self.account_gpu_kv(self.recent)
         if host and not self.cpu_attention:

@@ -1,0 +1,162 @@
+"""``hgsim simulate``: one configuration, printed as tables (and optionally a Perfetto trace)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from hgsim.errors import UserError
+from hgsim.results import SimResult
+from hgsim.units import parse_count
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "simulate",
+        help="simulate one configuration and print latency, throughput and breakdowns",
+        description="Simulate LLM decoding of one model on one hardware profile under one policy.",
+    )
+    p.add_argument("--profile", required=True, help="profile name or YAML path (see `hgsim profiles`)")
+    p.add_argument("--model", required=True, help="model name (see `hgsim models`)")
+    p.add_argument("--policy", default="hybridgen", help="KV policy (default: hybridgen)")
+    p.add_argument("--context", required=True, help="tokens in the KV cache at decode start, e.g. 32k")
+    p.add_argument("--batch", default="1", help="sequences decoded together (default 1)")
+    p.add_argument("--gen", default="256", help="tokens generated per sequence (default 256)")
+    p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"])
+    p.add_argument("--prefill", action="store_true", help="also simulate the prompt's prefill")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option, e.g. topk_ratio=0.1 (repeatable)")
+    p.add_argument("--samples", type=int, default=32,
+                   help="decode steps simulated in full, the rest interpolated (0 = all)")
+    p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
+    p.add_argument("--json", action="store_true", help="print the result row as JSON")
+    p.set_defaults(run=run)
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise UserError(f"--option expects KEY=VALUE, got {pair!r}")
+        options[key.strip()] = _scalar(value.strip())
+    return options
+
+
+def _scalar(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run(args: argparse.Namespace) -> int:
+    from hgsim.simulate import Fidelity, simulate
+    from hgsim.workload import Workload
+
+    try:
+        workload = Workload(
+            batch=_count(args.batch, "--batch"), context=_count(args.context, "--context"),
+            gen=_count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
+        )
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise UserError(first["msg"], field="--" + str(first["loc"][0])) from None
+    if args.samples < 0:
+        raise UserError("--samples must be >= 0")
+    trace = Path(args.trace) if args.trace else None
+    if trace is not None and not trace.parent.exists():
+        raise UserError(f"folder {trace.parent} does not exist", field="--trace")
+    result = simulate(
+        args.profile, args.model, args.policy, workload,
+        policy_options=_parse_options(args.option),
+        fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
+    )
+    if args.json:
+        print(json.dumps(result.to_row(), indent=2, default=str))
+    else:
+        print_result(result)
+        if trace is not None and result.feasible:
+            print(f"\ntrace written to {trace} (open in https://ui.perfetto.dev)")
+    return 0 if result.feasible else 1
+
+
+def _count(text: str, flag: str) -> int:
+    try:
+        return parse_count(text)
+    except ValueError as exc:
+        raise UserError(str(exc), field=flag) from None
+
+
+def print_result(result: SimResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = (f"{result.policy} | {result.model} on {result.profile} | batch {result.batch}, "
+             f"context {result.context}, gen {result.gen}")
+    memory = Table(title="memory footprint", title_justify="left")
+    for col in ("tier", "used GB", "capacity GB", "use"):
+        memory.add_column(col, justify="right" if col != "tier" else "left")
+    for tier, used in result.footprint_bytes.items():
+        cap = result.capacity_bytes.get(tier, 0.0)
+        memory.add_row(tier, f"{used / 1e9:.1f}", f"{cap / 1e9:.1f}",
+                       f"{used / cap:.0%}" if cap else "-")
+    if not result.feasible:
+        console.print(f"[bold]{title}[/bold]")
+        console.print(memory)
+        console.print(f"[red]infeasible:[/red] {result.reason}")
+        return
+    stats = result.latency_stats_ms()
+    summary = Table(title=title, title_justify="left")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    rows = [
+        ("per-token latency mean", f"{stats['mean']:.2f} ms"),
+        ("per-token latency p50", f"{stats['p50']:.2f} ms"),
+        ("per-token latency p99", f"{stats['p99']:.2f} ms"),
+        ("throughput", f"{result.tokens_per_s:.1f} tokens/s"),
+    ]
+    if result.ttft_s:
+        rows.append(("time to first token", f"{result.ttft_s * 1e3:.1f} ms"))
+    rows += [(f"{k.replace('_', ' ')} (per token)", f"{v:.2f} ms")
+             for k, v in result.breakdown_ms().items()]
+    first, last = result.steps[0], result.steps[-1]
+    rows += [
+        ("top-k ratio start -> end", f"{first.topk_ratio:.3f} -> {last.topk_ratio:.3f}"),
+        ("GPU-resident tokens start -> end", f"{first.gpu_tokens} -> {last.gpu_tokens}"),
+        ("accuracy: attention mass kept", f"{result.accuracy_mass_kept:.4f}"),
+        ("accuracy: output rel. error", f"{result.accuracy_rel_error:.2e}"),
+        ("simulation", f"{result.events} events in {result.wall_s:.2f} s"),
+    ]
+    for name, value in rows:
+        summary.add_row(name, value)
+    console.print(summary)
+    util = Table(title="utilisation and traffic (decode)", title_justify="left")
+    for col in ("resource", "busy", "GB moved"):
+        util.add_column(col, justify="right" if col != "resource" else "left")
+    for name, u in sorted(result.utilisation.items(), key=lambda kv: -kv[1]):
+        moved = result.bytes_by_resource.get(name)
+        if u > 0 or moved:
+            util.add_row(name, f"{u:.0%}", f"{moved / 1e9:.2f}" if moved else "-")
+    console.print(util)
+    console.print(memory)
+    if len(result.steps) > 1:
+        sched = Table(title="scheduler (top-k ratio over decode)", title_justify="left")
+        for col in ("step", "context", "top-k ratio", "GPU tokens", "latency ms"):
+            sched.add_column(col, justify="right")
+        stride = max(1, len(result.steps) // 8)
+        for s in result.steps[::stride]:
+            sched.add_row(str(s.step), str(s.context), f"{s.topk_ratio:.3f}", str(s.gpu_tokens),
+                          f"{s.latency_s * 1e3:.2f}")
+        console.print(sched)

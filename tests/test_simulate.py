@@ -1,0 +1,164 @@
+"""End-to-end behaviour of the decode simulator under each policy (issue: policies)."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from hgsim.catalog import get_model
+from hgsim.costs import layer_work
+from hgsim.policies import BASELINES, POLICIES, make_policy
+from hgsim.profiles import load_profile, profile_with_overrides
+from hgsim.simulate import Fidelity, sample_steps, simulate
+from hgsim.workload import Workload
+
+H100 = "h100-80gb-spr-cxl"
+FAST = Fidelity(decode_samples=8, accuracy=False)
+
+
+def run(policy, context=65536, gen=16, profile=H100, model="llama-2-13b", fidelity=FAST, **opts):
+    return simulate(profile, model, policy, Workload(context=context, gen=gen),
+                    policy_options=opts or None, fidelity=fidelity)
+
+
+@pytest.mark.parametrize("policy", list(POLICIES))
+def test_every_policy_runs_and_reports_the_metrics(policy):
+    result = run(policy, context=131072)
+    if not result.feasible:
+        assert policy == "gpu_only" and "hbm short by" in result.reason
+        return
+    row = result.to_row()
+    for key in ("latency_mean_ms", "latency_p50_ms", "latency_p99_ms", "tokens_per_s",
+                "gpu_compute_ms", "cpu_compute_ms", "pcie_ms", "stall_ms", "mem_hbm_gb"):
+        assert math.isfinite(row[key]), key
+    assert row["latency_p50_ms"] <= row["latency_p99_ms"] + 1e-9
+    assert result.tokens_per_s == pytest.approx(16 / result.decode_s)
+    assert 0 < row["util_gpu0.compute"] <= 1.0 + 1e-9
+
+
+def test_infeasible_configuration_is_reported_with_tier_and_shortfall():
+    result = run("gpu_only", context=524288)
+    assert not result.feasible
+    assert result.reason.startswith("hbm short by")
+    assert result.steps == []  # never silently simulated
+    host_short = run("hybridgen", context=8 * 1024 * 1024, model="llama-2-70b")
+    assert not host_short.feasible
+    assert "short by" in host_short.reason
+
+
+def test_hybridgen_exact_mode_is_lossless_in_the_accuracy_proxy():
+    result = run("hybridgen_exact", context=131072, fidelity=Fidelity(decode_samples=4))
+    assert result.feasible
+    assert result.steps[-1].topk_ratio == 1.0
+    assert result.accuracy_mass_kept == pytest.approx(1.0, abs=1e-9)
+    assert result.accuracy_rel_error < 1e-6
+    lossy = run("hybridgen", context=131072, fidelity=Fidelity(decode_samples=4))
+    assert lossy.accuracy_mass_kept < 1.0
+
+
+def test_flexgen_approaches_gpu_only_when_pcie_and_host_memory_are_huge():
+    fast = profile_with_overrides(load_profile(H100), {
+        "links.pcie0.bandwidth_gbps": 1e6, "links.pcie0.latency_ns": 0,
+        "tiers.*.bandwidth_gbps": 1e6, "tiers.*.latency_ns": 1e-3,
+    })
+    context = 16384  # fits in HBM, so GPU-only is feasible
+    gpu_only = run("gpu_only", context=context, profile=fast)
+    flexgen = run("flexgen", context=context, profile=fast, gpu_kv_fraction=0.0)
+    slow_flexgen = run("flexgen", context=context, gpu_kv_fraction=0.0)
+    assert gpu_only.feasible and flexgen.feasible
+    assert flexgen.steps[0].gpu_tokens == 0  # all KV really was streamed
+    ratio = flexgen.latency_stats_ms()["mean"] / gpu_only.latency_stats_ms()["mean"]
+    assert 1.0 <= ratio < 1.05
+    assert slow_flexgen.latency_stats_ms()["mean"] > 1.5 * gpu_only.latency_stats_ms()["mean"]
+
+
+def test_scheduler_moves_work_to_the_gpu_when_cpu_is_starved():
+    starved = profile_with_overrides(load_profile(H100), {
+        "sockets.cpu0.cores": 1, "sockets.cpu0.attention_gflops_per_core": 0.5,
+    })
+    result = run("hybridgen", context=32768, gen=64, profile=starved, gpu_share=0.3,
+                 fidelity=Fidelity(decode_samples=0, accuracy=False))
+    first, last = result.steps[0], result.steps[-1]
+    assert last.topk_ratio < first.topk_ratio
+    assert last.topk_ratio == pytest.approx(0.01, rel=0.01)  # ratio at its floor first
+    assert last.gpu_tokens > first.gpu_tokens  # then tokens move to the GPU
+    roomy = run("hybridgen", context=32768, gen=64, gpu_share=0.3,
+                profile=profile_with_overrides(load_profile(H100), {
+                    "sockets.cpu0.cores": 512, "tiers.*.bandwidth_gbps": 1e5}),
+                fidelity=Fidelity(decode_samples=0, accuracy=False))
+    assert roomy.steps[-1].gpu_tokens == roomy.steps[0].gpu_tokens  # a strong CPU keeps its share
+    assert roomy.steps[-1].topk_ratio > 0.02  # settles where host and device balance
+
+
+def test_cpu_share_and_ratio_adapt_to_context_length():
+    short = run("hybridgen", context=32768, gen=64, fidelity=Fidelity(decode_samples=0, accuracy=False))
+    long = run("hybridgen", context=524288, gen=64, fidelity=Fidelity(decode_samples=0, accuracy=False))
+    host_share_short = 1 - short.steps[-1].gpu_tokens / short.steps[-1].context
+    host_share_long = 1 - long.steps[-1].gpu_tokens / long.steps[-1].context
+    assert host_share_long > host_share_short
+    assert long.steps[-1].topk_ratio != short.steps[-1].topk_ratio
+    static = run("hybridgen_static", context=524288, gen=64)
+    assert static.steps[-1].topk_ratio == pytest.approx(static.steps[0].topk_ratio, rel=1e-4)
+
+
+def test_results_are_deterministic_for_a_seed():
+    a = run("hybridgen", context=131072, fidelity=Fidelity(decode_samples=4)).to_row()
+    b = run("hybridgen", context=131072, fidelity=Fidelity(decode_samples=4)).to_row()
+    assert a == b
+
+
+def test_sampled_decode_is_within_one_percent_of_full_simulation():
+    for policy in ("hybridgen", "flexgen", "hgca"):
+        full = run(policy, context=131072, gen=128, fidelity=Fidelity(decode_samples=0, accuracy=False))
+        sampled = run(policy, context=131072, gen=128,
+                      fidelity=Fidelity(decode_samples=16, accuracy=False))
+        error = abs(sampled.decode_s - full.decode_s) / full.decode_s
+        assert error < 0.01, (policy, error)
+
+
+def test_sample_steps_cover_first_and_last():
+    assert sample_steps(256, 16)[0] == 0 and sample_steps(256, 16)[-1] == 255
+    assert sample_steps(10, 0) == list(range(10))
+    assert sample_steps(4, 16) == [0, 1, 2, 3]
+
+
+def test_layer_work_closed_form_for_hybridgen():
+    model = get_model("llama-2-70b")
+    profile = load_profile(H100)
+    pol = make_policy("hybridgen", model, profile, Workload(context=131072, gen=1))
+    lp = pol.layer_plan(131072)
+    w = layer_work(model, 1, lp, "fp16", "fp16")
+    host, sel = lp.host_tokens, lp.host_selected
+    assert w.cpu_k_bytes == host * 8 * 128 * 2  # keys of every host token, 8 KV heads
+    assert w.to_gpu_v_bytes == 64 * sel * 128 * 2  # a V row per query head per selection
+    assert w.to_gpu_small_bytes == 64 * sel * 4  # fp32 logits
+    assert w.to_gpu_k_bytes == 0  # no keys cross PCIe
+
+
+def test_baselines_listed_are_registered():
+    assert set(BASELINES) <= set(POLICIES)
+    assert len(BASELINES) >= 6
+
+
+def test_simulate_cli_prints_tables_and_exits_2_on_bad_input(tmp_path):
+    trace = tmp_path / "t.json"
+    ok = subprocess.run(
+        [sys.executable, "-m", "hgsim", "simulate", "--profile", H100, "--model", "llama-2-13b",
+         "--policy", "hybridgen", "--context", "64k", "--gen", "8", "--samples", "4",
+         "--trace", str(trace)],
+        capture_output=True, text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "per-token latency" in ok.stdout and "tokens/s" in ok.stdout
+    assert trace.exists() and trace.stat().st_size > 0
+    bad = subprocess.run(
+        [sys.executable, "-m", "hgsim", "simulate", "--profile", H100, "--model", "llama-2-13b",
+         "--policy", "hybrdgen", "--context", "64k"],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2
+    assert "hybridgen" in bad.stderr and "Traceback" not in bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1
