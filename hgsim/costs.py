@@ -36,16 +36,23 @@ class LayerWork:
     to_gpu_small_bytes: float  # logits or partial outputs (from a DRAM staging buffer)
 
 
-def layer_work(model: ModelSpec, batch: int, lp: LayerPlan, kv_dtype: str, weight_dtype: str) -> LayerWork:
+def layer_work(
+    model: ModelSpec, batch: int, lp: LayerPlan, kv_dtype: str, weight_dtype: str,
+    *, attention_only: bool = False,
+) -> LayerWork:
+    """``attention_only`` drops the projections and FFN: what hw_backend's executor runs when
+    validating the attention path alone."""
     b_kv = DTYPE_BYTES[kv_dtype]
     b_w = DTYPE_BYTES[weight_dtype]
-    heads, kv_heads, hd, hidden = model.num_heads, model.num_kv_heads, model.head_dim, model.hidden_size
+    heads, hd, hidden = model.num_heads, model.head_dim, model.hidden_size
     ffn_mats = 3 if model.ffn_kind == "swiglu" else 2
 
     qkv_params = hidden * (model.q_dim + 2 * model.kv_dim)
     post_params = model.q_dim * hidden + ffn_mats * hidden * model.ffn_size
     qkv = Work(2.0 * batch * qkv_params, qkv_params * b_w)
     post = Work(2.0 * batch * post_params, post_params * b_w)
+    if attention_only:
+        qkv = post = Work()
 
     kv_row = model.kv_dim * b_kv  # K (or V) of one token, all kv heads
     gpu_resident = lp.gpu_tokens + lp.selected_on_gpu

@@ -71,7 +71,8 @@ def simulate(
     record = fidelity.record or trace_path is not None
     env = simpy.Environment()
     machine = Machine(env, profile, record=record)
-    engine = DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype)
+    engine = DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
+                          attention_only=workload.attention_only)
     if workload.include_prefill:
         result.ttft_s = _prefill(engine, model, workload)
 

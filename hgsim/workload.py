@@ -18,6 +18,7 @@ class Workload(SpecModel):
     weight_dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = "fp16"
     include_prefill: bool = False  # simulate the prompt's prefill before decoding
     seed: int = 0
+    attention_only: bool = False  # simulate only the attention path (validation of hw_backend)
 
     @field_validator("context", "gen", "batch", mode="before")
     @classmethod

@@ -47,12 +47,16 @@ class _HostTimes:
 class DecodeEngine:
     """Runs ``StepPlan`` objects on a ``Machine``; one engine per simulation."""
 
-    def __init__(self, machine: Machine, model: ModelSpec, kv_dtype: str, weight_dtype: str):
+    def __init__(
+        self, machine: Machine, model: ModelSpec, kv_dtype: str, weight_dtype: str,
+        *, attention_only: bool = False,
+    ):
         self.machine = machine
         self.env = machine.env
         self.model = model
         self.kv_dtype = kv_dtype
         self.weight_dtype = weight_dtype
+        self.attention_only = attention_only
         profile = machine.profile
         self.gpu = profile.primary_gpu
         self.socket = profile.gpus[self.gpu].socket
@@ -69,7 +73,8 @@ class DecodeEngine:
             if len(self._work_cache) > 4096:
                 self._work_cache.clear()
             w = self._work_cache[key] = layer_work(self.model, batch, lp, self.kv_dtype,
-                                                   self.weight_dtype)
+                                                   self.weight_dtype,
+                                                   attention_only=self.attention_only)
         return w
 
     def _kernel_s(self, work: Work, attention: bool = False) -> float:

@@ -1,0 +1,91 @@
+"""Accuracy proxy for lossy KV policies: synthetic attention, token selection, fidelity.
+
+* ``synthetic``: a parameterised, seedable attention model (sinks, recency, heavy hitters)
+  realised as real (q, K, V) tensors whose logits follow the design exactly.
+* ``selection``: which tokens each ``Selector`` attends (exact/speculative top-k, H2O, ...).
+* ``fidelity``: attention mass kept and relative output error against exact float64 attention,
+  for any (q, K, V), synthetic or captured from ``hw_backend``.
+* ``proxy``: ``accuracy_proxy(layer_plan)``, the cached per-configuration call of the simulator.
+"""
+
+from hgsim.accuracy.fidelity import (
+    Fidelity,
+    attention_logits,
+    exact_attention,
+    fidelity,
+    fidelity_from_logits,
+    fidelity_from_probs,
+    output_error,
+    relative_error,
+    softmax,
+)
+from hgsim.accuracy.proxy import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_SPEC,
+    ScaledProblem,
+    accuracy_proxy,
+    cache_info,
+    clear_caches,
+    is_lossless,
+    proxy_case,
+    scale_problem,
+    zoom_spec,
+)
+from hgsim.accuracy.selection import (
+    SelectionModel,
+    TokenWindow,
+    Window,
+    heavy_hitter_mask,
+    history_similarities,
+    query_history,
+    resident_mask,
+    selection_mask,
+    speculative_logits,
+    topk_mask,
+)
+from hgsim.accuracy.synthetic import (
+    AttentionModelSpec,
+    SyntheticAttention,
+    design_logits,
+    next_query,
+    synthesize,
+    synthesize_case,
+)
+
+__all__ = [
+    "DEFAULT_MAX_TOKENS",
+    "DEFAULT_SPEC",
+    "AttentionModelSpec",
+    "Fidelity",
+    "ScaledProblem",
+    "SelectionModel",
+    "SyntheticAttention",
+    "TokenWindow",
+    "Window",
+    "accuracy_proxy",
+    "attention_logits",
+    "cache_info",
+    "clear_caches",
+    "design_logits",
+    "exact_attention",
+    "fidelity",
+    "fidelity_from_logits",
+    "fidelity_from_probs",
+    "heavy_hitter_mask",
+    "history_similarities",
+    "is_lossless",
+    "next_query",
+    "output_error",
+    "proxy_case",
+    "relative_error",
+    "query_history",
+    "resident_mask",
+    "scale_problem",
+    "selection_mask",
+    "softmax",
+    "speculative_logits",
+    "synthesize",
+    "synthesize_case",
+    "topk_mask",
+    "zoom_spec",
+]

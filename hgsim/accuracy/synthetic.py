@@ -1,0 +1,246 @@
+"""A parameterised, seedable attention model realised as real (q, K, V) tensors.
+
+Lossy KV policies differ in *which* tokens they attend, so their accuracy depends on how attention
+mass is spread over a long context. Measured LLM attention has three dominant features, and the
+model reproduces each with one parameter group:
+
+* attention sinks: the first few tokens draw a large, query-independent share (``sink_*``);
+* recency: logits rise towards the newest token, decaying with distance (``recency_*``);
+* heavy hitters: a small fraction of older tokens draws heavy-tailed attention (``heavy_*``);
+
+on top of Gaussian per-token noise (``noise_std``). The designed logits are realised *exactly* as
+``q . k_j / sqrt(D)`` by building every key as "designed component along the queries" plus
+isotropic noise orthogonal to them, so a kernel running on the tensors sees precisely the designed
+distribution, while a different query (a speculated or past one) sees the designed structure
+attenuated plus fresh noise from the orthogonal part, as it would in a real model.
+
+Grouped-query attention: the ``heads / kv_heads`` query heads of a group share one K. Each query
+head gets its own random query, and the designed logits are drawn per KV group (sinks, recency,
+heavy hitters are properties of the shared keys) plus a small independent per-head perturbation
+(``head_noise_std``). Solving the small Gram system of the group's queries makes every head's
+logits exact at once.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+_UNIFORM_HALF_WIDTH = math.sqrt(3.0)  # U(-sqrt 3, sqrt 3) has unit variance
+_QUERY_STREAM = 0x5EED  # separates next_query's stream from a caller's use of the same seed
+_NOISE_CHUNK = 1 << 19  # floats per chunk of raw random bits (2 MiB)
+# Tokens per chunk of key construction. Products here are memory-bound and run through
+# ``einsum`` (no BLAS): BLAS worker threads gain nothing on them and, spin-waiting on a busy
+# machine, made the whole synthesis several times slower.
+_TOKEN_CHUNK = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionModelSpec:
+    """Shape of the synthetic attention distribution of one layer (one batch element).
+
+    Defaults are tuned for a 32k context: the sinks hold ~20% of the mass, a 1024-token recent
+    window ~25%, and most of the rest sits on ~2% heavy hitters, so a per-head top-k of 5% of
+    the host tokens keeps ~96% of the mass while truncating to the recent window keeps under
+    half. Lengths (``sink_tokens``, ``recency_tokens``) are absolute token counts.
+    """
+
+    n_tokens: int = 32768
+    heads: int = 8
+    kv_heads: int = 8
+    head_dim: int = 128
+    sink_tokens: int = 4
+    sink_logit_boost: float = 11.0
+    recency_boost: float = 6.0  # logit boost of the newest token ...
+    recency_tokens: float = 128.0  # ... decaying as exp(-distance / recency_tokens)
+    heavy_fraction: float = 0.02  # share of tokens that are heavy hitters
+    heavy_logit_boost: float = 5.0  # smallest logit boost of a heavy hitter
+    heavy_tail_index: float = 1.5  # Pareto index of exp(boost): smaller is heavier-tailed
+    noise_std: float = 1.5  # per-token logit noise, also the spread of keys off the queries
+    head_noise_std: float = 0.5  # per-head deviation from the group's logits (GQA)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.n_tokens < 1:
+            raise ValueError("n_tokens must be positive")
+        if self.heads < 1 or self.kv_heads < 1 or self.heads % self.kv_heads:
+            raise ValueError("heads must be a positive multiple of kv_heads")
+        if not 1 <= self.heads_per_group <= self.head_dim:
+            raise ValueError("a KV group needs at most head_dim query heads")
+        if not 0 <= self.sink_tokens <= self.n_tokens:
+            raise ValueError("sink_tokens must lie in [0, n_tokens]")
+        if not 0.0 <= self.heavy_fraction <= 1.0:
+            raise ValueError("heavy_fraction must lie in [0, 1]")
+        if self.recency_boost < 0:
+            raise ValueError("recency_boost must be non-negative")
+        if self.recency_tokens <= 0 or self.heavy_tail_index <= 0:
+            raise ValueError("recency_tokens and heavy_tail_index must be positive")
+        if self.noise_std < 0 or self.head_noise_std < 0:
+            raise ValueError("noise standard deviations must be non-negative")
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.heads // self.kv_heads
+
+    def with_tokens(self, n_tokens: int) -> AttentionModelSpec:
+        """The same attention model over ``n_tokens`` (sinks capped at the context)."""
+        return replace(self, n_tokens=n_tokens, sink_tokens=min(self.sink_tokens, n_tokens))
+
+
+@dataclass(frozen=True, eq=False)
+class SyntheticAttention:
+    """Tensors of one synthetic decode step plus the logits they were designed to produce."""
+
+    spec: AttentionModelSpec
+    q: np.ndarray  # (1, H, D) float32
+    k: np.ndarray  # (1, KVH, T, D) float32
+    v: np.ndarray  # (1, KVH, T, D) float32
+    logits: np.ndarray  # (H, T) float64, the designed q.k / sqrt(D)
+
+    @property
+    def qkv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return self.q, self.k, self.v
+
+
+def structure_logits(spec: AttentionModelSpec) -> np.ndarray:
+    """Deterministic part of the logits shared by all heads: sinks plus recency, shape (T,)."""
+    distance = np.arange(spec.n_tokens - 1, -1, -1, dtype=np.float64)
+    logits = spec.recency_boost * np.exp(-distance / spec.recency_tokens)
+    logits[: spec.sink_tokens] += spec.sink_logit_boost
+    return logits
+
+
+def heavy_hitter_boosts(spec: AttentionModelSpec, rng: np.random.Generator) -> np.ndarray:
+    """Per-KV-group logit boosts, shape (KVH, T): zero except on heavy hitters.
+
+    ``exp(boost)`` is Pareto with index ``heavy_tail_index`` (so ``boost - heavy_logit_boost`` is
+    exponential with mean ``1 / index``): a few tokens draw far more attention than the rest,
+    as measured for heavy hitters. Sinks are excluded; they have their own boost.
+    """
+    boosts = np.zeros((spec.kv_heads, spec.n_tokens))
+    heavy = rng.random(boosts.shape) < spec.heavy_fraction
+    heavy[:, : spec.sink_tokens] = False
+    tail = rng.exponential(1.0 / spec.heavy_tail_index, size=int(heavy.sum()))
+    boosts[heavy] = spec.heavy_logit_boost + tail
+    return boosts
+
+
+def design_logits(spec: AttentionModelSpec, rng: np.random.Generator) -> np.ndarray:
+    """The logits every query head must see, shape (H, T) float64.
+
+    Noise and heavy hitters are drawn per KV group (they are properties of the shared keys);
+    each head adds its own small perturbation so heads of a group are similar, not identical.
+    """
+    group = structure_logits(spec) + heavy_hitter_boosts(spec, rng)
+    group += spec.noise_std * rng.standard_normal(group.shape)
+    heads = np.repeat(group, spec.heads_per_group, axis=0)
+    heads += spec.head_noise_std * rng.standard_normal(heads.shape)
+    return heads
+
+
+def realise_keys(queries: np.ndarray, logits: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """Keys (T, D) float32 with ``queries @ keys.T / sqrt(D) == logits`` for one KV group.
+
+    queries: (G, D) float64, linearly independent; logits: (G, T); noise: (T, D) float32,
+    turned into the keys in place. The noise is projected off span(queries) and the unique
+    component inside the span that yields the logits is added:
+    k_j = n_j - P n_j + Q^T (Q Q^T)^-1 sqrt(D) l_j. Works chunk by chunk with ``einsum`` (see
+    ``_TOKEN_CHUNK``).
+    """
+    head_dim = queries.shape[1]
+    inverse_gram = np.linalg.inv(queries @ queries.T)
+    directions = queries.astype(np.float32)
+    target = math.sqrt(head_dim) * logits.T  # (T, G)
+    for start in range(0, noise.shape[0], _TOKEN_CHUNK):
+        block = noise[start : start + _TOKEN_CHUNK]
+        along = np.einsum("td,gd->tg", block, directions)  # noise seen by each query
+        residual = target[start : start + _TOKEN_CHUNK] - along
+        coefficients = np.einsum("tg,gh->th", residual, inverse_gram).astype(np.float32)
+        block += np.einsum("tg,gd->td", coefficients, directions)
+    return noise
+
+
+def _fill_noise(seed: np.random.SeedSequence, out: np.ndarray, scale: float) -> np.ndarray:
+    """Fill C-contiguous float32 ``out`` with zero-mean iid noise of standard deviation ``scale``.
+
+    Symmetric uniform rather than Gaussian: raw 32-bit integers from SFC64, scaled in one pass,
+    are several times cheaper than Gaussian sampling, and only projections of these vectors on
+    query directions matter, which are Gaussian to excellent accuracy (sums over ``head_dim``
+    independent terms). Generated in cache-sized chunks to avoid large temporaries.
+    """
+    bits = np.random.SFC64(seed)
+    flat = out.reshape(-1)
+    factor = np.float32(scale * _UNIFORM_HALF_WIDTH * 2.0**-31)
+    for start in range(0, flat.size, _NOISE_CHUNK):
+        stop = min(start + _NOISE_CHUNK, flat.size)
+        raw = bits.random_raw((stop - start + 1) // 2).view(np.int32)[: stop - start]
+        np.multiply(raw, factor, out=flat[start:stop], dtype=np.float32, casting="unsafe")
+    return out
+
+
+def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
+    """Build (q, K, V) whose logits follow ``spec`` exactly; deterministic in ``spec.seed``.
+
+    Independent random streams (logits, queries, one per KV group for keys and values) are
+    spawned from the seed, so results do not depend on evaluation order.
+    """
+    seeds = np.random.SeedSequence(spec.seed).spawn(2 + 2 * spec.kv_heads)
+    logits = design_logits(spec, np.random.default_rng(seeds[0]))
+    queries = np.random.default_rng(seeds[1]).standard_normal((spec.heads, spec.head_dim))
+    k = np.empty((1, spec.kv_heads, spec.n_tokens, spec.head_dim), dtype=np.float32)
+    v = np.empty_like(k)
+    group = spec.heads_per_group
+    for g in range(spec.kv_heads):
+        rows = slice(g * group, (g + 1) * group)
+        _fill_noise(seeds[2 + g], k[0, g], spec.noise_std)
+        realise_keys(queries[rows], logits[rows], k[0, g])
+        _fill_noise(seeds[2 + spec.kv_heads + g], v[0, g], 1.0)
+    q = queries.astype(np.float32)[None]
+    return SyntheticAttention(spec=spec, q=q, k=k, v=v, logits=logits)
+
+
+def synthesize(spec: AttentionModelSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q (1, H, D), K (1, KVH, T, D), V (1, KVH, T, D)), float32, following ``spec``."""
+    return synthesize_case(spec).qkv
+
+
+def next_query(
+    q: np.ndarray, similarity: float, seed: int | np.random.Generator | None = None
+) -> np.ndarray:
+    """A query of the same norm with cosine similarity exactly ``similarity`` to ``q``.
+
+    Models the similarity of consecutive layers' attention inputs (InfiniGen's speculation,
+    HybridGen's lookahead) or of successive decode steps (H2O's history): the new query is
+    ``|q| (s q_hat + sqrt(1 - s^2) u)`` with ``u`` a random unit vector orthogonal to ``q``.
+    Works on any leading shape; the last axis is the head dimension.
+    """
+    if not -1.0 <= similarity <= 1.0:
+        raise ValueError("similarity must lie in [-1, 1]")
+    rng = query_rng(seed)
+    base = np.asarray(q, dtype=np.float64)
+    norm = np.linalg.norm(base, axis=-1, keepdims=True)
+    direction = base / np.where(norm > 0, norm, 1.0)
+    other = _orthogonal_unit(direction, rng)
+    mixed = similarity * direction + math.sqrt(1.0 - similarity**2) * other
+    return (norm * mixed).astype(np.asarray(q).dtype, copy=False)
+
+
+def query_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+    """The generator ``next_query`` uses for ``seed``: a generator is used as is; an integer
+    gets its own stream, so a caller that drew ``q`` from the same integer does not get noise
+    parallel to ``q``; ``None`` draws fresh entropy."""
+    if isinstance(seed, np.random.Generator):
+        return seed
+    return np.random.default_rng(None if seed is None else [_QUERY_STREAM, seed])
+
+
+def _orthogonal_unit(direction: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Random unit vectors orthogonal to the unit (or zero) rows of ``direction``."""
+    other = rng.standard_normal(direction.shape)
+    other -= np.sum(other * direction, axis=-1, keepdims=True) * direction
+    norm = np.linalg.norm(other, axis=-1, keepdims=True)
+    if np.any(norm < 1e-6):  # a draw (almost) parallel to q: vanishingly rare, redraw
+        return _orthogonal_unit(direction, rng)
+    return other / norm
