@@ -23,6 +23,10 @@ class SchedulerConfig:
     max_ratio: float = 0.5
     share_step: float = 0.05  # GPU share added per decision when the host is the bottleneck
     adaptive: bool = True  # False: static ratio and share (ablation)
+    # When the executor reports the host path's transfer time separately, a host that is slow
+    # because of its *scan* (independent of the ratio) keeps its ratio: shrinking it would cost
+    # accuracy and buy nothing; tokens move to the GPU instead.
+    scan_aware: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.min_ratio <= self.initial_ratio <= self.max_ratio <= 1:
@@ -54,30 +58,38 @@ class FeedbackScheduler:
     _step: int = field(default=0, init=False)
     _host_sum: float = field(default=0.0, init=False)
     _device_sum: float = field(default=0.0, init=False)
+    _transfer_sum: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.ratio = self.config.initial_ratio
         self.gpu_share = min(self.gpu_share, self.max_gpu_share)
 
-    def observe(self, host_s: float, device_s: float) -> bool:
-        """Record one step's host and device latency; returns True when a decision was made."""
+    def observe(self, host_s: float, device_s: float, transfer_s: float | None = None) -> bool:
+        """Record one step's host and device latency (and, if known, the part of the host time
+        spent moving selected data over PCIe); returns True when a decision was made."""
         self._step += 1
         self._host_sum += host_s
         self._device_sum += device_s
+        if transfer_s is not None:
+            self._transfer_sum = (self._transfer_sum or 0.0) + transfer_s
         decided = False
         if self.config.adaptive and self._step % self.config.interval == 0:
-            self._decide(self._host_sum, self._device_sum)
+            self._decide(self._host_sum, self._device_sum, self._transfer_sum)
             self._host_sum = self._device_sum = 0.0
+            self._transfer_sum = None
             decided = True
         self.history.append(
             SchedulerRecord(self._step, self.ratio, self.gpu_share, host_s, device_s)
         )
         return decided
 
-    def _decide(self, host_s: float, device_s: float) -> None:
+    def _decide(self, host_s: float, device_s: float, transfer_s: float | None) -> None:
         cfg = self.config
+        scan_bound = cfg.scan_aware and transfer_s is not None and host_s - transfer_s > device_s
         if host_s <= device_s:
             self.ratio = min(self.ratio * cfg.grow, cfg.max_ratio)
+        elif scan_bound:
+            self.gpu_share = min(self.gpu_share + cfg.share_step, self.max_gpu_share)
         elif self.ratio > cfg.min_ratio:
             self.ratio = max(self.ratio * cfg.shrink, cfg.min_ratio)
         else:

@@ -88,7 +88,7 @@ def simulate(
             last = m
         m = last
         if m.host_s:
-            pol.observe(m.host_s, m.device_s)
+            pol.observe(m.host_s, m.device_s, m.pcie_busy_s)
         steps.append(StepTiming(
             step=step, context=context, latency_s=m.latency_s, gpu_busy_s=m.gpu_busy_s,
             cpu_busy_s=m.cpu_busy_s, pcie_busy_s=m.pcie_busy_s,

@@ -82,9 +82,10 @@ def test_scheduler_moves_work_to_the_gpu_when_cpu_is_starved():
     result = run("hybridgen", context=32768, gen=64, profile=starved, gpu_share=0.3,
                  fidelity=Fidelity(decode_samples=0, accuracy=False))
     first, last = result.steps[0], result.steps[-1]
-    assert last.topk_ratio < first.topk_ratio
-    assert last.topk_ratio == pytest.approx(0.01, rel=0.01)  # ratio at its floor first
-    assert last.gpu_tokens > first.gpu_tokens  # then tokens move to the GPU
+    # The starved CPU is slow at its scan, which no top-k ratio shortens: tokens move to the
+    # GPU (here all of them, since they fit) and the step gets faster.
+    assert last.gpu_tokens > first.gpu_tokens
+    assert last.latency_s < 0.5 * first.latency_s
     roomy = run("hybridgen", context=32768, gen=64, gpu_share=0.3,
                 profile=profile_with_overrides(load_profile(H100), {
                     "sockets.cpu0.cores": 512, "tiers.*.bandwidth_gbps": 1e5}),
