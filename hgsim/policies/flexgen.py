@@ -39,8 +39,12 @@ class FlexGen(Policy):
         else:
             # HBM = R tokens * L layers + double buffer of 2 layers * (F - R) host tokens.
             free_bytes = free_tokens * batch * layers * layer_bytes
-            recent = (free_bytes - 2 * batch * final * layer_bytes) / ((layers - 2) * batch * layer_bytes)
-            self.recent = max(0, min(int(recent), final))
+            stream_buffer = 2 * batch * final * layer_bytes
+            if layers <= 2:  # the buffer alone holds every layer: R does not change the total
+                self.recent = final if stream_buffer <= free_bytes else 0
+            else:
+                recent = (free_bytes - stream_buffer) / ((layers - 2) * batch * layer_bytes)
+                self.recent = max(0, min(int(recent), final))
         if self.options.gpu_kv_fraction is not None:
             self.recent = min(self.recent, int(self.options.gpu_kv_fraction * final))
         host = final - self.recent

@@ -1,0 +1,538 @@
+"""Runs the simulator's partition plan on real tensors, layer by layer, and times it.
+
+``PlanExecutor.step(plan, queries)`` executes one decode step of a ``hgsim.plan.StepPlan``
+(the very object the policies give the simulator) over a ``KvStore`` split the way the plan
+says. Per layer, in the simulator's order (``hgsim.sim.decode``)::
+
+    device compute queue:  kv repartition | qkv | [speculate] | attention | merge | post
+    host worker:                 q -> host, CPU kernel (logits+top-k / partial attention / gather)
+    device copy queue:                                   upload (H2D) of what the host produced
+
+* HybridGen (LOGITS_TOPK + LOGITS_AND_V + SOFTMAX_UNION): the CPU scans the host keys and keeps
+  a per-head top-k; only those logits and V rows cross; the device computes one softmax over its
+  own logits and the received ones (``merge.softmax_union``).
+* HGCA / CPU offload / FlexGen-CPU (PARTIAL_ATTENTION or SPARSE_PARTIAL + PARTIAL_OUTPUT): the
+  CPU attends over (selected) host tokens; output + LSE cross; LSE merge on the device.
+* FlexGen (KV_ALL): host K/V rows of the layer are copied to the device, chained layer after
+  layer (prefetch) with at most two layers in flight (FlexGen's double buffer), and attended.
+* InfiniGen (KV_SELECTED): the device speculates the top-k host tokens from a query
+  approximation over its partial key cache; the host gathers those K/V rows; they are copied
+  and attended with exact logits.
+* GPU-only and host-evicted plans (H2O without heavy hitters): device-resident tokens only.
+
+Plans with ``Merge.NONE`` whose tokens sit in two places (FlexGen, InfiniGen) are still computed
+as two blocks joined by their LSE: that is the same softmax, evaluated blockwise.
+
+Host work of a layer is submitted before the device's attention of that layer and overlaps it;
+with the plan's ``lookahead`` the host work of layer i+1 is triggered by layer i's qkv (the CPU
+works one layer ahead), as the simulator triggers it. In ``step`` the queries of all layers are
+given up front, so the look-ahead host work uses layer i+1's true query; a model that produces
+queries layer by layer (``hf_hook``) runs without look-ahead. Look-ahead is also off for a layer
+whose new token lands in host memory (no recent window), since the host must see that token.
+
+Timing follows the simulator's definitions (``hw_backend.timing``) so that the feedback
+scheduler can be driven by measured times (``decode_loop.run_decode``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+
+import torch
+
+from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
+from hgsim.results import StepTiming
+from hw_backend.device_work import DeviceWork
+from hw_backend.devices import Accelerator
+from hw_backend.host_side import HostKernels, HostPayload
+from hw_backend.kv_store import KvStore, LayerKv
+from hw_backend.merge import (
+    Partial,
+    attend_rows,
+    lse_merge,
+    partial_attention,
+    softmax_union,
+)
+from hw_backend.streams import HostMarker, Marker, WorkerStream
+from hw_backend.timing import LayerTiming, step_timing
+
+
+class UnsupportedPlan(ValueError):
+    """A plan this executor cannot run (e.g. H2O's heavy hitters, simulated only)."""
+
+
+class HostPath(str, Enum):
+    """What happens to a layer's host-resident tokens."""
+
+    LOGITS = "logits"  # HybridGen: CPU logits (+ top-k) and V rows to the device
+    PARTIAL = "partial"  # HGCA / CPU offload: CPU partial attention, output + LSE
+    STREAM = "stream"  # FlexGen: host K/V streamed to the device
+    SPECULATE = "speculate"  # InfiniGen: device-speculated rows gathered and copied
+
+
+def host_path(lp: LayerPlan) -> HostPath | None:
+    """The host path of a layer plan; None when no host token contributes."""
+    if lp.host_tokens == 0:
+        return None
+    if lp.host_evicted:
+        if lp.host_selected:
+            raise UnsupportedPlan(
+                "host-evicted plans with retained heavy hitters (H2O) are not executed; "
+                "only their GPU-resident part would be"
+            )
+        return None
+    if lp.transfer is Transfer.KV_ALL:
+        return HostPath.STREAM
+    if lp.host_selected == 0 and lp.cpu_work is not CpuWork.PARTIAL_ATTENTION:
+        return None
+    if lp.transfer is Transfer.KV_SELECTED:
+        return HostPath.SPECULATE
+    if lp.cpu_work is CpuWork.LOGITS_TOPK and lp.transfer is Transfer.LOGITS_AND_V:
+        return HostPath.LOGITS
+    if (lp.cpu_work in (CpuWork.PARTIAL_ATTENTION, CpuWork.SPARSE_PARTIAL)
+            and lp.transfer is Transfer.PARTIAL_OUTPUT):
+        return HostPath.PARTIAL
+    raise UnsupportedPlan(f"no executor for cpu_work={lp.cpu_work.value}, "
+                          f"transfer={lp.transfer.value}")
+
+
+@dataclass
+class StepRun:
+    """One executed decode step: per-layer outputs, what the host selected, and timing."""
+
+    plan: StepPlan
+    outputs: list[torch.Tensor]  # per layer, (B, H, D) float32 on the device
+    selections: list[torch.Tensor | None]  # per layer, host positions attended (B, H, k)
+    timing: StepTiming
+    layers: list[LayerTiming]
+    device: str
+
+
+@dataclass
+class _Layer:
+    """State of one layer while its step is in flight (kept until the step is synchronised,
+    which also keeps every tensor a queue may still read alive)."""
+
+    index: int
+    lp: LayerPlan
+    kv: LayerKv
+    path: HostPath | None
+    q: torch.Tensor | None = None
+    speculative_q: torch.Tensor | None = None
+    compute: list[Marker] = field(default_factory=list)
+    q_ready: Marker | None = None
+    trigger: Marker | None = None
+    host_job: HostMarker | None = None
+    upload: Marker | None = None
+    attn: Marker | None = None
+    merged: Marker | None = None
+    device_part: Partial | None = None
+    speculated: torch.Tensor | None = None  # InfiniGen's selected positions, device
+    uploaded: dict[str, torch.Tensor] = field(default_factory=dict)
+    fetch_s: float = 0.0
+    output: torch.Tensor | None = None
+
+
+class PlanExecutor:
+    """Executes ``StepPlan`` objects over a ``KvStore`` on an ``Accelerator`` plus the CPU.
+
+    ``host_threads`` is the C kernel's thread count (default: the accelerator's core split, or
+    every core with CUDA); ``device_work`` adds a layer's non-attention device work.
+    """
+
+    def __init__(
+        self, store: KvStore, accel: Accelerator, *, host_threads: int | None = None,
+        scale: float | None = None, device_work: DeviceWork | None = None,
+        kernels: HostKernels | None = None,
+    ) -> None:
+        split = getattr(accel, "split", None)
+        threads = host_threads or (split.host_threads if split else torch.get_num_threads())
+        self.store = store
+        self.accel = accel
+        self.scale = scale if scale is not None else 1.0 / math.sqrt(store.head_dim)
+        self.device_work = device_work
+        self.kernels = kernels or HostKernels(threads)
+        self.host = WorkerStream("host-worker", cores=split.host_cores() if split else None)
+        self._run: _StepRun | None = None
+        self._steps = 0
+
+    # ------------------------------------------------------------------ whole steps
+    def step(
+        self, plan: StepPlan, queries: Sequence[torch.Tensor], *,
+        new_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        speculative_queries: Sequence[torch.Tensor] | None = None, step: int | None = None,
+    ) -> StepRun:
+        """Run one decode step of ``plan`` over all layers, pipelined, and time it.
+
+        ``queries[i]`` (B, H, D) is layer i's query on the device; ``new_kv[i]`` the new
+        token's (K, V) (B, KVH, 1, D), appended before attention (omit it when the cache already
+        holds ``plan.layer.context`` tokens); ``speculative_queries[i]`` InfiniGen's query
+        approximation (default: the true query).
+        """
+        if len(queries) != plan.num_layers:
+            raise ValueError(f"{len(queries)} queries for a plan of {plan.num_layers} layers")
+        run = self.begin_step(plan, appending=new_kv is not None, step=step)
+        try:
+            self._submit_all(run, queries, new_kv, speculative_queries)
+        except BaseException:
+            self._run = None  # a CUDA queue raises at submission; the step is abandoned
+            raise
+        return self.end_step()
+
+    def _submit_all(
+        self, run: _StepRun, queries: Sequence[torch.Tensor],
+        new_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
+        speculative_queries: Sequence[torch.Tensor] | None,
+    ) -> None:
+        """Submit every layer, host work of look-ahead layers one layer early."""
+        plan = run.plan
+        for i in range(plan.num_layers):
+            spec = speculative_queries[i] if speculative_queries is not None else None
+            run.qkv(i, queries[i], new_kv[i] if new_kv is not None else None, spec)
+            if run.awaiting_launch(i):
+                run.launch_host(i, run.layers[i].q_ready)
+            ahead = i + 1
+            if ahead < plan.num_layers and run.can_look_ahead(ahead):
+                spec = speculative_queries[ahead] if speculative_queries is not None else None
+                run.set_query(ahead, queries[ahead], spec)
+                run.launch_host(ahead, run.layers[i].q_ready)
+            run.prefetch_stream(i)  # no-op unless it had to wait for this layer's new token
+            run.attention(i)
+            run.prefetch_stream(ahead)
+            run.upload(i)
+            run.merge(i)
+            run.post(i)
+
+    # ------------------------------------------------------------------ layer at a time
+    def begin_step(self, plan: StepPlan, *, appending: bool = True, step: int | None = None):
+        """Start a step whose layers are then run one by one with ``run_layer``."""
+        if self._run is not None:
+            raise RuntimeError("a step is already in flight; call end_step() first")
+        if plan.num_layers != len(self.store):
+            raise ValueError(f"plan has {plan.num_layers} layers, the store {len(self.store)}")
+        if plan.batch != self.store.batch:
+            raise ValueError(f"plan is for batch {plan.batch}, the store holds {self.store.batch}")
+        index = self._steps if step is None else step
+        self._run = _StepRun(self, plan, appending=appending, step=index)
+        return self._run
+
+    def run_layer(
+        self, layer: int, q: torch.Tensor,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        speculative_q: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run one layer of the current step and return its attention output (B, H, D)."""
+        run = self._run
+        if run is None:
+            raise RuntimeError("call begin_step() first")
+        try:
+            self.accel.wait_for_caller()  # q and the new K/V come from the caller's stream
+            run.qkv(layer, q, new_kv, speculative_q)
+            if run.awaiting_launch(layer):
+                run.launch_host(layer, run.layers[layer].q_ready)
+            run.prefetch_stream(layer)
+            run.attention(layer)
+            run.prefetch_stream(layer + 1)
+            run.upload(layer)
+            run.merge(layer)
+            run.post(layer)
+            state = run.layers[layer]
+            state.merged.wait()
+        except BaseException:
+            self._run = None  # the step is abandoned; the next begin_step starts afresh
+            raise
+        assert state.output is not None
+        return self.accel.hand_over(state.output)
+
+    def end_step(self) -> StepRun:
+        """Wait for the step in flight and return its outputs and measured timing."""
+        run, self._run = self._run, None
+        if run is None:
+            raise RuntimeError("no step in flight")
+        result = run.finish()
+        self._steps = result.timing.step + 1
+        return result
+
+    def close(self) -> None:
+        self.host.close()
+
+    def __enter__(self) -> PlanExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _StepRun:
+    """Submits one step's work to the queues; ``finish`` waits and builds the records."""
+
+    def __init__(self, ex: PlanExecutor, plan: StepPlan, *, appending: bool, step: int) -> None:
+        self.ex, self.plan, self.appending, self.step = ex, plan, appending, step
+        accel = ex.accel
+        # Classify every layer before submitting anything: an unsupported plan changes nothing.
+        self.layers = [_Layer(i, plan.layer_plan(i), ex.store[i], host_path(plan.layer_plan(i)))
+                       for i in range(plan.num_layers)]
+        self.origin = accel.origin()
+        for state in self.layers:
+            state.compute.append(accel.compute.submit(
+                lambda s=state: self._repartition(s), label=f"kv repartition {state.index}"))
+        self.ready = self.layers[-1].compute[-1] if self.layers else self.origin
+        self._stream_launched = -1
+        self.prefetch_stream(0)
+
+    # ------------------------------------------------------------------ device queue
+    def _repartition(self, state: _Layer) -> None:
+        lp, kv = state.lp, state.kv
+        if lp.context != kv.length + (1 if self.appending else 0):
+            raise ValueError(f"layer {state.index}: plan context {lp.context} but cache holds "
+                             f"{kv.length} tokens (appending={self.appending})")
+        if state.path is HostPath.SPECULATE:
+            kv.enable_partial_keys(lp.speculate_key_fraction or 1.0)
+        kv.repartition(lp.sink_tokens, lp.gpu_recent_tokens, lp.context)
+
+    def set_query(self, i: int, q: torch.Tensor, speculative_q: torch.Tensor | None) -> None:
+        state = self.layers[i]
+        state.q = q
+        state.speculative_q = speculative_q if speculative_q is not None else q
+
+    def qkv(
+        self, i: int, q: torch.Tensor, new_kv: tuple[torch.Tensor, torch.Tensor] | None,
+        speculative_q: torch.Tensor | None,
+    ) -> None:
+        """The layer's query becomes ready on the device (its new K/V appended first)."""
+        self.set_query(i, q, speculative_q)
+        state, work = self.layers[i], self.ex.device_work
+
+        def run() -> None:
+            if work is not None:
+                work.before_attention(i)
+            if new_kv is not None:
+                state.kv.append(*new_kv)
+
+        state.q_ready = self.ex.accel.compute.submit(run, label=f"qkv {i}")
+        state.compute.append(state.q_ready)
+
+    def attention(self, i: int) -> None:
+        """Attention over the device-resident tokens: the block the host's result joins."""
+        state, scale = self.layers[i], self.ex.scale
+
+        def run() -> None:
+            k, v = state.kv.device_kv()
+            state.device_part = partial_attention(state.q, k, v, scale)
+
+        state.attn = self.ex.accel.compute.submit(run, label=f"attention {i}")
+        state.compute.append(state.attn)
+
+    def merge(self, i: int) -> None:
+        state = self.layers[i]
+        if state.path is None:
+
+            def only_device() -> None:
+                state.output = state.device_part[0]
+
+            state.merged = self.ex.accel.compute.submit(only_device, label=f"output {i}")
+        else:
+            state.merged = self.ex.accel.compute.submit(
+                lambda: self._merge(state), after=[state.upload], label=f"merge {i}")
+        state.compute.append(state.merged)
+
+    def _merge(self, state: _Layer) -> None:
+        up, device_part = state.uploaded, state.device_part
+        if state.path is HostPath.LOGITS:
+            values = up["rows"] if "rows" in up else up["values"]
+            merged = softmax_union(device_part, up["logits"], values)
+        elif state.path is HostPath.PARTIAL:
+            merged = lse_merge([device_part, (up["out"], up["lse"])])
+        elif state.path is HostPath.STREAM:
+            streamed = partial_attention(state.q, up["k"], up["v"], self.ex.scale)
+            merged = lse_merge([device_part, streamed])
+        else:  # SPECULATE
+            fetched = attend_rows(state.q, up["k_rows"], up["v_rows"], self.ex.scale)
+            merged = lse_merge([device_part, fetched])
+        state.output = merged[0]
+
+    def post(self, i: int) -> None:
+        work = self.ex.device_work
+        if work is None:
+            return
+        state = self.layers[i]
+        marker = self.ex.accel.compute.submit(
+            lambda: work.after_attention(i, state.output), label=f"post {i}")
+        state.compute.append(marker)
+
+    # ------------------------------------------------------------------ host paths
+    def awaiting_launch(self, i: int) -> bool:
+        state = self.layers[i]
+        return state.path is not None and state.path is not HostPath.STREAM and state.trigger is None
+
+    def new_token_on_host(self, state: _Layer) -> bool:
+        """Whether this step's new token of the layer is appended to host memory (no recent
+        window): host work over the range must then wait for the layer's qkv."""
+        lp = state.lp
+        return self.appending and lp.gpu_recent_tokens == 0 and lp.context - 1 >= lp.sink_tokens
+
+    def can_look_ahead(self, i: int) -> bool:
+        """Whether layer i's host work may start on layer i-1's qkv (see module doc)."""
+        state = self.layers[i]
+        if state.path in (None, HostPath.STREAM) or not state.lp.lookahead:
+            return False
+        return not self.new_token_on_host(state) and state.trigger is None
+
+    def launch_host(self, i: int, trigger: Marker) -> None:
+        """Submit layer i's host work, to start once ``trigger`` is done."""
+        state, ex = self.layers[i], self.ex
+        state.trigger = trigger
+        if state.path is HostPath.SPECULATE:
+            spec = ex.accel.compute.submit(lambda: self._speculate(state), after=[trigger],
+                                           label=f"speculate {i}")
+            state.compute.append(spec)
+            after: Marker = spec
+        else:
+            after = trigger
+        state.host_job = ex.host.submit(lambda: self._host_work(state, after), after=[after],
+                                        label=f"host {i}")
+
+    def _speculate(self, state: _Layer) -> None:
+        """InfiniGen on the device: approximate scores over the partial key cache, top-k."""
+        kv, lp = state.kv, state.lp
+        start, end = lp.host_range()
+        query = kv.partial_query(state.speculative_q.to(kv.dtype))  # (B, KVH, G, c)
+        keys = kv.partial_k[:, :, start:end]  # (B, KVH, n, c)
+        scores = torch.matmul(query, keys.transpose(-1, -2)).float()
+        scores = scores.reshape(query.shape[0], -1, end - start)
+        state.speculated = torch.topk(scores, lp.host_selected, dim=-1).indices + start
+
+    def _host_work(self, state: _Layer, after: Marker) -> HostPayload:
+        """On the host worker: fetch what the CPU needs from the device, run the kernel."""
+        ex, lp = self.ex, state.lp
+        t0 = time.perf_counter()
+        if state.path is HostPath.SPECULATE:
+            index = ex.accel.host_empty(tuple(state.speculated.shape), torch.int64)
+            ex.accel.fetch(index, state.speculated, after)
+        else:
+            q = ex.accel.host_empty(tuple(state.q.shape), torch.float32)
+            ex.accel.fetch(q, state.q, after)
+        state.fetch_s = time.perf_counter() - t0
+        kernels, kv, span = ex.kernels, state.kv, lp.host_range()
+        if state.path is HostPath.SPECULATE:
+            return kernels.gather_kv(kv, index)
+        if state.path is HostPath.LOGITS:
+            return kernels.logits_and_values(kv, span, q, lp.host_selected, ex.scale,
+                                             exact=lp.exact)
+        if lp.cpu_work is CpuWork.SPARSE_PARTIAL and not lp.exact:
+            return kernels.sparse_partial(kv, span, q, lp.host_selected, ex.scale)
+        return kernels.partial_attention(kv, span, q, ex.scale)
+
+    def upload(self, i: int) -> None:
+        """Copy the host's result to the device once the host work is done."""
+        state = self.layers[i]
+        if state.path in (None, HostPath.STREAM):
+            return
+
+        def run() -> None:
+            payload: HostPayload = state.host_job.value
+            state.uploaded = {name: self._to_device(t) for name, t in payload.tensors.items()}
+
+        state.upload = self.ex.accel.copy.submit(run, after=[state.host_job],
+                                                 label=f"upload {i}")
+
+    def prefetch_stream(self, i: int) -> None:
+        """FlexGen: layer i's host K/V start copying when layer i-1's have landed and the
+        double buffer's other half is free (layer i-2 merged); also after layer i's qkv when
+        that appends the new token to host memory."""
+        if i >= len(self.layers) or i <= self._stream_launched:
+            return
+        state = self.layers[i]
+        if state.path is not HostPath.STREAM:
+            return
+        waits_for_token = self.new_token_on_host(state)
+        if waits_for_token and state.q_ready is None:
+            return  # launched once the layer's qkv has appended the token to host memory
+        previous = self.layers[i - 1].upload if i > 0 else None
+        trigger = previous or self.ready
+        after = [trigger]
+        if waits_for_token:
+            after.append(state.q_ready)
+        if i >= 2 and self.layers[i - 2].merged is not None:
+            after.append(self.layers[i - 2].merged)
+        start, end = state.lp.host_range()
+
+        def run() -> None:
+            kv = state.kv
+            state.uploaded = {"k": self._to_device(kv.host_k[:, :, start:end]),
+                              "v": self._to_device(kv.host_v[:, :, start:end])}
+
+        state.trigger = trigger
+        state.upload = self.ex.accel.copy.submit(run, after=after, label=f"stream kv {i}")
+        self._stream_launched = i
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A real copy into a separate device buffer (non-blocking from pinned memory)."""
+        accel = self.ex.accel
+        dst = accel.empty(tuple(t.shape), t.dtype)
+        if accel.standin or t.is_contiguous() or t.dim() != 4:
+            src = t if accel.standin or t.is_contiguous() else t.contiguous()
+            if not accel.standin and not src.is_pinned():
+                src = src.pin_memory()
+            dst.copy_(src, non_blocking=True)
+        else:  # a range of a pinned (B, KVH, T, D) cache: contiguous per (batch, kv head)
+            for b in range(t.shape[0]):
+                for h in range(t.shape[1]):
+                    dst[b, h].copy_(t[b, h], non_blocking=True)
+        return dst
+
+    # ------------------------------------------------------------------ records
+    def finish(self) -> StepRun:
+        accel = self.ex.accel
+        end = accel.compute.submit(lambda: None, label="step end")
+        end.wait()
+        accel.synchronize()
+        latency = end.elapsed_since(self.origin)
+        records, selections = [], []
+        for state in self.layers:
+            records.append(self._layer_timing(state))
+            selections.append(self._selection(state))
+        plan = self.plan
+        timing = step_timing(
+            step=self.step, context=plan.layer.context, latency_s=latency, layers=records,
+            topk_ratio=plan.layer.topk_ratio, gpu_tokens=plan.layer.gpu_tokens,
+        )
+        outputs = [state.output for state in self.layers]
+        return StepRun(plan, outputs, selections, timing, records, accel.label)
+
+    def _layer_timing(self, state: _Layer) -> LayerTiming:
+        gpu_s = sum(m.duration_s() for m in state.compute)
+        cpu_s = transfer_s = host_s = device_s = stall_s = 0.0
+        upload_bytes = 0
+        if state.path is not None:
+            assert state.upload is not None and state.attn is not None
+            assert state.trigger is not None
+            transfer_s = state.fetch_s + state.upload.duration_s()
+            if state.host_job is not None:
+                cpu_s = state.host_job.result().cpu_s
+            host_s = state.upload.elapsed_since(state.trigger)
+            device_s = max(state.attn.elapsed_since(state.trigger), 0.0)
+            stall_s = max(state.upload.elapsed_since(state.attn), 0.0)
+            upload_bytes = sum(t.numel() * t.element_size() for t in state.uploaded.values())
+        lp = state.lp
+        return LayerTiming(
+            step=self.step, layer=state.index, context=lp.context, cpu_s=cpu_s, gpu_s=gpu_s,
+            transfer_s=transfer_s, stall_s=stall_s, host_s=host_s, device_s=device_s,
+            host_tokens=lp.host_tokens, host_selected=lp.host_selected,
+            gpu_tokens=lp.gpu_tokens, upload_bytes=upload_bytes, device=self.ex.accel.label,
+        )
+
+    @staticmethod
+    def _selection(state: _Layer) -> torch.Tensor | None:
+        if state.path is HostPath.SPECULATE:
+            return state.speculated.cpu()
+        if state.host_job is not None:
+            return state.host_job.result().index
+        return None
+
+
+__all__ = ["HostPath", "PlanExecutor", "StepRun", "UnsupportedPlan", "host_path"]

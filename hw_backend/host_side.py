@@ -1,0 +1,94 @@
+"""The host half of a layer: the CPU work a plan asks for, over the host-resident tokens.
+
+Each function runs on the host worker thread, reads the layer's host K/V in place (the C kernel
+scans the plan's absolute host range ``span = [start, end)``; the plan's, not the cache's, since
+with look-ahead the host may start before the layer's new token is appended), and returns the tensors that then cross to the
+device, together with the CPU time it took. What crosses depends on the plan:
+
+* ``LOGITS_TOPK`` (HybridGen): scaled logits of the selected host tokens and their V rows. In
+  exact mode (every host token selected) no top-k is needed: all logits plus the contiguous V
+  block of the range (per KV head, so GQA groups do not duplicate rows).
+* ``PARTIAL_ATTENTION`` (CPU offload, FlexGen-CPU): attention output over the range and its LSE.
+* ``SPARSE_PARTIAL`` (HGCA): per-head top-k by logits, attention over those tokens, output+LSE.
+* InfiniGen's gather: the K and V rows of the tokens the device speculated.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from hw_backend import cpu_attention
+from hw_backend.kv_store import LayerKv
+
+
+@dataclass
+class HostPayload:
+    """Host tensors bound for the device plus what producing them cost."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # crosses to the device
+    cpu_s: float = 0.0  # C kernel time
+    index: torch.Tensor | None = None  # selected absolute positions (B, H, k); stays on host
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class HostKernels:
+    """The CPU operations of every plan kind, run with a fixed number of kernel threads."""
+
+    def __init__(self, threads: int, kernels: cpu_attention.CpuAttention | None = None) -> None:
+        self.threads = threads
+        self.ops = kernels or cpu_attention.backend()
+
+    def logits_and_values(
+        self, kv: LayerKv, span: tuple[int, int], q: torch.Tensor, selected: int, scale: float, *,
+        exact: bool,
+    ) -> HostPayload:
+        """HybridGen's CPU side: host logits (top-k unless exact) and the matching V rows."""
+        start, end = span
+        t0 = time.perf_counter()
+        if exact:  # every host token: no top-k, V crosses as the range's block per KV head
+            logits = self.ops.logits(q, kv.host_k, scale=scale, start=start, end=end,
+                                     num_threads=self.threads)
+            values = kv.host_v[:, :, start:end]  # a view; the upload reads it in place
+            return HostPayload({"logits": logits, "values": values}, time.perf_counter() - t0)
+        logits, index = self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start,
+                                             end=end, num_threads=self.threads)
+        rows = self.ops.gather_rows(kv.host_v, index, num_threads=self.threads)
+        return HostPayload({"logits": logits, "rows": rows}, time.perf_counter() - t0, index)
+
+    def partial_attention(
+        self, kv: LayerKv, span: tuple[int, int], q: torch.Tensor, scale: float
+    ) -> HostPayload:
+        """Attention over the whole host range on the CPU: output and LSE cross, nothing else."""
+        start, end = span
+        t0 = time.perf_counter()
+        out, lse = self.ops.partial_attention(q, kv.host_k, kv.host_v, scale=scale, start=start,
+                                              end=end, num_threads=self.threads)
+        return HostPayload({"out": out, "lse": lse}, time.perf_counter() - t0)
+
+    def sparse_partial(
+        self, kv: LayerKv, span: tuple[int, int], q: torch.Tensor, selected: int, scale: float
+    ) -> HostPayload:
+        """HGCA's CPU side: attention over each head's top-``selected`` host tokens."""
+        start, end = span
+        t0 = time.perf_counter()
+        _, index = self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start, end=end,
+                                        num_threads=self.threads)
+        out, lse = self.ops.sparse_attention(q, kv.host_k, kv.host_v, index, scale=scale,
+                                             num_threads=self.threads)
+        return HostPayload({"out": out, "lse": lse}, time.perf_counter() - t0, index)
+
+    def gather_kv(self, kv: LayerKv, index: torch.Tensor) -> HostPayload:
+        """InfiniGen's fetch: K and V rows (B, H, k, D) of the speculated tokens."""
+        t0 = time.perf_counter()
+        k_rows = self.ops.gather_rows(kv.host_k, index, num_threads=self.threads)
+        v_rows = self.ops.gather_rows(kv.host_v, index, num_threads=self.threads)
+        return HostPayload({"k_rows": k_rows, "v_rows": v_rows}, time.perf_counter() - t0, index)
+
+
+__all__ = ["HostKernels", "HostPayload"]

@@ -1,0 +1,104 @@
+"""The executor on a real CUDA device: the same exactness and records as on the stand-in.
+
+Skipped cleanly without CUDA (``-m gpu`` selects these on a GPU machine).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hgsim.plan import CpuWork, KvPlacement, LayerPlan, Merge, Selector, StepPlan, Transfer
+from hgsim.policies import make_policy
+from hgsim.profiles import load_profile
+from hgsim.workload import Workload
+from hw_backend.decode_loop import (
+    SIZED_HBM_OPTIONS,
+    SyntheticDecode,
+    attention_model_spec,
+    run_decode,
+)
+from hw_backend.devices import CudaAccelerator, make_accelerator
+from hw_backend.executor import PlanExecutor
+from hw_backend.kv_store import KvStore
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+B, H, KVH, D, LAYERS, T = 2, 8, 2, 64, 3, 4096
+PLACEMENT = KvPlacement.single("ddr0")
+
+
+def plans(context: int) -> dict[str, LayerPlan]:
+    recent, sinks = 512, 4
+    host = context - recent - sinks
+    return {
+        "hybridgen": LayerPlan(context, recent, sinks, host, CpuWork.LOGITS_TOPK,
+                               Transfer.LOGITS_AND_V, Merge.SOFTMAX_UNION, Selector.ALL,
+                               PLACEMENT, lookahead=True),
+        "flexgen_cpu": LayerPlan(context, recent, sinks, host, CpuWork.PARTIAL_ATTENTION,
+                                 Transfer.PARTIAL_OUTPUT, Merge.LSE, Selector.ALL, PLACEMENT),
+        "hgca": LayerPlan(context, recent, sinks, host, CpuWork.SPARSE_PARTIAL,
+                          Transfer.PARTIAL_OUTPUT, Merge.LSE, Selector.ALL, PLACEMENT),
+        "flexgen": LayerPlan(context, recent, sinks, host, CpuWork.NONE, Transfer.KV_ALL,
+                             Merge.NONE, Selector.ALL, PLACEMENT, lookahead=True),
+        "infinigen": LayerPlan(context, recent, sinks, host, CpuWork.NONE, Transfer.KV_SELECTED,
+                               Merge.NONE, Selector.ALL, PLACEMENT, lookahead=True,
+                               speculate_key_fraction=0.3),
+        "cpu_offload": LayerPlan(context, 0, 0, context, CpuWork.PARTIAL_ATTENTION,
+                                 Transfer.PARTIAL_OUTPUT, Merge.NONE, Selector.ALL, PLACEMENT),
+        "gpu_only": LayerPlan(context, context, 0, 0, CpuWork.NONE, Transfer.NONE, Merge.NONE,
+                              Selector.ALL, None),
+    }
+
+
+def reference(q, k, v):
+    group = q.shape[1] // k.shape[1]
+    kk = k.double().repeat_interleave(group, 1)
+    vv = v.double().repeat_interleave(group, 1)
+    return torch.nn.functional.scaled_dot_product_attention(
+        q.double().unsqueeze(2), kk, vv).squeeze(2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", list(plans(T)))
+def test_plan_kinds_are_exact_on_cuda(kind, dtype):
+    gen = torch.Generator().manual_seed(0)
+    k = [torch.randn(B, KVH, T, D, generator=gen).to(dtype) for _ in range(LAYERS)]
+    v = [torch.randn(B, KVH, T, D, generator=gen).to(dtype) for _ in range(LAYERS)]
+    accel = make_accelerator("cuda")
+    assert isinstance(accel, CudaAccelerator) and "cuda" in accel.label
+    store = KvStore(accel, num_layers=LAYERS, batch=B, kv_heads=KVH, head_dim=D, dtype=dtype,
+                    capacity=T)
+    for i in range(LAYERS):
+        store[i].load(k[i][:, :, : T - 1], v[i][:, :, : T - 1])
+    queries = [torch.randn(B, H, D, generator=gen).cuda() for _ in range(LAYERS)]
+    new_kv = [(k[i][:, :, T - 1 :].cuda(), v[i][:, :, T - 1 :].cuda()) for i in range(LAYERS)]
+    with PlanExecutor(store, accel) as executor:
+        run = executor.step(StepPlan(kind, B, plans(T)[kind], LAYERS), queries, new_kv=new_kv)
+    tol = 1e-5 if dtype is torch.float32 else 3e-2
+    for i in range(LAYERS):
+        want = reference(queries[i].cpu(), k[i], v[i])
+        torch.testing.assert_close(run.outputs[i].double().cpu(), want, rtol=tol, atol=tol)
+    assert all(t.device == accel.label and t.gpu_s > 0 for t in run.layers)
+    assert run.timing.latency_s > 0
+
+
+def test_feedback_loop_runs_on_cuda():
+    model = attention_model_spec(layers=LAYERS, heads=H, kv_heads=KVH, head_dim=D)
+    workload = Workload(batch=1, context=16384, gen=8, kv_dtype="fp32", weight_dtype="fp32")
+    policy = make_policy("hybridgen", model, load_profile("dev-zen4-2core"), workload,
+                         {**SIZED_HBM_OPTIONS, "gpu_share": 0.1, "interval": 2})
+    source = SyntheticDecode(layers=LAYERS, batch=1, heads=H, kv_heads=KVH, head_dim=D,
+                             context=16384, steps=8)
+    accel = make_accelerator("cuda")
+    store = KvStore(accel, num_layers=LAYERS, batch=1, kv_heads=KVH, head_dim=D,
+                    capacity=16384 + 8)
+    source.load(store)
+    with PlanExecutor(store, accel) as executor:
+        run = run_decode(policy, executor, source)
+    assert len(policy.scheduler.history) == 8
+    assert all(s.host_s > 0 and s.device_s > 0 for s in run.steps)
+    assert set(run.steps_frame()["source"]) == {accel.label}
