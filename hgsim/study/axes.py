@@ -1,0 +1,88 @@
+"""What an axis path means, and how its values are compared.
+
+Axis paths name the part of a configuration they replace: ``profile``, ``model``, ``policy``,
+``workload.<field>``, ``policy_options.<option>``, ``fidelity.<field>`` or
+``hardware.<dotted profile path>``. Values are written the way people write them (``32k``,
+``"64 GB/s"``); ``normalize`` turns them into what appears in the results table, so that
+filters in derived metrics and plots (``where: {workload.context: 32k}``) match the table.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hgsim.units import dimension_of, parse_count, parse_quantity
+
+TOP_LEVEL = ("profile", "model", "policy")
+SECTIONS = ("workload", "policy_options", "fidelity", "hardware")
+# Columns holding token/sequence counts: "32k" in a filter means 32768 there.
+COUNT_COLUMNS = {"batch", "context", "gen", "max_context", "max_batch"}
+
+AXIS_HELP = (
+    "axes are profile, model, policy, workload.<field>, policy_options.<option>, "
+    "fidelity.<field> or hardware.<dotted profile path>"
+)
+
+
+def section(path: str) -> tuple[str, str]:
+    """``("workload", "context")`` for ``workload.context``; ``("policy", "")`` for ``policy``.
+
+    Raises ValueError for a path that is not an axis.
+    """
+    if path in TOP_LEVEL:
+        return path, ""
+    head, sep, rest = path.partition(".")
+    if sep and rest and head in SECTIONS:
+        return head, rest
+    raise ValueError(f"unknown axis '{path}'; {AXIS_HELP}")
+
+
+def normalize(column: str, value: Any) -> Any:
+    """The value as it appears in the results table's ``column``.
+
+    Counts (``32k``) become integers, hardware quantities with units become numbers in the
+    field's unit; everything else is kept as written. Raises ValueError on unreadable values.
+    """
+    if isinstance(value, list):
+        return [normalize(column, v) for v in value]
+    if column == "model" and isinstance(value, str):
+        return _canonical_model(value)
+    last = column.rsplit(".", 1)[-1]
+    if last in COUNT_COLUMNS and isinstance(value, (str, int, float)) and not isinstance(
+        value, bool
+    ):
+        return parse_count(value)
+    if column.startswith("hardware.") and isinstance(value, str):
+        dimension = dimension_of(last)
+        if dimension is not None:
+            return parse_quantity(value, dimension)
+    return value
+
+
+def _canonical_model(name: str) -> str:
+    from hgsim.catalog import get_model
+    from hgsim.errors import UserError
+
+    try:
+        return get_model(name).name
+    except UserError:
+        return name  # unknown names are reported by the expansion, with their line
+
+
+def label(value: Any) -> str:
+    """Short text for a value in titles and legends: 131072 -> 128k."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and value >= 1024:
+        for suffix, size in (("M", 1024**2), ("k", 1024)):
+            if value % size == 0:
+                return f"{value // size}{suffix}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def column_slug(value: Any) -> str:
+    """A value as part of a column name: ``speedup_vs_flexgen``, ``ratio_vs_128k``."""
+    text = label(value)
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in text)

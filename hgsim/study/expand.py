@@ -1,0 +1,385 @@
+"""Turning a study into points: every combination of axis values, fully resolved and hashed.
+
+Everything a point needs is resolved here, before anything runs: profile (with dotted hardware
+overrides applied and re-validated), model, policy options, workload and fidelity. A bad name,
+path or value therefore fails the whole study up front with the file and line of the value
+that caused it, instead of as the 400th of 500 points after an hour.
+
+A point's key is a hash of its full resolved configuration (hardware and model contents, not
+just their names, plus the hgsim version and fidelity), so a stored result is reused exactly
+when it would be computed the same way again.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from hgsim import __version__
+from hgsim.catalog import get_model
+from hgsim.config_io import Loc, YamlDocument
+from hgsim.errors import ConfigError, UserError
+from hgsim.policies import POLICIES
+from hgsim.profiles import load_profile, profile_with_overrides, resolve_profile
+from hgsim.simulate import Fidelity
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.model import ModelSpec
+from hgsim.study import axes as ax
+from hgsim.study.schema import SearchSpec, Study
+from hgsim.workload import Workload
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """Everything a worker needs to compute one point; picklable, no file access needed."""
+
+    key: str
+    profile: HardwareProfile
+    model: ModelSpec
+    policy: str
+    policy_options: dict[str, Any]
+    workload: Workload
+    fidelity: Fidelity
+    search: SearchSpec | None = None
+
+
+@dataclass
+class Point:
+    """One row of the study: its coordinates (axis column -> table value) and its spec."""
+
+    coords: dict[str, Any]
+    spec: PointSpec
+
+
+@dataclass
+class Expansion:
+    """The study's points in sweep order, and the axis columns in file order."""
+
+    points: list[Point]
+    axes: list[str]
+    axis_values: dict[str, list[Any]]  # normalized values, file order, for filters and plots
+    profiles: dict[str, Path] = field(default_factory=dict)  # profile value -> its file
+
+    def unique_specs(self) -> list[PointSpec]:
+        """One spec per key (two coordinates may resolve to the same configuration)."""
+        seen: dict[str, PointSpec] = {}
+        for point in self.points:
+            seen.setdefault(point.spec.key, point.spec)
+        return list(seen.values())
+
+
+# A combination remembers where each of its values was written, for error lines.
+_Combo = dict[str, tuple[Any, Loc]]
+
+
+def axis_locations(study: Study) -> dict[str, Loc]:
+    """Axis path -> location of its key in the file (``sweep[i].grid.<path>``)."""
+    out: dict[str, Loc] = {}
+    for i, group in enumerate(study.sweep):
+        for kind in ("zip", "grid"):
+            for path in getattr(group, kind):
+                out[path] = ("sweep", i, kind, path)
+    return out
+
+
+def _combinations(study: Study) -> list[_Combo]:
+    """Groups crossed with each other; inside a group, zip tuples crossed with the grid."""
+    per_group: list[list[_Combo]] = []
+    for i, group in enumerate(study.sweep):
+        rows: list[_Combo] = [{}]
+        if group.zip:
+            n = len(next(iter(group.zip.values())))
+            rows = [
+                {p: (vals[j], ("sweep", i, "zip", p, j)) for p, vals in group.zip.items()}
+                for j in range(n)
+            ]
+        for path, values in group.grid.items():
+            rows = [
+                {**row, path: (value, ("sweep", i, "grid", path, j))}
+                for row in rows
+                for j, value in enumerate(values)
+            ]
+        per_group.append(rows)
+    combos: list[_Combo] = []
+    for parts in itertools.product(*per_group):
+        merged: _Combo = {}
+        for part in parts:
+            merged.update(part)
+        combos.append(merged)
+    return combos
+
+
+class _Resolver:
+    """Caches loaded profiles, overridden profiles and content hashes across points."""
+
+    def __init__(self, doc: YamlDocument, base_dir: Path):
+        self.doc = doc
+        self.base_dir = base_dir
+        self.profile_files: dict[str, Path] = {}
+        self._profiles: dict[str, HardwareProfile] = {}
+        self._overridden: dict[tuple, tuple[HardwareProfile, str]] = {}
+        self._models: dict[str, tuple[ModelSpec, str]] = {}
+
+    def profile(self, name: str, loc: Loc) -> HardwareProfile:
+        if name not in self._profiles:
+            if not isinstance(name, str):
+                raise self.doc.error(loc, f"profile must be a name or path, got {name!r}")
+            target = name
+            candidate = self.base_dir / name
+            if ("/" in name or name.endswith((".yaml", ".yml"))) and candidate.is_file():
+                target = str(candidate)  # paths are relative to the study file
+            try:
+                self.profile_files[name] = resolve_profile(target).resolve()
+                self._profiles[name] = load_profile(target)
+            except UserError as exc:
+                raise self.doc.error(loc, _strip(exc)) from None
+        return self._profiles[name]
+
+    def overridden(self, name: str, overrides: dict[str, Any], locs: dict[str, Loc],
+                   profile_loc: Loc) -> tuple[HardwareProfile, str]:
+        cache_key = (name, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
+        hit = self._overridden.get(cache_key)
+        if hit is None:
+            base = self.profile(name, profile_loc)
+            try:
+                profile = profile_with_overrides(base, overrides)
+            except UserError as exc:
+                loc = _blame(exc, locs) or profile_loc
+                raise self.doc.error(loc, _strip(exc)) from None
+            hit = (profile, _digest(profile.model_dump(mode="json")))
+            self._overridden[cache_key] = hit
+        return hit
+
+    def model(self, name: Any, loc: Loc) -> tuple[ModelSpec, str]:
+        if not isinstance(name, str):
+            raise self.doc.error(loc, f"model must be a name, got {name!r}")
+        if name not in self._models:
+            try:
+                spec = get_model(name)
+            except UserError as exc:
+                raise self.doc.error(loc, _strip(exc)) from None
+            self._models[name] = (spec, _digest(spec.model_dump(mode="json")))
+        return self._models[name]
+
+
+def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Expansion:
+    """All points of ``study``, resolved; the first bad value raises a ConfigError at its line."""
+    base_dir = base_dir or Path(doc.source).resolve().parent
+    seen: set[str] = set()
+    for i, group in enumerate(study.sweep):
+        for kind in ("zip", "grid"):
+            for path in getattr(group, kind):
+                if path in seen:
+                    raise doc.error(("sweep", i, kind, path),
+                                    f"axis '{path}' appears in more than one group")
+                seen.add(path)
+    locations = axis_locations(study)
+    for path, loc in locations.items():
+        _check_axis_path(path, study, doc, loc)
+    resolver = _Resolver(doc, base_dir)
+    _check_hardware_axes(study, doc, resolver)
+
+    points: list[Point] = []
+    for combo in _combinations(study):
+        points.append(_resolve(study, combo, doc, resolver))
+    axis_values = {
+        path: _unique([ax.normalize(path, v) for v in values])
+        for path, values in study.axes().items()
+    }
+    return Expansion(points, list(study.axes()), axis_values, resolver.profile_files)
+
+
+def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> None:
+    try:
+        kind, rest = ax.section(path)
+    except ValueError as exc:
+        raise doc.error(loc, str(exc)) from None
+    if kind == "workload" and rest not in Workload.model_fields:
+        raise doc.error(loc, f"unknown workload field '{rest}' (known: "
+                             f"{', '.join(Workload.model_fields)})")
+    if kind == "fidelity" and rest not in ("decode_samples", "accuracy"):
+        raise doc.error(loc, f"unknown fidelity field '{rest}' (known: decode_samples, accuracy)")
+    if study.search is not None and path == study.search.maximize:
+        raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
+
+
+def _check_hardware_axes(study: Study, doc: YamlDocument, resolver: _Resolver) -> None:
+    """Each hardware axis value alone on each profile, so a bad path names its own line."""
+    axes = study.axes()
+    profiles = axes.get("profile", [study.base.profile])
+    profile_locs = (
+        [("sweep", *axis_locations(study)["profile"][1:], j) for j in range(len(profiles))]
+        if "profile" in axes else [("base", "profile")]
+    )
+    base_hw = {k: (v, ("base", "hardware", k)) for k, v in study.base.hardware.items()}
+    hw_axes = {
+        path[len("hardware."):]: [(v, (*axis_locations(study)[path], j)) for j, v in
+                                  enumerate(values)]
+        for path, values in axes.items() if path.startswith("hardware.")
+    }
+    for name, ploc in zip(profiles, profile_locs, strict=True):
+        for key, (value, loc) in base_hw.items():
+            resolver.overridden(name, {key: value}, {key: loc}, ploc)
+        for key, values in hw_axes.items():
+            for value, loc in values:
+                resolver.overridden(name, {key: value}, {key: loc}, ploc)
+
+
+def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver) -> Point:
+    base = study.base
+    values = {path: value for path, (value, _) in combo.items()}
+    locs = {path: loc for path, (_, loc) in combo.items()}
+
+    def pick(path: str, default: Any) -> tuple[Any, Loc]:
+        return (values[path], locs[path]) if path in values else (default, ("base", path))
+
+    profile_name, profile_loc = pick("profile", base.profile)
+    hw = {k: v for k, v in base.hardware.items()}
+    hw_locs: dict[str, Loc] = {k: ("base", "hardware", k) for k in base.hardware}
+    for path in values:
+        if path.startswith("hardware."):
+            hw[path[len("hardware."):]] = values[path]
+            hw_locs[path[len("hardware."):]] = locs[path]
+    profile, profile_hash = resolver.overridden(profile_name, hw, hw_locs, profile_loc)
+
+    model_name, model_loc = pick("model", base.model)
+    model, model_hash = resolver.model(model_name, model_loc)
+
+    policy, policy_loc = pick("policy", base.policy)
+    options = dict(base.policy_options)
+    option_locs: dict[str, Loc] = {k: ("base", "policy_options", k) for k in options}
+    for path in values:
+        if path.startswith("policy_options."):
+            options[path.split(".", 1)[1]] = values[path]
+            option_locs[path.split(".", 1)[1]] = locs[path]
+    canonical_options = _check_policy(policy, options, policy_loc, option_locs, doc)
+
+    wl = dict(base.workload)
+    wl_locs: dict[str, Loc] = {k: ("base", "workload", k) for k in wl}
+    for path in values:
+        if path.startswith("workload."):
+            wl[path.split(".", 1)[1]] = values[path]
+            wl_locs[path.split(".", 1)[1]] = locs[path]
+    if study.search is not None:
+        wl[study.search.field] = study.search.lo  # placeholder; the search sets it
+    workload = _workload(wl, wl_locs, doc)
+
+    fid = base.fidelity.model_dump()
+    for path in values:
+        if path.startswith("fidelity."):
+            fid[path.split(".", 1)[1]] = values[path]
+    fidelity = _fidelity(fid, locs, doc)
+
+    config = {
+        "hgsim": __version__,
+        "kind": "search" if study.search else "simulate",
+        "profile": profile_hash,
+        "model": model_hash,
+        "policy": policy,
+        "policy_options": canonical_options,
+        "workload": workload.model_dump(mode="json"),
+        "fidelity": None if study.search else {"decode_samples": fidelity.decode_samples,
+                                               "accuracy": fidelity.accuracy},
+        "search": study.search.model_dump(mode="json") if study.search else None,
+    }
+    spec = PointSpec(
+        key=_digest(config)[:20], profile=profile, model=model, policy=policy,
+        policy_options=options, workload=workload, fidelity=fidelity, search=study.search,
+    )
+    coords: dict[str, Any] = {}
+    for path, value in values.items():
+        coords[path] = model.name if path == "model" else _table_value(path, value, doc, locs)
+    return Point(coords, spec)
+
+
+def _check_policy(policy: Any, options: dict[str, Any], loc: Loc, option_locs: dict[str, Loc],
+                  doc: YamlDocument) -> dict[str, Any]:
+    """The policy exists and accepts the options; returns its full (canonical) options."""
+    entry = POLICIES.get(policy) if isinstance(policy, str) else None
+    if entry is None:
+        close = difflib.get_close_matches(str(policy), POLICIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise doc.error(loc, f"unknown policy '{policy}'{hint}; known: {', '.join(POLICIES)}")
+    cls, preset, _ = entry
+    try:
+        return cls.Options(**{**preset, **options}).model_dump(mode="json")
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = str(first["loc"][0]) if first["loc"] else ""
+        where = option_locs.get(key, loc)
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(k for k in cls.Options.model_fields)
+            message = (f"policy '{policy}' has no option '{key}' (its options: {known}); "
+                       "use a zip group to pair policies with their own options")
+        raise doc.error(where, message) from None
+
+
+def _workload(values: dict[str, Any], locs: dict[str, Loc], doc: YamlDocument) -> Workload:
+    unknown = [k for k in values if k not in Workload.model_fields]
+    if unknown:
+        raise doc.error(locs.get(unknown[0], ("base", "workload")),
+                        f"unknown workload field '{unknown[0]}' (known: "
+                        f"{', '.join(Workload.model_fields)})")
+    try:
+        return Workload(**values)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = str(first["loc"][0]) if first["loc"] else ""
+        message = "required (set it in base.workload or sweep it)" if first["type"] == "missing" \
+            else first["msg"].removeprefix("Value error, ")
+        raise doc.error(locs.get(key, ("base", "workload", key)), message) from None
+
+
+def _fidelity(values: dict[str, Any], locs: dict[str, Loc], doc: YamlDocument) -> Fidelity:
+    samples, accuracy = values["decode_samples"], values["accuracy"]
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 0:
+        raise doc.error(locs.get("fidelity.decode_samples", ("base", "fidelity")),
+                        f"decode_samples must be an integer >= 0, got {samples!r}")
+    if not isinstance(accuracy, bool):
+        raise doc.error(locs.get("fidelity.accuracy", ("base", "fidelity")),
+                        f"accuracy must be true or false, got {accuracy!r}")
+    return Fidelity(decode_samples=samples, accuracy=accuracy)
+
+
+def _table_value(path: str, value: Any, doc: YamlDocument, locs: dict[str, Loc]) -> Any:
+    try:
+        return ax.normalize(path, value)
+    except ValueError as exc:
+        raise doc.error(locs[path], str(exc)) from None
+
+
+def _blame(exc: UserError, locs: dict[str, Loc]) -> Loc | None:
+    """The override an error message names, so the error points at that value's line."""
+    text = str(exc)
+    for key in sorted(locs, key=len, reverse=True):
+        if key in text:
+            return locs[key]
+    return None
+
+
+def _strip(exc: UserError) -> str:
+    """The message without its own source prefix (the study's file:line replaces it)."""
+    if isinstance(exc, ConfigError) and exc.source and str(exc).startswith(exc.source + ": "):
+        return str(exc)[len(exc.source) + 2:]
+    return str(exc)
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for v in values:
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def _digest(obj: Any) -> str:
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,84 @@
+"""The results table: one row per point, axis values first, then metrics, then derived ones.
+
+Rows are assembled from the current expansion (its coordinates) and the stored records (their
+metrics), so renaming an axis or adding a plot never needs recomputation, and points stored
+by an older version of the study file that no longer belong to it are left out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hgsim.results import SimResult, StepTiming
+from hgsim.study.capacity_search import SEARCH_COLUMNS
+from hgsim.study.expand import Expansion
+
+#: Columns added by the study runner to every row.
+RUN_COLUMNS = ("point", "wall_s", "events")
+#: Columns worth reading first, after the axes.
+FRONT = ("feasible", "tokens_per_s", "latency_mean_ms", "latency_p99_ms", "reason")
+
+
+def simulation_columns() -> list[str]:
+    """The columns ``SimResult.to_row`` produces for a feasible point (tier-specific
+    ``mem_<tier>_gb`` and resource-specific ``util_<resource>`` aside)."""
+    step = StepTiming(**{
+        f.name: (True if f.type in ("bool", bool) else 1)
+        for f in dataclasses.fields(StepTiming)
+    })
+    result = SimResult(profile="", model="", policy="", batch=1, context=1, gen=1,
+                       feasible=True, steps=[step])
+    return list(result.to_row())
+
+
+def search_columns(field: str, column: str) -> list[str]:
+    return ["profile", "model", "policy", "batch", "context", "gen", field, column,
+            "feasible", "reason", *SEARCH_COLUMNS]
+
+
+def assemble(expansion: Expansion, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    """One row per point with a stored record (points still missing are left out)."""
+    rows = []
+    for point in expansion.points:
+        record = records.get(point.spec.key)
+        if record is None:
+            continue
+        row: dict[str, Any] = dict(record["row"])
+        row.update(point.coords)  # coordinates win over result fields of the same name
+        row["point"] = point.spec.key
+        row["wall_s"] = record.get("wall_s")
+        row["events"] = record.get("events")
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    if frame.empty:
+        return pd.DataFrame(columns=[*expansion.axes, *RUN_COLUMNS])
+    first = [c for c in expansion.axes if c in frame]
+    first += [c for c in FRONT if c in frame and c not in first]
+    rest = [c for c in frame.columns if c not in first]
+    return frame[first + rest]
+
+
+def write_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
+    """``results.parquet`` and ``results.csv``, written to temporary names then renamed."""
+    parquet, csv = out / "results.parquet", out / "results.csv"
+    safe = _parquet_safe(frame)
+    safe.to_parquet(parquet.with_suffix(".parquet.tmp"), index=False)
+    parquet.with_suffix(".parquet.tmp").replace(parquet)
+    frame.to_csv(csv.with_suffix(".csv.tmp"), index=False)
+    csv.with_suffix(".csv.tmp").replace(csv)
+    return [parquet, csv]
+
+
+def _parquet_safe(frame: pd.DataFrame) -> pd.DataFrame:
+    """Columns mixing types (an axis of numbers and names) as text, which Parquet can hold."""
+    out = frame.copy()
+    for column in out.columns:
+        if out[column].dtype == object:
+            kinds = {type(v) for v in out[column].dropna()}
+            if len(kinds) > 1:
+                out[column] = out[column].map(lambda v: None if v is None else str(v))
+    return out

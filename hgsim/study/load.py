@@ -1,0 +1,100 @@
+"""Reading a study file into a validated, expanded plan, or one line saying what is wrong.
+
+All checks (shape, names, hardware paths, columns referenced by derived metrics and plots)
+happen here, before an output folder exists, so a broken study writes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hgsim import __version__
+from hgsim.config_io import YamlDocument, load_yaml, validate
+from hgsim.study.expand import Expansion, expand
+from hgsim.study.schema import Study
+from hgsim.study.validate import check
+
+
+@dataclass
+class StudyPlan:
+    study: Study
+    doc: YamlDocument
+    expansion: Expansion
+    columns: list[str]
+    source: Path
+
+
+def load_study(path: str | Path) -> StudyPlan:
+    """Parse, validate and expand ``path`` (ConfigError with file:line on any problem)."""
+    path = Path(path)
+    doc = load_yaml(path)
+    _normalize(doc, default_name=path.stem)
+    study = validate(Study, doc)
+    expansion = expand(study, doc, path.resolve().parent)
+    columns = check(study, doc, expansion)
+    return StudyPlan(study, doc, expansion, columns, path)
+
+
+def _normalize(doc: YamlDocument, default_name: str) -> None:
+    """Accept shorthands without losing line numbers.
+
+    ``sweep:`` may be one axis group (a mapping with grid/zip) instead of a list of them, and
+    ``name`` defaults to the file's stem.
+    """
+    data = doc.data
+    if not isinstance(data, dict):
+        return
+    data.setdefault("name", default_name)
+    sweep = data.get("sweep")
+    if isinstance(sweep, dict):
+        data["sweep"] = [sweep]
+        moved = {}
+        for loc, line in doc.lines.items():
+            if loc[:1] == ("sweep",) and len(loc) > 1:
+                moved[("sweep", 0, *loc[1:])] = line
+        doc.lines.update(moved)
+        doc.lines.setdefault(("sweep", 0), doc.lines.get(("sweep",), 0))
+
+
+def resolved_yaml(plan: StudyPlan) -> str:
+    """The study as it will run: defaults filled in, shorthands expanded, with provenance.
+
+    Running this file again reproduces the same points (same keys) as long as the profiles
+    it names have the content recorded in the header.
+    """
+    import hashlib
+
+    header = [
+        f"# Resolved study written by hgsim {__version__} from {plan.source}",
+        f"# {len(plan.expansion.points)} points; rerun with: hgsim study study.resolved.yaml",
+    ]
+    for name, file in sorted(plan.expansion.profiles.items()):
+        try:
+            digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
+        except OSError:
+            digest = "unreadable"
+        header.append(f"# profile {name}: {file} (sha256 {digest})")
+    data: dict[str, Any] = plan.study.model_dump(mode="json")
+    files = plan.expansion.profiles
+
+    def absolute(value: Any) -> Any:  # profile paths are relative to the original study file
+        is_path = isinstance(value, str) and ("/" in value or value.endswith((".yaml", ".yml")))
+        return str(files[value]) if is_path and value in files else value
+
+    data["base"]["profile"] = absolute(data["base"]["profile"])
+    for group in data["sweep"]:
+        for kind in ("grid", "zip"):
+            if "profile" in group[kind]:
+                group[kind]["profile"] = [absolute(v) for v in group[kind]["profile"]]
+    # Workload defaults written out, so a later change of a default cannot change the study.
+    from hgsim.workload import Workload
+
+    defaults = {name: f.default for name, f in Workload.model_fields.items()
+                if not f.is_required() and isinstance(f.default, (bool, int, float, str))}
+    data["base"]["workload"] = {**defaults, **data["base"]["workload"]}
+    text = yaml.safe_dump(data, sort_keys=False, width=100, default_flow_style=None)
+    return "\n".join(header) + "\n" + text

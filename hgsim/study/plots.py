@@ -1,0 +1,181 @@
+"""Figures of the results table as a study file specifies them (seaborn line/bar/scatter/heatmap).
+
+Axis columns keep the order written in the study (policies in legend order, contexts in
+sweep order); numbers used as categories (facets, hue) are labelled the way people say them
+(131072 -> 128k). Each plot is saved as PNG (for the report) and SVG (for papers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hgsim.study import axes as ax
+from hgsim.study.derived import select
+from hgsim.study.schema import PlotSpec
+
+FORMATS = ("png", "svg")
+_PREFIXES = ("workload.", "policy_options.", "fidelity.", "hardware.")
+
+
+def short(column: str) -> str:
+    """A column name for axis labels: the axis section prefix dropped."""
+    for prefix in _PREFIXES:
+        if column.startswith(prefix):
+            return column[len(prefix):]
+    return column
+
+
+def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[str, list],
+             out: Path) -> tuple[list[Path], dict[str, str]]:
+    """Every plot into ``out``; returns written files and {plot: error} for failed ones."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    failed: dict[str, str] = {}
+    for name, spec in plots.items():
+        try:
+            written += draw(frame, name, spec, axis_values, out)
+        except Exception as exc:  # noqa: BLE001 - one bad figure must not lose the others
+            failed[name] = f"{type(exc).__name__}: {exc}"
+    return written, failed
+
+
+def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
+         out: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    missing = [c for f, c in spec.columns().items() if c not in frame.columns]
+    if missing:
+        raise KeyError(f"column '{missing[0]}' is not in the results")
+    data = frame[select(frame, spec.where)] if spec.where else frame
+    y_col = spec.value if spec.kind == "heatmap" else spec.y
+    data = data.assign(**{y_col: pd.to_numeric(data[y_col], errors="coerce")})
+    data, orders = _categories(data, spec, axis_values)
+
+    sns.set_theme(style="whitegrid", context="paper")
+    facet = {"row": spec.row, "col": spec.col, "height": spec.height, "aspect": spec.aspect,
+             "row_order": orders.get(spec.row), "col_order": orders.get(spec.col)}
+    if spec.kind in ("line", "scatter"):
+        grid = sns.relplot(
+            data=data, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style, kind=spec.kind,
+            hue_order=orders.get(spec.hue), style_order=orders.get(spec.style),
+            facet_kws={"sharey": spec.sharey, "margin_titles": True},
+            **({"marker": "o", "errorbar": None} if spec.kind == "line" else {}), **facet,
+        )
+    elif spec.kind == "bar":
+        grid = sns.catplot(
+            data=data, x=spec.x, y=spec.y, hue=spec.hue, kind="bar", errorbar=None,
+            order=orders.get(spec.x), hue_order=orders.get(spec.hue), sharey=spec.sharey,
+            margin_titles=True, **facet,
+        )
+    else:
+        grid = _heatmap(data, spec, facet, orders)
+    if spec.logx and spec.kind != "heatmap":
+        grid.set(xscale="log")
+        _plain_log_ticks(grid, "x", _numeric(axis_values.get(spec.x)))
+    if spec.logy and spec.kind != "heatmap":
+        grid.set(yscale="log")
+        _plain_log_ticks(grid, "y", None)
+    grid.set_axis_labels(spec.xlabel or short(spec.x), spec.ylabel or short(spec.y))
+    if spec.kind == "bar" and _crowded(orders.get(spec.x, [])):
+        for axes in grid.axes.flat:
+            axes.tick_params(axis="x", labelrotation=35)
+            for text in axes.get_xticklabels():
+                text.set_horizontalalignment("right")
+    if spec.row or spec.col:
+        grid.set_titles(row_template=f"{short(spec.row or '')} = {{row_name}}",
+                        col_template=f"{short(spec.col or '')} = {{col_name}}")
+    if data.empty or data[y_col].isna().all():
+        grid.figure.text(0.5, 0.5, "no feasible points", ha="center", va="center")
+    title = spec.title or name
+    grid.figure.suptitle(title, y=1.02)
+    paths = []
+    for fmt in FORMATS:
+        path = out / f"{name}.{fmt}"
+        grid.figure.savefig(path, dpi=130, bbox_inches="tight")
+        paths.append(path)
+    plt.close(grid.figure)
+    return paths
+
+
+def _crowded(labels: list[str]) -> bool:
+    """Category labels that would overlap side by side."""
+    return sum(len(str(t)) for t in labels) > 40
+
+
+def _numeric(values: list | None) -> list[float] | None:
+    if values and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                      for v in values):
+        return sorted(float(v) for v in values)
+    return None
+
+
+def _plain_log_ticks(grid, which: str, ticks: list[float] | None) -> None:
+    """Log axes labelled 16, 32, 64 rather than 2x10^1: swept values as ticks when known,
+    otherwise plain-number labels on matplotlib's own log ticks."""
+    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
+
+    class PlainLog(LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):  # 0.6 rather than 6e-01
+            return f"{x:g}"
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    for axes in grid.axes.flat:
+        axis = axes.xaxis if which == "x" else axes.yaxis
+        if ticks and len(ticks) <= 12:
+            (axes.set_xticks if which == "x" else axes.set_yticks)(ticks)
+            axis.set_major_formatter(plain)
+            axis.set_minor_formatter(NullFormatter())
+        else:
+            axis.set_major_formatter(PlainLog(labelOnlyBase=False))
+            axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]):
+    """Categorical roles (facets, hue, style, bar x) as labelled strings in study order."""
+    roles = [spec.row, spec.col, spec.hue, spec.style]
+    if spec.kind in ("bar", "heatmap"):
+        roles += [spec.x]
+    if spec.kind == "heatmap":
+        roles += [spec.y]
+    orders: dict[str, list[str]] = {}
+    data = data.copy()
+    for column in dict.fromkeys(c for c in roles if c):
+        present = list(dict.fromkeys(data[column].tolist()))
+        known = axis_values.get(column, [])
+        ordered = [v for v in known if v in present] + [v for v in present if v not in known]
+        if not known and all(isinstance(v, (int, float)) for v in present):
+            ordered = sorted(present)
+        labels = {v: ax.label(v) for v in ordered}
+        data[column] = data[column].map(labels)
+        orders[column] = list(dict.fromkeys(labels[v] for v in ordered))
+    return data, orders
+
+
+def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
+             orders: dict[str, list[str]]):
+    import seaborn as sns
+
+    values = data[spec.value].dropna()
+    vmin, vmax = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+    x_order, y_order = orders[spec.x], orders[spec.y]
+
+    def draw(*_: Any, data: pd.DataFrame, **__: Any) -> None:
+        import matplotlib.pyplot as plt
+
+        table = data.pivot_table(index=spec.y, columns=spec.x, values=spec.value,
+                                  aggfunc=spec.agg, observed=False)
+        table = table.reindex(index=y_order[::-1], columns=x_order)
+        sns.heatmap(table, ax=plt.gca(), annot=spec.annot, fmt=spec.fmt, vmin=vmin,
+                    vmax=vmax, cmap="viridis", cbar=True,
+                    cbar_kws={"label": short(spec.value)})
+
+    grid = sns.FacetGrid(data, **facet, margin_titles=True, despine=False)
+    grid.map_dataframe(draw)
+    return grid

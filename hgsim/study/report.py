@@ -1,0 +1,228 @@
+"""``report.md``: the tables an architect reads first, written from the results table.
+
+Which policy wins at each point and by how much, the derived metrics summarised per group
+(geometric mean first: it is the honest average of ratios), capacity limits, and every
+infeasible or failed point with its reason, so nothing that did not run goes unnoticed.
+Long tables are cut at ``report.max_rows``; the full data is in results.csv/parquet.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hgsim import __version__
+from hgsim.study import axes as ax
+from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
+from hgsim.study.plots import short
+from hgsim.study.schema import Study
+
+
+@dataclass
+class RunInfo:
+    """What happened in this run, for the report's header."""
+
+    source: str
+    total: int
+    computed: int
+    reused: int
+    missing: int
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+    figure_errors: dict[str, str] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+
+
+def fmt(value: Any, column: str = "") -> str:
+    """A cell: counts as 128k, floats with sensible precision, missing as a dash."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    last = column.rsplit(".", 1)[-1]
+    if last in ax.COUNT_COLUMNS and isinstance(value, (int, float)):
+        return ax.label(value)
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return f"{int(value):,}" if abs(value) >= 1e4 else str(int(value))
+        magnitude = abs(value)
+        if magnitude >= 100:
+            return f"{value:,.0f}"
+        if magnitude >= 1:
+            return f"{value:.2f}"
+        return f"{value:.3g}"
+    if isinstance(value, int):
+        return str(value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(frame: pd.DataFrame, max_rows: int | None = None) -> str:
+    if frame.empty:
+        return "_(none)_\n"
+    shown = frame if max_rows is None else frame.head(max_rows)
+    header = [short(str(c)) for c in shown.columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for _, row in shown.iterrows():
+        lines.append("| " + " | ".join(fmt(row[c], str(c)) for c in shown.columns) + " |")
+    if max_rows is not None and len(frame) > max_rows:
+        lines.append(f"\n_... {len(frame) - max_rows} more rows in results.csv_")
+    return "\n".join(lines) + "\n"
+
+
+def best_metric(study: Study) -> str:
+    if study.report.best_metric:
+        return study.report.best_metric
+    return study.search.column if study.search else "tokens_per_s"
+
+
+def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str) -> pd.DataFrame:
+    """Per combination of the other axes: the best value of ``by`` and its margin."""
+    if by not in axes or metric not in frame or frame[by].nunique() < 2:
+        return pd.DataFrame()
+    lower = bool(LOWER_IS_BETTER.search(metric))
+    others = [a for a in axes if a != by]
+    data = frame.assign(__m=pd.to_numeric(frame[metric], errors="coerce"))
+    groups = data.groupby(others, sort=False, dropna=False) if others else [((), data)]
+    rows = []
+    for key, part in groups:
+        key = key if isinstance(key, tuple) else (key,)
+        ranked = part.dropna(subset=["__m"]).sort_values("__m", ascending=lower)
+        row = dict(zip(others, key, strict=True))
+        if ranked.empty:
+            row.update({"best": "none feasible", metric: math.nan, "runner-up": "-",
+                        "margin": math.nan})
+        else:
+            first = ranked.iloc[0]
+            row.update({"best": first[by], metric: first["__m"]})
+            if len(ranked) > 1:
+                second = ranked.iloc[1]
+                ratio = (second["__m"] / first["__m"]) if lower else (first["__m"] / second["__m"])
+                row.update({"runner-up": second[by], "margin": ratio})
+            else:
+                row.update({"runner-up": "-", "margin": math.nan})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str) -> pd.DataFrame:
+    """The searched maximum with ``by`` (usually the policy) as columns, when it is an axis."""
+    if column not in frame:
+        return pd.DataFrame()
+    if by in axes and len(axes) > 1:
+        others = [a for a in axes if a != by]
+        values = frame[column].map(lambda v: ax.label(v) if pd.notna(v) else "does not fit")
+        capped = frame.get("capped", pd.Series(False, index=frame.index)).fillna(False)
+        values = values.where(~capped.astype(bool), values + " (>= hi)")
+        table = frame.assign(__v=values).pivot_table(
+            index=others, columns=by, values="__v", aggfunc="first", sort=False)
+        order = [c for c in dict.fromkeys(frame[by]) if c in table.columns]
+        return table[order].reset_index()
+    keep = [*axes, column, "capped", "limit_reason"]
+    return frame[[c for c in keep if c in frame]]
+
+
+def _describe(selection: dict[str, Any]) -> str:
+    """``policy = flexgen`` or ``policy in flexgen, hgca`` for a derived metric's text."""
+    parts = []
+    for key, value in selection.items():
+        if isinstance(value, list):
+            parts.append(f"{key} in {', '.join(ax.label(v) for v in value)}")
+        else:
+            parts.append(f"{key} = {ax.label(value)}")
+    return "; ".join(parts)
+
+
+def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
+                 info: RunInfo) -> Path:
+    n = study.report.max_rows
+    parts = [f"# Study `{study.name}`\n"]
+    if study.description:
+        parts.append(study.description.strip() + "\n")
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    parts.append(
+        f"- study file: `{info.source}` (resolved copy: `study.resolved.yaml`)\n"
+        f"- hgsim {__version__}, written {stamp}\n"
+        f"- points: {info.total} ({info.computed} computed in this run, {info.reused} reused "
+        f"from earlier runs, {info.missing} missing, {len(info.errors)} failed)\n"
+        f"- data: `results.parquet`, `results.csv` (one row per point)\n"
+    )
+    if "wall_s" in frame and len(frame):
+        parts.append(f"- simulation time summed over points: {frame['wall_s'].sum():.1f} s; "
+                     f"this run took {info.elapsed_s:.1f} s\n")
+
+    parts.append("\n## Configuration\n")
+    base = study.base
+    base_rows = [("profile", base.profile), ("model", base.model), ("policy", base.policy)]
+    base_rows += [(f"workload.{k}", v) for k, v in base.workload.items()]
+    base_rows += [(f"policy_options.{k}", v) for k, v in base.policy_options.items()]
+    base_rows += [(f"hardware.{k}", v) for k, v in base.hardware.items()]
+    base_rows += [(f"fidelity.{k}", v) for k, v in base.fidelity.model_dump().items()]
+    axes_values = study.axes()
+    parts.append(md_table(pd.DataFrame(
+        [{"setting": k, "base value": v, "swept": ", ".join(map(str, axes_values[k]))
+          if k in axes_values else ""} for k, v in base_rows]
+        + [{"setting": k, "base value": "", "swept": ", ".join(map(str, v))}
+           for k, v in axes_values.items() if k not in dict(base_rows)]
+    )))
+    if study.search:
+        s = study.search
+        parts.append(f"\nSearch: largest `{s.maximize}` that fits, in [{ax.label(s.lo)}, "
+                     f"{ax.label(s.hi)}] to a step of {ax.label(s.step)} (capacity accounting "
+                     "only, no simulation).\n")
+
+    metric = best_metric(study)
+    by = study.report.best_by
+    if study.search:
+        table = capacity_table(frame, axes, by, study.search.column)
+        parts.append(f"\n## Largest {study.search.field} that fits\n")
+        parts.append(md_table(table, n))
+    else:
+        best = best_table(frame, axes, by, metric)
+        if not best.empty:
+            parts.append(f"\n## Best {by} per point (by {metric})\n")
+            wins = best["best"].value_counts()
+            parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
+            parts.append(md_table(best, n))
+
+    if study.derived and len(frame):
+        parts.append("\n## Derived metrics\n")
+        for name, spec in study.derived.items():
+            what = {"speedup": f"speedup, {better(spec)} is better", "ratio": "point / baseline",
+                    "difference": "point - baseline"}[spec.kind]
+            of = _describe(spec.of) or "every point"
+            parts.append(f"- `{name}` ({what}): `{spec.metric}` of {of} relative to the point "
+                         f"with {_describe(spec.vs)} and the same other coordinates\n")
+        parts.append("\n" + md_table(summarize(frame, study.derived)))
+
+    if len(frame) and "feasible" in frame:
+        infeasible = frame[~frame["feasible"].fillna(False).astype(bool)]
+        parts.append(f"\n## Infeasible points ({len(infeasible)})\n")
+        if by in infeasible and len(infeasible):
+            counts = infeasible[by].value_counts(sort=False)
+            parts.append(f"Per {by}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
+                         + "\n\n")
+        cols = [c for c in [*axes, "reason"] if c in infeasible]
+        parts.append(md_table(infeasible[cols], n))
+
+    if info.errors:
+        parts.append(f"\n## Failed points ({len(info.errors)})\n")
+        parts.append("These raised an error (a bug, not infeasibility); they were not stored "
+                     "and a re-run tries them again.\n\n")
+        parts.append(md_table(pd.DataFrame(
+            [{"point": e["key"], "error": e["error"]} for e in info.errors]), n))
+
+    if info.figures or info.figure_errors:
+        parts.append("\n## Figures\n")
+        for figure in info.figures:
+            if figure.suffix == ".png":
+                parts.append(f"\n![{figure.stem}](figures/{figure.name})\n"
+                             f"(`figures/{figure.stem}.svg`)\n")
+        for name, error in info.figure_errors.items():
+            parts.append(f"\n- figure `{name}` failed: {error}\n")
+    path.write_text("".join(parts))
+    return path

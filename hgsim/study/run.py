@@ -1,0 +1,133 @@
+"""A study from file to report: validate, compute the missing points, write every output.
+
+The order matters for the "results that survive" promise: everything is validated before the
+output folder is created; points are stored one by one as they finish; tables, figures and
+the report are rebuilt from all stored points at the end, so a run after an interruption
+produces exactly what an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from hgsim.study.derived import compute_derived
+from hgsim.study.execute import ExecOptions, ExecStats, execute
+from hgsim.study.frame import assemble, write_tables
+from hgsim.study.load import StudyPlan, load_study, resolved_yaml
+from hgsim.study.plots import draw_all
+from hgsim.study.report import RunInfo, write_report
+from hgsim.study.store import PointStore
+
+
+@dataclass
+class RunOptions:
+    out: Path | None = None  # default: results/<study name>
+    force: bool = False  # recompute points that are already stored
+    figures: bool = True
+    quiet: bool = False
+    dry_run: bool = False
+    execution: ExecOptions = field(default_factory=ExecOptions)
+
+
+@dataclass
+class StudyRun:
+    plan: StudyPlan
+    out: Path
+    total: int  # distinct points (configurations)
+    todo: int
+    stats: ExecStats
+    frame: pd.DataFrame | None = None
+    outputs: list[Path] = field(default_factory=list)
+    figure_errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.stats.errors and not self.figure_errors
+
+
+def run_study(path: str | Path, options: RunOptions | None = None) -> StudyRun:
+    options = options or RunOptions()
+    t0 = time.perf_counter()
+    plan = load_study(path)  # raises ConfigError (one line) before anything is written
+    out = options.out or Path("results") / plan.study.name
+    store = PointStore(out / "points")
+    specs = plan.expansion.unique_specs()
+    stored = set() if options.force else set(store.load([s.key for s in specs]))
+    todo = [s for s in specs if s.key not in stored]
+    say = _Say(options.quiet)
+    say(f"study {plan.study.name}: {len(plan.expansion.points)} points, {len(specs)} distinct "
+        f"configurations, {len(specs) - len(todo)} stored, {len(todo)} to compute -> {out}")
+    run = StudyRun(plan, out, len(specs), len(todo), ExecStats())
+    if options.dry_run:
+        return run
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "study.resolved.yaml").write_text(resolved_yaml(plan))
+    try:
+        run.stats = execute(todo, store, options.execution)
+    except KeyboardInterrupt:
+        done = len(store.load([s.key for s in specs]))
+        print(f"hgsim study: interrupted; {done} of {len(specs)} points are stored in "
+              f"{store.dir}; run the same command again to compute the rest", file=sys.stderr)
+        raise
+    store.clean_temporary()
+    records = store.load([s.key for s in specs])
+    frame = assemble(plan.expansion, records)
+    if plan.study.derived and len(frame):
+        frame = compute_derived(frame, plan.study.derived, plan.expansion.axes)
+    run.frame = frame
+    run.outputs += write_tables(frame, out)
+    figures: list[Path] = []
+    if options.figures and plan.study.plots and len(frame):
+        figures, run.figure_errors = draw_all(frame, plan.study.plots,
+                                              plan.expansion.axis_values, out / "figures")
+    run.outputs += figures
+    info = RunInfo(
+        source=str(plan.source), total=len(specs), computed=run.stats.computed,
+        reused=len(specs) - len(todo), missing=len(specs) - len(records),
+        errors=run.stats.errors, figures=figures, figure_errors=run.figure_errors,
+        elapsed_s=time.perf_counter() - t0,
+    )
+    run.outputs.append(write_report(out / "report.md", plan.study, frame,
+                                    plan.expansion.axes, info))
+    _write_run_log(out, info, run)
+    for error in run.stats.errors[:3]:
+        print(f"hgsim study: point {error['key']} failed: {error['error']}", file=sys.stderr)
+    for name, error in run.figure_errors.items():
+        print(f"hgsim study: figure {name} failed: {error}", file=sys.stderr)
+    say(f"done in {info.elapsed_s:.1f} s: {info.computed} computed, {info.reused} reused, "
+        f"{len(run.stats.errors)} failed; report: {out / 'report.md'}")
+    return run
+
+
+def _write_run_log(out: Path, info: RunInfo, run: StudyRun) -> None:
+    """``run.json``: counts of this run (tests and scripts read it; appended history)."""
+    entry: dict[str, Any] = {
+        "time": time.time(), "total": info.total, "computed": info.computed,
+        "reused": info.reused, "missing": info.missing, "failed": len(info.errors),
+        "elapsed_s": round(info.elapsed_s, 3),
+    }
+    path = out / "run.json"
+    try:
+        history = json.loads(path.read_text()) if path.exists() else []
+    except ValueError:
+        history = []
+    history = history if isinstance(history, list) else []
+    history.append(entry)
+    path.write_text(json.dumps(history, indent=1))
+
+
+class _Say:
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+
+    def __call__(self, message: str) -> None:
+        if not self.quiet:
+            print(message, file=sys.stderr)

@@ -1,0 +1,281 @@
+"""The study file's schema: what an architect may write, and nothing else.
+
+A study is a base configuration, sweep axes over dotted parameters, optional derived metrics,
+plots and a capacity search. Every model forbids unknown keys, because a misspelt key that is
+silently ignored runs a different study from the one the person meant. Checks that need the
+catalog, the profiles or the whole study at once (unknown names, hardware paths, plot columns)
+are semantic and live in ``expand.py`` and ``validate.py``; this module only checks shape.
+
+Format (every key but ``base.profile`` and ``base.model`` is optional)::
+
+    name: cxl_sweep                      # output folder results/<name>; default: file stem
+    description: free text for report.md
+    base:                                # what every point starts from
+      profile: h100-80gb-spr-cxl         # name (hgsim profiles) or path (relative to this file)
+      model: llama-2-13b                 # catalog name or alias (hgsim models)
+      policy: hybridgen                  # default hybridgen
+      policy_options: {topk_ratio: 0.1}  # the policy's Options (unknown keys are errors)
+      workload: {batch: 2, context: 32k, gen: 64}   # any Workload field
+      hardware: {tiers.cxl0.latency_ns: 250}        # fixed dotted profile overrides
+      fidelity: {decode_samples: 12, accuracy: true}
+    sweep:                               # list of axis groups, crossed with each other
+      - grid:                            # product of its axes
+          workload.context: [32k, 128k, 512k]
+          policy: [hybridgen, flexgen]
+      - zip:                             # advance together (same lengths)
+          hardware.tiers.cxl0.bandwidth_gbps: [16, 32, 64]
+          hardware.links.cxl0-link.bandwidth_gbps: [16, 32, 64]
+    # (a single group may be written as a mapping: ``sweep: {grid: {...}}``)
+    # Axis paths: profile, model, policy, workload.<field>, policy_options.<option>,
+    # fidelity.<field>, hardware.<dotted profile path> (``tiers.<t>.bandwidth_gbps`` sets read
+    # and write bandwidth; ``*`` matches every key at its level; values may carry units).
+    derived:                             # name -> metric vs a baseline at same other coords
+      speedup:
+        metric: tokens_per_s
+        of: {policy: hybridgen}          # rows that get a value (default: all)
+        vs: {policy: [flexgen, hgca]}    # a list -> columns speedup_vs_flexgen, ..._vs_hgca
+        kind: speedup                    # speedup | ratio | difference
+        better: higher                   # default: lower for *_ms/*_s/latency, else higher
+        group_by: [workload.context]     # report summary groups
+    plots:                               # name -> seaborn figure (PNG + SVG)
+      tput:
+        kind: line                       # line | bar | scatter | heatmap
+        x: hardware.tiers.cxl0.bandwidth_gbps
+        y: tokens_per_s                  # any column, derived ones included
+        hue: policy                      # also style, row, col (facets)
+        where: {hardware.tiers.cxl0.latency_ns: 250}   # keep only these rows
+        logx: true
+      heat: {kind: heatmap, x: ..., y: ..., value: speedup_vs_flexgen, col: workload.context}
+    search:                              # capacity search instead of simulation
+      maximize: workload.context         # or workload.batch
+      lo: 1k
+      hi: 16M
+      step: 1k                           # -> column max_context, exact to one step
+    report: {best_metric: tokens_per_s, best_by: policy, max_rows: 40}
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hgsim.units import parse_count
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class StudyModel(BaseModel):
+    """Strict base: unknown keys are errors, values are not coerced across types silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _filename_safe(value: str, what: str) -> str:
+    if not _NAME.match(value):
+        raise ValueError(
+            f"{what} {value!r} must start with a letter or digit and use only letters, digits, "
+            "'_', '-' and '.' (it names files)"
+        )
+    return value
+
+
+class FidelitySpec(StudyModel):
+    """Simulator accuracy/speed knobs (see ``hgsim.simulate.Fidelity``)."""
+
+    decode_samples: int = Field(default=32, ge=0)  # simulated decode steps; 0 = every step
+    accuracy: bool = True  # compute the accuracy proxy for lossy policies
+
+
+class BaseConfig(StudyModel):
+    """The configuration every point starts from; axes replace parts of it."""
+
+    profile: str
+    model: str
+    policy: str = "hybridgen"
+    policy_options: dict[str, Any] = Field(default_factory=dict)
+    # Workload fields (batch, context, gen, kv_dtype, ...); checked against Workload per point.
+    workload: dict[str, Any] = Field(default_factory=dict)
+    # Fixed dotted hardware overrides applied to the profile, e.g. {tiers.cxl0.latency_ns: 250}
+    hardware: dict[str, Any] = Field(default_factory=dict)
+    fidelity: FidelitySpec = Field(default_factory=FidelitySpec)
+
+
+class AxisGroup(StudyModel):
+    """One group of axes: ``grid`` axes combine as a product, ``zip`` axes advance together.
+
+    A group may hold both (the zipped tuples are then crossed with the grid). Groups in the
+    ``sweep`` list are crossed with each other.
+    """
+
+    grid: dict[str, list[Any]] = Field(default_factory=dict)
+    zip: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @field_validator("grid", "zip")
+    @classmethod
+    def _non_empty_values(cls, axes: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for path, values in axes.items():
+            if not values:
+                raise ValueError(f"{path}: axis has no values")
+        return axes
+
+    @model_validator(mode="after")
+    def _shape(self) -> AxisGroup:
+        if not self.grid and not self.zip:
+            raise ValueError("an axis group needs 'grid' or 'zip' axes")
+        lengths = {len(v) for v in self.zip.values()}
+        if len(lengths) > 1:
+            detail = ", ".join(f"{k} has {len(v)}" for k, v in self.zip.items())
+            raise ValueError(f"zip axes must have the same number of values ({detail})")
+        both = set(self.grid) & set(self.zip)
+        if both:
+            raise ValueError(f"axis {sorted(both)[0]!r} is both in grid and in zip")
+        return self
+
+    def axes(self) -> dict[str, list[Any]]:
+        return {**self.zip, **self.grid}
+
+
+class DerivedSpec(StudyModel):
+    """A metric computed from two rows: a point and its baseline at the same other coordinates.
+
+    ``vs`` selects the baseline by axis values; a list of values makes one column per value
+    (``<name>_vs_<value>``). ``of`` restricts which rows get a value (others are empty).
+    """
+
+    metric: str
+    vs: dict[str, Any]
+    of: dict[str, Any] = Field(default_factory=dict)
+    kind: Literal["speedup", "ratio", "difference"] = "speedup"
+    # speedup: row/baseline when higher is better, baseline/row when lower is better.
+    # Default: lower for times (``*_ms``, ``*_s``, latency), higher otherwise.
+    better: Literal["higher", "lower"] | None = None
+    # Report grouping of this metric's summary table (default: by the ``vs`` axes' values).
+    group_by: list[str] = Field(default_factory=list)
+
+    @field_validator("vs")
+    @classmethod
+    def _vs_not_empty(cls, vs: dict[str, Any]) -> dict[str, Any]:
+        if not vs:
+            raise ValueError("'vs' must select the baseline by at least one axis")
+        return vs
+
+
+class PlotSpec(StudyModel):
+    """A seaborn figure of the results table (any column, derived ones included)."""
+
+    kind: Literal["line", "bar", "scatter", "heatmap"]
+    x: str
+    y: str
+    value: str | None = None  # heatmap: the colour column (x and y are its two axes)
+    hue: str | None = None
+    style: str | None = None
+    row: str | None = None
+    col: str | None = None
+    where: dict[str, Any] = Field(default_factory=dict)  # keep rows with these column values
+    logx: bool = False
+    logy: bool = False
+    title: str | None = None
+    xlabel: str | None = None
+    ylabel: str | None = None
+    sharey: bool = True
+    height: float = Field(default=3.2, gt=0)
+    aspect: float = Field(default=1.3, gt=0)
+    annot: bool = True  # heatmap: print values in cells
+    fmt: str = ".2f"  # heatmap cell format
+    agg: Literal["mean", "median", "min", "max"] = "mean"  # heatmap: duplicates per cell
+
+    @model_validator(mode="after")
+    def _heatmap_value(self) -> PlotSpec:
+        if self.kind == "heatmap" and not self.value:
+            raise ValueError("value: a heatmap needs 'value' (the colour column)")
+        if self.kind != "heatmap" and self.value:
+            raise ValueError(f"value: only heatmaps take 'value' (this plot is a {self.kind})")
+        if self.kind == "heatmap" and (self.hue or self.style):
+            raise ValueError("hue: a heatmap has no hue/style; use row/col facets")
+        return self
+
+    def columns(self) -> dict[str, str]:
+        """Field name -> column for every column this plot reads."""
+        fields = ("x", "y", "value", "hue", "style", "row", "col")
+        out = {f: getattr(self, f) for f in fields if getattr(self, f)}
+        out.update({f"where.{k}": k for k in self.where})
+        return out
+
+
+SEARCHABLE = ("workload.context", "workload.batch")
+
+
+class SearchSpec(StudyModel):
+    """Binary search for the largest value of ``maximize`` whose footprint fits.
+
+    Feasibility is the policy's capacity accounting only (no simulation), assumed monotone in
+    the searched quantity; the result is exact to ``step``.
+    """
+
+    maximize: Literal["workload.context", "workload.batch"]
+    lo: int = Field(gt=0)
+    hi: int = Field(gt=0)
+    step: int = Field(default=1, gt=0)
+
+    @field_validator("lo", "hi", "step", mode="before")
+    @classmethod
+    def _counts(cls, value: Any) -> Any:
+        return parse_count(value) if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _order(self) -> SearchSpec:
+        if self.lo > self.hi:
+            raise ValueError(f"lo: lo ({self.lo}) must not exceed hi ({self.hi})")
+        return self
+
+    @property
+    def field(self) -> str:
+        return self.maximize.split(".", 1)[1]
+
+    @property
+    def column(self) -> str:
+        return f"max_{self.field}"
+
+
+class ReportSpec(StudyModel):
+    """What ``report.md`` ranks by and how long its tables may get."""
+
+    best_metric: str | None = None  # default: tokens_per_s (max_<field> for searches)
+    best_by: str = "policy"  # the axis whose best value is reported per point
+    max_rows: int = Field(default=40, gt=0)
+
+
+class Study(StudyModel):
+    name: str
+    description: str = ""
+    base: BaseConfig
+    sweep: list[AxisGroup] = Field(default_factory=list)
+    search: SearchSpec | None = None
+    derived: dict[str, DerivedSpec] = Field(default_factory=dict)
+    plots: dict[str, PlotSpec] = Field(default_factory=dict)
+    report: ReportSpec = Field(default_factory=ReportSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return _filename_safe(value, "study name")
+
+    @field_validator("plots")
+    @classmethod
+    def _plot_names(cls, plots: dict[str, PlotSpec]) -> dict[str, PlotSpec]:
+        for name in plots:
+            _filename_safe(name, "plot name")
+        return plots
+
+    def axes(self) -> dict[str, list[Any]]:
+        """Every axis path -> its values as written, in file order."""
+        out: dict[str, list[Any]] = {}
+        for group in self.sweep:
+            out.update(group.axes())
+        return out
+
+    @property
+    def is_search(self) -> bool:
+        return self.search is not None

@@ -1,0 +1,79 @@
+"""Derived metrics on a hand-made results table, where every expected value is arithmetic."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from hgsim.study.derived import compute_derived, summarize
+from hgsim.study.schema import DerivedSpec
+
+AXES = ["bw", "workload.context", "policy"]
+
+
+@pytest.fixture
+def frame() -> pd.DataFrame:
+    rows = []
+    tput = {  # (bw, context) -> policy -> tokens/s
+        (16, 32768): {"hybridgen": 30.0, "flexgen": 10.0, "hgca": 20.0},
+        (16, 131072): {"hybridgen": 8.0, "flexgen": 2.0, "hgca": float("nan")},  # infeasible
+        (64, 32768): {"hybridgen": 45.0, "flexgen": 15.0, "hgca": 30.0},
+        (64, 131072): {"hybridgen": 12.0, "flexgen": 3.0, "hgca": 6.0},
+    }
+    for (bw, ctx), per_policy in tput.items():
+        for policy, value in per_policy.items():
+            rows.append({"bw": bw, "workload.context": ctx, "policy": policy,
+                         "tokens_per_s": value, "latency_mean_ms": 1000.0 / value})
+    return pd.DataFrame(rows)
+
+
+def value(frame, column, **coords):
+    mask = pd.Series(True, index=frame.index)
+    for k, v in coords.items():
+        mask &= frame[k.replace("context", "workload.context")] == v
+    (out,) = frame.loc[mask, column].tolist()
+    return out
+
+
+def test_speedup_vs_each_baseline_at_same_other_coordinates(frame):
+    spec = DerivedSpec(metric="tokens_per_s", of={"policy": "hybridgen"},
+                       vs={"policy": ["flexgen", "hgca"]})
+    out = compute_derived(frame, {"speedup": spec}, AXES)
+    assert value(out, "speedup_vs_flexgen", bw=16, context=32768, policy="hybridgen") == 3.0
+    assert value(out, "speedup_vs_flexgen", bw=64, context=131072, policy="hybridgen") == 4.0
+    assert value(out, "speedup_vs_hgca", bw=64, context=32768, policy="hybridgen") == 1.5
+    # baseline infeasible -> no value; rows outside `of` -> no value
+    assert math.isnan(value(out, "speedup_vs_hgca", bw=16, context=131072, policy="hybridgen"))
+    assert out.loc[out.policy != "hybridgen", "speedup_vs_flexgen"].isna().all()
+
+
+def test_speedup_of_lower_is_better_metric_inverts(frame):
+    spec = DerivedSpec(metric="latency_mean_ms", vs={"policy": "flexgen"})
+    out = compute_derived(frame, {"lat": spec}, AXES)
+    assert value(out, "lat", bw=16, context=32768, policy="hybridgen") == pytest.approx(3.0)
+    assert value(out, "lat", bw=16, context=32768, policy="flexgen") == pytest.approx(1.0)
+
+
+def test_ratio_and_difference_and_count_values(frame):
+    derived = {
+        "r": DerivedSpec(metric="tokens_per_s", kind="ratio", vs={"workload.context": "32k"}),
+        "d": DerivedSpec(metric="tokens_per_s", kind="difference", vs={"bw": 16}),
+    }
+    out = compute_derived(frame, derived, AXES)
+    assert value(out, "r", bw=64, context=131072, policy="flexgen") == pytest.approx(0.2)
+    assert value(out, "d", bw=64, context=32768, policy="hgca") == pytest.approx(10.0)
+
+
+def test_summary_geomean_min_max_per_group(frame):
+    spec = DerivedSpec(metric="tokens_per_s", of={"policy": "hybridgen"},
+                       vs={"policy": ["flexgen", "hgca"]}, group_by=["workload.context"])
+    out = compute_derived(frame, {"speedup": spec}, AXES)
+    table = summarize(out, {"speedup": spec}).set_index(["vs", "workload.context"])
+    row = table.loc[("flexgen", 32768)]
+    assert row["n"] == 2 and row["min"] == 3.0 and row["max"] == 3.0
+    row = table.loc[("flexgen", 131072)]
+    assert row["geomean"] == pytest.approx(math.sqrt(4.0 * 4.0))
+    assert table.loc[("hgca", 131072)]["n"] == 1  # the infeasible baseline is left out
+    assert table.loc[("hgca", 32768)]["geomean"] == pytest.approx(1.5)

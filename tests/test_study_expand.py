@@ -1,0 +1,101 @@
+"""Sweep expansion: grid axes multiply, zip axes advance together, groups multiply; keys are
+content hashes of the full resolved configuration."""
+
+from __future__ import annotations
+
+import pytest
+from test_study_common import write_study
+
+from hgsim.study import load_study
+
+HEAD = """\
+name: expand
+base:
+  profile: h100-80gb-spr-cxl
+  model: llama-2-7b
+  workload: {context: 32k, gen: 4}
+  fidelity: {decode_samples: 2}
+"""
+
+
+def points(tmp_path, sweep: str):
+    return load_study(write_study(tmp_path, HEAD + sweep)).expansion.points
+
+
+def test_grid_is_a_product(tmp_path):
+    pts = points(tmp_path, """\
+sweep:
+  - grid:
+      hardware.tiers.cxl0.bandwidth_gbps: [16, 32, 64, 128]
+      workload.context: [8k, 32k, 128k]
+      policy: [hybridgen, flexgen]
+""")
+    assert len(pts) == 4 * 3 * 2
+    assert len({p.spec.key for p in pts}) == 24
+
+
+def test_zip_advances_together(tmp_path):
+    pts = points(tmp_path, """\
+sweep:
+  - zip:
+      hardware.tiers.cxl0.bandwidth_gbps: [16, 32, 64, 128]
+      hardware.links.cxl0-link.bandwidth_gbps: [16, 32, 64, 128]
+""")
+    assert len(pts) == 4
+    for p in pts:
+        bw = p.coords["hardware.tiers.cxl0.bandwidth_gbps"]
+        assert p.coords["hardware.links.cxl0-link.bandwidth_gbps"] == bw
+        assert p.spec.profile.tiers["cxl0"].read_bandwidth_gbps == bw
+        assert p.spec.profile.links["cxl0-link"].bandwidth_gbps == bw
+
+
+def test_groups_multiply_and_zip_inside_group_crosses_grid(tmp_path):
+    pts = points(tmp_path, """\
+sweep:
+  - zip: {workload.batch: [1, 2, 4], workload.gen: [4, 8, 16]}
+    grid: {policy: [hybridgen, flexgen]}
+  - grid: {workload.context: [8k, 16k]}
+""")
+    assert len(pts) == 3 * 2 * 2
+    assert {(p.spec.workload.batch, p.spec.workload.gen) for p in pts} == {(1, 4), (2, 8), (4, 16)}
+
+
+def test_values_are_normalized_for_the_table(tmp_path):
+    pts = points(tmp_path, """\
+sweep:
+  - grid:
+      workload.context: [32k]
+      hardware.tiers.cxl0.latency_ns: ["0.25 us"]
+      model: [Llama-2-7B]
+""")
+    (p,) = pts
+    assert p.coords == {"workload.context": 32768, "hardware.tiers.cxl0.latency_ns": 250.0,
+                        "model": "llama-2-7b"}
+    assert p.spec.workload.context == 32768
+
+
+def test_key_covers_fidelity_and_hardware_content(tmp_path):
+    (a,) = points(tmp_path, "")
+    (b,) = load_study(write_study(tmp_path, HEAD.replace("decode_samples: 2",
+                                                         "decode_samples: 3"))).expansion.points
+    (c,) = points(tmp_path, "sweep: [{grid: {hardware.tiers.cxl0.latency_ns: [151]}}]\n")
+    (d,) = points(tmp_path, "sweep: [{grid: {policy: [hybridgen]}}]\n")
+    assert len({a.spec.key, b.spec.key, c.spec.key}) == 3
+    assert d.spec.key == a.spec.key  # same configuration, written differently: same point
+
+
+def test_same_configuration_twice_is_one_point_to_compute(tmp_path):
+    plan = load_study(write_study(tmp_path, HEAD + """\
+sweep:
+  - grid:
+      workload.context: [32k, 32768]
+"""))
+    assert len(plan.expansion.points) == 2
+    assert len(plan.expansion.unique_specs()) == 1
+
+
+@pytest.mark.parametrize("axis", ["fidelity.decode_samples", "policy_options.topk_ratio"])
+def test_other_sections_are_axes(tmp_path, axis):
+    pts = points(tmp_path, f"sweep: [{{grid: {{{axis}: [4, 0.5]}}}}]\n".replace(
+        "[4, 0.5]", "[4, 8]" if "fidelity" in axis else "[0.05, 0.5]"))
+    assert len(pts) == 2 and pts[0].spec.key != pts[1].spec.key

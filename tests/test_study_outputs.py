@@ -1,0 +1,81 @@
+"""A finished study leaves data, figures, a report and a resolved study that reruns to the same
+points; the Dask executor gives the same table as the local process pool."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+from test_study_common import write_study
+
+from hgsim.cli import main
+from hgsim.study import RunOptions, load_study, run_study
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("study")
+    out = tmp / "out"
+    code = main(["study", str(write_study(tmp)), "--out", str(out), "--jobs", "2", "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_outputs_exist(finished):
+    for name in ("results.parquet", "results.csv", "report.md", "study.resolved.yaml",
+                 "figures/tput.png", "figures/tput.svg", "figures/heat.png", "figures/heat.svg"):
+        path = finished / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert len(list((finished / "points").glob("*.json"))) == 6
+
+
+def test_table_has_axes_metrics_and_derived(finished):
+    frame = pd.read_parquet(finished / "results.parquet")
+    csv = pd.read_csv(finished / "results.csv")
+    assert len(frame) == len(csv) == 6
+    assert list(frame.columns[:2]) == ["workload.context", "policy"]
+    for column in ("tokens_per_s", "latency_p99_ms", "feasible", "reason", "point",
+                   "speedup_vs_flexgen", "speedup_vs_cpu_offload"):
+        assert column in frame
+    hyb = frame[frame.policy == "hybridgen"].set_index("workload.context")
+    flex = frame[frame.policy == "flexgen"].set_index("workload.context")
+    assert (hyb["speedup_vs_flexgen"] == hyb["tokens_per_s"] / flex["tokens_per_s"]).all()
+
+
+def test_report_has_key_tables(finished):
+    report = (finished / "report.md").read_text()
+    for heading in ("## Configuration", "## Best policy per point", "## Derived metrics",
+                    "## Infeasible points", "![tput](figures/tput.png)"):
+        assert heading in report, heading
+    assert "| speedup | flexgen |" in report
+
+
+def test_resolved_study_reruns_to_the_same_points(finished, tmp_path):
+    resolved = finished / "study.resolved.yaml"
+    original = {s.key for s in load_study(resolved).expansion.unique_specs()}
+    stored = {p.stem for p in (finished / "points").glob("*.json")}
+    assert original == stored
+
+
+def test_dask_local_cluster_matches_process_pool(finished, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    study = write_study(tmp_path)
+    out = tmp_path / "dask"
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        options = RunOptions(out=out, quiet=True, figures=False)
+        options.execution.executor = "dask"
+        options.execution.scheduler = cluster.scheduler_address
+        options.execution.chunk = 2
+        run = run_study(study, options)
+    assert run.ok and run.stats.computed == 6
+    volatile = ["wall_s", "events"]  # events: simpy bookkeeping, not a result
+    local = pd.read_parquet(finished / "results.parquet").drop(columns=volatile)
+    remote = pd.read_parquet(out / "results.parquet").drop(columns=volatile)
+    pd.testing.assert_frame_equal(local, remote)
+
+
+def test_dask_without_scheduler_is_a_user_error(tmp_path, capsys):
+    code = main(["study", str(write_study(tmp_path)), "--out", str(tmp_path / "o"),
+                 "--executor", "dask"])
+    assert code == 2
+    assert "--scheduler" in capsys.readouterr().err

@@ -1,0 +1,100 @@
+"""Study files are checked in full before anything runs: each mistake is one line naming the
+file, line and key, exit code 2, and no output folder."""
+
+from __future__ import annotations
+
+import pytest
+from test_study_common import TINY, write_study
+
+from hgsim.cli import main
+from hgsim.errors import ConfigError
+from hgsim.study import load_study
+
+
+def run_main(capsys, *args: str) -> tuple[int, str]:
+    code = main(["study", *args])
+    err = capsys.readouterr().err
+    return code, err
+
+
+# (replace this, with this) in TINY -> (line, text expected in the one-line error)
+CASES = {
+    "unknown top-level key": ("name: tiny", "name: tiny\nsweeps: []", 2, "unknown key"),
+    "unknown base key": ("  fidelity: {", "  fidelty: {", 6, "base.fidelty: unknown key"),
+    "unknown workload field": ("gen: 4}", "gen: 4, contxt: 1}", 5, "unknown workload field"),
+    "unknown axis": ("      policy: [hybridgen", "      polcy: [hybridgen", 10,
+                     "unknown axis 'polcy'"),
+    "bad hardware path": ("      workload.context: [32k, 64k]",
+                          "      hardware.tiers.cxl9.latency_ns: [100, 200]", 9,
+                          "unknown key 'cxl9'"),
+    "hardware value with wrong unit": ("      workload.context: [32k, 64k]",
+                                       "      hardware.tiers.cxl0.latency_ns: [100, 5 GB/s]", 9,
+                                       "wrong unit"),
+    "unknown policy": ("flexgen, cpu_offload]\nderived", "flexgn, cpu_offload]\nderived", 10,
+                       "unknown policy 'flexgn' (did you mean 'flexgen'?)"),
+    "unknown model": ("model: llama-2-7b", "model: llama-9-7b", 4, "unknown model"),
+    "unknown profile": ("profile: h100-80gb-spr-cxl", "profile: h100-xyz", 3,
+                        "unknown hardware profile"),
+    "plot column not produced": ("y: tokens_per_s, hue", "y: tokens_per_sec, hue", 17,
+                                 "column 'tokens_per_sec' is not produced"),
+    "derived baseline not swept": ("vs: {policy: [flexgen, cpu_offload]}",
+                                   "vs: {policy: [flexgen, h2o]}", 15,
+                                   "'h2o' is not a value of axis 'policy'"),
+    "derived vs not an axis": ("vs: {policy: [flexgen, cpu_offload]}", "vs: {model: x}", 15,
+                               "'model' is not a sweep axis"),
+    "option the policy lacks": ("      workload.context: [32k, 64k]",
+                                "      policy_options.topk_ratio: [0.1]", 9,
+                                "policy 'flexgen' has no option 'topk_ratio'"),
+    "zip lengths differ": ("  - grid:\n      workload.context: [32k, 64k]",
+                           "  - zip:\n      workload.context: [32k, 64k]\n"
+                           "      workload.gen: [4]\n    grid:", 8,
+                           "zip axes must have the same number of values"),
+    "plot filter value not in axis": ("logx: true}", "logx: true, where: {workload.context: 48k}}",
+                                      17, "'48k' is not a value of axis 'workload.context'"),
+    "axis in two groups": ("derived:", "  - grid: {policy: [h2o]}\nderived:", 11,
+                           "axis 'policy' appears in more than one group"),
+    "heatmap without value": ("value: tokens_per_s}", "hue: policy}", 18, "needs 'value'"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_schema_error_is_one_line_with_file_line_and_key(tmp_path, capsys, case):
+    old, new, line, expected = CASES[case]
+    assert old in TINY, case
+    study = write_study(tmp_path, TINY.replace(old, new, 1))
+    out = tmp_path / "out"
+    code, err = run_main(capsys, str(study), "--out", str(out))
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert f"{study}:{line}:" in err, err
+    assert expected in err, err
+    assert not out.exists()
+
+
+def test_sweep_may_be_a_single_group_mapping(tmp_path):
+    text = TINY.replace("  - grid:\n      workload", "  grid:\n    workload").replace(
+        "      policy: [hybridgen", "    policy: [hybridgen")
+    plan = load_study(write_study(tmp_path, text))
+    assert len(plan.expansion.points) == 6
+
+
+def test_error_inside_single_group_mapping_keeps_its_line(tmp_path):
+    text = TINY.replace("  - grid:\n      workload", "  grid:\n    workload").replace(
+        "      policy: [hybridgen", "    policx: [hybridgen")
+    with pytest.raises(ConfigError, match=r"study.yaml:10: sweep\[0\]\.grid\.policx"):
+        load_study(write_study(tmp_path, text))
+
+
+def test_missing_context_is_reported(tmp_path):
+    text = TINY.replace("context: 32k, ", "").replace("workload.context: [32k, 64k]",
+                                                      "workload.batch: [1, 2]")
+    text = text.replace("x: workload.context", "x: workload.batch")
+    with pytest.raises(ConfigError, match="context: required"):
+        load_study(write_study(tmp_path, text))
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_main(capsys, str(write_study(tmp_path)), "--out", str(out), "--dry-run")
+    assert code == 0 and "6 to compute" in err
+    assert not out.exists()
