@@ -190,7 +190,7 @@ class _PreparedCase:
     output: np.ndarray  # exact attention output (H, D)
 
 
-@lru_cache(maxsize=2)  # ~70 MB per case at 32k tokens x 8 KV heads x 128 dims
+@lru_cache(maxsize=8)  # ~70 MB per case at 32k tokens x 8 KV heads x 128 dims; a sweep has few contexts
 def _prepared_case(spec: AttentionModelSpec) -> _PreparedCase:
     case = synthesize_case(spec)
     for array in (case.q, case.k, case.v, case.logits):

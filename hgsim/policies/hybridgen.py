@@ -39,12 +39,7 @@ class HybridGen(Policy):
     def setup(self) -> None:
         opts = self.options
         final = self.workload.final_context
-        batch, heads = self.workload.batch, self.model.num_heads
-        # Double-buffered landing zone for the selected logits and V rows of one layer.
-        row_bytes = self.model.head_dim * self.kv_elem_bytes + 4
-        buffers = 2 * batch * heads * final * max(opts.max_ratio, opts.topk_ratio) * row_bytes
-        self.footprint.add("hbm", buffers)
-        capacity = max(0, min(self.gpu_token_capacity(), final))
+        capacity = self._gpu_tokens_beside_landing_buffer(final)
         max_share = capacity / final
         share = max_share if opts.gpu_share is None else min(opts.gpu_share, max_share)
         config = SchedulerConfig(
@@ -63,6 +58,23 @@ class HybridGen(Policy):
             allow_cxl=opts.allow_cxl,
             important_fraction=opts.important_fraction,
         )
+
+    def _gpu_tokens_beside_landing_buffer(self, final: int) -> int:
+        """Most GPU-resident tokens such that their KV plus the double-buffered landing zone for
+        one layer's selected logits and V rows (sized for the host tokens left over, at the
+        largest ratio the scheduler may reach) fit in HBM; the buffer is accounted too."""
+        opts, batch = self.options, self.workload.batch
+        row_bytes = self.model.head_dim * self.kv_elem_bytes + 4
+        per_host_token = 2 * batch * self.model.num_heads * max(opts.max_ratio, opts.topk_ratio) * row_bytes
+        per_gpu_token = batch * self.kv_token_bytes
+        free = self.gpu_token_capacity() * per_gpu_token  # HBM left for KV and the buffer
+        if per_gpu_token > per_host_token:
+            tokens = (free - final * per_host_token) / (per_gpu_token - per_host_token)
+            tokens = max(0, min(int(tokens), final))
+        else:  # offloading a token costs more buffer than it frees: keep everything resident
+            tokens = final
+        self.footprint.add("hbm", (final - tokens) * per_host_token)
+        return tokens
 
     def layer_plan(self, context: int) -> LayerPlan:
         sched = self.scheduler
