@@ -1,0 +1,493 @@
+"""Bandwidth shared among concurrent transfers: channels, flows and max-min fair rates.
+
+Hardware links are not FIFO queues: when a second DMA starts on a PCIe link, both continue at
+about half speed. The model is *processor sharing* generalised to paths: a flow crosses a list
+of channels (e.g. CXL tier read -> CXL link -> UPI -> PCIe) and gets the max-min fair rate
+(progressive filling): every flow's rate is raised together until a channel saturates or a
+flow hits its own cap (``max_rate``, e.g. what n CPU cores can stream); those flows freeze
+and the rest continue. A lone flow therefore runs at the slowest hop of its path, and a flow
+that is throttled elsewhere leaves its unused share to the others.
+
+Time of one transfer = ``latency_s`` (no bandwidth held) + the time to drain ``amount`` at the
+rate allocated, which changes whenever another flow on a connected channel starts or ends.
+
+Event economy (a 70B, 128k-context decode simulation moves ~10^5 flows, so this matters):
+
+* rates only change when a flow starts or finishes, so each flow keeps ``remaining`` and the
+  time it was last advanced; a change re-solves only the *connected component* of channels
+  and flows it touches (max-min allocations of disjoint components are independent);
+* projected finishes sit in a heap; entries made stale by a later change are recognised by a
+  version number. One simpy timeout is pending for the earliest finish; when a change brings
+  that finish forward a new one is added, and the old one, when it fires, finds nothing due
+  and just looks again, so no process is ever interrupted;
+* flows issued at the same time with the same latency start together (one timeout, one
+  re-solve);
+* rates depend only on the paths, weights and caps of the flows in a component, and decode
+  repeats the same few contention patterns thousands of times, so solutions are memoised;
+* a channel reports its *busy periods* to the recorder (plus flow counts and bytes), not
+  every flow: the same busy union for fewer records; per-flow activities are only kept for
+  traces (full recording mode).
+
+Units: a channel's ``capacity`` is per second in its ``unit``: ``"B/s"`` (links, tiers) or
+``"FLOP/s"`` (CPU attention throughput). A flow's ``amount`` is bytes; on a FLOP/s channel it
+uses ``flops / amount`` FLOP/s per byte/s (so KV streamed through CPU cores is limited both by
+memory bandwidth and by how fast the cores can do the dot products).
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from itertools import count
+from math import inf
+
+from simpy import Environment, Event
+from simpy.events import Timeout
+
+from hgsim.sim.recorder import Recorder
+
+BYTES_PER_S = "B/s"
+FLOPS_PER_S = "FLOP/s"
+
+_DONE_REL = 1e-9  # a flow with less than this fraction of its amount left is finished
+_TIME_REL = 1e-12  # finish times this close to now (relative, >= 1 s scale) are "now"
+_SHARE_REL = 1e-12  # channels within this of the tightest share saturate together
+_FILL_MEMO = 4096  # distinct contention patterns remembered
+_MAX_HOPS = 16
+_ONES = [(1.0,) * n for n in range(_MAX_HOPS)]
+
+
+class Channel:
+    """A bandwidth resource shared by the flows crossing it (``capacity`` in ``unit``).
+
+    The capacity is fixed once flows have used the channel (allocations are memoised).
+    """
+
+    __slots__ = (
+        "name", "capacity", "unit", "flows", "busy_since", "n_done", "bytes_done",
+        "flops_done", "_rc", "_w", "_n",
+    )
+
+    def __init__(self, name: str, capacity: float, *, unit: str = BYTES_PER_S) -> None:
+        if not capacity > 0:
+            raise ValueError(f"channel {name}: capacity must be > 0, got {capacity}")
+        if unit not in (BYTES_PER_S, FLOPS_PER_S):
+            raise ValueError(f"channel {name}: unit must be {BYTES_PER_S} or {FLOPS_PER_S}")
+        self.name = name
+        self.capacity = float(capacity)
+        self.unit = unit
+        self.flows: dict[Flow, float] = {}  # draining flows -> their use per unit of rate
+        # the busy period in progress: since when, and what finished in it so far
+        self.busy_since = 0.0
+        self.n_done = 0
+        self.bytes_done = 0.0
+        self.flops_done = 0.0
+        self._rc = 0.0  # scratch for the allocator: capacity left
+        self._w = 0.0  # scratch: summed weights of flows not yet frozen
+        self._n = 0  # scratch: number of flows not yet frozen
+
+    @property
+    def load(self) -> float:
+        """Current use in ``unit`` (sum of weighted rates of the flows crossing it)."""
+        return sum(f.rate * w for f, w in self.flows.items())
+
+    def __repr__(self) -> str:
+        return f"Channel({self.name!r}, {self.capacity:g} {self.unit})"
+
+
+class Flow:
+    """One transfer in flight. Times are simulated seconds; ``rate`` is bytes/s."""
+
+    __slots__ = (
+        "path", "weights", "amount", "remaining", "rate", "max_rate", "t_last", "version",
+        "done", "label", "flops", "track", "issued_s", "start_s", "end_s", "_new",
+    )
+
+    def __init__(self, path, weights, amount, max_rate, done, label, flops, track, now):
+        self.path: tuple[Channel, ...] = path
+        self.weights: tuple[float, ...] = weights
+        self.amount: float = amount
+        self.remaining: float = amount
+        self.rate = 0.0
+        self.max_rate: float = max_rate
+        self.t_last = now
+        self.version = 0
+        self.done: Event = done
+        self.label: str = label
+        self.flops: float = flops
+        self.track: str | None = track
+        self.issued_s: float = now
+        self.start_s = -1.0  # when bytes start to move (after the latency)
+        self.end_s = -1.0
+        self._new = -1.0
+
+    @property
+    def duration_s(self) -> float:
+        return self.end_s - self.issued_s
+
+    def __repr__(self) -> str:
+        return f"Flow({self.label!r}, {self.amount:g} B, rate={self.rate:g})"
+
+
+class FlowNetwork:
+    """Owns the channels' active flows and re-solves max-min fair rates on every change."""
+
+    def __init__(self, env: Environment, recorder: Recorder | None = None) -> None:
+        self.env = env
+        self.recorder = recorder if recorder is not None else Recorder(keep_activities=False)
+        self.channels: dict[str, Channel] = {}
+        self.active = 0  # flows currently draining
+        self.completed = 0
+        self._heap: list[tuple[float, int, int, Flow]] = []  # (finish, seq, version, flow)
+        self._seq = count()
+        self._wakes: list[float] = []  # times of the pending wake-up timeouts (a heap)
+        self._starts: dict[float, list[Flow]] = {}  # start time -> flows waiting out latency
+        self._fills: dict[tuple, tuple[float, ...]] = {}  # memo of max-min solutions
+        self._plain: set[tuple[Channel, ...]] = set()  # routes known to be bytes-only
+        self._on_wake_cb = self._on_wake
+        self._on_start_cb = self._on_start
+
+    def add_channel(self, name: str, capacity: float, *, unit: str = BYTES_PER_S) -> Channel:
+        if name in self.channels:
+            raise ValueError(f"channel {name!r} already exists")
+        channel = self.channels[name] = Channel(name, capacity, unit=unit)
+        return channel
+
+    # ------------------------------------------------------------------ public API
+    def transfer(
+        self,
+        path: Sequence[Channel],
+        amount: float,
+        *,
+        latency_s: float = 0.0,
+        label: str = "",
+        max_rate: float | None = None,
+        flops: float = 0.0,
+        track: str | None = None,
+    ) -> Event:
+        """Move ``amount`` bytes across ``path``; the returned event fires with the
+        :class:`Flow` when the last byte arrives (``latency_s`` + draining time)."""
+        if amount < 0 or latency_s < 0 or (max_rate is not None and not max_rate > 0):
+            raise ValueError(
+                f"transfer {label!r}: need amount >= 0, latency_s >= 0 and max_rate > 0 "
+                f"(got {amount}, {latency_s}, {max_rate})"
+            )
+        env = self.env
+        if type(path) is tuple and flops == 0.0 and path in self._plain:
+            channels, weights = path, _ONES[len(path)]  # a route seen before: bytes only
+        else:
+            channels, weights = _weighted(path, amount, flops)
+            if type(path) is tuple and channels == path and weights is _ONES[len(path)]:
+                self._plain.add(path)
+        done = Event(env)
+        now = env.now
+        flow = Flow(channels, weights, float(amount), inf if max_rate is None else max_rate,
+                    done, label, flops, track, now)
+        if latency_s > 0:
+            t_start = now + latency_s  # exactly the time simpy will reach (same addition)
+            batch = self._starts.get(t_start)
+            if batch is None:
+                self._starts[t_start] = [flow]
+                Timeout(env, latency_s, t_start).callbacks.append(self._on_start_cb)
+            else:
+                batch.append(flow)
+        else:
+            self._begin((flow,))
+        return done
+
+    # ------------------------------------------------------------------ internals
+    def _on_start(self, event: Timeout) -> None:
+        self._begin(self._starts.pop(event._value))
+
+    def _begin(self, flows: Sequence[Flow]) -> None:
+        """Flows whose latency has elapsed join their channels; one re-solve for all."""
+        now = self.env.now
+        seeds: list[Channel] = []
+        new: list[Flow] = []
+        for f in flows:
+            f.start_s = f.t_last = now
+            if f.amount <= 0 or (not f.path and f.max_rate == inf):
+                f.end_s = now  # nothing to move: done after the latency alone
+                self._report_empty(f)
+                f.done.succeed(f)
+                continue
+            new.append(f)
+            for c, w in zip(f.path, f.weights, strict=True):
+                cflows = c.flows
+                if not cflows:
+                    c.busy_since = now
+                cflows[f] = w
+                if c not in seeds:
+                    seeds.append(c)
+        if not new:
+            return
+        self.active += len(new)
+        heap = self._heap
+        if len(new) == 1:
+            flow = new[0]
+            for c in seeds:
+                if len(c.flows) != 1:
+                    break
+            else:  # nothing to share with: the slowest hop or the flow's own cap
+                rate = flow.max_rate
+                for c, w in zip(flow.path, flow.weights, strict=True):
+                    r = c.capacity / w
+                    if r < rate:
+                        rate = r
+                flow.rate = rate
+                flow.version = 1
+                heapq.heappush(heap, (now + flow.amount / rate, next(self._seq), 1, flow))
+                seeds = []
+        if seeds:
+            self._reallocate(seeds, new)
+        recorder = self.recorder
+        if recorder.keep_activities:
+            for f in new:
+                for c in f.path:
+                    recorder.counter(c.name, now, len(c.flows))
+        # wake up for the earliest finish (inlined: this runs once per flow)
+        while heap:
+            _, _, version, f = heap[0]
+            if version == f.version and f.end_s < 0:
+                break
+            heapq.heappop(heap)
+        else:
+            return
+        t = heap[0][0]
+        wakes = self._wakes
+        if not wakes or wakes[0] > t:
+            heapq.heappush(wakes, t)
+            Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._on_wake_cb)
+
+    def _on_wake(self, _event: Timeout) -> None:
+        """Finish every flow that is done, re-solve the rates of those left behind, and
+        wake up again for the next finish."""
+        heapq.heappop(self._wakes)  # this one (the earliest pending)
+        now = self.env.now
+        limit = now + _TIME_REL * (now if now > 1.0 else 1.0)
+        heap = self._heap
+        due: list[Flow] = []
+        while heap:
+            t, _, version, f = heap[0]
+            if version != f.version or f.end_s >= 0:
+                heapq.heappop(heap)  # stale
+            elif t <= limit or f.remaining - f.rate * (now - f.t_last) <= _DONE_REL * f.amount:
+                heapq.heappop(heap)
+                due.append(f)
+            else:
+                break
+        if due:
+            recorder = self.recorder
+            keep = recorder.keep_activities
+            seeds: list[Channel] = []
+            for f in due:
+                f.remaining = 0.0
+                f.end_s = now
+                amount, label, start = f.amount, f.label, f.start_s
+                for c in f.path:
+                    cflows = c.flows
+                    del cflows[f]
+                    c.n_done += 1
+                    c.bytes_done += amount
+                    if c.unit is FLOPS_PER_S:
+                        c.flops_done += f.flops
+                    if keep:
+                        recorder.log(c.name, start, now, amount,
+                                     f.flops if c.unit is FLOPS_PER_S else 0.0, label,
+                                     "compute" if c.unit is FLOPS_PER_S else "transfer")
+                        recorder.counter(c.name, now, len(cflows))
+                    if cflows:
+                        if c not in seeds:
+                            seeds.append(c)
+                    else:  # the channel goes idle: report the busy period that ends
+                        recorder.add_busy(c.name, c.busy_since, now, c.n_done, c.bytes_done,
+                                          c.flops_done)
+                        c.n_done = 0
+                        c.bytes_done = c.flops_done = 0.0
+                if f.track is not None:
+                    recorder.record(f.track, f.issued_s, now, amount, f.flops, label, "transfer")
+            self.active -= len(due)
+            self.completed += len(due)
+            if seeds:  # someone is left to speed up
+                self._reallocate(seeds)
+            for f in due:
+                f.done.succeed(f)
+        # wake up for the next finish
+        while heap:
+            _, _, version, f = heap[0]
+            if version == f.version and f.end_s < 0:
+                break
+            heapq.heappop(heap)
+        else:
+            return
+        t = heap[0][0]
+        wakes = self._wakes
+        if not wakes or wakes[0] > t:
+            heapq.heappush(wakes, t)
+            Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._on_wake_cb)
+
+    def _report_empty(self, f: Flow) -> None:
+        """A flow with nothing to move still counts as an activity of its channels."""
+        recorder = self.recorder
+        for c in f.path:
+            flops = f.flops if c.unit is FLOPS_PER_S else 0.0
+            recorder.add_busy(c.name, f.end_s, f.end_s, 1, 0.0, flops)
+            recorder.log(c.name, f.start_s, f.end_s, 0.0, flops, f.label, "transfer")
+        if f.track is not None:
+            recorder.record(f.track, f.issued_s, f.end_s, 0.0, f.flops, f.label, "transfer")
+
+    def _reallocate(self, seeds: Sequence[Channel], seed_flows: Sequence[Flow] = ()) -> None:
+        """Re-solve rates of the flows connected to ``seeds`` (max-min allocations of
+        disjoint components are independent, so nothing else can change)."""
+        now = self.env.now
+        # the connected component: channels reachable through shared active flows
+        chans = list(seeds)
+        seen = set(chans)
+        flows = list(seed_flows)
+        in_flows = set(flows)
+        i = 0
+        while i < len(chans):
+            for f in chans[i].flows:
+                if f not in in_flows:
+                    in_flows.add(f)
+                    flows.append(f)
+                    for c in f.path:
+                        if c not in seen:
+                            seen.add(c)
+                            chans.append(c)
+            i += 1
+        if not flows:
+            return
+        for f in flows:  # advance everyone to now at the old rates
+            if f.rate > 0:
+                f.remaining -= f.rate * (now - f.t_last)
+            f.t_last = now
+        key = tuple([(f.path, f.weights, f.max_rate) for f in flows])
+        rates = self._fills.get(key)
+        if rates is None:
+            for f in flows:
+                f._new = -1.0
+            _max_min_fill(chans, flows)
+            rates = tuple([f._new for f in flows])
+            if len(self._fills) >= _FILL_MEMO:
+                self._fills.clear()
+            self._fills[key] = rates
+        heap, seq = self._heap, self._seq
+        for f, rate in zip(flows, rates, strict=True):
+            if rate != f.rate:
+                f.rate = rate
+                f.version += 1
+                remaining = f.remaining if f.remaining > 0 else 0.0
+                heapq.heappush(heap, (now + remaining / rate, next(seq), f.version, f))
+        if len(heap) > 64 and len(heap) > 4 * self.active:
+            self._heap = heap = [e for e in heap if e[2] == e[3].version and e[3].end_s < 0]
+            heapq.heapify(heap)
+
+
+def _weighted(path: Sequence[Channel], amount: float, flops: float):
+    """Channels a flow really uses and how much of each per byte/s of its rate."""
+    for c in path:
+        if c.unit != BYTES_PER_S:
+            break
+    else:  # the usual case: bytes all the way
+        channels = tuple(path)
+        if len(channels) > 1 and len(set(channels)) < len(channels):
+            channels = tuple(dict.fromkeys(channels))
+        if len(channels) < _MAX_HOPS:
+            return channels, _ONES[len(channels)]
+        return channels, (1.0,) * len(channels)
+    per_byte = flops / amount if amount > 0 else 0.0
+    use: dict[Channel, float] = {}
+    for c in path:
+        w = 1.0 if c.unit == BYTES_PER_S else per_byte
+        if w > 0:
+            use[c] = w
+    return tuple(use), tuple(use.values())
+
+
+def _max_min_fill(chans: Sequence[Channel], flows: list[Flow]) -> None:
+    """Progressive filling: set ``f._new`` to the weighted max-min fair rate of every flow.
+
+    Repeatedly find the tightest channel share (capacity left / weight of unfrozen flows);
+    flows whose own cap is below it freeze at the cap (that only raises the others' shares),
+    otherwise the flows crossing the tightest channel(s) freeze at that share.
+    """
+    if len(flows) == 1:  # alone: the slowest hop or its own cap
+        f = flows[0]
+        rate = f.max_rate
+        for c, w in zip(f.path, f.weights, strict=True):
+            r = c.capacity / w
+            if r < rate:
+                rate = r
+        f._new = rate
+        return
+    if len(chans) == 1:
+        _fill_one_channel(chans[0], flows)
+        return
+    for c in chans:
+        c._rc = c.capacity
+        c._w = 0.0
+        c._n = 0
+    for f in flows:
+        for c, w in zip(f.path, f.weights, strict=True):
+            c._w += w
+            c._n += 1
+    unfrozen = flows
+    while unfrozen:
+        share = inf
+        for c in chans:
+            if c._n:
+                s = c._rc / c._w
+                if s < share:
+                    share = s
+        frozen: list[tuple[Flow, float]] = [(f, f.max_rate) for f in unfrozen if f.max_rate <= share]
+        if not frozen:
+            if share <= 0:  # only reachable through rounding; never stall a flow
+                share = min(c.capacity for c in chans) * _DONE_REL
+            tight = share * (1 + _SHARE_REL)
+            for c in chans:
+                if c._n and c._rc <= tight * c._w:
+                    for f in c.flows:
+                        if f._new < 0:
+                            f._new = 0.0  # mark now, rate set below
+                            frozen.append((f, share))
+        for f, rate in frozen:
+            f._new = rate
+            for c, w in zip(f.path, f.weights, strict=True):
+                c._rc -= w * rate
+                c._w -= w
+                c._n -= 1
+        unfrozen = [f for f in unfrozen if f._new < 0]
+
+
+def _fill_one_channel(c: Channel, flows: list[Flow]) -> None:
+    """Max-min fill when every flow shares one channel: a level L with
+    sum(w * min(cap, L)) = capacity, found by visiting caps in increasing order."""
+    left = c.capacity
+    weight = 0.0
+    capped = False
+    for f in flows:
+        weight += c.flows[f]
+        capped = capped or f.max_rate != inf
+    if not capped:
+        level = left / weight
+        for f in flows:
+            f._new = level
+        return
+    flows_by_cap = sorted(flows, key=_max_rate)
+    for i, f in enumerate(flows_by_cap):
+        level = left / weight
+        if level <= 0:  # only reachable through rounding; never stall a flow
+            level = c.capacity * _DONE_REL
+        if f.max_rate > level:
+            for g in flows_by_cap[i:]:
+                g._new = level
+            return
+        f._new = f.max_rate
+        w = c.flows[f]
+        left -= w * f.max_rate
+        weight -= w
+
+
+def _max_rate(f: Flow) -> float:
+    return f.max_rate

@@ -1,0 +1,301 @@
+"""A hardware profile turned into contended simulated resources.
+
+What is built, per profile element (resource names in quotes, all in the recorder/trace):
+
+* GPU ``g``: a compute stream ``"g.compute"`` (more on demand via ``gpu_stream``), an HBM
+  channel ``"g.hbm"`` (peak x memory_efficiency) and its PCIe link as copy-engine channels.
+  With two or more copy engines PCIe is full duplex: ``"g.h2d"`` and ``"g.d2h"`` do not
+  contend. With one copy engine both directions share ``"g.copy"``.
+* socket ``s``: a core pool ``"s.cores"`` and an attention-throughput channel ``"s.attn"`` in
+  FLOP/s (cores x attention_gflops_per_core x 1e9).
+* memory tier ``t``: ``"t.read"`` and ``"t.write"`` channels at its read/write bandwidth.
+  (Reads and writes are modelled as independent; DRAM turnaround is not.)
+* other links (UPI, CXL, NVLink): one channel per direction, ``"link:a->b"``.
+
+Data movement model, the same for every route: a copy of ``n`` bytes over hops ``h1..hk``
+takes ``latency + n / rate`` where latency = sum of the hops' latencies (links' latency_ns and
+the tier's latency_ns at an end that is a tier) and rate is the max-min fair share the flow
+gets on all hops at once, so alone it is ``min(bandwidth of h1..hk)`` and concurrent flows
+slow each other wherever their routes overlap.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from simpy import Environment, Event
+
+from hgsim.sim.compute import ComputeStream, CpuCorePool, cpu_stream_rate_Bps, kernel_time_s
+from hgsim.sim.flows import FLOPS_PER_S, Channel, FlowNetwork
+from hgsim.sim.recorder import Recorder
+from hgsim.specs.hardware import HardwareProfile
+
+GB = 1e9
+NS = 1e-9
+US = 1e-6
+
+
+@dataclass(slots=True, frozen=True)
+class Route:
+    """The channels data crosses from ``src`` to ``dst`` and the summed hop latency."""
+
+    src: str
+    dst: str
+    channels: tuple[Channel, ...]
+    latency_s: float
+    nodes: tuple[str, ...] = ()
+
+    @property
+    def bandwidth_Bps(self) -> float:
+        """Uncontended rate: the slowest hop (infinite for an empty route)."""
+        return min((c.capacity for c in self.channels), default=float("inf"))
+
+    def time_s(self, bytes_: float) -> float:
+        """Uncontended transfer time: latency + bytes / slowest hop."""
+        return self.latency_s + (bytes_ / self.bandwidth_Bps if self.channels else 0.0)
+
+
+@dataclass(slots=True, frozen=True)
+class _Edge:
+    to: str
+    channel: Channel | None  # None: a DDR tier attached to its socket without a link
+    latency_s: float
+
+
+class Machine:
+    """Simulated resources of one ``HardwareProfile`` on one simpy environment."""
+
+    def __init__(
+        self,
+        env: Environment,
+        profile: HardwareProfile,
+        *,
+        record: bool = True,
+        recorder: Recorder | None = None,
+    ) -> None:
+        self.env = env
+        self.profile = profile
+        self.recorder = recorder if recorder is not None else Recorder(keep_activities=record)
+        self.network = FlowNetwork(env, self.recorder)
+        self._streams: dict[tuple[str, str], ComputeStream] = {}
+        self._hbm: dict[str, Channel] = {}
+        self._pcie: dict[tuple[str, str], Channel] = {}
+        self._pools: dict[str, CpuCorePool] = {}
+        self._attn: dict[str, Channel] = {}
+        self._tier_read: dict[str, Channel] = {}
+        self._tier_write: dict[str, Channel] = {}
+        self._links: dict[tuple[str, str, str], Channel] = {}
+        self._adjacent: dict[str, list[_Edge]] = {}
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+    def _channel(self, name: str, capacity: float, device: str, kind: str, unit: str = "B/s"):
+        self.recorder.declare(name, device, kind, unit)
+        return self.network.add_channel(name, capacity, unit=unit)
+
+    def _edge(self, a: str, b: str, channel: Channel | None, latency_s: float) -> None:
+        self._adjacent.setdefault(a, []).append(_Edge(b, channel, latency_s))
+
+    def _build(self) -> None:
+        p = self.profile
+        gpu_links = {gpu.link: name for name, gpu in p.gpus.items()}
+        for name, gpu in p.gpus.items():
+            self._hbm[name] = self._channel(
+                f"{name}.hbm", gpu.hbm_bandwidth_gbps * GB * gpu.memory_efficiency, name, "gpu"
+            )
+            self.gpu_stream(name)
+            link = p.links[gpu.link]
+            bw, lat = link.bandwidth_gbps * GB, link.latency_ns * NS
+            if gpu.copy_engines >= 2:
+                h2d = self._channel(f"{name}.h2d", bw, name, "gpu")
+                d2h = self._channel(f"{name}.d2h", bw, name, "gpu")
+            else:
+                h2d = d2h = self._channel(f"{name}.copy", bw, name, "gpu")
+            self._pcie[name, "h2d"], self._pcie[name, "d2h"] = h2d, d2h
+            self._edge(gpu.socket, name, h2d, lat)
+            self._edge(name, gpu.socket, d2h, lat)
+        for name, sock in p.sockets.items():
+            pool = CpuCorePool(self.env, f"{name}.cores", sock.cores, self.recorder)
+            self.recorder.declare(pool.name, name, "socket")
+            self._pools[name] = pool
+            self._attn[name] = self._channel(
+                f"{name}.attn", sock.cores * sock.attention_gflops_per_core * GB, name, "socket",
+                FLOPS_PER_S,
+            )
+        for name, tier in p.tiers.items():
+            self._tier_read[name] = self._channel(f"{name}.read", tier.read_bandwidth_gbps * GB,
+                                                  name, "tier")
+            self._tier_write[name] = self._channel(f"{name}.write", tier.write_bandwidth_gbps * GB,
+                                                   name, "tier")
+            if tier.link is None:  # DDR hangs off its socket's memory controllers directly
+                self._edge(name, tier.socket, None, 0.0)
+                self._edge(tier.socket, name, None, 0.0)
+        for name, link in p.links.items():
+            if name in gpu_links:
+                continue
+            a, b = link.endpoints
+            bw, lat = link.bandwidth_gbps * GB, link.latency_ns * NS
+            for x, y in ((a, b), (b, a)):
+                ch = self._channel(f"{name}:{x}->{y}", bw, name, "link")
+                self._links[name, x, y] = ch
+                self._edge(x, y, ch, lat)
+
+    # ------------------------------------------------------------------ resources
+    def gpu_stream(self, gpu: str, stream: str = "compute") -> ComputeStream:
+        """The GPU's in-order kernel queue named ``stream`` (made on first use). Streams of one
+        GPU are independent queues; they do not model sharing of SMs."""
+        key = (gpu, stream)
+        s = self._streams.get(key)
+        if s is None:
+            if gpu not in self.profile.gpus:
+                raise KeyError(f"unknown gpu {gpu!r}")
+            s = self._streams[key] = ComputeStream(self.env, f"{gpu}.{stream}", self.recorder)
+            self.recorder.declare(s.name, gpu, "gpu")
+        return s
+
+    def hbm(self, gpu: str) -> Channel:
+        return self._hbm[gpu]
+
+    def pcie(self, gpu: str, direction: str) -> Channel:
+        """PCIe copy channel of ``gpu``: ``"h2d"`` (host to device) or ``"d2h"``."""
+        if direction not in ("h2d", "d2h"):
+            raise ValueError(f"direction must be 'h2d' or 'd2h', got {direction!r}")
+        return self._pcie[gpu, direction]
+
+    def cores(self, socket: str) -> CpuCorePool:
+        return self._pools[socket]
+
+    def socket_compute(self, socket: str) -> Channel:
+        """The socket's attention throughput, in FLOP/s."""
+        return self._attn[socket]
+
+    def tier_read(self, tier: str) -> Channel:
+        return self._tier_read[tier]
+
+    def tier_write(self, tier: str) -> Channel:
+        return self._tier_write[tier]
+
+    def link(self, name: str, src: str, dst: str) -> Channel:
+        """Direction ``src -> dst`` of a UPI/CXL/NVLink link."""
+        return self._links[name, src, dst]
+
+    # ------------------------------------------------------------------ routes
+    def path(self, src: str, dst: str) -> Route:
+        """Route for data moving from ``src`` to ``dst`` (GPU, socket or tier names).
+
+        A tier source starts with its read channel, a tier destination ends with its write
+        channel; in between the fewest hops (ties: least latency) through sockets only.
+        """
+        key = (src, dst)
+        route = self._routes.get(key)
+        if route is None:
+            route = self._routes[key] = self._find_route(src, dst)
+        return route
+
+    def _find_route(self, src: str, dst: str) -> Route:
+        p = self.profile
+        for node in (src, dst):
+            if node not in p.gpus and node not in p.sockets and node not in p.tiers:
+                raise KeyError(f"unknown node {node!r} (not a gpu, socket or tier)")
+        # Dijkstra on (hops, latency); data may only pass *through* sockets.
+        best: dict[str, tuple[int, float]] = {src: (0, 0.0)}
+        back: dict[str, tuple[str, _Edge]] = {}
+        queue = [(0, 0.0, src)]
+        while queue:
+            hops, lat, node = heapq.heappop(queue)
+            if node == dst:
+                break
+            if (hops, lat) > best[node] or (node != src and node not in p.sockets):
+                continue
+            for edge in self._adjacent.get(node, ()):
+                cost = (hops + (edge.channel is not None), lat + edge.latency_s)
+                if edge.to not in best or cost < best[edge.to]:
+                    best[edge.to] = cost
+                    back[edge.to] = (node, edge)
+                    heapq.heappush(queue, (*cost, edge.to))
+        if dst != src and dst not in back:
+            raise ValueError(f"no route from {src!r} to {dst!r}")
+        edges, nodes, node = [], [dst], dst
+        while node != src:
+            node, edge = back[node]
+            edges.append(edge)
+            nodes.append(node)
+        edges.reverse()
+        nodes.reverse()
+        channels = [e.channel for e in edges if e.channel is not None]
+        latency_s = sum(e.latency_s for e in edges)
+        if src in p.tiers and src != dst:
+            channels.insert(0, self._tier_read[src])
+            latency_s += p.tiers[src].latency_ns * NS
+        if dst in p.tiers and dst != src:
+            channels.append(self._tier_write[dst])
+            latency_s += p.tiers[dst].latency_ns * NS
+        return Route(src, dst, tuple(channels), latency_s, tuple(nodes))
+
+    # ------------------------------------------------------------------ activities
+    def copy(
+        self,
+        src: str,
+        dst: str,
+        bytes_: float,
+        label: str = "",
+        *,
+        max_rate: float | None = None,
+        track: str | None = None,
+    ) -> Event:
+        """Move ``bytes_`` from ``src`` to ``dst`` over their route; fires with the Flow."""
+        route = self.path(src, dst)
+        return self.network.transfer(route.channels, bytes_, latency_s=route.latency_s,
+                                     label=label, max_rate=max_rate, track=track)
+
+    def kernel_time_s(
+        self, gpu: str, flops: float, bytes_: float, *, dtype: str = "fp16",
+        memory_eff: float | None = None,
+    ) -> float:
+        """Roofline time of a kernel on ``gpu`` (HBM traffic ``bytes_``); ``memory_eff``
+        defaults to the GPU's streaming efficiency (pass attention_efficiency for attention)."""
+        spec = self.profile.gpus[gpu]
+        return kernel_time_s(
+            flops, bytes_, spec.peak_flops(dtype), spec.hbm_bandwidth_gbps * GB,
+            spec.compute_efficiency, spec.memory_efficiency if memory_eff is None else memory_eff,
+            spec.kernel_launch_overhead_us * US,
+        )
+
+    def gpu_kernel(
+        self, gpu: str, flops: float, bytes_: float, label: str = "", *, dtype: str = "fp16",
+        memory_eff: float | None = None, stream: str = "compute",
+        after: Event | Sequence[Event] = (),
+    ) -> Event:
+        """Launch a roofline-timed kernel on a GPU stream; fires with the Kernel."""
+        duration = self.kernel_time_s(gpu, flops, bytes_, dtype=dtype, memory_eff=memory_eff)
+        return self.gpu_stream(gpu, stream).launch(duration, label, flops, bytes_, after=after)
+
+    def cpu_attention(
+        self, socket: str, tier: str, bytes_: float, flops: float, cores: int, label: str = ""
+    ) -> Event:
+        """CPU cores of ``socket`` stream ``bytes_`` (e.g. KV) out of ``tier`` doing ``flops``.
+
+        The cores are held for the whole pass; the data moves as a flow over the tier's read
+        path and the socket's FLOP/s channel, capped at what ``cores`` cores can load and
+        compute, so it contends with GPU-bound copies for the same tier and links.
+        """
+        return self.env.process(self._cpu_attention(socket, tier, bytes_, flops, cores, label))
+
+    def _cpu_attention(self, socket, tier, bytes_, flops, cores, label):
+        pool = self._pools[socket]
+        spec = self.profile.sockets[socket]
+        yield pool.acquire(cores)
+        route = self.path(tier, socket)
+        cap = cpu_stream_rate_Bps(
+            cores, spec.core_bandwidth_gbps * GB, spec.attention_gflops_per_core * GB,
+            flops / bytes_ if bytes_ > 0 else 0.0,
+        )
+        flow = yield self.network.transfer(
+            (*route.channels, self._attn[socket]), bytes_, latency_s=route.latency_s,
+            label=label, max_rate=cap, flops=flops, track=pool.name,
+        )
+        pool.release(cores)
+        return flow

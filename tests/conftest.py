@@ -1,0 +1,84 @@
+"""Shared fixtures: a small two-socket machine with round numbers, built in Python.
+
+``make_profile(**overrides)`` deep-merges ``overrides`` into the base profile (a ``None``
+value deletes that key), so a test states only what it changes, e.g.
+``make_profile(gpus={"gpu0": {"copy_engines": 1}})``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from hgsim.specs.hardware import HardwareProfile
+
+BASE_PROFILE: dict[str, Any] = {
+    "name": "tiny",
+    "description": "test machine: 1 GPU, 2 sockets, DDR per socket, one CXL expander on s0",
+    "gpus": {
+        "gpu0": {
+            "model": "test-gpu",
+            "hbm_capacity_gb": 80,
+            "hbm_bandwidth_gbps": 1000,
+            "peak_tflops": {"fp16": 100},
+            "kernel_launch_overhead_us": 0,
+            "compute_efficiency": 0.5,
+            "memory_efficiency": 0.8,
+            "attention_efficiency": 0.7,
+            "copy_engines": 2,
+            "socket": "s0",
+            "link": "pcie0",
+        }
+    },
+    "sockets": {
+        name: {
+            "model": "test-cpu",
+            "cores": 8,
+            "frequency_ghz": 2.0,
+            "simd": "avx512",
+            "attention_gflops_per_core": 50,
+            "core_bandwidth_gbps": 5,
+        }
+        for name in ("s0", "s1")
+    },
+    "tiers": {
+        "ddr0": {"kind": "ddr", "capacity_gb": 256, "read_bandwidth_gbps": 100,
+                 "write_bandwidth_gbps": 80, "latency_ns": 100, "socket": "s0"},
+        "ddr1": {"kind": "ddr", "capacity_gb": 256, "read_bandwidth_gbps": 100,
+                 "write_bandwidth_gbps": 80, "latency_ns": 100, "socket": "s1"},
+        "cxl0": {"kind": "cxl", "capacity_gb": 512, "read_bandwidth_gbps": 30,
+                 "write_bandwidth_gbps": 25, "latency_ns": 300, "socket": "s0",
+                 "link": "cxl0link"},
+    },
+    "links": {
+        "pcie0": {"kind": "pcie", "endpoints": ["s0", "gpu0"], "bandwidth_gbps": 20,
+                  "latency_ns": 1000},
+        "upi0": {"kind": "upi", "endpoints": ["s0", "s1"], "bandwidth_gbps": 40,
+                 "latency_ns": 100},
+        "cxl0link": {"kind": "cxl", "endpoints": ["s0", "cxl0"], "bandwidth_gbps": 10,
+                     "latency_ns": 200},
+    },
+}
+
+
+def _merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    for key, value in overrides.items():
+        if value is None:
+            base.pop(key, None)
+        elif isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = copy.deepcopy(value)
+    return base
+
+
+def make_profile(**overrides: Any) -> HardwareProfile:
+    """The tiny profile with ``overrides`` deep-merged in (``None`` deletes a key)."""
+    return HardwareProfile.model_validate(_merge(copy.deepcopy(BASE_PROFILE), overrides))
+
+
+@pytest.fixture
+def tiny_profile() -> HardwareProfile:
+    return make_profile()
