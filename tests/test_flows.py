@@ -164,3 +164,42 @@ def test_property_capacity_and_work_conservation(specs, capacity):
     for (start, lat, amt, cap), end in zip(specs, ends, strict=True):
         rate = capacity if cap is None else min(cap, capacity)
         assert end >= start + lat + amt / rate - 1e-9 * max(1.0, end)
+
+
+@st.composite
+def networks(draw):
+    capacities = draw(st.lists(st.floats(1.0, 100.0), min_size=1, max_size=5))
+    n = len(capacities)
+    flows = draw(st.lists(
+        st.tuples(
+            st.lists(st.integers(0, n - 1), min_size=1, max_size=n, unique=True),
+            st.one_of(st.none(), st.floats(0.5, 50.0)),
+        ),
+        min_size=1,
+        max_size=8,
+    ))
+    return capacities, flows
+
+
+@settings(max_examples=300, deadline=None)
+@given(networks())
+def test_property_rates_are_max_min_fair(spec):
+    """Every flow is at its cap or has a saturated bottleneck where no flow is faster."""
+    capacities, flow_specs = spec
+    net = FlowNetwork(simpy.Environment())
+    chans = [net.add_channel(f"c{i}", cap) for i, cap in enumerate(capacities)]
+    for path, cap in flow_specs:
+        net.transfer([chans[i] for i in path], 1e6, max_rate=cap)
+    net.env.run(until=1e-9)  # all started, none finished
+    flows = {f for c in chans for f in c.flows}
+    assert len(flows) == len(flow_specs)
+    tol = 1e-9
+    for c in chans:
+        assert c.load <= c.capacity * (1 + tol)
+    for f in flows:
+        if f.rate >= f.max_rate * (1 - tol):
+            continue
+        assert any(
+            c.load >= c.capacity * (1 - tol) and all(g.rate <= f.rate * (1 + tol) for g in c.flows)
+            for c in f.path
+        ), f"flow {f} has no bottleneck"

@@ -21,7 +21,7 @@ Event economy (a 70B, 128k-context decode simulation moves ~10^5 flows, so this 
   that finish forward a new one is added, and the old one, when it fires, finds nothing due
   and just looks again, so no process is ever interrupted;
 * flows issued at the same time with the same latency start together (one timeout, one
-  re-solve);
+  re-solve), zero-latency ones included;
 * rates depend only on the paths, weights and caps of the flows in a component, and decode
   repeats the same few contention patterns thousands of times, so solutions are memoised;
 * a channel reports its *busy periods* to the recorder (plus flow counts and bytes), not
@@ -44,7 +44,7 @@ from math import inf
 from simpy import Environment, Event
 from simpy.events import Timeout
 
-from hgsim.sim.recorder import Recorder
+from hgsim.sim.recorder import Recorder, ResourceTotals
 
 BYTES_PER_S = "B/s"
 FLOPS_PER_S = "FLOP/s"
@@ -60,13 +60,11 @@ _ONES = [(1.0,) * n for n in range(_MAX_HOPS)]
 class Channel:
     """A bandwidth resource shared by the flows crossing it (``capacity`` in ``unit``).
 
-    The capacity is fixed once flows have used the channel (allocations are memoised).
+    The capacity is fixed once flows have used the channel (allocations are memoised), and a
+    channel belongs to one network (it reports to that network's recorder).
     """
 
-    __slots__ = (
-        "name", "capacity", "unit", "flows", "busy_since", "n_done", "bytes_done",
-        "flops_done", "_rc", "_w", "_n",
-    )
+    __slots__ = ("name", "capacity", "unit", "flows", "busy_since", "totals", "_rc", "_w", "_n")
 
     def __init__(self, name: str, capacity: float, *, unit: str = BYTES_PER_S) -> None:
         if not capacity > 0:
@@ -75,13 +73,10 @@ class Channel:
             raise ValueError(f"channel {name}: unit must be {BYTES_PER_S} or {FLOPS_PER_S}")
         self.name = name
         self.capacity = float(capacity)
-        self.unit = unit
+        self.unit = FLOPS_PER_S if unit == FLOPS_PER_S else BYTES_PER_S  # hot path uses `is`
         self.flows: dict[Flow, float] = {}  # draining flows -> their use per unit of rate
-        # the busy period in progress: since when, and what finished in it so far
-        self.busy_since = 0.0
-        self.n_done = 0
-        self.bytes_done = 0.0
-        self.flops_done = 0.0
+        self.busy_since = 0.0  # start of the busy period in progress
+        self.totals: ResourceTotals | None = None  # the recorder's, once a network uses it
         self._rc = 0.0  # scratch for the allocator: capacity left
         self._w = 0.0  # scratch: summed weights of flows not yet frozen
         self._n = 0  # scratch: number of flows not yet frozen
@@ -119,7 +114,6 @@ class Flow:
         self.issued_s: float = now
         self.start_s = -1.0  # when bytes start to move (after the latency)
         self.end_s = -1.0
-        self._new = -1.0
 
     @property
     def duration_s(self) -> float:
@@ -177,33 +171,32 @@ class FlowNetwork:
             channels, weights = path, _ONES[len(path)]  # a route seen before: bytes only
         else:
             channels, weights = _weighted(path, amount, flops)
+            for c in channels:
+                if c.totals is None:  # a channel reports to the first network that uses it
+                    c.totals = self.recorder.totals_for(c.name)
             if type(path) is tuple and channels == path and weights is _ONES[len(path)]:
                 self._plain.add(path)
         done = Event(env)
         now = env.now
         flow = Flow(channels, weights, float(amount), inf if max_rate is None else max_rate,
                     done, label, flops, track, now)
-        if latency_s > 0:
-            t_start = now + latency_s  # exactly the time simpy will reach (same addition)
-            batch = self._starts.get(t_start)
-            if batch is None:
-                self._starts[t_start] = [flow]
-                Timeout(env, latency_s, t_start).callbacks.append(self._on_start_cb)
-            else:
-                batch.append(flow)
+        t_start = now + latency_s  # exactly the time simpy will reach (same addition)
+        batch = self._starts.get(t_start)
+        if batch is None:
+            self._starts[t_start] = [flow]
+            Timeout(env, latency_s, t_start).callbacks.append(self._on_start_cb)
         else:
-            self._begin((flow,))
+            batch.append(flow)
         return done
 
     # ------------------------------------------------------------------ internals
     def _on_start(self, event: Timeout) -> None:
-        self._begin(self._starts.pop(event._value))
-
-    def _begin(self, flows: Sequence[Flow]) -> None:
         """Flows whose latency has elapsed join their channels; one re-solve for all."""
+        flows = self._starts.pop(event._value)
         now = self.env.now
         seeds: list[Channel] = []
         new: list[Flow] = []
+        shared = False  # does any flow find company on a channel?
         for f in flows:
             f.start_s = f.t_last = now
             if f.amount <= 0 or (not f.path and f.max_rate == inf):
@@ -214,32 +207,28 @@ class FlowNetwork:
             new.append(f)
             for c, w in zip(f.path, f.weights, strict=True):
                 cflows = c.flows
-                if not cflows:
+                if cflows:
+                    shared = True
+                else:
                     c.busy_since = now
                 cflows[f] = w
-                if c not in seeds:
-                    seeds.append(c)
+                seeds.append(c)
         if not new:
             return
         self.active += len(new)
         heap = self._heap
-        if len(new) == 1:
-            flow = new[0]
-            for c in seeds:
-                if len(c.flows) != 1:
-                    break
-            else:  # nothing to share with: the slowest hop or the flow's own cap
-                rate = flow.max_rate
-                for c, w in zip(flow.path, flow.weights, strict=True):
-                    r = c.capacity / w
-                    if r < rate:
-                        rate = r
-                flow.rate = rate
-                flow.version = 1
-                heapq.heappush(heap, (now + flow.amount / rate, next(self._seq), 1, flow))
-                seeds = []
-        if seeds:
+        if shared or len(new) > 1:
             self._reallocate(seeds, new)
+        else:  # alone: the slowest hop or the flow's own cap
+            flow = new[0]
+            rate = flow.max_rate
+            for c, w in zip(flow.path, flow.weights, strict=True):
+                r = c.capacity / w
+                if r < rate:
+                    rate = r
+            flow.rate = rate
+            flow.version = 1
+            heapq.heappush(heap, (now + flow.amount / rate, next(self._seq), 1, flow))
         recorder = self.recorder
         if recorder.keep_activities:
             for f in new:
@@ -283,29 +272,29 @@ class FlowNetwork:
             for f in due:
                 f.remaining = 0.0
                 f.end_s = now
-                amount, label, start = f.amount, f.label, f.start_s
+                amount = f.amount
                 for c in f.path:
                     cflows = c.flows
                     del cflows[f]
-                    c.n_done += 1
-                    c.bytes_done += amount
+                    totals = c.totals
+                    totals.count += 1
+                    totals.bytes_ += amount
                     if c.unit is FLOPS_PER_S:
-                        c.flops_done += f.flops
+                        totals.flops += f.flops
                     if keep:
-                        recorder.log(c.name, start, now, amount,
-                                     f.flops if c.unit is FLOPS_PER_S else 0.0, label,
-                                     "compute" if c.unit is FLOPS_PER_S else "transfer")
-                        recorder.counter(c.name, now, len(cflows))
+                        self._log(f, c)
                     if cflows:
-                        if c not in seeds:
-                            seeds.append(c)
-                    else:  # the channel goes idle: report the busy period that ends
-                        recorder.add_busy(c.name, c.busy_since, now, c.n_done, c.bytes_done,
-                                          c.flops_done)
-                        c.n_done = 0
-                        c.bytes_done = c.flops_done = 0.0
+                        seeds.append(c)
+                    else:  # the channel goes idle: its busy period joins the union
+                        since, ends = c.busy_since, totals.ends
+                        if ends and since <= ends[-1] or now <= since:
+                            totals.add_interval(since, now)
+                        else:
+                            totals.starts.append(since)
+                            ends.append(now)
+                            totals.busy_s += now - since
                 if f.track is not None:
-                    recorder.record(f.track, f.issued_s, now, amount, f.flops, label, "transfer")
+                    recorder.record(f.track, f.issued_s, now, amount, f.flops, f.label, "transfer")
             self.active -= len(due)
             self.completed += len(due)
             if seeds:  # someone is left to speed up
@@ -326,6 +315,15 @@ class FlowNetwork:
             heapq.heappush(wakes, t)
             Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._on_wake_cb)
 
+    def _log(self, f: Flow, c: Channel) -> None:
+        """Full mode: the flow's activity on one channel, and the channel's flow count."""
+        recorder = self.recorder
+        if c.unit is FLOPS_PER_S:
+            recorder.log(c.name, f.start_s, f.end_s, f.amount, f.flops, f.label, "compute")
+        else:
+            recorder.log(c.name, f.start_s, f.end_s, f.amount, 0.0, f.label, "transfer")
+        recorder.counter(c.name, f.end_s, len(c.flows))
+
     def _report_empty(self, f: Flow) -> None:
         """A flow with nothing to move still counts as an activity of its channels."""
         recorder = self.recorder
@@ -341,7 +339,7 @@ class FlowNetwork:
         disjoint components are independent, so nothing else can change)."""
         now = self.env.now
         # the connected component: channels reachable through shared active flows
-        chans = list(seeds)
+        chans = list(dict.fromkeys(seeds))  # ordered: float sums must not depend on ids
         seen = set(chans)
         flows = list(seed_flows)
         in_flows = set(flows)

@@ -181,6 +181,14 @@ class Recorder:
         if self.keep_activities:
             self.activities.append(Activity(resource, start, end, bytes_, flops, label, category))
 
+    def totals_for(self, resource: str) -> ResourceTotals:
+        """The live totals of ``resource`` (created empty), for sources that update them in
+        place on their hot path (see ``ResourceTotals.add_interval``)."""
+        totals = self.totals.get(resource)
+        if totals is None:
+            totals = self.totals[resource] = ResourceTotals()
+        return totals
+
     def add_busy(
         self,
         resource: str,
