@@ -138,6 +138,14 @@ class Policy(ABC):
             return 0
         return int(free // (self.workload.batch * self.kv_token_bytes))
 
+    def keep_recent_on_gpu(self, strategy: PlacementStrategy) -> None:
+        """The common split: as many recent tokens as HBM has left stay resident, the older
+        ones go to host tiers by ``strategy``. Sets ``recent`` and ``placement``."""
+        final = self.workload.final_context
+        self.recent = max(0, min(self.gpu_token_capacity(), final))
+        self.account_gpu_kv(self.recent)
+        self.placement = self.place_host(final - self.recent, strategy)
+
     def account_gpu_kv(self, tokens: int) -> None:
         self.footprint.add("hbm", tokens * self.workload.batch * self.kv_token_bytes)
 

@@ -26,10 +26,7 @@ class Hgca(Policy):
     Options = HgcaOptions
 
     def setup(self) -> None:
-        final = self.workload.final_context
-        self.recent = max(0, min(self.gpu_token_capacity(), final))
-        self.account_gpu_kv(self.recent)
-        self.placement = self.place_host(final - self.recent, self.options.placement)
+        self.keep_recent_on_gpu(self.options.placement)
 
     def layer_plan(self, context: int) -> LayerPlan:
         recent = min(self.recent, context)

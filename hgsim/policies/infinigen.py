@@ -34,12 +34,10 @@ class InfiniGen(Policy):
             batch * final * self.model.num_layers * self.model.kv_dim * elem
             * self.options.partial_key_fraction
         )
-        per_layer_prefetch = 2 * batch * final * self.options.topk_ratio * self.model.kv_bytes_per_token_layer(self.workload.kv_dtype)
-        extra = partial_keys + per_layer_prefetch
-        self.footprint.add("hbm", extra)
-        self.recent = max(0, min(self.gpu_token_capacity(), final))
-        self.account_gpu_kv(self.recent)
-        self.placement = self.place_host(final - self.recent, self.options.placement)
+        layer_bytes = self.model.kv_bytes_per_token_layer(self.workload.kv_dtype)
+        prefetch_buffer = 2 * batch * final * self.options.topk_ratio * layer_bytes
+        self.footprint.add("hbm", partial_keys + prefetch_buffer)
+        self.keep_recent_on_gpu(self.options.placement)
 
     def layer_plan(self, context: int) -> LayerPlan:
         recent = min(self.recent, context)
