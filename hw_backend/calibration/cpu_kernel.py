@@ -1,0 +1,134 @@
+"""Throughput of the C attention kernel (``hw_backend.cpu_attention``) versus threads and context.
+
+These are the operations the executor runs on the host for each plan kind: the fused logits +
+top-k scan (HybridGen, at the ratios its scheduler uses), the V-row gather that follows it (and
+the two together, ``hybrid_host_op``, as the executor's host worker runs them per layer), and
+partial attention with LSE (CPU offload, HGCA). Plain ``logits`` is the scan alone, for
+reference. Each is reported in bytes of KV read per second
+and in FLOP/s *as the simulator counts them* (``hgsim.costs.layer_work``), because that is the
+rate ``attention_gflops_per_core`` must hold for the simulator's CPU phase to last as long as
+the kernel does.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from functools import cache
+
+import numpy as np
+
+from hw_backend.calibration.pinned import run_on_cpus
+from hw_backend.calibration.records import Measurement
+from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
+from hw_backend.calibration.timing import best, timed
+from hw_backend.calibration.topology import Machine
+
+
+@cache
+def _model():
+    from hgsim.specs.model import ModelSpec
+
+    return ModelSpec(
+        name="calibration-shape", family="llama", num_layers=1, hidden_size=HEADS * HEAD_DIM,
+        num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM, ffn_size=1, ffn_kind="swiglu",
+        vocab_size=1, max_context=1 << 30,
+    )
+
+
+def sim_cpu_work(op: str, tokens: int, selected: int, kv_dtype: str) -> tuple[float, float]:
+    """(FLOPs, bytes) the simulator charges the CPU for ``op`` over ``tokens`` host tokens."""
+    from hgsim.costs import layer_work
+    from hgsim.plan import CpuWork, KvPlacement, LayerPlan, Merge, Selector, Transfer
+
+    if op == "partial_attention":
+        cpu, transfer, merge, sel = (CpuWork.PARTIAL_ATTENTION, Transfer.PARTIAL_OUTPUT,
+                                     Merge.LSE, tokens)
+    else:
+        cpu, transfer, merge, sel = (CpuWork.LOGITS_TOPK, Transfer.LOGITS_AND_V,
+                                     Merge.SOFTMAX_UNION, selected)
+    plan = LayerPlan(context=tokens, gpu_recent_tokens=0, sink_tokens=0, host_selected=sel,
+                     cpu_work=cpu, transfer=transfer, merge=merge, selector=Selector.EXACT_TOPK,
+                     placement=KvPlacement.single("ddr0"))
+    work = layer_work(_model(), 1, plan, kv_dtype, "fp16", attention_only=True)
+    return work.cpu_flops, work.cpu_k_bytes + work.cpu_v_bytes
+
+
+#: NumPy storage and torch view per KV dtype (bfloat16 lives in uint16 storage).
+_STORAGE = {"fp32": (np.float32, None), "fp16": (np.float16, None),
+            "bf16": ("bfloat16", "bfloat16")}
+
+
+def _kv(tokens: int, kv_dtype: str, node: int):
+    """Random K and V (1, KV_HEADS, tokens, HEAD_DIM) in memory bound to ``node``."""
+    import torch
+
+    from hw_backend.numa import alloc_on_node, to_torch
+
+    shape = (1, KV_HEADS, tokens, HEAD_DIM)
+    storage, view = _STORAGE[kv_dtype]
+    out = []
+    for _ in range(2):
+        with warnings.catch_warnings():  # one-node machines: placement is implicit, and known
+            warnings.simplefilter("ignore", RuntimeWarning)
+            tensor = to_torch(alloc_on_node(shape, storage, node), view)
+        tensor.copy_(torch.randn(shape))
+        out.append(tensor)
+    return out
+
+
+def _suite(node: int, threads: int, tokens: int, settings: Settings) -> list[Measurement]:
+    import torch
+
+    from hw_backend import cpu_attention as ca
+
+    K, V = _kv(tokens, settings.kv_dtype, node)
+    q = torch.randn(1, HEADS, HEAD_DIM)
+    kv_bytes = K.numel() * K.element_size()
+    params = {"socket": node, "threads": threads, "context": tokens, "kv_dtype": settings.kv_dtype}
+    rows = []
+
+    def record(name: str, seconds, flops: float, nbytes: float, **extra) -> None:
+        t = best(seconds)
+        p = {**params, **extra}
+        rows.append(Measurement("cpu_kernel", name, nbytes / t / 1e9, "GB/s", p, seconds))
+        if flops:
+            rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9, "GFLOP/s",
+                                    p, seconds))
+
+    reps = settings.repeats
+    seconds = timed(lambda: ca.logits(q, K, num_threads=threads), reps)
+    flops, _ = sim_cpu_work("logits_topk", tokens, 1, settings.kv_dtype)
+    record("logits", seconds, flops, kv_bytes)
+    for ratio in settings.topk_ratios:
+        k = max(1, math.ceil(ratio * tokens))
+        seconds = timed(lambda k=k: ca.logits_topk(q, K, k, num_threads=threads), reps)
+        flops, _ = sim_cpu_work("logits_topk", tokens, k, settings.kv_dtype)
+        record("logits_topk", seconds, flops, kv_bytes, topk_ratio=ratio)
+        _, index = ca.logits_topk(q, K, k, num_threads=threads)
+        seconds = timed(lambda i=index: ca.gather_rows(V, i, num_threads=threads), reps)
+        rows_bytes = HEADS * k * HEAD_DIM * K.element_size()
+        record("gather_rows", seconds, 0.0, rows_bytes, topk_ratio=ratio)
+        # What the executor's host worker runs per HybridGen layer (HostKernels
+        # .logits_and_values): the fused scan + top-k, then the gather of the selected V rows.
+        seconds = timed(lambda k=k: ca.gather_rows(
+            V, ca.logits_topk(q, K, k, num_threads=threads)[1], num_threads=threads), reps)
+        record("hybrid_host_op", seconds, flops, kv_bytes, topk_ratio=ratio)
+    seconds = timed(lambda: ca.partial_attention(q, K, V, num_threads=threads), reps)
+    flops, _ = sim_cpu_work("partial_attention", tokens, tokens, settings.kv_dtype)
+    record("partial_attention", seconds, flops, 2 * kv_bytes)
+    return rows
+
+
+def plan(machine: Machine, settings: Settings) -> list[Job]:
+    jobs = []
+    for socket in machine.cpu_nodes:
+        cpus = machine.cpus_of(socket)
+        for threads in settings.thread_counts(len(cpus)):
+            for tokens in settings.contexts:
+                jobs.append(Job(
+                    f"C kernel on socket {socket.id}: {threads} thread(s), {tokens} tokens",
+                    lambda s=socket.id, c=cpus, t=threads, n=tokens: run_on_cpus(
+                        c, _suite, s, t, n, settings),
+                ))
+    return jobs

@@ -1,0 +1,174 @@
+"""CUDA device benchmarks: HBM bandwidth, GEMM FLOP/s, decode attention, launch overhead, and
+pinned host<->device copies versus transfer size.
+
+Timed with CUDA events on one stream, so the numbers are device time (what the simulator's
+roofline kernels and PCIe flows stand for), not host time. Only planned when
+``torch.cuda.is_available()``; on other machines calibration says it skipped them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+from hw_backend.calibration.records import Measurement
+from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
+from hw_backend.calibration.timing import best, fit_line
+
+_DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def _event_times(fn: Callable[[], object], repeats: int, warmup: int = 2) -> tuple[float, ...]:
+    """Seconds of ``fn``'s device work, between two events on the current stream."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(repeats):
+        begin = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(begin.elapsed_time(end) / 1e3)
+    return tuple(out)
+
+
+def device_info() -> dict:
+    """Name, memory and the NUMA node of the PCIe root the GPU hangs off (when known)."""
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    info = {"name": props.name, "total_memory": int(props.total_memory), "numa_node": None,
+            "pci": None}
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is not None:
+        domain = getattr(props, "pci_domain_id", 0)
+        device = getattr(props, "pci_device_id", 0)
+        address = f"{domain:04x}:{bus:02x}:{device:02x}.0"
+        info["pci"] = address
+        try:
+            node = int(Path(f"/sys/bus/pci/devices/{address}/numa_node").read_text())
+            info["numa_node"] = node if node >= 0 else None
+        except (OSError, ValueError):
+            pass
+    return info
+
+
+def hbm_bandwidth(settings: Settings) -> list[Measurement]:
+    import torch
+
+    nbytes = (256 if settings.quick else 2048) << 20
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    seconds = _event_times(lambda: dst.copy_(src), settings.repeats * 2)
+    return [Measurement("cuda", "hbm_copy", 2 * nbytes / best(seconds) / 1e9, "GB/s",
+                        {"bytes": nbytes}, seconds)]
+
+
+def gemm(settings: Settings) -> list[Measurement]:
+    import torch
+
+    n = 2048 if settings.quick else 8192
+    rows = []
+    for name in ("fp16", "bf16", "tf32", "fp32"):
+        torch.backends.cuda.matmul.allow_tf32 = name == "tf32"
+        a = torch.randn(n, n, device="cuda", dtype=getattr(torch, _DTYPES[name]))
+        b = torch.randn(n, n, device="cuda", dtype=a.dtype)
+        seconds = _event_times(lambda a=a, b=b: torch.matmul(a, b), settings.repeats)
+        rows.append(Measurement("cuda", "gemm", 2 * n**3 / best(seconds) / 1e12, "TFLOP/s",
+                                {"dtype": name, "n": n}, seconds))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    return rows
+
+
+def attention(settings: Settings) -> list[Measurement]:
+    """``merge.partial_attention`` (the executor's device attention) over fp16 K/V."""
+    import torch
+
+    from hw_backend.merge import partial_attention
+
+    q = torch.randn(1, HEADS, HEAD_DIM, device="cuda")
+    rows, sizes, times = [], [], []
+    for tokens in settings.cuda_attention_tokens:
+        shape = (1, KV_HEADS, tokens, HEAD_DIM)
+        K = torch.randn(shape, device="cuda", dtype=torch.float16)
+        V = torch.randn(shape, device="cuda", dtype=torch.float16)
+        seconds = _event_times(lambda K=K, V=V: partial_attention(q, K, V, 1 / math.sqrt(HEAD_DIM)),
+                               settings.repeats)
+        nbytes = 2 * K.numel() * K.element_size()
+        rows.append(Measurement("cuda", "attention", nbytes / best(seconds) / 1e9, "GB/s",
+                                {"context": tokens, "bytes": nbytes, "kv_dtype": "fp16"}, seconds))
+        sizes.append(nbytes)
+        times.append(best(seconds))
+        del K, V
+    fixed, slope = fit_line(sizes, times)
+    rows.append(Measurement("cuda", "attention_fit", 1 / slope / 1e9, "GB/s",
+                            {"fixed_us": fixed * 1e6}))
+    return rows
+
+
+def launch_overhead(settings: Settings) -> list[Measurement]:
+    """Device time per tiny kernel when many are queued back to back."""
+    import torch
+
+    x = torch.zeros(1, device="cuda")
+    count = 200 if settings.quick else 2000
+
+    def many() -> None:
+        for _ in range(count):
+            x.add_(1.0)
+
+    seconds = _event_times(many, settings.repeats)
+    return [Measurement("cuda", "launch_overhead", best(seconds) / count * 1e6, "us",
+                        {"kernels": count}, seconds)]
+
+
+def pinned_copies(settings: Settings) -> list[Measurement]:
+    """Pinned host <-> device copies per size, each direction fitted as latency + size / rate."""
+    import torch
+
+    sizes = list(settings.copy_sizes) + ([] if settings.quick else [1 << 28])
+    rows = []
+    for direction in ("h2d", "d2h"):
+        fit_x, fit_y = [], []
+        for nbytes in sizes:
+            host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+            dev = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            if direction == "h2d":
+                seconds = _event_times(lambda d=dev, h=host: d.copy_(h, non_blocking=True),
+                                       settings.repeats * 2)
+            else:
+                seconds = _event_times(lambda d=dev, h=host: h.copy_(d, non_blocking=True),
+                                       settings.repeats * 2)
+            rows.append(Measurement("cuda", f"{direction}_copy", nbytes / best(seconds) / 1e9,
+                                    "GB/s", {"bytes": nbytes, "pinned": True}, seconds))
+            fit_x.append(nbytes)
+            fit_y.append(best(seconds))
+            del host, dev
+        fixed, slope = fit_line(fit_x, fit_y)
+        rows.append(Measurement("cuda", f"{direction}_fit", 1 / slope / 1e9, "GB/s",
+                                {"latency_us": fixed * 1e6}))
+    return rows
+
+
+def plan(settings: Settings) -> list[Job]:
+    return [
+        Job("CUDA: HBM bandwidth (device copy)", lambda: hbm_bandwidth(settings)),
+        Job("CUDA: GEMM FLOP/s", lambda: gemm(settings)),
+        Job("CUDA: decode attention throughput", lambda: attention(settings)),
+        Job("CUDA: kernel launch overhead", lambda: launch_overhead(settings)),
+        Job("CUDA: pinned H2D/D2H copies by size", lambda: pinned_copies(settings)),
+    ]

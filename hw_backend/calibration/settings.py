@@ -1,0 +1,67 @@
+"""How big and how often every benchmark runs: full calibration versus ``--quick`` (CI).
+
+The full run sizes buffers far beyond the last-level cache and repeats enough to be stable on a
+shared machine (minutes); quick mode keeps every code path but with small buffers and two
+repeats (seconds), so CI exercises calibration end to end without pretending to measure well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from hw_backend.calibration.records import Measurement
+
+MiB = 1 << 20
+
+#: Llama-like decode attention the kernels are timed on: 32 query heads sharing 8 KV heads of
+#: 128 dims (Llama 3 8B / 70B layout), one sequence.
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+
+
+@dataclass(frozen=True)
+class Settings:
+    quick: bool = False
+    repeats: int = 7
+    read_bytes: int = 512 * MiB  # streaming read/write buffer per measurement
+    chase_bytes: int = 256 * MiB  # pointer-chase working set (latency)
+    chase_steps: int = 2_000_000
+    contexts: tuple[int, ...] = (4096, 16384, 65536)  # tokens of KV per kernel call
+    topk_ratios: tuple[float, ...] = (0.01, 0.05)  # HybridGen's range (min and default ratio)
+    copy_sizes: tuple[int, ...] = tuple(1 << s for s in range(12, 27, 2))  # 4 KiB .. 64 MiB
+    #: Largest copy in the stand-in's PCIe fit: glibc serves bigger allocations with fresh mmaps
+    #: whose page faults, not the copy, set the rate (reported separately in the comment).
+    copy_fit_max: int = 16 * MiB
+    gemm_sizes: tuple[int, ...] = (1024, 2048)
+    cuda_attention_tokens: tuple[int, ...] = (16384, 65536, 262144)
+    kv_dtype: str = "fp32"
+
+    @staticmethod
+    def make(quick: bool, kv_dtype: str = "fp32") -> Settings:
+        if not quick:
+            return Settings(kv_dtype=kv_dtype)
+        return Settings(
+            quick=True, repeats=2, read_bytes=32 * MiB, chase_bytes=16 * MiB,
+            chase_steps=100_000, contexts=(1024, 4096), topk_ratios=(0.05,),
+            copy_sizes=tuple(1 << s for s in (12, 16, 20, 22)), gemm_sizes=(256,),
+            cuda_attention_tokens=(4096, 16384), kv_dtype=kv_dtype,
+        )
+
+    def thread_counts(self, cores: int) -> tuple[int, ...]:
+        """1, 2, 4, ... up to ``cores`` (always including ``cores``); quick: 1 and ``cores``."""
+        if self.quick:
+            return tuple(sorted({1, cores}))
+        counts = {cores}
+        n = 1
+        while n < cores:
+            counts.add(n)
+            n *= 2
+        return tuple(sorted(counts))
+
+
+@dataclass(frozen=True)
+class Job:
+    """One benchmark to run: a label for the progress bar and what produces its rows."""
+
+    label: str
+    run: Callable[[], list[Measurement]]

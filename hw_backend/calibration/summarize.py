@@ -1,0 +1,347 @@
+"""From raw measurements to the figures a profile holds, each with the sentence that justifies it.
+
+Every figure is a ``Figure(value, what)``; ``what`` says which measurement (or system file) the
+value came from, and ends up as the figure's YAML comment. The choices that are not obvious:
+
+* ``core_bandwidth_gbps`` is one thread's streaming read rate; a tier's read bandwidth is the best
+  over thread counts (what all cores together reach).
+* ``attention_gflops_per_core`` is the C kernel's single-thread rate on the operations the
+  executor runs on the host, in FLOPs as the simulator counts them (``cpu_kernel``), taken from
+  the slope of time over FLOPs across context lengths (so a call's fixed cost does not dilute it).
+* The stand-in accelerator: ``hbm_bandwidth_gbps`` is the streaming read rate of its own threads,
+  ``attention_efficiency`` its measured attention rate over that (under the host kernel's
+  concurrent load, as the executor runs them), ``kernel_launch_overhead_us`` the per-op
+  overhead, ``peak_tflops`` the GEMM rates it reaches (so ``compute_efficiency`` is 1), and the
+  PCIe link the host->device copy fitted as latency + size / bandwidth.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+from hw_backend.calibration.records import Measurements
+from hw_backend.calibration.settings import HEADS
+from hw_backend.calibration.timing import fit_line
+
+#: Host operations whose single-thread rate sets ``attention_gflops_per_core``: HybridGen's host
+#: work per layer (fused logits + top-k, then the V-row gather; at each calibrated ratio) and
+#: exact partial attention (CPU offload). The simulator has one rate for both, so the figure is
+#: their mean and the comment lists each; their spread is a modelling limit, see validation.
+HOST_OPS = ("hybrid_host_op_flops", "partial_attention_flops")
+
+
+@dataclass(frozen=True)
+class Figure:
+    value: Any
+    what: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"value": self.value, "what": self.what}
+
+
+def _best(rows, key=lambda m: m.value):
+    return max(rows, key=key) if rows else None
+
+
+def memory_figures(ms: Measurements, node: int) -> dict[str, Figure]:
+    reads = [m for m in ms.select("memory", "read_bandwidth", node=node) if not m.params["remote"]]
+    writes = ms.select("memory", "write_bandwidth", node=node)
+    lat = [m for m in ms.select("memory", "latency", node=node) if not m.params["remote"]]
+    out: dict[str, Figure] = {}
+    if reads:
+        best = _best(reads)
+        one = [m for m in reads if m.params["threads"] == 1]
+        out["read_bandwidth_gbps"] = Figure(
+            round(best.value, 1),
+            f"streaming read, {best.params['threads']} thread(s) of socket "
+            f"{best.params['socket']}, {best.params['bytes'] >> 20} MiB buffer bound to node {node}"
+            f" ({_series(reads, 'threads')})")
+        if one:
+            out["single_thread_read_gbps"] = Figure(round(one[0].value, 1),
+                                                    "streaming read by one thread")
+    if writes:
+        best = _best(writes)
+        out["write_bandwidth_gbps"] = Figure(
+            round(best.value, 1),
+            f"torch fill_, {best.params['threads']} thread(s), buffer bound to node {node} "
+            f"({_series(writes, 'threads')})")
+    if lat:
+        m = lat[0]
+        out["latency_ns"] = Figure(
+            round(m.value, 1),
+            f"pointer chase over a random cycle of {m.params['bytes'] >> 20} MiB on node {node} "
+            f"(dependent loads incl. TLB misses)")
+    return out
+
+
+def remote_figures(ms: Measurements, node: int, reader: int) -> dict[str, Figure]:
+    rows = [m for m in ms.select("memory", "read_bandwidth", node=node, socket=reader)
+            if m.params["remote"]]
+    lat = [m for m in ms.select("memory", "latency", node=node, socket=reader)
+           if m.params["remote"]]
+    out = {}
+    if rows:
+        out["read_bandwidth_gbps"] = Figure(round(rows[0].value, 1),
+                                            f"socket {reader} threads reading node {node}")
+    if lat:
+        out["latency_ns"] = Figure(round(lat[0].value, 1),
+                                   f"pointer chase from socket {reader} on node {node}")
+    return out
+
+
+def _series(rows, key: str) -> str:
+    return ", ".join(f"{m.params[key]}: {m.value:.1f}" for m in sorted(rows, key=lambda m:
+                                                                        m.params[key]))
+
+
+def _per_core_rate(rows) -> float | None:
+    """GFLOP/s from the slope of time over FLOPs across context lengths (one thread)."""
+    if not rows:
+        return None
+    flops = [m.value * min(m.seconds) * 1e9 for m in rows]
+    times = [min(m.seconds) for m in rows]
+    _, slope = fit_line(flops, times)
+    return 1 / slope / 1e9
+
+
+def _op_rates(ms: Measurements, socket: int, threads: int) -> dict[str, float]:
+    """Per-core GFLOP/s of each host op (per top-k ratio) with ``threads`` kernel threads."""
+    rates: dict[str, float] = {}
+    for op in HOST_OPS:
+        rows = ms.select("cpu_kernel", op, socket=socket, threads=threads)
+        for ratio in sorted({m.params.get("topk_ratio") for m in rows}, key=lambda r: r or 0):
+            subset = [m for m in rows if m.params.get("topk_ratio") == ratio]
+            label = op.removesuffix("_flops") + (f"@{ratio:g}" if ratio is not None else "")
+            rate = _per_core_rate(subset)
+            if rate is not None:
+                rates[label] = rate / threads
+    return rates
+
+
+def cpu_kernel_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
+    rates = _op_rates(ms, socket, 1)
+    if not rates:
+        return {}
+    value = statistics.mean(rates.values())
+    detail = ", ".join(f"{k} {v:.1f}" for k, v in rates.items())
+    scaling = _scaling(ms, socket)
+    return {
+        "attention_gflops_per_core": Figure(
+            round(value, 2),
+            f"C kernel, 1 thread, mean of the host ops' FLOP/s as the simulator counts them "
+            f"({detail}; slope over contexts {_contexts(ms)}){scaling}"),
+        "op_rates": Figure(rates, "per-op single-thread GFLOP/s"),
+        "per_threads": Figure(per_thread_figures(ms, socket),
+                              "per kernel-thread count: per-core figures measured at that count"),
+        **selection_figures(ms, socket),
+    }
+
+
+def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
+    """Costs of HybridGen's host work that the simulator's FLOP count does not see (one thread):
+
+    * ``gather_ns_per_row``: copying one selected V row (one query head, one token) into the
+      staging buffer, ``gather_rows`` time / (heads x k). Scattered rows make this a memory-latency
+      cost, not a bandwidth one.
+    * ``topk_ns_per_insert``: ``logits_topk`` minus the plain ``logits`` scan, per expected heap
+      insertion ``heads x k x (1 + ln(n / k))`` (bounded heap over scores without structure).
+
+    Reported for a simulator that charges them (see the validation report), not used by it now.
+    """
+    out: dict[str, Figure] = {}
+    gathers, inserts = [], []
+    for m in ms.select("cpu_kernel", "gather_rows", socket=socket, threads=1):
+        n, ratio = m.params["context"], m.params["topk_ratio"]
+        k = max(1, math.ceil(ratio * n))
+        gathers.append(min(m.seconds) / (HEADS * k) * 1e9)
+        scan = ms.select("cpu_kernel", "logits", socket=socket, threads=1, context=n)
+        topk = ms.select("cpu_kernel", "logits_topk", socket=socket, threads=1, context=n,
+                         topk_ratio=ratio)
+        if scan and topk:
+            extra = min(topk[0].seconds) - min(scan[0].seconds)
+            inserts.append(max(extra, 0.0) / (HEADS * k * (1 + math.log(n / k))) * 1e9)
+    if gathers:
+        out["gather_ns_per_row"] = Figure(round(statistics.median(gathers), 1),
+                                          "median over contexts and ratios of gather_rows time "
+                                          "per (head, selected token)")
+    if inserts:
+        out["topk_ns_per_insert"] = Figure(round(statistics.median(inserts), 1),
+                                           "median of (logits_topk - logits) per expected heap "
+                                           "insertion heads*k*(1+ln(n/k))")
+    return out
+
+
+def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, float]]:
+    """Per-core figures at each calibrated kernel-thread count n.
+
+    The simulator scales one per-core figure linearly with cores, but n threads share the
+    memory system. So for n threads: ``attention_gflops_per_core`` is the single-thread figure
+    times the scaling efficiency of the streaming kernel (partial attention's per-core rate at n
+    over its rate at 1; top-k's chunked heaps scale differently and are left out), and
+    ``core_bandwidth_gbps`` is the n-thread read bandwidth divided by n. Validation runs with n
+    kernel threads scale the profile's rate by ``scaling_efficiency`` and use that bandwidth.
+    """
+    one = _op_rates(ms, socket, 1)
+    if not one:
+        return {}
+    base = statistics.mean(one.values())
+    counts = sorted({m.params["threads"] for m in ms
+                     if m.group == "cpu_kernel" and m.params.get("socket") == socket})
+    out = {}
+    for n in counts:
+        rates = _op_rates(ms, socket, n)
+        efficiency = _efficiency(ms, socket, n)
+        reads = [m.value for m in ms.select("memory", "read_bandwidth", node=socket, threads=n)
+                 if not m.params["remote"]]
+        out[n] = {"attention_gflops_per_core": round(base * efficiency, 3),
+                  "scaling_efficiency": round(efficiency, 3),
+                  "op_rates": {k: round(v, 3) for k, v in rates.items()}}
+        if reads:
+            out[n]["core_bandwidth_gbps"] = round(reads[0] / n, 3)
+    return out
+
+
+def _efficiency(ms: Measurements, socket: int, n: int) -> float:
+    """Median over contexts of partial attention's speed-up at n threads, divided by n (a
+    median, not a slope: one context caught in a slow phase of a shared machine must not set
+    the figure)."""
+    ratios = []
+    for m in ms.select("cpu_kernel", "partial_attention", socket=socket, threads=n):
+        single = ms.select("cpu_kernel", "partial_attention", socket=socket, threads=1,
+                           context=m.params["context"])
+        if single:
+            ratios.append(min(single[0].seconds) / min(m.seconds) / n)
+    return statistics.median(ratios) if ratios else 1.0
+
+
+def _contexts(ms: Measurements) -> str:
+    return "/".join(str(c) for c in sorted({m.params["context"] for m in ms
+                                            if m.group == "cpu_kernel"}))
+
+
+def _scaling(ms: Measurements, socket: int) -> str:
+    """How partial attention scales with threads (the simulator assumes linearly)."""
+    counts = sorted({m.params["threads"] for m in ms.select("cpu_kernel", "partial_attention",
+                                                             socket=socket)})
+    if len(counts) < 2:
+        return ""
+    parts = ", ".join(f"{n} thr {_efficiency(ms, socket, n):.2f}" for n in counts if n > 1)
+    return f"; per-thread scaling efficiency of partial attention: {parts}"
+
+
+def socket_core_bandwidth(ms: Measurements, node: int) -> Figure | None:
+    rows = [m for m in ms.select("memory", "read_bandwidth", node=node, threads=1)
+            if not m.params["remote"]]
+    if not rows:
+        return None
+    return Figure(round(rows[0].value, 1), "streaming read by one thread from local memory")
+
+
+def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[str, Figure]:
+    """The stand-in accelerator's GPU entry; ``read_gbps`` is its threads' read bandwidth and
+    ``fit_max`` the largest copy in the link's fit."""
+    out: dict[str, Figure] = {}
+    loaded = ms.value("standin", "attention_loaded_fit")
+    alone = ms.value("standin", "attention_fit")
+    attn = loaded or alone
+    fit = ms.select("standin", "attention_loaded_fit" if loaded else "attention_fit")
+    hbm = max(read_gbps, attn or 0.0)
+    out["hbm_bandwidth_gbps"] = Figure(
+        round(hbm, 1), "streaming read rate of the stand-in's own threads (its 'HBM' is host DRAM)")
+    if attn:
+        how = "while the C kernel ran on the host cores" if loaded else "alone"
+        also = f"; alone {alone:.2f} GB/s" if loaded and alone else ""
+        out["attention_efficiency"] = Figure(
+            round(min(attn / hbm, 1.0), 4),
+            f"merge.partial_attention on the stand-in's queue: {attn:.2f} GB/s of KV "
+            f"(slope over contexts, {how}{also}) / hbm_bandwidth_gbps")
+        out["attention_fixed_us"] = Figure(round(fit[0].params["fixed_us"], 1),
+                                           "intercept of the attention fit")
+    copy = ms.value("standin", "device_copy")
+    if copy:
+        out["memory_efficiency"] = Figure(
+            round(min(copy / 2 / hbm, 1.0), 4),
+            f"device-to-device copy {copy:.1f} GB/s (read+write), read half / hbm_bandwidth_gbps")
+    overhead = ms.value("standin", "op_overhead")
+    if overhead is not None:
+        out["kernel_launch_overhead_us"] = Figure(
+            round(overhead, 1), "submit-to-done of a one-token attention on the compute queue")
+    gemms = ms.select("standin", "gemm")
+    peaks = {}
+    for dtype in ("fp32", "bf16", "fp16"):
+        best = _best([m for m in gemms if m.params["dtype"] == dtype])
+        if best:
+            peaks[dtype] = Figure(round(best.value, 4),
+                                  f"torch.matmul {best.params['n']}^2 {dtype} on the compute queue")
+    out["peak_tflops"] = Figure(peaks, "GEMM")
+    h2d = ms.select("standin", "h2d_fit")
+    copies = ms.select("standin", "h2d_copy")
+    if h2d:
+        fitted = [m for m in copies if m.params["bytes"] <= fit_max]
+        beyond = [m for m in copies if m.params["bytes"] > fit_max]
+        note = "".join(f"; {_human(m.params['bytes'])} copies reach {m.value:.1f} GB/s (fresh "
+                       "mmap, page faults)" for m in beyond)
+        out["pcie_bandwidth_gbps"] = Figure(
+            round(h2d[0].value, 2),
+            "host tensor into a fresh stand-in allocation on the copy queue (as the executor "
+            f"uploads), slope over {_sizes(fitted)}{note}")
+        fetch = ms.value("standin", "d2h_fetch")
+        latency_us = h2d[0].params["latency_us"]
+        if fetch is not None:
+            out["pcie_latency_ns"] = Figure(
+                round(1e3 * fetch, 0), f"a host thread fetching a query after device work (d2h) "
+                f"{fetch:.1f} us; upload fit intercept {latency_us:.1f} us")
+        else:
+            out["pcie_latency_ns"] = Figure(round(1e3 * latency_us, 0), "upload fit intercept")
+    return out
+
+
+def _sizes(rows) -> str:
+    sizes = sorted(m.params["bytes"] for m in rows)
+    return f"{_human(sizes[0])}..{_human(sizes[-1])}" if sizes else "?"
+
+
+def _human(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:g} {unit}"
+    return f"{n} B"
+
+
+def cuda_figures(ms: Measurements) -> dict[str, Figure]:
+    out: dict[str, Figure] = {}
+    hbm = ms.value("cuda", "hbm_copy")
+    if hbm:
+        out["hbm_bandwidth_gbps"] = Figure(round(hbm, 1),
+                                           "device-to-device copy, bytes read + written")
+        out["memory_efficiency"] = Figure(1.0, "hbm_bandwidth_gbps is the achieved copy rate")
+    attn = ms.value("cuda", "attention_fit")
+    if attn and hbm:
+        out["attention_efficiency"] = Figure(
+            round(min(attn / hbm, 1.0), 4),
+            f"merge.partial_attention over fp16 KV: {attn:.0f} GB/s (slope over contexts) / "
+            "hbm_bandwidth_gbps")
+    launch = ms.value("cuda", "launch_overhead")
+    if launch is not None:
+        out["kernel_launch_overhead_us"] = Figure(round(launch, 2),
+                                                  "device time per tiny kernel, back to back")
+    peaks = {}
+    for dtype in ("fp32", "tf32", "bf16", "fp16"):
+        best = _best(ms.select("cuda", "gemm", dtype=dtype))
+        if best:
+            peaks[dtype] = Figure(round(best.value, 2),
+                                  f"torch.matmul {best.params['n']}^2 {dtype}, CUDA events")
+    out["peak_tflops"] = Figure(peaks, "GEMM")
+    for direction in ("h2d", "d2h"):
+        fit = ms.select("cuda", f"{direction}_fit")
+        if fit:
+            out[f"{direction}_gbps"] = Figure(
+                round(fit[0].value, 2),
+                f"pinned {direction.upper()} copies, slope over "
+                f"{_sizes(ms.select('cuda', f'{direction}_copy'))}")
+            out[f"{direction}_latency_us"] = Figure(round(fit[0].params["latency_us"], 2),
+                                                    "intercept of the same fit")
+    return out

@@ -1,0 +1,261 @@
+"""Measured half of ``hgsim validate``: run each case's plans on this machine with the executor.
+
+For every case of a validation study (``hgsim.validation``) the policy is built exactly as the
+simulator builds it (same model, profile, workload and options), its plan for every step is
+executed by ``hw_backend.executor.PlanExecutor`` over a KV cache of random values, and the
+executor's ``StepTiming`` records come back. The accelerator is CUDA when available, else the CPU
+stand-in with the case's core split (``devices.CoreSplit``), the same kind of device the
+calibrated profile describes.
+
+``run_validation`` also runs the simulator on the same cases, checks that both ran the same
+plans, and writes the CSV and the scatter plot; MAPE decides pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hgsim.errors import UserError
+from hgsim.profiles import load_profile, resolve_profile
+from hgsim.results import StepTiming
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.validation import (
+    Case,
+    CaseResult,
+    ThreadFigures,
+    ValidationStudy,
+    case_profile,
+    cases,
+    check_same_plans,
+    load_study,
+    mape,
+    predict,
+    workload,
+)
+from hw_backend.calibration.quiet import wait_for_quiet
+
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+# ------------------------------------------------------------------------------ one case
+def _fill(store, tokens: int, dtype) -> None:
+    """Random K/V for the first ``tokens`` positions of every layer (iid normal: the top-k
+    scan then does the heap work it would on scores without structure)."""
+    import torch
+
+    if tokens <= 0:
+        return
+    shape = (store.batch, store.kv_heads, tokens, store.head_dim)
+    generator = torch.Generator().manual_seed(0)
+    k = torch.empty(shape, dtype=dtype)
+    v = torch.empty(shape, dtype=dtype)
+    for layer in store.layers:
+        k.normal_(generator=generator)
+        v.normal_(generator=generator)
+        layer.load(k, v)
+
+
+def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
+            accelerator: str = "auto", before_steps: Callable[[], object] | None = None,
+            ) -> tuple[list[StepTiming], str]:
+    """Execute the case's plans step by step; (measured steps, device label).
+
+    ``before_steps`` runs after the cache is filled, right before the first timed step.
+    """
+    import torch
+
+    from hgsim.policies import make_policy
+    from hw_backend.devices import CoreSplit, make_accelerator
+    from hw_backend.executor import PlanExecutor, UnsupportedPlan
+    from hw_backend.kv_store import KvStore
+
+    model = study.model_spec()
+    wl = workload(study, case)
+    policy = make_policy(case.policy, model, case_profile(profile, case), wl, case.options)
+    if not policy.feasible:
+        raise UserError(f"{case.label}: infeasible: {policy.infeasibility()}")
+    plans = [policy.step_plan(case.context + s) for s in range(wl.gen)]
+    dtype = getattr(torch, TORCH_DTYPES[study.kv_dtype])
+    split = CoreSplit(case.device_threads, case.host_threads, case.pin)
+    accel = make_accelerator(accelerator, split)
+    try:
+        store = KvStore(accel, num_layers=model.num_layers, batch=study.batch,
+                        kv_heads=model.num_kv_heads, head_dim=model.head_dim, dtype=dtype,
+                        capacity=case.context + wl.gen)
+        _fill(store, case.context - 1, dtype)
+        inputs = _inputs(accel, model, study.batch, dtype, len(plans))
+        if before_steps is not None:
+            before_steps()
+        steps = []
+        with PlanExecutor(store, accel, host_threads=case.host_threads) as executor:
+            for s, plan in enumerate(plans):
+                queries, new_kv = inputs[s]
+                try:
+                    run = executor.step(plan, queries, new_kv=new_kv, step=s)
+                except UnsupportedPlan as exc:
+                    raise UserError(f"{case.label}: the executor cannot run this plan: "
+                                    f"{exc}") from None
+                steps.append(run.timing)
+        return steps, accel.label
+    finally:
+        accel.close()
+
+
+def _inputs(accel, model, batch: int, dtype, count: int):
+    """Per step: each layer's query and new token's K/V, made before timing starts."""
+    import torch
+
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(count):
+        queries = [torch.randn(batch, model.num_heads, model.head_dim, generator=generator)
+                   .to(accel.device) for _ in range(model.num_layers)]
+        new_kv = [tuple(torch.randn(batch, model.num_kv_heads, 1, model.head_dim,
+                                    generator=generator).to(dtype).to(accel.device)
+                        for _ in range(2)) for _ in range(model.num_layers)]
+        out.append((queries, new_kv))
+    return out
+
+
+# ------------------------------------------------------------------------------ a study
+@dataclass
+class ValidationRun:
+    profile: HardwareProfile
+    study: ValidationStudy
+    results: list[CaseResult]
+    mape_pct: float
+    threshold_pct: float
+    outputs: list[Path]
+    seconds: float
+    load_average: tuple[float, float]  # 1-minute load average before and after (shared machines)
+
+    @property
+    def passed(self) -> bool:
+        return math.isfinite(self.mape_pct) and self.mape_pct <= self.threshold_pct
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration recorded beside the profile that the profile schema cannot hold."""
+
+    split: tuple[int, int] | None  # (device, host) threads of the stand-in
+    per_threads: ThreadFigures  # per-core CPU figures by kernel thread count
+
+    @staticmethod
+    def beside(profile_path: Path, profile: HardwareProfile) -> Calibration:
+        from hw_backend.calibrate import sidecar_paths
+
+        json_path, _ = sidecar_paths(profile_path)
+        try:
+            doc = json.loads(json_path.read_text())
+        except (OSError, ValueError):
+            return Calibration(None, {})
+        split = doc.get("meta", {}).get("split")
+        socket = profile.gpus[profile.primary_gpu].socket
+        figure = doc.get("summary", {}).get(socket, {}).get("per_threads", {})
+        per_threads = {int(n): v for n, v in (figure.get("value") or {}).items()}
+        pair = (int(split["device_threads"]), int(split["host_threads"])) if split else None
+        return Calibration(pair, per_threads)
+
+    def default_split(self, cuda: bool) -> tuple[int, int]:
+        """(device, host) threads: with CUDA every core is the host's; with the stand-in the
+        calibrated split, else half the cores each."""
+        from hw_backend.devices import CoreSplit, available_cores
+
+        if cuda:
+            return 1, len(available_cores())
+        if self.split:
+            return self.split
+        even = CoreSplit.even()
+        return even.device_threads, even.host_threads
+
+
+def _uses_cuda(accelerator: str) -> bool:
+    import torch
+
+    return accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def run_validation(
+    profile: str | Path, study_path: str | Path, *, threshold: float = 10.0,
+    out: Path | None = None, max_context: int | None = None, steps: int | None = None,
+    accelerator: str = "auto", statistic: str = "min", quiet_wait_s: float = 0.0,
+    progress: bool = True, on_case: Callable[[CaseResult], None] | None = None,
+) -> ValidationRun:
+    """Measure and predict every case, write CSV and plots, and return the comparison."""
+    t0 = time.perf_counter()
+    load0 = _load()
+    path = resolve_profile(profile)
+    prof = load_profile(path)
+    study = load_study(study_path)
+    if steps is not None:
+        study = study.model_copy(update={"steps": steps})
+    calibration = Calibration.beside(path, prof)
+    device, host = calibration.default_split(_uses_cuda(accelerator))
+    todo = cases(study, device_threads=device, host_threads=host, max_context=max_context)
+    if not todo:
+        raise UserError("no configuration to run (check --max-context and the study's contexts)")
+    results = []
+    for case in _progress(todo, progress):
+        predicted = predict(prof, study, case, calibration.per_threads)
+        runnable: list[float] = []
+        settle = (lambda out=runnable: out.append(wait_for_quiet(quiet_wait_s))
+                  ) if quiet_wait_s > 0 else None
+        measured, label = measure(case, study, prof, accelerator, settle)
+        check_same_plans(case, measured, predicted)
+        result = CaseResult(case, measured, predicted, label, study.warmup_steps, statistic,
+                            runnable[0] if runnable else None)
+        results.append(result)
+        if on_case is not None:
+            on_case(result)
+    error = mape(results)
+    load = (load0, _load())
+    outputs = _write(results, error, threshold, out or _default_out(path), prof, study, load)
+    return ValidationRun(prof, study, results, error, threshold, outputs,
+                         time.perf_counter() - t0, load)
+
+
+def _load() -> float:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def _default_out(profile_path: Path) -> Path:
+    """``./<profile>.validation``: the working directory, never a shipped profile's folder."""
+    return Path.cwd() / (profile_path.stem + ".validation")
+
+
+def _progress(items: list[Case], enabled: bool):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(),
+               TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    with Progress(*columns, disable=not enabled, transient=True) as bar:
+        task = bar.add_task("validating", total=len(items))
+        for item in items:
+            bar.update(task, description=f"{item.label} (measure + simulate)")
+            yield item
+            bar.advance(task)
+
+
+def _write(results: list[CaseResult], error: float, threshold: float, prefix: Path,
+           profile: HardwareProfile, study: ValidationStudy,
+           load: tuple[float, float]) -> list[Path]:
+    from hgsim.validation import frame, scatter
+
+    if not prefix.parent.is_dir():
+        raise UserError(f"folder {prefix.parent} does not exist", field="--out")
+    csv_path = prefix.with_name(prefix.name + ".csv")
+    table = frame(results)
+    table["mape_pct"] = error
+    table["profile"] = profile.name
+    table["load_average_before"], table["load_average_after"] = load
+    table.to_csv(csv_path, index=False)
+    title = f"{study.name}: {profile.name} ({results[0].device})"
+    plots = scatter(results, error, threshold, prefix, title)
+    return [csv_path, *plots]
