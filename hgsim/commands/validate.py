@@ -1,0 +1,84 @@
+"""``hgsim validate``: the simulator's predictions against the same plans run on this machine.
+
+Runs every configuration of a validation study through ``hw_backend``'s executor (measured) and
+through the simulator with the given profile (predicted), prints predicted vs measured per-step
+latency, the mean absolute percentage error (MAPE), and writes a CSV and a scatter plot. The exit
+code is 1 when MAPE exceeds ``--threshold``, so CI can gate on a profile staying predictive.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hgsim.errors import UserError
+from hgsim.units import parse_count
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from hgsim.validation import DEFAULT_STUDY
+
+    p = sub.add_parser(
+        "validate",
+        help="compare simulated and measured per-step latency on this machine",
+        description=(
+            "Run a validation study both on this machine (hw_backend executor) and through the "
+            "simulator with PROFILE; print predicted vs measured per-step latency and MAPE, save "
+            "a CSV and a scatter plot, and exit 1 when MAPE is above the threshold."),
+    )
+    p.add_argument("--profile", required=True, help="profile name or YAML path (e.g. a calibrated "
+                   "hardware_profiles/local.yaml)")
+    p.add_argument("--study", default=str(DEFAULT_STUDY),
+                   help="validation study YAML (default: studies/validation.yaml)")
+    p.add_argument("--threshold", type=float, default=10.0,
+                   help="largest acceptable MAPE in percent (default 10)")
+    p.add_argument("--out", help="output prefix for <prefix>.csv/.png/.svg "
+                   "(default: ./<profile>.validation)")
+    p.add_argument("--max-context", help="skip cases above this context (e.g. 16k)")
+    p.add_argument("--steps", type=int, help="compared steps per case (overrides the study)")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "cuda", "standin"],
+                   help="device role: CUDA when available (auto), or the CPU stand-in")
+    p.add_argument("--statistic", default="min", choices=["min", "median"],
+                   help="measured latency of a case: its fastest step (default; interference "
+                        "only adds time) or the median step")
+    p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
+                   help="before each case, wait up to SECONDS for other processes to stop "
+                        "running (shared machines; default 0: do not wait)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.threshold >= 0:
+        raise UserError("--threshold must be >= 0")
+    if args.quiet_wait < 0:
+        raise UserError("--quiet-wait must be >= 0")
+    if args.steps is not None and args.steps < 1:
+        raise UserError("--steps must be >= 1")
+    max_context = None
+    if args.max_context:
+        try:
+            max_context = parse_count(args.max_context)
+        except ValueError as exc:
+            raise UserError(str(exc), field="--max-context") from None
+    try:
+        from hw_backend.validate import run_validation
+    except ImportError as exc:
+        raise UserError(f"validation needs the hardware backend ({exc}); "
+                        "install with `pip install -e .[hw]`") from None
+    from hgsim.validation import print_table
+
+    result = run_validation(
+        args.profile, args.study, threshold=args.threshold,
+        out=Path(args.out) if args.out else None, max_context=max_context, steps=args.steps,
+        accelerator=args.accelerator, statistic=args.statistic, quiet_wait_s=args.quiet_wait,
+        progress=not args.no_progress,
+    )
+    title = (f"{result.study.name}: predicted vs measured per-step latency, "
+             f"{result.profile.name} on {result.results[0].device}")
+    print_table(result.results, result.mape_pct, result.threshold_pct, title)
+    before, after = result.load_average
+    print(f"load average (1 min) before/after: {before:.2f}/{after:.2f}; "
+          f"{result.seconds:.0f} s")
+    print("outputs: " + ", ".join(str(p) for p in result.outputs))
+    return 0 if result.passed else 1

@@ -1,0 +1,314 @@
+"""Simulator-side half of ``hgsim validate``: the study file, the predictions, the comparison.
+
+A validation study lists configurations (policy, options, contexts, the executor's thread split)
+that ``hw_backend.validate`` runs for real and this module runs through the simulator, with the
+same model, the same workload (``attention_only``: the executor runs the attention path alone)
+and the same policy, so both execute the very same partition plans. That the plans agree is
+checked step by step (context, top-k ratio, GPU-resident tokens), not assumed.
+
+The simulator's machine is the calibrated profile with one change per configuration: the
+socket's ``cores`` become the executor's host-kernel threads, because the simulated CPU phase
+uses every core of the socket and the executor gives its C kernel exactly that many (and, when
+calibration measured that thread count, the per-core rate scaled by the efficiency measured at
+it; ``case_profile``).
+
+Nothing here imports torch: the comparison, MAPE, table and plot work on plain step records.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from hgsim.catalog import get_model
+from hgsim.config_io import load_yaml, validate
+from hgsim.errors import UserError
+from hgsim.profiles import profile_with_overrides
+from hgsim.results import StepTiming
+from hgsim.specs.base import SpecModel
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.model import ModelSpec
+from hgsim.units import parse_count
+from hgsim.workload import Workload
+
+DEFAULT_STUDY = Path(__file__).resolve().parent.parent / "studies" / "validation.yaml"
+
+
+# ------------------------------------------------------------------------------ study file
+class ValidationConfig(SpecModel):
+    """One policy setting, run at each of ``contexts``."""
+
+    name: str
+    policy: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    contexts: list[int]
+    device_threads: int | None = Field(default=None, ge=1)  # None: the calibrated split
+    host_threads: int | None = Field(default=None, ge=1)  # None: the calibrated split
+    pin: bool = True  # pin each role's threads to its own cores
+
+    @field_validator("contexts", mode="before")
+    @classmethod
+    def _counts(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [parse_count(v) if isinstance(v, str) else v for v in value]
+        return value
+
+
+class ValidationStudy(SpecModel):
+    name: str
+    description: str = ""
+    model: ModelSpec | str  # inline spec, or a catalog name
+    batch: int = Field(default=1, ge=1)
+    kv_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    weight_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+    warmup_steps: int = Field(default=2, ge=0)  # run, not compared (allocations, caches)
+    steps: int = Field(default=6, ge=1)  # compared
+    configs: list[ValidationConfig]
+
+    def model_spec(self) -> ModelSpec:
+        return get_model(self.model) if isinstance(self.model, str) else self.model
+
+
+def load_study(path: str | Path) -> ValidationStudy:
+    return validate(ValidationStudy, load_yaml(path))
+
+
+@dataclass(frozen=True)
+class Case:
+    """One configuration at one context: the unit that is measured and predicted."""
+
+    config: str
+    policy: str
+    options: dict[str, Any]
+    context: int
+    device_threads: int
+    host_threads: int
+    pin: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.config} @ {_tokens(self.context)}"
+
+
+def cases(study: ValidationStudy, *, device_threads: int, host_threads: int,
+          max_context: int | None = None) -> list[Case]:
+    """Every (config, context) of the study; unset thread counts take the given defaults."""
+    out = []
+    for cfg in study.configs:
+        for context in cfg.contexts:
+            if max_context is not None and context > max_context:
+                continue
+            out.append(Case(cfg.name, cfg.policy, dict(cfg.options), context,
+                            cfg.device_threads or device_threads,
+                            cfg.host_threads or host_threads, cfg.pin))
+    return out
+
+
+def _tokens(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+# ------------------------------------------------------------------------------ simulator side
+def workload(study: ValidationStudy, case: Case) -> Workload:
+    return Workload(batch=study.batch, context=case.context,
+                    gen=study.warmup_steps + study.steps, kv_dtype=study.kv_dtype,
+                    weight_dtype=study.weight_dtype, attention_only=True)
+
+
+#: Calibration's figures per kernel-thread count n: ``scaling_efficiency`` (per-core rate of the
+#: streaming kernel at n threads over its single-thread rate) and ``core_bandwidth_gbps`` (the
+#: n-thread read bandwidth / n).
+ThreadFigures = dict[int, dict[str, Any]]
+
+
+def case_profile(profile: HardwareProfile, case: Case,
+                 per_threads: ThreadFigures | None = None) -> HardwareProfile:
+    """The profile as the executor uses the machine: the host kernel gets ``host_threads``.
+
+    The simulator scales a per-core rate linearly with cores; when calibration measured the
+    kernel at exactly ``host_threads`` (> 1) threads, the profile's per-core attention rate is
+    scaled by the efficiency measured at that count and the per-core bandwidth is the one
+    measured there, so sub-linear scaling on a shared memory system is not predicted away.
+    """
+    spec_socket = profile.gpus[profile.primary_gpu].socket
+    key = f"sockets.{spec_socket}"
+    overrides: dict[str, Any] = {f"{key}.cores": case.host_threads}
+    measured = (per_threads or {}).get(case.host_threads, {}) if case.host_threads > 1 else {}
+    if measured.get("scaling_efficiency"):
+        rate = profile.sockets[spec_socket].attention_gflops_per_core
+        overrides[f"{key}.attention_gflops_per_core"] = rate * measured["scaling_efficiency"]
+    if measured.get("core_bandwidth_gbps"):
+        overrides[f"{key}.core_bandwidth_gbps"] = measured["core_bandwidth_gbps"]
+    return profile_with_overrides(profile, overrides)
+
+
+def predict(profile: HardwareProfile, study: ValidationStudy, case: Case,
+            per_threads: ThreadFigures | None = None) -> list[StepTiming]:
+    """Every step of the case, simulated (no sampling, no accuracy proxy)."""
+    from hgsim.simulate import Fidelity, simulate
+
+    result = simulate(case_profile(profile, case, per_threads), study.model_spec(), case.policy,
+                      workload(study, case), policy_options=case.options,
+                      fidelity=Fidelity(decode_samples=0, accuracy=False))
+    if not result.feasible:
+        raise UserError(f"{case.label}: infeasible on {profile.name}: {result.reason}")
+    return result.steps
+
+
+# ------------------------------------------------------------------------------ comparison
+#: How a case's measured steps become one number. Interference from other processes only adds
+#: time, so on a shared machine the fastest step is the reproducible estimate of what the
+#: hardware does (calibration takes the fastest repeat for the same reason); the median is the
+#: alternative when the machine is known to be quiet.
+STATISTICS = ("min", "median")
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    case: Case
+    measured: list[StepTiming]
+    predicted: list[StepTiming]
+    device: str
+    warmup: int
+    statistic: str = "min"
+    runnable_before: float | None = None  # mean runnable tasks when the steps started
+
+    def _compared(self, steps: list[StepTiming]) -> list[StepTiming]:
+        return steps[self.warmup:]
+
+    @property
+    def measured_s(self) -> float:
+        """Measured step latency: fastest or median compared step (``statistic``)."""
+        latencies = [s.latency_s for s in self._compared(self.measured)]
+        return min(latencies) if self.statistic == "min" else statistics.median(latencies)
+
+    @property
+    def predicted_s(self) -> float:
+        return statistics.fmean(s.latency_s for s in self._compared(self.predicted))
+
+    @property
+    def error_pct(self) -> float:
+        return 100.0 * (self.predicted_s - self.measured_s) / self.measured_s
+
+    def row(self) -> dict[str, Any]:
+        c, compared = self.case, self._compared(self.measured)
+        spread = [s.latency_s for s in compared]
+        return {
+            "config": c.config, "policy": c.policy, "context": c.context,
+            "topk_ratio": compared[0].topk_ratio, "gpu_tokens": compared[0].gpu_tokens,
+            "device_threads": c.device_threads, "host_threads": c.host_threads,
+            "measured_ms": 1e3 * self.measured_s, "predicted_ms": 1e3 * self.predicted_s,
+            "error_pct": self.error_pct,
+            "statistic": self.statistic, "measured_min_ms": 1e3 * min(spread),
+            "measured_median_ms": 1e3 * statistics.median(spread),
+            "measured_max_ms": 1e3 * max(spread),
+            "measured_cpu_ms": 1e3 * statistics.median(s.cpu_busy_s for s in compared),
+            "predicted_cpu_ms": 1e3 * statistics.fmean(
+                s.cpu_busy_s for s in self._compared(self.predicted)),
+            "measured_gpu_ms": 1e3 * statistics.median(s.gpu_busy_s for s in compared),
+            "predicted_gpu_ms": 1e3 * statistics.fmean(
+                s.gpu_busy_s for s in self._compared(self.predicted)),
+            "steps": len(compared), "device": self.device, "options": c.options,
+            "runnable_before": self.runnable_before,
+        }
+
+
+def check_same_plans(case: Case, measured: list[StepTiming], predicted: list[StepTiming]) -> None:
+    """Both sides must have run the same plans; a mismatch makes the comparison meaningless
+    (e.g. an adaptive policy fed different observations), so it is an error, not a footnote."""
+    if len(measured) != len(predicted):
+        raise UserError(f"{case.label}: {len(measured)} measured steps vs "
+                        f"{len(predicted)} simulated")
+    for m, p in zip(measured, predicted, strict=True):
+        same = (m.context == p.context and m.gpu_tokens == p.gpu_tokens
+                and math.isclose(m.topk_ratio, p.topk_ratio, rel_tol=1e-9))
+        if not same:
+            raise UserError(
+                f"{case.label}: step {m.step} ran different plans (measured context "
+                f"{m.context}, top-k {m.topk_ratio:.4g}, gpu tokens {m.gpu_tokens}; simulated "
+                f"{p.context}, {p.topk_ratio:.4g}, {p.gpu_tokens}); use static policies "
+                "(e.g. adaptive: false) for validation")
+
+
+def mape(results: list[CaseResult]) -> float:
+    """Mean absolute percentage error of per-step latency over the cases."""
+    if not results:
+        return float("nan")
+    return statistics.fmean(abs(r.error_pct) for r in results)
+
+
+# ------------------------------------------------------------------------------ outputs
+def frame(results: list[CaseResult]):
+    import pandas as pd
+
+    return pd.DataFrame([r.row() for r in results])
+
+
+def print_table(results: list[CaseResult], error: float, threshold: float, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left")
+    for col in ("configuration", "policy", "top-k", "GPU tok", "thr d/h", "measured ms",
+                "predicted ms", "error"):
+        table.add_column(col, justify="left" if col in ("configuration", "policy") else "right")
+    for r in results:
+        row = r.row()
+        colour = "green" if abs(r.error_pct) <= threshold else "red"
+        table.add_row(r.case.label, r.case.policy, f"{row['topk_ratio']:.3g}",
+                      str(row["gpu_tokens"]), f"{r.case.device_threads}/{r.case.host_threads}",
+                      f"{row['measured_ms']:.2f}", f"{row['predicted_ms']:.2f}",
+                      f"[{colour}]{r.error_pct:+.1f}%[/{colour}]")
+    import sys
+
+    console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
+    console.print(table)
+    verdict = "[green]PASS[/green]" if error <= threshold else "[red]FAIL[/red]"
+    console.print(f"MAPE {error:.2f}% over {len(results)} configurations "
+                  f"(threshold {threshold:g}%): {verdict}")
+
+
+def scatter(results: list[CaseResult], error: float, threshold: float, path: Path,
+            title: str) -> list[Path]:
+    """Predicted vs measured per-step latency, y = x and the threshold band; PNG and SVG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 6.0))
+    measured = [1e3 * r.measured_s for r in results]
+    predicted = [1e3 * r.predicted_s for r in results]
+    lo = min(measured + predicted) / 1.3
+    hi = max(measured + predicted) * 1.3
+    line = [lo, hi]
+    ax.plot(line, line, color="black", lw=1, label="y = x")
+    band = threshold / 100
+    ax.fill_between(line, [v * (1 - band) for v in line], [v * (1 + band) for v in line],
+                    color="grey", alpha=0.15, label=f"±{threshold:g}%")
+    configs = sorted({r.case.config for r in results})
+    cmap = plt.get_cmap("tab10" if len(configs) <= 10 else "tab20")
+    for i, name in enumerate(configs):
+        xs = [1e3 * r.measured_s for r in results if r.case.config == name]
+        ys = [1e3 * r.predicted_s for r in results if r.case.config == name]
+        ax.scatter(xs, ys, s=28, color=cmap(i % cmap.N), label=name, zorder=3)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_xlabel("measured per-step latency (ms)")
+    ax.set_ylabel("predicted per-step latency (ms)")
+    ax.set_title(f"{title}\nMAPE {error:.1f}% over {len(results)} configurations", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    paths = [path.with_name(path.name + ".png"), path.with_name(path.name + ".svg")]
+    for p in paths:
+        fig.savefig(p, dpi=130)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,265 @@
+"""`hgsim calibrate --quick` and `hgsim validate` end to end, plus their pure helpers.
+
+The end-to-end tests run the real benchmarks and the real executor on whatever machine CI has
+(no GPU needed: the CPU stand-in plays the device), so they assert what must hold anywhere -- the
+profile loads and cites its measurements, the outputs exist, MAPE is a finite number, and the exit
+code follows the threshold -- never a particular accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hgsim.cli import main
+from hgsim.errors import UserError
+from hgsim.profiles import load_profile
+from hgsim.results import StepTiming
+from hgsim.validation import Case, CaseResult, check_same_plans, load_study, mape
+
+pytest.importorskip("torch")
+pytest.importorskip("hw_backend._cpu_attention", reason="C kernels not built")
+
+TINY_STUDY = """
+name: ci-tiny
+model:
+  name: synthetic-llama-2l
+  family: llama
+  num_layers: 2
+  hidden_size: 4096
+  num_heads: 32
+  num_kv_heads: 8
+  head_dim: 128
+  ffn_size: 14336
+  ffn_kind: swiglu
+  vocab_size: 32000
+  max_context: 131072
+warmup_steps: 1
+steps: 2
+configs:
+  - name: hybrid
+    policy: hybridgen_static
+    options: {topk_ratio: 0.05, gpu_share: 0.25}
+    contexts: [1k, 2k]
+  - name: cpu-offload
+    policy: cpu_offload
+    contexts: [1k]
+"""
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory) -> Path:
+    """A --quick profile of this machine, made once for the module."""
+    out = tmp_path_factory.mktemp("calibration") / "ci.yaml"
+    assert main(["calibrate", "--out", str(out), "--quick", "--no-progress"]) == 0
+    return out
+
+
+def test_quick_calibration_writes_a_loadable_cited_profile(calibrated: Path):
+    profile = load_profile(calibrated)
+    assert profile.name == "ci"
+    assert profile.sockets and profile.tiers and profile.gpus
+    text = calibrated.read_text()
+    assert "measured by hgsim calibrate on" in text
+    numeric = [line for line in text.splitlines()
+               if ":" in line and not line.lstrip().startswith("#")
+               and _is_number(line.split("#")[0].split(":", 1)[1])]
+    assert numeric and all("measured by hgsim calibrate on" in line for line in numeric)
+    raw = json.loads(calibrated.with_name("ci.calibration.json").read_text())
+    groups = {m["group"] for m in raw["measurements"]}
+    assert {"memory", "cpu_kernel"} <= groups and groups & {"standin", "cuda"}
+    assert raw["meta"]["quick"] is True
+    table = pd.read_csv(calibrated.with_name("ci.calibration.csv"))
+    assert len(table) == len(raw["measurements"]) and (table["value"] > 0).all()
+
+
+def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, tmp_path: Path):
+    study = tmp_path / "study.yaml"
+    study.write_text(TINY_STUDY)
+    prefix = tmp_path / "val"
+    args = ["validate", "--profile", str(calibrated), "--study", str(study), "--out", str(prefix),
+            "--no-progress"]
+    assert main([*args, "--threshold", "1e6"]) == 0
+    for suffix in (".csv", ".png", ".svg"):
+        assert prefix.with_name("val" + suffix).stat().st_size > 0
+    table = pd.read_csv(prefix.with_name("val.csv"))
+    assert len(table) == 3
+    assert table["mape_pct"].map(math.isfinite).all()
+    assert (table["measured_ms"] > 0).all() and (table["predicted_ms"] > 0).all()
+    assert main([*args, "--threshold", "0.0001"]) == 1
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys):
+    assert main(["validate", "--profile", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["calibrate", "--out", str(tmp_path / "no" / "such" / "dir.yaml")]) == 2
+    assert main(["calibrate", "--out", str(tmp_path / "profile.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.strip()]) == 3
+
+
+def test_bad_study_is_a_config_error(tmp_path: Path):
+    study = tmp_path / "bad.yaml"
+    study.write_text(TINY_STUDY.replace("warmup_steps", "warmup_stepz"))
+    with pytest.raises(UserError, match="warmup_stepz"):
+        load_study(study)
+
+
+# ---------------------------------------------------------------------------- pure helpers
+def _step(i: int, latency: float, ratio: float = 0.05, gpu: int = 10) -> StepTiming:
+    return StepTiming(step=i, context=100 + i, latency_s=latency, gpu_busy_s=0.0, cpu_busy_s=0.0,
+                      pcie_busy_s=0.0, stall_s=0.0, host_s=0.0, device_s=0.0, topk_ratio=ratio,
+                      gpu_tokens=gpu)
+
+
+CASE = Case("c", "hybridgen_static", {}, 100, 1, 1, True)
+
+
+def test_case_result_error_and_mape():
+    measured = [_step(0, 9.0), _step(1, 1.0), _step(2, 1.2)]
+    predicted = [_step(0, 5.0), _step(1, 1.1), _step(2, 1.1)]
+    fastest = CaseResult(CASE, measured, predicted, "dev", warmup=1, statistic="min")
+    assert fastest.measured_s == 1.0 and fastest.predicted_s == pytest.approx(1.1)
+    assert fastest.error_pct == pytest.approx(10.0)
+    middle = CaseResult(CASE, measured, predicted, "dev", warmup=1, statistic="median")
+    assert middle.measured_s == pytest.approx(1.1)
+    assert mape([fastest, middle]) == pytest.approx(5.0)
+    assert math.isnan(mape([]))
+
+
+def test_different_plans_are_refused():
+    same = [_step(0, 1.0)]
+    check_same_plans(CASE, same, [_step(0, 2.0)])
+    with pytest.raises(UserError, match="different plans"):
+        check_same_plans(CASE, same, [_step(0, 1.0, ratio=0.1)])
+    with pytest.raises(UserError, match="different plans"):
+        check_same_plans(CASE, same, [_step(0, 1.0, gpu=11)])
+
+
+def test_fit_line_and_thread_counts():
+    from hw_backend.calibration.settings import Settings
+    from hw_backend.calibration.timing import fit_line
+
+    intercept, slope = fit_line([1, 2, 3], [3, 5, 7])
+    assert intercept == pytest.approx(1) and slope == pytest.approx(2)
+    intercept, slope = fit_line([1, 2], [2, 1])  # a negative slope is refitted through 0
+    assert intercept == 0 and slope > 0
+    assert Settings.make(False).thread_counts(6) == (1, 2, 4, 6)
+    assert Settings.make(True).thread_counts(6) == (1, 6)
+    assert Settings.make(True).thread_counts(1) == (1,)
+
+
+def test_profile_writer_quotes_only_when_needed():
+    from hw_backend.calibration.profile_writer import Node, render
+
+    root = Node().add("name", "local").add("kind", "on").add("text", "a: b # c")
+    root.child("nested").add("value", 1.5, "why").add("count", 3)
+    text = render(["header"], root)
+    assert 'kind: "on"' in text and 'text: "a: b # c"' in text and "name: local" in text
+    assert "value: 1.5" in text and "# why" in text and text.startswith("# header")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.strip())
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------- profile assembly
+def _synthetic_rows(cuda: bool):
+    """Measurements of an imaginary 2-socket machine with a CXL expander (node 2)."""
+    from hw_backend.calibration.records import Measurement, Measurements
+
+    rows = Measurements()
+    for node, socket, remote, bw, lat in ((0, 0, False, 100.0, 110.0), (1, 1, False, 100.0, 110.0),
+                                          (2, 0, False, 30.0, 250.0), (1, 0, True, 60.0, 190.0),
+                                          (0, 1, True, 60.0, 190.0)):
+        for threads in (1, 8):
+            if remote and threads == 1:
+                continue
+            params = {"node": node, "socket": socket, "remote": remote, "threads": threads,
+                      "bytes": 1 << 29}
+            rows.append(Measurement("memory", "read_bandwidth", bw * threads / 8, "GB/s", params))
+            if not remote:
+                rows.append(Measurement("memory", "write_bandwidth", bw / 2, "GB/s", params))
+        rows.append(Measurement("memory", "latency", lat, "ns",
+                                {"node": node, "socket": socket, "remote": remote,
+                                 "bytes": 1 << 28}))
+    for socket in (0, 1):
+        for threads in (1, 8):
+            for context in (4096, 16384):
+                params = {"socket": socket, "threads": threads, "context": context}
+                seconds = (context / 1e7 / threads,)
+                rows.append(Measurement("cpu_kernel", "partial_attention", 1.0, "GB/s", params,
+                                        seconds))
+                rows.append(Measurement("cpu_kernel", "partial_attention_flops",
+                                        20.0 * threads, "GFLOP/s", params, seconds))
+    if cuda:
+        rows += [
+            Measurement("cuda", "hbm_copy", 2000.0, "GB/s", {"bytes": 1 << 31}),
+            Measurement("cuda", "attention_fit", 1500.0, "GB/s", {"fixed_us": 5.0}),
+            Measurement("cuda", "launch_overhead", 3.0, "us", {"kernels": 2000}),
+            Measurement("cuda", "gemm", 700.0, "TFLOP/s", {"dtype": "bf16", "n": 8192}),
+            Measurement("cuda", "h2d_copy", 25.0, "GB/s", {"bytes": 1 << 28, "pinned": True}),
+            Measurement("cuda", "h2d_fit", 25.0, "GB/s", {"latency_us": 8.0}),
+        ]
+    return rows
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_assembled_profile_maps_numa_to_sockets_cxl_and_upi(cuda: bool):
+    from hgsim.config_io import parse_yaml, validate
+    from hgsim.specs.hardware import HardwareProfile
+    from hw_backend.calibration.assemble import Context, build
+    from hw_backend.calibration.records import Measurement
+    from hw_backend.calibration.topology import Machine
+    from hw_backend.devices import CoreSplit
+    from hw_backend.numa import NumaNode
+
+    nodes = (NumaNode(0, tuple(range(8)), 64 << 30, 1 << 30),
+             NumaNode(1, tuple(range(8, 16)), 64 << 30, 1 << 30),
+             NumaNode(2, (), 128 << 30, 1 << 30))
+    machine = Machine(nodes, {0: (10, 21, 14), 1: (21, 10, 24), 2: (14, 24, 10)}, "Test CPU",
+                      2.0, "test", "avx512", tuple(range(16)))
+    rows = _synthetic_rows(cuda)
+    split = None
+    if not cuda:
+        split = CoreSplit(8, 8)
+        base = {"device_threads": 8, "host_threads": 8, "pinned": False, "kv_dtype": "fp32"}
+        rows += [
+            Measurement("standin", "attention_loaded_fit", 40.0, "GB/s", {**base, "fixed_us": 0}),
+            Measurement("standin", "attention_fit", 45.0, "GB/s", {**base, "fixed_us": 0}),
+            Measurement("standin", "op_overhead", 80.0, "us", base),
+            Measurement("standin", "gemm", 1.0, "TFLOP/s", {**base, "dtype": "bf16", "n": 2048}),
+            Measurement("standin", "h2d_copy", 10.0, "GB/s", {**base, "bytes": 1 << 20}),
+            Measurement("standin", "h2d_fit", 12.0, "GB/s", {**base, "latency_us": 5.0}),
+            Measurement("standin", "d2h_fetch", 30.0, "us", base),
+        ]
+    cuda_info = {"name": "Test GPU", "total_memory": 80 << 30, "numa_node": 1, "pci": None}
+    ctx = Context("synthetic", "2024-01-01", machine, rows, cuda_info if cuda else None, split,
+                  "fp32", False, 16 << 20)
+    text, summary = build(ctx)
+    profile = validate(HardwareProfile, parse_yaml(text, "synthetic"))
+    assert set(profile.sockets) == {"cpu0", "cpu1"}
+    assert set(profile.tiers) == {"ddr0", "ddr1", "cxl0"}
+    assert profile.tiers["cxl0"].kind == "cxl" and profile.tiers["cxl0"].socket == "cpu0"
+    assert profile.links["cxl0_link"].bandwidth_gbps == 30.0
+    assert profile.links["cxl0_link"].latency_ns == pytest.approx(140.0)  # 250 - 110
+    assert profile.links["upi_cpu0_cpu1"].bandwidth_gbps == 60.0
+    assert profile.sockets["cpu0"].attention_gflops_per_core == pytest.approx(20.0)
+    assert profile.tiers["ddr0"].read_bandwidth_gbps == 100.0
+    assert profile.sockets["cpu0"].core_bandwidth_gbps == 12.5
+    gpu = profile.gpus["gpu0"]
+    if cuda:
+        assert gpu.socket == "cpu1" and gpu.hbm_bandwidth_gbps == 2000.0
+        assert gpu.attention_efficiency == 0.75 and profile.links["pcie0"].latency_ns == 8000
+    else:
+        assert "stand-in" in text.lower() and gpu.kernel_launch_overhead_us == 80.0
+        assert profile.links["pcie0"].bandwidth_gbps == 12.0
+    assert summary["cpu0"]["per_threads"]["value"][8]["scaling_efficiency"] == pytest.approx(1.0)
