@@ -6,6 +6,7 @@ they can be checked by hand (and reused by the analytic estimate in the schedule
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from hgsim.plan import CpuWork, LayerPlan, Transfer
@@ -34,6 +35,8 @@ class LayerWork:
     to_gpu_v_bytes: float  # V rows (or K+V rows) read from host tiers and sent over PCIe
     to_gpu_k_bytes: float  # K rows sent over PCIe (streaming policies)
     to_gpu_small_bytes: float  # logits or partial outputs (from a DRAM staging buffer)
+    cpu_topk_inserts: float = 0.0  # expected heap insertions of the per-head top-k
+    cpu_gather_rows: float = 0.0  # scattered V rows the CPU copies (one per head and selection)
 
 
 def layer_work(
@@ -66,7 +69,7 @@ def layer_work(
 
     merge = Work()
     speculate = Work()
-    q_d2h = cpu_k = cpu_v = cpu_flops = v_gpu = k_gpu = small = 0.0
+    q_d2h = cpu_k = cpu_v = cpu_flops = v_gpu = k_gpu = small = inserts = rows = 0.0
     if lp.transfer is Transfer.KV_ALL:
         k_gpu = v_gpu = batch * host * kv_row
         merge = Work(4.0 * batch * heads * hd * host, 2.0 * batch * host * kv_row)
@@ -89,8 +92,12 @@ def layer_work(
         q_d2h = q_bytes
         cpu_k = batch * host * kv_row
         logit_flops = 2.0 * batch * heads * hd * host
+        if lp.cpu_work in (CpuWork.LOGITS_TOPK, CpuWork.SPARSE_PARTIAL) and 0 < sel < host:
+            # a bounded heap of k over n scores without structure: k * (1 + ln(n/k)) inserts
+            inserts = batch * heads * sel * (1.0 + math.log(host / sel))
         if lp.cpu_work is CpuWork.LOGITS_TOPK:
-            cpu_flops = logit_flops + 2.0 * batch * heads * host  # scan + top-k selection
+            cpu_flops = logit_flops + 2.0 * batch * heads * host  # scan + top-k comparisons
+            rows = batch * heads * sel
         elif lp.cpu_work is CpuWork.PARTIAL_ATTENTION:
             cpu_v = batch * host * kv_row
             cpu_flops = 2.0 * logit_flops + 3.0 * batch * heads * host  # + exp and sums
@@ -99,7 +106,7 @@ def layer_work(
             cpu_flops = logit_flops + 2.0 * batch * heads * host + 2.0 * batch * heads * hd * sel
 
     return LayerWork(qkv, attn, merge, post, speculate, q_d2h, cpu_k, cpu_v, cpu_flops,
-                     v_gpu, k_gpu, small)
+                     v_gpu, k_gpu, small, inserts, rows)
 
 
 def prefill_layer_work(model: ModelSpec, batch: int, prompt: int, weight_dtype: str) -> Work:

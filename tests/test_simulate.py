@@ -163,3 +163,17 @@ def test_simulate_cli_prints_tables_and_exits_2_on_bad_input(tmp_path):
     assert bad.returncode == 2
     assert "hybridgen" in bad.stderr and "Traceback" not in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_selection_costs_lengthen_the_cpu_phase_by_their_closed_form():
+    base = load_profile(H100)
+    costly = profile_with_overrides(base, {"sockets.cpu0.gather_ns_per_row": 100.0})
+    plain = run("hybridgen_static", context=131072, gen=4, profile=base)
+    slow = run("hybridgen_static", context=131072, gen=4, profile=costly)
+    model = get_model("llama-2-13b")
+    lp = make_policy("hybridgen_static", model, base, Workload(context=131072, gen=4)).layer_plan(131072)
+    rows = model.num_heads * lp.host_selected  # one gathered V row per head and selection
+    cores = base.sockets["cpu0"].cores
+    extra_per_layer_s = rows * 100e-9 / cores
+    added = slow.steps[0].cpu_busy_s - plain.steps[0].cpu_busy_s
+    assert added == pytest.approx(model.num_layers * extra_per_layer_s, rel=1e-6)

@@ -233,5 +233,8 @@ class DecodeEngine:
                     flops=share * flops_per_byte, track=pool.name,
                 ))
         yield env.all_of(flows)
+        select_ns = w.cpu_topk_inserts * spec.topk_ns_per_insert + w.cpu_gather_rows * spec.gather_ns_per_row
+        if select_ns:  # heap inserts and row gathers spread over the cores
+            yield env.timeout(select_ns * 1e-9 / self.cores)
         pool.release(self.cores)
         times.cpu_s = env.now - start

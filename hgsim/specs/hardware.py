@@ -61,6 +61,10 @@ class CpuSocketSpec(SpecModel):
     simd: Literal["scalar", "avx2", "avx512", "amx", "neon", "sve"]
     attention_gflops_per_core: float = Positive  # sustained q.k FMA rate of the attention kernel
     core_bandwidth_gbps: float = Positive  # most one core can stream from memory
+    # Per-item costs of top-k selection that a FLOP count misses (0: not modelled). The
+    # bounded heap costs per insertion, gathering scattered V rows is latency-bound per row.
+    topk_ns_per_insert: float = Field(default=0.0, ge=0)
+    gather_ns_per_row: float = Field(default=0.0, ge=0)
     source: str | None = None
 
 

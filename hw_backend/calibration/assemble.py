@@ -181,6 +181,8 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
     stamp.figure(node, "attention_gflops_per_core", figs.get("attention_gflops_per_core"))
     core_bw = S.socket_core_bandwidth(ms, numa.id)
     stamp.figure(node, "core_bandwidth_gbps", core_bw)
+    for key, fig in S.selection_figures(ms, numa.id).items():
+        stamp.figure(node, key, fig)
     node.add("source", f"hgsim calibrate {ctx.date}: /proc/cpuinfo, C kernel and stream reads")
     return {**figs, "core_bandwidth_gbps": core_bw}
 

@@ -26,11 +26,10 @@ from hw_backend.calibration.records import Measurements
 from hw_backend.calibration.settings import HEADS
 from hw_backend.calibration.timing import fit_line
 
-#: Host operations whose single-thread rate sets ``attention_gflops_per_core``: HybridGen's host
-#: work per layer (fused logits + top-k, then the V-row gather; at each calibrated ratio) and
-#: exact partial attention (CPU offload). The simulator has one rate for both, so the figure is
-#: their mean and the comment lists each; their spread is a modelling limit, see validation.
-HOST_OPS = ("hybrid_host_op_flops", "partial_attention_flops")
+#: Host operations whose single-thread rate sets ``attention_gflops_per_core``: the streaming
+#: part of the host work (exact partial attention). Top-k heap inserts and scattered V-row
+#: gathers are charged separately (``topk_ns_per_insert``, ``gather_ns_per_row``).
+HOST_OPS = ("partial_attention_flops",)
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
     * ``topk_ns_per_insert``: ``logits_topk`` minus the plain ``logits`` scan, per expected heap
       insertion ``heads x k x (1 + ln(n / k))`` (bounded heap over scores without structure).
 
-    Reported for a simulator that charges them (see the validation report), not used by it now.
+    The simulator charges them after the CPU scan (``hgsim/sim/decode.py``).
     """
     out: dict[str, Figure] = {}
     gathers, inserts = [], []
