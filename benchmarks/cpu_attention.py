@@ -55,17 +55,6 @@ class Row:
     topk: float
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def interleaved_gbps(
     nbytes: int, fn: Callable[[], object], probes: list[Callable[[], float]], repeats: int
 ) -> list[float]:
@@ -110,9 +99,9 @@ def measure(dtype: str, tokens: int, repeats: int, membench_read: Callable[[], f
     ours, read, fresh = interleaved_gbps(
         kv_bytes, lambda: ca.partial_attention(q, K, V), [kv_read, membench_read], repeats
     )
-    topk = K.nbytes / median_seconds(lambda: ca.logits_topk(q, K, TOPK), repeats) / 1e9
+    topk = K.nbytes / membench.median_seconds(lambda: ca.logits_topk(q, K, TOPK), repeats, warmup=2) / 1e9
     with torch.inference_mode():
-        ref = kv_bytes / median_seconds(sdpa, max(3, repeats // 2), warmup=1) / 1e9
+        ref = kv_bytes / membench.median_seconds(sdpa, max(3, repeats // 2), warmup=1) / 1e9
     return Row(dtype, tokens, ours, ref, read, fresh, topk)
 
 

@@ -30,12 +30,13 @@ DEFAULT_READ_BYTES = 1024 * MiB
 DEFAULT_CHASE_BYTES = 256 * MiB
 _LINE = 64
 
-__all__ = ["latency_ns", "read_bandwidth_gbps", "read_pass"]
+__all__ = ["latency_ns", "median_seconds", "read_bandwidth_gbps", "read_pass"]
 
 
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` after one warm-up call."""
-    fn()
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -132,12 +133,12 @@ def latency_ns(nbytes: int = DEFAULT_CHASE_BYTES, steps: int = 2_000_000, seed: 
         raise ValueError(f"steps: must be >= 1, got {steps}")
     nxt = _random_cycle(nbytes, seed)
     if _ext is not None:
-        seconds = _median_seconds(lambda: _ext.pointer_chase(nxt, steps, 0), 3)
+        seconds = median_seconds(lambda: _ext.pointer_chase(nxt, steps, 0), 3)
         return seconds / steps * 1e9
     steps = min(steps, 200_000)
     small = _random_cycle(16 * 1024, seed)
-    overhead = _median_seconds(lambda: _python_chase(small, steps), 3)
-    return max(_median_seconds(lambda: _python_chase(nxt, steps), 3) - overhead, 0.0) / steps * 1e9
+    overhead = median_seconds(lambda: _python_chase(small, steps), 3)
+    return max(median_seconds(lambda: _python_chase(nxt, steps), 3) - overhead, 0.0) / steps * 1e9
 
 
 def _python_chase(nxt: np.ndarray, steps: int) -> int:
