@@ -234,19 +234,7 @@ class FlowNetwork:
             for f in new:
                 for c in f.path:
                     recorder.counter(c.name, now, len(c.flows))
-        # wake up for the earliest finish (inlined: this runs once per flow)
-        while heap:
-            _, _, version, f = heap[0]
-            if version == f.version and f.end_s < 0:
-                break
-            heapq.heappop(heap)
-        else:
-            return
-        t = heap[0][0]
-        wakes = self._wakes
-        if not wakes or wakes[0] > t:
-            heapq.heappush(wakes, t)
-            Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._on_wake_cb)
+        self._wake_for_next_finish(now)
 
     def _on_wake(self, _event: Timeout) -> None:
         """Finish every flow that is done, re-solve the rates of those left behind, and
@@ -301,7 +289,12 @@ class FlowNetwork:
                 self._reallocate(seeds)
             for f in due:
                 f.done.succeed(f)
-        # wake up for the next finish
+        self._wake_for_next_finish(now)
+
+    def _wake_for_next_finish(self, now: float) -> None:
+        """Drop stale heap entries and make sure a wake-up is pending for the earliest finish
+        (one Timeout per distinct finish time, however many flows share it)."""
+        heap = self._heap
         while heap:
             _, _, version, f = heap[0]
             if version == f.version and f.end_s < 0:
