@@ -144,12 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[8192, 32768, 131072])
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--prefetch-bytes", type=int, default=None,
+                        help="software-prefetch distance of the kernels (default: built-in)")
     args = parser.parse_args(argv)
+    if args.prefetch_bytes is not None:
+        ca.set_prefetch_bytes(args.prefetch_bytes)
+    prefetch = ca.set_prefetch_bytes(0)
+    ca.set_prefetch_bytes(prefetch)
 
     print(
         f"CPU decode attention, B={B} H={H} KVH={KVH} D={D}; backend={ca.BACKEND} "
         f"simd={ca.simd_level()} threads={ca.max_threads()} torch threads="
-        f"{torch.get_num_threads()}; logits_topk k={TOPK}"
+        f"{torch.get_num_threads()}; logits_topk k={TOPK}; prefetch {prefetch} B ahead"
     )
     membench_read = membench.read_pass(512 << 20)
     rows = []

@@ -69,6 +69,7 @@ __all__ = [
     "max_threads",
     "merge",
     "partial_attention",
+    "set_prefetch_bytes",
     "set_simd_level",
     "simd_level",
     "sparse_attention",
@@ -100,6 +101,19 @@ def set_simd_level(level: str) -> str:
     if _ext is None:
         raise RuntimeError("set_simd_level: the compiled extension is not built")
     return _ext.set_simd_level(level)
+
+
+def set_prefetch_bytes(nbytes: int) -> int:
+    """Software-prefetch distance of dense K/V scans, in bytes ahead; returns the previous one.
+
+    The compute loops alone keep too few loads in flight to stream from DRAM, so the kernels
+    prefetch each K and V row this far ahead (0 turns it off). The default (24 KiB) was
+    tuned on Zen 4; other memory systems may want another value, and the benchmark can sweep
+    it (benchmarks/cpu_attention.py --prefetch-bytes). Results never depend on it. Process-wide.
+    """
+    if _ext is None:
+        raise RuntimeError("set_prefetch_bytes: the compiled extension is not built")
+    return _ext.set_prefetch_bytes(_int_arg(nbytes, "nbytes"))
 
 
 def max_threads() -> int:

@@ -163,6 +163,27 @@ def test_thread_counts_agree(be):
     assert_close(one[0], two[0].numpy())
 
 
+@needs_c
+def test_prefetch_distance_never_changes_results(simd):
+    """Prefetch is a hint: every distance (none, one line, the default, far past the end of
+    the buffer) gives bit-identical outputs, and a bad distance is a ValueError."""
+    q, K, V = make_qkv(1, 8, 2, 3000, 128, "float32", seed=9)
+    results = []
+    previous = ca.set_prefetch_bytes(0)
+    try:
+        for nbytes in (0, 64, 24576, 1 << 20):
+            ca.set_prefetch_bytes(nbytes)
+            out, lse = ca.partial_attention(q, K, V, num_threads=2)
+            results.append((out.numpy().copy(), lse.numpy().copy()))
+        with pytest.raises(ValueError, match="nbytes"):
+            ca.set_prefetch_bytes(-1)
+    finally:
+        ca.set_prefetch_bytes(previous)
+    for out, lse in results[1:]:
+        np.testing.assert_array_equal(out, results[0][0])
+        np.testing.assert_array_equal(lse, results[0][1])
+
+
 def test_empty_range_is_zero_and_neg_inf(be):
     q, K, V = make_qkv(1, 4, 2, 10, 64)
     out, lse = be.partial_attention(q, K, V, start=6, end=6)

@@ -99,7 +99,9 @@ static ALWAYS_INLINE KATTR void FN(score_tile)(const float *restrict q, const vo
                 acc[h * NT + t] = VFMA(qv, kv[t], acc[h * NT + t]);
         }
     }
-    if (NH * NT % 8 == 0) {
+    if (NH * NT >= 8) { /* zero-pad to whole add trees: cheaper than separate sums */
+        for (int i = NH * NT; i % 8; i++)
+            acc[i] = VZERO();
         for (int i = 0; i < NH * NT; i += 8)
             VRSUM8(acc + i, r + i);
     } else {
@@ -120,6 +122,10 @@ static ALWAYS_INLINE KATTR void FN(scores_nh)(const float *q, const void *k, int
     for (; t + NT <= nt; t += NT)
         FN(score_tile)(q, (const char *)k + t * row_bytes, DT, D, NH, NT, scale, s + t,
                        s_stride, pf);
+    if (NT > 2) /* a block that is not a multiple of NT: pairs before singles */
+        for (; t + 2 <= nt; t += 2)
+            FN(score_tile)(q, (const char *)k + t * row_bytes, DT, D, NH, 2, scale, s + t,
+                           s_stride, pf);
     for (; t < nt; t++)
         FN(score_tile)(q, (const char *)k + t * row_bytes, DT, D, NH, 1, scale, s + t, s_stride,
                        pf);
@@ -184,7 +190,8 @@ static ALWAYS_INLINE KATTR void FN(accum_tile)(float *restrict acc, int64_t D, i
                                                const void *restrict v, int DT, int nt, int NH,
                                                int NV, int tail, int64_t pf)
 {
-    size_t row_bytes = (size_t)D * (DT == DT_F32 ? 4 : 2);
+    size_t esize = DT == DT_F32 ? 4 : 2, row_bytes = (size_t)D * esize;
+    size_t slice_bytes = (size_t)(NV * VW) * esize;
     VF a[4][ACC_NV];
     VF vv[ACC_NV];
     for (int h = 0; h < NH; h++)
@@ -193,8 +200,14 @@ static ALWAYS_INLINE KATTR void FN(accum_tile)(float *restrict acc, int64_t D, i
                                             : VLOAD(acc + h * D + d0 + j * VW);
     for (int t = 0; t < nt; t++) {
         const void *row = (const char *)v + t * row_bytes;
-        if (pf)
-            FN(prefetch_row)(row, D, DT, pf);
+        if (pf) {
+            /* this tile's columns of the row pf bytes ahead: every column tile prefetches its
+               own slice, so V prefetches spread over the whole accumulation */
+            const char *ahead = (const char *)row + pf + d0 * esize;
+            for (size_t off = 0; off < slice_bytes; off += 64)
+                PREFETCH(ahead + off);
+            PREFETCH(ahead + slice_bytes - 1);
+        }
         for (int j = 0; j < NV; j++)
             vv[j] = (tail && j == NV - 1) ? FN(load_row_tail)(row, d0 + j * VW, tail, DT)
                                           : FN(load_row)(row, d0 + j * VW, DT);
@@ -213,15 +226,15 @@ static ALWAYS_INLINE KATTR void FN(accum_tile)(float *restrict acc, int64_t D, i
         }
 }
 
-/* All of D for NH heads; only the first column tile prefetches (it streams V first). */
+/* All of D for NH heads, one column tile at a time (each prefetches its slice ahead). */
 static ALWAYS_INLINE KATTR void FN(accum_nh)(float *acc, int64_t D, const float *p,
                                              int64_t p_stride, const void *v, int DT, int nt,
                                              int NH, int64_t pf)
 {
     int nvec = (int)(D / VW), j = 0;
-    for (; j + ACC_NV <= nvec; j += ACC_NV, pf = 0)
+    for (; j + ACC_NV <= nvec; j += ACC_NV)
         FN(accum_tile)(acc, D, j * VW, p, p_stride, v, DT, nt, NH, ACC_NV, 0, pf);
-    for (; j < nvec; j++, pf = 0)
+    for (; j < nvec; j++)
         FN(accum_tile)(acc, D, j * VW, p, p_stride, v, DT, nt, NH, 1, 0, pf);
     if (D % VW)
         FN(accum_tile)(acc, D, j * VW, p, p_stride, v, DT, nt, NH, 1, (int)(D % VW), pf);
