@@ -37,6 +37,7 @@ class LayerWork:
     to_gpu_small_bytes: float  # logits or partial outputs (from a DRAM staging buffer)
     cpu_topk_inserts: float = 0.0  # expected heap insertions of the per-head top-k
     cpu_gather_rows: float = 0.0  # scattered V rows the CPU copies (one per head and selection)
+    kv_update: Work = Work()  # sliding the HBM recent window: the oldest token leaves for host
 
 
 def layer_work(
@@ -105,8 +106,16 @@ def layer_work(
             cpu_v = v_rows_q
             cpu_flops = logit_flops + 2.0 * batch * heads * host + 2.0 * batch * heads * hd * sel
 
+    # A recent window in HBM in front of host-resident tokens slides every step: the new token
+    # comes in, the oldest goes out to host memory. A small kernel of its own (launch-bound),
+    # like the cache-write kernels of serving systems; a window that holds every token (or no
+    # window) moves nothing.
+    kv_update = Work()
+    if lp.gpu_recent_tokens > 0 and host > 0 and not lp.host_evicted:
+        kv_update = Work(0.0, 2.0 * 2.0 * batch * kv_row)  # K+V of one token in and one out
+
     return LayerWork(qkv, attn, merge, post, speculate, q_d2h, cpu_k, cpu_v, cpu_flops,
-                     v_gpu, k_gpu, small, inserts, rows)
+                     v_gpu, k_gpu, small, inserts, rows, kv_update)
 
 
 def prefill_layer_work(model: ModelSpec, batch: int, prompt: int, weight_dtype: str) -> Work:

@@ -322,6 +322,27 @@ def _prepare(
     return _Call(qa, Ka, kdt, Va, vdt, start, end, scale, _threads(num_threads), torch_out)
 
 
+def _out_view(out: Any, shape: tuple[int, ...], dtype: type, name: str) -> np.ndarray:
+    """Writable zero-copy NumPy view of a caller's output buffer (array or CPU tensor).
+
+    Output buffers let a decode loop reuse its memory step after step: a fresh allocation
+    above glibc's mmap threshold is page-faulted and zeroed on every call, which costs as
+    much as the kernel that fills it.
+    """
+    if _is_tensor(out):
+        out, _ = _tensor_to_numpy(out, name)
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy array or torch tensor")
+    _check_contiguous(out, name)
+    if out.dtype != dtype or out.shape != shape:
+        raise ValueError(
+            f"{name}: expected {np.dtype(dtype).name} {shape}, got {out.dtype} {out.shape}"
+        )
+    if not out.flags.writeable:
+        raise ValueError(f"{name}: array is read-only")
+    return out
+
+
 def _check_k(k: Any, tokens: int) -> int:
     k = _int_arg(k, "k")
     if not 1 <= k <= tokens:
@@ -352,16 +373,19 @@ class _CompiledKernels:
 
     name = "c"
 
-    def logits(self, c: _Call) -> np.ndarray:
+    def logits(self, c: _Call, out: np.ndarray | None = None) -> np.ndarray:
         B, H, _, _, _ = c.shape
-        out = np.empty((B, H, c.end - c.start), np.float32)
+        if out is None:
+            out = np.empty((B, H, c.end - c.start), np.float32)
         _ext.logits(c.q, c.K, _DTYPE_CODE[c.kdt], c.start, c.end, c.scale, c.threads, out)
         return out
 
-    def logits_topk(self, c: _Call, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def logits_topk(
+        self, c: _Call, k: int, values: np.ndarray | None = None, indices: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         B, H, _, _, _ = c.shape
-        values = np.empty((B, H, k), np.float32)
-        indices = np.empty((B, H, k), np.int64)
+        values = np.empty((B, H, k), np.float32) if values is None else values
+        indices = np.empty((B, H, k), np.int64) if indices is None else indices
         _ext.logits_topk(
             c.q, c.K, _DTYPE_CODE[c.kdt], c.start, c.end, c.scale, c.threads, values, indices
         )
@@ -399,9 +423,12 @@ class _CompiledKernels:
         )
         return out, lse
 
-    def gather_rows(self, V: np.ndarray, vdt: str, idx: np.ndarray, threads: int) -> np.ndarray:
+    def gather_rows(
+        self, V: np.ndarray, vdt: str, idx: np.ndarray, threads: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         B, H, k = idx.shape
-        out = np.empty((B, H, k, V.shape[3]), V.dtype)
+        if out is None:
+            out = np.empty((B, H, k, V.shape[3]), V.dtype)
         _ext.gather_rows(V, _DTYPE_CODE[vdt], idx, threads, out)
         return out
 
@@ -435,17 +462,25 @@ class _NumpyKernels:
             for kh in range(KVH):
                 yield b, kh, slice(kh * G, (kh + 1) * G)
 
-    def logits(self, c: _Call) -> np.ndarray:
+    def logits(self, c: _Call, out: np.ndarray | None = None) -> np.ndarray:
         B, H, _, _, _ = c.shape
-        out = np.empty((B, H, c.end - c.start), np.float32)
+        if out is None:
+            out = np.empty((B, H, c.end - c.start), np.float32)
         for b, kh, heads in self._groups(c):
             keys = _widen(c.K[b, kh, c.start : c.end], c.kdt)
             out[b, heads] = (c.q[b, heads] @ keys.T) * np.float32(c.scale)
         return out
 
-    def logits_topk(self, c: _Call, k: int) -> tuple[np.ndarray, np.ndarray]:
-        values, indices = self.topk(self.logits(c), k, c.threads)
-        return values, indices + c.start
+    def logits_topk(
+        self, c: _Call, k: int, values: np.ndarray | None = None, indices: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        found, order = self.topk(self.logits(c), k, c.threads)
+        order += c.start
+        if values is None or indices is None:
+            return found, order
+        np.copyto(values, found)
+        np.copyto(indices, order)
+        return values, indices
 
     def topk(self, scores: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(~_order_keys(scores), axis=-1, kind="stable")[..., :k]
@@ -484,10 +519,16 @@ class _NumpyKernels:
                 out[b, h], lse[b, h] = o[0], s[0]
         return out, lse
 
-    def gather_rows(self, V: np.ndarray, vdt: str, idx: np.ndarray, threads: int) -> np.ndarray:
+    def gather_rows(
+        self, V: np.ndarray, vdt: str, idx: np.ndarray, threads: int, out: np.ndarray | None = None
+    ) -> np.ndarray:
         B, H, _ = idx.shape
         heads = np.arange(H) // (H // V.shape[1])
-        return V[np.arange(B)[:, None, None], heads[None, :, None], idx]
+        rows = V[np.arange(B)[:, None, None], heads[None, :, None], idx]
+        if out is None:
+            return rows
+        np.copyto(out, rows)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,12 +546,21 @@ class CpuAttention:
     def __repr__(self) -> str:
         return f"CpuAttention({self.name!r})"
 
-    def logits(self, q, K, *, scale=None, start=0, end=None, num_threads=None, kv_dtype=None):
-        """Scores ``scale * q.k`` for tokens [start, end): float32 (B, H, end - start)."""
+    def logits(
+        self, q, K, *, scale=None, start=0, end=None, num_threads=None, kv_dtype=None, out=None
+    ):
+        """Scores ``scale * q.k`` for tokens [start, end): float32 (B, H, end - start).
+
+        ``out``, when given, is filled and returned instead of a new array (see ``_out_view``).
+        """
         c = _prepare(
             q, K, scale=scale, start=start, end=end, num_threads=num_threads, kv_dtype=kv_dtype
         )
-        return _wrap(c.torch_out, self._k.logits(c))
+        if out is None:
+            return _wrap(c.torch_out, self._k.logits(c))
+        B, H, _, _, _ = c.shape
+        self._k.logits(c, _out_view(out, (B, H, c.end - c.start), np.float32, "out"))
+        return out
 
     def topk(self, scores, k, *, num_threads=None):
         """Per-head top-k of float32 scores (B, H, T).
@@ -530,19 +580,29 @@ class CpuAttention:
         return _wrap(torch_out, *self._k.topk(scores, k, _threads(num_threads)))
 
     def logits_topk(
-        self, q, K, k, *, scale=None, start=0, end=None, num_threads=None, kv_dtype=None
+        self, q, K, k, *, scale=None, start=0, end=None, num_threads=None, kv_dtype=None,
+        out=None,
     ):
         """Fused scan + per-head top-k: the CPU's selection pass in HybridGen.
 
         Like ``topk(logits(...), k)`` but the compiled path never stores a full score row:
         each thread keeps a bounded heap per head while it streams K. Indices are absolute
-        token positions (start already added).
+        token positions (start already added). ``out`` = (values, indices), when given, is
+        filled and returned instead of new arrays.
         """
         c = _prepare(
             q, K, scale=scale, start=start, end=end, num_threads=num_threads, kv_dtype=kv_dtype
         )
         k = _check_k(k, c.end - c.start)
-        return _wrap(c.torch_out, *self._k.logits_topk(c, k))
+        if out is None:
+            return _wrap(c.torch_out, *self._k.logits_topk(c, k))
+        B, H, _, _, _ = c.shape
+        if not isinstance(out, tuple | list) or len(out) != 2:
+            raise ValueError("out: expected a (values, indices) pair")
+        values = _out_view(out[0], (B, H, k), np.float32, "out[0]")
+        indices = _out_view(out[1], (B, H, k), np.int64, "out[1]")
+        self._k.logits_topk(c, k, values, indices)
+        return tuple(out)
 
     def partial_attention(
         self, q, K, V, *, scale=None, start=0, end=None, num_threads=None, kv_dtype=None
@@ -569,11 +629,12 @@ class CpuAttention:
         idx_a = _check_indices(idx, c.shape)
         return _wrap(c.torch_out or _is_tensor(idx), *self._k.sparse_attention(c, idx_a))
 
-    def gather_rows(self, V, idx, *, num_threads=None, kv_dtype=None):
+    def gather_rows(self, V, idx, *, num_threads=None, kv_dtype=None, out=None):
         """rows[b, h, j] = V[b, h // G, idx[b, h, j]]: (B, H, k, D) in V's own dtype.
 
         This is what crosses PCIe, so it is never widened. A torch V gives a torch tensor
-        of the same dtype; a NumPy V gives an array of V's NumPy dtype.
+        of the same dtype; a NumPy V gives an array of V's NumPy dtype. ``out`` (same element
+        type as V), when given, is filled and returned instead of a new array.
         """
         torch_out = _is_tensor(V)
         Va, vdt = as_kv_view(V, "V", kv_dtype)
@@ -586,6 +647,15 @@ class CpuAttention:
         if KVH == 0 or idx_a.shape[1] % KVH:
             raise ValueError(f"idx: {idx_a.shape[1]} heads is not a multiple of {KVH} kv heads")
         _check_index_range(idx_a, T)
+        if out is not None:
+            target, _ = as_kv_view(out, "out", vdt)
+            shape = (*idx_a.shape, Va.shape[3])
+            if target.shape != shape:
+                raise ValueError(f"out: expected shape {shape}, got {target.shape}")
+            if not target.flags.writeable:
+                raise ValueError("out: array is read-only")
+            self._k.gather_rows(Va, vdt, idx_a, _threads(num_threads), target.view(Va.dtype))
+            return out
         rows = self._k.gather_rows(Va, vdt, idx_a, _threads(num_threads))
         if torch_out:
             return _to_torch(rows, vdt)

@@ -46,6 +46,7 @@ import torch
 
 from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
 from hgsim.results import StepTiming
+from hw_backend.buffers import BufferPool
 from hw_backend.device_work import DeviceWork
 from hw_backend.devices import Accelerator
 from hw_backend.host_side import HostKernels, HostPayload
@@ -155,7 +156,8 @@ class PlanExecutor:
         self.accel = accel
         self.scale = scale if scale is not None else 1.0 / math.sqrt(store.head_dim)
         self.device_work = device_work
-        self.kernels = kernels or HostKernels(threads)
+        self.kernels = kernels or HostKernels(threads, buffers=BufferPool(accel.host_empty))
+        self.device_buffers = BufferPool(accel.empty)  # upload destinations, per layer
         self.host = WorkerStream("host-worker", cores=split.host_cores() if split else None)
         self._run: _StepRun | None = None
         self._steps = 0
@@ -435,7 +437,8 @@ class _StepRun:
 
         def run() -> None:
             payload: HostPayload = state.host_job.value
-            state.uploaded = {name: self._to_device(t) for name, t in payload.tensors.items()}
+            state.uploaded = {name: self._to_device(t, (i, name))
+                              for name, t in payload.tensors.items()}
 
         state.upload = self.ex.accel.copy.submit(run, after=[state.host_job],
                                                  label=f"upload {i}")
@@ -463,17 +466,18 @@ class _StepRun:
 
         def run() -> None:
             kv = state.kv
-            state.uploaded = {"k": self._to_device(kv.host_k[:, :, start:end]),
-                              "v": self._to_device(kv.host_v[:, :, start:end])}
+            state.uploaded = {"k": self._to_device(kv.host_k[:, :, start:end], (i, "k")),
+                              "v": self._to_device(kv.host_v[:, :, start:end], (i, "v"))}
 
         state.trigger = trigger
         state.upload = self.ex.accel.copy.submit(run, after=after, label=f"stream kv {i}")
         self._stream_launched = i
 
-    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
-        """A real copy into a separate device buffer (non-blocking from pinned memory)."""
+    def _to_device(self, t: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
+        """A real copy into the layer's device buffer for ``key`` (non-blocking from pinned
+        memory); the buffer is reused next step (``BufferPool``)."""
         accel = self.ex.accel
-        dst = accel.empty(tuple(t.shape), t.dtype)
+        dst = self.ex.device_buffers.take(key, tuple(t.shape), t.dtype)
         if accel.standin or t.is_contiguous() or t.dim() != 4:
             src = t if accel.standin or t.is_contiguous() else t.contiguous()
             if not accel.standin and not src.is_pinned():

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hw_backend import cpu_attention
+from hw_backend.buffers import BufferPool
 from hw_backend.kv_store import LayerKv
 
 
@@ -40,9 +41,12 @@ class HostPayload:
 class HostKernels:
     """The CPU operations of every plan kind, run with a fixed number of kernel threads."""
 
-    def __init__(self, threads: int, kernels: cpu_attention.CpuAttention | None = None) -> None:
+    def __init__(self, threads: int, kernels: cpu_attention.CpuAttention | None = None,
+                 buffers: BufferPool | None = None) -> None:
         self.threads = threads
         self.ops = kernels or cpu_attention.backend()
+        # what crosses to the device is written into reused (on CUDA: pinned) buffers
+        self.buffers = buffers or BufferPool(lambda shape, dtype: torch.empty(shape, dtype=dtype))
 
     def logits_and_values(
         self, kv: LayerKv, span: tuple[int, int], q: torch.Tensor, selected: int, scale: float, *,
@@ -51,14 +55,21 @@ class HostKernels:
         """HybridGen's CPU side: host logits (top-k unless exact) and the matching V rows."""
         start, end = span
         t0 = time.perf_counter()
+        batch, heads = q.shape[:2]
         if exact:  # every host token: no top-k, V crosses as the range's block per KV head
-            logits = self.ops.logits(q, kv.host_k, scale=scale, start=start, end=end,
-                                     num_threads=self.threads)
+            logits = self.buffers.take((id(kv), "logits"), (batch, heads, end - start),
+                                       torch.float32)
+            self.ops.logits(q, kv.host_k, scale=scale, start=start, end=end,
+                            num_threads=self.threads, out=logits)
             values = kv.host_v[:, :, start:end]  # a view; the upload reads it in place
             return HostPayload({"logits": logits, "values": values}, time.perf_counter() - t0)
-        logits, index = self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start,
-                                             end=end, num_threads=self.threads)
-        rows = self.ops.gather_rows(kv.host_v, index, num_threads=self.threads)
+        logits = self.buffers.take((id(kv), "logits"), (batch, heads, selected), torch.float32)
+        index = torch.empty((batch, heads, selected), dtype=torch.int64)  # kept by the caller
+        self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start, end=end,
+                             num_threads=self.threads, out=(logits, index))
+        rows = self.buffers.take((id(kv), "rows"), (batch, heads, selected, kv.host_v.shape[3]),
+                                 kv.host_v.dtype)
+        self.ops.gather_rows(kv.host_v, index, num_threads=self.threads, out=rows)
         return HostPayload({"logits": logits, "rows": rows}, time.perf_counter() - t0, index)
 
     def partial_attention(

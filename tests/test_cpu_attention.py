@@ -481,3 +481,46 @@ def test_gil_is_released_during_compute():
         done.set()
         thread.join()
     assert seen == 1000
+
+
+# --------------------------------------------------------------------------------------------
+# caller-provided output buffers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_out_buffers_are_filled_in_place(be, dtype):
+    """logits, logits_topk and gather_rows write into the caller's buffers (numpy or torch)
+    and give the same numbers as freshly allocated results."""
+    q, K, V = make_qkv(1, 8, 2, 700, 64, dtype, seed=11)
+    scores = torch.empty(1, 8, 600)
+    assert be.logits(q, K, start=100, out=scores) is scores
+    assert_close(scores, be.logits(q, K, start=100).numpy())
+    values, indices = np.empty((1, 8, 33), np.float32), torch.empty(1, 8, 33, dtype=torch.int64)
+    got = be.logits_topk(q, K, 33, start=100, out=(values, indices))
+    assert got[0] is values and got[1] is indices
+    fresh = be.logits_topk(q, K, 33, start=100)
+    np.testing.assert_array_equal(values, fresh[0].numpy())
+    np.testing.assert_array_equal(indices.numpy(), fresh[1].numpy())
+    rows = torch.empty(1, 8, 33, 64, dtype=DTYPES[dtype])
+    assert be.gather_rows(V, indices, out=rows) is rows
+    assert torch.equal(rows, be.gather_rows(V, indices))
+
+
+def test_out_buffers_wrong_shape_or_dtype_is_value_error(be):
+    q, K, V = make_qkv(1, 4, 2, 50, 64)
+    with pytest.raises(ValueError, match="out"):
+        be.logits(q, K, out=np.empty((1, 4, 49), np.float32))
+    with pytest.raises(ValueError, match=r"out\[1\]"):
+        be.logits_topk(q, K, 5, out=(np.empty((1, 4, 5), np.float32), np.empty((1, 4, 5))))
+    with pytest.raises(ValueError, match="out"):
+        be.logits_topk(q, K, 5, out=np.empty((1, 4, 5), np.float32))
+    idx = torch.zeros(1, 4, 3, dtype=torch.int64)
+    with pytest.raises(ValueError, match="out"):
+        be.gather_rows(V, idx, out=torch.empty(1, 4, 3, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out"):
+        be.gather_rows(V, idx, out=torch.empty(1, 4, 2, 64))
+    frozen = np.empty((1, 4, 50), np.float32)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="read-only"):
+        be.logits(q, K, out=frozen)

@@ -260,3 +260,24 @@ def test_plan_that_does_not_follow_the_cache_fails_loudly(case):
     plan = StepPlan("h", B, layer_plan("hybridgen", T + 5), LAYERS)
     with pytest.raises(RuntimeError, match="does not follow|plan context"):
         case.step(0, plan)
+
+
+def test_steps_reuse_their_upload_buffers_and_stay_exact(case):
+    """Top-k grows with the context: steps after the first reuse the layer's buffers (same
+    memory, no new allocation) and every output is still exact over its selection."""
+    pointers = []
+    for t in range(3):
+        plan = StepPlan("h", B, layer_plan("hybridgen", T + t, selected=40 + t), LAYERS)
+        run = case.step(t, plan)
+        pointers.append(case.executor.device_buffers.take((0, "rows"), (1,), torch.float32)
+                        .data_ptr())
+        lp = plan.layer
+        resident = set(range(lp.sink_tokens)) | set(range(lp.host_range()[1], T + t))
+        for layer in range(LAYERS):
+            chosen = run.selections[layer]
+            attended = [[resident | set(chosen[b, h].tolist()) for h in range(H)]
+                        for b in range(B)]
+            want = restricted_reference(case.q[t][layer], case.k[layer][:, :, : T + t],
+                                        case.v[layer][:, :, : T + t], attended)
+            torch.testing.assert_close(run.outputs[layer].double(), want, rtol=1e-5, atol=2e-6)
+    assert pointers[0] == pointers[1] == pointers[2]

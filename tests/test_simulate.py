@@ -139,6 +139,24 @@ def test_layer_work_closed_form_for_hybridgen():
     assert w.to_gpu_k_bytes == 0  # no keys cross PCIe
 
 
+def test_sliding_window_costs_one_launch_bound_kernel_per_layer():
+    """A recent window in front of host tokens slides every step: one kv_update kernel per
+    layer (one token's K+V in and one out); GPU-only and host-only plans move nothing."""
+    model = get_model("llama-2-13b")
+    profile = load_profile(H100)
+    wl = Workload(context=65536, gen=1)
+    lp = make_policy("hybridgen_static", model, profile, wl).layer_plan(65536)
+    assert lp.gpu_recent_tokens > 0 and lp.host_tokens > 0
+    w = layer_work(model, 1, lp, "fp16", "fp16")
+    assert w.kv_update.bytes_ == 2 * 2 * model.kv_dim * 2 and w.kv_update.flops == 0
+    for name in ("cpu_offload",):
+        other = make_policy(name, model, profile, wl).layer_plan(65536)
+        assert layer_work(model, 1, other, "fp16", "fp16").kv_update.bytes_ == 0
+    short = Workload(context=4096, gen=1)
+    resident = make_policy("gpu_only", model, profile, short).layer_plan(4096)
+    assert layer_work(model, 1, resident, "fp16", "fp16").kv_update.bytes_ == 0
+
+
 def test_baselines_listed_are_registered():
     assert set(BASELINES) <= set(POLICIES)
     assert len(BASELINES) >= 6

@@ -2,7 +2,9 @@
 layer (CPU scan, gather, PCIe) as processes on the machine model, joined where the GPU needs
 the host's contribution.
 
-Per layer ``i`` the GPU stream runs ``qkv -> [speculate] -> attn -> [merge] -> post``. The host
+The step opens with one ``kv_update`` kernel per layer whose HBM recent window slides (the
+new token in, the oldest out to host memory). Then per layer ``i`` the GPU stream runs
+``qkv -> [speculate] -> attn -> [merge] -> post``. The host
 path of layer ``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after
 ``qkv(i-1)`` (HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen and
 InfiniGen prefetch the next layer's KV). ``merge(i)`` waits for the host path. Layers of the CPU
@@ -104,6 +106,15 @@ class DecodeEngine:
         d_spec = self._kernel_s(w.speculate, attention=True)
         has_host = lp.host_tokens > 0 and not lp.host_evicted
         gpu_busy = 0.0
+        # The step starts by sliding every layer's HBM window (hw_backend's executor does the
+        # same), so host work over a range never misses a token still on its way out.
+        for i in range(plan.num_layers):
+            upd = w if i == 0 or plan.per_layer is None else self.work(plan.batch,
+                                                                        plan.layer_plan(i))
+            d_upd = self._kernel_s(upd.kv_update)
+            if d_upd:
+                stream.launch(d_upd, "kv_update", 0.0, upd.kv_update.bytes_)
+                gpu_busy += d_upd
         host_times: list[_HostTimes] = []
         prev_qkv: Event | None = None
         prev_host: Event | None = None
