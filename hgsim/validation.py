@@ -177,6 +177,7 @@ class CaseResult:
     warmup: int
     statistic: str = "min"
     runnable_before: float | None = None  # mean runnable tasks when the steps started
+    probe_gbps: float | None = None  # machine-state probe right before the case (drift)
 
     def _compared(self, steps: list[StepTiming]) -> list[StepTiming]:
         return steps[self.warmup:]
@@ -214,7 +215,7 @@ class CaseResult:
             "predicted_gpu_ms": 1e3 * statistics.fmean(
                 s.gpu_busy_s for s in self._compared(self.predicted)),
             "steps": len(compared), "device": self.device, "options": c.options,
-            "runnable_before": self.runnable_before,
+            "runnable_before": self.runnable_before, "probe_gbps": self.probe_gbps,
         }
 
 
@@ -243,6 +244,35 @@ def mape(results: list[CaseResult]) -> float:
 
 
 # ------------------------------------------------------------------------------ outputs
+@dataclass(frozen=True)
+class Drift:
+    """How far the machine moved from its calibration while the validation ran.
+
+    The same small probe (a single-thread C-kernel pass that calibration also timed) runs
+    before every case. On a shared or virtual machine the memory system can speed up or slow
+    down by tens of percent within minutes; a profile calibrated in one state cannot predict
+    measurements taken in another, and this says by how much the states differed.
+    """
+
+    calibrated_gbps: float
+    probes_gbps: tuple[float, ...]
+
+    @property
+    def range_pct(self) -> tuple[float, float]:
+        lo, hi = min(self.probes_gbps), max(self.probes_gbps)
+        return (100.0 * (lo / self.calibrated_gbps - 1.0), 100.0 * (hi / self.calibrated_gbps - 1.0))
+
+    def describe(self) -> str:
+        lo, hi = min(self.probes_gbps), max(self.probes_gbps)
+        a, b = self.range_pct
+        return (f"machine drift: the calibration probe (1-thread C kernel, 16k tokens) ran at "
+                f"{lo:.1f}-{hi:.1f} GB/s during validation vs {self.calibrated_gbps:.1f} GB/s "
+                f"when calibrated ({a:+.0f}% to {b:+.0f}%)")
+
+    def exceeds(self, threshold_pct: float) -> bool:
+        return max(abs(x) for x in self.range_pct) > threshold_pct
+
+
 def frame(results: list[CaseResult]):
     import pandas as pd
 

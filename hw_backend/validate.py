@@ -28,6 +28,7 @@ from hgsim.specs.hardware import HardwareProfile
 from hgsim.validation import (
     Case,
     CaseResult,
+    Drift,
     ThreadFigures,
     ValidationStudy,
     case_profile,
@@ -134,6 +135,7 @@ class ValidationRun:
     outputs: list[Path]
     seconds: float
     load_average: tuple[float, float]  # 1-minute load average before and after (shared machines)
+    drift: Drift | None = None  # None without calibration data beside the profile
 
     @property
     def passed(self) -> bool:
@@ -146,12 +148,15 @@ class Calibration:
 
     split: tuple[int, int] | None  # (device, host) threads of the stand-in
     per_threads: ThreadFigures  # per-core CPU figures by kernel thread count
+    probe: tuple[int, float] | None = None  # (context, GB/s) of the drift probe when calibrated
 
     @staticmethod
     def beside(profile_path: Path, profile: HardwareProfile) -> Calibration:
         from hw_backend.calibrate import sidecar_paths
 
         json_path, _ = sidecar_paths(profile_path)
+        from hw_backend.calibration.cpu_kernel import calibrated_probe
+
         try:
             doc = json.loads(json_path.read_text())
         except (OSError, ValueError):
@@ -161,7 +166,7 @@ class Calibration:
         figure = doc.get("summary", {}).get(socket, {}).get("per_threads", {})
         per_threads = {int(n): v for n, v in (figure.get("value") or {}).items()}
         pair = (int(split["device_threads"]), int(split["host_threads"])) if split else None
-        return Calibration(pair, per_threads)
+        return Calibration(pair, per_threads, calibrated_probe(doc))
 
     def default_split(self, cuda: bool) -> tuple[int, int]:
         """(device, host) threads: with CUDA every core is the host's; with the stand-in the
@@ -201,8 +206,14 @@ def run_validation(
     todo = cases(study, device_threads=device, host_threads=host, max_context=max_context)
     if not todo:
         raise UserError("no configuration to run (check --max-context and the study's contexts)")
+    probe = None
+    if calibration.probe is not None and study.kv_dtype == "fp32":
+        from hw_backend.calibration.cpu_kernel import KernelProbe
+
+        probe = KernelProbe(calibration.probe[0])
     results = []
     for case in _progress(todo, progress):
+        probe_gbps = probe.gbps() if probe is not None else None
         predicted = predict(prof, study, case, calibration.per_threads)
         runnable: list[float] = []
         settle = (lambda out=runnable: out.append(wait_for_quiet(quiet_wait_s))
@@ -210,15 +221,18 @@ def run_validation(
         measured, label = measure(case, study, prof, accelerator, settle)
         check_same_plans(case, measured, predicted)
         result = CaseResult(case, measured, predicted, label, study.warmup_steps, statistic,
-                            runnable[0] if runnable else None)
+                            runnable[0] if runnable else None, probe_gbps)
         results.append(result)
         if on_case is not None:
             on_case(result)
+    del probe  # its 64 MB of KV
     error = mape(results)
     load = (load0, _load())
+    probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
+    drift = Drift(calibration.probe[1], probes) if probes and calibration.probe else None
     outputs = _write(results, error, threshold, out or _default_out(path), prof, study, load)
     return ValidationRun(prof, study, results, error, threshold, outputs,
-                         time.perf_counter() - t0, load)
+                         time.perf_counter() - t0, load, drift)
 
 
 def _load() -> float:

@@ -19,10 +19,12 @@ from hgsim.cli import main
 from hgsim.errors import UserError
 from hgsim.profiles import load_profile
 from hgsim.results import StepTiming
-from hgsim.validation import Case, CaseResult, check_same_plans, load_study, mape
+from hgsim.validation import Case, CaseResult, Drift, check_same_plans, load_study, mape
 
 pytest.importorskip("torch")
 pytest.importorskip("hw_backend._cpu_attention", reason="C kernels not built")
+
+from hw_backend.calibration.cpu_kernel import calibrated_probe  # noqa: E402
 
 TINY_STUDY = """
 name: ci-tiny
@@ -77,7 +79,8 @@ def test_quick_calibration_writes_a_loadable_cited_profile(calibrated: Path):
     assert len(table) == len(raw["measurements"]) and (table["value"] > 0).all()
 
 
-def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, tmp_path: Path):
+def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, tmp_path: Path,
+                                                              capsys):
     study = tmp_path / "study.yaml"
     study.write_text(TINY_STUDY)
     prefix = tmp_path / "val"
@@ -90,7 +93,9 @@ def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, t
     assert len(table) == 3
     assert table["mape_pct"].map(math.isfinite).all()
     assert (table["measured_ms"] > 0).all() and (table["predicted_ms"] > 0).all()
+    assert (table["probe_gbps"] > 0).all()  # the drift probe ran before every case
     assert main([*args, "--threshold", "0.0001"]) == 1
+    assert "machine drift: the calibration probe" in capsys.readouterr().out
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys):
@@ -117,6 +122,24 @@ def _step(i: int, latency: float, ratio: float = 0.05, gpu: int = 10) -> StepTim
 
 
 CASE = Case("c", "hybridgen_static", {}, 100, 1, 1, True)
+
+
+def test_drift_reports_the_probe_range_against_calibration():
+    drift = Drift(20.0, (18.0, 25.0))
+    assert drift.range_pct == pytest.approx((-10.0, 25.0))
+    assert drift.exceeds(10.0) and not drift.exceeds(30.0)
+    assert "18.0-25.0 GB/s" in drift.describe() and "-10% to +25%" in drift.describe()
+
+
+def test_calibrated_probe_picks_the_one_thread_run_nearest_16k():
+    def m(threads, context, value, name="partial_attention"):
+        return {"group": "cpu_kernel", "name": name, "value": value,
+                "params": {"threads": threads, "context": context, "kv_dtype": "fp32"}}
+
+    doc = {"measurements": [m(1, 4096, 10.0), m(1, 32768, 12.0), m(2, 16384, 30.0),
+                            m(1, 16384, 99.0, name="logits")]}
+    assert calibrated_probe(doc) == (32768, 12.0)
+    assert calibrated_probe({"measurements": []}) is None
 
 
 def test_case_result_error_and_mape():

@@ -80,5 +80,12 @@ def run(args: argparse.Namespace) -> int:
     before, after = result.load_average
     print(f"load average (1 min) before/after: {before:.2f}/{after:.2f}; "
           f"{result.seconds:.0f} s")
+    if result.drift is not None:
+        print(result.drift.describe())
+        if result.drift.exceeds(result.threshold_pct):
+            print(f"warning: the machine drifted more than {result.threshold_pct:g}% from its "
+                  "calibration during this run; errors of that size say more about the machine "
+                  "than about the simulator (re-run calibrate and validate back to back, or on "
+                  "a quieter machine)")
     print("outputs: " + ", ".join(str(p) for p in result.outputs))
     return 0 if result.passed else 1

@@ -120,6 +120,41 @@ def _suite(node: int, threads: int, tokens: int, settings: Settings) -> list[Mea
     return rows
 
 
+class KernelProbe:
+    """A few-millisecond re-run of one calibration measurement (1-thread partial attention).
+
+    ``hgsim validate`` runs it before every case: compared with the value calibration recorded
+    for the same operation, context and dtype, it shows how far the machine has drifted from
+    the state the profile describes.
+    """
+
+    def __init__(self, tokens: int, kv_dtype: str = "fp32", node: int = 0, repeats: int = 5):
+        import torch
+
+        self.K, self.V = _kv(tokens, kv_dtype, node)
+        self.q = torch.randn(1, HEADS, HEAD_DIM)
+        self.repeats = repeats
+        self.nbytes = 2 * self.K.numel() * self.K.element_size()
+
+    def gbps(self) -> float:
+        from hw_backend import cpu_attention as ca
+
+        seconds = timed(lambda: ca.partial_attention(self.q, self.K, self.V, num_threads=1),
+                        self.repeats)
+        return self.nbytes / best(seconds) / 1e9
+
+
+def calibrated_probe(doc: dict, kv_dtype: str = "fp32") -> tuple[int, float] | None:
+    """(context, GB/s) of calibration's 1-thread partial attention nearest 16k tokens, from a
+    calibration JSON document; None when it has none."""
+    found = [(m["params"]["context"], m["value"]) for m in doc.get("measurements", [])
+             if m.get("group") == "cpu_kernel" and m.get("name") == "partial_attention"
+             and m["params"].get("threads") == 1 and m["params"].get("kv_dtype") == kv_dtype]
+    if not found:
+        return None
+    return min(found, key=lambda cv: abs(math.log2(cv[0] / 16384)))
+
+
 def plan(machine: Machine, settings: Settings) -> list[Job]:
     jobs = []
     for socket in machine.cpu_nodes:
