@@ -256,6 +256,7 @@ class Drift:
 
     calibrated_gbps: float
     probes_gbps: tuple[float, ...]
+    tokens: int = 16384  # context of the probe (calibration's run nearest 16k)
 
     @property
     def range_pct(self) -> tuple[float, float]:
@@ -265,7 +266,8 @@ class Drift:
     def describe(self) -> str:
         lo, hi = min(self.probes_gbps), max(self.probes_gbps)
         a, b = self.range_pct
-        return (f"machine drift: the calibration probe (1-thread C kernel, 16k tokens) ran at "
+        return (f"machine drift: the calibration probe (1-thread C kernel, {_tokens(self.tokens)} "
+                f"tokens) ran at "
                 f"{lo:.1f}-{hi:.1f} GB/s during validation vs {self.calibrated_gbps:.1f} GB/s "
                 f"when calibrated ({a:+.0f}% to {b:+.0f}%)")
 

@@ -229,7 +229,8 @@ def run_validation(
     error = mape(results)
     load = (load0, _load())
     probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
-    drift = Drift(calibration.probe[1], probes) if probes and calibration.probe else None
+    drift = (Drift(calibration.probe[1], probes, calibration.probe[0])
+             if probes and calibration.probe else None)
     outputs = _write(results, error, threshold, out or _default_out(path), prof, study, load)
     return ValidationRun(prof, study, results, error, threshold, outputs,
                          time.perf_counter() - t0, load, drift)

@@ -125,10 +125,11 @@ CASE = Case("c", "hybridgen_static", {}, 100, 1, 1, True)
 
 
 def test_drift_reports_the_probe_range_against_calibration():
-    drift = Drift(20.0, (18.0, 25.0))
+    drift = Drift(20.0, (18.0, 25.0), 32768)
     assert drift.range_pct == pytest.approx((-10.0, 25.0))
     assert drift.exceeds(10.0) and not drift.exceeds(30.0)
     assert "18.0-25.0 GB/s" in drift.describe() and "-10% to +25%" in drift.describe()
+    assert "32k tokens" in drift.describe()
 
 
 def test_calibrated_probe_picks_the_one_thread_run_nearest_16k():
