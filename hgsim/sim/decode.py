@@ -108,12 +108,14 @@ class DecodeEngine:
         gpu_busy = 0.0
         # The step starts by sliding every layer's HBM window (hw_backend's executor does the
         # same), so host work over a range never misses a token still on its way out.
+        upd = w.kv_update
+        d_upd = self._kernel_s(upd)
         for i in range(plan.num_layers):
-            upd = w if i == 0 or plan.per_layer is None else self.work(plan.batch,
-                                                                        plan.layer_plan(i))
-            d_upd = self._kernel_s(upd.kv_update)
+            if i and plan.per_layer is not None:  # rare: layer-specific plans
+                upd = self.work(plan.batch, plan.layer_plan(i)).kv_update
+                d_upd = self._kernel_s(upd)
             if d_upd:
-                stream.launch(d_upd, "kv_update", 0.0, upd.kv_update.bytes_)
+                stream.launch(d_upd, "kv_update", 0.0, upd.bytes_)
                 gpu_busy += d_upd
         host_times: list[_HostTimes] = []
         prev_qkv: Event | None = None
