@@ -13,6 +13,7 @@ overlapping with the host side's C kernel. ``CoreSplit`` divides the cores betwe
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
@@ -21,9 +22,12 @@ from typing import Any, Literal
 
 import torch
 
+from hw_backend.numa import huge_page_tensor
 from hw_backend.streams import HostMarker, Marker, WorkerStream
 
 STANDIN_LABEL = "cpu-standin (no CUDA)"
+#: Host buffers from this size up get huge pages (the KV cache; small staging buffers do not).
+HUGE_PAGE_MIN_BYTES = 2 << 20
 AcceleratorKind = Literal["auto", "cuda", "standin"]
 
 
@@ -198,7 +202,9 @@ class StandInAccelerator(Accelerator):
         self.copy = StandInQueue(self._copy)
 
     def host_empty(self, shape, dtype):
-        return torch.empty(shape, dtype=dtype)
+        if math.prod(shape) * dtype.itemsize < HUGE_PAGE_MIN_BYTES:
+            return torch.empty(shape, dtype=dtype)
+        return huge_page_tensor(shape, dtype)  # the KV cache the C kernel streams
 
     def fetch(self, dst, src, after):
         after.wait()

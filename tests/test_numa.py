@@ -120,3 +120,29 @@ def test_to_torch_is_zero_copy():
     assert numa.to_torch(b).data_ptr() == b.ctypes.data
     with pytest.raises(ValueError, match="array"):
         numa.to_torch(b, "bfloat16")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+def test_huge_page_tensor_is_a_zeroed_contiguous_tensor_of_that_dtype(dtype_name):
+    torch = pytest.importorskip("torch")
+    dtype = getattr(torch, dtype_name)
+    t = numa.huge_page_tensor((1, 2, 3000, 128), dtype)
+    assert t.dtype == dtype and t.shape == (1, 2, 3000, 128) and t.is_contiguous()
+    assert not t.any()
+    t.fill_(1.5)  # writable, and an ordinary tensor to the kernels
+    assert float(t.float().sum()) == 1.5 * t.numel()
+    assert numa.huge_page_tensor((0, 4), dtype).shape == (0, 4)
+
+
+def test_standin_host_buffers_for_the_kv_cache_get_huge_page_memory():
+    torch = pytest.importorskip("torch")
+    from hw_backend.devices import HUGE_PAGE_MIN_BYTES, CoreSplit, StandInAccelerator
+
+    accel = StandInAccelerator(CoreSplit(1, 1, pin=False))
+    try:
+        big = accel.host_empty((HUGE_PAGE_MIN_BYTES // 4,), torch.float32)
+        small = accel.host_empty((16,), torch.float32)
+    finally:
+        accel.close()
+    assert big.untyped_storage().resizable() is False  # wraps our mapping, not torch's allocator
+    assert small.untyped_storage().resizable() is True
