@@ -55,10 +55,11 @@ def layer_work(
     post_params = model.q_dim * hidden + ffn_mats * hidden * model.ffn_size
     qkv = Work(2.0 * batch * qkv_params, qkv_params * b_w)
     post = Work(2.0 * batch * post_params, post_params * b_w)
-    if attention_only:
-        qkv = post = Work()
-
     kv_row = model.kv_dim * b_kv  # K (or V) of one token, all kv heads
+    if attention_only:
+        # No projections, but the new token's K and V are still written into the cache: a
+        # launch-bound kernel, as the executor's qkv op (the append) is.
+        qkv, post = Work(0.0, 2.0 * batch * kv_row), Work()
     gpu_resident = lp.gpu_tokens + lp.selected_on_gpu
     attn = Work(4.0 * batch * heads * hd * gpu_resident, 2.0 * batch * gpu_resident * kv_row)
 

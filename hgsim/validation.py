@@ -132,8 +132,9 @@ def case_profile(profile: HardwareProfile, case: Case,
 
     The simulator scales a per-core rate linearly with cores; when calibration measured the
     kernel at exactly ``host_threads`` (> 1) threads, the profile's per-core attention rate is
-    scaled by the efficiency measured at that count and the per-core bandwidth is the one
-    measured there, so sub-linear scaling on a shared memory system is not predicted away.
+    scaled by the efficiency measured at that count and the per-core bandwidth and per-call
+    overhead are the ones measured there, so sub-linear scaling on a shared memory system is
+    not predicted away.
     """
     spec_socket = profile.gpus[profile.primary_gpu].socket
     key = f"sockets.{spec_socket}"
@@ -144,6 +145,8 @@ def case_profile(profile: HardwareProfile, case: Case,
         overrides[f"{key}.attention_gflops_per_core"] = rate * measured["scaling_efficiency"]
     if measured.get("core_bandwidth_gbps"):
         overrides[f"{key}.core_bandwidth_gbps"] = measured["core_bandwidth_gbps"]
+    if measured.get("op_overhead_us") is not None:
+        overrides[f"{key}.op_overhead_us"] = measured["op_overhead_us"]
     return profile_with_overrides(profile, overrides)
 
 

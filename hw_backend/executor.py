@@ -58,7 +58,7 @@ from hw_backend.merge import (
     partial_attention,
     softmax_union,
 )
-from hw_backend.streams import HostMarker, Marker, WorkerStream
+from hw_backend.streams import HostMarker, Marker, ResponsiveGil, WorkerStream
 from hw_backend.timing import LayerTiming, step_timing
 
 
@@ -159,6 +159,7 @@ class PlanExecutor:
         self.kernels = kernels or HostKernels(threads, buffers=BufferPool(accel.host_empty))
         self.device_buffers = BufferPool(accel.empty)  # upload destinations, per layer
         self.host = WorkerStream("host-worker", cores=split.host_cores() if split else None)
+        self._gil = ResponsiveGil()  # host, device and caller threads hand the GIL over fast
         self._run: _StepRun | None = None
         self._steps = 0
 
@@ -261,6 +262,7 @@ class PlanExecutor:
 
     def close(self) -> None:
         self.host.close()
+        self._gil.close()
 
     def __enter__(self) -> PlanExecutor:
         return self

@@ -287,3 +287,32 @@ def test_assembled_profile_maps_numa_to_sockets_cxl_and_upi(cuda: bool):
         assert "stand-in" in text.lower() and gpu.kernel_launch_overhead_us == 80.0
         assert profile.links["pcie0"].bandwidth_gbps == 12.0
     assert summary["cpu0"]["per_threads"]["value"][8]["scaling_efficiency"] == pytest.approx(1.0)
+
+
+def test_kernel_figures_split_a_call_into_fixed_cost_and_rate():
+    from hgsim.validation import case_profile
+    from hw_backend.calibration.records import Measurement, Measurements
+    from hw_backend.calibration.summarize import cpu_kernel_figures
+
+    rows = Measurements()
+    # time = fixed + flops / rate: 40 GFLOP/s and 500 us on one thread; two threads reach
+    # 60 GFLOP/s together and pay 300 us
+    for threads, rate, fixed_s in ((1, 40e9, 500e-6), (2, 60e9, 300e-6)):
+        for tokens in (4096, 16384, 65536):
+            flops = 2048.0 * 8 * tokens
+            t = fixed_s + flops / rate
+            params = {"socket": 0, "threads": threads, "context": tokens, "kv_dtype": "fp32"}
+            for name, value in (("partial_attention_flops", flops / t / 1e9),
+                                ("partial_attention", 1.0)):
+                rows.append(Measurement("cpu_kernel", name, value, "x", params, (t, 1.2 * t)))
+    figures = cpu_kernel_figures(rows, 0)
+    assert figures["attention_gflops_per_core"].value == pytest.approx(40.0, rel=1e-3)
+    assert figures["op_overhead_us"].value == pytest.approx(500.0, abs=0.1)
+    per_threads = figures["per_threads"].value
+    assert per_threads[2]["op_overhead_us"] == pytest.approx(300.0, abs=0.1)
+
+    profile = load_profile("h100-80gb-spr-cxl")
+    socket = profile.gpus[profile.primary_gpu].socket
+    case = Case("c", "cpu_offload", {}, 4096, device_threads=1, host_threads=2, pin=False)
+    used = case_profile(profile, case, per_threads).sockets[socket]
+    assert used.cores == 2 and used.op_overhead_us == pytest.approx(300.0, abs=0.1)

@@ -19,7 +19,13 @@ from hw_backend.merge import (
     partial_attention,
     softmax_union,
 )
-from hw_backend.streams import HostMarker, Marker, WorkerStream
+from hw_backend.streams import (
+    GIL_SWITCH_INTERVAL_S,
+    HostMarker,
+    Marker,
+    ResponsiveGil,
+    WorkerStream,
+)
 
 
 @pytest.fixture(scope="module")
@@ -202,3 +208,16 @@ def test_reloading_rebuilds_the_partial_key_cache(accel):
     new = torch.randn(1, 1, 1, 4)
     kv.append(new, new)
     assert torch.equal(kv.partial_k[:, :, 6:7], new)
+
+
+def test_responsive_gil_holds_a_short_switch_interval_until_the_last_holder_closes():
+    import sys
+
+    before = sys.getswitchinterval()
+    first, second = ResponsiveGil(), ResponsiveGil()
+    assert sys.getswitchinterval() == pytest.approx(min(GIL_SWITCH_INTERVAL_S, before))
+    first.close()
+    first.close()  # closing twice releases once
+    assert sys.getswitchinterval() == pytest.approx(min(GIL_SWITCH_INTERVAL_S, before))
+    second.close()
+    assert sys.getswitchinterval() == pytest.approx(before)

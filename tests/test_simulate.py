@@ -157,6 +157,19 @@ def test_sliding_window_costs_one_launch_bound_kernel_per_layer():
     assert layer_work(model, 1, resident, "fp16", "fp16").kv_update.bytes_ == 0
 
 
+def test_attention_only_keeps_the_kv_append_as_its_qkv_kernel():
+    """Without projections the executor still writes the new token's K and V into the cache
+    each layer: a launch-bound kernel, not nothing."""
+    model = get_model("llama-2-13b")
+    profile = load_profile(H100)
+    lp = make_policy("cpu_offload", model, profile, Workload(context=65536, gen=1)).layer_plan(65536)
+    full = layer_work(model, 1, lp, "fp16", "fp16")
+    only = layer_work(model, 1, lp, "fp16", "fp16", attention_only=True)
+    assert only.qkv.flops == 0 and only.qkv.bytes_ == 2 * model.kv_dim * 2  # K+V, fp16
+    assert only.post.flops == 0 and only.post.bytes_ == 0
+    assert full.qkv.flops > 0
+
+
 def test_baselines_listed_are_registered():
     assert set(BASELINES) <= set(POLICIES)
     assert len(BASELINES) >= 6
@@ -195,3 +208,14 @@ def test_selection_costs_lengthen_the_cpu_phase_by_their_closed_form():
     extra_per_layer_s = rows * 100e-9 / cores
     added = slow.steps[0].cpu_busy_s - plain.steps[0].cpu_busy_s
     assert added == pytest.approx(model.num_layers * extra_per_layer_s, rel=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["hybridgen_static", "cpu_offload"])
+def test_a_host_call_overhead_adds_once_per_layer_to_the_cpu_phase(policy):
+    base = load_profile(H100)
+    costly = profile_with_overrides(base, {"sockets.cpu0.op_overhead_us": 250.0})
+    plain = run(policy, context=131072, gen=4, profile=base)
+    slow = run(policy, context=131072, gen=4, profile=costly)
+    layers = get_model("llama-2-13b").num_layers
+    added = slow.steps[0].cpu_busy_s - plain.steps[0].cpu_busy_s
+    assert added == pytest.approx(layers * 250e-6, rel=1e-6)

@@ -247,7 +247,8 @@ class DecodeEngine:
                 ))
         yield env.all_of(flows)
         select_ns = w.cpu_topk_inserts * spec.topk_ns_per_insert + w.cpu_gather_rows * spec.gather_ns_per_row
-        if select_ns:  # heap inserts and row gathers spread over the cores
-            yield env.timeout(select_ns * 1e-9 / self.cores)
+        extra_s = select_ns * 1e-9 / self.cores + spec.op_overhead_us * 1e-6
+        if extra_s:  # heap inserts and row gathers spread over the cores, the call's fixed cost
+            yield env.timeout(extra_s)
         pool.release(self.cores)
         times.cpu_s = env.now - start

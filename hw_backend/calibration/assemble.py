@@ -179,6 +179,7 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
     node.add("frequency_ghz", round(m.frequency_ghz, 3), stamp.measured(m.frequency_source))
     node.add("simd", m.simd, stamp.measured("/proc/cpuinfo flags"))
     stamp.figure(node, "attention_gflops_per_core", figs.get("attention_gflops_per_core"))
+    stamp.figure(node, "op_overhead_us", figs.get("op_overhead_us"))
     core_bw = S.socket_core_bandwidth(ms, numa.id)
     stamp.figure(node, "core_bandwidth_gbps", core_bw)
     for key, fig in S.selection_figures(ms, numa.id).items():

@@ -83,10 +83,13 @@ def _suite(node: int, threads: int, tokens: int, settings: Settings) -> list[Mea
 
     from hw_backend import cpu_attention as ca
 
-    K, V = _kv(tokens, settings.kv_dtype, node)
+    first = _kv(tokens, settings.kv_dtype, node)
+    kv_bytes = first[0].numel() * first[0].element_size()
+    copies = max(1, math.ceil(settings.kernel_footprint_bytes / (2 * kv_bytes)))
+    sets = [first] + [_kv(tokens, settings.kv_dtype, node) for _ in range(copies - 1)]
     q = torch.randn(1, HEADS, HEAD_DIM)
-    kv_bytes = K.numel() * K.element_size()
-    params = {"socket": node, "threads": threads, "context": tokens, "kv_dtype": settings.kv_dtype}
+    params = {"socket": node, "threads": threads, "context": tokens, "kv_dtype": settings.kv_dtype,
+              "kv_copies": copies}
     rows = []
 
     def record(name: str, seconds, flops: float, nbytes: float, **extra) -> None:
@@ -97,33 +100,50 @@ def _suite(node: int, threads: int, tokens: int, settings: Settings) -> list[Mea
             rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9, "GFLOP/s",
                                     p, seconds))
 
+    def rotating():
+        """Every call takes the next (K, V) copy: calls start from a cold cache, as the
+        executor's do (its layers take turns)."""
+        return cycle(sets).__next__
+
     reps = settings.repeats
     # A fresh query per repeat (warm-up included): each decode step selects different rows,
     # so a gather timed with the same indices again would read rows the previous repeat left
     # in cache (up to 2x faster than the executor's gathers at 16k tokens, measured).
     queries = [torch.randn(1, HEADS, HEAD_DIM) for _ in range(reps + 1)]
-    seconds = timed(lambda: ca.logits(q, K, num_threads=threads), reps)
+    kv = rotating()
+    seconds = timed(lambda: ca.logits(q, kv()[0], num_threads=threads), reps)
     flops, _ = sim_cpu_work("logits_topk", tokens, 1, settings.kv_dtype)
     record("logits", seconds, flops, kv_bytes)
     for ratio in settings.topk_ratios:
         k = max(1, math.ceil(ratio * tokens))
-        seconds = timed(lambda k=k: ca.logits_topk(q, K, k, num_threads=threads), reps)
+        kv = rotating()
+        seconds = timed(lambda k=k, kv=kv: ca.logits_topk(q, kv()[0], k, num_threads=threads),
+                        reps)
         flops, _ = sim_cpu_work("logits_topk", tokens, k, settings.kv_dtype)
         record("logits_topk", seconds, flops, kv_bytes, topk_ratio=ratio)
-        indices = cycle([ca.logits_topk(x, K, k, num_threads=threads)[1] for x in queries])
-        seconds = timed(lambda i=indices: ca.gather_rows(V, next(i), num_threads=threads), reps)
-        rows_bytes = HEADS * k * HEAD_DIM * K.element_size()
+        indices = cycle([ca.logits_topk(x, first[0], k, num_threads=threads)[1]
+                         for x in queries])
+        kv = rotating()
+        seconds = timed(lambda i=indices, kv=kv: ca.gather_rows(kv()[1], next(i),
+                                                                num_threads=threads), reps)
+        rows_bytes = HEADS * k * HEAD_DIM * first[0].element_size()
         record("gather_rows", seconds, 0.0, rows_bytes, topk_ratio=ratio)
         # What the executor's host worker runs per HybridGen layer (HostKernels
         # .logits_and_values): the fused scan + top-k, then the gather of the selected V rows.
-        fresh = cycle(queries)
-        seconds = timed(lambda k=k, f=fresh: ca.gather_rows(
-            V, ca.logits_topk(next(f), K, k, num_threads=threads)[1], num_threads=threads), reps)
+        fresh, kv = cycle(queries), rotating()
+        seconds = timed(lambda k=k, f=fresh, kv=kv: _host_op(ca, kv(), next(f), k, threads),
+                        reps)
         record("hybrid_host_op", seconds, flops, kv_bytes, topk_ratio=ratio)
-    seconds = timed(lambda: ca.partial_attention(q, K, V, num_threads=threads), reps)
+    kv = rotating()
+    seconds = timed(lambda: ca.partial_attention(q, *kv(), num_threads=threads), reps)
     flops, _ = sim_cpu_work("partial_attention", tokens, tokens, settings.kv_dtype)
     record("partial_attention", seconds, flops, 2 * kv_bytes)
     return rows
+
+
+def _host_op(ca, kv, q, k: int, threads: int):
+    K, V = kv
+    return ca.gather_rows(V, ca.logits_topk(q, K, k, num_threads=threads)[1], num_threads=threads)
 
 
 class KernelProbe:

@@ -35,6 +35,11 @@ class Settings:
     gemm_sizes: tuple[int, ...] = (1024, 2048)
     cuda_attention_tokens: tuple[int, ...] = (16384, 65536, 262144)
     kv_dtype: str = "fp32"
+    #: Smallest KV footprint a C-kernel measurement cycles through. The executor streams a
+    #: different layer's KV on every call, so each call starts with a cold last-level cache;
+    #: timing one small buffer again and again would measure the cache instead (at 4k tokens,
+    #: 17 MB of K fits a 32 MB L3: the host op ran 2x slower in the executor, measured).
+    kernel_footprint_bytes: int = 256 * MiB
 
     @staticmethod
     def make(quick: bool, kv_dtype: str = "fp32") -> Settings:
@@ -45,6 +50,7 @@ class Settings:
             chase_steps=100_000, contexts=(1024, 4096), topk_ratios=(0.05,),
             copy_sizes=tuple(1 << s for s in (12, 16, 20, 22)), gemm_sizes=(256,),
             cuda_attention_tokens=(4096, 16384), kv_dtype=kv_dtype,
+            kernel_footprint_bytes=16 * MiB,
         )
 
     def thread_counts(self, cores: int) -> tuple[int, ...]:

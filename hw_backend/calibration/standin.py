@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
 from hw_backend.calibration.timing import best, fit_line, timed
+from hw_backend.streams import ResponsiveGil
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 GEMM_BUDGET_S = 0.5  # longest single GEMM call the stand-in benchmark will make
@@ -68,6 +69,7 @@ def host_load(split, tokens: int, kv_dtype: str):
         while not stop.is_set():
             ca.partial_attention(q, K, V, num_threads=split.host_threads)
 
+    gil = ResponsiveGil()  # as in the executor, whose threads this load stands for
     thread = threading.Thread(target=loop, name="calibration-host-load", daemon=True)
     thread.start()
     try:
@@ -75,6 +77,7 @@ def host_load(split, tokens: int, kv_dtype: str):
     finally:
         stop.set()
         thread.join()
+        gil.close()
 
 
 class StandInBench:

@@ -106,6 +106,15 @@ def _per_core_rate(rows) -> float | None:
     return 1 / slope / 1e9
 
 
+def _op_overhead_us(rows) -> float | None:
+    """Microseconds of the same fit's intercept: what a call costs beyond its FLOPs."""
+    if len(rows) < 2:
+        return None
+    flops = [m.value * min(m.seconds) * 1e9 for m in rows]
+    intercept, _ = fit_line(flops, [min(m.seconds) for m in rows])
+    return intercept * 1e6
+
+
 def _op_rates(ms: Measurements, socket: int, threads: int) -> dict[str, float]:
     """Per-core GFLOP/s of each host op (per top-k ratio) with ``threads`` kernel threads."""
     rates: dict[str, float] = {}
@@ -132,11 +141,22 @@ def cpu_kernel_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
             round(value, 2),
             f"C kernel, 1 thread, mean of the host ops' FLOP/s as the simulator counts them "
             f"({detail}; slope over contexts {_contexts(ms)}){scaling}"),
+        **_overhead_figure(ms, socket),
         "op_rates": Figure(rates, "per-op single-thread GFLOP/s"),
         "per_threads": Figure(per_thread_figures(ms, socket),
                               "per kernel-thread count: per-core figures measured at that count"),
         **selection_figures(ms, socket),
     }
+
+
+def _overhead_figure(ms: Measurements, socket: int) -> dict[str, Figure]:
+    rows = ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=1)
+    fixed = _op_overhead_us(rows)
+    if fixed is None:
+        return {}
+    return {"op_overhead_us": Figure(
+        round(fixed, 1), f"C kernel, 1 thread: intercept of {HOST_OPS[0].removesuffix('_flops')}"
+        f" time over size (contexts {_contexts(ms)}), the fixed cost of a call")}
 
 
 def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
@@ -180,8 +200,10 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
     memory system. So for n threads: ``attention_gflops_per_core`` is the single-thread figure
     times the scaling efficiency of the streaming kernel (partial attention's per-core rate at n
     over its rate at 1; top-k's chunked heaps scale differently and are left out), and
-    ``core_bandwidth_gbps`` is the n-thread read bandwidth divided by n. Validation runs with n
-    kernel threads scale the profile's rate by ``scaling_efficiency`` and use that bandwidth.
+    ``core_bandwidth_gbps`` is the n-thread read bandwidth divided by n, and ``op_overhead_us``
+    the fixed cost of a call at n threads (fork and join grow with n). Validation runs with n
+    kernel threads scale the profile's rate by ``scaling_efficiency`` and use that bandwidth and
+    that overhead.
     """
     one = _op_rates(ms, socket, 1)
     if not one:
@@ -200,6 +222,9 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
                   "op_rates": {k: round(v, 3) for k, v in rates.items()}}
         if reads:
             out[n]["core_bandwidth_gbps"] = round(reads[0] / n, 3)
+        fixed = _op_overhead_us(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n))
+        if fixed is not None:
+            out[n]["op_overhead_us"] = round(fixed, 1)
     return out
 
 
