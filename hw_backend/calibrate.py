@@ -27,6 +27,8 @@ from hw_backend.calibration.assemble import Context, build
 from hw_backend.calibration.quiet import wait_for_quiet
 from hw_backend.calibration.records import Measurements
 from hw_backend.calibration.settings import Job, Settings
+from hw_backend.calibration.timing import STATISTICS
+from hw_backend.calibration.timing import statistic as timing_statistic
 from hw_backend.calibration.topology import discover
 
 
@@ -51,14 +53,15 @@ def sidecar_paths(profile_path: Path) -> tuple[Path, Path]:
 def calibrate(
     out: Path, *, quick: bool = False, name: str | None = None, kv_dtype: str = "fp32",
     use_cuda: bool | None = None, device_threads: int | None = None, pin: bool = True,
-    quiet_wait_s: float = 0.0, progress: bool = True,
+    quiet_wait_s: float = 0.0, progress: bool = True, statistic: str = "median",
 ) -> CalibrationResult:
     """Measure, write the profile and its raw data, and check that the profile loads.
 
     ``use_cuda`` None means "if available". Without CUDA the stand-in accelerator gets
     ``device_threads`` cores (default: half, as ``CoreSplit.even``) and the rest are the host's.
     ``quiet_wait_s`` > 0 waits up to that long before each benchmark for other processes to stop
-    (``calibration.quiet``).
+    (``calibration.quiet``). ``statistic`` turns each benchmark's repeats into its figure
+    ("median" or "min", ``calibration.timing``).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -67,7 +70,10 @@ def calibrate(
     if out.suffix not in (".yaml", ".yml"):
         raise UserError(f"{out}: a profile must end in .yaml or .yml", field="--out")
     _require_extension()
-    settings = Settings.make(quick, kv_dtype)
+    if statistic not in STATISTICS:
+        raise UserError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}",
+                        field="--statistic")
+    settings = Settings.make(quick, kv_dtype, statistic)
     machine = discover()
     has_cuda = cuda.available()
     if use_cuda and not has_cuda:
@@ -85,7 +91,8 @@ def calibrate(
         jobs += standin_jobs
         cleanups.append(close)
     try:
-        rows = _run(jobs, progress, quiet_wait_s)
+        with timing_statistic(statistic):
+            rows = _run(jobs, progress, quiet_wait_s)
     finally:
         for cleanup in cleanups:
             cleanup()
@@ -94,11 +101,13 @@ def calibrate(
     ctx = Context(name or out.stem, date, machine, rows,
                   cuda.device_info() if with_cuda else None, split, kv_dtype, quick,
                   settings.copy_fit_max)
-    text, summary = build(ctx)
+    with timing_statistic(statistic):
+        text, summary = build(ctx)
     out.write_text(text)
     json_path, csv_path = sidecar_paths(out)
     meta = {
         "date": date, "tool": "hgsim calibrate", "quick": quick, "kv_dtype": kv_dtype,
+        "statistic": statistic,
         "host": platform.node(), "cpu_model": machine.cpu_model,
         "usable_cpus": list(machine.usable_cpus), "numa_nodes": [n.id for n in machine.nodes],
         "cuda": ctx.cuda, "split": None if split is None else {

@@ -304,7 +304,8 @@ def test_kernel_figures_split_a_call_into_fixed_cost_and_rate():
             params = {"socket": 0, "threads": threads, "context": tokens, "kv_dtype": "fp32"}
             for name, value in (("partial_attention_flops", flops / t / 1e9),
                                 ("partial_attention", 1.0)):
-                rows.append(Measurement("cpu_kernel", name, value, "x", params, (t, 1.2 * t)))
+                rows.append(Measurement("cpu_kernel", name, value, "x", params,
+                                        (1.2 * t, t, 0.9 * t)))
     figures = cpu_kernel_figures(rows, 0)
     assert figures["attention_gflops_per_core"].value == pytest.approx(40.0, rel=1e-3)
     assert figures["op_overhead_us"].value == pytest.approx(500.0, abs=0.1)
@@ -316,3 +317,16 @@ def test_kernel_figures_split_a_call_into_fixed_cost_and_rate():
     case = Case("c", "cpu_offload", {}, 4096, device_threads=1, host_threads=2, pin=False)
     used = case_profile(profile, case, per_threads).sockets[socket]
     assert used.cores == 2 and used.op_overhead_us == pytest.approx(300.0, abs=0.1)
+
+
+def test_figures_take_the_median_repeat_unless_told_the_fastest():
+    from hw_backend.calibration import timing
+
+    repeats = (3.0, 1.0, 2.0, 9.0)
+    assert timing.representative(repeats) == 2.5
+    with timing.statistic("min"):
+        assert timing.representative(repeats) == 1.0
+    assert timing.representative(repeats) == 2.5
+    with pytest.raises(ValueError, match="statistic"):
+        with timing.statistic("mean"):
+            pass

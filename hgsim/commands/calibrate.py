@@ -40,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                    help="before each benchmark, wait up to SECONDS for other processes to stop "
                         "running (shared machines; default 0: do not wait)")
+    p.add_argument("--statistic", choices=["median", "min"], default="median",
+                   help="each benchmark's figure from its repeats: their median (default; what "
+                        "sustained work sees on a machine whose speed varies) or the fastest")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -56,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     result = calibrate(
         out, quick=args.quick, name=args.name, kv_dtype=args.kv_dtype, use_cuda=args.cuda,
         device_threads=args.device_threads, pin=not args.no_pin, quiet_wait_s=args.quiet_wait,
-        progress=not args.no_progress,
+        progress=not args.no_progress, statistic=args.statistic,
     )
     _print_summary(result)
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
-from hw_backend.calibration.timing import best, timed
+from hw_backend.calibration.timing import representative, timed, timed_round_robin
 from hw_backend.calibration.topology import Machine
 
 
@@ -78,66 +78,79 @@ def _kv(tokens: int, kv_dtype: str, node: int):
     return out
 
 
-def _suite(node: int, threads: int, tokens: int, settings: Settings) -> list[Measurement]:
+def _context_ops(ca, node: int, threads: int, tokens: int, settings: Settings):
+    """(name, call, flops, bytes, extra params) of every operation timed at one context, and
+    the number of KV copies its calls rotate through."""
     import torch
-
-    from hw_backend import cpu_attention as ca
 
     first = _kv(tokens, settings.kv_dtype, node)
     kv_bytes = first[0].numel() * first[0].element_size()
     copies = max(1, math.ceil(settings.kernel_footprint_bytes / (2 * kv_bytes)))
     sets = [first] + [_kv(tokens, settings.kv_dtype, node) for _ in range(copies - 1)]
-    q = torch.randn(1, HEADS, HEAD_DIM)
-    params = {"socket": node, "threads": threads, "context": tokens, "kv_dtype": settings.kv_dtype,
-              "kv_copies": copies}
-    rows = []
-
-    def record(name: str, seconds, flops: float, nbytes: float, **extra) -> None:
-        t = best(seconds)
-        p = {**params, **extra}
-        rows.append(Measurement("cpu_kernel", name, nbytes / t / 1e9, "GB/s", p, seconds))
-        if flops:
-            rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9, "GFLOP/s",
-                                    p, seconds))
 
     def rotating():
         """Every call takes the next (K, V) copy: calls start from a cold cache, as the
         executor's do (its layers take turns)."""
         return cycle(sets).__next__
 
-    reps = settings.repeats
-    # A fresh query per repeat (warm-up included): each decode step selects different rows,
-    # so a gather timed with the same indices again would read rows the previous repeat left
-    # in cache (up to 2x faster than the executor's gathers at 16k tokens, measured).
-    queries = [torch.randn(1, HEADS, HEAD_DIM) for _ in range(reps + 1)]
+    q = torch.randn(1, HEADS, HEAD_DIM)
+    # A fresh query per call (warm-up included): each decode step selects different rows, so a
+    # gather timed with the same indices again would read rows the previous call left in cache
+    # (up to 2x faster than the executor's gathers at 16k tokens, measured).
+    queries = [torch.randn(1, HEADS, HEAD_DIM) for _ in range(settings.repeats + 1)]
+    ops = []
     kv = rotating()
-    seconds = timed(lambda: ca.logits(q, kv()[0], num_threads=threads), reps)
     flops, _ = sim_cpu_work("logits_topk", tokens, 1, settings.kv_dtype)
-    record("logits", seconds, flops, kv_bytes)
+    ops.append(("logits", lambda kv=kv: ca.logits(q, kv()[0], num_threads=threads), flops,
+                kv_bytes, {}))
     for ratio in settings.topk_ratios:
         k = max(1, math.ceil(ratio * tokens))
-        kv = rotating()
-        seconds = timed(lambda k=k, kv=kv: ca.logits_topk(q, kv()[0], k, num_threads=threads),
-                        reps)
         flops, _ = sim_cpu_work("logits_topk", tokens, k, settings.kv_dtype)
-        record("logits_topk", seconds, flops, kv_bytes, topk_ratio=ratio)
+        kv = rotating()
+        ops.append(("logits_topk", lambda k=k, kv=kv: ca.logits_topk(q, kv()[0], k,
+                                                                      num_threads=threads),
+                    flops, kv_bytes, {"topk_ratio": ratio}))
         indices = cycle([ca.logits_topk(x, first[0], k, num_threads=threads)[1]
                          for x in queries])
         kv = rotating()
-        seconds = timed(lambda i=indices, kv=kv: ca.gather_rows(kv()[1], next(i),
-                                                                num_threads=threads), reps)
         rows_bytes = HEADS * k * HEAD_DIM * first[0].element_size()
-        record("gather_rows", seconds, 0.0, rows_bytes, topk_ratio=ratio)
+        ops.append(("gather_rows", lambda i=indices, kv=kv: ca.gather_rows(
+            kv()[1], next(i), num_threads=threads), 0.0, rows_bytes, {"topk_ratio": ratio}))
         # What the executor's host worker runs per HybridGen layer (HostKernels
         # .logits_and_values): the fused scan + top-k, then the gather of the selected V rows.
         fresh, kv = cycle(queries), rotating()
-        seconds = timed(lambda k=k, f=fresh, kv=kv: _host_op(ca, kv(), next(f), k, threads),
-                        reps)
-        record("hybrid_host_op", seconds, flops, kv_bytes, topk_ratio=ratio)
+        ops.append(("hybrid_host_op", lambda k=k, f=fresh, kv=kv: _host_op(
+            ca, kv(), next(f), k, threads), flops, kv_bytes, {"topk_ratio": ratio}))
     kv = rotating()
-    seconds = timed(lambda: ca.partial_attention(q, *kv(), num_threads=threads), reps)
     flops, _ = sim_cpu_work("partial_attention", tokens, tokens, settings.kv_dtype)
-    record("partial_attention", seconds, flops, 2 * kv_bytes)
+    ops.append(("partial_attention", lambda kv=kv: ca.partial_attention(
+        q, *kv(), num_threads=threads), flops, 2 * kv_bytes, {}))
+    return ops, copies
+
+
+def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
+    """Every operation at every context, the contexts' calls interleaved repeat by repeat.
+
+    A shared machine's speed drifts over seconds; timing one context after another would give
+    each context its own machine state and bend the fit of time over size (its slope is the
+    rate, its intercept a call's fixed cost). Interleaved, every context sees the same mix.
+    """
+    from hw_backend import cpu_attention as ca
+
+    per_context = {n: _context_ops(ca, node, threads, n, settings) for n in settings.contexts}
+    rows = []
+    for i in range(len(per_context[settings.contexts[0]][0])):
+        calls = [per_context[n][0][i][1] for n in settings.contexts]
+        for tokens, seconds in zip(settings.contexts, timed_round_robin(calls, settings.repeats),
+                                   strict=True):
+            (name, _, flops, nbytes, extra), copies = per_context[tokens][0][i], per_context[tokens][1]
+            t = representative(seconds)
+            p = {"socket": node, "threads": threads, "context": tokens,
+                 "kv_dtype": settings.kv_dtype, "kv_copies": copies, **extra}
+            rows.append(Measurement("cpu_kernel", name, nbytes / t / 1e9, "GB/s", p, seconds))
+            if flops:
+                rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9,
+                                        "GFLOP/s", p, seconds))
     return rows
 
 
@@ -167,7 +180,7 @@ class KernelProbe:
 
         seconds = timed(lambda: ca.partial_attention(self.q, self.K, self.V, num_threads=1),
                         self.repeats)
-        return self.nbytes / best(seconds) / 1e9
+        return self.nbytes / representative(seconds) / 1e9
 
 
 def calibrated_probe(doc: dict, kv_dtype: str = "fp32") -> tuple[int, float] | None:
@@ -186,10 +199,9 @@ def plan(machine: Machine, settings: Settings) -> list[Job]:
     for socket in machine.cpu_nodes:
         cpus = machine.cpus_of(socket)
         for threads in settings.thread_counts(len(cpus)):
-            for tokens in settings.contexts:
-                jobs.append(Job(
-                    f"C kernel on socket {socket.id}: {threads} thread(s), {tokens} tokens",
-                    lambda s=socket.id, c=cpus, t=threads, n=tokens: run_on_cpus(
-                        c, _suite, s, t, n, settings),
-                ))
+            jobs.append(Job(
+                f"C kernel on socket {socket.id}: {threads} thread(s), "
+                f"{'/'.join(str(n) for n in settings.contexts)} tokens",
+                lambda s=socket.id, c=cpus, t=threads: run_on_cpus(c, _suite, s, t, settings),
+            ))
     return jobs

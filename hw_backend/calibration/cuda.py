@@ -14,7 +14,7 @@ from pathlib import Path
 
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
-from hw_backend.calibration.timing import best, fit_line
+from hw_backend.calibration.timing import fit_line, representative
 
 _DTYPES = {"fp32": "float32", "tf32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -74,7 +74,7 @@ def hbm_bandwidth(settings: Settings) -> list[Measurement]:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     seconds = _event_times(lambda: dst.copy_(src), settings.repeats * 2)
-    return [Measurement("cuda", "hbm_copy", 2 * nbytes / best(seconds) / 1e9, "GB/s",
+    return [Measurement("cuda", "hbm_copy", 2 * nbytes / representative(seconds) / 1e9, "GB/s",
                         {"bytes": nbytes}, seconds)]
 
 
@@ -88,7 +88,7 @@ def gemm(settings: Settings) -> list[Measurement]:
         a = torch.randn(n, n, device="cuda", dtype=getattr(torch, _DTYPES[name]))
         b = torch.randn(n, n, device="cuda", dtype=a.dtype)
         seconds = _event_times(lambda a=a, b=b: torch.matmul(a, b), settings.repeats)
-        rows.append(Measurement("cuda", "gemm", 2 * n**3 / best(seconds) / 1e12, "TFLOP/s",
+        rows.append(Measurement("cuda", "gemm", 2 * n**3 / representative(seconds) / 1e12, "TFLOP/s",
                                 {"dtype": name, "n": n}, seconds))
     torch.backends.cuda.matmul.allow_tf32 = False
     return rows
@@ -109,10 +109,10 @@ def attention(settings: Settings) -> list[Measurement]:
         seconds = _event_times(lambda K=K, V=V: partial_attention(q, K, V, 1 / math.sqrt(HEAD_DIM)),
                                settings.repeats)
         nbytes = 2 * K.numel() * K.element_size()
-        rows.append(Measurement("cuda", "attention", nbytes / best(seconds) / 1e9, "GB/s",
+        rows.append(Measurement("cuda", "attention", nbytes / representative(seconds) / 1e9, "GB/s",
                                 {"context": tokens, "bytes": nbytes, "kv_dtype": "fp16"}, seconds))
         sizes.append(nbytes)
-        times.append(best(seconds))
+        times.append(representative(seconds))
         del K, V
     fixed, slope = fit_line(sizes, times)
     rows.append(Measurement("cuda", "attention_fit", 1 / slope / 1e9, "GB/s",
@@ -132,7 +132,7 @@ def launch_overhead(settings: Settings) -> list[Measurement]:
             x.add_(1.0)
 
     seconds = _event_times(many, settings.repeats)
-    return [Measurement("cuda", "launch_overhead", best(seconds) / count * 1e6, "us",
+    return [Measurement("cuda", "launch_overhead", representative(seconds) / count * 1e6, "us",
                         {"kernels": count}, seconds)]
 
 
@@ -153,10 +153,10 @@ def pinned_copies(settings: Settings) -> list[Measurement]:
             else:
                 seconds = _event_times(lambda d=dev, h=host: h.copy_(d, non_blocking=True),
                                        settings.repeats * 2)
-            rows.append(Measurement("cuda", f"{direction}_copy", nbytes / best(seconds) / 1e9,
+            rows.append(Measurement("cuda", f"{direction}_copy", nbytes / representative(seconds) / 1e9,
                                     "GB/s", {"bytes": nbytes, "pinned": True}, seconds))
             fit_x.append(nbytes)
-            fit_y.append(best(seconds))
+            fit_y.append(representative(seconds))
             del host, dev
         fixed, slope = fit_line(fit_x, fit_y)
         rows.append(Measurement("cuda", f"{direction}_fit", 1 / slope / 1e9, "GB/s",

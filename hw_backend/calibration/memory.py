@@ -18,7 +18,7 @@ import numpy as np
 from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import Job, Settings
-from hw_backend.calibration.timing import best, timed
+from hw_backend.calibration.timing import representative, timed
 from hw_backend.calibration.topology import Machine
 
 _LINE = 64
@@ -43,7 +43,7 @@ def read_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measur
     words = _on_node(nbytes // 8, np.uint64, node)
     words[:] = 1
     seconds = timed(lambda: ext.stream_read(words, threads), repeats)
-    return Measurement("memory", "read_bandwidth", words.nbytes / best(seconds) / 1e9, "GB/s",
+    return Measurement("memory", "read_bandwidth", words.nbytes / representative(seconds) / 1e9, "GB/s",
                        {"node": node, "threads": threads, "bytes": words.nbytes}, seconds)
 
 
@@ -60,7 +60,7 @@ def write_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measu
     finally:
         torch.set_num_threads(previous)
     nb = buf.numel() * 4
-    return Measurement("memory", "write_bandwidth", nb / best(seconds) / 1e9, "GB/s",
+    return Measurement("memory", "write_bandwidth", nb / representative(seconds) / 1e9, "GB/s",
                        {"node": node, "threads": threads, "bytes": nb}, seconds)
 
 
@@ -73,7 +73,7 @@ def latency(node: int, nbytes: int, steps: int) -> Measurement:
     order = np.random.default_rng(0).permutation(lines) * per_line
     nxt[order] = np.roll(order, -1)
     seconds = timed(lambda: ext.pointer_chase(nxt, steps, 0), 3)
-    return Measurement("memory", "latency", best(seconds) / steps * 1e9, "ns",
+    return Measurement("memory", "latency", representative(seconds) / steps * 1e9, "ns",
                        {"node": node, "bytes": int(nxt.nbytes), "steps": steps}, seconds)
 
 

@@ -26,7 +26,9 @@ class Settings:
     read_bytes: int = 512 * MiB  # streaming read/write buffer per measurement
     chase_bytes: int = 256 * MiB  # pointer-chase working set (latency)
     chase_steps: int = 2_000_000
-    contexts: tuple[int, ...] = (4096, 16384, 65536)  # tokens of KV per kernel call
+    #: tokens of KV per kernel call; five sizes pin the fit's intercept (a call's fixed cost)
+    #: that three left to the noise of one point (0 to 1.2 ms across runs, measured)
+    contexts: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
     topk_ratios: tuple[float, ...] = (0.01, 0.05)  # HybridGen's range (min and default ratio)
     copy_sizes: tuple[int, ...] = tuple(1 << s for s in range(12, 27, 2))  # 4 KiB .. 64 MiB
     #: Largest copy in the stand-in's PCIe fit: glibc serves bigger allocations with fresh mmaps
@@ -40,17 +42,18 @@ class Settings:
     #: timing one small buffer again and again would measure the cache instead (at 4k tokens,
     #: 17 MB of K fits a 32 MB L3: the host op ran 2x slower in the executor, measured).
     kernel_footprint_bytes: int = 256 * MiB
+    statistic: str = "median"  # how repeats become a figure (calibration.timing)
 
     @staticmethod
-    def make(quick: bool, kv_dtype: str = "fp32") -> Settings:
+    def make(quick: bool, kv_dtype: str = "fp32", statistic: str = "median") -> Settings:
         if not quick:
-            return Settings(kv_dtype=kv_dtype)
+            return Settings(kv_dtype=kv_dtype, statistic=statistic)
         return Settings(
             quick=True, repeats=2, read_bytes=32 * MiB, chase_bytes=16 * MiB,
             chase_steps=100_000, contexts=(1024, 4096), topk_ratios=(0.05,),
             copy_sizes=tuple(1 << s for s in (12, 16, 20, 22)), gemm_sizes=(256,),
             cuda_attention_tokens=(4096, 16384), kv_dtype=kv_dtype,
-            kernel_footprint_bytes=16 * MiB,
+            kernel_footprint_bytes=16 * MiB, statistic=statistic,
         )
 
     def thread_counts(self, cores: int) -> tuple[int, ...]:

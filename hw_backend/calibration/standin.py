@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
-from hw_backend.calibration.timing import best, fit_line, timed
+from hw_backend.calibration.timing import fit_line, representative, timed
 from hw_backend.streams import ResponsiveGil
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -127,11 +127,11 @@ class StandInBench:
                                     lambda K=K, V=V: partial_attention(q, K, V, scale),
                                     self.settings.repeats)
                 nbytes = 2 * K.numel() * K.element_size()
-                rows.append(Measurement("standin", name, nbytes / best(seconds) / 1e9, "GB/s",
+                rows.append(Measurement("standin", name, nbytes / representative(seconds) / 1e9, "GB/s",
                                         {**self.params, "context": tokens, "bytes": nbytes},
                                         seconds))
                 sizes.append(nbytes)
-                times.append(best(seconds))
+                times.append(representative(seconds))
         fixed, slope = fit_line(sizes, times)
         rows.append(Measurement("standin", name + "_fit", 1 / slope / 1e9, "GB/s",
                                 {**self.params, "fixed_us": fixed * 1e6}))
@@ -155,10 +155,10 @@ class StandInBench:
                                 lambda lg=logits, v=values: softmax_union(device_part, lg, v),
                                 self.settings.repeats)
             nbytes = values.numel() * values.element_size() + logits.numel() * 4
-            rows.append(Measurement("standin", "merge", nbytes / best(seconds) / 1e9, "GB/s",
+            rows.append(Measurement("standin", "merge", nbytes / representative(seconds) / 1e9, "GB/s",
                                     {**self.params, "rows": k, "bytes": nbytes}, seconds))
             sizes.append(nbytes)
-            times.append(best(seconds))
+            times.append(representative(seconds))
         fixed, slope = fit_line(sizes, times)
         rows.append(Measurement("standin", "merge_fit", 1 / slope / 1e9, "GB/s",
                                 {**self.params, "fixed_us": fixed * 1e6}))
@@ -175,7 +175,7 @@ class StandInBench:
         compute = self.accel.compute
         seconds = timed(lambda: compute.submit(lambda: partial_attention(q, K, V, 1.0)).wait(),
                         max(20, 10 * self.settings.repeats), warmup=5)
-        return [Measurement("standin", "op_overhead", best(seconds) * 1e6, "us",
+        return [Measurement("standin", "op_overhead", representative(seconds) * 1e6, "us",
                             dict(self.params), seconds)]
 
     def gemm(self) -> list[Measurement]:
@@ -191,10 +191,10 @@ class StandInBench:
                 b = torch.randn(n, n).to(a.dtype)
                 seconds = _on_queue(self.accel.compute, lambda a=a, b=b: torch.matmul(a, b),
                                     self.settings.repeats)
-                rows.append(Measurement("standin", "gemm", 2 * n**3 / best(seconds) / 1e12,
+                rows.append(Measurement("standin", "gemm", 2 * n**3 / representative(seconds) / 1e12,
                                         "TFLOP/s", {**self.params, "dtype": dtype, "n": n},
                                         seconds))
-                if bigger is None or best(seconds) * (bigger / n) ** 3 > GEMM_BUDGET_S:
+                if bigger is None or representative(seconds) * (bigger / n) ** 3 > GEMM_BUDGET_S:
                     break
         return rows
 
@@ -205,7 +205,7 @@ class StandInBench:
         src.fill_(1.0)
         dst = self.accel.empty((nbytes // 4,), self.f32)
         seconds = _on_queue(self.accel.compute, lambda: dst.copy_(src), self.settings.repeats)
-        return [Measurement("standin", "device_copy", 2 * nbytes / best(seconds) / 1e9, "GB/s",
+        return [Measurement("standin", "device_copy", 2 * nbytes / representative(seconds) / 1e9, "GB/s",
                             {**self.params, "bytes": nbytes}, seconds)]
 
     # -------------------------------------------------------------- the "PCIe link"
@@ -221,11 +221,11 @@ class StandInBench:
                 accel.empty(tuple(src.shape), src.dtype).copy_(src)
 
             seconds = _on_queue(accel.copy, upload, self.settings.repeats)
-            rows.append(Measurement("standin", "h2d_copy", nbytes / best(seconds) / 1e9, "GB/s",
+            rows.append(Measurement("standin", "h2d_copy", nbytes / representative(seconds) / 1e9, "GB/s",
                                     {**self.params, "bytes": nbytes}, seconds))
             if nbytes <= self.settings.copy_fit_max:
                 sizes.append(nbytes)
-                times.append(best(seconds))
+                times.append(representative(seconds))
         fixed, slope = fit_line(sizes, times)
         rows.append(Measurement("standin", "h2d_fit", 1 / slope / 1e9, "GB/s",
                                 {**self.params, "latency_us": fixed * 1e6}))
@@ -243,7 +243,7 @@ class StandInBench:
             accel.fetch(dst, src, accel.compute.submit(lambda: None))
 
         seconds = timed(fetch, max(20, 10 * self.settings.repeats), warmup=5)
-        return [Measurement("standin", "d2h_fetch", best(seconds) * 1e6, "us",
+        return [Measurement("standin", "d2h_fetch", representative(seconds) * 1e6, "us",
                             {**self.params, "bytes": src.numel() * 4}, seconds)]
 
 

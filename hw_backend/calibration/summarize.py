@@ -24,7 +24,7 @@ from typing import Any
 
 from hw_backend.calibration.records import Measurements
 from hw_backend.calibration.settings import HEADS
-from hw_backend.calibration.timing import fit_line
+from hw_backend.calibration.timing import fit_line, representative
 
 #: Host operations whose single-thread rate sets ``attention_gflops_per_core``: the streaming
 #: part of the host work (exact partial attention). Top-k heap inserts and scattered V-row
@@ -100,8 +100,8 @@ def _per_core_rate(rows) -> float | None:
     """GFLOP/s from the slope of time over FLOPs across context lengths (one thread)."""
     if not rows:
         return None
-    flops = [m.value * min(m.seconds) * 1e9 for m in rows]
-    times = [min(m.seconds) for m in rows]
+    flops = [m.value * representative(m.seconds) * 1e9 for m in rows]
+    times = [representative(m.seconds) for m in rows]
     _, slope = fit_line(flops, times)
     return 1 / slope / 1e9
 
@@ -110,8 +110,8 @@ def _op_overhead_us(rows) -> float | None:
     """Microseconds of the same fit's intercept: what a call costs beyond its FLOPs."""
     if len(rows) < 2:
         return None
-    flops = [m.value * min(m.seconds) * 1e9 for m in rows]
-    intercept, _ = fit_line(flops, [min(m.seconds) for m in rows])
+    flops = [m.value * representative(m.seconds) * 1e9 for m in rows]
+    intercept, _ = fit_line(flops, [representative(m.seconds) for m in rows])
     return intercept * 1e6
 
 
@@ -175,12 +175,12 @@ def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
     for m in ms.select("cpu_kernel", "gather_rows", socket=socket, threads=1):
         n, ratio = m.params["context"], m.params["topk_ratio"]
         k = max(1, math.ceil(ratio * n))
-        gathers.append(min(m.seconds) / (HEADS * k) * 1e9)
+        gathers.append(representative(m.seconds) / (HEADS * k) * 1e9)
         scan = ms.select("cpu_kernel", "logits", socket=socket, threads=1, context=n)
         topk = ms.select("cpu_kernel", "logits_topk", socket=socket, threads=1, context=n,
                          topk_ratio=ratio)
         if scan and topk:
-            extra = min(topk[0].seconds) - min(scan[0].seconds)
+            extra = representative(topk[0].seconds) - representative(scan[0].seconds)
             inserts.append(max(extra, 0.0) / (HEADS * k * (1 + math.log(n / k))) * 1e9)
     if gathers:
         out["gather_ns_per_row"] = Figure(round(statistics.median(gathers), 1),
@@ -237,7 +237,7 @@ def _efficiency(ms: Measurements, socket: int, n: int) -> float:
         single = ms.select("cpu_kernel", "partial_attention", socket=socket, threads=1,
                            context=m.params["context"])
         if single:
-            ratios.append(min(single[0].seconds) / min(m.seconds) / n)
+            ratios.append(representative(single[0].seconds) / representative(m.seconds) / n)
     return statistics.median(ratios) if ratios else 1.0
 
 

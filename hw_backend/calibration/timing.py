@@ -1,18 +1,23 @@
 """Timing helpers shared by the benchmarks: repeated runs and straight-line fits.
 
-Calibration runs on machines other people use too, and interference (another process on the
-core, a page-cache flush) only ever adds time; so a figure is the *fastest* of its repeats, the
-reproducible estimate of what the hardware does (as STREAM reports its best run). Every repeat
-is kept in the raw data, so medians can be recomputed. Rates that have a fixed cost per call (a
-copy's setup, a kernel launch) are fitted as ``time = fixed + size / rate`` over several sizes,
-which separates the two numbers a profile wants (latency and bandwidth).
+A figure is one number per benchmark from several repeats, by default their *median*. The
+fastest repeat (STREAM's convention, ``--statistic min``) is the reproducible best the hardware
+can do on a quiet machine; but on a shared or virtual machine whose speed swings from call to
+call, sustained work such as a decode step runs at the typical speed, not the best: on this
+project's 2-core VM the fastest of 7 kernel repeats was 5-25% faster than their median, and
+profiles built from fastest repeats under-predicted every validation case (MAPE 14.9% with the
+fastest, 12.0% with medians, back to back). Every repeat is kept in the raw data, so either
+statistic can be recomputed. Rates that have a fixed cost per call (a copy's setup, a kernel
+launch) are fitted as ``time = fixed + size / rate`` over several sizes, which separates the two
+numbers a profile wants (latency and bandwidth).
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, ...]:
@@ -27,9 +32,43 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[floa
     return tuple(out)
 
 
-def best(seconds: Sequence[float]) -> float:
-    """The representative time of a benchmark: its fastest repeat (see the module doc)."""
-    return float(min(seconds))
+def timed_round_robin(fns: Sequence[Callable[[], object]], repeats: int,
+                      warmup: int = 1) -> list[tuple[float, ...]]:
+    """Wall seconds of ``repeats`` calls of each of ``fns``, taken in turns (fn0, fn1, ...,
+    fn0, ...) after ``warmup`` untimed turns, so that all see the same drift of the machine."""
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    out: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, times in zip(fns, out, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return [tuple(t) for t in out]
+
+
+#: How repeats become a figure (``--statistic`` of ``hgsim calibrate``).
+STATISTICS = ("median", "min")
+_statistic = "median"
+
+
+@contextmanager
+def statistic(name: str) -> Iterator[None]:
+    """Within the block, ``representative`` uses ``name`` ("median" or "min")."""
+    global _statistic
+    if name not in STATISTICS:
+        raise ValueError(f"statistic: expected one of {STATISTICS}, got {name!r}")
+    previous, _statistic = _statistic, name
+    try:
+        yield
+    finally:
+        _statistic = previous
+
+
+def representative(seconds: Sequence[float]) -> float:
+    """The time a benchmark reports: the median of its repeats, or the fastest (module doc)."""
+    return float(min(seconds) if _statistic == "min" else statistics.median(seconds))
 
 
 def median(seconds: Sequence[float]) -> float:
