@@ -137,13 +137,13 @@ def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
     """
     from hw_backend import cpu_attention as ca
 
-    per_context = {n: _context_ops(ca, node, threads, n, settings) for n in settings.contexts}
+    contexts = settings.contexts
+    prepared = [_context_ops(ca, node, threads, n, settings) for n in contexts]
     rows = []
-    for i in range(len(per_context[settings.contexts[0]][0])):
-        calls = [per_context[n][0][i][1] for n in settings.contexts]
-        for tokens, seconds in zip(settings.contexts, timed_round_robin(calls, settings.repeats),
-                                   strict=True):
-            (name, _, flops, nbytes, extra), copies = per_context[tokens][0][i], per_context[tokens][1]
+    for i in range(len(prepared[0][0])):  # the same operation at every context, in turns
+        timings = timed_round_robin([ops[i][1] for ops, _ in prepared], settings.repeats)
+        for tokens, (ops, copies), seconds in zip(contexts, prepared, timings, strict=True):
+            name, _, flops, nbytes, extra = ops[i]
             t = representative(seconds)
             p = {"socket": node, "threads": threads, "context": tokens,
                  "kv_dtype": settings.kv_dtype, "kv_copies": copies, **extra}
