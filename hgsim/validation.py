@@ -246,6 +246,19 @@ def mape(results: list[CaseResult]) -> float:
     return statistics.fmean(abs(r.error_pct) for r in results)
 
 
+def breakdown(results: list[CaseResult]) -> list[tuple[str, float, float]]:
+    """(configuration, MAPE, mean signed error) per configuration, in study order.
+
+    The signed mean separates a model that is off in one direction (a missing cost, a
+    calibration taken in another machine state) from scatter around the truth.
+    """
+    groups: dict[str, list[CaseResult]] = {}
+    for r in results:
+        groups.setdefault(r.case.config, []).append(r)
+    return [(name, mape(rs), statistics.fmean(r.error_pct for r in rs))
+            for name, rs in groups.items()]
+
+
 # ------------------------------------------------------------------------------ outputs
 @dataclass(frozen=True)
 class Drift:
@@ -306,6 +319,11 @@ def print_table(results: list[CaseResult], error: float, threshold: float, title
     verdict = "[green]PASS[/green]" if error <= threshold else "[red]FAIL[/red]"
     console.print(f"MAPE {error:.2f}% over {len(results)} configurations "
                   f"(threshold {threshold:g}%): {verdict}")
+    if results:
+        signed = statistics.fmean(r.error_pct for r in results)
+        parts = ", ".join(f"{name} {m:.1f}% ({b:+.1f}%)" for name, m, b in breakdown(results))
+        console.print(f"by configuration, MAPE (mean signed error): {parts}; "
+                      f"all {signed:+.1f}%")
 
 
 def scatter(results: list[CaseResult], error: float, threshold: float, path: Path,

@@ -19,7 +19,15 @@ from hgsim.cli import main
 from hgsim.errors import UserError
 from hgsim.profiles import load_profile
 from hgsim.results import StepTiming
-from hgsim.validation import Case, CaseResult, Drift, check_same_plans, load_study, mape
+from hgsim.validation import (
+    Case,
+    CaseResult,
+    Drift,
+    breakdown,
+    check_same_plans,
+    load_study,
+    mape,
+)
 
 pytest.importorskip("torch")
 pytest.importorskip("hw_backend._cpu_attention", reason="C kernels not built")
@@ -153,6 +161,17 @@ def test_case_result_error_and_mape():
     assert middle.measured_s == pytest.approx(1.1)
     assert mape([fastest, middle]) == pytest.approx(5.0)
     assert math.isnan(mape([]))
+
+
+def test_breakdown_gives_each_configuration_its_mape_and_bias():
+    def result(config: str, measured: float, predicted: float) -> CaseResult:
+        case = Case(config, "cpu_offload", {}, 4096, device_threads=1, host_threads=1,
+                    pin=False)
+        return CaseResult(case, [_step(0, measured)], [_step(0, predicted)], "dev", warmup=0)
+
+    rows = [result("a", 1.0, 1.2), result("a", 1.0, 0.9), result("b", 2.0, 1.0)]
+    assert breakdown(rows) == [("a", pytest.approx(15.0), pytest.approx(5.0)),
+                               ("b", pytest.approx(50.0), pytest.approx(-50.0))]
 
 
 def test_different_plans_are_refused():
