@@ -129,28 +129,31 @@ def _context_ops(ca, node: int, threads: int, tokens: int, settings: Settings):
 
 
 def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
-    """Every operation at every context, the contexts' calls interleaved repeat by repeat.
+    """Every operation at every context, all calls interleaved repeat by repeat.
 
-    A shared machine's speed drifts over seconds; timing one context after another would give
+    A shared machine's speed drifts over seconds. Timing one context after another would give
     each context its own machine state and bend the fit of time over size (its slope is the
-    rate, its intercept a call's fixed cost). Interleaved, every context sees the same mix.
+    rate, its intercept a call's fixed cost); timing one operation after another would do the
+    same to differences between operations (top-k's cost is logits_topk minus logits). In
+    turns, every call sees the same mix of states.
     """
     from hw_backend import cpu_attention as ca
 
     contexts = settings.contexts
     prepared = [_context_ops(ca, node, threads, n, settings) for n in contexts]
+    calls = [(tokens, copies, op) for tokens, (ops, copies) in zip(contexts, prepared, strict=True)
+             for op in ops]
+    timings = timed_round_robin([op[1] for _, _, op in calls], settings.repeats)
     rows = []
-    for i in range(len(prepared[0][0])):  # the same operation at every context, in turns
-        timings = timed_round_robin([ops[i][1] for ops, _ in prepared], settings.repeats)
-        for tokens, (ops, copies), seconds in zip(contexts, prepared, timings, strict=True):
-            name, _, flops, nbytes, extra = ops[i]
-            t = representative(seconds)
-            p = {"socket": node, "threads": threads, "context": tokens,
-                 "kv_dtype": settings.kv_dtype, "kv_copies": copies, **extra}
-            rows.append(Measurement("cpu_kernel", name, nbytes / t / 1e9, "GB/s", p, seconds))
-            if flops:
-                rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9,
-                                        "GFLOP/s", p, seconds))
+    for (tokens, copies, op), seconds in zip(calls, timings, strict=True):
+        name, _, flops, nbytes, extra = op
+        t = representative(seconds)
+        p = {"socket": node, "threads": threads, "context": tokens,
+             "kv_dtype": settings.kv_dtype, "kv_copies": copies, **extra}
+        rows.append(Measurement("cpu_kernel", name, nbytes / t / 1e9, "GB/s", p, seconds))
+        if flops:
+            rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9, "GFLOP/s",
+                                    p, seconds))
     return rows
 
 
