@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from hw_backend.calibration.timing import timed
+
 try:
     from hw_backend import _cpu_attention as _ext
 except ImportError:  # the warning is issued by hw_backend.cpu_attention
@@ -35,14 +37,7 @@ __all__ = ["latency_ns", "median_seconds", "read_bandwidth_gbps", "read_pass"]
 
 def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
     """Median wall time of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn, repeats, warmup))
 
 
 def _numpy_stream_read(words: np.ndarray, threads: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -349,3 +350,15 @@ def test_figures_take_the_median_repeat_unless_told_the_fastest():
     with pytest.raises(ValueError, match="statistic"):
         with timing.statistic("mean"):
             pass
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_setaffinity")
+def test_a_pinned_child_process_takes_figures_with_the_parents_statistic():
+    from hw_backend.calibration import timing
+    from hw_backend.calibration.pinned import run_on_cpus
+
+    cpus = sorted(os.sched_getaffinity(0))[:1]
+    repeats = (3.0, 1.0, 2.0)
+    with timing.statistic("min"):
+        assert run_on_cpus(cpus, timing.representative, repeats, force_process=True) == 1.0
+    assert run_on_cpus(cpus, timing.representative, repeats, force_process=True) == 2.0

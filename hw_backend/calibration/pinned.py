@@ -3,7 +3,8 @@
 OpenMP worker threads keep the affinity they were created with, so pinning the calling thread of
 a process whose thread pool already exists does not move the pool. A benchmark for a subset of
 the CPUs therefore runs in a fresh (spawned) process whose affinity is set before anything starts
-threads. When the subset is every CPU this process may use, it simply runs here.
+threads. When the subset is every CPU this process may use, it simply runs here. The child
+takes its figures with the parent's statistic (``timing.statistic``).
 """
 
 from __future__ import annotations
@@ -14,11 +15,19 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any, TypeVar
 
+from hw_backend.calibration.timing import current_statistic, statistic
+
 T = TypeVar("T")
 
 
 def _pin(cpus: Sequence[int]) -> None:
     os.sched_setaffinity(0, set(cpus))
+
+
+def _with_statistic(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a child process, its figures taken as the parent takes them."""
+    with statistic(name):
+        return fn(*args)
 
 
 def run_on_cpus(cpus: Sequence[int], fn: Callable[..., T], *args: Any,
@@ -32,4 +41,4 @@ def run_on_cpus(cpus: Sequence[int], fn: Callable[..., T], *args: Any,
         return fn(*args)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(1, mp_context=ctx, initializer=_pin, initargs=(tuple(cpus),)) as pool:
-        return pool.submit(fn, *args).result()
+        return pool.submit(_with_statistic, current_statistic(), fn, *args).result()

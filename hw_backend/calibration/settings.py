@@ -42,18 +42,17 @@ class Settings:
     #: timing one small buffer again and again would measure the cache instead (at 4k tokens,
     #: 17 MB of K fits a 32 MB L3: the host op ran 2x slower in the executor, measured).
     kernel_footprint_bytes: int = 256 * MiB
-    statistic: str = "median"  # how repeats become a figure (calibration.timing)
 
     @staticmethod
-    def make(quick: bool, kv_dtype: str = "fp32", statistic: str = "median") -> Settings:
+    def make(quick: bool, kv_dtype: str = "fp32") -> Settings:
         if not quick:
-            return Settings(kv_dtype=kv_dtype, statistic=statistic)
+            return Settings(kv_dtype=kv_dtype)
         return Settings(
             quick=True, repeats=2, read_bytes=32 * MiB, chase_bytes=16 * MiB,
             chase_steps=100_000, contexts=(1024, 4096), topk_ratios=(0.05,),
             copy_sizes=tuple(1 << s for s in (12, 16, 20, 22)), gemm_sizes=(256,),
             cuda_attention_tokens=(4096, 16384), kv_dtype=kv_dtype,
-            kernel_footprint_bytes=16 * MiB, statistic=statistic,
+            kernel_footprint_bytes=16 * MiB,
         )
 
     def thread_counts(self, cores: int) -> tuple[int, ...]:

@@ -96,23 +96,25 @@ def _series(rows, key: str) -> str:
                                                                         m.params[key]))
 
 
+def _time_over_flops(rows) -> tuple[float, float]:
+    """(intercept s, slope s/FLOP) of a kernel's time over its FLOPs across context lengths."""
+    times = [representative(m.seconds) for m in rows]
+    flops = [m.value * t * 1e9 for m, t in zip(rows, times, strict=True)]  # value is GFLOP/s
+    return fit_line(flops, times)
+
+
 def _per_core_rate(rows) -> float | None:
     """GFLOP/s from the slope of time over FLOPs across context lengths (one thread)."""
     if not rows:
         return None
-    flops = [m.value * representative(m.seconds) * 1e9 for m in rows]
-    times = [representative(m.seconds) for m in rows]
-    _, slope = fit_line(flops, times)
-    return 1 / slope / 1e9
+    return 1 / _time_over_flops(rows)[1] / 1e9
 
 
 def _op_overhead_us(rows) -> float | None:
     """Microseconds of the same fit's intercept: what a call costs beyond its FLOPs."""
     if len(rows) < 2:
         return None
-    flops = [m.value * representative(m.seconds) * 1e9 for m in rows]
-    intercept, _ = fit_line(flops, [representative(m.seconds) for m in rows])
-    return intercept * 1e6
+    return _time_over_flops(rows)[0] * 1e6
 
 
 def _op_rates(ms: Measurements, socket: int, threads: int) -> dict[str, float]:

@@ -22,14 +22,7 @@ from contextlib import contextmanager
 
 def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, ...]:
     """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return tuple(out)
+    return timed_round_robin([fn], repeats, warmup)[0]
 
 
 def timed_round_robin(fns: Sequence[Callable[[], object]], repeats: int,
@@ -53,6 +46,10 @@ STATISTICS = ("median", "min")
 _statistic = "median"
 
 
+def current_statistic() -> str:
+    return _statistic
+
+
 @contextmanager
 def statistic(name: str) -> Iterator[None]:
     """Within the block, ``representative`` uses ``name`` ("median" or "min")."""
@@ -69,10 +66,6 @@ def statistic(name: str) -> Iterator[None]:
 def representative(seconds: Sequence[float]) -> float:
     """The time a benchmark reports: the median of its repeats, or the fastest (module doc)."""
     return float(min(seconds) if _statistic == "min" else statistics.median(seconds))
-
-
-def median(seconds: Sequence[float]) -> float:
-    return float(statistics.median(seconds))
 
 
 def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
