@@ -162,7 +162,8 @@ def test_attention_only_keeps_the_kv_append_as_its_qkv_kernel():
     each layer: a launch-bound kernel, not nothing."""
     model = get_model("llama-2-13b")
     profile = load_profile(H100)
-    lp = make_policy("cpu_offload", model, profile, Workload(context=65536, gen=1)).layer_plan(65536)
+    wl = Workload(context=65536, gen=1)
+    lp = make_policy("cpu_offload", model, profile, wl).layer_plan(65536)
     full = layer_work(model, 1, lp, "fp16", "fp16")
     only = layer_work(model, 1, lp, "fp16", "fp16", attention_only=True)
     assert only.qkv.flops == 0 and only.qkv.bytes_ == 2 * model.kv_dim * 2  # K+V, fp16

@@ -74,8 +74,9 @@ def hbm_bandwidth(settings: Settings) -> list[Measurement]:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     seconds = _event_times(lambda: dst.copy_(src), settings.repeats * 2)
-    return [Measurement("cuda", "hbm_copy", 2 * nbytes / representative(seconds) / 1e9, "GB/s",
-                        {"bytes": nbytes}, seconds)]
+    t = representative(seconds)
+    return [Measurement("cuda", "hbm_copy", 2 * nbytes / t / 1e9, "GB/s", {"bytes": nbytes},
+                        seconds)]
 
 
 def gemm(settings: Settings) -> list[Measurement]:
@@ -88,7 +89,8 @@ def gemm(settings: Settings) -> list[Measurement]:
         a = torch.randn(n, n, device="cuda", dtype=getattr(torch, _DTYPES[name]))
         b = torch.randn(n, n, device="cuda", dtype=a.dtype)
         seconds = _event_times(lambda a=a, b=b: torch.matmul(a, b), settings.repeats)
-        rows.append(Measurement("cuda", "gemm", 2 * n**3 / representative(seconds) / 1e12, "TFLOP/s",
+        t = representative(seconds)
+        rows.append(Measurement("cuda", "gemm", 2 * n**3 / t / 1e12, "TFLOP/s",
                                 {"dtype": name, "n": n}, seconds))
     torch.backends.cuda.matmul.allow_tf32 = False
     return rows
@@ -109,10 +111,11 @@ def attention(settings: Settings) -> list[Measurement]:
         seconds = _event_times(lambda K=K, V=V: partial_attention(q, K, V, 1 / math.sqrt(HEAD_DIM)),
                                settings.repeats)
         nbytes = 2 * K.numel() * K.element_size()
-        rows.append(Measurement("cuda", "attention", nbytes / representative(seconds) / 1e9, "GB/s",
+        t = representative(seconds)
+        rows.append(Measurement("cuda", "attention", nbytes / t / 1e9, "GB/s",
                                 {"context": tokens, "bytes": nbytes, "kv_dtype": "fp16"}, seconds))
         sizes.append(nbytes)
-        times.append(representative(seconds))
+        times.append(t)
         del K, V
     fixed, slope = fit_line(sizes, times)
     rows.append(Measurement("cuda", "attention_fit", 1 / slope / 1e9, "GB/s",
@@ -153,10 +156,11 @@ def pinned_copies(settings: Settings) -> list[Measurement]:
             else:
                 seconds = _event_times(lambda d=dev, h=host: h.copy_(d, non_blocking=True),
                                        settings.repeats * 2)
-            rows.append(Measurement("cuda", f"{direction}_copy", nbytes / representative(seconds) / 1e9,
-                                    "GB/s", {"bytes": nbytes, "pinned": True}, seconds))
+            t = representative(seconds)
+            rows.append(Measurement("cuda", f"{direction}_copy", nbytes / t / 1e9, "GB/s",
+                                    {"bytes": nbytes, "pinned": True}, seconds))
             fit_x.append(nbytes)
-            fit_y.append(representative(seconds))
+            fit_y.append(t)
             del host, dev
         fixed, slope = fit_line(fit_x, fit_y)
         rows.append(Measurement("cuda", f"{direction}_fit", 1 / slope / 1e9, "GB/s",

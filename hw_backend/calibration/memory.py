@@ -43,8 +43,8 @@ def read_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measur
     words = _on_node(nbytes // 8, np.uint64, node)
     words[:] = 1
     seconds = timed(lambda: ext.stream_read(words, threads), repeats)
-    return Measurement("memory", "read_bandwidth", words.nbytes / representative(seconds) / 1e9, "GB/s",
-                       {"node": node, "threads": threads, "bytes": words.nbytes}, seconds)
+    return Measurement("memory", "read_bandwidth", words.nbytes / representative(seconds) / 1e9,
+                       "GB/s", {"node": node, "threads": threads, "bytes": words.nbytes}, seconds)
 
 
 def write_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measurement:
