@@ -228,33 +228,8 @@ static const int32_t avx2_tail_masks[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
         _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define VLOAD_F16(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))
 #include "cpu_attention.h"
-#undef SFX
-#undef KATTR
-#undef ACC_NV
-#undef SCORE_NT4
-#undef SPECIALIZE_D
-#undef VW
-#undef VF
-#undef VZERO
-#undef VSET1
-#undef VLOAD
-#undef VSTORE
-#undef VLOADN
-#undef VSTOREN
-#undef VADD
-#undef VSUB
-#undef VMUL
-#undef VFMA
-#undef VMAX
-#undef VRSUM
-#undef VRSUM8
-#undef VRMAX
-#undef VMASK_NLT
-#undef VEXP
-#undef VLOAD_BF16
-#undef VLOAD_F16
 
-/* AVX2 (16 registers: two vectors per head in accum) */
+/* AVX2 (16 registers: three vectors per head in accum) */
 #define SFX avx2
 #define KATTR KATTR_AVX2
 #define ACC_NV 3
@@ -283,31 +258,6 @@ static const int32_t avx2_tail_masks[16] = {-1, -1, -1, -1, -1, -1, -1, -1,
         _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 #define VLOAD_F16(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
 #include "cpu_attention.h"
-#undef SFX
-#undef KATTR
-#undef ACC_NV
-#undef SCORE_NT4
-#undef SPECIALIZE_D
-#undef VW
-#undef VF
-#undef VZERO
-#undef VSET1
-#undef VLOAD
-#undef VSTORE
-#undef VLOADN
-#undef VSTOREN
-#undef VADD
-#undef VSUB
-#undef VMUL
-#undef VFMA
-#undef VMAX
-#undef VRSUM
-#undef VRSUM8
-#undef VRMAX
-#undef VMASK_NLT
-#undef VEXP
-#undef VLOAD_BF16
-#undef VLOAD_F16
 
 #endif /* HAVE_X86_SIMD */
 

@@ -2,10 +2,10 @@
  * cpu_attention.h - SIMD kernel template for cpu_attention.c.
  *
  * Not a conventional header: cpu_attention.c includes it once per instruction set (AVX-512,
- * AVX2, plain C) after defining the vector macros listed below, so every kernel is written
- * once and compiled three times, each copy under its own __attribute__((target)). The copy
- * to run is picked at run time from the CPU's features, which keeps the build free of
- * -march=native and lets tests force a lower level.
+ * AVX2, plain C) after defining the vector macros listed below, which it undefines again at
+ * its end, so every kernel is written once and compiled three times, each copy under its own
+ * __attribute__((target)). The copy to run is picked at run time from the CPU's features,
+ * which keeps the build free of -march=native and lets tests force a lower level.
  *
  * K/V rows are read in their storage type (float32, bfloat16, float16) and widened in
  * registers; the element type DT and, for the common head sizes, D are compile-time
@@ -364,3 +364,29 @@ static const kernels_t FN(kernels) = {
 };
 
 #undef FN
+/* The includer's parameters, so the next instantiation can define its own. */
+#undef SFX
+#undef KATTR
+#undef ACC_NV
+#undef SCORE_NT4
+#undef SPECIALIZE_D
+#undef VW
+#undef VF
+#undef VZERO
+#undef VSET1
+#undef VLOAD
+#undef VSTORE
+#undef VLOADN
+#undef VSTOREN
+#undef VADD
+#undef VSUB
+#undef VMUL
+#undef VFMA
+#undef VMAX
+#undef VRSUM
+#undef VRSUM8
+#undef VRMAX
+#undef VMASK_NLT
+#undef VEXP
+#undef VLOAD_BF16
+#undef VLOAD_F16
