@@ -233,11 +233,12 @@ static ALWAYS_INLINE KATTR void FN(accum_nh)(float *acc, int64_t D, const float 
 {
     int nvec = (int)(D / VW), j = 0;
     for (; j + ACC_NV <= nvec; j += ACC_NV)
-        FN(accum_tile)(acc, D, j * VW, p, p_stride, v, DT, nt, NH, ACC_NV, 0, pf);
-    for (; j < nvec; j++)
-        FN(accum_tile)(acc, D, j * VW, p, p_stride, v, DT, nt, NH, 1, 0, pf);
+        FN(accum_tile)(acc, D, (int64_t)j * VW, p, p_stride, v, DT, nt, NH, ACC_NV, 0, pf);
+    for (; j < nvec; j++) /* offsets in 64 bits: j * VW must not overflow an int */
+        FN(accum_tile)(acc, D, (int64_t)j * VW, p, p_stride, v, DT, nt, NH, 1, 0, pf);
     if (D % VW)
-        FN(accum_tile)(acc, D, j * VW, p, p_stride, v, DT, nt, NH, 1, (int)(D % VW), pf);
+        FN(accum_tile)(acc, D, (int64_t)j * VW, p, p_stride, v, DT, nt, NH, 1, (int)(D % VW),
+                       pf);
 }
 
 static ALWAYS_INLINE KATTR void FN(accum_d)(float *acc, int G, int64_t D, const float *p,
