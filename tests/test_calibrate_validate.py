@@ -339,6 +339,32 @@ def test_kernel_figures_split_a_call_into_fixed_cost_and_rate():
     assert used.cores == 2 and used.op_overhead_us == pytest.approx(300.0, abs=0.1)
 
 
+def test_a_timed_one_block_call_sets_the_fixed_cost_not_the_extrapolated_intercept():
+    from hw_backend.calibration.records import Measurement, Measurements
+    from hw_backend.calibration.summarize import cpu_kernel_figures
+
+    rows = Measurements()
+    rate, fixed_s = 40e9, 200e-6
+    # the biggest call caught the machine 20% slow: a line through all five would move its
+    # intercept by milliseconds; the medians over contexts do not move
+    for tokens, slow in ((4096, 1.0), (8192, 1.0), (16384, 1.0), (32768, 1.0), (65536, 1.2)):
+        flops = 2048.0 * 8 * tokens
+        t = fixed_s + slow * flops / rate
+        params = {"socket": 0, "threads": 1, "context": tokens, "kv_dtype": "fp32"}
+        rows.append(Measurement("cpu_kernel", "partial_attention_flops", flops / t / 1e9,
+                                "GFLOP/s", params, (t,)))
+    small_flops = 2048.0 * 8 * 32
+    small_t = fixed_s + small_flops / rate
+    rows.append(Measurement("cpu_kernel", "call_overhead", small_t * 1e6, "us",
+                            {"socket": 0, "threads": 1, "context": 32, "kv_dtype": "fp32",
+                             "flops": small_flops}, (small_t,)))
+    figures = cpu_kernel_figures(rows, 0)
+    assert figures["op_overhead_us"].value == pytest.approx(200.0, abs=1.0)
+    assert figures["attention_gflops_per_core"].value == pytest.approx(40.0, rel=1e-3)
+    assert "32-token call" in figures["op_overhead_us"].what
+    assert figures["per_threads"].value[1]["op_overhead_us"] == pytest.approx(200.0, abs=1.0)
+
+
 def test_figures_take_the_median_repeat_unless_told_the_fastest():
     from hw_backend.calibration import timing
 

@@ -143,6 +143,7 @@ def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
     prepared = [_context_ops(ca, node, threads, n, settings) for n in contexts]
     calls = [(tokens, copies, op) for tokens, (ops, copies) in zip(contexts, prepared, strict=True)
              for op in ops]
+    calls.append((settings.overhead_context, 1, _overhead_op(ca, node, threads, settings)))
     timings = timed_round_robin([op[1] for _, _, op in calls], settings.repeats)
     rows = []
     for (tokens, copies, op), seconds in zip(calls, timings, strict=True):
@@ -150,11 +151,28 @@ def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
         t = representative(seconds)
         p = {"socket": node, "threads": threads, "context": tokens,
              "kv_dtype": settings.kv_dtype, "kv_copies": copies, **extra}
+        if name == "call_overhead":
+            rows.append(Measurement("cpu_kernel", name, t * 1e6, "us", p, seconds))
+            continue
         rows.append(Measurement("cpu_kernel", name, nbytes / t / 1e9, "GB/s", p, seconds))
         if flops:
             rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9, "GFLOP/s",
                                     p, seconds))
     return rows
+
+
+def _overhead_op(ca, node: int, threads: int, settings: Settings):
+    """Partial attention over one block of tokens per KV head: what a call costs besides its
+    FLOPs (argument checks, thread fork and join, scratch buffers), measured directly. Its
+    FLOPs ride along (``flops`` param) so the fixed cost can be told from the little work."""
+    import torch
+
+    tokens = settings.overhead_context
+    K, V = _kv(tokens, settings.kv_dtype, node)
+    q = torch.randn(1, HEADS, HEAD_DIM)
+    flops, _ = sim_cpu_work("partial_attention", tokens, tokens, settings.kv_dtype)
+    return ("call_overhead", lambda: ca.partial_attention(q, K, V, num_threads=threads), 0.0,
+            0, {"flops": flops})
 
 
 def _host_op(ca, kv, q, k: int, threads: int):

@@ -26,9 +26,12 @@ class Settings:
     read_bytes: int = 512 * MiB  # streaming read/write buffer per measurement
     chase_bytes: int = 256 * MiB  # pointer-chase working set (latency)
     chase_steps: int = 2_000_000
-    #: tokens of KV per kernel call; five sizes pin the fit's intercept (a call's fixed cost)
-    #: that three left to the noise of one point (0 to 1.2 ms across runs, measured)
+    #: tokens of KV per kernel call: the host ops' rates are their medians over these sizes
     contexts: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
+    #: tokens per KV head of the call that measures a call's fixed cost directly (one block of
+    #: the kernel): extrapolating time over size to zero put it anywhere from 0 to 1.2 ms
+    #: across runs minutes apart (measured), since the big calls' noise swamps it
+    overhead_context: int = 32
     topk_ratios: tuple[float, ...] = (0.01, 0.05)  # HybridGen's range (min and default ratio)
     copy_sizes: tuple[int, ...] = tuple(1 << s for s in range(12, 27, 2))  # 4 KiB .. 64 MiB
     #: Largest copy in the stand-in's PCIe fit: glibc serves bigger allocations with fresh mmaps

@@ -6,8 +6,8 @@ value came from, and ends up as the figure's YAML comment. The choices that are 
 * ``core_bandwidth_gbps`` is one thread's streaming read rate; a tier's read bandwidth is the best
   over thread counts (what all cores together reach).
 * ``attention_gflops_per_core`` is the C kernel's single-thread rate on the operations the
-  executor runs on the host, in FLOPs as the simulator counts them (``cpu_kernel``), taken from
-  the slope of time over FLOPs across context lengths (so a call's fixed cost does not dilute it).
+  executor runs on the host, in FLOPs as the simulator counts them (``cpu_kernel``), net of a
+  call's fixed cost (``op_overhead_us``, timed directly on a one-block call).
 * The stand-in accelerator: ``hbm_bandwidth_gbps`` is the streaming read rate of its own threads,
   ``attention_efficiency`` its measured attention rate over that (under the host kernel's
   concurrent load, as the executor runs them), ``kernel_launch_overhead_us`` the per-op
@@ -96,25 +96,41 @@ def _series(rows, key: str) -> str:
                                                                         m.params[key]))
 
 
-def _time_over_flops(rows) -> tuple[float, float]:
-    """(intercept s, slope s/FLOP) of a kernel's time over its FLOPs across context lengths."""
+def _time_over_flops(rows, small=()) -> tuple[float, float]:
+    """(fixed s, s/FLOP) of a kernel call across context lengths: time = fixed + FLOPs x slope.
+
+    With ``small``, the directly timed one-block call (``call_overhead``), the fixed cost is its
+    time less its little work, and the slope is the median over contexts of (time - fixed) /
+    FLOPs. A line fitted through the big calls alone extrapolated the fixed cost from tens of
+    milliseconds, where their noise swamped it (0 to 1.2 ms between runs minutes apart), and
+    the slope swung against it. Without ``small`` (older data) that least-squares line it is.
+    """
     times = [representative(m.seconds) for m in rows]
     flops = [m.value * t * 1e9 for m, t in zip(rows, times, strict=True)]  # value is GFLOP/s
-    return fit_line(flops, times)
+    if not small:
+        return fit_line(flops, times)
+    rough = statistics.median(t / f for t, f in zip(times, flops, strict=True))
+    fixed = max(0.0, small[0].value * 1e-6 - small[0].params["flops"] * rough)
+    return fixed, statistics.median(max(t - fixed, 0.5 * t) / f
+                                    for t, f in zip(times, flops, strict=True))
 
 
-def _per_core_rate(rows) -> float | None:
-    """GFLOP/s from the slope of time over FLOPs across context lengths (one thread)."""
+def _small_call(ms: Measurements, socket: int, threads: int):
+    return ms.select("cpu_kernel", "call_overhead", socket=socket, threads=threads)
+
+
+def _per_core_rate(rows, small=()) -> float | None:
+    """GFLOP/s of the per-FLOP part of a call's time (one thread)."""
     if not rows:
         return None
-    return 1 / _time_over_flops(rows)[1] / 1e9
+    return 1 / _time_over_flops(rows, small)[1] / 1e9
 
 
-def _op_overhead_us(rows) -> float | None:
-    """Microseconds of the same fit's intercept: what a call costs beyond its FLOPs."""
-    if len(rows) < 2:
+def _op_overhead_us(rows, small=()) -> float | None:
+    """Microseconds a call costs beyond its FLOPs."""
+    if len(rows) < 2 and not (rows and small):
         return None
-    return _time_over_flops(rows)[0] * 1e6
+    return _time_over_flops(rows, small)[0] * 1e6
 
 
 def _op_rates(ms: Measurements, socket: int, threads: int) -> dict[str, float]:
@@ -125,7 +141,7 @@ def _op_rates(ms: Measurements, socket: int, threads: int) -> dict[str, float]:
         for ratio in sorted({m.params.get("topk_ratio") for m in rows}, key=lambda r: r or 0):
             subset = [m for m in rows if m.params.get("topk_ratio") == ratio]
             label = op.removesuffix("_flops") + (f"@{ratio:g}" if ratio is not None else "")
-            rate = _per_core_rate(subset)
+            rate = _per_core_rate(subset, _small_call(ms, socket, threads))
             if rate is not None:
                 rates[label] = rate / threads
     return rates
@@ -142,7 +158,7 @@ def cpu_kernel_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
         "attention_gflops_per_core": Figure(
             round(value, 2),
             f"C kernel, 1 thread, mean of the host ops' FLOP/s as the simulator counts them "
-            f"({detail}; slope over contexts {_contexts(ms)}){scaling}"),
+            f"({detail}; net of the fixed cost, contexts {_contexts(ms)}){scaling}"),
         **_overhead_figure(ms, socket),
         "op_rates": Figure(rates, "per-op single-thread GFLOP/s"),
         "per_threads": Figure(per_thread_figures(ms, socket),
@@ -153,12 +169,15 @@ def cpu_kernel_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
 
 def _overhead_figure(ms: Measurements, socket: int) -> dict[str, Figure]:
     rows = ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=1)
-    fixed = _op_overhead_us(rows)
+    small = _small_call(ms, socket, 1)
+    fixed = _op_overhead_us(rows, small)
     if fixed is None:
         return {}
+    how = (f"time of a {small[0].params['context']}-token call less its FLOPs" if small else
+           f"intercept of time over size (contexts {_contexts(ms)})")
     return {"op_overhead_us": Figure(
-        round(fixed, 1), f"C kernel, 1 thread: intercept of {HOST_OPS[0].removesuffix('_flops')}"
-        f" time over size (contexts {_contexts(ms)}), the fixed cost of a call")}
+        round(fixed, 1), f"C kernel, 1 thread, {HOST_OPS[0].removesuffix('_flops')}: {how}, "
+        f"the fixed cost of a call")}
 
 
 def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
@@ -224,7 +243,8 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
                   "op_rates": {k: round(v, 3) for k, v in rates.items()}}
         if reads:
             out[n]["core_bandwidth_gbps"] = round(reads[0] / n, 3)
-        fixed = _op_overhead_us(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n))
+        fixed = _op_overhead_us(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n),
+                                _small_call(ms, socket, n))
         if fixed is not None:
             out[n]["op_overhead_us"] = round(fixed, 1)
     return out
@@ -245,7 +265,8 @@ def _efficiency(ms: Measurements, socket: int, n: int) -> float:
 
 def _contexts(ms: Measurements) -> str:
     return "/".join(str(c) for c in sorted({m.params["context"] for m in ms
-                                            if m.group == "cpu_kernel"}))
+                                            if m.group == "cpu_kernel"
+                                            and m.name != "call_overhead"}))
 
 
 def _scaling(ms: Measurements, socket: int) -> str:
