@@ -197,6 +197,42 @@ def test_fit_line_and_thread_counts():
     assert Settings.make(True).thread_counts(1) == (1,)
 
 
+def test_net_rate_is_the_median_rate_after_the_fixed_cost():
+    from hw_backend.calibration.timing import net_rate
+
+    # 2 units per second after a fixed cost of 1; the last size caught a phase 3x slower
+    sizes, times = [2, 4, 8, 16], [2, 3, 5, 25]
+    assert net_rate(sizes, times, 1.0) == pytest.approx(2.0)
+    assert net_rate([10], [1.0], 0.9) == pytest.approx(20.0)  # at most half a call is fixed
+    with pytest.raises(ValueError):
+        net_rate([1, 2], [1], 0.0)
+
+
+def test_device_queue_timings_are_taken_in_turns():
+    from hw_backend.calibration.standin import _on_queue_in_turns
+
+    order = []
+
+    class Marker:
+        def __init__(self, fn):
+            fn()
+
+        def wait(self):
+            pass
+
+        def duration_s(self):
+            return float(len(order))
+
+    class Queue:
+        def submit(self, fn):
+            return Marker(fn)
+
+    timings = _on_queue_in_turns(Queue(), [lambda: order.append("a"), lambda: order.append("b")],
+                                 repeats=2, warmup=1)
+    assert order == ["a", "b"] * 3
+    assert timings == [(3.0, 5.0), (4.0, 6.0)]
+
+
 def test_profile_writer_quotes_only_when_needed():
     from hw_backend.calibration.profile_writer import Node, render
 

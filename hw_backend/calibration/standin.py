@@ -6,8 +6,8 @@ profile's GPU entry must describe *that* device, so every figure here is timed t
 stand-in's own queues, exactly as the executor submits work:
 
 * attention: ``merge.partial_attention`` over device-resident K/V on the compute queue, at several
-  context lengths; the slope of time over bytes is the rate the simulator gets from
-  ``hbm_bandwidth_gbps * attention_efficiency``. The same for the merge of received rows
+  context lengths taken in turns; the median over them of bytes / (time - a one-token call's
+  time) is the rate the simulator gets from ``hbm_bandwidth_gbps * attention_efficiency``. The same for the merge of received rows
   (``merge.softmax_union``).
 * per-op overhead (``kernel_launch_overhead_us``): submit-to-done of a one-token attention.
 * GEMM FLOP/s (``peak_tflops``) on the compute queue, per dtype.
@@ -29,7 +29,7 @@ from contextlib import contextmanager
 
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
-from hw_backend.calibration.timing import fit_line, representative, timed
+from hw_backend.calibration.timing import fit_line, net_rate, representative, timed
 from hw_backend.streams import ResponsiveGil
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -38,13 +38,20 @@ GEMM_BUDGET_S = 0.5  # longest single GEMM call the stand-in benchmark will make
 
 def _on_queue(queue, fn, repeats: int, warmup: int = 1) -> tuple[float, ...]:
     """Durations of ``fn`` run on a device queue (its own time, without the queue hop)."""
+    return _on_queue_in_turns(queue, [fn], repeats, warmup)[0]
+
+
+def _on_queue_in_turns(queue, fns, repeats: int, warmup: int = 1) -> list[tuple[float, ...]]:
+    """Durations of each of ``fns`` on a device queue, taken in turns (one call of each per
+    round), so that a machine drifting between fast and slow phases affects all of them alike."""
     for _ in range(warmup):
-        queue.submit(fn).wait()
-    out = []
+        for fn in fns:
+            queue.submit(fn).wait()
+    out: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        marker = queue.submit(fn)
-        out.append(marker.duration_s())
-    return tuple(out)
+        for fn, seconds in zip(fns, out, strict=True):
+            seconds.append(queue.submit(fn).duration_s())
+    return [tuple(seconds) for seconds in out]
 
 
 @contextmanager
@@ -110,6 +117,11 @@ class StandInBench:
 
     # -------------------------------------------------------------- device compute
     def attention(self, loaded: bool = False) -> list[Measurement]:
+        """Attention over device-resident KV at every context, contexts taken in turns, and a
+        one-token call among them for the fixed cost. The rate (``*_fit``) is the median over
+        contexts of bytes / (time - fixed): a least-squares line through the contexts, timed
+        one after another, put the fixed cost anywhere from 0 to 9 ms between runs minutes
+        apart and once a rate above every context's own (measured)."""
         import torch
 
         from hw_backend.merge import partial_attention
@@ -117,25 +129,24 @@ class StandInBench:
         name = "attention_loaded" if loaded else "attention"
         q = torch.randn(1, HEADS, HEAD_DIM)
         scale = 1 / math.sqrt(HEAD_DIM)
-        rows, sizes, times = [], [], []
         largest = max(self.settings.contexts)
         load = host_load(self.split, largest, self.settings.kv_dtype) if loaded else _nothing()
+        kvs = [self._kv(tokens) for tokens in (*self.settings.contexts, 1)]
+        calls = [lambda K=K, V=V: partial_attention(q, K, V, scale) for K, V in kvs]
         with load:
-            for tokens in self.settings.contexts:
-                K, V = self._kv(tokens)
-                seconds = _on_queue(self.accel.compute,
-                                    lambda K=K, V=V: partial_attention(q, K, V, scale),
-                                    self.settings.repeats)
-                nbytes = 2 * K.numel() * K.element_size()
-                t = representative(seconds)
-                rows.append(Measurement("standin", name, nbytes / t / 1e9, "GB/s",
-                                        {**self.params, "context": tokens, "bytes": nbytes},
-                                        seconds))
-                sizes.append(nbytes)
-                times.append(t)
-        fixed, slope = fit_line(sizes, times)
-        rows.append(Measurement("standin", name + "_fit", 1 / slope / 1e9, "GB/s",
-                                {**self.params, "fixed_us": fixed * 1e6}))
+            timings = _on_queue_in_turns(self.accel.compute, calls, self.settings.repeats)
+        fixed = representative(timings[-1])
+        rows, sizes, times = [], [], []
+        for tokens, (K, _), seconds in zip(self.settings.contexts, kvs, timings, strict=False):
+            nbytes = 2 * K.numel() * K.element_size()
+            t = representative(seconds)
+            rows.append(Measurement("standin", name, nbytes / t / 1e9, "GB/s",
+                                    {**self.params, "context": tokens, "bytes": nbytes},
+                                    seconds))
+            sizes.append(nbytes)
+            times.append(t)
+        rows.append(Measurement("standin", name + "_fit", net_rate(sizes, times, fixed) / 1e9,
+                                "GB/s", {**self.params, "fixed_us": fixed * 1e6}, timings[-1]))
         return rows
 
     def merge(self) -> list[Measurement]:

@@ -24,7 +24,7 @@ from typing import Any
 
 from hw_backend.calibration.records import Measurements
 from hw_backend.calibration.settings import HEADS
-from hw_backend.calibration.timing import fit_line, representative
+from hw_backend.calibration.timing import fit_line, net_rate, representative
 
 #: Host operations whose single-thread rate sets ``attention_gflops_per_core``: the streaming
 #: part of the host work (exact partial attention). Top-k heap inserts and scattered V-row
@@ -109,10 +109,8 @@ def _time_over_flops(rows, small=()) -> tuple[float, float]:
     flops = [m.value * t * 1e9 for m, t in zip(rows, times, strict=True)]  # value is GFLOP/s
     if not small:
         return fit_line(flops, times)
-    rough = statistics.median(t / f for t, f in zip(times, flops, strict=True))
-    fixed = max(0.0, small[0].value * 1e-6 - small[0].params["flops"] * rough)
-    return fixed, statistics.median(max(t - fixed, 0.5 * t) / f
-                                    for t, f in zip(times, flops, strict=True))
+    fixed = max(0.0, small[0].value * 1e-6 - small[0].params["flops"] / net_rate(flops, times, 0))
+    return fixed, 1 / net_rate(flops, times, fixed)
 
 
 def _small_call(ms: Measurements, socket: int, threads: int):
@@ -304,9 +302,10 @@ def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[st
         out["attention_efficiency"] = Figure(
             round(min(attn / hbm, 1.0), 4),
             f"merge.partial_attention on the stand-in's queue: {attn:.2f} GB/s of KV "
-            f"(slope over contexts, {how}{also}) / hbm_bandwidth_gbps")
+            f"(median over contexts net of a one-token call, {how}{also}) / "
+            f"hbm_bandwidth_gbps")
         out["attention_fixed_us"] = Figure(round(fit[0].params["fixed_us"], 1),
-                                           "intercept of the attention fit")
+                                           "a one-token attention on the compute queue")
     copy = ms.value("standin", "device_copy")
     if copy:
         out["memory_efficiency"] = Figure(

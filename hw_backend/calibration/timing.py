@@ -86,3 +86,16 @@ def fit_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
         slope = sum(x * y for x, y in zip(xs, ys, strict=True)) / sum(x * x for x in xs)
         intercept = 0.0
     return intercept, slope
+
+
+def net_rate(sizes: Sequence[float], times: Sequence[float], fixed: float) -> float:
+    """Median over calls of size / (time - fixed): the rate of the size-proportional part of a
+    call whose fixed cost was timed on its own. On a machine whose speed drifts, a median over
+    sizes stays put when one size was caught in a slow phase, where a least-squares line
+    through them swings its slope and intercept against each other. A time that the fixed
+    cost would more than halve counts as half its time (the fixed cost cannot dominate the
+    sizes chosen for a rate)."""
+    if not sizes or len(sizes) != len(times):
+        raise ValueError("net_rate needs equally many sizes and times, at least one")
+    return statistics.median(size / max(t - fixed, 0.5 * t)
+                             for size, t in zip(sizes, times, strict=True))
