@@ -357,6 +357,25 @@ def test_views_are_zero_copy():
     assert ca.as_kv_view(K32)[0] is K32
 
 
+def test_torch_inputs_that_need_the_checked_conversion():
+    """CPU float tensors take one t.numpy(); autograd, bfloat16 and strided tensors take the
+    checked path and must come out the same (or fail with the tensor's own message)."""
+    q, K, V = make_qkv(1, 8, 2, 40, 16, seed=21)
+    ref_out, ref_lse = ca.partial_attention(q, K, V)
+    arr, dtype = ca.as_kv_view(K)
+    assert dtype == "float32" and arr.ctypes.data == K.data_ptr()
+    grad_q, grad_K = q.clone().requires_grad_(), K.clone().requires_grad_()
+    out, lse = ca.partial_attention(grad_q, grad_K, V)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    out16, _ = ca.partial_attention(q.bfloat16(), K, V)  # a bfloat16 query is widened
+    assert torch.allclose(out16, ca.partial_attention(q.bfloat16().float(), K, V)[0])
+    strided_q = q.transpose(1, 2).contiguous().transpose(1, 2)
+    with pytest.raises(ValueError, match="q: tensor is not contiguous"):
+        ca.partial_attention(strided_q, K, V)
+    with pytest.raises(ValueError, match="K: tensor is not contiguous"):
+        ca.partial_attention(q, K.transpose(2, 3).contiguous().transpose(2, 3), V)
+
+
 def _bad_calls():
     q, K, V = make_qkv(1, 4, 2, 10, 8)
     idx = torch.zeros(1, 4, 2, dtype=torch.int64)
