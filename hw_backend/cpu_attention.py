@@ -155,8 +155,9 @@ def _tensor_to_numpy(t: Any, name: str) -> tuple[np.ndarray, str | None]:
 
     The common case, a CPU tensor of a NumPy dtype without autograd, takes one ``t.numpy()``
     and NumPy-side checks: a decode step calls the kernels right after scanning megabytes, so
-    each torch call runs from cold caches, and the checks below took 120 us of a call's
-    ~200 us fixed cost that way (measured). Anything else gets them.
+    each torch call runs from cold caches. With the torch-side checks of
+    ``_checked_tensor_to_numpy`` for every tensor, such a call cost 186-196 us before any work;
+    this way 147-152 us (measured). Other tensors still take those checks.
     """
     try:
         arr = t.numpy()

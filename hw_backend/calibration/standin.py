@@ -7,8 +7,8 @@ stand-in's own queues, exactly as the executor submits work:
 
 * attention: ``merge.partial_attention`` over device-resident K/V on the compute queue, at several
   context lengths taken in turns; the median over them of bytes / (time - a one-token call's
-  time) is the rate the simulator gets from ``hbm_bandwidth_gbps * attention_efficiency``. The same for the merge of received rows
-  (``merge.softmax_union``).
+  time) is the rate the simulator gets from ``hbm_bandwidth_gbps * attention_efficiency``. The
+  merge of received rows (``merge.softmax_union``) is timed over sizes too, for the raw data.
 * per-op overhead (``kernel_launch_overhead_us``): submit-to-done of a one-token attention.
 * GEMM FLOP/s (``peak_tflops``) on the compute queue, per dtype.
 * the "PCIe link": a host tensor copied into a fresh device allocation on the copy queue (what

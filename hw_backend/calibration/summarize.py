@@ -100,8 +100,8 @@ def _time_over_flops(rows, small=()) -> tuple[float, float]:
     """(fixed s, s/FLOP) of a kernel call across context lengths: time = fixed + FLOPs x slope.
 
     With ``small``, the directly timed one-block call (``call_overhead``), the fixed cost is its
-    time less its little work, and the slope is the median over contexts of (time - fixed) /
-    FLOPs. A line fitted through the big calls alone extrapolated the fixed cost from tens of
+    time less its little work, and the rate (1 / slope) is the median over contexts of FLOPs /
+    (time - fixed). A line fitted through the big calls alone extrapolated the fixed cost from tens of
     milliseconds, where their noise swamped it (0 to 1.2 ms between runs minutes apart), and
     the slope swung against it. Without ``small`` (older data) that least-squares line it is.
     """
@@ -109,7 +109,8 @@ def _time_over_flops(rows, small=()) -> tuple[float, float]:
     flops = [m.value * t * 1e9 for m, t in zip(rows, times, strict=True)]  # value is GFLOP/s
     if not small:
         return fit_line(flops, times)
-    fixed = max(0.0, small[0].value * 1e-6 - small[0].params["flops"] / net_rate(flops, times, 0))
+    small_work_s = small[0].params["flops"] / net_rate(flops, times, 0)
+    fixed = max(0.0, small[0].value * 1e-6 - small_work_s)
     return fixed, 1 / net_rate(flops, times, fixed)
 
 
