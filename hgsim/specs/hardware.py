@@ -65,8 +65,8 @@ class CpuSocketSpec(SpecModel):
     # bounded heap costs per insertion, gathering scattered V rows is latency-bound per row.
     topk_ns_per_insert: float = Field(default=0.0, ge=0)
     gather_ns_per_row: float = Field(default=0.0, ge=0)
-    # Fixed cost of one host kernel call beyond bytes / rate (thread fork and join, prefetch
-    # ramp, the first touches of a cold buffer): the intercept of time over size. 0: none.
+    # Fixed cost of one host kernel call beyond bytes / rate (argument handling from cold
+    # caches, thread fork and join, scratch buffers): what a one-block call takes. 0: none.
     op_overhead_us: float = Field(default=0.0, ge=0)
     source: str | None = None
 

@@ -29,7 +29,13 @@ from contextlib import contextmanager
 
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
-from hw_backend.calibration.timing import fit_line, net_rate, representative, timed
+from hw_backend.calibration.timing import (
+    fit_line,
+    net_rate,
+    representative,
+    timed,
+    timed_round_robin,
+)
 from hw_backend.streams import ResponsiveGil
 
 DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -44,14 +50,7 @@ def _on_queue(queue, fn, repeats: int, warmup: int = 1) -> tuple[float, ...]:
 def _on_queue_in_turns(queue, fns, repeats: int, warmup: int = 1) -> list[tuple[float, ...]]:
     """Durations of each of ``fns`` on a device queue, taken in turns (one call of each per
     round), so that a machine drifting between fast and slow phases affects all of them alike."""
-    for _ in range(warmup):
-        for fn in fns:
-            queue.submit(fn).wait()
-    out: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, seconds in zip(fns, out, strict=True):
-            seconds.append(queue.submit(fn).duration_s())
-    return [tuple(seconds) for seconds in out]
+    return timed_round_robin(fns, repeats, warmup, run=lambda fn: queue.submit(fn).duration_s())
 
 
 @contextmanager

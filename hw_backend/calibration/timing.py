@@ -20,24 +20,33 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 
-def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> tuple[float, ...]:
-    """Wall seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
-    return timed_round_robin([fn], repeats, warmup)[0]
+def wall_seconds(fn: Callable[[], object]) -> float:
+    """Runs ``fn`` here and returns how long it took."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
-def timed_round_robin(fns: Sequence[Callable[[], object]], repeats: int,
-                      warmup: int = 1) -> list[tuple[float, ...]]:
-    """Wall seconds of ``repeats`` calls of each of ``fns``, taken in turns (fn0, fn1, ...,
-    fn0, ...) after ``warmup`` untimed turns, so that all see the same drift of the machine."""
+def timed(fn: Callable[[], object], repeats: int, warmup: int = 1,
+          run: Callable[[Callable[[], object]], float] = wall_seconds) -> tuple[float, ...]:
+    """Seconds of ``repeats`` calls of ``fn`` after ``warmup`` untimed calls."""
+    return timed_round_robin([fn], repeats, warmup, run)[0]
+
+
+def timed_round_robin(fns: Sequence[Callable[[], object]], repeats: int, warmup: int = 1,
+                      run: Callable[[Callable[[], object]], float] = wall_seconds,
+                      ) -> list[tuple[float, ...]]:
+    """Seconds of ``repeats`` calls of each of ``fns``, taken in turns (fn0, fn1, ..., fn0, ...)
+    after ``warmup`` untimed turns, so that all see the same drift of the machine. ``run`` calls
+    one of them and returns its seconds: by default here, by wall clock; a device queue passes
+    one that submits the call and reads its own timing."""
     for _ in range(warmup):
         for fn in fns:
-            fn()
+            run(fn)
     out: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, times in zip(fns, out, strict=True):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
+            times.append(run(fn))
     return [tuple(t) for t in out]
 
 
