@@ -184,6 +184,40 @@ def test_different_plans_are_refused():
         check_same_plans(CASE, same, [_step(0, 1.0, gpu=11)])
 
 
+def test_random_kv_is_drawn_once_and_copied_into_every_layer():
+    import torch
+
+    from hw_backend.validate import RandomKv
+
+    class Layer:
+        def load(self, k, v):
+            self.k, self.v = k.clone(), v.clone()
+
+    class Store:
+        batch, kv_heads, head_dim = 1, 2, 16
+
+        def __init__(self, layers: int):
+            self.layers = [Layer() for _ in range(layers)]
+
+    kv = RandomKv()
+    small, large = Store(3), Store(2)
+    kv.fill(small, 1000, torch.float32)
+    kv.fill(large, 4000, torch.float32)  # larger than the first draw: drawn again
+    assert small.layers[0].k.shape == (1, 2, 1000, 16)
+    assert large.layers[1].v.shape == (1, 2, 4000, 16)
+    for store in (small, large):
+        assert all(torch.equal(layer.k, store.layers[0].k) for layer in store.layers)
+    assert not torch.equal(large.layers[0].k, large.layers[0].v)
+    repeat = Store(1)
+    RandomKv().fill(repeat, 4000, torch.float32)  # seeded: every run measures the same cache
+    assert torch.equal(repeat.layers[0].k, large.layers[0].k)
+    k = large.layers[0].k
+    assert abs(float(k.mean())) < 0.02 and abs(float(k.std()) - 1) < 0.02
+    again = Store(1)
+    kv.fill(again, 0, torch.float32)  # an empty prompt loads nothing
+    assert not hasattr(again.layers[0], "k")
+
+
 def test_fit_line_and_thread_counts():
     from hw_backend.calibration.settings import Settings
     from hw_backend.calibration.timing import fit_line
