@@ -87,5 +87,10 @@ def run(args: argparse.Namespace) -> int:
                   "calibration during this run; errors of that size say more about the machine "
                   "than about the simulator (re-run calibrate and validate back to back, or on "
                   "a quieter machine)")
+    if result.host_slowdown is not None:
+        print(f"contention: during calibration the host kernel ran {result.host_slowdown:.2f}x "
+              "as long while the CPU stand-in attended on the other cores; the simulator does "
+              "not charge this (a GPU has its own memory and cores), so where it is well above "
+              "1 HybridGen's predictions run low")
     print("outputs: " + ", ".join(str(p) for p in result.outputs))
     return 0 if result.passed else 1

@@ -18,11 +18,15 @@ stand-in's own queues, exactly as the executor submits work:
 
 Both roles share one memory system here, so the attention rate is also measured while the C
 kernel streams KV on the host cores (``*_loaded`` rows): the executor runs them concurrently.
+The mirror image, the host kernel's time alone and while the stand-in attends (``host_loaded``),
+gives the slowdown HybridGen's host scan sees next to the stand-in (on a VM whose two vCPUs are
+at times SMT siblings of one physical core, or share one with another guest, it reaches 2x).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -86,6 +90,29 @@ def host_load(split, tokens: int, kv_dtype: str):
         gil.close()
 
 
+class _DeviceLoad:
+    """Attention over device-resident KV kept running on the stand-in's compute queue while
+    ``on`` is set: the work the device role does next to HybridGen's host scan."""
+
+    def __init__(self, queue, fn) -> None:
+        self.on = threading.Event()
+        self._stop = threading.Event()
+        self._queue, self._fn = queue, fn
+        self._thread = threading.Thread(target=self._loop, name="calibration-device-load",
+                                        daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            if self.on.wait(0.01):
+                self._queue.submit(self._fn).wait()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.on.clear()
+        self._thread.join()
+
+
 class StandInBench:
     """The stand-in accelerator plus the tensors its benchmarks reuse."""
 
@@ -147,6 +174,57 @@ class StandInBench:
         rows.append(Measurement("standin", name + "_fit", net_rate(sizes, times, fixed) / 1e9,
                                 "GB/s", {**self.params, "fixed_us": fixed * 1e6}, timings[-1]))
         return rows
+
+    def host_loaded(self, settle_s: float = 0.005) -> list[Measurement]:
+        """The host kernel (1-thread partial attention on the host cores) alone and while the
+        stand-in attends over a tenth as many device-resident tokens, in turns, so that drift
+        between the two does not pass for contention.
+
+        Value: mean loaded time / mean alone time. Not the median: on the development VM the
+        loaded calls split into two groups, as fast as alone or twice as slow (its two vCPUs
+        are at times SMT siblings of one core), and the share of each is what a step meets.
+        """
+        import time
+
+        import torch
+
+        from hw_backend import cpu_attention as ca
+        from hw_backend.merge import partial_attention
+        from hw_backend.streams import WorkerStream
+
+        tokens = min(self.settings.contexts, key=lambda n: abs(math.log2(n / 16384)))
+        dtype = self.dtype
+        K = torch.randn(1, KV_HEADS, tokens, HEAD_DIM).to(dtype)
+        V = torch.randn(1, KV_HEADS, tokens, HEAD_DIM).to(dtype)
+        q = torch.randn(1, HEADS, HEAD_DIM)
+        Kd, Vd = self._kv(max(1, tokens // 10))
+        load = _DeviceLoad(self.accel.compute,
+                           lambda: partial_attention(q, Kd, Vd, 1 / math.sqrt(HEAD_DIM)))
+        host = WorkerStream("calibration-host", cores=self.split.host_cores())
+        gil = ResponsiveGil()  # as in the executor, whose two roles this pair stands for
+
+        def timed_host(loaded: bool) -> float:
+            if loaded:
+                load.on.set()
+                time.sleep(settle_s)  # the device loop is running before the host op starts
+            try:
+                return host.submit(lambda: ca.partial_attention(q, K, V, num_threads=1)
+                                   ).duration_s()
+            finally:
+                load.on.clear()
+
+        try:
+            alone, loaded = timed_round_robin(
+                [lambda: False, lambda: True], 4 * self.settings.repeats, warmup=1,
+                run=lambda which: timed_host(which()))
+        finally:
+            load.close()
+            host.close()
+            gil.close()
+        ratio = statistics.fmean(loaded) / statistics.fmean(alone)
+        return [Measurement("standin", "host_loaded", ratio, "x",
+                            {**self.params, "context": tokens, "device_tokens": Kd.shape[2],
+                             "alone_s": statistics.fmean(alone)}, loaded)]
 
     def merge(self) -> list[Measurement]:
         """softmax_union of received rows into a device partial: the merge kernel's rate."""
@@ -282,6 +360,7 @@ def plan(settings: Settings, split) -> tuple[list[Job], Callable[[], None]]:
     jobs = [
         Job("stand-in: attention on its compute queue", lambda: bench().attention()),
         Job("stand-in: attention while the C kernel runs", lambda: bench().attention(True)),
+        Job("stand-in: host kernel while the stand-in attends", lambda: bench().host_loaded()),
         Job("stand-in: merge of received rows", lambda: bench().merge()),
         Job("stand-in: per-op overhead", lambda: bench().op_overhead()),
         Job("stand-in: GEMM FLOP/s", lambda: bench().gemm()),

@@ -307,6 +307,14 @@ def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[st
             f"hbm_bandwidth_gbps")
         out["attention_fixed_us"] = Figure(round(fit[0].params["fixed_us"], 1),
                                            "a one-token attention on the compute queue")
+    host = ms.select("standin", "host_loaded")
+    if host:
+        p = host[0].params
+        out["host_loaded_slowdown"] = Figure(
+            round(host[0].value, 3),
+            f"1-thread C kernel over {p['context']} tokens on the host cores: mean time while "
+            f"the stand-in attends over {p['device_tokens']} resident tokens / mean time alone "
+            f"({p['alone_s'] * 1e3:.2f} ms), taken in turns")
     copy = ms.value("standin", "device_copy")
     if copy:
         out["memory_efficiency"] = Figure(
