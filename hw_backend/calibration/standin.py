@@ -19,8 +19,8 @@ stand-in's own queues, exactly as the executor submits work:
 Both roles share one memory system here, so the attention rate is also measured while the C
 kernel streams KV on the host cores (``*_loaded`` rows): the executor runs them concurrently.
 The mirror image, the host kernel's time alone and while the stand-in attends (``host_loaded``),
-gives the slowdown HybridGen's host scan sees next to the stand-in (on a VM whose two vCPUs are
-at times SMT siblings of one physical core, or share one with another guest, it reaches 2x).
+gives the slowdown HybridGen's host scan sees next to the stand-in (on the 2-vCPU development
+VM, from none to 2x, depending on what the host shares with other guests at the time).
 """
 
 from __future__ import annotations
@@ -97,6 +97,7 @@ class _DeviceLoad:
     def __init__(self, queue, fn) -> None:
         self.on = threading.Event()
         self._stop = threading.Event()
+        self._busy = threading.Lock()  # held while an op runs
         self._queue, self._fn = queue, fn
         self._thread = threading.Thread(target=self._loop, name="calibration-device-load",
                                         daemon=True)
@@ -105,11 +106,20 @@ class _DeviceLoad:
     def _loop(self) -> None:
         while not self._stop.is_set():
             if self.on.wait(0.01):
-                self._queue.submit(self._fn).wait()
+                with self._busy:
+                    if self.on.is_set():
+                        self._queue.submit(self._fn).wait()
+
+    def pause(self) -> None:
+        """Stop submitting and return once the op in flight (if any) has finished, so that an
+        'alone' timing does not overlap the tail of the load."""
+        self.on.clear()
+        with self._busy:
+            pass
 
     def close(self) -> None:
         self._stop.set()
-        self.on.clear()
+        self.pause()
         self._thread.join()
 
 
@@ -181,8 +191,8 @@ class StandInBench:
         between the two does not pass for contention.
 
         Value: mean loaded time / mean alone time. Not the median: on the development VM the
-        loaded calls split into two groups, as fast as alone or twice as slow (its two vCPUs
-        are at times SMT siblings of one core), and the share of each is what a step meets.
+        loaded calls split into two groups, as fast as alone or twice as slow, and the share of
+        each is what a step meets.
         """
         import time
 
@@ -211,7 +221,7 @@ class StandInBench:
                 return host.submit(lambda: ca.partial_attention(q, K, V, num_threads=1)
                                    ).duration_s()
             finally:
-                load.on.clear()
+                load.pause()
 
         try:
             alone, loaded = timed_round_robin(
