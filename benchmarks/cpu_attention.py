@@ -28,7 +28,6 @@ import argparse
 import gc
 import statistics
 import sys
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import torch.nn.functional as F
 
 from hw_backend import cpu_attention as ca
 from hw_backend import membench, numa
+from hw_backend.calibration.timing import wall_seconds
 
 B, H, KVH, D = 1, 32, 8, 128
 TOPK = 2048
@@ -85,9 +85,7 @@ def interleaved_gbps(
         previous_layer()
         read.append(kv_read())
         previous_layer()
-        t0 = time.perf_counter()
-        fn()
-        ours.append(nbytes / (time.perf_counter() - t0) / 1e9)
+        ours.append(nbytes / wall_seconds(fn) / 1e9)
     return statistics.median(ours), statistics.median(read), statistics.median(fresh)
 
 
