@@ -32,6 +32,7 @@ from hgsim.accuracy import (
     synthesize_case,
 )
 from hgsim.accuracy.proxy import _recency_excess, cache_info, clear_caches
+from hgsim.accuracy.synthetic import query_rng
 from hgsim.plan import CpuWork, KvPlacement, LayerPlan, Merge, Selector, Transfer
 
 SMALL = AttentionModelSpec(n_tokens=4096, heads=8, kv_heads=4, head_dim=64, seed=1)
@@ -139,6 +140,25 @@ def test_next_query_has_requested_cosine_and_same_norm(similarity, seed):
     np.testing.assert_allclose(cosine, similarity, atol=1e-9)
     np.testing.assert_allclose(np.linalg.norm(nxt, axis=-1), np.linalg.norm(q, axis=-1))
     np.testing.assert_array_equal(nxt, next_query(q, similarity, seed))
+
+
+def test_query_rng_feeds_numpy_flat_entropy(monkeypatch):
+    """The decode loop seeds with ``[run, layer, step]``; numpy before 2.3 rejects nested
+    sequences in ``SeedSequence``, so the entropy must reach numpy flat, whatever numpy the
+    machine has (the lent H200 had one that raised)."""
+    seen = []
+    real = np.random.default_rng
+
+    def recording_default_rng(entropy=None):
+        seen.append(entropy)
+        return real(entropy)
+
+    monkeypatch.setattr(np.random, "default_rng", recording_default_rng)
+    rng = query_rng([7, 3, np.int64(11)])
+    assert all(isinstance(word, int) for word in seen[-1])
+    assert rng.random() == query_rng([7, 3, 11]).random()
+    assert query_rng([7, 3, 11]).random() != query_rng([7, 3, 12]).random()
+    assert query_rng(5).random() == query_rng([5]).random()
 
 
 # --- fidelity: lossless and closed-form cases ----------------------------------------------

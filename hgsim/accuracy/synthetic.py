@@ -24,6 +24,7 @@ logits exact at once.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -207,7 +208,8 @@ def synthesize(spec: AttentionModelSpec) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def next_query(
-    q: np.ndarray, similarity: float, seed: int | np.random.Generator | None = None
+    q: np.ndarray, similarity: float,
+    seed: int | Sequence[int] | np.random.Generator | None = None,
 ) -> np.ndarray:
     """A query of the same norm with cosine similarity exactly ``similarity`` to ``q``.
 
@@ -227,13 +229,18 @@ def next_query(
     return (norm * mixed).astype(np.asarray(q).dtype, copy=False)
 
 
-def query_rng(seed: int | np.random.Generator | None) -> np.random.Generator:
+def query_rng(seed: int | Sequence[int] | np.random.Generator | None) -> np.random.Generator:
     """The generator ``next_query`` uses for ``seed``: a generator is used as is; an integer
-    gets its own stream, so a caller that drew ``q`` from the same integer does not get noise
-    parallel to ``q``; ``None`` draws fresh entropy."""
+    (or a flat sequence of them, e.g. ``[run, layer, step]``) gets its own stream, so a caller
+    that drew ``q`` from the same integer does not get noise parallel to ``q``; ``None`` draws
+    fresh entropy. The entropy is flattened here because numpy before 2.3 rejects nested
+    sequences in ``SeedSequence``."""
     if isinstance(seed, np.random.Generator):
         return seed
-    return np.random.default_rng(None if seed is None else [_QUERY_STREAM, seed])
+    if seed is None:
+        return np.random.default_rng(None)
+    words = [int(w) for w in np.atleast_1d(np.asarray(seed, dtype=object)).ravel()]
+    return np.random.default_rng([_QUERY_STREAM, *words])
 
 
 def _orthogonal_unit(direction: np.ndarray, rng: np.random.Generator) -> np.ndarray:
