@@ -80,7 +80,12 @@ def calibrate(
         raise UserError("--cuda was given but torch.cuda.is_available() is False")
     with_cuda = has_cuda if use_cuda is None else use_cuda
 
-    jobs = memory.plan(machine, settings) + cpu_kernel.plan(machine, settings)
+    kernel_threads: tuple[int, ...] = ()
+    if with_cuda:  # the count the executor gives the kernel there, so validation finds it
+        from hw_backend.devices import cuda_host_threads
+
+        kernel_threads = (cuda_host_threads(),)
+    jobs = memory.plan(machine, settings) + cpu_kernel.plan(machine, settings, kernel_threads)
     cleanups: list[Callable[[], None]] = []
     split = None
     if with_cuda:

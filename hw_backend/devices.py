@@ -71,6 +71,17 @@ def available_cores() -> tuple[int, ...]:
     return tuple(range(os.cpu_count() or 1))
 
 
+def cuda_host_threads() -> int:
+    """C-kernel threads next to a CUDA device: every usable core but one.
+
+    The thread that submits the device's work (Python dispatching torch ops) needs a core of
+    its own: with the kernel on all 16 cores of the lent H200's host, that thread's queued device
+    work per layer grew from 1.3 to 2.6 ms as the concurrent host scan grew from 0.7 to 7 ms, for
+    attention the GPU itself runs in well under 0.1 ms (hgsim validate, 2026-12-04).
+    """
+    return max(1, len(available_cores()) - 1)
+
+
 # ---------------------------------------------------------------------------- queues
 class DeviceQueue(ABC):
     """Ordered device work: ``submit`` enqueues ``fn`` after ``after`` and marks its end."""
@@ -277,5 +288,5 @@ def make_accelerator(kind: AcceleratorKind = "auto", split: CoreSplit | None = N
 __all__ = [
     "STANDIN_LABEL", "Accelerator", "CoreSplit", "CudaAccelerator", "CudaMarker", "CudaQueue",
     "DeviceQueue", "HostMarker", "StandInAccelerator", "StandInQueue", "available_cores",
-    "make_accelerator",
+    "cuda_host_threads", "make_accelerator",
 ]

@@ -48,7 +48,7 @@ from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
 from hgsim.results import StepTiming
 from hw_backend.buffers import BufferPool
 from hw_backend.device_work import DeviceWork
-from hw_backend.devices import Accelerator
+from hw_backend.devices import Accelerator, cuda_host_threads
 from hw_backend.host_side import HostKernels, HostPayload
 from hw_backend.kv_store import KvStore, LayerKv
 from hw_backend.merge import (
@@ -142,7 +142,8 @@ class PlanExecutor:
     """Executes ``StepPlan`` objects over a ``KvStore`` on an ``Accelerator`` plus the CPU.
 
     ``host_threads`` is the C kernel's thread count (default: the accelerator's core split, or
-    every core with CUDA); ``device_work`` adds a layer's non-attention device work.
+    with CUDA every core but the one the submitting thread needs, ``cuda_host_threads``);
+    ``device_work`` adds a layer's non-attention device work.
     """
 
     def __init__(
@@ -151,7 +152,7 @@ class PlanExecutor:
         kernels: HostKernels | None = None,
     ) -> None:
         split = getattr(accel, "split", None)
-        threads = host_threads or (split.host_threads if split else torch.get_num_threads())
+        threads = host_threads or (split.host_threads if split else cuda_host_threads())
         self.store = store
         self.accel = accel
         self.scale = scale if scale is not None else 1.0 / math.sqrt(store.head_dim)

@@ -200,12 +200,13 @@ class Calibration:
         return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"))
 
     def default_split(self, cuda: bool) -> tuple[int, int]:
-        """(device, host) threads: with CUDA every core is the host's; with the stand-in the
-        calibrated split, else half the cores each."""
-        from hw_backend.devices import CoreSplit, available_cores
+        """(device, host) threads: with CUDA every core but the submitting thread's is the
+        host's (``cuda_host_threads``); with the stand-in the calibrated split, else half the
+        cores each."""
+        from hw_backend.devices import CoreSplit, cuda_host_threads
 
         if cuda:
-            return 1, len(available_cores())
+            return 1, cuda_host_threads()
         if self.split:
             return self.split
         even = CoreSplit.even()

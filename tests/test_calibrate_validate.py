@@ -241,6 +241,31 @@ def test_fit_line_and_thread_counts():
     assert Settings.make(True).thread_counts(1) == (1,)
 
 
+def test_next_to_cuda_the_kernel_leaves_the_submitting_thread_a_core(monkeypatch):
+    """With CUDA the executor, validation and calibration all use every core but one for the C
+    kernel, and calibration times the kernel at exactly that count (validation looks it up)."""
+    from hw_backend import devices, validate
+    from hw_backend.calibration import cpu_kernel
+    from hw_backend.calibration.settings import Settings
+    from hw_backend.calibration.topology import discover
+
+    monkeypatch.setattr(devices, "available_cores", lambda: tuple(range(16)))
+    assert devices.cuda_host_threads() == 15
+    assert validate.Calibration(None, {}).default_split(cuda=True) == (1, 15)
+    monkeypatch.setattr(devices, "available_cores", lambda: (0,))
+    assert devices.cuda_host_threads() == 1
+
+    machine = discover()
+    cores = len(machine.cpus_of(machine.cpu_nodes[0]))
+    plain = cpu_kernel.plan(machine, Settings.make(False))
+    extra = max(1, cores - 1)
+    with_extra = cpu_kernel.plan(machine, Settings.make(False), (extra, cores + 5))
+    labels = [job.label for job in with_extra]
+    assert any(f": {extra} thread(s)" in label for label in labels)
+    assert len(with_extra) == len(plain) + (extra not in Settings.make(False).thread_counts(cores))
+    assert not any(f": {cores + 5} thread(s)" in label for label in labels)  # more than exist
+
+
 def test_net_rate_is_the_median_rate_after_the_fixed_cost():
     from hw_backend.calibration.timing import net_rate
 
@@ -329,6 +354,7 @@ def _synthetic_rows(cuda: bool):
             Measurement("cuda", "hbm_copy", 2000.0, "GB/s", {"bytes": 1 << 31}),
             Measurement("cuda", "attention_fit", 1500.0, "GB/s", {"fixed_us": 5.0}),
             Measurement("cuda", "launch_overhead", 3.0, "us", {"kernels": 2000}),
+            Measurement("cuda", "executor_op", 180.0, "us", {"op": "partial_attention", "tokens": 1}),
             Measurement("cuda", "gemm", 700.0, "TFLOP/s", {"dtype": "bf16", "n": 8192}),
             Measurement("cuda", "h2d_copy", 25.0, "GB/s", {"bytes": 1 << 28, "pinned": True}),
             Measurement("cuda", "h2d_fit", 25.0, "GB/s", {"latency_us": 8.0}),
@@ -383,6 +409,8 @@ def test_assembled_profile_maps_numa_to_sockets_cxl_and_upi(cuda: bool):
     if cuda:
         assert gpu.socket == "cpu1" and gpu.hbm_bandwidth_gbps == 2000.0
         assert gpu.attention_efficiency == 0.75 and profile.links["pcie0"].latency_ns == 8000
+        assert gpu.kernel_launch_overhead_us == 3.0  # recorded, not charged: see executor_ops
+        assert "one-token ops from idle (us): partial_attention 180" in text
     else:
         assert "stand-in" in text.lower() and gpu.kernel_launch_overhead_us == 80.0
         assert profile.links["pcie0"].bandwidth_gbps == 12.0

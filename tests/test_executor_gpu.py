@@ -102,3 +102,12 @@ def test_feedback_loop_runs_on_cuda():
     assert len(policy.scheduler.history) == 8
     assert all(s.host_s > 0 and s.device_s > 0 for s in run.steps)
     assert set(run.steps_frame()["source"]) == {accel.label}
+
+
+def test_calibration_times_the_executor_ops_on_cuda():
+    from hw_backend.calibration import cuda
+    from hw_backend.calibration.settings import Settings
+
+    rows = cuda.executor_ops(Settings.make(True))
+    assert {m.params["op"] for m in rows} == {"partial_attention", "lse_merge", "softmax_union"}
+    assert all(m.unit == "us" and 0 < m.value < 1e5 for m in rows)

@@ -215,11 +215,14 @@ def calibrated_probe(doc: dict, kv_dtype: str = "fp32") -> tuple[int, float] | N
     return min(found, key=lambda cv: abs(math.log2(cv[0] / 16384)))
 
 
-def plan(machine: Machine, settings: Settings) -> list[Job]:
+def plan(machine: Machine, settings: Settings, also_threads: tuple[int, ...] = ()) -> list[Job]:
+    """The kernel suite per socket at 1, 2, 4, ... threads, plus ``also_threads`` (a count the
+    executor will use, e.g. every core but one next to CUDA, so validation finds its figures)."""
     jobs = []
     for socket in machine.cpu_nodes:
         cpus = machine.cpus_of(socket)
-        for threads in settings.thread_counts(len(cpus)):
+        extra = {n for n in also_threads if 1 <= n <= len(cpus)}
+        for threads in sorted(set(settings.thread_counts(len(cpus))) | extra):
             jobs.append(Job(
                 f"C kernel on socket {socket.id}: {threads} thread(s), "
                 f"{'/'.join(str(n) for n in settings.contexts)} tokens",

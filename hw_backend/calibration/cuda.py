@@ -1,5 +1,5 @@
-"""CUDA device benchmarks: HBM bandwidth, GEMM FLOP/s, decode attention, launch overhead, and
-pinned host<->device copies versus transfer size.
+"""CUDA device benchmarks: HBM bandwidth, GEMM FLOP/s, decode attention, launch overhead, the
+executor's per-op cost, and pinned host<->device copies versus transfer size.
 
 Timed with CUDA events on one stream, so the numbers are device time (what the simulator's
 roofline kernels and PCIe flows stand for), not host time. Only planned when
@@ -139,6 +139,39 @@ def launch_overhead(settings: Settings) -> list[Measurement]:
                         {"kernels": count}, seconds)]
 
 
+def executor_ops(settings: Settings) -> list[Measurement]:
+    """The executor's own device ops on one token, each started on an idle GPU.
+
+    Each is a dozen small torch ops, so from idle its event time is how long Python takes to
+    issue them: the per-op cost the stand-in's ``kernel_launch_overhead_us`` stands for, which
+    the back-to-back kernel figure leaves out (on the lent H200 the executor's queued device
+    time per layer was 0.7-2.9 ms, against 0.04-0.1 ms predicted from that figure). Recorded
+    beside the profile and in its comment, not yet charged: see ``studies/validation.yaml``.
+    """
+    import torch
+
+    from hw_backend.merge import lse_merge, partial_attention, softmax_union
+
+    scale = 1 / math.sqrt(HEAD_DIM)
+    q = torch.randn(1, HEADS, HEAD_DIM, device="cuda")
+    k = torch.randn(1, KV_HEADS, 1, HEAD_DIM, device="cuda")
+    v = torch.randn_like(k)
+    part = partial_attention(q, k, v, scale)
+    logits = torch.randn(1, HEADS, 1, device="cuda")
+    rows = torch.randn(1, HEADS, 1, HEAD_DIM, device="cuda")
+    ops = {
+        "partial_attention": lambda: partial_attention(q, k, v, scale),
+        "lse_merge": lambda: lse_merge([part, part]),
+        "softmax_union": lambda: softmax_union(part, logits, rows),
+    }
+    out = []
+    for name, fn in ops.items():
+        seconds = _event_times(fn, settings.repeats * 2)
+        out.append(Measurement("cuda", "executor_op", representative(seconds) * 1e6, "us",
+                               {"op": name, "tokens": 1}, seconds))
+    return out
+
+
 def pinned_copies(settings: Settings) -> list[Measurement]:
     """Pinned host <-> device copies per size, each direction fitted as latency + size / rate."""
     import torch
@@ -174,5 +207,6 @@ def plan(settings: Settings) -> list[Job]:
         Job("CUDA: GEMM FLOP/s", lambda: gemm(settings)),
         Job("CUDA: decode attention throughput", lambda: attention(settings)),
         Job("CUDA: kernel launch overhead", lambda: launch_overhead(settings)),
+        Job("CUDA: executor ops on one token, from idle", lambda: executor_ops(settings)),
         Job("CUDA: pinned H2D/D2H copies by size", lambda: pinned_copies(settings)),
     ]

@@ -381,8 +381,11 @@ def cuda_figures(ms: Measurements) -> dict[str, Figure]:
             "hbm_bandwidth_gbps")
     launch = ms.value("cuda", "launch_overhead")
     if launch is not None:
-        out["kernel_launch_overhead_us"] = Figure(round(launch, 2),
-                                                  "device time per tiny kernel, back to back")
+        ops = ", ".join(f"{m.params['op']} {m.value:.0f}"
+                        for m in ms.select("cuda", "executor_op"))
+        note = f"; the executor's one-token ops from idle (us): {ops}" if ops else ""
+        out["kernel_launch_overhead_us"] = Figure(
+            round(launch, 2), f"device time per tiny kernel, back to back{note}")
     peaks = {}
     for dtype in ("fp32", "tf32", "bf16", "fp16"):
         best = _best(ms.select("cuda", "gemm", dtype=dtype))
