@@ -14,10 +14,13 @@ layer) at 8k/32k/128k tokens, float32 and bfloat16 KV, this prints side by side
 
 with the ratios ours/read and ours/torch, each time the median of --repeats runs after
 warm-up, and checks the targets: float32 >= 75% of read bandwidth, bfloat16 >= 8x torch.
+Where the bfloat16 target fails it also prints whether 8x torch lies within this KV's read
+bandwidth at all: the target was set where torch reads bf16 KV at ~1 GB/s, while with AMX
+torch reads it at 6-8 GB/s, so that 8x would exceed what the memory delivers.
 KV lives in huge-page buffers from hw_backend.numa, like the read-bandwidth buffer.
 
-Every read pass and every kernel pass starts from DRAM, right after the attention of a
-"previous layer" (512 MiB of other KV) has gone through the caches, as in a decode step.
+Every pass (read probe, ours, torch's, topk) starts from DRAM, right after the attention of
+a "previous layer" (512 MiB of other KV) has gone through the caches, as in a decode step.
 
     python benchmarks/cpu_attention.py [--tokens 8192 32768 131072] [--repeats 7]
 """
@@ -132,10 +135,26 @@ def measure(
         kv_bytes, lambda: ca.partial_attention(q, K, V), kv_read, membench_read, previous_layer,
         repeats,
     )
-    topk = K.nbytes / membench.median_seconds(lambda: ca.logits_topk(q, K, TOPK), repeats, warmup=2) / 1e9
+    topk = cold_gbps(K.nbytes, lambda: ca.logits_topk(q, K, TOPK), previous_layer, repeats)
     with torch.inference_mode():
-        ref = kv_bytes / membench.median_seconds(sdpa, max(3, repeats // 2), warmup=1) / 1e9
+        ref = cold_gbps(kv_bytes, sdpa, previous_layer, max(3, repeats // 2))
     return Row(dtype, tokens, ours, ref, read, fresh, topk)
+
+
+def cold_gbps(nbytes: int, fn: Callable[[], object], previous_layer: Callable[[], object],
+              repeats: int) -> float:
+    """Median GB/s of ``fn`` started, like ours, right after another layer's attention.
+
+    Timed back to back instead, a contender re-reads KV its last call left in the last-level
+    cache: on a host reporting 480 MiB of L3, torch's bfloat16 SDPA read 8k tokens at 13.0 GB/s
+    that way against 8.0 GB/s after another layer, and our logits_topk 11.7 against 8.6 GB/s
+    (measured in consecutive runs)."""
+    fn()
+    rates = []
+    for _ in range(repeats):
+        previous_layer()
+        rates.append(nbytes / wall_seconds(fn) / 1e9)
+    return statistics.median(rates)
 
 
 def print_table(rows: list[Row]) -> None:
@@ -169,7 +188,22 @@ def check_targets(rows: list[Row]) -> bool:
             f"bfloat16 KV: ours >= {BF16_TARGET_OVER_TORCH:.0f}x torch SDPA: worst "
             f"{min(bf16):.1f}x -> {'PASS' if passed else 'FAIL'}"
         )
+        if not passed:
+            print(bf16_ceiling_note(rows))
     return ok
+
+
+def bf16_ceiling_note(rows: list[Row]) -> str:
+    """Whether the bfloat16 target is attainable here at all: the target was set where torch
+    reads bf16 KV at ~1 GB/s (no AMX/bf16 path); where torch is fast, 8x torch can exceed what
+    the memory delivers, and no kernel can meet it."""
+    lines = []
+    for r in (r for r in rows if r.dtype == "bfloat16"):
+        needed = BF16_TARGET_OVER_TORCH * r.torch
+        verdict = "above" if needed > r.read else "within"
+        lines.append(f"  {r.tokens:>7d} tokens: 8x torch = {needed:.1f} GB/s, {verdict} this KV's "
+                     f"read bandwidth {r.read:.1f} GB/s; ours reaches {r.ours / r.read:.0%} of it")
+    return "bfloat16 target against the memory ceiling:\n" + "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
