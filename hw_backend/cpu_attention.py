@@ -159,19 +159,23 @@ def _tensor_to_numpy(t: Any, name: str) -> tuple[np.ndarray, str | None]:
     ``_checked_tensor_to_numpy`` for every tensor, such a call cost 186-196 us before any work;
     this way 147-152 us (measured). Other tensors still take those checks.
     """
-    arr = _plain_numpy(t)
-    if arr is None:  # GPU, autograd or bfloat16 tensors
+    bf16 = t.dtype == _torch_module().bfloat16
+    arr = _plain_numpy(t, bf16)
+    if arr is None:  # GPU or autograd tensors
         return _checked_tensor_to_numpy(t, name)
     if not arr.flags.c_contiguous:
         raise ValueError(f"{name}: tensor is not contiguous; call .contiguous() explicitly")
-    return arr, _NUMPY_KV_NAMES.get(arr.dtype.char)
+    return arr, "bfloat16" if bf16 else _NUMPY_KV_NAMES.get(arr.dtype.char)
 
 
-def _plain_numpy(t: Any) -> np.ndarray | None:
-    """``t.numpy()``, or None where torch refuses (outside the except block, so errors raised
-    for such tensors do not chain torch's refusal)."""
+def _plain_numpy(t: Any, bf16: bool = False) -> np.ndarray | None:
+    """``t.numpy()`` (bfloat16 as its int16 storage), or None where torch refuses (outside the
+    except block, so errors raised for such tensors do not chain torch's refusal).
+
+    bfloat16 is viewed as int16 before asking: NumPy has no bfloat16, and letting ``t.numpy()``
+    raise first cost each bfloat16 KV tensor 11.6 us instead of 1.0 us (measured)."""
     try:
-        return t.numpy()
+        return t.view(_torch_module().int16).numpy() if bf16 else t.numpy()
     except (TypeError, RuntimeError):
         return None
 
