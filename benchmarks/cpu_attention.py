@@ -16,7 +16,7 @@ with the ratios ours/read and ours/torch, each time the median of --repeats runs
 warm-up, and checks the targets: float32 >= 75% of read bandwidth, bfloat16 >= 8x torch.
 Where the bfloat16 target fails it also prints whether 8x torch lies within this KV's read
 bandwidth at all: the target was set where torch reads bf16 KV at ~1 GB/s, while with AMX
-torch reads it at 6-8 GB/s, so that 8x would exceed what the memory delivers.
+torch reads it at 5-9 GB/s, so that 8x would exceed what the memory delivers.
 KV lives in huge-page buffers from hw_backend.numa, like the read-bandwidth buffer.
 
 Every pass (read probe, ours, torch's, topk) starts from DRAM, right after the attention of
