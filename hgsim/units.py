@@ -20,6 +20,9 @@ _DIMENSIONS: dict[str, dict[str, float]] = {
         "b": 1e-9, "kb": 1e-6, "mb": 1e-3, "gb": 1.0, "tb": 1e3,
         "kib": 1024 / 1e9, "mib": 1024**2 / 1e9, "gib": 1024**3 / 1e9, "tib": 1024**4 / 1e9,
     },
+    "bytes": {  # canonical: bytes
+        "b": 1.0, "kb": 1e3, "mb": 1e6, "kib": 1024.0, "mib": 1024.0**2,
+    },
     "latency_ns": {"ps": 1e-3, "ns": 1.0, "us": 1e3, "ms": 1e6, "s": 1e9},
     "latency_us": {"ns": 1e-3, "us": 1.0, "ms": 1e3, "s": 1e6},
     "frequency_ghz": {"hz": 1e-9, "khz": 1e-6, "mhz": 1e-3, "ghz": 1.0},
@@ -31,6 +34,7 @@ _DIMENSIONS: dict[str, dict[str, float]] = {
 SUFFIX_DIMENSION = {
     "_gbps": "bandwidth_gbps",
     "_gb": "capacity_gb",
+    "_bytes": "bytes",
     "_ns": "latency_ns",
     "_us": "latency_us",
     "_ghz": "frequency_ghz",

@@ -121,8 +121,8 @@ def workload(study: ValidationStudy, case: Case) -> Workload:
 
 
 #: Calibration's figures per kernel-thread count n: ``scaling_efficiency`` (per-core rate of the
-#: streaming kernel at n threads over its single-thread rate) and ``core_bandwidth_gbps`` (the
-#: n-thread read bandwidth / n).
+#: streaming kernel at n threads over its single-thread rate) and ``stream_inflight_bytes`` (the
+#: n-thread read bandwidth / n x local latency: what each of n cores keeps in flight).
 ThreadFigures = dict[int, dict[str, Any]]
 
 
@@ -143,8 +143,8 @@ def case_profile(profile: HardwareProfile, case: Case,
     if measured.get("scaling_efficiency"):
         rate = profile.sockets[spec_socket].attention_gflops_per_core
         overrides[f"{key}.attention_gflops_per_core"] = rate * measured["scaling_efficiency"]
-    if measured.get("core_bandwidth_gbps"):
-        overrides[f"{key}.core_bandwidth_gbps"] = measured["core_bandwidth_gbps"]
+    if measured.get("stream_inflight_bytes"):
+        overrides[f"{key}.stream_inflight_bytes"] = measured["stream_inflight_bytes"]
     if measured.get("op_overhead_us") is not None:
         overrides[f"{key}.op_overhead_us"] = measured["op_overhead_us"]
     return profile_with_overrides(profile, overrides)

@@ -28,6 +28,7 @@ BASE_PROFILE: dict[str, Any] = {
             "memory_efficiency": 0.8,
             "attention_efficiency": 0.7,
             "copy_engines": 2,
+            "dma_inflight_bytes": 1 << 20,
             "socket": "s0",
             "link": "pcie0",
         }
@@ -39,17 +40,21 @@ BASE_PROFILE: dict[str, Any] = {
             "frequency_ghz": 2.0,
             "simd": "avx512",
             "attention_gflops_per_core": 50,
-            "core_bandwidth_gbps": 5,
+            "stream_inflight_bytes": 500,  # 5 GB/s per core from ddr at 100 ns
+            "gather_inflight_bytes": 250,
         }
         for name in ("s0", "s1")
     },
     "tiers": {
         "ddr0": {"kind": "ddr", "capacity_gb": 256, "read_bandwidth_gbps": 100,
-                 "write_bandwidth_gbps": 80, "latency_ns": 100, "socket": "s0"},
+                 "write_bandwidth_gbps": 80, "latency_ns": 100, "queue_delay_at_half_load_ns": 0,
+                 "socket": "s0"},
         "ddr1": {"kind": "ddr", "capacity_gb": 256, "read_bandwidth_gbps": 100,
-                 "write_bandwidth_gbps": 80, "latency_ns": 100, "socket": "s1"},
+                 "write_bandwidth_gbps": 80, "latency_ns": 100, "queue_delay_at_half_load_ns": 0,
+                 "socket": "s1"},
         "cxl0": {"kind": "cxl", "capacity_gb": 512, "read_bandwidth_gbps": 30,
-                 "write_bandwidth_gbps": 25, "latency_ns": 300, "socket": "s0",
+                 "write_bandwidth_gbps": 25, "latency_ns": 300, "queue_delay_at_half_load_ns": 0,
+                 "socket": "s0",
                  "link": "cxl0link"},
     },
     "links": {

@@ -404,7 +404,8 @@ def test_assembled_profile_maps_numa_to_sockets_cxl_and_upi(cuda: bool):
     assert profile.links["upi_cpu0_cpu1"].bandwidth_gbps == 60.0
     assert profile.sockets["cpu0"].attention_gflops_per_core == pytest.approx(20.0)
     assert profile.tiers["ddr0"].read_bandwidth_gbps == 100.0
-    assert profile.sockets["cpu0"].core_bandwidth_gbps == 12.5
+    # one thread reads 12.5 GB/s at 110 ns: 1375 bytes in flight (Little's law)
+    assert profile.sockets["cpu0"].stream_inflight_bytes == pytest.approx(1375)
     gpu = profile.gpus["gpu0"]
     if cuda:
         assert gpu.socket == "cpu1" and gpu.hbm_bandwidth_gbps == 2000.0

@@ -198,7 +198,7 @@ def test_simulate_cli_prints_tables_and_exits_2_on_bad_input(tmp_path):
 
 
 def test_selection_costs_lengthen_the_cpu_phase_by_their_closed_form():
-    base = load_profile(H100)
+    base = profile_with_overrides(load_profile(H100), {"sockets.cpu0.gather_ns_per_row": 0})
     costly = profile_with_overrides(base, {"sockets.cpu0.gather_ns_per_row": 100.0})
     plain = run("hybridgen_static", context=131072, gen=4, profile=base)
     slow = run("hybridgen_static", context=131072, gen=4, profile=costly)
@@ -213,7 +213,7 @@ def test_selection_costs_lengthen_the_cpu_phase_by_their_closed_form():
 
 @pytest.mark.parametrize("policy", ["hybridgen_static", "cpu_offload"])
 def test_a_host_call_overhead_adds_once_per_layer_to_the_cpu_phase(policy):
-    base = load_profile(H100)
+    base = profile_with_overrides(load_profile(H100), {"sockets.cpu0.op_overhead_us": 0})
     costly = profile_with_overrides(base, {"sockets.cpu0.op_overhead_us": 250.0})
     plain = run(policy, context=131072, gen=4, profile=base)
     slow = run(policy, context=131072, gen=4, profile=costly)

@@ -78,11 +78,13 @@ def _print_summary(result) -> None:
     gpu = profile.gpus[profile.primary_gpu]
     for sname, sock in profile.sockets.items():
         table.add_row(f"{sname} attention GFLOP/s per core", f"{sock.attention_gflops_per_core:g}")
-        table.add_row(f"{sname} core bandwidth GB/s", f"{sock.core_bandwidth_gbps:g}")
+        table.add_row(f"{sname} bytes in flight per core (stream / gather)",
+                      f"{sock.stream_inflight_bytes:g} / {sock.gather_inflight_bytes:g}")
     for tname, tier in profile.tiers.items():
         table.add_row(f"{tname} read / write GB/s",
                       f"{tier.read_bandwidth_gbps:g} / {tier.write_bandwidth_gbps:g}")
-        table.add_row(f"{tname} latency ns", f"{tier.latency_ns:g}")
+        table.add_row(f"{tname} latency ns (+ queueing at half load)",
+                      f"{tier.latency_ns:g} (+{tier.queue_delay_at_half_load_ns:g})")
     table.add_row(f"gpu0 ({gpu.model})", "")
     table.add_row("  HBM GB/s x attention efficiency",
                   f"{gpu.hbm_bandwidth_gbps:g} x {gpu.attention_efficiency:g}")

@@ -127,6 +127,7 @@ def _gpu_table(name: str, gpu) -> Table:
         ("memory efficiency", f"{gpu.memory_efficiency:.0%}", "of peak bandwidth"),
         ("attention efficiency", f"{gpu.attention_efficiency:.0%}", "of peak bandwidth"),
         ("copy engines", str(gpu.copy_engines), ""),
+        ("DMA bytes in flight", fmt(gpu.dma_inflight_bytes), "per copy engine"),
         ("socket / host link", f"{gpu.socket} / {gpu.link}", ""),
     ]
     for row in rows:
@@ -137,11 +138,13 @@ def _gpu_table(name: str, gpu) -> Table:
 def _sockets_table(profile: HardwareProfile) -> Table:
     table = Table(title="CPU sockets", title_justify="left")
     for header, right in (("name", False), ("model", False), ("cores", True), ("GHz", True),
-                          ("SIMD", False), ("attn GFLOP/s/core", True), ("GB/s/core", True)):
+                          ("SIMD", False), ("attn GFLOP/s/core", True), ("stream B in flight", True),
+                          ("gather B in flight", True)):
         table.add_column(header, justify="right" if right else "left")
     for name, sock in profile.sockets.items():
         table.add_row(name, sock.model, str(sock.cores), fmt(sock.frequency_ghz), sock.simd,
-                      fmt(sock.attention_gflops_per_core), fmt(sock.core_bandwidth_gbps))
+                      fmt(sock.attention_gflops_per_core), fmt(sock.stream_inflight_bytes),
+                      fmt(sock.gather_inflight_bytes))
     return table
 
 
@@ -149,12 +152,12 @@ def _tiers_table(profile: HardwareProfile) -> Table:
     table = Table(title="Memory tiers (latency from the tier's own socket)", title_justify="left")
     for header, right in (("name", False), ("kind", False), ("socket", False), ("link", False),
                           ("capacity GB", True), ("read GB/s", True), ("write GB/s", True),
-                          ("latency ns", True)):
+                          ("latency ns", True), ("queueing at half load ns", True)):
         table.add_column(header, justify="right" if right else "left")
     for name, tier in profile.tiers.items():
         table.add_row(name, tier.kind, tier.socket, tier.link or "-", fmt(tier.capacity_gb),
                       fmt(tier.read_bandwidth_gbps), fmt(tier.write_bandwidth_gbps),
-                      fmt(tier.latency_ns))
+                      fmt(tier.latency_ns), fmt(tier.queue_delay_at_half_load_ns))
     return table
 
 

@@ -227,8 +227,10 @@ class DecodeEngine:
         spec = machine.profile.sockets[self.socket]
         total_bytes = w.cpu_k_bytes + w.cpu_v_bytes
         flops_per_byte = w.cpu_flops / total_bytes if total_bytes else 0.0
-        cap = cpu_stream_rate_Bps(self.cores, spec.core_bandwidth_gbps * GB,
-                                  spec.attention_gflops_per_core * GB, flops_per_byte)
+        k_tier = next(iter(lp.placement.k_fractions))
+        core_Bps = spec.stream_inflight_bytes / machine.path(k_tier, self.socket).latency_s
+        cap = cpu_stream_rate_Bps(self.cores, core_Bps, spec.attention_gflops_per_core * GB,
+                                  flops_per_byte)
         compute = machine.socket_compute(self.socket)
         v_fractions = (lp.placement.gather_fractions if lp.cpu_work is CpuWork.SPARSE_PARTIAL
                        else lp.placement.v_fractions)

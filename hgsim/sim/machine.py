@@ -290,7 +290,7 @@ class Machine:
         yield pool.acquire(cores)
         route = self.path(tier, socket)
         cap = cpu_stream_rate_Bps(
-            cores, spec.core_bandwidth_gbps * GB, spec.attention_gflops_per_core * GB,
+            cores, spec.stream_inflight_bytes / route.latency_s, spec.attention_gflops_per_core * GB,
             flops / bytes_ if bytes_ > 0 else 0.0,
         )
         flow = yield self.network.transfer(

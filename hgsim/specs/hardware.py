@@ -32,6 +32,10 @@ class GpuSpec(SpecModel):
     memory_efficiency: float = Fraction  # achieved / peak HBM bandwidth on streaming kernels
     attention_efficiency: float = Fraction  # achieved / peak HBM bandwidth in decode attention
     copy_engines: int = Field(default=2, ge=1)
+    # Bytes one copy engine keeps in flight when it reads host memory (outstanding PCIe read
+    # requests x their size). By Little's law a DMA read runs at most this / route latency,
+    # which binds only when host memory is far (CXL, a remote socket, a long route).
+    dma_inflight_bytes: float = Positive
     socket: str  # the socket whose root complex the GPU hangs off
     link: str  # the PCIe link to that socket
     source: str | None = None
@@ -60,15 +64,32 @@ class CpuSocketSpec(SpecModel):
     frequency_ghz: float = Positive
     simd: Literal["scalar", "avx2", "avx512", "amx", "neon", "sve"]
     attention_gflops_per_core: float = Positive  # sustained q.k FMA rate of the attention kernel
-    core_bandwidth_gbps: float = Positive  # most one core can stream from memory
-    # Per-item costs of top-k selection that a FLOP count misses (0: not modelled). The
-    # bounded heap costs per insertion, gathering scattered V rows is latency-bound per row.
+    # Memory-level parallelism: bytes one core keeps in flight. A core's rate from a tier is
+    # at most this / the route's (loaded) latency (Little's law). Sequential streams (a K scan)
+    # get the hardware prefetchers' depth; random row gathers only the L1 miss buffers.
+    stream_inflight_bytes: float = Positive
+    gather_inflight_bytes: float = Positive
+    cache_line_bytes: int = Field(default=64, gt=0)  # a gathered row costs the lines it touches
+    # Core time that a byte count misses: a bounded top-k heap costs per insertion (added to
+    # the scan, as calibrated), a gathered row costs address and copy work per row (overlaps
+    # its memory time: a cap, not an addition).
     topk_ns_per_insert: float = Field(default=0.0, ge=0)
     gather_ns_per_row: float = Field(default=0.0, ge=0)
     # Fixed cost of one host kernel call beyond bytes / rate (argument handling from cold
-    # caches, thread fork and join, scratch buffers): what a one-block call takes. 0: none.
+    # caches, thread fork and join, scratch buffers): what a one-block call takes.
     op_overhead_us: float = Field(default=0.0, ge=0)
     source: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_fields(cls, data):
+        if isinstance(data, dict) and "core_bandwidth_gbps" in data:
+            raise ValueError(
+                "core_bandwidth_gbps was replaced by stream_inflight_bytes (bytes one core keeps "
+                "in flight; = single-core stream GB/s x local latency ns, e.g. 15 GB/s x 110 ns "
+                "= 1650) and gather_inflight_bytes (L1 miss buffers x 64 B)"
+            )
+        return data
 
 
 class MemoryTierSpec(SpecModel):
@@ -76,7 +97,10 @@ class MemoryTierSpec(SpecModel):
     capacity_gb: float = Positive
     read_bandwidth_gbps: float = Positive
     write_bandwidth_gbps: float = Positive
-    latency_ns: float = Positive
+    latency_ns: float = Positive  # idle load-to-use latency from its own socket
+    # Queueing delay added at 50% utilisation of the read bandwidth; the delay at utilisation
+    # u is this x u / (1 - u) (M/M/1 shape), so a saturated tier is slower for every reader.
+    queue_delay_at_half_load_ns: float = Field(ge=0)
     socket: str  # the socket it hangs off (for CXL: through ``link``)
     link: str | None = None  # CXL link between socket and expander
     source: str | None = None

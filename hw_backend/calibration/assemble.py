@@ -164,6 +164,7 @@ def _gpu(ctx: Context, node: Node, stamp: Stamp, socket: str) -> dict[str, Any]:
                  fallback=missing)
     node.add("copy_engines", copy_engines,
              stamp.measured("uploads and fetches use separate queues (full duplex)"))
+    stamp.figure(node, "dma_inflight_bytes", _dma_inflight(pcie))
     node.add("socket", socket)
     node.add("link", "pcie0")
     node.add("source", source)
@@ -180,12 +181,14 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
     node.add("simd", m.simd, stamp.measured("/proc/cpuinfo flags"))
     stamp.figure(node, "attention_gflops_per_core", figs.get("attention_gflops_per_core"))
     stamp.figure(node, "op_overhead_us", figs.get("op_overhead_us"))
-    core_bw = S.socket_core_bandwidth(ms, numa.id)
-    stamp.figure(node, "core_bandwidth_gbps", core_bw)
+    inflight = S.socket_inflight(ms, numa.id)
+    stamp.figure(node, "stream_inflight_bytes", inflight.get("stream_inflight_bytes"))
+    stamp.figure(node, "gather_inflight_bytes", inflight.get("gather_inflight_bytes"),
+                 default=1024, fallback="no gather measured; 16 L1 miss buffers x 64 B assumed")
     for key, fig in S.selection_figures(ms, numa.id).items():
         stamp.figure(node, key, fig)
     node.add("source", f"hgsim calibrate {ctx.date}: /proc/cpuinfo, C kernel and stream reads")
-    return {**figs, "core_bandwidth_gbps": core_bw}
+    return {**figs, **inflight}
 
 
 def _tier(ctx: Context, node: Node, stamp: Stamp, numa, kind: str, socket: str,
@@ -206,6 +209,8 @@ def _tier(ctx: Context, node: Node, stamp: Stamp, numa, kind: str, socket: str,
     elif link is not None:
         figs["_link_latency"] = Figure(0.0, "no local latency to subtract")
     stamp.figure(node, "latency_ns", latency)
+    stamp.figure(node, "queue_delay_at_half_load_ns", None, default=0.0,
+                 fallback="no loaded-latency measurement")
     node.add("socket", socket)
     if link is not None:
         node.add("link", link)
@@ -251,6 +256,16 @@ def _node_bytes(machine: Machine, numa) -> tuple[int, str]:
 def _capacity(machine: Machine, numa, stamp: Stamp) -> tuple[float, str]:
     nbytes, where = _node_bytes(machine, numa)
     return round(nbytes / GB, 1), stamp.measured(where)
+
+
+def _dma_inflight(pcie: dict[str, Any]) -> Figure | None:
+    """The least a copy engine must keep in flight to reach the measured rate over the link's
+    latency (Little's law): a floor, so a DMA from local memory is never predicted slower."""
+    bw, lat = pcie.get("bandwidth"), pcie.get("latency")
+    if bw is None or lat is None or not bw.value or not lat.value:
+        return None
+    return Figure(round(bw.value * lat.value), f"copy bandwidth {bw.value:g} GB/s x link latency "
+                                               f"{lat.value:g} ns (Little's law)")
 
 
 def _us_to_ns(fig: Figure | None) -> Figure | None:

@@ -3,8 +3,10 @@
 Every figure is a ``Figure(value, what)``; ``what`` says which measurement (or system file) the
 value came from, and ends up as the figure's YAML comment. The choices that are not obvious:
 
-* ``core_bandwidth_gbps`` is one thread's streaming read rate; a tier's read bandwidth is the best
-  over thread counts (what all cores together reach).
+* ``stream_inflight_bytes`` is what one thread keeps in flight on a streaming read, by Little's
+  law its read rate x the local latency; ``gather_inflight_bytes`` likewise from the C kernel's
+  one-thread ``gather_rows`` (lines moved per second x latency). A tier's read bandwidth is the
+  best over thread counts (what all cores together reach).
 * ``attention_gflops_per_core`` is the C kernel's single-thread rate on the operations the
   executor runs on the host, in FLOPs as the simulator counts them (``cpu_kernel``), net of a
   call's fixed cost (``op_overhead_us``, timed directly on a one-block call).
@@ -220,7 +222,8 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
     memory system. So for n threads: ``attention_gflops_per_core`` is the single-thread figure
     times the scaling efficiency of the streaming kernel (partial attention's per-core rate at n
     over its rate at 1; top-k's chunked heaps scale differently and are left out), and
-    ``core_bandwidth_gbps`` is the n-thread read bandwidth divided by n, and ``op_overhead_us``
+    ``stream_inflight_bytes`` is the n-thread read bandwidth / n x the local latency (what one of
+    n cores keeps in flight), and ``op_overhead_us``
     the fixed cost of a call at n threads (fork and join grow with n). Validation runs with n
     kernel threads scale the profile's rate by ``scaling_efficiency`` and use that bandwidth and
     that overhead.
@@ -240,8 +243,9 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
         out[n] = {"attention_gflops_per_core": round(base * efficiency, 3),
                   "scaling_efficiency": round(efficiency, 3),
                   "op_rates": {k: round(v, 3) for k, v in rates.items()}}
-        if reads:
-            out[n]["core_bandwidth_gbps"] = round(reads[0] / n, 3)
+        latency = _local_latency_ns(ms, socket)
+        if reads and latency is not None:
+            out[n]["stream_inflight_bytes"] = round(reads[0] / n * latency, 1)
         fixed = _op_overhead_us(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n),
                                 _small_call(ms, socket, n))
         if fixed is not None:
@@ -278,12 +282,33 @@ def _scaling(ms: Measurements, socket: int) -> str:
     return f"; per-thread scaling efficiency of partial attention: {parts}"
 
 
-def socket_core_bandwidth(ms: Measurements, node: int) -> Figure | None:
-    rows = [m for m in ms.select("memory", "read_bandwidth", node=node, threads=1)
-            if not m.params["remote"]]
-    if not rows:
-        return None
-    return Figure(round(rows[0].value, 1), "streaming read by one thread from local memory")
+def _local_latency_ns(ms: Measurements, node: int) -> float | None:
+    lat = [m for m in ms.select("memory", "latency", node=node) if not m.params["remote"]]
+    return lat[0].value if lat else None
+
+
+def socket_inflight(ms: Measurements, node: int) -> dict[str, Figure]:
+    """Bytes one core keeps in flight, by Little's law (rate x latency of the local node)."""
+    latency = _local_latency_ns(ms, node)
+    if latency is None:
+        return {}
+    out: dict[str, Figure] = {}
+    reads = [m for m in ms.select("memory", "read_bandwidth", node=node, threads=1)
+             if not m.params["remote"]]
+    if reads:
+        gbps = reads[0].value
+        out["stream_inflight_bytes"] = Figure(
+            round(gbps * latency), f"one-thread streaming read {gbps:.1f} GB/s x local latency "
+                                   f"{latency:.0f} ns (Little's law)")
+    rates = []
+    for m in ms.select("cpu_kernel", "gather_rows", socket=node, threads=1):
+        rates.append(m.value)  # GB/s of rows moved (rows are whole cache lines here)
+    if rates:
+        gbps = statistics.median(rates)
+        out["gather_inflight_bytes"] = Figure(
+            round(gbps * latency), f"C kernel gather_rows, one thread, median {gbps:.1f} GB/s "
+                                   f"over contexts and ratios x local latency {latency:.0f} ns")
+    return out
 
 
 def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[str, Figure]:
