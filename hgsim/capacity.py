@@ -1,8 +1,19 @@
 """Capacity accounting: does a configuration fit, and where does each byte of KV live?
 
 Every tier has a capacity. A configuration that does not fit is reported infeasible with the
-tier and the shortfall; it is never silently simulated. Host KV placement strategies
-(semantic-aware, interleave, DRAM-first) live here because placement is decided by capacity.
+tier and the shortfall; it is never silently simulated. Host KV placement strategies live here
+because placement is decided by capacity. They are the ones real systems have:
+
+* ``first_touch``: Linux's default policy. Pages land on the nearest node with free memory,
+  so KV fills local DRAM and spills to CXL once DRAM is full; K and V alike (they are
+  allocated together, token by token).
+* ``interleave``: ``MPOL_INTERLEAVE``, pages round-robin 1:1 over the host tiers (a tier
+  that fills drops out of the rotation).
+* ``weighted_interleave``: Linux's weighted interleave (6.9+), pages in proportion to each
+  tier's read bandwidth, so a stream draws on every tier at once.
+* ``semantic``: HybridGen's mapping. Keys, scanned every step, in local DRAM; values, read
+  only for the selected rows, on CXL.
+* ``importance``: semantic, plus a DRAM copy of the rows that are selected most often.
 """
 
 from __future__ import annotations
@@ -14,7 +25,8 @@ from hgsim.plan import KvPlacement
 from hgsim.specs.hardware import HardwareProfile
 
 GB = 1e9
-PlacementStrategy = Literal["semantic", "importance", "interleave", "dram_first"]
+PlacementStrategy = Literal["first_touch", "interleave", "weighted_interleave", "semantic",
+                            "importance"]
 
 
 @dataclass(frozen=True)
@@ -94,18 +106,20 @@ def place_host_kv(
     if not free:
         raise ValueError("profile has no host memory tier to hold KV")
 
-    if strategy == "interleave":
-        total = sum(free.values())
-        k_frac = {n: c / total for n, c in free.items()}
-        v_frac = dict(k_frac)
-        placement = KvPlacement(k_frac, v_frac)
-        used = {n: f * (k_bytes + v_bytes) for n, f in k_frac.items()}
-        return placement, used
+    if strategy in ("first_touch", "interleave", "weighted_interleave"):
+        # K and V pages are allocated together, so both get the same split
+        order = ddr + cxl
+        if strategy == "first_touch":
+            split = _fill(k_bytes + v_bytes, order, free, {})
+        else:
+            weights = {n: 1.0 if strategy == "interleave" else
+                       profile.tiers[n].read_bandwidth_gbps for n in order}
+            split = _water_fill(k_bytes + v_bytes, weights, free)
+        fractions = _fractions(split, k_bytes + v_bytes, order)
+        return KvPlacement(fractions, dict(fractions)), split
 
-    if strategy == "dram_first":
-        k_order = v_order = ddr + cxl
-    else:  # semantic and importance: keys local, values far
-        k_order, v_order = ddr + cxl, cxl + list(reversed(ddr))
+    # semantic and importance: keys local, values far
+    k_order, v_order = ddr + cxl, cxl + list(reversed(ddr))
 
     used: dict[str, float] = {}
     k_split = _fill(k_bytes, k_order, free, used)
@@ -155,6 +169,34 @@ def _fill(bytes_: float, order: list[str], free: dict[str, float], used: dict[st
         free[last] -= remaining
         used[last] = used.get(last, 0.0) + remaining
     return split
+
+
+def _water_fill(bytes_: float, weights: dict[str, float], free: dict[str, float]):
+    """Split ``bytes_`` over tiers in proportion to ``weights``; a tier that fills up keeps
+    what fits and the rest is shared by the others the same way (an interleave policy whose
+    node runs out of pages moves on to the next one). Overflow lands on the last tier."""
+    split = {n: 0.0 for n in weights}
+    left = bytes_
+    active = [n for n in weights if weights[n] > 0 and free[n] > 0]
+    while left > 1e-9 * max(bytes_, 1.0) and active:
+        total = sum(weights[n] for n in active)
+        full = [n for n in active if left * weights[n] / total >= free[n] - split[n]]
+        if not full:
+            for n in active:
+                split[n] += left * weights[n] / total
+            left = 0.0
+            break
+        for n in full:
+            take = free[n] - split[n]
+            split[n] += take
+            left -= take
+        active = [n for n in active if n not in full]
+    if left > 1e-9 * max(bytes_, 1.0):
+        last = list(weights)[-1]
+        split[last] += left
+    for n, b in split.items():
+        free[n] -= b
+    return {n: b for n, b in split.items() if b > 0}
 
 
 def _fractions(split: dict[str, float], total: float, order: list[str]) -> dict[str, float]:

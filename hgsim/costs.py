@@ -21,23 +21,47 @@ class Work:
 
 @dataclass(frozen=True, slots=True)
 class LayerWork:
-    """Everything one layer of one step does, for the whole batch."""
+    """Everything one layer of one step does, for the whole batch.
+
+    The host side is what ``hw_backend``'s executor does for the plan: the CPU scans keys
+    (and, for dense partial attention, values) as a sequential stream; selected rows are
+    gathered at random into a DRAM staging buffer (HybridGen's V rows, InfiniGen's K and V
+    rows) or attended in place (HGCA); what crosses PCIe is uploaded from that buffer, except
+    where the executor copies a contiguous range straight from the tier (FlexGen's KV stream,
+    exact HybridGen's V block).
+    """
 
     qkv: Work  # QKV projection on the GPU
     attn: Work  # GPU attention over GPU-resident tokens
     merge: Work  # GPU work on what arrived from the host (softmax union / LSE / streamed KV)
     post: Work  # output projection + FFN
     speculate: Work  # InfiniGen's partial-key speculation kernel
-    q_d2h_bytes: float  # query sent to the CPU
-    cpu_k_bytes: float  # keys the CPU scans
-    cpu_v_bytes: float  # values the CPU reads (dense or gathered)
-    cpu_flops: float
-    to_gpu_v_bytes: float  # V rows (or K+V rows) read from host tiers and sent over PCIe
-    to_gpu_k_bytes: float  # K rows sent over PCIe (streaming policies)
-    to_gpu_small_bytes: float  # logits or partial outputs (from a DRAM staging buffer)
+    q_d2h_bytes: float  # what the host needs from the GPU first: the query (InfiniGen: indices)
+    cpu_k_bytes: float  # keys the CPU scans (sequential stream)
+    cpu_v_bytes: float  # values the CPU streams (dense partial attention)
+    cpu_flops: float  # FLOPs of that scan pass
     cpu_topk_inserts: float = 0.0  # expected heap insertions of the per-head top-k
-    cpu_gather_rows: float = 0.0  # scattered V rows the CPU copies (one per head and selection)
+    gather_k_rows: float = 0.0  # K rows the CPU gathers at random (one per query head and pick)
+    gather_v_rows: float = 0.0  # V rows likewise
+    row_bytes: float = 0.0  # one gathered row (head_dim x KV dtype)
+    rows_staged: bool = False  # gathered rows are copied into the staging buffer (not attended)
+    gather_flops: float = 0.0  # attention over the gathered rows on the CPU (HGCA)
+    staged_bytes: float = 0.0  # uploaded from the host staging buffer: logits, rows, outputs
+    direct_k_bytes: float = 0.0  # DMA'd straight from the tiers holding K (FlexGen)
+    direct_v_bytes: float = 0.0  # ... and V (FlexGen; exact HybridGen's V block)
+    host_calls: int = 0  # host kernel calls, each paying the socket's op_overhead_us
     kv_update: Work = Work()  # sliding the HBM recent window: the oldest token leaves for host
+    evict_bytes: float = 0.0  # K+V of that token, written to host memory
+    append_host_bytes: float = 0.0  # the new token's K+V written to host (no HBM window)
+
+    @property
+    def gather_rows(self) -> float:
+        return self.gather_k_rows + self.gather_v_rows
+
+    @property
+    def to_gpu_bytes(self) -> float:
+        """Everything the host path sends over PCIe for the layer."""
+        return self.staged_bytes + self.direct_k_bytes + self.direct_v_bytes
 
 
 def layer_work(
@@ -64,59 +88,85 @@ def layer_work(
     attn = Work(4.0 * batch * heads * hd * gpu_resident, 2.0 * batch * gpu_resident * kv_row)
 
     host, sel = lp.host_tokens, lp.host_selected
+    row = hd * b_kv  # one head's K or V row of one token
+    picks = batch * heads * sel  # (sequence, query head, selected token) triples
     q_bytes = batch * heads * hd * 2.0  # fp16 query
     partial_bytes = batch * heads * (hd + 1) * 4.0  # fp32 output and LSE per head
-    logit_bytes = batch * heads * sel * 4.0
-    v_rows_q = batch * heads * sel * hd * b_kv  # one V row per query head per selected token
+    logit_bytes = picks * 4.0
+    logit_flops = 2.0 * batch * heads * hd * host
+    exact = sel == host
 
-    merge = Work()
-    speculate = Work()
-    q_d2h = cpu_k = cpu_v = cpu_flops = v_gpu = k_gpu = small = inserts = rows = 0.0
-    if lp.transfer is Transfer.KV_ALL:
-        k_gpu = v_gpu = batch * host * kv_row
-        merge = Work(4.0 * batch * heads * hd * host, 2.0 * batch * host * kv_row)
-    elif lp.transfer is Transfer.KV_SELECTED:
-        k_gpu = v_gpu = batch * sel * kv_row
-        merge = Work(4.0 * batch * heads * hd * sel, 2.0 * batch * sel * kv_row)
-    elif lp.transfer is Transfer.LOGITS_AND_V:
-        v_gpu, small = v_rows_q, logit_bytes
-        merge = Work(2.0 * batch * heads * hd * sel, v_rows_q + logit_bytes)
-    elif lp.transfer is Transfer.PARTIAL_OUTPUT:
-        small = partial_bytes
-        merge = Work(4.0 * batch * heads * hd, 2 * partial_bytes)
-
+    merge = speculate = Work()
+    fields: dict[str, float | bool | int] = {}
+    q_d2h = cpu_k = cpu_v = cpu_flops = 0.0
     if lp.speculate_key_fraction and host:
         # InfiniGen reads a fraction of every key's channels that it keeps in HBM.
         partial = lp.speculate_key_fraction
-        speculate = Work(2.0 * batch * heads * hd * partial * lp.context, batch * lp.context * kv_row * partial)
+        speculate = Work(2.0 * batch * heads * hd * partial * lp.context,
+                         batch * lp.context * kv_row * partial)
 
-    if lp.cpu_work is not CpuWork.NONE:
-        q_d2h = q_bytes
-        cpu_k = batch * host * kv_row
-        logit_flops = 2.0 * batch * heads * hd * host
-        if lp.cpu_work in (CpuWork.LOGITS_TOPK, CpuWork.SPARSE_PARTIAL) and 0 < sel < host:
-            # a bounded heap of k over n scores without structure: k * (1 + ln(n/k)) inserts
-            inserts = batch * heads * sel * (1.0 + math.log(host / sel))
-        if lp.cpu_work is CpuWork.LOGITS_TOPK:
-            cpu_flops = logit_flops + 2.0 * batch * heads * host  # scan + top-k comparisons
-            rows = batch * heads * sel
-        elif lp.cpu_work is CpuWork.PARTIAL_ATTENTION:
-            cpu_v = batch * host * kv_row
-            cpu_flops = 2.0 * logit_flops + 3.0 * batch * heads * host  # + exp and sums
-        elif lp.cpu_work is CpuWork.SPARSE_PARTIAL:
-            cpu_v = v_rows_q
-            cpu_flops = logit_flops + 2.0 * batch * heads * host + 2.0 * batch * heads * hd * sel
+    if lp.transfer is Transfer.KV_ALL:  # FlexGen: the host range DMA'd from its tiers
+        fields.update(direct_k_bytes=batch * host * kv_row, direct_v_bytes=batch * host * kv_row)
+        merge = Work(4.0 * batch * heads * hd * host, 2.0 * batch * host * kv_row)
+    elif lp.transfer is Transfer.KV_SELECTED:  # InfiniGen: the CPU gathers what the GPU picked
+        q_d2h = picks * 8.0  # int64 indices of the speculated tokens
+        fields.update(gather_k_rows=picks, gather_v_rows=picks, row_bytes=row,
+                      rows_staged=True, staged_bytes=2.0 * picks * row, host_calls=2)
+        merge = Work(4.0 * batch * heads * hd * sel, 2.0 * picks * row)
+    elif lp.cpu_work is CpuWork.LOGITS_TOPK:  # HybridGen
+        q_d2h, cpu_k = q_bytes, batch * host * kv_row
+        cpu_flops = logit_flops
+        if exact:  # every host token: plain logits, V crosses as the range's block
+            fields.update(staged_bytes=batch * heads * host * 4.0,
+                          direct_v_bytes=batch * host * kv_row, host_calls=1)
+            merge = Work(2.0 * batch * heads * hd * host,
+                         batch * host * kv_row + batch * heads * host * 4.0)
+        else:
+            cpu_flops += 2.0 * batch * heads * host  # top-k comparisons
+            fields.update(cpu_topk_inserts=_heap_inserts(batch * heads, host, sel),
+                          gather_v_rows=picks, row_bytes=row, rows_staged=True,
+                          staged_bytes=logit_bytes + picks * row, host_calls=2)
+            merge = Work(2.0 * batch * heads * hd * sel, picks * row + logit_bytes)
+    elif lp.cpu_work is CpuWork.PARTIAL_ATTENTION or (lp.cpu_work is CpuWork.SPARSE_PARTIAL
+                                                       and exact):
+        q_d2h, cpu_k, cpu_v = q_bytes, batch * host * kv_row, batch * host * kv_row
+        cpu_flops = 2.0 * logit_flops + 3.0 * batch * heads * host  # + exp and sums
+        fields.update(staged_bytes=partial_bytes, host_calls=1)
+    elif lp.cpu_work is CpuWork.SPARSE_PARTIAL:  # HGCA: top-k, then attention over the picks
+        q_d2h, cpu_k = q_bytes, batch * host * kv_row
+        cpu_flops = logit_flops + 2.0 * batch * heads * host
+        fields.update(cpu_topk_inserts=_heap_inserts(batch * heads, host, sel),
+                      gather_k_rows=picks, gather_v_rows=picks, row_bytes=row,
+                      gather_flops=4.0 * batch * heads * hd * sel + 3.0 * picks,
+                      staged_bytes=partial_bytes, host_calls=2)
+    if lp.transfer is Transfer.PARTIAL_OUTPUT:
+        merge = Work(4.0 * batch * heads * hd, 2 * partial_bytes)
+    if not host or lp.host_evicted:
+        merge, fields, q_d2h, cpu_k, cpu_v, cpu_flops = Work(), {}, 0.0, 0.0, 0.0, 0.0
 
     # A recent window in HBM in front of host-resident tokens slides every step: the new token
     # comes in, the oldest goes out to host memory. A small kernel of its own (launch-bound),
-    # like the cache-write kernels of serving systems; a window that holds every token (or no
-    # window) moves nothing.
+    # like the cache-write kernels of serving systems, and the token's K and V written to the
+    # host tiers; a window that holds every token (or no window) moves nothing. Without a
+    # window the new token itself is written to host memory.
     kv_update = Work()
-    if lp.gpu_recent_tokens > 0 and host > 0 and not lp.host_evicted:
-        kv_update = Work(0.0, 2.0 * 2.0 * batch * kv_row)  # K+V of one token in and one out
+    if host > 0 and not lp.host_evicted:
+        if lp.gpu_recent_tokens > 0:
+            kv_update = Work(0.0, 2.0 * 2.0 * batch * kv_row)  # K+V of one token in and one out
+            fields["evict_bytes"] = 2.0 * batch * kv_row
+        else:
+            fields["append_host_bytes"] = 2.0 * batch * kv_row
 
     return LayerWork(qkv, attn, merge, post, speculate, q_d2h, cpu_k, cpu_v, cpu_flops,
-                     v_gpu, k_gpu, small, inserts, rows, kv_update)
+                     kv_update=kv_update, **fields)
+
+
+def _heap_inserts(heaps: float, n: float, k: float) -> float:
+    """Expected insertions of ``heaps`` bounded heaps of k over n scores without structure:
+    k * (1 + ln(n/k)) each (0 when every score is kept)."""
+    if not 0 < k < n:
+        return 0.0
+    return heaps * k * (1.0 + math.log(n / k))
 
 
 def prefill_layer_work(model: ModelSpec, batch: int, prompt: int, weight_dtype: str) -> Work:

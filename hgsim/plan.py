@@ -59,7 +59,7 @@ class KvPlacement:
     """Fraction of host-resident K rows and V rows in each host tier (each sums to 1).
 
     Semantic-aware mapping puts keys (scanned every step) in local DRAM and values (gathered
-    sparsely) on CXL; the naive interleave spreads both evenly.
+    sparsely) on CXL; first-touch and the interleave policies give K and V the same split.
     """
 
     k_fractions: dict[str, float]

@@ -24,6 +24,8 @@ class StepTiming:
     topk_ratio: float
     gpu_tokens: int
     simulated: bool = True  # False: interpolated between sampled steps
+    variable_s: float = 0.0  # part of host_s that grows with the top-k ratio (scheduler input)
+    decision: str = ""  # the scheduler's decision after this step, if it made one
 
 
 @dataclass
@@ -47,6 +49,10 @@ class SimResult:
     events: int = 0
     wall_s: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
+    # Mean per decode step: seconds of the critical path spent on each resource (what binds)
+    binding_s: dict[str, float] = field(default_factory=dict)
+    decisions: dict[str, int] = field(default_factory=dict)  # scheduler decisions, counted
+    last_reason: str = ""  # the scheduler's last decision and why
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -86,6 +92,18 @@ class SimResult:
     def scheduler_trace(self) -> list[tuple[int, float, int]]:
         return [(s.step, s.topk_ratio, s.gpu_tokens) for s in self.steps]
 
+    @property
+    def binding(self) -> str:
+        """The resource that holds the critical path longest (what to make faster first)."""
+        return max(self.binding_s, key=self.binding_s.__getitem__) if self.binding_s else ""
+
+    def binding_shares(self) -> dict[str, float]:
+        """Each resource's share of the step latency on the critical path, largest first."""
+        total = sum(self.binding_s.values())
+        if not total:
+            return {}
+        return {k: v / total for k, v in sorted(self.binding_s.items(), key=lambda kv: -kv[1])}
+
     def to_row(self) -> dict[str, Any]:
         """Flat metrics for a results table (one row per configuration)."""
         row: dict[str, Any] = {
@@ -104,6 +122,12 @@ class SimResult:
                 "accuracy_mass_kept": self.accuracy_mass_kept,
                 "accuracy_rel_error": self.accuracy_rel_error,
             })
+            shares = self.binding_shares()
+            row["binding"] = self.binding
+            row["binding_share"] = shares.get(self.binding, float("nan"))
+            row["scheduler_decisions"] = ", ".join(f"{k} x{v}" for k, v in
+                                                   sorted(self.decisions.items()))
+            row["scheduler_last_reason"] = self.last_reason
             row.update({f"{k}_ms": v for k, v in self.breakdown_ms().items()})
             row.update({f"util_{k}": v for k, v in self.utilisation.items()})
         row.update({f"mem_{k}_gb": v / 1e9 for k, v in self.footprint_bytes.items()})

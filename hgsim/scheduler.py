@@ -1,16 +1,37 @@
 """HybridGen's feedback-driven scheduler, shared by the simulator and the real backend.
 
-Every ``interval`` decode steps it compares how long the host path took (CPU logits, top-k,
-gather, PCIe) with how long the device had other work to hide it behind. While the host hides
-behind the device it grows the top-k ratio (more host tokens contribute, better fidelity, free
-latency); when the host is the bottleneck it shrinks the ratio, and once the ratio is at its
-floor it moves tokens to the GPU (raises the GPU share, bounded by HBM capacity). The simulator
-feeds it simulated times and ``hw_backend`` measured times: one implementation for both.
+Every ``interval`` decode steps it compares how long the host path took (CPU scan, top-k,
+gather, PCIe) with how long the device had other work to hide it behind, and decides from what
+binds:
+
+* the host hides behind the device: grow the top-k ratio r (more host tokens contribute,
+  better fidelity, free latency);
+* the part of the host path that grows with r (top-k inserts, the gather, the transfer of the
+  selected rows) is what keeps it from hiding (without it the host would hide): shrink r;
+* the part that does not (the scan of every host key, the calls' fixed costs) outlasts the
+  device by itself: shrinking r cannot hide it, so move tokens to the GPU while HBM allows;
+  once HBM is full, shrink r only if the r-dependent part is still a material share of the
+  host path (``shrink_share``), else hold r (accuracy for nothing).
+
+Each decision is recorded with its reason. The simulator feeds it simulated times and
+``hw_backend`` measured times: one implementation for both. Without the r-dependent share
+(``variable_s`` None) it falls back to HybridGen's published rule: shrink r while the host is
+slower, then move tokens once r is at its floor.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
+from enum import Enum
+
+
+class Decision(str, Enum):
+    GROW = "grow"  # r up: the host hides behind the device
+    SHRINK = "shrink"  # r down: the r-dependent part keeps the host from hiding
+    MORE_GPU = "more-gpu"  # tokens to the GPU: the scan alone outlasts the device
+    SHRINK_HBM_FULL = "shrink-hbm-full"  # r down: scan-bound, HBM full, r still costs much
+    HOLD = "hold"  # nothing to gain (at a limit, or r costs too little to trade accuracy)
 
 
 @dataclass(frozen=True)
@@ -21,12 +42,14 @@ class SchedulerConfig:
     shrink: float = 0.8
     min_ratio: float = 0.01
     max_ratio: float = 0.5
-    share_step: float = 0.05  # GPU share added per decision when the host is the bottleneck
+    share_step: float = 0.05  # GPU share added per decision when the scan binds
     adaptive: bool = True  # False: static ratio and share (ablation)
-    # When the executor reports the host path's transfer time separately, a host that is slow
-    # because of its *scan* (independent of the ratio) keeps its ratio: shrinking it would cost
-    # accuracy and buy nothing; tokens move to the GPU instead.
+    # Decide from what binds (scan vs r-dependent part) when the executor reports the split;
+    # False: HybridGen's published rule (shrink while the host is slower, then move tokens).
     scan_aware: bool = True
+    # Scan-bound with HBM full: shrink r only if the r-dependent part is at least this share
+    # of the host path (below it, the latency bought is not worth the accuracy).
+    shrink_share: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0 < self.min_ratio <= self.initial_ratio <= self.max_ratio <= 1:
@@ -35,6 +58,8 @@ class SchedulerConfig:
             raise ValueError("interval must be >= 1")
         if not (self.grow > 1 and 0 < self.shrink < 1):
             raise ValueError("need grow > 1 and 0 < shrink < 1")
+        if not 0 <= self.shrink_share <= 1:
+            raise ValueError("shrink_share must lie in [0, 1]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +69,9 @@ class SchedulerRecord:
     gpu_share: float
     host_s: float
     device_s: float
+    variable_s: float | None = None
+    decision: Decision | None = None  # set on the steps where a decision was made
+    reason: str = ""
 
 
 @dataclass
@@ -58,46 +86,80 @@ class FeedbackScheduler:
     _step: int = field(default=0, init=False)
     _host_sum: float = field(default=0.0, init=False)
     _device_sum: float = field(default=0.0, init=False)
-    _transfer_sum: float | None = field(default=None, init=False)
+    _variable_sum: float | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
         self.ratio = self.config.initial_ratio
         self.gpu_share = min(self.gpu_share, self.max_gpu_share)
 
-    def observe(self, host_s: float, device_s: float, transfer_s: float | None = None) -> bool:
+    def observe(self, host_s: float, device_s: float, variable_s: float | None = None) -> bool:
         """Record one step's host and device latency (and, if known, the part of the host time
-        spent moving selected data over PCIe); returns True when a decision was made."""
+        that grows with r: top-k inserts, gather, transfer); returns True when a decision was
+        made."""
         self._step += 1
         self._host_sum += host_s
         self._device_sum += device_s
-        if transfer_s is not None:
-            self._transfer_sum = (self._transfer_sum or 0.0) + transfer_s
-        decided = False
+        if variable_s is not None:
+            self._variable_sum = (self._variable_sum or 0.0) + variable_s
+        decision, reason = None, ""
         if self.config.adaptive and self._step % self.config.interval == 0:
-            self._decide(self._host_sum, self._device_sum, self._transfer_sum)
+            decision, reason = self._decide(self._host_sum, self._device_sum, self._variable_sum)
             self._host_sum = self._device_sum = 0.0
-            self._transfer_sum = None
-            decided = True
-        self.history.append(
-            SchedulerRecord(self._step, self.ratio, self.gpu_share, host_s, device_s)
-        )
-        return decided
+            self._variable_sum = None
+        self.history.append(SchedulerRecord(self._step, self.ratio, self.gpu_share, host_s,
+                                            device_s, variable_s, decision, reason))
+        return decision is not None
 
-    def _decide(self, host_s: float, device_s: float, transfer_s: float | None) -> None:
+    def _decide(self, host_s: float, device_s: float,
+                variable_s: float | None) -> tuple[Decision, str]:
         cfg = self.config
-        scan_bound = cfg.scan_aware and transfer_s is not None and host_s - transfer_s > device_s
+        times = f"host {host_s * 1e3:.3g} ms vs device {device_s * 1e3:.3g} ms"
         if host_s <= device_s:
-            self.ratio = min(self.ratio * cfg.grow, cfg.max_ratio)
-        elif scan_bound:
-            self.gpu_share = min(self.gpu_share + cfg.share_step, self.max_gpu_share)
-        elif self.ratio > cfg.min_ratio:
-            self.ratio = max(self.ratio * cfg.shrink, cfg.min_ratio)
-        else:
-            self.gpu_share = min(self.gpu_share + cfg.share_step, self.max_gpu_share)
+            if self.ratio < cfg.max_ratio:
+                self.ratio = min(self.ratio * cfg.grow, cfg.max_ratio)
+                return Decision.GROW, f"the host hides behind the device ({times})"
+            return Decision.HOLD, f"the host hides, r at its maximum ({times})"
+        if not cfg.scan_aware or variable_s is None:  # HybridGen's published rule
+            if self.ratio > cfg.min_ratio:
+                return self._shrink(Decision.SHRINK, f"the host is slower ({times})")
+            return self._more_gpu(f"the host is slower with r at its floor ({times})")
+        variable = min(max(variable_s, 0.0), host_s)
+        fixed = host_s - variable
+        split = (f"scan and fixed costs {fixed * 1e3:.3g} ms + top-k/gather/transfer "
+                 f"{variable * 1e3:.3g} ms vs device {device_s * 1e3:.3g} ms")
+        if fixed <= device_s:  # the r-dependent part is what breaks the overlap
+            if self.ratio > cfg.min_ratio:
+                return self._shrink(Decision.SHRINK, f"top-k/gather/transfer bind: {split}")
+            return self._more_gpu(f"r at its floor and the host still slower: {split}")
+        if self.gpu_share < self.max_gpu_share:
+            return self._more_gpu(f"the scan alone outlasts the device: {split}")
+        share = variable / host_s
+        if self.ratio <= cfg.min_ratio:
+            return Decision.HOLD, f"scan-bound with HBM full and r at its floor: {split}"
+        if share >= cfg.shrink_share:
+            return self._shrink(Decision.SHRINK_HBM_FULL,
+                                f"scan-bound with HBM full, r costs {share:.0%} of the host "
+                                f"path: {split}")
+        return Decision.HOLD, (f"scan-bound with HBM full, r costs only {share:.0%} of the host "
+                               f"path (< {cfg.shrink_share:.0%}): {split}")
+
+    def _shrink(self, decision: Decision, reason: str) -> tuple[Decision, str]:
+        self.ratio = max(self.ratio * self.config.shrink, self.config.min_ratio)
+        return decision, reason
+
+    def _more_gpu(self, reason: str) -> tuple[Decision, str]:
+        if self.gpu_share >= self.max_gpu_share:
+            return Decision.HOLD, reason + "; HBM is full"
+        self.gpu_share = min(self.gpu_share + self.config.share_step, self.max_gpu_share)
+        return Decision.MORE_GPU, reason
 
     @property
     def steps(self) -> int:
         return self._step
+
+    def decisions(self) -> Counter:
+        """How many times each decision was taken."""
+        return Counter(r.decision.value for r in self.history if r.decision is not None)
 
 
 def estimate_host_time_s(

@@ -80,6 +80,9 @@ def simulate(
     sampled = set(sample_steps(workload.gen, fidelity.decode_samples))
     steps: list[StepTiming | None] = []
     last = None
+    binding: dict[str, float] = {}
+    markers: list[tuple[float, str, dict]] = []
+    sched = pol.scheduler
     for step in range(workload.gen):
         context = workload.context + step
         plan = pol.step_plan(context)
@@ -87,16 +90,29 @@ def simulate(
             m = engine.step(plan)
             last = m
         m = last
+        for label, seconds in m.binding.items():
+            binding[label] = binding.get(label, 0.0) + seconds / workload.gen
+        decision = ""
         if m.host_s:
-            pol.observe(m.host_s, m.device_s, m.pcie_busy_s)
+            pol.observe(m.host_s, m.device_s, m.variable_s)
+            record = sched.history[-1] if sched is not None and sched.history else None
+            if record is not None and record.decision is not None:
+                decision = record.decision.value
+                result.last_reason = f"{decision}: {record.reason}"
+                markers.append((env.now, f"scheduler: {decision}", {
+                    "reason": record.reason, "step": step, "ratio": sched.ratio,
+                    "gpu_share": sched.gpu_share}))
         steps.append(StepTiming(
             step=step, context=context, latency_s=m.latency_s, gpu_busy_s=m.gpu_busy_s,
             cpu_busy_s=m.cpu_busy_s, pcie_busy_s=m.pcie_busy_s,
             stall_s=max(m.latency_s - m.gpu_busy_s, 0.0), host_s=m.host_s, device_s=m.device_s,
             topk_ratio=plan.layer.topk_ratio, gpu_tokens=plan.layer.gpu_tokens,
-            simulated=step in sampled,
+            simulated=step in sampled, variable_s=m.variable_s, decision=decision,
         ))
     result.steps = _interpolate(steps)
+    result.binding_s = binding
+    if sched is not None:
+        result.decisions = dict(sched.decisions())
     window = (t_decode0, env.now)
     summary = machine.recorder.summary(window)
     result.utilisation = {name: s.utilisation for name, s in summary.items()}
@@ -107,7 +123,8 @@ def simulate(
     if trace_path is not None:
         from hgsim.sim.trace import write_chrome_trace
 
-        write_chrome_trace(machine.recorder, trace_path, metadata=result.to_row())
+        write_chrome_trace(machine.recorder, trace_path, metadata=result.to_row(),
+                           markers=markers)
     result.wall_s = time.perf_counter() - wall0
     return result
 
@@ -119,14 +136,16 @@ def _interpolate(steps: list[StepTiming]) -> list[StepTiming]:
         return steps
     xs = np.array(simulated, dtype=float)
     out = list(steps)
-    fields = ("latency_s", "gpu_busy_s", "cpu_busy_s", "pcie_busy_s", "stall_s", "host_s", "device_s")
+    fields = ("latency_s", "gpu_busy_s", "cpu_busy_s", "pcie_busy_s", "stall_s", "host_s",
+              "device_s", "variable_s")
     series = {f: np.array([getattr(steps[i], f) for i in simulated]) for f in fields}
     for i, s in enumerate(steps):
         if s.simulated:
             continue
         values = {f: float(np.interp(i, xs, series[f])) for f in fields}
         out[i] = StepTiming(step=s.step, context=s.context, topk_ratio=s.topk_ratio,
-                            gpu_tokens=s.gpu_tokens, simulated=False, **values)
+                            gpu_tokens=s.gpu_tokens, simulated=False, decision=s.decision,
+                            **values)
     return out
 
 

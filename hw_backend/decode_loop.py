@@ -169,7 +169,7 @@ def run_decode(
                   for i in range(plan.num_layers)]
         run = executor.step(plan, queries, new_kv=new_kv, step=t)
         if observe and run.timing.host_s:  # as hgsim.simulate feeds its simulated step
-            policy.observe(run.timing.host_s, run.timing.device_s, run.timing.pcie_busy_s)
+            policy.observe(run.timing.host_s, run.timing.device_s, run.timing.variable_s)
         record.steps.append(run.timing)
         record.layers.extend(run.layers)
         record.plans.append(plan)

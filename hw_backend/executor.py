@@ -513,15 +513,23 @@ class _StepRun:
 
     def _layer_timing(self, state: _Layer) -> LayerTiming:
         gpu_s = sum(m.duration_s() for m in state.compute)
-        cpu_s = transfer_s = host_s = device_s = stall_s = 0.0
+        cpu_s = transfer_s = host_s = device_s = stall_s = variable_s = 0.0
         upload_bytes = 0
         if state.path is not None:
             assert state.upload is not None and state.attn is not None
             assert state.trigger is not None
-            transfer_s = state.fetch_s + state.upload.duration_s()
+            upload_s = state.upload.duration_s()
+            transfer_s = state.fetch_s + upload_s
+            gather_s = 0.0
             if state.host_job is not None:
-                cpu_s = state.host_job.result().cpu_s
+                payload = state.host_job.result()
+                cpu_s, gather_s = payload.cpu_s, payload.gather_s
             host_s = state.upload.elapsed_since(state.trigger)
+            parts = cpu_s + transfer_s
+            if state.path is not HostPath.STREAM and parts > 0:  # waiting shared out as parts
+                variable_s = host_s * (gather_s + upload_s) / parts
+            elif state.path is HostPath.STREAM:
+                variable_s = host_s
             device_s = max(state.attn.elapsed_since(state.trigger), 0.0)
             stall_s = max(state.upload.elapsed_since(state.attn), 0.0)
             upload_bytes = sum(t.numel() * t.element_size() for t in state.uploaded.values())
@@ -531,6 +539,7 @@ class _StepRun:
             transfer_s=transfer_s, stall_s=stall_s, host_s=host_s, device_s=device_s,
             host_tokens=lp.host_tokens, host_selected=lp.host_selected,
             gpu_tokens=lp.gpu_tokens, upload_bytes=upload_bytes, device=self.ex.accel.label,
+            variable_s=variable_s,
         )
 
     @staticmethod

@@ -127,7 +127,7 @@ class HybridAttentionHook:
         self.steps.append(run.timing)
         self.layer_records.extend(run.layers)
         if self.policy is not None and run.timing.host_s:
-            self.policy.observe(run.timing.host_s, run.timing.device_s, run.timing.pcie_busy_s)
+            self.policy.observe(run.timing.host_s, run.timing.device_s, run.timing.variable_s)
 
     def _rebuild_for_batch(self, batch: int) -> None:
         old = self.store

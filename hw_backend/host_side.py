@@ -32,6 +32,7 @@ class HostPayload:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # crosses to the device
     cpu_s: float = 0.0  # C kernel time
     index: torch.Tensor | None = None  # selected absolute positions (B, H, k); stays on host
+    gather_s: float = 0.0  # of cpu_s, gathering selected rows (grows with the top-k ratio)
 
     @property
     def nbytes(self) -> int:
@@ -69,8 +70,10 @@ class HostKernels:
                              num_threads=self.threads, out=(logits, index))
         rows = self.buffers.take((id(kv), "rows"), (batch, heads, selected, kv.host_v.shape[3]),
                                  kv.host_v.dtype)
+        t1 = time.perf_counter()
         self.ops.gather_rows(kv.host_v, index, num_threads=self.threads, out=rows)
-        return HostPayload({"logits": logits, "rows": rows}, time.perf_counter() - t0, index)
+        t2 = time.perf_counter()
+        return HostPayload({"logits": logits, "rows": rows}, t2 - t0, index, gather_s=t2 - t1)
 
     def partial_attention(
         self, kv: LayerKv, span: tuple[int, int], q: torch.Tensor, scale: float
@@ -90,16 +93,19 @@ class HostKernels:
         t0 = time.perf_counter()
         _, index = self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start, end=end,
                                         num_threads=self.threads)
+        t1 = time.perf_counter()
         out, lse = self.ops.sparse_attention(q, kv.host_k, kv.host_v, index, scale=scale,
                                              num_threads=self.threads)
-        return HostPayload({"out": out, "lse": lse}, time.perf_counter() - t0, index)
+        t2 = time.perf_counter()
+        return HostPayload({"out": out, "lse": lse}, t2 - t0, index, gather_s=t2 - t1)
 
     def gather_kv(self, kv: LayerKv, index: torch.Tensor) -> HostPayload:
         """InfiniGen's fetch: K and V rows (B, H, k, D) of the speculated tokens."""
         t0 = time.perf_counter()
         k_rows = self.ops.gather_rows(kv.host_k, index, num_threads=self.threads)
         v_rows = self.ops.gather_rows(kv.host_v, index, num_threads=self.threads)
-        return HostPayload({"k_rows": k_rows, "v_rows": v_rows}, time.perf_counter() - t0, index)
+        elapsed = time.perf_counter() - t0
+        return HostPayload({"k_rows": k_rows, "v_rows": v_rows}, elapsed, index, gather_s=elapsed)
 
 
 __all__ = ["HostKernels", "HostPayload"]

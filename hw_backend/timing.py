@@ -5,7 +5,8 @@ Steps are ``hgsim.results.StepTiming`` (the simulator's own record) with the sam
 * ``host_s``: per layer, host contribution on the device (after the upload) minus the host
   path's trigger, summed over layers with host work; ``device_s``: per layer, device ready to
   merge (its attention over resident tokens done) minus the same trigger. These feed
-  ``FeedbackScheduler.observe`` exactly as in the simulator.
+  ``FeedbackScheduler.observe`` exactly as in the simulator, with ``variable_s``: the share
+  of ``host_s`` spent on what grows with the top-k ratio (the row gather and the upload).
 * ``stall_s``: the step's device idle time, ``latency - gpu_busy`` (as ``hgsim.simulate``).
 
 ``LayerTiming`` adds the per-layer view (cpu_s, gpu_s, transfer_s, stall_s, where the layer's
@@ -43,6 +44,7 @@ class LayerTiming:
     gpu_tokens: int
     upload_bytes: int
     device: str
+    variable_s: float = 0.0  # share of host_s that grows with r (gather + upload), as simulated
 
 
 def step_timing(
@@ -63,6 +65,7 @@ def step_timing(
         device_s=sum(t.device_s for t in layers),
         topk_ratio=topk_ratio,
         gpu_tokens=gpu_tokens,
+        variable_s=sum(t.variable_s for t in layers),
     )
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from hgsim.scheduler import FeedbackScheduler, SchedulerConfig, estimate_host_time_s
+from hgsim.scheduler import Decision, FeedbackScheduler, SchedulerConfig, estimate_host_time_s
 
 
 def make(**kw):
@@ -42,11 +42,65 @@ def test_decisions_happen_every_interval_steps_on_summed_times():
     assert [r.ratio for r in s.history][:4] == pytest.approx([0.05, 0.05, 0.05, 0.06])
 
 
-def test_scan_bound_host_keeps_its_ratio_and_moves_tokens_instead():
+def test_scan_bound_host_moves_tokens_while_hbm_allows():
     s = make(interval=1)
-    s.observe(host_s=3.0, device_s=1.0, transfer_s=0.5)  # scan alone (2.5) > device
+    # scan and fixed costs 2.5 > device 1: shrinking r cannot hide the host
+    s.observe(host_s=3.0, device_s=1.0, variable_s=0.5)
     assert s.ratio == 0.05 and s.gpu_share == pytest.approx(0.25)
-    s.observe(host_s=3.0, device_s=1.0, transfer_s=2.5)  # transfer-bound: shrink the ratio
+    assert s.history[-1].decision is Decision.MORE_GPU
+    assert "scan alone outlasts the device" in s.history[-1].reason
+
+
+def test_selection_bound_host_shrinks_the_ratio():
+    s = make(interval=1)
+    # without its r-dependent part (2.5) the host (0.5) would hide behind the device (1.0)
+    s.observe(host_s=3.0, device_s=1.0, variable_s=2.5)
+    assert s.ratio == pytest.approx(0.04) and s.gpu_share == 0.2
+    assert s.history[-1].decision is Decision.SHRINK
+
+
+def test_scan_bound_with_hbm_full_shrinks_only_while_r_costs_a_material_share():
+    s = make(interval=1, gpu_share=0.5, max_gpu_share=0.5)
+    s.observe(host_s=3.0, device_s=1.0, variable_s=0.6)  # 20% of the host path >= 10%
+    assert s.ratio == pytest.approx(0.04)
+    assert s.history[-1].decision is Decision.SHRINK_HBM_FULL
+    s.observe(host_s=3.0, device_s=1.0, variable_s=0.15)  # 5% < 10%: hold r (accuracy)
+    assert s.ratio == pytest.approx(0.04)
+    assert s.history[-1].decision is Decision.HOLD
+    assert "only 5%" in s.history[-1].reason
+
+
+def test_scan_bound_with_hbm_full_and_r_at_its_floor_holds():
+    s = make(interval=1, gpu_share=0.5, max_gpu_share=0.5, initial_ratio=0.01)
+    s.observe(host_s=3.0, device_s=1.0, variable_s=2.0)
+    assert s.ratio == 0.01 and s.gpu_share == 0.5
+    assert s.history[-1].decision is Decision.HOLD and "floor" in s.history[-1].reason
+
+
+def test_selection_bound_at_the_floor_moves_tokens():
+    s = make(interval=1, initial_ratio=0.01)
+    s.observe(host_s=3.0, device_s=1.0, variable_s=2.5)
+    assert s.ratio == 0.01 and s.gpu_share == pytest.approx(0.25)
+    assert s.history[-1].decision is Decision.MORE_GPU
+
+
+def test_every_decision_is_recorded_with_its_reason_and_counted():
+    s = make(interval=2)
+    for host in (1.0, 1.0, 3.0, 3.0):
+        s.observe(host_s=host, device_s=2.0, variable_s=host / 2)
+    decided = [r for r in s.history if r.decision is not None]
+    assert [r.step for r in decided] == [2, 4]
+    assert [r.decision for r in decided] == [Decision.GROW, Decision.SHRINK]
+    assert all(r.reason for r in decided)
+    assert s.decisions() == {"grow": 1, "shrink": 1}
+
+
+def test_without_the_split_the_published_rule_applies():
+    s = make(interval=1, scan_aware=True)
+    s.observe(host_s=3.0, device_s=1.0)  # no variable_s: shrink while slower
+    assert s.ratio == pytest.approx(0.04)
+    s = make(interval=1, scan_aware=False)
+    s.observe(host_s=3.0, device_s=1.0, variable_s=0.1)  # split ignored
     assert s.ratio == pytest.approx(0.04)
 
 

@@ -134,9 +134,40 @@ def test_layer_work_closed_form_for_hybridgen():
     w = layer_work(model, 1, lp, "fp16", "fp16")
     host, sel = lp.host_tokens, lp.host_selected
     assert w.cpu_k_bytes == host * 8 * 128 * 2  # keys of every host token, 8 KV heads
-    assert w.to_gpu_v_bytes == 64 * sel * 128 * 2  # a V row per query head per selection
-    assert w.to_gpu_small_bytes == 64 * sel * 4  # fp32 logits
-    assert w.to_gpu_k_bytes == 0  # no keys cross PCIe
+    # the CPU gathers a V row per query head per selection into the staging buffer ...
+    assert w.gather_v_rows == 64 * sel and w.gather_k_rows == 0 and w.row_bytes == 128 * 2
+    assert w.rows_staged
+    # ... and the upload carries those rows plus fp32 logits, nothing straight from a tier
+    assert w.staged_bytes == 64 * sel * 128 * 2 + 64 * sel * 4
+    assert w.direct_k_bytes == w.direct_v_bytes == 0  # no keys cross PCIe
+    assert w.host_calls == 2  # logits_topk, gather_rows
+    assert w.cpu_topk_inserts == pytest.approx(64 * sel * (1 + math.log(host / sel)))
+    assert w.evict_bytes == 2 * 8 * 128 * 2  # the token leaving the HBM window, K and V
+
+
+def test_exact_hybridgen_copies_the_v_block_per_kv_head_without_a_gather():
+    """With every host token selected the executor skips top-k and gather: logits from the
+    staging buffer, V as the range's contiguous block straight from its tier."""
+    model = get_model("llama-2-70b")  # GQA: 64 query heads share 8 KV heads
+    profile = load_profile(H100)
+    pol = make_policy("hybridgen_exact", model, profile, Workload(context=131072, gen=1))
+    lp = pol.layer_plan(131072)
+    w = layer_work(model, 1, lp, "fp16", "fp16")
+    host = lp.host_tokens
+    assert w.gather_rows == 0 and w.cpu_topk_inserts == 0 and w.host_calls == 1
+    assert w.direct_v_bytes == host * model.kv_dim * 2  # per KV head: GQA rows not repeated
+    assert w.staged_bytes == model.num_heads * host * 4
+
+
+def test_hgca_gathers_k_and_v_rows_and_attends_on_the_cpu():
+    model = get_model("llama-2-13b")
+    profile = load_profile(H100)
+    lp = make_policy("hgca", model, profile, Workload(context=131072, gen=1)).layer_plan(131072)
+    w = layer_work(model, 1, lp, "fp16", "fp16")
+    picks = model.num_heads * lp.host_selected
+    assert w.gather_k_rows == w.gather_v_rows == picks and not w.rows_staged
+    assert w.gather_flops == pytest.approx(4 * picks * model.head_dim + 3 * picks)
+    assert w.staged_bytes == model.num_heads * (model.head_dim + 1) * 4  # output + LSE
 
 
 def test_sliding_window_costs_one_launch_bound_kernel_per_layer():
@@ -197,26 +228,45 @@ def test_simulate_cli_prints_tables_and_exits_2_on_bad_input(tmp_path):
     assert len(bad.stderr.strip().splitlines()) == 1
 
 
-def test_selection_costs_lengthen_the_cpu_phase_by_their_closed_form():
-    base = profile_with_overrides(load_profile(H100), {"sockets.cpu0.gather_ns_per_row": 0})
-    costly = profile_with_overrides(base, {"sockets.cpu0.gather_ns_per_row": 100.0})
+def test_topk_inserts_lengthen_the_cpu_phase_by_their_closed_form():
+    base = profile_with_overrides(load_profile(H100), {"sockets.cpu0.topk_ns_per_insert": 0})
+    costly = profile_with_overrides(base, {"sockets.cpu0.topk_ns_per_insert": 100.0})
     plain = run("hybridgen_static", context=131072, gen=4, profile=base)
     slow = run("hybridgen_static", context=131072, gen=4, profile=costly)
     model = get_model("llama-2-13b")
     lp = make_policy("hybridgen_static", model, base, Workload(context=131072, gen=4)).layer_plan(131072)
-    rows = model.num_heads * lp.host_selected  # one gathered V row per head and selection
+    inserts = model.num_heads * lp.host_selected * (1 + math.log(lp.host_tokens / lp.host_selected))
     cores = base.sockets["cpu0"].cores
-    extra_per_layer_s = rows * 100e-9 / cores
     added = slow.steps[0].cpu_busy_s - plain.steps[0].cpu_busy_s
-    assert added == pytest.approx(model.num_layers * extra_per_layer_s, rel=1e-6)
+    assert added == pytest.approx(model.num_layers * inserts * 100e-9 / cores, rel=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["hybridgen_static", "cpu_offload"])
-def test_a_host_call_overhead_adds_once_per_layer_to_the_cpu_phase(policy):
+def test_gather_core_time_per_row_caps_the_gather_instead_of_adding_to_it():
+    """A core's work per gathered row overlaps its misses: a row cost below the memory time
+    changes nothing, one above it sets the gather's rate (cores / ns per row)."""
+    base = load_profile(H100)
+    model = get_model("llama-2-13b")
+    lp = make_policy("hybridgen_static", model, base, Workload(context=131072, gen=4)).layer_plan(131072)
+    cores = base.sockets["cpu0"].cores
+    rows = model.num_heads * lp.host_selected
+    times = {}
+    for ns in (0.0, 1.0, 1000.0, 2000.0):
+        profile = profile_with_overrides(base, {"sockets.cpu0.gather_ns_per_row": ns})
+        times[ns] = run("hybridgen_static", context=131072, gen=4, profile=profile).steps[0]
+    assert times[1.0].cpu_busy_s == pytest.approx(times[0.0].cpu_busy_s, rel=1e-9)
+    # 1 and 2 us per row: both above the memory time (rows of 256 B from a 24 GB/s expander
+    # take ~11 ns each over 64 cores' worth of rows), so the gather takes rows x ns / cores
+    added = times[2000.0].cpu_busy_s - times[1000.0].cpu_busy_s
+    assert added == pytest.approx(model.num_layers * rows * 1000e-9 / cores, rel=1e-6)
+    assert times[1000.0].cpu_busy_s > times[0.0].cpu_busy_s
+
+
+@pytest.mark.parametrize("policy, calls", [("hybridgen_static", 2), ("cpu_offload", 1)])
+def test_a_host_call_overhead_adds_once_per_kernel_call_to_the_cpu_phase(policy, calls):
     base = profile_with_overrides(load_profile(H100), {"sockets.cpu0.op_overhead_us": 0})
     costly = profile_with_overrides(base, {"sockets.cpu0.op_overhead_us": 250.0})
     plain = run(policy, context=131072, gen=4, profile=base)
     slow = run(policy, context=131072, gen=4, profile=costly)
     layers = get_model("llama-2-13b").num_layers
     added = slow.steps[0].cpu_busy_s - plain.steps[0].cpu_busy_s
-    assert added == pytest.approx(layers * 250e-6, rel=1e-6)
+    assert added == pytest.approx(layers * calls * 250e-6, rel=1e-6)

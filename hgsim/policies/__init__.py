@@ -32,7 +32,12 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
     # HybridGen ablations
     "hybridgen_static": (HybridGen, {"adaptive": False}, "HybridGen with a static top-k ratio"),
     "hybridgen_nocxl": (HybridGen, {"allow_cxl": False}, "HybridGen without CXL memory"),
-    "hybridgen_nosemantic": (HybridGen, {"placement": "interleave"}, "HybridGen, naive interleave"),
+    "hybridgen_firsttouch": (HybridGen, {"placement": "first_touch"},
+                             "HybridGen, first-touch placement (DRAM until full, then CXL)"),
+    "hybridgen_interleave": (HybridGen, {"placement": "interleave"},
+                             "HybridGen, pages interleaved 1:1 over DRAM and CXL"),
+    "hybridgen_weighted": (HybridGen, {"placement": "weighted_interleave"},
+                           "HybridGen, pages interleaved by tier bandwidth"),
     "hybridgen_importance": (HybridGen, {"placement": "importance"}, "HybridGen, importance mapping"),
     "hybridgen_nolookahead": (HybridGen, {"lookahead": False}, "HybridGen without lookahead"),
     "hybridgen_exact": (HybridGen, {"topk_ratio": 1.0, "adaptive": False}, "HybridGen, top-k = all"),

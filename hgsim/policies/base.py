@@ -108,10 +108,11 @@ class Policy(ABC):
         self.footprint.add(self.weight_tier, offloaded)
         return offloaded
 
-    def observe(self, host_s: float, device_s: float, transfer_s: float | None = None) -> None:
-        """Feedback from the executor (simulated or measured); static policies ignore it."""
+    def observe(self, host_s: float, device_s: float, variable_s: float | None = None) -> None:
+        """Feedback from the executor (simulated or measured): host and device time, and the
+        part of the host time that grows with the top-k ratio; static policies ignore it."""
         if self.scheduler is not None:
-            self.scheduler.observe(host_s, device_s, transfer_s)
+            self.scheduler.observe(host_s, device_s, variable_s)
 
     @property
     def feasible(self) -> bool:

@@ -9,7 +9,7 @@ from hgsim.policies.base import Policy, PolicyOptions
 
 
 class CpuOffloadOptions(PolicyOptions):
-    placement: PlacementStrategy = "dram_first"
+    placement: PlacementStrategy = "first_touch"
 
 
 class CpuOffload(Policy):

@@ -16,7 +16,7 @@ from hgsim.policies.base import Policy, PolicyOptions
 
 
 class FlexGenOptions(PolicyOptions):
-    placement: PlacementStrategy = "dram_first"
+    placement: PlacementStrategy = "first_touch"
     allow_cxl: bool = True
     # FlexGen's KV percentage on the GPU; None keeps as many recent tokens as fit.
     gpu_kv_fraction: float | None = Field(default=None, ge=0, le=1)

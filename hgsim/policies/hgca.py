@@ -16,7 +16,7 @@ from hgsim.policies.base import Policy, PolicyOptions
 
 class HgcaOptions(PolicyOptions):
     topk_ratio: float = Field(default=0.1, gt=0, le=1)
-    placement: PlacementStrategy = "dram_first"
+    placement: PlacementStrategy = "first_touch"
 
 
 class Hgca(Policy):

@@ -17,7 +17,7 @@ from hgsim.policies.base import Policy, PolicyOptions
 class InfiniGenOptions(PolicyOptions):
     topk_ratio: float = Field(default=0.1, gt=0, le=1)  # prefetched host tokens / host tokens
     partial_key_fraction: float = Field(default=0.3, gt=0, le=1)  # InfiniGen's partial weight ratio
-    placement: PlacementStrategy = "dram_first"
+    placement: PlacementStrategy = "first_touch"
 
 
 class InfiniGen(Policy):

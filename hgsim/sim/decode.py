@@ -1,27 +1,75 @@
 """A decode step as the hardware runs it: GPU kernels in stream order, the host path of each
-layer (CPU scan, gather, PCIe) as processes on the machine model, joined where the GPU needs
-the host's contribution.
+layer (CPU scan, top-k, gather, PCIe) as processes on the machine model, joined where the GPU
+needs the host's contribution.
 
 The step opens with one ``kv_update`` kernel per layer whose HBM recent window slides (the
-new token in, the oldest out to host memory). Then per layer ``i`` the GPU stream runs
-``qkv -> [speculate] -> attn -> [merge] -> post``. The host
-path of layer ``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after
-``qkv(i-1)`` (HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen and
-InfiniGen prefetch the next layer's KV). ``merge(i)`` waits for the host path. Layers of the CPU
-side run in order because each holds all cores of the socket.
+new token in, the oldest out to host memory, written there by DMA). Then per layer ``i`` the
+GPU stream runs ``qkv -> [speculate] -> attn -> [merge] -> post``. The host path of layer
+``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after ``qkv(i-1)``
+(HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen prefetches the
+next layer's KV; InfiniGen speculates the next layer's picks, so its ``speculate(i+1)`` kernel
+runs right after ``qkv(i)`` and triggers the host). ``merge(i)`` waits for the host path.
+
+The host path is what ``hw_backend``'s executor does (``hgsim.costs.LayerWork``): the query
+(or InfiniGen's picks) comes to host DRAM; holding every core of the socket, the CPU scans K
+as a prefetched stream, pays its top-k heap inserts, gathers the selected rows at random into
+a DRAM staging buffer (or attends over them, HGCA), and pays each kernel call's fixed cost;
+then the cores are free for the next layer and the copy engine uploads the staging buffer
+(and any contiguous range the executor copies straight from its tier). Every read is capped by
+what its issuer keeps in flight over the route's loaded latency (``hgsim.memory``).
+
+Every kernel, host segment, write and weight load is also a node of the step's dependency
+graph (its predecessors: the previous kernel of the stream, the host path a merge waits for,
+the trigger of a host path, the host path that held the cores before it). After the step the
+critical path is walked back from the last kernel, at each node to the predecessor that
+finished last, and each node's time on it goes to what bound it: a kernel to ``gpu0 hbm``,
+``gpu0 compute`` or ``gpu0 launch``, a flow to what bound its rate over time (``ddr0 read``,
+``cxl0 latency``, ``pcie0 h2d``, ``cpu0 compute``) and core time to ``cpu0 cores``. The step's
+latency is thereby split exactly by resource (``StepMeasure.binding``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 
 from simpy import Event
 
 from hgsim.costs import LayerWork, Work, layer_work
+from hgsim.memory import Pattern, touched_bytes
 from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
-from hgsim.sim.compute import cpu_stream_rate_Bps
+from hgsim.sim.flows import Flow
 from hgsim.sim.machine import GB, Machine
 from hgsim.specs.model import ModelSpec
+
+_EPS = 1e-15
+
+
+class _Node:
+    """An activity of the step's dependency graph: [start, end], what bound it (label ->
+    share), and what it waited for (nodes, or holders whose ``last`` node is filled later)."""
+
+    __slots__ = ("start", "end", "what", "preds", "event")
+
+    def __init__(self, start: float, end: float, what: dict[str, float], preds=(),
+                 event: Event | None = None) -> None:
+        self.start, self.end, self.what, self.preds, self.event = start, end, what, preds, event
+
+    def settle(self) -> None:
+        """A kernel node takes its times from the kernel once the step has run."""
+        if self.event is not None:
+            k = self.event.value
+            self.start, self.end, self.event = k.start_s, k.end_s, None
+
+
+class _Chain:
+    """A holder for the last node of something that has not run yet when its waiter is
+    created (a host path, a weight load, an eviction)."""
+
+    __slots__ = ("last",)
+
+    def __init__(self) -> None:
+        self.last: _Node | None = None
 
 
 @dataclass(slots=True)
@@ -32,18 +80,24 @@ class StepMeasure:
     pcie_busy_s: float = 0.0
     host_s: float = 0.0
     device_s: float = 0.0
+    variable_s: float = 0.0  # part of host_s that grows with the top-k ratio (scaled share)
+    binding: dict[str, float] = field(default_factory=dict)  # resource -> seconds of the step
 
 
-class _HostTimes:
-    """Per-layer trigger/arrival of the host path and the CPU's busy time."""
+class _HostTimes(_Chain):
+    """One layer's host path: when it started and ended, what its parts took, and its nodes
+    (``last``: the one the merge waits for)."""
 
-    __slots__ = ("trigger_s", "done_s", "cpu_s", "pcie_s")
+    __slots__ = ("trigger_s", "done_s", "cpu_s", "pcie_s", "fixed_s", "variable_s")
 
     def __init__(self) -> None:
+        super().__init__()
         self.trigger_s = 0.0
         self.done_s = 0.0
-        self.cpu_s = 0.0
-        self.pcie_s = 0.0
+        self.cpu_s = 0.0  # cores held
+        self.pcie_s = 0.0  # query fetch + upload
+        self.fixed_s = 0.0  # parts that do not grow with r: fetch, scan, call overheads
+        self.variable_s = 0.0  # parts that do: top-k inserts, gather, upload
 
 
 class DecodeEngine:
@@ -62,10 +116,14 @@ class DecodeEngine:
         profile = machine.profile
         self.gpu = profile.primary_gpu
         self.socket = profile.gpus[self.gpu].socket
+        self.staging = machine.staging_tier(self.socket)
         self.stream = machine.gpu_stream(self.gpu)
         self.cores = profile.sockets[self.socket].cores
         self.attn_eff = profile.gpus[self.gpu].attention_efficiency
         self._work_cache: dict[tuple[int, LayerPlan], LayerWork] = {}
+        self._kernel_cache: dict[tuple[Work, bool], tuple[float, dict[str, float]]] = {}
+        self._kernels: list[_Node] = []  # this step's kernel nodes, in stream order
+        self._cores_released: _Node | None = None  # the node that last gave the cores back
 
     # ------------------------------------------------------------------ costs
     def work(self, batch: int, lp: LayerPlan) -> LayerWork:
@@ -80,12 +138,35 @@ class DecodeEngine:
         return w
 
     def _kernel_s(self, work: Work, attention: bool = False) -> float:
+        return self._kernel(work, attention)[0]
+
+    def _kernel(self, work: Work, attention: bool = False) -> tuple[float, dict[str, float]]:
+        """Roofline time of a kernel and its split by what bound it (launch, HBM, compute)."""
+        key = (work, attention)
+        hit = self._kernel_cache.get(key)
+        if hit is not None:
+            return hit
         if not work.flops and not work.bytes_:
-            return 0.0
-        return self.machine.kernel_time_s(
-            self.gpu, work.flops, work.bytes_, dtype=self.weight_dtype,
-            memory_eff=self.attn_eff if attention else None,
-        )
+            out: tuple[float, dict[str, float]] = (0.0, {})
+        else:
+            m, gpu = self.machine, self.gpu
+            spec = m.profile.gpus[gpu]
+            total = m.kernel_time_s(gpu, work.flops, work.bytes_, dtype=self.weight_dtype,
+                                    memory_eff=self.attn_eff if attention else None)
+            launch = spec.kernel_launch_overhead_us * 1e-6
+            eff = self.attn_eff if attention else spec.memory_efficiency
+            memory_s = work.bytes_ / (spec.hbm_bandwidth_gbps * GB * eff) if work.bytes_ else 0.0
+            compute_s = (work.flops / (spec.peak_flops(self.weight_dtype)
+                                       * spec.compute_efficiency) if work.flops else 0.0)
+            split = {f"{gpu} launch": launch} if launch else {}
+            body = total - launch
+            if body > 0:
+                split[f"{gpu} hbm" if memory_s >= compute_s else f"{gpu} compute"] = body
+            out = (total, split)
+        if len(self._kernel_cache) > 4096:
+            self._kernel_cache.clear()
+        self._kernel_cache[key] = out
+        return out
 
     # ------------------------------------------------------------------ one step
     def step(self, plan: StepPlan) -> StepMeasure:
@@ -95,63 +176,91 @@ class DecodeEngine:
         self.env.run(until=done)
         return measure
 
+    def _launch(self, work: Work, label: str, attention: bool = False, *, after=(),
+                waits=(), always: bool = True) -> tuple[Event | None, float, _Node | None]:
+        """Queue a kernel (unless it has no work and ``always`` is False) and add it to the
+        dependency graph after the stream's previous kernel and ``waits``."""
+        duration, split = self._kernel(work, attention)
+        if not duration and not after and not always:
+            return None, 0.0, None
+        event = self.stream.launch(duration, label, work.flops, work.bytes_, after=after)
+        previous = self._kernels[-1] if self._kernels else None
+        node = _Node(0.0, 0.0, split, (previous, *waits), event)
+        self._kernels.append(node)
+        return event, duration, node
+
     def _step(self, plan: StepPlan, measure: StepMeasure):
-        env, stream = self.env, self.stream
+        env = self.env
         t0 = env.now
+        self._kernels = []
+        self._cores_released = None
         lp = plan.layer
         w = self.work(plan.batch, lp)
-        d_qkv, d_post = self._kernel_s(w.qkv), self._kernel_s(w.post)
-        d_attn = self._kernel_s(w.attn, attention=True)
-        d_merge = self._kernel_s(w.merge, attention=True)
-        d_spec = self._kernel_s(w.speculate, attention=True)
         has_host = lp.host_tokens > 0 and not lp.host_evicted
         gpu_busy = 0.0
         # The step starts by sliding every layer's HBM window (hw_backend's executor does the
         # same), so host work over a range never misses a token still on its way out.
-        upd = w.kv_update
-        d_upd = self._kernel_s(upd)
+        evictions: list[tuple[Event, _Chain] | None] = []
         for i in range(plan.num_layers):
-            if i and plan.per_layer is not None:  # rare: layer-specific plans
-                upd = self.work(plan.batch, plan.layer_plan(i)).kv_update
-                d_upd = self._kernel_s(upd)
-            if d_upd:
-                stream.launch(d_upd, "kv_update", 0.0, upd.bytes_)
-                gpu_busy += d_upd
+            wi = self.work(plan.batch, plan.layer_plan(i)) if plan.per_layer else w
+            upd, d_upd, upd_node = self._launch(wi.kv_update, "kv_update", always=False)
+            gpu_busy += d_upd
+            evict = None
+            if wi.evict_bytes and has_host:
+                chain = _Chain()
+                evict = (env.process(self._evict(plan.layer_plan(i), wi, upd, upd_node, chain)),
+                         chain)
+            evictions.append(evict)
         host_times: list[_HostTimes] = []
-        prev_qkv: Event | None = None
-        prev_host: Event | None = None
+        prev_qkv: tuple[Event, _Node] | None = None
+        prev_host: tuple[Event, _HostTimes] | None = None
+        next_spec: tuple[Event, float, _Node] | None = None
         last: Event | None = None
         weights: Event | None = None
-        posts: list[Event] = []
+        weight_chain: _Chain | None = None
+        post_events: list[Event] = []
         for i in range(plan.num_layers):
             if i and plan.per_layer is not None:  # rare: layer-specific plans
                 lp = plan.layer_plan(i)
                 w = self.work(plan.batch, lp)
             if plan.offloaded_weight_bytes_per_layer:
-                buffer_free = posts[i - 2] if i >= 2 else None
-                weights = env.process(self._load_weights(plan, weights, buffer_free))
-            qkv = stream.launch(d_qkv, "qkv", w.qkv.flops, w.qkv.bytes_,
-                                after=weights if weights is not None else ())
+                buffer_free = post_events[i - 2] if i >= 2 else None
+                previous = weight_chain
+                weight_chain = _Chain()
+                weights = env.process(self._load_weights(plan, weights, buffer_free,
+                                                         weight_chain, previous))
+            qkv, d_qkv, qkv_node = self._launch(
+                w.qkv, "qkv", after=weights if weights is not None else (),
+                waits=(weight_chain,) if weight_chain is not None else ())
             gpu_busy += d_qkv
-            if d_spec:
-                stream.launch(d_spec, "speculate", w.speculate.flops, w.speculate.bytes_)
-                gpu_busy += d_spec
-            host = None
+            speculate = None
+            if w.speculate.flops or w.speculate.bytes_:
+                if next_spec is not None:  # launched one layer ahead, right after qkv(i-1)
+                    speculate = next_spec
+                else:
+                    speculate = self._launch(w.speculate, "speculate", True)
+                    gpu_busy += speculate[1]
+                next_spec = None
+                if lp.lookahead and i + 1 < plan.num_layers:
+                    wn = self.work(plan.batch, plan.layer_plan(i + 1))
+                    next_spec = self._launch(wn.speculate, "speculate", True)
+                    gpu_busy += next_spec[1]
+            host = times = None
             if has_host:
-                trigger = self._trigger(lp, i, qkv, prev_qkv, prev_host)
                 times = _HostTimes()
+                trigger = self._trigger(lp, (qkv, qkv_node), prev_qkv, prev_host, speculate,
+                                        evictions[i])
                 host_times.append(times)
                 host = env.process(self._host_path(lp, w, trigger, times))
-            if d_attn:
-                stream.launch(d_attn, "attention", w.attn.flops, w.attn.bytes_)
-                gpu_busy += d_attn
+            _, d_attn, _ = self._launch(w.attn, "attention", True)
+            gpu_busy += d_attn
             if host is not None:
-                stream.launch(d_merge, "merge", w.merge.flops, w.merge.bytes_, after=host)
+                _, d_merge, _ = self._launch(w.merge, "merge", True, after=host, waits=(times,))
                 gpu_busy += d_merge
-            last = stream.launch(d_post, "out_proj+ffn", w.post.flops, w.post.bytes_)
-            posts.append(last)
+            last, d_post, _ = self._launch(w.post, "out_proj+ffn")
+            post_events.append(last)
             gpu_busy += d_post
-            prev_qkv, prev_host = qkv, host
+            prev_qkv, prev_host = (qkv, qkv_node), (host, times) if host is not None else None
         yield last
         measure.latency_s = env.now - t0
         measure.gpu_busy_s = gpu_busy
@@ -159,98 +268,236 @@ class DecodeEngine:
         # hide it (HybridGen's T_dev): with lookahead the rest of layer i-1 plus layer i up to
         # its own attention, otherwise layer i's attention alone. Work, not elapsed time, so that
         # waiting on a shared link does not read as spare device capacity.
+        d_qkv = self._kernel_s(w.qkv)
+        d_spec = self._kernel_s(w.speculate, True)
+        d_attn, d_merge = self._kernel_s(w.attn, True), self._kernel_s(w.merge, True)
         hide_first = d_qkv + d_spec + d_attn
-        hide = hide_first + (d_attn + d_merge + d_post if lp.lookahead else 0.0)
+        hide = hide_first + (d_attn + d_merge + self._kernel_s(w.post) if lp.lookahead else 0.0)
         for i, times in enumerate(host_times):
-            measure.host_s += times.done_s - times.trigger_s
+            elapsed = times.done_s - times.trigger_s
+            measure.host_s += elapsed
             measure.device_s += hide if i else hide_first
             measure.cpu_busy_s += times.cpu_s
             measure.pcie_busy_s += times.pcie_s
+            parts = times.fixed_s + times.variable_s
+            if parts > 0:  # waiting for cores is shared out in proportion
+                measure.variable_s += elapsed * times.variable_s / parts
+        measure.binding = self._critical_path(t0, env.now)
 
-    def _load_weights(self, plan: StepPlan, previous: Event | None, buffer_free: Event | None):
+    # ------------------------------------------------------------------ triggers and writes
+    def _trigger(self, lp: LayerPlan, qkv, prev_qkv, prev_host, speculate, evicted):
+        """When the host path of layer ``i`` may start: an event, and the nodes behind it."""
+        env = self.env
+        if lp.transfer is Transfer.KV_ALL:
+            # FlexGen's double buffer: layer i's KV loads as soon as layer i-1's has landed.
+            start = prev_host if prev_host is not None else (env.timeout(0), None)
+        elif speculate is not None:  # InfiniGen: the host gathers what the GPU speculated
+            start = (speculate[0], speculate[2])
+        elif lp.lookahead and prev_qkv is not None:
+            start = prev_qkv
+        else:
+            start = qkv
+        events, nodes = [start[0]], [start[1]]
+        if evicted is not None:  # the token leaving HBM must be in host memory first
+            events.append(evicted[0])
+            nodes.append(evicted[1])
+        return (events[0] if len(events) == 1 else env.all_of(events)), tuple(nodes)
+
+    def _evict(self, lp: LayerPlan, w: LayerWork, update: Event | None, update_node,
+               chain: _Chain):
+        """The token that left this layer's HBM window, written to the host tiers by DMA."""
+        if update is not None:
+            yield update
+        t = self.env.now
+        placement = lp.placement
+        half = w.evict_bytes / 2
+        done = yield self.env.all_of([
+            self.machine.write(self.gpu, placement.k_fractions, half, "evict K"),
+            self.machine.write(self.gpu, placement.v_fractions, half, "evict V"),
+        ])
+        chain.last = _Node(t, self.env.now, _shares(done.values()), (update_node,))
+
+    def _load_weights(self, plan: StepPlan, previous: Event | None, buffer_free: Event | None,
+                      chain: _Chain, previous_chain: _Chain | None):
         """Stream one layer's offloaded weights into a two-layer HBM buffer, in layer order."""
         if previous is not None and not previous.processed:
             yield previous
         if buffer_free is not None and not buffer_free.processed:
             yield buffer_free
-        yield self.machine.copy(plan.weight_tier, self.gpu, plan.offloaded_weight_bytes_per_layer,
-                                "weights h2d")
-
-    def _trigger(self, lp: LayerPlan, i: int, qkv: Event, prev_qkv, prev_host) -> Event:
-        """When the host path of layer ``i`` may start."""
-        if lp.transfer is Transfer.KV_ALL:
-            # FlexGen's double buffer: layer i's KV loads as soon as layer i-1's has landed.
-            return prev_host if prev_host is not None else self.env.timeout(0)
-        if lp.lookahead and prev_qkv is not None:
-            return prev_qkv
-        return qkv
+        t = self.env.now
+        flow = yield self.machine.read({plan.weight_tier: 1.0}, self.gpu,
+                                       plan.offloaded_weight_bytes_per_layer, Pattern.DMA,
+                                       "weights h2d")
+        preds = (previous_chain,) if previous_chain is not None else ()
+        chain.last = _Node(t, self.env.now, _shares([flow]), preds)
 
     # ------------------------------------------------------------------ the host path
-    def _host_path(self, lp: LayerPlan, w: LayerWork, trigger: Event, times: _HostTimes):
+    def _host_path(self, lp: LayerPlan, w: LayerWork, trigger, times: _HostTimes):
         env, machine, gpu = self.env, self.machine, self.gpu
-        yield trigger
+        event, waits = trigger
+        yield event
         times.trigger_s = env.now
+        times.last = _Node(env.now, env.now, {}, waits)  # the join of its triggers
         placement = lp.placement
-        if lp.cpu_work is not CpuWork.NONE:
-            t_q = env.now
-            yield machine.copy(gpu, self.socket, w.q_d2h_bytes, "q d2h")
-            pcie = env.now - t_q
+        if w.q_d2h_bytes or w.append_host_bytes:
+            t = env.now
+            fetches = [machine.copy(gpu, self.staging, w.q_d2h_bytes, "q d2h")]
+            if w.append_host_bytes:  # no HBM window: the new token is written to host memory
+                half = w.append_host_bytes / 2
+                fetches += [machine.write(gpu, placement.k_fractions, half, "append K"),
+                            machine.write(gpu, placement.v_fractions, half, "append V")]
+            done = yield env.all_of(fetches)
+            self._segment(times, t, _shares(done.values()))
+            times.pcie_s += env.now - t
+            times.fixed_s += env.now - t
+        if w.cpu_k_bytes or w.cpu_v_bytes or w.gather_rows or w.host_calls:
             yield from self._cpu_phase(lp, w, times)
-            t_x = env.now
-            flows = [machine.copy(self.socket, gpu, w.to_gpu_small_bytes, "to gpu")]
-            if w.to_gpu_v_bytes:
-                flows += [
-                    machine.copy(tier, gpu, w.to_gpu_v_bytes * f, f"gather V {tier}")
-                    for tier, f in placement.gather_fractions.items()
-                ]
-            yield env.all_of(flows)
-            times.pcie_s = pcie + env.now - t_x
-        else:  # KV streamed or prefetched to the GPU
-            t_x = env.now
-            flows = [
-                machine.copy(tier, gpu, w.to_gpu_k_bytes * f, f"K {tier}")
-                for tier, f in placement.k_fractions.items()
-            ] + [
-                machine.copy(tier, gpu, w.to_gpu_v_bytes * f, f"V {tier}")
-                for tier, f in placement.v_fractions.items()
-            ]
-            yield env.all_of(flows)
-            times.pcie_s = env.now - t_x
+        sources = self._upload_sources(lp, w)
+        if sources:
+            t = env.now
+            flow = yield machine.read(sources, gpu, w.to_gpu_bytes, Pattern.DMA, "to gpu")
+            self._segment(times, t, _shares([flow]))
+            times.pcie_s += env.now - t
+            times.variable_s += env.now - t
         times.done_s = env.now
 
+    def _segment(self, times: _HostTimes, start: float, what: dict[str, float],
+                 *extra_preds) -> _Node:
+        """Append a node from ``start`` to now to the host path's chain."""
+        node = _Node(start, self.env.now, what, (times.last, *extra_preds))
+        times.last = node
+        return node
+
+    def _upload_sources(self, lp: LayerPlan, w: LayerWork) -> dict[str, float]:
+        """Where what crosses PCIe is read from, as fractions of ``w.to_gpu_bytes``."""
+        total = w.to_gpu_bytes
+        if not total:
+            return {}
+        out: dict[str, float] = {}
+        for bytes_, fractions in ((w.staged_bytes, {self.staging: 1.0}),
+                                  (w.direct_k_bytes, lp.placement.k_fractions),
+                                  (w.direct_v_bytes, lp.placement.v_fractions)):
+            for tier, f in fractions.items():
+                if bytes_ * f > 0:
+                    out[tier] = out.get(tier, 0.0) + bytes_ * f / total
+        return out
+
     def _cpu_phase(self, lp: LayerPlan, w: LayerWork, times: _HostTimes):
-        """All cores of the socket scan K (and read V) out of the tiers holding them."""
+        """Holding every core of the socket: scan, top-k inserts, gather, call overheads."""
         env, machine = self.env, self.machine
         pool = machine.cores(self.socket)
-        yield pool.acquire(self.cores)
-        start = env.now
         spec = machine.profile.sockets[self.socket]
-        total_bytes = w.cpu_k_bytes + w.cpu_v_bytes
-        flops_per_byte = w.cpu_flops / total_bytes if total_bytes else 0.0
-        k_tier = next(iter(lp.placement.k_fractions))
-        core_Bps = spec.stream_inflight_bytes / machine.path(k_tier, self.socket).latency_s
-        cap = cpu_stream_rate_Bps(self.cores, core_Bps, spec.attention_gflops_per_core * GB,
-                                  flops_per_byte)
-        compute = machine.socket_compute(self.socket)
-        v_fractions = (lp.placement.gather_fractions if lp.cpu_work is CpuWork.SPARSE_PARTIAL
-                       else lp.placement.v_fractions)
-        flows = []
-        for bytes_, fractions in ((w.cpu_k_bytes, lp.placement.k_fractions),
-                                  (w.cpu_v_bytes, v_fractions)):
-            if not bytes_:
-                continue
-            for tier, f in fractions.items():
-                route = machine.path(tier, self.socket)
-                share = bytes_ * f
-                flows.append(machine.network.transfer(
-                    (*route.channels, compute), share, latency_s=route.latency_s,
-                    label=f"cpu scan {tier}", max_rate=cap * share / total_bytes,
-                    flops=share * flops_per_byte, track=pool.name,
-                ))
-        yield env.all_of(flows)
-        select_ns = w.cpu_topk_inserts * spec.topk_ns_per_insert + w.cpu_gather_rows * spec.gather_ns_per_row
-        extra_s = select_ns * 1e-9 / self.cores + spec.op_overhead_us * 1e-6
-        if extra_s:  # heap inserts and row gathers spread over the cores, the call's fixed cost
-            yield env.timeout(extra_s)
+        yield pool.acquire(self.cores)
+        # holding the cores now: the path continues from whoever gave them back last
+        times.last = _Node(env.now, env.now, {}, (times.last, self._cores_released))
+        start = env.now
+        placement = lp.placement
+        scan_bytes = w.cpu_k_bytes + w.cpu_v_bytes
+        if scan_bytes:
+            sources = _mix((w.cpu_k_bytes, placement.k_fractions),
+                           (w.cpu_v_bytes, placement.v_fractions))
+            t = env.now
+            flow = yield machine.read(sources, self.socket, scan_bytes, Pattern.STREAM,
+                                      "cpu scan", flops=w.cpu_flops, track=pool.name)
+            self._segment(times, t, _shares([flow]))
+            times.fixed_s += env.now - t
+        if w.cpu_topk_inserts and spec.topk_ns_per_insert:
+            yield from self._core_time(times, w.cpu_topk_inserts * spec.topk_ns_per_insert
+                                       * 1e-9 / self.cores, variable=True)
+        if w.gather_rows:
+            gather = (placement.gather_fractions if lp.cpu_work is not CpuWork.NONE
+                      else placement.v_fractions)
+            line = spec.cache_line_bytes
+            row_lines = touched_bytes(1, w.row_bytes, line)
+            moved = w.gather_rows * row_lines
+            sources = _mix((w.gather_k_rows, placement.k_fractions), (w.gather_v_rows, gather))
+            extra = []
+            if w.rows_staged:  # each row is copied into the staging buffer in DRAM
+                extra.append((machine.tier_write(self.staging), w.row_bytes / row_lines))
+            # the core work per row (address, copy) overlaps the misses: a cap, not a sum
+            per_byte_s = (spec.gather_ns_per_row * 1e-9 / row_lines
+                          + (w.gather_flops / moved) / (spec.attention_gflops_per_core * GB))
+            cap = self.cores / per_byte_s if per_byte_s > 0 else None
+            t = env.now
+            flow = yield machine.read(sources, self.socket, moved, Pattern.GATHER, "cpu gather",
+                                      extra=extra, max_rate=cap,
+                                      cap_label=f"{self.socket} cores", track=pool.name)
+            self._segment(times, t, _shares([flow]))
+            times.variable_s += env.now - t
+        if w.host_calls and spec.op_overhead_us:
+            yield from self._core_time(times, w.host_calls * spec.op_overhead_us * 1e-6,
+                                       variable=False)
+        self._cores_released = times.last
         pool.release(self.cores)
         times.cpu_s = env.now - start
+
+    def _core_time(self, times: _HostTimes, seconds: float, *, variable: bool):
+        t = self.env.now
+        yield self.env.timeout(seconds)
+        self._segment(times, t, {f"{self.socket} cores": 1.0})
+        if variable:
+            times.variable_s += seconds
+        else:
+            times.fixed_s += seconds
+
+    # ------------------------------------------------------------------ what bound the step
+    def _critical_path(self, t0: float, t_end: float) -> dict[str, float]:
+        """Walk back from the step's last kernel, at each node to the predecessor that
+        finished last, and split the time on the path by what bound each node."""
+        for node in self._kernels:
+            node.settle()
+        out: dict[str, float] = defaultdict(float)
+        node = self._kernels[-1] if self._kernels else None
+        t = t_end
+        while node is not None and t > t0 + _EPS:
+            start = max(node.start, t0)
+            if t > start:
+                span = t - start
+                total = sum(node.what.values())
+                if not total:
+                    out["idle"] += span
+                for label, share in node.what.items():
+                    out[label] += span * share / total
+            t = min(t, start)
+            best = None
+            for pred in node.preds:
+                if isinstance(pred, _Chain):
+                    pred = pred.last
+                if pred is None:
+                    continue
+                pred.settle()
+                if best is None or pred.end > best.end:
+                    best = pred
+            if best is not None and best.end < t - _EPS:
+                out["idle"] += t - max(best.end, t0)  # nothing modelled kept it waiting
+                t = best.end
+            node = best
+        if t > t0 + _EPS:
+            out["idle"] += t - t0
+        return dict(out)
+
+
+def _shares(flows) -> dict[str, float]:
+    """What bound a segment that ran ``flows`` (concurrently) to its end, as shares: each
+    flow's draining time by what bound its rate, its start latency by the latency it paid."""
+    what: dict[str, float] = defaultdict(float)
+    for f in flows:
+        if not isinstance(f, Flow):
+            continue
+        wait = max(f.start_s - f.issued_s, 0.0)
+        if wait:
+            what[f.latency_label or f"{f.path[0].bind_label} latency"] += wait
+        for label, seconds in f.binds.items():
+            what[label] += seconds
+    return dict(what) if what else {"host": 1.0}
+
+
+def _mix(*parts: tuple[float, dict[str, float]]) -> dict[str, float]:
+    """Tier fractions of a read made of several parts (bytes, tier -> fraction)."""
+    total = sum(b for b, _ in parts)
+    out: dict[str, float] = {}
+    for bytes_, fractions in parts:
+        for tier, f in fractions.items():
+            if bytes_ * f > 0:
+                out[tier] = out.get(tier, 0.0) + bytes_ * f / total
+    return out

@@ -29,9 +29,26 @@ Event economy (a 70B, 128k-context decode simulation moves ~10^5 flows, so this 
   traces (full recording mode).
 
 Units: a channel's ``capacity`` is per second in its ``unit``: ``"B/s"`` (links, tiers) or
-``"FLOP/s"`` (CPU attention throughput). A flow's ``amount`` is bytes; on a FLOP/s channel it
-uses ``flops / amount`` FLOP/s per byte/s (so KV streamed through CPU cores is limited both by
-memory bandwidth and by how fast the cores can do the dot products).
+``"FLOP/s"`` (CPU attention throughput); or, for an *in-flight pool*, plain bytes (``"B"``). A
+flow's ``amount`` is bytes; on a FLOP/s channel it uses ``flops / amount`` FLOP/s per byte/s
+(so KV streamed through CPU cores is limited both by memory bandwidth and by how fast the cores
+can do the dot products). A flow may also carry explicit ``weights`` (a read spread over several
+tiers uses each tier's channel for its fraction of the bytes).
+
+Memory-level parallelism (``hgsim.memory``): an in-flight pool is what an issuer keeps
+outstanding (the cores of a socket, a GPU copy engine). A flow crossing it uses ``latency``
+bytes of it per byte/s of rate, so the pool caps the flow at bytes in flight / latency
+(Little's law), shared among the flows of that issuer. The latency is the route's idle latency
+(the flow's weight on the pool) plus the queueing delay of every loaded tier it reads: a read
+channel with ``queue_s`` > 0 adds ``queue_s x u / (1 - u)`` at utilisation u. Rates and
+utilisations depend on each other, so a component with such a channel is solved as a fixed
+point (one bracketed root per loaded channel, Gauss-Seidel across channels); a saturated tier
+is then slower for every reader of it, as loaded-latency measurements show.
+
+Every flow also records what bound its rate, over time (``binds``: label -> seconds): the
+channel it shared fairly (``"ddr0 read"``), its own cap (its ``cap_label``), or its issuer's
+in-flight pool, reported as the latency it is paying for (``"cxl0 latency"``) unless queueing
+at a saturated tier is most of that latency, in which case the tier's bandwidth binds.
 """
 
 from __future__ import annotations
@@ -48,11 +65,15 @@ from hgsim.sim.recorder import Recorder, ResourceTotals
 
 BYTES_PER_S = "B/s"
 FLOPS_PER_S = "FLOP/s"
+INFLIGHT_BYTES = "B"  # capacity of an in-flight pool; a flow's weight on it is a latency (s)
 
 _DONE_REL = 1e-9  # a flow with less than this fraction of its amount left is finished
 _TIME_REL = 1e-12  # finish times this close to now (relative, >= 1 s scale) are "now"
 _SHARE_REL = 1e-12  # channels within this of the tightest share saturate together
 _FILL_MEMO = 4096  # distinct contention patterns remembered
+_U_TOL = 1e-12  # utilisation tolerance of the loaded-latency fixed point
+_U_MAX = 1.0 - 1e-12
+_SWEEPS = 50  # Gauss-Seidel sweeps across loaded channels
 _MAX_HOPS = 16
 _ONES = [(1.0,) * n for n in range(_MAX_HOPS)]
 
@@ -64,16 +85,25 @@ class Channel:
     channel belongs to one network (it reports to that network's recorder).
     """
 
-    __slots__ = ("name", "capacity", "unit", "flows", "busy_since", "totals", "_rc", "_w", "_n")
+    __slots__ = ("name", "capacity", "unit", "flows", "busy_since", "totals", "queue_s",
+                 "bind_label", "_rc", "_w", "_n")
 
-    def __init__(self, name: str, capacity: float, *, unit: str = BYTES_PER_S) -> None:
+    def __init__(self, name: str, capacity: float, *, unit: str = BYTES_PER_S,
+                 queue_s: float = 0.0, bind_label: str | None = None) -> None:
         if not capacity > 0:
             raise ValueError(f"channel {name}: capacity must be > 0, got {capacity}")
-        if unit not in (BYTES_PER_S, FLOPS_PER_S):
-            raise ValueError(f"channel {name}: unit must be {BYTES_PER_S} or {FLOPS_PER_S}")
+        if unit not in (BYTES_PER_S, FLOPS_PER_S, INFLIGHT_BYTES):
+            raise ValueError(f"channel {name}: unit must be {BYTES_PER_S}, {FLOPS_PER_S} or "
+                             f"{INFLIGHT_BYTES}")
+        if queue_s < 0 or (queue_s and unit != BYTES_PER_S):
+            raise ValueError(f"channel {name}: queue_s must be >= 0, on a B/s channel")
         self.name = name
         self.capacity = float(capacity)
-        self.unit = FLOPS_PER_S if unit == FLOPS_PER_S else BYTES_PER_S  # hot path uses `is`
+        # the hot path compares units with `is`
+        self.unit = {FLOPS_PER_S: FLOPS_PER_S, INFLIGHT_BYTES: INFLIGHT_BYTES}.get(unit,
+                                                                                BYTES_PER_S)
+        self.queue_s = float(queue_s)  # queueing delay at half load (loaded latency), seconds
+        self.bind_label = bind_label or name  # how a flow bound here names what binds it
         self.flows: dict[Flow, float] = {}  # draining flows -> their use per unit of rate
         self.busy_since = 0.0  # start of the busy period in progress
         self.totals: ResourceTotals | None = None  # the recorder's, once a network uses it
@@ -96,11 +126,25 @@ class Flow:
     __slots__ = (
         "path", "weights", "amount", "remaining", "rate", "max_rate", "t_last", "version",
         "done", "label", "flops", "track", "issued_s", "start_s", "end_s", "_new",
+        "pool", "loaded", "cap_label", "latency_label", "bind", "bind_since", "binds",
+        "_wcur", "_bindc",
     )
 
-    def __init__(self, path, weights, amount, max_rate, done, label, flops, track, now):
+    def __init__(self, path, weights, amount, max_rate, done, label, flops, track, now,
+                 cap_label="cap", latency_label=None):
         self.path: tuple[Channel, ...] = path
-        self.weights: tuple[float, ...] = weights
+        self.weights: tuple[float, ...] = weights  # base use of each channel per byte/s
+        self._wcur = weights  # current use (a pool's weight grows with queueing)
+        # index of the issuer's in-flight pool in the path (-1: none), and whether the flow
+        # reads a tier with loaded latency through it (then its cap is a fixed point)
+        self.pool = next((i for i, c in enumerate(path) if c.unit is INFLIGHT_BYTES), -1)
+        self.loaded = self.pool >= 0 and any(c.queue_s > 0 for c in path)
+        self.cap_label = cap_label
+        self.latency_label = latency_label
+        self.bind = ""  # what binds its rate now
+        self.bind_since = now
+        self.binds: dict[str, float] = {}  # label -> seconds it bound the rate
+        self._bindc = None
         self.amount: float = amount
         self.remaining: float = amount
         self.rate = 0.0
@@ -118,6 +162,17 @@ class Flow:
     @property
     def duration_s(self) -> float:
         return self.end_s - self.issued_s
+
+    def set_bind(self, label: str, now: float) -> None:
+        if label != self.bind:
+            if self.bind:
+                self.binds[self.bind] = self.binds.get(self.bind, 0.0) + now - self.bind_since
+            self.bind = label
+            self.bind_since = now
+
+    def bound_by(self) -> str:
+        """What bound the flow for most of its draining time (its current binding if none)."""
+        return max(self.binds, key=self.binds.__getitem__) if self.binds else self.bind
 
     def __repr__(self) -> str:
         return f"Flow({self.label!r}, {self.amount:g} B, rate={self.rate:g})"
@@ -141,10 +196,12 @@ class FlowNetwork:
         self._on_wake_cb = self._on_wake
         self._on_start_cb = self._on_start
 
-    def add_channel(self, name: str, capacity: float, *, unit: str = BYTES_PER_S) -> Channel:
+    def add_channel(self, name: str, capacity: float, *, unit: str = BYTES_PER_S,
+                    queue_s: float = 0.0, bind_label: str | None = None) -> Channel:
         if name in self.channels:
             raise ValueError(f"channel {name!r} already exists")
-        channel = self.channels[name] = Channel(name, capacity, unit=unit)
+        channel = self.channels[name] = Channel(name, capacity, unit=unit, queue_s=queue_s,
+                                                bind_label=bind_label)
         return channel
 
     # ------------------------------------------------------------------ public API
@@ -158,28 +215,38 @@ class FlowNetwork:
         max_rate: float | None = None,
         flops: float = 0.0,
         track: str | None = None,
+        weights: Sequence[float] | None = None,
+        cap_label: str = "cap",
+        latency_label: str | None = None,
     ) -> Event:
         """Move ``amount`` bytes across ``path``; the returned event fires with the
-        :class:`Flow` when the last byte arrives (``latency_s`` + draining time)."""
+        :class:`Flow` when the last byte arrives (``latency_s`` + draining time).
+
+        ``weights`` (one per channel) replaces the default use of each channel per byte/s (1,
+        or FLOPs per byte on a FLOP/s channel); a path with an in-flight pool needs them, the
+        pool's weight being the route's idle latency in seconds. ``cap_label`` and
+        ``latency_label`` name what binds the flow when its ``max_rate`` or its pool does.
+        """
         if amount < 0 or latency_s < 0 or (max_rate is not None and not max_rate > 0):
             raise ValueError(
                 f"transfer {label!r}: need amount >= 0, latency_s >= 0 and max_rate > 0 "
                 f"(got {amount}, {latency_s}, {max_rate})"
             )
         env = self.env
-        if type(path) is tuple and flops == 0.0 and path in self._plain:
+        if weights is not None:
+            channels, weights = _explicit(path, weights, label)
+            self._register(channels)
+        elif type(path) is tuple and flops == 0.0 and path in self._plain:
             channels, weights = path, _ONES[len(path)]  # a route seen before: bytes only
         else:
-            channels, weights = _weighted(path, amount, flops)
-            for c in channels:
-                if c.totals is None:  # a channel reports to the first network that uses it
-                    c.totals = self.recorder.totals_for(c.name)
+            channels, weights = _weighted(path, amount, flops, label)
+            self._register(channels)
             if type(path) is tuple and channels == path and weights is _ONES[len(path)]:
                 self._plain.add(path)
         done = Event(env)
         now = env.now
         flow = Flow(channels, weights, float(amount), inf if max_rate is None else max_rate,
-                    done, label, flops, track, now)
+                    done, label, flops, track, now, cap_label, latency_label)
         t_start = now + latency_s  # exactly the time simpy will reach (same addition)
         batch = self._starts.get(t_start)
         if batch is None:
@@ -190,6 +257,11 @@ class FlowNetwork:
         return done
 
     # ------------------------------------------------------------------ internals
+    def _register(self, channels: Sequence[Channel]) -> None:
+        for c in channels:
+            if c.totals is None:  # a channel reports to the first network that uses it
+                c.totals = self.recorder.totals_for(c.name)
+
     def _on_start(self, event: Timeout) -> None:
         """Flows whose latency has elapsed join their channels; one re-solve for all."""
         flows = self._starts.pop(event._value)
@@ -217,17 +289,19 @@ class FlowNetwork:
             return
         self.active += len(new)
         heap = self._heap
-        if shared or len(new) > 1:
+        if shared or len(new) > 1 or new[0].loaded:
             self._reallocate(seeds, new)
         else:  # alone: the slowest hop or the flow's own cap
             flow = new[0]
             rate = flow.max_rate
+            bound = None
             for c, w in zip(flow.path, flow.weights, strict=True):
                 r = c.capacity / w
                 if r < rate:
-                    rate = r
+                    rate, bound = r, c
             flow.rate = rate
             flow.version = 1
+            flow.set_bind(_label(flow, bound, None), now)
             heapq.heappush(heap, (now + flow.amount / rate, next(self._seq), 1, flow))
         recorder = self.recorder
         if recorder.keep_activities:
@@ -260,6 +334,7 @@ class FlowNetwork:
             for f in due:
                 f.remaining = 0.0
                 f.end_s = now
+                f.set_bind("", now)  # closes the account of what bound it last
                 amount = f.amount
                 for c in f.path:
                     cflows = c.flows
@@ -354,17 +429,22 @@ class FlowNetwork:
                 f.remaining -= f.rate * (now - f.t_last)
             f.t_last = now
         key = tuple([(f.path, f.weights, f.max_rate) for f in flows])
-        rates = self._fills.get(key)
-        if rates is None:
-            for f in flows:
-                f._new = -1.0
-            _max_min_fill(chans, flows)
-            rates = tuple([f._new for f in flows])
+        solution = self._fills.get(key)
+        if solution is None:
+            loads = _solve(chans, flows)
+            solution = (tuple([f._new for f in flows]),
+                        tuple([_label(f, f._bindc, loads) for f in flows]),
+                        tuple([f._wcur for f in flows]))
             if len(self._fills) >= _FILL_MEMO:
                 self._fills.clear()
-            self._fills[key] = rates
+            self._fills[key] = solution
+        rates, labels, current = solution
         heap, seq = self._heap, self._seq
-        for f, rate in zip(flows, rates, strict=True):
+        for f, rate, label, wcur in zip(flows, rates, labels, current, strict=True):
+            f.set_bind(label, now)
+            if f.pool >= 0 and wcur is not f._wcur:
+                f._wcur = wcur
+                f.path[f.pool].flows[f] = wcur[f.pool]
             if rate != f.rate:
                 f.rate = rate
                 f.version += 1
@@ -375,8 +455,27 @@ class FlowNetwork:
             heapq.heapify(heap)
 
 
-def _weighted(path: Sequence[Channel], amount: float, flops: float):
+def _explicit(path: Sequence[Channel], weights: Sequence[float], label: str):
+    """Channels and weights given by the caller; repeated channels add up, zeros drop out."""
+    if len(weights) != len(path):
+        raise ValueError(f"transfer {label!r}: {len(weights)} weights for {len(path)} channels")
+    use: dict[Channel, float] = {}
+    for c, w in zip(path, weights, strict=True):
+        if not w >= 0:
+            raise ValueError(f"transfer {label!r}: weight of {c.name} must be >= 0, got {w}")
+        if w > 0:
+            use[c] = use.get(c, 0.0) + float(w)
+    if sum(c.unit is INFLIGHT_BYTES for c in use) > 1:
+        raise ValueError(f"transfer {label!r}: at most one in-flight pool per flow")
+    return tuple(use), tuple(use.values())
+
+
+def _weighted(path: Sequence[Channel], amount: float, flops: float, label: str = ""):
     """Channels a flow really uses and how much of each per byte/s of its rate."""
+    for c in path:
+        if c.unit is INFLIGHT_BYTES:
+            raise ValueError(f"transfer {label!r}: a path through an in-flight pool needs "
+                             "weights (the route latency on the pool)")
     for c in path:
         if c.unit != BYTES_PER_S:
             break
@@ -396,8 +495,114 @@ def _weighted(path: Sequence[Channel], amount: float, flops: float):
     return tuple(use), tuple(use.values())
 
 
+def _label(f: Flow, bound: Channel | None, loads: dict[Channel, float] | None) -> str:
+    """Name what binds a flow: its cap, the channel it shares, or for its in-flight pool the
+    latency it pays (or, when queueing at a loaded tier is most of it, that tier's bandwidth)."""
+    if bound is None:
+        return f.cap_label
+    if bound.unit is not INFLIGHT_BYTES:
+        return bound.bind_label
+    if loads:
+        base = f.weights[f.pool]
+        worst, queued = None, 0.0
+        total = 0.0
+        for c, w in zip(f.path, f.weights, strict=True):
+            q = loads.get(c)
+            if q:
+                total += w * q
+                if w * q > queued:
+                    worst, queued = c, w * q
+        if worst is not None and total > base:
+            return worst.bind_label
+    return f.latency_label or bound.bind_label
+
+
+def _solve(chans: Sequence[Channel], flows: list[Flow]) -> dict[Channel, float] | None:
+    """Set every flow's rate (``_new``) and what bound it (``_bindc``); returns the queueing
+    delay (s) of each loaded channel when the component had to be solved as a fixed point."""
+    loaded = [f for f in flows if f.loaded]
+    curved = [c for c in chans if c.queue_s > 0] if loaded else ()
+    if not curved:
+        for f in flows:
+            if f.pool >= 0 and f._wcur is not f.weights:
+                f._wcur = f.weights
+                f.path[f.pool].flows[f] = f.weights[f.pool]
+        _fill(chans, flows)
+        return None
+    delay = {c: 0.0 for c in curved}
+    terms = [(f, [(c, w) for c, w in zip(f.path, f.weights, strict=True) if c in delay])
+             for f in loaded]
+
+    def fill() -> None:
+        for f, fterms in terms:
+            pool = f.pool
+            w = f.weights[pool] + sum(cw * delay[c] for c, cw in fterms)
+            f._wcur = f.weights[:pool] + (w,) + f.weights[pool + 1:]
+            f.path[pool].flows[f] = w
+        _fill(chans, flows)
+
+    def utilisation(c: Channel) -> float:
+        return sum(f._new * w for f, w in c.flows.items()) / c.capacity
+
+    for _ in range(_SWEEPS):
+        moved = 0.0
+        for c in curved:
+            before = delay[c]
+            u = _root_utilisation(c, delay, fill, utilisation)
+            delay[c] = c.queue_s * u / (1.0 - u)
+            moved = max(moved, abs(delay[c] - before) / (c.queue_s + delay[c]))
+        if len(curved) == 1 or moved < 1e-12:
+            break
+    fill()
+    return delay
+
+
+def _root_utilisation(c: Channel, delay: dict[Channel, float], fill, utilisation) -> float:
+    """The utilisation u of ``c`` at which its readers, slowed by its queueing delay
+    ``q u / (1 - u)``, load it to exactly u (the others' delays held). The load falls as
+    the delay grows, so the root is unique; Illinois (regula falsi) within a bracket."""
+    q = c.queue_s
+
+    def g(u: float) -> float:
+        delay[c] = q * u / (1.0 - u)
+        fill()
+        return utilisation(c) - u
+
+    ga = g(0.0)  # the load with no queueing is an upper bound on the solution
+    if ga <= _U_TOL:
+        return 0.0
+    a, b = 0.0, min(ga, _U_MAX)
+    gb = g(b)
+    if gb >= 0:
+        return b  # saturated by readers the latency cannot slow
+    side = 0
+    for _ in range(200):
+        m = b - gb * (b - a) / (gb - ga)
+        gm = g(m)
+        if abs(gm) <= _U_TOL or b - a <= _U_TOL:
+            return m
+        if gm > 0:
+            a, ga = m, gm
+            if side == 1:
+                gb *= 0.5
+            side = 1
+        else:
+            b, gb = m, gm
+            if side == -1:
+                ga *= 0.5
+            side = -1
+    return 0.5 * (a + b)
+
+
+def _fill(chans: Sequence[Channel], flows: list[Flow]) -> None:
+    for f in flows:
+        f._new = -1.0
+    _max_min_fill(chans, flows)
+
+
 def _max_min_fill(chans: Sequence[Channel], flows: list[Flow]) -> None:
-    """Progressive filling: set ``f._new`` to the weighted max-min fair rate of every flow.
+    """Progressive filling: set ``f._new`` to the weighted max-min fair rate of every flow
+    (and ``f._bindc`` to the channel that froze it, None for its own cap).
 
     Repeatedly find the tightest channel share (capacity left / weight of unfrozen flows);
     flows whose own cap is below it freeze at the cap (that only raises the others' shares),
@@ -406,11 +611,13 @@ def _max_min_fill(chans: Sequence[Channel], flows: list[Flow]) -> None:
     if len(flows) == 1:  # alone: the slowest hop or its own cap
         f = flows[0]
         rate = f.max_rate
-        for c, w in zip(f.path, f.weights, strict=True):
+        bound = None
+        for c, w in zip(f.path, f._wcur, strict=True):
             r = c.capacity / w
             if r < rate:
-                rate = r
+                rate, bound = r, c
         f._new = rate
+        f._bindc = bound
         return
     if len(chans) == 1:
         _fill_one_channel(chans[0], flows)
@@ -420,7 +627,7 @@ def _max_min_fill(chans: Sequence[Channel], flows: list[Flow]) -> None:
         c._w = 0.0
         c._n = 0
     for f in flows:
-        for c, w in zip(f.path, f.weights, strict=True):
+        for c, w in zip(f.path, f._wcur, strict=True):
             c._w += w
             c._n += 1
     unfrozen = flows
@@ -431,7 +638,11 @@ def _max_min_fill(chans: Sequence[Channel], flows: list[Flow]) -> None:
                 s = c._rc / c._w
                 if s < share:
                     share = s
-        frozen: list[tuple[Flow, float]] = [(f, f.max_rate) for f in unfrozen if f.max_rate <= share]
+        frozen: list[tuple[Flow, float]] = []
+        for f in unfrozen:
+            if f.max_rate <= share:
+                frozen.append((f, f.max_rate))
+                f._bindc = None
         if not frozen:
             if share <= 0:  # only reachable through rounding; never stall a flow
                 share = min(c.capacity for c in chans) * _DONE_REL
@@ -441,10 +652,11 @@ def _max_min_fill(chans: Sequence[Channel], flows: list[Flow]) -> None:
                     for f in c.flows:
                         if f._new < 0:
                             f._new = 0.0  # mark now, rate set below
+                            f._bindc = c
                             frozen.append((f, share))
         for f, rate in frozen:
             f._new = rate
-            for c, w in zip(f.path, f.weights, strict=True):
+            for c, w in zip(f.path, f._wcur, strict=True):
                 c._rc -= w * rate
                 c._w -= w
                 c._n -= 1
@@ -464,6 +676,7 @@ def _fill_one_channel(c: Channel, flows: list[Flow]) -> None:
         level = left / weight
         for f in flows:
             f._new = level
+            f._bindc = c
         return
     flows_by_cap = sorted(flows, key=_max_rate)
     for i, f in enumerate(flows_by_cap):
@@ -473,8 +686,10 @@ def _fill_one_channel(c: Channel, flows: list[Flow]) -> None:
         if f.max_rate > level:
             for g in flows_by_cap[i:]:
                 g._new = level
+                g._bindc = c
             return
         f._new = f.max_rate
+        f._bindc = None
         w = c.flows[f]
         left -= w * f.max_rate
         weight -= w

@@ -11,6 +11,11 @@ What is built, per profile element (resource names in quotes, all in the recorde
 * memory tier ``t``: ``"t.read"`` and ``"t.write"`` channels at its read/write bandwidth.
   (Reads and writes are modelled as independent; DRAM turnaround is not.)
 * other links (UPI, CXL, NVLink): one channel per direction, ``"link:a->b"``.
+* in-flight pools (``hgsim.memory``): per socket and access pattern, what its cores keep in
+  flight (``"s.inflight.stream"``, ``"s.inflight.gather"``: cores x bytes per core); per GPU
+  and copy direction, what its copy engines keep in flight (``"g.h2d.inflight"``). A read
+  that crosses a pool is capped at bytes in flight / route latency (Little's law), and a
+  tier's read channel adds its queueing delay to that latency as it fills.
 
 Data movement model, the same for every route: a copy of ``n`` bytes over hops ``h1..hk``
 takes ``latency + n / rate`` where latency = sum of the hops' latencies (links' latency_ns and
@@ -22,13 +27,14 @@ slow each other wherever their routes overlap.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from simpy import Environment, Event
 
+from hgsim.memory import Pattern
 from hgsim.sim.compute import ComputeStream, CpuCorePool, cpu_stream_rate_Bps, kernel_time_s
-from hgsim.sim.flows import FLOPS_PER_S, Channel, FlowNetwork
+from hgsim.sim.flows import FLOPS_PER_S, INFLIGHT_BYTES, Channel, FlowNetwork
 from hgsim.sim.recorder import Recorder
 from hgsim.specs.hardware import HardwareProfile
 
@@ -87,14 +93,17 @@ class Machine:
         self._tier_read: dict[str, Channel] = {}
         self._tier_write: dict[str, Channel] = {}
         self._links: dict[tuple[str, str, str], Channel] = {}
+        self._inflight: dict[tuple[str, str], Channel] = {}
         self._adjacent: dict[str, list[_Edge]] = {}
         self._routes: dict[tuple[str, str], Route] = {}
         self._build()
 
     # ------------------------------------------------------------------ construction
-    def _channel(self, name: str, capacity: float, device: str, kind: str, unit: str = "B/s"):
+    def _channel(self, name: str, capacity: float, device: str, kind: str, unit: str = "B/s",
+                 *, queue_s: float = 0.0, bind: str | None = None):
         self.recorder.declare(name, device, kind, unit)
-        return self.network.add_channel(name, capacity, unit=unit)
+        return self.network.add_channel(name, capacity, unit=unit, queue_s=queue_s,
+                                        bind_label=bind)
 
     def _edge(self, a: str, b: str, channel: Channel | None, latency_s: float) -> None:
         self._adjacent.setdefault(a, []).append(_Edge(b, channel, latency_s))
@@ -104,17 +113,25 @@ class Machine:
         gpu_links = {gpu.link: name for name, gpu in p.gpus.items()}
         for name, gpu in p.gpus.items():
             self._hbm[name] = self._channel(
-                f"{name}.hbm", gpu.hbm_bandwidth_gbps * GB * gpu.memory_efficiency, name, "gpu"
+                f"{name}.hbm", gpu.hbm_bandwidth_gbps * GB * gpu.memory_efficiency, name, "gpu",
+                bind=f"{name} hbm",
             )
             self.gpu_stream(name)
             link = p.links[gpu.link]
             bw, lat = link.bandwidth_gbps * GB, link.latency_ns * NS
             if gpu.copy_engines >= 2:
-                h2d = self._channel(f"{name}.h2d", bw, name, "gpu")
-                d2h = self._channel(f"{name}.d2h", bw, name, "gpu")
+                h2d = self._channel(f"{name}.h2d", bw, name, "gpu", bind=f"{gpu.link} h2d")
+                d2h = self._channel(f"{name}.d2h", bw, name, "gpu", bind=f"{gpu.link} d2h")
+                engines = gpu.copy_engines // 2  # per direction
+                up = self._channel(f"{name}.h2d.inflight", engines * gpu.dma_inflight_bytes,
+                                   name, "gpu", INFLIGHT_BYTES, bind=f"{name} dma in flight")
             else:
-                h2d = d2h = self._channel(f"{name}.copy", bw, name, "gpu")
+                h2d = d2h = self._channel(f"{name}.copy", bw, name, "gpu",
+                                          bind=f"{gpu.link} copy")
+                up = self._channel(f"{name}.copy.inflight", gpu.dma_inflight_bytes, name, "gpu",
+                                   INFLIGHT_BYTES, bind=f"{name} dma in flight")
             self._pcie[name, "h2d"], self._pcie[name, "d2h"] = h2d, d2h
+            self._inflight[name, Pattern.DMA.value] = up
             self._edge(gpu.socket, name, h2d, lat)
             self._edge(name, gpu.socket, d2h, lat)
         for name, sock in p.sockets.items():
@@ -123,13 +140,20 @@ class Machine:
             self._pools[name] = pool
             self._attn[name] = self._channel(
                 f"{name}.attn", sock.cores * sock.attention_gflops_per_core * GB, name, "socket",
-                FLOPS_PER_S,
+                FLOPS_PER_S, bind=f"{name} compute",
             )
+            for pattern, per_core in ((Pattern.STREAM, sock.stream_inflight_bytes),
+                                      (Pattern.GATHER, sock.gather_inflight_bytes)):
+                self._inflight[name, pattern.value] = self._channel(
+                    f"{name}.inflight.{pattern.value}", sock.cores * per_core, name, "socket",
+                    INFLIGHT_BYTES, bind=f"{name} memory parallelism")
         for name, tier in p.tiers.items():
-            self._tier_read[name] = self._channel(f"{name}.read", tier.read_bandwidth_gbps * GB,
-                                                  name, "tier")
-            self._tier_write[name] = self._channel(f"{name}.write", tier.write_bandwidth_gbps * GB,
-                                                   name, "tier")
+            self._tier_read[name] = self._channel(
+                f"{name}.read", tier.read_bandwidth_gbps * GB, name, "tier",
+                queue_s=tier.queue_delay_at_half_load_ns * NS, bind=f"{name} read")
+            self._tier_write[name] = self._channel(
+                f"{name}.write", tier.write_bandwidth_gbps * GB, name, "tier",
+                bind=f"{name} write")
             if tier.link is None:  # DDR hangs off its socket's memory controllers directly
                 self._edge(name, tier.socket, None, 0.0)
                 self._edge(tier.socket, name, None, 0.0)
@@ -139,7 +163,7 @@ class Machine:
             a, b = link.endpoints
             bw, lat = link.bandwidth_gbps * GB, link.latency_ns * NS
             for x, y in ((a, b), (b, a)):
-                ch = self._channel(f"{name}:{x}->{y}", bw, name, "link")
+                ch = self._channel(f"{name}:{x}->{y}", bw, name, "link", bind=name)
                 self._links[name, x, y] = ch
                 self._edge(x, y, ch, lat)
 
@@ -181,6 +205,34 @@ class Machine:
     def link(self, name: str, src: str, dst: str) -> Channel:
         """Direction ``src -> dst`` of a UPI/CXL/NVLink link."""
         return self._links[name, src, dst]
+
+    def inflight(self, issuer: str, pattern: Pattern | str, cores: int | None = None) -> Channel:
+        """What ``issuer`` keeps in flight for ``pattern``: a socket's cores (stream, gather;
+        all of them unless ``cores`` says how many a task holds) or a GPU's host-to-device
+        copy engines (dma). Tasks holding the same number of cores at once share a pool."""
+        pattern = Pattern(pattern)
+        sock = self.profile.sockets.get(issuer)
+        if cores is None or sock is None or cores == sock.cores:
+            return self._inflight[issuer, pattern.value]
+        key = (issuer, f"{pattern.value}:{cores}")
+        pool = self._inflight.get(key)
+        if pool is None:
+            per_core = (sock.stream_inflight_bytes if pattern is Pattern.STREAM
+                        else sock.gather_inflight_bytes)
+            pool = self._inflight[key] = self._channel(
+                f"{issuer}.inflight.{pattern.value}.{cores}c", cores * per_core, issuer,
+                "socket", INFLIGHT_BYTES, bind=f"{issuer} memory parallelism")
+        return pool
+
+    def staging_tier(self, socket: str) -> str:
+        """Where the host's kernels write what crosses PCIe: the socket's own DRAM (pinned
+        buffers are allocated on the node of the thread that uses them)."""
+        tiers = self.profile.tiers
+        local = [n for n, t in tiers.items() if t.kind == "ddr" and t.socket == socket]
+        if local:
+            return local[0]
+        ddr = [n for n, t in tiers.items() if t.kind == "ddr"]
+        return (ddr or list(tiers))[0]
 
     # ------------------------------------------------------------------ routes
     def path(self, src: str, dst: str) -> Route:
@@ -251,6 +303,78 @@ class Machine:
         return self.network.transfer(route.channels, bytes_, latency_s=route.latency_s,
                                      label=label, max_rate=max_rate, track=track)
 
+    def read(
+        self,
+        sources: Mapping[str, float],
+        dst: str,
+        bytes_: float,
+        pattern: Pattern | str,
+        label: str = "",
+        *,
+        issuer: str | None = None,
+        cores: int | None = None,
+        flops: float = 0.0,
+        extra: Sequence[tuple[Channel, float]] = (),
+        max_rate: float | None = None,
+        cap_label: str = "cap",
+        track: str | None = None,
+    ) -> Event:
+        """Read ``bytes_`` spread over host tiers (``sources``: tier -> fraction of the bytes)
+        into ``dst`` (a socket's cores, or a GPU by DMA), as one flow that progresses through
+        all of them together (pages of a range interleaved, or a scan's threads spread over
+        the parts).
+
+        Each tier's route carries its fraction of the rate; the issuer's in-flight pool for
+        ``pattern`` (the socket's cores, or ``dst``'s copy engines for DMA) carries the
+        fraction-weighted route latency, so the flow runs at most at bytes in flight / latency
+        (Little's law). ``flops`` of work on the bytes go through the issuer socket's FLOP/s;
+        ``extra`` adds channels with their use per byte/s (a staging buffer's write channel).
+        """
+        pattern = Pattern(pattern)
+        issuer = issuer or dst
+        pool = self.inflight(issuer, pattern, cores)
+        use: dict[Channel, float] = {}
+        latency = start = 0.0
+        worst, worst_latency = "", -1.0
+        for tier, fraction in sources.items():
+            if fraction <= 0:
+                continue
+            route = self.path(tier, dst)
+            for c in route.channels:
+                use[c] = use.get(c, 0.0) + fraction
+            latency += fraction * route.latency_s
+            start = max(start, route.latency_s)
+            if fraction * route.latency_s > worst_latency:
+                worst, worst_latency = tier, fraction * route.latency_s
+        if not use:
+            raise ValueError(f"read {label!r}: no source tier with a positive fraction")
+        use[pool] = latency
+        if flops and bytes_ > 0:
+            use[self._attn[issuer]] = flops / bytes_
+        for c, w in extra:
+            use[c] = use.get(c, 0.0) + w
+        return self.network.transfer(
+            tuple(use), bytes_, latency_s=start, label=label, max_rate=max_rate, flops=flops,
+            weights=tuple(use.values()), cap_label=cap_label,
+            latency_label=f"{worst} latency", track=track)
+
+    def write(self, src: str, destinations: Mapping[str, float], bytes_: float,
+              label: str = "", *, track: str | None = None) -> Event:
+        """Write ``bytes_`` from ``src`` (a GPU by DMA, or a socket's cores) into host tiers
+        (``destinations``: tier -> fraction). Writes are posted: nothing waits on a round
+        trip, so no in-flight limit applies; the route's latency is paid once."""
+        use: dict[Channel, float] = {}
+        start = 0.0
+        for tier, fraction in destinations.items():
+            if fraction <= 0:
+                continue
+            route = self.path(src, tier)
+            for c in route.channels:
+                use[c] = use.get(c, 0.0) + fraction
+            start = max(start, route.latency_s)
+        return self.network.transfer(tuple(use), bytes_, latency_s=start, label=label,
+                                     weights=tuple(use.values()), track=track)
+
     def kernel_time_s(
         self, gpu: str, flops: float, bytes_: float, *, dtype: str = "fp16",
         memory_eff: float | None = None,
@@ -279,8 +403,9 @@ class Machine:
         """CPU cores of ``socket`` stream ``bytes_`` (e.g. KV) out of ``tier`` doing ``flops``.
 
         The cores are held for the whole pass; the data moves as a flow over the tier's read
-        path and the socket's FLOP/s channel, capped at what ``cores`` cores can load and
-        compute, so it contends with GPU-bound copies for the same tier and links.
+        path and the socket's FLOP/s channel, capped at what ``cores`` cores keep in flight
+        over the route's latency (Little's law) and can compute, so it contends with
+        GPU-bound copies for the same tier and links.
         """
         return self.env.process(self._cpu_attention(socket, tier, bytes_, flops, cores, label))
 
@@ -288,14 +413,12 @@ class Machine:
         pool = self._pools[socket]
         spec = self.profile.sockets[socket]
         yield pool.acquire(cores)
-        route = self.path(tier, socket)
-        cap = cpu_stream_rate_Bps(
-            cores, spec.stream_inflight_bytes / route.latency_s, spec.attention_gflops_per_core * GB,
-            flops / bytes_ if bytes_ > 0 else 0.0,
-        )
-        flow = yield self.network.transfer(
-            (*route.channels, self._attn[socket]), bytes_, latency_s=route.latency_s,
-            label=label, max_rate=cap, flops=flops, track=pool.name,
-        )
+        per_byte = flops / bytes_ if bytes_ > 0 else 0.0
+        # the socket's pools and FLOP/s hold all its cores; fewer cores cap the flow instead
+        cap = None if cores == spec.cores else cpu_stream_rate_Bps(
+            cores, float("inf"), spec.attention_gflops_per_core * GB, per_byte)
+        flow = yield self.read({tier: 1.0}, socket, bytes_, Pattern.STREAM, label, cores=cores,
+                               flops=flops, max_rate=cap, cap_label=f"{socket} cores",
+                               track=pool.name)
         pool.release(cores)
         return flow

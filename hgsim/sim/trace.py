@@ -26,8 +26,10 @@ def _ns(t_s: float) -> int:
     return round(t_s * 1e9)
 
 
-def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The trace as a JSON-ready dict (see module docstring for the layout)."""
+def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None,
+                 markers: list[tuple[float, str, dict[str, Any]]] = ()) -> dict[str, Any]:
+    """The trace as a JSON-ready dict (see module docstring for the layout); ``markers``
+    (time s, name, args) become global instant events, e.g. the scheduler's decisions."""
     if not recorder.keep_activities:
         raise ValueError("the recorder kept no activities (record=False); nothing to trace")
     by_resource: dict[str, list] = defaultdict(list)
@@ -88,6 +90,9 @@ def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None) 
             "tid": 0,
             "args": {"active": value},
         })
+    for t_s, name, args in markers:
+        events.append({"name": name, "ph": "i", "s": "g", "ts": _ns(t_s) / 1000, "pid": 0,
+                       "tid": 0, "cat": "scheduler", "args": args})
     events.sort(key=lambda e: e["ts"])
     trace: dict[str, Any] = {"traceEvents": meta + events, "displayTimeUnit": "ns"}
     if metadata:
@@ -96,10 +101,11 @@ def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None) 
 
 
 def write_chrome_trace(
-    recorder: Recorder, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None
+    recorder: Recorder, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None,
+    markers: list[tuple[float, str, dict[str, Any]]] = (),
 ) -> str:
     """Write the recorder's activities as Chrome/Perfetto trace JSON; returns the path."""
-    trace = chrome_trace(recorder, metadata=metadata)
+    trace = chrome_trace(recorder, metadata=metadata, markers=markers)
     path = os.fspath(path)
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(trace, fh, separators=(",", ":"), default=str)
