@@ -269,3 +269,21 @@ def test_the_placement_ablations_are_named_for_what_they_do():
     assert {"hybridgen_firsttouch", "hybridgen_interleave", "hybridgen_weighted",
             "hybridgen_importance"} <= set(POLICIES)
     assert "hybridgen_nosemantic" not in POLICIES
+
+
+def test_cxl_latency_matters_on_a_lean_host_and_not_where_bandwidth_binds():
+    """The cxl_sweep regimes in miniature: 64 cores and DRAM enough for the KV cache leave
+    CXL latency no say; 8 cores with the cache spilled to CXL are latency-bound there."""
+    from hgsim.profiles import load_profile, profile_with_overrides
+
+    base = load_profile("h100-80gb-spr-cxl")
+    fid = Fidelity(decode_samples=2, accuracy=False)
+    wl = Workload(batch=2, context=131072, gen=4)
+    lean = {"sockets.cpu0.cores": 8, "tiers.ddr0.capacity_gb": 128}
+
+    def tps(host, latency_ns, policy="cpu_offload"):
+        profile = profile_with_overrides(base, {**host, "tiers.cxl0.latency_ns": latency_ns})
+        return simulate(profile, "llama-2-13b", policy, wl, fidelity=fid).tokens_per_s
+
+    assert tps({}, 600) == pytest.approx(tps({}, 150), rel=1e-3)
+    assert tps(lean, 600) < 0.8 * tps(lean, 150)

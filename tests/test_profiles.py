@@ -276,3 +276,28 @@ def test_override_invalid_value_names_field():
     with pytest.raises(ConfigError, match="wrong unit 'ns'"):
         profile_with_overrides(load_profile("a100-40gb-spr-cxl"), {"links.pcie0.bandwidth_gbps":
                                                                    "3 ns"})
+
+
+@pytest.mark.parametrize("name", ["a100-40gb-spr-cxl", "h100-80gb-spr-cxl", "h100-2socket-cxl",
+                                  "rtx5090-cxl", "dev-zen4-2core"])
+def test_nothing_that_costs_time_is_zero_in_a_shipped_profile(name):
+    """Host costs, memory-level parallelism and queueing all cost time on real hardware."""
+    profile = load_profile(name)
+    for sname, sock in profile.sockets.items():
+        for field in ("topk_ns_per_insert", "gather_ns_per_row", "op_overhead_us",
+                      "stream_inflight_bytes", "gather_inflight_bytes"):
+            assert getattr(sock, field) > 0, f"{name}: sockets.{sname}.{field} is 0"
+    for tname, tier in profile.tiers.items():
+        assert tier.latency_ns > 0 and tier.queue_delay_at_half_load_ns > 0, f"{name}: {tname}"
+    for gname, gpu in profile.gpus.items():
+        assert gpu.kernel_launch_overhead_us > 0 and gpu.dma_inflight_bytes > 0, gname
+
+
+def test_the_replaced_per_core_bandwidth_field_names_its_successors(tmp_path):
+    text = (PROFILE_DIR / "h100-80gb-spr-cxl.yaml").read_text().replace(
+        "    stream_inflight_bytes:", "    core_bandwidth_gbps: 15\n    stream_inflight_bytes:")
+    path = tmp_path / "old.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="stream_inflight_bytes") as info:
+        load_profile(path)
+    assert "old.yaml" in str(info.value) and "core_bandwidth_gbps" in str(info.value)

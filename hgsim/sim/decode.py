@@ -310,12 +310,11 @@ class DecodeEngine:
             yield update
         t = self.env.now
         placement = lp.placement
-        half = w.evict_bytes / 2
-        done = yield self.env.all_of([
-            self.machine.write(self.gpu, placement.k_fractions, half, "evict K"),
-            self.machine.write(self.gpu, placement.v_fractions, half, "evict V"),
-        ])
-        chain.last = _Node(t, self.env.now, _shares(done.values()), (update_node,))
+        half = w.evict_bytes / 2  # K and V, each to the tiers holding its kind
+        flow = yield self.machine.write(
+            self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
+            w.evict_bytes, "evict K+V")
+        chain.last = _Node(t, self.env.now, _shares([flow]), (update_node,))
 
     def _load_weights(self, plan: StepPlan, previous: Event | None, buffer_free: Event | None,
                       chain: _Chain, previous_chain: _Chain | None):
@@ -344,8 +343,9 @@ class DecodeEngine:
             fetches = [machine.copy(gpu, self.staging, w.q_d2h_bytes, "q d2h")]
             if w.append_host_bytes:  # no HBM window: the new token is written to host memory
                 half = w.append_host_bytes / 2
-                fetches += [machine.write(gpu, placement.k_fractions, half, "append K"),
-                            machine.write(gpu, placement.v_fractions, half, "append V")]
+                fetches.append(machine.write(
+                    gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
+                    w.append_host_bytes, "append K+V"))
             done = yield env.all_of(fetches)
             self._segment(times, t, _shares(done.values()))
             times.pcie_s += env.now - t

@@ -47,8 +47,9 @@ is then slower for every reader of it, as loaded-latency measurements show.
 
 Every flow also records what bound its rate, over time (``binds``: label -> seconds): the
 channel it shared fairly (``"ddr0 read"``), its own cap (its ``cap_label``), or its issuer's
-in-flight pool, reported as the latency it is paying for (``"cxl0 latency"``) unless queueing
-at a saturated tier is most of that latency, in which case the tier's bandwidth binds.
+in-flight pool, reported as the latency it is paying for (``"cxl0 latency"``) unless the tier
+is loaded enough that its bandwidth moves the rate more than its idle latency does (then the
+tier's bandwidth binds).
 """
 
 from __future__ import annotations
@@ -193,6 +194,7 @@ class FlowNetwork:
         self._starts: dict[float, list[Flow]] = {}  # start time -> flows waiting out latency
         self._fills: dict[tuple, tuple[float, ...]] = {}  # memo of max-min solutions
         self._plain: set[tuple[Channel, ...]] = set()  # routes known to be bytes-only
+        self._explicit: dict[tuple, tuple] = {}  # checked (path, weights) of weighted flows
         self._on_wake_cb = self._on_wake
         self._on_start_cb = self._on_start
 
@@ -234,8 +236,14 @@ class FlowNetwork:
             )
         env = self.env
         if weights is not None:
-            channels, weights = _explicit(path, weights, label)
-            self._register(channels)
+            key = (path, weights) if type(path) is tuple and type(weights) is tuple else None
+            hit = self._explicit.get(key) if key is not None else None
+            if hit is None:
+                hit = _explicit(path, weights, label)
+                self._register(hit[0])
+                if key is not None and len(self._explicit) < _FILL_MEMO:
+                    self._explicit[key] = hit
+            channels, weights = hit
         elif type(path) is tuple and flops == 0.0 and path in self._plain:
             channels, weights = path, _ONES[len(path)]  # a route seen before: bytes only
         else:
@@ -503,15 +511,19 @@ def _label(f: Flow, bound: Channel | None, loads: dict[Channel, float] | None) -
     if bound.unit is not INFLIGHT_BYTES:
         return bound.bind_label
     if loads:
+        # Little's law with queueing, r (L0 + W(u)) = C: the rate's elasticity to the tier's
+        # bandwidth exceeds its elasticity to the idle latency L0 exactly when
+        # sum a W / (1 - u) > L0 (a = the flow's share of the tier, W = its queueing delay,
+        # 1 / (1 - u) = (q + W) / q). Then the tier's bandwidth binds, else the latency.
         base = f.weights[f.pool]
-        worst, queued = None, 0.0
-        total = 0.0
+        worst, largest, total = None, 0.0, 0.0
         for c, w in zip(f.path, f.weights, strict=True):
-            q = loads.get(c)
-            if q:
-                total += w * q
-                if w * q > queued:
-                    worst, queued = c, w * q
+            delay = loads.get(c)
+            if delay:
+                pull = w * delay * (c.queue_s + delay) / c.queue_s
+                total += pull
+                if pull > largest:
+                    worst, largest = c, pull
         if worst is not None and total > base:
             return worst.bind_label
     return f.latency_label or bound.bind_label

@@ -94,6 +94,7 @@ class Machine:
         self._tier_write: dict[str, Channel] = {}
         self._links: dict[tuple[str, str, str], Channel] = {}
         self._inflight: dict[tuple[str, str], Channel] = {}
+        self._accesses: dict[tuple, tuple] = {}  # resolved reads and writes, by their shape
         self._adjacent: dict[str, list[_Edge]] = {}
         self._routes: dict[tuple[str, str], Route] = {}
         self._build()
@@ -330,8 +331,20 @@ class Machine:
         (Little's law). ``flops`` of work on the bytes go through the issuer socket's FLOP/s;
         ``extra`` adds channels with their use per byte/s (a staging buffer's write channel).
         """
-        pattern = Pattern(pattern)
-        issuer = issuer or dst
+        per_byte = flops / bytes_ if flops and bytes_ > 0 else 0.0
+        key = (tuple(sources.items()), dst, pattern, issuer, cores, per_byte, tuple(extra))
+        access = self._accesses.get(key)
+        if access is None:
+            access = self._accesses[key] = self._access(sources, dst, Pattern(pattern),
+                                                        issuer or dst, cores, per_byte, extra,
+                                                        label)
+        channels, weights, start, latency_label = access
+        return self.network.transfer(
+            channels, bytes_, latency_s=start, label=label, max_rate=max_rate, flops=flops,
+            weights=weights, cap_label=cap_label, latency_label=latency_label, track=track)
+
+    def _access(self, sources, dst, pattern, issuer, cores, per_byte, extra, label):
+        """(channels, weights, start latency, latency label) of a read (see ``read``)."""
         pool = self.inflight(issuer, pattern, cores)
         use: dict[Channel, float] = {}
         latency = start = 0.0
@@ -349,31 +362,33 @@ class Machine:
         if not use:
             raise ValueError(f"read {label!r}: no source tier with a positive fraction")
         use[pool] = latency
-        if flops and bytes_ > 0:
-            use[self._attn[issuer]] = flops / bytes_
+        if per_byte:
+            use[self._attn[issuer]] = per_byte
         for c, w in extra:
             use[c] = use.get(c, 0.0) + w
-        return self.network.transfer(
-            tuple(use), bytes_, latency_s=start, label=label, max_rate=max_rate, flops=flops,
-            weights=tuple(use.values()), cap_label=cap_label,
-            latency_label=f"{worst} latency", track=track)
+        return tuple(use), tuple(use.values()), start, f"{worst} latency"
 
     def write(self, src: str, destinations: Mapping[str, float], bytes_: float,
               label: str = "", *, track: str | None = None) -> Event:
         """Write ``bytes_`` from ``src`` (a GPU by DMA, or a socket's cores) into host tiers
         (``destinations``: tier -> fraction). Writes are posted: nothing waits on a round
         trip, so no in-flight limit applies; the route's latency is paid once."""
-        use: dict[Channel, float] = {}
-        start = 0.0
-        for tier, fraction in destinations.items():
-            if fraction <= 0:
-                continue
-            route = self.path(src, tier)
-            for c in route.channels:
-                use[c] = use.get(c, 0.0) + fraction
-            start = max(start, route.latency_s)
-        return self.network.transfer(tuple(use), bytes_, latency_s=start, label=label,
-                                     weights=tuple(use.values()), track=track)
+        key = (src, tuple(destinations.items()))
+        access = self._accesses.get(key)
+        if access is None:
+            use: dict[Channel, float] = {}
+            start = 0.0
+            for tier, fraction in destinations.items():
+                if fraction <= 0:
+                    continue
+                route = self.path(src, tier)
+                for c in route.channels:
+                    use[c] = use.get(c, 0.0) + fraction
+                start = max(start, route.latency_s)
+            access = self._accesses[key] = (tuple(use), tuple(use.values()), start)
+        channels, weights, start = access
+        return self.network.transfer(channels, bytes_, latency_s=start, label=label,
+                                     weights=weights, track=track)
 
     def kernel_time_s(
         self, gpu: str, flops: float, bytes_: float, *, dtype: str = "fp16",

@@ -32,6 +32,7 @@ from hgsim.simulate import Fidelity
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.study import axes as ax
+from hgsim.study import sensitivity as sens
 from hgsim.study.schema import SearchSpec, Study
 from hgsim.workload import Workload
 
@@ -193,7 +194,41 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
         path: _unique([ax.normalize(path, v) for v in values])
         for path, values in study.axes().items()
     }
-    return Expansion(points, list(study.axes()), axis_values, resolver.profile_files)
+    axes = list(study.axes())
+    if study.sensitivity is not None:
+        points = _with_sensitivity(study, points, doc, resolver)
+        axes += list(sens.AXES)
+        for column in sens.AXES:
+            axis_values[column] = _unique([p.coords[column] for p in points])
+    return Expansion(points, axes, axis_values, resolver.profile_files)
+
+
+def _with_sensitivity(study: Study, points: list[Point], doc: YamlDocument,
+                      resolver: _Resolver) -> list[Point]:
+    """Each point, then each sensitivity parameter scaled down and up around it."""
+    spec = study.sensitivity
+    combos = _combinations(study)
+    out: list[Point] = []
+    for point, combo in zip(points, combos, strict=True):
+        out.append(Point({**point.coords, sens.PARAMETER: sens.BASE, sens.FACTOR: 1.0,
+                          sens.VALUE: float("nan")}, point.spec))
+        for i, parameter in enumerate(spec.parameters):
+            loc = ("sensitivity", "parameters", i)
+            try:
+                value = sens.parameter_value(point.spec.profile, parameter)
+            except ValueError as exc:
+                raise doc.error(loc, str(exc)) from None
+            for factor, scaled in sens.variants(value, spec.step):
+                varied = _resolve(study, {**combo, f"hardware.{parameter}": (scaled, loc)},
+                                  doc, resolver)
+                coords = {k: v for k, v in varied.coords.items()
+                          if k != f"hardware.{parameter}" or k in point.coords}
+                if f"hardware.{parameter}" in point.coords:  # swept too: keep the point's
+                    coords[f"hardware.{parameter}"] = point.coords[f"hardware.{parameter}"]
+                coords.update({sens.PARAMETER: parameter, sens.FACTOR: factor,
+                               sens.VALUE: float(scaled)})
+                out.append(Point(coords, varied.spec))
+    return out
 
 
 def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> None:

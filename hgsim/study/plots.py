@@ -61,6 +61,8 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
     sns.set_theme(style="whitegrid", context="paper")
     facet = {"row": spec.row, "col": spec.col, "height": spec.height, "aspect": spec.aspect,
              "row_order": orders.get(spec.row), "col_order": orders.get(spec.col)}
+    if spec.col_wrap:
+        facet["col_wrap"] = spec.col_wrap
     if spec.kind in ("line", "scatter"):
         grid = sns.relplot(
             data=data, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style, kind=spec.kind,
@@ -164,6 +166,10 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
 
     values = data[spec.value].dropna()
     vmin, vmax = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+    cmap = "viridis"
+    if spec.center is not None:  # diverging, symmetric around the centre
+        reach = max(abs(vmax - spec.center), abs(vmin - spec.center)) or 1.0
+        vmin, vmax, cmap = spec.center - reach, spec.center + reach, "vlag"
     x_order, y_order = orders[spec.x], orders[spec.y]
 
     def draw(*_: Any, data: pd.DataFrame, **__: Any) -> None:
@@ -173,9 +179,49 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
                                   aggfunc=spec.agg, observed=False)
         table = table.reindex(index=y_order[::-1], columns=x_order)
         sns.heatmap(table, ax=plt.gca(), annot=spec.annot, fmt=spec.fmt, vmin=vmin,
-                    vmax=vmax, cmap="viridis", cbar=True,
+                    vmax=vmax, cmap=cmap, cbar=True,
                     cbar_kws={"label": short(spec.value)})
 
-    grid = sns.FacetGrid(data, **facet, margin_titles=True, despine=False)
+    grid = sns.FacetGrid(data, **facet, margin_titles=not facet.get("col_wrap"),
+                         despine=False)
     grid.map_dataframe(draw)
     return grid
+
+
+def draw_elasticity(table: pd.DataFrame, expansion, spec, out: Path
+                    ) -> tuple[list[Path], dict[str, str]]:
+    """Heatmap of a sensitivity study: parameters across, the sweep's points down (the
+    policy, when it is swept), one panel per value of the next swept axis."""
+    from hgsim.study import sensitivity as sens
+    from hgsim.study.schema import PlotSpec
+
+    others = [a for a in expansion.axes if a not in sens.AXES]
+    rows = "policy" if "policy" in others else (others[0] if others else None)
+    if rows is None:
+        table = table.assign(point="all")
+        rows = "point"
+    facets = [a for a in others if a != rows and table[a].nunique() > 1]
+    col = None
+    values = dict(expansion.axis_values)
+    if facets:  # one panel per combination of the other axes (zipped axes stay together)
+        col = "regime"
+        labels = table[facets].apply(
+            lambda r: ", ".join(f"{parameter_label(a)} = {ax.label(r[a])}" for a in facets),
+            axis=1)
+        table = table.assign(regime=labels)
+        values["regime"] = list(dict.fromkeys(labels))
+    table = table.assign(parameter=table["parameter"].map(parameter_label))
+    plot = PlotSpec(kind="heatmap", x="parameter", y=rows, value="elasticity", col=col,
+                    col_wrap=1 if col else None, fmt="+.2f", center=0.0,
+                    title=f"Elasticity of {spec.metric} to each parameter (x{1 + spec.step:g} "
+                          f"and /{1 + spec.step:g}, one at a time)",
+                    xlabel="hardware parameter", height=3.6, aspect=3.4)
+    values["parameter"] = [parameter_label(p) for p in spec.parameters]
+    return draw_all(table, {"elasticity": plot}, values, out)
+
+
+def parameter_label(path: str) -> str:
+    """``hardware.tiers.cxl0.latency_ns`` -> ``cxl0.latency_ns``: the element and its field."""
+    path = path.removeprefix("hardware.")
+    head, _, rest = path.partition(".")
+    return rest if head in ("tiers", "sockets", "links", "gpus") and rest else path

@@ -137,9 +137,37 @@ def _describe(selection: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
+def binding_table(frame: pd.DataFrame, axes: list[str], by: str) -> pd.DataFrame:
+    """What binds each point: one row per combination of the other axes, one column per
+    value of ``by`` (usually the policy), each cell the binding resource and its share."""
+    if "binding" not in frame or not len(frame):
+        return pd.DataFrame()
+    data = frame[frame["binding"].fillna("").astype(bool)]
+    if data.empty:
+        return pd.DataFrame()
+    cell = data["binding"] + " (" + (100 * data["binding_share"]).round().astype(int).astype(
+        str) + "%)"
+    data = data.assign(__cell=cell)
+    if by in axes and data[by].nunique() > 1:
+        others = [a for a in axes if a != by]
+        if not others:
+            return data[[by, "__cell"]].rename(columns={"__cell": "binds"})
+        table = data.pivot_table(index=others, columns=by, values="__cell", aggfunc="first",
+                                 sort=False)
+        order = [c for c in dict.fromkeys(data[by]) if c in table.columns]
+        return table[order].reset_index()
+    return data[[*axes, "__cell"]].rename(columns={"__cell": "binds"})
+
+
 def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
-                 info: RunInfo) -> Path:
+                 info: RunInfo, elasticity: pd.DataFrame | None = None) -> Path:
+    from hgsim.study import sensitivity as sens
+
     n = study.report.max_rows
+    full = frame
+    if study.sensitivity is not None:  # the sweep's own points; variants feed the elasticity
+        frame = sens.base_rows(frame)
+        axes = [a for a in axes if a not in sens.AXES]
     parts = [f"# Study `{study.name}`\n"]
     if study.description:
         parts.append(study.description.strip() + "\n")
@@ -189,6 +217,29 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
             parts.append(md_table(best, n))
 
+    binds = binding_table(frame, axes, by)
+    if not binds.empty:
+        parts.append("\n## What binds\n")
+        parts.append("The resource that holds each point's critical path longest, with its share "
+                     "of the step latency (`binding`, `binding_share` in the results; "
+                     "`<tier> latency` means bytes in flight / latency binds, i.e. more "
+                     "memory-level parallelism or a nearer tier helps, `<tier> read` its "
+                     "bandwidth).\n\n")
+        counts = frame["binding"].replace("", pd.NA).dropna().value_counts()
+        parts.append("Points per binding resource: " + ", ".join(
+            f"{k} {v}" for k, v in counts.items()) + "\n\n")
+        parts.append(md_table(binds, n))
+
+    if study.sensitivity is not None and elasticity is not None and len(elasticity):
+        spec = study.sensitivity
+        parts.append("\n## Sensitivity\n")
+        parts.append(f"Elasticity of `{spec.metric}` to each parameter (central difference over "
+                     f"x{1 + spec.step:g} and /{1 + spec.step:g}, one parameter at a time; "
+                     "`elasticity.csv` has every value): +1 = the metric follows the parameter, "
+                     "-1 = it falls as the parameter grows, 0 = no effect.\n\n")
+        wide = sens.pivot(elasticity, axes, spec.parameters)
+        parts.append(md_table(wide.round(3), n))
+
     if study.derived and len(frame):
         parts.append("\n## Derived metrics\n")
         for name, spec in study.derived.items():
@@ -199,14 +250,14 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                          f"with {_describe(spec.vs)} and the same other coordinates\n")
         parts.append("\n" + md_table(summarize(frame, study.derived)))
 
-    if len(frame) and "feasible" in frame:
-        infeasible = frame[~frame["feasible"].fillna(False).astype(bool)]
+    if len(full) and "feasible" in full:
+        infeasible = full[~full["feasible"].fillna(False).astype(bool)]
         parts.append(f"\n## Infeasible points ({len(infeasible)})\n")
         if by in infeasible and len(infeasible):
             counts = infeasible[by].value_counts(sort=False)
             parts.append(f"Per {by}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
                          + "\n\n")
-        cols = [c for c in [*axes, "reason"] if c in infeasible]
+        cols = [c for c in [*axes, *sens.AXES, "reason"] if c in infeasible]
         parts.append(md_table(infeasible[cols], n))
 
     if info.errors:

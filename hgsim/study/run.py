@@ -17,11 +17,12 @@ from typing import Any
 
 import pandas as pd
 
+from hgsim.study import sensitivity as sens
 from hgsim.study.derived import compute_derived
 from hgsim.study.execute import ExecOptions, ExecStats, execute
 from hgsim.study.frame import assemble, write_tables
 from hgsim.study.load import StudyPlan, load_study, resolved_yaml
-from hgsim.study.plots import draw_all
+from hgsim.study.plots import draw_all, draw_elasticity
 from hgsim.study.report import RunInfo, write_report
 from hgsim.study.store import PointStore
 
@@ -84,10 +85,19 @@ def run_study(path: str | Path, options: RunOptions | None = None) -> StudyRun:
         frame = compute_derived(frame, plan.study.derived, plan.expansion.axes)
     run.frame = frame
     run.outputs += write_tables(frame, out)
+    elasticity = pd.DataFrame()
+    if plan.study.sensitivity is not None and len(frame):
+        elasticity = sens.elasticities(frame, plan.expansion.axes, plan.study.sensitivity.metric)
+        run.outputs += _write_csv(elasticity, out / "elasticity.csv")
     figures: list[Path] = []
     if options.figures and plan.study.plots and len(frame):
-        figures, run.figure_errors = draw_all(frame, plan.study.plots,
+        figures, run.figure_errors = draw_all(sens.base_rows(frame), plan.study.plots,
                                               plan.expansion.axis_values, out / "figures")
+    if options.figures and len(elasticity):
+        heat, errors = draw_elasticity(elasticity, plan.expansion, plan.study.sensitivity,
+                                       out / "figures")
+        figures += heat
+        run.figure_errors.update(errors)
     run.outputs += figures
     info = RunInfo(
         source=str(plan.source), total=len(specs), computed=run.stats.computed,
@@ -96,7 +106,7 @@ def run_study(path: str | Path, options: RunOptions | None = None) -> StudyRun:
         elapsed_s=time.perf_counter() - t0,
     )
     run.outputs.append(write_report(out / "report.md", plan.study, frame,
-                                    plan.expansion.axes, info))
+                                    plan.expansion.axes, info, elasticity))
     _write_run_log(out, info, run)
     for error in run.stats.errors[:3]:
         print(f"hgsim study: point {error['key']} failed: {error['error']}", file=sys.stderr)
@@ -105,6 +115,12 @@ def run_study(path: str | Path, options: RunOptions | None = None) -> StudyRun:
     say(f"done in {info.elapsed_s:.1f} s: {info.computed} computed, {info.reused} reused, "
         f"{len(run.stats.errors)} failed; report: {out / 'report.md'}")
     return run
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> list[Path]:
+    frame.to_csv(path.with_suffix(".csv.tmp"), index=False)
+    path.with_suffix(".csv.tmp").replace(path)
+    return [path]
 
 
 def _write_run_log(out: Path, info: RunInfo, run: StudyRun) -> None:

@@ -46,6 +46,10 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
         where: {hardware.tiers.cxl0.latency_ns: 250}   # keep only these rows
         logx: true
       heat: {kind: heatmap, x: ..., y: ..., value: speedup_vs_flexgen, col: workload.context}
+    sensitivity:                         # one hardware parameter at a time, up and down
+      parameters: [tiers.cxl0.latency_ns, sockets.cpu0.cores]   # dotted profile paths
+      step: 0.25                         # values x 1.25 and / 1.25 around each point
+      metric: tokens_per_s               # -> elasticity d ln(metric) / d ln(parameter)
     search:                              # capacity search instead of simulation
       maximize: workload.context         # or workload.batch
       lo: 1k
@@ -180,10 +184,12 @@ class PlotSpec(StudyModel):
     xlabel: str | None = None
     ylabel: str | None = None
     sharey: bool = True
+    col_wrap: int | None = Field(default=None, gt=0)  # panels per line when faceting by col
     height: float = Field(default=3.2, gt=0)
     aspect: float = Field(default=1.3, gt=0)
     annot: bool = True  # heatmap: print values in cells
     fmt: str = ".2f"  # heatmap cell format
+    center: float | None = None  # heatmap: diverging colours around this value (e.g. 0 or 1)
     agg: Literal["mean", "median", "min", "max"] = "mean"  # heatmap: duplicates per cell
 
     @model_validator(mode="after")
@@ -194,6 +200,10 @@ class PlotSpec(StudyModel):
             raise ValueError(f"value: only heatmaps take 'value' (this plot is a {self.kind})")
         if self.kind == "heatmap" and (self.hue or self.style):
             raise ValueError("hue: a heatmap has no hue/style; use row/col facets")
+        if self.col_wrap is not None and (self.row or not self.col):
+            raise ValueError("col_wrap: wrapping needs 'col' facets and no 'row'")
+        if self.kind != "heatmap" and self.center is not None:
+            raise ValueError(f"center: only heatmaps take 'center' (this plot is a {self.kind})")
         return self
 
     def columns(self) -> dict[str, str]:
@@ -239,6 +249,28 @@ class SearchSpec(StudyModel):
         return f"max_{self.field}"
 
 
+class SensitivitySpec(StudyModel):
+    """Elasticity of ``metric`` to each hardware parameter: at every point of the sweep, each
+    parameter alone is scaled by ``1 + step`` and by ``1 / (1 + step)`` and
+    ``d ln metric / d ln parameter`` is taken as the central difference. An elasticity of -1
+    means the metric falls in proportion as the parameter grows (latency-bound on it), 0 that
+    the parameter does not matter there."""
+
+    parameters: list[str] = Field(min_length=1)  # dotted profile paths, e.g. tiers.cxl0.latency_ns
+    step: float = Field(default=0.25, gt=0, le=1)
+    metric: str = "tokens_per_s"
+
+    @field_validator("parameters")
+    @classmethod
+    def _unique(cls, parameters: list[str]) -> list[str]:
+        seen = set()
+        for p in parameters:
+            if p in seen:
+                raise ValueError(f"parameter {p!r} is listed twice")
+            seen.add(p)
+        return parameters
+
+
 class ReportSpec(StudyModel):
     """What ``report.md`` ranks by and how long its tables may get."""
 
@@ -253,6 +285,7 @@ class Study(StudyModel):
     base: BaseConfig
     sweep: list[AxisGroup] = Field(default_factory=list)
     search: SearchSpec | None = None
+    sensitivity: SensitivitySpec | None = None
     derived: dict[str, DerivedSpec] = Field(default_factory=dict)
     plots: dict[str, PlotSpec] = Field(default_factory=dict)
     report: ReportSpec = Field(default_factory=ReportSpec)
@@ -261,6 +294,13 @@ class Study(StudyModel):
     @classmethod
     def _name(cls, value: str) -> str:
         return _filename_safe(value, "study name")
+
+    @model_validator(mode="after")
+    def _search_or_sensitivity(self) -> Study:
+        if self.search is not None and self.sensitivity is not None:
+            raise ValueError("sensitivity: a capacity search cannot also vary hardware "
+                             "parameters; use two studies")
+        return self
 
     @field_validator("plots")
     @classmethod

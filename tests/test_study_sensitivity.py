@@ -1,0 +1,103 @@
+"""Sensitivity studies: one parameter at a time, the elasticity table and heatmap, what binds
+each point in the report, and the schema's one-line errors."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from test_study_common import run_cli, write_study
+
+from hgsim.cli import main
+from hgsim.errors import ConfigError
+from hgsim.study import load_study
+from hgsim.study.sensitivity import variants
+
+SENSITIVITY = """\
+name: sens
+base:
+  profile: h100-80gb-spr-cxl
+  model: llama-2-13b
+  workload: {batch: 2, context: 128k, gen: 4}
+  fidelity: {decode_samples: 2, accuracy: false}
+sweep:
+  - grid:
+      policy: [flexgen, cpu_offload]
+sensitivity:
+  step: 0.25
+  parameters:
+    - links.pcie0.bandwidth_gbps
+    - tiers.cxl0.latency_ns
+    - tiers.ddr0.bandwidth_gbps
+    - sockets.cpu0.cores
+"""
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("sens")
+    out = tmp / "out"
+    assert main(["study", str(write_study(tmp, SENSITIVITY)), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_each_parameter_alone_scaled_down_and_up(finished):
+    frame = pd.read_parquet(finished / "results.parquet")
+    assert len(frame) == 2 * (1 + 4 * 2)
+    cores = frame[frame["sensitivity.parameter"] == "sockets.cpu0.cores"]
+    assert sorted(cores["sensitivity.value"].unique()) == [51.0, 80.0]  # 64 / 1.25, 64 x 1.25
+    base = frame[frame["sensitivity.parameter"] == "base"]
+    assert set(base["policy"]) == {"flexgen", "cpu_offload"}
+
+
+def test_elasticities_follow_what_binds(finished):
+    table = pd.read_csv(finished / "elasticity.csv").set_index(["policy", "parameter"])
+    e = table["elasticity"]
+    # FlexGen streams every host token over PCIe: throughput follows PCIe bandwidth
+    assert e["flexgen", "links.pcie0.bandwidth_gbps"] == pytest.approx(1.0, abs=0.02)
+    assert e["flexgen", "tiers.cxl0.latency_ns"] == pytest.approx(0.0, abs=1e-6)
+    # CPU offload streams it from DRAM with 64 cores: DRAM bandwidth, not PCIe
+    assert e["cpu_offload", "tiers.ddr0.bandwidth_gbps"] > 0.8
+    assert abs(e["cpu_offload", "links.pcie0.bandwidth_gbps"]) < 0.01
+
+
+def test_report_has_sensitivity_and_binding_sections_and_a_heatmap(finished):
+    report = (finished / "report.md").read_text()
+    assert "## Sensitivity" in report and "## What binds" in report
+    assert "pcie0 h2d" in report  # FlexGen's binding resource
+    assert (finished / "figures" / "elasticity.png").stat().st_size > 0
+
+
+def test_whole_parameters_move_by_a_whole_step():
+    assert variants(64, 0.25) == [(51 / 64, 51), (80 / 64, 80)]
+    assert variants(2, 0.25) == [(0.5, 1), (1.5, 3)]
+    assert variants(1, 0.25) == [(2.0, 2)]  # cannot go below one
+    (down, v_down), (up, v_up) = variants(110.0, 0.25)
+    assert v_down == pytest.approx(88.0) and v_up == pytest.approx(137.5)
+    assert math.isclose(down * up, 1.0)
+
+
+@pytest.mark.parametrize("edit, message", [
+    ("- tiers.cxl0.latency_ns", "listed twice"),
+    ("- tiers.cxl9.latency_ns", "cxl9"),
+    ("- sockets.cpu0.simd", "not a number"),
+])
+def test_bad_parameters_are_one_line_errors_with_the_line(tmp_path, edit, message):
+    text = SENSITIVITY.replace("    - sockets.cpu0.cores\n", f"    - sockets.cpu0.cores\n    {edit}\n")
+    if "listed twice" not in message:
+        text = text.replace("    - tiers.cxl0.latency_ns\n", "", 1)
+    path = write_study(tmp_path, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_study(path)
+    assert f"{path.name}:" in str(info.value)
+    result = run_cli("study", str(path), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_search_cannot_also_be_a_sensitivity_study(tmp_path):
+    text = SENSITIVITY + "search: {maximize: workload.context, lo: 1k, hi: 1M}\n"
+    with pytest.raises(ConfigError, match="sensitivity"):
+        load_study(write_study(tmp_path, text))
