@@ -142,6 +142,16 @@ def print_result(result: SimResult) -> None:
     for name, value in rows:
         summary.add_row(name, value)
     console.print(summary)
+    shares = result.binding_shares()
+    if shares:
+        binds = Table(title="what binds (critical path of a decode step, split by resource)",
+                      title_justify="left")
+        for col in ("resource", "ms per token", "share"):
+            binds.add_column(col, justify="right" if col != "resource" else "left")
+        for name, share in shares.items():
+            if share >= 0.001:
+                binds.add_row(name, f"{result.binding_s[name] * 1e3:.2f}", f"{share:.1%}")
+        console.print(binds)
     util = Table(title="utilisation and traffic (decode)", title_justify="left")
     for col in ("resource", "busy", "GB moved"):
         util.add_column(col, justify="right" if col != "resource" else "left")
@@ -153,10 +163,13 @@ def print_result(result: SimResult) -> None:
     console.print(memory)
     if len(result.steps) > 1:
         sched = Table(title="scheduler (top-k ratio over decode)", title_justify="left")
-        for col in ("step", "context", "top-k ratio", "GPU tokens", "latency ms"):
-            sched.add_column(col, justify="right")
+        for col in ("step", "context", "top-k ratio", "GPU tokens", "latency ms", "decision"):
+            sched.add_column(col, justify="right" if col != "decision" else "left")
         stride = max(1, len(result.steps) // 8)
         for s in result.steps[::stride]:
             sched.add_row(str(s.step), str(s.context), f"{s.topk_ratio:.3f}", str(s.gpu_tokens),
-                          f"{s.latency_s * 1e3:.2f}")
+                          f"{s.latency_s * 1e3:.2f}", s.decision or "")
         console.print(sched)
+        if result.decisions:
+            counts = ", ".join(f"{k} x{v}" for k, v in sorted(result.decisions.items()))
+            console.print(f"scheduler decisions: {counts}\nlast: {result.last_reason}")
