@@ -126,3 +126,21 @@ def test_trace_requires_activities():
 
 def _tid(thread: dict[int, str], name: str) -> int:
     return next(t for t, n in thread.items() if n == name)
+
+
+def test_simulate_trace_marks_each_scheduler_decision_with_its_reason(tmp_path):
+    from hgsim.simulate import Fidelity, simulate
+    from hgsim.workload import Workload
+
+    path = tmp_path / "t.json"
+    result = simulate("h100-80gb-spr-cxl", "llama-2-13b", "hybridgen",
+                      Workload(batch=2, context=131072, gen=8),
+                      fidelity=Fidelity(decode_samples=4, accuracy=False), trace_path=path)
+    marks = [e for e in json.loads(path.read_text())["traceEvents"]
+             if e.get("cat") == "scheduler"]
+    decided = [s for s in result.steps if s.decision]
+    assert len(marks) == len(decided) == 2  # one decision every 4 steps
+    assert all(m["ph"] == "i" and m["args"]["reason"] for m in marks)
+    assert marks[0]["name"] == f"scheduler: {decided[0].decision}"
+    row = result.to_row()
+    assert row["scheduler_last_reason"].startswith(decided[-1].decision)
