@@ -33,6 +33,9 @@ def with_overrides(profile: HardwareProfile | str | os.PathLike[str],
     "links.cxl0-link.bandwidth_gbps": "64 GB/s"}``; ``tiers.<t>.bandwidth_gbps`` sets read and
     write bandwidth, ``*`` matches every key at its level.
     """
+    if not isinstance(overrides, Mapping):
+        raise UserError("overrides must map dotted paths to values, e.g. "
+                        "{'tiers.cxl0.latency_ns': 300}")
     base = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
     return profile_with_overrides(base, dict(overrides))
 
@@ -68,9 +71,7 @@ def simulate(
 
     if samples < 0:
         raise UserError("must be >= 0", field="samples")
-    base = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
-    if hardware:
-        base = profile_with_overrides(base, dict(hardware))
+    base = with_overrides(profile, hardware or {})
     try:
         workload = Workload(batch=batch, context=context, gen=gen, kv_dtype=kv_dtype,
                             weight_dtype=weight_dtype, include_prefill=prefill)

@@ -83,6 +83,8 @@ def test_hardware_overrides_change_the_machine():
 def test_mistakes_are_one_line_user_errors():
     with pytest.raises(UserError, match="unknown key 'cxl9' in tiers; did you mean 'cxl0'"):
         api.with_overrides(H100, {"tiers.cxl9.latency_ns": 300})
+    with pytest.raises(UserError, match="overrides must map dotted paths"):
+        api.with_overrides(H100, "tiers.cxl0.latency_ns=300")
     with pytest.raises(UserError, match="context"):
         api.simulate(H100, "llama-2-13b", context="32q")
     with pytest.raises(UserError, match="unknown policy 'hybridgn'"):
