@@ -97,3 +97,16 @@ def test_validate_executes_the_plugins_plans(site, tmp_path):
     table = pd.read_csv(tmp_path / "v.csv")
     assert list(table["policy"]) == ["streaming_llm"] and (table["measured_ms"] > 0).all()
     assert (table["gpu_tokens"] == 2048).all()
+
+
+def test_extending_md_quotes_the_example_as_it_is():
+    """docs/extending.md shows the policy class; every code line it shows is in the package."""
+    def code(line: str) -> str:
+        return line.split("#", 1)[0].strip()
+
+    doc = (REPO / "docs" / "extending.md").read_text()
+    excerpt = doc.split("```python\n", 1)[1].split("```", 1)[0]
+    source = {code(line) for line in (EXAMPLE / "hgsim_example_policy" / "__init__.py")
+              .read_text().splitlines()}
+    missing = [line for line in excerpt.splitlines() if code(line) and code(line) not in source]
+    assert not missing, missing
