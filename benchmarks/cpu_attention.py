@@ -16,7 +16,8 @@ with the ratios ours/read and ours/torch, each time the median of --repeats runs
 warm-up, and checks the targets: float32 >= 75% of read bandwidth, bfloat16 >= 8x torch.
 Where the bfloat16 target fails it also prints whether 8x torch lies within this KV's read
 bandwidth at all: the target was set where torch reads bf16 KV at ~1 GB/s, while with AMX
-torch reads it at 5-9 GB/s, so that 8x would exceed what the memory delivers.
+torch reads it several times faster, so that 8x can exceed what the memory delivers.
+Measured results per machine: docs/calibration.md.
 KV lives in huge-page buffers from hw_backend.numa, like the read-bandwidth buffer.
 
 Every pass (read probe, ours, torch's, topk) starts from DRAM, right after the attention of
@@ -69,15 +70,13 @@ def interleaved_gbps(
 
     They alternate, so all see the same machine, and the read probe and ``fn`` each start right
     after ``previous_layer`` has streamed 512 MiB of other KV through the caches: straight after
-    the kernel, the KV's last-touched lines still sit in the 32 MB L3, and at 8k tokens (64 MiB
-    of KV) that made the read probe 9-10% faster than from DRAM (measured).
+    the kernel, the KV's last-touched lines still sit in the last-level cache and make the read
+    probe faster than from DRAM.
 
     The eviction is an attention pass, not a plain read, because that is what precedes the
-    kernel in decode, and because what runs before changes how the kernel starts: after a
-    512 MiB streaming read the kernel's first work items ran 2.3-2.8x slower than its others
-    (per-item timings), and at 8k it reached 80-85% of the read probe against 92-93% after an
-    attention pass over the same or other memory; the read probe moved by 2-3% (measured
-    interleaved, 15 repeats, twice).
+    kernel in decode, and because what runs before changes how the kernel starts: after a plain
+    streaming read its first work items ran markedly slower than its others (figures:
+    docs/calibration.md, history).
     """
     fn()
     ours: list[float] = []
@@ -145,10 +144,8 @@ def cold_gbps(nbytes: int, fn: Callable[[], object], previous_layer: Callable[[]
               repeats: int) -> float:
     """Median GB/s of ``fn`` started, like ours, right after another layer's attention.
 
-    Timed back to back instead, a contender re-reads KV its last call left in the last-level
-    cache: on a host reporting 480 MiB of L3, torch's bfloat16 SDPA read 8k tokens at 13.0 GB/s
-    that way against 8.0 GB/s after another layer, and our logits_topk 11.7 against 8.6 GB/s
-    (measured in consecutive runs)."""
+    Timed back to back instead, a contender re-reads KV its last call left in a large
+    last-level cache and looks faster than it is in decode (docs/calibration.md, history)."""
     fn()
     rates = []
     for _ in range(repeats):

@@ -135,3 +135,27 @@ class SimResult:
 
     def steps_table(self) -> list[dict[str, Any]]:
         return [asdict(s) for s in self.steps]
+
+    # ------------------------------------------------------------------ pandas views
+    # pandas is imported on demand: the simulator itself never needs it.
+    def to_frame(self):
+        """One-row ``pandas.DataFrame`` of ``to_row()``: concatenate several to compare them."""
+        import pandas as pd
+
+        return pd.DataFrame([self.to_row()])
+
+    def table(self):
+        """``to_row()`` as a metric-per-row ``pandas.DataFrame`` (column ``value``)."""
+        import pandas as pd
+
+        row = self.to_row()
+        return pd.DataFrame({"value": list(row.values())}, index=pd.Index(list(row), name="metric"))
+
+    def steps_frame(self):
+        """One row per decode step (``StepTiming`` fields); ``simulated`` marks sampled steps."""
+        import pandas as pd
+
+        return pd.DataFrame(self.steps_table(), columns=list(StepTiming.__dataclass_fields__))
+
+    def _repr_html_(self) -> str:  # notebooks show the metrics, not hundreds of steps
+        return self.table()._repr_html_()

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from hgsim.catalog import get_model
 from hgsim.config_io import load_yaml, validate
 from hgsim.errors import UserError
+from hgsim.policies import registry
 from hgsim.profiles import profile_with_overrides
 from hgsim.results import StepTiming
 from hgsim.specs.base import SpecModel
@@ -75,7 +76,22 @@ class ValidationStudy(SpecModel):
 
 
 def load_study(path: str | Path) -> ValidationStudy:
-    return validate(ValidationStudy, load_yaml(path))
+    """Parse and check ``path``, policies and their options included, so a misspelt name fails
+    before any case is measured."""
+    doc = load_yaml(path)
+    study = validate(ValidationStudy, doc)
+    for i, cfg in enumerate(study.configs):
+        try:
+            cls, preset, _ = registry.lookup(cfg.policy)
+        except registry.UnknownPolicyError as exc:
+            raise doc.error(("configs", i, "policy"), str(exc)) from None
+        try:
+            cls.Options(**{**preset, **cfg.options})
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            key = ".".join(str(p) for p in first["loc"])
+            raise doc.error(("configs", i, "options", key), first["msg"]) from None
+    return study
 
 
 @dataclass(frozen=True)

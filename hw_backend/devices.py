@@ -75,9 +75,8 @@ def cuda_host_threads() -> int:
     """C-kernel threads next to a CUDA device: every usable core but one.
 
     The thread that submits the device's work (Python dispatching torch ops) needs a core of
-    its own: with the kernel on all 16 cores of the lent H200's host, that thread's queued device
-    work per layer grew from 1.3 to 2.6 ms as the concurrent host scan grew from 0.7 to 7 ms, for
-    attention the GPU itself runs in well under 0.1 ms (hgsim validate, 2026-12-04).
+    its own: with the kernel on every core, its queued device work grew with the concurrent host
+    scan, for attention the GPU itself runs in microseconds (docs/calibration.md, history).
     """
     return max(1, len(available_cores()) - 1)
 

@@ -159,8 +159,8 @@ def huge_page_tensor(shape, dtype):
     """Zero-filled torch tensor in huge-page memory, wherever the kernel places it.
 
     The host KV cache the C kernel streams: torch's allocator gives 4 KiB pages where
-    transparent huge pages are opt-in, and the kernel then reads ~10% slower than on the
-    huge-page buffers calibration times it on (measured on this project's 2-core VM).
+    transparent huge pages are opt-in, and the kernel then reads slower than on the huge-page
+    buffers calibration times it on (docs/calibration.md, history).
     """
     name = str(dtype).removeprefix("torch.")
     storage = _storage_dtype("bfloat16" if name == "bfloat16" else np.dtype(name))

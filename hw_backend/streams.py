@@ -24,9 +24,8 @@ from typing import Any
 
 #: GIL hand-off interval while queues run (CPython's default is 5 ms). A queue thread coming
 #: back from a C kernel or torch op must re-take the GIL; while another thread runs Python
-#: (submitting, merging glue) it waits up to this long. With the default, a 4-6 ms HybridGen
-#: host op next to a thread running Python took 15-21 ms (measured, 2-core VM); at 0.1 ms,
-#: 5-7 ms.
+#: (submitting, merging glue) it waits up to this long, which at the default made a host op
+#: next to a Python-busy thread several times slower (figures: docs/calibration.md, history).
 GIL_SWITCH_INTERVAL_S = 1e-4
 
 

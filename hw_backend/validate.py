@@ -50,9 +50,8 @@ class RandomKv:
 
     Step times depend on the values' distribution (the top-k scan does the heap work it would
     on scores without structure), not on which values: each layer still sees its own scores,
-    since its queries differ. Drawing once instead of per layer and case took the 128k cases'
-    cache fill from 11-15 s to about 2 s (torch draws 512 MiB of normals in ~0.9 s here, and
-    copies it in ~0.2 s), and the default study from about 107 s to 61 s: a validation that
+    since its queries differ. Drawing once instead of per layer and case cuts the cache fill of
+    large contexts several-fold (figures: docs/calibration.md, history): a validation that
     ends sooner after its calibration meets a machine closer to the one calibrated.
     """
 
@@ -160,8 +159,8 @@ class ValidationRun:
     #: How much slower calibration found the host kernel while the CPU stand-in attended on the
     #: other cores (None with CUDA or without the measurement). The simulator does not charge
     #: it, since a GPU has its own memory and cores; scaling the host's rate by it in overlapping
-    #: cases was tried and over-corrected (a 1.90x run went from 25.6% to 45.3% MAPE; 1.03x and
-    #: 1.09x runs moved by under a point), so it is reported to explain HybridGen's errors.
+    #: cases was tried and over-corrected (docs/calibration.md, history), so it is reported to
+    #: explain HybridGen's errors.
     host_slowdown: float | None = None
 
     @property

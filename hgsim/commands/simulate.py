@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--profile", required=True, help="profile name or YAML path (see `hgsim profiles`)")
     p.add_argument("--model", required=True, help="model name (see `hgsim models`)")
-    p.add_argument("--policy", default="hybridgen", help="KV policy (default: hybridgen)")
+    p.add_argument("--policy", default="hybridgen",
+                   help="KV policy, built-in or plugin (see `hgsim policies`; default: hybridgen)")
     p.add_argument("--context", required=True, help="tokens in the KV cache at decode start, e.g. 32k")
     p.add_argument("--batch", default="1", help="sequences decoded together (default 1)")
     p.add_argument("--gen", default="256", help="tokens generated per sequence (default 256)")

@@ -1,11 +1,11 @@
 """KV-management policies, all expressed as the same partition plan.
 
 ``POLICIES`` maps a name to (policy class, preset options): ablations are presets of HybridGen.
+Other packages add policies through entry points (``registry``); look names up there.
 """
 
 from __future__ import annotations
 
-import difflib
 from typing import Any
 
 from pydantic import ValidationError
@@ -47,17 +47,21 @@ BASELINES = ["gpu_only", "flexgen", "flexgen_cpu", "h2o", "infinigen", "hgca", "
 
 
 def policy_names() -> list[str]:
-    return list(POLICIES)
+    """Built-in and plugin policies (``hgsim.policies.registry``)."""
+    from hgsim.policies.registry import registered
+
+    return list(registered())
 
 
 def make_policy(name: str, model, profile, workload, options: dict[str, Any] | None = None) -> Policy:
-    """Build a policy by name; ``options`` override the preset (unknown keys are errors)."""
-    entry = POLICIES.get(name)
-    if entry is None:
-        close = difflib.get_close_matches(name, POLICIES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UserError(f"unknown policy '{name}'{hint}; known: {', '.join(POLICIES)}", field="policy")
-    cls, preset, _ = entry
+    """Build a built-in or plugin policy by name; ``options`` override the preset (unknown keys
+    are errors)."""
+    from hgsim.policies.registry import UnknownPolicyError, lookup
+
+    try:
+        cls, preset, _ = lookup(name)
+    except UnknownPolicyError as exc:
+        raise UserError(str(exc), field="policy") from None
     merged = {**preset, **(options or {})}
     try:
         opts = cls.Options(**merged)

@@ -6,13 +6,12 @@ path or value therefore fails the whole study up front with the file and line of
 that caused it, instead of as the 400th of 500 points after an hour.
 
 A point's key is a hash of its full resolved configuration (hardware and model contents, not
-just their names, plus the hgsim version and fidelity), so a stored result is reused exactly
-when it would be computed the same way again.
+just their names, plus the hgsim version, a plugin policy's package version and fidelity), so a
+stored result is reused exactly when it would be computed the same way again.
 """
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import itertools
 import json
@@ -26,7 +25,7 @@ from hgsim import __version__
 from hgsim.catalog import get_model
 from hgsim.config_io import Loc, YamlDocument
 from hgsim.errors import ConfigError, UserError
-from hgsim.policies import POLICIES
+from hgsim.policies import registry
 from hgsim.profiles import load_profile, profile_with_overrides, resolve_profile
 from hgsim.simulate import Fidelity
 from hgsim.specs.hardware import HardwareProfile
@@ -324,6 +323,9 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
                                                "accuracy": fidelity.accuracy},
         "search": study.search.model_dump(mode="json") if study.search else None,
     }
+    plugin = registry.plugin(policy)
+    if plugin is not None:  # a new plugin release may plan differently: recompute its points
+        config["policy_plugin"] = f"{plugin.dist} {plugin.version}"
     spec = PointSpec(
         key=_digest(config)[:20], profile=profile, model=model, policy=policy,
         policy_options=options, workload=workload, fidelity=fidelity, search=study.search,
@@ -337,12 +339,10 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
 def _check_policy(policy: Any, options: dict[str, Any], loc: Loc, option_locs: dict[str, Loc],
                   doc: YamlDocument) -> dict[str, Any]:
     """The policy exists and accepts the options; returns its full (canonical) options."""
-    entry = POLICIES.get(policy) if isinstance(policy, str) else None
-    if entry is None:
-        close = difflib.get_close_matches(str(policy), POLICIES, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise doc.error(loc, f"unknown policy '{policy}'{hint}; known: {', '.join(POLICIES)}")
-    cls, preset, _ = entry
+    try:
+        cls, preset, _ = registry.lookup(policy)
+    except registry.UnknownPolicyError as exc:
+        raise doc.error(loc, str(exc)) from None
     try:
         return cls.Options(**{**preset, **options}).model_dump(mode="json")
     except ValidationError as exc:

@@ -6,6 +6,8 @@ happen here, before an output folder exists, so a broken study writes nothing.
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ import yaml
 
 from hgsim import __version__
 from hgsim.config_io import YamlDocument, load_yaml, validate
+from hgsim.errors import ConfigError
 from hgsim.study.expand import Expansion, expand
 from hgsim.study.schema import Study
 from hgsim.study.validate import check
@@ -31,12 +34,28 @@ class StudyPlan:
 def load_study(path: str | Path) -> StudyPlan:
     """Parse, validate and expand ``path`` (ConfigError with file:line on any problem)."""
     path = Path(path)
-    doc = load_yaml(path)
-    _normalize(doc, default_name=path.stem)
+    return _plan(load_yaml(path), path.stem, path.resolve().parent, path)
+
+
+def load_study_data(data: Mapping[str, Any], *, base_dir: str | Path | None = None,
+                    source: str = "<study>") -> StudyPlan:
+    """A study given as the mapping its YAML file would hold (notebooks, scripts).
+
+    Profile paths are relative to ``base_dir`` (default: the working directory); errors name
+    the field instead of a line. ``data`` is not modified.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"a study is a mapping, got {type(data).__name__}", source=source)
+    doc = YamlDocument(copy.deepcopy(dict(data)), {}, source)
+    return _plan(doc, "study", Path(base_dir or Path.cwd()).resolve(), Path(source))
+
+
+def _plan(doc: YamlDocument, default_name: str, base_dir: Path, source: Path) -> StudyPlan:
+    _normalize(doc, default_name=default_name)
     study = validate(Study, doc)
-    expansion = expand(study, doc, path.resolve().parent)
+    expansion = expand(study, doc, base_dir)
     columns = check(study, doc, expansion)
-    return StudyPlan(study, doc, expansion, columns, path)
+    return StudyPlan(study, doc, expansion, columns, source)
 
 
 def _normalize(doc: YamlDocument, default_name: str) -> None:

@@ -53,10 +53,12 @@ class StudyRun:
         return not self.stats.errors and not self.figure_errors
 
 
-def run_study(path: str | Path, options: RunOptions | None = None) -> StudyRun:
+def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) -> StudyRun:
+    """Run a study file, or a plan already loaded (``load_study_data`` for a dict)."""
     options = options or RunOptions()
     t0 = time.perf_counter()
-    plan = load_study(path)  # raises ConfigError (one line) before anything is written
+    # a file raises ConfigError (one line) here, before anything is written
+    plan = study if isinstance(study, StudyPlan) else load_study(study)
     out = options.out or Path("results") / plan.study.name
     store = PointStore(out / "points")
     specs = plan.expansion.unique_specs()

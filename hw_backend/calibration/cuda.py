@@ -144,10 +144,9 @@ def executor_ops(settings: Settings) -> list[Measurement]:
 
     Each is a dozen small torch ops, so from idle its event time is how long Python takes to
     issue them: the per-op cost the stand-in's ``kernel_launch_overhead_us`` stands for, which
-    the back-to-back kernel figure leaves out (on the lent H200 the executor's queued device
-    time per layer was 0.7-3.2 ms, against 0.02-0.1 ms predicted from that figure). Recorded
-    beside the profile and in its comment, not yet charged: see README, "Status of the
-    calibration loop".
+    the back-to-back kernel figure leaves out (on a GPU the executor's queued device time per
+    layer was tens of times the prediction from that figure). Recorded beside the profile and
+    in its comment, not yet charged: see docs/calibration.md, "Known gaps".
     """
     import torch
 

@@ -29,8 +29,8 @@ class Settings:
     #: tokens of KV per kernel call: the host ops' rates are their medians over these sizes
     contexts: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
     #: tokens per KV head of the call that measures a call's fixed cost directly (one block of
-    #: the kernel): extrapolating time over size to zero put it anywhere from 0 to 1.2 ms
-    #: across runs minutes apart (measured), since the big calls' noise swamps it
+    #: the kernel): extrapolating time over size to zero scattered it between runs, since the
+    #: big calls' noise swamps it (docs/calibration.md, history)
     overhead_context: int = 32
     topk_ratios: tuple[float, ...] = (0.01, 0.05)  # HybridGen's range (min and default ratio)
     copy_sizes: tuple[int, ...] = tuple(1 << s for s in range(12, 27, 2))  # 4 KiB .. 64 MiB
@@ -42,8 +42,8 @@ class Settings:
     kv_dtype: str = "fp32"
     #: Smallest KV footprint a C-kernel measurement cycles through. The executor streams a
     #: different layer's KV on every call, so each call starts with a cold last-level cache;
-    #: timing one small buffer again and again would measure the cache instead (at 4k tokens,
-    #: 17 MB of K fits a 32 MB L3: the host op ran 2x slower in the executor, measured).
+    #: timing one small buffer again and again would measure the cache instead (small contexts
+    #: fit a large L3; docs/calibration.md, history).
     kernel_footprint_bytes: int = 256 * MiB
 
     @staticmethod

@@ -19,8 +19,8 @@ stand-in's own queues, exactly as the executor submits work:
 Both roles share one memory system here, so the attention rate is also measured while the C
 kernel streams KV on the host cores (``*_loaded`` rows): the executor runs them concurrently.
 The mirror image, the host kernel's time alone and while the stand-in attends (``host_loaded``),
-gives the slowdown HybridGen's host scan sees next to the stand-in (on the 2-vCPU development
-VM, from none to 2x, depending on what the host shares with other guests at the time).
+gives the slowdown HybridGen's host scan sees next to the stand-in (on a shared VM it depends on
+what the host shares with other guests at the time; figures: docs/calibration.md).
 """
 
 from __future__ import annotations
@@ -156,8 +156,8 @@ class StandInBench:
         """Attention over device-resident KV at every context, contexts taken in turns, and a
         one-token call among them for the fixed cost. The rate (``*_fit``) is the median over
         contexts of bytes / (time - fixed): a least-squares line through the contexts, timed
-        one after another, put the fixed cost anywhere from 0 to 9 ms between runs minutes
-        apart and once a rate above every context's own (measured)."""
+        one after another, scattered the fixed cost between runs minutes apart and once gave a
+        rate above every context's own (docs/calibration.md, history)."""
         import torch
 
         from hw_backend.merge import partial_attention
@@ -190,9 +190,9 @@ class StandInBench:
         stand-in attends over a tenth as many device-resident tokens, in turns, so that drift
         between the two does not pass for contention.
 
-        Value: mean loaded time / mean alone time. Not the median: on the development VM the
-        loaded calls split into two groups, as fast as alone or twice as slow, and the share of
-        each is what a step meets.
+        Value: mean loaded time / mean alone time. Not the median: the loaded calls can split
+        into two groups, as fast as alone or twice as slow, and the share of each is what a step
+        meets.
         """
         import time
 

@@ -104,8 +104,8 @@ def _time_over_flops(rows, small=()) -> tuple[float, float]:
     With ``small``, the directly timed one-block call (``call_overhead``), the fixed cost is its
     time less its little work, and the rate (1 / slope) is the median over contexts of FLOPs /
     (time - fixed). A line fitted through the big calls alone extrapolated the fixed cost from
-    tens of milliseconds, where their noise swamped it (0 to 1.2 ms between runs minutes
-    apart), and the slope swung against it. Without ``small`` (older data) that line it is.
+    tens of milliseconds, where their noise swamped it, and the slope swung against it
+    (docs/calibration.md, history). Without ``small`` (older data) that line it is.
     """
     times = [representative(m.seconds) for m in rows]
     flops = [m.value * t * 1e9 for m, t in zip(rows, times, strict=True)]  # value is GFLOP/s

@@ -3,11 +3,9 @@
 A figure is one number per benchmark from several repeats, by default their *median*. The
 fastest repeat (STREAM's convention, ``--statistic min``) is the reproducible best the hardware
 can do on a quiet machine; but on a shared or virtual machine whose speed swings from call to
-call, sustained work such as a decode step runs at the typical speed, not the best: on this
-project's 2-core VM the fastest of 7 kernel repeats was 5-25% faster than their median, and
-profiles built from fastest repeats under-predicted every validation case (MAPE 14.9% with the
-fastest, 12.0% with medians, back to back). Every repeat is kept in the raw data, so either
-statistic can be recomputed. Rates that have a fixed cost per call (a copy's setup, a kernel
+call, sustained work such as a decode step runs at the typical speed, not the best: profiles
+built from the fastest repeats under-predicted every validation case (docs/calibration.md,
+history). Every repeat is kept in the raw data, so either statistic can be recomputed. Rates that have a fixed cost per call (a copy's setup, a kernel
 launch) are fitted as ``time = fixed + size / rate`` over several sizes, which separates the two
 numbers a profile wants (latency and bandwidth).
 """

@@ -57,7 +57,7 @@ static ALWAYS_INLINE KATTR VF FN(load_row_tail)(const void *row, int64_t i, int 
  * full tiles reduce 8 accumulators at a time with one transposing add tree (VRSUM8).
  * pf > 0 prefetches each row pf bytes ahead one line per step, as the step consumes a line:
  * issued in one burst per tile instead (32 prefetches for 4 fp32 rows), they held up the
- * loads, and one core scanned K at 11.3 instead of 14.5 GB/s (Xeon host, measured).
+ * loads and slowed a core's K scan (docs/calibration.md, history).
  */
 static ALWAYS_INLINE KATTR void FN(score_tile)(const float *restrict q, const void *restrict k,
                                                int DT, int64_t D, int NH, int NT, float scale,

@@ -1,0 +1,148 @@
+"""hgsim from Python (notebooks, scripts): the command line's verbs as functions.
+
+Everything here is a thin layer over what the CLI uses (``hgsim.simulate``, ``hgsim.study``,
+``hgsim.profiles``), so a notebook and ``python -m hgsim`` give the same numbers; mistakes
+raise the same one-line ``hgsim.errors.UserError``. Usage: ``from hgsim import api``.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from hgsim.errors import UserError
+from hgsim.profiles import load_profile, profile_with_overrides
+from hgsim.results import SimResult
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.model import ModelSpec
+
+__all__ = ["list_models", "list_policies", "list_profiles", "load_profile", "run_study",
+           "simulate", "with_overrides"]
+
+
+def with_overrides(profile: HardwareProfile | str | os.PathLike[str],
+                   overrides: Mapping[str, Any]) -> HardwareProfile:
+    """A copy of ``profile`` (object, name or path) with dotted fields replaced and validated.
+
+    The paths are the ones a study writes under ``hardware.``: ``{"tiers.cxl0.latency_ns": 300,
+    "links.cxl0-link.bandwidth_gbps": "64 GB/s"}``; ``tiers.<t>.bandwidth_gbps`` sets read and
+    write bandwidth, ``*`` matches every key at its level.
+    """
+    if not isinstance(overrides, Mapping):
+        raise UserError("overrides must map dotted paths to values, e.g. "
+                        "{'tiers.cxl0.latency_ns': 300}")
+    base = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
+    return profile_with_overrides(base, dict(overrides))
+
+
+def simulate(
+    profile: HardwareProfile | str | os.PathLike[str],
+    model: ModelSpec | str,
+    policy: str = "hybridgen",
+    *,
+    context: int | str,
+    batch: int | str = 1,
+    gen: int | str = 256,
+    kv_dtype: str = "fp16",
+    weight_dtype: str = "fp16",
+    prefill: bool = False,
+    options: Mapping[str, Any] | None = None,
+    hardware: Mapping[str, Any] | None = None,
+    samples: int = 32,
+    accuracy: bool = True,
+    trace: str | os.PathLike[str] | None = None,
+) -> SimResult:
+    """Simulate one configuration, as ``hgsim simulate`` does.
+
+    ``options`` are the policy's options (``hgsim policies NAME`` lists them), ``hardware``
+    dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps simulated in
+    full (0: all), ``trace`` a Perfetto/Chrome trace file to write. The result has
+    ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
+    back with ``feasible`` False and ``reason`` set, not as an error.
+    """
+    from hgsim.simulate import Fidelity
+    from hgsim.simulate import simulate as run
+    from hgsim.workload import Workload
+
+    if samples < 0:
+        raise UserError("must be >= 0", field="samples")
+    base = with_overrides(profile, hardware or {})
+    try:
+        workload = Workload(batch=batch, context=context, gen=gen, kv_dtype=kv_dtype,
+                            weight_dtype=weight_dtype, include_prefill=prefill)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise UserError(first["msg"], field=field) from None
+    except ValueError as exc:  # a count such as "32q"
+        raise UserError(str(exc)) from None
+    return run(base, model, policy, workload, policy_options=dict(options or {}),
+               fidelity=Fidelity(decode_samples=samples, accuracy=accuracy), trace_path=trace)
+
+
+def run_study(
+    study: str | os.PathLike[str] | Mapping[str, Any],
+    *,
+    out: str | os.PathLike[str] | None = None,
+    jobs: int | None = None,
+    force: bool = False,
+    figures: bool = True,
+    quiet: bool = True,
+    base_dir: str | os.PathLike[str] | None = None,
+):
+    """Run a study (a YAML path, or the mapping the file would hold) and return its results
+    table as a ``pandas.DataFrame``, one row per point, derived columns included.
+
+    Outputs land in ``out`` (default ``results/<name>``) exactly as with ``hgsim study``, and
+    points stored there by an earlier run are reused unless ``force``. ``jobs`` worker
+    processes (default: all cores; 1 runs in this process). Profile paths in a mapping are
+    relative to ``base_dir`` (default: the working directory). ``frame.attrs["out"]`` holds
+    the output folder. Points that failed are missing from the frame and reported as a warning.
+    """
+    from hgsim.study import RunOptions, load_study_data
+    from hgsim.study import run_study as run
+    from hgsim.study.execute import ExecOptions
+
+    if jobs is not None and jobs < 1:
+        raise UserError("must be >= 1", field="jobs")
+    target = (load_study_data(study, base_dir=base_dir) if isinstance(study, Mapping)
+              else Path(study))
+    options = RunOptions(out=Path(out) if out is not None else None, force=force,
+                         figures=figures, quiet=quiet,
+                         execution=ExecOptions(jobs=jobs, progress=not quiet))
+    result = run(target, options)
+    if result.stats.errors:
+        first = result.stats.errors[0]
+        warnings.warn(f"{len(result.stats.errors)} point(s) failed, e.g. {first['key']}: "
+                      f"{first['error']}", RuntimeWarning, stacklevel=2)
+    frame = result.frame
+    if frame is None:  # pragma: no cover - only a dry run has no frame
+        raise RuntimeError("the study produced no results table")
+    frame.attrs["out"] = str(result.out)
+    return frame
+
+
+def list_profiles() -> list[str]:
+    """Profile names ``load_profile`` resolves ($HGSIM_PROFILE_PATH, then the shipped ones)."""
+    from hgsim.profiles import list_profiles as names
+
+    return names()
+
+
+def list_policies() -> dict[str, str]:
+    """Policy name -> description, built-in and installed plugins."""
+    from hgsim.policies import registry
+
+    return {name: entry[2] for name, entry in registry.registered().items()}
+
+
+def list_models() -> list[str]:
+    """Model names of the catalog (``hgsim.catalog.get_model`` also accepts aliases)."""
+    from hgsim.catalog import MODELS
+
+    return list(MODELS)

@@ -1,0 +1,185 @@
+"""The docs cannot drift from the code: every command block marked for checking in README.md and
+docs/*.md runs, and must exit 0.
+
+Marking (documented in docs/README.md):
+
+* a fenced block whose info string is ``bash check`` runs with ``bash -e -o pipefail``, in
+  document order, in a copy of the repository (so outputs never land in the checkout);
+* ``python check`` blocks of a page run together as one script, after the page's bash blocks;
+* ``<!-- check-sub: OLD => NEW -->`` lines right above a checked block replace text before it
+  runs (small sizes for a command shown at full size); OLD must occur in the block.
+
+The example policy plugin is installed (``pip --target``) and on PYTHONPATH for every block, as
+docs/extending.md tells readers to install it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from test_plugin_example import install_example
+
+REPO = Path(__file__).resolve().parents[1]
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+CHECKED = {"bash check": "bash", "python check": "python"}
+_SUB = re.compile(r"^<!--\s*check-sub:\s*(.*?)\s*=>\s*(.*?)\s*-->\s*$")
+_FENCE = re.compile(r"^(`{3,})\s*(.*?)\s*$")
+BLOCK_TIMEOUT_S = 300
+
+
+@dataclass
+class Block:
+    page: str
+    line: int  # of the opening fence, 1-based
+    info: str
+    text: str
+    subs: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str | None:
+        return CHECKED.get(self.info)
+
+    def runnable(self) -> str:
+        text = self.text
+        for old, new in self.subs:
+            if old not in text:
+                raise AssertionError(f"{self.where}: check-sub {old!r} does not occur in the block")
+            text = text.replace(old, new)
+        return text
+
+    @property
+    def where(self) -> str:
+        return f"{self.page}:{self.line}"
+
+
+def parse(text: str, page: str) -> list[Block]:
+    """Fenced blocks with their info strings and the check-sub lines right above them."""
+    blocks: list[Block] = []
+    lines = text.splitlines()
+    pending: list[tuple[str, str]] = []
+    pending_line = 0
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        sub = _SUB.match(line)
+        fence = _FENCE.match(line)
+        if sub:
+            if not pending:
+                pending_line = i + 1
+            pending.append((sub.group(1), sub.group(2)))
+        elif fence:
+            ticks, info = fence.groups()
+            end = next((j for j in range(i + 1, len(lines))
+                        if lines[j].strip() == ticks), None)
+            if end is None:
+                raise AssertionError(f"{page}:{i + 1}: unclosed code fence")
+            block = Block(page, i + 1, info, "\n".join(lines[i + 1:end]) + "\n", pending)
+            if pending and block.kind is None:
+                raise AssertionError(f"{page}:{pending_line}: check-sub above a block that is "
+                                     f"not checked ({info!r})")
+            blocks.append(block)
+            pending = []
+            i = end
+        elif pending and line.strip():
+            raise AssertionError(f"{page}:{pending_line}: check-sub not directly above a block")
+        i += 1
+    if pending:
+        raise AssertionError(f"{page}:{pending_line}: check-sub at the end of the page")
+    return blocks
+
+
+def page_blocks(path: Path) -> list[Block]:
+    return parse(path.read_text(), str(path.relative_to(REPO)))
+
+
+# ------------------------------------------------------------------ the parser's own contract
+def test_parse_markers_and_substitutions():
+    text = ("intro\n\n<!-- check-sub: --gen 256 => --gen 8 -->\n```bash check\n"
+            "hgsim simulate --gen 256\n```\n\n```bash\npip install x\n```\n"
+            "````python check\nprint('```')\n````\n")
+    blocks = parse(text, "p.md")
+    assert [(b.line, b.kind) for b in blocks] == [(4, "bash"), (8, None), (11, "python")]
+    assert blocks[0].runnable() == "hgsim simulate --gen 8\n"
+    assert blocks[2].text == "print('```')\n"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("<!-- check-sub: a => b -->\n```bash\na\n```\n", "not checked"),
+    ("<!-- check-sub: a => b -->\ntext\n```bash check\na\n```\n", "not directly above"),
+    ("```bash check\nopen\n", "unclosed"),
+])
+def test_parse_rejects_stale_markers(text, message):
+    with pytest.raises(AssertionError, match=message):
+        parse(text, "p.md")
+
+
+def test_substitution_must_match():
+    block = parse("<!-- check-sub: --gen 256 => --gen 8 -->\n```bash check\nx\n```\n", "p.md")[0]
+    with pytest.raises(AssertionError, match="does not occur"):
+        block.runnable()
+
+
+def test_readme_starts_with_the_two_setup_commands():
+    """CI (.ci/run) runs the second; both must stay the README's first commands."""
+    bash = [b for b in page_blocks(REPO / "README.md") if b.info.startswith("bash")]
+    assert bash[0].text.strip() == ('python -m pip install -c constraints/cpu.txt -e ".[hw]" && '
+                                   "python -m hgsim study studies/cxl_sweep.yaml")
+    assert bash[1].text.strip() == ('python -m pip install -c constraints/cpu.txt -e '
+                                   '".[hw,dev]" && python -m pytest -q')
+
+
+def test_every_page_is_checked_somewhere():
+    """A page with commands but no checked block has silently opted out."""
+    for page in PAGES:
+        blocks = page_blocks(page)
+        commands = [b for b in blocks if b.info.split(" ")[0] in ("bash", "python")]
+        if commands:
+            assert any(b.kind for b in blocks), f"{page.name}: no block is marked for checking"
+
+
+# ------------------------------------------------------------------ running them
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
+    """A copy of the repository to run in, and the environment: this interpreter first on
+    PATH (``python`` is the test's), the example plugin installed."""
+    root = tmp_path_factory.mktemp("docs-check")
+    copy = root / "repo"
+    shutil.copytree(REPO, copy, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "results", "__pycache__", "build", "*.egg-info", ".pytest_cache",
+        ".ruff_cache", ".hypothesis", "*.validation.*", "local.yaml", "local.calibration.*"))
+    site = install_example(root / "plugin")
+    env = {k: v for k, v in os.environ.items() if k != "HGSIM_PROFILE_PATH"}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join([str(site), str(copy)])
+    env["MPLBACKEND"] = "Agg"
+    return copy, env
+
+
+def _run(args: list[str], block: Block, cwd: Path, env: dict[str, str]) -> None:
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=BLOCK_TIMEOUT_S)
+    if result.returncode != 0:
+        tail = (result.stdout + result.stderr)[-3000:]
+        pytest.fail(f"{block.where}: exit {result.returncode}\n--- block ---\n{args[-1]}\n"
+                    f"--- output (tail) ---\n{tail}", pytrace=False)
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES])
+def test_checked_blocks_run(page, workspace):
+    copy, env = workspace
+    blocks = [b for b in page_blocks(page) if b.kind]
+    if not blocks:
+        pytest.skip("no checked blocks")
+    for block in (b for b in blocks if b.kind == "bash"):
+        _run(["bash", "-e", "-o", "pipefail", "-c", block.runnable()], block, copy, env)
+    python = [b for b in blocks if b.kind == "python"]
+    if python:
+        script = "\n".join(b.runnable() for b in python)
+        _run([sys.executable, "-c", script], python[0], copy, env)
