@@ -16,7 +16,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 STUDY = REPO / "studies" / "cxl_sweep.yaml"
 #: study figure -> file under docs/img
-FIGURES = {"throughput_vs_cxl_bandwidth.png": "cxl_sweep_throughput.png"}
+FIGURES = {"throughput_vs_cxl_latency.png": "cxl_sweep_latency.png"}
 
 
 def main(argv: list[str] | None = None) -> int:
