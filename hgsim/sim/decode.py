@@ -486,7 +486,8 @@ def _shares(flows) -> dict[str, float]:
             continue
         wait = max(f.start_s - f.issued_s, 0.0)
         if wait:
-            what[f.latency_label or f"{f.path[0].bind_label} latency"] += wait
+            what[f.latency_label or (f"{f.path[0].bind_label} latency" if f.path
+                                     else "latency")] += wait
         for label, seconds in f.binds.items():
             what[label] += seconds
     return dict(what) if what else {"host": 1.0}

@@ -436,7 +436,8 @@ class FlowNetwork:
             if f.rate > 0:
                 f.remaining -= f.rate * (now - f.t_last)
             f.t_last = now
-        key = tuple([(f.path, f.weights, f.max_rate) for f in flows])
+        key = tuple([(f.path, f.weights, f.max_rate, f.cap_label, f.latency_label)
+                     for f in flows])
         solution = self._fills.get(key)
         if solution is None:
             loads = _solve(chans, flows)
