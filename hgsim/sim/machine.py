@@ -346,19 +346,7 @@ class Machine:
     def _access(self, sources, dst, pattern, issuer, cores, per_byte, extra, label):
         """(channels, weights, start latency, latency label) of a read (see ``read``)."""
         pool = self.inflight(issuer, pattern, cores)
-        use: dict[Channel, float] = {}
-        latency = start = 0.0
-        worst, worst_latency = "", -1.0
-        for tier, fraction in sources.items():
-            if fraction <= 0:
-                continue
-            route = self.path(tier, dst)
-            for c in route.channels:
-                use[c] = use.get(c, 0.0) + fraction
-            latency += fraction * route.latency_s
-            start = max(start, route.latency_s)
-            if fraction * route.latency_s > worst_latency:
-                worst, worst_latency = tier, fraction * route.latency_s
+        use, start, latency, worst = self._mixed([(tier, dst, f) for tier, f in sources.items()])
         if not use:
             raise ValueError(f"read {label!r}: no source tier with a positive fraction")
         use[pool] = latency
@@ -368,6 +356,26 @@ class Machine:
             use[c] = use.get(c, 0.0) + w
         return tuple(use), tuple(use.values()), start, f"{worst} latency"
 
+    def _mixed(self, legs: list[tuple[str, str, float]]):
+        """Routes of one access spread over several tiers, as one flow: each channel's use
+        (the summed fractions of the legs crossing it), the latest first byte, the
+        fraction-weighted latency and the tier that contributes most of it."""
+        use: dict[Channel, float] = {}
+        start = latency = 0.0
+        worst, worst_latency = "", -1.0
+        for src, dst, fraction in legs:
+            if fraction <= 0:
+                continue
+            route = self.path(src, dst)
+            for c in route.channels:
+                use[c] = use.get(c, 0.0) + fraction
+            latency += fraction * route.latency_s
+            start = max(start, route.latency_s)
+            if fraction * route.latency_s > worst_latency:
+                tier = src if src in self.profile.tiers else dst
+                worst, worst_latency = tier, fraction * route.latency_s
+        return use, start, latency, worst
+
     def write(self, src: str, destinations: Mapping[str, float], bytes_: float,
               label: str = "", *, track: str | None = None) -> Event:
         """Write ``bytes_`` from ``src`` (a GPU by DMA, or a socket's cores) into host tiers
@@ -376,15 +384,7 @@ class Machine:
         key = (src, tuple(destinations.items()))
         access = self._accesses.get(key)
         if access is None:
-            use: dict[Channel, float] = {}
-            start = 0.0
-            for tier, fraction in destinations.items():
-                if fraction <= 0:
-                    continue
-                route = self.path(src, tier)
-                for c in route.channels:
-                    use[c] = use.get(c, 0.0) + fraction
-                start = max(start, route.latency_s)
+            use, start, _, _ = self._mixed([(src, tier, f) for tier, f in destinations.items()])
             access = self._accesses[key] = (tuple(use), tuple(use.values()), start)
         channels, weights, start = access
         return self.network.transfer(channels, bytes_, latency_s=start, label=label,
