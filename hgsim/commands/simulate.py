@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from hgsim.errors import UserError
+from hgsim.outputs import check_output_file
 from hgsim.results import SimResult
 from hgsim.units import parse_count
 
@@ -74,9 +74,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(first["msg"], field="--" + str(first["loc"][0])) from None
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
-    trace = Path(args.trace) if args.trace else None
-    if trace is not None and not trace.parent.exists():
-        raise UserError(f"folder {trace.parent} does not exist", field="--trace")
+    # Before the simulation: a trace that cannot be written would lose its result at the end.
+    trace = check_output_file(args.trace, "--trace") if args.trace else None
     result = simulate(
         args.profile, args.model, args.policy, workload,
         policy_options=_parse_options(args.option),

@@ -32,8 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validation study YAML (default: studies/validation.yaml)")
     p.add_argument("--threshold", type=float, default=10.0,
                    help="largest acceptable MAPE in percent (default 10)")
-    p.add_argument("--out", help="output prefix for <prefix>.csv/.png/.svg "
-                   "(default: ./<profile>.validation)")
+    p.add_argument("--out", help="output prefix for <prefix>.csv/.png/.svg, or a folder to "
+                   "write <profile>.validation.* into (default: ./<profile>.validation)")
     p.add_argument("--max-context", help="skip cases above this context (e.g. 16k)")
     p.add_argument("--steps", type=int, help="compared steps per case (overrides the study)")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cuda", "standin"],
