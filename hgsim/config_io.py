@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 from hgsim.config_read import Loc, compose, dotted, read_text
 from hgsim.errors import ConfigError
 
-__all__ = ["Loc", "YamlDocument", "dotted", "load_yaml", "parse_yaml", "validate",
+__all__ = ["Loc", "YamlDocument", "dotted", "humane", "load_yaml", "parse_yaml", "validate",
            "validation_error"]
 
 _FIELD_PATH = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)+$")
@@ -67,7 +67,7 @@ def validate(model: type[BaseModel], doc: YamlDocument, *, context: dict | None 
 def validation_error(exc: ValidationError, doc: YamlDocument) -> ConfigError:
     first = exc.errors(include_url=False)[0]
     loc = tuple(part for part in first["loc"] if not _is_pydantic_tag(part))
-    message = _humane(first)
+    message = humane(first)
     # Cross-field validators raise "a.b.c: message"; recover the field so the line is right.
     head, sep, rest = message.partition(": ")
     if sep and not loc and _FIELD_PATH.match(head):
@@ -81,7 +81,8 @@ def _is_pydantic_tag(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part and part.endswith("]"))
 
 
-def _humane(error: dict) -> str:
+def humane(error: dict) -> str:
+    """One pydantic error as a person would say it (no "Value error, " prefixes)."""
     kind, msg = error["type"], error["msg"]
     if kind == "missing":
         return "required field is missing"
