@@ -190,3 +190,23 @@ def test_deep_nesting_is_an_error(tmp_path, capsys, depth):
     path = write(tmp_path / "d.yaml", "a: " + "[" * depth + "]" * depth + "\n")
     line = user_error(capsys, "profiles", "check", str(path))
     assert "nested more than 64 levels deep" in line and str(path) in line
+
+
+def test_profile_list_warns_about_each_broken_file_and_lists_the_rest(tmp_path, capsys,
+                                                                     monkeypatch):
+    from hgsim.cli import main
+
+    write(tmp_path / "binary.yaml", b"name: x\x00\n")
+    dup = PROFILE.replace("name: mini\n", "name: mini\nname: again\n")
+    write(tmp_path / "dup.yaml", dup)
+    write(tmp_path / "good.yaml", PROFILE)
+    monkeypatch.setenv("HGSIM_PROFILE_PATH", str(tmp_path))
+    assert main(["profiles"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.splitlines() == [
+        f"hgsim profiles: warning: {tmp_path / 'binary.yaml'}:1: not a text file (a NUL byte; "
+        "profiles and studies are UTF-8 YAML)",
+        f"hgsim profiles: warning: {tmp_path / 'dup.yaml'}:2: name: duplicate key (also at "
+        "line 1; YAML would silently keep only the last)",
+    ]
+    assert "good" in captured.out and "dev-zen4-2core" in captured.out

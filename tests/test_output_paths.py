@@ -183,3 +183,22 @@ def test_checks_leave_nothing_behind(tmp_path):
     check_output_dir(tmp_path / "new" / "deeper", "--x")
     check_output_dir(tmp_path, "--x")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_over_binary_garbage_in_the_study_folder(tmp_path):
+    """A point file or run log overwritten with bytes that are not text (a disk error, a stray
+    copy) is recomputed or restarted on the next run, never a traceback."""
+    from hgsim.cli import main
+
+    study = write(tmp_path / "s.yaml", STUDY)
+    out = tmp_path / "out"
+    argv = ["study", str(study), "--out", str(out), "-j", "1", "-q", "--no-figures"]
+    assert main(argv) == 0
+    victim = sorted((out / "points").glob("*.json"))[0]
+    victim.write_bytes(b"\xff\xfe\x00" + os.urandom(64))
+    (out / "run.json").write_bytes(b"\x89PNG\x00")
+    assert main(argv) == 0
+    import json
+
+    assert json.loads(victim.read_text())["key"] == victim.stem
+    assert [entry["computed"] for entry in json.loads((out / "run.json").read_text())] == [1]
