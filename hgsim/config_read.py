@@ -84,7 +84,10 @@ def _binary(data: bytes, at: int, what: str, source: str) -> ConfigError:
 
 def compose(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
     """Data of the single YAML document in ``text`` and the line of every key and item."""
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # checks every character here, before parsing
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, text, source) from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -104,7 +107,7 @@ def _yaml_error(exc: yaml.YAMLError, text: str, source: str) -> ConfigError:
     line = mark.line + 1 if mark is not None else None
     if isinstance(exc, yaml.reader.ReaderError):  # a character YAML does not allow
         line = text.count("\n", 0, exc.position) + 1
-        problem = f"character #x{exc.character:04x} is not allowed ({exc.reason})"
+        problem = f"control character #x{exc.character:04x} is not allowed"
     else:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     where = f"{source}:{line}" if line else source

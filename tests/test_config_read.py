@@ -12,6 +12,8 @@ import time
 
 import pytest
 from bad_input import PROFILE, STUDY, line_of, user_error, write
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hgsim.config_io import load_yaml
 from hgsim.config_read import MAX_ALIAS_REPEATS, MAX_FILE_BYTES
@@ -210,3 +212,50 @@ def test_profile_list_warns_about_each_broken_file_and_lists_the_rest(tmp_path, 
         "line 1; YAML would silently keep only the last)",
     ]
     assert "good" in captured.out and "dev-zen4-2core" in captured.out
+
+
+def test_control_character_is_an_error_at_its_line(tmp_path, capsys):
+    path = write(tmp_path / "p.yaml", PROFILE.replace("model: test-cpu", "model: test\x07cpu"))
+    line = user_error(capsys, "profiles", "check", str(path))
+    assert line.endswith(f"{path}:{line_of(PROFILE, 'test-cpu')}: invalid YAML (control "
+                         "character #x0007 is not allowed)")
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(st.data())
+def test_any_bytes_load_or_give_a_config_error(tmp_path_factory, data):
+    """Profiles damaged anywhere (bytes inserted, deleted or replaced), or YAML-ish noise:
+    loading either works or raises ConfigError naming the file, never anything else."""
+    text = PROFILE.encode()
+    at = data.draw(st.integers(0, len(text)))
+    cut = data.draw(st.integers(0, 8))
+    noise = data.draw(st.binary(max_size=12) | st.sampled_from(
+        [b"*a", b"&a ", b"<<: ", b"? ", b"!!python/object:os.system ", b"[", b"{", b": :",
+         b"\t", b"'", b'"\\', b"---\n", b"%YAML 9\n", b"\xef\xbb\xbf", b"\xc3"]))
+    damaged = text[:at] + noise + text[at + cut:]
+    path = tmp_path_factory.mktemp("fuzz") / "p.yaml"
+    path.write_bytes(damaged)
+    try:
+        load_profile(path)
+    except ConfigError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+
+
+@settings(max_examples=100, deadline=None, database=None)
+@given(st.data())
+def test_damaged_study_loads_or_gives_a_user_error(tmp_path_factory, data):
+    from hgsim.errors import UserError
+    from hgsim.study.load import load_study
+
+    text = STUDY.encode()
+    at = data.draw(st.integers(0, len(text)))
+    cut = data.draw(st.integers(0, 12))
+    noise = data.draw(st.binary(max_size=8) | st.sampled_from(
+        [b"*x", b"&x ", b"1e999", b".nan", b"true", b"-1", b"[]", b"{}", b"~", b"\n  grid:",
+         b"\n    policy: [h2o]", b"\nsweep: []"]))
+    path = tmp_path_factory.mktemp("fuzz") / "s.yaml"
+    path.write_bytes(text[:at] + noise + text[at + cut:])
+    try:
+        load_study(path)
+    except UserError as exc:
+        assert "\n" not in str(exc)
