@@ -144,9 +144,12 @@ class _NodeCheck:
         if ident in self.seen:
             self.repeats += 1
             if self.repeats > MAX_ALIAS_REPEATS:
+                # Lines inside aliased content are those of its anchor; the top-level key
+                # is where the expansion is written.
                 raise self._error(node, path[:_SHOWN],
                                   f"aliases repeat more than {MAX_ALIAS_REPEATS:,} values "
-                                  "(nested aliases that expand without bound?)")
+                                  "(nested aliases that expand without bound?)",
+                                  line=self.lines.get(path[:1]))
         self.seen.add(ident)
         if isinstance(node, yaml.MappingNode):
             self.open.add(ident)
@@ -177,9 +180,10 @@ class _NodeCheck:
             first[identity] = line
             self._visit(value_node, path + (key,), line)
 
-    def _error(self, node: yaml.Node, path: Loc, message: str) -> ConfigError:
-        return ConfigError(message, source=f"{self.source}:{node.start_mark.line + 1}",
-                           field=dotted(path) or None)
+    def _error(self, node: yaml.Node, path: Loc, message: str,
+               line: int | None = None) -> ConfigError:
+        line = line or node.start_mark.line + 1
+        return ConfigError(message, source=f"{self.source}:{line}", field=dotted(path) or None)
 
 
 def dotted(loc: Loc) -> str:

@@ -171,7 +171,7 @@ def test_alias_bomb_fails_fast_in_little_memory(tmp_path):
     assert time.perf_counter() - start < 60
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"hgsim profiles check: error: {path}:1: f[0][3][3]: aliases repeat more than "
+        f"hgsim profiles check: error: {path}:6: f[0][3][3]: aliases repeat more than "
         f"{MAX_ALIAS_REPEATS:,} values (nested aliases that expand without bound?)"]
 
 
