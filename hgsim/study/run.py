@@ -59,9 +59,9 @@ def run_study(path: str | Path, options: RunOptions | None = None) -> StudyRun:
     t0 = time.perf_counter()
     plan = load_study(path)  # raises ConfigError (one line) before anything is written
     out = options.out or Path("results") / plan.study.name
-    check_study_folder(out)  # and so does an output folder that cannot take the results
     store = PointStore(out / "points")
     specs = plan.expansion.unique_specs()
+    check_study_folder(out)  # so does an output folder that cannot take the results
     stored = set() if options.force else set(store.load([s.key for s in specs]))
     todo = [s for s in specs if s.key not in stored]
     say = _Say(options.quiet)
