@@ -17,7 +17,7 @@ from bad_input import STUDY, user_error, write
 import hgsim.simulate
 import hgsim.study.run
 from hgsim.outputs import check_output_dir, check_output_file
-from hgsim.study.run import STUDY_OUTPUTS
+from hgsim.study.folder import STUDY_OUTPUTS
 
 SIMULATE = ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
             "--gen", "4", "--samples", "2")

@@ -17,10 +17,9 @@ from typing import Any
 
 import pandas as pd
 
-from hgsim.errors import UserError
-from hgsim.outputs import check_output_dir
 from hgsim.study.derived import compute_derived
 from hgsim.study.execute import ExecOptions, ExecStats, execute
+from hgsim.study.folder import check_study_folder
 from hgsim.study.frame import assemble, write_tables
 from hgsim.study.load import StudyPlan, load_study, resolved_yaml
 from hgsim.study.plots import draw_all
@@ -108,24 +107,6 @@ def run_study(path: str | Path, options: RunOptions | None = None) -> StudyRun:
     say(f"done in {info.elapsed_s:.1f} s: {info.computed} computed, {info.reused} reused, "
         f"{len(run.stats.errors)} failed; report: {out / 'report.md'}")
     return run
-
-
-#: What a study writes into its folder: files, and folders (ending in "/").
-STUDY_OUTPUTS = ("points/", "figures/", "results.parquet", "results.csv", "report.md",
-                 "run.json", "study.resolved.yaml")
-
-
-def check_study_folder(out: Path) -> None:
-    """``out`` can hold the study's outputs: a writable folder (or one that can be created)
-    in which none of the names it writes is taken by the wrong kind of entry."""
-    check_output_dir(out, "--out")
-    for name in STUDY_OUTPUTS:
-        entry = out / name.rstrip("/")
-        wants_folder = name.endswith("/")
-        if entry.exists() and entry.is_dir() != wants_folder:
-            kind = "a folder" if wants_folder else "a file"
-            raise UserError(f"{entry} is in the way: the study writes {kind} there",
-                            field="--out")
 
 
 def _write_run_log(out: Path, info: RunInfo, run: StudyRun) -> None:
