@@ -3,48 +3,37 @@ contract for a user mistake (exit 2, one line ``hgsim <verb>: error: ...``, no t
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from hgsim.cli import main
+import yaml
+from conftest import BASE_PROFILE
 
-#: A complete, valid profile; tests break one line of it.
-PROFILE = """\
-name: mini
-gpus:
-  gpu0:
-    model: test-gpu
-    hbm_capacity_gb: 80
-    hbm_bandwidth_gbps: 1000
-    peak_tflops: {fp16: 100}
-    kernel_launch_overhead_us: 5
-    compute_efficiency: 0.5
-    memory_efficiency: 0.8
-    attention_efficiency: 0.7
-    socket: cpu0
-    link: pcie0
-sockets:
-  cpu0:
-    model: test-cpu
-    cores: 8
-    frequency_ghz: 2.0
-    simd: avx512
-    attention_gflops_per_core: 50
-    core_bandwidth_gbps: 5
-tiers:
-  ddr0:
-    kind: ddr
-    capacity_gb: 256
-    read_bandwidth_gbps: 100
-    write_bandwidth_gbps: 80
-    latency_ns: 100
-    socket: cpu0
-links:
-  pcie0:
-    kind: pcie
-    endpoints: [cpu0, gpu0]
-    bandwidth_gbps: 25
-    latency_ns: 1000
-"""
+from hgsim.cli import main
+from hgsim.config_read import Loc, compose
+
+
+def _small_profile() -> dict:
+    """conftest's test machine cut to one GPU, its socket, one DDR tier and its PCIe link.
+
+    Derived rather than written out, so that it stays valid when the schema gains a field
+    (conftest's profile is kept valid by whoever adds one)."""
+    base = copy.deepcopy(BASE_PROFILE)
+    gpu_name, gpu = next(iter(base["gpus"].items()))
+    socket, link = gpu["socket"], gpu["link"]
+    tier = next(name for name, t in base["tiers"].items()
+                if t["kind"] == "ddr" and t["socket"] == socket)
+    return {"name": "mini", "gpus": {gpu_name: gpu}, "sockets": {socket: base["sockets"][socket]},
+            "tiers": {tier: base["tiers"][tier]}, "links": {link: base["links"][link]}}
+
+
+_DATA = _small_profile()
+GPU, SOCKET, TIER = (next(iter(_DATA[group])) for group in ("gpus", "sockets", "tiers"))
+#: A complete, valid profile in block style; tests break one line of it.
+PROFILE = yaml.safe_dump(_DATA, sort_keys=False, default_flow_style=False)
+#: (group, name, key, ...) -> line in PROFILE.
+LINES = compose(PROFILE, "PROFILE")[1]
+
 
 #: A two-point study on the shipped dev profile that runs in a second.
 STUDY = """\
@@ -67,12 +56,26 @@ def line_of(text: str, needle: str, nth: int = 1) -> int:
     return hits[nth - 1]
 
 
-def replace_line(text: str, needle: str, new: str) -> str:
-    """``text`` with the (only) line containing ``needle`` replaced by ``new`` (indent kept)."""
+def set_value(text: str, loc: Loc, value: str) -> str:
+    """``text`` (PROFILE) with the value at ``loc`` replaced by ``value`` as written."""
+    return replace_line_at(text, LINES[loc], f"{loc[-1]}: {value}")
+
+
+def insert_after(text: str, loc: Loc, line: str) -> str:
+    """``text`` with ``line`` inserted after the line of ``loc``, at the same indent."""
     lines = text.splitlines(keepends=True)
-    (index,) = [i for i, line in enumerate(lines) if needle in line]
-    indent = lines[index][: len(lines[index]) - len(lines[index].lstrip())]
-    lines[index] = indent + new + "\n"
+    at = LINES[loc]
+    current = lines[at - 1]
+    indent = current[: len(current) - len(current.lstrip())]
+    lines.insert(at, indent + line + "\n")
+    return "".join(lines)
+
+
+def replace_line_at(text: str, number: int, new: str) -> str:
+    """``text`` with line ``number`` (1-based) replaced by ``new``, indent kept."""
+    lines = text.splitlines(keepends=True)
+    old = lines[number - 1]
+    lines[number - 1] = old[: len(old) - len(old.lstrip())] + new + "\n"
     return "".join(lines)
 
 

@@ -11,7 +11,17 @@ import sys
 import time
 
 import pytest
-from bad_input import PROFILE, STUDY, line_of, user_error, write
+from bad_input import (
+    LINES,
+    PROFILE,
+    SOCKET,
+    STUDY,
+    TIER,
+    insert_after,
+    line_of,
+    user_error,
+    write,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -57,11 +67,12 @@ def test_binary_profile_is_one_line_at_line_1(tmp_path, capsys, content):
 @pytest.mark.parametrize(("bad", "what"), [(b"\x00", "a NUL byte"),
                                            (b"\xff", "byte 0xff is not UTF-8")])
 def test_stray_byte_in_a_profile_names_its_line(tmp_path, capsys, bad, what):
-    text = PROFILE.encode()
-    at = text.index(b"test-cpu")
-    path = write(tmp_path / "p.yaml", text[:at] + bad + text[at:])
+    number = LINES[("sockets", SOCKET, "model")]
+    lines = PROFILE.encode().splitlines(keepends=True)
+    lines[number - 1] = lines[number - 1].rstrip(b"\n") + bad + b"\n"
+    path = write(tmp_path / "p.yaml", b"".join(lines))
     line = user_error(capsys, "profiles", "check", str(path))
-    assert line.endswith(f"{path}:{line_of(PROFILE, 'test-cpu')}: not a text file ({what}; "
+    assert line.endswith(f"{path}:{number}: not a text file ({what}; "
                          "profiles and studies are UTF-8 YAML)"), line
 
 
@@ -102,25 +113,25 @@ def test_file_larger_than_any_config_is_refused(tmp_path, capsys):
 
 # ------------------------------------------------------------------ duplicate keys
 def test_duplicate_key_under_a_tier(tmp_path, capsys):
-    text = PROFILE.replace("    read_bandwidth_gbps: 100\n",
-                           "    read_bandwidth_gbps: 100\n    read_bandwidth_gbps: 120\n")
+    key = ("tiers", TIER, "read_bandwidth_gbps")
+    text = insert_after(PROFILE, key, "read_bandwidth_gbps: 120")
     path = write(tmp_path / "p.yaml", text)
-    first, second = (line_of(text, "read_bandwidth_gbps", n) for n in (1, 2))
+    first = LINES[key]
     for argv in profile_commands(path):
         line = user_error(capsys, *argv)
-        assert line.endswith(f"{path}:{second}: tiers.ddr0.read_bandwidth_gbps: duplicate key "
-                             f"(also at line {first}; YAML would silently keep only the last)")
+        assert line.endswith(f"{path}:{first + 1}: tiers.{TIER}.read_bandwidth_gbps: duplicate "
+                             f"key (also at line {first}; YAML would silently keep only the last)")
 
 
 def test_duplicated_tier_name_is_caught_where_it_is_written(tmp_path, capsys):
-    tier = PROFILE[PROFILE.index("  ddr0:"):PROFILE.index("links:")]
-    text = PROFILE.replace("links:", tier.replace("capacity_gb: 256", "capacity_gb: 64")
-                           + "links:")
+    lines = PROFILE.splitlines(keepends=True)
+    first, links = LINES[("tiers", TIER)], LINES[("links",)]
+    tier = lines[first - 1:links - 1]  # the tier's block, repeated right after it
+    text = "".join(lines[:links - 1] + tier + lines[links - 1:])
     path = write(tmp_path / "p.yaml", text)
     line = user_error(capsys, "profiles", "check", str(path))
-    assert line.endswith(f"{path}:{line_of(text, 'ddr0:', 2)}: tiers.ddr0: duplicate key "
-                         f"(also at line {line_of(text, 'ddr0:')}; YAML would silently keep "
-                         "only the last)")
+    assert line.endswith(f"{path}:{links}: tiers.{TIER}: duplicate key (also at line {first}; "
+                         "YAML would silently keep only the last)")
 
 
 def test_second_model_in_a_study_base(tmp_path, capsys):
@@ -215,10 +226,13 @@ def test_profile_list_warns_about_each_broken_file_and_lists_the_rest(tmp_path, 
 
 
 def test_control_character_is_an_error_at_its_line(tmp_path, capsys):
-    path = write(tmp_path / "p.yaml", PROFILE.replace("model: test-cpu", "model: test\x07cpu"))
+    number = LINES[("sockets", SOCKET, "model")]
+    lines = PROFILE.splitlines(keepends=True)
+    lines[number - 1] = lines[number - 1].rstrip("\n") + "\x07\n"
+    path = write(tmp_path / "p.yaml", "".join(lines))
     line = user_error(capsys, "profiles", "check", str(path))
-    assert line.endswith(f"{path}:{line_of(PROFILE, 'test-cpu')}: invalid YAML (control "
-                         "character #x0007 is not allowed)")
+    assert line.endswith(f"{path}:{number}: invalid YAML (control character #x0007 is not "
+                         "allowed)")
 
 
 @settings(max_examples=150, deadline=None, database=None)

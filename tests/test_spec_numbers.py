@@ -9,7 +9,19 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from bad_input import PROFILE, STUDY, line_of, replace_line, user_error, write
+from bad_input import (
+    GPU,
+    LINES,
+    PROFILE,
+    SOCKET,
+    STUDY,
+    TIER,
+    insert_after,
+    line_of,
+    set_value,
+    user_error,
+    write,
+)
 from pydantic import ValidationError
 
 from hgsim.profiles import load_profile, profile_with_overrides
@@ -20,52 +32,48 @@ RANGE = (f"is not a plausible value (non-zero magnitudes must lie between {MIN_M
          f"and {MAX_MAGNITUDE:g} in the field's unit)")
 
 
-@pytest.mark.parametrize(("needle", "value", "message"), [
-    ("read_bandwidth_gbps: 100", ".inf", "input should be a finite number"),
-    ("read_bandwidth_gbps: 100", "-.inf", "input should be a finite number"),
-    ("read_bandwidth_gbps: 100", ".nan", "input should be a finite number"),
-    ("read_bandwidth_gbps: 100", "true", "expected a number, got true"),
-    ("read_bandwidth_gbps: 100", "1e-300", f"1e-300 {RANGE}"),
-    ("read_bandwidth_gbps: 100", '"1e400 GB/s"', "input should be a finite number"),
-    ("capacity_gb: 256", "1e308", f"1e+308 {RANGE}"),
-    ("capacity_gb: 256", '"2e12 GB"', f"2e+12 {RANGE}"),
-    ("cores: 8", "true", "expected a number, got true"),
-    ("cores: 8", "100000000000000000000", f"1e+20 {RANGE}"),
-    ("compute_efficiency: 0.5", "false", "expected a number, got false"),
+@pytest.mark.parametrize(("loc", "value", "message"), [
+    (("tiers", TIER, "read_bandwidth_gbps"), ".inf", "input should be a finite number"),
+    (("tiers", TIER, "read_bandwidth_gbps"), "-.inf", "input should be a finite number"),
+    (("tiers", TIER, "read_bandwidth_gbps"), ".nan", "input should be a finite number"),
+    (("tiers", TIER, "read_bandwidth_gbps"), "true", "expected a number, got true"),
+    (("tiers", TIER, "read_bandwidth_gbps"), "1e-300", f"1e-300 {RANGE}"),
+    (("tiers", TIER, "read_bandwidth_gbps"), '"1e400 GB/s"', "input should be a finite number"),
+    (("tiers", TIER, "capacity_gb"), "1e308", f"1e+308 {RANGE}"),
+    (("tiers", TIER, "capacity_gb"), '"2e12 GB"', f"2e+12 {RANGE}"),
+    (("sockets", SOCKET, "cores"), "true", "expected a number, got true"),
+    (("sockets", SOCKET, "cores"), "100000000000000000000", f"1e+20 {RANGE}"),
+    (("gpus", GPU, "compute_efficiency"), "false", "expected a number, got false"),
 ])
-def test_profile_number_is_refused_at_its_line(tmp_path, capsys, needle, value, message):
-    key = needle.split(":")[0]
-    text = replace_line(PROFILE, needle, f"{key}: {value}")
-    path = write(tmp_path / "p.yaml", text)
-    group = {"read_bandwidth_gbps": "tiers.ddr0", "capacity_gb": "tiers.ddr0",
-             "cores": "sockets.cpu0", "compute_efficiency": "gpus.gpu0"}[key]
+def test_profile_number_is_refused_at_its_line(tmp_path, capsys, loc, value, message):
+    path = write(tmp_path / "p.yaml", set_value(PROFILE, loc, value))
     line = user_error(capsys, "profiles", "check", str(path))
-    assert line.endswith(f"{path}:{line_of(text, f'{key}: {value}')}: {group}.{key}: "
-                         f"{message}"), line
+    assert line.endswith(f"{path}:{LINES[loc]}: {'.'.join(loc)}: {message}"), line
 
 
 def test_number_inside_a_dict_field(tmp_path, capsys):
-    text = PROFILE.replace("peak_tflops: {fp16: 100}", "peak_tflops: {fp16: 100, bf16: true}")
-    path = write(tmp_path / "p.yaml", text)
+    peaks = ("gpus", GPU, "peak_tflops")
+    first = next(loc for loc in LINES if loc[:3] == peaks and len(loc) == 4)
+    path = write(tmp_path / "p.yaml", insert_after(PROFILE, first, "bf16: true"))
     line = user_error(capsys, "profiles", "check", str(path))
-    assert line.endswith(f"{path}:{line_of(text, 'peak_tflops')}: gpus.gpu0.peak_tflops: "
-                         "bf16: expected a number, got true"), line
+    assert line.endswith(f"{path}:{LINES[peaks]}: gpus.{GPU}.peak_tflops: bf16: expected a "
+                         "number, got true"), line
 
 
 def test_plausible_extremes_and_zero_still_load(tmp_path):
-    text = replace_line(PROFILE, "kernel_launch_overhead_us:", "kernel_launch_overhead_us: 0")
-    text = replace_line(text, "capacity_gb: 256", 'capacity_gb: "2 TiB"')
-    text = replace_line(text, "latency_ns: 100\n", "latency_ns: 0.001")
+    text = set_value(PROFILE, ("gpus", GPU, "kernel_launch_overhead_us"), "0")
+    text = set_value(text, ("tiers", TIER, "capacity_gb"), '"2 TiB"')
+    text = set_value(text, ("tiers", TIER, "latency_ns"), "0.001")
     profile = load_profile(write(tmp_path / "p.yaml", text))
-    assert profile.gpus["gpu0"].kernel_launch_overhead_us == 0
-    assert profile.tiers["ddr0"].capacity_gb == pytest.approx(2 * 1024**4 / 1e9)
+    assert profile.gpus[GPU].kernel_launch_overhead_us == 0
+    assert profile.tiers[TIER].capacity_gb == pytest.approx(2 * 1024**4 / 1e9)
 
 
 def test_hardware_override_of_a_loaded_profile(tmp_path):
     profile = load_profile(write(tmp_path / "p.yaml", PROFILE))
     for value in (float("inf"), 1e308, True):
-        with pytest.raises(Exception, match="tiers.ddr0.read_bandwidth_gbps"):
-            profile_with_overrides(profile, {"tiers.ddr0.read_bandwidth_gbps": value})
+        with pytest.raises(Exception, match=f"tiers.{TIER}.read_bandwidth_gbps"):
+            profile_with_overrides(profile, {f"tiers.{TIER}.read_bandwidth_gbps": value})
 
 
 @pytest.mark.parametrize(("old", "new", "where", "message"), [
