@@ -91,7 +91,8 @@ MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _MODELS}
 # family ("llama2-70b"), "meta-" prefixes, chat / instruct variants (same architecture).
 _PREFIXES = ("meta-",)
 _SUFFIXES = ("-hf", "-chat", "-instruct", "-base")
-# Punctuation is dropped when matching, so "llama-3-1-8b" and "Qwen2.5_7B" need no entry here.
+# Punctuation is dropped when matching, so "llama-3-1-8b" and "Qwen2.5_7B" need no entry here;
+# between two digits it still separates them, so "opt-1.3b" is not "opt-13b".
 _EXTRA_ALIASES = {
     "opt-6b7": "opt-6.7b",
 }
@@ -110,7 +111,14 @@ def _key(name: str) -> str:
         for suffix in _SUFFIXES:
             if text.endswith(suffix):
                 text, changed = text[: -len(suffix)], True
-    return re.sub(r"[^a-z0-9]", "", text)
+    return re.sub(r"[^a-z0-9]+", lambda m: _separator(text, m.start(), m.end()), text)
+
+
+def _separator(text: str, start: int, end: int) -> str:
+    """Punctuation between two digits ("3.1", "3-1", "3_1") keeps them apart as "."."""
+    between_digits = 0 < start and end < len(text) and text[start - 1].isdigit() \
+        and text[end].isdigit()
+    return "." if between_digits else ""
 
 
 def _build_index() -> dict[str, str]:

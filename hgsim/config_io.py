@@ -10,26 +10,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ValidationError
 
+from hgsim.config_read import Loc, compose, dotted, read_text
 from hgsim.errors import ConfigError
 
-Loc = tuple[Any, ...]
+__all__ = ["Loc", "YamlDocument", "dotted", "humane", "load_yaml", "parse_yaml", "validate",
+           "validation_error"]
+
 _FIELD_PATH = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)+$")
-
-
-def _line_map(node: yaml.Node, path: Loc, lines: dict[Loc, int]) -> None:
-    lines[path] = node.start_mark.line + 1
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            key = key_node.value
-            lines[path + (key,)] = key_node.start_mark.line + 1
-            _line_map(value_node, path + (key,), lines)
-            lines[path + (key,)] = key_node.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for index, item in enumerate(node.value):
-            _line_map(item, path + (index,), lines)
 
 
 class YamlDocument:
@@ -55,40 +44,15 @@ class YamlDocument:
         return ConfigError(message, source=where, field=field or None)
 
 
-def dotted(loc: Loc) -> str:
-    parts: list[str] = []
-    for part in loc:
-        if isinstance(part, int):
-            parts.append(f"[{part}]")
-        else:
-            parts.append(("." if parts else "") + str(part))
-    return "".join(parts)
-
-
 def load_yaml(path: str | Path) -> YamlDocument:
+    """Read and parse a profile or study; anything wrong with the file is a ConfigError
+    (see ``config_read``: binary content, duplicate keys, alias bombs, ...)."""
     path = Path(path)
-    source = str(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("file not found", source=source) from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read file ({exc.strerror})", source=source) from None
-    return parse_yaml(text, source)
+    return parse_yaml(read_text(path), str(path))
 
 
 def parse_yaml(text: str, source: str) -> YamlDocument:
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"invalid YAML ({problem})", source=where) from None
-    lines: dict[Loc, int] = {}
-    if node is not None:
-        _line_map(node, (), lines)
+    data, lines = compose(text, source)
     return YamlDocument(data, lines, source)
 
 
@@ -103,7 +67,7 @@ def validate(model: type[BaseModel], doc: YamlDocument, *, context: dict | None 
 def validation_error(exc: ValidationError, doc: YamlDocument) -> ConfigError:
     first = exc.errors(include_url=False)[0]
     loc = tuple(part for part in first["loc"] if not _is_pydantic_tag(part))
-    message = _humane(first)
+    message = humane(first)
     # Cross-field validators raise "a.b.c: message"; recover the field so the line is right.
     head, sep, rest = message.partition(": ")
     if sep and not loc and _FIELD_PATH.match(head):
@@ -117,7 +81,8 @@ def _is_pydantic_tag(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part and part.endswith("]"))
 
 
-def _humane(error: dict) -> str:
+def humane(error: dict) -> str:
+    """One pydantic error as a person would say it (no "Value error, " prefixes)."""
     kind, msg = error["type"], error["msg"]
     if kind == "missing":
         return "required field is missing"

@@ -67,7 +67,8 @@ def resolve_profile(name_or_path: str | os.PathLike[str]) -> Path:
     )
     if looks_like_path:
         if not path.is_file():
-            raise ConfigError("file not found", source=text)
+            raise ConfigError("not a regular file" if path.exists() else "file not found",
+                              source=text)
         return path
     files = _profile_files()
     if text in files:

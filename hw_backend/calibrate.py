@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hgsim.errors import UserError
+from hgsim.outputs import check_output_file
 from hw_backend.calibration import cpu_kernel, cuda, memory, standin
 from hw_backend.calibration.assemble import Context, build
 from hw_backend.calibration.quiet import wait_for_quiet
@@ -65,10 +66,10 @@ def calibrate(
     """
     t0 = time.perf_counter()
     out = Path(out)
-    if not out.parent.is_dir():
-        raise UserError(f"folder {out.parent} does not exist", field="--out")
-    if out.suffix not in (".yaml", ".yml"):
+    if out.suffix not in (".yaml", ".yml") and not out.is_dir():
         raise UserError(f"{out}: a profile must end in .yaml or .yml", field="--out")
+    for path in (out, *sidecar_paths(out)):  # before measuring: minutes of it otherwise lost
+        check_output_file(path, "--out")
     _require_extension()
     if statistic not in STATISTICS:
         raise UserError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}",

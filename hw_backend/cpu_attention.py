@@ -117,7 +117,8 @@ def set_prefetch_bytes(nbytes: int) -> int:
 
 
 def max_threads() -> int:
-    """Threads a call uses when ``num_threads`` is None (OpenMP default, OMP_NUM_THREADS)."""
+    """Threads a call uses when ``num_threads`` is None (OpenMP default, OMP_NUM_THREADS),
+    at most the machine's CPUs (more are capped, with a RuntimeWarning)."""
     return _ext.max_threads() if _ext is not None else 1
 
 
@@ -293,13 +294,27 @@ def _int_arg(value: Any, name: str) -> int:
 
 
 def _threads(num_threads: int | None) -> int:
-    """0 tells the extension to use its OpenMP default."""
+    """0 tells the extension to use its OpenMP default.
+
+    More threads than the machine has CPUs are capped by the extension, with a
+    RuntimeWarning (it checks, so direct calls are as safe as these).
+    """
     if num_threads is None:
         return 0
     n = _int_arg(num_threads, "num_threads")
     if n < 1:
         raise ValueError(f"num_threads: must be >= 1, got {n}")
+    if n > sys.maxsize:
+        raise ValueError(f"num_threads: {n} is not a thread count")
     return n
+
+
+def _check_sizes(name: str, shape: tuple[int, ...], labels: tuple[str, ...]) -> None:
+    """Every labelled dimension at least 1: an empty batch or head set is a caller's mistake
+    (and once divided a kernel by zero)."""
+    for size, label in zip(shape, labels, strict=False):
+        if label and size < 1:
+            raise ValueError(f"{name}: {label} must be >= 1, got shape {tuple(shape)}")
 
 
 @dataclass(frozen=True)
@@ -334,12 +349,14 @@ def _prepare(
     if Ka.ndim != 4:
         raise ValueError(f"K: expected shape (B, KVH, T, D), got {Ka.shape}")
     B, H, D = qa.shape
+    _check_sizes("q", qa.shape, ("batch", "heads", "head_dim"))
     if Ka.shape[0] != B:
         raise ValueError(f"K: batch {Ka.shape[0]} differs from q's {B}")
     if Ka.shape[3] != D:
         raise ValueError(f"K: head_dim {Ka.shape[3]} differs from q's {D}")
     kvh = Ka.shape[1]
-    if kvh == 0 or H % kvh:
+    _check_sizes("K", Ka.shape, ("", "kv heads"))
+    if H % kvh:
         raise ValueError(f"q: {H} heads is not a multiple of K's {kvh} kv heads")
     Va, vdt = (None, None)
     if V is not None:
@@ -354,7 +371,7 @@ def _prepare(
     if not start <= end <= T:
         raise ValueError(f"end: {end} is outside [start={start}, {T}]")
     if scale is None:
-        scale = 1.0 / math.sqrt(D) if D else 1.0
+        scale = 1.0 / math.sqrt(D)
     scale = float(scale)
     if not math.isfinite(scale):
         raise ValueError(f"scale: must be finite, got {scale}")
@@ -476,6 +493,8 @@ def _widen(a: np.ndarray, dtype: str) -> np.ndarray:
     """float32 copy of a KV slice (reference path only)."""
     if dtype == "bfloat16":
         return (a.astype(np.uint32) << 16).view(np.float32)
+    if dtype == "float16" and a.dtype.kind in "iu":  # float16 bits in 16-bit integer storage
+        return a.view(np.float16).astype(np.float32)
     return a.astype(np.float32)
 
 
@@ -615,6 +634,7 @@ class CpuAttention:
         _check_contiguous(scores, "scores")
         if scores.ndim != 3:
             raise ValueError(f"scores: expected shape (B, H, T), got {scores.shape}")
+        _check_sizes("scores", scores.shape, ("batch", "heads"))
         k = _check_k(k, scores.shape[2])
         return _wrap(torch_out, *self._k.topk(scores, k, _threads(num_threads)))
 
@@ -680,10 +700,12 @@ class CpuAttention:
         if Va.ndim != 4:
             raise ValueError(f"V: expected shape (B, KVH, T, D), got {Va.shape}")
         B, KVH, T, _ = Va.shape
+        _check_sizes("V", Va.shape, ("batch", "kv heads", "", "head_dim"))
         idx_a = _indices(idx)
         if idx_a.shape[0] != B:
             raise ValueError(f"idx: batch {idx_a.shape[0]} differs from V's {B}")
-        if KVH == 0 or idx_a.shape[1] % KVH:
+        _check_sizes("idx", idx_a.shape, ("", "heads"))
+        if idx_a.shape[1] % KVH:
             raise ValueError(f"idx: {idx_a.shape[1]} heads is not a multiple of {KVH} kv heads")
         _check_index_range(idx_a, T)
         if out is not None:

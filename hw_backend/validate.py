@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hgsim.errors import UserError
+from hgsim.outputs import check_output_file
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
 from hgsim.specs.hardware import HardwareProfile
@@ -42,6 +43,8 @@ from hgsim.validation import (
 from hw_backend.calibration.quiet import wait_for_quiet
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: What a run writes: ``<prefix>.csv`` and the scatter plot as PNG and SVG.
+OUTPUT_SUFFIXES = (".csv", ".png", ".svg")
 
 
 # ------------------------------------------------------------------------------ one case
@@ -230,6 +233,7 @@ def run_validation(
     path = resolve_profile(profile)
     prof = load_profile(path)
     study = load_study(study_path)
+    prefix = output_prefix(out, path)  # checked before measuring: or every case is lost
     if steps is not None:
         study = study.model_copy(update={"steps": steps})
     calibration = Calibration.beside(path, prof)
@@ -264,7 +268,7 @@ def run_validation(
     probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
     drift = (Drift(calibration.probe[1], probes, calibration.probe[0])
              if probes and calibration.probe else None)
-    outputs = _write(results, error, threshold, out or _default_out(path), prof, study, load)
+    outputs = _write(results, error, threshold, prefix, prof, study, load)
     return ValidationRun(prof, study, results, error, threshold, outputs,
                          time.perf_counter() - t0, load, drift,
                          None if cuda else calibration.host_slowdown)
@@ -272,6 +276,17 @@ def run_validation(
 
 def _load() -> float:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+
+
+def output_prefix(out: Path | None, profile_path: Path) -> Path:
+    """Where ``<prefix>.csv/.png/.svg`` go: ``out``, or the default name inside ``out`` when it
+    is a folder, or ``_default_out``; UserError if any of them cannot be written."""
+    prefix = out or _default_out(profile_path)
+    if prefix.is_dir():
+        prefix = prefix / _default_out(profile_path).name
+    for suffix in OUTPUT_SUFFIXES:
+        check_output_file(prefix.with_name(prefix.name + suffix), "--out")
+    return prefix
 
 
 def _default_out(profile_path: Path) -> Path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hgsim.commands.checks import non_negative
 from hgsim.errors import UserError
 
 
@@ -53,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"calibration needs the hardware backend ({exc}); "
                         "install with `pip install -e .[hw]`") from None
-    if args.quiet_wait < 0:
-        raise UserError("--quiet-wait must be >= 0")
+    non_negative(args.quiet_wait, "--quiet-wait")
     out = Path(args.out)
     result = calibrate(
         out, quick=args.quick, name=args.name, kv_dtype=args.kv_dtype, use_cuda=args.cuda,

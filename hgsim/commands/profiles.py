@@ -178,7 +178,8 @@ def _check(files: list[str]) -> int:
     for file in files:
         try:
             if not Path(file).is_file():  # a FILE argument is never looked up as a name
-                raise UserError("file not found", source=file)
+                found = Path(file).exists()
+                raise UserError("not a regular file" if found else "file not found", source=file)
             profile = load_profile(Path(file))
         except UserError as exc:
             print(f"hgsim profiles check: error: {exc}", file=sys.stderr)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from pydantic import ValidationError
 
 from hgsim.errors import UserError
+from hgsim.outputs import check_output_file
 from hgsim.results import SimResult
 from hgsim.units import parse_count
 
@@ -38,13 +38,40 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _parse_options(pairs: list[str]) -> dict:
-    options = {}
+    """``KEY=VALUE`` pairs as a dict; a key given twice is an error, not "the last wins"."""
+    options: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise UserError(f"--option expects KEY=VALUE, got {pair!r}")
-        options[key.strip()] = _scalar(value.strip())
+        key = key.strip()
+        if key in options:
+            raise UserError(f"'{key}' is given twice ({key}={options[key]} and {pair.strip()}); "
+                            "give each option once", field="--option")
+        options[key] = _scalar(value.strip())
     return options
+
+
+def _check_options(policy: str, options: dict) -> None:
+    """The policy accepts ``options``, or a UserError naming the --option that is wrong
+    (unknown policies are left to the simulator, which lists the known ones)."""
+    from hgsim.config_io import humane
+    from hgsim.policies import POLICIES
+
+    entry = POLICIES.get(policy)
+    if entry is None:
+        return
+    cls, preset, _ = entry
+    try:
+        cls.Options(**{**preset, **options})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = str(first["loc"][0]) if first["loc"] else ""
+        message = humane(first)
+        if first["type"] == "extra_forbidden":
+            message = (f"policy '{policy}' has no option '{key}' (its options: "
+                       f"{', '.join(cls.Options.model_fields)})")
+        raise UserError(message, field=f"--option {key}".strip()) from None
 
 
 def _scalar(text: str):
@@ -71,16 +98,19 @@ def run(args: argparse.Namespace) -> int:
             gen=_count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
         )
     except ValidationError as exc:
+        from hgsim.config_io import humane
+
         first = exc.errors(include_url=False)[0]
-        raise UserError(first["msg"], field="--" + str(first["loc"][0])) from None
+        raise UserError(humane(first), field="--" + str(first["loc"][0])) from None
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
-    trace = Path(args.trace) if args.trace else None
-    if trace is not None and not trace.parent.exists():
-        raise UserError(f"folder {trace.parent} does not exist", field="--trace")
+    options = _parse_options(args.option)
+    _check_options(args.policy, options)
+    # Before the simulation: a trace that cannot be written would lose its result at the end.
+    trace = check_output_file(args.trace, "--trace") if args.trace else None
     result = simulate(
         args.profile, args.model, args.policy, workload,
-        policy_options=_parse_options(args.option),
+        policy_options=options,
         fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
     )
     if args.json:

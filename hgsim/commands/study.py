@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hgsim.commands.checks import local_workers
 from hgsim.errors import UserError
 
 
@@ -54,11 +55,12 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("must be >= 1", field="--chunk")
     if args.executor == "local" and (args.scheduler or args.scheduler_file):
         raise UserError("--scheduler/--scheduler-file need --executor dask")
+    jobs = local_workers(args.jobs, "--jobs", "study") if args.executor == "local" else args.jobs
     options = RunOptions(
         out=Path(args.out) if args.out else None, force=args.force,
         figures=not args.no_figures, quiet=args.quiet, dry_run=args.dry_run,
         execution=ExecOptions(
-            executor=args.executor, jobs=args.jobs, scheduler=args.scheduler,
+            executor=args.executor, jobs=jobs, scheduler=args.scheduler,
             scheduler_file=args.scheduler_file, chunk=args.chunk, progress=not args.quiet,
         ),
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hgsim.commands.checks import non_negative
 from hgsim.errors import UserError
 from hgsim.units import parse_count
 
@@ -32,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="validation study YAML (default: studies/validation.yaml)")
     p.add_argument("--threshold", type=float, default=10.0,
                    help="largest acceptable MAPE in percent (default 10)")
-    p.add_argument("--out", help="output prefix for <prefix>.csv/.png/.svg "
-                   "(default: ./<profile>.validation)")
+    p.add_argument("--out", help="output prefix for <prefix>.csv/.png/.svg, or a folder to "
+                   "write <profile>.validation.* into (default: ./<profile>.validation)")
     p.add_argument("--max-context", help="skip cases above this context (e.g. 16k)")
     p.add_argument("--steps", type=int, help="compared steps per case (overrides the study)")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cuda", "standin"],
@@ -49,10 +50,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not args.threshold >= 0:
-        raise UserError("--threshold must be >= 0")
-    if args.quiet_wait < 0:
-        raise UserError("--quiet-wait must be >= 0")
+    non_negative(args.threshold, "--threshold")
+    non_negative(args.quiet_wait, "--quiet-wait")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
     max_context = None

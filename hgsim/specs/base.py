@@ -1,19 +1,23 @@
-"""Base model for specs: strict keys, and quantities with units read by field-name suffix."""
+"""Base model for specs: strict keys, checked numbers, and quantities with units read by
+field-name suffix."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import ConfigDict, ValidationInfo, field_validator
 
+from hgsim.specs.numbers import CheckedNumbers
 from hgsim.units import dimension_of, parse_quantity
 
 
-class SpecModel(BaseModel):
-    """Frozen, strict (unknown keys are errors) and unit-aware.
+class SpecModel(CheckedNumbers):
+    """Frozen, strict (unknown keys are errors), unit-aware, and numbers are checked.
 
     A field named ``*_gbps`` accepts ``25`` or ``"25 GB/s"``; a dict field such as
     ``peak_tflops`` converts each value. A unit of the wrong dimension is a validation error.
+    Every number, converted or not, must be finite and plausible and not a boolean
+    (``CheckedNumbers``).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)

@@ -184,6 +184,7 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
     for path, loc in locations.items():
         _check_axis_path(path, study, doc, loc)
     resolver = _Resolver(doc, base_dir)
+    _check_swept_base(study, doc, resolver)
     _check_hardware_axes(study, doc, resolver)
 
     points: list[Point] = []
@@ -242,6 +243,18 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
         raise doc.error(loc, f"unknown fidelity field '{rest}' (known: decode_samples, accuracy)")
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
+
+
+def _check_swept_base(study: Study, doc: YamlDocument, resolver: _Resolver) -> None:
+    """``base.policy``, ``base.model`` and ``base.profile`` name real things even where an
+    axis replaces them in every point: a typo there is still a mistake in the file."""
+    axes = study.axes()
+    if "policy" in axes:
+        _check_policy(study.base.policy, {}, ("base", "policy"), {}, doc)
+    if "model" in axes:
+        resolver.model(study.base.model, ("base", "model"))
+    if "profile" in axes:
+        resolver.profile(study.base.profile, ("base", "profile"))
 
 
 def _check_hardware_axes(study: Study, doc: YamlDocument, resolver: _Resolver) -> None:

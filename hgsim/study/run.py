@@ -20,6 +20,7 @@ import pandas as pd
 from hgsim.study import sensitivity as sens
 from hgsim.study.derived import compute_derived
 from hgsim.study.execute import ExecOptions, ExecStats, execute
+from hgsim.study.folder import check_study_folder
 from hgsim.study.frame import assemble, write_tables
 from hgsim.study.load import StudyPlan, load_study, resolved_yaml
 from hgsim.study.plots import draw_all, draw_elasticity
@@ -62,6 +63,7 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     out = options.out or Path("results") / plan.study.name
     store = PointStore(out / "points")
     specs = plan.expansion.unique_specs()
+    check_study_folder(out)  # so does an output folder that cannot take the results
     stored = set() if options.force else set(store.load([s.key for s in specs]))
     todo = [s for s in specs if s.key not in stored]
     say = _Say(options.quiet)

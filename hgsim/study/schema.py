@@ -63,15 +63,17 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
+from hgsim.specs.numbers import CheckedNumbers
 from hgsim.units import parse_count
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class StudyModel(BaseModel):
-    """Strict base: unknown keys are errors, values are not coerced across types silently."""
+class StudyModel(CheckedNumbers):
+    """Strict base: unknown keys are errors, values are not coerced across types silently,
+    numbers are finite and plausible and never booleans (``CheckedNumbers``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -9,8 +9,11 @@
  *     exactly (split-K), so a single sequence with few KV heads still uses every core;
  *   - SIMD kernels (cpu_attention.h) are compiled for AVX-512, AVX2 and plain C and picked
  *     at run time; the GIL is released around all compute.
- * Input checking for users lives in hw_backend/cpu_attention.py; the checks here only make
- * sure a direct call with inconsistent buffers raises instead of reading out of bounds.
+ * Input checking for users lives in hw_backend/cpu_attention.py; the checks here make sure a
+ * direct call with inconsistent buffers, an empty batch or head set, or a thread count the
+ * machine cannot run raises (or is capped) instead of reading out of bounds, dividing by zero
+ * or ending the process inside the OpenMP runtime. They run while arguments are parsed,
+ * before any OpenMP region.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,6 +25,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <unistd.h>
 #endif
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -325,15 +331,28 @@ static const kernels_t *kernels_for(int level)
  */
 static size_t dtype_size(int dtype) { return dtype == DT_F32 ? 4 : 2; }
 
-static int default_threads(int requested)
+/* Threads of a call that names none: OpenMP's default (OMP_NUM_THREADS, else the CPUs). */
+static int default_threads(void)
 {
-    if (requested > 0)
-        return requested;
 #ifdef _OPENMP
     return omp_get_max_threads();
 #else
     return 1;
 #endif
+}
+
+/* CPUs this machine has online (at least 1): the most threads a call runs with. */
+static int machine_cpus(void)
+{
+    long n = -1;
+#ifdef _SC_NPROCESSORS_ONLN
+    n = sysconf(_SC_NPROCESSORS_ONLN);
+#endif
+#ifdef _OPENMP
+    if (n < 1)
+        n = omp_get_num_procs();
+#endif
+    return n < 1 ? 1 : n > 1 << 20 ? 1 << 20 : (int)n;
 }
 
 /* Shapes and data of one call: q (B,H,D) float32, K/V (B,KVH,T,D), G = H / KVH. */
@@ -482,6 +501,8 @@ typedef struct {
 static split_t split_tokens(int64_t groups, int64_t ntok, int nthreads)
 {
     split_t sp;
+    if (groups < 1) /* callers reject empty batches; never divide by zero regardless */
+        groups = 1;
     int64_t want = nthreads > 1 ? (ITEMS_PER_THREAD * nthreads + groups - 1) / groups : 1;
     int64_t most = (ntok + MIN_CHUNK - 1) / MIN_CHUNK;
     sp.nch = want < most ? want : most;
@@ -978,6 +999,34 @@ static int check_dims(int ok, const char *msg)
     return ok;
 }
 
+/*
+ * The thread count a call runs with, checked while its arguments are parsed (before any
+ * buffer is taken or OpenMP region entered). 0 is the OpenMP default; negative is a
+ * ValueError. More than the machine's CPUs is capped there with a RuntimeWarning: extra
+ * threads could only time-share cores (results are the same either way), and thousands of
+ * them exhaust memory and end the process inside the OpenMP runtime, with no exception.
+ * Returns the count, or -1 with an exception set (also when warnings are errors).
+ */
+static int thread_count(Py_ssize_t requested)
+{
+    if (requested < 0) {
+        PyErr_Format(PyExc_ValueError, "nthreads: must be >= 0 (0: the OpenMP default), got %zd",
+                     requested);
+        return -1;
+    }
+    Py_ssize_t n = requested > 0 ? requested : default_threads();
+    int cpus = machine_cpus();
+    if (n > cpus) {
+        if (PyErr_WarnFormat(PyExc_RuntimeWarning, 1,
+                             "nthreads: %zd%s is more than the %d CPUs of this machine; "
+                             "using %d", n, requested > 0 ? "" : " (the OpenMP default)",
+                             cpus, cpus) < 0)
+            return -1;
+        n = cpus;
+    }
+    return (int)n;
+}
+
 /* Fills shapes from q (B,H,D) and K (B,KVH,T,D), checking they fit together. */
 static int attn_from_views(attn_t *a, const Py_buffer *q, const Py_buffer *K, int kdt,
                            float scale)
@@ -993,9 +1042,13 @@ static int attn_from_views(attn_t *a, const Py_buffer *q, const Py_buffer *K, in
     a->KVH = K->shape[1];
     a->T = K->shape[2];
     a->scale = scale;
-    if (!check_dims(K->shape[0] == a->B, "K: batch size differs from q") ||
+    if (!check_dims(a->B > 0, "q: batch must be >= 1") ||
+        !check_dims(a->H > 0, "q: heads must be >= 1") ||
+        !check_dims(a->D > 0, "q: head_dim must be >= 1") ||
+        !check_dims(K->shape[0] == a->B, "K: batch size differs from q") ||
         !check_dims(K->shape[3] == a->D, "K: head_dim differs from q") ||
-        !check_dims(a->KVH > 0 && a->H % a->KVH == 0, "q: heads must be a multiple of kv heads"))
+        !check_dims(a->KVH > 0, "K: kv heads must be >= 1") ||
+        !check_dims(a->H % a->KVH == 0, "q: heads must be a multiple of kv heads"))
         return 0;
     a->G = a->H / a->KVH;
     return 1;
@@ -1031,14 +1084,15 @@ static PyObject *py_partial_attention(PyObject *self, PyObject *args)
 {
     PyObject *qo, *ko, *vo, *oo, *lo;
     int kdt, vdt, nthreads;
-    Py_ssize_t start, end;
+    Py_ssize_t start, end, nthreads_arg;
     float scale;
     views_t vs = {.n = 0};
     attn_t a;
     int rc = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOiOinnfiOO", &qo, &ko, &kdt, &vo, &vdt, &start, &end, &scale,
-                          &nthreads, &oo, &lo))
+    if (!PyArg_ParseTuple(args, "OOiOinnfnOO", &qo, &ko, &kdt, &vo, &vdt, &start, &end, &scale,
+                          &nthreads_arg, &oo, &lo) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
         return NULL;
     Py_buffer *q = view_get(&vs, qo, "q", 3, 'f', 0);
     Py_buffer *K = q ? kv_view(&vs, ko, "K", kdt) : NULL;
@@ -1054,7 +1108,6 @@ static PyObject *py_partial_attention(PyObject *self, PyObject *args)
     }
     a.V = V->buf;
     a.vdt = vdt;
-    nthreads = default_threads(nthreads);
     Py_BEGIN_ALLOW_THREADS
     rc = run_partial(&a, start, end, nthreads, out->buf, lse->buf);
     Py_END_ALLOW_THREADS
@@ -1066,14 +1119,15 @@ static PyObject *py_logits(PyObject *self, PyObject *args)
 {
     PyObject *qo, *ko, *oo;
     int kdt, nthreads;
-    Py_ssize_t start, end;
+    Py_ssize_t start, end, nthreads_arg;
     float scale;
     views_t vs = {.n = 0};
     attn_t a;
     int rc = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOinnfiO", &qo, &ko, &kdt, &start, &end, &scale, &nthreads,
-                          &oo))
+    if (!PyArg_ParseTuple(args, "OOinnfnO", &qo, &ko, &kdt, &start, &end, &scale, &nthreads_arg,
+                          &oo) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
         return NULL;
     Py_buffer *q = view_get(&vs, qo, "q", 3, 'f', 0);
     Py_buffer *K = q ? kv_view(&vs, ko, "K", kdt) : NULL;
@@ -1083,7 +1137,6 @@ static PyObject *py_logits(PyObject *self, PyObject *args)
         views_release(&vs);
         return NULL;
     }
-    nthreads = default_threads(nthreads);
     Py_BEGIN_ALLOW_THREADS
     rc = run_logits(&a, start, end, nthreads, out->buf);
     Py_END_ALLOW_THREADS
@@ -1095,14 +1148,15 @@ static PyObject *py_logits_topk(PyObject *self, PyObject *args)
 {
     PyObject *qo, *ko, *valo, *idxo;
     int kdt, nthreads;
-    Py_ssize_t start, end;
+    Py_ssize_t start, end, nthreads_arg;
     float scale;
     views_t vs = {.n = 0};
     attn_t a;
     int rc = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOinnfiOO", &qo, &ko, &kdt, &start, &end, &scale, &nthreads,
-                          &valo, &idxo))
+    if (!PyArg_ParseTuple(args, "OOinnfnOO", &qo, &ko, &kdt, &start, &end, &scale, &nthreads_arg,
+                          &valo, &idxo) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
         return NULL;
     Py_buffer *q = view_get(&vs, qo, "q", 3, 'f', 0);
     Py_buffer *K = q ? kv_view(&vs, ko, "K", kdt) : NULL;
@@ -1117,7 +1171,6 @@ static PyObject *py_logits_topk(PyObject *self, PyObject *args)
         views_release(&vs);
         return NULL;
     }
-    nthreads = default_threads(nthreads);
     Py_BEGIN_ALLOW_THREADS
     rc = run_logits_topk(&a, start, end, k, nthreads, val->buf, idx->buf);
     Py_END_ALLOW_THREADS
@@ -1129,16 +1182,18 @@ static PyObject *py_topk(PyObject *self, PyObject *args)
 {
     PyObject *so, *valo, *idxo;
     int nthreads;
+    Py_ssize_t nthreads_arg;
     views_t vs = {.n = 0};
     int rc = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OiOO", &so, &nthreads, &valo, &idxo))
+    if (!PyArg_ParseTuple(args, "OnOO", &so, &nthreads_arg, &valo, &idxo) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
         return NULL;
     Py_buffer *s = view_get(&vs, so, "scores", 3, 'f', 0);
     Py_buffer *val = s ? view_get(&vs, valo, "values", 3, 'f', 1) : NULL;
     Py_buffer *idx = val ? view_get(&vs, idxo, "indices", 3, 'i', 1) : NULL;
     int64_t k = idx ? val->shape[2] : 0;
-    if (!idx ||
+    if (!idx || !check_dims(s->shape[0] > 0 && s->shape[1] > 0, "scores: batch and heads must be >= 1") ||
         !check_shape3(val, s->shape[0], s->shape[1], k, "values: expected (B, H, k)") ||
         !check_same_shape(idx, val, "indices: shape differs from values") ||
         !check_dims(k >= 1 && k <= s->shape[2], "k: need 1 <= k <= tokens") ||
@@ -1146,7 +1201,6 @@ static PyObject *py_topk(PyObject *self, PyObject *args)
         views_release(&vs);
         return NULL;
     }
-    nthreads = default_threads(nthreads);
     Py_BEGIN_ALLOW_THREADS
     rc = run_topk(kernels_for(simd_current), s->buf, s->shape[0] * s->shape[1], s->shape[2], k,
                   nthreads, val->buf, idx->buf);
@@ -1174,10 +1228,12 @@ static PyObject *py_gather_rows(PyObject *self, PyObject *args)
 {
     PyObject *vo, *idxo, *oo;
     int vdt, nthreads;
+    Py_ssize_t nthreads_arg;
     views_t vs = {.n = 0};
     attn_t a;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OiOiO", &vo, &vdt, &idxo, &nthreads, &oo))
+    if (!PyArg_ParseTuple(args, "OiOnO", &vo, &vdt, &idxo, &nthreads_arg, &oo) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
         return NULL;
     Py_buffer *V = kv_view(&vs, vo, "V", vdt);
     Py_buffer *idx = V ? view_get(&vs, idxo, "idx", 3, 'i', 0) : NULL;
@@ -1191,8 +1247,10 @@ static PyObject *py_gather_rows(PyObject *self, PyObject *args)
         a.T = V->shape[2];
         a.D = V->shape[3];
         a.H = idx->shape[1];
-        if (check_dims(a.KVH > 0 && a.H % a.KVH == 0,
-                       "idx: heads must be a multiple of kv heads")) {
+        if (check_dims(a.B > 0 && a.D > 0, "V: batch and head_dim must be >= 1") &&
+            check_dims(a.KVH > 0, "V: kv heads must be >= 1") &&
+            check_dims(a.H > 0, "idx: heads must be >= 1") &&
+            check_dims(a.H % a.KVH == 0, "idx: heads must be a multiple of kv heads")) {
             a.G = a.H / a.KVH;
             k = check_indices(idx, &a);
         }
@@ -1203,7 +1261,6 @@ static PyObject *py_gather_rows(PyObject *self, PyObject *args)
         views_release(&vs);
         return NULL;
     }
-    nthreads = default_threads(nthreads);
     Py_BEGIN_ALLOW_THREADS
     run_gather(&a, idx->buf, k, nthreads, out->buf);
     Py_END_ALLOW_THREADS
@@ -1215,14 +1272,16 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args)
 {
     PyObject *qo, *ko, *vo, *idxo, *oo, *lo;
     int kdt, vdt, nthreads;
+    Py_ssize_t nthreads_arg;
     float scale;
     views_t vs = {.n = 0};
     attn_t a;
     int rc = 0;
     int64_t k = -1;
     (void)self;
-    if (!PyArg_ParseTuple(args, "OOiOiOfiOO", &qo, &ko, &kdt, &vo, &vdt, &idxo, &scale,
-                          &nthreads, &oo, &lo))
+    if (!PyArg_ParseTuple(args, "OOiOiOfnOO", &qo, &ko, &kdt, &vo, &vdt, &idxo, &scale,
+                          &nthreads_arg, &oo, &lo) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
         return NULL;
     Py_buffer *q = view_get(&vs, qo, "q", 3, 'f', 0);
     Py_buffer *K = q ? kv_view(&vs, ko, "K", kdt) : NULL;
@@ -1241,7 +1300,6 @@ static PyObject *py_sparse_attention(PyObject *self, PyObject *args)
     }
     a.V = V->buf;
     a.vdt = vdt;
-    nthreads = default_threads(nthreads);
     Py_BEGIN_ALLOW_THREADS
     rc = run_sparse(&a, idx->buf, k, nthreads, out->buf, lse->buf);
     Py_END_ALLOW_THREADS
@@ -1253,17 +1311,18 @@ static PyObject *py_stream_read(PyObject *self, PyObject *args)
 {
     PyObject *bo;
     int nthreads;
+    Py_ssize_t nthreads_arg;
     Py_buffer b;
     uint64_t sum = 0;
     (void)self;
-    if (!PyArg_ParseTuple(args, "Oi", &bo, &nthreads))
+    if (!PyArg_ParseTuple(args, "On", &bo, &nthreads_arg) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
         return NULL;
     if (PyObject_GetBuffer(bo, &b, PyBUF_C_CONTIGUOUS) < 0) {
         PyErr_SetString(PyExc_ValueError, "buf: expected a C-contiguous buffer");
         return NULL;
     }
     const kernels_t *kt = kernels_for(simd_current);
-    nthreads = default_threads(nthreads);
     Py_BEGIN_ALLOW_THREADS
     sum = run_stream_read(kt, b.buf, (int64_t)(b.len / 8), nthreads);
     Py_END_ALLOW_THREADS
@@ -1348,7 +1407,8 @@ static PyObject *py_max_threads(PyObject *self, PyObject *noargs)
 {
     (void)self;
     (void)noargs;
-    return PyLong_FromLong(default_threads(0));
+    int n = default_threads(), cpus = machine_cpus();
+    return PyLong_FromLong(n < cpus ? n : cpus);
 }
 
 static PyMethodDef methods[] = {
@@ -1371,7 +1431,8 @@ static PyMethodDef methods[] = {
      "Instruction sets this CPU can run, lowest first."},
     {"set_simd_level", py_set_simd_level, METH_VARARGS,
      "set_simd_level(name) -> previous name; name must be supported by this CPU."},
-    {"max_threads", py_max_threads, METH_NOARGS, "OpenMP threads used when none are given."},
+    {"max_threads", py_max_threads, METH_NOARGS,
+     "Threads a call uses when none are given (the OpenMP default, at most the CPUs)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -1,0 +1,34 @@
+"""Checks of command-line numbers that argparse lets through.
+
+``type=float`` accepts ``nan``, ``inf`` and ``1e999``: a NaN threshold compares false with
+everything, an infinite wait never ends. And a worker count is a number of processes this
+machine must start, so a typo with extra zeros should not try to start them all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+from hgsim.errors import UserError
+
+
+def non_negative(value: float, flag: str) -> float:
+    """A finite number >= 0 (seconds, percentages)."""
+    if not math.isfinite(value):
+        raise UserError(f"must be a finite number, got {value}", field=flag)
+    if value < 0:
+        raise UserError(f"{flag} must be >= 0")
+    return value
+
+
+def local_workers(requested: int | None, flag: str, command: str) -> int | None:
+    """Worker processes for this machine: more than its CPUs are capped, with a warning
+    (they could only take turns on the same cores)."""
+    cpus = os.cpu_count() or 1
+    if requested is None or requested <= cpus:
+        return requested
+    print(f"hgsim {command}: warning: {flag} {requested} is more than the {cpus} CPUs of this "
+          f"machine; using {cpus}", file=sys.stderr)
+    return cpus

@@ -1,0 +1,67 @@
+"""Checking where results will go before any work is done.
+
+A simulation, study, calibration or validation runs for seconds to hours; learning at the end
+that its output path is a folder, lies under a file, or is in a place that cannot be written
+loses all of it. Commands call these checks first. They leave nothing behind: whether a folder
+can be written is found out by creating and at once removing a probe file, since permissions
+alone do not tell (root ignores them; /proc and read-only mounts refuse regardless).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from hgsim.errors import UserError
+
+_PROBE_PREFIX = ".hgsim-write-check-"
+
+
+def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
+    """``path`` can be created or replaced as a file; UserError naming ``flag`` if not."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give the name of a file to write", field=flag)
+    parent = path.parent
+    if not parent.exists():
+        raise UserError(f"folder {parent} does not exist", field=flag)
+    if not parent.is_dir():
+        raise UserError(f"{parent} is not a folder", field=flag)
+    _probe(parent, flag)
+    if path.exists():
+        try:  # append mode opens for writing without changing a byte
+            with open(path, "ab"):
+                pass
+        except OSError as exc:
+            raise UserError(f"cannot write {path} ({exc.strerror})", field=flag) from None
+    return path
+
+
+def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
+    """``path`` is a writable folder, or one that can be created; UserError if not.
+
+    Nothing is created: a missing folder is checked through its nearest existing ancestor.
+    """
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} exists and is not a folder", field=flag)
+        _probe(path, flag)
+        return path
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise UserError(f"{ancestor} is not a folder, so {path} cannot be created", field=flag)
+    _probe(ancestor, flag)
+    return path
+
+
+def _probe(folder: Path, flag: str) -> None:
+    try:
+        fd, name = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=folder)
+    except OSError as exc:
+        raise UserError(f"cannot write in {folder} ({exc.strerror})", field=flag) from None
+    os.close(fd)
+    os.unlink(name)

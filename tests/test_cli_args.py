@@ -1,0 +1,111 @@
+"""Command-line arguments that used to slip through: a repeated ``--option``, NaN and infinite
+float flags, thousands of ``--jobs``, a misspelt base value that a sweep overrides, a model
+name that silently matched another model."""
+
+from __future__ import annotations
+
+import pytest
+from bad_input import STUDY, line_of, user_error, write
+
+from hgsim.catalog import get_model
+from hgsim.cli import main
+from hgsim.errors import UserError
+
+SIMULATE = ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+            "--gen", "4", "--samples", "2")
+
+
+def test_repeated_option_is_an_error_not_last_wins(capsys):
+    line = user_error(capsys, *SIMULATE, "--option", "topk_ratio=0.1",
+                      "--option", "topk_ratio=0.2")
+    assert line == ("hgsim simulate: error: --option: 'topk_ratio' is given twice "
+                    "(topk_ratio=0.1 and topk_ratio=0.2); give each option once")
+
+
+@pytest.mark.parametrize(("option", "message"), [
+    ("topk_ratio=true", "--option topk_ratio: expected a number, got true"),
+    ("topk_ratio=nan", "--option topk_ratio: input should be a finite number"),
+    ("topk_ratio=inf", "--option topk_ratio: input should be a finite number"),
+    ("hbm_reserve_gb=1e300", "--option hbm_reserve_gb: 1e+300 is not a plausible value"),
+    ("topk_ratio=2", "--option topk_ratio: input should be less than or equal to 1"),
+    ("topk=0.1", "--option topk: policy 'hybridgen' has no option 'topk' (its options: "),
+])
+def test_bad_option_value_names_the_option(capsys, option, message):
+    line = user_error(capsys, *SIMULATE, "--option", option)
+    assert line.startswith(f"hgsim simulate: error: {message}"), line
+
+
+def test_option_syntax_error_is_unchanged(capsys):
+    line = user_error(capsys, *SIMULATE, "--option", "topk_ratio")
+    assert line == "hgsim simulate: error: --option expects KEY=VALUE, got 'topk_ratio'"
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--context", "0"), ("--batch", "true"),
+                                             ("--context", "10000000000000")])
+def test_workload_flags_name_the_flag_without_pydantic_prefixes(capsys, flag, value):
+    line = user_error(capsys, *SIMULATE, flag, value)
+    assert line.startswith(f"hgsim simulate: error: {flag}: ") and "Value error" not in line
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_validate_float_flags_must_be_finite(capsys, value):
+    pytest.importorskip("torch")
+    for flag in ("--threshold", "--quiet-wait"):
+        line = user_error(capsys, "validate", "--profile", "dev-zen4-2core", f"{flag}={value}")
+        shown = {"1e999": "inf"}.get(value, value)
+        assert line == f"hgsim validate: error: {flag}: must be a finite number, got {shown}"
+
+
+def test_calibrate_quiet_wait_must_be_finite(capsys, tmp_path):
+    pytest.importorskip("torch")
+    line = user_error(capsys, "calibrate", "--out", str(tmp_path / "p.yaml"),
+                      "--quiet-wait", "inf")
+    assert line == "hgsim calibrate: error: --quiet-wait: must be a finite number, got inf"
+    assert user_error(capsys, "calibrate", "--out", str(tmp_path / "p.yaml"),
+                      "--quiet-wait", "-1") == "hgsim calibrate: error: --quiet-wait must be >= 0"
+
+
+def test_jobs_beyond_the_machine_are_capped_with_a_warning(tmp_path, capsys, monkeypatch):
+    import os
+
+    import hgsim.study.run
+
+    seen = {}
+
+    def execute(todo, store, options):
+        seen["jobs"] = options.jobs
+        raise KeyboardInterrupt  # enough: the pool would have been started here
+
+    monkeypatch.setattr(hgsim.study.run, "execute", execute)
+    study = write(tmp_path / "s.yaml", STUDY)
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "-j", "100000",
+                 "-q"]) == 130
+    cpus = os.cpu_count()
+    assert seen["jobs"] == cpus
+    assert (f"hgsim study: warning: --jobs 100000 is more than the {cpus} CPUs of this "
+            f"machine; using {cpus}") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("key", "typo", "axis", "message"), [
+    ("policy", "hybridgn", "policy: [flexgen, hybridgen]",
+     "unknown policy 'hybridgn' (did you mean 'hybridgen'?)"),
+    ("model", "opt-6.7c", "model: [opt-6.7b, llama-2-7b]", "unknown model 'opt-6.7c'"),
+    ("profile", "dev-zen4-2cor", "profile: [dev-zen4-2core]",
+     "unknown hardware profile 'dev-zen4-2cor'; did you mean 'dev-zen4-2core'?"),
+])
+def test_base_value_overridden_by_a_sweep_is_still_checked(tmp_path, capsys, key, typo, axis,
+                                                           message):
+    text = STUDY.replace(f"  {key}: ", f"  {key}: {typo}  # was: ", 1)
+    text = text.replace("    policy: [flexgen, hybridgen]", f"    {axis}")
+    path = write(tmp_path / "s.yaml", text)
+    line = user_error(capsys, "study", str(path), "--dry-run")
+    assert line.startswith(f"hgsim study: error: {path}:{line_of(text, typo)}: base.{key}: "
+                           f"{message}"), line
+
+
+def test_model_names_keep_digits_apart():
+    """"opt-1.3b" is a real model (OPT-1.3B), not another spelling of OPT-13B."""
+    with pytest.raises(UserError, match="unknown model 'opt-1.3b'; did you mean 'opt-13b'"):
+        get_model("opt-1.3b")
+    assert get_model("llama-3-1-8b").name == "llama-3.1-8b"
+    assert get_model("Qwen2.5_7B").name == "qwen2.5-7b"

@@ -1,0 +1,204 @@
+"""Output paths are checked before any work, and a bad one loses nothing.
+
+``simulate --trace`` into a folder raised after the whole simulation (its result lost);
+``study --out`` on an existing file or an unwritable place raised a traceback. Every command
+that writes (simulate, study, calibrate, validate) now checks its outputs first: one line,
+exit 2, the work never started, nothing created or changed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from bad_input import STUDY, user_error, write
+
+import hgsim.simulate
+import hgsim.study.run
+from hgsim.outputs import check_output_dir, check_output_file
+from hgsim.study.folder import STUDY_OUTPUTS
+
+SIMULATE = ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+            "--gen", "4", "--samples", "2")
+#: /proc refuses new files even to root, for whom permission bits mean nothing.
+UNWRITABLE = Path("/proc")
+
+
+def files_under(folder: Path) -> set[Path]:
+    return {p for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Makes every entry into real work fail the test: the checks must come first."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("work started before the output path was checked")
+
+    monkeypatch.setattr(hgsim.simulate, "simulate", refuse)
+    monkeypatch.setattr(hgsim.study.run, "execute", refuse)
+    try:
+        import hw_backend.calibrate
+        import hw_backend.validate
+    except ImportError:
+        return
+    monkeypatch.setattr(hw_backend.calibrate, "discover", refuse)
+    monkeypatch.setattr(hw_backend.validate, "cases", refuse)
+
+
+def bad_paths(tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (path, the end of the expected message)."""
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    afile = write(tmp_path / "afile", "keep me")
+    return {
+        "folder": (folder, f"{folder} is a folder; give the name of a file to write"),
+        "missing": (tmp_path / "nope" / "x", f"folder {tmp_path / 'nope'} does not exist"),
+        "under a file": (afile / "x", f"{afile} is not a folder"),
+        "unwritable": (UNWRITABLE / "x", "cannot write in /proc (No such file or directory)"),
+    }
+
+
+# ------------------------------------------------------------------ simulate --trace
+@pytest.mark.parametrize("case", ["folder", "missing", "under a file", "unwritable"])
+def test_simulate_trace_is_checked_before_simulating(tmp_path, capsys, no_work, case):
+    path, message = bad_paths(tmp_path)[case]
+    before = files_under(tmp_path)
+    line = user_error(capsys, *SIMULATE, "--trace", str(path))
+    assert line == f"hgsim simulate: error: --trace: {message}"
+    assert files_under(tmp_path) == before
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes regardless of permissions")
+def test_simulate_trace_in_a_read_only_folder(tmp_path, capsys, no_work):
+    folder = tmp_path / "ro"
+    folder.mkdir(mode=0o555)
+    line = user_error(capsys, *SIMULATE, "--trace", str(folder / "t.json"))
+    assert line == f"hgsim simulate: error: --trace: cannot write in {folder} (Permission denied)"
+
+
+def test_simulate_trace_still_written_when_fine(tmp_path, capsys):
+    trace = tmp_path / "t.json"
+    from hgsim.cli import main
+
+    assert main([*SIMULATE, "--trace", str(trace)]) == 0
+    assert trace.stat().st_size > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hgsim-write-check")]
+
+
+# ------------------------------------------------------------------ study --out
+@pytest.mark.parametrize(("case", "message"), [
+    ("afile", "{afile} exists and is not a folder"),
+    ("afile/sub", "{afile} is not a folder, so {afile}/sub cannot be created"),
+    ("unwritable", "cannot write in /proc (No such file or directory)"),
+])
+def test_study_out_is_checked_before_anything_runs(tmp_path, capsys, no_work, case, message):
+    study = write(tmp_path / "s.yaml", STUDY)
+    afile = write(tmp_path / "afile", "keep me")
+    out = {"afile": afile, "afile/sub": afile / "sub", "unwritable": UNWRITABLE / "hgsim-test" / "out"}[case]
+    before = files_under(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        line = user_error(capsys, "study", str(study), "--out", str(out), *extra)
+        assert line == f"hgsim study: error: --out: {message.format(afile=afile)}"
+    assert files_under(tmp_path) == before and afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("name", STUDY_OUTPUTS)
+def test_study_output_name_taken_by_the_wrong_kind(tmp_path, capsys, no_work, name):
+    study = write(tmp_path / "s.yaml", STUDY)
+    out = tmp_path / "out"
+    out.mkdir()
+    entry = out / name.rstrip("/")
+    if name.endswith("/"):
+        write(entry, "not a folder")
+    else:
+        entry.mkdir()
+    line = user_error(capsys, "study", str(study), "--out", str(out))
+    kind = "a folder" if name.endswith("/") else "a file"
+    assert line == f"hgsim study: error: --out: {entry} is in the way: the study writes {kind} there"
+
+
+def test_study_results_survive_a_rerun_with_a_bad_out(tmp_path, capsys):
+    """A finished study, then the same study pointed at a file: the first results stay."""
+    from hgsim.cli import main
+
+    study = write(tmp_path / "s.yaml", STUDY)
+    out = tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out), "-j", "1", "-q", "--no-figures"]) == 0
+    stored = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    user_error(capsys, "study", str(study), "--out", str(out / "results.csv"))
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == stored
+
+
+# ------------------------------------------------------------------ calibrate / validate --out
+@pytest.mark.parametrize("case", ["folder", "missing", "under a file", "unwritable"])
+def test_calibrate_out_is_checked_before_measuring(tmp_path, capsys, no_work, case):
+    pytest.importorskip("torch")
+    path, message = bad_paths(tmp_path)[case]
+    if case == "folder":
+        path = path.rename(tmp_path / "p.yaml")
+        message = f"{path} is a folder; give the name of a file to write"
+    else:
+        path = path.with_suffix(".yaml")
+        message = message.replace("/x ", "/x.yaml ")
+    before = files_under(tmp_path)
+    line = user_error(capsys, "calibrate", "--out", str(path), "--quick", "--no-progress")
+    assert line == f"hgsim calibrate: error: --out: {message}"
+    assert files_under(tmp_path) == before
+
+
+def test_calibrate_sidecar_in_the_way(tmp_path, capsys, no_work):
+    pytest.importorskip("torch")
+    (tmp_path / "p.calibration.csv").mkdir()
+    line = user_error(capsys, "calibrate", "--out", str(tmp_path / "p.yaml"), "--quick")
+    assert line.endswith(f"--out: {tmp_path / 'p.calibration.csv'} is a folder; give the name "
+                         "of a file to write")
+
+
+@pytest.mark.parametrize("case", ["missing", "under a file", "unwritable"])
+def test_validate_out_is_checked_before_measuring(tmp_path, capsys, no_work, case):
+    pytest.importorskip("torch")
+    path, message = bad_paths(tmp_path)[case]
+    before = files_under(tmp_path)
+    line = user_error(capsys, "validate", "--profile", "dev-zen4-2core", "--out", str(path),
+                      "--no-progress")
+    assert line == f"hgsim validate: error: --out: {message.replace('/x ', '/x.csv ')}"
+    assert files_under(tmp_path) == before
+
+
+def test_validate_out_folder_gets_the_default_names_inside(tmp_path):
+    pytest.importorskip("torch")
+    from hw_backend.validate import output_prefix
+
+    profile = Path("hardware_profiles/dev-zen4-2core.yaml")
+    assert output_prefix(tmp_path, profile) == tmp_path / "dev-zen4-2core.validation"
+    assert output_prefix(tmp_path / "run1", profile) == tmp_path / "run1"
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ the checks themselves
+def test_checks_leave_nothing_behind(tmp_path):
+    check_output_file(tmp_path / "a.json", "--x")
+    check_output_dir(tmp_path / "new" / "deeper", "--x")
+    check_output_dir(tmp_path, "--x")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_over_binary_garbage_in_the_study_folder(tmp_path):
+    """A point file or run log overwritten with bytes that are not text (a disk error, a stray
+    copy) is recomputed or restarted on the next run, never a traceback."""
+    from hgsim.cli import main
+
+    study = write(tmp_path / "s.yaml", STUDY)
+    out = tmp_path / "out"
+    argv = ["study", str(study), "--out", str(out), "-j", "1", "-q", "--no-figures"]
+    assert main(argv) == 0
+    victim = sorted((out / "points").glob("*.json"))[0]
+    victim.write_bytes(b"\xff\xfe\x00" + os.urandom(64))
+    (out / "run.json").write_bytes(b"\x89PNG\x00")
+    assert main(argv) == 0
+    import json
+
+    assert json.loads(victim.read_text())["key"] == victim.stem
+    assert [entry["computed"] for entry in json.loads((out / "run.json").read_text())] == [1]
