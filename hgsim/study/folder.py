@@ -14,7 +14,7 @@ from hgsim.outputs import check_output_dir
 
 #: What a study writes into its folder: files, and folders (ending in "/").
 STUDY_OUTPUTS = ("points/", "figures/", "results.parquet", "results.csv", "report.md",
-                 "run.json", "study.resolved.yaml")
+                 "run.json", "study.resolved.yaml", "elasticity.csv")
 
 
 def check_study_folder(out: Path) -> None:
