@@ -26,9 +26,12 @@ as two blocks joined by their LSE: that is the same softmax, evaluated blockwise
 Host work of a layer is submitted before the device's attention of that layer and overlaps it;
 with the plan's ``lookahead`` the host work of layer i+1 is triggered by layer i's qkv (the CPU
 works one layer ahead), as the simulator triggers it. In ``step`` the queries of all layers are
-given up front, so the look-ahead host work uses layer i+1's true query; a model that produces
-queries layer by layer (``hf_hook``) runs without look-ahead. Look-ahead is also off for a layer
-whose new token lands in host memory (no recent window), since the host must see that token.
+given up front, so by default the look-ahead host work uses layer i+1's true query; a whole model
+(``model_decode``) passes ``lookahead_queries`` instead, layer i+1's query projected from layer
+i's input (HybridGen's approximation: that query exists when layer i's qkv is done), and
+``hf_hook``, which gets queries one layer at a time, runs without look-ahead. Look-ahead is
+also off for a layer whose new token lands in host memory (no recent window), since the host
+must see that token.
 
 Timing follows the simulator's definitions (``hw_backend.timing``) so that the feedback
 scheduler can be driven by measured times (``decode_loop.run_decode``).
@@ -124,6 +127,7 @@ class _Layer:
     path: HostPath | None
     q: torch.Tensor | None = None
     speculative_q: torch.Tensor | None = None
+    host_q: torch.Tensor | None = None  # the query the host uses, when not ``q`` (look-ahead)
     compute: list[Marker] = field(default_factory=list)
     q_ready: Marker | None = None
     trigger: Marker | None = None
@@ -169,19 +173,22 @@ class PlanExecutor:
         self, plan: StepPlan, queries: Sequence[torch.Tensor], *,
         new_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         speculative_queries: Sequence[torch.Tensor] | None = None, step: int | None = None,
+        lookahead_queries: Sequence[torch.Tensor] | None = None,
     ) -> StepRun:
         """Run one decode step of ``plan`` over all layers, pipelined, and time it.
 
         ``queries[i]`` (B, H, D) is layer i's query on the device; ``new_kv[i]`` the new
         token's (K, V) (B, KVH, 1, D), appended before attention (omit it when the cache already
         holds ``plan.layer.context`` tokens); ``speculative_queries[i]`` InfiniGen's query
-        approximation (default: the true query).
+        approximation (default: the true query); ``lookahead_queries[i]`` the query the host
+        uses when it starts layer i one layer early (default: the true query). Queries may be
+        buffers that the device work fills before they are read (``ModelDeviceWork``).
         """
         if len(queries) != plan.num_layers:
             raise ValueError(f"{len(queries)} queries for a plan of {plan.num_layers} layers")
         run = self.begin_step(plan, appending=new_kv is not None, step=step)
         try:
-            self._submit_all(run, queries, new_kv, speculative_queries)
+            self._submit_all(run, queries, new_kv, speculative_queries, lookahead_queries)
         except BaseException:
             self._run = None  # a CUDA queue raises at submission; the step is abandoned
             raise
@@ -191,6 +198,7 @@ class PlanExecutor:
         self, run: _StepRun, queries: Sequence[torch.Tensor],
         new_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
         speculative_queries: Sequence[torch.Tensor] | None,
+        lookahead_queries: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Submit every layer, host work of look-ahead layers one layer early."""
         plan = run.plan
@@ -203,6 +211,8 @@ class PlanExecutor:
             if ahead < plan.num_layers and run.can_look_ahead(ahead):
                 spec = speculative_queries[ahead] if speculative_queries is not None else None
                 run.set_query(ahead, queries[ahead], spec)
+                if lookahead_queries is not None:
+                    run.layers[ahead].host_q = lookahead_queries[ahead]
                 run.launch_host(ahead, run.layers[i].q_ready)
             run.prefetch_stream(i)  # no-op unless it had to wait for this layer's new token
             run.attention(i)
@@ -416,11 +426,14 @@ class _StepRun:
         ex, lp = self.ex, state.lp
         t0 = time.perf_counter()
         if state.path is HostPath.SPECULATE:
-            index = ex.accel.host_empty(tuple(state.speculated.shape), torch.int64)
+            index = ex.kernels.buffers.take((id(state.kv), "index"),
+                                            tuple(state.speculated.shape), torch.int64)
             ex.accel.fetch(index, state.speculated, after)
         else:
-            q = ex.accel.host_empty(tuple(state.q.shape), torch.float32)
-            ex.accel.fetch(q, state.q, after)
+            source = state.host_q if state.host_q is not None else state.q
+            q = ex.kernels.buffers.take((id(state.kv), "query"), tuple(source.shape),
+                                        torch.float32)
+            ex.accel.fetch(q, source, after)
         state.fetch_s = time.perf_counter() - t0
         kernels, kv, span = ex.kernels, state.kv, lp.host_range()
         if state.path is HostPath.SPECULATE:
