@@ -274,6 +274,23 @@ class CudaAccelerator(Accelerator):
         torch.cuda.synchronize(self.device)
 
 
+def device_memory_bytes(accel: Accelerator) -> int:
+    """What the device role can allocate: the GPU's memory, or host RAM for the stand-in."""
+    if not accel.standin:
+        return int(torch.cuda.get_device_properties(accel.device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def limit_device_memory(accel: Accelerator, nbytes: float) -> None:
+    """Cap torch's allocations on a CUDA device at ``nbytes`` (an HBM budget, so that the run
+    fails like a smaller GPU instead of quietly using the larger one). The stand-in's device
+    memory is host RAM shared with everything else; it is not capped."""
+    if accel.standin:
+        return
+    total = device_memory_bytes(accel)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), accel.device)
+
+
 def make_accelerator(kind: AcceleratorKind = "auto", split: CoreSplit | None = None) -> Accelerator:
     """CUDA when asked for or available (``auto``), else the CPU stand-in."""
     if kind == "cuda" or (kind == "auto" and torch.cuda.is_available()):
@@ -288,5 +305,5 @@ def make_accelerator(kind: AcceleratorKind = "auto", split: CoreSplit | None = N
 __all__ = [
     "STANDIN_LABEL", "Accelerator", "CoreSplit", "CudaAccelerator", "CudaMarker", "CudaQueue",
     "DeviceQueue", "HostMarker", "StandInAccelerator", "StandInQueue", "available_cores",
-    "cuda_host_threads", "make_accelerator",
+    "cuda_host_threads", "device_memory_bytes", "limit_device_memory", "make_accelerator",
 ]

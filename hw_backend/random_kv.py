@@ -7,6 +7,8 @@ model: at 128k tokens a real prefill takes far longer than the decode it precede
 
 from __future__ import annotations
 
+import torch
+
 
 class RandomKv:
     """One draw of iid normal K and V, copied into every layer of every case's cache.
@@ -31,8 +33,6 @@ class RandomKv:
             layer.load(k[:, :, :tokens], v[:, :, :tokens])
 
     def _draw(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype):
-        import torch
-
         key = (batch, kv_heads, head_dim, dtype)
         drawn = self._drawn.get(key)
         if drawn is None or drawn[0].shape[2] < tokens:
@@ -45,4 +45,35 @@ class RandomKv:
         return drawn
 
 
-__all__ = ["RandomKv"]
+class RandomDecode:
+    """Attention-only decode inputs: a random context and random per-step queries and new
+    K/V, with ``decode_loop.SyntheticDecode``'s interface (``run_decode`` takes either). For
+    timing, where SyntheticDecode's designed attention structure is not needed and would take
+    minutes to build at long contexts."""
+
+    def __init__(self, *, layers: int, batch: int, heads: int, kv_heads: int, head_dim: int,
+                 context: int, steps: int, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 random_kv: RandomKv | None = None) -> None:
+        self.layers, self.batch, self.heads, self.kv_heads = layers, batch, heads, kv_heads
+        self.head_dim, self.context, self.steps, self.dtype = head_dim, context, steps, dtype
+        self.seed = seed
+        self.random_kv = random_kv or RandomKv()
+
+    def load(self, store) -> None:
+        self.random_kv.fill(store, self.context - 1, self.dtype)
+
+    def _generator(self, step: int, layer: int) -> torch.Generator:
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 1009 + layer)
+
+    def query(self, step: int, layer: int) -> torch.Tensor:
+        return torch.randn(self.batch, self.heads, self.head_dim,
+                           generator=self._generator(step, layer))
+
+    def new_kv(self, step: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = self._generator(step, layer)
+        shape = (self.batch, self.kv_heads, 1, self.head_dim)
+        return (torch.randn(shape, generator=g).to(self.dtype),
+                torch.randn(shape, generator=g).to(self.dtype))
+
+
+__all__ = ["RandomDecode", "RandomKv"]
