@@ -124,12 +124,32 @@ class CudaMarker(Marker):
         return other.end.elapsed_time(self.end) / 1e3
 
 
+class EventPool:
+    """Timing events reused from step to step: creating two per queue op (a few hundred per
+    decode step) is driver work the device would otherwise wait behind. ``recycle`` once
+    every marker issued since the last call has been read (the executor's step end)."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.cuda.Event] = []
+        self._issued: list[torch.cuda.Event] = []
+
+    def take(self) -> torch.cuda.Event:
+        event = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
+        self._issued.append(event)
+        return event
+
+    def recycle(self) -> None:
+        self._free.extend(self._issued)
+        self._issued.clear()
+
+
 class CudaQueue(DeviceQueue):
     """A CUDA stream. Waiting on host work blocks the enqueuing thread (there is no device-side
     wait on a host thread), so the executor submits such work after the device's own work."""
 
-    def __init__(self, stream: torch.cuda.Stream) -> None:
+    def __init__(self, stream: torch.cuda.Stream, events: EventPool | None = None) -> None:
         self.stream = stream
+        self.events = events or EventPool()
 
     def submit(self, fn, *, after=(), label=""):
         for marker in after:
@@ -137,8 +157,8 @@ class CudaQueue(DeviceQueue):
                 self.stream.wait_event(marker.end)
             else:
                 marker.wait()
-        begin = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+        begin = self.events.take()
+        end = self.events.take()
         with torch.cuda.stream(self.stream):
             begin.record(self.stream)
             fn()
@@ -185,6 +205,9 @@ class Accelerator(ABC):
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default (CUDA)
         """Release worker threads; the accelerator is unusable afterwards."""
+
+    def recycle_markers(self) -> None:  # noqa: B027 - the stand-in's markers are plain objects
+        """Every marker issued so far has been read: its resources may be reused."""
 
     def __enter__(self) -> Accelerator:
         return self
@@ -243,9 +266,10 @@ class CudaAccelerator(Accelerator):
             self.device = torch.device("cuda", torch.cuda.current_device())
         name = torch.cuda.get_device_name(self.device)
         self.label = f"{self.device} ({name})"
+        self._events = EventPool()
         with torch.cuda.device(self.device):
-            self.compute = CudaQueue(torch.cuda.Stream())
-            self.copy = CudaQueue(torch.cuda.Stream())
+            self.compute = CudaQueue(torch.cuda.Stream(), self._events)
+            self.copy = CudaQueue(torch.cuda.Stream(), self._events)
             self._d2h = torch.cuda.Stream()
 
     def host_empty(self, shape, dtype):
@@ -272,6 +296,9 @@ class CudaAccelerator(Accelerator):
 
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def recycle_markers(self) -> None:
+        self._events.recycle()
 
 
 def device_memory_bytes(accel: Accelerator) -> int:
@@ -304,6 +331,6 @@ def make_accelerator(kind: AcceleratorKind = "auto", split: CoreSplit | None = N
 
 __all__ = [
     "STANDIN_LABEL", "Accelerator", "CoreSplit", "CudaAccelerator", "CudaMarker", "CudaQueue",
-    "DeviceQueue", "HostMarker", "StandInAccelerator", "StandInQueue", "available_cores",
+    "DeviceQueue", "EventPool", "HostMarker", "StandInAccelerator", "StandInQueue", "available_cores",
     "cuda_host_threads", "device_memory_bytes", "limit_device_memory", "make_accelerator",
 ]

@@ -63,6 +63,7 @@ class ModelDecode:
         self, spec: ModelSpec, accel: Accelerator, *, batch: int = 1, dtype: str | None = None,
         kv_dtype: str | None = None, seed: int = 0, capacity: int = 0,
         host_threads: int | None = None, weights: ModelWeights | None = None,
+        graphs: bool | None = None,
     ) -> None:
         self.spec, self.accel, self.batch = spec, accel, batch
         self.dtype = TORCH_DTYPES[dtype or default_dtype(accel)]
@@ -74,7 +75,8 @@ class ModelDecode:
                              kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
                              dtype=self.kv_dtype, capacity=capacity)
         self.executor = PlanExecutor(self.store, accel, host_threads=host_threads,
-                                     device_work=self.work)
+                                     device_work=self.work, graphs=graphs,
+                                     step_buffers=self.work.buffers)
         generator = torch.Generator().manual_seed(seed + 1)
         first = torch.randint(spec.vocab_size, (batch,), generator=generator)
         self.work.tokens.copy_(first)
@@ -90,6 +92,11 @@ class ModelDecode:
             layer.load(k.to(self.kv_dtype), v.to(self.kv_dtype))
 
     # ------------------------------------------------------------------ decoding
+    def reserve_for(self, policy: Policy, final_context: int) -> None:
+        """Device slots for the most tokens the policy keeps resident up to ``final_context``
+        (its plan there), so that no decode step reallocates them."""
+        self.store.reserve_device_slots(policy.step_plan(final_context).layer.gpu_tokens + 1)
+
     @torch.no_grad()
     def step(self, plan, *, step: int) -> tuple[StepRun, torch.Tensor, float, torch.Tensor]:
         """One token: (the executor's step, its logits (B, vocab), wall seconds, the greedy

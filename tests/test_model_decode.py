@@ -51,9 +51,10 @@ def policy_for(spec: ModelSpec, name: str, options: dict, gpu_tokens: int | None
     return make_policy(name, spec, profile, workload, options)
 
 
-def decode(spec: ModelSpec, weights: ModelWeights, policy, prefix):
+def decode(spec: ModelSpec, weights: ModelWeights, policy, prefix, graphs: bool = False):
+    """The stand-in decodes; ``graphs`` runs the CUDA graph path's programs (eagerly here)."""
     with make_accelerator("standin", CoreSplit(1, 1)) as accel, \
-            ModelDecode(spec, accel, weights=weights, capacity=T + STEPS) as model:
+            ModelDecode(spec, accel, weights=weights, capacity=T + STEPS, graphs=graphs) as model:
         model.load_prefix(prefix)
         return model.decode(policy, STEPS, keep_logits=True)
 
@@ -78,15 +79,17 @@ EXACT = [  # (policy, options, HBM sized for this many tokens or None for the de
 ]
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
 @pytest.mark.parametrize("model_name", ["tiny-llama", "tiny-qwen", "tiny-opt"])
 @pytest.mark.parametrize(("policy", "options", "gpu_tokens"), EXACT,
                          ids=[f"{p}-{i}" for i, (p, _, _) in enumerate(EXACT)])
-def test_exact_plans_decode_like_dense_attention(model_name, policy, options, gpu_tokens):
+def test_exact_plans_decode_like_dense_attention(model_name, policy, options, gpu_tokens,
+                                                 graphs):
     spec = TINY_OPT if model_name == "tiny-opt" else get_model(model_name)
     weights = ModelWeights.random(spec, seed=3)
     prefix = prefix_kv(spec)
     pol = policy_for(spec, policy, options, gpu_tokens)
-    run = decode(spec, weights, pol, prefix)
+    run = decode(spec, weights, pol, prefix, graphs)
     plan = run.plans[0].layer
     if policy not in ("gpu_only", "cpu_offload") and options.get("gpu_share") != 0.0:
         # the split really splits (gpu_share 0: every token, the new one too, on the host)
@@ -117,11 +120,12 @@ def test_lookahead_host_logits_use_the_previous_layers_input():
     assert max(diffs) > 1e-3  # the approximation is really used
 
 
-def test_adaptive_hybridgen_feeds_its_scheduler_every_step():
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_adaptive_hybridgen_feeds_its_scheduler_every_step(graphs):
     spec = get_model("tiny-llama")
     weights = ModelWeights.random(spec, seed=3)
     pol = policy_for(spec, "hybridgen", {"gpu_share": 0.3, "interval": 1}, None)
-    run = decode(spec, weights, pol, prefix_kv(spec))
+    run = decode(spec, weights, pol, prefix_kv(spec), graphs)
     assert len(run.scheduler) == STEPS
     for t, plan in enumerate(run.plans):
         lp = plan.layer
