@@ -78,6 +78,16 @@ class GraphCache:
         self._graphs[key].replay()
         self.stats.replays += 1
 
+    def graph(self, key: Hashable, fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
+        """The captured graph of ``key`` (captured now if new; CUDA only), to replay directly
+        (calibration times replays back to back)."""
+        if not self.capture:
+            raise RuntimeError("graphs are captured only on CUDA")
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(fn)
+            self.stats.keys += 1
+        return self._graphs[key]
+
     def _capture(self, fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
         import time
 

@@ -64,8 +64,9 @@ class LayerWeights:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in vars(self).values() if isinstance(t, torch.Tensor)]
 
-    def to(self, dtype: torch.dtype) -> LayerWeights:
-        return LayerWeights(**{k: None if v is None else v.to(dtype) for k, v in vars(self).items()})
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> LayerWeights:
+        return LayerWeights(**{k: None if v is None else v.to(device=device, dtype=dtype)
+                               for k, v in vars(self).items()})
 
 
 @dataclass
@@ -119,12 +120,15 @@ class ModelWeights:
         return ModelWeights(spec, layers, embed, ones(hidden), zeros(hidden) if opt else None,
                             lm_head)
 
-    def to(self, dtype: torch.dtype) -> ModelWeights:
-        embed = self.embed.to(dtype)
-        lm_head = embed.t() if self.spec.tied_embeddings else self.lm_head.to(dtype)
-        bias = None if self.final_norm_bias is None else self.final_norm_bias.to(dtype)
-        return ModelWeights(self.spec, [w.to(dtype) for w in self.layers], embed,
-                            self.final_norm.to(dtype), bias, lm_head)
+    def to(self, dtype: torch.dtype, device: torch.device | str | None = None) -> ModelWeights:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device=device, dtype=dtype)
+
+        embed = move(self.embed)
+        lm_head = embed.t() if self.spec.tied_embeddings else move(self.lm_head)
+        bias = None if self.final_norm_bias is None else move(self.final_norm_bias)
+        return ModelWeights(self.spec, [w.to(dtype, device) for w in self.layers], embed,
+                            move(self.final_norm), bias, lm_head)
 
     @property
     def nbytes(self) -> int:

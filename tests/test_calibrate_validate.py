@@ -496,3 +496,39 @@ def test_a_pinned_child_process_takes_figures_with_the_parents_statistic():
     with timing.statistic("min"):
         assert run_on_cpus(cpus, timing.representative, repeats, force_process=True) == 1.0
     assert run_on_cpus(cpus, timing.representative, repeats, force_process=True) == 2.0
+
+
+def test_a_cuda_calibration_of_the_graph_path_sets_the_figures_it_runs_at():
+    """With the graph path measured, the profile's per-op charge is a graph op's fixed cost,
+    its attention and linear-layer rates the graph attention's and one-token GEMMs', and the
+    eager launch, graph replay and in-graph gap keep their own fields; the profile loads."""
+    from hgsim.config_io import parse_yaml, validate
+    from hgsim.specs.hardware import HardwareProfile
+    from hw_backend.calibration.assemble import Context, build
+    from hw_backend.calibration.records import Measurement
+    from hw_backend.calibration.topology import Machine
+    from hw_backend.numa import NumaNode
+
+    rows = _synthetic_rows(cuda=True)
+    rows += [
+        Measurement("cuda", "graph_attention_fit", 1800.0, "GB/s", {"fixed_us": 4.0}),
+        Measurement("cuda", "decode_gemm", 1500.0, "GB/s", {"shape": [4096, 6144]}),
+        Measurement("cuda", "decode_gemm", 1700.0, "GB/s", {"shape": [4096, 28672]}),
+        Measurement("cuda", "decode_gemm", 1600.0, "GB/s", {"shape": [14336, 4096]}),
+        Measurement("cuda", "graph_launch", 2.5, "us", {"replays": 2000, "host_us": 4.0}),
+        Measurement("cuda", "graph_kernel_gap", 1.1, "us", {"kernels": 20, "replay_us": 23.4}),
+        *(Measurement("cuda", "graph_op", us, "us", {"op": op, "bucket": 16})
+          for op, us in (("attention", 14.0), ("softmax_union", 20.0), ("lse_merge", 6.0))),
+    ]
+    nodes = (NumaNode(0, tuple(range(8)), 64 << 30, 1 << 30),)
+    machine = Machine(nodes, {0: (10,)}, "Test CPU", 2.0, "test", "avx512", tuple(range(8)))
+    info = {"name": "Test GPU", "total_memory": 80 << 30, "numa_node": 0, "pci": None}
+    text, summary = build(Context("graphs", "2024-01-01", machine, rows, info, None, "bf16",
+                                  False, 16 << 20))
+    gpu = validate(HardwareProfile, parse_yaml(text, "graphs")).gpus["gpu0"]
+    assert gpu.kernel_launch_overhead_us == 14.0  # median graph op
+    assert gpu.single_launch_overhead_us == 3.0 and gpu.graph_launch_overhead_us == 2.5
+    assert gpu.graph_kernel_gap_us == 1.1
+    assert gpu.attention_efficiency == 0.9  # 1800 / 2000
+    assert gpu.memory_efficiency == 0.8  # median GEMV 1600 / 2000
+    assert "graph path" in text and summary["gpu0"]["graph_launch_overhead_us"]["value"] == 2.5
