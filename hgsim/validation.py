@@ -2,8 +2,10 @@
 
 A validation study lists configurations (policy, options, contexts, the executor's thread split)
 that ``hw_backend.validate`` runs for real and this module runs through the simulator, with the
-same model, the same workload (``attention_only``: the executor runs the attention path alone)
-and the same policy, so both execute the very same partition plans. That the plans agree is
+same model, the same workload (``attention_only`` unless the study sets ``whole_model``: then
+the executor decodes the whole model, projections, norms and FFN included) and the same policy,
+so both execute the very same partition plans. ``hbm_budget_gb`` caps the GPU memory both sides
+plan with (``hgsim.hbm_budget``), so a study can force offload on a large GPU. That the plans agree is
 checked step by step (context, top-k ratio, GPU-resident tokens), not assumed.
 
 The simulator's machine is the calibrated profile with one change per configuration: the
@@ -68,6 +70,8 @@ class ValidationStudy(SpecModel):
     weight_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     warmup_steps: int = Field(default=2, ge=0)  # run, not compared (allocations, caches)
     steps: int = Field(default=6, ge=1)  # compared
+    whole_model: bool = False  # decode the whole model (random weights), not attention alone
+    hbm_budget_gb: float | None = Field(default=None, gt=0)  # usable GPU memory, both sides
     configs: list[ValidationConfig]
 
     def model_spec(self) -> ModelSpec:
@@ -117,7 +121,16 @@ def _tokens(n: int) -> str:
 def workload(study: ValidationStudy, case: Case) -> Workload:
     return Workload(batch=study.batch, context=case.context,
                     gen=study.warmup_steps + study.steps, kv_dtype=study.kv_dtype,
-                    weight_dtype=study.weight_dtype, attention_only=True)
+                    weight_dtype=study.weight_dtype, attention_only=not study.whole_model)
+
+
+def study_profile(profile: HardwareProfile, study: ValidationStudy) -> HardwareProfile:
+    """The profile both sides use: the study's HBM budget applied, if it has one."""
+    if study.hbm_budget_gb is None:
+        return profile
+    from hgsim.hbm_budget import HbmBudget
+
+    return HbmBudget(study.hbm_budget_gb).apply(profile)
 
 
 #: Calibration's figures per kernel-thread count n: ``scaling_efficiency`` (per-core rate of the

@@ -86,6 +86,22 @@ class LayerKv:
             self.partial_channels = self.partial_k = None
             self.enable_partial_keys(fraction)
 
+    def truncate(self, tokens: int) -> None:
+        """Forget every token from position ``tokens`` on and make the rest host-resident, as
+        after ``load`` of the first ``tokens``: host rows below ``tokens`` are never changed by
+        a decode (new tokens land at the end), so a benchmark can run several policies over
+        one filled context without refilling it (at 128k tokens of an 8B model, 17 GB)."""
+        if tokens > self.length:
+            raise ValueError(f"cannot truncate {self.length} tokens to {tokens}")
+        if not self.write_through and self.resident:
+            leaving = [p for p in self.slot_pos if p < tokens]
+            if leaving:  # eagerly, device rows below ``tokens`` may exist only on the device
+                self._offload(leaving)
+        self.slot_pos, self._slot_of = [], {}
+        self.length, self.sinks, self.recent = tokens, 0, 0
+        if self.partial_channels is not None:  # rebuilt from the host keys when next needed
+            self.partial_channels = self.partial_k = None
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """One new token (B, KVH, 1, D): into a device slot when the plan keeps it resident."""
         position = self.length
@@ -283,6 +299,10 @@ class KvStore:
     def reserve_device_slots(self, slots: int) -> None:
         for layer in self.layers:
             layer.reserve_device_slots(slots)
+
+    def truncate(self, tokens: int) -> None:
+        for layer in self.layers:
+            layer.truncate(tokens)
 
 
 __all__ = ["KvStore", "LayerKv"]

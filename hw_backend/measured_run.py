@@ -167,10 +167,10 @@ def predict(config: RunConfig, prepared: Prepared, *, samples: int = 0) -> SimRe
     result = simulate(prepared.profile, config.model, config.policy, prepared.workload,
                       policy_options=config.options,
                       fidelity=Fidelity(decode_samples=samples))
-    return _window(result, config)
+    return window(result, config)
 
 
-def _window(result: SimResult, config: RunConfig) -> SimResult:
+def window(result: SimResult, config: RunConfig) -> SimResult:
     steps = [replace(s, step=s.step - config.warmup) for s in result.steps[config.warmup:]]
     return replace(result, steps=steps, gen=config.gen)
 
@@ -200,7 +200,7 @@ def measure(config: RunConfig, prepared: Prepared, *, progress: bool = True) -> 
         capacity_bytes=dict(policy.footprint.capacity_bytes), options=dict(config.options),
         accuracy_mass_kept=float("nan"), accuracy_rel_error=float("nan"),
     )
-    return RunResult(config, _window(measured, config), None, run.device,
+    return RunResult(config, window(measured, config), None, run.device,
                      token_s[config.warmup:], run)
 
 
@@ -275,5 +275,5 @@ class _Progress:
 
 __all__ = [
     "CALIBRATED_PROFILE", "SHIPPED_BY_GPU", "Prepared", "RunConfig", "RunResult", "check",
-    "default_profile", "describes_standin", "measure", "predict", "uses_cuda",
+    "default_profile", "describes_standin", "measure", "predict", "uses_cuda", "window",
 ]

@@ -56,14 +56,16 @@ class ModelDecode:
 
     ``dtype`` is the weights' and activations' element type, ``kv_dtype`` the cache's
     (defaults: ``default_dtype``); ``capacity`` the tokens the host cache is sized for (the
-    final context), so that it never grows during a timed step.
+    final context), so that it never grows during a timed step. ``weights`` and ``store`` may
+    be shared with an earlier instance (benchmarks running several policies over one context,
+    ``KvStore.truncate`` between them).
     """
 
     def __init__(
         self, spec: ModelSpec, accel: Accelerator, *, batch: int = 1, dtype: str | None = None,
         kv_dtype: str | None = None, seed: int = 0, capacity: int = 0,
         host_threads: int | None = None, weights: ModelWeights | None = None,
-        graphs: bool | None = None,
+        graphs: bool | None = None, store: KvStore | None = None,
     ) -> None:
         self.spec, self.accel, self.batch = spec, accel, batch
         self.dtype = TORCH_DTYPES[dtype or default_dtype(accel)]
@@ -71,9 +73,9 @@ class ModelDecode:
         self.weights = weights or ModelWeights.random(spec, device=accel.device, dtype=self.dtype,
                                                       seed=seed)
         self.work = ModelDeviceWork(self.weights, accel, batch=batch, kv_dtype=self.kv_dtype)
-        self.store = KvStore(accel, num_layers=spec.num_layers, batch=batch,
-                             kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                             dtype=self.kv_dtype, capacity=capacity)
+        self.store = store or KvStore(accel, num_layers=spec.num_layers, batch=batch,
+                                      kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                                      dtype=self.kv_dtype, capacity=capacity)
         self.executor = PlanExecutor(self.store, accel, host_threads=host_threads,
                                      device_work=self.work, graphs=graphs,
                                      step_buffers=self.work.buffers)

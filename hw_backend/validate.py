@@ -37,6 +37,7 @@ from hgsim.validation import (
     load_study,
     mape,
     predict,
+    study_profile,
     workload,
 )
 from hw_backend.calibration.quiet import wait_for_quiet
@@ -70,6 +71,16 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
     dtype = getattr(torch, TORCH_DTYPES[study.kv_dtype])
     split = CoreSplit(case.device_threads, case.host_threads, case.pin)
     accel = make_accelerator(accelerator, split)
+    if study.hbm_budget_gb is not None:
+        from hw_backend.devices import limit_device_memory
+
+        limit_device_memory(accel, study.hbm_budget_gb * 1e9)
+    if study.whole_model:
+        try:
+            return _measure_model(case, study, policy, plans, accel, before_steps,
+                                  random_kv), accel.label
+        finally:
+            accel.close()
     try:
         store = KvStore(accel, num_layers=model.num_layers, batch=study.batch,
                         kv_heads=model.num_kv_heads, head_dim=model.head_dim, dtype=dtype,
@@ -91,6 +102,32 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
         return steps, accel.label
     finally:
         accel.close()
+
+
+def _measure_model(case: Case, study: ValidationStudy, policy, plans, accel,
+                   before_steps: Callable[[], object] | None,
+                   random_kv: RandomKv | None) -> list[StepTiming]:
+    """The whole model (random weights at the study model's shapes) decoding the case's plans."""
+    from hw_backend.executor import UnsupportedPlan
+    from hw_backend.model_decode import ModelDecode
+
+    model = study.model_spec()
+    with ModelDecode(model, accel, batch=study.batch, dtype=study.weight_dtype,
+                     kv_dtype=study.kv_dtype, capacity=case.context + len(plans),
+                     host_threads=case.host_threads) as decoder:
+        decoder.fill_random(case.context - 1, random_kv)
+        decoder.reserve_for(policy, case.context + len(plans) - 1)
+        if before_steps is not None:
+            before_steps()
+        steps = []
+        for s, plan in enumerate(plans):
+            try:
+                run = decoder.step(plan, step=s)[0]
+            except UnsupportedPlan as exc:
+                raise UserError(f"{case.label}: the executor cannot run this plan: "
+                                f"{exc}") from None
+            steps.append(run.timing)
+    return steps
 
 
 def _inputs(accel, model, batch: int, dtype, count: int):
@@ -193,8 +230,8 @@ def run_validation(
     t0 = time.perf_counter()
     load0 = _load()
     path = resolve_profile(profile)
-    prof = load_profile(path)
     study = load_study(study_path)
+    prof = study_profile(load_profile(path), study)
     if steps is not None:
         study = study.model_copy(update={"steps": steps})
     calibration = Calibration.beside(path, prof)

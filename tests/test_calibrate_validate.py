@@ -117,6 +117,49 @@ def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, t
         assert "contention: during calibration the host kernel ran" in out
 
 
+TINY_MODEL_STUDY = """
+name: ci-tiny-model
+model: tiny-llama
+whole_model: true
+hbm_budget_gb: 0.0009
+warmup_steps: 1
+steps: 2
+configs:
+  - name: hybrid
+    policy: hybridgen_static
+    options: {topk_ratio: 0.05, hbm_reserve_gb: 0, hbm_reserve_fraction: 0}
+    contexts: [1k]
+  - name: hgca
+    policy: hgca
+    options: {hbm_reserve_gb: 0, hbm_reserve_fraction: 0}
+    contexts: [1k]
+  - name: cpu-offload
+    policy: cpu_offload
+    options: {hbm_reserve_gb: 0, hbm_reserve_fraction: 0}
+    contexts: [512]
+"""
+
+
+def test_whole_model_study_validates_on_this_machine(calibrated: Path, tmp_path: Path):
+    """The whole model decodes each case's plans (its HBM budget splitting the context on both
+    sides) and the simulator predicts the same model with its projections and FFN."""
+    from hw_backend.validate import run_validation
+
+    study = tmp_path / "model.yaml"
+    study.write_text(TINY_MODEL_STUDY)
+    run = run_validation(calibrated, study, threshold=1e6, out=tmp_path / "m", progress=False)
+    assert len(run.results) == 3 and math.isfinite(run.mape_pct)
+    by_config = {r.case.config: r for r in run.results}
+    for name in ("hybrid", "hgca"):  # the budget leaves room for part of the context only
+        steps = by_config[name].measured
+        assert all(0 < s.gpu_tokens < s.context for s in steps)
+        assert all(s.host_s > 0 for s in steps)
+    for r in run.results:
+        assert r.measured_s > 0 and r.predicted_s > 0
+        # the prediction includes the projections and FFN (attention_only off)
+        assert all(p.gpu_busy_s > 0 for p in r.predicted)
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys):
     assert main(["validate", "--profile", str(tmp_path / "missing.yaml")]) == 2
     assert main(["calibrate", "--out", str(tmp_path / "no" / "such" / "dir.yaml")]) == 2

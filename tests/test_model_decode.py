@@ -165,3 +165,26 @@ def test_rotary_keeps_norms_and_depends_on_relative_position():
     assert torch.allclose(at(q, 977).norm(), q.norm())
     score = (at(q, 1000) * at(k, 990)).sum()
     assert torch.allclose(score, (at(q, 60_010) * at(k, 60_000)).sum())
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_a_truncated_context_decodes_as_a_freshly_loaded_one(graphs):
+    """Benchmarks run several policies over one filled context: after ``truncate`` the next
+    decode must see exactly the context it would after a fresh load."""
+    spec = get_model("tiny-llama")
+    weights = ModelWeights.random(spec, seed=3)
+    prefix = prefix_kv(spec)
+    first = policy_for(spec, "hybridgen", {"gpu_share": 0.3, "adaptive": False}, None)
+    second = policy_for(spec, "flexgen_cpu", {"gpu_kv_fraction": 0.3}, None)
+    with make_accelerator("standin", CoreSplit(1, 1)) as accel:
+        with ModelDecode(spec, accel, weights=weights, capacity=T + STEPS, graphs=graphs) as m:
+            m.load_prefix(prefix)
+            m.decode(first, STEPS)
+            store = m.store
+        store.truncate(T - 1)
+        with ModelDecode(spec, accel, weights=weights, store=store, graphs=graphs) as m:
+            reused = m.decode(second, STEPS, keep_logits=True)
+    fresh = decode(spec, weights, policy_for(spec, "flexgen_cpu", {"gpu_kv_fraction": 0.3},
+                                             None), prefix, graphs)
+    for got, want in zip(reused.logits, fresh.logits, strict=True):
+        torch.testing.assert_close(got, want)
