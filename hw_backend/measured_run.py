@@ -45,6 +45,7 @@ class RunConfig:
     seed: int = 0
     accelerator: str = "auto"
     host_threads: int | None = None
+    graphs: bool | None = None  # the executor's CUDA graph path (None: on CUDA, not stand-in)
 
     @property
     def steps(self) -> int:
@@ -209,10 +210,11 @@ def _whole_model(config: RunConfig, prepared: Prepared, policy: Policy, accel, b
 
     capacity = config.context + config.steps
     with ModelDecode(config.model, accel, batch=config.batch, dtype=prepared.dtype,
-                     seed=config.seed, capacity=capacity,
-                     host_threads=config.host_threads) as model:
+                     seed=config.seed, capacity=capacity, host_threads=config.host_threads,
+                     graphs=config.graphs) as model:
         bar.phase("filling the context with random K/V")
         model.fill_random(config.context - 1)
+        model.reserve_for(policy, capacity - 1)
         bar.phase("decoding")
         run = model.decode(policy, config.steps, on_step=bar.advance)
     return run, run.token_s
@@ -238,7 +240,8 @@ def _attention_only(config: RunConfig, prepared: Prepared, policy: Policy, accel
     bar.phase("filling the context with random K/V")
     source.load(store)
     bar.phase("decoding (attention only)")
-    with PlanExecutor(store, accel, host_threads=config.host_threads) as executor:
+    with PlanExecutor(store, accel, host_threads=config.host_threads,
+                      graphs=config.graphs) as executor:
         t0 = time.perf_counter()
         run = run_decode(policy, executor, source, on_step=bar.advance)
         elapsed = time.perf_counter() - t0

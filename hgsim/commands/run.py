@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="device role: CUDA when available (auto), or the CPU stand-in")
     p.add_argument("--host-threads", type=int, help="C-kernel threads (default: every core but "
                    "the one submitting device work)")
+    p.add_argument("--eager", action="store_true",
+                   help="issue device work op by op instead of as captured CUDA graphs "
+                        "(the default on CUDA), for comparison")
     p.add_argument("--samples", type=int, default=0,
                    help="simulated steps, the rest interpolated (default 0: every step)")
     p.add_argument("--seed", type=int, default=0)
@@ -83,6 +86,7 @@ def _config(args: argparse.Namespace):
         dtype=args.dtype, attention_only=args.attention_only,
         hbm_budget=HbmBudget.parse(args.hbm_budget) if args.hbm_budget else None,
         seed=args.seed, accelerator=args.accelerator, host_threads=args.host_threads,
+        graphs=False if args.eager else None,
     )
 
 
