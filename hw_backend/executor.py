@@ -463,10 +463,12 @@ class _StepRun:
 
     @staticmethod
     def _selection(state: LayerState) -> torch.Tensor | None:
+        """A copy: the host's index buffers are reused next step."""
         if state.path is HostPath.SPECULATE:
             return state.speculated.cpu()
         if state.host_job is not None:
-            return state.host_job.result().index
+            index = state.host_job.result().index
+            return None if index is None else index.clone()
         return None
 
 
