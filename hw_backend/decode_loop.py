@@ -171,6 +171,9 @@ def run_decode(
         queries = [source.query(t, i).to(accel.device) for i in range(plan.num_layers)]
         new_kv = [tuple(x.to(accel.device) for x in source.new_kv(t, i))
                   for i in range(plan.num_layers)]
+        buffers = getattr(executor.side, "buffers", None)
+        if executor.graphs and buffers is not None:  # into the graph path's fixed buffers
+            queries, new_kv = buffers.load(queries, new_kv)
         run = executor.step(plan, queries, new_kv=new_kv, step=t)
         if observe and run.timing.host_s:  # as hgsim.simulate feeds its simulated step
             policy.observe(run.timing.host_s, run.timing.device_s, run.timing.pcie_busy_s)

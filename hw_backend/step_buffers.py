@@ -40,6 +40,20 @@ class StepBuffers:
         """Views (B, KVH, 1, D) of the layer's new K and V."""
         return self.new_tokens[layer, 0], self.new_tokens[layer, 1]
 
+    def load(self, queries, new_kv=None) -> tuple[list[torch.Tensor], list | None]:
+        """Copy a step's given queries and new K/V in (on the caller's stream, before the step
+        starts), returning the buffers to pass to ``PlanExecutor.step``: an attention-only
+        caller's graph-path step then copies nothing itself, as a model's does not."""
+        for static, given in zip(self.q, queries, strict=True):
+            static.copy_(given, non_blocking=True)
+        if new_kv is None:
+            return self.q, None
+        for layer, (k, v) in enumerate(new_kv):
+            k_static, v_static = self.new_kv(layer)
+            k_static.copy_(k, non_blocking=True)
+            v_static.copy_(v, non_blocking=True)
+        return self.q, [self.new_kv(i) for i in range(self.layers)]
+
     def matches(self, *, layers: int, batch: int, heads: int, kv_heads: int, head_dim: int,
                 kv_dtype: torch.dtype) -> bool:
         return (self.new_tokens.shape == (layers, 2, batch, kv_heads, 1, head_dim)

@@ -185,3 +185,43 @@ def test_a_steady_decode_replays_the_same_programs_over_the_same_buffers():
     assert seen[0] == 4 * layers  # qkv, attention, merge and post of every layer
     assert seen[1:] == [seen[1]] * (steps - 1)
     assert buffers[1:] == [buffers[1]] * (steps - 1)
+
+
+def test_inputs_loaded_into_the_fixed_buffers_give_the_eager_outputs():
+    """An attention-only caller on the graph path copies each step's inputs into the executor's
+    buffers before the step (``StepBuffers.load``); outputs equal the eager path's."""
+    from hgsim.plan import StepPlan
+    from hw_backend.executor import PlanExecutor
+    from hw_backend.kv_store import KvStore
+    from hw_backend.random_kv import RandomDecode
+    from hw_backend.step_buffers import StepBuffers
+
+    layers, context, steps = 2, 700, 3
+    spec = get_model("tiny-llama")
+    workload = Workload(context=context, gen=steps, kv_dtype="fp32", weight_dtype="fp32")
+    policy = make_policy("hybridgen_exact", spec, load_profile("dev-zen4-2core"), workload,
+                         {"gpu_share": 0.25})
+    source = RandomDecode(layers=layers, batch=1, heads=spec.num_heads,
+                          kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, context=context,
+                          steps=steps)
+    outputs = {}
+    for graphs in (False, True):
+        with make_accelerator("standin", CoreSplit(1, 1)) as accel:
+            store = KvStore(accel, num_layers=layers, batch=1, kv_heads=spec.num_kv_heads,
+                            head_dim=spec.head_dim, capacity=context + steps)
+            source.load(store)
+            buffers = StepBuffers.allocate("cpu", layers=layers, batch=1, heads=spec.num_heads,
+                                           kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                                           kv_dtype=torch.float32)
+            with PlanExecutor(store, accel, graphs=graphs, step_buffers=buffers) as ex:
+                for t in range(steps):
+                    plan = StepPlan("h", 1, policy.step_plan(context + t).layer, layers)
+                    queries = [source.query(t, i) for i in range(layers)]
+                    new_kv = [source.new_kv(t, i) for i in range(layers)]
+                    if graphs:
+                        queries, new_kv = buffers.load(queries, new_kv)
+                    run = ex.step(plan, queries, new_kv=new_kv, step=t)
+                    outputs[graphs, t] = [o.clone() for o in run.outputs]
+    for t in range(steps):
+        for got, want in zip(outputs[True, t], outputs[False, t], strict=True):
+            close(got, want)
