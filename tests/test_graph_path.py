@@ -225,3 +225,44 @@ def test_inputs_loaded_into_the_fixed_buffers_give_the_eager_outputs():
     for t in range(steps):
         for got, want in zip(outputs[True, t], outputs[False, t], strict=True):
             close(got, want)
+
+
+def test_captured_code_never_reads_device_values_back():
+    """What runs inside a captured graph may not synchronise with the host (CUDA capture fails
+    on it, and nothing here can check that without a GPU): no ``.item()``, ``.tolist()``,
+    ``.cpu()``, ``.numpy()``, host tensor creation or data-dependent shapes in the programs,
+    the model's layer math, or the graph side's program bodies."""
+    import ast
+    import inspect
+    import re
+    import textwrap
+
+    from hw_backend import graph_side, transformer
+
+    sources = [inspect.getsource(gp)]
+    sources += [inspect.getsource(getattr(transformer, name)) for name in (
+        "norm", "rotary_tables", "apply_rotary", "project_qkv", "project_query",
+        "feed_forward", "finish_layer")]
+    side = ast.parse(textwrap.dedent(inspect.getsource(graph_side.GraphDeviceSide)))
+    sources += [ast.unparse(node) for node in ast.walk(side)
+                if isinstance(node, ast.FunctionDef) and node.name == "program"]
+    forbidden = re.compile(r"\.item\(|\.tolist\(|\.cpu\(|\.numpy\(|torch\.tensor\(|nonzero|"
+                           r"\.synchronize\(|masked_select|torch\.unique")
+    assert len(sources) > 12
+    for source in sources:
+        code = _code_only(source)
+        assert not forbidden.search(code), forbidden.search(code).group(0)
+
+
+def _code_only(source: str) -> str:
+    """``source`` without its docstrings and comments."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(source))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
