@@ -116,6 +116,7 @@ def measure(model: ModelDecode, policy, label: str, graphs: bool, args, cuda: bo
             row["latency_over_kernel"] = row["latency_ms_per_layer"] / row["kernel_ms_per_layer"]
     stats = model.executor.graph_stats
     row["graph_captures"] = stats.captures if stats else 0
+    row["capture_failures"] = dict(stats.failures) if stats else {}
     return row
 
 
@@ -183,6 +184,10 @@ def report(rows: list[dict], model: str, context: int, budget: HbmBudget, device
             f"{r['device_ms_per_layer']:.3f} | {fmt(r['kernel_ms_per_layer'])} | "
             f"{fmt(r['device_over_kernel'], '{:.2f}x')} | "
             f"{fmt(r['latency_over_kernel'], '{:.2f}x')} | {r['graph_captures']} |")
+    failed = {label: error for r in rows for label, error in r.get("capture_failures", {}).items()}
+    if failed:
+        lines += ["", "Graph captures that FAILED (those programs ran eagerly): "
+                  + "; ".join(f"{label}: {error[:200]}" for label, error in failed.items())]
     if not any(r.get("kernel_ms_per_layer") for r in rows):
         lines += ["", "No CUDA: the stand-in has no kernels to compare with; its device time is "
                   "its compute queue's op time (plumbing check only)."]

@@ -111,7 +111,7 @@ class EagerDeviceSide(DeviceSide):
 
     def __init__(self, ex) -> None:
         super().__init__(ex)
-        self.device_buffers = BufferPool(ex.accel.empty)  # upload destinations, per layer
+        self.device_buffers = BufferPool(ex.accel.empty)  # upload destinations, by layer parity
 
     def qkv(self, state, new_kv, work) -> None:
         if work is not None:

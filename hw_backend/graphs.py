@@ -20,7 +20,10 @@ How a capture is made, and why:
   stream meanwhile, which the default (global) mode would reject.
 
 Without CUDA (the stand-in, tests) ``run`` calls ``fn`` directly: the same programs over the
-same static buffers, so everything but the capture itself is exercised on a CPU.
+same static buffers, so everything but the capture itself is exercised on a CPU. A capture that
+fails on a GPU (a program doing something capture forbids) is reported once as a warning and
+that program runs eagerly from then on (``GraphStats.failures``), so a run still finishes and
+says which programs were not graphs.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class GraphStats:
     eager_runs: int = 0
     capture_s: float = 0.0
     per_label: dict[str, int] = field(default_factory=dict)
+    failures: dict[str, str] = field(default_factory=dict)  # label -> first capture error
 
 
 class GraphCache:
@@ -68,15 +72,29 @@ class GraphCache:
     def run(self, key: Hashable, fn: Callable[[], object], label: str = "") -> None:
         """Replay the graph of ``key`` on the current stream, capturing ``fn`` first if new."""
         if key not in self._graphs:
-            self._graphs[key] = self._capture(fn) if self.capture else None
+            self._graphs[key] = self._capture_or_none(fn, label) if self.capture else None
             self.stats.keys += 1
             self.stats.per_label[label] = self.stats.per_label.get(label, 0) + 1
-        if not self.capture:
+        graph = self._graphs[key]
+        if graph is None:
             fn()
             self.stats.eager_runs += 1
             return
-        self._graphs[key].replay()
+        graph.replay()
         self.stats.replays += 1
+
+    def _capture_or_none(self, fn: Callable[[], object], label: str):
+        try:
+            return self._capture(fn)
+        except RuntimeError as exc:
+            if label not in self.stats.failures:
+                import warnings
+
+                warnings.warn(f"CUDA graph capture of '{label}' failed, running it eagerly: "
+                              f"{exc}", RuntimeWarning, stacklevel=3)
+                self.stats.failures[label] = str(exc)
+            torch.cuda.synchronize()
+            return None
 
     def graph(self, key: Hashable, fn: Callable[[], object]) -> torch.cuda.CUDAGraph:
         """The captured graph of ``key`` (captured now if new; CUDA only), to replay directly

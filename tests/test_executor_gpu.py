@@ -140,6 +140,7 @@ def test_graph_path_matches_the_eager_path_and_stops_capturing(kind):
                 outputs[graphs, t] = [o.cpu() for o in run.outputs]
                 if graphs:
                     captures.append(executor.graph_stats.captures)
+                    assert not executor.graph_stats.failures  # every program was captured
     for t in range(steps):
         for got, want in zip(outputs[True, t], outputs[False, t], strict=True):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

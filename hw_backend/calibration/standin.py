@@ -12,7 +12,7 @@ stand-in's own queues, exactly as the executor submits work:
 * per-op overhead (``kernel_launch_overhead_us``): submit-to-done of a one-token attention.
 * GEMM FLOP/s (``peak_tflops``) on the compute queue, per dtype.
 * the "PCIe link": a host tensor copied into a fresh device allocation on the copy queue (what
-  ``PlanExecutor._to_device`` does), fitted as latency + size / bandwidth up to
+  ``EagerDeviceSide._to_device`` does), fitted as latency + size / bandwidth up to
   ``Settings.copy_fit_max``; larger copies land in fresh mmaps whose page faults set the rate,
   which a single link bandwidth cannot also describe (kept in the raw data and the comment).
 
