@@ -164,16 +164,37 @@ def case_profile(profile: HardwareProfile, case: Case,
 
 
 def predict(profile: HardwareProfile, study: ValidationStudy, case: Case,
-            per_threads: ThreadFigures | None = None) -> list[StepTiming]:
-    """Every step of the case, simulated (no sampling, no accuracy proxy)."""
+            per_threads: ThreadFigures | None = None,
+            attention_alone: float | None = None) -> list[StepTiming]:
+    """Every step of the case, simulated (no sampling, no accuracy proxy).
+
+    ``attention_alone``: the CPU stand-in's attention efficiency measured with the host kernel
+    idle. A stand-in profile carries the rate measured next to the host kernel (the two share
+    the host's memory, as hybrid plans run them); a case with no host work (gpu_only) runs the
+    stand-in's attention alone, so it is predicted with this one. None (a GPU) changes nothing.
+    """
     from hgsim.simulate import Fidelity, simulate
 
-    result = simulate(case_profile(profile, case, per_threads), study.model_spec(), case.policy,
+    machine = case_profile(profile, case, per_threads)
+    if attention_alone is not None and not _has_host_work(machine, study, case):
+        gpu = machine.primary_gpu
+        machine = profile_with_overrides(machine,
+                                         {f"gpus.{gpu}.attention_efficiency": attention_alone})
+    result = simulate(machine, study.model_spec(), case.policy,
                       workload(study, case), policy_options=case.options,
                       fidelity=Fidelity(decode_samples=0, accuracy=False))
     if not result.feasible:
         raise UserError(f"{case.label}: infeasible on {profile.name}: {result.reason}")
     return result.steps
+
+
+def _has_host_work(profile: HardwareProfile, study: ValidationStudy, case: Case) -> bool:
+    from hgsim.policies import make_policy
+
+    policy = make_policy(case.policy, study.model_spec(), profile, workload(study, case),
+                         case.options)
+    lp = policy.step_plan(case.context).layer
+    return lp.host_tokens > 0 and not lp.host_evicted
 
 
 # ------------------------------------------------------------------------------ comparison

@@ -196,6 +196,9 @@ class Calibration:
     #: mean time of the host kernel while the stand-in attends / alone, from calibration;
     #: reported, not charged (see ``ValidationRun.host_slowdown``)
     host_slowdown: float | None = None
+    #: the stand-in's attention efficiency with the host kernel idle (for cases without host
+    #: work; the profile holds the rate next to it), ``hgsim.validation.predict``
+    attention_alone: float | None = None
 
     @staticmethod
     def beside(profile_path: Path, profile: HardwareProfile) -> Calibration:
@@ -213,8 +216,11 @@ class Calibration:
         figure = doc.get("summary", {}).get(socket, {}).get("per_threads", {})
         per_threads = {int(n): v for n, v in (figure.get("value") or {}).items()}
         pair = (int(split["device_threads"]), int(split["host_threads"])) if split else None
-        slowdown = doc.get("summary", {}).get("gpu0", {}).get("host_loaded_slowdown") or {}
-        return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"))
+        gpu0 = doc.get("summary", {}).get("gpu0", {})
+        slowdown = gpu0.get("host_loaded_slowdown") or {}
+        alone = (gpu0.get("attention_efficiency_alone") or {}).get("value")
+        return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"),
+                           alone)
 
     def default_split(self, cuda: bool) -> tuple[int, int]:
         """(device, host) threads: with CUDA every core but the submitting thread's is the
@@ -265,7 +271,8 @@ def run_validation(
     random_kv = RandomKv()
     for case in _progress(todo, progress):
         probe_gbps = probe.gbps() if probe is not None else None
-        predicted = predict(prof, study, case, calibration.per_threads)
+        predicted = predict(prof, study, case, calibration.per_threads,
+                            None if cuda else calibration.attention_alone)
         runnable: list[float] = []
         settle = (lambda out=runnable: out.append(wait_for_quiet(quiet_wait_s))
                   ) if quiet_wait_s > 0 else None

@@ -575,3 +575,22 @@ def test_a_cuda_calibration_of_the_graph_path_sets_the_figures_it_runs_at():
     assert gpu.attention_efficiency == 0.9  # 1800 / 2000
     assert gpu.memory_efficiency == 0.8  # median GEMV 1600 / 2000
     assert "graph path" in text and summary["gpu0"]["graph_launch_overhead_us"]["value"] == 2.5
+
+
+def test_cases_without_host_work_are_predicted_with_the_standins_idle_attention_rate():
+    """The stand-in's profile holds its attention rate next to the host kernel (hybrid plans
+    run both on one memory); gpu_only runs it alone and is predicted with the idle rate."""
+    from hgsim.validation import ValidationStudy, cases, predict
+
+    study = ValidationStudy.model_validate({
+        "name": "s", "model": "tiny-llama", "kv_dtype": "fp32", "weight_dtype": "fp32",
+        "warmup_steps": 0, "steps": 2, "whole_model": True,
+        "configs": [{"name": "gpu", "policy": "gpu_only", "contexts": [8192]},
+                    {"name": "cpu", "policy": "cpu_offload", "contexts": [8192]}]})
+    profile = load_profile("dev-zen4-2core")
+    gpu_case, cpu_case = cases(study, device_threads=1, host_threads=1)
+    slow = profile.gpus["gpu0"].attention_efficiency
+    for case, changes in ((gpu_case, True), (cpu_case, False)):
+        loaded = predict(profile, study, case)
+        alone = predict(profile, study, case, attention_alone=slow / 4)
+        assert (alone[0].latency_s != loaded[0].latency_s) is changes

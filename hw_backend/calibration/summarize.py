@@ -310,6 +310,12 @@ def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[st
             f"hbm_bandwidth_gbps")
         out["attention_fixed_us"] = Figure(round(fit[0].params["fixed_us"], 1),
                                            "a one-token attention on the compute queue")
+        if loaded and alone:
+            out["attention_efficiency_alone"] = Figure(
+                round(min(alone / hbm, 1.0), 4),
+                f"merge.partial_attention on the stand-in's queue with the host kernel idle: "
+                f"{alone:.2f} GB/s / hbm_bandwidth_gbps (validate predicts cases without host "
+                "work with it)")
     host = ms.select("standin", "host_loaded")
     if host:
         p = host[0].params
