@@ -87,6 +87,21 @@ _MODELS: list[ModelSpec] = [
 #: Canonical (lower-case) name -> spec, in presentation order.
 MODELS: dict[str, ModelSpec] = {spec.name: spec for spec in _MODELS}
 
+#: Tiny models of the same families for smoke runs and CPU tests of ``hw_backend``'s
+#: whole-model decode (``hgsim run --model tiny-llama`` without a GPU). Not real checkpoints,
+#: so they stay out of ``MODELS`` and ``hgsim models``; ``get_model`` still finds them by name.
+TINY_MODELS: dict[str, ModelSpec] = {
+    spec.name: spec for spec in (
+        ModelSpec(name="tiny-llama", family="llama", num_layers=2, hidden_size=64, num_heads=4,
+                  num_kv_heads=2, head_dim=16, ffn_size=128, ffn_kind="swiglu", vocab_size=256,
+                  max_context=1 << 20, source="synthetic: Llama layout (GQA 2, SwiGLU), tiny"),
+        ModelSpec(name="tiny-qwen", family="qwen", num_layers=2, hidden_size=64, num_heads=4,
+                  num_kv_heads=1, head_dim=16, ffn_size=96, ffn_kind="swiglu", vocab_size=256,
+                  max_context=1 << 20, qkv_bias=True,
+                  source="synthetic: Qwen2.5 layout (GQA 4, q/k/v bias), tiny"),
+    )
+}
+
 # Spellings people use: Hugging Face ids ("meta-llama/Llama-2-70b-hf"), no dash after the
 # family ("llama2-70b"), "meta-" prefixes, chat / instruct variants (same architecture).
 _PREFIXES = ("meta-",)
@@ -123,7 +138,7 @@ def _separator(text: str, start: int, end: int) -> str:
 
 def _build_index() -> dict[str, str]:
     index: dict[str, str] = {}
-    for alias, name in [*((n, n) for n in MODELS), *_EXTRA_ALIASES.items()]:
+    for alias, name in [*((n, n) for n in (*MODELS, *TINY_MODELS)), *_EXTRA_ALIASES.items()]:
         key = _key(alias)
         if index.get(key, name) != name:
             raise RuntimeError(f"catalog alias collision: {alias!r} -> {key!r}")
@@ -145,7 +160,7 @@ def get_model(name: str) -> ModelSpec:
     """
     canonical = _INDEX.get(_key(name))
     if canonical is not None:
-        return MODELS[canonical]
+        return MODELS.get(canonical) or TINY_MODELS[canonical]
     close = difflib.get_close_matches(name.strip().lower(), list(MODELS), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise UserError(f"unknown model '{name}'{hint} (known: {', '.join(MODELS)})")

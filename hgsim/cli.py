@@ -15,7 +15,7 @@ from hgsim import __version__
 from hgsim.errors import UserError
 
 # Order is the order shown in --help.
-COMMANDS = ["simulate", "study", "profiles", "models", "policies", "calibrate", "validate"]
+COMMANDS = ["simulate", "run", "study", "profiles", "models", "policies", "calibrate", "validate"]
 
 
 def build_parser() -> argparse.ArgumentParser:

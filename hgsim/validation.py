@@ -2,8 +2,10 @@
 
 A validation study lists configurations (policy, options, contexts, the executor's thread split)
 that ``hw_backend.validate`` runs for real and this module runs through the simulator, with the
-same model, the same workload (``attention_only``: the executor runs the attention path alone)
-and the same policy, so both execute the very same partition plans. That the plans agree is
+same model, the same workload (``attention_only`` unless the study sets ``whole_model``: then
+the executor decodes the whole model, projections, norms and FFN included) and the same policy,
+so both execute the very same partition plans. ``hbm_budget_gb`` caps the GPU memory both sides
+plan with (``hgsim.hbm_budget``), so a study can force offload on a large GPU. That the plans agree is
 checked step by step (context, top-k ratio, GPU-resident tokens), not assumed.
 
 The simulator's machine is the calibrated profile with one change per configuration: the
@@ -69,6 +71,8 @@ class ValidationStudy(SpecModel):
     weight_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     warmup_steps: int = Field(default=2, ge=0)  # run, not compared (allocations, caches)
     steps: int = Field(default=6, ge=1)  # compared
+    whole_model: bool = False  # decode the whole model (random weights), not attention alone
+    hbm_budget_gb: float | None = Field(default=None, gt=0)  # usable GPU memory, both sides
     configs: list[ValidationConfig]
 
     def model_spec(self) -> ModelSpec:
@@ -133,7 +137,16 @@ def _tokens(n: int) -> str:
 def workload(study: ValidationStudy, case: Case) -> Workload:
     return Workload(batch=study.batch, context=case.context,
                     gen=study.warmup_steps + study.steps, kv_dtype=study.kv_dtype,
-                    weight_dtype=study.weight_dtype, attention_only=True)
+                    weight_dtype=study.weight_dtype, attention_only=not study.whole_model)
+
+
+def study_profile(profile: HardwareProfile, study: ValidationStudy) -> HardwareProfile:
+    """The profile both sides use: the study's HBM budget applied, if it has one."""
+    if study.hbm_budget_gb is None:
+        return profile
+    from hgsim.hbm_budget import HbmBudget
+
+    return HbmBudget(study.hbm_budget_gb).apply(profile)
 
 
 #: Calibration's figures per kernel-thread count n: ``scaling_efficiency`` (per-core rate of the
@@ -167,16 +180,37 @@ def case_profile(profile: HardwareProfile, case: Case,
 
 
 def predict(profile: HardwareProfile, study: ValidationStudy, case: Case,
-            per_threads: ThreadFigures | None = None) -> list[StepTiming]:
-    """Every step of the case, simulated (no sampling, no accuracy proxy)."""
+            per_threads: ThreadFigures | None = None,
+            attention_alone: float | None = None) -> list[StepTiming]:
+    """Every step of the case, simulated (no sampling, no accuracy proxy).
+
+    ``attention_alone``: the CPU stand-in's attention efficiency measured with the host kernel
+    idle. A stand-in profile carries the rate measured next to the host kernel (the two share
+    the host's memory, as hybrid plans run them); a case with no host work (gpu_only) runs the
+    stand-in's attention alone, so it is predicted with this one. None (a GPU) changes nothing.
+    """
     from hgsim.simulate import Fidelity, simulate
 
-    result = simulate(case_profile(profile, case, per_threads), study.model_spec(), case.policy,
+    machine = case_profile(profile, case, per_threads)
+    if attention_alone is not None and not _has_host_work(machine, study, case):
+        gpu = machine.primary_gpu
+        machine = profile_with_overrides(machine,
+                                         {f"gpus.{gpu}.attention_efficiency": attention_alone})
+    result = simulate(machine, study.model_spec(), case.policy,
                       workload(study, case), policy_options=case.options,
                       fidelity=Fidelity(decode_samples=0, accuracy=False))
     if not result.feasible:
         raise UserError(f"{case.label}: infeasible on {profile.name}: {result.reason}")
     return result.steps
+
+
+def _has_host_work(profile: HardwareProfile, study: ValidationStudy, case: Case) -> bool:
+    from hgsim.policies import make_policy
+
+    policy = make_policy(case.policy, study.model_spec(), profile, workload(study, case),
+                         case.options)
+    lp = policy.step_plan(case.context).layer
+    return lp.host_tokens > 0 and not lp.host_evicted
 
 
 # ------------------------------------------------------------------------------ comparison

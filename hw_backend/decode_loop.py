@@ -15,6 +15,7 @@ capacity (FlexGen, HGCA, InfiniGen) split the cache as intended on a small test 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -152,10 +153,13 @@ class DecodeRun:
 def run_decode(
     policy: Policy, executor: PlanExecutor, source: SyntheticDecode, steps: int | None = None,
     *, observe: bool = True, label: str | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> DecodeRun:
     """Decode ``steps`` tokens: plan from the policy, execute, feed measured times back.
 
-    ``label`` names the run in records (default: the policy's name).
+    ``label`` names the run in records (default: the policy's name); ``on_step(t)`` is called
+    after each step (progress bars). ``source`` may be any object with SyntheticDecode's
+    ``context``, ``steps``, ``query`` and ``new_kv`` (``random_kv.RandomDecode``).
     """
     steps = source.steps if steps is None else steps
     if steps > source.steps:
@@ -167,12 +171,17 @@ def run_decode(
         queries = [source.query(t, i).to(accel.device) for i in range(plan.num_layers)]
         new_kv = [tuple(x.to(accel.device) for x in source.new_kv(t, i))
                   for i in range(plan.num_layers)]
+        buffers = getattr(executor.side, "buffers", None)
+        if executor.graphs and buffers is not None:  # into the graph path's fixed buffers
+            queries, new_kv = buffers.load(queries, new_kv)
         run = executor.step(plan, queries, new_kv=new_kv, step=t)
         if observe and run.timing.host_s:  # as hgsim.simulate feeds its simulated step
             policy.observe(run.timing.host_s, run.timing.device_s, run.timing.variable_s)
         record.steps.append(run.timing)
         record.layers.extend(run.layers)
         record.plans.append(plan)
+        if on_step is not None:
+            on_step(t)
     if policy.scheduler is not None:
         record.scheduler = list(policy.scheduler.history)
     return record

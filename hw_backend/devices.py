@@ -123,12 +123,32 @@ class CudaMarker(Marker):
         return other.end.elapsed_time(self.end) / 1e3
 
 
+class EventPool:
+    """Timing events reused from step to step: creating two per queue op (a few hundred per
+    decode step) is driver work the device would otherwise wait behind. ``recycle`` once
+    every marker issued since the last call has been read (the executor's step end)."""
+
+    def __init__(self) -> None:
+        self._free: list[torch.cuda.Event] = []
+        self._issued: list[torch.cuda.Event] = []
+
+    def take(self) -> torch.cuda.Event:
+        event = self._free.pop() if self._free else torch.cuda.Event(enable_timing=True)
+        self._issued.append(event)
+        return event
+
+    def recycle(self) -> None:
+        self._free.extend(self._issued)
+        self._issued.clear()
+
+
 class CudaQueue(DeviceQueue):
     """A CUDA stream. Waiting on host work blocks the enqueuing thread (there is no device-side
     wait on a host thread), so the executor submits such work after the device's own work."""
 
-    def __init__(self, stream: torch.cuda.Stream) -> None:
+    def __init__(self, stream: torch.cuda.Stream, events: EventPool | None = None) -> None:
         self.stream = stream
+        self.events = events or EventPool()
 
     def submit(self, fn, *, after=(), label=""):
         for marker in after:
@@ -136,8 +156,8 @@ class CudaQueue(DeviceQueue):
                 self.stream.wait_event(marker.end)
             else:
                 marker.wait()
-        begin = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
+        begin = self.events.take()
+        end = self.events.take()
         with torch.cuda.stream(self.stream):
             begin.record(self.stream)
             fn()
@@ -184,6 +204,9 @@ class Accelerator(ABC):
 
     def close(self) -> None:  # noqa: B027 - nothing to release by default (CUDA)
         """Release worker threads; the accelerator is unusable afterwards."""
+
+    def recycle_markers(self) -> None:  # noqa: B027 - the stand-in's markers are plain objects
+        """Every marker issued so far has been read: its resources may be reused."""
 
     def __enter__(self) -> Accelerator:
         return self
@@ -242,9 +265,10 @@ class CudaAccelerator(Accelerator):
             self.device = torch.device("cuda", torch.cuda.current_device())
         name = torch.cuda.get_device_name(self.device)
         self.label = f"{self.device} ({name})"
+        self._events = EventPool()
         with torch.cuda.device(self.device):
-            self.compute = CudaQueue(torch.cuda.Stream())
-            self.copy = CudaQueue(torch.cuda.Stream())
+            self.compute = CudaQueue(torch.cuda.Stream(), self._events)
+            self.copy = CudaQueue(torch.cuda.Stream(), self._events)
             self._d2h = torch.cuda.Stream()
 
     def host_empty(self, shape, dtype):
@@ -272,6 +296,26 @@ class CudaAccelerator(Accelerator):
     def synchronize(self) -> None:
         torch.cuda.synchronize(self.device)
 
+    def recycle_markers(self) -> None:
+        self._events.recycle()
+
+
+def device_memory_bytes(accel: Accelerator) -> int:
+    """What the device role can allocate: the GPU's memory, or host RAM for the stand-in."""
+    if not accel.standin:
+        return int(torch.cuda.get_device_properties(accel.device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def limit_device_memory(accel: Accelerator, nbytes: float) -> None:
+    """Cap torch's allocations on a CUDA device at ``nbytes`` (an HBM budget, so that the run
+    fails like a smaller GPU instead of quietly using the larger one). The stand-in's device
+    memory is host RAM shared with everything else; it is not capped."""
+    if accel.standin:
+        return
+    total = device_memory_bytes(accel)
+    torch.cuda.set_per_process_memory_fraction(min(1.0, nbytes / total), accel.device)
+
 
 def make_accelerator(kind: AcceleratorKind = "auto", split: CoreSplit | None = None) -> Accelerator:
     """CUDA when asked for or available (``auto``), else the CPU stand-in."""
@@ -286,6 +330,6 @@ def make_accelerator(kind: AcceleratorKind = "auto", split: CoreSplit | None = N
 
 __all__ = [
     "STANDIN_LABEL", "Accelerator", "CoreSplit", "CudaAccelerator", "CudaMarker", "CudaQueue",
-    "DeviceQueue", "HostMarker", "StandInAccelerator", "StandInQueue", "available_cores",
-    "cuda_host_threads", "make_accelerator",
+    "DeviceQueue", "EventPool", "HostMarker", "StandInAccelerator", "StandInQueue", "available_cores",
+    "cuda_host_threads", "device_memory_bytes", "limit_device_memory", "make_accelerator",
 ]

@@ -26,9 +26,18 @@ as two blocks joined by their LSE: that is the same softmax, evaluated blockwise
 Host work of a layer is submitted before the device's attention of that layer and overlaps it;
 with the plan's ``lookahead`` the host work of layer i+1 is triggered by layer i's qkv (the CPU
 works one layer ahead), as the simulator triggers it. In ``step`` the queries of all layers are
-given up front, so the look-ahead host work uses layer i+1's true query; a model that produces
-queries layer by layer (``hf_hook``) runs without look-ahead. Look-ahead is also off for a layer
-whose new token lands in host memory (no recent window), since the host must see that token.
+given up front, so by default the look-ahead host work uses layer i+1's true query; a whole model
+(``model_decode``) passes ``lookahead_queries`` instead, layer i+1's query projected from layer
+i's input (HybridGen's approximation: that query exists when layer i's qkv is done), and
+``hf_hook``, which gets queries one layer at a time, runs without look-ahead. Look-ahead is
+also off for a layer whose new token lands in host memory (no recent window), since the host
+must see that token.
+
+How the device does its half is a ``device_side.DeviceSide``: on CUDA by default captured
+graphs over static buffers (``graph_side``, ``graphs=True``), one replay per queue op; on the
+CPU stand-in torch ops issued one by one (``graphs=False``, also selectable on CUDA for
+comparison). With CUDA the host kernel's threads are kept off the core of the thread that
+submits the device work (``cuda_host_threads``; ``submit_core``).
 
 Timing follows the simulator's definitions (``hw_backend.timing``) so that the feedback
 scheduler can be driven by measured times (``decode_loop.run_decode``).
@@ -37,68 +46,49 @@ scheduler can be driven by measured times (``decode_loop.run_decode``).
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import Enum
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
-from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
+from hgsim.plan import CpuWork, StepPlan
 from hgsim.results import StepTiming
 from hw_backend.buffers import BufferPool
+from hw_backend.device_side import DeviceSide, EagerDeviceSide
 from hw_backend.device_work import DeviceWork
-from hw_backend.devices import Accelerator, cuda_host_threads
+from hw_backend.devices import Accelerator, available_cores, cuda_host_threads
 from hw_backend.host_side import HostKernels, HostPayload
-from hw_backend.kv_store import KvStore, LayerKv
-from hw_backend.merge import (
-    Partial,
-    attend_rows,
-    lse_merge,
-    partial_attention,
-    softmax_union,
-)
-from hw_backend.streams import HostMarker, Marker, ResponsiveGil, WorkerStream
+from hw_backend.kv_store import KvStore
+from hw_backend.layer_state import HostPath, LayerState, UnsupportedPlan, host_path
+from hw_backend.step_buffers import StepBuffers
+from hw_backend.streams import Marker, ResponsiveGil, WorkerStream
 from hw_backend.timing import LayerTiming, step_timing
 
 
-class UnsupportedPlan(ValueError):
-    """A plan this executor cannot run (e.g. H2O's heavy hitters, simulated only)."""
+def submit_and_host_cores() -> tuple[int | None, tuple[int, ...] | None]:
+    """(the core the submitting thread runs on, the cores the host kernel gets): next to CUDA
+    the thread issuing device work keeps one core to itself (``cuda_host_threads``)."""
+    cores = available_cores()
+    if len(cores) < 2 or not hasattr(os, "sched_setaffinity"):
+        return None, None
+    return cores[0], cores[1:]
 
 
-class HostPath(str, Enum):
-    """What happens to a layer's host-resident tokens."""
-
-    LOGITS = "logits"  # HybridGen: CPU logits (+ top-k) and V rows to the device
-    PARTIAL = "partial"  # HGCA / CPU offload: CPU partial attention, output + LSE
-    STREAM = "stream"  # FlexGen: host K/V streamed to the device
-    SPECULATE = "speculate"  # InfiniGen: device-speculated rows gathered and copied
-
-
-def host_path(lp: LayerPlan) -> HostPath | None:
-    """The host path of a layer plan; None when no host token contributes."""
-    if lp.host_tokens == 0:
-        return None
-    if lp.host_evicted:
-        if lp.host_selected:
-            raise UnsupportedPlan(
-                "host-evicted plans with retained heavy hitters (H2O) are not executed; "
-                "only their GPU-resident part would be"
-            )
-        return None
-    if lp.transfer is Transfer.KV_ALL:
-        return HostPath.STREAM
-    if lp.host_selected == 0 and lp.cpu_work is not CpuWork.PARTIAL_ATTENTION:
-        return None
-    if lp.transfer is Transfer.KV_SELECTED:
-        return HostPath.SPECULATE
-    if lp.cpu_work is CpuWork.LOGITS_TOPK and lp.transfer is Transfer.LOGITS_AND_V:
-        return HostPath.LOGITS
-    if (lp.cpu_work in (CpuWork.PARTIAL_ATTENTION, CpuWork.SPARSE_PARTIAL)
-            and lp.transfer is Transfer.PARTIAL_OUTPUT):
-        return HostPath.PARTIAL
-    raise UnsupportedPlan(f"no executor for cpu_work={lp.cpu_work.value}, "
-                          f"transfer={lp.transfer.value}")
+@contextmanager
+def pinned_to(core: int | None) -> Iterator[None]:
+    """The calling thread on ``core`` for the block (Linux), its affinity restored after."""
+    if core is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {core})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 @dataclass
@@ -113,43 +103,22 @@ class StepRun:
     device: str
 
 
-@dataclass
-class _Layer:
-    """State of one layer while its step is in flight (kept until the step is synchronised,
-    which also keeps every tensor a queue may still read alive)."""
-
-    index: int
-    lp: LayerPlan
-    kv: LayerKv
-    path: HostPath | None
-    q: torch.Tensor | None = None
-    speculative_q: torch.Tensor | None = None
-    compute: list[Marker] = field(default_factory=list)
-    q_ready: Marker | None = None
-    trigger: Marker | None = None
-    host_job: HostMarker | None = None
-    upload: Marker | None = None
-    attn: Marker | None = None
-    merged: Marker | None = None
-    device_part: Partial | None = None
-    speculated: torch.Tensor | None = None  # InfiniGen's selected positions, device
-    uploaded: dict[str, torch.Tensor] = field(default_factory=dict)
-    fetch_s: float = 0.0
-    output: torch.Tensor | None = None
-
-
 class PlanExecutor:
     """Executes ``StepPlan`` objects over a ``KvStore`` on an ``Accelerator`` plus the CPU.
 
     ``host_threads`` is the C kernel's thread count (default: the accelerator's core split, or
     with CUDA every core but the one the submitting thread needs, ``cuda_host_threads``);
-    ``device_work`` adds a layer's non-attention device work.
+    ``device_work`` adds a layer's non-attention device work; ``graphs`` picks the device side
+    (default: captured graphs on CUDA, eager on the stand-in); ``step_buffers`` are the static
+    query and new-K/V buffers the graph path reads (default: its own, filled by copying the
+    step's inputs; ``ModelDecode`` shares its model's instead).
     """
 
     def __init__(
         self, store: KvStore, accel: Accelerator, *, host_threads: int | None = None,
         scale: float | None = None, device_work: DeviceWork | None = None,
-        kernels: HostKernels | None = None,
+        kernels: HostKernels | None = None, graphs: bool | None = None,
+        step_buffers: StepBuffers | None = None,
     ) -> None:
         split = getattr(accel, "split", None)
         threads = host_threads or (split.host_threads if split else cuda_host_threads())
@@ -158,8 +127,18 @@ class PlanExecutor:
         self.scale = scale if scale is not None else 1.0 / math.sqrt(store.head_dim)
         self.device_work = device_work
         self.kernels = kernels or HostKernels(threads, buffers=BufferPool(accel.host_empty))
-        self.device_buffers = BufferPool(accel.empty)  # upload destinations, per layer
-        self.host = WorkerStream("host-worker", cores=split.host_cores() if split else None)
+        self.graphs = (not accel.standin) if graphs is None else graphs
+        self.submit_core: int | None = None
+        host_cores = split.host_cores() if split else None
+        if not accel.standin:  # the submitting thread's core stays free of kernel threads
+            self.submit_core, host_cores = submit_and_host_cores()
+        self.host = WorkerStream("host-worker", cores=host_cores)
+        if self.graphs:
+            from hw_backend.graph_side import GraphDeviceSide
+
+            self.side: DeviceSide = GraphDeviceSide(self, step_buffers)
+        else:
+            self.side = EagerDeviceSide(self)
         self._gil = ResponsiveGil()  # host, device and caller threads hand the GIL over fast
         self._run: _StepRun | None = None
         self._steps = 0
@@ -169,28 +148,33 @@ class PlanExecutor:
         self, plan: StepPlan, queries: Sequence[torch.Tensor], *,
         new_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
         speculative_queries: Sequence[torch.Tensor] | None = None, step: int | None = None,
+        lookahead_queries: Sequence[torch.Tensor] | None = None,
     ) -> StepRun:
         """Run one decode step of ``plan`` over all layers, pipelined, and time it.
 
         ``queries[i]`` (B, H, D) is layer i's query on the device; ``new_kv[i]`` the new
         token's (K, V) (B, KVH, 1, D), appended before attention (omit it when the cache already
         holds ``plan.layer.context`` tokens); ``speculative_queries[i]`` InfiniGen's query
-        approximation (default: the true query).
+        approximation (default: the true query); ``lookahead_queries[i]`` the query the host
+        uses when it starts layer i one layer early (default: the true query). Queries may be
+        buffers that the device work fills before they are read (``ModelDeviceWork``).
         """
         if len(queries) != plan.num_layers:
             raise ValueError(f"{len(queries)} queries for a plan of {plan.num_layers} layers")
-        run = self.begin_step(plan, appending=new_kv is not None, step=step)
-        try:
-            self._submit_all(run, queries, new_kv, speculative_queries)
-        except BaseException:
-            self._run = None  # a CUDA queue raises at submission; the step is abandoned
-            raise
-        return self.end_step()
+        with pinned_to(self.submit_core):
+            run = self.begin_step(plan, appending=new_kv is not None, step=step)
+            try:
+                self._submit_all(run, queries, new_kv, speculative_queries, lookahead_queries)
+            except BaseException:
+                self._run = None  # a CUDA queue raises at submission; the step is abandoned
+                raise
+            return self.end_step()
 
     def _submit_all(
         self, run: _StepRun, queries: Sequence[torch.Tensor],
         new_kv: Sequence[tuple[torch.Tensor, torch.Tensor]] | None,
         speculative_queries: Sequence[torch.Tensor] | None,
+        lookahead_queries: Sequence[torch.Tensor] | None = None,
     ) -> None:
         """Submit every layer, host work of look-ahead layers one layer early."""
         plan = run.plan
@@ -203,6 +187,8 @@ class PlanExecutor:
             if ahead < plan.num_layers and run.can_look_ahead(ahead):
                 spec = speculative_queries[ahead] if speculative_queries is not None else None
                 run.set_query(ahead, queries[ahead], spec)
+                if lookahead_queries is not None:
+                    run.layers[ahead].host_q = lookahead_queries[ahead]
                 run.launch_host(ahead, run.layers[i].q_ready)
             run.prefetch_stream(i)  # no-op unless it had to wait for this layer's new token
             run.attention(i)
@@ -265,6 +251,12 @@ class PlanExecutor:
         self.host.close()
         self._gil.close()
 
+    @property
+    def graph_stats(self):
+        """Captures and replays of the graph path (None on the eager path)."""
+        graphs = getattr(self.side, "graphs", None)
+        return None if graphs is None else graphs.stats
+
     def __enter__(self) -> PlanExecutor:
         return self
 
@@ -279,25 +271,20 @@ class _StepRun:
         self.ex, self.plan, self.appending, self.step = ex, plan, appending, step
         accel = ex.accel
         # Classify every layer before submitting anything: an unsupported plan changes nothing.
-        self.layers = [_Layer(i, plan.layer_plan(i), ex.store[i], host_path(plan.layer_plan(i)))
+        self.layers = [LayerState(i, plan.layer_plan(i), ex.store[i], host_path(plan.layer_plan(i)))
                        for i in range(plan.num_layers)]
+        self.side = ex.side
         self.origin = accel.origin()
         for state in self.layers:
             state.compute.append(accel.compute.submit(
-                lambda s=state: self._repartition(s), label=f"kv repartition {state.index}"))
+                lambda s=state: self.side.repartition(s, self.appending),
+                label=f"kv repartition {state.index}"))
+        self.side.begin_step(self)
         self.ready = self.layers[-1].compute[-1] if self.layers else self.origin
         self._stream_launched = -1
         self.prefetch_stream(0)
 
     # ------------------------------------------------------------------ device queue
-    def _repartition(self, state: _Layer) -> None:
-        lp, kv = state.lp, state.kv
-        if lp.context != kv.length + (1 if self.appending else 0):
-            raise ValueError(f"layer {state.index}: plan context {lp.context} but cache holds "
-                             f"{kv.length} tokens (appending={self.appending})")
-        if state.path is HostPath.SPECULATE:
-            kv.enable_partial_keys(lp.speculate_key_fraction or 1.0)
-        kv.repartition(lp.sink_tokens, lp.gpu_recent_tokens, lp.context)
 
     def set_query(self, i: int, q: torch.Tensor, speculative_q: torch.Tensor | None) -> None:
         state = self.layers[i]
@@ -311,62 +298,32 @@ class _StepRun:
         """The layer's query becomes ready on the device (its new K/V appended first)."""
         self.set_query(i, q, speculative_q)
         state, work = self.layers[i], self.ex.device_work
-
-        def run() -> None:
-            if work is not None:
-                work.before_attention(i)
-            if new_kv is not None:
-                state.kv.append(*new_kv)
-
-        state.q_ready = self.ex.accel.compute.submit(run, label=f"qkv {i}")
+        state.q_ready = self.ex.accel.compute.submit(
+            lambda: self.side.qkv(state, new_kv, work), label=f"qkv {i}")
         state.compute.append(state.q_ready)
 
     def attention(self, i: int) -> None:
         """Attention over the device-resident tokens: the block the host's result joins."""
-        state, scale = self.layers[i], self.ex.scale
-
-        def run() -> None:
-            k, v = state.kv.device_kv()
-            state.device_part = partial_attention(state.q, k, v, scale)
-
-        state.attn = self.ex.accel.compute.submit(run, label=f"attention {i}")
+        state = self.layers[i]
+        state.attn = self.ex.accel.compute.submit(lambda: self.side.attention(state),
+                                                  label=f"attention {i}")
         state.compute.append(state.attn)
 
     def merge(self, i: int) -> None:
         state = self.layers[i]
-        if state.path is None:
-
-            def only_device() -> None:
-                state.output = state.device_part[0]
-
-            state.merged = self.ex.accel.compute.submit(only_device, label=f"output {i}")
-        else:
-            state.merged = self.ex.accel.compute.submit(
-                lambda: self._merge(state), after=[state.upload], label=f"merge {i}")
+        after = [] if state.path is None else [state.upload]
+        label = f"output {i}" if state.path is None else f"merge {i}"
+        state.merged = self.ex.accel.compute.submit(lambda: self.side.merge(state), after=after,
+                                                    label=label)
         state.compute.append(state.merged)
-
-    def _merge(self, state: _Layer) -> None:
-        up, device_part = state.uploaded, state.device_part
-        if state.path is HostPath.LOGITS:
-            values = up["rows"] if "rows" in up else up["values"]
-            merged = softmax_union(device_part, up["logits"], values)
-        elif state.path is HostPath.PARTIAL:
-            merged = lse_merge([device_part, (up["out"], up["lse"])])
-        elif state.path is HostPath.STREAM:
-            streamed = partial_attention(state.q, up["k"], up["v"], self.ex.scale)
-            merged = lse_merge([device_part, streamed])
-        else:  # SPECULATE
-            fetched = attend_rows(state.q, up["k_rows"], up["v_rows"], self.ex.scale)
-            merged = lse_merge([device_part, fetched])
-        state.output = merged[0]
 
     def post(self, i: int) -> None:
         work = self.ex.device_work
         if work is None:
             return
         state = self.layers[i]
-        marker = self.ex.accel.compute.submit(
-            lambda: work.after_attention(i, state.output), label=f"post {i}")
+        marker = self.ex.accel.compute.submit(lambda: self.side.post(state, work),
+                                              label=f"post {i}")
         state.compute.append(marker)
 
     # ------------------------------------------------------------------ host paths
@@ -374,7 +331,7 @@ class _StepRun:
         state = self.layers[i]
         return state.path is not None and state.path is not HostPath.STREAM and state.trigger is None
 
-    def new_token_on_host(self, state: _Layer) -> bool:
+    def new_token_on_host(self, state: LayerState) -> bool:
         """Whether this step's new token of the layer is appended to host memory (no recent
         window): host work over the range must then wait for the layer's qkv."""
         lp = state.lp
@@ -392,7 +349,7 @@ class _StepRun:
         state, ex = self.layers[i], self.ex
         state.trigger = trigger
         if state.path is HostPath.SPECULATE:
-            spec = ex.accel.compute.submit(lambda: self._speculate(state), after=[trigger],
+            spec = ex.accel.compute.submit(lambda: self.side.speculate(state), after=[trigger],
                                            label=f"speculate {i}")
             state.compute.append(spec)
             after: Marker = spec
@@ -401,26 +358,16 @@ class _StepRun:
         state.host_job = ex.host.submit(lambda: self._host_work(state, after), after=[after],
                                         label=f"host {i}")
 
-    def _speculate(self, state: _Layer) -> None:
-        """InfiniGen on the device: approximate scores over the partial key cache, top-k."""
-        kv, lp = state.kv, state.lp
-        start, end = lp.host_range()
-        query = kv.partial_query(state.speculative_q.to(kv.dtype))  # (B, KVH, G, c)
-        keys = kv.partial_k[:, :, start:end]  # (B, KVH, n, c)
-        scores = torch.matmul(query, keys.transpose(-1, -2)).float()
-        scores = scores.reshape(query.shape[0], -1, end - start)
-        state.speculated = torch.topk(scores, lp.host_selected, dim=-1).indices + start
-
-    def _host_work(self, state: _Layer, after: Marker) -> HostPayload:
+    def _host_work(self, state: LayerState, after: Marker) -> HostPayload:
         """On the host worker: fetch what the CPU needs from the device, run the kernel."""
-        ex, lp = self.ex, state.lp
+        ex, lp, side = self.ex, state.lp, self.side
         t0 = time.perf_counter()
         if state.path is HostPath.SPECULATE:
-            index = ex.accel.host_empty(tuple(state.speculated.shape), torch.int64)
-            ex.accel.fetch(index, state.speculated, after)
+            index = side.fetch_index(state, after)
         else:
-            q = ex.accel.host_empty(tuple(state.q.shape), torch.float32)
-            ex.accel.fetch(q, state.q, after)
+            q = side.fetch_query(state, after)
+        if self.new_token_on_host(state):
+            side.host_append(state, after)
         state.fetch_s = time.perf_counter() - t0
         kernels, kv, span = ex.kernels, state.kv, lp.host_range()
         if state.path is HostPath.SPECULATE:
@@ -440,8 +387,7 @@ class _StepRun:
 
         def run() -> None:
             payload: HostPayload = state.host_job.value
-            state.uploaded = {name: self._to_device(t, (i, name))
-                              for name, t in payload.tensors.items()}
+            self.side.upload(state, payload.tensors)
 
         state.upload = self.ex.accel.copy.submit(run, after=[state.host_job],
                                                  label=f"upload {i}")
@@ -466,38 +412,19 @@ class _StepRun:
         if i >= 2 and self.layers[i - 2].merged is not None:
             after.append(self.layers[i - 2].merged)
         start, end = state.lp.host_range()
-
-        def run() -> None:
-            kv = state.kv
-            state.uploaded = {"k": self._to_device(kv.host_k[:, :, start:end], (i, "k")),
-                              "v": self._to_device(kv.host_v[:, :, start:end], (i, "v"))}
-
         state.trigger = trigger
-        state.upload = self.ex.accel.copy.submit(run, after=after, label=f"stream kv {i}")
+        state.upload = self.ex.accel.copy.submit(lambda: self.side.stream(state, start, end),
+                                                 after=after, label=f"stream kv {i}")
         self._stream_launched = i
-
-    def _to_device(self, t: torch.Tensor, key: tuple[int, str]) -> torch.Tensor:
-        """A real copy into the layer's device buffer for ``key`` (non-blocking from pinned
-        memory); the buffer is reused next step (``BufferPool``)."""
-        accel = self.ex.accel
-        dst = self.ex.device_buffers.take(key, tuple(t.shape), t.dtype)
-        if accel.standin or t.is_contiguous() or t.dim() != 4:
-            src = t if accel.standin or t.is_contiguous() else t.contiguous()
-            if not accel.standin and not src.is_pinned():
-                src = src.pin_memory()
-            dst.copy_(src, non_blocking=True)
-        else:  # a range of a pinned (B, KVH, T, D) cache: contiguous per (batch, kv head)
-            for b in range(t.shape[0]):
-                for h in range(t.shape[1]):
-                    dst[b, h].copy_(t[b, h], non_blocking=True)
-        return dst
 
     # ------------------------------------------------------------------ records
     def finish(self) -> StepRun:
         accel = self.ex.accel
+        self.side.before_finish(self)
         end = accel.compute.submit(lambda: None, label="step end")
         end.wait()
         accel.synchronize()
+        self.side.end_step(self)
         latency = end.elapsed_since(self.origin)
         records, selections = [], []
         for state in self.layers:
@@ -508,10 +435,11 @@ class _StepRun:
             step=self.step, context=plan.layer.context, latency_s=latency, layers=records,
             topk_ratio=plan.layer.topk_ratio, gpu_tokens=plan.layer.gpu_tokens,
         )
-        outputs = [state.output for state in self.layers]
+        outputs = [self.side.step_output(state) for state in self.layers]
+        accel.recycle_markers()  # every marker of the step has been read
         return StepRun(plan, outputs, selections, timing, records, accel.label)
 
-    def _layer_timing(self, state: _Layer) -> LayerTiming:
+    def _layer_timing(self, state: LayerState) -> LayerTiming:
         gpu_s = sum(m.duration_s() for m in state.compute)
         cpu_s = transfer_s = host_s = device_s = stall_s = variable_s = 0.0
         upload_bytes = 0
@@ -543,12 +471,17 @@ class _StepRun:
         )
 
     @staticmethod
-    def _selection(state: _Layer) -> torch.Tensor | None:
+    def _selection(state: LayerState) -> torch.Tensor | None:
+        """A copy: the host's index buffers are reused next step."""
         if state.path is HostPath.SPECULATE:
             return state.speculated.cpu()
         if state.host_job is not None:
-            return state.host_job.result().index
+            index = state.host_job.result().index
+            return None if index is None else index.clone()
         return None
 
 
-__all__ = ["HostPath", "PlanExecutor", "StepRun", "UnsupportedPlan", "host_path"]
+__all__ = [
+    "HostPath", "LayerState", "PlanExecutor", "StepRun", "UnsupportedPlan", "host_path",
+    "pinned_to", "submit_and_host_cores",
+]

@@ -33,6 +33,7 @@ class HostPayload:
     cpu_s: float = 0.0  # C kernel time
     index: torch.Tensor | None = None  # selected absolute positions (B, H, k); stays on host
     gather_s: float = 0.0  # of cpu_s, gathering selected rows (grows with the top-k ratio)
+    # (buffers are reused: the tensors are valid until the layer's next step)
 
     @property
     def nbytes(self) -> int:
@@ -65,7 +66,7 @@ class HostKernels:
             values = kv.host_v[:, :, start:end]  # a view; the upload reads it in place
             return HostPayload({"logits": logits, "values": values}, time.perf_counter() - t0)
         logits = self.buffers.take((id(kv), "logits"), (batch, heads, selected), torch.float32)
-        index = torch.empty((batch, heads, selected), dtype=torch.int64)  # kept by the caller
+        index = self.buffers.take((id(kv), "selected"), (batch, heads, selected), torch.int64)
         self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start, end=end,
                              num_threads=self.threads, out=(logits, index))
         rows = self.buffers.take((id(kv), "rows"), (batch, heads, selected, kv.host_v.shape[3]),
@@ -91,8 +92,11 @@ class HostKernels:
         """HGCA's CPU side: attention over each head's top-``selected`` host tokens."""
         start, end = span
         t0 = time.perf_counter()
-        _, index = self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start, end=end,
-                                        num_threads=self.threads)
+        batch, heads = q.shape[:2]
+        scores = self.buffers.take((id(kv), "logits"), (batch, heads, selected), torch.float32)
+        index = self.buffers.take((id(kv), "selected"), (batch, heads, selected), torch.int64)
+        self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start, end=end,
+                             num_threads=self.threads, out=(scores, index))
         t1 = time.perf_counter()
         out, lse = self.ops.sparse_attention(q, kv.host_k, kv.host_v, index, scale=scale,
                                              num_threads=self.threads)
@@ -102,8 +106,11 @@ class HostKernels:
     def gather_kv(self, kv: LayerKv, index: torch.Tensor) -> HostPayload:
         """InfiniGen's fetch: K and V rows (B, H, k, D) of the speculated tokens."""
         t0 = time.perf_counter()
-        k_rows = self.ops.gather_rows(kv.host_k, index, num_threads=self.threads)
-        v_rows = self.ops.gather_rows(kv.host_v, index, num_threads=self.threads)
+        shape = (*index.shape, kv.host_k.shape[3])
+        k_rows = self.buffers.take((id(kv), "k rows"), shape, kv.host_k.dtype)
+        v_rows = self.buffers.take((id(kv), "v rows"), shape, kv.host_v.dtype)
+        self.ops.gather_rows(kv.host_k, index, num_threads=self.threads, out=k_rows)
+        self.ops.gather_rows(kv.host_v, index, num_threads=self.threads, out=v_rows)
         elapsed = time.perf_counter() - t0
         return HostPayload({"k_rows": k_rows, "v_rows": v_rows}, elapsed, index, gather_s=elapsed)
 

@@ -14,7 +14,14 @@ Per layer (``LayerKv``):
 
 Every position below ``length`` is valid on the device or on the host (a token is written to
 the host when it leaves the device). ``repartition`` runs on the device's compute queue at the
-start of a step, before any host work of that step reads the host range.
+start of a step, before any host work of that step reads the host range. When the window
+slides (one token leaves, the new one arrives) the new token takes the leaving token's slot, so
+a steady decode moves no device rows.
+
+``write_through`` is the CUDA graph path's mode (``graph_side``): every token the device
+receives is also copied to host memory by the end of its step, so a token leaving the device
+needs no copy at all (on CUDA that copy would be a device-to-host transfer that stalls the
+queue in the middle of a step).
 """
 
 from __future__ import annotations
@@ -47,6 +54,7 @@ class LayerKv:
         self.recent = 0
         self.partial_channels: torch.Tensor | None = None  # (KVH, c) channel ids, device
         self.partial_k: torch.Tensor | None = None  # (B, KVH, capacity, c), device
+        self.write_through = False  # host memory already holds every device-resident token
 
     # ------------------------------------------------------------------ views
     @property
@@ -78,23 +86,55 @@ class LayerKv:
             self.partial_channels = self.partial_k = None
             self.enable_partial_keys(fraction)
 
+    def truncate(self, tokens: int) -> None:
+        """Forget every token from position ``tokens`` on and make the rest host-resident, as
+        after ``load`` of the first ``tokens``: host rows below ``tokens`` are never changed by
+        a decode (new tokens land at the end), so a benchmark can run several policies over
+        one filled context without refilling it (at 128k tokens of an 8B model, 17 GB)."""
+        if tokens > self.length:
+            raise ValueError(f"cannot truncate {self.length} tokens to {tokens}")
+        if not self.write_through and self.resident:
+            leaving = [p for p in self.slot_pos if p < tokens]
+            if leaving:  # eagerly, device rows below ``tokens`` may exist only on the device
+                self._offload(leaving)
+        self.slot_pos, self._slot_of = [], {}
+        self.length, self.sinks, self.recent = tokens, 0, 0
+        if self.partial_channels is not None:  # rebuilt from the host keys when next needed
+            self.partial_channels = self.partial_k = None
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """One new token (B, KVH, 1, D): into a device slot when the plan keeps it resident."""
         position = self.length
-        self._ensure_host_capacity(position + 1)
-        if position < self.sinks or self.recent > 0:
-            self._ensure_slots(self.resident + 1)
-            slot = self.resident
+        slot = self.claim_append_slot()
+        if slot is not None:
             self.dev_k[:, :, slot : slot + 1].copy_(k)
             self.dev_v[:, :, slot : slot + 1].copy_(v)
-            self.slot_pos.append(position)
-            self._slot_of[position] = slot
         else:
             self.host_k[:, :, position : position + 1].copy_(k)
             self.host_v[:, :, position : position + 1].copy_(v)
         if self.partial_k is not None:
             self.partial_k[:, :, position : position + 1].copy_(self._key_channels(k))
+
+    def claim_append_slot(self) -> int | None:
+        """Book the new token (position ``length``): its device slot, or None when it lands in
+        host memory. Moves no data (``append`` does, or a captured graph)."""
+        position = self.length
+        self._ensure_host_capacity(position + 1)
+        slot = None
+        if position < self.sinks or self.recent > 0:
+            slot = self._slot_of.get(position)  # reserved by repartition (a sliding window)
+            if slot is None:
+                self._ensure_slots(self.resident + 1)
+                slot = self.resident
+                self.slot_pos.append(position)
+                self._slot_of[position] = slot
         self.length = position + 1
+        return slot
+
+    def reserve_device_slots(self, slots: int) -> None:
+        """Allocate device room for ``slots`` resident tokens now, so that no step reallocates
+        (a reallocation also invalidates captured graphs, which then capture again)."""
+        self._ensure_slots(slots)
 
     # ------------------------------------------------------------------ partition
     def repartition(self, sinks: int, recent: int, context: int) -> None:
@@ -111,17 +151,27 @@ class LayerKv:
         wanted.update(range(context - recent, self.length))
         leaving = [p for p in self.slot_pos if p not in wanted]
         arriving = sorted(wanted.difference(self._slot_of))
+        new_position = self.length
+        new_on_device = context > self.length and (new_position < sinks or recent > 0)
         if leaving:
-            self._offload(leaving)
+            self._offload(leaving, keep_slot_for=new_position if new_on_device else None)
         if arriving:
             self._promote(arriving)
         self.sinks, self.recent = sinks, recent
 
-    def _offload(self, positions: list[int]) -> None:
-        slots = torch.tensor([self._slot_of[p] for p in positions], device=self.accel.device)
-        where = torch.tensor(positions)
-        self.host_k[:, :, where] = self.dev_k[:, :, slots].to("cpu")
-        self.host_v[:, :, where] = self.dev_v[:, :, slots].to("cpu")
+    def _offload(self, positions: list[int], keep_slot_for: int | None = None) -> None:
+        """Move ``positions`` to host memory; with ``keep_slot_for``, the first one's slot is
+        handed to that (new) position instead of being freed."""
+        if not self.write_through:
+            slots = torch.tensor([self._slot_of[p] for p in positions], device=self.accel.device)
+            where = torch.tensor(positions)
+            self.host_k[:, :, where] = self.dev_k[:, :, slots].to("cpu")
+            self.host_v[:, :, where] = self.dev_v[:, :, slots].to("cpu")
+        if keep_slot_for is not None:
+            first, positions = positions[0], positions[1:]
+            slot = self._slot_of.pop(first)
+            self.slot_pos[slot] = keep_slot_for
+            self._slot_of[keep_slot_for] = slot
         self._drop_slots(positions)
 
     def _promote(self, positions: list[int]) -> None:
@@ -214,7 +264,10 @@ class LayerKv:
         n = self.resident
         for name in ("dev_k", "dev_v"):
             old = getattr(self, name)
-            new = self.accel.empty((*old.shape[:2], size, old.shape[3]), self.dtype)
+            # zeroed: the graph path attends over a padded bucket of slots (masked, but 0 x NaN
+            # garbage would still be NaN)
+            new = torch.zeros((*old.shape[:2], size, old.shape[3]), dtype=self.dtype,
+                              device=self.accel.device)
             new[:, :, :n] = old[:, :, :n]
             setattr(self, name, new)
 
@@ -242,6 +295,14 @@ class KvStore:
     @property
     def length(self) -> int:
         return self.layers[0].length
+
+    def reserve_device_slots(self, slots: int) -> None:
+        for layer in self.layers:
+            layer.reserve_device_slots(slots)
+
+    def truncate(self, tokens: int) -> None:
+        for layer in self.layers:
+            layer.truncate(tokens)
 
 
 __all__ = ["KvStore", "LayerKv"]

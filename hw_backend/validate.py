@@ -38,9 +38,11 @@ from hgsim.validation import (
     load_study,
     mape,
     predict,
+    study_profile,
     workload,
 )
 from hw_backend.calibration.quiet import wait_for_quiet
+from hw_backend.random_kv import RandomKv
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: What a run writes: ``<prefix>.csv`` and the scatter plot as PNG and SVG.
@@ -48,42 +50,6 @@ OUTPUT_SUFFIXES = (".csv", ".png", ".svg")
 
 
 # ------------------------------------------------------------------------------ one case
-class RandomKv:
-    """One draw of iid normal K and V, copied into every layer of every case's cache.
-
-    Step times depend on the values' distribution (the top-k scan does the heap work it would
-    on scores without structure), not on which values: each layer still sees its own scores,
-    since its queries differ. Drawing once instead of per layer and case cuts the cache fill of
-    large contexts several-fold (figures: docs/calibration.md, history): a validation that
-    ends sooner after its calibration meets a machine closer to the one calibrated.
-    """
-
-    def __init__(self) -> None:
-        self._drawn: dict[tuple, tuple] = {}
-
-    def fill(self, store, tokens: int, dtype) -> None:
-        """K/V for the first ``tokens`` positions of every layer of ``store``."""
-        if tokens <= 0:
-            return
-        k, v = self._draw(store.batch, store.kv_heads, tokens, store.head_dim, dtype)
-        for layer in store.layers:
-            layer.load(k[:, :, :tokens], v[:, :, :tokens])
-
-    def _draw(self, batch: int, kv_heads: int, tokens: int, head_dim: int, dtype):
-        import torch
-
-        key = (batch, kv_heads, head_dim, dtype)
-        drawn = self._drawn.get(key)
-        if drawn is None or drawn[0].shape[2] < tokens:
-            self._drawn.pop(key, None)  # free the smaller draw before making the larger one
-            generator = torch.Generator().manual_seed(0)
-            shape = (batch, kv_heads, tokens, head_dim)
-            drawn = tuple(torch.empty(shape, dtype=dtype).normal_(generator=generator)
-                          for _ in range(2))
-            self._drawn[key] = drawn
-        return drawn
-
-
 def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
             accelerator: str = "auto", before_steps: Callable[[], object] | None = None,
             random_kv: RandomKv | None = None) -> tuple[list[StepTiming], str]:
@@ -108,6 +74,16 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
     dtype = getattr(torch, TORCH_DTYPES[study.kv_dtype])
     split = CoreSplit(case.device_threads, case.host_threads, case.pin)
     accel = make_accelerator(accelerator, split)
+    if study.hbm_budget_gb is not None:
+        from hw_backend.devices import limit_device_memory
+
+        limit_device_memory(accel, study.hbm_budget_gb * 1e9)
+    if study.whole_model:
+        try:
+            return _measure_model(case, study, policy, plans, accel, before_steps,
+                                  random_kv), accel.label
+        finally:
+            accel.close()
     try:
         store = KvStore(accel, num_layers=model.num_layers, batch=study.batch,
                         kv_heads=model.num_kv_heads, head_dim=model.head_dim, dtype=dtype,
@@ -118,8 +94,11 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
             before_steps()
         steps = []
         with PlanExecutor(store, accel, host_threads=case.host_threads) as executor:
+            buffers = _static_inputs(executor, model, study.batch, dtype)
             for s, plan in enumerate(plans):
                 queries, new_kv = inputs[s]
+                if buffers is not None:  # the graph path reads them from fixed buffers
+                    queries, new_kv = buffers.load(queries, new_kv)
                 try:
                     run = executor.step(plan, queries, new_kv=new_kv, step=s)
                 except UnsupportedPlan as exc:
@@ -129,6 +108,45 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
         return steps, accel.label
     finally:
         accel.close()
+
+
+def _measure_model(case: Case, study: ValidationStudy, policy, plans, accel,
+                   before_steps: Callable[[], object] | None,
+                   random_kv: RandomKv | None) -> list[StepTiming]:
+    """The whole model (random weights at the study model's shapes) decoding the case's plans."""
+    from hw_backend.executor import UnsupportedPlan
+    from hw_backend.model_decode import ModelDecode
+
+    model = study.model_spec()
+    with ModelDecode(model, accel, batch=study.batch, dtype=study.weight_dtype,
+                     kv_dtype=study.kv_dtype, capacity=case.context + len(plans),
+                     host_threads=case.host_threads) as decoder:
+        decoder.fill_random(case.context - 1, random_kv)
+        decoder.reserve_for(policy, case.context + len(plans) - 1)
+        if before_steps is not None:
+            before_steps()
+        steps = []
+        for s, plan in enumerate(plans):
+            try:
+                run = decoder.step(plan, step=s)[0]
+            except UnsupportedPlan as exc:
+                raise UserError(f"{case.label}: the executor cannot run this plan: "
+                                f"{exc}") from None
+            steps.append(run.timing)
+    return steps
+
+
+def _static_inputs(executor, model, batch: int, dtype):
+    """On the graph path, the executor's own input buffers (filled before each step)."""
+    if not executor.graphs:
+        return None
+    from hw_backend.step_buffers import StepBuffers
+
+    buffers = StepBuffers.allocate(executor.accel.device, layers=model.num_layers, batch=batch,
+                                   heads=model.num_heads, kv_heads=model.num_kv_heads,
+                                   head_dim=model.head_dim, kv_dtype=dtype)
+    executor.side.buffers = buffers
+    return buffers
 
 
 def _inputs(accel, model, batch: int, dtype, count: int):
@@ -181,6 +199,9 @@ class Calibration:
     #: mean time of the host kernel while the stand-in attends / alone, from calibration;
     #: reported, not charged (see ``ValidationRun.host_slowdown``)
     host_slowdown: float | None = None
+    #: the stand-in's attention efficiency with the host kernel idle (for cases without host
+    #: work; the profile holds the rate next to it), ``hgsim.validation.predict``
+    attention_alone: float | None = None
 
     @staticmethod
     def beside(profile_path: Path, profile: HardwareProfile) -> Calibration:
@@ -198,8 +219,11 @@ class Calibration:
         figure = doc.get("summary", {}).get(socket, {}).get("per_threads", {})
         per_threads = {int(n): v for n, v in (figure.get("value") or {}).items()}
         pair = (int(split["device_threads"]), int(split["host_threads"])) if split else None
-        slowdown = doc.get("summary", {}).get("gpu0", {}).get("host_loaded_slowdown") or {}
-        return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"))
+        gpu0 = doc.get("summary", {}).get("gpu0", {})
+        slowdown = gpu0.get("host_loaded_slowdown") or {}
+        alone = (gpu0.get("attention_efficiency_alone") or {}).get("value")
+        return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"),
+                           alone)
 
     def default_split(self, cuda: bool) -> tuple[int, int]:
         """(device, host) threads: with CUDA every core but the submitting thread's is the
@@ -231,9 +255,9 @@ def run_validation(
     t0 = time.perf_counter()
     load0 = _load()
     path = resolve_profile(profile)
-    prof = load_profile(path)
     study = load_study(study_path)
     prefix = output_prefix(out, path)  # checked before measuring: or every case is lost
+    prof = study_profile(load_profile(path), study)
     if steps is not None:
         study = study.model_copy(update={"steps": steps})
     calibration = Calibration.beside(path, prof)
@@ -251,7 +275,8 @@ def run_validation(
     random_kv = RandomKv()
     for case in _progress(todo, progress):
         probe_gbps = probe.gbps() if probe is not None else None
-        predicted = predict(prof, study, case, calibration.per_threads)
+        predicted = predict(prof, study, case, calibration.per_threads,
+                            None if cuda else calibration.attention_alone)
         runnable: list[float] = []
         settle = (lambda out=runnable: out.append(wait_for_quiet(quiet_wait_s))
                   ) if quiet_wait_s > 0 else None

@@ -117,6 +117,49 @@ def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, t
         assert "contention: during calibration the host kernel ran" in out
 
 
+TINY_MODEL_STUDY = """
+name: ci-tiny-model
+model: tiny-llama
+whole_model: true
+hbm_budget_gb: 0.0009
+warmup_steps: 1
+steps: 2
+configs:
+  - name: hybrid
+    policy: hybridgen_static
+    options: {topk_ratio: 0.05, hbm_reserve_gb: 0, hbm_reserve_fraction: 0}
+    contexts: [1k]
+  - name: hgca
+    policy: hgca
+    options: {hbm_reserve_gb: 0, hbm_reserve_fraction: 0}
+    contexts: [1k]
+  - name: cpu-offload
+    policy: cpu_offload
+    options: {hbm_reserve_gb: 0, hbm_reserve_fraction: 0}
+    contexts: [512]
+"""
+
+
+def test_whole_model_study_validates_on_this_machine(calibrated: Path, tmp_path: Path):
+    """The whole model decodes each case's plans (its HBM budget splitting the context on both
+    sides) and the simulator predicts the same model with its projections and FFN."""
+    from hw_backend.validate import run_validation
+
+    study = tmp_path / "model.yaml"
+    study.write_text(TINY_MODEL_STUDY)
+    run = run_validation(calibrated, study, threshold=1e6, out=tmp_path / "m", progress=False)
+    assert len(run.results) == 3 and math.isfinite(run.mape_pct)
+    by_config = {r.case.config: r for r in run.results}
+    for name in ("hybrid", "hgca"):  # the budget leaves room for part of the context only
+        steps = by_config[name].measured
+        assert all(0 < s.gpu_tokens < s.context for s in steps)
+        assert all(s.host_s > 0 for s in steps)
+    for r in run.results:
+        assert r.measured_s > 0 and r.predicted_s > 0
+        # the prediction includes the projections and FFN (attention_only off)
+        assert all(p.gpu_busy_s > 0 for p in r.predicted)
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys):
     assert main(["validate", "--profile", str(tmp_path / "missing.yaml")]) == 2
     assert main(["calibrate", "--out", str(tmp_path / "no" / "such" / "dir.yaml")]) == 2
@@ -497,3 +540,58 @@ def test_a_pinned_child_process_takes_figures_with_the_parents_statistic():
     with timing.statistic("min"):
         assert run_on_cpus(cpus, timing.representative, repeats, force_process=True) == 1.0
     assert run_on_cpus(cpus, timing.representative, repeats, force_process=True) == 2.0
+
+
+def test_a_cuda_calibration_of_the_graph_path_sets_the_figures_it_runs_at():
+    """With the graph path measured, the profile's per-op charge is a graph op's fixed cost,
+    its attention and linear-layer rates the graph attention's and one-token GEMMs', and the
+    eager launch, graph replay and in-graph gap keep their own fields; the profile loads."""
+    from hgsim.config_io import parse_yaml, validate
+    from hgsim.specs.hardware import HardwareProfile
+    from hw_backend.calibration.assemble import Context, build
+    from hw_backend.calibration.records import Measurement
+    from hw_backend.calibration.topology import Machine
+    from hw_backend.numa import NumaNode
+
+    rows = _synthetic_rows(cuda=True)
+    rows += [
+        Measurement("cuda", "graph_attention_fit", 1800.0, "GB/s", {"fixed_us": 4.0}),
+        Measurement("cuda", "decode_gemm", 1500.0, "GB/s", {"shape": [4096, 6144]}),
+        Measurement("cuda", "decode_gemm", 1700.0, "GB/s", {"shape": [4096, 28672]}),
+        Measurement("cuda", "decode_gemm", 1600.0, "GB/s", {"shape": [14336, 4096]}),
+        Measurement("cuda", "graph_launch", 2.5, "us", {"replays": 2000, "host_us": 4.0}),
+        Measurement("cuda", "graph_kernel_gap", 1.1, "us", {"kernels": 20, "replay_us": 23.4}),
+        *(Measurement("cuda", "graph_op", us, "us", {"op": op, "bucket": 16})
+          for op, us in (("attention", 14.0), ("softmax_union", 20.0), ("lse_merge", 6.0))),
+    ]
+    nodes = (NumaNode(0, tuple(range(8)), 64 << 30, 1 << 30),)
+    machine = Machine(nodes, {0: (10,)}, "Test CPU", 2.0, "test", "avx512", tuple(range(8)))
+    info = {"name": "Test GPU", "total_memory": 80 << 30, "numa_node": 0, "pci": None}
+    text, summary = build(Context("graphs", "2024-01-01", machine, rows, info, None, "bf16",
+                                  False, 16 << 20))
+    gpu = validate(HardwareProfile, parse_yaml(text, "graphs")).gpus["gpu0"]
+    assert gpu.kernel_launch_overhead_us == 14.0  # median graph op
+    assert gpu.single_launch_overhead_us == 3.0 and gpu.graph_launch_overhead_us == 2.5
+    assert gpu.graph_kernel_gap_us == 1.1
+    assert gpu.attention_efficiency == 0.9  # 1800 / 2000
+    assert gpu.memory_efficiency == 0.8  # median GEMV 1600 / 2000
+    assert "graph path" in text and summary["gpu0"]["graph_launch_overhead_us"]["value"] == 2.5
+
+
+def test_cases_without_host_work_are_predicted_with_the_standins_idle_attention_rate():
+    """The stand-in's profile holds its attention rate next to the host kernel (hybrid plans
+    run both on one memory); gpu_only runs it alone and is predicted with the idle rate."""
+    from hgsim.validation import ValidationStudy, cases, predict
+
+    study = ValidationStudy.model_validate({
+        "name": "s", "model": "tiny-llama", "kv_dtype": "fp32", "weight_dtype": "fp32",
+        "warmup_steps": 0, "steps": 2, "whole_model": True,
+        "configs": [{"name": "gpu", "policy": "gpu_only", "contexts": [8192]},
+                    {"name": "cpu", "policy": "cpu_offload", "contexts": [8192]}]})
+    profile = load_profile("dev-zen4-2core")
+    gpu_case, cpu_case = cases(study, device_threads=1, host_threads=1)
+    slow = profile.gpus["gpu0"].attention_efficiency
+    for case, changes in ((gpu_case, True), (cpu_case, False)):
+        loaded = predict(profile, study, case)
+        alone = predict(profile, study, case, attention_alone=slow / 4)
+        assert (alone[0].latency_s != loaded[0].latency_s) is changes

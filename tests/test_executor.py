@@ -84,9 +84,11 @@ def restricted_reference(q, k, v, positions_per_head: list[list[set[int]]]) -> t
 
 
 class Case:
-    """A small multi-layer KV cache and queries; the executor runs on the stand-in."""
+    """A small multi-layer KV cache and queries; the executor runs on the stand-in, its device
+    side eager or the graph path's static programs (run eagerly without CUDA)."""
 
-    def __init__(self, steps: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0):
+    def __init__(self, steps: int = 1, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 graphs: bool = False):
         gen = torch.Generator().manual_seed(seed)
         total = T + steps
         self.k = [torch.randn(B, KVH, total, D, generator=gen).to(dtype) for _ in range(LAYERS)]
@@ -99,7 +101,7 @@ class Case:
                              dtype=dtype, capacity=total)
         for i in range(LAYERS):
             self.store[i].load(self.k[i][:, :, : T - 1], self.v[i][:, :, : T - 1])
-        self.executor = PlanExecutor(self.store, self.accel)
+        self.executor = PlanExecutor(self.store, self.accel, graphs=graphs)
 
     def step(self, t: int, plan: StepPlan, **kwargs):
         end = T + t
@@ -116,9 +118,9 @@ class Case:
         self.accel.close()
 
 
-@pytest.fixture
-def case():
-    c = Case(steps=3)
+@pytest.fixture(params=[False, True], ids=["eager", "graph-path"])
+def case(request):
+    c = Case(steps=3, graphs=request.param)
     yield c
     c.close()
 
@@ -264,13 +266,13 @@ def test_plan_that_does_not_follow_the_cache_fails_loudly(case):
 
 def test_steps_reuse_their_upload_buffers_and_stay_exact(case):
     """Top-k grows with the context: steps after the first reuse the layer's buffers (same
-    memory, no new allocation) and every output is still exact over its selection."""
+    memory, no new allocation; the graph path's top-k 41-43 share one bucket) and every output
+    is still exact over its selection."""
     pointers = []
     for t in range(3):
-        plan = StepPlan("h", B, layer_plan("hybridgen", T + t, selected=40 + t), LAYERS)
+        plan = StepPlan("h", B, layer_plan("hybridgen", T + t, selected=41 + t), LAYERS)
         run = case.step(t, plan)
-        pointers.append(case.executor.device_buffers.take((0, "rows"), (1,), torch.float32)
-                        .data_ptr())
+        pointers.append(upload_buffers(case.executor))
         lp = plan.layer
         resident = set(range(lp.sink_tokens)) | set(range(lp.host_range()[1], T + t))
         for layer in range(LAYERS):
@@ -281,3 +283,11 @@ def test_steps_reuse_their_upload_buffers_and_stay_exact(case):
                                         case.v[layer][:, :, : T + t], attended)
             torch.testing.assert_close(run.outputs[layer].double(), want, rtol=1e-5, atol=2e-6)
     assert pointers[0] == pointers[1] == pointers[2]
+
+
+def upload_buffers(executor) -> tuple[int, ...]:
+    """Addresses of the device buffers host results land in."""
+    side = executor.side
+    if executor.graphs:
+        return tuple(sorted(t.data_ptr() for t in side._landing.values()))
+    return (side.device_buffers.take((0, "rows"), (1,), torch.float32).data_ptr(),)

@@ -111,3 +111,92 @@ def test_calibration_times_the_executor_ops_on_cuda():
     rows = cuda.executor_ops(Settings.make(True))
     assert {m.params["op"] for m in rows} == {"partial_attention", "lse_merge", "softmax_union"}
     assert all(m.unit == "us" and 0 < m.value < 1e5 for m in rows)
+
+
+@pytest.mark.parametrize("kind", list(plans(T)))
+def test_graph_path_matches_the_eager_path_and_stops_capturing(kind):
+    """Captured graphs give the eager path's outputs; after the first step a steady decode
+    (same buckets) only replays."""
+    gen = torch.Generator().manual_seed(1)
+    steps = 3
+    k = [torch.randn(B, KVH, T + steps, D, generator=gen) for _ in range(LAYERS)]
+    v = [torch.randn(B, KVH, T + steps, D, generator=gen) for _ in range(LAYERS)]
+    queries = [[torch.randn(B, H, D, generator=gen).cuda() for _ in range(LAYERS)]
+               for _ in range(steps)]
+    outputs, captures = {}, []
+    for graphs in (False, True):
+        accel = make_accelerator("cuda")
+        store = KvStore(accel, num_layers=LAYERS, batch=B, kv_heads=KVH, head_dim=D,
+                        capacity=T + steps)
+        for i in range(LAYERS):
+            store[i].load(k[i][:, :, : T - 1], v[i][:, :, : T - 1])
+        with PlanExecutor(store, accel, graphs=graphs) as executor:
+            for t in range(steps):
+                context = T + t
+                new_kv = [(k[i][:, :, context - 1 : context].cuda(),
+                           v[i][:, :, context - 1 : context].cuda()) for i in range(LAYERS)]
+                run = executor.step(StepPlan(kind, B, plans(context)[kind], LAYERS),
+                                    queries[t], new_kv=new_kv, step=t)
+                outputs[graphs, t] = [o.cpu() for o in run.outputs]
+                if graphs:
+                    captures.append(executor.graph_stats.captures)
+                    assert not executor.graph_stats.failures  # every program was captured
+    for t in range(steps):
+        for got, want in zip(outputs[True, t], outputs[False, t], strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    assert captures[0] > 0 and captures[-1] == captures[1]
+
+
+def test_whole_model_decode_on_cuda_matches_dense_float64():
+    """The graph path (default on CUDA) decodes a tiny model like dense float64 attention."""
+    from hgsim.catalog import get_model
+    from hw_backend.model_decode import ModelDecode
+    from hw_backend.transformer import DenseDecoder
+
+    spec = get_model("tiny-llama")
+    context, steps = 600, 4
+    workload = Workload(context=context, gen=steps, kv_dtype="fp32", weight_dtype="fp32")
+    policy = make_policy("hybridgen_exact", spec, load_profile("dev-zen4-2core"), workload,
+                         {"gpu_share": 0.3, "lookahead": False})
+    gen = torch.Generator().manual_seed(2)
+    shape = (1, spec.num_kv_heads, context - 1, spec.head_dim)
+    prefix = [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen))
+              for _ in range(spec.num_layers)]
+    accel = make_accelerator("cuda")
+    with ModelDecode(spec, accel, dtype="fp32", seed=3, capacity=context + steps) as model:
+        assert model.executor.graphs
+        model.load_prefix(prefix)
+        first = model.work.tokens.cpu()
+        run = model.decode(policy, steps, keep_logits=True)
+        weights = model.weights.to(torch.float64, "cpu")
+    dense = DenseDecoder(weights, [(a.double(), b.double()) for a, b in prefix])
+    inputs = [first] + [torch.tensor(t) for t in run.tokens[:-1]]
+    for got, token in zip(run.logits, inputs, strict=True):
+        torch.testing.assert_close(got.double(), dense.step(token), rtol=1e-3, atol=1e-3)
+
+
+def test_hbm_budget_caps_torch_allocations():
+    from hw_backend.devices import device_memory_bytes, limit_device_memory
+
+    accel = make_accelerator("cuda")
+    limit_device_memory(accel, 1e9)
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            torch.empty(int(2e9), dtype=torch.uint8, device="cuda")
+    finally:
+        limit_device_memory(accel, device_memory_bytes(accel))
+
+
+def test_calibration_measures_the_graph_path_on_cuda():
+    from hw_backend.calibration import cuda
+    from hw_backend.calibration.settings import Settings
+
+    settings = Settings.make(True)
+    rows = (cuda.graph_launch(settings) + cuda.graph_ops(settings)
+            + cuda.graph_attention(settings) + cuda.decode_gemm(settings))
+    names = {m.name for m in rows}
+    assert {"graph_launch", "graph_kernel_gap", "graph_op", "graph_attention_fit",
+            "decode_gemm"} <= names
+    assert all(m.value > 0 or m.name == "graph_kernel_gap" for m in rows)
+    launch = next(m for m in rows if m.name == "graph_launch")
+    assert launch.value < 100  # microseconds per replay

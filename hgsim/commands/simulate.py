@@ -129,13 +129,10 @@ def _count(text: str, flag: str) -> int:
         raise UserError(str(exc), field=flag) from None
 
 
-def print_result(result: SimResult) -> None:
-    from rich.console import Console
+def memory_table(result: SimResult):
+    """The footprint per tier against its capacity (rich Table)."""
     from rich.table import Table
 
-    console = Console()
-    title = (f"{result.policy} | {result.model} on {result.profile} | batch {result.batch}, "
-             f"context {result.context}, gen {result.gen}")
     memory = Table(title="memory footprint", title_justify="left")
     for col in ("tier", "used GB", "capacity GB", "use"):
         memory.add_column(col, justify="right" if col != "tier" else "left")
@@ -143,15 +140,13 @@ def print_result(result: SimResult) -> None:
         cap = result.capacity_bytes.get(tier, 0.0)
         memory.add_row(tier, f"{used / 1e9:.1f}", f"{cap / 1e9:.1f}",
                        f"{used / cap:.0%}" if cap else "-")
-    if not result.feasible:
-        console.print(f"[bold]{title}[/bold]")
-        console.print(memory)
-        console.print(f"[red]infeasible:[/red] {result.reason}")
-        return
+    return memory
+
+
+def summary_rows(result: SimResult) -> list[tuple[str, str]]:
+    """(metric, value) rows of a feasible result's summary; ``hgsim run`` puts a measured
+    result's rows beside a simulated one's."""
     stats = result.latency_stats_ms()
-    summary = Table(title=title, title_justify="left")
-    summary.add_column("metric")
-    summary.add_column("value", justify="right")
     rows = [
         ("per-token latency mean", f"{stats['mean']:.2f} ms"),
         ("per-token latency p50", f"{stats['p50']:.2f} ms"),
@@ -168,8 +163,28 @@ def print_result(result: SimResult) -> None:
         ("GPU-resident tokens start -> end", f"{first.gpu_tokens} -> {last.gpu_tokens}"),
         ("accuracy: attention mass kept", f"{result.accuracy_mass_kept:.4f}"),
         ("accuracy: output rel. error", f"{result.accuracy_rel_error:.2e}"),
-        ("simulation", f"{result.events} events in {result.wall_s:.2f} s"),
     ]
+    return rows
+
+
+def print_result(result: SimResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = (f"{result.policy} | {result.model} on {result.profile} | batch {result.batch}, "
+             f"context {result.context}, gen {result.gen}")
+    memory = memory_table(result)
+    if not result.feasible:
+        console.print(f"[bold]{title}[/bold]")
+        console.print(memory)
+        console.print(f"[red]infeasible:[/red] {result.reason}")
+        return
+    summary = Table(title=title, title_justify="left")
+    summary.add_column("metric")
+    summary.add_column("value", justify="right")
+    rows = summary_rows(result) + [
+        ("simulation", f"{result.events} events in {result.wall_s:.2f} s")]
     for name, value in rows:
         summary.add_row(name, value)
     console.print(summary)

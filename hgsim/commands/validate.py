@@ -49,6 +49,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+def _partial_writer(prefix: Path):
+    """Rewrites ``<prefix>.partial.csv`` after every case, so that a run stopped early (a time
+    limit on a borrowed GPU) keeps the cases it finished."""
+    from hgsim.validation import frame
+
+    done = []
+    path = prefix.with_name(prefix.name + ".partial.csv")
+
+    def write(result) -> None:
+        if not prefix.parent.is_dir():
+            return
+        done.append(result)
+        frame(done).to_csv(path, index=False)
+
+    return write
+
+
 def run(args: argparse.Namespace) -> int:
     non_negative(args.threshold, "--threshold")
     non_negative(args.quiet_wait, "--quiet-wait")
@@ -72,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None, max_context=max_context, steps=args.steps,
         accelerator=args.accelerator, statistic=args.statistic, quiet_wait_s=args.quiet_wait,
         progress=not args.no_progress,
+        on_case=_partial_writer(Path(args.out)) if args.out else None,
     )
     title = (f"{result.study.name}: predicted vs measured per-step latency, "
              f"{result.profile.name} on {result.results[0].device}")

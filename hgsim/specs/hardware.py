@@ -36,6 +36,13 @@ class GpuSpec(SpecModel):
     # requests x their size). By Little's law a DMA read runs at most this / route latency,
     # which binds only when host memory is far (CXL, a remote socket, a long route).
     dma_inflight_bytes: float = Positive
+    # CUDA launch costs as ``hgsim calibrate`` measures them (None: not measured). The simulator
+    # charges ``kernel_launch_overhead_us`` per simulated kernel; these tell apart one eager
+    # launch, one CUDA graph replay, and the device's gap between kernels inside a graph, for
+    # a model of hw_backend's graph path (one replay per executor op).
+    single_launch_overhead_us: float | None = Field(default=None, ge=0)
+    graph_launch_overhead_us: float | None = Field(default=None, ge=0)
+    graph_kernel_gap_us: float | None = Field(default=None, ge=0)
     socket: str  # the socket whose root complex the GPU hangs off
     link: str  # the PCIe link to that socket
     source: str | None = None

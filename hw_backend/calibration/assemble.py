@@ -156,6 +156,8 @@ def _gpu(ctx: Context, node: Node, stamp: Stamp, socket: str) -> dict[str, Any]:
         stamp.figure(peaks, dtype, fig)
     stamp.figure(node, "kernel_launch_overhead_us", figs.get("kernel_launch_overhead_us"),
                  default=0.0, fallback=missing)
+    for key in ("single_launch_overhead_us", "graph_launch_overhead_us", "graph_kernel_gap_us"):
+        stamp.figure(node, key, figs.get(key))  # CUDA only; absent when not measured
     node.add("compute_efficiency", 1.0,
              stamp.measured("1 because peak_tflops holds the GEMM rate actually reached"))
     stamp.figure(node, "memory_efficiency", figs.get("memory_efficiency"), default=1.0,

@@ -1,5 +1,7 @@
-"""CUDA device benchmarks: HBM bandwidth, GEMM FLOP/s, decode attention, launch overhead, the
-executor's per-op cost, and pinned host<->device copies versus transfer size.
+"""CUDA device benchmarks: HBM bandwidth, GEMM FLOP/s (square and at decode's shapes), decode
+attention (eager and as the graph path runs it), launch costs (one eager kernel, one graph
+replay, the gap between kernels inside a graph), the executor's per-op cost (eager and graph
+path), and pinned host<->device copies versus transfer size.
 
 Timed with CUDA events on one stream, so the numbers are device time (what the simulator's
 roofline kernels and PCIe flows stand for), not host time. Only planned when
@@ -172,6 +174,151 @@ def executor_ops(settings: Settings) -> list[Measurement]:
     return out
 
 
+def _graphs():
+    from hw_backend.graphs import GraphCache
+
+    return GraphCache(capture=True)
+
+
+def graph_launch(settings: Settings) -> list[Measurement]:
+    """Device time per replay of a one-kernel graph, replayed back to back (what the graph
+    path pays per executor op beyond its kernels), the host's time to issue one replay, and the
+    device's gap between kernels inside a graph (a 20-kernel graph against the 1-kernel one)."""
+    import time
+
+    import torch
+
+    x = torch.zeros(1, device="cuda")
+    kernels = 20
+    cache = _graphs()
+    one = cache.graph("one", lambda: x.add_(1.0))
+    many = cache.graph("many", lambda: [x.add_(1.0) for _ in range(kernels)])
+    count = 200 if settings.quick else 2000
+
+    def replays(graph, n):
+        def run() -> None:
+            for _ in range(n):
+                graph.replay()
+        return run
+
+    seconds = _event_times(replays(one, count), settings.repeats)
+    per_replay = representative(seconds) / count
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    replays(one, count)()
+    host = (time.perf_counter() - t0) / count
+    torch.cuda.synchronize()
+    many_count = max(1, count // 10)
+    many_seconds = _event_times(replays(many, many_count), settings.repeats)
+    per_many = representative(many_seconds) / many_count
+    gap = max(per_many - per_replay, 0.0) / (kernels - 1)
+    return [
+        Measurement("cuda", "graph_launch", per_replay * 1e6, "us",
+                    {"replays": count, "host_us": host * 1e6}, seconds),
+        Measurement("cuda", "graph_kernel_gap", gap * 1e6, "us",
+                    {"kernels": kernels, "replay_us": per_many * 1e6}, many_seconds),
+    ]
+
+
+def graph_ops(settings: Settings) -> list[Measurement]:
+    """The graph path's device ops (``graph_programs``) at their smallest bucket, each one
+    captured graph replayed from an idle GPU: the fixed device cost of an executor op there."""
+    import torch
+
+    from hw_backend import graph_programs as gp
+    from hw_backend.buckets import MIN_BUCKET
+
+    dtype = torch.bfloat16
+    n, scale = MIN_BUCKET, 1 / math.sqrt(HEAD_DIM)
+    q = torch.randn(1, HEADS, HEAD_DIM, device="cuda")
+    k = torch.randn(1, KV_HEADS, n, HEAD_DIM, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    valid = torch.tensor([n], device="cuda")
+    out = torch.zeros(1, HEADS, HEAD_DIM, device="cuda")
+    lse = torch.zeros(1, HEADS, device="cuda")
+    part = (torch.zeros_like(out), torch.zeros_like(lse))
+    logits = torch.randn(HEADS * n, device="cuda")
+    rows = torch.randn(HEADS * n * HEAD_DIM, device="cuda", dtype=dtype)
+
+    def keep(result) -> None:
+        out.copy_(result[0])
+
+    programs = {
+        "attention": lambda: keep(gp.masked_partial_attention(q, k, v, valid, scale)),
+        "softmax_union": lambda: keep(gp.softmax_union_padded(part, logits, rows, valid,
+                                                              per_head=True)),
+        "lse_merge": lambda: keep(gp.lse_merge_pair(part, (out, lse))),
+        "stream_merge": lambda: keep(gp.stream_merge(part, q, k, v, valid, scale)),
+        "rows_merge": lambda: keep(gp.rows_merge(part, q, rows, rows, valid, n, scale)),
+    }
+    cache, measured = _graphs(), []
+    for name, program in programs.items():
+        graph = cache.graph(name, program)
+        seconds = _event_times(graph.replay, settings.repeats * 2)
+        measured.append(Measurement("cuda", "graph_op", representative(seconds) * 1e6, "us",
+                                    {"op": name, "bucket": n}, seconds))
+    return measured
+
+
+def graph_attention(settings: Settings) -> list[Measurement]:
+    """The graph path's device attention (masked, over a bucket of slots) per context, bf16
+    K/V, as a captured graph: the rate the simulator gets from ``hbm_bandwidth_gbps *
+    attention_efficiency`` when the executor runs graphs."""
+    import torch
+
+    from hw_backend import graph_programs as gp
+
+    scale = 1 / math.sqrt(HEAD_DIM)
+    q = torch.randn(1, HEADS, HEAD_DIM, device="cuda")
+    out = torch.zeros(1, HEADS, HEAD_DIM, device="cuda")
+    rows, sizes, times = [], [], []
+    cache = _graphs()
+    for tokens in settings.cuda_attention_tokens:
+        shape = (1, KV_HEADS, tokens, HEAD_DIM)
+        K = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+        V = torch.randn_like(K)
+        valid = torch.tensor([tokens], device="cuda")
+        graph = cache.graph(("attention", tokens), lambda K=K, V=V, valid=valid: out.copy_(
+            gp.masked_partial_attention(q, K, V, valid, scale)[0]))
+        seconds = _event_times(graph.replay, settings.repeats)
+        nbytes = 2 * K.numel() * K.element_size()
+        t = representative(seconds)
+        rows.append(Measurement("cuda", "graph_attention", nbytes / t / 1e9, "GB/s",
+                                {"context": tokens, "bytes": nbytes, "kv_dtype": "bf16"},
+                                seconds))
+        sizes.append(nbytes)
+        times.append(t)
+    fixed, slope = fit_line(sizes, times)
+    rows.append(Measurement("cuda", "graph_attention_fit", 1 / slope / 1e9, "GB/s",
+                            {"fixed_us": fixed * 1e6}))
+    cache.clear()
+    return rows
+
+
+#: Weight matrices of one decode step's linear layers at Llama-3.1-8B's shapes: QKV, output
+#: projection, SwiGLU gate|up and down (input, output features).
+DECODE_GEMMS = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
+
+
+def decode_gemm(settings: Settings) -> list[Measurement]:
+    """One token (batch 1) through a weight matrix, bf16: a GEMV that streams the weights, so
+    its rate in GB/s of weights is what decode's projections and FFN achieve of the HBM."""
+    import torch
+
+    shapes = ((1024, 4096),) if settings.quick else DECODE_GEMMS
+    out = []
+    for n_in, n_out in shapes:
+        w = torch.randn(n_in, n_out, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(1, n_in, device="cuda", dtype=torch.bfloat16)
+        seconds = _event_times(lambda x=x, w=w: x @ w, settings.repeats * 2)
+        nbytes = w.numel() * w.element_size()
+        out.append(Measurement("cuda", "decode_gemm", nbytes / representative(seconds) / 1e9,
+                               "GB/s", {"shape": [n_in, n_out], "bytes": nbytes,
+                                        "dtype": "bf16"}, seconds))
+        del w
+    return out
+
+
 def pinned_copies(settings: Settings) -> list[Measurement]:
     """Pinned host <-> device copies per size, each direction fitted as latency + size / rate."""
     import torch
@@ -206,7 +353,12 @@ def plan(settings: Settings) -> list[Job]:
         Job("CUDA: HBM bandwidth (device copy)", lambda: hbm_bandwidth(settings)),
         Job("CUDA: GEMM FLOP/s", lambda: gemm(settings)),
         Job("CUDA: decode attention throughput", lambda: attention(settings)),
+        Job("CUDA: decode GEMMs (one token, weight streaming)", lambda: decode_gemm(settings)),
+        Job("CUDA: graph-path attention throughput", lambda: graph_attention(settings)),
         Job("CUDA: kernel launch overhead", lambda: launch_overhead(settings)),
+        Job("CUDA: graph replay cost and in-graph kernel gap", lambda: graph_launch(settings)),
         Job("CUDA: executor ops on one token, from idle", lambda: executor_ops(settings)),
+        Job("CUDA: graph-path ops at their smallest bucket, from idle",
+            lambda: graph_ops(settings)),
         Job("CUDA: pinned H2D/D2H copies by size", lambda: pinned_copies(settings)),
     ]

@@ -12,7 +12,7 @@ stand-in's own queues, exactly as the executor submits work:
 * per-op overhead (``kernel_launch_overhead_us``): submit-to-done of a one-token attention.
 * GEMM FLOP/s (``peak_tflops``) on the compute queue, per dtype.
 * the "PCIe link": a host tensor copied into a fresh device allocation on the copy queue (what
-  ``PlanExecutor._to_device`` does), fitted as latency + size / bandwidth up to
+  ``EagerDeviceSide._to_device`` does), fitted as latency + size / bandwidth up to
   ``Settings.copy_fit_max``; larger copies land in fresh mmaps whose page faults set the rate,
   which a single link bandwidth cannot also describe (kept in the raw data and the comment).
 
@@ -298,6 +298,29 @@ class StandInBench:
                     break
         return rows
 
+    def decode_gemm(self) -> list[Measurement]:
+        """One token through weight matrices (a GEMV streaming the weights), in the KV dtype,
+        matrices together well beyond the last-level cache and taken in turns: the rate at
+        which a whole model's projections and FFN read their weights on the stand-in."""
+        import torch
+
+        width = 1024 if self.settings.quick else 4096
+        count = max(2, self.settings.read_bytes // (width * width * 4 * 4))
+        weights = [torch.randn(width, 4 * width).to(self.dtype) for _ in range(count)]
+        x = torch.randn(1, width).to(self.dtype)
+        state = {"next": 0}
+
+        def one() -> None:
+            w = weights[state["next"] % count]
+            state["next"] += 1
+            torch.matmul(x, w)
+
+        seconds = _on_queue(self.accel.compute, one, self.settings.repeats * count)
+        nbytes = weights[0].numel() * weights[0].element_size()
+        return [Measurement("standin", "decode_gemm", nbytes / representative(seconds) / 1e9,
+                            "GB/s", {**self.params, "shape": [width, 4 * width],
+                                     "bytes": nbytes, "matrices": count}, seconds)]
+
     def device_copy(self) -> list[Measurement]:
         """Device-to-device copy (read + write), the stand-in's streaming-kernel rate."""
         nbytes = self.settings.read_bytes
@@ -374,6 +397,7 @@ def plan(settings: Settings, split) -> tuple[list[Job], Callable[[], None]]:
         Job("stand-in: merge of received rows", lambda: bench().merge()),
         Job("stand-in: per-op overhead", lambda: bench().op_overhead()),
         Job("stand-in: GEMM FLOP/s", lambda: bench().gemm()),
+        Job("stand-in: one-token GEMMs (weight streaming)", lambda: bench().decode_gemm()),
         Job("stand-in: device copy", lambda: bench().device_copy()),
         Job("stand-in: host->device copies by size", lambda: bench().h2d()),
         Job("stand-in: device->host fetch", lambda: bench().d2h_fetch()),

@@ -319,9 +319,12 @@ def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[st
     alone = ms.value("standin", "attention_fit")
     attn = loaded or alone
     fit = ms.select("standin", "attention_loaded_fit" if loaded else "attention_fit")
-    hbm = max(read_gbps, attn or 0.0)
+    gemv = ms.value("standin", "decode_gemm")
+    hbm = max(read_gbps, attn or 0.0, gemv or 0.0)
+    seen = [f"streaming read {read_gbps:.1f}"] + ([f"one-token GEMM {gemv:.1f}"] if gemv else [])
     out["hbm_bandwidth_gbps"] = Figure(
-        round(hbm, 1), "streaming read rate of the stand-in's own threads (its 'HBM' is host DRAM)")
+        round(hbm, 1), "fastest read rate of the stand-in's own threads (its 'HBM' is host "
+        f"DRAM; GB/s: {', '.join(seen)})")
     if attn:
         how = "while the C kernel ran on the host cores" if loaded else "alone"
         also = f"; alone {alone:.2f} GB/s" if loaded and alone else ""
@@ -332,6 +335,12 @@ def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[st
             f"hbm_bandwidth_gbps")
         out["attention_fixed_us"] = Figure(round(fit[0].params["fixed_us"], 1),
                                            "a one-token attention on the compute queue")
+        if loaded and alone:
+            out["attention_efficiency_alone"] = Figure(
+                round(min(alone / hbm, 1.0), 4),
+                f"merge.partial_attention on the stand-in's queue with the host kernel idle: "
+                f"{alone:.2f} GB/s / hbm_bandwidth_gbps (validate predicts cases without host "
+                "work with it)")
     host = ms.select("standin", "host_loaded")
     if host:
         p = host[0].params
@@ -341,7 +350,13 @@ def standin_figures(ms: Measurements, read_gbps: float, fit_max: int) -> dict[st
             f"the stand-in attends over {p['device_tokens']} resident tokens / mean time alone "
             f"({p['alone_s'] * 1e3:.2f} ms), taken in turns")
     copy = ms.value("standin", "device_copy")
-    if copy:
+    if gemv:  # a whole model's projections and FFN are such GEMVs
+        also = f"; device-to-device copy {copy:.1f} GB/s read+write" if copy else ""
+        out["memory_efficiency"] = Figure(
+            round(min(gemv / hbm, 1.0), 4),
+            f"one-token GEMMs stream their weights at {gemv:.1f} GB/s on the compute queue / "
+            f"hbm_bandwidth_gbps{also}")
+    elif copy:
         out["memory_efficiency"] = Figure(
             round(min(copy / 2 / hbm, 1.0), 4),
             f"device-to-device copy {copy:.1f} GB/s (read+write), read half / hbm_bandwidth_gbps")
@@ -392,25 +407,66 @@ def _human(n: int) -> str:
 
 
 def cuda_figures(ms: Measurements) -> dict[str, Figure]:
+    """The GPU entry of a CUDA calibration. Where the graph path was measured it sets the
+    figures the executor's default CUDA path runs at: ``kernel_launch_overhead_us`` is the
+    median fixed device cost of a graph-path op (one replay, its kernels at the smallest
+    bucket), since the simulator charges it once per simulated kernel and the executor issues
+    one replay per such kernel; ``attention_efficiency`` is the graph path's attention rate;
+    ``memory_efficiency`` the one-token GEMMs' weight-streaming rate (decode's projections and
+    FFN are such GEMMs). One eager launch, one graph replay and the in-graph kernel gap are
+    kept in their own fields."""
     out: dict[str, Figure] = {}
     hbm = ms.value("cuda", "hbm_copy")
     if hbm:
         out["hbm_bandwidth_gbps"] = Figure(round(hbm, 1),
                                            "device-to-device copy, bytes read + written")
         out["memory_efficiency"] = Figure(1.0, "hbm_bandwidth_gbps is the achieved copy rate")
+        gemv = ms.select("cuda", "decode_gemm")
+        if gemv:
+            rate = statistics.median(m.value for m in gemv)
+            out["memory_efficiency"] = Figure(
+                round(min(rate / hbm, 1.0), 4),
+                f"one-token bf16 GEMMs stream their weights at {rate:.0f} GB/s (median over "
+                f"{', '.join('x'.join(map(str, m.params['shape'])) for m in gemv)}) / "
+                "hbm_bandwidth_gbps")
+    graph_attn = ms.value("cuda", "graph_attention_fit")
     attn = ms.value("cuda", "attention_fit")
-    if attn and hbm:
+    if (graph_attn or attn) and hbm:
+        rate = graph_attn or attn
+        how = ("graph_programs.masked_partial_attention (graph path) over bf16 KV" if graph_attn
+               else "merge.partial_attention over fp16 KV")
+        also = f"; eager merge.partial_attention {attn:.0f} GB/s" if graph_attn and attn else ""
         out["attention_efficiency"] = Figure(
-            round(min(attn / hbm, 1.0), 4),
-            f"merge.partial_attention over fp16 KV: {attn:.0f} GB/s (slope over contexts) / "
-            "hbm_bandwidth_gbps")
+            round(min(rate / hbm, 1.0), 4),
+            f"{how}: {rate:.0f} GB/s (slope over contexts{also}) / hbm_bandwidth_gbps")
     launch = ms.value("cuda", "launch_overhead")
-    if launch is not None:
-        ops = ", ".join(f"{m.params['op']} {m.value:.0f}"
-                        for m in ms.select("cuda", "executor_op"))
-        note = f"; the executor's one-token ops from idle (us): {ops}" if ops else ""
+    graph_ops = ms.select("cuda", "graph_op")
+    eager_ops = ", ".join(f"{m.params['op']} {m.value:.0f}"
+                          for m in ms.select("cuda", "executor_op"))
+    if graph_ops:
+        fixed = statistics.median(m.value for m in graph_ops)
+        detail = ", ".join(f"{m.params['op']} {m.value:.1f}" for m in graph_ops)
+        note = f"; eager ops from idle (us): {eager_ops}" if eager_ops else ""
+        out["kernel_launch_overhead_us"] = Figure(
+            round(fixed, 2), f"median device time of a graph-path op at its smallest bucket, "
+            f"one replay from idle (us: {detail}){note}")
+    elif launch is not None:
+        note = f"; the executor's one-token ops from idle (us): {eager_ops}" if eager_ops else ""
         out["kernel_launch_overhead_us"] = Figure(
             round(launch, 2), f"device time per tiny kernel, back to back{note}")
+    if launch is not None:
+        out["single_launch_overhead_us"] = Figure(round(launch, 2),
+                                                  "device time per tiny kernel, back to back")
+    replay = ms.select("cuda", "graph_launch")
+    if replay:
+        out["graph_launch_overhead_us"] = Figure(
+            round(replay[0].value, 2), f"device time per replay of a one-kernel graph, back to "
+            f"back (the host issues one in {replay[0].params['host_us']:.1f} us)")
+    gap = ms.select("cuda", "graph_kernel_gap")
+    if gap:
+        out["graph_kernel_gap_us"] = Figure(
+            round(gap[0].value, 2), f"(replay of a {gap[0].params['kernels']}-kernel graph - "
+            "replay of a 1-kernel graph) / 19")
     peaks = {}
     for dtype in ("fp32", "tf32", "bf16", "fp16"):
         best = _best(ms.select("cuda", "gemm", dtype=dtype))

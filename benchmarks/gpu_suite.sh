@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# The GPU checks of hw_backend in one prepared run, so that time on a borrowed GPU goes to
+# measuring, not installing. Everything lands under one folder:
+#
+#   env.txt                 card, driver, CUDA and torch versions, CPU
+#   device_time/            1. executor device time per layer vs its kernels' GPU time, per plan
+#                              kind, eager and graph path side by side (benchmarks/device_time.py)
+#   local.yaml (+ .json)    3. hgsim calibrate of this machine (full; --quick if that fails)
+#   validate_attention.*    4. hgsim validate, attention-only study (studies/validation.yaml)
+#   validate_model.*        4. hgsim validate, whole-model study at Llama-3.1-8B shapes
+#   speedups/               5. tokens/s of HybridGen vs every baseline at 32k/64k/128k under an
+#                              HBM budget, each beside the simulator's prediction
+#   <stage>.log, stages.txt, suite.log, summary.md
+#
+# Usage:
+#   bash benchmarks/gpu_suite.sh [OUT]             # on a GPU host (installs with pip first)
+#   bash benchmarks/gpu_suite.sh --cpu-smoke [OUT] # this script's plumbing on a CPU-only
+#                                                  # machine: tiny models, quick calibration
+#
+# The whole run is capped at SUITE_BUDGET_S seconds (default 470, under 8 minutes): every stage
+# has its own limit and gets no more than what is left; a stage cut short keeps what it wrote.
+# PYTHON selects the interpreter (default: python).
+set -uo pipefail
+
+SMOKE=0
+OUT=""
+for arg in "$@"; do
+  case "$arg" in
+    --cpu-smoke) SMOKE=1 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    *) OUT="$arg" ;;
+  esac
+done
+cd "$(dirname "$0")/.." || exit 2
+PY=${PYTHON:-python}
+OUT=${OUT:-gpu_suite_out/$(date +%Y%m%d-%H%M%S)}
+mkdir -p "$OUT" || exit 2
+OUT=$(cd "$OUT" && pwd)
+BUDGET_S=${SUITE_BUDGET_S:-470}
+START=$(date +%s)
+: > "$OUT/stages.txt"
+
+log() { echo "[suite +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT/suite.log"; }
+remaining() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
+
+# stage NAME LIMIT_S COMMAND...: run with a time limit (never past the suite's budget)
+stage() {
+  local name=$1 limit=$2
+  shift 2
+  local left
+  left=$(remaining)
+  if (( left < 15 )); then
+    log "SKIP $name (out of time)"
+    echo "$name rc=skipped seconds=0" >> "$OUT/stages.txt"
+    return 1
+  fi
+  (( limit > left - 5 )) && limit=$(( left - 5 ))
+  log "START $name (limit ${limit}s)"
+  local t0 rc
+  t0=$(date +%s)
+  timeout --kill-after=5 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  log "END $name rc=$rc in $(( $(date +%s) - t0 ))s"
+  echo "$name rc=$rc seconds=$(( $(date +%s) - t0 ))" >> "$OUT/stages.txt"
+  return $rc
+}
+
+# ------------------------------------------------------------------ 0. environment, install
+{
+  echo "date: $(date -Is)"
+  echo "host: $(uname -n) $(uname -r)"
+  echo "mode: $([ $SMOKE = 1 ] && echo cpu-smoke || echo gpu)"
+  if command -v nvidia-smi > /dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv
+    nvidia-smi | head -n 12
+  else
+    echo "nvidia-smi: not found"
+  fi
+  command -v lscpu > /dev/null && lscpu | grep -E "Model name|^CPU\(s\)|NUMA node\(s\)|Thread"
+  free -g 2> /dev/null | head -n 2
+} > "$OUT/env.txt" 2>&1
+
+if [ $SMOKE = 0 ]; then
+  if $PY -c "import torch" 2> /dev/null; then  # keep the CUDA torch this machine has
+    stage install 90 $PY -m pip install --no-build-isolation -e . \
+      || stage install-isolated 90 $PY -m pip install -e .
+  else
+    stage install 200 $PY -m pip install -e ".[hw]"
+  fi
+fi
+$PY - >> "$OUT/env.txt" 2>&1 <<'EOF'
+import platform, torch
+print(f"python {platform.python_version()}; torch {torch.__version__}; CUDA {torch.version.cuda}")
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties(0)
+    print(f"device: {props.name}, {props.total_memory / 1e9:.1f} GB, "
+          f"{props.multi_processor_count} SMs, capability {props.major}.{props.minor}")
+else:
+    print("device: none (CPU stand-in)")
+try:
+    import hw_backend._cpu_attention  # noqa: F401
+    from hw_backend import cpu_attention
+    print(f"C kernel: built, SIMD {cpu_attention.simd_level()}")
+except ImportError as exc:
+    print(f"C kernel: NOT built ({exc})")
+EOF
+log "environment: $(grep -E '^(torch|device|C kernel)' "$OUT/env.txt" | tr '\n' ';')"
+
+# ------------------------------------------------------------------ 1..5
+if [ $SMOKE = 1 ]; then
+  stage device_time 60 $PY benchmarks/device_time.py --cpu-smoke --steps 2 --warmup 1 \
+    --out "$OUT/device_time"
+  stage calibrate 90 $PY -m hgsim calibrate --quick --out "$OUT/local.yaml" --no-progress
+  stage validate_attention 60 $PY -m hgsim validate --profile "$OUT/local.yaml" \
+    --max-context 4k --steps 2 --threshold 1000000 --out "$OUT/validate_attention" --no-progress
+  stage validate_model 60 $PY -m hgsim validate --profile "$OUT/local.yaml" \
+    --study studies/validation_model_standin.yaml --max-context 8k --steps 2 \
+    --threshold 1000000 --out "$OUT/validate_model" --no-progress
+  stage speedups 60 $PY benchmarks/speedups.py --cpu-smoke --profile "$OUT/local.yaml" \
+    --contexts 1k 2k --gen 2 --warmup 1 --out "$OUT/speedups"
+else
+  stage device_time 55 $PY benchmarks/device_time.py --out "$OUT/device_time"
+  stage calibrate 140 $PY -m hgsim calibrate --out "$OUT/local.yaml" --no-progress \
+    || stage calibrate_quick 45 $PY -m hgsim calibrate --quick --out "$OUT/local.yaml" \
+      --no-progress
+  stage validate_attention 55 $PY -m hgsim validate --profile "$OUT/local.yaml" \
+    --max-context 64k --steps 6 --threshold 10 --out "$OUT/validate_attention" --no-progress
+  stage validate_model 80 $PY -m hgsim validate --profile "$OUT/local.yaml" \
+    --study studies/validation_model.yaml --threshold 10 --out "$OUT/validate_model" \
+    --no-progress
+  stage speedups 120 $PY benchmarks/speedups.py --profile "$OUT/local.yaml" --gen 6 \
+    --out "$OUT/speedups"
+fi
+
+$PY benchmarks/gpu_suite_summary.py "$OUT" > /dev/null 2>> "$OUT/suite.log"
+log "done in $(( $(date +%s) - START ))s; summary: $OUT/summary.md"
+cat "$OUT/summary.md"

@@ -1,0 +1,108 @@
+"""``hgsim run``: a real decode on this machine printed beside its simulation.
+
+Without CUDA it runs on the CPU stand-in with a tiny model. Every mistake is a one-line error
+with exit code 2 before anything is built; the HBM budget changes what the policy keeps on the
+device exactly as a smaller GPU would.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hgsim.catalog import get_model
+from hgsim.cli import main
+from hgsim.errors import UserError
+from hgsim.hbm_budget import HbmBudget
+from hgsim.policies import make_policy
+from hgsim.profiles import load_profile
+from hgsim.workload import Workload
+from hw_backend import measured_run
+
+TINY = ["--model", "tiny-llama", "--profile", "dev-zen4-2core", "--no-progress",
+        "--accelerator", "standin"]
+NO_RESERVE = ["--option", "hbm_reserve_gb=0", "--option", "hbm_reserve_fraction=0"]
+
+
+def test_tiny_model_runs_and_prints_both_columns(capsys, tmp_path):
+    code = main(["run", *TINY, "--policy", "hybridgen", "--context", "1k", "--gen", "3",
+                 "--hbm-budget", "0.9MB", *NO_RESERVE, "--out", str(tmp_path / "r")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "measured (cpu-standin (no CUDA))" in out and "simulated (dev-zen4-2core)" in out
+    assert "per-token latency mean" in out and "token wall time" in out
+    assert "random K/V (no prefill)" in out
+    assert "does not describe this run's device" in out  # dev-zen4-2core is a GPU profile
+    summary = json.loads((tmp_path / "r.json").read_text())
+    measured, simulated = summary["measured"], summary["simulated"]
+    assert measured["gen"] == simulated["gen"] == 3 and measured["tokens_per_s"] > 0
+    assert measured["accuracy_mass_kept"] is None  # not measured, and strict JSON
+    # the budget left room for only part of the context: the plan split it on both sides
+    assert 0 < measured["final_gpu_tokens"] == simulated["final_gpu_tokens"] < 1024
+    steps = (tmp_path / "r.steps.csv").read_text().splitlines()
+    assert len(steps) == 1 + 2 * 3
+
+
+def test_attention_only_json(capsys):
+    code = main(["run", *TINY, "--policy", "cpu_offload", "--context", "512", "--gen", "2",
+                 "--warmup", "0", "--attention-only", "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows["device"] == "cpu-standin (no CUDA)"
+    assert rows["measured"]["final_gpu_tokens"] == 0 and rows["simulated"]["gen"] == 2
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--context", "1k", "--hbm-budget", "5000TB"], "exceeds this host's RAM"),
+    (["--context", "1k", "--hbm-budget", "0.1MB"], "cannot hold tiny-llama's"),
+    (["--context", "1k", "--hbm-budget", "24 GB/s"], "wrong unit"),
+    (["--context", "lots"], "--context"),
+    (["--context", "1k", "--policy", "gpu_only", "--hbm-budget", "0.7MB", *NO_RESERVE],
+     "gpu_only cannot run tiny-llama at context 1024"),
+    (["--context", "1k", "--policy", "hybridgenn"], "did you mean 'hybridgen'"),
+    (["--context", "1k", "--option", "topk_ratio"], "KEY=VALUE"),
+    (["--context", "1k", "--dtype", "fp32", "--out", "/no/such/dir/x"], "does not exist"),
+])
+def test_mistakes_are_one_line_before_any_work(monkeypatch, capsys, args, message):
+    monkeypatch.setattr(measured_run, "measure", _must_not_run)
+    assert main(["run", *TINY, *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hgsim run: error:") and message in err[0]
+
+
+def test_a_large_model_without_cuda_points_to_the_tiny_ones(monkeypatch, capsys):
+    monkeypatch.setattr(measured_run, "measure", _must_not_run)
+    monkeypatch.setattr(measured_run, "_device_bytes", lambda cuda: (32e9, "this host's RAM"))
+    assert main(["run", "--model", "llama-3.1-8b", "--profile", "dev-zen4-2core",
+                 "--context", "1k", "--accelerator", "standin"]) == 2
+    assert "--model tiny-llama" in capsys.readouterr().err
+
+
+def test_the_standin_needs_a_calibrated_profile(monkeypatch):
+    monkeypatch.setattr("hgsim.profiles.list_profiles", lambda: ["dev-zen4-2core"])
+    with pytest.raises(UserError, match="hgsim calibrate --out hardware_profiles/local.yaml"):
+        measured_run.default_profile(cuda=False)
+
+
+def test_hbm_budget_makes_kv_spill_as_on_a_smaller_gpu():
+    model = get_model("llama-3.1-8b")
+    workload = Workload(context=65536, gen=64, kv_dtype="bf16", weight_dtype="bf16")
+    big = load_profile("h100-80gb-spr-cxl")
+    small = big.model_copy(update={"gpus": {"gpu0": big.gpus["gpu0"].model_copy(
+        update={"hbm_capacity_gb": 24.0})}})
+    budget = HbmBudget.parse("24GB")
+    for policy in ("hybridgen", "flexgen", "hgca", "infinigen"):
+        on_small = make_policy(policy, model, small, workload).step_plan(65536).layer
+        budgeted = make_policy(policy, model, budget.apply(big), workload).step_plan(65536).layer
+        unbudgeted = make_policy(policy, model, big, workload).step_plan(65536).layer
+        assert budgeted == on_small
+        assert budgeted.gpu_tokens < unbudgeted.gpu_tokens
+    with pytest.raises(UserError, match="exceeds"):
+        budget.check(device_bytes=16e9, model=model, weight_dtype="bf16")
+    with pytest.raises(UserError, match="cannot hold"):
+        HbmBudget.parse("12GB").check(device_bytes=80e9, model=model, weight_dtype="bf16")
+
+
+def _must_not_run(*args, **kwargs):
+    raise AssertionError("measured before the input was checked")
