@@ -226,8 +226,8 @@ def check(spec: dict, a: dict, got) -> str | None:
     rng = {"start": spec["start"], "end": spec["end"]}
     scale = {"scale": a["scale"]} if raw else {}
     q, K, V, idx = a["q"], a["K"], a["V"], a["idx"]
-    if kv["kv_dtype"] != "float32":  # the bits read as the declared 16-bit type
-        K, V = K.view(np.uint16), V.view(np.uint16)
+    if kv["kv_dtype"] != "float32" and entry != "topk":  # bits as the declared 16-bit type
+        K, V = K.view(np.uint16), V.view(np.uint16)  # (topk reads scores, not K and V)
     if entry in ("partial_attention", "sparse_attention"):
         ref = (REF.partial_attention(q, K, V, **rng, **kv, **scale) if entry[0] == "p"
                else REF.sparse_attention(q, K, V, idx, **kv, **scale))
