@@ -84,6 +84,13 @@ def layer_work(
         # No projections, but the new token's K and V are still written into the cache: a
         # launch-bound kernel, as the executor's qkv op (the append) is.
         qkv, post = Work(0.0, 2.0 * batch * kv_row), Work()
+    if not attention_only and lp.host_tokens and not lp.host_evicted and (
+            lp.transfer is Transfer.KV_SELECTED
+            or (lp.lookahead and lp.cpu_work is not CpuWork.NONE)):
+        # The host starts a layer early (HybridGen's logits, InfiniGen's speculation) on the
+        # next layer's query projected from this layer's input: one more q projection per layer.
+        qkv = Work(qkv.flops + 2.0 * batch * hidden * model.q_dim,
+                   qkv.bytes_ + hidden * model.q_dim * b_w)
     gpu_resident = lp.gpu_tokens + lp.selected_on_gpu
     attn = Work(4.0 * batch * heads * hd * gpu_resident, 2.0 * batch * gpu_resident * kv_row)
 

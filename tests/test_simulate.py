@@ -270,3 +270,23 @@ def test_a_host_call_overhead_adds_once_per_kernel_call_to_the_cpu_phase(policy,
     layers = get_model("llama-2-13b").num_layers
     added = slow.steps[0].cpu_busy_s - plain.steps[0].cpu_busy_s
     assert added == pytest.approx(layers * calls * 250e-6, rel=1e-6)
+
+
+def test_look_ahead_host_work_costs_the_next_layer_s_query_projection():
+    """The host starts layer i+1 on a query projected from layer i's input (as the executor's
+    whole-model decode does): one q projection more per layer, for HybridGen and InfiniGen."""
+    model = get_model("llama-2-13b")
+    profile = load_profile(H100)
+    wl = Workload(context=131072, gen=1)
+    extra = model.hidden_size * model.q_dim
+    base = layer_work(model, 1, make_policy("hybridgen_nolookahead", model, profile,
+                                            wl).layer_plan(131072), "fp16", "fp16")
+    for name in ("hybridgen", "infinigen"):
+        lp = make_policy(name, model, profile, wl).layer_plan(131072)
+        w = layer_work(model, 1, lp, "fp16", "fp16")
+        assert w.qkv.bytes_ == base.qkv.bytes_ + extra * 2
+        assert w.qkv.flops == base.qkv.flops + 2 * extra
+        only = layer_work(model, 1, lp, "fp16", "fp16", attention_only=True)
+        assert only.qkv.bytes_ == 2 * model.kv_dim * 2  # attention only: just the append
+    flex = make_policy("flexgen", model, profile, wl).layer_plan(131072)  # prefetches KV only
+    assert layer_work(model, 1, flex, "fp16", "fp16").qkv == base.qkv
