@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from hgsim.catalog import get_model
 from hgsim.config_io import load_yaml, validate
 from hgsim.errors import UserError
+from hgsim.micro import MicroStudy
 from hgsim.profiles import profile_with_overrides
 from hgsim.results import StepTiming
 from hgsim.specs.base import SpecModel
@@ -69,6 +70,9 @@ class ValidationStudy(SpecModel):
     warmup_steps: int = Field(default=2, ge=0)  # run, not compared (allocations, caches)
     steps: int = Field(default=6, ge=1)  # compared
     configs: list[ValidationConfig]
+    #: One access pattern at a time (random row gathers, the kernel's K scan), predicted by
+    #: ``hgsim.memory``'s closed forms from the profile (``hgsim.micro``); none when absent.
+    micro: MicroStudy | None = None
 
     def model_spec(self) -> ModelSpec:
         return get_model(self.model) if isinstance(self.model, str) else self.model

@@ -18,10 +18,12 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hgsim.errors import UserError
+from hgsim.micro import MicroCase, MicroResult, Numa, micro_cases, micro_mape
+from hgsim.micro import predict as predict_micro
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
 from hgsim.specs.hardware import HardwareProfile
@@ -157,6 +159,7 @@ class ValidationRun:
     seconds: float
     load_average: tuple[float, float]  # 1-minute load average before and after (shared machines)
     drift: Drift | None = None  # None without calibration data beside the profile
+    micro: list[MicroResult] = field(default_factory=list)  # the study's micro-cases
     #: How much slower calibration found the host kernel while the CPU stand-in attended on the
     #: other cores (None with CUDA or without the measurement). The simulator does not charge
     #: it, since a GPU has its own memory and cores; scaling the host's rate by it in overlapping
@@ -165,8 +168,15 @@ class ValidationRun:
     host_slowdown: float | None = None
 
     @property
+    def micro_mape_pct(self) -> float:
+        return micro_mape(self.micro)
+
+    @property
     def passed(self) -> bool:
-        return math.isfinite(self.mape_pct) and self.mape_pct <= self.threshold_pct
+        """Every MAPE that was measured is within the threshold (plan cases, micro-cases)."""
+        errors = [e for e in (self.mape_pct, self.micro_mape_pct) if not math.isnan(e)]
+        return bool(errors) and all(math.isfinite(e) and e <= self.threshold_pct
+                                    for e in errors)
 
 
 @dataclass(frozen=True)
@@ -179,6 +189,8 @@ class Calibration:
     #: mean time of the host kernel while the stand-in attends / alone, from calibration;
     #: reported, not charged (see ``ValidationRun.host_slowdown``)
     host_slowdown: float | None = None
+    numa: Numa | None = None  # NUMA node of each profile socket and tier
+    probe_ns_per_row: dict[int, float] = field(default_factory=dict)  # micro-case gathers
 
     @staticmethod
     def beside(profile_path: Path, profile: HardwareProfile) -> Calibration:
@@ -196,8 +208,13 @@ class Calibration:
         figure = doc.get("summary", {}).get(socket, {}).get("per_threads", {})
         per_threads = {int(n): v for n, v in (figure.get("value") or {}).items()}
         pair = (int(split["device_threads"]), int(split["host_threads"])) if split else None
-        slowdown = doc.get("summary", {}).get("gpu0", {}).get("host_loaded_slowdown") or {}
-        return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"))
+        summary = doc.get("summary", {})
+        slowdown = summary.get("gpu0", {}).get("host_loaded_slowdown") or {}
+        mapping = summary.get("numa")
+        numa = Numa(dict(mapping["sockets"]), dict(mapping["tiers"])) if mapping else None
+        probe = (summary.get(socket, {}).get("probe_ns_per_row") or {}).get("value") or {}
+        return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"),
+                           numa, {int(k): float(v) for k, v in probe.items()})
 
     def default_split(self, cuda: bool) -> tuple[int, int]:
         """(device, host) threads: with CUDA every core but the submitting thread's is the
@@ -224,8 +241,15 @@ def run_validation(
     out: Path | None = None, max_context: int | None = None, steps: int | None = None,
     accelerator: str = "auto", statistic: str = "min", quiet_wait_s: float = 0.0,
     progress: bool = True, on_case: Callable[[CaseResult], None] | None = None,
+    which: str = "all",
 ) -> ValidationRun:
-    """Measure and predict every case, write CSV and plots, and return the comparison."""
+    """Measure and predict every case, write CSV and plots, and return the comparison.
+
+    ``which`` picks the cases: "all", "plans" (the study's configurations) or "micro" (its
+    micro-cases, which run first: they are short, and closest to the calibration in time).
+    """
+    if which not in ("all", "plans", "micro"):
+        raise UserError(f"cases must be all, plans or micro, got {which!r}", field="--cases")
     t0 = time.perf_counter()
     load0 = _load()
     path = resolve_profile(profile)
@@ -236,11 +260,14 @@ def run_validation(
     calibration = Calibration.beside(path, prof)
     cuda = _uses_cuda(accelerator)
     device, host = calibration.default_split(cuda)
-    todo = cases(study, device_threads=device, host_threads=host, max_context=max_context)
-    if not todo:
-        raise UserError("no configuration to run (check --max-context and the study's contexts)")
+    todo = (cases(study, device_threads=device, host_threads=host, max_context=max_context)
+            if which != "micro" else [])
+    micro = run_micro(prof, study, calibration, statistic, quiet_wait_s) if which != "plans" else []
+    if not todo and not micro:
+        raise UserError("nothing to run: no configuration (check --max-context and the study's "
+                        "contexts) and no micro-case (the study's micro section)")
     probe = None
-    if calibration.probe is not None and study.kv_dtype == "fp32":
+    if calibration.probe is not None and study.kv_dtype == "fp32" and todo:
         from hw_backend.calibration.cpu_kernel import KernelProbe
 
         probe = KernelProbe(calibration.probe[0])
@@ -265,10 +292,11 @@ def run_validation(
     probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
     drift = (Drift(calibration.probe[1], probes, calibration.probe[0])
              if probes and calibration.probe else None)
-    outputs = _write(results, error, threshold, out or _default_out(path), prof, study, load)
+    outputs = _write(results, micro, error, threshold, out or _default_out(path), prof, study,
+                     load)
     return ValidationRun(prof, study, results, error, threshold, outputs,
-                         time.perf_counter() - t0, load, drift,
-                         None if cuda else calibration.host_slowdown)
+                         time.perf_counter() - t0, load, drift, micro,
+                         None if cuda or not results else calibration.host_slowdown)
 
 
 def _load() -> float:
@@ -293,13 +321,54 @@ def _progress(items: list[Case], enabled: bool):
             bar.advance(task)
 
 
-def _write(results: list[CaseResult], error: float, threshold: float, prefix: Path,
-           profile: HardwareProfile, study: ValidationStudy,
+def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Calibration,
+              statistic: str, quiet_wait_s: float) -> list[MicroResult]:
+    """The study's micro-cases, measured here and predicted from the profile."""
+    from hw_backend import micro as measured
+
+    if study.micro is None:
+        return []
+    model = study.model_spec()
+    numa = calibration.numa
+    if numa is None:
+        from hw_backend.numa import numa_nodes
+
+        if len(numa_nodes()) > 1:
+            raise UserError("micro-cases need the NUMA node of each profile tier, which "
+                            "calibration records beside the profile; re-run hgsim calibrate")
+        numa = Numa.only_node(profile)
+    todo: list[MicroCase] = micro_cases(study.micro, profile, numa, heads=model.num_heads,
+                                        kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+                                        kv_dtype=study.kv_dtype)
+    timed = measured.measure(todo, study.micro.repeats, quiet_wait_s)
+    out = []
+    for case, runs in zip(todo, timed, strict=True):
+        cpu_s, wall_s, share = measured.representative(runs, statistic)
+        out.append(MicroResult(case, cpu_s, predict_micro(profile, case,
+                                                          calibration.probe_ns_per_row),
+                               wall_s, share))
+    return out
+
+
+def _write(results: list[CaseResult], micro: list[MicroResult], error: float, threshold: float,
+           prefix: Path, profile: HardwareProfile, study: ValidationStudy,
            load: tuple[float, float]) -> list[Path]:
     from hgsim.validation import frame, scatter
 
     if not prefix.parent.is_dir():
         raise UserError(f"folder {prefix.parent} does not exist", field="--out")
+    written = []
+    if micro:
+        import pandas as pd
+
+        micro_path = prefix.with_name(prefix.name + ".micro.csv")
+        table = pd.DataFrame([r.row() for r in micro])
+        table["mape_pct"] = micro_mape(micro)
+        table["profile"] = profile.name
+        table.to_csv(micro_path, index=False)
+        written.append(micro_path)
+    if not results:
+        return written
     csv_path = prefix.with_name(prefix.name + ".csv")
     table = frame(results)
     table["mape_pct"] = error
@@ -308,4 +377,4 @@ def _write(results: list[CaseResult], error: float, threshold: float, prefix: Pa
     table.to_csv(csv_path, index=False)
     title = f"{study.name}: {profile.name} ({results[0].device})"
     plots = scatter(results, error, threshold, prefix, title)
-    return [csv_path, *plots]
+    return [csv_path, *plots, *written]
