@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from hw_backend.calibration.timing import TOGETHER, Timing, cpu_timing
+
 LINE_BYTES = 64
 _WORDS_PER_LINE = LINE_BYTES // 8
 
@@ -117,31 +119,10 @@ def random_rows(buffer_bytes: int, row_bytes: int, count: int, seed: int = 0) ->
     return np.random.default_rng(seed).integers(0, rows, count, dtype=np.int64)
 
 
-@dataclass(frozen=True)
-class Timing:
-    """A parallel call's time: the longest CPU time of one of its threads, its wall time, and
-    the least share of a core a thread had (CPU / wall; below ~0.9 the threads did not all run
-    at once, so they did not load the memory together either)."""
-
-    cpu_s: float
-    wall_s: float
-    share: float
-
-
-#: Least share of a core per thread for a parallel timing to count as the threads running
-#: together (below it they took turns on fewer cores, each then meeting less contention).
-TOGETHER = 0.8
-
-
 def parallel_call(fn, threads: int) -> Timing:
-    """Times ``fn``, a call that runs ``threads`` threads of this process (an OpenMP kernel),
-    by the process's CPU time: per thread it is that / ``threads``, assuming the kernel splits
-    its work evenly (as the C kernels do), and the share is that / the wall time."""
-    c0, w0 = time.process_time(), time.perf_counter()
-    fn()
-    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
-    per_thread = cpu / threads
-    return Timing(per_thread, wall, per_thread / wall if wall > 0 else 1.0)
+    """Times ``fn``, a call that runs ``threads`` threads of this process, in CPU time per
+    thread (``calibration.timing.cpu_timing``)."""
+    return cpu_timing(fn, threads)
 
 
 def gather(buf: np.ndarray, idx: np.ndarray, row_bytes: int, threads: int) -> Timing:

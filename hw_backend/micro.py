@@ -119,15 +119,24 @@ def measure(cases: list[MicroCase], repeats: int, quiet_wait_s: float = 0.0) -> 
     return [results[i] for i in range(len(cases))]
 
 
-def representative(timed: Timed, statistic: str) -> tuple[float, float, float]:
-    """(CPU s, wall s, least share) of a case: ``statistic`` ("min" or "median") over the
-    repeats whose threads ran together (all of them if none did)."""
-    from hw_backend.memprobe import TOGETHER
+def together(timed: Timed, threads: int) -> bool:
+    """Whether any repeat had its threads running together (always true for one thread)."""
+    from hw_backend.calibration.timing import TOGETHER
 
-    kept = [i for i, s in enumerate(timed.share) if s >= TOGETHER] or list(range(len(timed.share)))
+    return threads == 1 or any(s >= TOGETHER for s in timed.share)
+
+
+def representative(timed: Timed, statistic: str, threads: int) -> tuple[float, float, float]:
+    """(CPU s, wall s, least share) of a case: ``statistic`` ("min" or "median") over its
+    repeats (with several threads, those whose threads ran together, if any did)."""
+    from hw_backend.calibration.timing import TOGETHER
+
+    every = list(range(len(timed.share)))
+    kept = every if threads == 1 else (
+        [i for i, s in enumerate(timed.share) if s >= TOGETHER] or every)
     pick = min if statistic == "min" else statistics.median
     return (float(pick([timed.cpu_s[i] for i in kept])),
             float(pick([timed.wall_s[i] for i in kept])), min(timed.share[i] for i in kept))
 
 
-__all__ = ["Timed", "measure", "representative"]
+__all__ = ["Timed", "measure", "representative", "together"]

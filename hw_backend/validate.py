@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hgsim.errors import UserError
-from hgsim.micro import MicroCase, MicroResult, Numa, micro_cases, micro_mape
+from hgsim.micro import Extras, MicroCase, MicroResult, Numa, micro_cases, micro_mape
 from hgsim.micro import predict as predict_micro
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
@@ -190,7 +190,7 @@ class Calibration:
     #: reported, not charged (see ``ValidationRun.host_slowdown``)
     host_slowdown: float | None = None
     numa: Numa | None = None  # NUMA node of each profile socket and tier
-    probe_ns_per_row: dict[int, float] = field(default_factory=dict)  # micro-case gathers
+    micro: Extras = field(default_factory=Extras)  # what the micro-cases need besides
 
     @staticmethod
     def beside(profile_path: Path, profile: HardwareProfile) -> Calibration:
@@ -212,9 +212,8 @@ class Calibration:
         slowdown = summary.get("gpu0", {}).get("host_loaded_slowdown") or {}
         mapping = summary.get("numa")
         numa = Numa(dict(mapping["sockets"]), dict(mapping["tiers"])) if mapping else None
-        probe = (summary.get(socket, {}).get("probe_ns_per_row") or {}).get("value") or {}
         return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"),
-                           numa, {int(k): float(v) for k, v in probe.items()})
+                           numa, _extras(summary, profile))
 
     def default_split(self, cuda: bool) -> tuple[int, int]:
         """(device, host) threads: with CUDA every core but the submitting thread's is the
@@ -228,6 +227,19 @@ class Calibration:
             return self.split
         even = CoreSplit.even()
         return even.device_threads, even.host_threads
+
+
+def _extras(summary: dict, profile: HardwareProfile) -> Extras:
+    """Per socket: in flight by row size (one thread) and the probe's core work per row."""
+    inflight, probe = {}, {}
+    for socket in profile.sockets:
+        figs = summary.get(socket, {})
+        one = ((figs.get("per_threads") or {}).get("value") or {}).get("1", {})
+        rows = one.get("gather_inflight_by_row_bytes") or {}
+        inflight[socket] = {int(k): float(v) for k, v in rows.items()}
+        costs = (figs.get("probe_ns_per_row") or {}).get("value") or {}
+        probe[socket] = {int(k): float(v) for k, v in costs.items()}
+    return Extras(inflight, probe)
 
 
 def _uses_cuda(accelerator: str) -> bool:
@@ -343,10 +355,9 @@ def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Cal
     timed = measured.measure(todo, study.micro.repeats, quiet_wait_s)
     out = []
     for case, runs in zip(todo, timed, strict=True):
-        cpu_s, wall_s, share = measured.representative(runs, statistic)
-        out.append(MicroResult(case, cpu_s, predict_micro(profile, case,
-                                                          calibration.probe_ns_per_row),
-                               wall_s, share))
+        cpu_s, wall_s, share = measured.representative(runs, statistic, case.threads)
+        out.append(MicroResult(case, cpu_s, predict_micro(profile, case, calibration.micro),
+                               wall_s, share, measured.together(runs, case.threads)))
     return out
 
 

@@ -9,6 +9,7 @@ from conftest import make_profile
 
 from hgsim.config_io import parse_yaml, validate
 from hgsim.micro import (
+    Extras,
     MicroCase,
     MicroResult,
     MicroStudy,
@@ -67,8 +68,21 @@ def test_a_gather_is_predicted_by_the_closed_form(tiny_profile):
     wide = predict(tiny_profile, _gather(row_bytes=100, threads=4))
     assert wide.seconds == pytest.approx((1 << 20) * 128 * 100e-9 / (4 * 250))
     # the probe's own work per row caps the rate where memory would allow more
-    capped = predict(tiny_profile, _gather(), {64: 100.0})  # 64 B per 100 ns: 0.64 GB/s
+    capped = predict(tiny_profile, _gather(), Extras(probe_ns_per_row={"s0": {64: 100.0}}))
     assert capped.seconds == pytest.approx((1 << 20) * 100e-9) and capped.bound == "compute"
+
+
+def test_rows_of_several_lines_use_what_calibration_saw_in_flight_for_them(tiny_profile):
+    extras = Extras(inflight_by_row={"s0": {64: 240.0, 128: 300.0, 1024: 400.0}})
+    assert extras.inflight_per_core("s0", 64, 250.0) == 250.0  # one line: the chases' plateau
+    assert extras.inflight_per_core("s0", 100, 250.0) == 300.0  # two lines: the 128 B figure
+    assert extras.inflight_per_core("s0", 512, 250.0) == 300.0
+    assert extras.inflight_per_core("s0", 4096, 250.0) == 400.0
+    assert extras.inflight_per_core("s1", 4096, 250.0) == 250.0  # nothing calibrated there
+    sparse = Extras(inflight_by_row={"s0": {1024: 400.0}})
+    assert sparse.inflight_per_core("s0", 128, 250.0) == 400.0  # the nearest above
+    p = predict(tiny_profile, _gather(row_bytes=1024), extras)
+    assert p.seconds == pytest.approx((1 << 20) * 1024 * 100e-9 / 400)
 
 
 def test_queueing_slows_a_gather_that_loads_the_tier(tiny_profile):
@@ -99,6 +113,9 @@ def test_micro_results_and_their_mape():
     assert a.error_pct == pytest.approx(10.0) and b.error_pct == pytest.approx(-50.0)
     assert micro_mape([a, b]) == pytest.approx(30.0)
     assert math.isnan(micro_mape([]))
+    apart = MicroResult(case, 1.0, Prediction(3.0, "latency"), 5.0, 0.2, together=False)
+    assert micro_mape([a, b, apart]) == pytest.approx(30.0)  # turns on one core: left out
+    assert math.isnan(micro_mape([apart]))
     row = a.row()
     assert row["measured_gbps"] == pytest.approx(case.bytes_read / 1e9)
     assert row["bound"] == "latency" and row["core_share"] == 0.5

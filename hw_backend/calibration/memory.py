@@ -20,7 +20,12 @@ from hw_backend import memprobe
 from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import Job, Settings
-from hw_backend.calibration.timing import representative, timed
+from hw_backend.calibration.timing import (
+    on_cpu_seconds,
+    representative,
+    timed,
+    timed_cpu_round_robin,
+)
 from hw_backend.calibration.topology import Machine
 
 
@@ -39,22 +44,17 @@ def _on_node(shape: int, dtype, node: int) -> np.ndarray:
 
 
 def read_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measurement:
-    """Streaming read by ``threads`` threads, timed in CPU time per thread (``memprobe``) over
-    the repeats whose threads ran together; the wall-clock rate is kept beside it."""
+    """Streaming read by ``threads`` threads, in CPU time per thread (``timing.cpu_timing``)
+    over the repeats whose threads ran together; the wall-clock rate is kept beside it."""
     ext = _ext()
     words = _on_node(nbytes // 8, np.uint64, node)
     words[:] = 1
-    runs: list[memprobe.Timing] = []
-    timed(lambda: runs.append(memprobe.parallel_call(lambda: ext.stream_read(words, threads),
-                                                     threads)), repeats)
-    runs = runs[-repeats:]  # the first was the warm-up
-    kept = [t for t in runs if threads == 1 or t.share >= memprobe.TOGETHER]
-    # CPU time per thread only means something if the threads ran together; if they never
-    # did (a busy shared machine), the wall-clock rate, which cannot overstate, is the figure.
-    seconds = tuple(t.cpu_s for t in kept) if kept else tuple(t.wall_s for t in runs)
+    (runs,) = timed_cpu_round_robin([lambda: ext.stream_read(words, threads)], [threads],
+                                    repeats)
+    seconds, clock = on_cpu_seconds(runs, threads)
     return Measurement("memory", "read_bandwidth", words.nbytes / representative(seconds) / 1e9,
                        "GB/s", {"node": node, "threads": threads, "bytes": words.nbytes,
-                                "clock": "cpu" if kept else "wall",
+                                "clock": clock,
                                 "wall_gbps": round(words.nbytes / representative(
                                     [t.wall_s for t in runs]) / 1e9, 3),
                                 "share_each": [round(t.share, 3) for t in runs]}, seconds)

@@ -12,7 +12,7 @@ The order matters, since each figure is what makes ``hgsim.memory`` reproduce a 
    the probe's core work per row (``calibration.row_cost``), for ``hgsim validate``.
 
 Timed repeats whose threads took turns on a core instead of running together (``share_each``
-below ``memprobe.TOGETHER``) are left out where a figure depends on them running together.
+below ``timing.TOGETHER``) are left out where a figure depends on them running together.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ from hgsim.memory import loaded_latency_s, touched_bytes
 from hw_backend.calibration import fits
 from hw_backend.calibration.records import Measurement, Measurements
 from hw_backend.calibration.summarize import Figure
-from hw_backend.calibration.timing import representative
+from hw_backend.calibration.timing import TOGETHER, representative
 
 LINE = 64
-TOGETHER = 0.8  # as hw_backend.memprobe.TOGETHER (not imported: that needs the C extension)
 
 
 @dataclass(frozen=True)

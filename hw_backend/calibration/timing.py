@@ -10,6 +10,13 @@ fastest, 12.0% with medians, back to back). Every repeat is kept in the raw data
 statistic can be recomputed. Rates that have a fixed cost per call (a copy's setup, a kernel
 launch) are fitted as ``time = fixed + size / rate`` over several sizes, which separates the two
 numbers a profile wants (latency and bandwidth).
+
+Host benchmarks take their time in CPU time (``cpu_timing``): on a machine shared with other
+jobs a thread may wait for a core longer than it runs (on the 2-vCPU development VM with four
+other engineers' test suites, a one-thread kernel pass read 13 GB/s by wall clock and 22 GB/s in
+CPU time, back to back), and how long it runs is what the hardware decides. A multi-threaded
+call counts only if its threads ran together (``TOGETHER``); where they never did, the wall
+time stands in, which cannot overstate a rate.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 
 def wall_seconds(fn: Callable[[], object]) -> float:
@@ -108,3 +116,54 @@ def net_rate(sizes: Sequence[float], times: Sequence[float], fixed: float) -> fl
         raise ValueError("net_rate needs equally many sizes and times, at least one")
     return statistics.median(size / max(t - fixed, 0.5 * t)
                              for size, t in zip(sizes, times, strict=True))
+
+
+#: Least share of a core per thread (CPU time / wall time) for a multi-threaded timing to count
+#: as its threads running together; below it they took turns on fewer cores, each meeting less
+#: contention than the call would on its own cores.
+TOGETHER = 0.8
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A call's time: CPU time per thread, wall time, and the threads' share of a core."""
+
+    cpu_s: float
+    wall_s: float
+    share: float
+
+
+def cpu_timing(fn: Callable[[], object], threads: int = 1) -> Timing:
+    """Times ``fn``: with one thread, this thread's CPU time; with ``threads`` (an OpenMP call of
+    this process), the process's CPU time / ``threads``, assuming the work is split evenly (as
+    the C kernels split it)."""
+    clock = time.thread_time if threads == 1 else time.process_time
+    c0, w0 = clock(), time.perf_counter()
+    fn()
+    cpu, wall = (clock() - c0) / threads, time.perf_counter() - w0
+    return Timing(cpu, wall, cpu / wall if wall > 0 else 1.0)
+
+
+def on_cpu_seconds(runs: Sequence[Timing], threads: int) -> tuple[tuple[float, ...], str]:
+    """(seconds, clock) a figure takes from its repeats: CPU time per thread, of every repeat
+    with one thread and of those whose threads ran together with several; the wall times if
+    none did."""
+    kept = [t.cpu_s for t in runs if threads == 1 or t.share >= TOGETHER]
+    if kept:
+        return tuple(kept), "cpu"
+    return tuple(t.wall_s for t in runs), "wall"
+
+
+def timed_cpu_round_robin(fns: Sequence[Callable[[], object]], threads: Sequence[int],
+                          repeats: int, warmup: int = 1) -> list[list[Timing]]:
+    """``timed_round_robin`` in CPU time: each of ``fns`` runs ``threads[i]`` threads."""
+    runs: list[list[Timing]] = [[] for _ in fns]
+    index = {id(fn): i for i, fn in enumerate(fns)}
+
+    def run(fn) -> float:
+        timing = cpu_timing(fn, threads[index[id(fn)]])
+        runs[index[id(fn)]].append(timing)
+        return timing.cpu_s
+
+    timed_round_robin(fns, repeats, warmup, run)
+    return [r[-repeats:] if repeats else [] for r in runs]
