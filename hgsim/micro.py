@@ -315,6 +315,22 @@ class MicroResult:
                 "together": self.together}
 
 
+@dataclass(frozen=True)
+class LatencyDrift:
+    """The idle latency of one route when the micro-cases ran, against the profile's."""
+
+    label: str  # e.g. "ddr0 from cpu0"
+    profile_ns: float
+    before_ns: float
+    after_ns: float
+
+    def describe(self) -> str:
+        lo, hi = sorted((self.before_ns, self.after_ns))
+        pct = [100 * (x / self.profile_ns - 1) for x in (lo, hi)]
+        return (f"{self.label}: idle latency {lo:.0f}-{hi:.0f} ns before/after the micro-cases "
+                f"vs {self.profile_ns:.0f} ns in the profile ({pct[0]:+.0f}% to {pct[1]:+.0f}%)")
+
+
 def micro_mape(results: list[MicroResult]) -> float:
     """Mean absolute percentage error over the cases whose threads ran together."""
     kept = [r for r in results if r.together]
@@ -358,6 +374,7 @@ def print_micro_table(results: list[MicroResult], threshold: float, title: str) 
 
 __all__ = [
     "Extras",
+    "LatencyDrift",
     "GatherMicro",
     "MicroCase",
     "MicroResult",

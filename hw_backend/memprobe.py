@@ -83,10 +83,20 @@ class Cycle:
 def random_cycle(nbytes: int, node: int = 0, seed: int = 0) -> Cycle:
     """A cycle over ``nbytes`` of lines on NUMA node ``node`` (one link per line)."""
     lines = max(nbytes // LINE_BYTES, 2)
-    nxt = _on_node(lines * _WORDS_PER_LINE, np.int64, node)
+    return cycle_in(_on_node(lines * _WORDS_PER_LINE, np.int64, node), seed)
+
+
+def cycle_in(buf: np.ndarray, seed: int = 0) -> Cycle:
+    """A cycle through the lines of an existing buffer (its first word of each line becomes a
+    link): the latency of exactly the memory a gather reads, without a second allocation."""
+    words = buf.reshape(-1).view(np.uint8)
+    words = words[: words.size // LINE_BYTES * LINE_BYTES].view(np.int64)
+    lines = words.size // _WORDS_PER_LINE
+    if lines < 2:
+        raise ValueError("cycle_in: the buffer holds fewer than two lines")
     order = np.random.default_rng(seed).permutation(lines).astype(np.int64) * _WORDS_PER_LINE
-    nxt[order] = np.roll(order, -1)
-    return Cycle(nxt, order)
+    words[order] = np.roll(order, -1)
+    return Cycle(words, order)
 
 
 def chase_seconds(cycle: Cycle, chains: int, steps: int) -> float:
@@ -198,6 +208,7 @@ __all__ = [
     "TOGETHER",
     "Timing",
     "chase_seconds",
+    "cycle_in",
     "gather",
     "huge_page_fraction",
     "loaded_chase",

@@ -83,40 +83,71 @@ def _scan_call(case: MicroCase):
     return call
 
 
-def _group(cases: list[MicroCase], repeats: int, quiet_wait_s: float) -> list[Timed]:
-    """Every case of one reader socket, in turns; runs on that socket's CPUs."""
+_LATENCY_STEPS = 200_000
+
+
+def _latency_ns(cycles: dict) -> dict[int, float]:
+    """One-chain chase latency (median of three, CPU time) per node read."""
+    from hw_backend import memprobe
+
+    return {node: statistics.median(memprobe.chase_seconds(c, 1, _LATENCY_STEPS)
+                                    for _ in range(3)) / _LATENCY_STEPS * 1e9
+            for node, c in cycles.items()}
+
+
+def _group(cases: list[MicroCase], repeats: int,
+           quiet_wait_s: float) -> tuple[list[Timed], dict[int, tuple[float, float]]]:
+    """Every case of one reader socket, in turns, on that socket's CPUs; and the idle latency
+    of each node gathered from, just before and just after (chased through the gather buffer
+    itself, so at the footprint the gathers read)."""
+    from hw_backend import memprobe
     from hw_backend.calibration.quiet import wait_for_quiet
+    from hw_backend.calibration.timing import RETRIES, TOGETHER
 
     buffers: dict[int, np.ndarray] = {}
     calls = [_gather_call(c, buffers) if c.kind == "gather" else _scan_call(c) for c in cases]
+    cycles = {node: memprobe.cycle_in(buf) for node, buf in buffers.items()}
+    before = _latency_ns(cycles)
     for call in calls:  # warm-up: page tables, OpenMP pools, code
         call()
     runs: list[list] = [[] for _ in cases]
     for _ in range(repeats):
         if quiet_wait_s > 0:
             wait_for_quiet(quiet_wait_s)
-        for call, out in zip(calls, runs, strict=True):
-            out.append(call())
-    return [Timed(tuple(t.cpu_s for t in ts), tuple(t.wall_s for t in ts),
-                  tuple(t.share for t in ts)) for ts in runs]
+        for case, call, out in zip(cases, calls, runs, strict=True):
+            timing = call()
+            for _ in range(RETRIES if case.threads > 1 else 0):  # wait for an overlap
+                if timing.share >= TOGETHER:
+                    break
+                timing = call()
+            out.append(timing)
+    after = _latency_ns(cycles)
+    timed = [Timed(tuple(t.cpu_s for t in ts), tuple(t.wall_s for t in ts),
+                   tuple(t.share for t in ts)) for ts in runs]
+    return timed, {node: (before[node], after[node]) for node in cycles}
 
 
-def measure(cases: list[MicroCase], repeats: int, quiet_wait_s: float = 0.0) -> list[Timed]:
-    """Every case's repeats, each group of one reader socket on that socket's CPUs."""
+def measure(cases: list[MicroCase], repeats: int, quiet_wait_s: float = 0.0
+            ) -> tuple[list[Timed], dict[tuple[int, int], tuple[float, float]]]:
+    """Every case's repeats, each group of one reader socket on that socket's CPUs, and the
+    idle latency (ns, before and after) of every node gathered from, by (reader's NUMA node,
+    node read)."""
     from hw_backend.calibration.pinned import run_on_cpus
     from hw_backend.numa import numa_nodes
 
     usable = set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set()
     cpus = {n.id: tuple(c for c in n.cpus if c in usable) for n in numa_nodes()}
     results: dict[int, Timed] = {}
+    latency: dict[tuple[int, int], tuple[float, float]] = {}
     for cpu_node in sorted({c.cpu_node for c in cases}):
         group = [i for i, c in enumerate(cases) if c.cpu_node == cpu_node]
         todo = [cases[i] for i in group]
         mine = cpus.get(cpu_node, ())
-        timed = (run_on_cpus(mine, _group, todo, repeats, quiet_wait_s) if mine
-                 else _group(todo, repeats, quiet_wait_s))
+        timed, seen = (run_on_cpus(mine, _group, todo, repeats, quiet_wait_s) if mine
+                       else _group(todo, repeats, quiet_wait_s))
         results.update(zip(group, timed, strict=True))
-    return [results[i] for i in range(len(cases))]
+        latency.update({(cpu_node, node): ns for node, ns in seen.items()})
+    return [results[i] for i in range(len(cases))], latency
 
 
 def together(timed: Timed, threads: int) -> bool:

@@ -22,7 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hgsim.errors import UserError
-from hgsim.micro import Extras, MicroCase, MicroResult, Numa, micro_cases, micro_mape
+from hgsim.micro import (
+    Extras,
+    LatencyDrift,
+    MicroCase,
+    MicroResult,
+    Numa,
+    micro_cases,
+    micro_mape,
+    route,
+)
 from hgsim.micro import predict as predict_micro
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
@@ -160,6 +169,7 @@ class ValidationRun:
     load_average: tuple[float, float]  # 1-minute load average before and after (shared machines)
     drift: Drift | None = None  # None without calibration data beside the profile
     micro: list[MicroResult] = field(default_factory=list)  # the study's micro-cases
+    micro_latency: list[LatencyDrift] = field(default_factory=list)  # routes they gathered on
     #: How much slower calibration found the host kernel while the CPU stand-in attended on the
     #: other cores (None with CUDA or without the measurement). The simulator does not charge
     #: it, since a GPU has its own memory and cores; scaling the host's rate by it in overlapping
@@ -274,7 +284,8 @@ def run_validation(
     device, host = calibration.default_split(cuda)
     todo = (cases(study, device_threads=device, host_threads=host, max_context=max_context)
             if which != "micro" else [])
-    micro = run_micro(prof, study, calibration, statistic, quiet_wait_s) if which != "plans" else []
+    micro, micro_latency = (run_micro(prof, study, calibration, statistic, quiet_wait_s)
+                            if which != "plans" else ([], []))
     if not todo and not micro:
         raise UserError("nothing to run: no configuration (check --max-context and the study's "
                         "contexts) and no micro-case (the study's micro section)")
@@ -307,7 +318,7 @@ def run_validation(
     outputs = _write(results, micro, error, threshold, out or _default_out(path), prof, study,
                      load)
     return ValidationRun(prof, study, results, error, threshold, outputs,
-                         time.perf_counter() - t0, load, drift, micro,
+                         time.perf_counter() - t0, load, drift, micro, micro_latency,
                          None if cuda or not results else calibration.host_slowdown)
 
 
@@ -334,12 +345,14 @@ def _progress(items: list[Case], enabled: bool):
 
 
 def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Calibration,
-              statistic: str, quiet_wait_s: float) -> list[MicroResult]:
-    """The study's micro-cases, measured here and predicted from the profile."""
+              statistic: str, quiet_wait_s: float
+              ) -> tuple[list[MicroResult], list[LatencyDrift]]:
+    """The study's micro-cases, measured here and predicted from the profile, and the idle
+    latency of the routes they gathered on while they ran (against the profile's)."""
     from hw_backend import micro as measured
 
     if study.micro is None:
-        return []
+        return [], []
     model = study.model_spec()
     numa = calibration.numa
     if numa is None:
@@ -352,13 +365,19 @@ def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Cal
     todo: list[MicroCase] = micro_cases(study.micro, profile, numa, heads=model.num_heads,
                                         kv_heads=model.num_kv_heads, head_dim=model.head_dim,
                                         kv_dtype=study.kv_dtype)
-    timed = measured.measure(todo, study.micro.repeats, quiet_wait_s)
+    timed, latency = measured.measure(todo, study.micro.repeats, quiet_wait_s)
     out = []
     for case, runs in zip(todo, timed, strict=True):
         cpu_s, wall_s, share = measured.representative(runs, statistic, case.threads)
         out.append(MicroResult(case, cpu_s, predict_micro(profile, case, calibration.micro),
                                wall_s, share, measured.together(runs, case.threads)))
-    return out
+    drift = []
+    for (cpu_node, node), (before, after) in sorted(latency.items()):
+        case = next(c for c in todo if (c.cpu_node, c.node) == (cpu_node, node))
+        drift.append(LatencyDrift(f"{case.tier} from {case.socket}",
+                                  route(profile, case.socket, case.tier).latency_s * 1e9,
+                                  before, after))
+    return out, drift
 
 
 def _write(results: list[CaseResult], micro: list[MicroResult], error: float, threshold: float,

@@ -154,6 +154,7 @@ def test_validate_can_run_the_micro_cases_alone(calibrated: Path, tmp_path: Path
                  str(prefix), "--no-progress", "--cases", "micro", "--threshold", "1e6"]) == 0
     out = capsys.readouterr().out
     assert "micro-case MAPE" in out and "per-step latency" not in out
+    assert "ddr0 from cpu0: idle latency" in out and "in the profile" in out
     assert prefix.with_name("micro.micro.csv").exists()
     assert not prefix.with_name("micro.csv").exists()
 

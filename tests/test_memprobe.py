@@ -90,3 +90,17 @@ def test_huge_page_share_and_parallel_timing_are_read_where_linux_has_them():
     assert share is None or 0.0 <= share <= 1.0
     timing = memprobe.parallel_call(lambda: sum(range(1000)), 2)
     assert timing.cpu_s >= 0 and timing.wall_s > 0
+
+
+def test_a_cycle_can_run_through_an_existing_buffer():
+    buf = np.zeros(64 * 100 + 10, np.uint8)  # a ragged tail is left out
+    cycle = memprobe.cycle_in(buf, seed=2)
+    assert len(cycle.order) == 100
+    at, seen = int(cycle.order[0]), set()
+    for _ in range(100):
+        seen.add(at)
+        at = int(cycle.next[at])
+    assert len(seen) == 100 and at == cycle.order[0]
+    assert np.shares_memory(cycle.next, buf)  # the links live in the buffer itself
+    with pytest.raises(ValueError):
+        memprobe.cycle_in(np.zeros(64, np.uint8))

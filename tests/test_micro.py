@@ -10,6 +10,7 @@ from conftest import make_profile
 from hgsim.config_io import parse_yaml, validate
 from hgsim.micro import (
     Extras,
+    LatencyDrift,
     MicroCase,
     MicroResult,
     MicroStudy,
@@ -143,3 +144,8 @@ micro:
 
 def test_one_node_mapping_is_the_gpu_socket_and_its_ddr(tiny_profile):
     assert Numa.only_node(tiny_profile) == Numa({"s0": 0}, {"ddr0": 0})
+
+
+def test_latency_drift_says_how_far_the_routes_moved():
+    text = LatencyDrift("ddr0 from s0", 200.0, 220.0, 190.0).describe()
+    assert "190-220 ns" in text and "200 ns in the profile" in text and "-5% to +10%" in text

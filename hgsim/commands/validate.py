@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
         print_micro_table(result.micro, result.threshold_pct,
                           f"{result.study.name}: micro-cases, predicted vs measured time per "
                           f"call (CPU time per thread), {result.profile.name}")
+        for drift in result.micro_latency:
+            print(drift.describe())
     if result.results:
         title = (f"{result.study.name}: predicted vs measured per-step latency, "
                  f"{result.profile.name} on {result.results[0].device}")

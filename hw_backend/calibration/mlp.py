@@ -28,7 +28,12 @@ from hw_backend import memprobe
 from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import Job, Settings
-from hw_backend.calibration.timing import representative, timed_round_robin
+from hw_backend.calibration.timing import (
+    RETRIES,
+    TOGETHER,
+    representative,
+    timed_round_robin,
+)
 from hw_backend.calibration.topology import Machine
 
 
@@ -74,6 +79,10 @@ def gather_sweep(node: int, socket: int, remote: bool, thread_counts: tuple[int,
     def call(i: int) -> float:
         threads, row_bytes, idx = plan[i]
         timing = memprobe.gather(buf, idx, row_bytes, threads)
+        for _ in range(RETRIES if threads > 1 else 0):  # a busy machine: wait for an overlap
+            if timing.share >= TOGETHER:
+                break
+            timing = memprobe.gather(buf, idx, row_bytes, threads)
         shares[i].append(timing.share)
         return timing.cpu_s
 
