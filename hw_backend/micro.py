@@ -29,7 +29,7 @@ _STORAGE = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 
 @dataclass(frozen=True)
 class Timed:
-    """One case's repeats (kept ones first chosen by the caller's statistic)."""
+    """One case's repeats: CPU time per thread, wall time, the threads' least share of a core."""
 
     cpu_s: tuple[float, ...]
     wall_s: tuple[float, ...]
@@ -54,28 +54,41 @@ def _normal(rng, shape, kv_dtype: str) -> np.ndarray:
     return x.astype(_STORAGE[kv_dtype])
 
 
-def _scan_call(case: MicroCase):
-    from hw_backend import cpu_attention as ca
-    from hw_backend import memprobe
+def _keys(case: MicroCase, cache: dict):
+    """A function giving the next of K copies on the case's node, at least ``footprint_bytes``
+    together, shared (copies and turn) by the cases of the same node, shape and dtype: every
+    call reads the copy least recently read by any of them."""
     from hw_backend.numa import alloc_on_node
 
     shape = (1, case.kv_heads, case.context, case.head_dim)
+    key = (case.node, shape, case.kv_dtype)
+    if key in cache:
+        return cache[key]
     one = math.prod(shape) * BYTES[case.kv_dtype]
-    copies = max(1, math.ceil(case.footprint_bytes / one))
     rng = np.random.default_rng(case.context)
-    keys = []
-    for _ in range(copies):  # every call reads K another call left least recently in cache
-        with warnings.catch_warnings():
+    copies = []
+    for _ in range(max(1, math.ceil(case.footprint_bytes / one))):
+        with warnings.catch_warnings():  # one-node machines: placement is implicit
             warnings.simplefilter("ignore", RuntimeWarning)
             k = alloc_on_node(shape, _STORAGE[case.kv_dtype], case.node)
         k[...] = _normal(rng, shape, case.kv_dtype)
-        keys.append(k)
+        copies.append(k)
+    turn = iter(range(1 << 62))
+    cache[key] = lambda: copies[next(turn) % len(copies)]
+    return cache[key]
+
+
+def _scan_call(case: MicroCase, cache: dict):
+    from hw_backend import cpu_attention as ca
+    from hw_backend import memprobe
+
+    next_keys = _keys(case, cache)
+    rng = np.random.default_rng(case.context)
     q = rng.standard_normal((1, case.heads, case.head_dim)).astype(np.float32)
     out = np.empty((1, case.heads, case.context), np.float32)
-    turn = iter(range(1 << 62))
 
     def call():
-        K = keys[next(turn) % copies]
+        K = next_keys()
         return memprobe.parallel_call(lambda: ca.logits(
             q, K, num_threads=case.threads, kv_dtype=_KV_NAMES[case.kv_dtype], out=out),
             case.threads)
@@ -105,7 +118,9 @@ def _group(cases: list[MicroCase], repeats: int,
     from hw_backend.calibration.timing import RETRIES, TOGETHER
 
     buffers: dict[int, np.ndarray] = {}
-    calls = [_gather_call(c, buffers) if c.kind == "gather" else _scan_call(c) for c in cases]
+    keys: dict = {}
+    calls = [_gather_call(c, buffers) if c.kind == "gather" else _scan_call(c, keys)
+             for c in cases]
     cycles = {node: memprobe.cycle_in(buf) for node, buf in buffers.items()}
     before = _latency_ns(cycles)
     for call in calls:  # warm-up: page tables, OpenMP pools, code

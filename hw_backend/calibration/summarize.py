@@ -71,11 +71,16 @@ def memory_figures(ms: Measurements, node: int) -> dict[str, Figure]:
             f"torch fill_, {best.params['threads']} thread(s), buffer bound to node {node} "
             f"({_series(writes, 'threads')})")
     if lat:
-        m = lat[0]
-        out["latency_ns"] = Figure(
-            round(m.value, 1),
-            f"pointer chase over a random cycle of {m.params['bytes'] >> 20} MiB on node {node} "
-            f"(dependent loads incl. TLB misses)")
+        from hw_backend.calibration.summarize_mlp import pooled_latency
+
+        pooled = pooled_latency(ms, node, remote=False)
+        sizes = ms.select("memory", "latency_footprint", node=node, remote=False)
+        smaller = "".join(f", {m.value:.0f} ns over {m.params['bytes'] >> 20} MiB" for m in
+                          sorted(sizes, key=lambda m: m.params["bytes"]))
+        out["latency_ns"] = Figure(round(pooled.ns, 1), (
+            f"{pooled.describe()} on node {node}; the latency grows with the footprint "
+            f"(address translation{smaller})" if smaller else f"{pooled.describe()} on node "
+            f"{node}"))
     return out
 
 
@@ -89,8 +94,11 @@ def remote_figures(ms: Measurements, node: int, reader: int) -> dict[str, Figure
         out["read_bandwidth_gbps"] = Figure(round(rows[0].value, 1),
                                             f"socket {reader} threads reading node {node}")
     if lat:
-        out["latency_ns"] = Figure(round(lat[0].value, 1),
-                                   f"pointer chase from socket {reader} on node {node}")
+        from hw_backend.calibration.summarize_mlp import pooled_latency
+
+        pooled = pooled_latency(ms, node, reader, remote=True)
+        out["latency_ns"] = Figure(round(pooled.ns, 1),
+                                   f"socket {reader} reading node {node}: {pooled.describe()}")
     return out
 
 

@@ -2,7 +2,8 @@
 
 The order matters, since each figure is what makes ``hgsim.memory`` reproduce a measurement:
 
-1. a tier's read bandwidth B (best streaming read) and idle latency L0 (one-chain chase);
+1. a tier's read bandwidth B (best streaming read) and idle latency L0 (every one-chain chase
+   of the run at the calibrated footprint, pooled: ``pooled_latency``);
 2. its queueing delay q, fitted to the loaded-latency points (``calibration.loaded``) at
    u = (background stream + chase) / B;
 3. bytes in flight per core: random rows from the plateau of the N-chain chases
@@ -58,9 +59,48 @@ def bandwidth_Bps(ms: Measurements, node: int) -> float | None:
     return max(m.value for m in reads) * 1e9 if reads else None
 
 
+@dataclass(frozen=True)
+class PooledLatency:
+    """A node's idle latency from every one-chain chase of the run at one footprint."""
+
+    ns: float  # the run's statistic over the samples (median by default)
+    samples: int
+    low_ns: float
+    high_ns: float
+    footprint_bytes: int
+
+    def describe(self) -> str:
+        return (f"{self.samples} one-chain pointer chases over a random cycle of "
+                f"{self.footprint_bytes >> 20} MiB spread over the calibration run (the latency "
+                f"probe, and the idle chases paired with the parallelism and loaded-latency "
+                f"ones; {self.low_ns:.0f}-{self.high_ns:.0f} ns), dependent loads incl. TLB "
+                "misses")
+
+
+def pooled_latency(ms: Measurements, node: int, socket: int | None = None,
+                   remote: bool = False) -> PooledLatency | None:
+    """The idle latency of ``node`` (from ``socket``) over every one-chain chase at the latency
+    probe's footprint: the memory of a shared machine drifts by tens of percent within seconds
+    (other guests' traffic), and one probe catches one moment of it."""
+    where = {"node": node, "remote": remote, **({} if socket is None else {"socket": socket})}
+    probe = ms.select("memory", "latency", **where)
+    if not probe:
+        return None
+    footprint = probe[0].params["bytes"]
+    samples = []
+    for name in ("latency", "chase_ref", "loaded_idle"):
+        for m in ms.select("memory", name, **where):
+            if m.params.get("bytes") == footprint and m.params.get("steps"):
+                samples += [s / m.params["steps"] * 1e9 for s in m.seconds]
+    if not samples:  # older data: the probe's own figure
+        return PooledLatency(probe[0].value, 1, probe[0].value, probe[0].value, footprint)
+    return PooledLatency(representative(samples), len(samples), min(samples), max(samples),
+                         footprint)
+
+
 def idle_latency_s(ms: Measurements, node: int) -> float | None:
-    lat = _local(ms.select("memory", "latency", node=node))
-    return lat[0].value * 1e-9 if lat else None
+    pooled = pooled_latency(ms, node)
+    return pooled.ns * 1e-9 if pooled else None
 
 
 def _kept(m: Measurement) -> tuple[float, ...]:
@@ -316,6 +356,7 @@ def remote_mlp(ms: Measurements, node: int, reader: int) -> dict[str, Any]:
 
 
 __all__ = [
+    "PooledLatency",
     "Tier",
     "bandwidth_Bps",
     "gather_inflight_figure",
@@ -323,6 +364,7 @@ __all__ = [
     "loaded_points",
     "mlp_curve",
     "per_thread_memory",
+    "pooled_latency",
     "probe_row_costs",
     "queue_figure",
     "remote_mlp",
