@@ -223,28 +223,30 @@ class Extras:
     """What calibration measured beside the profile that the micro-cases need and the profile
     schema has no place for, per socket name:
 
-    * ``inflight_by_row``: bytes one core keeps in flight on random rows, by row size (Little's
-      law on one thread's row gathers). A row of one line gets the demand misses alone, which
-      is the profile's ``gather_inflight_bytes`` (the chases' plateau); a row of several lines
-      also gets the prefetchers, which fetch ahead within it (on the Zen 4 VM 25-45% more lines
-      in flight, growing with the row), so rows of two lines or more use this figure at the
-      largest calibrated size not above theirs.
+    * ``row_gain``: by row size, how many more lines per second one thread gathers than on
+      rows of one line (taken in turns during calibration). A row of one line gets the demand
+      misses alone, the profile's ``gather_inflight_bytes`` (the chases' plateau); a row of
+      several lines also gets the prefetchers, which fetch ahead within it (on the Zen 4 VM
+      15-60% more lines in flight, growing with the row). A row of two lines or more keeps
+      ``gather_inflight_bytes`` x its gain in flight, at the largest calibrated size not above
+      its own.
     * ``probe_ns_per_row``: the memory probe's core work per row, by row size (cache-resident
       rows), which caps a gather where memory would allow more.
     """
 
-    inflight_by_row: dict[str, dict[int, float]] = field(default_factory=dict)
+    row_gain: dict[str, dict[int, float]] = field(default_factory=dict)
     probe_ns_per_row: dict[str, dict[int, float]] = field(default_factory=dict)
 
     def inflight_per_core(self, socket: str, row_bytes: int, single_line: float,
                           line_bytes: int = 64) -> float:
         if math.ceil(row_bytes / line_bytes) < 2:
             return single_line
-        sizes = [r for r in self.inflight_by_row.get(socket, {}) if r > line_bytes]
-        below = [r for r in sizes if r <= row_bytes]
+        gains = self.row_gain.get(socket, {})
+        sizes = [r for r in gains if r > line_bytes]
         if not sizes:
             return single_line
-        return self.inflight_by_row[socket][max(below) if below else min(sizes)]
+        below = [r for r in sizes if r <= row_bytes]
+        return single_line * gains[max(below) if below else min(sizes)]
 
 
 @dataclass(frozen=True)

@@ -240,16 +240,14 @@ class Calibration:
 
 
 def _extras(summary: dict, profile: HardwareProfile) -> Extras:
-    """Per socket: in flight by row size (one thread) and the probe's core work per row."""
-    inflight, probe = {}, {}
+    """Per socket: the row gathers' gain by row size and the probe's core work per row."""
+    gains, probe = {}, {}
     for socket in profile.sockets:
         figs = summary.get(socket, {})
-        one = ((figs.get("per_threads") or {}).get("value") or {}).get("1", {})
-        rows = one.get("gather_inflight_by_row_bytes") or {}
-        inflight[socket] = {int(k): float(v) for k, v in rows.items()}
-        costs = (figs.get("probe_ns_per_row") or {}).get("value") or {}
-        probe[socket] = {int(k): float(v) for k, v in costs.items()}
-    return Extras(inflight, probe)
+        for key, out in (("gather_row_gain", gains), ("probe_ns_per_row", probe)):
+            values = (figs.get(key) or {}).get("value") or {}
+            out[socket] = {int(k): float(v) for k, v in values.items()}
+    return Extras(gains, probe)
 
 
 def _uses_cuda(accelerator: str) -> bool:

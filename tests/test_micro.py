@@ -73,14 +73,14 @@ def test_a_gather_is_predicted_by_the_closed_form(tiny_profile):
     assert capped.seconds == pytest.approx((1 << 20) * 100e-9) and capped.bound == "compute"
 
 
-def test_rows_of_several_lines_use_what_calibration_saw_in_flight_for_them(tiny_profile):
-    extras = Extras(inflight_by_row={"s0": {64: 240.0, 128: 300.0, 1024: 400.0}})
+def test_rows_of_several_lines_get_the_gain_calibration_saw_for_them(tiny_profile):
+    extras = Extras(row_gain={"s0": {64: 1.0, 128: 1.2, 1024: 1.6}})
     assert extras.inflight_per_core("s0", 64, 250.0) == 250.0  # one line: the chases' plateau
-    assert extras.inflight_per_core("s0", 100, 250.0) == 300.0  # two lines: the 128 B figure
+    assert extras.inflight_per_core("s0", 100, 250.0) == 300.0  # two lines: the 128 B gain
     assert extras.inflight_per_core("s0", 512, 250.0) == 300.0
     assert extras.inflight_per_core("s0", 4096, 250.0) == 400.0
     assert extras.inflight_per_core("s1", 4096, 250.0) == 250.0  # nothing calibrated there
-    sparse = Extras(inflight_by_row={"s0": {1024: 400.0}})
+    sparse = Extras(row_gain={"s0": {1024: 1.6}})
     assert sparse.inflight_per_core("s0", 128, 250.0) == 400.0  # the nearest above
     p = predict(tiny_profile, _gather(row_bytes=1024), extras)
     assert p.seconds == pytest.approx((1 << 20) * 1024 * 100e-9 / 400)

@@ -202,9 +202,16 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
         stamp.figure(node, key, figs.get(key))
     node.add("source", f"hgsim calibrate {ctx.date}: /proc/cpuinfo, C kernel, stream reads, "
                        "pointer chases and row gathers")
+    extra = {}
     probe = M.probe_row_costs(ms, numa.id)
-    extra = {"probe_ns_per_row": Figure(probe, "memory probe's row gather from cache-resident "
-                                               "rows, ns per row by row size")} if probe else {}
+    if probe:
+        extra["probe_ns_per_row"] = Figure(probe, "memory probe's row gather from cache-resident "
+                                                  "rows, ns per row by row size")
+    gains = M.row_gains(ms, numa.id)
+    if gains:
+        extra["gather_row_gain"] = Figure(gains, "one thread's random row gathers, lines in "
+                                                 "flight by row size / for one-line rows, taken "
+                                                 "in turns (the prefetchers within a row)")
     return {**figs, **inflight, **extra}
 
 

@@ -316,6 +316,25 @@ def per_thread_memory(ms: Measurements, node: int) -> dict[int, dict[str, Any]]:
     return out
 
 
+def row_gains(ms: Measurements, node: int) -> dict[int, float]:
+    """How many more lines one thread keeps in flight on rows of each size than on one-line
+    rows (rates taken in turns, so a drifting memory cancels out, each over the loaded latency
+    at its rate): what the prefetchers add within a row of several lines. x the chases'
+    plateau, the lines in flight for that row size."""
+    rows = _gather_rows(ms, node, node, False, 1)
+    base = next((m for m in rows if m.params["row_bytes"] <= LINE), None)
+    t = tier(ms, node)
+    if base is None or t is None:
+        return {}
+
+    def inflight(m: Measurement) -> float:  # lines in flight, up to the common idle latency
+        rate = gather_rate_Bps(m)
+        return rate * t.loaded_latency_s(rate)
+
+    one = inflight(base)
+    return {m.params["row_bytes"]: round(inflight(m) / one, 4) for m in rows}
+
+
 def kv_row_bytes(ms: Measurements) -> int | None:
     """The executor's gathered row size (``gather_cached`` is timed at it)."""
     rows = ms.select("memory", "gather_cached")
@@ -368,6 +387,7 @@ __all__ = [
     "probe_row_costs",
     "queue_figure",
     "remote_mlp",
+    "row_gains",
     "row_cost_figure",
     "stream_inflight_figure",
     "tier",
