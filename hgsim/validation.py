@@ -125,8 +125,9 @@ def workload(study: ValidationStudy, case: Case) -> Workload:
 
 
 #: Calibration's figures per kernel-thread count n: ``scaling_efficiency`` (per-core rate of the
-#: streaming kernel at n threads over its single-thread rate) and ``stream_inflight_bytes`` (the
-#: n-thread read bandwidth / n x local latency: what each of n cores keeps in flight).
+#: streaming kernel at n threads over its single-thread rate), ``stream_inflight_bytes`` and
+#: ``gather_inflight_bytes`` (what each of n cores keeps in flight on the n-thread read and on
+#: n-thread random gathers of the KV row size, by Little's law over the loaded latency).
 ThreadFigures = dict[int, dict[str, Any]]
 
 
@@ -147,8 +148,9 @@ def case_profile(profile: HardwareProfile, case: Case,
     if measured.get("scaling_efficiency"):
         rate = profile.sockets[spec_socket].attention_gflops_per_core
         overrides[f"{key}.attention_gflops_per_core"] = rate * measured["scaling_efficiency"]
-    if measured.get("stream_inflight_bytes"):
-        overrides[f"{key}.stream_inflight_bytes"] = measured["stream_inflight_bytes"]
+    for figure in ("stream_inflight_bytes", "gather_inflight_bytes"):
+        if measured.get(figure):
+            overrides[f"{key}.{figure}"] = measured[figure]
     if measured.get("op_overhead_us") is not None:
         overrides[f"{key}.op_overhead_us"] = measured["op_overhead_us"]
     return profile_with_overrides(profile, overrides)

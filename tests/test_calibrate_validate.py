@@ -489,6 +489,10 @@ def test_kernel_figures_split_a_call_into_fixed_cost_and_rate():
     case = Case("c", "cpu_offload", {}, 4096, device_threads=1, host_threads=2, pin=False)
     used = case_profile(profile, case, per_threads).sockets[socket]
     assert used.cores == 2 and used.op_overhead_us == pytest.approx(300.0, abs=0.1)
+    measured = {2: {**per_threads[2], "stream_inflight_bytes": 3000.0,
+                    "gather_inflight_bytes": 1500.0}}
+    used = case_profile(profile, case, measured).sockets[socket]
+    assert (used.stream_inflight_bytes, used.gather_inflight_bytes) == (3000.0, 1500.0)
 
 
 def test_a_timed_one_block_call_sets_the_fixed_cost_not_the_extrapolated_intercept():
