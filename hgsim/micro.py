@@ -16,7 +16,8 @@ memory model's pieces is checked by itself:
 * ``scan``: the C kernel's ``logits`` over K of a given context (a streaming read of K, the
   FLOPs of q.k), by n threads. Predicted as K bytes / ``hgsim.memory.access_rate`` with the
   socket's ``stream_inflight_bytes`` per core and the compute cap FLOPs-per-byte /
-  ``attention_gflops_per_core``, plus ``op_overhead_us`` per call.
+  ``attention_gflops_per_core``, plus ``op_overhead_us`` per call (both as calibration measured
+  the kernel at that thread count, where it did).
 
 Nothing is fitted here: every figure comes from the profile (and, for multi-line rows and the
 probe's row cost, from calibration's raw data beside it). Each reader socket reads every memory node it has a
@@ -232,10 +233,22 @@ class Extras:
       its own.
     * ``probe_ns_per_row``: the memory probe's core work per row, by row size (cache-resident
       rows), which caps a gather where memory would allow more.
+    * ``per_threads``: the kernel's per-core figures measured at n threads (as the plan cases
+      use them, ``hgsim.validation.case_profile``): a scan by n threads is capped by the
+      attention rate per core at n threads (two vCPUs may be SMT siblings, which halves a
+      compute-bound kernel's second thread) and pays the call overhead measured at n.
     """
 
     row_gain: dict[str, dict[int, float]] = field(default_factory=dict)
     probe_ns_per_row: dict[str, dict[int, float]] = field(default_factory=dict)
+    per_threads: dict[str, dict[int, dict]] = field(default_factory=dict)
+
+    def kernel(self, socket: str, threads: int, figure: str, default: float) -> float:
+        """A kernel figure at ``threads`` threads where calibration measured it there."""
+        if threads < 2:
+            return default
+        value = self.per_threads.get(socket, {}).get(threads, {}).get(figure)
+        return default if value is None else value
 
     def inflight_per_core(self, socket: str, row_bytes: int, single_line: float,
                           line_bytes: int = 64) -> float:
@@ -277,11 +290,14 @@ def predict(profile: HardwareProfile, case: MicroCase,
                            half_load_s=r.half_load_s, compute_cap_Bps=cap)
         return Prediction(seconds, rate.bound)
     moved = case.bytes_read
-    cap = case.threads * sock.attention_gflops_per_core * 1e9 * moved / case.flops
+    per_core = extras.kernel(case.socket, case.threads, "attention_gflops_per_core",
+                             sock.attention_gflops_per_core)
+    overhead_us = extras.kernel(case.socket, case.threads, "op_overhead_us", sock.op_overhead_us)
+    cap = case.threads * per_core * 1e9 * moved / case.flops
     rate = access_rate(inflight_bytes=case.threads * sock.stream_inflight_bytes,
                        idle_latency_s=r.latency_s, bandwidth_Bps=r.bandwidth_Bps,
                        half_load_s=r.half_load_s, compute_cap_Bps=cap)
-    return Prediction(moved / rate.rate_Bps + sock.op_overhead_us * 1e-6, rate.bound)
+    return Prediction(moved / rate.rate_Bps + overhead_us * 1e-6, rate.bound)
 
 
 # ------------------------------------------------------------------------------ comparison

@@ -115,7 +115,7 @@ def _group(cases: list[MicroCase], repeats: int,
     itself, so at the footprint the gathers read)."""
     from hw_backend import memprobe
     from hw_backend.calibration.quiet import wait_for_quiet
-    from hw_backend.calibration.timing import RETRIES, TOGETHER
+    from hw_backend.calibration.timing import retry_until_together
 
     buffers: dict[int, np.ndarray] = {}
     keys: dict = {}
@@ -130,12 +130,7 @@ def _group(cases: list[MicroCase], repeats: int,
         if quiet_wait_s > 0:
             wait_for_quiet(quiet_wait_s)
         for case, call, out in zip(cases, calls, runs, strict=True):
-            timing = call()
-            for _ in range(RETRIES if case.threads > 1 else 0):  # wait for an overlap
-                if timing.share >= TOGETHER:
-                    break
-                timing = call()
-            out.append(timing)
+            out.append(retry_until_together(call, case.threads))
     after = _latency_ns(cycles)
     timed = [Timed(tuple(t.cpu_s for t in ts), tuple(t.wall_s for t in ts),
                    tuple(t.share for t in ts)) for ts in runs]

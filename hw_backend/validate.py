@@ -240,14 +240,17 @@ class Calibration:
 
 
 def _extras(summary: dict, profile: HardwareProfile) -> Extras:
-    """Per socket: the row gathers' gain by row size and the probe's core work per row."""
-    gains, probe = {}, {}
+    """Per socket: the row gathers' gain by row size, the probe's core work per row and the
+    per-core figures by kernel thread count."""
+    gains, probe, threads = {}, {}, {}
     for socket in profile.sockets:
         figs = summary.get(socket, {})
         for key, out in (("gather_row_gain", gains), ("probe_ns_per_row", probe)):
             values = (figs.get(key) or {}).get("value") or {}
             out[socket] = {int(k): float(v) for k, v in values.items()}
-    return Extras(gains, probe)
+        per = (figs.get("per_threads") or {}).get("value") or {}
+        threads[socket] = {int(n): v for n, v in per.items()}
+    return Extras(gains, probe, threads)
 
 
 def _uses_cuda(accelerator: str) -> bool:

@@ -495,6 +495,29 @@ def test_kernel_figures_split_a_call_into_fixed_cost_and_rate():
     assert (used.stream_inflight_bytes, used.gather_inflight_bytes) == (3000.0, 1500.0)
 
 
+def test_kernel_rows_whose_threads_never_ran_together_set_no_scaling():
+    from hw_backend.calibration.records import Measurement, Measurements
+    from hw_backend.calibration.summarize import cpu_kernel_figures
+
+    rows = Measurements()
+    for threads, clock in ((1, "cpu"), (2, "wall")):
+        for tokens in (4096, 16384):
+            flops = 2048.0 * 8 * tokens
+            t = flops / 40e9 * (5 if clock == "wall" else 1)  # turns on one core: 5x slower
+            params = {"socket": 0, "threads": threads, "context": tokens, "kv_dtype": "fp32",
+                      "clock": clock}
+            rows.append(Measurement("cpu_kernel", "partial_attention_flops", flops / t / 1e9,
+                                    "GFLOP/s", params, (t,)))
+            rows.append(Measurement("cpu_kernel", "partial_attention", 1.0, "GB/s", params,
+                                    (t,)))
+    figures = cpu_kernel_figures(rows, 0)
+    assert figures["attention_gflops_per_core"].value == pytest.approx(40.0)
+    assert "2 thr not measured (its threads never ran together)" in (
+        figures["attention_gflops_per_core"].what)
+    per = figures["per_threads"].value
+    assert "scaling_efficiency" in per[1] and "scaling_efficiency" not in per.get(2, {})
+
+
 def test_a_timed_one_block_call_sets_the_fixed_cost_not_the_extrapolated_intercept():
     from hw_backend.calibration.records import Measurement, Measurements
     from hw_backend.calibration.summarize import cpu_kernel_figures

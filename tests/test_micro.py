@@ -105,6 +105,12 @@ def test_a_scan_is_bytes_over_the_least_rate_plus_a_call(tiny_profile):
     slow = make_profile(sockets={"s0": {"attention_gflops_per_core": 5, "op_overhead_us": 40}})
     p = predict(slow, case)  # compute: 2 x 5 / 2 = 5 GB/s, plus 40 us per call
     assert p.bound == "compute" and p.seconds == pytest.approx(nbytes / 5e9 + 40e-6)
+    # measured at two threads: 3 GFLOP/s per core (SMT siblings, say) and 100 us per call
+    at_two = Extras(per_threads={"s0": {2: {"attention_gflops_per_core": 3.0,
+                                            "op_overhead_us": 100.0}}})
+    assert predict(slow, case, at_two).seconds == pytest.approx(nbytes / 3e9 + 100e-6)
+    one = MicroCase("scan", "s0", "ddr0", 0, 0, threads=1, context=65536, **SHAPE)
+    assert predict(slow, one, at_two).seconds == pytest.approx(nbytes / 2.5e9 + 40e-6)
 
 
 def test_micro_results_and_their_mape():

@@ -7,8 +7,8 @@ of the nearest socket reads another buffer on it, throttled (a read loop that sp
 with an idle one right before it, so the added latency is taken in one machine state. Every
 repeat keeps the background's achieved rate and the least share of a core that the chase and
 the readers had (``share_each``): on a shared machine they may take turns on one core instead
-of running together, and such a repeat shows no load at all: it is tried again (``RETRIES``)
-and, if it never overlaps, left out by ``summarize``.
+of running together, and such a repeat shows no load at all: it is tried again
+(``timing.retry_until_together``) and, if it never overlaps, left out by ``summarize``.
 
 What this cannot show is stated, not hidden: the load comes from the socket's other cores only
 (one on a 2-vCPU machine), so the utilisations covered stop at what they reach; the fit in
@@ -25,12 +25,8 @@ from hw_backend import memprobe
 from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import Job, Settings
-from hw_backend.calibration.timing import TOGETHER, representative
+from hw_backend.calibration.timing import TOGETHER, representative, retry_until_together
 from hw_backend.calibration.topology import Machine
-
-#: Loaded chases whose threads took turns on a core are tried again up to this many times: on a
-#: shared machine other jobs come and go, and a repeat that overlapped is what the fit needs.
-RETRIES = 3
 
 
 def _suite(node: int, socket: int, threads: int, settings: Settings) -> list[Measurement]:
@@ -42,25 +38,17 @@ def _suite(node: int, socket: int, threads: int, settings: Settings) -> list[Mea
         return memprobe.loaded_chase(cycle, steps, background, threads if load else 0,
                                      target_gbps)
 
-    probes = [chase(0.0, True) for _ in range(2 + RETRIES)]
+    probes = [retry_until_together(lambda: chase(0.0, True), 2) for _ in range(2)]
     top = max(b.background_gbps for b in ([b for b in probes if b.share >= TOGETHER] or probes))
     targets = [0.0 if f >= 1 else f * top for f in settings.loaded_fractions]
     idle: list[list[float]] = [[] for _ in targets]
     loaded: list[list[memprobe.LoadedChase]] = [[] for _ in targets]
-    retried = 0
     for _ in range(settings.repeats):
         for i, target in enumerate(targets):
             idle[i].append(chase(0.0, False).ns_per_load)
-            busy = chase(target, True)
-            for _ in range(RETRIES):  # a busy machine: try again for a moment they overlap
-                if busy.share >= TOGETHER:
-                    break
-                retried += 1
-                busy = chase(target, True)
-            loaded[i].append(busy)
+            loaded[i].append(retry_until_together(lambda t=target: chase(t, True), 2))
     rows = []
     base = {"node": node, "socket": socket, "remote": False, "bg_threads": threads,
-            "retried": retried,
             "bytes": cycle.nbytes, "bg_bytes": int(background.nbytes), "steps": steps,
             "unthrottled_gbps": round(top, 3)}
     for fraction, target, quiet, busy in zip(settings.loaded_fractions, targets, idle, loaded,

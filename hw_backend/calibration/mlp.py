@@ -29,9 +29,8 @@ from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import Job, Settings
 from hw_backend.calibration.timing import (
-    RETRIES,
-    TOGETHER,
     representative,
+    retry_until_together,
     timed_round_robin,
 )
 from hw_backend.calibration.topology import Machine
@@ -78,11 +77,8 @@ def gather_sweep(node: int, socket: int, remote: bool, thread_counts: tuple[int,
 
     def call(i: int) -> float:
         threads, row_bytes, idx = plan[i]
-        timing = memprobe.gather(buf, idx, row_bytes, threads)
-        for _ in range(RETRIES if threads > 1 else 0):  # a busy machine: wait for an overlap
-            if timing.share >= TOGETHER:
-                break
-            timing = memprobe.gather(buf, idx, row_bytes, threads)
+        timing = retry_until_together(lambda: memprobe.gather(buf, idx, row_bytes, threads),
+                                      threads)
         shares[i].append(timing.share)
         return timing.cpu_s
 

@@ -56,11 +56,14 @@ def memory_figures(ms: Measurements, node: int) -> dict[str, Figure]:
     if reads:
         best = _best(reads)
         one = [m for m in reads if m.params["threads"] == 1]
+        apart = [m.params["threads"] for m in reads if m.params.get("clock") == "wall"]
+        note = (f"; {', '.join(map(str, apart))} thread(s) never ran together, wall clock: a "
+                "lower bound" if apart else "")
         out["read_bandwidth_gbps"] = Figure(
             round(best.value, 1),
             f"streaming read, {best.params['threads']} thread(s) of socket "
             f"{best.params['socket']}, {best.params['bytes'] >> 20} MiB buffer bound to node {node}"
-            f" ({_series(reads, 'threads')})")
+            f" ({_series(reads, 'threads')}{note}), CPU time per thread")
         if one:
             out["single_thread_read_gbps"] = Figure(round(one[0].value, 1),
                                                     "streaming read by one thread")
@@ -259,30 +262,40 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
                      if m.group == "cpu_kernel" and m.params.get("socket") == socket})
     out = {}
     for n in counts:
+        efficiency = 1.0 if n == 1 else _efficiency(ms, socket, n)
+        out[n] = dict(memory.get(n, {}))
+        if efficiency is None:  # the n threads never ran together: no kernel figures at n
+            continue
         rates = _op_rates(ms, socket, n)
-        efficiency = _efficiency(ms, socket, n)
-        out[n] = {"attention_gflops_per_core": round(base * efficiency, 3),
-                  "scaling_efficiency": round(efficiency, 3),
-                  "op_rates": {k: round(v, 3) for k, v in rates.items()},
-                  **memory.get(n, {})}
-        fixed = _op_overhead_us(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n),
-                                _small_call(ms, socket, n))
+        out[n].update({"attention_gflops_per_core": round(base * efficiency, 3),
+                       "scaling_efficiency": round(efficiency, 3),
+                       "op_rates": {k: round(v, 3) for k, v in rates.items()}})
+        fixed = _op_overhead_us(
+            _ran_together(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n)),
+            _ran_together(_small_call(ms, socket, n)))
         if fixed is not None:
             out[n]["op_overhead_us"] = round(fixed, 1)
     return out
 
 
-def _efficiency(ms: Measurements, socket: int, n: int) -> float:
+def _ran_together(rows):
+    """The kernel rows whose threads ran together (CPU time per thread): a wall-clock row of
+    several threads (they only took turns on a busy machine) says nothing about scaling."""
+    return [m for m in rows if m.params.get("clock") != "wall" or m.params.get("threads") == 1]
+
+
+def _efficiency(ms: Measurements, socket: int, n: int) -> float | None:
     """Median over contexts of partial attention's speed-up at n threads, divided by n (a
     median, not a slope: one context caught in a slow phase of a shared machine must not set
-    the figure)."""
+    the figure); None where the n threads never ran together."""
     ratios = []
-    for m in ms.select("cpu_kernel", "partial_attention", socket=socket, threads=n):
+    for m in _ran_together(ms.select("cpu_kernel", "partial_attention", socket=socket,
+                                     threads=n)):
         single = ms.select("cpu_kernel", "partial_attention", socket=socket, threads=1,
                            context=m.params["context"])
         if single:
             ratios.append(representative(single[0].seconds) / representative(m.seconds) / n)
-    return statistics.median(ratios) if ratios else 1.0
+    return statistics.median(ratios) if ratios else None
 
 
 def _contexts(ms: Measurements) -> str:
@@ -297,7 +310,9 @@ def _scaling(ms: Measurements, socket: int) -> str:
                                                              socket=socket)})
     if len(counts) < 2:
         return ""
-    parts = ", ".join(f"{n} thr {_efficiency(ms, socket, n):.2f}" for n in counts if n > 1)
+    parts = ", ".join(f"{n} thr {e:.2f}" if (e := _efficiency(ms, socket, n)) is not None
+                      else f"{n} thr not measured (its threads never ran together)"
+                      for n in counts if n > 1)
     return f"; per-thread scaling efficiency of partial attention: {parts}"
 
 
