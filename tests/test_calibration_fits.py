@@ -67,3 +67,33 @@ def test_a_rate_at_the_bandwidth_does_not_identify_what_was_in_flight():
     assert fits.inflight_bytes(39e9, 100e-9, 40e9, 10e-9) is None
     with pytest.raises(ValueError):
         fits.inflight_bytes(0.0, 100e-9, 40e9)
+
+
+def test_a_parallel_call_is_charged_its_wall_time_less_the_longest_wait_for_a_core(monkeypatch):
+    from hw_backend.calibration import timing
+
+    waits = iter([{"1": 100, "2": 5_000_000}, {"1": 100, "2": 9_000_000}])  # 4 ms waited
+    monkeypatch.setattr(timing, "_waits_ns", lambda: next(waits))
+    clock = iter([0.0, 0.010])
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: next(clock))
+    t = timing.cpu_timing(lambda: None, 2)
+    assert (t.cpu_s, t.wall_s, t.share) == pytest.approx((0.006, 0.010, 0.6))
+    assert timing.on_cpu_seconds([t], 2) == ((0.010,), "wall")  # it never ran together
+    together = timing.Timing(0.009, 0.010, 0.9)
+    assert timing.on_cpu_seconds([t, together], 2) == ((0.009,), "cpu")
+    assert timing.on_cpu_seconds([t], 1) == ((0.006,), "cpu")  # one thread needs no company
+
+
+def test_retries_stop_at_the_first_repeat_whose_threads_ran_together(monkeypatch):
+    from hw_backend.calibration import timing
+
+    monkeypatch.setattr(timing, "RETRY_PAUSE_S", 0.0)
+    shares = iter([0.3, 0.5, 0.95, 0.99])
+    calls = []
+
+    def measure():
+        calls.append(1)
+        return timing.Timing(1.0, 1.0, next(shares))
+
+    assert timing.retry_until_together(measure, 2).share == 0.95 and len(calls) == 3
+    assert timing.retry_until_together(lambda: timing.Timing(1, 2, 0.5), 1).share == 0.5
