@@ -41,8 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerator", default="auto", choices=["auto", "cuda", "standin"],
                    help="device role: CUDA when available (auto), or the CPU stand-in")
     p.add_argument("--statistic", default="min", choices=["min", "median"],
-                   help="measured latency of a case: its fastest step (default; interference "
-                        "only adds time) or the median step")
+                   help="measured latency of a plan case: its fastest step (default; "
+                        "interference only adds time) or the median step (micro-cases take the "
+                        "statistic calibration took its figures with)")
     p.add_argument("--cases", default="all", choices=["all", "plans", "micro"],
                    help="what to run: the study's configurations (plans), its micro-cases "
                         "(one memory access pattern at a time: random row gathers, the kernel's "
@@ -85,7 +86,9 @@ def run(args: argparse.Namespace) -> int:
 
         print_micro_table(result.micro, result.threshold_pct,
                           f"{result.study.name}: micro-cases, predicted vs measured time per "
-                          f"call (CPU time per thread), {result.profile.name}")
+                          f"call (CPU time per thread, {result.micro_statistic} of "
+                          f"{result.study.micro.repeats} repeats as calibrated), "
+                          f"{result.profile.name}")
         for drift in result.micro_latency:
             print(drift.describe())
     if result.results:
