@@ -131,6 +131,7 @@ def test_queueing_delay_is_the_mm1_fit_and_says_what_it_covered():
     assert why == "" and fig.value == pytest.approx(15.0, abs=0.05)
     assert "4 rates" in fig.what and "u = 0.29-0.70" in fig.what and "extrapolated" in fig.what
     assert "3 of 15 repeats left out" in fig.what
+    assert "(u +ns: 0.29 +6, 0.43 +11" in fig.what  # the points themselves, for the reader
     # no loaded rows at all (the CXL node here), or only turn-taking repeats: not measured
     none, reason = M.queue_figure(ms, 2)
     assert none is None and "no loaded-latency measurement" in reason

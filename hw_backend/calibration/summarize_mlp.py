@@ -170,11 +170,13 @@ def queue_figure(ms: Measurements, node: int) -> tuple[Figure | None, str]:
     fit = fits.fit_queue_delay(pts.utilisation, pts.added_s)
     left_out = (f"; {pts.dropped} of {pts.total} repeats left out (chase and readers took turns "
                 "on a core)" if pts.dropped else "")
+    points = ", ".join(f"{u:.2f} +{a * 1e9:.0f}" for u, a in
+                       sorted(zip(pts.utilisation, pts.added_s, strict=True)))
     return Figure(round(fit.half_load_s * 1e9, 1), (
         f"least squares of q u/(1-u) to the latency a one-core chase adds while "
         f"{pts.bg_threads} other core(s) stream at {fit.points} rates up to their unthrottled "
         f"{pts.unthrottled_gbps:.1f} GB/s: u = {fit.u_min:.2f}-{fit.u_max:.2f} of the "
-        f"{bandwidth / 1e9:.1f} GB/s read bandwidth, rms residual "
+        f"{bandwidth / 1e9:.1f} GB/s read bandwidth (u +ns: {points}), rms residual "
         f"{fit.rms_residual_s * 1e9:.1f} ns; above u = {fit.u_max:.2f} the M/M/1 shape is "
         f"extrapolated{left_out}")), ""
 
