@@ -207,6 +207,11 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
     if probe:
         extra["probe_ns_per_row"] = Figure(probe, "memory probe's row gather from cache-resident "
                                                   "rows, ns per row by row size")
+    curve = M.mlp_curve(ms, numa.id, numa.id, False, M.tier(ms, numa.id))
+    if curve:
+        extra["mlp_curve"] = Figure({c: round(n, 2) for c, n in curve},
+                                    "lines one core keeps in flight by interleaved chains "
+                                    "(N x latency / time per step)")
     gains = M.row_gains(ms, numa.id)
     if gains:
         extra["gather_row_gain"] = Figure(gains, "one thread's random row gathers, lines in "
