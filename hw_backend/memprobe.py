@@ -152,7 +152,7 @@ def gather(buf: np.ndarray, idx: np.ndarray, row_bytes: int, threads: int) -> Ti
 class LoadedChase:
     """One dependent chase under a background stream: ns per load (CPU time), the stream's
     rate over the chase (bytes / wall time), and the least share of a core that the chase and
-    the readers had: below ~0.9 they took turns on a core rather than running together."""
+    the readers had: below ``TOGETHER`` they took turns on a core rather than running together."""
 
     ns_per_load: float
     background_gbps: float
