@@ -1,6 +1,6 @@
-"""Build hook for the CPU attention C extension.
+"""Build hook for the C extensions: the CPU attention kernels and the memory microbenchmarks.
 
-The extension is marked optional: where a compiler or OpenMP is missing the install still
+Both extensions are marked optional: where a compiler or OpenMP is missing the install still
 succeeds and ``hw_backend.cpu_attention`` falls back to a NumPy reference, announcing it
 loudly at import (never silently slow).
 """
@@ -33,4 +33,14 @@ cpu_attention = Extension(
     optional=True,
 )
 
-setup(ext_modules=[cpu_attention] if os.path.exists("hw_backend/csrc/cpu_attention.c") else [])
+# Pointer chases with N chains, random row gathers and loaded latency for `hgsim calibrate`
+# (hw_backend.memprobe); a separate module so the kernels' source stays the kernels'.
+membench = Extension(
+    "hw_backend._membench",
+    sources=["hw_backend/csrc/membench.c"],
+    extra_compile_args=_extra_compile + _omp_compile,
+    extra_link_args=_omp_link,
+    optional=True,
+)
+
+setup(ext_modules=[ext for ext in (cpu_attention, membench) if os.path.exists(ext.sources[0])])

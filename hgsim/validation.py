@@ -30,6 +30,7 @@ from pydantic import Field, ValidationError, field_validator
 from hgsim.catalog import get_model
 from hgsim.config_io import load_yaml, validate
 from hgsim.errors import UserError
+from hgsim.micro import MicroStudy
 from hgsim.policies import registry
 from hgsim.profiles import profile_with_overrides
 from hgsim.results import StepTiming
@@ -74,6 +75,9 @@ class ValidationStudy(SpecModel):
     whole_model: bool = False  # decode the whole model (random weights), not attention alone
     hbm_budget_gb: float | None = Field(default=None, gt=0)  # usable GPU memory, both sides
     configs: list[ValidationConfig]
+    #: One access pattern at a time (random row gathers, the kernel's K scan), predicted by
+    #: ``hgsim.memory``'s closed forms from the profile (``hgsim.micro``); none when absent.
+    micro: MicroStudy | None = None
 
     def model_spec(self) -> ModelSpec:
         return get_model(self.model) if isinstance(self.model, str) else self.model
@@ -150,8 +154,9 @@ def study_profile(profile: HardwareProfile, study: ValidationStudy) -> HardwareP
 
 
 #: Calibration's figures per kernel-thread count n: ``scaling_efficiency`` (per-core rate of the
-#: streaming kernel at n threads over its single-thread rate) and ``stream_inflight_bytes`` (the
-#: n-thread read bandwidth / n x local latency: what each of n cores keeps in flight).
+#: streaming kernel at n threads over its single-thread rate), ``stream_inflight_bytes`` and
+#: ``gather_inflight_bytes`` (what each of n cores keeps in flight on the n-thread read and on
+#: n-thread random gathers of the KV row size, by Little's law over the loaded latency).
 ThreadFigures = dict[int, dict[str, Any]]
 
 
@@ -172,8 +177,9 @@ def case_profile(profile: HardwareProfile, case: Case,
     if measured.get("scaling_efficiency"):
         rate = profile.sockets[spec_socket].attention_gflops_per_core
         overrides[f"{key}.attention_gflops_per_core"] = rate * measured["scaling_efficiency"]
-    if measured.get("stream_inflight_bytes"):
-        overrides[f"{key}.stream_inflight_bytes"] = measured["stream_inflight_bytes"]
+    for figure in ("stream_inflight_bytes", "gather_inflight_bytes"):
+        if measured.get(figure):
+            overrides[f"{key}.{figure}"] = measured[figure]
     if measured.get("op_overhead_us") is not None:
         overrides[f"{key}.op_overhead_us"] = measured["op_overhead_us"]
     return profile_with_overrides(profile, overrides)

@@ -1,7 +1,8 @@
 """``hgsim calibrate``: measure this machine and write a hardware profile the simulator can load.
 
-Runs the microbenchmarks of ``hw_backend.calibration`` (memory per NUMA node and thread count,
-the C attention kernel, and either the CUDA device or the CPU stand-in accelerator), then writes
+Runs the microbenchmarks of ``hw_backend.calibration`` (memory per NUMA node and thread count:
+bandwidth, latency, memory-level parallelism, loaded latency and the core work per gathered row;
+the C attention kernel; and either the CUDA device or the CPU stand-in accelerator), then writes
 
 * ``<out>``: the profile, every figure commented "measured by hgsim calibrate on <date>: <what>";
 * ``<out stem>.calibration.json``: metadata, the derived figures and every raw measurement;
@@ -23,7 +24,7 @@ from pathlib import Path
 
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file
-from hw_backend.calibration import cpu_kernel, cuda, memory, standin
+from hw_backend.calibration import cpu_kernel, cuda, loaded, memory, mlp, row_cost, standin
 from hw_backend.calibration.assemble import Context, build
 from hw_backend.calibration.quiet import wait_for_quiet
 from hw_backend.calibration.records import Measurements
@@ -86,7 +87,9 @@ def calibrate(
         from hw_backend.devices import cuda_host_threads
 
         kernel_threads = (cuda_host_threads(),)
-    jobs = memory.plan(machine, settings) + cpu_kernel.plan(machine, settings, kernel_threads)
+    jobs = (memory.plan(machine, settings) + mlp.plan(machine, settings)
+            + loaded.plan(machine, settings) + row_cost.plan(machine, settings)
+            + cpu_kernel.plan(machine, settings, kernel_threads))
     cleanups: list[Callable[[], None]] = []
     split = None
     if with_cuda:
@@ -141,7 +144,7 @@ def _split(device_threads: int | None, pin: bool):
 
 def _require_extension() -> None:
     try:
-        from hw_backend import _cpu_attention  # noqa: F401
+        from hw_backend import _cpu_attention, _membench  # noqa: F401
     except ImportError as exc:
         raise UserError(f"the C kernels are not built ({exc}); install with a C compiler "
                         "(pip install -e .) before calibrating") from None

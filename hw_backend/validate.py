@@ -18,10 +18,21 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hgsim.errors import UserError
+from hgsim.micro import (
+    Extras,
+    LatencyDrift,
+    MicroCase,
+    MicroResult,
+    Numa,
+    micro_cases,
+    micro_mape,
+    route,
+)
+from hgsim.micro import predict as predict_micro
 from hgsim.outputs import check_output_file
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
@@ -45,8 +56,9 @@ from hw_backend.calibration.quiet import wait_for_quiet
 from hw_backend.random_kv import RandomKv
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-#: What a run writes: ``<prefix>.csv`` and the scatter plot as PNG and SVG.
-OUTPUT_SUFFIXES = (".csv", ".png", ".svg")
+#: What a run writes: ``<prefix>.csv``, the micro-cases' ``<prefix>.micro.csv`` and the
+#: scatter plot as PNG and SVG.
+OUTPUT_SUFFIXES = (".csv", ".micro.csv", ".png", ".svg")
 
 
 # ------------------------------------------------------------------------------ one case
@@ -177,6 +189,9 @@ class ValidationRun:
     seconds: float
     load_average: tuple[float, float]  # 1-minute load average before and after (shared machines)
     drift: Drift | None = None  # None without calibration data beside the profile
+    micro: list[MicroResult] = field(default_factory=list)  # the study's micro-cases
+    micro_latency: list[LatencyDrift] = field(default_factory=list)  # routes they gathered on
+    micro_statistic: str = "median"  # how the micro-cases' repeats became their times
     #: How much slower calibration found the host kernel while the CPU stand-in attended on the
     #: other cores (None with CUDA or without the measurement). The simulator does not charge
     #: it, since a GPU has its own memory and cores; scaling the host's rate by it in overlapping
@@ -185,8 +200,15 @@ class ValidationRun:
     host_slowdown: float | None = None
 
     @property
+    def micro_mape_pct(self) -> float:
+        return micro_mape(self.micro)
+
+    @property
     def passed(self) -> bool:
-        return math.isfinite(self.mape_pct) and self.mape_pct <= self.threshold_pct
+        """Every MAPE that was measured is within the threshold (plan cases, micro-cases)."""
+        errors = [e for e in (self.mape_pct, self.micro_mape_pct) if not math.isnan(e)]
+        return bool(errors) and all(math.isfinite(e) and e <= self.threshold_pct
+                                    for e in errors)
 
 
 @dataclass(frozen=True)
@@ -202,6 +224,10 @@ class Calibration:
     #: the stand-in's attention efficiency with the host kernel idle (for cases without host
     #: work; the profile holds the rate next to it), ``hgsim.validation.predict``
     attention_alone: float | None = None
+    numa: Numa | None = None  # NUMA node of each profile socket and tier
+    micro: Extras = field(default_factory=Extras)  # what the micro-cases need besides
+    #: how calibration turned repeats into figures; the micro-cases take theirs the same way
+    statistic: str = "median"
 
     @staticmethod
     def beside(profile_path: Path, profile: HardwareProfile) -> Calibration:
@@ -219,11 +245,15 @@ class Calibration:
         figure = doc.get("summary", {}).get(socket, {}).get("per_threads", {})
         per_threads = {int(n): v for n, v in (figure.get("value") or {}).items()}
         pair = (int(split["device_threads"]), int(split["host_threads"])) if split else None
-        gpu0 = doc.get("summary", {}).get("gpu0", {})
+        summary = doc.get("summary", {})
+        gpu0 = summary.get("gpu0", {})
         slowdown = gpu0.get("host_loaded_slowdown") or {}
         alone = (gpu0.get("attention_efficiency_alone") or {}).get("value")
+        mapping = summary.get("numa")
+        numa = Numa(dict(mapping["sockets"]), dict(mapping["tiers"])) if mapping else None
         return Calibration(pair, per_threads, calibrated_probe(doc), slowdown.get("value"),
-                           alone)
+                           attention_alone=alone, numa=numa, micro=_extras(summary, profile),
+                           statistic=doc.get("meta", {}).get("statistic", "median"))
 
     def default_split(self, cuda: bool) -> tuple[int, int]:
         """(device, host) threads: with CUDA every core but the submitting thread's is the
@@ -239,6 +269,20 @@ class Calibration:
         return even.device_threads, even.host_threads
 
 
+def _extras(summary: dict, profile: HardwareProfile) -> Extras:
+    """Per socket: the row gathers' gain by row size, the probe's core work per row and the
+    per-core figures by kernel thread count."""
+    gains, probe, threads = {}, {}, {}
+    for socket in profile.sockets:
+        figs = summary.get(socket, {})
+        for key, out in (("gather_row_gain", gains), ("probe_ns_per_row", probe)):
+            values = (figs.get(key) or {}).get("value") or {}
+            out[socket] = {int(k): float(v) for k, v in values.items()}
+        per = (figs.get("per_threads") or {}).get("value") or {}
+        threads[socket] = {int(n): v for n, v in per.items()}
+    return Extras(gains, probe, threads)
+
+
 def _uses_cuda(accelerator: str) -> bool:
     import torch
 
@@ -250,8 +294,15 @@ def run_validation(
     out: Path | None = None, max_context: int | None = None, steps: int | None = None,
     accelerator: str = "auto", statistic: str = "min", quiet_wait_s: float = 0.0,
     progress: bool = True, on_case: Callable[[CaseResult], None] | None = None,
+    which: str = "all",
 ) -> ValidationRun:
-    """Measure and predict every case, write CSV and plots, and return the comparison."""
+    """Measure and predict every case, write CSV and plots, and return the comparison.
+
+    ``which`` picks the cases: "all", "plans" (the study's configurations) or "micro" (its
+    micro-cases, which run first: they are short, and closest to the calibration in time).
+    """
+    if which not in ("all", "plans", "micro"):
+        raise UserError(f"cases must be all, plans or micro, got {which!r}", field="--cases")
     t0 = time.perf_counter()
     load0 = _load()
     path = resolve_profile(profile)
@@ -263,11 +314,15 @@ def run_validation(
     calibration = Calibration.beside(path, prof)
     cuda = _uses_cuda(accelerator)
     device, host = calibration.default_split(cuda)
-    todo = cases(study, device_threads=device, host_threads=host, max_context=max_context)
-    if not todo:
-        raise UserError("no configuration to run (check --max-context and the study's contexts)")
+    todo = (cases(study, device_threads=device, host_threads=host, max_context=max_context)
+            if which != "micro" else [])
+    micro, micro_latency = (run_micro(prof, study, calibration, quiet_wait_s)
+                            if which != "plans" else ([], []))
+    if not todo and not micro:
+        raise UserError("nothing to run: no configuration (check --max-context and the study's "
+                        "contexts) and no micro-case (the study's micro section)")
     probe = None
-    if calibration.probe is not None and study.kv_dtype == "fp32":
+    if calibration.probe is not None and study.kv_dtype == "fp32" and todo:
         from hw_backend.calibration.cpu_kernel import KernelProbe
 
         probe = KernelProbe(calibration.probe[0])
@@ -293,10 +348,11 @@ def run_validation(
     probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
     drift = (Drift(calibration.probe[1], probes, calibration.probe[0])
              if probes and calibration.probe else None)
-    outputs = _write(results, error, threshold, prefix, prof, study, load)
+    outputs = _write(results, micro, error, threshold, prefix, prof, study, load)
     return ValidationRun(prof, study, results, error, threshold, outputs,
-                         time.perf_counter() - t0, load, drift,
-                         None if cuda else calibration.host_slowdown)
+                         time.perf_counter() - t0, load, drift, micro, micro_latency,
+                         calibration.statistic,
+                         None if cuda or not results else calibration.host_slowdown)
 
 
 def _load() -> float:
@@ -332,13 +388,65 @@ def _progress(items: list[Case], enabled: bool):
             bar.advance(task)
 
 
-def _write(results: list[CaseResult], error: float, threshold: float, prefix: Path,
-           profile: HardwareProfile, study: ValidationStudy,
+def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Calibration,
+              quiet_wait_s: float) -> tuple[list[MicroResult], list[LatencyDrift]]:
+    """The study's micro-cases, measured here and predicted from the profile, and the idle
+    latency of the routes they gathered on while they ran (against the profile's).
+
+    A case's time is its repeats' statistic as calibration took its figures (the median by
+    default), not ``--statistic``: the fastest of seven repeats against figures from medians
+    read 4 KiB gathers 10-20% faster than calibration's own sweep of the same rows."""
+    from hw_backend import micro as measured
+
+    if study.micro is None:
+        return [], []
+    model = study.model_spec()
+    numa = calibration.numa
+    if numa is None:
+        from hw_backend.numa import numa_nodes
+
+        if len(numa_nodes()) > 1:
+            raise UserError("micro-cases need the NUMA node of each profile tier, which "
+                            "calibration records beside the profile; re-run hgsim calibrate")
+        numa = Numa.only_node(profile)
+    todo: list[MicroCase] = micro_cases(study.micro, profile, numa, heads=model.num_heads,
+                                        kv_heads=model.num_kv_heads, head_dim=model.head_dim,
+                                        kv_dtype=study.kv_dtype)
+    timed, latency = measured.measure(todo, study.micro.repeats, quiet_wait_s)
+    out = []
+    for case, runs in zip(todo, timed, strict=True):
+        cpu_s, wall_s, share = measured.representative(runs, calibration.statistic,
+                                                       case.threads)
+        out.append(MicroResult(case, cpu_s, predict_micro(profile, case, calibration.micro),
+                               wall_s, share, measured.together(runs, case.threads)))
+    drift = []
+    for (cpu_node, node), (before, after) in sorted(latency.items()):
+        case = next(c for c in todo if (c.cpu_node, c.node) == (cpu_node, node))
+        drift.append(LatencyDrift(f"{case.tier} from {case.socket}",
+                                  route(profile, case.socket, case.tier).latency_s * 1e9,
+                                  before, after))
+    return out, drift
+
+
+def _write(results: list[CaseResult], micro: list[MicroResult], error: float, threshold: float,
+           prefix: Path, profile: HardwareProfile, study: ValidationStudy,
            load: tuple[float, float]) -> list[Path]:
     from hgsim.validation import frame, scatter
 
     if not prefix.parent.is_dir():
         raise UserError(f"folder {prefix.parent} does not exist", field="--out")
+    written = []
+    if micro:
+        import pandas as pd
+
+        micro_path = prefix.with_name(prefix.name + ".micro.csv")
+        table = pd.DataFrame([r.row() for r in micro])
+        table["mape_pct"] = micro_mape(micro)
+        table["profile"] = profile.name
+        table.to_csv(micro_path, index=False)
+        written.append(micro_path)
+    if not results:
+        return written
     csv_path = prefix.with_name(prefix.name + ".csv")
     table = frame(results)
     table["mape_pct"] = error
@@ -347,4 +455,4 @@ def _write(results: list[CaseResult], error: float, threshold: float, prefix: Pa
     table.to_csv(csv_path, index=False)
     title = f"{study.name}: {profile.name} ({results[0].device})"
     plots = scatter(results, error, threshold, prefix, title)
-    return [csv_path, *plots]
+    return [csv_path, *plots, *written]

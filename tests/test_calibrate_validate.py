@@ -59,6 +59,10 @@ configs:
   - name: cpu-offload
     policy: cpu_offload
     contexts: [1k]
+micro:
+  repeats: 2
+  gather: {row_bytes: [64, 512], threads: [1, 2], buffer_mb: 16, call_mb: 1}
+  scan: {contexts: [1k], threads: [1], footprint_mb: 4}
 """
 
 
@@ -90,7 +94,27 @@ def test_quick_calibration_writes_a_loadable_cited_profile(calibrated: Path):
         assert len(row["seconds"]) >= 8 and row["params"]["device_tokens"] >= 1
     assert raw["meta"]["quick"] is True
     table = pd.read_csv(calibrated.with_name("ci.calibration.csv"))
-    assert len(table) == len(raw["measurements"]) and (table["value"] > 0).all()
+    assert len(table) == len(raw["measurements"]) and (table["value"] >= 0).all()
+    names = {m["name"] for m in raw["measurements"] if m["group"] == "memory"}
+    assert {"chase", "chase_ref", "gather", "gather_cached", "gather_probe_cached",
+            "latency_footprint"} <= names
+    if len(os.sched_getaffinity(0)) > 1:  # a second core loads the memory for the chase
+        assert {"loaded_idle", "loaded_latency"} <= names
+
+
+def test_quick_profile_cites_the_memory_parallelism_probes(calibrated: Path):
+    text = calibrated.read_text()
+    line = next(x for x in text.splitlines() if "gather_inflight_bytes" in x)
+    assert "interleaved pointer chases" in line and "plateau" in line
+    queue = next(x for x in text.splitlines() if "queue_delay_at_half_load_ns" in x)
+    assert "least squares of q u/(1-u)" in queue or "NOT measured" in queue
+    assert "gather_rows" in next(x for x in text.splitlines() if "gather_ns_per_row" in x)
+    raw = json.loads(calibrated.with_name("ci.calibration.json").read_text())
+    assert raw["summary"]["numa"]["tiers"] == {"ddr0": raw["meta"]["numa_nodes"][0]}
+    per = raw["summary"]["cpu0"]["per_threads"]["value"]
+    assert "gather_inflight_by_row_bytes" in per["1"]
+    assert set(raw["summary"]["cpu0"]["probe_ns_per_row"]["value"]) == {"64", "512", "4096"}
+    assert raw["summary"]["cpu0"]["gather_row_gain"]["value"]["64"] == 1.0
 
 
 def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, tmp_path: Path,
@@ -105,12 +129,18 @@ def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, t
         assert prefix.with_name("val" + suffix).stat().st_size > 0
     table = pd.read_csv(prefix.with_name("val.csv"))
     assert len(table) == 3
+    micro = pd.read_csv(prefix.with_name("val.micro.csv"))
+    cores = len(os.sched_getaffinity(0))
+    assert len(micro) == (4 if cores > 1 else 2) + 1  # gathers at 1 (and 2) threads, one scan
+    assert (micro["measured_ms"] > 0).all() and (micro["predicted_ms"] > 0).all()
+    assert set(micro["kind"]) == {"gather", "scan"} and micro["mape_pct"].map(math.isfinite).all()
     assert table["mape_pct"].map(math.isfinite).all()
     assert (table["measured_ms"] > 0).all() and (table["predicted_ms"] > 0).all()
     assert (table["probe_gbps"] > 0).all()  # the drift probe ran before every case
     assert main([*args, "--threshold", "0.0001"]) == 1
     out = capsys.readouterr().out
     assert "machine drift: the calibration probe" in out
+    assert "micro-case MAPE" in out
     import torch
 
     if not torch.cuda.is_available():  # the stand-in's contention on the host, reported
@@ -158,6 +188,19 @@ def test_whole_model_study_validates_on_this_machine(calibrated: Path, tmp_path:
         assert r.measured_s > 0 and r.predicted_s > 0
         # the prediction includes the projections and FFN (attention_only off)
         assert all(p.gpu_busy_s > 0 for p in r.predicted)
+
+
+def test_validate_can_run_the_micro_cases_alone(calibrated: Path, tmp_path: Path, capsys):
+    study = tmp_path / "study.yaml"
+    study.write_text(TINY_STUDY)
+    prefix = tmp_path / "micro"
+    assert main(["validate", "--profile", str(calibrated), "--study", str(study), "--out",
+                 str(prefix), "--no-progress", "--cases", "micro", "--threshold", "1e6"]) == 0
+    out = capsys.readouterr().out
+    assert "micro-case MAPE" in out and "per-step latency" not in out
+    assert "ddr0 from cpu0: idle latency" in out and "in the profile" in out
+    assert prefix.with_name("micro.micro.csv").exists()
+    assert not prefix.with_name("micro.csv").exists()
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys):
@@ -489,6 +532,33 @@ def test_kernel_figures_split_a_call_into_fixed_cost_and_rate():
     case = Case("c", "cpu_offload", {}, 4096, device_threads=1, host_threads=2, pin=False)
     used = case_profile(profile, case, per_threads).sockets[socket]
     assert used.cores == 2 and used.op_overhead_us == pytest.approx(300.0, abs=0.1)
+    measured = {2: {**per_threads[2], "stream_inflight_bytes": 3000.0,
+                    "gather_inflight_bytes": 1500.0}}
+    used = case_profile(profile, case, measured).sockets[socket]
+    assert (used.stream_inflight_bytes, used.gather_inflight_bytes) == (3000.0, 1500.0)
+
+
+def test_kernel_rows_whose_threads_never_ran_together_set_no_scaling():
+    from hw_backend.calibration.records import Measurement, Measurements
+    from hw_backend.calibration.summarize import cpu_kernel_figures
+
+    rows = Measurements()
+    for threads, clock in ((1, "cpu"), (2, "wall")):
+        for tokens in (4096, 16384):
+            flops = 2048.0 * 8 * tokens
+            t = flops / 40e9 * (5 if clock == "wall" else 1)  # turns on one core: 5x slower
+            params = {"socket": 0, "threads": threads, "context": tokens, "kv_dtype": "fp32",
+                      "clock": clock}
+            rows.append(Measurement("cpu_kernel", "partial_attention_flops", flops / t / 1e9,
+                                    "GFLOP/s", params, (t,)))
+            rows.append(Measurement("cpu_kernel", "partial_attention", 1.0, "GB/s", params,
+                                    (t,)))
+    figures = cpu_kernel_figures(rows, 0)
+    assert figures["attention_gflops_per_core"].value == pytest.approx(40.0)
+    assert "2 thr not measured (its threads never ran together)" in (
+        figures["attention_gflops_per_core"].what)
+    per = figures["per_threads"].value
+    assert "scaling_efficiency" in per[1] and "scaling_efficiency" not in per.get(2, {})
 
 
 def test_a_timed_one_block_call_sets_the_fixed_cost_not_the_extrapolated_intercept():

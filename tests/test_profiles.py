@@ -112,8 +112,17 @@ def test_dev_profile_describes_this_machine_and_flags_the_gpu():
     cpu = profile.sockets["cpu0"]
     assert cpu.cores == 2 and len(profile.sockets) == 1
     assert not profile.tiers_of_kind("cxl")
-    assert profile.tiers["ddr0"].read_bandwidth_gbps == 30
     assert "HYPOTHETICAL" in profile.gpus["gpu0"].model
+    # its CPU and memory figures are this machine's, each citing the calibration it came from
+    text = (Path(__file__).resolve().parent.parent / "hardware_profiles"
+            / "dev-zen4-2core.yaml").read_text()
+    for key in ("attention_gflops_per_core", "stream_inflight_bytes", "gather_inflight_bytes",
+                "gather_ns_per_row", "read_bandwidth_gbps", "latency_ns",
+                "queue_delay_at_half_load_ns"):
+        line = next(x for x in text.splitlines() if x.strip().startswith(key + ":")
+                    and "hypothetical" not in x)
+        assert "measured by hgsim calibrate on" in line, key
+    assert profile.tiers["ddr0"].queue_delay_at_half_load_ns > 0
     assert "HYPOTHETICAL" in profile.description
 
 

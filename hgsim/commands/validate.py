@@ -2,8 +2,10 @@
 
 Runs every configuration of a validation study through ``hw_backend``'s executor (measured) and
 through the simulator with the given profile (predicted), prints predicted vs measured per-step
-latency, the mean absolute percentage error (MAPE), and writes a CSV and a scatter plot. The exit
-code is 1 when MAPE exceeds ``--threshold``, so CI can gate on a profile staying predictive.
+latency, the mean absolute percentage error (MAPE), and writes a CSV and a scatter plot. The
+study's micro-cases (``hgsim.micro``: one memory access pattern at a time) get their own table
+and MAPE. The exit code is 1 when a MAPE exceeds ``--threshold``, so CI can gate on a profile
+staying predictive.
 """
 
 from __future__ import annotations
@@ -40,8 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--accelerator", default="auto", choices=["auto", "cuda", "standin"],
                    help="device role: CUDA when available (auto), or the CPU stand-in")
     p.add_argument("--statistic", default="min", choices=["min", "median"],
-                   help="measured latency of a case: its fastest step (default; interference "
-                        "only adds time) or the median step")
+                   help="measured latency of a plan case: its fastest step (default; "
+                        "interference only adds time) or the median step (micro-cases take the "
+                        "statistic calibration took its figures with)")
+    p.add_argument("--cases", default="all", choices=["all", "plans", "micro"],
+                   help="what to run: the study's configurations (plans), its micro-cases "
+                        "(one memory access pattern at a time: random row gathers, the kernel's "
+                        "K scan), or both (default)")
     p.add_argument("--quiet-wait", type=float, default=0.0, metavar="SECONDS",
                    help="before each case, wait up to SECONDS for other processes to stop "
                         "running (shared machines; default 0: do not wait)")
@@ -88,12 +95,23 @@ def run(args: argparse.Namespace) -> int:
         args.profile, args.study, threshold=args.threshold,
         out=Path(args.out) if args.out else None, max_context=max_context, steps=args.steps,
         accelerator=args.accelerator, statistic=args.statistic, quiet_wait_s=args.quiet_wait,
-        progress=not args.no_progress,
+        progress=not args.no_progress, which=args.cases,
         on_case=_partial_writer(Path(args.out)) if args.out else None,
     )
-    title = (f"{result.study.name}: predicted vs measured per-step latency, "
-             f"{result.profile.name} on {result.results[0].device}")
-    print_table(result.results, result.mape_pct, result.threshold_pct, title)
+    if result.micro:
+        from hgsim.micro import print_micro_table
+
+        print_micro_table(result.micro, result.threshold_pct,
+                          f"{result.study.name}: micro-cases, predicted vs measured time per "
+                          f"call (CPU time per thread, {result.micro_statistic} of "
+                          f"{result.study.micro.repeats} repeats as calibrated), "
+                          f"{result.profile.name}")
+        for drift in result.micro_latency:
+            print(drift.describe())
+    if result.results:
+        title = (f"{result.study.name}: predicted vs measured per-step latency, "
+                 f"{result.profile.name} on {result.results[0].device}")
+        print_table(result.results, result.mape_pct, result.threshold_pct, title)
     before, after = result.load_average
     print(f"load average (1 min) before/after: {before:.2f}/{after:.2f}; "
           f"{result.seconds:.0f} s")

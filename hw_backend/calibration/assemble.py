@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hw_backend.calibration import summarize as S
+from hw_backend.calibration import summarize_mlp as M
 from hw_backend.calibration.profile_writer import Node, Stamp, render
 from hw_backend.calibration.records import Measurements
 from hw_backend.calibration.summarize import Figure
@@ -87,6 +88,17 @@ def build(ctx: Context) -> tuple[str, dict[str, Any]]:
         cxl.add("source", f"hgsim calibrate {ctx.date}: node {node.id} read from socket {owner.id}")
         figs.pop("_link_bw"), figs.pop("_link_latency")
     _upi(ctx, links, stamp, sockets, local_latency)
+    # Which NUMA node each socket and tier is, for validate's micro-cases (the schema has no
+    # place for it), and what a core keeps in flight reading another socket's node.
+    summary["numa"] = {
+        "sockets": {name: node_id for node_id, name in sockets.items()},
+        "tiers": {**{f"ddr{i}": n.id for i, n in enumerate(m.cpu_nodes)},
+                  **{f"cxl{j}": n.id for j, n in enumerate(cxl_nodes)}},
+    }
+    remote = {f"node{b}_from_socket{a}": M.remote_mlp(ms, b, a)
+              for a in sockets for b in sockets if a != b}
+    if any(remote.values()):
+        summary["remote_mlp"] = remote
 
     quick = " (QUICK mode: small buffers, few repeats; not to be relied on)" if ctx.quick else ""
     header = [
@@ -186,11 +198,28 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
     inflight = S.socket_inflight(ms, numa.id)
     stamp.figure(node, "stream_inflight_bytes", inflight.get("stream_inflight_bytes"))
     stamp.figure(node, "gather_inflight_bytes", inflight.get("gather_inflight_bytes"),
-                 default=1024, fallback="no gather measured; 16 L1 miss buffers x 64 B assumed")
-    for key, fig in S.selection_figures(ms, numa.id).items():
-        stamp.figure(node, key, fig)
-    node.add("source", f"hgsim calibrate {ctx.date}: /proc/cpuinfo, C kernel and stream reads")
-    return {**figs, **inflight}
+                 default=1024, fallback="no pointer chases measured; 16 L1 miss buffers x 64 B "
+                                        "assumed")
+    for key in ("topk_ns_per_insert", "gather_ns_per_row"):
+        stamp.figure(node, key, figs.get(key))
+    node.add("source", f"hgsim calibrate {ctx.date}: /proc/cpuinfo, C kernel, stream reads, "
+                       "pointer chases and row gathers")
+    extra = {}
+    probe = M.probe_row_costs(ms, numa.id)
+    if probe:
+        extra["probe_ns_per_row"] = Figure(probe, "memory probe's row gather from cache-resident "
+                                                  "rows, ns per row by row size")
+    curve = M.mlp_curve(ms, numa.id, numa.id, False, M.tier(ms, numa.id))
+    if curve:
+        extra["mlp_curve"] = Figure({c: round(n, 2) for c, n in curve},
+                                    "lines one core keeps in flight by interleaved chains "
+                                    "(N x latency / time per step)")
+    gains = M.row_gains(ms, numa.id)
+    if gains:
+        extra["gather_row_gain"] = Figure(gains, "one thread's random row gathers, lines in "
+                                                 "flight by row size / for one-line rows, taken "
+                                                 "in turns (the prefetchers within a row)")
+    return {**figs, **inflight, **extra}
 
 
 def _tier(ctx: Context, node: Node, stamp: Stamp, numa, kind: str, socket: str,
@@ -211,8 +240,10 @@ def _tier(ctx: Context, node: Node, stamp: Stamp, numa, kind: str, socket: str,
     elif link is not None:
         figs["_link_latency"] = Figure(0.0, "no local latency to subtract")
     stamp.figure(node, "latency_ns", latency)
-    stamp.figure(node, "queue_delay_at_half_load_ns", None, default=0.0,
-                 fallback="no loaded-latency measurement")
+    queue, why = M.queue_figure(ctx.measurements, numa.id)
+    stamp.figure(node, "queue_delay_at_half_load_ns", queue, default=0.0, fallback=why)
+    if queue is not None:
+        figs["queue_delay_at_half_load_ns"] = queue
     node.add("socket", socket)
     if link is not None:
         node.add("link", link)
@@ -233,10 +264,13 @@ def _upi(ctx: Context, links: Node, stamp: Stamp, sockets: dict[int, str],
             stamp.figure(link, "bandwidth_gbps", remote.get("read_bandwidth_gbps"), default=1.0,
                          fallback="no remote read measured")
             lat, local = remote.get("latency_ns"), local_latency.get(b)
+            mlp = M.remote_mlp(ctx.measurements, b, a)
+            lines = (f"; a core of socket {a} keeps {mlp['inflight_lines']:g} lines in flight "
+                     f"there (pointer chases)" if "inflight_lines" in mlp else "")
             if lat is not None and local is not None:
                 stamp.figure(link, "latency_ns", Figure(
                     round(max(lat.value - local.value, 0.0), 1),
-                    f"remote {lat.value:.0f} ns minus local {local.value:.0f} ns"))
+                    f"remote {lat.value:.0f} ns minus local {local.value:.0f} ns{lines}"))
             else:
                 link.add("latency_ns", 0.0, "NOT measured")
             link.add("source", f"hgsim calibrate {ctx.date}: socket {a} reading node {b}")

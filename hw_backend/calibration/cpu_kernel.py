@@ -22,7 +22,12 @@ import numpy as np
 from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import HEAD_DIM, HEADS, KV_HEADS, Job, Settings
-from hw_backend.calibration.timing import representative, timed, timed_round_robin
+from hw_backend.calibration.timing import (
+    on_cpu_seconds,
+    representative,
+    timed,
+    timed_cpu_round_robin,
+)
 from hw_backend.calibration.topology import Machine
 
 
@@ -131,11 +136,12 @@ def _context_ops(ca, node: int, threads: int, tokens: int, settings: Settings):
 def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
     """Every operation at every context, all calls interleaved repeat by repeat.
 
-    A shared machine's speed drifts over seconds. Timing one context after another would give
-    each context its own machine state and bend the fit of time over size (its slope is the
-    rate, its intercept a call's fixed cost); timing one operation after another would do the
-    same to differences between operations (top-k's cost is logits_topk minus logits). In
-    turns, every call sees the same mix of states.
+    Times are CPU time per thread (``timing.cpu_timing``): on a shared machine a call can wait
+    for a core longer than it runs. A shared machine's speed also drifts over seconds. Timing
+    one context after another would give each context its own machine state and bend the fit
+    of time over size (its slope is the rate, its intercept a call's fixed cost); timing one
+    operation after another would do the same to differences between operations (top-k's cost
+    is logits_topk minus logits). In turns, every call sees the same mix of states.
     """
     from hw_backend import cpu_attention as ca
 
@@ -144,13 +150,16 @@ def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
     calls = [(tokens, copies, op) for tokens, (ops, copies) in zip(contexts, prepared, strict=True)
              for op in ops]
     calls.append((settings.overhead_context, 1, _overhead_op(ca, node, threads, settings)))
-    timings = timed_round_robin([op[1] for _, _, op in calls], settings.repeats)
+    fns = [op[1] for _, _, op in calls]
+    runs = timed_cpu_round_robin(fns, [threads] * len(fns), settings.repeats)
     rows = []
-    for (tokens, copies, op), seconds in zip(calls, timings, strict=True):
+    for (tokens, copies, op), timings in zip(calls, runs, strict=True):
         name, _, flops, nbytes, extra = op
+        seconds, clock = on_cpu_seconds(timings, threads)
         t = representative(seconds)
         p = {"socket": node, "threads": threads, "context": tokens,
-             "kv_dtype": settings.kv_dtype, "kv_copies": copies, **extra}
+             "kv_dtype": settings.kv_dtype, "kv_copies": copies, "clock": clock,
+             "share_each": [round(x.share, 3) for x in timings], **extra}
         if name == "call_overhead":
             rows.append(Measurement("cpu_kernel", name, t * 1e6, "us", p, seconds))
             continue

@@ -6,7 +6,8 @@ gather of scattered rows pays. Buffers are placed with ``hw_backend.numa.alloc_o
 CXL expander (a CPU-less node) is measured as itself, read by the threads of the socket nearest
 to it (``pinned.run_on_cpus``). Reads use the compiled streaming kernel (every thread its own
 contiguous slice, as the attention kernels read); writes use torch's parallel ``fill_``; latency
-is a pointer chase through a random cycle of cache lines.
+is a pointer chase through a random cycle of cache lines. Reads and latency are timed in CPU time
+(``hw_backend.memprobe``): on a shared machine wall time also counts waiting for a core.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ import warnings
 
 import numpy as np
 
+from hw_backend import memprobe
 from hw_backend.calibration.pinned import run_on_cpus
 from hw_backend.calibration.records import Measurement
 from hw_backend.calibration.settings import Job, Settings
-from hw_backend.calibration.timing import representative, timed
+from hw_backend.calibration.timing import (
+    on_cpu_seconds,
+    representative,
+    timed,
+    timed_cpu_round_robin,
+)
 from hw_backend.calibration.topology import Machine
-
-_LINE = 64
 
 
 def _ext():
@@ -39,12 +44,20 @@ def _on_node(shape: int, dtype, node: int) -> np.ndarray:
 
 
 def read_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measurement:
+    """Streaming read by ``threads`` threads, in CPU time per thread (``timing.cpu_timing``)
+    over the repeats whose threads ran together; the wall-clock rate is kept beside it."""
     ext = _ext()
     words = _on_node(nbytes // 8, np.uint64, node)
     words[:] = 1
-    seconds = timed(lambda: ext.stream_read(words, threads), repeats)
+    (runs,) = timed_cpu_round_robin([lambda: ext.stream_read(words, threads)], [threads],
+                                    repeats)
+    seconds, clock = on_cpu_seconds(runs, threads)
     return Measurement("memory", "read_bandwidth", words.nbytes / representative(seconds) / 1e9,
-                       "GB/s", {"node": node, "threads": threads, "bytes": words.nbytes}, seconds)
+                       "GB/s", {"node": node, "threads": threads, "bytes": words.nbytes,
+                                "clock": clock,
+                                "wall_gbps": round(words.nbytes / representative(
+                                    [t.wall_s for t in runs]) / 1e9, 3),
+                                "share_each": [round(t.share, 3) for t in runs]}, seconds)
 
 
 def write_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measurement:
@@ -65,16 +78,13 @@ def write_bandwidth(node: int, threads: int, nbytes: int, repeats: int) -> Measu
 
 
 def latency(node: int, nbytes: int, steps: int) -> Measurement:
-    """Mean ns per dependent load over a random cycle visiting every cache line once."""
-    ext = _ext()
-    lines = max(nbytes // _LINE, 2)
-    per_line = _LINE // 8
-    nxt = _on_node(lines * per_line, np.int64, node)
-    order = np.random.default_rng(0).permutation(lines) * per_line
-    nxt[order] = np.roll(order, -1)
-    seconds = timed(lambda: ext.pointer_chase(nxt, steps, 0), 3)
+    """Mean ns per dependent load over a random cycle visiting every cache line once, in CPU
+    time (``memprobe``); each repeat goes on around the cycle where the last one stopped."""
+    cycle = memprobe.random_cycle(nbytes, node)
+    seconds = timed(lambda: None, 3, run=lambda _: memprobe.chase_seconds(cycle, 1, steps))
     return Measurement("memory", "latency", representative(seconds) / steps * 1e9, "ns",
-                       {"node": node, "bytes": int(nxt.nbytes), "steps": steps}, seconds)
+                       {"node": node, "bytes": cycle.nbytes, "steps": steps,
+                        "huge_pages": memprobe.huge_page_fraction(cycle.next)}, seconds)
 
 
 def _node_suite(node: int, socket: int, thread_counts: tuple[int, ...], settings: Settings,
@@ -87,6 +97,10 @@ def _node_suite(node: int, socket: int, thread_counts: tuple[int, ...], settings
         if not remote:
             rows.append(write_bandwidth(node, threads, settings.read_bytes, settings.repeats))
     rows.append(latency(node, settings.chase_bytes, settings.chase_steps))
+    for footprint in settings.latency_footprints:  # raw data: latency vs footprint
+        row = latency(node, footprint, settings.chase_steps // 4)
+        rows.append(Measurement("memory", "latency_footprint", row.value, row.unit, row.params,
+                                row.seconds))
     for row in rows:
         row.params["socket"] = socket
         row.params["remote"] = remote

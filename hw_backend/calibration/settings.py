@@ -24,7 +24,13 @@ class Settings:
     quick: bool = False
     repeats: int = 7
     read_bytes: int = 512 * MiB  # streaming read/write buffer per measurement
-    chase_bytes: int = 256 * MiB  # pointer-chase working set (latency)
+    #: Pointer-chase working set (latency, memory-level parallelism, loaded latency), as large
+    #: as the gather buffer: a random access's latency grows with the footprint it is drawn
+    #: from (address translation: on the 2-vCPU VM, with huge pages, 149 ns over 64 MiB, 182 over
+    #: 256 MiB, 214 over 1 GiB, 279 over 4 GiB), so the figures are taken at one footprint
+    #: of the order of a KV cache, and the smaller ones kept as raw data (``latency_footprints``).
+    chase_bytes: int = 1024 * MiB
+    latency_footprints: tuple[int, ...] = (64 * MiB, 256 * MiB)
     chase_steps: int = 2_000_000
     #: tokens of KV per kernel call: the host ops' rates are their medians over these sizes
     contexts: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536)
@@ -45,6 +51,19 @@ class Settings:
     #: timing one small buffer again and again would measure the cache instead (small contexts
     #: fit a large L3; docs/calibration.md, history).
     kernel_footprint_bytes: int = 256 * MiB
+    #: Memory-level parallelism (``calibration.mlp``): interleaved chases per core, each
+    #: measurement ``chase_loads`` loads in all; random row gathers of these row sizes from a
+    #: ``gather_buffer_bytes`` buffer, ``gather_call_bytes`` of rows per call.
+    mlp_chains: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 20, 24, 32, 48, 64)
+    chase_loads: int = 400_000
+    gather_row_bytes: tuple[int, ...] = (64, 128, 256, 512, 1024, 2048, 4096)
+    gather_buffer_bytes: int = 1024 * MiB
+    gather_call_bytes: int = 64 * MiB
+    #: Loaded latency (``calibration.loaded``): background stream rates as fractions of what
+    #: the background threads reach unthrottled (1.0: unthrottled), each a chase of
+    #: ``loaded_steps`` dependent loads.
+    loaded_fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    loaded_steps: int = 200_000
 
     @staticmethod
     def make(quick: bool, kv_dtype: str = "fp32") -> Settings:
@@ -52,10 +71,13 @@ class Settings:
             return Settings(kv_dtype=kv_dtype)
         return Settings(
             quick=True, repeats=2, read_bytes=32 * MiB, chase_bytes=16 * MiB,
+            latency_footprints=(4 * MiB,),
             chase_steps=100_000, contexts=(1024, 4096), topk_ratios=(0.05,),
             copy_sizes=tuple(1 << s for s in (12, 16, 20, 22)), gemm_sizes=(256,),
             cuda_attention_tokens=(4096, 16384), kv_dtype=kv_dtype,
-            kernel_footprint_bytes=16 * MiB,
+            kernel_footprint_bytes=16 * MiB, mlp_chains=(1, 4, 16, 32), chase_loads=40_000,
+            gather_row_bytes=(64, 512, 4096), gather_buffer_bytes=32 * MiB,
+            gather_call_bytes=2 * MiB, loaded_fractions=(0.5, 1.0), loaded_steps=20_000,
         )
 
     def thread_counts(self, cores: int) -> tuple[int, ...]:

@@ -4,9 +4,10 @@ Every figure is a ``Figure(value, what)``; ``what`` says which measurement (or s
 value came from, and ends up as the figure's YAML comment. The choices that are not obvious:
 
 * ``stream_inflight_bytes`` is what one thread keeps in flight on a streaming read, by Little's
-  law its read rate x the local latency; ``gather_inflight_bytes`` likewise from the C kernel's
-  one-thread ``gather_rows`` (lines moved per second x latency). A tier's read bandwidth is the
-  best over thread counts (what all cores together reach).
+  law its read rate x the loaded latency at that rate; ``gather_inflight_bytes`` the plateau of
+  one core's N-chain pointer chases, and a tier's ``queue_delay_at_half_load_ns`` the M/M/1 fit
+  to its loaded latency (all in ``summarize_mlp``). A tier's read bandwidth is the best over
+  thread counts (what all cores together reach).
 * ``attention_gflops_per_core`` is the C kernel's single-thread rate on the operations the
   executor runs on the host, in FLOPs as the simulator counts them (``cpu_kernel``), net of a
   call's fixed cost (``op_overhead_us``, timed directly on a one-block call).
@@ -55,11 +56,14 @@ def memory_figures(ms: Measurements, node: int) -> dict[str, Figure]:
     if reads:
         best = _best(reads)
         one = [m for m in reads if m.params["threads"] == 1]
+        apart = [m.params["threads"] for m in reads if m.params.get("clock") == "wall"]
+        note = (f"; {', '.join(map(str, apart))} thread(s) never ran together, wall clock: a "
+                "lower bound" if apart else "")
         out["read_bandwidth_gbps"] = Figure(
             round(best.value, 1),
             f"streaming read, {best.params['threads']} thread(s) of socket "
             f"{best.params['socket']}, {best.params['bytes'] >> 20} MiB buffer bound to node {node}"
-            f" ({_series(reads, 'threads')})")
+            f" ({_series(reads, 'threads')}{note}), CPU time per thread")
         if one:
             out["single_thread_read_gbps"] = Figure(round(one[0].value, 1),
                                                     "streaming read by one thread")
@@ -70,11 +74,16 @@ def memory_figures(ms: Measurements, node: int) -> dict[str, Figure]:
             f"torch fill_, {best.params['threads']} thread(s), buffer bound to node {node} "
             f"({_series(writes, 'threads')})")
     if lat:
-        m = lat[0]
-        out["latency_ns"] = Figure(
-            round(m.value, 1),
-            f"pointer chase over a random cycle of {m.params['bytes'] >> 20} MiB on node {node} "
-            f"(dependent loads incl. TLB misses)")
+        from hw_backend.calibration.summarize_mlp import pooled_latency
+
+        pooled = pooled_latency(ms, node, remote=False)
+        sizes = ms.select("memory", "latency_footprint", node=node, remote=False)
+        smaller = "".join(f", {m.value:.0f} ns over {m.params['bytes'] >> 20} MiB" for m in
+                          sorted(sizes, key=lambda m: m.params["bytes"]))
+        out["latency_ns"] = Figure(round(pooled.ns, 1), (
+            f"{pooled.describe()} on node {node}; the latency grows with the footprint "
+            f"(address translation{smaller})" if smaller else f"{pooled.describe()} on node "
+            f"{node}"))
     return out
 
 
@@ -88,8 +97,11 @@ def remote_figures(ms: Measurements, node: int, reader: int) -> dict[str, Figure
         out["read_bandwidth_gbps"] = Figure(round(rows[0].value, 1),
                                             f"socket {reader} threads reading node {node}")
     if lat:
-        out["latency_ns"] = Figure(round(lat[0].value, 1),
-                                   f"pointer chase from socket {reader} on node {node}")
+        from hw_backend.calibration.summarize_mlp import pooled_latency
+
+        pooled = pooled_latency(ms, node, reader, remote=True)
+        out["latency_ns"] = Figure(round(pooled.ns, 1),
+                                   f"socket {reader} reading node {node}: {pooled.describe()}")
     return out
 
 
@@ -184,14 +196,18 @@ def _overhead_figure(ms: Measurements, socket: int) -> dict[str, Figure]:
 def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
     """Costs of HybridGen's host work that the simulator's FLOP count does not see (one thread):
 
-    * ``gather_ns_per_row``: copying one selected V row (one query head, one token) into the
-      staging buffer, ``gather_rows`` time / (heads x k). Scattered rows make this a memory-latency
-      cost, not a bandwidth one.
+    * ``gather_ns_per_row``: the core work of copying one selected V row, timed on rows already
+      in the cache (``row_cost``): a cold gather's time per row is mostly memory time, which the
+      simulator charges separately (``hgsim.memory.gather_time_s``), so it would count twice.
+      The cold figure, ``gather_rows`` time / (heads x k), is kept for reference
+      (``gather_rows_cold_ns_per_row``).
     * ``topk_ns_per_insert``: ``logits_topk`` minus the plain ``logits`` scan, per expected heap
       insertion ``heads x k x (1 + ln(n / k))`` (bounded heap over scores without structure).
 
     The simulator charges them after the CPU scan (``hgsim/sim/decode.py``).
     """
+    from hw_backend.calibration.summarize_mlp import row_cost_figure
+
     out: dict[str, Figure] = {}
     gathers, inserts = [], []
     for m in ms.select("cpu_kernel", "gather_rows", socket=socket, threads=1):
@@ -204,10 +220,13 @@ def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
         if scan and topk:
             extra = representative(topk[0].seconds) - representative(scan[0].seconds)
             inserts.append(max(extra, 0.0) / (HEADS * k * (1 + math.log(n / k))) * 1e9)
+    cached = row_cost_figure(ms, socket)
+    if cached is not None:
+        out["gather_ns_per_row"] = cached
     if gathers:
-        out["gather_ns_per_row"] = Figure(round(statistics.median(gathers), 1),
-                                          "median over contexts and ratios of gather_rows time "
-                                          "per (head, selected token)")
+        out["gather_rows_cold_ns_per_row"] = Figure(
+            round(statistics.median(gathers), 1), "median over contexts and ratios of cold "
+            "gather_rows time per (head, selected token): memory time included")
     if inserts:
         out["topk_ns_per_insert"] = Figure(round(statistics.median(inserts), 1),
                                            "median of (logits_topk - logits) per expected heap "
@@ -224,10 +243,17 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
     over its rate at 1; top-k's chunked heaps scale differently and are left out), and
     ``stream_inflight_bytes`` is the n-thread read bandwidth / n x the local latency (what one of
     n cores keeps in flight), and ``op_overhead_us``
-    the fixed cost of a call at n threads (fork and join grow with n). Validation runs with n
-    kernel threads scale the profile's rate by ``scaling_efficiency`` and use that bandwidth and
-    that overhead.
+    the fixed cost of a call at n threads (fork and join grow with n); from the memory probes
+    (``summarize_mlp.per_thread_memory``), ``stream_inflight_bytes`` (what each of n cores keeps
+    in flight on the n-thread read, by Little's law over the loaded latency) and
+    ``gather_inflight_bytes`` (likewise on n-thread random row gathers of the KV row size; by
+    row size in ``gather_inflight_by_row_bytes``). Validation runs with n kernel threads scale
+    the profile's rate by ``scaling_efficiency`` and use those in-flight figures and that
+    overhead.
     """
+    from hw_backend.calibration.summarize_mlp import per_thread_memory
+
+    memory = per_thread_memory(ms, socket)
     one = _op_rates(ms, socket, 1)
     if not one:
         return {}
@@ -236,34 +262,40 @@ def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, flo
                      if m.group == "cpu_kernel" and m.params.get("socket") == socket})
     out = {}
     for n in counts:
+        efficiency = 1.0 if n == 1 else _efficiency(ms, socket, n)
+        out[n] = dict(memory.get(n, {}))
+        if efficiency is None:  # the n threads never ran together: no kernel figures at n
+            continue
         rates = _op_rates(ms, socket, n)
-        efficiency = _efficiency(ms, socket, n)
-        reads = [m.value for m in ms.select("memory", "read_bandwidth", node=socket, threads=n)
-                 if not m.params["remote"]]
-        out[n] = {"attention_gflops_per_core": round(base * efficiency, 3),
-                  "scaling_efficiency": round(efficiency, 3),
-                  "op_rates": {k: round(v, 3) for k, v in rates.items()}}
-        latency = _local_latency_ns(ms, socket)
-        if reads and latency is not None:
-            out[n]["stream_inflight_bytes"] = round(reads[0] / n * latency, 1)
-        fixed = _op_overhead_us(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n),
-                                _small_call(ms, socket, n))
+        out[n].update({"attention_gflops_per_core": round(base * efficiency, 3),
+                       "scaling_efficiency": round(efficiency, 3),
+                       "op_rates": {k: round(v, 3) for k, v in rates.items()}})
+        fixed = _op_overhead_us(
+            _ran_together(ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=n)),
+            _ran_together(_small_call(ms, socket, n)))
         if fixed is not None:
             out[n]["op_overhead_us"] = round(fixed, 1)
     return out
 
 
-def _efficiency(ms: Measurements, socket: int, n: int) -> float:
+def _ran_together(rows):
+    """The kernel rows whose threads ran together (CPU time per thread): a wall-clock row of
+    several threads (they only took turns on a busy machine) says nothing about scaling."""
+    return [m for m in rows if m.params.get("clock") != "wall" or m.params.get("threads") == 1]
+
+
+def _efficiency(ms: Measurements, socket: int, n: int) -> float | None:
     """Median over contexts of partial attention's speed-up at n threads, divided by n (a
     median, not a slope: one context caught in a slow phase of a shared machine must not set
-    the figure)."""
+    the figure); None where the n threads never ran together."""
     ratios = []
-    for m in ms.select("cpu_kernel", "partial_attention", socket=socket, threads=n):
+    for m in _ran_together(ms.select("cpu_kernel", "partial_attention", socket=socket,
+                                     threads=n)):
         single = ms.select("cpu_kernel", "partial_attention", socket=socket, threads=1,
                            context=m.params["context"])
         if single:
             ratios.append(representative(single[0].seconds) / representative(m.seconds) / n)
-    return statistics.median(ratios) if ratios else 1.0
+    return statistics.median(ratios) if ratios else None
 
 
 def _contexts(ms: Measurements) -> str:
@@ -278,36 +310,24 @@ def _scaling(ms: Measurements, socket: int) -> str:
                                                              socket=socket)})
     if len(counts) < 2:
         return ""
-    parts = ", ".join(f"{n} thr {_efficiency(ms, socket, n):.2f}" for n in counts if n > 1)
+    parts = ", ".join(f"{n} thr {e:.2f}" if (e := _efficiency(ms, socket, n)) is not None
+                      else f"{n} thr not measured (its threads never ran together)"
+                      for n in counts if n > 1)
     return f"; per-thread scaling efficiency of partial attention: {parts}"
 
 
-def _local_latency_ns(ms: Measurements, node: int) -> float | None:
-    lat = [m for m in ms.select("memory", "latency", node=node) if not m.params["remote"]]
-    return lat[0].value if lat else None
-
-
 def socket_inflight(ms: Measurements, node: int) -> dict[str, Figure]:
-    """Bytes one core keeps in flight, by Little's law (rate x latency of the local node)."""
-    latency = _local_latency_ns(ms, node)
-    if latency is None:
-        return {}
+    """Bytes one core keeps in flight on streams and on random rows (``summarize_mlp``)."""
+    from hw_backend.calibration.summarize_mlp import (
+        gather_inflight_figure,
+        stream_inflight_figure,
+    )
+
     out: dict[str, Figure] = {}
-    reads = [m for m in ms.select("memory", "read_bandwidth", node=node, threads=1)
-             if not m.params["remote"]]
-    if reads:
-        gbps = reads[0].value
-        out["stream_inflight_bytes"] = Figure(
-            round(gbps * latency), f"one-thread streaming read {gbps:.1f} GB/s x local latency "
-                                   f"{latency:.0f} ns (Little's law)")
-    rates = []
-    for m in ms.select("cpu_kernel", "gather_rows", socket=node, threads=1):
-        rates.append(m.value)  # GB/s of rows moved (rows are whole cache lines here)
-    if rates:
-        gbps = statistics.median(rates)
-        out["gather_inflight_bytes"] = Figure(
-            round(gbps * latency), f"C kernel gather_rows, one thread, median {gbps:.1f} GB/s "
-                                   f"over contexts and ratios x local latency {latency:.0f} ns")
+    for key, fig in (("stream_inflight_bytes", stream_inflight_figure(ms, node)),
+                     ("gather_inflight_bytes", gather_inflight_figure(ms, node))):
+        if fig is not None:
+            out[key] = fig
     return out
 
 
