@@ -224,13 +224,6 @@ class Extras:
     """What calibration measured beside the profile that the micro-cases need and the profile
     schema has no place for, per socket name:
 
-    * ``row_gain``: by row size, how many more lines per second one thread gathers than on
-      rows of one line (taken in turns during calibration). A row of one line gets the demand
-      misses alone, the profile's ``gather_inflight_bytes`` (the chases' plateau); a row of
-      several lines also gets the prefetchers, which fetch ahead within it (on the Zen 4 VM
-      15-60% more lines in flight, growing with the row). A row of two lines or more keeps
-      ``gather_inflight_bytes`` x its gain in flight, at the largest calibrated size not above
-      its own.
     * ``probe_ns_per_row``: the memory probe's core work per row, by row size (cache-resident
       rows), which caps a gather where memory would allow more.
     * ``per_threads``: the kernel's per-core figures measured at n threads (as the plan cases
@@ -239,7 +232,6 @@ class Extras:
       compute-bound kernel's second thread) and pays the call overhead measured at n.
     """
 
-    row_gain: dict[str, dict[int, float]] = field(default_factory=dict)
     probe_ns_per_row: dict[str, dict[int, float]] = field(default_factory=dict)
     per_threads: dict[str, dict[int, dict]] = field(default_factory=dict)
 
@@ -249,18 +241,6 @@ class Extras:
             return default
         value = self.per_threads.get(socket, {}).get(threads, {}).get(figure)
         return default if value is None else value
-
-    def inflight_per_core(self, socket: str, row_bytes: int, single_line: float,
-                          line_bytes: int = 64) -> float:
-        if math.ceil(row_bytes / line_bytes) < 2:
-            return single_line
-        gains = self.row_gain.get(socket, {})
-        sizes = [r for r in gains if r > line_bytes]
-        if not sizes:
-            return single_line
-        below = [r for r in sizes if r <= row_bytes]
-        return single_line * gains[max(below) if below else min(sizes)]
-
 
 @dataclass(frozen=True)
 class Prediction:
@@ -276,8 +256,7 @@ def predict(profile: HardwareProfile, case: MicroCase,
     extras = extras or Extras()
     if case.kind == "gather":
         ns_per_row = extras.probe_ns_per_row.get(case.socket, {}).get(case.row_bytes, 0.0)
-        inflight = extras.inflight_per_core(case.socket, case.row_bytes,
-                                            sock.gather_inflight_bytes, sock.cache_line_bytes)
+        inflight = sock.gather_inflight(case.row_bytes)
         seconds = gather_time_s(
             rows=case.rows, row_bytes=case.row_bytes, cores=case.threads,
             inflight_per_core=inflight, idle_latency_s=r.latency_s,

@@ -270,17 +270,16 @@ class Calibration:
 
 
 def _extras(summary: dict, profile: HardwareProfile) -> Extras:
-    """Per socket: the row gathers' gain by row size, the probe's core work per row and the
-    per-core figures by kernel thread count."""
-    gains, probe, threads = {}, {}, {}
+    """Per socket: the probe's core work per row and the per-core figures by kernel thread
+    count (the row gathers' gain by row size is in the profile, as the simulator uses it)."""
+    probe, threads = {}, {}
     for socket in profile.sockets:
         figs = summary.get(socket, {})
-        for key, out in (("gather_row_gain", gains), ("probe_ns_per_row", probe)):
-            values = (figs.get(key) or {}).get("value") or {}
-            out[socket] = {int(k): float(v) for k, v in values.items()}
+        values = (figs.get("probe_ns_per_row") or {}).get("value") or {}
+        probe[socket] = {int(k): float(v) for k, v in values.items()}
         per = (figs.get("per_threads") or {}).get("value") or {}
         threads[socket] = {int(n): v for n, v in per.items()}
-    return Extras(gains, probe, threads)
+    return Extras(probe, threads)
 
 
 def _uses_cuda(accelerator: str) -> bool:

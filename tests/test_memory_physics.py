@@ -71,6 +71,17 @@ def test_random_gather_takes_the_closed_form(inflight, bound):
     assert flow.bound_by() == ("cxl0 latency" if bound == "latency" else "cxl0link")
 
 
+def test_rows_of_several_lines_keep_more_in_flight_by_their_gain():
+    """The simulator gathers V rows with the same per-row-size figure calibration measured."""
+    n, r = 100_000, 256
+    profile = make_profile(sockets={"s0": {"gather_row_gain": {128: 1.2, 256: 1.5}}})
+    m = machine(profile)
+    moved = touched_bytes(n, r)
+    end, _ = finish(m, lambda: m.read({"cxl0": 1.0}, "s0", moved, Pattern.GATHER,
+                                      row_bytes=r))
+    assert end == pytest.approx(CXL_LATENCY + moved * CXL_LATENCY / (8 * 250 * 1.5), rel=REL)
+
+
 def test_doubling_latency_doubles_a_latency_bound_gather_and_leaves_a_bandwidth_bound_scan():
     def run(latency_ns):
         profile = make_profile(tiers={"cxl0": {"latency_ns": latency_ns}},

@@ -73,16 +73,17 @@ def test_a_gather_is_predicted_by_the_closed_form(tiny_profile):
     assert capped.seconds == pytest.approx((1 << 20) * 100e-9) and capped.bound == "compute"
 
 
-def test_rows_of_several_lines_get_the_gain_calibration_saw_for_them(tiny_profile):
-    extras = Extras(row_gain={"s0": {64: 1.0, 128: 1.2, 1024: 1.6}})
-    assert extras.inflight_per_core("s0", 64, 250.0) == 250.0  # one line: the chases' plateau
-    assert extras.inflight_per_core("s0", 100, 250.0) == 300.0  # two lines: the 128 B gain
-    assert extras.inflight_per_core("s0", 512, 250.0) == 300.0
-    assert extras.inflight_per_core("s0", 4096, 250.0) == 400.0
-    assert extras.inflight_per_core("s1", 4096, 250.0) == 250.0  # nothing calibrated there
-    sparse = Extras(row_gain={"s0": {1024: 1.6}})
-    assert sparse.inflight_per_core("s0", 128, 250.0) == 400.0  # the nearest above
-    p = predict(tiny_profile, _gather(row_bytes=1024), extras)
+def test_rows_of_several_lines_get_the_gain_calibration_saw_for_them():
+    profile = make_profile(sockets={"s0": {"gather_row_gain": {64: 1.0, 128: 1.2, 1024: 1.6}}})
+    sock = profile.sockets["s0"]  # gather_inflight_bytes 250
+    assert sock.gather_inflight(64) == 250.0  # one line: the chases' plateau
+    assert sock.gather_inflight(100) == 300.0  # two lines: the 128 B gain
+    assert sock.gather_inflight(512) == 300.0
+    assert sock.gather_inflight(4096) == 400.0
+    assert profile.sockets["s1"].gather_inflight(4096) == 250.0  # nothing calibrated there
+    sparse = make_profile(sockets={"s0": {"gather_row_gain": {1024: 1.6}}}).sockets["s0"]
+    assert sparse.gather_inflight(128) == 400.0  # the nearest above
+    p = predict(profile, _gather(row_bytes=1024))
     assert p.seconds == pytest.approx((1 << 20) * 1024 * 100e-9 / 400)
 
 

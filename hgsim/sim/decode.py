@@ -420,7 +420,7 @@ class DecodeEngine:
             cap = self.cores / per_byte_s if per_byte_s > 0 else None
             t = env.now
             flow = yield machine.read(sources, self.socket, moved, Pattern.GATHER, "cpu gather",
-                                      extra=extra, max_rate=cap,
+                                      row_bytes=w.row_bytes, extra=extra, max_rate=cap,
                                       cap_label=f"{self.socket} cores", track=pool.name)
             self._segment(times, t, _shares([flow]))
             times.variable_s += env.now - t

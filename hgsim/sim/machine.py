@@ -207,21 +207,26 @@ class Machine:
         """Direction ``src -> dst`` of a UPI/CXL/NVLink link."""
         return self._links[name, src, dst]
 
-    def inflight(self, issuer: str, pattern: Pattern | str, cores: int | None = None) -> Channel:
-        """What ``issuer`` keeps in flight for ``pattern``: a socket's cores (stream, gather;
-        all of them unless ``cores`` says how many a task holds) or a GPU's host-to-device
-        copy engines (dma). Tasks holding the same number of cores at once share a pool."""
+    def inflight(self, issuer: str, pattern: Pattern | str, cores: int | None = None,
+                 row_bytes: float = 0.0) -> Channel:
+        """What ``issuer`` keeps in flight for ``pattern``: a socket's cores (stream, gather of
+        rows of ``row_bytes``; all cores unless ``cores`` says how many a task holds) or a
+        GPU's host-to-device copy engines (dma). Tasks of one shape at once share a pool."""
         pattern = Pattern(pattern)
         sock = self.profile.sockets.get(issuer)
-        if cores is None or sock is None or cores == sock.cores:
+        gain_rows = pattern is Pattern.GATHER and sock is not None and bool(sock.gather_row_gain)
+        whole = cores is None or sock is None or cores == sock.cores
+        if whole and not gain_rows:
             return self._inflight[issuer, pattern.value]
-        key = (issuer, f"{pattern.value}:{cores}")
+        cores = sock.cores if cores is None else cores
+        per_core = (sock.stream_inflight_bytes if pattern is Pattern.STREAM
+                    else sock.gather_inflight(row_bytes))
+        key = (issuer, f"{pattern.value}:{cores}:{per_core:g}")
         pool = self._inflight.get(key)
         if pool is None:
-            per_core = (sock.stream_inflight_bytes if pattern is Pattern.STREAM
-                        else sock.gather_inflight_bytes)
+            rows = f".{row_bytes:g}B" if gain_rows else ""
             pool = self._inflight[key] = self._channel(
-                f"{issuer}.inflight.{pattern.value}.{cores}c", cores * per_core, issuer,
+                f"{issuer}.inflight.{pattern.value}{rows}.{cores}c", cores * per_core, issuer,
                 "socket", INFLIGHT_BYTES, bind=f"{issuer} memory parallelism")
         return pool
 
@@ -314,6 +319,7 @@ class Machine:
         *,
         issuer: str | None = None,
         cores: int | None = None,
+        row_bytes: float = 0.0,
         flops: float = 0.0,
         extra: Sequence[tuple[Channel, float]] = (),
         max_rate: float | None = None,
@@ -326,26 +332,28 @@ class Machine:
         the parts).
 
         Each tier's route carries its fraction of the rate; the issuer's in-flight pool for
-        ``pattern`` (the socket's cores, or ``dst``'s copy engines for DMA) carries the
+        ``pattern`` (the socket's cores, for a gather of rows of ``row_bytes``; or ``dst``'s
+        copy engines for DMA) carries the
         fraction-weighted route latency, so the flow runs at most at bytes in flight / latency
         (Little's law). ``flops`` of work on the bytes go through the issuer socket's FLOP/s;
         ``extra`` adds channels with their use per byte/s (a staging buffer's write channel).
         """
         per_byte = flops / bytes_ if flops and bytes_ > 0 else 0.0
-        key = (tuple(sources.items()), dst, pattern, issuer, cores, per_byte, tuple(extra))
+        key = (tuple(sources.items()), dst, pattern, issuer, cores, row_bytes, per_byte,
+               tuple(extra))
         access = self._accesses.get(key)
         if access is None:
             access = self._accesses[key] = self._access(sources, dst, Pattern(pattern),
-                                                        issuer or dst, cores, per_byte, extra,
-                                                        label)
+                                                        issuer or dst, cores, row_bytes,
+                                                        per_byte, extra, label)
         channels, weights, start, latency_label = access
         return self.network.transfer(
             channels, bytes_, latency_s=start, label=label, max_rate=max_rate, flops=flops,
             weights=weights, cap_label=cap_label, latency_label=latency_label, track=track)
 
-    def _access(self, sources, dst, pattern, issuer, cores, per_byte, extra, label):
+    def _access(self, sources, dst, pattern, issuer, cores, row_bytes, per_byte, extra, label):
         """(channels, weights, start latency, latency label) of a read (see ``read``)."""
-        pool = self.inflight(issuer, pattern, cores)
+        pool = self.inflight(issuer, pattern, cores, row_bytes)
         use, start, latency, worst = self._mixed([(tier, dst, f) for tier, f in sources.items()])
         if not use:
             raise ValueError(f"read {label!r}: no source tier with a positive fraction")

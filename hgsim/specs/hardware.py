@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hgsim.specs.base import SpecModel
 
@@ -76,6 +76,11 @@ class CpuSocketSpec(SpecModel):
     # get the hardware prefetchers' depth; random row gathers only the L1 miss buffers.
     stream_inflight_bytes: float = Positive
     gather_inflight_bytes: float = Positive
+    # By row size (bytes): how many times more a core keeps in flight gathering rows of that
+    # size than one-line rows (the prefetchers fetch ahead within a row of several lines). A
+    # row takes the gain of the largest listed size not above it (the smallest listed when all
+    # are above); none listed: 1.
+    gather_row_gain: dict[int, float] = Field(default_factory=dict)
     cache_line_bytes: int = Field(default=64, gt=0)  # a gathered row costs the lines it touches
     # Core time that a byte count misses: a bounded top-k heap costs per insertion (added to
     # the scan, as calibrated), a gathered row costs address and copy work per row (overlaps
@@ -86,6 +91,25 @@ class CpuSocketSpec(SpecModel):
     # caches, thread fork and join, scratch buffers): what a one-block call takes.
     op_overhead_us: float = Field(default=0.0, ge=0)
     source: str | None = None
+
+    @field_validator("gather_row_gain")
+    @classmethod
+    def _gains(cls, gains: dict[int, float]) -> dict[int, float]:
+        for row, gain in gains.items():
+            if row <= 0 or not gain > 0:
+                raise ValueError(f"row sizes and gains must be > 0, got {row}: {gain}")
+        return dict(sorted(gains.items()))
+
+    def gather_inflight(self, row_bytes: float) -> float:
+        """Bytes one core keeps in flight gathering rows of ``row_bytes`` (see
+        ``gather_row_gain``): the demand misses' figure, times the row's gain when a row
+        spans several lines."""
+        gains = self.gather_row_gain
+        if not gains or row_bytes <= self.cache_line_bytes:
+            return self.gather_inflight_bytes
+        sizes = [r for r in gains if r > self.cache_line_bytes] or list(gains)
+        below = [r for r in sizes if r <= row_bytes]
+        return self.gather_inflight_bytes * gains[max(below) if below else min(sizes)]
 
     @model_validator(mode="before")
     @classmethod

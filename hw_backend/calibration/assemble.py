@@ -200,6 +200,13 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
     stamp.figure(node, "gather_inflight_bytes", inflight.get("gather_inflight_bytes"),
                  default=1024, fallback="no pointer chases measured; 16 L1 miss buffers x 64 B "
                                         "assumed")
+    gains = M.row_gains(ms, numa.id)
+    if gains:
+        shown = ", ".join(f"{r} B {g:.2f}" for r, g in sorted(gains.items()))
+        stamp.figure(node, "gather_row_gain", Figure(
+            {int(r): round(g, 3) for r, g in sorted(gains.items())},
+            f"one thread's random row gathers, lines in flight by row size / on one-line rows, "
+            f"taken in turns (the prefetchers within a row): {shown}"))
     for key in ("topk_ns_per_insert", "gather_ns_per_row"):
         stamp.figure(node, key, figs.get(key))
     node.add("source", f"hgsim calibrate {ctx.date}: /proc/cpuinfo, C kernel, stream reads, "
@@ -214,11 +221,6 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
         extra["mlp_curve"] = Figure({c: round(n, 2) for c, n in curve},
                                     "lines one core keeps in flight by interleaved chains "
                                     "(N x latency / time per step)")
-    gains = M.row_gains(ms, numa.id)
-    if gains:
-        extra["gather_row_gain"] = Figure(gains, "one thread's random row gathers, lines in "
-                                                 "flight by row size / for one-line rows, taken "
-                                                 "in turns (the prefetchers within a row)")
     return {**figs, **inflight, **extra}
 
 

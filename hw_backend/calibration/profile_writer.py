@@ -63,6 +63,8 @@ def _scalar(value: Any) -> str:
         return text if any(c in text for c in ".en") else text + ".0"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_scalar(v) for v in value) + "]"
+    if isinstance(value, dict):  # a flow mapping: {64: 1.0, 128: 1.13}
+        return "{" + ", ".join(f"{_scalar(k)}: {_scalar(v)}" for k, v in value.items()) + "}"
     text = str(value)
     if _BARE.fullmatch(text) and text.lower() not in _YAML_WORDS:
         return text
