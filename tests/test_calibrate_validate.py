@@ -669,3 +669,27 @@ def test_cases_without_host_work_are_predicted_with_the_standins_idle_attention_
         loaded = predict(profile, study, case)
         alone = predict(profile, study, case, attention_alone=slow / 4)
         assert (alone[0].latency_s != loaded[0].latency_s) is changes
+
+
+def test_topk_insert_cost_comes_from_two_ratios_of_the_largest_context():
+    """The same scan at two top-k ratios differs only by the heap insertions: their cost per
+    insertion is read there, where the scan and the call's fixed cost cancel."""
+    from hw_backend.calibration.records import Measurement, Measurements
+    from hw_backend.calibration.settings import HEADS
+    from hw_backend.calibration.summarize import selection_figures
+
+    def inserts(n, r):
+        k = max(1, math.ceil(r * n))
+        return HEADS * k * (1 + math.log(n / k))
+
+    rows = Measurements()
+    for n, per_insert in ((16384, 7e-9), (65536, 13e-9)):
+        scan = 0.002 + n * 3e-7  # a call's fixed cost and the scan, the same at both ratios
+        for r in (0.01, 0.05):
+            t = scan + per_insert * inserts(n, r)
+            rows.append(Measurement("cpu_kernel", "logits_topk", 1.0, "GB/s",
+                                    {"socket": 0, "threads": 1, "context": n, "topk_ratio": r,
+                                     "kv_dtype": "fp32"}, (t, t, t)))
+    figure = selection_figures(rows, 0)["topk_ns_per_insert"]
+    assert figure.value == pytest.approx(13.0, abs=0.05)  # the largest context's
+    assert "64k" in figure.what and "16k 7.0" in figure.what

@@ -201,8 +201,13 @@ def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
       simulator charges separately (``hgsim.memory.gather_time_s``), so it would count twice.
       The cold figure, ``gather_rows`` time / (heads x k), is kept for reference
       (``gather_rows_cold_ns_per_row``).
-    * ``topk_ns_per_insert``: ``logits_topk`` minus the plain ``logits`` scan, per expected heap
-      insertion ``heads x k x (1 + ln(n / k))`` (bounded heap over scores without structure).
+    * ``topk_ns_per_insert``: per expected heap insertion ``heads x k x (1 + ln(n / k))``
+      (bounded heap over scores without structure), from ``logits_topk`` at two ratios of the
+      largest context: the same scan, different numbers of insertions, so the scan and the call
+      cancel. The cost per insertion grows with k as the selection buffers outgrow L1 (on the
+      Zen 4 VM 5-8 ns at 8k-16k tokens, 11-14 ns at 32k-64k), so the largest context's is the
+      one long contexts meet. With one ratio (quick mode) it falls back to ``logits_topk``
+      minus the plain ``logits`` scan, which also pays writing every score.
 
     The simulator charges them after the CPU scan (``hgsim/sim/decode.py``).
     """
@@ -227,11 +232,47 @@ def selection_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
         out["gather_rows_cold_ns_per_row"] = Figure(
             round(statistics.median(gathers), 1), "median over contexts and ratios of cold "
             "gather_rows time per (head, selected token): memory time included")
-    if inserts:
+    paired = _insert_cost_by_ratios(ms, socket)
+    if paired is not None:
+        out["topk_ns_per_insert"] = paired
+    elif inserts:
         out["topk_ns_per_insert"] = Figure(round(statistics.median(inserts), 1),
                                            "median of (logits_topk - logits) per expected heap "
                                            "insertion heads*k*(1+ln(n/k))")
     return out
+
+
+def _insert_cost_by_ratios(ms: Measurements, socket: int) -> Figure | None:
+    """ns per expected insertion from ``logits_topk`` at the two extreme ratios of the largest
+    context that has both (see ``selection_figures``)."""
+    runs = ms.select("cpu_kernel", "logits_topk", socket=socket, threads=1)
+    by_context: dict[int, dict[float, float]] = {}
+    for m in runs:
+        by_context.setdefault(m.params["context"], {})[m.params["topk_ratio"]] = \
+            representative(m.seconds)
+    both = sorted(n for n, r in by_context.items() if len(r) >= 2)
+    if not both:
+        return None
+
+    def inserts(n: int, ratio: float) -> float:
+        k = max(1, math.ceil(ratio * n))
+        return HEADS * k * (1 + math.log(n / k)) if k < n else 0.0
+
+    costs = {}
+    for n in both:
+        times = by_context[n]
+        lo, hi = min(times), max(times)
+        more = inserts(n, hi) - inserts(n, lo)
+        if more > 0:
+            costs[n] = max(times[hi] - times[lo], 0.0) / more * 1e9
+    if not costs:
+        return None
+    n = max(costs)
+    lo, hi = min(by_context[n]), max(by_context[n])
+    shown = ", ".join(f"{c // 1024}k {v:.1f}" for c, v in sorted(costs.items()))
+    return Figure(round(costs[n], 1), (
+        f"logits_topk at ratios {hi:g} minus {lo:g} over the extra expected insertions "
+        f"heads*k*(1+ln(n/k)), at the largest context, {n // 1024}k (ns by context: {shown})"))
 
 
 def per_thread_figures(ms: Measurements, socket: int) -> dict[int, dict[str, float]]:
