@@ -30,9 +30,23 @@ def kernel_time_s(
 ) -> float:
     """Roofline: a kernel is bound by its FLOPs or its memory traffic, whichever is slower,
     plus a fixed launch cost (which decode, with its many small kernels, cannot ignore)."""
+    compute_s, memory_s = roofline_terms(flops, bytes_, peak_flops, bandwidth_Bps,
+                                         compute_eff, memory_eff)
+    return launch_overhead_s + max(compute_s, memory_s)
+
+
+def roofline_terms(
+    flops: float,
+    bytes_: float,
+    peak_flops: float,
+    bandwidth_Bps: float,
+    compute_eff: float = 1.0,
+    memory_eff: float = 1.0,
+) -> tuple[float, float]:
+    """(compute s, memory s) of a kernel: the larger one is what binds it."""
     compute_s = flops / (peak_flops * compute_eff) if flops else 0.0
     memory_s = bytes_ / (bandwidth_Bps * memory_eff) if bytes_ else 0.0
-    return launch_overhead_s + max(compute_s, memory_s)
+    return compute_s, memory_s
 
 
 def transfer_time_s(bytes_: float, bandwidth_Bps: float, latency_s: float = 0.0) -> float:

@@ -149,20 +149,14 @@ class DecodeEngine:
         if not work.flops and not work.bytes_:
             out: tuple[float, dict[str, float]] = (0.0, {})
         else:
-            m, gpu = self.machine, self.gpu
-            spec = m.profile.gpus[gpu]
-            total = m.kernel_time_s(gpu, work.flops, work.bytes_, dtype=self.weight_dtype,
-                                    memory_eff=self.attn_eff if attention else None)
-            launch = spec.kernel_launch_overhead_us * 1e-6
-            eff = self.attn_eff if attention else spec.memory_efficiency
-            memory_s = work.bytes_ / (spec.hbm_bandwidth_gbps * GB * eff) if work.bytes_ else 0.0
-            compute_s = (work.flops / (spec.peak_flops(self.weight_dtype)
-                                       * spec.compute_efficiency) if work.flops else 0.0)
-            split = {f"{gpu} launch": launch} if launch else {}
-            body = total - launch
+            launch, compute_s, memory_s = self.machine.kernel_terms(
+                self.gpu, work.flops, work.bytes_, dtype=self.weight_dtype,
+                memory_eff=self.attn_eff if attention else None)
+            split = {f"{self.gpu} launch": launch} if launch else {}
+            body = max(compute_s, memory_s)
             if body > 0:
-                split[f"{gpu} hbm" if memory_s >= compute_s else f"{gpu} compute"] = body
-            out = (total, split)
+                split[f"{self.gpu} hbm" if memory_s >= compute_s else f"{self.gpu} compute"] = body
+            out = (launch + body, split)
         if len(self._kernel_cache) > 4096:
             self._kernel_cache.clear()
         self._kernel_cache[key] = out
@@ -370,17 +364,11 @@ class DecodeEngine:
 
     def _upload_sources(self, lp: LayerPlan, w: LayerWork) -> dict[str, float]:
         """Where what crosses PCIe is read from, as fractions of ``w.to_gpu_bytes``."""
-        total = w.to_gpu_bytes
-        if not total:
+        if not w.to_gpu_bytes:
             return {}
-        out: dict[str, float] = {}
-        for bytes_, fractions in ((w.staged_bytes, {self.staging: 1.0}),
-                                  (w.direct_k_bytes, lp.placement.k_fractions),
-                                  (w.direct_v_bytes, lp.placement.v_fractions)):
-            for tier, f in fractions.items():
-                if bytes_ * f > 0:
-                    out[tier] = out.get(tier, 0.0) + bytes_ * f / total
-        return out
+        return _mix((w.staged_bytes, {self.staging: 1.0}),
+                    (w.direct_k_bytes, lp.placement.k_fractions),
+                    (w.direct_v_bytes, lp.placement.v_fractions))
 
     def _cpu_phase(self, lp: LayerPlan, w: LayerWork, times: _HostTimes):
         """Holding every core of the socket: scan, top-k inserts, gather, call overheads."""

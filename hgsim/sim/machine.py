@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from simpy import Environment, Event
 
 from hgsim.memory import Pattern
-from hgsim.sim.compute import ComputeStream, CpuCorePool, cpu_stream_rate_Bps, kernel_time_s
+from hgsim.sim.compute import ComputeStream, CpuCorePool, cpu_stream_rate_Bps, roofline_terms
 from hgsim.sim.flows import FLOPS_PER_S, INFLIGHT_BYTES, Channel, FlowNetwork
 from hgsim.sim.recorder import Recorder
 from hgsim.specs.hardware import HardwareProfile
@@ -404,12 +404,21 @@ class Machine:
     ) -> float:
         """Roofline time of a kernel on ``gpu`` (HBM traffic ``bytes_``); ``memory_eff``
         defaults to the GPU's streaming efficiency (pass attention_efficiency for attention)."""
+        launch, compute_s, memory_s = self.kernel_terms(gpu, flops, bytes_, dtype=dtype,
+                                                        memory_eff=memory_eff)
+        return launch + max(compute_s, memory_s)
+
+    def kernel_terms(
+        self, gpu: str, flops: float, bytes_: float, *, dtype: str = "fp16",
+        memory_eff: float | None = None,
+    ) -> tuple[float, float, float]:
+        """(launch s, compute s, memory s) of that kernel: what ``kernel_time_s`` adds up, and
+        which of the last two binds it."""
         spec = self.profile.gpus[gpu]
-        return kernel_time_s(
+        compute_s, memory_s = roofline_terms(
             flops, bytes_, spec.peak_flops(dtype), spec.hbm_bandwidth_gbps * GB,
-            spec.compute_efficiency, spec.memory_efficiency if memory_eff is None else memory_eff,
-            spec.kernel_launch_overhead_us * US,
-        )
+            spec.compute_efficiency, spec.memory_efficiency if memory_eff is None else memory_eff)
+        return spec.kernel_launch_overhead_us * US, compute_s, memory_s
 
     def gpu_kernel(
         self, gpu: str, flops: float, bytes_: float, label: str = "", *, dtype: str = "fp16",
