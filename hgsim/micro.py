@@ -198,6 +198,8 @@ class Route:
 
 
 def _upi(profile: HardwareProfile, a: str, b: str):
+    """The UPI link joining sockets ``a`` and ``b`` directly, if any (remote micro-cases are
+    measured only over one)."""
     for link in profile.links.values():
         if link.kind == "upi" and set(link.endpoints) == {a, b}:
             return link
@@ -205,18 +207,18 @@ def _upi(profile: HardwareProfile, a: str, b: str):
 
 
 def route(profile: HardwareProfile, socket: str, tier: str) -> Route:
-    spec = profile.tiers[tier]
-    latency, bandwidth = spec.latency_ns, spec.read_bandwidth_gbps
-    hops = [profile.links[spec.link]] if spec.link else []
-    if spec.socket != socket:
-        upi = _upi(profile, socket, spec.socket)
-        if upi is None:
-            raise UserError(f"no link between {socket} and {spec.socket} to read {tier}")
-        hops.append(upi)
-    for link in hops:
-        latency += link.latency_ns
-        bandwidth = min(bandwidth, link.bandwidth_gbps)
-    return Route(latency * 1e-9, bandwidth * 1e9, spec.queue_delay_at_half_load_ns * 1e-9)
+    """The simulator's own route from ``tier`` to ``socket`` (``Machine.path``): summed hop
+    latencies and the slowest hop."""
+    import simpy
+
+    from hgsim.sim.machine import Machine
+
+    try:
+        path = Machine(simpy.Environment(), profile, record=False).path(tier, socket)
+    except ValueError as exc:
+        raise UserError(f"cannot read {tier} from {socket}: {exc}") from None
+    return Route(path.latency_s, path.bandwidth_Bps,
+                 profile.tiers[tier].queue_delay_at_half_load_ns * 1e-9)
 
 
 @dataclass(frozen=True)
