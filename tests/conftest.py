@@ -87,3 +87,14 @@ def make_profile(**overrides: Any) -> HardwareProfile:
 @pytest.fixture
 def tiny_profile() -> HardwareProfile:
     return make_profile()
+
+
+@pytest.fixture
+def isolated_profiles(monkeypatch):
+    """No user profile directories and an empty profile cache, before and after the test."""
+    from hgsim import profiles
+
+    monkeypatch.delenv("HGSIM_PROFILE_PATH", raising=False)
+    profiles.clear_cache()
+    yield
+    profiles.clear_cache()

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from hgsim import profiles
 from hgsim.errors import UserError
 from hgsim.profiles import PROFILE_DIR, load_profile, profile_dirs, resolve_profile
 
@@ -27,12 +26,7 @@ def _write(directory: Path, name: str, *, cxl_latency: int = 150) -> Path:
     return path
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    monkeypatch.delenv("HGSIM_PROFILE_PATH", raising=False)
-    profiles.clear_cache()
-    yield
-    profiles.clear_cache()
+pytestmark = pytest.mark.usefixtures("isolated_profiles")
 
 
 def test_directories_in_order_then_shipped(tmp_path, monkeypatch):

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from hgsim import profiles
 from hgsim.errors import ConfigError, UserError
 from hgsim.profiles import (
     PROFILE_DIR,
@@ -32,12 +31,7 @@ SHIPPED = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 BASE = PROFILE_DIR / "a100-40gb-spr-cxl.yaml"
 
 
-@pytest.fixture(autouse=True)
-def _isolated(monkeypatch):
-    monkeypatch.delenv("HGSIM_PROFILE_PATH", raising=False)
-    profiles.clear_cache()
-    yield
-    profiles.clear_cache()
+pytestmark = pytest.mark.usefixtures("isolated_profiles")
 
 
 # ------------------------------------------------------------------ shipped profiles
