@@ -53,6 +53,15 @@ class SimResult:
     binding_s: dict[str, float] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)  # scheduler decisions, counted
     last_reason: str = ""  # the scheduler's last decision and why
+    # Energy and cost (hgsim/energy.py, hgsim/tco.py): joules per component over the
+    # simulated decode steps (``energy_window_s`` seconds; every step when decode_samples=0),
+    # the machine's capital cost, its amortised capital per second and the price of a joule
+    # at the wall. Empty / NaN where the profile lacks the figures.
+    energy_j: dict[str, float] = field(default_factory=dict)
+    energy_window_s: float = 0.0
+    capex_usd: float = float("nan")
+    capex_usd_per_s: float = float("nan")
+    electricity_usd_per_j: float = float("nan")
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -88,6 +97,57 @@ class SimResult:
             "pcie": 1e3 * sum(s.pcie_busy_s for s in self.steps) / n,
             "stall": 1e3 * sum(s.stall_s for s in self.steps) / n,
         }
+
+    # ------------------------------------------------------------------ energy and cost
+    @property
+    def power_w(self) -> dict[str, float]:
+        """Average power of each component over the simulated decode."""
+        if not self.energy_j or self.energy_window_s <= 0:
+            return {}
+        return {k: j / self.energy_window_s for k, j in self.energy_j.items()}
+
+    @property
+    def power_total_w(self) -> float:
+        power = self.power_w
+        return sum(power.values()) if power else float("nan")
+
+    @property
+    def energy_j_per_token(self) -> float:
+        """Joules per generated token: average power over tokens per second."""
+        tps = self.tokens_per_s
+        return self.power_total_w / tps if tps > 0 else float("nan")
+
+    @property
+    def usd_per_mtok_capex(self) -> float:
+        """Amortised capital per million tokens (scales exactly as 1 / tokens_per_s)."""
+        tps = self.tokens_per_s
+        return self.capex_usd_per_s * 1e6 / tps if tps > 0 else float("nan")
+
+    @property
+    def usd_per_mtok_energy(self) -> float:
+        """Electricity per million tokens, facility overhead included."""
+        return self.energy_j_per_token * self.electricity_usd_per_j * 1e6
+
+    @property
+    def usd_per_mtok(self) -> float:
+        """Dollars per million tokens: amortised capital plus electricity."""
+        return self.usd_per_mtok_capex + self.usd_per_mtok_energy
+
+    def energy_row(self) -> dict[str, float]:
+        """The energy and cost columns of ``to_row`` for a feasible run."""
+        tps = self.tokens_per_s
+        power = self.power_w
+        row = {
+            "energy_j_per_token": self.energy_j_per_token,
+            "tokens_per_j": 1.0 / self.energy_j_per_token if power else float("nan"),
+            "power_w_total": self.power_total_w,
+            "usd_per_mtok": self.usd_per_mtok,
+            "usd_per_mtok_capex": self.usd_per_mtok_capex,
+            "usd_per_mtok_energy": self.usd_per_mtok_energy,
+            "tokens_per_s_per_kusd": tps / (self.capex_usd / 1e3),
+        }
+        row.update({f"power_w_{k}": v for k, v in power.items()})
+        return row
 
     def scheduler_trace(self) -> list[tuple[int, float, int]]:
         return [(s.step, s.topk_ratio, s.gpu_tokens) for s in self.steps]
@@ -130,6 +190,8 @@ class SimResult:
             row["scheduler_last_reason"] = self.last_reason
             row.update({f"{k}_ms": v for k, v in self.breakdown_ms().items()})
             row.update({f"util_{k}": v for k, v in self.utilisation.items()})
+            row.update(self.energy_row())
+        row["capex_usd"] = self.capex_usd
         row.update({f"mem_{k}_gb": v / 1e9 for k, v in self.footprint_bytes.items()})
         return row
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import simpy
 
+from hgsim import energy, tco
 from hgsim.catalog import get_model
 from hgsim.costs import prefill_layer_work
 from hgsim.policies import make_policy
@@ -63,6 +64,8 @@ def simulate(
         context=workload.context, gen=workload.gen, feasible=pol.feasible,
         reason=pol.infeasibility(), footprint_bytes=dict(pol.footprint.used_bytes),
         capacity_bytes=dict(pol.footprint.capacity_bytes), options=dict(policy_options or {}),
+        capex_usd=tco.capex_usd(profile), capex_usd_per_s=tco.capex_usd_per_s(profile),
+        electricity_usd_per_j=tco.electricity_usd_per_j(profile),
     )
     if not pol.feasible:
         result.wall_s = time.perf_counter() - wall0
@@ -77,6 +80,7 @@ def simulate(
         result.ttft_s = _prefill(engine, model, workload)
 
     t_decode0 = env.now
+    before = machine.recorder.snapshot()
     sampled = set(sample_steps(workload.gen, fidelity.decode_samples))
     steps: list[StepTiming | None] = []
     last = None
@@ -117,6 +121,10 @@ def simulate(
     summary = machine.recorder.summary(window)
     result.utilisation = {name: s.utilisation for name, s in summary.items()}
     result.bytes_by_resource = {name: s.bytes_ for name, s in summary.items() if s.bytes_}
+    activity = energy.activity_between(machine, before, machine.recorder.snapshot(),
+                                       env.now - t_decode0)
+    result.energy_j = energy.energy_by_component_j(profile, activity)
+    result.energy_window_s = activity.window_s
     result.events = next(env._eid)  # simpy's running count of scheduled events
     if fidelity.accuracy and pol.lossy:
         _accuracy(result, pol, workload)

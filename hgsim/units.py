@@ -47,6 +47,8 @@ _QUANTITY = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*([A-Za-z/]+
 
 
 def dimension_of(field_name: str) -> str | None:
+    if "_per_" in field_name and not field_name.endswith("_per_core"):
+        return None  # a rate per unit (price_usd_per_gb, energy_pj_per_bit) is no capacity
     for suffix, dim in SUFFIX_DIMENSION.items():
         if field_name.endswith(suffix):
             return dim

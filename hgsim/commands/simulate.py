@@ -167,6 +167,34 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
     return rows
 
 
+def energy_table(result: SimResult):
+    """Average power per component over the decode and joules per token (rich Table), or None
+    when the profile has no energy figures."""
+    from rich.table import Table
+
+    power = result.power_w
+    if not power:
+        return None
+    total = result.power_total_w
+    table = Table(title="energy (decode average)", title_justify="left")
+    for col in ("component", "average W", "J per token", "share"):
+        table.add_column(col, justify="right" if col != "component" else "left")
+    tps = result.tokens_per_s
+    for name, watts in sorted(power.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"{watts:.1f}", f"{watts / tps:.3g}", f"{watts / total:.1%}")
+    table.add_row("total", f"{total:.1f}", f"{result.energy_j_per_token:.3g}", "100%")
+    return table
+
+
+def cost_line(result: SimResult) -> str:
+    """Dollars per million tokens and their split (hgsim/tco.py)."""
+    if result.usd_per_mtok != result.usd_per_mtok:  # NaN: the profile has no prices
+        return "cost: the profile has no prices (see docs/profiles.md, energy and cost)"
+    return (f"cost: ${result.usd_per_mtok:,.2f} per million tokens = capital "
+            f"${result.usd_per_mtok_capex:,.2f} (${result.capex_usd:,.0f} amortised) + "
+            f"electricity ${result.usd_per_mtok_energy:,.2f}")
+
+
 def print_result(result: SimResult) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -206,6 +234,10 @@ def print_result(result: SimResult) -> None:
         if u > 0 or moved:
             util.add_row(name, f"{u:.0%}", f"{moved / 1e9:.2f}" if moved else "-")
     console.print(util)
+    energy = energy_table(result)
+    if energy is not None:
+        console.print(energy)
+    console.print(cost_line(result))
     console.print(memory)
     if len(result.steps) > 1:
         sched = Table(title="scheduler (top-k ratio over decode)", title_justify="left")

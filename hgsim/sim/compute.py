@@ -215,6 +215,7 @@ class CpuCorePool:
         self.recorder = recorder if recorder is not None else Recorder(keep_activities=False)
         self._free = cores
         self._waiters: deque[tuple[int, Event]] = deque()
+        self._since = env.now  # when the number of held cores last changed
 
     @property
     def free(self) -> int:
@@ -236,7 +237,16 @@ class CpuCorePool:
             self._waiters.append((cores, event))
         return event
 
+    def _held_until_now(self) -> None:
+        """Report the core-seconds held since the last change (the CPU energy's activity)."""
+        now = self.env.now
+        held = self.cores - self._free
+        if held and now > self._since:
+            self.recorder.add_core_seconds(self.name, held * (now - self._since))
+        self._since = now
+
     def release(self, cores: int) -> None:
+        self._held_until_now()
         self._free += cores
         if self._free > self.cores:
             raise RuntimeError(f"core pool {self.name}: released more cores than were taken")
@@ -248,6 +258,7 @@ class CpuCorePool:
             event.succeed(cores)
 
     def _take(self, cores: int) -> None:
+        self._held_until_now()
         self._free -= cores
         self.recorder.counter(self.name, self.env.now, self.cores - self._free)
 

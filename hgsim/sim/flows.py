@@ -344,12 +344,13 @@ class FlowNetwork:
                 f.end_s = now
                 f.set_bind("", now)  # closes the account of what bound it last
                 amount = f.amount
-                for c in f.path:
+                for c, w in zip(f.path, f.weights, strict=True):
                     cflows = c.flows
                     del cflows[f]
                     totals = c.totals
                     totals.count += 1
                     totals.bytes_ += amount
+                    totals.carried += amount * w
                     if c.unit is FLOPS_PER_S:
                         totals.flops += f.flops
                     if keep:

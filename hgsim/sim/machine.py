@@ -181,6 +181,10 @@ class Machine:
             self.recorder.declare(s.name, gpu, "gpu")
         return s
 
+    def gpu_streams(self, gpu: str) -> list[ComputeStream]:
+        """Every stream of ``gpu`` made so far (their kernels are the GPU's work)."""
+        return [s for (g, _), s in self._streams.items() if g == gpu]
+
     def hbm(self, gpu: str) -> Channel:
         return self._hbm[gpu]
 

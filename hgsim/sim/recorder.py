@@ -58,6 +58,11 @@ class ResourceTotals:
     bytes_: float = 0.0
     flops: float = 0.0
     busy_s: float = 0.0  # length of the whole union, compacted part included
+    # What actually crossed the resource, in its own unit: a flow spread over several tiers
+    # counts in full in ``bytes_`` of each but only its share here (amount x the flow's use
+    # of the channel). Energy is charged on this (hgsim/energy.py).
+    carried: float = 0.0
+    core_s: float = 0.0  # a core pool: core-seconds its cores were held
     starts: list[float] = field(default_factory=list)
     ends: list[float] = field(default_factory=list)
     compacted_until: float = float("-inf")
@@ -205,6 +210,7 @@ class Recorder:
             totals = self.totals[resource] = ResourceTotals()
         totals.count += count
         totals.bytes_ += bytes_
+        totals.carried += bytes_
         totals.flops += flops
         ends = totals.ends
         if ends and start > ends[-1] and end > start:  # the usual case, inlined: a new interval
@@ -213,6 +219,15 @@ class Recorder:
             totals.busy_s += end - start
         else:
             totals.add_interval(start, end)
+
+    def add_core_seconds(self, resource: str, core_s: float) -> None:
+        """Core-seconds a core pool's cores were held (the CPU's active energy follows it)."""
+        self.totals_for(resource).core_s += core_s
+
+    def snapshot(self) -> dict[str, tuple[float, float, float]]:
+        """Per resource (carried, FLOPs, core-seconds) so far: subtract two snapshots for what
+        happened in between (e.g. the decode after a prefill)."""
+        return {name: (t.carried, t.flops, t.core_s) for name, t in self.totals.items()}
 
     def counter(self, name: str, time_s: float, value: float) -> None:
         """A sample of a counter track (e.g. active flows on a link); dropped in aggregate mode."""

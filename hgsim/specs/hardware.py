@@ -3,7 +3,10 @@
 A profile is a small graph. Nodes are GPUs, sockets and memory tiers; edges are links (PCIe
 per direction, UPI between sockets, CXL between a socket and an expander). The simulator
 turns it into contended resources; ``hw_backend.calibrate`` writes one from measurements.
-Units are fixed by name suffix: ``_gb`` = 1e9 bytes, ``_gbps`` = 1e9 bytes/s, ``_ns``, ``_us``.
+Units are fixed by name suffix: ``_gb`` = 1e9 bytes, ``_gbps`` = 1e9 bytes/s, ``_ns``, ``_us``;
+energy and cost fields say theirs in full (``_w``, ``_pj_per_bit``, ``_usd``, ``_usd_per_gb``).
+Energy and cost fields are optional in the schema (a profile written by ``hgsim calibrate`` has
+none) but every shipped profile sets all of them; see ``hgsim/energy.py`` and ``hgsim/cost.py``.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ LinkKind = Literal["pcie", "upi", "cxl", "nvlink"]
 
 Positive = Field(gt=0)
 Fraction = Field(gt=0, le=1)
+# An energy or cost figure: absent (None: the result's energy/cost columns are NaN) or > 0.
+Optional = Field(default=None, gt=0)
 
 
 class GpuSpec(SpecModel):
@@ -45,7 +50,20 @@ class GpuSpec(SpecModel):
     graph_kernel_gap_us: float | None = Field(default=None, ge=0)
     socket: str  # the socket whose root complex the GPU hangs off
     link: str  # the PCIe link to that socket
+    # Energy (hgsim/energy.py): idle power all the time, plus energy per FLOP and per bit of
+    # device-memory traffic, the average capped at the board's power limit.
+    idle_power_w: float | None = Optional
+    tdp_w: float | None = Optional
+    energy_pj_per_flop: float | None = Optional
+    hbm_energy_pj_per_bit: float | None = Optional
+    price_usd: float | None = Optional  # capital cost of one card (hgsim/cost.py)
     source: str | None = None
+
+    @model_validator(mode="after")
+    def _power_limits(self) -> GpuSpec:
+        if self.idle_power_w is not None and self.tdp_w is not None and self.idle_power_w >= self.tdp_w:
+            raise ValueError(f"idle_power_w ({self.idle_power_w:g}) must be below tdp_w ({self.tdp_w:g})")
+        return self
 
     @model_validator(mode="after")
     def _peaks_positive(self) -> GpuSpec:
@@ -90,6 +108,11 @@ class CpuSocketSpec(SpecModel):
     # Fixed cost of one host kernel call beyond bytes / rate (argument handling from cold
     # caches, thread fork and join, scratch buffers): what a one-block call takes.
     op_overhead_us: float = Field(default=0.0, ge=0)
+    # Energy (hgsim/energy.py): the package's idle power, plus this per core for every second
+    # a core is held by simulated work; and the capital cost of the processor (hgsim/cost.py).
+    idle_power_w: float | None = Optional
+    active_core_power_w: float | None = Optional
+    price_usd: float | None = Optional
     source: str | None = None
 
     @field_validator("gather_row_gain")
@@ -134,6 +157,13 @@ class MemoryTierSpec(SpecModel):
     queue_delay_at_half_load_ns: float = Field(ge=0)
     socket: str  # the socket it hangs off (for CXL: through ``link``)
     link: str | None = None  # CXL link between socket and expander
+    # Energy (hgsim/energy.py): background power (refresh, standby; a CXL expander's
+    # controller) per GB installed, plus energy per bit read and written at the device; and
+    # the capital cost per GB installed (hgsim/cost.py).
+    background_power_w_per_gb: float | None = Optional
+    read_energy_pj_per_bit: float | None = Optional
+    write_energy_pj_per_bit: float | None = Optional
+    price_usd_per_gb: float | None = Optional
     source: str | None = None
 
 
@@ -142,6 +172,18 @@ class LinkSpec(SpecModel):
     endpoints: tuple[str, str]
     bandwidth_gbps: float = Positive  # per direction, achievable (not signalling rate)
     latency_ns: float = Field(ge=0)
+    energy_pj_per_bit: float | None = Optional  # PHY + controller, per bit crossing it (hgsim/energy.py)
+    source: str | None = None
+
+
+class CostSpec(SpecModel):
+    """What the machine costs beyond its components (hgsim/cost.py): the server it sits in,
+    how long it is paid off over, and what its electricity costs at the wall."""
+
+    server_base_usd: float = Positive  # chassis, board, power supplies, NIC, boot drive
+    amortisation_years: float = Positive
+    electricity_usd_per_kwh: float = Positive
+    pue: float = Field(default=1.0, ge=1)  # facility power / IT power (cooling, distribution)
     source: str | None = None
 
 
@@ -152,6 +194,7 @@ class HardwareProfile(SpecModel):
     sockets: dict[str, CpuSocketSpec]
     tiers: dict[str, MemoryTierSpec]
     links: dict[str, LinkSpec]
+    cost: CostSpec | None = None
 
     @model_validator(mode="after")
     def _check_references(self) -> HardwareProfile:
