@@ -2,7 +2,8 @@
 
 Axis paths name the part of a configuration they replace: ``profile``, ``model``, ``policy``,
 ``workload.<field>``, ``policy_options.<option>``, ``fidelity.<field>`` or
-``hardware.<dotted profile path>``. Values are written the way people write them (``32k``,
+``hardware.<dotted profile path>``; ``label.<name>`` only names points (a column, e.g. the
+upgrade a zip group's hardware values make) and changes nothing in them. Values are written the way people write them (``32k``,
 ``"64 GB/s"``); ``normalize`` turns them into what appears in the results table, so that
 filters in derived metrics and plots (``where: {workload.context: 32k}``) match the table.
 """
@@ -14,13 +15,13 @@ from typing import Any
 from hgsim.units import dimension_of, parse_count, parse_quantity
 
 TOP_LEVEL = ("profile", "model", "policy")
-SECTIONS = ("workload", "policy_options", "fidelity", "hardware")
+SECTIONS = ("workload", "policy_options", "fidelity", "hardware", "label")
 # Columns holding token/sequence counts: "32k" in a filter means 32768 there.
 COUNT_COLUMNS = {"batch", "context", "gen", "max_context", "max_batch"}
 
 AXIS_HELP = (
     "axes are profile, model, policy, workload.<field>, policy_options.<option>, "
-    "fidelity.<field> or hardware.<dotted profile path>"
+    "fidelity.<field>, hardware.<dotted profile path> or label.<name> (a column only)"
 )
 
 

@@ -20,7 +20,8 @@ from hgsim.study.schema import DerivedSpec
 
 #: Metrics where smaller is better: times (``*_ms``, ``*_s`` but not rates ``*_per_s``),
 #: latencies and errors.
-LOWER_IS_BETTER = re.compile(r"(^latency|_ms$|(?<!_per)_s$|^accuracy_rel_error$|^stall)")
+LOWER_IS_BETTER = re.compile(r"(^latency|_ms$|(?<!_per)_s$|^accuracy_rel_error$|^stall"
+                             r"|^usd_per_|^energy_j_per_|^capex_usd$|^power_w_)")
 
 
 def better(spec: DerivedSpec) -> str:

@@ -169,6 +169,11 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
         frame = sens.base_rows(frame)
         axes = [a for a in axes if a not in sens.AXES]
     parts = [f"# Study `{study.name}`\n"]
+    if study.answer:  # the study's questions answered first (hgsim/study/answer.py)
+        from hgsim.study.answer import section
+
+        parts.append(section(frame, axes, study.answer, n))
+        parts.append("\n---\n\n")
     if study.description:
         parts.append(study.description.strip() + "\n")
     stamp = time.strftime("%Y-%m-%d %H:%M:%S")

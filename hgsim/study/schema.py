@@ -56,6 +56,18 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       hi: 16M
       step: 1k                           # -> column max_context, exact to one step
     report: {best_metric: tokens_per_s, best_by: policy, max_rows: 40}
+    answer:                              # questions answered in report.md's first lines
+      - question: Which upgrade buys the most tokens/s per dollar?
+        choose: label.upgrade            # the axis whose value is the answer
+        metric: tokens_per_s             # what a choice is ranked by
+        per: [workload.context]          # one answer per combination of these columns
+        gain_vs: baseline                # rank by (metric - metric at this choice) / ...
+        cost: capex_usd                  # ... (cost - cost at it), per `scale` of cost
+        scale: 1000                      # e.g. tokens/s gained per 1,000 USD
+        among:                           # answer for sets of another axis' values, each
+          column: policy                 # represented by its best row (by rank_by)
+          sets: {HybridGen: [hybridgen], best baseline: [hgca, flexgen]}
+          rank_by: tokens_per_s
 """
 
 from __future__ import annotations
@@ -281,6 +293,49 @@ class ReportSpec(StudyModel):
     max_rows: int = Field(default=40, gt=0)
 
 
+class AmongSpec(StudyModel):
+    """Sets of one axis' values, each represented at every point by its best member (e.g.
+    "the best baseline": whichever of several policies is fastest there)."""
+
+    column: str
+    sets: dict[str, list[Any]] = Field(min_length=1)
+    rank_by: str = "tokens_per_s"
+    better: Literal["higher", "lower"] | None = None  # default as for derived metrics
+
+    @field_validator("sets")
+    @classmethod
+    def _members(cls, sets: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        for name, members in sets.items():
+            if not members:
+                raise ValueError(f"{name}: a set needs at least one value")
+        return sets
+
+
+class AnswerSpec(StudyModel):
+    """A question the study answers in the first lines of report.md: which value of the axis
+    ``choose`` is best by ``metric``, per combination of the ``per`` columns (and per set of
+    ``among``). With ``gain_vs`` a choice is ranked by what it adds over that reference choice
+    per unit of ``cost`` spent beyond it: ``(metric - metric_ref) / (cost - cost_ref) x
+    scale`` (an infeasible point counts as 0 of the metric: it produces nothing)."""
+
+    question: str
+    choose: str
+    metric: str
+    per: list[str] = Field(default_factory=list)
+    better: Literal["higher", "lower"] | None = None  # default as for derived metrics
+    gain_vs: Any = None
+    cost: str | None = None
+    scale: float = Field(default=1.0, gt=0)
+    among: AmongSpec | None = None
+
+    @model_validator(mode="after")
+    def _gain(self) -> AnswerSpec:
+        if (self.gain_vs is None) != (self.cost is None):
+            raise ValueError("gain_vs and cost go together (the gain per unit of cost over a "
+                             "reference choice)")
+        return self
+
+
 class Study(StudyModel):
     name: str
     description: str = ""
@@ -291,6 +346,12 @@ class Study(StudyModel):
     derived: dict[str, DerivedSpec] = Field(default_factory=dict)
     plots: dict[str, PlotSpec] = Field(default_factory=dict)
     report: ReportSpec = Field(default_factory=ReportSpec)
+    answer: list[AnswerSpec] = Field(default_factory=list)
+
+    @field_validator("answer", mode="before")
+    @classmethod
+    def _one_or_more(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict) else value
 
     @field_validator("name")
     @classmethod

@@ -19,7 +19,7 @@ from hgsim.study.schema import Study
 
 #: Per-resource utilisation columns depend on the machine built at run time; any
 #: ``util_<name>`` is accepted here and checked when the figure is drawn.
-OPEN_PREFIXES = ("util_",)
+OPEN_PREFIXES = ("util_", "power_w_")
 
 
 def produced_columns(study: Study, expansion: Expansion) -> list[str]:
@@ -63,7 +63,33 @@ def check(study: Study, doc: YamlDocument, expansion: Expansion) -> list[str]:
     if "best_by" in report.model_fields_set and report.best_by not in expansion.axes:
         raise doc.error(("report", "best_by"),
                         f"'{report.best_by}' is not a sweep axis (axes: {_list(expansion.axes)})")
+    for i, answer in enumerate(study.answer):
+        _answer(answer, columns, expansion, doc, ("answer", i))
     return columns
+
+
+def _answer(spec, columns: list[str], expansion: Expansion, doc: YamlDocument,
+            loc: Loc) -> None:
+    """An answer block's columns exist, its choice and sets are axes, its values theirs."""
+    for field in ("choose", "metric", "cost"):
+        if getattr(spec, field) is not None:
+            _column(getattr(spec, field), columns, doc, (*loc, field))
+    for j, column in enumerate(spec.per):
+        _column(column, columns, doc, (*loc, "per", j))
+    axes = [("choose", spec.choose)]
+    if spec.among is not None:
+        axes.append(("among", spec.among.column))
+        _column(spec.among.rank_by, columns, doc, (*loc, "among", "rank_by"))
+    for field, axis in axes:
+        where = (*loc, field) if field == "choose" else (*loc, "among", "column")
+        if axis not in expansion.axes:
+            raise doc.error(where, f"'{axis}' is not a sweep axis (axes: "
+                                   f"{_list(expansion.axes)})")
+    if spec.gain_vs is not None:
+        _values(spec.choose, spec.gain_vs, expansion, doc, (*loc, "gain_vs"))
+    if spec.among is not None:
+        for name, members in spec.among.sets.items():
+            _values(spec.among.column, members, expansion, doc, (*loc, "among", "sets", name))
 
 
 def _selection(selection: dict[str, Any], columns: list[str], expansion: Expansion,

@@ -1,0 +1,143 @@
+"""The ``answer`` block and ``label.<name>`` axes: a question answered from the results frame
+in report.md's first lines, checked by hand on a small frame, then end to end."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+from test_study_common import write_study
+
+from hgsim.cli import main
+from hgsim.study import load_study
+from hgsim.study.answer import answer_lines, ranking
+from hgsim.study.schema import AnswerSpec
+
+AXES = ["label.upgrade", "workload.context", "policy"]
+NAN = math.nan
+
+
+def _frame() -> pd.DataFrame:
+    # (upgrade, capex, context, {policy: tokens/s or NaN for infeasible})
+    points = [
+        ("baseline", 100_000, 131072, {"hybridgen": 10, "flexgen": 4, "cpu_offload": 5}),
+        ("A", 110_000, 131072, {"hybridgen": 12, "flexgen": 4, "cpu_offload": 8}),
+        ("B", 101_000, 131072, {"hybridgen": 11, "flexgen": NAN, "cpu_offload": 5}),
+        ("baseline", 100_000, 1048576, {"hybridgen": NAN, "flexgen": 1, "cpu_offload": NAN}),
+        ("A", 110_000, 1048576, {"hybridgen": 2, "flexgen": 1, "cpu_offload": NAN}),
+        ("B", 101_000, 1048576, {"hybridgen": NAN, "flexgen": 1, "cpu_offload": NAN}),
+    ]
+    rows = []
+    for upgrade, capex, context, speeds in points:
+        for policy, tps in speeds.items():
+            rows.append({"label.upgrade": upgrade, "workload.context": context,
+                         "policy": policy, "feasible": not math.isnan(tps),
+                         "tokens_per_s": NAN if math.isnan(tps) else float(tps),
+                         "capex_usd": float(capex)})
+    return pd.DataFrame(rows)
+
+
+SPEC = AnswerSpec(
+    question="Which upgrade buys the most tokens/s per dollar?", choose="label.upgrade",
+    metric="tokens_per_s", gain_vs="baseline", cost="capex_usd", scale=1000,
+    per=["workload.context"],
+    among={"column": "policy", "sets": {"HybridGen": ["hybridgen"],
+                                        "best baseline": ["flexgen", "cpu_offload"]}},
+)
+
+
+def test_gain_per_cost_over_the_reference_choice_by_hand():
+    table = ranking(_frame(), AXES, SPEC)
+    value = {(r["workload.context"], r["policy"], r["label.upgrade"]): r["value"]
+             for _, r in table.iterrows()}
+    # 128k, HybridGen: A gains 2 tokens/s for 10,000 USD, B 1 for 1,000 (per 1,000 USD)
+    assert value[131072, "HybridGen", "A"] == pytest.approx(0.2)
+    assert value[131072, "HybridGen", "B"] == pytest.approx(1.0)
+    # best baseline: cpu_offload everywhere at 128k (5 -> 8 with A, 5 with B)
+    assert value[131072, "best baseline", "A"] == pytest.approx(0.3)
+    assert value[131072, "best baseline", "B"] == pytest.approx(0.0)
+    # 1M: HybridGen does not fit on the baseline (0 tokens/s) and fits with A only
+    assert value[1048576, "HybridGen", "A"] == pytest.approx(0.2)
+    assert value[1048576, "HybridGen", "B"] == pytest.approx(0.0)
+    assert ("baseline" not in set(table["label.upgrade"]))  # the reference is not a choice
+    members = {(r["workload.context"], r["policy"], r["label.upgrade"]): r["represented by"]
+               for _, r in table.iterrows()}
+    assert members[131072, "best baseline", "A"] == "cpu_offload"
+    assert members[1048576, "best baseline", "B"] == "flexgen"
+    assert members[1048576, "HybridGen", "B"] == "none feasible"
+
+
+def test_answer_lines_name_the_best_choice_per_group_in_order():
+    lines = answer_lines(_frame(), AXES, SPEC)
+    assert len(lines) == 4
+    assert lines[0].startswith("- context 128k, HybridGen: **B** (1 tokens_per_s gained over "
+                               "baseline per 1,000 capex_usd spent; policy hybridgen)")
+    assert "runner-up A (0.2)" in lines[0]
+    assert lines[1].startswith("- context 128k, best baseline: **A** (0.3 ")
+    assert "policy cpu_offload" in lines[1]
+    assert lines[2].startswith("- context 1M, HybridGen: **A** (0.2 ")
+    assert lines[3].startswith("- context 1M, best baseline: no choice gains over baseline")
+
+
+def test_without_gain_the_metric_ranks_and_lower_is_better_for_costs():
+    frame = _frame().assign(usd_per_mtok=lambda f: 1e6 / f["tokens_per_s"])
+    spec = AnswerSpec(question="Cheapest?", choose="label.upgrade", metric="usd_per_mtok",
+                      per=["workload.context"], among={"column": "policy",
+                                                       "sets": {"HybridGen": ["hybridgen"]}})
+    lines = answer_lines(frame, AXES, spec)
+    assert lines[0].startswith("- context 128k, HybridGen: **A** (83,333 usd_per_mtok")
+    assert "runner-up B (90,909)" in lines[0]
+
+
+STUDY = """\
+name: upgrades
+base:
+  profile: h100-80gb-spr-cxl
+  model: llama-2-7b
+  workload: {batch: 1, context: 32k, gen: 2}
+  fidelity: {decode_samples: 2, accuracy: false}
+sweep:
+  - zip:
+      label.upgrade: [baseline, faster ddr]
+      hardware.tiers.ddr0.bandwidth_gbps: [280, 400]
+  - grid:
+      policy: [hybridgen, flexgen]
+answer:
+  question: Which host memory is worth it?
+  choose: label.upgrade
+  metric: usd_per_mtok
+  among: {column: policy, sets: {HybridGen: [hybridgen], baseline: [flexgen]}}
+"""
+
+
+def test_a_study_answers_its_question_in_the_reports_first_lines(tmp_path):
+    plan = load_study(write_study(tmp_path, STUDY))
+    assert [p.coords["label.upgrade"] for p in plan.expansion.points] == [
+        "baseline", "baseline", "faster ddr", "faster ddr"]
+    out = tmp_path / "out"
+    assert main(["study", str(write_study(tmp_path, STUDY)), "--out", str(out), "--jobs", "1",
+                 "--no-figures", "--quiet"]) == 0
+    lines = (out / "report.md").read_text().splitlines()
+    assert lines[0] == "# Study `upgrades`"
+    assert lines[2] == "## Which host memory is worth it?"
+    assert lines[4].startswith("- HybridGen: **") and "usd_per_mtok" in lines[4]
+    assert lines[5].startswith("- baseline: **")
+    frame = pd.read_parquet(out / "results.parquet")
+    assert {"label.upgrade", "usd_per_mtok", "energy_j_per_token", "capex_usd"} <= set(frame)
+
+
+@pytest.mark.parametrize("old, new, expected", [
+    ("choose: label.upgrade", "choose: label.upgrad",
+     "column 'label.upgrad' is not produced"),
+    ("metric: usd_per_mtok", "metric: usd_per_tok", "column 'usd_per_tok' is not produced"),
+    ("baseline: [flexgen]}}", "baseline: [flexgn]}}", "'flexgn' is not a value of axis"),
+    ("metric: usd_per_mtok", "metric: usd_per_mtok\n  gain_vs: baseline",
+     "gain_vs and cost go together"),
+])
+def test_a_bad_answer_block_is_a_one_line_error(tmp_path, capsys, old, new, expected):
+    assert old in STUDY
+    study = write_study(tmp_path, STUDY.replace(old, new, 1))
+    assert main(["study", str(study), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{study}:" in err and expected in err, err
