@@ -216,7 +216,7 @@ def _with_equal_accuracy(study: Study, points: list[Point], doc: YamlDocument) -
     spec = study.equal_accuracy
     for policy, option in spec.knobs.items():
         try:
-            eq.knob_of(policy, {policy: option})
+            eq.knob_for(policy, option)
         except (ValueError, registry.UnknownPolicyError) as exc:
             raise doc.error(("equal_accuracy", "knobs", policy), str(exc)) from None
     knobs: dict[str, Any] = {}

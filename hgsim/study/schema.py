@@ -39,7 +39,7 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
         group_by: [workload.context]     # report summary groups
     plots:                               # name -> seaborn figure (PNG + SVG)
       tput:
-        kind: line                       # line | bar | scatter | heatmap
+        kind: line                       # line | bar | scatter | heatmap | pareto
         x: hardware.tiers.cxl0.bandwidth_gbps
         y: tokens_per_s                  # any column, derived ones included
         hue: policy                      # also style, row, col (facets)
