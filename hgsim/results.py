@@ -178,6 +178,7 @@ class SimResult:
                 "latency_p99_ms": stats["p99"], "tokens_per_s": self.tokens_per_s,
                 "decode_s": self.decode_s, "ttft_s": self.ttft_s,
                 "final_topk_ratio": self.steps[-1].topk_ratio,
+                "mean_topk_ratio": float(np.mean([s.topk_ratio for s in self.steps])),
                 "final_gpu_tokens": self.steps[-1].gpu_tokens,
                 "accuracy_mass_kept": self.accuracy_mass_kept,
                 "accuracy_rel_error": self.accuracy_rel_error,

@@ -10,7 +10,7 @@ one), so its decisions follow the same cadence as in a full run.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import simpy
 from hgsim import energy, tco
 from hgsim.catalog import get_model
 from hgsim.costs import prefill_layer_work
+from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.results import SimResult, StepTiming
@@ -87,9 +88,12 @@ def simulate(
     binding: dict[str, float] = {}
     markers: list[tuple[float, str, dict]] = []
     sched = pol.scheduler
+    scored = None  # the plan the accuracy proxy scores: the one the run used at its median step
     for step in range(workload.gen):
         context = workload.context + step
         plan = pol.step_plan(context)
+        if step == workload.gen // 2:
+            scored = plan.layer
         if step in sampled:
             m = engine.step(plan)
             last = m
@@ -126,8 +130,10 @@ def simulate(
     result.energy_j = energy.energy_by_component_j(profile, activity)
     result.energy_window_s = activity.window_s
     result.events = next(env._eid)  # simpy's running count of scheduled events
-    if fidelity.accuracy and pol.lossy:
-        _accuracy(result, pol, workload)
+    if pol.lossy and not fidelity.accuracy:  # not computed: no number rather than a wrong one
+        result.accuracy_mass_kept = result.accuracy_rel_error = float("nan")
+    elif pol.lossy and scored is not None:
+        _accuracy(result, scored)
     if trace_path is not None:
         from hgsim.sim.trace import write_chrome_trace
 
@@ -178,11 +184,25 @@ def _prefill(engine: DecodeEngine, model: ModelSpec, workload: Workload) -> floa
     return env.now - t0
 
 
-def _accuracy(result: SimResult, policy, workload: Workload) -> None:
+def _accuracy(result: SimResult, median_plan: LayerPlan) -> None:
+    """Proxy fidelity of the selection the run actually made.
+
+    The plan the run used at its median step, with its top-k ratio replaced by the mean over
+    every step: an adaptive scheduler's r changes during the run, and the mean is what the run
+    attended on average. Static policies have one ratio, so this is their plan unchanged.
+    """
     from hgsim.accuracy import accuracy_proxy
 
-    # Fidelity at the mean plan of the run: the plan at the median step.
-    plan = policy.step_plan(workload.context + workload.gen // 2).layer
+    plan = mean_ratio_plan(median_plan, float(np.mean([s.topk_ratio for s in result.steps])))
     fid = accuracy_proxy(plan)
     result.accuracy_mass_kept = float(fid.mass_kept)
     result.accuracy_rel_error = float(fid.rel_error)
+
+
+def mean_ratio_plan(plan: LayerPlan, mean_ratio: float) -> LayerPlan:
+    """``plan`` selecting ``mean_ratio`` of its host tokens (at least one); a plan that attends
+    every host token, or has none, is kept as it is."""
+    if plan.host_tokens == 0 or plan.selector is Selector.ALL:
+        return plan
+    selected = min(plan.host_tokens, max(1, round(mean_ratio * plan.host_tokens)))
+    return replace(plan, host_selected=selected)

@@ -46,6 +46,10 @@ def normalize(column: str, value: Any) -> Any:
     """
     if isinstance(value, list):
         return [normalize(column, v) for v in value]
+    if column == ACCURACY_TARGET and isinstance(value, (int, float)) and not isinstance(
+        value, bool
+    ):
+        return accuracy_target_label(float(value))
     if column == "model" and isinstance(value, str):
         return _canonical_model(value)
     last = column.rsplit(".", 1)[-1]
@@ -58,6 +62,15 @@ def normalize(column: str, value: Any) -> Any:
         if dimension is not None:
             return parse_quantity(value, dimension)
     return value
+
+
+#: The axis an ``equal_accuracy`` block adds: ``configured`` or ``rel_error<=T`` (a bare number
+#: in a filter means that target).
+ACCURACY_TARGET = "accuracy.target"
+
+
+def accuracy_target_label(target: float) -> str:
+    return f"rel_error<={target:g}"
 
 
 def _canonical_model(name: str) -> str:

@@ -31,6 +31,7 @@ from hgsim.simulate import Fidelity
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.study import axes as ax
+from hgsim.study import equal_accuracy as eq
 from hgsim.study import sensitivity as sens
 from hgsim.study.schema import SearchSpec, Study
 from hgsim.workload import Workload
@@ -48,6 +49,8 @@ class PointSpec:
     workload: Workload
     fidelity: Fidelity
     search: SearchSpec | None = None
+    # an equal-accuracy twin: the target and knob searched (hgsim.study.equal_accuracy)
+    equal_accuracy: Any = None
 
 
 @dataclass
@@ -200,7 +203,40 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
         axes += list(sens.AXES)
         for column in sens.AXES:
             axis_values[column] = _unique([p.coords[column] for p in points])
+    if study.equal_accuracy is not None:
+        points = _with_equal_accuracy(study, points, doc)
+        axes.append(eq.AXIS)
+        axis_values[eq.AXIS] = _unique([p.coords[eq.AXIS] for p in points])
     return Expansion(points, axes, axis_values, resolver.profile_files)
+
+
+def _with_equal_accuracy(study: Study, points: list[Point], doc: YamlDocument) -> list[Point]:
+    """Each point as configured, then once per accuracy target (a lossy policy's twin searches
+    its knob; an exact policy's is the same configuration)."""
+    spec = study.equal_accuracy
+    for policy, option in spec.knobs.items():
+        try:
+            eq.knob_for(policy, option)
+        except (ValueError, registry.UnknownPolicyError) as exc:
+            raise doc.error(("equal_accuracy", "knobs", policy), str(exc)) from None
+    knobs: dict[str, Any] = {}
+    out: list[Point] = []
+    for point in points:
+        out.append(Point({**point.coords, eq.AXIS: eq.CONFIGURED}, point.spec))
+    for target in spec.targets:
+        for point in points:
+            policy = point.spec.policy
+            if policy not in knobs:
+                try:
+                    knobs[policy] = eq.knob_of(policy, spec.knobs)
+                except ValueError as exc:
+                    raise doc.error(("equal_accuracy",), str(exc)) from None
+            twin = point.spec
+            if knobs[policy] is not None:
+                twin = eq.twin_spec(twin, eq.AccuracyTarget(target, knobs[policy],
+                                                            spec.resolution))
+            out.append(Point({**point.coords, eq.AXIS: eq.label(target)}, twin))
+    return out
 
 
 def _with_sensitivity(study: Study, points: list[Point], doc: YamlDocument,

@@ -1,4 +1,5 @@
-"""Figures of the results table as a study file specifies them (seaborn line/bar/scatter/heatmap).
+"""Figures of the results table as a study file specifies them (seaborn line/bar/scatter/heatmap,
+and pareto: a scatter with the front of optimal points drawn through it).
 
 Axis columns keep the order written in the study (policies in legend order, contexts in
 sweep order); numbers used as categories (facets, hue) are labelled the way people say them
@@ -63,9 +64,10 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
              "row_order": orders.get(spec.row), "col_order": orders.get(spec.col)}
     if spec.col_wrap:
         facet["col_wrap"] = spec.col_wrap
-    if spec.kind in ("line", "scatter"):
+    if spec.kind in ("line", "scatter", "pareto"):
         grid = sns.relplot(
-            data=data, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style, kind=spec.kind,
+            data=data, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style,
+            kind="scatter" if spec.kind == "pareto" else spec.kind,
             hue_order=orders.get(spec.hue), style_order=orders.get(spec.style),
             facet_kws={"sharey": spec.sharey, "margin_titles": True},
             **({"marker": "o", "errorbar": None} if spec.kind == "line" else {}), **facet,
@@ -78,6 +80,11 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
         )
     else:
         grid = _heatmap(data, spec, facet, orders)
+    if spec.kind == "pareto":
+        from hgsim.study.pareto import draw_fronts
+
+        data = data.assign(**{spec.x: pd.to_numeric(data[spec.x], errors="coerce")})
+        draw_fronts(grid, data, spec)
     if spec.logx and spec.kind != "heatmap":
         grid.set(xscale="log")
         _plain_log_ticks(grid, "x", _numeric(axis_values.get(spec.x)))

@@ -255,6 +255,9 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                          f"with {_describe(spec.vs)} and the same other coordinates\n")
         parts.append("\n" + md_table(summarize(frame, study.derived)))
 
+    parts += _equal_accuracy_parts(study, frame, n)
+    parts += _pareto_parts(study, frame, n)
+
     if len(full) and "feasible" in full:
         infeasible = full[~full["feasible"].fillna(False).astype(bool)]
         parts.append(f"\n## Infeasible points ({len(infeasible)})\n")
@@ -282,3 +285,43 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             parts.append(f"\n- figure `{name}` failed: {error}\n")
     path.write_text("".join(parts))
     return path
+
+
+def _equal_accuracy_parts(study: Study, frame: pd.DataFrame, n: int) -> list[str]:
+    """What each lossy policy needed to reach the accuracy target(s), and how often it could."""
+    spec = study.equal_accuracy
+    if spec is None or not len(frame):
+        return []
+    from hgsim.study.equal_accuracy import AXIS, settings_table
+
+    targets = ", ".join(f"{t:g}" for t in spec.targets)
+    parts = ["\n## Equal accuracy\n",
+             f"Every lossy point again at the cheapest setting of its policy's knob whose "
+             f"accuracy-proxy error (`accuracy_rel_error`) is at most {targets} (grid step "
+             f"{spec.resolution:g}, bisection on the proxy; one simulation at the setting "
+             f"found): rows with `{AXIS}` = `rel_error<=T`; `configured` rows are the study "
+             "as written. Exact policies meet any target as configured. A target whose setting "
+             "does not fit in memory is unreachable (listed with the infeasible points): that "
+             "policy has no speed at this accuracy, and derived metrics against it are "
+             "empty.\n\n"]
+    parts.append(md_table(settings_table(frame), n))
+    return parts
+
+
+def _pareto_parts(study: Study, frame: pd.DataFrame, n: int) -> list[str]:
+    """The optimal points of every ``kind: pareto`` plot."""
+    from hgsim.study.pareto import direction, front_table
+
+    parts: list[str] = []
+    for name, plot in study.plots.items():
+        if plot.kind != "pareto" or not len(frame):
+            continue
+        table = front_table(frame, plot)
+        if not parts:
+            parts.append("\n## Pareto fronts\n")
+        parts.append(f"\n`{name}`: points no other point beats on both `{plot.y}` "
+                     f"({direction(plot.y, plot.y_better)} is better) and `{plot.x}` "
+                     f"({direction(plot.x, plot.x_better)} is better)"
+                     + (f", where {_describe(plot.where)}" if plot.where else "") + ".\n\n")
+        parts.append(md_table(table, n))
+    return parts

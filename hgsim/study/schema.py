@@ -39,7 +39,7 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
         group_by: [workload.context]     # report summary groups
     plots:                               # name -> seaborn figure (PNG + SVG)
       tput:
-        kind: line                       # line | bar | scatter | heatmap
+        kind: line                       # line | bar | scatter | heatmap | pareto
         x: hardware.tiers.cxl0.bandwidth_gbps
         y: tokens_per_s                  # any column, derived ones included
         hue: policy                      # also style, row, col (facets)
@@ -55,6 +55,10 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       lo: 1k
       hi: 16M
       step: 1k                           # -> column max_context, exact to one step
+    equal_accuracy:                      # each lossy point again at a target proxy error
+      target_rel_error: 0.01             # or a list; -> axis accuracy.target
+      resolution: 0.005                  # knob grid step
+      knobs: {h2o: budget}               # policy -> option searched (default: its registered knob)
     report: {best_metric: tokens_per_s, best_by: policy, max_rows: 40}
     answer:                              # questions answered in report.md's first lines
       - question: Which upgrade buys the most tokens/s per dollar?
@@ -183,7 +187,7 @@ class DerivedSpec(StudyModel):
 class PlotSpec(StudyModel):
     """A seaborn figure of the results table (any column, derived ones included)."""
 
-    kind: Literal["line", "bar", "scatter", "heatmap"]
+    kind: Literal["line", "bar", "scatter", "heatmap", "pareto"]
     x: str
     y: str
     value: str | None = None  # heatmap: the colour column (x and y are its two axes)
@@ -205,6 +209,11 @@ class PlotSpec(StudyModel):
     fmt: str = ".2f"  # heatmap cell format
     center: float | None = None  # heatmap: diverging colours around this value (e.g. 0 or 1)
     agg: Literal["mean", "median", "min", "max"] = "mean"  # heatmap: duplicates per cell
+    # pareto: which way each axis is better (default: lower for times, errors, costs) and the
+    # columns within whose values a front is taken (besides the row/col facets)
+    x_better: Literal["higher", "lower"] | None = None
+    y_better: Literal["higher", "lower"] | None = None
+    front_by: list[str] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _heatmap_value(self) -> PlotSpec:
@@ -218,12 +227,17 @@ class PlotSpec(StudyModel):
             raise ValueError("col_wrap: wrapping needs 'col' facets and no 'row'")
         if self.kind != "heatmap" and self.center is not None:
             raise ValueError(f"center: only heatmaps take 'center' (this plot is a {self.kind})")
+        pareto_only = [f for f in ("x_better", "y_better", "front_by") if getattr(self, f)]
+        if self.kind != "pareto" and pareto_only:
+            raise ValueError(f"{pareto_only[0]}: only pareto plots take it (this plot is a "
+                             f"{self.kind})")
         return self
 
     def columns(self) -> dict[str, str]:
         """Field name -> column for every column this plot reads."""
         fields = ("x", "y", "value", "hue", "style", "row", "col")
         out = {f: getattr(self, f) for f in fields if getattr(self, f)}
+        out.update({f"front_by.{i}": c for i, c in enumerate(self.front_by)})
         out.update({f"where.{k}": k for k in self.where})
         return out
 
@@ -285,6 +299,35 @@ class SensitivitySpec(StudyModel):
         return parameters
 
 
+class EqualAccuracySpec(StudyModel):
+    """Every lossy point again at the cheapest setting of its policy's knob whose accuracy-proxy
+    error is at most each target (``hgsim.equal_accuracy``); exact policies reach any target
+    as configured. The points gain the axis ``accuracy.target`` (``configured`` or
+    ``rel_error<=T``), so derived metrics compare policies at equal accuracy too."""
+
+    target_rel_error: float | list[float]
+    resolution: float = Field(default=0.005, gt=0, le=0.5)  # knob grid step
+    knobs: dict[str, str] = Field(default_factory=dict)  # policy -> option (default: registry)
+
+    @field_validator("target_rel_error")
+    @classmethod
+    def _targets(cls, value: float | list[float]) -> float | list[float]:
+        targets = value if isinstance(value, list) else [value]
+        if not targets:
+            raise ValueError("give at least one target")
+        for target in targets:
+            if not 0 <= target < 1:
+                raise ValueError(f"a target relative error must lie in [0, 1), got {target}")
+        if len(set(targets)) != len(targets):
+            raise ValueError("a target is listed twice")
+        return value
+
+    @property
+    def targets(self) -> list[float]:
+        return [float(t) for t in (self.target_rel_error if isinstance(
+            self.target_rel_error, list) else [self.target_rel_error])]
+
+
 class ReportSpec(StudyModel):
     """What ``report.md`` ranks by and how long its tables may get."""
 
@@ -343,6 +386,7 @@ class Study(StudyModel):
     sweep: list[AxisGroup] = Field(default_factory=list)
     search: SearchSpec | None = None
     sensitivity: SensitivitySpec | None = None
+    equal_accuracy: EqualAccuracySpec | None = None
     derived: dict[str, DerivedSpec] = Field(default_factory=dict)
     plots: dict[str, PlotSpec] = Field(default_factory=dict)
     report: ReportSpec = Field(default_factory=ReportSpec)
@@ -363,6 +407,9 @@ class Study(StudyModel):
         if self.search is not None and self.sensitivity is not None:
             raise ValueError("sensitivity: a capacity search cannot also vary hardware "
                              "parameters; use two studies")
+        if self.equal_accuracy is not None and (self.search or self.sensitivity):
+            raise ValueError("equal_accuracy: simulates points at an accuracy target; it "
+                             "cannot be combined with a capacity search or sensitivity")
         return self
 
     @field_validator("plots")

@@ -34,6 +34,10 @@ def produced_columns(study: Study, expansion: Expansion) -> list[str]:
         tiers += [t for t in spec.profile.tiers if t not in tiers]
     columns += [f"mem_{t}_gb" for t in tiers]
     columns += list(RUN_COLUMNS)
+    if study.equal_accuracy is not None:
+        from hgsim.study.equal_accuracy import COLUMNS
+
+        columns += list(COLUMNS)
     return list(dict.fromkeys(columns))
 
 

@@ -28,6 +28,10 @@ def run_point(spec) -> dict[str, Any]:
 
             row = search_point(spec)
             events = 0
+        elif getattr(spec, "equal_accuracy", None) is not None:
+            from hgsim.study.equal_accuracy import equal_accuracy_point
+
+            row, events = equal_accuracy_point(spec)
         else:
             from hgsim.simulate import simulate
 
