@@ -7,11 +7,13 @@ new token in, the oldest out to host memory, written there by DMA). Then per lay
 GPU stream runs ``qkv -> [speculate] -> attn -> [merge] -> post``, and after the last layer
 the final norm and LM head (whole model only). Where the profile describes hw_backend's CUDA
 graph path (``hgsim.graph_path``) each of those is one graph replay with that op's fixed cost,
-attention and merges read their bucket-padded sizes and ``kv_update`` is part of qkv. The host path of layer
-``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after ``qkv(i-1)``
-(HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen prefetches the
-next layer's KV; InfiniGen speculates the next layer's picks, so its ``speculate(i+1)`` kernel
-runs right after ``qkv(i)`` and triggers the host). ``merge(i)`` waits for the host path.
+attention and merges read their bucket-padded sizes and ``kv_update`` is part of qkv.
+
+The host path of layer ``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after
+``qkv(i-1)`` (HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen
+prefetches the next layer's KV; InfiniGen speculates the next layer's picks, so its
+``speculate(i+1)`` kernel runs right after ``qkv(i)`` and triggers the host). ``merge(i)``
+waits for the host path.
 
 The host path is what ``hw_backend``'s executor does (``hgsim.costs.LayerWork``): the query
 (or InfiniGen's picks) comes to host DRAM; holding every core of the socket, the CPU scans K
@@ -136,7 +138,7 @@ class DecodeEngine:
         self._graph_us = (gpu_spec.graph_launch_overhead_us, gpu_spec.graph_kernel_gap_us)
         self._work_cache: dict[tuple[int, LayerPlan], LayerWork] = {}
         self._kernel_cache: dict[tuple, tuple[float, dict[str, float]]] = {}
-        self._fixed_cache: dict[tuple, float] = {}
+        self._fixed_cache: dict[int, float] = {}  # graph op's fixed cost by its kernels
         self._kernels: list[_Node] = []  # this step's kernel nodes, in stream order
         self._cores_released: _Node | None = None  # the node that last gave the cores back
 
@@ -160,19 +162,16 @@ class DecodeEngine:
         ``kernel_launch_overhead_us`` per kernel)."""
         if not self.graph_replay:
             return None
-        key = (op, lp if op == "qkv" else None)
-        hit = self._fixed_cache.get(key)
-        if hit is None:
-            hit = self._fixed_cache[key] = self._graph_op_fixed_s(op, lp)
-        return hit
-
-    def _graph_op_fixed_s(self, op: str, lp: LayerPlan | None) -> float:
         if op == "qkv":
             kernels = graph_path.qkv_kernels(self.model, lp, self.weight_dtype, self.kv_dtype,
                                              attention_only=self.attention_only)
         else:
             kernels = graph_path.op_kernels(op, self.model, self.weight_dtype, self.kv_dtype)
-        return graph_path.graph_op_fixed_us(kernels, *self._graph_us) * 1e-6
+        fixed = self._fixed_cache.get(kernels)
+        if fixed is None:
+            fixed = self._fixed_cache[kernels] = graph_path.graph_op_fixed_us(
+                kernels, *self._graph_us) * 1e-6
+        return fixed
 
     def _kernel_s(self, work: Work, attention: bool = False,
                   fixed_s: float | None = None) -> float:
