@@ -84,9 +84,7 @@ def layer_work(
         # No projections, but the new token's K and V are still written into the cache: a
         # launch-bound kernel, as the executor's qkv op (the append) is.
         qkv, post = Work(0.0, 2.0 * batch * kv_row), Work()
-    if not attention_only and lp.host_tokens and not lp.host_evicted and (
-            lp.transfer is Transfer.KV_SELECTED
-            or (lp.lookahead and lp.cpu_work is not CpuWork.NONE)):
+    if projects_next_query(lp, attention_only=attention_only):
         # The host starts a layer early (HybridGen's logits, InfiniGen's speculation) on the
         # next layer's query projected from this layer's input: one more q projection per layer.
         qkv = Work(qkv.flops + 2.0 * batch * hidden * model.q_dim,
@@ -166,6 +164,24 @@ def layer_work(
 
     return LayerWork(qkv, attn, merge, post, speculate, q_d2h, cpu_k, cpu_v, cpu_flops,
                      kv_update=kv_update, **fields)
+
+
+def projects_next_query(lp: LayerPlan, *, attention_only: bool = False) -> bool:
+    """Whether a layer's qkv also projects the next layer's query (the host starts that layer
+    early: HybridGen's look-ahead logits, InfiniGen's speculation); never attention-only."""
+    return not attention_only and bool(lp.host_tokens) and not lp.host_evicted and (
+        lp.transfer is Transfer.KV_SELECTED
+        or (lp.lookahead and lp.cpu_work is not CpuWork.NONE))
+
+
+def lm_head_work(model: ModelSpec, batch: int, weight_dtype: str) -> Work:
+    """The final norm and LM head, once per step: every sequence's hidden state times the
+    hidden x vocab matrix (a GEMV that streams the whole matrix: 1.05 GB for Llama-3.1-8B in
+    bf16), after a norm that reads a hidden-wide weight vector. The logits it writes (vocab
+    floats per sequence) are left out: under a thousandth of the matrix at decode's batches."""
+    b_w = DTYPE_BYTES[weight_dtype]
+    hidden, vocab = model.hidden_size, model.vocab_size
+    return Work(2.0 * batch * hidden * vocab + 4.0 * batch * hidden, (vocab + 1) * hidden * b_w)
 
 
 def _heap_inserts(heaps: float, n: float, k: float) -> float:

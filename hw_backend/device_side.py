@@ -95,6 +95,11 @@ class DeviceSide(ABC):
         (eagerly the append wrote it there already)."""
 
     # ------------------------------------------------------------------ step end
+    def after_layers(self, work) -> None:
+        """The work after the last layer (a model's final norm and LM head), on the compute
+        queue inside the step."""
+        work.after_layers()
+
     def before_finish(self, run) -> None:  # noqa: B027 - nothing to add by default
         """Submitted on the compute queue right before the step's end marker."""
 

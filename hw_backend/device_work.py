@@ -24,6 +24,9 @@ class DeviceWork(Protocol):
     def after_attention(self, layer: int, output: torch.Tensor) -> None:
         """Runs on the device queue after the layer's attention output (o_proj + FFN)."""
 
+    # Optional: ``after_layers()``, run on the device queue after the last layer, inside the
+    # timed step (a whole model's final norm and LM head, ``ModelDeviceWork``).
+
 
 class DenseLayerWork:
     """GEMMs with a transformer layer's shapes: QKV before attention, o_proj + FFN after.

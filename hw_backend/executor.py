@@ -420,6 +420,9 @@ class _StepRun:
     # ------------------------------------------------------------------ records
     def finish(self) -> StepRun:
         accel = self.ex.accel
+        work = self.ex.device_work
+        if getattr(work, "after_layers", None) is not None:  # a model's final norm + LM head
+            accel.compute.submit(lambda: self.side.after_layers(work), label="lm head")
         self.side.before_finish(self)
         end = accel.compute.submit(lambda: None, label="step end")
         end.wait()

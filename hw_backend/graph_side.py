@@ -290,6 +290,10 @@ class GraphDeviceSide(DeviceSide):
         key = ("post", i, _work_key(work, i), buffer_key(output))
         self.graphs.run(key, lambda: work.after_attention(i, output), "post")
 
+    def after_layers(self, work) -> None:
+        """The final norm and LM head as one replay (its buffers are the work's own)."""
+        self.graphs.run(("lm_head", _work_key(work, -1)), work.after_layers, "lm_head")
+
     # ------------------------------------------------------------------ copy queue
     def upload(self, state, tensors) -> None:
         i, standin = state.index, self.ex.accel.standin

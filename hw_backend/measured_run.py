@@ -163,9 +163,12 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
 
 def predict(config: RunConfig, prepared: Prepared, *, samples: int = 0) -> SimResult:
     """The simulator's run of the same configuration, warm-up steps left out."""
+    from hgsim.graph_path import eager_profile
     from hgsim.simulate import Fidelity, simulate
 
-    result = simulate(prepared.profile, config.model, config.policy, prepared.workload,
+    # the eager path launches kernel by kernel: predicted without the graph figures
+    profile = eager_profile(prepared.profile) if config.graphs is False else prepared.profile
+    result = simulate(profile, config.model, config.policy, prepared.workload,
                       policy_options=config.options,
                       fidelity=Fidelity(decode_samples=samples))
     return window(result, config)

@@ -4,14 +4,14 @@
 (``transformer.ModelWeights``) on an accelerator, fills its context with random K/V
 (``random_kv``; a real prefill of 128k tokens would take longer than the decode), and decodes
 greedily: every step asks the policy for ``step_plan(context + t)``, runs the embedding on the
-caller's stream, the layers through ``PlanExecutor.step`` (the model's projections, rotary,
-FFN and norms as its ``DeviceWork``, attention split the way the plan says) and the LM head,
-then feeds the measured ``host_s``, ``device_s`` and transfer time to ``policy.observe``, as
+caller's stream, the layers and the LM head through ``PlanExecutor.step`` (the model's
+projections, rotary, FFN and norms as its ``DeviceWork``, attention split the way the plan says,
+then the final norm and LM head), then feeds the measured ``host_s``, ``device_s`` and transfer time to ``policy.observe``, as
 ``decode_loop.run_decode`` does for attention alone, so HybridGen's scheduler adapts to what
 the hardware did.
 
-A step's ``StepTiming`` covers the layers, which is what the simulator's step models; each
-token's wall time (``token_s``) adds the embedding, the LM head and reading the token back.
+A step's ``StepTiming`` covers the layers and the LM head, which is what the simulator's step
+models; each token's wall time (``token_s``) adds the embedding and reading the token back.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class ModelDecodeRun(DecodeRun):
     """A measured whole-model decode: ``DecodeRun``'s records plus tokens and token times."""
 
     tokens: list[list[int]] = field(default_factory=list)  # per step, one id per sequence
-    token_s: list[float] = field(default_factory=list)  # per step: embed + layers + LM head
+    token_s: list[float] = field(default_factory=list)  # per step: embed + step + token read
     logits: list[torch.Tensor] = field(default_factory=list)  # per step (kept on request)
     weight_bytes: int = 0
 
@@ -107,7 +107,7 @@ class ModelDecode:
         self.work.start_token(self.store.length, plan)
         run = self.executor.step(plan, step=step, **self.work.step_inputs())
         out = self.work.finish_token()
-        tokens = self.work.tokens.to("cpu")  # waits for the LM head
+        tokens = self.work.tokens.to("cpu")
         return run, out, time.perf_counter() - t0, tokens
 
     def decode(

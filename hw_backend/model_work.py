@@ -6,8 +6,9 @@ real decoder (``hw_backend.transformer``): before layer i's attention it normali
 state, projects q, k and v, applies rotary embedding at the token's position and writes them
 into its own buffers, which are the very tensors the executor was given as the step's queries
 and new K/V; after attention it runs the output projection, the residual, the FFN and the
-second residual on the hidden state. So the executor's device queue carries the model's real
-work, and the host path hides behind it as it would in a serving system.
+second residual on the hidden state; after the last layer the final norm, the LM head and the
+greedy token (``after_layers``). So the executor's device queue carries the model's real work,
+and the host path hides behind it as it would in a serving system.
 
 The buffers are allocated once and written in place (``StepBuffers``, shared with the
 executor's graph path), so a step allocates nothing large and a captured CUDA graph may read
@@ -64,6 +65,9 @@ class ModelDeviceWork:
         self.hidden = [torch.zeros(batch, spec.hidden_size, dtype=dtype, device=device)
                        for _ in range(layers + 1)]
         self.tokens = torch.zeros(batch, dtype=torch.int64, device=device)
+        #: the step's logits (B, vocab), written by ``after_layers`` inside the step
+        self.logits = torch.zeros(batch, spec.vocab_size,
+                                  dtype=torch.promote_types(dtype, torch.float32), device=device)
         self.positions = torch.zeros(batch, dtype=torch.int64, device=device)
         self._positions_host = accel.host_empty((batch,), torch.int64)
         self.buffers = buffers or StepBuffers.allocate(
@@ -82,10 +86,9 @@ class ModelDeviceWork:
         torch.index_select(self.weights.embed, 0, self.tokens, out=self.hidden[0])
 
     def finish_token(self) -> torch.Tensor:
-        """Logits of the step (B, vocab) float32; the greedy next token goes to ``tokens``."""
-        out = logits(self.weights, self.hidden[-1])
-        self.tokens.copy_(out.argmax(dim=-1))
-        return out
+        """A copy of the step's logits (B, vocab), float32 (the buffer is rewritten next step);
+        ``after_layers`` computed them and the greedy next token in ``tokens``."""
+        return self.logits.clone()
 
     def step_inputs(self) -> dict:
         """Keyword arguments for ``PlanExecutor.step``: the buffers this work fills."""
@@ -112,6 +115,12 @@ class ModelDeviceWork:
         x = self.hidden[layer + 1]
         x.copy_(self.hidden[layer])
         finish_layer(self.spec, self.weights.layers[layer], x, output)
+
+    def after_layers(self) -> None:
+        """The final norm and LM head (the executor runs it after the last layer, inside the
+        step, as the simulator's step ends with it), and the greedy next token."""
+        self.logits.copy_(logits(self.weights, self.hidden[-1]))
+        self.tokens.copy_(self.logits.argmax(dim=-1))
 
 
 __all__ = ["ModelDeviceWork", "needs_lookahead_queries"]

@@ -182,7 +182,7 @@ def test_a_steady_decode_replays_the_same_programs_over_the_same_buffers():
             buffers.append(sorted(b.data_ptr() for b in [*side._static.values(),
                                                          *side._landing.values()]))
     layers = spec.num_layers
-    assert seen[0] == 4 * layers  # qkv, attention, merge and post of every layer
+    assert seen[0] == 4 * layers + 1  # qkv, attention, merge and post of every layer; LM head
     assert seen[1:] == [seen[1]] * (steps - 1)
     assert buffers[1:] == [buffers[1]] * (steps - 1)
 

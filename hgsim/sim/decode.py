@@ -4,11 +4,16 @@ needs the host's contribution.
 
 The step opens with one ``kv_update`` kernel per layer whose HBM recent window slides (the
 new token in, the oldest out to host memory, written there by DMA). Then per layer ``i`` the
-GPU stream runs ``qkv -> [speculate] -> attn -> [merge] -> post``. The host path of layer
-``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after ``qkv(i-1)``
-(HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen prefetches the
-next layer's KV; InfiniGen speculates the next layer's picks, so its ``speculate(i+1)`` kernel
-runs right after ``qkv(i)`` and triggers the host). ``merge(i)`` waits for the host path.
+GPU stream runs ``qkv -> [speculate] -> attn -> [merge] -> post``, and after the last layer
+the final norm and LM head (whole model only). Where the profile describes hw_backend's CUDA
+graph path (``hgsim.graph_path``) each of those is one graph replay with that op's fixed cost,
+attention and merges read their bucket-padded sizes and ``kv_update`` is part of qkv.
+
+The host path of layer ``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after
+``qkv(i-1)`` (HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen
+prefetches the next layer's KV; InfiniGen speculates the next layer's picks, so its
+``speculate(i+1)`` kernel runs right after ``qkv(i)`` and triggers the host). ``merge(i)``
+waits for the host path.
 
 The host path is what ``hw_backend``'s executor does (``hgsim.costs.LayerWork``): the query
 (or InfiniGen's picks) comes to host DRAM; holding every core of the socket, the CPU scans K
@@ -35,7 +40,8 @@ from dataclasses import dataclass, field
 
 from simpy import Event
 
-from hgsim.costs import LayerWork, Work, layer_work
+from hgsim import graph_path
+from hgsim.costs import LayerWork, Work, layer_work, lm_head_work
 from hgsim.memory import Pattern, touched_bytes
 from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
@@ -105,7 +111,7 @@ class DecodeEngine:
 
     def __init__(
         self, machine: Machine, model: ModelSpec, kv_dtype: str, weight_dtype: str,
-        *, attention_only: bool = False,
+        *, attention_only: bool = False, graph_replay: bool | None = None,
     ):
         self.machine = machine
         self.env = machine.env
@@ -119,9 +125,20 @@ class DecodeEngine:
         self.staging = machine.staging_tier(self.socket)
         self.stream = machine.gpu_stream(self.gpu)
         self.cores = profile.sockets[self.socket].cores
-        self.attn_eff = profile.gpus[self.gpu].attention_efficiency
+        gpu_spec = profile.gpus[self.gpu]
+        self.attn_eff = gpu_spec.attention_efficiency
+        # hw_backend's CUDA graph path (``hgsim.graph_path``): assumed where the profile has the
+        # graph figures; ``graph_replay`` overrides (False: the executor's eager path)
+        if graph_replay is None:
+            graph_replay = graph_path.uses_graph_replay(gpu_spec)
+        elif graph_replay and not graph_path.uses_graph_replay(gpu_spec):
+            raise ValueError(f"{self.gpu}: the graph path needs graph_launch_overhead_us and "
+                             "graph_kernel_gap_us in the profile (hgsim calibrate on CUDA)")
+        self.graph_replay = graph_replay
+        self._graph_us = (gpu_spec.graph_launch_overhead_us, gpu_spec.graph_kernel_gap_us)
         self._work_cache: dict[tuple[int, LayerPlan], LayerWork] = {}
-        self._kernel_cache: dict[tuple[Work, bool], tuple[float, dict[str, float]]] = {}
+        self._kernel_cache: dict[tuple, tuple[float, dict[str, float]]] = {}
+        self._fixed_cache: dict[int, float] = {}  # graph op's fixed cost by its kernels
         self._kernels: list[_Node] = []  # this step's kernel nodes, in stream order
         self._cores_released: _Node | None = None  # the node that last gave the cores back
 
@@ -132,17 +149,39 @@ class DecodeEngine:
         if w is None:
             if len(self._work_cache) > 4096:
                 self._work_cache.clear()
-            w = self._work_cache[key] = layer_work(self.model, batch, lp, self.kv_dtype,
-                                                   self.weight_dtype,
-                                                   attention_only=self.attention_only)
+            w = layer_work(self.model, batch, lp, self.kv_dtype, self.weight_dtype,
+                           attention_only=self.attention_only)
+            if self.graph_replay:
+                w = graph_path.graph_layer_work(w, lp)
+            self._work_cache[key] = w
         return w
 
-    def _kernel_s(self, work: Work, attention: bool = False) -> float:
-        return self._kernel(work, attention)[0]
+    def op_fixed_s(self, op: str, lp: LayerPlan | None = None) -> float | None:
+        """On the graph path, the fixed cost of one replay of ``op`` (a ``GRAPH_KERNELS`` op,
+        ``qkv`` counted for ``lp``); None on the per-launch path (the machine's
+        ``kernel_launch_overhead_us`` per kernel)."""
+        if not self.graph_replay:
+            return None
+        if op == "qkv":
+            kernels = graph_path.qkv_kernels(self.model, lp, self.weight_dtype, self.kv_dtype,
+                                             attention_only=self.attention_only)
+        else:
+            kernels = graph_path.op_kernels(op, self.model, self.weight_dtype, self.kv_dtype)
+        fixed = self._fixed_cache.get(kernels)
+        if fixed is None:
+            fixed = self._fixed_cache[kernels] = graph_path.graph_op_fixed_us(
+                kernels, *self._graph_us) * 1e-6
+        return fixed
 
-    def _kernel(self, work: Work, attention: bool = False) -> tuple[float, dict[str, float]]:
-        """Roofline time of a kernel and its split by what bound it (launch, HBM, compute)."""
-        key = (work, attention)
+    def _kernel_s(self, work: Work, attention: bool = False,
+                  fixed_s: float | None = None) -> float:
+        return self._kernel(work, attention, fixed_s)[0]
+
+    def _kernel(self, work: Work, attention: bool = False,
+                fixed_s: float | None = None) -> tuple[float, dict[str, float]]:
+        """Roofline time of a kernel and its split by what bound it (launch, HBM, compute);
+        ``fixed_s`` replaces the per-kernel launch cost (a graph op's, ``op_fixed_s``)."""
+        key = (work, attention, fixed_s)
         hit = self._kernel_cache.get(key)
         if hit is not None:
             return hit
@@ -152,6 +191,8 @@ class DecodeEngine:
             launch, compute_s, memory_s = self.machine.kernel_terms(
                 self.gpu, work.flops, work.bytes_, dtype=self.weight_dtype,
                 memory_eff=self.attn_eff if attention else None)
+            if fixed_s is not None:
+                launch = fixed_s
             split = {f"{self.gpu} launch": launch} if launch else {}
             body = max(compute_s, memory_s)
             if body > 0:
@@ -171,10 +212,11 @@ class DecodeEngine:
         return measure
 
     def _launch(self, work: Work, label: str, attention: bool = False, *, after=(),
-                waits=(), always: bool = True) -> tuple[Event | None, float, _Node | None]:
+                waits=(), always: bool = True,
+                fixed_s: float | None = None) -> tuple[Event | None, float, _Node | None]:
         """Queue a kernel (unless it has no work and ``always`` is False) and add it to the
         dependency graph after the stream's previous kernel and ``waits``."""
-        duration, split = self._kernel(work, attention)
+        duration, split = self._kernel(work, attention, fixed_s)
         if not duration and not after and not always:
             return None, 0.0, None
         event = self.stream.launch(duration, label, work.flops, work.bytes_, after=after)
@@ -225,19 +267,22 @@ class DecodeEngine:
                                                          weight_chain, previous))
             qkv, d_qkv, qkv_node = self._launch(
                 w.qkv, "qkv", after=weights if weights is not None else (),
-                waits=(weight_chain,) if weight_chain is not None else ())
+                waits=(weight_chain,) if weight_chain is not None else (),
+                fixed_s=self.op_fixed_s("qkv", lp))
             gpu_busy += d_qkv
             speculate = None
             if w.speculate.flops or w.speculate.bytes_:
                 if next_spec is not None:  # launched one layer ahead, right after qkv(i-1)
                     speculate = next_spec
                 else:
-                    speculate = self._launch(w.speculate, "speculate", True)
+                    speculate = self._launch(w.speculate, "speculate", True,
+                                             fixed_s=self.op_fixed_s("speculate"))
                     gpu_busy += speculate[1]
                 next_spec = None
                 if lp.lookahead and i + 1 < plan.num_layers:
                     wn = self.work(plan.batch, plan.layer_plan(i + 1))
-                    next_spec = self._launch(wn.speculate, "speculate", True)
+                    next_spec = self._launch(wn.speculate, "speculate", True,
+                                             fixed_s=self.op_fixed_s("speculate"))
                     gpu_busy += next_spec[1]
             host = times = None
             if has_host:
@@ -246,15 +291,24 @@ class DecodeEngine:
                                         evictions[i])
                 host_times.append(times)
                 host = env.process(self._host_path(lp, w, trigger, times))
-            _, d_attn, _ = self._launch(w.attn, "attention", True)
+            _, d_attn, _ = self._launch(w.attn, "attention", True,
+                                        fixed_s=self.op_fixed_s("attention"))
             gpu_busy += d_attn
             if host is not None:
-                _, d_merge, _ = self._launch(w.merge, "merge", True, after=host, waits=(times,))
+                _, d_merge, _ = self._launch(w.merge, "merge", True, after=host, waits=(times,),
+                                             fixed_s=self._merge_fixed_s(lp))
                 gpu_busy += d_merge
-            last, d_post, _ = self._launch(w.post, "out_proj+ffn")
+            last, d_post, _ = self._launch(w.post, "out_proj+ffn",
+                                           fixed_s=self.op_fixed_s("post"))
             post_events.append(last)
             gpu_busy += d_post
             prev_qkv, prev_host = (qkv, qkv_node), (host, times) if host is not None else None
+        if not self.attention_only:  # the final norm and LM head, once per step
+            last, d_head, _ = self._launch(lm_head_work(self.model, plan.batch,
+                                                        self.weight_dtype),
+                                           "final_norm+lm_head",
+                                           fixed_s=self.op_fixed_s("lm_head"))
+            gpu_busy += d_head
         yield last
         measure.latency_s = env.now - t0
         measure.gpu_busy_s = gpu_busy
@@ -262,11 +316,13 @@ class DecodeEngine:
         # hide it (HybridGen's T_dev): with lookahead the rest of layer i-1 plus layer i up to
         # its own attention, otherwise layer i's attention alone. Work, not elapsed time, so that
         # waiting on a shared link does not read as spare device capacity.
-        d_qkv = self._kernel_s(w.qkv)
-        d_spec = self._kernel_s(w.speculate, True)
-        d_attn, d_merge = self._kernel_s(w.attn, True), self._kernel_s(w.merge, True)
+        d_qkv = self._kernel_s(w.qkv, fixed_s=self.op_fixed_s("qkv", lp))
+        d_spec = self._kernel_s(w.speculate, True, self.op_fixed_s("speculate"))
+        d_attn = self._kernel_s(w.attn, True, self.op_fixed_s("attention"))
+        d_merge = self._kernel_s(w.merge, True, self._merge_fixed_s(lp))
         hide_first = d_qkv + d_spec + d_attn
-        hide = hide_first + (d_attn + d_merge + self._kernel_s(w.post) if lp.lookahead else 0.0)
+        d_post = self._kernel_s(w.post, fixed_s=self.op_fixed_s("post"))
+        hide = hide_first + (d_attn + d_merge + d_post if lp.lookahead else 0.0)
         for i, times in enumerate(host_times):
             elapsed = times.done_s - times.trigger_s
             measure.host_s += elapsed
@@ -277,6 +333,10 @@ class DecodeEngine:
             if parts > 0:  # waiting for cores is shared out in proportion
                 measure.variable_s += elapsed * times.variable_s / parts
         measure.binding = self._critical_path(t0, env.now)
+
+    def _merge_fixed_s(self, lp: LayerPlan) -> float | None:
+        op = graph_path.merge_op(lp)
+        return None if op is None else self.op_fixed_s(op)
 
     # ------------------------------------------------------------------ triggers and writes
     def _trigger(self, lp: LayerPlan, qkv, prev_qkv, prev_host, speculate, evicted):

@@ -1,0 +1,183 @@
+"""The simulator's model of hw_backend's whole-model step and CUDA graph path, in closed form.
+
+* every whole-model step ends with the final norm and LM head (vocab x hidden weights read);
+* with the profile's graph figures an op costs ``graph_launch_overhead_us + (kernels - 1) x
+  graph_kernel_gap_us`` beyond its roofline time, the cache update is part of qkv (no launch of
+  its own), attention and merges read the executor's bucket sizes;
+* without them, the per-launch model: ``kernel_launch_overhead_us`` per simulated kernel.
+"""
+
+from __future__ import annotations
+
+import pytest
+import simpy
+
+from hgsim import graph_path
+from hgsim.catalog import get_model
+from hgsim.costs import layer_work, lm_head_work
+from hgsim.policies import make_policy
+from hgsim.profiles import load_profile, profile_with_overrides
+from hgsim.shape_buckets import token_bucket
+from hgsim.sim.decode import DecodeEngine
+from hgsim.sim.machine import Machine
+from hgsim.workload import Workload
+
+H100 = "h100-80gb-spr-cxl"
+LAUNCH_US, GAP_US = 4.0, 1.5
+MODEL = get_model("llama-3.1-8b")
+
+
+def graph_profile():
+    return profile_with_overrides(load_profile(H100), {
+        "gpus.gpu0.graph_launch_overhead_us": LAUNCH_US, "gpus.gpu0.graph_kernel_gap_us": GAP_US})
+
+
+def engine(profile, *, attention_only=False, dtype="bf16", **kw) -> DecodeEngine:
+    return DecodeEngine(Machine(simpy.Environment(), profile), MODEL, dtype, dtype,
+                        attention_only=attention_only, **kw)
+
+
+def plan(policy: str, context: int, profile=None, **options):
+    pol = make_policy(policy, MODEL, profile or load_profile(H100),
+                      Workload(context=context, gen=1, kv_dtype="bf16", weight_dtype="bf16"),
+                      options or None)
+    return pol.step_plan(context)
+
+
+def test_the_lm_head_reads_vocab_times_hidden_weights():
+    work = lm_head_work(MODEL, 1, "bf16")
+    assert MODEL.vocab_size == 128256 and MODEL.hidden_size == 4096
+    assert work.bytes_ == (128256 + 1) * 4096 * 2  # the matrix and the final norm's weights
+    assert 128256 * 4096 * 2 == pytest.approx(1.05e9, rel=1e-3)
+    assert lm_head_work(MODEL, 4, "bf16").flops == 4 * work.flops
+    assert lm_head_work(MODEL, 1, "fp32").bytes_ == 2 * work.bytes_
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["per-launch", "graph-path"])
+def test_a_whole_model_step_ends_with_the_lm_head(graphs):
+    profile = graph_profile() if graphs else load_profile(H100)
+    whole, only = engine(profile), engine(profile, attention_only=True)
+    step = plan("gpu_only", 4096, profile)
+    layers = MODEL.num_layers
+    measure = whole.step(step)
+    stream = whole.machine.gpu_stream("gpu0")
+    assert stream.launched == 3 * layers + 1  # qkv, attention, post per layer; the LM head
+    only.step(step)
+    assert only.machine.gpu_stream("gpu0").launched == 3 * layers
+    w, lp = whole.work(1, step.layer), step.layer
+    head = whole._kernel_s(lm_head_work(MODEL, 1, "bf16"), fixed_s=whole.op_fixed_s("lm_head"))
+    per_layer = (whole._kernel_s(w.qkv, fixed_s=whole.op_fixed_s("qkv", lp))
+                 + whole._kernel_s(w.attn, True, whole.op_fixed_s("attention"))
+                 + whole._kernel_s(w.post, fixed_s=whole.op_fixed_s("post")))
+    assert measure.gpu_busy_s == pytest.approx(layers * per_layer + head, rel=1e-12)
+    assert measure.latency_s == pytest.approx(measure.gpu_busy_s, rel=1e-9)  # nothing waits
+    gpu = profile.gpus["gpu0"]
+    memory_s = lm_head_work(MODEL, 1, "bf16").bytes_ / (gpu.hbm_bandwidth_gbps * 1e9
+                                                        * gpu.memory_efficiency)
+    fixed = (graph_path.graph_op_fixed_us(graph_path.op_kernels("lm_head", MODEL, "bf16", "bf16"),
+                                          LAUNCH_US, GAP_US) if graphs
+             else gpu.kernel_launch_overhead_us) * 1e-6
+    assert head == pytest.approx(fixed + memory_s, rel=1e-12)
+
+
+def test_a_graph_op_costs_one_replay_plus_a_gap_per_further_kernel():
+    eng = engine(graph_profile())
+    assert eng.graph_replay
+    kernels = graph_path.GRAPH_KERNELS["attention"][2]  # bf16 KV
+    assert eng.op_fixed_s("attention") == pytest.approx(
+        (LAUNCH_US + (kernels - 1) * GAP_US) * 1e-6)
+    assert graph_path.graph_op_fixed_us(1, LAUNCH_US, GAP_US) == LAUNCH_US
+    with pytest.raises(ValueError):
+        graph_path.graph_op_fixed_us(0, LAUNCH_US, GAP_US)
+    step = plan("hybridgen_static", 65536, topk_ratio=0.1, gpu_share=0.3)
+    lp = step.layer
+    w = eng.work(1, lp)
+    fixed = eng.op_fixed_s("attention")
+    launch, compute_s, memory_s = eng.machine.kernel_terms("gpu0", w.attn.flops, w.attn.bytes_,
+                                                           dtype="bf16",
+                                                           memory_eff=eng.attn_eff)
+    assert eng._kernel_s(w.attn, True, fixed) == pytest.approx(fixed + max(compute_s, memory_s))
+    # qkv: the model's projections, the append into the window's slot and the look-ahead query
+    k = graph_path.GRAPH_KERNELS
+    assert lp.gpu_recent_tokens > 0 and lp.lookahead
+    assert graph_path.qkv_kernels(MODEL, lp, "bf16", "bf16", attention_only=False) == (
+        k["qkv"][("llama", 2)] + k["append"][2] + k["lookahead_query"][("llama", 2)])
+    assert graph_path.qkv_kernels(MODEL, lp, "bf16", "bf16", attention_only=True) == k["append"][2]
+
+
+def test_without_graph_figures_every_kernel_pays_the_launch_overhead():
+    profile = load_profile(H100)
+    assert profile.gpus["gpu0"].graph_launch_overhead_us is None
+    eng = engine(profile)
+    assert not eng.graph_replay and eng.op_fixed_s("attention") is None
+    launch, _, _ = eng.machine.kernel_terms("gpu0", 1.0, 1.0)
+    assert launch == profile.gpus["gpu0"].kernel_launch_overhead_us * 1e-6
+    with pytest.raises(ValueError, match="graph"):
+        engine(profile, graph_replay=True)
+    # a graph profile predicted for an eager run: the per-launch model again
+    assert not engine(graph_path.eager_profile(graph_profile())).graph_replay
+    assert not engine(graph_profile(), graph_replay=False).graph_replay
+
+
+def test_the_cache_update_is_part_of_the_qkv_graph():
+    """A sliding window's kv_update is its own kernel per layer eagerly; inside the qkv graph
+    on the graph path (its bytes moved there, no launch of its own)."""
+    step = plan("hybridgen_static", 65536, topk_ratio=0.1, gpu_share=0.3)
+    lp = step.layer
+    eager, graphs = engine(load_profile(H100)), engine(graph_profile())
+    we, wg = eager.work(1, lp), graphs.work(1, lp)
+    assert we.kv_update.bytes_ > 0 and wg.kv_update.bytes_ == 0
+    assert wg.qkv.bytes_ == we.qkv.bytes_ + we.kv_update.bytes_
+    assert wg.evict_bytes == we.evict_bytes  # the leaving token still reaches host memory
+    layers = MODEL.num_layers
+    eager.step(step)
+    graphs.step(step)
+    # per layer qkv, attention, merge, post (+ kv_update eagerly); the LM head once
+    assert graphs.machine.gpu_stream("gpu0").launched == 4 * layers + 1
+    assert eager.machine.gpu_stream("gpu0").launched == 5 * layers + 1
+
+
+@pytest.mark.parametrize(("policy", "options", "count"), [
+    ("hybridgen_static", {"topk_ratio": 0.1, "gpu_share": 0.3}, "host_selected"),
+    ("hybridgen_exact", {"gpu_share": 0.3}, "host_tokens"),
+    ("flexgen", {"gpu_kv_fraction": 0.3}, "host_tokens"),
+    ("cpu_offload", {}, None),
+])
+def test_device_attention_and_merges_read_the_bucket_sizes(policy, options, count):
+    step = plan(policy, 40000, **options)
+    lp = step.layer
+    eager, graphs = engine(load_profile(H100)), engine(graph_profile())
+    we, wg = eager.work(1, lp), graphs.work(1, lp)
+    kv_row = MODEL.kv_dim * 2
+    resident = lp.gpu_tokens
+    if resident:
+        assert wg.attn.bytes_ == pytest.approx(2 * token_bucket(resident) * kv_row)
+        assert wg.attn.bytes_ == pytest.approx(we.attn.bytes_ * token_bucket(resident) / resident)
+    if count is None:  # a partial output: fixed size, nothing padded
+        assert wg.merge == we.merge and we.merge.bytes_ > 0
+        return
+    n = getattr(lp, count)
+    assert n and token_bucket(n) > n  # 40000 is not a bucket: the padding shows
+    assert graph_path.merge_count(lp) == n
+    assert wg.merge.bytes_ == pytest.approx(we.merge.bytes_ * token_bucket(n) / n)
+    assert wg.merge.flops == pytest.approx(we.merge.flops * token_bucket(n) / n)
+    assert wg.merge.bytes_ == pytest.approx(layer_work(
+        MODEL, 1, _with_count(lp, count, token_bucket(n)), "bf16", "bf16").merge.bytes_, rel=0.02)
+
+
+def _with_count(lp, count: str, n: int):
+    """``lp`` with ``count`` (host tokens or host selections) set to n, for a closed form."""
+    from dataclasses import replace
+
+    if count == "host_selected":
+        return replace(lp, host_selected=n)
+    extra = n - lp.host_tokens
+    selected = lp.host_selected + extra if lp.host_selected == lp.host_tokens else lp.host_selected
+    return replace(lp, context=lp.context + extra, host_selected=selected)
+
+
+def test_both_halves_bucket_with_one_function():
+    from hw_backend import buckets
+
+    assert buckets.token_bucket is token_bucket
+    assert buckets.MIN_BUCKET == 16 and buckets.BUCKETS_PER_OCTAVE == 8
