@@ -99,6 +99,9 @@ def _show(name: str) -> int:
     out.print(_sockets_table(profile))
     out.print(_tiers_table(profile))
     out.print(_links_table(profile))
+    energy = _energy_table(profile)
+    if energy.row_count:
+        out.print(energy)
     sources = [
         (f"{group}.{key}", spec.source)
         for group, items in (("gpus", profile.gpus), ("sockets", profile.sockets),
@@ -106,6 +109,8 @@ def _show(name: str) -> int:
         for key, spec in items.items()
         if spec.source
     ]
+    if profile.cost is not None and profile.cost.source:
+        sources.append(("cost", profile.cost.source))
     if sources:
         out.print("[bold]Sources[/bold] (per-figure citations are comments in the YAML file)")
         for where, text in sources:
@@ -169,6 +174,32 @@ def _links_table(profile: HardwareProfile) -> Table:
     for name, link in profile.links.items():
         table.add_row(name, link.kind, " <-> ".join(link.endpoints), fmt(link.bandwidth_gbps),
                       fmt(link.latency_ns))
+    return table
+
+
+def _energy_table(profile: HardwareProfile) -> Table:
+    """Power, energy per bit and price figures that are set (hgsim/energy.py, hgsim/tco.py)."""
+    table = Table(title="Energy and cost", title_justify="left")
+    for header in ("where", "figure", "value", "unit"):
+        table.add_column(header, justify="right" if header == "value" else "left")
+    units = {"_w": "W", "_w_per_gb": "W/GB", "_pj_per_flop": "pJ/FLOP", "_pj_per_bit": "pJ/bit",
+             "_usd": "USD", "_usd_per_gb": "USD/GB", "_usd_per_kwh": "USD/kWh",
+             "_years": "years", "pue": ""}
+    fields = ("idle_power_w", "tdp_w", "active_core_power_w", "energy_pj_per_flop",
+              "hbm_energy_pj_per_bit", "background_power_w_per_gb", "read_energy_pj_per_bit",
+              "write_energy_pj_per_bit", "energy_pj_per_bit", "price_usd", "price_usd_per_gb")
+    groups = [(f"{group}.{key}", spec) for group, items in (
+        ("gpus", profile.gpus), ("sockets", profile.sockets), ("tiers", profile.tiers),
+        ("links", profile.links)) for key, spec in items.items()]
+    if profile.cost is not None:
+        groups.append(("cost", profile.cost))
+    for where, spec in groups:
+        for name, value in spec.model_dump().items():
+            if value is None or not (name in fields or where == "cost") or name == "source":
+                continue
+            unit = next((u for suffix, u in sorted(units.items(), key=lambda kv: -len(kv[0]))
+                         if name.endswith(suffix)), "")
+            table.add_row(where, name, fmt(value), unit)
     return table
 
 

@@ -86,8 +86,8 @@ def ranking(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> pd.DataFr
             base_cost = ref[spec.cost].iloc[0]
             extra = group[spec.cost] - base_cost
             delta = produced[group.index] - base_metric
-            # what two runs of the same work differ by in float rounding is no gain
-            delta = delta.where(delta.abs() > 1e-9 * produced[group.index].abs().clip(
+            # a millionth of the metric is what the simulation's rounding moves: no gain
+            delta = delta.where(delta.abs() > 1e-6 * produced[group.index].abs().clip(
                 lower=abs(base_metric)), 0.0)
             gain = delta / extra * spec.scale
             out.append(group.assign(value=gain.where(extra > 0)))
@@ -126,7 +126,7 @@ def answer_lines(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> list
         head = ", ".join(p for p in (where, str(key[-1]) if set_column else "") if p)
         ranked = group.dropna(subset=["value"])
         if ranked.empty:
-            lines.append(f"- {head}: no choice has a value ({what})")
+            lines.append(f"- {head}: no choice is feasible ({what})")
             continue
         best = ranked.iloc[0]
         if spec.gain_vs is not None and not best["value"] > 0:
