@@ -256,3 +256,22 @@ def test_a_multi_socket_profile_carries_every_figure_with_its_source():
     # profile, where the simulator's gather pools read it
     assert cpu0.gather_row_gain == pytest.approx({64: 1.0, 512: 1.3}, rel=1e-3)
     assert cpu0.gather_inflight(512) == pytest.approx(1280 * 1.3, rel=1e-3)
+
+
+def test_a_row_size_without_a_finite_gain_is_left_out(monkeypatch):
+    """A gather sampled at or past the tier's bandwidth (a busy machine) has no finite loaded
+    latency; its row size gets no gain instead of an infinite one the profile cannot hold."""
+
+    class Row:
+        def __init__(self, row_bytes):
+            self.params = {"row_bytes": row_bytes}
+
+    class Tier:
+        def loaded_latency_s(self, rate):
+            return float("inf") if rate >= 3e9 else 100e-9
+
+    rates = {64: 1e9, 256: 2e9, 4096: 3e9}
+    monkeypatch.setattr(M, "_gather_rows", lambda *a: [Row(r) for r in rates])
+    monkeypatch.setattr(M, "tier", lambda *a: Tier())
+    monkeypatch.setattr(M, "gather_rate_Bps", lambda m: rates[m.params["row_bytes"]])
+    assert M.row_gains(None, 0) == {64: 1.0, 256: 2.0}

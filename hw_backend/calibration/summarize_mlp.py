@@ -18,6 +18,7 @@ below ``timing.TOGETHER``) are left out where a figure depends on them running t
 
 from __future__ import annotations
 
+import math
 import statistics
 from dataclasses import dataclass
 from typing import Any
@@ -334,7 +335,10 @@ def row_gains(ms: Measurements, node: int) -> dict[int, float]:
         return rate * t.loaded_latency_s(rate)
 
     one = inflight(base)
-    return {m.params["row_bytes"]: round(inflight(m) / one, 4) for m in rows}
+    gains = {m.params["row_bytes"]: inflight(m) / one for m in rows}
+    # a rate at or past the tier's bandwidth has no finite loaded latency (a noisy sample of a
+    # busy machine): such a row size says nothing, it is left out rather than written as inf
+    return {row: round(g, 4) for row, g in gains.items() if math.isfinite(g) and g > 0}
 
 
 def kv_row_bytes(ms: Measurements) -> int | None:
