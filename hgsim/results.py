@@ -53,6 +53,7 @@ class SimResult:
     binding_s: dict[str, float] = field(default_factory=dict)
     decisions: dict[str, int] = field(default_factory=dict)  # scheduler decisions, counted
     last_reason: str = ""  # the scheduler's last decision and why
+    selection: str = ""  # HybridGen's GQA top-k granularity that ran (plan.GroupSelect)
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -121,6 +122,7 @@ class SimResult:
                 "final_gpu_tokens": self.steps[-1].gpu_tokens,
                 "accuracy_mass_kept": self.accuracy_mass_kept,
                 "accuracy_rel_error": self.accuracy_rel_error,
+                "selection": self.selection,
             })
             shares = self.binding_shares()
             row["binding"] = self.binding

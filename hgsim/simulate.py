@@ -110,6 +110,8 @@ def simulate(
             simulated=step in sampled, variable_s=m.variable_s, decision=decision,
         ))
     result.steps = _interpolate(steps)
+    # HybridGen's GQA top-k granularity that ran (per_head for every other policy)
+    result.selection = pol.step_plan(workload.context).layer.selection.value
     result.binding_s = binding
     if sched is not None:
         result.decisions = dict(sched.decisions())
@@ -171,10 +173,11 @@ def _prefill(engine: DecodeEngine, model: ModelSpec, workload: Workload) -> floa
 
 
 def _accuracy(result: SimResult, policy, workload: Workload) -> None:
-    from hgsim.accuracy import accuracy_proxy
+    from hgsim.accuracy import accuracy_proxy, group_spec
 
-    # Fidelity at the mean plan of the run: the plan at the median step.
+    # Fidelity at the mean plan of the run: the plan at the median step, on synthetic
+    # attention with the model's query heads per KV head (GQA groups share keys).
     plan = policy.step_plan(workload.context + workload.gen // 2).layer
-    fid = accuracy_proxy(plan)
+    fid = accuracy_proxy(plan, group_spec(policy.model.gqa_group))
     result.accuracy_mass_kept = float(fid.mass_kept)
     result.accuracy_rel_error = float(fid.rel_error)
