@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hgsim.plan import CpuWork, LayerPlan, Transfer
+from hgsim.plan import CpuWork, GroupSelect, LayerPlan, Transfer
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
 
 
@@ -29,6 +29,12 @@ class LayerWork:
     rows) or attended in place (HGCA); what crosses PCIe is uploaded from that buffer, except
     where the executor copies a contiguous range straight from the tier (FlexGen's KV stream,
     exact HybridGen's V block).
+
+    HybridGen's top-k path under GQA (``plan.GroupSelect``): per query head, a row that several
+    heads of a group pick is gathered and sent once per head (``G k`` rows per KV head); per KV
+    group each distinct row is gathered and sent once per KV head (``host_rows_per_kv_head``),
+    every head of the group receiving its logits over those rows, and the group's heads' logits
+    over them are computed on gathered K rows (a second, unstaged gather of as many K rows).
     """
 
     qkv: Work  # QKV projection on the GPU
@@ -45,7 +51,8 @@ class LayerWork:
     gather_v_rows: float = 0.0  # V rows likewise
     row_bytes: float = 0.0  # one gathered row (head_dim x KV dtype)
     rows_staged: bool = False  # gathered rows are copied into the staging buffer (not attended)
-    gather_flops: float = 0.0  # attention over the gathered rows on the CPU (HGCA)
+    gather_flops: float = 0.0  # attention (HGCA) or scores (grouped top-k) on gathered rows
+    unstaged_rows: float = 0.0  # of the gathered rows, those used on the CPU only (not staged)
     staged_bytes: float = 0.0  # uploaded from the host staging buffer: logits, rows, outputs
     direct_k_bytes: float = 0.0  # DMA'd straight from the tiers holding K (FlexGen)
     direct_v_bytes: float = 0.0  # ... and V (FlexGen; exact HybridGen's V block)
@@ -57,6 +64,13 @@ class LayerWork:
     @property
     def gather_rows(self) -> float:
         return self.gather_k_rows + self.gather_v_rows
+
+    @property
+    def staged_share(self) -> float:
+        """Share of the gathered rows copied into the staging buffer."""
+        if not self.rows_staged or not self.gather_rows:
+            return 0.0
+        return (self.gather_rows - self.unstaged_rows) / self.gather_rows
 
     @property
     def to_gpu_bytes(self) -> float:
@@ -126,12 +140,29 @@ def layer_work(
                           direct_v_bytes=batch * host * kv_row, host_calls=1)
             merge = Work(2.0 * batch * heads * hd * host,
                          batch * host * kv_row + batch * heads * host * 4.0)
-        else:
+        elif lp.group_selection(model.gqa_group) is GroupSelect.PER_HEAD:
             cpu_flops += 2.0 * batch * heads * host  # top-k comparisons
             fields.update(cpu_topk_inserts=_heap_inserts(batch * heads, host, sel),
                           gather_v_rows=picks, row_bytes=row, rows_staged=True,
                           staged_bytes=logit_bytes + picks * row, host_calls=2)
             merge = Work(2.0 * batch * heads * hd * sel, picks * row + logit_bytes)
+        else:  # per KV group: distinct rows, gathered and sent once per KV head
+            kv_heads = model.num_kv_heads
+            per_kv = host_rows_per_kv_head(model, lp)
+            rows = batch * kv_heads * per_kv  # distinct (sequence, KV head, token) rows
+            scored = batch * heads * per_kv  # every head's logit over its group's rows
+            if lp.group_selection(model.gqa_group) is GroupSelect.GROUP_UNION:
+                # per-head heaps, then each group's candidates merged into their union
+                cpu_flops += 2.0 * batch * heads * host
+                inserts = _heap_inserts(batch * heads, host, sel) + batch * heads * sel
+            else:  # one heap per group over the aggregate of the group's logits
+                cpu_flops += batch * heads * host + 2.0 * batch * kv_heads * host
+                inserts = _heap_inserts(batch * kv_heads, host, sel)
+            fields.update(cpu_topk_inserts=inserts, gather_k_rows=rows, gather_v_rows=rows,
+                          unstaged_rows=rows, row_bytes=row, rows_staged=True,
+                          gather_flops=2.0 * scored * hd,
+                          staged_bytes=scored * 4.0 + rows * row, host_calls=2)
+            merge = Work(2.0 * scored * hd, rows * row + scored * 4.0)
     elif lp.cpu_work is CpuWork.PARTIAL_ATTENTION or (lp.cpu_work is CpuWork.SPARSE_PARTIAL
                                                        and exact):
         q_d2h, cpu_k, cpu_v = q_bytes, batch * host * kv_row, batch * host * kv_row
@@ -182,6 +213,27 @@ def lm_head_work(model: ModelSpec, batch: int, weight_dtype: str) -> Work:
     b_w = DTYPE_BYTES[weight_dtype]
     hidden, vocab = model.hidden_size, model.vocab_size
     return Work(2.0 * batch * hidden * vocab + 4.0 * batch * hidden, (vocab + 1) * hidden * b_w)
+
+
+def host_rows_per_kv_head(model: ModelSpec, lp: LayerPlan) -> float:
+    """Rows HybridGen's top-k path gathers and sends per (sequence, KV head) for ``lp``.
+
+    Per query head ``G k`` (a row several heads pick counts once per head); per KV group the
+    distinct rows: ``k`` for a shared top-k, the expected size of the union of the group's
+    per-head top-k sets for a union (``accuracy.groups.expected_union_rows``: from the overlap
+    of the heads' top-k sets on the accuracy model's synthetic attention, between k and
+    ``min(G k, host tokens)``). An exact plan sends every host row once per KV head."""
+    group, k = model.gqa_group, lp.host_selected
+    if lp.exact:
+        return float(lp.host_tokens)
+    mode = lp.group_selection(group)
+    if mode is GroupSelect.PER_HEAD:
+        return float(group * k)
+    if mode is GroupSelect.GROUP_SHARED:
+        return float(k)
+    from hgsim.accuracy.groups import expected_union_rows  # numpy/scipy only when needed
+
+    return expected_union_rows(lp.host_tokens, k, group)
 
 
 def _heap_inserts(heaps: float, n: float, k: float) -> float:

@@ -100,11 +100,11 @@ def probe_setting(policy: str, model: ModelSpec, profile: HardwareProfile, workl
                   options: dict[str, Any], knob: Knob, value: float) -> ProxyProbe:
     """Proxy error of ``policy`` with its knob at ``value`` (the plan at the median step,
     before any scheduler decision: for HybridGen, r at the floor)."""
-    from hgsim.accuracy import accuracy_proxy
+    from hgsim.accuracy import accuracy_proxy, group_spec
 
     pol = make_policy(policy, model, profile, workload, knob.options(options, value))
     plan = pol.step_plan(accuracy_context(workload)).layer
-    return ProxyProbe(value, float(accuracy_proxy(plan).rel_error), pol.feasible,
+    return ProxyProbe(value, float(accuracy_proxy(plan, group_spec(model.gqa_group)).rel_error), pol.feasible,
                       pol.infeasibility())
 
 

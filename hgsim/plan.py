@@ -54,6 +54,35 @@ class Selector(str, Enum):
     DROPPED = "dropped"  # host tokens never attended
 
 
+class GroupSelect(str, Enum):
+    """At what granularity HybridGen's host top-k selects under grouped-query attention.
+
+    The ``G = heads / kv_heads`` query heads of a KV group read the same K and V rows, so a row
+    several of them select needs to be gathered and to cross PCIe only once.
+
+    * ``PER_HEAD``: each query head keeps its own top-k and receives its own rows (a row picked
+      by several heads of a group is gathered and sent once per head);
+    * ``GROUP_UNION``: each head keeps its top-k; the group's distinct rows (the union) are
+      gathered and sent once per KV head, and every head of the group is given its logits over
+      the whole union (a superset of its own top-k: at least as accurate as per head);
+    * ``GROUP_SHARED``: one top-k per KV group by an aggregate of the group's logits
+      (``GroupScore``): k rows per KV head, the cheapest.
+
+    With one query head per KV head (MHA) the three coincide.
+    """
+
+    PER_HEAD = "per_head"
+    GROUP_UNION = "group_union"
+    GROUP_SHARED = "group_shared"
+
+
+class GroupScore(str, Enum):
+    """The aggregate of the group's logits that ranks tokens in ``GroupSelect.GROUP_SHARED``."""
+
+    MAX = "max"  # the best logit any head of the group gives the token
+    SUM = "sum"  # the sum (equivalently the mean) of the group's logits
+
+
 @dataclass(frozen=True, slots=True)
 class KvPlacement:
     """Fraction of host-resident K rows and V rows in each host tier (each sums to 1).
@@ -110,6 +139,10 @@ class LayerPlan:
     placement: KvPlacement | None  # None when no token is host-resident
     lookahead: bool = False  # CPU works on layer i+1 while the GPU finishes layer i
     speculate_key_fraction: float = 0.0  # InfiniGen: share of key channels read to speculate
+    # HybridGen under GQA: per query head, or per KV group (union / shared top-k); see
+    # ``GroupSelect``. ``host_selected`` stays each head's (union) or each group's (shared) k.
+    selection: GroupSelect = GroupSelect.PER_HEAD
+    group_score: GroupScore = GroupScore.MAX  # the aggregate of GROUP_SHARED
 
     def __post_init__(self) -> None:
         if self.gpu_tokens > self.context:
@@ -118,6 +151,9 @@ class LayerPlan:
             raise ValueError("host_selected must lie in [0, host_tokens]")
         if self.host_tokens and self.placement is None and not self.host_evicted:
             raise ValueError("host-resident tokens need a placement")
+        # plain strings (a YAML or JSON round trip) become the enums
+        object.__setattr__(self, "selection", GroupSelect(self.selection))
+        object.__setattr__(self, "group_score", GroupScore(self.group_score))
 
     @property
     def gpu_tokens(self) -> int:
@@ -152,6 +188,14 @@ class LayerPlan:
     def host_range(self) -> tuple[int, int]:
         """[start, end) of host-resident token positions."""
         return self.sink_tokens, self.context - self.gpu_recent_tokens
+
+    def group_selection(self, heads_per_group: int) -> GroupSelect:
+        """The granularity that actually runs for a model with ``heads_per_group`` query heads
+        per KV head: the plan's, except that one head per group (MHA) or an exact plan (every
+        host token selected) is per head whatever the plan says."""
+        if heads_per_group <= 1 or self.exact:
+            return GroupSelect.PER_HEAD
+        return self.selection
 
 
 @dataclass(frozen=True, slots=True)

@@ -62,6 +62,7 @@ class SimResult:
     capex_usd: float = float("nan")
     capex_usd_per_s: float = float("nan")
     electricity_usd_per_j: float = float("nan")
+    selection: str = ""  # HybridGen's GQA top-k granularity that ran (plan.GroupSelect)
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -182,6 +183,7 @@ class SimResult:
                 "final_gpu_tokens": self.steps[-1].gpu_tokens,
                 "accuracy_mass_kept": self.accuracy_mass_kept,
                 "accuracy_rel_error": self.accuracy_rel_error,
+                "selection": self.selection,
             })
             shares = self.binding_shares()
             row["binding"] = self.binding

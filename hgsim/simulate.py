@@ -118,6 +118,8 @@ def simulate(
             simulated=step in sampled, variable_s=m.variable_s, decision=decision,
         ))
     result.steps = _interpolate(steps)
+    # HybridGen's GQA top-k granularity that ran (per_head for every other policy)
+    result.selection = pol.step_plan(workload.context).layer.selection.value
     result.binding_s = binding
     if sched is not None:
         result.decisions = dict(sched.decisions())
@@ -133,7 +135,7 @@ def simulate(
     if pol.lossy and not fidelity.accuracy:  # not computed: no number rather than a wrong one
         result.accuracy_mass_kept = result.accuracy_rel_error = float("nan")
     elif pol.lossy and scored is not None:
-        _accuracy(result, scored)
+        _accuracy(result, scored, pol.model)
     if trace_path is not None:
         from hgsim.sim.trace import write_chrome_trace
 
@@ -184,17 +186,18 @@ def _prefill(engine: DecodeEngine, model: ModelSpec, workload: Workload) -> floa
     return env.now - t0
 
 
-def _accuracy(result: SimResult, median_plan: LayerPlan) -> None:
+def _accuracy(result: SimResult, median_plan: LayerPlan, model: ModelSpec) -> None:
     """Proxy fidelity of the selection the run actually made.
 
     The plan the run used at its median step, with its top-k ratio replaced by the mean over
     every step: an adaptive scheduler's r changes during the run, and the mean is what the run
-    attended on average. Static policies have one ratio, so this is their plan unchanged.
+    attended on average. Static policies have one ratio, so this is their plan unchanged. The
+    synthetic attention has the model's query heads per KV head.
     """
-    from hgsim.accuracy import accuracy_proxy
+    from hgsim.accuracy import accuracy_proxy, group_spec
 
     plan = mean_ratio_plan(median_plan, float(np.mean([s.topk_ratio for s in result.steps])))
-    fid = accuracy_proxy(plan)
+    fid = accuracy_proxy(plan, group_spec(model.gqa_group))  # GQA groups share keys
     result.accuracy_mass_kept = float(fid.mass_kept)
     result.accuracy_rel_error = float(fid.rel_error)
 

@@ -1,8 +1,10 @@
 """CPU attention kernels for HybridGen-style CPU-GPU collaborative decoding.
 
 During long-context decode the CPU owns part of the KV cache (host DRAM or a CXL node). It
-either scores the keys there and keeps a per-head top-k (``logits_topk``), ships the
-selected rows to the GPU (``gather_rows``), or computes attention over a token range itself
+either scores the keys there and keeps a per-head top-k (``logits_topk``) or a top-k per KV
+group under GQA (``logits_topk_grouped``: the union of the group's per-head sets, or one
+shared top-k), ships the selected rows to the GPU (``gather_rows``; per KV head for grouped
+indices), or computes attention over a token range itself
 (``partial_attention``) so that the GPU's partial result and the CPU's merge exactly
 (``merge``).
 
@@ -55,6 +57,9 @@ BACKEND = "c" if _ext is not None else "numpy-fallback"
 
 KV_DTYPES = ("float32", "bfloat16", "float16")
 _DTYPE_CODE = {"float32": 0, "bfloat16": 1, "float16": 2}
+#: Grouped top-k modes and aggregates (``logits_topk_grouped``), as the extension numbers them.
+GROUP_MODES = {"group_union": 1, "group_shared": 2}
+GROUP_SCORES = {"max": 0, "sum": 1}
 
 __all__ = [
     "BACKEND",
@@ -64,8 +69,10 @@ __all__ = [
     "available_simd_levels",
     "backend",
     "gather_rows",
+    "group_capacity",
     "logits",
     "logits_topk",
+    "logits_topk_grouped",
     "max_threads",
     "merge",
     "partial_attention",
@@ -447,6 +454,15 @@ class _CompiledKernels:
         )
         return values, indices
 
+    def logits_topk_grouped(
+        self, c: _Call, k: int, mode: str, score: str, values: np.ndarray,
+        indices: np.ndarray, counts: np.ndarray,
+    ) -> int:
+        return _ext.logits_topk_group(
+            c.q, c.K, _DTYPE_CODE[c.kdt], c.start, c.end, c.scale, c.threads, k,
+            GROUP_MODES[mode], GROUP_SCORES[score], values, indices, counts,
+        )
+
     def topk(self, scores: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         values = np.empty(scores.shape[:2] + (k,), np.float32)
         indices = np.empty(scores.shape[:2] + (k,), np.int64)
@@ -539,6 +555,39 @@ class _NumpyKernels:
         np.copyto(values, found)
         np.copyto(indices, order)
         return values, indices
+
+    def logits_topk_grouped(
+        self, c: _Call, k: int, mode: str, score: str, values: np.ndarray,
+        indices: np.ndarray, counts: np.ndarray,
+    ) -> int:
+        B, H, KVH, _, _ = c.shape
+        G = H // KVH
+        scores = self.logits(c).reshape(B, KVH, G, -1)
+        if mode == "group_union":
+            _, picked = self.topk(scores.reshape(B * KVH, G, -1), k, c.threads)
+            picked = picked.reshape(B, KVH, G * k)
+        else:
+            total = scores[:, :, 0].copy()
+            for g in range(1, G):  # in the extension's order (sum) and NaN rule (max)
+                x = scores[:, :, g]
+                if score == "sum":
+                    total += x
+                else:
+                    total = np.where((x > total) | np.isnan(x), x, total)
+            _, picked = self.topk(total, k, c.threads)
+        sets = [[np.unique(picked[b, kh]) for kh in range(KVH)] for b in range(B)]
+        counts[...] = [[len(rows) for rows in per_b] for per_b in sets]
+        m = int(counts.max())
+        out_v = values.reshape(-1)[: B * H * m].reshape(B, H, m)
+        out_i = indices.reshape(-1)[: B * KVH * m].reshape(B, KVH, m)
+        out_v[...] = -np.inf
+        for b in range(B):
+            for kh in range(KVH):
+                rows = sets[b][kh]
+                out_i[b, kh, : len(rows)] = rows + c.start
+                out_i[b, kh, len(rows):] = rows[-1] + c.start
+                out_v[b, kh * G : (kh + 1) * G, : len(rows)] = scores[b, kh][:, rows]
+        return m
 
     def topk(self, scores: np.ndarray, k: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
         order = np.argsort(~_order_keys(scores), axis=-1, kind="stable")[..., :k]
@@ -663,6 +712,55 @@ class CpuAttention:
         self._k.logits_topk(c, k, values, indices)
         return tuple(out)
 
+    def logits_topk_grouped(
+        self, q, K, k, *, mode="group_union", score="max", scale=None, start=0, end=None,
+        num_threads=None, kv_dtype=None, out=None,
+    ):
+        """Top-k per KV group under GQA and every head's scores over the group's rows.
+
+        The G = H / KVH query heads of a KV group share its K and V rows. ``mode`` picks the
+        rows of each (batch, kv head) among tokens [start, end):
+
+        * ``"group_union"``: the union of the G heads' own top-k sets (ties to the lower
+          index, NaN above +inf, as ``logits_topk``): between k and min(G k, tokens) rows;
+        * ``"group_shared"``: the top-k of the group's scores aggregated by ``score``,
+          ``"max"`` or ``"sum"`` (NaN in any head makes the aggregate NaN): k rows.
+
+        Returns ``(values float32 (B, H, m), indices int64 (B, KVH, m), counts int64 (B, KVH))``:
+        each group's absolute positions ascending, then padded to the widest group's count m
+        with its last position and score -inf (weight 0 in a softmax); ``values[b, h, j]`` is
+        head h's scaled score of ``indices[b, h // G, j]``, computed again on the gathered K
+        rows (the fused scan keeps no score rows). With G = 1 both modes are the per-head
+        top-k, by position. ``out`` = (values (B, H, capacity), indices (B, KVH, capacity),
+        counts (B, KVH)) with ``capacity = group_capacity(mode, G, k, end - start)``, when
+        given, is filled: the results are then views of its contiguous prefixes.
+        """
+        if mode not in GROUP_MODES:
+            raise ValueError(f"mode: expected one of {tuple(GROUP_MODES)}, got {mode!r}")
+        if score not in GROUP_SCORES:
+            raise ValueError(f"score: expected one of {tuple(GROUP_SCORES)}, got {score!r}")
+        c = _prepare(
+            q, K, scale=scale, start=start, end=end, num_threads=num_threads, kv_dtype=kv_dtype
+        )
+        k = _check_k(k, c.end - c.start)
+        B, H, KVH, _, _ = c.shape
+        cap = group_capacity(mode, H // KVH, k, c.end - c.start)
+        if out is None:
+            bufs = (np.empty((B, H, cap), np.float32), np.empty((B, KVH, cap), np.int64),
+                    np.empty((B, KVH), np.int64))
+            given = tuple(_to_torch(x) for x in bufs) if c.torch_out else bufs
+        else:
+            if not isinstance(out, tuple | list) or len(out) != 3:
+                raise ValueError("out: expected a (values, indices, counts) triple")
+            bufs = (_out_view(out[0], (B, H, cap), np.float32, "out[0]"),
+                    _out_view(out[1], (B, KVH, cap), np.int64, "out[1]"),
+                    _out_view(out[2], (B, KVH), np.int64, "out[2]"))
+            given = tuple(out)
+        m = self._k.logits_topk_grouped(c, k, mode, score, *bufs)
+        values, indices, counts = given
+        return (values.reshape(-1)[: B * H * m].reshape(B, H, m),
+                indices.reshape(-1)[: B * KVH * m].reshape(B, KVH, m), counts)
+
     def partial_attention(
         self, q, K, V, *, scale=None, start=0, end=None, num_threads=None, kv_dtype=None
     ):
@@ -721,6 +819,14 @@ class CpuAttention:
         if torch_out:
             return _to_torch(rows, vdt)
         return rows.view(V.dtype) if V.dtype.name == "bfloat16" else rows
+
+
+def group_capacity(mode: str, group: int, k: int, tokens: int) -> int:
+    """Rows ``logits_topk_grouped`` may keep per (batch, kv head): k for ``"group_shared"``,
+    at most ``group * k`` and at most ``tokens`` for ``"group_union"``."""
+    if mode not in GROUP_MODES:
+        raise ValueError(f"mode: expected one of {tuple(GROUP_MODES)}, got {mode!r}")
+    return k if mode == "group_shared" else min(group * k, tokens)
 
 
 def _check_indices(idx: Any, shape: tuple[int, int, int, int, int]) -> np.ndarray:
@@ -799,6 +905,7 @@ _DEFAULT = _BACKENDS["c"] if _ext is not None else _BACKENDS["numpy"]
 logits = _DEFAULT.logits
 topk = _DEFAULT.topk
 logits_topk = _DEFAULT.logits_topk
+logits_topk_grouped = _DEFAULT.logits_topk_grouped
 partial_attention = _DEFAULT.partial_attention
 sparse_attention = _DEFAULT.sparse_attention
 gather_rows = _DEFAULT.gather_rows

@@ -97,7 +97,7 @@ class StepRun:
 
     plan: StepPlan
     outputs: list[torch.Tensor]  # per layer, (B, H, D) float32 on the device
-    selections: list[torch.Tensor | None]  # per layer, host positions attended (B, H, k)
+    selections: list[torch.Tensor | None]  # per layer, host positions attended (B, H, k or m)
     timing: StepTiming
     layers: list[LayerTiming]
     device: str
@@ -374,7 +374,8 @@ class _StepRun:
             return kernels.gather_kv(kv, index)
         if state.path is HostPath.LOGITS:
             return kernels.logits_and_values(kv, span, q, lp.host_selected, ex.scale,
-                                             exact=lp.exact)
+                                             exact=lp.exact, selection=lp.selection,
+                                             group_score=lp.group_score)
         if lp.cpu_work is CpuWork.SPARSE_PARTIAL and not lp.exact:
             return kernels.sparse_partial(kv, span, q, lp.host_selected, ex.scale)
         return kernels.partial_attention(kv, span, q, ex.scale)
@@ -475,12 +476,18 @@ class _StepRun:
 
     @staticmethod
     def _selection(state: LayerState) -> torch.Tensor | None:
-        """A copy: the host's index buffers are reused next step."""
+        """A copy (the host's index buffers are reused next step), per query head: a KV
+        group's rows (per-KV-group selection) are what each head of the group attended."""
         if state.path is HostPath.SPECULATE:
             return state.speculated.cpu()
         if state.host_job is not None:
             index = state.host_job.result().index
-            return None if index is None else index.clone()
+            if index is None:
+                return None
+            heads = state.q.shape[1]
+            if index.shape[1] != heads:
+                return index.repeat_interleave(heads // index.shape[1], dim=1)
+            return index.clone()
         return None
 
 

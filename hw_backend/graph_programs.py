@@ -14,7 +14,8 @@ the replay; positions past the count are masked:
   ``(groups, count, width)`` in a flat landing buffer; this views them as
   ``(groups, bucket, width)`` by a clamped gather, with the mask of the real columns.
 * ``softmax_union_padded``, ``stream_merge``, ``rows_merge`` and ``lse_merge_pair``: HybridGen's
-  merge, FlexGen's streamed KV, InfiniGen's fetched rows and the LSE merge of partial outputs.
+  merge (V rows per query head, per KV group, or exact mode's block), FlexGen's streamed KV,
+  InfiniGen's fetched rows and the LSE merge of partial outputs.
 * ``speculate_topk``: InfiniGen's approximate scores over a bucket of the partial key cache,
   positions outside the host range masked, top ``bucket`` sorted, so the first ``k`` are the
   top-k the plan asks for.
@@ -85,23 +86,30 @@ def lse_merge_pair(a: Partial, b: Partial) -> Partial:
 
 
 def softmax_union_padded(device_part: Partial, logits_flat: torch.Tensor, values: torch.Tensor,
-                         count: torch.Tensor, *, per_head: bool) -> Partial:
+                         count: torch.Tensor, *, per_head: bool,
+                         kv_heads: int | None = None) -> Partial:
     """HybridGen's merge from landing buffers: ``logits_flat`` holds the host's (B, H, k)
-    scaled logits contiguously; ``values`` is either the flat (B, H, k, D) V rows of top-k
-    (``per_head``) or the padded (B, KVH, bucket, D) V block of exact mode."""
+    scaled logits contiguously; ``values`` is the flat (B, H, k, D) V rows of a per-head top-k
+    (``per_head``), the flat (B, KVH, k, D) distinct rows of a per-KV-group top-k (``per_head``
+    with ``kv_heads``: each head weighs its group's rows, padding rows carry logit -inf), or
+    the padded (B, KVH, bucket, D) V block of exact mode."""
     out_dev, _ = device_part
     batch, heads, dim = out_dev.shape
+    row_sets = batch * (kv_heads or heads)
     if per_head:
-        columns = values.numel() // (batch * heads * dim)
+        columns = values.numel() // (row_sets * dim)
     else:
         columns = values.shape[2]
     logits, mask = unflatten_padded(logits_flat, batch * heads, count, columns)
     logits = logits.reshape(batch, heads, columns)
     weights, lse = _normalise_masked(logits.float(), mask)
     if per_head:
-        rows, _ = unflatten_padded(values, batch * heads, count, columns, dim)
-        rows = rows.reshape(batch, heads, columns, dim)
-        host_out = torch.matmul(weights.unsqueeze(-2).to(rows.dtype), rows).squeeze(-2).float()
+        rows, _ = unflatten_padded(values, row_sets, count, columns, dim)
+        rows = rows.reshape(batch, row_sets // batch, columns, dim)
+        if kv_heads:
+            host_out = grouped_weighted_values(weights, rows)
+        else:
+            host_out = torch.matmul(weights.unsqueeze(-2).to(rows.dtype), rows).squeeze(-2).float()
     else:
         host_out = grouped_weighted_values(weights, values)
     return lse_merge_pair(device_part, (host_out, lse))

@@ -254,10 +254,12 @@ class GraphDeviceSide(DeviceSide):
         if path is HostPath.LOGITS:
             per_head = "rows" in land
             values = land["rows"] if per_head else land["values"]
+            kv_heads = land.get("kv_heads")  # rows per KV group: their count crossed with them
+            count = land.get("count", count)
 
             def program() -> None:
                 out.copy_(softmax_union_padded(device_part, land["logits"], values, count,
-                                               per_head=per_head)[0])
+                                               per_head=per_head, kv_heads=kv_heads)[0])
 
             inputs = (land["logits"], values)
         elif path is HostPath.PARTIAL:
@@ -280,8 +282,8 @@ class GraphDeviceSide(DeviceSide):
                                      columns, scale)[0])
 
             inputs = (land["k_rows"], land["v_rows"])
-        key = ("merge", i, path.value, tuple(t.shape for t in inputs),
-               buffer_key(q, out, *device_part, *inputs, self._meta_dev))
+        key = ("merge", i, path.value, tuple(t.shape for t in inputs), land.get("kv_heads"),
+               buffer_key(q, out, *device_part, *inputs, count, self._meta_dev))
         self.graphs.run(key, program, "merge")
         state.output = out
 
@@ -328,7 +330,21 @@ class GraphDeviceSide(DeviceSide):
                 land[name] = flat
                 uploaded[name] = flat[: src.numel()]
             land["bucket"] = bucket
+            if path is HostPath.LOGITS and tensors["rows"].shape[1] != tensors["logits"].shape[1]:
+                # rows per KV group: how many the widest group kept is known only now, so it
+                # crosses beside them (the step's count table holds the plan's k)
+                land["kv_heads"] = tensors["rows"].shape[1]
+                land["count"] = self._upload_count(state, k)
         state.uploaded = uploaded
+
+    def _upload_count(self, state: LayerState, count: int) -> torch.Tensor:
+        """A one-element device int64 holding ``count``, copied from (pinned) host memory on
+        the copy queue; each layer parity has its own."""
+        host = self.ex.kernels.buffers.take((id(state.kv), "row count"), (1,), torch.int64)
+        host[0] = count
+        dev = self._landing_buffer(state.index, "row count", (1,), torch.int64)
+        dev.copy_(host, non_blocking=True)
+        return dev
 
     def stream(self, state, start, end) -> None:
         """FlexGen's copy; a new token that belongs to the host range is still only on the

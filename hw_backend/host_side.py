@@ -7,7 +7,10 @@ device, together with the CPU time it took. What crosses depends on the plan:
 
 * ``LOGITS_TOPK`` (HybridGen): scaled logits of the selected host tokens and their V rows. In
   exact mode (every host token selected) no top-k is needed: all logits plus the contiguous V
-  block of the range (per KV head, so GQA groups do not duplicate rows).
+  block of the range (per KV head, so GQA groups do not duplicate rows). Selecting per query
+  head, rows (B, H, k, D) follow each head's top-k; per KV group (``plan.GroupSelect``) the
+  group's distinct rows are gathered once per KV head, (B, KVH, m, D), with every head's logits
+  over them (B, H, m) (``cpu_attention.logits_topk_grouped``).
 * ``PARTIAL_ATTENTION`` (CPU offload, FlexGen-CPU): attention output over the range and its LSE.
 * ``SPARSE_PARTIAL`` (HGCA): per-head top-k by logits, attention over those tokens, output+LSE.
 * InfiniGen's gather: the K and V rows of the tokens the device speculated.
@@ -20,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hgsim.plan import GroupScore, GroupSelect
 from hw_backend import cpu_attention
 from hw_backend.buffers import BufferPool
 from hw_backend.kv_store import LayerKv
@@ -31,7 +35,8 @@ class HostPayload:
 
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # crosses to the device
     cpu_s: float = 0.0  # C kernel time
-    index: torch.Tensor | None = None  # selected absolute positions (B, H, k); stays on host
+    # selected absolute positions (B, H, k), or (B, KVH, m) per KV group; stays on host
+    index: torch.Tensor | None = None
     gather_s: float = 0.0  # of cpu_s, gathering selected rows (grows with the top-k ratio)
     # (buffers are reused: the tensors are valid until the layer's next step)
 
@@ -52,9 +57,11 @@ class HostKernels:
 
     def logits_and_values(
         self, kv: LayerKv, span: tuple[int, int], q: torch.Tensor, selected: int, scale: float, *,
-        exact: bool,
+        exact: bool, selection: GroupSelect = GroupSelect.PER_HEAD,
+        group_score: GroupScore = GroupScore.MAX,
     ) -> HostPayload:
-        """HybridGen's CPU side: host logits (top-k unless exact) and the matching V rows."""
+        """HybridGen's CPU side: host logits (top-k unless exact) and the matching V rows, per
+        query head or per KV group (``selection``; one head per KV group selects per head)."""
         start, end = span
         t0 = time.perf_counter()
         batch, heads = q.shape[:2]
@@ -65,12 +72,41 @@ class HostKernels:
                             num_threads=self.threads, out=logits)
             values = kv.host_v[:, :, start:end]  # a view; the upload reads it in place
             return HostPayload({"logits": logits, "values": values}, time.perf_counter() - t0)
+        kv_heads = kv.host_k.shape[1]
+        if GroupSelect(selection) is not GroupSelect.PER_HEAD and heads > kv_heads:
+            return self._group_logits_and_values(kv, span, q, selected, scale, t0,
+                                                 GroupSelect(selection), GroupScore(group_score))
         logits = self.buffers.take((id(kv), "logits"), (batch, heads, selected), torch.float32)
         index = self.buffers.take((id(kv), "selected"), (batch, heads, selected), torch.int64)
         self.ops.logits_topk(q, kv.host_k, selected, scale=scale, start=start, end=end,
                              num_threads=self.threads, out=(logits, index))
         rows = self.buffers.take((id(kv), "rows"), (batch, heads, selected, kv.host_v.shape[3]),
                                  kv.host_v.dtype)
+        t1 = time.perf_counter()
+        self.ops.gather_rows(kv.host_v, index, num_threads=self.threads, out=rows)
+        t2 = time.perf_counter()
+        return HostPayload({"logits": logits, "rows": rows}, t2 - t0, index, gather_s=t2 - t1)
+
+    def _group_logits_and_values(
+        self, kv: LayerKv, span: tuple[int, int], q: torch.Tensor, selected: int, scale: float,
+        t0: float, selection: GroupSelect, group_score: GroupScore,
+    ) -> HostPayload:
+        """Per KV group: the group's rows (union or shared top-k), each gathered once per KV
+        head, and every head's logits over them (the kernel's buffers are sized for the most
+        rows a group may keep; its results, and the rows, for the widest group's m)."""
+        start, end = span
+        batch, heads = q.shape[:2]
+        kv_heads, dim = kv.host_k.shape[1], kv.host_v.shape[3]
+        cap = cpu_attention.group_capacity(selection.value, heads // kv_heads, selected,
+                                           end - start)
+        take = self.buffers.take
+        out = (take((id(kv), "group logits"), (batch, heads, cap), torch.float32),
+               take((id(kv), "group selected"), (batch, kv_heads, cap), torch.int64),
+               take((id(kv), "group counts"), (batch, kv_heads), torch.int64))
+        logits, index, _ = self.ops.logits_topk_grouped(
+            q, kv.host_k, selected, mode=selection.value, score=group_score.value, scale=scale,
+            start=start, end=end, num_threads=self.threads, out=out)
+        rows = take((id(kv), "rows"), (*index.shape, dim), kv.host_v.dtype)
         t1 = time.perf_counter()
         self.ops.gather_rows(kv.host_v, index, num_threads=self.threads, out=rows)
         t2 = time.perf_counter()

@@ -33,7 +33,11 @@ CODES = {"float32": 0, "bfloat16": 1, "float16": 2}
 KV_DTYPES = tuple(CODES)
 TOL = {"rtol": 1e-4, "atol": 1e-4}
 #: Entries that take q and K (and so a batch and head_dim shared between them).
-WITH_QK = ("partial_attention", "logits", "logits_topk", "sparse_attention")
+WITH_QK = ("partial_attention", "logits", "logits_topk", "logits_topk_grouped",
+           "logits_topk_group", "sparse_attention")
+GROUPED = ("logits_topk_grouped", "logits_topk_group")
+GROUP_MODE_CODES = {"group_union": 1, "group_shared": 2}
+GROUP_SCORE_CODES = {"max": 0, "sum": 1}
 WITH_V = ("partial_attention", "sparse_attention", "gather_rows")
 WITH_IDX = ("sparse_attention", "gather_rows")
 
@@ -127,6 +131,9 @@ def expected_valid(spec: dict, a: dict) -> bool:
         return False
     if entry == "logits_topk":
         return 1 <= spec["k"] <= end - start
+    if entry in GROUPED:
+        return (spec["group_mode"] in GROUP_MODE_CODES and spec["group_score"] in GROUP_SCORE_CODES
+                and 1 <= spec["k"] <= end - start)
     return True
 
 
@@ -159,6 +166,9 @@ def call(spec: dict, a: dict):
         return C.logits(a["q"], a["K"], num_threads=threads, **rng, **kv)
     if entry == "logits_topk":
         return C.logits_topk(a["q"], a["K"], spec["k"], num_threads=threads, **rng, **kv)
+    if entry == "logits_topk_grouped":
+        return C.logits_topk_grouped(a["q"], a["K"], spec["k"], mode=spec["group_mode"],
+                                     score=spec["group_score"], num_threads=threads, **rng, **kv)
     if entry == "topk":
         return C.topk(a["scores"], spec["k"], num_threads=threads)
     if entry == "sparse_attention":
@@ -187,6 +197,21 @@ def _call_raw(spec: dict, a: dict, entry: str, threads: int):
         values, indices = np.empty((B, H, k), np.float32), np.empty((B, H, k), np.int64)
         ext.logits_topk(q, K, kdt, start, end, a["scale"], threads, values, indices)
         return values, indices
+    if entry == "logits_topk_group":
+        mode, score = spec["group_mode"], spec["group_score"]
+        KVH = K.shape[1]
+        group = H // KVH if KVH and H % KVH == 0 else 1
+        tokens = end - start
+        cap = (ca.group_capacity(mode, group, k, tokens)
+               if mode in GROUP_MODE_CODES and 1 <= k <= tokens else k)
+        values = np.empty((B, H, cap), np.float32)
+        indices, counts = np.empty((B, KVH, cap), np.int64), np.empty((B, KVH), np.int64)
+        codes = (GROUP_MODE_CODES.get(mode, mode if isinstance(mode, int) else 0),
+                 GROUP_SCORE_CODES.get(score, score if isinstance(score, int) else 5))
+        m = ext.logits_topk_group(q, K, kdt, start, end, a["scale"], threads, k, *codes, values,
+                                  indices, counts)
+        return (values.reshape(-1)[: B * H * m].reshape(B, H, m),
+                indices.reshape(-1)[: B * KVH * m].reshape(B, KVH, m), counts)
     if entry == "topk":
         s = a["scores"]
         values = np.empty(s.shape[:2] + (k,), np.float32)
@@ -238,6 +263,8 @@ def check(spec: dict, a: dict, got) -> str | None:
         rows = REF.gather_rows(V, idx, **kv)
         return None if np.array_equal(np.asarray(got).view(rows.dtype), rows) else "rows differ"
     scores = a["scores"] if entry == "topk" else REF.logits(q, K, **rng, **kv, **scale)
+    if entry in GROUPED:
+        return _grouped_ok(got, scores, spec)
     return _topk_ok(got, scores, 0 if entry == "topk" else spec["start"])
 
 
@@ -267,6 +294,46 @@ def _topk_ok(got, scores: np.ndarray, start: int) -> str | None:
         return "values are not the k largest"
     if not np.allclose(at, values, **TOL):
         return "indices do not hold their values"
+    return None
+
+
+def _grouped_ok(got, scores: np.ndarray, spec: dict) -> str | None:
+    """Each group's rows ascending and distinct, padded with the last one and score -inf; every
+    head's scores over them right; and they hold what the mode must keep: every token some
+    head of the group (union) or the group's aggregate (shared) ranks clearly inside its
+    top-k (near-ties between float32 scores computed in another order may go either way)."""
+    values, indices, counts = (np.asarray(x) for x in got)
+    B, H, n = scores.shape
+    KVH = indices.shape[1]
+    G, k, start = H // KVH, spec["k"], spec["start"]
+    if counts.shape != (B, KVH) or int(counts.max()) != indices.shape[2]:
+        return f"counts {counts.tolist()} do not fit width {indices.shape[2]}"
+    tol = 1e-4 * (1.0 + np.abs(scores).max()) * G
+    for b in range(B):
+        for kh in range(KVH):
+            c = int(counts[b, kh])
+            rows = indices[b, kh, :c] - start
+            heads = scores[b, kh * G : (kh + 1) * G]
+            if c < 1 or np.any(np.diff(rows) <= 0) or rows.min() < 0 or rows.max() >= n:
+                return f"group ({b}, {kh}): rows {rows.tolist()} not ascending in range"
+            if np.any(indices[b, kh, c:] != indices[b, kh, c - 1]) or np.any(
+                    values[b, kh * G : (kh + 1) * G, c:] != -np.inf):
+                return f"group ({b}, {kh}): bad padding"
+            if not np.allclose(values[b, kh * G : (kh + 1) * G, :c], heads[:, rows], **TOL):
+                return f"group ({b}, {kh}): scores differ"
+            if spec["group_mode"] == "group_union":
+                if not k <= c <= G * k:
+                    return f"group ({b}, {kh}): union of {c} rows for k = {k}, G = {G}"
+                ranked = heads
+            else:
+                if c != k:
+                    return f"group ({b}, {kh}): shared top-k of {c} rows for k = {k}"
+                ranked = (heads.max(axis=0) if spec["group_score"] == "max"
+                          else heads.astype(np.float64).sum(axis=0))[None]
+            for row in ranked:
+                kth = np.sort(row)[::-1][k - 1]
+                if not set(np.flatnonzero(row > kth + tol)) <= set(rows.tolist()):
+                    return f"group ({b}, {kh}): a clear top-k token is missing"
     return None
 
 

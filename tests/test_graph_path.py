@@ -125,6 +125,24 @@ def test_softmax_union_padded_equals_hybridgens_merge(per_head):
     close(got[1], want[1])
 
 
+def test_softmax_union_padded_with_rows_per_kv_group_equals_the_eager_merge():
+    """Per-KV-group selection (issue 21): (B, KVH, m, D) distinct rows, every head's logits over
+    its group's rows, padding rows inside m at logit -inf, columns past m masked."""
+    n_dev, m, bucket = 30, 11, 16
+    q = randn(B, H, D)
+    device = partial_attention(q, randn(B, KVH, n_dev, D, seed=1), randn(B, KVH, n_dev, D,
+                                                                          seed=2), 0.25)
+    logits = randn(B, H, m, seed=3)
+    logits[:, : H // KVH, m - 3 :] = float("-inf")  # group 0 kept fewer rows: padding
+    rows = randn(B, KVH, m, D, seed=4)
+    want = softmax_union(device, logits, rows)  # the eager path's merge
+    got = gp.softmax_union_padded(device, padded(logits.reshape(-1), 0, B * H * bucket, 9.0),
+                                  padded(rows.reshape(-1), 0, B * KVH * bucket * D, 9.0),
+                                  count(m), per_head=True, kv_heads=KVH)
+    close(got[0], want[0])
+    close(got[1], want[1])
+
+
 def test_stream_and_rows_merges_equal_the_eager_ones():
     n, bucket, scale = 21, 24, 0.25
     q = randn(B, H, D)

@@ -34,9 +34,10 @@ pytestmark = pytest.mark.skipif(ca.BACKEND != "c", reason="compiled extension no
 CHILD = Path(__file__).with_name("kernel_calls.py")
 ROOT = CHILD.parent.parent
 CPUS = os.cpu_count() or 1
-WRAPPER_ENTRIES = ["partial_attention", "logits", "logits_topk", "topk", "sparse_attention",
-                   "gather_rows"]
-RAW_ENTRIES = [*WRAPPER_ENTRIES, "stream_read", "pointer_chase"]
+WRAPPER_ENTRIES = ["partial_attention", "logits", "logits_topk", "logits_topk_grouped", "topk",
+                   "sparse_attention", "gather_rows"]
+RAW_ENTRIES = [*(e if e != "logits_topk_grouped" else "logits_topk_group"
+                 for e in WRAPPER_ENTRIES), "stream_read", "pointer_chase"]
 #: None: the default; then the ordinary, the machine's limit, and counts that once crashed
 #: (thousands of threads) or that no C int holds.
 THREADS = [None, 0, 1, 2, CPUS, CPUS + 1, 64, 100_000, 2**31 - 1, 2**31, -1, 2**63]
@@ -69,6 +70,10 @@ def kernel_call(draw, api: str) -> dict:
         "k": draw(st.sampled_from([-1, 0, 1, T, T + 1]) | st.integers(1, 40)),
         "idx_range": draw(st.sampled_from([(0, T), (0, T), (0, 1), (-1, T), (0, T + 1)])),
         "kdt_code": draw(st.sampled_from([None] * 4 + [0, 1, 2, 3, -1])),
+        # grouped top-k: mode and aggregate, by name (wrapper) or code (raw), some invalid
+        "group_mode": draw(st.sampled_from(["group_union", "group_shared"] * 3
+                                           + ["per_head", 0, 3])),
+        "group_score": draw(st.sampled_from(["max", "sum"] * 3 + ["mean", 2])),
         "seed": draw(st.integers(0, 2**32 - 1)),
     }
 

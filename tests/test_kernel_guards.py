@@ -22,14 +22,17 @@ import hw_backend.cpu_attention as ca
 pytestmark = pytest.mark.skipif(ca.BACKEND != "c", reason="compiled extension not built")
 
 CPUS = os.cpu_count() or 1
-ENTRIES = ["partial_attention", "logits", "logits_topk", "topk", "sparse_attention",
-           "gather_rows"]
+ENTRIES = ["partial_attention", "logits", "logits_topk", "logits_topk_grouped", "topk",
+           "sparse_attention", "gather_rows"]
 
 
 def spec(entry: str, api: str, **changes) -> dict:
+    if api == "raw" and entry == "logits_topk_grouped":
+        entry = "logits_topk_group"  # the extension's name for it
     base = {"api": api, "entry": entry, "B": 1, "H": 4, "KVH": 2, "T": 40, "D": 16,
             "dtype": "float32", "layout": "contiguous", "mismatch": None, "threads": None,
-            "start": 0, "end": None, "k": 3, "idx_range": [0, 40], "kdt_code": None, "seed": 1}
+            "start": 0, "end": None, "k": 3, "idx_range": [0, 40], "kdt_code": None, "seed": 1,
+            "group_mode": "group_union", "group_score": "max"}
     return {**base, **changes}
 
 

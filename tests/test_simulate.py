@@ -126,10 +126,10 @@ def test_sample_steps_cover_first_and_last():
     assert sample_steps(4, 16) == [0, 1, 2, 3]
 
 
-def test_layer_work_closed_form_for_hybridgen():
+def test_layer_work_closed_form_for_hybridgen_per_head():
     model = get_model("llama-2-70b")
     profile = load_profile(H100)
-    pol = make_policy("hybridgen", model, profile, Workload(context=131072, gen=1))
+    pol = make_policy("hybridgen_per_head", model, profile, Workload(context=131072, gen=1))
     lp = pol.layer_plan(131072)
     w = layer_work(model, 1, lp, "fp16", "fp16")
     host, sel = lp.host_tokens, lp.host_selected
@@ -143,6 +143,23 @@ def test_layer_work_closed_form_for_hybridgen():
     assert w.host_calls == 2  # logits_topk, gather_rows
     assert w.cpu_topk_inserts == pytest.approx(64 * sel * (1 + math.log(host / sel)))
     assert w.evict_bytes == 2 * 8 * 128 * 2  # the token leaving the HBM window, K and V
+
+
+def test_layer_work_closed_form_for_hybridgen_shared_by_default():
+    """GQA (issue 21): by default one top-k per KV group, each distinct row gathered and sent
+    once per KV head, its K row gathered to score the group's 8 heads (not staged)."""
+    model = get_model("llama-2-70b")
+    profile = load_profile(H100)
+    pol = make_policy("hybridgen", model, profile, Workload(context=131072, gen=1))
+    lp = pol.layer_plan(131072)
+    assert lp.selection.value == "group_shared"
+    w = layer_work(model, 1, lp, "fp16", "fp16")
+    host, sel = lp.host_tokens, lp.host_selected
+    assert w.cpu_k_bytes == host * 8 * 128 * 2
+    assert w.gather_v_rows == 8 * sel and w.gather_k_rows == 8 * sel and w.unstaged_rows == 8 * sel
+    assert w.staged_bytes == 8 * sel * 128 * 2 + 64 * sel * 4
+    assert w.cpu_topk_inserts == pytest.approx(8 * sel * (1 + math.log(host / sel)))
+    assert w.gather_flops == 2 * 64 * sel * 128 and w.host_calls == 2
 
 
 def test_exact_hybridgen_copies_the_v_block_per_kv_head_without_a_gather():

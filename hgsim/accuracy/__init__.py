@@ -6,6 +6,8 @@
 * ``fidelity``: attention mass kept and relative output error against exact float64 attention,
   for any (q, K, V), synthetic or captured from ``hw_backend``.
 * ``proxy``: ``accuracy_proxy(layer_plan)``, the cached per-configuration call of the simulator.
+* ``groups``: the expected number of distinct rows a KV group's union of per-head top-k sets
+  holds (HybridGen's ``GroupSelect.GROUP_UNION``), from the same synthetic attention.
 """
 
 from hgsim.accuracy.fidelity import (
@@ -19,6 +21,7 @@ from hgsim.accuracy.fidelity import (
     relative_error,
     softmax,
 )
+from hgsim.accuracy.groups import UnionCurve, expected_union_rows, union_curve
 from hgsim.accuracy.proxy import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_SPEC,
@@ -26,6 +29,7 @@ from hgsim.accuracy.proxy import (
     accuracy_proxy,
     cache_info,
     clear_caches,
+    group_spec,
     is_lossless,
     proxy_case,
     scale_problem,
@@ -35,6 +39,7 @@ from hgsim.accuracy.selection import (
     SelectionModel,
     TokenWindow,
     Window,
+    group_topk_mask,
     heavy_hitter_mask,
     history_similarities,
     query_history,
@@ -46,6 +51,7 @@ from hgsim.accuracy.selection import (
 from hgsim.accuracy.synthetic import (
     AttentionModelSpec,
     SyntheticAttention,
+    case_logits,
     design_logits,
     next_query,
     synthesize,
@@ -61,16 +67,21 @@ __all__ = [
     "SelectionModel",
     "SyntheticAttention",
     "TokenWindow",
+    "UnionCurve",
     "Window",
     "accuracy_proxy",
     "attention_logits",
     "cache_info",
+    "case_logits",
     "clear_caches",
     "design_logits",
     "exact_attention",
+    "expected_union_rows",
     "fidelity",
     "fidelity_from_logits",
     "fidelity_from_probs",
+    "group_spec",
+    "group_topk_mask",
     "heavy_hitter_mask",
     "history_similarities",
     "is_lossless",
@@ -87,5 +98,6 @@ __all__ = [
     "synthesize",
     "synthesize_case",
     "topk_mask",
+    "union_curve",
     "zoom_spec",
 ]

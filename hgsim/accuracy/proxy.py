@@ -26,6 +26,10 @@ tokens agree less well on ``rel_error``, which also depends on how many tokens s
 (averaging the values of f-times fewer tokens gives a larger exact output norm).
 
 Otherwise the spec's ``n_tokens`` is replaced by the plan's context.
+
+Grouped-query attention: ``group_spec(G)`` is the spec with ``G`` query heads per KV head (the
+simulator passes the model's), so that HybridGen's per-KV-group selection modes
+(``plan.GroupSelect``) are scored on heads that share keys; the plan's mode reaches the window.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from hgsim.accuracy.fidelity import (
 )
 from hgsim.accuracy.selection import SelectionModel, Window, selection_mask
 from hgsim.accuracy.synthetic import AttentionModelSpec, SyntheticAttention, synthesize_case
-from hgsim.plan import LayerPlan, Selector
+from hgsim.plan import GroupScore, GroupSelect, LayerPlan, Selector
 
 DEFAULT_MAX_TOKENS = 32768
 DEFAULT_SPEC = AttentionModelSpec()
@@ -68,8 +72,11 @@ def scale_problem(
     """Map ``plan`` onto at most ``max_tokens`` tokens, preserving its ratios (module doc)."""
     if max_tokens <= spec.sink_tokens + 1:
         raise ValueError("max_tokens must exceed the spec's sink tokens by at least 2")
+    mode = (getattr(plan, "selection", GroupSelect.PER_HEAD),
+            getattr(plan, "group_score", GroupScore.MAX))
     if plan.context <= max_tokens:
-        window = Window(plan.sink_tokens, plan.gpu_recent_tokens, plan.host_selected, plan.selector)
+        window = Window(plan.sink_tokens, plan.gpu_recent_tokens, plan.host_selected,
+                        plan.selector, *mode)
         return ScaledProblem(spec.with_tokens(plan.context), window, 1.0)
     factor = max_tokens / plan.context
     reserve = 1 if plan.host_tokens else 0  # a host range stays non-empty
@@ -81,8 +88,20 @@ def scale_problem(
         recent = min(_scaled_count(plan.gpu_recent_tokens, factor), max_tokens - sinks - 1)
     host = max_tokens - sinks - recent
     selected = _scaled_share(plan.host_selected, plan.host_tokens, host)
-    window = Window(sinks, recent, selected, plan.selector)
+    window = Window(sinks, recent, selected, plan.selector, *mode)
     return ScaledProblem(zoom_spec(spec, plan.context, max_tokens), window, factor)
+
+
+def group_spec(heads_per_group: int, spec: AttentionModelSpec | None = None) -> AttentionModelSpec:
+    """``spec`` (default ``DEFAULT_SPEC``) with ``heads_per_group`` query heads per KV head: its
+    KV heads kept (so a group-size sweep keeps as many independent groups), query heads
+    ``kv_heads * heads_per_group``. One head per group gives ``spec`` itself."""
+    spec = spec or DEFAULT_SPEC
+    if heads_per_group < 1:
+        raise ValueError("heads_per_group must be at least 1")
+    if heads_per_group == spec.heads_per_group:
+        return spec
+    return replace(spec, heads=spec.kv_heads * heads_per_group)
 
 
 def zoom_spec(spec: AttentionModelSpec, context: int, n_tokens: int) -> AttentionModelSpec:
@@ -146,7 +165,10 @@ def accuracy_proxy(
     if is_lossless(layer_plan):
         return Fidelity.lossless(spec.heads)
     problem = scale_problem(layer_plan, spec, max_tokens)
-    return _cached_fidelity(problem.window, problem.spec, model or SelectionModel())
+    window = problem.window
+    if spec.heads_per_group == 1 and window.selection is not GroupSelect.PER_HEAD:
+        window = replace(window, selection=GroupSelect.PER_HEAD)  # one head per group: the same
+    return _cached_fidelity(window, problem.spec, model or SelectionModel())
 
 
 def is_lossless(plan: LayerPlan) -> bool:
@@ -202,9 +224,12 @@ def _prepared_case(spec: AttentionModelSpec) -> _PreparedCase:
 
 
 def clear_caches() -> None:
-    """Drop cached tensors and results (e.g. between benchmarks)."""
+    """Drop cached tensors and results (e.g. between benchmarks), union curves included."""
+    from hgsim.accuracy import groups
+
     _cached_fidelity.cache_clear()
     _prepared_case.cache_clear()
+    groups.clear_caches()
 
 
 def cache_info() -> dict[str, object]:

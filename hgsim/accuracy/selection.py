@@ -20,6 +20,12 @@ differ, each keeping at most ``host_selected`` tokens per head:
   see the same keys (the positional recency of their own step is not re-modelled; the recent
   window is GPU-resident anyway).
 * ``DROPPED``: no host token.
+
+Under grouped-query attention HybridGen's ``EXACT_TOPK`` may select per KV group
+(``plan.GroupSelect``, the window's ``selection``): ``GROUP_UNION`` gives every head of a group
+the union of the group's per-head top-k sets, ``GROUP_SHARED`` the top-k of the group's logits
+aggregated by max or sum (``group_score``). ``group_topk_mask`` builds both; a window without
+these fields (or with one head per group) selects per head.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 
 from hgsim.accuracy._arrays import heads_and_keys
 from hgsim.accuracy.synthetic import next_query, query_rng
-from hgsim.plan import Selector
+from hgsim.plan import GroupScore, GroupSelect, Selector
 
 
 @runtime_checkable
@@ -60,6 +66,14 @@ class Window:
     gpu_recent_tokens: int
     host_selected: int
     selector: Selector
+    selection: GroupSelect = GroupSelect.PER_HEAD  # EXACT_TOPK under GQA (``GroupSelect``)
+    group_score: GroupScore = GroupScore.MAX
+
+
+def window_selection(window: TokenWindow) -> tuple[GroupSelect, GroupScore]:
+    """A window's GQA selection mode and aggregate (per head for windows without them)."""
+    return (GroupSelect(getattr(window, "selection", GroupSelect.PER_HEAD)),
+            GroupScore(getattr(window, "group_score", GroupScore.MAX)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +128,35 @@ def topk_mask(scores: np.ndarray, window: TokenWindow) -> np.ndarray:
     start, end = host_range(n_tokens, window)
     mask = resident_mask(heads, n_tokens, window)
     mask[:, start:end] = _top_per_row(scores[:, start:end], window.host_selected)
+    return mask
+
+
+def group_topk_mask(scores: np.ndarray, window: TokenWindow, group: int) -> np.ndarray:
+    """Resident tokens plus the host tokens each head attends when HybridGen selects per KV
+    group of ``group`` consecutive heads (``window_selection``), shape (H, T):
+
+    * ``GROUP_UNION``: the union of the group's per-head top-``host_selected`` sets, for every
+      head of the group (a superset of each head's own top-k);
+    * ``GROUP_SHARED``: the top-``host_selected`` of the group's scores aggregated by max or
+      sum, for every head of the group;
+    * ``PER_HEAD`` (or ``group`` 1): ``topk_mask``.
+    """
+    mode, score = window_selection(window)
+    heads, n_tokens = scores.shape
+    if mode is GroupSelect.PER_HEAD or group <= 1:
+        return topk_mask(scores, window)
+    if heads % group:
+        raise ValueError(f"{heads} heads do not form groups of {group}")
+    start, end = host_range(n_tokens, window)
+    host = scores[:, start:end].reshape(heads // group, group, end - start)
+    if mode is GroupSelect.GROUP_UNION:
+        chosen = _top_per_row(host.reshape(heads, -1), window.host_selected)
+        chosen = chosen.reshape(host.shape).any(axis=1)
+    else:
+        aggregate = host.max(axis=1) if score is GroupScore.MAX else host.sum(axis=1)
+        chosen = _top_per_row(aggregate, window.host_selected)
+    mask = resident_mask(heads, n_tokens, window)
+    mask[:, start:end] = np.repeat(chosen, group, axis=0)
     return mask
 
 
@@ -238,7 +281,7 @@ def selection_mask(
     if selector is Selector.EXACT_TOPK:
         if logits is None:
             logits = _logits32(q, k)
-        return topk_mask(logits, window)
+        return group_topk_mask(logits, window, heads // k.shape[0])
     if selector is Selector.SPECULATIVE_TOPK:
         similarity, dims = model.speculation_similarity, model.speculation_dim_fraction
         return topk_mask(speculative_logits(q, k, similarity, dims, seed), window)

@@ -14,11 +14,26 @@ isotropic noise orthogonal to them, so a kernel running on the tensors sees prec
 distribution, while a different query (a speculated or past one) sees the designed structure
 attenuated plus fresh noise from the orthogonal part, as it would in a real model.
 
-Grouped-query attention: the ``heads / kv_heads`` query heads of a group share one K. Each query
-head gets its own random query, and the designed logits are drawn per KV group (sinks, recency,
-heavy hitters are properties of the shared keys) plus a small independent per-head perturbation
-(``head_noise_std``). Solving the small Gram system of the group's queries makes every head's
-logits exact at once.
+Grouped-query attention: the ``heads / kv_heads`` query heads of a group share one K (and V).
+The designed logits are drawn per KV group (sinks, recency, heavy hitters and the per-token
+noise are properties of the shared keys) plus an independent per-head deviation
+(``head_noise_std``); solving the small Gram system of the group's queries makes every head's
+logits exact at once. The queries themselves are correlated the same way: each is a shared
+component of the group plus a head-specific one, ``q_h = sqrt(rho) s + sqrt(1 - rho) w_h`` with
+``rho = noise_std^2 / (noise_std^2 + head_noise_std^2)`` (``query_correlation``), which is the
+correlation two heads' logits would have over isotropic keys. So a different query (speculated,
+rotated for the next step) sees the group's structure as a real GQA head would.
+
+Why the heads of a group are this alike (``rho`` = 0.9 over the per-token noise, ~0.92 over all
+host tokens with the shared heavy hitters), which sets how much their top-k sets overlap (the
+union of 8 heads' top-5% is ~1.8 k tokens, not 8 k): GQA models are made by mean-pooling the key
+and value projections of an MHA checkpoint's heads (Ainslie et al., 2023) or trained with shared
+keys from the start, so what makes a token draw attention (its key: a sink, a delimiter, an
+entity the text keeps returning to) is common to the group by construction, and the tokens that
+carry the attention mass are the group's, not one head's; the head-specific part only reorders
+the tail. The model is not fitted to captured attention (``hw_backend.hf_hook`` can capture it);
+``benchmarks/gqa_selection.py --head-noise`` shows how the choice between the GQA selection
+modes moves when heads are less alike (``head_noise_std`` 1.0 and 1.5: ``rho`` 0.69 and 0.5).
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ _NOISE_CHUNK = 1 << 19  # floats per chunk of raw random bits (2 MiB)
 # ``einsum`` (no BLAS): BLAS worker threads gain nothing on them and, spin-waiting on a busy
 # machine, made the whole synthesis several times slower.
 _TOKEN_CHUNK = 4096
+_MAX_QUERY_CORRELATION = 0.95
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +100,13 @@ class AttentionModelSpec:
     @property
     def heads_per_group(self) -> int:
         return self.heads // self.kv_heads
+
+    @property
+    def query_correlation(self) -> float:
+        """Correlation of two queries of one KV group (their cosine in expectation): the share
+        of the per-token logit noise the heads of a group have in common (module doc)."""
+        total = self.noise_std**2 + self.head_noise_std**2
+        return self.noise_std**2 / total if total > 0 else 1.0
 
     def with_tokens(self, n_tokens: int) -> AttentionModelSpec:
         """The same attention model over ``n_tokens`` (sinks capped at the context)."""
@@ -187,9 +210,9 @@ def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
     Independent random streams (logits, queries, one per KV group for keys and values) are
     spawned from the seed, so results do not depend on evaluation order.
     """
-    seeds = np.random.SeedSequence(spec.seed).spawn(2 + 2 * spec.kv_heads)
+    seeds = _case_seeds(spec)
     logits = design_logits(spec, np.random.default_rng(seeds[0]))
-    queries = np.random.default_rng(seeds[1]).standard_normal((spec.heads, spec.head_dim))
+    queries = group_queries(spec, seeds[1], seeds[-1])
     k = np.empty((1, spec.kv_heads, spec.n_tokens, spec.head_dim), dtype=np.float32)
     v = np.empty_like(k)
     group = spec.heads_per_group
@@ -200,6 +223,35 @@ def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
         _fill_noise(seeds[2 + spec.kv_heads + g], v[0, g], 1.0)
     q = queries.astype(np.float32)[None]
     return SyntheticAttention(spec=spec, q=q, k=k, v=v, logits=logits)
+
+
+def _case_seeds(spec: AttentionModelSpec) -> list[np.random.SeedSequence]:
+    """The case's independent streams: logits, queries, K and V per KV group, shared queries
+    (children of one ``SeedSequence`` by index, so adding the last changed none of the others)."""
+    return np.random.SeedSequence(spec.seed).spawn(3 + 2 * spec.kv_heads)
+
+
+def case_logits(spec: AttentionModelSpec) -> np.ndarray:
+    """The designed logits (H, T) of ``synthesize_case(spec)`` without building its tensors:
+    the same stream, so the same numbers (the case's float32 tensors reproduce them to
+    rounding)."""
+    return design_logits(spec, np.random.default_rng(_case_seeds(spec)[0]))
+
+
+def group_queries(spec: AttentionModelSpec, own: np.random.SeedSequence,
+                  shared: np.random.SeedSequence) -> np.ndarray:
+    """Queries (H, D) float64: per KV group a shared component plus a head-specific one, mixed
+    so that two heads of a group have correlation ``spec.query_correlation`` (module doc),
+    capped at ``_MAX_QUERY_CORRELATION`` so that the group's Gram system stays well conditioned
+    (identical heads, ``head_noise_std = 0``, still get distinct queries). One head per group
+    (MHA) keeps its own query unmixed."""
+    queries = np.random.default_rng(own).standard_normal((spec.heads, spec.head_dim))
+    if spec.heads_per_group == 1:
+        return queries
+    rho = min(spec.query_correlation, _MAX_QUERY_CORRELATION)
+    common = np.random.default_rng(shared).standard_normal((spec.kv_heads, spec.head_dim))
+    common = np.repeat(common, spec.heads_per_group, axis=0)
+    return math.sqrt(rho) * common + math.sqrt(1.0 - rho) * queries
 
 
 def synthesize(spec: AttentionModelSpec) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -41,6 +41,13 @@ POLICIES: dict[str, tuple[type[Policy], dict[str, Any], str]] = {
     "hybridgen_importance": (HybridGen, {"placement": "importance"}, "HybridGen, importance mapping"),
     "hybridgen_nolookahead": (HybridGen, {"lookahead": False}, "HybridGen without lookahead"),
     "hybridgen_exact": (HybridGen, {"topk_ratio": 1.0, "adaptive": False}, "HybridGen, top-k = all"),
+    # HybridGen's GQA selection granularity (plan.GroupSelect)
+    "hybridgen_per_head": (HybridGen, {"selection": "per_head"},
+                           "HybridGen, top-k per query head (rows sent once per head)"),
+    "hybridgen_union": (HybridGen, {"selection": "group_union"},
+                        "HybridGen, per KV group: union of the heads' top-k, rows sent once"),
+    "hybridgen_shared": (HybridGen, {"selection": "group_shared"},
+                         "HybridGen, per KV group: one top-k by the group's max logit (default)"),
 }
 
 BASELINES = ["gpu_only", "flexgen", "flexgen_cpu", "h2o", "infinigen", "hgca", "cpu_offload"]

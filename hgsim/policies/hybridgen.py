@@ -4,6 +4,13 @@ The GPU keeps the most recent tokens and computes their logits; the CPU scans th
 host-resident tokens, keeps a per-head top-k and ships only those logits and V rows; the GPU does
 one softmax over the union. The CPU works one layer ahead. A feedback scheduler adapts the top-k
 ratio and the GPU share; semantic-aware mapping puts keys in DRAM and values on CXL.
+
+Under grouped-query attention the top-k is kept per query head (``selection: per_head``) or
+per KV group (``group_union``: the union of the group's per-head sets, ``group_shared``: one
+top-k by the group's max or summed logits, ``group_score``), so that a row the heads of a group
+share is gathered and crosses PCIe once (``plan.GroupSelect``). The default, ``group_shared``
+by the max, is the fastest at equal accuracy (docs/policies.md says by how much and what it
+costs at equal r). With one query head per KV head every mode is per head.
 """
 
 from __future__ import annotations
@@ -11,7 +18,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from hgsim.capacity import PlacementStrategy
-from hgsim.plan import CpuWork, LayerPlan, Merge, Selector, Transfer
+from hgsim.plan import CpuWork, GroupScore, GroupSelect, LayerPlan, Merge, Selector, Transfer
 from hgsim.policies.base import Policy, PolicyOptions
 from hgsim.scheduler import FeedbackScheduler, SchedulerConfig
 
@@ -28,6 +35,11 @@ class HybridGenOptions(PolicyOptions):
     placement: PlacementStrategy = "semantic"
     allow_cxl: bool = True
     important_fraction: float = Field(default=0.6, ge=0, le=1)  # importance mapping hit rate
+    # GQA: top-k per query head or per KV group (``plan.GroupSelect``); the shared top-k ranks
+    # tokens by the group's max or summed logits. The default is the fastest at equal accuracy
+    # (benchmarks/gqa_selection.py; docs/policies.md, "GQA: selection per KV group")
+    selection: GroupSelect = GroupSelect.GROUP_SHARED
+    group_score: GroupScore = GroupScore.MAX
 
 
 class HybridGen(Policy):
@@ -64,8 +76,7 @@ class HybridGen(Policy):
         one layer's selected logits and V rows (sized for the host tokens left over, at the
         largest ratio the scheduler may reach) fit in HBM; the buffer is accounted too."""
         opts, batch = self.options, self.workload.batch
-        row_bytes = self.model.head_dim * self.kv_elem_bytes + 4
-        per_host_token = 2 * batch * self.model.num_heads * max(opts.max_ratio, opts.topk_ratio) * row_bytes
+        per_host_token = 2 * batch * self._landing_bytes_per_pick(max(opts.max_ratio, opts.topk_ratio))
         per_gpu_token = batch * self.kv_token_bytes
         free = self.gpu_token_capacity() * per_gpu_token  # HBM left for KV and the buffer
         if per_gpu_token > per_host_token:
@@ -75,6 +86,27 @@ class HybridGen(Policy):
             tokens = final
         self.footprint.add("hbm", (final - tokens) * per_host_token)
         return tokens
+
+    @property
+    def selection(self) -> GroupSelect:
+        """The granularity that runs: the option, or per head for one head per KV group."""
+        return GroupSelect.PER_HEAD if self.model.gqa_group == 1 else self.options.selection
+
+    def _landing_bytes_per_pick(self, ratio: float) -> float:
+        """Landing bytes per host token at top-k ratio ``ratio``, for one sequence: logits and V
+        rows of every query head (per head), or the group's distinct rows once per KV head and
+        every head's logits over them (per KV group: ``k`` rows shared, the expected union of
+        the heads' top-k sets at ``ratio``)."""
+        model = self.model
+        row = model.head_dim * self.kv_elem_bytes
+        if self.selection is GroupSelect.PER_HEAD:
+            return model.num_heads * ratio * (row + 4)
+        rows_per_pick = 1.0
+        if self.selection is GroupSelect.GROUP_UNION and ratio < 1:
+            from hgsim.accuracy.groups import union_curve
+
+            rows_per_pick = min(union_curve(model.gqa_group).fraction(ratio), 1 / ratio)
+        return ratio * rows_per_pick * (model.num_kv_heads * row + model.num_heads * 4)
 
     def layer_plan(self, context: int) -> LayerPlan:
         sched = self.scheduler
@@ -92,4 +124,5 @@ class HybridGen(Policy):
             merge=Merge.SOFTMAX_UNION,
             selector=Selector.ALL if selected == host else Selector.EXACT_TOPK,
             placement=self.placement, lookahead=self.options.lookahead,
+            selection=self.selection, group_score=self.options.group_score,
         )

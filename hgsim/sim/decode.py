@@ -461,7 +461,8 @@ class DecodeEngine:
             sources = _mix((w.gather_k_rows, placement.k_fractions), (w.gather_v_rows, gather))
             extra = []
             if w.rows_staged:  # each row is copied into the staging buffer in DRAM
-                extra.append((machine.tier_write(self.staging), w.row_bytes / row_lines))
+                extra.append((machine.tier_write(self.staging),
+                              w.row_bytes / row_lines * w.staged_share))
             # the core work per row (address, copy) overlaps the misses: a cap, not a sum
             per_byte_s = (spec.gather_ns_per_row * 1e-9 / row_lines
                           + (w.gather_flops / moved) / (spec.attention_gflops_per_core * GB))

@@ -833,6 +833,196 @@ static int run_logits_topk(const attn_t *a, int64_t start, int64_t end, int64_t 
     return failed ? -1 : 0;
 }
 
+/*
+ * ---- grouped top-k under GQA (HybridGen's per-KV-group selection) ----
+ *
+ * The G query heads of a KV group read the same K and V rows, so a row several of them select
+ * need be gathered and sent once per KV head. Per (batch, kv head) this keeps either the union
+ * of the G heads' own top-k sets (GSEL_UNION) or one top-k of an aggregate of the group's
+ * scores, their max or their sum (GSEL_SHARED), as ascending positions, and then gives every
+ * head of the group its scores over those rows (re-scored on the gathered K rows: the scan
+ * keeps no score rows). Groups keep different numbers of rows; the outputs are as wide as the
+ * widest group (m), narrower groups padded with score -inf and their last position.
+ */
+enum { GSEL_UNION = 1, GSEL_SHARED = 2 };
+enum { GSCORE_MAX = 0, GSCORE_SUM = 1 };
+#define RESCORE_ROWS 256 /* rows per work item of the re-scoring pass */
+
+/* Rows a grouped top-k may keep per (batch, kv head): k shared, or a union of G sets of k
+ * (at most G k, at most the range's ntok tokens; k >= 1). */
+static int64_t group_capacity(int mode, int64_t G, int64_t k, int64_t ntok)
+{
+    if (mode == GSEL_SHARED)
+        return k;
+    return G > ntok / k ? ntok : G * k;
+}
+
+/* out[t] = max or sum over the G heads of s[g * BT + t]; NaN in any head gives NaN. */
+static void group_aggregate(const float *s, int64_t G, int nt, int agg, float *out)
+{
+    for (int t = 0; t < nt; t++) {
+        float v = s[t];
+        for (int64_t g = 1; g < G; g++) {
+            float x = s[g * BT + t];
+            if (agg == GSCORE_SUM)
+                v += x;
+            else if (x > v || x != x)
+                v = x;
+        }
+        out[t] = v;
+    }
+}
+
+/*
+ * values (B, H, m) and indices (B, KVH, m), written as the contiguous prefixes of buffers of
+ * width `cap` (group_capacity), counts (B, KVH) each group's rows; *m_out = m, the largest.
+ */
+static int run_logits_topk_group(const attn_t *a, int64_t start, int64_t end, int64_t k,
+                                 int mode, int agg, int nthreads, float *values,
+                                 int64_t *indices, int64_t *counts, int64_t *m_out)
+{
+    int64_t ntok = end - start, G = a->G, D = a->D;
+    int64_t groups = a->B * a->KVH;
+    int64_t nsel = mode == GSEL_UNION ? G : 1; /* selectors per group: heads, or the aggregate */
+    int64_t cap = group_capacity(mode, G, k, ntok);
+    split_t sp = split_tokens(groups, ntok, nthreads);
+    uint64_t *kept = malloc(sizeof(uint64_t) * (size_t)(sp.items * nsel * k));
+    int64_t *sizes = malloc(sizeof(int64_t) * (size_t)(sp.items * nsel));
+    int64_t *rows = malloc(sizeof(int64_t) * (size_t)(groups * cap)); /* ascending positions */
+    int failed = kept == NULL || sizes == NULL || rows == NULL;
+    int64_t m = 0;
+    /* 1: each work item's best k per selector */
+    if (!failed) {
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            scratch_t ws;
+            uint64_t *mem = malloc(sizeof(uint64_t) * (size_t)(2 * nsel * k));
+            select_t *sel = malloc(sizeof(select_t) * (size_t)nsel);
+            float *agg_s = malloc(sizeof(float) * BT);
+            int ok = scratch_init(&ws, D, G) && mem && sel && agg_s;
+            failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < sp.items; it++) {
+                if (!ok)
+                    continue;
+                int64_t grp = it / sp.nch, c = it % sp.nch;
+                int64_t b = grp / a->KVH, kh = grp % a->KVH;
+                int64_t t1 = start + (c + 1) * sp.clen < end ? start + (c + 1) * sp.clen : end;
+                rows_t K = head_rows(a, a->K, a->kdt, b, kh);
+                for (int64_t g = 0; g < nsel; g++)
+                    select_init(&sel[g], mem + g * 2 * k, k);
+                for (int64_t b0 = start + c * sp.clen; b0 < t1; b0 += BT) {
+                    int nt = (int)(t1 - b0 < BT ? t1 - b0 : BT);
+                    int64_t pf;
+                    const void *kb = fetch_rows(&K, NULL, b0, nt, t1, ws.kbuf, &pf);
+                    a->kt->scores(a->q + (b * a->H + kh * G) * D, (int)G, kb, K.dtype, nt, D,
+                                  a->scale, ws.s, BT, pf);
+                    if (mode == GSEL_UNION) {
+                        for (int64_t g = 0; g < G; g++)
+                            select_scores(a->kt, &sel[g], ws.s + g * BT, nt, b0 - start);
+                    } else {
+                        group_aggregate(ws.s, G, nt, agg, agg_s);
+                        select_scores(a->kt, &sel[0], agg_s, nt, b0 - start);
+                    }
+                }
+                for (int64_t g = 0; g < nsel; g++) {
+                    sizes[it * nsel + g] = select_reduce(&sel[g]);
+                    memcpy(kept + (it * nsel + g) * k, sel[g].c,
+                           sizeof(uint64_t) * (size_t)sel[g].n);
+                }
+            }
+            free(ws.kbuf);
+            free(mem);
+            free(sel);
+            free(agg_s);
+        }
+    }
+    /* 2: per group, each selector's final top-k; their positions sorted and deduplicated */
+    if (!failed) {
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            uint64_t *mem = malloc(sizeof(uint64_t) * (size_t)(2 * k));
+            uint64_t *pos = malloc(sizeof(uint64_t) * (size_t)(2 * nsel * k)); /* + sort tmp */
+            int ok = mem != NULL && pos != NULL;
+            failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t grp = 0; grp < groups; grp++) {
+                if (!ok)
+                    continue;
+                int64_t n = 0, u = 0;
+                int64_t *dst = rows + grp * cap;
+                for (int64_t g = 0; g < nsel; g++) {
+                    select_t sel;
+                    select_init(&sel, mem, k);
+                    for (int64_t c = 0; c < sp.nch; c++) {
+                        int64_t it = grp * sp.nch + c;
+                        for (int64_t i = 0; i < sizes[it * nsel + g]; i++)
+                            select_push(&sel, kept[(it * nsel + g) * k + i]);
+                    }
+                    int64_t got = select_reduce(&sel);
+                    for (int64_t i = 0; i < got; i++) /* the inverted offset: larger = earlier */
+                        pos[n++] = sel.c[i] & 0xffffffffu;
+                }
+                sort_desc(pos, pos + nsel * k, n);
+                for (int64_t i = 0; i < n; i++) {
+                    int64_t at = start + (int64_t)(0xffffffffu - pos[i]);
+                    if (u == 0 || dst[u - 1] != at)
+                        dst[u++] = at;
+                }
+                counts[grp] = u;
+            }
+            free(mem);
+            free(pos);
+        }
+    }
+    /* 3: the widest group sets the width; every head's scores over its group's rows */
+    for (int64_t grp = 0; !failed && grp < groups; grp++)
+        m = counts[grp] > m ? counts[grp] : m;
+    if (!failed) {
+        int64_t nrc = (m + RESCORE_ROWS - 1) / RESCORE_ROWS;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+        {
+            scratch_t ws;
+            int ok = scratch_init(&ws, D, G);
+            failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t it = 0; it < groups * nrc; it++) {
+                if (!ok)
+                    continue;
+                int64_t grp = it / nrc, r0 = (it % nrc) * RESCORE_ROWS;
+                int64_t r1 = r0 + RESCORE_ROWS < m ? r0 + RESCORE_ROWS : m;
+                int64_t b = grp / a->KVH, kh = grp % a->KVH, cnt = counts[grp];
+                int64_t v1 = r1 < cnt ? r1 : cnt;
+                const int64_t *pick = rows + grp * cap;
+                rows_t K = head_rows(a, a->K, a->kdt, b, kh);
+                float *val = values + (b * a->H + kh * G) * m;
+                int64_t *idx = indices + grp * m;
+                for (int64_t b0 = r0; b0 < v1; b0 += BT) {
+                    int nt = (int)(v1 - b0 < BT ? v1 - b0 : BT);
+                    int64_t pf;
+                    const void *kb = fetch_rows(&K, pick, b0, nt, v1, ws.kbuf, &pf);
+                    a->kt->scores(a->q + (b * a->H + kh * G) * D, (int)G, kb, K.dtype, nt, D,
+                                  a->scale, ws.s, BT, pf);
+                    for (int64_t g = 0; g < G; g++)
+                        memcpy(val + g * m + b0, ws.s + g * BT, sizeof(float) * (size_t)nt);
+                    memcpy(idx + b0, pick + b0, sizeof(int64_t) * (size_t)nt);
+                }
+                for (int64_t j = r0 > cnt ? r0 : cnt; j < r1; j++) { /* padding */
+                    for (int64_t g = 0; g < G; g++)
+                        val[g * m + j] = -INFINITY;
+                    idx[j] = pick[cnt - 1];
+                }
+            }
+            free(ws.kbuf);
+        }
+    }
+    *m_out = m;
+    free(kept);
+    free(sizes);
+    free(rows);
+    return failed ? -1 : 0;
+}
+
 /* Top-k of each of `rows` score rows of length T. */
 static int run_topk(const kernels_t *kt, const float *scores, int64_t rows, int64_t T,
                     int64_t k, int nthreads, float *values, int64_t *indices)
@@ -1195,6 +1385,52 @@ static PyObject *py_logits_topk(PyObject *self, PyObject *args)
     return memory_error_or_none(rc);
 }
 
+static PyObject *py_logits_topk_group(PyObject *self, PyObject *args)
+{
+    PyObject *qo, *ko, *valo, *idxo, *cnto;
+    int kdt, nthreads, mode, agg;
+    Py_ssize_t start, end, nthreads_arg, k;
+    float scale;
+    views_t vs = {.n = 0};
+    attn_t a;
+    int rc = 0;
+    int64_t m = 0, cap = 0;
+    (void)self;
+    if (!PyArg_ParseTuple(args, "OOinnfnniiOOO", &qo, &ko, &kdt, &start, &end, &scale,
+                          &nthreads_arg, &k, &mode, &agg, &valo, &idxo, &cnto) ||
+        (nthreads = thread_count(nthreads_arg)) < 0)
+        return NULL;
+    if (!check_dims(mode == GSEL_UNION || mode == GSEL_SHARED,
+                    "mode: expected 1 (group union) or 2 (group shared)") ||
+        !check_dims(agg == GSCORE_MAX || agg == GSCORE_SUM, "score: expected 0 (max) or 1 (sum)"))
+        return NULL;
+    Py_buffer *q = view_get(&vs, qo, "q", 3, 'f', 0);
+    Py_buffer *K = q ? kv_view(&vs, ko, "K", kdt) : NULL;
+    Py_buffer *val = K ? view_get(&vs, valo, "values", 3, 'f', 1) : NULL;
+    Py_buffer *idx = val ? view_get(&vs, idxo, "indices", 3, 'i', 1) : NULL;
+    Py_buffer *cnt = idx ? view_get(&vs, cnto, "counts", 2, 'i', 1) : NULL;
+    int ok = cnt && attn_from_views(&a, q, K, kdt, scale) && check_range(start, end, a.T) &&
+             check_dims(k >= 1 && k <= end - start, "k: need 1 <= k <= end - start") &&
+             check_dims(end - start <= UINT32_MAX, "start/end: top-k scans at most 2^32 tokens");
+    if (ok)
+        cap = group_capacity(mode, a.G, k, end - start);
+    if (!ok || !check_shape3(val, a.B, a.H, cap, "values: expected (B, H, capacity)") ||
+        !check_shape3(idx, a.B, a.KVH, cap, "indices: expected (B, KVH, capacity)") ||
+        !check_dims(cnt->shape[0] == a.B && cnt->shape[1] == a.KVH,
+                    "counts: expected (B, KVH)")) {
+        views_release(&vs);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_logits_topk_group(&a, start, end, k, mode, agg, nthreads, val->buf, idx->buf,
+                               cnt->buf, &m);
+    Py_END_ALLOW_THREADS
+    views_release(&vs);
+    if (rc < 0)
+        return PyErr_NoMemory();
+    return PyLong_FromLongLong(m);
+}
+
 static PyObject *py_topk(PyObject *self, PyObject *args)
 {
     PyObject *so, *valo, *idxo;
@@ -1435,6 +1671,9 @@ static PyMethodDef methods[] = {
     {"logits", py_logits, METH_VARARGS, "logits(q, K, kdt, start, end, scale, nthreads, out)"},
     {"logits_topk", py_logits_topk, METH_VARARGS,
      "logits_topk(q, K, kdt, start, end, scale, nthreads, values, indices)"},
+    {"logits_topk_group", py_logits_topk_group, METH_VARARGS,
+     "logits_topk_group(q, K, kdt, start, end, scale, nthreads, k, mode, score, values, indices, "
+     "counts) -> m; mode 1 union / 2 shared, score 0 max / 1 sum"},
     {"topk", py_topk, METH_VARARGS, "topk(scores, nthreads, values, indices)"},
     {"gather_rows", py_gather_rows, METH_VARARGS, "gather_rows(V, vdt, idx, nthreads, out)"},
     {"sparse_attention", py_sparse_attention, METH_VARARGS,
