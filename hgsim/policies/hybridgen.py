@@ -51,13 +51,14 @@ class HybridGen(Policy):
     def setup(self) -> None:
         opts = self.options
         final = self.workload.final_context
-        capacity = self._gpu_tokens_beside_landing_buffer(final)
+        ceiling = self._ratio_ceiling(final)
+        capacity = self._gpu_tokens_beside_landing_buffer(final, ceiling)
         max_share = capacity / final
         share = max_share if opts.gpu_share is None else min(opts.gpu_share, max_share)
         config = SchedulerConfig(
             initial_ratio=opts.topk_ratio,
             min_ratio=min(opts.min_ratio, opts.topk_ratio),
-            max_ratio=max(opts.max_ratio, opts.topk_ratio),
+            max_ratio=ceiling,
             interval=opts.interval,
             adaptive=opts.adaptive,
         )
@@ -71,12 +72,38 @@ class HybridGen(Policy):
             important_fraction=opts.important_fraction,
         )
 
-    def _gpu_tokens_beside_landing_buffer(self, final: int) -> int:
+    def _ratio_ceiling(self, final: int) -> float:
+        """The largest top-k ratio the landing zone is sized for.
+
+        A static run never leaves its ratio, so its zone is sized for that ratio; an adaptive
+        one for ``max_ratio``. When HBM cannot hold that zone even with every token on the
+        host, the ceiling drops to the largest ratio whose zone fits (bisection: the zone grows
+        with r), as a deployment would cap r rather than refuse to run. It never drops below
+        the configured ``topk_ratio`` (the accuracy asked for): a zone that cannot hold that
+        is left to fail on memory.
+        """
+        opts = self.options
+        wanted = max(opts.max_ratio, opts.topk_ratio) if opts.adaptive else opts.topk_ratio
+        floor = opts.topk_ratio
+        free = self.gpu_token_capacity() * self.workload.batch * self.kv_token_bytes
+
+        def fits(ratio: float) -> bool:
+            return final * 2 * self.workload.batch * self._landing_bytes_per_pick(ratio) <= free
+
+        if fits(wanted) or not fits(floor):
+            return wanted
+        lo, hi = floor, wanted
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def _gpu_tokens_beside_landing_buffer(self, final: int, ratio: float) -> int:
         """Most GPU-resident tokens such that their KV plus the double-buffered landing zone for
-        one layer's selected logits and V rows (sized for the host tokens left over, at the
-        largest ratio the scheduler may reach) fit in HBM; the buffer is accounted too."""
-        opts, batch = self.options, self.workload.batch
-        per_host_token = 2 * batch * self._landing_bytes_per_pick(max(opts.max_ratio, opts.topk_ratio))
+        one layer's selected logits and V rows (sized for the host tokens left over, at
+        ``ratio``, the largest the scheduler may reach) fit in HBM; the buffer is accounted."""
+        batch = self.workload.batch
+        per_host_token = 2 * batch * self._landing_bytes_per_pick(ratio)
         per_gpu_token = batch * self.kv_token_bytes
         free = self.gpu_token_capacity() * per_gpu_token  # HBM left for KV and the buffer
         if per_gpu_token > per_host_token:
