@@ -79,7 +79,8 @@ def front_table(frame: pd.DataFrame, spec: PlotSpec) -> pd.DataFrame:
 
 
 def draw_fronts(grid, data: pd.DataFrame, spec: PlotSpec) -> None:
-    """A dashed line through each panel's optimal points (one per ``front_by`` group)."""
+    """A dashed line through each panel's optimal points, each ringed (one front per
+    ``front_by`` group)."""
     x_better = direction(spec.x, spec.x_better)
     for key, axes in _panels(grid, spec):
         panel = data
@@ -91,7 +92,10 @@ def draw_fronts(grid, data: pd.DataFrame, spec: PlotSpec) -> None:
                                                                 "front_by": []}))]
             front = front.sort_values(spec.x, ascending=x_better == "lower")
             axes.plot(front[spec.x], front[spec.y], linestyle="--", color="0.35", linewidth=1,
-                      zorder=0)
+                      zorder=1)
+            # a ring on each optimal point: a front of one point has no line to show it
+            axes.scatter(front[spec.x], front[spec.y], s=110, facecolors="none",
+                         edgecolors="0.2", linewidths=0.9, zorder=3)
 
 
 def _panels(grid, spec: PlotSpec):
