@@ -131,11 +131,12 @@ def build(ctx: Context) -> tuple[str, dict[str, Any]]:
 
 def _power_summary(ctx: Context, summary: dict[str, Any]) -> dict[str, str]:
     """What was measured of power, or why not (the profile then simply lacks the figure)."""
-    rapl = any("idle_power_w" in figs for name, figs in summary.items()
-               if name.startswith("cpu") and isinstance(figs, dict))
+    rapl = sorted({key for name, figs in summary.items() if name.startswith("cpu")
+                   and isinstance(figs, dict) for key in ("idle_power_w", "active_core_power_w")
+                   if key in figs})
     gpu = "idle_power_w" in summary.get("gpu0", {})
     return {
-        "rapl": "measured: socket idle_power_w, active_core_power_w" if rapl else
+        "rapl": f"measured: socket {', '.join(rapl)}" if rapl else
         f"not measured: {ctx.power_notes.get('rapl') or 'no RAPL readings'}",
         "gpu": "measured: gpu0 idle_power_w" if gpu else
         f"not measured: {ctx.power_notes.get('gpu') or 'no CUDA device'}",

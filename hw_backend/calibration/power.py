@@ -142,8 +142,13 @@ def gpu_idle_job(settings: Settings, samples: int = 10) -> tuple[list[Job], str]
         torch.cuda.synchronize()
         readings = []
         for _ in range(samples):
-            readings.append(gpu_power_w())
+            try:
+                readings.append(gpu_power_w())
+            except Exception:  # answered at planning, not now: keep what was read
+                break
             time.sleep(settings.power_seconds / samples)
+        if not readings:
+            return []
         return [Measurement("power", "gpu_idle", statistics.median(readings), "W",
                             {"samples": samples, "seconds": settings.power_seconds,
                              "readings_w": [round(r, 2) for r in readings]})]
