@@ -24,7 +24,17 @@ from pathlib import Path
 
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file
-from hw_backend.calibration import cpu_kernel, cuda, loaded, memory, mlp, row_cost, standin
+from hw_backend.calibration import (
+    cpu_kernel,
+    cuda,
+    energy_source,
+    loaded,
+    memory,
+    mlp,
+    power,
+    row_cost,
+    standin,
+)
 from hw_backend.calibration.assemble import Context, build
 from hw_backend.calibration.quiet import wait_for_quiet
 from hw_backend.calibration.records import Measurements
@@ -56,6 +66,7 @@ def calibrate(
     out: Path, *, quick: bool = False, name: str | None = None, kv_dtype: str = "fp32",
     use_cuda: bool | None = None, device_threads: int | None = None, pin: bool = True,
     quiet_wait_s: float = 0.0, progress: bool = True, statistic: str = "median",
+    energy_from: str | None = None,
 ) -> CalibrationResult:
     """Measure, write the profile and its raw data, and check that the profile loads.
 
@@ -63,7 +74,9 @@ def calibrate(
     ``device_threads`` cores (default: half, as ``CoreSplit.even``) and the rest are the host's.
     ``quiet_wait_s`` > 0 waits up to that long before each benchmark for other processes to stop
     (``calibration.quiet``). ``statistic`` turns each benchmark's repeats into its figure
-    ("median" or "min", ``calibration.timing``).
+    ("median" or "min", ``calibration.timing``). ``energy_from`` (a profile name or path)
+    lends its energy and cost figures where none were measured (``calibration.energy_source``);
+    package and GPU idle power are measured where RAPL / NVML answer (``calibration.power``).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -71,6 +84,7 @@ def calibrate(
         raise UserError(f"{out}: a profile must end in .yaml or .yml", field="--out")
     for path in (out, *sidecar_paths(out)):  # before measuring: minutes of it otherwise lost
         check_output_file(path, "--out")
+    energy = energy_source.load(energy_from) if energy_from is not None else None
     _require_extension()
     if statistic not in STATISTICS:
         raise UserError(f"statistic must be one of {', '.join(STATISTICS)}, got {statistic!r}",
@@ -90,6 +104,12 @@ def calibrate(
     jobs = (memory.plan(machine, settings) + mlp.plan(machine, settings)
             + loaded.plan(machine, settings) + row_cost.plan(machine, settings)
             + cpu_kernel.plan(machine, settings, kernel_threads))
+    power_jobs, rapl_note = power.rapl_job(settings, len(machine.usable_cpus))
+    power_notes = {"rapl": rapl_note}
+    if with_cuda:
+        gpu_jobs, power_notes["gpu"] = power.gpu_idle_job(settings)
+        power_jobs = gpu_jobs + power_jobs  # the GPU's idle first: nothing has run on it yet
+    jobs = power_jobs + jobs  # idle readings before the benchmarks warm anything up
     cleanups: list[Callable[[], None]] = []
     split = None
     if with_cuda:
@@ -108,7 +128,7 @@ def calibrate(
                 cleanup()
         ctx = Context(name or out.stem, date, machine, rows,
                       cuda.device_info() if with_cuda else None, split, kv_dtype, quick,
-                      settings.copy_fit_max)
+                      settings.copy_fit_max, energy, power_notes)
         text, summary = build(ctx)
     out.write_text(text)
     json_path, csv_path = sidecar_paths(out)
@@ -121,6 +141,7 @@ def calibrate(
             "device_threads": split.device_threads, "host_threads": split.host_threads,
             "pin": split.pin},
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "energy_from": energy.name if energy else None,
         "seconds": round(time.perf_counter() - t0, 1),
     }
     rows.write_json(json_path, meta, summary)

@@ -44,6 +44,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--statistic", choices=["median", "min"], default="median",
                    help="each benchmark's figure from its repeats: their median (default; what "
                         "sustained work sees on a machine whose speed varies) or the fastest")
+    p.add_argument("--energy-from", metavar="PROFILE",
+                   help="copy the energy and cost figures (power, pJ/bit, prices, cost:) from this "
+                        "profile (a shipped name or a YAML path), matched by component kind; "
+                        "measured power (RAPL, NVML) wins over copied")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
 
@@ -59,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     result = calibrate(
         out, quick=args.quick, name=args.name, kv_dtype=args.kv_dtype, use_cuda=args.cuda,
         device_threads=args.device_threads, pin=not args.no_pin, quiet_wait_s=args.quiet_wait,
-        progress=not args.no_progress, statistic=args.statistic,
+        progress=not args.no_progress, statistic=args.statistic, energy_from=args.energy_from,
     )
     _print_summary(result)
     return 0
@@ -93,6 +97,14 @@ def _print_summary(result) -> None:
     table.add_row("  PCIe GB/s, latency ns", f"{link.bandwidth_gbps:g}, {link.latency_ns:g}")
     console = Console()
     console.print(table)
+    for what, note in result.summary.get("power", {}).items():
+        console.print(f"power ({what}): {note}", highlight=False, soft_wrap=True)
+    borrowed = result.summary.get("energy_from")
+    if borrowed:
+        console.print(f"energy and cost figures not measured: copied from {borrowed['profile']}",
+                      highlight=False, soft_wrap=True)
+        for line in borrowed["warnings"]:
+            console.print(f"warning: {line}", highlight=False, soft_wrap=True)
     console.print(f"profile: {result.profile_path}\nraw data: {result.json_path}, "
                   f"{result.csv_path}\n({result.seconds:.0f} s"
                   f"{', CUDA' if result.used_cuda else ', no CUDA: gpu0 is the CPU stand-in'})")

@@ -11,10 +11,11 @@ DDR latency and its link carries the difference.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hw_backend.calibration import energy_source, power
 from hw_backend.calibration import summarize as S
 from hw_backend.calibration import summarize_mlp as M
 from hw_backend.calibration.profile_writer import Node, Stamp, render
@@ -36,6 +37,8 @@ class Context:
     kv_dtype: str
     quick: bool
     copy_fit_max: int
+    energy: energy_source.EnergySource | None = None  # --energy-from: figures to copy
+    power_notes: dict[str, str] = field(default_factory=dict)  # why power was not measured
 
 
 def build(ctx: Context) -> tuple[str, dict[str, Any]]:
@@ -88,6 +91,10 @@ def build(ctx: Context) -> tuple[str, dict[str, Any]]:
         cxl.add("source", f"hgsim calibrate {ctx.date}: node {node.id} read from socket {owner.id}")
         figs.pop("_link_bw"), figs.pop("_link_latency")
     _upi(ctx, links, stamp, sockets, local_latency)
+    summary["power"] = _power_summary(ctx, summary)
+    if ctx.energy is not None:
+        summary["energy_from"] = {"profile": ctx.energy.name,
+                                  "warnings": energy_source.apply(root, ctx.energy)}
     # Which NUMA node each socket and tier is, for validate's micro-cases (the schema has no
     # place for it), and what a core keeps in flight reading another socket's node.
     summary["numa"] = {
@@ -108,6 +115,9 @@ def build(ctx: Context) -> tuple[str, dict[str, Any]]:
         "Raw measurements (every repeat) are saved beside this file as "
         f"{ctx.name}.calibration.json / .csv.",
     ]
+    if ctx.energy is not None:
+        header.append(f"Energy and cost figures not measured here are copied from profile "
+                      f"{ctx.energy.name} (each comment says so).")
     if ctx.cuda is None:
         header += [
             "There is NO CUDA device: gpu0 is the executor's CPU STAND-IN accelerator (torch on",
@@ -117,6 +127,20 @@ def build(ctx: Context) -> tuple[str, dict[str, Any]]:
             "this profile.",
         ]
     return render(header, root), _jsonable(summary)
+
+
+def _power_summary(ctx: Context, summary: dict[str, Any]) -> dict[str, str]:
+    """What was measured of power, or why not (the profile then simply lacks the figure)."""
+    rapl = sorted({key for name, figs in summary.items() if name.startswith("cpu")
+                   and isinstance(figs, dict) for key in ("idle_power_w", "active_core_power_w")
+                   if key in figs})
+    gpu = "idle_power_w" in summary.get("gpu0", {})
+    return {
+        "rapl": f"measured: socket {', '.join(rapl)}" if rapl else
+        f"not measured: {ctx.power_notes.get('rapl') or 'no RAPL readings'}",
+        "gpu": "measured: gpu0 idle_power_w" if gpu else
+        f"not measured: {ctx.power_notes.get('gpu') or 'no CUDA device'}",
+    }
 
 
 def _description(ctx: Context, sockets: int, cxl: int) -> str:
@@ -179,10 +203,13 @@ def _gpu(ctx: Context, node: Node, stamp: Stamp, socket: str) -> dict[str, Any]:
     node.add("copy_engines", copy_engines,
              stamp.measured("uploads and fetches use separate queues (full duplex)"))
     stamp.figure(node, "dma_inflight_bytes", _dma_inflight(pcie))
+    gpu_power = power.gpu_figures(ms) if ctx.cuda is not None else {}
+    for key, fig in gpu_power.items():
+        stamp.figure(node, key, fig)
     node.add("socket", socket)
     node.add("link", "pcie0")
     node.add("source", source)
-    return {**figs, "_pcie": pcie}
+    return {**figs, **gpu_power, "_pcie": pcie}
 
 
 def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
@@ -209,6 +236,9 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
             f"taken in turns (the prefetchers within a row): {shown}"))
     for key in ("topk_ns_per_insert", "gather_ns_per_row"):
         stamp.figure(node, key, figs.get(key))
+    watts = power.socket_figures(ms, len(m.cpu_nodes), m.cpu_nodes.index(numa))
+    for key, fig in watts.items():
+        stamp.figure(node, key, fig)
     node.add("source", f"hgsim calibrate {ctx.date}: /proc/cpuinfo, C kernel, stream reads, "
                        "pointer chases and row gathers")
     extra = {}
@@ -221,7 +251,7 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
         extra["mlp_curve"] = Figure({c: round(n, 2) for c, n in curve},
                                     "lines one core keeps in flight by interleaved chains "
                                     "(N x latency / time per step)")
-    return {**figs, **inflight, **extra}
+    return {**figs, **inflight, **extra, **watts}
 
 
 def _tier(ctx: Context, node: Node, stamp: Stamp, numa, kind: str, socket: str,

@@ -34,6 +34,16 @@ class Node:
         self.entries.append((key, node, comment))
         return node
 
+    def get(self, key: str) -> Any:
+        """The value (or child Node) under ``key``; None when absent."""
+        return next((value for k, value, _ in self.entries if k == key), None)
+
+    def insert_before(self, before: str, key: str, value: Any, comment: str | None = None) -> None:
+        """Add an entry ahead of ``before`` (e.g. keep ``source`` last); at the end without it."""
+        at = next((i for i, (k, _, _) in enumerate(self.entries) if k == before),
+                  len(self.entries))
+        self.entries.insert(at, (key, value, comment))
+
 
 class Stamp:
     """Formats the comments: ``measured by hgsim calibrate on <date>: <what>``."""

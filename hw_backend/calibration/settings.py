@@ -64,6 +64,8 @@ class Settings:
     #: ``loaded_steps`` dependent loads.
     loaded_fractions: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
     loaded_steps: int = 200_000
+    #: Length of each power interval (``calibration.power``: idle, then loaded), seconds.
+    power_seconds: float = 2.0
 
     @staticmethod
     def make(quick: bool, kv_dtype: str = "fp32") -> Settings:
@@ -78,6 +80,7 @@ class Settings:
             kernel_footprint_bytes=16 * MiB, mlp_chains=(1, 4, 16, 32), chase_loads=40_000,
             gather_row_bytes=(64, 512, 4096), gather_buffer_bytes=32 * MiB,
             gather_call_bytes=2 * MiB, loaded_fractions=(0.5, 1.0), loaded_steps=20_000,
+            power_seconds=0.5,
         )
 
     def thread_counts(self, cores: int) -> tuple[int, ...]:
