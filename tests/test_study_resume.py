@@ -14,17 +14,18 @@ from test_study_common import REPO, cli_env, last_run, results, run_cli, write_s
 from hgsim.study import load_study
 from hgsim.study.store import PointStore
 
-# 7 contexts x 3 policies = 21 points of ~0.05-0.4 s each (every decode step simulated).
+# 10 contexts x 3 policies = 30 points of ~0.1-0.8 s each (every decode step simulated): slow
+# enough that a kill lands midway even when this test process is starved of CPU for seconds.
 SLOW = """\
 name: slow
 base:
   profile: h100-80gb-spr-cxl
   model: llama-2-7b
-  workload: {batch: 2, context: 32k, gen: 48}
+  workload: {batch: 2, context: 32k, gen: 96}
   fidelity: {decode_samples: 0, accuracy: false}
 sweep:
   - grid:
-      workload.context: [16k, 24k, 32k, 40k, 48k, 56k, 64k]
+      workload.context: [16k, 24k, 32k, 40k, 48k, 56k, 64k, 72k, 80k, 96k]
       policy: [hybridgen, flexgen, cpu_offload]
 """
 
@@ -65,7 +66,7 @@ def test_ctrl_c_then_kill_9_midway_then_rerun_computes_only_missing(tmp_path):
     out = tmp_path / "out"
     points_dir = out / "points"
     expected = {s.key for s in load_study(study).expansion.unique_specs()}
-    assert len(expected) == 21
+    assert len(expected) == 30
 
     # Ctrl-C: exits 130 at once and its workers stop (nothing is stored afterwards).
     assert interrupt_midway(study, out, signal.SIGINT, 2) == 130
@@ -90,24 +91,24 @@ def test_ctrl_c_then_kill_9_midway_then_rerun_computes_only_missing(tmp_path):
     assert set(after) == expected
     assert all(after[k] == before[k] for k in before)  # stored points were not recomputed
     frame = results(out)
-    assert len(frame) == 21 and frame["point"].is_unique
+    assert len(frame) == 30 and frame["point"].is_unique
     assert not frame.duplicated(["workload.context", "policy"]).any()
     assert not [p for p in points_dir.iterdir() if p.name.startswith(".tmp-")]
 
     forced = run_cli("study", str(study), "--out", str(out), "--jobs", "2", "--force",
                      "--no-figures")
     assert forced.returncode == 0, forced.stderr
-    assert last_run(out)["computed"] == 21
+    assert last_run(out)["computed"] == 30
     refreshed = stored(points_dir)
     assert set(refreshed) == expected
     assert all(refreshed[k] != after[k] for k in expected)
-    assert len(results(out)) == 21
+    assert len(results(out)) == 30
 
 
 def test_invalid_stored_point_is_recomputed(tmp_path):
     from hgsim.study import RunOptions, run_study
 
-    study = write_study(tmp_path, SLOW.replace("16k, 24k, 32k, 40k, 48k, 56k, 64k", "16k")
+    study = write_study(tmp_path, SLOW.replace("16k, 24k, 32k, 40k, 48k, 56k, 64k, 72k, 80k, 96k", "16k")
                         .replace("gen: 48", "gen: 4"))
     out = tmp_path / "out"
     options = RunOptions(out=out, quiet=True, figures=False)
@@ -125,7 +126,7 @@ def test_failing_point_is_reported_not_stored_and_retried(tmp_path, monkeypatch)
     import hgsim.simulate
     from hgsim.study import RunOptions, run_study
 
-    study = write_study(tmp_path, SLOW.replace("16k, 24k, 32k, 40k, 48k, 56k, 64k", "16k, 32k")
+    study = write_study(tmp_path, SLOW.replace("16k, 24k, 32k, 40k, 48k, 56k, 64k, 72k, 80k, 96k", "16k, 32k")
                         .replace("gen: 48", "gen: 4"))
     out = tmp_path / "out"
     options = RunOptions(out=out, quiet=True, figures=False)
