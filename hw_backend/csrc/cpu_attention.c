@@ -757,55 +757,81 @@ static void select_write_sorted(select_t *s, int64_t base, float *values, int64_
 }
 
 /*
+ * Phase 1 of a fused top-k scan over [start, end) without storing score rows: each work item
+ * (a chunk of one (batch, kv head)) keeps its best k per selector into kept/sizes. nsel == G:
+ * one selector per query head; nsel == 1 with G > 1: one selector over the group's aggregate
+ * score (max or sum, `agg`). The chunks are merged by the caller.
+ */
+enum { GSCORE_MAX = 0, GSCORE_SUM = 1 };
+static void group_aggregate(const float *s, int64_t G, int nt, int agg, float *out);
+
+static int scan_chunks_topk(const attn_t *a, int64_t start, int64_t end, int64_t k,
+                            int64_t nsel, int agg, split_t sp, int nthreads, uint64_t *kept,
+                            int64_t *sizes)
+{
+    int64_t G = a->G, D = a->D;
+    int per_head = nsel == G;
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads) reduction(| : failed)
+    {
+        scratch_t ws;
+        uint64_t *mem = malloc(sizeof(uint64_t) * (size_t)(2 * nsel * k));
+        select_t *sel = malloc(sizeof(select_t) * (size_t)nsel);
+        float *agg_s = per_head ? NULL : malloc(sizeof(float) * BT);
+        int ok = scratch_init(&ws, D, G) && mem && sel && (per_head || agg_s);
+        failed |= !ok;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t it = 0; it < sp.items; it++) {
+            if (!ok)
+                continue;
+            int64_t grp = it / sp.nch, c = it % sp.nch;
+            int64_t b = grp / a->KVH, kh = grp % a->KVH;
+            int64_t t1 = start + (c + 1) * sp.clen < end ? start + (c + 1) * sp.clen : end;
+            rows_t K = head_rows(a, a->K, a->kdt, b, kh);
+            for (int64_t g = 0; g < nsel; g++)
+                select_init(&sel[g], mem + g * 2 * k, k);
+            for (int64_t b0 = start + c * sp.clen; b0 < t1; b0 += BT) {
+                int nt = (int)(t1 - b0 < BT ? t1 - b0 : BT);
+                int64_t pf;
+                const void *kb = fetch_rows(&K, NULL, b0, nt, t1, ws.kbuf, &pf);
+                a->kt->scores(a->q + (b * a->H + kh * G) * D, (int)G, kb, K.dtype, nt, D,
+                              a->scale, ws.s, BT, pf);
+                if (per_head) {
+                    for (int64_t g = 0; g < G; g++)
+                        select_scores(a->kt, &sel[g], ws.s + g * BT, nt, b0 - start);
+                } else {
+                    group_aggregate(ws.s, G, nt, agg, agg_s);
+                    select_scores(a->kt, &sel[0], agg_s, nt, b0 - start);
+                }
+            }
+            for (int64_t g = 0; g < nsel; g++) {
+                sizes[it * nsel + g] = select_reduce(&sel[g]);
+                memcpy(kept + (it * nsel + g) * k, sel[g].c, sizeof(uint64_t) * (size_t)sel[g].n);
+            }
+        }
+        free(ws.kbuf);
+        free(mem);
+        free(sel);
+        free(agg_s);
+    }
+    return failed;
+}
+
+/*
  * Fused scan: per-head top-k of the scores over [start, end) without storing score rows.
  * Each work item keeps its chunk's best k per head; a second pass merges the chunks.
  */
 static int run_logits_topk(const attn_t *a, int64_t start, int64_t end, int64_t k,
                            int nthreads, float *values, int64_t *indices)
 {
-    int64_t ntok = end - start, G = a->G, D = a->D;
+    int64_t ntok = end - start, G = a->G;
     int64_t groups = a->B * a->KVH;
     split_t sp = split_tokens(groups, ntok, nthreads);
     uint64_t *kept = malloc(sizeof(uint64_t) * (size_t)(sp.items * G * k));
     int64_t *sizes = malloc(sizeof(int64_t) * (size_t)(sp.items * G));
     int failed = kept == NULL || sizes == NULL;
-    if (!failed) {
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-        {
-            scratch_t ws;
-            uint64_t *mem = malloc(sizeof(uint64_t) * (size_t)(2 * G * k));
-            select_t *sel = malloc(sizeof(select_t) * (size_t)G);
-            int ok = scratch_init(&ws, D, G) && mem && sel;
-            failed |= !ok;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t it = 0; it < sp.items; it++) {
-                if (!ok)
-                    continue;
-                int64_t grp = it / sp.nch, c = it % sp.nch;
-                int64_t b = grp / a->KVH, kh = grp % a->KVH;
-                int64_t t1 = start + (c + 1) * sp.clen < end ? start + (c + 1) * sp.clen : end;
-                rows_t K = head_rows(a, a->K, a->kdt, b, kh);
-                for (int64_t g = 0; g < G; g++)
-                    select_init(&sel[g], mem + g * 2 * k, k);
-                for (int64_t b0 = start + c * sp.clen; b0 < t1; b0 += BT) {
-                    int nt = (int)(t1 - b0 < BT ? t1 - b0 : BT);
-                    int64_t pf;
-                    const void *kb = fetch_rows(&K, NULL, b0, nt, t1, ws.kbuf, &pf);
-                    a->kt->scores(a->q + (b * a->H + kh * G) * D, (int)G, kb, K.dtype, nt, D,
-                                  a->scale, ws.s, BT, pf);
-                    for (int64_t g = 0; g < G; g++)
-                        select_scores(a->kt, &sel[g], ws.s + g * BT, nt, b0 - start);
-                }
-                for (int64_t g = 0; g < G; g++) {
-                    sizes[it * G + g] = select_reduce(&sel[g]);
-                    memcpy(kept + (it * G + g) * k, sel[g].c, sizeof(uint64_t) * (size_t)sel[g].n);
-                }
-            }
-            free(ws.kbuf);
-            free(mem);
-            free(sel);
-        }
-    }
+    if (!failed)
+        failed = scan_chunks_topk(a, start, end, k, G, GSCORE_MAX, sp, nthreads, kept, sizes);
     if (!failed) {
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
         {
@@ -845,7 +871,6 @@ static int run_logits_topk(const attn_t *a, int64_t start, int64_t end, int64_t 
  * widest group (m), narrower groups padded with score -inf and their last position.
  */
 enum { GSEL_UNION = 1, GSEL_SHARED = 2 };
-enum { GSCORE_MAX = 0, GSCORE_SUM = 1 };
 #define RESCORE_ROWS 256 /* rows per work item of the re-scoring pass */
 
 /* Rows a grouped top-k may keep per (batch, kv head): k shared, or a union of G sets of k
@@ -892,51 +917,8 @@ static int run_logits_topk_group(const attn_t *a, int64_t start, int64_t end, in
     int failed = kept == NULL || sizes == NULL || rows == NULL;
     int64_t m = 0;
     /* 1: each work item's best k per selector */
-    if (!failed) {
-#pragma omp parallel num_threads(nthreads) reduction(| : failed)
-        {
-            scratch_t ws;
-            uint64_t *mem = malloc(sizeof(uint64_t) * (size_t)(2 * nsel * k));
-            select_t *sel = malloc(sizeof(select_t) * (size_t)nsel);
-            float *agg_s = malloc(sizeof(float) * BT);
-            int ok = scratch_init(&ws, D, G) && mem && sel && agg_s;
-            failed |= !ok;
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t it = 0; it < sp.items; it++) {
-                if (!ok)
-                    continue;
-                int64_t grp = it / sp.nch, c = it % sp.nch;
-                int64_t b = grp / a->KVH, kh = grp % a->KVH;
-                int64_t t1 = start + (c + 1) * sp.clen < end ? start + (c + 1) * sp.clen : end;
-                rows_t K = head_rows(a, a->K, a->kdt, b, kh);
-                for (int64_t g = 0; g < nsel; g++)
-                    select_init(&sel[g], mem + g * 2 * k, k);
-                for (int64_t b0 = start + c * sp.clen; b0 < t1; b0 += BT) {
-                    int nt = (int)(t1 - b0 < BT ? t1 - b0 : BT);
-                    int64_t pf;
-                    const void *kb = fetch_rows(&K, NULL, b0, nt, t1, ws.kbuf, &pf);
-                    a->kt->scores(a->q + (b * a->H + kh * G) * D, (int)G, kb, K.dtype, nt, D,
-                                  a->scale, ws.s, BT, pf);
-                    if (mode == GSEL_UNION) {
-                        for (int64_t g = 0; g < G; g++)
-                            select_scores(a->kt, &sel[g], ws.s + g * BT, nt, b0 - start);
-                    } else {
-                        group_aggregate(ws.s, G, nt, agg, agg_s);
-                        select_scores(a->kt, &sel[0], agg_s, nt, b0 - start);
-                    }
-                }
-                for (int64_t g = 0; g < nsel; g++) {
-                    sizes[it * nsel + g] = select_reduce(&sel[g]);
-                    memcpy(kept + (it * nsel + g) * k, sel[g].c,
-                           sizeof(uint64_t) * (size_t)sel[g].n);
-                }
-            }
-            free(ws.kbuf);
-            free(mem);
-            free(sel);
-            free(agg_s);
-        }
-    }
+    if (!failed)
+        failed = scan_chunks_topk(a, start, end, k, nsel, agg, sp, nthreads, kept, sizes);
     /* 2: per group, each selector's final top-k; their positions sorted and deduplicated */
     if (!failed) {
 #pragma omp parallel num_threads(nthreads) reduction(| : failed)
