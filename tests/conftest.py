@@ -98,3 +98,24 @@ def isolated_profiles(monkeypatch):
     profiles.clear_cache()
     yield
     profiles.clear_cache()
+
+
+# ---- the CPU-attention kernel tests run on every backend and instruction set ------------------
+# (hw_backend.cpu_attention needs only NumPy; the compiled extension is optional)
+import hw_backend.cpu_attention as _cpu_attention  # noqa: E402
+
+_KERNEL_BACKENDS = ["c", "numpy"] if _cpu_attention.BACKEND == "c" else ["numpy"]
+
+
+@pytest.fixture(params=_KERNEL_BACKENDS)
+def be(request):
+    """Each CPU-attention backend in turn: the C extension (when built) and the NumPy one."""
+    return _cpu_attention.backend(request.param)
+
+
+@pytest.fixture(params=_cpu_attention.available_simd_levels())
+def simd(request):
+    """Forces one instruction set for the test, restoring the previous one after."""
+    previous = _cpu_attention.set_simd_level(request.param)
+    yield request.param
+    _cpu_attention.set_simd_level(previous)

@@ -18,27 +18,12 @@ import pytest
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
+from kernel_backends import DTYPES, SIMD_LEVELS, needs_c  # noqa: E402
+
 import hw_backend  # noqa: E402
 import hw_backend.cpu_attention as ca  # noqa: E402
 
-BACKENDS = ["c", "numpy"] if ca.BACKEND == "c" else ["numpy"]
-SIMD_LEVELS = ca.available_simd_levels()
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REL = 1e-5  # float32 accumulation; low-precision KV is compared on the same rounded values
-needs_c = pytest.mark.skipif(ca.BACKEND != "c", reason="compiled extension not built")
-
-
-@pytest.fixture(params=BACKENDS)
-def be(request):
-    return ca.backend(request.param)
-
-
-@pytest.fixture(params=SIMD_LEVELS)
-def simd(request):
-    """Forces one instruction set for the test, restoring the previous one after."""
-    previous = ca.set_simd_level(request.param)
-    yield request.param
-    ca.set_simd_level(previous)
 
 
 def make_qkv(B, H, KVH, T, D, dtype="float32", seed=0):
