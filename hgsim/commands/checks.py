@@ -12,6 +12,7 @@ import os
 import sys
 
 from hgsim.errors import UserError
+from hgsim.units import parse_count
 
 
 def non_negative(value: float, flag: str) -> float:
@@ -21,6 +22,14 @@ def non_negative(value: float, flag: str) -> float:
     if value < 0:
         raise UserError(f"{flag} must be >= 0")
     return value
+
+
+def count(text: str, flag: str) -> int:
+    """A token or step count as people write it (``64k``, ``1M``, ``4096``)."""
+    try:
+        return parse_count(text)
+    except ValueError as exc:
+        raise UserError(str(exc), field=flag) from None
 
 
 def local_workers(requested: int | None, flag: str, command: str) -> int | None:

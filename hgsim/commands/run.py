@@ -19,7 +19,8 @@ import json
 import math
 from pathlib import Path
 
-from hgsim.commands.simulate import _count, _parse_options
+from hgsim.commands.checks import count
+from hgsim.commands.simulate import _parse_options
 from hgsim.errors import UserError
 
 
@@ -80,9 +81,9 @@ def _config(args: argparse.Namespace):
     if out is not None and not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist", field="--out")
     return RunConfig(
-        model=get_model(args.model), policy=args.policy, context=_count(args.context, "--context"),
-        gen=_count(args.gen, "--gen"), options=_parse_options(args.option),
-        warmup=_count(args.warmup, "--warmup"), batch=_count(args.batch, "--batch"),
+        model=get_model(args.model), policy=args.policy, context=count(args.context, "--context"),
+        gen=count(args.gen, "--gen"), options=_parse_options(args.option),
+        warmup=count(args.warmup, "--warmup"), batch=count(args.batch, "--batch"),
         dtype=args.dtype, attention_only=args.attention_only,
         hbm_budget=HbmBudget.parse(args.hbm_budget) if args.hbm_budget else None,
         seed=args.seed, accelerator=args.accelerator, host_threads=args.host_threads,

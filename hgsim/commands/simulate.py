@@ -7,10 +7,10 @@ import json
 
 from pydantic import ValidationError
 
+from hgsim.commands.checks import count
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file
 from hgsim.results import SimResult
-from hgsim.units import parse_count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         workload = Workload(
-            batch=_count(args.batch, "--batch"), context=_count(args.context, "--context"),
-            gen=_count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
+            batch=count(args.batch, "--batch"), context=count(args.context, "--context"),
+            gen=count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
         )
     except ValidationError as exc:
         from hgsim.config_io import humane
@@ -120,13 +120,6 @@ def run(args: argparse.Namespace) -> int:
         if trace is not None and result.feasible:
             print(f"\ntrace written to {trace} (open in https://ui.perfetto.dev)")
     return 0 if result.feasible else 1
-
-
-def _count(text: str, flag: str) -> int:
-    try:
-        return parse_count(text)
-    except ValueError as exc:
-        raise UserError(str(exc), field=flag) from None
 
 
 def memory_table(result: SimResult):

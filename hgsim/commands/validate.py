@@ -13,9 +13,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hgsim.commands.checks import non_negative
+from hgsim.commands.checks import count, non_negative
 from hgsim.errors import UserError
-from hgsim.units import parse_count
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -78,12 +77,7 @@ def run(args: argparse.Namespace) -> int:
     non_negative(args.quiet_wait, "--quiet-wait")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
-    max_context = None
-    if args.max_context:
-        try:
-            max_context = parse_count(args.max_context)
-        except ValueError as exc:
-            raise UserError(str(exc), field="--max-context") from None
+    max_context = count(args.max_context, "--max-context") if args.max_context else None
     try:
         from hw_backend.validate import run_validation
     except ImportError as exc:
