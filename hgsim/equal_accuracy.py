@@ -26,6 +26,7 @@ from typing import Any
 
 from hgsim.policies import make_policy
 from hgsim.policies.registry import lookup
+from hgsim.simulate import accuracy_context
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.workload import Workload
@@ -81,11 +82,6 @@ def knob_for(policy: str, option: str | None = None) -> Knob:
     return default if default is not None and default.option == option else Knob(option)
 
 
-def accuracy_context(workload: Workload) -> int:
-    """The context at which a run's accuracy is scored: its median decode step."""
-    return workload.context + workload.gen // 2
-
-
 @dataclass(frozen=True)
 class ProxyProbe:
     """One evaluation of a setting: its proxy error and whether it fits in memory."""
@@ -104,8 +100,8 @@ def probe_setting(policy: str, model: ModelSpec, profile: HardwareProfile, workl
 
     pol = make_policy(policy, model, profile, workload, knob.options(options, value))
     plan = pol.step_plan(accuracy_context(workload)).layer
-    return ProxyProbe(value, float(accuracy_proxy(plan, group_spec(model.gqa_group)).rel_error), pol.feasible,
-                      pol.infeasibility())
+    error = accuracy_proxy(plan, group_spec(model.gqa_group)).rel_error
+    return ProxyProbe(value, float(error), pol.feasible, pol.infeasibility())
 
 
 @dataclass(frozen=True)

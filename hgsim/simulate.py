@@ -40,6 +40,12 @@ class Fidelity:
     record: bool = False  # keep every activity (needed for traces)
 
 
+def accuracy_context(workload: Workload) -> int:
+    """The context at which a run's accuracy is scored: its median decode step (the
+    equal-accuracy search scores its settings there too)."""
+    return workload.context + workload.gen // 2
+
+
 def sample_steps(gen: int, samples: int) -> list[int]:
     if samples <= 0 or samples >= gen:
         return list(range(gen))
@@ -92,7 +98,7 @@ def simulate(
     for step in range(workload.gen):
         context = workload.context + step
         plan = pol.step_plan(context)
-        if step == workload.gen // 2:
+        if context == accuracy_context(workload):
             scored = plan.layer
         if step in sampled:
             m = engine.step(plan)
