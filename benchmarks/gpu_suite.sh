@@ -10,6 +10,7 @@
 #   validate_model.*        4. hgsim validate, whole-model study at Llama-3.1-8B shapes
 #   speedups/               5. tokens/s of HybridGen vs every baseline at 32k/64k/128k under an
 #                              HBM budget, each beside the simulator's prediction
+#   gpu_tests.log           the CUDA-marked tests (tests/test_executor_gpu.py), with what is left
 #   <stage>.log, stages.txt, suite.log, summary.md
 #
 # Usage:
@@ -131,6 +132,9 @@ else
   stage speedups 120 $PY benchmarks/speedups.py --profile "$OUT/local.yaml" --gen 6 \
     --out "$OUT/speedups"
 fi
+# last, with whatever time is left: the CUDA tests (on the stand-in they skip, which checks
+# only that they collect)
+stage gpu_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_executor_gpu.py
 
 $PY benchmarks/gpu_suite_summary.py "$OUT" > /dev/null 2>> "$OUT/suite.log"
 log "done in $(( $(date +%s) - START ))s; summary: $OUT/summary.md"

@@ -90,6 +90,16 @@ def speedups(out: Path) -> list[str]:
     return rows[2:] if rows and rows[0].startswith("#") else rows
 
 
+def gpu_tests(out: Path) -> list[str]:
+    """pytest's last line for the CUDA-marked tests, and each failure's line."""
+    path = out / "gpu_tests.log"
+    if not path.exists():
+        return ["CUDA tests: not run"]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    failed = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
+    return [lines[-1] if lines else "(no output)", *failed]
+
+
 def device_ratio(out: Path) -> str:
     path = out / "device_time" / "device_time.json"
     if not path.exists():
@@ -112,7 +122,8 @@ def main(argv: list[str]) -> int:
              "## 3. Calibration (gpu0)", "", *calibration(out), "",
              "## 4. Validation, attention only", "", *validation(out, "validate_attention"), "",
              "## 4. Validation, whole model", "", *validation(out, "validate_model"), "",
-             "## 5. Speed-ups (measured beside simulated)", "", *speedups(out), ""]
+             "## 5. Speed-ups (measured beside simulated)", "", *speedups(out), "",
+             "## CUDA tests", "", *gpu_tests(out), ""]
     text = "\n".join(parts)
     (out / "summary.md").write_text(text)
     print(text)

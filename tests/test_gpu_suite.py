@@ -33,12 +33,13 @@ def test_cpu_smoke_runs_every_stage_and_writes_one_summary(tmp_path):
     stages = dict(line.split()[0:2] for line in (out / "stages.txt").read_text().splitlines())
     assert stages == {name: "rc=0" for name in ("device_time", "calibrate",
                                                  "validate_attention", "validate_model",
-                                                 "speedups")}
+                                                 "speedups", "gpu_tests")}
     summary = (out / "summary.md").read_text()
     for heading in ("## Machine", "## 1. Device time", "## 3. Calibration",
                     "## 4. Validation, attention only", "## 4. Validation, whole model",
-                    "## 5. Speed-ups"):
+                    "## 5. Speed-ups", "## CUDA tests"):
         assert heading in summary
     assert "cpu-standin (no CUDA)" in summary and "torch" in (out / "env.txt").read_text()
     assert "MAPE" in summary and "HybridGen over" in summary
+    assert "skipped" in summary.split("## CUDA tests")[1]  # collected, and skip without CUDA
     assert (out / "local.yaml").exists() and (out / "validate_model.csv").exists()
