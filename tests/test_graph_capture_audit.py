@@ -110,20 +110,35 @@ PLANS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "options", "gpu_tokens"), PLANS, ids=[p[0] for p in PLANS])
-def test_every_plan_kind_replays_what_it_captured(name, options, gpu_tokens):
-    spec = get_model("tiny-llama")
-    workload = Workload(context=CONTEXT, gen=STEPS, kv_dtype="fp32", weight_dtype="fp32")
+def audited_decode(model_name: str, name: str, options: dict, gpu_tokens: int | None,
+                   dtype: str) -> CaptureAudit:
+    spec = get_model(model_name)
+    workload = Workload(context=CONTEXT, gen=STEPS, kv_dtype=dtype, weight_dtype=dtype)
     profile = load_profile("dev-zen4-2core")
     if gpu_tokens is not None:
         profile = profile_for_gpu_tokens(profile, spec, workload, gpu_tokens)
         options = {**SIZED_HBM_OPTIONS, **options}
     policy = make_policy(name, spec, profile, workload, options)
     with make_accelerator("standin", CoreSplit(1, 1)) as accel, \
-            ModelDecode(spec, accel, capacity=CONTEXT + STEPS, graphs=True) as model:
+            ModelDecode(spec, accel, capacity=CONTEXT + STEPS, graphs=True, dtype=dtype,
+                        kv_dtype=dtype) as model:
         model.fill_random(CONTEXT - 1)
-        audit: CaptureAudit = audit_graph_programs(model.executor.side)
+        audit = audit_graph_programs(model.executor.side)
         model.decode(policy, STEPS)
+    return audit
+
+
+@pytest.mark.parametrize(("name", "options", "gpu_tokens"), PLANS, ids=[p[0] for p in PLANS])
+def test_every_plan_kind_replays_what_it_captured(name, options, gpu_tokens):
+    audit = audited_decode("tiny-llama", name, options, gpu_tokens, "fp32")
     assert audit.problems == []
     # the later steps replayed (and so were compared with) what the first ones captured
-    assert audit.replayed_keys >= 3 * spec.num_layers
+    assert audit.replayed_keys >= 3 * get_model("tiny-llama").num_layers
+
+
+@pytest.mark.parametrize("plan", [PLANS[0], PLANS[5], PLANS[8]], ids=lambda p: p[0])
+def test_sixteen_bit_weights_and_qkv_bias_replay_what_they_captured(plan):
+    """bf16 weights and KV (casts inside the programs) on the Qwen layout (q/k/v bias, one KV
+    head for four query heads)."""
+    audit = audited_decode("tiny-qwen", *plan, "bf16")
+    assert audit.problems == [] and audit.replayed_keys >= 3 * get_model("tiny-qwen").num_layers
