@@ -20,7 +20,7 @@ import math
 from pathlib import Path
 
 from hgsim.commands.checks import count
-from hgsim.commands.simulate import _parse_options
+from hgsim.commands.policy_options import policy_options
 from hgsim.errors import UserError
 
 
@@ -82,7 +82,7 @@ def _config(args: argparse.Namespace):
         raise UserError(f"folder {out.parent} does not exist", field="--out")
     return RunConfig(
         model=get_model(args.model), policy=args.policy, context=count(args.context, "--context"),
-        gen=count(args.gen, "--gen"), options=_parse_options(args.option),
+        gen=count(args.gen, "--gen"), options=policy_options(args.option, args.policy),
         warmup=count(args.warmup, "--warmup"), batch=count(args.batch, "--batch"),
         dtype=args.dtype, attention_only=args.attention_only,
         hbm_budget=HbmBudget.parse(args.hbm_budget) if args.hbm_budget else None,

@@ -8,6 +8,7 @@ import json
 from pydantic import ValidationError
 
 from hgsim.commands.checks import count
+from hgsim.commands.policy_options import policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file
 from hgsim.results import SimResult
@@ -37,57 +38,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _parse_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` pairs as a dict; a key given twice is an error, not "the last wins"."""
-    options: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--option expects KEY=VALUE, got {pair!r}")
-        key = key.strip()
-        if key in options:
-            raise UserError(f"'{key}' is given twice ({key}={options[key]} and {pair.strip()}); "
-                            "give each option once", field="--option")
-        options[key] = _scalar(value.strip())
-    return options
-
-
-def _check_options(policy: str, options: dict) -> None:
-    """The policy accepts ``options``, or a UserError naming the --option that is wrong
-    (unknown policies are left to the simulator, which lists the known ones)."""
-    from hgsim.config_io import humane
-    from hgsim.policies import POLICIES
-
-    entry = POLICIES.get(policy)
-    if entry is None:
-        return
-    cls, preset, _ = entry
-    try:
-        cls.Options(**{**preset, **options})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        key = str(first["loc"][0]) if first["loc"] else ""
-        message = humane(first)
-        if first["type"] == "extra_forbidden":
-            message = (f"policy '{policy}' has no option '{key}' (its options: "
-                       f"{', '.join(cls.Options.model_fields)})")
-        raise UserError(message, field=f"--option {key}".strip()) from None
-
-
-def _scalar(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
 def run(args: argparse.Namespace) -> int:
     from hgsim.simulate import Fidelity, simulate
     from hgsim.workload import Workload
@@ -104,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(humane(first), field="--" + str(first["loc"][0])) from None
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
-    options = _parse_options(args.option)
-    _check_options(args.policy, options)
+    options = policy_options(args.option, args.policy)
     # Before the simulation: a trace that cannot be written would lose its result at the end.
     trace = check_output_file(args.trace, "--trace") if args.trace else None
     result = simulate(
