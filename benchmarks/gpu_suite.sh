@@ -17,23 +17,28 @@
 #   bash benchmarks/gpu_suite.sh [OUT]             # on a GPU host (installs with pip first)
 #   bash benchmarks/gpu_suite.sh --cpu-smoke [OUT] # this script's plumbing on a CPU-only
 #                                                  # machine: tiny models, quick calibration
+#   bash benchmarks/gpu_suite.sh --install-only    # install and check the imports, then stop
 #
 # The whole run is capped at SUITE_BUDGET_S seconds (default 470, under 8 minutes): every stage
 # has its own limit and gets no more than what is left; a stage cut short keeps what it wrote.
-# PYTHON selects the interpreter (default: python).
+# PYTHON selects the interpreter (default: python, else python3). On a host without network,
+# fetch the dependencies it lacks first, where pip works: `bash benchmarks/gpu_wheels.sh`
+# writes .gpu_wheels, which the install below uses (GPU_WHEELS names another folder).
 set -uo pipefail
 
 SMOKE=0
+INSTALL_ONLY=0
 OUT=""
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
-    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
+    --install-only) INSTALL_ONLY=1 ;;
+    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
     *) OUT="$arg" ;;
   esac
 done
 cd "$(dirname "$0")/.." || exit 2
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python > /dev/null && echo python || echo python3)}
 OUT=${OUT:-gpu_suite_out/$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT" || exit 2
 OUT=$(cd "$OUT" && pwd)
@@ -82,12 +87,31 @@ stage() {
 } > "$OUT/env.txt" 2>&1
 
 if [ $SMOKE = 0 ]; then
+  # A host without network installs the dependencies it lacks from wheels fetched beforehand
+  # (benchmarks/gpu_wheels.sh) and never tries an index: pip's retries would eat the budget.
+  WHEELS=${GPU_WHEELS:-.gpu_wheels}
+  OFFLINE=()
+  [ -d "$WHEELS" ] && OFFLINE=(--no-index --find-links "$WHEELS")
   if $PY -c "import torch" 2> /dev/null; then  # keep the CUDA torch this machine has
-    stage install 90 $PY -m pip install --no-build-isolation -e . \
-      || stage install-isolated 90 $PY -m pip install -e .
+    stage install 90 $PY -m pip install ${OFFLINE[@]+"${OFFLINE[@]}"} --no-build-isolation -e . \
+      || { [ ${#OFFLINE[@]} = 0 ] && stage install-isolated 90 $PY -m pip install -e .; }
   else
-    stage install 200 $PY -m pip install -e ".[hw]"
+    stage install 200 $PY -m pip install ${OFFLINE[@]+"${OFFLINE[@]}"} -e ".[hw]"
   fi
+fi
+# What every stage needs, checked once: a missing package is one line here, not five failures.
+if ! $PY -c "import simpy, pydantic, torch, hgsim, hw_backend.executor" > "$OUT/imports.log" 2>&1
+then
+  log "STOP: hgsim does not import ($(tail -n 1 "$OUT/imports.log")); see install.log. A host" \
+    "without network needs the wheels of benchmarks/gpu_wheels.sh (fetched where pip works," \
+    "in .gpu_wheels or GPU_WHEELS)"
+  echo "imports rc=1 seconds=0" >> "$OUT/stages.txt"
+  $PY benchmarks/gpu_suite_summary.py "$OUT" > /dev/null 2>> "$OUT/suite.log"
+  exit 1
+fi
+if [ $INSTALL_ONLY = 1 ]; then
+  log "installed; hgsim imports (--install-only: no stage run)"
+  exit 0
 fi
 $PY - >> "$OUT/env.txt" 2>&1 <<'EOF'
 import platform, torch
