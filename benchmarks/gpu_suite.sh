@@ -86,17 +86,25 @@ stage() {
   free -g 2> /dev/null | head -n 2
 } > "$OUT/env.txt" 2>&1
 
+# build in place and import from the checkout: for when pip cannot install it (an old setuptools
+# without bdist_wheel, no network for an isolated build)
+build_in_place() {
+  stage build_in_place 120 $PY setup.py build_ext --inplace \
+    && export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+}
 if [ $SMOKE = 0 ]; then
-  # A host without network installs the dependencies it lacks from wheels fetched beforehand
-  # (benchmarks/gpu_wheels.sh) and never tries an index: pip's retries would eat the budget.
   WHEELS=${GPU_WHEELS:-.gpu_wheels}
-  OFFLINE=()
-  [ -d "$WHEELS" ] && OFFLINE=(--no-index --find-links "$WHEELS")
-  if $PY -c "import torch" 2> /dev/null; then  # keep the CUDA torch this machine has
-    stage install 90 $PY -m pip install ${OFFLINE[@]+"${OFFLINE[@]}"} --no-build-isolation -e . \
-      || { [ ${#OFFLINE[@]} = 0 ] && stage install-isolated 90 $PY -m pip install -e .; }
+  if [ -d "$WHEELS" ]; then
+    # A host without network: the dependencies it lacks from wheels fetched beforehand
+    # (benchmarks/gpu_wheels.sh), never from an index (pip's retries would eat the budget).
+    stage deps 60 $PY -m pip install --no-index --find-links "$WHEELS" simpy pydantic
+    stage install 90 $PY -m pip install --no-index --no-build-isolation --no-deps -e . \
+      || build_in_place
+  elif $PY -c "import torch" 2> /dev/null; then  # keep the CUDA torch this machine has
+    stage install 90 $PY -m pip install --no-build-isolation -e . \
+      || stage install-isolated 90 $PY -m pip install -e . || build_in_place
   else
-    stage install 200 $PY -m pip install ${OFFLINE[@]+"${OFFLINE[@]}"} -e ".[hw]"
+    stage install 200 $PY -m pip install -e ".[hw]"
   fi
 fi
 # What every stage needs, checked once: a missing package is one line here, not five failures.
