@@ -15,6 +15,7 @@ Every method runs where the executor puts it: ``repartition`` .. ``post`` on the
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
 
 import torch
@@ -26,10 +27,16 @@ from hw_backend.streams import Marker
 
 
 class DeviceSide(ABC):
-    """See the module docstring; ``ex`` is the ``PlanExecutor`` it serves."""
+    """See the module docstring; ``ex`` is the ``PlanExecutor`` it serves.
+
+    The executor owns its side, so the side refers back to it weakly: a strong reference would
+    make a cycle that only Python's cyclic collector frees, keeping the executor's model
+    weights, KV store and staging buffers allocated after the caller dropped it. Under an HBM
+    budget the next run's allocations (a validation case's fresh 16 GB of weights) then fail.
+    """
 
     def __init__(self, ex) -> None:
-        self.ex = ex
+        self.ex = weakref.proxy(ex)
 
     # ------------------------------------------------------------------ compute queue
     def repartition(self, state: LayerState, appending: bool) -> None:
