@@ -38,9 +38,16 @@ class DeviceSide(ABC):
     def __init__(self, ex) -> None:
         self.ex = weakref.proxy(ex)
 
+    #: Whether every token this side puts on the device also reaches host memory by the end
+    #: of its step (``LayerKv.write_through``). Set on every repartition, not once: executors
+    #: of both kinds may take turns over one store (benchmarks), and an eager one inheriting a
+    #: graph path's True would skip copying its device-only tokens to the host when they leave.
+    writes_through = False
+
     # ------------------------------------------------------------------ compute queue
     def repartition(self, state: LayerState, appending: bool) -> None:
         lp, kv = state.lp, state.kv
+        kv.write_through = self.writes_through
         if lp.context != kv.length + (1 if appending else 0):
             raise ValueError(f"layer {state.index}: plan context {lp.context} but cache holds "
                              f"{kv.length} tokens (appending={appending})")

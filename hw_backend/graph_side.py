@@ -131,8 +131,9 @@ class GraphDeviceSide(DeviceSide):
             self._flushed.wait()
             self._flushed = None
 
+    writes_through = True  # every new device token also reaches host memory (end_step)
+
     def repartition(self, state, appending) -> None:
-        state.kv.write_through = True  # every device token also reaches host (end_step)
         self._await_flush()
         super().repartition(state, appending)
 
