@@ -15,6 +15,7 @@ Every method runs where the executor puts it: ``repartition`` .. ``post`` on the
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
 
 import torch
@@ -26,14 +27,27 @@ from hw_backend.streams import Marker
 
 
 class DeviceSide(ABC):
-    """See the module docstring; ``ex`` is the ``PlanExecutor`` it serves."""
+    """See the module docstring; ``ex`` is the ``PlanExecutor`` it serves.
+
+    The executor owns its side, so the side refers back to it weakly: a strong reference would
+    make a cycle that only Python's cyclic collector frees, keeping the executor's model
+    weights, KV store and staging buffers allocated after the caller dropped it. Under an HBM
+    budget the next run's allocations (a validation case's fresh 16 GB of weights) then fail.
+    """
 
     def __init__(self, ex) -> None:
-        self.ex = ex
+        self.ex = weakref.proxy(ex)
+
+    #: Whether every token this side puts on the device also reaches host memory by the end
+    #: of its step (``LayerKv.write_through``). Set on every repartition, not once: executors
+    #: of both kinds may take turns over one store (benchmarks), and an eager one inheriting a
+    #: graph path's True would skip copying its device-only tokens to the host when they leave.
+    writes_through = False
 
     # ------------------------------------------------------------------ compute queue
     def repartition(self, state: LayerState, appending: bool) -> None:
         lp, kv = state.lp, state.kv
+        kv.write_through = self.writes_through
         if lp.context != kv.length + (1 if appending else 0):
             raise ValueError(f"layer {state.index}: plan context {lp.context} but cache holds "
                              f"{kv.length} tokens (appending={appending})")

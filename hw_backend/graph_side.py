@@ -107,9 +107,12 @@ class GraphDeviceSide(DeviceSide):
         return self.buffers
 
     def _meta(self, layers: int) -> torch.Tensor:
+        """The step-count table on the device. Allocated empty, not zeroed: this runs on the
+        caller's stream, where a zero fill would be unordered with the compute queue's copy of
+        the table into it (and could land after it); that copy writes every row each step."""
         if self._meta_dev is None or self._meta_dev.shape[0] != layers:
             self._meta_host = self.ex.accel.host_empty((layers, FIELDS), torch.int64)
-            self._meta_dev = torch.zeros(layers, FIELDS, dtype=torch.int64,
+            self._meta_dev = torch.empty(layers, FIELDS, dtype=torch.int64,
                                          device=self.ex.accel.device)
         return self._meta_dev
 
@@ -131,8 +134,9 @@ class GraphDeviceSide(DeviceSide):
             self._flushed.wait()
             self._flushed = None
 
+    writes_through = True  # every new device token also reaches host memory (end_step)
+
     def repartition(self, state, appending) -> None:
-        state.kv.write_through = True  # every device token also reaches host (end_step)
         self._await_flush()
         super().repartition(state, appending)
 

@@ -99,6 +99,9 @@ class LayerKv:
                 self._offload(leaving)
         self.slot_pos, self._slot_of = [], {}
         self.length, self.sinks, self.recent = tokens, 0, 0
+        # the next decode reserves the slots its own policy needs: one policy's larger
+        # reservation must not take device memory from the next under the same HBM budget
+        self._resize_slots(0)
         if self.partial_channels is not None:  # rebuilt from the host keys when next needed
             self.partial_channels = self.partial_k = None
 
@@ -133,8 +136,11 @@ class LayerKv:
 
     def reserve_device_slots(self, slots: int) -> None:
         """Allocate device room for ``slots`` resident tokens now, so that no step reallocates
-        (a reallocation also invalidates captured graphs, which then capture again)."""
-        self._ensure_slots(slots)
+        (a reallocation also invalidates captured graphs, which then capture again). Exactly
+        ``slots``, not ``_ensure_slots``'s doubling: a policy sizes its resident tokens to fill
+        an HBM budget, and twice its KV would not fit beside the weights."""
+        if slots > self.dev_k.shape[2]:
+            self._resize_slots(slots)
 
     # ------------------------------------------------------------------ partition
     def repartition(self, sinks: int, recent: int, context: int) -> None:
@@ -258,9 +264,13 @@ class LayerKv:
             self.partial_k[:, :, : self.length] = old[:, :, : self.length]
 
     def _ensure_slots(self, slots: int) -> None:
+        """Room for ``slots`` resident tokens, grown geometrically (a decode adds one a step)."""
         if slots <= self.dev_k.shape[2]:
             return
-        size = max(slots, 2 * self.dev_k.shape[2], 16)
+        self._resize_slots(max(slots, 2 * self.dev_k.shape[2], 16))
+
+    def _resize_slots(self, size: int) -> None:
+        """Device K and V with ``size`` slots, the resident tokens' rows kept."""
         n = self.resident
         for name in ("dev_k", "dev_v"):
             old = getattr(self, name)

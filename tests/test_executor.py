@@ -291,3 +291,24 @@ def upload_buffers(executor) -> tuple[int, ...]:
     if executor.graphs:
         return tuple(sorted(t.data_ptr() for t in side._landing.values()))
     return (side.device_buffers.take((0, "rows"), (1,), torch.float32).data_ptr(),)
+
+
+def test_an_eager_executor_after_the_graph_path_keeps_leaving_tokens_on_the_host():
+    """Benchmarks alternate eager and graph-path executors over one store. The graph path
+    writes every new token through to host memory; an eager executor after it must copy its
+    own device tokens to the host again when they leave the device (a 1-token window here)."""
+    c = Case(steps=4)
+    try:
+        graph_path = PlanExecutor(c.store, c.accel, graphs=True)
+        with graph_path:
+            c.executor, eager = graph_path, c.executor
+            c.step(0, StepPlan("flexgen_cpu", B, layer_plan("flexgen_cpu", T, recent=1), LAYERS))
+        c.executor = eager
+        for t in range(1, 4):
+            plan = StepPlan("flexgen_cpu", B, layer_plan("flexgen_cpu", T + t, recent=1), LAYERS)
+            run = c.step(t, plan)
+            for layer in range(LAYERS):
+                torch.testing.assert_close(run.outputs[layer].double(), c.expected(t, layer),
+                                           rtol=1e-5, atol=2e-6)
+    finally:
+        c.close()

@@ -72,6 +72,25 @@ def test_device_buffers_are_separate_from_host_memory(accel):
     assert torch.equal(kv.device_kv()[0], torch.ones(1, 1, 16, 8))
 
 
+def test_policies_sharing_a_store_each_hold_only_their_own_device_slots(accel):
+    """Benchmarks run policy after policy over one store under an HBM budget sized for each
+    policy's own resident tokens: a reservation is exact (doubling 27k slots to 55k overran a
+    22 GB budget beside 16 GB of weights), and truncating between policies releases it."""
+    store = KvStore(accel, num_layers=2, batch=1, kv_heads=2, head_dim=8, capacity=600)
+    for kv in store.layers:
+        kv.load(torch.randn(1, 2, 500, 8), torch.randn(1, 2, 500, 8))
+    store.reserve_device_slots(200)
+    store.reserve_device_slots(201)  # the next policy keeps one token more
+    assert [kv.dev_k.shape[2] for kv in store.layers] == [201, 201]
+    for kv in store.layers:
+        kv.repartition(4, 100, 501)
+        kv.append(torch.randn(1, 2, 1, 8), torch.randn(1, 2, 1, 8))
+    store.truncate(500)
+    assert [(kv.dev_k.shape[2], kv.dev_v.shape[2]) for kv in store.layers] == [(0, 0), (0, 0)]
+    store.reserve_device_slots(50)  # a policy keeping fewer tokens on the device
+    assert [kv.dev_k.shape[2] for kv in store.layers] == [50, 50]
+
+
 def test_partial_key_cache_keeps_the_largest_channels(accel):
     store = KvStore(accel, num_layers=1, batch=1, kv_heads=2, head_dim=8, capacity=16)
     kv = store[0]

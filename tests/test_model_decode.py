@@ -188,3 +188,28 @@ def test_a_truncated_context_decodes_as_a_freshly_loaded_one(graphs):
                                              None), prefix, graphs)
     for got, want in zip(reused.logits, fresh.logits, strict=True):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_a_dropped_decoder_frees_its_weights_and_cache_at_once(graphs):
+    """Validation draws fresh weights per case under an HBM budget: the previous case's must be
+    freed when it is dropped, not whenever Python's cyclic collector next runs."""
+    import gc
+    import weakref
+
+    spec = get_model("tiny-llama")
+    policy = policy_for(spec, "hybridgen_exact", {"gpu_share": 0.3, "lookahead": False}, None)
+    with make_accelerator("standin", CoreSplit(1, 1)) as accel:
+        gc.collect()
+        gc.disable()
+        try:
+            with ModelDecode(spec, accel, capacity=T + STEPS, graphs=graphs) as model:
+                model.load_prefix(prefix_kv(spec))
+                model.decode(policy, 2)
+                alive = [weakref.ref(model.weights.embed),
+                         weakref.ref(model.store.layers[0].host_k),
+                         weakref.ref(model.executor)]
+            del model
+            assert [ref() is None for ref in alive] == [True, True, True]
+        finally:
+            gc.enable()
