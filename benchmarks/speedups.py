@@ -1,9 +1,13 @@
 """Measured tokens/s of HybridGen against every executable baseline, each beside the simulator's
 prediction, at several contexts under an HBM budget that forces offload, in one run.
 
-For each context the random context K/V is drawn and filled once and the weights are drawn
-once; every policy then decodes ``--warmup`` + ``--gen`` steps over that same context
-(``KvStore.truncate`` in between) with the whole model (``hw_backend.measured_run``), HybridGen
+The weights are drawn once and the random context K/V is filled once, at the largest context;
+contexts run from the largest down, each policy decoding ``--warmup`` + ``--gen`` steps over the
+first ``context`` tokens of that one store (``KvStore.truncate`` in between: host rows below the
+context are never written by a decode). One store, not one per context: on CUDA its host half
+is pinned, and torch's pinned allocator rounds every buffer up to a power of two and keeps freed
+ones, so three stores for 32k, 64k and 128k of an 8B model would pin about 60 GB, one about 34;
+and the 128k fill is the only one with the whole model (``hw_backend.measured_run``), HybridGen
 adaptive with its scheduler fed the measured times. Its simulation uses the same model,
 workload, options and budgeted profile. Policies infeasible under the budget (gpu_only beyond
 what HBM holds) are reported as such, not run. Speed-up = HybridGen's tokens/s over the
@@ -76,8 +80,11 @@ def main(argv=None) -> int:
         dtype = "bf16" if cuda else "fp32"
         weights = ModelWeights.random(spec, device=accel.device, dtype=TORCH_DTYPES[dtype])
         random_kv = RandomKv()
-        for context in contexts:
-            store = None
+        store = None
+        capacity = max(contexts) + args.warmup + args.gen
+        for context in sorted(contexts, reverse=True):
+            if store is not None:
+                store.truncate(context - 1)
             for name in args.policies:
                 config = mr.RunConfig(model=spec, policy=name, context=context, gen=args.gen,
                                       warmup=args.warmup, hbm_budget=budget, dtype=dtype,
@@ -92,9 +99,10 @@ def main(argv=None) -> int:
                 policy = make_policy(name, spec, prepared.profile, prepared.workload,
                                      config.options)
                 with ModelDecode(spec, accel, weights=weights, store=store, dtype=dtype,
-                                 capacity=context + config.steps) as model:
+                                 capacity=capacity) as model:
                     if store is None:
-                        model.fill_random(context - 1, random_kv)
+                        model.fill_random(max(contexts) - 1, random_kv)
+                        model.store.truncate(context - 1)
                     store = model.store
                     model.reserve_for(policy, context + config.steps)
                     run = model.decode(policy, config.steps)

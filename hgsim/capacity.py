@@ -67,11 +67,19 @@ class MemoryFootprint:
         if self.reason:
             return self.reason
         parts = [
-            f"{tier} short by {short / GB:.1f} GB "
-            f"(needs {self.used_bytes[tier] / GB:.1f} GB, has {self.capacity_bytes.get(tier, 0) / GB:.1f} GB)"
+            f"{tier} short by {_size(short)} "
+            f"(needs {_size(self.used_bytes[tier])}, has {_size(self.capacity_bytes.get(tier, 0))})"
             for tier, short in sorted(self.shortfalls().items())
         ]
         return "; ".join(parts) if parts else "fits"
+
+
+def _size(n_bytes: float) -> str:
+    """A size in GB, or in MB / kB / B where GB would print 0.0 (tiny models, small budgets)."""
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n_bytes) >= 0.05 * scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.0f} B"
 
 
 def hbm_capacity_bytes(profile: HardwareProfile) -> float:
