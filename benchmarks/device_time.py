@@ -86,6 +86,14 @@ def kernel_time_by_stream(prof) -> dict[int, float]:
     return dict(out)
 
 
+def allocation_counts() -> tuple[int, int]:
+    """Cumulative device allocations so far: requests to torch's caching allocator, and the
+    ``cudaMalloc`` calls (new segments) behind them. A steady step should add no segment, and
+    on the graph path few requests (its programs write into buffers allocated once)."""
+    stats = torch.cuda.memory_stats()
+    return stats.get("allocation.all.allocated", 0), stats.get("segment.all.allocated", 0)
+
+
 def measure(model: ModelDecode, policy, label: str, graphs: bool, args, cuda: bool) -> dict:
     layers = model.spec.num_layers
     for t in range(args.warmup):
@@ -95,6 +103,7 @@ def measure(model: ModelDecode, policy, label: str, graphs: bool, args, cuda: bo
     if cuda:
         activities.append(torch.profiler.ProfilerActivity.CUDA)
         torch.cuda.synchronize()
+        before = allocation_counts()
     with torch.profiler.profile(activities=activities) as prof:
         for t in range(args.steps):
             records.append(model.step(policy.step_plan(model.store.length + 1),
@@ -108,6 +117,9 @@ def measure(model: ModelDecode, policy, label: str, graphs: bool, args, cuda: bo
            "gpu_tokens": records[-1].plan.layer.gpu_tokens,
            "host_tokens": records[-1].plan.layer.host_tokens}
     if cuda:
+        after = allocation_counts()
+        row["allocs_per_step"], row["cudamalloc_per_step"] = (
+            (after[i] - before[i]) / args.steps for i in range(2))
         streams = kernel_time_by_stream(prof)
         if streams:
             kernel = max(streams.values()) / (args.steps * layers)
@@ -172,18 +184,21 @@ def report(rows: list[dict], model: str, context: int, budget: HbmBudget, device
     lines = [f"# Device time per layer: {model}, context {context}, HBM budget {budget.gb:g} GB",
              "", f"device: {device}; torch {torch.__version__}", "",
              "| plan kind | path | GPU tok | host tok | device ms/layer | kernel ms/layer | "
-             "device/kernel | latency/kernel | graphs captured |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "device/kernel | latency/kernel | graphs captured | allocs/step | "
+             "cudaMalloc/step |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "infeasible" in r:
-            lines.append(f"| {r['plan kind']} | infeasible: {r['infeasible']} |||||||")
+            lines.append(f"| {r['plan kind']} | infeasible: {r['infeasible']} |||||||||")
             continue
         fmt = (lambda v, f="{:.3f}": "n/a" if v is None else f.format(v))  # noqa: E731
         lines.append(
             f"| {r['plan kind']} | {r['path']} | {r['gpu_tokens']} | {r['host_tokens']} | "
             f"{r['device_ms_per_layer']:.3f} | {fmt(r['kernel_ms_per_layer'])} | "
             f"{fmt(r['device_over_kernel'], '{:.2f}x')} | "
-            f"{fmt(r['latency_over_kernel'], '{:.2f}x')} | {r['graph_captures']} |")
+            f"{fmt(r['latency_over_kernel'], '{:.2f}x')} | {r['graph_captures']} | "
+            f"{fmt(r.get('allocs_per_step'), '{:.0f}')} | "
+            f"{fmt(r.get('cudamalloc_per_step'), '{:.0f}')} |")
     failed = {label: error for r in rows for label, error in r.get("capture_failures", {}).items()}
     if failed:
         lines += ["", "Graph captures that FAILED (those programs ran eagerly): "

@@ -175,6 +175,37 @@ def test_whole_model_decode_on_cuda_matches_dense_float64():
         torch.testing.assert_close(got.double(), dense.step(token), rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("name", ["hybridgen", "flexgen", "infinigen"])
+def test_a_steady_graph_step_asks_cuda_for_no_memory(name):
+    """After the warm-up steps (captures, buffers), a step inside one shape bucket makes no
+    ``cudaMalloc``: the graphs replay over buffers allocated once, and what runs eagerly reuses
+    the caching allocator's blocks."""
+    from hgsim.catalog import get_model
+    from hw_backend.decode_loop import profile_for_gpu_tokens
+    from hw_backend.model_decode import ModelDecode
+
+    spec = get_model("tiny-llama")
+    context, warmup, steps = 3000, 3, 6
+    workload = Workload(context=context, gen=warmup + steps, kv_dtype="fp32",
+                        weight_dtype="fp32")
+    profile = profile_for_gpu_tokens(load_profile("dev-zen4-2core"), spec, workload, 1000)
+    policy = make_policy(name, spec, profile, workload, SIZED_HBM_OPTIONS)
+    with ModelDecode(spec, make_accelerator("cuda"), dtype="fp32",
+                     capacity=context + warmup + steps) as model:
+        assert model.executor.graphs
+        model.fill_random(context - 1)
+        model.reserve_for(policy, context + warmup + steps)
+        for t in range(warmup):
+            model.step(policy.step_plan(model.store.length + 1), step=t)
+        torch.cuda.synchronize()
+        segments = torch.cuda.memory_stats()["segment.all.allocated"]
+        for t in range(steps):
+            model.step(policy.step_plan(model.store.length + 1), step=warmup + t)
+        torch.cuda.synchronize()
+        assert torch.cuda.memory_stats()["segment.all.allocated"] == segments
+        assert not model.executor.graph_stats.failures
+
+
 def test_hbm_budget_caps_torch_allocations():
     from hw_backend.devices import device_memory_bytes, limit_device_memory
 
