@@ -15,7 +15,7 @@ every key whose runs differ and every operator that would synchronise, naming th
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import torch
@@ -138,18 +138,16 @@ def audit_graph_programs(side) -> CaptureAudit:
     """Trace every program a ``GraphDeviceSide`` runs (eagerly, on the stand-in) from now on;
     returns the live ``CaptureAudit``."""
     audit = CaptureAudit()
-    cache = side.graphs
-    run = cache.run
 
-    def traced(key: Hashable, fn, label: str = "") -> None:
+    def traced(key: Hashable, label: str, fn) -> Callable[[], None]:
         def program() -> None:
             with OpTrace() as trace:
                 fn()
             audit.record(key, label, trace)
 
-        run(key, program, label)
+        return program
 
-    cache.run = traced
+    side.graphs.wrap_programs(traced)
     return audit
 
 

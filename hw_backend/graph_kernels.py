@@ -17,7 +17,7 @@ counted as one kernel each, which is the approximation the table inherits.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -66,18 +66,16 @@ def count_graph_kernels(side) -> dict[str, set[int]]:
     """Wrap a ``GraphDeviceSide``'s cache (eager, on the stand-in) so that every program run
     records its kernel count under its op kind; returns that (live) record."""
     counts: dict[str, set[int]] = defaultdict(set)
-    cache = side.graphs
-    run = cache.run
 
-    def counted(key: Hashable, fn, label: str = "") -> None:
+    def counted(key: Hashable, label: str, fn) -> Callable[[], None]:
         def program() -> None:
             with KernelCounter() as counter:
                 fn()
             counts[op_kind(key, label)].add(counter.kernels)
 
-        run(key, program, label)
+        return program
 
-    cache.run = counted
+    side.graphs.wrap_programs(counted)
     return counts
 
 
