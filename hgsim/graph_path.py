@@ -14,7 +14,12 @@ models them when it simulates the graph path (``uses_graph_replay``):
   the qkv graph (a sliding window reuses the leaving token's slot), so the ``kv_update`` kernel
   folds into qkv (its bytes too) and costs no launch of its own;
 * padding: device attention and the merges read their counts rounded up to a shape bucket
-  (``hgsim.shape_buckets.token_bucket``, the function the executor sizes its graphs with).
+  (``hgsim.shape_buckets.token_bucket``, the function the executor sizes its graphs with);
+* two copies a step on the compute queue, in stream order with the replays: the step's count
+  table (``count_table_bytes``: what every graph reads its counts from) to the device before
+  the first replay, and every layer's new K and V (``new_token_bytes``) to host memory after
+  the last one (the write-through that keeps host memory complete). Each pays its PCIe
+  route's latency, which a short step feels.
 
 The simulator assumes the graph path exactly when the GPU's profile carries the graph figures
 ``hgsim calibrate`` measures on CUDA (``graph_launch_overhead_us`` and ``graph_kernel_gap_us``):
@@ -144,6 +149,22 @@ def qkv_kernels(model: ModelSpec, lp: LayerPlan, weight_dtype: str, kv_dtype: st
     return max(kernels, 1)
 
 
+#: int64 fields per layer of the step's count table (``hw_backend.graph_side.FIELDS``: device
+#: tokens, append slot, host count, host range start and end, position)
+COUNT_TABLE_FIELDS = 6
+
+
+def count_table_bytes(layers: int) -> int:
+    """Bytes of the count table copied to the device at the start of a graph-path step."""
+    return layers * COUNT_TABLE_FIELDS * 8
+
+
+def new_token_bytes(model: ModelSpec, batch: int, kv_dtype: str, layers: int) -> int:
+    """Bytes of every layer's new K and V copied to host memory at the end of a graph-path step
+    (``hw_backend.step_buffers.StepBuffers.new_tokens``)."""
+    return layers * 2 * batch * model.num_kv_heads * model.head_dim * DTYPE_BYTES[kv_dtype]
+
+
 def _scaled(work: Work, count: int) -> Work:
     """``work``, linear in ``count``, at the count's bucket."""
     if not count:
@@ -162,6 +183,7 @@ def graph_layer_work(w: LayerWork, lp: LayerPlan) -> LayerWork:
 
 
 __all__ = [
+    "COUNT_TABLE_FIELDS", "count_table_bytes", "new_token_bytes",
     "GRAPH_KERNELS", "MODEL_OPS", "eager_profile", "graph_layer_work", "graph_op_fixed_us", "merge_count",
     "merge_op", "op_kernels", "qkv_kernels", "uses_graph_replay",
 ]

@@ -44,6 +44,19 @@ def plan(policy: str, context: int, profile=None, **options):
     return pol.step_plan(context)
 
 
+def copy_s(eng: DecodeEngine, src: str, dst: str, bytes_: float) -> float:
+    """A copy alone on its route: the route's latency plus bytes over its narrowest channel."""
+    route = eng.machine.path(src, dst)
+    return route.latency_s + bytes_ / min(c.capacity for c in route.channels)
+
+
+def graph_path_copies_s(eng: DecodeEngine, layers: int, batch: int = 1) -> float:
+    """The graph path's two copies a step: the count table in, the new K and V out."""
+    return (copy_s(eng, eng.staging, "gpu0", graph_path.count_table_bytes(layers))
+            + copy_s(eng, "gpu0", eng.staging,
+                     graph_path.new_token_bytes(MODEL, batch, "bf16", layers)))
+
+
 def test_the_lm_head_reads_vocab_times_hidden_weights():
     work = lm_head_work(MODEL, 1, "bf16")
     assert MODEL.vocab_size == 128256 and MODEL.hidden_size == 4096
@@ -70,7 +83,8 @@ def test_a_whole_model_step_ends_with_the_lm_head(graphs):
                  + whole._kernel_s(w.attn, True, whole.op_fixed_s("attention"))
                  + whole._kernel_s(w.post, fixed_s=whole.op_fixed_s("post")))
     assert measure.gpu_busy_s == pytest.approx(layers * per_layer + head, rel=1e-12)
-    assert measure.latency_s == pytest.approx(measure.gpu_busy_s, rel=1e-9)  # nothing waits
+    copies = graph_path_copies_s(whole, layers) if graphs else 0.0
+    assert measure.latency_s == pytest.approx(measure.gpu_busy_s + copies, rel=1e-9)
     gpu = profile.gpus["gpu0"]
     memory_s = lm_head_work(MODEL, 1, "bf16").bytes_ / (gpu.hbm_bandwidth_gbps * 1e9
                                                         * gpu.memory_efficiency)
@@ -181,3 +195,40 @@ def test_both_halves_bucket_with_one_function():
 
     assert buckets.token_bucket is token_bucket
     assert buckets.MIN_BUCKET == 16 and buckets.BUCKETS_PER_OCTAVE == 8
+
+
+def test_the_step_copies_are_the_executors_buffers():
+    """The bytes the simulator copies are the sizes of the executor's count table and its
+    new-token buffer (``hw_backend.graph_side``, ``hw_backend.step_buffers``)."""
+    import torch
+
+    from hw_backend.graph_side import FIELDS
+    from hw_backend.step_buffers import StepBuffers
+
+    assert graph_path.COUNT_TABLE_FIELDS == FIELDS
+    assert graph_path.count_table_bytes(32) == 32 * FIELDS * torch.int64.itemsize
+    for batch, dtype, torch_dtype in ((1, "bf16", torch.bfloat16), (3, "fp32", torch.float32)):
+        buffers = StepBuffers.allocate("cpu", layers=4, batch=batch, heads=MODEL.num_heads,
+                                       kv_heads=MODEL.num_kv_heads, head_dim=MODEL.head_dim,
+                                       kv_dtype=torch_dtype)
+        got = buffers.new_tokens.numel() * buffers.new_tokens.element_size()
+        assert graph_path.new_token_bytes(MODEL, batch, dtype, 4) == got
+
+
+def test_the_graph_steps_copies_bracket_it():
+    """With host paths in flight the two copies still bracket the step: the first replay starts
+    when the count table has landed, the step ends when the new tokens have reached host memory
+    (each alone on its route then), and the critical path accounts for every second."""
+    profile = graph_profile()
+    eng = engine(profile)
+    step = plan("hybridgen_static", 65536, profile, topk_ratio=0.05)
+    measure = eng.step(step)
+    layers = MODEL.num_layers
+    first, last = eng._kernels[0], eng._kernels[-1]
+    assert first.start == pytest.approx(
+        copy_s(eng, eng.staging, "gpu0", graph_path.count_table_bytes(layers)), rel=1e-9)
+    assert last.end == pytest.approx(measure.latency_s, rel=1e-12)
+    assert last.end - last.start == pytest.approx(
+        copy_s(eng, "gpu0", eng.staging, graph_path.new_token_bytes(MODEL, 1, "bf16", layers)),
+        rel=1e-9)
+    assert sum(measure.binding.values()) == pytest.approx(measure.latency_s, rel=1e-9)

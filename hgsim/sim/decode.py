@@ -247,6 +247,12 @@ class DecodeEngine:
                 evict = (env.process(self._evict(plan.layer_plan(i), wi, upd, upd_node, chain)),
                          chain)
             evictions.append(evict)
+        table = table_chain = None
+        if self.graph_replay:  # the step's count table, before the first replay reads it
+            table_chain = _Chain()
+            table = env.process(self._stream_copy(
+                self.staging, self.gpu, graph_path.count_table_bytes(plan.num_layers),
+                "step counts h2d", table_chain))
         host_times: list[_HostTimes] = []
         prev_qkv: tuple[Event, _Node] | None = None
         prev_host: tuple[Event, _HostTimes] | None = None
@@ -265,9 +271,11 @@ class DecodeEngine:
                 weight_chain = _Chain()
                 weights = env.process(self._load_weights(plan, weights, buffer_free,
                                                          weight_chain, previous))
+            first = table if i == 0 else None
             qkv, d_qkv, qkv_node = self._launch(
-                w.qkv, "qkv", after=weights if weights is not None else (),
-                waits=(weight_chain,) if weight_chain is not None else (),
+                w.qkv, "qkv", after=tuple(e for e in (weights, first) if e is not None),
+                waits=tuple(c for c in (weight_chain, table_chain if first else None)
+                            if c is not None),
                 fixed_s=self.op_fixed_s("qkv", lp))
             gpu_busy += d_qkv
             speculate = None
@@ -309,7 +317,16 @@ class DecodeEngine:
                                            "final_norm+lm_head",
                                            fixed_s=self.op_fixed_s("lm_head"))
             gpu_busy += d_head
-        yield last
+        if self.graph_replay:  # every layer's new K and V to host memory, after the last replay
+            tokens = _Chain()
+            yield env.process(self._stream_copy(
+                self.gpu, self.staging,
+                graph_path.new_token_bytes(self.model, plan.batch, self.kv_dtype,
+                                           plan.num_layers),
+                "new tokens d2h", tokens, after=last, after_node=self._kernels[-1]))
+            self._kernels.append(tokens.last)  # the step's last activity, for the critical path
+        else:
+            yield last
         measure.latency_s = env.now - t0
         measure.gpu_busy_s = gpu_busy
         # The scheduler compares the host path's elapsed time with the device *work* that can
@@ -369,6 +386,16 @@ class DecodeEngine:
             self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
             w.evict_bytes, "evict K+V")
         chain.last = _Node(t, self.env.now, _shares([flow]), (update_node,))
+
+    def _stream_copy(self, src: str, dst: str, bytes_: float, label: str, chain: _Chain, *,
+                     after: Event | None = None, after_node: _Node | None = None):
+        """A copy issued on the compute stream (graph path), in order with its kernels."""
+        if after is not None and not after.processed:
+            yield after
+        t = self.env.now
+        flow = yield self.machine.copy(src, dst, bytes_, label)
+        chain.last = _Node(t, self.env.now, _shares([flow]),
+                           (after_node,) if after_node is not None else ())
 
     def _load_weights(self, plan: StepPlan, previous: Event | None, buffer_free: Event | None,
                       chain: _Chain, previous_chain: _Chain | None):
