@@ -18,6 +18,8 @@
 #   bash benchmarks/gpu_suite.sh --cpu-smoke [OUT] # this script's plumbing on a CPU-only
 #                                                  # machine: tiny models, quick calibration
 #   bash benchmarks/gpu_suite.sh --install-only    # install and check the imports, then stop
+#   bash benchmarks/gpu_suite.sh --pack=F.tgz OUT  # also pack OUT into one file at the end
+#                                                  # (where only a few files can be copied back)
 #
 # The whole run is capped at SUITE_BUDGET_S seconds (default 470, under 8 minutes): every stage
 # has its own limit and gets no more than what is left; a stage cut short keeps what it wrote.
@@ -28,12 +30,14 @@ set -uo pipefail
 
 SMOKE=0
 INSTALL_ONLY=0
+PACK=""
 OUT=""
 for arg in "$@"; do
   case "$arg" in
     --cpu-smoke) SMOKE=1 ;;
     --install-only) INSTALL_ONLY=1 ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --pack=*) PACK=${arg#--pack=} ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) OUT="$arg" ;;
   esac
 done
@@ -115,6 +119,7 @@ then
     "in .gpu_wheels or GPU_WHEELS)"
   echo "imports rc=1 seconds=0" >> "$OUT/stages.txt"
   $PY benchmarks/gpu_suite_summary.py "$OUT" > /dev/null 2>> "$OUT/suite.log"
+  [ -n "$PACK" ] && tar czf "$PACK" -C "$OUT" .
   exit 1
 fi
 if [ $INSTALL_ONLY = 1 ]; then
@@ -170,4 +175,5 @@ stage gpu_tests 90 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_execut
 
 $PY benchmarks/gpu_suite_summary.py "$OUT" > /dev/null 2>> "$OUT/suite.log"
 log "done in $(( $(date +%s) - START ))s; summary: $OUT/summary.md"
+[ -n "$PACK" ] && tar czf "$PACK" -C "$OUT" . && log "packed into $PACK"
 cat "$OUT/summary.md"

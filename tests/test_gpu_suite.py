@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -26,9 +27,10 @@ def test_cpu_smoke_runs_every_stage_and_writes_one_summary(tmp_path):
     out = tmp_path / "suite"
     env = {**os.environ, "PYTHON": sys.executable, "SUITE_BUDGET_S": "300",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    pack = tmp_path / "suite.tgz"
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_suite.sh"), "--cpu-smoke",
-                             str(out)], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=360)
+                             f"--pack={pack}", str(out)], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=360)
     assert result.returncode == 0, result.stderr[-2000:]
     stages = dict(line.split()[0:2] for line in (out / "stages.txt").read_text().splitlines())
     assert stages == {name: "rc=0" for name in ("device_time", "calibrate",
@@ -43,3 +45,5 @@ def test_cpu_smoke_runs_every_stage_and_writes_one_summary(tmp_path):
     assert "MAPE" in summary and "HybridGen over" in summary
     assert "skipped" in summary.split("## CUDA tests")[1]  # collected, and skip without CUDA
     assert (out / "local.yaml").exists() and (out / "validate_model.csv").exists()
+    with tarfile.open(pack) as packed:  # one file to copy back, holding the whole folder
+        assert {"./summary.md", "./local.yaml", "./stages.txt"} <= set(packed.getnames())
