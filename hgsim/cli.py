@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from pydantic import ValidationError
+
 from hgsim import __version__
 from hgsim.errors import UserError
 
@@ -47,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"hgsim {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ValidationError as exc:  # a check no command made first: still one line, exit 2
+        from hgsim.config_io import humane
+
+        first = exc.errors(include_url=False)[0]
+        where = ".".join(str(part) for part in (exc.title, *first["loc"]))
+        print(f"hgsim {args.command}: error: {where}: {humane(first)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"hgsim {args.command}: interrupted", file=sys.stderr)
         return 130

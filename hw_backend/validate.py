@@ -315,6 +315,12 @@ def run_validation(
     device, host = calibration.default_split(cuda)
     todo = (cases(study, device_threads=device, host_threads=host, max_context=max_context)
             if which != "micro" else [])
+    if which != "micro" and not todo and max_context is not None:
+        every = cases(study, device_threads=device, host_threads=host)
+        if every:  # the limit, not the study, left nothing: say so before any work
+            raise UserError(f"--max-context {max_context} leaves none of the study's "
+                            f"{len(every)} cases (the smallest context is "
+                            f"{min(c.context for c in every)})")
     micro, micro_latency = (run_micro(prof, study, calibration, quiet_wait_s)
                             if which != "plans" else ([], []))
     if not todo and not micro:

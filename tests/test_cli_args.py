@@ -109,3 +109,32 @@ def test_model_names_keep_digits_apart():
         get_model("opt-1.3b")
     assert get_model("llama-3-1-8b").name == "llama-3.1-8b"
     assert get_model("Qwen2.5_7B").name == "qwen2.5-7b"
+
+
+def test_a_max_context_below_every_case_is_an_error_before_any_work(capsys, tmp_path,
+                                                                     monkeypatch):
+    """Not a run of the micro-cases alone that exits 0 (it used to write them beside)."""
+    pytest.importorskip("torch")
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, "validate", "--profile", "dev-zen4-2core", "--max-context", "1k")
+    assert line == ("hgsim validate: error: --max-context 1024 leaves none of the study's 20 "
+                    "cases (the smallest context is 4096)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_validation_error_no_command_checked_is_still_one_line(capsys, monkeypatch):
+    """The last line of defence in ``cli.main``: a model's validation error, named by model
+    and field, exit 2, no traceback."""
+    from pydantic import BaseModel, Field
+
+    from hgsim.commands import simulate
+
+    class Sized(BaseModel):
+        size: int = Field(gt=0)
+
+    def broken(args):
+        Sized(size=0)
+
+    monkeypatch.setattr(simulate, "run", broken)
+    line = user_error(capsys, *SIMULATE)
+    assert line == "hgsim simulate: error: Sized.size: input should be greater than 0"

@@ -63,6 +63,8 @@ def test_attention_only_json(capsys):
     (["--context", "1k", "--policy", "hybridgenn"], "did you mean 'hybridgen'"),
     (["--context", "1k", "--option", "topk_ratio"], "KEY=VALUE"),
     (["--context", "1k", "--dtype", "fp32", "--out", "/no/such/dir/x"], "does not exist"),
+    (["--context", "1k", "--batch", "0"], "--batch must be >= 1"),
+    (["--context", "1k", "--option", "bogus=1"], "policy 'hybridgen' has no option 'bogus'"),
 ])
 def test_mistakes_are_one_line_before_any_work(monkeypatch, capsys, args, message):
     monkeypatch.setattr(measured_run, "measure", _must_not_run)

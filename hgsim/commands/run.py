@@ -77,6 +77,8 @@ def _config(args: argparse.Namespace):
         raise UserError("--samples must be >= 0")
     if args.host_threads is not None and args.host_threads < 1:
         raise UserError("--host-threads must be >= 1")
+    if count(args.batch, "--batch") < 1:
+        raise UserError("--batch must be >= 1")
     out = Path(args.out) if args.out else None
     if out is not None and not out.parent.is_dir():
         raise UserError(f"folder {out.parent} does not exist", field="--out")
