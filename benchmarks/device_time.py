@@ -25,6 +25,7 @@ import json
 import statistics
 import sys
 import tempfile
+import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -162,14 +163,25 @@ def main(argv=None) -> int:
                              "infeasible": policy.infeasibility()})
                 continue
             for graphs in (False, True):
-                with ModelDecode(spec, accel, weights=weights, store=store, dtype=dtype,
-                                 capacity=context + steps, graphs=graphs) as model:
-                    if store is None:
-                        model.fill_random(context - 1, random_kv)
-                    store = model.store
-                    model.reserve_for(policy, context + steps)
-                    rows.append(measure(model, policy, label, graphs, args, cuda))
-                store.truncate(context - 1)
+                try:
+                    with ModelDecode(spec, accel, weights=weights, store=store, dtype=dtype,
+                                     capacity=context + steps, graphs=graphs) as model:
+                        if store is None:
+                            model.fill_random(context - 1, random_kv)
+                        store = model.store
+                        model.reserve_for(policy, context + steps)
+                        rows.append(measure(model, policy, label, graphs, args, cuda))
+                except Exception as exc:  # noqa: BLE001 - one plan kind's failure is a row
+                    traceback.print_exc()
+                    if cuda:
+                        torch.cuda.synchronize()
+                        torch.cuda.empty_cache()
+                    reason = str(exc).splitlines()[0][:200] if str(exc) else ""
+                    rows.append({"plan kind": label, "policy": name,
+                                 "path": "graphs" if graphs else "eager",
+                                 "infeasible": f"failed: {type(exc).__name__}: {reason}"})
+                if store is not None:
+                    store.truncate(context - 1)
                 if args.out is not None:  # a run cut short by a time limit keeps its rows
                     report(rows, spec.name, context, budget, accel.label, args.out, quiet=True)
                 policy = make_policy(name, spec, profile, workload, options)
@@ -189,7 +201,9 @@ def report(rows: list[dict], model: str, context: int, budget: HbmBudget, device
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "infeasible" in r:
-            lines.append(f"| {r['plan kind']} | infeasible: {r['infeasible']} |||||||||")
+            why = r["infeasible"]
+            why = why if why.startswith("failed") else f"infeasible: {why}"
+            lines.append(f"| {r['plan kind']} | {r.get('path', '-')}: {why} |||||||||")
             continue
         fmt = (lambda v, f="{:.3f}": "n/a" if v is None else f.format(v))  # noqa: E731
         lines.append(

@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -98,14 +99,22 @@ def main(argv=None) -> int:
                     continue
                 policy = make_policy(name, spec, prepared.profile, prepared.workload,
                                      config.options)
-                with ModelDecode(spec, accel, weights=weights, store=store, dtype=dtype,
-                                 capacity=capacity) as model:
-                    if store is None:
-                        model.fill_random(max(contexts) - 1, random_kv)
-                        model.store.truncate(context - 1)
-                    store = model.store
-                    model.reserve_for(policy, context + config.steps)
-                    run = model.decode(policy, config.steps)
+                try:
+                    with ModelDecode(spec, accel, weights=weights, store=store, dtype=dtype,
+                                     capacity=capacity) as model:
+                        if store is None:
+                            model.fill_random(max(contexts) - 1, random_kv)
+                            model.store.truncate(context - 1)
+                        store = model.store
+                        model.reserve_for(policy, context + config.steps)
+                        run = model.decode(policy, config.steps)
+                except Exception as exc:  # noqa: BLE001 - one policy's failure is a row
+                    rows.append({"context": context, "policy": name,
+                                 "infeasible": failure(exc, cuda)})
+                    print(f"{context} {name}: FAILED ({rows[-1]['infeasible']})", flush=True)
+                    if store is not None:
+                        store.truncate(context - 1)
+                    continue
                 store.truncate(context - 1)
                 measured = mr.window(SimResult(
                     profile=prepared.profile.name, model=spec.name, policy=name, batch=1,
@@ -128,6 +137,16 @@ def main(argv=None) -> int:
     report(rows, spec.name, budget, accel.label, profile.name, time.perf_counter() - t0,
            args.out)
     return 0
+
+
+def failure(exc: BaseException, cuda: bool) -> str:
+    """A policy's run that raised, as its row's reason (traceback to the log): on a borrowed
+    GPU one policy running out of memory must not cost the other policies' rows."""
+    traceback.print_exc()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def speedups(rows: list[dict]) -> list[dict]:
