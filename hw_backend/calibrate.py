@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -121,8 +122,9 @@ def calibrate(
         cleanups.append(close)
     date = _dt.date.today().isoformat()
     with timing_statistic(statistic):  # measuring and summarising alike
+        failed: dict[str, str] = {}
         try:
-            rows = _run(jobs, progress, quiet_wait_s)
+            rows = _run(jobs, progress, quiet_wait_s, failed)
         finally:
             for cleanup in cleanups:
                 cleanup()
@@ -143,6 +145,7 @@ def calibrate(
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "energy_from": energy.name if energy else None,
         "seconds": round(time.perf_counter() - t0, 1),
+        "failed_jobs": failed,
     }
     rows.write_json(json_path, meta, summary)
     rows.write_csv(csv_path)
@@ -171,7 +174,11 @@ def _require_extension() -> None:
                         "(pip install -e .) before calibrating") from None
 
 
-def _run(jobs: list[Job], progress: bool, quiet_wait_s: float) -> Measurements:
+def _run(jobs: list[Job], progress: bool, quiet_wait_s: float,
+         failed: dict[str, str] | None = None) -> Measurements:
+    """Every job's rows; an ``optional`` job that raises is recorded in ``failed`` (label ->
+    error) and skipped, any other error ends the calibration."""
+    failed = {} if failed is None else failed
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     rows = Measurements()
@@ -186,7 +193,17 @@ def _run(jobs: list[Job], progress: bool, quiet_wait_s: float) -> Measurements:
             else:
                 runnable = None
             bar.update(task, description=job.label)
-            for row in job.run():
+            try:
+                produced = job.run()
+            except Exception as exc:
+                if not job.optional:
+                    raise
+                reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                failed[job.label] = reason[:300]
+                print(f"hgsim calibrate: warning: {job.label} failed ({reason[:200]}); "
+                      "its figures are left out", file=sys.stderr)
+                produced = []
+            for row in produced:
                 row.params["runnable_before"] = runnable
                 rows.append(row)
             bar.advance(task)

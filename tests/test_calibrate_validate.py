@@ -693,3 +693,28 @@ def test_topk_insert_cost_comes_from_two_ratios_of_the_largest_context():
     figure = selection_figures(rows, 0)["topk_ns_per_insert"]
     assert figure.value == pytest.approx(13.0, abs=0.05)  # the largest context's
     assert "64k" in figure.what and "16k 7.0" in figure.what
+
+
+def test_an_optional_benchmark_that_fails_leaves_its_figures_out(capsys):
+    """A CUDA benchmark that raises (a capture the driver refuses, say) is recorded and
+    skipped; the other benchmarks' rows are kept. Any other benchmark's error still ends the
+    calibration (a bug there must not be papered over)."""
+    from hw_backend.calibrate import _run
+    from hw_backend.calibration.cuda import plan as cuda_plan
+    from hw_backend.calibration.records import Measurement
+    from hw_backend.calibration.settings import Job, Settings
+
+    def broken() -> list[Measurement]:
+        raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
+
+    def fine() -> list[Measurement]:
+        return [Measurement("cuda", "hbm_copy", 2000.0, "GB/s", {})]
+
+    failed: dict[str, str] = {}
+    rows = _run([Job("graphs", broken, optional=True), Job("hbm", fine)], False, 0.0, failed)
+    assert [r.name for r in rows] == ["hbm_copy"]
+    assert failed == {"graphs": "RuntimeError: operation not permitted when stream is capturing"}
+    assert "graphs failed (RuntimeError" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):
+        _run([Job("cpu", broken), Job("hbm", fine)], False, 0.0, {})
+    assert all(job.optional for job in cuda_plan(Settings.make(True)))

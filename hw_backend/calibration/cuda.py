@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from hw_backend.calibration.records import Measurement
@@ -349,7 +350,7 @@ def pinned_copies(settings: Settings) -> list[Measurement]:
 
 
 def plan(settings: Settings) -> list[Job]:
-    return [
+    jobs = [
         Job("CUDA: HBM bandwidth (device copy)", lambda: hbm_bandwidth(settings)),
         Job("CUDA: GEMM FLOP/s", lambda: gemm(settings)),
         Job("CUDA: decode attention throughput", lambda: attention(settings)),
@@ -362,3 +363,4 @@ def plan(settings: Settings) -> list[Job]:
             lambda: graph_ops(settings)),
         Job("CUDA: pinned H2D/D2H copies by size", lambda: pinned_copies(settings)),
     ]
+    return [replace(job, optional=True) for job in jobs]

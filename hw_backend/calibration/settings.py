@@ -97,7 +97,12 @@ class Settings:
 
 @dataclass(frozen=True)
 class Job:
-    """One benchmark to run: a label for the progress bar and what produces its rows."""
+    """One benchmark to run: a label for the progress bar and what produces its rows.
+
+    ``optional``: a failure leaves this benchmark's figures out (with a warning, and its error
+    in the raw data) instead of ending the calibration. The CUDA benchmarks are: on a borrowed
+    GPU one program that will not capture must not cost every other figure."""
 
     label: str
     run: Callable[[], list[Measurement]]
+    optional: bool = False
