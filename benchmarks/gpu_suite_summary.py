@@ -53,9 +53,11 @@ def calibration(out: Path) -> list[str]:
     if peaks:
         lines.append("| peak_tflops | " + ", ".join(f"{k} {v['value']}" for k, v in peaks.items())
                      + " | GEMM |")
-    quick = json.loads(path.read_text()).get("meta", {}).get("quick")
-    if quick:
+    meta = json.loads(path.read_text()).get("meta", {})
+    if meta.get("quick"):
         lines.append("\n(quick calibration: small buffers, two repeats)")
+    for label, error in (meta.get("failed_jobs") or {}).items():
+        lines.append(f"\nFAILED benchmark, figures left out: {label}: {error}")
     return lines
 
 
