@@ -138,3 +138,40 @@ def test_a_validation_error_no_command_checked_is_still_one_line(capsys, monkeyp
     monkeypatch.setattr(simulate, "run", broken)
     line = user_error(capsys, *SIMULATE)
     assert line == "hgsim simulate: error: Sized.size: input should be greater than 0"
+
+
+def _argparse_error(capsys, *argv: str) -> str:
+    """A mistake argparse itself catches: exit 2 and one line, no usage block."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and not err.startswith("usage"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    ((*SIMULATE, "--samples", "nan"),
+     "hgsim simulate: error: argument --samples: invalid int value: 'nan' "
+     "(see hgsim simulate --help)"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "--kv-dtype", "fp4"), "hgsim simulate: error: argument --kv-dtype: invalid choice: 'fp4'"),
+    (("validate", "--profile", "dev-zen4-2core", "--threshold", ""),
+     "hgsim validate: error: argument --threshold: invalid float value: ''"),
+    (("study", "s.yaml", "--jobs", "nan"), "hgsim study: error: argument --jobs/-j: invalid int"),
+    (("run", "--model", "tiny-llama", "--seed", "1.5"),
+     "hgsim run: error: argument --seed: invalid int value: '1.5'"),
+    (("models", "--dtype", "fp5"), "hgsim models: error: argument --dtype: invalid choice"),
+    (("profiles", "shw"), "hgsim profiles: error: argument ACTION: invalid choice: 'shw'"),
+    (("profiles", "show"), "hgsim profiles show: error: the following arguments are required"),
+])
+def test_argparse_mistakes_are_one_line_without_the_usage_block(capsys, argv, line):
+    assert _argparse_error(capsys, *argv).startswith(line)
+
+
+def test_unknown_flag_is_named_by_its_command(capsys):
+    line = user_error(capsys, *SIMULATE, "--trials", "2")
+    assert line == ("hgsim simulate: error: unrecognized arguments: --trials 2 "
+                    "(see hgsim simulate --help)")
