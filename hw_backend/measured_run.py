@@ -126,6 +126,9 @@ def _device_bytes(cuda: bool) -> tuple[float, str]:
 def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
     """Every input checked before any work; returns the workload and the budgeted profile."""
     cuda = uses_cuda(config.accelerator)
+    if config.graphs is not None and not cuda:
+        raise UserError("the CPU stand-in has no CUDA graphs: it always issues device work op "
+                        "by op, so --eager applies to CUDA runs only", field="--eager")
     dtype = config.dtype or ("bf16" if cuda else "fp32")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise UserError(f"dtype must be fp32, fp16 or bf16, got {dtype!r}", field="--dtype")
