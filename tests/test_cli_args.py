@@ -175,3 +175,69 @@ def test_unknown_flag_is_named_by_its_command(capsys):
     line = user_error(capsys, *SIMULATE, "--trials", "2")
     assert line == ("hgsim simulate: error: unrecognized arguments: --trials 2 "
                     "(see hgsim simulate --help)")
+
+
+def _no_measurement(*args, **kwargs):
+    raise AssertionError("measured before the input was checked")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--max-context", ""], "--max-context: expected a count such as 4096 or 32k, got ''"),
+    (["--quiet-wait", "1e15"], "--quiet-wait: must be in [0, 3600] seconds, got 1e+15"),
+    (["--out", ""], "--out: is empty; give an output prefix or a folder"),
+    (["--steps", "1000000000"],
+     "--steps: must be in [1, 100,000] (compared steps per case), got 1,000,000,000"),
+    (["--accelerator", "cuda"], "--accelerator cuda, but torch.cuda.is_available() is False"),
+])
+def test_validate_mistakes_before_any_measurement(capsys, tmp_path, monkeypatch, args, line):
+    """'' used to mean "no limit" / "the default output", a typo'd wait or step count ran for
+    ever, and --accelerator cuda without CUDA was a traceback after the micro-cases ran."""
+    torch = pytest.importorskip("torch")
+    if args[0] == "--accelerator" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import hw_backend.validate
+
+    monkeypatch.setattr(hw_backend.validate, "run_micro", _no_measurement)
+    monkeypatch.setattr(hw_backend.validate, "measure", _no_measurement)
+    monkeypatch.chdir(tmp_path)
+    got = user_error(capsys, "validate", "--profile", "dev-zen4-2core", *args)
+    assert got == f"hgsim validate: error: {line}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_quiet_wait_has_an_upper_bound(capsys, tmp_path):
+    pytest.importorskip("torch")
+    line = user_error(capsys, "calibrate", "--quick", "--out", str(tmp_path / "p.yaml"),
+                      "--quiet-wait", "1e15")
+    assert line == "hgsim calibrate: error: --quiet-wait: must be in [0, 3600] seconds, got 1e+15"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_infeasible_validation_case_is_reported_before_the_micro_cases():
+    """A case that cannot run (here: 10**9 steps of KV) used to surface only after the
+    micro-cases had been measured."""
+    pytest.importorskip("torch")
+    from hgsim.profiles import load_profile
+    from hgsim.validation import DEFAULT_STUDY, cases, load_study
+    from hw_backend.validate import check_feasible
+
+    study = load_study(DEFAULT_STUDY)
+    profile = load_profile("dev-zen4-2core")
+    todo = cases(study, device_threads=1, host_threads=1)
+    check_feasible(profile, study, todo)  # the shipped study runs
+    huge = study.model_copy(update={"steps": 10**9})
+    with pytest.raises(UserError, match=r"@ 4k: infeasible on dev-zen4-2core: .* short by"):
+        check_feasible(profile, huge, todo)
+
+
+def test_validate_partial_results_go_where_the_outputs_go(tmp_path):
+    """With --out FOLDER the partial CSV went beside the folder (FOLDER.partial.csv), and
+    --out / was a traceback."""
+    import inspect
+
+    pytest.importorskip("torch")
+    from hgsim.commands.validate import _partial_writer
+
+    write = _partial_writer(tmp_path, "dev-zen4-2core")
+    path = inspect.getclosurevars(write).nonlocals["path"]
+    assert path == tmp_path / "dev-zen4-2core.validation.partial.csv"
