@@ -241,3 +241,21 @@ def test_validate_partial_results_go_where_the_outputs_go(tmp_path):
     write = _partial_writer(tmp_path, "dev-zen4-2core")
     path = inspect.getclosurevars(write).nonlocals["path"]
     assert path == tmp_path / "dev-zen4-2core.validation.partial.csv"
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--out", ""], "--out: . is a folder; give the name of a file to write"),
+    (["--out", "{tmp}/p.yaml", "--name", ""],
+     "--name: is empty; give the profile a name (or leave --name out to use the file's stem)"),
+])
+def test_calibrate_argument_mistakes_before_any_measurement(capsys, tmp_path, monkeypatch,
+                                                            args, line):
+    """--out '' was a ValueError traceback; --name '' wrote a profile with an empty name."""
+    pytest.importorskip("torch")
+    import hw_backend.calibrate
+
+    monkeypatch.setattr(hw_backend.calibrate, "_run", _no_measurement)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert user_error(capsys, "calibrate", "--quick", *argv) == f"hgsim calibrate: error: {line}"
+    assert list(tmp_path.iterdir()) == []

@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"calibration needs the hardware backend ({exc}); "
                         "install with `pip install -e .[hw]`") from None
     non_negative(args.quiet_wait, "--quiet-wait", QUIET_WAIT_MAX_S, " seconds")
+    if args.name is not None and not args.name.strip():
+        raise UserError("is empty; give the profile a name (or leave --name out to use the "
+                        "file's stem)", field="--name")
     out = Path(args.out)
     result = calibrate(
         out, quick=args.quick, name=args.name, kv_dtype=args.kv_dtype, use_cuda=args.cuda,
