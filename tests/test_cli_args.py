@@ -259,3 +259,11 @@ def test_calibrate_argument_mistakes_before_any_measurement(capsys, tmp_path, mo
     argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert user_error(capsys, "calibrate", "--quick", *argv) == f"hgsim calibrate: error: {line}"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_simulate_empty_trace_is_an_error_not_no_trace(capsys, tmp_path, monkeypatch):
+    """--trace '' used to run and exit 0 without writing any trace."""
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, *SIMULATE, "--trace", "")
+    assert line == "hgsim simulate: error: --trace: . is a folder; give the name of a file to write"
+    assert list(tmp_path.iterdir()) == []
