@@ -267,3 +267,52 @@ def test_simulate_empty_trace_is_an_error_not_no_trace(capsys, tmp_path, monkeyp
     line = user_error(capsys, *SIMULATE, "--trace", "")
     assert line == "hgsim simulate: error: --trace: . is a folder; give the name of a file to write"
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--out", ""], "--out: is empty; give a folder (or leave --out out for results/<name>)"),
+    (["--executor", "dask"],
+     "--executor dask needs --scheduler ADDRESS or --scheduler-file PATH"),
+    (["--executor", "dask", "--scheduler", ""],
+     "--scheduler: is empty; give the scheduler's address, e.g. tcp://10.0.0.5:8786"),
+    (["--executor", "dask", "--scheduler-file", "{tmp}"],
+     "--scheduler-file: '{tmp}' is a folder or empty; give the scheduler's JSON file"),
+    (["--executor", "dask", "--scheduler-file", "{tmp}/sched.json"],
+     "--scheduler-file: {tmp}/sched.json did not appear within 0.2 s (the Dask scheduler "
+     "writes it when it starts: start it first)"),
+])
+def test_study_flag_mistakes_write_nothing(capsys, tmp_path, monkeypatch, args, line):
+    """--out '' meant results/<name>; --executor dask without a scheduler wrote
+    study.resolved.yaml before saying so; a missing --scheduler-file waited for ever."""
+    import hgsim.commands.study
+
+    monkeypatch.setattr(hgsim.commands.study, "SCHEDULER_FILE_WAIT_S", 0.2)
+    study = write(tmp_path / "s.yaml", STUDY)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    got = user_error(capsys, "study", str(study), "-q", *argv)
+    assert got == "hgsim study: error: " + line.replace("{tmp}", str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+
+
+def test_an_unreachable_scheduler_leaves_no_study_folder(capsys, tmp_path, monkeypatch):
+    """The executor's error (here: no scheduler at the address) came after
+    results/<name>/study.resolved.yaml was written; a folder the run created is removed."""
+    import hgsim.study.run
+
+    def execute(todo, store, options):
+        raise UserError("cannot connect to Dask scheduler tcp://127.0.0.1:1 (timed out)")
+
+    monkeypatch.setattr(hgsim.study.run, "execute", execute)
+    study = write(tmp_path / "s.yaml", STUDY)
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, "study", str(study), "-q", "--executor", "dask", "--scheduler",
+                      "tcp://127.0.0.1:1")
+    assert line == ("hgsim study: error: cannot connect to Dask scheduler tcp://127.0.0.1:1 "
+                    "(timed out)")
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+    kept = tmp_path / "kept"
+    (kept / "points").mkdir(parents=True)  # a folder that was there before is left alone
+    assert main(["study", str(study), "-q", "--out", str(kept), "--executor", "dask",
+                 "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert kept.is_dir()
