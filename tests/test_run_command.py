@@ -70,6 +70,8 @@ def test_attention_only_json(capsys):
     (["--context", "1k", "--out", "/"], "--out: '/' is a folder or empty"),
     (["--context", "1k", "--out", "/proc/no-such-run"], "--out: cannot write in /proc"),
     (["--context", "1k", "--eager"], "--eager: the CPU stand-in has no CUDA graphs"),
+    (["--context", "1k", "--policy", "h2o"],
+     "--policy: hw_backend cannot execute h2o's plan at context 1024: host-evicted plans"),
     (["--context", "1000000000000000"], "--context: 1e+15 is not a plausible value"),
     (["--context", "1k", "--seed", "99999999999999999999999"],
      "--seed: 1e+23 is not a plausible value"),
