@@ -20,8 +20,18 @@ from hgsim.errors import UserError
 COMMANDS = ["simulate", "run", "study", "profiles", "models", "policies", "calibrate", "validate"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, but a mistake it catches (a value that is not a number, a choice not
+    offered, a missing flag) is one line like every other user error, not a usage block first.
+    Subcommands' parsers are of this class too (``add_subparsers`` makes them of the
+    parent's class)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hgsim",
         description="Simulate CPU-GPU collaborative long-context LLM decoding over tiered memory.",
     )
@@ -40,7 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # named by the command they were given to, not by hgsim's top-level parser
+        verb = f"hgsim {args.command}" if getattr(args, "command", None) else "hgsim"
+        print(f"{verb}: error: unrecognized arguments: {' '.join(extra)} (see {verb} --help)",
+              file=sys.stderr)
+        return 2
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

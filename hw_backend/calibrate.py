@@ -83,7 +83,8 @@ def calibrate(
     out = Path(out)
     if out.suffix not in (".yaml", ".yml") and not out.is_dir():
         raise UserError(f"{out}: a profile must end in .yaml or .yml", field="--out")
-    for path in (out, *sidecar_paths(out)):  # before measuring: minutes of it otherwise lost
+    check_output_file(out, "--out")  # first: a folder ('', '.') has no sidecar names
+    for path in sidecar_paths(out):  # before measuring: minutes of it otherwise lost
         check_output_file(path, "--out")
     energy = energy_source.load(energy_from) if energy_from is not None else None
     _require_extension()

@@ -126,6 +126,9 @@ def _device_bytes(cuda: bool) -> tuple[float, str]:
 def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
     """Every input checked before any work; returns the workload and the budgeted profile."""
     cuda = uses_cuda(config.accelerator)
+    if config.graphs is not None and not cuda:
+        raise UserError("the CPU stand-in has no CUDA graphs: it always issues device work op "
+                        "by op, so --eager applies to CUDA runs only", field="--eager")
     dtype = config.dtype or ("bf16" if cuda else "fp32")
     if dtype not in ("fp32", "fp16", "bf16"):
         raise UserError(f"dtype must be fp32, fp16 or bf16, got {dtype!r}", field="--dtype")
@@ -154,11 +157,28 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
     if not policy.feasible:
         raise UserError(f"{config.policy} cannot run {model.name} at context {config.context} "
                         f"on {profile.name}: {policy.infeasibility()}")
+    _check_executable(policy, config)
     if policy.offloaded_weight_bytes and not config.attention_only:
         raise UserError(f"{config.policy} would stream {policy.offloaded_weight_bytes / GB:.1f} "
                         "GB of weights from host memory every step, which hw_backend does not "
                         "execute; give the GPU more memory (--hbm-budget)")
     return Prepared(workload, profile, dtype)
+
+
+def _check_executable(policy: Policy, config: RunConfig) -> None:
+    """The executor can run the policy's plans (H2O's host-evicted heavy hitters, for one,
+    are simulated only), checked on the first and last step's plans: before any work rather
+    than as an ``UnsupportedPlan`` traceback once decoding starts."""
+    from hw_backend.layer_state import UnsupportedPlan, host_path
+
+    for context in sorted({config.context, config.context + config.steps - 1}):
+        plan = policy.step_plan(context)
+        for index in range(plan.num_layers):
+            try:
+                host_path(plan.layer_plan(index))
+            except UnsupportedPlan as exc:
+                raise UserError(f"hw_backend cannot execute {config.policy}'s plan at context "
+                                f"{context}: {exc}", field="--policy") from None
 
 
 def predict(config: RunConfig, prepared: Prepared, *, samples: int = 0) -> SimResult:

@@ -285,7 +285,25 @@ def _extras(summary: dict, profile: HardwareProfile) -> Extras:
 def _uses_cuda(accelerator: str) -> bool:
     import torch
 
+    if accelerator == "cuda" and not torch.cuda.is_available():
+        raise UserError("--accelerator cuda, but torch.cuda.is_available() is False")
     return accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def check_feasible(profile: HardwareProfile, study: ValidationStudy, todo: list[Case],
+                   per_threads: ThreadFigures | None = None) -> None:
+    """Every plan case can run on ``profile`` (building its policy is cheap), so that an
+    impossible one (a huge ``--steps``) is reported before the micro-cases are measured, not
+    after them."""
+    from hgsim.policies import make_policy
+
+    model = study.model_spec()
+    for case in todo:
+        machine = case_profile(profile, case, per_threads)
+        policy = make_policy(case.policy, model, machine, workload(study, case), case.options)
+        if not policy.feasible:
+            raise UserError(f"{case.label}: infeasible on {profile.name}: "
+                            f"{policy.infeasibility()}")
 
 
 def run_validation(
@@ -321,6 +339,7 @@ def run_validation(
             raise UserError(f"--max-context {max_context} leaves none of the study's "
                             f"{len(every)} cases (the smallest context is "
                             f"{min(c.context for c in every)})")
+    check_feasible(prof, study, todo, calibration.per_threads)
     micro, micro_latency = (run_micro(prof, study, calibration, quiet_wait_s)
                             if which != "plans" else ([], []))
     if not todo and not micro:

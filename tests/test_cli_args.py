@@ -138,3 +138,181 @@ def test_a_validation_error_no_command_checked_is_still_one_line(capsys, monkeyp
     monkeypatch.setattr(simulate, "run", broken)
     line = user_error(capsys, *SIMULATE)
     assert line == "hgsim simulate: error: Sized.size: input should be greater than 0"
+
+
+def _argparse_error(capsys, *argv: str) -> str:
+    """A mistake argparse itself catches: exit 2 and one line, no usage block."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(list(argv))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and not err.startswith("usage"), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    ((*SIMULATE, "--samples", "nan"),
+     "hgsim simulate: error: argument --samples: invalid int value: 'nan' "
+     "(see hgsim simulate --help)"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "--kv-dtype", "fp4"), "hgsim simulate: error: argument --kv-dtype: invalid choice: 'fp4'"),
+    (("validate", "--profile", "dev-zen4-2core", "--threshold", ""),
+     "hgsim validate: error: argument --threshold: invalid float value: ''"),
+    (("study", "s.yaml", "--jobs", "nan"), "hgsim study: error: argument --jobs/-j: invalid int"),
+    (("run", "--model", "tiny-llama", "--seed", "1.5"),
+     "hgsim run: error: argument --seed: invalid int value: '1.5'"),
+    (("models", "--dtype", "fp5"), "hgsim models: error: argument --dtype: invalid choice"),
+    (("profiles", "shw"), "hgsim profiles: error: argument ACTION: invalid choice: 'shw'"),
+    (("profiles", "show"), "hgsim profiles show: error: the following arguments are required"),
+])
+def test_argparse_mistakes_are_one_line_without_the_usage_block(capsys, argv, line):
+    assert _argparse_error(capsys, *argv).startswith(line)
+
+
+def test_unknown_flag_is_named_by_its_command(capsys):
+    line = user_error(capsys, *SIMULATE, "--trials", "2")
+    assert line == ("hgsim simulate: error: unrecognized arguments: --trials 2 "
+                    "(see hgsim simulate --help)")
+
+
+def _no_measurement(*args, **kwargs):
+    raise AssertionError("measured before the input was checked")
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--max-context", ""], "--max-context: expected a count such as 4096 or 32k, got ''"),
+    (["--quiet-wait", "1e15"], "--quiet-wait: must be in [0, 3600] seconds, got 1e+15"),
+    (["--out", ""], "--out: is empty; give an output prefix or a folder"),
+    (["--steps", "1000000000"],
+     "--steps: must be in [1, 100,000] (compared steps per case), got 1,000,000,000"),
+    (["--accelerator", "cuda"], "--accelerator cuda, but torch.cuda.is_available() is False"),
+])
+def test_validate_mistakes_before_any_measurement(capsys, tmp_path, monkeypatch, args, line):
+    """'' used to mean "no limit" / "the default output", a typo'd wait or step count ran for
+    ever, and --accelerator cuda without CUDA was a traceback after the micro-cases ran."""
+    torch = pytest.importorskip("torch")
+    if args[0] == "--accelerator" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    import hw_backend.validate
+
+    monkeypatch.setattr(hw_backend.validate, "run_micro", _no_measurement)
+    monkeypatch.setattr(hw_backend.validate, "measure", _no_measurement)
+    monkeypatch.chdir(tmp_path)
+    got = user_error(capsys, "validate", "--profile", "dev-zen4-2core", *args)
+    assert got == f"hgsim validate: error: {line}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibrate_quiet_wait_has_an_upper_bound(capsys, tmp_path):
+    pytest.importorskip("torch")
+    line = user_error(capsys, "calibrate", "--quick", "--out", str(tmp_path / "p.yaml"),
+                      "--quiet-wait", "1e15")
+    assert line == "hgsim calibrate: error: --quiet-wait: must be in [0, 3600] seconds, got 1e+15"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_infeasible_validation_case_is_reported_before_the_micro_cases():
+    """A case that cannot run (here: 10**9 steps of KV) used to surface only after the
+    micro-cases had been measured."""
+    pytest.importorskip("torch")
+    from hgsim.profiles import load_profile
+    from hgsim.validation import DEFAULT_STUDY, cases, load_study
+    from hw_backend.validate import check_feasible
+
+    study = load_study(DEFAULT_STUDY)
+    profile = load_profile("dev-zen4-2core")
+    todo = cases(study, device_threads=1, host_threads=1)
+    check_feasible(profile, study, todo)  # the shipped study runs
+    huge = study.model_copy(update={"steps": 10**9})
+    with pytest.raises(UserError, match=r"@ 4k: infeasible on dev-zen4-2core: .* short by"):
+        check_feasible(profile, huge, todo)
+
+
+def test_validate_partial_results_go_where_the_outputs_go(tmp_path):
+    """With --out FOLDER the partial CSV went beside the folder (FOLDER.partial.csv), and
+    --out / was a traceback."""
+    import inspect
+
+    pytest.importorskip("torch")
+    from hgsim.commands.validate import _partial_writer
+
+    write = _partial_writer(tmp_path, "dev-zen4-2core")
+    path = inspect.getclosurevars(write).nonlocals["path"]
+    assert path == tmp_path / "dev-zen4-2core.validation.partial.csv"
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--out", ""], "--out: . is a folder; give the name of a file to write"),
+    (["--out", "{tmp}/p.yaml", "--name", ""],
+     "--name: is empty; give the profile a name (or leave --name out to use the file's stem)"),
+])
+def test_calibrate_argument_mistakes_before_any_measurement(capsys, tmp_path, monkeypatch,
+                                                            args, line):
+    """--out '' was a ValueError traceback; --name '' wrote a profile with an empty name."""
+    pytest.importorskip("torch")
+    import hw_backend.calibrate
+
+    monkeypatch.setattr(hw_backend.calibrate, "_run", _no_measurement)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert user_error(capsys, "calibrate", "--quick", *argv) == f"hgsim calibrate: error: {line}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_simulate_empty_trace_is_an_error_not_no_trace(capsys, tmp_path, monkeypatch):
+    """--trace '' used to run and exit 0 without writing any trace."""
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, *SIMULATE, "--trace", "")
+    assert line == "hgsim simulate: error: --trace: . is a folder; give the name of a file to write"
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--out", ""], "--out: is empty; give a folder (or leave --out out for results/<name>)"),
+    (["--executor", "dask"],
+     "--executor dask needs --scheduler ADDRESS or --scheduler-file PATH"),
+    (["--executor", "dask", "--scheduler", ""],
+     "--scheduler: is empty; give the scheduler's address, e.g. tcp://10.0.0.5:8786"),
+    (["--executor", "dask", "--scheduler-file", "{tmp}"],
+     "--scheduler-file: '{tmp}' is a folder or empty; give the scheduler's JSON file"),
+    (["--executor", "dask", "--scheduler-file", "{tmp}/sched.json"],
+     "--scheduler-file: {tmp}/sched.json did not appear within 0.2 s (the Dask scheduler "
+     "writes it when it starts: start it first)"),
+])
+def test_study_flag_mistakes_write_nothing(capsys, tmp_path, monkeypatch, args, line):
+    """--out '' meant results/<name>; --executor dask without a scheduler wrote
+    study.resolved.yaml before saying so; a missing --scheduler-file waited for ever."""
+    import hgsim.commands.study
+
+    monkeypatch.setattr(hgsim.commands.study, "SCHEDULER_FILE_WAIT_S", 0.2)
+    study = write(tmp_path / "s.yaml", STUDY)
+    monkeypatch.chdir(tmp_path)
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    got = user_error(capsys, "study", str(study), "-q", *argv)
+    assert got == "hgsim study: error: " + line.replace("{tmp}", str(tmp_path))
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+
+
+def test_an_unreachable_scheduler_leaves_no_study_folder(capsys, tmp_path, monkeypatch):
+    """The executor's error (here: no scheduler at the address) came after
+    results/<name>/study.resolved.yaml was written; a folder the run created is removed."""
+    import hgsim.study.run
+
+    def execute(todo, store, options):
+        raise UserError("cannot connect to Dask scheduler tcp://127.0.0.1:1 (timed out)")
+
+    monkeypatch.setattr(hgsim.study.run, "execute", execute)
+    study = write(tmp_path / "s.yaml", STUDY)
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, "study", str(study), "-q", "--executor", "dask", "--scheduler",
+                      "tcp://127.0.0.1:1")
+    assert line == ("hgsim study: error: cannot connect to Dask scheduler tcp://127.0.0.1:1 "
+                    "(timed out)")
+    assert [p.name for p in tmp_path.iterdir()] == ["s.yaml"]
+    kept = tmp_path / "kept"
+    (kept / "points").mkdir(parents=True)  # a folder that was there before is left alone
+    assert main(["study", str(study), "-q", "--out", str(kept), "--executor", "dask",
+                 "--scheduler", "tcp://127.0.0.1:1"]) == 2
+    assert kept.is_dir()

@@ -65,12 +65,56 @@ def test_attention_only_json(capsys):
     (["--context", "1k", "--dtype", "fp32", "--out", "/no/such/dir/x"], "does not exist"),
     (["--context", "1k", "--batch", "0"], "--batch must be >= 1"),
     (["--context", "1k", "--option", "bogus=1"], "policy 'hybridgen' has no option 'bogus'"),
+    (["--context", "1k", "--hbm-budget", ""], "--hbm-budget: cannot read '' as a quantity"),
+    (["--context", "1k", "--out", ""], "--out: '' is a folder or empty; give a file prefix"),
+    (["--context", "1k", "--out", "/"], "--out: '/' is a folder or empty"),
+    (["--context", "1k", "--out", "/proc/no-such-run"], "--out: cannot write in /proc"),
+    (["--context", "1k", "--eager"], "--eager: the CPU stand-in has no CUDA graphs"),
+    (["--context", "1k", "--policy", "h2o"],
+     "--policy: hw_backend cannot execute h2o's plan at context 1024: host-evicted plans"),
+    (["--context", "1000000000000000"], "--context: 1e+15 is not a plausible value"),
+    (["--context", "1k", "--seed", "99999999999999999999999"],
+     "--seed: 1e+23 is not a plausible value"),
 ])
 def test_mistakes_are_one_line_before_any_work(monkeypatch, capsys, args, message):
     monkeypatch.setattr(measured_run, "measure", _must_not_run)
     assert main(["run", *TINY, *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hgsim run: error:") and message in err[0]
+
+
+def test_an_out_folder_is_an_error_and_nothing_is_written_beside_it(monkeypatch, capsys,
+                                                                     tmp_path):
+    """``--out DIR`` used to write DIR.steps.csv and DIR.json next to the folder, after the
+    run (and ``--out /`` failed with a traceback there)."""
+    monkeypatch.setattr(measured_run, "measure", _must_not_run)
+    folder = tmp_path / "results"
+    folder.mkdir()
+    for out in (str(folder), f"{folder}/"):
+        assert main(["run", *TINY, "--context", "1k", "--out", out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == [f"hgsim run: error: --out: {out!r} is a folder or empty; give a file "
+                       "prefix such as results/run (writes results/run.steps.csv and "
+                       "results/run.json)"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+    assert list(folder.iterdir()) == []
+
+
+def test_host_threads_beyond_the_machine_are_capped_with_a_warning(monkeypatch, capsys):
+    import os
+
+    seen = {}
+
+    def measure(config, prepared, progress=True):
+        seen["threads"] = config.host_threads
+        raise KeyboardInterrupt  # enough: the decode would start here
+
+    monkeypatch.setattr(measured_run, "measure", measure)
+    assert main(["run", *TINY, "--context", "1k", "--host-threads", "1000000000"]) == 130
+    cpus = os.cpu_count()
+    assert seen["threads"] == cpus
+    assert (f"hgsim run: warning: --host-threads 1000000000 is more than the {cpus} CPUs of "
+            f"this machine; using {cpus}") in capsys.readouterr().err
 
 
 def test_a_large_model_without_cuda_points_to_the_tiny_ones(monkeypatch, capsys):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hgsim.commands.checks import non_negative
+from hgsim.commands.checks import QUIET_WAIT_MAX_S, non_negative
 from hgsim.errors import UserError
 
 
@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"calibration needs the hardware backend ({exc}); "
                         "install with `pip install -e .[hw]`") from None
-    non_negative(args.quiet_wait, "--quiet-wait")
+    non_negative(args.quiet_wait, "--quiet-wait", QUIET_WAIT_MAX_S, " seconds")
+    if args.name is not None and not args.name.strip():
+        raise UserError("is empty; give the profile a name (or leave --name out to use the "
+                        "file's stem)", field="--name")
     out = Path(args.out)
     result = calibrate(
         out, quick=args.quick, name=args.name, kv_dtype=args.kv_dtype, use_cuda=args.cuda,

@@ -15,13 +15,21 @@ from hgsim.errors import UserError
 from hgsim.units import parse_count
 
 
-def non_negative(value: float, flag: str) -> float:
-    """A finite number >= 0 (seconds, percentages)."""
+def non_negative(value: float, flag: str, most: float | None = None,
+                 unit: str = "") -> float:
+    """A finite number >= 0 (seconds, percentages), and at most ``most`` when given."""
     if not math.isfinite(value):
         raise UserError(f"must be a finite number, got {value}", field=flag)
     if value < 0:
         raise UserError(f"{flag} must be >= 0")
+    if most is not None and value > most:
+        raise UserError(f"must be in [0, {most:g}]{unit}, got {value:g}", field=flag)
     return value
+
+
+#: The longest ``--quiet-wait`` (seconds) before each case or benchmark: an hour is more than
+#: a shared machine's neighbours need to finish; 1e15 is a typo that would wait forever.
+QUIET_WAIT_MAX_S = 3600.0
 
 
 def count(text: str, flag: str) -> int:

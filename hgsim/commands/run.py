@@ -19,9 +19,10 @@ import json
 import math
 from pathlib import Path
 
-from hgsim.commands.checks import count
+from hgsim.commands.checks import count, local_workers
 from hgsim.commands.policy_options import policy_options
 from hgsim.errors import UserError
+from hgsim.outputs import check_output_file
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -77,20 +78,59 @@ def _config(args: argparse.Namespace):
         raise UserError("--samples must be >= 0")
     if args.host_threads is not None and args.host_threads < 1:
         raise UserError("--host-threads must be >= 1")
-    if count(args.batch, "--batch") < 1:
+    host_threads = local_workers(args.host_threads, "--host-threads", "run")
+    batch, context = count(args.batch, "--batch"), count(args.context, "--context")
+    gen, warmup = count(args.gen, "--gen"), count(args.warmup, "--warmup")
+    if batch < 1:
         raise UserError("--batch must be >= 1")
-    out = Path(args.out) if args.out else None
-    if out is not None and not out.parent.is_dir():
-        raise UserError(f"folder {out.parent} does not exist", field="--out")
+    _check_workload(batch=batch, context=context, gen=gen + warmup, seed=args.seed)
     return RunConfig(
-        model=get_model(args.model), policy=args.policy, context=count(args.context, "--context"),
-        gen=count(args.gen, "--gen"), options=policy_options(args.option, args.policy),
-        warmup=count(args.warmup, "--warmup"), batch=count(args.batch, "--batch"),
+        model=get_model(args.model), policy=args.policy, context=context, gen=gen,
+        options=policy_options(args.option, args.policy), warmup=warmup, batch=batch,
         dtype=args.dtype, attention_only=args.attention_only,
-        hbm_budget=HbmBudget.parse(args.hbm_budget) if args.hbm_budget else None,
-        seed=args.seed, accelerator=args.accelerator, host_threads=args.host_threads,
+        # "" is a mistake too, not "no budget"
+        hbm_budget=HbmBudget.parse(args.hbm_budget) if args.hbm_budget is not None else None,
+        seed=args.seed, accelerator=args.accelerator, host_threads=host_threads,
         graphs=False if args.eager else None,
     )
+
+
+#: Workload field -> the flag that sets it (``gen`` counts the warm-up steps too).
+_WORKLOAD_FLAGS = {"batch": "--batch", "context": "--context", "gen": "--gen", "seed": "--seed"}
+
+
+def _check_workload(**fields) -> None:
+    """The workload's own checks (plausible sizes), reported by flag rather than as
+    ``Workload.context``."""
+    from pydantic import ValidationError
+
+    from hgsim.config_io import humane
+    from hgsim.workload import Workload
+
+    try:
+        Workload(**fields)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        flag = _WORKLOAD_FLAGS.get(str(first["loc"][0]), str(first["loc"][0]))
+        if flag == "--gen":
+            flag = "--gen + --warmup"
+        raise UserError(humane(first), field=flag) from None
+
+
+def output_files(text: str | None) -> tuple[Path, Path] | None:
+    """PREFIX.steps.csv and PREFIX.json, checked before the run: a run that cannot write them
+    would lose its measurement at the end."""
+    if text is None:
+        return None
+    prefix = Path(text)
+    if not text.strip() or text.endswith(("/", "\\")) or prefix.is_dir() or not prefix.name:
+        raise UserError(f"{text!r} is a folder or empty; give a file prefix such as "
+                        "results/run (writes results/run.steps.csv and results/run.json)",
+                        field="--out")
+    files = (prefix.with_name(prefix.name + ".steps.csv"), prefix.with_name(prefix.name + ".json"))
+    for path in files:
+        check_output_file(path, "--out")
+    return files
 
 
 def run(args: argparse.Namespace) -> int:
@@ -102,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
     from hgsim.profiles import load_profile
 
     config = _config(args)
+    output_files(args.out)  # before any work, as every other input
     cuda = mr.uses_cuda(config.accelerator)
     profile = load_profile(args.profile or mr.default_profile(cuda))
     prepared = mr.check(config, profile)  # every mistake is reported before any work
@@ -113,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
                          default=str))
     else:
         print_comparison(result, other_device=mr.describes_standin(profile) == cuda)
-    if args.out:
+    if args.out is not None:
         outputs = write_outputs(result, Path(args.out))
         print("outputs: " + ", ".join(str(p) for p in outputs))
     return 0

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--samples must be >= 0")
     options = policy_options(args.option, args.policy)
     # Before the simulation: a trace that cannot be written would lose its result at the end.
-    trace = check_output_file(args.trace, "--trace") if args.trace else None
+    # "" is a mistake, not "no trace"
+    trace = check_output_file(args.trace, "--trace") if args.trace is not None else None
     result = simulate(
         args.profile, args.model, args.policy, workload,
         policy_options=options,

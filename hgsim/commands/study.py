@@ -55,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("must be >= 1", field="--chunk")
     if args.executor == "local" and (args.scheduler or args.scheduler_file):
         raise UserError("--scheduler/--scheduler-file need --executor dask")
+    if args.out is not None and not args.out.strip():
+        raise UserError("is empty; give a folder (or leave --out out for results/<name>)",
+                        field="--out")
+    if args.executor == "dask":  # before run_study writes anything
+        _check_dask(args.scheduler, args.scheduler_file)
     jobs = local_workers(args.jobs, "--jobs", "study") if args.executor == "local" else args.jobs
     options = RunOptions(
         out=Path(args.out) if args.out else None, force=args.force,
@@ -66,3 +71,34 @@ def run(args: argparse.Namespace) -> int:
     )
     result = run_study(args.file, options)
     return 0 if result.ok else 1
+
+
+#: How long ``--scheduler-file`` may take to appear (a scheduler that is starting writes it);
+#: the Dask client itself would wait for ever.
+SCHEDULER_FILE_WAIT_S = 20.0
+
+
+def _check_dask(scheduler: str | None, scheduler_file: str | None) -> None:
+    """One way to reach the scheduler, and its file there (or appearing soon)."""
+    import time
+
+    if scheduler is not None and not scheduler.strip():
+        raise UserError("is empty; give the scheduler's address, e.g. tcp://10.0.0.5:8786",
+                        field="--scheduler")
+    if scheduler_file is None:
+        if not scheduler:
+            raise UserError("--executor dask needs --scheduler ADDRESS or --scheduler-file PATH")
+        return
+    path = Path(scheduler_file)
+    if not scheduler_file.strip() or path.is_dir():
+        raise UserError(f"{scheduler_file!r} is a folder or empty; give the scheduler's JSON "
+                        "file", field="--scheduler-file")
+    if not path.parent.is_dir():
+        raise UserError(f"folder {path.parent} does not exist", field="--scheduler-file")
+    deadline = time.monotonic() + SCHEDULER_FILE_WAIT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise UserError(f"{path} did not appear within {SCHEDULER_FILE_WAIT_S:g} s (the "
+                            "Dask scheduler writes it when it starts: start it first)",
+                            field="--scheduler-file")
+        time.sleep(0.1)

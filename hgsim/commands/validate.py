@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hgsim.commands.checks import count, non_negative
+from hgsim.commands.checks import QUIET_WAIT_MAX_S, count, non_negative
 from hgsim.errors import UserError
 
 
@@ -55,11 +55,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def _partial_writer(prefix: Path):
-    """Rewrites ``<prefix>.partial.csv`` after every case, so that a run stopped early (a time
-    limit on a borrowed GPU) keeps the cases it finished."""
-    from hgsim.validation import frame
+#: The most compared steps per case ``--steps`` takes: a validation case compares a handful
+#: (the shipped studies use 6 to 16); millions are a typo that would decode for hours.
+MAX_STEPS = 100_000
 
+
+def _partial_writer(out: Path, profile: str):
+    """Rewrites ``<prefix>.partial.csv`` after every case, so that a run stopped early (a time
+    limit on a borrowed GPU) keeps the cases it finished. The prefix is the one the final
+    outputs get (inside ``out`` when it is a folder, not beside it)."""
+    from hgsim.profiles import resolve_profile
+    from hgsim.validation import frame
+    from hw_backend.validate import output_prefix
+
+    prefix = output_prefix(out, resolve_profile(profile))
     done = []
     path = prefix.with_name(prefix.name + ".partial.csv")
 
@@ -74,10 +83,17 @@ def _partial_writer(prefix: Path):
 
 def run(args: argparse.Namespace) -> int:
     non_negative(args.threshold, "--threshold")
-    non_negative(args.quiet_wait, "--quiet-wait")
+    non_negative(args.quiet_wait, "--quiet-wait", QUIET_WAIT_MAX_S, " seconds")
     if args.steps is not None and args.steps < 1:
         raise UserError("--steps must be >= 1")
-    max_context = count(args.max_context, "--max-context") if args.max_context else None
+    if args.steps is not None and args.steps > MAX_STEPS:
+        raise UserError(f"must be in [1, {MAX_STEPS:,}] (compared steps per case), "
+                        f"got {args.steps:,}", field="--steps")
+    if args.out is not None and not args.out.strip():
+        raise UserError("is empty; give an output prefix or a folder", field="--out")
+    # "" is a mistake, not "no limit"
+    max_context = (count(args.max_context, "--max-context") if args.max_context is not None
+                   else None)
     try:
         from hw_backend.validate import run_validation
     except ImportError as exc:
@@ -90,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         out=Path(args.out) if args.out else None, max_context=max_context, steps=args.steps,
         accelerator=args.accelerator, statistic=args.statistic, quiet_wait_s=args.quiet_wait,
         progress=not args.no_progress, which=args.cases,
-        on_case=_partial_writer(Path(args.out)) if args.out else None,
+        on_case=_partial_writer(Path(args.out), args.profile) if args.out else None,
     )
     if result.micro:
         from hgsim.micro import print_micro_table

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from hgsim.errors import UserError
 from hgsim.study import sensitivity as sens
 from hgsim.study.derived import compute_derived
 from hgsim.study.execute import ExecOptions, ExecStats, execute
@@ -73,10 +74,14 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     if options.dry_run:
         return run
 
+    created = _first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "study.resolved.yaml").write_text(resolved_yaml(plan))
     try:
         run.stats = execute(todo, store, options.execution)
+    except UserError:  # e.g. no Dask scheduler at --scheduler: nothing computed, nothing left
+        _remove_if_untouched(created, out / "study.resolved.yaml")
+        raise
     except KeyboardInterrupt:
         done = len(store.load([s.key for s in specs]))
         print(f"hgsim study: interrupted; {done} of {len(specs)} points are stored in "
@@ -119,6 +124,28 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     say(f"done in {info.elapsed_s:.1f} s: {info.computed} computed, {info.reused} reused, "
         f"{len(run.stats.errors)} failed; report: {out / 'report.md'}")
     return run
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of ``path`` that does not exist yet (None: ``path`` exists)."""
+    if path.exists():
+        return None
+    while not path.parent.exists():
+        path = path.parent
+    return path
+
+
+def _remove_if_untouched(created: Path | None, resolved: Path) -> None:
+    """Removes the folders this run created when they hold nothing but ``resolved``."""
+    if created is None:
+        return
+    files = [p for p in created.rglob("*") if not p.is_dir()]
+    if files == [resolved]:
+        resolved.unlink()
+        for folder in sorted((p for p in created.rglob("*") if p.is_dir()),
+                             key=lambda p: -len(p.parts)):
+            folder.rmdir()
+        created.rmdir()
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> list[Path]:
