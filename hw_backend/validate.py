@@ -198,6 +198,8 @@ class ValidationRun:
     #: cases was tried and over-corrected (docs/calibration.md, history), so it is reported to
     #: explain HybridGen's errors.
     host_slowdown: float | None = None
+    #: (case, error) of cases that raised on CUDA and were skipped; any fails the run
+    failed: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def micro_mape_pct(self) -> float:
@@ -207,8 +209,8 @@ class ValidationRun:
     def passed(self) -> bool:
         """Every MAPE that was measured is within the threshold (plan cases, micro-cases)."""
         errors = [e for e in (self.mape_pct, self.micro_mape_pct) if not math.isnan(e)]
-        return bool(errors) and all(math.isfinite(e) and e <= self.threshold_pct
-                                    for e in errors)
+        return not self.failed and bool(errors) and all(
+            math.isfinite(e) and e <= self.threshold_pct for e in errors)
 
 
 @dataclass(frozen=True)
@@ -352,6 +354,7 @@ def run_validation(
         probe = KernelProbe(calibration.probe[0])
     results = []
     random_kv = RandomKv()
+    failed: list[tuple[str, str]] = []
     for case in _progress(todo, progress):
         probe_gbps = probe.gbps() if probe is not None else None
         predicted = predict(prof, study, case, calibration.per_threads,
@@ -359,7 +362,15 @@ def run_validation(
         runnable: list[float] = []
         settle = (lambda out=runnable: out.append(wait_for_quiet(quiet_wait_s))
                   ) if quiet_wait_s > 0 else None
-        measured, label = measure(case, study, prof, accelerator, settle, random_kv)
+        try:
+            measured, label = measure(case, study, prof, accelerator, settle, random_kv)
+        except UserError:
+            raise
+        except Exception as exc:
+            if not cuda:  # on the stand-in an error here is a bug: let it show
+                raise
+            failed.append((case.label, _failure(exc)))  # one case out of memory, say
+            continue
         check_same_plans(case, measured, predicted)
         result = CaseResult(case, measured, predicted, label, study.warmup_steps, statistic,
                             runnable[0] if runnable else None, probe_gbps)
@@ -376,7 +387,24 @@ def run_validation(
     return ValidationRun(prof, study, results, error, threshold, outputs,
                          time.perf_counter() - t0, load, drift, micro, micro_latency,
                          calibration.statistic,
-                         None if cuda or not results else calibration.host_slowdown)
+                         None if cuda or not results else calibration.host_slowdown, failed)
+
+
+def _failure(exc: BaseException) -> str:
+    """A case that raised on CUDA, as one line (the traceback goes to stderr): on a borrowed
+    GPU one case out of memory must not cost the cases after it."""
+    import traceback
+
+    traceback.print_exc()
+    try:
+        import torch
+
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - a broken context: the next case will say so
+        pass
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def _load() -> float:

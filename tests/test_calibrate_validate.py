@@ -194,6 +194,34 @@ def test_whole_model_study_validates_on_this_machine(calibrated: Path, tmp_path:
         assert all(p.gpu_busy_s > 0 for p in r.predicted)
 
 
+def test_a_case_that_raises_on_cuda_is_skipped_and_fails_the_run(calibrated: Path,
+                                                                   tmp_path: Path,
+                                                                   monkeypatch):
+    """On CUDA (a borrowed GPU) one case out of memory must not cost the cases after it: it is
+    listed, left out of the MAPE, and the run fails. On the stand-in the error propagates."""
+    from hw_backend import validate as hv
+
+    real = hv.measure
+
+    def flaky(case, *args, **kw):
+        if case.config == "hgca":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB\ndetails")
+        return real(case, *args, **kw)
+
+    study = tmp_path / "model.yaml"
+    study.write_text(TINY_MODEL_STUDY)
+    monkeypatch.setattr(hv, "measure", flaky)
+    with pytest.raises(RuntimeError):
+        hv.run_validation(calibrated, study, threshold=1e6, out=tmp_path / "a", progress=False)
+    monkeypatch.setattr(hv, "_uses_cuda", lambda accelerator: True)
+    run = hv.run_validation(calibrated, study, threshold=1e6, out=tmp_path / "b",
+                            progress=False, which="plans")
+    assert [r.case.config for r in run.results] == ["hybrid", "cpu-offload"]
+    assert run.failed == [("hgca @ 1k",
+                           "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")]
+    assert math.isfinite(run.mape_pct) and not run.passed
+
+
 def test_validate_can_run_the_micro_cases_alone(calibrated: Path, tmp_path: Path, capsys):
     study = tmp_path / "study.yaml"
     study.write_text(TINY_STUDY)

@@ -137,5 +137,7 @@ def run(args: argparse.Namespace) -> int:
               "as long while the CPU stand-in attended on the other cores; the simulator does "
               "not charge this (a GPU has its own memory and cores), so where it is well above "
               "1 HybridGen's predictions run low")
+    for label, error in result.failed:
+        print(f"FAILED case {label}: {error} (left out of the MAPE; the run fails)")
     print("outputs: " + ", ".join(str(p) for p in result.outputs))
     return 0 if result.passed else 1
