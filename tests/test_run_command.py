@@ -152,3 +152,19 @@ def test_hbm_budget_makes_kv_spill_as_on_a_smaller_gpu():
 
 def _must_not_run(*args, **kwargs):
     raise AssertionError("measured before the input was checked")
+
+
+def test_running_out_of_gpu_memory_is_one_line_naming_the_budget(monkeypatch, capsys):
+    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
+        pass
+
+    def oom(*args, **kwargs):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...\n"
+                               "more lines")
+
+    monkeypatch.setattr(measured_run, "measure", oom)
+    assert main(["run", *TINY, "--context", "1k", "--hbm-budget", "24GB"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(
+        "hgsim run: error: out of GPU memory (CUDA out of memory. Tried to allocate 2.00 GiB.")
+    assert "the 24GB budget" in err[0] and "--hbm-budget" in err[0]

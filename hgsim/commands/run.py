@@ -146,7 +146,17 @@ def run(args: argparse.Namespace) -> int:
     cuda = mr.uses_cuda(config.accelerator)
     profile = load_profile(args.profile or mr.default_profile(cuda))
     prepared = mr.check(config, profile)  # every mistake is reported before any work
-    result = mr.measure(config, prepared, progress=not args.no_progress)
+    try:
+        result = mr.measure(config, prepared, progress=not args.no_progress)
+    except Exception as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        budget = (f"the {args.hbm_budget} budget" if args.hbm_budget
+                  else "the GPU's memory")
+        raise UserError(f"out of GPU memory ({first[:160]}): the model and its KV do not fit "
+                        f"{budget} as this run placed them; lower --context or --batch, or "
+                        "give a larger --hbm-budget") from None
     result.simulated = mr.predict(config, prepared, samples=args.samples)
     if args.json:
         print(json.dumps({"device": result.device, "measured": _clean(result.measured.to_row()),
