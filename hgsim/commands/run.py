@@ -158,12 +158,17 @@ def run(args: argparse.Namespace) -> int:
                         f"{budget} as this run placed them; lower --context or --batch, or "
                         "give a larger --hbm-budget") from None
     result.simulated = mr.predict(config, prepared, samples=args.samples)
+    from hw_backend.platform_info import describe
+
+    measured_on = describe(cuda)
     if args.json:
-        print(json.dumps({"device": result.device, "measured": _clean(result.measured.to_row()),
+        print(json.dumps({"device": result.device, "platform": measured_on,
+                          "measured": _clean(result.measured.to_row()),
                           "simulated": _clean(result.simulated.to_row())}, indent=2,
                          default=str))
     else:
         print_comparison(result, other_device=mr.describes_standin(profile) == cuda)
+        print(f"measured on: {measured_on}")
     if args.out is not None:
         outputs = write_outputs(result, Path(args.out))
         print("outputs: " + ", ".join(str(p) for p in outputs))

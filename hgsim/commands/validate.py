@@ -139,5 +139,10 @@ def run(args: argparse.Namespace) -> int:
               "1 HybridGen's predictions run low")
     for label, error in result.failed:
         print(f"FAILED case {label}: {error} (left out of the MAPE; the run fails)")
+    if result.results:
+        from hw_backend.devices import STANDIN_LABEL
+        from hw_backend.platform_info import describe
+
+        print(f"measured on: {describe(result.results[0].device != STANDIN_LABEL)}")
     print("outputs: " + ", ".join(str(p) for p in result.outputs))
     return 0 if result.passed else 1
