@@ -728,9 +728,8 @@ def test_an_optional_benchmark_that_fails_leaves_its_figures_out(capsys):
     skipped; the other benchmarks' rows are kept. Any other benchmark's error still ends the
     calibration (a bug there must not be papered over)."""
     from hw_backend.calibrate import _run
-    from hw_backend.calibration.cuda import plan as cuda_plan
     from hw_backend.calibration.records import Measurement
-    from hw_backend.calibration.settings import Job, Settings
+    from hw_backend.calibration.settings import Job
 
     def broken() -> list[Measurement]:
         raise RuntimeError("operation not permitted when stream is capturing\nsecond line")
@@ -745,4 +744,55 @@ def test_an_optional_benchmark_that_fails_leaves_its_figures_out(capsys):
     assert "graphs failed (RuntimeError" in capsys.readouterr().err
     with pytest.raises(RuntimeError):
         _run([Job("cpu", broken), Job("hbm", fine)], False, 0.0, {})
-    assert all(job.optional for job in cuda_plan(Settings.make(True)))
+
+
+#: What each CUDA benchmark of ``hw_backend.calibration.cuda.plan`` measures (its rows' names).
+CUDA_JOB_ROWS = {
+    "CUDA: HBM bandwidth (device copy)": ("hbm_copy",),
+    "CUDA: GEMM FLOP/s": ("gemm",),
+    "CUDA: decode attention throughput": ("attention", "attention_fit"),
+    "CUDA: decode GEMMs (one token, weight streaming)": ("decode_gemm",),
+    "CUDA: graph-path attention throughput": ("graph_attention", "graph_attention_fit"),
+    "CUDA: kernel launch overhead": ("launch_overhead",),
+    "CUDA: graph replay cost and in-graph kernel gap": ("graph_launch", "graph_kernel_gap"),
+    "CUDA: executor ops on one token, from idle": ("executor_op",),
+    "CUDA: graph-path ops at their smallest bucket, from idle": ("graph_op",),
+    "CUDA: pinned H2D/D2H copies by size": ("h2d_copy", "h2d_fit", "d2h_copy", "d2h_fit"),
+}
+
+
+def test_a_cuda_benchmark_is_optional_exactly_when_a_profile_loads_without_it():
+    """An optional benchmark that fails must still leave a valid profile (else the calibration
+    fails anyway, at its end, after every other benchmark ran); one whose figures the profile
+    requires (HBM bandwidth, GEMM peaks, the PCIe link) must end it at once."""
+    from hgsim.config_io import ConfigError, parse_yaml, validate
+    from hgsim.specs.hardware import HardwareProfile
+    from hw_backend.calibration.assemble import Context, build
+    from hw_backend.calibration.cuda import plan as cuda_plan
+    from hw_backend.calibration.records import Measurements
+    from hw_backend.calibration.settings import Settings
+    from hw_backend.calibration.topology import Machine
+    from hw_backend.numa import NumaNode
+
+    machine = Machine((NumaNode(0, tuple(range(8)), 64 << 30, 1 << 30),), {0: (10,)},
+                      "Test CPU", 2.0, "test", "avx512", tuple(range(8)))
+    info = {"name": "Test GPU", "total_memory": 80 << 30, "numa_node": 0, "pci": None}
+
+    def loads_without(names: tuple[str, ...]) -> bool:
+        rows = Measurements()
+        for row in _synthetic_rows(True):
+            if not (row.group == "cuda" and row.name in names):
+                rows.append(row)
+        text, _ = build(Context("x", "2024-01-01", machine, rows, info, None, "bf16", False,
+                                16 << 20))
+        try:
+            validate(HardwareProfile, parse_yaml(text, "x"))
+        except ConfigError:
+            return False
+        return True
+
+    jobs = cuda_plan(Settings.make(True))
+    assert sorted(job.label for job in jobs) == sorted(CUDA_JOB_ROWS)
+    assert loads_without(())
+    for job in jobs:
+        assert job.optional == loads_without(CUDA_JOB_ROWS[job.label]), job.label

@@ -350,9 +350,15 @@ def pinned_copies(settings: Settings) -> list[Measurement]:
 
 
 def plan(settings: Settings) -> list[Job]:
-    jobs = [
+    """The CUDA benchmarks. Those whose figures a profile can do without are optional (a
+    failure leaves them out); HBM bandwidth, GEMM peaks and the pinned copies (the PCIe link)
+    are required fields of the profile, so their failure still ends the calibration at once
+    rather than after every other benchmark, at the check of the written profile."""
+    required = [
         Job("CUDA: HBM bandwidth (device copy)", lambda: hbm_bandwidth(settings)),
         Job("CUDA: GEMM FLOP/s", lambda: gemm(settings)),
+    ]
+    optional = [
         Job("CUDA: decode attention throughput", lambda: attention(settings)),
         Job("CUDA: decode GEMMs (one token, weight streaming)", lambda: decode_gemm(settings)),
         Job("CUDA: graph-path attention throughput", lambda: graph_attention(settings)),
@@ -361,6 +367,6 @@ def plan(settings: Settings) -> list[Job]:
         Job("CUDA: executor ops on one token, from idle", lambda: executor_ops(settings)),
         Job("CUDA: graph-path ops at their smallest bucket, from idle",
             lambda: graph_ops(settings)),
-        Job("CUDA: pinned H2D/D2H copies by size", lambda: pinned_copies(settings)),
     ]
-    return [replace(job, optional=True) for job in jobs]
+    return [*required, *(replace(job, optional=True) for job in optional),
+            Job("CUDA: pinned H2D/D2H copies by size", lambda: pinned_copies(settings))]

@@ -100,8 +100,9 @@ class Job:
     """One benchmark to run: a label for the progress bar and what produces its rows.
 
     ``optional``: a failure leaves this benchmark's figures out (with a warning, and its error
-    in the raw data) instead of ending the calibration. The CUDA benchmarks are: on a borrowed
-    GPU one program that will not capture must not cost every other figure."""
+    in the raw data) instead of ending the calibration. The CUDA benchmarks whose figures a
+    profile can do without are: on a borrowed GPU one program that will not capture must not
+    cost every other figure."""
 
     label: str
     run: Callable[[], list[Measurement]]
