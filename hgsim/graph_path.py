@@ -12,7 +12,8 @@ models them when it simulates the graph path (``uses_graph_replay``):
   recounted by ``tests/test_graph_kernels.py`` so that the table cannot drift);
 * no separate cache update: the new token's K and V are written into their device slot inside
   the qkv graph (a sliding window reuses the leaving token's slot), so the ``kv_update`` kernel
-  folds into qkv (its bytes too) and costs no launch of its own;
+  folds into qkv (its bytes too) and costs no launch of its own, and the leaving token is not
+  written to host memory (it got there at the end of the step it arrived in, below);
 * padding: device attention and the merges read their counts rounded up to a shape bucket
   (``hgsim.shape_buckets.token_bucket``, the function the executor sizes its graphs with);
 * two copies a step on the compute queue, in stream order with the replays: the step's count
@@ -175,9 +176,11 @@ def _scaled(work: Work, count: int) -> Work:
 
 def graph_layer_work(w: LayerWork, lp: LayerPlan) -> LayerWork:
     """A layer's work as the graph path does it: attention over the bucket of resident tokens,
-    the merge over the bucket of what the host sent, the cache update folded into qkv."""
+    the merge over the bucket of what the host sent, the cache update folded into qkv, and no
+    eviction write (the token leaving the window reached host memory with its own step's
+    ``new_token_bytes``, ``hw_backend.kv_store``'s write-through)."""
     qkv = Work(w.qkv.flops + w.kv_update.flops, w.qkv.bytes_ + w.kv_update.bytes_)
-    return replace(w, qkv=qkv, kv_update=Work(),
+    return replace(w, qkv=qkv, kv_update=Work(), evict_bytes=0.0,
                    attn=_scaled(w.attn, lp.gpu_tokens + lp.selected_on_gpu),
                    merge=_scaled(w.merge, merge_count(lp)))
 

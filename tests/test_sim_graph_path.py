@@ -142,7 +142,8 @@ def test_the_cache_update_is_part_of_the_qkv_graph():
     we, wg = eager.work(1, lp), graphs.work(1, lp)
     assert we.kv_update.bytes_ > 0 and wg.kv_update.bytes_ == 0
     assert wg.qkv.bytes_ == we.qkv.bytes_ + we.kv_update.bytes_
-    assert wg.evict_bytes == we.evict_bytes  # the leaving token still reaches host memory
+    # the leaving token reached host memory with its own step's write-through copy
+    assert wg.evict_bytes == 0 < we.evict_bytes
     layers = MODEL.num_layers
     eager.step(step)
     graphs.step(step)
@@ -232,3 +233,25 @@ def test_the_graph_steps_copies_bracket_it():
         copy_s(eng, "gpu0", eng.staging, graph_path.new_token_bytes(MODEL, 1, "bf16", layers)),
         rel=1e-9)
     assert sum(measure.binding.values()) == pytest.approx(measure.latency_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+def test_only_the_eager_path_writes_the_token_leaving_the_window(graphs):
+    """Eagerly the token leaving HBM's recent window is written to host memory when it leaves;
+    on the graph path it is already there (every new token is written through at the end of its
+    own step, ``new_token_bytes``), so the executor moves nothing then and neither may the
+    simulator (that write would be paid twice, and would hold back each host path)."""
+    profile = graph_profile()
+    eng = engine(profile, graph_replay=graphs)
+    step = plan("hybridgen_static", 65536, profile, topk_ratio=0.1, gpu_share=0.3)
+    assert step.layer.gpu_recent_tokens > 0 and step.layer.host_tokens > 0
+    labels = []
+    write = eng.machine.write
+
+    def recorded(src, destinations, bytes_, label="", **kw):
+        labels.append(label)
+        return write(src, destinations, bytes_, label, **kw)
+
+    eng.machine.write = recorded
+    eng.step(step)
+    assert labels.count("evict K+V") == (0 if graphs else MODEL.num_layers)
