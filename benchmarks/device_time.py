@@ -25,7 +25,6 @@ import json
 import statistics
 import sys
 import tempfile
-import traceback
 from collections import defaultdict
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from hgsim.workload import Workload  # noqa: E402
 from hw_backend.devices import limit_device_memory, make_accelerator  # noqa: E402
 from hw_backend.model_decode import ModelDecode  # noqa: E402
 from hw_backend.random_kv import RandomKv  # noqa: E402
+from hw_backend.run_failure import failure_reason  # noqa: E402
 from hw_backend.transformer import ModelWeights  # noqa: E402
 
 #: One policy per plan kind, with the options that give it a host part under the budget.
@@ -172,14 +172,9 @@ def main(argv=None) -> int:
                         model.reserve_for(policy, context + steps)
                         rows.append(measure(model, policy, label, graphs, args, cuda))
                 except Exception as exc:  # noqa: BLE001 - one plan kind's failure is a row
-                    traceback.print_exc()
-                    if cuda:
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-                    reason = str(exc).splitlines()[0][:200] if str(exc) else ""
                     rows.append({"plan kind": label, "policy": name,
                                  "path": "graphs" if graphs else "eager",
-                                 "infeasible": f"failed: {type(exc).__name__}: {reason}"})
+                                 "infeasible": f"failed: {failure_reason(exc, cuda)}"})
                 if store is not None:
                     store.truncate(context - 1)
                 if args.out is not None:  # a run cut short by a time limit keeps its rows

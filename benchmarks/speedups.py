@@ -24,7 +24,6 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -42,6 +41,7 @@ from hw_backend import measured_run as mr  # noqa: E402
 from hw_backend.devices import limit_device_memory, make_accelerator  # noqa: E402
 from hw_backend.model_decode import TORCH_DTYPES, ModelDecode  # noqa: E402
 from hw_backend.random_kv import RandomKv  # noqa: E402
+from hw_backend.run_failure import failure_reason  # noqa: E402
 from hw_backend.transformer import ModelWeights  # noqa: E402
 
 POLICIES = ["hybridgen", "cpu_offload", "flexgen", "flexgen_cpu", "hgca", "infinigen",
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
                         run = model.decode(policy, config.steps)
                 except Exception as exc:  # noqa: BLE001 - one policy's failure is a row
                     rows.append({"context": context, "policy": name,
-                                 "infeasible": failure(exc, cuda)})
+                                 "infeasible": f"failed: {failure_reason(exc, cuda)}"})
                     print(f"{context} {name}: FAILED ({rows[-1]['infeasible']})", flush=True)
                     if store is not None:
                         store.truncate(context - 1)
@@ -138,15 +138,6 @@ def main(argv=None) -> int:
            args.out)
     return 0
 
-
-def failure(exc: BaseException, cuda: bool) -> str:
-    """A policy's run that raised, as its row's reason (traceback to the log): on a borrowed
-    GPU one policy running out of memory must not cost the other policies' rows."""
-    traceback.print_exc()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    return f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 def speedups(rows: list[dict]) -> list[dict]:

@@ -369,7 +369,9 @@ def run_validation(
         except Exception as exc:
             if not cuda:  # on the stand-in an error here is a bug: let it show
                 raise
-            failed.append((case.label, _failure(exc)))  # one case out of memory, say
+            from hw_backend.run_failure import failure_reason
+
+            failed.append((case.label, failure_reason(exc, cuda)))  # out of memory, say
             continue
         check_same_plans(case, measured, predicted)
         result = CaseResult(case, measured, predicted, label, study.warmup_steps, statistic,
@@ -389,22 +391,6 @@ def run_validation(
                          calibration.statistic,
                          None if cuda or not results else calibration.host_slowdown, failed)
 
-
-def _failure(exc: BaseException) -> str:
-    """A case that raised on CUDA, as one line (the traceback goes to stderr): on a borrowed
-    GPU one case out of memory must not cost the cases after it."""
-    import traceback
-
-    traceback.print_exc()
-    try:
-        import torch
-
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-    except Exception:  # noqa: BLE001 - a broken context: the next case will say so
-        pass
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {first[:200]}"
 
 
 def _load() -> float:

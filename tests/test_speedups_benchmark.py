@@ -13,9 +13,10 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_speedups():
-    spec = importlib.util.spec_from_file_location("speedups_benchmark",
-                                                  REPO / "benchmarks" / "speedups.py")
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark",
+                                                  REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -25,7 +26,7 @@ def test_a_failing_policy_is_a_row_and_the_others_still_run(tmp_path, monkeypatc
     pytest.importorskip("torch")
     from hw_backend.model_decode import ModelDecode
 
-    speedups = load_speedups()
+    speedups = load_benchmark("speedups")
     decode = ModelDecode.decode
     fills = []
 
@@ -60,17 +61,9 @@ def test_a_failing_policy_is_a_row_and_the_others_still_run(tmp_path, monkeypatc
     assert "not run: failed: RuntimeError" in table and "| 1024 | cpu_offload |" in table
 
 
-def load_device_time():
-    spec = importlib.util.spec_from_file_location("device_time_benchmark",
-                                                  REPO / "benchmarks" / "device_time.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_device_time_records_a_failing_path_and_goes_on(tmp_path, monkeypatch):
     pytest.importorskip("torch")
-    device_time = load_device_time()
+    device_time = load_benchmark("device_time")
     measure = device_time.measure
 
     def flaky(model, policy, label, graphs, args, cuda):
@@ -89,3 +82,21 @@ def test_device_time_records_a_failing_path_and_goes_on(tmp_path, monkeypatch):
     assert rows[1]["infeasible"] == ("failed: RuntimeError: operation not permitted when stream "
                                      "is capturing")
     assert "| LSE merge (hgca) | graphs: failed: RuntimeError" in (out / "device_time.md").read_text()
+
+
+def test_a_failure_in_a_broken_cuda_context_is_still_one_line(monkeypatch, capsys):
+    """After a sticky CUDA error (an illegal address, say) draining the device raises again;
+    that must not escape the handler that records the run and goes on to the next."""
+    torch = pytest.importorskip("torch")
+    from hw_backend.run_failure import failure_reason
+
+    def broken() -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", broken)
+    try:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered\ndetails")
+    except RuntimeError as exc:
+        reason = failure_reason(exc, cuda=True)
+    assert reason == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert "Traceback" in capsys.readouterr().err
