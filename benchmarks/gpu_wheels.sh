@@ -12,7 +12,7 @@
 # tests here ran). GPU_PYTHON_VERSION (default 3.12) is the GPU host's Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python > /dev/null && echo python || echo python3)}
 DEST=${1:-.gpu_wheels}
 PYVER=${GPU_PYTHON_VERSION:-3.12}
 

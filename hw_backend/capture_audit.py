@@ -34,6 +34,7 @@ SYNCHRONISING = {
     "_unique2": "sizes its output by the data (unique)",
     "unique_dim": "sizes its output by the data (unique)",
     "unique_consecutive": "sizes its output by the data (unique_consecutive)",
+    "bincount": "sizes its output by the data (bincount)",
     "lift_fresh": "creates a tensor from host data (torch.tensor) during capture",
     "lift_fresh_copy": "creates a tensor from host data (torch.tensor) during capture",
 }
@@ -77,6 +78,9 @@ class OpTrace(TorchDispatchMode):
             self.synchronising.append(f"{name}: {SYNCHRONISING[name]}")
         elif name.startswith("index") and _boolean_index(args):
             self.synchronising.append(f"{name}: boolean-mask indexing (a hidden nonzero)")
+        elif name == "repeat_interleave" and kwargs.get("output_size") is None:
+            self.synchronising.append(f"{name}: sizes its output by the data (repeat_interleave "
+                                      "with tensor repeats and no output_size)")
         baked = (name, self._argument(list(args)),
                  tuple(sorted((k, self._argument(v)) for k, v in kwargs.items())))
         out = func(*args, **kwargs)

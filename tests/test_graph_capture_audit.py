@@ -38,6 +38,8 @@ class _Side:
     (lambda x: x.masked_select(x > 0), "masked_select"),
     (lambda x: torch.unique(x), "unique"),
     (lambda x: x + torch.tensor([1.0, 2.0, 3.0]), "torch.tensor"),
+    (lambda x: torch.bincount((x > 0).long()), "bincount"),
+    (lambda x: x.repeat_interleave((x > 0).long()), "repeat_interleave"),
 ])
 def test_what_would_make_the_host_wait_is_named(program, reason):
     x = torch.tensor([1.0, -2.0, 3.0])
