@@ -77,6 +77,10 @@ def validation(out: Path, name: str) -> list[str]:
     for policy, group in table.groupby("policy", sort=False):
         lines.append(f"| {policy} | {len(group)} | {group['error_pct'].abs().mean():.1f}% | "
                      f"{group['error_pct'].mean():+.1f}% |")
+    log = out / f"{name}.log"  # cases that raised on CUDA are left out of the CSV
+    if log.exists():
+        failed = [line for line in log.read_text().splitlines() if line.startswith("FAILED case")]
+        lines += ["", *failed] if failed else []
     lines += ["", "| case | measured ms | predicted ms | error |", "|---|---|---|---|"]
     for _, row in table.iterrows():
         lines.append(f"| {row['config']} @ {row['context']} | {row['measured_ms']:.2f} | "
