@@ -99,6 +99,7 @@ def main(argv=None) -> int:
                     continue
                 policy = make_policy(name, spec, prepared.profile, prepared.workload,
                                      config.options)
+                run = None
                 try:
                     with ModelDecode(spec, accel, weights=weights, store=store, dtype=dtype,
                                      capacity=capacity) as model:
@@ -112,10 +113,10 @@ def main(argv=None) -> int:
                     rows.append({"context": context, "policy": name,
                                  "infeasible": f"failed: {failure_reason(exc, cuda)}"})
                     print(f"{context} {name}: FAILED ({rows[-1]['infeasible']})", flush=True)
-                    if store is not None:
-                        store.truncate(context - 1)
+                if store is not None:
+                    store.truncate(context - 1)
+                if run is None:
                     continue
-                store.truncate(context - 1)
                 measured = mr.window(SimResult(
                     profile=prepared.profile.name, model=spec.name, policy=name, batch=1,
                     context=context, gen=config.steps, feasible=True, steps=run.steps), config)

@@ -155,11 +155,10 @@ def _must_not_run(*args, **kwargs):
 
 
 def test_running_out_of_gpu_memory_is_one_line_naming_the_budget(monkeypatch, capsys):
-    class OutOfMemoryError(RuntimeError):  # torch.cuda.OutOfMemoryError's name
-        pass
+    import torch
 
     def oom(*args, **kwargs):
-        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...\n"
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has ...\n"
                                "more lines")
 
     monkeypatch.setattr(measured_run, "measure", oom)

@@ -146,11 +146,11 @@ def run(args: argparse.Namespace) -> int:
     cuda = mr.uses_cuda(config.accelerator)
     profile = load_profile(args.profile or mr.default_profile(cuda))
     prepared = mr.check(config, profile)  # every mistake is reported before any work
+    import torch
+
     try:
         result = mr.measure(config, prepared, progress=not args.no_progress)
-    except Exception as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            raise
+    except torch.OutOfMemoryError as exc:  # torch.cuda.OutOfMemoryError
         first = str(exc).splitlines()[0] if str(exc) else ""
         budget = (f"the {args.hbm_budget} budget" if args.hbm_budget
                   else "the GPU's memory")
