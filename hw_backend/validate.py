@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -354,7 +354,7 @@ def run_validation(
         probe = KernelProbe(calibration.probe[0])
     results = []
     random_kv = RandomKv()
-    failed: list[tuple[str, str]] = []
+    failed: list[tuple[Case, str]] = []
     for case in _progress(todo, progress):
         probe_gbps = probe.gbps() if probe is not None else None
         predicted = predict(prof, study, case, calibration.per_threads,
@@ -371,7 +371,7 @@ def run_validation(
                 raise
             from hw_backend.run_failure import failure_reason
 
-            failed.append((case.label, failure_reason(exc, cuda)))  # out of memory, say
+            failed.append((case, failure_reason(exc, cuda)))  # out of memory, say
             continue
         check_same_plans(case, measured, predicted)
         result = CaseResult(case, measured, predicted, label, study.warmup_steps, statistic,
@@ -385,11 +385,12 @@ def run_validation(
     probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
     drift = (Drift(calibration.probe[1], probes, calibration.probe[0])
              if probes and calibration.probe else None)
-    outputs = _write(results, micro, error, threshold, prefix, prof, study, load)
+    outputs = _write(results, micro, error, threshold, prefix, prof, study, load, failed)
     return ValidationRun(prof, study, results, error, threshold, outputs,
                          time.perf_counter() - t0, load, drift, micro, micro_latency,
                          calibration.statistic,
-                         None if cuda or not results else calibration.host_slowdown, failed)
+                         None if cuda or not results else calibration.host_slowdown,
+                         [(case.label, why) for case, why in failed])
 
 
 
@@ -468,7 +469,10 @@ def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Cal
 
 def _write(results: list[CaseResult], micro: list[MicroResult], error: float, threshold: float,
            prefix: Path, profile: HardwareProfile, study: ValidationStudy,
-           load: tuple[float, float]) -> list[Path]:
+           load: tuple[float, float], failed: Sequence[tuple[Case, str]] = ()) -> list[Path]:
+    """CSV of the compared cases (with a row per case that raised, measured empty and its
+    reason under ``failure``, so the file says what was attempted), the micro-cases' CSV and
+    the scatter plots."""
     from hgsim.validation import frame, scatter
 
     if not prefix.parent.is_dir():
@@ -483,14 +487,23 @@ def _write(results: list[CaseResult], micro: list[MicroResult], error: float, th
         table["profile"] = profile.name
         table.to_csv(micro_path, index=False)
         written.append(micro_path)
-    if not results:
+    if not results and not failed:
         return written
+    import pandas as pd
+
     csv_path = prefix.with_name(prefix.name + ".csv")
     table = frame(results)
+    if failed:
+        rows = [{"config": c.config, "policy": c.policy, "context": c.context,
+                 "device_threads": c.device_threads, "host_threads": c.host_threads,
+                 "options": c.options, "failure": why} for c, why in failed]
+        table = pd.concat([table, pd.DataFrame(rows)], ignore_index=True)
     table["mape_pct"] = error
     table["profile"] = profile.name
     table["load_average_before"], table["load_average_after"] = load
     table.to_csv(csv_path, index=False)
+    if not results:
+        return [csv_path, *written]
     title = f"{study.name}: {profile.name} ({results[0].device})"
     plots = scatter(results, error, threshold, prefix, title)
     return [csv_path, *plots, *written]

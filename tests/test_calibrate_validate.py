@@ -220,6 +220,15 @@ def test_a_case_that_raises_on_cuda_is_skipped_and_fails_the_run(calibrated: Pat
     assert run.failed == [("hgca @ 1k",
                            "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB")]
     assert math.isfinite(run.mape_pct) and not run.passed
+    # the CSV says what was attempted: the failed case is a row with its reason, no timing
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "b.csv")
+    assert list(table["config"]) == ["hybrid", "cpu-offload", "hgca"]
+    failed = table[table["config"] == "hgca"].iloc[0]
+    assert failed["failure"].startswith("RuntimeError: CUDA out of memory")
+    assert math.isnan(failed["measured_ms"]) and math.isnan(failed["predicted_ms"])
+    assert table[table["config"] != "hgca"]["failure"].isna().all()
 
 
 def test_validate_can_run_the_micro_cases_alone(calibrated: Path, tmp_path: Path, capsys):
