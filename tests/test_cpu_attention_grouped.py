@@ -125,6 +125,23 @@ def test_compiled_equals_the_reference_at_every_simd_level(simd, mode, score, k)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
 
 
+@needs_c
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # NaN in the reference
+@pytest.mark.parametrize(("mode", "score"), MODES)
+def test_a_nan_in_one_head_but_the_first_makes_its_group_nan(simd, mode, score):
+    """The group's aggregate takes NaN from any head, not just the first one it starts from,
+    and keeps it against every later head's number (NaN ranks above +inf, ties to the lower
+    position): the NaN group keeps its first k positions, the other groups are unaffected."""
+    q, K, _ = make_qk(1, 8, 2, 400, 64, seed=9, correlated=0.5)
+    q[0, 6, 3] = float("nan")  # head 6: the third head of KV group 1
+    got = ca.logits_topk_grouped(q, K, 10, mode=mode, score=score)
+    ref = ca.backend("numpy").logits_topk_grouped(q, K, 10, mode=mode, score=score)
+    assert torch.equal(got[2], ref[2]) and torch.equal(got[1], ref[1])
+    if mode == "group_shared":
+        assert torch.equal(got[1][0, 1], torch.arange(10))
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("mode", "score"), MODES)
 def test_topk_all_is_exact_attention_against_float64(be, dtype, mode, score):

@@ -882,19 +882,28 @@ static int64_t group_capacity(int mode, int64_t G, int64_t k, int64_t ntok)
     return G > ntok / k ? ntok : G * k;
 }
 
-/* out[t] = max or sum over the G heads of s[g * BT + t]; NaN in any head gives NaN. */
+/*
+ * out[t] = max or sum over the G heads of s[g * BT + t]; NaN in any head gives NaN. Head by
+ * head over contiguous tokens, and branch-free: scores are random, so a compare-and-branch per
+ * (token, head) mispredicts about half the time (~10 ns a token with G = 4, as long as scoring
+ * the token), while a select over a block compiles to vector compares and blends. The sum adds
+ * the heads in the same order as before (head 0 first), so results are unchanged bit for bit.
+ */
 static void group_aggregate(const float *s, int64_t G, int nt, int agg, float *out)
 {
-    for (int t = 0; t < nt; t++) {
-        float v = s[t];
-        for (int64_t g = 1; g < G; g++) {
-            float x = s[g * BT + t];
-            if (agg == GSCORE_SUM)
-                v += x;
-            else if (x > v || x != x)
-                v = x;
+    memcpy(out, s, sizeof(float) * (size_t)nt);
+    for (int64_t g = 1; g < G; g++) {
+        const float *x = s + g * BT;
+        if (agg == GSCORE_SUM) {
+            for (int t = 0; t < nt; t++)
+                out[t] += x[t];
+        } else {
+            for (int t = 0; t < nt; t++) {
+                float v = out[t], y = x[t];
+                int take = (y > v) | (y != y); /* larger, or NaN (which then stays) */
+                out[t] = take ? y : v;
+            }
         }
-        out[t] = v;
     }
 }
 
