@@ -273,6 +273,7 @@ def predict(profile: HardwareProfile, case: MicroCase,
     moved = case.bytes_read
     per_core = extras.kernel(case.socket, case.threads, "attention_gflops_per_core",
                              sock.attention_gflops_per_core)
+    per_core *= sock.attention_rate_by_kv_dtype.get(case.kv_dtype, 1.0)
     overhead_us = extras.kernel(case.socket, case.threads, "op_overhead_us", sock.op_overhead_us)
     cap = case.threads * per_core * 1e9 * moved / case.flops
     rate = access_rate(inflight_bytes=case.threads * sock.stream_inflight_bytes,

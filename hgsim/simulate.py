@@ -64,6 +64,7 @@ def simulate(
 ) -> SimResult:
     wall0 = time.perf_counter()
     profile = load_profile(profile) if isinstance(profile, str) else profile
+    profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
     model = get_model(model) if isinstance(model, str) else model
     pol = make_policy(policy, model, profile, workload, policy_options)
     result = SimResult(

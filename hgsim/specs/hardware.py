@@ -89,6 +89,13 @@ class CpuSocketSpec(SpecModel):
     frequency_ghz: float = Positive
     simd: Literal["scalar", "avx2", "avx512", "amx", "neon", "sve"]
     attention_gflops_per_core: float = Positive  # sustained q.k FMA rate of the attention kernel
+    # The kernel's rate with KV of another element type, as a factor of the rate above (which
+    # holds for the type it was measured with, factor 1). Half-width KV halves the bytes per
+    # FLOP and adds a widening convert per element, so the rate moves with the type: the C
+    # kernel read bf16 KV at 1.7x the FLOP rate of fp32 on one Zen 4 core. A type not listed
+    # keeps factor 1. ``HardwareProfile.for_kv_dtype`` applies it.
+    attention_rate_by_kv_dtype: dict[Literal["fp32", "fp16", "bf16", "fp8"], float] = Field(
+        default_factory=dict)
     # Memory-level parallelism: bytes one core keeps in flight. A core's rate from a tier is
     # at most this / the route's (loaded) latency (Little's law). Sequential streams (a K scan)
     # get the hardware prefetchers' depth; random row gathers only the L1 miss buffers.
@@ -114,6 +121,14 @@ class CpuSocketSpec(SpecModel):
     active_core_power_w: float | None = Optional
     price_usd: float | None = Optional
     source: str | None = None
+
+    @field_validator("attention_rate_by_kv_dtype")
+    @classmethod
+    def _rate_factors(cls, factors: dict[str, float]) -> dict[str, float]:
+        for dtype, factor in factors.items():
+            if not factor > 0:
+                raise ValueError(f"{dtype}: the factor must be > 0, got {factor}")
+        return factors
 
     @field_validator("gather_row_gain")
     @classmethod
@@ -252,6 +267,20 @@ class HardwareProfile(SpecModel):
 
     def host_capacity_bytes(self) -> float:
         return sum(t.capacity_gb for t in self.tiers.values()) * 1e9
+
+    def for_kv_dtype(self, kv_dtype: str) -> HardwareProfile:
+        """The profile as it runs KV of ``kv_dtype``: each socket's attention rate times its
+        factor for that type (``attention_rate_by_kv_dtype``), the factors then dropped, so a
+        second call changes nothing. Unchanged (the same object) where no socket lists one."""
+        if not any(s.attention_rate_by_kv_dtype for s in self.sockets.values()):
+            return self
+        sockets = {
+            name: sock.model_copy(update={
+                "attention_gflops_per_core": sock.attention_gflops_per_core
+                * sock.attention_rate_by_kv_dtype.get(kv_dtype, 1.0),
+                "attention_rate_by_kv_dtype": {}})
+            for name, sock in self.sockets.items()}
+        return self.model_copy(update={"sockets": sockets})
 
 
 def _ref_error(field: str, value: str, what: str, known) -> ValueError:

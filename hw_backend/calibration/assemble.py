@@ -221,6 +221,7 @@ def _socket(ctx: Context, node: Node, stamp: Stamp, numa) -> dict[str, Any]:
     node.add("frequency_ghz", round(m.frequency_ghz, 3), stamp.measured(m.frequency_source))
     node.add("simd", m.simd, stamp.measured("/proc/cpuinfo flags"))
     stamp.figure(node, "attention_gflops_per_core", figs.get("attention_gflops_per_core"))
+    stamp.figure(node, "attention_rate_by_kv_dtype", figs.get("attention_rate_by_kv_dtype"))
     stamp.figure(node, "op_overhead_us", figs.get("op_overhead_us"))
     inflight = S.socket_inflight(ms, numa.id)
     stamp.figure(node, "stream_inflight_bytes", inflight.get("stream_inflight_bytes"))

@@ -149,6 +149,9 @@ def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
     prepared = [_context_ops(ca, node, threads, n, settings) for n in contexts]
     calls = [(tokens, copies, op) for tokens, (ops, copies) in zip(contexts, prepared, strict=True)
              for op in ops]
+    if threads == 1:  # the rate with the other KV types, in the same turns
+        calls += [(tokens, copies, op) for tokens, dtype in _dtype_points(settings)
+                  for op, copies in [_other_dtype_op(ca, node, tokens, dtype, settings)]]
     calls.append((settings.overhead_context, 1, _overhead_op(ca, node, threads, settings)))
     fns = [op[1] for _, _, op in calls]
     runs = timed_cpu_round_robin(fns, [threads] * len(fns), settings.repeats)
@@ -168,6 +171,35 @@ def _suite(node: int, threads: int, settings: Settings) -> list[Measurement]:
             rows.append(Measurement("cpu_kernel", name + "_flops", flops / t / 1e9, "GFLOP/s",
                                     p, seconds))
     return rows
+
+
+#: KV element types the host kernel's rate is measured with besides the calibrated one
+#: (``attention_rate_by_kv_dtype``): what studies run (bf16, fp16) or validation uses (fp32).
+RATE_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def _dtype_points(settings: Settings) -> list[tuple[int, str]]:
+    """(context, KV type) of the one-thread partial attention timed with each other KV type:
+    the contexts from 16k up (where a call's fixed cost is a small share), else all."""
+    large = [n for n in settings.contexts if n >= 16384] or list(settings.contexts)
+    return [(n, dtype) for dtype in RATE_DTYPES if dtype != settings.kv_dtype for n in large]
+
+
+def _other_dtype_op(ca, node: int, tokens: int, kv_dtype: str, settings: Settings):
+    """One-thread partial attention over KV of ``kv_dtype``, rotating through copies as the
+    suite's own calls do; (op, copies) with the op named ``partial_attention_by_dtype``."""
+    import torch
+
+    first = _kv(tokens, kv_dtype, node)
+    kv_bytes = first[0].numel() * first[0].element_size()
+    copies = max(1, math.ceil(settings.kernel_footprint_bytes / (2 * kv_bytes)))
+    sets = cycle([first] + [_kv(tokens, kv_dtype, node) for _ in range(copies - 1)])
+    q = torch.randn(1, HEADS, HEAD_DIM)
+    flops, _ = sim_cpu_work("partial_attention", tokens, tokens, kv_dtype)
+    op = ("partial_attention_by_dtype",
+          lambda: ca.partial_attention(q, *next(sets), num_threads=1), flops, 2 * kv_bytes,
+          {"kv_dtype": kv_dtype})
+    return op, copies
 
 
 def _overhead_op(ca, node: int, threads: int, settings: Settings):
