@@ -85,6 +85,9 @@ def _print_summary(result) -> None:
     gpu = profile.gpus[profile.primary_gpu]
     for sname, sock in profile.sockets.items():
         table.add_row(f"{sname} attention GFLOP/s per core", f"{sock.attention_gflops_per_core:g}")
+        if sock.attention_rate_by_kv_dtype:
+            table.add_row(f"{sname} x that rate, by KV type", ", ".join(
+                f"{k} {v:g}" for k, v in sock.attention_rate_by_kv_dtype.items()))
         table.add_row(f"{sname} bytes in flight per core (stream / gather)",
                       f"{sock.stream_inflight_bytes:g} / {sock.gather_inflight_bytes:g}")
     for tname, tier in profile.tiers.items():
