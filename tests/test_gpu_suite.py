@@ -18,9 +18,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
                     reason="needs bash and coreutils timeout")
 def test_cpu_smoke_runs_every_stage_and_writes_one_summary(tmp_path):
@@ -43,7 +42,25 @@ def test_cpu_smoke_runs_every_stage_and_writes_one_summary(tmp_path):
         assert heading in summary
     assert "cpu-standin (no CUDA)" in summary and "torch" in (out / "env.txt").read_text()
     assert "MAPE" in summary and "HybridGen over" in summary
+    assert "cpu0 attention_rate_by_kv_dtype" in summary  # the host kernel beside the GPU
     assert "skipped" in summary.split("## CUDA tests")[1]  # collected, and skip without CUDA
     assert (out / "local.yaml").exists() and (out / "validate_model.csv").exists()
     with tarfile.open(pack) as packed:  # one file to copy back, holding the whole folder
         assert {"./summary.md", "./local.yaml", "./stages.txt"} <= set(packed.getnames())
+
+
+def test_the_summary_lists_a_failed_case_and_leaves_it_out_of_the_mape(tmp_path):
+    """validate writes a case that raised on CUDA as a row with its reason under ``failure``;
+    the summary counts and averages only the compared cases and names the failed one."""
+    from test_speedups_benchmark import load_benchmark
+
+    summary = load_benchmark("gpu_suite_summary")
+    (tmp_path / "validate_model.csv").write_text(
+        "config,policy,context,measured_ms,predicted_ms,error_pct,failure\n"
+        "hybrid,hybridgen_static,32768,10.0,11.0,10.0,\n"
+        "offload,cpu_offload,32768,20.0,18.0,-10.0,\n"
+        "hgca,hgca,32768,,,,RuntimeError: CUDA out of memory\n")
+    text = "\n".join(summary.validation(tmp_path, "validate_model"))
+    assert text.startswith("2 cases; MAPE 10.0% overall; mean signed +0.0%")
+    assert "| hgca |" not in text and "hgca @ 32768 |" not in text
+    assert "FAILED case hgca @ 32768: RuntimeError: CUDA out of memory" in text
