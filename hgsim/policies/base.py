@@ -91,9 +91,12 @@ class Policy(ABC):
         """Put weights in HBM, offloading to host DRAM what would leave too little KV room.
 
         Returns the offloaded bytes. Offloaded layers stream through a two-layer HBM buffer.
+        An attention-only workload has no weights (the executor runs attention alone and holds
+        none), so none take room or stream.
         """
         capacity = hbm_capacity_bytes(self.profile)
-        weights = self.model.weight_bytes(self.workload.weight_dtype)
+        weights = (0.0 if self.workload.attention_only
+                   else self.model.weight_bytes(self.workload.weight_dtype))
         reserve = self.options.reserve.bytes_(capacity)
         room = capacity - reserve - self.options.min_kv_hbm_fraction * capacity
         ddr = [n for n, t in self.profile.tiers.items() if t.kind == "ddr"]
