@@ -180,8 +180,9 @@ RATE_DTYPES = ("fp32", "bf16", "fp16")
 
 def _dtype_points(settings: Settings) -> list[tuple[int, str]]:
     """(context, KV type) of the one-thread partial attention timed with each other KV type:
-    the contexts from 16k up (where a call's fixed cost is a small share), else all."""
-    large = [n for n in settings.contexts if n >= 16384] or list(settings.contexts)
+    the two largest contexts (where a call's fixed cost is a small share; two keep the extra
+    KV copies, and the time to fill them, small)."""
+    large = sorted(settings.contexts)[-2:]
     return [(n, dtype) for dtype in RATE_DTYPES if dtype != settings.kv_dtype for n in large]
 
 
