@@ -64,3 +64,20 @@ def test_the_summary_lists_a_failed_case_and_leaves_it_out_of_the_mape(tmp_path)
     assert text.startswith("2 cases; MAPE 10.0% overall; mean signed +0.0%")
     assert "| hgca |" not in text and "hgca @ 32768 |" not in text
     assert "FAILED case hgca @ 32768: RuntimeError: CUDA out of memory" in text
+
+
+def test_the_summary_of_a_stage_whose_every_case_failed_lists_the_failures(tmp_path):
+    """When every case raised, validate's CSV holds only the failed rows (no timing columns at
+    all): the summary says no case was compared and names each failure instead of raising."""
+    from test_speedups_benchmark import load_benchmark
+
+    summary = load_benchmark("gpu_suite_summary")
+    (tmp_path / "validate_model.csv").write_text(
+        "config,policy,context,device_threads,host_threads,options,failure,mape_pct,profile\n"
+        "hgca,hgca,32768,1,1,{},RuntimeError: CUDA out of memory,,local\n"
+        "hybrid,hybridgen_static,65536,1,1,{},RuntimeError: CUDA error: misaligned,,local\n")
+    text = "\n".join(summary.validation(tmp_path, "validate_model"))
+    assert text.startswith("0 cases compared (2 failed)")
+    assert "FAILED case hgca @ 32768: RuntimeError: CUDA out of memory" in text
+    assert "FAILED case hybrid @ 65536: RuntimeError: CUDA error: misaligned" in text
+    assert "overall" not in text and "| case |" not in text
