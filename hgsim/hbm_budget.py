@@ -7,7 +7,7 @@ one, in the simulator and on the hardware alike (``hw_backend.devices.limit_devi
 also caps torch's allocator there, so the run cannot quietly use more).
 
 Mistakes are one-line ``UserError``s, checked before any work: a budget larger than the device,
-or one that cannot hold the model's weights.
+or one that cannot hold the model's weights (where the run loads them: not attention-only).
 """
 
 from __future__ import annotations
@@ -45,11 +45,15 @@ class HbmBudget:
         return self.gb * GB
 
     def check(self, *, device_bytes: float | None, model: ModelSpec, weight_dtype: str,
-              device: str = "the device") -> None:
-        """The budget must fit the device and hold the model's weights."""
+              device: str = "the device", attention_only: bool = False) -> None:
+        """The budget must fit the device and hold the model's weights. An attention-only run
+        loads no weights (nor does its plan place any, ``Policy._place_weights``), so its
+        budget need not hold them."""
         if device_bytes is not None and self.bytes_ > device_bytes * (1 + 1e-9):
             raise UserError(f"{self.gb:g} GB exceeds {device}'s {device_bytes / GB:.1f} GB",
                             field="--hbm-budget")
+        if attention_only:
+            return
         weights = model.weight_bytes(weight_dtype)
         if weights >= self.bytes_:
             raise UserError(f"{self.gb:g} GB cannot hold {model.name}'s {weights / GB:.1f} GB of "

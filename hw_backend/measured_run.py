@@ -146,9 +146,8 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
         raise UserError(f"{model.name}'s {weights / GB:.1f} GB of {dtype} weights do not fit "
                         f"{device} ({room / GB:.1f} GB usable){hint}", field="--model")
     if config.hbm_budget is not None:
-        config.hbm_budget.check(device_bytes=device_bytes, model=model,
-                                weight_dtype=dtype,
-                                device=device)
+        config.hbm_budget.check(device_bytes=device_bytes, model=model, weight_dtype=dtype,
+                                device=device, attention_only=config.attention_only)
         profile = config.hbm_budget.apply(profile)
     workload = Workload(batch=config.batch, context=config.context, gen=config.steps,
                         kv_dtype=dtype, weight_dtype=dtype, attention_only=config.attention_only,

@@ -10,6 +10,8 @@ attention-only validation under a 3.2 GB budget was predicted 2-6x too slow).
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hgsim.hbm_budget import HbmBudget
@@ -55,3 +57,28 @@ def _get(name):
     from hgsim.catalog import get_model
 
     return get_model(name)
+
+
+def test_an_hbm_budget_need_not_hold_the_weights_of_an_attention_only_run(capsys):
+    """The budget check asks a budget to hold the weights only where the run loads them: an
+    attention-only run under a budget smaller than the model's weights runs, and measures and
+    simulates the same split of the context, as an attention-only validation under it does."""
+    from hgsim.cli import main
+    from hgsim.errors import UserError
+
+    tiny = _get("tiny-llama")
+    budget = HbmBudget.parse("0.1MB")
+    assert tiny.weight_bytes("fp32") > budget.bytes_
+    with pytest.raises(UserError, match="cannot hold"):  # a whole-model run loads them
+        budget.check(device_bytes=80e9, model=tiny, weight_dtype="fp32")
+    budget.check(device_bytes=80e9, model=tiny, weight_dtype="fp32", attention_only=True)
+    code = main(["run", "--model", "tiny-llama", "--profile", "dev-zen4-2core", "--no-progress",
+                 "--accelerator", "standin", "--policy", "hgca", "--context", "1k", "--gen",
+                 "2", "--warmup", "0", "--attention-only", "--hbm-budget", "0.1MB",
+                 "--option", "hbm_reserve_gb=0", "--option", "hbm_reserve_fraction=0",
+                 "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    measured, simulated = rows["measured"], rows["simulated"]
+    # the budget holds part of the context: the plan splits it on both sides
+    assert 0 < measured["final_gpu_tokens"] == simulated["final_gpu_tokens"] < 1024
