@@ -60,9 +60,11 @@ def profile_for_gpu_tokens(
     """``profile`` with HBM for the weights plus ``gpu_tokens`` tokens of KV per sequence.
 
     Use with ``SIZED_HBM_OPTIONS`` policy options. Policies that also buffer host data in HBM
-    (FlexGen's double buffer, HybridGen's landing zone) then keep fewer tokens than this.
+    (FlexGen's double buffer, HybridGen's landing zone) then keep fewer tokens than this. An
+    attention-only workload's plan places no weights, so its HBM holds the KV alone (room
+    for the weights would be KV room, and the plan would keep more tokens than asked).
     """
-    weights = model.weight_bytes(workload.weight_dtype)
+    weights = 0.0 if workload.attention_only else model.weight_bytes(workload.weight_dtype)
     kv = gpu_tokens * workload.batch * model.kv_bytes_per_token(workload.kv_dtype)
     gpu = profile.primary_gpu
     return profile_with_overrides(profile, {f"gpus.{gpu}.hbm_capacity_gb": (weights + kv) / 1e9})

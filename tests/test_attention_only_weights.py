@@ -82,3 +82,22 @@ def test_an_hbm_budget_need_not_hold_the_weights_of_an_attention_only_run(capsys
     measured, simulated = rows["measured"], rows["simulated"]
     # the budget holds part of the context: the plan splits it on both sides
     assert 0 < measured["final_gpu_tokens"] == simulated["final_gpu_tokens"] < 1024
+
+
+@pytest.mark.parametrize("attention_only", [False, True])
+def test_an_hbm_sized_for_gpu_tokens_keeps_exactly_those_tokens(attention_only):
+    """``profile_for_gpu_tokens`` sizes HBM as the plan fills it: the weights where the plan
+    places them, and the KV of the given tokens. HGCA keeps as many recent tokens as fit, so
+    it keeps exactly those, attention-only (no weights placed) or not."""
+    from hw_backend.decode_loop import (
+        SIZED_HBM_OPTIONS,
+        attention_model_spec,
+        profile_for_gpu_tokens,
+    )
+
+    model = attention_model_spec(layers=2, heads=8, kv_heads=2, head_dim=64, vocab=32000)
+    workload = Workload(batch=1, context=4000, gen=1, kv_dtype="fp32", weight_dtype="fp32",
+                        attention_only=attention_only)
+    profile = profile_for_gpu_tokens(load_profile("dev-zen4-2core"), model, workload, 1000)
+    policy = make_policy("hgca", model, profile, workload, SIZED_HBM_OPTIONS)
+    assert policy.step_plan(4000).layer.gpu_tokens == 1000
