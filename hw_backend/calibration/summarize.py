@@ -173,7 +173,7 @@ def cpu_kernel_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
             f"C kernel, 1 thread, mean of the host ops' FLOP/s as the simulator counts them "
             f"({detail}; net of the fixed cost, contexts {_contexts(ms)}){scaling}"),
         **_overhead_figure(ms, socket),
-        **_dtype_factor_figure(ms, socket, rates),
+        **_dtype_factor_figure(ms, socket),
         "op_rates": Figure(rates, "per-op single-thread GFLOP/s"),
         "per_threads": Figure(per_thread_figures(ms, socket),
                               "per kernel-thread count: per-core figures measured at that count"),
@@ -181,16 +181,21 @@ def cpu_kernel_figures(ms: Measurements, socket: int) -> dict[str, Figure]:
     }
 
 
-def _dtype_factor_figure(ms: Measurements, socket: int,
-                         rates: dict[str, float]) -> dict[str, Figure]:
+def _dtype_factor_figure(ms: Measurements, socket: int) -> dict[str, Figure]:
     """``attention_rate_by_kv_dtype``: one-thread partial attention's FLOP rate with KV of each
     other element type (``partial_attention_by_dtype``, timed in the same turns) over its rate
-    with the calibrated type, both net of the same fixed cost of a call."""
-    base = rates.get("partial_attention")
+    with the calibrated type at the same contexts (the rate falls with context, so a base taken
+    over other contexts would bias the ratio), both net of the same fixed cost of a call."""
     rows = ms.select("cpu_kernel", "partial_attention_by_dtype_flops", socket=socket, threads=1)
-    if not base or not rows:
+    if not rows:
         return {}
+    contexts = {m.params["context"] for m in rows}
+    own_rows = [m for m in ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=1)
+                if m.params["context"] in contexts]
     small = _small_call(ms, socket, 1)
+    base = _per_core_rate(own_rows, small)
+    if not base:
+        return {}
     factors, parts = {}, []
     for dtype in sorted({m.params["kv_dtype"] for m in rows}):
         rate = _per_core_rate([m for m in rows if m.params["kv_dtype"] == dtype], small)
@@ -199,14 +204,14 @@ def _dtype_factor_figure(ms: Measurements, socket: int,
             parts.append(f"{dtype} {rate:.1f}")
     if not factors:
         return {}
-    own = ms.select("cpu_kernel", HOST_OPS[0], socket=socket, threads=1)[0].params["kv_dtype"]
+    own = own_rows[0].params["kv_dtype"]
     factors[own] = 1.0
-    contexts = "/".join(str(c) for c in sorted({m.params["context"] for m in rows}))
+    shown = "/".join(str(c) for c in sorted(contexts))
     return {"attention_rate_by_kv_dtype": Figure(
         dict(sorted(factors.items())),
         f"C kernel, 1 thread, partial_attention's FLOP rate with KV of each type over its "
-        f"{own} rate {base:.1f} GFLOP/s: {', '.join(parts)} (net of the fixed cost, contexts "
-        f"{contexts}, in the same turns)")}
+        f"{own} rate at the same contexts, {base:.1f} GFLOP/s: {', '.join(parts)} (net of the "
+        f"fixed cost, contexts {shown}, in the same turns)")}
 
 
 def _overhead_figure(ms: Measurements, socket: int) -> dict[str, Figure]:
