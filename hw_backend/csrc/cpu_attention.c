@@ -515,6 +515,19 @@ static split_t split_tokens(int64_t groups, int64_t ntok, int nthreads)
     return sp;
 }
 
+/* Work item `it` of a split over [start, end): its batch row, KV head and token range. */
+typedef struct {
+    int64_t b, kh, t0, t1;
+} chunk_t;
+
+static chunk_t chunk_at(const attn_t *a, split_t sp, int64_t it, int64_t start, int64_t end)
+{
+    int64_t grp = it / sp.nch, c = it % sp.nch;
+    chunk_t ch = {grp / a->KVH, grp % a->KVH, start + c * sp.clen, 0};
+    ch.t1 = ch.t0 + sp.clen < end ? ch.t0 + sp.clen : end;
+    return ch;
+}
+
 /* out (B,H,D), lse (B,H) over tokens [start, end). Returns 0, or -1 when out of memory. */
 static int run_partial(const attn_t *a, int64_t start, int64_t end, int nthreads, float *out,
                        float *lse)
@@ -542,15 +555,12 @@ static int run_partial(const attn_t *a, int64_t start, int64_t end, int nthreads
         for (int64_t it = 0; it < sp.items; it++) {
             if (!ok)
                 continue;
-            int64_t grp = it / sp.nch, c = it % sp.nch;
-            int64_t b = grp / a->KVH, kh = grp % a->KVH;
-            int64_t t0 = start + c * sp.clen;
-            int64_t t1 = t0 + sp.clen < end ? t0 + sp.clen : end;
-            rows_t K = head_rows(a, a->K, a->kdt, b, kh);
-            rows_t V = head_rows(a, a->V, a->vdt, b, kh);
+            chunk_t ch = chunk_at(a, sp, it, start, end);
+            rows_t K = head_rows(a, a->K, a->kdt, ch.b, ch.kh);
+            rows_t V = head_rows(a, a->V, a->vdt, ch.b, ch.kh);
             float *acc = part + it * stride;
-            attend(a->kt, a->q + (b * a->H + kh * G) * D, G, D, &K, &V, NULL, t0, t1, a->scale,
-                   acc, acc + G * D, acc + G * D + G, &ws);
+            attend(a->kt, a->q + (ch.b * a->H + ch.kh * G) * D, G, D, &K, &V, NULL, ch.t0, ch.t1,
+                   a->scale, acc, acc + G * D, acc + G * D + G, &ws);
         }
         free(ws.kbuf);
     }
@@ -584,16 +594,14 @@ static int run_logits(const attn_t *a, int64_t start, int64_t end, int nthreads,
         for (int64_t it = 0; it < sp.items; it++) {
             if (!ok)
                 continue;
-            int64_t grp = it / sp.nch, c = it % sp.nch;
-            int64_t b = grp / a->KVH, kh = grp % a->KVH;
-            int64_t t1 = start + (c + 1) * sp.clen < end ? start + (c + 1) * sp.clen : end;
-            rows_t K = head_rows(a, a->K, a->kdt, b, kh);
-            float *dst = out + (b * a->H + kh * G) * ntok;
-            for (int64_t b0 = start + c * sp.clen; b0 < t1; b0 += BT) {
-                int nt = (int)(t1 - b0 < BT ? t1 - b0 : BT);
+            chunk_t ch = chunk_at(a, sp, it, start, end);
+            rows_t K = head_rows(a, a->K, a->kdt, ch.b, ch.kh);
+            float *dst = out + (ch.b * a->H + ch.kh * G) * ntok;
+            for (int64_t b0 = ch.t0; b0 < ch.t1; b0 += BT) {
+                int nt = (int)(ch.t1 - b0 < BT ? ch.t1 - b0 : BT);
                 int64_t pf;
-                const void *kb = fetch_rows(&K, NULL, b0, nt, t1, ws.kbuf, &pf);
-                a->kt->scores(a->q + (b * a->H + kh * G) * D, (int)G, kb, K.dtype, nt, D,
+                const void *kb = fetch_rows(&K, NULL, b0, nt, ch.t1, ws.kbuf, &pf);
+                a->kt->scores(a->q + (ch.b * a->H + ch.kh * G) * D, (int)G, kb, K.dtype, nt, D,
                               a->scale, dst + (b0 - start), ntok, pf);
             }
         }
@@ -784,17 +792,15 @@ static int scan_chunks_topk(const attn_t *a, int64_t start, int64_t end, int64_t
         for (int64_t it = 0; it < sp.items; it++) {
             if (!ok)
                 continue;
-            int64_t grp = it / sp.nch, c = it % sp.nch;
-            int64_t b = grp / a->KVH, kh = grp % a->KVH;
-            int64_t t1 = start + (c + 1) * sp.clen < end ? start + (c + 1) * sp.clen : end;
-            rows_t K = head_rows(a, a->K, a->kdt, b, kh);
+            chunk_t ch = chunk_at(a, sp, it, start, end);
+            rows_t K = head_rows(a, a->K, a->kdt, ch.b, ch.kh);
             for (int64_t g = 0; g < nsel; g++)
                 select_init(&sel[g], mem + g * 2 * k, k);
-            for (int64_t b0 = start + c * sp.clen; b0 < t1; b0 += BT) {
-                int nt = (int)(t1 - b0 < BT ? t1 - b0 : BT);
+            for (int64_t b0 = ch.t0; b0 < ch.t1; b0 += BT) {
+                int nt = (int)(ch.t1 - b0 < BT ? ch.t1 - b0 : BT);
                 int64_t pf;
-                const void *kb = fetch_rows(&K, NULL, b0, nt, t1, ws.kbuf, &pf);
-                a->kt->scores(a->q + (b * a->H + kh * G) * D, (int)G, kb, K.dtype, nt, D,
+                const void *kb = fetch_rows(&K, NULL, b0, nt, ch.t1, ws.kbuf, &pf);
+                a->kt->scores(a->q + (ch.b * a->H + ch.kh * G) * D, (int)G, kb, K.dtype, nt, D,
                               a->scale, ws.s, BT, pf);
                 if (per_head) {
                     for (int64_t g = 0; g < G; g++)
