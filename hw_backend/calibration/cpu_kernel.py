@@ -83,15 +83,22 @@ def _kv(tokens: int, kv_dtype: str, node: int):
     return out
 
 
+def _kv_copies(tokens: int, kv_dtype: str, node: int, settings: Settings):
+    """([(K, V), ...], bytes of one K): enough copies of random KV to fill the kernel
+    footprint together, so that calls rotating through them start from a cold cache."""
+    first = _kv(tokens, kv_dtype, node)
+    kv_bytes = first[0].numel() * first[0].element_size()
+    copies = max(1, math.ceil(settings.kernel_footprint_bytes / (2 * kv_bytes)))
+    return [first] + [_kv(tokens, kv_dtype, node) for _ in range(copies - 1)], kv_bytes
+
+
 def _context_ops(ca, node: int, threads: int, tokens: int, settings: Settings):
     """(name, call, flops, bytes, extra params) of every operation timed at one context, and
     the number of KV copies its calls rotate through."""
     import torch
 
-    first = _kv(tokens, settings.kv_dtype, node)
-    kv_bytes = first[0].numel() * first[0].element_size()
-    copies = max(1, math.ceil(settings.kernel_footprint_bytes / (2 * kv_bytes)))
-    sets = [first] + [_kv(tokens, settings.kv_dtype, node) for _ in range(copies - 1)]
+    sets, kv_bytes = _kv_copies(tokens, settings.kv_dtype, node, settings)
+    first, copies = sets[0], len(sets)
 
     def rotating():
         """Every call takes the next (K, V) copy: calls start from a cold cache, as the
@@ -191,16 +198,14 @@ def _other_dtype_op(ca, node: int, tokens: int, kv_dtype: str, settings: Setting
     suite's own calls do; (op, copies) with the op named ``partial_attention_by_dtype``."""
     import torch
 
-    first = _kv(tokens, kv_dtype, node)
-    kv_bytes = first[0].numel() * first[0].element_size()
-    copies = max(1, math.ceil(settings.kernel_footprint_bytes / (2 * kv_bytes)))
-    sets = cycle([first] + [_kv(tokens, kv_dtype, node) for _ in range(copies - 1)])
+    sets, kv_bytes = _kv_copies(tokens, kv_dtype, node, settings)
+    turn = cycle(sets)
     q = torch.randn(1, HEADS, HEAD_DIM)
     flops, _ = sim_cpu_work("partial_attention", tokens, tokens, kv_dtype)
     op = ("partial_attention_by_dtype",
-          lambda: ca.partial_attention(q, *next(sets), num_threads=1), flops, 2 * kv_bytes,
+          lambda: ca.partial_attention(q, *next(turn), num_threads=1), flops, 2 * kv_bytes,
           {"kv_dtype": kv_dtype})
-    return op, copies
+    return op, len(sets)
 
 
 def _overhead_op(ca, node: int, threads: int, settings: Settings):
