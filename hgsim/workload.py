@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
 from hgsim.specs.base import SpecModel
 from hgsim.units import parse_count
+
+if TYPE_CHECKING:
+    from hgsim.specs.model import ModelSpec
 
 
 class Workload(SpecModel):
@@ -28,3 +31,8 @@ class Workload(SpecModel):
     @property
     def final_context(self) -> int:
         return self.context + self.gen
+
+    def weight_bytes(self, model: ModelSpec) -> float:
+        """Bytes of weights this workload holds: none attention-only (hw_backend's executor
+        then runs attention alone and loads none, so no plan may place or stream them)."""
+        return 0.0 if self.attention_only else model.weight_bytes(self.weight_dtype)

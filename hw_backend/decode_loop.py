@@ -64,7 +64,7 @@ def profile_for_gpu_tokens(
     attention-only workload's plan places no weights, so its HBM holds the KV alone (room
     for the weights would be KV room, and the plan would keep more tokens than asked).
     """
-    weights = 0.0 if workload.attention_only else model.weight_bytes(workload.weight_dtype)
+    weights = workload.weight_bytes(model)
     kv = gpu_tokens * workload.batch * model.kv_bytes_per_token(workload.kv_dtype)
     gpu = profile.primary_gpu
     return profile_with_overrides(profile, {f"gpus.{gpu}.hbm_capacity_gb": (weights + kv) / 1e9})

@@ -138,7 +138,10 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
         raise UserError("--context must be at least 2 (a context token and the new one)")
     device_bytes, device = _device_bytes(cuda)
     model = config.model
-    weights = 0.0 if config.attention_only else model.weight_bytes(dtype)
+    workload = Workload(batch=config.batch, context=config.context, gen=config.steps,
+                        kv_dtype=dtype, weight_dtype=dtype, attention_only=config.attention_only,
+                        seed=config.seed)
+    weights = workload.weight_bytes(model)
     room = device_bytes * (1.0 if cuda else STANDIN_WEIGHT_SHARE)
     if weights > room:
         hint = ("" if cuda else "; without CUDA use a tiny model (--model tiny-llama) or "
@@ -149,9 +152,6 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
         config.hbm_budget.check(device_bytes=device_bytes, model=model, weight_dtype=dtype,
                                 device=device, attention_only=config.attention_only)
         profile = config.hbm_budget.apply(profile)
-    workload = Workload(batch=config.batch, context=config.context, gen=config.steps,
-                        kv_dtype=dtype, weight_dtype=dtype, attention_only=config.attention_only,
-                        seed=config.seed)
     policy = make_policy(config.policy, model, profile, workload, config.options)
     if not policy.feasible:
         raise UserError(f"{config.policy} cannot run {model.name} at context {config.context} "

@@ -95,8 +95,7 @@ class Policy(ABC):
         none), so none take room or stream.
         """
         capacity = hbm_capacity_bytes(self.profile)
-        weights = (0.0 if self.workload.attention_only
-                   else self.model.weight_bytes(self.workload.weight_dtype))
+        weights = self.workload.weight_bytes(self.model)
         reserve = self.options.reserve.bytes_(capacity)
         room = capacity - reserve - self.options.min_kv_hbm_fraction * capacity
         ddr = [n for n, t in self.profile.tiers.items() if t.kind == "ddr"]
