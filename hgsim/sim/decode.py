@@ -90,6 +90,17 @@ class StepMeasure:
     binding: dict[str, float] = field(default_factory=dict)  # resource -> seconds of the step
 
 
+class _CopySlot(_Chain):
+    """An upload's place in the GPU's host-to-device copy queue: ``done`` fires when it has
+    landed (or at once when the layer uploads nothing); ``last`` is its node."""
+
+    __slots__ = ("done",)
+
+    def __init__(self, done: Event) -> None:
+        super().__init__()
+        self.done = done
+
+
 class _HostTimes(_Chain):
     """One layer's host path: when it started and ended, what its parts took, and its nodes
     (``last``: the one the merge waits for)."""
@@ -141,6 +152,7 @@ class DecodeEngine:
         self._fixed_cache: dict[int, float] = {}  # graph op's fixed cost by its kernels
         self._kernels: list[_Node] = []  # this step's kernel nodes, in stream order
         self._cores_released: _Node | None = None  # the node that last gave the cores back
+        self._copy_tail: _CopySlot | None = None  # the upload last queued on the copy stream
 
     # ------------------------------------------------------------------ costs
     def work(self, batch: int, lp: LayerPlan) -> LayerWork:
@@ -230,6 +242,7 @@ class DecodeEngine:
         t0 = env.now
         self._kernels = []
         self._cores_released = None
+        self._copy_tail = None
         lp = plan.layer
         w = self.work(plan.batch, lp)
         has_host = lp.host_tokens > 0 and not lp.host_evicted
@@ -414,6 +427,10 @@ class DecodeEngine:
     # ------------------------------------------------------------------ the host path
     def _host_path(self, lp: LayerPlan, w: LayerWork, trigger, times: _HostTimes):
         env, machine, gpu = self.env, self.machine, self.gpu
+        # The upload's place on the copy stream, taken in layer order (the order the executor
+        # submits uploads to its one copy queue); host paths start in layer order.
+        ahead, slot = self._copy_tail, _CopySlot(env.event())
+        self._copy_tail = slot
         event, waits = trigger
         yield event
         times.trigger_s = env.now
@@ -435,11 +452,22 @@ class DecodeEngine:
             yield from self._cpu_phase(lp, w, times)
         sources = self._upload_sources(lp, w)
         if sources:
+            # One copy stream, in order: this upload starts once the one queued before it has
+            # landed (copies on a CUDA stream do not overlap; the executor queues every
+            # layer's upload on its copy stream).
+            if ahead is not None and not ahead.done.processed:
+                yield ahead.done
             t = env.now
             flow = yield machine.read(sources, gpu, w.to_gpu_bytes, Pattern.DMA, "to gpu")
-            self._segment(times, t, _shares([flow]))
+            self._segment(times, t, _shares([flow]), *((ahead,) if ahead is not None else ()))
             times.pcie_s += env.now - t
             times.variable_s += env.now - t
+            slot.last = times.last
+            slot.done.succeed()
+        elif ahead is not None and not ahead.done.processed:  # nothing to upload: the queue
+            ahead.done.callbacks.append(lambda _: _pass_on(ahead, slot))  # moves on behind
+        else:
+            _pass_on(ahead, slot)
         times.done_s = env.now
 
     def _segment(self, times: _HostTimes, start: float, what: dict[str, float],
@@ -551,6 +579,12 @@ class DecodeEngine:
         if t > t0 + _EPS:
             out["idle"] += t - t0
         return dict(out)
+
+
+def _pass_on(ahead: _CopySlot | None, slot: _CopySlot) -> None:
+    """A copy-queue slot with no upload: done as soon as the one ahead of it is."""
+    slot.last = ahead.last if ahead is not None else None
+    slot.done.succeed()
 
 
 def _shares(flows) -> dict[str, float]:
