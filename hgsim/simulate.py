@@ -89,6 +89,7 @@ def simulate(
 
     t_decode0 = env.now
     before = machine.recorder.snapshot()
+    moved_before = machine.recorder.bytes_by_resource()
     sampled = set(sample_steps(workload.gen, fidelity.decode_samples))
     steps: list[StepTiming | None] = []
     last = None
@@ -133,7 +134,9 @@ def simulate(
     window = (t_decode0, env.now)
     summary = machine.recorder.summary(window)
     result.utilisation = {name: s.utilisation for name, s in summary.items()}
-    result.bytes_by_resource = {name: s.bytes_ for name, s in summary.items() if s.bytes_}
+    moved = machine.recorder.bytes_by_resource()  # the decode's traffic, not the prefill's
+    result.bytes_by_resource = {name: b - moved_before.get(name, 0.0)
+                                for name, b in moved.items() if b > moved_before.get(name, 0.0)}
     activity = energy.activity_between(machine, before, machine.recorder.snapshot(),
                                        env.now - t_decode0)
     result.energy_j = energy.energy_by_component_j(profile, activity)

@@ -21,10 +21,13 @@ import pytest
 import simpy
 
 from hgsim.catalog import get_model
+from hgsim.costs import layer_work
+from hgsim.memory import touched_bytes
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.sim.decode import DecodeEngine
 from hgsim.sim.machine import Machine
+from hgsim.simulate import Fidelity, simulate
 from hgsim.workload import Workload
 
 H100 = "h100-80gb-spr-cxl"
@@ -64,3 +67,38 @@ def test_uploads_cross_one_at_a_time_in_layer_order():
     for a in uploads:  # each alone on PCIe: its bytes at the link's rate
         assert a.end - a.start == pytest.approx(alone_s, rel=1e-6)
 
+
+# ------------------------------------------------------------------ conservation
+
+
+def _decode(policy: str, *, prefill: bool = False, **options):
+    workload = Workload(batch=1, context=32768, gen=2, include_prefill=prefill)
+    result = simulate(H100, MODEL, policy, workload, policy_options=options,
+                      fidelity=Fidelity(decode_samples=0, accuracy=False))
+    policy_ = make_policy(policy, MODEL, load_profile(H100), workload, options)
+    works = [layer_work(MODEL, 1, policy_.layer_plan(workload.context + s), "fp16", "fp16")
+             for s in range(workload.gen)]
+    return result, works
+
+
+def test_each_tier_reports_the_bytes_read_from_it():
+    # Interleaved pages: half of K and V on each tier, so the scan and the gather read half
+    # their bytes from each; the upload re-reads the staging buffer in DRAM.
+    result, works = _decode("hybridgen", adaptive=False, gpu_share=0.1, placement="interleave")
+    layers = MODEL.num_layers
+    line = load_profile(H100).sockets["cpu0"].cache_line_bytes
+    scanned = layers * sum(w.cpu_k_bytes for w in works)
+    gathered = layers * sum(touched_bytes(w.gather_rows, w.row_bytes, line) for w in works)
+    uploaded = layers * sum(w.to_gpu_bytes for w in works)
+    moved = result.bytes_by_resource
+    assert moved["cxl0.read"] == pytest.approx(0.5 * (scanned + gathered), rel=1e-9)
+    assert moved["ddr0.read"] == pytest.approx(0.5 * (scanned + gathered) + uploaded, rel=1e-9)
+    assert moved["gpu0.h2d"] == pytest.approx(uploaded, rel=1e-9)
+
+
+def test_the_traffic_of_a_decode_leaves_out_the_prefill():
+    decode, works = _decode("hybridgen", adaptive=False, gpu_share=0.1)
+    with_prefill, _ = _decode("hybridgen", prefill=True, adaptive=False, gpu_share=0.1)
+    d2h = MODEL.num_layers * sum(w.q_d2h_bytes + w.evict_bytes for w in works)
+    assert decode.bytes_by_resource["gpu0.d2h"] == pytest.approx(d2h, rel=1e-9)
+    assert with_prefill.bytes_by_resource == pytest.approx(decode.bytes_by_resource, rel=1e-9)

@@ -269,6 +269,7 @@ class FlowNetwork:
         for c in channels:
             if c.totals is None:  # a channel reports to the first network that uses it
                 c.totals = self.recorder.totals_for(c.name)
+                c.totals.carries_bytes = c.unit is BYTES_PER_S
 
     def _on_start(self, event: Timeout) -> None:
         """Flows whose latency has elapsed join their channels; one re-solve for all."""

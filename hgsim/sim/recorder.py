@@ -66,6 +66,16 @@ class ResourceTotals:
     starts: list[float] = field(default_factory=list)
     ends: list[float] = field(default_factory=list)
     compacted_until: float = float("-inf")
+    # ``carried`` is in bytes (a bandwidth channel, a kernel stream); False for a FLOP/s
+    # channel or an in-flight pool, which carry FLOPs or byte-seconds
+    carries_bytes: bool = True
+
+    @property
+    def moved_bytes(self) -> float:
+        """Bytes that crossed the resource: a bandwidth channel's share of each flow (a read
+        spread over two tiers moves half its bytes through each), else the flows' amounts
+        (the bytes a socket's cores or copy engines issued)."""
+        return self.carried if self.carries_bytes else self.bytes_
 
     def add_interval(self, start: float, end: float) -> None:
         if end <= start:
@@ -131,7 +141,7 @@ class ResourceSummary:
     resource: str
     count: int
     busy_s: float
-    bytes_: float
+    bytes_: float  # what crossed it (``ResourceTotals.moved_bytes``)
     flops: float
     utilisation: float  # busy_s / window length
 
@@ -255,7 +265,12 @@ class Recorder:
 
     def bytes_moved(self, resource: str) -> float:
         totals = self.totals.get(resource)
-        return totals.bytes_ if totals else 0.0
+        return totals.moved_bytes if totals else 0.0
+
+    def bytes_by_resource(self) -> dict[str, float]:
+        """Bytes each resource has moved so far (``ResourceTotals.moved_bytes``): subtract
+        two of these for what moved in between (e.g. the decode after a prefill)."""
+        return {name: t.moved_bytes for name, t in self.totals.items()}
 
     def flops_done(self, resource: str) -> float:
         totals = self.totals.get(resource)
@@ -285,7 +300,7 @@ class Recorder:
         for name, totals in self.totals.items():
             busy = totals.busy_s if window is None else totals.busy_between(t0, t1)
             out[name] = ResourceSummary(
-                name, totals.count, busy, totals.bytes_, totals.flops,
+                name, totals.count, busy, totals.moved_bytes, totals.flops,
                 busy / length if length > 0 else 0.0,
             )
         return out
