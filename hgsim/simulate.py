@@ -93,7 +93,7 @@ def simulate(
     sampled = set(sample_steps(workload.gen, fidelity.decode_samples))
     steps: list[StepTiming | None] = []
     last = None
-    binding: dict[str, float] = {}
+    step_binding: list[dict[str, float]] = []  # each step's split, from its simulated step
     markers: list[tuple[float, str, dict]] = []
     sched = pol.scheduler
     scored = None  # the plan the accuracy proxy scores: the one the run used at its median step
@@ -106,8 +106,7 @@ def simulate(
             m = engine.step(plan)
             last = m
         m = last
-        for label, seconds in m.binding.items():
-            binding[label] = binding.get(label, 0.0) + seconds / workload.gen
+        step_binding.append(m.binding)
         decision = ""
         if m.host_s:
             pol.observe(m.host_s, m.device_s, m.variable_s)
@@ -128,7 +127,7 @@ def simulate(
     result.steps = _interpolate(steps)
     # HybridGen's GQA top-k granularity that ran (per_head for every other policy)
     result.selection = pol.step_plan(workload.context).layer.selection.value
-    result.binding_s = binding
+    result.binding_s = _mean_binding(result.steps, step_binding)
     if sched is not None:
         result.decisions = dict(sched.decisions())
     window = (t_decode0, env.now)
@@ -172,6 +171,20 @@ def _interpolate(steps: list[StepTiming]) -> list[StepTiming]:
         out[i] = StepTiming(step=s.step, context=s.context, topk_ratio=s.topk_ratio,
                             gpu_tokens=s.gpu_tokens, simulated=False, decision=s.decision,
                             **values)
+    return out
+
+
+def _mean_binding(steps: list[StepTiming],
+                  splits: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per step on each resource of the critical path. An interpolated step takes
+    the split of the simulated step it follows, scaled to its own latency, so that the split
+    adds up to the mean step latency however many steps were simulated."""
+    out: dict[str, float] = {}
+    for step, split in zip(steps, splits, strict=True):
+        total = sum(split.values())
+        scale = step.latency_s / total if total > 0 else 0.0
+        for label, seconds in split.items():
+            out[label] = out.get(label, 0.0) + seconds * scale / len(steps)
     return out
 
 

@@ -102,3 +102,12 @@ def test_the_traffic_of_a_decode_leaves_out_the_prefill():
     d2h = MODEL.num_layers * sum(w.q_d2h_bytes + w.evict_bytes for w in works)
     assert decode.bytes_by_resource["gpu0.d2h"] == pytest.approx(d2h, rel=1e-9)
     assert with_prefill.bytes_by_resource == pytest.approx(decode.bytes_by_resource, rel=1e-9)
+
+
+def test_what_binds_splits_the_mean_step_latency_when_steps_are_sampled():
+    # 3 of 6 steps simulated, the rest interpolated: the split follows the interpolated steps
+    workload = Workload(batch=16, context=32768, gen=6)
+    result = simulate("a100-40gb-spr-cxl", MODEL, "hybridgen", workload,
+                      policy_options={"adaptive": False},
+                      fidelity=Fidelity(decode_samples=3, accuracy=False))
+    assert sum(result.binding_s.values()) == pytest.approx(result.latencies_s.mean(), rel=1e-9)
