@@ -8,10 +8,10 @@ better part buys"):
   layer's upload on one CUDA copy stream);
 * a machine whose every rate is s times higher and every time s times shorter runs a step
   exactly s times faster (nothing in the model has a time scale of its own);
-* where a layer's host work does not overlap the next layer's, better hardware never slows a
-  step and more work never speeds one up. With look-ahead it is no guarantee: flows share a
-  channel max-min fairly, and a faster non-critical upload takes more of the DRAM the next
-  layer's scan needs;
+* where a layer's host work does not overlap the next layer's and no weights stream from host
+  memory, better hardware never slows a step and more work never speeds one up. Otherwise it
+  is no guarantee: flows share a channel max-min fairly, and a faster non-critical copy out of
+  DRAM (an upload, a weight load) takes more of the DRAM a layer's scan needs;
 * what the resources report moving is what the plan moves; busy fractions lie in [0, 1]; energy
   per token is average power times time per token; throughput is batch over step latency; the
   critical path's split adds up to the step latency;
