@@ -79,3 +79,32 @@ def test_dask_without_scheduler_is_a_user_error(tmp_path, capsys):
                  "--executor", "dask"])
     assert code == 2
     assert "--scheduler" in capsys.readouterr().err
+
+
+def test_a_study_whose_every_point_is_infeasible_still_reports(tmp_path, capsys):
+    """Infeasible rows carry no metrics; with no feasible row at all, the table once lacked
+    tokens_per_s and the derived metric, answer and line plot raised KeyError (traceback)."""
+    study = write_study(tmp_path, """\
+name: nowhere
+base:
+  profile: dev-zen4-2core
+  model: opt-6.7b
+  workload: {batch: 1, context: 200k, gen: 4}
+  fidelity: {decode_samples: 2, accuracy: false}
+sweep:
+  grid:
+    policy: [flexgen, hybridgen]
+derived:
+  speedup: {metric: tokens_per_s, of: {policy: hybridgen}, vs: {policy: flexgen}}
+plots:
+  tput: {kind: line, x: policy, y: tokens_per_s, hue: policy}
+answer: {question: Which policy is fastest, choose: policy, metric: tokens_per_s}
+""")
+    out = tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out), "--jobs", "1", "--quiet"]) == 0, \
+        capsys.readouterr().err
+    frame = pd.read_parquet(out / "results.parquet")
+    assert not frame["feasible"].any()
+    assert frame[["tokens_per_s", "latency_p99_ms", "speedup"]].isna().all().all()
+    assert (out / "figures" / "tput.png").is_file()
+    assert "- no choice is feasible (tokens_per_s)" in (out / "report.md").read_text()

@@ -124,16 +124,17 @@ def answer_lines(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> list
         where = ", ".join(_label(k, v) for k, v in zip(keys, key, strict=True)
                           if k != set_column)
         head = ", ".join(p for p in (where, str(key[-1]) if set_column else "") if p)
+        lead = f"- {head}: " if head else "- "  # no `per` columns: one answer, no group
         ranked = group.dropna(subset=["value"])
         if ranked.empty:
-            lines.append(f"- {head}: no choice is feasible ({what})")
+            lines.append(f"{lead}no choice is feasible ({what})")
             continue
         best = ranked.iloc[0]
         if spec.gain_vs is not None and not best["value"] > 0:
-            lines.append(f"- {head}: no choice gains over {ax.label(spec.gain_vs)} "
+            lines.append(f"{lead}no choice gains over {ax.label(spec.gain_vs)} "
                          f"(best {ax.label(best[spec.choose])}: {_number(best['value'])}; {what})")
             continue
-        text = f"- {head}: **{ax.label(best[spec.choose])}** ({_number(best['value'])} {what}"
+        text = f"{lead}**{ax.label(best[spec.choose])}** ({_number(best['value'])} {what}"
         text += f"; {set_column} {best['represented by']})" if set_column else ")"
         if len(ranked) > 1:
             second = ranked.iloc[1]

@@ -40,8 +40,15 @@ def search_columns(field: str, column: str) -> list[str]:
             "feasible", "reason", *SEARCH_COLUMNS]
 
 
-def assemble(expansion: Expansion, records: dict[str, dict[str, Any]]) -> pd.DataFrame:
-    """One row per point with a stored record (points still missing are left out)."""
+def assemble(expansion: Expansion, records: dict[str, dict[str, Any]],
+             columns: list[str] = ()) -> pd.DataFrame:
+    """One row per point with a stored record (points still missing are left out).
+
+    Each of ``columns`` (those the study was validated to produce) is in the table even where
+    no row has it: an infeasible point has no ``tokens_per_s``, and a study whose every point
+    is infeasible (a capacity planner's first try, often) must still give derived metrics,
+    answers and plots their columns, empty, rather than fail on a missing one.
+    """
     rows = []
     for point in expansion.points:
         record = records.get(point.spec.key)
@@ -59,7 +66,8 @@ def assemble(expansion: Expansion, records: dict[str, dict[str, Any]]) -> pd.Dat
     first = [c for c in expansion.axes if c in frame]
     first += [c for c in FRONT if c in frame and c not in first]
     rest = [c for c in frame.columns if c not in first]
-    return frame[first + rest]
+    absent = [c for c in columns if c not in frame]
+    return frame[first + rest].reindex(columns=[*first, *rest, *absent])
 
 
 def write_tables(frame: pd.DataFrame, out: Path) -> list[Path]:

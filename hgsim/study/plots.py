@@ -65,8 +65,10 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
     if spec.col_wrap:
         facet["col_wrap"] = spec.col_wrap
     if spec.kind in ("line", "scatter", "pareto"):
+        # seaborn's relplot fails on rows whose y are all NaN (every point infeasible); an
+        # empty table draws the empty axes that the note below explains
         grid = sns.relplot(
-            data=data, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style,
+            data=data.iloc[:0] if data[y_col].isna().all() else data, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style,
             kind="scatter" if spec.kind == "pareto" else spec.kind,
             hue_order=orders.get(spec.hue), style_order=orders.get(spec.style),
             facet_kws={"sharey": spec.sharey, "margin_titles": True},

@@ -142,7 +142,7 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str) -> pd.DataFrame
     value of ``by`` (usually the policy), each cell the binding resource and its share."""
     if "binding" not in frame or not len(frame):
         return pd.DataFrame()
-    data = frame[frame["binding"].fillna("").astype(bool)]
+    data = frame[frame["binding"].notna() & (frame["binding"] != "")]
     if data.empty:
         return pd.DataFrame()
     cell = data["binding"] + " (" + (100 * data["binding_share"]).round().astype(int).astype(

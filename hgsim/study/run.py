@@ -27,6 +27,7 @@ from hgsim.study.load import StudyPlan, load_study, resolved_yaml
 from hgsim.study.plots import draw_all, draw_elasticity
 from hgsim.study.report import RunInfo, write_report
 from hgsim.study.store import PointStore
+from hgsim.study.validate import produced_columns
 
 
 @dataclass
@@ -89,7 +90,7 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
         raise
     store.clean_temporary()
     records = store.load([s.key for s in specs])
-    frame = assemble(plan.expansion, records)
+    frame = assemble(plan.expansion, records, produced_columns(plan.study, plan.expansion))
     if plan.study.derived and len(frame):
         frame = compute_derived(frame, plan.study.derived, plan.expansion.axes)
     run.frame = frame
