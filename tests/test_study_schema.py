@@ -54,6 +54,22 @@ CASES = {
     "axis in two groups": ("derived:", "  - grid: {policy: [h2o]}\nderived:", 11,
                            "axis 'policy' appears in more than one group"),
     "heatmap without value": ("value: tokens_per_s}", "hue: policy}", 18, "needs 'value'"),
+    # a derived metric named as a column replaced that column (the policy, a metric) with
+    # its own values; a metric of text, or a sensitivity metric no point has, came out empty
+    "derived named as a column": ("  speedup:\n    metric: tokens_per_s\n    of: {policy: "
+                                  "hybridgen}\n    vs: {policy: [flexgen, cpu_offload]}",
+                                  "  tokens_per_s:\n    metric: tokens_per_s\n    vs: "
+                                  "{policy: flexgen}", 12, "derived column 'tokens_per_s' is "
+                                  "already a column"),
+    "derived metric of a text column": ("metric: tokens_per_s\n    of", "metric: policy\n    of",
+                                        13, "column 'policy' holds text"),
+    "plot of a text column": ("y: tokens_per_s, hue", "y: model, hue", 17,
+                              "column 'model' holds text"),
+    "heatmap colour of a text column": ("value: tokens_per_s}", "value: policy}", 18,
+                                        "column 'policy' holds text"),
+    "sensitivity metric not produced": ("derived:", "sensitivity: {parameters: [tiers.cxl0."
+                                        "latency_ns], metric: tokens_per_sec}\nderived:", 11,
+                                        "column 'tokens_per_sec' is not produced"),
 }
 
 

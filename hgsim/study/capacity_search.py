@@ -15,6 +15,8 @@ from hgsim.study.schema import SearchSpec
 
 #: Columns a search point produces besides the configuration columns.
 SEARCH_COLUMNS = ("capped", "limit_reason", "probes")
+#: Those of them that hold words, not numbers.
+TEXT_COLUMNS = ("limit_reason",)
 
 
 def search_point(spec) -> dict[str, Any]:

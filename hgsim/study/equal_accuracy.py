@@ -31,6 +31,8 @@ CONFIGURED = "configured"
 COLUMNS = ("accuracy_target", "target_reached", "target_reason", "setting_knob",
            "setting_at_target", "setting_rel_error", "cheaper_setting", "cheaper_rel_error",
            "target_probes")
+#: Those of them that hold words, not numbers.
+TEXT_COLUMNS = ("target_reason", "setting_knob")
 
 
 @dataclass(frozen=True)

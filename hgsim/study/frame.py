@@ -26,13 +26,22 @@ FRONT = ("feasible", "tokens_per_s", "latency_mean_ms", "latency_p99_ms", "reaso
 def simulation_columns() -> list[str]:
     """The columns ``SimResult.to_row`` produces for a feasible point (tier-specific
     ``mem_<tier>_gb`` and resource-specific ``util_<resource>`` aside)."""
+    return list(_simulation_row())
+
+
+def simulation_text_columns() -> list[str]:
+    """Those of them that hold words (names, reasons), of which no metric can be taken."""
+    return [column for column, value in _simulation_row().items() if isinstance(value, str)]
+
+
+def _simulation_row() -> dict[str, Any]:
     step = StepTiming(**{
         f.name: (True if f.type in ("bool", bool) else 1)
         for f in dataclasses.fields(StepTiming)
     })
     result = SimResult(profile="", model="", policy="", batch=1, context=1, gen=1,
                        feasible=True, steps=[step])
-    return list(result.to_row())
+    return result.to_row()
 
 
 def search_columns(field: str, column: str) -> list[str]:

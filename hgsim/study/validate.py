@@ -12,9 +12,16 @@ from typing import Any
 
 from hgsim.config_io import Loc, YamlDocument
 from hgsim.study import axes as ax
+from hgsim.study.capacity_search import TEXT_COLUMNS as CAPACITY_TEXT
 from hgsim.study.derived import baselines
+from hgsim.study.equal_accuracy import TEXT_COLUMNS as EQUAL_ACCURACY_TEXT
 from hgsim.study.expand import Expansion
-from hgsim.study.frame import RUN_COLUMNS, search_columns, simulation_columns
+from hgsim.study.frame import (
+    RUN_COLUMNS,
+    search_columns,
+    simulation_columns,
+    simulation_text_columns,
+)
 from hgsim.study.schema import Study
 
 #: Per-resource utilisation columns depend on the machine built at run time; any
@@ -41,12 +48,29 @@ def produced_columns(study: Study, expansion: Expansion) -> list[str]:
     return list(dict.fromkeys(columns))
 
 
+def text_columns(expansion: Expansion) -> set[str]:
+    """Columns that hold words (names, reasons, labels): no metric can be taken of them, and
+    one named as a metric would come out as an empty column or a figure with no points."""
+    text = {*simulation_text_columns(), *CAPACITY_TEXT, *EQUAL_ACCURACY_TEXT}
+    text |= {axis for axis, values in expansion.axis_values.items()
+             if any(isinstance(v, str) for v in values)}
+    return text
+
+
 def check(study: Study, doc: YamlDocument, expansion: Expansion) -> list[str]:
     """Raise a ConfigError for the first bad reference; return all table columns."""
     columns = produced_columns(study, expansion)
+    text = text_columns(expansion)
+
+    def metric(column: Any, loc: Loc) -> None:
+        _column(column, columns, doc, loc)
+        if column in text:
+            raise doc.error(loc, f"column '{column}' holds text, not numbers; name a metric "
+                                 "such as tokens_per_s")
+
     for name, spec in study.derived.items():
         where = ("derived", name)
-        _column(spec.metric, columns, doc, (*where, "metric"))
+        metric(spec.metric, (*where, "metric"))
         for key, value in spec.vs.items():
             if key not in expansion.axes:
                 raise doc.error((*where, "vs", key),
@@ -55,35 +79,48 @@ def check(study: Study, doc: YamlDocument, expansion: Expansion) -> list[str]:
         _selection(spec.of, columns, expansion, doc, (*where, "of"))
         for i, column in enumerate(spec.group_by):
             _column(column, columns, doc, (*where, "group_by", i))
-        columns += [c for c, _ in baselines(name, spec) if c not in columns]
+        for column, _ in baselines(name, spec):
+            if column in columns:  # it would overwrite that column (the policy, a metric)
+                raise doc.error(where, f"derived column '{column}' is already a column of "
+                                       "this study; give the derived metric another name")
+            columns.append(column)
     for name, plot in study.plots.items():
+        measured = {"value"} if plot.kind == "heatmap" else {"y"}
+        if plot.kind == "pareto":
+            measured.add("x")
         for field, column in plot.columns().items():
-            if not field.startswith("where."):
+            if field in measured:
+                metric(column, ("plots", name, field))
+            elif not field.startswith("where."):
                 _column(column, columns, doc, ("plots", name, field))
         _selection(plot.where, columns, expansion, doc, ("plots", name, "where"))
+    if study.sensitivity is not None:
+        metric(study.sensitivity.metric, ("sensitivity", "metric"))
     report = study.report
     if report.best_metric:
-        _column(report.best_metric, columns, doc, ("report", "best_metric"))
+        metric(report.best_metric, ("report", "best_metric"))
     if "best_by" in report.model_fields_set and report.best_by not in expansion.axes:
         raise doc.error(("report", "best_by"),
                         f"'{report.best_by}' is not a sweep axis (axes: {_list(expansion.axes)})")
     for i, answer in enumerate(study.answer):
-        _answer(answer, columns, expansion, doc, ("answer", i))
+        _answer(answer, columns, expansion, doc, ("answer", i), metric)
     return columns
 
 
 def _answer(spec, columns: list[str], expansion: Expansion, doc: YamlDocument,
-            loc: Loc) -> None:
-    """An answer block's columns exist, its choice and sets are axes, its values theirs."""
-    for field in ("choose", "metric", "cost"):
+            loc: Loc, metric) -> None:
+    """An answer block's columns exist (those it ranks by numeric), its choice and sets are
+    axes, its values theirs."""
+    _column(spec.choose, columns, doc, (*loc, "choose"))
+    for field in ("metric", "cost"):
         if getattr(spec, field) is not None:
-            _column(getattr(spec, field), columns, doc, (*loc, field))
+            metric(getattr(spec, field), (*loc, field))
     for j, column in enumerate(spec.per):
         _column(column, columns, doc, (*loc, "per", j))
     axes = [("choose", spec.choose)]
     if spec.among is not None:
         axes.append(("among", spec.among.column))
-        _column(spec.among.rank_by, columns, doc, (*loc, "among", "rank_by"))
+        metric(spec.among.rank_by, (*loc, "among", "rank_by"))
     for field, axis in axes:
         where = (*loc, field) if field == "choose" else (*loc, "among", "column")
         if axis not in expansion.axes:
