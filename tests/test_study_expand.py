@@ -85,10 +85,12 @@ def test_key_covers_fidelity_and_hardware_content(tmp_path):
 
 
 def test_same_configuration_twice_is_one_point_to_compute(tmp_path):
+    """Two rows that differ only in a label are one configuration, computed once (the same
+    value twice on an axis is an error instead: tests/test_study_schema.py)."""
     plan = load_study(write_study(tmp_path, HEAD + """\
 sweep:
   - grid:
-      workload.context: [32k, 32768]
+      label.variant: [first, second]
 """))
     assert len(plan.expansion.points) == 2
     assert len(plan.expansion.unique_specs()) == 1

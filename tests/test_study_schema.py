@@ -67,6 +67,16 @@ CASES = {
                               "column 'model' holds text"),
     "heatmap colour of a text column": ("value: tokens_per_s}", "value: policy}", 18,
                                         "column 'policy' holds text"),
+    # a value given twice, however spelt, gave the same points twice as duplicate rows
+    "grid value twice": ("workload.context: [32k, 64k]", "workload.context: [32k, 32768]", 9,
+                         "sweep[0].grid.workload.context[1]: repeats [0] (32k)"),
+    "model twice in another case": ("      workload.context: [32k, 64k]",
+                                    "      model: [llama-2-7b, Llama-2-7B]", 9,
+                                    "model[1]: repeats [0] (llama-2-7b)"),
+    "zip tuple twice": ("  - grid:\n      workload.context: [32k, 64k]",
+                        "  - zip:\n      workload.context: [32k, 32k]\n"
+                        "      workload.gen: [4, 4]\n    grid:", 9,
+                        "zip.workload.context[1]: repeats [0] (32k, 4)"),
     "sensitivity metric not produced": ("derived:", "sensitivity: {parameters: [tiers.cxl0."
                                         "latency_ns], metric: tokens_per_sec}\nderived:", 11,
                                         "column 'tokens_per_sec' is not produced"),

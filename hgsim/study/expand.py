@@ -193,6 +193,7 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
     points: list[Point] = []
     for combo in _combinations(study):
         points.append(_resolve(study, combo, doc, resolver))
+    _check_distinct(study, doc)  # after _resolve, which names any unreadable value first
     axis_values = {
         path: _unique([ax.normalize(path, v) for v in values])
         for path, values in study.axes().items()
@@ -279,6 +280,36 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
         raise doc.error(loc, f"unknown fidelity field '{rest}' (known: decode_samples, accuracy)")
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
+
+
+def _check_distinct(study: Study, doc: YamlDocument) -> None:
+    """Each value once per grid axis, each tuple once per zip group, as the table shows them:
+    ``[1k, 1024]`` or ``[llama-2-7b, Llama-2-7B]`` would be the same points twice, as
+    duplicate rows that derived metrics and figures then count twice."""
+    for i, group in enumerate(study.sweep):
+        runs = [("grid", [path], [(value,) for value in values])
+                for path, values in group.grid.items()]
+        if group.zip:
+            runs.append(("zip", list(group.zip), list(zip(*group.zip.values(), strict=True))))
+        for kind, paths, rows in runs:
+            first: dict[tuple, int] = {}
+            for j, row in enumerate(rows):
+                shown = [ax.normalize(path, value) for path, value in zip(paths, row,
+                                                                           strict=True)]
+                key = tuple(_same(value) for value in shown)
+                if key in first:
+                    raise doc.error(("sweep", i, kind, paths[0], j),
+                                    f"repeats [{first[key]}] "
+                                    f"({', '.join(ax.label(v) for v in shown)}): each point "
+                                    "would be computed and listed twice")
+                first[key] = j
+
+
+def _same(value: Any) -> Any:
+    """A key equal for values the table shows as equal (1 and 1.0 alike)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return ("number", float(value))
+    return ("other", repr(value))
 
 
 def _check_swept_base(study: Study, doc: YamlDocument, resolver: _Resolver) -> None:
