@@ -66,6 +66,7 @@ def simulate(
     profile = load_profile(profile) if isinstance(profile, str) else profile
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
     model = get_model(model) if isinstance(model, str) else model
+    profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)  # the GPU can run it
     pol = make_policy(policy, model, profile, workload, policy_options)
     result = SimResult(
         profile=profile.name, model=model.name, policy=policy, batch=workload.batch,

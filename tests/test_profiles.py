@@ -304,3 +304,44 @@ def test_the_replaced_per_core_bandwidth_field_names_its_successors(tmp_path):
     with pytest.raises(ConfigError, match="stream_inflight_bytes") as info:
         load_profile(path)
     assert "old.yaml" in str(info.value) and "core_bandwidth_gbps" in str(info.value)
+
+
+# ------------------------------------------------------------------ compute rate by dtype
+def test_a_dtype_without_its_own_figure_runs_at_the_16_bit_rate_but_fp32_needs_one():
+    """fp16 and bf16 stand in for each other and for narrower types (weights dequantised to 16
+    bits); a 16-bit tensor rate is no stand-in for fp32. A profile with bf16 alone once raised
+    KeyError (a study called it a bug) for fp16, fp8 or fp32 weights."""
+    from conftest import make_profile
+
+    bf16_only = make_profile(gpus={"gpu0": {"peak_tflops": {"fp16": None, "bf16": 200}}})
+    gpu = bf16_only.gpus["gpu0"]
+    assert gpu.peak_flops("bf16") == gpu.peak_flops("fp16") == gpu.peak_flops("fp8") == 200e12
+    assert make_profile().gpus["gpu0"].peak_flops("int8") == 100e12  # conftest: fp16 only
+    with pytest.raises(UserError, match=r"peak_tflops: the GPU has no fp32 figure"):
+        gpu.peak_flops("fp32")
+
+
+def test_fp32_weights_on_a_gpu_without_an_fp32_figure_is_a_one_line_error(tmp_path, capsys):
+    from bad_input import write
+
+    from hgsim.cli import main
+
+    text = (PROFILE_DIR / "dev-zen4-2core.yaml").read_text()
+    text = re.sub(r"\n      fp32: .*", "", text)
+    profile = write(tmp_path / "no-fp32.yaml", text)
+    study = write(tmp_path / "study.yaml", f"""\
+name: fp32
+base:
+  profile: {profile}
+  model: opt-6.7b
+  workload: {{batch: 1, context: 1k, gen: 4, weight_dtype: fp32}}
+sweep:
+  grid:
+    policy: [gpu_only, hybridgen]
+""")
+    out = tmp_path / "out"
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{study}:5: base.workload.weight_dtype: profile dev-zen4-2core: peak_tflops: " \
+           "the GPU has no fp32 figure" in err, err
+    assert not out.exists()

@@ -384,6 +384,11 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     if study.search is not None:
         wl[study.search.field] = study.search.lo  # placeholder; the search sets it
     workload = _workload(wl, wl_locs, doc)
+    try:
+        profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)
+    except UserError as exc:
+        raise doc.error(wl_locs.get("weight_dtype", profile_loc),
+                        f"profile {profile.name}: {exc}") from None
 
     fid = base.fidelity.model_dump()
     for path in values:
