@@ -36,8 +36,12 @@ def with_overrides(profile: HardwareProfile | str | os.PathLike[str],
     if not isinstance(overrides, Mapping):
         raise UserError("overrides must map dotted paths to values, e.g. "
                         "{'tiers.cxl0.latency_ns': 300}")
-    base = profile if isinstance(profile, HardwareProfile) else load_profile(profile)
-    return profile_with_overrides(base, dict(overrides))
+    if isinstance(profile, HardwareProfile):
+        return profile_with_overrides(profile, dict(overrides))
+    if not isinstance(profile, (str, os.PathLike)):
+        raise UserError(f"expected a profile name, a YAML path or a HardwareProfile, got "
+                        f"{profile!r}", field="profile")
+    return profile_with_overrides(load_profile(profile), dict(overrides))
 
 
 def simulate(
@@ -65,24 +69,42 @@ def simulate(
     ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
     back with ``feasible`` False and ``reason`` set, not as an error.
     """
+    from hgsim.outputs import check_output_file
     from hgsim.simulate import Fidelity
     from hgsim.simulate import simulate as run
+    from hgsim.study.schema import FidelitySpec
     from hgsim.workload import Workload
 
-    if samples < 0:
-        raise UserError("must be >= 0", field="samples")
+    if not isinstance(model, (str, ModelSpec)):
+        raise UserError(f"expected a model name or a ModelSpec, got {model!r}", field="model")
+    if options is not None and not isinstance(options, Mapping):
+        raise UserError(f"expected a mapping of option names to values, e.g. "
+                        f"{{'topk_ratio': 0.1}}, got {options!r}", field="options")
     base = with_overrides(profile, hardware or {})
+    # the study schema's checks of the same knobs: whole numbers, true/false, never a bool
+    fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},
+                        names={"decode_samples": "samples"})
+    workload = _checked(Workload, dict(batch=batch, context=context, gen=gen, kv_dtype=kv_dtype,
+                                       weight_dtype=weight_dtype, include_prefill=prefill),
+                        names={"include_prefill": "prefill"})
+    if trace is not None:  # before the run, whose result a bad path would lose at the end
+        trace = check_output_file(trace, "trace")
+    return run(base, model, policy, workload, policy_options=dict(options or {}),
+               fidelity=Fidelity(decode_samples=fidelity.decode_samples,
+                                 accuracy=fidelity.accuracy), trace_path=trace)
+
+
+def _checked(model: type, values: dict[str, Any], names: dict[str, str]):
+    """``model(**values)``, or a UserError naming the argument (``names`` maps a field to the
+    argument that sets it) as a person would say it."""
+    from hgsim.config_io import humane
+
     try:
-        workload = Workload(batch=batch, context=context, gen=gen, kv_dtype=kv_dtype,
-                            weight_dtype=weight_dtype, include_prefill=prefill)
+        return model(**values)
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise UserError(first["msg"], field=field) from None
-    except ValueError as exc:  # a count such as "32q"
-        raise UserError(str(exc)) from None
-    return run(base, model, policy, workload, policy_options=dict(options or {}),
-               fidelity=Fidelity(decode_samples=samples, accuracy=accuracy), trace_path=trace)
+        field = str(first["loc"][0]) if first["loc"] else ""
+        raise UserError(humane(first), field=names.get(field, field) or None) from None
 
 
 def run_study(
@@ -108,8 +130,11 @@ def run_study(
     from hgsim.study import run_study as run
     from hgsim.study.execute import ExecOptions
 
-    if jobs is not None and jobs < 1:
-        raise UserError("must be >= 1", field="jobs")
+    if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
+        raise UserError(f"must be a whole number >= 1, got {jobs!r}", field="jobs")
+    if not isinstance(study, (Mapping, str, os.PathLike)):
+        raise UserError(f"expected a study YAML path or the mapping it would hold, got "
+                        f"{study!r}", field="study")
     target = (load_study_data(study, base_dir=base_dir) if isinstance(study, Mapping)
               else Path(study))
     options = RunOptions(out=Path(out) if out is not None else None, force=force,

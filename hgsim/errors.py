@@ -26,3 +26,14 @@ class ConfigError(UserError):
 
 class InfeasibleError(UserError):
     """A configuration cannot run on the hardware (e.g. KV does not fit in any tier)."""
+
+
+class OptionError(UserError):
+    """A policy option that is unknown to the policy or has a value it does not take.
+
+    ``option`` and ``reason`` let each caller name the option its own way (``--option topk``
+    on the command line, a line of a study file, ``policy_options.topk`` in Python)."""
+
+    def __init__(self, option: str, reason: str, *, unknown: bool):
+        self.option, self.reason, self.unknown = option, reason, unknown
+        super().__init__(reason, field=f"policy_options.{option}".rstrip("."))

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from hgsim.catalog import get_model
 from hgsim.config_io import load_yaml, validate
-from hgsim.errors import UserError
+from hgsim.errors import OptionError, UserError
 from hgsim.micro import MicroStudy
-from hgsim.policies import registry
+from hgsim.policies import checked_options, registry
 from hgsim.profiles import profile_with_overrides
 from hgsim.results import StepTiming
 from hgsim.specs.base import SpecModel
@@ -90,15 +90,11 @@ def load_study(path: str | Path) -> ValidationStudy:
     study = validate(ValidationStudy, doc)
     for i, cfg in enumerate(study.configs):
         try:
-            cls, preset, _ = registry.lookup(cfg.policy)
+            checked_options(cfg.policy, cfg.options)
         except registry.UnknownPolicyError as exc:
             raise doc.error(("configs", i, "policy"), str(exc)) from None
-        try:
-            cls.Options(**{**preset, **cfg.options})
-        except ValidationError as exc:
-            first = exc.errors(include_url=False)[0]
-            key = ".".join(str(p) for p in first["loc"])
-            raise doc.error(("configs", i, "options", key), first["msg"]) from None
+        except OptionError as exc:
+            raise doc.error(("configs", i, "options", exc.option), exc.reason) from None
     return study
 
 

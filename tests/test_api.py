@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -89,8 +90,35 @@ def test_mistakes_are_one_line_user_errors():
         api.simulate(H100, "llama-2-13b", context="32q")
     with pytest.raises(UserError, match="unknown policy 'hybridgn'"):
         api.simulate(H100, "llama-2-13b", "hybridgn", context="32k")
-    with pytest.raises(UserError, match="samples: must be >= 0"):
+    with pytest.raises(UserError, match="samples: input should be greater than or equal to 0"):
         api.simulate(H100, "llama-2-13b", context="32k", samples=-1)
+
+
+@pytest.mark.parametrize("kwargs, expected", [
+    # each of these raised TypeError, AttributeError, ValueError or (trace, after the whole
+    # simulation) FileNotFoundError, naming no argument
+    ({"samples": "x"}, "samples: input should be a valid integer"),
+    ({"samples": 1.5}, "samples: input should be a valid integer"),
+    ({"accuracy": "perhaps"}, "accuracy: input should be a valid boolean"),
+    ({"options": "topk_ratio=0.1"}, "options: expected a mapping of option names"),
+    ({"options": {"topk": 0.1}}, "policy_options.topk: policy 'hybridgen' has no option 'topk' "
+                                 "(its options: "),
+    ({"trace": "no/such/folder/t.json"}, "trace: folder no/such/folder does not exist"),
+    ({"profile": None}, "profile: expected a profile name, a YAML path or a HardwareProfile"),
+    ({"model": 13}, "model: expected a model name or a ModelSpec, got 13"),
+])
+def test_wrong_arguments_are_user_errors_naming_the_argument(kwargs, expected):
+    call = {"profile": H100, "model": "llama-2-13b", "context": "32k", "gen": 4, "samples": 2,
+            **kwargs}
+    with pytest.raises(UserError, match=re.escape(expected)):
+        api.simulate(**call)
+
+
+def test_run_study_of_something_that_is_no_study_is_a_user_error():
+    with pytest.raises(UserError, match="study: expected a study YAML path or the mapping"):
+        api.run_study(42)
+    with pytest.raises(UserError, match="jobs: must be a whole number >= 1, got 1.5"):
+        api.run_study(STUDY, jobs=1.5)
 
 
 def test_infeasible_is_a_result_not_an_error():

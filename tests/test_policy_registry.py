@@ -194,7 +194,8 @@ def test_validation_study_checks_policies_at_load(tmp_path):
         load_study(bad)
     bad.write_text(text.replace("{topk_ratio: 0.01, gpu_share: 0.1}",
                                 "{topk_ratio: 0.01, gpu_shar: 0.1}", 1))
-    with pytest.raises(ConfigError, match=r"configs\[0\].options.gpu_shar: Extra inputs"):
+    with pytest.raises(ConfigError, match=r"configs\[0\].options.gpu_shar: policy 'hybridgen_static' has "
+                                          r"no option 'gpu_shar' \(its options: "):
         load_study(bad)
 
 

@@ -4,8 +4,6 @@ the option and listing the ones that exist."""
 
 from __future__ import annotations
 
-from pydantic import ValidationError
-
 from hgsim.errors import UserError
 
 
@@ -34,23 +32,16 @@ def _parse(pairs: list[str]) -> dict:
 def _check(policy: str, options: dict) -> None:
     """The policy accepts ``options``, or a UserError naming the --option that is wrong
     (unknown policies are left to the simulator, which lists the known ones)."""
-    from hgsim.config_io import humane
-    from hgsim.policies import POLICIES
+    from hgsim.errors import OptionError
+    from hgsim.policies import checked_options
+    from hgsim.policies.registry import UnknownPolicyError
 
-    entry = POLICIES.get(policy)
-    if entry is None:
-        return
-    cls, preset, _ = entry
     try:
-        cls.Options(**{**preset, **options})
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        key = str(first["loc"][0]) if first["loc"] else ""
-        message = humane(first)
-        if first["type"] == "extra_forbidden":
-            message = (f"policy '{policy}' has no option '{key}' (its options: "
-                       f"{', '.join(cls.Options.model_fields)})")
-        raise UserError(message, field=f"--option {key}".strip()) from None
+        checked_options(policy, options)
+    except UnknownPolicyError:
+        return
+    except OptionError as exc:
+        raise UserError(exc.reason, field=f"--option {exc.option}".strip()) from None
 
 
 def _scalar(text: str):

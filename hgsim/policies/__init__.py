@@ -6,11 +6,12 @@ Other packages add policies through entry points (``registry``); look names up t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
-from hgsim.errors import UserError
+from hgsim.errors import OptionError, UserError
 from hgsim.policies.base import Policy, PolicyOptions
 from hgsim.policies.cpu_offload import CpuOffload
 from hgsim.policies.flexgen import FlexGen, FlexGenCpuAttention
@@ -60,23 +61,37 @@ def policy_names() -> list[str]:
     return list(registered())
 
 
+def checked_options(name: str, options: Mapping[str, Any] | None) -> PolicyOptions:
+    """The options of policy ``name``: ``options`` over its preset, validated. Raises
+    ``registry.UnknownPolicyError`` for a name no policy has and ``OptionError`` for the first
+    bad option, the one check behind ``simulate``, ``run``, studies and validation studies."""
+    from hgsim.config_io import humane
+    from hgsim.policies.registry import lookup
+
+    cls, preset, _ = lookup(name)
+    try:
+        return cls.Options(**{**preset, **(options or {})})
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        key = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise OptionError(key, f"policy '{name}' has no option '{key}' (its options: "
+                                   f"{', '.join(cls.Options.model_fields)})",
+                              unknown=True) from None
+        raise OptionError(key, humane(first), unknown=False) from None
+
+
 def make_policy(name: str, model, profile, workload, options: dict[str, Any] | None = None) -> Policy:
     """Build a built-in or plugin policy by name; ``options`` override the preset (unknown keys
     are errors)."""
     from hgsim.policies.registry import UnknownPolicyError, lookup
 
     try:
-        cls, preset, _ = lookup(name)
+        cls, _, _ = lookup(name)
     except UnknownPolicyError as exc:
         raise UserError(str(exc), field="policy") from None
-    merged = {**preset, **(options or {})}
-    try:
-        opts = cls.Options(**merged)
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        key = ".".join(str(p) for p in first["loc"])
-        raise UserError(f"{first['msg']}", field=f"policy_options.{key}") from None
-    return cls(model, profile, workload, opts)
+    return cls(model, profile, workload, checked_options(name, options))
 
 
-__all__ = ["BASELINES", "POLICIES", "Policy", "PolicyOptions", "make_policy", "policy_names"]
+__all__ = ["BASELINES", "POLICIES", "Policy", "PolicyOptions", "checked_options",
+           "make_policy", "policy_names"]

@@ -24,8 +24,8 @@ from pydantic import ValidationError
 from hgsim import __version__
 from hgsim.catalog import get_model
 from hgsim.config_io import Loc, YamlDocument
-from hgsim.errors import ConfigError, UserError
-from hgsim.policies import registry
+from hgsim.errors import ConfigError, OptionError, UserError
+from hgsim.policies import checked_options, registry
 from hgsim.profiles import load_profile, profile_with_overrides, resolve_profile
 from hgsim.simulate import Fidelity
 from hgsim.specs.hardware import HardwareProfile
@@ -425,21 +425,12 @@ def _check_policy(policy: Any, options: dict[str, Any], loc: Loc, option_locs: d
                   doc: YamlDocument) -> dict[str, Any]:
     """The policy exists and accepts the options; returns its full (canonical) options."""
     try:
-        cls, preset, _ = registry.lookup(policy)
+        return checked_options(policy, options).model_dump(mode="json")
     except registry.UnknownPolicyError as exc:
         raise doc.error(loc, str(exc)) from None
-    try:
-        return cls.Options(**{**preset, **options}).model_dump(mode="json")
-    except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        key = str(first["loc"][0]) if first["loc"] else ""
-        where = option_locs.get(key, loc)
-        message = first["msg"]
-        if first["type"] == "extra_forbidden":
-            known = ", ".join(k for k in cls.Options.model_fields)
-            message = (f"policy '{policy}' has no option '{key}' (its options: {known}); "
-                       "use a zip group to pair policies with their own options")
-        raise doc.error(where, message) from None
+    except OptionError as exc:
+        hint = "; use a zip group to pair policies with their own options" if exc.unknown else ""
+        raise doc.error(option_locs.get(exc.option, loc), exc.reason + hint) from None
 
 
 def _workload(values: dict[str, Any], locs: dict[str, Loc], doc: YamlDocument) -> Workload:
