@@ -131,7 +131,7 @@ def calibrate(
                 cleanup()
         ctx = Context(name or out.stem, date, machine, rows,
                       cuda.device_info() if with_cuda else None, split, kv_dtype, quick,
-                      settings.copy_fit_max, energy, power_notes)
+                      settings.copy_fit_max, energy, power_notes, file_stem=out.stem)
         text, summary = build(ctx)
     out.write_text(text)
     json_path, csv_path = sidecar_paths(out)

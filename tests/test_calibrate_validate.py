@@ -805,3 +805,22 @@ def test_a_cuda_benchmark_is_optional_exactly_when_a_profile_loads_without_it():
     assert loads_without(())
     for job in jobs:
         assert job.optional == loads_without(CUDA_JOB_ROWS[job.label]), job.label
+
+
+def test_the_profile_header_names_the_raw_data_files_written_beside_it():
+    """With --name, the header named '<name>.calibration.json', a file that does not exist:
+    the raw data are named after the profile's file (sidecar_paths)."""
+    from hw_backend.calibrate import sidecar_paths
+    from hw_backend.calibration.assemble import Context, build
+    from hw_backend.calibration.topology import Machine
+    from hw_backend.numa import NumaNode
+
+    machine = Machine((NumaNode(0, tuple(range(8)), 64 << 30, 1 << 30),), {0: (10,)},
+                      "Test CPU", 2.0, "test", "avx512", tuple(range(8)))
+    info = {"name": "Test GPU", "total_memory": 80 << 30, "numa_node": 0, "pci": None}
+    out = Path("profiles/local.yaml")
+    text, _ = build(Context("my-box", "2024-01-01", machine, _synthetic_rows(True), info, None,
+                            "bf16", False, 16 << 20, file_stem=out.stem))
+    json_path, _ = sidecar_paths(out)
+    assert f"saved beside this file as {json_path.name} / .csv" in text
+    assert "my-box.calibration" not in text

@@ -39,6 +39,9 @@ class Context:
     copy_fit_max: int
     energy: energy_source.EnergySource | None = None  # --energy-from: figures to copy
     power_notes: dict[str, str] = field(default_factory=dict)  # why power was not measured
+    # the profile file's stem, which names the raw data beside it (default: the profile's
+    # name, which --name may set to something else)
+    file_stem: str | None = None
 
 
 def build(ctx: Context) -> tuple[str, dict[str, Any]]:
@@ -113,7 +116,7 @@ def build(ctx: Context) -> tuple[str, dict[str, Any]]:
         f"Machine: {m.cpu_model}; {len(m.usable_cpus)} usable CPUs; NUMA nodes "
         f"{[n.id for n in m.nodes]} ({len(cxl_nodes)} CPU-less).",
         "Raw measurements (every repeat) are saved beside this file as "
-        f"{ctx.name}.calibration.json / .csv.",
+        f"{ctx.file_stem or ctx.name}.calibration.json / .csv.",
     ]
     if ctx.energy is not None:
         header.append(f"Energy and cost figures not measured here are copied from profile "
