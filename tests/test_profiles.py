@@ -184,6 +184,9 @@ BAD = {
     "unknown_key": (
         "    kind: pcie\n", "    kind: pcie\n    bandwdith_gbps: 3\n",
         "links.pcie0.bandwdith_gbps", "unknown key", "bandwdith_gbps: 3"),
+    # an empty name was accepted, and every result row then named the machine ''
+    "empty_name": ("name: a100-40gb-spr-cxl", "name: ' '", "name", "the profile needs a name",
+                   "name: ' '"),
 }
 
 

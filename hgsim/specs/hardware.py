@@ -222,6 +222,13 @@ class HardwareProfile(SpecModel):
     links: dict[str, LinkSpec]
     cost: CostSpec | None = None
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():  # every result row, report and table names the machine by it
+            raise ValueError("the profile needs a name")
+        return name
+
     @model_validator(mode="after")
     def _check_references(self) -> HardwareProfile:
         if not self.gpus:
