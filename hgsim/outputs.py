@@ -1,17 +1,24 @@
-"""Checking where results will go before any work is done.
+"""Checking where results will go before any work is done, and writing them whole.
 
 A simulation, study, calibration or validation runs for seconds to hours; learning at the end
 that its output path is a folder, lies under a file, or is in a place that cannot be written
 loses all of it. Commands call these checks first. They leave nothing behind: whether a folder
 can be written is found out by creating and at once removing a probe file, since permissions
 alone do not tell (root ignores them; /proc and read-only mounts refuse regardless).
+
+Results are then written through ``written_whole``: a trace, table or profile cut short by
+Ctrl-C or a full disk would otherwise be left half-written under its final name, where a
+viewer, a later run or a person takes it for the real thing.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import IO, Any
 
 from hgsim.errors import UserError
 
@@ -65,3 +72,18 @@ def _probe(folder: Path, flag: str) -> None:
         raise UserError(f"cannot write in {folder} ({exc.strerror})", field=flag) from None
     os.close(fd)
     os.unlink(name)
+
+
+@contextmanager
+def written_whole(path: str | os.PathLike[str], mode: str = "w", **open_args: Any) -> Iterator[IO]:
+    """``path`` opened for writing under a temporary name beside it (same folder, so the
+    rename is atomic on POSIX), which replaces ``path`` only when the block completes: an
+    interruption or error midway leaves the earlier file, or none, never part of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, mode, **open_args) as fh:
+            yield fh
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left when the block did not complete

@@ -31,6 +31,7 @@ from hgsim.catalog import get_model
 from hgsim.config_io import load_yaml, validate
 from hgsim.errors import OptionError, UserError
 from hgsim.micro import MicroStudy
+from hgsim.outputs import written_whole
 from hgsim.policies import checked_options, registry
 from hgsim.profiles import profile_with_overrides
 from hgsim.results import StepTiming
@@ -414,6 +415,7 @@ def scatter(results: list[CaseResult], error: float, threshold: float, path: Pat
     fig.tight_layout()
     paths = [path.with_name(path.name + ".png"), path.with_name(path.name + ".svg")]
     for p in paths:
-        fig.savefig(p, dpi=130)
+        with written_whole(p, "wb") as fh:
+            fig.savefig(fh, format=p.suffix[1:], dpi=130)
     plt.close(fig)
     return paths

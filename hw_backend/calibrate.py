@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hgsim.errors import UserError
-from hgsim.outputs import check_output_file
+from hgsim.outputs import check_output_file, written_whole
 from hw_backend.calibration import (
     cpu_kernel,
     cuda,
@@ -133,7 +133,6 @@ def calibrate(
                       cuda.device_info() if with_cuda else None, split, kv_dtype, quick,
                       settings.copy_fit_max, energy, power_notes, file_stem=out.stem)
         text, summary = build(ctx)
-    out.write_text(text)
     json_path, csv_path = sidecar_paths(out)
     meta = {
         "date": date, "tool": "hgsim calibrate", "quick": quick, "kv_dtype": kv_dtype,
@@ -150,6 +149,8 @@ def calibrate(
     }
     rows.write_json(json_path, meta, summary)
     rows.write_csv(csv_path)
+    with written_whole(out) as fh:  # last: a profile is never there without its raw data
+        fh.write(text)
     _check(out)
     return CalibrationResult(out, json_path, csv_path, rows, summary, with_cuda,
                              time.perf_counter() - t0)

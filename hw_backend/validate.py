@@ -33,7 +33,7 @@ from hgsim.micro import (
     route,
 )
 from hgsim.micro import predict as predict_micro
-from hgsim.outputs import check_output_file
+from hgsim.outputs import check_output_file, written_whole
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
 from hgsim.specs.hardware import HardwareProfile
@@ -485,7 +485,8 @@ def _write(results: list[CaseResult], micro: list[MicroResult], error: float, th
         table = pd.DataFrame([r.row() for r in micro])
         table["mape_pct"] = micro_mape(micro)
         table["profile"] = profile.name
-        table.to_csv(micro_path, index=False)
+        with written_whole(micro_path, newline="") as fh:
+            table.to_csv(fh, index=False)
         written.append(micro_path)
     if not results and not failed:
         return written
@@ -501,7 +502,8 @@ def _write(results: list[CaseResult], micro: list[MicroResult], error: float, th
     table["mape_pct"] = error
     table["profile"] = profile.name
     table["load_average_before"], table["load_average_after"] = load
-    table.to_csv(csv_path, index=False)
+    with written_whole(csv_path, newline="") as fh:
+        table.to_csv(fh, index=False)
     if not results:
         return [csv_path, *written]
     title = f"{study.name}: {profile.name} ({results[0].device})"

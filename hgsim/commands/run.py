@@ -22,7 +22,7 @@ from pathlib import Path
 from hgsim.commands.checks import count, local_workers
 from hgsim.commands.policy_options import policy_options
 from hgsim.errors import UserError
-from hgsim.outputs import check_output_file
+from hgsim.outputs import check_output_file, written_whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -236,11 +236,13 @@ def write_outputs(result, prefix: Path) -> list[Path]:
                        steps_frame(result.simulated.steps, source="simulated")],
                       ignore_index=True)
     frame["policy"] = result.measured.policy
-    frame.to_csv(steps, index=False)
+    with written_whole(steps, newline="") as fh:
+        frame.to_csv(fh, index=False)
     rows = {"device": result.device, "measured": _clean(result.measured.to_row()),
             "simulated": _clean(result.simulated.to_row()),
             "token_wall_ms": [1e3 * t for t in result.token_s]}
-    summary.write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    with written_whole(summary) as fh:
+        fh.write(json.dumps(rows, indent=1, default=str) + "\n")
     return [steps, summary]
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from hgsim.commands.checks import QUIET_WAIT_MAX_S, count, non_negative
 from hgsim.errors import UserError
+from hgsim.outputs import written_whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -76,7 +77,8 @@ def _partial_writer(out: Path, profile: str):
         if not prefix.parent.is_dir():
             return
         done.append(result)
-        frame(done).to_csv(path, index=False)
+        with written_whole(path, newline="") as fh:
+            frame(done).to_csv(fh, index=False)
 
     return write
 

@@ -19,6 +19,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
+from hgsim.outputs import written_whole
 from hgsim.sim.recorder import DEVICE_KINDS, Recorder
 
 
@@ -107,7 +108,7 @@ def write_chrome_trace(
     """Write the recorder's activities as Chrome/Perfetto trace JSON; returns the path."""
     trace = chrome_trace(recorder, metadata=metadata, markers=markers)
     path = os.fspath(path)
-    with open(path, "w", encoding="utf-8") as fh:
+    with written_whole(path, encoding="utf-8") as fh:  # Ctrl-C while writing: no torn JSON
         json.dump(trace, fh, separators=(",", ":"), default=str)
     return path
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from hgsim.outputs import written_whole
 from hgsim.results import SimResult, StepTiming
 from hgsim.study.capacity_search import SEARCH_COLUMNS
 from hgsim.study.expand import Expansion
@@ -80,13 +81,12 @@ def assemble(expansion: Expansion, records: dict[str, dict[str, Any]],
 
 
 def write_tables(frame: pd.DataFrame, out: Path) -> list[Path]:
-    """``results.parquet`` and ``results.csv``, written to temporary names then renamed."""
+    """``results.parquet`` and ``results.csv``, each written whole or not at all."""
     parquet, csv = out / "results.parquet", out / "results.csv"
-    safe = _parquet_safe(frame)
-    safe.to_parquet(parquet.with_suffix(".parquet.tmp"), index=False)
-    parquet.with_suffix(".parquet.tmp").replace(parquet)
-    frame.to_csv(csv.with_suffix(".csv.tmp"), index=False)
-    csv.with_suffix(".csv.tmp").replace(csv)
+    with written_whole(parquet, "wb") as fh:
+        _parquet_safe(frame).to_parquet(fh, index=False)
+    with written_whole(csv, newline="") as fh:
+        frame.to_csv(fh, index=False)
     return [parquet, csv]
 
 

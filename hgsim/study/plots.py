@@ -13,6 +13,7 @@ from typing import Any
 
 import pandas as pd
 
+from hgsim.outputs import written_whole
 from hgsim.study import axes as ax
 from hgsim.study.derived import select
 from hgsim.study.schema import PlotSpec
@@ -109,7 +110,8 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
     paths = []
     for fmt in FORMATS:
         path = out / f"{name}.{fmt}"
-        grid.figure.savefig(path, dpi=130, bbox_inches="tight")
+        with written_whole(path, "wb") as fh:
+            grid.figure.savefig(fh, format=fmt, dpi=130, bbox_inches="tight")
         paths.append(path)
     plt.close(grid.figure)
     return paths

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from hgsim import __version__
+from hgsim.outputs import written_whole
 from hgsim.study import axes as ax
 from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
@@ -283,7 +284,8 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                              f"(`figures/{figure.stem}.svg`)\n")
         for name, error in info.figure_errors.items():
             parts.append(f"\n- figure `{name}` failed: {error}\n")
-    path.write_text("".join(parts))
+    with written_whole(path) as fh:
+        fh.write("".join(parts))
     return path
 
 

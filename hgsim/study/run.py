@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from hgsim.errors import UserError
+from hgsim.outputs import written_whole
 from hgsim.study import sensitivity as sens
 from hgsim.study.derived import compute_derived
 from hgsim.study.execute import ExecOptions, ExecStats, execute
@@ -77,7 +78,8 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
 
     created = _first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "study.resolved.yaml").write_text(resolved_yaml(plan))
+    with written_whole(out / "study.resolved.yaml") as fh:
+        fh.write(resolved_yaml(plan))
     try:
         run.stats = execute(todo, store, options.execution)
     except UserError:  # e.g. no Dask scheduler at --scheduler: nothing computed, nothing left
@@ -150,8 +152,8 @@ def _remove_if_untouched(created: Path | None, resolved: Path) -> None:
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> list[Path]:
-    frame.to_csv(path.with_suffix(".csv.tmp"), index=False)
-    path.with_suffix(".csv.tmp").replace(path)
+    with written_whole(path, newline="") as fh:
+        frame.to_csv(fh, index=False)
     return [path]
 
 
@@ -169,7 +171,8 @@ def _write_run_log(out: Path, info: RunInfo, run: StudyRun) -> None:
         history = []
     history = history if isinstance(history, list) else []
     history.append(entry)
-    path.write_text(json.dumps(history, indent=1))
+    with written_whole(path) as fh:
+        fh.write(json.dumps(history, indent=1))
 
 
 class _Say:

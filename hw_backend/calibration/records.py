@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hgsim.outputs import written_whole
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -44,11 +46,12 @@ class Measurements(list[Measurement]):
 
     def write_json(self, path: Path, meta: dict[str, Any], summary: dict[str, Any]) -> None:
         doc = {"meta": meta, "summary": summary, "measurements": [asdict(m) for m in self]}
-        path.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+        with written_whole(path) as fh:
+            fh.write(json.dumps(doc, indent=1, default=_jsonable) + "\n")
 
     def write_csv(self, path: Path) -> None:
         keys = sorted({k for m in self for k in m.params})
-        with path.open("w", newline="") as fh:
+        with written_whole(path, newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(["group", "name", *keys, "value", "unit", "repeats", "seconds"])
             for m in self:
