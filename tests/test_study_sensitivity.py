@@ -101,3 +101,16 @@ def test_a_search_cannot_also_be_a_sensitivity_study(tmp_path):
     text = SENSITIVITY + "search: {maximize: workload.context, lo: 1k, hi: 1M}\n"
     with pytest.raises(ConfigError, match="sensitivity"):
         load_study(write_study(tmp_path, text))
+
+
+def test_a_parameter_that_is_0_at_every_point_is_an_error(tmp_path):
+    """0 scaled up and down is 0: the study ran the same point three times and its elasticity
+    table came out empty, without a word."""
+    text = SENSITIVITY.replace("  fidelity:", "  hardware: {sockets.cpu0.op_overhead_us: 0}\n"
+                                              "  fidelity:")
+    text = text.replace("    - sockets.cpu0.cores\n", "    - sockets.cpu0.op_overhead_us\n")
+    path = write_study(tmp_path, text)
+    line = text.splitlines().index("    - sockets.cpu0.op_overhead_us") + 1
+    with pytest.raises(ConfigError, match=rf"{path.name}:{line}: sensitivity.parameters\[3\]: "
+                                          r"'sockets.cpu0.op_overhead_us' is 0 at every point"):
+        load_study(path)

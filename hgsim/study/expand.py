@@ -246,6 +246,7 @@ def _with_sensitivity(study: Study, points: list[Point], doc: YamlDocument,
     spec = study.sensitivity
     combos = _combinations(study)
     out: list[Point] = []
+    moved: set[str] = set()  # parameters that are not 0 at some point
     for point, combo in zip(points, combos, strict=True):
         out.append(Point({**point.coords, sens.PARAMETER: sens.BASE, sens.FACTOR: 1.0,
                           sens.VALUE: float("nan")}, point.spec))
@@ -255,6 +256,8 @@ def _with_sensitivity(study: Study, points: list[Point], doc: YamlDocument,
                 value = sens.parameter_value(point.spec.profile, parameter)
             except ValueError as exc:
                 raise doc.error(loc, str(exc)) from None
+            if value:
+                moved.add(parameter)
             for factor, scaled in sens.variants(value, spec.step):
                 varied = _resolve(study, {**combo, f"hardware.{parameter}": (scaled, loc)},
                                   doc, resolver)
@@ -265,6 +268,11 @@ def _with_sensitivity(study: Study, points: list[Point], doc: YamlDocument,
                 coords.update({sens.PARAMETER: parameter, sens.FACTOR: factor,
                                sens.VALUE: float(scaled)})
                 out.append(Point(coords, varied.spec))
+    for i, parameter in enumerate(spec.parameters):
+        if parameter not in moved:  # its elasticity table would be empty, without a word
+            raise doc.error(("sensitivity", "parameters", i),
+                            f"'{parameter}' is 0 at every point, and 0 scaled is 0: it has no "
+                            "elasticity there (sweep it as a hardware axis instead)")
     return out
 
 
