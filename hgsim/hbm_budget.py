@@ -45,19 +45,20 @@ class HbmBudget:
         return self.gb * GB
 
     def check(self, *, device_bytes: float | None, model: ModelSpec, weight_dtype: str,
-              device: str = "the device", attention_only: bool = False) -> None:
+              device: str = "the device", attention_only: bool = False,
+              field: str = "--hbm-budget") -> None:
         """The budget must fit the device and hold the model's weights. An attention-only run
         loads no weights (nor does its plan place any, ``Policy._place_weights``), so its
-        budget need not hold them."""
+        budget need not hold them. ``field`` is where the budget was given."""
         if device_bytes is not None and self.bytes_ > device_bytes * (1 + 1e-9):
             raise UserError(f"{self.gb:g} GB exceeds {device}'s {device_bytes / GB:.1f} GB",
-                            field="--hbm-budget")
+                            field=field)
         if attention_only:
             return
         weights = model.weight_bytes(weight_dtype)
         if weights >= self.bytes_:
-            raise UserError(f"{self.gb:g} GB cannot hold {model.name}'s {weights / GB:.1f} GB of "
-                            f"{weight_dtype} weights", field="--hbm-budget")
+            raise UserError(f"{self.gb:g} GB cannot hold {model.name}'s {weights / GB:.3g} GB "
+                            f"of {weight_dtype} weights", field=field)
 
     def apply(self, profile: HardwareProfile) -> HardwareProfile:
         """``profile`` whose primary GPU has this budget as its HBM capacity."""

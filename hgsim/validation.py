@@ -23,7 +23,7 @@ import math
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -51,7 +51,7 @@ class ValidationConfig(SpecModel):
     name: str
     policy: str
     options: dict[str, Any] = Field(default_factory=dict)
-    contexts: list[int]
+    contexts: list[Annotated[int, Field(gt=0)]] = Field(min_length=1)
     device_threads: int | None = Field(default=None, ge=1)  # None: the calibrated split
     host_threads: int | None = Field(default=None, ge=1)  # None: the calibrated split
     pin: bool = True  # pin each role's threads to its own cores
@@ -62,6 +62,14 @@ class ValidationConfig(SpecModel):
         if isinstance(value, list):
             return [parse_count(v) if isinstance(v, str) else v for v in value]
         return value
+
+    @field_validator("contexts")
+    @classmethod
+    def _distinct(cls, contexts: list[int]) -> list[int]:
+        for i, context in enumerate(contexts):  # one case measured and listed twice
+            if context in contexts[:i]:
+                raise ValueError(f"[{i}]: context {context} is listed twice")
+        return contexts
 
 
 class ValidationStudy(SpecModel):
@@ -89,7 +97,21 @@ def load_study(path: str | Path) -> ValidationStudy:
     before any case is measured."""
     doc = load_yaml(path)
     study = validate(ValidationStudy, doc)
+    if study.hbm_budget_gb is not None:  # the device's size is checked when it is known
+        from hgsim.hbm_budget import HbmBudget
+
+        try:
+            HbmBudget(study.hbm_budget_gb).check(
+                device_bytes=None, model=study.model_spec(), weight_dtype=study.weight_dtype,
+                attention_only=not study.whole_model, field="hbm_budget_gb")
+        except UserError as exc:
+            raise doc.error(("hbm_budget_gb",), str(exc).removeprefix("hbm_budget_gb: ")) \
+                from None
+    names = [cfg.name for cfg in study.configs]
     for i, cfg in enumerate(study.configs):
+        if cfg.name in names[:i]:  # the name tells its rows of the results apart
+            raise doc.error(("configs", i, "name"), f"'{cfg.name}' names configs"
+                                                    f"[{names.index(cfg.name)}] too")
         try:
             checked_options(cfg.policy, cfg.options)
         except registry.UnknownPolicyError as exc:

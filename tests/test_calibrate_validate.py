@@ -260,6 +260,31 @@ def test_bad_study_is_a_config_error(tmp_path: Path):
         load_study(study)
 
 
+@pytest.mark.parametrize("old, new, expected", [
+    # 0 and -4 failed without a file or line ('Workload.context: ...'); [] ran nothing for the
+    # configuration; 1k twice or a name twice measured and listed the same case twice; a
+    # budget below the weights failed at the first case as 'infeasible on <profile>'
+    ("contexts: [1k, 2k]", "contexts: [0, 2k]", "bad.yaml:21: configs[0].contexts[0]: input "
+                                                "should be greater than 0"),
+    ("contexts: [1k, 2k]", "contexts: []", "bad.yaml:21: configs[0].contexts: list should "
+                                           "have at least 1 item"),
+    ("contexts: [1k, 2k]", "contexts: [1k, 1024]", "bad.yaml:21: configs[0].contexts: [1]: "
+                                                   "context 1024 is listed twice"),
+    ("name: cpu-offload", "name: hybrid", "bad.yaml:22: configs[1].name: 'hybrid' names "
+                                          "configs[0] too"),
+    ("steps: 2", "steps: 2\nwhole_model: true\nhbm_budget_gb: 1", "bad.yaml:18: "
+     "hbm_budget_gb: 1 GB cannot hold synthetic-llama-2l's 2.79 GB of fp32 weights"),
+])
+def test_a_validation_study_with_impossible_cases_is_refused_at_its_line(tmp_path: Path, old,
+                                                                          new, expected):
+    assert old in TINY_STUDY
+    study = tmp_path / "bad.yaml"
+    study.write_text(TINY_STUDY.replace(old, new, 1))
+    with pytest.raises(UserError) as info:
+        load_study(study)
+    assert str(info.value).startswith(f"{tmp_path}/{expected}"), str(info.value)
+
+
 # ---------------------------------------------------------------------------- pure helpers
 def _step(i: int, latency: float, ratio: float = 0.05, gpu: int = 10) -> StepTiming:
     return StepTiming(step=i, context=100 + i, latency_s=latency, gpu_busy_s=0.0, cpu_busy_s=0.0,
