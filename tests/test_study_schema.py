@@ -124,3 +124,24 @@ def test_dry_run_writes_nothing(tmp_path, capsys):
     code, err = run_main(capsys, str(write_study(tmp_path)), "--out", str(out), "--dry-run")
     assert code == 0 and "6 to compute" in err
     assert not out.exists()
+
+
+def test_a_bad_profile_file_is_named_with_its_own_line(tmp_path, capsys):
+    """The study's line was kept but the profile file's own line and path were dropped
+    ('base.profile: file not found'), and a relative path missing beside the study was looked
+    for in the working directory instead."""
+    from test_study_common import REPO
+
+    folder = tmp_path / "profiles"
+    folder.mkdir()
+    text = (REPO / "hardware_profiles" / "h100-80gb-spr-cxl.yaml").read_text()
+    bad = folder / "bad.yaml"
+    bad.write_text(text.replace("read_bandwidth_gbps: ", "read_bandwidth_gbps: -", 1))
+    line = next(i for i, s in enumerate(bad.read_text().splitlines(), 1) if ": -" in s)
+    for name, expected in (("profiles/bad.yaml", f"{bad}:{line}: tiers."),
+                           ("profiles/none.yaml", f"{folder}/none.yaml: file not found")):
+        study = write_study(tmp_path, TINY.replace("profile: h100-80gb-spr-cxl",
+                                                   f"profile: {name}"))
+        code, err = run_main(capsys, str(study), "--out", str(tmp_path / "out"))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"{study}:3: base.profile: {expected}" in err, err

@@ -135,14 +135,14 @@ class _Resolver:
             if not isinstance(name, str):
                 raise self.doc.error(loc, f"profile must be a name or path, got {name!r}")
             target = name
-            candidate = self.base_dir / name
-            if ("/" in name or name.endswith((".yaml", ".yml"))) and candidate.is_file():
-                target = str(candidate)  # paths are relative to the study file
+            if "/" in name or name.endswith((".yaml", ".yml")):
+                # relative to the study file, also when missing (the error names that path)
+                target = str(self.base_dir / name)
             try:
                 self.profile_files[name] = resolve_profile(target).resolve()
                 self._profiles[name] = load_profile(target)
-            except UserError as exc:
-                raise self.doc.error(loc, _strip(exc)) from None
+            except UserError as exc:  # the profile file's own line and field stay in the message
+                raise self.doc.error(loc, str(exc)) from None
         return self._profiles[name]
 
     def overridden(self, name: str, overrides: dict[str, Any], locs: dict[str, Loc],
