@@ -35,6 +35,16 @@ def test_bad_option_value_names_the_option(capsys, option, message):
     assert line.startswith(f"hgsim simulate: error: {message}"), line
 
 
+def test_reversed_scheduler_bounds_are_an_error(capsys):
+    """min_ratio above max_ratio ran, with min_ratio silently replaced by topk_ratio; one bound
+    alone may pass the other's default (setup widens the bounds to topk_ratio, which is how
+    the equal-accuracy search raises min_ratio)."""
+    line = user_error(capsys, *SIMULATE, "--option", "min_ratio=0.5", "--option",
+                      "max_ratio=0.1")
+    assert line == ("hgsim simulate: error: --option: min_ratio 0.5 is above max_ratio 0.1: "
+                    "the scheduler's bounds are reversed")
+
+
 def test_option_syntax_error_is_unchanged(capsys):
     line = user_error(capsys, *SIMULATE, "--option", "topk_ratio")
     assert line == "hgsim simulate: error: --option expects KEY=VALUE, got 'topk_ratio'"

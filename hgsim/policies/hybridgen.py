@@ -15,7 +15,7 @@ costs at equal r). With one query head per KV head every mode is per head.
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from hgsim.capacity import PlacementStrategy
 from hgsim.plan import CpuWork, GroupScore, GroupSelect, LayerPlan, Merge, Selector, Transfer
@@ -40,6 +40,16 @@ class HybridGenOptions(PolicyOptions):
     # (benchmarks/gqa_selection.py; docs/policies.md, "GQA: selection per KV group")
     selection: GroupSelect = GroupSelect.GROUP_SHARED
     group_score: GroupScore = GroupScore.MAX
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> HybridGenOptions:
+        # Only bounds both given: setup widens them to take in topk_ratio, which is how the
+        # equal-accuracy search raises min_ratio (and topk_ratio) past the default max_ratio.
+        given = {"min_ratio", "max_ratio"} <= self.model_fields_set
+        if given and self.min_ratio > self.max_ratio:
+            raise ValueError(f"min_ratio {self.min_ratio:g} is above max_ratio "
+                             f"{self.max_ratio:g}: the scheduler's bounds are reversed")
+        return self
 
 
 class HybridGen(Policy):
