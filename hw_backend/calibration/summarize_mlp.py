@@ -168,6 +168,11 @@ def queue_figure(ms: Measurements, node: int) -> tuple[Figure | None, str]:
     if not pts.utilisation:
         return None, (f"the background readers never ran alongside the chase ({pts.dropped} of "
                       f"{pts.total} repeats took turns on a core): a shared machine")
+    if not any(0 <= u < 1 for u in pts.utilisation):  # the fit has no point to take
+        return None, (f"every loaded point ran at or above the {bandwidth / 1e9:.1f} GB/s read "
+                      f"bandwidth measured earlier (u = {min(pts.utilisation):.2f}-"
+                      f"{max(pts.utilisation):.2f}): the machine's speed changed in between "
+                      "(a shared machine)")
     fit = fits.fit_queue_delay(pts.utilisation, pts.added_s)
     left_out = (f"; {pts.dropped} of {pts.total} repeats left out (chase and readers took turns "
                 "on a core)" if pts.dropped else "")
