@@ -131,6 +131,7 @@ def test_validate_end_to_end_and_exit_code_follows_threshold(calibrated: Path, t
     assert main([*args, "--threshold", "1e6"]) == 0
     for suffix in (".csv", ".png", ".svg"):
         assert prefix.with_name("val" + suffix).stat().st_size > 0
+    assert not prefix.with_name("val.partial.csv").exists()  # the final CSV holds every case
     table = pd.read_csv(prefix.with_name("val.csv"))
     assert len(table) == 3
     micro = pd.read_csv(prefix.with_name("val.micro.csv"))

@@ -63,8 +63,9 @@ MAX_STEPS = 100_000
 
 def _partial_writer(out: Path, profile: str):
     """Rewrites ``<prefix>.partial.csv`` after every case, so that a run stopped early (a time
-    limit on a borrowed GPU) keeps the cases it finished. The prefix is the one the final
-    outputs get (inside ``out`` when it is a folder, not beside it)."""
+    limit on a borrowed GPU) keeps the cases it finished; returns the writer and the path, which
+    goes once the final outputs are written (it would only repeat them). The prefix is the one
+    the final outputs get (inside ``out`` when it is a folder, not beside it)."""
     from hgsim.profiles import resolve_profile
     from hgsim.validation import frame
     from hw_backend.validate import output_prefix
@@ -80,7 +81,7 @@ def _partial_writer(out: Path, profile: str):
         with written_whole(path, newline="") as fh:
             frame(done).to_csv(fh, index=False)
 
-    return write
+    return write, path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,13 +104,16 @@ def run(args: argparse.Namespace) -> int:
                         "install with `pip install -e .[hw]`") from None
     from hgsim.validation import print_table
 
+    on_case, partial = _partial_writer(Path(args.out), args.profile) if args.out else (None, None)
     result = run_validation(
         args.profile, args.study, threshold=args.threshold,
         out=Path(args.out) if args.out else None, max_context=max_context, steps=args.steps,
         accelerator=args.accelerator, statistic=args.statistic, quiet_wait_s=args.quiet_wait,
         progress=not args.no_progress, which=args.cases,
-        on_case=_partial_writer(Path(args.out), args.profile) if args.out else None,
+        on_case=on_case,
     )
+    if partial is not None:  # the final CSV holds every case now
+        partial.unlink(missing_ok=True)
     if result.micro:
         from hgsim.micro import print_micro_table
 
