@@ -230,12 +230,18 @@ def predict(profile: HardwareProfile, study: ValidationStudy, case: Case,
 
 
 def _has_host_work(profile: HardwareProfile, study: ValidationStudy, case: Case) -> bool:
+    """Whether the host kernel reads memory during the case's steps: a scan, a dense partial
+    attention or a row gather (``costs.layer_work``). Host-resident tokens alone are not host
+    work: FlexGen's host range is only copied, on the stand-in's own queue, so its device
+    attention runs next to an idle host kernel."""
+    from hgsim.costs import layer_work
     from hgsim.policies import make_policy
 
-    policy = make_policy(case.policy, study.model_spec(), profile, workload(study, case),
-                         case.options)
-    lp = policy.step_plan(case.context).layer
-    return lp.host_tokens > 0 and not lp.host_evicted
+    wl = workload(study, case)
+    policy = make_policy(case.policy, study.model_spec(), profile, wl, case.options)
+    work = layer_work(study.model_spec(), wl.batch, policy.step_plan(case.context).layer,
+                      wl.kv_dtype, wl.weight_dtype, attention_only=wl.attention_only)
+    return work.cpu_k_bytes + work.cpu_v_bytes + work.gather_rows > 0
 
 
 # ------------------------------------------------------------------------------ comparison

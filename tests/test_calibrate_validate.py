@@ -717,18 +717,22 @@ def test_a_cuda_calibration_of_the_graph_path_sets_the_figures_it_runs_at():
 
 def test_cases_without_host_work_are_predicted_with_the_standins_idle_attention_rate():
     """The stand-in's profile holds its attention rate next to the host kernel (hybrid plans
-    run both on one memory); gpu_only runs it alone and is predicted with the idle rate."""
+    run both on one memory); gpu_only runs it alone and is predicted with the idle rate, and
+    so is FlexGen, whose host-resident KV is copied to the device while the host kernel
+    idles."""
     from hgsim.validation import ValidationStudy, cases, predict
 
     study = ValidationStudy.model_validate({
         "name": "s", "model": "tiny-llama", "kv_dtype": "fp32", "weight_dtype": "fp32",
         "warmup_steps": 0, "steps": 2, "whole_model": True,
         "configs": [{"name": "gpu", "policy": "gpu_only", "contexts": [8192]},
-                    {"name": "cpu", "policy": "cpu_offload", "contexts": [8192]}]})
+                    {"name": "cpu", "policy": "cpu_offload", "contexts": [8192]},
+                    {"name": "stream", "policy": "flexgen", "contexts": [8192],
+                     "options": {"gpu_kv_fraction": 0.1}}]})
     profile = load_profile("dev-zen4-2core")
-    gpu_case, cpu_case = cases(study, device_threads=1, host_threads=1)
+    gpu_case, cpu_case, stream_case = cases(study, device_threads=1, host_threads=1)
     slow = profile.gpus["gpu0"].attention_efficiency
-    for case, changes in ((gpu_case, True), (cpu_case, False)):
+    for case, changes in ((gpu_case, True), (cpu_case, False), (stream_case, True)):
         loaded = predict(profile, study, case)
         alone = predict(profile, study, case, attention_alone=slow / 4)
         assert (alone[0].latency_s != loaded[0].latency_s) is changes
