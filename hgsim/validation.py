@@ -211,37 +211,20 @@ def predict(profile: HardwareProfile, study: ValidationStudy, case: Case,
 
     ``attention_alone``: the CPU stand-in's attention efficiency measured with the host kernel
     idle. A stand-in profile carries the rate measured next to the host kernel (the two share
-    the host's memory, as hybrid plans run them); a case with no host work (gpu_only) runs the
-    stand-in's attention alone, so it is predicted with this one. None (a GPU) changes nothing.
+    the host's cores and memory); the stand-in's attention runs at that rate only while the host
+    kernel runs (``standin_attention``). None (a GPU) changes nothing.
     """
     from hgsim.simulate import Fidelity, simulate
+    from hgsim.standin_attention import standin_profile
 
-    machine = case_profile(profile, case, per_threads)
-    if attention_alone is not None and not _has_host_work(machine, study, case):
-        gpu = machine.primary_gpu
-        machine = profile_with_overrides(machine,
-                                         {f"gpus.{gpu}.attention_efficiency": attention_alone})
-    result = simulate(machine, study.model_spec(), case.policy,
-                      workload(study, case), policy_options=case.options,
+    wl = workload(study, case)
+    machine = standin_profile(case_profile(profile, case, per_threads), study.model_spec(),
+                              case.policy, wl, case.options, attention_alone)
+    result = simulate(machine, study.model_spec(), case.policy, wl, policy_options=case.options,
                       fidelity=Fidelity(decode_samples=0, accuracy=False))
     if not result.feasible:
         raise UserError(f"{case.label}: infeasible on {profile.name}: {result.reason}")
     return result.steps
-
-
-def _has_host_work(profile: HardwareProfile, study: ValidationStudy, case: Case) -> bool:
-    """Whether the host kernel reads memory during the case's steps: a scan, a dense partial
-    attention or a row gather (``costs.layer_work``). Host-resident tokens alone are not host
-    work: FlexGen's host range is only copied, on the stand-in's own queue, so its device
-    attention runs next to an idle host kernel."""
-    from hgsim.costs import layer_work
-    from hgsim.policies import make_policy
-
-    wl = workload(study, case)
-    policy = make_policy(case.policy, study.model_spec(), profile, wl, case.options)
-    work = layer_work(study.model_spec(), wl.batch, policy.step_plan(case.context).layer,
-                      wl.kv_dtype, wl.weight_dtype, attention_only=wl.attention_only)
-    return work.cpu_k_bytes + work.cpu_v_bytes + work.gather_rows > 0
 
 
 # ------------------------------------------------------------------------------ comparison
