@@ -14,7 +14,8 @@ prints a measured one beside it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hgsim.errors import UserError
 from hgsim.hbm_budget import GB, HbmBudget
@@ -24,6 +25,9 @@ from hgsim.results import SimResult, StepTiming
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.workload import Workload
+
+if TYPE_CHECKING:
+    from hw_backend.validate import Calibration
 
 #: Share of host RAM the stand-in may give a model's weights (its "HBM" is host DRAM, which
 #: also holds the KV cache the host side reads).
@@ -180,13 +184,51 @@ def _check_executable(policy: Policy, config: RunConfig) -> None:
                                 f"{context}: {exc}", field="--policy") from None
 
 
-def predict(config: RunConfig, prepared: Prepared, *, samples: int = 0) -> SimResult:
-    """The simulator's run of the same configuration, warm-up steps left out."""
+def calibration_beside(profile_path: Path, profile: HardwareProfile) -> Calibration | None:
+    """What ``hgsim calibrate`` recorded beside ``profile_path`` (thread split, per-thread
+    figures, the stand-in's idle attention rate), or None for a profile not calibrated here (a
+    shipped one describes another machine)."""
+    from hw_backend.calibrate import sidecar_paths
+    from hw_backend.validate import Calibration
+
+    if not sidecar_paths(profile_path)[0].is_file():
+        return None
+    return Calibration.beside(profile_path, profile)
+
+
+def executor_host_threads(config: RunConfig) -> int:
+    """The C kernel's threads as ``measure`` runs it (``PlanExecutor``'s default)."""
+    from hw_backend.devices import CoreSplit, cuda_host_threads
+
+    if config.host_threads:
+        return config.host_threads
+    return cuda_host_threads() if uses_cuda(config.accelerator) else CoreSplit.even().host_threads
+
+
+def predict(config: RunConfig, prepared: Prepared, *, samples: int = 0,
+            calibration: Calibration | None = None) -> SimResult:
+    """The simulator's run of the same configuration, warm-up steps left out.
+
+    With the ``calibration`` of the profile (it describes this machine), the machine is the one
+    the executor uses, as ``hgsim validate`` predicts it: the socket's cores are the C kernel's
+    threads (``validation.case_profile``) and, on the CPU stand-in, its attention runs at its
+    idle rate except beside the host kernel (``standin_attention``).
+    """
     from hgsim.graph_path import eager_profile
     from hgsim.simulate import Fidelity, simulate
 
     # the eager path launches kernel by kernel: predicted without the graph figures
     profile = eager_profile(prepared.profile) if config.graphs is False else prepared.profile
+    if calibration is not None:
+        from hgsim.standin_attention import standin_profile
+        from hgsim.validation import Case, case_profile
+
+        case = Case("run", config.policy, dict(config.options), config.context, 1,
+                    executor_host_threads(config), True)
+        profile = case_profile(profile, case, calibration.per_threads)
+        alone = None if uses_cuda(config.accelerator) else calibration.attention_alone
+        profile = standin_profile(profile, config.model, config.policy, prepared.workload,
+                                  config.options, alone)
     result = simulate(profile, config.model, config.policy, prepared.workload,
                       policy_options=config.options,
                       fidelity=Fidelity(decode_samples=samples))
@@ -299,6 +341,7 @@ class _Progress:
 
 
 __all__ = [
-    "CALIBRATED_PROFILE", "SHIPPED_BY_GPU", "Prepared", "RunConfig", "RunResult", "check",
-    "default_profile", "describes_standin", "measure", "predict", "uses_cuda", "window",
+    "CALIBRATED_PROFILE", "SHIPPED_BY_GPU", "Prepared", "RunConfig", "RunResult",
+    "calibration_beside", "check", "default_profile", "describes_standin",
+    "executor_host_threads", "measure", "predict", "uses_cuda", "window",
 ]

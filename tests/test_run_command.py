@@ -131,6 +131,37 @@ def test_the_standin_needs_a_calibrated_profile(monkeypatch):
         measured_run.default_profile(cuda=False)
 
 
+@pytest.mark.parametrize("policy", ["cpu_offload", "gpu_only", "hybridgen_static"])
+def test_a_run_on_a_calibrated_machine_is_predicted_as_validate_predicts_it(policy):
+    """With the calibration beside its profile, ``hgsim run`` predicts the machine the executor
+    uses, as ``hgsim validate`` does: the socket's cores are the C kernel's threads, and the
+    stand-in's attention runs at its idle rate except beside the host kernel. Before, run
+    simulated every core of the socket for a one-thread kernel and the loaded rate always."""
+    from hgsim.validation import ValidationStudy, cases
+    from hgsim.validation import predict as validate_predict
+    from hw_backend.validate import Calibration
+
+    profile = load_profile("dev-zen4-2core").model_copy(deep=True)
+    calibration = Calibration(split=(1, 1), per_threads={}, attention_alone=0.9)
+    options = {"topk_ratio": 0.05, "gpu_share": 0.5} if policy == "hybridgen_static" else {}
+    config = measured_run.RunConfig(model=get_model("llama-3.1-8b"), policy=policy,
+                                    context=16384, gen=2, warmup=0, options=options,
+                                    dtype="fp32", attention_only=True, accelerator="standin",
+                                    host_threads=1)
+    prepared = measured_run.check(config, profile)
+    run = measured_run.predict(config, prepared, calibration=calibration)
+    study = ValidationStudy.model_validate({
+        "name": "s", "model": "llama-3.1-8b", "kv_dtype": "fp32", "weight_dtype": "fp32",
+        "warmup_steps": 0, "steps": 2,
+        "configs": [{"name": "c", "policy": policy, "options": options,
+                     "contexts": [16384]}]})
+    case = cases(study, device_threads=1, host_threads=1)[0]
+    validated = validate_predict(prepared.profile, study, case, {}, 0.9)
+    assert [s.latency_s for s in run.steps] == pytest.approx([s.latency_s for s in validated])
+    plain = measured_run.predict(config, prepared)
+    assert plain.steps[0].latency_s != pytest.approx(run.steps[0].latency_s)
+
+
 def test_hbm_budget_makes_kv_spill_as_on_a_smaller_gpu():
     model = get_model("llama-3.1-8b")
     workload = Workload(context=65536, gen=64, kv_dtype="bf16", weight_dtype="bf16")

@@ -139,12 +139,13 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise UserError(f"hgsim run needs the hardware backend ({exc}); "
                         "install with `pip install -e .[hw]`") from None
-    from hgsim.profiles import load_profile
+    from hgsim.profiles import load_profile, resolve_profile
 
     config = _config(args)
     output_files(args.out)  # before any work, as every other input
     cuda = mr.uses_cuda(config.accelerator)
-    profile = load_profile(args.profile or mr.default_profile(cuda))
+    profile_path = resolve_profile(args.profile or mr.default_profile(cuda))
+    profile = load_profile(profile_path)
     prepared = mr.check(config, profile)  # every mistake is reported before any work
     import torch
 
@@ -157,7 +158,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"out of GPU memory ({first[:160]}): the model and its KV do not fit "
                         f"{budget} as this run placed them; lower --context or --batch, or "
                         "give a larger --hbm-budget") from None
-    result.simulated = mr.predict(config, prepared, samples=args.samples)
+    result.simulated = mr.predict(config, prepared, samples=args.samples,
+                                  calibration=mr.calibration_beside(profile_path, profile))
     from hw_backend.platform_info import describe
 
     measured_on = describe(cuda)
