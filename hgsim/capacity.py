@@ -23,6 +23,7 @@ from typing import Literal
 
 from hgsim.plan import KvPlacement
 from hgsim.specs.hardware import HardwareProfile
+from hgsim.units import size_text
 
 GB = 1e9
 PlacementStrategy = Literal["first_touch", "interleave", "weighted_interleave", "semantic",
@@ -67,19 +68,11 @@ class MemoryFootprint:
         if self.reason:
             return self.reason
         parts = [
-            f"{tier} short by {_size(short)} "
-            f"(needs {_size(self.used_bytes[tier])}, has {_size(self.capacity_bytes.get(tier, 0))})"
+            f"{tier} short by {size_text(short)} "
+            f"(needs {size_text(self.used_bytes[tier])}, has {size_text(self.capacity_bytes.get(tier, 0))})"
             for tier, short in sorted(self.shortfalls().items())
         ]
         return "; ".join(parts) if parts else "fits"
-
-
-def _size(n_bytes: float) -> str:
-    """A size in GB, or in MB / kB / B where GB would print 0.0 (tiny models, small budgets)."""
-    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n_bytes) >= 0.05 * scale:
-            return f"{n_bytes / scale:.1f} {unit}"
-    return f"{n_bytes:.0f} B"
 
 
 def hbm_capacity_bytes(profile: HardwareProfile) -> float:

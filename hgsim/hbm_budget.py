@@ -18,7 +18,7 @@ from hgsim.errors import UserError
 from hgsim.profiles import profile_with_overrides
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
-from hgsim.units import parse_quantity
+from hgsim.units import parse_quantity, size_text
 
 GB = 1e9
 
@@ -51,14 +51,14 @@ class HbmBudget:
         loads no weights (nor does its plan place any, ``Policy._place_weights``), so its
         budget need not hold them. ``field`` is where the budget was given."""
         if device_bytes is not None and self.bytes_ > device_bytes * (1 + 1e-9):
-            raise UserError(f"{self.gb:g} GB exceeds {device}'s {device_bytes / GB:.1f} GB",
+            raise UserError(f"{self.gb:g} GB exceeds {device}'s {size_text(device_bytes)}",
                             field=field)
         if attention_only:
             return
         weights = model.weight_bytes(weight_dtype)
         if weights >= self.bytes_:
-            raise UserError(f"{self.gb:g} GB cannot hold {model.name}'s {weights / GB:.3g} GB "
-                            f"of {weight_dtype} weights", field=field)
+            raise UserError(f"{self.gb:g} GB cannot hold {model.name}'s {size_text(weights)} of "
+                            f"{weight_dtype} weights", field=field)
 
     def apply(self, profile: HardwareProfile) -> HardwareProfile:
         """``profile`` whose primary GPU has this budget as its HBM capacity."""

@@ -105,3 +105,11 @@ def parse_count(value: object) -> int:
     if not number.is_integer():
         raise ValueError(f"{value!r} is not a whole number of tokens")
     return int(number)
+
+
+def size_text(n_bytes: float) -> str:
+    """A size in GB, or in MB / kB / B where GB would print 0.0 (tiny models, small budgets)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n_bytes) >= 0.05 * scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{n_bytes:.0f} B"

@@ -24,6 +24,7 @@ from hgsim.policies.base import Policy
 from hgsim.results import SimResult, StepTiming
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
+from hgsim.units import size_text
 from hgsim.workload import Workload
 
 if TYPE_CHECKING:
@@ -150,8 +151,8 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
     if weights > room:
         hint = ("" if cuda else "; without CUDA use a tiny model (--model tiny-llama) or "
                 "--attention-only")
-        raise UserError(f"{model.name}'s {weights / GB:.1f} GB of {dtype} weights do not fit "
-                        f"{device} ({room / GB:.1f} GB usable){hint}", field="--model")
+        raise UserError(f"{model.name}'s {size_text(weights)} of {dtype} weights do not fit "
+                        f"{device} ({size_text(room)} usable){hint}", field="--model")
     if config.hbm_budget is not None:
         config.hbm_budget.check(device_bytes=device_bytes, model=model, weight_dtype=dtype,
                                 device=device, attention_only=config.attention_only)
@@ -162,9 +163,13 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
                         f"on {profile.name}: {policy.infeasibility()}")
     _check_executable(policy, config)
     if policy.offloaded_weight_bytes and not config.attention_only:
-        raise UserError(f"{config.policy} would stream {policy.offloaded_weight_bytes / GB:.1f} "
-                        "GB of weights from host memory every step, which hw_backend does not "
-                        "execute; give the GPU more memory (--hbm-budget)")
+        hbm = profile.gpus[profile.primary_gpu].hbm_capacity_gb * GB
+        reserve = policy.options.reserve.bytes_(hbm)
+        raise UserError(f"{config.policy} would stream {size_text(policy.offloaded_weight_bytes)} "
+                        f"of weights from host memory every step ({size_text(hbm)} of HBM less "
+                        f"its {size_text(reserve)} reserve leaves them too little room), which "
+                        "hw_backend does not execute; give the GPU more memory (--hbm-budget) "
+                        "or keep less in reserve (--option hbm_reserve_gb=...)")
     return Prepared(workload, profile, dtype)
 
 

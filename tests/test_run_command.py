@@ -55,7 +55,10 @@ def test_attention_only_json(capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--context", "1k", "--hbm-budget", "5000TB"], "exceeds this host's RAM"),
-    (["--context", "1k", "--hbm-budget", "0.1MB"], "cannot hold tiny-llama's"),
+    (["--context", "1k", "--hbm-budget", "0.1MB"], "cannot hold tiny-llama's 0.4 MB of"),
+    # a budget the HBM reserve fills: the tiny weights in MB (not "0.0 GB"), the reserve named
+    (["--context", "1k", "--hbm-budget", "1.1GB"],
+     "would stream 0.4 MB of weights from host memory every step (1.1 GB of HBM less its"),
     (["--context", "1k", "--hbm-budget", "24 GB/s"], "wrong unit"),
     (["--context", "lots"], "--context"),
     (["--context", "1k", "--policy", "gpu_only", "--hbm-budget", "0.7MB", *NO_RESERVE],
