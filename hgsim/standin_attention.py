@@ -1,14 +1,16 @@
 """The CPU stand-in's attention rate for a plan: measured alone, measured next to the host kernel.
 
-Without CUDA, hw_backend's device role is torch on one of the host's own cores, and its attention
-runs at two speeds: alone, and while the host kernel (HybridGen's scan, CPU offload's partial
-attention, a row gather) runs on the other core, which slows it 2-3x on the development VM
-(the same with the host kernel in another process, so not the GIL; docs/calibration.md,
-history). Calibration measures both (``attention_efficiency`` in the profile, next to the host
-kernel; ``attention_efficiency_alone`` in the calibration JSON). A plan's device attention runs
-at the loaded rate only while the host kernel runs: for a plan whose host work is short beside
-its device attention (most tokens resident under an HBM budget), predicting all of it at the
-loaded rate put it 2x too slow.
+Without CUDA, hw_backend's device role is torch on one of the host's own cores, and calibration
+times its attention twice on its queue, as the executor meets it: alone
+(``attention_efficiency_alone`` in the calibration JSON) and while the host kernel (HybridGen's
+scan, CPU offload's partial attention, a row gather) runs on the other core (the profile's
+``attention_efficiency``). On a shared machine the second is the slower, mostly because other
+jobs' threads then share the stand-in's core (2026-12-06, under a load average of 2: wall time
+2.1x, CPU time 1.12x; docs/calibration.md, history). Either way a plan's device attention
+meets the loaded rate only while the host kernel runs: for a plan whose host work is short
+beside its device attention (most tokens resident under an HBM budget), predicting all of it at
+the loaded rate put it 2x too slow. The host's time is the simulated one, which is CPU time:
+where other jobs stretch the real one, the device is loaded for longer than predicted.
 
 A real GPU has its own cores and memory: none of this applies there, and callers pass no
 idle rate.
