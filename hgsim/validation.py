@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -139,17 +140,30 @@ class Case:
 
 
 def cases(study: ValidationStudy, *, device_threads: int, host_threads: int,
-          max_context: int | None = None) -> list[Case]:
-    """Every (config, context) of the study; unset thread counts take the given defaults."""
+          max_context: int | None = None, cpus: int | None = None) -> list[Case]:
+    """Every (config, context) of the study; unset thread counts take the given defaults.
+
+    ``cpus``: this machine's; a role's threads beyond them are capped with a warning, since
+    they could only take turns on the same cores while the simulator would give each a core
+    (a study written for a larger machine)."""
     out = []
     for cfg in study.configs:
+        device = _threads(cfg.device_threads or device_threads, cpus, cfg.name, "device_threads")
+        host = _threads(cfg.host_threads or host_threads, cpus, cfg.name, "host_threads")
         for context in cfg.contexts:
             if max_context is not None and context > max_context:
                 continue
-            out.append(Case(cfg.name, cfg.policy, dict(cfg.options), context,
-                            cfg.device_threads or device_threads,
-                            cfg.host_threads or host_threads, cfg.pin))
+            out.append(Case(cfg.name, cfg.policy, dict(cfg.options), context, device, host,
+                            cfg.pin))
     return out
+
+
+def _threads(requested: int, cpus: int | None, config: str, field: str) -> int:
+    if cpus is None or requested <= cpus:
+        return requested
+    print(f"hgsim validate: warning: {config}: {field} {requested} is more than the {cpus} "
+          f"CPUs of this machine; using {cpus}", file=sys.stderr)
+    return cpus
 
 
 def _tokens(n: int) -> str:
@@ -376,7 +390,6 @@ def print_table(results: list[CaseResult], error: float, threshold: float, title
                       str(row["gpu_tokens"]), f"{r.case.device_threads}/{r.case.host_threads}",
                       f"{row['measured_ms']:.2f}", f"{row['predicted_ms']:.2f}",
                       f"[{colour}]{r.error_pct:+.1f}%[/{colour}]")
-    import sys
 
     console = Console(width=None if sys.stdout.isatty() else 160, highlight=False)
     console.print(table)

@@ -53,6 +53,7 @@ from hgsim.validation import (
     workload,
 )
 from hw_backend.calibration.quiet import wait_for_quiet
+from hw_backend.devices import available_cores
 from hw_backend.random_kv import RandomKv
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -333,7 +334,8 @@ def run_validation(
     calibration = Calibration.beside(path, prof)
     cuda = _uses_cuda(accelerator)
     device, host = calibration.default_split(cuda)
-    todo = (cases(study, device_threads=device, host_threads=host, max_context=max_context)
+    todo = (cases(study, device_threads=device, host_threads=host, max_context=max_context,
+                  cpus=len(available_cores()))
             if which != "micro" else [])
     if which != "micro" and not todo and max_context is not None:
         every = cases(study, device_threads=device, host_threads=host)

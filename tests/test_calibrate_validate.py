@@ -286,6 +286,21 @@ def test_a_validation_study_with_impossible_cases_is_refused_at_its_line(tmp_pat
     assert str(info.value).startswith(f"{tmp_path}/{expected}"), str(info.value)
 
 
+def test_threads_beyond_the_machine_are_capped_with_a_warning(tmp_path: Path, capsys):
+    """A study written for a larger machine: the executor's 64 threads would take turns on this
+    one's cores while the simulator gave each its own."""
+    from hgsim.validation import cases
+
+    path = tmp_path / "big.yaml"
+    path.write_text(TINY_STUDY.replace("    policy: cpu_offload\n",
+                                       "    policy: cpu_offload\n    host_threads: 64\n"))
+    todo = cases(load_study(path), device_threads=1, host_threads=1, cpus=2)
+    assert [c.host_threads for c in todo] == [1, 1, 2]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hgsim validate: warning: cpu-offload: host_threads 64 is more than the 2 "
+                   "CPUs of this machine; using 2"]
+
+
 # ---------------------------------------------------------------------------- pure helpers
 def _step(i: int, latency: float, ratio: float = 0.05, gpu: int = 10) -> StepTiming:
     return StepTiming(step=i, context=100 + i, latency_s=latency, gpu_busy_s=0.0, cpu_busy_s=0.0,
