@@ -274,7 +274,7 @@ def test_bad_study_is_a_config_error(tmp_path: Path):
     ("name: cpu-offload", "name: hybrid", "bad.yaml:22: configs[1].name: 'hybrid' names "
                                           "configs[0] too"),
     ("steps: 2", "steps: 2\nwhole_model: true\nhbm_budget_gb: 1", "bad.yaml:18: "
-     "hbm_budget_gb: 1 GB cannot hold synthetic-llama-2l's 2.79 GB of fp32 weights"),
+     "hbm_budget_gb: 1 GB cannot hold synthetic-llama-2l's 2.8 GB of fp32 weights"),
 ])
 def test_a_validation_study_with_impossible_cases_is_refused_at_its_line(tmp_path: Path, old,
                                                                           new, expected):
