@@ -286,3 +286,16 @@ def test_rows_record_the_mode_and_grouping_sends_fewer_bytes():
     mha = simulate(H100, MHA, "hybridgen", Workload(batch=2, context=131072, gen=4),
                    policy_options={"selection": "group_union"}, fidelity=Fidelity(decode_samples=2))
     assert mha.to_row()["selection"] == "per_head"
+
+
+def test_union_rows_never_shrink_as_the_heads_select_more():
+    """The landing zone's ceiling bisects on r and the transfer cost follows k: both need the
+    union's size non-decreasing in k, across the steps where k's share of the host range maps
+    to the next whole token of the curve's body (1M host tokens: ~31 per body token)."""
+    host = 1_000_000
+    rows = [expected_union_rows(host, k, 4) for k in range(206_000, 206_200)]
+    assert np.all(np.diff(rows) >= 0)
+    curve = union_curve(8)
+    ratios = np.linspace(0.3, 0.3 + 200 / curve.tokens, 2000)
+    per_host_token = [r * curve.fraction(r) for r in ratios]
+    assert np.all(np.diff(per_host_token) >= 0)

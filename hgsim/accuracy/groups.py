@@ -53,11 +53,23 @@ class UnionCurve:
         k = min(max(int(k), 0), self.tokens)
         return float(np.mean([np.searchsorted(row, k) for row in self.best_ranks]))
 
+    def union_at(self, k: float) -> float:
+        """``union`` between whole token counts, linearly interpolated: a share of a longer
+        host range maps to a fractional count of body tokens, and rounding it instead made
+        ``k * union(round(k)) / round(k)`` drop each time the rounding stepped up."""
+        k = min(max(float(k), 0.0), float(self.tokens))
+        below = math.floor(k)
+        if below == k:
+            return self.union(below)
+        low, high = self.union(below), self.union(below + 1)
+        return low + (k - below) * (high - low)
+
     def fraction(self, ratio: float) -> float:
         """``E|U| / k`` at top-k ratio ``ratio`` (k = ratio of the body, at least one token):
-        1 when every head agrees, ``heads_per_group`` when none do."""
-        k = min(max(1, round(ratio * self.tokens)), self.tokens)
-        return self.union(k) / k
+        1 when every head agrees, ``heads_per_group`` when none do. ``ratio * fraction(ratio)``
+        never decreases with ``ratio`` (the union only grows)."""
+        k = min(max(1.0, ratio * self.tokens), float(self.tokens))
+        return self.union_at(k) / k
 
 
 def union_curve(heads_per_group: int, spec: AttentionModelSpec | None = None) -> UnionCurve:
