@@ -62,7 +62,8 @@ KNOBS: dict[str, Knob] = {
 
 
 def knob_for(policy: str, option: str | None = None) -> Knob:
-    """The knob of ``policy`` (a name or preset); ``option`` overrides the registry.
+    """The knob of ``policy`` (a name or preset); ``option`` overrides the registry (an option
+    the registered knob ties to itself brings the same followers: it is the same setting).
 
     Raises ValueError for an exact policy, an unknown option, or a lossy policy without a
     registered knob and no ``option``.
@@ -79,7 +80,14 @@ def knob_for(policy: str, option: str | None = None) -> Knob:
         known = ", ".join(cls.Options.model_fields)
         raise ValueError(f"policy '{policy}' has no option '{option}' (its options: {known})")
     default = KNOBS.get(cls.name)
-    return default if default is not None and default.option == option else Knob(option)
+    if default is not None and option == default.option:
+        return default
+    if default is not None and option in default.tied:
+        # the same setting named by a follower: HybridGen's topk_ratio alone would leave the
+        # scheduler's floor below it, so the run could lower r and miss the target found
+        others = tuple(name for name in default.tied if name != option)
+        return Knob(option, tied=(default.option, *others), raised=default.raised)
+    return Knob(option)
 
 
 @dataclass(frozen=True)

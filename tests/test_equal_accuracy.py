@@ -152,6 +152,21 @@ def test_knob_registry_covers_the_lossy_builtins_and_rejects_exact_ones():
     assert opts == {"min_ratio": 0.3, "topk_ratio": 0.3, "max_ratio": 0.3}
 
 
+
+def test_naming_a_tied_option_searches_the_same_setting():
+    """``knobs: {hybridgen: topk_ratio}`` names the option tied to HybridGen's floor: the search
+    must still set the floor, or the scheduler lowers r below the setting found (0.32 to 0.16
+    here) and the run misses the error the search reported (0.015 against 0.0099)."""
+    knob = knob_for("hybridgen", "topk_ratio")
+    assert knob.options({"max_ratio": 0.2}, 0.3) == KNOBS["hybridgen"].options(
+        {"max_ratio": 0.2}, 0.3)
+    workload = Workload(batch=2, context=131072, gen=16)
+    result = simulate(PROFILE, MODEL, "hybridgen", workload,
+                      policy_options=knob.options({}, 0.32), fidelity=Fidelity(decode_samples=4))
+    assert min(s.topk_ratio for s in result.steps) >= 0.32 * (1 - 1e-4)  # k rounds to tokens
+    assert result.accuracy_rel_error <= probe("hybridgen", 0.32, workload).rel_error + 1e-12
+
+
 # ---------------------------------------------------------------- studies
 STUDY = """\
 name: eq
