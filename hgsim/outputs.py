@@ -74,6 +74,37 @@ def _probe(folder: Path, flag: str) -> None:
     os.unlink(name)
 
 
+def writer_is_gone(pid: int) -> bool:
+    """No process ``pid`` runs on this machine, so a temporary file it was writing is an
+    orphan (killed mid-write) that nobody will ever rename or remove."""
+    if pid <= 0 or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, under another user
+        return False
+    return False
+
+
+def remove_orphaned_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Removes the ``written_whole`` temporaries in ``folder`` (``.<name>.<pid>.tmp``) whose
+    writer is gone: a ``kill -9`` mid-write leaves them, and each holds part of a file. Those
+    of live processes (another run writing now) are left alone."""
+    folder = Path(folder)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.iterdir():
+        parts = path.name.rsplit(".", 2)
+        if (path.name.startswith(".") and len(parts) == 3 and parts[2] == "tmp"
+                and parts[1].isdigit() and path.is_file() and writer_is_gone(int(parts[1]))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 @contextmanager
 def written_whole(path: str | os.PathLike[str], mode: str = "w", **open_args: Any) -> Iterator[IO]:
     """``path`` opened for writing under a temporary name beside it (same folder, so the

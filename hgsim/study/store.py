@@ -16,6 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hgsim.outputs import writer_is_gone
+
 SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
 
@@ -69,11 +71,14 @@ class PointStore:
         return out
 
     def clean_temporary(self) -> int:
-        """Remove leftovers of writers that were killed between write and rename."""
+        """Remove leftovers of writers that were killed between write and rename (not those
+        of live writers: another run storing into this folder now would lose its point)."""
         removed = 0
         if self.dir.is_dir():
             for path in self.dir.iterdir():
-                if path.name.startswith(TMP_PREFIX):
+                pid = path.name.rsplit("-", 1)[-1]
+                if (path.name.startswith(TMP_PREFIX) and pid.isdigit()
+                        and writer_is_gone(int(pid))):
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
