@@ -3,7 +3,9 @@
 The order matters for the "results that survive" promise: everything is validated before the
 output folder is created; points are stored one by one as they finish; tables, figures and
 the report are rebuilt from all stored points at the end, so a run after an interruption
-produces exactly what an uninterrupted run would have.
+produces exactly what an uninterrupted run would have. Until that end, the folder holds the
+outputs of the last complete run only when it was a run of this same study (``folder``), and
+``run.json``'s last entry says "incomplete".
 """
 
 from __future__ import annotations
@@ -22,7 +24,12 @@ from hgsim.outputs import written_whole
 from hgsim.study import sensitivity as sens
 from hgsim.study.derived import compute_derived
 from hgsim.study.execute import ExecOptions, ExecStats, execute
-from hgsim.study.folder import check_study_folder
+from hgsim.study.folder import (
+    check_study_folder,
+    prepare_study_folder,
+    read_run_log,
+    study_fingerprint,
+)
 from hgsim.study.frame import assemble, write_tables
 from hgsim.study.load import StudyPlan, load_study, resolved_yaml
 from hgsim.study.plots import draw_all, draw_elasticity
@@ -78,12 +85,15 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
 
     created = _first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
+    fingerprint = study_fingerprint(plan.study.model_dump(mode="json"), [s.key for s in specs])
+    prepare_study_folder(out, fingerprint)  # before the new study.resolved.yaml lands
     with written_whole(out / "study.resolved.yaml") as fh:
         fh.write(resolved_yaml(plan))
+    started = _start_run_log(out, fingerprint)
     try:
         run.stats = execute(todo, store, options.execution)
     except UserError:  # e.g. no Dask scheduler at --scheduler: nothing computed, nothing left
-        _remove_if_untouched(created, out / "study.resolved.yaml")
+        _remove_if_untouched(created, {out / "study.resolved.yaml", out / "run.json"})
         raise
     except KeyboardInterrupt:
         done = len(store.load([s.key for s in specs]))
@@ -119,7 +129,7 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     )
     run.outputs.append(write_report(out / "report.md", plan.study, frame,
                                     plan.expansion.axes, info, elasticity))
-    _write_run_log(out, info, run)
+    _write_run_log(out, info, run, started)
     for error in run.stats.errors[:3]:
         print(f"hgsim study: point {error['key']} failed: {error['error']}", file=sys.stderr)
     for name, error in run.figure_errors.items():
@@ -138,13 +148,14 @@ def _first_missing(path: Path) -> Path | None:
     return path
 
 
-def _remove_if_untouched(created: Path | None, resolved: Path) -> None:
-    """Removes the folders this run created when they hold nothing but ``resolved``."""
+def _remove_if_untouched(created: Path | None, own: set[Path]) -> None:
+    """Removes the folders this run created when they hold nothing but its ``own`` files."""
     if created is None:
         return
     files = [p for p in created.rglob("*") if not p.is_dir()]
-    if files == [resolved]:
-        resolved.unlink()
+    if set(files) <= own:
+        for path in files:
+            path.unlink()
         for folder in sorted((p for p in created.rglob("*") if p.is_dir()),
                              key=lambda p: -len(p.parts)):
             folder.rmdir()
@@ -157,21 +168,30 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> list[Path]:
     return [path]
 
 
-def _write_run_log(out: Path, info: RunInfo, run: StudyRun) -> None:
-    """``run.json``: counts of this run (tests and scripts read it; appended history)."""
+def _start_run_log(out: Path, fingerprint: str) -> dict[str, Any]:
+    """Appends this run to ``run.json`` as "incomplete": what an interrupted run leaves, so
+    the folder says its tables and report (if any) are not this run's."""
+    entry: dict[str, Any] = {"time": time.time(), "status": "incomplete",
+                             "fingerprint": fingerprint}
+    _save_run_log(out, read_run_log(out) + [entry])
+    return entry
+
+
+def _write_run_log(out: Path, info: RunInfo, run: StudyRun, started: dict[str, Any]) -> None:
+    """``run.json``: counts of this run (tests and scripts read it; appended history), in
+    place of the "incomplete" entry it started with."""
     entry: dict[str, Any] = {
-        "time": time.time(), "total": info.total, "computed": info.computed,
-        "reused": info.reused, "missing": info.missing, "failed": len(info.errors),
+        "time": started["time"], "status": "complete", "fingerprint": started["fingerprint"],
+        "total": info.total, "computed": info.computed, "reused": info.reused,
+        "missing": info.missing, "failed": len(info.errors),
         "elapsed_s": round(info.elapsed_s, 3),
     }
-    path = out / "run.json"
-    try:
-        history = json.loads(path.read_text()) if path.exists() else []
-    except ValueError:
-        history = []
-    history = history if isinstance(history, list) else []
-    history.append(entry)
-    with written_whole(path) as fh:
+    history = [e for e in read_run_log(out) if e != started]
+    _save_run_log(out, history + [entry])
+
+
+def _save_run_log(out: Path, history: list[dict[str, Any]]) -> None:
+    with written_whole(out / "run.json") as fh:
         fh.write(json.dumps(history, indent=1))
 
 
