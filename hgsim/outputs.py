@@ -88,21 +88,20 @@ def writer_is_gone(pid: int) -> bool:
     return False
 
 
-def remove_orphaned_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Removes the ``written_whole`` temporaries in ``folder`` (``.<name>.<pid>.tmp``) whose
-    writer is gone: a ``kill -9`` mid-write leaves them, and each holds part of a file. Those
-    of live processes (another run writing now) are left alone."""
+def orphaned_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """The ``written_whole`` temporaries in ``folder`` (``.<name>.<pid>.tmp``) whose writer is
+    gone: a ``kill -9`` mid-write leaves them, each part of a file, for the next run to
+    remove. Those of live processes (another run writing now) are not listed."""
     folder = Path(folder)
-    removed: list[Path] = []
     if not folder.is_dir():
-        return removed
+        return []
+    orphans = []
     for path in folder.iterdir():
         parts = path.name.rsplit(".", 2)
         if (path.name.startswith(".") and len(parts) == 3 and parts[2] == "tmp"
                 and parts[1].isdigit() and path.is_file() and writer_is_gone(int(parts[1]))):
-            path.unlink(missing_ok=True)
-            removed.append(path)
-    return removed
+            orphans.append(path)
+    return orphans
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from hgsim.errors import UserError
-from hgsim.outputs import check_output_dir, remove_orphaned_temporaries
+from hgsim.outputs import check_output_dir, orphaned_temporaries
 from hgsim.study.plots import FORMATS
 
 #: What a study writes into its folder: files, and folders (ending in "/").
@@ -67,19 +67,17 @@ def read_run_log(out: Path) -> list[dict[str, Any]]:
     return [e for e in history if isinstance(e, dict)] if isinstance(history, list) else []
 
 
-def prepare_study_folder(out: Path, fingerprint: str) -> list[Path]:
-    """Removes what a run must not leave beside its own outputs: temporaries of writers
-    killed mid-write, and the study-level outputs of a different study (or of one whose
-    fingerprint is unknown; they are rebuilt at the end of this run). Returns what it
-    removed."""
-    removed = remove_orphaned_temporaries(out) + remove_orphaned_temporaries(out / "figures")
+def stale_outputs(out: Path, fingerprint: str) -> list[Path]:
+    """What a run of the study ``fingerprint`` must remove before it writes anything:
+    temporaries of writers killed mid-write, and the study-level outputs of a different study
+    (or of one whose fingerprint is unknown; they are rebuilt at the end of the run). Judged by
+    the last run recorded, so called before this run is."""
+    stale = orphaned_temporaries(out) + orphaned_temporaries(out / "figures")
     if recorded_fingerprint(out) == fingerprint:
-        return removed
-    stale = [out / name for name in STUDY_LEVEL_OUTPUTS if not name.endswith("/")]
+        return stale
+    stale += [out / name for name in STUDY_LEVEL_OUTPUTS
+              if not name.endswith("/") and (out / name).is_file()]
     if (out / "figures").is_dir():  # the figures a study draws, not whatever else is there
-        stale += [p for p in (out / "figures").iterdir() if p.suffix[1:] in FORMATS]
-    for path in stale:
-        if path.is_file():
-            path.unlink()
-            removed.append(path)
-    return removed
+        stale += [p for p in (out / "figures").iterdir()
+                  if p.is_file() and p.suffix[1:] in FORMATS]
+    return stale

@@ -26,8 +26,8 @@ from hgsim.study.derived import compute_derived
 from hgsim.study.execute import ExecOptions, ExecStats, execute
 from hgsim.study.folder import (
     check_study_folder,
-    prepare_study_folder,
     read_run_log,
+    stale_outputs,
     study_fingerprint,
 )
 from hgsim.study.frame import assemble, write_tables
@@ -86,10 +86,12 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     created = _first_missing(out)
     out.mkdir(parents=True, exist_ok=True)
     fingerprint = study_fingerprint(plan.study.model_dump(mode="json"), [s.key for s in specs])
-    prepare_study_folder(out, fingerprint)  # before the new study.resolved.yaml lands
+    stale = stale_outputs(out, fingerprint)  # judged by the last run recorded, so first
+    started = _start_run_log(out, fingerprint)  # from here on, an interruption reads "incomplete"
+    for path in stale:  # before the new study.resolved.yaml lands beside them
+        path.unlink(missing_ok=True)
     with written_whole(out / "study.resolved.yaml") as fh:
         fh.write(resolved_yaml(plan))
-    started = _start_run_log(out, fingerprint)
     try:
         run.stats = execute(todo, store, options.execution)
     except UserError:  # e.g. no Dask scheduler at --scheduler: nothing computed, nothing left
