@@ -110,3 +110,22 @@ def test_temporaries_of_killed_writers_are_removed_those_of_live_ones_kept(tmp_p
     assert run_study(study, options(out, figures=False)).ok
     assert [p for p in left["dead"] if p.exists()] == []
     assert all(p.read_text() == "half a file" for p in left["live"])
+
+
+def test_a_figure_that_fails_leaves_no_earlier_figure_of_its_name(tmp_path, monkeypatch):
+    import hgsim.study.plots as plots
+
+    study = write_study(tmp_path)
+    out = tmp_path / "out"
+    assert run_study(study, options(out)).ok
+    real = plots.draw
+
+    def heat_fails(frame, name, spec, axis_values, folder):
+        if name == "heat":
+            raise ValueError("no colours left")
+        return real(frame, name, spec, axis_values, folder)
+
+    monkeypatch.setattr(plots, "draw", heat_fails)
+    run = run_study(study, options(out))
+    assert run.figure_errors == {"heat": "ValueError: no colours left"}
+    assert sorted(p.name for p in (out / "figures").iterdir()) == ["tput.png", "tput.svg"]

@@ -44,6 +44,8 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
             written += draw(frame, name, spec, axis_values, out)
         except Exception as exc:  # noqa: BLE001 - one bad figure must not lose the others
             failed[name] = f"{type(exc).__name__}: {exc}"
+            for fmt in FORMATS:  # an earlier run's figure would pass for this run's
+                (out / f"{name}.{fmt}").unlink(missing_ok=True)
     return written, failed
 
 
