@@ -129,3 +129,20 @@ def test_a_figure_that_fails_leaves_no_earlier_figure_of_its_name(tmp_path, monk
     run = run_study(study, options(out))
     assert run.figure_errors == {"heat": "ValueError: no colours left"}
     assert sorted(p.name for p in (out / "figures").iterdir()) == ["tput.png", "tput.svg"]
+
+
+def test_ctrl_c_while_outputs_are_rebuilt_leaves_no_earlier_report(tmp_path, monkeypatch):
+    """The earlier report says how many points failed; beside tables rebuilt with those points
+    computed it would be wrong, so it goes before the tables are rewritten."""
+    study = write_study(tmp_path)
+    out = tmp_path / "out"
+    assert run_study(study, options(out)).ok
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_run, "draw_all", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study, options(out))
+    assert not (out / "report.md").exists()
+    assert history(out)[-1]["status"] == "incomplete"

@@ -108,6 +108,9 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     if plan.study.derived and len(frame):
         frame = compute_derived(frame, plan.study.derived, plan.expansion.axes)
     run.frame = frame
+    # the report is written last: without it, a folder cut short while its tables and figures
+    # are rewritten reads as unfinished, not as an earlier report beside newer tables
+    (out / "report.md").unlink(missing_ok=True)
     run.outputs += write_tables(frame, out)
     elasticity = pd.DataFrame()
     if plan.study.sensitivity is not None and len(frame):
