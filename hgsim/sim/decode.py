@@ -92,7 +92,7 @@ class StepMeasure:
 
 class _CopySlot(_Chain):
     """An upload's place in the GPU's host-to-device copy queue: ``done`` fires when it has
-    landed (or at once when the layer uploads nothing); ``last`` is its node."""
+    landed; ``last`` is its node."""
 
     __slots__ = ("done",)
 
@@ -427,10 +427,13 @@ class DecodeEngine:
     # ------------------------------------------------------------------ the host path
     def _host_path(self, lp: LayerPlan, w: LayerWork, trigger, times: _HostTimes):
         env, machine, gpu = self.env, self.machine, self.gpu
-        # The upload's place on the copy stream, taken in layer order (the order the executor
-        # submits uploads to its one copy queue); host paths start in layer order.
-        ahead, slot = self._copy_tail, _CopySlot(env.event())
-        self._copy_tail = slot
+        # An upload's place on the copy stream, taken in layer order (the order the executor
+        # submits uploads to its one copy queue); host paths start in layer order. A layer
+        # that uploads nothing takes no place.
+        sources = self._upload_sources(lp, w)
+        ahead, slot = self._copy_tail, None
+        if sources:
+            slot = self._copy_tail = _CopySlot(env.event())
         event, waits = trigger
         yield event
         times.trigger_s = env.now
@@ -450,8 +453,7 @@ class DecodeEngine:
             times.fixed_s += env.now - t
         if w.cpu_k_bytes or w.cpu_v_bytes or w.gather_rows or w.host_calls:
             yield from self._cpu_phase(lp, w, times)
-        sources = self._upload_sources(lp, w)
-        if sources:
+        if slot is not None:
             # One copy stream, in order: this upload starts once the one queued before it has
             # landed (copies on a CUDA stream do not overlap; the executor queues every
             # layer's upload on its copy stream).
@@ -464,10 +466,6 @@ class DecodeEngine:
             times.variable_s += env.now - t
             slot.last = times.last
             slot.done.succeed()
-        elif ahead is not None and not ahead.done.processed:  # nothing to upload: the queue
-            ahead.done.callbacks.append(lambda _: _pass_on(ahead, slot))  # moves on behind
-        else:
-            _pass_on(ahead, slot)
         times.done_s = env.now
 
     def _segment(self, times: _HostTimes, start: float, what: dict[str, float],
@@ -579,12 +577,6 @@ class DecodeEngine:
         if t > t0 + _EPS:
             out["idle"] += t - t0
         return dict(out)
-
-
-def _pass_on(ahead: _CopySlot | None, slot: _CopySlot) -> None:
-    """A copy-queue slot with no upload: done as soon as the one ahead of it is."""
-    slot.last = ahead.last if ahead is not None else None
-    slot.done.succeed()
 
 
 def _shares(flows) -> dict[str, float]:
