@@ -159,11 +159,11 @@ def cases(study: ValidationStudy, *, device_threads: int, host_threads: int,
 
 
 def _threads(requested: int, cpus: int | None, config: str, field: str) -> int:
-    if cpus is None or requested <= cpus:
+    if cpus is None:
         return requested
-    print(f"hgsim validate: warning: {config}: {field} {requested} is more than the {cpus} "
-          f"CPUs of this machine; using {cpus}", file=sys.stderr)
-    return cpus
+    from hgsim.commands.checks import local_workers
+
+    return local_workers(requested, f"{config}: {field}", "validate", cpus)
 
 
 def _tokens(n: int) -> str:

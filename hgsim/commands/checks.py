@@ -40,10 +40,11 @@ def count(text: str, flag: str) -> int:
         raise UserError(str(exc), field=flag) from None
 
 
-def local_workers(requested: int | None, flag: str, command: str) -> int | None:
-    """Worker processes for this machine: more than its CPUs are capped, with a warning
-    (they could only take turns on the same cores)."""
-    cpus = os.cpu_count() or 1
+def local_workers(requested: int | None, flag: str, command: str,
+                  cpus: int | None = None) -> int | None:
+    """Workers (processes, threads) for this machine's ``cpus`` (default: all it has): more
+    than its CPUs are capped, with a warning (they could only take turns on the same cores)."""
+    cpus = cpus or os.cpu_count() or 1
     if requested is None or requested <= cpus:
         return requested
     print(f"hgsim {command}: warning: {flag} {requested} is more than the {cpus} CPUs of this "
