@@ -68,8 +68,8 @@ class MemoryFootprint:
         if self.reason:
             return self.reason
         parts = [
-            f"{tier} short by {size_text(short)} "
-            f"(needs {size_text(self.used_bytes[tier])}, has {size_text(self.capacity_bytes.get(tier, 0))})"
+            f"{tier} short by {size_text(short)} (needs {size_text(self.used_bytes[tier])}, "
+            f"has {size_text(self.capacity_bytes.get(tier, 0))})"
             for tier, short in sorted(self.shortfalls().items())
         ]
         return "; ".join(parts) if parts else "fits"

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hgsim.capacity import hbm_capacity_bytes
 from hgsim.errors import UserError
-from hgsim.hbm_budget import GB, HbmBudget
+from hgsim.hbm_budget import HbmBudget
 from hgsim.policies import make_policy
 from hgsim.policies.base import Policy
 from hgsim.results import SimResult, StepTiming
@@ -163,7 +164,7 @@ def check(config: RunConfig, profile: HardwareProfile) -> Prepared:
                         f"on {profile.name}: {policy.infeasibility()}")
     _check_executable(policy, config)
     if policy.offloaded_weight_bytes and not config.attention_only:
-        hbm = profile.gpus[profile.primary_gpu].hbm_capacity_gb * GB
+        hbm = hbm_capacity_bytes(profile)
         reserve = policy.options.reserve.bytes_(hbm)
         raise UserError(f"{config.policy} would stream {size_text(policy.offloaded_weight_bytes)} "
                         f"of weights from host memory every step ({size_text(hbm)} of HBM less "

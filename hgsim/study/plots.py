@@ -70,8 +70,9 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
     if spec.kind in ("line", "scatter", "pareto"):
         # seaborn's relplot fails on rows whose y are all NaN (every point infeasible); an
         # empty table draws the empty axes that the note below explains
+        drawn = data.iloc[:0] if data[y_col].isna().all() else data
         grid = sns.relplot(
-            data=data.iloc[:0] if data[y_col].isna().all() else data, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style,
+            data=drawn, x=spec.x, y=spec.y, hue=spec.hue, style=spec.style,
             kind="scatter" if spec.kind == "pareto" else spec.kind,
             hue_order=orders.get(spec.hue), style_order=orders.get(spec.style),
             facet_kws={"sharey": spec.sharey, "margin_titles": True},
