@@ -100,9 +100,9 @@ def test_temporaries_of_killed_writers_are_removed_those_of_live_ones_kept(tmp_p
     key = sorted((out / "points").glob("*.json"))[0].stem
     left = {
         "dead": [out / f".report.md.{dead}.tmp", out / "figures" / f".tput.png.{dead}.tmp",
-                 out / "points" / f".tmp-{key}-{dead}"],
+                 out / "points" / f".{key}.json.{dead}.tmp"],
         "live": [out / f".results.csv.{live}.tmp", out / "figures" / f".heat.svg.{live}.tmp",
-                 out / "points" / f".tmp-{key}-{live}"],
+                 out / "points" / f".{key}.json.{live}.tmp"],
     }
     (out / "figures").mkdir(exist_ok=True)
     for path in left["dead"] + left["live"]:

@@ -93,7 +93,7 @@ def test_ctrl_c_then_kill_9_midway_then_rerun_computes_only_missing(tmp_path):
     frame = results(out)
     assert len(frame) == 30 and frame["point"].is_unique
     assert not frame.duplicated(["workload.context", "policy"]).any()
-    assert not [p for p in points_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert not [p for p in points_dir.iterdir() if p.name.endswith(".tmp")]
 
     forced = run_cli("study", str(study), "--out", str(out), "--jobs", "2", "--force",
                      "--no-figures")

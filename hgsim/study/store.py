@@ -1,7 +1,8 @@
 """Per-point results on disk that survive Ctrl-C and kill -9.
 
-One small JSON file per point, ``<out>/points/<key>.json``, written to a temporary name in
-the same folder and moved into place with ``os.replace`` (atomic on POSIX): a reader sees
+One small JSON file per point, ``<out>/points/<key>.json``, written through
+``outputs.written_whole`` (a temporary name in the same folder moved into place with
+``os.replace``, atomic on POSIX): a reader sees
 either no file or a complete one, never half a point, and a point is stored at most once
 because its name is its key. Files are not fsync'ed (a killed process loses nothing the
 kernel already has; a power cut may leave an empty file, which ``load`` rejects like any
@@ -16,10 +17,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from hgsim.outputs import writer_is_gone
+from hgsim.outputs import orphaned_temporaries, written_whole
 
 SUFFIX = ".json"
-TMP_PREFIX = ".tmp-"
 
 
 class PointStore:
@@ -33,11 +33,9 @@ class PointStore:
         """Store one record atomically (an existing record of the same key is replaced)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.path(record["key"])
-        tmp = self.dir / f"{TMP_PREFIX}{record['key']}-{os.getpid()}"
         text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False)
-        with open(tmp, "w") as fh:
+        with written_whole(final) as fh:
             fh.write(text)
-        os.replace(tmp, final)
         return final
 
     def read(self, key: str) -> dict[str, Any] | None:
@@ -73,15 +71,10 @@ class PointStore:
     def clean_temporary(self) -> int:
         """Remove leftovers of writers that were killed between write and rename (not those
         of live writers: another run storing into this folder now would lose its point)."""
-        removed = 0
-        if self.dir.is_dir():
-            for path in self.dir.iterdir():
-                pid = path.name.rsplit("-", 1)[-1]
-                if (path.name.startswith(TMP_PREFIX) and pid.isdigit()
-                        and writer_is_gone(int(pid))):
-                    path.unlink(missing_ok=True)
-                    removed += 1
-        return removed
+        orphans = orphaned_temporaries(self.dir)
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return len(orphans)
 
 
 def _finite(obj: Any) -> Any:
