@@ -19,6 +19,7 @@ from hgsim.profiles import profile_with_overrides
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.units import parse_quantity, size_text
+from hgsim.workload import held_weight_bytes
 
 GB = 1e9
 
@@ -47,15 +48,13 @@ class HbmBudget:
     def check(self, *, device_bytes: float | None, model: ModelSpec, weight_dtype: str,
               device: str = "the device", attention_only: bool = False,
               field: str = "--hbm-budget") -> None:
-        """The budget must fit the device and hold the model's weights. An attention-only run
-        loads no weights (nor does its plan place any, ``Policy._place_weights``), so its
-        budget need not hold them. ``field`` is where the budget was given."""
+        """The budget must fit the device and hold the weights the run holds
+        (``workload.held_weight_bytes``: none attention-only). ``field`` is where the budget
+        was given."""
         if device_bytes is not None and self.bytes_ > device_bytes * (1 + 1e-9):
             raise UserError(f"{self.gb:g} GB exceeds {device}'s {size_text(device_bytes)}",
                             field=field)
-        if attention_only:
-            return
-        weights = model.weight_bytes(weight_dtype)
+        weights = held_weight_bytes(model, weight_dtype, attention_only=attention_only)
         if weights >= self.bytes_:
             raise UserError(f"{self.gb:g} GB cannot hold {model.name}'s {size_text(weights)} of "
                             f"{weight_dtype} weights", field=field)

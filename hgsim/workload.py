@@ -33,6 +33,11 @@ class Workload(SpecModel):
         return self.context + self.gen
 
     def weight_bytes(self, model: ModelSpec) -> float:
-        """Bytes of weights this workload holds: none attention-only (hw_backend's executor
-        then runs attention alone and loads none, so no plan may place or stream them)."""
-        return 0.0 if self.attention_only else model.weight_bytes(self.weight_dtype)
+        return held_weight_bytes(model, self.weight_dtype, attention_only=self.attention_only)
+
+
+def held_weight_bytes(model: ModelSpec, weight_dtype: str, *, attention_only: bool) -> float:
+    """Bytes of weights a run holds: none attention-only (hw_backend's executor then runs
+    attention alone and loads none, so no plan may place or stream them, nor a budget hold
+    them)."""
+    return 0.0 if attention_only else model.weight_bytes(weight_dtype)
