@@ -140,6 +140,29 @@ def test_unreachable_target_has_no_setting():
     assert search.found is None and search.probes == 1
 
 
+def test_unreachable_reason_blames_memory_when_the_cheaper_setting_does_not_fit_either():
+    """A target whose setting does not fit is the target's fault only when a cheaper setting
+    fits: when that one is short of memory too, the configuration does not fit as such."""
+    from hgsim.equal_accuracy import SettingSearch
+    from hgsim.study.equal_accuracy import AccuracyTarget, _unreachable
+
+    goal = AccuracyTarget(0.05, knob_for("hybridgen"), 0.005)
+    fits, short = ProxyProbe(0.09, 0.06, True, None), ProxyProbe(0.09, 0.06, False, "ddr0 short")
+    need = ProxyProbe(0.095, 0.049, False, "ddr0 short")
+
+    def why(found, cheaper):
+        return _unreachable(goal, SettingSearch(0.05, found, cheaper, 3))
+
+    assert why(ProxyProbe(0.095, 0.049, True, None), fits) == ""
+    assert why(None, None).startswith("accuracy target 0.05 unreachable")
+    assert why(need, fits) == ("accuracy target 0.05 needs min_ratio>=0.095, which does not "
+                               "fit: ddr0 short")
+    assert why(need, short) == ("does not fit in memory at min_ratio=0.095, which accuracy "
+                                "target 0.05 needs, nor at the cheaper 0.09: ddr0 short")
+    assert why(need, None).startswith("does not fit in memory even at min_ratio=0.095, the "
+                                      "cheapest setting")
+
+
 def test_knob_registry_covers_the_lossy_builtins_and_rejects_exact_ones():
     assert set(KNOBS) == set(LOSSY)
     assert knob_for("hybridgen_static").option == "min_ratio"

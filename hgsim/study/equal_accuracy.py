@@ -77,7 +77,7 @@ def equal_accuracy_point(spec) -> tuple[dict[str, Any], int]:
         "cheaper_rel_error": search.cheaper.rel_error if search.cheaper else float("nan"),
         "target_probes": search.probes,
     }
-    why = _unreachable(goal, found)
+    why = _unreachable(goal, search)
     if why:
         row = {"profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
                "batch": spec.workload.batch, "context": spec.workload.context,
@@ -90,14 +90,23 @@ def equal_accuracy_point(spec) -> tuple[dict[str, Any], int]:
     return {**row, **extra, "target_reached": True, "target_reason": ""}, int(result.events)
 
 
-def _unreachable(goal: AccuracyTarget, found) -> str:
+def _unreachable(goal: AccuracyTarget, search) -> str:
+    """Why the target has no simulated setting ("" when it has one). When the cheaper setting
+    does not fit either, memory binds whatever the accuracy asked for, and the reason says so
+    rather than blame the target."""
+    found, cheaper, knob = search.found, search.cheaper, goal.knob.option
     if found is None:
-        return (f"accuracy target {goal.target:g} unreachable: even {goal.knob.option}=1 "
-                "misses it")
-    if not found.feasible:
-        return (f"accuracy target {goal.target:g} needs {goal.knob.option}>={found.value:g}, "
-                f"which does not fit: {found.reason}")
-    return ""
+        return f"accuracy target {goal.target:g} unreachable: even {knob}=1 misses it"
+    if found.feasible:
+        return ""
+    if cheaper is None:
+        return (f"does not fit in memory even at {knob}={found.value:g}, the cheapest setting "
+                f"(which meets accuracy target {goal.target:g}): {found.reason}")
+    if not cheaper.feasible:
+        return (f"does not fit in memory at {knob}={found.value:g}, which accuracy target "
+                f"{goal.target:g} needs, nor at the cheaper {cheaper.value:g}: {found.reason}")
+    return (f"accuracy target {goal.target:g} needs {knob}>={found.value:g}, "
+            f"which does not fit: {found.reason}")
 
 
 def knob_of(policy: str, knobs: dict[str, str]) -> Knob | None:
