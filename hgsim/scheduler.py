@@ -113,7 +113,9 @@ class FeedbackScheduler:
     def _decide(self, host_s: float, device_s: float,
                 variable_s: float | None) -> tuple[Decision, str]:
         cfg = self.config
-        times = f"host {host_s * 1e3:.3g} ms vs device {device_s * 1e3:.3g} ms"
+        per_step = 1e3 / cfg.interval  # the sums cover the interval; the reason reads per step
+        times = (f"host {host_s * per_step:.3g} ms vs device {device_s * per_step:.3g} ms per "
+                 "step, summed over layers")
         if host_s <= device_s:
             if self.ratio < cfg.max_ratio:
                 self.ratio = min(self.ratio * cfg.grow, cfg.max_ratio)
@@ -125,8 +127,9 @@ class FeedbackScheduler:
             return self._more_gpu(f"the host is slower with r at its floor ({times})")
         variable = min(max(variable_s, 0.0), host_s)
         fixed = host_s - variable
-        split = (f"scan and fixed costs {fixed * 1e3:.3g} ms + top-k/gather/transfer "
-                 f"{variable * 1e3:.3g} ms vs device {device_s * 1e3:.3g} ms")
+        split = (f"scan and fixed costs {fixed * per_step:.3g} ms + top-k/gather/transfer "
+                 f"{variable * per_step:.3g} ms vs device {device_s * per_step:.3g} ms per step, "
+                 "summed over layers")
         if fixed <= device_s:  # the r-dependent part is what breaks the overlap
             if self.ratio > cfg.min_ratio:
                 return self._shrink(Decision.SHRINK, f"top-k/gather/transfer bind: {split}")

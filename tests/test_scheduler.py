@@ -42,6 +42,15 @@ def test_decisions_happen_every_interval_steps_on_summed_times():
     assert [r.ratio for r in s.history][:4] == pytest.approx([0.05, 0.05, 0.05, 0.06])
 
 
+def test_a_reason_gives_per_step_times_though_it_decides_on_the_interval_sums():
+    s = make(interval=4)
+    for _ in range(4):
+        s.observe(host_s=0.003, device_s=0.002, variable_s=0.001)
+    assert s.history[-1].reason.endswith(
+        "scan and fixed costs 2 ms + top-k/gather/transfer 1 ms vs device 2 ms per step, summed "
+        "over layers")
+
+
 def test_scan_bound_host_moves_tokens_while_hbm_allows():
     s = make(interval=1)
     # scan and fixed costs 2.5 > device 1: shrinking r cannot hide the host
