@@ -20,7 +20,7 @@ import simpy
 from hgsim import energy, tco
 from hgsim.catalog import get_model
 from hgsim.costs import prefill_layer_work
-from hgsim.plan import LayerPlan, Selector
+from hgsim.plan import LayerPlan, Selector, StepPlan
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.results import SimResult, StepTiming
@@ -86,7 +86,7 @@ def simulate(
     engine = DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
                           attention_only=workload.attention_only)
     if workload.include_prefill:
-        result.ttft_s = _prefill(engine, model, workload)
+        result.ttft_s = _prefill(engine, model, workload, pol.step_plan(workload.context))
 
     t_decode0 = env.now
     before = machine.recorder.snapshot()
@@ -189,22 +189,26 @@ def _mean_binding(steps: list[StepTiming],
     return out
 
 
-def _prefill(engine: DecodeEngine, model: ModelSpec, workload: Workload) -> float:
-    """Prompt processing on the GPU, layer by layer, with host-bound KV written out over PCIe
-    behind the compute. Returns time to first token."""
-    env, machine = engine.env, engine.machine
+def _prefill(engine: DecodeEngine, model: ModelSpec, workload: Workload, plan: StepPlan) -> float:
+    """Prompt processing on the GPU, layer by layer, each layer's host-resident KV (the tokens
+    ``plan`` keeps in host tiers) written out by DMA behind the compute into the tiers that
+    hold it, over every link on the way. Returns time to first token."""
+    env = engine.env
     work = prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype)
     duration = engine._kernel_s(work)
-    kv_layer = workload.batch * workload.context * model.kv_bytes_per_token_layer(workload.kv_dtype)
+    token_bytes = workload.batch * model.kv_bytes_per_token_layer(workload.kv_dtype)
     t0 = env.now
 
     def run():
-        copies = []
-        for _ in range(model.num_layers):
+        writes = []
+        for layer in range(model.num_layers):
             k = engine.stream.launch(duration, "prefill", work.flops, work.bytes_)
             yield k
-            copies.append(machine.copy(engine.gpu, engine.socket, kv_layer, "kv offload"))
-        yield env.all_of(copies)
+            lp = plan.layer_plan(layer)
+            if lp.placement is not None and lp.host_tokens and not lp.host_evicted:
+                writes.append(engine.write_kv(lp.placement, lp.host_tokens * token_bytes,
+                                              "kv offload"))
+        yield env.all_of(writes)
 
     env.run(until=env.process(run()))
     return env.now - t0

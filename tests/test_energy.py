@@ -187,6 +187,21 @@ def test_every_shipped_profile_has_every_energy_and_cost_figure_nonzero(name):
     assert cost.electricity_usd_per_kwh > 0 and cost.pue >= 1
 
 
+# the processors' TDP (Intel ARK, AMD product page): what the package draws at all-core load
+TDP_W = {"Intel Xeon Platinum 8480+ (Sapphire Rapids)": 350,
+         "Intel Xeon Platinum 8592+ (Emerald Rapids)": 350, "AMD EPYC 9554 (Genoa, Zen 4)": 360}
+
+
+@pytest.mark.parametrize("name", ["a100-40gb-spr-cxl", "h100-80gb-spr-cxl", "h100-2socket-cxl",
+                                  "rtx5090-cxl"])
+def test_a_socket_with_every_core_busy_draws_its_tdp(name):
+    """active_core_power_w is derived as (TDP - idle) / cores: rounding it must not lose the
+    package's power at all-core load (64 cores x 0.06 W is 4 W of 350)."""
+    for key, sock in load_profile(name).sockets.items():
+        drawn = sock.idle_power_w + sock.cores * sock.active_core_power_w
+        assert drawn == pytest.approx(TDP_W[sock.model], rel=0.01), f"{name}: sockets.{key}"
+
+
 BAD = {
     # case: (old text, new text, field named, message part)
     "negative_tdp": ("tdp_w: 700 ", "tdp_w: -700 ", "gpus.gpu0.tdp_w", "greater than 0"),

@@ -35,7 +35,7 @@ from hgsim.profiles import load_profile, profile_with_overrides
 from hgsim.scheduler import FeedbackScheduler, SchedulerConfig
 from hgsim.sim.decode import DecodeEngine
 from hgsim.sim.machine import Machine
-from hgsim.simulate import Fidelity, simulate
+from hgsim.simulate import Fidelity, _prefill, simulate
 from hgsim.workload import Workload
 
 H100 = "h100-80gb-spr-cxl"
@@ -273,3 +273,26 @@ def test_the_scheduler_keeps_its_bounds_and_moves_r_the_way_the_times_say(
             assert decided and host_sum > device_sum
         if decided:
             host_sum = device_sum = 0.0
+
+
+def test_prefill_writes_host_kv_into_the_tiers_that_hold_it():
+    """The prompt's host-resident KV lands where the plan places it: keys in socket 0's DRAM,
+    values on the CXL expander behind socket 1 (semantic mapping), so the values cross UPI and
+    the CXL link and are written at the expander's write bandwidth; tokens the GPU keeps are
+    not copied. Time to first token is at least the values' bytes at that bandwidth."""
+    profile = load_profile("h100-2socket-cxl")
+    workload = Workload(batch=1, context=32768, gen=1, include_prefill=True)
+    options = {"adaptive": False, "gpu_share": 0.1}
+    plan = make_policy("hybridgen", MODEL, profile, workload, options).step_plan(workload.context)
+    lp = plan.layer
+    assert lp.placement.k_fractions == {"ddr0": 1.0} and lp.placement.v_fractions == {"cxl0": 1.0}
+    machine = Machine(simpy.Environment(), profile, record=False)
+    engine = DecodeEngine(machine, MODEL, "fp16", "fp16")
+    ttft = _prefill(engine, MODEL, workload, plan)
+    half = MODEL.num_layers * lp.host_tokens * MODEL.kv_bytes_per_token_layer("fp16") / 2
+    moved = machine.recorder.bytes_by_resource()
+    assert moved["gpu0.d2h"] == pytest.approx(2 * half, rel=1e-9)
+    assert moved["ddr0.write"] == pytest.approx(half, rel=1e-9)
+    for channel in ("upi0:cpu0->cpu1", "cxl0-link:cpu1->cxl0", "cxl0.write"):
+        assert moved[channel] == pytest.approx(half, rel=1e-9), channel
+    assert ttft >= half / (profile.tiers["cxl0"].write_bandwidth_gbps * 1e9)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hgsim.capacity import hbm_capacity_bytes
 from hgsim.errors import ConfigError, UserError
 from hgsim.profiles import (
     PROFILE_DIR,
@@ -85,10 +86,23 @@ def test_key_figures():
     assert a100.gpus["gpu0"].peak_flops("bf16") == 312e12
     assert a100.links["pcie0"].bandwidth_gbps == 25
     h100 = load_profile("h100-80gb-spr-cxl")
-    assert (h100.gpus["gpu0"].hbm_capacity_gb, h100.gpus["gpu0"].hbm_bandwidth_gbps) == (80, 3350)
+    assert h100.gpus["gpu0"].hbm_bandwidth_gbps == 3350
     assert h100.links["pcie0"].bandwidth_gbps == 50
     rtx = load_profile("rtx5090-cxl")
-    assert (rtx.gpus["gpu0"].hbm_capacity_gb, rtx.gpus["gpu0"].hbm_bandwidth_gbps) == (32, 1792)
+    assert rtx.gpus["gpu0"].hbm_bandwidth_gbps == 1792
+
+
+# nvidia-smi's memory total of each card (MiB): a datasheet's "80 GB" is binary
+DEVICE_MIB = {"a100-40gb-spr-cxl": 40960, "h100-80gb-spr-cxl": 81559, "h100-2socket-cxl": 81559,
+              "rtx5090-cxl": 32607, "dev-zen4-2core": 40960}
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_MIB))
+def test_device_memory_is_the_bytes_the_card_has(name):
+    """``hbm_capacity_gb`` is 1e9 bytes, which is what ``hgsim calibrate`` writes (CUDA's total
+    memory / 1e9); a shipped profile holds the same card's bytes, not the datasheet's
+    binary "80 GB" read as 80e9 (6.9% fewer tokens fit in HBM on an H100)."""
+    assert hbm_capacity_bytes(load_profile(name)) == pytest.approx(DEVICE_MIB[name] * 2**20, rel=1e-12)
 
 
 def test_two_socket_topology():

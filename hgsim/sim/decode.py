@@ -43,7 +43,7 @@ from simpy import Event
 from hgsim import graph_path
 from hgsim.costs import LayerWork, Work, layer_work, lm_head_work
 from hgsim.memory import Pattern, touched_bytes
-from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
+from hgsim.plan import CpuWork, KvPlacement, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
 from hgsim.sim.machine import GB, Machine
 from hgsim.specs.model import ModelSpec
@@ -393,12 +393,16 @@ class DecodeEngine:
         if update is not None:
             yield update
         t = self.env.now
-        placement = lp.placement
-        half = w.evict_bytes / 2  # K and V, each to the tiers holding its kind
-        flow = yield self.machine.write(
-            self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
-            w.evict_bytes, "evict K+V")
+        flow = yield self.write_kv(lp.placement, w.evict_bytes, "evict K+V")
         chain.last = _Node(t, self.env.now, _shares([flow]), (update_node,))
+
+    def write_kv(self, placement: KvPlacement, bytes_: float, label: str) -> Event:
+        """The GPU writes ``bytes_`` of K and V (half each) by DMA into the host tiers that hold
+        each kind, crossing every link on the way (UPI to a remote socket, a CXL link)."""
+        half = bytes_ / 2
+        return self.machine.write(
+            self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
+            bytes_, label)
 
     def _stream_copy(self, src: str, dst: str, bytes_: float, label: str, chain: _Chain, *,
                      after: Event | None = None, after_node: _Node | None = None):
@@ -443,10 +447,7 @@ class DecodeEngine:
             t = env.now
             fetches = [machine.copy(gpu, self.staging, w.q_d2h_bytes, "q d2h")]
             if w.append_host_bytes:  # no HBM window: the new token is written to host memory
-                half = w.append_host_bytes / 2
-                fetches.append(machine.write(
-                    gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
-                    w.append_host_bytes, "append K+V"))
+                fetches.append(self.write_kv(placement, w.append_host_bytes, "append K+V"))
             done = yield env.all_of(fetches)
             self._segment(times, t, _shares(done.values()))
             times.pcie_s += env.now - t
