@@ -19,7 +19,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from hgsim.outputs import written_whole
+from hgsim.outputs import finite_for_json, written_whole
 from hgsim.sim.recorder import DEVICE_KINDS, Recorder
 
 
@@ -93,11 +93,11 @@ def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None,
         })
     for t_s, name, args in markers:
         events.append({"name": name, "ph": "i", "s": "g", "ts": _ns(t_s) / 1000, "pid": 0,
-                       "tid": 0, "cat": "scheduler", "args": args})
+                       "tid": 0, "cat": "scheduler", "args": finite_for_json(args)})
     events.sort(key=lambda e: e["ts"])
     trace: dict[str, Any] = {"traceEvents": meta + events, "displayTimeUnit": "ns"}
     if metadata:
-        trace["otherData"] = metadata
+        trace["otherData"] = finite_for_json(metadata)  # a result row has NaN where not computed
     return trace
 
 
@@ -109,7 +109,8 @@ def write_chrome_trace(
     trace = chrome_trace(recorder, metadata=metadata, markers=markers)
     path = os.fspath(path)
     with written_whole(path, encoding="utf-8") as fh:  # Ctrl-C while writing: no torn JSON
-        json.dump(trace, fh, separators=(",", ":"), default=str)
+        # strict JSON: a NaN left in an activity would be a bug, not a value to write
+        json.dump(trace, fh, separators=(",", ":"), default=str, allow_nan=False)
     return path
 
 

@@ -11,12 +11,11 @@ invalid file, so that point is simply computed again).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from hgsim.outputs import writer_is_gone
+from hgsim.outputs import finite_for_json, writer_is_gone
 
 SUFFIX = ".json"
 TMP_PREFIX = ".tmp-"
@@ -34,7 +33,7 @@ class PointStore:
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.path(record["key"])
         tmp = self.dir / f"{TMP_PREFIX}{record['key']}-{os.getpid()}"
-        text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False)
+        text = json.dumps(finite_for_json(record), separators=(",", ":"), allow_nan=False)
         with open(tmp, "w") as fh:
             fh.write(text)
         os.replace(tmp, final)
@@ -82,14 +81,3 @@ class PointStore:
                     path.unlink(missing_ok=True)
                     removed += 1
         return removed
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf are not JSON; store them as null (read back as missing values)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj
