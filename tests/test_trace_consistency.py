@@ -66,3 +66,72 @@ def test_core_pool_is_busy_whenever_its_cores_are_held():
     assert rec.busy_time("cpu0.cores") == pytest.approx(held_s, rel=1e-9)
     labels = {e["name"] for e in _slices(chrome_trace(rec))["cpu0.cores"]}
     assert {"cpu scan", "cpu gather", "top-k inserts", "host calls"} <= labels
+
+
+def _simulated_trace(tmp_path, samples: int, gen: int = 6, prefill: bool = False,
+                     model: str = "llama-3.1-8b", context: int = 32768):
+    import json
+
+    from hgsim.simulate import Fidelity, simulate
+    from hgsim.workload import Workload
+
+    path = tmp_path / "t.json"
+    result = simulate("h100-80gb-spr-cxl", model, "hybridgen",
+                      Workload(batch=1, context=context, gen=gen, include_prefill=prefill),
+                      fidelity=Fidelity(decode_samples=samples, accuracy=False),
+                      trace_path=path)
+    return result, json.loads(path.read_text())
+
+
+def _step_spans(trace):
+    return sorted((e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "step"),
+                  key=lambda e: e["ts"])
+
+
+@pytest.mark.parametrize("samples", [0, 3])
+def test_step_spans_are_the_simulated_steps_with_their_latencies(tmp_path, samples):
+    """One span per simulated step (and the prefill), each as long as the latency the result
+    reports for it, tiling the timeline: every activity lies in one of them. A sampled run
+    says which steps each span stands for, rather than passing its steps off as the run."""
+    result, trace = _simulated_trace(tmp_path, samples, prefill=True)
+    spans = _step_spans(trace)
+    simulated = [s for s in result.steps if s.simulated]
+    assert len(spans) == len(simulated) + 1
+    prefill, steps = spans[0], spans[1:]
+    assert prefill["name"] == "prefill"
+    assert prefill["ts"] == 0 and prefill["dur"] == pytest.approx(result.ttft_s * 1e6, abs=1e-3)
+    end = prefill["dur"]
+    for span, step in zip(steps, simulated, strict=True):
+        assert span["args"]["step"] == step.step and span["args"]["simulated"] is True
+        assert span["ts"] == pytest.approx(end, abs=1e-3)
+        assert span["dur"] == pytest.approx(step.latency_s * 1e6, abs=1e-3)
+        end = span["ts"] + span["dur"]
+    stands = [span["args"]["stands_for_steps"] for span in steps]
+    if samples:
+        assert stands == ["0-1", "2-4", "5"]  # steps 0, 2, 5 simulated; the rest interpolated
+    else:
+        assert stands == [str(s.step) for s in result.steps]
+    assert trace["otherData"]["trace_simulated_steps"] == len(simulated)
+    # every activity of the machine lies inside the prefill or one step
+    bounds = [(s["ts"], s["ts"] + s["dur"]) for s in spans]
+    for e in trace["traceEvents"]:
+        if e["ph"] == "X" and e["cat"] != "step":
+            assert any(lo - 1e-3 <= e["ts"] and e["ts"] + e["dur"] <= hi + 1e-3
+                       for lo, hi in bounds), e
+
+
+def test_a_decision_at_an_interpolated_step_names_the_step_it_observed(tmp_path):
+    """The scheduler decides every 4 steps; at an unsimulated step it observed the last
+    simulated one, and its marker (at that step's end) says so. (llama-2-13b at 128k puts
+    KV on the host, so HybridGen's scheduler runs.)"""
+    result, trace = _simulated_trace(tmp_path, samples=3, gen=8, model="llama-2-13b",
+                                     context=131072)
+    marks = [e for e in trace["traceEvents"] if e.get("cat") == "scheduler"]
+    assert marks
+    spans = {e["args"]["step"]: e for e in _step_spans(trace)}
+    for mark in marks:
+        step, observed = mark["args"]["step"], mark["args"]["observed_step"]
+        assert result.steps[observed].simulated and observed <= step
+        assert mark["args"]["simulated"] == (observed == step)
+        assert mark["ts"] == pytest.approx(spans[observed]["ts"] + spans[observed]["dur"],
+                                           abs=1e-3)
