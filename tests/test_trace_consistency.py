@@ -15,10 +15,11 @@ from hgsim.sim.trace import chrome_trace
 
 
 def _slices(trace) -> dict[str, list[dict]]:
+    """Slices by resource; the decode track's spans under "step"."""
     out = defaultdict(list)
     for e in trace["traceEvents"]:
         if e["ph"] == "X":
-            out[e["args"]["resource"]].append(e)
+            out["step" if e["cat"] == "step" else e["args"]["resource"]].append(e)
     return out
 
 
@@ -135,3 +136,48 @@ def test_a_decision_at_an_interpolated_step_names_the_step_it_observed(tmp_path)
         assert mark["args"]["simulated"] == (observed == step)
         assert mark["ts"] == pytest.approx(spans[observed]["ts"] + spans[observed]["dur"],
                                            abs=1e-3)
+
+
+def _union_ns(spans) -> int:
+    total, end = 0, None
+    for s, e in sorted(spans):
+        if end is None or s > end:
+            total += e - s
+            end = e
+        elif e > end:
+            total += e - end
+            end = e
+    return total
+
+
+@pytest.mark.parametrize("policy", ["hybridgen", "hgca"])
+def test_trace_agrees_with_the_utilisation_and_traffic_tables(tmp_path, policy):
+    """Over the decode steps (after a prefill, two sockets, DDR and CXL shared by flows): each
+    resource's busy union in the trace / decode time = its busy fraction in the table, and its
+    slices' bytes = its GB moved."""
+    import json
+
+    from hgsim.simulate import Fidelity, simulate
+    from hgsim.workload import Workload
+
+    path = tmp_path / "t.json"
+    result = simulate("h100-2socket-cxl", "llama-2-13b", policy,
+                      Workload(batch=1, context=131072, gen=2, include_prefill=True),
+                      fidelity=Fidelity(decode_samples=0, accuracy=False), trace_path=path)
+    slices = _slices(json.loads(path.read_text()))
+    t0 = round(result.ttft_s * 1e9)
+    t1 = t0 + round(sum(s.latency_s for s in result.steps) * 1e9)
+    assert slices["step"] and max(round((e["ts"] + e["dur"]) * 1e3)
+                                  for e in slices["step"]) == pytest.approx(t1, abs=2)
+    checked = 0
+    for resource, busy in result.utilisation.items():
+        spans = [(max(round(e["ts"] * 1e3), t0), min(round((e["ts"] + e["dur"]) * 1e3), t1))
+                 for e in slices.get(resource, [])]
+        in_decode = _union_ns([(s, e) for s, e in spans if e > s]) / (t1 - t0)
+        assert in_decode == pytest.approx(busy, abs=1e-6), resource
+        moved = sum(e["args"]["bytes"] for e in slices.get(resource, [])
+                    if round(e["ts"] * 1e3) >= t0)
+        assert moved == pytest.approx(result.bytes_by_resource.get(resource, 0.0),
+                                      rel=1e-9, abs=1.0), resource
+        checked += busy > 0
+    assert checked >= 8
