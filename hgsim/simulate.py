@@ -85,12 +85,12 @@ def simulate(
     machine = Machine(env, profile, record=record)
     engine = DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
                           attention_only=workload.attention_only)
+    spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
     if workload.include_prefill:
+        t_prefill = env.now
         result.ttft_s = _prefill(engine, model, workload)
-    spans: list[tuple[float, float, str, dict]] = []  # what the trace's step track shows
-    if workload.include_prefill:
-        spans.append((0.0, env.now, "prefill", {"context": workload.context,
-                                                "batch": workload.batch}))
+        spans.append((t_prefill, env.now, "prefill", {"context": workload.context,
+                                                      "batch": workload.batch}))
 
     t_decode0 = env.now
     before = machine.recorder.snapshot()
