@@ -13,6 +13,7 @@ viewer, a later run or a person takes it for the real thing.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -117,3 +118,15 @@ def written_whole(path: str | os.PathLike[str], mode: str = "w", **open_args: An
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when the block did not complete
+
+
+def finite_for_json(obj: Any) -> Any:
+    """``obj`` with NaN/inf as None: they are not JSON (Python writes them anyway, and strict
+    readers such as JSON.parse and Perfetto then refuse the whole file)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_for_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_for_json(v) for v in obj]
+    return obj

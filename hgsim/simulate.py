@@ -85,8 +85,12 @@ def simulate(
     machine = Machine(env, profile, record=record)
     engine = DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
                           attention_only=workload.attention_only)
+    spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
     if workload.include_prefill:
+        t_prefill = env.now
         result.ttft_s = _prefill(engine, model, workload, pol.step_plan(workload.context))
+        spans.append((t_prefill, env.now, "prefill", {"context": workload.context,
+                                                      "batch": workload.batch}))
 
     t_decode0 = env.now
     before = machine.recorder.snapshot()
@@ -94,6 +98,7 @@ def simulate(
     sampled = set(sample_steps(workload.gen, fidelity.decode_samples))
     steps: list[StepTiming | None] = []
     last = None
+    last_step = 0  # the simulated step whose measure ``last`` is
     step_binding: list[dict[str, float]] = []  # each step's split, from its simulated step
     markers: list[tuple[float, str, dict]] = []
     sched = pol.scheduler
@@ -104,8 +109,11 @@ def simulate(
         if context == accuracy_context(workload):
             scored = plan.layer
         if step in sampled:
+            t_step = env.now
             m = engine.step(plan)
-            last = m
+            last, last_step = m, step
+            spans.append((t_step, env.now, f"decode step {step}",
+                          {"step": step, "context": context, "simulated": True}))
         m = last
         step_binding.append(m.binding)
         decision = ""
@@ -116,7 +124,8 @@ def simulate(
                 decision = record.decision.value
                 result.last_reason = f"{decision}: {record.reason}"
                 markers.append((env.now, f"scheduler: {decision}", {
-                    "reason": record.reason, "step": step, "ratio": sched.ratio,
+                    "reason": record.reason, "step": step, "simulated": step in sampled,
+                    "observed_step": last_step, "ratio": sched.ratio,
                     "gpu_share": sched.gpu_share}))
         steps.append(StepTiming(
             step=step, context=context, latency_s=m.latency_s, gpu_busy_s=m.gpu_busy_s,
@@ -147,12 +156,34 @@ def simulate(
     elif pol.lossy and scored is not None:
         _accuracy(result, scored, pol.model)
     if trace_path is not None:
-        from hgsim.sim.trace import write_chrome_trace
-
-        write_chrome_trace(machine.recorder, trace_path, metadata=result.to_row(),
-                           markers=markers)
+        _write_trace(machine, trace_path, result, spans, markers)
     result.wall_s = time.perf_counter() - wall0
     return result
+
+
+def _write_trace(machine: Machine, path: str | Path, result: SimResult,
+                 spans: list[tuple[float, float, str, dict]],
+                 markers: list[tuple[float, str, dict]]) -> None:
+    """The run's Perfetto trace: the machine's activities, a track of the prefill and the
+    simulated steps, the scheduler's decisions. With ``decode_samples`` only the simulated
+    steps ran, so each step's span says which steps it stands for (itself and the
+    interpolated ones after it) and the metadata counts them: the timeline is shorter than
+    the run's decode time, and nothing in it pretends otherwise."""
+    from hgsim.sim.trace import write_chrome_trace
+
+    simulated = [s.step for s in result.steps if s.simulated]
+    nexts = [*simulated[1:], len(result.steps)]
+    stands = {k: str(k) if nxt - 1 == k else f"{k}-{nxt - 1}"
+              for k, nxt in zip(simulated, nexts, strict=True)}
+    for _, _, _, args in spans:
+        if "step" in args:
+            step = result.steps[args["step"]]
+            args.update(stands_for_steps=stands[step.step], latency_ms=step.latency_s * 1e3)
+    metadata = {**result.to_row(), "trace_simulated_steps": len(simulated),
+                "trace_note": (f"{len(simulated)} of {len(result.steps)} decode steps were "
+                               "simulated and are in this trace; the others were interpolated "
+                               "(span args: stands_for_steps)")}
+    write_chrome_trace(machine.recorder, path, metadata=metadata, markers=markers, spans=spans)
 
 
 def _interpolate(steps: list[StepTiming]) -> list[StepTiming]:

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 from hgsim.commands.checks import count, local_workers
 from hgsim.commands.policy_options import policy_options
 from hgsim.errors import UserError
-from hgsim.outputs import check_output_file, written_whole
+from hgsim.outputs import check_output_file, finite_for_json, written_whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -165,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
     measured_on = describe(cuda)
     if args.json:
         print(json.dumps({"device": result.device, "platform": measured_on,
-                          "measured": _clean(result.measured.to_row()),
-                          "simulated": _clean(result.simulated.to_row())}, indent=2,
+                          "measured": finite_for_json(result.measured.to_row()),
+                          "simulated": finite_for_json(result.simulated.to_row())}, indent=2,
                          default=str))
     else:
         print_comparison(result, other_device=mr.describes_standin(profile) == cuda)
@@ -240,15 +239,9 @@ def write_outputs(result, prefix: Path) -> list[Path]:
     frame["policy"] = result.measured.policy
     with written_whole(steps, newline="") as fh:
         frame.to_csv(fh, index=False)
-    rows = {"device": result.device, "measured": _clean(result.measured.to_row()),
-            "simulated": _clean(result.simulated.to_row()),
+    rows = {"device": result.device, "measured": finite_for_json(result.measured.to_row()),
+            "simulated": finite_for_json(result.simulated.to_row()),
             "token_wall_ms": [1e3 * t for t in result.token_s]}
     with written_whole(summary) as fh:
         fh.write(json.dumps(rows, indent=1, default=str) + "\n")
     return [steps, summary]
-
-
-def _clean(row: dict) -> dict:
-    """A result row with NaN (not measured) as null, so the JSON is strict."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
-            for k, v in row.items()}

@@ -68,7 +68,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_result(result)
         if trace is not None and result.feasible:
-            print(f"\ntrace written to {trace} (open in https://ui.perfetto.dev)")
+            simulated = sum(s.simulated for s in result.steps)
+            print(f"\ntrace written to {trace}: {trace.stat().st_size / 1e6:.2f} MB, "
+                  f"{simulated} of {len(result.steps)} decode steps simulated "
+                  "(open in https://ui.perfetto.dev)")
+        elif trace is not None:
+            print(f"\nno trace written to {trace} (infeasible: nothing was simulated)")
     return 0 if result.feasible else 1
 
 

@@ -505,7 +505,7 @@ class DecodeEngine:
             times.fixed_s += env.now - t
         if w.cpu_topk_inserts and spec.topk_ns_per_insert:
             yield from self._core_time(times, w.cpu_topk_inserts * spec.topk_ns_per_insert
-                                       * 1e-9 / self.cores, variable=True)
+                                       * 1e-9 / self.cores, "top-k inserts", variable=True)
         if w.gather_rows:
             gather = (placement.gather_fractions if lp.cpu_work is not CpuWork.NONE
                       else placement.v_fractions)
@@ -529,14 +529,18 @@ class DecodeEngine:
             times.variable_s += env.now - t
         if w.host_calls and spec.op_overhead_us:
             yield from self._core_time(times, w.host_calls * spec.op_overhead_us * 1e-6,
-                                       variable=False)
+                                       "host calls", variable=False)
         self._cores_released = times.last
         pool.release(self.cores)
         times.cpu_s = env.now - start
 
-    def _core_time(self, times: _HostTimes, seconds: float, *, variable: bool):
+    def _core_time(self, times: _HostTimes, seconds: float, label: str, *, variable: bool):
+        """Core work with no memory traffic of its own (heap inserts, per-call fixed costs),
+        recorded on the core pool: its cores are as busy as during a scan."""
         t = self.env.now
         yield self.env.timeout(seconds)
+        self.machine.recorder.record(self.machine.cores(self.socket).name, t, self.env.now,
+                                     label=label, category="cpu")
         self._segment(times, t, {f"{self.socket} cores": 1.0})
         if variable:
             times.variable_s += seconds

@@ -355,7 +355,7 @@ class FlowNetwork:
                     if c.unit is FLOPS_PER_S:
                         totals.flops += f.flops
                     if keep:
-                        self._log(f, c)
+                        self._log(f, c, w)
                     if cflows:
                         seeds.append(c)
                     else:  # the channel goes idle: its busy period joins the union
@@ -393,13 +393,18 @@ class FlowNetwork:
             heapq.heappush(wakes, t)
             Timeout(self.env, t - now if t > now else 0.0).callbacks.append(self._on_wake_cb)
 
-    def _log(self, f: Flow, c: Channel) -> None:
-        """Full mode: the flow's activity on one channel, and the channel's flow count."""
+    def _log(self, f: Flow, c: Channel, w: float) -> None:
+        """Full mode: the flow's activity on one channel (``w``: its use per byte/s), and the
+        channel's flow count. A bandwidth channel's slice holds the bytes that crossed it (a
+        read spread over two tiers puts its share on each), so a trace adds up to what the
+        channel moved (``ResourceTotals.moved_bytes``); a FLOP/s or in-flight channel's holds
+        the flow's amount, as its totals do."""
         recorder = self.recorder
         if c.unit is FLOPS_PER_S:
             recorder.log(c.name, f.start_s, f.end_s, f.amount, f.flops, f.label, "compute")
         else:
-            recorder.log(c.name, f.start_s, f.end_s, f.amount, 0.0, f.label, "transfer")
+            moved = f.amount * w if c.unit is BYTES_PER_S else f.amount
+            recorder.log(c.name, f.start_s, f.end_s, moved, 0.0, f.label, "transfer")
         recorder.counter(c.name, f.end_s, len(c.flows))
 
     def _report_empty(self, f: Flow) -> None:

@@ -10,6 +10,11 @@ lanes of the same resource, named ``"<resource> [2]"``, ``[3]``...; a resource w
 overlaps keeps exactly one track. Times are rounded to whole nanoseconds *before* lanes are
 assigned, so slices that touch in the simulation also touch, and never overlap, in the file.
 Counter samples (active flows per channel, cores in use) become "C" events.
+
+``simulate`` adds a first process, ``decode``, whose one track holds the prefill and each
+*simulated* decode step as a span (args: step, context, latency, and ``stands_for_steps``:
+with ``decode_samples`` the interpolated steps it stands for), so a sampled run's timeline
+reads as what it is: only the simulated steps, back to back.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import os
 from collections import defaultdict
 from typing import Any
 
-from hgsim.outputs import written_whole
+from hgsim.outputs import finite_for_json, written_whole
 from hgsim.sim.recorder import DEVICE_KINDS, Recorder
 
 
@@ -28,9 +33,12 @@ def _ns(t_s: float) -> int:
 
 
 def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None,
-                 markers: list[tuple[float, str, dict[str, Any]]] = ()) -> dict[str, Any]:
+                 markers: list[tuple[float, str, dict[str, Any]]] = (),
+                 spans: list[tuple[float, float, str, dict[str, Any]]] = ()) -> dict[str, Any]:
     """The trace as a JSON-ready dict (see module docstring for the layout); ``markers``
-    (time s, name, args) become global instant events, e.g. the scheduler's decisions."""
+    (time s, name, args) become global instant events, e.g. the scheduler's decisions;
+    ``spans`` (start s, end s, name, args), e.g. the decode steps, one track of their own
+    above the devices (they must not overlap)."""
     if not recorder.keep_activities:
         raise ValueError("the recorder kept no activities (record=False); nothing to trace")
     by_resource: dict[str, list] = defaultdict(list)
@@ -48,16 +56,28 @@ def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None,
     for n in names:
         kind_of.setdefault(infos[n].device, infos[n].device_kind)
     devices.sort(key=lambda d: order.get(kind_of[d], len(order)))
-    pid_of = {d: i + 1 for i, d in enumerate(devices)}
+    first = 2 if spans else 1  # the spans' process comes first
+    pid_of = {d: i + first for i, d in enumerate(devices)}
 
     meta: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    next_tid = 1
+    if spans:
+        meta.append(_meta("process_name", 1, 0, {"name": "decode"}))
+        meta.append(_meta("process_sort_index", 1, 0, {"sort_index": 1}))
+        meta.append(_meta("thread_name", 1, next_tid, {"name": "steps"}))
+        meta.append(_meta("thread_sort_index", 1, next_tid, {"sort_index": next_tid}))
+        for start_s, end_s, name, args in spans:
+            start_ns = _ns(start_s)
+            events.append({"name": name, "cat": "step", "ph": "X", "ts": start_ns / 1000,
+                           "dur": (_ns(end_s) - start_ns) / 1000, "pid": 1, "tid": next_tid,
+                           "args": finite_for_json(args)})
+        next_tid += 1
     for d in devices:
         pid = pid_of[d]
         meta.append(_meta("process_name", pid, 0, {"name": f"{d} ({kind_of[d]})"}))
         meta.append(_meta("process_sort_index", pid, 0, {"sort_index": pid}))
 
-    events: list[dict[str, Any]] = []
-    next_tid = 1
     for n in names:
         pid = pid_of[infos[n].device]
         lanes = _assign_lanes(by_resource.get(n, []))
@@ -93,23 +113,25 @@ def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None,
         })
     for t_s, name, args in markers:
         events.append({"name": name, "ph": "i", "s": "g", "ts": _ns(t_s) / 1000, "pid": 0,
-                       "tid": 0, "cat": "scheduler", "args": args})
+                       "tid": 0, "cat": "scheduler", "args": finite_for_json(args)})
     events.sort(key=lambda e: e["ts"])
     trace: dict[str, Any] = {"traceEvents": meta + events, "displayTimeUnit": "ns"}
     if metadata:
-        trace["otherData"] = metadata
+        trace["otherData"] = finite_for_json(metadata)  # a result row has NaN where not computed
     return trace
 
 
 def write_chrome_trace(
     recorder: Recorder, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None,
     markers: list[tuple[float, str, dict[str, Any]]] = (),
+    spans: list[tuple[float, float, str, dict[str, Any]]] = (),
 ) -> str:
     """Write the recorder's activities as Chrome/Perfetto trace JSON; returns the path."""
-    trace = chrome_trace(recorder, metadata=metadata, markers=markers)
+    trace = chrome_trace(recorder, metadata=metadata, markers=markers, spans=spans)
     path = os.fspath(path)
     with written_whole(path, encoding="utf-8") as fh:  # Ctrl-C while writing: no torn JSON
-        json.dump(trace, fh, separators=(",", ":"), default=str)
+        # strict JSON: a NaN left in an activity would be a bug, not a value to write
+        json.dump(trace, fh, separators=(",", ":"), default=str, allow_nan=False)
     return path
 
 

@@ -12,12 +12,11 @@ invalid file, so that point is simply computed again).
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
-from hgsim.outputs import orphaned_temporaries, written_whole
+from hgsim.outputs import finite_for_json, orphaned_temporaries, written_whole
 
 SUFFIX = ".json"
 
@@ -33,7 +32,7 @@ class PointStore:
         """Store one record atomically (an existing record of the same key is replaced)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         final = self.path(record["key"])
-        text = json.dumps(_finite(record), separators=(",", ":"), allow_nan=False)
+        text = json.dumps(finite_for_json(record), separators=(",", ":"), allow_nan=False)
         with written_whole(final) as fh:
             fh.write(text)
         return final
@@ -75,14 +74,3 @@ class PointStore:
         for path in orphans:
             path.unlink(missing_ok=True)
         return len(orphans)
-
-
-def _finite(obj: Any) -> Any:
-    """NaN/inf are not JSON; store them as null (read back as missing values)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
-    return obj

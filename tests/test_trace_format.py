@@ -1,0 +1,108 @@
+"""The trace file is strict JSON in the Chrome trace format, whatever the result holds."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+
+import pytest
+import simpy
+from conftest import make_profile
+
+from hgsim.sim import Machine, write_chrome_trace
+
+
+def _strict(text: str):
+    """json.loads that refuses NaN/Infinity, as JSON.parse (chrome://tracing) and Perfetto
+    do: Python writes them by default, which makes the whole file unreadable there."""
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_non_finite_metadata_is_written_as_null(tmp_path):
+    m = Machine(simpy.Environment(), make_profile())
+    m.copy("ddr0", "gpu0", 1e6, "kv")
+    m.env.run()
+    # a result row holds NaN where a figure is not computed (accuracy off, no prices)
+    meta = {"accuracy_rel_error": float("nan"), "usd_per_mtok": float("inf"), "ok": 1.5,
+            "nested": {"x": float("-inf")}}
+    path = write_chrome_trace(m.recorder, tmp_path / "t.json", metadata=meta,
+                              markers=[(0.0, "mark", {"ratio": float("nan")})])
+    trace = _strict(open(path).read())
+    assert trace["otherData"] == {"accuracy_rel_error": None, "usd_per_mtok": None, "ok": 1.5,
+                                  "nested": {"x": None}}
+    mark = next(e for e in trace["traceEvents"] if e["name"] == "mark")
+    assert mark["args"] == {"ratio": None}
+
+
+# ---------------------------------------------------------------------- a simulated run
+def _run_trace(tmp_path, profile: str, model: str, policy: str, *, batch: int = 1,
+               context: int = 131072, gen: int = 2, samples: int = 0, prefill: bool = False):
+    from hgsim.simulate import Fidelity, simulate
+    from hgsim.workload import Workload
+
+    path = tmp_path / "t.json"
+    result = simulate(profile, model, policy,
+                      Workload(batch=batch, context=context, gen=gen, include_prefill=prefill),
+                      fidelity=Fidelity(decode_samples=samples, accuracy=False), trace_path=path)
+    return result, _strict(path.read_text())
+
+
+# Host paths on both CPU-heavy and PCIe-heavy policies, one and two sockets, MHA and GQA.
+CASES = [
+    ("h100-2socket-cxl", "llama-2-13b", "hybridgen", 1),
+    ("h100-80gb-spr-cxl", "llama-3.1-8b", "infinigen", 16),
+    ("a100-40gb-spr-cxl", "llama-3.1-8b", "flexgen", 1),
+]
+
+
+@pytest.mark.parametrize(("profile", "model", "policy", "batch"), CASES)
+def test_a_simulated_trace_is_well_formed(tmp_path, profile, model, policy, batch):
+    """What Perfetto needs: every slice has a finite start, a duration >= 0 and a named
+    track in a named process; slices on one track never overlap (it draws misnested ones
+    wrongly); a serial resource (a CUDA stream, a core pool held whole by each host path)
+    keeps one track."""
+    result, trace = _run_trace(tmp_path, profile, model, policy, batch=batch, prefill=True)
+    assert result.feasible
+    events = trace["traceEvents"]
+    processes = {e["pid"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    threads = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+               if e["ph"] == "M" and e["name"] == "thread_name"}
+    per_track = defaultdict(list)
+    for e in events:
+        assert e["ph"] in ("M", "X", "C", "i")
+        if e["ph"] == "X":
+            assert math.isfinite(e["ts"]) and e["ts"] >= 0 and e["dur"] >= 0
+            assert e["pid"] in processes and (e["pid"], e["tid"]) in threads
+            per_track[e["pid"], e["tid"]].append(
+                (round(e["ts"] * 1000), round((e["ts"] + e["dur"]) * 1000)))
+    for spans in per_track.values():
+        spans.sort()
+        for (_, end), (start, _) in zip(spans, spans[1:], strict=False):
+            assert end <= start
+    names = set(threads.values())
+    assert "gpu0.compute" in names and not any(n.startswith("gpu0.compute [") for n in names)
+    assert not any(n.startswith("cpu0.cores [") for n in names)
+
+
+def test_gen_1_trace_has_its_one_step(tmp_path):
+    result, trace = _run_trace(tmp_path, "h100-80gb-spr-cxl", "llama-2-13b", "hybridgen",
+                               gen=1, samples=4)
+    (span,) = [e for e in trace["traceEvents"] if e["ph"] == "X" and e["cat"] == "step"]
+    assert span["args"]["stands_for_steps"] == "0"
+    assert span["dur"] == pytest.approx(result.steps[0].latency_s * 1e6, abs=1e-3)
+
+
+def test_infeasible_run_writes_no_trace(tmp_path, capsys):
+    """Exit 1 (infeasible is an answer, not a mistake), no file, and a line that says so."""
+    from hgsim.cli import main
+
+    path = tmp_path / "t.json"
+    code = main(["simulate", "--profile", "h100-80gb-spr-cxl", "--model", "llama-2-70b",
+                 "--policy", "gpu_only", "--context", "128k", "--batch", "16", "--gen", "2",
+                 "--trace", str(path)])
+    assert code == 1
+    assert list(tmp_path.iterdir()) == []
+    assert f"no trace written to {path}" in capsys.readouterr().out
