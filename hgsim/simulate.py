@@ -86,7 +86,9 @@ def simulate(
     engine = DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
                           attention_only=workload.attention_only)
     if workload.include_prefill:
-        result.ttft_s = _prefill(engine, model, workload)
+        result.ttft_s = engine.prefill(
+            pol.step_plan(workload.context),
+            prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype))
 
     t_decode0 = env.now
     before = machine.recorder.snapshot()
@@ -187,27 +189,6 @@ def _mean_binding(steps: list[StepTiming],
         for label, seconds in split.items():
             out[label] = out.get(label, 0.0) + seconds * scale / len(steps)
     return out
-
-
-def _prefill(engine: DecodeEngine, model: ModelSpec, workload: Workload) -> float:
-    """Prompt processing on the GPU, layer by layer, with host-bound KV written out over PCIe
-    behind the compute. Returns time to first token."""
-    env, machine = engine.env, engine.machine
-    work = prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype)
-    duration = engine._kernel_s(work)
-    kv_layer = workload.batch * workload.context * model.kv_bytes_per_token_layer(workload.kv_dtype)
-    t0 = env.now
-
-    def run():
-        copies = []
-        for _ in range(model.num_layers):
-            k = engine.stream.launch(duration, "prefill", work.flops, work.bytes_)
-            yield k
-            copies.append(machine.copy(engine.gpu, engine.socket, kv_layer, "kv offload"))
-        yield env.all_of(copies)
-
-    env.run(until=env.process(run()))
-    return env.now - t0
 
 
 def _accuracy(result: SimResult, median_plan: LayerPlan, model: ModelSpec) -> None:

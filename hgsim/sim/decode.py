@@ -223,6 +223,33 @@ class DecodeEngine:
         self.env.run(until=done)
         return measure
 
+    def prefill(self, plan: StepPlan, work: Work) -> float:
+        """Simulate the prompt's prefill to completion under ``plan`` (the plan at the prompt's
+        length) and return its duration, the time to first token.
+
+        Layer by layer, one kernel of ``work`` (the layer's GEMMs and causal attention over the
+        whole prompt, ``costs.prefill_layer_work``) on the GPU stream; then the K and V of the
+        tokens ``plan`` keeps in host memory are written by DMA into the tiers of its placement,
+        behind the next layer's kernel (the copy engine works while the stream computes). Tokens
+        the plan keeps in HBM stay there and tokens it evicts (H2O) are dropped: neither
+        crosses PCIe. The prefill ends when the last kernel has run and every write has landed
+        (the decode that follows reads them)."""
+        t0 = self.env.now
+        self.env.run(until=self.env.process(self._prefill(plan, work)))
+        return self.env.now - t0
+
+    def _prefill(self, plan: StepPlan, work: Work):
+        duration = self._kernel_s(work)
+        kv_token = self.model.kv_bytes_per_token_layer(self.kv_dtype)
+        writes = []
+        for i in range(plan.num_layers):
+            yield self.stream.launch(duration, "prefill", work.flops, work.bytes_)
+            lp = plan.layer_plan(i)
+            if lp.host_tokens and not lp.host_evicted:
+                writes.append(self._write_kv(lp, plan.batch * lp.host_tokens * kv_token,
+                                             "prefill K+V to host"))
+        yield self.env.all_of(writes)
+
     def _launch(self, work: Work, label: str, attention: bool = False, *, after=(),
                 waits=(), always: bool = True,
                 fixed_s: float | None = None) -> tuple[Event | None, float, _Node | None]:
@@ -393,12 +420,16 @@ class DecodeEngine:
         if update is not None:
             yield update
         t = self.env.now
-        placement = lp.placement
-        half = w.evict_bytes / 2  # K and V, each to the tiers holding its kind
-        flow = yield self.machine.write(
-            self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
-            w.evict_bytes, "evict K+V")
+        flow = yield self._write_kv(lp, w.evict_bytes, "evict K+V")
         chain.last = _Node(t, self.env.now, _shares([flow]), (update_node,))
+
+    def _write_kv(self, lp: LayerPlan, bytes_: float, label: str) -> Event:
+        """K and V (half of ``bytes_`` each) written by DMA from the GPU into the host tiers
+        that hold each kind under ``lp``'s placement."""
+        placement, half = lp.placement, bytes_ / 2
+        return self.machine.write(
+            self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
+            bytes_, label)
 
     def _stream_copy(self, src: str, dst: str, bytes_: float, label: str, chain: _Chain, *,
                      after: Event | None = None, after_node: _Node | None = None):
