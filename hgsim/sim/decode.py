@@ -228,7 +228,9 @@ class DecodeEngine:
         length) and return its duration, the time to first token.
 
         Layer by layer, one kernel of ``work`` (the layer's GEMMs and causal attention over the
-        whole prompt, ``costs.prefill_layer_work``) on the GPU stream; then the K and V of the
+        whole prompt, ``costs.prefill_layer_work``) on the GPU stream, after the layer's
+        offloaded weights have streamed in (as in the decode: in layer order into a two-layer
+        buffer, so layer i+1's load overlaps layer i's kernel); then the K and V of the
         tokens ``plan`` keeps in host memory are written by DMA into the tiers of its placement,
         behind the next layer's kernel (the copy engine works while the stream computes). Tokens
         the plan keeps in HBM stay there and tokens it evicts (H2O) are dropped: neither
@@ -239,16 +241,29 @@ class DecodeEngine:
         return self.env.now - t0
 
     def _prefill(self, plan: StepPlan, work: Work):
+        env = self.env
         duration = self._kernel_s(work)
         kv_token = self.model.kv_bytes_per_token_layer(self.kv_dtype)
-        writes = []
+        kernels, writes = [], []
+        weights = None
         for i in range(plan.num_layers):
-            yield self.stream.launch(duration, "prefill", work.flops, work.bytes_)
+            if plan.offloaded_weight_bytes_per_layer:  # the decode's two-layer weight buffer
+                buffer_free = kernels[i - 2] if i >= 2 else None
+                weights = env.process(self._load_weights(plan, weights, buffer_free, _Chain(),
+                                                         None))
+            kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
+                                        after=() if weights is None else (weights,))
+            kernels.append(kernel)
             lp = plan.layer_plan(i)
             if lp.host_tokens and not lp.host_evicted:
-                writes.append(self._write_kv(lp, plan.batch * lp.host_tokens * kv_token,
-                                             "prefill K+V to host"))
-        yield self.env.all_of(writes)
+                writes.append(env.process(self._write_kv_after(
+                    kernel, lp, plan.batch * lp.host_tokens * kv_token)))
+        yield env.all_of([kernels[-1], *writes])
+
+    def _write_kv_after(self, kernel: Event, lp: LayerPlan, bytes_: float):
+        """A prefill layer's host-resident K and V, written out once its kernel has run."""
+        yield kernel
+        yield self._write_kv(lp, bytes_, "prefill K+V to host")
 
     def _launch(self, work: Work, label: str, attention: bool = False, *, after=(),
                 waits=(), always: bool = True,
