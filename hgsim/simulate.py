@@ -88,7 +88,8 @@ def simulate(
     if workload.include_prefill:
         result.ttft_s = engine.prefill(
             pol.step_plan(workload.context),
-            prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype))
+            prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype,
+                               workload.kv_dtype))
 
     t_decode0 = env.now
     before = machine.recorder.snapshot()

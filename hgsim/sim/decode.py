@@ -234,8 +234,9 @@ class DecodeEngine:
         tokens ``plan`` keeps in host memory are written by DMA into the tiers of its placement,
         behind the next layer's kernel (the copy engine works while the stream computes). Tokens
         the plan keeps in HBM stay there and tokens it evicts (H2O) are dropped: neither
-        crosses PCIe. The prefill ends when the last kernel has run and every write has landed
-        (the decode that follows reads them)."""
+        crosses PCIe. After the last layer the final norm and LM head give the first token
+        (one position per sequence: the decode step's kernel). The prefill ends when that has
+        run and every write has landed (the decode that follows reads them)."""
         t0 = self.env.now
         self.env.run(until=self.env.process(self._prefill(plan, work)))
         return self.env.now - t0
@@ -258,7 +259,12 @@ class DecodeEngine:
             if lp.host_tokens and not lp.host_evicted:
                 writes.append(env.process(self._write_kv_after(
                     kernel, lp, plan.batch * lp.host_tokens * kv_token)))
-        yield env.all_of([kernels[-1], *writes])
+        last = kernels[-1]
+        if not self.attention_only:  # the first token: final norm and LM head, last position
+            head = lm_head_work(self.model, plan.batch, self.weight_dtype)
+            last = self.stream.launch(self._kernel_s(head), "prefill final_norm+lm_head",
+                                      head.flops, head.bytes_)
+        yield env.all_of([last, *writes])
 
     def _write_kv_after(self, kernel: Event, lp: LayerPlan, bytes_: float):
         """A prefill layer's host-resident K and V, written out once its kernel has run."""
