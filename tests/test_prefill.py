@@ -146,3 +146,21 @@ def test_offloaded_weights_stream_in_before_each_layer_and_bind_a_short_prompt()
     assert ttft == pytest.approx(
         spec.num_layers * load_s + kernel_s + _lm_head_s(spec, 1), rel=1e-12)
     assert moved["gpu0.h2d"] == pytest.approx(spec.num_layers * per_layer, rel=1e-12)
+
+
+def test_a_run_without_prefill_has_no_time_to_first_token():
+    """No prefill simulated: TTFT is missing (NaN), not 0 s, in the row and the printout, so
+    a study filtering on ttft_s never reads an instant first token."""
+    from hgsim.commands.simulate import summary_rows
+
+    fidelity = Fidelity(decode_samples=0, accuracy=False)
+    without = simulate(H100, "llama-2-7b", "gpu_only", Workload(batch=1, context=1024, gen=1),
+                       fidelity=fidelity)
+    row = without.to_row()
+    assert row["ttft_s"] != row["ttft_s"]
+    assert "time to first token" not in dict(summary_rows(without))
+    with_prefill = simulate(H100, "llama-2-7b", "gpu_only",
+                            Workload(batch=1, context=1024, gen=1, include_prefill=True),
+                            fidelity=fidelity)
+    assert with_prefill.to_row()["ttft_s"] > 0
+    assert "time to first token" in dict(summary_rows(with_prefill))
