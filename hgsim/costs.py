@@ -244,8 +244,11 @@ def _heap_inserts(heaps: float, n: float, k: float) -> float:
     return heaps * k * (1.0 + math.log(n / k))
 
 
-def prefill_layer_work(model: ModelSpec, batch: int, prompt: int, weight_dtype: str) -> Work:
-    """One layer of prefill over the whole prompt: GEMMs plus causal attention (half of n^2)."""
+def prefill_layer_work(model: ModelSpec, batch: int, prompt: int, weight_dtype: str,
+                       kv_dtype: str) -> Work:
+    """One layer of prefill over the whole prompt: GEMMs plus causal attention (half of n^2);
+    it reads the layer's weights and writes every prompt token's K and V into HBM."""
     linear = model.linear_flops_per_token_layer() * batch * prompt
     attention = 2.0 * model.num_heads * model.head_dim * prompt * prompt * batch  # causal: half
-    return Work(linear + attention, model.layer_weight_bytes(weight_dtype))
+    kv_written = batch * prompt * model.kv_bytes_per_token_layer(kv_dtype)
+    return Work(linear + attention, model.layer_weight_bytes(weight_dtype) + kv_written)

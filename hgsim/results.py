@@ -39,7 +39,7 @@ class SimResult:
     feasible: bool
     reason: str | None = None
     steps: list[StepTiming] = field(default_factory=list)
-    ttft_s: float = 0.0
+    ttft_s: float = float("nan")  # time to first token; NaN: no prefill was simulated
     footprint_bytes: dict[str, float] = field(default_factory=dict)
     capacity_bytes: dict[str, float] = field(default_factory=dict)
     utilisation: dict[str, float] = field(default_factory=dict)

@@ -20,7 +20,7 @@ import simpy
 from hgsim import energy, tco
 from hgsim.catalog import get_model
 from hgsim.costs import prefill_layer_work
-from hgsim.plan import LayerPlan, Selector, StepPlan
+from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.results import SimResult, StepTiming
@@ -88,7 +88,10 @@ def simulate(
     spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
     if workload.include_prefill:
         t_prefill = env.now
-        result.ttft_s = _prefill(engine, model, workload, pol.step_plan(workload.context))
+        result.ttft_s = engine.prefill(
+            pol.step_plan(workload.context),
+            prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype,
+                               workload.kv_dtype))
         spans.append((t_prefill, env.now, "prefill", {"context": workload.context,
                                                       "batch": workload.batch}))
 
@@ -218,31 +221,6 @@ def _mean_binding(steps: list[StepTiming],
         for label, seconds in split.items():
             out[label] = out.get(label, 0.0) + seconds * scale / len(steps)
     return out
-
-
-def _prefill(engine: DecodeEngine, model: ModelSpec, workload: Workload, plan: StepPlan) -> float:
-    """Prompt processing on the GPU, layer by layer, each layer's host-resident KV (the tokens
-    ``plan`` keeps in host tiers) written out by DMA behind the compute into the tiers that
-    hold it, over every link on the way. Returns time to first token."""
-    env = engine.env
-    work = prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype)
-    duration = engine._kernel_s(work)
-    token_bytes = workload.batch * model.kv_bytes_per_token_layer(workload.kv_dtype)
-    t0 = env.now
-
-    def run():
-        writes = []
-        for layer in range(model.num_layers):
-            k = engine.stream.launch(duration, "prefill", work.flops, work.bytes_)
-            yield k
-            lp = plan.layer_plan(layer)
-            if lp.placement is not None and lp.host_tokens and not lp.host_evicted:
-                writes.append(engine.write_kv(lp.placement, lp.host_tokens * token_bytes,
-                                              "kv offload"))
-        yield env.all_of(writes)
-
-    env.run(until=env.process(run()))
-    return env.now - t0
 
 
 def _accuracy(result: SimResult, median_plan: LayerPlan, model: ModelSpec) -> None:

@@ -133,6 +133,31 @@ def test_hbm_energy_per_bit_moves_only_the_gpu_by_its_traffic():
         {k: v for k, v in one.energy_j.items() if k != "gpu0"}, rel=1e-12)
 
 
+def test_sampled_steps_give_the_full_runs_average_power_over_every_component():
+    """With steps interpolated the energy window is the simulated steps alone: the average
+    power they give matches the full run's to 1e-4 (HybridGen shrinking r every few steps: the
+    steps differ in length, barely in power), so joules per token move only as the interpolated
+    tokens/s does. Every component of the profile is
+    charged and nothing else; the components' joules add up to average power x window."""
+    profile = load_profile("h100-80gb-spr-cxl")
+    runs = [simulate(profile, "llama-2-13b", "hybridgen",
+                     Workload(batch=1, context=131072, gen=24),
+                     fidelity=Fidelity(decode_samples=samples, accuracy=False))
+            for samples in (0, 6)]
+    full, sampled = runs
+    assert full.decisions and sampled.energy_window_s < 0.5 * full.energy_window_s
+    assert sampled.power_w == pytest.approx(full.power_w, rel=1e-4)
+    for r in runs:
+        assert r.energy_j.keys() == {*profile.gpus, *profile.sockets, *profile.tiers,
+                                     *profile.links}
+        assert sum(r.energy_j.values()) == pytest.approx(r.power_total_w * r.energy_window_s,
+                                                         rel=1e-12)
+        assert r.energy_j_per_token * r.tokens_per_s == pytest.approx(r.power_total_w,
+                                                                      rel=1e-12)
+    assert sampled.energy_j_per_token / full.energy_j_per_token == pytest.approx(
+        full.tokens_per_s / sampled.tokens_per_s, rel=1e-4)
+
+
 # ---------------------------------------------------------------------- cost
 def test_cost_per_token_scales_inversely_with_tokens_per_s_at_fixed_hardware():
     runs = [simulate("h100-80gb-spr-cxl", "llama-2-13b", "hybridgen",

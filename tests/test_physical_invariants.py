@@ -28,14 +28,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hgsim.catalog import get_model
-from hgsim.costs import layer_work
+from hgsim.costs import layer_work, prefill_layer_work
 from hgsim.memory import touched_bytes
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile, profile_with_overrides
 from hgsim.scheduler import FeedbackScheduler, SchedulerConfig
 from hgsim.sim.decode import DecodeEngine
 from hgsim.sim.machine import Machine
-from hgsim.simulate import Fidelity, _prefill, simulate
+from hgsim.simulate import Fidelity, simulate
 from hgsim.workload import Workload
 
 H100 = "h100-80gb-spr-cxl"
@@ -288,7 +288,7 @@ def test_prefill_writes_host_kv_into_the_tiers_that_hold_it():
     assert lp.placement.k_fractions == {"ddr0": 1.0} and lp.placement.v_fractions == {"cxl0": 1.0}
     machine = Machine(simpy.Environment(), profile, record=False)
     engine = DecodeEngine(machine, MODEL, "fp16", "fp16")
-    ttft = _prefill(engine, MODEL, workload, plan)
+    ttft = engine.prefill(plan, prefill_layer_work(MODEL, 1, workload.context, "fp16", "fp16"))
     half = MODEL.num_layers * lp.host_tokens * MODEL.kv_bytes_per_token_layer("fp16") / 2
     moved = machine.recorder.bytes_by_resource()
     assert moved["gpu0.d2h"] == pytest.approx(2 * half, rel=1e-9)

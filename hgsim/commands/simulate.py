@@ -101,7 +101,7 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
         ("per-token latency p99", f"{stats['p99']:.2f} ms"),
         ("throughput", f"{result.tokens_per_s:.1f} tokens/s"),
     ]
-    if result.ttft_s:
+    if result.ttft_s == result.ttft_s:  # NaN: no prefill was simulated
         rows.append(("time to first token", f"{result.ttft_s * 1e3:.1f} ms"))
     rows += [(f"{k.replace('_', ' ')} (per token)", f"{v:.2f} ms")
              for k, v in result.breakdown_ms().items()]

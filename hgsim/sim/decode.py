@@ -43,7 +43,7 @@ from simpy import Event
 from hgsim import graph_path
 from hgsim.costs import LayerWork, Work, layer_work, lm_head_work
 from hgsim.memory import Pattern, touched_bytes
-from hgsim.plan import CpuWork, KvPlacement, LayerPlan, StepPlan, Transfer
+from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
 from hgsim.sim.machine import GB, Machine
 from hgsim.specs.model import ModelSpec
@@ -223,6 +223,54 @@ class DecodeEngine:
         self.env.run(until=done)
         return measure
 
+    def prefill(self, plan: StepPlan, work: Work) -> float:
+        """Simulate the prompt's prefill to completion under ``plan`` (the plan at the prompt's
+        length) and return its duration, the time to first token.
+
+        Layer by layer, one kernel of ``work`` (the layer's GEMMs and causal attention over the
+        whole prompt, ``costs.prefill_layer_work``) on the GPU stream, after the layer's
+        offloaded weights have streamed in (as in the decode: in layer order into a two-layer
+        buffer, so layer i+1's load overlaps layer i's kernel); then the K and V of the
+        tokens ``plan`` keeps in host memory are written by DMA into the tiers of its placement,
+        behind the next layer's kernel (the copy engine works while the stream computes). Tokens
+        the plan keeps in HBM stay there and tokens it evicts (H2O) are dropped: neither
+        crosses PCIe. After the last layer the final norm and LM head give the first token
+        (one position per sequence: the decode step's kernel). The prefill ends when that has
+        run and every write has landed (the decode that follows reads them)."""
+        t0 = self.env.now
+        self.env.run(until=self.env.process(self._prefill(plan, work)))
+        return self.env.now - t0
+
+    def _prefill(self, plan: StepPlan, work: Work):
+        env = self.env
+        duration = self._kernel_s(work)
+        kv_token = self.model.kv_bytes_per_token_layer(self.kv_dtype)
+        kernels, writes = [], []
+        weights = None
+        for i in range(plan.num_layers):
+            if plan.offloaded_weight_bytes_per_layer:  # the decode's two-layer weight buffer
+                buffer_free = kernels[i - 2] if i >= 2 else None
+                weights = env.process(self._load_weights(plan, weights, buffer_free, _Chain(),
+                                                         None))
+            kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
+                                        after=() if weights is None else (weights,))
+            kernels.append(kernel)
+            lp = plan.layer_plan(i)
+            if lp.host_tokens and not lp.host_evicted:
+                writes.append(env.process(self._write_kv_after(
+                    kernel, lp, plan.batch * lp.host_tokens * kv_token)))
+        last = kernels[-1]
+        if not self.attention_only:  # the first token: final norm and LM head, last position
+            head = lm_head_work(self.model, plan.batch, self.weight_dtype)
+            last = self.stream.launch(self._kernel_s(head), "prefill final_norm+lm_head",
+                                      head.flops, head.bytes_)
+        yield env.all_of([last, *writes])
+
+    def _write_kv_after(self, kernel: Event, lp: LayerPlan, bytes_: float):
+        """A prefill layer's host-resident K and V, written out once its kernel has run."""
+        yield kernel
+        yield self._write_kv(lp, bytes_, "prefill K+V to host")
+
     def _launch(self, work: Work, label: str, attention: bool = False, *, after=(),
                 waits=(), always: bool = True,
                 fixed_s: float | None = None) -> tuple[Event | None, float, _Node | None]:
@@ -393,13 +441,13 @@ class DecodeEngine:
         if update is not None:
             yield update
         t = self.env.now
-        flow = yield self.write_kv(lp.placement, w.evict_bytes, "evict K+V")
+        flow = yield self._write_kv(lp, w.evict_bytes, "evict K+V")
         chain.last = _Node(t, self.env.now, _shares([flow]), (update_node,))
 
-    def write_kv(self, placement: KvPlacement, bytes_: float, label: str) -> Event:
-        """The GPU writes ``bytes_`` of K and V (half each) by DMA into the host tiers that hold
-        each kind, crossing every link on the way (UPI to a remote socket, a CXL link)."""
-        half = bytes_ / 2
+    def _write_kv(self, lp: LayerPlan, bytes_: float, label: str) -> Event:
+        """K and V (half of ``bytes_`` each) written by DMA from the GPU into the host tiers
+        that hold each kind under ``lp``'s placement."""
+        placement, half = lp.placement, bytes_ / 2
         return self.machine.write(
             self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
             bytes_, label)
@@ -442,12 +490,11 @@ class DecodeEngine:
         yield event
         times.trigger_s = env.now
         times.last = _Node(env.now, env.now, {}, waits)  # the join of its triggers
-        placement = lp.placement
         if w.q_d2h_bytes or w.append_host_bytes:
             t = env.now
             fetches = [machine.copy(gpu, self.staging, w.q_d2h_bytes, "q d2h")]
             if w.append_host_bytes:  # no HBM window: the new token is written to host memory
-                fetches.append(self.write_kv(placement, w.append_host_bytes, "append K+V"))
+                fetches.append(self._write_kv(lp, w.append_host_bytes, "append K+V"))
             done = yield env.all_of(fetches)
             self._segment(times, t, _shares(done.values()))
             times.pcie_s += env.now - t

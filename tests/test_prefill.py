@@ -1,0 +1,166 @@
+"""The prompt's prefill (time to first token): closed forms of the layer kernels and of the
+KV the policy keeps in host memory, written out behind them."""
+
+from __future__ import annotations
+
+import pytest
+import simpy
+
+from hgsim.catalog import get_model
+from hgsim.costs import prefill_layer_work
+from hgsim.policies import make_policy
+from hgsim.profiles import load_profile
+from hgsim.sim.decode import DecodeEngine
+from hgsim.sim.machine import Machine
+from hgsim.simulate import Fidelity, simulate
+from hgsim.workload import Workload
+
+H100 = "h100-80gb-spr-cxl"
+US, NS, GB = 1e-6, 1e-9, 1e9
+
+
+def _prefill(policy: str, model: str, context: int, batch: int = 1):
+    """Run the prefill alone; returns (TTFT, bytes each channel moved, the plan, the model)."""
+    profile, spec = load_profile(H100), get_model(model)
+    workload = Workload(batch=batch, context=context, gen=1)
+    plan = make_policy(policy, spec, profile, workload, None).step_plan(context)
+    machine = Machine(simpy.Environment(), profile, record=False)
+    engine = DecodeEngine(machine, spec, "fp16", "fp16")
+    ttft = engine.prefill(plan, prefill_layer_work(spec, batch, context, "fp16", "fp16"))
+    moved = {k: v for k, v in machine.recorder.bytes_by_resource().items() if v}
+    return ttft, moved, plan, spec
+
+
+def _layer_kernel_s(spec, batch: int, context: int) -> float:
+    """One layer's prefill kernel on the H100 SXM: 3 us launch + FLOPs at 989.5 TFLOP/s x 0.70
+    (compute-bound at these prompts: its weights and the K and V it writes to HBM move at
+    3.35 TB/s x 0.85 in far less time)."""
+    flops = (2 * spec.params_per_layer() * batch * context
+             + 2 * spec.num_heads * spec.head_dim * context**2 * batch)  # causal: half of S^2
+    compute_s = flops / (989.5e12 * 0.70)
+    assert compute_s > _layer_hbm_bytes(spec, batch, context) / (3350 * GB * 0.85)
+    return 3 * US + compute_s
+
+
+def _layer_hbm_bytes(spec, batch: int, context: int) -> float:
+    """The layer's fp16 weights read, every prompt token's K and V written."""
+    return 2 * spec.params_per_layer() + batch * context * 2 * spec.kv_dim * 2
+
+
+def _lm_head_s(spec, batch: int) -> float:
+    """The first token's final norm and LM head: 3 us launch + the (vocab + 1) x hidden fp16
+    matrix streamed at 3.35 TB/s x 0.85 (memory-bound: 2 FLOPs per weight per sequence)."""
+    head_bytes = (spec.vocab_size + 1) * spec.hidden_size * 2
+    assert head_bytes / (3350 * GB * 0.85) > batch * head_bytes / (989.5e12 * 0.70)
+    return 3 * US + head_bytes / (3350 * GB * 0.85)
+
+
+def test_gpu_only_prefill_is_its_layer_kernels_and_nothing_crosses_pcie():
+    """GPU-only keeps every token's KV in HBM: no write-out, TTFT = layers x kernel + the LM
+    head that gives the first token; HBM traffic is each layer's weights and K and V plus the
+    LM head's matrix."""
+    ttft, moved, _, spec = _prefill("gpu_only", "llama-2-7b", 4096)
+    assert ttft == pytest.approx(
+        spec.num_layers * _layer_kernel_s(spec, 1, 4096) + _lm_head_s(spec, 1), rel=1e-12)
+    assert set(moved) == {"gpu0.compute"}
+    head_bytes = (spec.vocab_size + 1) * spec.hidden_size * 2
+    assert moved["gpu0.compute"] == pytest.approx(
+        spec.num_layers * _layer_hbm_bytes(spec, 1, 4096) + head_bytes, rel=1e-12)
+
+
+def test_only_the_host_resident_kv_is_written_out_to_the_tier_that_holds_it():
+    """FlexGen keeps a recent window in HBM and the rest in DDR: each layer writes the host
+    tokens' K and V (B x host x 2 x kv_dim x 2 bytes) over PCIe into ddr0, behind the next
+    layer's kernel; only the last layer's write adds to TTFT (1.11 us route latency +
+    bytes / 50 GB/s: PCIe Gen5 binds, DDR5 writes at 200 GB/s), beside the LM head."""
+    ttft, moved, plan, spec = _prefill("flexgen", "llama-2-13b", 131072)
+    lp = plan.layer
+    assert 0 < lp.host_tokens < lp.context and lp.placement.k_fractions == {"ddr0": 1.0}
+    host_bytes = lp.host_tokens * 2 * spec.kv_dim * 2
+    kernel_s = _layer_kernel_s(spec, 1, 131072)
+    write_s = (1000 + 110) * NS + host_bytes / (50 * GB)
+    assert write_s < kernel_s  # the writes never queue behind each other
+    assert ttft == pytest.approx(
+        spec.num_layers * kernel_s + max(write_s, _lm_head_s(spec, 1)), rel=1e-12)
+    assert moved["gpu0.d2h"] == pytest.approx(spec.num_layers * host_bytes, rel=1e-12)
+    assert moved["ddr0.write"] == pytest.approx(spec.num_layers * host_bytes, rel=1e-12)
+    assert "cxl0.write" not in moved
+
+
+def test_kv_split_over_tiers_is_written_at_the_slowest_tiers_rate():
+    """HybridGen puts K in DDR and V on the CXL expander: V's half of the write-out crosses
+    the x8 link into the expander, whose 18 GB/s write bandwidth binds the whole flow
+    (half the bytes at 18 GB/s against all of them at PCIe's 50 GB/s)."""
+    ttft, moved, plan, spec = _prefill("hybridgen", "llama-2-13b", 131072)
+    lp = plan.layer
+    assert lp.placement.k_fractions == {"ddr0": 1.0} and lp.placement.v_fractions == {"cxl0": 1.0}
+    host_bytes = lp.host_tokens * 2 * spec.kv_dim * 2
+    write_s = (1000 + 120 + 150) * NS + 0.5 * host_bytes / (18 * GB)
+    assert ttft == pytest.approx(spec.num_layers * _layer_kernel_s(spec, 1, 131072)
+                                 + max(write_s, _lm_head_s(spec, 1)), rel=1e-12)
+    assert moved["ddr0.write"] == pytest.approx(spec.num_layers * host_bytes / 2, rel=1e-12)
+    assert moved["cxl0.write"] == pytest.approx(spec.num_layers * host_bytes / 2, rel=1e-12)
+
+
+def test_evicted_tokens_are_not_written_out():
+    """H2O drops what leaves its HBM budget: nothing of the prompt goes to host memory."""
+    ttft, moved, plan, spec = _prefill("h2o", "llama-2-13b", 131072)
+    assert plan.layer.host_evicted
+    assert "gpu0.d2h" not in moved
+    assert ttft == pytest.approx(
+        spec.num_layers * _layer_kernel_s(spec, 1, 131072) + _lm_head_s(spec, 1), rel=1e-12)
+
+
+def test_ttft_is_the_prefill_in_the_trace_and_stays_out_of_decode_throughput(tmp_path):
+    """The trace's prefill ends at TTFT and the decode's first kernel starts there; tokens/s
+    and the energy window are the decode's alone."""
+    import json
+
+    work = dict(workload=Workload(batch=1, context=8192, gen=2, include_prefill=True),
+                fidelity=Fidelity(decode_samples=0, accuracy=False))
+    trace = tmp_path / "trace.json"
+    with_prefill = simulate(H100, "llama-2-7b", "cpu_offload", trace_path=trace, **work)
+    without = simulate(H100, "llama-2-7b", "cpu_offload",
+                       workload=Workload(batch=1, context=8192, gen=2),
+                       fidelity=work["fidelity"])
+    events = [e for e in json.loads(trace.read_text())["traceEvents"] if e.get("ph") == "X"]
+    prefill_end = max(e["ts"] + e["dur"] for e in events if e["name"].startswith("prefill"))
+    decode_start = min(e["ts"] for e in events if not e["name"].startswith("prefill"))
+    assert prefill_end * US == pytest.approx(with_prefill.ttft_s, rel=1e-9)
+    assert decode_start * US == pytest.approx(with_prefill.ttft_s, rel=1e-9)
+    assert with_prefill.tokens_per_s == pytest.approx(without.tokens_per_s, rel=1e-12)
+    assert with_prefill.energy_window_s == pytest.approx(without.energy_window_s, rel=1e-12)
+
+
+def test_offloaded_weights_stream_in_before_each_layer_and_bind_a_short_prompt():
+    """Llama-3.1-70B's 141 GB of weights leave 0.98 GB per layer in DDR: each layer's share
+    crosses PCIe (50 GB/s, 19.6 ms) before its kernel (5.2 ms at 2k tokens), the loads back to
+    back in layer order, so TTFT = 80 loads (each 1.11 us of route latency + bytes / 50 GB/s)
+    + the last kernel + the LM head. Without the loads it would be 80 kernels, 3.7x less."""
+    ttft, moved, plan, spec = _prefill("flexgen", "llama-3.1-70b", 2048)
+    per_layer = plan.offloaded_weight_bytes_per_layer
+    assert per_layer > 0.9 * GB and plan.layer.host_tokens == 0
+    kernel_s = _layer_kernel_s(spec, 1, 2048)
+    load_s = (1000 + 110) * NS + per_layer / (50 * GB)
+    assert load_s > kernel_s
+    assert ttft == pytest.approx(
+        spec.num_layers * load_s + kernel_s + _lm_head_s(spec, 1), rel=1e-12)
+    assert moved["gpu0.h2d"] == pytest.approx(spec.num_layers * per_layer, rel=1e-12)
+
+
+def test_a_run_without_prefill_has_no_time_to_first_token():
+    """No prefill simulated: TTFT is missing (NaN), not 0 s, in the row and the printout, so
+    a study filtering on ttft_s never reads an instant first token."""
+    from hgsim.commands.simulate import summary_rows
+
+    fidelity = Fidelity(decode_samples=0, accuracy=False)
+    without = simulate(H100, "llama-2-7b", "gpu_only", Workload(batch=1, context=1024, gen=1),
+                       fidelity=fidelity)
+    row = without.to_row()
+    assert row["ttft_s"] != row["ttft_s"]
+    assert "time to first token" not in dict(summary_rows(without))
+    with_prefill = simulate(H100, "llama-2-7b", "gpu_only",
+                            Workload(batch=1, context=1024, gen=1, include_prefill=True),
+                            fidelity=fidelity)
+    assert with_prefill.to_row()["ttft_s"] > 0
+    assert "time to first token" in dict(summary_rows(with_prefill))
