@@ -26,6 +26,9 @@ class StepTiming:
     simulated: bool = True  # False: interpolated between sampled steps
     variable_s: float = 0.0  # part of host_s that grows with the top-k ratio (scheduler input)
     decision: str = ""  # the scheduler's decision after this step, if it made one
+    # of cpu_busy_s, measured only: the host kernels' thread runnable but waiting for a core
+    # (other processes on it); the simulator models the work, never the machine's other load
+    cpu_wait_s: float = 0.0
 
 
 @dataclass

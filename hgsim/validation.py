@@ -290,6 +290,7 @@ class CaseResult:
             "measured_median_ms": 1e3 * statistics.median(spread),
             "measured_max_ms": 1e3 * max(spread),
             "measured_cpu_ms": 1e3 * statistics.median(s.cpu_busy_s for s in compared),
+            "measured_cpu_wait_ms": 1e3 * statistics.median(s.cpu_wait_s for s in compared),
             "predicted_cpu_ms": 1e3 * statistics.fmean(
                 s.cpu_busy_s for s in self._compared(self.predicted)),
             "measured_gpu_ms": 1e3 * statistics.median(s.gpu_busy_s for s in compared),

@@ -56,6 +56,7 @@ import torch
 
 from hgsim.plan import CpuWork, StepPlan
 from hgsim.results import StepTiming
+from hw_backend import run_queue
 from hw_backend.buffers import BufferPool
 from hw_backend.device_side import DeviceSide, EagerDeviceSide
 from hw_backend.device_work import DeviceWork
@@ -359,8 +360,9 @@ class _StepRun:
                                         label=f"host {i}")
 
     def _host_work(self, state: LayerState, after: Marker) -> HostPayload:
-        """On the host worker: fetch what the CPU needs from the device, run the kernel."""
-        ex, lp, side = self.ex, state.lp, self.side
+        """On the host worker: fetch what the CPU needs from the device, run the kernel
+        (recording how long its thread then waited for a core: ``run_queue``)."""
+        side = self.side
         t0 = time.perf_counter()
         if state.path is HostPath.SPECULATE:
             index = side.fetch_index(state, after)
@@ -369,9 +371,20 @@ class _StepRun:
         if self.new_token_on_host(state):
             side.host_append(state, after)
         state.fetch_s = time.perf_counter() - t0
+        waited_before = run_queue.waited_s()
+        payload = self._host_kernel(state, index if state.path is HostPath.SPECULATE else q)
+        waited_after = run_queue.waited_s()
+        if waited_before is not None and waited_after is not None:
+            payload.wait_s = waited_after - waited_before
+        return payload
+
+    def _host_kernel(self, state: LayerState, q_or_index: torch.Tensor) -> HostPayload:
+        """The plan's CPU operation (the query, or InfiniGen's speculated positions)."""
+        ex, lp = self.ex, state.lp
         kernels, kv, span = ex.kernels, state.kv, lp.host_range()
         if state.path is HostPath.SPECULATE:
-            return kernels.gather_kv(kv, index)
+            return kernels.gather_kv(kv, q_or_index)
+        q = q_or_index
         if state.path is HostPath.LOGITS:
             return kernels.logits_and_values(kv, span, q, lp.host_selected, ex.scale,
                                              exact=lp.exact, selection=lp.selection,
@@ -445,7 +458,7 @@ class _StepRun:
 
     def _layer_timing(self, state: LayerState) -> LayerTiming:
         gpu_s = sum(m.duration_s() for m in state.compute)
-        cpu_s = transfer_s = host_s = device_s = stall_s = variable_s = 0.0
+        cpu_s = transfer_s = host_s = device_s = stall_s = variable_s = cpu_wait_s = 0.0
         upload_bytes = 0
         if state.path is not None:
             assert state.upload is not None and state.attn is not None
@@ -455,7 +468,7 @@ class _StepRun:
             gather_s = 0.0
             if state.host_job is not None:
                 payload = state.host_job.result()
-                cpu_s, gather_s = payload.cpu_s, payload.gather_s
+                cpu_s, gather_s, cpu_wait_s = payload.cpu_s, payload.gather_s, payload.wait_s
             host_s = state.upload.elapsed_since(state.trigger)
             parts = cpu_s + transfer_s
             if state.path is not HostPath.STREAM and parts > 0:  # waiting shared out as parts
@@ -471,7 +484,7 @@ class _StepRun:
             transfer_s=transfer_s, stall_s=stall_s, host_s=host_s, device_s=device_s,
             host_tokens=lp.host_tokens, host_selected=lp.host_selected,
             gpu_tokens=lp.gpu_tokens, upload_bytes=upload_bytes, device=self.ex.accel.label,
-            variable_s=variable_s,
+            variable_s=variable_s, cpu_wait_s=cpu_wait_s,
         )
 
     @staticmethod

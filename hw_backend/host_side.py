@@ -38,6 +38,7 @@ class HostPayload:
     # selected absolute positions (B, H, k), or (B, KVH, m) per KV group; stays on host
     index: torch.Tensor | None = None
     gather_s: float = 0.0  # of cpu_s, gathering selected rows (grows with the top-k ratio)
+    wait_s: float = 0.0  # of cpu_s, the host thread runnable but waiting for a core
     # (buffers are reused: the tensors are valid until the layer's next step)
 
     @property

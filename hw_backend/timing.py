@@ -45,6 +45,7 @@ class LayerTiming:
     upload_bytes: int
     device: str
     variable_s: float = 0.0  # share of host_s that grows with r (gather + upload), as simulated
+    cpu_wait_s: float = 0.0  # of cpu_s, the host thread waiting for a core (run queue)
 
 
 def step_timing(
@@ -66,6 +67,7 @@ def step_timing(
         topk_ratio=topk_ratio,
         gpu_tokens=gpu_tokens,
         variable_s=sum(t.variable_s for t in layers),
+        cpu_wait_s=sum(t.cpu_wait_s for t in layers),
     )
 
 

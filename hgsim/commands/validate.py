@@ -128,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
         title = (f"{result.study.name}: predicted vs measured per-step latency, "
                  f"{result.profile.name} on {result.results[0].device}")
         print_table(result.results, result.mape_pct, result.threshold_pct, title)
+    waits = [(r.case.label, r.row()) for r in result.results]
+    waited = [f"{label} {row['measured_cpu_wait_ms']:.0f}/{row['measured_cpu_ms']:.0f}"
+              for label, row in waits if row["measured_cpu_wait_ms"] > 0]
+    if waited:  # wall time the simulator does not model: other processes held the host's core
+        print("host kernels waiting for a core, ms per step (of their measured ms): "
+              + ", ".join(waited))
     before, after = result.load_average
     print(f"load average (1 min) before/after: {before:.2f}/{after:.2f}; "
           f"{result.seconds:.0f} s")
