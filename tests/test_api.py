@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -38,6 +39,10 @@ def test_import_hgsim_stays_cheap_and_api_loads_on_use():
     assert result.stdout.split() == ["[]", "True"]
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def test_simulate_matches_the_cli():
     result = api.simulate(H100, "llama-2-13b", "hybridgen", context="32k", batch=2, gen=8,
                           samples=4)
@@ -46,7 +51,8 @@ def test_simulate_matches_the_cli():
                           "--samples", "4", "--json"], cwd=REPO, capture_output=True, text=True,
                          timeout=120)
     assert cli.returncode == 0, cli.stderr
-    row = json.loads(cli.stdout)
+    row = json.loads(cli.stdout, parse_constant=_not_json)  # strict: jq and JSON.parse refuse NaN
+    assert row["ttft_s"] is None and math.isnan(result.ttft_s)  # no prefill was simulated
     assert isinstance(result, SimResult)
     assert result.tokens_per_s == pytest.approx(row["tokens_per_s"], rel=1e-12)
     assert result.to_row()["latency_p99_ms"] == pytest.approx(row["latency_p99_ms"], rel=1e-12)

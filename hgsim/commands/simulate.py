@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from hgsim.commands.checks import count
 from hgsim.commands.policy_options import policy_options
 from hgsim.errors import UserError
-from hgsim.outputs import check_output_file
+from hgsim.outputs import check_output_file, finite_for_json
 from hgsim.results import SimResult
 
 
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
     )
     if args.json:
-        print(json.dumps(result.to_row(), indent=2, default=str))
+        print(json.dumps(finite_for_json(result.to_row()), indent=2, default=str))
     else:
         print_result(result)
         if trace is not None and result.feasible:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hgsim.outputs import written_whole
+from hgsim.outputs import finite_for_json, written_whole
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,7 @@ class Measurements(list[Measurement]):
     def write_json(self, path: Path, meta: dict[str, Any], summary: dict[str, Any]) -> None:
         doc = {"meta": meta, "summary": summary, "measurements": [asdict(m) for m in self]}
         with written_whole(path) as fh:
-            fh.write(json.dumps(doc, indent=1, default=_jsonable) + "\n")
+            fh.write(json.dumps(finite_for_json(doc), indent=1, default=_jsonable) + "\n")
 
     def write_csv(self, path: Path) -> None:
         keys = sorted({k for m in self for k in m.params})
