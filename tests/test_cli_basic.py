@@ -70,3 +70,12 @@ def test_models_in_process(capsys):
     assert main(["models", "Llama-2-70B"]) == 0
     out = capsys.readouterr().out
     assert "llama-2-70b" in out and "320" in out  # 327,680 B = 320 KiB per token
+
+
+def test_policy_options_are_listed_as_option_takes_them(capsys):
+    """`hgsim policies NAME` prints each default as `--option` accepts it (enum values, not
+    their Python names, which the option rejects)."""
+    assert main(["policies", "hybridgen_per_head"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "selection=per_head" in out and "group_score=max" in out
+    assert "GroupSelect" not in out and "GroupScore" not in out

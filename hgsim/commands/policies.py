@@ -50,5 +50,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _options(cls, preset: dict) -> str:
-    values = cls.Options(**preset).model_dump()
+    """``key=value`` as ``--option`` takes it: enums by their value (``selection=group_shared``,
+    not ``GroupSelect.GROUP_SHARED``, which the option would reject)."""
+    values = cls.Options(**preset).model_dump(mode="json")
     return ", ".join(f"{key}={value}" for key, value in values.items())

@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context", required=True, help="tokens in the KV cache at decode start, e.g. 32k")
     p.add_argument("--batch", default="1", help="sequences decoded together (default 1)")
     p.add_argument("--gen", default="256", help="tokens generated per sequence (default 256)")
-    p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"])
+    p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="element type of the KV cache (default fp16)")
     p.add_argument("--prefill", action="store_true", help="also simulate the prompt's prefill")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option, e.g. topk_ratio=0.1 (repeatable)")
