@@ -292,7 +292,7 @@ def test_cxl_latency_matters_on_a_lean_host_and_not_where_bandwidth_binds():
     base = load_profile("h100-80gb-spr-cxl")
     fid = Fidelity(decode_samples=2, accuracy=False)
     wl = Workload(batch=2, context=131072, gen=4)
-    lean = {"sockets.cpu0.cores": 8, "tiers.ddr0.capacity_gb": 128}
+    lean = {"sockets.cpu0.cores": 8, "tiers.ddr0.capacity_gb": "128 GiB"}
 
     def tps(host, latency_ns, policy="cpu_offload"):
         profile = profile_with_overrides(base, {**host, "tiers.cxl0.latency_ns": latency_ns})
