@@ -18,6 +18,7 @@ because placement is decided by capacity. They are the ones real systems have:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -40,6 +41,32 @@ class HbmReserve:
 
     def bytes_(self, capacity_bytes: float) -> float:
         return self.fixed_gb * GB + self.fraction * capacity_bytes
+
+
+@dataclass(frozen=True)
+class HostReserve:
+    """Host memory kept back from KV. A host tier's ``capacity_gb`` is the DRAM installed, and
+    neither the kernel nor the serving process leaves all of it to the KV cache:
+
+    * ``kernel_fraction`` of every host tier: Linux keeps a 64-byte ``struct page`` for every
+      4 KiB page of RAM it manages (x86-64), 1/64 of the tier, outside MemTotal; for a CXL
+      expander onlined as system RAM it sits on the expander or on DRAM, the same bytes either way.
+    * ``fixed_gb`` on the DRAM next to the GPU, where the OS and the serving process live
+      (estimate: ~0.1 GB kernel image and bounce buffers, ~1 GB OS services, ~3 GB of the
+      serving process's own memory (Python, PyTorch, the CUDA runtime's host side) and 4 GiB of
+      pinned staging buffers, vLLM's default ``swap_space``). Weights offloaded to host DRAM are
+      accounted apart, as what they are."""
+
+    fixed_gb: float = 8.0
+    kernel_fraction: float = 1 / 64
+
+    def bytes_(self, profile: HardwareProfile) -> dict[str, float]:
+        """Bytes kept back on each host tier of ``profile``."""
+        reserved = {n: self.kernel_fraction * t.capacity_gb * GB for n, t in profile.tiers.items()}
+        ddr = _host_tier_order(profile, ("ddr",)) or _host_tier_order(profile, ("cxl",))
+        if ddr:
+            reserved[ddr[0]] += self.fixed_gb * GB
+        return reserved
 
 
 @dataclass
@@ -94,16 +121,20 @@ def place_host_kv(
     *,
     allow_cxl: bool = True,
     important_fraction: float = 0.0,
+    free_bytes: Mapping[str, float] | None = None,
 ) -> tuple[KvPlacement, dict[str, float]]:
     """Decide which host tier holds which share of K and of V.
 
-    Returns the placement (fractions) and the bytes per tier. When host memory is too small the
-    bytes per tier exceed capacity and the caller's footprint reports the shortfall.
+    ``free_bytes`` is what each tier has left for KV (its capacity less the reserve and any
+    offloaded weights already there); the whole capacity when not given. Returns the placement
+    (fractions) and the bytes per tier. When host memory is too small the bytes per tier exceed
+    what is free and the caller's footprint reports the shortfall.
     """
     kinds = ("ddr", "cxl") if allow_cxl else ("ddr",)
     ddr = _host_tier_order(profile, ("ddr",))
     cxl = _host_tier_order(profile, ("cxl",)) if allow_cxl else []
-    free = {n: profile.tiers[n].capacity_gb * GB for n in _host_tier_order(profile, kinds)}
+    free = {n: (profile.tiers[n].capacity_gb * GB if free_bytes is None else free_bytes[n])
+            for n in _host_tier_order(profile, kinds)}
     if not free:
         raise ValueError("profile has no host memory tier to hold KV")
 

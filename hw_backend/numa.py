@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 NODE_ROOT = Path("/sys/devices/system/node")
+MEMORY_ROOT = Path("/sys/devices/system/memory")
 
 _MPOL_BIND = 2
 _MPOL_MF_STRICT = 1
@@ -36,7 +37,7 @@ _MPOL_MF_MOVE = 2
 # mbind(2) numbers per architecture (asm-generic uses 235).
 _SYS_MBIND = {"x86_64": 237, "aarch64": 235, "riscv64": 235, "ppc64le": 259, "s390x": 268}
 
-__all__ = ["NumaNode", "alloc_on_node", "numa_nodes", "to_torch"]
+__all__ = ["NumaNode", "alloc_on_node", "node_online_bytes", "numa_nodes", "to_torch"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,24 @@ def numa_nodes(root: Path = NODE_ROOT) -> list[NumaNode]:
     paths = sorted(root.glob("node[0-9]*"), key=lambda p: int(p.name[4:]))
     nodes = [_read_node(p) for p in paths if (p / "meminfo").exists()]
     return nodes or [_whole_machine()]
+
+
+def node_online_bytes(node: int, root: Path = NODE_ROOT, memory_root: Path = MEMORY_ROOT) -> int:
+    """Memory of ``node`` in online memory blocks, as lsmem counts it: the DRAM installed (or
+    the CXL expander's capacity) less firmware holes. MemTotal is ~2% less: it leaves out what
+    the kernel keeps, its page descriptors above all (64 B per 4 KiB page). 0 where sysfs lists
+    no memory blocks (no memory hotplug support, non-Linux)."""
+    try:
+        block_bytes = int((memory_root / "block_size_bytes").read_text().strip(), 16)
+    except (OSError, ValueError):
+        return 0
+    online = 0
+    for block in (root / f"node{node}").glob("memory[0-9]*"):
+        try:
+            online += (block / "online").read_text().strip() == "1"
+        except OSError:
+            continue
+    return online * block_bytes
 
 
 def _mbind(addr: int, nbytes: int, node: int) -> None:

@@ -183,9 +183,9 @@ def test_cost_per_token_scales_inversely_with_tokens_per_s_at_fixed_hardware():
 
 def test_capital_counts_installed_capacity_and_study_overrides_reach_every_price():
     base = load_profile("h100-80gb-spr-cxl")
-    more = profile_with_overrides(base, {"tiers.ddr0.capacity_gb": 1536})
+    more = profile_with_overrides(base, {"tiers.ddr0.capacity_gb": "1536 GiB"})
     assert tco.capex_usd(more) - tco.capex_usd(base) == pytest.approx(
-        768 * base.tiers["ddr0"].price_usd_per_gb)
+        768 * 2**30 / 1e9 * base.tiers["ddr0"].price_usd_per_gb)
     dear = profile_with_overrides(base, {"cost.electricity_usd_per_kwh": 0.18, "cost.pue": 1.0})
     assert tco.electricity_usd_per_j(dear) == pytest.approx(0.18 / 3.6e6)
     longer = profile_with_overrides(base, {"cost.amortisation_years": 8})
@@ -232,7 +232,7 @@ BAD = {
     "negative_tdp": ("tdp_w: 700 ", "tdp_w: -700 ", "gpus.gpu0.tdp_w", "greater than 0"),
     "zero_link_energy": ("energy_pj_per_bit: 5.5 ", "energy_pj_per_bit: 0 ",
                          "links.pcie0.energy_pj_per_bit", "greater than 0"),
-    "price_with_a_unit": ("price_usd_per_gb: 5 ", "price_usd_per_gb: 5 GB ",
+    "price_with_a_unit": ("price_usd_per_gb: 4.66 ", "price_usd_per_gb: 4.66 GB ",
                           "tiers.ddr0.price_usd_per_gb", "valid number"),
     "pue_below_one": ("pue: 1.4 ", "pue: 0.5 ", "cost.pue", "greater than or equal to 1"),
     "unknown_cost_key": ("  pue: 1.4 ", "  pue: 1.4\n  discount_rate: 0.1 ",

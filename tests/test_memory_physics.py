@@ -9,9 +9,11 @@ import pytest
 import simpy
 from conftest import make_profile
 
-from hgsim.capacity import place_host_kv
+from hgsim.capacity import HostReserve, place_host_kv
+from hgsim.catalog import get_model
 from hgsim.memory import Pattern, access_rate, gather_time_s, queue_delay_s, touched_bytes
-from hgsim.policies import POLICIES
+from hgsim.policies import POLICIES, make_policy
+from hgsim.profiles import load_profile
 from hgsim.sim import Machine
 from hgsim.simulate import Fidelity, simulate
 from hgsim.workload import Workload
@@ -290,7 +292,7 @@ def test_cxl_latency_matters_on_a_lean_host_and_not_where_bandwidth_binds():
     base = load_profile("h100-80gb-spr-cxl")
     fid = Fidelity(decode_samples=2, accuracy=False)
     wl = Workload(batch=2, context=131072, gen=4)
-    lean = {"sockets.cpu0.cores": 8, "tiers.ddr0.capacity_gb": 128}
+    lean = {"sockets.cpu0.cores": 8, "tiers.ddr0.capacity_gb": "128 GiB"}
 
     def tps(host, latency_ns, policy="cpu_offload"):
         profile = profile_with_overrides(base, {**host, "tiers.cxl0.latency_ns": latency_ns})
@@ -298,3 +300,34 @@ def test_cxl_latency_matters_on_a_lean_host_and_not_where_bandwidth_binds():
 
     assert tps({}, 600) == pytest.approx(tps({}, 150), rel=1e-3)
     assert tps(lean, 600) < 0.8 * tps(lean, 150)
+
+
+def test_host_kv_goes_where_offloaded_weights_and_the_reserve_leave_room():
+    """Weights streamed from DRAM and the host reserve take DRAM before any KV does: first
+    touch then fills what is left of DRAM and spills the rest to CXL, instead of reporting DRAM
+    short while the expander has room (Llama-3.1-70B offloads ~74 GB of its 141 GB)."""
+    profile = load_profile("h100-80gb-spr-cxl")
+    policy = make_policy("cpu_offload", get_model("llama-3.1-70b"), profile,
+                         Workload(batch=2, context=1_400_000, gen=4))
+    used, capacity = policy.footprint.used_bytes, policy.footprint.capacity_bytes
+    assert policy.offloaded_weight_bytes > 50e9 and policy.feasible
+    assert used["ddr0"] == pytest.approx(capacity["ddr0"], rel=1e-12)
+    host_kv = policy.workload.final_context * 2 * policy.kv_token_bytes  # all of it
+    reserve = policy.options.host_reserve.bytes_(profile)
+    assert used["ddr0"] + used["cxl0"] == pytest.approx(
+        host_kv + policy.offloaded_weight_bytes + sum(reserve.values()), rel=1e-12)
+
+
+def test_the_host_reserve_is_a_64th_of_every_tier_and_the_process_on_the_gpu_s_dram():
+    """struct page (64 B per 4 KiB page) on every host tier; the OS and the serving process
+    on the DRAM of the GPU's socket (ddr0 on cpu0 in the 2-socket profile, not ddr1), whatever
+    the policy keeps on the host."""
+    profile = load_profile("h100-2socket-cxl")
+    reserve = HostReserve(fixed_gb=8.0, kernel_fraction=1 / 64).bytes_(profile)
+    tier = {n: t.capacity_gb * GB for n, t in profile.tiers.items()}
+    assert reserve == pytest.approx({"ddr0": tier["ddr0"] / 64 + 8 * GB,
+                                     "ddr1": tier["ddr1"] / 64, "cxl0": tier["cxl0"] / 64})
+    policy = make_policy("gpu_only", get_model("llama-2-7b"), profile,
+                         Workload(batch=1, context=4096, gen=4))
+    assert policy.footprint.used_bytes == pytest.approx({"hbm": policy.footprint.used_bytes["hbm"],
+                                                         **reserve})

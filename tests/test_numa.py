@@ -146,3 +146,18 @@ def test_standin_host_buffers_for_the_kv_cache_get_huge_page_memory():
         accel.close()
     assert big.untyped_storage().resizable() is False  # wraps our mapping, not torch's allocator
     assert small.untyped_storage().resizable() is True
+
+
+def test_a_node_s_memory_is_its_online_memory_blocks(tmp_path: Path):
+    """lsmem's count: online blocks x block size (the installed DRAM), not MemTotal, which
+    leaves out the kernel's page descriptors; 0 without memory blocks in sysfs."""
+    nodes, memory = tmp_path / "node", tmp_path / "memory"
+    (nodes / "node1").mkdir(parents=True)
+    memory.mkdir()
+    (memory / "block_size_bytes").write_text("8000000\n")  # hex: 128 MiB
+    for block, online in [(32, "1"), (33, "1"), (34, "0"), (35, "1")]:
+        (nodes / "node1" / f"memory{block}").mkdir()
+        (nodes / "node1" / f"memory{block}" / "online").write_text(online + "\n")
+    assert numa.node_online_bytes(1, nodes, memory) == 3 * 128 * 2**20
+    assert numa.node_online_bytes(0, nodes, memory) == 0
+    assert numa.node_online_bytes(1, nodes, tmp_path / "absent") == 0

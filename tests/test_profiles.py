@@ -105,6 +105,33 @@ def test_device_memory_is_the_bytes_the_card_has(name):
     assert hbm_capacity_bytes(load_profile(name)) == pytest.approx(DEVICE_MIB[name] * 2**20, rel=1e-12)
 
 
+
+# The DRAM installed in each host tier (GiB; lsmem's online memory) and its price per GiB as
+# quoted for a module's "GB": DIMMs and CXL expanders are DRAM, sized in binary units.
+HOST_GIB = {"a100-40gb-spr-cxl": {"ddr0": 512, "cxl0": 256},
+            "h100-80gb-spr-cxl": {"ddr0": 768, "cxl0": 512},
+            "h100-2socket-cxl": {"ddr0": 512, "ddr1": 512, "cxl0": 512},
+            "rtx5090-cxl": {"ddr0": 768, "cxl0": 256}, "dev-zen4-2core": {"ddr0": 24}}
+USD_PER_GIB = {"a100-40gb-spr-cxl": 4.5, "h100-80gb-spr-cxl": 5, "h100-2socket-cxl": 5,
+               "rtx5090-cxl": 4.5, "dev-zen4-2core": 4.5}
+
+
+@pytest.mark.parametrize("name", sorted(HOST_GIB))
+def test_host_memory_is_the_bytes_installed(name):
+    """``capacity_gb`` is 1e9 bytes, so a "768 GB" host (8 x 96 GiB RDIMMs) holds 824.6 of
+    them, as the HBM holds what the card reports; per-GB rates are per 1e9 bytes too, so a
+    module's price and standby power stay what they were quoted per binary GB."""
+    profile = load_profile(name)
+    gib = 2**30 / 1e9
+    assert {n: t.capacity_gb for n, t in profile.tiers.items()} == pytest.approx(
+        {n: g * gib for n, g in HOST_GIB[name].items()}, rel=1e-12)
+    for tier in profile.tiers.values():
+        per_gib = USD_PER_GIB[name] if tier.kind == "ddr" else 8
+        assert tier.price_usd_per_gb * gib == pytest.approx(per_gib, rel=5e-3)
+        watts_per_gib = 0.04 if tier.kind == "ddr" else 0.07
+        assert tier.background_power_w_per_gb * gib == pytest.approx(watts_per_gib, rel=0.02)
+
+
 def test_two_socket_topology():
     profile = load_profile("h100-2socket-cxl")
     assert set(profile.sockets) == {"cpu0", "cpu1"}
@@ -143,9 +170,9 @@ def test_load_by_path_and_cache(tmp_path):
     copy.write_text(BASE.read_text())
     mine = load_profile(str(copy))
     assert mine == first and mine is not first
-    copy.write_text(BASE.read_text().replace("capacity_gb: 256", "capacity_gb: 512"))
+    copy.write_text(BASE.read_text().replace('capacity_gb: "256 GiB"', 'capacity_gb: "512 GiB"'))
     os.utime(copy, ns=(0, 10**18))  # new mtime even on coarse-grained file systems
-    assert load_profile(copy).tiers["cxl0"].capacity_gb == 512
+    assert load_profile(copy).tiers["cxl0"].capacity_gb == 512 * 2**30 / 1e9
 
 
 def test_unknown_profile_name_lists_known():

@@ -14,6 +14,7 @@ from pydantic import Field
 
 from hgsim.capacity import (
     HbmReserve,
+    HostReserve,
     MemoryFootprint,
     PlacementStrategy,
     hbm_capacity_bytes,
@@ -33,6 +34,9 @@ class PolicyOptions(SpecModel):
 
     hbm_reserve_fraction: float = Field(default=0.06, ge=0, lt=1)
     hbm_reserve_gb: float = Field(default=1.0, ge=0)
+    # Host memory the OS and the serving process keep (hgsim.capacity.HostReserve).
+    host_reserve_gb: float = Field(default=8.0, ge=0)
+    host_kernel_fraction: float = Field(default=1 / 64, ge=0, lt=1)
     # Weights that do not fit beside a minimum of KV space are kept in host DRAM and streamed
     # over PCIe layer by layer (FlexGen-style), instead of declaring the model infeasible.
     weight_offload: Literal["auto", "none"] = "auto"
@@ -41,6 +45,10 @@ class PolicyOptions(SpecModel):
     @property
     def reserve(self) -> HbmReserve:
         return HbmReserve(self.hbm_reserve_gb, self.hbm_reserve_fraction)
+
+    @property
+    def host_reserve(self) -> HostReserve:
+        return HostReserve(self.host_reserve_gb, self.host_kernel_fraction)
 
 
 class Policy(ABC):
@@ -64,6 +72,8 @@ class Policy(ABC):
         self.footprint = MemoryFootprint(capacity_bytes={"hbm": hbm_capacity_bytes(profile)})
         self.footprint.capacity_bytes.update(host_capacities(profile))
         self.footprint.add("hbm", self.options.reserve.bytes_(hbm_capacity_bytes(profile)))
+        for tier, bytes_ in self.options.host_reserve.bytes_(profile).items():
+            self.footprint.add(tier, bytes_)
         self.offloaded_weight_bytes = self._place_weights()
         self.setup()
 
@@ -160,10 +170,12 @@ class Policy(ABC):
         if tokens <= 0:
             return None
         half = tokens * self.workload.batch * self.kv_token_bytes / 2
+        capacity, used_now = self.footprint.capacity_bytes, self.footprint.used_bytes
+        free = {n: capacity[n] - used_now.get(n, 0.0) for n in self.profile.tiers}
         try:
             placement, used = place_host_kv(
                 self.profile, half, half, strategy, allow_cxl=allow_cxl,
-                important_fraction=important_fraction,
+                important_fraction=important_fraction, free_bytes=free,
             )
         except ValueError as exc:
             self.footprint.reason = str(exc)

@@ -22,6 +22,7 @@ from hw_backend.calibration.profile_writer import Node, Stamp, render
 from hw_backend.calibration.records import Measurements
 from hw_backend.calibration.summarize import Figure
 from hw_backend.calibration.topology import Machine
+from hw_backend.numa import node_online_bytes
 
 GB = 1e9
 
@@ -326,8 +327,16 @@ def _node_bytes(machine: Machine, numa) -> tuple[int, str]:
 
 
 def _capacity(machine: Machine, numa, stamp: Stamp) -> tuple[float, str]:
+    """A tier's capacity is the memory installed, as lsmem counts it (docs/profiles.md); what
+    the kernel keeps of it is the policies' host reserve, so MemTotal, which leaves that out
+    already, is only the fallback where sysfs lists no memory blocks."""
+    online = node_online_bytes(numa.id)
+    if online:
+        return round(online / GB, 1), stamp.measured(
+            f"/sys/devices/system/node/node{numa.id}/memory* online blocks (lsmem): installed")
     nbytes, where = _node_bytes(machine, numa)
-    return round(nbytes / GB, 1), stamp.measured(where)
+    return round(nbytes / GB, 1), stamp.measured(
+        f"{where}; no memory blocks in sysfs, so the kernel's share is left out twice")
 
 
 def _dma_inflight(pcie: dict[str, Any]) -> Figure | None:
