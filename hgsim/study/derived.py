@@ -67,11 +67,13 @@ def select(frame: pd.DataFrame, selection: dict[str, Any]) -> pd.Series:
 
 
 def compute_derived(frame: pd.DataFrame, derived: dict[str, DerivedSpec],
-                    axes: list[str]) -> pd.DataFrame:
-    """``frame`` with one column added per derived metric and baseline."""
+                    axes: list[str], zipped: dict[str, list[str]] | None = None
+                    ) -> pd.DataFrame:
+    """``frame`` with one column added per derived metric and baseline. ``zipped``: axis ->
+    the axes of its zip group, which move with it and so are not matched."""
     frame = frame.copy()
     for name, spec in derived.items():
-        matched = [a for a in axes if a not in spec.vs]
+        matched = ax.held_equal(axes, spec.vs, zipped)
         rows = select(frame, spec.of) if spec.of else pd.Series(True, index=frame.index)
         value = pd.to_numeric(frame[spec.metric], errors="coerce")
         for column, selection in baselines(name, spec):

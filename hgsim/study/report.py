@@ -81,12 +81,14 @@ def best_metric(study: Study) -> str:
     return study.search.column if study.search else "tokens_per_s"
 
 
-def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str) -> pd.DataFrame:
-    """Per combination of the other axes: the best value of ``by`` and its margin."""
+def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
+               zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Per combination of the other axes (less those zipped with ``by``): the best value of
+    ``by`` and its margin."""
     if by not in axes or metric not in frame or frame[by].nunique() < 2:
         return pd.DataFrame()
     lower = bool(LOWER_IS_BETTER.search(metric))
-    others = [a for a in axes if a != by]
+    others = ax.held_equal(axes, [by], zipped)
     data = frame.assign(__m=pd.to_numeric(frame[metric], errors="coerce"))
     groups = data.groupby(others, sort=False, dropna=False) if others else [((), data)]
     rows = []
@@ -110,12 +112,13 @@ def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str) -> pd
     return pd.DataFrame(rows)
 
 
-def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str) -> pd.DataFrame:
+def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str,
+                   zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """The searched maximum with ``by`` (usually the policy) as columns, when it is an axis."""
     if column not in frame:
         return pd.DataFrame()
-    if by in axes and len(axes) > 1:
-        others = [a for a in axes if a != by]
+    others = ax.held_equal(axes, [by], zipped)
+    if by in axes and others:
         values = frame[column].map(lambda v: ax.label(v) if pd.notna(v) else "does not fit")
         capped = frame.get("capped", pd.Series(False, index=frame.index)).fillna(False)
         values = values.where(~capped.astype(bool), values + " (>= hi)")
@@ -138,7 +141,8 @@ def _describe(selection: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def binding_table(frame: pd.DataFrame, axes: list[str], by: str) -> pd.DataFrame:
+def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
+                  zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """What binds each point: one row per combination of the other axes, one column per
     value of ``by`` (usually the policy), each cell the binding resource and its share."""
     if "binding" not in frame or not len(frame):
@@ -150,7 +154,7 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str) -> pd.DataFrame
         str) + "%)"
     data = data.assign(__cell=cell)
     if by in axes and data[by].nunique() > 1:
-        others = [a for a in axes if a != by]
+        others = ax.held_equal(axes, [by], zipped)
         if not others:
             return data[[by, "__cell"]].rename(columns={"__cell": "binds"})
         table = data.pivot_table(index=others, columns=by, values="__cell", aggfunc="first",
@@ -211,19 +215,20 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
 
     metric = best_metric(study)
     by = study.report.best_by
+    zipped = study.zipped()
     if study.search:
-        table = capacity_table(frame, axes, by, study.search.column)
+        table = capacity_table(frame, axes, by, study.search.column, zipped)
         parts.append(f"\n## Largest {study.search.field} that fits\n")
         parts.append(md_table(table, n))
     else:
-        best = best_table(frame, axes, by, metric)
+        best = best_table(frame, axes, by, metric, zipped)
         if not best.empty:
             parts.append(f"\n## Best {by} per point (by {metric})\n")
             wins = best["best"].value_counts()
             parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
             parts.append(md_table(best, n))
 
-    binds = binding_table(frame, axes, by)
+    binds = binding_table(frame, axes, by, zipped)
     if not binds.empty:
         parts.append("\n## What binds\n")
         parts.append("The resource that holds each point's critical path longest, with its share "
