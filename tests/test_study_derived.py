@@ -118,3 +118,22 @@ def test_best_policy_compared_across_its_zipped_options():
     assert (row["best"], row["runner-up"], row["margin"]) == ("hybridgen", "hgca", 1.5)
     (binds,) = binding_table(frame, axes, "policy", zipped).to_dict("records")
     assert binds["hybridgen"] == "ddr0 read (90%)" and binds["hgca"] == "cxl0 read (80%)"
+
+
+def test_summary_leaves_out_baseline_rows_and_counts_missing(frame):
+    """A ratio to the 32k point summarised over every point: the 32k rows are 1 by
+    construction and would pull the geometric mean toward 1; rows without a value (an
+    infeasible point or baseline) are counted, not silently dropped."""
+    spec = DerivedSpec(metric="tokens_per_s", kind="ratio", vs={"workload.context": "32k"},
+                       group_by=["policy"])
+    out = compute_derived(frame, {"r": spec}, AXES)
+    table = summarize(out, {"r": spec}).set_index("policy")
+    assert table.loc["flexgen", "n"] == 2
+    assert table.loc["flexgen", "geomean"] == pytest.approx(math.sqrt(0.2 * 0.2))
+    assert table.loc["hgca", "n"] == 1 and table.loc["hgca", "no value"] == 1
+    assert table.loc["flexgen", "no value"] == 0
+    up = DerivedSpec(metric="tokens_per_s", vs={"label.upgrade": "baseline"}, group_by=["policy"])
+    out = compute_derived(_upgrades(), {"up": up}, UPGRADE_AXES, ZIPPED)
+    table = summarize(out, {"up": up}).set_index("policy")
+    assert table.loc["flexgen", "n"] == 2
+    assert table.loc["flexgen", "geomean"] == pytest.approx(math.sqrt(2.0 * 4.0))

@@ -259,6 +259,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             of = _describe(spec.of) or "every point"
             parts.append(f"- `{name}` ({what}): `{spec.metric}` of {of} relative to the point "
                          f"with {_describe(spec.vs)} and the same other coordinates\n")
+        parts.append("\nPer group: `n` rows with a value, `no value` rows without one (the point "
+                     "or its baseline infeasible), then statistics over the `n` (geometric mean "
+                     "first); the baseline's own rows, equal to it by construction, are left "
+                     "out.\n")
         parts.append("\n" + md_table(summarize(frame, study.derived)))
 
     parts += _equal_accuracy_parts(study, frame, n)
