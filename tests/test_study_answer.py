@@ -159,3 +159,12 @@ def test_runner_up_that_gains_nothing_is_not_named_and_ties_are_said():
               & (frame["workload.context"] == 131072), "tokens_per_s"] = 11.0
     first = answer_lines(frame, AXES, SPEC)[0]  # A: 1.0 per 1,000 USD, B: 1.0 too
     assert "tied with" in first and "runner-up" not in first
+
+
+def test_the_ranking_table_is_never_cut_since_no_file_holds_it():
+    """report.max_rows (40 by default) cut it with '... more rows in results.csv', which has no such rows."""
+    from hgsim.study.answer import section
+
+    text = section(_frame(), AXES, [SPEC])
+    assert "more rows" not in text
+    assert text.count("| 128k |") == 4 and text.count("| 1M |") == 4  # 2 sets x 2 choices

@@ -174,8 +174,7 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
-def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec],
-            max_rows: int) -> str:
+def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec]) -> str:
     """The report's answer section: each question, its bullets, then its ranking table."""
     from hgsim.study.report import md_table
 
@@ -187,5 +186,5 @@ def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec],
             continue
         parts.append("\n".join(answer_lines(frame, axes, spec)) + "\n")
         parts.append(f"\nEvery choice, best first ({_value_words(spec)} as `value`):\n\n")
-        parts.append(md_table(ranking(frame, axes, spec), max_rows))
+        parts.append(md_table(ranking(frame, axes, spec)))  # no file has it: never cut
     return "".join(parts)

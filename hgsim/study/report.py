@@ -3,7 +3,8 @@
 Which policy wins at each point and by how much, the derived metrics summarised per group
 (geometric mean first: it is the honest average of ratios), capacity limits, and every
 infeasible or failed point with its reason, so nothing that did not run goes unnoticed.
-Long tables are cut at ``report.max_rows``; the full data is in results.csv/parquet.
+Long tables are cut at ``report.max_rows`` with a pointer to the file holding every row
+(results.csv, elasticity.csv); an answer's ranking is in no file, so it is never cut.
 """
 
 from __future__ import annotations
@@ -62,7 +63,10 @@ def fmt(value: Any, column: str = "") -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def md_table(frame: pd.DataFrame, max_rows: int | None = None) -> str:
+def md_table(frame: pd.DataFrame, max_rows: int | None = None,
+             full_in: str = "results.csv") -> str:
+    """A markdown table cut at ``max_rows``; ``full_in`` names the file with every row, so
+    only tables whose rows a file holds may be cut."""
     if frame.empty:
         return "_(none)_\n"
     shown = frame if max_rows is None else frame.head(max_rows)
@@ -71,7 +75,7 @@ def md_table(frame: pd.DataFrame, max_rows: int | None = None) -> str:
     for _, row in shown.iterrows():
         lines.append("| " + " | ".join(fmt(row[c], str(c)) for c in shown.columns) + " |")
     if max_rows is not None and len(frame) > max_rows:
-        lines.append(f"\n_... {len(frame) - max_rows} more rows in results.csv_")
+        lines.append(f"\n_... {len(frame) - max_rows} more rows in {full_in}_")
     return "\n".join(lines) + "\n"
 
 
@@ -177,7 +181,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     if study.answer:  # the study's questions answered first (hgsim/study/answer.py)
         from hgsim.study.answer import section
 
-        parts.append(section(frame, axes, study.answer, n))
+        parts.append(section(frame, axes, study.answer))
         parts.append("\n---\n\n")
     if study.description:
         parts.append(study.description.strip() + "\n")
@@ -249,7 +253,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "`elasticity.csv` has every value): +1 = the metric follows the parameter, "
                      "-1 = it falls as the parameter grows, 0 = no effect.\n\n")
         wide = sens.pivot(elasticity, axes, spec.parameters)
-        parts.append(md_table(wide.round(3), n))
+        parts.append(md_table(wide.round(3), n, "elasticity.csv"))
 
     if study.derived and len(frame):
         parts.append("\n## Derived metrics\n")
