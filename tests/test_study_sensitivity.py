@@ -114,3 +114,22 @@ def test_a_parameter_that_is_0_at_every_point_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path.name}:{line}: sensitivity.parameters\[3\]: "
                                           r"'sockets.cpu0.op_overhead_us' is 0 at every point"):
         load_study(path)
+
+
+def test_heatmap_row_labels_are_horizontal():
+    """seaborn writes them vertically unless it sees them overlap before the layout is final;
+    in the elasticity heatmap 'hgca' and 'cpu_offload' ran into each other."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from hgsim.study.plots import _heatmap
+    from hgsim.study.schema import PlotSpec
+
+    data = pd.DataFrame({"parameter": ["a", "b"] * 2, "policy": ["hybridgen"] * 2 + ["hgca"] * 2,
+                         "elasticity": [0.1, -0.2, 0.3, 0.9]})
+    spec = PlotSpec(kind="heatmap", x="parameter", y="policy", value="elasticity", center=0.0)
+    grid = _heatmap(data, spec, {"height": 2.0, "aspect": 1.0}, {"parameter": ["a", "b"],
+                                                                 "policy": ["hybridgen", "hgca"]})
+    labels = grid.axes.flat[0].get_yticklabels()
+    assert [t.get_text() for t in labels] == ["hgca", "hybridgen"]
+    assert all(t.get_rotation() == 0 for t in labels)
