@@ -24,6 +24,9 @@ from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
 from hgsim.study.schema import Study
 
+#: The sensitivity table's column of rate elasticities less time elasticities.
+TIME_SCALING = "rates - times"
+
 
 @dataclass
 class RunInfo:
@@ -253,6 +256,20 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "`elasticity.csv` has every value): +1 = the metric follows the parameter, "
                      "-1 = it falls as the parameter grows, 0 = no effect.\n\n")
         wide = sens.pivot(elasticity, axes, spec.parameters)
+        roles = {p: sens.time_role(p) for p in spec.parameters}
+        if any(roles.values()):
+            wide = wide.assign(**{TIME_SCALING: sens.time_scaling_sum(wide)})
+            named = {r: ", ".join(f"`{p}`" for p, v in roles.items() if v == r) or "none"
+                     for r in (1, -1, 0)}
+            parts.append(f"`{TIME_SCALING}`: every rate x s with every time / s makes tokens/s "
+                         "x s, so the elasticities to the rates less those to the times sum "
+                         "to 1 when the listed parameters are all that cost time; below 1 by "
+                         "the share of the step held by parameters not listed (link bandwidths, "
+                         "queueing delays, GPU FLOP/s, launch overheads, ...). Above 1, a "
+                         "parameter binds on one side of the step only (a kink the central "
+                         "difference averages over; `elasticity_down`/`_up` in "
+                         "`elasticity.csv`). Rates: "
+                         f"{named[1]}; times: {named[-1]}; in neither: {named[0]}.\n\n")
         parts.append(md_table(wide.round(3), n, "elasticity.csv"))
 
     if study.derived and len(frame):
