@@ -141,3 +141,30 @@ def test_a_bad_answer_block_is_a_one_line_error(tmp_path, capsys, old, new, expe
     assert main(["study", str(study), "--out", str(tmp_path / "out"), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{study}:" in err and expected in err, err
+
+
+def test_runner_up_that_gains_nothing_is_not_named_and_ties_are_said():
+    """A runner-up at 0 gain is one of every choice that buys nothing (memory_purchase named
+    '+CXL x8 (0)' out of four tied at 0); a tie for first is not a win."""
+    lines = answer_lines(_frame(), AXES, SPEC)
+    assert "runner-up" not in lines[1]
+    assert lines[1].endswith("; no other choice gains over baseline")
+    assert "runner-up" not in lines[2] and lines[2].endswith("no other choice gains over "
+                                                             "baseline")
+    frame = _frame()
+    frame.loc[(frame["label.upgrade"] == "A") & (frame.policy == "hybridgen")
+              & (frame["workload.context"] == 131072), "tokens_per_s"] = 20.0
+    frame.loc[frame["label.upgrade"] == "A", "capex_usd"] = 110_000.0  # gains 10 per 10k
+    frame.loc[(frame["label.upgrade"] == "B") & (frame.policy == "hybridgen")
+              & (frame["workload.context"] == 131072), "tokens_per_s"] = 11.0
+    first = answer_lines(frame, AXES, SPEC)[0]  # A: 1.0 per 1,000 USD, B: 1.0 too
+    assert "tied with" in first and "runner-up" not in first
+
+
+def test_the_ranking_table_is_never_cut_since_no_file_holds_it():
+    """report.max_rows (40 by default) cut it with '... more rows in results.csv', which has no such rows."""
+    from hgsim.study.answer import section
+
+    text = section(_frame(), AXES, [SPEC])
+    assert "more rows" not in text
+    assert text.count("| 128k |") == 4 and text.count("| 1M |") == 4  # 2 sets x 2 choices

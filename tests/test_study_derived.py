@@ -77,3 +77,63 @@ def test_summary_geomean_min_max_per_group(frame):
     assert row["geomean"] == pytest.approx(math.sqrt(4.0 * 4.0))
     assert table.loc[("hgca", 131072)]["n"] == 1  # the infeasible baseline is left out
     assert table.loc[("hgca", 32768)]["geomean"] == pytest.approx(1.5)
+
+
+def _upgrades() -> pd.DataFrame:
+    """Two upgrades zipped with the hardware they make (memory_purchase's shape)."""
+    rows = []
+    for label, ddr_gb, scale in (("baseline", 768, 1.0), ("+DDR", 1536, 2.0), ("H200", 768, 4.0)):
+        for policy, tput in (("hybridgen", 3.0), ("flexgen", 1.0)):
+            rows.append({"label.upgrade": label, "hardware.tiers.ddr0.capacity_gb": ddr_gb,
+                         "policy": policy, "tokens_per_s": tput * scale})
+    return pd.DataFrame(rows)
+
+
+UPGRADE_AXES = ["label.upgrade", "hardware.tiers.ddr0.capacity_gb", "policy"]
+ZIPPED = {"label.upgrade": ["hardware.tiers.ddr0.capacity_gb"],
+          "hardware.tiers.ddr0.capacity_gb": ["label.upgrade"]}
+
+
+def test_baseline_found_across_axes_zipped_with_vs():
+    """The hardware an upgrade label is zipped with changes with it: a comparison against the
+    baseline label cannot hold it equal (it did, so every upgrade had no baseline)."""
+    spec = DerivedSpec(metric="tokens_per_s", vs={"label.upgrade": "baseline"})
+    out = compute_derived(_upgrades(), {"up": spec}, UPGRADE_AXES, ZIPPED)
+    assert value(out, "up", **{"label.upgrade": "H200", "policy": "flexgen"}) == 4.0
+    assert value(out, "up", **{"label.upgrade": "+DDR", "policy": "hybridgen"}) == 2.0
+
+
+def test_best_policy_compared_across_its_zipped_options():
+    """A policy zipped with its own option (docs/studies.md) is compared with the other
+    policies at each point; grouping by the option too left one policy per group."""
+    from hgsim.study.report import best_table, binding_table
+
+    frame = pd.DataFrame({"workload.context": [32768, 32768], "policy": ["hybridgen", "hgca"],
+                          "policy_options.topk_ratio": [0.05, 0.1],
+                          "tokens_per_s": [3.0, 2.0], "binding": ["ddr0 read", "cxl0 read"],
+                          "binding_share": [0.9, 0.8]})
+    axes = ["workload.context", "policy", "policy_options.topk_ratio"]
+    zipped = {"policy": ["policy_options.topk_ratio"], "policy_options.topk_ratio": ["policy"]}
+    (row,) = best_table(frame, axes, "policy", "tokens_per_s", zipped).to_dict("records")
+    assert (row["best"], row["runner-up"], row["margin"]) == ("hybridgen", "hgca", 1.5)
+    (binds,) = binding_table(frame, axes, "policy", zipped).to_dict("records")
+    assert binds["hybridgen"] == "ddr0 read (90%)" and binds["hgca"] == "cxl0 read (80%)"
+
+
+def test_summary_leaves_out_baseline_rows_and_counts_missing(frame):
+    """A ratio to the 32k point summarised over every point: the 32k rows are 1 by
+    construction and would pull the geometric mean toward 1; rows without a value (an
+    infeasible point or baseline) are counted, not silently dropped."""
+    spec = DerivedSpec(metric="tokens_per_s", kind="ratio", vs={"workload.context": "32k"},
+                       group_by=["policy"])
+    out = compute_derived(frame, {"r": spec}, AXES)
+    table = summarize(out, {"r": spec}).set_index("policy")
+    assert table.loc["flexgen", "n"] == 2
+    assert table.loc["flexgen", "geomean"] == pytest.approx(math.sqrt(0.2 * 0.2))
+    assert table.loc["hgca", "n"] == 1 and table.loc["hgca", "no value"] == 1
+    assert table.loc["flexgen", "no value"] == 0
+    up = DerivedSpec(metric="tokens_per_s", vs={"label.upgrade": "baseline"}, group_by=["policy"])
+    out = compute_derived(_upgrades(), {"up": up}, UPGRADE_AXES, ZIPPED)
+    table = summarize(out, {"up": up}).set_index("policy")
+    assert table.loc["flexgen", "n"] == 2
+    assert table.loc["flexgen", "geomean"] == pytest.approx(math.sqrt(2.0 * 4.0))

@@ -67,6 +67,11 @@ def test_report_has_sensitivity_and_binding_sections_and_a_heatmap(finished):
     assert "## Sensitivity" in report and "## What binds" in report
     assert "pcie0 h2d" in report  # FlexGen's binding resource
     assert (finished / "figures" / "elasticity.png").stat().st_size > 0
+    # FlexGen's step is PCIe transfers: the listed rates and times cover all of it
+    section = report.split("## Sensitivity")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| flexgen |"))
+    assert "`rates - times`" in report and "in neither: `sockets.cpu0.cores`" in report
+    assert float(row.strip("| ").split(" | ")[-1]) == pytest.approx(1.0, abs=0.01)
 
 
 def test_whole_parameters_move_by_a_whole_step():
@@ -114,3 +119,82 @@ def test_a_parameter_that_is_0_at_every_point_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match=rf"{path.name}:{line}: sensitivity.parameters\[3\]: "
                                           r"'sockets.cpu0.op_overhead_us' is 0 at every point"):
         load_study(path)
+
+
+def test_heatmap_row_labels_are_horizontal():
+    """seaborn writes them vertically unless it sees them overlap before the layout is final;
+    in the elasticity heatmap 'hgca' and 'cpu_offload' ran into each other."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from hgsim.study.plots import _heatmap
+    from hgsim.study.schema import PlotSpec
+
+    data = pd.DataFrame({"parameter": ["a", "b"] * 2, "policy": ["hybridgen"] * 2 + ["hgca"] * 2,
+                         "elasticity": [0.1, -0.2, 0.3, 0.9]})
+    spec = PlotSpec(kind="heatmap", x="parameter", y="policy", value="elasticity", center=0.0)
+    grid = _heatmap(data, spec, {"height": 2.0, "aspect": 1.0}, {"parameter": ["a", "b"],
+                                                                 "policy": ["hybridgen", "hgca"]})
+    labels = grid.axes.flat[0].get_yticklabels()
+    assert [t.get_text() for t in labels] == ["hgca", "hybridgen"]
+    assert all(t.get_rotation() == 0 for t in labels)
+
+
+def test_time_scaling_sum_of_elasticities():
+    """Every rate x s and every time / s gives tokens/s x s (checked on the simulator below),
+    so sum(rate elasticities) - sum(time elasticities) is the share of the step the listed
+    parameters cover: 1 when they are all listed; cores and bytes in flight count in neither."""
+    from hgsim.study.sensitivity import time_role, time_scaling_sum
+
+    assert [time_role(p) for p in ("tiers.ddr0.bandwidth_gbps", "tiers.cxl0.latency_ns",
+                                   "sockets.cpu0.op_overhead_us", "gpus.gpu0.peak_tflops.fp16",
+                                   "sockets.cpu0.gather_ns_per_row", "sockets.cpu0.cores",
+                                   "sockets.cpu0.stream_inflight_bytes",
+                                   "sockets.cpu0.attention_gflops_per_core")] == [
+        1, -1, -1, 1, -1, 0, 0, 1]
+    wide = pd.DataFrame({"policy": ["a"], "tiers.ddr0.bandwidth_gbps": [0.7],
+                         "tiers.ddr0.latency_ns": [-0.2], "sockets.cpu0.cores": [0.5]})
+    assert time_scaling_sum(wide).tolist() == [pytest.approx(0.9)]
+
+
+def test_simulated_tokens_per_s_scale_with_every_rate_and_time():
+    """The closed form the report's time-scaling column rests on."""
+    from hgsim import api
+    from hgsim.profiles import load_profile
+    from hgsim.study.sensitivity import time_role
+
+    leaves: dict[str, float] = {}
+
+    def walk(node, path):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{path}{key}.")
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                leaves[f"{path}{key}"] = value
+
+    walk(load_profile("h100-80gb-spr-cxl").model_dump(), "")
+    lean = {"sockets.cpu0.cores": 8, "tiers.ddr0.capacity_gb": 128}
+    speeds = []
+    for s in (1.0, 1.25):
+        hardware = {**lean, **{p: v * s ** time_role(p) for p, v in leaves.items()
+                               if time_role(p)}}
+        speeds.append(api.simulate("h100-80gb-spr-cxl", "llama-2-13b", "hybridgen",
+                                   context="128k", batch=2, gen=4, samples=2, accuracy=False,
+                                   hardware=hardware).tokens_per_s)
+    assert speeds[1] / speeds[0] == pytest.approx(1.25, rel=1e-9)
+
+
+def test_one_sided_elasticities_show_a_kink():
+    """PCIe binds InfiniGen only when scaled down: the central difference (0.5 here) hides
+    that one side is 1 and the other 0; elasticity.csv has both."""
+    from hgsim.study.sensitivity import BASE, FACTOR, PARAMETER, VALUE, elasticities
+
+    frame = pd.DataFrame({
+        "policy": ["infinigen"] * 3, PARAMETER: [BASE, "bw", "bw"],
+        FACTOR: [1.0, 0.8, 1.25], VALUE: [math.nan, 80.0, 125.0],
+        "tokens_per_s": [1.0, 0.8, 1.0]})
+    (row,) = elasticities(frame, ["policy", PARAMETER, FACTOR], "tokens_per_s").to_dict(
+        "records")
+    assert row["elasticity_down"] == pytest.approx(1.0)
+    assert row["elasticity_up"] == pytest.approx(0.0)
+    assert row["elasticity"] == pytest.approx(math.log(1 / 0.8) / math.log(125 / 80))

@@ -136,12 +136,25 @@ def answer_lines(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> list
             continue
         text = f"{lead}**{ax.label(best[spec.choose])}** ({_number(best['value'])} {what}"
         text += f"; {set_column} {best['represented by']})" if set_column else ")"
-        if len(ranked) > 1:
-            second = ranked.iloc[1]
-            text += (f"; runner-up {ax.label(second[spec.choose])} "
-                     f"({_number(second['value'])})")
+        tied = _same_value(ranked, best["value"])
+        rest = ranked[~tied]
+        if tied.sum() > 1:  # which of them is printed first is the table's order, not a win
+            text += " tied with " + ", ".join(ax.label(c) for c in ranked[tied][spec.choose]
+                                              .iloc[1:])
+        if spec.gain_vs is not None and not (len(rest) and rest.iloc[0]["value"] > 0):
+            text += f"; no other choice gains over {ax.label(spec.gain_vs)}"
+        elif len(rest):
+            second = rest.iloc[0]
+            also = rest[_same_value(rest, second["value"])][spec.choose].iloc[1:]
+            text += (f"; runner-up {', '.join(ax.label(c) for c in [second[spec.choose], *also])}"
+                     f" ({_number(second['value'])})")
         lines.append(text)
     return lines
+
+
+def _same_value(ranked: pd.DataFrame, value: float) -> pd.Series:
+    """Choices whose value equals ``value`` to a millionth (the simulation's rounding)."""
+    return (ranked["value"] - value).abs() <= 1e-6 * max(abs(value), 1e-300)
 
 
 def _value_words(spec: AnswerSpec) -> str:
@@ -161,8 +174,7 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
 
 
-def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec],
-            max_rows: int) -> str:
+def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec]) -> str:
     """The report's answer section: each question, its bullets, then its ranking table."""
     from hgsim.study.report import md_table
 
@@ -174,5 +186,5 @@ def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec],
             continue
         parts.append("\n".join(answer_lines(frame, axes, spec)) + "\n")
         parts.append(f"\nEvery choice, best first ({_value_words(spec)} as `value`):\n\n")
-        parts.append(md_table(ranking(frame, axes, spec), max_rows))
+        parts.append(md_table(ranking(frame, axes, spec)))  # no file has it: never cut
     return "".join(parts)

@@ -25,6 +25,17 @@ AXIS_HELP = (
 )
 
 
+def held_equal(axes: list[str], varying, zipped: dict[str, list[str]] | None = None
+               ) -> list[str]:
+    """The axes a comparison across ``varying`` holds equal: all others, except those zipped
+    with a varying one. A zipped axis takes its values with its partner (an upgrade's label
+    and the hardware it makes), so no two points differ in the varying axis alone."""
+    moving = set(varying)
+    for axis in varying:
+        moving.update((zipped or {}).get(axis, ()))
+    return [a for a in axes if a not in moving]
+
+
 def section(path: str) -> tuple[str, str]:
     """``("workload", "context")`` for ``workload.context``; ``("policy", "")`` for ``policy``.
 

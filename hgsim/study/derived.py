@@ -67,11 +67,13 @@ def select(frame: pd.DataFrame, selection: dict[str, Any]) -> pd.Series:
 
 
 def compute_derived(frame: pd.DataFrame, derived: dict[str, DerivedSpec],
-                    axes: list[str]) -> pd.DataFrame:
-    """``frame`` with one column added per derived metric and baseline."""
+                    axes: list[str], zipped: dict[str, list[str]] | None = None
+                    ) -> pd.DataFrame:
+    """``frame`` with one column added per derived metric and baseline. ``zipped``: axis ->
+    the axes of its zip group, which move with it and so are not matched."""
     frame = frame.copy()
     for name, spec in derived.items():
-        matched = [a for a in axes if a not in spec.vs]
+        matched = ax.held_equal(axes, spec.vs, zipped)
         rows = select(frame, spec.of) if spec.of else pd.Series(True, index=frame.index)
         value = pd.to_numeric(frame[spec.metric], errors="coerce")
         for column, selection in baselines(name, spec):
@@ -104,29 +106,35 @@ def _combine(value: pd.Series, base: pd.Series, spec: DerivedSpec) -> pd.Series:
 
 
 def summarize(frame: pd.DataFrame, derived: dict[str, DerivedSpec]) -> pd.DataFrame:
-    """Per derived column and group: n, geometric mean, mean, min and max.
+    """Per derived column and group: n, geometric mean, mean, min and max, and how many
+    rows had no value (the point or its baseline infeasible or missing).
 
     Groups are ``group_by`` (default: the ``of`` axes, so "hybridgen vs flexgen" is one
     row; with no ``of``, the ``vs`` axes, so each policy's ratio to the baseline is a row).
+    The baseline's own rows are left out: they compare with themselves (1, or 0 for a
+    difference) by construction, and would pull every average toward no change.
     """
     rows = []
     for name, spec in derived.items():
         group_by = spec.group_by or list(spec.of) or list(spec.vs)
         for column, selection in baselines(name, spec):
-            data = frame.dropna(subset=[column])
+            data = frame[~select(frame, selection)]
+            if spec.of:
+                data = data[select(data, spec.of)]
             vs = ", ".join(ax.label(v) for v in selection.values())
             groups = data.groupby(group_by, sort=False, dropna=False) if group_by else \
                 [((), data)]
             for key, part in groups:
                 key = key if isinstance(key, tuple) else (key,)
-                values = part[column].astype(float)
+                values = part[column].dropna().astype(float)
                 if spec.kind == "difference" or (values <= 0).any():
                     geo = np.nan
                 else:
                     geo = float(np.exp(np.log(values).mean())) if len(values) else np.nan
                 row = {"metric": name, "vs": vs}
                 row.update({g: k for g, k in zip(group_by, key, strict=True)})
-                row.update({"n": len(values), "geomean": geo, "mean": values.mean(),
-                            "min": values.min(), "max": values.max()})
+                row.update({"n": len(values), "no value": len(part) - len(values),
+                            "geomean": geo, "mean": values.mean(), "min": values.min(),
+                            "max": values.max()})
                 rows.append(row)
     return pd.DataFrame(rows)

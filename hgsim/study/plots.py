@@ -192,9 +192,13 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
         table = data.pivot_table(index=spec.y, columns=spec.x, values=spec.value,
                                   aggfunc=spec.agg, observed=False)
         table = table.reindex(index=y_order[::-1], columns=x_order)
-        sns.heatmap(table, ax=plt.gca(), annot=spec.annot, fmt=spec.fmt, vmin=vmin,
+        axes = plt.gca()
+        sns.heatmap(table, ax=axes, annot=spec.annot, fmt=spec.fmt, vmin=vmin,
                     vmax=vmax, cmap=cmap, cbar=True,
                     cbar_kws={"label": short(spec.value)})
+        # seaborn turns row names vertical unless it sees them overlap, which it judges
+        # before the layout is final: 'hgca' and 'cpu_offload' ran into each other
+        axes.tick_params(axis="y", labelrotation=0)
 
     grid = sns.FacetGrid(data, **facet, margin_titles=not facet.get("col_wrap"),
                          despine=False)

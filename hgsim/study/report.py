@@ -3,7 +3,8 @@
 Which policy wins at each point and by how much, the derived metrics summarised per group
 (geometric mean first: it is the honest average of ratios), capacity limits, and every
 infeasible or failed point with its reason, so nothing that did not run goes unnoticed.
-Long tables are cut at ``report.max_rows``; the full data is in results.csv/parquet.
+Long tables are cut at ``report.max_rows`` with a pointer to the file holding every row
+(results.csv, elasticity.csv); an answer's ranking is in no file, so it is never cut.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from hgsim.study import axes as ax
 from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
 from hgsim.study.schema import Study
+
+#: The sensitivity table's column of rate elasticities less time elasticities.
+TIME_SCALING = "rates - times"
 
 
 @dataclass
@@ -62,7 +66,10 @@ def fmt(value: Any, column: str = "") -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
-def md_table(frame: pd.DataFrame, max_rows: int | None = None) -> str:
+def md_table(frame: pd.DataFrame, max_rows: int | None = None,
+             full_in: str = "results.csv") -> str:
+    """A markdown table cut at ``max_rows``; ``full_in`` names the file with every row, so
+    only tables whose rows a file holds may be cut."""
     if frame.empty:
         return "_(none)_\n"
     shown = frame if max_rows is None else frame.head(max_rows)
@@ -71,7 +78,7 @@ def md_table(frame: pd.DataFrame, max_rows: int | None = None) -> str:
     for _, row in shown.iterrows():
         lines.append("| " + " | ".join(fmt(row[c], str(c)) for c in shown.columns) + " |")
     if max_rows is not None and len(frame) > max_rows:
-        lines.append(f"\n_... {len(frame) - max_rows} more rows in results.csv_")
+        lines.append(f"\n_... {len(frame) - max_rows} more rows in {full_in}_")
     return "\n".join(lines) + "\n"
 
 
@@ -81,12 +88,14 @@ def best_metric(study: Study) -> str:
     return study.search.column if study.search else "tokens_per_s"
 
 
-def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str) -> pd.DataFrame:
-    """Per combination of the other axes: the best value of ``by`` and its margin."""
+def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
+               zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
+    """Per combination of the other axes (less those zipped with ``by``): the best value of
+    ``by`` and its margin."""
     if by not in axes or metric not in frame or frame[by].nunique() < 2:
         return pd.DataFrame()
     lower = bool(LOWER_IS_BETTER.search(metric))
-    others = [a for a in axes if a != by]
+    others = ax.held_equal(axes, [by], zipped)
     data = frame.assign(__m=pd.to_numeric(frame[metric], errors="coerce"))
     groups = data.groupby(others, sort=False, dropna=False) if others else [((), data)]
     rows = []
@@ -110,12 +119,13 @@ def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str) -> pd
     return pd.DataFrame(rows)
 
 
-def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str) -> pd.DataFrame:
+def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str,
+                   zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """The searched maximum with ``by`` (usually the policy) as columns, when it is an axis."""
     if column not in frame:
         return pd.DataFrame()
-    if by in axes and len(axes) > 1:
-        others = [a for a in axes if a != by]
+    others = ax.held_equal(axes, [by], zipped)
+    if by in axes and others:
         values = frame[column].map(lambda v: ax.label(v) if pd.notna(v) else "does not fit")
         capped = frame.get("capped", pd.Series(False, index=frame.index)).fillna(False)
         values = values.where(~capped.astype(bool), values + " (>= hi)")
@@ -138,7 +148,8 @@ def _describe(selection: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def binding_table(frame: pd.DataFrame, axes: list[str], by: str) -> pd.DataFrame:
+def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
+                  zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """What binds each point: one row per combination of the other axes, one column per
     value of ``by`` (usually the policy), each cell the binding resource and its share."""
     if "binding" not in frame or not len(frame):
@@ -150,7 +161,7 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str) -> pd.DataFrame
         str) + "%)"
     data = data.assign(__cell=cell)
     if by in axes and data[by].nunique() > 1:
-        others = [a for a in axes if a != by]
+        others = ax.held_equal(axes, [by], zipped)
         if not others:
             return data[[by, "__cell"]].rename(columns={"__cell": "binds"})
         table = data.pivot_table(index=others, columns=by, values="__cell", aggfunc="first",
@@ -173,7 +184,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     if study.answer:  # the study's questions answered first (hgsim/study/answer.py)
         from hgsim.study.answer import section
 
-        parts.append(section(frame, axes, study.answer, n))
+        parts.append(section(frame, axes, study.answer))
         parts.append("\n---\n\n")
     if study.description:
         parts.append(study.description.strip() + "\n")
@@ -211,19 +222,20 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
 
     metric = best_metric(study)
     by = study.report.best_by
+    zipped = study.zipped()
     if study.search:
-        table = capacity_table(frame, axes, by, study.search.column)
+        table = capacity_table(frame, axes, by, study.search.column, zipped)
         parts.append(f"\n## Largest {study.search.field} that fits\n")
         parts.append(md_table(table, n))
     else:
-        best = best_table(frame, axes, by, metric)
+        best = best_table(frame, axes, by, metric, zipped)
         if not best.empty:
             parts.append(f"\n## Best {by} per point (by {metric})\n")
             wins = best["best"].value_counts()
             parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
             parts.append(md_table(best, n))
 
-    binds = binding_table(frame, axes, by)
+    binds = binding_table(frame, axes, by, zipped)
     if not binds.empty:
         parts.append("\n## What binds\n")
         parts.append("The resource that holds each point's critical path longest, with its share "
@@ -244,7 +256,21 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "`elasticity.csv` has every value): +1 = the metric follows the parameter, "
                      "-1 = it falls as the parameter grows, 0 = no effect.\n\n")
         wide = sens.pivot(elasticity, axes, spec.parameters)
-        parts.append(md_table(wide.round(3), n))
+        roles = {p: sens.time_role(p) for p in spec.parameters}
+        if any(roles.values()):
+            wide = wide.assign(**{TIME_SCALING: sens.time_scaling_sum(wide)})
+            named = {r: ", ".join(f"`{p}`" for p, v in roles.items() if v == r) or "none"
+                     for r in (1, -1, 0)}
+            parts.append(f"`{TIME_SCALING}`: every rate x s with every time / s makes tokens/s "
+                         "x s, so the elasticities to the rates less those to the times sum "
+                         "to 1 when the listed parameters are all that cost time; below 1 by "
+                         "the share of the step held by parameters not listed (link bandwidths, "
+                         "queueing delays, GPU FLOP/s, launch overheads, ...). Above 1, a "
+                         "parameter binds on one side of the step only (a kink the central "
+                         "difference averages over; `elasticity_down`/`_up` in "
+                         "`elasticity.csv`). Rates: "
+                         f"{named[1]}; times: {named[-1]}; in neither: {named[0]}.\n\n")
+        parts.append(md_table(wide.round(3), n, "elasticity.csv"))
 
     if study.derived and len(frame):
         parts.append("\n## Derived metrics\n")
@@ -254,6 +280,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             of = _describe(spec.of) or "every point"
             parts.append(f"- `{name}` ({what}): `{spec.metric}` of {of} relative to the point "
                          f"with {_describe(spec.vs)} and the same other coordinates\n")
+        parts.append("\nPer group: `n` rows with a value, `no value` rows without one (the point "
+                     "or its baseline infeasible), then statistics over the `n` (geometric mean "
+                     "first); the baseline's own rows, equal to it by construction, are left "
+                     "out.\n")
         parts.append("\n" + md_table(summarize(frame, study.derived)))
 
     parts += _equal_accuracy_parts(study, frame, n)

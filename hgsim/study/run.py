@@ -106,7 +106,8 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     records = store.load([s.key for s in specs])
     frame = assemble(plan.expansion, records, produced_columns(plan.study, plan.expansion))
     if plan.study.derived and len(frame):
-        frame = compute_derived(frame, plan.study.derived, plan.expansion.axes)
+        frame = compute_derived(frame, plan.study.derived, plan.expansion.axes,
+                                plan.study.zipped())
     run.frame = frame
     # the report is written last: without it, a folder cut short while its tables and figures
     # are rewritten reads as unfinished, not as an earlier report beside newer tables

@@ -426,6 +426,14 @@ class Study(StudyModel):
             out.update(group.axes())
         return out
 
+    def zipped(self) -> dict[str, list[str]]:
+        """Axis -> the other axes of its zip group (they advance together)."""
+        out: dict[str, list[str]] = {}
+        for group in self.sweep:
+            for path in group.zip:
+                out[path] = [p for p in group.zip if p != path]
+        return out
+
     @property
     def is_search(self) -> bool:
         return self.search is not None

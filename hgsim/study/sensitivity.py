@@ -63,7 +63,9 @@ def variants(value: float, step: float) -> list[tuple[float, float]]:
 
 
 def elasticities(frame: pd.DataFrame, axes: list[str], metric: str) -> pd.DataFrame:
-    """One row per sweep point and parameter: the metric at the point and its elasticity."""
+    """One row per sweep point and parameter: the metric at the point, its elasticity (the
+    central difference) and each one-sided one, which differ where the parameter binds on one
+    side of the step only (a kink the central difference averages over)."""
     if PARAMETER not in frame or metric not in frame:
         return pd.DataFrame()
     others = [a for a in axes if a not in AXES]
@@ -80,12 +82,17 @@ def elasticities(frame: pd.DataFrame, axes: list[str], metric: str) -> pd.DataFr
         point = float(at["__m"].iloc[0]) if len(at) else math.nan
         for parameter, runs in part[part[PARAMETER] != BASE].groupby(PARAMETER, sort=False):
             runs = runs.sort_values(VALUE)
-            e = math.nan
+            e = e_down = e_up = math.nan
             if len(runs) == 2:
-                (m_lo, v_lo), (m_hi, v_hi) = runs[["__m", VALUE]].to_numpy()
+                (m_lo, v_lo, f_lo), (m_hi, v_hi, _) = runs[["__m", VALUE, FACTOR]].to_numpy()
                 if m_lo > 0 and m_hi > 0 and v_lo > 0 and v_hi > v_lo:
                     e = (math.log(m_hi) - math.log(m_lo)) / (math.log(v_hi) - math.log(v_lo))
-            rows.append({**coords, "parameter": parameter, metric: point, "elasticity": e})
+                    v0 = v_lo / f_lo  # the point's own value
+                    if point > 0 and v_lo < v0 < v_hi:
+                        e_down = (math.log(point) - math.log(m_lo)) / math.log(v0 / v_lo)
+                        e_up = (math.log(m_hi) - math.log(point)) / math.log(v_hi / v0)
+            rows.append({**coords, "parameter": parameter, metric: point, "elasticity": e,
+                         "elasticity_down": e_down, "elasticity_up": e_up})
     return pd.DataFrame(rows)
 
 
@@ -101,6 +108,32 @@ def pivot(table: pd.DataFrame, axes: list[str], parameters: list[str]) -> pd.Dat
                                  sort=False)
     return wide[[p for p in parameters if p in wide.columns]].reset_index(
         drop=not others)
+
+
+_RATE_UNITS = {"gbps", "ghz", "gflops", "tflops"}
+_TIME_UNITS = {"ns", "us", "ms", "s"}
+
+
+def time_role(path: str) -> int:
+    """+1 for a rate (a bandwidth, FLOP/s, a clock), -1 for a time (a latency, an overhead,
+    ns per row), 0 for neither (cores, bytes in flight, capacities), read from the unit in its
+    name. Every rate x s with every time / s makes the whole machine s times faster."""
+    units = set(path.replace(".", "_").split("_"))
+    if units & _TIME_UNITS:
+        return -1
+    return 1 if units & _RATE_UNITS else 0
+
+
+def time_scaling_sum(wide: pd.DataFrame) -> pd.Series:
+    """Per row of ``pivot``'s table: sum of the elasticities to rates minus those to times.
+    Scaling every rate and time together scales tokens/s in proportion, so this is 1 when the
+    listed parameters are all that cost time, and 1 minus the share of the others if not."""
+    roles = {c: time_role(str(c)) for c in wide.columns}
+    total = pd.Series(0.0, index=wide.index)
+    for column, role in roles.items():
+        if role:
+            total = total + role * wide[column]
+    return total
 
 
 def base_rows(frame: pd.DataFrame) -> pd.DataFrame:
