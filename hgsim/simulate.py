@@ -19,7 +19,6 @@ import simpy
 
 from hgsim import energy, tco
 from hgsim.catalog import get_model
-from hgsim.costs import prefill_layer_work
 from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
@@ -88,10 +87,8 @@ def simulate(
     spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
     if workload.include_prefill:
         t_prefill = env.now
-        result.ttft_s = engine.prefill(
-            pol.step_plan(workload.context),
-            prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype,
-                               workload.kv_dtype))
+        result.ttft_s = engine.prefill(pol.step_plan(workload.context), workload.context,
+                                       workload.prefill_chunk_tokens)
         spans.append((t_prefill, env.now, "prefill", {"context": workload.context,
                                                       "batch": workload.batch}))
 

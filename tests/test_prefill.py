@@ -7,26 +7,28 @@ import pytest
 import simpy
 
 from hgsim.catalog import get_model
-from hgsim.costs import prefill_layer_work
+from hgsim.costs import prefill_activation_bytes, prefill_workspace_bytes
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.sim.decode import DecodeEngine
 from hgsim.sim.machine import Machine
 from hgsim.simulate import Fidelity, simulate
+from hgsim.units import size_text
 from hgsim.workload import Workload
 
 H100 = "h100-80gb-spr-cxl"
 US, NS, GB = 1e-6, 1e-9, 1e9
 
 
-def _prefill(policy: str, model: str, context: int, batch: int = 1):
+def _prefill(policy: str, model: str, context: int, batch: int = 1,
+             chunk: int | None = None):
     """Run the prefill alone; returns (TTFT, bytes each channel moved, the plan, the model)."""
     profile, spec = load_profile(H100), get_model(model)
     workload = Workload(batch=batch, context=context, gen=1)
     plan = make_policy(policy, spec, profile, workload, None).step_plan(context)
     machine = Machine(simpy.Environment(), profile, record=False)
     engine = DecodeEngine(machine, spec, "fp16", "fp16")
-    ttft = engine.prefill(plan, prefill_layer_work(spec, batch, context, "fp16", "fp16"))
+    ttft = engine.prefill(plan, context, chunk)
     moved = {k: v for k, v in machine.recorder.bytes_by_resource().items() if v}
     return ttft, moved, plan, spec
 
@@ -164,3 +166,85 @@ def test_a_run_without_prefill_has_no_time_to_first_token():
                             fidelity=fidelity)
     assert with_prefill.to_row()["ttft_s"] > 0
     assert "time to first token" in dict(summary_rows(with_prefill))
+
+
+def test_peak_activations_of_a_layer_are_the_swiglu_intermediate_at_long_prompts():
+    """Llama-3.1-70B, a 128k prompt, batch 2, fp16: the FFN holds the residual (8192 wide),
+    gate and up and their product (3 x 28672) for every token, 49.4 GB; attention's tensors
+    (Q, K, V, its output: 2 x 8192 + 2 x 1024 wide, plus an fp32 LSE per head) are smaller."""
+    spec = get_model("llama-3.1-70b")
+    tokens = 2 * 131072
+    ffn = tokens * (8192 + 3 * 28672) * 2
+    assert tokens * ((2 * 8192 + 2 * 1024) * 2 + 4 * 64) < tokens * 3 * 28672 * 2
+    assert prefill_activation_bytes(spec, 2, 131072, "fp16") == pytest.approx(ffn, rel=1e-12)
+    assert ffn == pytest.approx(49.4 * GB, rel=1e-3)
+    # a chunk of 8k tokens per sequence holds 1/16 of that, plus a landing block of its K, V
+    assert prefill_workspace_bytes(spec, 2, 131072, 8192, "fp16", "fp16") == pytest.approx(
+        ffn / 16 + 2 * 8192 * 2 * 1024 * 2, rel=1e-12)
+
+
+def test_a_prefill_whose_activations_do_not_fit_is_infeasible_until_chunked():
+    """Llama-3.1-8B in HBM (16 GB of weights, 6.1 GB reserve on 85.9 GB) prefilling 128k
+    tokens for 8 sequences at once needs 98.8 GB of activations: infeasible, short by the
+    difference; in chunks of 16k tokens it needs 1/8 of that and runs, the KV the plan keeps
+    in HBM making room for it (vLLM sizes its KV cache after its token budget's activations)."""
+    spec, fidelity = get_model("llama-3.1-8b"), Fidelity(decode_samples=0, accuracy=False)
+    options = {"weight_offload": "none"}
+    whole = Workload(batch=8, context=131072, gen=1, include_prefill=True)
+    need = 8 * 131072 * (4096 + 3 * 14336) * 2
+    result = simulate(H100, spec, "flexgen", whole, policy_options=options, fidelity=fidelity)
+    capacity = load_profile(H100).gpus["gpu0"].hbm_capacity_gb * GB
+    left = capacity - (1 * GB + 0.06 * capacity) - spec.weight_bytes("fp16")
+    assert not result.feasible
+    assert f"hbm short by {size_text(need - left)} for the prefill" in result.reason
+    assert "prefill_chunk_tokens" in result.reason
+    chunked = simulate(H100, spec, "flexgen", whole.model_copy(update={
+        "prefill_chunk_tokens": 16384}), policy_options=options, fidelity=fidelity)
+    without = simulate(H100, spec, "flexgen", Workload(batch=8, context=131072, gen=1),
+                       policy_options=options, fidelity=fidelity)
+    assert chunked.feasible and chunked.ttft_s > 0
+    workspace = need / 8 + 8 * 16384 * 2 * 1024 * 2
+    # FlexGen's recent window over L - 2 layers (two layers' buffers stream the rest) gave up
+    # the workspace's bytes, to one token
+    per_token = 8 * (spec.num_layers - 2) * 2 * spec.kv_dim * 2
+    gpu_tokens = chunked.steps[0].gpu_tokens
+    lost = (without.steps[0].gpu_tokens - gpu_tokens) * per_token
+    assert workspace <= lost < workspace + per_token
+
+
+def _chunk_kernel_s(spec, batch: int, tokens: int, past: int) -> float:
+    """One layer's kernel over a chunk of ``tokens`` after ``past`` prefilled: 3 us launch +
+    the roofline of its GEMMs and attention over the past and (causally) its own tokens, and
+    of its weights, the past's K and V read and its own written (H100 SXM, fp16)."""
+    flops = (2 * spec.params_per_layer() * batch * tokens
+             + 2 * spec.num_heads * spec.head_dim * batch * tokens * (tokens + 2 * past))
+    hbm = 2 * spec.params_per_layer() + batch * (tokens + past) * 2 * spec.kv_dim * 2
+    return 3 * US + max(flops / (989.5e12 * 0.70), hbm / (3350 * GB * 0.85))
+
+
+def test_chunked_gpu_only_prefill_is_the_sum_of_its_chunk_kernels():
+    """GPU-only, a 16k prompt in 4 chunks of 4k: TTFT = layers x the four chunk kernels + the
+    LM head; the chunks' attention FLOPs add up to the whole prompt's (causal half of S^2)."""
+    ttft, moved, _, spec = _prefill("gpu_only", "llama-2-7b", 16384, chunk=4096)
+    chunks = [(4096 * c, 4096) for c in range(4)]
+    assert sum(t * (t + 2 * s) for s, t in chunks) == 16384**2
+    per_layer = sum(_chunk_kernel_s(spec, 1, t, s) for s, t in chunks)
+    assert ttft == pytest.approx(spec.num_layers * per_layer + _lm_head_s(spec, 1), rel=1e-12)
+    assert set(moved) == {"gpu0.compute"}
+
+
+def test_chunks_read_the_earlier_host_resident_kv_back_over_pcie():
+    """FlexGen keeps llama-2-13b's oldest tokens in DDR: in chunks of 32k, each layer writes
+    every chunk's host tokens out and reads all earlier host tokens back before the next
+    chunk's kernel: per layer sum over chunks of |host range before the chunk| x K+V bytes."""
+    ttft, moved, plan, spec = _prefill("flexgen", "llama-2-13b", 131072, chunk=32768)
+    lp = plan.layer
+    start, end = lp.host_range()
+    kv_token = 2 * spec.kv_dim * 2
+    back = sum(max(0, min(end, s) - start) for s in range(0, 131072, 32768))
+    assert back > 0
+    assert moved["gpu0.h2d"] == pytest.approx(spec.num_layers * back * kv_token, rel=1e-12)
+    assert moved["gpu0.d2h"] == pytest.approx(
+        spec.num_layers * lp.host_tokens * kv_token, rel=1e-12)
+    whole, *_ = _prefill("flexgen", "llama-2-13b", 131072)
+    assert ttft > whole  # the same FLOPs, plus launches and the read-back waits

@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gen", default="256", help="tokens generated per sequence (default 256)")
     p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"])
     p.add_argument("--prefill", action="store_true", help="also simulate the prompt's prefill")
+    p.add_argument("--prefill-chunk", metavar="TOKENS",
+                   help="prefill each sequence's prompt in chunks of TOKENS, e.g. 8k (default: "
+                        "the whole prompt at once)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option, e.g. topk_ratio=0.1 (repeatable)")
     p.add_argument("--samples", type=int, default=32,
@@ -46,12 +49,16 @@ def run(args: argparse.Namespace) -> int:
         workload = Workload(
             batch=count(args.batch, "--batch"), context=count(args.context, "--context"),
             gen=count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
+            prefill_chunk_tokens=(None if args.prefill_chunk is None
+                                  else count(args.prefill_chunk, "--prefill-chunk")),
         )
     except ValidationError as exc:
         from hgsim.config_io import humane
 
         first = exc.errors(include_url=False)[0]
-        raise UserError(humane(first), field="--" + str(first["loc"][0])) from None
+        flag = {"prefill_chunk_tokens": "prefill-chunk"}.get(str(first["loc"][0]),
+                                                            str(first["loc"][0]))
+        raise UserError(humane(first), field="--" + flag) from None
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
     options = policy_options(args.option, args.policy)
