@@ -248,3 +248,26 @@ def test_chunks_read_the_earlier_host_resident_kv_back_over_pcie():
         spec.num_layers * lp.host_tokens * kv_token, rel=1e-12)
     whole, *_ = _prefill("flexgen", "llama-2-13b", 131072)
     assert ttft > whole  # the same FLOPs, plus launches and the read-back waits
+
+
+def test_an_attention_only_prefill_runs_attention_alone():
+    """Attention-only (the executor validating the attention path): no projections, FFN,
+    weights or LM head; each layer's kernel is the causal attention over the prompt (2 H d S^2
+    FLOPs) writing its K and V, so TTFT = layers x (3 us + that at 989.5 TFLOP/s x 0.70)."""
+    profile, spec = load_profile(H100), get_model("llama-2-7b")
+    workload = Workload(batch=1, context=4096, gen=1, attention_only=True)
+    plan = make_policy("gpu_only", spec, profile, workload, None).step_plan(4096)
+    assert plan.offloaded_weight_bytes_per_layer == 0
+    machine = Machine(simpy.Environment(), profile, record=False)
+    engine = DecodeEngine(machine, spec, "fp16", "fp16", attention_only=True)
+    ttft = engine.prefill(plan, 4096)
+    flops = 2 * spec.num_heads * spec.head_dim * 4096**2
+    kv_bytes = 4096 * 2 * spec.kv_dim * 2
+    assert flops / (989.5e12 * 0.70) > kv_bytes / (3350 * GB * 0.85)
+    assert ttft == pytest.approx(spec.num_layers * (3 * US + flops / (989.5e12 * 0.70)),
+                                 rel=1e-12)
+    moved = machine.recorder.bytes_by_resource()
+    assert moved["gpu0.compute"] == pytest.approx(spec.num_layers * kv_bytes, rel=1e-12)
+    # its workspace holds attention's tensors alone: Q, K, V, the output, an fp32 LSE per head
+    assert prefill_activation_bytes(spec, 1, 4096, "fp16", attention_only=True) == (
+        4096 * ((2 * 4096 + 2 * 4096) * 2 + 4 * 32))
