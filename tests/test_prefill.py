@@ -271,3 +271,40 @@ def test_an_attention_only_prefill_runs_attention_alone():
     # its workspace holds attention's tensors alone: Q, K, V, the output, an fp32 LSE per head
     assert prefill_activation_bytes(spec, 1, 4096, "fp16", attention_only=True) == (
         4096 * ((2 * 4096 + 2 * 4096) * 2 + 4 * 32))
+
+
+def test_prefill_energy_is_the_energy_model_over_the_prefill_alone():
+    """GPU-only, a 128-token prompt (memory-bound: under the board's power limit): the GPU draws idle power over TTFT plus pJ/FLOP x the layers'
+    and LM head's FLOPs plus pJ/bit x their HBM bytes; the socket and the
+    memory tiers their idle/background power over TTFT, the links nothing. Its cost is the
+    capital over TTFT plus those joules' electricity; without a prefill both are NaN."""
+    fidelity = Fidelity(decode_samples=0, accuracy=False)
+    result = simulate(H100, "llama-2-7b", "gpu_only",
+                      Workload(batch=1, context=128, gen=1, include_prefill=True),
+                      fidelity=fidelity)
+    profile, spec, t = load_profile(H100), get_model("llama-2-7b"), result.ttft_s
+    flops = spec.num_layers * (2 * spec.params_per_layer() * 128
+                               + 2 * spec.num_heads * spec.head_dim * 128**2)
+    flops += 2 * spec.hidden_size * spec.vocab_size + 4 * spec.hidden_size
+    hbm = (spec.num_layers * _layer_hbm_bytes(spec, 1, 128)
+           + (spec.vocab_size + 1) * spec.hidden_size * 2)
+    gpu = profile.gpus["gpu0"]
+    expected = {"gpu0": gpu.idle_power_w * t + gpu.energy_pj_per_flop * 1e-12 * flops
+                + gpu.hbm_energy_pj_per_bit * 1e-12 * 8 * hbm}
+    assert expected["gpu0"] < 0.9 * gpu.tdp_w * t
+    expected.update({n: s.idle_power_w * t for n, s in profile.sockets.items()})
+    expected.update({n: m.background_power_w_per_gb * m.capacity_gb * t
+                     for n, m in profile.tiers.items()})
+    expected.update({n: 0.0 for n in profile.links})
+    assert result.prefill_energy_j.keys() == expected.keys()
+    for name, joules in expected.items():
+        assert result.prefill_energy_j[name] == pytest.approx(joules, rel=1e-9, abs=1e-12)
+    row = result.to_row()
+    assert row["prefill_energy_j"] == pytest.approx(sum(expected.values()), rel=1e-9)
+    assert row["prefill_usd"] == pytest.approx(
+        result.capex_usd_per_s * t + sum(expected.values()) * result.electricity_usd_per_j,
+        rel=1e-9)
+    without = simulate(H100, "llama-2-7b", "gpu_only", Workload(batch=1, context=128, gen=1),
+                       fidelity=fidelity).to_row()
+    assert without["prefill_energy_j"] != without["prefill_energy_j"]
+    assert without["prefill_usd"] != without["prefill_usd"]

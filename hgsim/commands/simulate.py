@@ -110,6 +110,10 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
     ]
     if result.ttft_s == result.ttft_s:  # NaN: no prefill was simulated
         rows.append(("time to first token", f"{result.ttft_s * 1e3:.1f} ms"))
+        if result.prefill_energy_j:
+            rows.append(("prefill energy", f"{result.prefill_energy_total_j:,.1f} J"))
+        if result.prefill_usd == result.prefill_usd:
+            rows.append(("prefill cost", f"${result.prefill_usd:.4f}"))
     rows += [(f"{k.replace('_', ' ')} (per token)", f"{v:.2f} ms")
              for k, v in result.breakdown_ms().items()]
     first, last = result.steps[0], result.steps[-1]
@@ -131,13 +135,18 @@ def energy_table(result: SimResult):
     if not power:
         return None
     total = result.power_total_w
-    table = Table(title="energy (decode average)", title_justify="left")
-    for col in ("component", "average W", "J per token", "share"):
+    prefill = result.prefill_energy_j  # a column of its own: the decode's figures exclude it
+    table = Table(title="energy (decode average" + (", and the prefill's joules)" if prefill
+                                                     else ")"), title_justify="left")
+    for col in ("component", "average W", "J per token", "share",
+                *(("prefill J",) if prefill else ())):
         table.add_column(col, justify="right" if col != "component" else "left")
     tps = result.tokens_per_s
     for name, watts in sorted(power.items(), key=lambda kv: -kv[1]):
-        table.add_row(name, f"{watts:.1f}", f"{watts / tps:.3g}", f"{watts / total:.1%}")
-    table.add_row("total", f"{total:.1f}", f"{result.energy_j_per_token:.3g}", "100%")
+        table.add_row(name, f"{watts:.1f}", f"{watts / tps:.3g}", f"{watts / total:.1%}",
+                      *((f"{prefill.get(name, 0.0):,.1f}",) if prefill else ()))
+    table.add_row("total", f"{total:.1f}", f"{result.energy_j_per_token:.3g}", "100%",
+                  *((f"{result.prefill_energy_total_j:,.1f}",) if prefill else ()))
     return table
 
 
