@@ -246,4 +246,7 @@ class SimResult:
         return pd.DataFrame(self.steps_table(), columns=list(StepTiming.__dataclass_fields__))
 
     def _repr_html_(self) -> str:  # notebooks show the metrics, not hundreds of steps
-        return self.table()._repr_html_()
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None):  # every metric, none elided
+            return self.table()._repr_html_()
