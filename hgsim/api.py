@@ -55,6 +55,7 @@ def simulate(
     kv_dtype: str = "fp16",
     weight_dtype: str = "fp16",
     prefill: bool = False,
+    prefill_chunk_tokens: int | str | None = None,
     options: Mapping[str, Any] | None = None,
     hardware: Mapping[str, Any] | None = None,
     samples: int = 32,
@@ -63,9 +64,10 @@ def simulate(
 ) -> SimResult:
     """Simulate one configuration, as ``hgsim simulate`` does.
 
-    ``options`` are the policy's options (``hgsim policies NAME`` lists them), ``hardware``
-    dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps simulated in
-    full (0: all), ``trace`` a Perfetto/Chrome trace file to write. The result has
+    ``prefill_chunk_tokens`` chunks the prefill (per sequence; None: the whole prompt at
+    once). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
+    ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
+    simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write. The result has
     ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
     back with ``feasible`` False and ``reason`` set, not as an error.
     """
@@ -85,7 +87,8 @@ def simulate(
     fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},
                         names={"decode_samples": "samples"})
     workload = _checked(Workload, dict(batch=batch, context=context, gen=gen, kv_dtype=kv_dtype,
-                                       weight_dtype=weight_dtype, include_prefill=prefill),
+                                       weight_dtype=weight_dtype, include_prefill=prefill,
+                                       prefill_chunk_tokens=prefill_chunk_tokens),
                         names={"include_prefill": "prefill"})
     if trace is not None:  # before the run, whose result a bad path would lose at the end
         trace = check_output_file(trace, "trace")

@@ -244,11 +244,66 @@ def _heap_inserts(heaps: float, n: float, k: float) -> float:
     return heaps * k * (1.0 + math.log(n / k))
 
 
-def prefill_layer_work(model: ModelSpec, batch: int, prompt: int, weight_dtype: str,
-                       kv_dtype: str) -> Work:
-    """One layer of prefill over the whole prompt: GEMMs plus causal attention (half of n^2);
-    it reads the layer's weights and writes every prompt token's K and V into HBM."""
-    linear = model.linear_flops_per_token_layer() * batch * prompt
-    attention = 2.0 * model.num_heads * model.head_dim * prompt * prompt * batch  # causal: half
-    kv_written = batch * prompt * model.kv_bytes_per_token_layer(kv_dtype)
-    return Work(linear + attention, model.layer_weight_bytes(weight_dtype) + kv_written)
+def prefill_chunks(prompt: int, chunk_tokens: int | None) -> list[tuple[int, int]]:
+    """(first position, tokens) of each chunk the prompt is prefilled in, in order; one chunk
+    of the whole prompt when ``chunk_tokens`` is None or not shorter than it."""
+    size = prompt if chunk_tokens is None else min(chunk_tokens, prompt)
+    return [(start, min(size, prompt - start)) for start in range(0, prompt, size)]
+
+
+def prefill_layer_work(model: ModelSpec, batch: int, tokens: int, weight_dtype: str,
+                       kv_dtype: str, *, past_tokens: int = 0,
+                       attention_only: bool = False) -> Work:
+    """One layer of prefill over a chunk of ``tokens`` prompt positions per sequence, after
+    ``past_tokens`` already prefilled (0: the whole prompt at once): GEMMs plus attention over
+    the earlier tokens and, causally, the chunk's own (half of tokens^2). It reads the layer's
+    weights and the earlier tokens' K and V, and writes the chunk's K and V into HBM. Summed
+    over the chunks of a prompt the FLOPs are the whole prompt's: (sum of chunks)^2 = sum of
+    squares + twice the cross terms. ``attention_only`` keeps the attention and the K and V
+    alone (no projections, FFN or weights: what the executor runs when validating attention)."""
+    kv_token = model.kv_bytes_per_token_layer(kv_dtype)
+    per_pair = 2.0 * model.num_heads * model.head_dim * batch  # causal: half of 4 H d
+    attention = per_pair * tokens * (tokens + 2.0 * past_tokens)
+    kv_bytes = batch * (tokens + past_tokens) * kv_token  # the chunk's written, the past read
+    if attention_only:
+        return Work(attention, kv_bytes)
+    linear = model.linear_flops_per_token_layer() * batch * tokens
+    return Work(linear + attention, model.layer_weight_bytes(weight_dtype) + kv_bytes)
+
+
+def activation_dtype(weight_dtype: str) -> str:
+    """What activations are kept in: fp32 with fp32 weights, else 16-bit (int8 and fp8
+    weights are dequantised into fp16/bf16 GEMMs)."""
+    return "fp32" if weight_dtype == "fp32" else "fp16"
+
+
+def prefill_activation_bytes(model: ModelSpec, batch: int, tokens: int, weight_dtype: str,
+                             *, attention_only: bool = False) -> float:
+    """Peak HBM that one layer's prefill of a chunk of ``tokens`` positions per sequence holds
+    beyond weights and the KV cache: the larger of the tensors live at once in attention
+    (the residual stream, the fused QKV output, the attention output, fp32 log-sum-exp per head:
+    FlashAttention's working set is O(tokens x heads x head_dim), never tokens^2) and in the FFN
+    (residual, the gate and up outputs and their activated product for SwiGLU, up and its
+    activation otherwise: ``ffn_mats`` x ffn_size wide). Attention-only holds the attention's
+    tensors alone."""
+    b = DTYPE_BYTES[activation_dtype(weight_dtype)]
+    attention = (2 * model.q_dim + 2 * model.kv_dim) * b + 4.0 * model.num_heads
+    if attention_only:
+        return batch * tokens * attention
+    ffn_mats = 3 if model.ffn_kind == "swiglu" else 2
+    residual, ffn = model.hidden_size * b, ffn_mats * model.ffn_size * b
+    return batch * tokens * (residual + max(attention, ffn))
+
+
+def prefill_workspace_bytes(model: ModelSpec, batch: int, prompt: int,
+                            chunk_tokens: int | None, weight_dtype: str, kv_dtype: str,
+                            *, attention_only: bool = False) -> float:
+    """HBM the prefill needs on top of weights and the KV the plan keeps: one layer's peak
+    activations over a chunk, and when the prompt is chunked a landing block of one chunk's K
+    and V (earlier host-resident tokens come back through it, block by block)."""
+    tokens = prefill_chunks(prompt, chunk_tokens)[0][1]
+    peak = prefill_activation_bytes(model, batch, tokens, weight_dtype,
+                                    attention_only=attention_only)
+    if tokens < prompt:
+        peak += batch * tokens * model.kv_bytes_per_token_layer(kv_dtype)
+    return peak

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,6 +67,9 @@ class SimResult:
     capex_usd_per_s: float = float("nan")
     electricity_usd_per_j: float = float("nan")
     selection: str = ""  # HybridGen's GQA top-k granularity that ran (plan.GroupSelect)
+    # Joules per component over the prefill (its ``ttft_s`` seconds, the same energy model);
+    # empty without a prefill or where the profile lacks the figures
+    prefill_energy_j: dict[str, float] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -137,6 +141,19 @@ class SimResult:
         """Dollars per million tokens: amortised capital plus electricity."""
         return self.usd_per_mtok_capex + self.usd_per_mtok_energy
 
+    @property
+    def prefill_energy_total_j(self) -> float:
+        """Joules of the whole machine over the prefill (NaN: none simulated, or no figures)."""
+        return sum(self.prefill_energy_j.values()) if self.prefill_energy_j else math.nan
+
+    @property
+    def prefill_usd(self) -> float:
+        """The prefill's cost: the machine's amortised capital over TTFT plus its electricity
+        (NaN, one object, where either is missing: rows of equal runs compare equal)."""
+        usd = self.capex_usd_per_s * self.ttft_s + (self.prefill_energy_total_j
+                                                     * self.electricity_usd_per_j)
+        return usd if usd == usd else math.nan
+
     def energy_row(self) -> dict[str, float]:
         """The energy and cost columns of ``to_row`` for a feasible run."""
         tps = self.tokens_per_s
@@ -151,6 +168,9 @@ class SimResult:
             "tokens_per_s_per_kusd": tps / (self.capex_usd / 1e3),
         }
         row.update({f"power_w_{k}": v for k, v in power.items()})
+        row["prefill_energy_j"] = self.prefill_energy_total_j
+        row.update({f"prefill_energy_j_{k}": v for k, v in self.prefill_energy_j.items()})
+        row["prefill_usd"] = self.prefill_usd
         return row
 
     def scheduler_trace(self) -> list[tuple[int, float, int]]:
@@ -226,4 +246,7 @@ class SimResult:
         return pd.DataFrame(self.steps_table(), columns=list(StepTiming.__dataclass_fields__))
 
     def _repr_html_(self) -> str:  # notebooks show the metrics, not hundreds of steps
-        return self.table()._repr_html_()
+        import pandas as pd
+
+        with pd.option_context("display.max_rows", None):  # every metric, none elided
+            return self.table()._repr_html_()

@@ -19,7 +19,6 @@ import simpy
 
 from hgsim import energy, tco
 from hgsim.catalog import get_model
-from hgsim.costs import prefill_layer_work
 from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
@@ -88,15 +87,16 @@ def simulate(
     spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
     if workload.include_prefill:
         t_prefill = env.now
-        result.ttft_s = engine.prefill(
-            pol.step_plan(workload.context),
-            prefill_layer_work(model, workload.batch, workload.context, workload.weight_dtype,
-                               workload.kv_dtype))
+        before_prefill = machine.recorder.snapshot()
+        result.ttft_s = engine.prefill(pol.step_plan(workload.context), workload.context,
+                                       workload.prefill_chunk_tokens)
         spans.append((t_prefill, env.now, "prefill", {"context": workload.context,
                                                       "batch": workload.batch}))
-
     t_decode0 = env.now
     before = machine.recorder.snapshot()
+    if workload.include_prefill:  # the prefill's joules, apart from the decode's
+        result.prefill_energy_j = energy.energy_by_component_j(
+            profile, energy.activity_between(machine, before_prefill, before, result.ttft_s))
     moved_before = machine.recorder.bytes_by_resource()
     sampled = set(sample_steps(workload.gen, fidelity.decode_samples))
     steps: list[StepTiming | None] = []

@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
+from hgsim.costs import prefill_workspace_bytes
 from hgsim.specs.base import SpecModel
 from hgsim.units import parse_count
 
@@ -20,10 +21,13 @@ class Workload(SpecModel):
     kv_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = "fp16"
     weight_dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = "fp16"
     include_prefill: bool = False  # simulate the prompt's prefill before decoding
+    # prompt tokens of each sequence per prefill chunk (None: the whole prompt at once); vLLM's
+    # max_num_batched_tokens is the batch's budget, batch x this
+    prefill_chunk_tokens: int | None = Field(default=None, gt=0)
     seed: int = 0
     attention_only: bool = False  # simulate only the attention path (validation of hw_backend)
 
-    @field_validator("context", "gen", "batch", mode="before")
+    @field_validator("context", "gen", "batch", "prefill_chunk_tokens", mode="before")
     @classmethod
     def _counts(cls, value: Any) -> Any:
         return parse_count(value) if isinstance(value, str) else value
@@ -31,6 +35,14 @@ class Workload(SpecModel):
     @property
     def final_context(self) -> int:
         return self.context + self.gen
+
+    def prefill_workspace_bytes(self, model: ModelSpec) -> float:
+        """HBM the prompt's prefill holds beside weights and KV (0 without a prefill)."""
+        if not self.include_prefill:
+            return 0.0
+        return prefill_workspace_bytes(model, self.batch, self.context, self.prefill_chunk_tokens,
+                                       self.weight_dtype, self.kv_dtype,
+                                       attention_only=self.attention_only)
 
     def weight_bytes(self, model: ModelSpec) -> float:
         return held_weight_bytes(model, self.weight_dtype, attention_only=self.attention_only)

@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hgsim.catalog import get_model
-from hgsim.costs import layer_work, prefill_layer_work
+from hgsim.costs import layer_work
 from hgsim.memory import touched_bytes
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile, profile_with_overrides
@@ -288,7 +288,7 @@ def test_prefill_writes_host_kv_into_the_tiers_that_hold_it():
     assert lp.placement.k_fractions == {"ddr0": 1.0} and lp.placement.v_fractions == {"cxl0": 1.0}
     machine = Machine(simpy.Environment(), profile, record=False)
     engine = DecodeEngine(machine, MODEL, "fp16", "fp16")
-    ttft = engine.prefill(plan, prefill_layer_work(MODEL, 1, workload.context, "fp16", "fp16"))
+    ttft = engine.prefill(plan, workload.context)
     half = MODEL.num_layers * lp.host_tokens * MODEL.kv_bytes_per_token_layer("fp16") / 2
     moved = machine.recorder.bytes_by_resource()
     assert moved["gpu0.d2h"] == pytest.approx(2 * half, rel=1e-9)

@@ -7,26 +7,28 @@ import pytest
 import simpy
 
 from hgsim.catalog import get_model
-from hgsim.costs import prefill_layer_work
+from hgsim.costs import prefill_activation_bytes, prefill_workspace_bytes
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.sim.decode import DecodeEngine
 from hgsim.sim.machine import Machine
 from hgsim.simulate import Fidelity, simulate
+from hgsim.units import size_text
 from hgsim.workload import Workload
 
 H100 = "h100-80gb-spr-cxl"
 US, NS, GB = 1e-6, 1e-9, 1e9
 
 
-def _prefill(policy: str, model: str, context: int, batch: int = 1):
+def _prefill(policy: str, model: str, context: int, batch: int = 1,
+             chunk: int | None = None):
     """Run the prefill alone; returns (TTFT, bytes each channel moved, the plan, the model)."""
     profile, spec = load_profile(H100), get_model(model)
     workload = Workload(batch=batch, context=context, gen=1)
     plan = make_policy(policy, spec, profile, workload, None).step_plan(context)
     machine = Machine(simpy.Environment(), profile, record=False)
     engine = DecodeEngine(machine, spec, "fp16", "fp16")
-    ttft = engine.prefill(plan, prefill_layer_work(spec, batch, context, "fp16", "fp16"))
+    ttft = engine.prefill(plan, context, chunk)
     moved = {k: v for k, v in machine.recorder.bytes_by_resource().items() if v}
     return ttft, moved, plan, spec
 
@@ -164,3 +166,145 @@ def test_a_run_without_prefill_has_no_time_to_first_token():
                             fidelity=fidelity)
     assert with_prefill.to_row()["ttft_s"] > 0
     assert "time to first token" in dict(summary_rows(with_prefill))
+
+
+def test_peak_activations_of_a_layer_are_the_swiglu_intermediate_at_long_prompts():
+    """Llama-3.1-70B, a 128k prompt, batch 2, fp16: the FFN holds the residual (8192 wide),
+    gate and up and their product (3 x 28672) for every token, 49.4 GB; attention's tensors
+    (Q, K, V, its output: 2 x 8192 + 2 x 1024 wide, plus an fp32 LSE per head) are smaller."""
+    spec = get_model("llama-3.1-70b")
+    tokens = 2 * 131072
+    ffn = tokens * (8192 + 3 * 28672) * 2
+    assert tokens * ((2 * 8192 + 2 * 1024) * 2 + 4 * 64) < tokens * 3 * 28672 * 2
+    assert prefill_activation_bytes(spec, 2, 131072, "fp16") == pytest.approx(ffn, rel=1e-12)
+    assert ffn == pytest.approx(49.4 * GB, rel=1e-3)
+    # a chunk of 8k tokens per sequence holds 1/16 of that, plus a landing block of its K, V
+    assert prefill_workspace_bytes(spec, 2, 131072, 8192, "fp16", "fp16") == pytest.approx(
+        ffn / 16 + 2 * 8192 * 2 * 1024 * 2, rel=1e-12)
+
+
+def test_a_prefill_whose_activations_do_not_fit_is_infeasible_until_chunked():
+    """Llama-3.1-8B in HBM (16 GB of weights, 6.1 GB reserve on 85.9 GB) prefilling 128k
+    tokens for 8 sequences at once needs 98.8 GB of activations: infeasible, short by the
+    difference; in chunks of 16k tokens it needs 1/8 of that and runs, the KV the plan keeps
+    in HBM making room for it (vLLM sizes its KV cache after its token budget's activations)."""
+    spec, fidelity = get_model("llama-3.1-8b"), Fidelity(decode_samples=0, accuracy=False)
+    options = {"weight_offload": "none"}
+    whole = Workload(batch=8, context=131072, gen=1, include_prefill=True)
+    need = 8 * 131072 * (4096 + 3 * 14336) * 2
+    result = simulate(H100, spec, "flexgen", whole, policy_options=options, fidelity=fidelity)
+    capacity = load_profile(H100).gpus["gpu0"].hbm_capacity_gb * GB
+    left = capacity - (1 * GB + 0.06 * capacity) - spec.weight_bytes("fp16")
+    assert not result.feasible
+    assert f"hbm short by {size_text(need - left)} for the prefill" in result.reason
+    assert "prefill_chunk_tokens" in result.reason
+    chunked = simulate(H100, spec, "flexgen", whole.model_copy(update={
+        "prefill_chunk_tokens": 16384}), policy_options=options, fidelity=fidelity)
+    without = simulate(H100, spec, "flexgen", Workload(batch=8, context=131072, gen=1),
+                       policy_options=options, fidelity=fidelity)
+    assert chunked.feasible and chunked.ttft_s > 0
+    workspace = need / 8 + 8 * 16384 * 2 * 1024 * 2
+    # FlexGen's recent window over L - 2 layers (two layers' buffers stream the rest) gave up
+    # the workspace's bytes, to one token
+    per_token = 8 * (spec.num_layers - 2) * 2 * spec.kv_dim * 2
+    gpu_tokens = chunked.steps[0].gpu_tokens
+    lost = (without.steps[0].gpu_tokens - gpu_tokens) * per_token
+    assert workspace <= lost < workspace + per_token
+
+
+def _chunk_kernel_s(spec, batch: int, tokens: int, past: int) -> float:
+    """One layer's kernel over a chunk of ``tokens`` after ``past`` prefilled: 3 us launch +
+    the roofline of its GEMMs and attention over the past and (causally) its own tokens, and
+    of its weights, the past's K and V read and its own written (H100 SXM, fp16)."""
+    flops = (2 * spec.params_per_layer() * batch * tokens
+             + 2 * spec.num_heads * spec.head_dim * batch * tokens * (tokens + 2 * past))
+    hbm = 2 * spec.params_per_layer() + batch * (tokens + past) * 2 * spec.kv_dim * 2
+    return 3 * US + max(flops / (989.5e12 * 0.70), hbm / (3350 * GB * 0.85))
+
+
+def test_chunked_gpu_only_prefill_is_the_sum_of_its_chunk_kernels():
+    """GPU-only, a 16k prompt in 4 chunks of 4k: TTFT = layers x the four chunk kernels + the
+    LM head; the chunks' attention FLOPs add up to the whole prompt's (causal half of S^2)."""
+    ttft, moved, _, spec = _prefill("gpu_only", "llama-2-7b", 16384, chunk=4096)
+    chunks = [(4096 * c, 4096) for c in range(4)]
+    assert sum(t * (t + 2 * s) for s, t in chunks) == 16384**2
+    per_layer = sum(_chunk_kernel_s(spec, 1, t, s) for s, t in chunks)
+    assert ttft == pytest.approx(spec.num_layers * per_layer + _lm_head_s(spec, 1), rel=1e-12)
+    assert set(moved) == {"gpu0.compute"}
+
+
+def test_chunks_read_the_earlier_host_resident_kv_back_over_pcie():
+    """FlexGen keeps llama-2-13b's oldest tokens in DDR: in chunks of 32k, each layer writes
+    every chunk's host tokens out and reads all earlier host tokens back before the next
+    chunk's kernel: per layer sum over chunks of |host range before the chunk| x K+V bytes."""
+    ttft, moved, plan, spec = _prefill("flexgen", "llama-2-13b", 131072, chunk=32768)
+    lp = plan.layer
+    start, end = lp.host_range()
+    kv_token = 2 * spec.kv_dim * 2
+    back = sum(max(0, min(end, s) - start) for s in range(0, 131072, 32768))
+    assert back > 0
+    assert moved["gpu0.h2d"] == pytest.approx(spec.num_layers * back * kv_token, rel=1e-12)
+    assert moved["gpu0.d2h"] == pytest.approx(
+        spec.num_layers * lp.host_tokens * kv_token, rel=1e-12)
+    whole, *_ = _prefill("flexgen", "llama-2-13b", 131072)
+    assert ttft > whole  # the same FLOPs, plus launches and the read-back waits
+
+
+def test_an_attention_only_prefill_runs_attention_alone():
+    """Attention-only (the executor validating the attention path): no projections, FFN,
+    weights or LM head; each layer's kernel is the causal attention over the prompt (2 H d S^2
+    FLOPs) writing its K and V, so TTFT = layers x (3 us + that at 989.5 TFLOP/s x 0.70)."""
+    profile, spec = load_profile(H100), get_model("llama-2-7b")
+    workload = Workload(batch=1, context=4096, gen=1, attention_only=True)
+    plan = make_policy("gpu_only", spec, profile, workload, None).step_plan(4096)
+    assert plan.offloaded_weight_bytes_per_layer == 0
+    machine = Machine(simpy.Environment(), profile, record=False)
+    engine = DecodeEngine(machine, spec, "fp16", "fp16", attention_only=True)
+    ttft = engine.prefill(plan, 4096)
+    flops = 2 * spec.num_heads * spec.head_dim * 4096**2
+    kv_bytes = 4096 * 2 * spec.kv_dim * 2
+    assert flops / (989.5e12 * 0.70) > kv_bytes / (3350 * GB * 0.85)
+    assert ttft == pytest.approx(spec.num_layers * (3 * US + flops / (989.5e12 * 0.70)),
+                                 rel=1e-12)
+    moved = machine.recorder.bytes_by_resource()
+    assert moved["gpu0.compute"] == pytest.approx(spec.num_layers * kv_bytes, rel=1e-12)
+    # its workspace holds attention's tensors alone: Q, K, V, the output, an fp32 LSE per head
+    assert prefill_activation_bytes(spec, 1, 4096, "fp16", attention_only=True) == (
+        4096 * ((2 * 4096 + 2 * 4096) * 2 + 4 * 32))
+
+
+def test_prefill_energy_is_the_energy_model_over_the_prefill_alone():
+    """GPU-only, a 128-token prompt (memory-bound: under the board's power limit): the GPU draws idle power over TTFT plus pJ/FLOP x the layers'
+    and LM head's FLOPs plus pJ/bit x their HBM bytes; the socket and the
+    memory tiers their idle/background power over TTFT, the links nothing. Its cost is the
+    capital over TTFT plus those joules' electricity; without a prefill both are NaN."""
+    fidelity = Fidelity(decode_samples=0, accuracy=False)
+    result = simulate(H100, "llama-2-7b", "gpu_only",
+                      Workload(batch=1, context=128, gen=1, include_prefill=True),
+                      fidelity=fidelity)
+    profile, spec, t = load_profile(H100), get_model("llama-2-7b"), result.ttft_s
+    flops = spec.num_layers * (2 * spec.params_per_layer() * 128
+                               + 2 * spec.num_heads * spec.head_dim * 128**2)
+    flops += 2 * spec.hidden_size * spec.vocab_size + 4 * spec.hidden_size
+    hbm = (spec.num_layers * _layer_hbm_bytes(spec, 1, 128)
+           + (spec.vocab_size + 1) * spec.hidden_size * 2)
+    gpu = profile.gpus["gpu0"]
+    expected = {"gpu0": gpu.idle_power_w * t + gpu.energy_pj_per_flop * 1e-12 * flops
+                + gpu.hbm_energy_pj_per_bit * 1e-12 * 8 * hbm}
+    assert expected["gpu0"] < 0.9 * gpu.tdp_w * t
+    expected.update({n: s.idle_power_w * t for n, s in profile.sockets.items()})
+    expected.update({n: m.background_power_w_per_gb * m.capacity_gb * t
+                     for n, m in profile.tiers.items()})
+    expected.update({n: 0.0 for n in profile.links})
+    assert result.prefill_energy_j.keys() == expected.keys()
+    for name, joules in expected.items():
+        assert result.prefill_energy_j[name] == pytest.approx(joules, rel=1e-9, abs=1e-12)
+    row = result.to_row()
+    assert row["prefill_energy_j"] == pytest.approx(sum(expected.values()), rel=1e-9)
+    assert row["prefill_usd"] == pytest.approx(
+        result.capex_usd_per_s * t + sum(expected.values()) * result.electricity_usd_per_j,
+        rel=1e-9)
+    without = simulate(H100, "llama-2-7b", "gpu_only", Workload(batch=1, context=128, gen=1),
+                       fidelity=fidelity).to_row()
+    assert without["prefill_energy_j"] != without["prefill_energy_j"]
+    assert without["prefill_usd"] != without["prefill_usd"]

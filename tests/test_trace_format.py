@@ -39,13 +39,15 @@ def test_non_finite_metadata_is_written_as_null(tmp_path):
 
 # ---------------------------------------------------------------------- a simulated run
 def _run_trace(tmp_path, profile: str, model: str, policy: str, *, batch: int = 1,
-               context: int = 131072, gen: int = 2, samples: int = 0, prefill: bool = False):
+               context: int = 131072, gen: int = 2, samples: int = 0, prefill: bool = False,
+               prefill_chunk: int | None = None):
     from hgsim.simulate import Fidelity, simulate
     from hgsim.workload import Workload
 
     path = tmp_path / "t.json"
     result = simulate(profile, model, policy,
-                      Workload(batch=batch, context=context, gen=gen, include_prefill=prefill),
+                      Workload(batch=batch, context=context, gen=gen, include_prefill=prefill,
+                               prefill_chunk_tokens=prefill_chunk),
                       fidelity=Fidelity(decode_samples=samples, accuracy=False), trace_path=path)
     return result, _strict(path.read_text())
 
@@ -63,8 +65,10 @@ def test_a_simulated_trace_is_well_formed(tmp_path, profile, model, policy, batc
     """What Perfetto needs: every slice has a finite start, a duration >= 0 and a named
     track in a named process; slices on one track never overlap (it draws misnested ones
     wrongly); a serial resource (a CUDA stream, a core pool held whole by each host path)
-    keeps one track."""
-    result, trace = _run_trace(tmp_path, profile, model, policy, batch=batch, prefill=True)
+    keeps one track. The prompt is prefilled in chunks (16 x 128k tokens at once would need
+    197 GB of activations), so the trace holds the chunks' read-backs too."""
+    result, trace = _run_trace(tmp_path, profile, model, policy, batch=batch, prefill=True,
+                               prefill_chunk=4096)
     assert result.feasible
     events = trace["traceEvents"]
     processes = {e["pid"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}

@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="element type of the KV cache (default fp16)")
     p.add_argument("--prefill", action="store_true", help="also simulate the prompt's prefill")
+    p.add_argument("--prefill-chunk", metavar="TOKENS",
+                   help="prefill each sequence's prompt in chunks of TOKENS, e.g. 8k (default: "
+                        "the whole prompt at once)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option, e.g. topk_ratio=0.1 (repeatable)")
     p.add_argument("--samples", type=int, default=32,
@@ -47,12 +50,16 @@ def run(args: argparse.Namespace) -> int:
         workload = Workload(
             batch=count(args.batch, "--batch"), context=count(args.context, "--context"),
             gen=count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
+            prefill_chunk_tokens=(None if args.prefill_chunk is None
+                                  else count(args.prefill_chunk, "--prefill-chunk")),
         )
     except ValidationError as exc:
         from hgsim.config_io import humane
 
         first = exc.errors(include_url=False)[0]
-        raise UserError(humane(first), field="--" + str(first["loc"][0])) from None
+        flag = {"prefill_chunk_tokens": "prefill-chunk"}.get(str(first["loc"][0]),
+                                                            str(first["loc"][0]))
+        raise UserError(humane(first), field="--" + flag) from None
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
     options = policy_options(args.option, args.policy)
@@ -104,6 +111,10 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
     ]
     if result.ttft_s == result.ttft_s:  # NaN: no prefill was simulated
         rows.append(("time to first token", f"{result.ttft_s * 1e3:.1f} ms"))
+        if result.prefill_energy_j:
+            rows.append(("prefill energy", f"{result.prefill_energy_total_j:,.1f} J"))
+        if result.prefill_usd == result.prefill_usd:
+            rows.append(("prefill cost", f"${result.prefill_usd:.4f}"))
     rows += [(f"{k.replace('_', ' ')} (per token)", f"{v:.2f} ms")
              for k, v in result.breakdown_ms().items()]
     first, last = result.steps[0], result.steps[-1]
@@ -125,13 +136,18 @@ def energy_table(result: SimResult):
     if not power:
         return None
     total = result.power_total_w
-    table = Table(title="energy (decode average)", title_justify="left")
-    for col in ("component", "average W", "J per token", "share"):
+    prefill = result.prefill_energy_j  # a column of its own: the decode's figures exclude it
+    table = Table(title="energy (decode average" + (", and the prefill's joules)" if prefill
+                                                     else ")"), title_justify="left")
+    for col in ("component", "average W", "J per token", "share",
+                *(("prefill J",) if prefill else ())):
         table.add_column(col, justify="right" if col != "component" else "left")
     tps = result.tokens_per_s
     for name, watts in sorted(power.items(), key=lambda kv: -kv[1]):
-        table.add_row(name, f"{watts:.1f}", f"{watts / tps:.3g}", f"{watts / total:.1%}")
-    table.add_row("total", f"{total:.1f}", f"{result.energy_j_per_token:.3g}", "100%")
+        table.add_row(name, f"{watts:.1f}", f"{watts / tps:.3g}", f"{watts / total:.1%}",
+                      *((f"{prefill.get(name, 0.0):,.1f}",) if prefill else ()))
+    table.add_row("total", f"{total:.1f}", f"{result.energy_j_per_token:.3g}", "100%",
+                  *((f"{result.prefill_energy_total_j:,.1f}",) if prefill else ()))
     return table
 
 

@@ -21,11 +21,13 @@ from hgsim.capacity import (
     host_capacities,
     place_host_kv,
 )
+from hgsim.costs import prefill_chunks
 from hgsim.plan import KvPlacement, LayerPlan, StepPlan
 from hgsim.scheduler import FeedbackScheduler
 from hgsim.specs.base import SpecModel
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
+from hgsim.units import size_text
 from hgsim.workload import Workload
 
 
@@ -74,7 +76,9 @@ class Policy(ABC):
         self.footprint.add("hbm", self.options.reserve.bytes_(hbm_capacity_bytes(profile)))
         for tier, bytes_ in self.options.host_reserve.bytes_(profile).items():
             self.footprint.add(tier, bytes_)
+        self.prefill_workspace_bytes = workload.prefill_workspace_bytes(model)
         self.offloaded_weight_bytes = self._place_weights()
+        self._hold_prefill_workspace()
         self.setup()
 
     # ---------------------------------------------------------------- to implement
@@ -107,7 +111,8 @@ class Policy(ABC):
         capacity = hbm_capacity_bytes(self.profile)
         weights = self.workload.weight_bytes(self.model)
         reserve = self.options.reserve.bytes_(capacity)
-        room = capacity - reserve - self.options.min_kv_hbm_fraction * capacity
+        room = (capacity - reserve - self.prefill_workspace_bytes
+                - self.options.min_kv_hbm_fraction * capacity)
         ddr = [n for n, t in self.profile.tiers.items() if t.kind == "ddr"]
         self.weight_tier = ddr[0] if ddr else next(iter(self.profile.tiers), None)
         if weights <= room or self.options.weight_offload == "none" or self.weight_tier is None:
@@ -119,6 +124,25 @@ class Policy(ABC):
         self.footprint.add("hbm", resident + buffer)
         self.footprint.add(self.weight_tier, offloaded)
         return offloaded
+
+    def _hold_prefill_workspace(self) -> None:
+        """Set the prefill's peak activations aside in HBM before any KV is placed (as vLLM
+        sizes its KV cache after profiling a forward pass of its token budget), so the KV the
+        plan keeps in HBM leaves room for them; a prompt whose activations cannot fit beside
+        the weights and the reserve is infeasible, naming what would let it run."""
+        need = self.prefill_workspace_bytes
+        if not need:
+            return
+        hbm = self.footprint
+        left = hbm.capacity_bytes["hbm"] - hbm.used_bytes.get("hbm", 0.0)
+        if 0 <= left < need and hbm.reason is None:  # (weights that overflow are reported)
+            chunk = prefill_chunks(self.workload.context, self.workload.prefill_chunk_tokens)[0][1]
+            hbm.reason = (
+                f"hbm short by {size_text(need - left)} for the prefill: one layer's activations "
+                f"over {chunk} tokens x batch {self.workload.batch} need {size_text(need)}, "
+                f"{size_text(max(left, 0.0))} left after weights and reserve (set "
+                "prefill_chunk_tokens to prefill the prompt in smaller chunks)")
+        hbm.add("hbm", need)
 
     def observe(self, host_s: float, device_s: float, variable_s: float | None = None) -> None:
         """Feedback from the executor (simulated or measured): host and device time, and the

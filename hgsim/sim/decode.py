@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 from simpy import Event
 
 from hgsim import graph_path
-from hgsim.costs import LayerWork, Work, layer_work, lm_head_work
+from hgsim.costs import (
+    LayerWork,
+    Work,
+    layer_work,
+    lm_head_work,
+    prefill_chunks,
+    prefill_layer_work,
+)
 from hgsim.memory import Pattern, touched_bytes
 from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
@@ -223,43 +230,62 @@ class DecodeEngine:
         self.env.run(until=done)
         return measure
 
-    def prefill(self, plan: StepPlan, work: Work) -> float:
+    def prefill(self, plan: StepPlan, prompt_tokens: int, chunk_tokens: int | None = None
+                ) -> float:
         """Simulate the prompt's prefill to completion under ``plan`` (the plan at the prompt's
         length) and return its duration, the time to first token.
 
-        Layer by layer, one kernel of ``work`` (the layer's GEMMs and causal attention over the
-        whole prompt, ``costs.prefill_layer_work``) on the GPU stream, after the layer's
-        offloaded weights have streamed in (as in the decode: in layer order into a two-layer
-        buffer, so layer i+1's load overlaps layer i's kernel); then the K and V of the
-        tokens ``plan`` keeps in host memory are written by DMA into the tiers of its placement,
-        behind the next layer's kernel (the copy engine works while the stream computes). Tokens
-        the plan keeps in HBM stay there and tokens it evicts (H2O) are dropped: neither
-        crosses PCIe. After the last layer the final norm and LM head give the first token
+        Layer by layer, after the layer's offloaded weights have streamed in (as in the decode:
+        in layer order into a two-layer buffer, so layer i+1's load overlaps layer i's
+        kernels), one kernel per chunk of ``chunk_tokens`` positions (one chunk of the whole
+        prompt when None; ``costs.prefill_layer_work``: the chunk's GEMMs and its attention
+        over every earlier token) on the GPU stream. The K and V of the chunk's tokens that
+        ``plan`` keeps in host memory are written by DMA into the tiers of its placement behind
+        the next kernel (the copy engine works while the stream computes); a later chunk's
+        attention needs them back, so before its kernel the earlier host-resident tokens are
+        read back over PCIe from those tiers, once the layer's writes have landed. Tokens the
+        plan keeps in HBM stay there; tokens it evicts (H2O) are dropped, neither written out
+        nor read back. After the last layer the final norm and LM head give the first token
         (one position per sequence: the decode step's kernel). The prefill ends when that has
         run and every write has landed (the decode that follows reads them)."""
         t0 = self.env.now
-        self.env.run(until=self.env.process(self._prefill(plan, work)))
+        self.env.run(until=self.env.process(self._prefill(plan, prompt_tokens, chunk_tokens)))
         return self.env.now - t0
 
-    def _prefill(self, plan: StepPlan, work: Work):
+    def _prefill(self, plan: StepPlan, prompt_tokens: int, chunk_tokens: int | None):
         env = self.env
-        duration = self._kernel_s(work)
-        kv_token = self.model.kv_bytes_per_token_layer(self.kv_dtype)
-        kernels, writes = [], []
+        kv_token = plan.batch * self.model.kv_bytes_per_token_layer(self.kv_dtype)
+        chunks = prefill_chunks(prompt_tokens, chunk_tokens)
+        works = [prefill_layer_work(self.model, plan.batch, tokens, self.weight_dtype,
+                                    self.kv_dtype, past_tokens=start,
+                                    attention_only=self.attention_only)
+                 for start, tokens in chunks]
+        durations = [self._kernel_s(w) for w in works]
+        layer_ends, writes = [], []
         weights = None
         for i in range(plan.num_layers):
             if plan.offloaded_weight_bytes_per_layer:  # the decode's two-layer weight buffer
-                buffer_free = kernels[i - 2] if i >= 2 else None
+                buffer_free = layer_ends[i - 2] if i >= 2 else None
                 weights = env.process(self._load_weights(plan, weights, buffer_free, _Chain(),
                                                          None))
-            kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
-                                        after=() if weights is None else (weights,))
-            kernels.append(kernel)
             lp = plan.layer_plan(i)
-            if lp.host_tokens and not lp.host_evicted:
-                writes.append(env.process(self._write_kv_after(
-                    kernel, lp, plan.batch * lp.host_tokens * kv_token)))
-        last = kernels[-1]
+            host_start, host_end = lp.host_range()
+            spills = lp.host_tokens > 0 and not lp.host_evicted
+            written = None  # the layer's last write-out so far
+            kernel = None
+            for (start, tokens), work, duration in zip(chunks, works, durations, strict=True):
+                waits = [] if weights is None else [weights]
+                back = _overlap(host_start, host_end, 0, start) if spills else 0
+                if back:
+                    waits.append(env.process(self._read_kv_back(lp, written, back * kv_token)))
+                kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
+                                            after=tuple(waits))
+                out = _overlap(host_start, host_end, start, start + tokens) if spills else 0
+                if out:
+                    written = env.process(self._write_kv_after(kernel, lp, out * kv_token))
+                    writes.append(written)
+            layer_ends.append(kernel)
+        last = layer_ends[-1]
         if not self.attention_only:  # the first token: final norm and LM head, last position
             head = lm_head_work(self.model, plan.batch, self.weight_dtype)
             last = self.stream.launch(self._kernel_s(head), "prefill final_norm+lm_head",
@@ -267,9 +293,18 @@ class DecodeEngine:
         yield env.all_of([last, *writes])
 
     def _write_kv_after(self, kernel: Event, lp: LayerPlan, bytes_: float):
-        """A prefill layer's host-resident K and V, written out once its kernel has run."""
+        """A prefill chunk's host-resident K and V, written out once its kernel has run."""
         yield kernel
         yield self._write_kv(lp, bytes_, "prefill K+V to host")
+
+    def _read_kv_back(self, lp: LayerPlan, written: Event | None, bytes_: float):
+        """Earlier chunks' host-resident K and V (half of ``bytes_`` each) read back by DMA
+        from the tiers holding them, once the layer's last write-out has landed."""
+        if written is not None and not written.processed:
+            yield written
+        placement, half = lp.placement, bytes_ / 2
+        yield self.machine.read(_mix((half, placement.k_fractions), (half, placement.v_fractions)),
+                                self.gpu, bytes_, Pattern.DMA, "prefill K+V from host")
 
     def _launch(self, work: Work, label: str, attention: bool = False, *, after=(),
                 waits=(), always: bool = True,
@@ -645,6 +680,11 @@ def _shares(flows) -> dict[str, float]:
         for label, seconds in f.binds.items():
             what[label] += seconds
     return dict(what) if what else {"host": 1.0}
+
+
+def _overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> int:
+    """Positions two half-open ranges share."""
+    return max(0, min(a_end, b_end) - max(a_start, b_start))
 
 
 def _mix(*parts: tuple[float, dict[str, float]]) -> dict[str, float]:
