@@ -45,6 +45,17 @@ def test_reversed_scheduler_bounds_are_an_error(capsys):
                     "the scheduler's bounds are reversed")
 
 
+def test_none_is_the_word_where_an_option_takes_it_and_no_value_elsewhere():
+    """``weight_offload=none`` names the option's value 'none'; it read as no value (YAML-style
+    null) and was refused. Where an option takes no value, none still means that."""
+    from hgsim.commands.policy_options import policy_options
+
+    assert policy_options(["weight_offload=none"], "hybridgen") == {"weight_offload": "none"}
+    assert policy_options(["gpu_share=none"], "hybridgen") == {"gpu_share": None}
+    with pytest.raises(UserError, match="'auto' or 'none'"):
+        policy_options(["weight_offload=null"], "hybridgen")
+
+
 def test_option_syntax_error_is_unchanged(capsys):
     line = user_error(capsys, *SIMULATE, "--option", "topk_ratio")
     assert line == "hgsim simulate: error: --option expects KEY=VALUE, got 'topk_ratio'"

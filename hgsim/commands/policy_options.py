@@ -8,10 +8,22 @@ from hgsim.errors import UserError
 
 
 def policy_options(pairs: list[str], policy: str) -> dict:
-    """``pairs`` as the options of ``policy``, or a UserError naming the wrong ``--option``."""
+    """``pairs`` as the options of ``policy``, or a UserError naming the wrong ``--option``.
+
+    ``none`` reads as no value, unless the option refuses that and takes the word itself
+    (``weight_offload=none``)."""
     options = _parse(pairs)
-    _check(policy, options)
-    return options
+    given = {key.strip(): value.strip() for key, _, value in (p.partition("=") for p in pairs)}
+    while True:
+        try:
+            _check(policy, options)
+            return options
+        except UserError as exc:
+            word = next((key for key, value in options.items() if value is None
+                         and exc.field == f"--option {key}"), None)
+            if word is None:
+                raise
+            options[word] = given[word]
 
 
 def _parse(pairs: list[str]) -> dict:
