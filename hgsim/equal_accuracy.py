@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from hgsim.policies import make_policy
+from hgsim.policies import is_lossy, make_policy
 from hgsim.policies.registry import lookup
 from hgsim.simulate import accuracy_context
 from hgsim.specs.hardware import HardwareProfile
@@ -69,7 +69,7 @@ def knob_for(policy: str, option: str | None = None) -> Knob:
     registered knob and no ``option``.
     """
     cls, _, _ = lookup(policy)
-    if not cls.lossy:
+    if not is_lossy(policy):
         raise ValueError(f"policy '{policy}' is exact: it has no accuracy knob")
     if option is None:
         if cls.name not in KNOBS:

@@ -163,6 +163,20 @@ def test_unreachable_reason_blames_memory_when_the_cheaper_setting_does_not_fit_
                                       "cheapest setting")
 
 
+def test_hybridgens_exact_preset_is_exact_so_no_search_rewrites_its_ratio():
+    """``hybridgen_exact`` (r = 1, static) attends to every token: its twin is the configured
+    point, where the search used to set its knob and run a lossy HybridGen in its name."""
+    from hgsim.policies import is_lossy
+    from hgsim.study.equal_accuracy import knob_of
+
+    assert not is_lossy("hybridgen_exact") and is_lossy("hybridgen")
+    assert knob_of("hybridgen_exact", {}) is None
+    with pytest.raises(ValueError, match="exact"):
+        knob_for("hybridgen_exact")
+    run = simulate(PROFILE, MODEL, "hybridgen_exact", LONG, fidelity=FAST)
+    assert run.accuracy_rel_error == 0.0
+
+
 def test_knob_registry_covers_the_lossy_builtins_and_rejects_exact_ones():
     assert set(KNOBS) == set(LOSSY)
     assert knob_for("hybridgen_static").option == "min_ratio"

@@ -25,7 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hgsim.policies import registry
+    from hgsim.policies import is_lossy, registry
 
     entries = registry.registered()
     names = args.names or list(entries)
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         cls, preset, description = entries[name]
         plugin = registry.plugin(name)
         origin = f"{plugin.dist} {plugin.version}" if plugin else "hgsim"
-        row = [name, origin, "yes" if cls.lossy else "no", description]
+        row = [name, origin, "yes" if is_lossy(name) else "no", description]
         if args.names:
             row.append(_options(cls, preset))
         table.add_row(*row)

@@ -81,6 +81,15 @@ def checked_options(name: str, options: Mapping[str, Any] | None) -> PolicyOptio
         raise OptionError(key, humane(first), unknown=False) from None
 
 
+def is_lossy(name: str) -> bool:
+    """Whether policy ``name`` (a class or a preset) drops attention with its preset options:
+    ``hybridgen_exact`` is HybridGen's class set to attend to everything."""
+    from hgsim.policies.registry import lookup
+
+    cls, _, _ = lookup(name)
+    return cls.lossy_with(checked_options(name, {}))
+
+
 def make_policy(name: str, model, profile, workload, options: dict[str, Any] | None = None) -> Policy:
     """Build a built-in or plugin policy by name; ``options`` override the preset (unknown keys
     are errors)."""
@@ -93,5 +102,5 @@ def make_policy(name: str, model, profile, workload, options: dict[str, Any] | N
     return cls(model, profile, workload, checked_options(name, options))
 
 
-__all__ = ["BASELINES", "POLICIES", "Policy", "PolicyOptions", "checked_options",
+__all__ = ["BASELINES", "POLICIES", "Policy", "PolicyOptions", "checked_options", "is_lossy",
            "make_policy", "policy_names"]

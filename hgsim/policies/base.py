@@ -59,6 +59,12 @@ class Policy(ABC):
     lossy: ClassVar[bool] = False
     Options: ClassVar[type[PolicyOptions]] = PolicyOptions
 
+    @classmethod
+    def lossy_with(cls, options: PolicyOptions) -> bool:
+        """Whether the policy drops attention with these options (a lossy method can be set
+        to attend to everything, e.g. HybridGen with every host token selected)."""
+        return cls.lossy
+
     def __init__(
         self,
         model: ModelSpec,

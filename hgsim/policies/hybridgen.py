@@ -58,6 +58,12 @@ class HybridGen(Policy):
     lossy = True
     Options = HybridGenOptions
 
+    @classmethod
+    def lossy_with(cls, options: HybridGenOptions) -> bool:
+        """Exact with every host token selected and a scheduler that cannot lower r
+        (``hybridgen_exact``)."""
+        return not (options.topk_ratio >= 1 and not options.adaptive)
+
     def setup(self) -> None:
         opts = self.options
         final = self.workload.final_context

@@ -111,10 +111,9 @@ def _unreachable(goal: AccuracyTarget, search) -> str:
 
 def knob_of(policy: str, knobs: dict[str, str]) -> Knob | None:
     """The knob searched for ``policy`` (None: exact policy). Raises ValueError."""
-    from hgsim.policies.registry import lookup
+    from hgsim.policies import is_lossy
 
-    cls, _, _ = lookup(policy)
-    if not cls.lossy:
+    if not is_lossy(policy):
         return None
     return knob_for(policy, knobs.get(policy))
 
