@@ -28,6 +28,8 @@ _PROBE_PREFIX = ".hgsim-write-check-"
 
 def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     """``path`` can be created or replaced as a file; UserError naming ``flag`` if not."""
+    if not str(path).strip():
+        raise UserError("is empty; give the name of a file to write", field=flag)
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the name of a file to write", field=flag)
