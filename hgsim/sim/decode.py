@@ -240,10 +240,14 @@ class DecodeEngine:
         kernels), one kernel per chunk of ``chunk_tokens`` positions (one chunk of the whole
         prompt when None; ``costs.prefill_layer_work``: the chunk's GEMMs and its attention
         over every earlier token) on the GPU stream. The K and V of the chunk's tokens that
-        ``plan`` keeps in host memory are written by DMA into the tiers of its placement behind
-        the next kernel (the copy engine works while the stream computes); a later chunk's
-        attention needs them back, so before its kernel the earlier host-resident tokens are
-        read back over PCIe from those tiers, once the layer's writes have landed. Tokens the
+        ``plan`` keeps in host memory are written by DMA into the tiers of its placement on the
+        device-to-host copy engine, in order, behind the next kernel. A later chunk's attention
+        needs them back: chunk c-1's are still in HBM (it was just computed, and is held there
+        until chunk c has run), so chunk c reads back only the host-resident tokens of chunks
+        0..c-2, on the host-to-device engine (PCIe is full duplex, one copy engine per
+        direction), in order, once chunk c-2's write-out has landed and its kernel has freed
+        the landing block; the read thus overlaps chunk c-1's kernel and write-out, and chunk
+        c's kernel waits for it alone. Tokens the
         plan keeps in HBM stay there; tokens it evicts (H2O) are dropped, neither written out
         nor read back. After the last layer the final norm and LM head give the first token
         (one position per sequence: the decode step's kernel). The prefill ends when that has
@@ -263,6 +267,7 @@ class DecodeEngine:
         durations = [self._kernel_s(w) for w in works]
         layer_ends, writes = [], []
         weights = None
+        h2d_tail = d2h_tail = None  # the last read-back / write-out queued on each engine
         for i in range(plan.num_layers):
             if plan.offloaded_weight_bytes_per_layer:  # the decode's two-layer weight buffer
                 buffer_free = layer_ends[i - 2] if i >= 2 else None
@@ -271,20 +276,30 @@ class DecodeEngine:
             lp = plan.layer_plan(i)
             host_start, host_end = lp.host_range()
             spills = lp.host_tokens > 0 and not lp.host_evicted
-            written = None  # the layer's last write-out so far
-            kernel = None
-            for (start, tokens), work, duration in zip(chunks, works, durations, strict=True):
+            kernels: list[Event] = []
+            landed: list[Event | None] = []  # per chunk: the layer's last write-out so far
+            for c, ((start, tokens), work, duration) in enumerate(
+                    zip(chunks, works, durations, strict=True)):
                 waits = [] if weights is None else [weights]
-                back = _overlap(host_start, host_end, 0, start) if spills else 0
+                # the chunk just before this one is still in HBM; the ones before it come
+                # back from host memory once written there, into the landing block that
+                # kernel c-2 has finished with
+                back = (_overlap(host_start, host_end, 0, chunks[c - 1][0])
+                        if spills and c >= 2 else 0)
                 if back:
-                    waits.append(env.process(self._read_kv_back(lp, written, back * kv_token)))
+                    h2d_tail = env.process(self._read_kv_back(
+                        lp, (h2d_tail, landed[c - 2], kernels[c - 2]), back * kv_token))
+                    waits.append(h2d_tail)
                 kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
                                             after=tuple(waits))
+                kernels.append(kernel)
                 out = _overlap(host_start, host_end, start, start + tokens) if spills else 0
                 if out:
-                    written = env.process(self._write_kv_after(kernel, lp, out * kv_token))
-                    writes.append(written)
-            layer_ends.append(kernel)
+                    d2h_tail = env.process(self._write_kv_after((d2h_tail, kernel), lp,
+                                                                out * kv_token))
+                    writes.append(d2h_tail)
+                landed.append(d2h_tail)
+            layer_ends.append(kernels[-1])
         last = layer_ends[-1]
         if not self.attention_only:  # the first token: final norm and LM head, last position
             head = lm_head_work(self.model, plan.batch, self.weight_dtype)
@@ -292,16 +307,22 @@ class DecodeEngine:
                                       head.flops, head.bytes_)
         yield env.all_of([last, *writes])
 
-    def _write_kv_after(self, kernel: Event, lp: LayerPlan, bytes_: float):
-        """A prefill chunk's host-resident K and V, written out once its kernel has run."""
-        yield kernel
+    def _write_kv_after(self, after: tuple[Event | None, ...], lp: LayerPlan, bytes_: float):
+        """A prefill chunk's host-resident K and V, written out on the device-to-host copy
+        engine once its kernel has run and the engine's previous write-out has landed."""
+        for event in after:
+            if event is not None and not event.processed:
+                yield event
         yield self._write_kv(lp, bytes_, "prefill K+V to host")
 
-    def _read_kv_back(self, lp: LayerPlan, written: Event | None, bytes_: float):
-        """Earlier chunks' host-resident K and V (half of ``bytes_`` each) read back by DMA
-        from the tiers holding them, once the layer's last write-out has landed."""
-        if written is not None and not written.processed:
-            yield written
+    def _read_kv_back(self, lp: LayerPlan, after: tuple[Event | None, ...], bytes_: float):
+        """Earlier chunks' host-resident K and V (half of ``bytes_`` each) read back on the
+        host-to-device copy engine from the tiers holding them, once ``after`` has happened
+        (the engine's previous read-back, the write-out of the last chunk read, the kernel
+        that last used the landing block)."""
+        for event in after:
+            if event is not None and not event.processed:
+                yield event
         placement, half = lp.placement, bytes_ / 2
         yield self.machine.read(_mix((half, placement.k_fractions), (half, placement.v_fractions)),
                                 self.gpu, bytes_, Pattern.DMA, "prefill K+V from host")
