@@ -295,15 +295,25 @@ def prefill_activation_bytes(model: ModelSpec, batch: int, tokens: int, weight_d
     return batch * tokens * (residual + max(attention, ffn))
 
 
+# A chunked prefill that reads K and V back from host memory holds three blocks of one chunk's
+# K and V beside its activations: two landing blocks (double buffer: the kernel attends over
+# one while the host-to-device engine fills the other; earlier tokens come back through them
+# block by block) and the chunk just written, kept in HBM for the next chunk's kernel while
+# its write-out drains (its own K and V are part of the activations).
+PREFILL_PIPELINE_KV_BLOCKS = 3
+
+
 def prefill_workspace_bytes(model: ModelSpec, batch: int, prompt: int,
                             chunk_tokens: int | None, weight_dtype: str, kv_dtype: str,
-                            *, attention_only: bool = False) -> float:
+                            *, attention_only: bool = False, reads_back: bool = True) -> float:
     """HBM the prefill needs on top of weights and the KV the plan keeps: one layer's peak
-    activations over a chunk, and when the prompt is chunked a landing block of one chunk's K
-    and V (earlier host-resident tokens come back through it, block by block)."""
+    activations over a chunk, and when the prompt is chunked and the plan may keep K and V in
+    host memory (``reads_back``), the pipeline's blocks of one chunk's K and V each
+    (``PREFILL_PIPELINE_KV_BLOCKS``)."""
     tokens = prefill_chunks(prompt, chunk_tokens)[0][1]
     peak = prefill_activation_bytes(model, batch, tokens, weight_dtype,
                                     attention_only=attention_only)
-    if tokens < prompt:
-        peak += batch * tokens * model.kv_bytes_per_token_layer(kv_dtype)
+    if tokens < prompt and reads_back:
+        peak += (PREFILL_PIPELINE_KV_BLOCKS * batch * tokens
+                 * model.kv_bytes_per_token_layer(kv_dtype))
     return peak

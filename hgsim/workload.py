@@ -36,13 +36,15 @@ class Workload(SpecModel):
     def final_context(self) -> int:
         return self.context + self.gen
 
-    def prefill_workspace_bytes(self, model: ModelSpec) -> float:
-        """HBM the prompt's prefill holds beside weights and KV (0 without a prefill)."""
+    def prefill_workspace_bytes(self, model: ModelSpec, *, reads_back: bool = True) -> float:
+        """HBM the prompt's prefill holds beside weights and KV (0 without a prefill);
+        ``reads_back``: the policy may keep K and V in host memory, so a chunked prefill
+        holds the read-back pipeline's blocks."""
         if not self.include_prefill:
             return 0.0
         return prefill_workspace_bytes(model, self.batch, self.context, self.prefill_chunk_tokens,
                                        self.weight_dtype, self.kv_dtype,
-                                       attention_only=self.attention_only)
+                                       attention_only=self.attention_only, reads_back=reads_back)
 
     def weight_bytes(self, model: ModelSpec) -> float:
         return held_weight_bytes(model, self.weight_dtype, attention_only=self.attention_only)

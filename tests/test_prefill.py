@@ -178,9 +178,13 @@ def test_peak_activations_of_a_layer_are_the_swiglu_intermediate_at_long_prompts
     assert tokens * ((2 * 8192 + 2 * 1024) * 2 + 4 * 64) < tokens * 3 * 28672 * 2
     assert prefill_activation_bytes(spec, 2, 131072, "fp16") == pytest.approx(ffn, rel=1e-12)
     assert ffn == pytest.approx(49.4 * GB, rel=1e-3)
-    # a chunk of 8k tokens per sequence holds 1/16 of that, plus a landing block of its K, V
+    # a chunk of 8k tokens per sequence holds 1/16 of that, plus three blocks of a chunk's
+    # K and V (two landing blocks, the chunk just written) where K and V are read back; none
+    # where every token stays in HBM
     assert prefill_workspace_bytes(spec, 2, 131072, 8192, "fp16", "fp16") == pytest.approx(
-        ffn / 16 + 2 * 8192 * 2 * 1024 * 2, rel=1e-12)
+        ffn / 16 + 3 * 2 * 8192 * 2 * 1024 * 2, rel=1e-12)
+    assert prefill_workspace_bytes(spec, 2, 131072, 8192, "fp16", "fp16",
+                                   reads_back=False) == pytest.approx(ffn / 16, rel=1e-12)
 
 
 def test_a_prefill_whose_activations_do_not_fit_is_infeasible_until_chunked():
@@ -203,7 +207,7 @@ def test_a_prefill_whose_activations_do_not_fit_is_infeasible_until_chunked():
     without = simulate(H100, spec, "flexgen", Workload(batch=8, context=131072, gen=1),
                        policy_options=options, fidelity=fidelity)
     assert chunked.feasible and chunked.ttft_s > 0
-    workspace = need / 8 + 8 * 16384 * 2 * 1024 * 2
+    workspace = need / 8 + 3 * 8 * 16384 * 2 * 1024 * 2
     # FlexGen's recent window over L - 2 layers (two layers' buffers stream the rest) gave up
     # the workspace's bytes, to one token
     per_token = 8 * (spec.num_layers - 2) * 2 * spec.kv_dim * 2
@@ -337,7 +341,7 @@ def _pcie_s(bytes_: float) -> float:
 
 
 def test_where_pcie_binds_each_chunk_waits_for_its_read_back_not_for_the_write_before():
-    """Attention-only llama-2-7b, batch 32, a 6k prompt in 1k chunks: FlexGen keeps 1610
+    """Attention-only llama-2-7b, batch 32, a 6k prompt in 1k chunks: FlexGen keeps 1678
     tokens of each layer in DDR (chunk 0 and part of chunk 1). Chunk c reads back the host
     tokens before chunk c-1 (chunk c-1's are still in HBM) on the host-to-device engine while
     chunk c-1's kernel runs and its write-out drains on the other engine; the reads (>= 10 ms)
@@ -347,8 +351,8 @@ def test_where_pcie_binds_each_chunk_waits_for_its_read_back_not_for_the_write_b
     ttft, moved, lp, spec, chunks = _pipeline("flexgen", "llama-2-7b", 32, 6144, 1024,
                                               attention_only=True)
     kv_token = 32 * 2 * spec.kv_dim * 2
-    assert [c[2] for c in chunks] == [1024, 586, 0, 0, 0, 0]
-    assert [c[3] for c in chunks] == [0, 0, 1024, 1610, 1610, 1610]
+    assert [c[2] for c in chunks] == [1024, 654, 0, 0, 0, 0]
+    assert [c[3] for c in chunks] == [0, 0, 1024, 1678, 1678, 1678]
 
     def kernel_s(tokens: int, past: int) -> float:
         flops = 2 * spec.num_heads * spec.head_dim * 32 * tokens * (tokens + 2 * past)
@@ -357,7 +361,7 @@ def test_where_pcie_binds_each_chunk_waits_for_its_read_back_not_for_the_write_b
 
     kernels = [kernel_s(t, s) for s, t, _, _ in chunks]
     reads = [_pcie_s(back * kv_token) if back else 0.0 for *_, back in chunks]
-    write0, write1 = _pcie_s(1024 * kv_token), _pcie_s(586 * kv_token)
+    write0, write1 = _pcie_s(1024 * kv_token), _pcie_s(654 * kv_token)
     assert all(reads[c] > kernels[c - 1] for c in range(2, 6))
     assert kernels[1] < write0 + reads[2] and write0 + write1 < write0 + reads[2]
     per_layer = (kernels[0] + write0 + sum(max(kernels[c - 1], reads[c]) for c in range(2, 6))
@@ -365,18 +369,18 @@ def test_where_pcie_binds_each_chunk_waits_for_its_read_back_not_for_the_write_b
     assert ttft == pytest.approx(spec.num_layers * per_layer, rel=1e-12)
     assert moved["gpu0.h2d"] == pytest.approx(
         spec.num_layers * sum(c[3] for c in chunks) * kv_token, rel=1e-12)
-    assert moved["gpu0.d2h"] == pytest.approx(spec.num_layers * 1610 * kv_token, rel=1e-12)
+    assert moved["gpu0.d2h"] == pytest.approx(spec.num_layers * 1678 * kv_token, rel=1e-12)
 
 
 def test_where_compute_binds_the_copies_hide_behind_the_kernels():
     """Llama-3.1-8B in HBM, batch 8, a 128k prompt in 16k chunks: FlexGen keeps each layer's
-    oldest 88497 tokens in DDR. Every write-out (<= 10.8 ms) and the read-back it gates
-    (<= 58 ms) finish within the next kernel (>= 90 ms), so TTFT = layers x the chunk kernels
+    oldest 89589 tokens in DDR. Every write-out (<= 10.8 ms) and the read-back it gates
+    (<= 59 ms) finish within the next kernel (>= 108 ms), so TTFT = layers x the chunk kernels
     + the LM head; the last layer's last write-out (chunk 5) lands before its kernels end."""
     ttft, moved, lp, spec, chunks = _pipeline(
         "flexgen", "llama-3.1-8b", 8, 131072, 16384, options={"weight_offload": "none"})
     kv_token = 8 * 2 * spec.kv_dim * 2
-    assert lp.host_range() == (0, 88497)
+    assert lp.host_range() == (0, 89589)
     kernels = [_chunk_kernel_s(spec, 8, t, s) for s, t, _, _ in chunks]
     writes = [_pcie_s(out * kv_token) if out else 0.0 for _, _, out, _ in chunks]
     reads = [_pcie_s(back * kv_token) if back else 0.0 for *_, back in chunks]
@@ -388,3 +392,15 @@ def test_where_compute_binds_the_copies_hide_behind_the_kernels():
                                  rel=1e-12)
     assert moved["gpu0.h2d"] == pytest.approx(
         spec.num_layers * sum(c[3] for c in chunks) * kv_token, rel=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["gpu_only", "h2o"])
+def test_a_policy_that_never_reads_kv_back_holds_no_landing_blocks(policy):
+    """GPU-only keeps every token in HBM and H2O drops what leaves its budget: a chunked
+    prefill reads nothing back, so the HBM set aside is the chunk's activations alone."""
+    spec, profile = get_model("llama-3.1-8b"), load_profile(H100)
+    workload = Workload(batch=1, context=32768, gen=1, include_prefill=True,
+                        prefill_chunk_tokens=8192)
+    pol = make_policy(policy, spec, profile, workload, None)
+    assert pol.prefill_workspace_bytes == pytest.approx(
+        8192 * (4096 + 3 * 14336) * 2, rel=1e-12)

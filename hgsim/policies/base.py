@@ -57,6 +57,9 @@ class Policy(ABC):
     name: ClassVar[str]
     description: ClassVar[str]
     lossy: ClassVar[bool] = False
+    # whether K and V may live in host memory, to be read back by a chunked prefill (False:
+    # all in HBM, or dropped as H2O does; the prefill then holds no landing blocks)
+    reads_kv_back: ClassVar[bool] = True
     Options: ClassVar[type[PolicyOptions]] = PolicyOptions
 
     @classmethod
@@ -82,7 +85,8 @@ class Policy(ABC):
         self.footprint.add("hbm", self.options.reserve.bytes_(hbm_capacity_bytes(profile)))
         for tier, bytes_ in self.options.host_reserve.bytes_(profile).items():
             self.footprint.add(tier, bytes_)
-        self.prefill_workspace_bytes = workload.prefill_workspace_bytes(model)
+        self.prefill_workspace_bytes = workload.prefill_workspace_bytes(
+            model, reads_back=self.reads_kv_back)
         self.offloaded_weight_bytes = self._place_weights()
         self._hold_prefill_workspace()
         self.setup()

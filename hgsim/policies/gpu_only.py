@@ -16,6 +16,7 @@ class GpuOnly(Policy):
     name = "gpu_only"
     description = "all KV in HBM (vLLM-like); infeasible beyond HBM capacity"
     Options = GpuOnlyOptions
+    reads_kv_back = False
 
     def setup(self) -> None:
         self.account_gpu_kv(self.workload.final_context)

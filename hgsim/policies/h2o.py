@@ -18,6 +18,7 @@ class H2O(Policy):
     description = "heavy-hitter + recent budget in HBM, rest evicted (H2O)"
     lossy = True
     Options = H2OOptions
+    reads_kv_back = False  # what leaves the budget is dropped, never read back
 
     def setup(self) -> None:
         self.account_gpu_kv(self._budget(self.workload.final_context))
