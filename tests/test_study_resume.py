@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 from test_study_common import REPO, cli_env, last_run, results, run_cli, write_study
 
@@ -36,25 +37,44 @@ def stored(points_dir) -> dict[str, int]:
     return {k: store.path(k).stat().st_mtime_ns for k in store.load(store.keys())}
 
 
-def interrupt_midway(study, out, sig: int, min_new: int) -> int:
+@contextmanager
+def sigint_not_ignored():
+    """Children started inside see SIGINT at its default, as under an interactive shell.
+
+    A shell starts a background command (``pytest ... &``) with SIGINT ignored, exec keeps an
+    ignored signal ignored, and Python installs no KeyboardInterrupt handler when it starts
+    with SIGINT ignored: the CLI would rightly sleep through the Ctrl-C this test sends and
+    finish the study with exit 0. A signal with a handler is reset to default by exec.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def interrupt_midway(study, out, sig: int, min_new: int) -> tuple[int, str]:
     """Start the study in its own session, send ``sig`` to the whole group once ``min_new``
-    more points are stored, and return the exit code."""
+    more points are stored, and return the exit code and what it printed on stderr."""
     points_dir = out / "points"
     start = len(PointStore(points_dir).keys())
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hgsim", "study", str(study), "--out", str(out), "--jobs", "2",
-         "--quiet", "--no-figures"],
-        cwd=REPO, env=cli_env(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    with sigint_not_ignored():
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "hgsim", "study", str(study), "--out", str(out),
+             "--jobs", "2", "--quiet", "--no-figures"],
+            cwd=REPO, env=cli_env(), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )
     deadline = time.monotonic() + 60
     try:
         while time.monotonic() < deadline and proc.poll() is None:
             if len(PointStore(points_dir).keys()) >= start + min_new:
                 break
             time.sleep(0.005)
+        assert proc.poll() is None, f"the study ended before the kill: {proc.stderr.read()}"
         os.killpg(proc.pid, sig)
-        return proc.wait(timeout=20)
+        _, stderr = proc.communicate(timeout=20)
+        return proc.returncode, stderr
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -69,13 +89,16 @@ def test_ctrl_c_then_kill_9_midway_then_rerun_computes_only_missing(tmp_path):
     assert len(expected) == 30
 
     # Ctrl-C: exits 130 at once and its workers stop (nothing is stored afterwards).
-    assert interrupt_midway(study, out, signal.SIGINT, 2) == 130
+    code, stderr = interrupt_midway(study, out, signal.SIGINT, 2)
+    assert code == 130, stderr
+    assert "interrupted" in stderr
     after_sigint = stored(points_dir)
     time.sleep(0.5)
     assert stored(points_dir) == after_sigint
 
     # kill -9 of the CLI, its workers and all: whatever was stored stays valid.
-    assert interrupt_midway(study, out, signal.SIGKILL, 2) == -signal.SIGKILL
+    code, stderr = interrupt_midway(study, out, signal.SIGKILL, 2)
+    assert code == -signal.SIGKILL, stderr
     before = stored(points_dir)
     assert len(after_sigint) < len(before) < len(expected), "kills did not land midway"
     assert all(before[k] == after_sigint[k] for k in after_sigint)
