@@ -1,5 +1,5 @@
-"""Results survive kill -9: a re-run computes exactly the missing points, none twice; --force
-recomputes everything."""
+"""Results survive Ctrl-C and kill -9: a re-run computes exactly the missing points, none twice;
+--force recomputes everything."""
 
 from __future__ import annotations
 
@@ -29,6 +29,13 @@ sweep:
       workload.context: [16k, 24k, 32k, 40k, 48k, 56k, 64k, 72k, 80k, 96k]
       policy: [hybridgen, flexgen, cpu_offload]
 """
+CONTEXTS = "16k, 24k, 32k, 40k, 48k, 56k, 64k, 72k, 80k, 96k"
+
+
+def fast(study: str, contexts: str) -> str:
+    """``study`` over ``contexts`` only, with 4 decode steps a point (milliseconds each)."""
+    assert CONTEXTS in study and "gen: 96" in study
+    return study.replace(CONTEXTS, contexts).replace("gen: 96", "gen: 4")
 
 
 def stored(points_dir) -> dict[str, int]:
@@ -118,21 +125,32 @@ def test_ctrl_c_then_kill_9_midway_then_rerun_computes_only_missing(tmp_path):
     assert not frame.duplicated(["workload.context", "policy"]).any()
     assert not [p for p in points_dir.iterdir() if p.name.endswith(".tmp")]
 
+
+def test_force_recomputes_every_stored_point(tmp_path):
+    from hgsim.study import RunOptions, run_study
+
+    study = write_study(tmp_path, fast(SLOW, "16k, 32k"))
+    out = tmp_path / "out"
+    options = RunOptions(out=out, quiet=True, figures=False)
+    options.execution.jobs = 1
+    run_study(study, options)
+    before = stored(out / "points")
+    assert len(before) == 6
+
     forced = run_cli("study", str(study), "--out", str(out), "--jobs", "2", "--force",
                      "--no-figures")
     assert forced.returncode == 0, forced.stderr
-    assert last_run(out)["computed"] == 30
-    refreshed = stored(points_dir)
-    assert set(refreshed) == expected
-    assert all(refreshed[k] != after[k] for k in expected)
-    assert len(results(out)) == 30
+    assert last_run(out)["computed"] == 6
+    refreshed = stored(out / "points")
+    assert set(refreshed) == set(before)
+    assert all(refreshed[k] != before[k] for k in before)
+    assert len(results(out)) == 6
 
 
 def test_invalid_stored_point_is_recomputed(tmp_path):
     from hgsim.study import RunOptions, run_study
 
-    study = write_study(tmp_path, SLOW.replace("16k, 24k, 32k, 40k, 48k, 56k, 64k, 72k, 80k, 96k", "16k")
-                        .replace("gen: 48", "gen: 4"))
+    study = write_study(tmp_path, fast(SLOW, "16k"))
     out = tmp_path / "out"
     options = RunOptions(out=out, quiet=True, figures=False)
     options.execution.jobs = 1
@@ -149,8 +167,7 @@ def test_failing_point_is_reported_not_stored_and_retried(tmp_path, monkeypatch)
     import hgsim.simulate
     from hgsim.study import RunOptions, run_study
 
-    study = write_study(tmp_path, SLOW.replace("16k, 24k, 32k, 40k, 48k, 56k, 64k, 72k, 80k, 96k", "16k, 32k")
-                        .replace("gen: 48", "gen: 4"))
+    study = write_study(tmp_path, fast(SLOW, "16k, 32k"))
     out = tmp_path / "out"
     options = RunOptions(out=out, quiet=True, figures=False)
     options.execution.jobs = 1
