@@ -283,7 +283,7 @@ def test_simulate_empty_trace_is_an_error_not_no_trace(capsys, tmp_path, monkeyp
     """--trace '' used to run and exit 0 without writing any trace."""
     monkeypatch.chdir(tmp_path)
     line = user_error(capsys, *SIMULATE, "--trace", "")
-    assert line == "hgsim simulate: error: --trace: . is a folder; give the name of a file to write"
+    assert line == "hgsim simulate: error: --trace: is empty; give the name of a file to write"
     assert list(tmp_path.iterdir()) == []
 
 
