@@ -310,9 +310,7 @@ class DecodeEngine:
     def _write_kv_after(self, after: tuple[Event | None, ...], lp: LayerPlan, bytes_: float):
         """A prefill chunk's host-resident K and V, written out on the device-to-host copy
         engine once its kernel has run and the engine's previous write-out has landed."""
-        for event in after:
-            if event is not None and not event.processed:
-                yield event
+        yield from _each_processed(after)
         yield self._write_kv(lp, bytes_, "prefill K+V to host")
 
     def _read_kv_back(self, lp: LayerPlan, after: tuple[Event | None, ...], bytes_: float):
@@ -320,9 +318,7 @@ class DecodeEngine:
         host-to-device copy engine from the tiers holding them, once ``after`` has happened
         (the engine's previous read-back, the write-out of the last chunk read, the kernel
         that last used the landing block)."""
-        for event in after:
-            if event is not None and not event.processed:
-                yield event
+        yield from _each_processed(after)
         placement, half = lp.placement, bytes_ / 2
         yield self.machine.read(_mix((half, placement.k_fractions), (half, placement.v_fractions)),
                                 self.gpu, bytes_, Pattern.DMA, "prefill K+V from host")
@@ -701,6 +697,13 @@ def _shares(flows) -> dict[str, float]:
         for label, seconds in f.binds.items():
             what[label] += seconds
     return dict(what) if what else {"host": 1.0}
+
+
+def _each_processed(events: tuple[Event | None, ...]):
+    """Wait (in a process) until every event given has happened; None stands for nothing."""
+    for event in events:
+        if event is not None and not event.processed:
+            yield event
 
 
 def _overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> int:
