@@ -171,6 +171,27 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
     return data[[*axes, "__cell"]].rename(columns={"__cell": "binds"})
 
 
+def binding_parts(frame: pd.DataFrame, axes: list[str], by: str,
+                  zipped: dict[str, list[str]] | None, n: int | None) -> list[str]:
+    """The "What binds" section: the table, what its cells mean, and what they do not."""
+    binds = binding_table(frame, axes, by, zipped)
+    if binds.empty:
+        return []
+    parts = ["\n## What binds\n",
+             "The resource that holds each point's critical path longest, with its share "
+             "of the step latency (`binding`, `binding_share` in the results; "
+             "`<tier> latency` means bytes in flight / latency binds, i.e. more "
+             "memory-level parallelism or a nearer tier helps, `<tier> read` its "
+             "bandwidth). A share of the critical path is not an elasticity: a step 100% "
+             "`cxl0 read` gains less than 1% per 1% more CXL bandwidth where queueing delay "
+             "and bytes in flight hold part of it (a `sensitivity` study measures that).\n\n"]
+    counts = frame["binding"].replace("", pd.NA).dropna().value_counts()
+    parts.append("Points per binding resource: " + ", ".join(
+        f"{k} {v}" for k, v in counts.items()) + "\n\n")
+    parts.append(md_table(binds, n))
+    return parts
+
+
 def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                  info: RunInfo, elasticity: pd.DataFrame | None = None) -> Path:
     from hgsim.study import sensitivity as sens
@@ -235,18 +256,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
             parts.append(md_table(best, n))
 
-    binds = binding_table(frame, axes, by, zipped)
-    if not binds.empty:
-        parts.append("\n## What binds\n")
-        parts.append("The resource that holds each point's critical path longest, with its share "
-                     "of the step latency (`binding`, `binding_share` in the results; "
-                     "`<tier> latency` means bytes in flight / latency binds, i.e. more "
-                     "memory-level parallelism or a nearer tier helps, `<tier> read` its "
-                     "bandwidth).\n\n")
-        counts = frame["binding"].replace("", pd.NA).dropna().value_counts()
-        parts.append("Points per binding resource: " + ", ".join(
-            f"{k} {v}" for k, v in counts.items()) + "\n\n")
-        parts.append(md_table(binds, n))
+    parts += binding_parts(frame, axes, by, zipped, n)
 
     if study.sensitivity is not None and elasticity is not None and len(elasticity):
         spec = study.sensitivity
