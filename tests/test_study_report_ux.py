@@ -8,7 +8,7 @@ import math
 
 import pandas as pd
 
-from hgsim.study.report import binding_parts, fmt
+from hgsim.study.report import binding_parts, fmt, never_feasible_note
 
 
 def _frame() -> pd.DataFrame:
@@ -28,3 +28,12 @@ def test_what_binds_says_a_share_is_not_an_elasticity():
     assert "cxl0 read (100%)" in text
     assert "not an elasticity" in text and "sensitivity" in text
 
+
+def test_what_binds_names_a_policy_infeasible_at_every_point():
+    text = "".join(binding_parts(_frame(), ["workload.context", "policy"], "policy", None, 40))
+    assert "infeasible at every point: gpu_only" in text
+
+
+def test_best_table_note_names_a_policy_infeasible_at_every_point():
+    assert "infeasible at every point: gpu_only" in never_feasible_note(_frame(), "policy")
+    assert never_feasible_note(_frame()[_frame().policy != "gpu_only"], "policy") == ""

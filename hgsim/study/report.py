@@ -171,6 +171,19 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
     return data[[*axes, "__cell"]].rename(columns={"__cell": "binds"})
 
 
+def never_feasible_note(frame: pd.DataFrame, by: str) -> str:
+    """A line naming the values of ``by`` infeasible at every point, which a table of
+    feasible results would otherwise drop without a word; "" when there are none."""
+    if by not in frame or "feasible" not in frame or not len(frame):
+        return ""
+    feasible = frame["feasible"].fillna(False).astype(bool)
+    values = [v for v in dict.fromkeys(frame[by]) if not feasible[frame[by] == v].any()]
+    if not values:
+        return ""
+    return ("\nNot in the table, infeasible at every point: "
+            + ", ".join(ax.label(v) for v in values) + " (see Infeasible points).\n")
+
+
 def binding_parts(frame: pd.DataFrame, axes: list[str], by: str,
                   zipped: dict[str, list[str]] | None, n: int | None) -> list[str]:
     """The "What binds" section: the table, what its cells mean, and what they do not."""
@@ -189,6 +202,7 @@ def binding_parts(frame: pd.DataFrame, axes: list[str], by: str,
     parts.append("Points per binding resource: " + ", ".join(
         f"{k} {v}" for k, v in counts.items()) + "\n\n")
     parts.append(md_table(binds, n))
+    parts.append(never_feasible_note(frame, by))
     return parts
 
 
@@ -255,6 +269,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             wins = best["best"].value_counts()
             parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
             parts.append(md_table(best, n))
+            parts.append(never_feasible_note(frame, by))
 
     parts += binding_parts(frame, axes, by, zipped, n)
 
