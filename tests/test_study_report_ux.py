@@ -8,7 +8,7 @@ import math
 
 import pandas as pd
 
-from hgsim.study.report import binding_parts, fmt, never_feasible_note
+from hgsim.study.report import binding_parts, never_feasible_note
 
 
 def _frame() -> pd.DataFrame:
@@ -37,3 +37,39 @@ def test_what_binds_names_a_policy_infeasible_at_every_point():
 def test_best_table_note_names_a_policy_infeasible_at_every_point():
     assert "infeasible at every point: gpu_only" in never_feasible_note(_frame(), "policy")
     assert never_feasible_note(_frame()[_frame().policy != "gpu_only"], "policy") == ""
+
+
+def _bar_frame() -> pd.DataFrame:
+    rows = []
+    for context in (32768, 131072):
+        for upgrade in ("baseline", "H200"):
+            for policy in ("hybridgen", "flexgen", "gpu_only"):
+                feasible = policy != "gpu_only" or (upgrade == "H200" and context == 32768)
+                rows.append({"workload.context": context, "label.upgrade": upgrade,
+                             "policy": policy, "feasible": feasible,
+                             "tokens_per_s": 5.0 if feasible else math.nan})
+    return pd.DataFrame(rows)
+
+
+def test_a_bar_chart_marks_infeasible_points_where_their_bars_would_be():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import INFEASIBLE_NOTE, figure
+    from hgsim.study.schema import PlotSpec
+
+    spec = PlotSpec(kind="bar", x="label.upgrade", y="tokens_per_s", hue="policy",
+                    col="workload.context")
+    grid = figure(_bar_frame(), "bars", spec, {"policy": ["hybridgen", "flexgen", "gpu_only"]})
+    small, large = grid.axes.flat
+    marks = {id(a): [line.get_xdata()[0] for line in a.get_lines() if line.get_marker() == "x"]
+             for a in (small, large)}
+    # the one feasible gpu_only bar (H200 at 32k) is where the marks stand, a category over
+    [gpu_only_bar] = [b.get_x() + b.get_width() / 2 for b in small.patches
+                      if b.get_height() > 0 and b.get_x() > 1 + 0.1]
+    assert marks[id(small)] == [gpu_only_bar - 1]
+    assert sorted(marks[id(large)]) == [gpu_only_bar - 1, gpu_only_bar]
+    assert any(t.get_text() == INFEASIBLE_NOTE for t in grid.figure.texts)
+    plt.close(grid.figure)

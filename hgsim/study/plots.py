@@ -52,6 +52,20 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
 def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
          out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
+
+    grid = figure(frame, name, spec, axis_values)
+    paths = []
+    for fmt in FORMATS:
+        path = out / f"{name}.{fmt}"
+        with written_whole(path, "wb") as fh:
+            grid.figure.savefig(fh, format=fmt, dpi=130, bbox_inches="tight")
+        paths.append(path)
+    plt.close(grid.figure)
+    return paths
+
+
+def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list]):
+    """The plot's seaborn grid, drawn and titled but not saved (tests read it back)."""
     import seaborn as sns
 
     missing = [c for f, c in spec.columns().items() if c not in frame.columns]
@@ -86,6 +100,8 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
         )
     else:
         grid = _heatmap(data, spec, facet, orders)
+    if spec.kind == "bar":
+        _mark_infeasible_bars(grid, data, spec, orders)
     if spec.kind == "pareto":
         from hgsim.study.pareto import draw_fronts
 
@@ -110,14 +126,45 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
         grid.figure.text(0.5, 0.5, "no feasible points", ha="center", va="center")
     title = spec.title or name
     grid.figure.suptitle(title, y=1.02)
-    paths = []
-    for fmt in FORMATS:
-        path = out / f"{name}.{fmt}"
-        with written_whole(path, "wb") as fh:
-            grid.figure.savefig(fh, format=fmt, dpi=130, bbox_inches="tight")
-        paths.append(path)
-    plt.close(grid.figure)
-    return paths
+    return grid
+
+
+#: What a bar that is missing because its point does not fit is drawn as.
+INFEASIBLE_MARK = {"marker": "x", "color": "0.25", "markersize": 7, "linestyle": "none"}
+INFEASIBLE_NOTE = "x: infeasible point, no bar (does not fit; reasons in report.md)"
+
+
+def _mark_infeasible_bars(grid, data: pd.DataFrame, spec: PlotSpec,
+                          orders: dict[str, list[str]]) -> None:
+    """An x at the foot of every bar whose points are all infeasible, and a note saying so,
+    so that a missing bar does not read as zero or as a point not run. Bars sit where
+    seaborn dodges them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n."""
+    from matplotlib.transforms import blended_transform_factory
+
+    if "feasible" not in data:
+        return
+    hue_order = orders.get(spec.hue) if spec.hue else None
+    x_order = orders.get(spec.x, [])
+    marked = False
+    for (i, j, _), facet in grid.facet_data():
+        if facet.empty:
+            continue
+        feasible = facet["feasible"].fillna(False).astype(bool)
+        keys = [spec.x, spec.hue] if spec.hue else [spec.x]
+        cells = facet.assign(__ok=feasible).groupby(keys, sort=False, observed=True)["__ok"]
+        axes = grid.axes.flat[j] if spec.col_wrap else grid.axes[i, j]
+        for key, ok in cells:
+            if ok.any():
+                continue
+            key = key if isinstance(key, tuple) else (key,)
+            position = x_order.index(key[0])
+            if hue_order:
+                position += -0.4 + 0.8 * (hue_order.index(key[1]) + 0.5) / len(hue_order)
+            axes.plot([position], [0.02], transform=blended_transform_factory(
+                axes.transData, axes.transAxes), clip_on=False, **INFEASIBLE_MARK)
+            marked = True
+    if marked:
+        grid.figure.text(0.01, 0.0, INFEASIBLE_NOTE, ha="left", va="top", fontsize=8)
 
 
 def _crowded(labels: list[str]) -> bool:
