@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pandas as pd
+import pytest
 
 from hgsim.study.report import binding_parts, never_feasible_note
 
@@ -73,3 +74,40 @@ def test_a_bar_chart_marks_infeasible_points_where_their_bars_would_be():
     assert sorted(marks[id(large)]) == [gpu_only_bar - 1, gpu_only_bar]
     assert any(t.get_text() == INFEASIBLE_NOTE for t in grid.figure.texts)
     plt.close(grid.figure)
+
+
+def test_ratio_columns_are_the_speedups_and_ratios():
+    from hgsim.study.derived import ratio_columns
+    from hgsim.study.schema import DerivedSpec
+
+    derived = {"speedup": DerivedSpec(metric="tokens_per_s", vs={"policy": ["flexgen", "hgca"]}),
+               "cost": DerivedSpec(metric="tokens_per_s", kind="ratio", vs={"policy": "hgca"}),
+               "gap": DerivedSpec(metric="tokens_per_s", kind="difference",
+                                  vs={"policy": "hgca"})}
+    assert ratio_columns(derived) == {"speedup_vs_flexgen", "speedup_vs_hgca", "cost"}
+
+
+def test_a_ratio_heatmap_colours_around_1_on_a_log_scale():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import figure
+    from hgsim.study.schema import PlotSpec
+
+    frame = pd.DataFrame({"bw": [18, 36, 18, 36], "lat": [150, 150, 600, 600],
+                          "speedup_vs_flexgen": [0.98, 1.0, 9.0, 3.0]})
+    spec = PlotSpec(kind="heatmap", x="bw", y="lat", value="speedup_vs_flexgen")
+    grid = figure(frame, "heat", spec, {}, {"speedup_vs_flexgen"})
+    mesh = grid.ax.collections[0]
+    cells = mesh.get_array().reshape(2, 2)  # rows top-down: lat 600, then 150
+    colour = {9.0: cells[0, 0], 3.0: cells[0, 1], 0.98: cells[1, 0], 1.0: cells[1, 1]}
+    assert mesh.norm(colour[1.0]) == pytest.approx(0.5)  # 1 is the centre (white)
+    assert mesh.norm(colour[0.98]) == pytest.approx(0.0)  # the only loss: full blue
+    assert mesh.norm(colour[3.0]) == pytest.approx(0.5 + 0.5 * math.log(3) / math.log(9))
+    assert [t.get_text() for t in grid.ax.texts] == ["9.00", "3.00", "0.98", "1.00"]
+    plt.close(grid.figure)
+    plain = figure(frame, "heat", spec, {})  # not marked a ratio: the linear scale as before
+    assert plain.ax.collections[0].norm(1.0) < 0.01
+    plt.close(plain.figure)
