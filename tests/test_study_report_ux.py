@@ -9,7 +9,7 @@ import math
 import pandas as pd
 import pytest
 
-from hgsim.study.report import binding_parts, never_feasible_note
+from hgsim.study.report import binding_parts, fmt, never_feasible_note
 
 
 def _frame() -> pd.DataFrame:
@@ -111,3 +111,10 @@ def test_a_ratio_heatmap_colours_around_1_on_a_log_scale():
     plain = figure(frame, "heat", spec, {})  # not marked a ratio: the linear scale as before
     assert plain.ax.collections[0].norm(1.0) < 0.01
     plt.close(plain.figure)
+
+
+def test_report_numbers_keep_three_significant_figures():
+    assert fmt(0.9995) == fmt(1.0004) == "1.00"
+    assert [fmt(v) for v in (85.52, 151.3, 12.34, 0.01234, 1.5)] == [
+        "85.5", "151", "12.3", "0.0123", "1.50"]
+    assert fmt(99.96) == "100" and fmt(12345.6) == "12,346" and fmt(3.0) == "3"

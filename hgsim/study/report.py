@@ -44,7 +44,8 @@ class RunInfo:
 
 
 def fmt(value: Any, column: str = "") -> str:
-    """A cell: counts as 128k, floats with sensible precision, missing as a dash."""
+    """A cell: counts as 128k, floats to three significant figures (whole numbers from
+    100 on), missing as a dash."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
@@ -55,12 +56,10 @@ def fmt(value: Any, column: str = "") -> str:
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e15:
             return f"{int(value):,}" if abs(value) >= 1e4 else str(int(value))
-        magnitude = abs(value)
-        if magnitude >= 100:
+        if abs(value) >= 99.95:  # whole numbers: three significant figures or more
             return f"{value:,.0f}"
-        if magnitude >= 1:
-            return f"{value:.2f}"
-        return f"{value:.3g}"
+        # three significant figures, trailing zeros kept: 0.9995 and 1.0004 both read 1.00
+        return f"{value:#.3g}".rstrip(".")
     if isinstance(value, int):
         return str(value)
     return str(value).replace("|", "\\|").replace("\n", " ")
