@@ -73,10 +73,10 @@ def test_answer_lines_name_the_best_choice_per_group_in_order():
     assert len(lines) == 4
     assert lines[0].startswith("- context 128k, HybridGen: **B** (1 tokens_per_s gained over "
                                "baseline per 1,000 capex_usd spent; policy hybridgen)")
-    assert "runner-up A (0.2)" in lines[0]
-    assert lines[1].startswith("- context 128k, best baseline: **A** (0.3 ")
+    assert "runner-up A (0.200)" in lines[0]
+    assert lines[1].startswith("- context 128k, best baseline: **A** (0.300 ")
     assert "policy cpu_offload" in lines[1]
-    assert lines[2].startswith("- context 1M, HybridGen: **A** (0.2 ")
+    assert lines[2].startswith("- context 1M, HybridGen: **A** (0.200 ")
     assert lines[3].startswith("- context 1M, best baseline: no choice gains over baseline")
 
 

@@ -120,10 +120,10 @@ def test_a_figure_that_fails_leaves_no_earlier_figure_of_its_name(tmp_path, monk
     assert run_study(study, options(out)).ok
     real = plots.draw
 
-    def heat_fails(frame, name, spec, axis_values, folder):
+    def heat_fails(frame, name, spec, axis_values, folder, *rest):
         if name == "heat":
             raise ValueError("no colours left")
-        return real(frame, name, spec, axis_values, folder)
+        return real(frame, name, spec, axis_values, folder, *rest)
 
     monkeypatch.setattr(plots, "draw", heat_fails)
     run = run_study(study, options(out))

@@ -171,7 +171,10 @@ def _label(column: str, value: Any) -> str:
 def _number(value: float) -> str:
     if value != value:
         return "-"
-    return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if float(value).is_integer() or abs(value) >= 99.95:
+        return f"{value:,.0f}"
+    # three significant figures, trailing zeros kept, as report.fmt: 0.9995 reads 1.00
+    return f"{value:#.3g}".rstrip(".")
 
 
 def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec]) -> str:

@@ -54,6 +54,13 @@ def derived_columns(derived: dict[str, DerivedSpec]) -> dict[str, str]:
     return {col: name for name, spec in derived.items() for col, _ in baselines(name, spec)}
 
 
+def ratio_columns(derived: dict[str, DerivedSpec]) -> set[str]:
+    """The derived columns that are ratios (``speedup``, ``ratio``): 1 means no change and
+    0.5 is as far from it as 2, so a figure colours them on a log scale around 1."""
+    return {col for col, name in derived_columns(derived).items()
+            if derived[name].kind in ("speedup", "ratio")}
+
+
 def select(frame: pd.DataFrame, selection: dict[str, Any]) -> pd.Series:
     """Boolean mask of rows whose columns equal the selection (a list means any of)."""
     mask = pd.Series(True, index=frame.index)

@@ -31,8 +31,11 @@ def short(column: str) -> str:
 
 
 def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[str, list],
-             out: Path) -> tuple[list[Path], dict[str, str]]:
-    """Every plot into ``out``; returns written files and {plot: error} for failed ones."""
+             out: Path, ratios: set[str] | frozenset[str] = frozenset()
+             ) -> tuple[list[Path], dict[str, str]]:
+    """Every plot into ``out``; returns written files and {plot: error} for failed ones.
+    ``ratios``: columns that are ratios (``derived.ratio_columns``), coloured around 1 on a
+    log scale in heatmaps."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -41,7 +44,7 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
     failed: dict[str, str] = {}
     for name, spec in plots.items():
         try:
-            written += draw(frame, name, spec, axis_values, out)
+            written += draw(frame, name, spec, axis_values, out, ratios)
         except Exception as exc:  # noqa: BLE001 - one bad figure must not lose the others
             failed[name] = f"{type(exc).__name__}: {exc}"
             for fmt in FORMATS:  # an earlier run's figure would pass for this run's
@@ -50,8 +53,23 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
 
 
 def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
-         out: Path) -> list[Path]:
+         out: Path, ratios: set[str] | frozenset[str] = frozenset()) -> list[Path]:
     import matplotlib.pyplot as plt
+
+    grid = figure(frame, name, spec, axis_values, ratios)
+    paths = []
+    for fmt in FORMATS:
+        path = out / f"{name}.{fmt}"
+        with written_whole(path, "wb") as fh:
+            grid.figure.savefig(fh, format=fmt, dpi=130, bbox_inches="tight")
+        paths.append(path)
+    plt.close(grid.figure)
+    return paths
+
+
+def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
+           ratios: set[str] | frozenset[str] = frozenset()):
+    """The plot's seaborn grid, drawn and titled but not saved (tests read it back)."""
     import seaborn as sns
 
     missing = [c for f, c in spec.columns().items() if c not in frame.columns]
@@ -85,7 +103,9 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
             margin_titles=True, **facet,
         )
     else:
-        grid = _heatmap(data, spec, facet, orders)
+        grid = _heatmap(data, spec, facet, orders, spec.value in ratios)
+    if spec.kind == "bar":
+        _mark_infeasible_bars(grid, data, spec, orders)
     if spec.kind == "pareto":
         from hgsim.study.pareto import draw_fronts
 
@@ -110,14 +130,45 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
         grid.figure.text(0.5, 0.5, "no feasible points", ha="center", va="center")
     title = spec.title or name
     grid.figure.suptitle(title, y=1.02)
-    paths = []
-    for fmt in FORMATS:
-        path = out / f"{name}.{fmt}"
-        with written_whole(path, "wb") as fh:
-            grid.figure.savefig(fh, format=fmt, dpi=130, bbox_inches="tight")
-        paths.append(path)
-    plt.close(grid.figure)
-    return paths
+    return grid
+
+
+#: What a bar that is missing because its point does not fit is drawn as.
+INFEASIBLE_MARK = {"marker": "x", "color": "0.25", "markersize": 7, "linestyle": "none"}
+INFEASIBLE_NOTE = "x: infeasible point, no bar (does not fit; reasons in report.md)"
+
+
+def _mark_infeasible_bars(grid, data: pd.DataFrame, spec: PlotSpec,
+                          orders: dict[str, list[str]]) -> None:
+    """An x at the foot of every bar whose points are all infeasible, and a note saying so,
+    so that a missing bar does not read as zero or as a point not run. Bars sit where
+    seaborn dodges them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n."""
+    from matplotlib.transforms import blended_transform_factory
+
+    if "feasible" not in data:
+        return
+    hue_order = orders.get(spec.hue) if spec.hue else None
+    x_order = orders.get(spec.x, [])
+    marked = False
+    for (i, j, _), facet in grid.facet_data():
+        if facet.empty:
+            continue
+        feasible = facet["feasible"].fillna(False).astype(bool)
+        keys = [spec.x, spec.hue] if spec.hue else [spec.x]
+        cells = facet.assign(__ok=feasible).groupby(keys, sort=False, observed=True)["__ok"]
+        axes = grid.axes.flat[j] if spec.col_wrap else grid.axes[i, j]
+        for key, ok in cells:
+            if ok.any():
+                continue
+            key = key if isinstance(key, tuple) else (key,)
+            position = x_order.index(key[0])
+            if hue_order:
+                position += -0.4 + 0.8 * (hue_order.index(key[1]) + 0.5) / len(hue_order)
+            axes.plot([position], [0.02], transform=blended_transform_factory(
+                axes.transData, axes.transAxes), clip_on=False, **INFEASIBLE_MARK)
+            marked = True
+    if marked:
+        grid.figure.text(0.01, 0.0, INFEASIBLE_NOTE, ha="left", va="top", fontsize=8)
 
 
 def _crowded(labels: list[str]) -> bool:
@@ -175,15 +226,20 @@ def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]
 
 
 def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
-             orders: dict[str, list[str]]):
+             orders: dict[str, list[str]], ratio: bool = False):
+    import numpy as np
     import seaborn as sns
 
     values = data[spec.value].dropna()
     vmin, vmax = (values.min(), values.max()) if len(values) else (0.0, 1.0)
-    cmap = "viridis"
-    if spec.center is not None:  # diverging, symmetric around the centre
+    cmap, norm = "viridis", None
+    logged = ratio and spec.center in (None, 1.0) and len(values) and (values > 0).all()
+    if logged:  # colour by ln(ratio), each side of 1 to its own extreme
+        norm, cmap = ratio_norm(vmin, vmax), "vlag"
+    elif spec.center is not None:  # diverging, symmetric around the centre
         reach = max(abs(vmax - spec.center), abs(vmin - spec.center)) or 1.0
         vmin, vmax, cmap = spec.center - reach, spec.center + reach, "vlag"
+    scale = {"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax}
     x_order, y_order = orders[spec.x], orders[spec.y]
 
     def draw(*_: Any, data: pd.DataFrame, **__: Any) -> None:
@@ -193,9 +249,12 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
                                   aggfunc=spec.agg, observed=False)
         table = table.reindex(index=y_order[::-1], columns=x_order)
         axes = plt.gca()
-        sns.heatmap(table, ax=axes, annot=spec.annot, fmt=spec.fmt, vmin=vmin,
-                    vmax=vmax, cmap=cmap, cbar=True,
-                    cbar_kws={"label": short(spec.value)})
+        shown = np.log(table) if logged else table  # cells print the ratio itself
+        annot = table.to_numpy() if logged and spec.annot else spec.annot
+        sns.heatmap(shown, ax=axes, annot=annot, fmt=spec.fmt, cmap=cmap, cbar=True,
+                    cbar_kws={"label": short(spec.value)}, **scale)
+        if logged:
+            _ratio_ticks(axes.collections[0].colorbar)
         # seaborn turns row names vertical unless it sees them overlap, which it judges
         # before the layout is final: 'hgca' and 'cpu_offload' ran into each other
         axes.tick_params(axis="y", labelrotation=0)
@@ -204,6 +263,46 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
                          despine=False)
     grid.map_dataframe(draw)
     return grid
+
+
+#: A ratio this close to 1 is no change: the colour scale reaches at least this far.
+RATIO_FLOOR = 1.02
+
+
+def ratio_norm(vmin: float, vmax: float):
+    """Colours for ln(ratio): white at 1, each side of 1 reaching its own extreme (at least
+    x/1.02), so that a 0.98 beside 1.00 is visibly blue even where another cell is 9x.
+    The two sides' depths are then not comparable: the colour bar and cells give the size."""
+    import math
+
+    from matplotlib.colors import TwoSlopeNorm
+
+    floor = math.log(RATIO_FLOOR)
+    return TwoSlopeNorm(vcenter=0.0, vmin=min(math.log(vmin), -floor),
+                        vmax=max(math.log(vmax), floor))
+
+
+def _ratio_ticks(colorbar) -> None:
+    """Colour-bar ticks at plain ratios (0.5, 0.98, 1, 2), up to four on each side of 1."""
+    import math
+
+    from matplotlib.ticker import FixedLocator, FuncFormatter
+
+    above = [1.01, 1.02, 1.05, 1.1, 1.25, 1.5, 2, 3, 5, 10, 20, 50, 100]
+    below = [0.99, 0.98, 0.95, 0.9, 0.8, 0.67, 0.5, 0.33, 0.2, 0.1, 0.05, 0.02, 0.01]
+    ticks = [0.0]
+    for nice, reach in ((above, colorbar.norm.vmax), (below, colorbar.norm.vmin)):
+        last = 0.0
+        for ratio in nice:
+            where = math.log(ratio)
+            if abs(where) > abs(reach) + 1e-12:
+                break
+            if abs(where - last) >= abs(reach) / 4 - 1e-12:
+                ticks.append(where)
+                last = where
+    colorbar.ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    colorbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{math.exp(v):.3g}"))
+    colorbar.ax.minorticks_off()
 
 
 def draw_elasticity(table: pd.DataFrame, expansion, spec, out: Path

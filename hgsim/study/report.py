@@ -44,7 +44,8 @@ class RunInfo:
 
 
 def fmt(value: Any, column: str = "") -> str:
-    """A cell: counts as 128k, floats with sensible precision, missing as a dash."""
+    """A cell: counts as 128k, floats to three significant figures (whole numbers from
+    100 on), missing as a dash."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if isinstance(value, bool):
@@ -55,12 +56,10 @@ def fmt(value: Any, column: str = "") -> str:
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e15:
             return f"{int(value):,}" if abs(value) >= 1e4 else str(int(value))
-        magnitude = abs(value)
-        if magnitude >= 100:
+        if abs(value) >= 99.95:  # whole numbers: three significant figures or more
             return f"{value:,.0f}"
-        if magnitude >= 1:
-            return f"{value:.2f}"
-        return f"{value:.3g}"
+        # three significant figures, trailing zeros kept: 0.9995 and 1.0004 both read 1.00
+        return f"{value:#.3g}".rstrip(".")
     if isinstance(value, int):
         return str(value)
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -171,6 +170,41 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
     return data[[*axes, "__cell"]].rename(columns={"__cell": "binds"})
 
 
+def never_feasible_note(frame: pd.DataFrame, by: str) -> str:
+    """A line naming the values of ``by`` infeasible at every point, which a table of
+    feasible results would otherwise drop without a word; "" when there are none."""
+    if by not in frame or "feasible" not in frame or not len(frame):
+        return ""
+    feasible = frame["feasible"].fillna(False).astype(bool)
+    values = [v for v in dict.fromkeys(frame[by]) if not feasible[frame[by] == v].any()]
+    if not values:
+        return ""
+    return ("\nNot in the table, infeasible at every point: "
+            + ", ".join(ax.label(v) for v in values) + " (see Infeasible points).\n")
+
+
+def binding_parts(frame: pd.DataFrame, axes: list[str], by: str,
+                  zipped: dict[str, list[str]] | None, n: int | None) -> list[str]:
+    """The "What binds" section: the table, what its cells mean, and what they do not."""
+    binds = binding_table(frame, axes, by, zipped)
+    if binds.empty:
+        return []
+    parts = ["\n## What binds\n",
+             "The resource that holds each point's critical path longest, with its share "
+             "of the step latency (`binding`, `binding_share` in the results; "
+             "`<tier> latency` means bytes in flight / latency binds, i.e. more "
+             "memory-level parallelism or a nearer tier helps, `<tier> read` its "
+             "bandwidth). A share of the critical path is not an elasticity: a step 100% "
+             "`cxl0 read` gains less than 1% per 1% more CXL bandwidth where queueing delay "
+             "and bytes in flight hold part of it (a `sensitivity` study measures that).\n\n"]
+    counts = frame["binding"].replace("", pd.NA).dropna().value_counts()
+    parts.append("Points per binding resource: " + ", ".join(
+        f"{k} {v}" for k, v in counts.items()) + "\n\n")
+    parts.append(md_table(binds, n))
+    parts.append(never_feasible_note(frame, by))
+    return parts
+
+
 def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                  info: RunInfo, elasticity: pd.DataFrame | None = None) -> Path:
     from hgsim.study import sensitivity as sens
@@ -234,19 +268,9 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             wins = best["best"].value_counts()
             parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
             parts.append(md_table(best, n))
+            parts.append(never_feasible_note(frame, by))
 
-    binds = binding_table(frame, axes, by, zipped)
-    if not binds.empty:
-        parts.append("\n## What binds\n")
-        parts.append("The resource that holds each point's critical path longest, with its share "
-                     "of the step latency (`binding`, `binding_share` in the results; "
-                     "`<tier> latency` means bytes in flight / latency binds, i.e. more "
-                     "memory-level parallelism or a nearer tier helps, `<tier> read` its "
-                     "bandwidth).\n\n")
-        counts = frame["binding"].replace("", pd.NA).dropna().value_counts()
-        parts.append("Points per binding resource: " + ", ".join(
-            f"{k} {v}" for k, v in counts.items()) + "\n\n")
-        parts.append(md_table(binds, n))
+    parts += binding_parts(frame, axes, by, zipped, n)
 
     if study.sensitivity is not None and elasticity is not None and len(elasticity):
         spec = study.sensitivity

@@ -22,7 +22,7 @@ import pandas as pd
 from hgsim.errors import UserError
 from hgsim.outputs import written_whole
 from hgsim.study import sensitivity as sens
-from hgsim.study.derived import compute_derived
+from hgsim.study.derived import compute_derived, ratio_columns
 from hgsim.study.execute import ExecOptions, ExecStats, execute
 from hgsim.study.folder import (
     check_study_folder,
@@ -120,7 +120,8 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     figures: list[Path] = []
     if options.figures and plan.study.plots and len(frame):
         figures, run.figure_errors = draw_all(sens.base_rows(frame), plan.study.plots,
-                                              plan.expansion.axis_values, out / "figures")
+                                              plan.expansion.axis_values, out / "figures",
+                                              ratio_columns(plan.study.derived))
     if options.figures and len(elasticity):
         heat, errors = draw_elasticity(elasticity, plan.expansion, plan.study.sensitivity,
                                        out / "figures")

@@ -1,0 +1,120 @@
+"""What report.md and the figures say about what they do not show: a share of the critical
+path is not an elasticity, a policy infeasible everywhere is named, a missing bar is marked,
+ratios are coloured on a log scale around 1, and numbers keep one precision rule."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from hgsim.study.report import binding_parts, fmt, never_feasible_note
+
+
+def _frame() -> pd.DataFrame:
+    rows = []
+    for context in (32768, 131072):
+        for policy, binding in (("hybridgen", "pcie0 h2d"), ("cpu_offload", "cxl0 read"),
+                                ("gpu_only", "")):
+            feasible = policy != "gpu_only"
+            rows.append({"workload.context": context, "policy": policy, "feasible": feasible,
+                         "tokens_per_s": 10.0 if feasible else math.nan,
+                         "binding": binding, "binding_share": 1.0 if feasible else math.nan})
+    return pd.DataFrame(rows)
+
+
+def test_what_binds_says_a_share_is_not_an_elasticity():
+    text = "".join(binding_parts(_frame(), ["workload.context", "policy"], "policy", None, 40))
+    assert "cxl0 read (100%)" in text
+    assert "not an elasticity" in text and "sensitivity" in text
+
+
+def test_what_binds_names_a_policy_infeasible_at_every_point():
+    text = "".join(binding_parts(_frame(), ["workload.context", "policy"], "policy", None, 40))
+    assert "infeasible at every point: gpu_only" in text
+
+
+def test_best_table_note_names_a_policy_infeasible_at_every_point():
+    assert "infeasible at every point: gpu_only" in never_feasible_note(_frame(), "policy")
+    assert never_feasible_note(_frame()[_frame().policy != "gpu_only"], "policy") == ""
+
+
+def _bar_frame() -> pd.DataFrame:
+    rows = []
+    for context in (32768, 131072):
+        for upgrade in ("baseline", "H200"):
+            for policy in ("hybridgen", "flexgen", "gpu_only"):
+                feasible = policy != "gpu_only" or (upgrade == "H200" and context == 32768)
+                rows.append({"workload.context": context, "label.upgrade": upgrade,
+                             "policy": policy, "feasible": feasible,
+                             "tokens_per_s": 5.0 if feasible else math.nan})
+    return pd.DataFrame(rows)
+
+
+def test_a_bar_chart_marks_infeasible_points_where_their_bars_would_be():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import INFEASIBLE_NOTE, figure
+    from hgsim.study.schema import PlotSpec
+
+    spec = PlotSpec(kind="bar", x="label.upgrade", y="tokens_per_s", hue="policy",
+                    col="workload.context")
+    grid = figure(_bar_frame(), "bars", spec, {"policy": ["hybridgen", "flexgen", "gpu_only"]})
+    small, large = grid.axes.flat
+    marks = {id(a): [line.get_xdata()[0] for line in a.get_lines() if line.get_marker() == "x"]
+             for a in (small, large)}
+    # the one feasible gpu_only bar (H200 at 32k) is where the marks stand, a category over
+    [gpu_only_bar] = [b.get_x() + b.get_width() / 2 for b in small.patches
+                      if b.get_height() > 0 and b.get_x() > 1 + 0.1]
+    assert marks[id(small)] == [gpu_only_bar - 1]
+    assert sorted(marks[id(large)]) == [gpu_only_bar - 1, gpu_only_bar]
+    assert any(t.get_text() == INFEASIBLE_NOTE for t in grid.figure.texts)
+    plt.close(grid.figure)
+
+
+def test_ratio_columns_are_the_speedups_and_ratios():
+    from hgsim.study.derived import ratio_columns
+    from hgsim.study.schema import DerivedSpec
+
+    derived = {"speedup": DerivedSpec(metric="tokens_per_s", vs={"policy": ["flexgen", "hgca"]}),
+               "cost": DerivedSpec(metric="tokens_per_s", kind="ratio", vs={"policy": "hgca"}),
+               "gap": DerivedSpec(metric="tokens_per_s", kind="difference",
+                                  vs={"policy": "hgca"})}
+    assert ratio_columns(derived) == {"speedup_vs_flexgen", "speedup_vs_hgca", "cost"}
+
+
+def test_a_ratio_heatmap_colours_around_1_on_a_log_scale():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import figure
+    from hgsim.study.schema import PlotSpec
+
+    frame = pd.DataFrame({"bw": [18, 36, 18, 36], "lat": [150, 150, 600, 600],
+                          "speedup_vs_flexgen": [0.98, 1.0, 9.0, 3.0]})
+    spec = PlotSpec(kind="heatmap", x="bw", y="lat", value="speedup_vs_flexgen")
+    grid = figure(frame, "heat", spec, {}, {"speedup_vs_flexgen"})
+    mesh = grid.ax.collections[0]
+    cells = mesh.get_array().reshape(2, 2)  # rows top-down: lat 600, then 150
+    colour = {9.0: cells[0, 0], 3.0: cells[0, 1], 0.98: cells[1, 0], 1.0: cells[1, 1]}
+    assert mesh.norm(colour[1.0]) == pytest.approx(0.5)  # 1 is the centre (white)
+    assert mesh.norm(colour[0.98]) == pytest.approx(0.0)  # the only loss: full blue
+    assert mesh.norm(colour[3.0]) == pytest.approx(0.5 + 0.5 * math.log(3) / math.log(9))
+    assert [t.get_text() for t in grid.ax.texts] == ["9.00", "3.00", "0.98", "1.00"]
+    plt.close(grid.figure)
+    plain = figure(frame, "heat", spec, {})  # not marked a ratio: the linear scale as before
+    assert plain.ax.collections[0].norm(1.0) < 0.01
+    plt.close(plain.figure)
+
+
+def test_report_numbers_keep_three_significant_figures():
+    assert fmt(0.9995) == fmt(1.0004) == "1.00"
+    assert [fmt(v) for v in (85.52, 151.3, 12.34, 0.01234, 1.5)] == [
+        "85.5", "151", "12.3", "0.0123", "1.50"]
+    assert fmt(99.96) == "100" and fmt(12345.6) == "12,346" and fmt(3.0) == "3"
