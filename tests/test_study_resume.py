@@ -126,14 +126,20 @@ def test_ctrl_c_then_kill_9_midway_then_rerun_computes_only_missing(tmp_path):
     assert not [p for p in points_dir.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_force_recomputes_every_stored_point(tmp_path):
+def run_small(tmp_path, contexts: str):
+    """A few fast points of SLOW run in this process; (study file, its folder, the options)."""
     from hgsim.study import RunOptions, run_study
 
-    study = write_study(tmp_path, fast(SLOW, "16k, 32k"))
+    study = write_study(tmp_path, fast(SLOW, contexts))
     out = tmp_path / "out"
     options = RunOptions(out=out, quiet=True, figures=False)
     options.execution.jobs = 1
     run_study(study, options)
+    return study, out, options
+
+
+def test_force_recomputes_every_stored_point(tmp_path):
+    study, out, _ = run_small(tmp_path, "16k, 32k")
     before = stored(out / "points")
     assert len(before) == 6
 
@@ -148,13 +154,9 @@ def test_force_recomputes_every_stored_point(tmp_path):
 
 
 def test_invalid_stored_point_is_recomputed(tmp_path):
-    from hgsim.study import RunOptions, run_study
+    from hgsim.study import run_study
 
-    study = write_study(tmp_path, fast(SLOW, "16k"))
-    out = tmp_path / "out"
-    options = RunOptions(out=out, quiet=True, figures=False)
-    options.execution.jobs = 1
-    run_study(study, options)
+    study, out, options = run_small(tmp_path, "16k")
     store = PointStore(out / "points")
     victim = sorted(store.keys())[0]
     store.path(victim).write_text('{"key": "truncated')  # as if torn by a crash
