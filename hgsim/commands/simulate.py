@@ -107,10 +107,12 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
         ("per-token latency mean", f"{stats['mean']:.2f} ms"),
         ("per-token latency p50", f"{stats['p50']:.2f} ms"),
         ("per-token latency p99", f"{stats['p99']:.2f} ms"),
-        ("throughput", f"{result.tokens_per_s:.1f} tokens/s"),
+        ("throughput", f"{result.tokens_per_s:.3g} tokens/s"),  # 0.64, not 0.6, when slow
     ]
     if result.ttft_s == result.ttft_s:  # NaN: no prefill was simulated
-        rows.append(("time to first token", f"{result.ttft_s * 1e3:.1f} ms"))
+        ttft = result.ttft_s
+        rows.append(("time to first token",
+                     f"{ttft:.2f} s" if ttft >= 1 else f"{ttft * 1e3:.1f} ms"))
         if result.prefill_energy_j:
             rows.append(("prefill energy", f"{result.prefill_energy_total_j:,.1f} J"))
         if result.prefill_usd == result.prefill_usd:
