@@ -87,10 +87,9 @@ def layer_work(
     b_kv = DTYPE_BYTES[kv_dtype]
     b_w = DTYPE_BYTES[weight_dtype]
     heads, hd, hidden = model.num_heads, model.head_dim, model.hidden_size
-    ffn_mats = 3 if model.ffn_kind == "swiglu" else 2
 
     qkv_params = hidden * (model.q_dim + 2 * model.kv_dim)
-    post_params = model.q_dim * hidden + ffn_mats * hidden * model.ffn_size
+    post_params = model.q_dim * hidden + model.ffn_matrices * hidden * model.ffn_size
     qkv = Work(2.0 * batch * qkv_params, qkv_params * b_w)
     post = Work(2.0 * batch * post_params, post_params * b_w)
     kv_row = model.kv_dim * b_kv  # K (or V) of one token, all kv heads
@@ -284,14 +283,15 @@ def prefill_activation_bytes(model: ModelSpec, batch: int, tokens: int, weight_d
     (the residual stream, the fused QKV output, the attention output, fp32 log-sum-exp per head:
     FlashAttention's working set is O(tokens x heads x head_dim), never tokens^2) and in the FFN
     (residual, the gate and up outputs and their activated product for SwiGLU, up and its
-    activation otherwise: ``ffn_mats`` x ffn_size wide). Attention-only holds the attention's
+    activation otherwise: ``ffn_matrices`` x ffn_size wide). Attention-only holds the attention's
     tensors alone."""
     b = DTYPE_BYTES[activation_dtype(weight_dtype)]
     attention = (2 * model.q_dim + 2 * model.kv_dim) * b + 4.0 * model.num_heads
     if attention_only:
         return batch * tokens * attention
-    ffn_mats = 3 if model.ffn_kind == "swiglu" else 2
-    residual, ffn = model.hidden_size * b, ffn_mats * model.ffn_size * b
+    # as many ffn_size-wide tensors live as the FFN has matrices: gate, up and their product
+    # for SwiGLU, up and its activation otherwise
+    residual, ffn = model.hidden_size * b, model.ffn_matrices * model.ffn_size * b
     return batch * tokens * (residual + max(attention, ffn))
 
 

@@ -507,8 +507,7 @@ class DecodeEngine:
     def _stream_copy(self, src: str, dst: str, bytes_: float, label: str, chain: _Chain, *,
                      after: Event | None = None, after_node: _Node | None = None):
         """A copy issued on the compute stream (graph path), in order with its kernels."""
-        if after is not None and not after.processed:
-            yield after
+        yield from _each_processed((after,))
         t = self.env.now
         flow = yield self.machine.copy(src, dst, bytes_, label)
         chain.last = _Node(t, self.env.now, _shares([flow]),
@@ -517,10 +516,7 @@ class DecodeEngine:
     def _load_weights(self, plan: StepPlan, previous: Event | None, buffer_free: Event | None,
                       chain: _Chain, previous_chain: _Chain | None):
         """Stream one layer's offloaded weights into a two-layer HBM buffer, in layer order."""
-        if previous is not None and not previous.processed:
-            yield previous
-        if buffer_free is not None and not buffer_free.processed:
-            yield buffer_free
+        yield from _each_processed((previous, buffer_free))
         t = self.env.now
         flow = yield self.machine.read({plan.weight_tier: 1.0}, self.gpu,
                                        plan.offloaded_weight_bytes_per_layer, Pattern.DMA,

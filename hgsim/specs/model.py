@@ -50,10 +50,14 @@ class ModelSpec(SpecModel):
     def kv_dim(self) -> int:
         return self.num_kv_heads * self.head_dim
 
+    @property
+    def ffn_matrices(self) -> int:
+        """Weight matrices of the FFN: gate, up and down for SwiGLU, up and down otherwise."""
+        return 3 if self.ffn_kind == "swiglu" else 2
+
     def params_per_layer(self) -> int:
         attn = self.hidden_size * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden_size
-        ffn_mats = 3 if self.ffn_kind == "swiglu" else 2
-        ffn = ffn_mats * self.hidden_size * self.ffn_size
+        ffn = self.ffn_matrices * self.hidden_size * self.ffn_size
         return attn + ffn
 
     def num_params(self) -> int:
