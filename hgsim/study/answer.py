@@ -16,6 +16,7 @@ import pandas as pd
 
 from hgsim.study import axes as ax
 from hgsim.study.derived import LOWER_IS_BETTER
+from hgsim.study.report import md_table, three_figures
 from hgsim.study.schema import AnswerSpec
 
 SET = "__set"
@@ -171,16 +172,13 @@ def _label(column: str, value: Any) -> str:
 def _number(value: float) -> str:
     if value != value:
         return "-"
-    if float(value).is_integer() or abs(value) >= 99.95:
+    if float(value).is_integer():
         return f"{value:,.0f}"
-    # three significant figures, trailing zeros kept, as report.fmt: 0.9995 reads 1.00
-    return f"{value:#.3g}".rstrip(".")
+    return three_figures(value)
 
 
 def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec]) -> str:
     """The report's answer section: each question, its bullets, then its ranking table."""
-    from hgsim.study.report import md_table
-
     parts = []
     for spec in specs:
         parts.append(f"\n## {spec.question}\n\n")

@@ -56,13 +56,18 @@ def fmt(value: Any, column: str = "") -> str:
     if isinstance(value, float):
         if value.is_integer() and abs(value) < 1e15:
             return f"{int(value):,}" if abs(value) >= 1e4 else str(int(value))
-        if abs(value) >= 99.95:  # whole numbers: three significant figures or more
-            return f"{value:,.0f}"
-        # three significant figures, trailing zeros kept: 0.9995 and 1.0004 both read 1.00
-        return f"{value:#.3g}".rstrip(".")
+        return three_figures(value)
     if isinstance(value, int):
         return str(value)
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def three_figures(value: float) -> str:
+    """Three significant figures with trailing zeros kept (0.9995 and 1.0004 both read 1.00),
+    whole numbers from 100 on: the report's and the answers' one rule for a measured value."""
+    if abs(value) >= 99.95:
+        return f"{value:,.0f}"
+    return f"{value:#.3g}".rstrip(".")
 
 
 def md_table(frame: pd.DataFrame, max_rows: int | None = None,
