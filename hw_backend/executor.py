@@ -272,6 +272,10 @@ class _StepRun:
         self.ex, self.plan, self.appending, self.step = ex, plan, appending, step
         accel = ex.accel
         # Classify every layer before submitting anything: an unsupported plan changes nothing.
+        if plan.host_socket is not None:  # simulated only: the host threads are not re-bound
+            raise UnsupportedPlan(f"host_socket={plan.host_socket} (host work on a socket other "
+                                  "than the GPU's) is simulated only; the executor runs it on "
+                                  "the GPU's socket")
         self.layers = [LayerState(i, plan.layer_plan(i), ex.store[i], host_path(plan.layer_plan(i)))
                        for i in range(plan.num_layers)]
         self.side = ex.side
