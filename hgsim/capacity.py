@@ -14,6 +14,10 @@ because placement is decided by capacity. They are the ones real systems have:
 * ``semantic``: HybridGen's mapping. Keys, scanned every step, in local DRAM; values, read
   only for the selected rows, on CXL.
 * ``importance``: semantic, plus a DRAM copy of the rows that are selected most often.
+
+"Nearest" and "local" are seen from the socket that runs the host work (the policy option
+``host_socket``, by default the GPU's socket): its threads allocate and first write the host
+KV store, so Linux's first touch puts those pages on its node.
 """
 
 from __future__ import annotations
@@ -106,11 +110,12 @@ def hbm_capacity_bytes(profile: HardwareProfile) -> float:
     return profile.gpus[profile.primary_gpu].hbm_capacity_gb * GB
 
 
-def _host_tier_order(profile: HardwareProfile, kinds: tuple[str, ...]) -> list[str]:
-    """Host tiers of the given kinds, nearest the GPU's socket first."""
-    gpu_socket = profile.gpus[profile.primary_gpu].socket
+def _host_tier_order(profile: HardwareProfile, kinds: tuple[str, ...],
+                     near_socket: str | None = None) -> list[str]:
+    """Host tiers of the given kinds, those of ``near_socket`` (default: the GPU's) first."""
+    near = near_socket or profile.gpus[profile.primary_gpu].socket
     names = [n for n, t in profile.tiers.items() if t.kind in kinds]
-    return sorted(names, key=lambda n: (profile.tiers[n].socket != gpu_socket, n))
+    return sorted(names, key=lambda n: (profile.tiers[n].socket != near, n))
 
 
 def place_host_kv(
@@ -122,19 +127,23 @@ def place_host_kv(
     allow_cxl: bool = True,
     important_fraction: float = 0.0,
     free_bytes: Mapping[str, float] | None = None,
+    host_socket: str | None = None,
 ) -> tuple[KvPlacement, dict[str, float]]:
     """Decide which host tier holds which share of K and of V.
 
     ``free_bytes`` is what each tier has left for KV (its capacity less the reserve and any
-    offloaded weights already there); the whole capacity when not given. Returns the placement
-    (fractions) and the bytes per tier. When host memory is too small the bytes per tier exceed
-    what is free and the caller's footprint reports the shortfall.
+    offloaded weights already there); the whole capacity when not given. "Nearest" is nearest
+    ``host_socket`` (default: the GPU's socket), the socket whose threads run the host work:
+    they allocate and first write the host KV store, so first touch puts its pages on their
+    node. Returns the placement (fractions) and the bytes per tier. When host memory is too
+    small the bytes per tier exceed what is free and the caller's footprint reports the
+    shortfall.
     """
     kinds = ("ddr", "cxl") if allow_cxl else ("ddr",)
-    ddr = _host_tier_order(profile, ("ddr",))
-    cxl = _host_tier_order(profile, ("cxl",)) if allow_cxl else []
+    ddr = _host_tier_order(profile, ("ddr",), host_socket)
+    cxl = _host_tier_order(profile, ("cxl",), host_socket) if allow_cxl else []
     free = {n: (profile.tiers[n].capacity_gb * GB if free_bytes is None else free_bytes[n])
-            for n in _host_tier_order(profile, kinds)}
+            for n in _host_tier_order(profile, kinds, host_socket)}
     if not free:
         raise ValueError("profile has no host memory tier to hold KV")
 

@@ -209,6 +209,10 @@ class StepPlan:
     per_layer: tuple[LayerPlan, ...] | None = None
     offloaded_weight_bytes_per_layer: float = 0.0  # streamed host -> GPU every step
     weight_tier: str | None = None  # host tier holding offloaded weights
+    # The socket whose cores run the host work and whose DRAM holds its staging buffers; None:
+    # the GPU's socket. Another socket reads its own tiers locally and sends what the GPU needs
+    # over UPI and then PCIe (``hgsim.sim.decode``).
+    host_socket: str | None = None
     notes: dict[str, float] = field(default_factory=dict)
 
     def layer_plan(self, index: int) -> LayerPlan:

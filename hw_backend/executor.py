@@ -63,7 +63,13 @@ from hw_backend.device_work import DeviceWork
 from hw_backend.devices import Accelerator, available_cores, cuda_host_threads
 from hw_backend.host_side import HostKernels, HostPayload
 from hw_backend.kv_store import KvStore
-from hw_backend.layer_state import HostPath, LayerState, UnsupportedPlan, host_path
+from hw_backend.layer_state import (
+    HostPath,
+    LayerState,
+    UnsupportedPlan,
+    check_host_socket,
+    host_path,
+)
 from hw_backend.step_buffers import StepBuffers
 from hw_backend.streams import Marker, ResponsiveGil, WorkerStream
 from hw_backend.timing import LayerTiming, step_timing
@@ -272,6 +278,7 @@ class _StepRun:
         self.ex, self.plan, self.appending, self.step = ex, plan, appending, step
         accel = ex.accel
         # Classify every layer before submitting anything: an unsupported plan changes nothing.
+        check_host_socket(plan)
         self.layers = [LayerState(i, plan.layer_plan(i), ex.store[i], host_path(plan.layer_plan(i)))
                        for i in range(plan.num_layers)]
         self.side = ex.side

@@ -12,7 +12,7 @@ from enum import Enum
 
 import torch
 
-from hgsim.plan import CpuWork, LayerPlan, Transfer
+from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
 from hw_backend.kv_store import LayerKv
 from hw_backend.merge import Partial
 from hw_backend.streams import HostMarker, Marker
@@ -57,6 +57,15 @@ def host_path(lp: LayerPlan) -> HostPath | None:
                           f"transfer={lp.transfer.value}")
 
 
+def check_host_socket(plan: StepPlan) -> None:
+    """The executor runs the host work on the GPU's socket: a plan that moves it elsewhere
+    (``StepPlan.host_socket``) is simulated only."""
+    if plan.host_socket is not None:
+        raise UnsupportedPlan(f"host_socket={plan.host_socket} (host work on a socket other "
+                              "than the GPU's) is simulated only; the executor runs it on the "
+                              "GPU's socket")
+
+
 @dataclass
 class LayerState:
     """State of one layer while its step is in flight (kept until the step is synchronised,
@@ -85,4 +94,4 @@ class LayerState:
 
 
 
-__all__ = ["HostPath", "LayerState", "UnsupportedPlan", "host_path"]
+__all__ = ["HostPath", "LayerState", "UnsupportedPlan", "check_host_socket", "host_path"]

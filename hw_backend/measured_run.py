@@ -178,16 +178,17 @@ def _check_executable(policy: Policy, config: RunConfig) -> None:
     """The executor can run the policy's plans (H2O's host-evicted heavy hitters, for one,
     are simulated only), checked on the first and last step's plans: before any work rather
     than as an ``UnsupportedPlan`` traceback once decoding starts."""
-    from hw_backend.layer_state import UnsupportedPlan, host_path
+    from hw_backend.layer_state import UnsupportedPlan, check_host_socket, host_path
 
     for context in sorted({config.context, config.context + config.steps - 1}):
         plan = policy.step_plan(context)
-        for index in range(plan.num_layers):
-            try:
+        try:
+            check_host_socket(plan)
+            for index in range(plan.num_layers):
                 host_path(plan.layer_plan(index))
-            except UnsupportedPlan as exc:
-                raise UserError(f"hw_backend cannot execute {config.policy}'s plan at context "
-                                f"{context}: {exc}", field="--policy") from None
+        except UnsupportedPlan as exc:
+            raise UserError(f"hw_backend cannot execute {config.policy}'s plan at context "
+                            f"{context}: {exc}", field="--policy") from None
 
 
 def calibration_beside(profile_path: Path, profile: HardwareProfile) -> Calibration | None:

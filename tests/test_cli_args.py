@@ -29,6 +29,10 @@ def test_repeated_option_is_an_error_not_last_wins(capsys):
     ("hbm_reserve_gb=1e300", "--option hbm_reserve_gb: 1e+300 is not a plausible value"),
     ("topk_ratio=2", "--option topk_ratio: input should be less than or equal to 1"),
     ("topk=0.1", "--option topk: policy 'hybridgen' has no option 'topk' (its options: "),
+    ("host_socket=-1", "--option host_socket: a socket index is >= 0, got -1"),
+    # checked against the profile, a one-socket machine
+    ("host_socket=1", "--option host_socket: profile dev-zen4-2core has no socket 1; its "
+                      "sockets: 0 (cpu0)"),
 ])
 def test_bad_option_value_names_the_option(capsys, option, message):
     line = user_error(capsys, *SIMULATE, "--option", option)

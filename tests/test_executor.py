@@ -258,6 +258,16 @@ def test_heavy_hitter_plans_are_refused():
         host_path(lp)
 
 
+def test_host_work_on_another_socket_is_refused_and_the_executor_stays_usable(case):
+    plan = StepPlan("hybridgen", B, layer_plan("hybridgen", T), LAYERS, host_socket="cpu1")
+    with pytest.raises(UnsupportedPlan, match="host_socket=cpu1.*simulated only"):
+        case.step(0, plan)
+    run = case.step(0, StepPlan("hybridgen", B, layer_plan("hybridgen", T), LAYERS))
+    for layer in range(LAYERS):
+        torch.testing.assert_close(run.outputs[layer].double(), case.expected(0, layer),
+                                   rtol=1e-4, atol=1e-5)
+
+
 def test_plan_that_does_not_follow_the_cache_fails_loudly(case):
     plan = StepPlan("h", B, layer_plan("hybridgen", T + 5), LAYERS)
     with pytest.raises(RuntimeError, match="does not follow|plan context"):

@@ -45,6 +45,10 @@ CASES = {
     "option the policy lacks": ("      workload.context: [32k, 64k]",
                                 "      policy_options.topk_ratio: [0.1]", 9,
                                 "policy 'flexgen' has no option 'topk_ratio'"),
+    "socket the profile lacks": ("      workload.context: [32k, 64k]",
+                                 "      policy_options.host_socket: [0, 1]", 9,
+                                 "profile h100-80gb-spr-cxl has no socket 1; its sockets: "
+                                 "0 (cpu0)"),
     "zip lengths differ": ("  - grid:\n      workload.context: [32k, 64k]",
                            "  - zip:\n      workload.context: [32k, 64k]\n"
                            "      workload.gen: [4]\n    grid:", 8,

@@ -4,7 +4,10 @@ the option and listing the ones that exist."""
 
 from __future__ import annotations
 
-from hgsim.errors import UserError
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from hgsim.errors import OptionError, UserError
 
 
 def policy_options(pairs: list[str], policy: str) -> dict:
@@ -44,14 +47,22 @@ def _parse(pairs: list[str]) -> dict:
 def _check(policy: str, options: dict) -> None:
     """The policy accepts ``options``, or a UserError naming the --option that is wrong
     (unknown policies are left to the simulator, which lists the known ones)."""
-    from hgsim.errors import OptionError
     from hgsim.policies import checked_options
     from hgsim.policies.registry import UnknownPolicyError
 
     try:
-        checked_options(policy, options)
+        with named_as_flags():
+            checked_options(policy, options)
     except UnknownPolicyError:
         return
+
+
+@contextmanager
+def named_as_flags() -> Iterator[None]:
+    """An ``OptionError`` raised inside (a bad value, or one the profile rules out, such as a
+    ``host_socket`` it lacks) becomes a UserError naming the ``--option`` that set it."""
+    try:
+        yield
     except OptionError as exc:
         raise UserError(exc.reason, field=f"--option {exc.option}".strip()) from None
 
@@ -70,4 +81,4 @@ def _scalar(text: str):
     return text
 
 
-__all__ = ["policy_options"]
+__all__ = ["named_as_flags", "policy_options"]

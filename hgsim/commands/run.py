@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from hgsim.commands.checks import count, local_workers
-from hgsim.commands.policy_options import policy_options
+from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file, finite_for_json, written_whole
 
@@ -145,7 +145,8 @@ def run(args: argparse.Namespace) -> int:
     cuda = mr.uses_cuda(config.accelerator)
     profile_path = resolve_profile(args.profile or mr.default_profile(cuda))
     profile = load_profile(profile_path)
-    prepared = mr.check(config, profile)  # every mistake is reported before any work
+    with named_as_flags():  # every mistake is reported before any work
+        prepared = mr.check(config, profile)
     import torch
 
     try:

@@ -8,7 +8,7 @@ import json
 from pydantic import ValidationError
 
 from hgsim.commands.checks import count
-from hgsim.commands.policy_options import policy_options
+from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file, finite_for_json
 from hgsim.results import SimResult
@@ -66,11 +66,12 @@ def run(args: argparse.Namespace) -> int:
     # Before the simulation: a trace that cannot be written would lose its result at the end.
     # "" is a mistake, not "no trace"
     trace = check_output_file(args.trace, "--trace") if args.trace is not None else None
-    result = simulate(
-        args.profile, args.model, args.policy, workload,
-        policy_options=options,
-        fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
-    )
+    with named_as_flags():  # an option the profile rules out (host_socket)
+        result = simulate(
+            args.profile, args.model, args.policy, workload,
+            policy_options=options,
+            fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
+        )
     if args.json:
         print(json.dumps(finite_for_json(result.to_row()), indent=2, default=str))
     else:

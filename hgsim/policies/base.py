@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from hgsim.capacity import (
     HbmReserve,
@@ -22,6 +22,7 @@ from hgsim.capacity import (
     place_host_kv,
 )
 from hgsim.costs import prefill_chunks
+from hgsim.errors import OptionError
 from hgsim.plan import KvPlacement, LayerPlan, StepPlan
 from hgsim.scheduler import FeedbackScheduler
 from hgsim.specs.base import SpecModel
@@ -43,6 +44,17 @@ class PolicyOptions(SpecModel):
     # over PCIe layer by layer (FlexGen-style), instead of declaring the model infeasible.
     weight_offload: Literal["auto", "none"] = "auto"
     min_kv_hbm_fraction: float = Field(default=0.1, ge=0, lt=1)
+    # The socket whose cores run the host work (CPU attention, top-k, gathers) and whose
+    # threads allocate the host KV store: its index in the profile's list of sockets, or its
+    # name; None: the GPU's socket. Checked against the profile by ``host_socket_name``.
+    host_socket: int | str | None = None
+
+    @field_validator("host_socket")
+    @classmethod
+    def _socket_index(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value < 0:
+            raise ValueError(f"a socket index is >= 0, got {value}")
+        return value
 
     @property
     def reserve(self) -> HbmReserve:
@@ -51,6 +63,24 @@ class PolicyOptions(SpecModel):
     @property
     def host_reserve(self) -> HostReserve:
         return HostReserve(self.host_reserve_gb, self.host_kernel_fraction)
+
+
+def host_socket_name(profile: HardwareProfile, host_socket: int | str | None) -> str | None:
+    """The profile socket that option ``host_socket`` names (an index into the profile's
+    sockets in their listed order, or a name), or None where that is the GPU's own socket:
+    a default plan, whatever the spelling. An ``OptionError`` for a socket the profile lacks."""
+    if host_socket is None:
+        return None
+    names = list(profile.sockets)
+    if isinstance(host_socket, int):
+        name = names[host_socket] if host_socket < len(names) else None
+    else:
+        name = host_socket if host_socket in profile.sockets else None
+    if name is None:
+        known = ", ".join(f"{i} ({n})" for i, n in enumerate(names))
+        raise OptionError("host_socket", f"profile {profile.name} has no socket "
+                                         f"{host_socket!r}; its sockets: {known}", unknown=False)
+    return None if name == profile.gpus[profile.primary_gpu].socket else name
 
 
 class Policy(ABC):
@@ -79,6 +109,7 @@ class Policy(ABC):
         self.profile = profile
         self.workload = workload
         self.options = options if options is not None else self.Options()
+        self.host_socket = host_socket_name(profile, self.options.host_socket)
         self.scheduler: FeedbackScheduler | None = None
         self.footprint = MemoryFootprint(capacity_bytes={"hbm": hbm_capacity_bytes(profile)})
         self.footprint.capacity_bytes.update(host_capacities(profile))
@@ -109,6 +140,7 @@ class Policy(ABC):
             num_layers=self.model.num_layers,
             offloaded_weight_bytes_per_layer=self.offloaded_weight_bytes / self.model.num_layers,
             weight_tier=self.weight_tier,
+            host_socket=self.host_socket,
         )
 
     def _place_weights(self) -> float:
@@ -210,6 +242,7 @@ class Policy(ABC):
             placement, used = place_host_kv(
                 self.profile, half, half, strategy, allow_cxl=allow_cxl,
                 important_fraction=important_fraction, free_bytes=free,
+                host_socket=self.host_socket,
             )
         except ValueError as exc:
             self.footprint.reason = str(exc)

@@ -16,7 +16,8 @@ prefetches the next layer's KV; InfiniGen speculates the next layer's picks, so 
 waits for the host path.
 
 The host path is what ``hw_backend``'s executor does (``hgsim.costs.LayerWork``): the query
-(or InfiniGen's picks) comes to host DRAM; holding every core of the socket, the CPU scans K
+(or InfiniGen's picks) comes to host DRAM; holding every core of the host socket (the plan's
+``host_socket``, by default the GPU's; its DRAM holds the staging buffer), the CPU scans K
 as a prefetched stream, pays its top-k heap inserts, gathers the selected rows at random into
 a DRAM staging buffer (or attends over them, HGCA), and pays each kernel call's fixed cost;
 then the cores are free for the next layer and the copy engine uploads the staging buffer
@@ -139,10 +140,8 @@ class DecodeEngine:
         self.attention_only = attention_only
         profile = machine.profile
         self.gpu = profile.primary_gpu
-        self.socket = profile.gpus[self.gpu].socket
-        self.staging = machine.staging_tier(self.socket)
         self.stream = machine.gpu_stream(self.gpu)
-        self.cores = profile.sockets[self.socket].cores
+        self._use_host(None)
         gpu_spec = profile.gpus[self.gpu]
         self.attn_eff = gpu_spec.attention_efficiency
         # hw_backend's CUDA graph path (``hgsim.graph_path``): assumed where the profile has the
@@ -160,6 +159,19 @@ class DecodeEngine:
         self._kernels: list[_Node] = []  # this step's kernel nodes, in stream order
         self._cores_released: _Node | None = None  # the node that last gave the cores back
         self._copy_tail: _CopySlot | None = None  # the upload last queued on the copy stream
+
+    def _use_host(self, socket: str | None) -> None:
+        """Run the host work on ``socket`` (a plan's ``host_socket``; None: the GPU's socket):
+        its cores, and its own DRAM for the staging buffers its threads allocate. Reads of the
+        tiers of another socket, and the GPU's DMA of the staging buffers, then cross UPI
+        (``Machine.path``)."""
+        profile = self.machine.profile
+        socket = socket or profile.gpus[self.gpu].socket
+        if socket not in profile.sockets:
+            raise ValueError(f"plan host_socket {socket!r} is not a socket of {profile.name}")
+        self.socket = socket
+        self.staging = self.machine.staging_tier(socket)
+        self.cores = profile.sockets[socket].cores
 
     # ------------------------------------------------------------------ costs
     def work(self, batch: int, lp: LayerPlan) -> LayerWork:
@@ -343,6 +355,7 @@ class DecodeEngine:
         self._kernels = []
         self._cores_released = None
         self._copy_tail = None
+        self._use_host(plan.host_socket)
         lp = plan.layer
         w = self.work(plan.batch, lp)
         has_host = lp.host_tokens > 0 and not lp.host_evicted

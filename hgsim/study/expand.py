@@ -26,6 +26,7 @@ from hgsim.catalog import get_model
 from hgsim.config_io import Loc, YamlDocument
 from hgsim.errors import ConfigError, OptionError, UserError
 from hgsim.policies import checked_options, registry
+from hgsim.policies.base import host_socket_name
 from hgsim.profiles import load_profile, profile_with_overrides, resolve_profile
 from hgsim.simulate import Fidelity
 from hgsim.specs.hardware import HardwareProfile
@@ -382,6 +383,10 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
             options[path.split(".", 1)[1]] = values[path]
             option_locs[path.split(".", 1)[1]] = locs[path]
     canonical_options = _check_policy(policy, options, policy_loc, option_locs, doc)
+    try:  # an option that names a part of the machine: checked against this point's profile
+        host_socket_name(profile, canonical_options.get("host_socket"))
+    except OptionError as exc:
+        raise doc.error(option_locs.get(exc.option, policy_loc), exc.reason) from None
 
     wl = dict(base.workload)
     wl_locs: dict[str, Loc] = {k: ("base", "workload", k) for k in wl}
