@@ -22,13 +22,16 @@ Ties go to the larger chunk (fewer kernels, and the whole prompt when chunking g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hgsim.costs import prefill_chunk_candidates
 from hgsim.policies import make_policy
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.workload import Workload
+
+if TYPE_CHECKING:
+    from hgsim.simulate import Fidelity
 
 # Decode steps each candidate's decode is simulated at (the rest interpolated): the first, the
 # last and two between. A step's time grows smoothly with the context, so this is within a
@@ -56,19 +59,22 @@ class ChunkEstimate:
 
 def choose_prefill_chunk(profile: HardwareProfile, model: ModelSpec, policy: str,
                          workload: Workload, policy_options: dict[str, Any] | None,
-                         fidelity) -> int:
+                         fidelity: Fidelity) -> int:
     """The chunk size (tokens per sequence) for ``workload``'s prefill; where none fits, the
     smallest candidate, whose run then says by how much HBM falls short."""
+    candidates = prefill_chunk_candidates(workload.context)
+    if len(candidates) == 1:  # a prompt no longer than the floor: nothing to weigh
+        return candidates[0]
     estimates = weigh_prefill_chunks(profile, model, policy, workload, policy_options, fidelity)
     timed = [e for e in estimates if e.ttft_s == e.ttft_s]
     if not timed:
-        return prefill_chunk_candidates(workload.context)[-1]
+        return candidates[-1]
     return min(timed, key=lambda e: (e.request_s, -e.chunk_tokens)).chunk_tokens
 
 
 def weigh_prefill_chunks(profile: HardwareProfile, model: ModelSpec, policy: str,
                          workload: Workload, policy_options: dict[str, Any] | None,
-                         fidelity) -> list[ChunkEstimate]:
+                         fidelity: Fidelity) -> list[ChunkEstimate]:
     """Every candidate that fits, weighed as the module says (those whose bound lost keep
     ``ttft_s`` NaN), in the order they were weighed."""
     from hgsim.simulate import Fidelity, new_engine, simulate_prepared
