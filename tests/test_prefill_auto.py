@@ -128,3 +128,14 @@ def test_bad_chunk_in_a_study_is_one_line_naming_the_field(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and not out.exists()
     assert f"{study}:5:" in err[0] and "prefill_chunk_tokens" in err[0] and "auto" in err[0]
+
+
+def test_an_unresolved_auto_holds_the_smallest_workspace_of_its_candidates():
+    """Where only the fit is asked (a capacity search builds policies, simulates nothing),
+    auto holds the candidate with the least workspace: it fits wherever any candidate does."""
+    spec = get_model("llama-3.1-70b")
+    auto = Workload(batch=2, context=131072, include_prefill=True, prefill_chunk_tokens="auto")
+    each = {chunk: auto.model_copy(update={"prefill_chunk_tokens": chunk})
+            .prefill_workspace_bytes(spec) for chunk in prefill_chunk_candidates(131072)}
+    assert auto.held_prefill_chunk(spec) == 512 == min(each, key=each.__getitem__)
+    assert auto.prefill_workspace_bytes(spec) == each[512]
