@@ -65,7 +65,8 @@ def simulate(
     """Simulate one configuration, as ``hgsim simulate`` does.
 
     ``prefill_chunk_tokens`` chunks the prefill (per sequence; None: the whole prompt at
-    once). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
+    once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
+    result's ``prefill_chunk_tokens`` says which ran). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
     ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
     simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write. The result has
     ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes

@@ -250,6 +250,25 @@ def prefill_chunks(prompt: int, chunk_tokens: int | None) -> list[tuple[int, int
     return [(start, min(size, prompt - start)) for start in range(0, prompt, size)]
 
 
+# ``prefill_chunk_tokens: auto`` picks the chunk size itself (``hgsim.prefill_chunk``)
+PREFILL_CHUNK_AUTO = "auto"
+# The smallest chunk auto weighs, per sequence: vLLM's first chunked-prefill default token
+# budget, 512 (the best inter-token latency on an A100 in its benchmark:
+# https://github.com/vllm-project/vllm/pull/4580). Halving the chunk halves the workspace but
+# doubles the host read-backs (prompt^2 / chunk) and re-reads every weight twice as often.
+PREFILL_AUTO_FLOOR_TOKENS = 512
+
+
+def prefill_chunk_candidates(prompt: int) -> list[int]:
+    """Chunk sizes auto weighs, largest first: the whole prompt, then the powers of two below
+    it down to ``PREFILL_AUTO_FLOOR_TOKENS`` (the whole prompt alone when no shorter)."""
+    sizes, size = [prompt], PREFILL_AUTO_FLOOR_TOKENS
+    while size < prompt:
+        sizes.append(size)
+        size *= 2
+    return [prompt, *sorted(sizes[1:], reverse=True)]
+
+
 def prefill_layer_work(model: ModelSpec, batch: int, tokens: int, weight_dtype: str,
                        kv_dtype: str, *, past_tokens: int = 0,
                        attention_only: bool = False) -> Work:

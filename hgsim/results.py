@@ -70,6 +70,10 @@ class SimResult:
     # Joules per component over the prefill (its ``ttft_s`` seconds, the same energy model);
     # empty without a prefill or where the profile lacks the figures
     prefill_energy_j: dict[str, float] = field(default_factory=dict)
+    # Prompt tokens per sequence per prefill chunk as run (the prompt: one chunk); None without
+    # a prefill. ``prefill_chunk_auto``: chosen by ``prefill_chunk_tokens: auto``
+    prefill_chunk_tokens: int | None = None
+    prefill_chunk_auto: bool = False
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -79,6 +83,12 @@ class SimResult:
     @property
     def decode_s(self) -> float:
         return float(self.latencies_s.sum()) if self.steps else float("nan")
+
+    @property
+    def request_s(self) -> float:
+        """The request's time: time to first token plus the decode (NaN without a prefill);
+        what ``prefill_chunk_tokens: auto`` minimises."""
+        return self.ttft_s + self.decode_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -217,6 +227,11 @@ class SimResult:
             row.update({f"{k}_ms": v for k, v in self.breakdown_ms().items()})
             row.update({f"util_{k}": v for k, v in self.utilisation.items()})
             row.update(self.energy_row())
+        if self.prefill_chunk_tokens is not None:
+            row["prefill_chunk_tokens"] = self.prefill_chunk_tokens
+            row["prefill_chunk_auto"] = self.prefill_chunk_auto
+            if self.feasible and self.steps:
+                row["request_s"] = self.request_s
         row["capex_usd"] = self.capex_usd
         row.update({f"mem_{k}_gb": v / 1e9 for k, v in self.footprint_bytes.items()})
         return row

@@ -19,6 +19,7 @@ import simpy
 
 from hgsim import energy, tco
 from hgsim.catalog import get_model
+from hgsim.costs import PREFILL_CHUNK_AUTO, prefill_chunks
 from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
@@ -61,11 +62,42 @@ def simulate(
     fidelity: Fidelity = Fidelity(),
     trace_path: str | Path | None = None,
 ) -> SimResult:
+    """Simulate ``workload`` (its prefill first, if it has one, then its decode); a prefill
+    chunk of ``auto`` is chosen first (``hgsim.prefill_chunk``) and the result says which."""
     wall0 = time.perf_counter()
     profile = load_profile(profile) if isinstance(profile, str) else profile
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
     model = get_model(model) if isinstance(model, str) else model
     profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)  # the GPU can run it
+    auto = workload.include_prefill and workload.prefill_chunk_tokens == PREFILL_CHUNK_AUTO
+    if auto:
+        from hgsim.prefill_chunk import choose_prefill_chunk
+
+        chunk = choose_prefill_chunk(profile, model, policy, workload, policy_options, fidelity)
+        workload = workload.model_copy(update={"prefill_chunk_tokens": chunk})
+    result = simulate_prepared(profile, model, policy, workload, policy_options=policy_options,
+                               fidelity=fidelity, trace_path=trace_path)
+    result.prefill_chunk_auto = auto
+    result.wall_s = time.perf_counter() - wall0
+    return result
+
+
+def simulate_prepared(
+    profile: HardwareProfile,
+    model: ModelSpec,
+    policy: str,
+    workload: Workload,
+    *,
+    policy_options: dict[str, Any] | None = None,
+    fidelity: Fidelity = Fidelity(),
+    trace_path: str | Path | None = None,
+    time_prefill: bool = True,
+) -> SimResult:
+    """``simulate`` once the profile is set for the KV type, the model looked up and the
+    prefill chunk a number or None. ``time_prefill`` False holds the prefill's workspace in
+    HBM, so the placement is the one the prefill leaves, but skips simulating the prefill:
+    the decode alone, as the chunk chooser weighs it."""
+    wall0 = time.perf_counter()
     pol = make_policy(policy, model, profile, workload, policy_options)
     result = SimResult(
         profile=profile.name, model=model.name, policy=policy, batch=workload.batch,
@@ -75,17 +107,18 @@ def simulate(
         capex_usd=tco.capex_usd(profile), capex_usd_per_s=tco.capex_usd_per_s(profile),
         electricity_usd_per_j=tco.electricity_usd_per_j(profile),
     )
+    if workload.include_prefill:  # tokens per chunk, as run (the whole prompt: one chunk)
+        result.prefill_chunk_tokens = prefill_chunks(workload.context,
+                                                     workload.prefill_chunk_tokens)[0][1]
     if not pol.feasible:
         result.wall_s = time.perf_counter() - wall0
         return result
 
-    record = fidelity.record or trace_path is not None
-    env = simpy.Environment()
-    machine = Machine(env, profile, record=record)
-    engine = DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
-                          attention_only=workload.attention_only)
+    engine = new_engine(profile, model, workload, record=fidelity.record or trace_path is not None)
+    env, machine = engine.env, engine.machine
     spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
-    if workload.include_prefill:
+    prefill = workload.include_prefill and time_prefill
+    if prefill:
         t_prefill = env.now
         before_prefill = machine.recorder.snapshot()
         result.ttft_s = engine.prefill(pol.step_plan(workload.context), workload.context,
@@ -94,7 +127,7 @@ def simulate(
                                                       "batch": workload.batch}))
     t_decode0 = env.now
     before = machine.recorder.snapshot()
-    if workload.include_prefill:  # the prefill's joules, apart from the decode's
+    if prefill:  # the prefill's joules, apart from the decode's
         result.prefill_energy_j = energy.energy_by_component_j(
             profile, energy.activity_between(machine, before_prefill, before, result.ttft_s))
     moved_before = machine.recorder.bytes_by_resource()
@@ -162,6 +195,14 @@ def simulate(
         _write_trace(machine, trace_path, result, spans, markers)
     result.wall_s = time.perf_counter() - wall0
     return result
+
+
+def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *,
+               record: bool = False) -> DecodeEngine:
+    """A decode engine for ``workload`` on a fresh machine of ``profile``."""
+    machine = Machine(simpy.Environment(), profile, record=record)
+    return DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
+                        attention_only=workload.attention_only)
 
 
 def _write_trace(machine: Machine, path: str | Path, result: SimResult,

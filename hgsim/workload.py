@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from hgsim.costs import prefill_workspace_bytes
+from hgsim.costs import PREFILL_CHUNK_AUTO, prefill_chunk_candidates, prefill_workspace_bytes
 from hgsim.specs.base import SpecModel
 from hgsim.units import parse_count
 
@@ -21,16 +21,32 @@ class Workload(SpecModel):
     kv_dtype: Literal["fp32", "fp16", "bf16", "fp8"] = "fp16"
     weight_dtype: Literal["fp32", "fp16", "bf16", "fp8", "int8"] = "fp16"
     include_prefill: bool = False  # simulate the prompt's prefill before decoding
-    # prompt tokens of each sequence per prefill chunk (None: the whole prompt at once); vLLM's
+    # prompt tokens of each sequence per prefill chunk (None: the whole prompt at once; "auto":
+    # the size that minimises the request's time, hgsim.prefill_chunk); vLLM's
     # max_num_batched_tokens is the batch's budget, batch x this
-    prefill_chunk_tokens: int | None = Field(default=None, gt=0)
+    prefill_chunk_tokens: int | Literal["auto"] | None = None
     seed: int = 0
     attention_only: bool = False  # simulate only the attention path (validation of hw_backend)
 
-    @field_validator("context", "gen", "batch", "prefill_chunk_tokens", mode="before")
+    @field_validator("context", "gen", "batch", mode="before")
     @classmethod
     def _counts(cls, value: Any) -> Any:
         return parse_count(value) if isinstance(value, str) else value
+
+    @field_validator("prefill_chunk_tokens", mode="before")
+    @classmethod
+    def _chunk(cls, value: Any) -> Any:
+        """A token count (``8k``) or ``auto``; a count must be positive."""
+        if value is None or value == PREFILL_CHUNK_AUTO:
+            return value
+        try:
+            tokens = parse_count(value)
+        except ValueError:
+            raise ValueError(f"expected a token count such as 8k, or auto, got {value!r}") \
+                from None
+        if tokens <= 0:
+            raise ValueError(f"must be a token count > 0, or auto, got {tokens}")
+        return tokens
 
     @property
     def final_context(self) -> int:
@@ -42,9 +58,22 @@ class Workload(SpecModel):
         holds the read-back pipeline's blocks."""
         if not self.include_prefill:
             return 0.0
-        return prefill_workspace_bytes(model, self.batch, self.context, self.prefill_chunk_tokens,
-                                       self.weight_dtype, self.kv_dtype,
-                                       attention_only=self.attention_only, reads_back=reads_back)
+        return self._workspace_bytes(model, self.held_prefill_chunk(model, reads_back=reads_back),
+                                     reads_back)
+
+    def held_prefill_chunk(self, model: ModelSpec, *, reads_back: bool = True) -> int | None:
+        """The chunk whose workspace a policy holds: the one set, or for ``auto`` (left
+        unresolved where only the fit is asked, as a capacity search does) the candidate with
+        the smallest workspace: auto fits wherever any candidate does."""
+        if self.prefill_chunk_tokens != PREFILL_CHUNK_AUTO:
+            return self.prefill_chunk_tokens
+        return min(prefill_chunk_candidates(self.context),
+                   key=lambda chunk: self._workspace_bytes(model, chunk, reads_back))
+
+    def _workspace_bytes(self, model: ModelSpec, chunk: int | None, reads_back: bool) -> float:
+        return prefill_workspace_bytes(model, self.batch, self.context, chunk, self.weight_dtype,
+                                       self.kv_dtype, attention_only=self.attention_only,
+                                       reads_back=reads_back)
 
     def weight_bytes(self, model: ModelSpec) -> float:
         return held_weight_bytes(model, self.weight_dtype, attention_only=self.attention_only)

@@ -31,8 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="element type of the KV cache (default fp16)")
     p.add_argument("--prefill", action="store_true", help="also simulate the prompt's prefill")
     p.add_argument("--prefill-chunk", metavar="TOKENS",
-                   help="prefill each sequence's prompt in chunks of TOKENS, e.g. 8k (default: "
-                        "the whole prompt at once)")
+                   help="prefill each sequence's prompt in chunks of TOKENS, e.g. 8k, or 'auto': "
+                        "the size that minimises TTFT + decode time (default: the whole prompt "
+                        "at once)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option, e.g. topk_ratio=0.1 (repeatable)")
     p.add_argument("--samples", type=int, default=32,
@@ -50,8 +51,7 @@ def run(args: argparse.Namespace) -> int:
         workload = Workload(
             batch=count(args.batch, "--batch"), context=count(args.context, "--context"),
             gen=count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
-            prefill_chunk_tokens=(None if args.prefill_chunk is None
-                                  else count(args.prefill_chunk, "--prefill-chunk")),
+            prefill_chunk_tokens=args.prefill_chunk,  # a count or auto, checked by Workload
         )
     except ValidationError as exc:
         from hgsim.config_io import humane
@@ -114,6 +114,8 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
         ttft = result.ttft_s
         rows.append(("time to first token",
                      f"{ttft:.2f} s" if ttft >= 1 else f"{ttft * 1e3:.1f} ms"))
+        rows.append(("prefill chunk", prefill_chunk_text(result)))
+        rows.append(("request time (TTFT + decode)", f"{result.request_s:.2f} s"))
         if result.prefill_energy_j:
             rows.append(("prefill energy", f"{result.prefill_energy_total_j:,.1f} J"))
         if result.prefill_usd == result.prefill_usd:
@@ -128,6 +130,15 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
         ("accuracy: output rel. error", f"{result.accuracy_rel_error:.2e}"),
     ]
     return rows
+
+
+def prefill_chunk_text(result: SimResult) -> str:
+    """The prefill's chunk as run: its tokens, whether it is the whole prompt, whether auto
+    chose it."""
+    chunk = result.prefill_chunk_tokens
+    notes = [n for n, on in (("whole prompt", chunk == result.context),
+                             ("auto", result.prefill_chunk_auto)) if on]
+    return f"{chunk} tokens" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def energy_table(result: SimResult):
@@ -175,6 +186,9 @@ def print_result(result: SimResult) -> None:
         console.print(f"[bold]{title}[/bold]")
         console.print(memory)
         console.print(f"[red]infeasible:[/red] {result.reason}")
+        if result.prefill_chunk_auto:
+            console.print(f"prefill chunk auto: no chunk from the whole prompt down to "
+                          f"{result.prefill_chunk_tokens} tokens fits")
         return
     summary = Table(title=title, title_justify="left")
     summary.add_column("metric")

@@ -178,7 +178,8 @@ class Policy(ABC):
         hbm = self.footprint
         left = hbm.capacity_bytes["hbm"] - hbm.used_bytes.get("hbm", 0.0)
         if 0 <= left < need and hbm.reason is None:  # (weights that overflow are reported)
-            chunk = prefill_chunks(self.workload.context, self.workload.prefill_chunk_tokens)[0][1]
+            held = self.workload.held_prefill_chunk(self.model, reads_back=self.reads_kv_back)
+            chunk = prefill_chunks(self.workload.context, held)[0][1]
             hbm.reason = (
                 f"hbm short by {size_text(need - left)} for the prefill: one layer's activations "
                 f"over {chunk} tokens x batch {self.workload.batch} need {size_text(need)}, "

@@ -268,15 +268,48 @@ class DecodeEngine:
         self.env.run(until=self.env.process(self._prefill(plan, prompt_tokens, chunk_tokens)))
         return self.env.now - t0
 
-    def _prefill(self, plan: StepPlan, prompt_tokens: int, chunk_tokens: int | None):
-        env = self.env
+    def prefill_floor_s(self, plan: StepPlan, prompt_tokens: int,
+                        chunk_tokens: int | None = None) -> float:
+        """A lower bound of ``prefill``'s time, without simulating it (``hgsim.prefill_chunk``
+        skips the chunk sizes whose bound already loses). The same kernels on the one GPU
+        stream and the same read-backs, each at the GPU's host-to-device link rate, in order on
+        one engine and not before kernel c-2 has freed the landing block; kernel c after kernel
+        c-1 and its read. Write-outs, weight loads, latencies and the tiers' own rates only add
+        to the time, so the simulated time is never below this."""
         kv_token = plan.batch * self.model.kv_bytes_per_token_layer(self.kv_dtype)
+        chunks, _, durations = self._prefill_kernels(plan, prompt_tokens, chunk_tokens)
+        rate_Bps = self.machine.pcie(self.gpu, "h2d").capacity
+        kernel_end = read_end = 0.0
+        for i in range(plan.num_layers):
+            lp = plan.layer_plan(i)
+            ends: list[float] = []
+            for c, duration in enumerate(durations):
+                start = kernel_end
+                back = _read_back_tokens(lp, chunks, c)
+                if back:
+                    read_end = max(read_end, ends[c - 2]) + back * kv_token / rate_Bps
+                    start = max(start, read_end)
+                kernel_end = start + duration
+                ends.append(kernel_end)
+        if not self.attention_only:
+            kernel_end += self._kernel_s(lm_head_work(self.model, plan.batch, self.weight_dtype))
+        return kernel_end
+
+    def _prefill_kernels(self, plan: StepPlan, prompt_tokens: int, chunk_tokens: int | None
+                         ) -> tuple[list[tuple[int, int]], list[Work], list[float]]:
+        """The prompt's chunks, each one's kernel work and duration (the same in every
+        layer)."""
         chunks = prefill_chunks(prompt_tokens, chunk_tokens)
         works = [prefill_layer_work(self.model, plan.batch, tokens, self.weight_dtype,
                                     self.kv_dtype, past_tokens=start,
                                     attention_only=self.attention_only)
                  for start, tokens in chunks]
-        durations = [self._kernel_s(w) for w in works]
+        return chunks, works, [self._kernel_s(w) for w in works]
+
+    def _prefill(self, plan: StepPlan, prompt_tokens: int, chunk_tokens: int | None):
+        env = self.env
+        kv_token = plan.batch * self.model.kv_bytes_per_token_layer(self.kv_dtype)
+        chunks, works, durations = self._prefill_kernels(plan, prompt_tokens, chunk_tokens)
         layer_ends, writes = [], []
         weights = None
         h2d_tail = d2h_tail = None  # the last read-back / write-out queued on each engine
@@ -296,8 +329,7 @@ class DecodeEngine:
                 # the chunk just before this one is still in HBM; the ones before it come
                 # back from host memory once written there, into the landing block that
                 # kernel c-2 has finished with
-                back = (_overlap(host_start, host_end, 0, chunks[c - 1][0])
-                        if spills and c >= 2 else 0)
+                back = _read_back_tokens(lp, chunks, c)
                 if back:
                     h2d_tail = env.process(self._read_kv_back(
                         lp, (h2d_tail, landed[c - 2], kernels[c - 2]), back * kv_token))
@@ -713,6 +745,15 @@ def _each_processed(events: tuple[Event | None, ...]):
     for event in events:
         if event is not None and not event.processed:
             yield event
+
+
+def _read_back_tokens(lp: LayerPlan, chunks: list[tuple[int, int]], c: int) -> int:
+    """Host-resident tokens per sequence that chunk ``c``'s attention reads back: those of
+    chunks 0..c-2 (chunk c-1's are still in HBM); none where the plan keeps or drops them."""
+    if c < 2 or lp.host_tokens <= 0 or lp.host_evicted:
+        return 0
+    host_start, host_end = lp.host_range()
+    return _overlap(host_start, host_end, 0, chunks[c - 1][0])
 
 
 def _overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> int:
