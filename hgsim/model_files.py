@@ -75,6 +75,13 @@ def is_model_path(text: str) -> bool:
     return path.suffix.lower() in MODEL_SUFFIXES or path.exists()
 
 
+def beside(name: str, base_dir: Path) -> str:
+    """What ``get_model`` should get for ``name`` written in a file in ``base_dir`` (a study):
+    a model file path relative to that file's folder, anything else as it is."""
+    candidate = str(base_dir / Path(name).expanduser())
+    return candidate if is_model_path(candidate) else name
+
+
 def load_model_file(path_text: str | os.PathLike[str]) -> ModelSpec:
     """The model a file (or a folder holding ``config.json``) describes; cached by path,
     mtime and size, so an edited file is read again."""

@@ -25,6 +25,7 @@ from hgsim import __version__
 from hgsim.catalog import get_model
 from hgsim.config_io import Loc, YamlDocument
 from hgsim.errors import ConfigError, OptionError, UserError
+from hgsim.model_files import beside
 from hgsim.policies import checked_options, registry
 from hgsim.profiles import load_profile, profile_with_overrides, resolve_profile
 from hgsim.simulate import Fidelity
@@ -164,11 +165,14 @@ class _Resolver:
         if not isinstance(name, str):
             raise self.doc.error(loc, f"model must be a name, got {name!r}")
         if name not in self._models:
-            try:
-                spec = get_model(name)
+            try:  # a model file is relative to the study file; its errors name that file
+                spec = get_model(beside(name, self.base_dir))
             except UserError as exc:
-                raise self.doc.error(loc, _strip(exc)) from None
-            self._models[name] = (spec, _digest(spec.model_dump(mode="json")))
+                raise self.doc.error(loc, str(exc)) from None
+            # keyed by content: ``source`` names a model file's path (or a citation), which
+            # changes no result, so moving a file keeps its points and editing it does not
+            self._models[name] = (spec, _digest(spec.model_dump(mode="json",
+                                                                exclude={"source"})))
         return self._models[name]
 
 
@@ -198,6 +202,8 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
         path: _unique([ax.normalize(path, v) for v in values])
         for path, values in study.axes().items()
     }
+    if "model" in axis_values:  # a model file's name is known once resolved beside the study
+        axis_values["model"] = _unique([p.coords["model"] for p in points])
     axes = list(study.axes())
     if study.sensitivity is not None:
         points = _with_sensitivity(study, points, doc, resolver)

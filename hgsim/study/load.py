@@ -41,8 +41,8 @@ def load_study_data(data: Mapping[str, Any], *, base_dir: str | Path | None = No
                     source: str = "<study>") -> StudyPlan:
     """A study given as the mapping its YAML file would hold (notebooks, scripts).
 
-    Profile paths are relative to ``base_dir`` (default: the working directory); errors name
-    the field instead of a line. ``data`` is not modified.
+    Profile and model file paths are relative to ``base_dir`` (default: the working
+    directory); errors name the field instead of a line. ``data`` is not modified.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"a study is a mapping, got {type(data).__name__}", source=source)
