@@ -15,9 +15,11 @@ norm kind and the per-op kernel counts of ``hgsim.graph_path``):
 * ``qwen2`` -> qwen (llama's layer plus q/k/v biases);
 * ``qwen3`` -> llama, an approximation recorded in ``source``: Qwen3 adds an RMSNorm over each
   query and key head (``q_norm``, ``k_norm``). Their weights (2 x head_dim per layer) and
-  FLOPs are below 1e-5 of the layer's; what the simulator leaves out is their kernels on the
-  CUDA-graph path (the qkv replay's count, ``GRAPH_KERNELS``, is llama's). The per-launch
-  path of every shipped profile charges per simulated kernel and is unaffected;
+  FLOPs are under 2e-5 of the layer's (Qwen3-0.6B; 1.3e-6 for 8B); what the simulator leaves
+  out is their kernels on the CUDA-graph path: the qkv replay's count (``GRAPH_KERNELS``) is
+  llama's, 12 (fp32) or 18 (16-bit) kernels short per layer (hw_backend's RMSNorm issues 6
+  or 9). The per-launch path of every shipped profile charges per simulated kernel and is
+  unaffected;
 * ``opt`` -> opt (pre-norm LayerNorm, ReLU, biases everywhere).
 """
 
