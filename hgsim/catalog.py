@@ -15,7 +15,7 @@ import os
 import re
 
 from hgsim.errors import UserError
-from hgsim.model_files import is_model_path, load_model_file, user_model_files
+from hgsim.model_files import find_model_file, load_model_file, user_model_files
 from hgsim.specs.model import ModelSpec
 
 
@@ -164,15 +164,13 @@ def get_model(name: str | os.PathLike[str]) -> ModelSpec:
     are a UserError that lists the known models and suggests the closest name.
     """
     text = os.fspath(name)
-    if is_model_path(text):
-        return load_model_file(text)
-    user = user_model_files()
-    if text in user:
-        return load_model_file(user[text])
+    file = find_model_file(text)
+    if file is not None:
+        return load_model_file(file)
     canonical = _INDEX.get(_key(text))
     if canonical is not None:
         return MODELS.get(canonical) or TINY_MODELS[canonical]
-    known = [*user, *MODELS]
+    known = [*user_model_files(), *MODELS]
     close = difflib.get_close_matches(text.strip().lower(), known, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     raise UserError(f"unknown model '{text}'{hint} (known: {', '.join(known)}; or a path to "

@@ -84,18 +84,25 @@ def beside(name: str, base_dir: Path) -> str:
     return candidate if is_model_path(candidate) else name
 
 
-def load_model_file(path_text: str | os.PathLike[str]) -> ModelSpec:
-    """The model a file (or a folder holding ``config.json``) describes; cached by path,
-    mtime and size, so an edited file is read again."""
-    text = os.fspath(path_text)
+def find_model_file(text: str) -> Path | None:
+    """The file a ``--model`` value names: a path (a folder stands for its ``config.json``),
+    else a name on $HGSIM_MODEL_PATH; None for anything else (a catalog name)."""
+    if not is_model_path(text):
+        return user_model_files().get(text)
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError("folder has no config.json", source=text)
-        path = path / "config.json"
-    else:
-        path = existing_file(text)
-    return load_cached(path, _cache, _load)
+        return path / "config.json"
+    return existing_file(text)
+
+
+def load_model_file(path: str | os.PathLike[str]) -> ModelSpec:
+    """The model a file (or a folder holding ``config.json``) describes; cached by path,
+    mtime and size, so an edited file is read again."""
+    text = os.fspath(path)
+    file = find_model_file(text) if is_model_path(text) else existing_file(text)
+    return load_cached(file, _cache, _load)
 
 
 def clear_cache() -> None:

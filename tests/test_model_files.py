@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hgsim import api, model_files
 from hgsim.catalog import get_model
@@ -191,6 +192,10 @@ def test_study_model_path_is_relative_to_the_study_and_keyed_by_content(tmp_path
     assert changed[0] != first[0] and changed[1] == first[1]
     frame = api.run_study(study, out=tmp_path / "out", jobs=1, figures=False)
     assert list(frame["model"]) == ["my-1b", "llama-2-7b"]
+    resolved = (tmp_path / "out" / "study.resolved.yaml").read_text()  # absolute model paths
+    assert f"# model models/my-1b.yaml: {model.resolve()} (sha256 " in resolved
+    grid = yaml.safe_load(resolved)["sweep"][0]["grid"]
+    assert grid["model"] == [str(model.resolve()), "llama-2-7b"]
 
 
 def test_validation_study_model_file_is_relative_to_the_study(tmp_path, monkeypatch):

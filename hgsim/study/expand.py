@@ -25,7 +25,7 @@ from hgsim import __version__
 from hgsim.catalog import get_model
 from hgsim.config_io import Loc, YamlDocument
 from hgsim.errors import ConfigError, OptionError, UserError
-from hgsim.model_files import beside
+from hgsim.model_files import beside, find_model_file, is_model_path
 from hgsim.policies import checked_options, registry
 from hgsim.profiles import load_profile, profile_with_overrides, resolve_profile
 from hgsim.simulate import Fidelity
@@ -70,6 +70,7 @@ class Expansion:
     axes: list[str]
     axis_values: dict[str, list[Any]]  # normalized values, file order, for filters and plots
     profiles: dict[str, Path] = field(default_factory=dict)  # profile value -> its file
+    models: dict[str, Path] = field(default_factory=dict)  # model path value -> its file
 
     def unique_specs(self) -> list[PointSpec]:
         """One spec per key (two coordinates may resolve to the same configuration)."""
@@ -130,6 +131,7 @@ class _Resolver:
         self._profiles: dict[str, HardwareProfile] = {}
         self._overridden: dict[tuple, tuple[HardwareProfile, str]] = {}
         self._models: dict[str, tuple[ModelSpec, str]] = {}
+        self.model_files: dict[str, Path] = {}  # model values that are paths -> their files
 
     def profile(self, name: str, loc: Loc) -> HardwareProfile:
         if name not in self._profiles:
@@ -165,8 +167,11 @@ class _Resolver:
         if not isinstance(name, str):
             raise self.doc.error(loc, f"model must be a name, got {name!r}")
         if name not in self._models:
+            target = beside(name, self.base_dir)
             try:  # a model file is relative to the study file; its errors name that file
-                spec = get_model(beside(name, self.base_dir))
+                spec = get_model(target)
+                if is_model_path(target):
+                    self.model_files[name] = find_model_file(target).resolve()
             except UserError as exc:
                 raise self.doc.error(loc, str(exc)) from None
             # keyed by content: ``source`` names a model file's path (or a citation), which
@@ -214,7 +219,7 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
         points = _with_equal_accuracy(study, points, doc)
         axes.append(eq.AXIS)
         axis_values[eq.AXIS] = _unique([p.coords[eq.AXIS] for p in points])
-    return Expansion(points, axes, axis_values, resolver.profile_files)
+    return Expansion(points, axes, axis_values, resolver.profile_files, resolver.model_files)
 
 
 def _with_equal_accuracy(study: Study, points: list[Point], doc: YamlDocument) -> list[Point]:
