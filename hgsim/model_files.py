@@ -35,7 +35,14 @@ from pydantic import ValidationError
 from hgsim.config_io import humane, load_yaml, validate
 from hgsim.config_read import read_text
 from hgsim.errors import ConfigError
-from hgsim.search_path import YAML_SUFFIXES, existing_file, load_cached, named_files, search_dirs
+from hgsim.search_path import (
+    YAML_SUFFIXES,
+    existing_file,
+    load_cached,
+    named_files,
+    search_dirs,
+    user_path,
+)
 from hgsim.specs.model import ModelSpec
 
 #: Colon-separated directories of ``<name>.yaml`` model files, searched before the catalog.
@@ -73,14 +80,14 @@ def is_model_path(text: str) -> bool:
     """Whether ``text`` means a file rather than a name: a model file suffix, or it exists.
 
     A slash alone does not decide: ``meta-llama/Llama-2-7b-hf`` is a catalog alias."""
-    path = Path(text).expanduser()
+    path = user_path(text)
     return path.suffix.lower() in MODEL_SUFFIXES or path.exists()
 
 
 def beside(name: str, base_dir: Path) -> str:
     """What ``get_model`` should get for ``name`` written in a file in ``base_dir`` (a study):
     a model file path relative to that file's folder, anything else as it is."""
-    candidate = str(base_dir / Path(name).expanduser())
+    candidate = str(base_dir / user_path(name))
     return candidate if is_model_path(candidate) else name
 
 
@@ -89,7 +96,7 @@ def find_model_file(text: str) -> Path | None:
     else a name on $HGSIM_MODEL_PATH; None for anything else (a catalog name)."""
     if not is_model_path(text):
         return user_model_files().get(text)
-    path = Path(text).expanduser()
+    path = user_path(text)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ConfigError("folder has no config.json", source=text)

@@ -18,7 +18,14 @@ from pydantic import ValidationError
 
 from hgsim.config_io import YamlDocument, load_yaml, validate, validation_error
 from hgsim.errors import ConfigError, UserError
-from hgsim.search_path import YAML_SUFFIXES, existing_file, load_cached, named_files, search_dirs
+from hgsim.search_path import (
+    YAML_SUFFIXES,
+    existing_file,
+    load_cached,
+    named_files,
+    search_dirs,
+    user_path,
+)
 from hgsim.specs.hardware import HardwareProfile
 
 #: The repository's shipped profiles (``hardware_profiles/`` next to the package).
@@ -46,7 +53,7 @@ def resolve_profile(name_or_path: str | os.PathLike[str]) -> Path:
     as one; otherwise it is a profile name looked up in ``profile_dirs()``.
     """
     text = os.fspath(name_or_path)
-    path = Path(text).expanduser()
+    path = user_path(text)
     looks_like_path = (
         os.sep in text or "/" in text or path.suffix in YAML_SUFFIXES or path.is_file()
     )

@@ -20,11 +20,20 @@ YAML_SUFFIXES = (".yaml", ".yml")
 T = TypeVar("T")
 
 
+def user_path(text: str) -> Path:
+    """``text`` as a path with ``~`` expanded; ``~name`` of no known user stays as written
+    (pathlib raises RuntimeError there), so the lookup fails as a missing file would."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
 def search_dirs(env_var: str, *defaults: Path) -> list[Path]:
     """The directories of ``env_var`` (os.pathsep-separated, empty parts ignored), then
     ``defaults``."""
     extra = os.environ.get(env_var, "")
-    dirs = [Path(part).expanduser() for part in extra.split(os.pathsep) if part.strip()]
+    dirs = [user_path(part) for part in extra.split(os.pathsep) if part.strip()]
     dirs.extend(defaults)
     return dirs
 
@@ -44,7 +53,7 @@ def named_files(dirs: Iterable[Path], suffixes: tuple[str, ...] = YAML_SUFFIXES
 
 def existing_file(text: str) -> Path:
     """``text`` as a path to a regular file, or a ConfigError naming it."""
-    path = Path(text).expanduser()
+    path = user_path(text)
     if not path.is_file():
         raise ConfigError("not a regular file" if path.exists() else "file not found",
                           source=text)

@@ -210,3 +210,14 @@ def test_validation_study_model_file_is_relative_to_the_study(tmp_path, monkeypa
     study.write_text(study.read_text().replace("model: m", "model: m/nothing.json"))
     with pytest.raises(UserError, match=r"val\.yaml:2: model: .*nothing\.json: file not found"):
         load_validation(study)
+
+
+def test_a_tilde_of_no_known_user_is_an_unknown_name_not_a_crash():
+    from hgsim.profiles import load_profile
+
+    with pytest.raises(UserError, match="unknown model '~nosuchuser-7b'"):
+        get_model("~nosuchuser-7b")
+    with pytest.raises(UserError, match="~nosuchuser/m.json: file not found"):
+        get_model("~nosuchuser/m.json")
+    with pytest.raises(UserError, match="unknown hardware profile '~nosuchuser-box'"):
+        load_profile("~nosuchuser-box")

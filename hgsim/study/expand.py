@@ -174,8 +174,8 @@ class _Resolver:
                     self.model_files[name] = find_model_file(target).resolve()
             except UserError as exc:
                 raise self.doc.error(loc, str(exc)) from None
-            # keyed by content: ``source`` names a model file's path (or a citation), which
-            # changes no result, so moving a file keeps its points and editing it does not
+            # keyed by content: ``source`` (a model file's path, or a citation) changes no
+            # result, so moving a file keeps its points; editing a field recomputes them
             self._models[name] = (spec, _digest(spec.model_dump(mode="json",
                                                                 exclude={"source"})))
         return self._models[name]
