@@ -46,7 +46,7 @@ def with_overrides(profile: HardwareProfile | str | os.PathLike[str],
 
 def simulate(
     profile: HardwareProfile | str | os.PathLike[str],
-    model: ModelSpec | str,
+    model: ModelSpec | str | os.PathLike[str],
     policy: str = "hybridgen",
     *,
     context: int | str,
@@ -78,8 +78,9 @@ def simulate(
     from hgsim.study.schema import FidelitySpec
     from hgsim.workload import Workload
 
-    if not isinstance(model, (str, ModelSpec)):
-        raise UserError(f"expected a model name or a ModelSpec, got {model!r}", field="model")
+    if not isinstance(model, (str, os.PathLike, ModelSpec)):
+        raise UserError(f"expected a model name, a model file path or a ModelSpec, got "
+                        f"{model!r}", field="model")
     if options is not None and not isinstance(options, Mapping):
         raise UserError(f"expected a mapping of option names to values, e.g. "
                         f"{{'topk_ratio': 0.1}}, got {options!r}", field="options")
@@ -126,9 +127,9 @@ def run_study(
 
     Outputs land in ``out`` (default ``results/<name>``) exactly as with ``hgsim study``, and
     points stored there by an earlier run are reused unless ``force``. ``jobs`` worker
-    processes (default: all cores; 1 runs in this process). Profile paths in a mapping are
-    relative to ``base_dir`` (default: the working directory). ``frame.attrs["out"]`` holds
-    the output folder. Points that failed are missing from the frame and reported as a warning.
+    processes (default: all cores; 1 runs in this process). Profile and model paths in a
+    mapping are relative to ``base_dir`` (default: the working directory).
+    ``frame.attrs["out"]`` holds the output folder. Points that failed are missing from the frame and reported as a warning.
     """
     from hgsim.study import RunOptions, load_study_data
     from hgsim.study import run_study as run
@@ -171,7 +172,9 @@ def list_policies() -> dict[str, str]:
 
 
 def list_models() -> list[str]:
-    """Model names of the catalog (``hgsim.catalog.get_model`` also accepts aliases)."""
+    """Model names: user models on $HGSIM_MODEL_PATH, then the catalog
+    (``hgsim.catalog.get_model`` also accepts aliases and model file paths)."""
     from hgsim.catalog import MODELS
+    from hgsim.model_files import user_model_files
 
-    return list(MODELS)
+    return [*user_model_files(), *(name for name in MODELS if name not in user_model_files())]

@@ -11,9 +11,11 @@ nothing in the simulator should enforce it.
 from __future__ import annotations
 
 import difflib
+import os
 import re
 
 from hgsim.errors import UserError
+from hgsim.model_files import find_model_file, load_model_file, user_model_files
 from hgsim.specs.model import ModelSpec
 
 
@@ -153,14 +155,23 @@ def model_names() -> list[str]:
     return list(MODELS)
 
 
-def get_model(name: str) -> ModelSpec:
-    """Look a model up by name or alias (case-insensitive, HF ids accepted).
+def get_model(name: str | os.PathLike[str]) -> ModelSpec:
+    """A model by path, user name or catalog name, in that order.
 
-    Unknown names are a UserError that lists the catalog and suggests the closest name.
+    A path to a model file (``config.json`` or YAML, see ``hgsim.model_files``) is read; a
+    name of a YAML file on $HGSIM_MODEL_PATH comes next, so a user's copy shadows a catalog
+    entry; then catalog names and aliases (case-insensitive, HF ids accepted). Unknown names
+    are a UserError that lists the known models and suggests the closest name.
     """
-    canonical = _INDEX.get(_key(name))
+    text = os.fspath(name)
+    file = find_model_file(text)
+    if file is not None:
+        return load_model_file(file)
+    canonical = _INDEX.get(_key(text))
     if canonical is not None:
         return MODELS.get(canonical) or TINY_MODELS[canonical]
-    close = difflib.get_close_matches(name.strip().lower(), list(MODELS), n=1, cutoff=0.5)
+    known = [*user_model_files(), *MODELS]
+    close = difflib.get_close_matches(text.strip().lower(), known, n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else ""
-    raise UserError(f"unknown model '{name}'{hint} (known: {', '.join(MODELS)})")
+    raise UserError(f"unknown model '{text}'{hint} (known: {', '.join(known)}; or a path to "
+                    f"a config.json or model YAML file)")

@@ -18,40 +18,32 @@ from pydantic import ValidationError
 
 from hgsim.config_io import YamlDocument, load_yaml, validate, validation_error
 from hgsim.errors import ConfigError, UserError
+from hgsim.search_path import (
+    YAML_SUFFIXES,
+    existing_file,
+    load_cached,
+    named_files,
+    search_dirs,
+    user_path,
+)
 from hgsim.specs.hardware import HardwareProfile
 
 #: The repository's shipped profiles (``hardware_profiles/`` next to the package).
 PROFILE_DIR = Path(__file__).resolve().parent.parent / "hardware_profiles"
 #: Colon-separated extra directories, searched before PROFILE_DIR (so a user's copy wins).
 PROFILE_PATH_ENV = "HGSIM_PROFILE_PATH"
-_SUFFIXES = (".yaml", ".yml")
 
 _cache: dict[tuple[str, int, int], HardwareProfile] = {}
 
 
 def profile_dirs() -> list[Path]:
     """Directories searched for profile names, in order: $HGSIM_PROFILE_PATH, PROFILE_DIR."""
-    extra = os.environ.get(PROFILE_PATH_ENV, "")
-    dirs = [Path(part).expanduser() for part in extra.split(os.pathsep) if part.strip()]
-    dirs.append(PROFILE_DIR)
-    return dirs
-
-
-def _profile_files() -> dict[str, Path]:
-    """Name -> file for every profile found; the first directory holding a name wins."""
-    found: dict[str, Path] = {}
-    for directory in profile_dirs():
-        if not directory.is_dir():
-            continue
-        for path in sorted(directory.iterdir()):
-            if path.suffix in _SUFFIXES and path.is_file():
-                found.setdefault(path.stem, path)
-    return found
+    return search_dirs(PROFILE_PATH_ENV, PROFILE_DIR)
 
 
 def list_profiles() -> list[str]:
     """Names of all profiles that ``load_profile`` can resolve, sorted."""
-    return sorted(_profile_files())
+    return sorted(named_files(profile_dirs()))
 
 
 def resolve_profile(name_or_path: str | os.PathLike[str]) -> Path:
@@ -61,16 +53,13 @@ def resolve_profile(name_or_path: str | os.PathLike[str]) -> Path:
     as one; otherwise it is a profile name looked up in ``profile_dirs()``.
     """
     text = os.fspath(name_or_path)
-    path = Path(text).expanduser()
+    path = user_path(text)
     looks_like_path = (
-        os.sep in text or "/" in text or path.suffix in _SUFFIXES or path.is_file()
+        os.sep in text or "/" in text or path.suffix in YAML_SUFFIXES or path.is_file()
     )
     if looks_like_path:
-        if not path.is_file():
-            raise ConfigError("not a regular file" if path.exists() else "file not found",
-                              source=text)
-        return path
-    files = _profile_files()
+        return existing_file(text)
+    files = named_files(profile_dirs())
     if text in files:
         return files[text]
     known = sorted(files)
@@ -88,15 +77,8 @@ def load_profile(name_or_path: str | os.PathLike[str]) -> HardwareProfile:
     Profiles are frozen, so handing out the cached object is safe; editing the file
     (new mtime or size) reloads it.
     """
-    path = resolve_profile(name_or_path).resolve()
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    cached = _cache.get(key)
-    if cached is not None:
-        return cached
-    profile = validate(HardwareProfile, load_yaml(path))
-    _cache[key] = profile
-    return profile
+    return load_cached(resolve_profile(name_or_path), _cache,
+                       lambda path: validate(HardwareProfile, load_yaml(path)))
 
 
 def clear_cache() -> None:

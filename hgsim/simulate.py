@@ -9,6 +9,7 @@ one), so its decisions follow the same cadence as in a full run.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -54,7 +55,7 @@ def sample_steps(gen: int, samples: int) -> list[int]:
 
 def simulate(
     profile: HardwareProfile | str,
-    model: ModelSpec | str,
+    model: ModelSpec | str | os.PathLike[str],
     policy: str,
     workload: Workload,
     *,
@@ -67,7 +68,7 @@ def simulate(
     wall0 = time.perf_counter()
     profile = load_profile(profile) if isinstance(profile, str) else profile
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
-    model = get_model(model) if isinstance(model, str) else model
+    model = model if isinstance(model, ModelSpec) else get_model(model)
     profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)  # the GPU can run it
     auto = workload.include_prefill and workload.prefill_chunk_tokens == PREFILL_CHUNK_AUTO
     if auto:

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator
 
+from hgsim import model_files
 from hgsim.catalog import get_model
 from hgsim.config_io import load_yaml, validate
 from hgsim.errors import OptionError, UserError
@@ -76,7 +77,7 @@ class ValidationConfig(SpecModel):
 class ValidationStudy(SpecModel):
     name: str
     description: str = ""
-    model: ModelSpec | str  # inline spec, or a catalog name
+    model: ModelSpec | str  # inline spec, a model name or a model file (resolved on load)
     batch: int = Field(default=1, ge=1)
     kv_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
     weight_dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -98,6 +99,12 @@ def load_study(path: str | Path) -> ValidationStudy:
     before any case is measured."""
     doc = load_yaml(path)
     study = validate(ValidationStudy, doc)
+    if isinstance(study.model, str):  # a model file is relative to the study file
+        try:
+            spec = get_model(model_files.beside(study.model, Path(path).resolve().parent))
+        except UserError as exc:
+            raise doc.error(("model",), str(exc)) from None
+        study = study.model_copy(update={"model": spec})
     if study.hbm_budget_gb is not None:  # the device's size is checked when it is known
         from hgsim.hbm_budget import HbmBudget
 

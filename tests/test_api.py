@@ -111,7 +111,7 @@ def test_mistakes_are_one_line_user_errors():
                                  "(its options: "),
     ({"trace": "no/such/folder/t.json"}, "trace: folder no/such/folder does not exist"),
     ({"profile": None}, "profile: expected a profile name, a YAML path or a HardwareProfile"),
-    ({"model": 13}, "model: expected a model name or a ModelSpec, got 13"),
+    ({"model": 13}, "model: expected a model name, a model file path or a ModelSpec, got 13"),
 ])
 def test_wrong_arguments_are_user_errors_naming_the_argument(kwargs, expected):
     call = {"profile": H100, "model": "llama-2-13b", "context": "32k", "gen": 4, "samples": 2,

@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "HGSIM_PROFILE_PATH"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HGSIM_PROFILE_PATH", "HGSIM_MODEL_PATH")}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "hgsim", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)

@@ -155,7 +155,8 @@ def workspace(tmp_path_factory) -> tuple[Path, dict[str, str]]:
         ".git", ".venv", "results", "__pycache__", "build", "*.egg-info", ".pytest_cache",
         ".ruff_cache", ".hypothesis", "*.validation.*", "local.yaml", "local.calibration.*"))
     site = install_example(root / "plugin")
-    env = {k: v for k, v in os.environ.items() if k != "HGSIM_PROFILE_PATH"}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("HGSIM_PROFILE_PATH", "HGSIM_MODEL_PATH")}
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(copy)])
     env["MPLBACKEND"] = "Agg"

@@ -33,8 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "K/V) with a policy's plans on this machine's GPU (or the CPU stand-in) and print "
             "the simulate table with the simulator's prediction beside the measurement."),
     )
-    p.add_argument("--model", required=True, help="catalog model (see `hgsim models`) or "
-                   "tiny-llama / tiny-qwen for CPU smoke runs")
+    p.add_argument("--model", required=True, help="model name (see `hgsim models`), a "
+                   "config.json or model YAML path, or tiny-llama / tiny-qwen for CPU smoke runs")
     p.add_argument("--policy", default="hybridgen", help="KV policy (default: hybridgen)")
     p.add_argument("--context", required=True, help="tokens attended at the first step, e.g. 64k")
     p.add_argument("--gen", default="64", help="measured decode steps (default 64)")

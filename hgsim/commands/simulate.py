@@ -21,7 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Simulate LLM decoding of one model on one hardware profile under one policy.",
     )
     p.add_argument("--profile", required=True, help="profile name or YAML path (see `hgsim profiles`)")
-    p.add_argument("--model", required=True, help="model name (see `hgsim models`)")
+    p.add_argument("--model", required=True, help="model name (see `hgsim models`) or a "
+                   "path to a Hugging Face config.json or a model YAML file")
     p.add_argument("--policy", default="hybridgen",
                    help="KV policy, built-in or plugin (see `hgsim policies`; default: hybridgen)")
     p.add_argument("--context", required=True, help="tokens in the KV cache at decode start, e.g. 32k")

@@ -25,6 +25,7 @@ from hgsim import __version__
 from hgsim.catalog import get_model
 from hgsim.config_io import Loc, YamlDocument
 from hgsim.errors import ConfigError, OptionError, UserError
+from hgsim.model_files import beside, find_model_file, is_model_path
 from hgsim.policies import checked_options, registry
 from hgsim.policies.base import host_socket_name
 from hgsim.profiles import load_profile, profile_with_overrides, resolve_profile
@@ -70,6 +71,7 @@ class Expansion:
     axes: list[str]
     axis_values: dict[str, list[Any]]  # normalized values, file order, for filters and plots
     profiles: dict[str, Path] = field(default_factory=dict)  # profile value -> its file
+    models: dict[str, Path] = field(default_factory=dict)  # model path value -> its file
 
     def unique_specs(self) -> list[PointSpec]:
         """One spec per key (two coordinates may resolve to the same configuration)."""
@@ -130,6 +132,7 @@ class _Resolver:
         self._profiles: dict[str, HardwareProfile] = {}
         self._overridden: dict[tuple, tuple[HardwareProfile, str]] = {}
         self._models: dict[str, tuple[ModelSpec, str]] = {}
+        self.model_files: dict[str, Path] = {}  # model values that are paths -> their files
 
     def profile(self, name: str, loc: Loc) -> HardwareProfile:
         if name not in self._profiles:
@@ -165,11 +168,17 @@ class _Resolver:
         if not isinstance(name, str):
             raise self.doc.error(loc, f"model must be a name, got {name!r}")
         if name not in self._models:
-            try:
-                spec = get_model(name)
+            target = beside(name, self.base_dir)
+            try:  # a model file is relative to the study file; its errors name that file
+                spec = get_model(target)
+                if is_model_path(target):
+                    self.model_files[name] = find_model_file(target).resolve()
             except UserError as exc:
-                raise self.doc.error(loc, _strip(exc)) from None
-            self._models[name] = (spec, _digest(spec.model_dump(mode="json")))
+                raise self.doc.error(loc, str(exc)) from None
+            # keyed by content: ``source`` (a model file's path, or a citation) changes no
+            # result, so moving a file keeps its points; editing a field recomputes them
+            self._models[name] = (spec, _digest(spec.model_dump(mode="json",
+                                                                exclude={"source"})))
         return self._models[name]
 
 
@@ -199,6 +208,8 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
         path: _unique([ax.normalize(path, v) for v in values])
         for path, values in study.axes().items()
     }
+    if "model" in axis_values:  # a model file's name is known once resolved beside the study
+        axis_values["model"] = _unique([p.coords["model"] for p in points])
     axes = list(study.axes())
     if study.sensitivity is not None:
         points = _with_sensitivity(study, points, doc, resolver)
@@ -209,7 +220,7 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
         points = _with_equal_accuracy(study, points, doc)
         axes.append(eq.AXIS)
         axis_values[eq.AXIS] = _unique([p.coords[eq.AXIS] for p in points])
-    return Expansion(points, axes, axis_values, resolver.profile_files)
+    return Expansion(points, axes, axis_values, resolver.profile_files, resolver.model_files)
 
 
 def _with_equal_accuracy(study: Study, points: list[Point], doc: YamlDocument) -> list[Point]:

@@ -41,8 +41,8 @@ def load_study_data(data: Mapping[str, Any], *, base_dir: str | Path | None = No
                     source: str = "<study>") -> StudyPlan:
     """A study given as the mapping its YAML file would hold (notebooks, scripts).
 
-    Profile paths are relative to ``base_dir`` (default: the working directory); errors name
-    the field instead of a line. ``data`` is not modified.
+    Profile and model file paths are relative to ``base_dir`` (default: the working
+    directory); errors name the field instead of a line. ``data`` is not modified.
     """
     if not isinstance(data, Mapping):
         raise ConfigError(f"a study is a mapping, got {type(data).__name__}", source=source)
@@ -82,8 +82,8 @@ def _normalize(doc: YamlDocument, default_name: str) -> None:
 def resolved_yaml(plan: StudyPlan) -> str:
     """The study as it will run: defaults filled in, shorthands expanded, with provenance.
 
-    Running this file again reproduces the same points (same keys) as long as the profiles
-    it names have the content recorded in the header.
+    Running this file again reproduces the same points (same keys) as long as the files it
+    names (profiles, model files) have the content recorded in the header.
     """
     import hashlib
 
@@ -91,24 +91,28 @@ def resolved_yaml(plan: StudyPlan) -> str:
         f"# Resolved study written by hgsim {__version__} from {plan.source}",
         f"# {len(plan.expansion.points)} points; rerun with: hgsim study study.resolved.yaml",
     ]
-    for name, file in sorted(plan.expansion.profiles.items()):
-        try:
-            digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
-        except OSError:
-            digest = "unreadable"
-        header.append(f"# profile {name}: {file} (sha256 {digest})")
+    files = {"profile": plan.expansion.profiles, "model": plan.expansion.models}
+    for kind, named in files.items():
+        for name, file in sorted(named.items()):
+            try:
+                digest = hashlib.sha256(Path(file).read_bytes()).hexdigest()[:16]
+            except OSError:
+                digest = "unreadable"
+            header.append(f"# {kind} {name}: {file} (sha256 {digest})")
     data: dict[str, Any] = plan.study.model_dump(mode="json")
-    files = plan.expansion.profiles
 
-    def absolute(value: Any) -> Any:  # profile paths are relative to the original study file
-        is_path = isinstance(value, str) and ("/" in value or value.endswith((".yaml", ".yml")))
-        return str(files[value]) if is_path and value in files else value
+    def absolute(kind: str, value: Any) -> Any:  # paths are relative to the original study file
+        if not isinstance(value, str) or value not in files[kind]:
+            return value
+        is_path = kind == "model" or "/" in value or value.endswith((".yaml", ".yml"))
+        return str(files[kind][value]) if is_path else value
 
-    data["base"]["profile"] = absolute(data["base"]["profile"])
-    for group in data["sweep"]:
-        for kind in ("grid", "zip"):
-            if "profile" in group[kind]:
-                group[kind]["profile"] = [absolute(v) for v in group[kind]["profile"]]
+    for kind in files:
+        data["base"][kind] = absolute(kind, data["base"][kind])
+        for group in data["sweep"]:
+            for part in ("grid", "zip"):
+                if kind in group[part]:
+                    group[part][kind] = [absolute(kind, v) for v in group[part][kind]]
     # Workload defaults written out, so a later change of a default cannot change the study.
     from hgsim.workload import Workload
 
