@@ -169,15 +169,18 @@ def together(timed: Timed, threads: int) -> bool:
 
 def representative(timed: Timed, statistic: str, threads: int) -> tuple[float, float, float]:
     """(CPU s, wall s, least share) of a case: ``statistic`` ("min" or "median") over its
-    repeats (with several threads, those whose threads ran together, if any did)."""
+    repeats (with several threads, those whose threads ran together, if any did; if none did,
+    the wall time stands for the CPU time, as ``calibration.timing.on_cpu_seconds`` takes it:
+    a repeat's scheduler waits can be charged in full to a call they only straddled, leaving
+    it no CPU time at all)."""
     from hw_backend.calibration.timing import TOGETHER
 
     every = list(range(len(timed.share)))
-    kept = every if threads == 1 else (
-        [i for i, s in enumerate(timed.share) if s >= TOGETHER] or every)
+    kept = [i for i in every if threads == 1 or timed.share[i] >= TOGETHER]
     pick = min if statistic == "min" else statistics.median
-    return (float(pick([timed.cpu_s[i] for i in kept])),
-            float(pick([timed.wall_s[i] for i in kept])), min(timed.share[i] for i in kept))
+    wall = float(pick([timed.wall_s[i] for i in kept or every]))
+    cpu = float(pick([timed.cpu_s[i] for i in kept])) if kept else wall
+    return cpu, wall, min(timed.share[i] for i in kept or every)
 
 
 __all__ = ["Timed", "measure", "representative", "together"]

@@ -682,6 +682,19 @@ def test_figures_take_the_median_repeat_unless_told_the_fastest():
             pass
 
 
+def test_a_micro_case_whose_threads_never_ran_together_takes_its_wall_time():
+    """A repeat whose scheduler waits were charged in full to a call they only straddled has
+    no CPU time left (share 0); with no repeat together the case's CPU figure is its wall
+    time, as calibration takes it, never 0 (its row divided by it)."""
+    from hw_backend.micro import Timed, representative
+
+    straddled = Timed(cpu_s=(0.0, 0.0, 0.0), wall_s=(3e-3, 1e-3, 2e-3), share=(0.0, 0.0, 0.0))
+    assert representative(straddled, "median", 2) == (2e-3, 2e-3, 0.0)
+    mixed = Timed(cpu_s=(0.0, 1.5e-3, 1.0e-3), wall_s=(3e-3, 1.6e-3, 1.1e-3),
+                  share=(0.0, 0.94, 0.91))
+    assert representative(mixed, "min", 2) == (1.0e-3, 1.1e-3, 0.91)
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="needs sched_setaffinity")
 def test_a_pinned_child_process_takes_figures_with_the_parents_statistic():
     from hw_backend.calibration import timing
