@@ -95,12 +95,14 @@ def best_metric(study: Study) -> str:
 def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
                zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Per combination of the other axes (less those zipped with ``by``): the best value of
-    ``by`` and its margin."""
+    ``by`` and its margin. A value of ``by`` run at several settings of an axis zipped with
+    it is named with that setting (``hybridgen (topk_ratio 0.05)``)."""
     if by not in axes or metric not in frame or frame[by].nunique() < 2:
         return pd.DataFrame()
     lower = bool(LOWER_IS_BETTER.search(metric))
     others = ax.held_equal(axes, [by], zipped)
-    data = frame.assign(__m=pd.to_numeric(frame[metric], errors="coerce"))
+    data = frame.assign(**{by: ax.choice_names(frame, by, zipped),
+                           "__m": pd.to_numeric(frame[metric], errors="coerce")})
     groups = data.groupby(others, sort=False, dropna=False) if others else [((), data)]
     rows = []
     for key, part in groups:
@@ -164,6 +166,8 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
     cell = data["binding"] + " (" + (100 * data["binding_share"]).round().astype(int).astype(
         str) + "%)"
     data = data.assign(__cell=cell)
+    if by in axes:  # one column per setting of ``by``, not the first of its settings
+        data = data.assign(**{by: ax.choice_names(data, by, zipped)})
     if by in axes and data[by].nunique() > 1:
         others = ax.held_equal(axes, [by], zipped)
         if not others:
@@ -223,7 +227,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     if study.answer:  # the study's questions answered first (hgsim/study/answer.py)
         from hgsim.study.answer import section
 
-        parts.append(section(frame, axes, study.answer))
+        parts.append(section(frame, axes, study.answer, study.zipped()))
         parts.append("\n---\n\n")
     if study.description:
         parts.append(study.description.strip() + "\n")
