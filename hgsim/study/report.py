@@ -250,7 +250,9 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     base_rows += [(f"policy_options.{k}", v) for k, v in base.policy_options.items()]
     base_rows += [(f"hardware.{k}", v) for k, v in base.hardware.items()]
     base_rows += [(f"fidelity.{k}", v) for k, v in base.fidelity.model_dump().items()]
-    axes_values = study.axes()
+    # null in a policy_options axis: the option is not set there (the policy lacks it)
+    axes_values = {k: ["not set" if v is None else v for v in values]
+                   for k, values in study.axes().items()}
     parts.append(md_table(pd.DataFrame(
         [{"setting": k, "base value": v, "swept": ", ".join(map(str, axes_values[k]))
           if k in axes_values else ""} for k, v in base_rows]
