@@ -76,6 +76,46 @@ def test_a_bar_chart_marks_infeasible_points_where_their_bars_would_be():
     plt.close(grid.figure)
 
 
+def test_a_bar_chart_marks_a_feasible_point_without_a_baseline_apart_from_infeasible():
+    """HybridGen at two zipped top-k ratios against FlexGen, which does not fit at 128k: the
+    speedup bars there are missing because the baseline is, not the point. Each setting is a
+    bar of its own (not their mean), the baseline, outside `of`, is no legend entry."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.derived import compute_derived
+    from hgsim.study.plots import NO_BASELINE_NOTE, figure
+    from hgsim.study.schema import DerivedSpec, PlotSpec
+
+    rows = []
+    for context, flexgen in ((32768, 2.0), (131072, math.nan)):
+        for policy, ratio, tps in (("hybridgen", 0.05, 8.0), ("hybridgen", 0.2, 4.0),
+                                   ("flexgen", None, flexgen)):
+            rows.append({"workload.context": context, "policy": policy,
+                         "policy_options.topk_ratio": ratio, "feasible": tps == tps,
+                         "tokens_per_s": tps})
+    axes = ["policy", "policy_options.topk_ratio", "workload.context"]
+    zipped = {"policy": ["policy_options.topk_ratio"], "policy_options.topk_ratio": ["policy"]}
+    derived = {"speedup": DerivedSpec(metric="tokens_per_s", of={"policy": "hybridgen"},
+                                      vs={"policy": "flexgen"})}
+    frame = compute_derived(pd.DataFrame(rows), derived, axes, zipped)
+    spec = PlotSpec(kind="bar", x="workload.context", y="speedup", hue="policy")
+    grid = figure(frame, "sp", spec, {"workload.context": [32768, 131072]}, zipped=zipped,
+                  derived=derived)
+    (panel,) = grid.axes.flat
+    assert [t.get_text() for t in grid.legend.texts] == [
+        "hybridgen (topk_ratio 0.05)", "hybridgen (topk_ratio 0.2)"]
+    assert sorted(b.get_height() for b in panel.patches if b.get_height() > 0) == [2.0, 4.0]
+    hollow = [line.get_xdata()[0] for line in panel.get_lines() if line.get_marker() == "o"]
+    assert hollow == pytest.approx([1 - 0.2, 1 + 0.2])  # both settings' slots at 128k
+    assert not [line for line in panel.get_lines() if line.get_marker() == "x"]
+    (note,) = [t.get_text() for t in grid.figure.texts if t.get_text().startswith("o:")]
+    assert note == NO_BASELINE_NOTE.format(y="speedup")
+    plt.close(grid.figure)
+
+
 def test_ratio_columns_are_the_speedups_and_ratios():
     from hgsim.study.derived import ratio_columns
     from hgsim.study.schema import DerivedSpec

@@ -16,7 +16,7 @@ import pandas as pd
 from hgsim.outputs import written_whole
 from hgsim.study import axes as ax
 from hgsim.study.derived import select
-from hgsim.study.schema import PlotSpec
+from hgsim.study.schema import DerivedSpec, PlotSpec
 
 FORMATS = ("png", "svg")
 _PREFIXES = ("workload.", "policy_options.", "fidelity.", "hardware.")
@@ -31,11 +31,15 @@ def short(column: str) -> str:
 
 
 def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[str, list],
-             out: Path, ratios: set[str] | frozenset[str] = frozenset()
+             out: Path, ratios: set[str] | frozenset[str] = frozenset(),
+             zipped: dict[str, list[str]] | None = None,
+             derived: dict[str, DerivedSpec] | None = None,
              ) -> tuple[list[Path], dict[str, str]]:
     """Every plot into ``out``; returns written files and {plot: error} for failed ones.
     ``ratios``: columns that are ratios (``derived.ratio_columns``), coloured around 1 on a
-    log scale in heatmaps."""
+    log scale in heatmaps; ``zipped``: axis -> its zip partners (a policy at two zipped
+    settings is two legend entries); ``derived``: the study's derived metrics (a derived
+    column is drawn for the rows its ``of`` selects)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -44,7 +48,7 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
     failed: dict[str, str] = {}
     for name, spec in plots.items():
         try:
-            written += draw(frame, name, spec, axis_values, out, ratios)
+            written += draw(frame, name, spec, axis_values, out, ratios, zipped, derived)
         except Exception as exc:  # noqa: BLE001 - one bad figure must not lose the others
             failed[name] = f"{type(exc).__name__}: {exc}"
             for fmt in FORMATS:  # an earlier run's figure would pass for this run's
@@ -53,10 +57,12 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
 
 
 def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
-         out: Path, ratios: set[str] | frozenset[str] = frozenset()) -> list[Path]:
+         out: Path, ratios: set[str] | frozenset[str] = frozenset(),
+         zipped: dict[str, list[str]] | None = None,
+         derived: dict[str, DerivedSpec] | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    grid = figure(frame, name, spec, axis_values, ratios)
+    grid = figure(frame, name, spec, axis_values, ratios, zipped, derived)
     paths = []
     for fmt in FORMATS:
         path = out / f"{name}.{fmt}"
@@ -68,7 +74,9 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
 
 
 def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
-           ratios: set[str] | frozenset[str] = frozenset()):
+           ratios: set[str] | frozenset[str] = frozenset(),
+           zipped: dict[str, list[str]] | None = None,
+           derived: dict[str, DerivedSpec] | None = None):
     """The plot's seaborn grid, drawn and titled but not saved (tests read it back)."""
     import seaborn as sns
 
@@ -77,8 +85,11 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
         raise KeyError(f"column '{missing[0]}' is not in the results")
     data = frame[select(frame, spec.where)] if spec.where else frame
     y_col = spec.value if spec.kind == "heatmap" else spec.y
+    of = _derived_of(y_col, derived)
+    if of:  # rows outside `of` have no value by construction (the baseline's, say): no bars
+        data = data[select(data, of)]
     data = data.assign(**{y_col: pd.to_numeric(data[y_col], errors="coerce")})
-    data, orders = _categories(data, spec, axis_values)
+    data, orders = _categories(data, spec, axis_values, zipped)
 
     sns.set_theme(style="whitegrid", context="paper")
     facet = {"row": spec.row, "col": spec.col, "height": spec.height, "aspect": spec.aspect,
@@ -105,7 +116,7 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
     else:
         grid = _heatmap(data, spec, facet, orders, spec.value in ratios)
     if spec.kind == "bar":
-        _mark_infeasible_bars(grid, data, spec, orders)
+        _mark_missing_bars(grid, data, spec, orders, derived_from=_derived_name(y_col, derived))
     if spec.kind == "pareto":
         from hgsim.study.pareto import draw_fronts
 
@@ -136,39 +147,65 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
 #: What a bar that is missing because its point does not fit is drawn as.
 INFEASIBLE_MARK = {"marker": "x", "color": "0.25", "markersize": 7, "linestyle": "none"}
 INFEASIBLE_NOTE = "x: infeasible point, no bar (does not fit; reasons in report.md)"
+#: What a bar that is missing although its point ran is drawn as: a hollow circle.
+NO_VALUE_MARK = {"marker": "o", "markerfacecolor": "none", "markeredgecolor": "0.25",
+                 "markersize": 6, "linestyle": "none"}
+NO_VALUE_NOTE = "o: feasible point, no bar: it has no {y} value"
+NO_BASELINE_NOTE = "o: feasible point, no bar: no baseline for {y} there (infeasible or not run)"
 
 
-def _mark_infeasible_bars(grid, data: pd.DataFrame, spec: PlotSpec,
-                          orders: dict[str, list[str]]) -> None:
-    """An x at the foot of every bar whose points are all infeasible, and a note saying so,
-    so that a missing bar does not read as zero or as a point not run. Bars sit where
-    seaborn dodges them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n."""
+def _derived_of(column: str, derived: dict[str, DerivedSpec] | None) -> dict[str, Any]:
+    """The ``of`` selection of the derived metric that makes ``column`` ({} if none)."""
+    name = _derived_name(column, derived)
+    return derived[name].of if name else {}
+
+
+def _derived_name(column: str, derived: dict[str, DerivedSpec] | None) -> str | None:
+    from hgsim.study.derived import derived_columns
+
+    return derived_columns(derived).get(column) if derived else None
+
+
+def _mark_missing_bars(grid, data: pd.DataFrame, spec: PlotSpec, orders: dict[str, list[str]],
+                       derived_from: str | None = None) -> None:
+    """A mark at the foot of every bar that has no value, and a note under the figure, so
+    that a missing bar does not read as zero or as a point not run: an x where every point
+    of the bar is infeasible, a hollow o where a point ran but has no value (a derived
+    metric whose baseline is infeasible there, a NaN metric). Bars sit where seaborn dodges
+    them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n."""
     from matplotlib.transforms import blended_transform_factory
 
     if "feasible" not in data:
         return
     hue_order = orders.get(spec.hue) if spec.hue else None
     x_order = orders.get(spec.x, [])
-    marked = False
+    marked: set[str] = set()
+    keys = [spec.x, spec.hue] if spec.hue else [spec.x]
     for (i, j, _), facet in grid.facet_data():
         if facet.empty:
             continue
-        feasible = facet["feasible"].fillna(False).astype(bool)
-        keys = [spec.x, spec.hue] if spec.hue else [spec.x]
-        cells = facet.assign(__ok=feasible).groupby(keys, sort=False, observed=True)["__ok"]
+        cells = facet.assign(__ok=facet["feasible"].fillna(False).astype(bool),
+                             __has=facet[spec.y].notna()).groupby(keys, sort=False,
+                                                                 observed=True)
         axes = grid.axes.flat[j] if spec.col_wrap else grid.axes[i, j]
-        for key, ok in cells:
-            if ok.any():
+        for key, cell in cells:
+            if cell["__has"].any():
                 continue
+            kind = "no value" if cell["__ok"].any() else "infeasible"
             key = key if isinstance(key, tuple) else (key,)
             position = x_order.index(key[0])
             if hue_order:
                 position += -0.4 + 0.8 * (hue_order.index(key[1]) + 0.5) / len(hue_order)
             axes.plot([position], [0.02], transform=blended_transform_factory(
-                axes.transData, axes.transAxes), clip_on=False, **INFEASIBLE_MARK)
-            marked = True
-    if marked:
-        grid.figure.text(0.01, 0.0, INFEASIBLE_NOTE, ha="left", va="top", fontsize=8)
+                axes.transData, axes.transAxes), clip_on=False,
+                **(NO_VALUE_MARK if kind == "no value" else INFEASIBLE_MARK))
+            marked.add(kind)
+    notes = [INFEASIBLE_NOTE] if "infeasible" in marked else []
+    if "no value" in marked:
+        notes.append((NO_BASELINE_NOTE if derived_from else NO_VALUE_NOTE).format(
+            y=short(spec.y)))
+    if notes:
+        grid.figure.text(0.01, 0.0, "\n".join(notes), ha="left", va="top", fontsize=8)
 
 
 def _crowded(labels: list[str]) -> bool:
@@ -204,8 +241,11 @@ def _plain_log_ticks(grid, which: str, ticks: list[float] | None) -> None:
             axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
-def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]):
-    """Categorical roles (facets, hue, style, bar x) as labelled strings in study order."""
+def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list],
+                zipped: dict[str, list[str]] | None = None):
+    """Categorical roles (facets, hue, style, bar x) as labelled strings in study order; a
+    value run at several settings of an axis zipped with it is one category per setting,
+    named with it (``hybridgen (topk_ratio 0.05)``), not their mean under one name."""
     roles = [spec.row, spec.col, spec.hue, spec.style]
     if spec.kind in ("bar", "heatmap"):
         roles += [spec.x]
@@ -214,6 +254,10 @@ def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]
     orders: dict[str, list[str]] = {}
     data = data.copy()
     for column in dict.fromkeys(c for c in roles if c):
+        if ax.partners(data, column, zipped):
+            data[column] = ax.choice_names(data, column, zipped)
+            orders[column] = list(dict.fromkeys(data[column]))
+            continue
         present = list(dict.fromkeys(data[column].tolist()))
         known = axis_values.get(column, [])
         ordered = [v for v in known if v in present] + [v for v in present if v not in known]

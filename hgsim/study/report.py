@@ -319,7 +319,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "or its baseline infeasible), then statistics over the `n` (geometric mean "
                      "first); the baseline's own rows, equal to it by construction, are left "
                      "out.\n")
-        parts.append("\n" + md_table(summarize(frame, study.derived)))
+        parts.append("\n" + md_table(summarize(frame, study.derived, zipped)))
 
     parts += _equal_accuracy_parts(study, frame, n)
     parts += _pareto_parts(study, frame, n)
