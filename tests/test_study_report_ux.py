@@ -116,6 +116,50 @@ def test_a_bar_chart_marks_a_feasible_point_without_a_baseline_apart_from_infeas
     plt.close(grid.figure)
 
 
+def test_figures_read_counts_as_tables_do_and_no_labels_collide():
+    """A log axis of token counts reads 1k, 4k ... 1M (it read 1e+06 and 100000); the
+    heatmap's narrow cells slant their labels (64k128k256k ran together), an infeasible cell
+    is an x, not a blank; notes sit below the slanted labels; 'label.upgrade' reads
+    'upgrade' in legends."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import INFEASIBLE_CELL_NOTE, figure
+    from hgsim.study.schema import PlotSpec
+
+    contexts = [32768 * 2**i for i in range(5)]
+    rows = [{"workload.context": c, "policy": p, "feasible": not (p == "b" and c == contexts[-1]),
+             "max_context": float(c), "relative": 1.0, "label.upgrade": "x"}
+            for c in contexts for p in ("a", "b")]
+    frame = pd.DataFrame(rows)
+    frame.loc[~frame.feasible, ["max_context", "relative"]] = math.nan
+
+    bars = figure(frame, "cap", PlotSpec(kind="bar", x="workload.context", y="max_context",
+                                          logy=True, hue="label.upgrade"), {})
+    (panel,) = bars.axes.flat
+    bars.figure.canvas.draw()
+    labels = [t.get_text() for t in panel.get_yticklabels() if t.get_text()]
+    assert len(labels) >= 3 and all(t[-1] in "kM" for t in labels) and "512k" in labels
+    assert bars.legend.get_title().get_text() == "upgrade"
+    plt.close(bars.figure)
+
+    heat = figure(frame, "rel", PlotSpec(kind="heatmap", x="workload.context", y="policy",
+                                         value="relative", height=2.0, aspect=0.8),
+                  {"workload.context": contexts})
+    (panel,) = heat.axes.flat
+    renderer = heat.figure.canvas.get_renderer()
+    ticks = [t for t in panel.get_xticklabels() if t.get_text()]
+    assert [t.get_text() for t in ticks] == ["32k", "64k", "128k", "256k", "512k"]
+    assert all(t.get_rotation() == 35 for t in ticks)  # upright they overlapped
+    assert [t.get_text() for t in panel.texts if t.get_text() == "x"] == ["x"]
+    (note,) = [t for t in heat.figure.texts if t.get_text() == INFEASIBLE_CELL_NOTE]
+    lowest = min(t.get_window_extent(renderer).y0 for t in ticks)
+    assert note.get_window_extent(renderer).y1 < lowest
+    plt.close(heat.figure)
+
+
 def test_ratio_columns_are_the_speedups_and_ratios():
     from hgsim.study.derived import ratio_columns
     from hgsim.study.schema import DerivedSpec

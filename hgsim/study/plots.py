@@ -19,7 +19,7 @@ from hgsim.study.derived import select
 from hgsim.study.schema import DerivedSpec, PlotSpec
 
 FORMATS = ("png", "svg")
-_PREFIXES = ("workload.", "policy_options.", "fidelity.", "hardware.")
+_PREFIXES = ("workload.", "policy_options.", "fidelity.", "hardware.", "label.")
 
 
 def short(column: str) -> str:
@@ -124,16 +124,13 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
         draw_fronts(grid, data, spec)
     if spec.logx and spec.kind != "heatmap":
         grid.set(xscale="log")
-        _plain_log_ticks(grid, "x", _numeric(axis_values.get(spec.x)))
+        _plain_log_ticks(grid, "x", _numeric(axis_values.get(spec.x)), _is_count(spec.x))
     if spec.logy and spec.kind != "heatmap":
         grid.set(yscale="log")
-        _plain_log_ticks(grid, "y", None)
+        _plain_log_ticks(grid, "y", None, _is_count(spec.y))
     grid.set_axis_labels(spec.xlabel or short(spec.x), spec.ylabel or short(spec.y))
     if spec.kind == "bar" and _crowded(orders.get(spec.x, [])):
-        for axes in grid.axes.flat:
-            axes.tick_params(axis="x", labelrotation=35)
-            for text in axes.get_xticklabels():
-                text.set_horizontalalignment("right")
+        _slant_x_labels(grid)
     if spec.row or spec.col:
         grid.set_titles(row_template=f"{short(spec.row or '')} = {{row_name}}",
                         col_template=f"{short(spec.col or '')} = {{col_name}}")
@@ -141,7 +138,59 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
         grid.figure.text(0.5, 0.5, "no feasible points", ha="center", va="center")
     title = spec.title or name
     grid.figure.suptitle(title, y=1.02)
+    legend = getattr(grid, "legend", None) or getattr(grid, "_legend", None)
+    for text in (legend.texts + [legend.get_title()]) if legend else []:
+        if text.get_text() in (spec.hue, spec.style):  # "label.upgrade" -> "upgrade"
+            text.set_text(short(text.get_text()))
+    if _labels_overlap(grid):  # narrow cells ("64k128k256k" under a heatmap)
+        _slant_x_labels(grid)
+    _place_notes(grid)
     return grid
+
+
+def _is_count(column: str | None) -> bool:
+    """A column of tokens or sequences, labelled 32k and 1M like the tables."""
+    return bool(column) and column.rsplit(".", 1)[-1] in ax.COUNT_COLUMNS
+
+
+def _slant_x_labels(grid) -> None:
+    for axes in grid.axes.flat:
+        axes.tick_params(axis="x", labelrotation=35)
+        for text in axes.get_xticklabels():
+            text.set_horizontalalignment("right")
+
+
+def _labels_overlap(grid) -> bool:
+    """Whether two x tick labels of a panel run into each other as drawn."""
+    renderer = grid.figure.canvas.get_renderer()
+    for axes in grid.axes.flat:
+        boxes = sorted((t.get_window_extent(renderer) for t in axes.get_xticklabels()
+                        if t.get_visible() and t.get_text()), key=lambda b: b.x0)
+        if any(b.x0 < a.x1 + 2 for a, b in zip(boxes, boxes[1:], strict=False)):
+            return True
+    return False
+
+
+#: Notes under a figure (what a mark means) carry this gid, so they are placed last.
+NOTE_GID = "hgsim-note"
+
+
+def _note(grid, text: str) -> None:
+    grid.figure.text(0.01, 0.0, text, ha="left", va="top", fontsize=8, gid=NOTE_GID)
+
+
+def _place_notes(grid) -> None:
+    """Notes below everything else drawn (slanted tick labels reach below the figure's
+    edge, where a note at its foot ran into them)."""
+    figure = grid.figure
+    notes = [t for t in figure.texts if t.get_gid() == NOTE_GID]
+    if not notes:
+        return
+    renderer = figure.canvas.get_renderer()
+    bottom = min(a.get_tightbbox(renderer).y0 for a in figure.axes)
+    height = figure.bbox.height
+    for text in notes:
+        text.set_y(min(0.0, (bottom - 6) / height))
 
 
 #: What a bar that is missing because its point does not fit is drawn as.
@@ -205,7 +254,7 @@ def _mark_missing_bars(grid, data: pd.DataFrame, spec: PlotSpec, orders: dict[st
         notes.append((NO_BASELINE_NOTE if derived_from else NO_VALUE_NOTE).format(
             y=short(spec.y)))
     if notes:
-        grid.figure.text(0.01, 0.0, "\n".join(notes), ha="left", va="top", fontsize=8)
+        _note(grid, "\n".join(notes))
 
 
 def _crowded(labels: list[str]) -> bool:
@@ -220,25 +269,45 @@ def _numeric(values: list | None) -> list[float] | None:
     return None
 
 
-def _plain_log_ticks(grid, which: str, ticks: list[float] | None) -> None:
-    """Log axes labelled 16, 32, 64 rather than 2x10^1: swept values as ticks when known,
-    otherwise plain-number labels on matplotlib's own log ticks."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
+def _plain_log_ticks(grid, which: str, ticks: list[float] | None, count: bool = False) -> None:
+    """Log axes labelled 16, 32, 64 rather than 2x10^1: swept values as ticks when known;
+    token counts at powers of two read 32k, 1M (as in the tables; 1e+06 before); otherwise
+    plain numbers at the decades, and at 2 and 5 between them where the axis spans less
+    than three decades (0.3 and 0.4, 300 and 400 ran into each other)."""
+    import math
 
-    class PlainLog(LogFormatter):
-        def _num_to_string(self, x, vmin, vmax):  # 0.6 rather than 6e-01
-            return f"{x:g}"
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = FuncFormatter(lambda v, _: ax.label(v) if count else f"{v:g}")
     for axes in grid.axes.flat:
         axis = axes.xaxis if which == "x" else axes.yaxis
+        low, high = sorted(axes.get_xlim() if which == "x" else axes.get_ylim())
         if ticks and len(ticks) <= 12:
             (axes.set_xticks if which == "x" else axes.set_yticks)(ticks)
-            axis.set_major_formatter(plain)
             axis.set_minor_formatter(NullFormatter())
-        else:
-            axis.set_major_formatter(PlainLog(labelOnlyBase=False))
-            axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            axis.set_major_formatter(plain)
+            continue
+        if count and low > 0:
+            first, last = math.ceil(math.log2(low)), math.floor(math.log2(high))
+            step = next(s for s in (1, 2, 5, 10, 20) if (last - first) // s < 8)
+            powers = [2.0 ** e for e in range(first, last + 1) if e % step == 0]
+            if len(powers) >= 2:
+                axis.set_major_locator(FixedLocator(powers))
+                axis.set_minor_locator(NullLocator())
+                axis.set_major_formatter(plain)
+                continue
+        spans = math.log10(high / low) if low > 0 else math.inf
+        mantissas = (1, 2, 5) if spans < 3 else (1,)
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(FuncFormatter(
+            lambda v, _, m=mantissas: plain(v) if _mantissa(v) in m else ""))
+
+
+def _mantissa(value: float) -> int:
+    """The leading digit of a log-axis tick: 3 for 300."""
+    import math
+
+    return round(value / 10 ** math.floor(math.log10(value) + 1e-9)) if value > 0 else 0
 
 
 def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list],
@@ -285,6 +354,7 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
         vmin, vmax, cmap = spec.center - reach, spec.center + reach, "vlag"
     scale = {"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax}
     x_order, y_order = orders[spec.x], orders[spec.y]
+    marked: set[str] = set()
 
     def draw(*_: Any, data: pd.DataFrame, **__: Any) -> None:
         import matplotlib.pyplot as plt
@@ -293,20 +363,55 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
                                   aggfunc=spec.agg, observed=False)
         table = table.reindex(index=y_order[::-1], columns=x_order)
         axes = plt.gca()
+        axes.grid(False)  # the style's grid lines crossed the cells, empty ones most visibly
         shown = np.log(table) if logged else table  # cells print the ratio itself
         annot = table.to_numpy() if logged and spec.annot else spec.annot
+        # every row and column named (seaborn drops some where cells are narrow; the
+        # figure slants them instead, see _labels_overlap)
         sns.heatmap(shown, ax=axes, annot=annot, fmt=spec.fmt, cmap=cmap, cbar=True,
-                    cbar_kws={"label": short(spec.value)}, **scale)
+                    cbar_kws={"label": short(spec.value)}, xticklabels=True,
+                    yticklabels=True, **scale)
         if logged:
             _ratio_ticks(axes.collections[0].colorbar)
         # seaborn turns row names vertical unless it sees them overlap, which it judges
         # before the layout is final: 'hgca' and 'cpu_offload' ran into each other
         axes.tick_params(axis="y", labelrotation=0)
+        marked.update(_mark_empty_cells(axes, data, table, spec))
 
     grid = sns.FacetGrid(data, **facet, margin_titles=not facet.get("col_wrap"),
                          despine=False)
     grid.map_dataframe(draw)
+    notes = [INFEASIBLE_CELL_NOTE] if "infeasible" in marked else []
+    if "no value" in marked:
+        notes.append(NO_VALUE_CELL_NOTE.format(y=short(spec.value)))
+    if notes:
+        _note(grid, "\n".join(notes))
     return grid
+
+
+INFEASIBLE_CELL_NOTE = "x: infeasible point, no value (does not fit; reasons in report.md)"
+NO_VALUE_CELL_NOTE = "o: feasible point without a {y} value (a derived metric: no baseline there)"
+
+
+def _mark_empty_cells(axes, data: pd.DataFrame, table: pd.DataFrame, spec: PlotSpec
+                      ) -> set[str]:
+    """An x in each cell whose points are all infeasible, an o in a cell whose point ran but
+    has no value: a blank cell read as a point not run. Returns the kinds marked."""
+    if "feasible" not in data:
+        return set()
+    ran = data.assign(__ok=data["feasible"].fillna(False).astype(bool)).pivot_table(
+        index=spec.y, columns=spec.x, values="__ok", aggfunc="any", observed=False)
+    ran = ran.reindex(index=table.index, columns=table.columns)
+    kinds = set()
+    for r, row_name in enumerate(table.index):
+        for c, column_name in enumerate(table.columns):
+            if pd.notna(table.iat[r, c]) or pd.isna(ran.loc[row_name, column_name]):
+                continue  # a value, or no point at all in this cell
+            kind = "no value" if ran.loc[row_name, column_name] else "infeasible"
+            axes.text(c + 0.5, r + 0.5, "o" if kind == "no value" else "x", ha="center",
+                      va="center", color="0.35", fontsize=9)
+            kinds.add(kind)
+    return kinds
 
 
 #: A ratio this close to 1 is no change: the colour scale reaches at least this far.
