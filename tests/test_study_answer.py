@@ -61,7 +61,9 @@ def test_gain_per_cost_over_the_reference_choice_by_hand():
     # 1M: HybridGen does not fit on the baseline (0 tokens/s) and fits with A only
     assert value[1048576, "HybridGen", "A"] == pytest.approx(0.2)
     assert value[1048576, "HybridGen", "B"] == pytest.approx(0.0)
-    assert ("baseline" not in set(table["label.upgrade"]))  # the reference is not a choice
+    # the reference is no choice: listed last, unvalued, so each gain can be checked by hand
+    reference = table[table["label.upgrade"] == "baseline (reference)"]
+    assert len(reference) == 4 and reference["value"].isna().all()
     members = {(r["workload.context"], r["policy"], r["label.upgrade"]): r["represented by"]
                for _, r in table.iterrows()}
     assert members[131072, "best baseline", "A"] == "cpu_offload"
@@ -126,6 +128,14 @@ def test_a_study_answers_its_question_in_the_reports_first_lines(tmp_path):
     assert lines[5].startswith("- baseline: **")
     frame = pd.read_parquet(out / "results.parquet")
     assert {"label.upgrade", "usd_per_mtok", "energy_j_per_token", "capex_usd"} <= set(frame)
+    # the label names the hardware zipped with it: the tables show the label alone
+    text = (out / "report.md").read_text()
+    best = text[text.index("## Best policy"):text.index("## What binds")]
+    assert "Columns zipped with `upgrade` are named by it (1 column;" in best
+    assert "| upgrade | best | tokens_per_s | runner-up | margin |" in best
+    assert "`margin`: best / runner-up tokens_per_s" in best
+    binds = text[text.index("## What binds"):]
+    assert "tiers.ddr0.bandwidth_gbps" not in binds.split("## Figures")[0]
 
 
 @pytest.mark.parametrize("old, new, expected", [
@@ -168,7 +178,9 @@ def test_the_ranking_table_is_never_cut_since_no_file_holds_it():
 
     text = section(_frame(), AXES, [SPEC])
     assert "more rows" not in text
-    assert text.count("| 128k |") == 4 and text.count("| 1M |") == 4  # 2 sets x 2 choices
+    # 2 sets x (2 choices + the reference, last and unvalued, to check each gain by hand)
+    assert text.count("| 128k |") == 6 and text.count("| 1M |") == 6
+    assert "| 1M | best baseline | flexgen | baseline (reference) | 1 | 100,000 | - |" in text
 
 
 def _settings_frame() -> pd.DataFrame:

@@ -202,3 +202,13 @@ def test_report_numbers_keep_three_significant_figures():
     assert [fmt(v) for v in (85.52, 151.3, 12.34, 0.01234, 1.5)] == [
         "85.5", "151", "12.3", "0.0123", "1.50"]
     assert fmt(99.96) == "100" and fmt(12345.6) == "12,346" and fmt(3.0) == "3"
+
+
+def test_capacity_table_says_a_point_does_not_fit_even_at_the_search_floor():
+    from hgsim.study.report import capacity_table
+
+    frame = pd.DataFrame({"model": ["m", "m"], "policy": ["hybridgen", "gpu_only"],
+                          "max_context": [2117632.0, math.nan], "capped": [False, False]})
+    (row,) = capacity_table(frame, ["model", "policy"], "policy", "max_context",
+                            lo=1024).to_dict("records")
+    assert (row["hybridgen"], row["gpu_only"]) == ("2068k", "does not fit at 1k")

@@ -103,7 +103,10 @@ def ranking(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec,
             gain = delta / extra * spec.scale
             out.append(group.assign(value=gain.where(extra > 0)))
         table = pd.concat(out) if out else table.assign(value=math.nan)
-        table = table[raw_choice[table.index] != reference]
+        # the reference stays, last and unvalued, so that every gain can be checked by hand
+        is_reference = raw_choice[table.index] == reference
+        table = table.assign(**{spec.choose: table[spec.choose].where(
+            ~is_reference, table[spec.choose].map(lambda c: f"{ax.label(c)} (reference)"))})
     else:
         table = table.assign(value=metric)
     table = table.assign(__order=table["value"] if lower else -table["value"])

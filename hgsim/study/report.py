@@ -24,6 +24,9 @@ from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
 from hgsim.study.schema import Study
 
+#: What a searched maximum counts, for the heading of its table.
+SEARCH_UNITS = {"context": " (tokens per sequence; 1k = 1,024)", "batch": " (sequences)"}
+
 #: The sensitivity table's column of rate elasticities less time elasticities.
 TIME_SCALING = "rates - times"
 
@@ -126,13 +129,15 @@ def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
 
 
 def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str,
-                   zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
-    """The searched maximum with ``by`` (usually the policy) as columns, when it is an axis."""
+                   zipped: dict[str, list[str]] | None = None, lo: Any = None) -> pd.DataFrame:
+    """The searched maximum with ``by`` (usually the policy) as columns, when it is an axis;
+    a point that does not fit even at the search's ``lo`` says so."""
     if column not in frame:
         return pd.DataFrame()
     others = ax.held_equal(axes, [by], zipped)
     if by in axes and others:
-        values = frame[column].map(lambda v: ax.label(v) if pd.notna(v) else "does not fit")
+        none = "does not fit" + (f" at {ax.label(lo)}" if lo is not None else "")
+        values = frame[column].map(lambda v: ax.label(v) if pd.notna(v) else none)
         capped = frame.get("capped", pd.Series(False, index=frame.index)).fillna(False)
         values = values.where(~capped.astype(bool), values + " (>= hi)")
         table = frame.assign(__v=values).pivot_table(
@@ -192,10 +197,29 @@ def never_feasible_note(frame: pd.DataFrame, by: str) -> str:
             + ", ".join(ax.label(v) for v in values) + " (see Infeasible points).\n")
 
 
+def named_by_label(axes: list[str], zipped: dict[str, list[str]] | None) -> list[str]:
+    """The axes zipped with a ``label.<name>`` axis: the label names their values (an
+    upgrade and the eleven hardware values it makes), so tables show the label alone."""
+    return [a for a in axes if not a.startswith("label.")
+            and any(p.startswith("label.") for p in (zipped or {}).get(a, ()))]
+
+
+def _label_note(hidden: list[str], zipped: dict[str, list[str]] | None) -> str:
+    if not hidden:
+        return ""
+    labels = sorted({p for a in hidden for p in (zipped or {}).get(a, ()) if p.startswith(
+        "label.")})
+    return (f"Columns zipped with {', '.join(f'`{short(x)}`' for x in labels)} are named by it "
+            f"({len(hidden)} column{'s' * (len(hidden) != 1)}; their values per "
+            "point are in the "
+            "Configuration table and results.csv).\n\n")
+
+
 def binding_parts(frame: pd.DataFrame, axes: list[str], by: str,
                   zipped: dict[str, list[str]] | None, n: int | None) -> list[str]:
     """The "What binds" section: the table, what its cells mean, and what they do not."""
-    binds = binding_table(frame, axes, by, zipped)
+    binds = binding_table(frame, axes, by, zipped).drop(
+        columns=named_by_label(axes, zipped), errors="ignore")
     if binds.empty:
         return []
     parts = ["\n## What binds\n",
@@ -269,16 +293,24 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     by = study.report.best_by
     zipped = study.zipped()
     if study.search:
-        table = capacity_table(frame, axes, by, study.search.column, zipped)
-        parts.append(f"\n## Largest {study.search.field} that fits\n")
+        table = capacity_table(frame, axes, by, study.search.column, zipped, study.search.lo)
+        unit = SEARCH_UNITS.get(study.search.field, "")
+        parts.append(f"\n## Largest {study.search.field} that fits{unit}\n")
         parts.append(md_table(table, n))
     else:
         best = best_table(frame, axes, by, metric, zipped)
         if not best.empty:
             parts.append(f"\n## Best {by} per point (by {metric})\n")
-            wins = best["best"].value_counts()
-            parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
-            parts.append(md_table(best, n))
+            wins = best["best"][best["best"] != "none feasible"].value_counts()
+            none = int((best["best"] == "none feasible").sum())
+            parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items())
+                         + (f"; no {by} feasible at {none} point{'s' * (none != 1)}"
+                            if none else "") + "\n\n")
+            ratio = "runner-up / best" if LOWER_IS_BETTER.search(metric) else "best / runner-up"
+            parts.append(f"`margin`: {ratio} {metric} (1.10 = the best is 10% better).\n\n")
+            parts.append(_label_note(named_by_label(axes, zipped), zipped))
+            parts.append(md_table(best.drop(columns=named_by_label(axes, zipped),
+                                            errors="ignore"), n))
             parts.append(never_feasible_note(frame, by))
 
     parts += binding_parts(frame, axes, by, zipped, n)
@@ -331,7 +363,8 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             counts = infeasible[by].value_counts(sort=False)
             parts.append(f"Per {by}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
                          + "\n\n")
-        cols = [c for c in [*axes, *sens.AXES, "reason"] if c in infeasible]
+        hidden = named_by_label(axes, zipped)
+        cols = [c for c in [*axes, *sens.AXES, "reason"] if c in infeasible and c not in hidden]
         parts.append(md_table(infeasible[cols], n))
 
     if info.errors:
