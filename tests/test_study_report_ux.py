@@ -212,3 +212,38 @@ def test_capacity_table_says_a_point_does_not_fit_even_at_the_search_floor():
     (row,) = capacity_table(frame, ["model", "policy"], "policy", "max_context",
                             lo=1024).to_dict("records")
     assert (row["hybridgen"], row["gpu_only"]) == ("2068k", "does not fit at 1k")
+
+
+def test_each_derived_metric_has_its_own_summary_table(tmp_path):
+    """Two derived metrics grouped by different columns: one table of both showed each one's
+    group columns as '-' on the other's rows (cxl_sweep: `context -`, `policy -`)."""
+    from test_study_common import write_study
+
+    from hgsim.study import load_study
+    from hgsim.study.derived import compute_derived
+    from hgsim.study.report import RunInfo, write_report
+
+    plan = load_study(write_study(tmp_path, """\
+name: two
+base: {profile: h100-80gb-spr-cxl, model: llama-2-7b, workload: {context: 32k, gen: 2}}
+sweep:
+  - grid: {hardware.tiers.cxl0.latency_ns: [150, 300], policy: [hybridgen, flexgen]}
+derived:
+  speedup: {metric: tokens_per_s, of: {policy: hybridgen}, vs: {policy: flexgen}}
+  latency_cost: {metric: tokens_per_s, kind: ratio, vs: {hardware.tiers.cxl0.latency_ns: 150},
+                 group_by: [policy]}
+"""))
+    axes = ["hardware.tiers.cxl0.latency_ns", "policy"]
+    frame = pd.DataFrame({"hardware.tiers.cxl0.latency_ns": [150.0, 150.0, 300.0, 300.0],
+                          "policy": ["hybridgen", "flexgen"] * 2, "feasible": True,
+                          "tokens_per_s": [4.0, 2.0, 3.0, 2.0]})
+    frame = compute_derived(frame, plan.study.derived, axes, plan.study.zipped())
+    path = write_report(tmp_path / "report.md", plan.study, frame, axes,
+                        RunInfo(source="two.yaml", total=4, computed=4, reused=0, missing=0))
+    text = path.read_text()
+    speedup = text[text.index("`speedup`:\n"):text.index("`latency_cost`:\n")]
+    assert "| metric | vs | policy | n | no value | geomean |" in speedup
+    assert "| speedup | flexgen | hybridgen | 2 | 0 | 1.73 |" in speedup  # sqrt(2 x 1.5)
+    cost = text[text.index("`latency_cost`:\n"):text.index("## Infeasible")]
+    assert "| latency_cost | 150 | hybridgen | 1 | 0 | 0.750 |" in cost
+    assert "| - |" not in speedup + cost

@@ -351,7 +351,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "or its baseline infeasible), then statistics over the `n` (geometric mean "
                      "first); the baseline's own rows, equal to it by construction, are left "
                      "out.\n")
-        parts.append("\n" + md_table(summarize(frame, study.derived, zipped)))
+        # a table per metric: their groups differ, and one table of both showed each
+        # metric's group columns as "-" on the other's rows
+        for name, spec in study.derived.items():
+            parts.append(f"\n`{name}`:\n\n" + md_table(summarize(frame, {name: spec}, zipped)))
 
     parts += _equal_accuracy_parts(study, frame, n)
     parts += _pareto_parts(study, frame, n)
