@@ -247,3 +247,40 @@ derived:
     cost = text[text.index("`latency_cost`:\n"):text.index("## Infeasible")]
     assert "| latency_cost | 150 | hybridgen | 1 | 0 | 0.750 |" in cost
     assert "| - |" not in speedup + cost
+
+
+def test_elasticity_cells_are_fixed_decimals_and_marked_apart_from_axes():
+    """A swept axis (the host's cores) and a parameter of the same name had the same header;
+    values rounded to three decimals printed as -0.00800 and -0.000."""
+    from hgsim.study.report import TIME_SCALING, elasticity_cells
+
+    wide = pd.DataFrame({"hardware.sockets.cpu0.cores": [64], "sockets.cpu0.cores": [0.0510],
+                         "tiers.ddr0.latency_ns": [-0.0080001], "links.pcie0.latency_ns":
+                         [-0.0000004], TIME_SCALING: [0.9016]})
+    cells = elasticity_cells(wide, ["sockets.cpu0.cores", "tiers.ddr0.latency_ns",
+                                    "links.pcie0.latency_ns"])
+    assert cells.to_dict("records") == [{
+        "hardware.sockets.cpu0.cores": 64, "sockets.cpu0.cores (e)": "0.051",
+        "tiers.ddr0.latency_ns (e)": "-0.008", "links.pcie0.latency_ns (e)": "0.000",
+        TIME_SCALING: "0.902"}]
+
+
+def test_a_faceted_heatmap_titles_each_panel_above_it_not_in_its_colour_bars_margin():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import figure
+    from hgsim.study.schema import PlotSpec
+
+    frame = pd.DataFrame([{"hardware.sockets.cpu0.cores": cores, "workload.context": context,
+                           "policy": policy, "latency_ns": 150, "feasible": True, "v": 1.0}
+                          for cores in (64, 8) for context in (32768, 131072)
+                          for policy in ("a", "b")])
+    spec = PlotSpec(kind="heatmap", x="latency_ns", y="policy", value="v", col="workload.context",
+                    row="hardware.sockets.cpu0.cores")
+    grid = figure(frame, "h", spec, {})
+    assert grid.axes[1, 1].get_title() == "sockets.cpu0.cores = 64 | context = 128k"
+    assert not [t for t in grid.figure.texts if "cores" in t.get_text()]  # no margin title
+    plt.close(grid.figure)

@@ -132,8 +132,10 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
     if spec.kind == "bar" and _crowded(orders.get(spec.x, [])):
         _slant_x_labels(grid)
     if spec.row or spec.col:
-        grid.set_titles(row_template=f"{short(spec.row or '')} = {{row_name}}",
-                        col_template=f"{short(spec.col or '')} = {{col_name}}")
+        row_title = f"{short(spec.row or '')} = {{row_name}}"
+        col_title = f"{short(spec.col or '')} = {{col_name}}"
+        both = {"template": f"{row_title} | {col_title}"} if spec.row and spec.col else {}
+        grid.set_titles(row_template=row_title, col_template=col_title, **both)
     if data.empty or data[y_col].isna().all():
         grid.figure.text(0.5, 0.5, "no feasible points", ha="center", va="center")
     title = spec.title or name
@@ -378,8 +380,9 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
         axes.tick_params(axis="y", labelrotation=0)
         marked.update(_mark_empty_cells(axes, data, table, spec))
 
-    grid = sns.FacetGrid(data, **facet, margin_titles=not facet.get("col_wrap"),
-                         despine=False)
+    # no margin titles: each panel's colour bar stands where a row's title would, and the
+    # two ran into each other (cxl_sweep's "cores = 64" over "latency_cost")
+    grid = sns.FacetGrid(data, **facet, margin_titles=False, despine=False)
     grid.map_dataframe(draw)
     notes = [INFEASIBLE_CELL_NOTE] if "infeasible" in marked else []
     if "no value" in marked:
@@ -472,8 +475,8 @@ def draw_elasticity(table: pd.DataFrame, expansion, spec, out: Path
     if facets:  # one panel per combination of the other axes (zipped axes stay together)
         col = "regime"
         labels = table[facets].apply(
-            lambda r: ", ".join(f"{parameter_label(a)} = {ax.label(r[a])}" for a in facets),
-            axis=1)
+            lambda r: ", ".join(f"{parameter_label(a)} {_short_number(r[a])}" for a in facets),
+            axis=1)  # "regime = cpu0.cores 8, ddr0.capacity_gb 137", not "... = 137.439"
         table = table.assign(regime=labels)
         values["regime"] = list(dict.fromkeys(labels))
     table = table.assign(parameter=table["parameter"].map(parameter_label))
@@ -484,6 +487,13 @@ def draw_elasticity(table: pd.DataFrame, expansion, spec, out: Path
                     xlabel="hardware parameter", height=3.6, aspect=3.4)
     values["parameter"] = [parameter_label(p) for p in spec.parameters]
     return draw_all(table, {"elasticity": plot}, values, out)
+
+
+def _short_number(value: Any) -> str:
+    """A value in a panel title: counts as 128k, other numbers to three figures."""
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.3g}"
+    return ax.label(value)
 
 
 def parameter_label(path: str) -> str:

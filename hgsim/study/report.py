@@ -321,7 +321,8 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
         parts.append(f"Elasticity of `{spec.metric}` to each parameter (central difference over "
                      f"x{1 + spec.step:g} and /{1 + spec.step:g}, one parameter at a time; "
                      "`elasticity.csv` has every value): +1 = the metric follows the parameter, "
-                     "-1 = it falls as the parameter grows, 0 = no effect.\n\n")
+                     "-1 = it falls as the parameter grows, 0 = no effect; `(e)` marks "
+                     "those columns.\n\n")
         wide = sens.pivot(elasticity, axes, spec.parameters)
         roles = {p: sens.time_role(p) for p in spec.parameters}
         if any(roles.values()):
@@ -337,7 +338,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                          "difference averages over; `elasticity_down`/`_up` in "
                          "`elasticity.csv`). Rates: "
                          f"{named[1]}; times: {named[-1]}; in neither: {named[0]}.\n\n")
-        parts.append(md_table(wide.round(3), n, "elasticity.csv"))
+        parts.append(md_table(elasticity_cells(wide, spec.parameters), n, "elasticity.csv"))
 
     if study.derived and len(frame):
         parts.append("\n## Derived metrics\n")
@@ -388,6 +389,19 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     with written_whole(path) as fh:
         fh.write("".join(parts))
     return path
+
+
+def elasticity_cells(wide: pd.DataFrame, parameters: list[str]) -> pd.DataFrame:
+    """The sensitivity table as printed: elasticities to three decimals (-0.008, not the
+    -0.00800 three significant figures made of a value rounded to three decimals), and each
+    parameter's column marked ``(e)``: a swept axis of the same name (the host's cores)
+    stood beside it under the same header."""
+    values = [*parameters, TIME_SCALING]
+    def cell(value: float) -> str:
+        return "-" if pd.isna(value) else f"{round(value, 3) + 0.0:.3f}"  # no -0.000
+
+    cells = wide.assign(**{c: wide[c].map(cell) for c in values if c in wide})
+    return cells.rename(columns={p: f"{p} (e)" for p in parameters})
 
 
 def _equal_accuracy_parts(study: Study, frame: pd.DataFrame, n: int) -> list[str]:
