@@ -284,3 +284,27 @@ def test_a_faceted_heatmap_titles_each_panel_above_it_not_in_its_colour_bars_mar
     assert grid.axes[1, 1].get_title() == "sockets.cpu0.cores = 64 | context = 128k"
     assert not [t for t in grid.figure.texts if "cores" in t.get_text()]  # no margin title
     plt.close(grid.figure)
+
+
+def test_report_header_counts_rows_sharing_a_point_and_times_each_point_once(tmp_path):
+    """paper_reproduction: 288 rows of 192 points (an exact policy's equal-accuracy twins
+    are its configured point); the header said 'points: 192' beside a 288-row table and
+    summed the repeated rows' simulation time again (267 s for 246 s)."""
+    from test_study_common import write_study
+
+    from hgsim.study import load_study
+    from hgsim.study.report import RunInfo, write_report
+
+    plan = load_study(write_study(tmp_path, """\
+name: twins
+base: {profile: h100-80gb-spr-cxl, model: llama-2-7b, workload: {context: 32k, gen: 2}}
+sweep: {grid: {policy: [hybridgen, flexgen]}}
+"""))
+    frame = pd.DataFrame({"policy": ["hybridgen", "flexgen", "flexgen"], "feasible": True,
+                          "tokens_per_s": [4.0, 2.0, 2.0], "point": ["a", "b", "b"],
+                          "wall_s": [1.0, 2.0, 2.0]})
+    text = write_report(tmp_path / "report.md", plan.study, frame, ["policy"],
+                        RunInfo(source="t.yaml", total=2, computed=2, reused=0,
+                                missing=0)).read_text()
+    assert "- rows: 3; 1 repeat a point computed once" in text
+    assert "simulation time summed over points: 3.0 s" in text

@@ -261,10 +261,16 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
         f"- hgsim {__version__}, written {stamp}\n"
         f"- points: {info.total} ({info.computed} computed in this run, {info.reused} reused "
         f"from earlier runs, {info.missing} missing, {len(info.errors)} failed)\n"
-        f"- data: `results.parquet`, `results.csv` (one row per point)\n"
     )
+    if len(full) > info.total:  # the table has more rows than points were computed
+        parts.append(f"- rows: {len(full)}; {len(full) - info.total} repeat a point computed "
+                     "once (a configuration several rows share: an exact policy's "
+                     "equal-accuracy twins are its configured point)\n")
+    parts.append("- data: `results.parquet`, `results.csv` (one row per point)\n")
     if "wall_s" in frame and len(frame):
-        parts.append(f"- simulation time summed over points: {frame['wall_s'].sum():.1f} s; "
+        # once per point: a row repeating another's point did not run again
+        ran = frame.drop_duplicates("point") if "point" in frame else frame
+        parts.append(f"- simulation time summed over points: {ran['wall_s'].sum():.1f} s; "
                      f"this run took {info.elapsed_s:.1f} s\n")
 
     parts.append("\n## Configuration\n")
@@ -343,8 +349,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     if study.derived and len(frame):
         parts.append("\n## Derived metrics\n")
         for name, spec in study.derived.items():
-            what = {"speedup": f"speedup, {better(spec)} is better", "ratio": "point / baseline",
-                    "difference": "point - baseline"}[spec.kind]
+            ordered = ("point / baseline" if better(spec) == "higher" else
+                       f"baseline / point, as lower `{spec.metric}` is better")
+            what = {"speedup": f"speedup: {ordered}; above 1 the point is better",
+                    "ratio": "point / baseline", "difference": "point - baseline"}[spec.kind]
             of = _describe(spec.of) or "every point"
             parts.append(f"- `{name}` ({what}): `{spec.metric}` of {of} relative to the point "
                          f"with {_describe(spec.vs)} and the same other coordinates\n")
