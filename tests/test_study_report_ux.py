@@ -308,3 +308,14 @@ sweep: {grid: {policy: [hybridgen, flexgen]}}
                                 missing=0)).read_text()
     assert "- rows: 3; 1 repeat a point computed once" in text
     assert "simulation time summed over points: 3.0 s" in text
+
+
+def test_what_binds_keeps_a_row_where_no_policy_is_feasible():
+    from hgsim.study.report import binding_table
+
+    frame = _frame()
+    frame.loc[frame["workload.context"] == 131072, ["feasible", "binding"]] = (False, None)
+    table = binding_table(frame, ["workload.context", "policy"], "policy")
+    assert table["workload.context"].tolist() == [32768, 131072]
+    assert table[["hybridgen", "cpu_offload"]].iloc[1].isna().all()
+    assert "gpu_only" not in table  # infeasible everywhere: named in a note instead

@@ -180,7 +180,11 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
         table = data.pivot_table(index=others, columns=by, values="__cell", aggfunc="first",
                                  sort=False)
         order = [c for c in dict.fromkeys(data[by]) if c in table.columns]
-        return table[order].reset_index()
+        # a point where no policy ran is a row of dashes, as in the best-policy table ("none
+        # feasible"), not a row that is silently missing
+        every = frame[others].drop_duplicates()
+        return every.merge(table[order].reset_index(), on=others, how="left").reset_index(
+            drop=True)
     return data[[*axes, "__cell"]].rename(columns={"__cell": "binds"})
 
 
