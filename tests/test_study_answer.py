@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 from test_study_common import write_study
@@ -60,7 +61,9 @@ def test_gain_per_cost_over_the_reference_choice_by_hand():
     # 1M: HybridGen does not fit on the baseline (0 tokens/s) and fits with A only
     assert value[1048576, "HybridGen", "A"] == pytest.approx(0.2)
     assert value[1048576, "HybridGen", "B"] == pytest.approx(0.0)
-    assert ("baseline" not in set(table["label.upgrade"]))  # the reference is not a choice
+    # the reference is no choice: listed last, unvalued, so each gain can be checked by hand
+    reference = table[table["label.upgrade"] == "baseline (reference)"]
+    assert len(reference) == 4 and reference["value"].isna().all()
     members = {(r["workload.context"], r["policy"], r["label.upgrade"]): r["represented by"]
                for _, r in table.iterrows()}
     assert members[131072, "best baseline", "A"] == "cpu_offload"
@@ -125,6 +128,14 @@ def test_a_study_answers_its_question_in_the_reports_first_lines(tmp_path):
     assert lines[5].startswith("- baseline: **")
     frame = pd.read_parquet(out / "results.parquet")
     assert {"label.upgrade", "usd_per_mtok", "energy_j_per_token", "capex_usd"} <= set(frame)
+    # the label names the hardware zipped with it: the tables show the label alone
+    text = (out / "report.md").read_text()
+    best = text[text.index("## Best policy"):text.index("## What binds")]
+    assert "Columns zipped with `upgrade` are named by it (1 column;" in best
+    assert "| upgrade | best | tokens_per_s | runner-up | margin |" in best
+    assert "`margin`: best / runner-up tokens_per_s" in best
+    binds = text[text.index("## What binds"):]
+    assert "tiers.ddr0.bandwidth_gbps" not in binds.split("## Figures")[0]
 
 
 @pytest.mark.parametrize("old, new, expected", [
@@ -167,4 +178,66 @@ def test_the_ranking_table_is_never_cut_since_no_file_holds_it():
 
     text = section(_frame(), AXES, [SPEC])
     assert "more rows" not in text
-    assert text.count("| 128k |") == 4 and text.count("| 1M |") == 4  # 2 sets x 2 choices
+    # 2 sets x (2 choices + the reference, last and unvalued, to check each gain by hand)
+    assert text.count("| 128k |") == 6 and text.count("| 1M |") == 6
+    assert "| 1M | best baseline | flexgen | baseline (reference) | 1 | 100,000 | - |" in text
+
+
+def _settings_frame() -> pd.DataFrame:
+    """HybridGen at two top-k ratios and InfiniGen at one, each zipped with its ratio."""
+    speeds = {131072: {0.05: 4.5, 0.2: 2.5, 0.1: 5.5}, 524288: {0.05: 0.9, 0.2: 0.5, 0.1: NAN}}
+    policies = {0.05: "hybridgen", 0.2: "hybridgen", 0.1: "infinigen"}
+    rows = []
+    for context, by_ratio in speeds.items():
+        for ratio, tps in by_ratio.items():
+            rows.append({"policy": policies[ratio], "policy_options.topk_ratio": ratio,
+                         "workload.context": np.int64(context), "feasible": tps == tps,
+                         "tokens_per_s": tps})
+    return pd.DataFrame(rows)
+
+
+SETTINGS_AXES = ["policy", "policy_options.topk_ratio", "workload.context"]
+SETTINGS_ZIP = {"policy": ["policy_options.topk_ratio"],
+                "policy_options.topk_ratio": ["policy"]}
+
+
+def test_a_policy_at_two_zipped_settings_is_two_choices_named_by_setting():
+    spec = AnswerSpec(question="Fastest?", choose="policy", metric="tokens_per_s",
+                      per=["workload.context"])
+    table = ranking(_settings_frame(), SETTINGS_AXES, spec, SETTINGS_ZIP)
+    got = {(r["workload.context"], r["policy"]): r["value"] for _, r in table.iterrows()}
+    # not hybridgen's two ratios averaged into one "hybridgen" (3.5 and 0.7)
+    assert got[131072, "hybridgen (topk_ratio 0.05)"] == 4.5
+    assert got[131072, "hybridgen (topk_ratio 0.2)"] == 2.5
+    assert got[524288, "hybridgen (topk_ratio 0.05)"] == 0.9
+    lines = answer_lines(_settings_frame(), SETTINGS_AXES, spec, SETTINGS_ZIP)
+    assert lines[0] == ("- context 128k: **infinigen (topk_ratio 0.1)** (5.50 tokens_per_s); "
+                        "runner-up hybridgen (topk_ratio 0.05) (4.50)")
+    assert lines[1].startswith("- context 512k: **hybridgen (topk_ratio 0.05)** (0.900")
+
+
+def test_an_among_set_compares_its_members_across_their_zipped_settings():
+    spec = AnswerSpec(question="Which context?", choose="workload.context",
+                      metric="tokens_per_s", among={"column": "policy", "sets": {
+                          "lossy": ["hybridgen", "infinigen"]}})
+    table = ranking(_settings_frame(), SETTINGS_AXES, spec, SETTINGS_ZIP)
+    # one representative per context, the fastest member at any of its settings
+    assert table["value"].tolist() == [5.5, 0.9]
+    assert table["represented by"].tolist() == ["infinigen (topk_ratio 0.1)",
+                                                "hybridgen (topk_ratio 0.05)"]
+    (line,) = answer_lines(_settings_frame(), SETTINGS_AXES, spec, SETTINGS_ZIP)
+    assert line.startswith("- lossy: **128k** (5.50 tokens_per_s")  # np.int64 reads 128k
+    assert line.endswith("runner-up 512k (0.900)")
+
+
+def test_best_and_binding_tables_name_each_zipped_setting():
+    from hgsim.study.report import best_table, binding_table
+
+    frame = _settings_frame().assign(binding="ddr0 read", binding_share=0.5)
+    best = best_table(frame, SETTINGS_AXES, "policy", "tokens_per_s", SETTINGS_ZIP)
+    assert best[["best", "runner-up"]].values.tolist() == [
+        ["infinigen (topk_ratio 0.1)", "hybridgen (topk_ratio 0.05)"],
+        ["hybridgen (topk_ratio 0.05)", "hybridgen (topk_ratio 0.2)"]]
+    binds = binding_table(frame, SETTINGS_AXES, "policy", SETTINGS_ZIP)
+    assert list(binds.columns) == ["workload.context", "hybridgen (topk_ratio 0.05)",
+                                   "hybridgen (topk_ratio 0.2)", "infinigen (topk_ratio 0.1)"]

@@ -137,3 +137,20 @@ def test_summary_leaves_out_baseline_rows_and_counts_missing(frame):
     table = summarize(out, {"up": up}).set_index("policy")
     assert table.loc["flexgen", "n"] == 2
     assert table.loc["flexgen", "geomean"] == pytest.approx(math.sqrt(2.0 * 4.0))
+
+
+def test_summary_has_a_row_per_zipped_setting_of_its_group():
+    """HybridGen at two zipped top-k ratios: one geometric mean per ratio, not one over both
+    under the name hybridgen."""
+    frame = pd.DataFrame({"workload.context": [32768] * 3 + [131072] * 3,
+                          "policy": ["hybridgen", "hybridgen", "flexgen"] * 2,
+                          "policy_options.topk_ratio": [0.05, 0.2, None] * 2,
+                          "tokens_per_s": [8.0, 4.0, 2.0, 2.0, 1.0, 1.0]})
+    axes = ["policy", "policy_options.topk_ratio", "workload.context"]
+    zipped = {"policy": ["policy_options.topk_ratio"], "policy_options.topk_ratio": ["policy"]}
+    spec = DerivedSpec(metric="tokens_per_s", of={"policy": "hybridgen"},
+                       vs={"policy": "flexgen"})
+    out = compute_derived(frame, {"s": spec}, axes, zipped)
+    table = summarize(out, {"s": spec}, zipped).set_index("policy")
+    assert table.loc["hybridgen (topk_ratio 0.05)", "geomean"] == pytest.approx(8.0 ** 0.5)
+    assert table.loc["hybridgen (topk_ratio 0.2)", "geomean"] == pytest.approx(2.0 ** 0.5)

@@ -101,3 +101,23 @@ def test_other_sections_are_axes(tmp_path, axis):
     pts = points(tmp_path, f"sweep: [{{grid: {{{axis}: [4, 0.5]}}}}]\n".replace(
         "[4, 0.5]", "[4, 8]" if "fidelity" in axis else "[0.05, 0.5]"))
     assert len(pts) == 2 and pts[0].spec.key != pts[1].spec.key
+
+
+def test_null_in_a_zipped_option_leaves_it_unset_for_a_policy_without_it(tmp_path, capsys):
+    sweep = """\
+sweep:
+  - zip:
+      policy: [hybridgen, flexgen]
+      policy_options.topk_ratio: [0.05, {}]
+"""
+    hybridgen, flexgen = points(tmp_path, sweep.format("null"))
+    assert hybridgen.spec.policy_options == {"topk_ratio": 0.05}
+    assert flexgen.spec.policy_options == {}
+    assert flexgen.coords["policy_options.topk_ratio"] is None
+    from hgsim.cli import main
+
+    study = write_study(tmp_path, HEAD + sweep.format("0.1"))
+    assert main(["study", str(study), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "zip.policy_options.topk_ratio[1]: policy 'flexgen' has no option 'topk_ratio'" in err
+    assert err.endswith("write null for a policy without it") and "\n" not in err

@@ -76,6 +76,90 @@ def test_a_bar_chart_marks_infeasible_points_where_their_bars_would_be():
     plt.close(grid.figure)
 
 
+def test_a_bar_chart_marks_a_feasible_point_without_a_baseline_apart_from_infeasible():
+    """HybridGen at two zipped top-k ratios against FlexGen, which does not fit at 128k: the
+    speedup bars there are missing because the baseline is, not the point. Each setting is a
+    bar of its own (not their mean), the baseline, outside `of`, is no legend entry."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.derived import compute_derived
+    from hgsim.study.plots import NO_BASELINE_NOTE, figure
+    from hgsim.study.schema import DerivedSpec, PlotSpec
+
+    rows = []
+    for context, flexgen in ((32768, 2.0), (131072, math.nan)):
+        for policy, ratio, tps in (("hybridgen", 0.05, 8.0), ("hybridgen", 0.2, 4.0),
+                                   ("flexgen", None, flexgen)):
+            rows.append({"workload.context": context, "policy": policy,
+                         "policy_options.topk_ratio": ratio, "feasible": tps == tps,
+                         "tokens_per_s": tps})
+    axes = ["policy", "policy_options.topk_ratio", "workload.context"]
+    zipped = {"policy": ["policy_options.topk_ratio"], "policy_options.topk_ratio": ["policy"]}
+    derived = {"speedup": DerivedSpec(metric="tokens_per_s", of={"policy": "hybridgen"},
+                                      vs={"policy": "flexgen"})}
+    frame = compute_derived(pd.DataFrame(rows), derived, axes, zipped)
+    spec = PlotSpec(kind="bar", x="workload.context", y="speedup", hue="policy")
+    grid = figure(frame, "sp", spec, {"workload.context": [32768, 131072]}, zipped=zipped,
+                  derived=derived)
+    (panel,) = grid.axes.flat
+    assert [t.get_text() for t in grid.legend.texts] == [
+        "hybridgen (topk_ratio 0.05)", "hybridgen (topk_ratio 0.2)"]
+    assert sorted(b.get_height() for b in panel.patches if b.get_height() > 0) == [2.0, 4.0]
+    hollow = [line.get_xdata()[0] for line in panel.get_lines() if line.get_marker() == "o"]
+    assert hollow == pytest.approx([1 - 0.2, 1 + 0.2])  # both settings' slots at 128k
+    assert not [line for line in panel.get_lines() if line.get_marker() == "x"]
+    (note,) = [t.get_text() for t in grid.figure.texts if t.get_text().startswith("o:")]
+    assert note == NO_BASELINE_NOTE.format(y="speedup")
+    plt.close(grid.figure)
+
+
+def test_figures_read_counts_as_tables_do_and_no_labels_collide():
+    """A log axis of token counts reads 1k, 4k ... 1M (it read 1e+06 and 100000); the
+    heatmap's narrow cells slant their labels (64k128k256k ran together), an infeasible cell
+    is an x, not a blank; notes sit below the slanted labels; 'label.upgrade' reads
+    'upgrade' in legends."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import INFEASIBLE_CELL_NOTE, figure
+    from hgsim.study.schema import PlotSpec
+
+    contexts = [32768 * 2**i for i in range(5)]
+    rows = [{"workload.context": c, "policy": p, "feasible": not (p == "b" and c == contexts[-1]),
+             "max_context": float(c), "relative": 1.0, "label.upgrade": "x"}
+            for c in contexts for p in ("a", "b")]
+    frame = pd.DataFrame(rows)
+    frame.loc[~frame.feasible, ["max_context", "relative"]] = math.nan
+
+    bars = figure(frame, "cap", PlotSpec(kind="bar", x="workload.context", y="max_context",
+                                          logy=True, hue="label.upgrade"), {})
+    (panel,) = bars.axes.flat
+    bars.figure.canvas.draw()
+    labels = [t.get_text() for t in panel.get_yticklabels() if t.get_text()]
+    assert len(labels) >= 3 and all(t[-1] in "kM" for t in labels) and "512k" in labels
+    assert bars.legend.get_title().get_text() == "upgrade"
+    plt.close(bars.figure)
+
+    heat = figure(frame, "rel", PlotSpec(kind="heatmap", x="workload.context", y="policy",
+                                         value="relative", height=2.0, aspect=0.8),
+                  {"workload.context": contexts})
+    (panel,) = heat.axes.flat
+    renderer = heat.figure.canvas.get_renderer()
+    ticks = [t for t in panel.get_xticklabels() if t.get_text()]
+    assert [t.get_text() for t in ticks] == ["32k", "64k", "128k", "256k", "512k"]
+    assert all(t.get_rotation() == 35 for t in ticks)  # upright they overlapped
+    assert [t.get_text() for t in panel.texts if t.get_text() == "x"] == ["x"]
+    (note,) = [t for t in heat.figure.texts if t.get_text() == INFEASIBLE_CELL_NOTE]
+    lowest = min(t.get_window_extent(renderer).y0 for t in ticks)
+    assert note.get_window_extent(renderer).y1 < lowest
+    plt.close(heat.figure)
+
+
 def test_ratio_columns_are_the_speedups_and_ratios():
     from hgsim.study.derived import ratio_columns
     from hgsim.study.schema import DerivedSpec
@@ -118,3 +202,120 @@ def test_report_numbers_keep_three_significant_figures():
     assert [fmt(v) for v in (85.52, 151.3, 12.34, 0.01234, 1.5)] == [
         "85.5", "151", "12.3", "0.0123", "1.50"]
     assert fmt(99.96) == "100" and fmt(12345.6) == "12,346" and fmt(3.0) == "3"
+
+
+def test_capacity_table_says_a_point_does_not_fit_even_at_the_search_floor():
+    from hgsim.study.report import capacity_table
+
+    frame = pd.DataFrame({"model": ["m", "m"], "policy": ["hybridgen", "gpu_only"],
+                          "max_context": [2117632.0, math.nan], "capped": [False, False]})
+    (row,) = capacity_table(frame, ["model", "policy"], "policy", "max_context",
+                            lo=1024).to_dict("records")
+    assert (row["hybridgen"], row["gpu_only"]) == ("2068k", "does not fit at 1k")
+
+
+def test_each_derived_metric_has_its_own_summary_table(tmp_path):
+    """Two derived metrics grouped by different columns: one table of both showed each one's
+    group columns as '-' on the other's rows (cxl_sweep: `context -`, `policy -`)."""
+    from test_study_common import write_study
+
+    from hgsim.study import load_study
+    from hgsim.study.derived import compute_derived
+    from hgsim.study.report import RunInfo, write_report
+
+    plan = load_study(write_study(tmp_path, """\
+name: two
+base: {profile: h100-80gb-spr-cxl, model: llama-2-7b, workload: {context: 32k, gen: 2}}
+sweep:
+  - grid: {hardware.tiers.cxl0.latency_ns: [150, 300], policy: [hybridgen, flexgen]}
+derived:
+  speedup: {metric: tokens_per_s, of: {policy: hybridgen}, vs: {policy: flexgen}}
+  latency_cost: {metric: tokens_per_s, kind: ratio, vs: {hardware.tiers.cxl0.latency_ns: 150},
+                 group_by: [policy]}
+"""))
+    axes = ["hardware.tiers.cxl0.latency_ns", "policy"]
+    frame = pd.DataFrame({"hardware.tiers.cxl0.latency_ns": [150.0, 150.0, 300.0, 300.0],
+                          "policy": ["hybridgen", "flexgen"] * 2, "feasible": True,
+                          "tokens_per_s": [4.0, 2.0, 3.0, 2.0]})
+    frame = compute_derived(frame, plan.study.derived, axes, plan.study.zipped())
+    path = write_report(tmp_path / "report.md", plan.study, frame, axes,
+                        RunInfo(source="two.yaml", total=4, computed=4, reused=0, missing=0))
+    text = path.read_text()
+    speedup = text[text.index("`speedup`:\n"):text.index("`latency_cost`:\n")]
+    assert "| metric | vs | policy | n | no value | geomean |" in speedup
+    assert "| speedup | flexgen | hybridgen | 2 | 0 | 1.73 |" in speedup  # sqrt(2 x 1.5)
+    cost = text[text.index("`latency_cost`:\n"):text.index("## Infeasible")]
+    assert "| latency_cost | 150 | hybridgen | 1 | 0 | 0.750 |" in cost
+    assert "| - |" not in speedup + cost
+
+
+def test_elasticity_cells_are_fixed_decimals_and_marked_apart_from_axes():
+    """A swept axis (the host's cores) and a parameter of the same name had the same header;
+    values rounded to three decimals printed as -0.00800 and -0.000."""
+    from hgsim.study.report import TIME_SCALING, elasticity_cells
+
+    wide = pd.DataFrame({"hardware.sockets.cpu0.cores": [64], "sockets.cpu0.cores": [0.0510],
+                         "tiers.ddr0.latency_ns": [-0.0080001], "links.pcie0.latency_ns":
+                         [-0.0000004], TIME_SCALING: [0.9016]})
+    cells = elasticity_cells(wide, ["sockets.cpu0.cores", "tiers.ddr0.latency_ns",
+                                    "links.pcie0.latency_ns"])
+    assert cells.to_dict("records") == [{
+        "hardware.sockets.cpu0.cores": 64, "sockets.cpu0.cores (e)": "0.051",
+        "tiers.ddr0.latency_ns (e)": "-0.008", "links.pcie0.latency_ns (e)": "0.000",
+        TIME_SCALING: "0.902"}]
+
+
+def test_a_faceted_heatmap_titles_each_panel_above_it_not_in_its_colour_bars_margin():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import figure
+    from hgsim.study.schema import PlotSpec
+
+    frame = pd.DataFrame([{"hardware.sockets.cpu0.cores": cores, "workload.context": context,
+                           "policy": policy, "latency_ns": 150, "feasible": True, "v": 1.0}
+                          for cores in (64, 8) for context in (32768, 131072)
+                          for policy in ("a", "b")])
+    spec = PlotSpec(kind="heatmap", x="latency_ns", y="policy", value="v", col="workload.context",
+                    row="hardware.sockets.cpu0.cores")
+    grid = figure(frame, "h", spec, {})
+    assert grid.axes[1, 1].get_title() == "sockets.cpu0.cores = 64 | context = 128k"
+    assert not [t for t in grid.figure.texts if "cores" in t.get_text()]  # no margin title
+    plt.close(grid.figure)
+
+
+def test_report_header_counts_rows_sharing_a_point_and_times_each_point_once(tmp_path):
+    """paper_reproduction: 288 rows of 192 points (an exact policy's equal-accuracy twins
+    are its configured point); the header said 'points: 192' beside a 288-row table and
+    summed the repeated rows' simulation time again (267 s for 246 s)."""
+    from test_study_common import write_study
+
+    from hgsim.study import load_study
+    from hgsim.study.report import RunInfo, write_report
+
+    plan = load_study(write_study(tmp_path, """\
+name: twins
+base: {profile: h100-80gb-spr-cxl, model: llama-2-7b, workload: {context: 32k, gen: 2}}
+sweep: {grid: {policy: [hybridgen, flexgen]}}
+"""))
+    frame = pd.DataFrame({"policy": ["hybridgen", "flexgen", "flexgen"], "feasible": True,
+                          "tokens_per_s": [4.0, 2.0, 2.0], "point": ["a", "b", "b"],
+                          "wall_s": [1.0, 2.0, 2.0]})
+    text = write_report(tmp_path / "report.md", plan.study, frame, ["policy"],
+                        RunInfo(source="t.yaml", total=2, computed=2, reused=0,
+                                missing=0)).read_text()
+    assert "- rows: 3; 1 repeat a point computed once" in text
+    assert "simulation time summed over points: 3.0 s" in text
+
+
+def test_what_binds_keeps_a_row_where_no_policy_is_feasible():
+    from hgsim.study.report import binding_table
+
+    frame = _frame()
+    frame.loc[frame["workload.context"] == 131072, ["feasible", "binding"]] = (False, None)
+    table = binding_table(frame, ["workload.context", "policy"], "policy")
+    assert table["workload.context"].tolist() == [32768, 131072]
+    assert table[["hybridgen", "cpu_offload"]].iloc[1].isna().all()
+    assert "gpu_only" not in table  # infeasible everywhere: named in a note instead

@@ -35,18 +35,22 @@ def _numeric(frame: pd.DataFrame, column: str) -> pd.Series:
     return values
 
 
-def represent(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> pd.DataFrame:
+def represent(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec,
+              zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Rows with ``__set`` (the ``among`` set, or "" without one) and ``__member`` (the value
-    of ``among.column`` that represents the set there; "none feasible" when none is)."""
+    of ``among.column`` that represents the set there, with the options zipped with it where
+    they tell its settings apart; "none feasible" when none is). Axes zipped with
+    ``among.column`` move with it: its members are compared across them."""
     if spec.among is None:
         return frame.assign(**{SET: "", MEMBER: ""})
     among = spec.among
     lower = _lower(among.better, among.rank_by)
-    others = [a for a in axes if a != among.column]
+    others = ax.held_equal(axes, [among.column], zipped)
+    named = frame.assign(__name=ax.choice_names(frame, among.column, zipped))
     parts = []
     for name, members in among.sets.items():
         wanted = ax.normalize(among.column, members)
-        subset = frame[frame[among.column].isin(wanted)]
+        subset = named[named[among.column].isin(wanted)]
         subset = subset.assign(__rank=_numeric(subset, among.rank_by))
         groups = subset.groupby(others, sort=False, dropna=False) if others else [((), subset)]
         for _, group in groups:
@@ -54,24 +58,30 @@ def represent(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> pd.Data
             if ranked.empty:
                 row = group.iloc[[0]].assign(**{MEMBER: "none feasible"})
             else:
-                row = ranked.iloc[[0]].assign(**{MEMBER: ranked.iloc[0][among.column]})
-            parts.append(row.assign(**{SET: name}).drop(columns="__rank"))
+                row = ranked.iloc[[0]].assign(**{MEMBER: ranked.iloc[0]["__name"]})
+            parts.append(row.assign(**{SET: name}).drop(columns=["__rank", "__name"]))
     return pd.concat(parts, ignore_index=True) if parts else frame.iloc[0:0]
 
 
-def ranking(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> pd.DataFrame:
+def ranking(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec,
+            zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Every choice's value per (``per``..., set), best first within each group. Columns:
     the ``per`` columns, ``set``, ``represented by``, the choice, the metric, the cost (with
-    ``gain_vs``) and ``value`` (what ranks it)."""
-    data = represent(frame, axes, spec)
+    ``gain_vs``) and ``value`` (what ranks it). A choice is a value of ``choose`` with the
+    axes zipped with it where they tell its settings apart (HybridGen at two top-k ratios
+    is two choices, named with their ratios)."""
+    data = represent(frame, axes, spec, zipped)
     data = data.assign(**{VALUE: _numeric(data, spec.metric)})
     keys = [*spec.per, SET]
+    partners = ax.partners(data, spec.choose, zipped)
     # one row per choice in each group: other axes (if any) are averaged over
     aggregations = {VALUE: "mean", MEMBER: lambda s: ", ".join(dict.fromkeys(map(str, s)))}
     if spec.cost:
         aggregations[spec.cost] = "mean"
-    table = data.groupby([*keys, spec.choose], sort=False, dropna=False).agg(
+    table = data.groupby([*keys, spec.choose, *partners], sort=False, dropna=False).agg(
         aggregations).reset_index()
+    raw_choice = table[spec.choose]  # the reference of gain_vs is a value as written
+    table = table.assign(**{spec.choose: ax.choice_names(table, spec.choose, zipped)})
     table = table.rename(columns={VALUE: spec.metric} if spec.metric != spec.cost else {})
     metric = table[spec.metric]
     lower = _lower(spec.better, spec.metric)
@@ -80,7 +90,7 @@ def ranking(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> pd.DataFr
         produced = metric.fillna(0.0)  # an infeasible point produces nothing
         out = []
         for _, group in table.groupby(keys, sort=False, dropna=False):
-            ref = group[group[spec.choose] == reference]
+            ref = group[raw_choice[group.index] == reference]
             if ref.empty:
                 continue
             base_metric = produced[ref.index[0]]
@@ -93,7 +103,10 @@ def ranking(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> pd.DataFr
             gain = delta / extra * spec.scale
             out.append(group.assign(value=gain.where(extra > 0)))
         table = pd.concat(out) if out else table.assign(value=math.nan)
-        table = table[table[spec.choose] != reference]
+        # the reference stays, last and unvalued, so that every gain can be checked by hand
+        is_reference = raw_choice[table.index] == reference
+        table = table.assign(**{spec.choose: table[spec.choose].where(
+            ~is_reference, table[spec.choose].map(lambda c: f"{ax.label(c)} (reference)"))})
     else:
         table = table.assign(value=metric)
     table = table.assign(__order=table["value"] if lower else -table["value"])
@@ -112,9 +125,10 @@ def ranking(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> pd.DataFr
     return table.rename(columns=names).reset_index(drop=True)
 
 
-def answer_lines(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec) -> list[str]:
+def answer_lines(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec,
+                 zipped: dict[str, list[str]] | None = None) -> list[str]:
     """One markdown bullet per group: the best choice, its value and the runner-up."""
-    table = ranking(frame, axes, spec)
+    table = ranking(frame, axes, spec, zipped)
     set_column = spec.among.column if spec.among else None
     keys = [*spec.per, *([set_column] if set_column else [])]
     what = _value_words(spec)
@@ -177,7 +191,8 @@ def _number(value: float) -> str:
     return three_figures(value)
 
 
-def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec]) -> str:
+def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec],
+            zipped: dict[str, list[str]] | None = None) -> str:
     """The report's answer section: each question, its bullets, then its ranking table."""
     parts = []
     for spec in specs:
@@ -185,7 +200,7 @@ def section(frame: pd.DataFrame, axes: list[str], specs: list[AnswerSpec]) -> st
         if frame.empty:
             parts.append("_(no results yet)_\n")
             continue
-        parts.append("\n".join(answer_lines(frame, axes, spec)) + "\n")
+        parts.append("\n".join(answer_lines(frame, axes, spec, zipped)) + "\n")
         parts.append(f"\nEvery choice, best first ({_value_words(spec)} as `value`):\n\n")
-        parts.append(md_table(ranking(frame, axes, spec)))  # no file has it: never cut
+        parts.append(md_table(ranking(frame, axes, spec, zipped)))  # no file has it: never cut
     return "".join(parts)

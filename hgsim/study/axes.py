@@ -10,7 +10,10 @@ filters in derived metrics and plots (``where: {workload.context: 32k}``) match 
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
+
+import pandas as pd
 
 from hgsim.units import dimension_of, parse_count, parse_quantity
 
@@ -34,6 +37,34 @@ def held_equal(axes: list[str], varying, zipped: dict[str, list[str]] | None = N
     for axis in varying:
         moving.update((zipped or {}).get(axis, ()))
     return [a for a in axes if a not in moving]
+
+
+def partners(frame: pd.DataFrame, column: str,
+             zipped: dict[str, list[str]] | None = None) -> list[str]:
+    """The axes zipped with ``column`` that tell apart points sharing a value of it
+    (``policy: [hybridgen, hybridgen]`` zipped with two top-k ratios): a choice among
+    ``column``'s values is then a value together with these."""
+    if column not in frame:
+        return []
+    return [other for other in (zipped or {}).get(column, ()) if other in frame
+            and frame.groupby(column, dropna=False, sort=False)[other]
+            .nunique(dropna=False).gt(1).any()]
+
+
+def choice_names(frame: pd.DataFrame, column: str,
+                 zipped: dict[str, list[str]] | None = None) -> pd.Series:
+    """``column`` as the choices a reader tells apart: its values as they are where each
+    names one choice, else text naming the partners too (``hybridgen (topk_ratio 0.05)``),
+    so two settings of one policy are neither merged nor printed as the same name."""
+    names = partners(frame, column, zipped)
+    if not names:
+        return frame[column]
+
+    def name(row: pd.Series) -> str:
+        extra = [f"{p.rsplit('.', 1)[-1]} {label(row[p])}" for p in names if pd.notna(row[p])]
+        return label(row[column]) + (f" ({', '.join(extra)})" if extra else "")
+
+    return frame.apply(name, axis=1).astype(object)
 
 
 def section(path: str) -> tuple[str, str]:
@@ -96,8 +127,10 @@ def _canonical_model(name: str) -> str:
 
 def label(value: Any) -> str:
     """Short text for a value in titles and legends: 131072 -> 128k."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         return str(value)
+    # numpy numbers too, as the results table's cells are (np.int64 is no int)
+    value = int(value) if isinstance(value, numbers.Integral) else float(value)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, int) and value >= 1024:

@@ -112,12 +112,14 @@ def _combine(value: pd.Series, base: pd.Series, spec: DerivedSpec) -> pd.Series:
     return out.replace([np.inf, -np.inf], np.nan).astype(float)
 
 
-def summarize(frame: pd.DataFrame, derived: dict[str, DerivedSpec]) -> pd.DataFrame:
+def summarize(frame: pd.DataFrame, derived: dict[str, DerivedSpec],
+              zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Per derived column and group: n, geometric mean, mean, min and max, and how many
     rows had no value (the point or its baseline infeasible or missing).
 
     Groups are ``group_by`` (default: the ``of`` axes, so "hybridgen vs flexgen" is one
-    row; with no ``of``, the ``vs`` axes, so each policy's ratio to the baseline is a row).
+    row; with no ``of``, the ``vs`` axes, so each policy's ratio to the baseline is a row);
+    a group value run at several settings of an axis zipped with it is a row per setting.
     The baseline's own rows are left out: they compare with themselves (1, or 0 for a
     difference) by construction, and would pull every average toward no change.
     """
@@ -128,6 +130,8 @@ def summarize(frame: pd.DataFrame, derived: dict[str, DerivedSpec]) -> pd.DataFr
             data = frame[~select(frame, selection)]
             if spec.of:
                 data = data[select(data, spec.of)]
+            data = data.assign(**{g: ax.choice_names(data, g, zipped) for g in group_by
+                                  if ax.partners(data, g, zipped)})
             vs = ", ".join(ax.label(v) for v in selection.values())
             groups = data.groupby(group_by, sort=False, dropna=False) if group_by else \
                 [((), data)]

@@ -391,8 +391,13 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     option_locs: dict[str, Loc] = {k: ("base", "policy_options", k) for k in options}
     for path in values:
         if path.startswith("policy_options."):
-            options[path.split(".", 1)[1]] = values[path]
-            option_locs[path.split(".", 1)[1]] = locs[path]
+            option = path.split(".", 1)[1]
+            if values[path] is None:  # not set here: the policy's default, or no such option
+                options.pop(option, None)
+                option_locs.pop(option, None)
+                continue
+            options[option] = values[path]
+            option_locs[option] = locs[path]
     canonical_options = _check_policy(policy, options, policy_loc, option_locs, doc)
     try:  # an option that names a part of the machine: checked against this point's profile
         host_socket_name(profile, canonical_options.get("host_socket"))
@@ -453,7 +458,9 @@ def _check_policy(policy: Any, options: dict[str, Any], loc: Loc, option_locs: d
     except registry.UnknownPolicyError as exc:
         raise doc.error(loc, str(exc)) from None
     except OptionError as exc:
-        hint = "; use a zip group to pair policies with their own options" if exc.unknown else ""
+        zipped = len(option_locs.get(exc.option, ())) > 1 and option_locs[exc.option][2] == "zip"
+        hint = ("; write null for a policy without it" if zipped else
+                "; use a zip group to pair policies with their own options") if exc.unknown else ""
         raise doc.error(option_locs.get(exc.option, loc), exc.reason + hint) from None
 
 

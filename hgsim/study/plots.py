@@ -16,10 +16,10 @@ import pandas as pd
 from hgsim.outputs import written_whole
 from hgsim.study import axes as ax
 from hgsim.study.derived import select
-from hgsim.study.schema import PlotSpec
+from hgsim.study.schema import DerivedSpec, PlotSpec
 
 FORMATS = ("png", "svg")
-_PREFIXES = ("workload.", "policy_options.", "fidelity.", "hardware.")
+_PREFIXES = ("workload.", "policy_options.", "fidelity.", "hardware.", "label.")
 
 
 def short(column: str) -> str:
@@ -31,11 +31,15 @@ def short(column: str) -> str:
 
 
 def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[str, list],
-             out: Path, ratios: set[str] | frozenset[str] = frozenset()
+             out: Path, ratios: set[str] | frozenset[str] = frozenset(),
+             zipped: dict[str, list[str]] | None = None,
+             derived: dict[str, DerivedSpec] | None = None,
              ) -> tuple[list[Path], dict[str, str]]:
     """Every plot into ``out``; returns written files and {plot: error} for failed ones.
     ``ratios``: columns that are ratios (``derived.ratio_columns``), coloured around 1 on a
-    log scale in heatmaps."""
+    log scale in heatmaps; ``zipped``: axis -> its zip partners (a policy at two zipped
+    settings is two legend entries); ``derived``: the study's derived metrics (a derived
+    column is drawn for the rows its ``of`` selects)."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -44,7 +48,7 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
     failed: dict[str, str] = {}
     for name, spec in plots.items():
         try:
-            written += draw(frame, name, spec, axis_values, out, ratios)
+            written += draw(frame, name, spec, axis_values, out, ratios, zipped, derived)
         except Exception as exc:  # noqa: BLE001 - one bad figure must not lose the others
             failed[name] = f"{type(exc).__name__}: {exc}"
             for fmt in FORMATS:  # an earlier run's figure would pass for this run's
@@ -53,10 +57,12 @@ def draw_all(frame: pd.DataFrame, plots: dict[str, PlotSpec], axis_values: dict[
 
 
 def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
-         out: Path, ratios: set[str] | frozenset[str] = frozenset()) -> list[Path]:
+         out: Path, ratios: set[str] | frozenset[str] = frozenset(),
+         zipped: dict[str, list[str]] | None = None,
+         derived: dict[str, DerivedSpec] | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
 
-    grid = figure(frame, name, spec, axis_values, ratios)
+    grid = figure(frame, name, spec, axis_values, ratios, zipped, derived)
     paths = []
     for fmt in FORMATS:
         path = out / f"{name}.{fmt}"
@@ -68,7 +74,9 @@ def draw(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, 
 
 
 def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str, list],
-           ratios: set[str] | frozenset[str] = frozenset()):
+           ratios: set[str] | frozenset[str] = frozenset(),
+           zipped: dict[str, list[str]] | None = None,
+           derived: dict[str, DerivedSpec] | None = None):
     """The plot's seaborn grid, drawn and titled but not saved (tests read it back)."""
     import seaborn as sns
 
@@ -77,8 +85,11 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
         raise KeyError(f"column '{missing[0]}' is not in the results")
     data = frame[select(frame, spec.where)] if spec.where else frame
     y_col = spec.value if spec.kind == "heatmap" else spec.y
+    of = _derived_of(y_col, derived)
+    if of:  # rows outside `of` have no value by construction (the baseline's, say): no bars
+        data = data[select(data, of)]
     data = data.assign(**{y_col: pd.to_numeric(data[y_col], errors="coerce")})
-    data, orders = _categories(data, spec, axis_values)
+    data, orders = _categories(data, spec, axis_values, zipped)
 
     sns.set_theme(style="whitegrid", context="paper")
     facet = {"row": spec.row, "col": spec.col, "height": spec.height, "aspect": spec.aspect,
@@ -105,7 +116,7 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
     else:
         grid = _heatmap(data, spec, facet, orders, spec.value in ratios)
     if spec.kind == "bar":
-        _mark_infeasible_bars(grid, data, spec, orders)
+        _mark_missing_bars(grid, data, spec, orders, derived_from=_derived_name(y_col, derived))
     if spec.kind == "pareto":
         from hgsim.study.pareto import draw_fronts
 
@@ -113,62 +124,139 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
         draw_fronts(grid, data, spec)
     if spec.logx and spec.kind != "heatmap":
         grid.set(xscale="log")
-        _plain_log_ticks(grid, "x", _numeric(axis_values.get(spec.x)))
+        _plain_log_ticks(grid, "x", _numeric(axis_values.get(spec.x)), _is_count(spec.x))
     if spec.logy and spec.kind != "heatmap":
         grid.set(yscale="log")
-        _plain_log_ticks(grid, "y", None)
+        _plain_log_ticks(grid, "y", None, _is_count(spec.y))
     grid.set_axis_labels(spec.xlabel or short(spec.x), spec.ylabel or short(spec.y))
     if spec.kind == "bar" and _crowded(orders.get(spec.x, [])):
-        for axes in grid.axes.flat:
-            axes.tick_params(axis="x", labelrotation=35)
-            for text in axes.get_xticklabels():
-                text.set_horizontalalignment("right")
+        _slant_x_labels(grid)
     if spec.row or spec.col:
-        grid.set_titles(row_template=f"{short(spec.row or '')} = {{row_name}}",
-                        col_template=f"{short(spec.col or '')} = {{col_name}}")
+        row_title = f"{short(spec.row or '')} = {{row_name}}"
+        col_title = f"{short(spec.col or '')} = {{col_name}}"
+        both = {"template": f"{row_title} | {col_title}"} if spec.row and spec.col else {}
+        grid.set_titles(row_template=row_title, col_template=col_title, **both)
     if data.empty or data[y_col].isna().all():
         grid.figure.text(0.5, 0.5, "no feasible points", ha="center", va="center")
     title = spec.title or name
     grid.figure.suptitle(title, y=1.02)
+    legend = getattr(grid, "legend", None) or getattr(grid, "_legend", None)
+    for text in (legend.texts + [legend.get_title()]) if legend else []:
+        if text.get_text() in (spec.hue, spec.style):  # "label.upgrade" -> "upgrade"
+            text.set_text(short(text.get_text()))
+    if _labels_overlap(grid):  # narrow cells ("64k128k256k" under a heatmap)
+        _slant_x_labels(grid)
+    _place_notes(grid)
     return grid
+
+
+def _is_count(column: str | None) -> bool:
+    """A column of tokens or sequences, labelled 32k and 1M like the tables."""
+    return bool(column) and column.rsplit(".", 1)[-1] in ax.COUNT_COLUMNS
+
+
+def _slant_x_labels(grid) -> None:
+    for axes in grid.axes.flat:
+        axes.tick_params(axis="x", labelrotation=35)
+        for text in axes.get_xticklabels():
+            text.set_horizontalalignment("right")
+
+
+def _labels_overlap(grid) -> bool:
+    """Whether two x tick labels of a panel run into each other as drawn."""
+    renderer = grid.figure.canvas.get_renderer()
+    for axes in grid.axes.flat:
+        boxes = sorted((t.get_window_extent(renderer) for t in axes.get_xticklabels()
+                        if t.get_visible() and t.get_text()), key=lambda b: b.x0)
+        if any(b.x0 < a.x1 + 2 for a, b in zip(boxes, boxes[1:], strict=False)):
+            return True
+    return False
+
+
+#: Notes under a figure (what a mark means) carry this gid, so they are placed last.
+NOTE_GID = "hgsim-note"
+
+
+def _note(grid, text: str) -> None:
+    grid.figure.text(0.01, 0.0, text, ha="left", va="top", fontsize=8, gid=NOTE_GID)
+
+
+def _place_notes(grid) -> None:
+    """Notes below everything else drawn (slanted tick labels reach below the figure's
+    edge, where a note at its foot ran into them)."""
+    figure = grid.figure
+    notes = [t for t in figure.texts if t.get_gid() == NOTE_GID]
+    if not notes:
+        return
+    renderer = figure.canvas.get_renderer()
+    bottom = min(a.get_tightbbox(renderer).y0 for a in figure.axes)
+    height = figure.bbox.height
+    for text in notes:
+        text.set_y(min(0.0, (bottom - 6) / height))
 
 
 #: What a bar that is missing because its point does not fit is drawn as.
 INFEASIBLE_MARK = {"marker": "x", "color": "0.25", "markersize": 7, "linestyle": "none"}
 INFEASIBLE_NOTE = "x: infeasible point, no bar (does not fit; reasons in report.md)"
+#: What a bar that is missing although its point ran is drawn as: a hollow circle.
+NO_VALUE_MARK = {"marker": "o", "markerfacecolor": "none", "markeredgecolor": "0.25",
+                 "markersize": 6, "linestyle": "none"}
+NO_VALUE_NOTE = "o: feasible point, no bar: it has no {y} value"
+NO_BASELINE_NOTE = "o: feasible point, no bar: no baseline for {y} there (infeasible or not run)"
 
 
-def _mark_infeasible_bars(grid, data: pd.DataFrame, spec: PlotSpec,
-                          orders: dict[str, list[str]]) -> None:
-    """An x at the foot of every bar whose points are all infeasible, and a note saying so,
-    so that a missing bar does not read as zero or as a point not run. Bars sit where
-    seaborn dodges them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n."""
+def _derived_of(column: str, derived: dict[str, DerivedSpec] | None) -> dict[str, Any]:
+    """The ``of`` selection of the derived metric that makes ``column`` ({} if none)."""
+    name = _derived_name(column, derived)
+    return derived[name].of if name else {}
+
+
+def _derived_name(column: str, derived: dict[str, DerivedSpec] | None) -> str | None:
+    from hgsim.study.derived import derived_columns
+
+    return derived_columns(derived).get(column) if derived else None
+
+
+def _mark_missing_bars(grid, data: pd.DataFrame, spec: PlotSpec, orders: dict[str, list[str]],
+                       derived_from: str | None = None) -> None:
+    """A mark at the foot of every bar that has no value, and a note under the figure, so
+    that a missing bar does not read as zero or as a point not run: an x where every point
+    of the bar is infeasible, a hollow o where a point ran but has no value (a derived
+    metric whose baseline is infeasible there, a NaN metric). Bars sit where seaborn dodges
+    them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n."""
     from matplotlib.transforms import blended_transform_factory
 
     if "feasible" not in data:
         return
     hue_order = orders.get(spec.hue) if spec.hue else None
     x_order = orders.get(spec.x, [])
-    marked = False
+    marked: set[str] = set()
+    keys = [spec.x, spec.hue] if spec.hue else [spec.x]
     for (i, j, _), facet in grid.facet_data():
         if facet.empty:
             continue
-        feasible = facet["feasible"].fillna(False).astype(bool)
-        keys = [spec.x, spec.hue] if spec.hue else [spec.x]
-        cells = facet.assign(__ok=feasible).groupby(keys, sort=False, observed=True)["__ok"]
+        cells = facet.assign(__ok=facet["feasible"].fillna(False).astype(bool),
+                             __has=facet[spec.y].notna()).groupby(keys, sort=False,
+                                                                 observed=True)
         axes = grid.axes.flat[j] if spec.col_wrap else grid.axes[i, j]
-        for key, ok in cells:
-            if ok.any():
+        for key, cell in cells:
+            if cell["__has"].any():
                 continue
+            kind = "no value" if cell["__ok"].any() else "infeasible"
             key = key if isinstance(key, tuple) else (key,)
             position = x_order.index(key[0])
             if hue_order:
                 position += -0.4 + 0.8 * (hue_order.index(key[1]) + 0.5) / len(hue_order)
             axes.plot([position], [0.02], transform=blended_transform_factory(
-                axes.transData, axes.transAxes), clip_on=False, **INFEASIBLE_MARK)
-            marked = True
-    if marked:
-        grid.figure.text(0.01, 0.0, INFEASIBLE_NOTE, ha="left", va="top", fontsize=8)
+                axes.transData, axes.transAxes), clip_on=False,
+                **(NO_VALUE_MARK if kind == "no value" else INFEASIBLE_MARK))
+            marked.add(kind)
+    notes = [INFEASIBLE_NOTE] if "infeasible" in marked else []
+    if "no value" in marked:
+        notes.append((NO_BASELINE_NOTE if derived_from else NO_VALUE_NOTE).format(
+            y=short(spec.y)))
+    if notes:
+        _note(grid, "\n".join(notes))
 
 
 def _crowded(labels: list[str]) -> bool:
@@ -183,29 +271,52 @@ def _numeric(values: list | None) -> list[float] | None:
     return None
 
 
-def _plain_log_ticks(grid, which: str, ticks: list[float] | None) -> None:
-    """Log axes labelled 16, 32, 64 rather than 2x10^1: swept values as ticks when known,
-    otherwise plain-number labels on matplotlib's own log ticks."""
-    from matplotlib.ticker import FuncFormatter, LogFormatter, NullFormatter
+def _plain_log_ticks(grid, which: str, ticks: list[float] | None, count: bool = False) -> None:
+    """Log axes labelled 16, 32, 64 rather than 2x10^1: swept values as ticks when known;
+    token counts at powers of two read 32k, 1M (as in the tables; 1e+06 before); otherwise
+    plain numbers at the decades, and at 2 and 5 between them where the axis spans less
+    than three decades (0.3 and 0.4, 300 and 400 ran into each other)."""
+    import math
 
-    class PlainLog(LogFormatter):
-        def _num_to_string(self, x, vmin, vmax):  # 0.6 rather than 6e-01
-            return f"{x:g}"
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
-    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    plain = FuncFormatter(lambda v, _: ax.label(v) if count else f"{v:g}")
     for axes in grid.axes.flat:
         axis = axes.xaxis if which == "x" else axes.yaxis
+        low, high = sorted(axes.get_xlim() if which == "x" else axes.get_ylim())
         if ticks and len(ticks) <= 12:
             (axes.set_xticks if which == "x" else axes.set_yticks)(ticks)
-            axis.set_major_formatter(plain)
             axis.set_minor_formatter(NullFormatter())
-        else:
-            axis.set_major_formatter(PlainLog(labelOnlyBase=False))
-            axis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+            axis.set_major_formatter(plain)
+            continue
+        if count and low > 0:
+            first, last = math.ceil(math.log2(low)), math.floor(math.log2(high))
+            step = next(s for s in (1, 2, 5, 10, 20) if (last - first) // s < 8)
+            powers = [2.0 ** e for e in range(first, last + 1) if e % step == 0]
+            if len(powers) >= 2:
+                axis.set_major_locator(FixedLocator(powers))
+                axis.set_minor_locator(NullLocator())
+                axis.set_major_formatter(plain)
+                continue
+        spans = math.log10(high / low) if low > 0 else math.inf
+        mantissas = (1, 2, 5) if spans < 3 else (1,)
+        axis.set_major_formatter(plain)
+        axis.set_minor_formatter(FuncFormatter(
+            lambda v, _, m=mantissas: plain(v) if _mantissa(v) in m else ""))
 
 
-def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]):
-    """Categorical roles (facets, hue, style, bar x) as labelled strings in study order."""
+def _mantissa(value: float) -> int:
+    """The leading digit of a log-axis tick: 3 for 300."""
+    import math
+
+    return round(value / 10 ** math.floor(math.log10(value) + 1e-9)) if value > 0 else 0
+
+
+def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list],
+                zipped: dict[str, list[str]] | None = None):
+    """Categorical roles (facets, hue, style, bar x) as labelled strings in study order; a
+    value run at several settings of an axis zipped with it is one category per setting,
+    named with it (``hybridgen (topk_ratio 0.05)``), not their mean under one name."""
     roles = [spec.row, spec.col, spec.hue, spec.style]
     if spec.kind in ("bar", "heatmap"):
         roles += [spec.x]
@@ -214,6 +325,10 @@ def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]
     orders: dict[str, list[str]] = {}
     data = data.copy()
     for column in dict.fromkeys(c for c in roles if c):
+        if ax.partners(data, column, zipped):
+            data[column] = ax.choice_names(data, column, zipped)
+            orders[column] = list(dict.fromkeys(data[column]))
+            continue
         present = list(dict.fromkeys(data[column].tolist()))
         known = axis_values.get(column, [])
         ordered = [v for v in known if v in present] + [v for v in present if v not in known]
@@ -241,6 +356,7 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
         vmin, vmax, cmap = spec.center - reach, spec.center + reach, "vlag"
     scale = {"norm": norm} if norm is not None else {"vmin": vmin, "vmax": vmax}
     x_order, y_order = orders[spec.x], orders[spec.y]
+    marked: set[str] = set()
 
     def draw(*_: Any, data: pd.DataFrame, **__: Any) -> None:
         import matplotlib.pyplot as plt
@@ -249,20 +365,56 @@ def _heatmap(data: pd.DataFrame, spec: PlotSpec, facet: dict[str, Any],
                                   aggfunc=spec.agg, observed=False)
         table = table.reindex(index=y_order[::-1], columns=x_order)
         axes = plt.gca()
+        axes.grid(False)  # the style's grid lines crossed the cells, empty ones most visibly
         shown = np.log(table) if logged else table  # cells print the ratio itself
         annot = table.to_numpy() if logged and spec.annot else spec.annot
+        # every row and column named (seaborn drops some where cells are narrow; the
+        # figure slants them instead, see _labels_overlap)
         sns.heatmap(shown, ax=axes, annot=annot, fmt=spec.fmt, cmap=cmap, cbar=True,
-                    cbar_kws={"label": short(spec.value)}, **scale)
+                    cbar_kws={"label": short(spec.value)}, xticklabels=True,
+                    yticklabels=True, **scale)
         if logged:
             _ratio_ticks(axes.collections[0].colorbar)
         # seaborn turns row names vertical unless it sees them overlap, which it judges
         # before the layout is final: 'hgca' and 'cpu_offload' ran into each other
         axes.tick_params(axis="y", labelrotation=0)
+        marked.update(_mark_empty_cells(axes, data, table, spec))
 
-    grid = sns.FacetGrid(data, **facet, margin_titles=not facet.get("col_wrap"),
-                         despine=False)
+    # no margin titles: each panel's colour bar stands where a row's title would, and the
+    # two ran into each other (cxl_sweep's "cores = 64" over "latency_cost")
+    grid = sns.FacetGrid(data, **facet, margin_titles=False, despine=False)
     grid.map_dataframe(draw)
+    notes = [INFEASIBLE_CELL_NOTE] if "infeasible" in marked else []
+    if "no value" in marked:
+        notes.append(NO_VALUE_CELL_NOTE.format(y=short(spec.value)))
+    if notes:
+        _note(grid, "\n".join(notes))
     return grid
+
+
+INFEASIBLE_CELL_NOTE = "x: infeasible point, no value (does not fit; reasons in report.md)"
+NO_VALUE_CELL_NOTE = "o: feasible point without a {y} value (a derived metric: no baseline there)"
+
+
+def _mark_empty_cells(axes, data: pd.DataFrame, table: pd.DataFrame, spec: PlotSpec
+                      ) -> set[str]:
+    """An x in each cell whose points are all infeasible, an o in a cell whose point ran but
+    has no value: a blank cell read as a point not run. Returns the kinds marked."""
+    if "feasible" not in data:
+        return set()
+    ran = data.assign(__ok=data["feasible"].fillna(False).astype(bool)).pivot_table(
+        index=spec.y, columns=spec.x, values="__ok", aggfunc="any", observed=False)
+    ran = ran.reindex(index=table.index, columns=table.columns)
+    kinds = set()
+    for r, row_name in enumerate(table.index):
+        for c, column_name in enumerate(table.columns):
+            if pd.notna(table.iat[r, c]) or pd.isna(ran.loc[row_name, column_name]):
+                continue  # a value, or no point at all in this cell
+            kind = "no value" if ran.loc[row_name, column_name] else "infeasible"
+            axes.text(c + 0.5, r + 0.5, "o" if kind == "no value" else "x", ha="center",
+                      va="center", color="0.35", fontsize=9)
+            kinds.add(kind)
+    return kinds
 
 
 #: A ratio this close to 1 is no change: the colour scale reaches at least this far.
@@ -323,8 +475,8 @@ def draw_elasticity(table: pd.DataFrame, expansion, spec, out: Path
     if facets:  # one panel per combination of the other axes (zipped axes stay together)
         col = "regime"
         labels = table[facets].apply(
-            lambda r: ", ".join(f"{parameter_label(a)} = {ax.label(r[a])}" for a in facets),
-            axis=1)
+            lambda r: ", ".join(f"{parameter_label(a)} {_short_number(r[a])}" for a in facets),
+            axis=1)  # "regime = cpu0.cores 8, ddr0.capacity_gb 137", not "... = 137.439"
         table = table.assign(regime=labels)
         values["regime"] = list(dict.fromkeys(labels))
     table = table.assign(parameter=table["parameter"].map(parameter_label))
@@ -335,6 +487,13 @@ def draw_elasticity(table: pd.DataFrame, expansion, spec, out: Path
                     xlabel="hardware parameter", height=3.6, aspect=3.4)
     values["parameter"] = [parameter_label(p) for p in spec.parameters]
     return draw_all(table, {"elasticity": plot}, values, out)
+
+
+def _short_number(value: Any) -> str:
+    """A value in a panel title: counts as 128k, other numbers to three figures."""
+    if isinstance(value, float) and not value.is_integer():
+        return f"{value:.3g}"
+    return ax.label(value)
 
 
 def parameter_label(path: str) -> str:

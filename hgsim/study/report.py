@@ -24,6 +24,9 @@ from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
 from hgsim.study.schema import Study
 
+#: What a searched maximum counts, for the heading of its table.
+SEARCH_UNITS = {"context": " (tokens per sequence; 1k = 1,024)", "batch": " (sequences)"}
+
 #: The sensitivity table's column of rate elasticities less time elasticities.
 TIME_SCALING = "rates - times"
 
@@ -95,12 +98,14 @@ def best_metric(study: Study) -> str:
 def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
                zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Per combination of the other axes (less those zipped with ``by``): the best value of
-    ``by`` and its margin."""
+    ``by`` and its margin. A value of ``by`` run at several settings of an axis zipped with
+    it is named with that setting (``hybridgen (topk_ratio 0.05)``)."""
     if by not in axes or metric not in frame or frame[by].nunique() < 2:
         return pd.DataFrame()
     lower = bool(LOWER_IS_BETTER.search(metric))
     others = ax.held_equal(axes, [by], zipped)
-    data = frame.assign(__m=pd.to_numeric(frame[metric], errors="coerce"))
+    data = frame.assign(**{by: ax.choice_names(frame, by, zipped),
+                           "__m": pd.to_numeric(frame[metric], errors="coerce")})
     groups = data.groupby(others, sort=False, dropna=False) if others else [((), data)]
     rows = []
     for key, part in groups:
@@ -124,13 +129,15 @@ def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
 
 
 def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str,
-                   zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
-    """The searched maximum with ``by`` (usually the policy) as columns, when it is an axis."""
+                   zipped: dict[str, list[str]] | None = None, lo: Any = None) -> pd.DataFrame:
+    """The searched maximum with ``by`` (usually the policy) as columns, when it is an axis;
+    a point that does not fit even at the search's ``lo`` says so."""
     if column not in frame:
         return pd.DataFrame()
     others = ax.held_equal(axes, [by], zipped)
     if by in axes and others:
-        values = frame[column].map(lambda v: ax.label(v) if pd.notna(v) else "does not fit")
+        none = "does not fit" + (f" at {ax.label(lo)}" if lo is not None else "")
+        values = frame[column].map(lambda v: ax.label(v) if pd.notna(v) else none)
         capped = frame.get("capped", pd.Series(False, index=frame.index)).fillna(False)
         values = values.where(~capped.astype(bool), values + " (>= hi)")
         table = frame.assign(__v=values).pivot_table(
@@ -164,6 +171,8 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
     cell = data["binding"] + " (" + (100 * data["binding_share"]).round().astype(int).astype(
         str) + "%)"
     data = data.assign(__cell=cell)
+    if by in axes:  # one column per setting of ``by``, not the first of its settings
+        data = data.assign(**{by: ax.choice_names(data, by, zipped)})
     if by in axes and data[by].nunique() > 1:
         others = ax.held_equal(axes, [by], zipped)
         if not others:
@@ -171,7 +180,11 @@ def binding_table(frame: pd.DataFrame, axes: list[str], by: str,
         table = data.pivot_table(index=others, columns=by, values="__cell", aggfunc="first",
                                  sort=False)
         order = [c for c in dict.fromkeys(data[by]) if c in table.columns]
-        return table[order].reset_index()
+        # a point where no policy ran is a row of dashes, as in the best-policy table ("none
+        # feasible"), not a row that is silently missing
+        every = frame[others].drop_duplicates()
+        return every.merge(table[order].reset_index(), on=others, how="left").reset_index(
+            drop=True)
     return data[[*axes, "__cell"]].rename(columns={"__cell": "binds"})
 
 
@@ -188,10 +201,29 @@ def never_feasible_note(frame: pd.DataFrame, by: str) -> str:
             + ", ".join(ax.label(v) for v in values) + " (see Infeasible points).\n")
 
 
+def named_by_label(axes: list[str], zipped: dict[str, list[str]] | None) -> list[str]:
+    """The axes zipped with a ``label.<name>`` axis: the label names their values (an
+    upgrade and the eleven hardware values it makes), so tables show the label alone."""
+    return [a for a in axes if not a.startswith("label.")
+            and any(p.startswith("label.") for p in (zipped or {}).get(a, ()))]
+
+
+def _label_note(hidden: list[str], zipped: dict[str, list[str]] | None) -> str:
+    if not hidden:
+        return ""
+    labels = sorted({p for a in hidden for p in (zipped or {}).get(a, ()) if p.startswith(
+        "label.")})
+    return (f"Columns zipped with {', '.join(f'`{short(x)}`' for x in labels)} are named by it "
+            f"({len(hidden)} column{'s' * (len(hidden) != 1)}; their values per "
+            "point are in the "
+            "Configuration table and results.csv).\n\n")
+
+
 def binding_parts(frame: pd.DataFrame, axes: list[str], by: str,
                   zipped: dict[str, list[str]] | None, n: int | None) -> list[str]:
     """The "What binds" section: the table, what its cells mean, and what they do not."""
-    binds = binding_table(frame, axes, by, zipped)
+    binds = binding_table(frame, axes, by, zipped).drop(
+        columns=named_by_label(axes, zipped), errors="ignore")
     if binds.empty:
         return []
     parts = ["\n## What binds\n",
@@ -223,7 +255,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     if study.answer:  # the study's questions answered first (hgsim/study/answer.py)
         from hgsim.study.answer import section
 
-        parts.append(section(frame, axes, study.answer))
+        parts.append(section(frame, axes, study.answer, study.zipped()))
         parts.append("\n---\n\n")
     if study.description:
         parts.append(study.description.strip() + "\n")
@@ -233,10 +265,16 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
         f"- hgsim {__version__}, written {stamp}\n"
         f"- points: {info.total} ({info.computed} computed in this run, {info.reused} reused "
         f"from earlier runs, {info.missing} missing, {len(info.errors)} failed)\n"
-        f"- data: `results.parquet`, `results.csv` (one row per point)\n"
     )
+    if len(full) > info.total:  # the table has more rows than points were computed
+        parts.append(f"- rows: {len(full)}; {len(full) - info.total} repeat a point computed "
+                     "once (a configuration several rows share: an exact policy's "
+                     "equal-accuracy twins are its configured point)\n")
+    parts.append("- data: `results.parquet`, `results.csv` (one row per point)\n")
     if "wall_s" in frame and len(frame):
-        parts.append(f"- simulation time summed over points: {frame['wall_s'].sum():.1f} s; "
+        # once per point: a row repeating another's point did not run again
+        ran = frame.drop_duplicates("point") if "point" in frame else frame
+        parts.append(f"- simulation time summed over points: {ran['wall_s'].sum():.1f} s; "
                      f"this run took {info.elapsed_s:.1f} s\n")
 
     parts.append("\n## Configuration\n")
@@ -246,7 +284,9 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     base_rows += [(f"policy_options.{k}", v) for k, v in base.policy_options.items()]
     base_rows += [(f"hardware.{k}", v) for k, v in base.hardware.items()]
     base_rows += [(f"fidelity.{k}", v) for k, v in base.fidelity.model_dump().items()]
-    axes_values = study.axes()
+    # null in a policy_options axis: the option is not set there (the policy lacks it)
+    axes_values = {k: ["not set" if v is None else v for v in values]
+                   for k, values in study.axes().items()}
     parts.append(md_table(pd.DataFrame(
         [{"setting": k, "base value": v, "swept": ", ".join(map(str, axes_values[k]))
           if k in axes_values else ""} for k, v in base_rows]
@@ -263,16 +303,24 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     by = study.report.best_by
     zipped = study.zipped()
     if study.search:
-        table = capacity_table(frame, axes, by, study.search.column, zipped)
-        parts.append(f"\n## Largest {study.search.field} that fits\n")
+        table = capacity_table(frame, axes, by, study.search.column, zipped, study.search.lo)
+        unit = SEARCH_UNITS.get(study.search.field, "")
+        parts.append(f"\n## Largest {study.search.field} that fits{unit}\n")
         parts.append(md_table(table, n))
     else:
         best = best_table(frame, axes, by, metric, zipped)
         if not best.empty:
             parts.append(f"\n## Best {by} per point (by {metric})\n")
-            wins = best["best"].value_counts()
-            parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items()) + "\n\n")
-            parts.append(md_table(best, n))
+            wins = best["best"][best["best"] != "none feasible"].value_counts()
+            none = int((best["best"] == "none feasible").sum())
+            parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items())
+                         + (f"; no {by} feasible at {none} point{'s' * (none != 1)}"
+                            if none else "") + "\n\n")
+            ratio = "runner-up / best" if LOWER_IS_BETTER.search(metric) else "best / runner-up"
+            parts.append(f"`margin`: {ratio} {metric} (1.10 = the best is 10% better).\n\n")
+            parts.append(_label_note(named_by_label(axes, zipped), zipped))
+            parts.append(md_table(best.drop(columns=named_by_label(axes, zipped),
+                                            errors="ignore"), n))
             parts.append(never_feasible_note(frame, by))
 
     parts += binding_parts(frame, axes, by, zipped, n)
@@ -283,7 +331,8 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
         parts.append(f"Elasticity of `{spec.metric}` to each parameter (central difference over "
                      f"x{1 + spec.step:g} and /{1 + spec.step:g}, one parameter at a time; "
                      "`elasticity.csv` has every value): +1 = the metric follows the parameter, "
-                     "-1 = it falls as the parameter grows, 0 = no effect.\n\n")
+                     "-1 = it falls as the parameter grows, 0 = no effect; `(e)` marks "
+                     "those columns.\n\n")
         wide = sens.pivot(elasticity, axes, spec.parameters)
         roles = {p: sens.time_role(p) for p in spec.parameters}
         if any(roles.values()):
@@ -299,13 +348,15 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                          "difference averages over; `elasticity_down`/`_up` in "
                          "`elasticity.csv`). Rates: "
                          f"{named[1]}; times: {named[-1]}; in neither: {named[0]}.\n\n")
-        parts.append(md_table(wide.round(3), n, "elasticity.csv"))
+        parts.append(md_table(elasticity_cells(wide, spec.parameters), n, "elasticity.csv"))
 
     if study.derived and len(frame):
         parts.append("\n## Derived metrics\n")
         for name, spec in study.derived.items():
-            what = {"speedup": f"speedup, {better(spec)} is better", "ratio": "point / baseline",
-                    "difference": "point - baseline"}[spec.kind]
+            ordered = ("point / baseline" if better(spec) == "higher" else
+                       f"baseline / point, as lower `{spec.metric}` is better")
+            what = {"speedup": f"speedup: {ordered}; above 1 the point is better",
+                    "ratio": "point / baseline", "difference": "point - baseline"}[spec.kind]
             of = _describe(spec.of) or "every point"
             parts.append(f"- `{name}` ({what}): `{spec.metric}` of {of} relative to the point "
                          f"with {_describe(spec.vs)} and the same other coordinates\n")
@@ -313,7 +364,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "or its baseline infeasible), then statistics over the `n` (geometric mean "
                      "first); the baseline's own rows, equal to it by construction, are left "
                      "out.\n")
-        parts.append("\n" + md_table(summarize(frame, study.derived)))
+        # a table per metric: their groups differ, and one table of both showed each
+        # metric's group columns as "-" on the other's rows
+        for name, spec in study.derived.items():
+            parts.append(f"\n`{name}`:\n\n" + md_table(summarize(frame, {name: spec}, zipped)))
 
     parts += _equal_accuracy_parts(study, frame, n)
     parts += _pareto_parts(study, frame, n)
@@ -325,7 +379,8 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             counts = infeasible[by].value_counts(sort=False)
             parts.append(f"Per {by}: " + ", ".join(f"{k} {v}" for k, v in counts.items())
                          + "\n\n")
-        cols = [c for c in [*axes, *sens.AXES, "reason"] if c in infeasible]
+        hidden = named_by_label(axes, zipped)
+        cols = [c for c in [*axes, *sens.AXES, "reason"] if c in infeasible and c not in hidden]
         parts.append(md_table(infeasible[cols], n))
 
     if info.errors:
@@ -346,6 +401,19 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     with written_whole(path) as fh:
         fh.write("".join(parts))
     return path
+
+
+def elasticity_cells(wide: pd.DataFrame, parameters: list[str]) -> pd.DataFrame:
+    """The sensitivity table as printed: elasticities to three decimals (-0.008, not the
+    -0.00800 three significant figures made of a value rounded to three decimals), and each
+    parameter's column marked ``(e)``: a swept axis of the same name (the host's cores)
+    stood beside it under the same header."""
+    values = [*parameters, TIME_SCALING]
+    def cell(value: float) -> str:
+        return "-" if pd.isna(value) else f"{round(value, 3) + 0.0:.3f}"  # no -0.000
+
+    cells = wide.assign(**{c: wide[c].map(cell) for c in values if c in wide})
+    return cells.rename(columns={p: f"{p} (e)" for p in parameters})
 
 
 def _equal_accuracy_parts(study: Study, frame: pd.DataFrame, n: int) -> list[str]:

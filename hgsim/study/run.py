@@ -121,7 +121,8 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
     if options.figures and plan.study.plots and len(frame):
         figures, run.figure_errors = draw_all(sens.base_rows(frame), plan.study.plots,
                                               plan.expansion.axis_values, out / "figures",
-                                              ratio_columns(plan.study.derived))
+                                              ratio_columns(plan.study.derived),
+                                              plan.study.zipped(), plan.study.derived)
     if options.figures and len(elasticity):
         heat, errors = draw_elasticity(elasticity, plan.expansion, plan.study.sensitivity,
                                        out / "figures")
