@@ -27,6 +27,7 @@ import torch
 
 from hgsim.accuracy.proxy import DEFAULT_SPEC
 from hgsim.accuracy.synthetic import AttentionModelSpec, synthesize_case
+from hw_backend.random_kv import RandomDecode
 
 
 class DesignedKv:
@@ -73,4 +74,23 @@ class DesignedKv:
         return built
 
 
-__all__ = ["DesignedKv"]
+class DesignedDecode(RandomDecode):
+    """``RandomDecode`` over ``DesignedKv``'s cache, every layer's query at every step the
+    designed one (the new tokens' K/V stay random: they land on the device). For measured
+    attention-only runs, whose host work under ``group_union`` depends on the heads' overlap."""
+
+    def __init__(self, *, designed_kv: DesignedKv | None = None, **shape) -> None:
+        super().__init__(**shape)
+        self.designed_kv = designed_kv or DesignedKv()
+        self._query: torch.Tensor | None = None
+
+    def load(self, store) -> None:
+        self._query = self.designed_kv.fill(store, self.context - 1, self.dtype, self.heads)
+
+    def query(self, step: int, layer: int) -> torch.Tensor:
+        if self._query is None:
+            raise RuntimeError("load the cache before asking for its query")
+        return self._query.clone()
+
+
+__all__ = ["DesignedDecode", "DesignedKv"]

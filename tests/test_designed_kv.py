@@ -19,7 +19,7 @@ from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.workload import Workload
 from hw_backend.decode_loop import SIZED_HBM_OPTIONS, attention_model_spec, profile_for_gpu_tokens
-from hw_backend.designed_kv import DesignedKv
+from hw_backend.designed_kv import DesignedDecode, DesignedKv
 from hw_backend.devices import CoreSplit, make_accelerator
 from hw_backend.executor import PlanExecutor
 from hw_backend.kv_store import KvStore
@@ -134,3 +134,21 @@ def test_cache_and_query_are_the_accuracy_models_case():
     keys = large.layers[0].k[0].double().repeat_interleave(GROUP, dim=0)  # (H, T, D)
     logits = torch.einsum("hd,htd->ht", q[0].double(), keys) / math.sqrt(HEAD_DIM)
     torch.testing.assert_close(logits, torch.from_numpy(case_logits(spec)), atol=2e-3, rtol=0)
+
+
+def test_designed_decode_asks_every_layer_the_designed_query():
+    """hgsim run's attention-only source: the cache of ``DesignedKv`` and its query."""
+    class Layer:
+        def load(self, k, v):
+            self.k = k.clone()
+
+    class Store:
+        batch, kv_heads, head_dim = 1, KV_HEADS, HEAD_DIM
+        layers = [Layer()]
+
+    source = DesignedDecode(layers=1, batch=1, heads=HEADS, kv_heads=KV_HEADS,
+                            head_dim=HEAD_DIM, context=1001, steps=2)
+    source.load(Store)
+    again = DesignedKv().fill(Store, 1000, torch.float32, HEADS)
+    assert torch.equal(source.query(1, 0), again)
+    assert source.new_kv(1, 0)[0].shape == (1, KV_HEADS, 1, HEAD_DIM)
