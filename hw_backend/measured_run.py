@@ -3,9 +3,10 @@
 ``check`` builds everything that can be wrong before any work (the model fits the device, the
 HBM budget fits the device and holds the weights, the policy is feasible under it and keeps its
 weights in HBM, which the executor requires); ``measure`` then decodes on the accelerator:
-the whole model (``model_decode``) or, with ``attention_only``, the attention path alone over
-random queries (``decode_loop.run_decode``), the context filled with random K/V either way
-(``random_kv``; no prefill is run). ``predict`` simulates the same model, policy, workload and
+the whole model (``model_decode``) over random K/V (``random_kv``; no prefill is run) or,
+with ``attention_only``, the attention path alone (``decode_loop.run_decode``) over the
+accuracy model's synthetic attention (``designed_kv``, whose GQA heads overlap as the simulated
+union selection assumes). ``predict`` simulates the same model, policy, workload and
 budgeted profile. Both become ``SimResult`` objects of the same steps, the first ``warmup``
 (allocation, graph capture) left out of each, so every table that prints a simulated result
 prints a measured one beside it.
@@ -295,20 +296,20 @@ def _attention_only(config: RunConfig, prepared: Prepared, policy: Policy, accel
     import time
 
     from hw_backend.decode_loop import run_decode
+    from hw_backend.designed_kv import DesignedDecode
     from hw_backend.executor import PlanExecutor
     from hw_backend.kv_store import KvStore
     from hw_backend.model_decode import TORCH_DTYPES
-    from hw_backend.random_kv import RandomDecode
 
     spec, dtype = config.model, TORCH_DTYPES[prepared.dtype]
-    source = RandomDecode(layers=spec.num_layers, batch=config.batch, heads=spec.num_heads,
-                          kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
-                          context=config.context, steps=config.steps, dtype=dtype,
-                          seed=config.seed)
+    source = DesignedDecode(layers=spec.num_layers, batch=config.batch, heads=spec.num_heads,
+                            kv_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                            context=config.context, steps=config.steps, dtype=dtype,
+                            seed=config.seed)
     store = KvStore(accel, num_layers=spec.num_layers, batch=config.batch,
                     kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, dtype=dtype,
                     capacity=config.context + config.steps)
-    bar.phase("filling the context with random K/V")
+    bar.phase("filling the context with the accuracy model's K/V")
     source.load(store)
     bar.phase("decoding (attention only)")
     with PlanExecutor(store, accel, host_threads=config.host_threads,

@@ -2,8 +2,10 @@
 
 For every case of a validation study (``hgsim.validation``) the policy is built exactly as the
 simulator builds it (same model, profile, workload and options), its plan for every step is
-executed by ``hw_backend.executor.PlanExecutor`` over a KV cache of random values, and the
-executor's ``StepTiming`` records come back. The accelerator is CUDA when available, else the CPU
+executed by ``hw_backend.executor.PlanExecutor`` and the executor's ``StepTiming`` records come
+back. The attention-only path runs over the accuracy model's synthetic attention
+(``designed_kv``: the heads of a KV group agree on heavy hitters as the simulator's union sizes
+assume); the whole model over random K/V and its own queries. The accelerator is CUDA when available, else the CPU
 stand-in with the case's core split (``devices.CoreSplit``), the same kind of device the
 calibrated profile describes.
 
@@ -53,6 +55,7 @@ from hgsim.validation import (
     workload,
 )
 from hw_backend.calibration.quiet import wait_for_quiet
+from hw_backend.designed_kv import DesignedKv
 from hw_backend.devices import available_cores
 from hw_backend.random_kv import RandomKv
 
@@ -65,11 +68,13 @@ OUTPUT_SUFFIXES = (".csv", ".micro.csv", ".png", ".svg")
 # ------------------------------------------------------------------------------ one case
 def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
             accelerator: str = "auto", before_steps: Callable[[], object] | None = None,
-            random_kv: RandomKv | None = None) -> tuple[list[StepTiming], str]:
+            random_kv: RandomKv | None = None,
+            designed_kv: DesignedKv | None = None) -> tuple[list[StepTiming], str]:
     """Execute the case's plans step by step; (measured steps, device label).
 
     ``before_steps`` runs after the cache is filled, right before the first timed step;
-    ``random_kv`` can be shared between calls so that the cache values are drawn once.
+    ``random_kv`` (whole model) and ``designed_kv`` (attention only) can be shared between
+    calls so that the cache values are made once.
     """
     import torch
 
@@ -101,8 +106,9 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
         store = KvStore(accel, num_layers=model.num_layers, batch=study.batch,
                         kv_heads=model.num_kv_heads, head_dim=model.head_dim, dtype=dtype,
                         capacity=case.context + wl.gen)
-        (random_kv or RandomKv()).fill(store, case.context - 1, dtype)
-        inputs = _inputs(accel, model, study.batch, dtype, len(plans))
+        query = (designed_kv or DesignedKv()).fill(store, case.context - 1, dtype,
+                                                   model.num_heads)
+        inputs = _inputs(accel, model, query, dtype, len(plans))
         if before_steps is not None:
             before_steps()
         steps = []
@@ -162,15 +168,16 @@ def _static_inputs(executor, model, batch: int, dtype):
     return buffers
 
 
-def _inputs(accel, model, batch: int, dtype, count: int):
-    """Per step: each layer's query and new token's K/V, made before timing starts."""
+def _inputs(accel, model, query, dtype, count: int):
+    """Per step: each layer's query (the cache's designed one, ``designed_kv``) and the new
+    token's random K/V, made before timing starts."""
     import torch
 
     generator = torch.Generator().manual_seed(1)
+    batch = query.shape[0]
     out = []
     for _ in range(count):
-        queries = [torch.randn(batch, model.num_heads, model.head_dim, generator=generator)
-                   .to(accel.device) for _ in range(model.num_layers)]
+        queries = [query.to(accel.device, copy=True) for _ in range(model.num_layers)]
         new_kv = [tuple(torch.randn(batch, model.num_kv_heads, 1, model.head_dim,
                                     generator=generator).to(dtype).to(accel.device)
                         for _ in range(2)) for _ in range(model.num_layers)]
@@ -355,7 +362,7 @@ def run_validation(
 
         probe = KernelProbe(calibration.probe[0])
     results = []
-    random_kv = RandomKv()
+    random_kv, designed_kv = RandomKv(), DesignedKv()
     failed: list[tuple[Case, str]] = []
     for case in _progress(todo, progress):
         probe_gbps = probe.gbps() if probe is not None else None
@@ -365,7 +372,8 @@ def run_validation(
         settle = (lambda out=runnable: out.append(wait_for_quiet(quiet_wait_s))
                   ) if quiet_wait_s > 0 else None
         try:
-            measured, label = measure(case, study, prof, accelerator, settle, random_kv)
+            measured, label = measure(case, study, prof, accelerator, settle, random_kv,
+                                      designed_kv)
         except UserError:
             raise
         except Exception as exc:
@@ -381,7 +389,7 @@ def run_validation(
         results.append(result)
         if on_case is not None:
             on_case(result)
-    del probe, random_kv  # 64 MB of KV, and as much as the largest context's
+    del probe, random_kv, designed_kv  # 64 MB of KV, and as much as the largest context's
     error = mape(results)
     load = (load0, _load())
     probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
