@@ -64,8 +64,8 @@ def simulate(
 ) -> SimResult:
     """Simulate one configuration, as ``hgsim simulate`` does.
 
-    ``prefill_chunk_tokens`` chunks the prefill (per sequence; None: the whole prompt at
-    once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
+    ``prefill_chunk_tokens`` chunks the prefill (with ``prefill`` only; per sequence; None: the
+    whole prompt at once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
     result's ``prefill_chunk_tokens`` says which ran). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
     ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
     simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write. The result has
@@ -84,6 +84,9 @@ def simulate(
     if options is not None and not isinstance(options, Mapping):
         raise UserError(f"expected a mapping of option names to values, e.g. "
                         f"{{'topk_ratio': 0.1}}, got {options!r}", field="options")
+    if prefill_chunk_tokens is not None and not prefill:  # else silently no prefill at all
+        raise UserError("chunks the prompt's prefill, which runs only with prefill=True",
+                        field="prefill_chunk_tokens")
     base = with_overrides(profile, hardware or {})
     # the study schema's checks of the same knobs: whole numbers, true/false, never a bool
     fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},

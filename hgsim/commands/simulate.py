@@ -59,6 +59,9 @@ def run(args: argparse.Namespace) -> int:
     from hgsim.simulate import Fidelity, simulate
     from hgsim.workload import Workload
 
+    if args.prefill_chunk is not None and not args.prefill:  # else silently no prefill at all
+        raise UserError("chunks the prompt's prefill, which runs only with --prefill: add it",
+                        field="--prefill-chunk")
     try:
         workload = Workload(
             batch=count(args.batch, "--batch"), context=count(args.context, "--context"),
