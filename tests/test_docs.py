@@ -266,3 +266,49 @@ def test_shipped_study_sizes_match_their_files(page):
                       == "configured"]
         assert count == len(points), f"{page}: `{name}` quoted at {count} {unit}, " \
                                      f"expands to {len(points)}"
+
+
+def test_studies_yaml_examples_validate(tmp_path):
+    """docs/studies.md's schema example is a whole study and must load as written; each later
+    fragment must load merged into it, with only the axes it refers to added (CXL latency and
+    batch axes, two more policies, a `label.upgrade` zipped with the bandwidths; a search takes
+    the context axis out, plots get the page's `derived`, a Pareto plot of `accuracy.target` its
+    `equal_accuracy`). The schema example used to give a topk_ratio to every policy of a sweep
+    that included FlexGen: an error."""
+    import copy
+
+    import yaml
+
+    from hgsim.study.load import load_study
+
+    blocks = [b for b in page_blocks(REPO / "docs" / "studies.md") if b.info == "yaml"]
+    base = yaml.safe_load(blocks[0].text)
+    fragments = [yaml.safe_load(b.text) for b in blocks[1:]]
+    equal_accuracy = next(f for f in fragments if "equal_accuracy" in f)
+    derived = next(f for f in fragments if "derived" in f)
+
+    def load(study: dict, line: int) -> None:
+        path = tmp_path / f"line{line}.yaml"
+        path.write_text(yaml.safe_dump(study))
+        try:
+            load_study(path)  # raises ConfigError naming the file, line and key
+        except Exception as exc:
+            pytest.fail(f"docs/studies.md:{line}: {exc}", pytrace=False)
+
+    load(base, blocks[0].line)
+    for block, fragment in zip(blocks[1:], fragments, strict=True):
+        study = copy.deepcopy(base)
+        if "sweep" not in fragment:
+            zipped, grid = study["sweep"][0]["zip"], study["sweep"][1]["grid"]
+            zipped["label.upgrade"] = ["baseline", "x2", "x4", "x8"]
+            grid["hardware.tiers.cxl0.latency_ns"] = [250, 400]
+            grid["workload.batch"] = [1, 2]
+            grid["policy"] = [*grid["policy"], "flexgen_cpu", "cpu_offload"]
+            if "search" in fragment:
+                del grid["workload.context"]
+        study.update(fragment)
+        if "plots" in fragment:
+            study.update(derived)
+        if any(p.get("kind") == "pareto" for p in fragment.get("plots", {}).values()):
+            study.update(equal_accuracy)
+        load(study, block.line)
