@@ -188,6 +188,7 @@ def test_checked_blocks_run(page, workspace):
 
 # ------------------------------------------------------------------ links, paths and counts
 _LINK = re.compile(r"\]\(([^)\s]+)\)")
+_SECTION_REF = re.compile(r'([\w/-]+\.md), "([^"]+)"')
 _REPO_PATH = re.compile(r"`((?:hgsim|hw_backend|studies|hardware_profiles|examples|benchmarks|"
                         r"docs|tests|constraints|\.ci)/[\w./\-]*)`")
 
@@ -230,6 +231,12 @@ def test_links_and_named_paths_resolve(page):
             broken.append(f"{target}: no such file")
         elif frag and dest.suffix == ".md" and frag not in anchors(dest):
             broken.append(f"{target}: no heading #{frag} in {dest.name}")
+    for name, heading in _SECTION_REF.findall(" ".join(text.split())):  # 'model.md, "Traces"'
+        dest = next((d for d in (page.parent / name, REPO / "docs" / name) if d.exists()), None)
+        if dest is None or not any(anchor(line.lstrip("#")).startswith(anchor(heading))
+                                   for line in _prose(dest.read_text()).splitlines()
+                                   if line.startswith("#")):
+            broken.append(f'{name}, "{heading}": no such section')
     for path in _REPO_PATH.findall(text):
         if "<" not in path and not (REPO / path).exists() and not (page.parent / path).exists():
             broken.append(f"`{path}`: no such path")
