@@ -351,7 +351,7 @@ def run_validation(
                             f"{len(every)} cases (the smallest context is "
                             f"{min(c.context for c in every)})")
     check_feasible(prof, study, todo, calibration.per_threads)
-    micro, micro_latency = (run_micro(prof, study, calibration, quiet_wait_s)
+    micro, micro_latency = (run_micro(prof, study, calibration, quiet_wait_s, max_context)
                             if which != "plans" else ([], []))
     if not todo and not micro:
         raise UserError("nothing to run: no configuration (check --max-context and the study's "
@@ -438,9 +438,12 @@ def _progress(items: list[Case], enabled: bool):
 
 
 def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Calibration,
-              quiet_wait_s: float) -> tuple[list[MicroResult], list[LatencyDrift]]:
+              quiet_wait_s: float, max_context: int | None = None
+              ) -> tuple[list[MicroResult], list[LatencyDrift]]:
     """The study's micro-cases, measured here and predicted from the profile, and the idle
-    latency of the routes they gathered on while they ran (against the profile's).
+    latency of the routes they gathered on while they ran (against the profile's). Scans over
+    more than ``max_context`` tokens are left out, as the configurations above it are: a quick
+    ``--max-context 4k`` run spent most of its time scanning 64k tokens.
 
     A case's time is its repeats' statistic as calibration took its figures (the median by
     default), not ``--statistic``: the fastest of seven repeats against figures from medians
@@ -461,6 +464,8 @@ def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Cal
     todo: list[MicroCase] = micro_cases(study.micro, profile, numa, heads=model.num_heads,
                                         kv_heads=model.num_kv_heads, head_dim=model.head_dim,
                                         kv_dtype=study.kv_dtype)
+    if max_context is not None:
+        todo = [c for c in todo if c.kind != "scan" or c.context <= max_context]
     timed, latency = measured.measure(todo, study.micro.repeats, quiet_wait_s)
     out = []
     for case, runs in zip(todo, timed, strict=True):

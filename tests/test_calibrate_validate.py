@@ -245,6 +245,22 @@ def test_validate_can_run_the_micro_cases_alone(calibrated: Path, tmp_path: Path
     assert not prefix.with_name("micro.csv").exists()
 
 
+def test_max_context_leaves_out_micro_scans_over_more_tokens(calibrated: Path, tmp_path: Path):
+    """--max-context 512 leaves out the 1k-token scan as it leaves out the 1k configurations;
+    gathers (no context) stay. A quick --max-context 4k run had spent most of its time
+    scanning 64k tokens."""
+    import pandas as pd
+
+    study = tmp_path / "study.yaml"
+    study.write_text(TINY_STUDY)
+    prefix = tmp_path / "capped"
+    assert main(["validate", "--profile", str(calibrated), "--study", str(study), "--out",
+                 str(prefix), "--no-progress", "--cases", "micro", "--threshold", "1e6",
+                 "--max-context", "512"]) == 0
+    kinds = pd.read_csv(prefix.with_name("capped.micro.csv"))["case"].str.split().str[0]
+    assert set(kinds) == {"gather"} and len(kinds) == 4
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys):
     assert main(["validate", "--profile", str(tmp_path / "missing.yaml")]) == 2
     assert main(["calibrate", "--out", str(tmp_path / "no" / "such" / "dir.yaml")]) == 2
