@@ -76,6 +76,8 @@ def simulate(
         electricity_usd_per_j=tco.electricity_usd_per_j(profile),
     )
     if not pol.feasible:
+        if trace_path is not None:  # an earlier run's trace there would pass for this run's
+            Path(trace_path).unlink(missing_ok=True)
         result.wall_s = time.perf_counter() - wall0
         return result
 

@@ -110,3 +110,24 @@ def test_infeasible_run_writes_no_trace(tmp_path, capsys):
     assert code == 1
     assert list(tmp_path.iterdir()) == []
     assert f"no trace written to {path}" in capsys.readouterr().out
+
+
+def test_infeasible_run_removes_an_earlier_trace(tmp_path, capsys):
+    """A trace left from an earlier run passed for this (infeasible) run's: whatever is at
+    --trace after a run is that run's, or nothing. The Python API does the same."""
+    from hgsim import api
+    from hgsim.cli import main
+
+    path = tmp_path / "t.json"
+    path.write_text('{"traceEvents": []}')
+    code = main(["simulate", "--profile", "h100-80gb-spr-cxl", "--model", "llama-2-70b",
+                 "--policy", "gpu_only", "--context", "128k", "--batch", "16", "--gen", "2",
+                 "--trace", str(path)])
+    assert code == 1
+    assert list(tmp_path.iterdir()) == []
+    assert (f"no trace written to {path} (infeasible: nothing was simulated; the earlier file "
+            "there was removed)") in capsys.readouterr().out
+    path.write_text('{"traceEvents": []}')
+    result = api.simulate("h100-80gb-spr-cxl", "llama-2-70b", policy="gpu_only",
+                          context="128k", batch=16, gen=2, trace=path)
+    assert not result.feasible and not path.exists()

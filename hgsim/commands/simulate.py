@@ -66,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     # Before the simulation: a trace that cannot be written would lose its result at the end.
     # "" is a mistake, not "no trace"
     trace = check_output_file(args.trace, "--trace") if args.trace is not None else None
+    earlier_trace = trace is not None and trace.exists()
     result = simulate(
         args.profile, args.model, args.policy, workload,
         policy_options=options,
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{simulated} of {len(result.steps)} decode steps simulated "
                   "(open in https://ui.perfetto.dev)")
         elif trace is not None:
-            print(f"\nno trace written to {trace} (infeasible: nothing was simulated)")
+            removed = "; the earlier file there was removed" if earlier_trace else ""
+            print(f"\nno trace written to {trace} (infeasible: nothing was simulated{removed})")
     return 0 if result.feasible else 1
 
 
