@@ -28,6 +28,11 @@ from hgsim.errors import UserError
 
 _PROBE_PREFIX = ".hgsim-write-check-"
 
+#: The largest trace ``simulate`` writes unless told otherwise, in bytes: every simulated step
+#: adds 20-300 kB (docs/model.md, "Recording and traces"), so ``--samples 0`` over thousands of
+#: steps reaches gigabytes, and the whole trace is built in memory before it is written.
+TRACE_MAX_BYTES = 1e9
+
 
 def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     """``path`` can be created or replaced as a file; UserError naming ``flag`` if not."""
