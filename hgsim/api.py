@@ -7,6 +7,7 @@ raise the same one-line ``hgsim.errors.UserError``. Usage: ``from hgsim import a
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hgsim.errors import UserError
+from hgsim.outputs import TRACE_MAX_BYTES
 from hgsim.profiles import load_profile, profile_with_overrides
 from hgsim.results import SimResult
 from hgsim.specs.hardware import HardwareProfile
@@ -61,6 +63,7 @@ def simulate(
     samples: int = 32,
     accuracy: bool = True,
     trace: str | os.PathLike[str] | None = None,
+    trace_max_gb: float | None = TRACE_MAX_BYTES / 1e9,
 ) -> SimResult:
     """Simulate one configuration, as ``hgsim simulate`` does.
 
@@ -68,7 +71,9 @@ def simulate(
     once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
     result's ``prefill_chunk_tokens`` says which ran). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
     ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
-    simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write. The result has
+    simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write (refused with
+    ``TraceTooLarge`` when its first simulated step says it would pass ``trace_max_gb``;
+    None: no limit). The result has
     ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
     back with ``feasible`` False and ``reason`` set, not as an error.
     """
@@ -94,9 +99,14 @@ def simulate(
                         names={"include_prefill": "prefill"})
     if trace is not None:  # before the run, whose result a bad path would lose at the end
         trace = check_output_file(trace, "trace")
+    if trace_max_gb is not None and not (isinstance(trace_max_gb, (int, float))
+                                         and 0 < trace_max_gb < math.inf):
+        raise UserError(f"expected a positive number of GB or None, got {trace_max_gb!r}",
+                        field="trace_max_gb")
     return run(base, model, policy, workload, policy_options=dict(options or {}),
                fidelity=Fidelity(decode_samples=fidelity.decode_samples,
-                                 accuracy=fidelity.accuracy), trace_path=trace)
+                                 accuracy=fidelity.accuracy), trace_path=trace,
+               trace_max_bytes=None if trace_max_gb is None else trace_max_gb * 1e9)
 
 
 def _checked(model: type, values: dict[str, Any], names: dict[str, str]):

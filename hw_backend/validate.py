@@ -35,7 +35,7 @@ from hgsim.micro import (
     route,
 )
 from hgsim.micro import predict as predict_micro
-from hgsim.outputs import check_output_file, written_whole
+from hgsim.outputs import check_output_file, remove_earlier, written_whole
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
 from hgsim.specs.hardware import HardwareProfile
@@ -208,6 +208,8 @@ class ValidationRun:
     host_slowdown: float | None = None
     #: (case, error) of cases that raised on CUDA and were skipped; any fails the run
     failed: list[tuple[str, str]] = field(default_factory=list)
+    #: earlier runs' files under this run's output names that it did not write, removed
+    removed: list[Path] = field(default_factory=list)
 
     @property
     def micro_mape_pct(self) -> float:
@@ -396,11 +398,13 @@ def run_validation(
     drift = (Drift(calibration.probe[1], probes, calibration.probe[0])
              if probes and calibration.probe else None)
     outputs = _write(results, micro, error, threshold, prefix, prof, study, load, failed)
+    removed = remove_earlier([prefix.with_name(prefix.name + s) for s in OUTPUT_SUFFIXES],
+                             outputs)
     return ValidationRun(prof, study, results, error, threshold, outputs,
                          time.perf_counter() - t0, load, drift, micro, micro_latency,
                          calibration.statistic,
                          None if cuda or not results else calibration.host_slowdown,
-                         [(case.label, why) for case, why in failed])
+                         [(case.label, why) for case, why in failed], removed)
 
 
 

@@ -338,3 +338,27 @@ def test_an_unreachable_scheduler_leaves_no_study_folder(capsys, tmp_path, monke
     assert main(["study", str(study), "-q", "--out", str(kept), "--executor", "dask",
                  "--scheduler", "tcp://127.0.0.1:1"]) == 2
     assert kept.is_dir()
+
+
+@pytest.mark.parametrize(("verb", "flag", "value"), [
+    (SIMULATE, "--context", "-1k"), (SIMULATE, "--batch", "-2"), (SIMULATE, "--gen", "-1"),
+    (SIMULATE, "--prefill-chunk", "-8k"),
+    (("run", "--model", "opt-6.7b", "--context", "1k"), "--context", "-64k"),
+    (("run", "--model", "opt-6.7b", "--context", "1k"), "--warmup", "-1k"),
+])
+def test_a_negative_count_names_its_flag(capsys, verb, flag, value):
+    """argparse took "-1k" for an unknown option ("argument --context: expected one argument")
+    where a plain "-2" reached the flag's own check; both now say what the value must be."""
+    line = user_error(capsys, *verb, flag, value)
+    assert line == (f"hgsim {verb[0]}: error: {flag}: must be a positive count such as 4096 or "
+                    f"32k, got '{value}'")
+
+
+def test_negative_values_join_the_option_before_them_and_nothing_else():
+    from hgsim.cli import attach_negative_values
+
+    assert attach_negative_values(["simulate", "--context", "-1k", "-j", "-2k", "--gen", "4"]) \
+        == ["simulate", "--context=-1k", "-j=-2k", "--gen", "4"]
+    assert attach_negative_values(["--context=-1k", "-2k"]) == ["--context=-1k", "-2k"]
+    assert attach_negative_values(["study", "--", "--x", "-1"]) == ["study", "--", "--x", "-1"]
+    assert attach_negative_values(["--option", "-x"]) == ["--option", "-x"]  # an option, not -N

@@ -56,6 +56,21 @@ def test_resolved_study_reruns_to_the_same_points(finished, tmp_path):
     assert original == stored
 
 
+def test_a_rerun_removes_the_figures_it_did_not_draw(finished, tmp_path, capsys):
+    """A rerun with --no-figures (all its points reused) left the earlier run's figures beside
+    its new tables, where they passed for this run's; a user's other files stay."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    (out / "figures" / "notes.txt").write_text("mine")
+    study = write_study(tmp_path)
+    assert main(["study", str(study), "--out", str(out), "--no-figures"]) == 0
+    assert [p.name for p in (out / "figures").iterdir()] == ["notes.txt"]
+    assert f"removed 4 figure file(s) of an earlier run that this run did not draw from " \
+           f"{out / 'figures'}" in capsys.readouterr().err
+
+
 def test_dask_local_cluster_matches_process_pool(finished, tmp_path):
     distributed = pytest.importorskip("distributed")
     study = write_study(tmp_path)

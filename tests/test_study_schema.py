@@ -21,6 +21,9 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
 CASES = {
     "unknown top-level key": ("name: tiny", "name: tiny\nsweeps: []", 2, "unknown key"),
     "unknown base key": ("  fidelity: {", "  fidelty: {", 6, "base.fidelty: unknown key"),
+    # a misspelt required key read as "base.profile: required field is missing"
+    "misspelt required key": ("  profile: h100", "  profle: h100", 3,
+                              "base.profle: unknown key (did you mean 'profile'?)"),
     "unknown workload field": ("gen: 4}", "gen: 4, contxt: 1}", 5, "unknown workload field"),
     "unknown axis": ("      policy: [hybridgen", "      polcy: [hybridgen", 10,
                      "unknown axis 'polcy'"),

@@ -158,4 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"measured on: {describe(result.results[0].device != STANDIN_LABEL)}")
     print("outputs: " + ", ".join(str(p) for p in result.outputs))
+    if result.removed:
+        print("removed (an earlier run's, not this one's): "
+              + ", ".join(str(p) for p in result.removed))
     return 0 if result.passed else 1
