@@ -350,8 +350,9 @@ def test_a_negative_count_names_its_flag(capsys, verb, flag, value):
     """argparse took "-1k" for an unknown option ("argument --context: expected one argument")
     where a plain "-2" reached the flag's own check; both now say what the value must be."""
     line = user_error(capsys, *verb, flag, value)
-    assert line == (f"hgsim {verb[0]}: error: {flag}: must be a positive count such as 4096 or "
-                    f"32k, got '{value}'")
+    must = ("expected a token count such as 8k, or auto" if flag == "--prefill-chunk"
+            else "must be a positive count such as 4096 or 32k")
+    assert line == f"hgsim {verb[0]}: error: {flag}: {must}, got '{value}'"
 
 
 def test_negative_values_join_the_option_before_them_and_nothing_else():
