@@ -300,7 +300,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "only, no simulation).\n")
 
     metric = best_metric(study)
-    by = study.report.best_by
+    by = study.report.best_axis
     zipped = study.zipped()
     if study.search:
         table = capacity_table(frame, axes, by, study.search.column, zipped, study.search.lo)
