@@ -45,6 +45,8 @@ CASES = {
                                    "'h2o' is not a value of axis 'policy'"),
     "derived vs not an axis": ("vs: {policy: [flexgen, cpu_offload]}", "vs: {model: x}", 15,
                                "'model' is not a sweep axis"),
+    "best_by not an axis": ("derived:", "report: {best_by: model}\nderived:", 11,
+                            "report.best_by: 'model' is not a sweep axis"),
     "option the policy lacks": ("      workload.context: [32k, 64k]",
                                 "      policy_options.topk_ratio: [0.1]", 9,
                                 "policy 'flexgen' has no option 'topk_ratio'"),
