@@ -405,7 +405,7 @@ def test_different_plans_are_refused():
 def test_random_kv_is_drawn_once_and_copied_into_every_layer():
     import torch
 
-    from hw_backend.validate import RandomKv
+    from hw_backend.random_kv import RandomKv
 
     class Layer:
         def load(self, k, v):
