@@ -7,6 +7,7 @@ raise the same one-line ``hgsim.errors.UserError``. Usage: ``from hgsim import a
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -16,6 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hgsim.errors import UserError
+from hgsim.outputs import TRACE_MAX_BYTES
 from hgsim.profiles import load_profile, profile_with_overrides
 from hgsim.results import SimResult
 from hgsim.specs.hardware import HardwareProfile
@@ -61,6 +63,7 @@ def simulate(
     samples: int = 32,
     accuracy: bool = True,
     trace: str | os.PathLike[str] | None = None,
+    trace_max_gb: float | None = TRACE_MAX_BYTES / 1e9,
 ) -> SimResult:
     """Simulate one configuration, as ``hgsim simulate`` does.
 
@@ -68,7 +71,9 @@ def simulate(
     whole prompt at once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
     result's ``prefill_chunk_tokens`` says which ran). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
     ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
-    simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write. The result has
+    simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write (refused with
+    ``TraceTooLarge`` when its first simulated step says it would pass ``trace_max_gb``;
+    None: no limit). The result has
     ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
     back with ``feasible`` False and ``reason`` set, not as an error.
     """
@@ -84,9 +89,6 @@ def simulate(
     if options is not None and not isinstance(options, Mapping):
         raise UserError(f"expected a mapping of option names to values, e.g. "
                         f"{{'topk_ratio': 0.1}}, got {options!r}", field="options")
-    if prefill_chunk_tokens is not None and not prefill:  # else silently no prefill at all
-        raise UserError("chunks the prompt's prefill, which runs only with prefill=True",
-                        field="prefill_chunk_tokens")
     base = with_overrides(profile, hardware or {})
     # the study schema's checks of the same knobs: whole numbers, true/false, never a bool
     fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},
@@ -95,11 +97,19 @@ def simulate(
                                        weight_dtype=weight_dtype, include_prefill=prefill,
                                        prefill_chunk_tokens=prefill_chunk_tokens),
                         names={"include_prefill": "prefill"})
+    if prefill_chunk_tokens is not None and not prefill:  # else silently no prefill at all
+        raise UserError("chunks the prompt's prefill, which runs only with prefill=True",
+                        field="prefill_chunk_tokens")
     if trace is not None:  # before the run, whose result a bad path would lose at the end
         trace = check_output_file(trace, "trace")
+    if trace_max_gb is not None and not (isinstance(trace_max_gb, (int, float))
+                                         and 0 < trace_max_gb < math.inf):
+        raise UserError(f"expected a positive number of GB or None, got {trace_max_gb!r}",
+                        field="trace_max_gb")
     return run(base, model, policy, workload, policy_options=dict(options or {}),
                fidelity=Fidelity(decode_samples=fidelity.decode_samples,
-                                 accuracy=fidelity.accuracy), trace_path=trace)
+                                 accuracy=fidelity.accuracy), trace_path=trace,
+               trace_max_bytes=None if trace_max_gb is None else trace_max_gb * 1e9)
 
 
 def _checked(model: type, values: dict[str, Any], names: dict[str, str]):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 
 from pydantic import ValidationError
@@ -48,8 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: A token that can only be a (negative) value, never an option: hgsim has no option that
+#: starts with a digit.
+_NEGATIVE_VALUE = re.compile(r"^-\.?\d")
+
+
+def attach_negative_values(argv: list[str]) -> list[str]:
+    """``argv`` with each negative-looking value joined to the option before it
+    (``--context -1k`` -> ``--context=-1k``).
+
+    Why: argparse takes a token that starts with "-" for an option unless it is a plain
+    negative number ("-2" is a value, "-1k" and "-8k" are not), so ``--context -1k`` failed
+    with "expected one argument" before hgsim could say what is wrong with the value. argparse
+    has no public setting for which tokens are values; the ``--flag=value`` spelling is its
+    public way to pass one that starts with "-", so this writes the command line that way and
+    each flag's own check reports the value (a count: "must be a positive count"). A flag that
+    takes no value then says so ("ignored explicit argument"). Nothing after ``--`` changes.
+    """
+    out: list[str] = []
+    for i, token in enumerate(argv):
+        prev = out[-1] if out else ""
+        if "--" in argv[:i]:
+            out.append(token)
+        elif (_NEGATIVE_VALUE.match(token) and prev.startswith("-") and "=" not in prev
+              and prev != "--" and not _NEGATIVE_VALUE.match(prev)):
+            out[-1] = f"{prev}={token}"
+        else:
+            out.append(token)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command they were given to, not by hgsim's top-level parser
         verb = f"hgsim {args.command}" if getattr(args, "command", None) else "hgsim"

@@ -6,6 +6,7 @@ unknown key 'polcy'`` is fixed in seconds, a pydantic traceback is not.
 
 from __future__ import annotations
 
+import difflib
 import re
 from pathlib import Path
 from typing import Any
@@ -65,15 +66,33 @@ def validate(model: type[BaseModel], doc: YamlDocument, *, context: dict | None 
 
 
 def validation_error(exc: ValidationError, doc: YamlDocument) -> ConfigError:
-    first = exc.errors(include_url=False)[0]
+    first, message = _first_cause(exc.errors(include_url=False))
     loc = tuple(part for part in first["loc"] if not _is_pydantic_tag(part))
-    message = humane(first)
     # Cross-field validators raise "a.b.c: message"; recover the field so the line is right.
     head, sep, rest = message.partition(": ")
     if sep and not loc and _FIELD_PATH.match(head):
         loc = tuple(int(p) if p.isdigit() else p for p in head.split("."))
         message = rest
     return doc.error(loc, message)
+
+
+def _first_cause(errors: list[dict]) -> tuple[dict, str]:
+    """The error to report and its message: the first, except that a required field missing
+    beside an unknown key is reported as that key, named with the field it likely misspells
+    (a typo such as ``read_bandwidht_gbps`` is both errors, and "required field is missing"
+    on another line hides it)."""
+    first = errors[0]
+    if first["type"] != "missing":
+        return first, humane(first)
+    parent = first["loc"][:-1]
+    missing = [str(e["loc"][-1]) for e in errors
+               if e["type"] == "missing" and e["loc"][:-1] == parent]
+    for error in errors:
+        if error["type"] == "extra_forbidden" and error["loc"][:-1] == parent:
+            close = difflib.get_close_matches(str(error["loc"][-1]), missing, n=1)
+            if close:
+                return error, f"unknown key (did you mean '{close[0]}'?)"
+    return first, humane(first)
 
 
 def _is_pydantic_tag(part: Any) -> bool:

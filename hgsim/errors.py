@@ -37,3 +37,24 @@ class OptionError(UserError):
     def __init__(self, option: str, reason: str, *, unknown: bool):
         self.option, self.reason, self.unknown = option, reason, unknown
         super().__init__(reason, field=f"policy_options.{option}".rstrip("."))
+
+
+class TraceTooLarge(UserError):
+    """A trace whose estimated size is over the limit, refused before most of the run: each
+    caller names the knobs its own way (``--samples`` on the command line, ``samples`` in
+    Python)."""
+
+    def __init__(self, estimate_bytes: float, per_step_bytes: float, steps: int,
+                 limit_bytes: float):
+        from hgsim.units import size_text
+
+        self.estimate_bytes, self.per_step_bytes = estimate_bytes, per_step_bytes
+        self.steps, self.limit_bytes = steps, limit_bytes
+        super().__init__(f"would be about {size_text(estimate_bytes)} ({self.shape}), over the "
+                         f"{size_text(limit_bytes)} limit", field="trace")
+
+    @property
+    def shape(self) -> str:
+        from hgsim.units import size_text
+
+        return f"{size_text(self.per_step_bytes)} per simulated step x {self.steps:,} steps"

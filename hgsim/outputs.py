@@ -8,7 +8,10 @@ alone do not tell (root ignores them; /proc and read-only mounts refuse regardle
 
 Results are then written through ``written_whole``: a trace, table or profile cut short by
 Ctrl-C or a full disk would otherwise be left half-written under its final name, where a
-viewer, a later run or a person takes it for the real thing.
+viewer, a later run or a person takes it for the real thing. For the same reason a run that
+completes leaves under its output names its own files or none (``remove_earlier``): an
+infeasible simulation writes no trace and removes an earlier one. A run stopped by a mistake
+in its input, before any work, touches nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
@@ -24,6 +27,11 @@ from typing import IO, Any
 from hgsim.errors import UserError
 
 _PROBE_PREFIX = ".hgsim-write-check-"
+
+#: The largest trace ``simulate`` writes unless told otherwise, in bytes: every simulated step
+#: adds 20-300 kB (docs/model.md, "Recording and traces"), so ``--samples 0`` over thousands of
+#: steps reaches gigabytes, and the whole trace is built in memory before it is written.
+TRACE_MAX_BYTES = 1e9
 
 
 def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
@@ -120,6 +128,19 @@ def written_whole(path: str | os.PathLike[str], mode: str = "w", **open_args: An
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when the block did not complete
+
+
+def remove_earlier(names: Iterable[Path], written: Iterable[Path]) -> list[Path]:
+    """Removes each of a run's output ``names`` that this run did not write; returns those
+    removed. A file an earlier run left under one of them (a plot when every case now failed,
+    the plans' table beside a micro-only run) would pass for this run's."""
+    kept = {Path(p) for p in written}
+    removed = []
+    for path in map(Path, names):
+        if path not in kept and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def finite_for_json(obj: Any) -> Any:

@@ -21,12 +21,15 @@ import simpy
 from hgsim import energy, tco
 from hgsim.catalog import get_model
 from hgsim.costs import PREFILL_CHUNK_AUTO, prefill_chunks
+from hgsim.errors import TraceTooLarge
+from hgsim.outputs import TRACE_MAX_BYTES
 from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
 from hgsim.results import SimResult, StepTiming
 from hgsim.sim.decode import DecodeEngine
 from hgsim.sim.machine import Machine
+from hgsim.sim.trace import trace_bytes
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.workload import Workload
@@ -62,9 +65,13 @@ def simulate(
     policy_options: dict[str, Any] | None = None,
     fidelity: Fidelity = Fidelity(),
     trace_path: str | Path | None = None,
+    trace_max_bytes: float | None = TRACE_MAX_BYTES,
 ) -> SimResult:
     """Simulate ``workload`` (its prefill first, if it has one, then its decode); a prefill
-    chunk of ``auto`` is chosen first (``hgsim.prefill_chunk``) and the result says which."""
+    chunk of ``auto`` is chosen first (``hgsim.prefill_chunk``) and the result says which.
+    With ``trace_path`` every activity is kept and written there; a trace estimated from the
+    first simulated step to exceed ``trace_max_bytes`` (None: no limit) raises
+    ``TraceTooLarge`` before the other steps run."""
     wall0 = time.perf_counter()
     profile = load_profile(profile) if isinstance(profile, str) else profile
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
@@ -77,7 +84,8 @@ def simulate(
         chunk = choose_prefill_chunk(profile, model, policy, workload, policy_options, fidelity)
         workload = workload.model_copy(update={"prefill_chunk_tokens": chunk})
     result = simulate_prepared(profile, model, policy, workload, policy_options=policy_options,
-                               fidelity=fidelity, trace_path=trace_path)
+                               fidelity=fidelity, trace_path=trace_path,
+                               trace_max_bytes=trace_max_bytes)
     result.prefill_chunk_auto = auto
     result.wall_s = time.perf_counter() - wall0
     return result
@@ -93,6 +101,7 @@ def simulate_prepared(
     fidelity: Fidelity = Fidelity(),
     trace_path: str | Path | None = None,
     time_prefill: bool = True,
+    trace_max_bytes: float | None = TRACE_MAX_BYTES,
 ) -> SimResult:
     """``simulate`` once the profile is set for the KV type, the model looked up and the
     prefill chunk a number or None. ``time_prefill`` False holds the prefill's workspace in
@@ -112,6 +121,8 @@ def simulate_prepared(
         result.prefill_chunk_tokens = prefill_chunks(workload.context,
                                                      workload.prefill_chunk_tokens)[0][1]
     if not pol.feasible:
+        if trace_path is not None:  # an earlier run's trace there would pass for this run's
+            Path(trace_path).unlink(missing_ok=True)
         result.wall_s = time.perf_counter() - wall0
         return result
 
@@ -147,10 +158,15 @@ def simulate_prepared(
             scored = plan.layer
         if step in sampled:
             t_step = env.now
+            sized = trace_path is not None and trace_max_bytes is not None and last is None
+            before_bytes = trace_bytes(machine.recorder, spans=spans) if sized else 0
             m = engine.step(plan)
             last, last_step = m, step
             spans.append((t_step, env.now, f"decode step {step}",
                           {"step": step, "context": context, "simulated": True}))
+            if sized:
+                _check_trace_size(trace_bytes(machine.recorder, spans=spans), before_bytes,
+                                  len(sampled), trace_max_bytes)
         m = last
         step_binding.append(m.binding)
         decision = ""
@@ -204,6 +220,18 @@ def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *
     machine = Machine(simpy.Environment(), profile, record=record)
     return DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
                         attention_only=workload.attention_only)
+
+
+def _check_trace_size(first_bytes: int, before_bytes: int, steps: int,
+                      limit_bytes: float) -> None:
+    """TraceTooLarge when the trace, sized after its first simulated step (``first_bytes``;
+    ``before_bytes`` before it, the prefill's), would pass ``limit_bytes`` with ``steps``
+    simulated steps: a step's activities vary little from one step to the next (the context
+    grows by one token a step), so the first one's times the count is the trace."""
+    per_step = first_bytes - before_bytes
+    estimate = first_bytes + per_step * (steps - 1)
+    if estimate > limit_bytes:
+        raise TraceTooLarge(estimate, per_step, steps, limit_bytes)
 
 
 def _write_trace(machine: Machine, path: str | Path, result: SimResult,

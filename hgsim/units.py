@@ -97,6 +97,8 @@ def parse_count(value: object) -> int:
     if not isinstance(value, str):
         raise ValueError(f"expected a count such as 4096 or 32k, got {value!r}")
     match = _COUNT.match(value)
+    if not match and value.strip().startswith("-"):
+        raise ValueError(f"must be a positive count such as 4096 or 32k, got {value!r}")
     if not match:
         raise ValueError(f"expected a count such as 4096 or 32k, got {value!r}")
     number, suffix = float(match.group(1)), match.group(2)

@@ -10,7 +10,18 @@ n (1 - (1 - k/n)^G) rows, 2.4x the model's at r 0.05 and G 4), so validation ran
 simulator does not model. Here the cache holds ``synthesize_case``'s K and V, built from the
 accuracy proxy's spec at the study model's layout, and every layer's query at every step is the
 case's designed query, which sees exactly the designed logits: the same generator the union
-curve reads, not a second copy of its structure.
+curve reads, not a second copy of its structure. The whole-model path
+(``model_decode.ModelDecode.fill_designed``) holds the same cache and hands attention the same
+queries in place of its random weights' projections.
+
+Later decode steps ask queries that drift from the designed one (``QueryDrift``) as the accuracy
+model's H2O history has them drift: one head's queries ``L`` steps apart have expected cosine
+``floor + (1 - floor) decay^L`` (``accuracy.selection.lag_similarity``), and the heads of a
+group keep the correlation ``group_queries`` gave them. The keys stay those designed for the
+first step's query, so a later query sees the designed structure attenuated and more of the
+keys' isotropic noise, as ``next_query`` has a past query see it in the model; its per-head
+top-k overlaps the first step's by what the model's speculative selection at that cosine
+overlaps with the exact one (tests/test_designed_kv.py).
 
 What else a step costs does not depend on the values: the scans are dense, and the C kernel's
 top-k admits a score by comparing it with the running k-th best, so its work depends only on
@@ -21,12 +32,15 @@ device's tokens).
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
+import numpy as np
 import torch
 
 from hgsim.accuracy.proxy import DEFAULT_SPEC
-from hgsim.accuracy.synthetic import AttentionModelSpec, synthesize_case
+from hgsim.accuracy.selection import SelectionModel
+from hgsim.accuracy.synthetic import AttentionModelSpec, group_query_correlation, synthesize_case
 from hw_backend.random_kv import RandomDecode
 
 
@@ -74,23 +88,90 @@ class DesignedKv:
         return built
 
 
-class DesignedDecode(RandomDecode):
-    """``RandomDecode`` over ``DesignedKv``'s cache, every layer's query at every step the
-    designed one (the new tokens' K/V stay random: they land on the device). For measured
-    attention-only runs, whose host work under ``group_union`` depends on the heads' overlap."""
+_DRIFT_STREAM = 0xD21F7  # separates the drift's draws from the case's own streams
 
-    def __init__(self, *, designed_kv: DesignedKv | None = None, **shape) -> None:
+
+class QueryDrift:
+    """Per-step queries (B, H, D) whose step 0 is the designed query and which then drift as a
+    stationary Gaussian process with the accuracy model's step-to-step similarity.
+
+    Mechanism (``lag_similarity``'s doc: a head's queries share a large common component, so
+    their similarity decays with lag towards a floor f, by a factor ``decay`` per step):
+    ``q_t = sqrt(f) C + sqrt(1 - f) X_t`` with X an AR(1) process,
+    ``X_{t+1} = decay X_t + sqrt(1 - decay^2) E_t``. C and X_0 are drawn given q_0 (Gaussian
+    conditioning: ``C = sqrt(f) q_0 + sqrt(1 - f) Z``, ``X_0 = sqrt(1 - f) q_0 - sqrt(f) Z``),
+    so q_0 stays the designed query and every step has its distribution. Z and E are drawn
+    like ``group_queries``' queries (a group-shared part with the group's correlation rho),
+    so the covariance of head h at step t and head h' at step t' is
+    ``R[h, h'] (f + (1 - f) decay^|t - t'|)``: heads stay as alike as at step 0.
+    Deterministic in (spec seed, ``seed``, layer, step), whatever order steps are asked in.
+    """
+
+    def __init__(self, q0: torch.Tensor, spec: AttentionModelSpec,
+                 model: SelectionModel | None = None, *, seed: int = 0, layer: int = 0) -> None:
+        self.model = model or SelectionModel()
+        self.spec, self.seed, self.layer = spec, seed, layer
+        self.rho = group_query_correlation(spec)
+        self._q0 = q0.double().numpy()
+        floor = self.model.history_similarity_floor
+        z = self._group_normal(-1)
+        self._common = math.sqrt(floor) * self._q0 + math.sqrt(1.0 - floor) * z
+        self._x0 = math.sqrt(1.0 - floor) * self._q0 - math.sqrt(floor) * z
+        self._step, self._x = 0, self._x0
+
+    def _group_normal(self, step: int) -> np.ndarray:
+        """Standard normal (B, H, D) whose heads of a group correlate by ``rho``."""
+        batch, heads, head_dim = self._q0.shape
+        rng = np.random.default_rng([_DRIFT_STREAM, self.spec.seed, self.seed, self.layer,
+                                     step + 1])
+        own = rng.standard_normal((batch, heads, head_dim))
+        groups = heads // self.spec.heads_per_group
+        shared = np.repeat(rng.standard_normal((batch, groups, head_dim)),
+                           self.spec.heads_per_group, axis=1)
+        return math.sqrt(self.rho) * shared + math.sqrt(1.0 - self.rho) * own
+
+    def query(self, step: int) -> torch.Tensor:
+        """The query (B, H, D) float32 of decode step ``step`` (0: the designed one)."""
+        if step < 0:
+            raise ValueError("step must be non-negative")
+        if step < self._step:
+            self._step, self._x = 0, self._x0
+        decay = self.model.history_decay
+        while self._step < step:
+            self._x = decay * self._x + math.sqrt(1.0 - decay**2) * self._group_normal(self._step)
+            self._step += 1
+        if step == 0:
+            return torch.from_numpy(self._q0).float()
+        floor = self.model.history_similarity_floor
+        q = math.sqrt(floor) * self._common + math.sqrt(1.0 - floor) * self._x
+        return torch.from_numpy(q).float()
+
+
+class DesignedDecode(RandomDecode):
+    """``RandomDecode`` over ``DesignedKv``'s cache, every layer's query the designed one at
+    the first step and drifting from it after (``QueryDrift``, each layer its own draws; the
+    new tokens' K/V stay random: they land on the device). For measured runs, whose host work
+    under ``group_union`` depends on the heads' overlap: attention alone (``hgsim run
+    --attention-only``, validation) and, through ``ModelDecode.fill_designed``, whole models."""
+
+    def __init__(self, *, designed_kv: DesignedKv | None = None,
+                 selection_model: SelectionModel | None = None, **shape) -> None:
         super().__init__(**shape)
         self.designed_kv = designed_kv or DesignedKv()
-        self._query: torch.Tensor | None = None
+        self.selection_model = selection_model or SelectionModel()
+        self._drifts: list[QueryDrift] = []
 
     def load(self, store) -> None:
-        self._query = self.designed_kv.fill(store, self.context - 1, self.dtype, self.heads)
+        q0 = self.designed_kv.fill(store, self.context - 1, self.dtype, self.heads)
+        spec = self.designed_kv.layout_spec(heads=self.heads, kv_heads=self.kv_heads,
+                                            head_dim=self.head_dim, tokens=self.context - 1)
+        self._drifts = [QueryDrift(q0, spec, self.selection_model, seed=self.seed, layer=i)
+                        for i in range(self.layers)]
 
     def query(self, step: int, layer: int) -> torch.Tensor:
-        if self._query is None:
+        if not self._drifts:
             raise RuntimeError("load the cache before asking for its query")
-        return self._query.clone()
+        return self._drifts[layer].query(step)
 
 
-__all__ = ["DesignedDecode", "DesignedKv"]
+__all__ = ["DesignedDecode", "DesignedKv", "QueryDrift"]

@@ -3,10 +3,10 @@
 ``check`` builds everything that can be wrong before any work (the model fits the device, the
 HBM budget fits the device and holds the weights, the policy is feasible under it and keeps its
 weights in HBM, which the executor requires); ``measure`` then decodes on the accelerator:
-the whole model (``model_decode``) over random K/V (``random_kv``; no prefill is run) or,
-with ``attention_only``, the attention path alone (``decode_loop.run_decode``) over the
-accuracy model's synthetic attention (``designed_kv``, whose GQA heads overlap as the simulated
-union selection assumes). ``predict`` simulates the same model, policy, workload and
+the whole model (``model_decode``; no prefill is run) or, with ``attention_only``, the
+attention path alone (``decode_loop.run_decode``), both over the accuracy model's synthetic
+attention (``designed_kv``, whose GQA heads overlap as the simulated union selection assumes;
+the whole model's attention reads its queries, ``ModelDecode.fill_designed``). ``predict`` simulates the same model, policy, workload and
 budgeted profile. Both become ``SimResult`` objects of the same steps, the first ``warmup``
 (allocation, graph capture) left out of each, so every table that prints a simulated result
 prints a measured one beside it.
@@ -284,8 +284,8 @@ def _whole_model(config: RunConfig, prepared: Prepared, policy: Policy, accel, b
     with ModelDecode(config.model, accel, batch=config.batch, dtype=prepared.dtype,
                      seed=config.seed, capacity=capacity, host_threads=config.host_threads,
                      graphs=config.graphs) as model:
-        bar.phase("filling the context with random K/V")
-        model.fill_random(config.context - 1)
+        bar.phase("filling the context with the accuracy model's K/V")
+        model.fill_designed(config.context - 1, seed=config.seed)
         model.reserve_for(policy, capacity - 1)
         bar.phase("decoding")
         run = model.decode(policy, config.steps, on_step=bar.advance)

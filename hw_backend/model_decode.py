@@ -8,7 +8,9 @@ caller's stream, the layers and the LM head through ``PlanExecutor.step`` (the m
 projections, rotary, FFN and norms as its ``DeviceWork``, attention split the way the plan says,
 then the final norm and LM head), then feeds the measured ``host_s``, ``device_s`` and transfer time to ``policy.observe``, as
 ``decode_loop.run_decode`` does for attention alone, so HybridGen's scheduler adapts to what
-the hardware did.
+the hardware did. ``fill_designed`` fills the context with the accuracy model's synthetic
+attention instead (``designed_kv``) and has attention read its queries, so that the rows a KV
+group's union selection moves are the ones the simulator sizes.
 
 A step's ``StepTiming`` covers the layers and the LM head, which is what the simulator's step
 models; each token's wall time (``token_s``) adds the embedding and reading the token back.
@@ -25,6 +27,7 @@ import torch
 from hgsim.policies.base import Policy
 from hgsim.specs.model import ModelSpec
 from hw_backend.decode_loop import DecodeRun
+from hw_backend.designed_kv import DesignedDecode, DesignedKv
 from hw_backend.devices import Accelerator
 from hw_backend.executor import PlanExecutor, StepRun
 from hw_backend.kv_store import KvStore
@@ -82,11 +85,25 @@ class ModelDecode:
         generator = torch.Generator().manual_seed(seed + 1)
         first = torch.randint(spec.vocab_size, (batch,), generator=generator)
         self.work.tokens.copy_(first)
+        self.designed: DesignedDecode | None = None
 
     # ------------------------------------------------------------------ context
     def fill_random(self, tokens: int, random_kv: RandomKv | None = None) -> None:
         """``tokens`` positions of random K/V in every layer (the context before decoding)."""
         (random_kv or RandomKv()).fill(self.store, tokens, self.kv_dtype)
+
+    def fill_designed(self, tokens: int, designed_kv: DesignedKv | None = None,
+                      seed: int = 0) -> None:
+        """``tokens`` positions of the accuracy model's synthetic K/V in every layer, and from
+        the next step on attention reads its queries (``DesignedDecode``: the designed query,
+        then drifting per step) in place of the random weights' projections."""
+        spec = self.spec
+        self.designed = DesignedDecode(
+            layers=spec.num_layers, batch=self.batch, heads=spec.num_heads,
+            kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, context=tokens + 1, steps=0,
+            dtype=self.kv_dtype, seed=seed, designed_kv=designed_kv)
+        self.designed.load(self.store)
+        self.work.use_designed_queries()
 
     def load_prefix(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Given K/V (B, KVH, T, D) per layer as the context (tests: the reference's cache)."""
@@ -103,6 +120,9 @@ class ModelDecode:
     def step(self, plan, *, step: int) -> tuple[StepRun, torch.Tensor, float, torch.Tensor]:
         """One token: (the executor's step, its logits (B, vocab), wall seconds, the greedy
         next tokens (B,) on the host)."""
+        if self.designed is not None:  # before the clock: not part of the model's token
+            for layer, buffer in enumerate(self.work.designed_queries or ()):
+                buffer.copy_(self.designed.query(step, layer))
         t0 = time.perf_counter()
         self.work.start_token(self.store.length, plan)
         run = self.executor.step(plan, step=step, **self.work.step_inputs())

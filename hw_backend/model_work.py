@@ -18,6 +18,11 @@ running a layer's work twice (a graph capture's warm-up) changes nothing. For Hy
 look-ahead, layer i also projects layer i+1's query from its own input (``lookahead_queries``):
 the host starts layer i+1's scan with it while the device is still in layer i, which is the
 paper's approximation (consecutive layers' inputs are similar).
+
+With ``designed_queries`` set (``ModelDecode.fill_designed``) attention reads those buffers
+instead of the projections: random weights' queries over the accuracy model's designed cache
+would pick each head's rows independently, not as the model's GQA heads do. The projections
+still run and their results are dropped, so the device does the same work.
 """
 
 from __future__ import annotations
@@ -76,6 +81,15 @@ class ModelDeviceWork:
         self.q, self.ahead_q = self.buffers.q, self.buffers.ahead_q
         self.new_kv = [self.buffers.new_kv(i) for i in range(layers)]
         self.look_ahead = False
+        #: per layer, the query attention reads instead of the projection (module doc)
+        self.designed_queries: list[torch.Tensor] | None = None
+
+    def use_designed_queries(self) -> list[torch.Tensor]:
+        """Fixed device buffers (B, H, D), one per layer, that attention reads as its query
+        (and a look-ahead as the next layer's) from now on; the caller fills them each step."""
+        if self.designed_queries is None:
+            self.designed_queries = [torch.zeros_like(q) for q in self.q]
+        return self.designed_queries
 
     # ------------------------------------------------------------------ per token (caller)
     def start_token(self, position: int, plan: StepPlan) -> None:
@@ -102,14 +116,15 @@ class ModelDeviceWork:
 
     def before_attention(self, layer: int) -> None:
         spec, layers, x = self.spec, self.weights.layers, self.hidden[layer]
+        designed = self.designed_queries
         q, k, v = project_qkv(spec, layers[layer], x, self.positions, self.inv_freq)
-        self.q[layer].copy_(q)
+        self.q[layer].copy_(q if designed is None else designed[layer])
         k_new, v_new = self.new_kv[layer]
         k_new.copy_(k.unsqueeze(2))
         v_new.copy_(v.unsqueeze(2))
         if self.look_ahead and layer + 1 < spec.num_layers:
-            self.ahead_q[layer + 1].copy_(project_query(spec, layers[layer + 1], x,
-                                                        self.positions, self.inv_freq))
+            ahead = project_query(spec, layers[layer + 1], x, self.positions, self.inv_freq)
+            self.ahead_q[layer + 1].copy_(ahead if designed is None else designed[layer + 1])
 
     def after_attention(self, layer: int, output: torch.Tensor) -> None:
         x = self.hidden[layer + 1]

@@ -3,10 +3,12 @@
 For every case of a validation study (``hgsim.validation``) the policy is built exactly as the
 simulator builds it (same model, profile, workload and options), its plan for every step is
 executed by ``hw_backend.executor.PlanExecutor`` and the executor's ``StepTiming`` records come
-back. The attention-only path runs over the accuracy model's synthetic attention
-(``designed_kv``: the heads of a KV group agree on heavy hitters as the simulator's union sizes
-assume); the whole model over random K/V and its own queries. The accelerator is CUDA when available, else the CPU
-stand-in with the case's core split (``devices.CoreSplit``), the same kind of device the
+back. Both the attention-only path and the whole model run over the accuracy model's synthetic
+attention (``designed_kv``: the heads of a KV group agree on heavy hitters as the simulator's
+union sizes assume; the whole model's attention reads the designed queries in place of its
+random weights' projections, ``ModelDecode.fill_designed``), with queries that drift from step
+to step as the model's (``designed_kv.QueryDrift``). The accelerator is CUDA when available,
+else the CPU stand-in with the case's core split (``devices.CoreSplit``), the same kind of device the
 calibrated profile describes.
 
 ``run_validation`` also runs the simulator on the same cases, checks that both ran the same
@@ -35,7 +37,7 @@ from hgsim.micro import (
     route,
 )
 from hgsim.micro import predict as predict_micro
-from hgsim.outputs import check_output_file, written_whole
+from hgsim.outputs import check_output_file, remove_earlier, written_whole
 from hgsim.profiles import load_profile, resolve_profile
 from hgsim.results import StepTiming
 from hgsim.specs.hardware import HardwareProfile
@@ -55,9 +57,8 @@ from hgsim.validation import (
     workload,
 )
 from hw_backend.calibration.quiet import wait_for_quiet
-from hw_backend.designed_kv import DesignedKv
+from hw_backend.designed_kv import DesignedDecode, DesignedKv
 from hw_backend.devices import available_cores
-from hw_backend.random_kv import RandomKv
 
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 #: What a run writes: ``<prefix>.csv``, the micro-cases' ``<prefix>.micro.csv`` and the
@@ -68,13 +69,11 @@ OUTPUT_SUFFIXES = (".csv", ".micro.csv", ".png", ".svg")
 # ------------------------------------------------------------------------------ one case
 def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
             accelerator: str = "auto", before_steps: Callable[[], object] | None = None,
-            random_kv: RandomKv | None = None,
             designed_kv: DesignedKv | None = None) -> tuple[list[StepTiming], str]:
     """Execute the case's plans step by step; (measured steps, device label).
 
     ``before_steps`` runs after the cache is filled, right before the first timed step;
-    ``random_kv`` (whole model) and ``designed_kv`` (attention only) can be shared between
-    calls so that the cache values are made once.
+    ``designed_kv`` can be shared between calls so that the cache values are made once.
     """
     import torch
 
@@ -99,16 +98,19 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
     if study.whole_model:
         try:
             return _measure_model(case, study, policy, plans, accel, before_steps,
-                                  random_kv), accel.label
+                                  designed_kv), accel.label
         finally:
             accel.close()
     try:
         store = KvStore(accel, num_layers=model.num_layers, batch=study.batch,
                         kv_heads=model.num_kv_heads, head_dim=model.head_dim, dtype=dtype,
                         capacity=case.context + wl.gen)
-        query = (designed_kv or DesignedKv()).fill(store, case.context - 1, dtype,
-                                                   model.num_heads)
-        inputs = _inputs(accel, model, query, dtype, len(plans))
+        source = DesignedDecode(layers=model.num_layers, batch=study.batch,
+                                heads=model.num_heads, kv_heads=model.num_kv_heads,
+                                head_dim=model.head_dim, context=case.context,
+                                steps=len(plans), dtype=dtype, designed_kv=designed_kv)
+        source.load(store)
+        inputs = _inputs(accel, model, source, dtype, len(plans))
         if before_steps is not None:
             before_steps()
         steps = []
@@ -131,8 +133,9 @@ def measure(case: Case, study: ValidationStudy, profile: HardwareProfile,
 
 def _measure_model(case: Case, study: ValidationStudy, policy, plans, accel,
                    before_steps: Callable[[], object] | None,
-                   random_kv: RandomKv | None) -> list[StepTiming]:
-    """The whole model (random weights at the study model's shapes) decoding the case's plans."""
+                   designed_kv: DesignedKv | None) -> list[StepTiming]:
+    """The whole model (random weights at the study model's shapes) decoding the case's plans
+    over the designed cache, its attention reading the designed queries."""
     from hw_backend.executor import UnsupportedPlan
     from hw_backend.model_decode import ModelDecode
 
@@ -140,7 +143,7 @@ def _measure_model(case: Case, study: ValidationStudy, policy, plans, accel,
     with ModelDecode(model, accel, batch=study.batch, dtype=study.weight_dtype,
                      kv_dtype=study.kv_dtype, capacity=case.context + len(plans),
                      host_threads=case.host_threads) as decoder:
-        decoder.fill_random(case.context - 1, random_kv)
+        decoder.fill_designed(case.context - 1, designed_kv)
         decoder.reserve_for(policy, case.context + len(plans) - 1)
         if before_steps is not None:
             before_steps()
@@ -168,16 +171,17 @@ def _static_inputs(executor, model, batch: int, dtype):
     return buffers
 
 
-def _inputs(accel, model, query, dtype, count: int):
-    """Per step: each layer's query (the cache's designed one, ``designed_kv``) and the new
+def _inputs(accel, model, source: DesignedDecode, dtype, count: int):
+    """Per step: each layer's query (``source``'s: designed, then drifting) and the new
     token's random K/V, made before timing starts."""
     import torch
 
     generator = torch.Generator().manual_seed(1)
-    batch = query.shape[0]
+    batch = source.batch
     out = []
-    for _ in range(count):
-        queries = [query.to(accel.device, copy=True) for _ in range(model.num_layers)]
+    for step in range(count):
+        queries = [source.query(step, layer).to(accel.device, copy=True)
+                   for layer in range(model.num_layers)]
         new_kv = [tuple(torch.randn(batch, model.num_kv_heads, 1, model.head_dim,
                                     generator=generator).to(dtype).to(accel.device)
                         for _ in range(2)) for _ in range(model.num_layers)]
@@ -208,6 +212,8 @@ class ValidationRun:
     host_slowdown: float | None = None
     #: (case, error) of cases that raised on CUDA and were skipped; any fails the run
     failed: list[tuple[str, str]] = field(default_factory=list)
+    #: earlier runs' files under this run's output names that it did not write, removed
+    removed: list[Path] = field(default_factory=list)
 
     @property
     def micro_mape_pct(self) -> float:
@@ -351,7 +357,7 @@ def run_validation(
                             f"{len(every)} cases (the smallest context is "
                             f"{min(c.context for c in every)})")
     check_feasible(prof, study, todo, calibration.per_threads)
-    micro, micro_latency = (run_micro(prof, study, calibration, quiet_wait_s)
+    micro, micro_latency = (run_micro(prof, study, calibration, quiet_wait_s, max_context)
                             if which != "plans" else ([], []))
     if not todo and not micro:
         raise UserError("nothing to run: no configuration (check --max-context and the study's "
@@ -362,7 +368,7 @@ def run_validation(
 
         probe = KernelProbe(calibration.probe[0])
     results = []
-    random_kv, designed_kv = RandomKv(), DesignedKv()
+    designed_kv = DesignedKv()
     failed: list[tuple[Case, str]] = []
     for case in _progress(todo, progress):
         probe_gbps = probe.gbps() if probe is not None else None
@@ -372,8 +378,7 @@ def run_validation(
         settle = (lambda out=runnable: out.append(wait_for_quiet(quiet_wait_s))
                   ) if quiet_wait_s > 0 else None
         try:
-            measured, label = measure(case, study, prof, accelerator, settle, random_kv,
-                                      designed_kv)
+            measured, label = measure(case, study, prof, accelerator, settle, designed_kv)
         except UserError:
             raise
         except Exception as exc:
@@ -389,18 +394,20 @@ def run_validation(
         results.append(result)
         if on_case is not None:
             on_case(result)
-    del probe, random_kv, designed_kv  # 64 MB of KV, and as much as the largest context's
+    del probe, designed_kv  # as much KV as the largest context's
     error = mape(results)
     load = (load0, _load())
     probes = tuple(r.probe_gbps for r in results if r.probe_gbps is not None)
     drift = (Drift(calibration.probe[1], probes, calibration.probe[0])
              if probes and calibration.probe else None)
     outputs = _write(results, micro, error, threshold, prefix, prof, study, load, failed)
+    removed = remove_earlier([prefix.with_name(prefix.name + s) for s in OUTPUT_SUFFIXES],
+                             outputs)
     return ValidationRun(prof, study, results, error, threshold, outputs,
                          time.perf_counter() - t0, load, drift, micro, micro_latency,
                          calibration.statistic,
                          None if cuda or not results else calibration.host_slowdown,
-                         [(case.label, why) for case, why in failed])
+                         [(case.label, why) for case, why in failed], removed)
 
 
 
@@ -438,9 +445,12 @@ def _progress(items: list[Case], enabled: bool):
 
 
 def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Calibration,
-              quiet_wait_s: float) -> tuple[list[MicroResult], list[LatencyDrift]]:
+              quiet_wait_s: float, max_context: int | None = None
+              ) -> tuple[list[MicroResult], list[LatencyDrift]]:
     """The study's micro-cases, measured here and predicted from the profile, and the idle
-    latency of the routes they gathered on while they ran (against the profile's).
+    latency of the routes they gathered on while they ran (against the profile's). Scans over
+    more than ``max_context`` tokens are left out, as the configurations above it are: a quick
+    ``--max-context 4k`` run spent most of its time scanning 64k tokens.
 
     A case's time is its repeats' statistic as calibration took its figures (the median by
     default), not ``--statistic``: the fastest of seven repeats against figures from medians
@@ -461,6 +471,8 @@ def run_micro(profile: HardwareProfile, study: ValidationStudy, calibration: Cal
     todo: list[MicroCase] = micro_cases(study.micro, profile, numa, heads=model.num_heads,
                                         kv_heads=model.num_kv_heads, head_dim=model.head_dim,
                                         kv_dtype=study.kv_dtype)
+    if max_context is not None:
+        todo = [c for c in todo if c.kind != "scan" or c.context <= max_context]
     timed, latency = measured.measure(todo, study.micro.repeats, quiet_wait_s)
     out = []
     for case, runs in zip(todo, timed, strict=True):

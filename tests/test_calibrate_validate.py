@@ -232,6 +232,30 @@ def test_a_case_that_raises_on_cuda_is_skipped_and_fails_the_run(calibrated: Pat
     assert table[table["config"] != "hgca"]["failure"].isna().all()
 
 
+def test_a_validation_removes_the_earlier_outputs_it_did_not_write(calibrated: Path,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch):
+    """Every case failed (on CUDA, out of memory): the CSV said so, while the scatter plots and
+    micro-case table of an earlier run stayed beside it as if they were this run's."""
+    from hw_backend import validate as hv
+
+    def out_of_memory(case, *args, **kw):
+        raise RuntimeError("CUDA out of memory")
+
+    study = tmp_path / "model.yaml"
+    study.write_text(TINY_MODEL_STUDY)
+    monkeypatch.setattr(hv, "measure", out_of_memory)
+    monkeypatch.setattr(hv, "_uses_cuda", lambda accelerator: True)
+    earlier = [tmp_path / f"v{suffix}" for suffix in (".png", ".svg", ".micro.csv")]
+    for path in earlier:
+        path.write_text("an earlier run's")
+    run = hv.run_validation(calibrated, study, threshold=1e6, out=tmp_path / "v",
+                            progress=False, which="plans")
+    assert not run.results and not run.passed
+    assert run.outputs == [tmp_path / "v.csv"] and sorted(run.removed) == sorted(earlier)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.yaml", "v.csv"]
+
+
 def test_validate_can_run_the_micro_cases_alone(calibrated: Path, tmp_path: Path, capsys):
     study = tmp_path / "study.yaml"
     study.write_text(TINY_STUDY)
@@ -243,6 +267,22 @@ def test_validate_can_run_the_micro_cases_alone(calibrated: Path, tmp_path: Path
     assert "ddr0 from cpu0: idle latency" in out and "in the profile" in out
     assert prefix.with_name("micro.micro.csv").exists()
     assert not prefix.with_name("micro.csv").exists()
+
+
+def test_max_context_leaves_out_micro_scans_over_more_tokens(calibrated: Path, tmp_path: Path):
+    """--max-context 512 leaves out the 1k-token scan as it leaves out the 1k configurations;
+    gathers (no context) stay. A quick --max-context 4k run had spent most of its time
+    scanning 64k tokens."""
+    import pandas as pd
+
+    study = tmp_path / "study.yaml"
+    study.write_text(TINY_STUDY)
+    prefix = tmp_path / "capped"
+    assert main(["validate", "--profile", str(calibrated), "--study", str(study), "--out",
+                 str(prefix), "--no-progress", "--cases", "micro", "--threshold", "1e6",
+                 "--max-context", "512"]) == 0
+    kinds = pd.read_csv(prefix.with_name("capped.micro.csv"))["case"].str.split().str[0]
+    assert set(kinds) == {"gather"} and len(kinds) == 4
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path: Path, capsys):
@@ -365,7 +405,7 @@ def test_different_plans_are_refused():
 def test_random_kv_is_drawn_once_and_copied_into_every_layer():
     import torch
 
-    from hw_backend.validate import RandomKv
+    from hw_backend.random_kv import RandomKv
 
     class Layer:
         def load(self, k, v):

@@ -356,3 +356,28 @@ def test_api_prefill_chunk_without_prefill_is_an_error_not_ignored():
                      prefill_chunk_tokens=512)
     assert api.simulate("dev-zen4-2core", "opt-6.7b", context="1k", gen=4, samples=2,
                         prefill=True, prefill_chunk_tokens=512).prefill_chunk_tokens == 512
+
+
+@pytest.mark.parametrize(("verb", "flag", "value"), [
+    (SIMULATE, "--context", "-1k"), (SIMULATE, "--batch", "-2"), (SIMULATE, "--gen", "-1"),
+    (SIMULATE, "--prefill-chunk", "-8k"),
+    (("run", "--model", "opt-6.7b", "--context", "1k"), "--context", "-64k"),
+    (("run", "--model", "opt-6.7b", "--context", "1k"), "--warmup", "-1k"),
+])
+def test_a_negative_count_names_its_flag(capsys, verb, flag, value):
+    """argparse took "-1k" for an unknown option ("argument --context: expected one argument")
+    where a plain "-2" reached the flag's own check; both now say what the value must be."""
+    line = user_error(capsys, *verb, flag, value)
+    must = ("expected a token count such as 8k, or auto" if flag == "--prefill-chunk"
+            else "must be a positive count such as 4096 or 32k")
+    assert line == f"hgsim {verb[0]}: error: {flag}: {must}, got '{value}'"
+
+
+def test_negative_values_join_the_option_before_them_and_nothing_else():
+    from hgsim.cli import attach_negative_values
+
+    assert attach_negative_values(["simulate", "--context", "-1k", "-j", "-2k", "--gen", "4"]) \
+        == ["simulate", "--context=-1k", "-j=-2k", "--gen", "4"]
+    assert attach_negative_values(["--context=-1k", "-2k"]) == ["--context=-1k", "-2k"]
+    assert attach_negative_values(["study", "--", "--x", "-1"]) == ["study", "--", "--x", "-1"]
+    assert attach_negative_values(["--option", "-x"]) == ["--option", "-x"]  # an option, not -N

@@ -225,6 +225,11 @@ BAD = {
     "unknown_key": (
         "    kind: pcie\n", "    kind: pcie\n    bandwdith_gbps: 3\n",
         "links.pcie0.bandwdith_gbps", "unknown key", "bandwdith_gbps: 3"),
+    # a misspelt required key read as "required field is missing" on the tier's first line
+    "misspelt_required_key": (
+        "read_bandwidth_gbps: 240", "read_bandwidht_gbps: 240",
+        "tiers.ddr0.read_bandwidht_gbps", "unknown key (did you mean 'read_bandwidth_gbps'?)",
+        "read_bandwidht_gbps: 240"),
     # an empty name was accepted, and every result row then named the machine ''
     "empty_name": ("name: a100-40gb-spr-cxl", "name: ' '", "name", "the profile needs a name",
                    "name: ' '"),

@@ -32,7 +32,7 @@ def test_tiny_model_runs_and_prints_both_columns(capsys, tmp_path):
     assert code == 0
     assert "measured (cpu-standin (no CUDA))" in out and "simulated (dev-zen4-2core)" in out
     assert "per-token latency mean" in out and "token wall time" in out
-    assert "random K/V (no prefill)" in out
+    assert "synthetic K/V (no prefill)" in out
     assert "does not describe this run's device" in out  # dev-zen4-2core is a GPU profile
     summary = json.loads((tmp_path / "r.json").read_text())
     measured, simulated = summary["measured"], summary["simulated"]

@@ -154,3 +154,24 @@ def test_summary_has_a_row_per_zipped_setting_of_its_group():
     table = summarize(out, {"s": spec}, zipped).set_index("policy")
     assert table.loc["hybridgen (topk_ratio 0.05)", "geomean"] == pytest.approx(8.0 ** 0.5)
     assert table.loc["hybridgen (topk_ratio 0.2)", "geomean"] == pytest.approx(2.0 ** 0.5)
+
+
+def test_best_policy_tied_to_the_simulations_rounding_is_a_tie_not_a_win():
+    """Two policies equal to a millionth (gpu_only and hybridgen when the KV cache fits in
+    HBM run the same plan) tie: which one the sort put first is not a win, and the margin is
+    to the next distinct value; the written order is the table's, not the sort's whim."""
+    from hgsim.study.report import best_table
+
+    frame = pd.DataFrame({"workload.context": [32768] * 3 + [131072] * 3,
+                          "policy": ["flexgen", "hybridgen", "gpu_only"] * 2,
+                          "tokens_per_s": [2.0, 4.0, 4.0 * (1 + 1e-9), 1.0, 3.0, 2.0]})
+    axes = ["workload.context", "policy"]
+    rows = best_table(frame, axes, "policy", "tokens_per_s").to_dict("records")
+    assert (rows[0]["best"], rows[0]["runner-up"]) == ("hybridgen = gpu_only", "flexgen")
+    assert rows[0]["margin"] == pytest.approx(2.0)
+    assert (rows[1]["best"], rows[1]["runner-up"], rows[1]["margin"]) == ("hybridgen",
+                                                                          "gpu_only", 1.5)
+    near = frame.assign(tokens_per_s=[2.0, 4.0, 4.0 * (1 + 1e-4), 1.0, 3.0, 2.0])
+    row = best_table(near, axes, "policy", "tokens_per_s").to_dict("records")[0]
+    assert (row["best"], row["runner-up"]) == ("gpu_only", "hybridgen")  # 0.01% is a result
+    assert row["margin"] == pytest.approx(1 + 1e-4)

@@ -5,10 +5,25 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from test_study_common import write_study
+from test_study_common import REPO, TINY, write_study
 
 from hgsim.cli import main
 from hgsim.study import RunOptions, load_study, run_study
+from hgsim.study.load import resolved_yaml
+
+# A policy fixed in base: no policy axis, so the default best-by axis is not swept.
+FIXED_POLICY = """\
+name: fixed
+base:
+  profile: h100-80gb-spr-cxl
+  model: llama-2-7b
+  policy: hgca
+  workload: {batch: 2, context: 32k, gen: 4}
+  fidelity: {decode_samples: 2, accuracy: false}
+sweep: {grid: {hardware.tiers.cxl0.latency_ns: [150, 400]}}
+"""
+SIMULATION_STUDIES = sorted(p.name for p in (REPO / "studies").glob("*.yaml")
+                            if not p.name.startswith("validation"))  # validation: hgsim validate
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +69,44 @@ def test_resolved_study_reruns_to_the_same_points(finished, tmp_path):
     original = {s.key for s in load_study(resolved).expansion.unique_specs()}
     stored = {p.stem for p in (finished / "points").glob("*.json")}
     assert original == stored
+
+
+def test_a_rerun_removes_the_figures_it_did_not_draw(finished, tmp_path, capsys):
+    """A rerun with --no-figures (all its points reused) left the earlier run's figures beside
+    its new tables, where they passed for this run's; a user's other files stay."""
+    import shutil
+
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    (out / "figures" / "notes.txt").write_text("mine")
+    study = write_study(tmp_path)
+    assert main(["study", str(study), "--out", str(out), "--no-figures"]) == 0
+    assert [p.name for p in (out / "figures").iterdir()] == ["notes.txt"]
+    assert f"removed 4 figure file(s) of an earlier run that this run did not draw from " \
+           f"{out / 'figures'}" in capsys.readouterr().err
+
+
+def _points(plan) -> list[tuple[str, str]]:
+    return [(repr(p.coords), p.spec.key) for p in plan.expansion.points]  # repr: NaN == NaN
+
+
+@pytest.mark.parametrize("text", [TINY, FIXED_POLICY], ids=["policy swept", "policy fixed"])
+def test_a_resolved_study_loads_back_to_the_same_points(tmp_path, text):
+    """The resolved file is what the loader accepts: written defaults (best_by) must not
+    become explicit settings that fail validation or change the expansion."""
+    plan = load_study(write_study(tmp_path, text))
+    again = load_study(write_study(tmp_path, resolved_yaml(plan), name="study.resolved.yaml"))
+    assert _points(again) == _points(plan)
+    assert again.columns == plan.columns
+    assert again.study.report == plan.study.report
+
+
+@pytest.mark.parametrize("name", SIMULATION_STUDIES)
+def test_every_shipped_study_resolves_to_a_file_that_reruns_it(tmp_path, name):
+    plan = load_study(REPO / "studies" / name)
+    again = load_study(write_study(tmp_path, resolved_yaml(plan), name="study.resolved.yaml"))
+    assert _points(again) == _points(plan)
+    assert again.columns == plan.columns
 
 
 def test_dask_local_cluster_matches_process_pool(finished, tmp_path):

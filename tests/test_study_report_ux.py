@@ -197,6 +197,38 @@ def test_a_ratio_heatmap_colours_around_1_on_a_log_scale():
     plt.close(plain.figure)
 
 
+def test_ratio_bars_on_a_log_axis_grow_from_1_up_for_gains_and_down_for_losses():
+    """A 0.98 drawn up from the log axis' floor read as a small gain; from 1 it is a loss."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import figure
+    from hgsim.study.schema import PlotSpec
+
+    frame = pd.DataFrame({"model": ["a", "b", "c", "d"], "feasible": [True] * 3 + [False],
+                          "speedup_vs_flexgen": [0.98, 9.0, 0.25, math.nan]})
+    spec = PlotSpec(kind="bar", x="model", y="speedup_vs_flexgen", logy=True)
+    grid = figure(frame, "sp", spec, {"model": ["a", "b", "c", "d"]}, {"speedup_vs_flexgen"})
+    (panel,) = grid.axes.flat
+    bars = sorted(panel.patches, key=lambda b: b.get_x())
+    spans = [(b.get_y(), b.get_y() + b.get_height()) for b in bars
+             if not math.isnan(b.get_height())]
+    assert spans == [(1.0, pytest.approx(0.98)), (1.0, pytest.approx(9.0)),
+                     (1.0, pytest.approx(0.25))]
+    low, high = panel.get_ylim()
+    assert low < 0.25 and high > 9.0  # every bar's end is in view
+    ones = [line for line in panel.get_lines() if list(line.get_ydata()) == [1, 1]]
+    assert len(ones) == 1  # the reference line at 1
+    infeasible = [line for line in panel.get_lines() if line.get_marker() == "x"]
+    assert [line.get_ydata()[0] for line in infeasible] == [1.0]  # at its bar's foot: 1
+    plt.close(grid.figure)
+    plain = figure(frame, "sp", spec, {"model": ["a", "b", "c", "d"]})  # not a ratio column
+    assert all(b.get_y() == 0 for b in plain.axes.flat[0].patches)
+    plt.close(plain.figure)
+
+
 def test_report_numbers_keep_three_significant_figures():
     assert fmt(0.9995) == fmt(1.0004) == "1.00"
     assert [fmt(v) for v in (85.52, 151.3, 12.34, 0.01234, 1.5)] == [

@@ -21,6 +21,9 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
 CASES = {
     "unknown top-level key": ("name: tiny", "name: tiny\nsweeps: []", 2, "unknown key"),
     "unknown base key": ("  fidelity: {", "  fidelty: {", 6, "base.fidelty: unknown key"),
+    # a misspelt required key read as "base.profile: required field is missing"
+    "misspelt required key": ("  profile: h100", "  profle: h100", 3,
+                              "base.profle: unknown key (did you mean 'profile'?)"),
     "unknown workload field": ("gen: 4}", "gen: 4, contxt: 1}", 5, "unknown workload field"),
     "unknown axis": ("      policy: [hybridgen", "      polcy: [hybridgen", 10,
                      "unknown axis 'polcy'"),
@@ -42,6 +45,8 @@ CASES = {
                                    "'h2o' is not a value of axis 'policy'"),
     "derived vs not an axis": ("vs: {policy: [flexgen, cpu_offload]}", "vs: {model: x}", 15,
                                "'model' is not a sweep axis"),
+    "best_by not an axis": ("derived:", "report: {best_by: model}\nderived:", 11,
+                            "report.best_by: 'model' is not a sweep axis"),
     "option the policy lacks": ("      workload.context: [32k, 64k]",
                                 "      policy_options.topk_ratio: [0.1]", 9,
                                 "policy 'flexgen' has no option 'topk_ratio'"),

@@ -110,3 +110,55 @@ def test_infeasible_run_writes_no_trace(tmp_path, capsys):
     assert code == 1
     assert list(tmp_path.iterdir()) == []
     assert f"no trace written to {path}" in capsys.readouterr().out
+
+
+def test_infeasible_run_removes_an_earlier_trace(tmp_path, capsys):
+    """A trace left from an earlier run passed for this (infeasible) run's: whatever is at
+    --trace after a run is that run's, or nothing. The Python API does the same."""
+    from hgsim import api
+    from hgsim.cli import main
+
+    path = tmp_path / "t.json"
+    path.write_text('{"traceEvents": []}')
+    code = main(["simulate", "--profile", "h100-80gb-spr-cxl", "--model", "llama-2-70b",
+                 "--policy", "gpu_only", "--context", "128k", "--batch", "16", "--gen", "2",
+                 "--trace", str(path)])
+    assert code == 1
+    assert list(tmp_path.iterdir()) == []
+    assert (f"no trace written to {path} (infeasible: nothing was simulated; the earlier file "
+            "there was removed)") in capsys.readouterr().out
+    path.write_text('{"traceEvents": []}')
+    result = api.simulate("h100-80gb-spr-cxl", "llama-2-70b", policy="gpu_only",
+                          context="128k", batch=16, gen=2, trace=path)
+    assert not result.feasible and not path.exists()
+
+
+def test_a_trace_over_its_limit_is_refused_from_its_first_step(tmp_path, capsys):
+    """--samples 0 over thousands of steps wrote gigabytes (1.25 GB for 4096 steps of
+    llama-2-13b at 128k), built whole in memory first. The size is estimated after the first
+    simulated step: within 10% of the file a run writes, it refuses a limit 10% under it and
+    passes one 10% over it; the refusal names the flags and writes nothing."""
+    from hgsim import api
+    from hgsim.cli import main
+    from hgsim.errors import TraceTooLarge
+
+    run = dict(context="4k", gen=12, samples=0, accuracy=False)
+    path = tmp_path / "t.json"
+    api.simulate("dev-zen4-2core", "opt-6.7b", **run, trace=path, trace_max_gb=None)
+    written = path.stat().st_size
+    path.unlink()
+    with pytest.raises(TraceTooLarge) as refused:
+        api.simulate("dev-zen4-2core", "opt-6.7b", **run, trace=path,
+                     trace_max_gb=0.9 * written / 1e9)
+    assert refused.value.estimate_bytes == pytest.approx(written, rel=0.1)
+    assert refused.value.steps == 12 and not path.exists()
+    api.simulate("dev-zen4-2core", "opt-6.7b", **run, trace=path, trace_max_gb=1.1 * written / 1e9)
+    assert path.stat().st_size == written
+    argv = ["simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "4k",
+            "--gen", "12", "--samples", "0", "--trace", str(tmp_path / "cli.json"),
+            "--trace-max-gb", f"{0.5 * written / 1e9:.6f}"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hgsim simulate: error: --trace: would be about ") and err.count("\n") == 1
+    assert "per simulated step x 12 steps), over --trace-max-gb" in err and "--samples N" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]

@@ -218,8 +218,15 @@ def history_similarities(model: SelectionModel) -> np.ndarray:
     floor rather than to zero.
     """
     lags = model.decision_lag + np.arange(model.history_queries)[::-1]
+    return lag_similarity(model, lags)
+
+
+def lag_similarity(model: SelectionModel, lags):
+    """Expected cosine of one head's queries ``lags`` decode steps apart:
+    ``floor + (1 - floor) * decay**lag`` (1 at lag 0), the history H2O accumulates over and
+    what ``hw_backend.designed_kv.QueryDrift`` makes validation's queries follow."""
     floor = model.history_similarity_floor
-    return floor + (1.0 - floor) * model.history_decay**lags
+    return floor + (1.0 - floor) * model.history_decay ** np.asarray(lags, dtype=np.float64)
 
 
 def query_history(

@@ -238,6 +238,14 @@ def case_logits(spec: AttentionModelSpec) -> np.ndarray:
     return design_logits(spec, np.random.default_rng(_case_seeds(spec)[0]))
 
 
+def group_query_correlation(spec: AttentionModelSpec) -> float:
+    """The correlation ``group_queries`` gives two heads of a group: ``query_correlation``
+    capped at ``_MAX_QUERY_CORRELATION`` (1 for one head per group: nothing to mix)."""
+    if spec.heads_per_group == 1:
+        return 1.0
+    return min(spec.query_correlation, _MAX_QUERY_CORRELATION)
+
+
 def group_queries(spec: AttentionModelSpec, own: np.random.SeedSequence,
                   shared: np.random.SeedSequence) -> np.ndarray:
     """Queries (H, D) float64: per KV group a shared component plus a head-specific one, mixed
@@ -248,7 +256,7 @@ def group_queries(spec: AttentionModelSpec, own: np.random.SeedSequence,
     queries = np.random.default_rng(own).standard_normal((spec.heads, spec.head_dim))
     if spec.heads_per_group == 1:
         return queries
-    rho = min(spec.query_correlation, _MAX_QUERY_CORRELATION)
+    rho = group_query_correlation(spec)
     common = np.random.default_rng(shared).standard_normal((spec.kv_heads, spec.head_dim))
     common = np.repeat(common, spec.heads_per_group, axis=0)
     return math.sqrt(rho) * common + math.sqrt(1.0 - rho) * queries

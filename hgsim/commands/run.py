@@ -219,7 +219,8 @@ def print_comparison(result, *, other_device: bool = False) -> None:
                       f"{m.gpu_tokens} | {s.gpu_tokens}",
                       f"{m.latency_s * 1e3:.2f} | {s.latency_s * 1e3:.2f}")
     console.print(sched)
-    console.print(f"context: {config.context - 1} tokens of random K/V (no prefill); "
+    console.print(f"context: {config.context - 1} tokens of the accuracy model's synthetic "
+                  f"K/V (no prefill); "
                   f"{config.warmup} warm-up step(s) left out of both columns")
     if other_device:
         console.print(f"note: {simulated.profile} does not describe this run's device "

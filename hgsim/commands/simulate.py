@@ -7,11 +7,12 @@ import json
 
 from pydantic import ValidationError
 
-from hgsim.commands.checks import count
+from hgsim.commands.checks import count, non_negative
 from hgsim.commands.policy_options import named_as_flags, policy_options
-from hgsim.errors import UserError
-from hgsim.outputs import check_output_file, finite_for_json
+from hgsim.errors import TraceTooLarge, UserError
+from hgsim.outputs import TRACE_MAX_BYTES, check_output_file, finite_for_json
 from hgsim.results import SimResult
+from hgsim.units import size_text
 
 
 def decisions_between(steps: list) -> str:
@@ -51,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=32,
                    help="decode steps simulated in full, the rest interpolated (0 = all)")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
+    p.add_argument("--trace-max-gb", type=float, default=TRACE_MAX_BYTES / 1e9, metavar="GB",
+                   help="refuse a trace estimated (from its first simulated step) above GB "
+                        f"gigabytes (default {TRACE_MAX_BYTES / 1e9:g}; 20-300 kB per step)")
     p.add_argument("--json", action="store_true", help="print the result row as JSON")
     p.set_defaults(run=run)
 
@@ -59,9 +63,6 @@ def run(args: argparse.Namespace) -> int:
     from hgsim.simulate import Fidelity, simulate
     from hgsim.workload import Workload
 
-    if args.prefill_chunk is not None and not args.prefill:  # else silently no prefill at all
-        raise UserError("chunks the prompt's prefill, which runs only with --prefill: add it",
-                        field="--prefill-chunk")
     try:
         workload = Workload(
             batch=count(args.batch, "--batch"), context=count(args.context, "--context"),
@@ -75,18 +76,33 @@ def run(args: argparse.Namespace) -> int:
         flag = {"prefill_chunk_tokens": "prefill-chunk"}.get(str(first["loc"][0]),
                                                             str(first["loc"][0]))
         raise UserError(humane(first), field="--" + flag) from None
+    # a valid chunk without --prefill: else silently no prefill at all
+    if args.prefill_chunk is not None and not args.prefill:
+        raise UserError("chunks the prompt's prefill, which runs only with --prefill: add it",
+                        field="--prefill-chunk")
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
+    trace_max_gb = non_negative(args.trace_max_gb, "--trace-max-gb")
+    if trace_max_gb == 0:
+        raise UserError("must be above 0 (it refuses every trace)", field="--trace-max-gb")
     options = policy_options(args.option, args.policy)
     # Before the simulation: a trace that cannot be written would lose its result at the end.
     # "" is a mistake, not "no trace"
     trace = check_output_file(args.trace, "--trace") if args.trace is not None else None
-    with named_as_flags():  # an option the profile rules out (host_socket)
-        result = simulate(
-            args.profile, args.model, args.policy, workload,
-            policy_options=options,
-            fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
-        )
+    earlier_trace = trace is not None and trace.exists()
+    try:
+        with named_as_flags():  # an option the profile rules out (host_socket)
+            result = simulate(
+                args.profile, args.model, args.policy, workload,
+                policy_options=options,
+                fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
+                trace_max_bytes=trace_max_gb * 1e9,
+            )
+    except TraceTooLarge as big:
+        raise UserError(f"would be about {size_text(big.estimate_bytes)} ({big.shape}), over "
+                        f"--trace-max-gb {trace_max_gb:g}: give --samples N (simulated steps, "
+                        "the rest interpolated) or a smaller --gen, or a larger --trace-max-gb",
+                        field="--trace") from None
     if args.json:
         print(json.dumps(finite_for_json(result.to_row()), indent=2, default=str))
     else:
@@ -97,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
                   f"{simulated} of {len(result.steps)} decode steps simulated "
                   "(open in https://ui.perfetto.dev)")
         elif trace is not None:
-            print(f"\nno trace written to {trace} (infeasible: nothing was simulated)")
+            removed = "; the earlier file there was removed" if earlier_trace else ""
+            print(f"\nno trace written to {trace} (infeasible: nothing was simulated{removed})")
     return 0 if result.feasible else 1
 
 

@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="largest acceptable MAPE in percent (default 10)")
     p.add_argument("--out", help="output prefix for <prefix>.csv/.png/.svg, or a folder to "
                    "write <profile>.validation.* into (default: ./<profile>.validation)")
-    p.add_argument("--max-context", help="skip cases above this context (e.g. 16k)")
+    p.add_argument("--max-context", help="skip cases above this context (e.g. 16k), micro-case "
+                   "scans over more tokens included")
     p.add_argument("--steps", type=int, help="compared steps per case (overrides the study)")
     p.add_argument("--accelerator", default="auto", choices=["auto", "cuda", "standin"],
                    help="device role: CUDA when available (auto), or the CPU stand-in")
@@ -157,4 +158,7 @@ def run(args: argparse.Namespace) -> int:
 
         print(f"measured on: {describe(result.results[0].device != STANDIN_LABEL)}")
     print("outputs: " + ", ".join(str(p) for p in result.outputs))
+    if result.removed:
+        print("removed (an earlier run's, not this one's): "
+              + ", ".join(str(p) for p in result.removed))
     return 0 if result.passed else 1

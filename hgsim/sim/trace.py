@@ -121,6 +121,18 @@ def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None,
     return trace
 
 
+#: How a trace is written (compact, strict JSON); ``trace_bytes`` sizes it the same way.
+_JSON_ARGS: dict[str, Any] = {"separators": (",", ":"), "default": str, "allow_nan": False}
+
+
+def trace_bytes(recorder: Recorder, *, markers: list[tuple[float, str, dict[str, Any]]] = (),
+                spans: list[tuple[float, float, str, dict[str, Any]]] = ()) -> int:
+    """The size the trace of what ``recorder`` holds so far would have as a file, in bytes
+    (``simulate`` sizes its first simulated step with it to refuse an oversized trace)."""
+    trace = chrome_trace(recorder, markers=markers, spans=spans)
+    return len(json.dumps(trace, **_JSON_ARGS).encode("utf-8"))
+
+
 def write_chrome_trace(
     recorder: Recorder, path: str | os.PathLike[str], *, metadata: dict[str, Any] | None = None,
     markers: list[tuple[float, str, dict[str, Any]]] = (),
@@ -131,7 +143,7 @@ def write_chrome_trace(
     path = os.fspath(path)
     with written_whole(path, encoding="utf-8") as fh:  # Ctrl-C while writing: no torn JSON
         # strict JSON: a NaN left in an activity would be a bug, not a value to write
-        json.dump(trace, fh, separators=(",", ":"), default=str, allow_nan=False)
+        json.dump(trace, fh, **_JSON_ARGS)
     return path
 
 

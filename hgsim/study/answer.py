@@ -16,7 +16,7 @@ import pandas as pd
 
 from hgsim.study import axes as ax
 from hgsim.study.derived import LOWER_IS_BETTER
-from hgsim.study.report import md_table, three_figures
+from hgsim.study.report import md_table, same_value, three_figures
 from hgsim.study.schema import AnswerSpec
 
 SET = "__set"
@@ -151,7 +151,7 @@ def answer_lines(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec,
             continue
         text = f"{lead}**{ax.label(best[spec.choose])}** ({_number(best['value'])} {what}"
         text += f"; {set_column} {best['represented by']})" if set_column else ")"
-        tied = _same_value(ranked, best["value"])
+        tied = same_value(ranked["value"], best["value"])
         rest = ranked[~tied]
         if tied.sum() > 1:  # which of them is printed first is the table's order, not a win
             text += " tied with " + ", ".join(ax.label(c) for c in ranked[tied][spec.choose]
@@ -160,16 +160,11 @@ def answer_lines(frame: pd.DataFrame, axes: list[str], spec: AnswerSpec,
             text += f"; no other choice gains over {ax.label(spec.gain_vs)}"
         elif len(rest):
             second = rest.iloc[0]
-            also = rest[_same_value(rest, second["value"])][spec.choose].iloc[1:]
+            also = rest[same_value(rest["value"], second["value"])][spec.choose].iloc[1:]
             text += (f"; runner-up {', '.join(ax.label(c) for c in [second[spec.choose], *also])}"
                      f" ({_number(second['value'])})")
         lines.append(text)
     return lines
-
-
-def _same_value(ranked: pd.DataFrame, value: float) -> pd.Series:
-    """Choices whose value equals ``value`` to a millionth (the simulation's rounding)."""
-    return (ranked["value"] - value).abs() <= 1e-6 * max(abs(value), 1e-300)
 
 
 def _value_words(spec: AnswerSpec) -> str:

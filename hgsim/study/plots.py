@@ -115,8 +115,10 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
         )
     else:
         grid = _heatmap(data, spec, facet, orders, spec.value in ratios)
+    from_one = spec.kind == "bar" and spec.logy and y_col in ratios
     if spec.kind == "bar":
-        _mark_missing_bars(grid, data, spec, orders, derived_from=_derived_name(y_col, derived))
+        _mark_missing_bars(grid, data, spec, orders, derived_from=_derived_name(y_col, derived),
+                           foot=1.0 if from_one else None)
     if spec.kind == "pareto":
         from hgsim.study.pareto import draw_fronts
 
@@ -127,6 +129,8 @@ def figure(frame: pd.DataFrame, name: str, spec: PlotSpec, axis_values: dict[str
         _plain_log_ticks(grid, "x", _numeric(axis_values.get(spec.x)), _is_count(spec.x))
     if spec.logy and spec.kind != "heatmap":
         grid.set(yscale="log")
+        if from_one:
+            _bars_from_one(grid, spec.sharey)
         _plain_log_ticks(grid, "y", None, _is_count(spec.y))
     grid.set_axis_labels(spec.xlabel or short(spec.x), spec.ylabel or short(spec.y))
     if spec.kind == "bar" and _crowded(orders.get(spec.x, [])):
@@ -218,12 +222,13 @@ def _derived_name(column: str, derived: dict[str, DerivedSpec] | None) -> str | 
 
 
 def _mark_missing_bars(grid, data: pd.DataFrame, spec: PlotSpec, orders: dict[str, list[str]],
-                       derived_from: str | None = None) -> None:
+                       derived_from: str | None = None, foot: float | None = None) -> None:
     """A mark at the foot of every bar that has no value, and a note under the figure, so
     that a missing bar does not read as zero or as a point not run: an x where every point
     of the bar is infeasible, a hollow o where a point ran but has no value (a derived
     metric whose baseline is infeasible there, a NaN metric). Bars sit where seaborn dodges
-    them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n."""
+    them: category i, hue j of n at i - 0.4 + 0.8 (j + 0.5) / n; their foot is the axis'
+    floor, or ``foot`` in data units (1 for ratio bars, ``_bars_from_one``)."""
     from matplotlib.transforms import blended_transform_factory
 
     if "feasible" not in data:
@@ -247,9 +252,10 @@ def _mark_missing_bars(grid, data: pd.DataFrame, spec: PlotSpec, orders: dict[st
             position = x_order.index(key[0])
             if hue_order:
                 position += -0.4 + 0.8 * (hue_order.index(key[1]) + 0.5) / len(hue_order)
-            axes.plot([position], [0.02], transform=blended_transform_factory(
-                axes.transData, axes.transAxes), clip_on=False,
-                **(NO_VALUE_MARK if kind == "no value" else INFEASIBLE_MARK))
+            transform = axes.transData if foot is not None else blended_transform_factory(
+                axes.transData, axes.transAxes)
+            axes.plot([position], [0.02 if foot is None else foot], transform=transform,
+                      clip_on=False, **(NO_VALUE_MARK if kind == "no value" else INFEASIBLE_MARK))
             marked.add(kind)
     notes = [INFEASIBLE_NOTE] if "infeasible" in marked else []
     if "no value" in marked:
@@ -257,6 +263,31 @@ def _mark_missing_bars(grid, data: pd.DataFrame, spec: PlotSpec, orders: dict[st
             y=short(spec.y)))
     if notes:
         _note(grid, "\n".join(notes))
+
+
+def _bars_from_one(grid, shared: bool) -> None:
+    """Ratio bars from 1, up for a gain and down for a loss, with a line at 1. On a log axis
+    seaborn's bars rise from wherever the axis happens to end, so a 0.98 stood as a short bar
+    up, a small gain to the eye; 1 is where a ratio means no change (and a log axis has no
+    0). The y range is set to hold every bar's end and 1, with a margin."""
+    import math
+
+    ends: list[list[float]] = []
+    for axes in grid.axes.flat:
+        panel = []
+        for bar in axes.patches:  # seaborn's bars: from 0 (y) up to the value
+            value = bar.get_y() + bar.get_height()
+            if math.isfinite(value) and value > 0:
+                bar.set_y(1.0)
+                bar.set_height(value - 1.0)
+                panel.append(value)
+        axes.axhline(1.0, color="0.25", linewidth=0.9, zorder=2.5)  # above the grid lines
+        ends.append(panel)
+    panels = [[v for panel in ends for v in panel]] * len(ends) if shared else ends
+    for axes, values in zip(grid.axes.flat, panels, strict=True):
+        low, high = min([1.0, *values]), max([1.0, *values])
+        margin = (high / low) ** 0.06 if high > low else 1.1
+        axes.set_ylim(low / margin, high * margin)
 
 
 def _crowded(labels: list[str]) -> bool:

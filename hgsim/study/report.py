@@ -95,6 +95,17 @@ def best_metric(study: Study) -> str:
     return study.search.column if study.search else "tokens_per_s"
 
 
+#: How the best-per-point table joins choices tied to the simulation's rounding.
+TIE = " = "
+
+
+def same_value(values: pd.Series, value: float) -> pd.Series:
+    """Which ``values`` equal ``value`` to a millionth: the simulation's rounding, so two
+    choices that run the same plan (gpu_only and hybridgen when the KV cache fits in HBM) tie
+    rather than one winning by the order a sort left them in. A real 0.01% is a result."""
+    return (values - value).abs() <= 1e-6 * max(abs(value), 1e-300)
+
+
 def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
                zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Per combination of the other axes (less those zipped with ``by``): the best value of
@@ -110,16 +121,18 @@ def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
     rows = []
     for key, part in groups:
         key = key if isinstance(key, tuple) else (key,)
-        ranked = part.dropna(subset=["__m"]).sort_values("__m", ascending=lower)
+        ranked = part.dropna(subset=["__m"]).sort_values("__m", ascending=lower, kind="stable")
         row = dict(zip(others, key, strict=True))
         if ranked.empty:
             row.update({"best": "none feasible", metric: math.nan, "runner-up": "-",
                         "margin": math.nan})
         else:
             first = ranked.iloc[0]
-            row.update({"best": first[by], metric: first["__m"]})
-            if len(ranked) > 1:
-                second = ranked.iloc[1]
+            tied = same_value(ranked["__m"], first["__m"])
+            row.update({"best": TIE.join(ranked[tied].sort_index()[by]), metric: first["__m"]})
+            rest = ranked[~tied]
+            if len(rest):
+                second = rest.iloc[0]
                 ratio = (second["__m"] / first["__m"]) if lower else (first["__m"] / second["__m"])
                 row.update({"runner-up": second[by], "margin": ratio})
             else:
@@ -301,7 +314,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "only, no simulation).\n")
 
     metric = best_metric(study)
-    by = study.report.best_by
+    by = study.report.best_axis
     zipped = study.zipped()
     if study.search:
         table = capacity_table(frame, axes, by, study.search.column, zipped, study.search.lo)
@@ -318,7 +331,8 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                          + (f"; no {by} feasible at {none} point{'s' * (none != 1)}"
                             if none else "") + "\n\n")
             ratio = "runner-up / best" if LOWER_IS_BETTER.search(metric) else "best / runner-up"
-            parts.append(f"`margin`: {ratio} {metric} (1.10 = the best is 10% better).\n\n")
+            parts.append(f"`margin`: {ratio} {metric} (1.10 = the best is 10% better); "
+                         f"`a{TIE}b`: tied to a millionth, the margin is to the next.\n\n")
             parts.append(_label_note(named_by_label(axes, zipped), zipped))
             parts.append(md_table(best.drop(columns=named_by_label(axes, zipped),
                                             errors="ignore"), n))

@@ -20,7 +20,7 @@ from typing import Any
 import pandas as pd
 
 from hgsim.errors import UserError
-from hgsim.outputs import written_whole
+from hgsim.outputs import remove_earlier, written_whole
 from hgsim.study import sensitivity as sens
 from hgsim.study.derived import compute_derived, ratio_columns
 from hgsim.study.execute import ExecOptions, ExecStats, execute
@@ -32,7 +32,7 @@ from hgsim.study.folder import (
 )
 from hgsim.study.frame import assemble, write_tables
 from hgsim.study.load import StudyPlan, load_study, resolved_yaml
-from hgsim.study.plots import draw_all, draw_elasticity
+from hgsim.study.plots import FORMATS, draw_all, draw_elasticity
 from hgsim.study.report import RunInfo, write_report
 from hgsim.study.store import PointStore
 from hgsim.study.validate import produced_columns
@@ -58,6 +58,8 @@ class StudyRun:
     frame: pd.DataFrame | None = None
     outputs: list[Path] = field(default_factory=list)
     figure_errors: dict[str, str] = field(default_factory=dict)
+    #: figures an earlier run drew that this one did not, removed (outputs.remove_earlier)
+    removed: list[Path] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -129,6 +131,9 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
         figures += heat
         run.figure_errors.update(errors)
     run.outputs += figures
+    # an earlier run's figure that this one did not draw (--no-figures, no rows, a plot since
+    # taken out of the study) would pass for this run's beside its tables
+    run.removed = remove_earlier(_figure_files(out / "figures"), figures)
     info = RunInfo(
         source=str(plan.source), total=len(specs), computed=run.stats.computed,
         reused=len(specs) - len(todo), missing=len(specs) - len(records),
@@ -144,7 +149,17 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
         print(f"hgsim study: figure {name} failed: {error}", file=sys.stderr)
     say(f"done in {info.elapsed_s:.1f} s: {info.computed} computed, {info.reused} reused, "
         f"{len(run.stats.errors)} failed; report: {out / 'report.md'}")
+    if run.removed:
+        say(f"removed {len(run.removed)} figure file(s) of an earlier run that this run did not "
+            f"draw from {out / 'figures'}")
     return run
+
+
+def _figure_files(folder: Path) -> list[Path]:
+    """The figure files (plots.FORMATS) in ``folder``."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.iterdir() if p.suffix[1:] in FORMATS and p.is_file()]
 
 
 def _first_missing(path: Path) -> Path | None:

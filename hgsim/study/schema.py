@@ -332,8 +332,16 @@ class ReportSpec(StudyModel):
     """What ``report.md`` ranks by and how long its tables may get."""
 
     best_metric: str | None = None  # default: tokens_per_s (max_<field> for searches)
-    best_by: str = "policy"  # the axis whose best value is reported per point
+    # The axis whose best value is reported per point; None: the policy, if swept. Not a
+    # literal "policy" default: study.resolved.yaml writes every field, and a named best_by
+    # must be a sweep axis.
+    best_by: str | None = None
     max_rows: int = Field(default=40, gt=0)
+
+    @property
+    def best_axis(self) -> str:
+        """The axis ranked per point: ``best_by`` as given, else the policy."""
+        return self.best_by or "policy"
 
 
 class AmongSpec(StudyModel):

@@ -99,7 +99,7 @@ def check(study: Study, doc: YamlDocument, expansion: Expansion) -> list[str]:
     report = study.report
     if report.best_metric:
         metric(report.best_metric, ("report", "best_metric"))
-    if "best_by" in report.model_fields_set and report.best_by not in expansion.axes:
+    if report.best_by is not None and report.best_by not in expansion.axes:
         raise doc.error(("report", "best_by"),
                         f"'{report.best_by}' is not a sweep axis (axes: {_list(expansion.axes)})")
     for i, answer in enumerate(study.answer):
