@@ -67,8 +67,8 @@ def simulate(
 ) -> SimResult:
     """Simulate one configuration, as ``hgsim simulate`` does.
 
-    ``prefill_chunk_tokens`` chunks the prefill (per sequence; None: the whole prompt at
-    once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
+    ``prefill_chunk_tokens`` chunks the prefill (with ``prefill`` only; per sequence; None: the
+    whole prompt at once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
     result's ``prefill_chunk_tokens`` says which ran). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
     ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
     simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write (refused with
@@ -97,6 +97,9 @@ def simulate(
                                        weight_dtype=weight_dtype, include_prefill=prefill,
                                        prefill_chunk_tokens=prefill_chunk_tokens),
                         names={"include_prefill": "prefill"})
+    if prefill_chunk_tokens is not None and not prefill:  # else silently no prefill at all
+        raise UserError("chunks the prompt's prefill, which runs only with prefill=True",
+                        field="prefill_chunk_tokens")
     if trace is not None:  # before the run, whose result a bad path would lose at the end
         trace = check_output_file(trace, "trace")
     if trace_max_gb is not None and not (isinstance(trace_max_gb, (int, float))

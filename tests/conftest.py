@@ -8,6 +8,8 @@ value deletes that key), so a test states only what it changes, e.g.
 from __future__ import annotations
 
 import copy
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -119,3 +121,20 @@ def simd(request):
     previous = _cpu_attention.set_simd_level(request.param)
     yield request.param
     _cpu_attention.set_simd_level(previous)
+
+
+def shipped_profiles() -> list[str]:
+    """The profiles the repository ships: the YAML files of ``hardware_profiles/`` that git
+    tracks (all of them outside a git checkout). Not whatever lies there: the README's
+    ``hgsim calibrate --out hardware_profiles/local.yaml`` leaves a profile without energy or
+    cost figures, which the checks of shipped profiles would fail on."""
+    from hgsim.profiles import PROFILE_DIR
+
+    found = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    try:
+        tracked = subprocess.run(["git", "ls-files", "--", "*.yaml"], cwd=PROFILE_DIR,
+                                 capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return found
+    names = {Path(line).stem for line in tracked.stdout.splitlines()}
+    return [n for n in found if n in names] if names else found

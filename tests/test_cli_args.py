@@ -340,6 +340,24 @@ def test_an_unreachable_scheduler_leaves_no_study_folder(capsys, tmp_path, monke
     assert kept.is_dir()
 
 
+@pytest.mark.parametrize("chunk", ["8k", "auto"])
+def test_prefill_chunk_without_prefill_is_an_error_not_ignored(capsys, chunk):
+    """--prefill-chunk alone used to run and exit 0 with no prefill at all (no TTFT row)."""
+    line = user_error(capsys, *SIMULATE, "--prefill-chunk", chunk)
+    assert line == ("hgsim simulate: error: --prefill-chunk: chunks the prompt's prefill, "
+                    "which runs only with --prefill: add it")
+
+
+def test_api_prefill_chunk_without_prefill_is_an_error_not_ignored():
+    from hgsim import api
+
+    with pytest.raises(UserError, match="^prefill_chunk_tokens: .*only with prefill=True"):
+        api.simulate("dev-zen4-2core", "opt-6.7b", context="1k", gen=4, samples=2,
+                     prefill_chunk_tokens=512)
+    assert api.simulate("dev-zen4-2core", "opt-6.7b", context="1k", gen=4, samples=2,
+                        prefill=True, prefill_chunk_tokens=512).prefill_chunk_tokens == 512
+
+
 @pytest.mark.parametrize(("verb", "flag", "value"), [
     (SIMULATE, "--context", "-1k"), (SIMULATE, "--batch", "-2"), (SIMULATE, "--gen", "-1"),
     (SIMULATE, "--prefill-chunk", "-8k"),

@@ -184,3 +184,138 @@ def test_checked_blocks_run(page, workspace):
     if python:
         script = "\n".join(b.runnable() for b in python)
         _run([sys.executable, "-c", script], python[0], copy, env)
+
+
+# ------------------------------------------------------------------ links, paths and counts
+_LINK = re.compile(r"\]\(([^)\s]+)\)")
+_SECTION_REF = re.compile(r'([\w/-]+\.md), "([^"]+)"')
+_REPO_PATH = re.compile(r"`((?:hgsim|hw_backend|studies|hardware_profiles|examples|benchmarks|"
+                        r"docs|tests|constraints|\.ci)/[\w./\-]*)`")
+
+
+def _prose(text: str) -> str:
+    """The page without its fenced blocks (a ``# comment`` in a block is not a heading)."""
+    out, fence = [], None
+    for line in text.splitlines():
+        m = _FENCE.match(line)
+        if m and (fence is None or line.strip() == fence):
+            fence = m.group(1) if fence is None else None
+            continue
+        if fence is None:
+            out.append(line)
+    return "\n".join(out)
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces to -."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    return {anchor(line.lstrip("#")) for line in _prose(page.read_text()).splitlines()
+            if line.startswith("#")}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[str(p.relative_to(REPO)) for p in PAGES])
+def test_links_and_named_paths_resolve(page):
+    """Every relative link lands on a file (and heading) that exists, and every repository path
+    the prose names in backticks exists: a moved file breaks this test, not a reader."""
+    text = page.read_text()
+    broken = []
+    for target in _LINK.findall(_prose(text)):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, frag = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target}: no such file")
+        elif frag and dest.suffix == ".md" and frag not in anchors(dest):
+            broken.append(f"{target}: no heading #{frag} in {dest.name}")
+    for name, heading in _SECTION_REF.findall(" ".join(text.split())):  # 'model.md, "Traces"'
+        dest = next((d for d in (page.parent / name, REPO / "docs" / name) if d.exists()), None)
+        if dest is None or not any(anchor(line.lstrip("#")).startswith(anchor(heading))
+                                   for line in _prose(dest.read_text()).splitlines()
+                                   if line.startswith("#")):
+            broken.append(f'{name}, "{heading}": no such section')
+    for path in _REPO_PATH.findall(text):
+        if "<" not in path and not (REPO / path).exists() and not (page.parent / path).exists():
+            broken.append(f"`{path}`: no such path")
+    assert not broken, f"{page.relative_to(REPO)}: " + "; ".join(broken)
+
+
+def test_anchor_matches_github():
+    assert anchor(" Energy and cost (hgsim/energy.py, hgsim/tco.py)") == \
+        "energy-and-cost-hgsimenergypy-hgsimtcopy"
+    assert anchor("A model of your own") == "a-model-of-your-own"
+
+
+_SHIPPED = re.compile(r"`(\w+)` \(([^()]*?)(\d[\d,]*)\s+(points|searches|rows)\b([^,;)]*)"
+                      r"|`(\w+)` \((\d+)[):]")  # or just the count: `scheduler_ablation` (40)
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/studies.md"])
+def test_shipped_study_sizes_match_their_files(page):
+    """'`cxl_sweep` (270 points' and the like: each count quoted for a shipped study is what
+    the study expands to (rows: every point; points as configured: those of the study as
+    written, without its equal-accuracy twins)."""
+    from hgsim.study.load import load_study
+
+    quoted = [m for m in _SHIPPED.finditer((REPO / page).read_text())
+              if (REPO / "studies" / f"{m.group(1) or m.group(6)}.yaml").exists()]
+    assert len(quoted) >= 7, f"{page}: expected the shipped studies with their sizes"
+    for m in quoted:
+        name, count, unit, rest = (m.group(1), m.group(3), m.group(4), m.group(5)) if m.group(1) \
+            else (m.group(6), m.group(7), "points", "")
+        count = int(count.replace(",", ""))
+        points = load_study(REPO / "studies" / f"{name}.yaml").expansion.points
+        if "as configured" in rest:
+            points = [p for p in points if p.coords.get("accuracy.target", "configured")
+                      == "configured"]
+        assert count == len(points), f"{page}: `{name}` quoted at {count} {unit}, " \
+                                     f"expands to {len(points)}"
+
+
+def test_studies_yaml_examples_validate(tmp_path):
+    """docs/studies.md's schema example is a whole study and must load as written; each later
+    fragment must load merged into it, with only the axes it refers to added (CXL latency and
+    batch axes, two more policies, a `label.upgrade` zipped with the bandwidths; a search takes
+    the context axis out, plots get the page's `derived`, a Pareto plot of `accuracy.target` its
+    `equal_accuracy`). The schema example used to give a topk_ratio to every policy of a sweep
+    that included FlexGen: an error."""
+    import copy
+
+    import yaml
+
+    from hgsim.study.load import load_study
+
+    blocks = [b for b in page_blocks(REPO / "docs" / "studies.md") if b.info == "yaml"]
+    base = yaml.safe_load(blocks[0].text)
+    fragments = [yaml.safe_load(b.text) for b in blocks[1:]]
+    equal_accuracy = next(f for f in fragments if "equal_accuracy" in f)
+    derived = next(f for f in fragments if "derived" in f)
+
+    def load(study: dict, line: int) -> None:
+        path = tmp_path / f"line{line}.yaml"
+        path.write_text(yaml.safe_dump(study))
+        try:
+            load_study(path)  # raises ConfigError naming the file, line and key
+        except Exception as exc:
+            pytest.fail(f"docs/studies.md:{line}: {exc}", pytrace=False)
+
+    load(base, blocks[0].line)
+    for block, fragment in zip(blocks[1:], fragments, strict=True):
+        study = copy.deepcopy(base)
+        if "sweep" not in fragment:
+            zipped, grid = study["sweep"][0]["zip"], study["sweep"][1]["grid"]
+            zipped["label.upgrade"] = ["baseline", "x2", "x4", "x8"]
+            grid["hardware.tiers.cxl0.latency_ns"] = [250, 400]
+            grid["workload.batch"] = [1, 2]
+            grid["policy"] = [*grid["policy"], "flexgen_cpu", "cpu_offload"]
+            if "search" in fragment:
+                del grid["workload.context"]
+        study.update(fragment)
+        if "plots" in fragment:
+            study.update(derived)
+        if any(p.get("kind") == "pareto" for p in fragment.get("plots", {}).values()):
+            study.update(equal_accuracy)
+        load(study, block.line)

@@ -307,3 +307,27 @@ def test_look_ahead_host_work_costs_the_next_layer_s_query_projection():
         assert only.qkv.bytes_ == 2 * model.kv_dim * 2  # attention only: just the append
     flex = make_policy("flexgen", model, profile, wl).layer_plan(131072)  # prefetches KV only
     assert layer_work(model, 1, flex, "fp16", "fp16").qkv == base.qkv
+
+
+def test_simulate_cli_counts_every_scheduler_decision_in_its_step_table():
+    """The step table shows every Nth step and the scheduler decides every `interval` steps, so
+    the rows must count the decisions from their step to the next row's (the shown steps alone
+    held none: an empty column beside 'scheduler decisions: hold x56, shrink-hbm-full x8')."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hgsim", "simulate", "--profile", H100, "--model", "llama-2-13b",
+         "--context", "128k", "--batch", "2", "--gen", "64", "--samples", "8"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 0, out.stderr
+    table = out.stdout[out.stdout.index("scheduler (top-k ratio"):]
+    rows = [line.split("│")[1:-1] for line in table.splitlines() if line.startswith("│")]
+    assert len(rows) == 8  # 64 steps, every 8th
+    shown: dict[str, int] = {}
+    for cell in (r[-1].strip() for r in rows):
+        for item in filter(None, cell.split(", ")):
+            name, _, n = item.partition(" x")
+            shown[name] = shown.get(name, 0) + int(n or 1)
+    summary = next(line for line in table.splitlines() if line.startswith("scheduler decisions:"))
+    totals = dict(item.split(" x") for item in summary.split(": ", 1)[1].split(", "))
+    assert shown == {k: int(v) for k, v in totals.items()} and sum(shown.values()) == 64 // 4
+    assert "the 7 after it" in table

@@ -351,3 +351,29 @@ def test_what_binds_keeps_a_row_where_no_policy_is_feasible():
     assert table["workload.context"].tolist() == [32768, 131072]
     assert table[["hybridgen", "cpu_offload"]].iloc[1].isna().all()
     assert "gpu_only" not in table  # infeasible everywhere: named in a note instead
+
+
+def test_report_times_a_sensitivity_study_over_its_variant_points_too(tmp_path):
+    """studies/sensitivity.yaml's report said 'simulation time summed over points: 9.0 s; this
+    run took 163.5 s': the sum covered the 16 base points, not the 432 it ran (271 s)."""
+    from test_study_common import write_study
+
+    from hgsim.study import load_study
+    from hgsim.study.report import RunInfo, write_report
+
+    plan = load_study(write_study(tmp_path, """\
+name: sens
+base: {profile: h100-80gb-spr-cxl, model: llama-2-7b, workload: {context: 32k, gen: 2}}
+sweep: {grid: {policy: [hybridgen]}}
+sensitivity: {step: 0.25, metric: tokens_per_s, parameters: [tiers.cxl0.latency_ns]}
+"""))
+    frame = pd.DataFrame({"policy": "hybridgen", "feasible": True,
+                          "sensitivity.parameter": ["base", "tiers.cxl0.latency_ns",
+                                                    "tiers.cxl0.latency_ns"],
+                          "sensitivity.factor": [1.0, 1.25, 0.8],
+                          "tokens_per_s": [4.0, 3.9, 4.1], "point": ["a", "b", "c"],
+                          "wall_s": [1.0, 2.0, 3.0]})
+    text = write_report(tmp_path / "report.md", plan.study, frame, ["policy"],
+                        RunInfo(source="t.yaml", total=3, computed=3, reused=0,
+                                missing=0)).read_text()
+    assert "simulation time summed over points: 6.0 s" in text

@@ -15,6 +15,17 @@ from hgsim.results import SimResult
 from hgsim.units import size_text
 
 
+def decisions_between(steps: list) -> str:
+    """The scheduler's decisions over a run of steps, counted (``hold x7, shrink x1``): the
+    table shows every Nth step, and the scheduler decides every ``interval`` steps, so the
+    shown steps alone would mostly show none."""
+    counts: dict[str, int] = {}
+    for s in steps:
+        if s.decision:
+            counts[s.decision] = counts.get(s.decision, 0) + 1
+    return ", ".join(f"{k} x{v}" if v > 1 else k for k, v in counts.items())
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "simulate",
@@ -65,6 +76,10 @@ def run(args: argparse.Namespace) -> int:
         flag = {"prefill_chunk_tokens": "prefill-chunk"}.get(str(first["loc"][0]),
                                                             str(first["loc"][0]))
         raise UserError(humane(first), field="--" + flag) from None
+    # a valid chunk without --prefill: else silently no prefill at all
+    if args.prefill_chunk is not None and not args.prefill:
+        raise UserError("chunks the prompt's prefill, which runs only with --prefill: add it",
+                        field="--prefill-chunk")
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
     trace_max_gb = non_negative(args.trace_max_gb, "--trace-max-gb")
@@ -239,13 +254,18 @@ def print_result(result: SimResult) -> None:
     console.print(cost_line(result))
     console.print(memory)
     if len(result.steps) > 1:
-        sched = Table(title="scheduler (top-k ratio over decode)", title_justify="left")
-        for col in ("step", "context", "top-k ratio", "GPU tokens", "latency ms", "decision"):
-            sched.add_column(col, justify="right" if col != "decision" else "left")
         stride = max(1, len(result.steps) // 8)
-        for s in result.steps[::stride]:
+        sched = Table(title="scheduler (top-k ratio over decode)", title_justify="left",
+                      caption=None if stride == 1 else
+                      f"decisions: those of a row's step and the {stride - 1} after it",
+                      caption_justify="left")
+        for col in ("step", "context", "top-k ratio", "GPU tokens", "latency ms", "decisions"):
+            sched.add_column(col, justify="right" if col != "decisions" else "left")
+        for i in range(0, len(result.steps), stride):
+            s = result.steps[i]
             sched.add_row(str(s.step), str(s.context), f"{s.topk_ratio:.3f}", str(s.gpu_tokens),
-                          f"{s.latency_s * 1e3:.2f}", s.decision or "")
+                          f"{s.latency_s * 1e3:.2f}",
+                          decisions_between(result.steps[i:i + stride]))
         console.print(sched)
         if result.decisions:
             counts = ", ".join(f"{k} x{v}" for k, v in sorted(result.decisions.items()))

@@ -284,9 +284,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "once (a configuration several rows share: an exact policy's "
                      "equal-accuracy twins are its configured point)\n")
     parts.append("- data: `results.parquet`, `results.csv` (one row per point)\n")
-    if "wall_s" in frame and len(frame):
-        # once per point: a row repeating another's point did not run again
-        ran = frame.drop_duplicates("point") if "point" in frame else frame
+    if "wall_s" in full and len(full):
+        # every point (a sensitivity study's variants too, which the tables below leave out),
+        # once: a row repeating another's point did not run again
+        ran = full.drop_duplicates("point") if "point" in full else full
         parts.append(f"- simulation time summed over points: {ran['wall_s'].sum():.1f} s; "
                      f"this run took {info.elapsed_s:.1f} s\n")
 
