@@ -115,7 +115,7 @@ class FeedbackScheduler:
         cfg = self.config
         per_step = 1e3 / cfg.interval  # the sums cover the interval; the reason reads per step
         times = (f"host {host_s * per_step:.3g} ms vs device {device_s * per_step:.3g} ms per "
-                 "step, summed over layers")
+                 "step, summed over layers, which overlap")
         if host_s <= device_s:
             if self.ratio < cfg.max_ratio:
                 self.ratio = min(self.ratio * cfg.grow, cfg.max_ratio)
@@ -129,7 +129,7 @@ class FeedbackScheduler:
         fixed = host_s - variable
         split = (f"scan and fixed costs {fixed * per_step:.3g} ms + top-k/gather/transfer "
                  f"{variable * per_step:.3g} ms vs device {device_s * per_step:.3g} ms per step, "
-                 "summed over layers")
+                 "summed over layers, which overlap")
         if fixed <= device_s:  # the r-dependent part is what breaks the overlap
             if self.ratio > cfg.min_ratio:
                 return self._shrink(Decision.SHRINK, f"top-k/gather/transfer bind: {split}")

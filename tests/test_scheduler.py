@@ -48,7 +48,7 @@ def test_a_reason_gives_per_step_times_though_it_decides_on_the_interval_sums():
         s.observe(host_s=0.003, device_s=0.002, variable_s=0.001)
     assert s.history[-1].reason.endswith(
         "scan and fixed costs 2 ms + top-k/gather/transfer 1 ms vs device 2 ms per step, summed "
-        "over layers")
+        "over layers, which overlap")
 
 
 def test_scan_bound_host_moves_tokens_while_hbm_allows():
