@@ -176,7 +176,7 @@ def estimate_host_time_s(
     pcie_Bps: float,
     cpu_flops: float,
 ) -> float:
-    """HybridGen's analytic host-side estimate for one layer (REFERENCE.md).
+    """HybridGen's analytic host-side estimate for one layer (arXiv 2604.18529, feedback scheduler).
 
     T_host = B*(r*n_C*D*b + r*n_C*H*b)/BW_pcie + 2*B*D*n_C/P_cpu: selected V rows and logits
     over PCIe, plus the q.k scan over every host token on the CPU.

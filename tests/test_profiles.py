@@ -70,6 +70,41 @@ def test_every_number_cites_a_source(name):
             assert len(comment) > 10, f"{name}.yaml:{lineno}: number without a source comment"
 
 
+def _tracked_files() -> list[str]:
+    try:
+        out = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True,
+                             check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: the tracked files are unknown")
+    return out.splitlines()
+
+
+def test_no_profile_or_doc_cites_a_file_outside_the_repository():
+    """A figure's source is named where anyone can read it: a file name in a profile comment,
+    or an upper-case note (REFERENCE.md, NOTES.md) named in a doc or the code, must be a file
+    of this repository. 21 profile comments once cited REFERENCE.md, a file kept outside it."""
+    tracked = _tracked_files()
+    names = set(tracked) | {Path(f).name for f in tracked}
+    file_like = re.compile(r"[\w./-]+\.(?:md|py|ya?ml|txt|csv|json)\b")
+    note = re.compile(r"\b[A-Z][A-Z0-9_-]*\.md\b")
+    missing = []
+    for rel in tracked:
+        path = REPO / rel
+        if rel.startswith("hardware_profiles/") and rel.endswith(".yaml"):
+            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+                comment = line.partition("#")[2]
+                source = line.partition("source:")[2]
+                for cited in file_like.findall(f"{comment} {source}"):
+                    if cited.lstrip("./") not in names:
+                        missing.append(f"{rel}:{lineno}: {cited}")
+        elif rel == "README.md" or (rel.startswith(("docs/", "hgsim/"))
+                                    and rel.endswith((".md", ".py"))):
+            for lineno, line in enumerate(path.read_text().splitlines(), 1):
+                missing += [f"{rel}:{lineno}: {cited}" for cited in note.findall(line)
+                            if cited not in names]
+    assert not missing, "cited files not in the repository:\n" + "\n".join(missing)
+
+
 @pytest.mark.parametrize("name", sorted(REQUIRED - {"dev-zen4-2core"}))
 def test_server_capacities_are_realistic(name):
     profile = load_profile(name)
@@ -205,7 +240,8 @@ def _line_of(text: str, needle: str) -> int:
 BAD = {
     # case: (old, new, field, message part, text marking the expected line)
     "missing_field": (
-        "    latency_ns: 110                 # REFERENCE.md: DDR5 local node latency ~100-120 ns\n",
+        next(line for line in BASE.read_text().splitlines(keepends=True)
+             if line.startswith("    latency_ns: 110 ")),  # ddr0's whole line
         "", "tiers.ddr0.latency_ns", "required field is missing", "  ddr0:"),
     "negative_bandwidth": (
         "read_bandwidth_gbps: 240", "read_bandwidth_gbps: -240",
