@@ -248,6 +248,11 @@ def print_result(result: SimResult) -> None:
         if u > 0 or moved:
             util.add_row(name, f"{u:.0%}", f"{moved / 1e9:.2f}" if moved else "-")
     console.print(util)
+    hbm = [n for n in result.utilisation if n.endswith(".hbm") and n in result.bytes_by_resource]
+    if hbm:  # a kernel's bytes are in its stream's row and in HBM's: say which is which
+        console.print(f"{', '.join(hbm)}: busy for the kernels' memory time (bytes / achieved "
+                      "HBM bandwidth) and DMA in and out; a compute stream's GB are the HBM "
+                      "bytes its kernels issued")
     energy = energy_table(result)
     if energy is not None:
         console.print(energy)

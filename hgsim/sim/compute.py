@@ -78,13 +78,16 @@ def cpu_compute_time_s(flops: float, cores: int, core_flops: float) -> float:
 class Kernel:
     """A kernel launched on a stream; the stream's events fire with it as their value."""
 
-    __slots__ = ("label", "duration_s", "flops", "bytes_", "start_s", "end_s", "deps", "done")
+    __slots__ = ("label", "duration_s", "flops", "bytes_", "hbm_s", "start_s", "end_s", "deps",
+                 "done")
 
-    def __init__(self, label: str, duration_s: float, flops: float, bytes_: float) -> None:
+    def __init__(self, label: str, duration_s: float, flops: float, bytes_: float,
+                 hbm_s: float = 0.0) -> None:
         self.label = label
         self.duration_s = duration_s
         self.flops = flops
         self.bytes_ = bytes_
+        self.hbm_s = hbm_s  # the last hbm_s seconds of the kernel move its bytes through HBM
         self.start_s = -1.0
         self.end_s = -1.0
         self.deps: list[Event] = []
@@ -102,11 +105,18 @@ class ComputeStream:
     ``after=`` events (cudaStreamWaitEvent) blocks the queue behind it; blocked kernels wait in
     a FIFO that is pumped by callbacks when the blocking event fires, so the stream still
     needs no process of its own.
+
+    A stream with an ``hbm`` resource (its GPU's HBM channel) also reports each kernel's
+    device-memory traffic there: its bytes, busy for ``hbm_s`` (bytes / the HBM bandwidth the
+    kernel achieves, its roofline memory term) at the end of the kernel, after the launch
+    cost. This is accounting only; the kernel's duration is what the caller gave.
     """
 
-    def __init__(self, env: Environment, name: str, recorder: Recorder | None = None) -> None:
+    def __init__(self, env: Environment, name: str, recorder: Recorder | None = None,
+                 hbm: str | None = None) -> None:
         self.env = env
         self.name = name
+        self.hbm = hbm
         self.recorder = recorder if recorder is not None else Recorder(keep_activities=False)
         self.launched = 0
         self._free_at = 0.0
@@ -127,13 +137,18 @@ class ComputeStream:
         bytes_: float = 0.0,
         *,
         after: Event | list[Event] | tuple[Event, ...] = (),
+        hbm_s: float = 0.0,
     ) -> Event:
         """Queue a kernel of ``duration_s`` that also waits for ``after``; the returned event
-        fires with its :class:`Kernel` when it ends."""
+        fires with its :class:`Kernel` when it ends. ``hbm_s``: the seconds its ``bytes_``
+        keep HBM busy (the roofline memory term, at most ``duration_s``)."""
         if duration_s < 0:
             raise ValueError(f"kernel {label!r}: duration must be >= 0, got {duration_s}")
+        if not 0.0 <= hbm_s <= duration_s:
+            raise ValueError(f"kernel {label!r}: hbm_s must be in [0, duration {duration_s}], "
+                             f"got {hbm_s}")
         self.launched += 1
-        kernel = Kernel(label, duration_s, flops, bytes_)
+        kernel = Kernel(label, duration_s, flops, bytes_, hbm_s)
         if isinstance(after, Event):
             after = (after,)
         deps = [e for e in after if e.callbacks is not None]  # not yet processed
@@ -180,7 +195,11 @@ class ComputeStream:
         self._record(event._value)
 
     def _record(self, k: Kernel) -> None:
-        self.recorder.record(self.name, k.start_s, k.end_s, k.bytes_, k.flops, k.label, "kernel")
+        recorder = self.recorder
+        recorder.record(self.name, k.start_s, k.end_s, k.bytes_, k.flops, k.label, "kernel")
+        if self.hbm is not None and k.bytes_ > 0:
+            recorder.record(self.hbm, k.end_s - k.hbm_s, k.end_s, k.bytes_, 0.0, k.label,
+                            "kernel")
 
 
 class CpuTask:

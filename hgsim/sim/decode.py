@@ -154,7 +154,7 @@ class DecodeEngine:
         self.graph_replay = graph_replay
         self._graph_us = (gpu_spec.graph_launch_overhead_us, gpu_spec.graph_kernel_gap_us)
         self._work_cache: dict[tuple[int, LayerPlan], LayerWork] = {}
-        self._kernel_cache: dict[tuple, tuple[float, dict[str, float]]] = {}
+        self._kernel_cache: dict[tuple, tuple[float, dict[str, float], float]] = {}
         self._fixed_cache: dict[int, float] = {}  # graph op's fixed cost by its kernels
         self._kernels: list[_Node] = []  # this step's kernel nodes, in stream order
         self._cores_released: _Node | None = None  # the node that last gave the cores back
@@ -209,15 +209,16 @@ class DecodeEngine:
         return self._kernel(work, attention, fixed_s)[0]
 
     def _kernel(self, work: Work, attention: bool = False,
-                fixed_s: float | None = None) -> tuple[float, dict[str, float]]:
-        """Roofline time of a kernel and its split by what bound it (launch, HBM, compute);
+                fixed_s: float | None = None) -> tuple[float, dict[str, float], float]:
+        """Roofline time of a kernel, its split by what bound it (launch, HBM, compute) and
+        its HBM time (the memory term, bound or not: what its bytes keep HBM busy);
         ``fixed_s`` replaces the per-kernel launch cost (a graph op's, ``op_fixed_s``)."""
         key = (work, attention, fixed_s)
         hit = self._kernel_cache.get(key)
         if hit is not None:
             return hit
         if not work.flops and not work.bytes_:
-            out: tuple[float, dict[str, float]] = (0.0, {})
+            out: tuple[float, dict[str, float], float] = (0.0, {}, 0.0)
         else:
             launch, compute_s, memory_s = self.machine.kernel_terms(
                 self.gpu, work.flops, work.bytes_, dtype=self.weight_dtype,
@@ -228,7 +229,7 @@ class DecodeEngine:
             body = max(compute_s, memory_s)
             if body > 0:
                 split[f"{self.gpu} hbm" if memory_s >= compute_s else f"{self.gpu} compute"] = body
-            out = (launch + body, split)
+            out = (launch + body, split, memory_s)
         if len(self._kernel_cache) > 4096:
             self._kernel_cache.clear()
         self._kernel_cache[key] = out
@@ -306,6 +307,10 @@ class DecodeEngine:
                  for start, tokens in chunks]
         return chunks, works, [self._kernel_s(w) for w in works]
 
+    def _hbm_s(self, work: Work) -> float:
+        """Seconds a (non-attention-rate) kernel's bytes keep HBM busy: its memory term."""
+        return self._kernel(work)[2]
+
     def _prefill(self, plan: StepPlan, prompt_tokens: int, chunk_tokens: int | None):
         env = self.env
         kv_token = plan.batch * self.model.kv_bytes_per_token_layer(self.kv_dtype)
@@ -335,7 +340,7 @@ class DecodeEngine:
                         lp, (h2d_tail, landed[c - 2], kernels[c - 2]), back * kv_token))
                     waits.append(h2d_tail)
                 kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
-                                            after=tuple(waits))
+                                            after=tuple(waits), hbm_s=self._hbm_s(work))
                 kernels.append(kernel)
                 out = _overlap(host_start, host_end, start, start + tokens) if spills else 0
                 if out:
@@ -348,7 +353,7 @@ class DecodeEngine:
         if not self.attention_only:  # the first token: final norm and LM head, last position
             head = lm_head_work(self.model, plan.batch, self.weight_dtype)
             last = self.stream.launch(self._kernel_s(head), "prefill final_norm+lm_head",
-                                      head.flops, head.bytes_)
+                                      head.flops, head.bytes_, hbm_s=self._hbm_s(head))
         yield env.all_of([last, *writes])
 
     def _write_kv_after(self, after: tuple[Event | None, ...], lp: LayerPlan, bytes_: float):
@@ -372,10 +377,11 @@ class DecodeEngine:
                 fixed_s: float | None = None) -> tuple[Event | None, float, _Node | None]:
         """Queue a kernel (unless it has no work and ``always`` is False) and add it to the
         dependency graph after the stream's previous kernel and ``waits``."""
-        duration, split = self._kernel(work, attention, fixed_s)
+        duration, split, hbm_s = self._kernel(work, attention, fixed_s)
         if not duration and not after and not always:
             return None, 0.0, None
-        event = self.stream.launch(duration, label, work.flops, work.bytes_, after=after)
+        event = self.stream.launch(duration, label, work.flops, work.bytes_, after=after,
+                                   hbm_s=hbm_s)
         previous = self._kernels[-1] if self._kernels else None
         node = _Node(0.0, 0.0, split, (previous, *waits), event)
         self._kernels.append(node)

@@ -4,6 +4,9 @@ What is built, per profile element (resource names in quotes, all in the recorde
 
 * GPU ``g``: a compute stream ``"g.compute"`` (more on demand via ``gpu_stream``), an HBM
   channel ``"g.hbm"`` (peak x memory_efficiency) and its PCIe link as copy-engine channels.
+  HBM is on no route (kernels are roofline-timed, copies by their PCIe route); it records
+  what crossed device memory: each kernel's bytes, busy for its roofline memory term, and
+  each DMA's, busy for bytes / its capacity (accounting only, no time changes).
   With two or more copy engines PCIe is full duplex: ``"g.h2d"`` and ``"g.d2h"`` do not
   contend. With one copy engine both directions share ``"g.copy"``.
 * socket ``s``: a core pool ``"s.cores"`` and an attention-throughput channel ``"s.attn"`` in
@@ -177,7 +180,8 @@ class Machine:
         if s is None:
             if gpu not in self.profile.gpus:
                 raise KeyError(f"unknown gpu {gpu!r}")
-            s = self._streams[key] = ComputeStream(self.env, f"{gpu}.{stream}", self.recorder)
+            s = self._streams[key] = ComputeStream(self.env, f"{gpu}.{stream}", self.recorder,
+                                                   hbm=f"{gpu}.hbm")
             self.recorder.declare(s.name, gpu, "gpu")
         return s
 
@@ -310,8 +314,9 @@ class Machine:
     ) -> Event:
         """Move ``bytes_`` from ``src`` to ``dst`` over their route; fires with the Flow."""
         route = self.path(src, dst)
-        return self.network.transfer(route.channels, bytes_, latency_s=route.latency_s,
-                                     label=label, max_rate=max_rate, track=track)
+        return self._via_hbm((src, dst), self.network.transfer(
+            route.channels, bytes_, latency_s=route.latency_s, label=label, max_rate=max_rate,
+            track=track))
 
     def read(
         self,
@@ -351,9 +356,9 @@ class Machine:
                                                         issuer or dst, cores, row_bytes,
                                                         per_byte, extra, label)
         channels, weights, start, latency_label = access
-        return self.network.transfer(
+        return self._via_hbm((dst,), self.network.transfer(
             channels, bytes_, latency_s=start, label=label, max_rate=max_rate, flops=flops,
-            weights=weights, cap_label=cap_label, latency_label=latency_label, track=track)
+            weights=weights, cap_label=cap_label, latency_label=latency_label, track=track))
 
     def _access(self, sources, dst, pattern, issuer, cores, row_bytes, per_byte, extra, label):
         """(channels, weights, start latency, latency label) of a read (see ``read``)."""
@@ -399,8 +404,28 @@ class Machine:
             use, start, _, _ = self._mixed([(src, tier, f) for tier, f in destinations.items()])
             access = self._accesses[key] = (tuple(use), tuple(use.values()), start)
         channels, weights, start = access
-        return self.network.transfer(channels, bytes_, latency_s=start, label=label,
-                                     weights=weights, track=track)
+        return self._via_hbm((src,), self.network.transfer(
+            channels, bytes_, latency_s=start, label=label, weights=weights, track=track))
+
+    def _via_hbm(self, ends: tuple[str, ...], event: Event) -> Event:
+        """Account a DMA's bytes to the HBM of each GPU at an end of it (``ends``) once it has
+        landed; returns ``event``. Accounting only: the copy's route, and so its rate, leaves
+        HBM out, as a <=64 GB/s PCIe stream uses a few percent of a GPU's HBM bandwidth (the
+        overlap with memory-bound kernels is in docs/model.md)."""
+        gpus = tuple(self._hbm[e] for e in ends if e in self._hbm)
+        if gpus:
+            event.callbacks.append(lambda ev: self._dma_hbm(gpus, ev.value))
+        return event
+
+    def _dma_hbm(self, channels: tuple[Channel, ...], flow) -> None:
+        """The bytes a finished DMA ``flow`` wrote into (or read out of) HBM, busy for
+        bytes / the channel's bandwidth at the end of the copy (the last bytes to land)."""
+        if flow.amount <= 0:
+            return
+        for hbm in channels:
+            start = max(flow.end_s - flow.amount / hbm.capacity, flow.start_s)
+            self.recorder.record(hbm.name, start, flow.end_s, flow.amount, 0.0, flow.label,
+                                 "transfer")
 
     def kernel_time_s(
         self, gpu: str, flops: float, bytes_: float, *, dtype: str = "fp16",
@@ -429,9 +454,13 @@ class Machine:
         memory_eff: float | None = None, stream: str = "compute",
         after: Event | Sequence[Event] = (),
     ) -> Event:
-        """Launch a roofline-timed kernel on a GPU stream; fires with the Kernel."""
-        duration = self.kernel_time_s(gpu, flops, bytes_, dtype=dtype, memory_eff=memory_eff)
-        return self.gpu_stream(gpu, stream).launch(duration, label, flops, bytes_, after=after)
+        """Launch a roofline-timed kernel on a GPU stream; fires with the Kernel. Its bytes
+        keep the GPU's HBM busy for the roofline memory term (accounting, see ComputeStream)."""
+        launch, compute_s, memory_s = self.kernel_terms(gpu, flops, bytes_, dtype=dtype,
+                                                        memory_eff=memory_eff)
+        duration = launch + max(compute_s, memory_s)
+        return self.gpu_stream(gpu, stream).launch(duration, label, flops, bytes_, after=after,
+                                                   hbm_s=memory_s)
 
     def cpu_attention(
         self, socket: str, tier: str, bytes_: float, flops: float, cores: int, label: str = ""
