@@ -64,10 +64,11 @@ def test_gpu_only_prefill_is_its_layer_kernels_and_nothing_crosses_pcie():
     ttft, moved, _, spec = _prefill("gpu_only", "llama-2-7b", 4096)
     assert ttft == pytest.approx(
         spec.num_layers * _layer_kernel_s(spec, 1, 4096) + _lm_head_s(spec, 1), rel=1e-12)
-    assert set(moved) == {"gpu0.compute"}
+    assert set(moved) == {"gpu0.compute", "gpu0.hbm"}  # the kernels' bytes, on HBM too
     head_bytes = (spec.vocab_size + 1) * spec.hidden_size * 2
     assert moved["gpu0.compute"] == pytest.approx(
         spec.num_layers * _layer_hbm_bytes(spec, 1, 4096) + head_bytes, rel=1e-12)
+    assert moved["gpu0.hbm"] == pytest.approx(moved["gpu0.compute"], rel=1e-12)  # no DMA
 
 
 def test_only_the_host_resident_kv_is_written_out_to_the_tier_that_holds_it():
@@ -234,7 +235,8 @@ def test_chunked_gpu_only_prefill_is_the_sum_of_its_chunk_kernels():
     assert sum(t * (t + 2 * s) for s, t in chunks) == 16384**2
     per_layer = sum(_chunk_kernel_s(spec, 1, t, s) for s, t in chunks)
     assert ttft == pytest.approx(spec.num_layers * per_layer + _lm_head_s(spec, 1), rel=1e-12)
-    assert set(moved) == {"gpu0.compute"}
+    assert set(moved) == {"gpu0.compute", "gpu0.hbm"}  # nothing crosses PCIe
+    assert moved["gpu0.hbm"] == pytest.approx(moved["gpu0.compute"], rel=1e-12)
 
 
 def test_chunks_read_the_earlier_host_resident_kv_back_over_pcie():
