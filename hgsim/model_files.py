@@ -63,6 +63,11 @@ _WINDOW_DEFAULT = {"mistral": 4096}
 #: Fields that make a config a mixture of experts when set.
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
+#: ModelSpec field -> the config.json field it comes from (where the names differ).
+_HF_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "max_context": "max_position_embeddings",
+              "tied_embeddings": "tie_word_embeddings"}
+
 _cache: dict[tuple[str, int, int], ModelSpec] = {}
 
 
@@ -214,8 +219,15 @@ def spec_from_hf_config(config: dict[str, Any], source: str, name: str) -> Model
             qkv_bias=qkv_bias, tied_embeddings=flag("tie_word_embeddings", family == "opt"),
             source=f"{source} ({note})" if note else source,
         )
-    except ValidationError as exc:  # the checks above should leave nothing; name the file
-        raise ConfigError(humane(exc.errors(include_url=False)[0]), source=source) from None
+    except ValidationError as exc:  # ModelSpec's own checks (plausible sizes): name the
+        first = exc.errors(include_url=False)[0]  # file and the config.json field
+        spec_field = str(first["loc"][0]) if first["loc"] else ""
+        field = _HF_FIELDS.get(spec_field, spec_field)
+        if field == "ffn_size":
+            field = "ffn_dim" if family == "opt" else "intermediate_size"
+        if field == "head_dim" and config.get("head_dim") is None:
+            field = "head_dim (hidden_size / num_attention_heads)"
+        raise ConfigError(humane(first), source=source, field=field or None) from None
 
 
 def _refuse_windowed_attention(config: dict[str, Any], default_window: int | None,
