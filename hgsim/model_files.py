@@ -241,8 +241,10 @@ def _refuse_windowed_attention(config: dict[str, Any], default_window: int | Non
                                        "attention only")
     layer_types = config.get("layer_types")
     if layer_types is not None:
-        windowed = sorted({t for t in layer_types if t != "full_attention"}) \
-            if isinstance(layer_types, list) else [repr(layer_types)]
+        # each as written (a list may hold anything: ints, lists), once, in order
+        windowed = list(dict.fromkeys(t if isinstance(t, str) else json.dumps(t)
+                                      for t in layer_types if t != "full_attention")) \
+            if isinstance(layer_types, list) else [json.dumps(layer_types)]
         if windowed:
             raise refuse("layer_types", f"{', '.join(map(str, windowed))} layers: hybrid "
                                         "attention is not modelled (full_attention only)")

@@ -50,3 +50,18 @@ def test_yaml_model_integer_too_large_for_a_float_is_one_line(tmp_path, capsys):
     assert line.endswith(f"{path}:3: hidden_size: an integer of about 401 digits is not a "
                          "plausible value (non-zero magnitudes must lie between 1e-09 and 1e+12 "
                          "in the field's unit)"), line
+
+
+# ------------------------------------------------------------------ layer_types of any shape
+@pytest.mark.parametrize(("layer_types", "shown"), [
+    ([{"a": 1}], '{"a": 1}'),  # was TypeError: unhashable type: 'dict'
+    ([[1]], "[1]"),  # was TypeError: unhashable type: 'list'
+    ([1, "sliding_attention"], "1, sliding_attention"),  # was TypeError: '<' between str, int
+    ({"x": 1}, '{"x": 1}'),
+])
+def test_layer_types_of_any_shape_is_refused_in_one_line(tmp_path, layer_types, shown):
+    path = config_json(tmp_path, layer_types=layer_types)
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    assert str(info.value) == (f"{path}: layer_types: {shown} layers: hybrid attention is not "
+                               "modelled (full_attention only)")
