@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +143,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"not valid JSON: {exc.msg} (line {exc.lineno})",
                           source=str(path)) from None
+    except ValueError:  # int() refuses the digits of a number json matched (no line known)
+        raise ConfigError(f"a number has more than the {sys.get_int_max_str_digits():,} digits "
+                          "Python reads", source=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError("a config.json holds one JSON object", source=str(path))
     return data

@@ -65,3 +65,27 @@ def test_layer_types_of_any_shape_is_refused_in_one_line(tmp_path, layer_types, 
         model_files.load_model_file(path)
     assert str(info.value) == (f"{path}: layer_types: {shown} layers: hybrid attention is not "
                                "modelled (full_attention only)")
+
+
+# ------------------------------------------------------------------ scalars Python cannot build
+def test_config_json_integer_with_more_digits_than_python_reads(tmp_path):
+    """Was ValueError: Exceeds the limit (4300 digits) for integer string conversion."""
+    path = write(tmp_path / "config.json",
+                 json.dumps(LLAMA_31_8B).replace("4096", "4" * 5000, 1))
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    assert str(info.value) == f"{path}: a number has more than the 4,300 digits Python reads"
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("4" * 5000, f"{'4' * 20}...: not a valid integer (5,000 characters, over the "
+                 "4,300 digits Python reads)"),
+    ("2024-13-45", "2024-13-45: not a valid date (month must be in 1..12)"),
+])
+def test_yaml_scalar_python_cannot_build_names_its_line(tmp_path, capsys, value, reason):
+    """Was ValueError (int's digit limit; datetime's month range) from building the document,
+    in every YAML the CLI reads (model files here, profiles and studies the same way)."""
+    path = write(tmp_path / "my.yaml", MY_MODEL_YAML.replace("vocab_size: 32000",
+                                                            f"vocab_size: {value}"))
+    line = user_error(capsys, "models", "show", str(path))
+    assert line.endswith(f"{path}:9: vocab_size: {reason}"), line
