@@ -20,13 +20,36 @@ YAML_SUFFIXES = (".yaml", ".yml")
 T = TypeVar("T")
 
 
+#: Longest file name and path the file systems hgsim runs on take (Linux's NAME_MAX and
+#: PATH_MAX, in bytes; macOS's are 255 and 1024, within them).
+NAME_MAX_BYTES = 255
+PATH_MAX_BYTES = 4096
+
+
 def user_path(text: str) -> Path:
     """``text`` as a path with ``~`` expanded; ``~name`` of no known user stays as written
-    (pathlib raises RuntimeError there), so the lookup fails as a missing file would."""
+    (pathlib raises RuntimeError there), so the lookup fails as a missing file would.
+
+    A name longer than any file system takes is a ConfigError here: asking whether it exists
+    raises OSError (ENAMETOOLONG), which pathlib passes on, and no profile or model name (a
+    file's stem) can be that long either."""
     try:
-        return Path(text).expanduser()
+        path = Path(text).expanduser()
     except RuntimeError:
-        return Path(text)
+        path = Path(text)
+    encoded = os.fsencode(path)
+    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
+    if longest > NAME_MAX_BYTES or len(encoded) > PATH_MAX_BYTES:
+        limit = (f"a part of {longest:,} bytes; at most {NAME_MAX_BYTES}"
+                 if longest > NAME_MAX_BYTES else
+                 f"{len(encoded):,} bytes; at most {PATH_MAX_BYTES:,}")
+        raise ConfigError(f"file name too long ({limit})", source=_shown(text))
+    return path
+
+
+def _shown(text: str) -> str:
+    """A long name cut to what a line of error can show."""
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text):,} characters)"
 
 
 def search_dirs(env_var: str, *defaults: Path) -> list[Path]:

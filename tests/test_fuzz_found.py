@@ -89,3 +89,23 @@ def test_yaml_scalar_python_cannot_build_names_its_line(tmp_path, capsys, value,
                                                             f"vocab_size: {value}"))
     line = user_error(capsys, "models", "show", str(path))
     assert line.endswith(f"{path}:9: vocab_size: {reason}"), line
+
+
+# ------------------------------------------------------------------ names no file system takes
+LONG = "9" * 400
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    (("validate", "--profile", LONG), "...(400 characters): file name too long (a part of 400"),
+    (("simulate", "--profile", LONG, "--model", "opt-6.7b", "--context", "1k"), "(400 char"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", LONG, "--context", "1k"), "(400 c"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", f"m/{LONG}.json", "--context",
+      "1k"), f"m/{'9' * 38}...(407 characters): file name too long (a part of 405 bytes; at most 255)"),
+    (("models", "show", LONG), "(400 characters): file name too long"),
+    (("profiles", "show", LONG), "(400 characters): file name too long"),
+])
+def test_name_longer_than_a_file_name_is_one_line(capsys, argv, shown):
+    """Was OSError: [Errno 36] File name too long, from pathlib's is_file/exists while
+    deciding whether the value is a path or a name."""
+    line = user_error(capsys, *argv)
+    assert shown in line, line
