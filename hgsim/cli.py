@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     parent's class)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,13 +79,25 @@ def attach_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+#: Characters that end a line (``str.splitlines``), which an error quoting what the user
+#: typed (a name, a flag's value) would otherwise carry into its one line.
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(message: str) -> str:
+    """``message`` with each line break escaped as Python writes it (``\\n``, ``\\x85``), so
+    an error stays one line whatever value it quotes."""
+    return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], message)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command they were given to, not by hgsim's top-level parser
         verb = f"hgsim {args.command}" if getattr(args, "command", None) else "hgsim"
-        print(f"{verb}: error: unrecognized arguments: {' '.join(extra)} (see {verb} --help)",
+        print(f"{verb}: error: unrecognized arguments: {one_line(' '.join(extra))} "
+              f"(see {verb} --help)",
               file=sys.stderr)
         return 2
     if not getattr(args, "command", None):
@@ -94,14 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as exc:
-        print(f"hgsim {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hgsim {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ValidationError as exc:  # a check no command made first: still one line, exit 2
         from hgsim.config_io import humane
 
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in (exc.title, *first["loc"]))
-        print(f"hgsim {args.command}: error: {where}: {humane(first)}", file=sys.stderr)
+        print(f"hgsim {args.command}: error: {one_line(f'{where}: {humane(first)}')}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hgsim {args.command}: interrupted", file=sys.stderr)

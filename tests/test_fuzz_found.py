@@ -109,3 +109,22 @@ def test_name_longer_than_a_file_name_is_one_line(capsys, argv, shown):
     deciding whether the value is a path or a name."""
     line = user_error(capsys, *argv)
     assert shown in line, line
+
+
+# ------------------------------------------------------------------ values that hold line breaks
+@pytest.mark.parametrize(("argv", "shown"), [
+    (("models", "show", "\x85"), "unknown model '\\x85'"),
+    (("models", "show", "a\nb"), "unknown model 'a\\nb'"),
+    (("profiles", "show", "x\u2028y"), "unknown hardware profile 'x\\u2028y'"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "--policy", "a\rb"), "a\\rb"),
+    (("policies", "a\nb"), "unknown policy 'a\\nb'"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "a\nb"), "unrecognized arguments: a\\nb (see hgsim simulate --help)"),
+])
+def test_error_quoting_a_line_break_stays_one_line(capsys, argv, shown):
+    """Was two lines on stderr: the message quoted the value as typed, and U+0085 (or \\n,
+    \\r, U+2028) broke it."""
+    line = user_error(capsys, *argv)
+    assert shown in line, line
+
