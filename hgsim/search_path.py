@@ -37,17 +37,27 @@ def user_path(text: str) -> Path:
         path = Path(text).expanduser()
     except RuntimeError:
         path = Path(text)
-    encoded = os.fsencode(path)
-    longest = max((len(os.fsencode(part)) for part in path.parts), default=0)
-    if longest > NAME_MAX_BYTES or len(encoded) > PATH_MAX_BYTES:
-        limit = (f"a part of {longest:,} bytes; at most {NAME_MAX_BYTES}"
-                 if longest > NAME_MAX_BYTES else
-                 f"{len(encoded):,} bytes; at most {PATH_MAX_BYTES:,}")
-        raise ConfigError(f"file name too long ({limit})", source=_shown(text))
+    problem = name_too_long(path)
+    if problem:
+        raise ConfigError(problem, source=shown(text))
     return path
 
 
-def _shown(text: str) -> str:
+def name_too_long(path: str | os.PathLike[str]) -> str | None:
+    """Why no file system hgsim runs on takes ``path`` (a part or the whole too long), or
+    None. Checked before pathlib is asked anything about it: its exists(), is_file() and
+    is_dir() raise OSError (ENAMETOOLONG) for such a name rather than answer False."""
+    parts = Path(path).parts
+    longest = max((len(os.fsencode(part)) for part in parts), default=0)
+    total = len(os.fsencode(path))
+    if longest > NAME_MAX_BYTES:
+        return f"file name too long (a part of {longest:,} bytes; at most {NAME_MAX_BYTES})"
+    if total > PATH_MAX_BYTES:
+        return f"file name too long ({total:,} bytes; at most {PATH_MAX_BYTES:,})"
+    return None
+
+
+def shown(text: str) -> str:
     """A long name cut to what a line of error can show."""
     return text if len(text) <= 60 else f"{text[:40]}...({len(text):,} characters)"
 

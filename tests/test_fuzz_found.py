@@ -128,3 +128,25 @@ def test_error_quoting_a_line_break_stays_one_line(capsys, argv, shown):
     line = user_error(capsys, *argv)
     assert shown in line, line
 
+
+
+@pytest.mark.parametrize(("flag", "argv"), [
+    ("--trace", ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context",
+                 "1k", "--gen", "4", "--samples", "2", "--trace", LONG)),
+    ("--out", ("validate", "--profile", "dev-zen4-2core", "--out", LONG)),
+    ("--out", ("study", "STUDY", "--dry-run", "--out", LONG)),
+    ("--scheduler-file", ("study", "STUDY", "--executor", "dask", "--scheduler-file", LONG)),
+    ("--out", ("run", "--model", "opt-6.7b", "--context", "1k", "--out", LONG)),
+])
+def test_output_path_longer_than_a_file_name_names_its_flag(tmp_path, capsys, monkeypatch,
+                                                            flag, argv):
+    """Was OSError: [Errno 36] File name too long from the output checks' is_dir()/exists(),
+    before anything was written."""
+    from bad_input import STUDY
+
+    monkeypatch.chdir(tmp_path)
+    study = str(write(tmp_path / "s.yaml", STUDY))
+    line = user_error(capsys, *(study if part == "STUDY" else part for part in argv))
+    assert line.endswith(f"error: {flag}: {'9' * 40}...(400 characters): file name too long "
+                         "(a part of 400 bytes; at most 255)"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
