@@ -15,7 +15,7 @@ import sys
 from pydantic import ValidationError
 
 from hgsim import __version__
-from hgsim.errors import UserError
+from hgsim.errors import UserError, one_line
 
 # Order is the order shown in --help.
 COMMANDS = ["simulate", "run", "study", "profiles", "models", "policies", "calibrate", "validate"]
@@ -77,17 +77,6 @@ def attach_negative_values(argv: list[str]) -> list[str]:
         else:
             out.append(token)
     return out
-
-
-#: Characters that end a line (``str.splitlines``), which an error quoting what the user
-#: typed (a name, a flag's value) would otherwise carry into its one line.
-_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
-
-
-def one_line(message: str) -> str:
-    """``message`` with each line break escaped as Python writes it (``\\n``, ``\\x85``), so
-    an error stays one line whatever value it quotes."""
-    return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], message)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,8 @@ def user_path(text: str) -> Path:
     A name longer than any file system takes is a ConfigError here: asking whether it exists
     raises OSError (ENAMETOOLONG), which pathlib passes on, and no profile or model name (a
     file's stem) can be that long either."""
+    if not text.strip():  # Path("") is ".", the current folder: not what anyone meant
+        raise ConfigError("an empty name; give a name or the path of a file")
     try:
         path = Path(text).expanduser()
     except RuntimeError:

@@ -113,7 +113,7 @@ def test_name_longer_than_a_file_name_is_one_line(capsys, argv, shown):
 
 # ------------------------------------------------------------------ values that hold line breaks
 @pytest.mark.parametrize(("argv", "shown"), [
-    (("models", "show", "\x85"), "unknown model '\\x85'"),
+    (("models", "show", "a\x85b"), "unknown model 'a\\x85b'"),
     (("models", "show", "a\nb"), "unknown model 'a\\nb'"),
     (("profiles", "show", "x\u2028y"), "unknown hardware profile 'x\\u2028y'"),
     (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
@@ -150,3 +150,32 @@ def test_output_path_longer_than_a_file_name_names_its_flag(tmp_path, capsys, mo
     assert line.endswith(f"error: {flag}: {'9' * 40}...(400 characters): file name too long "
                          "(a part of 400 bytes; at most 255)"), line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_profiles_check_of_a_name_too_long_is_one_line(capsys):
+    """Was OSError: [Errno 36] File name too long from Path.is_file()."""
+    line = user_error(capsys, "profiles", "check", LONG)
+    assert line.endswith("(400 characters): file name too long (a part of 400 bytes; at "
+                         "most 255)"), line
+
+
+# ------------------------------------------------------------------ empty names and paths
+@pytest.mark.parametrize(("argv", "message"), [
+    (("study", ""), "an empty file name; give the path of a study YAML file"),  # was '.: is a
+    (("validate", "--profile", "dev-zen4-2core", "--study", " "),  # folder, not a file'
+     "an empty file name; give the path of a YAML file"),
+    (("profiles", "check", ""), "an empty name; give a name or the path of a file"),  # was
+    # 'not a regular file', naming nothing
+    (("models", "show", ""), "an empty model name; give a name (see `hgsim models`) or the "
+                             "path of a config.json or model YAML file"),  # was 'folder has
+    # no config.json'
+    (("simulate", "--profile", "dev-zen4-2core", "--model", " ", "--context", "1k"),
+     "an empty model name"),
+    (("simulate", "--profile", "", "--model", "opt-6.7b", "--context", "1k"),
+     "an empty hardware profile name; give a name (see `hgsim profiles`) or the path of a "
+     "YAML file"),
+])
+def test_empty_name_or_path_says_it_is_empty(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, *argv)
+    assert line.split(": error: ", 1)[1].startswith(message), line
