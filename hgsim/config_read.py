@@ -45,6 +45,8 @@ _SHOWN = 4  # leading parts of a path named in errors about depth and aliases
 def read_text(path: Path) -> str:
     """The file's text, or a ConfigError saying why it is not a readable UTF-8 text file."""
     source = str(path)
+    if "\x00" in source:  # open() would raise ValueError ("embedded null byte")
+        raise ConfigError("a NUL byte (\\x00) in the file name", source=repr(source)[1:-1])
     try:
         with open(path, "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode

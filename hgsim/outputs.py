@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hgsim.errors import UserError
-from hgsim.search_path import name_too_long, shown
+from hgsim.search_path import shown, unusable_name
 
 _PROBE_PREFIX = ".hgsim-write-check-"
 
@@ -80,9 +80,9 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
 
 
 def check_length(path: str | os.PathLike[str], flag: str) -> None:
-    """A UserError naming ``flag`` if no file system takes a name this long (asking pathlib
-    about it would raise OSError)."""
-    problem = name_too_long(path)
+    """A UserError naming ``flag`` if no file system takes this name (asking pathlib about it
+    would raise OSError, or open() ValueError)."""
+    problem = unusable_name(path)
     if problem:
         raise UserError(f"{shown(os.fspath(path))}: {problem}", field=flag)
 

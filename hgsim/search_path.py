@@ -39,16 +39,19 @@ def user_path(text: str) -> Path:
         path = Path(text).expanduser()
     except RuntimeError:
         path = Path(text)
-    problem = name_too_long(path)
+    problem = unusable_name(path)
     if problem:
         raise ConfigError(problem, source=shown(text))
     return path
 
 
-def name_too_long(path: str | os.PathLike[str]) -> str | None:
-    """Why no file system hgsim runs on takes ``path`` (a part or the whole too long), or
-    None. Checked before pathlib is asked anything about it: its exists(), is_file() and
-    is_dir() raise OSError (ENAMETOOLONG) for such a name rather than answer False."""
+def unusable_name(path: str | os.PathLike[str]) -> str | None:
+    """Why no file system hgsim runs on takes ``path`` (a NUL byte, a part or the whole too
+    long), or None. Checked before pathlib or open() is asked anything about it: exists(),
+    is_file() and is_dir() raise OSError (ENAMETOOLONG) for such a name rather than answer
+    False, and open() raises ValueError for a NUL."""
+    if "\x00" in os.fspath(path):
+        return "a NUL byte (\\x00) in a file name"
     parts = Path(path).parts
     longest = max((len(os.fsencode(part)) for part in parts), default=0)
     total = len(os.fsencode(path))
@@ -60,7 +63,8 @@ def name_too_long(path: str | os.PathLike[str]) -> str | None:
 
 
 def shown(text: str) -> str:
-    """A long name cut to what a line of error can show."""
+    """A name as a line of error can show it: unprintable characters escaped, a long one cut."""
+    text = text if text.isprintable() else repr(text)[1:-1]
     return text if len(text) <= 60 else f"{text[:40]}...({len(text):,} characters)"
 
 

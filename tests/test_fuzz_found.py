@@ -179,3 +179,27 @@ def test_empty_name_or_path_says_it_is_empty(tmp_path, capsys, monkeypatch, argv
     monkeypatch.chdir(tmp_path)
     line = user_error(capsys, *argv)
     assert line.split(": error: ", 1)[1].startswith(message), line
+
+
+# ------------------------------------------------------------------ a NUL byte in a file name
+@pytest.mark.parametrize(("argv", "message"), [
+    (("study", "a\x00b"), "a\\x00b: a NUL byte (\\x00) in the file name"),
+    (("validate", "--profile", "dev-zen4-2core", "--study", "v\x00"),
+     "v\\x00: a NUL byte (\\x00) in the file name"),
+    (("profiles", "check", "p\x00"), "p\\x00: a NUL byte (\\x00) in a file name"),
+    (("models", "show", "m\x00.json"), "m\\x00.json: a NUL byte (\\x00) in a file name"),
+    (("simulate", "--profile", "p\x00", "--model", "opt-6.7b", "--context", "1k"),
+     "p\\x00: a NUL byte (\\x00) in a file name"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "--gen", "4", "--samples", "2", "--trace", "t\x00"),
+     "--trace: t\\x00: a NUL byte (\\x00) in a file name"),
+    (("run", "--model", "opt-6.7b", "--context", "1k", "--out", "o\x00"),
+     "--out: o\\x00: a NUL byte (\\x00) in a file name"),
+])
+def test_nul_byte_in_a_file_name_is_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    """Was ValueError: embedded null byte from open() (study, validate --study); elsewhere
+    pathlib answered False and the NUL went raw into the message."""
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, *argv)
+    assert line.split(": error: ", 1)[1] == message, line
+    assert list(tmp_path.iterdir()) == []
