@@ -93,6 +93,8 @@ def is_model_path(text: str) -> bool:
 def beside(name: str, base_dir: Path) -> str:
     """What ``get_model`` should get for ``name`` written in a file in ``base_dir`` (a study):
     a model file path relative to that file's folder, anything else as it is."""
+    if not name.strip():  # get_model says it is empty; base_dir / "" is the folder itself
+        return name
     candidate = str(base_dir / user_path(name))
     return candidate if is_model_path(candidate) else name
 

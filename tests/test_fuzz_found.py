@@ -203,3 +203,21 @@ def test_nul_byte_in_a_file_name_is_one_line(tmp_path, capsys, monkeypatch, argv
     line = user_error(capsys, *argv)
     assert line.split(": error: ", 1)[1] == message, line
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("verb", "text"), [
+    ("study", "name: tiny\nbase:\n  profile: dev-zen4-2core\n  model: ''\n  policy: hybridgen\n"
+              "  workload: {batch: 1, context: 1k, gen: 4}\n"),
+    ("validate", "name: v\nmodel: ''\nconfigs: []\n"),
+])
+def test_empty_model_in_a_study_names_file_line_and_field(tmp_path, capsys, verb, text):
+    """Was '<study>:4: base.model: <study's folder>: folder has no config.json' (the empty
+    name joined to the study's folder is the folder)."""
+    path = write(tmp_path / "s.yaml", text)
+    argv = (("study", str(path), "--dry-run") if verb == "study" else
+            ("validate", "--profile", "dev-zen4-2core", "--study", str(path)))
+    line = user_error(capsys, *argv)
+    field = "base.model" if verb == "study" else "model"
+    assert line.endswith(f"{path}:{2 if verb == 'validate' else 4}: {field}: an empty model "
+                         "name; give a name (see `hgsim models`) or the path of a config.json "
+                         "or model YAML file"), line
