@@ -164,6 +164,9 @@ def get_model(name: str | os.PathLike[str]) -> ModelSpec:
     are a UserError that lists the known models and suggests the closest name.
     """
     text = os.fspath(name)
+    if not text.strip():
+        raise UserError("an empty model name; give a name (see `hgsim models`) or the path of "
+                        "a config.json or model YAML file")
     file = find_model_file(text)
     if file is not None:
         return load_model_file(file)

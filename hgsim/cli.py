@@ -15,7 +15,7 @@ import sys
 from pydantic import ValidationError
 
 from hgsim import __version__
-from hgsim.errors import UserError
+from hgsim.errors import UserError, one_line
 
 # Order is the order shown in --help.
 COMMANDS = ["simulate", "run", "study", "profiles", "models", "policies", "calibrate", "validate"]
@@ -28,7 +28,7 @@ class _Parser(argparse.ArgumentParser):
     parent's class)."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command they were given to, not by hgsim's top-level parser
         verb = f"hgsim {args.command}" if getattr(args, "command", None) else "hgsim"
-        print(f"{verb}: error: unrecognized arguments: {' '.join(extra)} (see {verb} --help)",
+        print(f"{verb}: error: unrecognized arguments: {one_line(' '.join(extra))} "
+              f"(see {verb} --help)",
               file=sys.stderr)
         return 2
     if not getattr(args, "command", None):
@@ -94,14 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except UserError as exc:
-        print(f"hgsim {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hgsim {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ValidationError as exc:  # a check no command made first: still one line, exit 2
         from hgsim.config_io import humane
 
         first = exc.errors(include_url=False)[0]
         where = ".".join(str(part) for part in (exc.title, *first["loc"]))
-        print(f"hgsim {args.command}: error: {where}: {humane(first)}", file=sys.stderr)
+        print(f"hgsim {args.command}: error: {one_line(f'{where}: {humane(first)}')}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"hgsim {args.command}: interrupted", file=sys.stderr)

@@ -48,6 +48,8 @@ class YamlDocument:
 def load_yaml(path: str | Path) -> YamlDocument:
     """Read and parse a profile or study; anything wrong with the file is a ConfigError
     (see ``config_read``: binary content, duplicate keys, alias bombs, ...)."""
+    if not str(path).strip():  # Path("") is ".", which would be "a folder, not a file"
+        raise ConfigError("an empty file name; give the path of a YAML file")
     path = Path(path)
     return parse_yaml(read_text(path), str(path))
 

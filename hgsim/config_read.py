@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +37,16 @@ MAX_ALIAS_REPEATS = 100_000
 #: Profiles nest 4 levels, studies 6.
 MAX_DEPTH = 64
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+#: Scalar tags whose construction can fail on text the resolver matched -> what they are.
+_CHECKED_SCALARS = {"tag:yaml.org,2002:int": "integer", "tag:yaml.org,2002:timestamp": "date"}
 _SHOWN = 4  # leading parts of a path named in errors about depth and aliases
 
 
 def read_text(path: Path) -> str:
     """The file's text, or a ConfigError saying why it is not a readable UTF-8 text file."""
     source = str(path)
+    if "\x00" in source:  # open() would raise ValueError ("embedded null byte")
+        raise ConfigError("a NUL byte (\\x00) in the file name", source=repr(source)[1:-1])
     try:
         with open(path, "rb") as fh:
             mode = os.fstat(fh.fileno()).st_mode
@@ -92,7 +97,7 @@ def compose(text: str, source: str) -> tuple[Any, dict[Loc, int]]:
         node = loader.get_single_node()
         if node is None:
             return None, {}
-        lines = _NodeCheck(source).walk(node)
+        lines = _NodeCheck(source, loader).walk(node)
         return loader.construct_document(node), lines
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, text, source) from None
@@ -122,8 +127,9 @@ class _NodeCheck:
     before anything is built.
     """
 
-    def __init__(self, source: str):
+    def __init__(self, source: str, loader: yaml.SafeLoader):
         self.source = source
+        self.loader = loader
         self.lines: dict[Loc, int] = {}
         self.seen: set[int] = set()
         self.open: set[int] = set()  # nodes on the current path (a cycle comes back to one)
@@ -151,6 +157,8 @@ class _NodeCheck:
                                   "(nested aliases that expand without bound?)",
                                   line=self.lines.get(path[:1]))
         self.seen.add(ident)
+        if isinstance(node, yaml.ScalarNode) and node.tag in _CHECKED_SCALARS:
+            self._scalar(node, path)
         if isinstance(node, yaml.MappingNode):
             self.open.add(ident)
             self._mapping(node, path)
@@ -160,6 +168,20 @@ class _NodeCheck:
             for index, item in enumerate(node.value):
                 self._visit(item, path + (index,), item.start_mark.line + 1)
             self.open.discard(ident)
+
+    def _scalar(self, node: yaml.ScalarNode, path: Loc) -> None:
+        """A plain scalar that YAML resolves to an integer or a date but Python cannot build
+        (more digits than ``int()`` reads, the 13th month) is an error at its line, not the
+        ValueError that building the document would raise without one."""
+        try:
+            self.loader.yaml_constructors[node.tag](self.loader, node)
+        except ValueError as exc:
+            kind = _CHECKED_SCALARS[node.tag]
+            shown = node.value if len(node.value) <= 24 else f"{node.value[:20]}..."
+            reason = (f"{len(node.value):,} characters, over the "
+                      f"{sys.get_int_max_str_digits():,} digits Python reads"
+                      if kind == "integer" and "digits" in str(exc) else str(exc))
+            raise self._error(node, path, f"{shown}: not a valid {kind} ({reason})") from None
 
     def _mapping(self, node: yaml.MappingNode, path: Loc) -> None:
         first: dict[tuple[str, str], int] = {}

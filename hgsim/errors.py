@@ -7,6 +7,8 @@ without a traceback; anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import re
+
 
 class UserError(Exception):
     """An error in the user's input: printed as one line, exit code 2."""
@@ -58,3 +60,14 @@ class TraceTooLarge(UserError):
         from hgsim.units import size_text
 
         return f"{size_text(self.per_step_bytes)} per simulated step x {self.steps:,} steps"
+
+
+#: Characters that end a line (``str.splitlines``), which an error quoting what the user
+#: typed (a name, a flag's value) would otherwise carry into its one line.
+_LINE_BREAKS = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
+
+
+def one_line(message: str) -> str:
+    """``message`` with each line break escaped as Python writes it (``\\n``, ``\\x85``), so
+    an error stays one line whatever value it quotes."""
+    return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], message)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ _WINDOW_DEFAULT = {"mistral": 4096}
 #: Fields that make a config a mixture of experts when set.
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
+#: ModelSpec field -> the config.json field it comes from (where the names differ).
+_HF_FIELDS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+              "num_kv_heads": "num_key_value_heads", "max_context": "max_position_embeddings",
+              "tied_embeddings": "tie_word_embeddings"}
+
 _cache: dict[tuple[str, int, int], ModelSpec] = {}
 
 
@@ -87,6 +93,8 @@ def is_model_path(text: str) -> bool:
 def beside(name: str, base_dir: Path) -> str:
     """What ``get_model`` should get for ``name`` written in a file in ``base_dir`` (a study):
     a model file path relative to that file's folder, anything else as it is."""
+    if not name.strip():  # get_model says it is empty; base_dir / "" is the folder itself
+        return name
     candidate = str(base_dir / user_path(name))
     return candidate if is_model_path(candidate) else name
 
@@ -137,6 +145,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"not valid JSON: {exc.msg} (line {exc.lineno})",
                           source=str(path)) from None
+    except ValueError:  # int() refuses the digits of a number json matched (no line known)
+        raise ConfigError(f"a number has more than the {sys.get_int_max_str_digits():,} digits "
+                          "Python reads", source=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError("a config.json holds one JSON object", source=str(path))
     return data
@@ -214,8 +225,15 @@ def spec_from_hf_config(config: dict[str, Any], source: str, name: str) -> Model
             qkv_bias=qkv_bias, tied_embeddings=flag("tie_word_embeddings", family == "opt"),
             source=f"{source} ({note})" if note else source,
         )
-    except ValidationError as exc:  # the checks above should leave nothing; name the file
-        raise ConfigError(humane(exc.errors(include_url=False)[0]), source=source) from None
+    except ValidationError as exc:  # ModelSpec's own checks (plausible sizes): name the
+        first = exc.errors(include_url=False)[0]  # file and the config.json field
+        spec_field = str(first["loc"][0]) if first["loc"] else ""
+        field = _HF_FIELDS.get(spec_field, spec_field)
+        if field == "ffn_size":
+            field = "ffn_dim" if family == "opt" else "intermediate_size"
+        if field == "head_dim" and config.get("head_dim") is None:
+            field = "head_dim (hidden_size / num_attention_heads)"
+        raise ConfigError(humane(first), source=source, field=field or None) from None
 
 
 def _refuse_windowed_attention(config: dict[str, Any], default_window: int | None,
@@ -229,8 +247,10 @@ def _refuse_windowed_attention(config: dict[str, Any], default_window: int | Non
                                        "attention only")
     layer_types = config.get("layer_types")
     if layer_types is not None:
-        windowed = sorted({t for t in layer_types if t != "full_attention"}) \
-            if isinstance(layer_types, list) else [repr(layer_types)]
+        # each as written (a list may hold anything: ints, lists), once, in order
+        windowed = list(dict.fromkeys(t if isinstance(t, str) else json.dumps(t)
+                                      for t in layer_types if t != "full_attention")) \
+            if isinstance(layer_types, list) else [json.dumps(layer_types)]
         if windowed:
             raise refuse("layer_types", f"{', '.join(map(str, windowed))} layers: hybrid "
                                         "attention is not modelled (full_attention only)")

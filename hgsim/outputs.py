@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from hgsim.errors import UserError
+from hgsim.search_path import shown, unusable_name
 
 _PROBE_PREFIX = ".hgsim-write-check-"
 
@@ -38,6 +39,7 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     """``path`` can be created or replaced as a file; UserError naming ``flag`` if not."""
     if not str(path).strip():
         raise UserError("is empty; give the name of a file to write", field=flag)
+    check_length(path, flag)
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the name of a file to write", field=flag)
@@ -61,6 +63,7 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
 
     Nothing is created: a missing folder is checked through its nearest existing ancestor.
     """
+    check_length(path, flag)
     path = Path(path)
     if path.exists():
         if not path.is_dir():
@@ -74,6 +77,14 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
         raise UserError(f"{ancestor} is not a folder, so {path} cannot be created", field=flag)
     _probe(ancestor, flag)
     return path
+
+
+def check_length(path: str | os.PathLike[str], flag: str) -> None:
+    """A UserError naming ``flag`` if no file system takes this name (asking pathlib about it
+    would raise OSError, or open() ValueError)."""
+    problem = unusable_name(path)
+    if problem:
+        raise UserError(f"{shown(os.fspath(path))}: {problem}", field=flag)
 
 
 def _probe(folder: Path, flag: str) -> None:

@@ -53,6 +53,9 @@ def resolve_profile(name_or_path: str | os.PathLike[str]) -> Path:
     as one; otherwise it is a profile name looked up in ``profile_dirs()``.
     """
     text = os.fspath(name_or_path)
+    if not text.strip():
+        raise UserError("an empty hardware profile name; give a name (see `hgsim profiles`) "
+                        "or the path of a YAML file")
     path = user_path(text)
     looks_like_path = (
         os.sep in text or "/" in text or path.suffix in YAML_SUFFIXES or path.is_file()

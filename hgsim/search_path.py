@@ -20,13 +20,52 @@ YAML_SUFFIXES = (".yaml", ".yml")
 T = TypeVar("T")
 
 
+#: Longest file name and path the file systems hgsim runs on take (Linux's NAME_MAX and
+#: PATH_MAX, in bytes; macOS's are 255 and 1024, within them).
+NAME_MAX_BYTES = 255
+PATH_MAX_BYTES = 4096
+
+
 def user_path(text: str) -> Path:
     """``text`` as a path with ``~`` expanded; ``~name`` of no known user stays as written
-    (pathlib raises RuntimeError there), so the lookup fails as a missing file would."""
+    (pathlib raises RuntimeError there), so the lookup fails as a missing file would.
+
+    A name longer than any file system takes is a ConfigError here: asking whether it exists
+    raises OSError (ENAMETOOLONG), which pathlib passes on, and no profile or model name (a
+    file's stem) can be that long either."""
+    if not text.strip():  # Path("") is ".", the current folder: not what anyone meant
+        raise ConfigError("an empty name; give a name or the path of a file")
     try:
-        return Path(text).expanduser()
+        path = Path(text).expanduser()
     except RuntimeError:
-        return Path(text)
+        path = Path(text)
+    problem = unusable_name(path)
+    if problem:
+        raise ConfigError(problem, source=shown(text))
+    return path
+
+
+def unusable_name(path: str | os.PathLike[str]) -> str | None:
+    """Why no file system hgsim runs on takes ``path`` (a NUL byte, a part or the whole too
+    long), or None. Checked before pathlib or open() is asked anything about it: exists(),
+    is_file() and is_dir() raise OSError (ENAMETOOLONG) for such a name rather than answer
+    False, and open() raises ValueError for a NUL."""
+    if "\x00" in os.fspath(path):
+        return "a NUL byte (\\x00) in a file name"
+    parts = Path(path).parts
+    longest = max((len(os.fsencode(part)) for part in parts), default=0)
+    total = len(os.fsencode(path))
+    if longest > NAME_MAX_BYTES:
+        return f"file name too long (a part of {longest:,} bytes; at most {NAME_MAX_BYTES})"
+    if total > PATH_MAX_BYTES:
+        return f"file name too long ({total:,} bytes; at most {PATH_MAX_BYTES:,})"
+    return None
+
+
+def shown(text: str) -> str:
+    """A name as a line of error can show it: unprintable characters escaped, a long one cut."""
+    text = text if text.isprintable() else repr(text)[1:-1]
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text):,} characters)"
 
 
 def search_dirs(env_var: str, *defaults: Path) -> list[Path]:

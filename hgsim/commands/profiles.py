@@ -13,8 +13,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from hgsim.errors import UserError
+from hgsim.errors import UserError, one_line
 from hgsim.profiles import list_profiles, load_profile, resolve_profile
+from hgsim.search_path import user_path
 from hgsim.specs.hardware import HardwareProfile
 
 
@@ -208,12 +209,13 @@ def _check(files: list[str]) -> int:
     failed = 0
     for file in files:
         try:
-            if not Path(file).is_file():  # a FILE argument is never looked up as a name
-                found = Path(file).exists()
-                raise UserError("not a regular file" if found else "file not found", source=file)
-            profile = load_profile(Path(file))
+            path = user_path(file)  # an empty name or one too long: a one-line error
+            if not path.is_file():  # a FILE argument is never looked up as a name
+                raise UserError("not a regular file" if path.exists() else "file not found",
+                                source=file)
+            profile = load_profile(path)
         except UserError as exc:
-            print(f"hgsim profiles check: error: {exc}", file=sys.stderr)
+            print(f"hgsim profiles check: error: {one_line(str(exc))}", file=sys.stderr)
             failed += 1
             continue
         note = "" if profile.name == Path(file).stem else f" (note: name '{profile.name}')"

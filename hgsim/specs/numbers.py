@@ -80,7 +80,8 @@ def implausible(value: Any, where: str = "") -> str | None:
             return f"{prefix}{value} is not a finite number"
         size = abs(value)
         if size > MAX_MAGNITUDE or (size and size < MIN_MAGNITUDE):
-            return (f"{prefix}{value:g} is not a plausible value (non-zero magnitudes must lie "
+            return (f"{prefix}{_magnitude_text(value)} is not a plausible value (non-zero "
+                    "magnitudes must lie "
                     f"between {MIN_MAGNITUDE:g} and {MAX_MAGNITUDE:g} in the field's unit)")
         return None
     if isinstance(value, dict):
@@ -94,6 +95,16 @@ def implausible(value: Any, where: str = "") -> str | None:
         if problem:
             return problem
     return None
+
+
+def _magnitude_text(value: int | float) -> str:
+    """``value`` as ``%g`` writes it; an integer past float's range (a YAML or JSON file may
+    hold 400 digits) by its digit count, since ``%g`` would raise OverflowError."""
+    try:
+        return f"{value:g}"
+    except OverflowError:
+        digits = int(abs(value).bit_length() * math.log10(2)) + 1  # str() may refuse it too
+        return f"{'-' if value < 0 else ''}an integer of about {digits:,} digits"
 
 
 def _yaml(flag: bool) -> str:

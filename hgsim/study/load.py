@@ -33,6 +33,8 @@ class StudyPlan:
 
 def load_study(path: str | Path) -> StudyPlan:
     """Parse, validate and expand ``path`` (ConfigError with file:line on any problem)."""
+    if not str(path).strip():  # Path("") is ".", which would be "a folder, not a file"
+        raise ConfigError("an empty file name; give the path of a study YAML file")
     path = Path(path)
     return _plan(load_yaml(path), path.stem, path.resolve().parent, path)
 

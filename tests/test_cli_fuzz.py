@@ -1,0 +1,137 @@
+"""Fuzzing the command line: hypothesis-drawn values for each flag of simulate, study, models
+show, profiles show, policies and validate. Whatever the value, the CLI exits 0, 1 or 2 (an
+argparse mistake exits through SystemExit(2), as ``python -m hgsim`` does), never with a
+traceback, and an exit 2 is one line on stderr. Runs are kept cheap: a 1k context, --gen 4,
+--samples 2, study --dry-run, and validate stopped where the measuring would begin."""
+
+from __future__ import annotations
+
+import pytest
+from bad_input import STUDY, write
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from hgsim import model_files
+from hgsim.cli import main
+
+#: Values written as a person might mistype them, and a few that are fine.
+WORDS = ["", " ", "0", "-1", "-1k", "1", "2", "1k", "1.5k", "1kk", "1 k", "k", "1e3", "1e999",
+         "-0", "nan", "inf", "-inf", "0x10", "1_000", "9" * 400, "9" * 5000, "１２", "½", "1k\n",
+         "\x00", "é", "🙂", "..", "/", "/dev/null", "/dev/zero", "~nobody", "~", "=", "a=b",
+         "topk_ratio=", "topk_ratio=nan", "topk_ratio=2", "=1", "fp16", "hybridgen",
+         "opt-6.7b", "dev-zen4-2core", "tcp://", "0.5", "1e-300", "2147483648", "1g", "1GB"]
+VALUE = st.one_of(st.sampled_from(WORDS), st.text(max_size=8),
+                  st.integers(-2, 10**20).map(str), st.sampled_from(["DIR", "FILE"]))
+
+#: capsys and monkeypatch are reset by hand (readouterr; the same attribute each example)
+FIXTURES = [HealthCheck.function_scoped_fixture]
+
+SIMULATE = {"--profile": "dev-zen4-2core", "--model": "opt-6.7b", "--policy": "hybridgen",
+            "--context": "1k", "--batch": "1", "--gen": "4", "--samples": "2"}
+SIMULATE_EXTRA = ["--kv-dtype", "--prefill-chunk", "--option", "--trace", "--trace-max-gb"]
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    monkeypatch.delenv(model_files.MODEL_PATH_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # anything a drawn path writes lands here
+
+
+def place(value: str, tmp_path) -> str:
+    """DIR and FILE stand for an existing folder and an existing (non-config) file."""
+    if value == "DIR":
+        return str(tmp_path)
+    if value == "FILE":
+        return str(write(tmp_path / "notes.txt", "not a config\n"))
+    return value
+
+
+def exits_cleanly(capsys, argv: list[str]) -> int:
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's own mistakes (and --help)
+        code = stop.code
+    captured = capsys.readouterr()
+    assert code in (0, 1, 2), (argv, code, captured.err[-2000:])
+    assert "Traceback" not in captured.err, (argv, captured.err[-2000:])
+    if code == 2:  # one error line; a warning about another flag (--jobs capped) may precede
+        lines = [line for line in captured.err.strip().splitlines()
+                 if not line.startswith(f"hgsim {argv[0]}: warning: ")]
+        assert len(lines) == 1 and lines[0].startswith("hgsim"), (argv, captured.err[-2000:])
+    return code
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@given(st.data())
+def test_simulate_flags(tmp_path_factory, capsys, data):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    flags = dict(SIMULATE)
+    for flag in data.draw(st.lists(st.sampled_from([*SIMULATE, *SIMULATE_EXTRA]), min_size=1,
+                                   max_size=2, unique=True)):
+        flags[flag] = place(data.draw(VALUE), tmp_path)
+    argv = ["simulate", *(part for flag, value in flags.items() for part in (flag, value))]
+    if data.draw(st.booleans()):
+        argv.append("--prefill")
+    event(f"exit {exits_cleanly(capsys, argv)}")
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@given(st.data())
+def test_study_flags(tmp_path_factory, capsys, data):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    study = str(write(tmp_path / "s.yaml", STUDY))
+    flags = {"--out": str(tmp_path / "out")}
+    for flag in data.draw(st.lists(st.sampled_from(
+            ["FILE", "--out", "--jobs", "--executor", "--scheduler", "--scheduler-file",
+             "--chunk"]), min_size=1, max_size=2, unique=True)):
+        flags[flag] = place(data.draw(VALUE), tmp_path)
+    file = flags.pop("FILE", study)
+    argv = ["study", file, "--dry-run", "--quiet",
+            *(part for flag, value in flags.items() for part in (flag, value))]
+    event(f"exit {exits_cleanly(capsys, argv)}")
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@given(st.data())
+def test_models_profiles_policies_arguments(tmp_path_factory, capsys, data):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    values = [place(v, tmp_path) for v in data.draw(st.lists(VALUE, min_size=1, max_size=2))]
+    verb = data.draw(st.sampled_from([["models", "show"], ["profiles", "show"], ["policies"],
+                                      ["models", "show", "--dtype"]]))
+    event(f"exit {exits_cleanly(capsys, [*verb, *values])}")
+
+
+@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@given(st.data())
+def test_validate_flags_up_to_measuring(tmp_path_factory, capsys, monkeypatch, data):
+    """Up to where validate hands the arguments to the hardware backend (which loads the
+    profile and study, then measures): that call is replaced by one that stops the run."""
+    import hw_backend.validate
+
+    class Reached(Exception):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(hw_backend.validate, "run_validation", reached)
+    tmp_path = tmp_path_factory.mktemp("cli")
+    flags = {"--profile": "dev-zen4-2core"}
+    for flag in data.draw(st.lists(st.sampled_from(
+            ["--profile", "--study", "--threshold", "--out", "--max-context", "--steps",
+             "--accelerator", "--statistic", "--cases", "--quiet-wait"]), min_size=1,
+            max_size=2, unique=True)):
+        flags[flag] = place(data.draw(VALUE), tmp_path)
+    argv = ["validate", *(part for flag, value in flags.items() for part in (flag, value))]
+    try:
+        event(f"exit {exits_cleanly(capsys, argv)}")
+    except Reached:
+        event("reached the measuring")
+
+
+@pytest.mark.parametrize("verb", [["simulate"], ["study"], ["models", "show"],
+                                  ["profiles", "show"], ["policies"], ["validate"], ["run"]])
+def test_help_exits_0(capsys, verb):
+    assert exits_cleanly(capsys, [*verb, "--help"]) == 0
+    assert capsys.readouterr().err == ""

@@ -1,0 +1,223 @@
+"""Inputs the fuzz tests (test_input_fuzz.py, test_config_read.py) found crashing, each kept
+as a plain case: one line naming the file (and field, flag), never a traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from bad_input import user_error, write
+from test_model_files import LLAMA_31_8B, MY_MODEL_YAML
+
+from hgsim import model_files
+from hgsim.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def isolated_models(monkeypatch):
+    monkeypatch.delenv(model_files.MODEL_PATH_ENV, raising=False)
+    model_files.clear_cache()
+    yield
+    model_files.clear_cache()
+
+
+def config_json(tmp_path, **changes):
+    return write(tmp_path / "config.json", json.dumps({**LLAMA_31_8B, **changes}))
+
+
+# ------------------------------------------------------------------ integers past float's range
+@pytest.mark.parametrize(("field", "value", "shown"), [
+    ("hidden_size", 10**400, "an integer of about 401 digits"),
+    ("max_position_embeddings", -(10**400), None),  # refused as not > 0 before any size check
+    ("num_hidden_layers", 10**200, "1e+200"),
+])
+def test_config_json_integer_too_large_for_a_float_names_file_and_field(tmp_path, field, value,
+                                                                         shown):
+    """Was OverflowError (int too large to convert to float) from the plausibility check."""
+    path = config_json(tmp_path, **{field: value})
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field}: ") and "\n" not in message, message
+    if shown:
+        assert f"{shown} is not a plausible value" in message
+
+
+def test_yaml_model_integer_too_large_for_a_float_is_one_line(tmp_path, capsys):
+    path = write(tmp_path / "my.yaml",
+                 MY_MODEL_YAML.replace("hidden_size: 1024", "hidden_size: 1" + "0" * 400))
+    line = user_error(capsys, "models", "show", str(path))
+    assert line.endswith(f"{path}:3: hidden_size: an integer of about 401 digits is not a "
+                         "plausible value (non-zero magnitudes must lie between 1e-09 and 1e+12 "
+                         "in the field's unit)"), line
+
+
+# ------------------------------------------------------------------ layer_types of any shape
+@pytest.mark.parametrize(("layer_types", "shown"), [
+    ([{"a": 1}], '{"a": 1}'),  # was TypeError: unhashable type: 'dict'
+    ([[1]], "[1]"),  # was TypeError: unhashable type: 'list'
+    ([1, "sliding_attention"], "1, sliding_attention"),  # was TypeError: '<' between str, int
+    ({"x": 1}, '{"x": 1}'),
+])
+def test_layer_types_of_any_shape_is_refused_in_one_line(tmp_path, layer_types, shown):
+    path = config_json(tmp_path, layer_types=layer_types)
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    assert str(info.value) == (f"{path}: layer_types: {shown} layers: hybrid attention is not "
+                               "modelled (full_attention only)")
+
+
+# ------------------------------------------------------------------ scalars Python cannot build
+def test_config_json_integer_with_more_digits_than_python_reads(tmp_path):
+    """Was ValueError: Exceeds the limit (4300 digits) for integer string conversion."""
+    path = write(tmp_path / "config.json",
+                 json.dumps(LLAMA_31_8B).replace("4096", "4" * 5000, 1))
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    assert str(info.value) == f"{path}: a number has more than the 4,300 digits Python reads"
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("4" * 5000, f"{'4' * 20}...: not a valid integer (5,000 characters, over the "
+                 "4,300 digits Python reads)"),
+    ("2024-13-45", "2024-13-45: not a valid date (month must be in 1..12)"),
+])
+def test_yaml_scalar_python_cannot_build_names_its_line(tmp_path, capsys, value, reason):
+    """Was ValueError (int's digit limit; datetime's month range) from building the document,
+    in every YAML the CLI reads (model files here, profiles and studies the same way)."""
+    path = write(tmp_path / "my.yaml", MY_MODEL_YAML.replace("vocab_size: 32000",
+                                                            f"vocab_size: {value}"))
+    line = user_error(capsys, "models", "show", str(path))
+    assert line.endswith(f"{path}:9: vocab_size: {reason}"), line
+
+
+# ------------------------------------------------------------------ names no file system takes
+LONG = "9" * 400
+
+
+@pytest.mark.parametrize(("argv", "shown"), [
+    (("validate", "--profile", LONG), "...(400 characters): file name too long (a part of 400"),
+    (("simulate", "--profile", LONG, "--model", "opt-6.7b", "--context", "1k"), "(400 char"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", LONG, "--context", "1k"), "(400 c"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", f"m/{LONG}.json", "--context",
+      "1k"), f"m/{'9' * 38}...(407 characters): file name too long (a part of 405 bytes; at most 255)"),
+    (("models", "show", LONG), "(400 characters): file name too long"),
+    (("profiles", "show", LONG), "(400 characters): file name too long"),
+])
+def test_name_longer_than_a_file_name_is_one_line(capsys, argv, shown):
+    """Was OSError: [Errno 36] File name too long, from pathlib's is_file/exists while
+    deciding whether the value is a path or a name."""
+    line = user_error(capsys, *argv)
+    assert shown in line, line
+
+
+# ------------------------------------------------------------------ values that hold line breaks
+@pytest.mark.parametrize(("argv", "shown"), [
+    (("models", "show", "a\x85b"), "unknown model 'a\\x85b'"),
+    (("models", "show", "a\nb"), "unknown model 'a\\nb'"),
+    (("profiles", "show", "x\u2028y"), "unknown hardware profile 'x\\u2028y'"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "--policy", "a\rb"), "a\\rb"),
+    (("policies", "a\nb"), "unknown policy 'a\\nb'"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "a\nb"), "unrecognized arguments: a\\nb (see hgsim simulate --help)"),
+])
+def test_error_quoting_a_line_break_stays_one_line(capsys, argv, shown):
+    """Was two lines on stderr: the message quoted the value as typed, and U+0085 (or \\n,
+    \\r, U+2028) broke it."""
+    line = user_error(capsys, *argv)
+    assert shown in line, line
+
+
+
+@pytest.mark.parametrize(("flag", "argv"), [
+    ("--trace", ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context",
+                 "1k", "--gen", "4", "--samples", "2", "--trace", LONG)),
+    ("--out", ("validate", "--profile", "dev-zen4-2core", "--out", LONG)),
+    ("--out", ("study", "STUDY", "--dry-run", "--out", LONG)),
+    ("--scheduler-file", ("study", "STUDY", "--executor", "dask", "--scheduler-file", LONG)),
+    ("--out", ("run", "--model", "opt-6.7b", "--context", "1k", "--out", LONG)),
+])
+def test_output_path_longer_than_a_file_name_names_its_flag(tmp_path, capsys, monkeypatch,
+                                                            flag, argv):
+    """Was OSError: [Errno 36] File name too long from the output checks' is_dir()/exists(),
+    before anything was written."""
+    from bad_input import STUDY
+
+    monkeypatch.chdir(tmp_path)
+    study = str(write(tmp_path / "s.yaml", STUDY))
+    line = user_error(capsys, *(study if part == "STUDY" else part for part in argv))
+    assert line.endswith(f"error: {flag}: {'9' * 40}...(400 characters): file name too long "
+                         "(a part of 400 bytes; at most 255)"), line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_profiles_check_of_a_name_too_long_is_one_line(capsys):
+    """Was OSError: [Errno 36] File name too long from Path.is_file()."""
+    line = user_error(capsys, "profiles", "check", LONG)
+    assert line.endswith("(400 characters): file name too long (a part of 400 bytes; at "
+                         "most 255)"), line
+
+
+# ------------------------------------------------------------------ empty names and paths
+@pytest.mark.parametrize(("argv", "message"), [
+    (("study", ""), "an empty file name; give the path of a study YAML file"),  # was '.: is a
+    (("validate", "--profile", "dev-zen4-2core", "--study", " "),  # folder, not a file'
+     "an empty file name; give the path of a YAML file"),
+    (("profiles", "check", ""), "an empty name; give a name or the path of a file"),  # was
+    # 'not a regular file', naming nothing
+    (("models", "show", ""), "an empty model name; give a name (see `hgsim models`) or the "
+                             "path of a config.json or model YAML file"),  # was 'folder has
+    # no config.json'
+    (("simulate", "--profile", "dev-zen4-2core", "--model", " ", "--context", "1k"),
+     "an empty model name"),
+    (("simulate", "--profile", "", "--model", "opt-6.7b", "--context", "1k"),
+     "an empty hardware profile name; give a name (see `hgsim profiles`) or the path of a "
+     "YAML file"),
+])
+def test_empty_name_or_path_says_it_is_empty(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, *argv)
+    assert line.split(": error: ", 1)[1].startswith(message), line
+
+
+# ------------------------------------------------------------------ a NUL byte in a file name
+@pytest.mark.parametrize(("argv", "message"), [
+    (("study", "a\x00b"), "a\\x00b: a NUL byte (\\x00) in the file name"),
+    (("validate", "--profile", "dev-zen4-2core", "--study", "v\x00"),
+     "v\\x00: a NUL byte (\\x00) in the file name"),
+    (("profiles", "check", "p\x00"), "p\\x00: a NUL byte (\\x00) in a file name"),
+    (("models", "show", "m\x00.json"), "m\\x00.json: a NUL byte (\\x00) in a file name"),
+    (("simulate", "--profile", "p\x00", "--model", "opt-6.7b", "--context", "1k"),
+     "p\\x00: a NUL byte (\\x00) in a file name"),
+    (("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+      "--gen", "4", "--samples", "2", "--trace", "t\x00"),
+     "--trace: t\\x00: a NUL byte (\\x00) in a file name"),
+    (("run", "--model", "opt-6.7b", "--context", "1k", "--out", "o\x00"),
+     "--out: o\\x00: a NUL byte (\\x00) in a file name"),
+])
+def test_nul_byte_in_a_file_name_is_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    """Was ValueError: embedded null byte from open() (study, validate --study); elsewhere
+    pathlib answered False and the NUL went raw into the message."""
+    monkeypatch.chdir(tmp_path)
+    line = user_error(capsys, *argv)
+    assert line.split(": error: ", 1)[1] == message, line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("verb", "text"), [
+    ("study", "name: tiny\nbase:\n  profile: dev-zen4-2core\n  model: ''\n  policy: hybridgen\n"
+              "  workload: {batch: 1, context: 1k, gen: 4}\n"),
+    ("validate", "name: v\nmodel: ''\nconfigs: []\n"),
+])
+def test_empty_model_in_a_study_names_file_line_and_field(tmp_path, capsys, verb, text):
+    """Was '<study>:4: base.model: <study's folder>: folder has no config.json' (the empty
+    name joined to the study's folder is the folder)."""
+    path = write(tmp_path / "s.yaml", text)
+    argv = (("study", str(path), "--dry-run") if verb == "study" else
+            ("validate", "--profile", "dev-zen4-2core", "--study", str(path)))
+    line = user_error(capsys, *argv)
+    field = "base.model" if verb == "study" else "model"
+    assert line.endswith(f"{path}:{2 if verb == 'validate' else 4}: {field}: an empty model "
+                         "name; give a name (see `hgsim models`) or the path of a config.json "
+                         "or model YAML file"), line
