@@ -381,3 +381,14 @@ def test_negative_values_join_the_option_before_them_and_nothing_else():
     assert attach_negative_values(["--context=-1k", "-2k"]) == ["--context=-1k", "-2k"]
     assert attach_negative_values(["study", "--", "--x", "-1"]) == ["study", "--", "--x", "-1"]
     assert attach_negative_values(["--option", "-x"]) == ["--option", "-x"]  # an option, not -N
+
+
+def test_a_bad_study_is_the_one_line_printed_even_with_too_many_jobs(tmp_path, capsys):
+    """--jobs above the CPUs warned first, so a mistake in the study came out as the second of
+    two lines; the study is read before the workers are counted."""
+    study = tmp_path / "s.yaml"
+    study.write_text("name: x\nbase: {profle: h100}\n")
+    assert main(["study", str(study), "--jobs", "100000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hgsim study: error: {study}:2: base.profle: unknown key (did you mean "
+                   "'profile'?)"]

@@ -49,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from hgsim.study import RunOptions, run_study
     from hgsim.study.execute import ExecOptions
+    from hgsim.study.load import load_study
 
     if args.jobs is not None and args.jobs < 1:
         raise UserError("must be >= 1", field="--jobs")
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
                         field="--out")
     if args.executor == "dask":  # before run_study writes anything
         _check_dask(args.scheduler, args.scheduler_file)
+    plan = load_study(args.file)  # a mistake in it is the one line printed, before any warning
     jobs = local_workers(args.jobs, "--jobs", "study") if args.executor == "local" else args.jobs
     options = RunOptions(
         out=Path(args.out) if args.out else None, force=args.force,
@@ -70,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
             scheduler_file=args.scheduler_file, chunk=args.chunk, progress=not args.quiet,
         ),
     )
-    result = run_study(args.file, options)
+    result = run_study(plan, options)
     return 0 if result.ok else 1
 
 
