@@ -84,3 +84,19 @@ def test_cli_and_studies_find_profiles_on_the_path(tmp_path):
     assert run.returncode == 0, run.stderr
     assert "profile my-box: " + str(tmp_path / "profiles" / "my-box.yaml") in (
         tmp_path / "out" / "study.resolved.yaml").read_text()
+
+
+@pytest.mark.parametrize("verb, env", [("profiles", "HGSIM_PROFILE_PATH"),
+                                       ("models", "HGSIM_MODEL_PATH")])
+def test_a_broken_file_with_a_line_break_in_its_name_warns_on_one_line(tmp_path, monkeypatch,
+                                                                        capsys, verb, env):
+    """The listing warns about a broken file on the path and goes on; a line break in the
+    file's name split that warning over two lines."""
+    from hgsim.cli import main
+
+    (tmp_path / "bro\nken.yaml").write_text("name: [\n")
+    monkeypatch.setenv(env, str(tmp_path))
+    assert main([verb]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(warnings) == 1 and warnings[0].startswith(f"hgsim {verb}: warning: ")
+    assert "bro\\nken.yaml" in warnings[0]

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from hgsim.catalog import MODELS, get_model
 from hgsim.commands.profiles import console, fmt
-from hgsim.errors import UserError
+from hgsim.errors import UserError, one_line
 from hgsim.model_files import MODEL_PATH_ENV, load_model_file, user_model_files
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
 
@@ -68,7 +68,7 @@ def _user_models() -> dict[str, tuple[ModelSpec, Path]]:
         try:
             found[name] = (load_model_file(path), path)
         except UserError as exc:
-            print(f"hgsim models: warning: {exc}", file=sys.stderr)
+            print(f"hgsim models: warning: {one_line(str(exc))}", file=sys.stderr)
     return found
 
 

@@ -67,7 +67,7 @@ def _list() -> int:
         try:
             profile = load_profile(name)
         except UserError as exc:  # one broken file in a search dir should not hide the rest
-            print(f"hgsim profiles: warning: {exc}", file=sys.stderr)
+            print(f"hgsim profiles: warning: {one_line(str(exc))}", file=sys.stderr)
             continue
         table.add_row(name, *_summary(profile))
     console().print(table)
