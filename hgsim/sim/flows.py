@@ -128,7 +128,7 @@ class Flow:
         "path", "weights", "amount", "remaining", "rate", "max_rate", "t_last", "version",
         "done", "label", "flops", "track", "issued_s", "start_s", "end_s", "_new",
         "pool", "loaded", "cap_label", "latency_label", "bind", "bind_since", "binds",
-        "_wcur", "_bindc",
+        "_wcur", "_bindc", "_key",
     )
 
     def __init__(self, path, weights, amount, max_rate, done, label, flops, track, now,
@@ -159,6 +159,9 @@ class Flow:
         self.issued_s: float = now
         self.start_s = -1.0  # when bytes start to move (after the latency)
         self.end_s = -1.0
+        # what its rate depends on (the allocation memo's key), fixed at creation; built once
+        # here rather than at every re-solve of its component
+        self._key = (path, weights, max_rate, cap_label, latency_label)
 
     @property
     def duration_s(self) -> float:
@@ -443,8 +446,7 @@ class FlowNetwork:
             if f.rate > 0:
                 f.remaining -= f.rate * (now - f.t_last)
             f.t_last = now
-        key = tuple([(f.path, f.weights, f.max_rate, f.cap_label, f.latency_label)
-                     for f in flows])
+        key = tuple([f._key for f in flows])
         solution = self._fills.get(key)
         if solution is None:
             loads = _solve(chans, flows)
