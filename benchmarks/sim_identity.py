@@ -66,21 +66,30 @@ def enc(v):
 
 fid = Fidelity(decode_samples=8)
 out, walls = [], []
-for _ in range(1 if mode == "rows" else 2):  # timing: a first pass and a warm one
-  wall = 0.0
-  for profile, over, model, policy, kw in configs:
-    prof = profile_with_overrides(load_profile(profile), over) if over else profile
-    wl = Workload(batch=2, gen=64, **kw)
-    t0 = time.perf_counter()
-    r = simulate(prof, model, policy, wl, fidelity=fid)
-    wall += time.perf_counter() - t0
-    if mode == "rows":
-        row = r.to_row(); row.pop("wall_s", None)
-        steps = [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)} for s in r.steps]
-        out.append(enc({"row": row, "steps": steps, "events": r.events,
-                        "binding_s": r.binding_s, "bytes": r.bytes_by_resource,
-                        "energy_j": r.energy_j}))
-  walls.append(wall)
+
+
+def one_pass(keep):
+    wall = 0.0
+    for profile, over, model, policy, kw in configs:
+        prof = profile_with_overrides(load_profile(profile), over) if over else profile
+        wl = Workload(batch=2, gen=64, **kw)
+        t0 = time.perf_counter()
+        r = simulate(prof, model, policy, wl, fidelity=fid)
+        wall += time.perf_counter() - t0
+        if keep:
+            row = r.to_row(); row.pop("wall_s", None)
+            steps = [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
+                     for s in r.steps]
+            out.append(enc({"row": row, "steps": steps, "events": r.events,
+                            "binding_s": r.binding_s, "bytes": r.bytes_by_resource,
+                            "energy_j": r.energy_j}))
+    return wall
+
+
+if mode == "rows":
+    one_pass(True)
+else:  # a first pass (accuracy cases built) and a warm one
+    walls = [one_pass(False), one_pass(False)]
 print(json.dumps(out if mode == "rows" else walls))
 """
 

@@ -459,7 +459,8 @@ class FlowNetwork:
         rates, labels, current = solution
         heap, seq = self._heap, self._seq
         for f, rate, label, wcur in zip(flows, rates, labels, current, strict=True):
-            f.set_bind(label, now)
+            if label != f.bind:  # set_bind is a no-op otherwise: skip the call
+                f.set_bind(label, now)
             if f.pool >= 0 and wcur is not f._wcur:
                 f._wcur = wcur
                 f.path[f.pool].flows[f] = wcur[f.pool]
