@@ -69,13 +69,14 @@ out, walls = [], []
 
 
 def one_pass(keep):
-    wall = 0.0
+    wall = cpu = 0.0
     for profile, over, model, policy, kw in configs:
         prof = profile_with_overrides(load_profile(profile), over) if over else profile
         wl = Workload(batch=2, gen=64, **kw)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         r = simulate(prof, model, policy, wl, fidelity=fid)
         wall += time.perf_counter() - t0
+        cpu += time.process_time() - c0
         if keep:
             row = r.to_row(); row.pop("wall_s", None)
             steps = [{f.name: getattr(s, f.name) for f in dataclasses.fields(s)}
@@ -83,13 +84,13 @@ def one_pass(keep):
             out.append(enc({"row": row, "steps": steps, "events": r.events,
                             "binding_s": r.binding_s, "bytes": r.bytes_by_resource,
                             "energy_j": r.energy_j}))
-    return wall
+    return [wall, cpu]
 
 
 if mode == "rows":
     one_pass(True)
 else:  # a first pass (accuracy cases built) and a warm one
-    walls = [one_pass(False), one_pass(False)]
+    walls = one_pass(False) + one_pass(False)
 print(json.dumps(out if mode == "rows" else walls))
 """
 
@@ -134,9 +135,11 @@ def main() -> None:
     for _ in range(args.repeats):  # alternate, so drift in the VM's load hits both
         for tree in (base, new):
             times[tree].append(run(tree, "time", CONFIGS))
-    print(f"simulate() seconds for the {len(CONFIGS)} configurations in one process, median "
+    print(f"simulate() time for the {len(CONFIGS)} configurations in one process, median "
           f"of {args.repeats} processes per tree, run alternately (base {base}, new {new}):")
-    for k, name in enumerate(("first pass (accuracy cases built)", "second pass (warm)")):
+    names = ("first pass (accuracy cases built), wall s", "first pass, CPU s",
+             "second pass (warm), wall s", "second pass, CPU s")
+    for k, name in enumerate(names):
         tb, tn = [t[k] for t in times[base]], [t[k] for t in times[new]]
         mb, mn = statistics.median(tb), statistics.median(tn)
         print(f"  {name}: base {mb:.3f}, new {mn:.3f}; base/new = {mb / mn:.3f}")

@@ -138,8 +138,14 @@ class Flow:
         self._wcur = weights  # current use (a pool's weight grows with queueing)
         # index of the issuer's in-flight pool in the path (-1: none), and whether the flow
         # reads a tier with loaded latency through it (then its cap is a fixed point)
-        self.pool = next((i for i, c in enumerate(path) if c.unit is INFLIGHT_BYTES), -1)
-        self.loaded = self.pool >= 0 and any(c.queue_s > 0 for c in path)
+        pool, queued = -1, False  # one plain loop: a flow is created per transfer
+        for i, c in enumerate(path):
+            if pool < 0 and c.unit is INFLIGHT_BYTES:
+                pool = i
+            if c.queue_s > 0:
+                queued = True
+        self.pool = pool
+        self.loaded = pool >= 0 and queued
         self.cap_label = cap_label
         self.latency_label = latency_label
         self.bind = ""  # what binds its rate now
