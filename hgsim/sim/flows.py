@@ -128,7 +128,7 @@ class Flow:
         "path", "weights", "amount", "remaining", "rate", "max_rate", "t_last", "version",
         "done", "label", "flops", "track", "issued_s", "start_s", "end_s", "_new",
         "pool", "loaded", "cap_label", "latency_label", "bind", "bind_since", "binds",
-        "_wcur", "_bindc",
+        "_wcur", "_bindc", "_key",
     )
 
     def __init__(self, path, weights, amount, max_rate, done, label, flops, track, now,
@@ -138,8 +138,14 @@ class Flow:
         self._wcur = weights  # current use (a pool's weight grows with queueing)
         # index of the issuer's in-flight pool in the path (-1: none), and whether the flow
         # reads a tier with loaded latency through it (then its cap is a fixed point)
-        self.pool = next((i for i, c in enumerate(path) if c.unit is INFLIGHT_BYTES), -1)
-        self.loaded = self.pool >= 0 and any(c.queue_s > 0 for c in path)
+        pool, queued = -1, False  # one plain loop: a flow is created per transfer
+        for i, c in enumerate(path):
+            if pool < 0 and c.unit is INFLIGHT_BYTES:
+                pool = i
+            if c.queue_s > 0:
+                queued = True
+        self.pool = pool
+        self.loaded = pool >= 0 and queued
         self.cap_label = cap_label
         self.latency_label = latency_label
         self.bind = ""  # what binds its rate now
@@ -159,6 +165,9 @@ class Flow:
         self.issued_s: float = now
         self.start_s = -1.0  # when bytes start to move (after the latency)
         self.end_s = -1.0
+        # what its rate depends on (the allocation memo's key), fixed at creation; built once
+        # here rather than at every re-solve of its component
+        self._key = (path, weights, max_rate, cap_label, latency_label)
 
     @property
     def duration_s(self) -> float:
@@ -443,8 +452,7 @@ class FlowNetwork:
             if f.rate > 0:
                 f.remaining -= f.rate * (now - f.t_last)
             f.t_last = now
-        key = tuple([(f.path, f.weights, f.max_rate, f.cap_label, f.latency_label)
-                     for f in flows])
+        key = tuple([f._key for f in flows])
         solution = self._fills.get(key)
         if solution is None:
             loads = _solve(chans, flows)
@@ -457,7 +465,8 @@ class FlowNetwork:
         rates, labels, current = solution
         heap, seq = self._heap, self._seq
         for f, rate, label, wcur in zip(flows, rates, labels, current, strict=True):
-            f.set_bind(label, now)
+            if label != f.bind:  # set_bind is a no-op otherwise: skip the call
+                f.set_bind(label, now)
             if f.pool >= 0 and wcur is not f._wcur:
                 f._wcur = wcur
                 f.path[f.pool].flows[f] = wcur[f.pool]
