@@ -213,3 +213,34 @@ def test_a_figure_failing_in_the_pool_is_reported_and_leaves_no_file(finished, t
     assert list(errors) == ["bad"] and "no_such_metric" in errors["bad"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
     assert len(files) == 4
+
+
+def test_a_figure_worker_that_dies_fails_its_figures_and_leaves_no_part_of_them(
+        finished, tmp_path, monkeypatch):
+    """A worker ended midway (killed, out of memory) leaves its written_whole temporary;
+    the figures the broken pool did not finish are reported and none of their files stay."""
+    import multiprocessing
+    import os
+
+    from hgsim.study import execute, plots
+    from hgsim.study.run import figure_args
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("the dying draw is patched in this process; only fork workers inherit it")
+    monkeypatch.setattr(execute, "_mp_context", lambda: multiprocessing.get_context("fork"))
+    real = plots.draw
+
+    def dying(frame, name, spec, axis_values, out, *rest):
+        if name == "heat":
+            (out / f".heat.png.{os.getpid()}.tmp").write_bytes(b"half a figure")
+            os._exit(1)
+        return real(frame, name, spec, axis_values, out, *rest)
+
+    monkeypatch.setattr(plots, "draw", dying)
+    plan = load_study(finished / "study.resolved.yaml")
+    frame = pd.read_parquet(finished / "results.parquet")
+    (tmp_path / "heat.svg").write_text("an earlier run's figure")
+    files, errors = plots.draw_all(*figure_args(plan, frame, tmp_path), jobs=2)
+    assert "heat" in errors and "BrokenProcessPool" in errors["heat"]
+    assert set(errors) | {p.stem for p in files} == {"tput", "heat"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)

@@ -109,19 +109,22 @@ def _draw_in_pool(tasks: list[tuple], jobs: int) -> list[tuple[list[Path], str |
                                initializer=_pool_worker_start)
     futures = [pool.submit(draw_one, *task) for task in tasks]
     results: list[tuple[list[Path], str | None]] = []
+    lost: list[tuple] = []  # tasks whose worker failed, not their plot
     try:
         for future, task in zip(futures, tasks, strict=True):
             try:
                 results.append(future.result())
-            except Exception as exc:  # noqa: BLE001 - the worker process failed, not the plot
-                _remove_figure(task[4], task[1])
+            except Exception as exc:  # noqa: BLE001 - e.g. BrokenProcessPool
+                lost.append(task)
                 results.append(([], f"{type(exc).__name__}: {exc}"))
     except BaseException:
         _terminate(pool)
-        for task in tasks[len(results):]:
+        for task in tasks[len(results):] + lost:
             _remove_figure(task[4], task[1])
         raise
-    pool.shutdown(wait=True)
+    pool.shutdown(wait=True)  # every worker has ended: none still writes the files removed
+    for task in lost:
+        _remove_figure(task[4], task[1])
     return results
 
 

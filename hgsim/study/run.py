@@ -162,10 +162,8 @@ def figure_args(plan: StudyPlan, frame: pd.DataFrame, folder: Path) -> tuple:
 
 def _figure_jobs(execution: ExecOptions) -> int:
     """Processes drawing figures: as many as the study's local workers (``--jobs``, else
-    every core); a Dask study's workers are elsewhere, so this machine's cores."""
-    if execution.executor == "local" and execution.jobs:
-        return execution.jobs
-    return default_jobs()
+    every core of this machine, where a Dask study's figures are drawn too)."""
+    return execution.jobs or default_jobs()
 
 
 def _figure_files(folder: Path) -> list[Path]:
