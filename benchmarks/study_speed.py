@@ -7,12 +7,20 @@ Reports, for the shipped studies:
             work) run with --jobs 1 (in process) and with all cores, against the in-process
             cost of the same points
   outputs   tables, derived metrics, figures and report from stored points (--no compute)
+  figures   the figure phase alone of a finished run, drawn in process (jobs 1) and on a
+            pool of all cores, alternating, median of ``--repeat`` each, and whether the
+            files are the same (PNG pixels; SVG text but the date and uuid-salted ids)
 
 Usage: python benchmarks/study_speed.py
+       python benchmarks/study_speed.py figures OUT [--repeat 3]
+           (OUT: a finished run's folder, e.g. after
+            python -m hgsim study studies/cxl_sweep.yaml --out /tmp/cxl --no-figures)
 """
 
 from __future__ import annotations
 
+import re
+import statistics
 import sys
 import tempfile
 import time
@@ -86,7 +94,63 @@ def bench_outputs() -> None:
     print(f"outputs  capacity study from stored points (tables, 1 figure, report): {wall:.2f} s")
 
 
+def bench_figures(out: Path, repeat: int = 3) -> None:
+    import numpy as np
+    import pandas as pd
+    from matplotlib.image import imread
+
+    from hgsim.study.plots import draw_all
+    from hgsim.study.run import figure_args
+
+    plan = load_study(out / "study.resolved.yaml")
+    frame = pd.read_parquet(out / "results.parquet")
+    pooled_jobs = max(2, default_jobs())
+    walls: dict[int, list[float]] = {1: [], pooled_jobs: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(repeat):
+            for jobs in walls:  # alternating, so drift in the machine's load hits both
+                folder = Path(tmp) / f"jobs{jobs}"
+                t0 = time.perf_counter()
+                files, errors = draw_all(*figure_args(plan, frame, folder), jobs=jobs)
+                walls[jobs].append(time.perf_counter() - t0)
+                assert not errors, errors
+                print(f"figures  round {i + 1} jobs {jobs}: {len(files)} files "
+                      f"in {walls[jobs][-1]:.2f} s")
+        serial, pooled = Path(tmp) / "jobs1", Path(tmp) / f"jobs{pooled_jobs}"
+        same = 0
+        for path in sorted(serial.iterdir()):
+            other = pooled / path.name
+            equal = (_normalised_svg(path) == _normalised_svg(other) if path.suffix == ".svg"
+                     else np.array_equal(imread(path), imread(other)))
+            same += equal
+            if not equal:
+                print(f"figures  DIFFERENT: {path.name}")
+        total = len(list(serial.iterdir()))
+    one, many = statistics.median(walls[1]), statistics.median(walls[pooled_jobs])
+    print(f"figures  {plan.study.name}: {len(plan.study.plots)} plots; median of {repeat}: "
+          f"jobs 1 {one:.2f} s, jobs {pooled_jobs} {many:.2f} s, ratio {one / many:.2f}x; "
+          f"{same} of {total} files the same")
+
+
+def _normalised_svg(path: Path) -> str:
+    """SVG text without its date line, ids numbered in order of appearance (matplotlib
+    salts each with a fresh uuid per save unless rcParams svg.hashsalt is set)."""
+    ids: dict[str, str] = {}
+    text = "\n".join(line for line in path.read_text().splitlines() if "<dc:date>" not in line)
+    return re.sub(r"\b([A-Za-z]+)([0-9a-f]{10})\b",
+                  lambda m: ids.setdefault(m.group(0), f"{m.group(1)}#{len(ids)}"), text)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["figures"]:
+        import argparse
+
+        parser = argparse.ArgumentParser(prog="study_speed.py figures")
+        parser.add_argument("out", type=Path)
+        parser.add_argument("--repeat", type=int, default=3)
+        args = parser.parse_args(sys.argv[2:])
+        bench_figures(args.out, args.repeat)
+        sys.exit(0)
     bench_expand()
     bench_store()
     bench_dispatch()

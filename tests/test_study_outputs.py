@@ -161,3 +161,86 @@ answer: {question: Which policy is fastest, choose: policy, metric: tokens_per_s
     assert frame[["tokens_per_s", "latency_p99_ms", "speedup"]].isna().all().all()
     assert (out / "figures" / "tput.png").is_file()
     assert "- no choice is feasible (tokens_per_s)" in (out / "report.md").read_text()
+
+
+def _normalised_svg(path) -> str:
+    """SVG text without its date line, element ids numbered in order of appearance:
+    matplotlib salts each id with a fresh uuid per save (rcParams svg.hashsalt unset), so two
+    saves of one figure differ there and nowhere else."""
+    import re
+
+    ids: dict[str, str] = {}
+    text = "\n".join(line for line in path.read_text().splitlines() if "<dc:date>" not in line)
+    return re.sub(r"\b([A-Za-z]+)([0-9a-f]{10})\b",
+                  lambda m: ids.setdefault(m.group(0), f"{m.group(1)}#{len(ids)}"), text)
+
+
+def test_figures_drawn_in_a_pool_equal_those_drawn_in_process(finished, tmp_path):
+    import numpy as np
+    from matplotlib.image import imread
+
+    from hgsim.study.plots import draw_all
+    from hgsim.study.run import figure_args
+
+    plan = load_study(finished / "study.resolved.yaml")
+    frame = pd.read_parquet(finished / "results.parquet")
+    drawn = {}
+    for jobs in (1, 2):
+        files, errors = draw_all(*figure_args(plan, frame, tmp_path / f"jobs{jobs}"), jobs=jobs)
+        assert errors == {}
+        drawn[jobs] = files
+    names = [p.name for p in drawn[1]]
+    assert names == [p.name for p in drawn[2]] == ["tput.png", "tput.svg", "heat.png",
+                                                   "heat.svg"]
+    for serial, pooled in zip(drawn[1], drawn[2], strict=True):
+        if serial.suffix == ".svg":
+            assert _normalised_svg(serial) == _normalised_svg(pooled), serial.name
+        else:
+            assert np.array_equal(imread(serial), imread(pooled)), serial.name
+
+
+def test_a_figure_failing_in_the_pool_is_reported_and_leaves_no_file(finished, tmp_path):
+    from hgsim.study.plots import draw_all
+    from hgsim.study.run import figure_args
+    from hgsim.study.schema import PlotSpec
+
+    plan = load_study(finished / "study.resolved.yaml")
+    frame = pd.read_parquet(finished / "results.parquet")
+    frame_, plots, *rest = figure_args(plan, frame, tmp_path)
+    plots = {**plots, "bad": PlotSpec(kind="line", x="workload.context", y="no_such_metric")}
+    (tmp_path / "bad.png").write_bytes(b"an earlier run's figure")
+    files, errors = draw_all(frame_, plots, *rest, jobs=2)
+    assert list(errors) == ["bad"] and "no_such_metric" in errors["bad"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+    assert len(files) == 4
+
+
+def test_a_figure_worker_that_dies_fails_its_figures_and_leaves_no_part_of_them(
+        finished, tmp_path, monkeypatch):
+    """A worker ended midway (killed, out of memory) leaves its written_whole temporary;
+    the figures the broken pool did not finish are reported and none of their files stay."""
+    import multiprocessing
+    import os
+
+    from hgsim.study import execute, plots
+    from hgsim.study.run import figure_args
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        pytest.skip("the dying draw is patched in this process; only fork workers inherit it")
+    monkeypatch.setattr(execute, "_mp_context", lambda: multiprocessing.get_context("fork"))
+    real = plots.draw
+
+    def dying(frame, name, spec, axis_values, out, *rest):
+        if name == "heat":
+            (out / f".heat.png.{os.getpid()}.tmp").write_bytes(b"half a figure")
+            os._exit(1)
+        return real(frame, name, spec, axis_values, out, *rest)
+
+    monkeypatch.setattr(plots, "draw", dying)
+    plan = load_study(finished / "study.resolved.yaml")
+    frame = pd.read_parquet(finished / "results.parquet")
+    (tmp_path / "heat.svg").write_text("an earlier run's figure")
+    files, errors = plots.draw_all(*figure_args(plan, frame, tmp_path), jobs=2)
+    assert "heat" in errors and "BrokenProcessPool" in errors["heat"]
+    assert set(errors) | {p.stem for p in files} == {"tput", "heat"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)

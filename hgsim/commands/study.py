@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("file", metavar="FILE", help="study YAML (see studies/)")
     parser.add_argument("--out", metavar="DIR", help="output folder (default results/<name>)")
     parser.add_argument("--jobs", "-j", type=int, metavar="N",
-                        help="local worker processes (default: all cores; 1 = in-process)")
+                        help="local worker processes, for points and figures "
+                             "(default: all cores; 1 = in-process)")
     parser.add_argument("--executor", choices=["local", "dask"], default="local",
                         help="where points run (default local process pool)")
     parser.add_argument("--scheduler", metavar="ADDRESS",

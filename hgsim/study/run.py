@@ -23,7 +23,7 @@ from hgsim.errors import UserError
 from hgsim.outputs import remove_earlier, written_whole
 from hgsim.study import sensitivity as sens
 from hgsim.study.derived import compute_derived, ratio_columns
-from hgsim.study.execute import ExecOptions, ExecStats, execute
+from hgsim.study.execute import ExecOptions, ExecStats, default_jobs, execute
 from hgsim.study.folder import (
     check_study_folder,
     read_run_log,
@@ -121,10 +121,8 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
         run.outputs += _write_csv(elasticity, out / "elasticity.csv")
     figures: list[Path] = []
     if options.figures and plan.study.plots and len(frame):
-        figures, run.figure_errors = draw_all(sens.base_rows(frame), plan.study.plots,
-                                              plan.expansion.axis_values, out / "figures",
-                                              ratio_columns(plan.study.derived),
-                                              plan.study.zipped(), plan.study.derived)
+        figures, run.figure_errors = draw_all(*figure_args(plan, frame, out / "figures"),
+                                              jobs=_figure_jobs(options.execution))
     if options.figures and len(elasticity):
         heat, errors = draw_elasticity(elasticity, plan.expansion, plan.study.sensitivity,
                                        out / "figures")
@@ -153,6 +151,19 @@ def run_study(study: str | Path | StudyPlan, options: RunOptions | None = None) 
         say(f"removed {len(run.removed)} figure file(s) of an earlier run that this run did not "
             f"draw from {out / 'figures'}")
     return run
+
+
+def figure_args(plan: StudyPlan, frame: pd.DataFrame, folder: Path) -> tuple:
+    """``draw_all``'s arguments for a study's plots from its results table (with derived
+    columns): what a run draws, so benchmarks and tests can redraw a finished run's figures."""
+    return (sens.base_rows(frame), plan.study.plots, plan.expansion.axis_values, folder,
+            ratio_columns(plan.study.derived), plan.study.zipped(), plan.study.derived)
+
+
+def _figure_jobs(execution: ExecOptions) -> int:
+    """Processes drawing figures: as many as the study's local workers (``--jobs``, else
+    every core of this machine, where a Dask study's figures are drawn too)."""
+    return execution.jobs or default_jobs()
 
 
 def _figure_files(folder: Path) -> list[Path]:
