@@ -102,6 +102,17 @@ def isolated_profiles(monkeypatch):
     profiles.clear_cache()
 
 
+@pytest.fixture
+def isolated_models(monkeypatch):
+    """No user model directories and an empty model-file cache, before and after the test."""
+    from hgsim import model_files
+
+    monkeypatch.delenv(model_files.MODEL_PATH_ENV, raising=False)
+    model_files.clear_cache()
+    yield
+    model_files.clear_cache()
+
+
 # ---- the CPU-attention kernel tests run on every backend and instruction set ------------------
 # (hw_backend.cpu_attention needs only NumPy; the compiled extension is optional)
 import hw_backend.cpu_attention as _cpu_attention  # noqa: E402

@@ -12,13 +12,8 @@ from test_model_files import LLAMA_31_8B, MY_MODEL_YAML
 from hgsim import model_files
 from hgsim.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def isolated_models(monkeypatch):
-    monkeypatch.delenv(model_files.MODEL_PATH_ENV, raising=False)
-    model_files.clear_cache()
-    yield
-    model_files.clear_cache()
+#: each test without user model directories, on an empty model-file cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_models")
 
 
 def config_json(tmp_path, **changes):

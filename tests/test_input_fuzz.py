@@ -38,12 +38,8 @@ FIELDS = sorted({*LLAMA_31_8B, "head_dim", "sliding_window", "use_sliding_window
                  "word_embed_proj_dim", "activation_function"})
 
 
-@pytest.fixture(autouse=True)
-def isolated_models(monkeypatch):
-    monkeypatch.delenv(model_files.MODEL_PATH_ENV, raising=False)
-    model_files.clear_cache()
-    yield
-    model_files.clear_cache()
+#: each test without user model directories, on an empty model-file cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_models")
 
 
 def loads_usable_or_names_file(path: Path) -> None:

@@ -47,12 +47,8 @@ max_context: 65536
 """
 
 
-@pytest.fixture(autouse=True)
-def isolated_models(monkeypatch):
-    monkeypatch.delenv(model_files.MODEL_PATH_ENV, raising=False)
-    model_files.clear_cache()
-    yield
-    model_files.clear_cache()
+#: each test without user model directories, on an empty model-file cache (conftest)
+pytestmark = pytest.mark.usefixtures("isolated_models")
 
 
 def write_json(path: Path, config: dict) -> Path:
