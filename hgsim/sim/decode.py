@@ -698,9 +698,7 @@ class DecodeEngine:
         """Walk back from the step's last kernel, at each node to the predecessor that
         finished last, and split the time on the path by what bound each node."""
         for node in self._kernels:
-            if node.event is not None:  # node.settle(), inlined: hundreds per step
-                k = node.event.value
-                node.start, node.end, node.event = k.start_s, k.end_s, None
+            node.settle()
         out: dict[str, float] = defaultdict(float)
         node = self._kernels[-1] if self._kernels else None
         t = t_end
@@ -720,8 +718,7 @@ class DecodeEngine:
                     pred = pred.last
                 if pred is None:
                     continue
-                if pred.event is not None:  # kernels settled above; a call per pred is dear
-                    pred.settle()
+                pred.settle()
                 if best is None or pred.end > best.end:
                     best = pred
             if best is not None and best.end < t - _EPS:
@@ -736,17 +733,6 @@ class DecodeEngine:
 def _shares(flows) -> dict[str, float]:
     """What bound a segment that ran ``flows`` (concurrently) to its end, as shares: each
     flow's draining time by what bound its rate, its start latency by the latency it paid."""
-    if type(flows) is list and len(flows) == 1 and isinstance(flows[0], Flow):
-        # the usual segment, one flow: the same sums in the same order, without a defaultdict
-        f = flows[0]
-        wait = f.start_s - f.issued_s
-        if wait > 0:
-            out = {f.latency_label or (f"{f.path[0].bind_label} latency" if f.path
-                                       else "latency"): wait}
-            for label, seconds in f.binds.items():
-                out[label] = out.get(label, 0.0) + seconds
-            return out
-        return dict(f.binds) if f.binds else {"host": 1.0}
     what: dict[str, float] = defaultdict(float)
     for f in flows:
         if not isinstance(f, Flow):

@@ -176,21 +176,7 @@ class Recorder:
         category: str = "",
     ) -> None:
         """One activity: kept (full mode) and added to the resource's totals."""
-        # add_busy(resource, start, end, 1, bytes_, flops), inlined: every kernel records here
-        totals = self.totals.get(resource)
-        if totals is None:
-            totals = self.totals[resource] = ResourceTotals()
-        totals.count += 1
-        totals.bytes_ += bytes_
-        totals.carried += bytes_
-        totals.flops += flops
-        ends = totals.ends
-        if ends and start > ends[-1] and end > start:
-            totals.starts.append(start)
-            ends.append(end)
-            totals.busy_s += end - start
-        else:
-            totals.add_interval(start, end)
+        self.add_busy(resource, start, end, 1, bytes_, flops)
         if self.keep_activities:
             self.activities.append(Activity(resource, start, end, bytes_, flops, label, category))
 
