@@ -39,7 +39,7 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     """``path`` can be created or replaced as a file; UserError naming ``flag`` if not."""
     if not str(path).strip():
         raise UserError("is empty; give the name of a file to write", field=flag)
-    check_length(path, flag)
+    check_usable_name(path, flag)
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the name of a file to write", field=flag)
@@ -63,7 +63,7 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
 
     Nothing is created: a missing folder is checked through its nearest existing ancestor.
     """
-    check_length(path, flag)
+    check_usable_name(path, flag)
     path = Path(path)
     if path.exists():
         if not path.is_dir():
@@ -79,7 +79,7 @@ def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
     return path
 
 
-def check_length(path: str | os.PathLike[str], flag: str) -> None:
+def check_usable_name(path: str | os.PathLike[str], flag: str) -> None:
     """A UserError naming ``flag`` if no file system takes this name (asking pathlib about it
     would raise OSError, or open() ValueError)."""
     problem = unusable_name(path)

@@ -21,7 +21,7 @@ from pathlib import Path
 from hgsim.commands.checks import count, local_workers
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
-from hgsim.outputs import check_length, check_output_file, finite_for_json, written_whole
+from hgsim.outputs import check_output_file, check_usable_name, finite_for_json, written_whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -122,7 +122,7 @@ def output_files(text: str | None) -> tuple[Path, Path] | None:
     if text is None:
         return None
     for name in (text, text + ".steps.csv"):  # the prefix, then the longest name it gets
-        check_length(name, "--out")
+        check_usable_name(name, "--out")
     prefix = Path(text)
     if not text.strip() or text.endswith(("/", "\\")) or prefix.is_dir() or not prefix.name:
         raise UserError(f"{text!r} is a folder or empty; give a file prefix such as "

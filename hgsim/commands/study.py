@@ -11,7 +11,7 @@ from pathlib import Path
 
 from hgsim.commands.checks import local_workers
 from hgsim.errors import UserError
-from hgsim.outputs import check_length
+from hgsim.outputs import check_usable_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -93,7 +93,7 @@ def _check_dask(scheduler: str | None, scheduler_file: str | None) -> None:
         if not scheduler:
             raise UserError("--executor dask needs --scheduler ADDRESS or --scheduler-file PATH")
         return
-    check_length(scheduler_file, "--scheduler-file")
+    check_usable_name(scheduler_file, "--scheduler-file")
     path = Path(scheduler_file)
     if not scheduler_file.strip() or path.is_dir():
         raise UserError(f"{scheduler_file!r} is a folder or empty; give the scheduler's JSON "

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from hgsim.commands.checks import QUIET_WAIT_MAX_S, count, non_negative
 from hgsim.errors import UserError
-from hgsim.outputs import check_length, written_whole
+from hgsim.outputs import check_usable_name, written_whole
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None and not args.out.strip():
         raise UserError("is empty; give an output prefix or a folder", field="--out")
     if args.out is not None:
-        check_length(args.out, "--out")
+        check_usable_name(args.out, "--out")
     # "" is a mistake, not "no limit"
     max_context = (count(args.max_context, "--max-context") if args.max_context is not None
                    else None)
