@@ -262,11 +262,11 @@ PREFILL_AUTO_FLOOR_TOKENS = 512
 def prefill_chunk_candidates(prompt: int) -> list[int]:
     """Chunk sizes auto weighs, largest first: the whole prompt, then the powers of two below
     it down to ``PREFILL_AUTO_FLOOR_TOKENS`` (the whole prompt alone when no shorter)."""
-    sizes, size = [prompt], PREFILL_AUTO_FLOOR_TOKENS
+    below, size = [], PREFILL_AUTO_FLOOR_TOKENS
     while size < prompt:
-        sizes.append(size)
+        below.append(size)
         size *= 2
-    return [prompt, *sorted(sizes[1:], reverse=True)]
+    return [prompt, *reversed(below)]
 
 
 def prefill_layer_work(model: ModelSpec, batch: int, tokens: int, weight_dtype: str,
