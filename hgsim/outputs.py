@@ -43,6 +43,10 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     path = Path(path)
     if path.is_dir():
         raise UserError(f"{path} is a folder; give the name of a file to write", field=flag)
+    if _special(path):  # written in place (written_whole): only the path itself must take it
+        if not os.access(path, os.W_OK):  # opening a pipe would wait for its reader
+            raise UserError(f"cannot write {path} (permission denied)", field=flag)
+        return path
     parent = path.parent
     if not parent.exists():
         raise UserError(f"folder {parent} does not exist", field=flag)
@@ -56,6 +60,11 @@ def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
         except OSError as exc:
             raise UserError(f"cannot write {path} ({exc.strerror})", field=flag) from None
     return path
+
+
+def _special(path: Path) -> bool:
+    """``path`` exists and is neither a regular file nor a folder: a device or a pipe."""
+    return path.exists() and not path.is_file() and not path.is_dir()
 
 
 def check_output_dir(path: str | os.PathLike[str], flag: str) -> Path:
@@ -130,8 +139,16 @@ def orphaned_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
 def written_whole(path: str | os.PathLike[str], mode: str = "w", **open_args: Any) -> Iterator[IO]:
     """``path`` opened for writing under a temporary name beside it (same folder, so the
     rename is atomic on POSIX), which replaces ``path`` only when the block completes: an
-    interruption or error midway leaves the earlier file, or none, never part of one."""
+    interruption or error midway leaves the earlier file, or none, never part of one.
+
+    A ``path`` that exists and is not a regular file (``/dev/null``, a named pipe) is written
+    in place: it holds no earlier result to protect, and the rename would put a regular file
+    where the device or pipe was (as root, ``--trace /dev/null`` replaced /dev/null)."""
     path = Path(path)
+    if _special(path):
+        with open(path, mode, **open_args) as fh:
+            yield fh
+        return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, mode, **open_args) as fh:

@@ -22,7 +22,7 @@ from hgsim import energy, tco
 from hgsim.catalog import get_model
 from hgsim.costs import PREFILL_CHUNK_AUTO, prefill_chunks
 from hgsim.errors import TraceTooLarge
-from hgsim.outputs import TRACE_MAX_BYTES
+from hgsim.outputs import TRACE_MAX_BYTES, remove_earlier
 from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
@@ -122,7 +122,7 @@ def simulate_prepared(
                                                      workload.prefill_chunk_tokens)[0][1]
     if not pol.feasible:
         if trace_path is not None:  # an earlier run's trace there would pass for this run's
-            Path(trace_path).unlink(missing_ok=True)
+            remove_earlier([Path(trace_path)], ())
         result.wall_s = time.perf_counter() - wall0
         return result
 

@@ -235,3 +235,53 @@ def test_simulate_interrupted_while_writing_its_trace_leaves_no_torn_trace(
     trace = tmp_path / "t.json"
     assert main([*SIMULATE, "--trace", str(trace)]) == 130
     assert list(tmp_path.iterdir()) == []
+
+
+def _fifo_reader(path: Path, got: list[bytes]):
+    """A thread that opens the pipe ``path`` for reading and keeps what comes through."""
+    import threading
+
+    def read():
+        with open(path, "rb") as fh:
+            got.append(fh.read())
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    return thread
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_an_output_that_is_a_pipe_or_device_is_written_in_place_not_replaced(tmp_path):
+    """written_whole renamed its temporary file over the path: over /dev/null as root
+    (`simulate --trace /dev/null`, drawn by the CLI fuzz) that put a regular file where the
+    device was, for every program on the machine. A pipe stands in for the device here."""
+    import stat
+
+    from hgsim.outputs import written_whole
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert check_output_file(pipe, "--trace") == pipe  # no probe, no open: a reader may be late
+    got: list[bytes] = []
+    reader = _fifo_reader(pipe, got)
+    with written_whole(pipe) as fh:
+        fh.write("trace")
+    reader.join(5)
+    assert got == [b"trace"] and stat.S_ISFIFO(os.stat(pipe).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]  # no temporary left
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+def test_an_infeasible_simulation_leaves_a_trace_path_that_is_a_pipe(tmp_path, capsys):
+    """It removes an earlier trace file there, which would pass for its own; a pipe or a
+    device is no earlier trace, and removing /dev/null as root broke the machine."""
+    import stat
+
+    from hgsim.cli import main
+
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    assert main(["simulate", "--profile", "h100-80gb-spr-cxl", "--model", "llama-2-13b",
+                 "--policy", "gpu_only", "--context", "512k", "--batch", "8", "--gen", "2",
+                 "--trace", str(pipe)]) == 1
+    assert stat.S_ISFIFO(os.stat(pipe).st_mode)
