@@ -1,24 +1,19 @@
-"""Can validation's data be stationary (every step's query sees the designed structure at full
-strength) while a head's top-k overlap between steps follows the accuracy model? It cannot
-beyond some lag: the accuracy model's two rules disagree there.
-
-The model's union curve (``accuracy.groups``) sizes every step's union from the designed logits
-at full strength: heavy hitters persist (H2O's premise). Its history rule
-(``selection.lag_similarity``, used by H2O's accumulated attention) has a query ``L`` steps
-away see the keys through cosine ``c(L) = floor + (1 - floor) decay^L``, which attenuates the
-heavy hitters by ``c``; the overlap of that query's top-k with the designed one's is what
-``speculative_logits`` at ``c`` gives (``hw_backend.designed_kv.QueryDrift`` realises it).
+"""Does the accuracy model's history rule keep the persistence its union curve assumes? Each
+step's query sees the designed structure (sinks, heavy hitters) at full strength in the union
+curve (``accuracy.groups``); H2O's past queries (``selection.query_history``) keep the query's
+persistent part and turn only its drifting part to cosine ``c(L) = floor + (1 - floor) decay^L``
+(``selection.lag_similarity``) at lag ``L``, as ``hw_backend.designed_kv.QueryDrift`` has
+validation's queries drift.
 
 Any data in which every step sees the full structure keeps the heavy hitters in every step's
 top-k, so two steps' sets overlap at least by what persistent heavy hitters alone give, reached
-when the per-token noise of the two steps is independent. This prints, per top-k ratio of the
-validation studies and per lag, the model's overlap beside that floor and beside stationary
-data whose noise correlates across steps as the queries do (``rho = c``); and the union per
-KV group of those stationary steps beside the designed step's (which the simulator predicts).
-Where the model's overlap is below the floor no stationary construction whose steps' noise
-correlates non-negatively matches both rules; the last column, noise exactly opposite to step
-0's (``rho = -1``, which queries of cosine >= 0.3 cannot see through isotropic key noise), shows
-how far below the floor even that reaches.
+when the per-token noise of the two steps is independent ("floor"). This prints, per top-k ratio
+of the validation studies and per lag, the model's overlap beside that floor, beside stationary
+data whose noise correlates across steps as the drifting parts do (``rho = c``, what the rule
+should give), and beside the earlier rule that turned the whole query (``whole``: it attenuated
+the structure by ``c`` and fell below the floor past lag 9-12); and the union per KV group of
+the stationary lagged step (its heads' fresh noise as alike as their designed noise, as
+``QueryDrift`` draws it) beside the designed step's (which the simulator predicts).
 
 Layout: 32 query heads over 8 KV heads, head_dim 128 (Llama-3-8B's, as every validation study
 has; 4 heads per group as small-llama-4l), the accuracy proxy's spec over 16k tokens; the host
@@ -40,7 +35,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hgsim.accuracy.proxy import DEFAULT_SPEC  # noqa: E402
-from hgsim.accuracy.selection import SelectionModel, lag_similarity, speculative_logits  # noqa: E402
+from hgsim.accuracy.selection import (  # noqa: E402
+    SelectionModel,
+    lag_similarity,
+    query_history,
+    speculative_logits,
+)
 from hgsim.accuracy.synthetic import (  # noqa: E402
     _case_seeds,
     heavy_hitter_boosts,
@@ -86,24 +86,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{spec.heads} heads over {spec.kv_heads} KV heads, head_dim {spec.head_dim}, "
           f"host n {n}; overlap = |top-k(step 0) & top-k(step L)| / k per head, mean")
     print(f"{'r':>5} {'k':>4} {'lag':>3} {'cos':>5} | {'model':>6} {'floor':>6} "
-          f"{'rho=c':>6} | {'union0':>6} {'union L (rho=c)':>15} | {'rho=-1':>6}")
+          f"{'rho=c':>6} {'whole':>6} | {'union0':>6} {'union L (rho=c)':>15}")
     for ratio in RATIOS:
         k = int(ratio * n)
         first = _top(case.logits[:, host], k)
         for lag in args.lags:
             c = float(lag_similarity(model, lag))
-            guess = speculative_logits(case.q[0], case.k[0], c, seed=lag)[:, host]
-            modelled = (_top(guess, k) & first).sum() / (spec.heads * k)
+            past = query_history(case.q[0], np.array([c]), lag, case.persistent_q[0])[0]
+            lagged = np.einsum("hd,htd->ht", past,
+                               np.repeat(case.k[0].astype(np.float64), group, axis=0))
+            later = _top(lagged[:, host], k)
+            modelled = (later & first).sum() / (spec.heads * k)
+            whole = speculative_logits(case.q[0], case.k[0], c, seed=lag)[:, host]
+            turned = (_top(whole, k) & first).sum() / (spec.heads * k)
             floor = (_top((persistent + fresh_noise())[:, host], k) & first).sum() / (
                 spec.heads * k)
             drifted = persistent + c * noise0 + math.sqrt(1 - c * c) * fresh_noise()
-            later = _top(drifted[:, host], k)
-            along = (later & first).sum() / (spec.heads * k)
-            opposite = (_top((persistent - noise0)[:, host], k) & first).sum() / (
-                spec.heads * k)
+            stationary = _top(drifted[:, host], k)
+            along = (stationary & first).sum() / (spec.heads * k)
             flag = "  < floor" if modelled < floor else ""
             print(f"{ratio:>5} {k:>4} {lag:>3} {c:>5.3f} | {modelled:>6.3f} {floor:>6.3f} "
-                  f"{along:>6.3f} | {union(first):>6.0f} {union(later):>15.0f} | {opposite:>6.3f}{flag}")
+                  f"{along:>6.3f} {turned:>6.3f} | {union(first):>6.0f} {union(stationary):>15.0f}{flag}")
     return 0
 
 

@@ -15,13 +15,15 @@ curve reads, not a second copy of its structure. The whole-model path
 queries in place of its random weights' projections.
 
 Later decode steps ask queries that drift from the designed one (``QueryDrift``) as the accuracy
-model's H2O history has them drift: one head's queries ``L`` steps apart have expected cosine
-``floor + (1 - floor) decay^L`` (``accuracy.selection.lag_similarity``), and the heads of a
-group keep the correlation ``group_queries`` gave them. The keys stay those designed for the
-first step's query, so a later query sees the designed structure attenuated and more of the
-keys' isotropic noise, as ``next_query`` has a past query see it in the model; its per-head
-top-k overlaps the first step's by what the model's speculative selection at that cosine
-overlaps with the exact one (tests/test_designed_kv.py).
+model's H2O history has them drift: the persistent part stays, one head's drifting parts ``L``
+steps apart have expected cosine ``floor + (1 - floor) decay^L``
+(``accuracy.selection.lag_similarity``), and the heads of a group keep the correlation
+``group_queries`` gave them. The keys stay those designed for the first step's query, so a
+later query sees the designed structure at full strength, part of the designed noise and fresh
+noise from the keys' isotropic part, as ``query_history`` has a past query see it in the
+model: its per-head top-k overlaps the first step's by what the model's past query at that lag
+keeps, and the group's union stays the designed step's, which the simulator sizes
+(tests/test_designed_kv.py).
 
 What else a step costs does not depend on the values: the scans are dense, and the C kernel's
 top-k admits a score by comparing it with the running k-th best, so its work depends only on
@@ -56,7 +58,8 @@ class DesignedKv:
 
     def __init__(self, spec: AttentionModelSpec | None = None) -> None:
         self.spec = spec or DEFAULT_SPEC
-        self._built: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._built: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._split: dict[tuple, tuple[torch.Tensor, float]] = {}
 
     def layout_spec(self, *, heads: int, kv_heads: int, head_dim: int,
                     tokens: int) -> AttentionModelSpec:
@@ -68,7 +71,7 @@ class DesignedKv:
         """K/V for the first ``tokens`` positions of every layer of ``store`` (whose query
         heads number ``heads``), the same in every batch element; returns the designed query
         (batch, heads, head_dim) float32 that sees the designed logits over them."""
-        q, k, v = self._case(heads, store.kv_heads, store.head_dim, max(tokens, 1), dtype)
+        q, k, v = self._case(heads, store.kv_heads, store.head_dim, max(tokens, 1), dtype)[:3]
         if tokens > 0:
             shape = (store.batch, store.kv_heads, tokens, store.head_dim)
             for layer in store.layers:
@@ -85,42 +88,57 @@ class DesignedKv:
             built = (torch.from_numpy(case.q).float(), torch.from_numpy(case.k).to(dtype),
                      torch.from_numpy(case.v).to(dtype))
             self._built[key] = built
+            self._split[key] = (torch.from_numpy(case.persistent_q).float(),
+                                math.sqrt(1.0 - case.persistent_share))
         return built
+
+    def split(self, heads: int, kv_heads: int, head_dim: int, dtype) -> tuple[torch.Tensor, float]:
+        """The last ``fill``'s persistent query part (1, H, D) and its drifting parts' scale
+        (what ``QueryDrift`` needs to keep one and drift the other)."""
+        return self._split[(heads, kv_heads, head_dim, dtype)]
 
 
 _DRIFT_STREAM = 0xD21F7  # separates the drift's draws from the case's own streams
 
 
 class QueryDrift:
-    """Per-step queries (B, H, D) whose step 0 is the designed query and which then drift as a
-    stationary Gaussian process with the accuracy model's step-to-step similarity.
+    """Per-step queries (B, H, D) whose step 0 is the designed query and whose drifting part
+    then drifts as a stationary Gaussian process with the accuracy model's step-to-step
+    similarity, while the persistent part (``SyntheticAttention.persistent_q``) stays.
 
-    Mechanism (``lag_similarity``'s doc: a head's queries share a large common component, so
-    their similarity decays with lag towards a floor f, by a factor ``decay`` per step):
-    ``q_t = sqrt(f) C + sqrt(1 - f) X_t`` with X an AR(1) process,
-    ``X_{t+1} = decay X_t + sqrt(1 - decay^2) E_t``. C and X_0 are drawn given q_0 (Gaussian
-    conditioning: ``C = sqrt(f) q_0 + sqrt(1 - f) Z``, ``X_0 = sqrt(1 - f) q_0 - sqrt(f) Z``),
+    Mechanism (``lag_similarity``'s doc: the drifting parts' similarity decays with lag towards
+    a floor f, by a factor ``decay`` per step): with d_t the drifting part,
+    ``d_t = sqrt(f) C + sqrt(1 - f) X_t`` with X an AR(1) process,
+    ``X_{t+1} = decay X_t + sqrt(1 - decay^2) E_t``. C and X_0 are drawn given d_0 (Gaussian
+    conditioning: ``C = sqrt(f) d_0 + sqrt(1 - f) Z``, ``X_0 = sqrt(1 - f) d_0 - sqrt(f) Z``),
     so q_0 stays the designed query and every step has its distribution. Z and E are drawn
-    like ``group_queries``' queries (a group-shared part with the group's correlation rho),
-    so the covariance of head h at step t and head h' at step t' is
-    ``R[h, h'] (f + (1 - f) decay^|t - t'|)``: heads stay as alike as at step 0.
+    like ``group_queries``' queries (a group-shared part with the group's correlation rho) at
+    the drifting parts' scale ``drift_std``, so the covariance of head h's drifting part at
+    step t and head h''s at step t' is ``R[h, h'] (f + (1 - f) decay^|t - t'|)``: heads stay
+    as alike as at step 0. Without ``persistent`` the whole query drifts.
     Deterministic in (spec seed, ``seed``, layer, step), whatever order steps are asked in.
     """
 
     def __init__(self, q0: torch.Tensor, spec: AttentionModelSpec,
-                 model: SelectionModel | None = None, *, seed: int = 0, layer: int = 0) -> None:
+                 model: SelectionModel | None = None, *, seed: int = 0, layer: int = 0,
+                 persistent: torch.Tensor | None = None, drift_std: float = 1.0) -> None:
         self.model = model or SelectionModel()
         self.spec, self.seed, self.layer = spec, seed, layer
         self.rho = group_query_correlation(spec)
+        self.persistent, self.drift_std = persistent, drift_std
         self._q0 = q0.double().numpy()
+        self._persistent = (np.zeros_like(self._q0) if persistent is None
+                            else np.broadcast_to(persistent.double().numpy(), self._q0.shape))
+        d0 = self._q0 - self._persistent
         floor = self.model.history_similarity_floor
         z = self._group_normal(-1)
-        self._common = math.sqrt(floor) * self._q0 + math.sqrt(1.0 - floor) * z
-        self._x0 = math.sqrt(1.0 - floor) * self._q0 - math.sqrt(floor) * z
+        self._common = math.sqrt(floor) * d0 + math.sqrt(1.0 - floor) * z
+        self._x0 = math.sqrt(1.0 - floor) * d0 - math.sqrt(floor) * z
         self._step, self._x = 0, self._x0
 
     def _group_normal(self, step: int) -> np.ndarray:
-        """Standard normal (B, H, D) whose heads of a group correlate by ``rho``."""
+        """Normal (B, H, D) of standard deviation ``drift_std`` whose heads of a group
+        correlate by ``rho``."""
         batch, heads, head_dim = self._q0.shape
         rng = np.random.default_rng([_DRIFT_STREAM, self.spec.seed, self.seed, self.layer,
                                      step + 1])
@@ -128,23 +146,31 @@ class QueryDrift:
         groups = heads // self.spec.heads_per_group
         shared = np.repeat(rng.standard_normal((batch, groups, head_dim)),
                            self.spec.heads_per_group, axis=1)
-        return math.sqrt(self.rho) * shared + math.sqrt(1.0 - self.rho) * own
+        return self.drift_std * (math.sqrt(self.rho) * shared + math.sqrt(1.0 - self.rho) * own)
 
-    def query(self, step: int) -> torch.Tensor:
-        """The query (B, H, D) float32 of decode step ``step`` (0: the designed one)."""
+    def drifting(self, step: int) -> torch.Tensor:
+        """The drifting part (B, H, D) float64 of step ``step``'s query."""
+        return torch.from_numpy(self._drifting(step))
+
+    def _drifting(self, step: int) -> np.ndarray:
         if step < 0:
             raise ValueError("step must be non-negative")
+        if step == 0:
+            return self._q0 - self._persistent
         if step < self._step:
             self._step, self._x = 0, self._x0
         decay = self.model.history_decay
         while self._step < step:
             self._x = decay * self._x + math.sqrt(1.0 - decay**2) * self._group_normal(self._step)
             self._step += 1
+        floor = self.model.history_similarity_floor
+        return math.sqrt(floor) * self._common + math.sqrt(1.0 - floor) * self._x
+
+    def query(self, step: int) -> torch.Tensor:
+        """The query (B, H, D) float32 of decode step ``step`` (0: the designed one)."""
         if step == 0:
             return torch.from_numpy(self._q0).float()
-        floor = self.model.history_similarity_floor
-        q = math.sqrt(floor) * self._common + math.sqrt(1.0 - floor) * self._x
-        return torch.from_numpy(q).float()
+        return torch.from_numpy(self._persistent + self._drifting(step)).float()
 
 
 class DesignedDecode(RandomDecode):
@@ -165,7 +191,10 @@ class DesignedDecode(RandomDecode):
         q0 = self.designed_kv.fill(store, self.context - 1, self.dtype, self.heads)
         spec = self.designed_kv.layout_spec(heads=self.heads, kv_heads=self.kv_heads,
                                             head_dim=self.head_dim, tokens=self.context - 1)
-        self._drifts = [QueryDrift(q0, spec, self.selection_model, seed=self.seed, layer=i)
+        persistent, scale = self.designed_kv.split(self.heads, self.kv_heads, self.head_dim,
+                                                   self.dtype)
+        self._drifts = [QueryDrift(q0, spec, self.selection_model, seed=self.seed, layer=i,
+                                   persistent=persistent, drift_std=scale)
                         for i in range(self.layers)]
 
     def query(self, step: int, layer: int) -> torch.Tensor:

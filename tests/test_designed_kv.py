@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from hgsim.accuracy.groups import expected_union_rows, union_curve
-from hgsim.accuracy.selection import SelectionModel, lag_similarity, speculative_logits
+from hgsim.accuracy.selection import SelectionModel, lag_similarity, query_history
 from hgsim.accuracy.synthetic import case_logits
 from hgsim.policies import make_policy
 from hgsim.profiles import load_profile
@@ -174,7 +175,9 @@ def _drift(heads=HEADS, kv_heads=KV_HEADS, head_dim=128, tokens=CONTEXT, batch=1
     designed = DesignedKv()
     q0 = designed.fill(Store, tokens, torch.float32, heads)
     spec = designed.layout_spec(heads=heads, kv_heads=kv_heads, head_dim=head_dim, tokens=tokens)
-    return Store.layers[0].k, q0, QueryDrift(q0, spec, seed=seed)
+    persistent, scale = designed.split(heads, kv_heads, head_dim, torch.float32)
+    return Store.layers[0].k, q0, QueryDrift(q0, spec, seed=seed, persistent=persistent,
+                                             drift_std=scale)
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -182,31 +185,39 @@ def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_query_drift_starts_at_the_designed_query_and_decays_as_the_models_history():
-    """Step 0 is the designed query; a head's queries L steps apart have the accuracy model's
-    cosine ``lag_similarity`` at any pair of steps (stationary, not only against step 0); the
-    heads of a group stay as alike as the designed ones; seeded and order-independent."""
+    """Step 0 is the designed query; the persistent part stays; a head's drifting parts L steps
+    apart have the accuracy model's cosine ``lag_similarity`` at any pair of steps (stationary,
+    not only against step 0) and keep their scale; the heads of a group stay as alike as the
+    designed ones; seeded and order-independent."""
     _, q0, drift = _drift(heads=64, kv_heads=16, head_dim=128, tokens=64, batch=8)
     assert torch.equal(drift.query(0), q0)
     queries = [drift.query(t) for t in range(9)]
+    parts = [drift.drifting(t) for t in range(9)]
+    persistent = queries[5].double() - parts[5]
+    torch.testing.assert_close(persistent, queries[2].double() - parts[2], atol=1e-5, rtol=0)
+    assert 0.05 < float(persistent.square().mean()) < 0.5  # a share of the unit-scale query
     model = SelectionModel()
     for a, b in [(0, 1), (0, 4), (0, 8), (3, 5), (2, 8), (7, 8)]:
-        measured = float(_cos(queries[a], queries[b]).mean())  # 512 heads' cosines
+        measured = float(_cos(parts[a], parts[b]).mean())  # 512 heads' cosines
         assert abs(measured - float(lag_similarity(model, b - a))) < 0.02
-    groups = queries[6].reshape(8, 16, 4, 128)
+        ratio = float(parts[b].square().mean() / parts[a].square().mean())
+        assert abs(ratio - 1) < 0.05
+    groups = parts[6].reshape(8, 16, 4, 128)
     within = _cos(groups[:, :, 0], groups[:, :, 1]).mean()
     assert abs(float(within) - drift.rho) < 0.03
     assert float(_cos(groups[:, 0, 0], groups[:, 1, 0]).mean()) < 0.1  # other groups: apart
-    again = QueryDrift(q0, drift.spec, seed=0)
+    split = {"persistent": drift.persistent, "drift_std": drift.drift_std}
+    again = QueryDrift(q0, drift.spec, seed=0, **split)
     assert torch.equal(again.query(5), queries[5])  # asked first, out of order
     assert torch.equal(again.query(2), queries[2])
-    assert not torch.equal(QueryDrift(q0, drift.spec, seed=1).query(2), queries[2])
+    assert not torch.equal(QueryDrift(q0, drift.spec, seed=1, **split).query(2), queries[2])
 
 
 def test_selections_overlap_between_steps_as_the_models_lagged_queries_do():
     """A query t steps on keeps the share of step 0's per-head top-k that the accuracy model's
-    selection from a query at cosine ``lag_similarity(t)`` keeps of the exact one
-    (``speculative_logits``, the model's mechanism for another query over the same keys), in
-    float64; well under all of it. The group's union stays the model's size within 10%."""
+    past query at lag t keeps (``query_history``: the persistent part kept, the drifting part
+    at cosine ``lag_similarity(t)``), in float64; well under all of it. The group's union stays
+    the model's size (the designed step's) within 10%."""
     k, q0, drift = _drift()
     keys = k.double().repeat_interleave(GROUP, dim=0)  # (H, T, D)
     n = CONTEXT
@@ -221,9 +232,9 @@ def test_selections_overlap_between_steps_as_the_models_lagged_queries_do():
     expected_union = expected_union_rows(n, top, GROUP)
     for step in (1, 4):
         similarity = float(lag_similarity(SelectionModel(), step))
-        guess = speculative_logits(q0[0].numpy(), k.numpy(), similarity, seed=step)
-        model = torch.zeros(HEADS, n, dtype=torch.bool)
-        model.scatter_(1, torch.from_numpy(guess).topk(top, dim=1).indices, True)
+        past = query_history(q0[0].numpy(), np.array([similarity]), step,
+                             (q0[0].double() - drift.drifting(0)[0]).numpy())[0]
+        model = picked(torch.from_numpy(past)[None])
         later = picked(drift.query(step))
         measured = float((later & first).sum()) / (HEADS * top)
         predicted = float((model & first).sum()) / (HEADS * top)

@@ -20,13 +20,14 @@ from hgsim.accuracy import (
     expected_union_rows,
     group_spec,
     group_topk_mask,
+    query_history,
     scale_problem,
     selection_mask,
     synthesize_case,
     topk_mask,
     union_curve,
 )
-from hgsim.accuracy.synthetic import _case_seeds
+from hgsim.accuracy.synthetic import _case_seeds, design_logit_parts
 from hgsim.catalog import get_model
 from hgsim.costs import host_rows_per_kv_head, layer_work
 from hgsim.plan import (
@@ -165,8 +166,14 @@ def test_expected_union_edges():
 # --- the synthetic model's groups ------------------------------------------------------------
 
 def test_queries_of_a_group_are_correlated_as_documented():
+    """The drifting parts of a group's queries correlate by ``query_correlation``; the
+    persistent part is one vector per group."""
     spec = AttentionModelSpec(n_tokens=64, heads=128, kv_heads=16, head_dim=128)
-    q = synthesize_case(spec).q[0].astype(np.float64)
+    case = synthesize_case(spec)
+    persistent = case.persistent_q[0].astype(np.float64)
+    assert np.array_equal(persistent[0], persistent[7]) and not np.array_equal(persistent[7],
+                                                                               persistent[8])
+    q = case.q[0].astype(np.float64) - persistent
     unit = q / np.linalg.norm(q, axis=1, keepdims=True)
     cos = unit @ unit.T
     same = [cos[i, j] for i in range(128) for j in range(i) if i // 8 == j // 8]
@@ -175,10 +182,26 @@ def test_queries_of_a_group_are_correlated_as_documented():
     assert abs(np.mean(other)) < 0.05
 
 
-def test_mha_queries_are_drawn_as_before_the_groups_were_modelled():
-    spec = DEFAULT_SPEC.with_tokens(512)
-    old = np.random.default_rng(_case_seeds(spec)[1]).standard_normal((spec.heads, spec.head_dim))
-    np.testing.assert_array_equal(synthesize_case(spec).q[0], old.astype(np.float32))
+def test_persistent_part_sees_the_structure_and_a_drifted_query_fresh_noise_of_the_design():
+    """The persistent query part sees exactly the persistent logits (sinks, recency, heavy
+    hitters); a query whose drifting part is turned to cosine c sees them at full strength plus
+    c times the designed noise plus fresh noise of variance (1 - c^2) times the designed one
+    (float64 over 32k tokens x 8 heads)."""
+    spec = DEFAULT_SPEC.with_tokens(32768)
+    case = synthesize_case(spec)
+    persistent, drifting = design_logit_parts(spec, np.random.default_rng(_case_seeds(spec)[0]))
+    k = case.k[0].astype(np.float64)
+    p = case.persistent_q[0].astype(np.float64)
+    seen = np.einsum("hd,htd->ht", p, k) / np.sqrt(spec.head_dim)
+    np.testing.assert_allclose(seen, persistent, atol=2e-3)
+    assert 0.1 < case.persistent_share < 0.4
+    c = 0.5
+    past = query_history(case.q[0], np.array([c]), 3, p)[0]
+    logits = np.einsum("hd,htd->ht", past, k) / np.sqrt(spec.head_dim)
+    fresh = logits - persistent - c * drifting
+    designed = spec.noise_std**2 + spec.head_noise_std**2
+    assert np.var(fresh) == pytest.approx((1 - c * c) * designed, rel=0.05)
+    assert abs(np.corrcoef(fresh.ravel(), drifting.ravel())[0, 1]) < 0.02
 
 
 def test_group_logits_are_realised_exactly_with_correlated_queries():

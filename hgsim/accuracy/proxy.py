@@ -200,7 +200,8 @@ def _cached_fidelity(window: Window, spec: AttentionModelSpec, model: SelectionM
     prepared = _prepared_case(spec)
     q, k, v = prepared.case.q[0], prepared.case.k[0], prepared.case.v[0]
     rng = np.random.default_rng([spec.seed, _SELECTION_STREAM])
-    mask = selection_mask(q, k, window, model, seed=rng, logits=prepared.logits)
+    mask = selection_mask(q, k, window, model, seed=rng, logits=prepared.logits,
+                          persistent=prepared.case.persistent_q[0])
     return fidelity_from_probs(prepared.probs, prepared.output, v, mask, per_head=True)
 
 
@@ -215,7 +216,7 @@ class _PreparedCase:
 @lru_cache(maxsize=8)  # ~70 MB per case at 32k tokens x 8 KV heads x 128 dims; a sweep has few contexts
 def _prepared_case(spec: AttentionModelSpec) -> _PreparedCase:
     case = synthesize_case(spec)
-    for array in (case.q, case.k, case.v, case.logits):
+    for array in (case.q, case.k, case.v, case.logits, case.persistent_q):
         array.flags.writeable = False  # shared by every caller of the cache
     logits = attention_logits(case.q[0], case.k[0])
     probs = softmax(logits)

@@ -15,10 +15,11 @@ differ, each keeping at most ``host_selected`` tokens per head:
   evicted for good. With a fixed host range, H2O's kept set is the top-k of the attention it
   had accumulated when it evicted, ``decision_lag`` steps ago, from ``history_queries`` past
   queries; later steps only re-rank tokens already kept, so a token evicted then cannot return
-  even if the current query would favour it. Past queries are drawn around the current one
-  with a cosine that decays with their lag towards a floor (``history_similarities``). They
-  see the same keys (the positional recency of their own step is not re-modelled; the recent
-  window is GPU-resident anyway).
+  even if the current query would favour it. Past queries keep the current one's persistent
+  part (it sees the sinks and heavy hitters, ``synthetic``'s module doc) and have its drifting
+  part turned to a cosine that decays with their lag towards a floor (``history_similarities``,
+  ``query_history``). They see the same keys (the positional recency of their own step is not
+  re-modelled; the recent window is GPU-resident anyway).
 * ``DROPPED``: no host token.
 
 Under grouped-query attention HybridGen's ``EXACT_TOPK`` may select per KV group
@@ -90,8 +91,8 @@ class SelectionModel:
     speculation_dim_fraction: float = 1.0  # share of query dims used (InfiniGen's partial keys)
     history_queries: int = 8  # past queries whose attention H2O accumulated ...
     decision_lag: int = 8  # ... before its eviction decision this many steps ago (>= 1);
-    history_similarity_floor: float = 0.3  # cosine to the current query: floor + (1 - floor)
-    history_decay: float = 0.9  # ... * decay**lag
+    history_similarity_floor: float = 0.3  # cosine of a past query's drifting part to the
+    history_decay: float = 0.9  # current one's: floor + (1 - floor) * decay**lag
 
     def __post_init__(self) -> None:
         if not -1.0 <= self.speculation_similarity <= 1.0:
@@ -210,19 +211,20 @@ def _logits32(queries: np.ndarray, k: np.ndarray) -> np.ndarray:
 
 
 def history_similarities(model: SelectionModel) -> np.ndarray:
-    """Cosine of each past query H2O accumulated to the current one, oldest first.
+    """Cosine of the drifting part of each past query H2O accumulated to the current one's,
+    oldest first.
 
     At lag L: ``floor + (1 - floor) * decay**L`` for L from ``decision_lag`` to
-    ``decision_lag + history_queries - 1``. Queries of one head share a large common component
-    (the one that makes sinks draw attention from every query), so similarity decays towards a
-    floor rather than to zero.
+    ``decision_lag + history_queries - 1``. The floor is the part of a head's token-specific
+    preference that outlasts any lag (beyond the heavy hitters, which the persistent part
+    keeps); neither number has a published source (docs/model.md).
     """
     lags = model.decision_lag + np.arange(model.history_queries)[::-1]
     return lag_similarity(model, lags)
 
 
 def lag_similarity(model: SelectionModel, lags):
-    """Expected cosine of one head's queries ``lags`` decode steps apart:
+    """Expected cosine of the drifting parts of one head's queries ``lags`` decode steps apart:
     ``floor + (1 - floor) * decay**lag`` (1 at lag 0), the history H2O accumulates over and
     what ``hw_backend.designed_kv.QueryDrift`` makes validation's queries follow."""
     floor = model.history_similarity_floor
@@ -230,12 +232,19 @@ def lag_similarity(model: SelectionModel, lags):
 
 
 def query_history(
-    q: np.ndarray, similarities: np.ndarray, seed: int | np.random.Generator | None
+    q: np.ndarray, similarities: np.ndarray, seed: int | np.random.Generator | None,
+    persistent: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Past queries (M, H, D), one per similarity, each drawn independently around ``q``."""
+    """Past queries (M, H, D), one per similarity, each drawn independently around ``q``.
+
+    With ``persistent`` (the part of ``q`` every step shares, ``SyntheticAttention.persistent_q``)
+    only the rest drifts: a past query is ``persistent + next_query(q - persistent, s)``, so it
+    sees the persistent logits at full strength. Without it the whole query drifts (tensors whose
+    split is not known)."""
     rng = query_rng(seed)
     base = np.asarray(q, np.float64)
-    return np.stack([next_query(base, float(s), rng) for s in similarities])
+    fixed = np.zeros_like(base) if persistent is None else np.asarray(persistent, np.float64)
+    return np.stack([fixed + next_query(base - fixed, float(s), rng) for s in similarities])
 
 
 def heavy_hitter_mask(
@@ -244,16 +253,18 @@ def heavy_hitter_mask(
     window: TokenWindow,
     model: SelectionModel,
     seed: int | np.random.Generator | None = None,
+    persistent: np.ndarray | None = None,
 ) -> np.ndarray:
     """H2O's kept tokens (H, T): top-k of attention accumulated before an eviction decision.
 
-    The accumulated queries lie ``decision_lag`` steps back and beyond (``history_similarities``);
-    queries since the decision, the current one included, cannot bring an evicted token back.
+    The accumulated queries lie ``decision_lag`` steps back and beyond (``history_similarities``,
+    the cosine of their drifting parts to the current one's; ``query_history``); queries since
+    the decision, the current one included, cannot bring an evicted token back.
     """
     heads, n_tokens = q.shape[0], k.shape[1]
     if window.host_selected == 0:
         return resident_mask(heads, n_tokens, window)
-    history = query_history(q, history_similarities(model), seed)
+    history = query_history(q, history_similarities(model), seed, persistent)
     logits = _logits32(history, k).astype(np.float64)  # (M, H, T)
     weights = np.exp(logits - logits.max(axis=-1, keepdims=True))
     accumulated = (weights / weights.sum(axis=-1, keepdims=True)).sum(axis=0)
@@ -268,11 +279,14 @@ def selection_mask(
     *,
     seed: int | np.random.Generator | None = 0,
     logits: np.ndarray | None = None,
+    persistent: np.ndarray | None = None,
 ) -> np.ndarray:
     """Attended tokens (H, T) of one batch element under ``window.selector``.
 
     q: (H, D) or (1, H, D); K: (KVH, T, D) or (1, KVH, T, D); numpy or torch. ``logits``
-    (exact, (H, T)) may be passed to avoid recomputing them for ``EXACT_TOPK``. A window whose
+    (exact, (H, T)) may be passed to avoid recomputing them for ``EXACT_TOPK``; ``persistent``
+    (the part of q every decode step shares, like q) keeps H2O's past queries on it
+    (``query_history``). A window whose
     ``host_selected`` covers the whole host range is exact whatever its selector, except
     ``DROPPED``.
     """
@@ -293,5 +307,7 @@ def selection_mask(
         similarity, dims = model.speculation_similarity, model.speculation_dim_fraction
         return topk_mask(speculative_logits(q, k, similarity, dims, seed), window)
     if selector is Selector.HEAVY_HITTER:
-        return heavy_hitter_mask(q, k, window, model, seed)
+        if persistent is not None:
+            persistent = np.asarray(persistent, np.float64).reshape(q.shape)
+        return heavy_hitter_mask(q, k, window, model, seed, persistent)
     raise ValueError(f"unknown selector {selector!r}")

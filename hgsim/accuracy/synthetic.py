@@ -11,8 +11,20 @@ model reproduces each with one parameter group:
 on top of Gaussian per-token noise (``noise_std``). The designed logits are realised *exactly* as
 ``q . k_j / sqrt(D)`` by building every key as "designed component along the queries" plus
 isotropic noise orthogonal to them, so a kernel running on the tensors sees precisely the designed
-distribution, while a different query (a speculated or past one) sees the designed structure
-attenuated plus fresh noise from the orthogonal part, as it would in a real model.
+distribution, while a different query sees what its own direction picks out of the keys.
+
+Every query has two parts (``design_logit_parts``). A *persistent* part, one direction per KV
+group, sees the structure (sinks, recency, heavy hitters); a *drifting* part, one per head, sees
+the per-token noise. A later decode step's query keeps the persistent part and turns only the
+drifting one (``selection.query_history`` for H2O's past queries, ``hw_backend.designed_kv``'s
+``QueryDrift`` for validation's), so it sees the structure at full strength, part of the
+designed noise and fresh noise from the keys' isotropic part, whose scale gives that fresh
+noise the designed variance: the heavy hitters persist from step to step and only the
+query-specific rest of the selection turns over, as the measurements in docs/model.md ("What
+the literature says about persistence across steps") describe. A speculated query (InfiniGen)
+is the whole query turned to a cosine: its error is not split. The persistent part's share of
+a query's norm (``persistent_energy_share``) makes keys spread as much along it as along any
+other direction.
 
 Grouped-query attention: the ``heads / kv_heads`` query heads of a group share one K (and V).
 The designed logits are drawn per KV group (sinks, recency, heavy hitters and the per-token
@@ -52,6 +64,7 @@ _NOISE_CHUNK = 1 << 19  # floats per chunk of raw random bits (2 MiB)
 # machine, made the whole synthesis several times slower.
 _TOKEN_CHUNK = 4096
 _MAX_QUERY_CORRELATION = 0.95
+_MAX_PERSISTENT_SHARE = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,8 +97,8 @@ class AttentionModelSpec:
             raise ValueError("n_tokens must be positive")
         if self.heads < 1 or self.kv_heads < 1 or self.heads % self.kv_heads:
             raise ValueError("heads must be a positive multiple of kv_heads")
-        if not 1 <= self.heads_per_group <= self.head_dim:
-            raise ValueError("a KV group needs at most head_dim query heads")
+        if not 1 <= self.heads_per_group < self.head_dim:
+            raise ValueError("a KV group needs fewer query heads than head_dim")
         if not 0 <= self.sink_tokens <= self.n_tokens:
             raise ValueError("sink_tokens must lie in [0, n_tokens]")
         if not 0.0 <= self.heavy_fraction <= 1.0:
@@ -122,6 +135,8 @@ class SyntheticAttention:
     k: np.ndarray  # (1, KVH, T, D) float32
     v: np.ndarray  # (1, KVH, T, D) float32
     logits: np.ndarray  # (H, T) float64, the designed q.k / sqrt(D)
+    persistent_q: np.ndarray  # (1, H, D) float32, the part of q that sees the persistent logits
+    persistent_share: float  # its share of a query's expected squared norm
 
     @property
     def qkv(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -151,17 +166,46 @@ def heavy_hitter_boosts(spec: AttentionModelSpec, rng: np.random.Generator) -> n
     return boosts
 
 
-def design_logits(spec: AttentionModelSpec, rng: np.random.Generator) -> np.ndarray:
-    """The logits every query head must see, shape (H, T) float64.
+def design_logit_parts(spec: AttentionModelSpec,
+                       rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The designed logits in two parts: ``persistent`` (KVH, T), the structure every query of
+    a group sees at every step (sinks, recency, heavy hitters), and ``drifting`` (H, T), the
+    per-token noise of the group plus each head's deviation, which a later step's query sees
+    only as far as its drifting part still points the same way (module doc)."""
+    persistent = structure_logits(spec) + heavy_hitter_boosts(spec, rng)
+    drifting = np.repeat(spec.noise_std * rng.standard_normal(persistent.shape),
+                         spec.heads_per_group, axis=0)
+    drifting += spec.head_noise_std * rng.standard_normal(drifting.shape)
+    return persistent, drifting
 
-    Noise and heavy hitters are drawn per KV group (they are properties of the shared keys);
-    each head adds its own small perturbation so heads of a group are similar, not identical.
-    """
-    group = structure_logits(spec) + heavy_hitter_boosts(spec, rng)
-    group += spec.noise_std * rng.standard_normal(group.shape)
-    heads = np.repeat(group, spec.heads_per_group, axis=0)
-    heads += spec.head_noise_std * rng.standard_normal(heads.shape)
-    return heads
+
+def design_logits(spec: AttentionModelSpec, rng: np.random.Generator) -> np.ndarray:
+    """The logits every query head must see, shape (H, T) float64: ``design_logit_parts``
+    summed. Noise and heavy hitters are drawn per KV group (they are properties of the shared
+    keys); each head adds its own small perturbation so heads of a group are similar, not
+    identical."""
+    persistent, drifting = design_logit_parts(spec, rng)
+    return np.repeat(persistent, spec.heads_per_group, axis=0) + drifting
+
+
+def persistent_energy_share(spec: AttentionModelSpec, persistent: np.ndarray) -> float:
+    """Share of a query's squared norm in its persistent part: the persistent logits' second
+    moment ``m`` over the drifting ones' variance plus ``m``, so that a key's component along
+    the persistent direction spreads as much as along any other (keys stay isotropic but for
+    their sinks and heavy hitters). ``m`` is the heavy hitters' expected second moment per
+    token, ``f E[(b + X)^2]`` with X exponential of mean 1 / index, a property of the host
+    tokens that does not change with the context's length (sinks and recency, a few hundred
+    tokens, would); a spec without heavy hitters takes ``persistent``'s over its tokens.
+    Capped at ``_MAX_PERSISTENT_SHARE`` so that the drifting directions keep a usable norm
+    when the spec has no noise."""
+    boost, mean = spec.heavy_logit_boost, 1.0 / spec.heavy_tail_index
+    moment = spec.heavy_fraction * (boost**2 + 2.0 * boost * mean + 2.0 * mean**2)
+    if moment == 0.0:
+        moment = float(np.mean(np.square(persistent)))
+    if moment == 0.0:
+        return 0.0
+    drift_var = spec.noise_std**2 + spec.head_noise_std**2
+    return min(moment / (moment + drift_var), _MAX_PERSISTENT_SHARE)
 
 
 def realise_keys(queries: np.ndarray, logits: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -207,28 +251,46 @@ def _fill_noise(seed: np.random.SeedSequence, out: np.ndarray, scale: float) -> 
 def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
     """Build (q, K, V) whose logits follow ``spec`` exactly; deterministic in ``spec.seed``.
 
-    Independent random streams (logits, queries, one per KV group for keys and values) are
-    spawned from the seed, so results do not depend on evaluation order.
+    Each query is a persistent part (one direction per KV group) plus a drifting part (one per
+    head, ``group_queries``); the keys are solved so that the persistent part sees the
+    persistent logits and the drifting part the drifting ones (``design_logit_parts``). The
+    keys' isotropic noise is scaled so that a drifting part turned away from the designed one
+    sees fresh noise of the designed variance. Independent random streams (logits, queries,
+    one per KV group for keys and values, shared and persistent queries) are spawned from the
+    seed, so results do not depend on evaluation order.
     """
     seeds = _case_seeds(spec)
-    logits = design_logits(spec, np.random.default_rng(seeds[0]))
-    queries = group_queries(spec, seeds[1], seeds[-1])
+    persistent, drifting = design_logit_parts(spec, np.random.default_rng(seeds[0]))
+    group = spec.heads_per_group
+    logits = np.repeat(persistent, group, axis=0) + drifting
+    share = persistent_energy_share(spec, persistent)
+    drifting_q = math.sqrt(1.0 - share) * group_queries(spec, seeds[1], seeds[2 + 2 * spec.kv_heads])
+    persistent_q = math.sqrt(share) * np.random.default_rng(seeds[3 + 2 * spec.kv_heads]).standard_normal(
+        (spec.kv_heads, spec.head_dim))
+    key_noise_std = math.sqrt((spec.noise_std**2 + spec.head_noise_std**2) / (1.0 - share))
     k = np.empty((1, spec.kv_heads, spec.n_tokens, spec.head_dim), dtype=np.float32)
     v = np.empty_like(k)
-    group = spec.heads_per_group
     for g in range(spec.kv_heads):
         rows = slice(g * group, (g + 1) * group)
-        _fill_noise(seeds[2 + g], k[0, g], spec.noise_std)
-        realise_keys(queries[rows], logits[rows], k[0, g])
+        directions, targets = drifting_q[rows], drifting[rows]
+        if share > 0.0:
+            directions = np.vstack([persistent_q[g : g + 1], directions])
+            targets = np.vstack([persistent[g : g + 1], targets])
+        _fill_noise(seeds[2 + g], k[0, g], key_noise_std)
+        realise_keys(directions, targets, k[0, g])
         _fill_noise(seeds[2 + spec.kv_heads + g], v[0, g], 1.0)
-    q = queries.astype(np.float32)[None]
-    return SyntheticAttention(spec=spec, q=q, k=k, v=v, logits=logits)
+    persistent_heads = np.repeat(persistent_q, group, axis=0)
+    q = (persistent_heads + drifting_q).astype(np.float32)[None]
+    return SyntheticAttention(spec=spec, q=q, k=k, v=v, logits=logits,
+                              persistent_q=persistent_heads.astype(np.float32)[None],
+                              persistent_share=share)
 
 
 def _case_seeds(spec: AttentionModelSpec) -> list[np.random.SeedSequence]:
-    """The case's independent streams: logits, queries, K and V per KV group, shared queries
-    (children of one ``SeedSequence`` by index, so adding the last changed none of the others)."""
-    return np.random.SeedSequence(spec.seed).spawn(3 + 2 * spec.kv_heads)
+    """The case's independent streams: logits, queries, K and V per KV group, shared queries,
+    persistent queries (children of one ``SeedSequence`` by index, so adding one at the end
+    changes none of the others)."""
+    return np.random.SeedSequence(spec.seed).spawn(4 + 2 * spec.kv_heads)
 
 
 def case_logits(spec: AttentionModelSpec) -> np.ndarray:
