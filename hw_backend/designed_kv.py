@@ -115,7 +115,9 @@ class QueryDrift:
     like ``group_queries``' queries (a group-shared part with the group's correlation rho) at
     the drifting parts' scale ``drift_std``, so the covariance of head h's drifting part at
     step t and head h''s at step t' is ``R[h, h'] (f + (1 - f) decay^|t - t'|)``: heads stay
-    as alike as at step 0. Without ``persistent`` the whole query drifts.
+    as alike as at step 0. The draws are taken off the persistent direction, as the designed
+    drifting parts are (``synthesize_case``), so the keys' structure along it stays at full
+    strength. Without ``persistent`` the whole query drifts.
     Deterministic in (spec seed, ``seed``, layer, step), whatever order steps are asked in.
     """
 
@@ -129,6 +131,8 @@ class QueryDrift:
         self._q0 = q0.double().numpy()
         self._persistent = (np.zeros_like(self._q0) if persistent is None
                             else np.broadcast_to(persistent.double().numpy(), self._q0.shape))
+        norm = np.linalg.norm(self._persistent, axis=-1, keepdims=True)
+        self._unit = self._persistent / np.where(norm > 0, norm, 1.0)
         d0 = self._q0 - self._persistent
         floor = self.model.history_similarity_floor
         z = self._group_normal(-1)
@@ -146,7 +150,9 @@ class QueryDrift:
         groups = heads // self.spec.heads_per_group
         shared = np.repeat(rng.standard_normal((batch, groups, head_dim)),
                            self.spec.heads_per_group, axis=1)
-        return self.drift_std * (math.sqrt(self.rho) * shared + math.sqrt(1.0 - self.rho) * own)
+        draw = math.sqrt(self.rho) * shared + math.sqrt(1.0 - self.rho) * own
+        draw -= np.sum(draw * self._unit, axis=-1, keepdims=True) * self._unit  # (class doc)
+        return self.drift_std * draw
 
     def drifting(self, step: int) -> torch.Tensor:
         """The drifting part (B, H, D) float64 of step ``step``'s query."""

@@ -202,6 +202,13 @@ def test_persistent_part_sees_the_structure_and_a_drifted_query_fresh_noise_of_t
     designed = spec.noise_std**2 + spec.head_noise_std**2
     assert np.var(fresh) == pytest.approx((1 - c * c) * designed, rel=0.05)
     assert abs(np.corrcoef(fresh.ravel(), drifting.ravel())[0, 1]) < 0.02
+    # the structure is seen at full strength: no more fresh noise on heavy hitters than elsewhere
+    heavy = persistent > spec.heavy_logit_boost - 1e-9
+    assert np.var(fresh[heavy]) == pytest.approx(np.var(fresh), rel=0.15)
+    # the drifting parts lie off the persistent direction, and turning one keeps it there
+    d = case.q[0].astype(np.float64) - p
+    assert np.max(np.abs(np.sum(d * p, axis=1))) < 1e-3 * np.sum(p * p, axis=1).min()
+    assert np.max(np.abs(np.sum((past - p) * p, axis=1))) < 1e-6 * np.sum(p * p, axis=1).min()
 
 
 def test_group_logits_are_realised_exactly_with_correlated_queries():

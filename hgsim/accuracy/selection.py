@@ -244,7 +244,9 @@ def query_history(
     rng = query_rng(seed)
     base = np.asarray(q, np.float64)
     fixed = np.zeros_like(base) if persistent is None else np.asarray(persistent, np.float64)
-    return np.stack([fixed + next_query(base - fixed, float(s), rng) for s in similarities])
+    keep_off = None if persistent is None else fixed
+    return np.stack([fixed + next_query(base - fixed, float(s), rng, keep_off)
+                     for s in similarities])
 
 
 def heavy_hitter_mask(

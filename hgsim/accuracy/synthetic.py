@@ -264,9 +264,14 @@ def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
     group = spec.heads_per_group
     logits = np.repeat(persistent, group, axis=0) + drifting
     share = persistent_energy_share(spec, persistent)
-    drifting_q = math.sqrt(1.0 - share) * group_queries(spec, seeds[1], seeds[2 + 2 * spec.kv_heads])
     persistent_q = math.sqrt(share) * np.random.default_rng(seeds[3 + 2 * spec.kv_heads]).standard_normal(
         (spec.kv_heads, spec.head_dim))
+    drifting_q = group_queries(spec, seeds[1], seeds[2 + 2 * spec.kv_heads])
+    if share > 0.0:  # orthogonal to the group's persistent direction, so turning one leaves the other
+        unit = np.repeat(persistent_q / np.linalg.norm(persistent_q, axis=1, keepdims=True),
+                         group, axis=0)
+        drifting_q -= np.sum(drifting_q * unit, axis=1, keepdims=True) * unit
+    drifting_q *= math.sqrt(1.0 - share)
     key_noise_std = math.sqrt((spec.noise_std**2 + spec.head_noise_std**2) / (1.0 - share))
     k = np.empty((1, spec.kv_heads, spec.n_tokens, spec.head_dim), dtype=np.float32)
     v = np.empty_like(k)
@@ -332,12 +337,15 @@ def synthesize(spec: AttentionModelSpec) -> tuple[np.ndarray, np.ndarray, np.nda
 def next_query(
     q: np.ndarray, similarity: float,
     seed: int | Sequence[int] | np.random.Generator | None = None,
+    keep_off: np.ndarray | None = None,
 ) -> np.ndarray:
     """A query of the same norm with cosine similarity exactly ``similarity`` to ``q``.
 
     Models the similarity of consecutive layers' attention inputs (InfiniGen's speculation,
     HybridGen's lookahead) or of successive decode steps (H2O's history): the new query is
-    ``|q| (s q_hat + sqrt(1 - s^2) u)`` with ``u`` a random unit vector orthogonal to ``q``.
+    ``|q| (s q_hat + sqrt(1 - s^2) u)`` with ``u`` a random unit vector orthogonal to ``q``
+    and, if given, to ``keep_off`` (same shape: a drifting part turned away from itself must
+    not pick up the persistent direction, along which the keys carry the structure).
     Works on any leading shape; the last axis is the head dimension.
     """
     if not -1.0 <= similarity <= 1.0:
@@ -346,7 +354,13 @@ def next_query(
     base = np.asarray(q, dtype=np.float64)
     norm = np.linalg.norm(base, axis=-1, keepdims=True)
     direction = base / np.where(norm > 0, norm, 1.0)
-    other = _orthogonal_unit(direction, rng)
+    avoid = [direction]
+    if keep_off is not None:
+        extra = np.asarray(keep_off, dtype=np.float64)
+        extra = extra - np.sum(extra * direction, axis=-1, keepdims=True) * direction
+        extra_norm = np.linalg.norm(extra, axis=-1, keepdims=True)
+        avoid.append(extra / np.where(extra_norm > 0, extra_norm, 1.0))
+    other = _orthogonal_unit(avoid, rng)
     mixed = similarity * direction + math.sqrt(1.0 - similarity**2) * other
     return (norm * mixed).astype(np.asarray(q).dtype, copy=False)
 
@@ -365,11 +379,13 @@ def query_rng(seed: int | Sequence[int] | np.random.Generator | None) -> np.rand
     return np.random.default_rng([_QUERY_STREAM, *words])
 
 
-def _orthogonal_unit(direction: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random unit vectors orthogonal to the unit (or zero) rows of ``direction``."""
-    other = rng.standard_normal(direction.shape)
-    other -= np.sum(other * direction, axis=-1, keepdims=True) * direction
+def _orthogonal_unit(directions: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """Random unit vectors orthogonal to the orthonormal (or zero) rows of each of
+    ``directions``."""
+    other = rng.standard_normal(directions[0].shape)
+    for direction in directions:
+        other -= np.sum(other * direction, axis=-1, keepdims=True) * direction
     norm = np.linalg.norm(other, axis=-1, keepdims=True)
-    if np.any(norm < 1e-6):  # a draw (almost) parallel to q: vanishingly rare, redraw
-        return _orthogonal_unit(direction, rng)
+    if np.any(norm < 1e-6):  # a draw (almost) inside the span: vanishingly rare, redraw
+        return _orthogonal_unit(directions, rng)
     return other / norm
