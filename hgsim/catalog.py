@@ -32,14 +32,14 @@ def _opt(name: str, layers: int, hidden: int, heads: int, source: str) -> ModelS
 
 def _llama(
     name: str, layers: int, hidden: int, heads: int, kv_heads: int, ffn: int, vocab: int,
-    context: int, source: str,
+    context: int, rope_theta: float, source: str,
 ) -> ModelSpec:
     # Llama: SwiGLU FFN, no biases, untied output head, head_dim 128 for every size here.
     return ModelSpec(
         name=name, family="llama", num_layers=layers, hidden_size=hidden, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=hidden // heads, ffn_size=ffn, ffn_kind="swiglu",
         vocab_size=vocab, max_context=context, qkv_bias=False, tied_embeddings=False,
-        source=source,
+        rope_theta=rope_theta, source=source,
     )
 
 
@@ -48,12 +48,13 @@ def _qwen(
 ) -> ModelSpec:
     # Qwen2.5 (arXiv 2412.15115; Qwen/Qwen2.5-*B config.json): SwiGLU, bias on q/k/v only,
     # vocab 152064 for 7B and larger (the <= 3B models use 151936 and tie embeddings), head_dim
-    # 128, 131072-token context (model cards; the -Instruct configs ship 32768 + YaRN).
+    # 128, 131072-token context (model cards; the -Instruct configs ship 32768 + YaRN),
+    # rope_theta 1e6.
     return ModelSpec(
         name=name, family="qwen", num_layers=layers, hidden_size=hidden, num_heads=heads,
         num_kv_heads=kv_heads, head_dim=hidden // heads, ffn_size=ffn, ffn_kind="swiglu",
         vocab_size=152064, max_context=131072, qkv_bias=True, tied_embeddings=False,
-        source=source,
+        rope_theta=1_000_000.0, source=source,
     )
 
 
@@ -66,18 +67,18 @@ _MODELS: list[ModelSpec] = [
     _opt("opt-30b", 48, 7168, 56, _HF.format("facebook/opt-30b")),
     _opt("opt-66b", 64, 9216, 72, _HF.format("facebook/opt-66b")),
     # Llama 2 (arXiv 2307.09288; meta-llama/Llama-2-*-hf config.json): vocab 32000, 4096 ctx,
-    # GQA with 8 KV heads only for 70B.
-    _llama("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 4096,
+    # GQA with 8 KV heads only for 70B, rope_theta 1e4.
+    _llama("llama-2-7b", 32, 4096, 32, 32, 11008, 32000, 4096, 10_000.0,
            _HF.format("meta-llama/Llama-2-7b-hf")),
-    _llama("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, 4096,
+    _llama("llama-2-13b", 40, 5120, 40, 40, 13824, 32000, 4096, 10_000.0,
            _HF.format("meta-llama/Llama-2-13b-hf")),
-    _llama("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 4096,
+    _llama("llama-2-70b", 80, 8192, 64, 8, 28672, 32000, 4096, 10_000.0,
            _HF.format("meta-llama/Llama-2-70b-hf")),
     # Llama 3.1 (arXiv 2407.21783 Table 3; meta-llama/Llama-3.1-*B config.json): GQA 8 KV
-    # heads, vocab 128256, 131072 ctx.
-    _llama("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256, 131072,
+    # heads, vocab 128256, 131072 ctx, rope_theta 5e5 (its rope_scaling is left out).
+    _llama("llama-3.1-8b", 32, 4096, 32, 8, 14336, 128256, 131072, 500_000.0,
            _HF.format("meta-llama/Llama-3.1-8B")),
-    _llama("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256, 131072,
+    _llama("llama-3.1-70b", 80, 8192, 64, 8, 28672, 128256, 131072, 500_000.0,
            _HF.format("meta-llama/Llama-3.1-70B")),
     # Qwen2.5 (Qwen/Qwen2.5-*B config.json): heads / KV heads 28/4, 40/8, 40/8, 64/8.
     _qwen("qwen2.5-7b", 28, 3584, 28, 4, 18944, _HF.format("Qwen/Qwen2.5-7B")),
@@ -96,10 +97,11 @@ TINY_MODELS: dict[str, ModelSpec] = {
     spec.name: spec for spec in (
         ModelSpec(name="tiny-llama", family="llama", num_layers=2, hidden_size=64, num_heads=4,
                   num_kv_heads=2, head_dim=16, ffn_size=128, ffn_kind="swiglu", vocab_size=256,
-                  max_context=1 << 20, source="synthetic: Llama layout (GQA 2, SwiGLU), tiny"),
+                  max_context=1 << 20, rope_theta=10_000.0,
+                  source="synthetic: Llama layout (GQA 2, SwiGLU), tiny"),
         ModelSpec(name="tiny-qwen", family="qwen", num_layers=2, hidden_size=64, num_heads=4,
                   num_kv_heads=1, head_dim=16, ffn_size=96, ffn_kind="swiglu", vocab_size=256,
-                  max_context=1 << 20, qkv_bias=True,
+                  max_context=1 << 20, qkv_bias=True, rope_theta=10_000.0,
                   source="synthetic: Qwen2.5 layout (GQA 4, q/k/v bias), tiny"),
     )
 }

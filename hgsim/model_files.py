@@ -21,11 +21,16 @@ norm kind and the per-op kernel counts of ``hgsim.graph_path``):
   or 9). The per-launch path of every shipped profile charges per simulated kernel and is
   unaffected;
 * ``opt`` -> opt (pre-norm LayerNorm, ReLU, biases everywhere).
+
+The rotary base is the config's ``rope_theta`` (or ``rope_parameters.rope_theta``, where newer
+transformers write it), else transformers' default for these architectures, 1e4; it sets
+``ModelSpec.rope_theta``, which hw_backend's whole-model decode uses (values, not cost).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -61,6 +66,9 @@ _HF_TYPES: dict[str, tuple[str, bool, str]] = {
 }
 #: ``sliding_window`` when a config leaves it out (Hugging Face's MistralConfig: 4096).
 _WINDOW_DEFAULT = {"mistral": 4096}
+#: ``rope_theta`` when a config gives none (LlamaConfig, MistralConfig, Qwen2Config and
+#: Qwen3Config all default to it).
+_ROPE_THETA_DEFAULT = 10_000.0
 #: Fields that make a config a mixture of experts when set.
 _MOE_FIELDS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -217,13 +225,14 @@ def spec_from_hf_config(config: dict[str, Any], source: str, name: str) -> Model
                 raise refuse(field, f"true: {model_type} then adds biases to every projection "
                                     "(o and FFN too), which hgsim does not model")
         ffn = whole("intermediate_size")
+    rope_theta = None if family == "opt" else _rope_theta(config, refuse)
     try:
         return ModelSpec(
             name=name, family=family, num_layers=layers, hidden_size=hidden, num_heads=heads,
             num_kv_heads=kv_heads, head_dim=head_dim, ffn_size=ffn, ffn_kind=ffn_kind,
             vocab_size=whole("vocab_size"), max_context=whole("max_position_embeddings"),
             qkv_bias=qkv_bias, tied_embeddings=flag("tie_word_embeddings", family == "opt"),
-            source=f"{source} ({note})" if note else source,
+            rope_theta=rope_theta, source=f"{source} ({note})" if note else source,
         )
     except ValidationError as exc:  # ModelSpec's own checks (plausible sizes): name the
         first = exc.errors(include_url=False)[0]  # file and the config.json field
@@ -234,6 +243,21 @@ def spec_from_hf_config(config: dict[str, Any], source: str, name: str) -> Model
         if field == "head_dim" and config.get("head_dim") is None:
             field = "head_dim (hidden_size / num_attention_heads)"
         raise ConfigError(humane(first), source=source, field=field or None) from None
+
+
+def _rope_theta(config: dict[str, Any], refuse) -> float:
+    """The rotary base a config gives (top level, or in ``rope_parameters``), else the
+    default transformers loads it with."""
+    field, value = "rope_theta", config.get("rope_theta")
+    parameters = config.get("rope_parameters")
+    if value is None and isinstance(parameters, dict):
+        field, value = "rope_parameters.rope_theta", parameters.get("rope_theta")
+    if value is None:
+        return _ROPE_THETA_DEFAULT
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not math.isfinite(value) or value <= 0:
+        raise refuse(field, f"must be a number > 0, got {value!r}")
+    return float(value)
 
 
 def _refuse_windowed_attention(config: dict[str, Any], default_window: int | None,

@@ -43,7 +43,10 @@ SUFFIX_DIMENSION = {
     "_gflops_per_core": "gflops",  # attention_gflops_per_core: "40 GFLOP/s" reads as 40
 }
 
-_QUANTITY = re.compile(r"^\s*([-+]?\d+(?:\.\d*)?(?:[eE][-+]?\d+)?)\s*([A-Za-z/]+)?\s*$")
+# Both patterns are used with ``fullmatch`` and allow only plain spaces around the number and
+# its unit: ``\s`` and ``$`` would let "1\nk" (``$`` matches before a final newline, ``\s``
+# matches any newline or tab) read as 1024, and ``\d`` would take digits of other scripts.
+_QUANTITY = re.compile(r" *([-+]?[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?) *([A-Za-z/]+)? *")
 
 
 def dimension_of(field_name: str) -> str | None:
@@ -66,7 +69,7 @@ def parse_quantity(value: object, dimension: str) -> float:
         return float(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a number, got {type(value).__name__}")
-    match = _QUANTITY.match(value)
+    match = _QUANTITY.fullmatch(value)
     if not match:
         raise ValueError(f"cannot read {value!r} as a quantity")
     number, unit = float(match.group(1)), match.group(2)
@@ -80,7 +83,8 @@ def parse_quantity(value: object, dimension: str) -> float:
     return number * factor
 
 
-_COUNT = re.compile(r"^\s*(\d+(?:\.\d*)?)\s*([kKmMgG]i?)?\s*$")
+_COUNT = re.compile(r" *([0-9]+(?:\.[0-9]*)?) *([kKmMgG]i?)? *")
+
 
 def parse_count(value: object) -> int:
     """Parse token counts such as ``32k`` (= 32768, as context lengths are quoted) or ``4096``.
@@ -96,8 +100,8 @@ def parse_count(value: object) -> int:
         return int(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a count such as 4096 or 32k, got {value!r}")
-    match = _COUNT.match(value)
-    if not match and value.strip().startswith("-"):
+    match = _COUNT.fullmatch(value)
+    if not match and value.strip(" ").startswith("-"):
         raise ValueError(f"must be a positive count such as 4096 or 32k, got {value!r}")
     if not match:
         raise ValueError(f"expected a count such as 4096 or 32k, got {value!r}")

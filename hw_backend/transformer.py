@@ -26,7 +26,8 @@ import torch
 
 from hgsim.specs.model import ModelSpec
 
-#: Rotary base (``rope_theta`` of each family's config.json); None: no rotary embedding.
+#: Rotary base by name prefix, for a model file that gives no ``rope_theta`` (the catalog and
+#: every config.json set it: ``ModelSpec.rope_theta``).
 _ROPE_THETA = (("llama-3", 500_000.0), ("qwen", 1_000_000.0), ("llama", 10_000.0),
                ("tiny", 10_000.0))
 #: Norm epsilon (config.json ``rms_norm_eps`` / OPT's LayerNorm default).
@@ -34,9 +35,12 @@ _NORM_EPS = {"llama": 1e-5, "qwen": 1e-6, "opt": 1e-5}
 
 
 def rope_theta(spec: ModelSpec) -> float | None:
-    """The rotary base of a model, None for OPT (learned positions, left out here)."""
+    """The rotary base of a model: its own ``rope_theta``, else one by name prefix; None for
+    OPT (learned positions, left out here). The base changes values, not cost."""
     if spec.family == "opt":
         return None
+    if spec.rope_theta is not None:
+        return spec.rope_theta
     for prefix, theta in _ROPE_THETA:
         if spec.name.startswith(prefix):
             return theta

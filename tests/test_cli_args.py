@@ -392,3 +392,12 @@ def test_a_bad_study_is_the_one_line_printed_even_with_too_many_jobs(tmp_path, c
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"hgsim study: error: {study}:2: base.profle: unknown key (did you mean "
                    "'profile'?)"]
+
+
+@pytest.mark.parametrize("value", ["1\nk", "1k\n", "\n1k", "1\tk", "1\rk"])
+def test_a_count_with_a_control_character_is_refused_naming_its_flag(capsys, value):
+    """"1\\nk" read as 1024 tokens: the count pattern's ``\\s`` took the newline and ``$``
+    matched before a trailing one."""
+    line = user_error(capsys, *SIMULATE, "--context", value)
+    assert line == (f"hgsim simulate: error: --context: expected a count such as 4096 or 32k, "
+                    f"got {value!r}")

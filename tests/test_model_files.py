@@ -217,3 +217,53 @@ def test_a_tilde_of_no_known_user_is_an_unknown_name_not_a_crash():
         get_model("~nosuchuser/m.json")
     with pytest.raises(UserError, match="unknown hardware profile '~nosuchuser-box'"):
         load_profile("~nosuchuser-box")
+
+
+def test_rope_theta_comes_from_the_config_not_the_name(tmp_path):
+    """The rotary base was looked up by name prefix: a config.json's own rope_theta was
+    ignored (a llama-3 fine-tune named 'my-model' got Llama 2's 1e4)."""
+    spec = get_model(str(write_json(tmp_path / "my-model" / "config.json",
+                                    {**LLAMA_31_8B, "rope_theta": 250000.0})))
+    assert spec.rope_theta == 250000.0
+    newer = {k: v for k, v in LLAMA_31_8B.items() if k != "rope_theta"}
+    newer["rope_parameters"] = {"rope_theta": 750000.0, "rope_type": "llama3"}
+    assert spec_from_hf_config(newer, "n.json", "n").rope_theta == 750000.0
+    # a config without one loads in transformers with LlamaConfig's default, 1e4
+    assert get_model(str(write_json(tmp_path / "m.json", MISTRAL_7B_V03))).rope_theta == 1e4
+    assert get_model("llama-3.1-8b").rope_theta == 500000.0  # the catalog states its own
+    assert get_model("qwen2.5-7b").rope_theta == 1e6
+    assert get_model("opt-6.7b").rope_theta is None
+
+
+def test_rope_theta_is_what_the_whole_model_decode_uses(tmp_path):
+    torch = pytest.importorskip("torch")
+    from hw_backend.transformer import inverse_frequencies, rope_theta
+
+    spec = get_model(str(write_json(tmp_path / "my-model.json",
+                                    {**LLAMA_31_8B, "rope_theta": 250000.0})))
+    assert rope_theta(spec) == 250000.0
+    inv = inverse_frequencies(spec)
+    assert inv[0] == 1.0 and torch.isclose(inv[1], torch.tensor(250000.0 ** (-2 / 128),
+                                                               dtype=torch.float64))
+    yaml_file = tmp_path / "y.yaml"
+    yaml_file.write_text(MY_MODEL_YAML + "rope_theta: 1e6\n")
+    assert rope_theta(get_model(str(yaml_file))) == 1e6
+    yaml_file.write_text(MY_MODEL_YAML)  # none given: by name, as before
+    assert rope_theta(get_model(str(yaml_file))) == 10_000.0
+    assert rope_theta(get_model("opt-6.7b")) is None
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "big", True])
+def test_a_bad_rope_theta_is_refused_naming_the_field(tmp_path, value):
+    path = write_json(tmp_path / "bad.json", {**LLAMA_31_8B, "rope_theta": value})
+    with pytest.raises(UserError, match="rope_theta: must be a number > 0") as info:
+        get_model(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_a_yaml_opt_model_cannot_set_rope_theta(tmp_path):
+    path = tmp_path / "o.yaml"
+    path.write_text(MY_MODEL_YAML.replace("family: llama", "family: opt")
+                    .replace("ffn_kind: swiglu", "ffn_kind: relu") + "rope_theta: 10000\n")
+    with pytest.raises(UserError, match="no rotary"):
+        get_model(str(path))

@@ -222,12 +222,12 @@ def test_a_figure_worker_that_dies_fails_its_figures_and_leaves_no_part_of_them(
     import multiprocessing
     import os
 
-    from hgsim.study import execute, plots
+    from hgsim.study import plots
     from hgsim.study.run import figure_args
 
     if "fork" not in multiprocessing.get_all_start_methods():
         pytest.skip("the dying draw is patched in this process; only fork workers inherit it")
-    monkeypatch.setattr(execute, "_mp_context", lambda: multiprocessing.get_context("fork"))
+    monkeypatch.setattr(plots, "process_context", lambda: multiprocessing.get_context("fork"))
     real = plots.draw
 
     def dying(frame, name, spec, axis_values, out, *rest):

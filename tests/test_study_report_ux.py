@@ -377,3 +377,37 @@ sensitivity: {step: 0.25, metric: tokens_per_s, parameters: [tiers.cxl0.latency_
                         RunInfo(source="t.yaml", total=3, computed=3, reused=0,
                                 missing=0)).read_text()
     assert "simulation time summed over points: 6.0 s" in text
+
+
+def test_the_configuration_table_shows_capacities_in_the_results_unit(tmp_path):
+    """cxl_sweep's configuration table said '768 GiB' where the results tables show the
+    same capacity as 825 (decimal GB, the unit of every *_gb column); it now shows both."""
+    from test_study_common import write_study
+
+    from hgsim.study import load_study
+    from hgsim.study.report import RunInfo, write_report
+
+    plan = load_study(write_study(tmp_path, """\
+name: gib
+base:
+  profile: h100-80gb-spr-cxl
+  model: llama-2-7b
+  workload: {context: 32k, gen: 2}
+  hardware: {tiers.cxl0.capacity_gb: 512 GiB, tiers.cxl0.latency_ns: 250}
+sweep: {grid: {hardware.tiers.ddr0.capacity_gb: [768 GiB, 1000GB, 512],
+                 policy: [hybridgen, flexgen]}}
+"""))
+    gb = [768 * 2**30 / 1e9, 1000.0, 512.0]
+    frame = pd.DataFrame({"hardware.tiers.ddr0.capacity_gb": gb * 2,
+                          "policy": ["hybridgen"] * 3 + ["flexgen"] * 3, "feasible": True,
+                          "tokens_per_s": [4.0, 5.0, 3.0, 2.0, 2.5, 1.5],
+                          "point": list("abcdef"), "wall_s": 1.0})
+    text = write_report(tmp_path / "report.md", plan.study, frame,
+                        ["hardware.tiers.ddr0.capacity_gb", "policy"],
+                        RunInfo(source="t.yaml", total=6, computed=6, reused=0,
+                                missing=0)).read_text()
+    assert "| hardware.tiers.cxl0.capacity_gb | 550 (512 GiB) |  |" in text
+    assert "| hardware.tiers.cxl0.latency_ns | 250 |  |" in text
+    assert "| hardware.tiers.ddr0.capacity_gb |  | 825 (768 GiB), 1000, 512 |" in text
+    results = text[text.index("## Best"):]
+    assert "| 825 |" in results and "GiB" not in results

@@ -37,6 +37,25 @@ def test_non_finite_metadata_is_written_as_null(tmp_path):
     assert mark["args"] == {"ratio": None}
 
 
+def test_the_written_trace_is_the_compact_json_trace_bytes_sizes(tmp_path, monkeypatch):
+    """The file is written from one json.dumps, in slices: the same bytes as the compact,
+    strict JSON of the trace, whatever the slice size, and as long as trace_bytes says."""
+    from hgsim.sim import trace as trace_module
+
+    m = Machine(simpy.Environment(), make_profile())
+    for i in range(5):
+        m.copy("ddr0", "gpu0", 1e6 * (i + 1), f"kv {i} \u00e9")  # a non-ASCII label too
+    m.env.run()
+    spans = [(0.0, m.env.now, "decode step 0", {"step": 0})]
+    expected = json.dumps(trace_module.chrome_trace(m.recorder, spans=spans),
+                          separators=(",", ":"), default=str, allow_nan=False).encode()
+    for slice_chars in (7, 1 << 24):
+        monkeypatch.setattr(trace_module, "_WRITE_SLICE", slice_chars)
+        path = write_chrome_trace(m.recorder, tmp_path / f"t{slice_chars}.json", spans=spans)
+        assert open(path, "rb").read() == expected
+    assert trace_module.trace_bytes(m.recorder, spans=spans) == len(expected)
+
+
 # ---------------------------------------------------------------------- a simulated run
 def _run_trace(tmp_path, profile: str, model: str, policy: str, *, batch: int = 1,
                context: int = 131072, gen: int = 2, samples: int = 0, prefill: bool = False,

@@ -106,6 +106,39 @@ def test_parse_count_rejects(value):
         parse_count(value)
 
 
+# ``$`` matches before a final newline and ``\s`` matches newlines and tabs, so these read as
+# numbers before the parsers took a full match with plain spaces only.
+_CONTROL_CHARACTERS = ["\n", "\r", "\t", "\x00", "\x0b", "\x0c", "\x1b", "\x85"]
+
+
+@pytest.mark.parametrize("char", _CONTROL_CHARACTERS)
+@pytest.mark.parametrize("template", ["1{}k", "1k{}", "{}1k", "32{}", "{}32"])
+def test_parse_count_refuses_control_characters(template, char):
+    with pytest.raises(ValueError, match="expected a count"):
+        parse_count(template.format(char))
+
+
+@pytest.mark.parametrize("char", _CONTROL_CHARACTERS)
+@pytest.mark.parametrize("template", ["25{}GB/s", "25 GB/s{}", "{}25 GB/s", "25{}", "{}25"])
+def test_parse_quantity_refuses_control_characters(template, char):
+    with pytest.raises(ValueError, match="cannot read"):
+        parse_quantity(template.format(char), "bandwidth_gbps")
+
+
+def test_parsers_take_ascii_digits_only():
+    with pytest.raises(ValueError):
+        parse_count("\u0663\u0662k")  # Arabic-Indic "32k": float() would read it
+    with pytest.raises(ValueError):
+        parse_quantity("\u0663\u0662 GB/s", "bandwidth_gbps")
+
+
+def test_parsers_strip_plain_spaces():
+    assert parse_count("  32 k  ") == 32768
+    assert parse_quantity("  25 GB/s  ", "bandwidth_gbps") == 25.0
+    with pytest.raises(ValueError, match="positive count"):
+        parse_count("  -5")
+
+
 @given(st.floats(min_value=1e-6, max_value=1e9, allow_nan=False, allow_infinity=False))
 def test_gbps_round_trip(value):
     assert math.isclose(parse_quantity(f"{value!r} GB/s", "bandwidth_gbps"), value, rel_tol=1e-12)

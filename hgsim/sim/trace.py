@@ -123,6 +123,8 @@ def chrome_trace(recorder: Recorder, *, metadata: dict[str, Any] | None = None,
 
 #: How a trace is written (compact, strict JSON); ``trace_bytes`` sizes it the same way.
 _JSON_ARGS: dict[str, Any] = {"separators": (",", ":"), "default": str, "allow_nan": False}
+#: Characters written at a time (the whole text is held once; its encoding, a slice at a time).
+_WRITE_SLICE = 1 << 24
 
 
 def trace_bytes(recorder: Recorder, *, markers: list[tuple[float, str, dict[str, Any]]] = (),
@@ -141,9 +143,15 @@ def write_chrome_trace(
     """Write the recorder's activities as Chrome/Perfetto trace JSON; returns the path."""
     trace = chrome_trace(recorder, metadata=metadata, markers=markers, spans=spans)
     path = os.fspath(path)
+    # json.dumps, not json.dump: dump streams through the pure-Python encoder, dumps takes the
+    # C one, with the same bytes (Llama-3.1-70B 128k x2, a 28 MB trace: 10.7 s -> 3.4 s of the
+    # run); the text is then written in slices so that only one slice is encoded at a time.
+    # Strict JSON: a NaN left in an activity would be a bug, not a value to write.
+    text = json.dumps(trace, **_JSON_ARGS)
+    del trace
     with written_whole(path, encoding="utf-8") as fh:  # Ctrl-C while writing: no torn JSON
-        # strict JSON: a NaN left in an activity would be a bug, not a value to write
-        json.dump(trace, fh, **_JSON_ARGS)
+        for start in range(0, len(text), _WRITE_SLICE):
+            fh.write(text[start:start + _WRITE_SLICE])
     return path
 
 

@@ -29,12 +29,18 @@ class ModelSpec(SpecModel):
     max_context: int = Field(gt=0)
     qkv_bias: bool = False
     tied_embeddings: bool = False
+    #: Rotary base (config.json ``rope_theta``); None for OPT (no rotary) or where a file gives
+    #: none (hw_backend then picks one by name). It changes the values of hw_backend's
+    #: whole-model decode, not any simulated or measured cost.
+    rope_theta: float | None = Field(default=None, gt=0)
     source: str = ""
 
     @model_validator(mode="after")
     def _heads_consistent(self) -> ModelSpec:
         if self.num_heads % self.num_kv_heads:
             raise ValueError("num_heads must be a multiple of num_kv_heads")
+        if self.family == "opt" and self.rope_theta is not None:
+            raise ValueError("rope_theta: OPT has learned positions, no rotary embedding")
         return self
 
     # ------------------------------------------------------------------ derived

@@ -10,18 +10,16 @@ they arrive and a progress bar with an ETA when stderr is a terminal.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
-import signal
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from hgsim.errors import UserError
+from hgsim.study.pool import ignore_sigint, process_context, terminate_pool
 from hgsim.study.store import PointStore
 from hgsim.study.worker import run_chunk
 
@@ -114,8 +112,8 @@ def _local_pool(specs, store, options, jobs) -> Iterator[dict[str, Any]]:
     an iterator over finished records."""
     size = chunk_size(len(specs), jobs, options.chunk)
     chunks = make_chunks(specs, size)
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=_mp_context(),
-                               initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(chunks)), mp_context=process_context(),
+                               initializer=ignore_sigint)
     pending = {pool.submit(run_chunk, chunk, str(store.dir)) for chunk in chunks}
     return _drain(pool, pending)
 
@@ -127,47 +125,9 @@ def _drain(pool: ProcessPoolExecutor, pending: set) -> Iterator[dict[str, Any]]:
             for future in done:
                 yield from future.result()
     except BaseException:  # Ctrl-C, or the consumer closed us: stop the workers at once
-        _terminate(pool)
+        terminate_pool(pool)
         raise
     pool.shutdown(wait=True)
-
-
-def _ignore_sigint() -> None:
-    """Workers leave Ctrl-C to the parent, which stops them; a worker that caught it would
-    only abandon its current chunk and carry on with the next."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def _terminate(pool: ProcessPoolExecutor) -> None:
-    """Cancel queued chunks and end running ones (each finished point is already stored)."""
-    terminate = getattr(pool, "terminate_workers", None)  # Python >= 3.14
-    if terminate is not None:
-        terminate()
-        return
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(timeout=5)
-
-
-def _mp_context():
-    """How worker processes start.
-
-    fork on Linux while this process has a single thread: instant, workers inherit the loaded
-    simulator and caches, and nothing re-imports the caller's main script (so ``run_study``
-    works from a plain script or notebook). Otherwise forkserver (fork is unsafe once threads
-    exist), whose server imports the simulator once, or the platform default.
-    """
-    methods = multiprocessing.get_all_start_methods()
-    if sys.platform.startswith("linux") and "fork" in methods and threading.active_count() == 1:
-        return multiprocessing.get_context("fork")
-    if "forkserver" in methods:
-        ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["hgsim.study.worker", "hgsim.simulate"])
-        return ctx
-    return multiprocessing.get_context()
 
 
 def _dask(specs, store, options) -> Iterator[dict[str, Any]]:

@@ -175,10 +175,12 @@ class _Resolver:
                     self.model_files[name] = find_model_file(target).resolve()
             except UserError as exc:
                 raise self.doc.error(loc, str(exc)) from None
-            # keyed by content: ``source`` (a model file's path, or a citation) changes no
-            # result, so moving a file keeps its points; editing a field recomputes them
-            self._models[name] = (spec, _digest(spec.model_dump(mode="json",
-                                                                exclude={"source"})))
+            # keyed by content: ``source`` (a model file's path, or a citation) and
+            # ``rope_theta`` (values, not cost) change no result, so moving a file keeps its
+            # points (and points stored before rope_theta was a field keep theirs); editing
+            # another field recomputes them
+            self._models[name] = (spec, _digest(spec.model_dump(
+                mode="json", exclude={"source", "rope_theta"})))
         return self._models[name]
 
 

@@ -16,6 +16,7 @@ import pandas as pd
 from hgsim.outputs import written_whole
 from hgsim.study import axes as ax
 from hgsim.study.derived import select
+from hgsim.study.pool import ignore_sigint, process_context, terminate_pool
 from hgsim.study.schema import DerivedSpec, PlotSpec
 
 FORMATS = ("png", "svg")
@@ -91,10 +92,8 @@ def _use_agg() -> None:
 def _pool_worker_start() -> None:
     """A figure worker: no display (Agg, as in the main process) and Ctrl-C left to the
     parent, which ends the pool. The seaborn theme is set by ``figure`` for each plot."""
-    from hgsim.study.execute import _ignore_sigint
-
     _use_agg()
-    _ignore_sigint()
+    ignore_sigint()
 
 
 def _draw_in_pool(tasks: list[tuple], jobs: int) -> list[tuple[list[Path], str | None]]:
@@ -103,9 +102,7 @@ def _draw_in_pool(tasks: list[tuple], jobs: int) -> list[tuple[list[Path], str |
     workers and removes the files of the figures not finished."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from hgsim.study.execute import _mp_context, _terminate
-
-    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=_mp_context(),
+    pool = ProcessPoolExecutor(max_workers=min(jobs, len(tasks)), mp_context=process_context(),
                                initializer=_pool_worker_start)
     futures = [pool.submit(draw_one, *task) for task in tasks]
     results: list[tuple[list[Path], str | None]] = []
@@ -118,7 +115,7 @@ def _draw_in_pool(tasks: list[tuple], jobs: int) -> list[tuple[list[Path], str |
                 lost.append(task)
                 results.append(([], f"{type(exc).__name__}: {exc}"))
     except BaseException:
-        _terminate(pool)
+        terminate_pool(pool)
         for task in tasks[len(results):] + lost:
             _remove_figure(task[4], task[1])
         raise

@@ -10,6 +10,7 @@ Long tables are cut at ``report.max_rows`` with a pointer to the file holding ev
 from __future__ import annotations
 
 import math
+import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from hgsim.study import axes as ax
 from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
 from hgsim.study.schema import Study
+from hgsim.units import dimension_of, parse_quantity
 
 #: What a searched maximum counts, for the heading of its table.
 SEARCH_UNITS = {"context": " (tokens per sequence; 1k = 1,024)", "batch": " (sequences)"}
@@ -63,6 +65,25 @@ def fmt(value: Any, column: str = "") -> str:
     if isinstance(value, int):
         return str(value)
     return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def as_results_show(column: str, value: Any) -> Any:
+    """A configuration value as the results tables show it: a hardware quantity in its field's
+    unit (decimal GB for ``*_gb``), then what the study wrote where that reads differently:
+    ``768 GiB`` -> ``825 (768 GiB)``, so that the configuration and the results agree."""
+    if not column.startswith("hardware.") or not isinstance(value, str):
+        return value
+    dimension = dimension_of(column.rsplit(".", 1)[-1])
+    if dimension is None:
+        return value
+    written = value.strip(" ")
+    try:
+        number = parse_quantity(written, dimension)
+        bare = float(written.rstrip(string.ascii_letters + "/ "))  # the number without unit
+    except ValueError:  # the study was checked when loaded; show what it says
+        return value
+    shown = fmt(number, column)
+    return shown if bare == number else f"{shown} ({written})"  # 1000 GB is just 1000
 
 
 def three_figures(value: float) -> str:
@@ -299,8 +320,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     base_rows += [(f"hardware.{k}", v) for k, v in base.hardware.items()]
     base_rows += [(f"fidelity.{k}", v) for k, v in base.fidelity.model_dump().items()]
     # null in a policy_options axis: the option is not set there (the policy lacks it)
-    axes_values = {k: ["not set" if v is None else v for v in values]
+    # hardware quantities in the unit the results tables use (768 GiB is 825 GB there)
+    axes_values = {k: ["not set" if v is None else as_results_show(k, v) for v in values]
                    for k, values in study.axes().items()}
+    base_rows = [(k, as_results_show(k, v)) for k, v in base_rows]
     parts.append(md_table(pd.DataFrame(
         [{"setting": k, "base value": v, "swept": ", ".join(map(str, axes_values[k]))
           if k in axes_values else ""} for k, v in base_rows]
