@@ -216,8 +216,8 @@ def test_query_drift_starts_at_the_designed_query_and_decays_as_the_models_histo
 def test_selections_overlap_between_steps_as_the_models_lagged_queries_do():
     """A query t steps on keeps the share of step 0's per-head top-k that the accuracy model's
     past query at lag t keeps (``query_history``: the persistent part kept, the drifting part
-    at cosine ``lag_similarity(t)``), in float64; well under all of it. The group's union stays
-    the model's size (the designed step's) within 10%."""
+    at cosine ``lag_similarity(t)``), in float64, through lag 17; well under all of it. The
+    group's union stays the designed step's (which the simulator sizes) within 3%."""
     k, q0, drift = _drift()
     keys = k.double().repeat_interleave(GROUP, dim=0)  # (H, T, D)
     n = CONTEXT
@@ -229,8 +229,9 @@ def test_selections_overlap_between_steps_as_the_models_lagged_queries_do():
         return mask.scatter_(1, logits.topk(top, dim=1).indices, True)
 
     first = picked(q0)
+    union0 = first.reshape(KV_HEADS, GROUP, n).any(dim=1).sum(dim=1).double().mean()
     expected_union = expected_union_rows(n, top, GROUP)
-    for step in (1, 4):
+    for step in (1, 4, 9, 17):
         similarity = float(lag_similarity(SelectionModel(), step))
         past = query_history(q0[0].numpy(), np.array([similarity]), step,
                              (q0[0].double() - drift.drifting(0)[0]).numpy())[0]
@@ -238,10 +239,11 @@ def test_selections_overlap_between_steps_as_the_models_lagged_queries_do():
         later = picked(drift.query(step))
         measured = float((later & first).sum()) / (HEADS * top)
         predicted = float((model & first).sum()) / (HEADS * top)
-        assert abs(measured - predicted) < 0.04, (step, measured, predicted)
+        assert abs(measured - predicted) < 0.02, (step, measured, predicted)
         assert measured < 0.85
         union = later.reshape(KV_HEADS, GROUP, n).any(dim=1).sum(dim=1).double().mean()
-        assert abs(float(union) / expected_union - 1) < 0.1
+        assert abs(float(union) / float(union0) - 1) < 0.03, (step, float(union), float(union0))
+    assert abs(float(union0) / expected_union - 1) < 0.1  # the whole context, head_dim 32
 
 
 def test_designed_decode_drifts_each_layer_on_its_own():
