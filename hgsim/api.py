@@ -62,6 +62,7 @@ def simulate(
     hardware: Mapping[str, Any] | None = None,
     samples: int = 32,
     accuracy: bool = True,
+    selection: Mapping[str, Any] | None = None,
     trace: str | os.PathLike[str] | None = None,
     trace_max_gb: float | None = TRACE_MAX_BYTES / 1e9,
 ) -> SimResult:
@@ -71,7 +72,9 @@ def simulate(
     whole prompt at once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
     result's ``prefill_chunk_tokens`` says which ran). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
     ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
-    simulated in full (0: all), ``trace`` a Perfetto/Chrome trace file to write (refused with
+    simulated in full (0: all), ``selection`` the approximate selectors' parameters the
+    accuracy proxy scores with (``{"history_decay": 0.95}``: ``hgsim.accuracy.SelectionModel``'s
+    fields, as a study's ``fidelity.selection``; None: its defaults), ``trace`` a Perfetto/Chrome trace file to write (refused with
     ``TraceTooLarge`` when its first simulated step says it would pass ``trace_max_gb``;
     None: no limit). The result has
     ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
@@ -93,6 +96,7 @@ def simulate(
     # the study schema's checks of the same knobs: whole numbers, true/false, never a bool
     fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},
                         names={"decode_samples": "samples"})
+    chosen = _selection(selection)
     workload = _checked(Workload, dict(batch=batch, context=context, gen=gen, kv_dtype=kv_dtype,
                                        weight_dtype=weight_dtype, include_prefill=prefill,
                                        prefill_chunk_tokens=prefill_chunk_tokens),
@@ -108,8 +112,23 @@ def simulate(
                         field="trace_max_gb")
     return run(base, model, policy, workload, policy_options=dict(options or {}),
                fidelity=Fidelity(decode_samples=fidelity.decode_samples,
-                                 accuracy=fidelity.accuracy), trace_path=trace,
+                                 accuracy=fidelity.accuracy, selection=chosen),
+               trace_path=trace,
                trace_max_bytes=None if trace_max_gb is None else trace_max_gb * 1e9)
+
+
+def _selection(selection: Mapping[str, Any] | None):
+    """``selection`` as a ``SelectionModel`` (None: the defaults), or a UserError naming the
+    field that is wrong."""
+    from hgsim.accuracy.selection import SelectionFieldError, selection_model
+
+    if selection is not None and not isinstance(selection, Mapping):
+        raise UserError(f"expected a mapping of selection fields to values, e.g. "
+                        f"{{'history_decay': 0.95}}, got {selection!r}", field="selection")
+    try:
+        return selection_model(selection)
+    except SelectionFieldError as exc:
+        raise UserError(exc.reason, field=f"selection.{exc.field}") from None
 
 
 def _checked(model: type, values: dict[str, Any], names: dict[str, str]):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hgsim.policies import is_lossy, make_policy
 from hgsim.policies.registry import lookup
@@ -30,6 +30,9 @@ from hgsim.simulate import accuracy_context
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.workload import Workload
+
+if TYPE_CHECKING:
+    from hgsim.accuracy.selection import SelectionModel
 
 DEFAULT_RESOLUTION = 0.005
 
@@ -101,14 +104,16 @@ class ProxyProbe:
 
 
 def probe_setting(policy: str, model: ModelSpec, profile: HardwareProfile, workload: Workload,
-                  options: dict[str, Any], knob: Knob, value: float) -> ProxyProbe:
+                  options: dict[str, Any], knob: Knob, value: float,
+                  selection: SelectionModel | None = None) -> ProxyProbe:
     """Proxy error of ``policy`` with its knob at ``value`` (the plan at the median step,
-    before any scheduler decision: for HybridGen, r at the floor)."""
+    before any scheduler decision: for HybridGen, r at the floor), scored with the
+    selectors' parameters ``selection`` (None: the defaults; ``Fidelity.selection``)."""
     from hgsim.accuracy import accuracy_proxy, group_spec
 
     pol = make_policy(policy, model, profile, workload, knob.options(options, value))
     plan = pol.step_plan(accuracy_context(workload)).layer
-    error = accuracy_proxy(plan, group_spec(model.gqa_group)).rel_error
+    error = accuracy_proxy(plan, group_spec(model.gqa_group), model=selection).rel_error
     return ProxyProbe(value, float(error), pol.feasible, pol.infeasibility())
 
 

@@ -13,7 +13,7 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import simpy
@@ -34,6 +34,9 @@ from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.workload import Workload
 
+if TYPE_CHECKING:
+    from hgsim.accuracy.selection import SelectionModel
+
 
 @dataclass(frozen=True)
 class Fidelity:
@@ -42,6 +45,9 @@ class Fidelity:
     decode_samples: int = 32  # simulated decode steps; 0 = every step
     accuracy: bool = True  # compute the accuracy proxy for lossy policies
     record: bool = False  # keep every activity (needed for traces)
+    # the approximate selectors' parameters the accuracy proxy scores with (InfiniGen's
+    # speculation, H2O's history; ``hgsim.accuracy.SelectionModel``); None: its defaults
+    selection: SelectionModel | None = None
 
 
 def accuracy_context(workload: Workload) -> int:
@@ -207,7 +213,7 @@ def simulate_prepared(
     if pol.lossy and not fidelity.accuracy:  # not computed: no number rather than a wrong one
         result.accuracy_mass_kept = result.accuracy_rel_error = float("nan")
     elif pol.lossy and scored is not None:
-        _accuracy(result, scored, pol.model)
+        _accuracy(result, scored, pol.model, fidelity.selection)
     if trace_path is not None:
         _write_trace(machine, trace_path, result, spans, markers)
     result.wall_s = time.perf_counter() - wall0
@@ -293,18 +299,21 @@ def _mean_binding(steps: list[StepTiming],
     return out
 
 
-def _accuracy(result: SimResult, median_plan: LayerPlan, model: ModelSpec) -> None:
+def _accuracy(result: SimResult, median_plan: LayerPlan, model: ModelSpec,
+              selection: SelectionModel | None = None) -> None:
     """Proxy fidelity of the selection the run actually made.
 
     The plan the run used at its median step, with its top-k ratio replaced by the mean over
     every step: an adaptive scheduler's r changes during the run, and the mean is what the run
     attended on average. Static policies have one ratio, so this is their plan unchanged. The
-    synthetic attention has the model's query heads per KV head.
+    synthetic attention has the model's query heads per KV head; ``selection`` the
+    selectors' parameters (None: the defaults).
     """
     from hgsim.accuracy import accuracy_proxy, group_spec
 
     plan = mean_ratio_plan(median_plan, float(np.mean([s.topk_ratio for s in result.steps])))
-    fid = accuracy_proxy(plan, group_spec(model.gqa_group))  # GQA groups share keys
+    fid = accuracy_proxy(plan, group_spec(model.gqa_group),  # GQA groups share keys
+                         model=selection)
     result.accuracy_mass_kept = float(fid.mass_kept)
     result.accuracy_rel_error = float(fid.rel_error)
 

@@ -32,8 +32,9 @@ these fields (or with one head per group) selects per head.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -105,6 +106,70 @@ class SelectionModel:
             raise ValueError("history_queries and decision_lag must be at least 1")
         if not 0.0 <= self.history_similarity_floor <= 1.0 or not 0.0 <= self.history_decay <= 1:
             raise ValueError("history_similarity_floor and history_decay must lie in [0, 1]")
+
+
+#: ``SelectionModel``'s fields, the ones a study's ``fidelity.selection`` may set.
+SELECTION_FIELDS = tuple(SelectionModel.__dataclass_fields__)
+_WHOLE_FIELDS = ("history_queries", "decision_lag")
+_RANGES = {  # field -> (low, high, low included), as ``SelectionModel`` checks them
+    "speculation_similarity": (-1.0, 1.0, True),
+    "speculation_dim_fraction": (0.0, 1.0, False),
+    "history_similarity_floor": (0.0, 1.0, True),
+    "history_decay": (0.0, 1.0, True),
+}
+
+
+class SelectionFieldError(ValueError):
+    """A bad ``SelectionModel`` override: ``field`` names it, the message says why."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(reason)
+        self.field = field
+        self.reason = reason
+
+
+def selection_model(overrides: Mapping[str, Any] | None) -> SelectionModel | None:
+    """``SelectionModel`` with ``overrides`` (field -> value) replacing its defaults; None when
+    none is given (the defaults). Raises ``SelectionFieldError`` naming the first unknown
+    field or bad value: whole numbers >= 1 for ``history_queries`` and ``decision_lag``,
+    numbers in the ranges ``SelectionModel`` checks for the others (never booleans or text).
+    """
+    if not overrides:
+        return None
+    values: dict[str, Any] = {}
+    for field, value in overrides.items():
+        if field not in SELECTION_FIELDS:
+            raise SelectionFieldError(field, f"unknown selection field '{field}' (known: "
+                                             f"{', '.join(SELECTION_FIELDS)})")
+        if field in _WHOLE_FIELDS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SelectionFieldError(field, f"{field} must be a whole number >= 1, "
+                                                 f"got {_shown(value)}")
+            values[field] = int(value)
+            continue
+        low, high, closed = _RANGES[field]
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or not math.isfinite(value) or value > high
+                or (value < low if closed else value <= low)):
+            bounds = f"{'[' if closed else '('}{low:g}, {high:g}]"
+            raise SelectionFieldError(field, f"{field} must be a number in {bounds}, "
+                                             f"got {_shown(value)}")
+        values[field] = float(value)
+    return SelectionModel(**values)
+
+
+def _shown(value: Any) -> str:
+    """A value as the YAML that gave it reads (true, not True)."""
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
+def selection_overrides(model: SelectionModel | None) -> dict[str, Any]:
+    """The fields of ``model`` that differ from the defaults (empty for None or defaults)."""
+    if model is None:
+        return {}
+    default = SelectionModel()
+    return {field: getattr(model, field) for field in SELECTION_FIELDS
+            if getattr(model, field) != getattr(default, field)}
 
 
 def host_range(n_tokens: int, window: TokenWindow) -> tuple[int, int]:

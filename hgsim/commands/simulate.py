@@ -49,6 +49,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "at once)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="policy option, e.g. topk_ratio=0.1 (repeatable)")
+    p.add_argument("--selection", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the approximate selectors the accuracy proxy scores "
+                        "with, e.g. history_decay=0.95 (repeatable; docs/studies.md, fidelity)")
     p.add_argument("--samples", type=int, default=32,
                    help="decode steps simulated in full, the rest interpolated (0 = all)")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
@@ -57,6 +60,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                         f"gigabytes (default {TRACE_MAX_BYTES / 1e9:g}; 20-300 kB per step)")
     p.add_argument("--json", action="store_true", help="print the result row as JSON")
     p.set_defaults(run=run)
+
+
+def selection_fields(pairs: list[str]):
+    """``--selection KEY=VALUE`` pairs as a ``SelectionModel`` (None: none given), or a
+    UserError naming ``--selection`` and the field."""
+    from hgsim.accuracy.selection import SelectionFieldError, selection_model
+    from hgsim.commands.policy_options import _scalar
+
+    values: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"expects KEY=VALUE, got {pair!r}", field="--selection")
+        if key in values:
+            raise UserError(f"'{key}' is given twice; give each field once", field="--selection")
+        values[key] = _scalar(value.strip())
+    try:
+        return selection_model(values)
+    except SelectionFieldError as exc:
+        raise UserError(exc.reason, field=f"--selection {exc.field}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -86,6 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if trace_max_gb == 0:
         raise UserError("must be above 0 (it refuses every trace)", field="--trace-max-gb")
     options = policy_options(args.option, args.policy)
+    selection = selection_fields(args.selection)
     # Before the simulation: a trace that cannot be written would lose its result at the end.
     # "" is a mistake, not "no trace"
     trace = check_output_file(args.trace, "--trace") if args.trace is not None else None
@@ -95,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
             result = simulate(
                 args.profile, args.model, args.policy, workload,
                 policy_options=options,
-                fidelity=Fidelity(decode_samples=args.samples), trace_path=trace,
+                fidelity=Fidelity(decode_samples=args.samples, selection=selection),
+                trace_path=trace,
                 trace_max_bytes=trace_max_gb * 1e9,
             )
     except TraceTooLarge as big:

@@ -298,8 +298,16 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
     if kind == "workload" and rest not in Workload.model_fields:
         raise doc.error(loc, f"unknown workload field '{rest}' (known: "
                              f"{', '.join(Workload.model_fields)})")
-    if kind == "fidelity" and rest not in ("decode_samples", "accuracy"):
-        raise doc.error(loc, f"unknown fidelity field '{rest}' (known: decode_samples, accuracy)")
+    if kind == "fidelity" and rest.startswith("selection."):
+        from hgsim.accuracy.selection import SELECTION_FIELDS
+
+        field = rest.split(".", 1)[1]
+        if field not in SELECTION_FIELDS:
+            raise doc.error(loc, f"unknown selection field '{field}' (known: "
+                                 f"{', '.join(SELECTION_FIELDS)})")
+    elif kind == "fidelity" and rest not in ("decode_samples", "accuracy"):
+        raise doc.error(loc, f"unknown fidelity field '{rest}' (known: decode_samples, accuracy, "
+                             "selection.<field>)")
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
 
@@ -422,10 +430,21 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
                         f"profile {profile.name}: {exc}") from None
 
     fid = base.fidelity.model_dump()
+    fid_locs = {f"fidelity.selection.{k}": ("base", "fidelity", "selection", k)
+                for k in fid["selection"]}
     for path in values:
-        if path.startswith("fidelity."):
+        if path.startswith("fidelity.selection."):
+            fid["selection"][path.split(".", 2)[2]] = values[path]
+            fid_locs[path] = locs[path]
+        elif path.startswith("fidelity."):
             fid[path.split(".", 1)[1]] = values[path]
-    fidelity = _fidelity(fid, locs, doc)
+    fidelity = _fidelity(fid, {**locs, **fid_locs}, doc)
+    from hgsim.accuracy.selection import selection_overrides
+
+    fidelity_config = {"decode_samples": fidelity.decode_samples, "accuracy": fidelity.accuracy}
+    overrides = selection_overrides(fidelity.selection)
+    if overrides:  # only when set: the keys of points without them stay as they were
+        fidelity_config["selection"] = overrides
 
     config = {
         "hgsim": __version__,
@@ -435,8 +454,7 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         "policy": policy,
         "policy_options": canonical_options,
         "workload": workload.model_dump(mode="json"),
-        "fidelity": None if study.search else {"decode_samples": fidelity.decode_samples,
-                                               "accuracy": fidelity.accuracy},
+        "fidelity": None if study.search else fidelity_config,
         "search": study.search.model_dump(mode="json") if study.search else None,
     }
     plugin = registry.plugin(policy)
@@ -490,7 +508,14 @@ def _fidelity(values: dict[str, Any], locs: dict[str, Loc], doc: YamlDocument) -
     if not isinstance(accuracy, bool):
         raise doc.error(locs.get("fidelity.accuracy", ("base", "fidelity")),
                         f"accuracy must be true or false, got {accuracy!r}")
-    return Fidelity(decode_samples=samples, accuracy=accuracy)
+    from hgsim.accuracy.selection import SelectionFieldError, selection_model
+
+    try:
+        selection = selection_model(values["selection"])
+    except SelectionFieldError as exc:
+        raise doc.error(locs.get(f"fidelity.selection.{exc.field}",
+                                 ("base", "fidelity", "selection")), exc.reason) from None
+    return Fidelity(decode_samples=samples, accuracy=accuracy, selection=selection)
 
 
 def _table_value(path: str, value: Any, doc: YamlDocument, locs: dict[str, Loc]) -> Any:
