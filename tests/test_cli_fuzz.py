@@ -18,7 +18,8 @@ from hgsim.cli import main
 WORDS = ["", " ", "0", "-1", "-1k", "1", "2", "1k", "1.5k", "1kk", "1 k", "k", "1e3", "1e999",
          "-0", "nan", "inf", "-inf", "0x10", "1_000", "9" * 400, "9" * 5000, "１２", "½", "1k\n",
          "\x00", "é", "🙂", "..", "/", "/dev/null", "/dev/zero", "~nobody", "~", "=", "a=b",
-         "topk_ratio=", "topk_ratio=nan", "topk_ratio=2", "=1", "fp16", "hybridgen",
+         "topk_ratio=", "topk_ratio=nan", "topk_ratio=2", "=1", "history_decay=2",
+         "decision_lag=0", "history_queries=true", "speculation_similarity=0.5", "fp16", "hybridgen",
          "opt-6.7b", "dev-zen4-2core", "tcp://", "0.5", "1e-300", "2147483648", "1g", "1GB"]
 VALUE = st.one_of(st.sampled_from(WORDS), st.text(max_size=8),
                   st.integers(-2, 10**20).map(str), st.sampled_from(["DIR", "FILE"]))
@@ -28,7 +29,8 @@ FIXTURES = [HealthCheck.function_scoped_fixture]
 
 SIMULATE = {"--profile": "dev-zen4-2core", "--model": "opt-6.7b", "--policy": "hybridgen",
             "--context": "1k", "--batch": "1", "--gen": "4", "--samples": "2"}
-SIMULATE_EXTRA = ["--kv-dtype", "--prefill-chunk", "--option", "--trace", "--trace-max-gb"]
+SIMULATE_EXTRA = ["--kv-dtype", "--prefill-chunk", "--option", "--selection", "--trace",
+                  "--trace-max-gb"]
 
 
 @pytest.fixture(autouse=True)
