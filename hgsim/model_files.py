@@ -50,6 +50,7 @@ from hgsim.search_path import (
     user_path,
 )
 from hgsim.specs.model import ModelSpec
+from hgsim.specs.numbers import magnitude_text
 
 #: Colon-separated directories of ``<name>.yaml`` model files, searched before the catalog.
 MODEL_PATH_ENV = "HGSIM_MODEL_PATH"
@@ -254,10 +255,16 @@ def _rope_theta(config: dict[str, Any], refuse) -> float:
         field, value = "rope_parameters.rope_theta", parameters.get("rope_theta")
     if value is None:
         return _ROPE_THETA_DEFAULT
-    if isinstance(value, bool) or not isinstance(value, (int, float)) \
-            or not math.isfinite(value) or value <= 0:
-        raise refuse(field, f"must be a number > 0, got {value!r}")
-    return float(value)
+    try:  # an int too large for a float overflows here rather than in math.isfinite
+        theta = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) \
+            else None
+    except OverflowError:
+        theta = None
+    if theta is None or not math.isfinite(theta) or theta <= 0:
+        shown = magnitude_text(value) if isinstance(value, int) and theta is None \
+            and not isinstance(value, bool) else repr(value)
+        raise refuse(field, f"must be a number > 0, got {shown}")
+    return theta
 
 
 def _refuse_windowed_attention(config: dict[str, Any], default_window: int | None,

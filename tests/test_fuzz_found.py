@@ -38,6 +38,16 @@ def test_config_json_integer_too_large_for_a_float_names_file_and_field(tmp_path
         assert f"{shown} is not a plausible value" in message
 
 
+def test_config_json_rope_theta_too_large_for_a_float_names_file_and_field(tmp_path):
+    """Was OverflowError from the rotary base's check (test_input_fuzz, 2026-12-07)."""
+    path = config_json(tmp_path, rope_theta=10**400)
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    message = str(info.value)
+    assert message == (f"{path}: rope_theta: must be a number > 0, got an integer of about "
+                       "401 digits"), message
+
+
 def test_yaml_model_integer_too_large_for_a_float_is_one_line(tmp_path, capsys):
     path = write(tmp_path / "my.yaml",
                  MY_MODEL_YAML.replace("hidden_size: 1024", "hidden_size: 1" + "0" * 400))

@@ -224,14 +224,29 @@ def test_simulate_interrupted_while_writing_its_trace_leaves_no_torn_trace(
         tmp_path, capsys, monkeypatch):
     """Ctrl-C while a 5 MB trace was being written left a truncated JSON file that Perfetto
     cannot open (found by interrupting a real run at 40 ms steps: 9 of 20 torn)."""
+    import contextlib
+
     import hgsim.sim.trace
     from hgsim.cli import main
 
-    def cut(trace, fh, **kwargs):
-        fh.write('{"traceEvents": [')
-        raise KeyboardInterrupt
+    whole = hgsim.sim.trace.written_whole
 
-    monkeypatch.setattr(hgsim.sim.trace.json, "dump", cut)
+    @contextlib.contextmanager
+    def cut_after_first_slice(path, **kwargs):
+        with whole(path, **kwargs) as fh:
+            class Cut:
+                slices = 0
+
+                def write(self, text):
+                    Cut.slices += 1
+                    if Cut.slices == 2:
+                        raise KeyboardInterrupt
+                    return fh.write(text)
+
+            yield Cut()
+
+    monkeypatch.setattr(hgsim.sim.trace, "_WRITE_SLICE", 64)
+    monkeypatch.setattr(hgsim.sim.trace, "written_whole", cut_after_first_slice)
     trace = tmp_path / "t.json"
     assert main([*SIMULATE, "--trace", str(trace)]) == 130
     assert list(tmp_path.iterdir()) == []

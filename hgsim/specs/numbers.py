@@ -80,7 +80,7 @@ def implausible(value: Any, where: str = "") -> str | None:
             return f"{prefix}{value} is not a finite number"
         size = abs(value)
         if size > MAX_MAGNITUDE or (size and size < MIN_MAGNITUDE):
-            return (f"{prefix}{_magnitude_text(value)} is not a plausible value (non-zero "
+            return (f"{prefix}{magnitude_text(value)} is not a plausible value (non-zero "
                     "magnitudes must lie "
                     f"between {MIN_MAGNITUDE:g} and {MAX_MAGNITUDE:g} in the field's unit)")
         return None
@@ -97,7 +97,7 @@ def implausible(value: Any, where: str = "") -> str | None:
     return None
 
 
-def _magnitude_text(value: int | float) -> str:
+def magnitude_text(value: int | float) -> str:
     """``value`` as ``%g`` writes it; an integer past float's range (a YAML or JSON file may
     hold 400 digits) by its digit count, since ``%g`` would raise OverflowError."""
     try:
