@@ -98,25 +98,37 @@ class SelectionModel:
     history_decay: float = 0.9  # current one's: floor + (1 - floor) * decay**lag
 
     def __post_init__(self) -> None:
-        if not -1.0 <= self.speculation_similarity <= 1.0:
-            raise ValueError("speculation_similarity must lie in [-1, 1]")
-        if not 0.0 < self.speculation_dim_fraction <= 1.0:
-            raise ValueError("speculation_dim_fraction must lie in (0, 1]")
-        if self.history_queries < 1 or self.decision_lag < 1:
-            raise ValueError("history_queries and decision_lag must be at least 1")
-        if not 0.0 <= self.history_similarity_floor <= 1.0 or not 0.0 <= self.history_decay <= 1:
-            raise ValueError("history_similarity_floor and history_decay must lie in [0, 1]")
+        for field in SELECTION_FIELDS:
+            problem = _field_problem(field, getattr(self, field))
+            if problem:
+                raise ValueError(problem)
 
 
 #: ``SelectionModel``'s fields, the ones a study's ``fidelity.selection`` may set.
 SELECTION_FIELDS = tuple(SelectionModel.__dataclass_fields__)
-_WHOLE_FIELDS = ("history_queries", "decision_lag")
-_RANGES = {  # field -> (low, high, low included), as ``SelectionModel`` checks them
+_WHOLE_FIELDS = ("history_queries", "decision_lag")  # whole numbers >= 1
+_RANGES = {  # field -> (low, high, low included)
     "speculation_similarity": (-1.0, 1.0, True),
     "speculation_dim_fraction": (0.0, 1.0, False),
     "history_similarity_floor": (0.0, 1.0, True),
     "history_decay": (0.0, 1.0, True),
 }
+
+
+def _field_problem(field: str, value: Any) -> str | None:
+    """Why ``value`` cannot be ``field`` of a ``SelectionModel`` (None: it can): the one
+    check behind the dataclass and the overrides of studies, the API and the CLI."""
+    if field in _WHOLE_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            return f"{field} must be a whole number >= 1, got {_shown(value)}"
+        return None
+    low, high, closed = _RANGES[field]
+    if (isinstance(value, bool) or not isinstance(value, (int, float))
+            or not math.isfinite(value) or value > high
+            or (value < low if closed else value <= low)):
+        return f"{field} must be a number in {'[' if closed else '('}{low:g}, {high:g}], " \
+               f"got {_shown(value)}"
+    return None
 
 
 class SelectionFieldError(ValueError):
@@ -141,20 +153,10 @@ def selection_model(overrides: Mapping[str, Any] | None) -> SelectionModel | Non
         if field not in SELECTION_FIELDS:
             raise SelectionFieldError(field, f"unknown selection field '{field}' (known: "
                                              f"{', '.join(SELECTION_FIELDS)})")
-        if field in _WHOLE_FIELDS:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise SelectionFieldError(field, f"{field} must be a whole number >= 1, "
-                                                 f"got {_shown(value)}")
-            values[field] = int(value)
-            continue
-        low, high, closed = _RANGES[field]
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or not math.isfinite(value) or value > high
-                or (value < low if closed else value <= low)):
-            bounds = f"{'[' if closed else '('}{low:g}, {high:g}]"
-            raise SelectionFieldError(field, f"{field} must be a number in {bounds}, "
-                                             f"got {_shown(value)}")
-        values[field] = float(value)
+        problem = _field_problem(field, value)
+        if problem:
+            raise SelectionFieldError(field, problem)
+        values[field] = int(value) if field in _WHOLE_FIELDS else float(value)
     return SelectionModel(**values)
 
 
