@@ -443,7 +443,9 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
 
     fidelity_config = {"decode_samples": fidelity.decode_samples, "accuracy": fidelity.accuracy}
     overrides = selection_overrides(fidelity.selection)
-    if overrides:  # only when set: the keys of points without them stay as they were
+    # only when set (the keys of points without them stay as they were), and only for a policy
+    # whose accuracy is scored: an exact one's point is the same whatever the selectors' parameters
+    if overrides and _scores_accuracy(policy, options):
         fidelity_config["selection"] = overrides
 
     config = {
@@ -468,6 +470,13 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     for path, value in values.items():
         coords[path] = model.name if path == "model" else _table_value(path, value, doc, locs)
     return Point(coords, spec)
+
+
+def _scores_accuracy(policy: str, options: dict[str, Any]) -> bool:
+    """Whether ``policy`` with ``options`` drops attention, so that its run scores accuracy
+    (``SimResult`` of an exact policy has error 0 whatever ``fidelity.selection`` says)."""
+    cls, _, _ = registry.lookup(policy)
+    return bool(cls.lossy_with(checked_options(policy, options)))
 
 
 def _check_policy(policy: Any, options: dict[str, Any], loc: Loc, option_locs: dict[str, Loc],
