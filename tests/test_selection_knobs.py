@@ -130,19 +130,24 @@ def test_default_selection_is_the_old_result_bit_for_bit():
 
 
 def test_keys_of_studies_without_overrides_stay_the_same(tmp_path):
-    """Overrides change the key of a lossy policy's point only: an exact policy's run is the
-    same whatever they say, so a sweep over them computes it once."""
+    """Overrides change a point's key only where the policy's accuracy depends on them (H2O:
+    history, InfiniGen: speculation); an exact policy's and HybridGen's (exact top-k) runs are
+    the same whatever they say, so a sweep over them computes those once."""
     def keys(fidelity: str) -> dict[str, str]:
         text = HEAD.replace("{decode_samples: 2}", fidelity) + \
-            "sweep:\n  grid:\n    policy: [h2o, flexgen]\n"
+            "sweep:\n  grid:\n    policy: [h2o, infinigen, hybridgen, flexgen]\n"
         return {p.spec.policy: p.spec.key
                 for p in load_study(write_study(tmp_path, text)).expansion.points}
 
     plain = keys("{decode_samples: 2}")
     assert keys("{decode_samples: 2, selection: {}}") == plain
     assert keys("{decode_samples: 2, selection: {history_decay: 0.9}}") == plain  # default
-    changed = keys("{decode_samples: 2, selection: {history_decay: 0.95}}")
-    assert changed["h2o"] != plain["h2o"] and changed["flexgen"] == plain["flexgen"]
+    history = keys("{decode_samples: 2, selection: {history_decay: 0.95}}")
+    assert history["h2o"] != plain["h2o"]
+    assert {p: history[p] for p in ("infinigen", "hybridgen", "flexgen")} == \
+        {p: plain[p] for p in ("infinigen", "hybridgen", "flexgen")}
+    speculation = keys("{decode_samples: 2, selection: {speculation_similarity: 0.8}}")
+    assert speculation["infinigen"] != plain["infinigen"] and speculation["h2o"] == plain["h2o"]
 
 
 STUDY_ERRORS = {

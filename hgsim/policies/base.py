@@ -90,6 +90,9 @@ class Policy(ABC):
     # whether K and V may live in host memory, to be read back by a chunked prefill (False:
     # all in HBM, or dropped as H2O does; the prefill then holds no landing blocks)
     reads_kv_back: ClassVar[bool] = True
+    # the ``hgsim.accuracy.SelectionModel`` fields a lossy policy's accuracy depends on (its
+    # approximate selector's); None: all of them, for a policy that does not say
+    selector_parameters: ClassVar[tuple[str, ...] | None] = None
     Options: ClassVar[type[PolicyOptions]] = PolicyOptions
 
     @classmethod

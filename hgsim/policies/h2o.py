@@ -17,6 +17,8 @@ class H2O(Policy):
     name = "h2o"
     description = "heavy-hitter + recent budget in HBM, rest evicted (H2O)"
     lossy = True
+    selector_parameters = ("history_queries", "decision_lag", "history_similarity_floor",
+                           "history_decay")
     Options = H2OOptions
     reads_kv_back = False  # what leaves the budget is dropped, never read back
 

@@ -23,6 +23,7 @@ class Hgca(Policy):
     name = "hgca"
     description = "GPU dense recent + CPU sparse salient attention, LSE merge (HGCA)"
     lossy = True
+    selector_parameters = ()  # exact top-k
     Options = HgcaOptions
 
     def setup(self) -> None:

@@ -56,6 +56,7 @@ class HybridGen(Policy):
     name = "hybridgen"
     description = "attention logit parallelism + feedback scheduler + semantic KV mapping"
     lossy = True
+    selector_parameters = ()  # exact top-k (per head or per KV group)
     Options = HybridGenOptions
 
     @classmethod

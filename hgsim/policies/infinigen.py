@@ -24,6 +24,7 @@ class InfiniGen(Policy):
     name = "infinigen"
     description = "speculative top-k prefetch of KV rows over PCIe (InfiniGen)"
     lossy = True
+    selector_parameters = ("speculation_similarity", "speculation_dim_fraction")
     Options = InfiniGenOptions
 
     def setup(self) -> None:

@@ -442,10 +442,11 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     from hgsim.accuracy.selection import selection_overrides
 
     fidelity_config = {"decode_samples": fidelity.decode_samples, "accuracy": fidelity.accuracy}
-    overrides = selection_overrides(fidelity.selection)
-    # only when set (the keys of points without them stay as they were), and only for a policy
-    # whose accuracy is scored: an exact one's point is the same whatever the selectors' parameters
-    if overrides and _scores_accuracy(policy, options):
+    # only when set (the keys of points without them stay as they were), and only those the
+    # policy's accuracy depends on: an exact policy's point, or HybridGen's (exact top-k), is
+    # the same whatever the approximate selectors' parameters say
+    overrides = _relevant_overrides(policy, options, selection_overrides(fidelity.selection))
+    if overrides:
         fidelity_config["selection"] = overrides
 
     config = {
@@ -472,11 +473,17 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     return Point(coords, spec)
 
 
-def _scores_accuracy(policy: str, options: dict[str, Any]) -> bool:
-    """Whether ``policy`` with ``options`` drops attention, so that its run scores accuracy
-    (``SimResult`` of an exact policy has error 0 whatever ``fidelity.selection`` says)."""
+def _relevant_overrides(policy: str, options: dict[str, Any],
+                        overrides: dict[str, Any]) -> dict[str, Any]:
+    """The ``fidelity.selection`` overrides ``policy`` with ``options`` is scored with: none
+    for an exact one (its error is 0), those in its ``selector_parameters`` for a lossy one."""
+    if not overrides:
+        return {}
     cls, _, _ = registry.lookup(policy)
-    return bool(cls.lossy_with(checked_options(policy, options)))
+    if not cls.lossy_with(checked_options(policy, options)):
+        return {}
+    fields = cls.selector_parameters
+    return {k: v for k, v in overrides.items() if fields is None or k in fields}
 
 
 def _check_policy(policy: Any, options: dict[str, Any], loc: Loc, option_locs: dict[str, Loc],
