@@ -48,6 +48,20 @@ def test_config_json_rope_theta_too_large_for_a_float_names_file_and_field(tmp_p
                        "401 digits"), message
 
 
+@pytest.mark.parametrize(("field", "shown"), [
+    ("model_type", "model_type: '\\n' is not a supported architecture"),
+    ("n_routed_experts", "n_routed_experts: \\n: a mixture-of-experts model"),
+    ("hidden_act", "hidden_act: '\\n': the gated FFN"),
+])
+def test_config_json_value_with_a_line_break_is_quoted_on_one_line(tmp_path, field, shown):
+    """A string holding a newline was quoted raw into the error (test_input_fuzz, 2026-12-07)."""
+    path = config_json(tmp_path, **{field: "\n"})
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    message = str(info.value)
+    assert "\n" not in message and f"{path}: {shown}" in message, message
+
+
 def test_yaml_model_integer_too_large_for_a_float_is_one_line(tmp_path, capsys):
     path = write(tmp_path / "my.yaml",
                  MY_MODEL_YAML.replace("hidden_size: 1024", "hidden_size: 1" + "0" * 400))
