@@ -58,6 +58,15 @@ def dimension_of(field_name: str) -> str | None:
     return None
 
 
+def split_quantity(text: str) -> tuple[float, str | None]:
+    """The number and unit (None: none) a quantity such as ``"768 GiB"`` is written with;
+    ValueError if it is not one."""
+    match = _QUANTITY.fullmatch(text)
+    if not match:
+        raise ValueError(f"cannot read {text!r} as a quantity")
+    return float(match.group(1)), match.group(2)
+
+
 def parse_quantity(value: object, dimension: str) -> float:
     """Convert ``value`` (number, or string with a unit of ``dimension``) to the canonical unit.
 
@@ -69,10 +78,7 @@ def parse_quantity(value: object, dimension: str) -> float:
         return float(value)
     if not isinstance(value, str):
         raise ValueError(f"expected a number, got {type(value).__name__}")
-    match = _QUANTITY.fullmatch(value)
-    if not match:
-        raise ValueError(f"cannot read {value!r} as a quantity")
-    number, unit = float(match.group(1)), match.group(2)
+    number, unit = split_quantity(value)
     if unit is None:
         return number
     table = _DIMENSIONS[dimension]

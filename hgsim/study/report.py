@@ -10,7 +10,6 @@ Long tables are cut at ``report.max_rows`` with a pointer to the file holding ev
 from __future__ import annotations
 
 import math
-import string
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from hgsim.study import axes as ax
 from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
 from hgsim.study.schema import Study
-from hgsim.units import dimension_of, parse_quantity
+from hgsim.units import dimension_of, parse_quantity, split_quantity
 
 #: What a searched maximum counts, for the heading of its table.
 SEARCH_UNITS = {"context": " (tokens per sequence; 1k = 1,024)", "batch": " (sequences)"}
@@ -79,7 +78,7 @@ def as_results_show(column: str, value: Any) -> Any:
     written = value.strip(" ")
     try:
         number = parse_quantity(written, dimension)
-        bare = float(written.rstrip(string.ascii_letters + "/ "))  # the number without unit
+        bare, _ = split_quantity(written)  # the number without its unit
     except ValueError:  # the study was checked when loaded; show what it says
         return value
     shown = fmt(number, column)
