@@ -40,7 +40,7 @@ def _parse(pairs: list[str]) -> dict:
         if key in options:
             raise UserError(f"'{key}' is given twice ({key}={options[key]} and {pair.strip()}); "
                             "give each option once", field="--option")
-        options[key] = _scalar(value.strip())
+        options[key] = command_line_value(value.strip())
     return options
 
 
@@ -67,7 +67,9 @@ def named_as_flags() -> Iterator[None]:
         raise UserError(exc.reason, field=f"--option {exc.option}".strip()) from None
 
 
-def _scalar(text: str):
+def command_line_value(text: str):
+    """A ``KEY=VALUE`` flag's value as YAML would read it: true/false, none/null (None), an
+    int, a float, else the text (``--option`` and ``--selection`` both)."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"

@@ -66,7 +66,7 @@ def selection_fields(pairs: list[str]):
     """``--selection KEY=VALUE`` pairs as a ``SelectionModel`` (None: none given), or a
     UserError naming ``--selection`` and the field."""
     from hgsim.accuracy.selection import SelectionFieldError, selection_model
-    from hgsim.commands.policy_options import _scalar
+    from hgsim.commands.policy_options import command_line_value
 
     values: dict = {}
     for pair in pairs:
@@ -76,7 +76,7 @@ def selection_fields(pairs: list[str]):
             raise UserError(f"expects KEY=VALUE, got {pair!r}", field="--selection")
         if key in values:
             raise UserError(f"'{key}' is given twice; give each field once", field="--selection")
-        values[key] = _scalar(value.strip())
+        values[key] = command_line_value(value.strip())
     try:
         return selection_model(values)
     except SelectionFieldError as exc:
