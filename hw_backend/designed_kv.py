@@ -58,8 +58,8 @@ class DesignedKv:
 
     def __init__(self, spec: AttentionModelSpec | None = None) -> None:
         self.spec = spec or DEFAULT_SPEC
-        self._built: dict[tuple, tuple[torch.Tensor, ...]] = {}
-        self._split: dict[tuple, tuple[torch.Tensor, float]] = {}
+        # per layout: (q, K, V, persistent query part, drifting parts' scale)
+        self._built: dict[tuple, tuple] = {}
 
     def layout_spec(self, *, heads: int, kv_heads: int, head_dim: int,
                     tokens: int) -> AttentionModelSpec:
@@ -86,16 +86,16 @@ class DesignedKv:
             case = synthesize_case(self.layout_spec(heads=heads, kv_heads=kv_heads,
                                                     head_dim=head_dim, tokens=tokens))
             built = (torch.from_numpy(case.q).float(), torch.from_numpy(case.k).to(dtype),
-                     torch.from_numpy(case.v).to(dtype))
+                     torch.from_numpy(case.v).to(dtype),
+                     torch.from_numpy(case.persistent_q).float(),
+                     math.sqrt(1.0 - case.persistent_share))
             self._built[key] = built
-            self._split[key] = (torch.from_numpy(case.persistent_q).float(),
-                                math.sqrt(1.0 - case.persistent_share))
         return built
 
     def split(self, heads: int, kv_heads: int, head_dim: int, dtype) -> tuple[torch.Tensor, float]:
         """The last ``fill``'s persistent query part (1, H, D) and its drifting parts' scale
         (what ``QueryDrift`` needs to keep one and drift the other)."""
-        return self._split[(heads, kv_heads, head_dim, dtype)]
+        return self._built[(heads, kv_heads, head_dim, dtype)][3:]
 
 
 _DRIFT_STREAM = 0xD21F7  # separates the drift's draws from the case's own streams
