@@ -19,7 +19,8 @@ class UserError(Exception):
         self.source = source
         self.field = field
         where = ": ".join(part for part in (source, field) if part)
-        super().__init__(f"{where}: {message}" if where else message)
+        # one line whatever value it quotes (a name, a file's field), for the CLI and the API
+        super().__init__(one_line(f"{where}: {message}" if where else message))
 
 
 class ConfigError(UserError):

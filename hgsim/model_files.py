@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from hgsim.config_io import humane, load_yaml, validate
 from hgsim.config_read import read_text
-from hgsim.errors import ConfigError, one_line
+from hgsim.errors import ConfigError
 from hgsim.search_path import (
     YAML_SUFFIXES,
     existing_file,
@@ -167,8 +167,8 @@ def spec_from_hf_config(config: dict[str, Any], source: str, name: str) -> Model
     """The ModelSpec of a Hugging Face ``config.json`` (see the module doc for what maps to
     what); anything hgsim does not model is a ConfigError naming ``source`` and the field."""
 
-    def refuse(field: str, message: str) -> ConfigError:  # one line whatever value it quotes
-        return ConfigError(one_line(message), source=source, field=field)
+    def refuse(field: str, message: str) -> ConfigError:
+        return ConfigError(message, source=source, field=field)
 
     model_type = config.get("model_type")
     if not isinstance(model_type, str):
