@@ -63,6 +63,7 @@ def simulate(
     samples: int = 32,
     accuracy: bool = True,
     selection: Mapping[str, Any] | None = None,
+    attention: Mapping[str, Any] | None = None,
     trace: str | os.PathLike[str] | None = None,
     trace_max_gb: float | None = TRACE_MAX_BYTES / 1e9,
 ) -> SimResult:
@@ -74,7 +75,10 @@ def simulate(
     ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
     simulated in full (0: all), ``selection`` the approximate selectors' parameters the
     accuracy proxy scores with (``{"history_decay": 0.95}``: ``hgsim.accuracy.SelectionModel``'s
-    fields, as a study's ``fidelity.selection``; None: its defaults), ``trace`` a Perfetto/Chrome trace file to write (refused with
+    fields, as a study's ``fidelity.selection``; None: its defaults), ``attention`` the shape
+    of the synthetic attention it scores on and a GQA group union's rows come from
+    (``{"heavy_fraction": 0.05}``: ``hgsim.accuracy.ATTENTION``'s fields, as a study's
+    ``fidelity.attention``; None: its defaults), ``trace`` a Perfetto/Chrome trace file to write (refused with
     ``TraceTooLarge`` when its first simulated step says it would pass ``trace_max_gb``;
     None: no limit). The result has
     ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
@@ -96,7 +100,8 @@ def simulate(
     # the study schema's checks of the same knobs: whole numbers, true/false, never a bool
     fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},
                         names={"decode_samples": "samples"})
-    chosen = _selection(selection)
+    chosen = {name: _overrides(name, given)
+              for name, given in (("selection", selection), ("attention", attention))}
     workload = _checked(Workload, dict(batch=batch, context=context, gen=gen, kv_dtype=kv_dtype,
                                        weight_dtype=weight_dtype, include_prefill=prefill,
                                        prefill_chunk_tokens=prefill_chunk_tokens),
@@ -112,23 +117,24 @@ def simulate(
                         field="trace_max_gb")
     return run(base, model, policy, workload, policy_options=dict(options or {}),
                fidelity=Fidelity(decode_samples=fidelity.decode_samples,
-                                 accuracy=fidelity.accuracy, selection=chosen),
+                                 accuracy=fidelity.accuracy, **chosen),
                trace_path=trace,
                trace_max_bytes=None if trace_max_gb is None else trace_max_gb * 1e9)
 
 
-def _selection(selection: Mapping[str, Any] | None):
-    """``selection`` as a ``SelectionModel`` (None: the defaults), or a UserError naming the
-    field that is wrong."""
-    from hgsim.accuracy.selection import SelectionFieldError, selection_model
+def _overrides(name: str, given: Mapping[str, Any] | None):
+    """Argument ``name`` (``selection`` or ``attention``) as its accuracy-model dataclass
+    (None: the defaults), or a UserError naming the field that is wrong."""
+    from hgsim.accuracy.overrides import FieldError, override_groups
 
-    if selection is not None and not isinstance(selection, Mapping):
-        raise UserError(f"expected a mapping of selection fields to values, e.g. "
-                        f"{{'history_decay': 0.95}}, got {selection!r}", field="selection")
+    group = override_groups()[name]
+    if given is not None and not isinstance(given, Mapping):
+        raise UserError(f"expected a mapping of {name} fields to values, e.g. "
+                        f"{group.example}, got {given!r}", field=name)
     try:
-        return selection_model(selection)
-    except SelectionFieldError as exc:
-        raise UserError(exc.reason, field=f"selection.{exc.field}") from None
+        return group.build(given)
+    except FieldError as exc:
+        raise UserError(exc.reason, field=f"{name}.{exc.field}") from None
 
 
 def _checked(model: type, values: dict[str, Any], names: dict[str, str]):

@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from hgsim.plan import CpuWork, GroupSelect, LayerPlan, Transfer
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
+
+if TYPE_CHECKING:
+    from hgsim.accuracy.synthetic import AttentionModelSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +84,11 @@ class LayerWork:
 
 def layer_work(
     model: ModelSpec, batch: int, lp: LayerPlan, kv_dtype: str, weight_dtype: str,
-    *, attention_only: bool = False,
+    *, attention_only: bool = False, attention: AttentionModelSpec | None = None,
 ) -> LayerWork:
     """``attention_only`` drops the projections and FFN: what hw_backend's executor runs when
-    validating the attention path alone."""
+    validating the attention path alone; ``attention`` is the synthetic attention whose
+    heads' top-k overlap sizes a group union (None: the accuracy model's defaults)."""
     b_kv = DTYPE_BYTES[kv_dtype]
     b_w = DTYPE_BYTES[weight_dtype]
     heads, hd, hidden = model.num_heads, model.head_dim, model.hidden_size
@@ -147,7 +152,7 @@ def layer_work(
             merge = Work(2.0 * batch * heads * hd * sel, picks * row + logit_bytes)
         else:  # per KV group: distinct rows, gathered and sent once per KV head
             kv_heads = model.num_kv_heads
-            per_kv = host_rows_per_kv_head(model, lp)
+            per_kv = host_rows_per_kv_head(model, lp, attention)
             rows = batch * kv_heads * per_kv  # distinct (sequence, KV head, token) rows
             scored = batch * heads * per_kv  # every head's logit over its group's rows
             if lp.group_selection(model.gqa_group) is GroupSelect.GROUP_UNION:
@@ -214,14 +219,16 @@ def lm_head_work(model: ModelSpec, batch: int, weight_dtype: str) -> Work:
     return Work(2.0 * batch * hidden * vocab + 4.0 * batch * hidden, (vocab + 1) * hidden * b_w)
 
 
-def host_rows_per_kv_head(model: ModelSpec, lp: LayerPlan) -> float:
+def host_rows_per_kv_head(model: ModelSpec, lp: LayerPlan,
+                          attention: AttentionModelSpec | None = None) -> float:
     """Rows HybridGen's top-k path gathers and sends per (sequence, KV head) for ``lp``.
 
     Per query head ``G k`` (a row several heads pick counts once per head); per KV group the
     distinct rows: ``k`` for a shared top-k, the expected size of the union of the group's
     per-head top-k sets for a union (``accuracy.groups.expected_union_rows``: from the overlap
     of the heads' top-k sets on the accuracy model's synthetic attention, between k and
-    ``min(G k, host tokens)``). An exact plan sends every host row once per KV head."""
+    ``min(G k, host tokens)``; ``attention`` is that synthetic attention, None its defaults).
+    An exact plan sends every host row once per KV head."""
     group, k = model.gqa_group, lp.host_selected
     if lp.exact:
         return float(lp.host_tokens)
@@ -232,7 +239,7 @@ def host_rows_per_kv_head(model: ModelSpec, lp: LayerPlan) -> float:
         return float(k)
     from hgsim.accuracy.groups import expected_union_rows  # numpy/scipy only when needed
 
-    return expected_union_rows(lp.host_tokens, k, group)
+    return expected_union_rows(lp.host_tokens, k, group, attention)
 
 
 def _heap_inserts(heaps: float, n: float, k: float) -> float:

@@ -33,6 +33,7 @@ from hgsim.workload import Workload
 
 if TYPE_CHECKING:
     from hgsim.accuracy.selection import SelectionModel
+    from hgsim.accuracy.synthetic import AttentionModelSpec
 
 DEFAULT_RESOLUTION = 0.005
 
@@ -105,15 +106,19 @@ class ProxyProbe:
 
 def probe_setting(policy: str, model: ModelSpec, profile: HardwareProfile, workload: Workload,
                   options: dict[str, Any], knob: Knob, value: float,
-                  selection: SelectionModel | None = None) -> ProxyProbe:
+                  selection: SelectionModel | None = None,
+                  attention: AttentionModelSpec | None = None) -> ProxyProbe:
     """Proxy error of ``policy`` with its knob at ``value`` (the plan at the median step,
     before any scheduler decision: for HybridGen, r at the floor), scored with the
-    selectors' parameters ``selection`` (None: the defaults; ``Fidelity.selection``)."""
+    selectors' parameters ``selection`` on the synthetic attention ``attention`` (None: the
+    defaults; ``Fidelity.selection`` and ``Fidelity.attention``)."""
     from hgsim.accuracy import accuracy_proxy, group_spec
 
-    pol = make_policy(policy, model, profile, workload, knob.options(options, value))
+    pol = make_policy(policy, model, profile, workload, knob.options(options, value),
+                      attention=attention)
     plan = pol.step_plan(accuracy_context(workload)).layer
-    error = accuracy_proxy(plan, group_spec(model.gqa_group), model=selection).rel_error
+    error = accuracy_proxy(plan, group_spec(model.gqa_group, attention),
+                           model=selection).rel_error
     return ProxyProbe(value, float(error), pol.feasible, pol.infeasibility())
 
 

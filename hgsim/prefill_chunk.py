@@ -21,7 +21,7 @@ Ties go to the larger chunk (fewer kernels, and the whole prompt when chunking g
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from hgsim.costs import prefill_chunk_candidates
@@ -77,15 +77,17 @@ def weigh_prefill_chunks(profile: HardwareProfile, model: ModelSpec, policy: str
                          fidelity: Fidelity) -> list[ChunkEstimate]:
     """Every candidate that fits, weighed as the module says (those whose bound lost keep
     ``ttft_s`` NaN), in the order they were weighed."""
-    from hgsim.simulate import Fidelity, new_engine, simulate_prepared
+    from hgsim.simulate import new_engine, simulate_prepared
 
     samples = fidelity.decode_samples
-    decode_fidelity = Fidelity(decode_samples=samples if 0 < samples <= EVAL_DECODE_SAMPLES
-                               else EVAL_DECODE_SAMPLES, accuracy=False)
+    decode_fidelity = replace(fidelity, record=False, accuracy=False,
+                              decode_samples=samples if 0 < samples <= EVAL_DECODE_SAMPLES
+                              else EVAL_DECODE_SAMPLES)
     fitting = []
     for chunk in prefill_chunk_candidates(workload.context):
         candidate = workload.model_copy(update={"prefill_chunk_tokens": chunk})
-        pol = make_policy(policy, model, profile, candidate, policy_options)
+        pol = make_policy(policy, model, profile, candidate, policy_options,
+                          attention=fidelity.attention)
         if not pol.feasible:
             continue
         decode = simulate_prepared(profile, model, policy, candidate,

@@ -36,6 +36,7 @@ from hgsim.workload import Workload
 
 if TYPE_CHECKING:
     from hgsim.accuracy.selection import SelectionModel
+    from hgsim.accuracy.synthetic import AttentionModelSpec
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,10 @@ class Fidelity:
     # the approximate selectors' parameters the accuracy proxy scores with (InfiniGen's
     # speculation, H2O's history; ``hgsim.accuracy.SelectionModel``); None: its defaults
     selection: SelectionModel | None = None
+    # the shape of the synthetic attention (``hgsim.accuracy.AttentionModelSpec``'s sinks,
+    # recency, heavy hitters and noise) the proxy scores on and a group union's rows come
+    # from; None: its defaults
+    attention: AttentionModelSpec | None = None
 
 
 def accuracy_context(workload: Workload) -> int:
@@ -114,7 +119,8 @@ def simulate_prepared(
     HBM, so the placement is the one the prefill leaves, but skips simulating the prefill:
     the decode alone, as the chunk chooser weighs it."""
     wall0 = time.perf_counter()
-    pol = make_policy(policy, model, profile, workload, policy_options)
+    pol = make_policy(policy, model, profile, workload, policy_options,
+                      attention=fidelity.attention)
     result = SimResult(
         profile=profile.name, model=model.name, policy=policy, batch=workload.batch,
         context=workload.context, gen=workload.gen, feasible=pol.feasible,
@@ -132,7 +138,8 @@ def simulate_prepared(
         result.wall_s = time.perf_counter() - wall0
         return result
 
-    engine = new_engine(profile, model, workload, record=fidelity.record or trace_path is not None)
+    engine = new_engine(profile, model, workload, record=fidelity.record or trace_path is not None,
+                        attention=fidelity.attention)
     env, machine = engine.env, engine.machine
     spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
     prefill = workload.include_prefill and time_prefill
@@ -213,7 +220,7 @@ def simulate_prepared(
     if pol.lossy and not fidelity.accuracy:  # not computed: no number rather than a wrong one
         result.accuracy_mass_kept = result.accuracy_rel_error = float("nan")
     elif pol.lossy and scored is not None:
-        _accuracy(result, scored, pol.model, fidelity.selection)
+        _accuracy(result, scored, pol.model, fidelity)
     if trace_path is not None:
         _write_trace(machine, trace_path, result, spans, markers)
     result.wall_s = time.perf_counter() - wall0
@@ -221,11 +228,12 @@ def simulate_prepared(
 
 
 def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *,
-               record: bool = False) -> DecodeEngine:
-    """A decode engine for ``workload`` on a fresh machine of ``profile``."""
+               record: bool = False, attention: AttentionModelSpec | None = None) -> DecodeEngine:
+    """A decode engine for ``workload`` on a fresh machine of ``profile`` (``attention``: the
+    synthetic attention a group union's row count comes from; None: the defaults)."""
     machine = Machine(simpy.Environment(), profile, record=record)
     return DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
-                        attention_only=workload.attention_only)
+                        attention_only=workload.attention_only, attention=attention)
 
 
 def _check_trace_size(first_bytes: int, before_bytes: int, steps: int,
@@ -300,20 +308,20 @@ def _mean_binding(steps: list[StepTiming],
 
 
 def _accuracy(result: SimResult, median_plan: LayerPlan, model: ModelSpec,
-              selection: SelectionModel | None = None) -> None:
+              fidelity: Fidelity) -> None:
     """Proxy fidelity of the selection the run actually made.
 
     The plan the run used at its median step, with its top-k ratio replaced by the mean over
     every step: an adaptive scheduler's r changes during the run, and the mean is what the run
     attended on average. Static policies have one ratio, so this is their plan unchanged. The
-    synthetic attention has the model's query heads per KV head; ``selection`` the
-    selectors' parameters (None: the defaults).
+    synthetic attention (``fidelity.attention``) has the model's query heads per KV head;
+    ``fidelity.selection`` holds the selectors' parameters.
     """
     from hgsim.accuracy import accuracy_proxy, group_spec
 
     plan = mean_ratio_plan(median_plan, float(np.mean([s.topk_ratio for s in result.steps])))
-    fid = accuracy_proxy(plan, group_spec(model.gqa_group),  # GQA groups share keys
-                         model=selection)
+    fid = accuracy_proxy(plan, group_spec(model.gqa_group, fidelity.attention),  # GQA: shared keys
+                         model=fidelity.selection)
     result.accuracy_mass_kept = float(fid.mass_kept)
     result.accuracy_rel_error = float(fid.rel_error)
 

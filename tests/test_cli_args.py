@@ -60,9 +60,9 @@ def test_none_is_the_word_where_an_option_takes_it_and_no_value_elsewhere():
         policy_options(["weight_offload=null"], "hybridgen")
 
 
-def test_option_syntax_error_is_unchanged(capsys):
+def test_option_syntax_error_names_the_flag(capsys):
     line = user_error(capsys, *SIMULATE, "--option", "topk_ratio")
-    assert line == "hgsim simulate: error: --option expects KEY=VALUE, got 'topk_ratio'"
+    assert line == "hgsim simulate: error: --option: expects KEY=VALUE, got 'topk_ratio'"
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--context", "0"), ("--batch", "true"),

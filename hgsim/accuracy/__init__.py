@@ -50,8 +50,10 @@ from hgsim.accuracy.selection import (
     topk_mask,
 )
 from hgsim.accuracy.synthetic import (
+    ATTENTION,
     AttentionModelSpec,
     SyntheticAttention,
+    attention_model,
     case_logits,
     design_logit_parts,
     design_logits,
@@ -62,9 +64,11 @@ from hgsim.accuracy.synthetic import (
 )
 
 __all__ = [
+    "ATTENTION",
     "DEFAULT_MAX_TOKENS",
     "DEFAULT_SPEC",
     "AttentionModelSpec",
+    "attention_model",
     "Fidelity",
     "ScaledProblem",
     "SelectionModel",

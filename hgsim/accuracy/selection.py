@@ -39,6 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from hgsim.accuracy._arrays import heads_and_keys
+from hgsim.accuracy.overrides import FieldError, FieldRule, OverrideGroup
 from hgsim.accuracy.synthetic import next_query, query_rng
 from hgsim.plan import GroupScore, GroupSelect, Selector
 
@@ -98,80 +99,34 @@ class SelectionModel:
     history_decay: float = 0.9  # current one's: floor + (1 - floor) * decay**lag
 
     def __post_init__(self) -> None:
-        for field in SELECTION_FIELDS:
-            problem = _field_problem(field, getattr(self, field))
-            if problem:
-                raise ValueError(problem)
+        SELECTION.check(self)
 
 
-#: ``SelectionModel``'s fields, the ones a study's ``fidelity.selection`` may set.
-SELECTION_FIELDS = tuple(SelectionModel.__dataclass_fields__)
-_WHOLE_FIELDS = ("history_queries", "decision_lag")  # whole numbers >= 1
-_RANGES = {  # field -> (low, high, low included)
-    "speculation_similarity": (-1.0, 1.0, True),
-    "speculation_dim_fraction": (0.0, 1.0, False),
-    "history_similarity_floor": (0.0, 1.0, True),
-    "history_decay": (0.0, 1.0, True),
-}
-
-
-def _field_problem(field: str, value: Any) -> str | None:
-    """Why ``value`` cannot be ``field`` of a ``SelectionModel`` (None: it can): the one
-    check behind the dataclass and the overrides of studies, the API and the CLI."""
-    if field in _WHOLE_FIELDS:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            return f"{field} must be a whole number >= 1, got {_shown(value)}"
-        return None
-    low, high, closed = _RANGES[field]
-    if (isinstance(value, bool) or not isinstance(value, (int, float))
-            or not math.isfinite(value) or value > high
-            or (value < low if closed else value <= low)):
-        return f"{field} must be a number in {'[' if closed else '('}{low:g}, {high:g}], " \
-               f"got {_shown(value)}"
-    return None
-
-
-class SelectionFieldError(ValueError):
-    """A bad ``SelectionModel`` override: ``field`` names it, the message says why."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(reason)
-        self.field = field
-        self.reason = reason
+#: The group a study's ``fidelity.selection`` (the API's ``selection``, the CLI's
+#: ``--selection``) sets: every field of ``SelectionModel``.
+SELECTION = OverrideGroup("selection", SelectionModel, {
+    "speculation_similarity": FieldRule(-1.0, 1.0),
+    "speculation_dim_fraction": FieldRule(0.0, 1.0, low_open=True),
+    "history_queries": FieldRule(1, whole=True),
+    "decision_lag": FieldRule(1, whole=True),
+    "history_similarity_floor": FieldRule(0.0, 1.0),
+    "history_decay": FieldRule(0.0, 1.0),
+}, example="{'history_decay': 0.95}")
+SELECTION_FIELDS = SELECTION.fields
+SelectionFieldError = FieldError
 
 
 def selection_model(overrides: Mapping[str, Any] | None) -> SelectionModel | None:
     """``SelectionModel`` with ``overrides`` (field -> value) replacing its defaults; None when
-    none is given (the defaults). Raises ``SelectionFieldError`` naming the first unknown
-    field or bad value: whole numbers >= 1 for ``history_queries`` and ``decision_lag``,
-    numbers in the ranges ``SelectionModel`` checks for the others (never booleans or text).
-    """
-    if not overrides:
-        return None
-    values: dict[str, Any] = {}
-    for field, value in overrides.items():
-        if field not in SELECTION_FIELDS:
-            raise SelectionFieldError(field, f"unknown selection field '{field}' (known: "
-                                             f"{', '.join(SELECTION_FIELDS)})")
-        problem = _field_problem(field, value)
-        if problem:
-            raise SelectionFieldError(field, problem)
-        values[field] = int(value) if field in _WHOLE_FIELDS else float(value)
-    return SelectionModel(**values)
-
-
-def _shown(value: Any) -> str:
-    """A value as the YAML that gave it reads (true, not True)."""
-    return str(value).lower() if isinstance(value, bool) else repr(value)
+    none is given (the defaults). Raises ``FieldError`` naming the first unknown field or bad
+    value: whole numbers >= 1 for ``history_queries`` and ``decision_lag``, numbers in the
+    ranges ``SELECTION`` gives for the others (never booleans or text)."""
+    return SELECTION.build(overrides)
 
 
 def selection_overrides(model: SelectionModel | None) -> dict[str, Any]:
     """The fields of ``model`` that differ from the defaults (empty for None or defaults)."""
-    if model is None:
-        return {}
-    default = SelectionModel()
-    return {field: getattr(model, field) for field in SELECTION_FIELDS
-            if getattr(model, field) != getattr(default, field)}
+    return SELECTION.overrides_of(model)
 
 
 def host_range(n_tokens: int, window: TokenWindow) -> tuple[int, int]:

@@ -51,10 +51,13 @@ modes moves when heads are less alike (``head_noise_std`` 1.0 and 1.5: ``rho`` 0
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
+
+from hgsim.accuracy.overrides import FieldRule, OverrideGroup
 
 _UNIFORM_HALF_WIDTH = math.sqrt(3.0)  # U(-sqrt 3, sqrt 3) has unit variance
 _QUERY_STREAM = 0x5EED  # separates next_query's stream from a caller's use of the same seed
@@ -124,6 +127,35 @@ class AttentionModelSpec:
     def with_tokens(self, n_tokens: int) -> AttentionModelSpec:
         """The same attention model over ``n_tokens`` (sinks capped at the context)."""
         return replace(self, n_tokens=n_tokens, sink_tokens=min(self.sink_tokens, n_tokens))
+
+
+#: The fields of the attention's shape a study's ``fidelity.attention`` (the API's
+#: ``attention``, the CLI's ``--attention``) sets; the sizes (tokens, heads, head_dim) follow the
+#: plan and the model. The bounds only keep the logits finite and the shapes meaningful; a
+#: derived spec (``proxy.zoom_spec``) may step outside them.
+ATTENTION = OverrideGroup("attention", AttentionModelSpec, {
+    "sink_tokens": FieldRule(0, 4096, whole=True),
+    "sink_logit_boost": FieldRule(0.0, 50.0),
+    "recency_boost": FieldRule(0.0, 50.0),
+    "recency_tokens": FieldRule(0.0, 1e6, low_open=True),
+    "heavy_fraction": FieldRule(0.0, 1.0),
+    "heavy_logit_boost": FieldRule(0.0, 50.0),
+    "heavy_tail_index": FieldRule(0.0, 100.0, low_open=True),
+    "noise_std": FieldRule(0.0, 20.0),
+    "head_noise_std": FieldRule(0.0, 20.0),
+    "seed": FieldRule(0, whole=True),
+}, example="{'heavy_fraction': 0.05}")
+
+
+def attention_model(overrides: Mapping[str, Any] | None) -> AttentionModelSpec | None:
+    """The default ``AttentionModelSpec`` with ``overrides`` (``ATTENTION``'s fields) replacing
+    its shape; None when none is given. Raises ``overrides.FieldError`` naming the field."""
+    return ATTENTION.build(overrides)
+
+
+def attention_overrides(spec: AttentionModelSpec | None) -> dict[str, Any]:
+    """The shape fields of ``spec`` that differ from the defaults (empty for None)."""
+    return ATTENTION.overrides_of(spec)
 
 
 @dataclass(frozen=True, eq=False)

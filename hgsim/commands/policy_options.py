@@ -15,7 +15,7 @@ def policy_options(pairs: list[str], policy: str) -> dict:
 
     ``none`` reads as no value, unless the option refuses that and takes the word itself
     (``weight_offload=none``)."""
-    options = _parse(pairs)
+    options = key_value_pairs(pairs, "--option", "option")
     given = {key.strip(): value.strip() for key, _, value in (p.partition("=") for p in pairs)}
     while True:
         try:
@@ -29,19 +29,21 @@ def policy_options(pairs: list[str], policy: str) -> dict:
             options[word] = given[word]
 
 
-def _parse(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` pairs as a dict; a key given twice is an error, not "the last wins"."""
-    options: dict = {}
+def key_value_pairs(pairs: list[str], flag: str, noun: str) -> dict:
+    """The ``KEY=VALUE`` pairs of a repeatable ``flag`` (``--option``, ``--selection``,
+    ``--attention``) as a dict of values read as YAML would (``command_line_value``); a key
+    given twice is an error, not "the last wins"."""
+    values: dict = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise UserError(f"--option expects KEY=VALUE, got {pair!r}")
         key = key.strip()
-        if key in options:
-            raise UserError(f"'{key}' is given twice ({key}={options[key]} and {pair.strip()}); "
-                            "give each option once", field="--option")
-        options[key] = command_line_value(value.strip())
-    return options
+        if not sep or not key:
+            raise UserError(f"expects KEY=VALUE, got {pair!r}", field=flag)
+        if key in values:
+            raise UserError(f"'{key}' is given twice ({key}={values[key]} and {pair.strip()}); "
+                            f"give each {noun} once", field=flag)
+        values[key] = command_line_value(value.strip())
+    return values
 
 
 def _check(policy: str, options: dict) -> None:
@@ -69,7 +71,7 @@ def named_as_flags() -> Iterator[None]:
 
 def command_line_value(text: str):
     """A ``KEY=VALUE`` flag's value as YAML would read it: true/false, none/null (None), an
-    int, a float, else the text (``--option`` and ``--selection`` both)."""
+    int, a float, else the text (for every ``key_value_pairs`` flag)."""
     lowered = text.lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -83,4 +85,4 @@ def command_line_value(text: str):
     return text
 
 
-__all__ = ["named_as_flags", "policy_options"]
+__all__ = ["command_line_value", "key_value_pairs", "named_as_flags", "policy_options"]

@@ -52,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--selection", action="append", default=[], metavar="KEY=VALUE",
                    help="a parameter of the approximate selectors the accuracy proxy scores "
                         "with, e.g. history_decay=0.95 (repeatable; docs/studies.md, fidelity)")
+    p.add_argument("--attention", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the synthetic attention's shape the accuracy proxy scores "
+                        "on and a GQA group union's rows come from, e.g. heavy_fraction=0.05 "
+                        "(repeatable; docs/studies.md, fidelity)")
     p.add_argument("--samples", type=int, default=32,
                    help="decode steps simulated in full, the rest interpolated (0 = all)")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
@@ -62,25 +66,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-def selection_fields(pairs: list[str]):
-    """``--selection KEY=VALUE`` pairs as a ``SelectionModel`` (None: none given), or a
-    UserError naming ``--selection`` and the field."""
-    from hgsim.accuracy.selection import SelectionFieldError, selection_model
-    from hgsim.commands.policy_options import command_line_value
+def accuracy_model_fields(pairs: list[str], group: str):
+    """``--<group> KEY=VALUE`` pairs (``selection``, ``attention``) as the accuracy model's
+    dataclass (None: none given), or a UserError naming the flag and the field."""
+    from hgsim.accuracy.overrides import FieldError, override_groups
+    from hgsim.commands.policy_options import key_value_pairs
 
-    values: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise UserError(f"expects KEY=VALUE, got {pair!r}", field="--selection")
-        if key in values:
-            raise UserError(f"'{key}' is given twice; give each field once", field="--selection")
-        values[key] = command_line_value(value.strip())
+    flag = f"--{group}"
+    values = key_value_pairs(pairs, flag, "field")
     try:
-        return selection_model(values)
-    except SelectionFieldError as exc:
-        raise UserError(exc.reason, field=f"--selection {exc.field}") from None
+        return override_groups()[group].build(values)
+    except FieldError as exc:
+        raise UserError(exc.reason, field=f"{flag} {exc.field}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -110,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     if trace_max_gb == 0:
         raise UserError("must be above 0 (it refuses every trace)", field="--trace-max-gb")
     options = policy_options(args.option, args.policy)
-    selection = selection_fields(args.selection)
+    models = {group: accuracy_model_fields(getattr(args, group), group)
+              for group in ("selection", "attention")}
     # Before the simulation: a trace that cannot be written would lose its result at the end.
     # "" is a mistake, not "no trace"
     trace = check_output_file(args.trace, "--trace") if args.trace is not None else None
@@ -120,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             result = simulate(
                 args.profile, args.model, args.policy, workload,
                 policy_options=options,
-                fidelity=Fidelity(decode_samples=args.samples, selection=selection),
+                fidelity=Fidelity(decode_samples=args.samples, **models),
                 trace_path=trace,
                 trace_max_bytes=trace_max_gb * 1e9,
             )

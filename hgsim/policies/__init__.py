@@ -90,16 +90,17 @@ def is_lossy(name: str) -> bool:
     return cls.lossy_with(checked_options(name, {}))
 
 
-def make_policy(name: str, model, profile, workload, options: dict[str, Any] | None = None) -> Policy:
+def make_policy(name: str, model, profile, workload, options: dict[str, Any] | None = None,
+                *, attention=None) -> Policy:
     """Build a built-in or plugin policy by name; ``options`` override the preset (unknown keys
-    are errors)."""
+    are errors); ``attention`` the accuracy model's ``AttentionModelSpec`` (None: defaults)."""
     from hgsim.policies.registry import UnknownPolicyError, lookup
 
     try:
         cls, _, _ = lookup(name)
     except UnknownPolicyError as exc:
         raise UserError(str(exc), field="policy") from None
-    return cls(model, profile, workload, checked_options(name, options))
+    return cls(model, profile, workload, checked_options(name, options), attention=attention)
 
 
 __all__ = ["BASELINES", "POLICIES", "Policy", "PolicyOptions", "checked_options", "is_lossy",

@@ -8,7 +8,7 @@ A policy never touches SimPy or tensors. It decides placement and work split and
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -30,6 +30,9 @@ from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
 from hgsim.units import size_text
 from hgsim.workload import Workload
+
+if TYPE_CHECKING:
+    from hgsim.accuracy.synthetic import AttentionModelSpec
 
 
 class PolicyOptions(SpecModel):
@@ -107,11 +110,16 @@ class Policy(ABC):
         profile: HardwareProfile,
         workload: Workload,
         options: PolicyOptions | None = None,
+        *,
+        attention: AttentionModelSpec | None = None,
     ):
         self.model = model
         self.profile = profile
         self.workload = workload
         self.options = options if options is not None else self.Options()
+        # the synthetic attention the accuracy model assumes (None: its defaults); a policy
+        # whose buffers depend on the data's attention (HybridGen's group union) sizes by it
+        self.attention = attention
         self.host_socket = host_socket_name(profile, self.options.host_socket)
         self.scheduler: FeedbackScheduler | None = None
         self.footprint = MemoryFootprint(capacity_bytes={"hbm": hbm_capacity_bytes(profile)})

@@ -149,7 +149,8 @@ class HybridGen(Policy):
         if self.selection is GroupSelect.GROUP_UNION and ratio < 1:
             from hgsim.accuracy.groups import union_curve
 
-            rows_per_pick = min(union_curve(model.gqa_group).fraction(ratio), 1 / ratio)
+            curve = union_curve(model.gqa_group, self.attention)
+            rows_per_pick = min(curve.fraction(ratio), 1 / ratio)
         return ratio * rows_per_pick * (model.num_kv_heads * row + model.num_heads * 4)
 
     def layer_plan(self, context: int) -> LayerPlan:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from simpy import Event
 
@@ -55,6 +56,9 @@ from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
 from hgsim.sim.machine import GB, Machine
 from hgsim.specs.model import ModelSpec
+
+if TYPE_CHECKING:
+    from hgsim.accuracy.synthetic import AttentionModelSpec
 
 _EPS = 1e-15
 
@@ -131,8 +135,10 @@ class DecodeEngine:
     def __init__(
         self, machine: Machine, model: ModelSpec, kv_dtype: str, weight_dtype: str,
         *, attention_only: bool = False, graph_replay: bool | None = None,
+        attention: AttentionModelSpec | None = None,
     ):
         self.machine = machine
+        self.attention = attention  # the synthetic attention a group union's rows come from
         self.env = machine.env
         self.model = model
         self.kv_dtype = kv_dtype
@@ -181,7 +187,7 @@ class DecodeEngine:
             if len(self._work_cache) > 4096:
                 self._work_cache.clear()
             w = layer_work(self.model, batch, lp, self.kv_dtype, self.weight_dtype,
-                           attention_only=self.attention_only)
+                           attention_only=self.attention_only, attention=self.attention)
             if self.graph_replay:
                 w = graph_path.graph_layer_work(w, lp)
             self._work_cache[key] = w

@@ -31,7 +31,7 @@ def search_point(spec) -> dict[str, Any]:
         probes += 1
         workload = spec.workload.model_copy(update={field: value})
         policy = make_policy(spec.policy, spec.model, spec.profile, workload,
-                             spec.policy_options)
+                             spec.policy_options, attention=spec.fidelity.attention)
         return policy.feasible, policy.infeasibility()
 
     best, reason, capped = max_feasible(fits, search.lo, search.hi, search.step)

@@ -65,7 +65,8 @@ def equal_accuracy_point(spec) -> tuple[dict[str, Any], int]:
 
     def error_at(value: float):
         return probe_setting(spec.policy, spec.model, spec.profile, spec.workload,
-                             spec.policy_options, goal.knob, value, spec.fidelity.selection)
+                             spec.policy_options, goal.knob, value, spec.fidelity.selection,
+                             spec.fidelity.attention)
 
     search = cheapest_setting(error_at, goal.target, goal.resolution)
     found = search.found

@@ -298,18 +298,26 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
     if kind == "workload" and rest not in Workload.model_fields:
         raise doc.error(loc, f"unknown workload field '{rest}' (known: "
                              f"{', '.join(Workload.model_fields)})")
-    if kind == "fidelity" and rest.startswith("selection."):
-        from hgsim.accuracy.selection import SELECTION_FIELDS
-
-        field = rest.split(".", 1)[1]
-        if field not in SELECTION_FIELDS:
-            raise doc.error(loc, f"unknown selection field '{field}' (known: "
-                                 f"{', '.join(SELECTION_FIELDS)})")
-    elif kind == "fidelity" and rest not in ("decode_samples", "accuracy"):
-        raise doc.error(loc, f"unknown fidelity field '{rest}' (known: decode_samples, accuracy, "
-                             "selection.<field>)")
+    if kind == "fidelity":
+        _check_fidelity_path(rest, doc, loc)
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
+
+
+def _check_fidelity_path(rest: str, doc: YamlDocument, loc: Loc) -> None:
+    """``fidelity.<rest>`` names a knob: decode_samples, accuracy, or a field of one of the
+    accuracy model's groups (``selection.<field>``, ``attention.<field>``)."""
+    from hgsim.accuracy.overrides import override_groups
+
+    groups = override_groups()
+    name, _, field = rest.partition(".")
+    if field and name in groups:
+        if field not in groups[name].fields:
+            raise doc.error(loc, f"unknown {name} field '{field}' (known: "
+                                 f"{', '.join(groups[name].fields)})")
+    elif rest not in ("decode_samples", "accuracy"):
+        known = ", ".join(["decode_samples", "accuracy", *(f"{g}.<field>" for g in groups)])
+        raise doc.error(loc, f"unknown fidelity field '{rest}' (known: {known})")
 
 
 def _check_distinct(study: Study, doc: YamlDocument) -> None:
@@ -429,25 +437,29 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         raise doc.error(wl_locs.get("weight_dtype", profile_loc),
                         f"profile {profile.name}: {exc}") from None
 
+    from hgsim.accuracy.overrides import override_groups
+
     fid = base.fidelity.model_dump()
-    fid_locs = {f"fidelity.selection.{k}": ("base", "fidelity", "selection", k)
-                for k in fid["selection"]}
+    fid_locs = {f"fidelity.{group}.{k}": ("base", "fidelity", group, k)
+                for group in override_groups() for k in fid[group]}
     for path in values:
-        if path.startswith("fidelity.selection."):
-            fid["selection"][path.split(".", 2)[2]] = values[path]
+        name, _, field = path.removeprefix("fidelity.").partition(".")
+        if path.startswith("fidelity.") and field:  # a field of a group (checked: it exists)
+            fid[name][field] = values[path]
             fid_locs[path] = locs[path]
         elif path.startswith("fidelity."):
-            fid[path.split(".", 1)[1]] = values[path]
+            fid[name] = values[path]
     fidelity = _fidelity(fid, {**locs, **fid_locs}, doc)
-    from hgsim.accuracy.selection import selection_overrides
 
     fidelity_config = {"decode_samples": fidelity.decode_samples, "accuracy": fidelity.accuracy}
     # only when set (the keys of points without them stay as they were), and only those the
-    # policy's accuracy depends on: an exact policy's point, or HybridGen's (exact top-k), is
-    # the same whatever the approximate selectors' parameters say
-    overrides = _relevant_overrides(policy, options, selection_overrides(fidelity.selection))
-    if overrides:
-        fidelity_config["selection"] = overrides
+    # policy's results depend on: an exact policy's point is the same whatever the accuracy
+    # model assumes, and HybridGen's (exact top-k) whatever the approximate selectors do
+    for name, group in override_groups().items():
+        overrides = _relevant_overrides(policy, options, name,
+                                        group.overrides_of(getattr(fidelity, name)))
+        if overrides:
+            fidelity_config[name] = overrides
 
     config = {
         "hgsim": __version__,
@@ -473,16 +485,17 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     return Point(coords, spec)
 
 
-def _relevant_overrides(policy: str, options: dict[str, Any],
+def _relevant_overrides(policy: str, options: dict[str, Any], group: str,
                         overrides: dict[str, Any]) -> dict[str, Any]:
-    """The ``fidelity.selection`` overrides ``policy`` with ``options`` is scored with: none
-    for an exact one (its error is 0), those in its ``selector_parameters`` for a lossy one."""
+    """The ``fidelity.<group>`` overrides ``policy`` with ``options`` is run with: none for an
+    exact one (its error is 0, and it selects no rows), every ``attention`` field for a lossy
+    one, the ``selection`` fields in its ``selector_parameters``."""
     if not overrides:
         return {}
     cls, _, _ = registry.lookup(policy)
     if not cls.lossy_with(checked_options(policy, options)):
         return {}
-    fields = cls.selector_parameters
+    fields = cls.selector_parameters if group == "selection" else None
     return {k: v for k, v in overrides.items() if fields is None or k in fields}
 
 
@@ -524,14 +537,16 @@ def _fidelity(values: dict[str, Any], locs: dict[str, Loc], doc: YamlDocument) -
     if not isinstance(accuracy, bool):
         raise doc.error(locs.get("fidelity.accuracy", ("base", "fidelity")),
                         f"accuracy must be true or false, got {accuracy!r}")
-    from hgsim.accuracy.selection import SelectionFieldError, selection_model
+    from hgsim.accuracy.overrides import FieldError, override_groups
 
-    try:
-        selection = selection_model(values["selection"])
-    except SelectionFieldError as exc:
-        raise doc.error(locs.get(f"fidelity.selection.{exc.field}",
-                                 ("base", "fidelity", "selection")), exc.reason) from None
-    return Fidelity(decode_samples=samples, accuracy=accuracy, selection=selection)
+    models = {}
+    for name, group in override_groups().items():
+        try:
+            models[name] = group.build(values[name])
+        except FieldError as exc:
+            raise doc.error(locs.get(f"fidelity.{name}.{exc.field}",
+                                     ("base", "fidelity", name)), exc.reason) from None
+    return Fidelity(decode_samples=samples, accuracy=accuracy, **models)
 
 
 def _table_value(path: str, value: Any, doc: YamlDocument, locs: dict[str, Loc]) -> Any:

@@ -318,9 +318,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     base_rows += [(f"policy_options.{k}", v) for k, v in base.policy_options.items()]
     base_rows += [(f"hardware.{k}", v) for k, v in base.hardware.items()]
     fidelity = base.fidelity.model_dump()
-    selection = fidelity.pop("selection")  # one row per override set, none when none is
+    groups = {group: fidelity.pop(group) for group in ("selection", "attention")}
     base_rows += [(f"fidelity.{k}", v) for k, v in fidelity.items()]
-    base_rows += [(f"fidelity.selection.{k}", v) for k, v in selection.items()]
+    for group, overrides in groups.items():  # one row per override set, none when none is
+        base_rows += [(f"fidelity.{group}.{k}", v) for k, v in overrides.items()]
     # null in a policy_options axis: the option is not set there (the policy lacks it)
     # hardware quantities in the unit the results tables use (768 GiB is 825 GB there)
     axes_values = {k: ["not set" if v is None else as_results_show(k, v) for v in values]

@@ -111,6 +111,10 @@ class FidelitySpec(StudyModel):
     # the approximate selectors' parameters the accuracy proxy scores with, e.g.
     # {history_decay: 0.95} (hgsim.accuracy.SelectionModel's fields; checked per point)
     selection: dict[str, Any] = Field(default_factory=dict)
+    # the shape of the synthetic attention the proxy scores on (and a GQA group union's rows
+    # come from), e.g. {heavy_fraction: 0.05} (hgsim.accuracy.ATTENTION's fields; checked per
+    # point)
+    attention: dict[str, Any] = Field(default_factory=dict)
 
 
 class BaseConfig(StudyModel):
