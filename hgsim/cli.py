@@ -18,7 +18,8 @@ from hgsim import __version__
 from hgsim.errors import UserError, one_line
 
 # Order is the order shown in --help.
-COMMANDS = ["simulate", "run", "study", "profiles", "models", "policies", "calibrate", "validate"]
+COMMANDS = ["simulate", "run", "study", "profiles", "models", "policies", "attention", "calibrate",
+            "validate"]
 
 
 class _Parser(argparse.ArgumentParser):

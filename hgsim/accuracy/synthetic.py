@@ -78,6 +78,8 @@ class AttentionModelSpec:
     window ~25%, and most of the rest sits on ~2% heavy hitters, so a per-head top-k of 5% of
     the host tokens keeps ~96% of the mass while truncating to the recent window keeps under
     half. Lengths (``sink_tokens``, ``recency_tokens``) are absolute token counts.
+    ``shape.attention_shares`` (``hgsim attention``) prints where a spec puts its mass, and
+    docs/model.md sets the defaults' shares beside published measurements.
     """
 
     n_tokens: int = 32768
@@ -335,6 +337,12 @@ def case_logits(spec: AttentionModelSpec) -> np.ndarray:
     the same stream, so the same numbers (the case's float32 tensors reproduce them to
     rounding)."""
     return design_logits(spec, np.random.default_rng(_case_seeds(spec)[0]))
+
+
+def case_heavy_hitters(spec: AttentionModelSpec) -> np.ndarray:
+    """Which tokens are heavy hitters in ``case_logits(spec)``, (KVH, T) bool: the boosts are
+    the first draw of the logits' stream, so redrawing them gives the same tokens."""
+    return heavy_hitter_boosts(spec, np.random.default_rng(_case_seeds(spec)[0])) > 0
 
 
 def group_query_correlation(spec: AttentionModelSpec) -> float:

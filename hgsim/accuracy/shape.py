@@ -1,0 +1,99 @@
+"""Where the synthetic attention puts its softmax mass, in the terms measurements use.
+
+``AttentionModelSpec``'s fields are logit boosts and noise scales; what is measured on real
+models is where the mass goes: the first tokens' share (attention sinks), the newest tokens',
+how much a per-head top-k of the rest keeps, how far the heads of a GQA group agree.
+``attention_shares`` computes those from the very logits the accuracy proxy scores on, at any
+context (beyond the proxy's 32k tokens through the same zoom that keeps each token class's
+expected share), so a user who sets the shape (``fidelity.attention``) can check it against a
+measured figure first (``hgsim attention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hgsim.accuracy.fidelity import softmax
+from hgsim.accuracy.proxy import DEFAULT_MAX_TOKENS, DEFAULT_SPEC, group_spec, zoom_spec
+from hgsim.accuracy.synthetic import AttentionModelSpec, case_heavy_hitters, case_logits
+
+#: Top-k ratios (of the tokens between the sinks and the newest ones) reported by default.
+DEFAULT_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+@dataclass(frozen=True)
+class AttentionShares:
+    """Mean over query heads of the softmax mass on each class of token at ``context`` tokens.
+
+    ``sinks + recent + heavy + other == 1``; ``heavy`` counts only the heavy hitters between
+    the sinks and the newest ``recent_tokens`` (those they overlap are counted there).
+    ``topk_kept[r]`` is the mass a head keeps attending the sinks, the newest tokens and its
+    own top-r of the tokens between them (HybridGen's exact per-head top-k with that window);
+    ``union_per_k[r]`` the rows of a KV group's union of per-head top-k sets per k selected
+    (1 for one head per group)."""
+
+    context: int
+    heads_per_group: int
+    sink_tokens: int
+    recent_tokens: int
+    sinks: float
+    recent: float
+    heavy: float
+    other: float
+    topk_kept: dict[float, float]
+    union_per_k: dict[float, float]
+
+
+def attention_shares(spec: AttentionModelSpec | None = None, *, context: int = 32768,
+                     heads_per_group: int = 1, recent_tokens: int = 1024,
+                     ratios: tuple[float, ...] = DEFAULT_RATIOS) -> AttentionShares:
+    """The mass shares of ``spec`` (None: the defaults) over ``context`` tokens with
+    ``heads_per_group`` query heads per KV head (class doc)."""
+    if context < 2:
+        raise ValueError("context must be at least 2 tokens")
+    if recent_tokens < 0:
+        raise ValueError("recent_tokens must be >= 0")
+    if any(not 0 < r <= 1 for r in ratios):
+        raise ValueError("ratios must lie in (0, 1]")
+    base = spec or DEFAULT_SPEC
+    spec = group_spec(heads_per_group, base)
+    if context <= DEFAULT_MAX_TOKENS:
+        scaled, factor = spec.with_tokens(context), 1.0
+    else:
+        scaled, factor = zoom_spec(spec, context, DEFAULT_MAX_TOKENS), DEFAULT_MAX_TOKENS / context
+    n = scaled.n_tokens
+    sinks = scaled.sink_tokens
+    recent = min(n - sinks, round(min(recent_tokens, context) * factor))
+    probs = softmax(case_logits(scaled))  # (H, T): the proxy's own logits
+    heavy_tokens = np.repeat(case_heavy_hitters(scaled), scaled.heads_per_group, axis=0)
+    middle = slice(sinks, n - recent)
+    sink_mass = float(probs[:, :sinks].sum(axis=1).mean())
+    recent_mass = float(probs[:, n - recent:].sum(axis=1).mean()) if recent else 0.0
+    between = probs[:, middle]
+    heavy_mass = float(np.where(heavy_tokens[:, middle], between, 0.0).sum(axis=1).mean())
+    ranked = -np.sort(-between, axis=1)
+    cumulative = np.cumsum(ranked, axis=1)
+    kept, union = {}, {}
+    for r in ratios:
+        k = min(max(1, round(r * between.shape[1])), between.shape[1]) if between.shape[1] else 0
+        top = float(cumulative[:, k - 1].mean()) if k else 0.0
+        kept[r] = sink_mass + recent_mass + top
+        union[r] = _union_per_k(base, heads_per_group, r)
+    return AttentionShares(
+        context=context, heads_per_group=heads_per_group, sink_tokens=sinks,
+        recent_tokens=min(recent_tokens, context - sinks), sinks=sink_mass, recent=recent_mass,
+        heavy=heavy_mass, other=max(0.0, 1.0 - sink_mass - recent_mass - heavy_mass),
+        topk_kept=kept, union_per_k=union)
+
+
+def _union_per_k(spec: AttentionModelSpec, heads_per_group: int, ratio: float) -> float:
+    if heads_per_group == 1:
+        return 1.0
+    from hgsim.accuracy.groups import union_curve
+
+    return union_curve(heads_per_group, spec).fraction(ratio)
+
+
+__all__ = ["DEFAULT_RATIOS", "AttentionShares", "attention_shares"]
