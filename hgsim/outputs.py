@@ -30,7 +30,7 @@ from hgsim.search_path import shown, unusable_name
 _PROBE_PREFIX = ".hgsim-write-check-"
 
 #: The largest trace ``simulate`` writes unless told otherwise, in bytes: every simulated step
-#: adds 20-300 kB (docs/model.md, "Recording and traces"), so ``--samples 0`` over thousands of
+#: adds 40-360 kB (docs/model.md, "Recording and traces"), so ``--samples 0`` over thousands of
 #: steps reaches gigabytes, and the whole trace is built in memory before it is written.
 TRACE_MAX_BYTES = 1e9
 

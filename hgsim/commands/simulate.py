@@ -61,7 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
     p.add_argument("--trace-max-gb", type=float, default=TRACE_MAX_BYTES / 1e9, metavar="GB",
                    help="refuse a trace estimated (from its first simulated step) above GB "
-                        f"gigabytes (default {TRACE_MAX_BYTES / 1e9:g}; 20-300 kB per step)")
+                        f"gigabytes (default {TRACE_MAX_BYTES / 1e9:g}; 40-360 kB per step)")
     p.add_argument("--json", action="store_true", help="print the result row as JSON")
     p.set_defaults(run=run)
 
