@@ -5,8 +5,8 @@ times its attention twice on its queue, as the executor meets it: alone
 (``attention_efficiency_alone`` in the calibration JSON) and while the host kernel (HybridGen's
 scan, CPU offload's partial attention, a row gather) runs on the other core (the profile's
 ``attention_efficiency``). On a shared machine the second is the slower, mostly because other
-jobs' threads then share the stand-in's core (2026-12-06, under a load average of 2: wall time
-2.1x, CPU time 1.12x; docs/calibration.md, history). Either way a plan's device attention
+jobs' threads then share the stand-in's core (measured: docs/calibration.md, "Measurement
+history"). Either way a plan's device attention
 meets the loaded rate only while the host kernel runs: for a plan whose host work is short
 beside its device attention (most tokens resident under an HBM budget), predicting all of it at
 the loaded rate put it 2x too slow. The host's time is the simulated one, which is CPU time:

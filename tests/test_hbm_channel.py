@@ -1,6 +1,6 @@
 """A GPU's HBM channel reports the device-memory traffic of its kernels and DMA.
 
-Accounting only (docs/model.md, "Simulated resources"): a kernel's bytes keep ``gpu0.hbm`` busy
+Accounting only (docs/model.md, "Data movement: the flow network"): a kernel's bytes keep ``gpu0.hbm`` busy
 for its roofline memory term at the end of the kernel; a DMA into or out of the GPU adds its
 bytes, busy for bytes / the channel's bandwidth. No duration changes.
 """
