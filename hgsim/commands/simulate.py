@@ -57,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "on and a GQA group union's rows come from, e.g. heavy_fraction=0.05 "
                         "(repeatable; docs/studies.md, fidelity)")
     p.add_argument("--samples", type=int, default=32,
-                   help="decode steps simulated in full, the rest interpolated (0 = all)")
+                   help="decode steps simulated in full, the rest interpolated (default 32; "
+                        "0 = all)")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
     p.add_argument("--trace-max-gb", type=float, default=TRACE_MAX_BYTES / 1e9, metavar="GB",
                    help="refuse a trace estimated (from its first simulated step) above GB "
