@@ -74,8 +74,8 @@ _MAX_PERSISTENT_SHARE = 0.9
 class AttentionModelSpec:
     """Shape of the synthetic attention distribution of one layer (one batch element).
 
-    Defaults are tuned for a 32k context: the sinks hold ~20% of the mass, a 1024-token recent
-    window ~25%, and most of the rest sits on ~2% heavy hitters, so a per-head top-k of 5% of
+    Defaults are tuned for a 32k context: the sinks hold ~21% of the mass, a 1024-token recent
+    window ~22%, and most of the rest sits on ~2% heavy hitters, so a per-head top-k of 5% of
     the host tokens keeps ~96% of the mass while truncating to the recent window keeps under
     half. Lengths (``sink_tokens``, ``recency_tokens``) are absolute token counts.
     ``shape.attention_shares`` (``hgsim attention``) prints where a spec puts its mass, and
