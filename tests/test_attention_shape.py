@@ -6,11 +6,14 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 
 from hgsim.accuracy import AttentionModelSpec
 from hgsim.accuracy.groups import union_curve
-from hgsim.accuracy.shape import attention_shares
+from hgsim.accuracy.selection import SelectionModel
+from hgsim.accuracy.shape import attention_shares, step_overlaps
+from hgsim.accuracy.synthetic import persistent_energy_share
 from hgsim.cli import main
 
 # no noise, no recency, no heavy hitters: every token but the sinks has logit 0
@@ -67,6 +70,28 @@ def test_union_per_k_is_the_simulators_union_curve():
     assert four.union_per_k[0.05] == union_curve(4).fraction(0.05)
 
 
+def test_lag_cosine_is_the_persistent_share_plus_the_turned_drifting_part():
+    model = SelectionModel(history_similarity_floor=0.3, history_decay=0.8)
+    lags = step_overlaps(selection=model, lags=(0, 1, 5), context=8192)
+    share = persistent_energy_share(AttentionModelSpec(), np.zeros(1))
+    for lag in lags:
+        assert lag.query_cosine == pytest.approx(share + (1 - share) * (0.3 + 0.7 * 0.8**lag.lag))
+    assert lags[0].overlap == 1.0 and 1.0 > lags[1].overlap > lags[2].overlap
+
+
+def test_a_query_that_never_drifts_keeps_its_top_k_and_one_that_forgets_keeps_the_floor():
+    """A drifting part that stays (floor 1) is the same query at every lag: the same top-k. One
+    redrawn at every step (floor 0, decay 0) keeps only what the persistent heavy hitters give,
+    the same at lag 1 as at lag 30."""
+    still = step_overlaps(selection=SelectionModel(history_similarity_floor=1.0),
+                          lags=(1, 30), context=8192)
+    assert [lag.overlap for lag in still] == [1.0, 1.0]
+    gone = step_overlaps(selection=SelectionModel(history_similarity_floor=0.0,
+                                                  history_decay=0.0), lags=(1, 30), context=8192)
+    assert gone[0].overlap == pytest.approx(gone[1].overlap, abs=0.03)
+    assert 0.2 < gone[0].overlap < 0.6
+
+
 def test_cli_prints_the_tables_and_json(capsys):
     assert main(["attention", "--model", "llama-3.1-8b", "--attention", "heavy_fraction=0.05"]) \
         == 0
@@ -76,6 +101,10 @@ def test_cli_prints_the_tables_and_json(capsys):
     assert main(["attention", "--context", "4k", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["context"] == 4096 and data["topk_kept"]["0.05"] > 0.99
+    assert main(["attention", "--context", "8k", "--lags", "1", "4", "--selection",
+                 "history_decay=0.8"]) == 0
+    text = capsys.readouterr().out
+    assert "L decode steps apart (drift: history_decay=0.8)" in text and "top-k overlap" in text
 
 
 @pytest.mark.parametrize("args, message", [
@@ -83,6 +112,8 @@ def test_cli_prints_the_tables_and_json(capsys):
     (["--group", "0"], "--group: must be a whole number in [1, 64], got 0"),
     (["--model", "llama-3.1-8b", "--group", "2"], "--group: give --model or --group"),
     (["--attention", "heavy_fraction=-1"], "--attention heavy_fraction: heavy_fraction must be"),
+    (["--selection", "history_decay=0.8"], "--selection: sets the drift --lags shows"),
+    (["--lags", "1", "--ratio", "nan"], "--ratio: must lie in (0, 1], got nan"),
 ])
 def test_cli_errors_are_one_line_exit_2(capsys, args, message):
     assert main(["attention", *args]) == 2

@@ -17,7 +17,13 @@ import numpy as np
 
 from hgsim.accuracy.fidelity import softmax
 from hgsim.accuracy.proxy import DEFAULT_MAX_TOKENS, DEFAULT_SPEC, group_spec, zoom_spec
-from hgsim.accuracy.synthetic import AttentionModelSpec, case_heavy_hitters, case_logits
+from hgsim.accuracy.selection import SelectionModel, lag_similarity, query_history
+from hgsim.accuracy.synthetic import (
+    AttentionModelSpec,
+    case_heavy_hitters,
+    case_logits,
+    synthesize_case,
+)
 
 #: Top-k ratios (of the tokens between the sinks and the newest ones) reported by default.
 DEFAULT_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2)
@@ -58,11 +64,7 @@ def attention_shares(spec: AttentionModelSpec | None = None, *, context: int = 3
     if any(not 0 < r <= 1 for r in ratios):
         raise ValueError("ratios must lie in (0, 1]")
     base = spec or DEFAULT_SPEC
-    spec = group_spec(heads_per_group, base)
-    if context <= DEFAULT_MAX_TOKENS:
-        scaled, factor = spec.with_tokens(context), 1.0
-    else:
-        scaled, factor = zoom_spec(spec, context, DEFAULT_MAX_TOKENS), DEFAULT_MAX_TOKENS / context
+    scaled, factor = _scaled(group_spec(heads_per_group, base), context)
     n = scaled.n_tokens
     sinks = scaled.sink_tokens
     recent = min(n - sinks, round(min(recent_tokens, context) * factor))
@@ -88,6 +90,66 @@ def attention_shares(spec: AttentionModelSpec | None = None, *, context: int = 3
         topk_kept=kept, union_per_k=union)
 
 
+@dataclass(frozen=True)
+class LagOverlap:
+    """How far a head's selection moves in ``lag`` decode steps under the selection model's
+    drift (``selection.lag_similarity``): ``query_cosine`` is the expected cosine of a query to
+    the one ``lag`` steps before it (its persistent part kept, its drifting part turned),
+    ``overlap`` the mean over heads of ``|top-k then & top-k now| / k`` over the tokens
+    between the sinks and the newest ones (what a selection cache reusing an old top-k keeps,
+    and what H2O's history rests on)."""
+
+    lag: int
+    query_cosine: float
+    overlap: float
+
+
+def step_overlaps(spec: AttentionModelSpec | None = None, selection: SelectionModel | None = None,
+                  *, lags: tuple[int, ...] = (1, 4, 16), ratio: float = 0.05,
+                  context: int = 16384, heads_per_group: int = 1,
+                  recent_tokens: int = 1024) -> list[LagOverlap]:
+    """``LagOverlap`` at each lag for ``spec``'s attention (None: the defaults) and
+    ``selection``'s drift (None: the defaults), the top-k a ``ratio`` of the tokens between
+    the sinks and the newest ``recent_tokens``, over ``context`` tokens (at most the proxy's
+    32k; a longer context is scored on 32k standing for it, as ``attention_shares``)."""
+    if any(lag < 0 for lag in lags):
+        raise ValueError("lags must be >= 0")
+    if not 0 < ratio <= 1:
+        raise ValueError("ratio must lie in (0, 1]")
+    selection = selection or SelectionModel()
+    scaled, factor = _scaled(group_spec(heads_per_group, spec or DEFAULT_SPEC), context)
+    case = synthesize_case(scaled)
+    n = scaled.n_tokens
+    recent = min(n - scaled.sink_tokens - 1, round(min(recent_tokens, context) * factor))
+    middle = slice(scaled.sink_tokens, n - recent)
+    k = min(max(1, round(ratio * (middle.stop - middle.start))), middle.stop - middle.start)
+    keys = np.repeat(case.k[0].astype(np.float64), scaled.heads_per_group, axis=0)
+    first = _top_k(case.logits[:, middle], k)
+    out = []
+    for lag in lags:
+        cosine = float(lag_similarity(selection, lag))
+        past = query_history(case.q[0], np.array([cosine]), np.random.default_rng([lag, 0x1A6]),
+                             case.persistent_q[0])[0]
+        later = _top_k(np.einsum("hd,htd->ht", past, keys[:, middle]), k)
+        share = case.persistent_share
+        out.append(LagOverlap(lag, share + (1.0 - share) * cosine,
+                              float((later & first).sum() / (later.shape[0] * k))))
+    return out
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    chosen = np.zeros(scores.shape, dtype=bool)
+    np.put_along_axis(chosen, np.argpartition(-scores, k - 1, axis=1)[:, :k], True, axis=1)
+    return chosen
+
+
+def _scaled(spec: AttentionModelSpec, context: int) -> tuple[AttentionModelSpec, float]:
+    """``spec`` over ``context`` tokens, or over the proxy's 32k standing for a longer one."""
+    if context <= DEFAULT_MAX_TOKENS:
+        return spec.with_tokens(context), 1.0
+    return zoom_spec(spec, context, DEFAULT_MAX_TOKENS), DEFAULT_MAX_TOKENS / context
+
+
 def _union_per_k(spec: AttentionModelSpec, heads_per_group: int, ratio: float) -> float:
     if heads_per_group == 1:
         return 1.0
@@ -96,4 +158,5 @@ def _union_per_k(spec: AttentionModelSpec, heads_per_group: int, ratio: float) -
     return union_curve(heads_per_group, spec).fraction(ratio)
 
 
-__all__ = ["DEFAULT_RATIOS", "AttentionShares", "attention_shares"]
+__all__ = ["DEFAULT_RATIOS", "AttentionShares", "LagOverlap", "attention_shares",
+           "step_overlaps"]

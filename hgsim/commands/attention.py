@@ -3,7 +3,9 @@
 The shape fields a study sets (``fidelity.attention``, ``simulate --attention``) are logit
 boosts and noise scales; this prints what they mean in the terms measurements use (the sinks'
 share, the newest tokens', how much a per-head top-k keeps, how large a GQA group's union is),
-so a shape can be checked against a measured figure before a study runs on it.
+and with ``--lags`` what the selection model's drift (``fidelity.selection``) means (a query's
+cosine to an earlier one, how much of a head's top-k survives), so either can be checked
+against a measured figure before a study runs on it.
 """
 
 from __future__ import annotations
@@ -37,12 +39,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attention", action="append", default=[], metavar="KEY=VALUE",
                    help="a field of the attention's shape, e.g. heavy_fraction=0.05 "
                         "(repeatable; docs/studies.md, fidelity)")
+    p.add_argument("--lags", type=int, nargs="+", metavar="L",
+                   help="also show how far a head's top-k moves in L decode steps under the "
+                        "selection model's drift (query cosine and top-k overlap), e.g. 1 4 16")
+    p.add_argument("--ratio", type=float, default=0.05,
+                   help="top-k ratio of the --lags overlap (default 0.05)")
+    p.add_argument("--selection", action="append", default=[], metavar="KEY=VALUE",
+                   help="a parameter of the selection model's drift for --lags, e.g. "
+                        "history_decay=0.8 (repeatable)")
     p.add_argument("--json", action="store_true", help="print the shares as JSON")
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from hgsim.accuracy.shape import attention_shares
+    from hgsim.accuracy.shape import attention_shares, step_overlaps
     from hgsim.commands.simulate import accuracy_model_fields
 
     context = count(args.context, "--context")
@@ -51,12 +61,26 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"must be at least 2 tokens, got {args.context}", field="--context")
     group = _heads_per_group(args)
     spec = accuracy_model_fields(args.attention, "attention")
+    selection = accuracy_model_fields(args.selection, "selection")
+    if args.selection and not args.lags:
+        raise UserError("sets the drift --lags shows; give --lags too", field="--selection")
+    if not 0 < args.ratio <= 1:  # NaN fails too
+        raise UserError(f"must lie in (0, 1], got {args.ratio:g}", field="--ratio")
+    if args.lags and not all(0 <= lag <= 10_000 for lag in args.lags):
+        raise UserError(f"must be whole numbers in [0, 10000], got "
+                        f"{' '.join(map(str, args.lags))}", field="--lags")
     shares = attention_shares(spec, context=context, heads_per_group=group, recent_tokens=recent)
+    lags = [] if not args.lags else step_overlaps(
+        spec, selection, lags=tuple(args.lags), ratio=args.ratio, context=context,
+        heads_per_group=group, recent_tokens=recent)
     if args.json:
         print(json.dumps({**asdict(shares), "topk_kept": _keyed(shares.topk_kept),
-                          "union_per_k": _keyed(shares.union_per_k)}))
+                          "union_per_k": _keyed(shares.union_per_k),
+                          "lags": [asdict(lag) for lag in lags]}))
         return 0
     _print(shares, "defaults" if spec is None else ", ".join(args.attention))
+    if lags:
+        _print_lags(lags, args.ratio, ", ".join(args.selection) or "defaults")
     return 0
 
 
@@ -103,6 +127,19 @@ def _print(shares, shape: str) -> None:
         kept.add_row("rows of the group's union per k selected",
                      *(f"{v:.2f}" for v in shares.union_per_k.values()))
     out.print(kept)
+
+
+def _print_lags(lags, ratio: float, drift: str) -> None:
+    out = console()
+    out.print(f"A head's top-{100 * ratio:g}% of the tokens between, L decode steps apart "
+              f"(drift: {drift})")
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("lag L", justify="right")
+    table.add_column("query cosine", justify="right")
+    table.add_column("top-k overlap", justify="right")
+    for lag in lags:
+        table.add_row(str(lag.lag), f"{lag.query_cosine:.3f}", f"{lag.overlap:.3f}")
+    out.print(table)
 
 
 __all__ = ["register", "run"]
