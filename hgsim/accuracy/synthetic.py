@@ -22,7 +22,10 @@ designed noise and fresh noise from the keys' isotropic part, whose scale gives 
 noise the designed variance: the heavy hitters persist from step to step and only the
 query-specific rest of the selection turns over, as the measurements in docs/model.md ("What
 the literature says about persistence across steps") describe. A speculated query (InfiniGen)
-is the whole query turned to a cosine: its error is not split. The persistent part's share of
+is the whole query turned to a cosine: its error is not split, because it is not drift but an
+additive error, ``W_q (x_(i-1) - x_i)`` from feeding the previous layer's input through this
+layer's projection, which owes nothing to the query's own persistent/drifting split; a random
+error added to q ranks tokens as q turned to the same cosine does (rankings ignore scale). The persistent part's share of
 a query's norm (``persistent_energy_share``) makes keys spread as much along it as along any
 other direction.
 
