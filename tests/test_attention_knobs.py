@@ -6,6 +6,8 @@ studies that do not set them keep their keys."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from test_study_common import results, write_study
 
@@ -188,6 +190,22 @@ def test_api_attention_reaches_the_run_and_names_bad_fields():
         api.simulate("h100-80gb-spr-cxl", "llama-3.1-8b", "h2o", attention={"seed": -1}, **args)
     with pytest.raises(UserError, match="attention: expected a mapping"):
         api.simulate("h100-80gb-spr-cxl", "llama-3.1-8b", "h2o", attention=[1], **args)
+
+
+def test_cli_result_says_what_the_accuracy_model_was_set_to(capsys):
+    args = ["simulate", "--profile", "h100-80gb-spr-cxl", "--model", "llama-3.1-8b",
+            "--policy", "infinigen", "--context", "16k", "--gen", "2", "--samples", "1",
+            "--attention", "heavy_fraction=0.05", "--selection", "speculation_similarity=0.9",
+            "--selection", "history_decay=0.5"]
+    assert main(args) == 0
+    assert "accuracy model: selection.history_decay=0.5, attention.heavy_fraction=0.05" in \
+        capsys.readouterr().out  # the default-valued similarity is no setting
+    assert main([*args, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["fidelity.attention.heavy_fraction"] == 0.05
+    assert "fidelity.selection.speculation_similarity" not in row
+    assert main(args[:11] + ["--json"]) == 0
+    assert not any(key.startswith("fidelity.") for key in json.loads(capsys.readouterr().out))
 
 
 @pytest.mark.parametrize("pairs, message", [

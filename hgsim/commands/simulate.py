@@ -81,6 +81,17 @@ def accuracy_model_fields(pairs: list[str], group: str):
         raise UserError(exc.reason, field=f"{flag} {exc.field}") from None
 
 
+def accuracy_settings(models: dict) -> dict[str, float]:
+    """The accuracy model's fields set away from their defaults, by their study column names
+    (``fidelity.attention.heavy_fraction``), so a printed or JSON result says what it was
+    scored with."""
+    from hgsim.accuracy.overrides import override_groups
+
+    groups = override_groups()
+    return {f"fidelity.{name}.{field}": value for name, model in models.items()
+            for field, value in groups[name].overrides_of(model).items()}
+
+
 def run(args: argparse.Namespace) -> int:
     from hgsim.simulate import Fidelity, simulate
     from hgsim.workload import Workload
@@ -128,10 +139,14 @@ def run(args: argparse.Namespace) -> int:
                         f"--trace-max-gb {trace_max_gb:g}: give --samples N (simulated steps, "
                         "the rest interpolated) or a smaller --gen, or a larger --trace-max-gb",
                         field="--trace") from None
+    settings = accuracy_settings(models)
     if args.json:
-        print(json.dumps(finite_for_json(result.to_row()), indent=2, default=str))
+        print(json.dumps(finite_for_json({**result.to_row(), **settings}), indent=2, default=str))
     else:
         print_result(result)
+        if settings:
+            print("\naccuracy model: " + ", ".join(
+                f"{key.removeprefix('fidelity.')}={value:g}" for key, value in settings.items()))
         if trace is not None and result.feasible:
             simulated = sum(s.simulated for s in result.steps)
             print(f"\ntrace written to {trace}: {trace.stat().st_size / 1e6:.2f} MB, "
