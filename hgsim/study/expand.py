@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,7 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
                     raise doc.error(("sweep", i, kind, path),
                                     f"axis '{path}' appears in more than one group")
                 seen.add(path)
+    _check_size(study, doc)
     locations = axis_locations(study)
     for path, loc in locations.items():
         _check_axis_path(path, study, doc, loc)
@@ -288,6 +290,29 @@ def _with_sensitivity(study: Study, points: list[Point], doc: YamlDocument,
                             f"'{parameter}' is 0 at every point, and 0 scaled is 0: it has no "
                             "elasticity there (sweep it as a hardware axis instead)")
     return out
+
+
+#: Most points a study may hold: resolving alone takes about 0.25 ms a point (a million: four
+#: minutes and gigabytes of memory before the first simulation), so a grid over it is a typo
+#: or a mistake (300 x 300 x 300 values) that would otherwise run out of memory or time.
+MAX_POINTS = 1_000_000
+
+
+def _check_size(study: Study, doc: YamlDocument) -> None:
+    """A ConfigError when the sweep (times the sensitivity variants) holds over MAX_POINTS
+    points, counted from the axes' lengths before any point is built."""
+    factors = []
+    for group in study.sweep:
+        if group.zip:
+            factors.append(len(next(iter(group.zip.values()))))
+        factors += [len(values) for values in group.grid.values()]
+    if study.sensitivity is not None:  # each point, then each parameter scaled down and up
+        factors.append(1 + 2 * len(study.sensitivity.parameters))
+    total = math.prod(factors)
+    if total > MAX_POINTS:
+        shape = " x ".join(f"{n:,}" for n in factors)
+        raise doc.error(("sweep",), f"{total:,} points ({shape}), over the {MAX_POINTS:,} a "
+                                    "study may hold: thin the axes or split the study")
 
 
 def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> None:
