@@ -106,7 +106,11 @@ class SelectionModel:
 
 #: ``SelectionModel``'s fields, the ones a study's ``fidelity.selection`` may set.
 SELECTION_FIELDS = tuple(SelectionModel.__dataclass_fields__)
-_WHOLE_FIELDS = ("history_queries", "decision_lag")  # whole numbers >= 1
+#: Whole-number fields -> their largest value. Each of ``history_queries`` past queries is
+#: drawn and scored against every token (~0.25 MB each: 4,096 take about 1 GB, a million
+#: would not fit); a ``decision_lag`` beyond 16M steps is past any decode, and past 2**63 it
+#: no longer converts to the integer NumPy computes lags in.
+_WHOLE_FIELDS = {"history_queries": 4096, "decision_lag": 2**24}  # whole numbers >= 1
 _RANGES = {  # field -> (low, high, low included)
     "speculation_similarity": (-1.0, 1.0, True),
     "speculation_dim_fraction": (0.0, 1.0, False),
@@ -121,6 +125,8 @@ def _field_problem(field: str, value: Any) -> str | None:
     if field in _WHOLE_FIELDS:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             return f"{field} must be a whole number >= 1, got {_shown(value)}"
+        if value > _WHOLE_FIELDS[field]:
+            return f"{field} must be at most {_WHOLE_FIELDS[field]:,}, got {_shown(value)}"
         return None
     low, high, closed = _RANGES[field]
     if (isinstance(value, bool) or not isinstance(value, (int, float))
@@ -143,7 +149,7 @@ class SelectionFieldError(ValueError):
 def selection_model(overrides: Mapping[str, Any] | None) -> SelectionModel | None:
     """``SelectionModel`` with ``overrides`` (field -> value) replacing its defaults; None when
     none is given (the defaults). Raises ``SelectionFieldError`` naming the first unknown
-    field or bad value: whole numbers >= 1 for ``history_queries`` and ``decision_lag``,
+    field or bad value: whole numbers from 1 to their bound (``_WHOLE_FIELDS``) for ``history_queries`` and ``decision_lag``,
     numbers in the ranges ``SelectionModel`` checks for the others (never booleans or text).
     """
     if not overrides:
