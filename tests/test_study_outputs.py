@@ -244,3 +244,22 @@ def test_a_figure_worker_that_dies_fails_its_figures_and_leaves_no_part_of_them(
     assert "heat" in errors and "BrokenProcessPool" in errors["heat"]
     assert set(errors) | {p.stem for p in files} == {"tput", "heat"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+
+
+@pytest.mark.parametrize("size, message", [
+    ("height: 1e5", "plots.tput.height: input should be less than or equal to 50"),
+    ("height: 10, aspect: 6", "plots.tput: aspect: panels 10 inches high and 6 times as wide "
+                              "are 60 inches wide, over 50"),
+])
+def test_a_figure_too_large_to_draw_is_refused_before_the_run(tmp_path, capsys, size, message):
+    # height 1e5 ran every point, then failed the figure on matplotlib's size limit (exit 1,
+    # a "figure failed: ValueError" line); now a one-line error at the plot's line, exit 2
+    old = "hue: policy, logx: true}"
+    assert old in TINY
+    study = write_study(tmp_path, TINY.replace(old, f"hue: policy, logx: true, {size}}}"))
+    out = tmp_path / "out"
+    code = main(["study", str(study), "--out", str(out), "--jobs", "1", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{study}:17: {message}" in err, err
+    assert not out.exists()

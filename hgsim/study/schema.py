@@ -206,8 +206,10 @@ class PlotSpec(StudyModel):
     ylabel: str | None = None
     sharey: bool = True
     col_wrap: int | None = Field(default=None, gt=0)  # panels per line when faceting by col
-    height: float = Field(default=3.2, gt=0)
-    aspect: float = Field(default=1.3, gt=0)
+    # inches per panel (drawn at 130 dpi): over 50 a figure fails only once the
+    # whole study has run (matplotlib's size limit), or takes gigabytes to draw
+    height: float = Field(default=3.2, gt=0, le=50)
+    aspect: float = Field(default=1.3, gt=0)  # panel width / height
     annot: bool = True  # heatmap: print values in cells
     fmt: str = ".2f"  # heatmap cell format
     center: float | None = None  # heatmap: diverging colours around this value (e.g. 0 or 1)
@@ -220,6 +222,10 @@ class PlotSpec(StudyModel):
 
     @model_validator(mode="after")
     def _heatmap_value(self) -> PlotSpec:
+        if self.height * self.aspect > 50:
+            raise ValueError(f"aspect: panels {self.height:g} inches high and {self.aspect:g} "
+                             f"times as wide are {self.height * self.aspect:g} inches wide, "
+                             "over 50")
         if self.kind == "heatmap" and not self.value:
             raise ValueError("value: a heatmap needs 'value' (the colour column)")
         if self.kind != "heatmap" and self.value:
