@@ -254,12 +254,26 @@ def test_a_figure_worker_that_dies_fails_its_figures_and_leaves_no_part_of_them(
 def test_a_figure_too_large_to_draw_is_refused_before_the_run(tmp_path, capsys, size, message):
     # height 1e5 ran every point, then failed the figure on matplotlib's size limit (exit 1,
     # a "figure failed: ValueError" line); now a one-line error at the plot's line, exit 2
-    old = "hue: policy, logx: true}"
+    _refused_before_the_run(tmp_path, capsys, "hue: policy, logx: true}",
+                            f"hue: policy, logx: true, {size}}}", f"17: {message}")
+
+
+@pytest.mark.parametrize("fmt", ["zz%", "{:.2f}"])
+def test_a_heatmap_format_python_cannot_write_is_refused_before_the_run(tmp_path, capsys, fmt):
+    # ran every point, then "figure heat failed: ValueError: Invalid format specifier" (exit 1)
+    _refused_before_the_run(tmp_path, capsys, "value: tokens_per_s}",
+                            f"value: tokens_per_s, fmt: '{fmt}'}}",
+                            f"18: plots.heat: fmt: '{fmt}' is not a number format such as .2f")
+
+
+def _refused_before_the_run(tmp_path, capsys, old, new, message):
+    """TINY with ``old`` replaced by ``new`` is a one-line error ending ``message`` (after
+    the file's name and ``:``), exit 2, and writes no output folder."""
     assert old in TINY
-    study = write_study(tmp_path, TINY.replace(old, f"hue: policy, logx: true, {size}}}"))
+    study = write_study(tmp_path, TINY.replace(old, new))
     out = tmp_path / "out"
     code = main(["study", str(study), "--out", str(out), "--jobs", "1", "-q"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert f"{study}:17: {message}" in err, err
+    assert f"{study}:{message}" in err, err
     assert not out.exists()

@@ -234,6 +234,9 @@ class PlotSpec(StudyModel):
             raise ValueError("hue: a heatmap has no hue/style; use row/col facets")
         if self.col_wrap is not None and (self.row or not self.col):
             raise ValueError("col_wrap: wrapping needs 'col' facets and no 'row'")
+        if not _number_format(self.fmt):  # else the figure fails after every point has run
+            raise ValueError(f"fmt: {self.fmt!r} is not a number format such as .2f, .3g or "
+                             ".1%")
         if self.kind != "heatmap" and self.center is not None:
             raise ValueError(f"center: only heatmaps take 'center' (this plot is a {self.kind})")
         pareto_only = [f for f in ("x_better", "y_better", "front_by") if getattr(self, f)]
@@ -249,6 +252,18 @@ class PlotSpec(StudyModel):
         out.update({f"front_by.{i}": c for i, c in enumerate(self.front_by)})
         out.update({f"where.{k}": k for k in self.where})
         return out
+
+
+def _number_format(fmt: str) -> bool:
+    """Whether seaborn can write a heatmap cell with ``fmt`` (``"{:" + fmt + "}"``): a float
+    cell, or a whole-number one (``d``, for a min/max of counts)."""
+    for value in (1.5, 2):
+        try:
+            ("{:" + fmt + "}").format(value)
+            return True
+        except (ValueError, IndexError, KeyError):
+            pass
+    return False
 
 
 SEARCHABLE = ("workload.context", "workload.batch")
