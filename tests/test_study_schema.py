@@ -25,6 +25,9 @@ CASES = {
     "misspelt required key": ("  profile: h100", "  profle: h100", 3,
                               "base.profle: unknown key (did you mean 'profile'?)"),
     "unknown workload field": ("gen: 4}", "gen: 4, contxt: 1}", 5, "unknown workload field"),
+    # accepted: NumPy and torch take no negative seed (`hgsim run --seed -5`: a traceback)
+    "negative seed": ("gen: 4}", "gen: 4, seed: -1}", 5,
+                      "base.workload.seed: Input should be greater than or equal to 0"),
     "unknown axis": ("      policy: [hybridgen", "      polcy: [hybridgen", 10,
                      "unknown axis 'polcy'"),
     "bad hardware path": ("      workload.context: [32k, 64k]",
