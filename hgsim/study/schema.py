@@ -290,6 +290,9 @@ class SearchSpec(StudyModel):
     def _order(self) -> SearchSpec:
         if self.lo > self.hi:
             raise ValueError(f"lo: lo ({self.lo}) must not exceed hi ({self.hi})")
+        if self.step > self.hi - self.lo > 0:  # else the search answers lo, whatever fits
+            raise ValueError(f"step: step ({self.step}) is wider than the range searched, "
+                             f"hi - lo ({self.hi - self.lo})")
         return self
 
     @property
