@@ -25,6 +25,13 @@ CASES = {
     "misspelt required key": ("  profile: h100", "  profle: h100", 3,
                               "base.profle: unknown key (did you mean 'profile'?)"),
     "unknown workload field": ("gen: 4}", "gen: 4, contxt: 1}", 5, "unknown workload field"),
+    # a mapping or list as a label ran every point, then the report's answer and tables
+    # died on "TypeError: unhashable type: 'dict'" (a traceback, no report)
+    "label of a mapping": ("      workload.context: [32k, 64k]", "      label.x: [a, {b: 1}]", 9,
+                           "sweep[0].grid.label.x[1]: a label is a name or a number, got dict "
+                           "{'b': 1}"),
+    "label of a list": ("      workload.context: [32k, 64k]", "      label.x: [[1, 2]]", 9,
+                        "sweep[0].grid.label.x[0]: a label is a name or a number, got list"),
     # accepted: NumPy and torch take no negative seed (`hgsim run --seed -5`: a traceback)
     "negative seed": ("gen: 4}", "gen: 4, seed: -1}", 5,
                       "base.workload.seed: Input should be greater than or equal to 0"),

@@ -335,6 +335,11 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
                              "selection.<field>)")
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
+    if kind == "label":  # a column of names: grouped, ranked and plotted by value
+        for j, value in enumerate(study.axes()[path]):
+            if isinstance(value, (dict, list)):
+                raise doc.error((*loc, j), f"a label is a name or a number, got "
+                                           f"{type(value).__name__} {value!r}")
 
 
 def _check_distinct(study: Study, doc: YamlDocument) -> None:
