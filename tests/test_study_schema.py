@@ -30,6 +30,14 @@ CASES = {
     "label of a mapping": ("      workload.context: [32k, 64k]", "      label.x: [a, {b: 1}]", 9,
                            "sweep[0].grid.label.x[1]: a label is a name or a number, got dict "
                            "{'b': 1}"),
+    # a mapping or list as a swept profile: "TypeError: unhashable type" (a traceback)
+    "profile axis of a mapping": ("      workload.context: [32k, 64k]",
+                                  "      profile: [h100-80gb-spr-cxl, {x: 1}]", 9,
+                                  "sweep[0].grid.profile[1]: profile must be a name or path, "
+                                  "got {'x': 1}"),
+    "profile axis of a list": ("      workload.context: [32k, 64k]",
+                               "      profile: [[h100-80gb-spr-cxl]]", 9,
+                               "sweep[0].grid.profile[0]: profile must be a name or path, got ["),
     "label of a list": ("      workload.context: [32k, 64k]", "      label.x: [[1, 2]]", 9,
                         "sweep[0].grid.label.x[0]: a label is a name or a number, got list"),
     # accepted: NumPy and torch take no negative seed (`hgsim run --seed -5`: a traceback)

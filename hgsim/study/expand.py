@@ -136,9 +136,8 @@ class _Resolver:
         self.model_files: dict[str, Path] = {}  # model values that are paths -> their files
 
     def profile(self, name: str, loc: Loc) -> HardwareProfile:
+        self._check_profile_name(name, loc)
         if name not in self._profiles:
-            if not isinstance(name, str):
-                raise self.doc.error(loc, f"profile must be a name or path, got {name!r}")
             target = name
             if "/" in name or name.endswith((".yaml", ".yml")):
                 # relative to the study file, also when missing (the error names that path)
@@ -150,8 +149,13 @@ class _Resolver:
                 raise self.doc.error(loc, str(exc)) from None
         return self._profiles[name]
 
+    def _check_profile_name(self, name: Any, loc: Loc) -> None:
+        if not isinstance(name, str):  # before any lookup: a mapping or list is unhashable
+            raise self.doc.error(loc, f"profile must be a name or path, got {name!r}")
+
     def overridden(self, name: str, overrides: dict[str, Any], locs: dict[str, Loc],
                    profile_loc: Loc) -> tuple[HardwareProfile, str]:
+        self._check_profile_name(name, profile_loc)
         cache_key = (name, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         hit = self._overridden.get(cache_key)
         if hit is None:
