@@ -411,6 +411,21 @@ class AnswerSpec(StudyModel):
         if (self.gain_vs is None) != (self.cost is None):
             raise ValueError("gain_vs and cost go together (the gain per unit of cost over a "
                              "reference choice)")
+        # each of these once made the report die with a pandas traceback after the run
+        repeated = next((c for i, c in enumerate(self.per) if c in self.per[:i]), None)
+        if repeated is not None:
+            raise ValueError(f"per: '{repeated}' is listed twice")
+        if self.choose in self.per:  # one choice per group: nothing to choose between
+            raise ValueError(f"per: '{self.choose}' is the column chosen (choose); an answer "
+                             "per value of it has a single choice")
+        ranked = next((c for c in (self.metric, self.cost) if c in self.per), None)
+        if ranked is not None:
+            raise ValueError(f"per: '{ranked}' ranks the choices (metric, cost); per names "
+                             "the axes that group them")
+        if self.among is not None and self.among.column in (self.choose, *self.per):
+            field = "choose" if self.among.column == self.choose else "per"
+            raise ValueError(f"among.column: '{self.among.column}' is also in {field}; among "
+                             "takes another axis' values in sets")
         return self
 
 
