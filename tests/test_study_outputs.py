@@ -266,6 +266,21 @@ def test_a_heatmap_format_python_cannot_write_is_refused_before_the_run(tmp_path
                             f"18: plots.heat: fmt: '{fmt}' is not a number format such as .2f")
 
 
+@pytest.mark.parametrize("axes, message", [
+    ("x: workload.context, y: workload.context, value: tokens_per_s",
+     "y: a heatmap's x, y and value are three different columns"),
+    ("x: workload.context, y: policy, value: workload.context",
+     "value: a heatmap's x, y and value are three different columns"),
+])
+def test_a_heatmap_of_one_column_twice_is_refused_before_the_run(tmp_path, capsys, axes,
+                                                                 message):
+    # ran every point, then "figure heat failed: ValueError: Grouper for 'workload.context'
+    # not 1-dimensional" (exit 1)
+    _refused_before_the_run(tmp_path, capsys,
+                            "x: workload.context, y: policy, value: tokens_per_s", axes,
+                            f"18: plots.heat: {message}")
+
+
 def _refused_before_the_run(tmp_path, capsys, old, new, message):
     """TINY with ``old`` replaced by ``new`` is a one-line error ending ``message`` (after
     the file's name and ``:``), exit 2, and writes no output folder."""

@@ -92,8 +92,9 @@ CASES = {
                                         13, "column 'policy' holds text"),
     "plot of a text column": ("y: tokens_per_s, hue", "y: model, hue", 17,
                               "column 'model' holds text"),
-    "heatmap colour of a text column": ("value: tokens_per_s}", "value: policy}", 18,
-                                        "column 'policy' holds text"),
+    # (model, not y's policy: a value that repeats x or y is refused as such first)
+    "heatmap colour of a text column": ("value: tokens_per_s}", "value: model}", 18,
+                                        "column 'model' holds text"),
     # a value given twice, however spelt, gave the same points twice as duplicate rows
     "grid value twice": ("workload.context: [32k, 64k]", "workload.context: [32k, 32768]", 9,
                          "sweep[0].grid.workload.context[1]: repeats [0] (32k)"),

@@ -230,6 +230,11 @@ class PlotSpec(StudyModel):
             raise ValueError("value: a heatmap needs 'value' (the colour column)")
         if self.kind != "heatmap" and self.value:
             raise ValueError(f"value: only heatmaps take 'value' (this plot is a {self.kind})")
+        if self.kind == "heatmap" and len({self.x, self.y, self.value}) < 3:
+            # else the figure fails after the run ("Grouper for ... not 1-dimensional")
+            field = "y" if self.y == self.x else "value"
+            raise ValueError(f"{field}: a heatmap's x, y and value are three different columns "
+                             f"(x {self.x}, y {self.y}, value {self.value})")
         if self.kind == "heatmap" and (self.hue or self.style):
             raise ValueError("hue: a heatmap has no hue/style; use row/col facets")
         if self.col_wrap is not None and (self.row or not self.col):
