@@ -96,6 +96,9 @@ def simulate(
     if options is not None and not isinstance(options, Mapping):
         raise UserError(f"expected a mapping of option names to values, e.g. "
                         f"{{'topk_ratio': 0.1}}, got {options!r}", field="options")
+    bad_name = next((k for k in options or {} if not isinstance(k, str)), None)
+    if bad_name is not None:
+        raise UserError(f"option names are text, got {bad_name!r}", field="options")
     base = with_overrides(profile, hardware or {})
     # the study schema's checks of the same knobs: whole numbers, true/false, never a bool
     fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},
@@ -175,6 +178,8 @@ def run_study(
 
     if jobs is not None and (isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1):
         raise UserError(f"must be a whole number >= 1, got {jobs!r}", field="jobs")
+    if out is not None and not isinstance(out, (str, os.PathLike)):
+        raise UserError(f"expected a folder path or None, got {out!r}", field="out")
     if not isinstance(study, (Mapping, str, os.PathLike)):
         raise UserError(f"expected a study YAML path or the mapping it would hold, got "
                         f"{study!r}", field="study")

@@ -37,6 +37,8 @@ TRACE_MAX_BYTES = 1e9
 
 def check_output_file(path: str | os.PathLike[str], flag: str) -> Path:
     """``path`` can be created or replaced as a file; UserError naming ``flag`` if not."""
+    if not isinstance(path, (str, os.PathLike)):  # the API's callers may pass anything
+        raise UserError(f"expected a file path, got {path!r}", field=flag)
     if not str(path).strip():
         raise UserError("is empty; give the name of a file to write", field=flag)
     check_usable_name(path, flag)

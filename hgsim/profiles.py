@@ -52,6 +52,9 @@ def resolve_profile(name_or_path: str | os.PathLike[str]) -> Path:
     Anything that looks like a path (has a directory part or a YAML suffix, or exists) is taken
     as one; otherwise it is a profile name looked up in ``profile_dirs()``.
     """
+    if not isinstance(name_or_path, (str, os.PathLike)):  # api.load_profile(None)
+        raise UserError(f"expected a profile name or a YAML path, got {name_or_path!r}",
+                        field="profile")
     text = os.fspath(name_or_path)
     if not text.strip():
         raise UserError("an empty hardware profile name; give a name (see `hgsim profiles`) "

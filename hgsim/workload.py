@@ -25,7 +25,7 @@ class Workload(SpecModel):
     # the size that minimises the request's time, hgsim.prefill_chunk); vLLM's
     # max_num_batched_tokens is the batch's budget, batch x this
     prefill_chunk_tokens: int | Literal["auto"] | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)  # NumPy and torch take no negative seed
     attention_only: bool = False  # simulate only the attention path (validation of hw_backend)
 
     @field_validator("context", "gen", "batch", mode="before")

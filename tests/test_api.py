@@ -112,6 +112,9 @@ def test_mistakes_are_one_line_user_errors():
     ({"trace": "no/such/folder/t.json"}, "trace: folder no/such/folder does not exist"),
     ({"profile": None}, "profile: expected a profile name, a YAML path or a HardwareProfile"),
     ({"model": 13}, "model: expected a model name, a model file path or a ModelSpec, got 13"),
+    # these were TypeErrors from os.fspath / keyword arguments, naming no argument
+    ({"trace": 5}, "trace: expected a file path, got 5"),
+    ({"options": {5: 0.1}}, "options: option names are text, got 5"),
 ])
 def test_wrong_arguments_are_user_errors_naming_the_argument(kwargs, expected):
     call = {"profile": H100, "model": "llama-2-13b", "context": "32k", "gen": 4, "samples": 2,
@@ -125,6 +128,16 @@ def test_run_study_of_something_that_is_no_study_is_a_user_error():
         api.run_study(42)
     with pytest.raises(UserError, match="jobs: must be a whole number >= 1, got 1.5"):
         api.run_study(STUDY, jobs=1.5)
+    with pytest.raises(UserError, match="out: expected a folder path or None, got 5"):
+        api.run_study(STUDY, out=5)  # was a TypeError from pathlib
+
+
+@pytest.mark.parametrize("name", [None, 5])
+def test_load_profile_of_something_that_is_no_name_is_a_user_error(name):
+    # was a TypeError from os.fspath
+    with pytest.raises(UserError, match=f"profile: expected a profile name or a YAML path, "
+                                        f"got {name}"):
+        api.load_profile(name)
 
 
 def test_infeasible_is_a_result_not_an_error():

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from bad_input import user_error
 
 from hgsim import api, model_files
 from hgsim.catalog import get_model
@@ -150,6 +151,18 @@ def test_bad_yaml_field_names_file_line_and_field(tmp_path):
     path.write_text(MY_MODEL_YAML.replace("num_kv_heads: 4", "num_kv_heads: 5"))
     with pytest.raises(UserError, match=r"bad\.yaml.*num_heads must be a multiple"):
         get_model(str(path))
+
+
+@pytest.mark.parametrize("name", ["''", "'  '"])
+def test_a_yaml_model_with_an_empty_name_is_refused_at_its_line(tmp_path, capsys, name):
+    # was accepted, and every result row, table and report then named the model ''
+    path = tmp_path / "blank.yaml"
+    path.write_text(f"name: {name}\n" + MY_MODEL_YAML)
+    line = user_error(capsys, "simulate", "--profile", "dev-zen4-2core", "--model", str(path),
+                      "--context", "1k", "--gen", "2", "--samples", "1")
+    assert f"{path}:1: name: the model needs a name" in line, line
+    path.write_text(MY_MODEL_YAML)  # without a name: the file's
+    assert get_model(str(path)).name == "blank"
 
 
 STUDY = """\

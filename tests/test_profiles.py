@@ -430,3 +430,22 @@ sweep:
     assert f"{study}:5: base.workload.weight_dtype: profile dev-zen4-2core: peak_tflops: " \
            "the GPU has no fp32 figure" in err, err
     assert not out.exists()
+
+
+def test_a_profile_without_memory_tiers_is_a_one_line_error(tmp_path):
+    # was accepted by `profiles check` and then an IndexError deep in the simulator (the
+    # host tier PCIe copies stage in), a traceback with exit 1
+    import yaml
+
+    data = yaml.safe_load((PROFILE_DIR / "dev-zen4-2core.yaml").read_text())
+    assert not any(t["kind"] == "cxl" for t in data["tiers"].values())  # no link to drop
+    data["tiers"] = {}
+    path = tmp_path / "no-tiers.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    with pytest.raises(ConfigError, match="tiers: at least one host memory tier"):
+        load_profile(path)
+    result = _run_cli("simulate", "--profile", str(path), "--model", "opt-6.7b",
+                      "--context", "1k", "--gen", "2", "--samples", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and "tiers:" in lines[0], lines

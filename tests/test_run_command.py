@@ -82,6 +82,8 @@ def test_attention_only_json(capsys):
     (["--context", "1000000000000000"], "--context: 1e+15 is not a plausible value"),
     (["--context", "1k", "--seed", "99999999999999999999999"],
      "--seed: 1e+23 is not a plausible value"),
+    # was a traceback after the model was built ("ValueError: expected non-negative integer")
+    (["--context", "1k", "--seed", "-5"], "--seed: input should be greater than or equal to 0"),
 ])
 def test_mistakes_are_one_line_before_any_work(monkeypatch, capsys, args, message):
     monkeypatch.setattr(measured_run, "measure", _must_not_run)

@@ -164,7 +164,12 @@ STUDY_ERRORS = {
     "axis zero": ("fidelity.selection.history_decay: [0.5, 0.99]",
                   "fidelity.selection.history_queries: [4, 0]",
                   "fidelity.selection.history_queries[1]: history_queries must be a whole "
-                  "number >= 1, got 0"),
+                  "number from 1 to 4,096, got 0"),
+    # a million past queries were drawn and scored one by one (out of memory, no message)
+    "axis huge": ("fidelity.selection.history_decay: [0.5, 0.99]",
+                  "fidelity.selection.history_queries: [4, 1000000]",
+                  "fidelity.selection.history_queries[1]: history_queries must be a whole "
+                  "number from 1 to 4,096, got 1000000"),
     "axis text": ("fidelity.selection.history_decay: [0.5, 0.99]",
                   "fidelity.selection.speculation_similarity: [high]",
                   "speculation_similarity[0]: speculation_similarity must be a number in "
@@ -193,6 +198,10 @@ def test_api_selection_changes_accuracy_not_time_and_names_bad_fields():
     with pytest.raises(UserError, match=r"^selection\.history_queries: .*got true"):
         api.simulate("h100-80gb-spr-cxl", "llama-2-7b", "h2o",
                      selection={"history_queries": True}, **args)
+    # an OverflowError traceback from NumPy's lags (int64) before the bound
+    with pytest.raises(UserError, match=r"^selection\.decision_lag: .*from 1 to 16,777,216, got 10+$"):
+        api.simulate("h100-80gb-spr-cxl", "llama-2-7b", "h2o",
+                     selection={"decision_lag": 10**30}, **args)
     with pytest.raises(UserError, match="selection: expected a mapping"):
         api.simulate("h100-80gb-spr-cxl", "llama-2-7b", "h2o", selection=0.5, **args)
 

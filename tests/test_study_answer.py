@@ -145,6 +145,17 @@ def test_a_study_answers_its_question_in_the_reports_first_lines(tmp_path):
     ("baseline: [flexgen]}}", "baseline: [flexgn]}}", "'flexgn' is not a value of axis"),
     ("metric: usd_per_mtok", "metric: usd_per_mtok\n  gain_vs: baseline",
      "gain_vs and cost go together"),
+    # each of these ran every point, then the report died with a pandas traceback (exit 1):
+    # "cannot insert ..., already exists", "Grouper for 'policy' not 1-dimensional", ...
+    ("metric: usd_per_mtok", "metric: usd_per_mtok\n  per: [label.upgrade]",
+     "per: 'label.upgrade' is the column chosen (choose)"),
+    ("metric: usd_per_mtok", "metric: usd_per_mtok\n  per: [workload.batch, workload.batch]",
+     "per: 'workload.batch' is listed twice"),
+    ("metric: usd_per_mtok", "metric: usd_per_mtok\n  per: [usd_per_mtok]",
+     "per: 'usd_per_mtok' ranks the choices (metric, cost)"),
+    ("metric: usd_per_mtok", "metric: usd_per_mtok\n  per: [policy]",
+     "among.column: 'policy' is also in per"),
+    ("choose: label.upgrade", "choose: policy", "among.column: 'policy' is also in choose"),
 ])
 def test_a_bad_answer_block_is_a_one_line_error(tmp_path, capsys, old, new, expected):
     assert old in STUDY

@@ -74,3 +74,19 @@ def test_max_feasible_is_exact(lo, span, step, limit):
     assert capped == (bool(feasible) and best == candidates[-1])
     if best is not None and not capped:
         assert reason == f"{best + step} > {limit}"
+
+
+def test_a_step_wider_than_the_searched_range_is_refused(tmp_path, capsys):
+    # step 32M over 1k..16M had one candidate, lo: every point answered max_context 1024
+    # (capped) however much fitted, without a word
+    from hgsim.cli import main
+
+    text = CAPACITY.replace("step: 1k}", "step: 32M}")
+    assert text != CAPACITY
+    study = write_study(tmp_path, text)
+    code = main(["study", str(study), "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{study}:6: search: step: step (33554432) is wider than the range searched, " \
+           "hi - lo (16776192)" in err, err
+    assert not (tmp_path / "out").exists()

@@ -121,3 +121,29 @@ sweep:
     err = capsys.readouterr().err.strip()
     assert "zip.policy_options.topk_ratio[1]: policy 'flexgen' has no option 'topk_ratio'" in err
     assert err.endswith("write null for a policy without it") and "\n" not in err
+
+
+def test_a_sweep_over_the_point_limit_is_refused_before_any_point_is_built(tmp_path, capsys):
+    # 300 x 300 x 300 values was expanded point by point (about 0.25 ms each: two hours and
+    # tens of GB before the first simulation); now counted from the axes' lengths and refused
+    from bad_input import user_error
+
+    from hgsim.study.expand import MAX_POINTS
+
+    n = 101  # 101 x 100 x 100 x 1 = 1,010,000 > MAX_POINTS
+    assert n * 100 * 100 > MAX_POINTS >= 100 * 100 * 100
+    counts = lambda k, start: ", ".join(str(start + i) for i in range(k))  # noqa: E731
+    study = write_study(tmp_path, HEAD + f"""\
+sweep:
+  - grid:
+      workload.context: [{counts(n, 1000)}]
+      workload.gen: [{counts(100, 1)}]
+  - grid:
+      workload.batch: [{counts(100, 1)}]
+      policy: [hybridgen]
+""")
+    out = tmp_path / "out"
+    line = user_error(capsys, "study", str(study), "--out", str(out), "--jobs", "1")
+    assert f"{study}:7: sweep: 1,010,000 points (101 x 100 x 100 x 1), over the " \
+           f"{MAX_POINTS:,}" in line, line
+    assert not out.exists()

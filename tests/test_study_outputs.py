@@ -244,3 +244,51 @@ def test_a_figure_worker_that_dies_fails_its_figures_and_leaves_no_part_of_them(
     assert "heat" in errors and "BrokenProcessPool" in errors["heat"]
     assert set(errors) | {p.stem for p in files} == {"tput", "heat"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in files)
+
+
+@pytest.mark.parametrize("size, message", [
+    ("height: 1e5", "plots.tput.height: input should be less than or equal to 50"),
+    ("height: 10, aspect: 6", "plots.tput: aspect: panels 10 inches high and 6 times as wide "
+                              "are 60 inches wide, over 50"),
+])
+def test_a_figure_too_large_to_draw_is_refused_before_the_run(tmp_path, capsys, size, message):
+    # height 1e5 ran every point, then failed the figure on matplotlib's size limit (exit 1,
+    # a "figure failed: ValueError" line); now a one-line error at the plot's line, exit 2
+    _refused_before_the_run(tmp_path, capsys, "hue: policy, logx: true}",
+                            f"hue: policy, logx: true, {size}}}", f"17: {message}")
+
+
+@pytest.mark.parametrize("fmt", ["zz%", "{:.2f}"])
+def test_a_heatmap_format_python_cannot_write_is_refused_before_the_run(tmp_path, capsys, fmt):
+    # ran every point, then "figure heat failed: ValueError: Invalid format specifier" (exit 1)
+    _refused_before_the_run(tmp_path, capsys, "value: tokens_per_s}",
+                            f"value: tokens_per_s, fmt: '{fmt}'}}",
+                            f"18: plots.heat: fmt: '{fmt}' is not a number format such as .2f")
+
+
+@pytest.mark.parametrize("axes, message", [
+    ("x: workload.context, y: workload.context, value: tokens_per_s",
+     "y: a heatmap's x, y and value are three different columns"),
+    ("x: workload.context, y: policy, value: workload.context",
+     "value: a heatmap's x, y and value are three different columns"),
+])
+def test_a_heatmap_of_one_column_twice_is_refused_before_the_run(tmp_path, capsys, axes,
+                                                                 message):
+    # ran every point, then "figure heat failed: ValueError: Grouper for 'workload.context'
+    # not 1-dimensional" (exit 1)
+    _refused_before_the_run(tmp_path, capsys,
+                            "x: workload.context, y: policy, value: tokens_per_s", axes,
+                            f"18: plots.heat: {message}")
+
+
+def _refused_before_the_run(tmp_path, capsys, old, new, message):
+    """TINY with ``old`` replaced by ``new`` is a one-line error ending ``message`` (after
+    the file's name and ``:``), exit 2, and writes no output folder."""
+    assert old in TINY
+    study = write_study(tmp_path, TINY.replace(old, new))
+    out = tmp_path / "out"
+    code = main(["study", str(study), "--out", str(out), "--jobs", "1", "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{study}:{message}" in err, err
+    assert not out.exists()

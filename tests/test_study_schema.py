@@ -25,6 +25,24 @@ CASES = {
     "misspelt required key": ("  profile: h100", "  profle: h100", 3,
                               "base.profle: unknown key (did you mean 'profile'?)"),
     "unknown workload field": ("gen: 4}", "gen: 4, contxt: 1}", 5, "unknown workload field"),
+    # a mapping or list as a label ran every point, then the report's answer and tables
+    # died on "TypeError: unhashable type: 'dict'" (a traceback, no report)
+    "label of a mapping": ("      workload.context: [32k, 64k]", "      label.x: [a, {b: 1}]", 9,
+                           "sweep[0].grid.label.x[1]: a label is a name or a number, got dict "
+                           "{'b': 1}"),
+    # a mapping or list as a swept profile: "TypeError: unhashable type" (a traceback)
+    "profile axis of a mapping": ("      workload.context: [32k, 64k]",
+                                  "      profile: [h100-80gb-spr-cxl, {x: 1}]", 9,
+                                  "sweep[0].grid.profile[1]: profile must be a name or path, "
+                                  "got {'x': 1}"),
+    "profile axis of a list": ("      workload.context: [32k, 64k]",
+                               "      profile: [[h100-80gb-spr-cxl]]", 9,
+                               "sweep[0].grid.profile[0]: profile must be a name or path, got ["),
+    "label of a list": ("      workload.context: [32k, 64k]", "      label.x: [[1, 2]]", 9,
+                        "sweep[0].grid.label.x[0]: a label is a name or a number, got list"),
+    # accepted: NumPy and torch take no negative seed (`hgsim run --seed -5`: a traceback)
+    "negative seed": ("gen: 4}", "gen: 4, seed: -1}", 5,
+                      "base.workload.seed: Input should be greater than or equal to 0"),
     "unknown axis": ("      policy: [hybridgen", "      polcy: [hybridgen", 10,
                      "unknown axis 'polcy'"),
     "bad hardware path": ("      workload.context: [32k, 64k]",
@@ -74,8 +92,9 @@ CASES = {
                                         13, "column 'policy' holds text"),
     "plot of a text column": ("y: tokens_per_s, hue", "y: model, hue", 17,
                               "column 'model' holds text"),
-    "heatmap colour of a text column": ("value: tokens_per_s}", "value: policy}", 18,
-                                        "column 'policy' holds text"),
+    # (model, not y's policy: a value that repeats x or y is refused as such first)
+    "heatmap colour of a text column": ("value: tokens_per_s}", "value: model}", 18,
+                                        "column 'model' holds text"),
     # a value given twice, however spelt, gave the same points twice as duplicate rows
     "grid value twice": ("workload.context: [32k, 64k]", "workload.context: [32k, 32768]", 9,
                          "sweep[0].grid.workload.context[1]: repeats [0] (32k)"),

@@ -181,3 +181,14 @@ def test_a_trace_over_its_limit_is_refused_from_its_first_step(tmp_path, capsys)
     assert err.startswith("hgsim simulate: error: --trace: would be about ") and err.count("\n") == 1
     assert "per simulated step x 12 steps), over --trace-max-gb" in err and "--samples N" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.json"]
+
+
+def test_a_trace_limit_without_a_trace_is_refused(capsys):
+    # --trace-max-gb without --trace was ignored without a word (as --prefill-chunk without
+    # --prefill once was): the user believed a limit applied to something
+    from bad_input import user_error
+
+    line = user_error(capsys, "simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b",
+                      "--context", "1k", "--gen", "4", "--samples", "2", "--trace-max-gb", "2")
+    assert line == ("hgsim simulate: error: --trace-max-gb: limits the trace, which is written "
+                    "only with --trace: add it")

@@ -31,8 +31,8 @@ class FieldRule:
         if self.whole:
             if (isinstance(value, bool) or not isinstance(value, int) or value < self.low
                     or value > self.high):
-                span = f">= {self.low:g}" if math.isinf(self.high) \
-                    else f"in [{self.low:g}, {self.high:g}]"
+                span = f">= {int(self.low):,}" if math.isinf(self.high) \
+                    else f"from {int(self.low):,} to {int(self.high):,}"
                 return f"{field} must be a whole number {span}, got {_shown(value)}"
             return None
         if (isinstance(value, bool) or not isinstance(value, (int, float))

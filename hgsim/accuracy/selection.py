@@ -107,8 +107,11 @@ class SelectionModel:
 SELECTION = OverrideGroup("selection", SelectionModel, {
     "speculation_similarity": FieldRule(-1.0, 1.0),
     "speculation_dim_fraction": FieldRule(0.0, 1.0, low_open=True),
-    "history_queries": FieldRule(1, whole=True),
-    "decision_lag": FieldRule(1, whole=True),
+    # Each of history_queries past queries is drawn and scored against every token (~0.25 MB
+    # each: 4,096 take about 1 GB, a million would not fit); a decision_lag beyond 16M steps
+    # is past any decode, and past 2**63 it no longer converts to NumPy's integers.
+    "history_queries": FieldRule(1, 4096, whole=True),
+    "decision_lag": FieldRule(1, 2**24, whole=True),
     "history_similarity_floor": FieldRule(0.0, 1.0),
     "history_decay": FieldRule(0.0, 1.0),
 }, example="{'history_decay': 0.95}")
@@ -119,7 +122,7 @@ SelectionFieldError = FieldError
 def selection_model(overrides: Mapping[str, Any] | None) -> SelectionModel | None:
     """``SelectionModel`` with ``overrides`` (field -> value) replacing its defaults; None when
     none is given (the defaults). Raises ``FieldError`` naming the first unknown field or bad
-    value: whole numbers >= 1 for ``history_queries`` and ``decision_lag``, numbers in the
+    value: whole numbers from 1 to their bound for ``history_queries`` and ``decision_lag``, numbers in the
     ranges ``SELECTION`` gives for the others (never booleans or text)."""
     return SELECTION.build(overrides)
 

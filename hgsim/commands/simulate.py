@@ -60,7 +60,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="decode steps simulated in full, the rest interpolated (default 32; "
                         "0 = all)")
     p.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace")
-    p.add_argument("--trace-max-gb", type=float, default=TRACE_MAX_BYTES / 1e9, metavar="GB",
+    p.add_argument("--trace-max-gb", type=float, default=None, metavar="GB",
                    help="refuse a trace estimated (from its first simulated step) above GB "
                         f"gigabytes (default {TRACE_MAX_BYTES / 1e9:g}; 40-360 kB per step)")
     p.add_argument("--json", action="store_true", help="print the result row as JSON")
@@ -115,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
                         field="--prefill-chunk")
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
-    trace_max_gb = non_negative(args.trace_max_gb, "--trace-max-gb")
+    # a limit without --trace: else silently nothing to limit (as --prefill-chunk)
+    if args.trace_max_gb is not None and args.trace is None:
+        raise UserError("limits the trace, which is written only with --trace: add it",
+                        field="--trace-max-gb")
+    trace_max_gb = non_negative(TRACE_MAX_BYTES / 1e9 if args.trace_max_gb is None
+                                else args.trace_max_gb, "--trace-max-gb")
     if trace_max_gb == 0:
         raise UserError("must be above 0 (it refuses every trace)", field="--trace-max-gb")
     options = policy_options(args.option, args.policy)

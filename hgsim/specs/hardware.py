@@ -235,6 +235,8 @@ class HardwareProfile(SpecModel):
             raise ValueError("gpus: at least one GPU is required")
         if not self.sockets:
             raise ValueError("sockets: at least one CPU socket is required")
+        if not self.tiers:  # the host's DRAM: where the KV cache spills and PCIe copies stage
+            raise ValueError("tiers: at least one host memory tier (the host's DRAM) is required")
         nodes = set(self.gpus) | set(self.sockets) | set(self.tiers)
         overlap = (set(self.gpus) & set(self.sockets)) | (set(self.tiers) & (set(self.gpus) | set(self.sockets)))
         if overlap:

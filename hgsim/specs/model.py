@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from hgsim.specs.base import SpecModel
 
@@ -34,6 +34,14 @@ class ModelSpec(SpecModel):
     #: whole-model decode, not any simulated or measured cost.
     rope_theta: float | None = Field(default=None, gt=0)
     source: str = ""
+
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        if not name.strip():  # every result row, report and table names the model by it
+            raise ValueError("the model needs a name (a model file without one takes its "
+                             "file's name)")
+        return name
 
     @model_validator(mode="after")
     def _heads_consistent(self) -> ModelSpec:

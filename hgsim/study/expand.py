@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,9 +136,8 @@ class _Resolver:
         self.model_files: dict[str, Path] = {}  # model values that are paths -> their files
 
     def profile(self, name: str, loc: Loc) -> HardwareProfile:
+        self._check_profile_name(name, loc)
         if name not in self._profiles:
-            if not isinstance(name, str):
-                raise self.doc.error(loc, f"profile must be a name or path, got {name!r}")
             target = name
             if "/" in name or name.endswith((".yaml", ".yml")):
                 # relative to the study file, also when missing (the error names that path)
@@ -149,8 +149,13 @@ class _Resolver:
                 raise self.doc.error(loc, str(exc)) from None
         return self._profiles[name]
 
+    def _check_profile_name(self, name: Any, loc: Loc) -> None:
+        if not isinstance(name, str):  # before any lookup: a mapping or list is unhashable
+            raise self.doc.error(loc, f"profile must be a name or path, got {name!r}")
+
     def overridden(self, name: str, overrides: dict[str, Any], locs: dict[str, Loc],
                    profile_loc: Loc) -> tuple[HardwareProfile, str]:
+        self._check_profile_name(name, profile_loc)
         cache_key = (name, tuple(sorted((k, repr(v)) for k, v in overrides.items())))
         hit = self._overridden.get(cache_key)
         if hit is None:
@@ -195,6 +200,7 @@ def expand(study: Study, doc: YamlDocument, base_dir: Path | None = None) -> Exp
                     raise doc.error(("sweep", i, kind, path),
                                     f"axis '{path}' appears in more than one group")
                 seen.add(path)
+    _check_size(study, doc)
     locations = axis_locations(study)
     for path, loc in locations.items():
         _check_axis_path(path, study, doc, loc)
@@ -290,6 +296,29 @@ def _with_sensitivity(study: Study, points: list[Point], doc: YamlDocument,
     return out
 
 
+#: Most points a study may hold: resolving alone takes about 0.25 ms a point (a million: four
+#: minutes and gigabytes of memory before the first simulation), so a grid over it is a typo
+#: or a mistake (300 x 300 x 300 values) that would otherwise run out of memory or time.
+MAX_POINTS = 1_000_000
+
+
+def _check_size(study: Study, doc: YamlDocument) -> None:
+    """A ConfigError when the sweep (times the sensitivity variants) holds over MAX_POINTS
+    points, counted from the axes' lengths before any point is built."""
+    factors = []
+    for group in study.sweep:
+        if group.zip:
+            factors.append(len(next(iter(group.zip.values()))))
+        factors += [len(values) for values in group.grid.values()]
+    if study.sensitivity is not None:  # each point, then each parameter scaled down and up
+        factors.append(1 + 2 * len(study.sensitivity.parameters))
+    total = math.prod(factors)
+    if total > MAX_POINTS:
+        shape = " x ".join(f"{n:,}" for n in factors)
+        raise doc.error(("sweep",), f"{total:,} points ({shape}), over the {MAX_POINTS:,} a "
+                                    "study may hold: thin the axes or split the study")
+
+
 def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> None:
     try:
         kind, rest = ax.section(path)
@@ -302,6 +331,11 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
         _check_fidelity_path(rest, doc, loc)
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
+    if kind == "label":  # a column of names: grouped, ranked and plotted by value
+        for j, value in enumerate(study.axes()[path]):
+            if isinstance(value, (dict, list)):
+                raise doc.error((*loc, j), f"a label is a name or a number, got "
+                                           f"{type(value).__name__} {value!r}")
 
 
 def _check_fidelity_path(rest: str, doc: YamlDocument, loc: Loc) -> None:

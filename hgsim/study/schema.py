@@ -210,8 +210,10 @@ class PlotSpec(StudyModel):
     ylabel: str | None = None
     sharey: bool = True
     col_wrap: int | None = Field(default=None, gt=0)  # panels per line when faceting by col
-    height: float = Field(default=3.2, gt=0)
-    aspect: float = Field(default=1.3, gt=0)
+    # inches per panel (drawn at 130 dpi): over 50 a figure fails only once the
+    # whole study has run (matplotlib's size limit), or takes gigabytes to draw
+    height: float = Field(default=3.2, gt=0, le=50)
+    aspect: float = Field(default=1.3, gt=0)  # panel width / height
     annot: bool = True  # heatmap: print values in cells
     fmt: str = ".2f"  # heatmap cell format
     center: float | None = None  # heatmap: diverging colours around this value (e.g. 0 or 1)
@@ -224,14 +226,26 @@ class PlotSpec(StudyModel):
 
     @model_validator(mode="after")
     def _heatmap_value(self) -> PlotSpec:
+        if self.height * self.aspect > 50:
+            raise ValueError(f"aspect: panels {self.height:g} inches high and {self.aspect:g} "
+                             f"times as wide are {self.height * self.aspect:g} inches wide, "
+                             "over 50")
         if self.kind == "heatmap" and not self.value:
             raise ValueError("value: a heatmap needs 'value' (the colour column)")
         if self.kind != "heatmap" and self.value:
             raise ValueError(f"value: only heatmaps take 'value' (this plot is a {self.kind})")
+        if self.kind == "heatmap" and len({self.x, self.y, self.value}) < 3:
+            # else the figure fails after the run ("Grouper for ... not 1-dimensional")
+            field = "y" if self.y == self.x else "value"
+            raise ValueError(f"{field}: a heatmap's x, y and value are three different columns "
+                             f"(x {self.x}, y {self.y}, value {self.value})")
         if self.kind == "heatmap" and (self.hue or self.style):
             raise ValueError("hue: a heatmap has no hue/style; use row/col facets")
         if self.col_wrap is not None and (self.row or not self.col):
             raise ValueError("col_wrap: wrapping needs 'col' facets and no 'row'")
+        if not _number_format(self.fmt):  # else the figure fails after every point has run
+            raise ValueError(f"fmt: {self.fmt!r} is not a number format such as .2f, .3g or "
+                             ".1%")
         if self.kind != "heatmap" and self.center is not None:
             raise ValueError(f"center: only heatmaps take 'center' (this plot is a {self.kind})")
         pareto_only = [f for f in ("x_better", "y_better", "front_by") if getattr(self, f)]
@@ -247,6 +261,18 @@ class PlotSpec(StudyModel):
         out.update({f"front_by.{i}": c for i, c in enumerate(self.front_by)})
         out.update({f"where.{k}": k for k in self.where})
         return out
+
+
+def _number_format(fmt: str) -> bool:
+    """Whether seaborn can write a heatmap cell with ``fmt`` (``"{:" + fmt + "}"``): a float
+    cell, or a whole-number one (``d``, for a min/max of counts)."""
+    for value in (1.5, 2):
+        try:
+            ("{:" + fmt + "}").format(value)
+            return True
+        except (ValueError, IndexError, KeyError):
+            pass
+    return False
 
 
 SEARCHABLE = ("workload.context", "workload.batch")
@@ -273,6 +299,9 @@ class SearchSpec(StudyModel):
     def _order(self) -> SearchSpec:
         if self.lo > self.hi:
             raise ValueError(f"lo: lo ({self.lo}) must not exceed hi ({self.hi})")
+        if self.step > self.hi - self.lo > 0:  # else the search answers lo, whatever fits
+            raise ValueError(f"step: step ({self.step}) is wider than the range searched, "
+                             f"hi - lo ({self.hi - self.lo})")
         return self
 
     @property
@@ -391,6 +420,21 @@ class AnswerSpec(StudyModel):
         if (self.gain_vs is None) != (self.cost is None):
             raise ValueError("gain_vs and cost go together (the gain per unit of cost over a "
                              "reference choice)")
+        # each of these once made the report die with a pandas traceback after the run
+        repeated = next((c for i, c in enumerate(self.per) if c in self.per[:i]), None)
+        if repeated is not None:
+            raise ValueError(f"per: '{repeated}' is listed twice")
+        if self.choose in self.per:  # one choice per group: nothing to choose between
+            raise ValueError(f"per: '{self.choose}' is the column chosen (choose); an answer "
+                             "per value of it has a single choice")
+        ranked = next((c for c in (self.metric, self.cost) if c in self.per), None)
+        if ranked is not None:
+            raise ValueError(f"per: '{ranked}' ranks the choices (metric, cost); per names "
+                             "the axes that group them")
+        if self.among is not None and self.among.column in (self.choose, *self.per):
+            field = "choose" if self.among.column == self.choose else "per"
+            raise ValueError(f"among.column: '{self.among.column}' is also in {field}; among "
+                             "takes another axis' values in sets")
         return self
 
 
