@@ -83,7 +83,7 @@ def _first_cause(errors: list[dict]) -> tuple[dict, str]:
     beside an unknown key is reported as that key, named with the field it likely misspells
     (a typo such as ``read_bandwidht_gbps`` is both errors, and "required field is missing"
     on another line hides it)."""
-    first = errors[0]
+    first = _union_branch(errors, errors[0])
     if first["type"] != "missing":
         return first, humane(first)
     parent = first["loc"][:-1]
@@ -97,9 +97,29 @@ def _first_cause(errors: list[dict]) -> tuple[dict, str]:
     return first, humane(first)
 
 
+def _union_branch(errors: list[dict], first: dict) -> dict:
+    """For a value of a union type (``float | list[float]``) pydantic reports one error per
+    member, each under the member's tag; the one that got deepest into the value is the one
+    the user meant (a list with one bad element, not "should be a number" for the list)."""
+    tags = [i for i, part in enumerate(first["loc"]) if _is_pydantic_tag(part)]
+    if not tags:
+        return first
+    prefix = first["loc"][: tags[0]]
+    branches = [e for e in errors if e["loc"][: tags[0]] == prefix
+                and len(e["loc"]) > tags[0] and _is_pydantic_tag(e["loc"][tags[0]])]
+    return max(branches, key=lambda e: len(e["loc"]), default=first)
+
+
+#: Union members pydantic names by their type alone (``target_rel_error.float``); no schema
+#: has a key of these names.
+_TYPE_TAGS = frozenset({"float", "int", "str", "bool", "bytes", "none"})
+
+
 def _is_pydantic_tag(part: Any) -> bool:
-    # pydantic adds tags such as 'function-after[...]' for validators; they are not keys
-    return isinstance(part, str) and ("[" in part and part.endswith("]"))
+    # pydantic adds tags such as 'function-after[...]' for validators and a union member's
+    # type ('float', 'list[float]') for each member; they are not keys
+    return isinstance(part, str) and (("[" in part and part.endswith("]"))
+                                      or part in _TYPE_TAGS)
 
 
 def humane(error: dict) -> str:

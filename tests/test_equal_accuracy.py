@@ -278,6 +278,12 @@ STUDY_ERRORS = {
                      "equal_accuracy.knobs.h2o: policy 'h2o' has no option 'budgt'"),
     "exact policy knob": ("resolution: 0.01}", "resolution: 0.01, knobs: {flexgen: x}}",
                           "is exact"),
+    # a union (a number or a list): the field, not pydantic's member tag (...error.float), and
+    # the list's bad element, not "should be a number" for the list
+    "NaN target": ("target_rel_error: [0.01, 0]", "target_rel_error: .nan",
+                   "equal_accuracy.target_rel_error: input should be a finite number"),
+    "text in the list": ("target_rel_error: [0.01, 0]", "target_rel_error: [0.01, x]",
+                         "equal_accuracy.target_rel_error[1]: input should be a valid number"),
 }
 
 
