@@ -42,7 +42,7 @@ CASES = {
                         "sweep[0].grid.label.x[0]: a label is a name or a number, got list"),
     # accepted: NumPy and torch take no negative seed (`hgsim run --seed -5`: a traceback)
     "negative seed": ("gen: 4}", "gen: 4, seed: -1}", 5,
-                      "base.workload.seed: Input should be greater than or equal to 0"),
+                      "base.workload.seed: input should be greater than or equal to 0"),
     "unknown axis": ("      policy: [hybridgen", "      polcy: [hybridgen", 10,
                      "unknown axis 'polcy'"),
     "bad hardware path": ("      workload.context: [32k, 64k]",

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 
 from hgsim import __version__
 from hgsim.catalog import get_model
-from hgsim.config_io import Loc, YamlDocument
+from hgsim.config_io import Loc, YamlDocument, humane
 from hgsim.errors import ConfigError, OptionError, UserError
 from hgsim.model_files import beside, find_model_file, is_model_path
 from hgsim.policies import checked_options, registry
@@ -559,7 +559,7 @@ def _workload(values: dict[str, Any], locs: dict[str, Loc], doc: YamlDocument) -
         first = exc.errors(include_url=False)[0]
         key = str(first["loc"][0]) if first["loc"] else ""
         message = "required (set it in base.workload or sweep it)" if first["type"] == "missing" \
-            else first["msg"].removeprefix("Value error, ")
+            else humane(first)
         raise doc.error(locs.get(key, ("base", "workload", key)), message) from None
 
 
