@@ -41,6 +41,18 @@ def write_study(tmp_path: Path, text: str = TINY, name: str = "study.yaml") -> P
     return path
 
 
+def refused_study(tmp_path: Path, capsys, text: str) -> str:
+    """Run ``text`` as a study from the command line; it must be refused with one line and
+    exit code 2, writing nothing. Returns the line."""
+    from hgsim.cli import main
+
+    code = main(["study", str(write_study(tmp_path, text)), "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+    return err
+
+
 def cli_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "HGSIM_PROFILE_PATH"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

@@ -43,8 +43,8 @@ class FieldRule:
 
     def _span(self) -> str:
         if math.isfinite(self.high):
-            return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
-        return f"{'>' if self.low_open else '>='} {self.low:g}"
+            return f"in {'(' if self.low_open else '['}{self.low:.15g}, {self.high:.15g}]"
+        return f"{'>' if self.low_open else '>='} {self.low:.15g}"
 
     def value(self, value: Any) -> int | float:
         return int(value) if self.whole else float(value)
