@@ -92,6 +92,12 @@ def test_a_query_that_never_drifts_keeps_its_top_k_and_one_that_forgets_keeps_th
     assert 0.2 < gone[0].overlap < 0.6
 
 
+def test_with_no_tokens_between_the_sinks_and_the_newest_nothing_moves():
+    lags = step_overlaps(spec=AttentionModelSpec(sink_tokens=4096), lags=(0, 1), context=4096)
+    assert [lag.overlap for lag in lags] == [1.0, 1.0]
+    assert lags[0].query_cosine == 1.0 > lags[1].query_cosine
+
+
 def test_cli_prints_the_tables_and_json(capsys):
     assert main(["attention", "--model", "llama-3.1-8b", "--attention", "heavy_fraction=0.05"]) \
         == 0

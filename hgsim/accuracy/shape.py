@@ -122,17 +122,24 @@ def step_overlaps(spec: AttentionModelSpec | None = None, selection: SelectionMo
     n = scaled.n_tokens
     recent = min(n - scaled.sink_tokens - 1, round(min(recent_tokens, context) * factor))
     middle = slice(scaled.sink_tokens, n - recent)
-    k = min(max(1, round(ratio * (middle.stop - middle.start))), middle.stop - middle.start)
+    share = case.persistent_share
+
+    def cosine_at(lag: int) -> float:
+        return share + (1.0 - share) * float(lag_similarity(selection, lag))
+
+    between = max(0, min(n, middle.stop) - middle.start)
+    if between == 0:  # nothing between the sinks and the newest tokens: nothing ever moves
+        return [LagOverlap(lag, cosine_at(lag), 1.0) for lag in lags]
+    k = min(max(1, round(ratio * between)), between)
     keys = np.repeat(case.k[0].astype(np.float64), scaled.heads_per_group, axis=0)
     first = _top_k(case.logits[:, middle], k)
     out = []
     for lag in lags:
-        cosine = float(lag_similarity(selection, lag))
-        past = query_history(case.q[0], np.array([cosine]), np.random.default_rng([lag, 0x1A6]),
+        drift = np.array([lag_similarity(selection, lag)])
+        past = query_history(case.q[0], drift, np.random.default_rng([lag, 0x1A6]),
                              case.persistent_q[0])[0]
         later = _top_k(np.einsum("hd,htd->ht", past, keys[:, middle]), k)
-        share = case.persistent_share
-        out.append(LagOverlap(lag, share + (1.0 - share) * cosine,
+        out.append(LagOverlap(lag, cosine_at(lag),
                               float((later & first).sum() / (later.shape[0] * k))))
     return out
 
