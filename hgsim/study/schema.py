@@ -17,7 +17,7 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       policy_options: {topk_ratio: 0.1}  # the policy's Options (unknown keys are errors)
       workload: {batch: 2, context: 32k, gen: 64}   # any Workload field
       hardware: {tiers.cxl0.latency_ns: 250}        # fixed dotted profile overrides
-      fidelity: {decode_samples: 12, accuracy: true}   # selection: {history_decay: 0.95}
+      fidelity: {decode_samples: 12, accuracy: true}   # selection: {...}, attention: {...}
     sweep:                               # list of axis groups, crossed with each other
       - grid:                            # product of its axes
           workload.context: [32k, 128k, 512k]
@@ -27,7 +27,7 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
           hardware.links.cxl0-link.bandwidth_gbps: [16, 32, 64]
     # (a single group may be written as a mapping: ``sweep: {grid: {...}}``)
     # Axis paths: profile, model, policy, workload.<field>, policy_options.<option>,
-    # fidelity.<field> (fidelity.selection.<field> too), hardware.<dotted profile path> (``tiers.<t>.bandwidth_gbps`` sets read
+    # fidelity.<field> (fidelity.selection.<field>, fidelity.attention.<field> too), hardware.<dotted profile path> (``tiers.<t>.bandwidth_gbps`` sets read
     # and write bandwidth; ``*`` matches every key at its level; values may carry units).
     derived:                             # name -> metric vs a baseline at same other coords
       speedup:
