@@ -13,7 +13,7 @@ from test_study_common import refused_study, results, write_study
 
 from hgsim import api
 from hgsim.accuracy import AttentionModelSpec
-from hgsim.accuracy.groups import expected_union_rows
+from hgsim.accuracy.groups import expected_union_rows, union_curve
 from hgsim.accuracy.synthetic import attention_model, attention_overrides
 from hgsim.catalog import get_model
 from hgsim.cli import main
@@ -108,7 +108,13 @@ def test_rows_are_what_simulate_gives_for_the_attention_they_name(sweep):
 
 def test_report_and_resolved_study_show_the_overrides(sweep, tmp_path):
     out, _ = sweep
-    assert "| fidelity.attention.head_noise_std |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| fidelity.attention.head_noise_std |" in report
+    # what each setting means: the union a 4-head group sends per row selected, as costed
+    section = report.split("## Accuracy model")[1]
+    for shown, spec in (("0.500", None), ("1.50", APART)):
+        union = union_curve(4, spec).fraction(0.05)
+        assert f"| head_noise_std={shown} |" in section and f"| {union:.2f} |" in section
     text = HEAD.replace("{decode_samples: 2}", "{decode_samples: 2, attention: "
                         "{heavy_fraction: 0.05}}") + "sweep:\n  grid:\n    policy: [h2o]\n"
     plan = load_study(write_study(tmp_path, text))

@@ -62,6 +62,7 @@ def test_report_has_key_tables(finished):
                     "## Infeasible points", "![tput](figures/tput.png)"):
         assert heading in report, heading
     assert "| speedup | flexgen |" in report
+    assert "## Accuracy model" not in report  # the study sets no attention shape
 
 
 def test_resolved_study_reruns_to_the_same_points(finished, tmp_path):

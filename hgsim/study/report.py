@@ -412,6 +412,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
 
     parts += _equal_accuracy_parts(study, frame, n)
     parts += _pareto_parts(study, frame, n)
+    parts += _attention_parts(study, frame)
 
     if len(full) and "feasible" in full:
         infeasible = full[~full["feasible"].fillna(False).astype(bool)]
@@ -476,6 +477,43 @@ def _equal_accuracy_parts(study: Study, frame: pd.DataFrame, n: int) -> list[str
              "empty.\n\n"]
     parts.append(md_table(settings_table(frame), n))
     return parts
+
+
+def _attention_parts(study: Study, frame: pd.DataFrame) -> list[str]:
+    """Where each attention shape the study sets puts the mass (``hgsim attention``), so a
+    reader sees what a ``fidelity.attention`` setting means without running the command;
+    nothing when the study sets none."""
+    base = dict(study.base.fidelity.attention)
+    swept = [c for c in frame.columns if c.startswith("fidelity.attention.")]
+    if not base and not swept:
+        return []
+    from hgsim.accuracy.shape import attention_shares
+    from hgsim.accuracy.synthetic import attention_model
+
+    settings = frame[swept].drop_duplicates().to_dict("records") if swept and len(frame) \
+        else [{}]
+    # a label zipped with the settings names them (label.shape: flat, sharp...)
+    labels = [c for c in frame.columns if c.startswith("label.") and swept
+              and (frame.groupby(swept)[c].nunique() == 1).all()]
+    rows = []
+    for setting in settings:
+        named = frame.loc[(frame[swept] == pd.Series(setting)).all(axis=1)] if swept else frame
+        row = {c.removeprefix("label."): named[c].iloc[0] for c in labels if len(named)}
+        fields = {**base, **{c.removeprefix("fidelity.attention."): v
+                             for c, v in setting.items()}}
+        shares = attention_shares(attention_model(fields), context=32768, heads_per_group=4,
+                                  ratios=(0.05,))
+        rows.append({**row, "setting": ", ".join(f"{k}={fmt(v)}" for k, v in fields.items()),
+                     "sinks": f"{shares.sinks:.1%}", "newest 1,024": f"{shares.recent:.1%}",
+                     "heavy hitters": f"{shares.heavy:.1%}",
+                     "top-5% keeps": f"{shares.topk_kept[0.05]:.1%}",
+                     "union per k (4 heads)": f"{shares.union_per_k[0.05]:.2f}"})
+    return ["\n## Accuracy model\n",
+            "Where each `fidelity.attention` setting puts the softmax mass at 32k tokens "
+            "(`hgsim attention`): the sinks', the newest 1,024 tokens' and heavy hitters' "
+            "shares, the mass a per-head top-5% of the tokens between them keeps with them, "
+            "and the rows of a 4-head group's union of top-5% sets per row selected.\n\n",
+            md_table(pd.DataFrame(rows))]
 
 
 def _pareto_parts(study: Study, frame: pd.DataFrame, n: int) -> list[str]:
