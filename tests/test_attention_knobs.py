@@ -141,6 +141,32 @@ def test_defaults_named_are_no_override_and_keys_move_only_for_lossy_policies(tm
     assert all(moved[p] == plain[p] for p in ("hybridgen_exact", "flexgen"))
 
 
+def test_a_capacity_search_sizes_the_union_by_the_attention_it_names(tmp_path):
+    """HybridGen's group-union landing buffers grow with the union, so heads further apart
+    leave room for a shorter context; each setting is a search of its own (a default-valued
+    one keeps the key a search without it has)."""
+    text = HEAD.replace("workload: {context: 128k, batch: 8, gen: 4}",
+                        "workload: {batch: 8, gen: 4}") + """\
+search: {maximize: workload.context, lo: 1k, hi: 16M, step: 1k}
+sweep:
+  grid:
+    policy: [hybridgen_union]
+    policy_options.max_ratio: [0.5]
+    fidelity.attention.head_noise_std: [0.0, 0.5, 3.0]
+"""
+    out = tmp_path / "out"
+    outcome = run_study(write_study(tmp_path, text), RunOptions(out=out, quiet=True,
+                                                                figures=False))
+    assert outcome.ok, outcome.stats.errors
+    rows = results(out).set_index("fidelity.attention.head_noise_std")
+    assert rows["point"].nunique() == 3
+    assert rows.loc[0.0, "max_context"] > rows.loc[0.5, "max_context"] > \
+        rows.loc[3.0, "max_context"]
+    plain = load_study(write_study(tmp_path, text.replace(
+        "    fidelity.attention.head_noise_std: [0.0, 0.5, 3.0]\n", ""), name="plain.yaml"))
+    assert plain.expansion.points[0].spec.key == rows.loc[0.5, "point"]
+
+
 def test_equal_accuracy_probe_scores_on_the_attention_it_is_given():
     """More heavy hitters concentrate the mass on fewer, stronger tokens: the same top-k keeps
     more of it."""

@@ -503,7 +503,11 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         "policy": policy,
         "policy_options": canonical_options,
         "workload": workload.model_dump(mode="json"),
-        "fidelity": None if study.search else fidelity_config,
+        # a search sizes memory alone: of the fidelity only the attention shape can move it
+        # (HybridGen's group-union landing buffers); none set keeps the key it always had
+        "fidelity": ({"attention": fidelity_config["attention"]}
+                     if "attention" in fidelity_config else None)
+        if study.search else fidelity_config,
         "search": study.search.model_dump(mode="json") if study.search else None,
     }
     plugin = registry.plugin(policy)
