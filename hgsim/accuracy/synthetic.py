@@ -78,9 +78,10 @@ class AttentionModelSpec:
     """Shape of the synthetic attention distribution of one layer (one batch element).
 
     Defaults are tuned for a 32k context: the sinks hold ~21% of the mass, a 1024-token recent
-    window ~22%, and most of the rest sits on ~2% heavy hitters, so a per-head top-k of 5% of
-    the host tokens keeps ~96% of the mass while truncating to the recent window keeps under
-    half. Lengths (``sink_tokens``, ``recency_tokens``) are absolute token counts.
+    window ~22% (at seed 0; other seeds draw the four sinks' noise so that they hold up to 38%),
+    and most of the rest sits on ~2% heavy hitters, so a per-head top-k of 5% of the host
+    tokens keeps ~96% of the mass (at every seed) while truncating to the recent window keeps
+    under half. Lengths (``sink_tokens``, ``recency_tokens``) are absolute token counts.
     ``shape.attention_shares`` (``hgsim attention``) prints where a spec puts its mass, and
     docs/model.md sets the defaults' shares beside published measurements.
     """
