@@ -40,6 +40,7 @@ from hgsim.accuracy.selection import (  # noqa: E402
     lag_similarity,
     query_history,
     speculative_logits,
+    top_per_row,
 )
 from hgsim.accuracy.synthetic import (  # noqa: E402
     _case_seeds,
@@ -50,12 +51,6 @@ from hgsim.accuracy.synthetic import (  # noqa: E402
 
 TOKENS, RECENT = 16384, 1100
 RATIOS = (0.01, 0.02, 0.05)
-
-
-def _top(logits: np.ndarray, k: int) -> np.ndarray:
-    chosen = np.zeros(logits.shape, dtype=bool)
-    np.put_along_axis(chosen, np.argpartition(-logits, k, axis=1)[:, :k], True, axis=1)
-    return chosen
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,20 +84,20 @@ def main(argv: list[str] | None = None) -> int:
           f"{'rho=c':>6} {'whole':>6} | {'union0':>6} {'union L (rho=c)':>15}")
     for ratio in RATIOS:
         k = int(ratio * n)
-        first = _top(case.logits[:, host], k)
+        first = top_per_row(case.logits[:, host], k)
         for lag in args.lags:
             c = float(lag_similarity(model, lag))
             past = query_history(case.q[0], np.array([c]), lag, case.persistent_q[0])[0]
             lagged = np.einsum("hd,htd->ht", past,
                                np.repeat(case.k[0].astype(np.float64), group, axis=0))
-            later = _top(lagged[:, host], k)
+            later = top_per_row(lagged[:, host], k)
             modelled = (later & first).sum() / (spec.heads * k)
             whole = speculative_logits(case.q[0], case.k[0], c, seed=lag)[:, host]
-            turned = (_top(whole, k) & first).sum() / (spec.heads * k)
-            floor = (_top((persistent + fresh_noise())[:, host], k) & first).sum() / (
+            turned = (top_per_row(whole, k) & first).sum() / (spec.heads * k)
+            floor = (top_per_row((persistent + fresh_noise())[:, host], k) & first).sum() / (
                 spec.heads * k)
             drifted = persistent + c * noise0 + math.sqrt(1 - c * c) * fresh_noise()
-            stationary = _top(drifted[:, host], k)
+            stationary = top_per_row(drifted[:, host], k)
             along = (stationary & first).sum() / (spec.heads * k)
             flag = "  < floor" if modelled < floor else ""
             print(f"{ratio:>5} {k:>4} {lag:>3} {c:>5.3f} | {modelled:>6.3f} {floor:>6.3f} "

@@ -155,7 +155,7 @@ def topk_mask(scores: np.ndarray, window: TokenWindow) -> np.ndarray:
     heads, n_tokens = scores.shape
     start, end = host_range(n_tokens, window)
     mask = resident_mask(heads, n_tokens, window)
-    mask[:, start:end] = _top_per_row(scores[:, start:end], window.host_selected)
+    mask[:, start:end] = top_per_row(scores[:, start:end], window.host_selected)
     return mask
 
 
@@ -178,17 +178,17 @@ def group_topk_mask(scores: np.ndarray, window: TokenWindow, group: int) -> np.n
     start, end = host_range(n_tokens, window)
     host = scores[:, start:end].reshape(heads // group, group, end - start)
     if mode is GroupSelect.GROUP_UNION:
-        chosen = _top_per_row(host.reshape(heads, -1), window.host_selected)
+        chosen = top_per_row(host.reshape(heads, -1), window.host_selected)
         chosen = chosen.reshape(host.shape).any(axis=1)
     else:
         aggregate = host.max(axis=1) if score is GroupScore.MAX else host.sum(axis=1)
-        chosen = _top_per_row(aggregate, window.host_selected)
+        chosen = top_per_row(aggregate, window.host_selected)
     mask = resident_mask(heads, n_tokens, window)
     mask[:, start:end] = np.repeat(chosen, group, axis=0)
     return mask
 
 
-def _top_per_row(scores: np.ndarray, k: int) -> np.ndarray:
+def top_per_row(scores: np.ndarray, k: int) -> np.ndarray:
     """Boolean mask of exactly ``k`` largest entries per row (ties broken arbitrarily)."""
     chosen = np.zeros(scores.shape, dtype=bool)
     width = scores.shape[1]
@@ -215,7 +215,7 @@ def speculative_logits(
     guess = next_query(np.asarray(q, np.float64), similarity, seed)
     if dim_fraction < 1.0:
         keep = math.ceil(dim_fraction * guess.shape[-1])
-        guess = np.where(_top_per_row(np.abs(guess), keep), guess, 0.0)
+        guess = np.where(top_per_row(np.abs(guess), keep), guess, 0.0)
     return _logits32(guess, k)
 
 

@@ -15,9 +15,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hgsim.accuracy.fidelity import softmax
+from hgsim.accuracy.fidelity import attention_logits, softmax
 from hgsim.accuracy.proxy import DEFAULT_MAX_TOKENS, DEFAULT_SPEC, group_spec, zoom_spec
-from hgsim.accuracy.selection import SelectionModel, lag_similarity, query_history
+from hgsim.accuracy.selection import (
+    SelectionModel,
+    lag_similarity,
+    query_history,
+    top_per_row,
+)
 from hgsim.accuracy.synthetic import (
     AttentionModelSpec,
     case_heavy_hitters,
@@ -131,23 +136,17 @@ def step_overlaps(spec: AttentionModelSpec | None = None, selection: SelectionMo
     if between == 0:  # nothing between the sinks and the newest tokens: nothing ever moves
         return [LagOverlap(lag, cosine_at(lag), 1.0) for lag in lags]
     k = min(max(1, round(ratio * between)), between)
-    keys = np.repeat(case.k[0].astype(np.float64), scaled.heads_per_group, axis=0)
-    first = _top_k(case.logits[:, middle], k)
+    first = top_per_row(case.logits[:, middle], k)
     out = []
     for lag in lags:
         drift = np.array([lag_similarity(selection, lag)])
         past = query_history(case.q[0], drift, np.random.default_rng([lag, 0x1A6]),
                              case.persistent_q[0])[0]
-        later = _top_k(np.einsum("hd,htd->ht", past, keys[:, middle]), k)
+        # the lagged query's logits against the group's keys, without a copy of K per head
+        later = top_per_row(attention_logits(past, case.k[0])[:, middle], k)
         out.append(LagOverlap(lag, cosine_at(lag),
                               float((later & first).sum() / (later.shape[0] * k))))
     return out
-
-
-def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    chosen = np.zeros(scores.shape, dtype=bool)
-    np.put_along_axis(chosen, np.argpartition(-scores, k - 1, axis=1)[:, :k], True, axis=1)
-    return chosen
 
 
 def _scaled(spec: AttentionModelSpec, context: int) -> tuple[AttentionModelSpec, float]:
