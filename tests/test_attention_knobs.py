@@ -14,7 +14,7 @@ from test_study_common import refused_study, results, write_study
 from hgsim import api
 from hgsim.accuracy import AttentionModelSpec
 from hgsim.accuracy.groups import expected_union_rows, union_curve
-from hgsim.accuracy.synthetic import attention_model, attention_overrides
+from hgsim.accuracy.synthetic import ATTENTION, attention_model
 from hgsim.catalog import get_model
 from hgsim.cli import main
 from hgsim.costs import host_rows_per_kv_head, layer_work
@@ -125,7 +125,7 @@ def test_report_and_resolved_study_show_the_overrides(sweep, tmp_path):
 
 def test_defaults_named_are_no_override_and_keys_move_only_for_lossy_policies(tmp_path):
     assert attention_model({"heavy_fraction": 0.02}) == AttentionModelSpec()
-    assert attention_overrides(AttentionModelSpec()) == {}
+    assert ATTENTION.overrides_of(AttentionModelSpec()) == {}
 
     def keys(fidelity: str) -> dict[str, str]:
         text = HEAD.replace("{decode_samples: 2}", fidelity) + \

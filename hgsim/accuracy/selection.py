@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from hgsim.accuracy._arrays import heads_and_keys
-from hgsim.accuracy.overrides import FieldError, FieldRule, OverrideGroup
+from hgsim.accuracy.overrides import FieldRule, OverrideGroup
 from hgsim.accuracy.synthetic import next_query, query_rng
 from hgsim.plan import GroupScore, GroupSelect, Selector
 
@@ -115,21 +115,15 @@ SELECTION = OverrideGroup("selection", SelectionModel, {
     "history_similarity_floor": FieldRule(0.0, 1.0),
     "history_decay": FieldRule(0.0, 1.0),
 }, example="{'history_decay': 0.95}")
-SELECTION_FIELDS = SELECTION.fields
-SelectionFieldError = FieldError
 
 
 def selection_model(overrides: Mapping[str, Any] | None) -> SelectionModel | None:
     """``SelectionModel`` with ``overrides`` (field -> value) replacing its defaults; None when
-    none is given (the defaults). Raises ``FieldError`` naming the first unknown field or bad
-    value: whole numbers from 1 to their bound for ``history_queries`` and ``decision_lag``, numbers in the
-    ranges ``SELECTION`` gives for the others (never booleans or text)."""
+    none is given (the defaults). Raises ``overrides.FieldError`` naming the first unknown
+    field or bad value: whole numbers from 1 to their bound for ``history_queries`` and
+    ``decision_lag``, numbers in the ranges ``SELECTION`` gives for the others (never booleans
+    or text)."""
     return SELECTION.build(overrides)
-
-
-def selection_overrides(model: SelectionModel | None) -> dict[str, Any]:
-    """The fields of ``model`` that differ from the defaults (empty for None or defaults)."""
-    return SELECTION.overrides_of(model)
 
 
 def host_range(n_tokens: int, window: TokenWindow) -> tuple[int, int]:

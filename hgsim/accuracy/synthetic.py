@@ -25,9 +25,9 @@ the literature says about persistence across steps") describe. A speculated quer
 is the whole query turned to a cosine: its error is not split, because it is not drift but an
 additive error, ``W_q (x_(i-1) - x_i)`` from feeding the previous layer's input through this
 layer's projection, which owes nothing to the query's own persistent/drifting split; a random
-error added to q ranks tokens as q turned to the same cosine does (rankings ignore scale). The persistent part's share of
-a query's norm (``persistent_energy_share``) makes keys spread as much along it as along any
-other direction.
+error added to q ranks tokens as q turned to the same cosine does (rankings ignore scale). The
+persistent part's share of a query's norm (``persistent_energy_share``) makes keys spread as
+much along it as along any other direction.
 
 Grouped-query attention: the ``heads / kv_heads`` query heads of a group share one K (and V).
 The designed logits are drawn per KV group (sinks, recency, heavy hitters and the per-token
@@ -157,11 +157,6 @@ def attention_model(overrides: Mapping[str, Any] | None) -> AttentionModelSpec |
     """The default ``AttentionModelSpec`` with ``overrides`` (``ATTENTION``'s fields) replacing
     its shape; None when none is given. Raises ``overrides.FieldError`` naming the field."""
     return ATTENTION.build(overrides)
-
-
-def attention_overrides(spec: AttentionModelSpec | None) -> dict[str, Any]:
-    """The shape fields of ``spec`` that differ from the defaults (empty for None)."""
-    return ATTENTION.overrides_of(spec)
 
 
 @dataclass(frozen=True, eq=False)

@@ -124,8 +124,10 @@ def run(args: argparse.Namespace) -> int:
     if trace_max_gb == 0:
         raise UserError("must be above 0 (it refuses every trace)", field="--trace-max-gb")
     options = policy_options(args.option, args.policy)
+    from hgsim.accuracy.overrides import override_groups
+
     models = {group: accuracy_model_fields(getattr(args, group), group)
-              for group in ("selection", "attention")}
+              for group in override_groups()}
     # Before the simulation: a trace that cannot be written would lose its result at the end.
     # "" is a mistake, not "no trace"
     trace = check_output_file(args.trace, "--trace") if args.trace is not None else None

@@ -121,7 +121,9 @@ def resolved_yaml(plan: StudyPlan) -> str:
     defaults = {name: f.default for name, f in Workload.model_fields.items()
                 if not f.is_required() and isinstance(f.default, (bool, int, float, str))}
     data["base"]["workload"] = {**defaults, **data["base"]["workload"]}
-    for group in ("selection", "attention"):  # the accuracy model's defaults: as before
+    from hgsim.accuracy.overrides import override_groups
+
+    for group in override_groups():  # the accuracy model's defaults: as before
         if not data["base"]["fidelity"][group]:
             del data["base"]["fidelity"][group]
     text = yaml.safe_dump(data, sort_keys=False, width=100, default_flow_style=None)

@@ -317,8 +317,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     base_rows += [(f"workload.{k}", v) for k, v in base.workload.items()]
     base_rows += [(f"policy_options.{k}", v) for k, v in base.policy_options.items()]
     base_rows += [(f"hardware.{k}", v) for k, v in base.hardware.items()]
+    from hgsim.accuracy.overrides import override_groups
+
     fidelity = base.fidelity.model_dump()
-    groups = {group: fidelity.pop(group) for group in ("selection", "attention")}
+    groups = {group: fidelity.pop(group) for group in override_groups()}
     base_rows += [(f"fidelity.{k}", v) for k, v in fidelity.items()]
     for group, overrides in groups.items():  # one row per override set, none when none is
         base_rows += [(f"fidelity.{group}.{k}", v) for k, v in overrides.items()]
