@@ -70,19 +70,19 @@ def simulate(
     """Simulate one configuration, as ``hgsim simulate`` does.
 
     ``prefill_chunk_tokens`` chunks the prefill (with ``prefill`` only; per sequence; None: the
-    whole prompt at once; ``"auto"``: the size that minimises TTFT + decode time, ``hgsim.prefill_chunk``; the
-    result's ``prefill_chunk_tokens`` says which ran). ``options`` are the policy's options (``hgsim policies NAME`` lists them),
-    ``hardware`` dotted profile overrides (see ``with_overrides``), ``samples`` the decode steps
-    simulated in full (0: all), ``selection`` the approximate selectors' parameters the
-    accuracy proxy scores with (``{"history_decay": 0.95}``: ``hgsim.accuracy.SelectionModel``'s
-    fields, as a study's ``fidelity.selection``; None: its defaults), ``attention`` the shape
-    of the synthetic attention it scores on and a GQA group union's rows come from
-    (``{"heavy_fraction": 0.05}``: ``hgsim.accuracy.ATTENTION``'s fields, as a study's
-    ``fidelity.attention``; None: its defaults), ``trace`` a Perfetto/Chrome trace file to write (refused with
-    ``TraceTooLarge`` when its first simulated step says it would pass ``trace_max_gb``;
-    None: no limit). The result has
-    ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible configuration comes
-    back with ``feasible`` False and ``reason`` set, not as an error.
+    whole prompt at once; ``"auto"``: the size that minimises TTFT + decode time,
+    ``hgsim.prefill_chunk``; the result's ``prefill_chunk_tokens`` says which ran). ``options``
+    are the policy's options (``hgsim policies NAME`` lists them), ``hardware`` dotted profile
+    overrides (see ``with_overrides``), ``samples`` the decode steps simulated in full (0: all),
+    ``selection`` the approximate selectors' parameters the accuracy proxy scores with
+    (``{"history_decay": 0.95}``: ``hgsim.accuracy.SelectionModel``'s fields, as a study's
+    ``fidelity.selection``; None: its defaults), ``attention`` the shape of the synthetic
+    attention it scores on and a GQA group union's rows come from (``{"heavy_fraction": 0.05}``:
+    ``hgsim.accuracy.ATTENTION``'s fields, as a study's ``fidelity.attention``; None: its
+    defaults), ``trace`` a Perfetto/Chrome trace file to write (refused with ``TraceTooLarge``
+    when its first simulated step says it would pass ``trace_max_gb``; None: no limit). The
+    result has ``to_frame()``, ``table()`` and ``steps_frame()`` views; an infeasible
+    configuration comes back with ``feasible`` False and ``reason`` set, not as an error.
     """
     from hgsim.outputs import check_output_file
     from hgsim.simulate import Fidelity
