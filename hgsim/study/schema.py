@@ -27,8 +27,9 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
           hardware.links.cxl0-link.bandwidth_gbps: [16, 32, 64]
     # (a single group may be written as a mapping: ``sweep: {grid: {...}}``)
     # Axis paths: profile, model, policy, workload.<field>, policy_options.<option>,
-    # fidelity.<field> (fidelity.selection.<field>, fidelity.attention.<field> too), hardware.<dotted profile path> (``tiers.<t>.bandwidth_gbps`` sets read
-    # and write bandwidth; ``*`` matches every key at its level; values may carry units).
+    # fidelity.<field> (fidelity.selection.<field>, fidelity.attention.<field> too),
+    # hardware.<dotted profile path> (``tiers.<t>.bandwidth_gbps`` sets read and write
+    # bandwidth; ``*`` matches every key at its level; values may carry units).
     derived:                             # name -> metric vs a baseline at same other coords
       speedup:
         metric: tokens_per_s
