@@ -261,3 +261,42 @@ def test_cli_runs_tensor_parallel():
                      "32k", "--gen", "2", "--samples", "2", "--tensor-parallel", "8", "--json")
     assert result.returncode == 0, result.stderr
     assert '"tensor_parallel": 8' in result.stdout
+
+
+# ---------------------------------------------------------------------- studies
+def _study(tmp_path, degrees: str):
+    from hgsim.study.load import load_study
+
+    path = tmp_path / "tp.yaml"
+    path.write_text(f"""name: tp
+base:
+  profile: {HGX}
+  model: llama-3.1-70b
+  workload: {{context: 8k, gen: 2}}
+sweep:
+  - grid:
+      workload.tensor_parallel: {degrees}
+""")
+    return load_study(path)
+
+
+def test_a_study_sweeps_tensor_parallel_and_tp_one_keeps_its_point_key(tmp_path):
+    from hgsim.study.load import load_study
+
+    points = _study(tmp_path, "[1, 8]").expansion.points
+    assert [p.spec.workload.tensor_parallel for p in points] == [1, 8]
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(f"name: tp\nbase:\n  profile: {HGX}\n  model: llama-3.1-70b\n"
+                     "  workload: {context: 8k, gen: 2}\n")
+    (before,) = load_study(plain).expansion.points
+    assert points[0].spec.key == before.spec.key != points[1].spec.key
+
+
+def test_a_study_degree_the_profile_cannot_hold_is_refused_at_its_line(tmp_path):
+    from hgsim.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        _study(tmp_path, "[1, 16]")
+    text = str(info.value)
+    assert "tp.yaml:8" in text and "workload.tensor_parallel[1]" in text
+    assert "16 ranks need 16 GPUs" in text and "\n" not in text

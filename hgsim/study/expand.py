@@ -476,7 +476,7 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         rank_view(profile, model, workload.tensor_parallel)
     except UserError as exc:
         raise doc.error(wl_locs.get("tensor_parallel", profile_loc),
-                        f"profile {profile.name}, model {model.name}: {exc}") from None
+                        str(exc).removeprefix(f"{exc.field}: ")) from None
 
     from hgsim.accuracy.overrides import override_groups
 
