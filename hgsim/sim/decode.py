@@ -7,7 +7,11 @@ new token in, the oldest out to host memory, written there by DMA). Then per lay
 GPU stream runs ``qkv -> [speculate] -> attn -> [merge] -> post``, and after the last layer
 the final norm and LM head (whole model only). Where the profile describes hw_backend's CUDA
 graph path (``hgsim.graph_path``) each of those is one graph replay with that op's fixed cost,
-attention and merges read their bucket-padded sizes and ``kv_update`` is part of qkv.
+attention and merges read their bucket-padded sizes and ``kv_update`` is part of qkv. Under
+tensor parallelism (``hgsim.tensor_parallel``) the model is one rank's shard and ``post`` is
+followed by the layer's two all-reduces (after the output projection and after the FFN):
+operations on the same stream that bind to ``nvlink all-reduce`` (or ``pcie all-reduce``) and
+count as GPU-busy time.
 
 The host path of layer ``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after
 ``qkv(i-1)`` (HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen
