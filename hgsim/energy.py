@@ -130,7 +130,7 @@ def activity_between(machine, before: dict[str, tuple[float, float, float]],
         links[gpu.link] = links.get(gpu.link, 0.0) + dma
     gpu_links = {gpu.link for gpu in profile.gpus.values()}  # their bytes are the copies'
     for name, link in profile.links.items():
-        if name in gpu_links:
+        if name in gpu_links or link.kind == "nvlink":  # NVLink: no channel (system_activity)
             continue
         a, b = link.endpoints
         links[name] = links.get(name, 0.0) + sum(

@@ -117,7 +117,7 @@ def probe_setting(policy: str, model: ModelSpec, profile: HardwareProfile, workl
     pol = make_policy(policy, model, profile, workload, knob.options(options, value),
                       attention=attention)
     plan = pol.step_plan(accuracy_context(workload)).layer
-    error = accuracy_proxy(plan, group_spec(model.gqa_group, attention),
+    error = accuracy_proxy(plan, group_spec(pol.model.gqa_group, attention),  # a TP rank's
                            model=selection).rel_error
     return ProxyProbe(value, float(error), pol.feasible, pol.infeasibility())
 

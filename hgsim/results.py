@@ -74,6 +74,10 @@ class SimResult:
     # a prefill. ``prefill_chunk_auto``: chosen by ``prefill_chunk_tokens: auto``
     prefill_chunk_tokens: int | None = None
     prefill_chunk_auto: bool = False
+    # GPUs the model is sharded over (hgsim.tensor_parallel); tokens_per_s is the system's
+    # (every rank decodes the same sequences), footprints are one rank's, energy and cost the
+    # n GPUs' and the host's
+    tensor_parallel: int = 1
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -203,7 +207,7 @@ class SimResult:
         row: dict[str, Any] = {
             "profile": self.profile, "model": self.model, "policy": self.policy,
             "batch": self.batch, "context": self.context, "gen": self.gen,
-            "feasible": self.feasible, "reason": self.reason or "",
+            "tensor_parallel": self.tensor_parallel, "feasible": self.feasible, "reason": self.reason or "",
         }
         if self.feasible and self.steps:
             stats = self.latency_stats_ms()

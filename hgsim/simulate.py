@@ -32,6 +32,7 @@ from hgsim.sim.machine import Machine
 from hgsim.sim.trace import trace_bytes
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
+from hgsim.tensor_parallel import RankView, rank_view
 from hgsim.workload import Workload
 
 if TYPE_CHECKING:
@@ -88,6 +89,7 @@ def simulate(
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
     model = model if isinstance(model, ModelSpec) else get_model(model)
     profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)  # the GPU can run it
+    rank_view(profile, model, workload.tensor_parallel)  # the model shards over the GPUs
     auto = workload.include_prefill and workload.prefill_chunk_tokens == PREFILL_CHUNK_AUTO
     if auto:
         from hgsim.prefill_chunk import choose_prefill_chunk
@@ -119,6 +121,9 @@ def simulate_prepared(
     HBM, so the placement is the one the prefill leaves, but skips simulating the prefill:
     the decode alone, as the chunk chooser weighs it."""
     wall0 = time.perf_counter()
+    # tensor parallelism: rank 0's shard on its share of the host, the system counted whole
+    view = rank_view(profile, model, workload.tensor_parallel)
+    system = view.system
     pol = make_policy(policy, model, profile, workload, policy_options,
                       attention=fidelity.attention)
     result = SimResult(
@@ -126,8 +131,9 @@ def simulate_prepared(
         context=workload.context, gen=workload.gen, feasible=pol.feasible,
         reason=pol.infeasibility(), footprint_bytes=dict(pol.footprint.used_bytes),
         capacity_bytes=dict(pol.footprint.capacity_bytes), options=dict(policy_options or {}),
-        capex_usd=tco.capex_usd(profile), capex_usd_per_s=tco.capex_usd_per_s(profile),
-        electricity_usd_per_j=tco.electricity_usd_per_j(profile),
+        capex_usd=tco.capex_usd(system), capex_usd_per_s=tco.capex_usd_per_s(system),
+        electricity_usd_per_j=tco.electricity_usd_per_j(system),
+        tensor_parallel=workload.tensor_parallel,
     )
     if workload.include_prefill:  # tokens per chunk, as run (the whole prompt: one chunk)
         result.prefill_chunk_tokens = prefill_chunks(workload.context,
@@ -139,22 +145,25 @@ def simulate_prepared(
         return result
 
     engine = new_engine(profile, model, workload, record=fidelity.record or trace_path is not None,
-                        attention=fidelity.attention)
+                        attention=fidelity.attention, view=view)
     env, machine = engine.env, engine.machine
     spans: list[tuple[float, float, str, dict]] = []  # the trace's track of prefill and steps
     prefill = workload.include_prefill and time_prefill
     if prefill:
         t_prefill = env.now
         before_prefill = machine.recorder.snapshot()
+        sent_prefill = engine.allreduce_sent_bytes
         result.ttft_s = engine.prefill(pol.step_plan(workload.context), workload.context,
                                        workload.prefill_chunk_tokens)
         spans.append((t_prefill, env.now, "prefill", {"context": workload.context,
                                                       "batch": workload.batch}))
     t_decode0 = env.now
     before = machine.recorder.snapshot()
+    sent_before = engine.allreduce_sent_bytes
     if prefill:  # the prefill's joules, apart from the decode's
-        result.prefill_energy_j = energy.energy_by_component_j(
-            profile, energy.activity_between(machine, before_prefill, before, result.ttft_s))
+        result.prefill_energy_j = energy.energy_by_component_j(system, _system_activity(
+            view, energy.activity_between(machine, before_prefill, before, result.ttft_s),
+            sent_before - sent_prefill))
     moved_before = machine.recorder.bytes_by_resource()
     sampled = set(sample_steps(workload.gen, fidelity.decode_samples))
     steps: list[StepTiming | None] = []
@@ -212,9 +221,10 @@ def simulate_prepared(
     moved = machine.recorder.bytes_by_resource()  # the decode's traffic, not the prefill's
     result.bytes_by_resource = {name: b - moved_before.get(name, 0.0)
                                 for name, b in moved.items() if b > moved_before.get(name, 0.0)}
-    activity = energy.activity_between(machine, before, machine.recorder.snapshot(),
-                                       env.now - t_decode0)
-    result.energy_j = energy.energy_by_component_j(profile, activity)
+    activity = _system_activity(view, energy.activity_between(
+        machine, before, machine.recorder.snapshot(), env.now - t_decode0),
+        engine.allreduce_sent_bytes - sent_before)
+    result.energy_j = energy.energy_by_component_j(system, activity)
     result.energy_window_s = activity.window_s
     result.events = next(env._eid)  # simpy's running count of scheduled events
     if pol.lossy and not fidelity.accuracy:  # not computed: no number rather than a wrong one
@@ -228,12 +238,52 @@ def simulate_prepared(
 
 
 def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *,
-               record: bool = False, attention: AttentionModelSpec | None = None) -> DecodeEngine:
+               record: bool = False, attention: AttentionModelSpec | None = None,
+               view: RankView | None = None) -> DecodeEngine:
     """A decode engine for ``workload`` on a fresh machine of ``profile`` (``attention``: the
-    synthetic attention a group union's row count comes from; None: the defaults)."""
-    machine = Machine(simpy.Environment(), profile, record=record)
-    return DecodeEngine(machine, model, workload.kv_dtype, workload.weight_dtype,
-                        attention_only=workload.attention_only, attention=attention)
+    synthetic attention a group union's row count comes from; None: the defaults). Under
+    tensor parallelism the machine is rank 0's view and the model its shard (``view``, made
+    from ``profile`` and ``model`` when not given), and the engine issues the all-reduces."""
+    view = view or rank_view(profile, model, workload.tensor_parallel)
+    machine = Machine(simpy.Environment(), view.profile, record=record)
+    return DecodeEngine(machine, view.model, workload.kv_dtype, workload.weight_dtype,
+                        attention_only=workload.attention_only, attention=attention,
+                        allreduce=view.allreduce)
+
+
+def _system_activity(view: RankView, rank: energy.Activity,
+                     allreduce_sent_bytes: float) -> energy.Activity:
+    """The whole system's activity from rank 0's (identical ranks): every rank's GPU and its
+    PCIe link did what rank 0's did, each shared host component n times rank 0's share, and
+    each rank sent ``allreduce_sent_bytes`` in all-reduces, over its NVLink to the next rank
+    (or out and in over PCIe through host memory). One GPU: ``rank`` unchanged."""
+    if view.n == 1 and view.system is view.profile:
+        return rank
+    n, system = view.n, view.system
+    gpu = next(iter(view.profile.gpus))
+    pcie = view.profile.gpus[gpu].link
+    links = {name: b * n for name, b in rank.link_bytes.items() if name != pcie}
+    for spec in system.gpus.values():
+        links[spec.link] = rank.link_bytes.get(pcie, 0.0)
+    if view.allreduce is not None and allreduce_sent_bytes:
+        ranks = list(system.gpus)
+        for i, a in enumerate(ranks):
+            b = ranks[(i + 1) % n]
+            if view.allreduce.via == "nvlink":
+                name = next(k for k, link in system.links.items()
+                            if link.kind == "nvlink" and set(link.endpoints) == {a, b})
+                links[name] = links.get(name, 0.0) + allreduce_sent_bytes
+            else:  # out over a's PCIe link, in over b's
+                for g in (a, b):
+                    links[system.gpus[g].link] += allreduce_sent_bytes
+    return energy.Activity(
+        window_s=rank.window_s,
+        gpu_flops=dict.fromkeys(system.gpus, rank.gpu_flops.get(gpu, 0.0)),
+        gpu_hbm_bytes=dict.fromkeys(system.gpus, rank.gpu_hbm_bytes.get(gpu, 0.0)),
+        core_seconds={k: v * n for k, v in rank.core_seconds.items()},
+        tier_read_bytes={k: v * n for k, v in rank.tier_read_bytes.items()},
+        tier_write_bytes={k: v * n for k, v in rank.tier_write_bytes.items()},
+        link_bytes=links)
 
 
 def _check_trace_size(first_bytes: int, before_bytes: int, steps: int,

@@ -27,6 +27,9 @@ class Workload(SpecModel):
     prefill_chunk_tokens: int | Literal["auto"] | None = None
     seed: int = Field(default=0, ge=0)  # NumPy and torch take no negative seed
     attention_only: bool = False  # simulate only the attention path (validation of hw_backend)
+    # GPUs the model is sharded over by tensor parallelism (hgsim.tensor_parallel): the
+    # profile's first N GPUs, rank 0 simulated on its share of the host
+    tensor_parallel: int = Field(default=1, gt=0)
 
     @field_validator("context", "gen", "batch", mode="before")
     @classmethod

@@ -93,14 +93,20 @@ def is_lossy(name: str) -> bool:
 def make_policy(name: str, model, profile, workload, options: dict[str, Any] | None = None,
                 *, attention=None) -> Policy:
     """Build a built-in or plugin policy by name; ``options`` override the preset (unknown keys
-    are errors); ``attention`` the accuracy model's ``AttentionModelSpec`` (None: defaults)."""
+    are errors); ``attention`` the accuracy model's ``AttentionModelSpec`` (None: defaults).
+    With ``workload.tensor_parallel`` above 1 the policy gets rank 0's shard of the model and
+    its view of ``profile`` (``hgsim.tensor_parallel.rank_view``)."""
     from hgsim.policies.registry import UnknownPolicyError, lookup
+    from hgsim.tensor_parallel import rank_view
 
     try:
         cls, _, _ = lookup(name)
     except UnknownPolicyError as exc:
         raise UserError(str(exc), field="policy") from None
-    return cls(model, profile, workload, checked_options(name, options), attention=attention)
+    # tensor parallelism: the policy places rank 0's shard in its share of the machine
+    view = rank_view(profile, model, getattr(workload, "tensor_parallel", 1))
+    return cls(view.model, view.profile, workload, checked_options(name, options),
+               attention=attention)
 
 
 __all__ = ["BASELINES", "POLICIES", "Policy", "PolicyOptions", "checked_options", "is_lossy",

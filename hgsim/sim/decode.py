@@ -7,7 +7,11 @@ new token in, the oldest out to host memory, written there by DMA). Then per lay
 GPU stream runs ``qkv -> [speculate] -> attn -> [merge] -> post``, and after the last layer
 the final norm and LM head (whole model only). Where the profile describes hw_backend's CUDA
 graph path (``hgsim.graph_path``) each of those is one graph replay with that op's fixed cost,
-attention and merges read their bucket-padded sizes and ``kv_update`` is part of qkv.
+attention and merges read their bucket-padded sizes and ``kv_update`` is part of qkv. Under
+tensor parallelism (``hgsim.tensor_parallel``) the model is one rank's shard and ``post`` is
+followed by the layer's two all-reduces (after the output projection and after the FFN):
+operations on the same stream that bind to ``nvlink all-reduce`` (or ``pcie all-reduce``) and
+count as GPU-busy time.
 
 The host path of layer ``i`` starts at its trigger: after ``qkv(i)``, or with lookahead after
 ``qkv(i-1)`` (HybridGen's CPU works one layer ahead on the previous layer's input; FlexGen
@@ -46,6 +50,7 @@ from hgsim import graph_path
 from hgsim.costs import (
     LayerWork,
     Work,
+    activation_dtype,
     layer_work,
     lm_head_work,
     prefill_chunks,
@@ -59,6 +64,7 @@ from hgsim.specs.model import ModelSpec
 
 if TYPE_CHECKING:
     from hgsim.accuracy.synthetic import AttentionModelSpec
+    from hgsim.tensor_parallel import AllReduce
 
 _EPS = 1e-15
 
@@ -135,9 +141,13 @@ class DecodeEngine:
     def __init__(
         self, machine: Machine, model: ModelSpec, kv_dtype: str, weight_dtype: str,
         *, attention_only: bool = False, graph_replay: bool | None = None,
-        attention: AttentionModelSpec | None = None,
+        attention: AttentionModelSpec | None = None, allreduce: AllReduce | None = None,
     ):
         self.machine = machine
+        # tensor parallelism (hgsim.tensor_parallel): the model is one rank's shard, and each
+        # layer ends with two all-reduces on the compute stream (None: one GPU, none)
+        self.allreduce = None if attention_only else allreduce
+        self.allreduce_sent_bytes = 0.0  # what this rank has sent in all-reduces (energy)
         self.attention = attention  # the synthetic attention a group union's rows come from
         self.env = machine.env
         self.model = model
@@ -285,6 +295,8 @@ class DecodeEngine:
         to the time, so the simulated time is never below this."""
         kv_token = plan.batch * self.model.kv_bytes_per_token_layer(self.kv_dtype)
         chunks, _, durations = self._prefill_kernels(plan, prompt_tokens, chunk_tokens)
+        durations = [d + ar for d, ar in zip(durations, self._prefill_allreduce_s(plan, chunks),
+                                             strict=True)]
         rate_Bps = self.machine.pcie(self.gpu, "h2d").capacity
         kernel_end = read_end = 0.0
         for i in range(plan.num_layers):
@@ -312,6 +324,10 @@ class DecodeEngine:
                                     attention_only=self.attention_only)
                  for start, tokens in chunks]
         return chunks, works, [self._kernel_s(w) for w in works]
+
+    def _prefill_allreduce_s(self, plan: StepPlan, chunks: list[tuple[int, int]]) -> list[float]:
+        """Per chunk, its two all-reduces' seconds (0 without tensor parallelism)."""
+        return [2 * self.allreduce_s(plan.batch, tokens) for _, tokens in chunks]
 
     def _hbm_s(self, work: Work) -> float:
         """Seconds a (non-attention-rate) kernel's bytes keep HBM busy: its memory term."""
@@ -347,7 +363,12 @@ class DecodeEngine:
                     waits.append(h2d_tail)
                 kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
                                             after=tuple(waits), hbm_s=self._hbm_s(work))
-                kernels.append(kernel)
+                end = kernel
+                if self.allreduce is not None:  # the chunk's two all-reduces follow it
+                    for what in ("attention out", "ffn out"):
+                        end, _ = self._launch_allreduce(plan.batch, tokens,
+                                                        f"{what} (prefill)", graph=False)
+                kernels.append(end)
                 out = _overlap(host_start, host_end, start, start + tokens) if spills else 0
                 if out:
                     d2h_tail = env.process(self._write_kv_after((d2h_tail, kernel), lp,
@@ -480,6 +501,10 @@ class DecodeEngine:
                                            fixed_s=self.op_fixed_s("post"))
             post_events.append(last)
             gpu_busy += d_post
+            if self.allreduce is not None:  # after the output projection and the FFN
+                for what in ("attention out", "ffn out"):
+                    last, d_ar = self._launch_allreduce(plan.batch, 1, what)
+                    gpu_busy += d_ar
             prev_qkv, prev_host = (qkv, qkv_node), (host, times) if host is not None else None
         if not self.attention_only:  # the final norm and LM head, once per step
             last, d_head, _ = self._launch(lm_head_work(self.model, plan.batch,
@@ -509,6 +534,7 @@ class DecodeEngine:
         d_merge = self._kernel_s(w.merge, True, self._merge_fixed_s(lp))
         hide_first = d_qkv + d_spec + d_attn
         d_post = self._kernel_s(w.post, fixed_s=self.op_fixed_s("post"))
+        d_post += 2 * self.allreduce_s(plan.batch, 1)
         hide = hide_first + (d_attn + d_merge + d_post if lp.lookahead else 0.0)
         for i, times in enumerate(host_times):
             elapsed = times.done_s - times.trigger_s
@@ -520,6 +546,34 @@ class DecodeEngine:
             if parts > 0:  # waiting for cores is shared out in proportion
                 measure.variable_s += elapsed * times.variable_s / parts
         measure.binding = self._critical_path(t0, env.now)
+
+    def allreduce_s(self, batch: int, tokens: int) -> float:
+        """One all-reduce of the hidden states of ``tokens`` positions of ``batch`` sequences
+        (0 without tensor parallelism)."""
+        if self.allreduce is None:
+            return 0.0
+        return self.allreduce.time_s(self._allreduce_bytes(batch, tokens))
+
+    def _allreduce_bytes(self, batch: int, tokens: int) -> float:
+        from hgsim.tensor_parallel import allreduce_bytes
+
+        return allreduce_bytes(batch, tokens, self.model.hidden_size,
+                               activation_dtype(self.weight_dtype))
+
+    def _launch_allreduce(self, batch: int, tokens: int, what: str, *,
+                          graph: bool = True) -> tuple[Event, float]:
+        """Queue one all-reduce on the compute stream (it blocks the layer: the next kernel
+        needs the summed hidden state); in the step's dependency graph (``graph``) it binds
+        to ``AllReduce.label``."""
+        bytes_ = self._allreduce_bytes(batch, tokens)
+        duration = self.allreduce.time_s(bytes_)
+        self.allreduce_sent_bytes += self.allreduce.sent_bytes(bytes_)
+        event = self.stream.launch(duration, f"all-reduce {what}")
+        if graph:
+            previous = self._kernels[-1] if self._kernels else None
+            self._kernels.append(_Node(0.0, 0.0, {self.allreduce.label: 1.0}, (previous,),
+                                       event))
+        return event, duration
 
     def _merge_fixed_s(self, lp: LayerPlan) -> float | None:
         op = graph_path.merge_op(lp)

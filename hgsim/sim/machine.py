@@ -13,7 +13,8 @@ What is built, per profile element (resource names in quotes, all in the recorde
   FLOP/s (cores x attention_gflops_per_core x 1e9).
 * memory tier ``t``: ``"t.read"`` and ``"t.write"`` channels at its read/write bandwidth.
   (Reads and writes are modelled as independent; DRAM turnaround is not.)
-* other links (UPI, CXL, NVLink): one channel per direction, ``"link:a->b"``.
+* other links (UPI, CXL): one channel per direction, ``"link:a->b"``. NVLink carries only
+  tensor parallelism's all-reduces, costed by ``hgsim.tensor_parallel`` on a rank's stream.
 * in-flight pools (``hgsim.memory``): per socket and access pattern, what its cores keep in
   flight (``"s.inflight.stream"``, ``"s.inflight.gather"``: cores x bytes per core); per GPU
   and copy direction, what its copy engines keep in flight (``"g.h2d.inflight"``). A read
@@ -162,7 +163,7 @@ class Machine:
                 self._edge(name, tier.socket, None, 0.0)
                 self._edge(tier.socket, name, None, 0.0)
         for name, link in p.links.items():
-            if name in gpu_links:
+            if name in gpu_links or link.kind == "nvlink":  # NVLink: collectives only
                 continue
             a, b = link.endpoints
             bw, lat = link.bandwidth_gbps * GB, link.latency_ns * NS

@@ -194,6 +194,11 @@ class MemoryTierSpec(SpecModel):
 
 
 class LinkSpec(SpecModel):
+    """An edge of the profile's graph. ``nvlink`` joins two GPUs and carries only the
+    collectives of tensor parallelism (``hgsim.tensor_parallel``: its bandwidth and latency are
+    a ring step's); an NVSwitch fabric is one such link per GPU pair, each at a GPU's own
+    NVLink bandwidth (a ring uses one peer per direction, so the pairs never contend)."""
+
     kind: LinkKind
     endpoints: tuple[str, str]
     bandwidth_gbps: float = Positive  # per direction, achievable (not signalling rate)
@@ -275,6 +280,9 @@ class HardwareProfile(SpecModel):
         for name, link in self.links.items():
             if link.kind == "upi" and not set(link.endpoints) <= set(self.sockets):
                 raise ValueError(f"links.{name}.endpoints: upi links connect two sockets")
+            if link.kind == "nvlink" and (not set(link.endpoints) <= set(self.gpus)
+                                          or link.endpoints[0] == link.endpoints[1]):
+                raise ValueError(f"links.{name}.endpoints: nvlink links connect two GPUs")
         return self
 
     # Convenience views used by the simulator and policies ------------------------------

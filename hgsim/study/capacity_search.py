@@ -38,6 +38,7 @@ def search_point(spec) -> dict[str, Any]:
     row = {
         "profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
         "batch": spec.workload.batch, "context": spec.workload.context, "gen": spec.workload.gen,
+        "tensor_parallel": spec.workload.tensor_parallel,
         field: best,  # the searched quantity at its maximum (None if even lo fails)
         search.column: best, "feasible": best is not None, "capped": capped,
         "limit_reason": reason or "", "probes": probes,

@@ -470,6 +470,13 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     except UserError as exc:
         raise doc.error(wl_locs.get("weight_dtype", profile_loc),
                         f"profile {profile.name}: {exc}") from None
+    try:  # the model shards over the profile's GPUs (hgsim.tensor_parallel)
+        from hgsim.tensor_parallel import rank_view
+
+        rank_view(profile, model, workload.tensor_parallel)
+    except UserError as exc:
+        raise doc.error(wl_locs.get("tensor_parallel", profile_loc),
+                        str(exc).removeprefix(f"{exc.field}: ")) from None
 
     from hgsim.accuracy.overrides import override_groups
 
@@ -502,7 +509,9 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         "model": model_hash,
         "policy": policy,
         "policy_options": canonical_options,
-        "workload": workload.model_dump(mode="json"),
+        # one GPU (tensor_parallel 1) keeps the key points had before the field existed
+        "workload": workload.model_dump(
+            mode="json", exclude={"tensor_parallel"} if workload.tensor_parallel == 1 else None),
         # a search sizes memory alone: of the fidelity only the attention shape can move it
         # (HybridGen's group-union landing buffers); none set keeps the key it always had
         "fidelity": ({"attention": fidelity_config["attention"]}

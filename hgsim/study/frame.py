@@ -46,8 +46,8 @@ def _simulation_row() -> dict[str, Any]:
 
 
 def search_columns(field: str, column: str) -> list[str]:
-    return ["profile", "model", "policy", "batch", "context", "gen", field, column,
-            "feasible", "reason", *SEARCH_COLUMNS]
+    return ["profile", "model", "policy", "batch", "context", "gen", "tensor_parallel", field,
+            column, "feasible", "reason", *SEARCH_COLUMNS]
 
 
 def assemble(expansion: Expansion, records: dict[str, dict[str, Any]],

@@ -1,0 +1,279 @@
+"""Tensor parallelism (TP) over ``n`` GPUs, simulated as one rank on a per-rank view.
+
+Under Megatron-style TP every rank runs the same kernels in lock-step on ``1/n`` of the query
+heads, KV heads and FFN columns, and two all-reduces per layer (after the attention output
+projection and after the FFN down projection) sum the partial hidden states. The ranks are
+identical, so the simulator runs rank 0 only, on
+
+* the model as one rank holds it (``shard_model``): heads, KV heads and FFN width over ``n``
+  (KV heads replicated, one per rank, where ``n`` exceeds them, as vLLM does), the vocabulary
+  split (vLLM's vocab-parallel embedding and LM head), the hidden size unchanged. Norms are
+  replicated, and the model spec counts no norm weights, so a rank's weights are exactly the
+  whole model's over ``n``;
+* the hardware as one rank sees it (``rank_profile``): rank 0's GPU with its own HBM and its own
+  PCIe link, and every host resource divided by the ranks that share it (the fair share of
+  identical ranks running in lock-step): a socket's cores, attention rate and in-flight
+  capacity, a tier's read and write bandwidth and capacity, a CXL link, by the ranks whose GPU
+  hangs off that socket (all ``n`` where none does: every rank then reaches it alike); a UPI
+  link by all ``n``. Cores are floored, at least one;
+* all-reduces as operations on the GPU's compute stream (``AllReduce``): they block the layer,
+  cost a ring all-reduce over the NVLink between the ranks, or through host memory over PCIe
+  where the profile has no NVLink between two neighbours of the ring.
+
+Results are then for the whole system: throughput is rank 0's (every rank decodes the same
+sequences), memory fit is per rank, and energy and cost count the ``n`` GPUs and the host once
+(``system_profile``, ``system_activity``). Ranks are the first ``n`` GPUs the profile lists.
+Left out: pipeline parallelism, all-reduce overlapped with compute, a PCIe switch shared by
+several GPUs (a profile gives every GPU its own PCIe link).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hgsim.errors import UserError
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.model import DTYPE_BYTES, ModelSpec
+
+FIELD = "workload.tensor_parallel"
+NS = 1e-9
+GB = 1e9
+
+
+# ---------------------------------------------------------------------- the model
+
+
+def check_tensor_parallel(model: ModelSpec, n: int) -> None:
+    """A ``UserError`` naming ``workload.tensor_parallel`` where ``n`` cannot shard ``model``:
+    it must divide the query heads, and divide the KV heads or be a multiple of them."""
+    if n < 1:
+        raise UserError(f"must be >= 1, got {n}", field=FIELD)
+    if model.num_heads % n:
+        raise UserError(f"{n} does not divide the {model.num_heads} attention heads of "
+                        f"{model.name}", field=FIELD)
+    kv = model.num_kv_heads
+    if kv % n and n % kv:
+        raise UserError(f"{n} neither divides nor is a multiple of the {kv} KV heads of "
+                        f"{model.name}", field=FIELD)
+
+
+def shard_model(model: ModelSpec, n: int) -> ModelSpec:
+    """What one of ``n`` ranks holds and computes: heads, KV heads (at least one: replicated
+    where ``n`` exceeds them) and FFN width over ``n``, the vocabulary split (rounded up), the
+    hidden size unchanged. ``n`` = 1: ``model`` itself."""
+    check_tensor_parallel(model, n)
+    if n == 1:
+        return model
+    return model.model_copy(update={
+        "num_heads": model.num_heads // n,
+        "num_kv_heads": max(model.num_kv_heads // n, 1),
+        "ffn_size": model.ffn_size // n if model.ffn_size % n == 0
+        else math.ceil(model.ffn_size / n),
+        "vocab_size": math.ceil(model.vocab_size / n),
+    })
+
+
+def kv_replication(model: ModelSpec, n: int) -> int:
+    """How many ranks hold a copy of each KV head (1 unless ``n`` exceeds the KV heads)."""
+    return max(n // model.num_kv_heads, 1)
+
+
+# ---------------------------------------------------------------------- the hardware
+
+
+def rank_gpus(profile: HardwareProfile, n: int) -> list[str]:
+    """The GPUs of the ``n`` ranks: the first ``n`` the profile lists; a ``UserError`` naming
+    the profile and the field where it lists fewer."""
+    gpus = list(profile.gpus)
+    if n > len(gpus):
+        raise UserError(f"{n} ranks need {n} GPUs, profile {profile.name} has {len(gpus)} "
+                        f"({', '.join(gpus)})", field=FIELD)
+    return gpus[:n]
+
+
+def sharers(profile: HardwareProfile, n: int) -> dict[str, int]:
+    """Ranks sharing each host resource (sockets, tiers, non-GPU links, by name): for what
+    belongs to a socket (its cores, its tiers, its CXL links) the ranks whose GPU hangs off that
+    socket, or all ``n`` where none does; ``n`` for a UPI link (every rank may cross it)."""
+    on_socket: dict[str, int] = dict.fromkeys(profile.sockets, 0)
+    for gpu in rank_gpus(profile, n):
+        on_socket[profile.gpus[gpu].socket] += 1
+    per_socket = {s: count or n for s, count in on_socket.items()}
+    out = dict(per_socket)
+    for name, tier in profile.tiers.items():
+        out[name] = per_socket[tier.socket]
+    gpu_links = {g.link for g in profile.gpus.values()}
+    for name, link in profile.links.items():
+        if name in gpu_links or link.kind == "nvlink":
+            continue
+        if link.kind == "upi":
+            out[name] = n
+        else:  # CXL: the socket it hangs off
+            sockets = [e for e in link.endpoints if e in profile.sockets]
+            out[name] = max(per_socket[s] for s in sockets) if sockets else n
+    return out
+
+
+def rank_profile(profile: HardwareProfile, n: int) -> HardwareProfile:
+    """The hardware as rank 0 of ``n`` sees it: its GPU alone (with its own HBM and PCIe link,
+    no NVLink: collectives are ``AllReduce``'s), every shared host resource divided by its
+    sharers (``sharers``). A one-GPU profile at ``n`` = 1 is returned unchanged."""
+    gpus = rank_gpus(profile, n)
+    if n == 1 and len(profile.gpus) == 1:
+        return profile
+    share = sharers(profile, n)
+    gpu = gpus[0]
+    sockets = {
+        name: s.model_copy(update={"cores": max(s.cores // share[name], 1)})
+        if share[name] > 1 else s
+        for name, s in profile.sockets.items()}
+    tiers = {
+        name: t.model_copy(update={
+            "capacity_gb": t.capacity_gb / share[name],
+            "read_bandwidth_gbps": t.read_bandwidth_gbps / share[name],
+            "write_bandwidth_gbps": t.write_bandwidth_gbps / share[name]})
+        if share[name] > 1 else t
+        for name, t in profile.tiers.items()}
+    links = {}
+    for name, link in profile.links.items():
+        if name == profile.gpus[gpu].link:
+            links[name] = link
+        elif name in share:
+            links[name] = (link.model_copy(update={
+                "bandwidth_gbps": link.bandwidth_gbps / share[name]})
+                if share[name] > 1 else link)
+    return profile.model_copy(update={"gpus": {gpu: profile.gpus[gpu]}, "sockets": sockets,
+                                      "tiers": tiers, "links": links})
+
+
+def system_profile(profile: HardwareProfile, n: int) -> HardwareProfile:
+    """The machine that energy and cost count: the ``n`` ranks' GPUs (the profile's others
+    serve other work), their PCIe links and the NVLinks between them, and the whole host once.
+    A one-GPU profile is returned unchanged."""
+    gpus = rank_gpus(profile, n)
+    if len(profile.gpus) == n:
+        return profile
+    others = set(profile.gpus) - set(gpus)
+    links = {name: link for name, link in profile.links.items()
+             if not set(link.endpoints) & others}
+    return profile.model_copy(update={"gpus": {g: profile.gpus[g] for g in gpus},
+                                      "links": links})
+
+
+# ---------------------------------------------------------------------- the all-reduce
+
+
+def ring_allreduce_s(n: int, bytes_: float, bandwidth_Bps: float, hop_latency_s: float) -> float:
+    """A ring all-reduce of ``bytes_`` over ``n`` ranks: a reduce-scatter and an all-gather,
+    ``n-1`` steps each, every step sending ``bytes_/n`` to the next rank:
+    ``2(n-1) x hop latency + 2(n-1)/n x bytes / bandwidth``. 0 for one rank."""
+    if n <= 1:
+        return 0.0
+    return 2 * (n - 1) * hop_latency_s + 2 * (n - 1) / n * bytes_ / bandwidth_Bps
+
+
+def allreduce_bytes(batch: int, tokens: int, hidden: int, activation_dtype: str) -> float:
+    """Bytes one all-reduce sums: every sequence's hidden state for ``tokens`` positions."""
+    return float(batch * tokens * hidden * DTYPE_BYTES[activation_dtype])
+
+
+@dataclass(frozen=True)
+class AllReduce:
+    """The ring all-reduce of ``ranks`` ranks: its slowest hop's bandwidth (per direction) and
+    the largest hop latency; ``via`` ``nvlink`` or ``pcie`` (through host memory); ``links``:
+    the profile links a rank's share crosses (energy), ``label``: what binds on the critical
+    path."""
+
+    ranks: int
+    bandwidth_Bps: float
+    hop_latency_s: float
+    via: str
+    links: tuple[str, ...] = field(default=())
+
+    @property
+    def label(self) -> str:
+        return f"{self.via} all-reduce"
+
+    def time_s(self, bytes_: float) -> float:
+        return ring_allreduce_s(self.ranks, bytes_, self.bandwidth_Bps, self.hop_latency_s)
+
+    def sent_bytes(self, bytes_: float) -> float:
+        """What one rank sends (and receives) in one all-reduce: ``2(n-1)/n x bytes``."""
+        return 2 * (self.ranks - 1) / self.ranks * bytes_ if self.ranks > 1 else 0.0
+
+
+def _nvlink(profile: HardwareProfile, a: str, b: str) -> str | None:
+    for name, link in profile.links.items():
+        if link.kind == "nvlink" and set(link.endpoints) == {a, b}:
+            return name
+    return None
+
+
+def _host_hop(profile: HardwareProfile, a: str, b: str, n: int) -> tuple[float, float, list[str]]:
+    """Bandwidth, latency and links of one ring step through host memory: GPU ``a`` writes
+    its share to host DRAM of its socket over its PCIe link, GPU ``b`` reads it over its own
+    (crossing UPI where their sockets differ); the staging DRAM's write and read bandwidth
+    shared by the ranks on its socket. The latency is the route's (links and DRAM), without
+    the collective library's own overhead: a lower bound."""
+    ga, gb = profile.gpus[a], profile.gpus[b]
+    la, lb = profile.links[ga.link], profile.links[gb.link]
+    share = sharers(profile, n)
+    ddr = [t for t, spec in profile.tiers.items()
+           if spec.kind == "ddr" and spec.socket == ga.socket] or list(profile.tiers)
+    tier = profile.tiers[ddr[0]]
+    rates = [la.bandwidth_gbps, lb.bandwidth_gbps,
+             tier.write_bandwidth_gbps / share[ddr[0]], tier.read_bandwidth_gbps / share[ddr[0]]]
+    latency = la.latency_ns + lb.latency_ns + tier.latency_ns
+    links = [ga.link, gb.link]
+    if ga.socket != gb.socket:
+        upi = [name for name, link in profile.links.items()
+               if link.kind == "upi" and set(link.endpoints) == {ga.socket, gb.socket}]
+        if upi:
+            rates.append(profile.links[upi[0]].bandwidth_gbps / n)
+            latency += profile.links[upi[0]].latency_ns
+            links.append(upi[0])
+    return min(rates) * GB, latency * NS, links
+
+
+def ring_allreduce(profile: HardwareProfile, n: int) -> AllReduce | None:
+    """The all-reduce of the first ``n`` GPUs in a ring in the profile's order (None for one
+    rank): over NVLink where every neighbour pair has one (the slowest pair's bandwidth and
+    latency), else through host memory over PCIe (``_host_hop``)."""
+    gpus = rank_gpus(profile, n)
+    if n == 1:
+        return None
+    pairs = [(gpus[i], gpus[(i + 1) % n]) for i in range(n)]
+    nvlinks = [_nvlink(profile, a, b) for a, b in pairs]
+    if all(nvlinks):
+        specs = [profile.links[name] for name in nvlinks]
+        # rank 0 sends to rank 1 and receives from rank n-1
+        return AllReduce(n, min(s.bandwidth_gbps for s in specs) * GB,
+                         max(s.latency_ns for s in specs) * NS, "nvlink",
+                         tuple(dict.fromkeys((nvlinks[0], nvlinks[-1]))))
+    hops = [_host_hop(profile, a, b, n) for a, b in pairs]
+    return AllReduce(n, min(h[0] for h in hops), max(h[1] for h in hops), "pcie",
+                     tuple(hops[0][2]))
+
+
+# ---------------------------------------------------------------------- together
+
+
+@dataclass(frozen=True)
+class RankView:
+    """What the simulator runs for ``n``-way TP: rank 0's model and hardware, its all-reduce
+    (None for one rank) and the system that energy and cost count."""
+
+    n: int
+    model: ModelSpec
+    profile: HardwareProfile
+    allreduce: AllReduce | None
+    system: HardwareProfile
+
+
+def rank_view(profile: HardwareProfile, model: ModelSpec, n: int) -> RankView:
+    """``n``-way TP of ``model`` on ``profile`` as rank 0 runs it (``n`` = 1 on a one-GPU
+    profile: the model and profile unchanged)."""
+    check_tensor_parallel(model, n)
+    return RankView(n, shard_model(model, n), rank_profile(profile, n),
+                    ring_allreduce(profile, n), system_profile(profile, n))
