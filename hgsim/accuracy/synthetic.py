@@ -232,7 +232,9 @@ def rank_logits(spec: AttentionModelSpec) -> np.ndarray:
     other token class's mass shrinks by the zoom factor (the sinks' boost drops by its log), so
     the law's does too, and an exact top-k of r m synthetic tokens holds exactly the share of the
     law's mass that the top r R real ones hold (the per-token noise stays one draw per synthetic
-    token: the approximation the rest of the zoom makes too)."""
+    token: the approximation the rest of the zoom makes too, but for the top ranks,
+    ``_zoomed_law``, which also folds the heavy hitters into the buckets). A span that is not whole gives some buckets one rank more than their
+    neighbours; such a bucket may outweigh the one before it by up to one rank's weight."""
     synthetic = spec.n_tokens - spec.sink_tokens
     if spec.rank_exponent == 0.0 or synthetic == 0:
         return np.zeros(0)
@@ -249,44 +251,50 @@ def rank_bucket_sums(exponent: float, buckets: int, ranks: int) -> np.ndarray:
     """``sum i^-exponent`` over each of ``buckets`` consecutive runs of the ranks 1..``ranks``,
     run j holding ((j-1) ranks / buckets, j ranks / buckets] (floored), read-only float64.
 
-    Exact (``np.add.reduceat`` over the terms) up to ``_EXACT_RANKS``; a run entirely beyond
-    that is summed as the integral of x^-s from its first rank - 1/2 to its last + 1/2 (relative
-    error below 1e-14 there), so a context of a billion tokens costs no more than 8M."""
+    Exact (``np.add.reduceat`` over the terms) up to rank ``_EXACT_RANKS``; the ranks of a run
+    beyond it are summed as the integral of x^-s from the first - 1/2 to the last + 1/2 (the
+    midpoint rule: relative error below 1e-14 there), so a context of a billion tokens costs no
+    more than 8M."""
     if not 1 <= buckets <= ranks:
         raise ValueError("need 1 <= buckets <= ranks")
     ends = np.arange(buckets + 1, dtype=np.int64) * ranks // buckets  # run j: (ends[j-1], ends[j]]
-    exact = int(np.searchsorted(ends, _EXACT_RANKS, side="right")) - 1  # runs 1..exact in reach
-    sums = np.empty(buckets)
-    if exact > 0:
-        terms = np.arange(1, ends[exact] + 1, dtype=np.float64) ** -exponent
-        sums[:exact] = np.add.reduceat(terms, ends[:exact])
-    if exact < buckets:
-        low = ends[exact:-1] + 0.5  # integral from (first rank - 1/2) = ends[j-1] + 1/2 ...
-        width = np.diff(ends[exact:]).astype(np.float64)  # ... to low + width
+    limit = min(ranks, _EXACT_RANKS)
+    sums = np.zeros(buckets)
+    reached = int(np.searchsorted(ends[:-1], limit, side="left"))  # runs starting below limit
+    if reached:  # their ranks up to the limit, term by term
+        terms = np.arange(1, limit + 1, dtype=np.float64) ** -exponent
+        sums[:reached] = np.add.reduceat(terms, ends[:reached])
+    beyond = ends[1:] > limit
+    if beyond.any():  # their ranks past it, from max(start, limit) + 1/2 to the last + 1/2
+        low = np.maximum(ends[:-1][beyond], limit) + 0.5
+        width = ends[1:][beyond] - low + 0.5
         growth = np.log1p(width / low)
         if exponent == 1.0:
-            sums[exact:] = growth
+            sums[beyond] += growth
         else:  # (low^(1-s) - (low + width)^(1-s)) / (s - 1), without cancellation
-            sums[exact:] = low ** (1.0 - exponent) * np.expm1((1.0 - exponent) * growth) \
+            sums[beyond] += low ** (1.0 - exponent) * np.expm1((1.0 - exponent) * growth) \
                 / (1.0 - exponent)
     sums.flags.writeable = False
     return sums
 
 
-#: Synthetic ranks of a zoomed power law drawn as their buckets' real totals (``_head_buckets``).
+#: Synthetic ranks of a zoomed power law whose noise is their bucket's real tokens' (``_ZoomedLaw``).
 HEAD_BUCKETS = 16
 
 
 @dataclass(frozen=True, eq=False)
-class _HeadBuckets:
-    """The top ``HEAD_BUCKETS`` synthetic ranks of a zoomed power law, per KV group: where they
-    sit (``tokens``, (KVH, J)), the persistent logit of their bucket's real total (KVH, J), each
-    head's deviation from it (H, J), and the norm of the bucket's weighted mean value against one
-    token's (``value_scale``, (KVH, J))."""
+class _ZoomedLaw:
+    """A zoomed power law's persistent part, per KV group (``_zoomed_law``): the persistent logit
+    of each synthetic rank (``logits``, (KVH, m), rank 1 first) and whether heavy hitters hold
+    most of its bucket's weight (``heavy``, (KVH, m)); for the top ``HEAD_BUCKETS`` ranks, the
+    persistent logit of their bucket's noisy real total (``head_persistent``, (KVH, J)), each
+    head's deviation from it (``head_drifting``, (H, J)) and the norm of the bucket's weighted
+    mean of independent values against one token's (``value_scale``, (KVH, J))."""
 
-    tokens: np.ndarray
-    persistent: np.ndarray
-    drifting: np.ndarray
+    logits: np.ndarray
+    heavy: np.ndarray
+    head_persistent: np.ndarray
+    head_drifting: np.ndarray
     value_scale: np.ndarray
 
 
@@ -295,71 +303,90 @@ class _Draws:
     boosts: np.ndarray  # heavy-hitter boosts (KVH, T)
     drifting: np.ndarray  # per-token noise (H, T)
     ranks: np.ndarray | None  # 0-based power-law rank per non-sink token (KVH, T - sinks)
-    head: _HeadBuckets | None  # a zoomed power law's top ranks
+    zoomed: _ZoomedLaw | None  # a zoomed power law's buckets
 
 
 def _logit_draws(spec: AttentionModelSpec, rng: np.random.Generator) -> _Draws:
     """The random parts of the logits in the order the logits' stream draws them: heavy-hitter
     boosts, the drifting noise, and only when the power law is on (so that the streams before
     them do not change) each KV group's permutation of the ranks over its non-sink tokens and,
-    for a zoomed spec, the real tokens of the top ranks' buckets (``_head_buckets``)."""
+    for a zoomed spec, the real tokens its synthetic ones stand for (``_zoomed_law``)."""
     boosts = heavy_hitter_boosts(spec, rng)
     drifting = np.repeat(spec.noise_std * rng.standard_normal(boosts.shape),
                          spec.heads_per_group, axis=0)
     drifting += spec.head_noise_std * rng.standard_normal(drifting.shape)
-    ranks = head = None
+    ranks = zoomed = None
     if spec.rank_exponent > 0.0 and spec.n_tokens > spec.sink_tokens:
         body = spec.n_tokens - spec.sink_tokens
         ranks = np.stack([rng.permutation(body) for _ in range(spec.kv_heads)])
-        head = _head_buckets(spec, rng, ranks)
-    return _Draws(boosts, drifting, ranks, head)
+        zoomed = _zoomed_law(spec, rng)
+    return _Draws(boosts, drifting, ranks, zoomed)
 
 
-def _head_buckets(spec: AttentionModelSpec, rng: np.random.Generator,
-                  ranks: np.ndarray) -> _HeadBuckets | None:
-    """A zoomed power law's top ``HEAD_BUCKETS`` synthetic ranks drawn as their buckets' real
-    totals (None unzoomed, ``rank_span`` 1).
+def _zoomed_law(spec: AttentionModelSpec, rng: np.random.Generator) -> _ZoomedLaw | None:
+    """The persistent logits of a zoomed power law's synthetic ranks (None unzoomed, when
+    ``rank_span`` is 1), drawn from the real tokens they stand for.
 
-    Bucket 1 stands for the top ``rank_span`` real ranks and holds about ln(span) / ln N of the
-    law's mass (s = 1). Real, those are many tokens, each with its own heavy-hitter boost and
-    noise, whose total varies little and which any top-k keeps whole; one synthetic token with
-    one draw of each made that total vary as much as one token's, which lowered the mean share an
-    exact top-k keeps (it is concave in the kept part) by 0.02 at 512k (r 0.01) and took away the
-    rise with context. So each of these tokens draws its bucket's real tokens (the heavy-hitter
-    boosts, the group's noise, each head's) and gets the log of their weighted sum as its
-    persistent logit (the group's) and drifting one (each head's deviation from it), and its
-    value is scaled to the norm of the bucket's weighted mean of independent values. Ranks
-    below stay one draw per synthetic token: there a top-k picks tokens one by one."""
+    Each KV group draws its R = ``rank_span`` m real non-sink tokens: rank i's law weight i^-s
+    times its heavy-hitter boost (drawn as ``heavy_hitter_boosts`` draws them). Sorted by that
+    persistent weight and cut into m buckets of consecutive ones, synthetic rank j gets the log
+    of its bucket's weight sum less ln(R/m) (every other class's mass shrinks by the zoom too),
+    so an exact top-k of r m synthetic tokens holds exactly the persistent mass of the top r R
+    real ones; with no heavy hitters the buckets are consecutive ranks (``rank_logits``).
+    Bucketing the ranks alone and giving each synthetic token one heavy-hitter draw made a
+    heavy synthetic token stand for f heavy real ones at f consecutive ranks, which no top-k
+    finer than a bucket could pick apart from its plain neighbours: at 1M tokens (f = 32) the
+    zoom kept 0.008 less than the unscaled context at r 0.01.
+
+    The per-token noise stays one draw per synthetic token, but for the top ``HEAD_BUCKETS``
+    ranks: bucket 1 holds about ln(f) / ln N of the law's mass (s = 1) on many real tokens,
+    whose noisy total varies little and which any top-k keeps whole; one draw made it vary as
+    much as one token's and, the kept share being concave in it, lowered the mean share kept
+    by 0.02 at 512k (r 0.01). So those draw their real tokens' noise (the group's, each
+    head's) and take the log of the noisy sum as their persistent logit (the group's) and
+    drifting one (each head's deviation from it), and their value is scaled to the norm of the
+    bucket's weighted mean of independent values."""
     synthetic = spec.n_tokens - spec.sink_tokens
     real = max(synthetic, round(spec.rank_span * synthetic))
     if real == synthetic:
         return None
+    ends = np.arange(synthetic + 1, dtype=np.int64) * real // synthetic
     count = min(HEAD_BUCKETS, synthetic)
-    ends = np.arange(count + 1, dtype=np.int64) * real // synthetic
-    weights = np.arange(1, ends[-1] + 1, dtype=np.float64) ** -spec.rank_exponent
     group = spec.heads_per_group
-    shape = (spec.kv_heads, weights.size)
-    heavy = rng.random(shape) < spec.heavy_fraction
-    boosts = np.zeros(shape)
-    boosts[heavy] = spec.heavy_logit_boost + rng.exponential(1.0 / spec.heavy_tail_index,
-                                                             size=int(heavy.sum()))
-    shared = boosts + spec.noise_std * rng.standard_normal(shape)  # (KVH, real tokens)
-    own = np.repeat(shared, group, axis=0) + spec.head_noise_std * rng.standard_normal(
-        (spec.heads, weights.size))
-    top = shared.max(axis=1, keepdims=True)  # sums of exp without overflow
-
-    def log_sums(logits: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        return np.log(np.add.reduceat(weights * np.exp(logits - shift), ends[:-1], axis=1)) + shift
-
-    group_total = log_sums(shared, top)
-    head_total = log_sums(own, np.repeat(top, group, axis=0))
-    mass = weights * np.exp(shared - top)
-    scale = np.sqrt(np.add.reduceat(mass**2, ends[:-1], axis=1)) / np.add.reduceat(
-        mass, ends[:-1], axis=1)
+    law = -spec.rank_exponent * np.log(np.arange(1, real + 1, dtype=np.float64))
     offset = spec.rank_logit_boost - math.log(real / synthetic)
-    tokens = spec.sink_tokens + np.argsort(ranks, axis=1)[:, :count]  # rank j's position
-    return _HeadBuckets(tokens, offset + group_total,
-                        head_total - np.repeat(group_total, group, axis=0), scale)
+    logits = np.empty((spec.kv_heads, synthetic))
+    heavy_share = np.empty((spec.kv_heads, synthetic))
+    head_weights = []
+    for g in range(spec.kv_heads):
+        heavy = rng.random(real) < spec.heavy_fraction
+        weight = law.copy()
+        weight[heavy] += spec.heavy_logit_boost + rng.exponential(
+            1.0 / spec.heavy_tail_index, size=int(heavy.sum()))
+        order = np.argsort(-weight, kind="stable")
+        top = weight[order[0]]
+        mass = np.exp(weight[order] - top)  # sorted, largest 1
+        sums = np.add.reduceat(mass, ends[:-1])
+        logits[g] = offset + top + np.log(sums)
+        heavy_share[g] = np.add.reduceat(np.where(heavy[order], mass, 0.0), ends[:-1]) / sums
+        head_weights.append(mass[: ends[count]] * math.exp(top))
+    weights = np.stack(head_weights)  # (KVH, real tokens of the head), persistent weights
+    shared = spec.noise_std * rng.standard_normal(weights.shape)
+    own = np.repeat(shared, group, axis=0) + spec.head_noise_std * rng.standard_normal(
+        (spec.heads, weights.shape[1]))
+    starts = ends[:count]
+
+    def log_sums(noise: np.ndarray, w: np.ndarray) -> np.ndarray:
+        shift = noise.max(axis=1, keepdims=True)  # sums of exp without overflow
+        return np.log(np.add.reduceat(w * np.exp(noise - shift), starts, axis=1)) + shift
+
+    group_total = log_sums(shared, weights)
+    head_total = log_sums(own, np.repeat(weights, group, axis=0))
+    noisy = weights * np.exp(shared - shared.max(axis=1, keepdims=True))
+    scale = np.sqrt(np.add.reduceat(noisy**2, starts, axis=1)) / np.add.reduceat(
+        noisy, starts, axis=1)
+    return _ZoomedLaw(logits, heavy_share > 0.5, offset + group_total,
+                      head_total - np.repeat(group_total, group, axis=0), scale)
 
 
 def design_logit_parts(spec: AttentionModelSpec,
@@ -369,27 +396,34 @@ def design_logit_parts(spec: AttentionModelSpec,
     ``drifting`` (H, T), the per-token noise of the group plus each head's deviation, which a
     later step's query sees only as far as its drifting part still points the same way (module
     doc)."""
-    persistent, drifting, _ = _design(spec, rng)
+    persistent, drifting, _, _ = _design(spec, rng)
     return persistent, drifting
 
 
 def _design(spec: AttentionModelSpec, rng: np.random.Generator
-            ) -> tuple[np.ndarray, np.ndarray, _HeadBuckets | None]:
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``design_logit_parts`` plus, for a zoomed power law, where its top ``HEAD_BUCKETS``
+    ranks sit ((KVH, J) token indices) and their values' scale ((KVH, J)); else None, None."""
     draws = _logit_draws(spec, rng)
-    persistent = structure_logits(spec) + draws.boosts
+    structure = structure_logits(spec)
+    persistent = structure + draws.boosts
     drifting = draws.drifting
-    if draws.ranks is not None:
-        persistent[:, spec.sink_tokens:] += rank_logits(spec)[draws.ranks]
-    head = draws.head
-    if head is not None:  # these tokens' own boost and noise give way to their bucket's
-        structure = structure_logits(spec)
-        group = spec.heads_per_group
-        for g in range(spec.kv_heads):
-            where = head.tokens[g]
-            persistent[g, where] = structure[where] + head.persistent[g]
-            rows = slice(g * group, (g + 1) * group)
-            drifting[rows, where] = head.drifting[rows]
-    return persistent, drifting, head
+    zoomed, sinks = draws.zoomed, spec.sink_tokens
+    if draws.ranks is None:
+        return persistent, drifting, None, None
+    if zoomed is None:
+        persistent[:, sinks:] += rank_logits(spec)[draws.ranks]
+        return persistent, drifting, None, None
+    # the heavy hitters are in the buckets' weights: the synthetic tokens' own boosts give way
+    group = spec.heads_per_group
+    count = zoomed.head_persistent.shape[1]
+    tokens = sinks + np.argsort(draws.ranks, axis=1)[:, :count]  # where ranks 1..J sit
+    for g in range(spec.kv_heads):
+        persistent[g, sinks:] = structure[sinks:] + zoomed.logits[g][draws.ranks[g]]
+        persistent[g, tokens[g]] = structure[tokens[g]] + zoomed.head_persistent[g]
+        rows = slice(g * group, (g + 1) * group)
+        drifting[rows, tokens[g]] = zoomed.head_drifting[rows]
+    return persistent, drifting, tokens, zoomed.value_scale
 
 
 def design_logits(spec: AttentionModelSpec, rng: np.random.Generator) -> np.ndarray:
@@ -482,7 +516,8 @@ def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
     seed, so results do not depend on evaluation order.
     """
     seeds = _case_seeds(spec)
-    persistent, drifting, head = _design(spec, np.random.default_rng(seeds[0]))
+    persistent, drifting, head_tokens, value_scale = _design(spec,
+                                                             np.random.default_rng(seeds[0]))
     group = spec.heads_per_group
     logits = np.repeat(persistent, group, axis=0) + drifting
     share = persistent_energy_share(spec, persistent)
@@ -506,8 +541,8 @@ def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
         _fill_noise(seeds[2 + g], k[0, g], key_noise_std)
         realise_keys(directions, targets, k[0, g])
         _fill_noise(seeds[2 + spec.kv_heads + g], v[0, g], 1.0)
-        if head is not None:  # a bucket's weighted mean of independent values
-            v[0, g, head.tokens[g]] *= head.value_scale[g, :, None].astype(np.float32)
+        if head_tokens is not None:  # a bucket's weighted mean of independent values
+            v[0, g, head_tokens[g]] *= value_scale[g, :, None].astype(np.float32)
     persistent_heads = np.repeat(persistent_q, group, axis=0)
     q = (persistent_heads + drifting_q).astype(np.float32)[None]
     return SyntheticAttention(spec=spec, q=q, k=k, v=v, logits=logits,
@@ -542,15 +577,18 @@ def case_ranks(spec: AttentionModelSpec) -> np.ndarray:
 
 def case_heavy_hitters(spec: AttentionModelSpec) -> np.ndarray:
     """Which tokens are heavy hitters in ``case_logits(spec)``, (KVH, T) bool: the boosts are
-    the first draw of the logits' stream, so redrawing them gives the same tokens (but for a
-    zoomed power law's top ranks, whose boosts give way to their buckets', ``_head_buckets``)."""
+    the first draw of the logits' stream, so redrawing them gives the same tokens (in a zoomed
+    power law, whose buckets hold real heavy hitters, the tokens whose bucket's weight is
+    mostly theirs: ``_zoomed_law``)."""
     rng = np.random.default_rng(_case_seeds(spec)[0])
     if spec.rank_exponent == 0.0:
         return heavy_hitter_boosts(spec, rng) > 0
     draws = _logit_draws(spec, rng)
-    heavy = draws.boosts > 0
-    if draws.head is not None:
-        np.put_along_axis(heavy, draws.head.tokens, False, axis=1)
+    if draws.zoomed is None:
+        return draws.boosts > 0
+    heavy = np.zeros_like(draws.boosts, dtype=bool)
+    for g in range(spec.kv_heads):
+        heavy[g, spec.sink_tokens:] = draws.zoomed.heavy[g][draws.ranks[g]]
     return heavy
 
 
