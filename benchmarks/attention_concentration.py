@@ -18,7 +18,7 @@ as the simulator calls it (8 heads, contexts beyond 32k zoomed onto 32k):
   but a missed mass eps of each head's attention, mean over heads, and its growth exponent
   against N (least squares of log budget on log N over 32k-1M).
 
-Usage: python benchmarks/attention_concentration.py [--exponents 0.8 1 1.2] [--boosts 8]
+Usage: python benchmarks/attention_concentration.py [--exponents 0.8 1 1.2] [--boosts 9]
        [--contexts 8192 32768 131072 524288 1048576] [--seed 0]
 """
 
@@ -86,7 +86,8 @@ def budgets(spec: AttentionModelSpec, context: int, missed: tuple[float, ...]) -
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--exponents", type=float, nargs="+", default=[0.8, 1.0, 1.2])
-    p.add_argument("--boosts", type=float, nargs="+", default=[8.0],
+    p.add_argument("--boosts", type=float, nargs="+",
+                   default=[AttentionModelSpec().rank_logit_boost],
                    help="rank_logit_boost values, each with every exponent")
     p.add_argument("--contexts", type=int, nargs="+",
                    default=[8192, 32768, 131072, 524288, 1048576])

@@ -12,7 +12,7 @@ Few heads (default 2 query heads, 2 KV heads) keep the unscaled tensors small: 2
 2 KV heads x 128 dims is 256 MB for K and again for V.
 
 Usage: python benchmarks/power_law_zoom.py [--contexts 131072 262144] [--seeds 8]
-       [--exponent 1.0] [--boost 8.0] [--heads 2]
+       [--exponent 1.0] [--boost 9] [--heads 2]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.01, 0.05])
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--exponent", type=float, default=1.0)
-    p.add_argument("--boost", type=float, default=8.0)
+    p.add_argument("--boost", type=float, default=AttentionModelSpec().rank_logit_boost)
     p.add_argument("--heads", type=int, default=2, help="query heads = KV heads")
     p.add_argument("--max-tokens", type=int, default=32768)
     args = p.parse_args(argv)

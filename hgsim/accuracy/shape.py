@@ -48,7 +48,9 @@ class AttentionShares:
     ``union_per_k[r]`` the rows of a KV group's union of per-head top-k sets per k selected
     (1 for one head per group). ``ranked`` is the mass on the tokens between them whose
     power-law rank (``AttentionModelSpec.rank_exponent``) is in the top ``RANKED_SHARE`` of
-    all ranks, heavy hitters among them included (0 with the law off)."""
+    all ranks, heavy hitters among them included (0 with the law off; beyond the proxy's 32k
+    tokens the zoom ranks its tokens by their real tokens' weight under the law and the heavy
+    hitters together, so there it is the top 2% by that weight)."""
 
     context: int
     heads_per_group: int

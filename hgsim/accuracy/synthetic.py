@@ -93,10 +93,11 @@ class AttentionModelSpec:
     ``rank_exponent`` s > 0 turns on a power law over the non-sink tokens (``rank_logits``): the
     i-th most relevant (a random permutation per KV group, persistent like the heavy hitters)
     gets ``rank_logit_boost - s ln i`` on top of everything else. Off by default (0): the model
-    is then exactly the one above, every stream and number unchanged. ``rank_logit_boost`` 8
-    puts the law's total weight at 32k tokens (e^8 H_32k, s = 1) on that of 32k unboosted tokens,
-    so the host range's mass against the sinks' is about today's there (docs/model.md,
-    "Concentration against context"). ``rank_span`` is the zoom's, not a user's.
+    is then exactly the one above, every stream and number unchanged. ``rank_logit_boost`` 9
+    puts the law's total weight at 32k tokens (e^9 sum_i i^-s, about e^8.4 of it at s = 1.1)
+    near that of 32k unboosted tokens, so that the sinks keep the share the defaults give them
+    there (0.21 at s = 1.1, seed 0; docs/model.md, "Concentration against context").
+    ``rank_span`` is the zoom's, not a user's.
     """
 
     n_tokens: int = 32768
@@ -114,7 +115,7 @@ class AttentionModelSpec:
     head_noise_std: float = 0.5  # per-head deviation from the group's logits (GQA)
     seed: int = 0
     rank_exponent: float = 0.0  # power law over the non-sink tokens, weight ~ i^-s (0: off)
-    rank_logit_boost: float = 8.0  # logit of its top-ranked token (``rank_logits``)
+    rank_logit_boost: float = 9.0  # logit of its top-ranked token (``rank_logits``)
     rank_span: float = 1.0  # real tokens per synthetic one (set by ``proxy.zoom_spec``)
 
     def __post_init__(self) -> None:
