@@ -147,6 +147,13 @@ def test_zoom_scores_an_exact_topk_as_the_unscaled_context_does():
             assert zoomed == pytest.approx(unscaled, abs=0.015), (ratio, metric)
 
 
+def test_a_zoom_past_the_drawable_tokens_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(synthetic_module, "MAX_ZOOMED_TOKENS", 10_000)
+    zoomed = zoom_spec(replace(SMALL, rank_exponent=1.0), 20_000, 4096)
+    with pytest.raises(ValueError, match="rank_exponent: .* up to 10,000 tokens, got 19,996"):
+        case_logits(zoomed)
+
+
 def test_persistent_share_counts_the_laws_second_moment():
     """Without heavy hitters or recency the persistent logits over the non-sink tokens are the
     rank logits permuted: their second moment is the one the share is built on."""

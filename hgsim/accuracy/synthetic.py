@@ -281,6 +281,8 @@ def rank_bucket_sums(exponent: float, buckets: int, ranks: int) -> np.ndarray:
 
 #: Synthetic ranks of a zoomed power law whose noise is their bucket's real tokens' (``_ZoomedLaw``).
 HEAD_BUCKETS = 16
+#: Real non-sink tokens a zoomed power law draws at most (about 1 GB of float64 work arrays).
+MAX_ZOOMED_TOKENS = 1 << 25
 
 
 @dataclass(frozen=True, eq=False)
@@ -351,6 +353,9 @@ def _zoomed_law(spec: AttentionModelSpec, rng: np.random.Generator) -> _ZoomedLa
     real = max(synthetic, round(spec.rank_span * synthetic))
     if real == synthetic:
         return None
+    if real > MAX_ZOOMED_TOKENS:
+        raise ValueError(f"rank_exponent: the power law's zoom draws every real token, so it "
+                         f"takes contexts up to {MAX_ZOOMED_TOKENS:,} tokens, got {real:,}")
     ends = np.arange(synthetic + 1, dtype=np.int64) * real // synthetic
     count = min(HEAD_BUCKETS, synthetic)
     group = spec.heads_per_group
