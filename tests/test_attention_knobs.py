@@ -191,6 +191,10 @@ STUDY_ERRORS = {
                  "fidelity.attention.recency_tokens: [64, 0]",
                  "fidelity.attention.recency_tokens[1]: recency_tokens must be a number in "
                  "(0, 1000000], got 0"),
+    "law exponent bad": ("fidelity.attention.head_noise_std: [0.5, 1.5]",
+                         "fidelity.attention.rank_exponent: [1.1, 5]",
+                         "fidelity.attention.rank_exponent[1]: rank_exponent must be a number in "
+                         "[0, 4], got 5"),
     "fidelity group": ("fidelity.attention.head_noise_std: [0.5, 1.5]",
                        "fidelity.attentions.noise_std: [1.0]",
                        "unknown fidelity field 'attentions.noise_std' (known: decode_samples, "

@@ -27,11 +27,14 @@ from hgsim.accuracy.synthetic import (
     AttentionModelSpec,
     case_heavy_hitters,
     case_logits,
+    case_ranks,
     synthesize_case,
 )
 
 #: Top-k ratios (of the tokens between the sinks and the newest ones) reported by default.
 DEFAULT_RATIOS = (0.01, 0.02, 0.05, 0.1, 0.2)
+#: Share of the power law's ranks whose mass ``AttentionShares.ranked`` reports.
+RANKED_SHARE = 0.02
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,11 @@ class AttentionShares:
     ``topk_kept[r]`` is the mass a head keeps attending the sinks, the newest tokens and its
     own top-r of the tokens between them (HybridGen's exact per-head top-k with that window);
     ``union_per_k[r]`` the rows of a KV group's union of per-head top-k sets per k selected
-    (1 for one head per group)."""
+    (1 for one head per group). ``ranked`` is the mass on the tokens between them whose
+    power-law rank (``AttentionModelSpec.rank_exponent``) is in the top ``RANKED_SHARE`` of
+    all ranks, heavy hitters among them included (0 with the law off; beyond the proxy's 32k
+    tokens the zoom ranks its tokens by their real tokens' weight under the law and the heavy
+    hitters together, so there it is the top 2% by that weight)."""
 
     context: int
     heads_per_group: int
@@ -55,6 +62,7 @@ class AttentionShares:
     other: float
     topk_kept: dict[float, float]
     union_per_k: dict[float, float]
+    ranked: float = 0.0
 
 
 def attention_shares(spec: AttentionModelSpec | None = None, *, context: int = 32768,
@@ -80,6 +88,12 @@ def attention_shares(spec: AttentionModelSpec | None = None, *, context: int = 3
     recent_mass = float(probs[:, n - recent:].sum(axis=1).mean()) if recent else 0.0
     between = probs[:, middle]
     heavy_mass = float(np.where(heavy_tokens[:, middle], between, 0.0).sum(axis=1).mean())
+    ranked_mass = 0.0
+    if scaled.rank_exponent > 0.0 and n > sinks:
+        top = max(1, round(RANKED_SHARE * (n - sinks)))
+        ranks = np.repeat(case_ranks(scaled), scaled.heads_per_group, axis=0)[:, middle]
+        ranked_mass = float(np.where((ranks >= 1) & (ranks <= top), between, 0.0)
+                            .sum(axis=1).mean())
     ranked = -np.sort(-between, axis=1)
     cumulative = np.cumsum(ranked, axis=1)
     kept, union = {}, {}
@@ -92,7 +106,7 @@ def attention_shares(spec: AttentionModelSpec | None = None, *, context: int = 3
         context=context, heads_per_group=heads_per_group, sink_tokens=sinks,
         recent_tokens=min(recent_tokens, context - sinks), sinks=sink_mass, recent=recent_mass,
         heavy=heavy_mass, other=max(0.0, 1.0 - sink_mass - recent_mass - heavy_mass),
-        topk_kept=kept, union_per_k=union)
+        topk_kept=kept, union_per_k=union, ranked=ranked_mass)
 
 
 @dataclass(frozen=True)
@@ -164,5 +178,5 @@ def _union_per_k(spec: AttentionModelSpec, heads_per_group: int, ratio: float) -
     return union_curve(heads_per_group, spec).fraction(ratio)
 
 
-__all__ = ["DEFAULT_RATIOS", "AttentionShares", "LagOverlap", "attention_shares",
+__all__ = ["DEFAULT_RATIOS", "RANKED_SHARE", "AttentionShares", "LagOverlap", "attention_shares",
            "step_overlaps"]

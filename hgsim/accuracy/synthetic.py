@@ -7,6 +7,10 @@ model reproduces each with one parameter group:
 * attention sinks: the first few tokens draw a large, query-independent share (``sink_*``);
 * recency: logits rise towards the newest token, decaying with distance (``recency_*``);
 * heavy hitters: a small fraction of older tokens draws heavy-tailed attention (``heavy_*``);
+* optionally (off by default), a power law over the non-sink tokens (``rank_*``): the i-th most
+  relevant gets the logit ``rank_logit_boost - rank_exponent * ln(i)`` (weight ~ i^-s, H2O's
+  power law of accumulated attention), ranks in random order, so that attention concentrates
+  as the context grows (a fixed share of the tokens keeps more of the mass; ``rank_logits``);
 
 on top of Gaussian per-token noise (``noise_std``). The designed logits are realised *exactly* as
 ``q . k_j / sqrt(D)`` by building every key as "designed component along the queries" plus
@@ -56,6 +60,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -84,6 +89,15 @@ class AttentionModelSpec:
     under half. Lengths (``sink_tokens``, ``recency_tokens``) are absolute token counts.
     ``shape.attention_shares`` (``hgsim attention``) prints where a spec puts its mass, and
     docs/model.md sets the defaults' shares beside published measurements.
+
+    ``rank_exponent`` s > 0 turns on a power law over the non-sink tokens (``rank_logits``): the
+    i-th most relevant (a random permutation per KV group, persistent like the heavy hitters)
+    gets ``rank_logit_boost - s ln i`` on top of everything else. Off by default (0): the model
+    is then exactly the one above, every stream and number unchanged. ``rank_logit_boost`` 9
+    puts the law's total weight at 32k tokens (e^9 sum_i i^-s, about e^8.4 of it at s = 1.1)
+    near that of 32k unboosted tokens, so that the sinks keep the share the defaults give them
+    there (0.21 at s = 1.1, seed 0; docs/model.md, "Concentration against context").
+    ``rank_span`` is the zoom's, not a user's.
     """
 
     n_tokens: int = 32768
@@ -100,6 +114,9 @@ class AttentionModelSpec:
     noise_std: float = 1.5  # per-token logit noise, also the spread of keys off the queries
     head_noise_std: float = 0.5  # per-head deviation from the group's logits (GQA)
     seed: int = 0
+    rank_exponent: float = 0.0  # power law over the non-sink tokens, weight ~ i^-s (0: off)
+    rank_logit_boost: float = 9.0  # logit of its top-ranked token (``rank_logits``)
+    rank_span: float = 1.0  # real tokens per synthetic one (set by ``proxy.zoom_spec``)
 
     def __post_init__(self) -> None:
         if self.n_tokens < 1:
@@ -118,6 +135,10 @@ class AttentionModelSpec:
             raise ValueError("recency_tokens and heavy_tail_index must be positive")
         if self.noise_std < 0 or self.head_noise_std < 0:
             raise ValueError("noise standard deviations must be non-negative")
+        if not self.rank_exponent >= 0:  # NaN fails too
+            raise ValueError("rank_exponent must be non-negative")
+        if not self.rank_span >= 1.0:
+            raise ValueError("rank_span must be at least 1 (real tokens per synthetic one)")
 
     @property
     def heads_per_group(self) -> int:
@@ -150,6 +171,8 @@ ATTENTION = OverrideGroup("attention", AttentionModelSpec, {
     "noise_std": FieldRule(0.0, 20.0),
     "head_noise_std": FieldRule(0.0, 20.0),
     "seed": FieldRule(0, whole=True),
+    "rank_exponent": FieldRule(0.0, 4.0),
+    "rank_logit_boost": FieldRule(-50.0, 50.0),
 }, example="{'heavy_fraction': 0.05}")
 
 
@@ -199,17 +222,214 @@ def heavy_hitter_boosts(spec: AttentionModelSpec, rng: np.random.Generator) -> n
     return boosts
 
 
+def rank_logits(spec: AttentionModelSpec) -> np.ndarray:
+    """The power law's persistent logits by rank (rank 1 first), shape (T - sinks,) float64;
+    empty when ``rank_exponent`` is 0 (the law is off).
+
+    Unscaled (``rank_span`` 1), rank i gets ``rank_logit_boost - s ln i``. A zoomed spec
+    (``proxy.zoom_spec``) has each of its m non-sink tokens stand for ``rank_span`` real ones:
+    synthetic rank j stands for the consecutive real ranks ((j-1) R/m, j R/m] of the R =
+    ``rank_span`` m real ones and gets the log of their exact weight sum, less ln(R/m): every
+    other token class's mass shrinks by the zoom factor (the sinks' boost drops by its log), so
+    the law's does too, and an exact top-k of r m synthetic tokens holds exactly the share of the
+    law's mass that the top r R real ones hold (the per-token noise stays one draw per synthetic
+    token: the approximation the rest of the zoom makes too, but for the top ranks,
+    ``_zoomed_law``, which also folds the heavy hitters into the buckets). A span that is not whole gives some buckets one rank more than their
+    neighbours; such a bucket may outweigh the one before it by up to one rank's weight."""
+    synthetic = spec.n_tokens - spec.sink_tokens
+    if spec.rank_exponent == 0.0 or synthetic == 0:
+        return np.zeros(0)
+    real = max(synthetic, round(spec.rank_span * synthetic))
+    sums = rank_bucket_sums(spec.rank_exponent, synthetic, real)
+    return spec.rank_logit_boost + np.log(sums) - math.log(real / synthetic)
+
+
+_EXACT_RANKS = 1 << 23  # real ranks summed term by term; beyond them, a midpoint integral
+
+
+@lru_cache(maxsize=16)
+def rank_bucket_sums(exponent: float, buckets: int, ranks: int) -> np.ndarray:
+    """``sum i^-exponent`` over each of ``buckets`` consecutive runs of the ranks 1..``ranks``,
+    run j holding ((j-1) ranks / buckets, j ranks / buckets] (floored), read-only float64.
+
+    Exact (``np.add.reduceat`` over the terms) up to rank ``_EXACT_RANKS``; the ranks of a run
+    beyond it are summed as the integral of x^-s from the first - 1/2 to the last + 1/2 (the
+    midpoint rule: relative error below 1e-14 there), so a context of a billion tokens costs no
+    more than 8M."""
+    if not 1 <= buckets <= ranks:
+        raise ValueError("need 1 <= buckets <= ranks")
+    ends = np.arange(buckets + 1, dtype=np.int64) * ranks // buckets  # run j: (ends[j-1], ends[j]]
+    limit = min(ranks, _EXACT_RANKS)
+    sums = np.zeros(buckets)
+    reached = int(np.searchsorted(ends[:-1], limit, side="left"))  # runs starting below limit
+    if reached:  # their ranks up to the limit, term by term
+        terms = np.arange(1, limit + 1, dtype=np.float64) ** -exponent
+        sums[:reached] = np.add.reduceat(terms, ends[:reached])
+    beyond = ends[1:] > limit
+    if beyond.any():  # their ranks past it, from max(start, limit) + 1/2 to the last + 1/2
+        low = np.maximum(ends[:-1][beyond], limit) + 0.5
+        width = ends[1:][beyond] - low + 0.5
+        growth = np.log1p(width / low)
+        if exponent == 1.0:
+            sums[beyond] += growth
+        else:  # (low^(1-s) - (low + width)^(1-s)) / (s - 1), without cancellation
+            sums[beyond] += low ** (1.0 - exponent) * np.expm1((1.0 - exponent) * growth) \
+                / (1.0 - exponent)
+    sums.flags.writeable = False
+    return sums
+
+
+#: Synthetic ranks of a zoomed power law whose noise is their bucket's real tokens' (``_ZoomedLaw``).
+HEAD_BUCKETS = 16
+#: Real non-sink tokens a zoomed power law draws at most (about 1 GB of float64 work arrays).
+MAX_ZOOMED_TOKENS = 1 << 25
+
+
+@dataclass(frozen=True, eq=False)
+class _ZoomedLaw:
+    """A zoomed power law's persistent part, per KV group (``_zoomed_law``): the persistent logit
+    of each synthetic rank (``logits``, (KVH, m), rank 1 first) and whether heavy hitters hold
+    most of its bucket's weight (``heavy``, (KVH, m)); for the top ``HEAD_BUCKETS`` ranks, the
+    persistent logit of their bucket's noisy real total (``head_persistent``, (KVH, J)), each
+    head's deviation from it (``head_drifting``, (H, J)) and the norm of the bucket's weighted
+    mean of independent values against one token's (``value_scale``, (KVH, J))."""
+
+    logits: np.ndarray
+    heavy: np.ndarray
+    head_persistent: np.ndarray
+    head_drifting: np.ndarray
+    value_scale: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class _Draws:
+    boosts: np.ndarray  # heavy-hitter boosts (KVH, T)
+    drifting: np.ndarray  # per-token noise (H, T)
+    ranks: np.ndarray | None  # 0-based power-law rank per non-sink token (KVH, T - sinks)
+    zoomed: _ZoomedLaw | None  # a zoomed power law's buckets
+
+
+def _logit_draws(spec: AttentionModelSpec, rng: np.random.Generator) -> _Draws:
+    """The random parts of the logits in the order the logits' stream draws them: heavy-hitter
+    boosts, the drifting noise, and only when the power law is on (so that the streams before
+    them do not change) each KV group's permutation of the ranks over its non-sink tokens and,
+    for a zoomed spec, the real tokens its synthetic ones stand for (``_zoomed_law``)."""
+    boosts = heavy_hitter_boosts(spec, rng)
+    drifting = np.repeat(spec.noise_std * rng.standard_normal(boosts.shape),
+                         spec.heads_per_group, axis=0)
+    drifting += spec.head_noise_std * rng.standard_normal(drifting.shape)
+    ranks = zoomed = None
+    if spec.rank_exponent > 0.0 and spec.n_tokens > spec.sink_tokens:
+        body = spec.n_tokens - spec.sink_tokens
+        ranks = np.stack([rng.permutation(body) for _ in range(spec.kv_heads)])
+        zoomed = _zoomed_law(spec, rng)
+    return _Draws(boosts, drifting, ranks, zoomed)
+
+
+def _zoomed_law(spec: AttentionModelSpec, rng: np.random.Generator) -> _ZoomedLaw | None:
+    """The persistent logits of a zoomed power law's synthetic ranks (None unzoomed, when
+    ``rank_span`` is 1), drawn from the real tokens they stand for.
+
+    Each KV group draws its R = ``rank_span`` m real non-sink tokens: rank i's law weight i^-s
+    times its heavy-hitter boost (drawn as ``heavy_hitter_boosts`` draws them). Sorted by that
+    persistent weight and cut into m buckets of consecutive ones, synthetic rank j gets the log
+    of its bucket's weight sum less ln(R/m) (every other class's mass shrinks by the zoom too),
+    so an exact top-k of r m synthetic tokens holds exactly the persistent mass of the top r R
+    real ones; with no heavy hitters the buckets are consecutive ranks (``rank_logits``).
+    Bucketing the ranks alone and giving each synthetic token one heavy-hitter draw made a
+    heavy synthetic token stand for f heavy real ones at f consecutive ranks, which no top-k
+    finer than a bucket could pick apart from its plain neighbours: at 1M tokens (f = 32) the
+    zoom kept 0.008 less than the unscaled context at r 0.01.
+
+    The per-token noise stays one draw per synthetic token, but for the top ``HEAD_BUCKETS``
+    ranks: bucket 1 holds about ln(f) / ln N of the law's mass (s = 1) on many real tokens,
+    whose noisy total varies little and which any top-k keeps whole; one draw made it vary as
+    much as one token's and, the kept share being concave in it, lowered the mean share kept
+    by 0.02 at 512k (r 0.01). So those draw their real tokens' noise (the group's, each
+    head's) and take the log of the noisy sum as their persistent logit (the group's) and
+    drifting one (each head's deviation from it), and their value is scaled to the norm of the
+    bucket's weighted mean of independent values."""
+    synthetic = spec.n_tokens - spec.sink_tokens
+    real = max(synthetic, round(spec.rank_span * synthetic))
+    if real == synthetic:
+        return None
+    if real > MAX_ZOOMED_TOKENS:
+        raise ValueError(f"rank_exponent: the power law's zoom draws every real token, so it "
+                         f"takes contexts up to {MAX_ZOOMED_TOKENS:,} tokens, got {real:,}")
+    ends = np.arange(synthetic + 1, dtype=np.int64) * real // synthetic
+    count = min(HEAD_BUCKETS, synthetic)
+    group = spec.heads_per_group
+    law = -spec.rank_exponent * np.log(np.arange(1, real + 1, dtype=np.float64))
+    offset = spec.rank_logit_boost - math.log(real / synthetic)
+    logits = np.empty((spec.kv_heads, synthetic))
+    heavy_share = np.empty((spec.kv_heads, synthetic))
+    head_weights = []
+    for g in range(spec.kv_heads):
+        heavy = rng.random(real) < spec.heavy_fraction
+        weight = law.copy()
+        weight[heavy] += spec.heavy_logit_boost + rng.exponential(
+            1.0 / spec.heavy_tail_index, size=int(heavy.sum()))
+        order = np.argsort(-weight, kind="stable")
+        top = weight[order[0]]
+        mass = np.exp(weight[order] - top)  # sorted, largest 1
+        sums = np.add.reduceat(mass, ends[:-1])
+        logits[g] = offset + top + np.log(sums)
+        heavy_share[g] = np.add.reduceat(np.where(heavy[order], mass, 0.0), ends[:-1]) / sums
+        head_weights.append(mass[: ends[count]] * math.exp(top))
+    weights = np.stack(head_weights)  # (KVH, real tokens of the head), persistent weights
+    shared = spec.noise_std * rng.standard_normal(weights.shape)
+    own = np.repeat(shared, group, axis=0) + spec.head_noise_std * rng.standard_normal(
+        (spec.heads, weights.shape[1]))
+    starts = ends[:count]
+
+    def log_sums(noise: np.ndarray, w: np.ndarray) -> np.ndarray:
+        shift = noise.max(axis=1, keepdims=True)  # sums of exp without overflow
+        return np.log(np.add.reduceat(w * np.exp(noise - shift), starts, axis=1)) + shift
+
+    group_total = log_sums(shared, weights)
+    head_total = log_sums(own, np.repeat(weights, group, axis=0))
+    noisy = weights * np.exp(shared - shared.max(axis=1, keepdims=True))
+    scale = np.sqrt(np.add.reduceat(noisy**2, starts, axis=1)) / np.add.reduceat(
+        noisy, starts, axis=1)
+    return _ZoomedLaw(logits, heavy_share > 0.5, offset + group_total,
+                      head_total - np.repeat(group_total, group, axis=0), scale)
+
+
 def design_logit_parts(spec: AttentionModelSpec,
                        rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The designed logits in two parts: ``persistent`` (KVH, T), the structure every query of
-    a group sees at every step (sinks, recency, heavy hitters), and ``drifting`` (H, T), the
-    per-token noise of the group plus each head's deviation, which a later step's query sees
-    only as far as its drifting part still points the same way (module doc)."""
-    persistent = structure_logits(spec) + heavy_hitter_boosts(spec, rng)
-    drifting = np.repeat(spec.noise_std * rng.standard_normal(persistent.shape),
-                         spec.heads_per_group, axis=0)
-    drifting += spec.head_noise_std * rng.standard_normal(drifting.shape)
+    a group sees at every step (sinks, recency, heavy hitters, the power law's ranks), and
+    ``drifting`` (H, T), the per-token noise of the group plus each head's deviation, which a
+    later step's query sees only as far as its drifting part still points the same way (module
+    doc)."""
+    persistent, drifting, _, _ = _design(spec, rng)
     return persistent, drifting
+
+
+def _design(spec: AttentionModelSpec, rng: np.random.Generator
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """``design_logit_parts`` plus, for a zoomed power law, where its top ``HEAD_BUCKETS``
+    ranks sit ((KVH, J) token indices) and their values' scale ((KVH, J)); else None, None."""
+    draws = _logit_draws(spec, rng)
+    structure = structure_logits(spec)
+    persistent = structure + draws.boosts
+    drifting = draws.drifting
+    zoomed, sinks = draws.zoomed, spec.sink_tokens
+    if draws.ranks is None:
+        return persistent, drifting, None, None
+    if zoomed is None:
+        persistent[:, sinks:] += rank_logits(spec)[draws.ranks]
+        return persistent, drifting, None, None
+    # the heavy hitters are in the buckets' weights: the synthetic tokens' own boosts give way
+    group = spec.heads_per_group
+    count = zoomed.head_persistent.shape[1]
+    tokens = sinks + np.argsort(draws.ranks, axis=1)[:, :count]  # where ranks 1..J sit
+    for g in range(spec.kv_heads):
+        persistent[g, sinks:] = structure[sinks:] + zoomed.logits[g][draws.ranks[g]]
+        persistent[g, tokens[g]] = structure[tokens[g]] + zoomed.head_persistent[g]
+        rows = slice(g * group, (g + 1) * group)
+        drifting[rows, tokens[g]] = zoomed.head_drifting[rows]
+    return persistent, drifting, tokens, zoomed.value_scale
 
 
 def design_logits(spec: AttentionModelSpec, rng: np.random.Generator) -> np.ndarray:
@@ -229,10 +449,19 @@ def persistent_energy_share(spec: AttentionModelSpec, persistent: np.ndarray) ->
     token, ``f E[(b + X)^2]`` with X exponential of mean 1 / index, a property of the host
     tokens that does not change with the context's length (sinks and recency, a few hundred
     tokens, would); a spec without heavy hitters takes ``persistent``'s over its tokens.
+    With the power law on, every non-sink token carries a rank logit r as well (``rank_logits``,
+    drawn independently of the heavy hitters), so ``m`` is ``E[(h + r)^2] = E[h^2] + 2 E[h] E[r]
+    + E[r^2]`` over the non-sink tokens, the rank law's moments taken exactly over its logits:
+    this one does change with the context (the mean rank logit falls as about -s ln N) and with
+    the zoom (which keeps it: the buckets' logits sample the real ranks' evenly).
     Capped at ``_MAX_PERSISTENT_SHARE`` so that the drifting directions keep a usable norm
     when the spec has no noise."""
     boost, mean = spec.heavy_logit_boost, 1.0 / spec.heavy_tail_index
     moment = spec.heavy_fraction * (boost**2 + 2.0 * boost * mean + 2.0 * mean**2)
+    ranked = rank_logits(spec)
+    if ranked.size:
+        moment += (2.0 * spec.heavy_fraction * (boost + mean) * float(np.mean(ranked))
+                   + float(np.mean(np.square(ranked))))
     if moment == 0.0:
         moment = float(np.mean(np.square(persistent)))
     if moment == 0.0:
@@ -293,7 +522,8 @@ def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
     seed, so results do not depend on evaluation order.
     """
     seeds = _case_seeds(spec)
-    persistent, drifting = design_logit_parts(spec, np.random.default_rng(seeds[0]))
+    persistent, drifting, head_tokens, value_scale = _design(spec,
+                                                             np.random.default_rng(seeds[0]))
     group = spec.heads_per_group
     logits = np.repeat(persistent, group, axis=0) + drifting
     share = persistent_energy_share(spec, persistent)
@@ -317,6 +547,8 @@ def synthesize_case(spec: AttentionModelSpec) -> SyntheticAttention:
         _fill_noise(seeds[2 + g], k[0, g], key_noise_std)
         realise_keys(directions, targets, k[0, g])
         _fill_noise(seeds[2 + spec.kv_heads + g], v[0, g], 1.0)
+        if head_tokens is not None:  # a bucket's weighted mean of independent values
+            v[0, g, head_tokens[g]] *= value_scale[g, :, None].astype(np.float32)
     persistent_heads = np.repeat(persistent_q, group, axis=0)
     q = (persistent_heads + drifting_q).astype(np.float32)[None]
     return SyntheticAttention(spec=spec, q=q, k=k, v=v, logits=logits,
@@ -338,10 +570,32 @@ def case_logits(spec: AttentionModelSpec) -> np.ndarray:
     return design_logits(spec, np.random.default_rng(_case_seeds(spec)[0]))
 
 
+def case_ranks(spec: AttentionModelSpec) -> np.ndarray:
+    """Each token's rank under the power law in ``case_logits(spec)``, (KVH, T) int64: 1 for
+    the most relevant non-sink token, 0 for the sinks and for every token when the law is off
+    (the permutation is the last draw of the logits' stream, so redrawing gives the same)."""
+    ranks = np.zeros((spec.kv_heads, spec.n_tokens), dtype=np.int64)
+    drawn = _logit_draws(spec, np.random.default_rng(_case_seeds(spec)[0])).ranks
+    if drawn is not None:
+        ranks[:, spec.sink_tokens:] = drawn + 1
+    return ranks
+
+
 def case_heavy_hitters(spec: AttentionModelSpec) -> np.ndarray:
     """Which tokens are heavy hitters in ``case_logits(spec)``, (KVH, T) bool: the boosts are
-    the first draw of the logits' stream, so redrawing them gives the same tokens."""
-    return heavy_hitter_boosts(spec, np.random.default_rng(_case_seeds(spec)[0])) > 0
+    the first draw of the logits' stream, so redrawing them gives the same tokens (in a zoomed
+    power law, whose buckets hold real heavy hitters, the tokens whose bucket's weight is
+    mostly theirs: ``_zoomed_law``)."""
+    rng = np.random.default_rng(_case_seeds(spec)[0])
+    if spec.rank_exponent == 0.0:
+        return heavy_hitter_boosts(spec, rng) > 0
+    draws = _logit_draws(spec, rng)
+    if draws.zoomed is None:
+        return draws.boosts > 0
+    heavy = np.zeros_like(draws.boosts, dtype=bool)
+    for g in range(spec.kv_heads):
+        heavy[g, spec.sink_tokens:] = draws.zoomed.heavy[g][draws.ranks[g]]
+    return heavy
 
 
 def group_query_correlation(spec: AttentionModelSpec) -> float:

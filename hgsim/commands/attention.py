@@ -116,6 +116,11 @@ def _print(shares, shape: str) -> None:
                          (f"heavy hitters {between}", shares.heavy),
                          (f"other tokens {between}", shares.other)):
         mass.add_row(label, f"{100 * value:.1f}%")
+    if shares.ranked:
+        from hgsim.accuracy.shape import RANKED_SHARE
+
+        mass.add_row(f"power law's top {100 * RANKED_SHARE:g}% of ranks {between} (overlaps "
+                     "the rows above)", f"{100 * shares.ranked:.1f}%")
     out.print(mass)
     kept = Table(show_header=True, header_style="bold")
     kept.add_column(f"per-head top-k of the tokens {between}")
