@@ -154,15 +154,19 @@ def test_a_zoom_past_the_drawable_tokens_is_refused_by_name(monkeypatch):
         case_logits(zoomed)
 
 
-def test_persistent_share_counts_the_laws_second_moment():
+def test_persistent_share_counts_the_laws_variance():
     """Without heavy hitters or recency the persistent logits over the non-sink tokens are the
-    rank logits permuted: their second moment is the one the share is built on."""
+    rank logits permuted: their variance is what the share is built on, and a shift of every
+    rank logit alike (which the softmax ignores) leaves the share as it was."""
     spec = replace(SMALL, n_tokens=5000, heavy_fraction=0.0, recency_boost=0.0,
                    rank_exponent=1.0, rank_logit_boost=7.0)
     persistent, _ = design_logit_parts(spec, np.random.default_rng(0))
-    moment = float(np.mean(persistent[:, 4:] ** 2))
+    variance = float(np.var(persistent[:, 4:]))
     drift = spec.noise_std**2 + spec.head_noise_std**2
-    assert persistent_energy_share(spec, persistent) == pytest.approx(moment / (moment + drift))
+    share = persistent_energy_share(spec, persistent)
+    assert share == pytest.approx(variance / (variance + drift))
+    shifted = replace(spec, rank_logit_boost=-3.0)
+    assert persistent_energy_share(shifted, persistent) == pytest.approx(share)
     heavy = replace(spec, heavy_fraction=0.02)
     assert persistent_energy_share(heavy, persistent) > persistent_energy_share(spec, persistent)
     case = synthesize_case(spec)

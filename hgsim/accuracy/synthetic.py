@@ -450,18 +450,19 @@ def persistent_energy_share(spec: AttentionModelSpec, persistent: np.ndarray) ->
     tokens that does not change with the context's length (sinks and recency, a few hundred
     tokens, would); a spec without heavy hitters takes ``persistent``'s over its tokens.
     With the power law on, every non-sink token carries a rank logit r as well (``rank_logits``,
-    drawn independently of the heavy hitters), so ``m`` is ``E[(h + r)^2] = E[h^2] + 2 E[h] E[r]
-    + E[r^2]`` over the non-sink tokens, the rank law's moments taken exactly over its logits:
-    this one does change with the context (the mean rank logit falls as about -s ln N) and with
-    the zoom (which keeps it: the buckets' logits sample the real ranks' evenly).
+    drawn independently of the heavy hitters), and ``m`` adds the variance of r, taken exactly
+    over its logits, not its second moment: r's mean (``rank_logit_boost`` less about s ln N) is
+    a shift of every token's logit alike, which the softmax ignores, and counted in ``m`` it
+    pushed the share to its cap as the context grew (a lag-1 query cosine of 0.99 at 1M tokens,
+    above the 0.90-0.975 measured, docs/model.md). The heavy hitters' second moment is their
+    variance to within their squared mean, ``(f E[b + X])^2``, 2% of it at the defaults.
     Capped at ``_MAX_PERSISTENT_SHARE`` so that the drifting directions keep a usable norm
     when the spec has no noise."""
     boost, mean = spec.heavy_logit_boost, 1.0 / spec.heavy_tail_index
     moment = spec.heavy_fraction * (boost**2 + 2.0 * boost * mean + 2.0 * mean**2)
     ranked = rank_logits(spec)
     if ranked.size:
-        moment += (2.0 * spec.heavy_fraction * (boost + mean) * float(np.mean(ranked))
-                   + float(np.mean(np.square(ranked))))
+        moment += float(np.var(ranked))
     if moment == 0.0:
         moment = float(np.mean(np.square(persistent)))
     if moment == 0.0:
