@@ -32,7 +32,7 @@ from hgsim.sim.machine import Machine
 from hgsim.sim.trace import trace_bytes
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
-from hgsim.tensor_parallel import RankView, rank_view
+from hgsim.tensor_parallel import RankView, rank_view, socket_mirror
 from hgsim.workload import Workload
 
 if TYPE_CHECKING:
@@ -254,15 +254,28 @@ def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *
 def _system_activity(view: RankView, rank: energy.Activity,
                      allreduce_sent_bytes: float) -> energy.Activity:
     """The whole system's activity from rank 0's (identical ranks): every rank's GPU and its
-    PCIe link did what rank 0's did, each shared host component n times rank 0's share, and
-    each rank sent ``allreduce_sent_bytes`` in all-reduces, over its NVLink to the next rank
-    (or out and in over PCIe through host memory). One GPU: ``rank`` unchanged."""
+    PCIe link did what rank 0's did; every rank used the host as rank 0 did, seen from its own
+    socket (``tensor_parallel.socket_mirror``: a rank on another socket charges its local
+    cores, DRAM and CXL where rank 0 charged rank 0's); and each rank sent
+    ``allreduce_sent_bytes`` in all-reduces, over its NVLink to the next rank (or out and in
+    over PCIe through host memory). One GPU: ``rank`` unchanged."""
     if view.n == 1 and view.system is view.profile:
         return rank
     n, system = view.n, view.system
     gpu = next(iter(view.profile.gpus))
     pcie = view.profile.gpus[gpu].link
-    links = {name: b * n for name, b in rank.link_bytes.items() if name != pcie}
+    mirrors = [socket_mirror(system, system.gpus[gpu].socket, spec.socket)
+               for spec in system.gpus.values()]
+
+    def spread(used: dict[str, float], skip: str | None = None) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for mirror in mirrors:
+            for name, value in used.items():
+                if name != skip:
+                    out[mirror.get(name, name)] = out.get(mirror.get(name, name), 0.0) + value
+        return out
+
+    links = spread(rank.link_bytes, skip=pcie)
     for spec in system.gpus.values():
         links[spec.link] = rank.link_bytes.get(pcie, 0.0)
     if view.allreduce is not None and allreduce_sent_bytes:
@@ -280,9 +293,9 @@ def _system_activity(view: RankView, rank: energy.Activity,
         window_s=rank.window_s,
         gpu_flops=dict.fromkeys(system.gpus, rank.gpu_flops.get(gpu, 0.0)),
         gpu_hbm_bytes=dict.fromkeys(system.gpus, rank.gpu_hbm_bytes.get(gpu, 0.0)),
-        core_seconds={k: v * n for k, v in rank.core_seconds.items()},
-        tier_read_bytes={k: v * n for k, v in rank.tier_read_bytes.items()},
-        tier_write_bytes={k: v * n for k, v in rank.tier_write_bytes.items()},
+        core_seconds=spread(rank.core_seconds),
+        tier_read_bytes=spread(rank.tier_read_bytes),
+        tier_write_bytes=spread(rank.tier_write_bytes),
         link_bytes=links)
 
 

@@ -161,6 +161,31 @@ def system_profile(profile: HardwareProfile, n: int) -> HardwareProfile:
                                       "links": links})
 
 
+def socket_mirror(profile: HardwareProfile, home: str, other: str) -> dict[str, str]:
+    """The host resources of socket ``home`` and socket ``other`` swapped, by name: the sockets
+    themselves, their tiers of each kind (in the profile's order) and the links between
+    corresponding ends (a socket's CXL link onto the other's). A rank on ``other`` uses the
+    host as rank 0 (on ``home``) does, seen through this swap, which holds where the two
+    sockets are alike (a name without a counterpart maps to itself). Empty when they are the
+    same socket."""
+    if home == other:
+        return {}
+    mirror = {home: other, other: home}
+    for kind in ("ddr", "cxl", "hbm"):
+        ours = [t for t, spec in profile.tiers.items() if spec.socket == home and spec.kind == kind]
+        theirs = [t for t, spec in profile.tiers.items()
+                  if spec.socket == other and spec.kind == kind]
+        for a, b in zip(ours, theirs, strict=False):
+            mirror[a], mirror[b] = b, a
+    by_ends = {(link.kind, frozenset(link.endpoints)): name for name, link in profile.links.items()}
+    for name, link in profile.links.items():
+        ends = frozenset(mirror.get(e, e) for e in link.endpoints)
+        twin = by_ends.get((link.kind, ends))
+        if twin is not None and twin != name:
+            mirror[name] = twin
+    return mirror
+
+
 # ---------------------------------------------------------------------- the all-reduce
 
 

@@ -22,6 +22,7 @@ from hgsim.tensor_parallel import (
     ring_allreduce_s,
     shard_model,
     sharers,
+    socket_mirror,
     system_profile,
 )
 from hgsim.workload import Workload
@@ -231,6 +232,31 @@ def test_a_70b_model_fits_four_h100s_and_decodes_faster_with_the_all_reduce_on_i
     assert fast.capex_usd - base.capex_usd == pytest.approx(3 * profile.gpus["gpu0"].price_usd)
     assert fast.capex_usd > gpus
     assert fast.to_row()["tensor_parallel"] == 4
+
+
+def test_socket_mirror_swaps_a_sockets_resources_for_the_others():
+    profile = load_profile(HGX)
+    mirror = socket_mirror(profile, "cpu0", "cpu1")
+    assert {k: mirror[k] for k in ("cpu0", "cpu1", "ddr0", "cxl1", "cxl0-link")} == {
+        "cpu0": "cpu1", "cpu1": "cpu0", "ddr0": "ddr1", "cxl1": "cxl0",
+        "cxl0-link": "cxl1-link"}
+    assert "upi0" not in mirror and socket_mirror(profile, "cpu0", "cpu0") == {}
+
+
+def test_ranks_on_both_sockets_charge_their_own_sockets_energy():
+    """TP 8 puts four ranks on each socket: each socket's cores, DRAM and CXL do what four
+    ranks do, not rank 0's socket eight ranks' worth (which would run cpu0 past its TDP and
+    leave cpu1 idle)."""
+    profile = load_profile(HGX)
+    result = simulate(profile, "llama-3.1-70b", "hybridgen",
+                      Workload(context="512k", batch=4, gen=2, tensor_parallel=8), fidelity=FAST)
+    energy, window = result.energy_j, result.energy_window_s
+    for a, b in (("cpu0", "cpu1"), ("ddr0", "ddr1"), ("cxl0", "cxl1")):
+        assert energy[a] == pytest.approx(energy[b], rel=1e-9)
+    socket = profile.sockets["cpu0"]
+    assert energy["cpu0"] / window > socket.idle_power_w + 1.0  # the host attention ran there
+    assert energy["cpu0"] / window <= socket.idle_power_w + socket.cores * (
+        socket.active_core_power_w) + 1e-6
 
 
 def test_a_capacity_search_sees_a_rank_share_of_memory():
