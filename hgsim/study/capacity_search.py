@@ -4,6 +4,12 @@
 accounting already says whether a configuration fits. Building a policy costs about a
 millisecond, so a 1k..16M search (~24 probes) is cheap enough to run per point.
 Feasibility is assumed monotone in the searched quantity (more tokens never fit better).
+
+With a latency SLO (``search.max_token_latency_ms``) a value that fits is also simulated, the
+way a study point is (``hgsim.study.worker.simulate_spec``, at the point's fidelity), and is
+feasible only when the chosen per-token latency statistic stays within the SLO; per-token
+latency is assumed to grow with the searched quantity. The row then carries the simulated
+throughput and latencies at the value found, and ``limit`` says what bound it.
 """
 
 from __future__ import annotations
@@ -14,9 +20,13 @@ from hgsim.policies import make_policy
 from hgsim.study.schema import SearchSpec
 
 #: Columns a search point produces besides the configuration columns.
-SEARCH_COLUMNS = ("capped", "limit_reason", "probes")
+SEARCH_COLUMNS = ("capped", "limit", "limit_reason", "probes")
+#: Columns a search with a latency SLO adds: the simulation at the value found (NaN where
+#: nothing met the SLO).
+SLO_COLUMNS = ("tokens_per_s", "latency_mean_ms", "latency_p50_ms", "latency_p99_ms",
+               "simulations")
 #: Those of them that hold words, not numbers.
-TEXT_COLUMNS = ("limit_reason",)
+TEXT_COLUMNS = ("limit", "limit_reason")
 
 
 def search_point(spec) -> dict[str, Any]:
@@ -25,6 +35,8 @@ def search_point(spec) -> dict[str, Any]:
     field = search.field
 
     probes = 0
+    bound: dict[int, str] = {}  # value that failed -> "memory" | "latency"
+    simulated: dict[int, Any] = {}  # value -> its simulation (this point's probes only)
 
     def fits(value: int) -> tuple[bool, str | None]:
         nonlocal probes
@@ -32,18 +44,47 @@ def search_point(spec) -> dict[str, Any]:
         workload = spec.workload.model_copy(update={field: value})
         policy = make_policy(spec.policy, spec.model, spec.profile, workload,
                              spec.policy_options, attention=spec.fidelity.attention)
-        return policy.feasible, policy.infeasibility()
+        if not policy.feasible:
+            bound[value] = "memory"
+            return False, policy.infeasibility()
+        if not search.slo:
+            return True, None
+        from hgsim.study.worker import simulate_spec
+
+        result = simulated[value] = simulate_spec(spec, workload)
+        if not result.feasible:  # the simulator's own accounting refused it
+            bound[value] = "memory"
+            return False, result.reason or "infeasible"
+        latency = result.latency_stats_ms()[search.latency_stat]
+        if not latency <= search.max_token_latency_ms:  # NaN (no step) fails too
+            bound[value] = "latency"
+            return False, (f"per-token latency {latency:.4g} ms ({search.latency_stat}) > "
+                           f"SLO {search.max_token_latency_ms:g} ms")
+        return True, None
 
     best, reason, capped = max_feasible(fits, search.lo, search.hi, search.step)
+    if capped:
+        limit = "range"
+    else:  # the first value that failed: lo, or one step above the best
+        limit = bound.get(search.lo if best is None else best + search.step, "memory")
     row = {
         "profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
         "batch": spec.workload.batch, "context": spec.workload.context, "gen": spec.workload.gen,
         "tensor_parallel": spec.workload.tensor_parallel,
         field: best,  # the searched quantity at its maximum (None if even lo fails)
         search.column: best, "feasible": best is not None, "capped": capped,
-        "limit_reason": reason or "", "probes": probes,
+        "limit": limit, "limit_reason": reason or "", "probes": probes,
         "reason": "" if best is not None else (reason or ""),
     }
+    if search.slo:
+        at_best = simulated.get(best) if best is not None else None
+        stats = at_best.latency_stats_ms() if at_best is not None else {}
+        nan = float("nan")
+        row.update({
+            "tokens_per_s": at_best.tokens_per_s if at_best is not None else nan,
+            **{f"latency_{k}_ms": stats.get(k, nan) for k in ("mean", "p50", "p99")},
+            "simulations": len(simulated),
+        })
     return row
 
 

@@ -329,6 +329,13 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
                              f"{', '.join(Workload.model_fields)})")
     if kind == "fidelity":
         _check_fidelity_path(rest, doc, loc)
+    if kind == "search":
+        if study.search is None:
+            raise doc.error(loc, f"'{path}' sweeps a capacity search's latency SLO; the study "
+                                 "has no search block")
+        if rest not in SEARCH_AXES:
+            raise doc.error(loc, f"'{path}' cannot be swept (search axes: "
+                                 f"{', '.join(f'search.{f}' for f in SEARCH_AXES)})")
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
     if kind == "label":  # a column of names: grouped, ranked and plotted by value
@@ -336,6 +343,33 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
             if isinstance(value, (dict, list)):
                 raise doc.error((*loc, j), f"a label is a name or a number, got "
                                            f"{type(value).__name__} {value!r}")
+
+
+#: The search fields an axis may sweep (``search.<field>``): the latency SLO.
+SEARCH_AXES = ("max_token_latency_ms", "latency_stat")
+
+
+def _search(study: Study, values: dict[str, Any], locs: dict[str, Loc],
+            doc: YamlDocument) -> SearchSpec | None:
+    """The point's search: the study's, with its swept SLO fields (each checked at its line)."""
+    if study.search is None:
+        return None
+    swept = {path.split(".", 1)[1]: path for path in values if path.startswith("search.")}
+    if not swept:
+        return study.search
+    data = study.search.model_dump()
+    data.update({field: values[path] for field, path in swept.items()})
+    try:
+        return SearchSpec.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        message = humane(error)
+        if error["loc"]:
+            field = str(error["loc"][0])
+        else:  # the model's own check: its message starts with the field
+            field, _, message = message.partition(": ")
+        path = swept.get(field, next(iter(swept.values())))
+        raise doc.error(locs[path], f"search.{field}: {message}") from None
 
 
 def _check_fidelity_path(rest: str, doc: YamlDocument, loc: Loc) -> None:
@@ -462,8 +496,9 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         if path.startswith("workload."):
             wl[path.split(".", 1)[1]] = values[path]
             wl_locs[path.split(".", 1)[1]] = locs[path]
-    if study.search is not None:
-        wl[study.search.field] = study.search.lo  # placeholder; the search sets it
+    search = _search(study, values, locs, doc)
+    if search is not None:
+        wl[search.field] = search.lo  # placeholder; the search sets it
     workload = _workload(wl, wl_locs, doc)
     try:
         profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)
@@ -513,18 +548,20 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         "workload": workload.model_dump(
             mode="json", exclude={"tensor_parallel"} if workload.tensor_parallel == 1 else None),
         # a search sizes memory alone: of the fidelity only the attention shape can move it
-        # (HybridGen's group-union landing buffers); none set keeps the key it always had
+        # (HybridGen's group-union landing buffers); none set keeps the key it always had.
+        # A latency SLO simulates each probe that fits: then all of the fidelity counts
         "fidelity": ({"attention": fidelity_config["attention"]}
                      if "attention" in fidelity_config else None)
-        if study.search else fidelity_config,
-        "search": study.search.model_dump(mode="json") if study.search else None,
+        if search and not search.slo else fidelity_config,
+        # without an SLO, the search as it always was (the same key)
+        "search": search.key_config() if search else None,
     }
     plugin = registry.plugin(policy)
     if plugin is not None:  # a new plugin release may plan differently: recompute its points
         config["policy_plugin"] = f"{plugin.dist} {plugin.version}"
     spec = PointSpec(
         key=_digest(config)[:20], profile=profile, model=model, policy=policy,
-        policy_options=options, workload=workload, fidelity=fidelity, search=study.search,
+        policy_options=options, workload=workload, fidelity=fidelity, search=search,
     )
     coords: dict[str, Any] = {}
     for path, value in values.items():

@@ -15,7 +15,7 @@ import pandas as pd
 
 from hgsim.outputs import written_whole
 from hgsim.results import SimResult, StepTiming
-from hgsim.study.capacity_search import SEARCH_COLUMNS
+from hgsim.study.capacity_search import SEARCH_COLUMNS, SLO_COLUMNS
 from hgsim.study.expand import Expansion
 
 #: Columns added by the study runner to every row.
@@ -45,9 +45,10 @@ def _simulation_row() -> dict[str, Any]:
     return result.to_row()
 
 
-def search_columns(field: str, column: str) -> list[str]:
+def search_columns(field: str, column: str, slo: bool = False) -> list[str]:
+    """A search point's columns; with a latency SLO, the simulation at the value found too."""
     return ["profile", "model", "policy", "batch", "context", "gen", "tensor_parallel", field,
-            column, "feasible", "reason", *SEARCH_COLUMNS]
+            column, "feasible", "reason", *SEARCH_COLUMNS, *(SLO_COLUMNS if slo else ())]
 
 
 def assemble(expansion: Expansion, records: dict[str, dict[str, Any]],

@@ -102,6 +102,8 @@ def resolved_yaml(plan: StudyPlan) -> str:
                 digest = "unreadable"
             header.append(f"# {kind} {name}: {file} (sha256 {digest})")
     data: dict[str, Any] = plan.study.model_dump(mode="json")
+    if plan.study.search is not None:  # without a latency SLO, as before the SLO existed
+        data["search"] = plan.study.search.key_config()
 
     def absolute(kind: str, value: Any) -> Any:  # paths are relative to the original study file
         if not isinstance(value, str) or value not in files[kind]:

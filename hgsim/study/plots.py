@@ -412,6 +412,10 @@ def _mantissa(value: float) -> int:
     return round(value / 10 ** math.floor(math.log10(value) + 1e-9)) if value > 0 else 0
 
 
+#: The category of a null axis value (as the report's configuration table writes it).
+NOT_SET = "not set"
+
+
 def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list],
                 zipped: dict[str, list[str]] | None = None):
     """Categorical roles (facets, hue, style, bar x) as labelled strings in study order; a
@@ -429,8 +433,11 @@ def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]
             data[column] = ax.choice_names(data, column, zipped)
             orders[column] = list(dict.fromkeys(data[column]))
             continue
+        # null (an option or SLO not set there) is one category, "not set": as NaN it is a
+        # value unequal to itself, which the label map below cannot index
+        data[column] = data[column].astype(object).where(data[column].notna(), NOT_SET)
         present = list(dict.fromkeys(data[column].tolist()))
-        known = axis_values.get(column, [])
+        known = [NOT_SET if v is None else v for v in axis_values.get(column, [])]
         ordered = [v for v in known if v in present] + [v for v in present if v not in known]
         if not known and all(isinstance(v, (int, float)) for v in present):
             ordered = sorted(present)

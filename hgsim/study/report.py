@@ -337,9 +337,18 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     )))
     if study.search:
         s = study.search
-        parts.append(f"\nSearch: largest `{s.maximize}` that fits, in [{ax.label(s.lo)}, "
-                     f"{ax.label(s.hi)}] to a step of {ax.label(s.step)} (capacity accounting "
-                     "only, no simulation).\n")
+        if study.has_slo:
+            slo = (f"{s.max_token_latency_ms:g} ms" if s.slo else
+                   "`search.max_token_latency_ms` (swept)")
+            parts.append(f"\nSearch: largest `{s.maximize}` that fits and keeps the per-token "
+                         f"latency within {slo}, in [{ax.label(s.lo)}, {ax.label(s.hi)}] to a "
+                         f"step of {ax.label(s.step)} (capacity accounting first, then a "
+                         "simulation of each value that fits; `limit` says whether memory, "
+                         "latency or the range bound it).\n")
+        else:
+            parts.append(f"\nSearch: largest `{s.maximize}` that fits, in [{ax.label(s.lo)}, "
+                         f"{ax.label(s.hi)}] to a step of {ax.label(s.step)} (capacity "
+                         "accounting only, no simulation).\n")
 
     metric = best_metric(study)
     by = study.report.best_axis
@@ -347,8 +356,14 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     if study.search:
         table = capacity_table(frame, axes, by, study.search.column, zipped, study.search.lo)
         unit = SEARCH_UNITS.get(study.search.field, "")
-        parts.append(f"\n## Largest {study.search.field} that fits{unit}\n")
+        within = " within the latency SLO" if study.has_slo else ""
+        parts.append(f"\n## Largest {study.search.field} that fits{within}{unit}\n")
         parts.append(md_table(table, n))
+        if study.has_slo and "tokens_per_s" in frame:
+            at = frame.assign(capped=False, tokens_per_s=pd.to_numeric(
+                frame["tokens_per_s"], errors="coerce").round(1))
+            parts.append(f"\n## Throughput at that {study.search.field} (tokens/s)\n")
+            parts.append(md_table(capacity_table(at, axes, by, "tokens_per_s", zipped), n))
     else:
         best = best_table(frame, axes, by, metric, zipped)
         if not best.empty:

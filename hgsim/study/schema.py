@@ -56,6 +56,8 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       lo: 1k
       hi: 16M
       step: 1k                           # -> column max_context, exact to one step
+      max_token_latency_ms: 100          # optional SLO: also simulate, per-token latency <= it
+      latency_stat: mean                 # mean | p50 | p99 (of the simulated per-token latency)
     equal_accuracy:                      # each lossy point again at a target proxy error
       target_rel_error: 0.01             # or a list; -> axis accuracy.target
       resolution: 0.005                  # knob grid step
@@ -283,13 +285,17 @@ class SearchSpec(StudyModel):
     """Binary search for the largest value of ``maximize`` whose footprint fits.
 
     Feasibility is the policy's capacity accounting only (no simulation), assumed monotone in
-    the searched quantity; the result is exact to ``step``.
+    the searched quantity; the result is exact to ``step``. With ``max_token_latency_ms`` (a
+    latency SLO) a value must also, simulated at the point's fidelity, keep the per-token
+    latency statistic ``latency_stat`` within it (latency assumed to grow with the value).
     """
 
     maximize: Literal["workload.context", "workload.batch"]
     lo: int = Field(gt=0)
     hi: int = Field(gt=0)
     step: int = Field(default=1, gt=0)
+    max_token_latency_ms: float | None = Field(default=None, gt=0)
+    latency_stat: Literal["mean", "p50", "p99"] = "mean"
 
     @field_validator("lo", "hi", "step", mode="before")
     @classmethod
@@ -303,7 +309,22 @@ class SearchSpec(StudyModel):
         if self.step > self.hi - self.lo > 0:  # else the search answers lo, whatever fits
             raise ValueError(f"step: step ({self.step}) is wider than the range searched, "
                              f"hi - lo ({self.hi - self.lo})")
+        if self.max_token_latency_ms is None and self.latency_stat != "mean":
+            raise ValueError(f"latency_stat: {self.latency_stat} names the statistic a latency "
+                             "SLO bounds; set max_token_latency_ms too")
         return self
+
+    @property
+    def slo(self) -> bool:
+        """Whether a latency SLO bounds the search (each probe that fits is simulated)."""
+        return self.max_token_latency_ms is not None
+
+    def key_config(self) -> dict[str, Any]:
+        """The search as a point's key holds it: without an SLO, exactly as before it existed."""
+        data = self.model_dump(mode="json")
+        if not self.slo:
+            del data["max_token_latency_ms"], data["latency_stat"]
+        return data
 
     @property
     def field(self) -> str:
@@ -497,3 +518,9 @@ class Study(StudyModel):
     @property
     def is_search(self) -> bool:
         return self.search is not None
+
+    @property
+    def has_slo(self) -> bool:
+        """Whether any point's capacity search has a latency SLO (set or swept)."""
+        return self.search is not None and (
+            self.search.slo or "search.max_token_latency_ms" in self.axes())

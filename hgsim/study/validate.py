@@ -33,7 +33,8 @@ def produced_columns(study: Study, expansion: Expansion) -> list[str]:
     """Columns the results table will have (derived ones excluded)."""
     columns = list(expansion.axes)
     if study.search is not None:
-        columns += search_columns(study.search.field, study.search.column)
+        columns += search_columns(study.search.field, study.search.column,
+                                  study.has_slo)
     else:
         columns += simulation_columns()
     tiers: list[str] = ["hbm"]

@@ -33,10 +33,7 @@ def run_point(spec) -> dict[str, Any]:
 
             row, events = equal_accuracy_point(spec)
         else:
-            from hgsim.simulate import simulate
-
-            result = simulate(spec.profile, spec.model, spec.policy, spec.workload,
-                              policy_options=spec.policy_options, fidelity=spec.fidelity)
+            result = simulate_spec(spec)
             row = result.to_row()
             events = int(result.events)
     except Exception as exc:  # noqa: BLE001 - reported per point, the study goes on
@@ -50,6 +47,16 @@ def run_point(spec) -> dict[str, Any]:
         "row": row, "wall_s": wall, "events": events,
         "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time(),
     }
+
+
+def simulate_spec(spec, workload=None):
+    """The simulation of a point (at ``workload`` instead of its own, when given): a simulate
+    point's result, and each probe of a capacity search with a latency SLO."""
+    from hgsim.simulate import simulate
+
+    return simulate(spec.profile, spec.model, spec.policy,
+                    spec.workload if workload is None else workload,
+                    policy_options=spec.policy_options, fidelity=spec.fidelity)
 
 
 def run_chunk(specs: list, points_dir: str | None = None) -> list[dict[str, Any]]:
