@@ -164,3 +164,54 @@ def test_resolved_yaml_names_the_slo_only_when_set(tmp_path):
         "search.max_token_latency_ms: [null, 1000000, 60]", "workload.gen: [4]")
     resolved = resolved_yaml(load_study(write_study(tmp_path, plain, "plain.yaml")))
     assert "max_token_latency_ms" not in resolved and "latency_stat" not in resolved
+
+
+# pick: fastest. FlexGen at 32k keeps every sequence's KV in HBM up to batch 15 and streams
+# it from host memory from 16 on, so throughput falls past 15 although batches up to the
+# largest that fits all qualify.
+FASTEST_STUDY = """\
+name: fastest
+base:
+  profile: h100-80gb-spr-cxl
+  model: llama-3.1-8b
+  workload: {batch: 1, context: 32k, gen: 4}
+  fidelity: {decode_samples: 2, accuracy: false}
+search: {maximize: workload.batch, lo: 12, hi: 20, step: 1, pick: fastest}
+sweep:
+  - grid:
+      policy: [flexgen]
+"""
+
+
+def test_pick_fastest_answers_with_the_batch_that_decodes_fastest(tmp_path):
+    options = RunOptions(out=tmp_path / "out", quiet=True)
+    options.execution.jobs = 1
+    run = run_study(write_study(tmp_path, FASTEST_STUDY), options)
+    assert run.ok
+    row = pd.read_parquet(tmp_path / "out" / "results.parquet").iloc[0]
+    largest, fastest = int(row["max_batch"]), int(row["fastest_batch"])
+    assert row["batch"] == fastest and row["limit"] == "range" and largest == 20
+    rates = {b: simulate("h100-80gb-spr-cxl", "llama-3.1-8b", "flexgen",
+                         Workload(batch=b, context=32 * 1024, gen=4),
+                         fidelity=Fidelity(decode_samples=2, accuracy=False)).tokens_per_s
+             for b in range(12, largest + 1)}
+    assert fastest == max(rates, key=rates.get) and fastest < largest  # the cliff past HBM
+    assert math.isclose(row["tokens_per_s"], rates[fastest], rel_tol=1e-9)
+    assert rates[largest] < rates[fastest]
+    assert row["simulations"] == largest - 12 + 1
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Fastest batch up to it" in report and "pick: fastest" in report
+
+
+def test_pick_fastest_over_too_many_values_is_refused_and_largest_keeps_the_key(tmp_path):
+    try:
+        SearchSpec(maximize="workload.context", lo=1024, hi=1 << 20, step=1024, pick="fastest")
+    except ValueError as exc:
+        assert "pick: fastest simulates every value" in str(exc) and "1024" in str(exc)
+    else:
+        raise AssertionError("a 1024-value scan was accepted")
+    plain = SearchSpec(maximize="workload.batch", lo=1, hi=8)
+    assert plain.key_config() == SearchSpec(maximize="workload.batch", lo=1, hi=8,
+                                            pick="largest").key_config()
+    assert "pick" not in plain.key_config() and not plain.simulates
+    assert SearchSpec(maximize="workload.batch", lo=1, hi=8, pick="fastest").simulates

@@ -5,6 +5,10 @@ accounting already says whether a configuration fits. Building a policy costs ab
 millisecond, so a 1k..16M search (~24 probes) is cheap enough to run per point.
 Feasibility is assumed monotone in the searched quantity (more tokens never fit better).
 
+``pick: fastest`` then simulates every value up to the largest that qualifies and answers
+with the fastest (tokens/s): more sequences can push the KV cache out of HBM and cut the
+throughput, so the largest batch is not always the one to run.
+
 With a latency SLO (``search.max_token_latency_ms``) a value that fits is also simulated, the
 way a study point is (``hgsim.study.worker.simulate_spec``, at the point's fidelity), and is
 feasible only when the chosen per-token latency statistic stays within the SLO; per-token
@@ -38,6 +42,13 @@ def search_point(spec) -> dict[str, Any]:
     bound: dict[int, str] = {}  # value that failed -> "memory" | "latency"
     simulated: dict[int, Any] = {}  # value -> its simulation (this point's probes only)
 
+    def simulate(value: int):
+        from hgsim.study.worker import simulate_spec
+
+        if value not in simulated:
+            simulated[value] = simulate_spec(spec, spec.workload.model_copy(update={field: value}))
+        return simulated[value]
+
     def fits(value: int) -> tuple[bool, str | None]:
         nonlocal probes
         probes += 1
@@ -49,9 +60,7 @@ def search_point(spec) -> dict[str, Any]:
             return False, policy.infeasibility()
         if not search.slo:
             return True, None
-        from hgsim.study.worker import simulate_spec
-
-        result = simulated[value] = simulate_spec(spec, workload)
+        result = simulated[value] = simulate(value)
         if not result.feasible:  # the simulator's own accounting refused it
             bound[value] = "memory"
             return False, result.reason or "infeasible"
@@ -63,6 +72,13 @@ def search_point(spec) -> dict[str, Any]:
         return True, None
 
     best, reason, capped = max_feasible(fits, search.lo, search.hi, search.step)
+    chosen = best
+    if search.pick == "fastest" and best is not None:
+        # every value up to the largest that qualifies fits (and meets the SLO, latency
+        # growing with the value): the one that decodes fastest
+        candidates = range(search.lo, best + 1, search.step)
+        rates = {v: simulate(v).tokens_per_s for v in candidates}
+        chosen = max(candidates, key=lambda v: (rates[v], -v))  # a tie: the smaller
     if capped:
         limit = "range"
     else:  # the first value that failed: lo, or one step above the best
@@ -71,13 +87,15 @@ def search_point(spec) -> dict[str, Any]:
         "profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
         "batch": spec.workload.batch, "context": spec.workload.context, "gen": spec.workload.gen,
         "tensor_parallel": spec.workload.tensor_parallel,
-        field: best,  # the searched quantity at its maximum (None if even lo fails)
+        field: chosen,  # the searched quantity at its maximum, or the fastest value up to it
         search.column: best, "feasible": best is not None, "capped": capped,
         "limit": limit, "limit_reason": reason or "", "probes": probes,
         "reason": "" if best is not None else (reason or ""),
     }
-    if search.slo:
-        at_best = simulated.get(best) if best is not None else None
+    if search.pick == "fastest":
+        row[f"fastest_{field}"] = chosen
+    if search.simulates:
+        at_best = simulated.get(chosen) if chosen is not None else None
         stats = at_best.latency_stats_ms() if at_best is not None else {}
         nan = float("nan")
         row.update({

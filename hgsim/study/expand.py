@@ -345,8 +345,8 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
                                            f"{type(value).__name__} {value!r}")
 
 
-#: The search fields an axis may sweep (``search.<field>``): the latency SLO.
-SEARCH_AXES = ("max_token_latency_ms", "latency_stat")
+#: The search fields an axis may sweep (``search.<field>``): the latency SLO and the pick.
+SEARCH_AXES = ("max_token_latency_ms", "latency_stat", "pick")
 
 
 def _search(study: Study, values: dict[str, Any], locs: dict[str, Loc],
@@ -549,10 +549,10 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
             mode="json", exclude={"tensor_parallel"} if workload.tensor_parallel == 1 else None),
         # a search sizes memory alone: of the fidelity only the attention shape can move it
         # (HybridGen's group-union landing buffers); none set keeps the key it always had.
-        # A latency SLO simulates each probe that fits: then all of the fidelity counts
+        # A latency SLO or ``pick: fastest`` simulates: then all of the fidelity counts
         "fidelity": ({"attention": fidelity_config["attention"]}
                      if "attention" in fidelity_config else None)
-        if search and not search.slo else fidelity_config,
+        if search and not search.simulates else fidelity_config,
         # without an SLO, the search as it always was (the same key)
         "search": search.key_config() if search else None,
     }

@@ -45,10 +45,14 @@ def _simulation_row() -> dict[str, Any]:
     return result.to_row()
 
 
-def search_columns(field: str, column: str, slo: bool = False) -> list[str]:
-    """A search point's columns; with a latency SLO, the simulation at the value found too."""
+def search_columns(field: str, column: str, simulates: bool = False,
+                   fastest: bool = False) -> list[str]:
+    """A search point's columns; where it simulates (a latency SLO, ``pick: fastest``), the
+    simulation at the value found too; with ``pick: fastest``, that value (``fastest_<field>``)
+    beside the largest."""
     return ["profile", "model", "policy", "batch", "context", "gen", "tensor_parallel", field,
-            column, "feasible", "reason", *SEARCH_COLUMNS, *(SLO_COLUMNS if slo else ())]
+            column, "feasible", "reason", *SEARCH_COLUMNS, *(SLO_COLUMNS if simulates else ()),
+            *((f"fastest_{field}",) if fastest else ())]
 
 
 def assemble(expansion: Expansion, records: dict[str, dict[str, Any]],

@@ -345,11 +345,20 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                          f"step of {ax.label(s.step)} (capacity accounting first, then a "
                          "simulation of each value that fits; `limit` says whether memory, "
                          "latency or the range bound it).\n")
+        elif study.picks_fastest:
+            parts.append(f"\nSearch: largest `{s.maximize}` that fits, in [{ax.label(s.lo)}, "
+                         f"{ax.label(s.hi)}] to a step of {ax.label(s.step)} (capacity "
+                         "accounting).\n")
         else:
             parts.append(f"\nSearch: largest `{s.maximize}` that fits, in [{ax.label(s.lo)}, "
                          f"{ax.label(s.hi)}] to a step of {ax.label(s.step)} (capacity "
                          "accounting only, no simulation).\n")
 
+    if study.picks_fastest:
+        parts.append(f"`pick: fastest`: every `{study.search.maximize}` up to that one is "
+                     "simulated too, and the one that decodes fastest (tokens/s) is the answer "
+                     f"(`fastest_{study.search.field}`; more sequences can push the KV cache "
+                     "out of HBM, so the largest is not always the fastest).\n")
     metric = best_metric(study)
     by = study.report.best_axis
     zipped = study.zipped()
@@ -359,10 +368,21 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
         within = " within the latency SLO" if study.has_slo else ""
         parts.append(f"\n## Largest {study.search.field} that fits{within}{unit}\n")
         parts.append(md_table(table, n))
-        if study.has_slo and "tokens_per_s" in frame:
+        fastest = study.picks_fastest
+        column = f"fastest_{study.search.field}"
+        if fastest and column in frame:
+            # a point that fits but was not asked for its fastest value (pick swept) says so
+            asked = frame[column].astype(object).where(
+                frame[column].notna() | frame[study.search.column].isna(), "-")
+            parts.append(f"\n## Fastest {study.search.field} up to it, by tokens/s{unit}\n")
+            parts.append(md_table(capacity_table(frame.assign(capped=False, **{column: asked}),
+                                                 axes, by, column, zipped), n))
+        if study.search_simulates and "tokens_per_s" in frame:
             at = frame.assign(capped=False, tokens_per_s=pd.to_numeric(
                 frame["tokens_per_s"], errors="coerce").round(1))
-            parts.append(f"\n## Throughput at that {study.search.field} (tokens/s)\n")
+            where = (f"the {study.search.field} answered" if fastest
+                     else f"that {study.search.field}")
+            parts.append(f"\n## Throughput at {where} (tokens/s)\n")
             parts.append(md_table(capacity_table(at, axes, by, "tokens_per_s", zipped), n))
     else:
         best = best_table(frame, axes, by, metric, zipped)

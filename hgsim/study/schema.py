@@ -279,6 +279,8 @@ def _number_format(fmt: str) -> bool:
 
 
 SEARCHABLE = ("workload.context", "workload.batch")
+#: The most values ``pick: fastest`` simulates in one search.
+MAX_SCANNED = 256
 
 
 class SearchSpec(StudyModel):
@@ -288,6 +290,10 @@ class SearchSpec(StudyModel):
     the searched quantity; the result is exact to ``step``. With ``max_token_latency_ms`` (a
     latency SLO) a value must also, simulated at the point's fidelity, keep the per-token
     latency statistic ``latency_stat`` within it (latency assumed to grow with the value).
+
+    ``pick: fastest`` answers with the value that decodes fastest (tokens/s) among those up to
+    the largest that qualifies, each simulated: the largest batch is not always the fastest
+    one, where more sequences push the KV cache out of HBM (``MAX_SCANNED`` values at most).
     """
 
     maximize: Literal["workload.context", "workload.batch"]
@@ -296,6 +302,7 @@ class SearchSpec(StudyModel):
     step: int = Field(default=1, gt=0)
     max_token_latency_ms: float | None = Field(default=None, gt=0)
     latency_stat: Literal["mean", "p50", "p99"] = "mean"
+    pick: Literal["largest", "fastest"] = "largest"
 
     @field_validator("lo", "hi", "step", mode="before")
     @classmethod
@@ -312,6 +319,11 @@ class SearchSpec(StudyModel):
         if self.max_token_latency_ms is None and self.latency_stat != "mean":
             raise ValueError(f"latency_stat: {self.latency_stat} names the statistic a latency "
                              "SLO bounds; set max_token_latency_ms too")
+        values = (self.hi - self.lo) // self.step + 1
+        if self.pick == "fastest" and values > MAX_SCANNED:
+            raise ValueError(f"pick: fastest simulates every value from lo to the largest that "
+                             f"qualifies, at most {MAX_SCANNED}; lo..hi by step gives {values} "
+                             "(narrow the range or widen the step)")
         return self
 
     @property
@@ -319,11 +331,20 @@ class SearchSpec(StudyModel):
         """Whether a latency SLO bounds the search (each probe that fits is simulated)."""
         return self.max_token_latency_ms is not None
 
+    @property
+    def simulates(self) -> bool:
+        """Whether the search simulates (an SLO or ``pick: fastest``), so its rows carry the
+        simulation's throughput and latencies."""
+        return self.slo or self.pick == "fastest"
+
     def key_config(self) -> dict[str, Any]:
-        """The search as a point's key holds it: without an SLO, exactly as before it existed."""
+        """The search as a point's key holds it: without an SLO or a pick, exactly as before
+        they existed."""
         data = self.model_dump(mode="json")
         if not self.slo:
             del data["max_token_latency_ms"], data["latency_stat"]
+        if self.pick == "largest":
+            del data["pick"]
         return data
 
     @property
@@ -524,3 +545,15 @@ class Study(StudyModel):
         """Whether any point's capacity search has a latency SLO (set or swept)."""
         return self.search is not None and (
             self.search.slo or "search.max_token_latency_ms" in self.axes())
+
+    @property
+    def picks_fastest(self) -> bool:
+        """Whether any point's search answers with its fastest value (``pick``, set or swept)."""
+        return self.search is not None and (
+            self.search.pick == "fastest" or "search.pick" in self.axes())
+
+    @property
+    def search_simulates(self) -> bool:
+        """Whether any point's search simulates (an SLO or ``pick: fastest``, set or swept):
+        its rows then carry throughput and latencies."""
+        return self.has_slo or self.picks_fastest

@@ -34,7 +34,7 @@ def produced_columns(study: Study, expansion: Expansion) -> list[str]:
     columns = list(expansion.axes)
     if study.search is not None:
         columns += search_columns(study.search.field, study.search.column,
-                                  study.has_slo)
+                                  study.search_simulates, study.picks_fastest)
     else:
         columns += simulation_columns()
     tiers: list[str] = ["hbm"]
