@@ -164,3 +164,26 @@ def test_hw_backend_refuses_a_split_plan():
         check_host_socket(plan)
     one = policy_for(load_profile("h100-80gb-spr-cxl"), host_socket="all")
     check_host_socket(one.step_plan(WORKLOAD.context))  # one socket: the default plan
+
+
+def test_under_tensor_parallelism_every_rank_shares_every_socket():
+    """Split, every rank works on both sockets, so each socket's cores, DRAM and CXL are
+    shared by all ranks, not only those whose GPU hangs off it. At TP 8 on the HGX host (four
+    GPUs per socket) both sockets already work by default: the split changes little; at TP 2
+    (both GPUs on socket 0) it brings in socket 1."""
+    from hgsim.tensor_parallel import sharers
+
+    profile = load_profile("hgx-h100x8-2socket-cxl")
+    assert sharers(profile, 2)["cpu0"] == 2 and sharers(profile, 2, host_split=True)["cpu0"] == 2
+    assert sharers(profile, 8, host_split=True)["ddr1"] == 8 == 2 * sharers(profile, 8)["ddr1"]
+    model = get_model("llama-3.1-70b")
+    speed = {}
+    for tp in (2, 8):
+        workload = Workload(context=524288, batch=4, gen=1, tensor_parallel=tp)
+        for split in (False, True):
+            speed[tp, split] = simulate(
+                profile, model, "hybridgen", workload,
+                policy_options={"adaptive": False, **({"host_socket": "all"} if split else {})},
+                fidelity=Fidelity(decode_samples=1, accuracy=False)).tokens_per_s
+    assert speed[8, True] == pytest.approx(speed[8, False], rel=0.02)
+    assert speed[2, True] > 1.8 * speed[2, False]

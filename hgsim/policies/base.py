@@ -73,6 +73,14 @@ class PolicyOptions(SpecModel):
 SPLIT_ALL = "all"  # option ``host_socket``'s value for the host work split over every socket
 
 
+def splits_host(options: object) -> bool:
+    """Whether policy options (a dict or a ``PolicyOptions``; None: none) split the host work
+    over every socket (``host_socket: all``)."""
+    value = (options.get("host_socket") if isinstance(options, dict)
+             else getattr(options, "host_socket", None))
+    return value == SPLIT_ALL
+
+
 def host_split_sockets(profile: HardwareProfile,
                        host_socket: int | str | None) -> tuple[str, ...] | None:
     """The sockets that share the host work under option ``host_socket``: every socket of the
