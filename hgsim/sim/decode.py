@@ -25,8 +25,11 @@ The host path is what ``hw_backend``'s executor does (``hgsim.costs.LayerWork``)
 as a prefetched stream, pays its top-k heap inserts, gathers the selected rows at random into
 a DRAM staging buffer (or attends over them, HGCA), and pays each kernel call's fixed cost;
 then the cores are free for the next layer and the copy engine uploads the staging buffer
-(and any contiguous range the executor copies straight from its tier). Every read is capped by
-what its issuer keeps in flight over the route's loaded latency (``hgsim.memory``).
+(and any contiguous range the executor copies straight from its tier). Split over several
+sockets (``StepPlan.host_split``), each socket runs that path for its share of the KV heads
+concurrently, on its own cores and staging buffer, and the merge waits for all of them. Every
+read is capped by what its issuer keeps in flight over the route's loaded latency
+(``hgsim.memory``).
 
 Every kernel, host segment, write and weight load is also a node of the step's dependency
 graph (its predecessors: the previous kernel of the stream, the host path a merge waits for,
