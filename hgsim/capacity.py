@@ -17,7 +17,9 @@ because placement is decided by capacity. They are the ones real systems have:
 
 "Nearest" and "local" are seen from the socket that runs the host work (the policy option
 ``host_socket``, by default the GPU's socket): its threads allocate and first write the host
-KV store, so Linux's first touch puts those pages on its node.
+KV store, so Linux's first touch puts those pages on its node. Split over every socket
+(``host_socket: all``), each socket's share is placed as seen from that socket
+(``Policy.place_host``).
 """
 
 from __future__ import annotations

@@ -213,6 +213,13 @@ class StepPlan:
     # the GPU's socket. Another socket reads its own tiers locally and sends what the GPU needs
     # over UPI and then PCIe (``hgsim.sim.decode``).
     host_socket: str | None = None
+    # The host work split over several sockets (policy option ``host_socket: all``): each
+    # socket with the placement of its equal share of the KV heads. Each runs its own host
+    # path for its share, on its own cores and staging buffer, concurrently with the others;
+    # the layers' ``placement`` is then the whole store's (the mean of the shares'); a share's
+    # placement is None where no KV is host-resident. None: one socket (``host_socket``) does
+    # it all.
+    host_split: tuple[tuple[str, KvPlacement | None], ...] | None = None
     notes: dict[str, float] = field(default_factory=dict)
 
     def layer_plan(self, index: int) -> LayerPlan:

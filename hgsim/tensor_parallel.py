@@ -92,14 +92,16 @@ def rank_gpus(profile: HardwareProfile, n: int) -> list[str]:
     return gpus[:n]
 
 
-def sharers(profile: HardwareProfile, n: int) -> dict[str, int]:
+def sharers(profile: HardwareProfile, n: int, host_split: bool = False) -> dict[str, int]:
     """Ranks sharing each host resource (sockets, tiers, non-GPU links, by name): for what
     belongs to a socket (its cores, its tiers, its CXL links) the ranks whose GPU hangs off that
-    socket, or all ``n`` where none does; ``n`` for a UPI link (every rank may cross it)."""
+    socket, or all ``n`` where none does; ``n`` for a UPI link (every rank may cross it). With
+    the host work split over every socket (``host_split``, policy option ``host_socket: all``)
+    every rank works on every socket: all ``n`` share each."""
     on_socket: dict[str, int] = dict.fromkeys(profile.sockets, 0)
     for gpu in rank_gpus(profile, n):
         on_socket[profile.gpus[gpu].socket] += 1
-    per_socket = {s: count or n for s, count in on_socket.items()}
+    per_socket = {s: n if host_split else count or n for s, count in on_socket.items()}
     out = dict(per_socket)
     for name, tier in profile.tiers.items():
         out[name] = per_socket[tier.socket]
@@ -115,14 +117,15 @@ def sharers(profile: HardwareProfile, n: int) -> dict[str, int]:
     return out
 
 
-def rank_profile(profile: HardwareProfile, n: int) -> HardwareProfile:
+def rank_profile(profile: HardwareProfile, n: int, host_split: bool = False
+                 ) -> HardwareProfile:
     """The hardware as rank 0 of ``n`` sees it: its GPU alone (with its own HBM and PCIe link,
     no NVLink: collectives are ``AllReduce``'s), every shared host resource divided by its
     sharers (``sharers``). A one-GPU profile at ``n`` = 1 is returned unchanged."""
     gpus = rank_gpus(profile, n)
     if n == 1 and len(profile.gpus) == 1:
         return profile
-    share = sharers(profile, n)
+    share = sharers(profile, n, host_split)
     gpu = gpus[0]
     sockets = {
         name: s.model_copy(update={"cores": max(s.cores // share[name], 1)})
@@ -296,9 +299,11 @@ class RankView:
     system: HardwareProfile
 
 
-def rank_view(profile: HardwareProfile, model: ModelSpec, n: int) -> RankView:
+def rank_view(profile: HardwareProfile, model: ModelSpec, n: int,
+              host_split: bool = False) -> RankView:
     """``n``-way TP of ``model`` on ``profile`` as rank 0 runs it (``n`` = 1 on a one-GPU
-    profile: the model and profile unchanged)."""
+    profile: the model and profile unchanged); ``host_split``: every rank splits its host work
+    over every socket (``sharers``)."""
     check_tensor_parallel(model, n)
-    return RankView(n, shard_model(model, n), rank_profile(profile, n),
+    return RankView(n, shard_model(model, n), rank_profile(profile, n, host_split),
                     ring_allreduce(profile, n), system_profile(profile, n))

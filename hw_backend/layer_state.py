@@ -60,6 +60,10 @@ def host_path(lp: LayerPlan) -> HostPath | None:
 def check_host_socket(plan: StepPlan) -> None:
     """The executor runs the host work on the GPU's socket: a plan that moves it elsewhere
     (``StepPlan.host_socket``) is simulated only."""
+    if plan.host_split is not None:
+        sockets = ", ".join(socket for socket, _ in plan.host_split)
+        raise UnsupportedPlan(f"host_socket=all (host work split over sockets {sockets}) is "
+                              "simulated only; the executor runs it on the GPU's socket")
     if plan.host_socket is not None:
         raise UnsupportedPlan(f"host_socket={plan.host_socket} (host work on a socket other "
                               "than the GPU's) is simulated only; the executor runs it on the "

@@ -79,6 +79,8 @@ def test_attention_only_json(capsys):
      "--option host_socket: profile dev-zen4-2core has no socket 1"),
     (["--context", "1k", "--profile", "h100-2socket-cxl", "--option", "host_socket=1"],
      "--policy: hw_backend cannot execute hybridgen's plan at context 1024: host_socket=cpu1"),
+    (["--context", "1k", "--profile", "h100-2socket-cxl", "--option", "host_socket=all"],
+     "--policy: hw_backend cannot execute hybridgen's plan at context 1024: host_socket=all"),
     (["--context", "1000000000000000"], "--context: 1e+15 is not a plausible value"),
     (["--context", "1k", "--seed", "99999999999999999999999"],
      "--seed: 1e+23 is not a plausible value"),

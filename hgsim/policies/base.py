@@ -50,6 +50,8 @@ class PolicyOptions(SpecModel):
     # The socket whose cores run the host work (CPU attention, top-k, gathers) and whose
     # threads allocate the host KV store: its index in the profile's list of sockets, or its
     # name; None: the GPU's socket. Checked against the profile by ``host_socket_name``.
+    # ``all``: every socket of the profile, each with an equal share of the KV heads
+    # (``host_split_sockets``; NUMA-aware CPU attention).
     host_socket: int | str | None = None
 
     @field_validator("host_socket")
@@ -68,11 +70,34 @@ class PolicyOptions(SpecModel):
         return HostReserve(self.host_reserve_gb, self.host_kernel_fraction)
 
 
+SPLIT_ALL = "all"  # option ``host_socket``'s value for the host work split over every socket
+
+
+def splits_host(options: object) -> bool:
+    """Whether policy options (a dict or a ``PolicyOptions``; None: none) split the host work
+    over every socket (``host_socket: all``)."""
+    value = (options.get("host_socket") if isinstance(options, dict)
+             else getattr(options, "host_socket", None))
+    return value == SPLIT_ALL
+
+
+def host_split_sockets(profile: HardwareProfile,
+                       host_socket: int | str | None) -> tuple[str, ...] | None:
+    """The sockets that share the host work under option ``host_socket``: every socket of the
+    profile, in its listed order, for ``all`` on a profile with several; None otherwise (one
+    socket runs it all: ``host_socket_name``)."""
+    if host_socket != SPLIT_ALL or len(profile.sockets) < 2:
+        return None
+    return tuple(profile.sockets)
+
+
 def host_socket_name(profile: HardwareProfile, host_socket: int | str | None) -> str | None:
     """The profile socket that option ``host_socket`` names (an index into the profile's
     sockets in their listed order, or a name), or None where that is the GPU's own socket:
-    a default plan, whatever the spelling. An ``OptionError`` for a socket the profile lacks."""
-    if host_socket is None:
+    a default plan, whatever the spelling (and ``all``, the host work split over every socket,
+    which keeps the GPU's socket as the plan's own: ``host_split_sockets``). An
+    ``OptionError`` for a socket the profile lacks."""
+    if host_socket is None or host_socket == SPLIT_ALL:
         return None
     names = list(profile.sockets)
     if isinstance(host_socket, int):
@@ -82,7 +107,8 @@ def host_socket_name(profile: HardwareProfile, host_socket: int | str | None) ->
     if name is None:
         known = ", ".join(f"{i} ({n})" for i, n in enumerate(names))
         raise OptionError("host_socket", f"profile {profile.name} has no socket "
-                                         f"{host_socket!r}; its sockets: {known}", unknown=False)
+                                         f"{host_socket!r}; its sockets: {known} (or "
+                                         f"{SPLIT_ALL}: every one)", unknown=False)
     return None if name == profile.gpus[profile.primary_gpu].socket else name
 
 
@@ -121,6 +147,9 @@ class Policy(ABC):
         # whose buffers depend on the data's attention (HybridGen's group union) sizes by it
         self.attention = attention
         self.host_socket = host_socket_name(profile, self.options.host_socket)
+        self.host_split = host_split_sockets(profile, self.options.host_socket)
+        # per split socket, the placement of its share of the host KV (``place_host``)
+        self.split_placements: tuple[KvPlacement, ...] | None = None
         self.scheduler: FeedbackScheduler | None = None
         self.footprint = MemoryFootprint(capacity_bytes={"hbm": hbm_capacity_bytes(profile)})
         self.footprint.capacity_bytes.update(host_capacities(profile))
@@ -152,7 +181,16 @@ class Policy(ABC):
             offloaded_weight_bytes_per_layer=self.offloaded_weight_bytes / self.model.num_layers,
             weight_tier=self.weight_tier,
             host_socket=self.host_socket,
+            host_split=self._host_split_plan(),
         )
+
+    def _host_split_plan(self) -> tuple[tuple[str, KvPlacement | None], ...] | None:
+        """Each split socket with the placement of its share (None: no host KV); None where
+        the host work is not split."""
+        if self.host_split is None:
+            return None
+        placements = self.split_placements or (None,) * len(self.host_split)
+        return tuple(zip(self.host_split, placements, strict=True))
 
     def _place_weights(self) -> float:
         """Put weights in HBM, offloading to host DRAM what would leave too little KV room.
@@ -250,15 +288,50 @@ class Policy(ABC):
         half = tokens * self.workload.batch * self.kv_token_bytes / 2
         capacity, used_now = self.footprint.capacity_bytes, self.footprint.used_bytes
         free = {n: capacity[n] - used_now.get(n, 0.0) for n in self.profile.tiers}
+        sockets = self.host_split or (self.host_socket,)
+        share = 1 / len(sockets)
+        placements: list[KvPlacement] = []
+        used: dict[str, float] = {}
         try:
-            placement, used = place_host_kv(
-                self.profile, half, half, strategy, allow_cxl=allow_cxl,
-                important_fraction=important_fraction, free_bytes=free,
-                host_socket=self.host_socket,
-            )
+            # Split: each socket's threads first-touch their equal share of the KV heads (as
+            # fractions: heads need not divide evenly), seen from that socket, in the listed
+            # order of sockets, one after the other on what the ones before left free.
+            for socket in sockets:
+                placement, part = place_host_kv(
+                    self.profile, half * share, half * share, strategy, allow_cxl=allow_cxl,
+                    important_fraction=important_fraction, free_bytes=free,
+                    host_socket=socket,
+                )
+                placements.append(placement)
+                for tier, bytes_ in part.items():
+                    used[tier] = used.get(tier, 0.0) + bytes_
+                    if len(sockets) > 1:  # the next socket sees what this one took
+                        free[tier] -= bytes_
         except ValueError as exc:
             self.footprint.reason = str(exc)
             return None
         for tier, bytes_ in used.items():
             self.footprint.add(tier, bytes_)
-        return placement
+        if len(sockets) == 1:
+            return placements[0]
+        self.split_placements = tuple(placements)
+        return merged_placement(placements)
+
+
+def merged_placement(placements: list[KvPlacement]) -> KvPlacement:
+    """The placement of the whole host KV made of equal shares placed as ``placements``: the
+    mean of their fractions (what the GPU writes and reads back by DMA sees)."""
+    n = len(placements)
+
+    def mean(parts: list[dict[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fractions in parts:
+            for tier, f in fractions.items():
+                out[tier] = out.get(tier, 0.0) + f / n
+        total = sum(out.values())
+        return {tier: f / total for tier, f in out.items()}
+
+    gathers = [p.v_gather_fractions for p in placements]
+    return KvPlacement(
+        mean([p.k_fractions for p in placements]), mean([p.v_fractions for p in placements]),
+        mean([p.gather_fractions for p in placements]) if any(gathers) else None)

@@ -25,8 +25,11 @@ The host path is what ``hw_backend``'s executor does (``hgsim.costs.LayerWork``)
 as a prefetched stream, pays its top-k heap inserts, gathers the selected rows at random into
 a DRAM staging buffer (or attends over them, HGCA), and pays each kernel call's fixed cost;
 then the cores are free for the next layer and the copy engine uploads the staging buffer
-(and any contiguous range the executor copies straight from its tier). Every read is capped by
-what its issuer keeps in flight over the route's loaded latency (``hgsim.memory``).
+(and any contiguous range the executor copies straight from its tier). Split over several
+sockets (``StepPlan.host_split``), each socket runs that path for its share of the KV heads
+concurrently, on its own cores and staging buffer, and the merge waits for all of them. Every
+read is capped by what its issuer keeps in flight over the route's loaded latency
+(``hgsim.memory``).
 
 Every kernel, host segment, write and weight load is also a node of the step's dependency
 graph (its predecessors: the previous kernel of the stream, the host path a merge waits for,
@@ -41,7 +44,7 @@ latency is thereby split exactly by resource (``StepMeasure.binding``).
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from simpy import Event
@@ -57,7 +60,7 @@ from hgsim.costs import (
     prefill_layer_work,
 )
 from hgsim.memory import Pattern, touched_bytes
-from hgsim.plan import CpuWork, LayerPlan, StepPlan, Transfer
+from hgsim.plan import CpuWork, KvPlacement, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
 from hgsim.sim.machine import GB, Machine
 from hgsim.specs.model import ModelSpec
@@ -135,6 +138,19 @@ class _HostTimes(_Chain):
         self.variable_s = 0.0  # parts that do: top-k inserts, gather, upload
 
 
+@dataclass(frozen=True, slots=True)
+class _HostSide:
+    """A socket that runs host work for a step: its cores, the DRAM tier of its staging
+    buffer, the placement of the KV it reads (None: the layer's) and its share of the work
+    (1: all of it; a split over n sockets: 1/n of the KV heads each)."""
+
+    socket: str
+    staging: str
+    cores: int
+    placement: KvPlacement | None = None
+    share: float = 1.0
+
+
 class DecodeEngine:
     """Runs ``StepPlan`` objects on a ``Machine``; one engine per simulation."""
 
@@ -173,7 +189,8 @@ class DecodeEngine:
         self._kernel_cache: dict[tuple, tuple[float, dict[str, float], float]] = {}
         self._fixed_cache: dict[int, float] = {}  # graph op's fixed cost by its kernels
         self._kernels: list[_Node] = []  # this step's kernel nodes, in stream order
-        self._cores_released: _Node | None = None  # the node that last gave the cores back
+        # per socket, the node that last gave its cores back
+        self._cores_released: dict[str, _Node] = {}
         self._copy_tail: _CopySlot | None = None  # the upload last queued on the copy stream
 
     def _use_host(self, socket: str | None) -> None:
@@ -188,6 +205,23 @@ class DecodeEngine:
         self.socket = socket
         self.staging = self.machine.staging_tier(socket)
         self.cores = profile.sockets[socket].cores
+        self._sides = (_HostSide(socket, self.staging, self.cores),)
+
+    def _split_host(self, split: tuple[tuple[str, KvPlacement | None], ...]) -> None:
+        """Split the host work over the plan's sockets (``StepPlan.host_split``): each runs
+        an equal share of the KV heads on its own cores, over its share's placement, with its
+        staging buffer in its own DRAM. The step's own staging (graph path) stays the GPU
+        socket's."""
+        profile = self.machine.profile
+        for socket, _ in split:
+            if socket not in profile.sockets:
+                raise ValueError(f"plan host_split socket {socket!r} is not a socket of "
+                                 f"{profile.name}")
+        share = 1 / len(split)
+        self._sides = tuple(
+            _HostSide(socket, self.machine.staging_tier(socket), profile.sockets[socket].cores,
+                      placement, share)
+            for socket, placement in split)
 
     # ------------------------------------------------------------------ costs
     def work(self, batch: int, lp: LayerPlan) -> LayerWork:
@@ -418,9 +452,11 @@ class DecodeEngine:
         env = self.env
         t0 = env.now
         self._kernels = []
-        self._cores_released = None
+        self._cores_released = {}
         self._copy_tail = None
         self._use_host(plan.host_socket)
+        if plan.host_split is not None:
+            self._split_host(plan.host_split)
         lp = plan.layer
         w = self.work(plan.batch, lp)
         has_host = lp.host_tokens > 0 and not lp.host_evicted
@@ -489,7 +525,7 @@ class DecodeEngine:
                 trigger = self._trigger(lp, (qkv, qkv_node), prev_qkv, prev_host, speculate,
                                         evictions[i])
                 host_times.append(times)
-                host = env.process(self._host_path(lp, w, trigger, times))
+                host = env.process(self._host_layer(lp, w, trigger, times))
             _, d_attn, _ = self._launch(w.attn, "attention", True,
                                         fixed_s=self.op_fixed_s("attention"))
             gpu_busy += d_attn
@@ -607,10 +643,11 @@ class DecodeEngine:
         flow = yield self._write_kv(lp, w.evict_bytes, "evict K+V")
         chain.last = _Node(t, self.env.now, _shares([flow]), (update_node,))
 
-    def _write_kv(self, lp: LayerPlan, bytes_: float, label: str) -> Event:
+    def _write_kv(self, lp: LayerPlan, bytes_: float, label: str,
+                  placement: KvPlacement | None = None) -> Event:
         """K and V (half of ``bytes_`` each) written by DMA from the GPU into the host tiers
-        that hold each kind under ``lp``'s placement."""
-        placement, half = lp.placement, bytes_ / 2
+        that hold each kind under ``placement`` (default: ``lp``'s)."""
+        placement, half = placement or lp.placement, bytes_ / 2
         return self.machine.write(
             self.gpu, _mix((half, placement.k_fractions), (half, placement.v_fractions)),
             bytes_, label)
@@ -636,30 +673,74 @@ class DecodeEngine:
         chain.last = _Node(t, self.env.now, _shares([flow]), preds)
 
     # ------------------------------------------------------------------ the host path
-    def _host_path(self, lp: LayerPlan, w: LayerWork, trigger, times: _HostTimes):
-        env, machine, gpu = self.env, self.machine, self.gpu
+    def _host_layer(self, lp: LayerPlan, w: LayerWork, trigger, times: _HostTimes):
+        """The host path of one layer: on one socket, or split over several, each running its
+        own path for its share concurrently; the layer's host work ends when the last one has
+        uploaded (the merge waits for every socket's)."""
+        env = self.env
         # An upload's place on the copy stream, taken in layer order (the order the executor
-        # submits uploads to its one copy queue); host paths start in layer order. A layer
-        # that uploads nothing takes no place.
-        sources = self._upload_sources(lp, w)
-        ahead, slot = self._copy_tail, None
-        if sources:
-            slot = self._copy_tail = _CopySlot(env.event())
+        # submits uploads to its one copy queue), and within a split layer in the order of the
+        # plan's sockets; host paths start in layer order. A layer that uploads nothing takes
+        # no place.
+        queued = []
+        for side in self._sides:
+            work = self._side_work(w, side.share)
+            ahead, slot = self._copy_tail, None
+            if self._upload_sources(lp, work, side):
+                slot = self._copy_tail = _CopySlot(env.event())
+            queued.append((side, work, ahead, slot))
+        if len(queued) == 1:
+            side, work, ahead, slot = queued[0]
+            yield from self._host_path(lp, work, trigger, times, side, ahead, slot)
+            return
+        parts = [_HostTimes() for _ in queued]
+        yield env.all_of([env.process(self._host_path(lp, work, trigger, part, side, ahead, slot))
+                          for part, (side, work, ahead, slot) in zip(parts, queued, strict=True)])
+        # the layer as the scheduler sees it: from its trigger to the last socket's upload,
+        # with the parts of the socket that finished last
+        last = max(parts, key=lambda p: p.done_s)
+        times.trigger_s = min(p.trigger_s for p in parts)
+        times.done_s = env.now
+        times.cpu_s = max(p.cpu_s for p in parts)
+        times.pcie_s = max(p.pcie_s for p in parts)
+        times.fixed_s, times.variable_s = last.fixed_s, last.variable_s
+        times.last = _Node(env.now, env.now, {}, tuple(parts))
+
+    @staticmethod
+    def _side_work(w: LayerWork, share: float) -> LayerWork:
+        """A socket's share of a layer's host work: its KV heads' scan, top-k inserts,
+        gathers, staged and direct uploads and appended token; every socket receives the whole
+        query and pays every host call's fixed cost."""
+        if share == 1:
+            return w
+        return replace(
+            w, cpu_k_bytes=w.cpu_k_bytes * share, cpu_v_bytes=w.cpu_v_bytes * share,
+            cpu_flops=w.cpu_flops * share, cpu_topk_inserts=w.cpu_topk_inserts * share,
+            gather_k_rows=w.gather_k_rows * share, gather_v_rows=w.gather_v_rows * share,
+            gather_flops=w.gather_flops * share, unstaged_rows=w.unstaged_rows * share,
+            staged_bytes=w.staged_bytes * share, direct_k_bytes=w.direct_k_bytes * share,
+            direct_v_bytes=w.direct_v_bytes * share,
+            append_host_bytes=w.append_host_bytes * share)
+
+    def _host_path(self, lp: LayerPlan, w: LayerWork, trigger, times: _HostTimes,
+                   side: _HostSide, ahead: _CopySlot | None, slot: _CopySlot | None):
+        env, machine, gpu = self.env, self.machine, self.gpu
         event, waits = trigger
         yield event
         times.trigger_s = env.now
         times.last = _Node(env.now, env.now, {}, waits)  # the join of its triggers
         if w.q_d2h_bytes or w.append_host_bytes:
             t = env.now
-            fetches = [machine.copy(gpu, self.staging, w.q_d2h_bytes, "q d2h")]
+            fetches = [machine.copy(gpu, side.staging, w.q_d2h_bytes, "q d2h")]
             if w.append_host_bytes:  # no HBM window: the new token is written to host memory
-                fetches.append(self._write_kv(lp, w.append_host_bytes, "append K+V"))
+                fetches.append(self._write_kv(lp, w.append_host_bytes, "append K+V",
+                                              side.placement))
             done = yield env.all_of(fetches)
             self._segment(times, t, _shares(done.values()))
             times.pcie_s += env.now - t
             times.fixed_s += env.now - t
         if w.cpu_k_bytes or w.cpu_v_bytes or w.gather_rows or w.host_calls:
-            yield from self._cpu_phase(lp, w, times)
+            yield from self._cpu_phase(lp, w, times, side)
         if slot is not None:
             # One copy stream, in order: this upload starts once the one queued before it has
             # landed (copies on a CUDA stream do not overlap; the executor queues every
@@ -667,6 +748,7 @@ class DecodeEngine:
             if ahead is not None and not ahead.done.processed:
                 yield ahead.done
             t = env.now
+            sources = self._upload_sources(lp, w, side)
             flow = yield machine.read(sources, gpu, w.to_gpu_bytes, Pattern.DMA, "to gpu")
             self._segment(times, t, _shares([flow]), *((ahead,) if ahead is not None else ()))
             times.pcie_s += env.now - t
@@ -682,36 +764,39 @@ class DecodeEngine:
         times.last = node
         return node
 
-    def _upload_sources(self, lp: LayerPlan, w: LayerWork) -> dict[str, float]:
+    def _upload_sources(self, lp: LayerPlan, w: LayerWork, side: _HostSide
+                        ) -> dict[str, float]:
         """Where what crosses PCIe is read from, as fractions of ``w.to_gpu_bytes``."""
         if not w.to_gpu_bytes:
             return {}
-        return _mix((w.staged_bytes, {self.staging: 1.0}),
-                    (w.direct_k_bytes, lp.placement.k_fractions),
-                    (w.direct_v_bytes, lp.placement.v_fractions))
+        placement = side.placement or lp.placement
+        return _mix((w.staged_bytes, {side.staging: 1.0}),
+                    (w.direct_k_bytes, placement.k_fractions),
+                    (w.direct_v_bytes, placement.v_fractions))
 
-    def _cpu_phase(self, lp: LayerPlan, w: LayerWork, times: _HostTimes):
+    def _cpu_phase(self, lp: LayerPlan, w: LayerWork, times: _HostTimes, side: _HostSide):
         """Holding every core of the socket: scan, top-k inserts, gather, call overheads."""
-        env, machine = self.env, self.machine
-        pool = machine.cores(self.socket)
-        spec = machine.profile.sockets[self.socket]
-        yield pool.acquire(self.cores)
+        env, machine, socket, cores = self.env, self.machine, side.socket, side.cores
+        pool = machine.cores(socket)
+        spec = machine.profile.sockets[socket]
+        yield pool.acquire(cores)
         # holding the cores now: the path continues from whoever gave them back last
-        times.last = _Node(env.now, env.now, {}, (times.last, self._cores_released))
+        times.last = _Node(env.now, env.now, {},
+                           (times.last, self._cores_released.get(socket)))
         start = env.now
-        placement = lp.placement
+        placement = side.placement or lp.placement
         scan_bytes = w.cpu_k_bytes + w.cpu_v_bytes
         if scan_bytes:
             sources = _mix((w.cpu_k_bytes, placement.k_fractions),
                            (w.cpu_v_bytes, placement.v_fractions))
             t = env.now
-            flow = yield machine.read(sources, self.socket, scan_bytes, Pattern.STREAM,
+            flow = yield machine.read(sources, socket, scan_bytes, Pattern.STREAM,
                                       "cpu scan", flops=w.cpu_flops, track=pool.name)
             self._segment(times, t, _shares([flow]))
             times.fixed_s += env.now - t
         if w.cpu_topk_inserts and spec.topk_ns_per_insert:
             yield from self._core_time(times, w.cpu_topk_inserts * spec.topk_ns_per_insert
-                                       * 1e-9 / self.cores, "top-k inserts", variable=True)
+                                       * 1e-9 / cores, "top-k inserts", socket, variable=True)
         if w.gather_rows:
             gather = (placement.gather_fractions if lp.cpu_work is not CpuWork.NONE
                       else placement.v_fractions)
@@ -721,33 +806,34 @@ class DecodeEngine:
             sources = _mix((w.gather_k_rows, placement.k_fractions), (w.gather_v_rows, gather))
             extra = []
             if w.rows_staged:  # each row is copied into the staging buffer in DRAM
-                extra.append((machine.tier_write(self.staging),
+                extra.append((machine.tier_write(side.staging),
                               w.row_bytes / row_lines * w.staged_share))
             # the core work per row (address, copy) overlaps the misses: a cap, not a sum
             per_byte_s = (spec.gather_ns_per_row * 1e-9 / row_lines
                           + (w.gather_flops / moved) / (spec.attention_gflops_per_core * GB))
-            cap = self.cores / per_byte_s if per_byte_s > 0 else None
+            cap = cores / per_byte_s if per_byte_s > 0 else None
             t = env.now
-            flow = yield machine.read(sources, self.socket, moved, Pattern.GATHER, "cpu gather",
+            flow = yield machine.read(sources, socket, moved, Pattern.GATHER, "cpu gather",
                                       row_bytes=w.row_bytes, extra=extra, max_rate=cap,
-                                      cap_label=f"{self.socket} cores", track=pool.name)
+                                      cap_label=f"{socket} cores", track=pool.name)
             self._segment(times, t, _shares([flow]))
             times.variable_s += env.now - t
         if w.host_calls and spec.op_overhead_us:
             yield from self._core_time(times, w.host_calls * spec.op_overhead_us * 1e-6,
-                                       "host calls", variable=False)
-        self._cores_released = times.last
-        pool.release(self.cores)
+                                       "host calls", socket, variable=False)
+        self._cores_released[socket] = times.last
+        pool.release(cores)
         times.cpu_s = env.now - start
 
-    def _core_time(self, times: _HostTimes, seconds: float, label: str, *, variable: bool):
+    def _core_time(self, times: _HostTimes, seconds: float, label: str, socket: str, *,
+                   variable: bool):
         """Core work with no memory traffic of its own (heap inserts, per-call fixed costs),
-        recorded on the core pool: its cores are as busy as during a scan."""
+        recorded on ``socket``'s core pool: its cores are as busy as during a scan."""
         t = self.env.now
         yield self.env.timeout(seconds)
-        self.machine.recorder.record(self.machine.cores(self.socket).name, t, self.env.now,
+        self.machine.recorder.record(self.machine.cores(socket).name, t, self.env.now,
                                      label=label, category="cpu")
-        self._segment(times, t, {f"{self.socket} cores": 1.0})
+        self._segment(times, t, {f"{socket} cores": 1.0})
         if variable:
             times.variable_s += seconds
         else:
