@@ -18,12 +18,15 @@ identical, so the simulator runs rank 0 only, on
   link by all ``n``. Cores are floored, at least one;
 * all-reduces as operations on the GPU's compute stream (``AllReduce``): they block the layer,
   cost a ring all-reduce over the NVLink between the ranks, or through host memory over PCIe
-  where the profile has no NVLink between two neighbours of the ring.
+  where the profile has no NVLink between two neighbours of the ring. Once per decode step
+  besides: the vocab-parallel embedding's all-reduce of the new tokens' hidden states before
+  the first layer, and the LM head's all-gather of the logits over the whole vocabulary after
+  the last.
 
 Results are then for the whole system: throughput is rank 0's (every rank decodes the same
 sequences), memory fit is per rank, and energy and cost count the ``n`` GPUs and the host once
 (``system_profile``, ``system_activity``). Ranks are the first ``n`` GPUs the profile lists.
-Left out: pipeline parallelism, all-reduce overlapped with compute, a PCIe switch shared by
+Left out: pipeline parallelism, collectives overlapped with compute, a PCIe switch shared by
 several GPUs (a profile gives every GPU its own PCIe link).
 """
 
@@ -201,6 +204,21 @@ def ring_allreduce_s(n: int, bytes_: float, bandwidth_Bps: float, hop_latency_s:
     return 2 * (n - 1) * hop_latency_s + 2 * (n - 1) / n * bytes_ / bandwidth_Bps
 
 
+def ring_allgather_s(n: int, bytes_: float, bandwidth_Bps: float, hop_latency_s: float) -> float:
+    """A ring all-gather assembling ``bytes_`` from ``n`` ranks' equal parts: ``n-1`` steps,
+    each sending ``bytes_/n`` to the next rank: ``(n-1) x hop latency + (n-1)/n x bytes /
+    bandwidth``. 0 for one rank."""
+    if n <= 1:
+        return 0.0
+    return (n - 1) * hop_latency_s + (n - 1) / n * bytes_ / bandwidth_Bps
+
+
+def logits_bytes(batch: int, vocab: int, activation_dtype: str) -> float:
+    """Bytes of one step's logits over the whole vocabulary (what the vocab-parallel LM head's
+    gather assembles)."""
+    return float(batch * vocab * DTYPE_BYTES[activation_dtype])
+
+
 def allreduce_bytes(batch: int, tokens: int, hidden: int, activation_dtype: str) -> float:
     """Bytes one all-reduce sums: every sequence's hidden state for ``tokens`` positions."""
     return float(batch * tokens * hidden * DTYPE_BYTES[activation_dtype])
@@ -229,6 +247,15 @@ class AllReduce:
     def sent_bytes(self, bytes_: float) -> float:
         """What one rank sends (and receives) in one all-reduce: ``2(n-1)/n x bytes``."""
         return 2 * (self.ranks - 1) / self.ranks * bytes_ if self.ranks > 1 else 0.0
+
+    def gather_time_s(self, bytes_: float) -> float:
+        """A ring all-gather whose result is ``bytes_`` (each rank holding ``bytes_/n``):
+        ``(n-1) x hop latency + (n-1)/n x bytes / bandwidth``, half an all-reduce."""
+        return ring_allgather_s(self.ranks, bytes_, self.bandwidth_Bps, self.hop_latency_s)
+
+    def gather_sent_bytes(self, bytes_: float) -> float:
+        """What one rank sends (and receives) in one all-gather: ``(n-1)/n x bytes``."""
+        return (self.ranks - 1) / self.ranks * bytes_ if self.ranks > 1 else 0.0
 
 
 def _nvlink(profile: HardwareProfile, a: str, b: str) -> str | None:

@@ -16,8 +16,10 @@ from hgsim.profiles import load_profile
 from hgsim.simulate import Fidelity, simulate
 from hgsim.tensor_parallel import (
     allreduce_bytes,
+    logits_bytes,
     rank_profile,
     rank_view,
+    ring_allgather_s,
     ring_allreduce,
     ring_allreduce_s,
     shard_model,
@@ -171,6 +173,13 @@ def test_more_ranks_than_gpus_is_a_user_error_naming_profile_and_field():
 
 
 # ---------------------------------------------------------------------- the all-reduce
+def test_ring_allgather_closed_form_is_half_an_allreduce():
+    assert ring_allgather_s(1, 1e6, 1e9, 1e-6) == 0.0
+    assert ring_allgather_s(8, 8e6, 400e9, 0.7e-6) == pytest.approx(7 * 0.7e-6 + 7e6 / 400e9)
+    assert 2 * ring_allgather_s(4, 1e6, 1e9, 1e-6) == pytest.approx(
+        ring_allreduce_s(4, 1e6, 1e9, 1e-6))
+
+
 def test_ring_allreduce_closed_form():
     assert ring_allreduce_s(1, 1e6, 1e9, 1e-6) == 0.0
     # 2(n-1) hops of latency and 2(n-1)/n of the bytes over the link
@@ -220,10 +229,14 @@ def test_a_70b_model_fits_four_h100s_and_decodes_faster_with_the_all_reduce_on_i
     fast = simulate(profile, model, "hybridgen", four, fidelity=FAST, trace_path=trace)
     assert fast.feasible and fast.tensor_parallel == 4
     assert fast.tokens_per_s > 10 * base.tokens_per_s  # PCIe-streamed weights vs HBM shards
-    # two all-reduces per layer on the critical path: 80 layers x 2 x the ring's time
-    per_step = 2 * model.num_layers * ring_allreduce(profile, 4).time_s(
-        allreduce_bytes(1, 1, model.hidden_size, "fp16"))
+    # on the critical path: two all-reduces per layer (80 x 2) and the embedding's, each the
+    # ring's time, and the all-gather of the logits over the whole vocabulary
+    ring = ring_allreduce(profile, 4)
+    per_step = (2 * model.num_layers + 1) * ring.time_s(
+        allreduce_bytes(1, 1, model.hidden_size, "fp16")) + ring.gather_time_s(
+        logits_bytes(1, 4 * math.ceil(model.vocab_size / 4), "fp16"))
     assert fast.binding_s["nvlink all-reduce"] == pytest.approx(per_step, rel=1e-4)
+    assert "all-gather logits" in trace.read_text() and "all-reduce embedding" in trace.read_text()
     assert "all-reduce ffn out" in trace.read_text()
     # energy and cost count four GPUs and the host once
     assert {k for k in fast.energy_j if k.startswith("gpu")} == {"gpu0", "gpu1", "gpu2", "gpu3"}

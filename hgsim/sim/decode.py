@@ -488,6 +488,11 @@ class DecodeEngine:
         weights: Event | None = None
         weight_chain: _Chain | None = None
         post_events: list[Event] = []
+        if self.allreduce is not None and not self.attention_only:
+            # the vocab-parallel embedding: each rank looks up its share of the vocabulary,
+            # an all-reduce sums the new tokens' hidden states before the first layer
+            last, d_ar = self._launch_allreduce(plan.batch, 1, "embedding")
+            gpu_busy += d_ar
         for i in range(plan.num_layers):
             if i and plan.per_layer is not None:  # rare: layer-specific plans
                 lp = plan.layer_plan(i)
@@ -548,6 +553,9 @@ class DecodeEngine:
                                            "final_norm+lm_head",
                                            fixed_s=self.op_fixed_s("lm_head"))
             gpu_busy += d_head
+            if self.allreduce is not None:  # the vocab-parallel LM head's logits, gathered
+                last, d_gather = self._launch_logits_gather(plan.batch)
+                gpu_busy += d_gather
         if self.graph_replay:  # every layer's new K and V to host memory, after the last replay
             tokens = _Chain()
             yield env.process(self._stream_copy(
@@ -609,6 +617,20 @@ class DecodeEngine:
             previous = self._kernels[-1] if self._kernels else None
             self._kernels.append(_Node(0.0, 0.0, {self.allreduce.label: 1.0}, (previous,),
                                        event))
+        return event, duration
+
+    def _launch_logits_gather(self, batch: int) -> tuple[Event, float]:
+        """Queue the all-gather of the step's logits (each rank computed its share of the
+        vocabulary) on the compute stream; it binds to ``AllReduce.label``."""
+        from hgsim.tensor_parallel import logits_bytes
+
+        bytes_ = logits_bytes(batch, self.model.vocab_size * self.allreduce.ranks,
+                              activation_dtype(self.weight_dtype))
+        duration = self.allreduce.gather_time_s(bytes_)
+        self.allreduce_sent_bytes += self.allreduce.gather_sent_bytes(bytes_)
+        event = self.stream.launch(duration, "all-gather logits")
+        previous = self._kernels[-1] if self._kernels else None
+        self._kernels.append(_Node(0.0, 0.0, {self.allreduce.label: 1.0}, (previous,), event))
         return event, duration
 
     def _merge_fixed_s(self, lp: LayerPlan) -> float | None:
