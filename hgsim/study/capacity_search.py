@@ -78,7 +78,10 @@ def search_point(spec) -> dict[str, Any]:
         # growing with the value): the one that decodes fastest
         candidates = range(search.lo, best + 1, search.step)
         rates = {v: simulate(v).tokens_per_s for v in candidates}
-        chosen = max(candidates, key=lambda v: (rates[v], -v))  # a tie: the smaller
+        if search.slo:  # bisection assumed latency monotone; a value below may still break it
+            rates = {v: rate for v, rate in rates.items() if not simulate(v).latency_stats_ms()[
+                search.latency_stat] > search.max_token_latency_ms}
+        chosen = max(rates, key=lambda v: (rates[v], -v))  # a tie: the smaller
     if capped:
         limit = "range"
     else:  # the first value that failed: lo, or one step above the best
