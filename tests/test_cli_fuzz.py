@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from bad_input import STUDY, write
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, Phase, event, given, settings
 from hypothesis import strategies as st
 
 from hgsim import model_files
@@ -26,6 +26,12 @@ VALUE = st.one_of(st.sampled_from(WORDS), st.text(max_size=8),
 
 #: capsys and monkeypatch are reset by hand (readouterr; the same attribute each example)
 FIXTURES = [HealthCheck.function_scoped_fixture]
+#: Each test's settings. Hypothesis's explain phase re-runs a failing example under a line
+#: tracer, which turns a simulation of seconds into hours (a clean-clone run once sat in it
+#: for over ten minutes); without it a failure is reported at once, with the blob that
+#: reproduces it (``@reproduce_failure``).
+FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES,
+                phases=[phase for phase in Phase if phase is not Phase.explain], print_blob=True)
 
 SIMULATE = {"--profile": "dev-zen4-2core", "--model": "opt-6.7b", "--policy": "hybridgen",
             "--context": "1k", "--batch": "1", "--gen": "4", "--samples": "2"}
@@ -64,7 +70,7 @@ def exits_cleanly(capsys, argv: list[str]) -> int:
     return code
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@FUZZ
 @given(st.data())
 def test_simulate_flags(tmp_path_factory, capsys, data):
     tmp_path = tmp_path_factory.mktemp("cli")
@@ -78,7 +84,7 @@ def test_simulate_flags(tmp_path_factory, capsys, data):
     event(f"exit {exits_cleanly(capsys, argv)}")
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@FUZZ
 @given(st.data())
 def test_study_flags(tmp_path_factory, capsys, data):
     tmp_path = tmp_path_factory.mktemp("cli")
@@ -94,7 +100,7 @@ def test_study_flags(tmp_path_factory, capsys, data):
     event(f"exit {exits_cleanly(capsys, argv)}")
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@FUZZ
 @given(st.data())
 def test_models_profiles_policies_arguments(tmp_path_factory, capsys, data):
     tmp_path = tmp_path_factory.mktemp("cli")
@@ -104,7 +110,7 @@ def test_models_profiles_policies_arguments(tmp_path_factory, capsys, data):
     event(f"exit {exits_cleanly(capsys, [*verb, *values])}")
 
 
-@settings(max_examples=200, deadline=None, database=None, suppress_health_check=FIXTURES)
+@FUZZ
 @given(st.data())
 def test_validate_flags_up_to_measuring(tmp_path_factory, capsys, monkeypatch, data):
     """Up to where validate hands the arguments to the hardware backend (which loads the
