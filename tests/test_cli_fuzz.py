@@ -75,9 +75,15 @@ def exits_cleanly(capsys, argv: list[str]) -> int:
 def test_simulate_flags(tmp_path_factory, capsys, data):
     tmp_path = tmp_path_factory.mktemp("cli")
     flags = dict(SIMULATE)
-    for flag in data.draw(st.lists(st.sampled_from([*SIMULATE, *SIMULATE_EXTRA]), min_size=1,
-                                   max_size=2, unique=True)):
+    drawn = data.draw(st.lists(st.sampled_from([*SIMULATE, *SIMULATE_EXTRA]), min_size=1,
+                               max_size=2, unique=True))
+    for flag in drawn:
         flags[flag] = place(data.draw(VALUE), tmp_path)
+    if {"--gen", "--samples"} <= set(drawn):
+        # both drawn can ask for every one of tens of thousands of steps in full (--gen 77240
+        # --samples 77240: minutes, a valid request); each is fuzzed alone, beside the other's
+        # cheap default
+        flags["--samples"] = SIMULATE["--samples"]
     argv = ["simulate", *(part for flag, value in flags.items() for part in (flag, value))]
     if data.draw(st.booleans()):
         argv.append("--prefill")
