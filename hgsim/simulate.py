@@ -33,7 +33,13 @@ from hgsim.sim.machine import Machine
 from hgsim.sim.trace import trace_bytes
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
-from hgsim.tensor_parallel import RankView, rank_view, socket_mirror
+from hgsim.tensor_parallel import (
+    RankView,
+    check_tensor_parallel,
+    rank_gpus,
+    rank_view,
+    socket_mirror,
+)
 from hgsim.workload import Workload
 
 if TYPE_CHECKING:
@@ -90,7 +96,8 @@ def simulate(
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
     model = model if isinstance(model, ModelSpec) else get_model(model)
     profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)  # the GPU can run it
-    rank_view(profile, model, workload.tensor_parallel)  # the model shards over the GPUs
+    check_tensor_parallel(model, workload.tensor_parallel)  # the model shards, and over
+    rank_gpus(profile, workload.tensor_parallel)  # GPUs the profile has
     auto = workload.include_prefill and workload.prefill_chunk_tokens == PREFILL_CHUNK_AUTO
     if auto:
         from hgsim.prefill_chunk import choose_prefill_chunk

@@ -265,7 +265,8 @@ def _nvlink(profile: HardwareProfile, a: str, b: str) -> str | None:
     return None
 
 
-def _host_hop(profile: HardwareProfile, a: str, b: str, n: int) -> tuple[float, float, list[str]]:
+def _host_hop(profile: HardwareProfile, a: str, b: str, n: int,
+              share: dict[str, int]) -> tuple[float, float, list[str]]:
     """Bandwidth, latency and links of one ring step through host memory: GPU ``a`` writes
     its share to host DRAM of its socket over its PCIe link, GPU ``b`` reads it over its own
     (crossing UPI where their sockets differ); the staging DRAM's write and read bandwidth
@@ -273,7 +274,6 @@ def _host_hop(profile: HardwareProfile, a: str, b: str, n: int) -> tuple[float, 
     the collective library's own overhead: a lower bound."""
     ga, gb = profile.gpus[a], profile.gpus[b]
     la, lb = profile.links[ga.link], profile.links[gb.link]
-    share = sharers(profile, n)
     ddr = [t for t, spec in profile.tiers.items()
            if spec.kind == "ddr" and spec.socket == ga.socket] or list(profile.tiers)
     tier = profile.tiers[ddr[0]]
@@ -306,7 +306,8 @@ def ring_allreduce(profile: HardwareProfile, n: int) -> AllReduce | None:
         return AllReduce(n, min(s.bandwidth_gbps for s in specs) * GB,
                          max(s.latency_ns for s in specs) * NS, "nvlink",
                          tuple(dict.fromkeys((nvlinks[0], nvlinks[-1]))))
-    hops = [_host_hop(profile, a, b, n) for a, b in pairs]
+    share = sharers(profile, n)
+    hops = [_host_hop(profile, a, b, n, share) for a, b in pairs]
     return AllReduce(n, min(h[0] for h in hops), max(h[1] for h in hops), "pcie",
                      tuple(hops[0][2]))
 

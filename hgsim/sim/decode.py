@@ -202,10 +202,8 @@ class DecodeEngine:
         socket = socket or profile.gpus[self.gpu].socket
         if socket not in profile.sockets:
             raise ValueError(f"plan host_socket {socket!r} is not a socket of {profile.name}")
-        self.socket = socket
         self.staging = self.machine.staging_tier(socket)
-        self.cores = profile.sockets[socket].cores
-        self._sides = (_HostSide(socket, self.staging, self.cores),)
+        self._sides = (_HostSide(socket, self.staging, profile.sockets[socket].cores),)
 
     def _split_host(self, split: tuple[tuple[str, KvPlacement | None], ...]) -> None:
         """Split the host work over the plan's sockets (``StepPlan.host_split``): each runs
@@ -488,7 +486,7 @@ class DecodeEngine:
         weights: Event | None = None
         weight_chain: _Chain | None = None
         post_events: list[Event] = []
-        if self.allreduce is not None and not self.attention_only:
+        if self.allreduce is not None:  # (None attention-only)
             # the vocab-parallel embedding: each rank looks up its share of the vocabulary,
             # an all-reduce sums the new tokens' hidden states before the first layer
             last, d_ar = self._launch_allreduce(plan.batch, 1, "embedding")
@@ -610,14 +608,9 @@ class DecodeEngine:
         needs the summed hidden state); in the step's dependency graph (``graph``) it binds
         to ``AllReduce.label``."""
         bytes_ = self._allreduce_bytes(batch, tokens)
-        duration = self.allreduce.time_s(bytes_)
-        self.allreduce_sent_bytes += self.allreduce.sent_bytes(bytes_)
-        event = self.stream.launch(duration, f"all-reduce {what}")
-        if graph:
-            previous = self._kernels[-1] if self._kernels else None
-            self._kernels.append(_Node(0.0, 0.0, {self.allreduce.label: 1.0}, (previous,),
-                                       event))
-        return event, duration
+        return self._launch_collective(self.allreduce.time_s(bytes_),
+                                       self.allreduce.sent_bytes(bytes_), f"all-reduce {what}",
+                                       graph=graph)
 
     def _launch_logits_gather(self, batch: int) -> tuple[Event, float]:
         """Queue the all-gather of the step's logits (each rank computed its share of the
@@ -626,11 +619,21 @@ class DecodeEngine:
 
         bytes_ = logits_bytes(batch, self.model.vocab_size * self.allreduce.ranks,
                               activation_dtype(self.weight_dtype))
-        duration = self.allreduce.gather_time_s(bytes_)
-        self.allreduce_sent_bytes += self.allreduce.gather_sent_bytes(bytes_)
-        event = self.stream.launch(duration, "all-gather logits")
-        previous = self._kernels[-1] if self._kernels else None
-        self._kernels.append(_Node(0.0, 0.0, {self.allreduce.label: 1.0}, (previous,), event))
+        return self._launch_collective(self.allreduce.gather_time_s(bytes_),
+                                       self.allreduce.gather_sent_bytes(bytes_),
+                                       "all-gather logits")
+
+    def _launch_collective(self, duration: float, sent_bytes: float, label: str, *,
+                           graph: bool = True) -> tuple[Event, float]:
+        """Queue a collective of ``duration`` on the compute stream, count the bytes this rank
+        sent (energy) and, in the step's dependency graph (``graph``), bind it to
+        ``AllReduce.label``."""
+        self.allreduce_sent_bytes += sent_bytes
+        event = self.stream.launch(duration, label)
+        if graph:
+            previous = self._kernels[-1] if self._kernels else None
+            self._kernels.append(_Node(0.0, 0.0, {self.allreduce.label: 1.0}, (previous,),
+                                       event))
         return event, duration
 
     def _merge_fixed_s(self, lp: LayerPlan) -> float | None:
@@ -707,17 +710,17 @@ class DecodeEngine:
         queued = []
         for side in self._sides:
             work = self._side_work(w, side.share)
+            sources = self._upload_sources(lp, work, side)
             ahead, slot = self._copy_tail, None
-            if self._upload_sources(lp, work, side):
+            if sources:
                 slot = self._copy_tail = _CopySlot(env.event())
-            queued.append((side, work, ahead, slot))
+            queued.append((side, work, sources, ahead, slot))
         if len(queued) == 1:
-            side, work, ahead, slot = queued[0]
-            yield from self._host_path(lp, work, trigger, times, side, ahead, slot)
+            yield from self._host_path(lp, trigger, times, *queued[0])
             return
         parts = [_HostTimes() for _ in queued]
-        yield env.all_of([env.process(self._host_path(lp, work, trigger, part, side, ahead, slot))
-                          for part, (side, work, ahead, slot) in zip(parts, queued, strict=True)])
+        yield env.all_of([env.process(self._host_path(lp, trigger, part, *side_args))
+                          for part, side_args in zip(parts, queued, strict=True)])
         # the layer as the scheduler sees it: from its trigger to the last socket's upload,
         # with the parts of the socket that finished last
         last = max(parts, key=lambda p: p.done_s)
@@ -744,8 +747,9 @@ class DecodeEngine:
             direct_v_bytes=w.direct_v_bytes * share,
             append_host_bytes=w.append_host_bytes * share)
 
-    def _host_path(self, lp: LayerPlan, w: LayerWork, trigger, times: _HostTimes,
-                   side: _HostSide, ahead: _CopySlot | None, slot: _CopySlot | None):
+    def _host_path(self, lp: LayerPlan, trigger, times: _HostTimes, side: _HostSide,
+                   w: LayerWork, sources: dict[str, float], ahead: _CopySlot | None,
+                   slot: _CopySlot | None):
         env, machine, gpu = self.env, self.machine, self.gpu
         event, waits = trigger
         yield event
@@ -770,7 +774,6 @@ class DecodeEngine:
             if ahead is not None and not ahead.done.processed:
                 yield ahead.done
             t = env.now
-            sources = self._upload_sources(lp, w, side)
             flow = yield machine.read(sources, gpu, w.to_gpu_bytes, Pattern.DMA, "to gpu")
             self._segment(times, t, _shares([flow]), *((ahead,) if ahead is not None else ()))
             times.pcie_s += env.now - t
