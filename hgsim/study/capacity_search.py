@@ -60,7 +60,7 @@ def search_point(spec) -> dict[str, Any]:
             return False, policy.infeasibility()
         if not search.slo:
             return True, None
-        result = simulated[value] = simulate(value)
+        result = simulate(value)
         if not result.feasible:  # the simulator's own accounting refused it
             bound[value] = "memory"
             return False, result.reason or "infeasible"
