@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from hgsim.costs import prefill_chunk_candidates
 from hgsim.policies import make_policy
-from hgsim.policies.base import splits_host
+from hgsim.policies.base import host_shared
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.workload import Workload
@@ -85,7 +85,7 @@ def weigh_prefill_chunks(profile: HardwareProfile, model: ModelSpec, policy: str
                               decode_samples=samples if 0 < samples <= EVAL_DECODE_SAMPLES
                               else EVAL_DECODE_SAMPLES)
     fitting = []
-    split = splits_host(policy_options)
+    shared = host_shared(policy_options)
     for chunk in prefill_chunk_candidates(workload.context):
         candidate = workload.model_copy(update={"prefill_chunk_tokens": chunk})
         pol = make_policy(policy, model, profile, candidate, policy_options,
@@ -96,7 +96,7 @@ def weigh_prefill_chunks(profile: HardwareProfile, model: ModelSpec, policy: str
                                    policy_options=policy_options, fidelity=decode_fidelity,
                                    time_prefill=False)
         plan = pol.step_plan(workload.context)
-        floor = new_engine(profile, model, candidate, host_split=split).prefill_floor_s(plan, workload.context,
+        floor = new_engine(profile, model, candidate, host_shared=shared).prefill_floor_s(plan, workload.context,
                                                                        chunk)
         fitting.append((ChunkEstimate(chunk, decode.decode_s, floor), candidate, plan))
     fitting.sort(key=lambda item: (item[0].bound_s, -item[0].chunk_tokens))
@@ -106,7 +106,7 @@ def weigh_prefill_chunks(profile: HardwareProfile, model: ModelSpec, policy: str
         if estimate.bound_s > best:  # its request cannot beat the best one's
             weighed.append(estimate)
             continue
-        ttft = new_engine(profile, model, candidate, host_split=split).prefill(plan, workload.context,
+        ttft = new_engine(profile, model, candidate, host_shared=shared).prefill(plan, workload.context,
                                                              estimate.chunk_tokens)
         timed = ChunkEstimate(estimate.chunk_tokens, estimate.decode_s, estimate.ttft_floor_s,
                               ttft)

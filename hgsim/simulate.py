@@ -25,7 +25,7 @@ from hgsim.errors import TraceTooLarge
 from hgsim.outputs import TRACE_MAX_BYTES, remove_earlier
 from hgsim.plan import LayerPlan, Selector
 from hgsim.policies import make_policy
-from hgsim.policies.base import splits_host
+from hgsim.policies.base import host_shared
 from hgsim.profiles import load_profile
 from hgsim.results import SimResult, StepTiming
 from hgsim.sim.decode import DecodeEngine
@@ -130,7 +130,7 @@ def simulate_prepared(
     the decode alone, as the chunk chooser weighs it."""
     wall0 = time.perf_counter()
     # tensor parallelism: rank 0's shard on its share of the host, the system counted whole
-    view = rank_view(profile, model, workload.tensor_parallel, splits_host(policy_options))
+    view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options))
     system = view.system
     pol = make_policy(policy, model, profile, workload, policy_options,
                       attention=fidelity.attention)
@@ -247,13 +247,13 @@ def simulate_prepared(
 
 def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *,
                record: bool = False, attention: AttentionModelSpec | None = None,
-               view: RankView | None = None, host_split: bool = False) -> DecodeEngine:
+               view: RankView | None = None, host_shared: bool = False) -> DecodeEngine:
     """A decode engine for ``workload`` on a fresh machine of ``profile`` (``attention``: the
     synthetic attention a group union's row count comes from; None: the defaults). Under
     tensor parallelism the machine is rank 0's view and the model its shard (``view``, made
-    from ``profile`` and ``model`` when not given; ``host_split``: the policy splits its host
-    work over every socket), and the engine issues the all-reduces."""
-    view = view or rank_view(profile, model, workload.tensor_parallel, host_split)
+    from ``profile`` and ``model`` when not given; ``host_shared``: every rank's host work on
+    the same sockets, ``hgsim.policies.base.host_shared``), and the engine issues the all-reduces."""
+    view = view or rank_view(profile, model, workload.tensor_parallel, host_shared)
     machine = Machine(simpy.Environment(), view.profile, record=record)
     return DecodeEngine(machine, view.model, workload.kv_dtype, workload.weight_dtype,
                         attention_only=workload.attention_only, attention=attention,

@@ -14,8 +14,10 @@ identical, so the simulator runs rank 0 only, on
   PCIe link, and every host resource divided by the ranks that share it (the fair share of
   identical ranks running in lock-step): a socket's cores, attention rate and in-flight
   capacity, a tier's read and write bandwidth and capacity, a CXL link, by the ranks whose GPU
-  hangs off that socket (all ``n`` where none does: every rank then reaches it alike); a UPI
-  link by all ``n``. Cores are floored, at least one;
+  hangs off that socket (all ``n`` where none does: every rank then reaches it alike, and all
+  ``n`` where option ``host_socket`` puts every rank's host work on the same sockets); a UPI
+  link by all ``n``. Cores are floored, at least one. The tiers of another socket whose GPUs
+  run ranks too are theirs, not rank 0's (``held_by_other_ranks``);
 * all-reduces as operations on the GPU's compute stream (``AllReduce``): they block the layer,
   cost a ring all-reduce over the NVLink between the ranks, or through host memory over PCIe
   where the profile has no NVLink between two neighbours of the ring. Once per decode step
@@ -95,16 +97,14 @@ def rank_gpus(profile: HardwareProfile, n: int) -> list[str]:
     return gpus[:n]
 
 
-def sharers(profile: HardwareProfile, n: int, host_split: bool = False) -> dict[str, int]:
+def sharers(profile: HardwareProfile, n: int, host_shared: bool = False) -> dict[str, int]:
     """Ranks sharing each host resource (sockets, tiers, non-GPU links, by name): for what
     belongs to a socket (its cores, its tiers, its CXL links) the ranks whose GPU hangs off that
-    socket, or all ``n`` where none does; ``n`` for a UPI link (every rank may cross it). With
-    the host work split over every socket (``host_split``, policy option ``host_socket: all``)
-    every rank works on every socket: all ``n`` share each."""
-    on_socket: dict[str, int] = dict.fromkeys(profile.sockets, 0)
-    for gpu in rank_gpus(profile, n):
-        on_socket[profile.gpus[gpu].socket] += 1
-    per_socket = {s: n if host_split else count or n for s, count in on_socket.items()}
+    socket, or all ``n`` where none does; ``n`` for a UPI link (every rank may cross it). Where
+    every rank's host work runs on the same sockets (``host_shared``: policy option
+    ``host_socket`` set to a socket or to ``all``) all ``n`` share each."""
+    on_socket = ranks_on_socket(profile, n)
+    per_socket = {s: n if host_shared else count or n for s, count in on_socket.items()}
     out = dict(per_socket)
     for name, tier in profile.tiers.items():
         out[name] = per_socket[tier.socket]
@@ -120,15 +120,43 @@ def sharers(profile: HardwareProfile, n: int, host_split: bool = False) -> dict[
     return out
 
 
-def rank_profile(profile: HardwareProfile, n: int, host_split: bool = False
+def ranks_on_socket(profile: HardwareProfile, n: int) -> dict[str, int]:
+    """How many of the ``n`` ranks' GPUs hang off each socket."""
+    on_socket: dict[str, int] = dict.fromkeys(profile.sockets, 0)
+    for gpu in rank_gpus(profile, n):
+        on_socket[profile.gpus[gpu].socket] += 1
+    return on_socket
+
+
+def held_by_other_ranks(profile: HardwareProfile, n: int, host_shared: bool = False
+                        ) -> set[str]:
+    """Host tiers rank 0 cannot place in: those of another socket whose GPUs run ranks too,
+    each working on its own socket (not ``host_shared``). Those ranks place the same bytes as
+    rank 0, nearest their own socket first, so by the time rank 0's share would spill there
+    they have taken that tier as rank 0 has taken its own: a remote tier's capacity, divided
+    among its own ranks, is not rank 0's to count as well (which would double what a rank can
+    hold once KV spills across sockets). Where the sockets host unequal numbers of ranks this
+    is conservative (the less loaded socket's ranks may leave room). A socket without ranks
+    is everyone's: its tiers stay, shared by all ``n`` (``sharers``)."""
+    if host_shared or n == 1:
+        return set()
+    home = profile.gpus[rank_gpus(profile, n)[0]].socket
+    on_socket = ranks_on_socket(profile, n)
+    return {name for name, tier in profile.tiers.items()
+            if tier.socket != home and on_socket[tier.socket] > 0}
+
+
+def rank_profile(profile: HardwareProfile, n: int, host_shared: bool = False
                  ) -> HardwareProfile:
     """The hardware as rank 0 of ``n`` sees it: its GPU alone (with its own HBM and PCIe link,
     no NVLink: collectives are ``AllReduce``'s), every shared host resource divided by its
-    sharers (``sharers``). A one-GPU profile at ``n`` = 1 is returned unchanged."""
+    sharers (``sharers``), without the tiers other ranks hold (``held_by_other_ranks``) and
+    their links. A one-GPU profile at ``n`` = 1 is returned unchanged."""
     gpus = rank_gpus(profile, n)
     if n == 1 and len(profile.gpus) == 1:
         return profile
-    share = sharers(profile, n, host_split)
+    share = sharers(profile, n, host_shared)
+    held = held_by_other_ranks(profile, n, host_shared)
     gpu = gpus[0]
     sockets = {
         name: s.model_copy(update={"cores": max(s.cores // share[name], 1)})
@@ -140,9 +168,11 @@ def rank_profile(profile: HardwareProfile, n: int, host_split: bool = False
             "read_bandwidth_gbps": t.read_bandwidth_gbps / share[name],
             "write_bandwidth_gbps": t.write_bandwidth_gbps / share[name]})
         if share[name] > 1 else t
-        for name, t in profile.tiers.items()}
+        for name, t in profile.tiers.items() if name not in held}
     links = {}
     for name, link in profile.links.items():
+        if set(link.endpoints) & held:
+            continue
         if name == profile.gpus[gpu].link:
             links[name] = link
         elif name in share:
@@ -328,10 +358,10 @@ class RankView:
 
 
 def rank_view(profile: HardwareProfile, model: ModelSpec, n: int,
-              host_split: bool = False) -> RankView:
+              host_shared: bool = False) -> RankView:
     """``n``-way TP of ``model`` on ``profile`` as rank 0 runs it (``n`` = 1 on a one-GPU
-    profile: the model and profile unchanged); ``host_split``: every rank splits its host work
-    over every socket (``sharers``)."""
+    profile: the model and profile unchanged); ``host_shared``: every rank's host work on the
+    same sockets (``sharers``)."""
     check_tensor_parallel(model, n)
-    return RankView(n, shard_model(model, n), rank_profile(profile, n, host_split),
+    return RankView(n, shard_model(model, n), rank_profile(profile, n, host_shared),
                     ring_allreduce(profile, n), system_profile(profile, n))

@@ -174,8 +174,8 @@ def test_under_tensor_parallelism_every_rank_shares_every_socket():
     from hgsim.tensor_parallel import sharers
 
     profile = load_profile("hgx-h100x8-2socket-cxl")
-    assert sharers(profile, 2)["cpu0"] == 2 and sharers(profile, 2, host_split=True)["cpu0"] == 2
-    assert sharers(profile, 8, host_split=True)["ddr1"] == 8 == 2 * sharers(profile, 8)["ddr1"]
+    assert sharers(profile, 2)["cpu0"] == 2 and sharers(profile, 2, host_shared=True)["cpu0"] == 2
+    assert sharers(profile, 8, host_shared=True)["ddr1"] == 8 == 2 * sharers(profile, 8)["ddr1"]
     model = get_model("llama-3.1-70b")
     speed = {}
     for tp in (2, 8):

@@ -120,8 +120,8 @@ def test_a_degree_neither_dividing_nor_a_multiple_of_the_kv_heads_is_refused():
 
 # ---------------------------------------------------------------------- the machine's share
 def test_a_rank_gets_its_share_of_what_it_shares():
-    """Two ranks on s0 share its cores, DDR and CXL; s1 has none, so all three... four ranks
-    share it alike; UPI is every rank's."""
+    """Two ranks on s0 share its cores, DDR and CXL, the two on s1 share s1's; UPI is every
+    rank's. s1's tiers are its own ranks': rank 0 does not see them."""
     profile = _four_gpu_profile()
     share = sharers(profile, 4)
     assert share["s0"] == share["ddr0"] == share["cxl0"] == share["cxl0link"] == 2
@@ -139,6 +139,46 @@ def test_a_rank_gets_its_share_of_what_it_shares():
     upi = next(n for n, link in profile.links.items() if link.kind == "upi")
     assert rank.links[upi].bandwidth_gbps == profile.links[upi].bandwidth_gbps / 4
     assert rank.sockets["s0"].cores == 8 // 2
+    assert set(rank.tiers) == {"ddr0", "cxl0"}  # s1's DDR is held by the ranks on s1
+
+
+@pytest.mark.parametrize("options", [{}, {"host_socket": 0}, {"host_socket": 1},
+                                     {"host_socket": "all"}], ids=str)
+@pytest.mark.parametrize("n", [2, 4, 6, 8])
+def test_the_ranks_together_never_hold_more_host_memory_than_the_host_has(n, options):
+    """Invariant: n ranks, each with rank 0's view, hold at most the machine's host memory
+    (equal where every rank reaches every tier alike). Seeing a remote socket's tiers beside
+    the ranks that own them would double it at TP 8 once KV spills across sockets."""
+    from hgsim.policies.base import host_shared
+
+    profile = load_profile(HGX)
+    rank = rank_profile(profile, n, host_shared(options))
+    host = sum(t.capacity_gb for t in profile.tiers.values())
+    assert n * sum(t.capacity_gb for t in rank.tiers.values()) <= host * (1 + 1e-12)
+    if options or n <= 4:  # every rank reaches every tier alike: the whole host, split n ways
+        assert n * sum(t.capacity_gb for t in rank.tiers.values()) == pytest.approx(host)
+
+
+def test_with_every_rank_on_one_named_socket_all_ranks_share_it():
+    """``host_socket: 1`` at TP 8: all eight ranks run their host work on cpu1, so its cores
+    are an eighth each, not a quarter (only four GPUs hang off it)."""
+    profile = load_profile(HGX)
+    pol = make_policy("hybridgen", get_model("llama-3.1-70b"), profile,
+                      Workload(context="128k", gen=1, tensor_parallel=8), {"host_socket": 1})
+    assert pol.profile.sockets["cpu1"].cores == 64 // 8
+    assert set(pol.profile.tiers) == set(profile.tiers)
+
+
+def test_at_tp8_a_rank_cannot_spill_into_the_other_sockets_memory():
+    """Llama-3.1-70B at TP 8, 8 x 1.5M tokens: 41 kB of KV per token per rank, 491 GB a rank,
+    past its socket's share (a quarter of 1 TiB of DDR and of 512 GiB of CXL, ~400 GB). Before
+    the fix rank 0 spilled into cpu1's memory, which cpu1's own four ranks fill first."""
+    profile, model = load_profile(HGX), get_model("llama-3.1-70b")
+    workload = Workload(context=1_500_000, batch=8, gen=1, tensor_parallel=8)
+    pol = make_policy("hybridgen", model, profile, workload)
+    assert not pol.feasible
+    assert "ddr0 short by" in pol.infeasibility()  # values overflow onto local DRAM last
+    assert set(pol.footprint.used_bytes) <= {"hbm", "ddr0", "cxl0"}
 
 
 def test_cores_are_floored_and_never_below_one():

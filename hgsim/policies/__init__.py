@@ -96,7 +96,7 @@ def make_policy(name: str, model, profile, workload, options: dict[str, Any] | N
     are errors); ``attention`` the accuracy model's ``AttentionModelSpec`` (None: defaults).
     With ``workload.tensor_parallel`` above 1 the policy gets rank 0's shard of the model and
     its view of ``profile`` (``hgsim.tensor_parallel.rank_view``)."""
-    from hgsim.policies.base import splits_host
+    from hgsim.policies.base import host_shared
     from hgsim.policies.registry import UnknownPolicyError, lookup
     from hgsim.tensor_parallel import rank_view
 
@@ -106,7 +106,7 @@ def make_policy(name: str, model, profile, workload, options: dict[str, Any] | N
         raise UserError(str(exc), field="policy") from None
     # tensor parallelism: the policy places rank 0's shard in its share of the machine
     view = rank_view(profile, model, getattr(workload, "tensor_parallel", 1),
-                     splits_host(options))
+                     host_shared(options))
     return cls(view.model, view.profile, workload, checked_options(name, options),
                attention=attention)
 

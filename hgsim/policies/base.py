@@ -73,12 +73,14 @@ class PolicyOptions(SpecModel):
 SPLIT_ALL = "all"  # option ``host_socket``'s value for the host work split over every socket
 
 
-def splits_host(options: object) -> bool:
-    """Whether policy options (a dict or a ``PolicyOptions``; None: none) split the host work
-    over every socket (``host_socket: all``)."""
+def host_shared(options: object) -> bool:
+    """Whether policy options (a dict or a ``PolicyOptions``; None: none) put every rank's
+    host work on the same sockets under tensor parallelism: option ``host_socket`` set, to a
+    socket (every rank runs there, whichever socket its GPU hangs off) or to ``all`` (every
+    rank splits its work over every socket). Unset, each rank works on its own GPU's socket."""
     value = (options.get("host_socket") if isinstance(options, dict)
              else getattr(options, "host_socket", None))
-    return value == SPLIT_ALL
+    return value is not None
 
 
 def host_split_sockets(profile: HardwareProfile,
