@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -85,12 +86,14 @@ def simulate(
     fidelity: Fidelity = Fidelity(),
     trace_path: str | Path | None = None,
     trace_max_bytes: float | None = TRACE_MAX_BYTES,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> SimResult:
     """Simulate ``workload`` (its prefill first, if it has one, then its decode); a prefill
     chunk of ``auto`` is chosen first (``hgsim.prefill_chunk``) and the result says which.
     With ``trace_path`` every activity is kept and written there; a trace estimated from the
     first simulated step to exceed ``trace_max_bytes`` (None: no limit) raises
-    ``TraceTooLarge`` before the other steps run."""
+    ``TraceTooLarge`` before the other steps run. ``on_step(done, total)`` is called after
+    each simulated decode step (a progress bar's feed)."""
     wall0 = time.perf_counter()
     profile = load_profile(profile) if isinstance(profile, str) else profile
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
@@ -106,7 +109,7 @@ def simulate(
         workload = workload.model_copy(update={"prefill_chunk_tokens": chunk})
     result = simulate_prepared(profile, model, policy, workload, policy_options=policy_options,
                                fidelity=fidelity, trace_path=trace_path,
-                               trace_max_bytes=trace_max_bytes)
+                               trace_max_bytes=trace_max_bytes, on_step=on_step)
     result.prefill_chunk_auto = auto
     result.wall_s = time.perf_counter() - wall0
     return result
@@ -123,6 +126,7 @@ def simulate_prepared(
     trace_path: str | Path | None = None,
     time_prefill: bool = True,
     trace_max_bytes: float | None = TRACE_MAX_BYTES,
+    on_step: Callable[[int, int], None] | None = None,
 ) -> SimResult:
     """``simulate`` once the profile is set for the KV type, the model looked up and the
     prefill chunk a number or None. ``time_prefill`` False holds the prefill's workspace in
@@ -181,6 +185,7 @@ def simulate_prepared(
     markers: list[tuple[float, str, dict]] = []
     sched = pol.scheduler
     scored = None  # the plan the accuracy proxy scores: the one the run used at its median step
+    done = 0  # simulated steps so far (``on_step``)
     for step in range(workload.gen):
         context = workload.context + step
         plan = pol.step_plan(context)
@@ -197,6 +202,9 @@ def simulate_prepared(
             if sized:
                 _check_trace_size(trace_bytes(machine.recorder, spans=spans), before_bytes,
                                   len(sampled), trace_max_bytes)
+            if on_step is not None:
+                done += 1
+                on_step(done, len(sampled))
         m = last
         step_binding.append(m.binding)
         decision = ""

@@ -331,3 +331,44 @@ def test_simulate_cli_counts_every_scheduler_decision_in_its_step_table():
     totals = dict(item.split(" x") for item in summary.split(": ", 1)[1].split(", "))
     assert shown == {k: int(v) for k, v in totals.items()} and sum(shown.values()) == 64 // 4
     assert "the 7 after it" in table
+
+
+def test_on_step_counts_every_simulated_step_up_to_the_total():
+    """``on_step(done, total)`` follows the simulated steps (the sampled ones), once each."""
+    from hgsim.simulate import sample_steps
+
+    calls: list[tuple[int, int]] = []
+    workload = Workload(context=8192, gen=40)
+    simulate("h100-80gb-spr-cxl", "llama-3.1-8b", "hybridgen", workload,
+             fidelity=Fidelity(decode_samples=8, accuracy=False),
+             on_step=lambda done, total: calls.append((done, total)))
+    total = len(sample_steps(40, 8))
+    assert calls == [(i, total) for i in range(1, total + 1)]
+
+
+def test_the_step_bar_draws_on_a_terminal_only_for_long_runs(monkeypatch):
+    import io
+
+    from hgsim.commands.simulate import STEPS_FOR_A_BAR, StepBar
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    screen = Terminal()
+    monkeypatch.setattr("sys.stderr", screen)
+    short = StepBar(True)
+    short(1, STEPS_FOR_A_BAR - 1)
+    assert short.bar is None
+    long = StepBar(True)
+    for done in range(1, STEPS_FOR_A_BAR + 1):
+        long(done, STEPS_FOR_A_BAR)
+    assert long.bar.n == STEPS_FOR_A_BAR and "decode steps" in screen.getvalue()
+    long.close()
+    off = StepBar(False)
+    off(1, STEPS_FOR_A_BAR)
+    assert off.bar is None
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal: no bar
+    piped = StepBar(True)
+    piped(1, STEPS_FOR_A_BAR)
+    assert piped.bar is None

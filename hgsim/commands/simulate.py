@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from pydantic import ValidationError
 
@@ -67,6 +68,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="refuse a trace estimated (from its first simulated step) above GB "
                         f"gigabytes (default {TRACE_MAX_BYTES / 1e9:g}; 40-360 kB per step)")
     p.add_argument("--json", action="store_true", help="print the result row as JSON")
+    p.add_argument("--no-progress", action="store_true",
+                   help=f"no progress bar (shown on a terminal from {STEPS_FOR_A_BAR} simulated "
+                        "steps, e.g. --samples 0 with a long --gen)")
     p.set_defaults(run=run)
 
 
@@ -93,6 +97,32 @@ def accuracy_settings(models: dict) -> dict[str, float]:
     groups = override_groups()
     return {f"fidelity.{name}.{field}": value for name, model in models.items()
             for field, value in groups[name].overrides_of(model).items()}
+
+
+STEPS_FOR_A_BAR = 1024  # simulated decode steps from which a run takes seconds: a bar
+
+
+class StepBar:
+    """A progress bar over the simulated decode steps (``simulate``'s ``on_step``), drawn on
+    stderr when it is a terminal and the run simulates ``STEPS_FOR_A_BAR`` steps or more."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.enabled or total < STEPS_FOR_A_BAR:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="step", desc="decode steps", dynamic_ncols=True,
+                            file=sys.stderr, leave=False)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
     # "" is a mistake, not "no trace"
     trace = check_output_file(args.trace, "--trace") if args.trace is not None else None
     earlier_trace = trace is not None and trace.exists()
+    bar = StepBar(not args.no_progress)
     try:
         with named_as_flags():  # an option the profile rules out (host_socket)
             result = simulate(
@@ -145,12 +176,15 @@ def run(args: argparse.Namespace) -> int:
                 fidelity=Fidelity(decode_samples=args.samples, **models),
                 trace_path=trace,
                 trace_max_bytes=trace_max_gb * 1e9,
+                on_step=bar,
             )
     except TraceTooLarge as big:
         raise UserError(f"would be about {size_text(big.estimate_bytes)} ({big.shape}), over "
                         f"--trace-max-gb {trace_max_gb:g}: give --samples N (simulated steps, "
                         "the rest interpolated) or a smaller --gen, or a larger --trace-max-gb",
                         field="--trace") from None
+    finally:
+        bar.close()
     settings = accuracy_settings(models)
     if args.json:
         print(json.dumps(finite_for_json({**result.to_row(), **settings}), indent=2, default=str))
