@@ -78,6 +78,9 @@ class SimResult:
     # (every rank decodes the same sequences), footprints are one rank's, energy and cost the
     # n GPUs' and the host's
     tensor_parallel: int = 1
+    # copies of the model decoding their own sequences side by side on the host (data
+    # parallelism): tokens_per_s counts every replica's; latencies are one replica's
+    data_parallel: int = 1
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -96,7 +99,10 @@ class SimResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return self.batch * len(self.steps) / self.decode_s if self.steps else 0.0
+        """The system's: every replica's ``batch`` sequences, each token of each step."""
+        if not self.steps:
+            return 0.0
+        return self.data_parallel * self.batch * len(self.steps) / self.decode_s
 
     def latency_stats_ms(self) -> dict[str, float]:
         lat = self.latencies_s * 1e3
@@ -207,7 +213,8 @@ class SimResult:
         row: dict[str, Any] = {
             "profile": self.profile, "model": self.model, "policy": self.policy,
             "batch": self.batch, "context": self.context, "gen": self.gen,
-            "tensor_parallel": self.tensor_parallel, "feasible": self.feasible, "reason": self.reason or "",
+            "tensor_parallel": self.tensor_parallel, "data_parallel": self.data_parallel,
+            "feasible": self.feasible, "reason": self.reason or "",
         }
         if self.feasible and self.steps:
             stats = self.latency_stats_ms()

@@ -36,6 +36,7 @@ from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 from hgsim.tensor_parallel import (
     RankView,
+    check_data_parallel,
     check_tensor_parallel,
     rank_gpus,
     rank_view,
@@ -100,7 +101,8 @@ def simulate(
     model = model if isinstance(model, ModelSpec) else get_model(model)
     profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)  # the GPU can run it
     check_tensor_parallel(model, workload.tensor_parallel)  # the model shards, and over
-    rank_gpus(profile, workload.tensor_parallel)  # GPUs the profile has
+    rank_gpus(profile, workload.tensor_parallel)  # GPUs the profile has, for every replica
+    check_data_parallel(profile, workload.tensor_parallel, workload.data_parallel)
     auto = workload.include_prefill and workload.prefill_chunk_tokens == PREFILL_CHUNK_AUTO
     if auto:
         from hgsim.prefill_chunk import choose_prefill_chunk
@@ -134,7 +136,8 @@ def simulate_prepared(
     the decode alone, as the chunk chooser weighs it."""
     wall0 = time.perf_counter()
     # tensor parallelism: rank 0's shard on its share of the host, the system counted whole
-    view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options))
+    view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options),
+                     workload.data_parallel)
     system = view.system
     pol = make_policy(policy, model, profile, workload, policy_options,
                       attention=fidelity.attention)
@@ -145,7 +148,7 @@ def simulate_prepared(
         capacity_bytes=dict(pol.footprint.capacity_bytes), options=dict(policy_options or {}),
         capex_usd=tco.capex_usd(system), capex_usd_per_s=tco.capex_usd_per_s(system),
         electricity_usd_per_j=tco.electricity_usd_per_j(system),
-        tensor_parallel=workload.tensor_parallel,
+        tensor_parallel=workload.tensor_parallel, data_parallel=workload.data_parallel,
     )
     if workload.include_prefill:  # tokens per chunk, as run (the whole prompt: one chunk)
         result.prefill_chunk_tokens = prefill_chunks(workload.context,
@@ -261,7 +264,8 @@ def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *
     tensor parallelism the machine is rank 0's view and the model its shard (``view``, made
     from ``profile`` and ``model`` when not given; ``host_shared``: every rank's host work on
     the same sockets, ``hgsim.policies.base.host_shared``), and the engine issues the all-reduces."""
-    view = view or rank_view(profile, model, workload.tensor_parallel, host_shared)
+    view = view or rank_view(profile, model, workload.tensor_parallel, host_shared,
+                             workload.data_parallel)
     machine = Machine(simpy.Environment(), view.profile, record=record)
     return DecodeEngine(machine, view.model, workload.kv_dtype, workload.weight_dtype,
                         attention_only=workload.attention_only, attention=attention,
@@ -274,9 +278,9 @@ def _system_activity(view: RankView, rank: energy.Activity,
     PCIe link did what rank 0's did; every rank used the host as rank 0 did, seen from its own
     socket (``tensor_parallel.socket_mirror``: a rank on another socket charges its local
     cores, DRAM and CXL where rank 0 charged rank 0's); and each rank sent
-    ``allreduce_sent_bytes`` in all-reduces, over its NVLink to the next rank (or out and in
-    over PCIe through host memory). One GPU: ``rank`` unchanged."""
-    if view.n == 1 and view.system is view.profile:
+    ``allreduce_sent_bytes`` in all-reduces, over its NVLink to the next rank of its replica
+    (or out and in over PCIe through host memory). One GPU: ``rank`` unchanged."""
+    if view.ranks == 1 and view.system is view.profile:
         return rank
     n, system = view.n, view.system
     gpu = next(iter(view.profile.gpus))
@@ -296,16 +300,18 @@ def _system_activity(view: RankView, rank: energy.Activity,
     for spec in system.gpus.values():
         links[spec.link] = rank.link_bytes.get(pcie, 0.0)
     if view.allreduce is not None and allreduce_sent_bytes:
-        ranks = list(system.gpus)
-        for i, a in enumerate(ranks):
-            b = ranks[(i + 1) % n]
-            if view.allreduce.via == "nvlink":
-                name = next(k for k, link in system.links.items()
-                            if link.kind == "nvlink" and set(link.endpoints) == {a, b})
-                links[name] = links.get(name, 0.0) + allreduce_sent_bytes
-            else:  # out over a's PCIe link, in over b's
-                for g in (a, b):
-                    links[system.gpus[g].link] += allreduce_sent_bytes
+        gpus = list(system.gpus)
+        for first in range(0, len(gpus), n):  # each replica's ring
+            ring = gpus[first:first + n]
+            for i, a in enumerate(ring):
+                b = ring[(i + 1) % n]
+                if view.allreduce.via == "nvlink":
+                    name = next(k for k, link in system.links.items()
+                                if link.kind == "nvlink" and set(link.endpoints) == {a, b})
+                    links[name] = links.get(name, 0.0) + allreduce_sent_bytes
+                else:  # out over a's PCIe link, in over b's
+                    for g in (a, b):
+                        links[system.gpus[g].link] += allreduce_sent_bytes
     return energy.Activity(
         window_s=rank.window_s,
         gpu_flops=dict.fromkeys(system.gpus, rank.gpu_flops.get(gpu, 0.0)),

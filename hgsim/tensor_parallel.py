@@ -25,6 +25,10 @@ identical, so the simulator runs rank 0 only, on
   the first layer, and the LM head's all-gather of the logits over the whole vocabulary after
   the last.
 
+Data parallelism (``rank_view``'s ``replicas``) runs copies of the TP group side by side,
+each on the next ``n`` GPUs: rank 0 then shares the host with every copy's ranks, its
+all-reduce stays in its own group, and the system counts every copy.
+
 Results are then for the whole system: throughput is rank 0's (every rank decodes the same
 sequences), memory fit is per rank, and energy and cost count the ``n`` GPUs and the host once
 (``system_profile``, ``system_activity``). Ranks are the first ``n`` GPUs the profile lists.
@@ -42,6 +46,7 @@ from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
 
 FIELD = "workload.tensor_parallel"
+DP_FIELD = "workload.data_parallel"
 NS = 1e-9
 GB = 1e9
 
@@ -87,13 +92,13 @@ def kv_replication(model: ModelSpec, n: int) -> int:
 # ---------------------------------------------------------------------- the hardware
 
 
-def rank_gpus(profile: HardwareProfile, n: int) -> list[str]:
+def rank_gpus(profile: HardwareProfile, n: int, field: str = FIELD) -> list[str]:
     """The GPUs of the ``n`` ranks: the first ``n`` the profile lists; a ``UserError`` naming
-    the profile and the field where it lists fewer."""
+    the profile and ``field`` where it lists fewer."""
     gpus = list(profile.gpus)
     if n > len(gpus):
         raise UserError(f"{n} ranks need {n} GPUs, profile {profile.name} has {len(gpus)} "
-                        f"({', '.join(gpus)})", field=FIELD)
+                        f"({', '.join(gpus)})", field=field)
     return gpus[:n]
 
 
@@ -321,10 +326,12 @@ def _host_hop(profile: HardwareProfile, a: str, b: str, n: int,
     return min(rates) * GB, latency * NS, links
 
 
-def ring_allreduce(profile: HardwareProfile, n: int) -> AllReduce | None:
+def ring_allreduce(profile: HardwareProfile, n: int, ranks: int | None = None
+                   ) -> AllReduce | None:
     """The all-reduce of the first ``n`` GPUs in a ring in the profile's order (None for one
     rank): over NVLink where every neighbour pair has one (the slowest pair's bandwidth and
-    latency), else through host memory over PCIe (``_host_hop``)."""
+    latency), else through host memory over PCIe (``_host_hop``, the host's DRAM and UPI
+    shared by all ``ranks`` in use, ``n`` unless replicas add more)."""
     gpus = rank_gpus(profile, n)
     if n == 1:
         return None
@@ -336,8 +343,9 @@ def ring_allreduce(profile: HardwareProfile, n: int) -> AllReduce | None:
         return AllReduce(n, min(s.bandwidth_gbps for s in specs) * GB,
                          max(s.latency_ns for s in specs) * NS, "nvlink",
                          tuple(dict.fromkeys((nvlinks[0], nvlinks[-1]))))
-    share = sharers(profile, n)
-    hops = [_host_hop(profile, a, b, n, share) for a, b in pairs]
+    ranks = ranks or n
+    share = sharers(profile, ranks)
+    hops = [_host_hop(profile, a, b, ranks, share) for a, b in pairs]
     return AllReduce(n, min(h[0] for h in hops), max(h[1] for h in hops), "pcie",
                      tuple(hops[0][2]))
 
@@ -347,21 +355,46 @@ def ring_allreduce(profile: HardwareProfile, n: int) -> AllReduce | None:
 
 @dataclass(frozen=True)
 class RankView:
-    """What the simulator runs for ``n``-way TP: rank 0's model and hardware, its all-reduce
-    (None for one rank) and the system that energy and cost count."""
+    """What the simulator runs for ``n``-way TP, ``replicas`` times over (data parallelism):
+    rank 0's model and hardware, its all-reduce (None for one rank) and the system that energy
+    and cost count (every replica's ranks)."""
 
     n: int
     model: ModelSpec
     profile: HardwareProfile
     allreduce: AllReduce | None
     system: HardwareProfile
+    replicas: int = 1
+
+    @property
+    def ranks(self) -> int:
+        """GPUs in use: ``n`` per replica."""
+        return self.n * self.replicas
+
+
+def check_data_parallel(profile: HardwareProfile, n: int, replicas: int) -> None:
+    """A ``UserError`` naming ``workload.data_parallel`` where ``replicas`` copies of an
+    ``n``-way TP model need more GPUs than ``profile`` lists (or ``replicas`` < 1)."""
+    if replicas < 1:
+        raise UserError(f"must be >= 1, got {replicas}", field=DP_FIELD)
+    gpus = len(profile.gpus)
+    if n * replicas > gpus and replicas > 1:
+        raise UserError(f"{replicas} replicas x tensor_parallel {n} need {n * replicas} GPUs, "
+                        f"profile {profile.name} has {gpus} ({', '.join(profile.gpus)})",
+                        field=DP_FIELD)
 
 
 def rank_view(profile: HardwareProfile, model: ModelSpec, n: int,
-              host_shared: bool = False) -> RankView:
+              host_shared: bool = False, replicas: int = 1) -> RankView:
     """``n``-way TP of ``model`` on ``profile`` as rank 0 runs it (``n`` = 1 on a one-GPU
     profile: the model and profile unchanged); ``host_shared``: every rank's host work on the
-    same sockets (``sharers``)."""
+    same sockets (``sharers``); ``replicas``: that many copies of the model (data
+    parallelism), each on the next ``n`` GPUs, decoding their own sequences, all sharing the
+    host: rank 0 sees the host divided among ``n x replicas`` ranks, its all-reduce stays
+    within its own replica's ``n`` GPUs."""
     check_tensor_parallel(model, n)
-    return RankView(n, shard_model(model, n), rank_profile(profile, n, host_shared),
-                    ring_allreduce(profile, n), system_profile(profile, n))
+    check_data_parallel(profile, n, replicas)
+    ranks = n * replicas
+    return RankView(n, shard_model(model, n), rank_profile(profile, ranks, host_shared),
+                    ring_allreduce(profile, n, ranks), system_profile(profile, ranks),
+                    replicas)

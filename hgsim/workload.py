@@ -30,6 +30,9 @@ class Workload(SpecModel):
     # GPUs the model is sharded over by tensor parallelism (hgsim.tensor_parallel): the
     # profile's first N GPUs, rank 0 simulated on its share of the host
     tensor_parallel: int = Field(default=1, gt=0)
+    # copies of the model (data parallelism), each on the next tensor_parallel GPUs decoding its
+    # own ``batch`` sequences, all sharing the host (hgsim.tensor_parallel.rank_view)
+    data_parallel: int = Field(default=1, gt=0)
 
     @field_validator("context", "gen", "batch", mode="before")
     @classmethod

@@ -46,6 +46,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard the model over the profile's first N GPUs by tensor parallelism "
                         "(default 1; docs/model.md, tensor parallelism)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="run N copies of the model side by side, each on its own GPUs (the "
+                        "next --tensor-parallel of them) decoding its own --batch sequences, "
+                        "all sharing the host (default 1; docs/model.md, data parallelism)")
     p.add_argument("--prefill", action="store_true", help="also simulate the prompt's prefill")
     p.add_argument("--prefill-chunk", metavar="TOKENS",
                    help="prefill each sequence's prompt in chunks of TOKENS, e.g. 8k, or 'auto': "
@@ -134,14 +138,15 @@ def run(args: argparse.Namespace) -> int:
             batch=count(args.batch, "--batch"), context=count(args.context, "--context"),
             gen=count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
             prefill_chunk_tokens=args.prefill_chunk,  # a count or auto, checked by Workload
-            tensor_parallel=args.tensor_parallel,
+            tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
         )
     except ValidationError as exc:
         from hgsim.config_io import humane
 
         first = exc.errors(include_url=False)[0]
         flag = {"prefill_chunk_tokens": "prefill-chunk",
-                "tensor_parallel": "tensor-parallel"}.get(str(first["loc"][0]),
+                "tensor_parallel": "tensor-parallel",
+                "data_parallel": "data-parallel"}.get(str(first["loc"][0]),
                                                           str(first["loc"][0]))
         raise UserError(humane(first), field="--" + flag) from None
     # a valid chunk without --prefill: else silently no prefill at all
@@ -299,9 +304,12 @@ def print_result(result: SimResult) -> None:
     console = Console()
     title = (f"{result.policy} | {result.model} on {result.profile} | batch {result.batch}, "
              f"context {result.context}, gen {result.gen}")
-    if result.tensor_parallel > 1:  # memory and machine figures are one rank's
-        title += (f" | tensor parallel {result.tensor_parallel} (memory per GPU; energy and "
-                  "cost: every GPU and the host)")
+    if result.tensor_parallel > 1 or result.data_parallel > 1:  # figures are one rank's
+        parallel = " x ".join(
+            f"{what} {n}" for what, n in (("tensor parallel", result.tensor_parallel),
+                                          ("replicas", result.data_parallel)) if n > 1)
+        title += (f" | {parallel} (memory per GPU; tokens/s, energy and cost: every GPU and "
+                  "the host)")
     memory = memory_table(result)
     if not result.feasible:
         console.print(f"[bold]{title}[/bold]")

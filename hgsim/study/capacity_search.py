@@ -90,6 +90,7 @@ def search_point(spec) -> dict[str, Any]:
         "profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
         "batch": spec.workload.batch, "context": spec.workload.context, "gen": spec.workload.gen,
         "tensor_parallel": spec.workload.tensor_parallel,
+        "data_parallel": spec.workload.data_parallel,
         field: chosen,  # the searched quantity at its maximum, or the fastest value up to it
         search.column: best, "feasible": best is not None, "capped": capped,
         "limit": limit, "limit_reason": reason or "", "probes": probes,

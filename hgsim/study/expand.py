@@ -505,12 +505,13 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     except UserError as exc:
         raise doc.error(wl_locs.get("weight_dtype", profile_loc),
                         f"profile {profile.name}: {exc}") from None
-    try:  # the model shards over the profile's GPUs (hgsim.tensor_parallel)
+    try:  # the model shards over the profile's GPUs (hgsim.tensor_parallel), every replica's
         from hgsim.tensor_parallel import rank_view
 
-        rank_view(profile, model, workload.tensor_parallel)
+        rank_view(profile, model, workload.tensor_parallel, replicas=workload.data_parallel)
     except UserError as exc:
-        raise doc.error(wl_locs.get("tensor_parallel", profile_loc),
+        field = str(exc.field or "").removeprefix("workload.")
+        raise doc.error(wl_locs.get(field, wl_locs.get("tensor_parallel", profile_loc)),
                         str(exc).removeprefix(f"{exc.field}: ")) from None
 
     from hgsim.accuracy.overrides import override_groups
@@ -544,9 +545,10 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         "model": model_hash,
         "policy": policy,
         "policy_options": canonical_options,
-        # one GPU (tensor_parallel 1) keeps the key points had before the field existed
-        "workload": workload.model_dump(
-            mode="json", exclude={"tensor_parallel"} if workload.tensor_parallel == 1 else None),
+        # one GPU (tensor_parallel 1, one replica) keeps the key points had before the fields
+        "workload": workload.model_dump(mode="json", exclude={
+            name for name in ("tensor_parallel", "data_parallel")
+            if getattr(workload, name) == 1}),
         # a search sizes memory alone: of the fidelity only the attention shape can move it
         # (HybridGen's group-union landing buffers); none set keeps the key it always had.
         # A latency SLO or ``pick: fastest`` simulates: then all of the fidelity counts

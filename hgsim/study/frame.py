@@ -50,7 +50,8 @@ def search_columns(field: str, column: str, simulates: bool = False,
     """A search point's columns; where it simulates (a latency SLO, ``pick: fastest``), the
     simulation at the value found too; with ``pick: fastest``, that value (``fastest_<field>``)
     beside the largest."""
-    return ["profile", "model", "policy", "batch", "context", "gen", "tensor_parallel", field,
+    return ["profile", "model", "policy", "batch", "context", "gen", "tensor_parallel",
+            "data_parallel", field,
             column, "feasible", "reason", *SEARCH_COLUMNS, *(SLO_COLUMNS if simulates else ()),
             *((f"fastest_{field}",) if fastest else ())]
 
