@@ -96,7 +96,7 @@ def clear_cache() -> None:
 #: A tier has read and write bandwidth; ``tiers.X.bandwidth_gbps`` sets both at once.
 _TIER_BANDWIDTH_SHORTHAND = ("read_bandwidth_gbps", "write_bandwidth_gbps")
 #: Groups whose keys are data, not schema: a new dtype may be added (validation checks it).
-_OPEN_GROUPS = ("peak_tflops",)
+_OPEN_GROUPS = ("peak_tflops", "pcie_switches")  # groups an override may add entries to
 
 
 def profile_with_overrides(

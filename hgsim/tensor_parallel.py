@@ -32,8 +32,10 @@ all-reduce stays in its own group, and the system counts every copy.
 Results are then for the whole system: throughput is rank 0's (every rank decodes the same
 sequences), memory fit is per rank, and energy and cost count the ``n`` GPUs and the host once
 (``system_profile``, ``system_activity``). Ranks are the first ``n`` GPUs the profile lists.
-Left out: pipeline parallelism, collectives overlapped with compute, a PCIe switch shared by
-several GPUs (a profile gives every GPU its own PCIe link).
+GPUs behind one PCIe switch (``pcie_switches``) share its uplink: rank 0's link to the host is
+its own link and the uplink over the ranks behind the switch, as one (``host_link``). Left out:
+pipeline parallelism, collectives overlapped with compute, peer-to-peer traffic through a
+switch.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import math
 from dataclasses import dataclass, field
 
 from hgsim.errors import UserError
-from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.hardware import HardwareProfile, LinkSpec
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
 
 FIELD = "workload.tensor_parallel"
@@ -151,18 +153,46 @@ def held_by_other_ranks(profile: HardwareProfile, n: int, host_shared: bool = Fa
             if tier.socket != home and on_socket[tier.socket] > 0}
 
 
+def behind_switches(profile: HardwareProfile, n: int) -> dict[str, int]:
+    """How many of the ``n`` ranks' GPUs sit behind each PCIe switch (a switch none of them
+    uses is left out)."""
+    out: dict[str, int] = {}
+    for gpu in rank_gpus(profile, n):
+        switch = profile.gpus[gpu].pcie_switch
+        if switch is not None:
+            out[switch] = out.get(switch, 0) + 1
+    return out
+
+
+def host_link(profile: HardwareProfile, gpu: str, sharing: int = 1) -> LinkSpec:
+    """GPU ``gpu``'s way to its root complex as one PCIe link: its own link, and where it
+    sits behind a switch, the switch's uplink shared by ``sharing`` GPUs copying at once
+    (identical ranks copy in lock-step): bandwidth the lesser of the two, latency the link's
+    plus one traversal of the switch."""
+    spec = profile.gpus[gpu]
+    link = profile.links[spec.link]
+    if spec.pcie_switch is None:
+        return link
+    switch = profile.pcie_switches[spec.pcie_switch]
+    return link.model_copy(update={
+        "bandwidth_gbps": min(link.bandwidth_gbps, switch.uplink_bandwidth_gbps / sharing),
+        "latency_ns": link.latency_ns + switch.latency_ns})
+
+
 def rank_profile(profile: HardwareProfile, n: int, host_shared: bool = False
                  ) -> HardwareProfile:
     """The hardware as rank 0 of ``n`` sees it: its GPU alone (with its own HBM and PCIe link,
     no NVLink: collectives are ``AllReduce``'s), every shared host resource divided by its
     sharers (``sharers``), without the tiers other ranks hold (``held_by_other_ranks``) and
-    their links. A one-GPU profile at ``n`` = 1 is returned unchanged."""
+    their links; a PCIe switch folded into the GPU's link (``host_link``). A one-GPU profile
+    at ``n`` = 1 with no switch is returned unchanged."""
     gpus = rank_gpus(profile, n)
-    if n == 1 and len(profile.gpus) == 1:
+    gpu = gpus[0]
+    switch = profile.gpus[gpu].pcie_switch
+    if n == 1 and len(profile.gpus) == 1 and switch is None:
         return profile
     share = sharers(profile, n, host_shared)
     held = held_by_other_ranks(profile, n, host_shared)
-    gpu = gpus[0]
     sockets = {
         name: s.model_copy(update={"cores": max(s.cores // share[name], 1)})
         if share[name] > 1 else s
@@ -174,18 +204,23 @@ def rank_profile(profile: HardwareProfile, n: int, host_shared: bool = False
             "write_bandwidth_gbps": t.write_bandwidth_gbps / share[name]})
         if share[name] > 1 else t
         for name, t in profile.tiers.items() if name not in held}
+    own = profile.gpus[gpu].link
+    # behind a switch the GPU's link and the switch's uplink act as one link, named for both
+    # (what binds then says "pcie0 via sw0 h2d")
+    own_name = own if switch is None else f"{own} via {switch}"
     links = {}
     for name, link in profile.links.items():
         if set(link.endpoints) & held:
             continue
-        if name == profile.gpus[gpu].link:
-            links[name] = link
+        if name == own:
+            links[own_name] = host_link(profile, gpu, behind_switches(profile, n).get(switch, 1))
         elif name in share:
             links[name] = (link.model_copy(update={
                 "bandwidth_gbps": link.bandwidth_gbps / share[name]})
                 if share[name] > 1 else link)
-    return profile.model_copy(update={"gpus": {gpu: profile.gpus[gpu]}, "sockets": sockets,
-                                      "tiers": tiers, "links": links})
+    alone = profile.gpus[gpu].model_copy(update={"pcie_switch": None, "link": own_name})
+    return profile.model_copy(update={"gpus": {gpu: alone}, "sockets": sockets, "tiers": tiers,
+                                      "links": links, "pcie_switches": {}})
 
 
 def system_profile(profile: HardwareProfile, n: int) -> HardwareProfile:
@@ -304,11 +339,14 @@ def _host_hop(profile: HardwareProfile, a: str, b: str, n: int,
               share: dict[str, int]) -> tuple[float, float, list[str]]:
     """Bandwidth, latency and links of one ring step through host memory: GPU ``a`` writes
     its share to host DRAM of its socket over its PCIe link, GPU ``b`` reads it over its own
-    (crossing UPI where their sockets differ); the staging DRAM's write and read bandwidth
+    (each through its switch, if any, shared by the ranks behind it: ``host_link``; crossing
+    UPI where their sockets differ); the staging DRAM's write and read bandwidth
     shared by the ranks on its socket. The latency is the route's (links and DRAM), without
     the collective library's own overhead: a lower bound."""
     ga, gb = profile.gpus[a], profile.gpus[b]
-    la, lb = profile.links[ga.link], profile.links[gb.link]
+    behind = behind_switches(profile, n)
+    la = host_link(profile, a, behind.get(ga.pcie_switch, 1))
+    lb = host_link(profile, b, behind.get(gb.pcie_switch, 1))
     ddr = [t for t, spec in profile.tiers.items()
            if spec.kind == "ddr" and spec.socket == ga.socket] or list(profile.tiers)
     tier = profile.tiers[ddr[0]]

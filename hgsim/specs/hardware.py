@@ -56,6 +56,9 @@ class GpuSpec(SpecModel):
     graph_kernel_gap_us: float | None = Field(default=None, ge=0)
     socket: str  # the socket whose root complex the GPU hangs off
     link: str  # the PCIe link to that socket
+    # The PCIe switch the GPU sits behind (a name in the profile's ``pcie_switches``; None:
+    # its link runs to the root complex alone). GPUs behind one switch share its uplink.
+    pcie_switch: str | None = None
     # Energy (hgsim/energy.py): idle power all the time, plus energy per FLOP and per bit of
     # device-memory traffic, the average capped at the board's power limit.
     idle_power_w: float | None = Optional
@@ -207,6 +210,17 @@ class LinkSpec(SpecModel):
     source: str | None = None
 
 
+class PcieSwitchSpec(SpecModel):
+    """A PCIe switch between GPUs and their socket's root complex: every GPU behind it reaches
+    the host through its one uplink, so GPUs copying at once share the uplink's bandwidth (a
+    GPU's own link is then its port on the switch), and each copy crosses the switch."""
+
+    socket: str  # the socket whose root complex the uplink runs to
+    uplink_bandwidth_gbps: float = Positive  # per direction, achievable
+    latency_ns: float = Field(ge=0)  # one traversal of the switch, added to a GPU link's
+    source: str | None = None
+
+
 class CostSpec(SpecModel):
     """What the machine costs beyond its components (hgsim/cost.py): the server it sits in,
     how long it is paid off over, and what its electricity costs at the wall."""
@@ -225,6 +239,7 @@ class HardwareProfile(SpecModel):
     sockets: dict[str, CpuSocketSpec]
     tiers: dict[str, MemoryTierSpec]
     links: dict[str, LinkSpec]
+    pcie_switches: dict[str, PcieSwitchSpec] = Field(default_factory=dict)
     cost: CostSpec | None = None
 
     @field_validator("name")
@@ -260,6 +275,18 @@ class HardwareProfile(SpecModel):
                 raise ValueError(
                     f"gpus.{name}.link: '{gpu.link}' must be a pcie link between {gpu.socket} and {name}"
                 )
+            if gpu.pcie_switch is not None:
+                switch = self.pcie_switches.get(gpu.pcie_switch)
+                if switch is None:
+                    raise _ref_error(f"gpus.{name}.pcie_switch", gpu.pcie_switch, "PCIe switch",
+                                     self.pcie_switches)
+                if switch.socket != gpu.socket:
+                    raise ValueError(f"gpus.{name}.pcie_switch: '{gpu.pcie_switch}' runs to "
+                                     f"{switch.socket}, the GPU hangs off {gpu.socket}")
+        for name, switch in self.pcie_switches.items():
+            if switch.socket not in self.sockets:
+                raise _ref_error(f"pcie_switches.{name}.socket", switch.socket, "socket",
+                                 self.sockets)
         for name, tier in self.tiers.items():
             if tier.socket not in self.sockets:
                 raise _ref_error(f"tiers.{name}.socket", tier.socket, "socket", self.sockets)

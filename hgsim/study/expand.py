@@ -444,12 +444,15 @@ def _check_hardware_axes(study: Study, doc: YamlDocument, resolver: _Resolver) -
                                   enumerate(values)]
         for path, values in axes.items() if path.startswith("hardware.")
     }
+    base_values = {key: value for key, (value, _) in base_hw.items()}
     for name, ploc in zip(profiles, profile_locs, strict=True):
         for key, (value, loc) in base_hw.items():
             resolver.overridden(name, {key: value}, {key: loc}, ploc)
+        # each axis value on the base's overrides (a value may name what the base adds, e.g. a
+        # PCIe switch); the base alone passed, so what fails now is the value's
         for key, values in hw_axes.items():
             for value, loc in values:
-                resolver.overridden(name, {key: value}, {key: loc}, ploc)
+                resolver.overridden(name, {**base_values, key: value}, {key: loc}, loc)
 
 
 def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver) -> Point:
