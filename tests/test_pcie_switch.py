@@ -97,3 +97,14 @@ def test_a_bad_switch_is_one_line_naming_the_field(overrides, words):
     with pytest.raises(ConfigError) as info:
         profile_with_overrides(load_profile(HGX), overrides)
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_the_profile_table_lists_each_switch_with_the_gpus_behind_it():
+    from rich.console import Console
+
+    from hgsim.commands.profiles import _links_table
+
+    screen = Console(width=200, record=True)
+    screen.print(_links_table(switched(4)))
+    text = screen.export_text()
+    assert "sw0 uplink" in text and "cpu0 <-> gpu0, gpu1, gpu2, gpu3" in text

@@ -106,7 +106,8 @@ def _show(name: str) -> int:
     sources = [
         (f"{group}.{key}", spec.source)
         for group, items in (("gpus", profile.gpus), ("sockets", profile.sockets),
-                             ("tiers", profile.tiers), ("links", profile.links))
+                             ("tiers", profile.tiers), ("links", profile.links),
+                             ("pcie_switches", profile.pcie_switches))
         for key, spec in items.items()
         if spec.source
     ]
@@ -172,9 +173,15 @@ def _links_table(profile: HardwareProfile) -> Table:
     for header, right in (("name", False), ("kind", False), ("endpoints", False),
                           ("GB/s", True), ("latency ns", True)):
         table.add_column(header, justify="right" if right else "left")
+    behind = {name: [g for g, spec in profile.gpus.items() if spec.pcie_switch == name]
+              for name in profile.pcie_switches}
     for name, link in profile.links.items():
         table.add_row(name, link.kind, " <-> ".join(link.endpoints), fmt(link.bandwidth_gbps),
                       fmt(link.latency_ns))
+    for name, switch in profile.pcie_switches.items():  # one uplink for the GPUs behind it
+        gpus = ", ".join(behind[name]) or "no GPU"
+        table.add_row(f"{name} uplink", "pcie switch", f"{switch.socket} <-> {gpus}",
+                      fmt(switch.uplink_bandwidth_gbps), fmt(switch.latency_ns))
     return table
 
 
