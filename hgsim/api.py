@@ -60,6 +60,7 @@ def simulate(
     prefill_chunk_tokens: int | str | None = None,
     tensor_parallel: int = 1,
     data_parallel: int = 1,
+    gpu_placement: str = "packed",
     options: Mapping[str, Any] | None = None,
     hardware: Mapping[str, Any] | None = None,
     samples: int = 32,
@@ -77,7 +78,9 @@ def simulate(
     ``tensor_parallel`` shards the model over the profile's first N GPUs (``hgsim.tensor_parallel``:
     throughput the system's, memory per GPU, energy and cost the N GPUs' and the host's);
     ``data_parallel`` runs that many copies of it side by side, each on its own GPUs decoding its
-    own ``batch`` sequences, all sharing the host (throughput every copy's). ``options``
+    own ``batch`` sequences, all sharing the host (throughput every copy's), on the GPUs
+    ``gpu_placement`` picks (``packed``: the profile's order; ``spread``: each copy on the next
+    socket). ``options``
     are the policy's options (``hgsim policies NAME`` lists them), ``hardware`` dotted profile
     overrides (see ``with_overrides``), ``samples`` the decode steps simulated in full (0: all),
     ``selection`` the approximate selectors' parameters the accuracy proxy scores with
@@ -115,7 +118,8 @@ def simulate(
                                        weight_dtype=weight_dtype, include_prefill=prefill,
                                        prefill_chunk_tokens=prefill_chunk_tokens,
                                        tensor_parallel=tensor_parallel,
-                                       data_parallel=data_parallel),
+                                       data_parallel=data_parallel,
+                                       gpu_placement=gpu_placement),
                         names={"include_prefill": "prefill"})
     if prefill_chunk_tokens is not None and not prefill:  # else silently no prefill at all
         raise UserError("chunks the prompt's prefill, which runs only with prefill=True",

@@ -81,6 +81,7 @@ class SimResult:
     # copies of the model decoding their own sequences side by side on the host (data
     # parallelism): tokens_per_s counts every replica's; latencies are one replica's
     data_parallel: int = 1
+    gpu_placement: str = "packed"  # which GPUs the copies took (Workload.gpu_placement)
 
     # ------------------------------------------------------------------ derived metrics
     @property
@@ -214,6 +215,7 @@ class SimResult:
             "profile": self.profile, "model": self.model, "policy": self.policy,
             "batch": self.batch, "context": self.context, "gen": self.gen,
             "tensor_parallel": self.tensor_parallel, "data_parallel": self.data_parallel,
+            "gpu_placement": self.gpu_placement,
             "feasible": self.feasible, "reason": self.reason or "",
         }
         if self.feasible and self.steps:

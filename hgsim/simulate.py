@@ -137,7 +137,7 @@ def simulate_prepared(
     wall0 = time.perf_counter()
     # tensor parallelism: rank 0's shard on its share of the host, the system counted whole
     view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options),
-                     workload.data_parallel)
+                     workload.data_parallel, workload.gpu_placement)
     system = view.system
     pol = make_policy(policy, model, profile, workload, policy_options,
                       attention=fidelity.attention)
@@ -149,6 +149,7 @@ def simulate_prepared(
         capex_usd=tco.capex_usd(system), capex_usd_per_s=tco.capex_usd_per_s(system),
         electricity_usd_per_j=tco.electricity_usd_per_j(system),
         tensor_parallel=workload.tensor_parallel, data_parallel=workload.data_parallel,
+        gpu_placement=workload.gpu_placement,
     )
     if workload.include_prefill:  # tokens per chunk, as run (the whole prompt: one chunk)
         result.prefill_chunk_tokens = prefill_chunks(workload.context,
@@ -265,7 +266,7 @@ def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *
     from ``profile`` and ``model`` when not given; ``host_shared``: every rank's host work on
     the same sockets, ``hgsim.policies.base.host_shared``), and the engine issues the all-reduces."""
     view = view or rank_view(profile, model, workload.tensor_parallel, host_shared,
-                             workload.data_parallel)
+                             workload.data_parallel, workload.gpu_placement)
     machine = Machine(simpy.Environment(), view.profile, record=record)
     return DecodeEngine(machine, view.model, workload.kv_dtype, workload.weight_dtype,
                         attention_only=workload.attention_only, attention=attention,

@@ -422,16 +422,48 @@ def check_data_parallel(profile: HardwareProfile, n: int, replicas: int) -> None
                         field=DP_FIELD)
 
 
+def placed_profile(profile: HardwareProfile, n: int, replicas: int = 1,
+                   placement: str = "packed") -> HardwareProfile:
+    """``profile`` with its GPUs listed in rank order, as ``placement`` puts ``replicas``
+    copies of an ``n``-GPU group on them: ``packed``, the profile's own order (copies fill one
+    socket's GPUs before the next's); ``spread``, each copy's ``n`` GPUs from the next socket
+    in turn that still has ``n`` free (sockets in the order their first GPU is listed, GPUs in
+    the profile's order within a socket: two copies on a two-socket host, one per socket), then
+    whatever is left as listed. ``profile`` itself where the order does not change."""
+    if placement == "packed" or replicas == 1:
+        return profile
+    free: dict[str, list[str]] = {}
+    for gpu, spec in profile.gpus.items():
+        free.setdefault(spec.socket, []).append(gpu)
+    order: list[str] = []
+    while True:
+        took = False
+        for socket in free:
+            if len(free[socket]) >= n:
+                order += free[socket][:n]
+                del free[socket][:n]
+                took = True
+        if not took:
+            break
+    order += [g for g in profile.gpus if g not in order]
+    if order == list(profile.gpus):
+        return profile
+    return profile.model_copy(update={"gpus": {g: profile.gpus[g] for g in order}})
+
+
 def rank_view(profile: HardwareProfile, model: ModelSpec, n: int,
-              host_shared: bool = False, replicas: int = 1) -> RankView:
+              host_shared: bool = False, replicas: int = 1,
+              placement: str = "packed") -> RankView:
     """``n``-way TP of ``model`` on ``profile`` as rank 0 runs it (``n`` = 1 on a one-GPU
     profile: the model and profile unchanged); ``host_shared``: every rank's host work on the
     same sockets (``sharers``); ``replicas``: that many copies of the model (data
-    parallelism), each on the next ``n`` GPUs, decoding their own sequences, all sharing the
-    host: rank 0 sees the host divided among ``n x replicas`` ranks, its all-reduce stays
-    within its own replica's ``n`` GPUs."""
+    parallelism), each on the next ``n`` GPUs in the order ``placement`` gives
+    (``placed_profile``), decoding their own sequences, all sharing the host: rank 0 sees the
+    host divided among ``n x replicas`` ranks, its all-reduce stays within its own replica's
+    ``n`` GPUs."""
     check_tensor_parallel(model, n)
     check_data_parallel(profile, n, replicas)
+    profile = placed_profile(profile, n, replicas, placement)
     ranks = n * replicas
     return RankView(n, shard_model(model, n), rank_profile(profile, ranks, host_shared),
                     ring_allreduce(profile, n, ranks), system_profile(profile, ranks),

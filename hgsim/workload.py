@@ -33,6 +33,9 @@ class Workload(SpecModel):
     # copies of the model (data parallelism), each on the next tensor_parallel GPUs decoding its
     # own ``batch`` sequences, all sharing the host (hgsim.tensor_parallel.rank_view)
     data_parallel: int = Field(default=1, gt=0)
+    # which GPUs the copies take (hgsim.tensor_parallel.placed_profile): ``packed``, the
+    # profile's order (one socket's GPUs first); ``spread``, each copy on the next socket
+    gpu_placement: Literal["packed", "spread"] = "packed"
 
     @field_validator("context", "gen", "batch", mode="before")
     @classmethod

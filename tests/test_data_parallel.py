@@ -140,3 +140,42 @@ sweep:
         study("[1, 9]")
     text = str(info.value)
     assert "dp.yaml:8" in text and "workload.data_parallel[1]" in text and "\n" not in text
+
+
+def test_spread_puts_each_copy_on_the_next_socket():
+    from hgsim.tensor_parallel import placed_profile
+
+    profile = load_profile(HGX)
+    order = {(n, d): list(placed_profile(profile, n, d, "spread").gpus)[:n * d]
+             for n, d in ((1, 2), (1, 8), (2, 2), (4, 2), (3, 2))}
+    assert order[1, 2] == ["gpu0", "gpu4"]
+    assert order[1, 8] == ["gpu0", "gpu4", "gpu1", "gpu5", "gpu2", "gpu6", "gpu3", "gpu7"]
+    assert order[2, 2] == ["gpu0", "gpu1", "gpu4", "gpu5"]
+    assert order[4, 2] == [f"gpu{i}" for i in range(8)]
+    assert order[3, 2] == ["gpu0", "gpu1", "gpu2", "gpu4", "gpu5", "gpu6"]
+    assert placed_profile(profile, 1, 2, "packed") is profile
+    assert placed_profile(profile, 4, 2, "spread") is profile  # the listed order already
+
+
+def test_two_spread_copies_run_as_one_copy_on_each_socket():
+    """Spread, two copies of HybridGen at 128k each have a socket to themselves: each runs as
+    one copy alone does, twice the tokens; packed they share cpu0 and run slower."""
+    one = _run("hybridgen", "128k", 1)
+    workload = Workload(context="128k", batch=4, gen=4, data_parallel=2, gpu_placement="spread")
+    spread = simulate(HGX, "llama-3.1-8b", "hybridgen", workload, fidelity=FAST)
+    packed = _run("hybridgen", "128k", 2)
+    assert spread.tokens_per_s == pytest.approx(2 * one.tokens_per_s, rel=1e-9)
+    assert packed.tokens_per_s < 0.97 * spread.tokens_per_s
+    assert spread.to_row()["gpu_placement"] == "spread"
+    # energy: one copy's host work on each socket
+    assert spread.energy_j["cpu0"] == pytest.approx(spread.energy_j["cpu1"], rel=1e-9)
+    assert spread.energy_j["gpu4"] == pytest.approx(spread.energy_j["gpu0"], rel=1e-9)
+    assert "gpu1" not in spread.energy_j  # the GPUs the copies took, not the first two
+
+
+def test_cli_spreads_copies():
+    out = run_cli("simulate", "--profile", HGX, "--model", "llama-3.1-8b", "--context", "128k",
+                  "--gen", "2", "--samples", "2", "--data-parallel", "2", "--gpu-placement",
+                  "spread")
+    assert out.returncode == 0, out.stderr
+    assert "replicas 2, spread" in out.stdout

@@ -50,6 +50,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run N copies of the model side by side, each on its own GPUs (the "
                         "next --tensor-parallel of them) decoding its own --batch sequences, "
                         "all sharing the host (default 1; docs/model.md, data parallelism)")
+    p.add_argument("--gpu-placement", choices=["packed", "spread"], default="packed",
+                   help="which GPUs the copies take: packed, the profile's order (one socket's "
+                        "GPUs first; default), or spread, each copy on the next socket")
     p.add_argument("--prefill", action="store_true", help="also simulate the prompt's prefill")
     p.add_argument("--prefill-chunk", metavar="TOKENS",
                    help="prefill each sequence's prompt in chunks of TOKENS, e.g. 8k, or 'auto': "
@@ -139,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
             gen=count(args.gen, "--gen"), kv_dtype=args.kv_dtype, include_prefill=args.prefill,
             prefill_chunk_tokens=args.prefill_chunk,  # a count or auto, checked by Workload
             tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
+            gpu_placement=args.gpu_placement,
         )
     except ValidationError as exc:
         from hgsim.config_io import humane
@@ -308,6 +312,8 @@ def print_result(result: SimResult) -> None:
         parallel = " x ".join(
             f"{what} {n}" for what, n in (("tensor parallel", result.tensor_parallel),
                                           ("replicas", result.data_parallel)) if n > 1)
+        if result.data_parallel > 1:
+            parallel += f", {result.gpu_placement}"
         title += (f" | {parallel} (memory per GPU; tokens/s, energy and cost: every GPU and "
                   "the host)")
     memory = memory_table(result)

@@ -106,7 +106,8 @@ def make_policy(name: str, model, profile, workload, options: dict[str, Any] | N
         raise UserError(str(exc), field="policy") from None
     # tensor parallelism: the policy places rank 0's shard in its share of the machine
     view = rank_view(profile, model, getattr(workload, "tensor_parallel", 1),
-                     host_shared(options), getattr(workload, "data_parallel", 1))
+                     host_shared(options), getattr(workload, "data_parallel", 1),
+                     getattr(workload, "gpu_placement", "packed"))
     return cls(view.model, view.profile, workload, checked_options(name, options),
                attention=attention)
 

@@ -91,6 +91,7 @@ def search_point(spec) -> dict[str, Any]:
         "batch": spec.workload.batch, "context": spec.workload.context, "gen": spec.workload.gen,
         "tensor_parallel": spec.workload.tensor_parallel,
         "data_parallel": spec.workload.data_parallel,
+        "gpu_placement": spec.workload.gpu_placement,
         field: chosen,  # the searched quantity at its maximum, or the fastest value up to it
         search.column: best, "feasible": best is not None, "capped": capped,
         "limit": limit, "limit_reason": reason or "", "probes": probes,

@@ -511,7 +511,8 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     try:  # the model shards over the profile's GPUs (hgsim.tensor_parallel), every replica's
         from hgsim.tensor_parallel import rank_view
 
-        rank_view(profile, model, workload.tensor_parallel, replicas=workload.data_parallel)
+        rank_view(profile, model, workload.tensor_parallel, replicas=workload.data_parallel,
+                  placement=workload.gpu_placement)
     except UserError as exc:
         field = str(exc.field or "").removeprefix("workload.")
         raise doc.error(wl_locs.get(field, wl_locs.get("tensor_parallel", profile_loc)),
@@ -548,10 +549,12 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         "model": model_hash,
         "policy": policy,
         "policy_options": canonical_options,
-        # one GPU (tensor_parallel 1, one replica) keeps the key points had before the fields
+        # one GPU (tensor_parallel 1, one replica, packed) keeps the key points had before
+        # those fields existed
         "workload": workload.model_dump(mode="json", exclude={
-            name for name in ("tensor_parallel", "data_parallel")
-            if getattr(workload, name) == 1}),
+            name for name, default in (("tensor_parallel", 1), ("data_parallel", 1),
+                                       ("gpu_placement", "packed"))
+            if getattr(workload, name) == default}),
         # a search sizes memory alone: of the fidelity only the attention shape can move it
         # (HybridGen's group-union landing buffers); none set keeps the key it always had.
         # A latency SLO or ``pick: fastest`` simulates: then all of the fidelity counts

@@ -51,7 +51,7 @@ def search_columns(field: str, column: str, simulates: bool = False,
     simulation at the value found too; with ``pick: fastest``, that value (``fastest_<field>``)
     beside the largest."""
     return ["profile", "model", "policy", "batch", "context", "gen", "tensor_parallel",
-            "data_parallel", field,
+            "data_parallel", "gpu_placement", field,
             column, "feasible", "reason", *SEARCH_COLUMNS, *(SLO_COLUMNS if simulates else ()),
             *((f"fastest_{field}",) if fastest else ())]
 
