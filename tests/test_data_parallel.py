@@ -179,3 +179,4 @@ def test_cli_spreads_copies():
                   "spread")
     assert out.returncode == 0, out.stderr
     assert "replicas 2, spread" in out.stdout
+    assert "(2 copies x " in out.stdout  # the system's throughput and one copy's

@@ -235,7 +235,9 @@ def summary_rows(result: SimResult) -> list[tuple[str, str]]:
         ("per-token latency mean", f"{stats['mean']:.2f} ms"),
         ("per-token latency p50", f"{stats['p50']:.2f} ms"),
         ("per-token latency p99", f"{stats['p99']:.2f} ms"),
-        ("throughput", f"{result.tokens_per_s:.3g} tokens/s"),  # 0.64, not 0.6, when slow
+        ("throughput", f"{result.tokens_per_s:.3g} tokens/s"  # 0.64, not 0.6, when slow
+         + (f" ({result.data_parallel} copies x {result.tokens_per_s / result.data_parallel:.3g})"
+            if result.data_parallel > 1 else "")),
     ]
     if result.ttft_s == result.ttft_s:  # NaN: no prefill was simulated
         ttft = result.ttft_s
