@@ -36,7 +36,7 @@ FUZZ = settings(max_examples=200, deadline=None, database=None, suppress_health_
 SIMULATE = {"--profile": "dev-zen4-2core", "--model": "opt-6.7b", "--policy": "hybridgen",
             "--context": "1k", "--batch": "1", "--gen": "4", "--samples": "2"}
 SIMULATE_EXTRA = ["--kv-dtype", "--prefill-chunk", "--option", "--selection", "--trace",
-                  "--trace-max-gb", "--tensor-parallel", "--data-parallel"]
+                  "--trace-max-gb", "--tensor-parallel", "--data-parallel", "--gpu-placement"]
 
 
 @pytest.fixture(autouse=True)

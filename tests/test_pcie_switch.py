@@ -108,3 +108,17 @@ def test_the_profile_table_lists_each_switch_with_the_gpus_behind_it():
     screen.print(_links_table(switched(4)))
     text = screen.export_text()
     assert "sw0 uplink" in text and "cpu0 <-> gpu0, gpu1, gpu2, gpu3" in text
+
+
+def test_the_topology_tree_puts_gpus_under_their_switch():
+    from rich.console import Console
+
+    from hgsim.commands.profiles import _topology
+
+    screen = Console(width=200, record=True)
+    screen.print(_topology(switched(2)))
+    lines = screen.export_text().splitlines()
+    switch = next(i for i, line in enumerate(lines) if "sw0: PCIe switch, uplink 50 GB/s" in line)
+    depth = len(lines[switch]) - len(lines[switch].lstrip("│├└─ "))
+    gpu0 = next(i for i, line in enumerate(lines) if "gpu0: NVIDIA H100" in line)
+    assert gpu0 == switch + 1 and len(lines[gpu0]) - len(lines[gpu0].lstrip("│├└─ ")) > depth

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.tree import Tree
 
 from hgsim.errors import UserError, one_line
 from hgsim.profiles import list_profiles, load_profile, resolve_profile
@@ -78,7 +79,9 @@ def _summary(profile: HardwareProfile) -> list[str]:
     gpu = profile.gpus[profile.primary_gpu]
     ddr = sum(profile.tiers[t].capacity_gb for t in profile.tiers_of_kind("ddr"))
     cxl = sum(profile.tiers[t].capacity_gb for t in profile.tiers_of_kind("cxl"))
-    pcie = profile.links[gpu.link].bandwidth_gbps
+    from hgsim.tensor_parallel import host_link
+
+    pcie = host_link(profile, profile.primary_gpu).bandwidth_gbps  # through its switch, if any
     gpus = gpu.model if len(profile.gpus) == 1 else f"{len(profile.gpus)}x {gpu.model}"
     return [gpus, fmt(gpu.hbm_capacity_gb), fmt(ddr), fmt(cxl) if cxl else "-", fmt(pcie),
             profile.description]
@@ -95,6 +98,7 @@ def _show(name: str) -> int:
         f"host memory: {fmt(profile.host_capacity_bytes() / 1e9)} GB in {len(profile.tiers)} "
         f"tier(s); {len(profile.gpus)} GPU(s), {len(profile.sockets)} socket(s)\n"
     )
+    out.print(_topology(profile))
     for gpu_name, gpu in profile.gpus.items():
         out.print(_gpu_table(gpu_name, gpu))
     out.print(_sockets_table(profile))
@@ -118,6 +122,41 @@ def _show(name: str) -> int:
         for where, text in sources:
             out.print(f"  {where}: {text}")
     return 0
+
+
+def _topology(profile: HardwareProfile) -> Tree:
+    """The machine as a tree: each socket with its cores, the memory behind it and the GPUs on
+    its root complex (through their PCIe switch, if any); then what joins sockets and GPUs."""
+    tree = Tree("[bold]topology[/bold] (bandwidth per direction, achievable)")
+    for name, sock in profile.sockets.items():
+        branch = tree.add(f"{name}: {sock.model}, {sock.cores} cores")
+        for tier_name, tier in profile.tiers.items():
+            if tier.socket != name:
+                continue
+            via = (f", behind {tier.link} ({fmt(profile.links[tier.link].bandwidth_gbps)} GB/s)"
+                   if tier.link else "")
+            branch.add(f"{tier_name}: {tier.kind.upper()} {tier.capacity_gb:,.4g} GB, "
+                       f"{fmt(tier.read_bandwidth_gbps)} GB/s read, {fmt(tier.latency_ns)} ns"
+                       f"{via}")
+        switches = {s: branch.add(f"{s}: PCIe switch, uplink {fmt(spec.uplink_bandwidth_gbps)} "
+                                  f"GB/s, {fmt(spec.latency_ns)} ns")
+                    for s, spec in profile.pcie_switches.items() if spec.socket == name}
+        for gpu_name, gpu in profile.gpus.items():
+            if gpu.socket != name:
+                continue
+            parent = switches.get(gpu.pcie_switch, branch)
+            link = profile.links[gpu.link]
+            parent.add(f"{gpu_name}: {gpu.model}, {gpu.hbm_capacity_gb:,.4g} GB HBM, over "
+                       f"{gpu.link} ({fmt(link.bandwidth_gbps)} GB/s)")
+    for name, link in profile.links.items():
+        if link.kind == "upi":
+            tree.add(f"{name}: {' <-> '.join(link.endpoints)}, {fmt(link.bandwidth_gbps)} GB/s, "
+                     f"{fmt(link.latency_ns)} ns")
+    nvlinks = [link for link in profile.links.values() if link.kind == "nvlink"]
+    if nvlinks:
+        tree.add(f"NVLink: {len(nvlinks)} GPU pairs, {fmt(min(x.bandwidth_gbps for x in nvlinks))}"
+                 f" GB/s, {fmt(max(x.latency_ns for x in nvlinks))} ns per ring step")
+    return tree
 
 
 def _gpu_table(name: str, gpu) -> Table:
