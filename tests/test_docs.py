@@ -131,8 +131,10 @@ def test_readme_starts_with_the_two_setup_commands():
     bash = [b for b in page_blocks(REPO / "README.md") if b.info.startswith("bash")]
     assert bash[0].text.strip() == ('python -m pip install -c constraints/cpu.txt -e ".[hw]" && '
                                    "python -m hgsim study studies/cxl_sweep.yaml")
-    assert bash[1].text.strip() == ('python -m pip install -c constraints/cpu.txt -e '
-                                   '".[hw,dev]" && python -m pytest -q')
+    tests = ('python -m pip install -c constraints/cpu.txt -e ".[hw,dev]" && '
+             "python -m pytest -q -n logical --dist loadfile")
+    assert bash[1].text.strip() == tests
+    assert tests in (REPO / ".ci" / "run").read_text().splitlines()  # exactly what CI runs
 
 
 def test_every_page_is_checked_somewhere():
