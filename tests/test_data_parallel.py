@@ -114,21 +114,13 @@ def test_cli_runs_replicas_and_refuses_too_many_in_one_line():
 
 
 def test_a_study_sweeps_replicas_and_one_keeps_its_point_key(tmp_path):
+    from test_tensor_parallel import _study
+
     from hgsim.errors import ConfigError
     from hgsim.study.load import load_study
 
     def study(values: str):
-        path = tmp_path / "dp.yaml"
-        path.write_text(f"""name: dp
-base:
-  profile: {HGX}
-  model: llama-3.1-8b
-  workload: {{context: 8k, gen: 2}}
-sweep:
-  - grid:
-      workload.data_parallel: {values}
-""")
-        return load_study(path)
+        return _study(tmp_path, values, field="data_parallel", name="dp", model="llama-3.1-8b")
 
     points = study("[1, 8]").expansion.points
     plain = tmp_path / "plain.yaml"

@@ -343,18 +343,21 @@ def test_cli_runs_tensor_parallel():
 
 
 # ---------------------------------------------------------------------- studies
-def _study(tmp_path, degrees: str):
+def _study(tmp_path, degrees: str, field: str = "tensor_parallel", name: str = "tp",
+           model: str = "llama-3.1-70b"):
+    """A study of ``model`` on the HGX host sweeping ``workload.<field>`` over ``degrees``,
+    loaded from ``<name>.yaml`` (the sweep's values on its line 8)."""
     from hgsim.study.load import load_study
 
-    path = tmp_path / "tp.yaml"
-    path.write_text(f"""name: tp
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(f"""name: {name}
 base:
   profile: {HGX}
-  model: llama-3.1-70b
+  model: {model}
   workload: {{context: 8k, gen: 2}}
 sweep:
   - grid:
-      workload.tensor_parallel: {degrees}
+      workload.{field}: {degrees}
 """)
     return load_study(path)
 
