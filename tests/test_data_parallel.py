@@ -172,3 +172,11 @@ def test_cli_spreads_copies():
     assert out.returncode == 0, out.stderr
     assert "replicas 2, spread" in out.stdout
     assert "(2 copies x " in out.stdout  # the system's throughput and one copy's
+
+
+def test_cli_spread_without_copies_is_a_one_line_error():
+    out = run_cli("simulate", "--profile", HGX, "--model", "llama-3.1-8b", "--context", "8k",
+                  "--gen", "2", "--gpu-placement", "spread")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "--gpu-placement" in out.stderr and "--data-parallel 2" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1

@@ -157,6 +157,10 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None and not args.prefill:
         raise UserError("chunks the prompt's prefill, which runs only with --prefill: add it",
                         field="--prefill-chunk")
+    # spread places copies: with one there is nothing to place (else silently the packed run)
+    if args.gpu_placement != "packed" and args.data_parallel == 1:
+        raise UserError("spread places copies of the model, and --data-parallel asks for one: "
+                        "give --data-parallel 2 or more", field="--gpu-placement")
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
     # a limit without --trace: else silently nothing to limit (as --prefill-chunk)
