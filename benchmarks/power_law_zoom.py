@@ -26,28 +26,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # attention_concentration, beside it
+
+from attention_concentration import RECENT, SINKS, ratio_plan  # noqa: E402  (the same plan)
 
 from hgsim.accuracy import AttentionModelSpec, accuracy_proxy, clear_caches  # noqa: E402
-from hgsim.plan import (  # noqa: E402
-    CpuWork,
-    KvPlacement,
-    LayerPlan,
-    Merge,
-    Selector,
-    Transfer,
-)
-
-RECENT = 1024
-SINKS = 4
-
-
-def exact_topk(context: int, ratio: float) -> LayerPlan:
-    """An exact per-head top-``ratio`` of the tokens between 4 sinks and the newest 1,024."""
-    return LayerPlan(context=context, gpu_recent_tokens=RECENT, sink_tokens=SINKS,
-                     host_selected=round(ratio * (context - SINKS - RECENT)),
-                     cpu_work=CpuWork.LOGITS_TOPK, transfer=Transfer.LOGITS_AND_V,
-                     merge=Merge.SOFTMAX_UNION, selector=Selector.EXACT_TOPK,
-                     placement=KvPlacement({"ddr": 1.0}, {"ddr": 1.0}))
 
 
 def _with_seed(spec: AttentionModelSpec, seed: int) -> AttentionModelSpec:
@@ -94,7 +77,7 @@ def _seeded(spec: AttentionModelSpec, context: int, ratios: tuple[float, ...], s
     for seed in range(seeds):
         seeded = _with_seed(spec, seed)
         for r in ratios:
-            result = accuracy_proxy(exact_topk(context, r), seeded, max_tokens=max_tokens)
+            result = accuracy_proxy(ratio_plan(context, r), seeded, max_tokens=max_tokens)
             out[r][0].append(result.per_head_mass)
             out[r][1].append(result.per_head_error)
         clear_caches()  # one unscaled case in memory at a time
