@@ -10,6 +10,7 @@ from test_study_common import write_study
 
 from hgsim.simulate import Fidelity, simulate
 from hgsim.study import RunOptions, run_study
+from hgsim.study.execute import ExecOptions
 from hgsim.study.load import load_study, resolved_yaml
 from hgsim.study.schema import SearchSpec
 from hgsim.workload import Workload
@@ -42,12 +43,17 @@ def _latency_ms(policy: str, batch: int) -> float:
     return result.latency_stats_ms()["mean"]
 
 
+def _run_in_process(tmp_path, text: str):
+    """Run study ``text`` quietly in this process (one job) into ``tmp_path/out``."""
+    run = run_study(write_study(tmp_path, text), RunOptions(
+        out=tmp_path / "out", quiet=True, execution=ExecOptions(jobs=1)))
+    assert run.ok
+    return run
+
+
 def test_a_latency_slo_bounds_the_search_and_reports_the_simulation_there(tmp_path):
     out = tmp_path / "out"
-    options = RunOptions(out=out, quiet=True)
-    options.execution.jobs = 1
-    run = run_study(write_study(tmp_path, SLO_STUDY), options)
-    assert run.ok
+    run = _run_in_process(tmp_path, SLO_STUDY)
     frame = run.frame
     slo_col = "search.max_token_latency_ms"
     rows = {(r["policy"], None if r[slo_col] is None or (isinstance(r[slo_col], float) and
@@ -95,10 +101,7 @@ def test_a_latency_slo_bounds_the_search_and_reports_the_simulation_there(tmp_pa
 
 def test_nothing_within_the_slo_says_latency_and_leaves_the_metrics_empty(tmp_path):
     text = SLO_STUDY.replace("[null, 1000000, 60]", "[0.001]")
-    options = RunOptions(out=tmp_path / "out", quiet=True)
-    options.execution.jobs = 1
-    run = run_study(write_study(tmp_path, text), options)
-    assert run.ok
+    run = _run_in_process(tmp_path, text)
     for row in run.frame.to_dict("records"):
         assert not row["feasible"] and row["limit"] == "latency"
         assert pd.isna(row["max_batch"]) and pd.isna(row["tokens_per_s"])
@@ -184,10 +187,7 @@ sweep:
 
 
 def test_pick_fastest_answers_with_the_batch_that_decodes_fastest(tmp_path):
-    options = RunOptions(out=tmp_path / "out", quiet=True)
-    options.execution.jobs = 1
-    run = run_study(write_study(tmp_path, FASTEST_STUDY), options)
-    assert run.ok
+    _run_in_process(tmp_path, FASTEST_STUDY)
     row = pd.read_parquet(tmp_path / "out" / "results.parquet").iloc[0]
     largest, fastest = int(row["max_batch"]), int(row["fastest_batch"])
     assert row["batch"] == fastest and row["limit"] == "range" and largest == 20
