@@ -23,6 +23,10 @@ from typing import Any
 from hgsim.policies import make_policy
 from hgsim.study.schema import SearchSpec
 
+#: The workload's fields a search point's row carries as they were set (the searched one is
+#: replaced by what the search found).
+WORKLOAD_COLUMNS = ("batch", "context", "gen", "tensor_parallel", "data_parallel",
+                    "gpu_placement")
 #: Columns a search point produces besides the configuration columns.
 SEARCH_COLUMNS = ("capped", "limit", "limit_reason", "probes")
 #: Columns a search with a latency SLO adds: the simulation at the value found (NaN where
@@ -88,10 +92,7 @@ def search_point(spec) -> dict[str, Any]:
         limit = bound.get(search.lo if best is None else best + search.step, "memory")
     row = {
         "profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
-        "batch": spec.workload.batch, "context": spec.workload.context, "gen": spec.workload.gen,
-        "tensor_parallel": spec.workload.tensor_parallel,
-        "data_parallel": spec.workload.data_parallel,
-        "gpu_placement": spec.workload.gpu_placement,
+        **{name: getattr(spec.workload, name) for name in WORKLOAD_COLUMNS},
         field: chosen,  # the searched quantity at its maximum, or the fastest value up to it
         search.column: best, "feasible": best is not None, "capped": capped,
         "limit": limit, "limit_reason": reason or "", "probes": probes,

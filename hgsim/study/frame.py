@@ -15,7 +15,7 @@ import pandas as pd
 
 from hgsim.outputs import written_whole
 from hgsim.results import SimResult, StepTiming
-from hgsim.study.capacity_search import SEARCH_COLUMNS, SLO_COLUMNS
+from hgsim.study.capacity_search import SEARCH_COLUMNS, SLO_COLUMNS, WORKLOAD_COLUMNS
 from hgsim.study.expand import Expansion
 
 #: Columns added by the study runner to every row.
@@ -50,9 +50,8 @@ def search_columns(field: str, column: str, simulates: bool = False,
     """A search point's columns; where it simulates (a latency SLO, ``pick: fastest``), the
     simulation at the value found too; with ``pick: fastest``, that value (``fastest_<field>``)
     beside the largest."""
-    return ["profile", "model", "policy", "batch", "context", "gen", "tensor_parallel",
-            "data_parallel", "gpu_placement", field,
-            column, "feasible", "reason", *SEARCH_COLUMNS, *(SLO_COLUMNS if simulates else ()),
+    return ["profile", "model", "policy", *WORKLOAD_COLUMNS, field, column, "feasible",
+            "reason", *SEARCH_COLUMNS, *(SLO_COLUMNS if simulates else ()),
             *((f"fastest_{field}",) if fastest else ())]
 
 
