@@ -18,7 +18,7 @@ from hgsim import __version__
 from hgsim.errors import UserError, one_line
 
 # Order is the order shown in --help.
-COMMANDS = ["simulate", "run", "study", "profiles", "models", "policies", "attention", "calibrate",
+COMMANDS = ["simulate", "serve", "run", "study", "profiles", "models", "policies", "attention", "calibrate",
             "validate"]
 
 

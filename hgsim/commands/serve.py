@@ -1,0 +1,218 @@
+"""``hgsim serve``: an online server under a request load, or the highest load it sustains."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+from hgsim.commands.checks import count, non_negative
+from hgsim.commands.policy_options import named_as_flags, policy_options
+from hgsim.errors import UserError
+from hgsim.outputs import check_output_file, finite_for_json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve requests arriving at a rate (continuous batching): TTFT, TPOT, goodput",
+        description="Simulate an online server: requests arrive (Poisson at --rate, or a "
+                    "--trace), wait, join the running batch while memory allows and leave "
+                    "when done. Prints TTFT, TPOT and end-to-end percentiles and throughput; "
+                    "--find-rate searches the highest rate meeting an SLO (docs/serving.md).",
+    )
+    p.add_argument("--profile", required=True, help="profile name or YAML path")
+    p.add_argument("--model", required=True, help="model name or model file path")
+    p.add_argument("--policy", default="hybridgen", help="KV policy (default: hybridgen)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="policy option, e.g. topk_ratio=0.1 (repeatable)")
+    load = p.add_mutually_exclusive_group(required=True)
+    load.add_argument("--rate", type=float, metavar="REQ_PER_S",
+                      help="requests per second, arriving as a Poisson process")
+    load.add_argument("--find-rate", action="store_true",
+                      help="search the highest rate at which --attainment of the requests meet "
+                           "the SLO (--slo-ttft and/or --slo-tpot-ms)")
+    load.add_argument("--trace", metavar="REQUESTS.csv",
+                      help="requests from a CSV file: arrival_s, prompt_tokens, output_tokens")
+    p.add_argument("--prompt", default="32k", metavar="DIST",
+                   help="prompt tokens per request: 32k, uniform:8k:64k or lognormal:32k:0.5 "
+                        "(median, sigma) (default 32k)")
+    p.add_argument("--output", default="256", metavar="DIST",
+                   help="tokens generated per request, the same forms (default 256)")
+    p.add_argument("--requests", default="500", metavar="N",
+                   help="requests to serve (default 500)")
+    p.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default 0)")
+    p.add_argument("--max-batch", type=int, default=256, metavar="N",
+                   help="most requests decoded together (vLLM's max_num_seqs; default 256)")
+    p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
+                   help="element type of the KV cache (default fp16)")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="shard the model over the profile's first N GPUs (default 1)")
+    p.add_argument("--slo-ttft", type=float, metavar="SECONDS",
+                   help="time-to-first-token limit a request must meet")
+    p.add_argument("--slo-tpot-ms", type=float, metavar="MS",
+                   help="time-per-output-token limit a request must meet (milliseconds)")
+    p.add_argument("--attainment", type=float, default=0.9, metavar="SHARE",
+                   help="share of requests that must meet the SLO (default 0.9)")
+    p.add_argument("--requests-csv", metavar="OUT.csv",
+                   help="write one row per request (lengths, queueing, TTFT, TPOT)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def slo_of(args: argparse.Namespace):
+    from hgsim.serving import Slo
+
+    ttft = math.inf if args.slo_ttft is None else non_negative(args.slo_ttft, "--slo-ttft")
+    tpot = (math.inf if args.slo_tpot_ms is None
+            else non_negative(args.slo_tpot_ms, "--slo-tpot-ms") / 1e3)
+    attainment = non_negative(args.attainment, "--attainment", most=1.0)
+    if attainment == 0:
+        raise UserError("must be above 0 (every rate would meet it)", field="--attainment")
+    return Slo(ttft_s=ttft, tpot_s=tpot, attainment=attainment)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hgsim.catalog import get_model
+    from hgsim.profiles import load_profile
+    from hgsim.serving import (
+        LengthDist,
+        RequestMix,
+        StepTimes,
+        max_rate,
+        read_trace,
+        serve_requests,
+    )
+
+    if args.max_batch < 1:
+        raise UserError(f"must be >= 1, got {args.max_batch}", field="--max-batch")
+    if args.seed < 0:
+        raise UserError(f"must be >= 0, got {args.seed}", field="--seed")
+    if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
+        raise UserError(f"must be a positive number of requests per second, got {args.rate:g}",
+                        field="--rate")
+    slo = slo_of(args)
+    if args.find_rate and not slo.set:
+        raise UserError("searches the highest rate meeting an SLO: give --slo-ttft SECONDS "
+                        "and/or --slo-tpot-ms MS", field="--find-rate")
+    requests_n = count(args.requests, "--requests")
+    if requests_n < 1:
+        raise UserError(f"must be >= 1, got {requests_n}", field="--requests")
+    mix = RequestMix(LengthDist.parse(args.prompt, "--prompt"),
+                     LengthDist.parse(args.output, "--output"), count=requests_n, seed=args.seed)
+    trace = read_trace(args.trace) if args.trace else None
+    csv_path = (check_output_file(args.requests_csv, "--requests-csv")
+                if args.requests_csv is not None else None)
+    options = policy_options(args.option, args.policy)
+    model = get_model(args.model)
+    with named_as_flags():
+        times = StepTimes(load_profile(args.profile), model, args.policy, options,
+                          kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel)
+        times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
+    labels = {"profile": times.profile.name, "model": model.name, "policy": args.policy,
+              "max_batch": args.max_batch,
+              "prompt": "trace" if trace else str(mix.prompt),
+              "output": "trace" if trace else str(mix.output)}
+    bar = RequestBar(not args.no_progress)
+    with named_as_flags():
+        try:
+            if args.find_rate:
+                search = max_rate(times, mix, max_batch=args.max_batch, slo=slo, labels=labels,
+                                  on_probe=bar.probe)
+                result = search.result
+            else:
+                requests = trace if trace is not None else mix.requests(args.rate)
+                bar.start(len(requests))
+                result = serve_requests(times, requests, max_batch=args.max_batch,
+                                        rate_per_s=math.nan if trace else args.rate, slo=slo,
+                                        labels=labels, on_finish=bar.update)
+                search = None
+        finally:
+            bar.close()
+    if result is not None and csv_path is not None:
+        result.requests_frame().to_csv(csv_path, index=False)
+    row = result.summary() if result is not None else dict(labels)
+    if search is not None:
+        row["max_rate_per_s"] = search.rate_per_s if search.rate_per_s is not None else math.nan
+        row["rate_search"] = [{"rate_per_s": r, "slo_attainment": a} for r, a in search.probes]
+        row["rate_search_note"] = search.reason
+    if args.json:
+        print(json.dumps(finite_for_json(row), indent=2, default=str))
+    else:
+        print_summary(row, slo, search)
+    if csv_path is not None and result is not None:
+        print(f"\n{len(result.served)} requests written to {csv_path}")
+    return 0
+
+
+class RequestBar:
+    """Requests finished (one run) or rates tried (a search), on stderr when it is a
+    terminal."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.bar = None
+
+    def start(self, total: int) -> None:
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="req", desc="requests", dynamic_ncols=True,
+                            file=sys.stderr, leave=False)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def probe(self, rate: float, attainment: float) -> None:
+        if self.enabled:
+            print(f"  {rate:.4g} req/s: {attainment:.1%} met the SLO", file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def print_summary(row: dict, slo, search) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    title = (f"{row['model']} on {row['profile']}, {row['policy']}, max batch "
+             f"{row['max_batch']}, prompt {row['prompt']}, output {row['output']}")
+    if search is not None:
+        if search.rate_per_s is None:
+            console.print(f"[bold]{title}[/bold]\n[red]no rate meets the SLO[/red] ({slo}): "
+                          f"{search.reason}")
+        else:
+            console.print(f"[bold]{title}[/bold]\nhighest rate meeting {slo}: "
+                          f"[bold]{search.rate_per_s:.4g} requests/s[/bold] "
+                          f"({len(search.probes)} rates tried)")
+        if "requests" not in row:
+            return
+    summary = Table(title=title if search is None else "at that rate", title_justify="left",
+                    caption="batch: mean decoded together; busy: share of the time the engine "
+                            "ran; prefill: share of that spent prefilling", caption_justify="left")
+    for column in ("rate", "done", "rejected", "tokens/s", "req/s", "batch", "busy",
+                   "prefill"):
+        summary.add_column(column, justify="right")
+    summary.add_row(f"{row['rate_per_s']:.4g}/s" if math.isfinite(row["rate_per_s"])
+                    else "trace", str(row["completed"]), str(row["rejected"]),
+                    f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
+                    f"{row['mean_batch']:.3g}", f"{row['busy_fraction']:.0%}",
+                    f"{row['prefill_fraction']:.0%}")
+    console.print(summary)
+    latency = Table(title="latency per request (seconds; TPOT in ms)", title_justify="left")
+    latency.add_column("")
+    for q in ("mean", "p50", "p90", "p99"):
+        latency.add_column(q, justify="right")
+    for stem, name, scale in (("queue", "queueing", 1), ("ttft", "TTFT", 1),
+                              ("tpot", "TPOT (ms)", 1e3), ("e2e", "end to end", 1)):
+        latency.add_row(name, *(f"{row[f'{stem}_{q}_s'] * scale:.4g}"
+                                for q in ("mean", "p50", "p90", "p99")))
+    console.print(latency)
+    if "slo_attainment" in row:
+        console.print(f"SLO {slo}: {row['slo_attainment']:.1%} of requests met it "
+                      f"(goodput {row['goodput_requests_per_s']:.4g} requests/s)")

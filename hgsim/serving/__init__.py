@@ -1,0 +1,109 @@
+"""Online serving: requests arriving at a rate, continuous batching, TTFT/TPOT percentiles, and
+the highest rate a machine sustains within an SLO (docs/serving.md)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hgsim.errors import UserError
+from hgsim.serving.requests import LengthDist, Request, RequestMix, read_trace
+from hgsim.serving.result import ServeResult, Slo
+from hgsim.serving.server import run_server
+from hgsim.serving.step_times import StepTimes
+
+__all__ = ["LengthDist", "RateSearch", "Request", "RequestMix", "ServeResult", "Slo",
+           "StepTimes", "max_rate", "read_trace", "serve_requests"]
+
+
+def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
+                   rate_per_s: float = math.nan, slo: Slo | None = None,
+                   labels: dict[str, Any] | None = None,
+                   on_finish: Callable[[int], None] | None = None) -> ServeResult:
+    """Serve ``requests`` on the configuration ``times`` describes, to the last request."""
+    if not (isinstance(max_batch, int) and max_batch >= 1):
+        raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
+    server = run_server(times, requests, max_batch=max_batch, on_finish=on_finish)
+    return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
+                       iterations=server.iterations, slo=slo or Slo(), simulations=times.simulations)
+
+
+@dataclass
+class RateSearch:
+    """The highest Poisson rate whose requests meet the SLO often enough (None: none does),
+    its run, and every rate tried with the share of requests that met the SLO there."""
+
+    rate_per_s: float | None
+    result: ServeResult | None
+    probes: list[tuple[float, float]] = field(default_factory=list)
+    reason: str = ""
+
+
+def alone_s(times: StepTimes, mix: RequestMix) -> float:
+    """Seconds the median request of ``mix`` takes on an idle machine: the rate search's first
+    guess at a load (1 / this)."""
+    requests = mix.requests(1.0)
+    prompts = sorted(r.prompt_tokens for r in requests)
+    outputs = sorted(r.output_tokens for r in requests)
+    prompt, output = prompts[len(prompts) // 2], outputs[len(outputs) // 2]
+    return (times.prefill_s(prompt)
+            + (output - 1) * times.decode_step_s(1, prompt + output / 2))
+
+
+def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
+             tolerance: float = 0.02, labels: dict[str, Any] | None = None,
+             on_probe: Callable[[float, float], None] | None = None) -> RateSearch:
+    """Bisect the Poisson arrival rate (geometrically, to within ``tolerance``) for the highest
+    one at which at least ``slo.attainment`` of the requests meet ``slo``. The requests are
+    the same at every rate (``RequestMix``), so the share met falls with the rate."""
+    if not slo.set:
+        raise UserError("a rate search needs an SLO: a TTFT or a TPOT limit", field="slo")
+    if not 0 < tolerance < 1:
+        raise UserError(f"must be in (0, 1), got {tolerance!r}", field="tolerance")
+    probes: list[tuple[float, float]] = []
+    results: dict[float, ServeResult] = {}
+
+    def meets(rate: float) -> bool:
+        result = serve_requests(times, mix.requests(rate), max_batch=max_batch,
+                                rate_per_s=rate, slo=slo, labels=labels)
+        results[rate] = result
+        probes.append((rate, result.attainment))
+        if on_probe is not None:
+            on_probe(rate, result.attainment)
+        return result.attainment >= slo.attainment
+
+    alone = alone_s(times, mix)
+    if not (math.isfinite(alone) and alone > 0):
+        return RateSearch(None, None, probes, "the median request does not fit alone")
+    rate = 1.0 / alone
+    if meets(rate):
+        lo = rate
+        for _ in range(30):
+            rate *= 2
+            if not meets(rate):
+                break
+            lo = rate
+        else:
+            return RateSearch(lo, results[lo], probes, "met at every rate tried")
+        hi = rate
+    else:
+        hi = rate
+        for _ in range(20):
+            rate /= 2
+            if meets(rate):
+                break
+            hi = rate
+        else:
+            return RateSearch(None, results[rate], probes,
+                              f"the SLO is missed even at {rate:.3g} requests/s, where requests "
+                              f"rarely overlap")
+        lo = rate
+    while hi / lo > 1 + tolerance:
+        mid = math.sqrt(lo * hi)
+        if meets(mid):
+            lo = mid
+        else:
+            hi = mid
+    return RateSearch(lo, results[lo], probes)

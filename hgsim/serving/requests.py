@@ -1,0 +1,171 @@
+"""The requests an online server receives: when each arrives, its prompt and its output length.
+
+Arrivals are a Poisson process (exponential gaps) or a trace's own times. The gaps are drawn
+once at rate 1 and divided by the rate, so every rate sees the same requests in the same order
+with the same lengths (common random numbers): a rate search then compares loads, not draws.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hgsim.errors import UserError
+from hgsim.units import parse_count
+
+
+@dataclass(frozen=True)
+class Request:
+    id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int  # tokens generated, the first one by the prefill
+
+    @property
+    def final_tokens(self) -> int:
+        """Tokens in its KV cache when it finishes (what admission reserves)."""
+        return self.prompt_tokens + self.output_tokens
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """A distribution of token counts: ``32k`` (fixed), ``uniform:8k:64k``, or
+    ``lognormal:32k:0.5`` (median, sigma of the log; long-tailed like real prompt lengths),
+    drawn lengths rounded and clipped to at least 1."""
+
+    kind: str
+    a: float
+    b: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str | int, what: str) -> LengthDist:
+        if isinstance(text, int) and not isinstance(text, bool):
+            text = str(text)
+        if not isinstance(text, str):
+            raise UserError(f"expected a token count (32k), uniform:LO:HI or lognormal:MEDIAN:SIGMA,"
+                            f" got {text!r}", field=what)
+        parts = text.strip().split(":")
+        try:
+            if len(parts) == 1:
+                n = parse_count(parts[0])
+                dist = cls("fixed", n)
+            elif parts[0] == "uniform" and len(parts) == 3:
+                lo, hi = parse_count(parts[1]), parse_count(parts[2])
+                if not 1 <= lo <= hi:
+                    raise ValueError(f"needs 1 <= LO <= HI, got {lo} and {hi}")
+                dist = cls("uniform", lo, hi)
+            elif parts[0] == "lognormal" and len(parts) == 3:
+                median, sigma = parse_count(parts[1]), float(parts[2])
+                if not (math.isfinite(sigma) and 0 <= sigma <= 4):
+                    raise ValueError(f"SIGMA must be a number in [0, 4], got {parts[2]}")
+                dist = cls("lognormal", median, sigma)
+            else:
+                raise ValueError("expected a token count (32k), uniform:LO:HI or "
+                                 "lognormal:MEDIAN:SIGMA")
+        except ValueError as exc:
+            raise UserError(f"{exc} (in {text!r})", field=what) from None
+        if dist.a < 1:
+            raise UserError(f"needs at least 1 token, got {text!r}", field=what)
+        return dist
+
+    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        if self.kind == "fixed":
+            values = np.full(n, self.a)
+        elif self.kind == "uniform":
+            values = rng.integers(int(self.a), int(self.b) + 1, size=n)
+        else:
+            values = self.a * np.exp(self.b * rng.standard_normal(n))
+        return np.maximum(1, np.rint(values)).astype(np.int64)
+
+    def __str__(self) -> str:
+        if self.kind == "fixed":
+            return count_text(self.a)
+        if self.kind == "uniform":
+            return f"uniform:{count_text(self.a)}:{count_text(self.b)}"
+        return f"lognormal:{count_text(self.a)}:{self.b:g}"
+
+
+def count_text(n: float) -> str:
+    """A token count as people write it where exact: 32768 -> 32k, 1048576 -> 1M."""
+    n = int(n)
+    for unit, size in (("M", 1 << 20), ("k", 1 << 10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
+
+
+@dataclass(frozen=True)
+class RequestMix:
+    """Requests to serve: ``count`` of them, ``prompt`` and ``output`` lengths drawn from their
+    distributions, arriving as a Poisson process of ``rate_per_s`` (set per run)."""
+
+    prompt: LengthDist
+    output: LengthDist
+    count: int = 500
+    seed: int = 0
+
+    def requests(self, rate_per_s: float) -> list[Request]:
+        if not (math.isfinite(rate_per_s) and rate_per_s > 0):
+            raise UserError(f"must be a positive number of requests per second, got "
+                            f"{rate_per_s!r}", field="rate")
+        rng = np.random.default_rng(self.seed)
+        gaps = rng.exponential(1.0, size=self.count)  # at rate 1, scaled below
+        prompts = self.prompt.draw(rng, self.count)
+        outputs = self.output.draw(rng, self.count)
+        arrivals = np.cumsum(gaps) / rate_per_s
+        return [Request(i, float(t), int(p), int(o))
+                for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))]
+
+
+TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+
+
+def read_trace(path: str | Path) -> list[Request]:
+    """Requests from a CSV file with a header naming ``arrival_s`` (seconds from the start),
+    ``prompt_tokens`` and ``output_tokens``; other columns are ignored. A bad row is one line
+    naming the file, its line and the column."""
+    path = Path(path)
+    try:
+        handle = path.open(newline="", encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"cannot read it: {exc.strerror or exc}", source=str(path)) from None
+    requests: list[Request] = []
+    with handle:
+        try:
+            reader = csv.DictReader(handle)
+            missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+            if missing:
+                raise UserError(f"needs the columns {', '.join(TRACE_COLUMNS)}; missing "
+                                f"{', '.join(missing)}", source=f"{path}:1")
+            previous = 0.0
+            for row in reader:
+                line = reader.line_num
+                values = {}
+                for column in TRACE_COLUMNS:
+                    text = (row.get(column) or "").strip()
+                    try:
+                        values[column] = float(text) if column == "arrival_s" else int(text)
+                    except ValueError:
+                        raise UserError(f"{column}: expected a number, got {text!r}",
+                                        source=f"{path}:{line}") from None
+                t, p, o = values["arrival_s"], values["prompt_tokens"], values["output_tokens"]
+                if not (math.isfinite(t) and t >= previous):
+                    raise UserError(f"arrival_s: must be finite and not before the row above "
+                                    f"({previous:g}), got {t:g}", source=f"{path}:{line}")
+                for column, n in (("prompt_tokens", p), ("output_tokens", o)):
+                    if n < 1:
+                        raise UserError(f"{column}: must be at least 1, got {n}",
+                                        source=f"{path}:{line}")
+                requests.append(Request(len(requests), t, p, o))
+                previous = t
+        except UnicodeDecodeError:
+            raise UserError("not a text file (expected a UTF-8 CSV)", source=str(path)) from None
+        except csv.Error as exc:
+            raise UserError(f"not a CSV file: {exc}", source=str(path)) from None
+    if not requests:
+        raise UserError("has no requests (a header and one row per request)", source=str(path))
+    return requests

@@ -1,0 +1,113 @@
+"""What a serving run measured: each request's latencies and the run's percentiles.
+
+TTFT is arrival to first token (queueing plus prefill); TPOT, a request's mean time per output
+token after the first, ``(finish - first token) / (output - 1)``; end-to-end, arrival to last
+token. A request meets the SLO when its TTFT and its TPOT are both within their limits (a
+request of one token has no TPOT and meets that half); a rejected request never does.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hgsim.serving.server import Iteration, Served
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class Slo:
+    ttft_s: float = math.inf
+    tpot_s: float = math.inf
+    attainment: float = 0.9  # share of requests that must meet it (rate search)
+
+    @property
+    def set(self) -> bool:
+        return math.isfinite(self.ttft_s) or math.isfinite(self.tpot_s)
+
+    def met(self, ttft_s: float, tpot_s: float) -> bool:
+        return ttft_s <= self.ttft_s and (math.isnan(tpot_s) or tpot_s <= self.tpot_s)
+
+    def __str__(self) -> str:
+        parts = [f"TTFT <= {self.ttft_s:g} s" if math.isfinite(self.ttft_s) else "",
+                 f"TPOT <= {self.tpot_s * 1e3:g} ms" if math.isfinite(self.tpot_s) else ""]
+        return " and ".join(p for p in parts if p) + f" for {self.attainment:.0%} of requests"
+
+
+@dataclass
+class ServeResult:
+    """One run: the configuration's labels, every request, every iteration."""
+
+    labels: dict[str, Any]
+    rate_per_s: float  # offered (NaN for a trace's own arrival times)
+    served: list[Served]
+    iterations: list[Iteration]
+    slo: Slo = field(default_factory=Slo)
+    simulations: int = 0  # simulator runs the step times took (cells)
+
+    # ------------------------------------------------------------------ per request
+    def requests_frame(self):
+        """One row per request: lengths, times and its latencies (seconds)."""
+        import pandas as pd
+
+        rows = []
+        for s in self.served:
+            r = s.request
+            ttft = s.first_token_s - r.arrival_s
+            tpot = ((s.finish_s - s.first_token_s) / (r.output_tokens - 1)
+                    if r.output_tokens > 1 else math.nan)
+            rows.append({
+                "id": r.id, "arrival_s": r.arrival_s, "prompt_tokens": r.prompt_tokens,
+                "output_tokens": r.output_tokens, "queue_s": s.admitted_s - r.arrival_s,
+                "ttft_s": ttft, "tpot_s": tpot, "e2e_s": s.finish_s - r.arrival_s,
+                "rejected": s.rejected,
+                "slo_met": (not s.rejected) and self.slo.met(ttft, tpot),
+            })
+        return pd.DataFrame(rows)
+
+    # ------------------------------------------------------------------ the run
+    def summary(self) -> dict[str, Any]:
+        frame = self.requests_frame()
+        done = frame[frame.rejected == ""]
+        arrivals = frame.arrival_s.to_numpy()
+        finishes = done.arrival_s + done.e2e_s
+        span_s = float(finishes.max() - arrivals.min()) if len(done) else math.nan
+        decode_s = sum(it.decode_s for it in self.iterations)
+        batch_s = sum(it.batch * it.decode_s for it in self.iterations)
+        busy_s = sum(it.prefill_s + it.decode_s for it in self.iterations)
+        prefill_s = sum(it.prefill_s for it in self.iterations)
+        row: dict[str, Any] = {
+            **self.labels,
+            "rate_per_s": self.rate_per_s,
+            "requests": len(frame), "completed": len(done), "rejected": len(frame) - len(done),
+            "span_s": span_s,
+            "requests_per_s": len(done) / span_s if span_s > 0 else math.nan,
+            "output_tokens_per_s": (float(done.output_tokens.sum()) / span_s if span_s > 0
+                                    else math.nan),
+            "mean_batch": batch_s / decode_s if decode_s > 0 else math.nan,
+            "busy_fraction": busy_s / span_s if span_s > 0 else math.nan,
+            "prefill_fraction": prefill_s / busy_s if busy_s > 0 else math.nan,
+        }
+        for name in ("queue_s", "ttft_s", "tpot_s", "e2e_s"):
+            values = done[name].dropna().to_numpy()
+            stem = name[:-2]
+            row[f"{stem}_mean_s"] = float(values.mean()) if values.size else math.nan
+            for q in PERCENTILES:
+                row[f"{stem}_p{q}_s"] = (float(np.percentile(values, q)) if values.size
+                                         else math.nan)
+        if self.slo.set:
+            met = int(frame.slo_met.sum())
+            row["slo_ttft_s"], row["slo_tpot_s"] = self.slo.ttft_s, self.slo.tpot_s
+            row["slo_attainment"] = met / len(frame) if len(frame) else math.nan
+            row["goodput_requests_per_s"] = met / span_s if span_s > 0 else math.nan
+        row["simulations"] = self.simulations
+        return row
+
+    @property
+    def attainment(self) -> float:
+        frame = self.requests_frame()
+        return float(frame.slo_met.mean()) if len(frame) else math.nan

@@ -1,0 +1,180 @@
+"""How long one server iteration takes: the simulator's decode step and prefill, on a grid.
+
+A server's batch changes every iteration (requests join and leave, every context grows by a
+token), so simulating each iteration in full would cost the whole decode simulator per token.
+Instead the simulator runs once per *cell* of a geometric grid (``GRID_PER_OCTAVE`` points
+per doubling of the batch and of the context) and a step in between is interpolated linearly
+between the cell's corners. Cells are simulated when first needed and kept.
+
+Two approximations, both stated in docs/serving.md:
+
+* A batch of sequences with contexts c_1..c_B costs what B sequences of the mean context cost.
+  Every per-token cost of decoding is linear in the tokens read (the KV scans and gathers,
+  HybridGen's top-k over each sequence's host tokens), so the sum is what counts.
+* A cell's step time is the *settled* step: the last quarter of a ``SETTLE_STEPS``-step run,
+  after HybridGen's feedback scheduler has adapted its top-k ratio and GPU share from their
+  starting values (a serving engine's scheduler runs continuously; it does not restart at
+  every iteration).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hgsim.specs.hardware import HardwareProfile
+from hgsim.specs.model import ModelSpec
+
+GRID_PER_OCTAVE = 4  # decode cells per doubling of batch and context (19% apart)
+PREFILL_GRID_PER_OCTAVE = 8  # prefill cells per doubling of the prompt (9% apart)
+SETTLE_STEPS = 256  # decode steps a cell runs for its scheduler to settle
+SETTLE_SAMPLES = 32  # of them, simulated in full (the rest interpolated, as hgsim simulate)
+
+
+def grid_point(k: int, per_octave: int) -> int:
+    return max(1, round(2 ** (k / per_octave)))
+
+
+def bracket(x: float, per_octave: int) -> tuple[int, int]:
+    """The grid points ``round(2**(k/per_octave))`` nearest ``x`` below and above (the same
+    point twice when ``x`` is one); ``x >= 1``."""
+    k = math.floor(math.log2(x) * per_octave)
+    lo = k
+    while grid_point(lo, per_octave) > x:
+        lo -= 1
+    hi = k
+    while grid_point(hi, per_octave) < x:
+        hi += 1
+    return grid_point(lo, per_octave), grid_point(hi, per_octave)
+
+
+def between(x: float, lo: int, hi: int, at_lo: float, at_hi: float) -> float:
+    """Linear interpolation of the value at ``x`` from its values at ``lo`` and ``hi``."""
+    if hi == lo:
+        return at_lo
+    w = (x - lo) / (hi - lo)
+    return (1 - w) * at_lo + w * at_hi
+
+
+@dataclass
+class StepTimes:
+    """Decode-step and prefill seconds of one configuration (profile, model, policy, its
+    options, dtypes, tensor parallelism), and whether a batch fits in memory."""
+
+    profile: HardwareProfile
+    model: ModelSpec
+    policy: str
+    policy_options: dict[str, Any] = field(default_factory=dict)
+    kv_dtype: str = "fp16"
+    weight_dtype: str = "fp16"
+    tensor_parallel: int = 1
+    decode_cells: dict[tuple[int, int], float] = field(default_factory=dict)
+    prefill_cells: dict[int, float] = field(default_factory=dict)
+    fit_cells: dict[tuple[int, int], bool] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from hgsim.tensor_parallel import check_tensor_parallel, rank_gpus
+
+        self.profile = self.profile.for_kv_dtype(self.kv_dtype)
+        # what ``hgsim simulate`` refuses up front, refused before the first request
+        self.profile.gpus[self.profile.primary_gpu].peak_flops(self.weight_dtype)
+        check_tensor_parallel(self.model, self.tensor_parallel)
+        rank_gpus(self.profile, self.tensor_parallel)
+
+    # ------------------------------------------------------------------ what the server asks
+    def decode_step_s(self, batch: int, mean_context: float) -> float:
+        """One decode step of ``batch`` sequences whose contexts average ``mean_context``:
+        bilinear between the grid cells around it; where a cell above does not fit (the batch
+        runs near the memory's edge), extrapolated from the two cells below it, and where
+        that fails too, the point itself simulated."""
+        c = max(1.0, mean_context)
+
+        def at(b: int) -> float:
+            return self._along(c, lambda ctx: self.decode_cell(b, ctx))
+
+        value = self._along(float(batch), at)
+        if not math.isfinite(value):
+            value = self.decode_cell(batch, math.ceil(c))
+        return value
+
+    @staticmethod
+    def _along(x: float, value_at) -> float:
+        """The value at ``x`` from the grid points around it (or the two below it)."""
+        lo, hi = bracket(x, GRID_PER_OCTAVE)
+        at_lo, at_hi = value_at(lo), value_at(hi)
+        if math.isfinite(at_hi) and math.isfinite(at_lo):
+            return between(x, lo, hi, at_lo, at_hi)
+        if not math.isfinite(at_lo) or lo == 1:
+            return math.inf
+        below = bracket(lo - 0.5, GRID_PER_OCTAVE)[0]
+        at_below = value_at(below)
+        return between(x, below, lo, at_below, at_lo) if math.isfinite(at_below) else math.inf
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        """The prefill of one prompt alone (its time to first token on an idle machine);
+        infinite where it does not fit."""
+        lo, hi = bracket(prompt_tokens, PREFILL_GRID_PER_OCTAVE)
+        at_lo, at_hi = self.prefill_cell(lo), self.prefill_cell(hi)
+        if not (math.isfinite(at_lo) and math.isfinite(at_hi)):
+            return self.prefill_cell(prompt_tokens)
+        return between(prompt_tokens, lo, hi, at_lo, at_hi)
+
+    def fits(self, batch: int, final_tokens: int) -> bool:
+        """Whether ``batch`` sequences holding ``final_tokens`` tokens of KV in all (what they
+        will hold when every one has finished) fit the policy's memory."""
+        context = max(1, math.ceil(final_tokens / batch) - 1)  # plus gen=1: the final length
+        key = (batch, context)
+        if key not in self.fit_cells:
+            from hgsim.policies import make_policy
+
+            policy = make_policy(self.policy, self.model, self.profile,
+                                 self._workload(batch, context, gen=1), self.policy_options)
+            self.fit_cells[key] = bool(policy.feasible)
+        return self.fit_cells[key]
+
+    # ------------------------------------------------------------------ cells
+    def decode_cell(self, batch: int, context: int) -> float:
+        """The settled step of ``batch`` sequences at ``context`` tokens: a run that ends
+        there (its ``SETTLE_STEPS`` steps start below it), so it fits wherever the batch at
+        ``context`` does."""
+        key = (batch, context)
+        if key not in self.decode_cells:
+            steps = max(1, min(SETTLE_STEPS, context - 1))
+            result = self._simulate(self._workload(batch, max(1, context - steps), gen=steps),
+                                    samples=min(SETTLE_SAMPLES, steps))
+            if not result.feasible or not result.steps:
+                self.decode_cells[key] = math.inf
+            else:
+                simulated = [s.latency_s for s in result.steps if s.simulated]
+                settled = simulated[-max(1, len(simulated) // 4):]
+                self.decode_cells[key] = float(np.median(settled))
+        return self.decode_cells[key]
+
+    def prefill_cell(self, prompt_tokens: int) -> float:
+        if prompt_tokens not in self.prefill_cells:
+            result = self._simulate(self._workload(1, prompt_tokens, gen=1, prefill=True),
+                                    samples=1)
+            self.prefill_cells[prompt_tokens] = (float(result.ttft_s) if result.feasible
+                                                 else math.inf)
+        return self.prefill_cells[prompt_tokens]
+
+    @property
+    def simulations(self) -> int:
+        return len(self.decode_cells) + len(self.prefill_cells)
+
+    def _workload(self, batch: int, context: int, *, gen: int, prefill: bool = False):
+        from hgsim.workload import Workload
+
+        return Workload(batch=batch, context=context, gen=gen, kv_dtype=self.kv_dtype,
+                        weight_dtype=self.weight_dtype, include_prefill=prefill,
+                        tensor_parallel=self.tensor_parallel)
+
+    def _simulate(self, workload, *, samples: int):
+        from hgsim.simulate import Fidelity, simulate
+
+        return simulate(self.profile, self.model, self.policy, workload,
+                                 policy_options=dict(self.policy_options),
+                                 fidelity=Fidelity(decode_samples=samples, accuracy=False))
