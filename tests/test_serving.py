@@ -1,0 +1,290 @@
+"""The online server (hgsim.serving): queueing against closed forms, its invariants, the step
+times against the simulator, the rate search, request mixes and traces, and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from hgsim.catalog import get_model
+from hgsim.errors import UserError
+from hgsim.profiles import load_profile
+from hgsim.serving import (
+    LengthDist,
+    Request,
+    RequestMix,
+    Slo,
+    StepTimes,
+    max_rate,
+    read_trace,
+    serve_requests,
+)
+from hgsim.serving.step_times import GRID_PER_OCTAVE, bracket, grid_point
+
+
+class ConstantTimes:
+    """Step times of a machine whose prefill and decode step cost the same whatever the batch
+    and context, and whose memory holds ``capacity_tokens`` of KV: the queueing alone."""
+
+    def __init__(self, prefill_s: float, step_s: float, capacity_tokens: float = math.inf):
+        self.prefill, self.step, self.capacity = prefill_s, step_s, capacity_tokens
+        self.simulations = 0
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        return self.prefill if prompt_tokens <= self.capacity else math.inf
+
+    def decode_step_s(self, batch: int, mean_context: float) -> float:
+        return self.step
+
+    def fits(self, batch: int, final_tokens: int) -> bool:
+        return final_tokens <= self.capacity
+
+
+def fixed(n: int) -> LengthDist:
+    return LengthDist("fixed", n)
+
+
+# ------------------------------------------------------------------ queueing: closed forms
+def test_one_at_a_time_is_an_md1_queue():
+    """max_batch 1, fixed lengths: each request holds the server for S = prefill + (out-1)
+    steps, arrivals are Poisson: an M/D/1 queue, whose mean wait is rho S / (2 (1 - rho))
+    (Pollaczek-Khinchine with zero service variance)."""
+    prefill_s, step_s, output = 0.3, 0.05, 5
+    service_s = prefill_s + (output - 1) * step_s
+    rate = 0.6 / service_s
+    mix = RequestMix(fixed(1000), fixed(output), count=40_000, seed=3)
+    result = serve_requests(ConstantTimes(prefill_s, step_s), mix.requests(rate), max_batch=1)
+    frame = result.requests_frame()
+    rho = rate * service_s
+    expected_wait = rho * service_s / (2 * (1 - rho))
+    assert frame.queue_s.mean() == pytest.approx(expected_wait, rel=0.05)
+    # TTFT is the wait plus the prefill; every request decodes alone at the step time
+    assert np.allclose(frame.ttft_s, frame.queue_s + prefill_s)
+    assert np.allclose(frame.tpot_s, step_s)
+    assert np.allclose(frame.e2e_s, frame.queue_s + service_s)
+    assert result.summary()["busy_fraction"] == pytest.approx(rho, rel=0.02)
+
+
+def test_a_batch_that_never_fills_serves_every_request_in_its_own_time():
+    """Room for everyone and a decode step that costs the same whatever the batch: a request
+    waits only for the prefills ahead of it in its iteration, and once admitted it produces a
+    token per step (TPOT = step, plus the prefills of later requests that interrupt it)."""
+    times = ConstantTimes(prefill_s=0.0, step_s=0.01)
+    mix = RequestMix(fixed(100), fixed(50), count=2_000, seed=1)
+    frame = serve_requests(times, mix.requests(20.0), max_batch=10_000).requests_frame()
+    # without prefill time, no request waits more than the step in progress when it came
+    assert frame.queue_s.max() <= 0.01 + 1e-12
+    assert np.allclose(frame.tpot_s, 0.01)
+
+
+# ------------------------------------------------------------------ invariants
+@pytest.fixture(scope="module")
+def crowded():
+    """A mixed load on a machine whose memory holds 60k tokens, with one prompt too large to
+    fit alone, served in batches of at most 6."""
+    mix = RequestMix(LengthDist.parse("uniform:1k:12k", "prompt"),
+                     LengthDist.parse("lognormal:64:0.8", "output"), count=600, seed=5)
+    requests = mix.requests(4.0)
+    big = requests[17]
+    requests[17] = Request(big.id, big.arrival_s, 70_000, big.output_tokens)
+    times = ConstantTimes(prefill_s=0.02, step_s=0.01, capacity_tokens=60_000)
+    return requests, serve_requests(times, requests, max_batch=6)
+
+
+def test_every_request_gets_all_its_tokens_or_is_rejected_for_not_fitting(crowded):
+    requests, result = crowded
+    rejected = [s for s in result.served if s.rejected]
+    assert [s.request.id for s in rejected] == [17]
+    assert "do not fit alone" in rejected[0].rejected or "prefill" in rejected[0].rejected
+    for s in result.served:
+        if not s.rejected:
+            assert s.generated == s.request.output_tokens
+            assert s.request.arrival_s <= s.admitted_s <= s.first_token_s <= s.finish_s
+
+
+def test_the_batch_and_the_reserved_kv_stay_within_their_limits(crowded):
+    _, result = crowded
+    assert max(it.batch for it in result.iterations) <= 6
+    done = [s for s in result.served if not s.rejected]
+    for s in done:  # at each admission, the KV reserved by everyone then present fits
+        held = sum(q.request.final_tokens for q in done
+                   if q.admitted_s <= s.admitted_s < q.finish_s)
+        assert held <= 60_000
+
+
+def test_first_come_first_served_and_tokens_conserved(crowded):
+    _, result = crowded
+    done = sorted((s for s in result.served if not s.rejected), key=lambda s: s.request.id)
+    admitted = [s.admitted_s for s in done]
+    assert admitted == sorted(admitted)
+    # every token is a prefill's first token or one decode step of one running request
+    decoded = sum(it.batch for it in result.iterations)
+    assert decoded + len(done) == sum(s.request.output_tokens for s in done)
+
+
+# ------------------------------------------------------------------ step times vs the simulator
+@pytest.fixture(scope="module")
+def h100():
+    return load_profile("h100-80gb-spr-cxl"), get_model("llama-3.1-8b")
+
+
+def test_grid_brackets_every_value():
+    for x in [1, 1.5, 2, 3, 7.9, 100, 1000.5, 32768, 10**6]:
+        lo, hi = bracket(x, GRID_PER_OCTAVE)
+        assert lo <= x <= hi and (lo == hi) == (x == lo)
+        # neighbours on the grid: a step of 2^(1/4), or of one where rounding makes it more
+        assert hi - lo <= 1 or hi / lo <= 2 ** (1 / GRID_PER_OCTAVE) + 0.01
+    assert grid_point(8, 4) == 4 and grid_point(60, 4) == 32768
+
+
+def test_a_request_alone_takes_its_prefill_and_each_of_its_steps(h100):
+    """At a rate where requests never overlap, a request's TTFT is its prefill alone and its
+    end-to-end time is that plus one batch-1 step at each context it passes through."""
+    profile, model = h100
+    times = StepTimes(profile, model, "gpu_only")
+    mix = RequestMix(fixed(4096), fixed(12), count=3, seed=0)
+    frame = serve_requests(times, mix.requests(1e-3), max_batch=8).requests_frame()
+    prefill = times.prefill_s(4096)
+    steps = sum(times.decode_step_s(1, 4096 + k) for k in range(1, 12))
+    assert np.allclose(frame.queue_s, 0.0)
+    assert np.allclose(frame.ttft_s, prefill, rtol=1e-12)
+    assert np.allclose(frame.e2e_s, prefill + steps, rtol=1e-12)
+
+
+def test_interpolated_steps_match_the_simulator(h100):
+    """Between grid cells a step is interpolated, or simulated where the cell is not
+    bilinear: within 2% of the point simulated at its own batch and context (median far
+    below), for a policy whose KV spills from HBM at some of these points."""
+    profile, model = h100
+    times = StepTimes(profile, model, "hybridgen")
+    rng = np.random.default_rng(2)
+    errors = []
+    for _ in range(12):
+        batch = int(rng.integers(1, 24))
+        context = float(np.exp(rng.uniform(np.log(2_000), np.log(60_000))))
+        exact = times.decode_cell(batch, round(context))
+        errors.append(abs(times.decode_step_s(batch, context) / exact - 1))
+    assert max(errors) < 0.02
+    assert np.median(errors) < 0.002
+
+
+def test_a_grid_cell_is_the_simulators_settled_step(h100):
+    """A cell is the last quarter of a run that ends at its context: the step the scheduler
+    settles on, never the first steps from its starting ratio."""
+    from hgsim.api import simulate
+    from hgsim.serving import step_times
+
+    profile, model = h100
+    times = StepTimes(profile, model, "gpu_only")
+    steps = step_times.SETTLE_STEPS
+    run = simulate(profile, model, "gpu_only", context=8192 - steps, batch=4, gen=steps,
+                   samples=step_times.SETTLE_SAMPLES, accuracy=False)
+    settled = [s.latency_s for s in run.steps if s.simulated]
+    assert times.decode_cell(4, 8192) == pytest.approx(np.median(settled[-len(settled) // 4:]))
+
+
+# ------------------------------------------------------------------ the rate search
+def test_rate_search_finds_the_edge_of_the_slo():
+    times = ConstantTimes(prefill_s=0.2, step_s=0.02, capacity_tokens=50_000)
+    mix = RequestMix(fixed(8000), fixed(32), count=400, seed=2)
+    slo = Slo(ttft_s=1.0, tpot_s=0.05, attainment=0.9)
+    search = max_rate(times, mix, max_batch=8, slo=slo, tolerance=0.02)
+    assert search.rate_per_s is not None and search.result.attainment >= 0.9
+    failing = [rate for rate, share in search.probes if share < 0.9]
+    assert min(r for r in failing if r > search.rate_per_s) <= search.rate_per_s * 1.02 + 1e-12
+
+
+def test_rate_search_says_when_no_rate_meets_the_slo():
+    times = ConstantTimes(prefill_s=2.0, step_s=0.02)
+    mix = RequestMix(fixed(8000), fixed(8), count=50)
+    search = max_rate(times, mix, max_batch=8, slo=Slo(ttft_s=1.0))
+    assert search.rate_per_s is None and "missed even at" in search.reason
+    with pytest.raises(UserError, match="needs an SLO"):
+        max_rate(times, mix, max_batch=8, slo=Slo())
+
+
+# ------------------------------------------------------------------ request mixes and traces
+def test_every_rate_sees_the_same_requests_scaled_in_time():
+    mix = RequestMix(LengthDist.parse("lognormal:16k:0.7", "p"), fixed(100), count=200, seed=9)
+    slow, fast = mix.requests(0.5), mix.requests(2.0)
+    assert [r.prompt_tokens for r in slow] == [r.prompt_tokens for r in fast]
+    assert np.allclose([r.arrival_s for r in slow], [4 * r.arrival_s for r in fast])
+    prompts = [r.prompt_tokens for r in mix.requests(1.0)]
+    assert 0.85 < np.median(prompts) / 16384 < 1.15
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("uniform:8k", "expected a token count"), ("uniform:9k:8k", "1 <= LO <= HI"),
+    ("lognormal:8k:-1", "SIGMA"), ("lots", "lots"), ("0", "at least 1 token"),
+])
+def test_bad_lengths_are_one_line_naming_the_field(text, message):
+    with pytest.raises(UserError, match=message) as caught:
+        LengthDist.parse(text, "--prompt")
+    assert str(caught.value).startswith("--prompt:") and "\n" not in str(caught.value)
+
+
+def test_trace_rows_and_their_errors(tmp_path):
+    good = tmp_path / "t.csv"
+    good.write_text("arrival_s,prompt_tokens,output_tokens,user\n0,100,5,a\n0.5,2000,7,b\n")
+    assert read_trace(good) == [Request(0, 0.0, 100, 5), Request(1, 0.5, 2000, 7)]
+    cases = {
+        "arrival_s,prompt_tokens\n0,1\n": ":1: needs the columns",
+        "arrival_s,prompt_tokens,output_tokens\n0,1,1\n0,x,1\n": ":3: prompt_tokens: expected",
+        "arrival_s,prompt_tokens,output_tokens\n1,1,1\n0.5,1,1\n": ":3: arrival_s: must be",
+        "arrival_s,prompt_tokens,output_tokens\n0,1,0\n": ":2: output_tokens: must be at least",
+        "arrival_s,prompt_tokens,output_tokens\n": "has no requests",
+    }
+    for i, (text, message) in enumerate(cases.items()):
+        bad = tmp_path / f"bad{i}.csv"
+        bad.write_text(text)
+        with pytest.raises(UserError, match=message):
+            read_trace(bad)
+    with pytest.raises(UserError, match="cannot read it"):
+        read_trace(tmp_path / "missing.csv")
+
+
+# ------------------------------------------------------------------ the command line
+SERVE = ["serve", "--profile", "h100-80gb-spr-cxl", "--model", "llama-3.1-8b",
+         "--policy", "gpu_only", "--prompt", "4k", "--output", "16", "--requests", "40"]
+
+
+def test_serve_prints_percentiles_and_writes_each_request(tmp_path, capsys):
+    from hgsim.cli import main
+
+    out = tmp_path / "requests.csv"
+    assert main([*SERVE, "--rate", "2", "--slo-ttft", "5", "--requests-csv", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "TTFT" in text and "of requests met it" in text
+    import pandas as pd
+
+    frame = pd.read_csv(out)
+    assert len(frame) == 40 and {"ttft_s", "tpot_s", "queue_s"} <= set(frame.columns)
+
+
+def test_serve_json_and_find_rate(capsys):
+    from hgsim.cli import main
+
+    assert main([*SERVE, "--find-rate", "--slo-ttft", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["max_rate_per_s"] > 0 and row["slo_attainment"] >= 0.9
+    assert row["rate_per_s"] == pytest.approx(row["max_rate_per_s"])
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--rate", "0"], "--rate: must be a positive number"),
+    (["--rate", "1", "--max-batch", "0"], "--max-batch: must be >= 1"),
+    (["--find-rate"], "--find-rate: searches the highest rate meeting an SLO"),
+    (["--rate", "1", "--prompt", "uniform:3"], "--prompt:"),
+    (["--rate", "1", "--attainment", "1.5"], "--attainment: must be in [0, 1]"),
+    (["--trace", "/nonexistent/t.csv"], "cannot read it"),
+    (["--rate", "1", "--requests", "0"], "--requests: must be >= 1"),
+])
+def test_serve_bad_input_is_one_line_exit_2(extra, message, capsys):
+    from hgsim.cli import main
+
+    assert main([*SERVE, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
