@@ -24,7 +24,7 @@ from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 
 __all__ = ["list_models", "list_policies", "list_profiles", "load_profile", "run_study",
-           "simulate", "with_overrides"]
+           "serve", "simulate", "with_overrides"]
 
 
 def with_overrides(profile: HardwareProfile | str | os.PathLike[str],
@@ -135,6 +135,89 @@ def simulate(
                                  accuracy=fidelity.accuracy, **chosen),
                trace_path=trace,
                trace_max_bytes=None if trace_max_gb is None else trace_max_gb * 1e9)
+
+
+def serve(
+    profile: HardwareProfile | str | os.PathLike[str],
+    model: ModelSpec | str | os.PathLike[str],
+    policy: str = "hybridgen",
+    *,
+    rate: float | None = None,
+    trace: str | os.PathLike[str] | None = None,
+    find_rate: bool = False,
+    prompt: int | str = "32k",
+    output: int | str = 256,
+    requests: int = 500,
+    seed: int = 0,
+    max_batch: int = 256,
+    kv_dtype: str = "fp16",
+    weight_dtype: str = "fp16",
+    tensor_parallel: int = 1,
+    options: Mapping[str, Any] | None = None,
+    hardware: Mapping[str, Any] | None = None,
+    slo_ttft_s: float | None = None,
+    slo_tpot_s: float | None = None,
+    attainment: float = 0.9,
+):
+    """Serve requests online, as ``hgsim serve`` does (docs/serving.md).
+
+    Exactly one load: ``rate`` (requests per second, Poisson), ``trace`` (a CSV file of
+    ``arrival_s, prompt_tokens, output_tokens``) or ``find_rate`` (search the highest rate at
+    which ``attainment`` of the requests meet the SLO). ``prompt`` and ``output`` are token
+    counts or distributions (``"uniform:8k:64k"``, ``"lognormal:32k:0.5"``: median, sigma),
+    ``requests`` how many, ``max_batch`` the most decoded together. Returns a ``ServeResult``
+    (``summary()`` a row, ``requests_frame()`` one row per request), or with ``find_rate`` a
+    ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
+    """
+    from hgsim.catalog import get_model
+    from hgsim.serving import (
+        LengthDist,
+        RequestMix,
+        Slo,
+        StepTimes,
+        max_rate,
+        read_trace,
+        run_labels,
+    )
+    from hgsim.serving import serve_requests as run
+
+    loads = [name for name, given in (("rate", rate is not None), ("trace", trace is not None),
+                                      ("find_rate", bool(find_rate))) if given]
+    if len(loads) != 1:
+        raise UserError(f"give exactly one of rate, trace and find_rate, got "
+                        f"{', '.join(loads) or 'none'}", field="rate")
+    if rate is not None and not (isinstance(rate, (int, float)) and not isinstance(rate, bool)
+                                 and math.isfinite(rate) and rate > 0):
+        raise UserError(f"must be a positive number of requests per second, got {rate!r}",
+                        field="rate")
+    for name, value, least in (("requests", requests, 1), ("max_batch", max_batch, 1),
+                               ("seed", seed, 0), ("tensor_parallel", tensor_parallel, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise UserError(f"must be a whole number >= {least}, got {value!r}", field=name)
+    limits = {}
+    for name, value in (("slo_ttft_s", slo_ttft_s), ("slo_tpot_s", slo_tpot_s)):
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)
+                                      and value >= 0):
+            raise UserError(f"must be a number of seconds >= 0, got {value!r}", field=name)
+        limits[name] = math.inf if value is None else float(value)
+    if not (isinstance(attainment, (int, float)) and 0 < attainment <= 1):
+        raise UserError(f"must be in (0, 1], got {attainment!r}", field="attainment")
+    slo = Slo(ttft_s=limits["slo_ttft_s"], tpot_s=limits["slo_tpot_s"], attainment=attainment)
+    if find_rate and not slo.set:
+        raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
+                        "slo_tpot_s", field="find_rate")
+    mix = RequestMix(LengthDist.parse(prompt, "prompt"), LengthDist.parse(output, "output"),
+                     count=requests, seed=seed)
+    spec = model if isinstance(model, ModelSpec) else get_model(model)
+    times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
+                      dict(options or {}), kv_dtype=kv_dtype, weight_dtype=weight_dtype,
+                      tensor_parallel=tensor_parallel)
+    labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None)
+    if find_rate:
+        return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels)
+    listed = read_trace(trace) if trace is not None else mix.requests(rate)
+    return run(times, listed, max_batch=max_batch, rate_per_s=math.nan if trace else rate,
+               slo=slo, labels=labels)
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

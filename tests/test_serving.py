@@ -288,3 +288,31 @@ def test_serve_bad_input_is_one_line_exit_2(extra, message, capsys):
     assert main([*SERVE, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_api_serve_gives_the_command_lines_numbers(capsys):
+    from hgsim import api
+    from hgsim.cli import main
+
+    assert main([*SERVE, "--rate", "3", "--slo-tpot-ms", "20", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    result = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", rate=3, prompt="4k",
+                       output=16, requests=40, slo_tpot_s=0.02)
+    summary = result.summary()
+    for key in ("ttft_p99_s", "tpot_p50_s", "output_tokens_per_s", "slo_attainment"):
+        assert summary[key] == pytest.approx(row[key], rel=1e-12)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    ({}, "rate"), ({"rate": 1, "find_rate": True}, "rate"), ({"rate": -1}, "rate"),
+    ({"rate": 1, "max_batch": 0}, "max_batch"), ({"rate": 1, "slo_ttft_s": math.nan},
+                                                 "slo_ttft_s"),
+    ({"find_rate": True}, "find_rate"), ({"rate": 1, "attainment": 0}, "attainment"),
+    ({"rate": 1, "prompt": "big"}, "prompt"),
+])
+def test_api_serve_bad_arguments_name_the_argument(kwargs, field):
+    from hgsim import api
+
+    with pytest.raises(UserError) as caught:
+        api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", **kwargs)
+    assert caught.value.field == field

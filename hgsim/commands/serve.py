@@ -83,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
         StepTimes,
         max_rate,
         read_trace,
+        run_labels,
         serve_requests,
     )
 
@@ -111,10 +112,7 @@ def run(args: argparse.Namespace) -> int:
         times = StepTimes(load_profile(args.profile), model, args.policy, options,
                           kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel)
         times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
-    labels = {"profile": times.profile.name, "model": model.name, "policy": args.policy,
-              "max_batch": args.max_batch,
-              "prompt": "trace" if trace else str(mix.prompt),
-              "output": "trace" if trace else str(mix.output)}
+    labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None)
     bar = RequestBar(not args.no_progress)
     with named_as_flags():
         try:

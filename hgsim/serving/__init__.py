@@ -15,7 +15,7 @@ from hgsim.serving.server import run_server
 from hgsim.serving.step_times import StepTimes
 
 __all__ = ["LengthDist", "RateSearch", "Request", "RequestMix", "ServeResult", "Slo",
-           "StepTimes", "max_rate", "read_trace", "serve_requests"]
+           "StepTimes", "max_rate", "read_trace", "run_labels", "serve_requests"]
 
 
 def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
@@ -28,6 +28,14 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
     server = run_server(times, requests, max_batch=max_batch, on_finish=on_finish)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
                        iterations=server.iterations, slo=slo or Slo(), simulations=times.simulations)
+
+
+def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
+               traced: bool) -> dict[str, Any]:
+    """The columns that say what a run served: configuration, batch limit and lengths."""
+    return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
+            "max_batch": max_batch, "prompt": "trace" if traced else str(mix.prompt),
+            "output": "trace" if traced else str(mix.output)}
 
 
 @dataclass
