@@ -153,6 +153,8 @@ def serve(
     kv_dtype: str = "fp16",
     weight_dtype: str = "fp16",
     tensor_parallel: int = 1,
+    data_parallel: int = 1,
+    gpu_placement: str = "packed",
     options: Mapping[str, Any] | None = None,
     hardware: Mapping[str, Any] | None = None,
     slo_ttft_s: float | None = None,
@@ -165,7 +167,8 @@ def serve(
     ``arrival_s, prompt_tokens, output_tokens``) or ``find_rate`` (search the highest rate at
     which ``attainment`` of the requests meet the SLO). ``prompt`` and ``output`` are token
     counts or distributions (``"uniform:8k:64k"``, ``"lognormal:32k:0.5"``: median, sigma),
-    ``requests`` how many, ``max_batch`` the most decoded together. Returns a ``ServeResult``
+    ``requests`` how many, ``max_batch`` the most decoded together (by each of the
+    ``data_parallel`` copies of the model behind the one queue). Returns a ``ServeResult``
     (``summary()`` a row, ``requests_frame()`` one row per request), or with ``find_rate`` a
     ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
     """
@@ -191,7 +194,8 @@ def serve(
         raise UserError(f"must be a positive number of requests per second, got {rate!r}",
                         field="rate")
     for name, value, least in (("requests", requests, 1), ("max_batch", max_batch, 1),
-                               ("seed", seed, 0), ("tensor_parallel", tensor_parallel, 1)):
+                               ("seed", seed, 0), ("tensor_parallel", tensor_parallel, 1),
+                               ("data_parallel", data_parallel, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise UserError(f"must be a whole number >= {least}, got {value!r}", field=name)
     limits = {}
@@ -202,6 +206,9 @@ def serve(
         limits[name] = math.inf if value is None else float(value)
     if not (isinstance(attainment, (int, float)) and 0 < attainment <= 1):
         raise UserError(f"must be in (0, 1], got {attainment!r}", field="attainment")
+    if gpu_placement != "packed" and data_parallel == 1:
+        raise UserError("spread places copies of the model, and data_parallel asks for one",
+                        field="gpu_placement")
     slo = Slo(ttft_s=limits["slo_ttft_s"], tpot_s=limits["slo_tpot_s"], attainment=attainment)
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
@@ -211,7 +218,8 @@ def serve(
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
                       dict(options or {}), kv_dtype=kv_dtype, weight_dtype=weight_dtype,
-                      tensor_parallel=tensor_parallel)
+                      tensor_parallel=tensor_parallel, data_parallel=data_parallel,
+                      gpu_placement=gpu_placement)
     labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None)
     if find_rate:
         return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels)

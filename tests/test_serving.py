@@ -29,9 +29,10 @@ class ConstantTimes:
     """Step times of a machine whose prefill and decode step cost the same whatever the batch
     and context, and whose memory holds ``capacity_tokens`` of KV: the queueing alone."""
 
-    def __init__(self, prefill_s: float, step_s: float, capacity_tokens: float = math.inf):
+    def __init__(self, prefill_s: float, step_s: float, capacity_tokens: float = math.inf,
+                 copies: int = 1):
         self.prefill, self.step, self.capacity = prefill_s, step_s, capacity_tokens
-        self.simulations = 0
+        self.simulations, self.data_parallel = 0, copies
 
     def prefill_s(self, prompt_tokens: int) -> float:
         return self.prefill if prompt_tokens <= self.capacity else math.inf
@@ -125,7 +126,47 @@ def test_first_come_first_served_and_tokens_conserved(crowded):
     assert decoded + len(done) == sum(s.request.output_tokens for s in done)
 
 
+# ------------------------------------------------------------------ copies behind one queue
+def test_copies_behind_one_queue_pool_their_waiting():
+    """Two copies of the model fed twice the rate wait less than one copy at the rate (one
+    queue in front of two servers), and never run more than one request each at max batch 1;
+    at a rate where requests never overlap, the copies change nothing."""
+    prefill_s, step_s, output = 0.3, 0.05, 5
+    service_s = prefill_s + (output - 1) * step_s
+    mix = RequestMix(fixed(1000), fixed(output), count=20_000, seed=4)
+    one = serve_requests(ConstantTimes(prefill_s, step_s), mix.requests(0.7 / service_s),
+                         max_batch=1)
+    two = serve_requests(ConstantTimes(prefill_s, step_s, copies=2),
+                         mix.requests(1.4 / service_s), max_batch=1)
+    assert two.requests_frame().queue_s.mean() < 0.6 * one.requests_frame().queue_s.mean()
+    assert {it.copy for it in two.iterations} == {0, 1}
+    busy = sorted((s.admitted_s, +1) for s in two.served) + sorted(
+        (s.finish_s, -1) for s in two.served)
+    in_service = np.cumsum([d for _, d in sorted(busy, key=lambda e: (e[0], e[1]))])
+    assert in_service.max() <= 2
+    assert two.summary()["busy_fraction"] == pytest.approx(0.7, rel=0.03)
+    few = RequestMix(fixed(1000), fixed(output), count=200, seed=4)
+    sparse = [serve_requests(ConstantTimes(prefill_s, step_s, copies=c), few.requests(1e-5),
+                             max_batch=4).requests_frame() for c in (1, 3)]
+    assert np.allclose(sparse[0].e2e_s, sparse[1].e2e_s)
+
+
+def test_copies_share_the_host_in_their_step_times(h100x8):
+    """Each copy's decode step is the simulator's with that many copies on the host: slower
+    once the KV cache spills to the host the copies share."""
+    profile, model = h100x8
+    one = StepTimes(profile, model, "hybridgen")
+    eight = StepTimes(profile, model, "hybridgen", data_parallel=8)
+    assert eight.decode_cell(8, 131072) > 1.5 * one.decode_cell(8, 131072)
+    assert eight.decode_cell(1, 4096) == pytest.approx(one.decode_cell(1, 4096), rel=1e-9)
+
+
 # ------------------------------------------------------------------ step times vs the simulator
+@pytest.fixture(scope="module")
+def h100x8():
+    return load_profile("hgx-h100x8-2socket-cxl"), get_model("llama-3.1-8b")
+
+
 @pytest.fixture(scope="module")
 def h100():
     return load_profile("h100-80gb-spr-cxl"), get_model("llama-3.1-8b")
@@ -264,6 +305,15 @@ def test_serve_prints_percentiles_and_writes_each_request(tmp_path, capsys):
     assert len(frame) == 40 and {"ttft_s", "tpot_s", "queue_s"} <= set(frame.columns)
 
 
+def test_serve_names_the_copies(capsys):
+    from hgsim.cli import main
+
+    argv = [*SERVE, "--rate", "4", "--data-parallel", "4", "--gpu-placement", "spread"]
+    argv[argv.index("h100-80gb-spr-cxl")] = "hgx-h100x8-2socket-cxl"
+    assert main(argv) == 0
+    assert "4 copies (spread)" in capsys.readouterr().out
+
+
 def test_serve_json_and_find_rate(capsys):
     from hgsim.cli import main
 
@@ -281,6 +331,9 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--attainment", "1.5"], "--attainment: must be in [0, 1]"),
     (["--trace", "/nonexistent/t.csv"], "cannot read it"),
     (["--rate", "1", "--requests", "0"], "--requests: must be >= 1"),
+    (["--rate", "1", "--gpu-placement", "spread"], "--gpu-placement: spread places copies"),
+    (["--rate", "1", "--data-parallel", "2"], "--data-parallel: 2 replicas x tensor_parallel 1"),
+    (["--rate", "1", "--tensor-parallel", "2"], "--tensor-parallel: 2 ranks need 2 GPUs"),
 ])
 def test_serve_bad_input_is_one_line_exit_2(extra, message, capsys):
     from hgsim.cli import main

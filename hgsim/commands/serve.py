@@ -6,6 +6,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from hgsim.commands.checks import count, non_negative
 from hgsim.commands.policy_options import named_as_flags, policy_options
@@ -49,6 +51,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="element type of the KV cache (default fp16)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="shard the model over the profile's first N GPUs (default 1)")
+    p.add_argument("--data-parallel", type=int, default=1, metavar="N",
+                   help="N copies of the model behind one queue, each on its own GPUs, sharing "
+                        "the host (default 1)")
+    p.add_argument("--gpu-placement", choices=["packed", "spread"], default="packed",
+                   help="which GPUs the copies take: packed (the profile's order) or spread "
+                        "(each copy on the next socket)")
     p.add_argument("--slo-ttft", type=float, metavar="SECONDS",
                    help="time-to-first-token limit a request must meet")
     p.add_argument("--slo-tpot-ms", type=float, metavar="MS",
@@ -60,6 +68,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
+
+
+@contextmanager
+def parallelism_as_flags() -> Iterator[None]:
+    """A tensor- or data-parallel error (too many GPUs, a model that does not shard) names the
+    flag that asked for it, not the workload field a study would set."""
+    from hgsim.tensor_parallel import DP_FIELD, FIELD
+
+    flags = {FIELD: "--tensor-parallel", DP_FIELD: "--data-parallel"}
+    try:
+        yield
+    except UserError as exc:
+        if exc.field not in flags:
+            raise
+        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=flags[exc.field]) \
+            from None
 
 
 def slo_of(args: argparse.Namespace):
@@ -94,6 +118,9 @@ def run(args: argparse.Namespace) -> int:
     if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
         raise UserError(f"must be a positive number of requests per second, got {args.rate:g}",
                         field="--rate")
+    if args.gpu_placement != "packed" and args.data_parallel == 1:
+        raise UserError("spread places copies of the model, and --data-parallel asks for one: "
+                        "give --data-parallel 2 or more", field="--gpu-placement")
     slo = slo_of(args)
     if args.find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give --slo-ttft SECONDS "
@@ -108,9 +135,10 @@ def run(args: argparse.Namespace) -> int:
                 if args.requests_csv is not None else None)
     options = policy_options(args.option, args.policy)
     model = get_model(args.model)
-    with named_as_flags():
+    with named_as_flags(), parallelism_as_flags():
         times = StepTimes(load_profile(args.profile), model, args.policy, options,
-                          kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel)
+                          kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel,
+                          data_parallel=args.data_parallel, gpu_placement=args.gpu_placement)
         times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
     labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None)
     bar = RequestBar(not args.no_progress)
@@ -178,8 +206,12 @@ def print_summary(row: dict, slo, search) -> None:
     from rich.table import Table
 
     console = Console()
-    title = (f"{row['model']} on {row['profile']}, {row['policy']}, max batch "
-             f"{row['max_batch']}, prompt {row['prompt']}, output {row['output']}")
+    copies = (f", {row['data_parallel']} copies ({row['gpu_placement']})"
+              if row["data_parallel"] > 1 else "")
+    shards = f", TP {row['tensor_parallel']}" if row["tensor_parallel"] > 1 else ""
+    title = (f"{row['model']} on {row['profile']}, {row['policy']}{shards}{copies}, max batch "
+             f"{row['max_batch']}{' a copy' if copies else ''}, prompt {row['prompt']}, "
+             f"output {row['output']}")
     if search is not None:
         if search.rate_per_s is None:
             console.print(f"[bold]{title}[/bold]\n[red]no rate meets the SLO[/red] ({slo}): "

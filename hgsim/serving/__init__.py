@@ -25,16 +25,19 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
     """Serve ``requests`` on the configuration ``times`` describes, to the last request."""
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
-    server = run_server(times, requests, max_batch=max_batch, on_finish=on_finish)
+    server = run_server(times, requests, max_batch=max_batch, copies=times.data_parallel,
+                        on_finish=on_finish)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
-                       iterations=server.iterations, slo=slo or Slo(), simulations=times.simulations)
+                       iterations=server.iterations, slo=slo or Slo(), simulations=times.simulations,
+                       copies=times.data_parallel)
 
 
 def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
                traced: bool) -> dict[str, Any]:
     """The columns that say what a run served: configuration, batch limit and lengths."""
     return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
-            "max_batch": max_batch, "prompt": "trace" if traced else str(mix.prompt),
+            "tensor_parallel": times.tensor_parallel, "data_parallel": times.data_parallel,
+            "gpu_placement": times.gpu_placement, "max_batch": max_batch, "prompt": "trace" if traced else str(mix.prompt),
             "output": "trace" if traced else str(mix.output)}
 
 

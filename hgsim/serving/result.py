@@ -48,6 +48,7 @@ class ServeResult:
     iterations: list[Iteration]
     slo: Slo = field(default_factory=Slo)
     simulations: int = 0  # simulator runs the step times took (cells)
+    copies: int = 1  # copies of the model behind the queue (data parallelism)
 
     # ------------------------------------------------------------------ per request
     def requests_frame(self):
@@ -88,8 +89,9 @@ class ServeResult:
             "requests_per_s": len(done) / span_s if span_s > 0 else math.nan,
             "output_tokens_per_s": (float(done.output_tokens.sum()) / span_s if span_s > 0
                                     else math.nan),
-            "mean_batch": batch_s / decode_s if decode_s > 0 else math.nan,
-            "busy_fraction": busy_s / span_s if span_s > 0 else math.nan,
+            "mean_batch": batch_s / decode_s if decode_s > 0 else math.nan,  # of one copy
+            # of each copy's time, on average over the copies
+            "busy_fraction": busy_s / (span_s * self.copies) if span_s > 0 else math.nan,
             "prefill_fraction": prefill_s / busy_s if busy_s > 0 else math.nan,
         }
         for name in ("queue_s", "ttft_s", "tpot_s", "e2e_s"):

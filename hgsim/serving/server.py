@@ -46,8 +46,8 @@ class Served:
 
 @dataclass
 class Iteration:
-    """One server iteration: when it started, its prefill and decode seconds, the batch it
-    decoded and the requests it admitted."""
+    """One iteration of one copy of the model: when it started, its prefill and decode
+    seconds, the batch it decoded and the requests it admitted."""
 
     start_s: float
     prefill_s: float
@@ -55,50 +55,30 @@ class Iteration:
     batch: int
     admitted: int
     mean_context: float
+    copy: int = 0
 
 
-class Server:
-    """The engine and its queue, as SimPy processes: ``arrivals`` feeds the queue, ``engine``
-    runs iterations until every request has arrived and left."""
+class Engine:
+    """One copy of the model running iterations over its own batch (its KV cache, its GPUs),
+    taking requests from the server's shared queue."""
 
-    def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
-                 on_finish: Callable[[int], None] | None = None):
-        self.env, self.times, self.max_batch = env, times, max_batch
-        self.waiting: deque[Served] = deque()
+    def __init__(self, server: Server, copy: int):
+        self.server, self.copy = server, copy
         self.running: list[Served] = []
-        self.served: list[Served] = []
-        self.iterations: list[Iteration] = []
-        self.on_finish = on_finish
-        self._all_arrived = False
-        self._wake: simpy.Event | None = None
         self._reserved_tokens = 0  # final KV tokens of the running requests
         self._context_tokens = 0  # current KV tokens of the running requests
 
-    def arrivals(self, requests: Iterable[Request]):
-        for request in requests:
-            if request.arrival_s > self.env.now:
-                yield self.env.timeout(request.arrival_s - self.env.now)
-            served = Served(request)
-            self.served.append(served)
-            self.waiting.append(served)
-            if self._wake is not None and not self._wake.triggered:
-                self._wake.succeed()
-        self._all_arrived = True
-        if self._wake is not None and not self._wake.triggered:
-            self._wake.succeed()
-
-    def engine(self):
-        env = self.env
+    def run(self):
+        server, env, times = self.server, self.server.env, self.server.times
         while True:
-            if not self.running and not self.waiting:
-                if self._all_arrived:
+            if not self.running and not server.waiting:
+                if server.all_arrived:
                     return
-                self._wake = env.event()
-                yield self._wake
+                yield server.arrival()
                 continue
             start = env.now
             admitted = self.admit()
-            prefill_s = sum(self.times.prefill_s(s.request.prompt_tokens) for s in admitted)
+            prefill_s = sum(times.prefill_s(s.request.prompt_tokens) for s in admitted)
             if admitted:
                 yield env.timeout(prefill_s)
                 for s in admitted:
@@ -108,58 +88,102 @@ class Server:
             decode_s, batch, mean_context = 0.0, len(self.running), math.nan
             if self.running:
                 mean_context = self._context_tokens / batch
-                decode_s = self.times.decode_step_s(batch, mean_context)
+                decode_s = times.decode_step_s(batch, mean_context)
                 yield env.timeout(decode_s)
                 for s in list(self.running):
                     self._generate(s)
                 self.running = [s for s in self.running if math.isnan(s.finish_s)]
-            self.iterations.append(Iteration(start, prefill_s, decode_s, batch, len(admitted),
-                                             mean_context))
+            server.iterations.append(Iteration(start, prefill_s, decode_s, batch, len(admitted),
+                                               mean_context, self.copy))
 
     def admit(self) -> list[Served]:
         """Waiting requests that join this iteration (first come, first served)."""
+        server = self.server
         admitted: list[Served] = []
-        while self.waiting and len(self.running) + len(admitted) < self.max_batch:
-            head = self.waiting[0]
+        while server.waiting and len(self.running) + len(admitted) < server.max_batch:
+            head = server.waiting[0]
             batch = len(self.running) + len(admitted) + 1
             final = self._reserved_tokens + head.request.final_tokens
             why = ""
-            if not math.isfinite(self.times.prefill_s(head.request.prompt_tokens)):
+            if not math.isfinite(server.times.prefill_s(head.request.prompt_tokens)):
                 why = "its prompt's prefill does not fit alone"
-            elif self.times.fits(batch, final):
-                self.waiting.popleft()
-                head.admitted_s = self.env.now
+            elif server.times.fits(batch, final):
+                server.waiting.popleft()
+                head.admitted_s = server.env.now
                 admitted.append(head)
                 self._reserved_tokens += head.request.final_tokens
                 self._context_tokens += head.request.prompt_tokens
                 continue
             elif batch == 1:
-                why = (f"its {head.request.final_tokens} tokens of KV do not fit alone")
+                why = f"its {head.request.final_tokens} tokens of KV do not fit alone"
             if not why:
                 break  # it waits for room
-            self.waiting.popleft()
+            server.waiting.popleft()
             head.rejected = why
-            if self.on_finish is not None:
-                self.on_finish(1)
+            server.finished(1)
         return admitted
 
     def _generate(self, s: Served) -> None:
         s.generated += 1
         self._context_tokens += 1
         if s.generated >= s.request.output_tokens:
-            s.finish_s = self.env.now
+            s.finish_s = self.server.env.now
             self._reserved_tokens -= s.request.final_tokens
             self._context_tokens -= s.context
-            if self.on_finish is not None:
-                self.on_finish(1)
+            self.server.finished(1)
 
 
-def run_server(times: StepTimes, requests: list[Request], *, max_batch: int,
+class Server:
+    """The queue and ``copies`` engines, as SimPy processes: ``arrivals`` feeds the queue, each
+    engine runs iterations until every request has arrived and left. An engine takes the
+    head of the queue at the start of its next iteration, so a request goes to the first copy
+    with room (one idle, or the first to finish an iteration)."""
+
+    def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
+                 copies: int = 1, on_finish: Callable[[int], None] | None = None):
+        self.env, self.times, self.max_batch = env, times, max_batch
+        self.waiting: deque[Served] = deque()
+        self.served: list[Served] = []
+        self.iterations: list[Iteration] = []
+        self.engines = [Engine(self, copy) for copy in range(copies)]
+        self.on_finish = on_finish
+        self.all_arrived = False
+        self._arrived: simpy.Event | None = None
+
+    def arrival(self) -> simpy.Event:
+        """An event that fires at the next arrival (or when the last request has come)."""
+        if self._arrived is None or self._arrived.triggered:
+            self._arrived = self.env.event()
+        return self._arrived
+
+    def _announce(self) -> None:
+        if self._arrived is not None and not self._arrived.triggered:
+            self._arrived.succeed()
+
+    def arrivals(self, requests: Iterable[Request]):
+        for request in requests:
+            if request.arrival_s > self.env.now:
+                yield self.env.timeout(request.arrival_s - self.env.now)
+            served = Served(request)
+            self.served.append(served)
+            self.waiting.append(served)
+            self._announce()
+        self.all_arrived = True
+        self._announce()
+
+    def finished(self, n: int) -> None:
+        if self.on_finish is not None:
+            self.on_finish(n)
+
+
+def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
                on_finish: Callable[[int], None] | None = None) -> Server:
-    """Serve ``requests`` to the end; the server holds every request's record."""
+    """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue; the
+    server holds every request's record."""
     env = simpy.Environment()
-    server = Server(env, times, max_batch=max_batch, on_finish=on_finish)
+    server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish)
     env.process(server.arrivals(requests))
-    env.process(server.engine())
+    for engine in server.engines:
+        env.process(engine.run())
     env.run()
     return server

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from hgsim.errors import UserError
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
 
@@ -65,8 +66,9 @@ def between(x: float, lo: int, hi: int, at_lo: float, at_hi: float) -> float:
 
 @dataclass
 class StepTimes:
-    """Decode-step and prefill seconds of one configuration (profile, model, policy, its
-    options, dtypes, tensor parallelism), and whether a batch fits in memory."""
+    """Decode-step and prefill seconds of one copy of one configuration (profile, model,
+    policy, its options, dtypes, tensor and data parallelism), and whether a batch fits in
+    its memory."""
 
     profile: HardwareProfile
     model: ModelSpec
@@ -75,19 +77,28 @@ class StepTimes:
     kv_dtype: str = "fp16"
     weight_dtype: str = "fp16"
     tensor_parallel: int = 1
+    # copies of the model behind the server's one queue (data parallelism), each on its own
+    # GPUs, sharing the host evenly (hgsim.tensor_parallel.rank_view); every copy runs at the
+    # step times of the first
+    data_parallel: int = 1
+    gpu_placement: str = "packed"
     decode_cells: dict[tuple[int, int], float] = field(default_factory=dict)
     prefill_cells: dict[int, float] = field(default_factory=dict)
     fit_cells: dict[tuple[int, int], bool] = field(default_factory=dict)
     linear_cells: dict[tuple[int, int, int, int], bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from hgsim.tensor_parallel import check_tensor_parallel, rank_gpus
+        from hgsim.tensor_parallel import check_data_parallel, check_tensor_parallel, rank_gpus
 
         self.profile = self.profile.for_kv_dtype(self.kv_dtype)
         # what ``hgsim simulate`` refuses up front, refused before the first request
         self.profile.gpus[self.profile.primary_gpu].peak_flops(self.weight_dtype)
         check_tensor_parallel(self.model, self.tensor_parallel)
         rank_gpus(self.profile, self.tensor_parallel)
+        check_data_parallel(self.profile, self.tensor_parallel, self.data_parallel)
+        if self.gpu_placement not in ("packed", "spread"):
+            raise UserError(f"expected packed or spread, got {self.gpu_placement!r}",
+                            field="gpu_placement")
 
     # ------------------------------------------------------------------ what the server asks
     def decode_step_s(self, batch: int, mean_context: float) -> float:
@@ -196,7 +207,8 @@ class StepTimes:
 
         return Workload(batch=batch, context=context, gen=gen, kv_dtype=self.kv_dtype,
                         weight_dtype=self.weight_dtype, include_prefill=prefill,
-                        tensor_parallel=self.tensor_parallel)
+                        tensor_parallel=self.tensor_parallel, data_parallel=self.data_parallel,
+                        gpu_placement=self.gpu_placement)
 
     def _simulate(self, workload, *, samples: int):
         from hgsim.simulate import Fidelity, simulate
