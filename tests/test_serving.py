@@ -212,6 +212,18 @@ def test_interpolated_steps_match_the_simulator(h100):
     assert np.median(errors) < 0.002
 
 
+def test_interpolated_prefills_match_the_simulator(h100):
+    """A prefill grows faster than its prompt (attention over every earlier token), so the
+    chord between grid points lies above it, by little at eight points per doubling."""
+    profile, model = h100
+    times = StepTimes(profile, model, "gpu_only")
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        prompt = int(np.exp(rng.uniform(np.log(500), np.log(300_000))))
+        exact = times.prefill_cell(prompt)
+        assert exact <= times.prefill_s(prompt) * (1 + 1e-12) <= exact * 1.003
+
+
 def test_a_grid_cell_is_the_simulators_settled_step(h100):
     """A cell is the last quarter of a run that ends at its context: the step the scheduler
     settles on, never the first steps from its starting ratio."""
