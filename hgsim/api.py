@@ -183,6 +183,7 @@ def serve(
         run_labels,
     )
     from hgsim.serving import serve_requests as run
+    from hgsim.serving.requests import MAX_OUTPUT_TOKENS
 
     loads = [name for name, given in (("rate", rate is not None), ("trace", trace is not None),
                                       ("find_rate", bool(find_rate))) if given]
@@ -213,7 +214,8 @@ def serve(
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
                         "slo_tpot_s", field="find_rate")
-    mix = RequestMix(LengthDist.parse(prompt, "prompt"), LengthDist.parse(output, "output"),
+    mix = RequestMix(LengthDist.parse(prompt, "prompt"),
+                     LengthDist.parse(output, "output", most=MAX_OUTPUT_TOKENS),
                      count=requests, seed=seed)
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
@@ -224,7 +226,7 @@ def serve(
     if find_rate:
         return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels)
     listed = read_trace(trace) if trace is not None else mix.requests(rate)
-    return run(times, listed, max_batch=max_batch, rate_per_s=math.nan if trace else rate,
+    return run(times, listed, max_batch=max_batch, rate_per_s=math.nan if trace is not None else rate,
                slo=slo, labels=labels)
 
 

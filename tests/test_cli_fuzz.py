@@ -106,6 +106,34 @@ def test_study_flags(tmp_path_factory, capsys, data):
     event(f"exit {exits_cleanly(capsys, argv)}")
 
 
+SERVE = {"--profile": "dev-zen4-2core", "--model": "opt-6.7b", "--policy": "gpu_only",
+         "--rate": "2", "--prompt": "1k", "--output": "4", "--requests": "3"}
+SERVE_EXTRA = ["--find-rate", "--trace", "--seed", "--max-batch", "--kv-dtype",
+               "--tensor-parallel", "--data-parallel", "--gpu-placement", "--slo-ttft",
+               "--slo-tpot-ms", "--attainment", "--requests-csv", "--option"]
+
+
+@FUZZ
+@given(st.data())
+def test_serve_flags(tmp_path_factory, capsys, data):
+    """Lengths and counts stay cheap: --output and --requests are each fuzzed beside the
+    other's small default, so a valid large value costs one of them, not their product."""
+    tmp_path = tmp_path_factory.mktemp("cli")
+    flags = dict(SERVE)
+    drawn = data.draw(st.lists(st.sampled_from([*SERVE, *SERVE_EXTRA]), min_size=1,
+                               max_size=2, unique=True))
+    for flag in drawn:
+        flags[flag] = place(data.draw(VALUE), tmp_path)
+    if {"--output", "--requests"} <= set(drawn):
+        flags["--requests"] = SERVE["--requests"]
+    if "--find-rate" in flags or "--trace" in flags:  # one load at a time, or argparse's error
+        flags.pop("--rate")
+    argv = ["serve"]
+    for flag, value in flags.items():
+        argv += [flag] if flag == "--find-rate" else [flag, value]
+    event(f"exit {exits_cleanly(capsys, argv)}")
+
+
 @FUZZ
 @given(st.data())
 def test_models_profiles_policies_arguments(tmp_path_factory, capsys, data):
@@ -144,7 +172,7 @@ def test_validate_flags_up_to_measuring(tmp_path_factory, capsys, monkeypatch, d
         event("reached the measuring")
 
 
-@pytest.mark.parametrize("verb", [["simulate"], ["study"], ["models", "show"],
+@pytest.mark.parametrize("verb", [["simulate"], ["serve"], ["study"], ["models", "show"],
                                   ["profiles", "show"], ["policies"], ["validate"], ["run"]])
 def test_help_exits_0(capsys, verb):
     assert exits_cleanly(capsys, [*verb, "--help"]) == 0

@@ -297,6 +297,10 @@ def test_trace_rows_and_their_errors(tmp_path):
             read_trace(bad)
     with pytest.raises(UserError, match="cannot read it"):
         read_trace(tmp_path / "missing.csv")
+    binary = tmp_path / "b.csv"
+    binary.write_bytes(b"arrival_s,prompt_tokens,output_tokens\n\xff\xfe")
+    with pytest.raises(UserError, match=r"b.csv:2: not a text file \(byte 0xff"):
+        read_trace(binary)
 
 
 # ------------------------------------------------------------------ the command line
@@ -342,7 +346,11 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--prompt", "uniform:3"], "--prompt:"),
     (["--rate", "1", "--attainment", "1.5"], "--attainment: must be in [0, 1]"),
     (["--trace", "/nonexistent/t.csv"], "cannot read it"),
-    (["--rate", "1", "--requests", "0"], "--requests: must be >= 1"),
+    (["--rate", "1", "--requests", "0"], "--requests: must be between 1 and 1,000,000"),
+    (["--rate", "1", "--requests", "1G"], "--requests: must be between 1 and 1,000,000"),
+    (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),
+    (["--rate", "1e-320"], "--rate: 1e-320 requests per second puts arrivals beyond"),
+    (["--trace", "/dev/zero"], "not a regular file"),
     (["--rate", "1", "--gpu-placement", "spread"], "--gpu-placement: spread places copies"),
     (["--rate", "1", "--data-parallel", "2"], "--data-parallel: 2 replicas x tensor_parallel 1"),
     (["--rate", "1", "--tensor-parallel", "2"], "--tensor-parallel: 2 ranks need 2 GPUs"),

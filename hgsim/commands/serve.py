@@ -86,6 +86,16 @@ def parallelism_as_flags() -> Iterator[None]:
             from None
 
 
+def arrivals(mix, rate: float):
+    """``mix``'s requests at ``rate``, a mistake naming ``--rate``."""
+    try:
+        return mix.requests(rate)
+    except UserError as exc:
+        if exc.field != "rate":
+            raise
+        raise UserError(str(exc).removeprefix("rate: "), field="--rate") from None
+
+
 def slo_of(args: argparse.Namespace):
     from hgsim.serving import Slo
 
@@ -110,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         run_labels,
         serve_requests,
     )
+    from hgsim.serving.requests import MAX_OUTPUT_TOKENS, MAX_REQUESTS
 
     if args.max_batch < 1:
         raise UserError(f"must be >= 1, got {args.max_batch}", field="--max-batch")
@@ -126,11 +137,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("searches the highest rate meeting an SLO: give --slo-ttft SECONDS "
                         "and/or --slo-tpot-ms MS", field="--find-rate")
     requests_n = count(args.requests, "--requests")
-    if requests_n < 1:
-        raise UserError(f"must be >= 1, got {requests_n}", field="--requests")
+    if not 1 <= requests_n <= MAX_REQUESTS:
+        raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",
+                        field="--requests")
     mix = RequestMix(LengthDist.parse(args.prompt, "--prompt"),
-                     LengthDist.parse(args.output, "--output"), count=requests_n, seed=args.seed)
-    trace = read_trace(args.trace) if args.trace else None
+                     LengthDist.parse(args.output, "--output", most=MAX_OUTPUT_TOKENS),
+                     count=requests_n, seed=args.seed)
+    if args.trace is not None and not args.trace.strip():
+        raise UserError(f"needs the path of a CSV file, got {args.trace!r}", field="--trace")
+    trace = read_trace(args.trace) if args.trace is not None else None
     csv_path = (check_output_file(args.requests_csv, "--requests-csv")
                 if args.requests_csv is not None else None)
     options = policy_options(args.option, args.policy)
@@ -149,10 +164,10 @@ def run(args: argparse.Namespace) -> int:
                                   on_probe=bar.probe)
                 result = search.result
             else:
-                requests = trace if trace is not None else mix.requests(args.rate)
+                requests = trace if trace is not None else arrivals(mix, args.rate)
                 bar.start(len(requests))
                 result = serve_requests(times, requests, max_batch=args.max_batch,
-                                        rate_per_s=math.nan if trace else args.rate, slo=slo,
+                                        rate_per_s=math.nan if trace is not None else args.rate, slo=slo,
                                         labels=labels, on_finish=bar.update)
                 search = None
         finally:

@@ -8,7 +8,10 @@ with the same lengths (common random numbers): a rate search then compares loads
 from __future__ import annotations
 
 import csv
+import io
 import math
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +19,13 @@ import numpy as np
 
 from hgsim.errors import UserError
 from hgsim.units import parse_count
+
+#: The most requests one run serves (a typo with extra zeros would fill memory, not a queue).
+MAX_REQUESTS = 1_000_000
+#: The most tokens one request generates: each is one iteration of the server.
+MAX_OUTPUT_TOKENS = 1 << 20
+#: The largest trace file read.
+MAX_TRACE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -42,7 +52,7 @@ class LengthDist:
     b: float = 0.0
 
     @classmethod
-    def parse(cls, text: str | int, what: str) -> LengthDist:
+    def parse(cls, text: str | int, what: str, most: int | None = None) -> LengthDist:
         if isinstance(text, int) and not isinstance(text, bool):
             text = str(text)
         if not isinstance(text, str):
@@ -70,16 +80,19 @@ class LengthDist:
             raise UserError(f"{exc} (in {text!r})", field=what) from None
         if dist.a < 1:
             raise UserError(f"needs at least 1 token, got {text!r}", field=what)
+        if most is not None and max(dist.a, dist.b if dist.kind == "uniform" else 0) > most:
+            raise UserError(f"at most {most} tokens a request, got {text!r}", field=what)
         return dist
 
-    def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    def draw(self, rng: np.random.Generator, n: int, most: float = np.inf) -> np.ndarray:
+        """``n`` lengths, at most ``most`` (a lognormal's far tail is cut there)."""
         if self.kind == "fixed":
             values = np.full(n, self.a)
         elif self.kind == "uniform":
             values = rng.integers(int(self.a), int(self.b) + 1, size=n)
         else:
             values = self.a * np.exp(self.b * rng.standard_normal(n))
-        return np.maximum(1, np.rint(values)).astype(np.int64)
+        return np.clip(np.rint(values), 1, min(most, 2.0 ** 62)).astype(np.int64)
 
     def __str__(self) -> str:
         if self.kind == "fixed":
@@ -108,6 +121,11 @@ class RequestMix:
     count: int = 500
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.count <= MAX_REQUESTS:
+            raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {self.count}",
+                            field="requests")
+
     def requests(self, rate_per_s: float) -> list[Request]:
         if not (math.isfinite(rate_per_s) and rate_per_s > 0):
             raise UserError(f"must be a positive number of requests per second, got "
@@ -115,8 +133,12 @@ class RequestMix:
         rng = np.random.default_rng(self.seed)
         gaps = rng.exponential(1.0, size=self.count)  # at rate 1, scaled below
         prompts = self.prompt.draw(rng, self.count)
-        outputs = self.output.draw(rng, self.count)
-        arrivals = np.cumsum(gaps) / rate_per_s
+        outputs = self.output.draw(rng, self.count, most=MAX_OUTPUT_TOKENS)
+        with np.errstate(over="ignore"):
+            arrivals = np.cumsum(gaps) / rate_per_s
+        if not np.isfinite(arrivals[-1]):
+            raise UserError(f"{rate_per_s!r} requests per second puts arrivals beyond any "
+                            "time this can count", field="rate")
         return [Request(i, float(t), int(p), int(o))
                 for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))]
 
@@ -128,44 +150,67 @@ def read_trace(path: str | Path) -> list[Request]:
     """Requests from a CSV file with a header naming ``arrival_s`` (seconds from the start),
     ``prompt_tokens`` and ``output_tokens``; other columns are ignored. A bad row is one line
     naming the file, its line and the column."""
+    if not str(path).strip():
+        raise UserError(f"needs the path of a CSV file, got {str(path)!r}", field="trace")
     path = Path(path)
-    try:
-        handle = path.open(newline="", encoding="utf-8")
-    except OSError as exc:
-        raise UserError(f"cannot read it: {exc.strerror or exc}", source=str(path)) from None
+    text = _trace_text(path)
     requests: list[Request] = []
-    with handle:
-        try:
-            reader = csv.DictReader(handle)
-            missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise UserError(f"needs the columns {', '.join(TRACE_COLUMNS)}; missing "
-                                f"{', '.join(missing)}", source=f"{path}:1")
-            previous = 0.0
-            for row in reader:
-                line = reader.line_num
-                values = {}
-                for column in TRACE_COLUMNS:
-                    text = (row.get(column) or "").strip()
-                    try:
-                        values[column] = float(text) if column == "arrival_s" else int(text)
-                    except ValueError:
-                        raise UserError(f"{column}: expected a number, got {text!r}",
-                                        source=f"{path}:{line}") from None
-                t, p, o = values["arrival_s"], values["prompt_tokens"], values["output_tokens"]
-                if not (math.isfinite(t) and t >= previous):
-                    raise UserError(f"arrival_s: must be finite and not before the row above "
-                                    f"({previous:g}), got {t:g}", source=f"{path}:{line}")
-                for column, n in (("prompt_tokens", p), ("output_tokens", o)):
-                    if n < 1:
-                        raise UserError(f"{column}: must be at least 1, got {n}",
-                                        source=f"{path}:{line}")
-                requests.append(Request(len(requests), t, p, o))
-                previous = t
-        except UnicodeDecodeError:
-            raise UserError("not a text file (expected a UTF-8 CSV)", source=str(path)) from None
-        except csv.Error as exc:
-            raise UserError(f"not a CSV file: {exc}", source=str(path)) from None
+    try:
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"needs the columns {', '.join(TRACE_COLUMNS)}; missing "
+                            f"{', '.join(missing)}", source=f"{path}:1")
+        previous = 0.0
+        for row in reader:
+            line = reader.line_num
+            values = {}
+            for column in TRACE_COLUMNS:
+                cell = (row.get(column) or "").strip()
+                try:
+                    values[column] = float(cell) if column == "arrival_s" else int(cell)
+                except ValueError:
+                    raise UserError(f"{column}: expected a number, got {cell[:40]!r}",
+                                    source=f"{path}:{line}") from None
+            t, p, o = values["arrival_s"], values["prompt_tokens"], values["output_tokens"]
+            if not (math.isfinite(t) and t >= previous):
+                raise UserError(f"arrival_s: must be finite and not before the row above "
+                                f"({previous:g}), got {t:g}", source=f"{path}:{line}")
+            for column, n in (("prompt_tokens", p), ("output_tokens", o)):
+                if n < 1:
+                    raise UserError(f"{column}: must be at least 1, got {n}",
+                                    source=f"{path}:{line}")
+            if o > MAX_OUTPUT_TOKENS:
+                raise UserError(f"output_tokens: at most {MAX_OUTPUT_TOKENS} a request, got {o}",
+                                source=f"{path}:{line}")
+            if len(requests) == MAX_REQUESTS:
+                raise UserError(f"has more than {MAX_REQUESTS:,} requests", source=str(path))
+            requests.append(Request(len(requests), t, p, o))
+            previous = t
+    except csv.Error as exc:
+        raise UserError(f"not a CSV file: {exc}", source=str(path)) from None
     if not requests:
         raise UserError("has no requests (a header and one row per request)", source=str(path))
     return requests
+
+
+def _trace_text(path: Path) -> str:
+    """The trace file's text: a regular UTF-8 file of at most ``MAX_TRACE_BYTES``."""
+    source = str(path)
+    if "\x00" in source:
+        raise UserError("a NUL byte (\\x00) in the file name", source=repr(source)[1:-1])
+    try:
+        with open(path, "rb") as fh:
+            if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                raise UserError("not a regular file", source=source)
+            data = fh.read(MAX_TRACE_BYTES + 1)
+    except OSError as exc:
+        raise UserError(f"cannot read it: {exc.strerror or exc}", source=source) from None
+    if len(data) > MAX_TRACE_BYTES:
+        raise UserError(f"larger than {MAX_TRACE_BYTES >> 20} MiB", source=source)
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise UserError(f"not a text file (byte 0x{data[exc.start]:02x} is not UTF-8; a trace "
+                        "is a UTF-8 CSV file)", source=f"{source}:{line}") from None
