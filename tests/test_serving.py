@@ -116,6 +116,16 @@ def test_the_batch_and_the_reserved_kv_stay_within_their_limits(crowded):
         assert held <= 60_000
 
 
+def test_the_iterations_frame_is_the_servers_time_series(crowded):
+    _, result = crowded
+    frame = result.iterations_frame()
+    assert len(frame) == len(result.iterations) and (frame.batch <= 6).all()
+    starts = frame.start_s.to_numpy()
+    ends = starts + frame.prefill_s.to_numpy() + frame.decode_s.to_numpy()
+    assert (starts[1:] >= ends[:-1] - 1e-9).all()  # one copy: iterations back to back or idle
+    assert frame.admitted.sum() == sum(1 for s in result.served if not s.rejected)
+
+
 def test_first_come_first_served_and_tokens_conserved(crowded):
     _, result = crowded
     done = sorted((s for s in result.served if not s.rejected), key=lambda s: s.request.id)

@@ -70,6 +70,15 @@ class ServeResult:
             })
         return pd.DataFrame(rows)
 
+    def iterations_frame(self):
+        """One row per iteration of each copy: start, prefill and decode seconds, the batch
+        decoded, requests admitted and still queued, the batch's mean context (a time series
+        of the server's load)."""
+        import pandas as pd
+
+        return pd.DataFrame([vars(it) for it in self.iterations],
+                            columns=list(Iteration.__dataclass_fields__))
+
     # ------------------------------------------------------------------ the run
     def summary(self) -> dict[str, Any]:
         frame = self.requests_frame()

@@ -56,6 +56,7 @@ class Iteration:
     admitted: int
     mean_context: float
     copy: int = 0
+    waiting: int = 0  # requests still queued once it had admitted its own
 
 
 class Engine:
@@ -78,6 +79,7 @@ class Engine:
                 continue
             start = env.now
             admitted = self.admit()
+            queued = len(server.waiting)
             prefill_s = sum(times.prefill_s(s.request.prompt_tokens) for s in admitted)
             if admitted:
                 yield env.timeout(prefill_s)
@@ -89,12 +91,15 @@ class Engine:
             if self.running:
                 mean_context = self._context_tokens / batch
                 decode_s = times.decode_step_s(batch, mean_context)
+                if not math.isfinite(decode_s):  # admission let in what the simulator refuses
+                    raise RuntimeError(f"no decode step for batch {batch} at mean context "
+                                       f"{mean_context:.0f}, which admission found to fit")
                 yield env.timeout(decode_s)
                 for s in list(self.running):
                     self._generate(s)
                 self.running = [s for s in self.running if math.isnan(s.finish_s)]
             server.iterations.append(Iteration(start, prefill_s, decode_s, batch, len(admitted),
-                                               mean_context, self.copy))
+                                               mean_context, self.copy, queued))
 
     def admit(self) -> list[Served]:
         """Waiting requests that join this iteration (first come, first served)."""
