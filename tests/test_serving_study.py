@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import pandas as pd
 import pytest
 from test_study_common import last_run, refused_study, write_study
 
@@ -105,8 +106,10 @@ def test_rows_are_the_servers_own_numbers(tmp_path):
     # the KV dtype reached the step times: fp16 at the same rate decodes more slowly
     at_fp16 = serve_requests(times, mix.requests(2.0), max_batch=4, rate_per_s=2.0, slo=slo)
     assert at_fp16.summary()["tpot_mean_s"] > fixed["tpot_mean_s"]
-    # the point's own columns: profile, model, policy and the axes
+    # the point's own columns: profile, model, policy and the axes; the columns validated at
+    # load time (plots, derived metrics) are exactly those the rows hold
     assert set(frame["policy"]) == {"gpu_only"} and set(frame["prompt"]) == {"lognormal:4k:0.5"}
+    assert set(frame.columns) == set(run.plan.columns)
     # the resolved study reproduces the same points
     out = tmp_path / "out"
     plan = load_study(out / "study.resolved.yaml")
@@ -209,3 +212,15 @@ def test_a_serving_axis_without_a_serving_block_is_refused(tmp_path, capsys):
                                                        "serving.max_batch: [1]\n      policy: "
                                                        "[hybridgen"))
     assert "'serving.max_batch' sweeps an online server's setting; the study has no serving" in err
+
+
+def test_no_rate_meeting_the_slo_leaves_the_metrics_empty_and_says_why(tmp_path):
+    text = FIND_RATE.replace("serving.max_batch: [2, 4]", "serving.max_batch: [2]").replace(
+        "ttft_s: 2,", "ttft_s: 0.001,")
+    (row,) = _run(tmp_path, text).frame.to_dict("records")
+    assert pd.isna(row["max_rate_per_s"]) and pd.isna(row["output_tokens_per_s"])
+    assert row["reason"].startswith("the SLO is missed even at ") and row["rates_tried"] > 1
+    times, mix, slo = _direct("fp16", max_batch=2)
+    search = max_rate(times, mix, max_batch=2, slo=Slo(ttft_s=0.001, tpot_s=0.05,
+                                                       attainment=0.8))
+    assert search.rate_per_s is None and row["rates_tried"] == len(search.probes)

@@ -17,7 +17,7 @@ from hgsim.study.schema import ServingSpec
 #: The columns a serving row holds (``ServeResult.summary()``; the SLO's with an SLO, and
 #: ``max_rate_per_s``, ``rates_tried`` and ``reason`` with ``find_rate``).
 LABEL_COLUMNS = ("profile", "model", "policy", "max_batch", "prompt", "output")
-RUN_COLUMNS = (
+SUMMARY_COLUMNS = (
     "rate_per_s", "requests", "completed", "rejected", "span_s", "requests_per_s",
     "output_tokens_per_s", "mean_batch", "busy_fraction", "prefill_fraction",
     *(f"{stem}_{q}_s" for stem in ("queue", "ttft", "tpot", "e2e")
@@ -30,7 +30,7 @@ TEXT_COLUMNS = ("prompt", "output", "reason")
 
 
 def serving_columns(slo: bool, find_rate: bool) -> list[str]:
-    return [*LABEL_COLUMNS, *RUN_COLUMNS, *(SLO_COLUMNS if slo else ()), "simulations",
+    return [*LABEL_COLUMNS, *SUMMARY_COLUMNS, *(SLO_COLUMNS if slo else ()), "simulations",
             *(FIND_RATE_COLUMNS if find_rate else ())]
 
 
