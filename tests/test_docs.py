@@ -281,7 +281,7 @@ def test_studies_yaml_examples_validate(tmp_path):
     """docs/studies.md's schema example is a whole study and must load as written; each later
     fragment must load merged into it, with only the axes it refers to added (CXL latency and
     batch axes, two more policies, a `label.upgrade` zipped with the bandwidths; a search takes
-    the context axis out, plots get the page's `derived`, a Pareto plot of `accuracy.target` its
+    the context axis out, serving the context and batch axes, plots get the page's `derived`, a Pareto plot of `accuracy.target` its
     `equal_accuracy`). The schema example used to give a topk_ratio to every policy of a sweep
     that included FlexGen: an error."""
     import copy
@@ -313,8 +313,10 @@ def test_studies_yaml_examples_validate(tmp_path):
             grid["hardware.tiers.cxl0.latency_ns"] = [250, 400]
             grid["workload.batch"] = [1, 2]
             grid["policy"] = [*grid["policy"], "flexgen_cpu", "cpu_offload"]
-            if "search" in fragment:
+            if "search" in fragment or "serving" in fragment:
                 del grid["workload.context"]
+            if "serving" in fragment:  # a server's lengths and batch are its own
+                del grid["workload.batch"]
         study.update(fragment)
         if "plots" in fragment:
             study.update(derived)

@@ -18,14 +18,15 @@ import pandas as pd
 from hgsim.units import dimension_of, parse_count, parse_quantity
 
 TOP_LEVEL = ("profile", "model", "policy")
-SECTIONS = ("workload", "policy_options", "fidelity", "hardware", "label", "search")
+SECTIONS = ("workload", "policy_options", "fidelity", "hardware", "label", "search", "serving")
 # Columns holding token/sequence counts: "32k" in a filter means 32768 there.
 COUNT_COLUMNS = {"batch", "context", "gen", "max_context", "max_batch"}
 
 AXIS_HELP = (
     "axes are profile, model, policy, workload.<field>, policy_options.<option>, "
     "fidelity.<field>, hardware.<dotted profile path>, search.max_token_latency_ms / "
-    "search.latency_stat (a capacity search's latency SLO) or label.<name> (a column only)"
+    "search.latency_stat (a capacity search's latency SLO), serving.<field> (an online "
+    "server's load, lengths, batch and SLO) or label.<name> (a column only)"
 )
 
 

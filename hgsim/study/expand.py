@@ -36,7 +36,7 @@ from hgsim.specs.model import ModelSpec
 from hgsim.study import axes as ax
 from hgsim.study import equal_accuracy as eq
 from hgsim.study import sensitivity as sens
-from hgsim.study.schema import SearchSpec, Study
+from hgsim.study.schema import SERVING_AXES, SearchSpec, ServingSpec, Study
 from hgsim.workload import Workload
 
 
@@ -54,6 +54,8 @@ class PointSpec:
     search: SearchSpec | None = None
     # an equal-accuracy twin: the target and knob searched (hgsim.study.equal_accuracy)
     equal_accuracy: Any = None
+    # an online server instead of one simulation (hgsim.study.serving)
+    serving: ServingSpec | None = None
 
 
 @dataclass
@@ -336,6 +338,19 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
         if rest not in SEARCH_AXES:
             raise doc.error(loc, f"'{path}' cannot be swept (search axes: "
                                  f"{', '.join(f'search.{f}' for f in SEARCH_AXES)})")
+    if kind == "serving":
+        if study.serving is None:
+            raise doc.error(loc, f"'{path}' sweeps an online server's setting; the study has "
+                                 "no serving block")
+        if rest not in SERVING_AXES:
+            raise doc.error(loc, f"'{path}' cannot be swept (serving axes: "
+                                 f"{', '.join(f'serving.{f}' for f in SERVING_AXES)})")
+    if study.serving is not None and kind == "workload" and rest not in SERVING_WORKLOAD:
+        why = ("a serving point takes its lengths from serving.prompt and serving.output and "
+               "its batch from serving.max_batch; sweep those instead"
+               if rest in ("batch", "context", "gen") else
+               "a serving point uses only workload." + ", workload.".join(SERVING_WORKLOAD))
+        raise doc.error(loc, f"'{path}' cannot be swept with serving: {why}")
     if study.search is not None and path == study.search.maximize:
         raise doc.error(loc, f"'{path}' is searched (search.maximize), it cannot also be an axis")
     if kind == "label":  # a column of names: grouped, ranked and plotted by value
@@ -343,6 +358,48 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
             if isinstance(value, (dict, list)):
                 raise doc.error((*loc, j), f"a label is a name or a number, got "
                                            f"{type(value).__name__} {value!r}")
+
+
+#: The workload fields a serving point uses (``hgsim.serving.StepTimes``): the others are not
+#: read, so an axis over one would give the same point under several names.
+SERVING_WORKLOAD = ("kv_dtype", "weight_dtype", "tensor_parallel", "data_parallel")
+
+
+def _serving(study: Study, values: dict[str, Any], locs: dict[str, Loc],
+             doc: YamlDocument) -> ServingSpec | None:
+    """The point's online server: the study's, with its swept fields, every field checked
+    (each error at the line of the value that caused it)."""
+    if study.serving is None:
+        return None
+    swept = {path.split(".", 1)[1]: path for path in values if path.startswith("serving.")}
+
+    def where(field: str) -> Loc:
+        return locs[swept[field]] if field in swept else ("serving", *field.split("."))
+
+    spec = study.serving
+    if swept:
+        data = spec.model_dump()
+        for field, path in swept.items():
+            if field.startswith("slo."):
+                data["slo"] = {**(data["slo"] or {}), field[len("slo."):]: values[path]}
+            else:
+                data[field] = values[path]
+        try:
+            spec = ServingSpec.model_validate(data)
+        except ValidationError as exc:
+            error = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in error["loc"] if not str(p).endswith("]")
+                             and p not in ("str", "int", "float", "bool"))
+            field = field if field in SERVING_AXES else next(iter(swept))
+            raise doc.error(where(field), humane(error)) from None
+        if "find_rate" in swept and spec.find_rate and "rate_per_s" not in swept:
+            # the rate is the one of the points that do not search it
+            spec = spec.model_copy(update={"rate_per_s": None})
+    problem = spec.problem()
+    if problem is not None:
+        field, message = problem
+        raise doc.error(where(field), message)
+    return spec
 
 
 #: The search fields an axis may sweep (``search.<field>``): the latency SLO and the pick.
@@ -502,7 +559,14 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     search = _search(study, values, locs, doc)
     if search is not None:
         wl[search.field] = search.lo  # placeholder; the search sets it
+    serving = _serving(study, values, locs, doc)
+    if serving is not None:  # not read: the requests' lengths and max_batch replace them
+        wl.update(batch=1, context=1, gen=1)
     workload = _workload(wl, wl_locs, doc)
+    if serving is not None and workload.data_parallel > 1:
+        raise doc.error(wl_locs.get("data_parallel", ("serving",)),
+                        "data_parallel > 1 with serving is not modelled yet (one server "
+                        "replica; set data_parallel: 1)")
     try:
         profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)
     except UserError as exc:
@@ -542,34 +606,41 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
         if overrides:
             fidelity_config[name] = overrides
 
+    kind = "search" if study.search else "serving" if serving else "simulate"
+    workload_key = workload.model_dump(mode="json", exclude={
+        name for name, default in (("tensor_parallel", 1), ("data_parallel", 1),
+                                   ("gpu_placement", "packed"))
+        if getattr(workload, name) == default})
+    if serving is not None:  # what the server's step times read (hgsim.serving.StepTimes)
+        workload_key = {name: getattr(workload, name) for name in SERVING_WORKLOAD}
     config = {
         "hgsim": __version__,
-        "kind": "search" if study.search else "simulate",
+        "kind": kind,
         "profile": profile_hash,
         "model": model_hash,
         "policy": policy,
         "policy_options": canonical_options,
         # one GPU (tensor_parallel 1, one replica, packed) keeps the key points had before
         # those fields existed
-        "workload": workload.model_dump(mode="json", exclude={
-            name for name, default in (("tensor_parallel", 1), ("data_parallel", 1),
-                                       ("gpu_placement", "packed"))
-            if getattr(workload, name) == default}),
+        "workload": workload_key,
         # a search sizes memory alone: of the fidelity only the attention shape can move it
         # (HybridGen's group-union landing buffers); none set keeps the key it always had.
         # A latency SLO or ``pick: fastest`` simulates: then all of the fidelity counts
         "fidelity": ({"attention": fidelity_config["attention"]}
                      if "attention" in fidelity_config else None)
-        if search and not search.simulates else fidelity_config,
+        if search and not search.simulates else None if serving else fidelity_config,
         # without an SLO, the search as it always was (the same key)
         "search": search.key_config() if search else None,
     }
+    if serving is not None:  # only where set: every other point keeps the key it had
+        config["serving"] = serving.key_config()
     plugin = registry.plugin(policy)
     if plugin is not None:  # a new plugin release may plan differently: recompute its points
         config["policy_plugin"] = f"{plugin.dist} {plugin.version}"
     spec = PointSpec(
         key=_digest(config)[:20], profile=profile, model=model, policy=policy,
         policy_options=options, workload=workload, fidelity=fidelity, search=search,
+        serving=serving,
     )
     coords: dict[str, Any] = {}
     for path, value in values.items():

@@ -112,6 +112,8 @@ def md_table(frame: pd.DataFrame, max_rows: int | None = None,
 def best_metric(study: Study) -> str:
     if study.report.best_metric:
         return study.report.best_metric
+    if study.serving is not None:
+        return "max_rate_per_s" if study.serving_finds_rate else "output_tokens_per_s"
     return study.search.column if study.search else "tokens_per_s"
 
 
@@ -321,9 +323,15 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
 
     fidelity = base.fidelity.model_dump()
     groups = {group: fidelity.pop(group) for group in override_groups()}
-    base_rows += [(f"fidelity.{k}", v) for k, v in fidelity.items()]
-    for group, overrides in groups.items():  # one row per override set, none when none is
-        base_rows += [(f"fidelity.{group}.{k}", v) for k, v in overrides.items()]
+    if study.serving is None:  # a server's step times use their own (hgsim.serving)
+        base_rows += [(f"fidelity.{k}", v) for k, v in fidelity.items()]
+        for group, overrides in groups.items():  # one row per override set, none when none is
+            base_rows += [(f"fidelity.{group}.{k}", v) for k, v in overrides.items()]
+    else:
+        serving = study.serving.model_dump(exclude_none=True)
+        slo = serving.pop("slo", {})
+        base_rows += [(f"serving.{k}", v) for k, v in serving.items()]
+        base_rows += [(f"serving.slo.{k}", v) for k, v in slo.items()]
     # null in a policy_options axis: the option is not set there (the policy lacks it)
     # hardware quantities in the unit the results tables use (768 GiB is 825 GB there)
     axes_values = {k: ["not set" if v is None else as_results_show(k, v) for v in values]
@@ -354,6 +362,14 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                          f"{ax.label(s.hi)}] to a step of {ax.label(s.step)} (capacity "
                          "accounting only, no simulation).\n")
 
+    if study.serving is not None:
+        parts.append("\nServing: an online server at every point (docs/serving.md): Poisson "
+                     "arrivals, continuous batching up to `max_batch`, step and prefill times "
+                     "from the simulator on a grid. "
+                     + ("`max_rate_per_s` is the highest rate at which the SLO's attainment is "
+                        "met, and the row's metrics are the run at that rate. "
+                        if study.serving_finds_rate else "")
+                     + "The workload's batch, context and gen are not used.\n")
     if study.picks_fastest:
         parts.append(f"`pick: fastest`: every `{study.search.maximize}` up to that one is "
                      "simulated too, and the one that decodes fastest (tokens/s) is the answer "

@@ -62,6 +62,16 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       target_rel_error: 0.01             # or a list; -> axis accuracy.target
       resolution: 0.005                  # knob grid step
       knobs: {h2o: budget}               # policy -> option searched (default: its registered knob)
+    serving:                             # an online server at every point (docs/serving.md)
+      rate_per_s: 0.5                    # Poisson arrivals; or find_rate: true (needs slo)
+      requests: 300                      # requests served per run
+      prompt: lognormal:32k:0.5          # 32k | uniform:LO:HI | lognormal:MEDIAN:SIGMA
+      output: 256                        # tokens generated per request, the same forms
+      max_batch: 16                      # most requests decoded together
+      seed: 0                            # arrivals and lengths
+      slo: {ttft_s: 10, tpot_ms: 100, attainment: 0.9}
+    # (a serving point ignores workload.batch/context/gen: its lengths and batch are above;
+    # every serving field is an axis: serving.rate_per_s, serving.slo.tpot_ms, ...)
     report: {best_metric: tokens_per_s, best_by: policy, max_rows: 40}
     answer:                              # questions answered in report.md's first lines
       - question: Which upgrade buys the most tokens/s per dollar?
@@ -407,6 +417,84 @@ class EqualAccuracySpec(StudyModel):
             self.target_rel_error, list) else [self.target_rel_error])]
 
 
+class SloSpec(StudyModel):
+    """What a request must meet: its time to first token and its mean time per output token
+    after the first; ``attainment``, the share of requests that must meet it (``find_rate``)."""
+
+    ttft_s: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    attainment: float = Field(default=0.9, gt=0, le=1)
+
+    @property
+    def set(self) -> bool:
+        return self.ttft_s is not None or self.tpot_ms is not None
+
+
+#: The serving fields an axis may sweep (``serving.<field>``).
+SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch", "seed",
+                "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
+
+
+class ServingSpec(StudyModel):
+    """An online server at every point (``hgsim.serving``, docs/serving.md): ``requests``
+    requests with ``prompt`` and ``output`` lengths arrive as a Poisson process of
+    ``rate_per_s`` (or, with ``find_rate``, at the highest rate at which ``slo.attainment`` of
+    them meet the SLO) and are batched continuously, at most ``max_batch`` at a time. The
+    point's workload gives the dtypes and tensor parallelism; its batch, context and gen are
+    not used (the lengths come from here)."""
+
+    rate_per_s: float | None = Field(default=None, gt=0)
+    find_rate: bool = False
+    requests: int = Field(default=300, ge=1)
+    prompt: str | int = "32k"
+    output: str | int = 256
+    max_batch: int = Field(default=256, ge=1)
+    seed: int = Field(default=0, ge=0)
+    slo: SloSpec | None = None
+
+    @field_validator("requests", "max_batch", mode="before")
+    @classmethod
+    def _counts(cls, value: Any) -> Any:
+        return parse_count(value) if isinstance(value, str) else value
+
+    @field_validator("prompt", "output", mode="before")
+    @classmethod
+    def _lengths(cls, value: Any) -> Any:
+        from hgsim.errors import UserError
+        from hgsim.serving.requests import LengthDist
+
+        try:
+            LengthDist.parse(value, "length")
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix("length: ")) from None
+        return value
+
+    def problem(self) -> tuple[str, str] | None:
+        """The field and the reason when the fields do not go together (checked per point,
+        where an axis may set any of them), else None."""
+        if self.find_rate and self.rate_per_s is not None:
+            return "find_rate", ("searches the rate itself; drop rate_per_s (or set find_rate: "
+                                 "false)")
+        if self.find_rate and (self.slo is None or not self.slo.set):
+            return "find_rate", ("searches the highest rate meeting an SLO: set slo.ttft_s "
+                                 "and/or slo.tpot_ms")
+        if not self.find_rate and self.rate_per_s is None:
+            return "rate_per_s", ("give a Poisson arrival rate (requests/s), or find_rate: true "
+                                  "to search the highest one meeting the SLO")
+        if self.slo is not None and not self.slo.set:
+            return "slo", "give ttft_s and/or tpot_ms (an SLO with neither bounds nothing)"
+        return None
+
+    def key_config(self) -> dict[str, Any]:
+        """The spec as a point's key holds it: lengths in one spelling (32k and 32768 alike)."""
+        from hgsim.serving.requests import LengthDist
+
+        data = self.model_dump(mode="json")
+        for name in ("prompt", "output"):
+            data[name] = str(LengthDist.parse(data[name], name))
+        return data
+
+
 class ReportSpec(StudyModel):
     """What ``report.md`` ranks by and how long its tables may get."""
 
@@ -489,6 +577,7 @@ class Study(StudyModel):
     search: SearchSpec | None = None
     sensitivity: SensitivitySpec | None = None
     equal_accuracy: EqualAccuracySpec | None = None
+    serving: ServingSpec | None = None
     derived: dict[str, DerivedSpec] = Field(default_factory=dict)
     plots: dict[str, PlotSpec] = Field(default_factory=dict)
     report: ReportSpec = Field(default_factory=ReportSpec)
@@ -512,6 +601,12 @@ class Study(StudyModel):
         if self.equal_accuracy is not None and (self.search or self.sensitivity):
             raise ValueError("equal_accuracy: simulates points at an accuracy target; it "
                              "cannot be combined with a capacity search or sensitivity")
+        if self.serving is not None:
+            other = next((name for name in ("search", "sensitivity", "equal_accuracy")
+                          if getattr(self, name) is not None), None)
+            if other is not None:
+                raise ValueError(f"serving: runs an online server at every point; it cannot be "
+                                 f"combined with {other} (use two studies)")
         return self
 
     @field_validator("plots")
@@ -551,6 +646,19 @@ class Study(StudyModel):
         """Whether any point's search answers with its fastest value (``pick``, set or swept)."""
         return self.search is not None and (
             self.search.pick == "fastest" or "search.pick" in self.axes())
+
+    @property
+    def serving_slo(self) -> bool:
+        """Whether any serving point has an SLO (set or swept): its rows then carry the SLO's
+        attainment and goodput."""
+        return self.serving is not None and (
+            self.serving.slo is not None or any(a.startswith("serving.slo.") for a in self.axes()))
+
+    @property
+    def serving_finds_rate(self) -> bool:
+        """Whether any serving point searches its rate (``find_rate``, set or swept)."""
+        return self.serving is not None and (
+            self.serving.find_rate or "serving.find_rate" in self.axes())
 
     @property
     def search_simulates(self) -> bool:

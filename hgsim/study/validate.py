@@ -35,12 +35,17 @@ def produced_columns(study: Study, expansion: Expansion) -> list[str]:
     if study.search is not None:
         columns += search_columns(study.search.field, study.search.column,
                                   study.search_simulates, study.picks_fastest)
+    elif study.serving is not None:
+        from hgsim.study.serving import serving_columns
+
+        columns += serving_columns(study.serving_slo, study.serving_finds_rate)
     else:
         columns += simulation_columns()
-    tiers: list[str] = ["hbm"]
-    for spec in expansion.unique_specs():
-        tiers += [t for t in spec.profile.tiers if t not in tiers]
-    columns += [f"mem_{t}_gb" for t in tiers]
+    if study.serving is None:  # a server's row holds no per-tier memory
+        tiers: list[str] = ["hbm"]
+        for spec in expansion.unique_specs():
+            tiers += [t for t in spec.profile.tiers if t not in tiers]
+        columns += [f"mem_{t}_gb" for t in tiers]
     columns += list(RUN_COLUMNS)
     if study.equal_accuracy is not None:
         from hgsim.study.equal_accuracy import COLUMNS
@@ -52,7 +57,9 @@ def produced_columns(study: Study, expansion: Expansion) -> list[str]:
 def text_columns(expansion: Expansion) -> set[str]:
     """Columns that hold words (names, reasons, labels): no metric can be taken of them, and
     one named as a metric would come out as an empty column or a figure with no points."""
-    text = {*simulation_text_columns(), *CAPACITY_TEXT, *EQUAL_ACCURACY_TEXT}
+    from hgsim.study.serving import TEXT_COLUMNS as SERVING_TEXT
+
+    text = {*simulation_text_columns(), *CAPACITY_TEXT, *EQUAL_ACCURACY_TEXT, *SERVING_TEXT}
     text |= {axis for axis, values in expansion.axis_values.items()
              if any(isinstance(v, str) for v in values)}
     return text

@@ -28,6 +28,11 @@ def run_point(spec) -> dict[str, Any]:
 
             row = search_point(spec)
             events = 0
+        elif getattr(spec, "serving", None) is not None:
+            from hgsim.study.serving import serving_point
+
+            row = serving_point(spec)
+            events = 0
         elif getattr(spec, "equal_accuracy", None) is not None:
             from hgsim.study.equal_accuracy import equal_accuracy_point
 
@@ -43,7 +48,8 @@ def run_point(spec) -> dict[str, Any]:
     row = {k: _plain(v) for k, v in row.items()}
     return {
         "key": spec.key, "format": RECORD_VERSION, "hgsim": __version__,
-        "kind": "search" if spec.search is not None else "simulate",
+        "kind": ("search" if spec.search is not None else "serving"
+                 if getattr(spec, "serving", None) is not None else "simulate"),
         "row": row, "wall_s": wall, "events": events,
         "host": socket.gethostname(), "pid": os.getpid(), "finished": time.time(),
     }

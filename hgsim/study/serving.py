@@ -1,0 +1,90 @@
+"""A study point that runs the online server (``hgsim.serving``, docs/serving.md) instead of
+one simulation: requests arriving at a rate (or the highest rate meeting an SLO), batched
+continuously on the point's configuration.
+
+The step times come from the point's profile (hardware overrides applied), model, policy and
+options, and its workload's dtypes and tensor parallelism, exactly as ``hgsim serve`` builds
+them; the row is the run's ``ServeResult.summary()``, the one ``hgsim serve --json`` prints.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hgsim.study.schema import ServingSpec
+
+#: The columns a serving row holds (``ServeResult.summary()``; the SLO's with an SLO, and
+#: ``max_rate_per_s``, ``rates_tried`` and ``reason`` with ``find_rate``).
+LABEL_COLUMNS = ("profile", "model", "policy", "max_batch", "prompt", "output")
+SUMMARY_COLUMNS = (
+    "rate_per_s", "requests", "completed", "rejected", "span_s", "requests_per_s",
+    "output_tokens_per_s", "mean_batch", "busy_fraction", "prefill_fraction",
+    *(f"{stem}_{q}_s" for stem in ("queue", "ttft", "tpot", "e2e")
+      for q in ("mean", "p50", "p90", "p99")),
+)
+SLO_COLUMNS = ("slo_ttft_s", "slo_tpot_s", "slo_attainment", "goodput_requests_per_s")
+FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason")
+#: Those of them that hold words.
+TEXT_COLUMNS = ("prompt", "output", "reason")
+
+
+def serving_columns(slo: bool, find_rate: bool) -> list[str]:
+    return [*LABEL_COLUMNS, *SUMMARY_COLUMNS, *(SLO_COLUMNS if slo else ()), "simulations",
+            *(FIND_RATE_COLUMNS if find_rate else ())]
+
+
+def step_times(spec):
+    """The point's ``StepTimes`` (what ``hgsim serve`` builds from its flags)."""
+    from hgsim.serving import StepTimes
+
+    workload = spec.workload
+    return StepTimes(spec.profile, spec.model, spec.policy, dict(spec.policy_options),
+                     kv_dtype=workload.kv_dtype, weight_dtype=workload.weight_dtype,
+                     tensor_parallel=workload.tensor_parallel)
+
+
+def request_mix(serving: ServingSpec):
+    from hgsim.serving import LengthDist, RequestMix
+
+    return RequestMix(LengthDist.parse(serving.prompt, "serving.prompt"),
+                      LengthDist.parse(serving.output, "serving.output"),
+                      count=serving.requests, seed=serving.seed)
+
+
+def slo_of(serving: ServingSpec):
+    from hgsim.serving import Slo
+
+    if serving.slo is None:
+        return None
+    s = serving.slo
+    return Slo(ttft_s=math.inf if s.ttft_s is None else s.ttft_s,
+               tpot_s=math.inf if s.tpot_ms is None else s.tpot_ms / 1e3,
+               attainment=s.attainment)
+
+
+def serving_point(spec) -> dict[str, Any]:
+    """The row of one serving point (a ``PointSpec`` whose ``serving`` is set)."""
+    from hgsim.serving import max_rate, serve_requests
+
+    serving: ServingSpec = spec.serving
+    times = step_times(spec)
+    mix = request_mix(serving)
+    slo = slo_of(serving)
+    labels = {"profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
+              "max_batch": serving.max_batch, "prompt": str(mix.prompt),
+              "output": str(mix.output)}
+    if not serving.find_rate:
+        result = serve_requests(times, mix.requests(serving.rate_per_s),
+                                max_batch=serving.max_batch, rate_per_s=serving.rate_per_s,
+                                slo=slo, labels=labels)
+        return result.summary()
+    search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels)
+    if search.rate_per_s is not None:
+        row = search.result.summary()
+    else:  # no rate met the SLO: no run to describe (the metrics are left empty)
+        row = {**labels, "simulations": times.simulations}
+    row["max_rate_per_s"] = search.rate_per_s if search.rate_per_s is not None else math.nan
+    row["rates_tried"] = len(search.probes)
+    row["reason"] = search.reason
+    return row
