@@ -157,10 +157,27 @@ def test_serving_points_resume_and_a_changed_field_recomputes(tmp_path):
         assert last_run(out)["computed"] == 1
 
 
-def test_data_parallel_and_workload_lengths_are_refused(tmp_path, capsys):
-    err = refused_study(tmp_path, capsys, PLAIN.replace("{kv_dtype: fp16}",
-                                                          "{kv_dtype: fp16, data_parallel: 2}"))
-    assert ":6: " in err and "data_parallel > 1 with serving is not modelled yet" in err, err
+def test_copies_behind_one_queue_are_the_servers_own_numbers(tmp_path):
+    """workload.data_parallel and gpu_placement reach the step times: the row is what
+    ``api.serve`` gives for two copies spread over the HGX host's sockets."""
+    from hgsim import api
+
+    text = (PLAIN.replace("h100-80gb-spr-cxl", "hgx-h100x8-2socket-cxl")
+            .replace("  hardware: {gpus.gpu0.peak_tflops.fp16: 600}\n", "")
+            .replace("{kv_dtype: fp16}", "{kv_dtype: fp16, data_parallel: 2, "
+                                         "gpu_placement: spread}")
+            .replace("serving.seed: [3, 4]", "serving.seed: [3]")
+            .replace("workload.kv_dtype: [fp16, fp8]", "workload.kv_dtype: [fp16]"))
+    row = _run(tmp_path, text).frame.to_dict("records")[0]
+    served = api.serve("hgx-h100x8-2socket-cxl", "llama-3.1-8b", "gpu_only", rate=2,
+                       prompt="lognormal:4k:0.5", output=8, requests=24, seed=3, max_batch=4,
+                       data_parallel=2, gpu_placement="spread", slo_ttft_s=2, slo_tpot_s=0.05,
+                       attainment=0.8)
+    _same(row, served.summary())
+    assert (row["data_parallel"], row["gpu_placement"]) == (2, "spread")
+
+
+def test_workload_lengths_are_refused(tmp_path, capsys):
     for key in ("workload.context", "workload.batch", "workload.gen"):
         err = refused_study(tmp_path, capsys, PLAIN.replace("workload.kv_dtype: [fp16, fp8]",
                                                               f"{key}: [1, 2]"))

@@ -362,7 +362,8 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
 
 #: The workload fields a serving point uses (``hgsim.serving.StepTimes``): the others are not
 #: read, so an axis over one would give the same point under several names.
-SERVING_WORKLOAD = ("kv_dtype", "weight_dtype", "tensor_parallel", "data_parallel")
+SERVING_WORKLOAD = ("kv_dtype", "weight_dtype", "tensor_parallel", "data_parallel",
+                    "gpu_placement")
 
 
 def _serving(study: Study, values: dict[str, Any], locs: dict[str, Loc],
@@ -563,10 +564,6 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     if serving is not None:  # not read: the requests' lengths and max_batch replace them
         wl.update(batch=1, context=1, gen=1)
     workload = _workload(wl, wl_locs, doc)
-    if serving is not None and workload.data_parallel > 1:
-        raise doc.error(wl_locs.get("data_parallel", ("serving",)),
-                        "data_parallel > 1 with serving is not modelled yet (one server "
-                        "replica; set data_parallel: 1)")
     try:
         profile.gpus[profile.primary_gpu].peak_flops(workload.weight_dtype)
     except UserError as exc:

@@ -3,7 +3,7 @@ one simulation: requests arriving at a rate (or the highest rate meeting an SLO)
 continuously on the point's configuration.
 
 The step times come from the point's profile (hardware overrides applied), model, policy and
-options, and its workload's dtypes and tensor parallelism, exactly as ``hgsim serve`` builds
+options, and its workload's dtypes, tensor and data parallelism, exactly as ``hgsim serve`` builds
 them; the row is the run's ``ServeResult.summary()``, the one ``hgsim serve --json`` prints.
 """
 
@@ -16,7 +16,8 @@ from hgsim.study.schema import ServingSpec
 
 #: The columns a serving row holds (``ServeResult.summary()``; the SLO's with an SLO, and
 #: ``max_rate_per_s``, ``rates_tried`` and ``reason`` with ``find_rate``).
-LABEL_COLUMNS = ("profile", "model", "policy", "max_batch", "prompt", "output")
+LABEL_COLUMNS = ("profile", "model", "policy", "tensor_parallel", "data_parallel",
+                 "gpu_placement", "max_batch", "prompt", "output")
 SUMMARY_COLUMNS = (
     "rate_per_s", "requests", "completed", "rejected", "span_s", "requests_per_s",
     "output_tokens_per_s", "mean_batch", "busy_fraction", "prefill_fraction",
@@ -41,7 +42,8 @@ def step_times(spec):
     workload = spec.workload
     return StepTimes(spec.profile, spec.model, spec.policy, dict(spec.policy_options),
                      kv_dtype=workload.kv_dtype, weight_dtype=workload.weight_dtype,
-                     tensor_parallel=workload.tensor_parallel)
+                     tensor_parallel=workload.tensor_parallel,
+                     data_parallel=workload.data_parallel, gpu_placement=workload.gpu_placement)
 
 
 def request_mix(serving: ServingSpec):
@@ -65,15 +67,13 @@ def slo_of(serving: ServingSpec):
 
 def serving_point(spec) -> dict[str, Any]:
     """The row of one serving point (a ``PointSpec`` whose ``serving`` is set)."""
-    from hgsim.serving import max_rate, serve_requests
+    from hgsim.serving import max_rate, run_labels, serve_requests
 
     serving: ServingSpec = spec.serving
     times = step_times(spec)
     mix = request_mix(serving)
     slo = slo_of(serving)
-    labels = {"profile": spec.profile.name, "model": spec.model.name, "policy": spec.policy,
-              "max_batch": serving.max_batch, "prompt": str(mix.prompt),
-              "output": str(mix.output)}
+    labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False)
     if not serving.find_rate:
         result = serve_requests(times, mix.requests(serving.rate_per_s),
                                 max_batch=serving.max_batch, rate_per_s=serving.rate_per_s,
