@@ -1,10 +1,13 @@
-"""Regenerate the figure the README shows, from the main study (studies/cxl_sweep.yaml).
+"""Regenerate the figures the docs show, from the studies that draw them.
 
-    python docs/make_figures.py            # ~35 s on 2 cores; writes docs/img/*.png
+    python docs/make_figures.py                  # every study below; writes docs/img/*.png
+    python docs/make_figures.py --study serving  # one of them
 
-Every point is recomputed by default: a stored point's key covers its configuration and the
-hgsim version, not changes to the simulator's code, so after a model change reused points
-would draw the old physics. ``--reuse`` keeps stored points (after a figure-only change).
+``cxl_sweep`` (the README's figure) takes ~35 s on 2 cores, ``serving`` (docs/serving.md)
+~2.5 min. Every point is recomputed by default: a stored point's key covers its configuration
+and the hgsim version, not changes to the simulator's code, so after a model change reused
+points would draw the old physics. ``--reuse`` keeps stored points (after a figure-only
+change).
 """
 
 from __future__ import annotations
@@ -14,27 +17,34 @@ import shutil
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STUDY = REPO / "studies" / "cxl_sweep.yaml"
-#: study figure -> file under docs/img
-FIGURES = {"throughput_vs_cxl_latency.png": "cxl_sweep_latency.png"}
+#: study (studies/<name>.yaml) -> {its figure -> file under docs/img}
+FIGURES = {
+    "cxl_sweep": {"throughput_vs_cxl_latency.png": "cxl_sweep_latency.png"},
+    "serving": {"max_rate.png": "serving_max_rate.png"},
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "cxl_sweep",
-                        help="study output folder (default results/cxl_sweep)")
+    parser.add_argument("--study", choices=sorted(FIGURES), action="append",
+                        help="only this study's figures (repeatable; default: every study)")
+    parser.add_argument("--results", type=Path, default=REPO / "results",
+                        help="folder of the studies' outputs (default results/)")
     parser.add_argument("--reuse", action="store_true", help="reuse stored points")
     parser.add_argument("--jobs", "-j", type=int, help="worker processes (default: all cores)")
     args = parser.parse_args(argv)
 
     from hgsim import api
 
-    api.run_study(STUDY, out=args.out, force=not args.reuse, jobs=args.jobs, quiet=False)
     target = REPO / "docs" / "img"
     target.mkdir(parents=True, exist_ok=True)
-    for source, name in FIGURES.items():
-        shutil.copyfile(args.out / "figures" / source, target / name)
-        print(f"{target / name} <- {args.out / 'figures' / source}")
+    for study in args.study or FIGURES:
+        out = args.results / study
+        api.run_study(REPO / "studies" / f"{study}.yaml", out=out, force=not args.reuse,
+                      jobs=args.jobs, quiet=False)
+        for source, name in FIGURES[study].items():
+            shutil.copyfile(out / "figures" / source, target / name)
+            print(f"{target / name} <- {out / 'figures' / source}")
     return 0
 
 
