@@ -260,6 +260,23 @@ def test_rate_search_finds_the_edge_of_the_slo():
     assert min(r for r in failing if r > search.rate_per_s) <= search.rate_per_s * 1.02 + 1e-12
 
 
+def test_rate_search_names_the_limit_the_slo_is_lost_to():
+    """A tight TTFT and a loose TPOT: the queue in front of the prefills loses it. A loose
+    TTFT and a TPOT just above a step: the prefills of arriving requests, which stall every
+    running request's step, lose it (with long prefills they do even under a TPOT of five
+    steps: the stalls come before the queue)."""
+    mix = RequestMix(fixed(8000), fixed(32), count=300, seed=2)
+    ttft = max_rate(ConstantTimes(prefill_s=0.5, step_s=0.01), mix, max_batch=16,
+                    slo=Slo(ttft_s=2.0, tpot_s=1.0))
+    assert ttft.bound_by == "ttft" and "missed TTFT" in ttft.bound_note
+    tpot = max_rate(ConstantTimes(prefill_s=0.02, step_s=0.01), mix, max_batch=64,
+                    slo=Slo(ttft_s=100.0, tpot_s=0.012))
+    assert tpot.bound_by == "tpot" and ", 0% of requests missed TTFT" in tpot.bound_note
+    stalls = max_rate(ConstantTimes(prefill_s=0.5, step_s=0.01), mix, max_batch=16,
+                      slo=Slo(ttft_s=2.0, tpot_s=0.05))
+    assert stalls.bound_by == "tpot"
+
+
 def test_rate_search_says_when_no_rate_meets_the_slo():
     times = ConstantTimes(prefill_s=2.0, step_s=0.02)
     mix = RequestMix(fixed(8000), fixed(8), count=50)

@@ -179,6 +179,7 @@ def run(args: argparse.Namespace) -> int:
         row["max_rate_per_s"] = search.rate_per_s if search.rate_per_s is not None else math.nan
         row["rate_search"] = [{"rate_per_s": r, "slo_attainment": a} for r, a in search.probes]
         row["rate_search_note"] = search.reason
+        row["slo_bound_by"], row["slo_bound_note"] = search.bound_by, search.bound_note
     if args.json:
         print(json.dumps(finite_for_json(row), indent=2, default=str))
     else:
@@ -235,6 +236,8 @@ def print_summary(row: dict, slo, search) -> None:
             console.print(f"[bold]{title}[/bold]\nhighest rate meeting {slo}: "
                           f"[bold]{search.rate_per_s:.4g} requests/s[/bold] "
                           f"({len(search.probes)} rates tried)")
+        if search.bound_by:
+            console.print(f"bound by {search.bound_by.upper()}: {search.bound_note}")
         if "requests" not in row:
             return
     summary = Table(title=title if search is None else "at that rate", title_justify="left",

@@ -50,6 +50,22 @@ class RateSearch:
     result: ServeResult | None
     probes: list[tuple[float, float]] = field(default_factory=list)
     reason: str = ""
+    # what the SLO is lost to at the lowest rate tried that misses it: "ttft" or "tpot" (the
+    # limit more requests miss there), "" where every rate met it
+    bound_by: str = ""
+    bound_note: str = ""  # the shares that missed each limit there
+
+
+def missed_limits(result: ServeResult) -> tuple[str, str]:
+    """Which SLO limit more of ``result``'s requests miss (a rejected request misses TTFT),
+    and the shares that miss each."""
+    frame = result.requests_frame()
+    slo = result.slo
+    ttft = ((frame.rejected != "") | ~(frame.ttft_s <= slo.ttft_s)).mean()
+    tpot = (frame.tpot_s > slo.tpot_s).mean()
+    which = "ttft" if ttft >= tpot else "tpot"
+    rate = "" if math.isnan(result.rate_per_s) else f"at {result.rate_per_s:.4g} requests/s, "
+    return which, f"{rate}{ttft:.0%} of requests missed TTFT and {tpot:.0%} TPOT"
 
 
 def alone_s(times: StepTimes, mix: RequestMix) -> float:
@@ -109,7 +125,7 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
         else:
             return RateSearch(None, results[rate], probes,
                               f"the SLO is missed even at {rate:.3g} requests/s, where requests "
-                              f"rarely overlap")
+                              f"rarely overlap", *missed_limits(results[rate]))
         lo = rate
     while hi / lo > 1 + tolerance:
         mid = math.sqrt(lo * hi)
@@ -117,4 +133,4 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
             lo = mid
         else:
             hi = mid
-    return RateSearch(lo, results[lo], probes)
+    return RateSearch(lo, results[lo], probes, "", *missed_limits(results[hi]))

@@ -25,9 +25,10 @@ SUMMARY_COLUMNS = (
       for q in ("mean", "p50", "p90", "p99")),
 )
 SLO_COLUMNS = ("slo_ttft_s", "slo_tpot_s", "slo_attainment", "goodput_requests_per_s")
-FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason")
+FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
+                     "slo_bound_note")
 #: Those of them that hold words.
-TEXT_COLUMNS = ("prompt", "output", "reason")
+TEXT_COLUMNS = ("prompt", "output", "reason", "slo_bound_by", "slo_bound_note")
 
 
 def serving_columns(slo: bool, find_rate: bool) -> list[str]:
@@ -87,4 +88,5 @@ def serving_point(spec) -> dict[str, Any]:
     row["max_rate_per_s"] = search.rate_per_s if search.rate_per_s is not None else math.nan
     row["rates_tried"] = len(search.probes)
     row["reason"] = search.reason
+    row["slo_bound_by"], row["slo_bound_note"] = search.bound_by, search.bound_note
     return row
