@@ -33,6 +33,7 @@ class ConstantTimes:
                  copies: int = 1):
         self.prefill, self.step, self.capacity = prefill_s, step_s, capacity_tokens
         self.simulations, self.data_parallel = 0, copies
+        self.idle_power_w, self.system = 0.0, load_profile("dev-zen4-2core")
 
     def prefill_s(self, prompt_tokens: int) -> float:
         return self.prefill if prompt_tokens <= self.capacity else math.inf
@@ -42,6 +43,12 @@ class ConstantTimes:
 
     def fits(self, batch: int, final_tokens: int) -> bool:
         return final_tokens <= self.capacity
+
+    def prefill_j(self, prompt_tokens: int) -> float:
+        return 0.0
+
+    def decode_step_j(self, batch: int, mean_context: float) -> float:
+        return 0.0
 
 
 def fixed(n: int) -> LengthDist:
@@ -247,6 +254,51 @@ def test_a_grid_cell_is_the_simulators_settled_step(h100):
                    samples=step_times.SETTLE_SAMPLES, accuracy=False)
     settled = [s.latency_s for s in run.steps if s.simulated]
     assert times.decode_cell(4, 8192) == pytest.approx(np.median(settled[-len(settled) // 4:]))
+
+
+# ------------------------------------------------------------------ energy and cost
+def test_energy_is_the_iterations_and_the_idle_draw_and_cost_follows(h100):
+    """A run's joules are its iterations' (the cells' power times the step, the prefills'
+    own) plus the machine's idle draw over the time it sat idle; its dollars per million
+    tokens are the capital over the span plus those joules at the wall's price. Nearly idle,
+    the average power is the idle draw."""
+    from hgsim import tco
+
+    profile, model = h100
+    times = StepTimes(profile, model, "gpu_only")
+    mix = RequestMix(fixed(4096), fixed(12), count=20, seed=0)
+    busy = serve_requests(times, mix.requests(5.0), max_batch=8)
+    row = busy.summary()
+    span, busy_s = row["span_s"], sum(it.prefill_s + it.decode_s for it in busy.iterations)
+    iterations_j = sum(it.energy_j for it in busy.iterations)
+    assert times.idle_power_w > 0 and iterations_j > times.idle_power_w * busy_s
+    assert row["energy_j"] == pytest.approx(iterations_j + times.idle_power_w * (span - busy_s))
+    tokens = 20 * 12
+    assert row["energy_j_per_output_token"] == pytest.approx(row["energy_j"] / tokens)
+    assert row["usd_per_mtok_capex"] == pytest.approx(
+        tco.capex_usd_per_s(times.system) * span * 1e6 / tokens)
+    assert row["usd_per_mtok_energy"] == pytest.approx(
+        tco.electricity_usd_per_j(times.system) * row["energy_j"] * 1e6 / tokens)
+    idle = serve_requests(times, mix.requests(1e-3), max_batch=8).summary()
+    assert idle["power_w"] == pytest.approx(times.idle_power_w, rel=1e-3)
+
+
+def test_a_cells_joules_are_the_simulators(h100):
+    """At a grid point a step's joules are the settled step times the simulated run's average
+    draw, and a prefill's are the simulated prefill's."""
+    from hgsim.api import simulate
+    from hgsim.serving import step_times
+
+    profile, model = h100
+    times = StepTimes(profile, model, "gpu_only")
+    steps = step_times.SETTLE_STEPS
+    run = simulate(profile, model, "gpu_only", context=8192 - steps, batch=4, gen=steps,
+                   samples=step_times.SETTLE_SAMPLES, accuracy=False)
+    watts = sum(run.energy_j.values()) / run.energy_window_s
+    assert times.decode_step_j(4, 8192) == pytest.approx(times.decode_cell(4, 8192) * watts)
+    prefill = simulate(profile, model, "gpu_only", context=8192, batch=1, gen=1, samples=1,
+                       accuracy=False, prefill=True)
+    assert times.prefill_j(8192) == pytest.approx(sum(prefill.prefill_energy_j.values()))
 
 
 # ------------------------------------------------------------------ the rate search

@@ -261,6 +261,12 @@ def print_summary(row: dict, slo, search) -> None:
         latency.add_row(name, *(f"{row[f'{stem}_{q}_s'] * scale:.4g}"
                                 for q in ("mean", "p50", "p90", "p99")))
     console.print(latency)
+    if math.isfinite(row.get("energy_j", math.nan)):
+        console.print(f"energy: {row['power_w']:.4g} W on average ({row['energy_j']:.4g} J), "
+                      f"{row['energy_j_per_output_token']:.3g} J per output token; cost "
+                      f"${row['usd_per_mtok']:.3g} per million output tokens "
+                      f"(capital ${row['usd_per_mtok_capex']:.3g}, electricity "
+                      f"${row['usd_per_mtok_energy']:.3g})")
     if "slo_attainment" in row:
         console.print(f"SLO {slo}: {row['slo_attainment']:.1%} of requests met it "
                       f"(goodput {row['goodput_requests_per_s']:.4g} requests/s)")

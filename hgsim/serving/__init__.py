@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from hgsim import tco
 from hgsim.errors import UserError
 from hgsim.serving.requests import LengthDist, Request, RequestMix, read_trace
 from hgsim.serving.result import ServeResult, Slo
@@ -29,7 +30,9 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                         on_finish=on_finish)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
                        iterations=server.iterations, slo=slo or Slo(), simulations=times.simulations,
-                       copies=times.data_parallel)
+                       copies=times.data_parallel, idle_power_w=times.idle_power_w,
+                       capex_usd_per_s=tco.capex_usd_per_s(times.system),
+                       electricity_usd_per_j=tco.electricity_usd_per_j(times.system))
 
 
 def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,

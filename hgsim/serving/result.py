@@ -49,6 +49,11 @@ class ServeResult:
     slo: Slo = field(default_factory=Slo)
     simulations: int = 0  # simulator runs the step times took (cells)
     copies: int = 1  # copies of the model behind the queue (data parallelism)
+    # the machine's draw when idle, its capital per second and the price of a joule at the
+    # wall (NaN where the profile lacks the figures; hgsim.energy, hgsim.tco)
+    idle_power_w: float = math.nan
+    capex_usd_per_s: float = math.nan
+    electricity_usd_per_j: float = math.nan
 
     # ------------------------------------------------------------------ per request
     def requests_frame(self):
@@ -115,8 +120,27 @@ class ServeResult:
             row["slo_ttft_s"], row["slo_tpot_s"] = self.slo.ttft_s, self.slo.tpot_s
             row["slo_attainment"] = met / len(frame) if len(frame) else math.nan
             row["goodput_requests_per_s"] = met / span_s if span_s > 0 else math.nan
+        row.update(self.energy_and_cost(span_s, busy_s, float(done.output_tokens.sum())))
         row["simulations"] = self.simulations
         return row
+
+    def energy_and_cost(self, span_s: float, busy_s: float, tokens: float) -> dict[str, float]:
+        """Joules over the run (each iteration's, plus the idle draw of every copy's idle
+        time), the average power, joules per output token, and dollars per million output
+        tokens: the capital over the run's span plus its electricity."""
+        idle_copy_s = max(0.0, self.copies * span_s - busy_s) if span_s > 0 else math.nan
+        energy_j = (sum(it.energy_j for it in self.iterations)
+                    + self.idle_power_w / self.copies * idle_copy_s)
+        capex = self.capex_usd_per_s * span_s
+        electricity = self.electricity_usd_per_j * energy_j
+        per_mtok = 1e6 / tokens if tokens > 0 else math.nan
+        return {
+            "energy_j": energy_j, "power_w": energy_j / span_s if span_s > 0 else math.nan,
+            "energy_j_per_output_token": energy_j / tokens if tokens > 0 else math.nan,
+            "usd_per_mtok": (capex + electricity) * per_mtok,
+            "usd_per_mtok_capex": capex * per_mtok,
+            "usd_per_mtok_energy": electricity * per_mtok,
+        }
 
     @property
     def attainment(self) -> float:

@@ -57,6 +57,7 @@ class Iteration:
     mean_context: float
     copy: int = 0
     waiting: int = 0  # requests still queued once it had admitted its own
+    energy_j: float = math.nan  # the machine's joules over it, this copy's share
 
 
 class Engine:
@@ -81,6 +82,9 @@ class Engine:
             admitted = self.admit()
             queued = len(server.waiting)
             prefill_s = sum(times.prefill_s(s.request.prompt_tokens) for s in admitted)
+            # the step times' cells simulate every copy: this copy's share of their joules
+            share = 1 / len(server.engines)
+            energy_j = share * sum(times.prefill_j(s.request.prompt_tokens) for s in admitted)
             if admitted:
                 yield env.timeout(prefill_s)
                 for s in admitted:
@@ -91,6 +95,7 @@ class Engine:
             if self.running:
                 mean_context = self._context_tokens / batch
                 decode_s = times.decode_step_s(batch, mean_context)
+                energy_j += share * times.decode_step_j(batch, mean_context)
                 if not math.isfinite(decode_s):  # admission let in what the simulator refuses
                     raise RuntimeError(f"no decode step for batch {batch} at mean context "
                                        f"{mean_context:.0f}, which admission found to fit")
@@ -99,7 +104,7 @@ class Engine:
                     self._generate(s)
                 self.running = [s for s in self.running if math.isnan(s.finish_s)]
             server.iterations.append(Iteration(start, prefill_s, decode_s, batch, len(admitted),
-                                               mean_context, self.copy, queued))
+                                               mean_context, self.copy, queued, energy_j))
 
     def admit(self) -> list[Served]:
         """Waiting requests that join this iteration (first come, first served)."""

@@ -58,6 +58,11 @@ def bracket(x: float, per_octave: int) -> tuple[int, int]:
     return grid_point(lo, per_octave), grid_point(hi, per_octave)
 
 
+def share(x: float, lo: int, hi: int) -> float:
+    """Where ``x`` lies between ``lo`` and ``hi``: 0 at ``lo``, 1 at ``hi``."""
+    return 0.0 if hi == lo else (x - lo) / (hi - lo)
+
+
 def between(x: float, lo: int, hi: int, at_lo: float, at_hi: float) -> float:
     """Linear interpolation of the value at ``x`` from its values at ``lo`` and ``hi``."""
     if hi == lo:
@@ -86,6 +91,10 @@ class StepTimes:
     gpu_placement: str = "packed"
     decode_cells: dict[tuple[int, int], float] = field(default_factory=dict)
     prefill_cells: dict[int, float] = field(default_factory=dict)
+    # the machine's power over a cell's settled steps (W) and a prefill cell's joules (NaN:
+    # the profile lacks energy figures), for every copy together
+    decode_power: dict[tuple[int, int], float] = field(default_factory=dict)
+    prefill_energy: dict[int, float] = field(default_factory=dict)
     fit_cells: dict[tuple[int, int], bool] = field(default_factory=dict)
     linear_cells: dict[tuple[int, int, int, int], bool] = field(default_factory=dict)
 
@@ -101,24 +110,61 @@ class StepTimes:
         if self.gpu_placement not in ("packed", "spread"):
             raise UserError(f"expected packed or spread, got {self.gpu_placement!r}",
                             field="gpu_placement")
+        self._system = None
+
+    # ------------------------------------------------------------------ what energy counts
+    @property
+    def system(self) -> HardwareProfile:
+        """The hardware energy and cost count (``RankView.system``: the GPUs of every copy,
+        the host), as ``hgsim simulate`` counts them."""
+        if self._system is None:
+            from hgsim.policies.base import host_shared
+            from hgsim.tensor_parallel import rank_view
+
+            self._system = rank_view(self.profile, self.model, self.tensor_parallel,
+                                     host_shared(self.policy_options), self.data_parallel,
+                                     self.gpu_placement).system
+        return self._system
+
+    @property
+    def idle_power_w(self) -> float:
+        """The machine's draw with nothing running (GPUs' and sockets' idle power, the tiers'
+        background power; links draw only per bit): what an idle server still costs."""
+        from hgsim import energy
+
+        joules = energy.energy_by_component_j(self.system, energy.Activity(window_s=1.0))
+        return sum(joules.values()) if joules else math.nan
 
     # ------------------------------------------------------------------ what the server asks
-    def decode_step_s(self, batch: int, mean_context: float) -> float:
-        """One decode step of ``batch`` sequences whose contexts average ``mean_context``:
-        bilinear between the grid cells around it where the cell is (``linear``), else at its
-        own batch, linear between the contexts ``FINE_PER_OCTAVE`` to a doubling around it."""
+    def decode_weights(self, batch: int, mean_context: float
+                       ) -> list[tuple[tuple[int, int], float]]:
+        """The cells a decode step of ``batch`` sequences averaging ``mean_context`` tokens is
+        read from, with their weights: the grid cell's corners (bilinear) where the cell is
+        ``linear``, else its own batch between contexts ``FINE_PER_OCTAVE`` to a doubling
+        apart, else (the context above does not fit: the batch is at the memory's edge) the
+        point itself."""
         c = max(1.0, mean_context)
         b_lo, b_hi = bracket(batch, GRID_PER_OCTAVE)
         c_lo, c_hi = bracket(c, GRID_PER_OCTAVE)
         if self.linear(b_lo, b_hi, c_lo, c_hi):
-            return self.bilinear(batch, c, b_lo, b_hi, c_lo, c_hi)
+            wb, wc = share(batch, b_lo, b_hi), share(c, c_lo, c_hi)
+            return [((b_lo, c_lo), (1 - wb) * (1 - wc)), ((b_lo, c_hi), (1 - wb) * wc),
+                    ((b_hi, c_lo), wb * (1 - wc)), ((b_hi, c_hi), wb * wc)]
         lo, hi = bracket(c, FINE_PER_OCTAVE)
-        at_lo, at_hi = self.decode_cell(batch, lo), self.decode_cell(batch, hi)
-        if math.isfinite(at_hi):
-            return between(c, lo, hi, at_lo, at_hi)
-        # the context above does not fit this batch (the batch is at the memory's edge): the
-        # point itself
-        return self.decode_cell(batch, math.ceil(c))
+        if math.isfinite(self.decode_cell(batch, hi)):
+            w = share(c, lo, hi)
+            return [((batch, lo), 1 - w), ((batch, hi), w)]
+        return [((batch, math.ceil(c)), 1.0)]
+
+    def decode_step_s(self, batch: int, mean_context: float) -> float:
+        """One decode step of ``batch`` sequences whose contexts average ``mean_context``."""
+        return sum(w * self.decode_cell(*cell)
+                   for cell, w in self.decode_weights(batch, mean_context) if w)
+
+    def decode_step_j(self, batch: int, mean_context: float) -> float:
+        """The machine's joules over that step (every copy's share: the cells simulate all)."""
+        return sum(w * self.decode_cell(*cell) * self.decode_power[cell]
+                   for cell, w in self.decode_weights(batch, mean_context) if w)
 
     def bilinear(self, batch: float, context: float, b_lo: int, b_hi: int, c_lo: int,
                  c_hi: int) -> float:
@@ -148,6 +194,14 @@ class StepTimes:
                     break
             self.linear_cells[key] = ok
         return self.linear_cells[key]
+
+    def prefill_j(self, prompt_tokens: int) -> float:
+        """The machine's joules over that prefill (interpolated as its time is)."""
+        lo, hi = bracket(prompt_tokens, PREFILL_GRID_PER_OCTAVE)
+        if not (math.isfinite(self.prefill_cell(lo)) and math.isfinite(self.prefill_cell(hi))):
+            self.prefill_cell(prompt_tokens)
+            return self.prefill_energy[prompt_tokens]
+        return between(prompt_tokens, lo, hi, self.prefill_energy[lo], self.prefill_energy[hi])
 
     def prefill_s(self, prompt_tokens: int) -> float:
         """The prefill of one prompt alone (its time to first token on an idle machine);
@@ -183,10 +237,15 @@ class StepTimes:
                                     samples=min(SETTLE_SAMPLES, steps))
             if not result.feasible or not result.steps:
                 self.decode_cells[key] = math.inf
+                self.decode_power[key] = math.nan
             else:
                 simulated = [s.latency_s for s in result.steps if s.simulated]
                 settled = simulated[-max(1, len(simulated) // 4):]
                 self.decode_cells[key] = float(np.median(settled))
+                # the run's average draw (its window: the simulated steps)
+                self.decode_power[key] = (sum(result.energy_j.values()) / result.energy_window_s
+                                          if result.energy_j and result.energy_window_s > 0
+                                          else math.nan)
         return self.decode_cells[key]
 
     def prefill_cell(self, prompt_tokens: int) -> float:
@@ -195,6 +254,9 @@ class StepTimes:
                                     samples=1)
             self.prefill_cells[prompt_tokens] = (float(result.ttft_s) if result.feasible
                                                  else math.inf)
+            self.prefill_energy[prompt_tokens] = (
+                sum(result.prefill_energy_j.values()) if result.feasible
+                and result.prefill_energy_j else math.nan)
         return self.prefill_cells[prompt_tokens]
 
     @property

@@ -25,6 +25,9 @@ SUMMARY_COLUMNS = (
       for q in ("mean", "p50", "p90", "p99")),
 )
 SLO_COLUMNS = ("slo_ttft_s", "slo_tpot_s", "slo_attainment", "goodput_requests_per_s")
+#: Energy and cost over the run (``ServeResult.energy_and_cost``).
+ENERGY_COLUMNS = ("energy_j", "power_w", "energy_j_per_output_token", "usd_per_mtok",
+                  "usd_per_mtok_capex", "usd_per_mtok_energy")
 FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
                      "slo_bound_note")
 #: Those of them that hold words.
@@ -32,7 +35,8 @@ TEXT_COLUMNS = ("prompt", "output", "reason", "slo_bound_by", "slo_bound_note")
 
 
 def serving_columns(slo: bool, find_rate: bool) -> list[str]:
-    return [*LABEL_COLUMNS, *SUMMARY_COLUMNS, *(SLO_COLUMNS if slo else ()), "simulations",
+    return [*LABEL_COLUMNS, *SUMMARY_COLUMNS, *(SLO_COLUMNS if slo else ()), *ENERGY_COLUMNS,
+            "simulations",
             *(FIND_RATE_COLUMNS if find_rate else ())]
 
 
