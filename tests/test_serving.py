@@ -31,24 +31,24 @@ class ConstantTimes:
 
     def __init__(self, prefill_s: float, step_s: float, capacity_tokens: float = math.inf,
                  copies: int = 1):
-        self.prefill, self.step, self.capacity = prefill_s, step_s, capacity_tokens
+        self.prefill_time, self.step, self.capacity = prefill_s, step_s, capacity_tokens
         self.simulations, self.data_parallel = 0, copies
         self.idle_power_w, self.system = 0.0, load_profile("dev-zen4-2core")
 
     def prefill_s(self, prompt_tokens: int) -> float:
-        return self.prefill if prompt_tokens <= self.capacity else math.inf
+        return self.prefill_time if prompt_tokens <= self.capacity else math.inf
+
+    def prefill(self, prompt_tokens: int) -> tuple[float, float]:
+        return self.prefill_s(prompt_tokens), 0.0
 
     def decode_step_s(self, batch: int, mean_context: float) -> float:
         return self.step
 
+    def decode_step(self, batch: int, mean_context: float) -> tuple[float, float]:
+        return self.step, 0.0
+
     def fits(self, batch: int, final_tokens: int) -> bool:
         return final_tokens <= self.capacity
-
-    def prefill_j(self, prompt_tokens: int) -> float:
-        return 0.0
-
-    def decode_step_j(self, batch: int, mean_context: float) -> float:
-        return 0.0
 
 
 def fixed(n: int) -> LengthDist:

@@ -81,10 +81,11 @@ class Engine:
             start = env.now
             admitted = self.admit()
             queued = len(server.waiting)
-            prefill_s = sum(times.prefill_s(s.request.prompt_tokens) for s in admitted)
+            prefills = [times.prefill(s.request.prompt_tokens) for s in admitted]
+            prefill_s = sum(t for t, _ in prefills)
             # the step times' cells simulate every copy: this copy's share of their joules
             share = 1 / len(server.engines)
-            energy_j = share * sum(times.prefill_j(s.request.prompt_tokens) for s in admitted)
+            energy_j = share * sum(j for _, j in prefills)
             if admitted:
                 yield env.timeout(prefill_s)
                 for s in admitted:
@@ -94,8 +95,8 @@ class Engine:
             decode_s, batch, mean_context = 0.0, len(self.running), math.nan
             if self.running:
                 mean_context = self._context_tokens / batch
-                decode_s = times.decode_step_s(batch, mean_context)
-                energy_j += share * times.decode_step_j(batch, mean_context)
+                decode_s, decode_j = times.decode_step(batch, mean_context)
+                energy_j += share * decode_j
                 if not math.isfinite(decode_s):  # admission let in what the simulator refuses
                     raise RuntimeError(f"no decode step for batch {batch} at mean context "
                                        f"{mean_context:.0f}, which admission found to fit")

@@ -156,15 +156,22 @@ class StepTimes:
             return [((batch, lo), 1 - w), ((batch, hi), w)]
         return [((batch, math.ceil(c)), 1.0)]
 
+    def decode_step(self, batch: int, mean_context: float) -> tuple[float, float]:
+        """One decode step of ``batch`` sequences whose contexts average ``mean_context``: its
+        seconds, and the machine's joules over it (every copy's: the cells simulate all)."""
+        seconds = joules = 0.0
+        for cell, w in self.decode_weights(batch, mean_context):
+            if w:
+                t = self.decode_cell(*cell)
+                seconds += w * t
+                joules += w * t * self.decode_power[cell]
+        return seconds, joules
+
     def decode_step_s(self, batch: int, mean_context: float) -> float:
-        """One decode step of ``batch`` sequences whose contexts average ``mean_context``."""
-        return sum(w * self.decode_cell(*cell)
-                   for cell, w in self.decode_weights(batch, mean_context) if w)
+        return self.decode_step(batch, mean_context)[0]
 
     def decode_step_j(self, batch: int, mean_context: float) -> float:
-        """The machine's joules over that step (every copy's share: the cells simulate all)."""
-        return sum(w * self.decode_cell(*cell) * self.decode_power[cell]
-                   for cell, w in self.decode_weights(batch, mean_context) if w)
+        return self.decode_step(batch, mean_context)[1]
 
     def bilinear(self, batch: float, context: float, b_lo: int, b_hi: int, c_lo: int,
                  c_hi: int) -> float:
@@ -195,22 +202,21 @@ class StepTimes:
             self.linear_cells[key] = ok
         return self.linear_cells[key]
 
-    def prefill_j(self, prompt_tokens: int) -> float:
-        """The machine's joules over that prefill (interpolated as its time is)."""
-        lo, hi = bracket(prompt_tokens, PREFILL_GRID_PER_OCTAVE)
-        if not (math.isfinite(self.prefill_cell(lo)) and math.isfinite(self.prefill_cell(hi))):
-            self.prefill_cell(prompt_tokens)
-            return self.prefill_energy[prompt_tokens]
-        return between(prompt_tokens, lo, hi, self.prefill_energy[lo], self.prefill_energy[hi])
-
-    def prefill_s(self, prompt_tokens: int) -> float:
-        """The prefill of one prompt alone (its time to first token on an idle machine);
-        infinite where it does not fit."""
+    def prefill(self, prompt_tokens: int) -> tuple[float, float]:
+        """The prefill of one prompt alone (its time to first token on an idle machine;
+        infinite where it does not fit), and the machine's joules over it."""
         lo, hi = bracket(prompt_tokens, PREFILL_GRID_PER_OCTAVE)
         at_lo, at_hi = self.prefill_cell(lo), self.prefill_cell(hi)
         if not (math.isfinite(at_lo) and math.isfinite(at_hi)):
-            return self.prefill_cell(prompt_tokens)
-        return between(prompt_tokens, lo, hi, at_lo, at_hi)
+            return self.prefill_cell(prompt_tokens), self.prefill_energy[prompt_tokens]
+        return (between(prompt_tokens, lo, hi, at_lo, at_hi),
+                between(prompt_tokens, lo, hi, self.prefill_energy[lo], self.prefill_energy[hi]))
+
+    def prefill_s(self, prompt_tokens: int) -> float:
+        return self.prefill(prompt_tokens)[0]
+
+    def prefill_j(self, prompt_tokens: int) -> float:
+        return self.prefill(prompt_tokens)[1]
 
     def fits(self, batch: int, final_tokens: int) -> bool:
         """Whether ``batch`` sequences holding ``final_tokens`` tokens of KV in all (what they
