@@ -141,8 +141,8 @@ class StepTimes:
         """The cells a decode step of ``batch`` sequences averaging ``mean_context`` tokens is
         read from, with their weights: the grid cell's corners (bilinear) where the cell is
         ``linear``, else its own batch between contexts ``FINE_PER_OCTAVE`` to a doubling
-        apart, else (the context above does not fit: the batch is at the memory's edge) the
-        point itself."""
+        apart, or where the context above does not fit (the batch is at the memory's edge)
+        extrapolated from the two below; the point itself where neither holds."""
         c = max(1.0, mean_context)
         b_lo, b_hi = bracket(batch, GRID_PER_OCTAVE)
         c_lo, c_hi = bracket(c, GRID_PER_OCTAVE)
@@ -154,6 +154,12 @@ class StepTimes:
         if math.isfinite(self.decode_cell(batch, hi)):
             w = share(c, lo, hi)
             return [((batch, lo), 1 - w), ((batch, hi), w)]
+        # the context above does not fit this batch (it is at the memory's edge): on from the
+        # two below, at most one fine step (4.4%) beyond the last
+        below = bracket(lo - 0.5, FINE_PER_OCTAVE)[0] if lo > 1 else lo
+        if below < lo and math.isfinite(self.decode_cell(batch, below)):
+            w = share(c, below, lo)
+            return [((batch, below), 1 - w), ((batch, lo), w)]
         return [((batch, math.ceil(c)), 1.0)]
 
     def decode_step(self, batch: int, mean_context: float) -> tuple[float, float]:
