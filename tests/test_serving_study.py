@@ -116,6 +116,9 @@ def test_rows_are_the_servers_own_numbers(tmp_path):
     assert {p.spec.key for p in plan.expansion.points} == set(frame["point"])
     report = (out / "report.md").read_text()
     assert "Serving: an online server at every point" in report
+    # the searching point says what its SLO is lost to, as the search named it
+    assert "## What the SLO is lost to" in report and search.bound_by in ("ttft", "tpot")
+    assert found["slo_bound_by"] == search.bound_by and search.bound_note in report
 
 
 def test_a_serving_axis_expands_to_its_points(tmp_path):

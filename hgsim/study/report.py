@@ -277,6 +277,24 @@ def binding_parts(frame: pd.DataFrame, axes: list[str], by: str,
     return parts
 
 
+def _serving_bound_parts(frame: pd.DataFrame, axes: list[str],
+                         zipped: dict[str, list[str]] | None, n: int | None) -> list[str]:
+    """A serving study's "What the SLO is lost to": per point that searched its rate, the
+    limit more requests miss just above the rate found (``slo_bound_by``) and the shares."""
+    if "slo_bound_by" not in frame or not frame["slo_bound_by"].fillna("").astype(bool).any():
+        return []
+    shown = [a for a in axes if a in frame and a not in named_by_label(axes, zipped)]
+    table = frame[[*shown, "max_rate_per_s", "slo_bound_by", "slo_bound_note"]].rename(
+        columns={"slo_bound_by": "lost to", "slo_bound_note": "just above the rate found"})
+    counts = frame["slo_bound_by"].replace("", pd.NA).dropna().value_counts()
+    return ["\n## What the SLO is lost to\n",
+            "Per point, the limit more requests miss at the lowest rate tried that misses the "
+            "SLO (`slo_bound_by`): `ttft`, the queue and the prefills ahead of a request; "
+            "`tpot`, slow decode steps and the prefills that stall them. Points per limit: "
+            + ", ".join(f"{k} {v}" for k, v in counts.items()) + "\n\n",
+            md_table(table, n)]
+
+
 def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                  info: RunInfo, elasticity: pd.DataFrame | None = None) -> Path:
     from hgsim.study import sensitivity as sens
@@ -418,6 +436,7 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             parts.append(never_feasible_note(frame, by))
 
     parts += binding_parts(frame, axes, by, zipped, n)
+    parts += _serving_bound_parts(frame, axes, zipped, n)
 
     if study.sensitivity is not None and elasticity is not None and len(elasticity):
         spec = study.sensitivity
