@@ -174,7 +174,6 @@ def serve(
     """
     from hgsim.catalog import get_model
     from hgsim.serving import (
-        LengthDist,
         RequestMix,
         Slo,
         StepTimes,
@@ -183,7 +182,7 @@ def serve(
         run_labels,
     )
     from hgsim.serving import serve_requests as run
-    from hgsim.serving.requests import MAX_OUTPUT_TOKENS
+    from hgsim.serving.requests import output_lengths, prompt_lengths
 
     loads = [name for name, given in (("rate", rate is not None), ("trace", trace is not None),
                                       ("find_rate", bool(find_rate))) if given]
@@ -214,8 +213,7 @@ def serve(
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
                         "slo_tpot_s", field="find_rate")
-    mix = RequestMix(LengthDist.parse(prompt, "prompt"),
-                     LengthDist.parse(output, "output", most=MAX_OUTPUT_TOKENS),
+    mix = RequestMix(prompt_lengths(prompt, "prompt"), output_lengths(output, "output"),
                      count=requests, seed=seed)
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,

@@ -442,6 +442,8 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--requests", "0"], "--requests: must be between 1 and 1,000,000"),
     (["--rate", "1", "--requests", "1G"], "--requests: must be between 1 and 1,000,000"),
     (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),
+    # a prompt past the simulator's plausible workload (the fuzz found it: 924575386328)
+    (["--rate", "1", "--prompt", "924575386328"], "--prompt: at most 4294967296 tokens"),
     (["--rate", "1e-320"], "--rate: 1e-320 requests per second puts arrivals beyond"),
     (["--trace", "/dev/zero"], "not a regular file"),
     (["--rate", "1", "--gpu-placement", "spread"], "--gpu-placement: spread places copies"),

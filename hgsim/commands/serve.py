@@ -112,7 +112,6 @@ def run(args: argparse.Namespace) -> int:
     from hgsim.catalog import get_model
     from hgsim.profiles import load_profile
     from hgsim.serving import (
-        LengthDist,
         RequestMix,
         StepTimes,
         max_rate,
@@ -120,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         run_labels,
         serve_requests,
     )
-    from hgsim.serving.requests import MAX_OUTPUT_TOKENS, MAX_REQUESTS
+    from hgsim.serving.requests import MAX_REQUESTS, output_lengths, prompt_lengths
 
     if args.max_batch < 1:
         raise UserError(f"must be >= 1, got {args.max_batch}", field="--max-batch")
@@ -140,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= requests_n <= MAX_REQUESTS:
         raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",
                         field="--requests")
-    mix = RequestMix(LengthDist.parse(args.prompt, "--prompt"),
-                     LengthDist.parse(args.output, "--output", most=MAX_OUTPUT_TOKENS),
+    mix = RequestMix(prompt_lengths(args.prompt, "--prompt"),
+                     output_lengths(args.output, "--output"),
                      count=requests_n, seed=args.seed)
     if args.trace is not None and not args.trace.strip():
         raise UserError(f"needs the path of a CSV file, got {args.trace!r}", field="--trace")

@@ -24,6 +24,9 @@ from hgsim.units import parse_count
 MAX_REQUESTS = 1_000_000
 #: The most tokens one request generates: each is one iteration of the server.
 MAX_OUTPUT_TOKENS = 1 << 20
+#: The longest prompt (4G tokens: far past any model's context, and within what the
+#: simulator's workload takes with room for the grid point above it).
+MAX_PROMPT_TOKENS = 1 << 32
 #: The largest trace file read.
 MAX_TRACE_BYTES = 256 << 20
 
@@ -102,6 +105,16 @@ class LengthDist:
         return f"lognormal:{count_text(self.a)}:{self.b:g}"
 
 
+def prompt_lengths(text: str | int, what: str) -> LengthDist:
+    """A prompt length distribution (``--prompt``, ``serving.prompt``)."""
+    return LengthDist.parse(text, what, most=MAX_PROMPT_TOKENS)
+
+
+def output_lengths(text: str | int, what: str) -> LengthDist:
+    """An output length distribution (``--output``, ``serving.output``)."""
+    return LengthDist.parse(text, what, most=MAX_OUTPUT_TOKENS)
+
+
 def count_text(n: float) -> str:
     """A token count as people write it where exact: 32768 -> 32k, 1048576 -> 1M."""
     n = int(n)
@@ -132,7 +145,7 @@ class RequestMix:
                             f"{rate_per_s!r}", field="rate")
         rng = np.random.default_rng(self.seed)
         gaps = rng.exponential(1.0, size=self.count)  # at rate 1, scaled below
-        prompts = self.prompt.draw(rng, self.count)
+        prompts = self.prompt.draw(rng, self.count, most=MAX_PROMPT_TOKENS)
         outputs = self.output.draw(rng, self.count, most=MAX_OUTPUT_TOKENS)
         with np.errstate(over="ignore"):
             arrivals = np.cumsum(gaps) / rate_per_s
@@ -182,6 +195,9 @@ def read_trace(path: str | Path) -> list[Request]:
                                     source=f"{path}:{line}")
             if o > MAX_OUTPUT_TOKENS:
                 raise UserError(f"output_tokens: at most {MAX_OUTPUT_TOKENS} a request, got {o}",
+                                source=f"{path}:{line}")
+            if p > MAX_PROMPT_TOKENS:
+                raise UserError(f"prompt_tokens: at most {MAX_PROMPT_TOKENS} a request, got {p}",
                                 source=f"{path}:{line}")
             if len(requests) == MAX_REQUESTS:
                 raise UserError(f"has more than {MAX_REQUESTS:,} requests", source=str(path))

@@ -92,7 +92,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from hgsim.specs.numbers import CheckedNumbers
 from hgsim.units import parse_count
@@ -459,12 +459,12 @@ class ServingSpec(StudyModel):
 
     @field_validator("prompt", "output", mode="before")
     @classmethod
-    def _lengths(cls, value: Any) -> Any:
+    def _lengths(cls, value: Any, info: ValidationInfo) -> Any:
         from hgsim.errors import UserError
-        from hgsim.serving.requests import LengthDist
+        from hgsim.serving.requests import output_lengths, prompt_lengths
 
         try:
-            LengthDist.parse(value, "length")
+            (prompt_lengths if info.field_name == "prompt" else output_lengths)(value, "length")
         except UserError as exc:
             raise ValueError(str(exc).removeprefix("length: ")) from None
         return value

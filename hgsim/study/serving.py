@@ -52,10 +52,11 @@ def step_times(spec):
 
 
 def request_mix(serving: ServingSpec):
-    from hgsim.serving import LengthDist, RequestMix
+    from hgsim.serving import RequestMix
+    from hgsim.serving.requests import output_lengths, prompt_lengths
 
-    return RequestMix(LengthDist.parse(serving.prompt, "serving.prompt"),
-                      LengthDist.parse(serving.output, "serving.output"),
+    return RequestMix(prompt_lengths(serving.prompt, "serving.prompt"),
+                      output_lengths(serving.output, "serving.output"),
                       count=serving.requests, seed=serving.seed)
 
 
