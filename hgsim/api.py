@@ -224,8 +224,8 @@ def serve(
     if find_rate:
         return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels)
     listed = read_trace(trace) if trace is not None else mix.requests(rate)
-    return run(times, listed, max_batch=max_batch, rate_per_s=math.nan if trace is not None else rate,
-               slo=slo, labels=labels)
+    offered = math.nan if trace is not None else rate
+    return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels)
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

@@ -165,20 +165,21 @@ def run(args: argparse.Namespace) -> int:
             else:
                 requests = trace if trace is not None else arrivals(mix, args.rate)
                 bar.start(len(requests))
+                offered = math.nan if trace is not None else args.rate
                 result = serve_requests(times, requests, max_batch=args.max_batch,
-                                        rate_per_s=math.nan if trace is not None else args.rate, slo=slo,
-                                        labels=labels, on_finish=bar.update)
+                                        rate_per_s=offered, slo=slo, labels=labels,
+                                        on_finish=bar.update)
                 search = None
         finally:
             bar.close()
     if result is not None and csv_path is not None:
         result.requests_frame().to_csv(csv_path, index=False)
-    row = result.summary() if result is not None else dict(labels)
-    if search is not None:
-        row["max_rate_per_s"] = search.rate_per_s if search.rate_per_s is not None else math.nan
+    if search is None:
+        row = result.summary()
+    else:
+        row = search.row(labels, times.simulations)
         row["rate_search"] = [{"rate_per_s": r, "slo_attainment": a} for r, a in search.probes]
         row["rate_search_note"] = search.reason
-        row["slo_bound_by"], row["slo_bound_note"] = search.bound_by, search.bound_note
     if args.json:
         print(json.dumps(finite_for_json(row), indent=2, default=str))
     else:

@@ -29,8 +29,9 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
     server = run_server(times, requests, max_batch=max_batch, copies=times.data_parallel,
                         on_finish=on_finish)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
-                       iterations=server.iterations, slo=slo or Slo(), simulations=times.simulations,
-                       copies=times.data_parallel, idle_power_w=times.idle_power_w,
+                       iterations=server.iterations, slo=slo or Slo(),
+                       simulations=times.simulations, copies=times.data_parallel,
+                       idle_power_w=times.idle_power_w,
                        capex_usd_per_s=tco.capex_usd_per_s(times.system),
                        electricity_usd_per_j=tco.electricity_usd_per_j(times.system))
 
@@ -40,7 +41,8 @@ def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
     """The columns that say what a run served: configuration, batch limit and lengths."""
     return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
             "tensor_parallel": times.tensor_parallel, "data_parallel": times.data_parallel,
-            "gpu_placement": times.gpu_placement, "max_batch": max_batch, "prompt": "trace" if traced else str(mix.prompt),
+            "gpu_placement": times.gpu_placement, "max_batch": max_batch,
+            "prompt": "trace" if traced else str(mix.prompt),
             "output": "trace" if traced else str(mix.output)}
 
 
@@ -57,6 +59,20 @@ class RateSearch:
     # limit more requests miss there), "" where every rate met it
     bound_by: str = ""
     bound_note: str = ""  # the shares that missed each limit there
+
+    def row(self, labels: dict[str, Any], simulations: int) -> dict[str, Any]:
+        """The search as one row: the run at the rate found (``ServeResult.summary()``; where
+        no rate meets the SLO, only ``labels`` and ``simulations``, the metrics left empty),
+        then ``max_rate_per_s`` (NaN: none), ``rates_tried``, ``reason``, ``slo_bound_by``
+        and ``slo_bound_note``: what ``hgsim serve --find-rate --json`` prints and a study's
+        serving point stores."""
+        row = (self.result.summary() if self.rate_per_s is not None
+               else {**labels, "simulations": simulations})
+        row["max_rate_per_s"] = self.rate_per_s if self.rate_per_s is not None else math.nan
+        row["rates_tried"] = len(self.probes)
+        row["reason"] = self.reason
+        row["slo_bound_by"], row["slo_bound_note"] = self.bound_by, self.bound_note
+        return row
 
 
 def missed_limits(result: ServeResult) -> tuple[str, str]:

@@ -96,10 +96,10 @@ class Engine:
             if self.running:
                 mean_context = self._context_tokens / batch
                 decode_s, decode_j = times.decode_step(batch, mean_context)
-                energy_j += share * decode_j
                 if not math.isfinite(decode_s):  # admission let in what the simulator refuses
                     raise RuntimeError(f"no decode step for batch {batch} at mean context "
                                        f"{mean_context:.0f}, which admission found to fit")
+                energy_j += share * decode_j
                 yield env.timeout(decode_s)
                 for s in list(self.running):
                     self._generate(s)

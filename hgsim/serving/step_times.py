@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -65,10 +66,16 @@ def share(x: float, lo: int, hi: int) -> float:
 
 def between(x: float, lo: int, hi: int, at_lo: float, at_hi: float) -> float:
     """Linear interpolation of the value at ``x`` from its values at ``lo`` and ``hi``."""
-    if hi == lo:
-        return at_lo
-    w = (x - lo) / (hi - lo)
-    return (1 - w) * at_lo + w * at_hi
+    w = share(x, lo, hi)
+    return at_lo if w == 0 else (1 - w) * at_lo + w * at_hi
+
+
+def bilinear_weights(batch: float, context: float, b_lo: int, b_hi: int, c_lo: int,
+                     c_hi: int) -> list[tuple[tuple[int, int], float]]:
+    """The four corners of a grid cell with their bilinear weights at (batch, context)."""
+    wb, wc = share(batch, b_lo, b_hi), share(context, c_lo, c_hi)
+    return [((b_lo, c_lo), (1 - wb) * (1 - wc)), ((b_lo, c_hi), (1 - wb) * wc),
+            ((b_hi, c_lo), wb * (1 - wc)), ((b_hi, c_hi), wb * wc)]
 
 
 @dataclass
@@ -110,21 +117,18 @@ class StepTimes:
         if self.gpu_placement not in ("packed", "spread"):
             raise UserError(f"expected packed or spread, got {self.gpu_placement!r}",
                             field="gpu_placement")
-        self._system = None
 
     # ------------------------------------------------------------------ what energy counts
-    @property
+    @cached_property
     def system(self) -> HardwareProfile:
         """The hardware energy and cost count (``RankView.system``: the GPUs of every copy,
         the host), as ``hgsim simulate`` counts them."""
-        if self._system is None:
-            from hgsim.policies.base import host_shared
-            from hgsim.tensor_parallel import rank_view
+        from hgsim.policies.base import host_shared
+        from hgsim.tensor_parallel import rank_view
 
-            self._system = rank_view(self.profile, self.model, self.tensor_parallel,
-                                     host_shared(self.policy_options), self.data_parallel,
-                                     self.gpu_placement).system
-        return self._system
+        return rank_view(self.profile, self.model, self.tensor_parallel,
+                         host_shared(self.policy_options), self.data_parallel,
+                         self.gpu_placement).system
 
     @property
     def idle_power_w(self) -> float:
@@ -147,9 +151,7 @@ class StepTimes:
         b_lo, b_hi = bracket(batch, GRID_PER_OCTAVE)
         c_lo, c_hi = bracket(c, GRID_PER_OCTAVE)
         if self.linear(b_lo, b_hi, c_lo, c_hi):
-            wb, wc = share(batch, b_lo, b_hi), share(c, c_lo, c_hi)
-            return [((b_lo, c_lo), (1 - wb) * (1 - wc)), ((b_lo, c_hi), (1 - wb) * wc),
-                    ((b_hi, c_lo), wb * (1 - wc)), ((b_hi, c_hi), wb * wc)]
+            return bilinear_weights(batch, c, b_lo, b_hi, c_lo, c_hi)
         lo, hi = bracket(c, FINE_PER_OCTAVE)
         if math.isfinite(self.decode_cell(batch, hi)):
             w = share(c, lo, hi)
@@ -179,12 +181,6 @@ class StepTimes:
     def decode_step_j(self, batch: int, mean_context: float) -> float:
         return self.decode_step(batch, mean_context)[1]
 
-    def bilinear(self, batch: float, context: float, b_lo: int, b_hi: int, c_lo: int,
-                 c_hi: int) -> float:
-        at = {b: between(context, c_lo, c_hi, self.decode_cell(b, c_lo),
-                         self.decode_cell(b, c_hi)) for b in (b_lo, b_hi)}
-        return between(batch, b_lo, b_hi, at[b_lo], at[b_hi])
-
     def linear(self, b_lo: int, b_hi: int, c_lo: int, c_hi: int) -> bool:
         """Whether the cell's corners all fit and its midpoints are where bilinear
         interpolation puts them (within ``LINEAR_TOLERANCE``). A step whose costs are linear
@@ -201,7 +197,8 @@ class StepTimes:
                 {(b_mid, c_lo), (b_mid, c_hi)} if b_mid else set())
             for b, c in sorted(probes) if ok else ():
                 exact = self.decode_cell(b, c)
-                guess = self.bilinear(b, c, b_lo, b_hi, c_lo, c_hi)
+                guess = sum(w * self.decode_cell(*corner) for corner, w
+                            in bilinear_weights(b, c, b_lo, b_hi, c_lo, c_hi))
                 if not abs(guess - exact) <= LINEAR_TOLERANCE * exact:
                     ok = False
                     break
@@ -287,5 +284,5 @@ class StepTimes:
         from hgsim.simulate import Fidelity, simulate
 
         return simulate(self.profile, self.model, self.policy, workload,
-                                 policy_options=dict(self.policy_options),
-                                 fidelity=Fidelity(decode_samples=samples, accuracy=False))
+                        policy_options=dict(self.policy_options),
+                        fidelity=Fidelity(decode_samples=samples, accuracy=False))

@@ -86,12 +86,4 @@ def serving_point(spec) -> dict[str, Any]:
                                 slo=slo, labels=labels)
         return result.summary()
     search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels)
-    if search.rate_per_s is not None:
-        row = search.result.summary()
-    else:  # no rate met the SLO: no run to describe (the metrics are left empty)
-        row = {**labels, "simulations": times.simulations}
-    row["max_rate_per_s"] = search.rate_per_s if search.rate_per_s is not None else math.nan
-    row["rates_tried"] = len(search.probes)
-    row["reason"] = search.reason
-    row["slo_bound_by"], row["slo_bound_note"] = search.bound_by, search.bound_note
-    return row
+    return search.row(labels, times.simulations)
