@@ -331,20 +331,13 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
                              f"{', '.join(Workload.model_fields)})")
     if kind == "fidelity":
         _check_fidelity_path(rest, doc, loc)
-    if kind == "search":
-        if study.search is None:
-            raise doc.error(loc, f"'{path}' sweeps a capacity search's latency SLO; the study "
-                                 "has no search block")
-        if rest not in SEARCH_AXES:
-            raise doc.error(loc, f"'{path}' cannot be swept (search axes: "
-                                 f"{', '.join(f'search.{f}' for f in SEARCH_AXES)})")
-    if kind == "serving":
-        if study.serving is None:
-            raise doc.error(loc, f"'{path}' sweeps an online server's setting; the study has "
-                                 "no serving block")
-        if rest not in SERVING_AXES:
-            raise doc.error(loc, f"'{path}' cannot be swept (serving axes: "
-                                 f"{', '.join(f'serving.{f}' for f in SERVING_AXES)})")
+    if kind in BLOCK_AXES:  # search.* and serving.* sweep a block the study must have
+        what, fields = BLOCK_AXES[kind]
+        if getattr(study, kind) is None:
+            raise doc.error(loc, f"'{path}' sweeps {what}; the study has no {kind} block")
+        if rest not in fields:
+            raise doc.error(loc, f"'{path}' cannot be swept ({kind} axes: "
+                                 f"{', '.join(f'{kind}.{f}' for f in fields)})")
     if study.serving is not None and kind == "workload" and rest not in SERVING_WORKLOAD:
         why = ("a serving point takes its lengths from serving.prompt and serving.output and "
                "its batch from serving.max_batch; sweep those instead"
@@ -405,6 +398,9 @@ def _serving(study: Study, values: dict[str, Any], locs: dict[str, Loc],
 
 #: The search fields an axis may sweep (``search.<field>``): the latency SLO and the pick.
 SEARCH_AXES = ("max_token_latency_ms", "latency_stat", "pick")
+#: The blocks whose fields an axis may sweep: what such an axis sweeps, and its fields.
+BLOCK_AXES = {"search": ("a capacity search's latency SLO", SEARCH_AXES),
+              "serving": ("an online server's setting", SERVING_AXES)}
 
 
 def _search(study: Study, values: dict[str, Any], locs: dict[str, Loc],
