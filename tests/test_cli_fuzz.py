@@ -70,20 +70,27 @@ def exits_cleanly(capsys, argv: list[str]) -> int:
     return code
 
 
+def drawn_flags(data, tmp_path, base: dict[str, str], extra: list[str],
+                alone: tuple[str, str]) -> dict[str, str]:
+    """``base`` with one or two of its flags or of ``extra`` set to drawn values. The pair
+    ``alone`` is cheap one at a time and can cost minutes together (a valid request), so where
+    both are drawn the second keeps its default."""
+    flags = dict(base)
+    drawn = data.draw(st.lists(st.sampled_from([*base, *extra]), min_size=1, max_size=2,
+                               unique=True))
+    for flag in drawn:
+        flags[flag] = place(data.draw(VALUE), tmp_path)
+    if set(alone) <= set(drawn):
+        flags[alone[1]] = base[alone[1]]
+    return flags
+
+
 @FUZZ
 @given(st.data())
 def test_simulate_flags(tmp_path_factory, capsys, data):
-    tmp_path = tmp_path_factory.mktemp("cli")
-    flags = dict(SIMULATE)
-    drawn = data.draw(st.lists(st.sampled_from([*SIMULATE, *SIMULATE_EXTRA]), min_size=1,
-                               max_size=2, unique=True))
-    for flag in drawn:
-        flags[flag] = place(data.draw(VALUE), tmp_path)
-    if {"--gen", "--samples"} <= set(drawn):
-        # both drawn can ask for every one of tens of thousands of steps in full (--gen 77240
-        # --samples 77240: minutes, a valid request); each is fuzzed alone, beside the other's
-        # cheap default
-        flags["--samples"] = SIMULATE["--samples"]
+    # --gen 77240 --samples 77240 simulates tens of thousands of steps in full
+    flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), SIMULATE, SIMULATE_EXTRA,
+                        alone=("--gen", "--samples"))
     argv = ["simulate", *(part for flag, value in flags.items() for part in (flag, value))]
     if data.draw(st.booleans()):
         argv.append("--prefill")
@@ -118,14 +125,8 @@ SERVE_EXTRA = ["--find-rate", "--trace", "--seed", "--max-batch", "--kv-dtype",
 def test_serve_flags(tmp_path_factory, capsys, data):
     """Lengths and counts stay cheap: --output and --requests are each fuzzed beside the
     other's small default, so a valid large value costs one of them, not their product."""
-    tmp_path = tmp_path_factory.mktemp("cli")
-    flags = dict(SERVE)
-    drawn = data.draw(st.lists(st.sampled_from([*SERVE, *SERVE_EXTRA]), min_size=1,
-                               max_size=2, unique=True))
-    for flag in drawn:
-        flags[flag] = place(data.draw(VALUE), tmp_path)
-    if {"--output", "--requests"} <= set(drawn):
-        flags["--requests"] = SERVE["--requests"]
+    flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), SERVE, SERVE_EXTRA,
+                        alone=("--output", "--requests"))
     if "--find-rate" in flags or "--trace" in flags:  # one load at a time, or argparse's error
         flags.pop("--rate")
     argv = ["serve"]
