@@ -96,8 +96,8 @@ def weigh_prefill_chunks(profile: HardwareProfile, model: ModelSpec, policy: str
                                    policy_options=policy_options, fidelity=decode_fidelity,
                                    time_prefill=False)
         plan = pol.step_plan(workload.context)
-        floor = new_engine(profile, model, candidate, host_shared=shared).prefill_floor_s(plan, workload.context,
-                                                                       chunk)
+        engine = new_engine(profile, model, candidate, host_shared=shared)
+        floor = engine.prefill_floor_s(plan, workload.context, chunk)
         fitting.append((ChunkEstimate(chunk, decode.decode_s, floor), candidate, plan))
     fitting.sort(key=lambda item: (item[0].bound_s, -item[0].chunk_tokens))
     weighed: list[ChunkEstimate] = []
@@ -106,8 +106,8 @@ def weigh_prefill_chunks(profile: HardwareProfile, model: ModelSpec, policy: str
         if estimate.bound_s > best:  # its request cannot beat the best one's
             weighed.append(estimate)
             continue
-        ttft = new_engine(profile, model, candidate, host_shared=shared).prefill(plan, workload.context,
-                                                             estimate.chunk_tokens)
+        engine = new_engine(profile, model, candidate, host_shared=shared)
+        ttft = engine.prefill(plan, workload.context, estimate.chunk_tokens)
         timed = ChunkEstimate(estimate.chunk_tokens, estimate.decode_s, estimate.ttft_floor_s,
                               ttft)
         weighed.append(timed)

@@ -264,7 +264,8 @@ def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *
     synthetic attention a group union's row count comes from; None: the defaults). Under
     tensor parallelism the machine is rank 0's view and the model its shard (``view``, made
     from ``profile`` and ``model`` when not given; ``host_shared``: every rank's host work on
-    the same sockets, ``hgsim.policies.base.host_shared``), and the engine issues the all-reduces."""
+    the same sockets, ``hgsim.policies.base.host_shared``), and the engine issues the
+    all-reduces."""
     view = view or rank_view(profile, model, workload.tensor_parallel, host_shared,
                              workload.data_parallel, workload.gpu_placement)
     machine = Machine(simpy.Environment(), view.profile, record=record)
