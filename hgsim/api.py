@@ -150,6 +150,7 @@ def serve(
     requests: int = 500,
     seed: int = 0,
     max_batch: int = 256,
+    prefill_chunk: int | None = None,
     kv_dtype: str = "fp16",
     weight_dtype: str = "fp16",
     tensor_parallel: int = 1,
@@ -168,7 +169,9 @@ def serve(
     which ``attainment`` of the requests meet the SLO). ``prompt`` and ``output`` are token
     counts or distributions (``"uniform:8k:64k"``, ``"lognormal:32k:0.5"``: median, sigma),
     ``requests`` how many, ``max_batch`` the most decoded together (by each of the
-    ``data_parallel`` copies of the model behind the one queue). Returns a ``ServeResult``
+    ``data_parallel`` copies of the model behind the one queue), ``prefill_chunk`` chunked
+    prefill (at most that many prompt tokens an iteration, in the decode step's forward; None:
+    prompts prefilled whole). Returns a ``ServeResult``
     (``summary()`` a row, ``requests_frame()`` one row per request), or with ``find_rate`` a
     ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
     """
@@ -177,6 +180,7 @@ def serve(
         RequestMix,
         Slo,
         StepTimes,
+        check_prefill_chunk,
         max_rate,
         read_trace,
         run_labels,
@@ -209,6 +213,7 @@ def serve(
     if gpu_placement != "packed" and data_parallel == 1:
         raise UserError("spread places copies of the model, and data_parallel asks for one",
                         field="gpu_placement")
+    check_prefill_chunk(prefill_chunk)
     slo = Slo(ttft_s=limits["slo_ttft_s"], tpot_s=limits["slo_tpot_s"], attainment=attainment)
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
@@ -220,12 +225,15 @@ def serve(
                       dict(options or {}), kv_dtype=kv_dtype, weight_dtype=weight_dtype,
                       tensor_parallel=tensor_parallel, data_parallel=data_parallel,
                       gpu_placement=gpu_placement)
-    labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None)
+    labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None,
+                        prefill_chunk=prefill_chunk)
     if find_rate:
-        return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels)
+        return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels,
+                        prefill_chunk=prefill_chunk)
     listed = read_trace(trace) if trace is not None else mix.requests(rate)
     offered = math.nan if trace is not None else rate
-    return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels)
+    return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels,
+               prefill_chunk=prefill_chunk)
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

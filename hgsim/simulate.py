@@ -9,6 +9,7 @@ one), so its decisions follow the same cadence as in a full run.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from hgsim.policies import make_policy
 from hgsim.policies.base import host_shared
 from hgsim.profiles import load_profile
 from hgsim.results import SimResult, StepTiming
-from hgsim.sim.decode import DecodeEngine
+from hgsim.sim.decode import DecodeEngine, PrefillChunk
 from hgsim.sim.machine import Machine
 from hgsim.sim.trace import trace_bytes
 from hgsim.specs.hardware import HardwareProfile
@@ -47,6 +48,7 @@ from hgsim.workload import Workload
 if TYPE_CHECKING:
     from hgsim.accuracy.selection import SelectionModel
     from hgsim.accuracy.synthetic import AttentionModelSpec
+    from hgsim.policies.base import Policy
 
 
 @dataclass(frozen=True)
@@ -88,13 +90,16 @@ def simulate(
     trace_path: str | Path | None = None,
     trace_max_bytes: float | None = TRACE_MAX_BYTES,
     on_step: Callable[[int, int], None] | None = None,
+    settled: Callable[[Policy], None] | None = None,
 ) -> SimResult:
     """Simulate ``workload`` (its prefill first, if it has one, then its decode); a prefill
     chunk of ``auto`` is chosen first (``hgsim.prefill_chunk``) and the result says which.
     With ``trace_path`` every activity is kept and written there; a trace estimated from the
     first simulated step to exceed ``trace_max_bytes`` (None: no limit) raises
     ``TraceTooLarge`` before the other steps run. ``on_step(done, total)`` is called after
-    each simulated decode step (a progress bar's feed)."""
+    each simulated decode step (a progress bar's feed); ``settled(policy)`` is called with the
+    policy as a feasible run leaves it (its scheduler where the decode took it), for a caller
+    that goes on from there (``mixed_step``)."""
     wall0 = time.perf_counter()
     profile = load_profile(profile) if isinstance(profile, str) else profile
     profile = profile.for_kv_dtype(workload.kv_dtype)  # the host kernel's rate for this KV type
@@ -111,7 +116,8 @@ def simulate(
         workload = workload.model_copy(update={"prefill_chunk_tokens": chunk})
     result = simulate_prepared(profile, model, policy, workload, policy_options=policy_options,
                                fidelity=fidelity, trace_path=trace_path,
-                               trace_max_bytes=trace_max_bytes, on_step=on_step)
+                               trace_max_bytes=trace_max_bytes, on_step=on_step,
+                               settled=settled)
     result.prefill_chunk_auto = auto
     result.wall_s = time.perf_counter() - wall0
     return result
@@ -129,6 +135,7 @@ def simulate_prepared(
     time_prefill: bool = True,
     trace_max_bytes: float | None = TRACE_MAX_BYTES,
     on_step: Callable[[int, int], None] | None = None,
+    settled: Callable[[Policy], None] | None = None,
 ) -> SimResult:
     """``simulate`` once the profile is set for the KV type, the model looked up and the
     prefill chunk a number or None. ``time_prefill`` False holds the prefill's workspace in
@@ -253,8 +260,34 @@ def simulate_prepared(
         _accuracy(result, scored, pol.model, fidelity)
     if trace_path is not None:
         _write_trace(machine, trace_path, result, spans, markers)
+    if settled is not None:
+        settled(pol)
     result.wall_s = time.perf_counter() - wall0
     return result
+
+
+def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload: Workload,
+               context: int, chunk_past: int, chunk_tokens: int, *, alone: bool = False,
+               policy_options: dict[str, Any] | None = None) -> tuple[float, float]:
+    """One decode step of ``workload.batch`` sequences at ``context`` tokens under ``pol``'s
+    plans as they stand, with positions ``chunk_past`` to ``chunk_past + chunk_tokens`` of a
+    prompt prefilled in the same step (``DecodeEngine.step``; ``alone``: the chunk without a
+    decode, placed as ``pol`` places a sequence), on a fresh machine: its seconds and the
+    machine's joules over it (NaN: the profile lacks energy figures)."""
+    view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options),
+                     workload.data_parallel, workload.gpu_placement)
+    engine = new_engine(profile, model, workload, view=view)
+    machine = engine.machine
+    plan = pol.step_plan(max(context, 1))
+    if alone:
+        plan = replace(plan, batch=0)
+    chunk = PrefillChunk(chunk_past, chunk_tokens)
+    before = machine.recorder.snapshot()
+    m = engine.step(plan, chunk)
+    activity = _system_activity(view, energy.activity_between(
+        machine, before, machine.recorder.snapshot(), m.latency_s), engine.allreduce_sent_bytes)
+    joules = energy.energy_by_component_j(view.system, activity)
+    return m.latency_s, (sum(joules.values()) if joules else math.nan)
 
 
 def new_engine(profile: HardwareProfile, model: ModelSpec, workload: Workload, *,

@@ -71,17 +71,21 @@ def exits_cleanly(capsys, argv: list[str]) -> int:
 
 
 def drawn_flags(data, tmp_path, base: dict[str, str], extra: list[str],
-                alone: tuple[str, str]) -> dict[str, str]:
-    """``base`` with one or two of its flags or of ``extra`` set to drawn values. The pair
+                *alone: tuple[str, str]) -> dict[str, str]:
+    """``base`` with one or two of its flags or of ``extra`` set to drawn values. Each pair
     ``alone`` is cheap one at a time and can cost minutes together (a valid request), so where
-    both are drawn the second keeps its default."""
+    both are drawn the second keeps its default (or is left out, where it has none)."""
     flags = dict(base)
     drawn = data.draw(st.lists(st.sampled_from([*base, *extra]), min_size=1, max_size=2,
                                unique=True))
     for flag in drawn:
         flags[flag] = place(data.draw(VALUE), tmp_path)
-    if set(alone) <= set(drawn):
-        flags[alone[1]] = base[alone[1]]
+    for first, second in alone:
+        if {first, second} <= set(drawn):
+            if second in base:
+                flags[second] = base[second]
+            else:
+                del flags[second]
     return flags
 
 
@@ -90,7 +94,7 @@ def drawn_flags(data, tmp_path, base: dict[str, str], extra: list[str],
 def test_simulate_flags(tmp_path_factory, capsys, data):
     # --gen 77240 --samples 77240 simulates tens of thousands of steps in full
     flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), SIMULATE, SIMULATE_EXTRA,
-                        alone=("--gen", "--samples"))
+                        ("--gen", "--samples"))
     argv = ["simulate", *(part for flag, value in flags.items() for part in (flag, value))]
     if data.draw(st.booleans()):
         argv.append("--prefill")
@@ -117,16 +121,20 @@ SERVE = {"--profile": "dev-zen4-2core", "--model": "opt-6.7b", "--policy": "gpu_
          "--rate": "2", "--prompt": "1k", "--output": "4", "--requests": "3"}
 SERVE_EXTRA = ["--find-rate", "--trace", "--seed", "--max-batch", "--kv-dtype",
                "--tensor-parallel", "--data-parallel", "--gpu-placement", "--slo-ttft",
-               "--slo-tpot-ms", "--attainment", "--requests-csv", "--option"]
+               "--slo-tpot-ms", "--attainment", "--requests-csv", "--option",
+               "--prefill-chunk"]
 
 
 @FUZZ
 @given(st.data())
 def test_serve_flags(tmp_path_factory, capsys, data):
     """Lengths and counts stay cheap: --output and --requests are each fuzzed beside the
-    other's small default, so a valid large value costs one of them, not their product."""
+    other's small default, so a valid large value costs one of them, not their product; a
+    drawn --prompt or --requests goes without a drawn --prefill-chunk (small chunks are as
+    many iterations)."""
     flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), SERVE, SERVE_EXTRA,
-                        alone=("--output", "--requests"))
+                        ("--output", "--requests"), ("--prompt", "--prefill-chunk"),
+                        ("--requests", "--prefill-chunk"))
     if "--find-rate" in flags or "--trace" in flags:  # one load at a time, or argparse's error
         flags.pop("--rate")
     argv = ["serve"]

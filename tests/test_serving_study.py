@@ -206,6 +206,10 @@ BAD = [
     ("  seed: 3\n", "  seed: 3\n  speed: 2\n", "serving.speed: "),
     ("workload.kv_dtype: [fp16, fp8]", "serving.rate_per_s: [1, -1]",
      "serving.rate_per_s[1]: input should be greater than 0"),
+    ("  seed: 3\n", "  seed: 3\n  prefill_chunk: 8\n",
+     "serving.prefill_chunk: must be 0 (prompts prefilled whole) or at least 16"),
+    ("workload.kv_dtype: [fp16, fp8]", "serving.prefill_chunk: [1k, -1]",
+     "serving.prefill_chunk[1]: input should be greater than or equal to 0"),
     ("workload.kv_dtype: [fp16, fp8]", "serving.tolerance: [1]",
      "'serving.tolerance' cannot be swept"),
     ("serving:\n", "search: {maximize: workload.batch, lo: 1, hi: 8}\nserving:\n",
@@ -244,3 +248,26 @@ def test_no_rate_meeting_the_slo_leaves_the_metrics_empty_and_says_why(tmp_path)
     search = max_rate(times, mix, max_batch=2, slo=Slo(ttft_s=0.001, tpot_s=0.05,
                                                        attainment=0.8))
     assert search.rate_per_s is None and row["rates_tried"] == len(search.probes)
+
+
+def test_a_prefill_chunk_axis_runs_the_chunked_server(tmp_path):
+    """serving.prefill_chunk: 0 is the server that prefills whole (the same point a study
+    without the field had), 1k its chunked-prefill run, each the server's own numbers."""
+    text = PLAIN.replace("serving.seed: [3, 4]\n      workload.kv_dtype: [fp16, fp8]",
+                         "serving.prefill_chunk: [0, 1k]").replace(
+        "x: workload.kv_dtype", "x: serving.prefill_chunk").replace(
+        ", hue: serving.seed", "")
+    frame = _run(tmp_path, text).frame
+    rows = {int(r["prefill_chunk"]): r for r in frame.to_dict("records")}
+    assert set(rows) == {0, 1024}
+    for chunk, row in rows.items():
+        times, mix, slo = _direct("fp16")
+        served = serve_requests(times, mix.requests(2.0), max_batch=4, rate_per_s=2.0,
+                                slo=slo, prefill_chunk=chunk or None)
+        _same(row, served.summary())
+    # prefill_chunk 0 is the point a study without the field stored (results resume)
+    whole = {p.spec.key for p in load_study(write_study(tmp_path, PLAIN)).expansion.points
+             if p.coords["serving.seed"] == 3 and p.coords["workload.kv_dtype"] == "fp16"}
+    swept = {p.coords["serving.prefill_chunk"]: p.spec.key
+             for p in load_study(write_study(tmp_path, text)).expansion.points}
+    assert whole == {swept[0]} and swept["1k"] != swept[0]

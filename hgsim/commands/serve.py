@@ -47,6 +47,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default 0)")
     p.add_argument("--max-batch", type=int, default=256, metavar="N",
                    help="most requests decoded together (vLLM's max_num_seqs; default 256)")
+    p.add_argument("--prefill-chunk", metavar="TOKENS",
+                   help="chunked prefill: each iteration prefills at most TOKENS of the next "
+                        "prompt in the same forward as the decode step (e.g. 2048 or 2k; "
+                        "default: prompts prefilled whole, before the step)")
     p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="element type of the KV cache (default fp16)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -112,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
     from hgsim.catalog import get_model
     from hgsim.profiles import load_profile
     from hgsim.serving import (
+        MIN_PREFILL_CHUNK,
         RequestMix,
         StepTimes,
         max_rate,
@@ -135,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
     if args.find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give --slo-ttft SECONDS "
                         "and/or --slo-tpot-ms MS", field="--find-rate")
+    prefill_chunk = None
+    if args.prefill_chunk is not None:
+        prefill_chunk = count(args.prefill_chunk, "--prefill-chunk")
+        if prefill_chunk < MIN_PREFILL_CHUNK:
+            raise UserError(f"must be at least {MIN_PREFILL_CHUNK} tokens, got {prefill_chunk}",
+                            field="--prefill-chunk")
     requests_n = count(args.requests, "--requests")
     if not 1 <= requests_n <= MAX_REQUESTS:
         raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",
@@ -154,13 +165,14 @@ def run(args: argparse.Namespace) -> int:
                           kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel,
                           data_parallel=args.data_parallel, gpu_placement=args.gpu_placement)
         times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
-    labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None)
+    labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None,
+                        prefill_chunk=prefill_chunk)
     bar = RequestBar(not args.no_progress)
     with named_as_flags():
         try:
             if args.find_rate:
                 search = max_rate(times, mix, max_batch=args.max_batch, slo=slo, labels=labels,
-                                  on_probe=bar.probe)
+                                  on_probe=bar.probe, prefill_chunk=prefill_chunk)
                 result = search.result
             else:
                 requests = trace if trace is not None else arrivals(mix, args.rate)
@@ -168,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
                 offered = math.nan if trace is not None else args.rate
                 result = serve_requests(times, requests, max_batch=args.max_batch,
                                         rate_per_s=offered, slo=slo, labels=labels,
-                                        on_finish=bar.update)
+                                        on_finish=bar.update, prefill_chunk=prefill_chunk)
                 search = None
         finally:
             bar.close()

@@ -15,19 +15,23 @@ from hgsim.serving.result import ServeResult, Slo
 from hgsim.serving.server import run_server
 from hgsim.serving.step_times import StepTimes
 
-__all__ = ["LengthDist", "RateSearch", "Request", "RequestMix", "ServeResult", "Slo",
-           "StepTimes", "max_rate", "read_trace", "run_labels", "serve_requests"]
+__all__ = ["MIN_PREFILL_CHUNK", "LengthDist", "RateSearch", "Request", "RequestMix",
+           "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "max_rate", "read_trace",
+           "run_labels", "serve_requests"]
 
 
 def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                    rate_per_s: float = math.nan, slo: Slo | None = None,
                    labels: dict[str, Any] | None = None,
-                   on_finish: Callable[[int], None] | None = None) -> ServeResult:
-    """Serve ``requests`` on the configuration ``times`` describes, to the last request."""
+                   on_finish: Callable[[int], None] | None = None,
+                   prefill_chunk: int | None = None) -> ServeResult:
+    """Serve ``requests`` on the configuration ``times`` describes, to the last request
+    (``prefill_chunk``: chunked prefill, at most that many prompt tokens an iteration)."""
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
+    check_prefill_chunk(prefill_chunk)
     server = run_server(times, requests, max_batch=max_batch, copies=times.data_parallel,
-                        on_finish=on_finish)
+                        on_finish=on_finish, prefill_chunk=prefill_chunk)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
                        iterations=server.iterations, slo=slo or Slo(),
                        simulations=times.simulations, copies=times.data_parallel,
@@ -36,12 +40,27 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                        electricity_usd_per_j=tco.electricity_usd_per_j(times.system))
 
 
+# the fewest tokens a chunk of chunked prefill may hold (vLLM's smallest token budget is of
+# this order; smaller chunks re-read the weights for a handful of positions)
+MIN_PREFILL_CHUNK = 16
+
+
+def check_prefill_chunk(prefill_chunk: int | None) -> None:
+    if prefill_chunk is not None and (isinstance(prefill_chunk, bool)
+                                      or not isinstance(prefill_chunk, int)
+                                      or prefill_chunk < MIN_PREFILL_CHUNK):
+        raise UserError(f"must be a whole number of tokens >= {MIN_PREFILL_CHUNK}, got "
+                        f"{prefill_chunk!r}", field="prefill_chunk")
+
+
 def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
-               traced: bool) -> dict[str, Any]:
-    """The columns that say what a run served: configuration, batch limit and lengths."""
+               traced: bool, prefill_chunk: int | None = None) -> dict[str, Any]:
+    """The columns that say what a run served: configuration, batch limit, prefill chunk (0:
+    prompts prefilled whole) and lengths."""
     return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
             "tensor_parallel": times.tensor_parallel, "data_parallel": times.data_parallel,
             "gpu_placement": times.gpu_placement, "max_batch": max_batch,
+            "prefill_chunk": prefill_chunk or 0,
             "prompt": "trace" if traced else str(mix.prompt),
             "output": "trace" if traced else str(mix.output)}
 
@@ -100,7 +119,8 @@ def alone_s(times: StepTimes, mix: RequestMix) -> float:
 
 def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
              tolerance: float = 0.02, labels: dict[str, Any] | None = None,
-             on_probe: Callable[[float, float], None] | None = None) -> RateSearch:
+             on_probe: Callable[[float, float], None] | None = None,
+             prefill_chunk: int | None = None) -> RateSearch:
     """Bisect the Poisson arrival rate (geometrically, to within ``tolerance``) for the highest
     one at which at least ``slo.attainment`` of the requests meet ``slo``. The requests are
     the same at every rate (``RequestMix``), so the share met falls with the rate."""
@@ -113,7 +133,8 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
 
     def meets(rate: float) -> bool:
         result = serve_requests(times, mix.requests(rate), max_batch=max_batch,
-                                rate_per_s=rate, slo=slo, labels=labels)
+                                rate_per_s=rate, slo=slo, labels=labels,
+                                prefill_chunk=prefill_chunk)
         results[rate] = result
         probes.append((rate, result.attainment))
         if on_probe is not None:

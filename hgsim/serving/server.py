@@ -13,6 +13,14 @@ The server is iteration-level batching as vLLM and Orca run it. Each iteration i
 
 A request that cannot fit even alone is rejected at the head of the queue (vLLM refuses a
 prompt longer than the cache). Step and prefill times come from ``StepTimes``.
+
+With ``prefill_chunk`` (chunked prefill, as Sarathi-Serve and vLLM run it) step 2 changes:
+an admitted request waits in a prefill queue, and each iteration prefills the next chunk of
+at most ``prefill_chunk`` tokens of the queue's head in the same forward as the decode step
+(``StepTimes.mixed_step``), so running requests keep getting a token every iteration while a
+long prompt is prefilled. The request's first token comes at the end of the iteration that
+prefills its last chunk, and it decodes from the next. One prompt's chunk per iteration: a
+prompt shorter than the chunk does not share its iteration with the next one's.
 """
 
 from __future__ import annotations
@@ -58,6 +66,9 @@ class Iteration:
     copy: int = 0
     waiting: int = 0  # requests still queued once it had admitted its own
     energy_j: float = math.nan  # the machine's joules over it, this copy's share
+    # prompt tokens it prefilled; with chunked prefill its prefill_s is what the chunk added
+    # to the decode step (the iteration's seconds beyond the step's alone)
+    prefill_tokens: int = 0
 
 
 class Engine:
@@ -67,53 +78,110 @@ class Engine:
     def __init__(self, server: Server, copy: int):
         self.server, self.copy = server, copy
         self.running: list[Served] = []
-        self._reserved_tokens = 0  # final KV tokens of the running requests
+        self.prefilling: deque[Served] = deque()  # admitted, prompt not yet all prefilled
+        self._prefilled = 0  # tokens of the head of ``prefilling`` prefilled so far
+        self._reserved_tokens = 0  # final KV tokens of the admitted requests
         self._context_tokens = 0  # current KV tokens of the running requests
 
     def run(self):
-        server, env, times = self.server, self.server.env, self.server.times
+        server = self.server
+        iterate = self._chunked if server.prefill_chunk else self._whole
         while True:
-            if not self.running and not server.waiting:
+            if not self.running and not self.prefilling and not server.waiting:
                 if server.all_arrived:
                     return
                 yield server.arrival()
                 continue
-            start = env.now
-            admitted = self.admit()
-            queued = len(server.waiting)
-            prefills = [times.prefill(s.request.prompt_tokens) for s in admitted]
-            prefill_s = sum(t for t, _ in prefills)
-            # the step times' cells simulate every copy: this copy's share of their joules
-            share = 1 / len(server.engines)
-            energy_j = share * sum(j for _, j in prefills)
-            if admitted:
-                yield env.timeout(prefill_s)
-                for s in admitted:
-                    s.first_token_s = env.now
-                    self._generate(s)
-                self.running.extend(s for s in admitted if math.isnan(s.finish_s))
-            decode_s, batch, mean_context = 0.0, len(self.running), math.nan
-            if self.running:
-                mean_context = self._context_tokens / batch
-                decode_s, decode_j = times.decode_step(batch, mean_context)
-                if not math.isfinite(decode_s):  # admission let in what the simulator refuses
-                    raise RuntimeError(f"no decode step for batch {batch} at mean context "
-                                       f"{mean_context:.0f}, which admission found to fit")
-                energy_j += share * decode_j
-                yield env.timeout(decode_s)
-                for s in list(self.running):
-                    self._generate(s)
-                self.running = [s for s in self.running if math.isnan(s.finish_s)]
-            server.iterations.append(Iteration(start, prefill_s, decode_s, batch, len(admitted),
-                                               mean_context, self.copy, queued, energy_j))
+            yield from iterate()
+
+    def _whole(self):
+        """One iteration: the admitted prompts' prefills, whole, then the decode step."""
+        server, env, times = self.server, self.server.env, self.server.times
+        start = env.now
+        admitted = self.admit()
+        queued = len(server.waiting)
+        prefills = [times.prefill(s.request.prompt_tokens) for s in admitted]
+        prefill_s = sum(t for t, _ in prefills)
+        # the step times' cells simulate every copy: this copy's share of their joules
+        share = 1 / len(server.engines)
+        energy_j = share * sum(j for _, j in prefills)
+        if admitted:
+            yield env.timeout(prefill_s)
+            for s in admitted:
+                self._first_token(s)
+        decode_s, batch, mean_context = 0.0, len(self.running), math.nan
+        if self.running:
+            mean_context = self._context_tokens / batch
+            decode_s, decode_j = times.decode_step(batch, mean_context)
+            if not math.isfinite(decode_s):  # admission let in what the simulator refuses
+                raise RuntimeError(f"no decode step for batch {batch} at mean context "
+                                   f"{mean_context:.0f}, which admission found to fit")
+            energy_j += share * decode_j
+            yield env.timeout(decode_s)
+            for s in list(self.running):
+                self._generate(s)
+            self.running = [s for s in self.running if math.isnan(s.finish_s)]
+        server.iterations.append(Iteration(
+            start, prefill_s, decode_s, batch, len(admitted), mean_context, self.copy,
+            queued, energy_j, sum(s.request.prompt_tokens for s in admitted)))
+
+    def _chunked(self):
+        """One iteration: the decode step with the next chunk of the head prompt riding on it
+        (or either alone)."""
+        server, env, times = self.server, self.server.env, self.server.times
+        start = env.now
+        admitted = self.admit()
+        self.prefilling.extend(admitted)
+        queued = len(server.waiting)
+        batch = len(self.running)
+        mean_context = self._context_tokens / batch if batch else math.nan
+        head = self.prefilling[0] if self.prefilling else None
+        tokens = 0
+        decode_s = energy_j = 0.0
+        if batch:
+            decode_s, energy_j = times.decode_step(batch, mean_context)
+        seconds = decode_s
+        if head is not None:
+            tokens = min(server.prefill_chunk, head.request.prompt_tokens - self._prefilled)
+            seconds, energy_j = times.mixed_step(batch, mean_context if batch else 0.0,
+                                                 self._prefilled, tokens)
+        if not math.isfinite(seconds):  # admission let in what the simulator refuses
+            raise RuntimeError(f"no step for batch {batch} at mean context {mean_context:.0f} "
+                               f"with a {tokens}-token prefill chunk, which admission found "
+                               "to fit")
+        yield env.timeout(seconds)
+        running = list(self.running)
+        for s in running:
+            self._generate(s)
+        self.running = [s for s in self.running if math.isnan(s.finish_s)]
+        if head is not None:
+            self._prefilled += tokens
+            if self._prefilled >= head.request.prompt_tokens:
+                self.prefilling.popleft()
+                self._prefilled = 0
+                self._first_token(head)
+        # the step times' cells simulate every copy: this copy's share of their joules
+        server.iterations.append(Iteration(
+            start, max(seconds - decode_s, 0.0), min(decode_s, seconds), batch, len(admitted),
+            mean_context, self.copy, queued, energy_j / len(server.engines), tokens))
+
+    def _first_token(self, s: Served) -> None:
+        """``s``'s prompt is prefilled: its first token now, and it decodes from the next
+        iteration on."""
+        s.first_token_s = self.server.env.now
+        self._context_tokens += s.request.prompt_tokens
+        self._generate(s)
+        if math.isnan(s.finish_s):
+            self.running.append(s)
 
     def admit(self) -> list[Served]:
         """Waiting requests that join this iteration (first come, first served)."""
         server = self.server
         admitted: list[Served] = []
-        while server.waiting and len(self.running) + len(admitted) < server.max_batch:
+        held = len(self.running) + len(self.prefilling)
+        while server.waiting and held + len(admitted) < server.max_batch:
             head = server.waiting[0]
-            batch = len(self.running) + len(admitted) + 1
+            batch = held + len(admitted) + 1
             final = self._reserved_tokens + head.request.final_tokens
             why = ""
             if not math.isfinite(server.times.prefill_s(head.request.prompt_tokens)):
@@ -123,7 +191,6 @@ class Engine:
                 head.admitted_s = server.env.now
                 admitted.append(head)
                 self._reserved_tokens += head.request.final_tokens
-                self._context_tokens += head.request.prompt_tokens
                 continue
             elif batch == 1:
                 why = f"its {head.request.final_tokens} tokens of KV do not fit alone"
@@ -151,8 +218,10 @@ class Server:
     with room (one idle, or the first to finish an iteration)."""
 
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
-                 copies: int = 1, on_finish: Callable[[int], None] | None = None):
+                 copies: int = 1, on_finish: Callable[[int], None] | None = None,
+                 prefill_chunk: int | None = None):
         self.env, self.times, self.max_batch = env, times, max_batch
+        self.prefill_chunk = prefill_chunk  # None: prompts prefilled whole
         self.waiting: deque[Served] = deque()
         self.served: list[Served] = []
         self.iterations: list[Iteration] = []
@@ -188,11 +257,14 @@ class Server:
 
 
 def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
-               on_finish: Callable[[int], None] | None = None) -> Server:
-    """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue; the
-    server holds every request's record."""
+               on_finish: Callable[[int], None] | None = None,
+               prefill_chunk: int | None = None) -> Server:
+    """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue
+    (``prefill_chunk``: chunked prefill of at most that many tokens an iteration); the server
+    holds every request's record."""
     env = simpy.Environment()
-    server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish)
+    server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
+                    prefill_chunk=prefill_chunk)
     env.process(server.arrivals(requests))
     for engine in server.engines:
         env.process(engine.run())

@@ -104,6 +104,12 @@ class StepTimes:
     prefill_energy: dict[int, float] = field(default_factory=dict)
     fit_cells: dict[tuple[int, int], bool] = field(default_factory=dict)
     linear_cells: dict[tuple[int, int, int, int], bool] = field(default_factory=dict)
+    # (batch, context, chunk's past, chunk's tokens) -> seconds and joules of a decode cell's
+    # step with a prefill chunk riding on it (batch 0: the chunk alone)
+    mixed_cells: dict[tuple[int, int, int, int], tuple[float, float]] = field(
+        default_factory=dict)
+    # the policy as each decode cell's run left it (its scheduler settled), for mixed steps
+    _settled: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         from hgsim.tensor_parallel import check_data_parallel, check_tensor_parallel, rank_gpus
@@ -181,6 +187,49 @@ class StepTimes:
     def decode_step_j(self, batch: int, mean_context: float) -> float:
         return self.decode_step(batch, mean_context)[1]
 
+    def mixed_step(self, batch: int, mean_context: float, past: int, tokens: int
+                   ) -> tuple[float, float]:
+        """One iteration that decodes ``batch`` sequences averaging ``mean_context`` tokens
+        and prefills positions ``past`` to ``past + tokens`` of a prompt in the same forward
+        (chunked prefill; ``batch`` 0: the chunk alone): its seconds and the machine's joules.
+        Read from the cells ``decode_step`` reads, each cell's settled step simulated again
+        with the chunk riding on it (``DecodeEngine.step``)."""
+        if batch == 0:
+            return self.mixed_cell(0, 0, past, tokens)
+        seconds = joules = 0.0
+        for cell, w in self.decode_weights(batch, mean_context):
+            if w:
+                t, j = self.mixed_cell(*cell, past, tokens)
+                seconds += w * t
+                joules += w * j
+        return seconds, joules
+
+    def mixed_cell(self, batch: int, context: int, past: int, tokens: int
+                   ) -> tuple[float, float]:
+        """A decode cell's settled step with a prefill chunk (``simulate.mixed_step``), under
+        the policy as the cell's run left it; batch 0: the chunk alone, placed as the policy
+        places one sequence of the chunk's end."""
+        key = (batch, context, past, tokens)
+        if key not in self.mixed_cells:
+            from hgsim.simulate import mixed_step
+
+            if batch == 0:
+                from hgsim.policies import make_policy
+
+                workload = self._workload(1, past + tokens, gen=1)
+                pol = make_policy(self.policy, self.model, self.profile, workload,
+                                  self.policy_options)
+                ok = pol.feasible
+            else:
+                ok = math.isfinite(self.decode_cell(batch, context))
+                workload, pol = self._workload(batch, context, gen=1), self._settled.get(
+                    (batch, context))
+            self.mixed_cells[key] = (mixed_step(
+                self.profile, self.model, pol, workload, context, past, tokens,
+                alone=batch == 0, policy_options=self.policy_options)
+                if ok and pol is not None else (math.inf, math.nan))
+        return self.mixed_cells[key]
+
     def linear(self, b_lo: int, b_hi: int, c_lo: int, c_hi: int) -> bool:
         """Whether the cell's corners all fit and its midpoints are where bilinear
         interpolation puts them (within ``LINEAR_TOLERANCE``). A step whose costs are linear
@@ -243,7 +292,8 @@ class StepTimes:
         if key not in self.decode_cells:
             steps = max(1, min(SETTLE_STEPS, context - 1))
             result = self._simulate(self._workload(batch, max(1, context - steps), gen=steps),
-                                    samples=min(SETTLE_SAMPLES, steps))
+                                    samples=min(SETTLE_SAMPLES, steps),
+                                    settled=lambda pol: self._settled.__setitem__(key, pol))
             if not result.feasible or not result.steps:
                 self.decode_cells[key] = math.inf
                 self.decode_power[key] = math.nan
@@ -270,7 +320,7 @@ class StepTimes:
 
     @property
     def simulations(self) -> int:
-        return len(self.decode_cells) + len(self.prefill_cells)
+        return len(self.decode_cells) + len(self.prefill_cells) + len(self.mixed_cells)
 
     def _workload(self, batch: int, context: int, *, gen: int, prefill: bool = False):
         from hgsim.workload import Workload
@@ -280,9 +330,10 @@ class StepTimes:
                         tensor_parallel=self.tensor_parallel, data_parallel=self.data_parallel,
                         gpu_placement=self.gpu_placement)
 
-    def _simulate(self, workload, *, samples: int):
+    def _simulate(self, workload, *, samples: int, settled=None):
         from hgsim.simulate import Fidelity, simulate
 
         return simulate(self.profile, self.model, self.policy, workload,
                         policy_options=dict(self.policy_options),
-                        fidelity=Fidelity(decode_samples=samples, accuracy=False))
+                        fidelity=Fidelity(decode_samples=samples, accuracy=False),
+                        settled=settled)

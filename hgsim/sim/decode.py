@@ -63,7 +63,7 @@ from hgsim.memory import Pattern, touched_bytes
 from hgsim.plan import CpuWork, KvPlacement, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
 from hgsim.sim.machine import GB, Machine
-from hgsim.specs.model import ModelSpec
+from hgsim.specs.model import DTYPE_BYTES, ModelSpec
 
 if TYPE_CHECKING:
     from hgsim.accuracy.synthetic import AttentionModelSpec
@@ -97,6 +97,36 @@ class _Chain:
 
     def __init__(self) -> None:
         self.last: _Node | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillChunk:
+    """A chunk of one prompt prefilled in the same iteration as a decode step (chunked
+    prefill, as Sarathi-Serve and vLLM run it): positions ``past_tokens`` to ``past_tokens +
+    tokens`` of one sequence. The prompt is placed as the step's plan places each sequence of
+    its batch: the same HBM window (its sink and recent tokens), the rest in the host tiers of
+    its placement, so the positions the chunk pushes out of the window go there; where the
+    plan keeps every token in HBM, so does the prompt (admission reserved its room)."""
+
+    past_tokens: int
+    tokens: int
+
+    def _host_end(self, lp: LayerPlan, end: int) -> int:
+        """Where the prompt's host-resident positions end once ``end`` positions exist (its
+        sink where ``lp`` keeps every token in HBM or drops those it does not)."""
+        if lp.host_tokens <= 0 or lp.host_evicted:
+            return lp.sink_tokens
+        return max(lp.sink_tokens, end - lp.gpu_recent_tokens)
+
+    def read_back_tokens(self, lp: LayerPlan) -> int:
+        """Earlier positions in host memory when the chunk starts: its attention reads them
+        back (the rest of the past is still in HBM)."""
+        return self._host_end(lp, self.past_tokens) - lp.sink_tokens
+
+    def written_tokens(self, lp: LayerPlan) -> int:
+        """Positions that leave the HBM window while the chunk comes in: written out."""
+        return (self._host_end(lp, self.past_tokens + self.tokens)
+                - self._host_end(lp, self.past_tokens))
 
 
 @dataclass(slots=True)
@@ -284,10 +314,23 @@ class DecodeEngine:
         return out
 
     # ------------------------------------------------------------------ one step
-    def step(self, plan: StepPlan) -> StepMeasure:
-        """Simulate one decode step to completion and return its timing."""
+    def step(self, plan: StepPlan, chunk: PrefillChunk | None = None) -> StepMeasure:
+        """Simulate one decode step to completion and return its timing.
+
+        With ``chunk`` the step also prefills a chunk of a prompt (chunked prefill: one forward
+        over the batch's new tokens and the chunk's positions). In every layer the chunk's
+        projections and FFN run fused into the step's ``qkv`` and ``post`` GEMMs (the weights
+        are read once for both: the FLOPs add, the bytes do not), and its attention over the
+        prompt's earlier tokens and, causally, its own is one more kernel, queued right after
+        the GPU's decode attention so that it fills the wait for the host's contribution. The
+        earlier tokens the chunk's plan keeps in host memory are read back on the
+        host-to-device engine (in layer order, into a double-buffered landing block that layer
+        i-2's chunk attention has freed), beside the decode's own uploads; the chunk's K and V
+        that the plan keeps there are written out on the device-to-host engine once its
+        ``qkv`` has run. The step ends when the last kernel has run and every write has
+        landed."""
         measure = StepMeasure()
-        done = self.env.process(self._step(plan, measure))
+        done = self.env.process(self._step(plan, measure, chunk))
         self.env.run(until=done)
         return measure
 
@@ -446,7 +489,24 @@ class DecodeEngine:
         self._kernels.append(node)
         return event, duration, node
 
-    def _step(self, plan: StepPlan, measure: StepMeasure):
+    def _chunk_works(self, chunk: PrefillChunk) -> tuple[Work, Work, Work]:
+        """A prefill chunk's share of one layer: FLOPs (and activations) added to the fused
+        ``qkv`` and ``post`` GEMMs, and its attention kernel's work."""
+        model, tokens = self.model, chunk.tokens
+        whole = prefill_layer_work(model, 1, tokens, self.weight_dtype, self.kv_dtype,
+                                   past_tokens=chunk.past_tokens, attention_only=True)
+        if self.attention_only:
+            return Work(), Work(), whole
+        act = DTYPE_BYTES[activation_dtype(self.weight_dtype)]
+        qkv_params = model.hidden_size * (model.q_dim + 2 * model.kv_dim)
+        post_params = model.params_per_layer() - qkv_params
+        # each GEMM reads its input rows and writes its output rows once
+        qkv = Work(2.0 * tokens * qkv_params,
+                   tokens * (model.hidden_size + model.q_dim + 2 * model.kv_dim) * act)
+        post = Work(2.0 * tokens * post_params, tokens * (model.q_dim + model.hidden_size) * act)
+        return qkv, post, whole
+
+    def _step(self, plan: StepPlan, measure: StepMeasure, chunk: PrefillChunk | None = None):
         env = self.env
         t0 = env.now
         self._kernels = []
@@ -457,7 +517,8 @@ class DecodeEngine:
             self._split_host(plan.host_split)
         lp = plan.layer
         w = self.work(plan.batch, lp)
-        has_host = lp.host_tokens > 0 and not lp.host_evicted
+        # (a batch of none: a prefill chunk alone, the weights read for its GEMMs)
+        has_host = lp.host_tokens > 0 and not lp.host_evicted and plan.batch > 0
         gpu_busy = 0.0
         # The step starts by sliding every layer's HBM window (hw_backend's executor does the
         # same), so host work over a range never misses a token still on its way out.
@@ -486,10 +547,20 @@ class DecodeEngine:
         weights: Event | None = None
         weight_chain: _Chain | None = None
         post_events: list[Event] = []
+        # a prefill chunk riding on the step: its GEMM FLOPs, attention, read-backs, writes
+        chunk_qkv = chunk_post = chunk_attn = Work()
+        chunk_kernels: list[Event | None] = []  # per layer, the chunk's attention kernel
+        chunk_writes: list[Event] = []
+        h2d_tail = d2h_tail = None
+        reduced = plan.batch  # positions each all-reduce carries
+        if chunk is not None:
+            chunk_qkv, chunk_post, chunk_attn = self._chunk_works(chunk)
+            reduced += chunk.tokens
+            chunk_kv_token = self.model.kv_bytes_per_token_layer(self.kv_dtype)
         if self.allreduce is not None:  # (None attention-only)
             # the vocab-parallel embedding: each rank looks up its share of the vocabulary,
             # an all-reduce sums the new tokens' hidden states before the first layer
-            last, d_ar = self._launch_allreduce(plan.batch, 1, "embedding")
+            last, d_ar = self._launch_allreduce(reduced, 1, "embedding")
             gpu_busy += d_ar
         for i in range(plan.num_layers):
             if i and plan.per_layer is not None:  # rare: layer-specific plans
@@ -502,12 +573,25 @@ class DecodeEngine:
                 weights = env.process(self._load_weights(plan, weights, buffer_free,
                                                          weight_chain, previous))
             first = table if i == 0 else None
+            read_back = None
+            if chunk is not None:  # the prompt's earlier host-resident tokens come back
+                back = chunk.read_back_tokens(lp)
+                if back:
+                    freed = chunk_kernels[i - 2] if i >= 2 else None
+                    h2d_tail = read_back = env.process(self._read_kv_back(
+                        lp, (h2d_tail, freed), back * chunk_kv_token))
             qkv, d_qkv, qkv_node = self._launch(
-                w.qkv, "qkv", after=tuple(e for e in (weights, first) if e is not None),
+                _plus(w.qkv, chunk_qkv), "qkv", after=tuple(e for e in (weights, first) if e is not None),
                 waits=tuple(c for c in (weight_chain, table_chain if first else None)
                             if c is not None),
                 fixed_s=self.op_fixed_s("qkv", lp))
             gpu_busy += d_qkv
+            if chunk is not None:
+                out = chunk.written_tokens(lp)
+                if out:  # K and V that leave the HBM window, to the host tiers
+                    d2h_tail = env.process(self._write_kv_after((d2h_tail, qkv), lp,
+                                                                out * chunk_kv_token))
+                    chunk_writes.append(d2h_tail)
             speculate = None
             if w.speculate.flops or w.speculate.bytes_:
                 if next_spec is not None:  # launched one layer ahead, right after qkv(i-1)
@@ -532,27 +616,33 @@ class DecodeEngine:
             _, d_attn, _ = self._launch(w.attn, "attention", True,
                                         fixed_s=self.op_fixed_s("attention"))
             gpu_busy += d_attn
+            if chunk is not None:
+                kernel, d_chunk, _ = self._launch(
+                    chunk_attn, "prefill chunk attention", True,
+                    after=() if read_back is None else (read_back,))
+                chunk_kernels.append(kernel)
+                gpu_busy += d_chunk
             if host is not None:
                 _, d_merge, _ = self._launch(w.merge, "merge", True, after=host, waits=(times,),
                                              fixed_s=self._merge_fixed_s(lp))
                 gpu_busy += d_merge
-            last, d_post, _ = self._launch(w.post, "out_proj+ffn",
+            last, d_post, _ = self._launch(_plus(w.post, chunk_post), "out_proj+ffn",
                                            fixed_s=self.op_fixed_s("post"))
             post_events.append(last)
             gpu_busy += d_post
             if self.allreduce is not None:  # after the output projection and the FFN
                 for what in ("attention out", "ffn out"):
-                    last, d_ar = self._launch_allreduce(plan.batch, 1, what)
+                    last, d_ar = self._launch_allreduce(reduced, 1, what)
                     gpu_busy += d_ar
             prev_qkv, prev_host = (qkv, qkv_node), (host, times) if host is not None else None
         if not self.attention_only:  # the final norm and LM head, once per step
-            last, d_head, _ = self._launch(lm_head_work(self.model, plan.batch,
-                                                        self.weight_dtype),
+            heads = plan.batch + (chunk is not None)  # a chunk's last position: its token
+            last, d_head, _ = self._launch(lm_head_work(self.model, heads, self.weight_dtype),
                                            "final_norm+lm_head",
                                            fixed_s=self.op_fixed_s("lm_head"))
             gpu_busy += d_head
             if self.allreduce is not None:  # the vocab-parallel LM head's logits, gathered
-                last, d_gather = self._launch_logits_gather(plan.batch)
+                last, d_gather = self._launch_logits_gather(heads)
                 gpu_busy += d_gather
         if self.graph_replay:  # every layer's new K and V to host memory, after the last replay
             tokens = _Chain()
@@ -564,6 +654,8 @@ class DecodeEngine:
             self._kernels.append(tokens.last)  # the step's last activity, for the critical path
         else:
             yield last
+        if chunk_writes:  # the next chunk reads them back
+            yield env.all_of(chunk_writes)
         measure.latency_s = env.now - t0
         measure.gpu_busy_s = gpu_busy
         # The scheduler compares the host path's elapsed time with the device *work* that can
@@ -931,6 +1023,11 @@ def _read_back_tokens(lp: LayerPlan, chunks: list[tuple[int, int]], c: int) -> i
         return 0
     host_start, host_end = lp.host_range()
     return _overlap(host_start, host_end, 0, chunks[c - 1][0])
+
+
+def _plus(a: Work, b: Work) -> Work:
+    """One kernel doing both works' FLOPs and moving both's bytes."""
+    return a if not (b.flops or b.bytes_) else Work(a.flops + b.flops, a.bytes_ + b.bytes_)
 
 
 def _overlap(a_start: int, a_end: int, b_start: int, b_end: int) -> int:

@@ -431,15 +431,17 @@ class SloSpec(StudyModel):
 
 
 #: The serving fields an axis may sweep (``serving.<field>``).
-SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch", "seed",
-                "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
+SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch",
+                "prefill_chunk", "seed", "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
 
 
 class ServingSpec(StudyModel):
     """An online server at every point (``hgsim.serving``, docs/serving.md): ``requests``
     requests with ``prompt`` and ``output`` lengths arrive as a Poisson process of
     ``rate_per_s`` (or, with ``find_rate``, at the highest rate at which ``slo.attainment`` of
-    them meet the SLO) and are batched continuously, at most ``max_batch`` at a time. The
+    them meet the SLO) and are batched continuously, at most ``max_batch`` at a time, their
+    prompts prefilled whole or, with ``prefill_chunk``, at most that many tokens an iteration
+    in the decode step's forward (chunked prefill; 0: whole). The
     point's workload gives the dtypes and tensor parallelism; its batch, context and gen are
     not used (the lengths come from here)."""
 
@@ -449,10 +451,11 @@ class ServingSpec(StudyModel):
     prompt: str | int = "32k"
     output: str | int = 256
     max_batch: int = Field(default=256, ge=1)
+    prefill_chunk: int = Field(default=0, ge=0)
     seed: int = Field(default=0, ge=0)
     slo: SloSpec | None = None
 
-    @field_validator("requests", "max_batch", mode="before")
+    @field_validator("requests", "max_batch", "prefill_chunk", mode="before")
     @classmethod
     def _counts(cls, value: Any) -> Any:
         return parse_count(value) if isinstance(value, str) else value
@@ -483,6 +486,11 @@ class ServingSpec(StudyModel):
                                   "to search the highest one meeting the SLO")
         if self.slo is not None and not self.slo.set:
             return "slo", "give ttft_s and/or tpot_ms (an SLO with neither bounds nothing)"
+        from hgsim.serving import MIN_PREFILL_CHUNK
+
+        if 0 < self.prefill_chunk < MIN_PREFILL_CHUNK:
+            return "prefill_chunk", (f"must be 0 (prompts prefilled whole) or at least "
+                                     f"{MIN_PREFILL_CHUNK} tokens, got {self.prefill_chunk}")
         return None
 
     def key_config(self) -> dict[str, Any]:
@@ -490,6 +498,8 @@ class ServingSpec(StudyModel):
         from hgsim.serving.requests import LengthDist
 
         data = self.model_dump(mode="json")
+        if not data["prefill_chunk"]:  # whole prompts: the key points stored before it had
+            del data["prefill_chunk"]
         for name in ("prompt", "output"):
             data[name] = str(LengthDist.parse(data[name], name))
         return data

@@ -17,7 +17,7 @@ from hgsim.study.schema import ServingSpec
 #: The columns a serving row holds (``ServeResult.summary()``; the SLO's with an SLO, and
 #: ``max_rate_per_s``, ``rates_tried`` and ``reason`` with ``find_rate``).
 LABEL_COLUMNS = ("profile", "model", "policy", "tensor_parallel", "data_parallel",
-                 "gpu_placement", "max_batch", "prompt", "output")
+                 "gpu_placement", "max_batch", "prefill_chunk", "prompt", "output")
 SUMMARY_COLUMNS = (
     "rate_per_s", "requests", "completed", "rejected", "span_s", "requests_per_s",
     "output_tokens_per_s", "mean_batch", "busy_fraction", "prefill_fraction",
@@ -79,11 +79,14 @@ def serving_point(spec) -> dict[str, Any]:
     times = step_times(spec)
     mix = request_mix(serving)
     slo = slo_of(serving)
-    labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False)
+    chunk = serving.prefill_chunk or None
+    labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False,
+                        prefill_chunk=chunk)
     if not serving.find_rate:
         result = serve_requests(times, mix.requests(serving.rate_per_s),
                                 max_batch=serving.max_batch, rate_per_s=serving.rate_per_s,
-                                slo=slo, labels=labels)
+                                slo=slo, labels=labels, prefill_chunk=chunk)
         return result.summary()
-    search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels)
+    search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels,
+                      prefill_chunk=chunk)
     return search.row(labels, times.simulations)
