@@ -240,6 +240,8 @@ def print_summary(row: dict, slo, search) -> None:
     title = (f"{row['model']} on {row['profile']}, {row['policy']}{shards}{copies}, max batch "
              f"{row['max_batch']}{' a copy' if copies else ''}, prompt {row['prompt']}, "
              f"output {row['output']}")
+    if row.get("prefill_chunk"):
+        title += f", prefill in chunks of {row['prefill_chunk']}"
     if search is not None:
         if search.rate_per_s is None:
             console.print(f"[bold]{title}[/bold]\n[red]no rate meets the SLO[/red] ({slo}): "
@@ -254,7 +256,8 @@ def print_summary(row: dict, slo, search) -> None:
             return
     summary = Table(title=title if search is None else "at that rate", title_justify="left",
                     caption="batch: mean decoded together; busy: share of the time the engine "
-                            "ran; prefill: share of that spent prefilling", caption_justify="left")
+                            "ran; prefill: share of that spent prefilling (chunked: what the "
+                            "chunks added to their steps)", caption_justify="left")
     for column in ("rate", "done", "rejected", "tokens/s", "req/s", "batch", "busy",
                    "prefill"):
         summary.add_column(column, justify="right")

@@ -323,12 +323,12 @@ class DecodeEngine:
         are read once for both: the FLOPs add, the bytes do not), and its attention over the
         prompt's earlier tokens and, causally, its own is one more kernel, queued right after
         the GPU's decode attention so that it fills the wait for the host's contribution. The
-        earlier tokens the chunk's plan keeps in host memory are read back on the
-        host-to-device engine (in layer order, into a double-buffered landing block that layer
-        i-2's chunk attention has freed), beside the decode's own uploads; the chunk's K and V
-        that the plan keeps there are written out on the device-to-host engine once its
-        ``qkv`` has run. The step ends when the last kernel has run and every write has
-        landed."""
+        prompt is placed as the plan places each sequence (``PrefillChunk``): its earlier
+        tokens in host memory are read back on the host-to-device engine (in layer order, into
+        a double-buffered landing block that layer i-2's chunk attention has freed), beside
+        the decode's own uploads, and the positions the chunk pushes out of the HBM window are
+        written out on the device-to-host engine once its ``qkv`` has run. The step ends when
+        the last kernel has run and every write has landed."""
         measure = StepMeasure()
         done = self.env.process(self._step(plan, measure, chunk))
         self.env.run(until=done)
@@ -581,7 +581,8 @@ class DecodeEngine:
                     h2d_tail = read_back = env.process(self._read_kv_back(
                         lp, (h2d_tail, freed), back * chunk_kv_token))
             qkv, d_qkv, qkv_node = self._launch(
-                _plus(w.qkv, chunk_qkv), "qkv", after=tuple(e for e in (weights, first) if e is not None),
+                _plus(w.qkv, chunk_qkv), "qkv",
+                after=tuple(e for e in (weights, first) if e is not None),
                 waits=tuple(c for c in (weight_chain, table_chain if first else None)
                             if c is not None),
                 fixed_s=self.op_fixed_s("qkv", lp))
@@ -636,7 +637,7 @@ class DecodeEngine:
                     gpu_busy += d_ar
             prev_qkv, prev_host = (qkv, qkv_node), (host, times) if host is not None else None
         if not self.attention_only:  # the final norm and LM head, once per step
-            heads = plan.batch + (chunk is not None)  # a chunk's last position: its token
+            heads = plan.batch + (1 if chunk is not None else 0)  # a chunk's last position
             last, d_head, _ = self._launch(lm_head_work(self.model, heads, self.weight_dtype),
                                            "final_norm+lm_head",
                                            fixed_s=self.op_fixed_s("lm_head"))

@@ -68,6 +68,7 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       prompt: lognormal:32k:0.5          # 32k | uniform:LO:HI | lognormal:MEDIAN:SIGMA
       output: 256                        # tokens generated per request, the same forms
       max_batch: 16                      # most requests decoded together
+      prefill_chunk: 2048                # chunked prefill (tokens an iteration; 0: whole)
       seed: 0                            # arrivals and lengths
       slo: {ttft_s: 10, tpot_ms: 100, attainment: 0.9}
     # (a serving point ignores workload.batch/context/gen: its lengths and batch are above;
