@@ -180,7 +180,7 @@ def serve(
         RequestMix,
         Slo,
         StepTimes,
-        check_prefill_chunk,
+        longest_prompt,
         max_rate,
         read_trace,
         run_labels,
@@ -213,7 +213,6 @@ def serve(
     if gpu_placement != "packed" and data_parallel == 1:
         raise UserError("spread places copies of the model, and data_parallel asks for one",
                         field="gpu_placement")
-    check_prefill_chunk(prefill_chunk)
     slo = Slo(ttft_s=limits["slo_ttft_s"], tpot_s=limits["slo_tpot_s"], attainment=attainment)
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
@@ -221,19 +220,17 @@ def serve(
     mix = RequestMix(prompt_lengths(prompt, "prompt"), output_lengths(output, "output"),
                      count=requests, seed=seed)
     spec = model if isinstance(model, ModelSpec) else get_model(model)
+    listed = read_trace(trace) if trace is not None else mix.requests(rate or 1.0)
     times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
                       dict(options or {}), kv_dtype=kv_dtype, weight_dtype=weight_dtype,
                       tensor_parallel=tensor_parallel, data_parallel=data_parallel,
-                      gpu_placement=gpu_placement)
-    labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None,
-                        prefill_chunk=prefill_chunk)
+                      gpu_placement=gpu_placement, prefill_chunk=prefill_chunk,
+                      longest_prompt=longest_prompt(listed))
+    labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None)
     if find_rate:
-        return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels,
-                        prefill_chunk=prefill_chunk)
-    listed = read_trace(trace) if trace is not None else mix.requests(rate)
+        return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels)
     offered = math.nan if trace is not None else rate
-    return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels,
-               prefill_chunk=prefill_chunk)
+    return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels)
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

@@ -162,12 +162,18 @@ def times(machine):
     return StepTimes(*machine, "hybridgen")
 
 
-def test_a_lone_request_waits_for_its_chunks_one_after_another(times):
+@pytest.fixture(scope="module")
+def chunked(machine):
+    """HybridGen's step times with prefills in chunks of 2048 (and 1024) tokens."""
+    return {size: StepTimes(*machine, "hybridgen", prefill_chunk=size) for size in (1024, 2048)}
+
+
+def test_a_lone_request_waits_for_its_chunks_one_after_another(chunked):
     """An idle server prefills a 10,000-token prompt in 2048-token chunks (the last 1808):
     its first token comes after the chunks' times alone, then one decode step a token."""
     prompt, size, output = 10_000, 2048, 4
-    result = serve_requests(times, requests((0.0, prompt, output)), max_batch=8,
-                            prefill_chunk=size)
+    times = chunked[size]
+    result = serve_requests(times, requests((0.0, prompt, output)), max_batch=8)
     served = result.served[0]
     chunks = [(past, min(size, prompt - past)) for past in range(0, prompt, size)]
     ttft = sum(times.mixed_step(0, 0.0, past, n)[0] for past, n in chunks)
@@ -177,13 +183,13 @@ def test_a_lone_request_waits_for_its_chunks_one_after_another(times):
     assert [it.prefill_tokens for it in result.iterations[:len(chunks)]] == [n for _, n in chunks]
 
 
-def test_chunked_prefill_keeps_a_running_request_decoding(times):
+def test_chunked_prefill_keeps_a_running_request_decoding(times, chunked):
     """A request decoding when a 32k prompt arrives: prefilled whole, the prompt stalls it
     for the whole prefill; in 2048-token chunks it gets a token every iteration, so its time
     per output token falls, while the newcomer's first token comes later."""
     load = requests((0.0, 4096, 200), (0.05, 32768, 4))
     whole = serve_requests(times, load, max_batch=8)
-    chunked = serve_requests(times, load, max_batch=8, prefill_chunk=2048)
+    chunked = serve_requests(chunked[2048], load, max_batch=8)
 
     def tpot(result):
         s = result.served[0]
@@ -195,9 +201,9 @@ def test_chunked_prefill_keeps_a_running_request_decoding(times):
     assert longest < times.prefill_s(32768)
 
 
-def test_every_prompt_token_is_prefilled_once(times):
+def test_every_prompt_token_is_prefilled_once(chunked):
     load = requests(*((0.2 * i, 3000 + 1500 * i, 3 + i) for i in range(8)))
-    result = serve_requests(times, load, max_batch=3, prefill_chunk=1024)
+    result = serve_requests(chunked[1024], load, max_batch=3)
     assert all(not math.isnan(s.finish_s) for s in result.served)
     assert sum(it.prefill_tokens for it in result.iterations) == sum(
         r.prompt_tokens for r in load)
@@ -208,9 +214,53 @@ def test_every_prompt_token_is_prefilled_once(times):
 
 # ------------------------------------------------------------------ bad input
 @pytest.mark.parametrize("value", [0, 8, -1, 2.5, True, "2k"])
-def test_serve_requests_refuses_a_bad_chunk(times, value):
+def test_step_times_refuse_a_bad_chunk(machine, value):
     with pytest.raises(UserError, match="prefill_chunk"):
-        serve_requests(times, requests((0.0, 100, 2)), max_batch=2, prefill_chunk=value)
+        StepTimes(*machine, "hybridgen", prefill_chunk=value)
+
+
+# ------------------------------------------------------------------ HBM for the prefills
+def test_the_reserve_is_one_forwards_activations_and_the_landing_block(machine):
+    """Whole prompts: one layer's activations over the longest prompt; in chunks: over a
+    chunk, plus two layers' worth of the longest prompt's K and V to land read-backs in, for
+    a policy that may keep KV in host memory (gpu_only never reads any back)."""
+    from hgsim.costs import prefill_activation_bytes
+
+    profile, model = machine
+    longest, size = 100_000, 2048
+    whole = StepTimes(profile, model, "hybridgen", longest_prompt=longest)
+    assert whole.prefill_reserve_bytes == prefill_activation_bytes(model, 1, longest, "fp16")
+    chunked = StepTimes(profile, model, "hybridgen", prefill_chunk=size, longest_prompt=longest)
+    assert chunked.prefill_reserve_bytes == (prefill_activation_bytes(model, 1, size, "fp16")
+                                             + 2 * longest * model.kv_bytes_per_token_layer())
+    gpu_only = StepTimes(profile, model, "gpu_only", prefill_chunk=size, longest_prompt=longest)
+    assert gpu_only.prefill_reserve_bytes == prefill_activation_bytes(model, 1, size, "fp16")
+    # the decode steps and admission see HBM less the reserve; a prompt alone does not
+    gpu = profile.primary_gpu
+    assert whole.serving_profile.gpus[gpu].hbm_capacity_gb == pytest.approx(
+        profile.gpus[gpu].hbm_capacity_gb - whole.prefill_reserve_bytes / 1e9)
+    assert StepTimes(profile, model, "hybridgen").serving_profile is not None
+    assert StepTimes(profile, model, "hybridgen").prefill_reserve_bytes == 0
+
+
+def test_a_whole_prompts_reserve_shrinks_what_gpu_only_admits(machine):
+    """Prefilled whole, prompts of up to 128k tokens set ~12 GB of activations aside: fewer
+    32k sequences fit beside them than beside a 2048-token chunk's."""
+    profile, model = machine
+    whole = StepTimes(profile, model, "gpu_only", longest_prompt=131_072)
+    chunked = StepTimes(profile, model, "gpu_only", prefill_chunk=2048, longest_prompt=131_072)
+
+    def most(times):
+        return max(b for b in range(1, 64) if times.fits(b, b * 32_768))
+
+    assert whole.prefill_reserve_bytes > 10e9 > 1e9 > chunked.prefill_reserve_bytes
+    assert most(whole) < most(chunked)
+
+
+def test_a_prompt_longer_than_the_reserve_is_refused(machine):
+    times = StepTimes(*machine, "gpu_only", longest_prompt=1000)
+    with pytest.raises(ValueError, match="at most 1000 tokens"):
+        serve_requests(times, requests((0.0, 2000, 2)), max_batch=2)
 
 
 @pytest.mark.parametrize("value, message", [("8", "at least 16"), ("two", "--prefill-chunk"),

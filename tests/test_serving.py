@@ -33,6 +33,7 @@ class ConstantTimes:
                  copies: int = 1):
         self.prefill_time, self.step, self.capacity = prefill_s, step_s, capacity_tokens
         self.simulations, self.data_parallel = 0, copies
+        self.prefill_chunk, self.longest_prompt = None, 0
         self.idle_power_w, self.system = 0.0, load_profile("dev-zen4-2core")
 
     def prefill_s(self, prompt_tokens: int) -> float:

@@ -65,13 +65,15 @@ def _run(tmp_path, text: str, **options):
     return run
 
 
-def _direct(kv_dtype: str, max_batch: int = 4):
+def _direct(kv_dtype: str, max_batch: int = 4, prefill_chunk: int | None = None):
     """The step times, requests and SLO of SERVING's point, built by hand."""
     profile = profile_with_overrides(load_profile("h100-80gb-spr-cxl"),
                                      {"gpus.gpu0.peak_tflops.fp16": 600})
-    times = StepTimes(profile, get_model("llama-3.1-8b"), "gpu_only", {}, kv_dtype=kv_dtype)
     mix = RequestMix(LengthDist.parse("lognormal:4k:0.5", "prompt"), LengthDist.parse(8, "o"),
                      count=24, seed=3)
+    times = StepTimes(profile, get_model("llama-3.1-8b"), "gpu_only", {}, kv_dtype=kv_dtype,
+                      prefill_chunk=prefill_chunk,
+                      longest_prompt=max(r.prompt_tokens for r in mix.requests(1.0)))
     return times, mix, Slo(ttft_s=2, tpot_s=0.05, attainment=0.8)
 
 
@@ -261,9 +263,9 @@ def test_a_prefill_chunk_axis_runs_the_chunked_server(tmp_path):
     rows = {int(r["prefill_chunk"]): r for r in frame.to_dict("records")}
     assert set(rows) == {0, 1024}
     for chunk, row in rows.items():
-        times, mix, slo = _direct("fp16")
+        times, mix, slo = _direct("fp16", prefill_chunk=chunk or None)
         served = serve_requests(times, mix.requests(2.0), max_batch=4, rate_per_s=2.0,
-                                slo=slo, prefill_chunk=chunk or None)
+                                slo=slo)
         _same(row, served.summary())
     # prefill_chunk 0 is the point a study without the field stored (results resume)
     whole = {p.spec.key for p in load_study(write_study(tmp_path, PLAIN)).expansion.points

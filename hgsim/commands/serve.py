@@ -119,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         MIN_PREFILL_CHUNK,
         RequestMix,
         StepTimes,
+        longest_prompt,
         max_rate,
         read_trace,
         run_labels,
@@ -160,27 +161,28 @@ def run(args: argparse.Namespace) -> int:
                 if args.requests_csv is not None else None)
     options = policy_options(args.option, args.policy)
     model = get_model(args.model)
+    listed = trace if trace is not None else (
+        arrivals(mix, args.rate) if args.rate is not None else mix.requests(1.0))
     with named_as_flags(), parallelism_as_flags():
         times = StepTimes(load_profile(args.profile), model, args.policy, options,
                           kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel,
-                          data_parallel=args.data_parallel, gpu_placement=args.gpu_placement)
+                          data_parallel=args.data_parallel, gpu_placement=args.gpu_placement,
+                          prefill_chunk=prefill_chunk, longest_prompt=longest_prompt(listed))
         times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
-    labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None,
-                        prefill_chunk=prefill_chunk)
+    labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None)
     bar = RequestBar(not args.no_progress)
     with named_as_flags():
         try:
             if args.find_rate:
                 search = max_rate(times, mix, max_batch=args.max_batch, slo=slo, labels=labels,
-                                  on_probe=bar.probe, prefill_chunk=prefill_chunk)
+                                  on_probe=bar.probe)
                 result = search.result
             else:
-                requests = trace if trace is not None else arrivals(mix, args.rate)
-                bar.start(len(requests))
+                bar.start(len(listed))
                 offered = math.nan if trace is not None else args.rate
-                result = serve_requests(times, requests, max_batch=args.max_batch,
+                result = serve_requests(times, listed, max_batch=args.max_batch,
                                         rate_per_s=offered, slo=slo, labels=labels,
-                                        on_finish=bar.update, prefill_chunk=prefill_chunk)
+                                        on_finish=bar.update)
                 search = None
         finally:
             bar.close()

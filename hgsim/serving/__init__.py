@@ -16,22 +16,25 @@ from hgsim.serving.server import run_server
 from hgsim.serving.step_times import StepTimes
 
 __all__ = ["MIN_PREFILL_CHUNK", "LengthDist", "RateSearch", "Request", "RequestMix",
-           "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "max_rate", "read_trace",
-           "run_labels", "serve_requests"]
+           "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "longest_prompt",
+           "max_rate", "read_trace", "run_labels", "serve_requests"]
 
 
 def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                    rate_per_s: float = math.nan, slo: Slo | None = None,
                    labels: dict[str, Any] | None = None,
-                   on_finish: Callable[[int], None] | None = None,
-                   prefill_chunk: int | None = None) -> ServeResult:
-    """Serve ``requests`` on the configuration ``times`` describes, to the last request
-    (``prefill_chunk``: chunked prefill, at most that many prompt tokens an iteration)."""
+                   on_finish: Callable[[int], None] | None = None) -> ServeResult:
+    """Serve ``requests`` on the configuration ``times`` describes (its prefill chunk
+    included), to the last request."""
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
-    check_prefill_chunk(prefill_chunk)
+    reserved = getattr(times, "longest_prompt", 0)
+    longest = longest_prompt(requests)
+    if reserved and longest > reserved:
+        raise ValueError(f"a {longest}-token prompt on step times that set HBM aside for "
+                         f"prompts of at most {reserved} tokens")
     server = run_server(times, requests, max_batch=max_batch, copies=times.data_parallel,
-                        on_finish=on_finish, prefill_chunk=prefill_chunk)
+                        on_finish=on_finish)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
                        iterations=server.iterations, slo=slo or Slo(),
                        simulations=times.simulations, copies=times.data_parallel,
@@ -53,14 +56,20 @@ def check_prefill_chunk(prefill_chunk: int | None) -> None:
                         f"{prefill_chunk!r}", field="prefill_chunk")
 
 
+def longest_prompt(requests: list[Request]) -> int:
+    """The longest prompt among ``requests``: what the server's HBM is set aside for
+    (``StepTimes.longest_prompt``; a mix's lengths are the same at every rate)."""
+    return max((r.prompt_tokens for r in requests), default=0)
+
+
 def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
-               traced: bool, prefill_chunk: int | None = None) -> dict[str, Any]:
+               traced: bool) -> dict[str, Any]:
     """The columns that say what a run served: configuration, batch limit, prefill chunk (0:
     prompts prefilled whole) and lengths."""
     return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
             "tensor_parallel": times.tensor_parallel, "data_parallel": times.data_parallel,
             "gpu_placement": times.gpu_placement, "max_batch": max_batch,
-            "prefill_chunk": prefill_chunk or 0,
+            "prefill_chunk": times.prefill_chunk or 0,
             "prompt": "trace" if traced else str(mix.prompt),
             "output": "trace" if traced else str(mix.output)}
 
@@ -119,8 +128,7 @@ def alone_s(times: StepTimes, mix: RequestMix) -> float:
 
 def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
              tolerance: float = 0.02, labels: dict[str, Any] | None = None,
-             on_probe: Callable[[float, float], None] | None = None,
-             prefill_chunk: int | None = None) -> RateSearch:
+             on_probe: Callable[[float, float], None] | None = None) -> RateSearch:
     """Bisect the Poisson arrival rate (geometrically, to within ``tolerance``) for the highest
     one at which at least ``slo.attainment`` of the requests meet ``slo``. The requests are
     the same at every rate (``RequestMix``), so the share met falls with the rate."""
@@ -133,8 +141,7 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
 
     def meets(rate: float) -> bool:
         result = serve_requests(times, mix.requests(rate), max_batch=max_batch,
-                                rate_per_s=rate, slo=slo, labels=labels,
-                                prefill_chunk=prefill_chunk)
+                                rate_per_s=rate, slo=slo, labels=labels)
         results[rate] = result
         probes.append((rate, result.attainment))
         if on_probe is not None:

@@ -14,13 +14,13 @@ The server is iteration-level batching as vLLM and Orca run it. Each iteration i
 A request that cannot fit even alone is rejected at the head of the queue (vLLM refuses a
 prompt longer than the cache). Step and prefill times come from ``StepTimes``.
 
-With ``prefill_chunk`` (chunked prefill, as Sarathi-Serve and vLLM run it) step 2 changes:
-an admitted request waits in a prefill queue, and each iteration prefills the next chunk of
-at most ``prefill_chunk`` tokens of the queue's head in the same forward as the decode step
-(``StepTimes.mixed_step``), so running requests keep getting a token every iteration while a
-long prompt is prefilled. The request's first token comes at the end of the iteration that
-prefills its last chunk, and it decodes from the next. One prompt's chunk per iteration: a
-prompt shorter than the chunk does not share its iteration with the next one's.
+With ``StepTimes.prefill_chunk`` (chunked prefill, as Sarathi-Serve and vLLM run it) step 2
+changes: an admitted request waits in a prefill queue, and each iteration prefills the next
+chunk of at most ``prefill_chunk`` tokens of the queue's head in the same forward as the
+decode step (``StepTimes.mixed_step``), so running requests keep getting a token every
+iteration while a long prompt is prefilled. The request's first token comes at the end of the
+iteration that prefills its last chunk, and it decodes from the next. One prompt's chunk per
+iteration: a prompt shorter than the chunk does not share its iteration with the next one's.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ class Engine:
             batch = held + len(admitted) + 1
             final = self._reserved_tokens + head.request.final_tokens
             why = ""
-            if not math.isfinite(server.times.prefill_s(head.request.prompt_tokens)):
+            if not server.prefill_chunk and not math.isfinite(
+                    server.times.prefill_s(head.request.prompt_tokens)):
                 why = "its prompt's prefill does not fit alone"
             elif server.times.fits(batch, final):
                 server.waiting.popleft()
@@ -218,10 +219,9 @@ class Server:
     with room (one idle, or the first to finish an iteration)."""
 
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
-                 copies: int = 1, on_finish: Callable[[int], None] | None = None,
-                 prefill_chunk: int | None = None):
+                 copies: int = 1, on_finish: Callable[[int], None] | None = None):
         self.env, self.times, self.max_batch = env, times, max_batch
-        self.prefill_chunk = prefill_chunk  # None: prompts prefilled whole
+        self.prefill_chunk = times.prefill_chunk  # None: prompts prefilled whole
         self.waiting: deque[Served] = deque()
         self.served: list[Served] = []
         self.iterations: list[Iteration] = []
@@ -257,14 +257,12 @@ class Server:
 
 
 def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
-               on_finish: Callable[[int], None] | None = None,
-               prefill_chunk: int | None = None) -> Server:
+               on_finish: Callable[[int], None] | None = None) -> Server:
     """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue
-    (``prefill_chunk``: chunked prefill of at most that many tokens an iteration); the server
-    holds every request's record."""
+    (prompts chunked as ``times.prefill_chunk`` says); the server holds every request's
+    record."""
     env = simpy.Environment()
-    server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
-                    prefill_chunk=prefill_chunk)
+    server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish)
     env.process(server.arrivals(requests))
     for engine in server.engines:
         env.process(engine.run())

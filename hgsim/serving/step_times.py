@@ -96,6 +96,10 @@ class StepTimes:
     # step times of the first
     data_parallel: int = 1
     gpu_placement: str = "packed"
+    # the server's prefills: chunked at most this many tokens an iteration (None: whole), of
+    # prompts of at most ``longest_prompt`` tokens (0: no HBM set aside for them)
+    prefill_chunk: int | None = None
+    longest_prompt: int = 0
     decode_cells: dict[tuple[int, int], float] = field(default_factory=dict)
     prefill_cells: dict[int, float] = field(default_factory=dict)
     # the machine's power over a cell's settled steps (W) and a prefill cell's joules (NaN:
@@ -123,6 +127,47 @@ class StepTimes:
         if self.gpu_placement not in ("packed", "spread"):
             raise UserError(f"expected packed or spread, got {self.gpu_placement!r}",
                             field="gpu_placement")
+        from hgsim.serving import check_prefill_chunk
+
+        check_prefill_chunk(self.prefill_chunk)
+
+    # ------------------------------------------------------------------ HBM for the prefills
+    @cached_property
+    def prefill_reserve_bytes(self) -> float:
+        """HBM each GPU sets aside for the server's prefills before any KV is placed (vLLM
+        sizes its KV cache after profiling a forward pass of its token budget, for the same
+        reason): one layer's activations over the most positions one forward prefills (a
+        chunk, or the longest prompt whole), and with chunked prefill where the policy may
+        keep KV in host memory, the double-buffered landing block of one layer's read-back of
+        the longest prompt's earlier tokens. Of the model shard a GPU holds."""
+        if not self.longest_prompt:
+            return 0.0
+        from hgsim.costs import prefill_activation_bytes
+        from hgsim.policies.base import host_shared
+        from hgsim.policies.registry import lookup
+        from hgsim.tensor_parallel import rank_view
+
+        shard = rank_view(self.profile, self.model, self.tensor_parallel,
+                          host_shared(self.policy_options), self.data_parallel,
+                          self.gpu_placement).model
+        tokens = min(self.prefill_chunk or self.longest_prompt, self.longest_prompt)
+        reserve = prefill_activation_bytes(shard, 1, tokens, self.weight_dtype)
+        if tokens < self.longest_prompt and lookup(self.policy)[0].reads_kv_back:
+            reserve += 2 * self.longest_prompt * shard.kv_bytes_per_token_layer(self.kv_dtype)
+        return reserve
+
+    @cached_property
+    def serving_profile(self) -> HardwareProfile:
+        """The profile the decode steps and admission see: every GPU's HBM less
+        ``prefill_reserve_bytes`` (the prefill cells, a prompt alone, hold their own)."""
+        reserve_gb = self.prefill_reserve_bytes / 1e9
+        if not reserve_gb:
+            return self.profile
+        from hgsim.profiles import profile_with_overrides
+
+        return profile_with_overrides(self.profile, {
+            f"gpus.{name}.hbm_capacity_gb": max(gpu.hbm_capacity_gb - reserve_gb, 1e-3)
+            for name, gpu in self.profile.gpus.items()})
 
     # ------------------------------------------------------------------ what energy counts
     @cached_property
@@ -217,7 +262,7 @@ class StepTimes:
                 from hgsim.policies import make_policy
 
                 workload = self._workload(1, past + tokens, gen=1)
-                pol = make_policy(self.policy, self.model, self.profile, workload,
+                pol = make_policy(self.policy, self.model, self.serving_profile, workload,
                                   self.policy_options)
                 ok = pol.feasible
             else:
@@ -225,7 +270,7 @@ class StepTimes:
                 workload, pol = self._workload(batch, context, gen=1), self._settled.get(
                     (batch, context))
             self.mixed_cells[key] = (mixed_step(
-                self.profile, self.model, pol, workload, context, past, tokens,
+                self.serving_profile, self.model, pol, workload, context, past, tokens,
                 alone=batch == 0, policy_options=self.policy_options)
                 if ok and pol is not None else (math.inf, math.nan))
         return self.mixed_cells[key]
@@ -278,7 +323,7 @@ class StepTimes:
         if key not in self.fit_cells:
             from hgsim.policies import make_policy
 
-            policy = make_policy(self.policy, self.model, self.profile,
+            policy = make_policy(self.policy, self.model, self.serving_profile,
                                  self._workload(batch, context, gen=1), self.policy_options)
             self.fit_cells[key] = bool(policy.feasible)
         return self.fit_cells[key]
@@ -292,7 +337,7 @@ class StepTimes:
         if key not in self.decode_cells:
             steps = max(1, min(SETTLE_STEPS, context - 1))
             result = self._simulate(self._workload(batch, max(1, context - steps), gen=steps),
-                                    samples=min(SETTLE_SAMPLES, steps),
+                                    samples=min(SETTLE_SAMPLES, steps), serving=True,
                                     settled=lambda pol: self._settled.__setitem__(key, pol))
             if not result.feasible or not result.steps:
                 self.decode_cells[key] = math.inf
@@ -330,10 +375,13 @@ class StepTimes:
                         tensor_parallel=self.tensor_parallel, data_parallel=self.data_parallel,
                         gpu_placement=self.gpu_placement)
 
-    def _simulate(self, workload, *, samples: int, settled=None):
+    def _simulate(self, workload, *, samples: int, serving: bool = False, settled=None):
+        """``serving``: on ``serving_profile`` (a decode step beside the prefills' reserve);
+        else on the profile (a prefill alone)."""
         from hgsim.simulate import Fidelity, simulate
 
-        return simulate(self.profile, self.model, self.policy, workload,
+        return simulate(self.serving_profile if serving else self.profile, self.model,
+                        self.policy, workload,
                         policy_options=dict(self.policy_options),
                         fidelity=Fidelity(decode_samples=samples, accuracy=False),
                         settled=settled)

@@ -40,15 +40,18 @@ def serving_columns(slo: bool, find_rate: bool) -> list[str]:
             *(FIND_RATE_COLUMNS if find_rate else ())]
 
 
-def step_times(spec):
-    """The point's ``StepTimes`` (what ``hgsim serve`` builds from its flags)."""
-    from hgsim.serving import StepTimes
+def step_times(spec, mix):
+    """The point's ``StepTimes`` (what ``hgsim serve`` builds from its flags), HBM set aside
+    for the prefills of ``mix``'s longest prompt."""
+    from hgsim.serving import StepTimes, longest_prompt
 
     workload = spec.workload
     return StepTimes(spec.profile, spec.model, spec.policy, dict(spec.policy_options),
                      kv_dtype=workload.kv_dtype, weight_dtype=workload.weight_dtype,
                      tensor_parallel=workload.tensor_parallel,
-                     data_parallel=workload.data_parallel, gpu_placement=workload.gpu_placement)
+                     data_parallel=workload.data_parallel, gpu_placement=workload.gpu_placement,
+                     prefill_chunk=spec.serving.prefill_chunk or None,
+                     longest_prompt=longest_prompt(mix.requests(1.0)))
 
 
 def request_mix(serving: ServingSpec):
@@ -76,17 +79,14 @@ def serving_point(spec) -> dict[str, Any]:
     from hgsim.serving import max_rate, run_labels, serve_requests
 
     serving: ServingSpec = spec.serving
-    times = step_times(spec)
     mix = request_mix(serving)
+    times = step_times(spec, mix)
     slo = slo_of(serving)
-    chunk = serving.prefill_chunk or None
-    labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False,
-                        prefill_chunk=chunk)
+    labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False)
     if not serving.find_rate:
         result = serve_requests(times, mix.requests(serving.rate_per_s),
                                 max_batch=serving.max_batch, rate_per_s=serving.rate_per_s,
-                                slo=slo, labels=labels, prefill_chunk=chunk)
+                                slo=slo, labels=labels)
         return result.summary()
-    search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels,
-                      prefill_chunk=chunk)
+    search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels)
     return search.row(labels, times.simulations)
