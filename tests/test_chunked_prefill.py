@@ -309,3 +309,19 @@ def test_interpolated_mixed_steps_match_the_simulator(machine):
     assert len(errors) >= 8
     assert max(errors) < 0.05
     assert np.median(errors) < 0.001
+
+
+def test_a_chunk_alone_is_placed_as_one_sequence_of_its_length():
+    """With no request decoding, the chunk runs on the policy for one sequence as long as the
+    prompt so far: on a 32 GB card a 122k-token Llama-3.1-8B prompt already spills past
+    HybridGen's window, so the chunk reads the spilled tokens back (its joules count them)."""
+    profile, model = load_profile("rtx5090-cxl"), get_model(MODEL)
+    times = StepTimes(profile, model, "hybridgen")
+    past, tokens = 120_000, 2048
+    workload = Workload(batch=1, context=past + tokens, gen=1)
+    pol = make_policy("hybridgen", model, profile, workload, {})
+    assert PrefillChunk(past, tokens).read_back_tokens(pol.step_plan(past + tokens).layer) > 0
+    placed = mixed_step(profile, model, pol, workload, past + tokens, past, tokens, alone=True)
+    assert times.mixed_cell(0, 0, past, tokens) == placed
+    unplaced = mixed_step(profile, model, pol, workload, 1, past, tokens, alone=True)
+    assert placed[1] > unplaced[1]

@@ -150,8 +150,7 @@ class Engine:
                                f"with a {tokens}-token prefill chunk, which admission found "
                                "to fit")
         yield env.timeout(seconds)
-        running = list(self.running)
-        for s in running:
+        for s in list(self.running):
             self._generate(s)
         self.running = [s for s in self.running if math.isnan(s.finish_s)]
         if head is not None:

@@ -113,7 +113,7 @@ class StepTimes:
     mixed_cells: dict[tuple[int, int, int, int], tuple[float, float]] = field(
         default_factory=dict)
     # the policy as each decode cell's run left it (its scheduler settled), for mixed steps
-    _settled: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False)
+    _settled: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False, init=False)
 
     def __post_init__(self) -> None:
         from hgsim.tensor_parallel import check_data_parallel, check_tensor_parallel, rank_gpus
@@ -269,8 +269,10 @@ class StepTimes:
                 ok = math.isfinite(self.decode_cell(batch, context))
                 workload, pol = self._workload(batch, context, gen=1), self._settled.get(
                     (batch, context))
+            # alone, the prompt is placed as the policy places one sequence of its length
+            at = past + tokens if batch == 0 else context
             self.mixed_cells[key] = (mixed_step(
-                self.serving_profile, self.model, pol, workload, context, past, tokens,
+                self.serving_profile, self.model, pol, workload, at, past, tokens,
                 alone=batch == 0, policy_options=self.policy_options)
                 if ok and pol is not None else (math.inf, math.nan))
         return self.mixed_cells[key]
