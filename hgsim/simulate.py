@@ -272,8 +272,9 @@ def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload
     """One decode step of ``workload.batch`` sequences at ``context`` tokens under ``pol``'s
     plans as they stand, with positions ``chunk_past`` to ``chunk_past + chunk_tokens`` of a
     prompt prefilled in the same step (``DecodeEngine.step``; ``alone``: the chunk without a
-    decode, placed as ``pol`` places a sequence), on a fresh machine: its seconds and the
-    machine's joules over it (NaN: the profile lacks energy figures)."""
+    decode, the prompt placed as ``pol`` places a sequence of ``context`` tokens), on a fresh
+    machine: its seconds and the machine's joules over it (NaN: the profile lacks energy
+    figures)."""
     view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options),
                      workload.data_parallel, workload.gpu_placement)
     engine = new_engine(profile, model, workload, view=view)
