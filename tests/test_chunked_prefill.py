@@ -290,10 +290,10 @@ def test_api_refuses_a_bad_chunk():
 
 
 def test_interpolated_mixed_steps_match_the_simulator(machine):
-    """A step with a chunk is read from the decode cells' corners with the decode's weights:
-    within 5% of the step simulated at its own batch and context (median far below). Where
-    a cell straddles a change of regime (the chunk's GPU work no longer hidden in the wait
-    for the host, the KV spilling) the chunk's cost is not linear across it."""
+    """A step with a chunk is read from the decode cells' corners with the decode's weights,
+    or where the chunk bends the cell (hidden in the wait for the host at one corner, not at
+    another: ``mixed_linear``) from the batch's own cells: within 2% of the step simulated at
+    its own batch and context (median far below)."""
     import numpy as np
 
     times = StepTimes(*machine, "hybridgen")
@@ -307,7 +307,7 @@ def test_interpolated_mixed_steps_match_the_simulator(machine):
         if math.isfinite(exact):
             errors.append(abs(times.mixed_step(batch, context, past, 2048)[0] / exact - 1))
     assert len(errors) >= 8
-    assert max(errors) < 0.05
+    assert max(errors) < 0.02
     assert np.median(errors) < 0.001
 
 

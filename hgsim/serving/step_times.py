@@ -112,6 +112,7 @@ class StepTimes:
     # step with a prefill chunk riding on it (batch 0: the chunk alone)
     mixed_cells: dict[tuple[int, int, int, int], tuple[float, float]] = field(
         default_factory=dict)
+    mixed_linear_cells: dict[tuple[int, ...], bool] = field(default_factory=dict)
     # the policy as each decode cell's run left it (its scheduler settled), for mixed steps
     _settled: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False, init=False)
 
@@ -203,6 +204,10 @@ class StepTimes:
         c_lo, c_hi = bracket(c, GRID_PER_OCTAVE)
         if self.linear(b_lo, b_hi, c_lo, c_hi):
             return bilinear_weights(batch, c, b_lo, b_hi, c_lo, c_hi)
+        return self.fine_weights(batch, c)
+
+    def fine_weights(self, batch: int, c: float) -> list[tuple[tuple[int, int], float]]:
+        """``decode_weights`` where the grid cell is not bilinear: the batch's own cells."""
         lo, hi = bracket(c, FINE_PER_OCTAVE)
         if math.isfinite(self.decode_cell(batch, hi)):
             w = share(c, lo, hi)
@@ -241,13 +246,33 @@ class StepTimes:
         with the chunk riding on it (``DecodeEngine.step``)."""
         if batch == 0:
             return self.mixed_cell(0, 0, past, tokens)
+        weights = self.decode_weights(batch, mean_context)
+        if len(weights) == 4 and not self.mixed_linear(batch, mean_context, past, tokens):
+            weights = self.fine_weights(batch, max(1.0, mean_context))
         seconds = joules = 0.0
-        for cell, w in self.decode_weights(batch, mean_context):
+        for cell, w in weights:
             if w:
                 t, j = self.mixed_cell(*cell, past, tokens)
                 seconds += w * t
                 joules += w * j
         return seconds, joules
+
+    def mixed_linear(self, batch: int, mean_context: float, past: int, tokens: int) -> bool:
+        """Whether a bilinear cell is bilinear with the chunk riding on its steps too: its
+        middle point (a cell the decode's own check settled) within ``LINEAR_TOLERANCE`` of
+        the corners' interpolation. A chunk hidden in the wait for the host at one corner and
+        not at another bends the surface where the step alone is flat."""
+        b_lo, b_hi = bracket(batch, GRID_PER_OCTAVE)
+        c_lo, c_hi = bracket(max(1.0, mean_context), GRID_PER_OCTAVE)
+        key = (b_lo, b_hi, c_lo, c_hi, past, tokens)
+        if key not in self.mixed_linear_cells:
+            b_mid = (b_lo + b_hi) // 2 if b_hi - b_lo >= 2 else b_lo
+            c_mid = (c_lo + c_hi) // 2 if c_hi - c_lo >= 2 else c_lo
+            exact = self.mixed_cell(b_mid, c_mid, past, tokens)[0]
+            guess = sum(w * self.mixed_cell(*corner, past, tokens)[0] for corner, w
+                        in bilinear_weights(b_mid, c_mid, b_lo, b_hi, c_lo, c_hi) if w)
+            self.mixed_linear_cells[key] = abs(guess - exact) <= LINEAR_TOLERANCE * exact
+        return self.mixed_linear_cells[key]
 
     def mixed_cell(self, batch: int, context: int, past: int, tokens: int
                    ) -> tuple[float, float]:
