@@ -213,10 +213,14 @@ def test_every_prompt_token_is_prefilled_once(chunked):
 
 
 # ------------------------------------------------------------------ bad input
-@pytest.mark.parametrize("value", [0, 8, -1, 2.5, True, "2k"])
+@pytest.mark.parametrize("value", [8, -1, 2.5, True, "2k"])
 def test_step_times_refuse_a_bad_chunk(machine, value):
     with pytest.raises(UserError, match="prefill_chunk"):
         StepTimes(*machine, "hybridgen", prefill_chunk=value)
+
+
+def test_a_chunk_of_0_is_whole_prompts(machine):
+    assert StepTimes(*machine, "hybridgen", prefill_chunk=0).prefill_chunk is None
 
 
 # ------------------------------------------------------------------ HBM for the prefills
@@ -263,7 +267,7 @@ def test_a_prompt_longer_than_the_reserve_is_refused(machine):
         serve_requests(times, requests((0.0, 2000, 2)), max_batch=2)
 
 
-@pytest.mark.parametrize("value, message", [("8", "at least 16"), ("two", "--prefill-chunk"),
+@pytest.mark.parametrize("value, message", [("8", "or at least 16"), ("two", "--prefill-chunk"),
                                             ("-4", "--prefill-chunk")])
 def test_cli_refuses_a_bad_chunk_in_one_line(capsys, value, message):
     code = main(["serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--rate", "1",
@@ -273,12 +277,14 @@ def test_cli_refuses_a_bad_chunk_in_one_line(capsys, value, message):
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_cli_json_names_the_chunk(capsys):
+@pytest.mark.parametrize("flag, chunk", [("1k", 1024), ("0", 0)])
+def test_cli_json_names_the_chunk(capsys, flag, chunk):
+    """(0: prompts prefilled whole, as without the flag)"""
     code = main(["serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--policy",
                  "gpu_only", "--rate", "1", "--prompt", "3k", "--output", "3", "--requests",
-                 "3", "--prefill-chunk", "1k", "--json", "--no-progress"])
+                 "3", "--prefill-chunk", flag, "--json", "--no-progress"])
     row = json.loads(capsys.readouterr().out)
-    assert code == 0 and row["prefill_chunk"] == 1024 and row["completed"] == 3
+    assert code == 0 and row["prefill_chunk"] == chunk and row["completed"] == 3
 
 
 def test_api_refuses_a_bad_chunk():

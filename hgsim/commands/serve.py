@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--prefill-chunk", metavar="TOKENS",
                    help="chunked prefill: each iteration prefills at most TOKENS of the next "
                         "prompt in the same forward as the decode step (e.g. 2048 or 2k; "
-                        "default: prompts prefilled whole, before the step)")
+                        "0, the default: prompts prefilled whole, before the step)")
     p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="element type of the KV cache (default fp16)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -143,9 +143,10 @@ def run(args: argparse.Namespace) -> int:
                         "and/or --slo-tpot-ms MS", field="--find-rate")
     prefill_chunk = None
     if args.prefill_chunk is not None:
-        prefill_chunk = count(args.prefill_chunk, "--prefill-chunk")
-        if prefill_chunk < MIN_PREFILL_CHUNK:
-            raise UserError(f"must be at least {MIN_PREFILL_CHUNK} tokens, got {prefill_chunk}",
+        prefill_chunk = count(args.prefill_chunk, "--prefill-chunk") or None  # 0: whole
+        if prefill_chunk is not None and prefill_chunk < MIN_PREFILL_CHUNK:
+            raise UserError(f"must be 0 (prompts prefilled whole) or at least "
+                            f"{MIN_PREFILL_CHUNK} tokens, got {prefill_chunk}",
                             field="--prefill-chunk")
     requests_n = count(args.requests, "--requests")
     if not 1 <= requests_n <= MAX_REQUESTS:

@@ -49,11 +49,13 @@ MIN_PREFILL_CHUNK = 16
 
 
 def check_prefill_chunk(prefill_chunk: int | None) -> None:
+    """None or 0: prompts prefilled whole; else at least ``MIN_PREFILL_CHUNK`` tokens."""
     if prefill_chunk is not None and (isinstance(prefill_chunk, bool)
                                       or not isinstance(prefill_chunk, int)
-                                      or prefill_chunk < MIN_PREFILL_CHUNK):
-        raise UserError(f"must be a whole number of tokens >= {MIN_PREFILL_CHUNK}, got "
-                        f"{prefill_chunk!r}", field="prefill_chunk")
+                                      or 0 < prefill_chunk < MIN_PREFILL_CHUNK
+                                      or prefill_chunk < 0):
+        raise UserError(f"must be 0 (prompts prefilled whole) or a whole number of tokens >= "
+                        f"{MIN_PREFILL_CHUNK}, got {prefill_chunk!r}", field="prefill_chunk")
 
 
 def longest_prompt(requests: list[Request]) -> int:

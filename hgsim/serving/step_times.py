@@ -131,6 +131,7 @@ class StepTimes:
         from hgsim.serving import check_prefill_chunk
 
         check_prefill_chunk(self.prefill_chunk)
+        self.prefill_chunk = self.prefill_chunk or None  # 0: whole, as None
 
     # ------------------------------------------------------------------ HBM for the prefills
     @cached_property
