@@ -116,9 +116,9 @@ def run(args: argparse.Namespace) -> int:
     from hgsim.catalog import get_model
     from hgsim.profiles import load_profile
     from hgsim.serving import (
-        MIN_PREFILL_CHUNK,
         RequestMix,
         StepTimes,
+        check_prefill_chunk,
         longest_prompt,
         max_rate,
         read_trace,
@@ -143,11 +143,8 @@ def run(args: argparse.Namespace) -> int:
                         "and/or --slo-tpot-ms MS", field="--find-rate")
     prefill_chunk = None
     if args.prefill_chunk is not None:
-        prefill_chunk = count(args.prefill_chunk, "--prefill-chunk") or None  # 0: whole
-        if prefill_chunk is not None and prefill_chunk < MIN_PREFILL_CHUNK:
-            raise UserError(f"must be 0 (prompts prefilled whole) or at least "
-                            f"{MIN_PREFILL_CHUNK} tokens, got {prefill_chunk}",
-                            field="--prefill-chunk")
+        prefill_chunk = count(args.prefill_chunk, "--prefill-chunk")
+        check_prefill_chunk(prefill_chunk, "--prefill-chunk")
     requests_n = count(args.requests, "--requests")
     if not 1 <= requests_n <= MAX_REQUESTS:
         raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",

@@ -17,7 +17,7 @@ from hgsim.serving.step_times import StepTimes
 
 __all__ = ["MIN_PREFILL_CHUNK", "LengthDist", "RateSearch", "Request", "RequestMix",
            "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "longest_prompt",
-           "max_rate", "read_trace", "run_labels", "serve_requests"]
+           "max_rate", "prefill_chunk_problem", "read_trace", "run_labels", "serve_requests"]
 
 
 def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
@@ -28,8 +28,7 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
     included), to the last request."""
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
-    reserved = getattr(times, "longest_prompt", 0)
-    longest = longest_prompt(requests)
+    reserved, longest = times.longest_prompt, longest_prompt(requests)
     if reserved and longest > reserved:
         raise ValueError(f"a {longest}-token prompt on step times that set HBM aside for "
                          f"prompts of at most {reserved} tokens")
@@ -48,14 +47,22 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
 MIN_PREFILL_CHUNK = 16
 
 
-def check_prefill_chunk(prefill_chunk: int | None) -> None:
-    """None or 0: prompts prefilled whole; else at least ``MIN_PREFILL_CHUNK`` tokens."""
-    if prefill_chunk is not None and (isinstance(prefill_chunk, bool)
-                                      or not isinstance(prefill_chunk, int)
-                                      or 0 < prefill_chunk < MIN_PREFILL_CHUNK
-                                      or prefill_chunk < 0):
-        raise UserError(f"must be 0 (prompts prefilled whole) or a whole number of tokens >= "
-                        f"{MIN_PREFILL_CHUNK}, got {prefill_chunk!r}", field="prefill_chunk")
+def prefill_chunk_problem(prefill_chunk: Any) -> str | None:
+    """Why ``prefill_chunk`` is no prefill chunk (None or 0: prompts prefilled whole; else a
+    whole number of at least ``MIN_PREFILL_CHUNK`` tokens), or None where it is one."""
+    if prefill_chunk is None or (isinstance(prefill_chunk, int)
+                                 and not isinstance(prefill_chunk, bool)
+                                 and (prefill_chunk == 0 or prefill_chunk >= MIN_PREFILL_CHUNK)):
+        return None
+    return (f"must be 0 (prompts prefilled whole) or at least {MIN_PREFILL_CHUNK} tokens (a "
+            f"whole number), got {prefill_chunk!r}")
+
+
+def check_prefill_chunk(prefill_chunk: Any, field: str = "prefill_chunk") -> None:
+    """``prefill_chunk_problem`` as a ``UserError`` naming ``field``."""
+    problem = prefill_chunk_problem(prefill_chunk)
+    if problem is not None:
+        raise UserError(problem, field=field)
 
 
 def longest_prompt(requests: list[Request]) -> int:

@@ -487,12 +487,10 @@ class ServingSpec(StudyModel):
                                   "to search the highest one meeting the SLO")
         if self.slo is not None and not self.slo.set:
             return "slo", "give ttft_s and/or tpot_ms (an SLO with neither bounds nothing)"
-        from hgsim.serving import MIN_PREFILL_CHUNK
+        from hgsim.serving import prefill_chunk_problem
 
-        if 0 < self.prefill_chunk < MIN_PREFILL_CHUNK:
-            return "prefill_chunk", (f"must be 0 (prompts prefilled whole) or at least "
-                                     f"{MIN_PREFILL_CHUNK} tokens, got {self.prefill_chunk}")
-        return None
+        why = prefill_chunk_problem(self.prefill_chunk)
+        return None if why is None else ("prefill_chunk", why)
 
     def key_config(self) -> dict[str, Any]:
         """The spec as a point's key holds it: lengths in one spelling (32k and 32768 alike)."""
