@@ -70,6 +70,12 @@ def between(x: float, lo: int, hi: int, at_lo: float, at_hi: float) -> float:
     return at_lo if w == 0 else (1 - w) * at_lo + w * at_hi
 
 
+def grid_cell(batch: float, context: float) -> tuple[int, int, int, int]:
+    """The decode grid cell around (batch, context): its batches and contexts below and
+    above (``b_lo, b_hi, c_lo, c_hi``)."""
+    return (*bracket(batch, GRID_PER_OCTAVE), *bracket(context, GRID_PER_OCTAVE))
+
+
 def bilinear_weights(batch: float, context: float, b_lo: int, b_hi: int, c_lo: int,
                      c_hi: int) -> list[tuple[tuple[int, int], float]]:
     """The four corners of a grid cell with their bilinear weights at (batch, context)."""
@@ -145,13 +151,9 @@ class StepTimes:
         if not self.longest_prompt:
             return 0.0
         from hgsim.costs import prefill_activation_bytes
-        from hgsim.policies.base import host_shared
         from hgsim.policies.registry import lookup
-        from hgsim.tensor_parallel import rank_view
 
-        shard = rank_view(self.profile, self.model, self.tensor_parallel,
-                          host_shared(self.policy_options), self.data_parallel,
-                          self.gpu_placement).model
+        shard = self._view.model
         tokens = min(self.prefill_chunk or self.longest_prompt, self.longest_prompt)
         reserve = prefill_activation_bytes(shard, 1, tokens, self.weight_dtype)
         if tokens < self.longest_prompt and lookup(self.policy)[0].reads_kv_back:
@@ -171,17 +173,23 @@ class StepTimes:
             f"gpus.{name}.hbm_capacity_gb": max(gpu.hbm_capacity_gb - reserve_gb, 1e-3)
             for name, gpu in self.profile.gpus.items()})
 
-    # ------------------------------------------------------------------ what energy counts
     @cached_property
-    def system(self) -> HardwareProfile:
-        """The hardware energy and cost count (``RankView.system``: the GPUs of every copy,
-        the host), as ``hgsim simulate`` counts them."""
+    def _view(self):
+        """Rank 0's view of the machine (``hgsim.tensor_parallel.rank_view``): the model shard a
+        GPU holds, and the system energy and cost count."""
         from hgsim.policies.base import host_shared
         from hgsim.tensor_parallel import rank_view
 
         return rank_view(self.profile, self.model, self.tensor_parallel,
                          host_shared(self.policy_options), self.data_parallel,
-                         self.gpu_placement).system
+                         self.gpu_placement)
+
+    # ------------------------------------------------------------------ what energy counts
+    @property
+    def system(self) -> HardwareProfile:
+        """The hardware energy and cost count (``RankView.system``: the GPUs of every copy,
+        the host), as ``hgsim simulate`` counts them."""
+        return self._view.system
 
     @property
     def idle_power_w(self) -> float:
@@ -201,10 +209,9 @@ class StepTimes:
         apart, or where the context above does not fit (the batch is at the memory's edge)
         extrapolated from the two below; the point itself where neither holds."""
         c = max(1.0, mean_context)
-        b_lo, b_hi = bracket(batch, GRID_PER_OCTAVE)
-        c_lo, c_hi = bracket(c, GRID_PER_OCTAVE)
-        if self.linear(b_lo, b_hi, c_lo, c_hi):
-            return bilinear_weights(batch, c, b_lo, b_hi, c_lo, c_hi)
+        cell = grid_cell(batch, c)
+        if self.linear(*cell):
+            return bilinear_weights(batch, c, *cell)
         return self.fine_weights(batch, c)
 
     def fine_weights(self, batch: int, c: float) -> list[tuple[tuple[int, int], float]]:
@@ -247,9 +254,11 @@ class StepTimes:
         with the chunk riding on it (``DecodeEngine.step``)."""
         if batch == 0:
             return self.mixed_cell(0, 0, past, tokens)
-        weights = self.decode_weights(batch, mean_context)
-        if len(weights) == 4 and not self.mixed_linear(batch, mean_context, past, tokens):
-            weights = self.fine_weights(batch, max(1.0, mean_context))
+        c = max(1.0, mean_context)
+        cell = grid_cell(batch, c)
+        weights = (bilinear_weights(batch, c, *cell)
+                   if self.linear(*cell) and self.mixed_linear(cell, past, tokens)
+                   else self.fine_weights(batch, c))
         seconds = joules = 0.0
         for cell, w in weights:
             if w:
@@ -258,14 +267,14 @@ class StepTimes:
                 joules += w * j
         return seconds, joules
 
-    def mixed_linear(self, batch: int, mean_context: float, past: int, tokens: int) -> bool:
-        """Whether a bilinear cell is bilinear with the chunk riding on its steps too: its
-        middle point (a cell the decode's own check settled) within ``LINEAR_TOLERANCE`` of
-        the corners' interpolation. A chunk hidden in the wait for the host at one corner and
-        not at another bends the surface where the step alone is flat."""
-        b_lo, b_hi = bracket(batch, GRID_PER_OCTAVE)
-        c_lo, c_hi = bracket(max(1.0, mean_context), GRID_PER_OCTAVE)
-        key = (b_lo, b_hi, c_lo, c_hi, past, tokens)
+    def mixed_linear(self, cell: tuple[int, int, int, int], past: int, tokens: int) -> bool:
+        """Whether a bilinear ``cell`` (``grid_cell``) is bilinear with the chunk riding on its
+        steps too: its middle point (a cell the decode's own check settled) within
+        ``LINEAR_TOLERANCE`` of the corners' interpolation. A chunk hidden in the wait for the
+        host at one corner and not at another bends the surface where the step alone is
+        flat."""
+        b_lo, b_hi, c_lo, c_hi = cell
+        key = (*cell, past, tokens)
         if key not in self.mixed_linear_cells:
             b_mid = (b_lo + b_hi) // 2 if b_hi - b_lo >= 2 else b_lo
             c_mid = (c_lo + c_hi) // 2 if c_hi - c_lo >= 2 else c_lo
