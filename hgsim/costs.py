@@ -82,6 +82,14 @@ class LayerWork:
         return self.staged_bytes + self.direct_k_bytes + self.direct_v_bytes
 
 
+def gemm_params(model: ModelSpec) -> tuple[int, int]:
+    """One layer's weights by the GEMM that reads them: the fused QKV projection's, and the
+    output projection's and FFN's together."""
+    qkv = model.hidden_size * (model.q_dim + 2 * model.kv_dim)
+    ffn = model.ffn_matrices * model.hidden_size * model.ffn_size
+    return qkv, model.q_dim * model.hidden_size + ffn
+
+
 def layer_work(
     model: ModelSpec, batch: int, lp: LayerPlan, kv_dtype: str, weight_dtype: str,
     *, attention_only: bool = False, attention: AttentionModelSpec | None = None,
@@ -93,8 +101,7 @@ def layer_work(
     b_w = DTYPE_BYTES[weight_dtype]
     heads, hd, hidden = model.num_heads, model.head_dim, model.hidden_size
 
-    qkv_params = hidden * (model.q_dim + 2 * model.kv_dim)
-    post_params = model.q_dim * hidden + model.ffn_matrices * hidden * model.ffn_size
+    qkv_params, post_params = gemm_params(model)
     qkv = Work(2.0 * batch * qkv_params, qkv_params * b_w)
     post = Work(2.0 * batch * post_params, post_params * b_w)
     kv_row = model.kv_dim * b_kv  # K (or V) of one token, all kv heads
@@ -294,6 +301,25 @@ def prefill_layer_work(model: ModelSpec, batch: int, tokens: int, weight_dtype: 
         return Work(attention, kv_bytes)
     linear = model.linear_flops_per_token_layer() * batch * tokens
     return Work(linear + attention, model.layer_weight_bytes(weight_dtype) + kv_bytes)
+
+
+def prefill_chunk_works(model: ModelSpec, past_tokens: int, tokens: int, weight_dtype: str,
+                        kv_dtype: str, *, attention_only: bool = False
+                        ) -> tuple[Work, Work, Work]:
+    """One layer of a prompt's chunk riding on a decode step (``DecodeEngine.step``): what it
+    adds to the fused QKV and post GEMMs (their FLOPs and the chunk's rows in and out; the
+    weights are the step's, read once) and its attention kernel (``prefill_layer_work``'s
+    attention over the earlier tokens and its own). ``attention_only``: the attention alone."""
+    attention = prefill_layer_work(model, 1, tokens, weight_dtype, kv_dtype,
+                                   past_tokens=past_tokens, attention_only=True)
+    if attention_only:
+        return Work(), Work(), attention
+    act = DTYPE_BYTES[activation_dtype(weight_dtype)]
+    qkv_params, post_params = gemm_params(model)
+    qkv = Work(2.0 * tokens * qkv_params,
+               tokens * (model.hidden_size + model.q_dim + 2 * model.kv_dim) * act)
+    post = Work(2.0 * tokens * post_params, tokens * (model.q_dim + model.hidden_size) * act)
+    return qkv, post, attention
 
 
 def activation_dtype(weight_dtype: str) -> str:

@@ -56,6 +56,7 @@ from hgsim.costs import (
     activation_dtype,
     layer_work,
     lm_head_work,
+    prefill_chunk_works,
     prefill_chunks,
     prefill_layer_work,
 )
@@ -63,7 +64,7 @@ from hgsim.memory import Pattern, touched_bytes
 from hgsim.plan import CpuWork, KvPlacement, LayerPlan, StepPlan, Transfer
 from hgsim.sim.flows import Flow
 from hgsim.sim.machine import GB, Machine
-from hgsim.specs.model import DTYPE_BYTES, ModelSpec
+from hgsim.specs.model import ModelSpec
 
 if TYPE_CHECKING:
     from hgsim.accuracy.synthetic import AttentionModelSpec
@@ -490,21 +491,10 @@ class DecodeEngine:
         return event, duration, node
 
     def _chunk_works(self, chunk: PrefillChunk) -> tuple[Work, Work, Work]:
-        """A prefill chunk's share of one layer: FLOPs (and activations) added to the fused
-        ``qkv`` and ``post`` GEMMs, and its attention kernel's work."""
-        model, tokens = self.model, chunk.tokens
-        whole = prefill_layer_work(model, 1, tokens, self.weight_dtype, self.kv_dtype,
-                                   past_tokens=chunk.past_tokens, attention_only=True)
-        if self.attention_only:
-            return Work(), Work(), whole
-        act = DTYPE_BYTES[activation_dtype(self.weight_dtype)]
-        qkv_params = model.hidden_size * (model.q_dim + 2 * model.kv_dim)
-        post_params = model.params_per_layer() - qkv_params
-        # each GEMM reads its input rows and writes its output rows once
-        qkv = Work(2.0 * tokens * qkv_params,
-                   tokens * (model.hidden_size + model.q_dim + 2 * model.kv_dim) * act)
-        post = Work(2.0 * tokens * post_params, tokens * (model.q_dim + model.hidden_size) * act)
-        return qkv, post, whole
+        """A prefill chunk's share of one layer (``costs.prefill_chunk_works``)."""
+        return prefill_chunk_works(self.model, chunk.past_tokens, chunk.tokens,
+                                   self.weight_dtype, self.kv_dtype,
+                                   attention_only=self.attention_only)
 
     def _step(self, plan: StepPlan, measure: StepMeasure, chunk: PrefillChunk | None = None):
         env = self.env
