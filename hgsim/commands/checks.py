@@ -50,3 +50,11 @@ def local_workers(requested: int | None, flag: str, command: str,
     print(f"hgsim {command}: warning: {flag} {requested} is more than the {cpus} CPUs of this "
           f"machine; using {cpus}", file=sys.stderr)
     return cpus
+
+
+def check_gpu_placement(placement: str, copies: int) -> None:
+    """``--gpu-placement spread`` places copies of the model: with one (``--data-parallel
+    1``) there is nothing to place, and the run would silently be the packed one."""
+    if placement != "packed" and copies == 1:
+        raise UserError("spread places copies of the model, and --data-parallel asks for one: "
+                        "give --data-parallel 2 or more", field="--gpu-placement")

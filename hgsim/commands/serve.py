@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from hgsim.commands.checks import count, non_negative
+from hgsim.commands.checks import check_gpu_placement, count, non_negative
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file, finite_for_json
@@ -134,9 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
         raise UserError(f"must be a positive number of requests per second, got {args.rate:g}",
                         field="--rate")
-    if args.gpu_placement != "packed" and args.data_parallel == 1:
-        raise UserError("spread places copies of the model, and --data-parallel asks for one: "
-                        "give --data-parallel 2 or more", field="--gpu-placement")
+    check_gpu_placement(args.gpu_placement, args.data_parallel)
     slo = slo_of(args)
     if args.find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give --slo-ttft SECONDS "

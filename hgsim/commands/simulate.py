@@ -8,7 +8,7 @@ import sys
 
 from pydantic import ValidationError
 
-from hgsim.commands.checks import count, non_negative
+from hgsim.commands.checks import check_gpu_placement, count, non_negative
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import TraceTooLarge, UserError
 from hgsim.outputs import TRACE_MAX_BYTES, check_output_file, finite_for_json
@@ -157,10 +157,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None and not args.prefill:
         raise UserError("chunks the prompt's prefill, which runs only with --prefill: add it",
                         field="--prefill-chunk")
-    # spread places copies: with one there is nothing to place (else silently the packed run)
-    if args.gpu_placement != "packed" and args.data_parallel == 1:
-        raise UserError("spread places copies of the model, and --data-parallel asks for one: "
-                        "give --data-parallel 2 or more", field="--gpu-placement")
+    check_gpu_placement(args.gpu_placement, args.data_parallel)
     if args.samples < 0:
         raise UserError("--samples must be >= 0")
     # a limit without --trace: else silently nothing to limit (as --prefill-chunk)
