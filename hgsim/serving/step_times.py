@@ -251,7 +251,26 @@ class StepTimes:
         and prefills positions ``past`` to ``past + tokens`` of a prompt in the same forward
         (chunked prefill; ``batch`` 0: the chunk alone): its seconds and the machine's joules.
         Read from the cells ``decode_step`` reads, each cell's settled step simulated again
-        with the chunk riding on it (``DecodeEngine.step``)."""
+        with the chunk riding on it (``DecodeEngine.step``).
+
+        A ``past`` off the chunk lattice (a prefix cache's hit starts a prompt there) is read
+        between the grid points around it (``PREFILL_GRID_PER_OCTAVE``): the chunk's
+        attention and read-back grow linearly with its past, and a cache hit's past is any
+        number (simulated at each, every conversation would cost its own steps)."""
+        on_lattice = past == 0 or (self.prefill_chunk and past % self.prefill_chunk == 0)
+        if not on_lattice:
+            lo, hi = bracket(past, PREFILL_GRID_PER_OCTAVE)
+            at_hi = self._mixed_step(batch, mean_context, hi, tokens)
+            if lo < hi and math.isfinite(at_hi[0]):
+                at_lo = self._mixed_step(batch, mean_context, lo, tokens)
+                if math.isfinite(at_lo[0]):
+                    return (between(past, lo, hi, at_lo[0], at_hi[0]),
+                            between(past, lo, hi, at_lo[1], at_hi[1]))
+        return self._mixed_step(batch, mean_context, past, tokens)
+
+    def _mixed_step(self, batch: int, mean_context: float, past: int, tokens: int
+                    ) -> tuple[float, float]:
+        """``mixed_step`` at ``past`` itself."""
         if batch == 0:
             return self.mixed_cell(0, 0, past, tokens)
         c = max(1.0, mean_context)
