@@ -389,7 +389,7 @@ def _serving(study: Study, values: dict[str, Any], locs: dict[str, Loc],
         if "find_rate" in swept and spec.find_rate and "rate_per_s" not in swept:
             # the rate is the one of the points that do not search it
             spec = spec.model_copy(update={"rate_per_s": None})
-    problem = spec.problem()
+    problem = spec.problem(turns_swept="turns" in swept)
     if problem is not None:
         field, message = problem
         raise doc.error(where(field), message)

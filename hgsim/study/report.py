@@ -348,6 +348,9 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     else:
         serving = study.serving.model_dump(exclude_none=True)
         slo = serving.pop("slo", {})
+        if not study.serving_conversations:  # single requests: a conversation's fields unused
+            for name in ("followup", "think_s", "prefix_cache"):
+                serving.pop(name)
         base_rows += [(f"serving.{k}", v) for k, v in serving.items()]
         base_rows += [(f"serving.slo.{k}", v) for k, v in slo.items()]
     # null in a policy_options axis: the option is not set there (the policy lacks it)
