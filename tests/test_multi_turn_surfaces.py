@@ -214,6 +214,8 @@ def test_a_point_of_one_turn_keeps_the_key_it_had_before_conversations(tmp_path)
     explicit = SINGLE.replace("  output: 8\n", "  output: 8\n  turns: 1\n  followup: 1k\n"
                                                "  think_s: 30\n  prefix_cache: true\n")
     assert _keys(tmp_path, explicit, "explicit.yaml") == plain
+    spelled = explicit.replace("followup: 1k", "followup: 1024")  # the default, spelled out
+    assert _keys(tmp_path, spelled, "spelled.yaml") == plain
     swept = STUDY.replace("serving.prefix_cache: [true, false]", "serving.turns: [1, 2]"
                           ).replace("x: serving.prefix_cache", "x: serving.turns")
     turns = {dict(c)["serving.turns"]: key for c, key in _keys(tmp_path, swept, "s.yaml").items()}

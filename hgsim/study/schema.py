@@ -539,8 +539,15 @@ class ServingSpec(StudyModel):
 
     def conversation_fields_set(self) -> list[str]:
         """The fields of a conversation beside ``turns`` that are not at their defaults."""
+        from hgsim.serving.requests import LengthDist
+
+        def same(name: str, value: Any, default: Any) -> bool:
+            if name != "followup":
+                return value == default
+            return str(LengthDist.parse(value, name)) == str(LengthDist.parse(default, name))
+
         return [name for name, default in CONVERSATION_DEFAULTS.items()
-                if getattr(self, name) != default]
+                if not same(name, getattr(self, name), default)]
 
     def key_config(self) -> dict[str, Any]:
         """The spec as a point's key holds it: lengths in one spelling (32k and 32768 alike)."""
