@@ -73,7 +73,7 @@ class ServeResult:
                 "rejected": s.rejected,
                 "slo_met": (not s.rejected) and self.slo.met(ttft, tpot),
                 "conversation": r.conversation, "turn": r.turn,
-                "cached_tokens": s.cached_tokens,
+                "cached_tokens": s.cached_tokens, "loaded_tokens": s.loaded_tokens,
             })
         return pd.DataFrame(rows)
 
@@ -113,6 +113,9 @@ class ServeResult:
         if len(frame) and (frame.conversation >= 0).any():  # conversations: what the prefix cache held
             prompts = float(done.prompt_tokens.sum())
             row["prefix_cached_fraction"] = (float(done.cached_tokens.sum()) / prompts
+                                             if prompts else math.nan)
+            # of those, the share loaded from the host KV store
+            row["prefix_loaded_fraction"] = (float(done.loaded_tokens.sum()) / prompts
                                              if prompts else math.nan)
         for name in ("queue_s", "ttft_s", "tpot_s", "e2e_s"):
             values = done[name].dropna().to_numpy()

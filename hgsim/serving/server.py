@@ -29,6 +29,9 @@ rather than freed, in the memory the running requests leave free, and evicted le
 used when an admission needs its room; a later turn admitted on the copy that holds its
 conversation's KV prefills only its new tokens, attending to the retained ones (a chunk whose
 past is the prefix, ``StepTimes.mixed_step``), and takes that KV into its own reservation.
+With a host KV store (``hgsim.serving.kv_offload``, shared by the copies) every finished
+turn's KV is written there too, and a later turn whose KV has left the copy's memory loads
+its prefix from the store as its prefill runs.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from dataclasses import dataclass
 
 import simpy
 
+from hgsim.serving.kv_offload import KvOffload, KvStore
 from hgsim.serving.requests import Request
 from hgsim.serving.step_times import StepTimes
 
@@ -56,6 +60,7 @@ class Served:
     generated: int = 0
     rejected: str = ""  # why it was refused, if it was
     cached_tokens: int = 0  # prompt tokens whose KV a prefix cache held at admission
+    loaded_tokens: int = 0  # of those, the ones loaded from the host KV store
     prefilled: int = 0  # prompt tokens whose KV is in place (chunked prefill's progress)
 
     @property
@@ -158,7 +163,8 @@ class Engine:
         if head is not None:
             tokens = min(server.prefill_chunk, head.request.prompt_tokens - head.prefilled)
             seconds, energy_j = times.mixed_step(batch, mean_context if batch else 0.0,
-                                                 head.prefilled, tokens)
+                                                 head.prefilled, tokens,
+                                                 server.stored_tier(head))
         if not math.isfinite(seconds):  # admission let in what the simulator refuses
             raise RuntimeError(f"no step for batch {batch} at mean context {mean_context:.0f} "
                                f"with a {tokens}-token prefill chunk, which admission found "
@@ -191,7 +197,8 @@ class Engine:
         prefix cache hit only the new tokens, attending to the retained ones."""
         times, prompt = self.server.times, s.request.prompt_tokens
         if s.cached_tokens:
-            return times.mixed_step(0, 0.0, s.cached_tokens, prompt - s.cached_tokens)
+            return times.mixed_step(0, 0.0, s.cached_tokens, prompt - s.cached_tokens,
+                                    self.server.stored_tier(s))
         return times.prefill(prompt)
 
     def admit(self) -> list[Served]:
@@ -203,7 +210,7 @@ class Engine:
             head = server.waiting[0]
             batch = held + len(admitted) + 1
             final = self._reserved_tokens + head.request.final_tokens
-            cached = self._cached(head.request)
+            cached, loaded = self._cached(head.request)
             why = ""
             if not server.prefill_chunk and not cached and not math.isfinite(
                     server.times.prefill_s(head.request.prompt_tokens)):
@@ -213,10 +220,11 @@ class Engine:
                 head.admitted_s = server.env.now
                 admitted.append(head)
                 self._reserved_tokens += head.request.final_tokens
-                if cached:  # its conversation's KV is its own again
+                if cached and not loaded:  # its conversation's KV is its own again
                     del self.retained[head.request.conversation]
                     self._retained_tokens -= cached
                 head.cached_tokens = head.prefilled = cached
+                head.loaded_tokens = cached if loaded else 0
                 self._evict(batch)
                 continue
             elif batch == 1:
@@ -227,12 +235,19 @@ class Engine:
             server.refuse(head, why)
         return admitted
 
-    def _cached(self, request: Request) -> int:
+    def _cached(self, request: Request) -> tuple[int, bool]:
         """Tokens of ``request``'s prompt this copy's prefix cache holds (its conversation's
-        KV so far, the turn before's prompt and answer)."""
-        if not self.server.prefix_cache or request.conversation not in self.retained:
-            return 0
-        return min(self.retained[request.conversation], request.prefix_tokens)
+        KV so far, the turn before's prompt and answer), and whether they come from the host
+        KV store (the copy's memory no longer holds them)."""
+        server = self.server
+        if not server.prefix_cache or request.conversation < 0:
+            return 0, False
+        if request.conversation in self.retained:
+            return min(self.retained[request.conversation], request.prefix_tokens), False
+        if server.store is not None:
+            stored = min(server.store.get(request.conversation), request.prefix_tokens)
+            return stored, stored > 0
+        return 0, False
 
     def _evict(self, batch: int) -> None:
         """Evict retained KV, least recently used first, until what the ``batch`` admitted
@@ -254,6 +269,8 @@ class Engine:
                 conversation = s.request.conversation
                 self._retained_tokens += s.context - self.retained.pop(conversation, 0)
                 self.retained[conversation] = s.context
+                if self.server.store is not None:  # written through to the host store
+                    self.server.store.put(conversation, s.context)
             self.server.finished(1)
             self.server.answered(s)
 
@@ -266,10 +283,14 @@ class Server:
 
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
                  copies: int = 1, on_finish: Callable[[int], None] | None = None,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, kv_offload: KvOffload | None = None):
         self.env, self.times, self.max_batch = env, times, max_batch
         self.prefill_chunk = times.prefill_chunk  # None: prompts prefilled whole
         self.prefix_cache = prefix_cache
+        self.kv_offload = kv_offload if prefix_cache else None
+        self.store = None if self.kv_offload is None else KvStore(
+            self.kv_offload.capacity_gb * 1e9,
+            times.model.kv_bytes_per_token(times.kv_dtype))
         self.waiting: deque[Served] = deque()
         self.served: list[Served] = []
         self.iterations: list[Iteration] = []
@@ -320,6 +341,13 @@ class Server:
         self._announce()
         return served
 
+    def stored_tier(self, s: Served) -> str | None:
+        """The store's tier where ``s``'s prefill is about to read its past from it (its
+        first chunk after a store hit), else None."""
+        if s.loaded_tokens and s.prefilled == s.cached_tokens:
+            return self.kv_offload.tier
+        return None
+
     def answered(self, s: Served) -> None:
         """``s`` has its last token: its conversation's next turn comes after the user's think
         time."""
@@ -346,13 +374,13 @@ class Server:
 
 def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
                on_finish: Callable[[int], None] | None = None,
-               prefix_cache: bool = True) -> Server:
+               prefix_cache: bool = True, kv_offload: KvOffload | None = None) -> Server:
     """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue
     (prompts chunked as ``times.prefill_chunk`` says; conversations' KV kept between turns
     with ``prefix_cache``); the server holds every request's record."""
     env = simpy.Environment()
     server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
-                    prefix_cache=prefix_cache)
+                    prefix_cache=prefix_cache, kv_offload=kv_offload)
     env.process(server.arrivals(requests))
     for engine in server.engines:
         env.process(engine.run())
