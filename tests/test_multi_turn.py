@@ -5,16 +5,22 @@ and a refused turn ends its conversation."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from hgsim.catalog import get_model
 from hgsim.errors import UserError
+from hgsim.policies import make_policy
 from hgsim.profiles import load_profile, profile_with_overrides
-from hgsim.serving import Request, RequestMix, StepTimes, serve_requests
+from hgsim.serving import KvOffload, Request, RequestMix, StepTimes, kv_offload, serve_requests
+from hgsim.serving.kv_offload import KvStore
 from hgsim.serving.requests import LengthDist
 from hgsim.serving.step_times import PREFILL_GRID_PER_OCTAVE, bracket
+from hgsim.sim.decode import PrefillChunk
+from hgsim.simulate import new_engine
+from hgsim.workload import Workload
 
 PROFILE = "h100-80gb-spr-cxl"
 MODEL = "llama-3.1-8b"
@@ -185,3 +191,104 @@ def test_a_chunk_past_off_the_lattice_reads_between_grid_points(machine, policy)
         assert read == pytest.approx(exact, rel=1e-3)
     # on the chunk lattice, the step itself
     assert times.mixed_step(4, 9_000.0, 4096, 2048) == times._mixed_step(4, 9_000.0, 4096, 2048)
+
+
+# ------------------------------------------------------------------ the host KV store
+def test_the_store_keeps_the_most_recently_used_within_its_bytes():
+    store = KvStore(capacity_bytes=100.0, bytes_per_token=10.0)
+    store.put(1, 4)
+    store.put(2, 4)
+    assert store.get(1) == 4  # 1 is now the most recent
+    store.put(3, 4)  # 120 bytes: the least recently used (2) goes
+    assert list(store.held) == [1, 3] and store.used_bytes == 80.0
+    store.put(1, 6)  # a later turn replaces the earlier one: 100 bytes, all kept
+    assert store.held == {3: 4, 1: 6} and store.used_bytes == 100.0
+    store.put(4, 11)  # larger than the store: not kept, nothing evicted
+    assert store.get(4) == 0 and store.used_bytes == 100.0
+    store.put(1, 11)  # nor a conversation that outgrew it (its old turn is gone)
+    assert store.held == {3: 4} and store.used_bytes == 40.0
+
+
+def test_a_stored_past_crosses_pcie_once_from_its_tier(machine):
+    """A chunk alone whose past is in the store reads it all back host-to-device, every layer
+    (past x K+V bytes a layer), from the store's tier alone, and takes at least that at the
+    slower of PCIe and the tier; where the past is in HBM nothing crosses."""
+    profile, model = machine
+    past, tokens = 16384, 1024
+    workload = Workload(batch=1, context=past + tokens, gen=1)
+    plan = replace(make_policy("gpu_only", model, profile, workload, {}).step_plan(
+        past + tokens), batch=0)
+    kv_layer = model.kv_bytes_per_token_layer("fp16")
+    times = {}
+    for tier in (None, "ddr0", "cxl0"):
+        engine = new_engine(profile, model, workload)
+        measure = engine.step(plan, PrefillChunk(past, tokens, tier))
+        moved = engine.machine.recorder.bytes_by_resource()
+        h2d = moved.get("gpu0.h2d", 0.0)
+        times[tier] = measure.latency_s
+        if tier is None:
+            assert h2d == 0.0
+            continue
+        total = plan.num_layers * past * kv_layer
+        assert h2d == pytest.approx(total, rel=1e-12)
+        other = {"ddr0": "cxl0", "cxl0": "ddr0"}[tier]
+        assert moved.get(f"{tier}.read", 0.0) == pytest.approx(total, rel=1e-12)
+        assert not moved.get(f"{other}.read", 0.0)
+        rate_gbps = min(profile.links["pcie0"].bandwidth_gbps,
+                        profile.tiers[tier].read_bandwidth_gbps)
+        assert measure.latency_s >= total / (rate_gbps * 1e9)
+    assert times[None] < times["ddr0"] < times["cxl0"]
+
+
+def test_kv_offload_is_checked_against_the_profile_and_the_policy(machine):
+    profile, _ = machine
+    assert kv_offload(profile, "gpu_only", 0) is None
+    assert kv_offload(profile, "gpu_only", 256) == KvOffload(256.0, "ddr0")
+    assert kv_offload(profile, "gpu_only", 64, "cxl0") == KvOffload(64.0, "cxl0")
+    for policy, gb, tier, field, words in [
+            ("hybridgen", 64, None, "kv_offload_gb", "keeps KV in host memory"),
+            ("gpu_only", -1, None, "kv_offload_gb", ">= 0"),
+            ("gpu_only", math.inf, None, "kv_offload_gb", ">= 0"),
+            ("gpu_only", 64, "gpu0", "kv_offload_tier", "host memory tier"),
+            ("gpu_only", 64, "ddr9", "kv_offload_tier", "ddr0, cxl0"),
+            ("gpu_only", 1e6, "cxl0", "kv_offload_gb", "more than cxl0"),
+            ("gpu_only", 0, "cxl0", "kv_offload_tier", "asks for none")]:
+        with pytest.raises(UserError) as err:
+            kv_offload(profile, policy, gb, tier)
+        assert err.value.field == field and words in str(err.value), (policy, gb, tier)
+
+
+@pytest.mark.parametrize("chunk", [None, 512])
+def test_a_turn_evicted_from_hbm_loads_its_prefix_from_the_store(machine, chunk):
+    """With room in HBM for one conversation, the other's next turn finds its KV only in the
+    store: it loads the prefix (its first chunk reads it back from the store's tier) and
+    prefills only its new tokens; without the store it prefills the whole prompt."""
+    profile, model = machine
+    times = StepTimes(small_hbm(profile, 24.0), model, "gpu_only", prefill_chunk=chunk,
+                      longest_prompt=20_000)
+    lo, hi = 1, 1 << 20
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if times.fits(1, mid) else (lo, mid)
+    prompt = lo * 2 // 5 - 8  # one finished conversation fits beside another, not two
+    new = 300 if chunk is None else 1000  # chunked: two chunks, of 512 and 488
+    requests = (conversation(0, 0, 0.0, [(prompt, 8), (new, 8)], think_s=400.0)
+                + conversation(1, 2, 100.0, [(prompt, 8)], think_s=0.0)
+                + conversation(2, 3, 200.0, [(prompt, 8)], think_s=0.0))
+    store = kv_offload(times.profile, "gpu_only", 100, "cxl0")
+    with_store = by_id(serve_requests(times, requests, max_batch=8, kv_offload=store))
+    without = by_id(serve_requests(times, requests, max_batch=8))
+    turn = with_store[1]
+    r = turn.request
+    assert without[1].cached_tokens == 0  # evicted from HBM, and no store
+    assert turn.cached_tokens == turn.loaded_tokens == r.prefix_tokens
+    assert r.prompt_tokens <= times.longest_prompt and r.prefix_tokens > 10_000
+    # its new tokens over the past read back (the first chunk reads it; the next finds it
+    # in HBM)
+    p = r.prefix_tokens
+    expected = (times.mixed_step(0, 0.0, p, new, "cxl0")[0] if chunk is None else
+                times.mixed_step(0, 0.0, p, 512, "cxl0")[0]
+                + times.mixed_step(0, 0.0, p + 512, new - 512)[0])
+    assert turn.first_token_s - r.arrival_s == pytest.approx(expected, rel=1e-12)
+    ttft_without = without[1].first_token_s - without[1].request.arrival_s
+    assert turn.first_token_s - r.arrival_s < ttft_without / 2
