@@ -229,6 +229,10 @@ class Engine:
                 continue
             elif batch == 1:
                 why = f"its {head.request.final_tokens} tokens of KV do not fit alone"
+                reserve_gb = server.times.prefill_reserve_bytes / 1e9
+                if reserve_gb >= 0.1:  # say what else holds HBM
+                    why += (f" beside the {reserve_gb:.1f} GB of HBM set aside to prefill the "
+                            f"longest prompt ({server.times.longest_prompt} tokens)")
             if not why:
                 break  # it waits for room
             server.waiting.popleft()
