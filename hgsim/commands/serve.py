@@ -144,8 +144,9 @@ def conversation_of(args: argparse.Namespace) -> tuple[int, str, float, bool]:
     host KV store (``--kv-offload-gb``) the prefix cache."""
     from hgsim.serving.requests import check_think_s, check_turns
 
+    # given: not None (a switch: not False); 0 is given (--think 0, --kv-offload-gb 0)
     given = [flag for name, flag in (("turns", "--turns"), *CONVERSATION_FLAGS)
-             if getattr(args, name) not in (None, False)]
+             if getattr(args, name) is not None and getattr(args, name) is not False]
     if args.trace is not None and given:
         raise UserError("a trace's rows are single requests: it takes no conversations",
                         field=given[0])
