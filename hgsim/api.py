@@ -155,6 +155,8 @@ def serve(
     followup: int | str = "1k",
     think_s: float = 30.0,
     prefix_cache: bool = True,
+    kv_offload_gb: float = 0.0,
+    kv_offload_tier: str | None = None,
     kv_dtype: str = "fp16",
     weight_dtype: str = "fp16",
     tensor_parallel: int = 1,
@@ -181,8 +183,13 @@ def serve(
     seconds on average (exponential) after the turn before has finished, and with
     ``prefix_cache`` the server keeps a conversation's KV between its turns where memory
     allows, a later turn prefilling only its new tokens (the summary's
-    ``prefix_cached_fraction``); ``followup``, ``think_s`` and ``prefix_cache`` need
-    ``turns`` > 1, and a ``trace`` takes no conversations. Returns a ``ServeResult``
+    ``prefix_cached_fraction``). ``kv_offload_gb`` > 0 gives that cache a host KV store of
+    that many GB on ``kv_offload_tier`` (default: the DRAM tier of the GPU's socket): each
+    finished turn's KV is written there too, and a later turn whose KV has left HBM loads it
+    back as it prefills (the summary's ``prefix_loaded_fraction``); it needs
+    ``prefix_cache`` and a policy that keeps KV in HBM (``gpu_only``). ``followup``,
+    ``think_s``, ``prefix_cache``, ``kv_offload_gb`` and ``kv_offload_tier`` need ``turns``
+    > 1, and a ``trace`` takes no conversations. Returns a ``ServeResult``
     (``summary()`` a row, ``requests_frame()`` one row per request), or with ``find_rate`` a
     ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
     """
@@ -191,6 +198,7 @@ def serve(
         RequestMix,
         Slo,
         StepTimes,
+        kv_offload,
         longest_prompt,
         max_rate,
         read_trace,
@@ -237,9 +245,14 @@ def serve(
                         field="turns")
     if turns == 1:
         for name, value, default in (("followup", followup, "1k"), ("think_s", think_s, 30.0),
-                                     ("prefix_cache", prefix_cache, True)):
+                                     ("prefix_cache", prefix_cache, True),
+                                     ("kv_offload_gb", kv_offload_gb, 0.0),
+                                     ("kv_offload_tier", kv_offload_tier, None)):
             if value != default:
                 raise UserError("applies to conversations: give turns 2 or more", field=name)
+    if not prefix_cache and kv_offload_gb:
+        raise UserError("a store serves the prefix cache: drop prefix_cache=False",
+                        field="kv_offload_gb")
     mix = RequestMix(prompt_lengths(prompt, "prompt"), output_lengths(output, "output"),
                      count=requests, seed=seed, turns=turns,
                      followup=prompt_lengths(followup, "followup"), think_s=float(think_s))
@@ -250,14 +263,15 @@ def serve(
                       tensor_parallel=tensor_parallel, data_parallel=data_parallel,
                       gpu_placement=gpu_placement, prefill_chunk=prefill_chunk,
                       longest_prompt=longest_prompt(listed))
+    store = kv_offload(times.profile, policy, kv_offload_gb, kv_offload_tier)
     labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None,
-                        prefix_cache=prefix_cache)
+                        prefix_cache=prefix_cache, kv_offload=store)
     if find_rate:
         return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels,
-                        prefix_cache=prefix_cache)
+                        prefix_cache=prefix_cache, kv_offload=store)
     offered = math.nan if trace is not None else rate
     return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels,
-               prefix_cache=prefix_cache)
+               prefix_cache=prefix_cache, kv_offload=store)
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

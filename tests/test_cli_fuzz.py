@@ -20,7 +20,7 @@ WORDS = ["", " ", "0", "-1", "-1k", "1", "2", "1k", "1.5k", "1kk", "1 k", "k", "
          "\x00", "é", "🙂", "..", "/", "/dev/null", "/dev/zero", "~nobody", "~", "=", "a=b",
          "topk_ratio=", "topk_ratio=nan", "topk_ratio=2", "=1", "history_decay=2",
          "decision_lag=0", "history_queries=true", "speculation_similarity=0.5", "fp16", "hybridgen",
-         "opt-6.7b", "dev-zen4-2core", "tcp://", "0.5", "1e-300", "2147483648", "1g", "1GB"]
+         "opt-6.7b", "dev-zen4-2core", "ddr0", "gpu0", "tcp://", "0.5", "1e-300", "2147483648", "1g", "1GB"]
 VALUE = st.one_of(st.sampled_from(WORDS), st.text(max_size=8),
                   st.integers(-2, 10**20).map(str), st.sampled_from(["DIR", "FILE"]))
 
@@ -163,10 +163,28 @@ CONVERSATION = {**SERVE, "--requests": "2", "--turns": "3", "--followup": "256",
 @given(st.data())
 def test_serve_conversation_flags(tmp_path_factory, capsys, data):
     """The same invariants with conversations in the base: each drawn value of --turns,
-    --followup and --think reaches the server or is refused in one line."""
+    --followup, --think, --kv-offload-gb and --kv-offload-tier (a host KV store: a tier of
+    the profile, GB within it, a policy keeping KV in HBM, the prefix cache on) reaches the
+    server or is refused in one line."""
     flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), CONVERSATION,
                         ["--no-prefix-cache", "--find-rate", "--slo-ttft", "--max-batch",
-                         "--trace", "--prefill-chunk"], *SERVE_ALONE)
+                         "--trace", "--prefill-chunk", "--kv-offload-gb", "--kv-offload-tier",
+                         "--policy"], *SERVE_ALONE)
+    event(f"exit {exits_cleanly(capsys, serve_argv(flags))}")
+
+
+#: Conversations with a host KV store of 1 GB (on dev-zen4-2core's ddr0, the default).
+STORED = {**CONVERSATION, "--kv-offload-gb": "1"}
+
+
+@settings(FUZZ, max_examples=40)
+@given(st.data())
+def test_serve_store_flags(tmp_path_factory, capsys, data):
+    """A store in the base: each drawn tier, size, policy (hybridgen keeps KV in host memory
+    and takes none), --no-prefix-cache (the store serves the cache) or --turns (1: no
+    conversations) reaches the server or is refused in one line."""
+    flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), STORED,
+                        ["--kv-offload-tier", "--no-prefix-cache"], *SERVE_ALONE)
     event(f"exit {exits_cleanly(capsys, serve_argv(flags))}")
 
 

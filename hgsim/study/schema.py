@@ -74,6 +74,8 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       followup: lognormal:1k:0.5         # new tokens of each later turn (default 1k)
       think_s: 30                        # mean seconds between an answer and the next turn
       prefix_cache: true                 # keep a conversation's KV between turns (default)
+      kv_offload_gb: 256                 # a host KV store for that cache (default 0: none)
+      kv_offload_tier: ddr0              # its tier (default: the GPU socket's DRAM)
       seed: 0                            # arrivals and lengths
       slo: {ttft_s: 10, tpot_ms: 100, attainment: 0.9}
     # (a serving point ignores workload.batch/context/gen: its lengths and batch are above;
@@ -438,11 +440,15 @@ class SloSpec(StudyModel):
 
 #: The serving fields an axis may sweep (``serving.<field>``).
 SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch",
-                "prefill_chunk", "turns", "followup", "think_s", "prefix_cache", "seed",
-                "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
+                "prefill_chunk", "turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
+                "kv_offload_tier", "seed", "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
 #: The serving fields of a conversation beside ``turns`` (they need turns 2 or more), with
 #: their defaults.
-CONVERSATION_DEFAULTS = {"followup": "1k", "think_s": 30.0, "prefix_cache": True}
+CONVERSATION_DEFAULTS = {"followup": "1k", "think_s": 30.0, "prefix_cache": True,
+                         "kv_offload_gb": 0.0, "kv_offload_tier": None}
+#: The fields of a host KV store, left out of a point's key at their defaults (no store): the
+#: points of conversations stored before the store existed keep their keys.
+KV_OFFLOAD_DEFAULTS = {"kv_offload_gb": 0.0, "kv_offload_tier": None}
 
 
 class ServingSpec(StudyModel):
@@ -455,8 +461,10 @@ class ServingSpec(StudyModel):
     is a conversation of that many turns (``rate_per_s`` and ``requests`` count
     conversations): a later turn sends the conversation so far plus ``followup`` new tokens,
     ``think_s`` seconds on average (exponential) after the turn before has finished, and with
-    ``prefix_cache`` the server keeps a conversation's KV between its turns. The
-    point's workload gives the dtypes and tensor parallelism; its batch, context and gen are
+    ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
+    ``kv_offload_gb`` > 0 writes it to a host KV store of that many GB on ``kv_offload_tier``
+    too (default: the DRAM tier of the GPU's socket), a later turn whose KV left HBM loading it
+    back (``hgsim.serving.kv_offload``). The point's workload gives the dtypes and tensor parallelism; its batch, context and gen are
     not used (the lengths come from here)."""
 
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -470,6 +478,8 @@ class ServingSpec(StudyModel):
     followup: str | int = "1k"
     think_s: float = Field(default=30.0, ge=0)
     prefix_cache: bool = True
+    kv_offload_gb: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    kv_offload_tier: str | None = None
     seed: int = Field(default=0, ge=0)
     slo: SloSpec | None = None
 
@@ -535,6 +545,9 @@ class ServingSpec(StudyModel):
         if self.turns == 1 and not turns_swept:
             for name in self.conversation_fields_set():
                 return name, "applies to conversations: set serving.turns 2 or more"
+        if self.turns > 1 and self.kv_offload_gb and not self.prefix_cache:
+            return "kv_offload_gb", ("a store serves the prefix cache: set serving.prefix_cache "
+                                     "true")
         return None
 
     def conversation_fields_set(self) -> list[str]:
@@ -562,6 +575,10 @@ class ServingSpec(StudyModel):
         else:
             data["followup"] = str(LengthDist.parse(data["followup"], "followup"))
             data["think_s"] = float(data["think_s"])
+            data["kv_offload_gb"] = float(data["kv_offload_gb"])
+            for name, default in KV_OFFLOAD_DEFAULTS.items():  # no store: the key it had before
+                if data[name] == default:
+                    del data[name]
         for name in ("prompt", "output"):
             data[name] = str(LengthDist.parse(data[name], name))
         return data
