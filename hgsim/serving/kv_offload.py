@@ -29,15 +29,15 @@ class KvOffload:
     tier: str
 
 
-def default_tier(profile: HardwareProfile) -> str:
+def default_tier(profile: HardwareProfile, field: str = "kv_offload_tier") -> str:
     """The DRAM tier of the first GPU's socket (where LMCache's CPU backend puts it), else the
-    profile's first DRAM tier."""
+    profile's first DRAM tier; a profile without one is a mistake naming ``field``."""
     socket = profile.gpus[profile.primary_gpu].socket
     ddr = [name for name, tier in profile.tiers.items() if tier.kind == "ddr"]
     local = [name for name in ddr if profile.tiers[name].socket == socket]
     if not (local or ddr):
         raise UserError(f"profile {profile.name} has no DRAM tier for a KV store: name one",
-                        field="kv_offload_tier")
+                        field=field)
     return (local or ddr)[0]
 
 
@@ -60,7 +60,7 @@ def kv_offload(profile: HardwareProfile, policy: str, capacity_gb: object,
         raise UserError(f"{policy} keeps KV in host memory itself, so its prefix cache already "
                         "spans the host tiers; a store is for a policy that keeps KV in HBM "
                         "(gpu_only)", field=gb_field)
-    name = default_tier(profile) if tier is None else tier
+    name = default_tier(profile, tier_field) if tier is None else tier
     spec = profile.tiers.get(name)
     if spec is None or spec.kind == "hbm":
         host = ", ".join(n for n, t in profile.tiers.items() if t.kind != "hbm")
