@@ -243,8 +243,11 @@ def serve(
     if trace is not None and turns != 1:
         raise UserError("a trace's rows are single requests: it takes no conversations",
                         field="turns")
+    followup_dist = prompt_lengths(followup, "followup")
     if turns == 1:
-        for name, value, default in (("followup", followup, "1k"), ("think_s", think_s, 30.0),
+        if str(followup_dist) != "1k":  # the default however it is spelled (1024, "1k")
+            raise UserError("applies to conversations: give turns 2 or more", field="followup")
+        for name, value, default in (("think_s", think_s, 30.0),
                                      ("prefix_cache", prefix_cache, True),
                                      ("kv_offload_gb", kv_offload_gb, 0.0),
                                      ("kv_offload_tier", kv_offload_tier, None)):
@@ -255,7 +258,7 @@ def serve(
                         field="kv_offload_gb")
     mix = RequestMix(prompt_lengths(prompt, "prompt"), output_lengths(output, "output"),
                      count=requests, seed=seed, turns=turns,
-                     followup=prompt_lengths(followup, "followup"), think_s=float(think_s))
+                     followup=followup_dist, think_s=float(think_s))
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     listed = read_trace(trace) if trace is not None else mix.requests(rate or 1.0)
     times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
