@@ -4,7 +4,8 @@
     python docs/make_figures.py --study serving  # one of them
 
 ``cxl_sweep`` (the README's figure) takes ~35 s on 2 cores, ``serving`` (docs/serving.md)
-~2 min, ``chunked_prefill`` (docs/serving.md) ~8 min. Every point is recomputed by default: a stored point's key covers its configuration
+~2 min, ``chunked_prefill`` (docs/serving.md) ~8 min, ``multi_turn`` (docs/serving.md) ~3 min.
+Every point is recomputed by default: a stored point's key covers its configuration
 and the hgsim version, not changes to the simulator's code, so after a model change reused
 points would draw the old physics. ``--reuse`` keeps stored points (after a figure-only
 change).
@@ -22,6 +23,7 @@ FIGURES = {
     "cxl_sweep": {"throughput_vs_cxl_latency.png": "cxl_sweep_latency.png"},
     "serving": {"max_rate.png": "serving_max_rate.png"},
     "chunked_prefill": {"max_rate.png": "chunked_prefill_max_rate.png"},
+    "multi_turn": {"max_rate.png": "multi_turn_max_rate.png"},
 }
 
 

@@ -151,6 +151,12 @@ def serve(
     seed: int = 0,
     max_batch: int = 256,
     prefill_chunk: int | None = None,
+    turns: int = 1,
+    followup: int | str = "1k",
+    think_s: float = 30.0,
+    prefix_cache: bool = True,
+    kv_offload_gb: float = 0.0,
+    kv_offload_tier: str | None = None,
     kv_dtype: str = "fp16",
     weight_dtype: str = "fp16",
     tensor_parallel: int = 1,
@@ -171,7 +177,19 @@ def serve(
     ``requests`` how many, ``max_batch`` the most decoded together (by each of the
     ``data_parallel`` copies of the model behind the one queue), ``prefill_chunk`` chunked
     prefill (at most that many prompt tokens an iteration, in the decode step's forward; None:
-    prompts prefilled whole). Returns a ``ServeResult``
+    prompts prefilled whole). With ``turns`` > 1 each arrival is a conversation of that many
+    turns (``rate`` and ``requests`` count conversations): a later turn sends the conversation
+    so far plus ``followup`` new tokens (a count or distribution, as ``prompt``), ``think_s``
+    seconds on average (exponential) after the turn before has finished, and with
+    ``prefix_cache`` the server keeps a conversation's KV between its turns where memory
+    allows, a later turn prefilling only its new tokens (the summary's
+    ``prefix_cached_fraction``). ``kv_offload_gb`` > 0 gives that cache a host KV store of
+    that many GB on ``kv_offload_tier`` (default: the DRAM tier of the GPU's socket): each
+    finished turn's KV is written there too, and a later turn whose KV has left HBM loads it
+    back as it prefills (the summary's ``prefix_loaded_fraction``); it needs
+    ``prefix_cache`` and a policy that keeps KV in HBM (``gpu_only``). ``followup``,
+    ``think_s``, ``prefix_cache``, ``kv_offload_gb`` and ``kv_offload_tier`` need ``turns``
+    > 1, and a ``trace`` takes no conversations. Returns a ``ServeResult``
     (``summary()`` a row, ``requests_frame()`` one row per request), or with ``find_rate`` a
     ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
     """
@@ -180,13 +198,14 @@ def serve(
         RequestMix,
         Slo,
         StepTimes,
+        kv_offload,
         longest_prompt,
         max_rate,
         read_trace,
         run_labels,
     )
     from hgsim.serving import serve_requests as run
-    from hgsim.serving.requests import output_lengths, prompt_lengths
+    from hgsim.serving.requests import check_think_s, check_turns, output_lengths, prompt_lengths
 
     loads = [name for name, given in (("rate", rate is not None), ("trace", trace is not None),
                                       ("find_rate", bool(find_rate))) if given]
@@ -217,8 +236,29 @@ def serve(
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
                         "slo_tpot_s", field="find_rate")
+    check_turns(turns, "turns")
+    check_think_s(think_s, "think_s")
+    if not isinstance(prefix_cache, bool):
+        raise UserError(f"must be True or False, got {prefix_cache!r}", field="prefix_cache")
+    if trace is not None and turns != 1:
+        raise UserError("a trace's rows are single requests: it takes no conversations",
+                        field="turns")
+    followup_dist = prompt_lengths(followup, "followup")
+    if turns == 1:
+        if str(followup_dist) != "1k":  # the default however it is spelled (1024, "1k")
+            raise UserError("applies to conversations: give turns 2 or more", field="followup")
+        for name, value, default in (("think_s", think_s, 30.0),
+                                     ("prefix_cache", prefix_cache, True),
+                                     ("kv_offload_gb", kv_offload_gb, 0.0),
+                                     ("kv_offload_tier", kv_offload_tier, None)):
+            if value != default:
+                raise UserError("applies to conversations: give turns 2 or more", field=name)
+    if not prefix_cache and kv_offload_gb:
+        raise UserError("a store serves the prefix cache: drop prefix_cache=False",
+                        field="kv_offload_gb")
     mix = RequestMix(prompt_lengths(prompt, "prompt"), output_lengths(output, "output"),
-                     count=requests, seed=seed)
+                     count=requests, seed=seed, turns=turns,
+                     followup=followup_dist, think_s=float(think_s))
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     listed = read_trace(trace) if trace is not None else mix.requests(rate or 1.0)
     times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
@@ -226,11 +266,15 @@ def serve(
                       tensor_parallel=tensor_parallel, data_parallel=data_parallel,
                       gpu_placement=gpu_placement, prefill_chunk=prefill_chunk,
                       longest_prompt=longest_prompt(listed))
-    labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None)
+    store = kv_offload(times.profile, policy, kv_offload_gb, kv_offload_tier)
+    labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None,
+                        prefix_cache=prefix_cache, kv_offload=store)
     if find_rate:
-        return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels)
+        return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels,
+                        prefix_cache=prefix_cache, kv_offload=store)
     offered = math.nan if trace is not None else rate
-    return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels)
+    return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels,
+               prefix_cache=prefix_cache, kv_offload=store)
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

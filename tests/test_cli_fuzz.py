@@ -20,7 +20,7 @@ WORDS = ["", " ", "0", "-1", "-1k", "1", "2", "1k", "1.5k", "1kk", "1 k", "k", "
          "\x00", "é", "🙂", "..", "/", "/dev/null", "/dev/zero", "~nobody", "~", "=", "a=b",
          "topk_ratio=", "topk_ratio=nan", "topk_ratio=2", "=1", "history_decay=2",
          "decision_lag=0", "history_queries=true", "speculation_similarity=0.5", "fp16", "hybridgen",
-         "opt-6.7b", "dev-zen4-2core", "tcp://", "0.5", "1e-300", "2147483648", "1g", "1GB"]
+         "opt-6.7b", "dev-zen4-2core", "ddr0", "gpu0", "tcp://", "0.5", "1e-300", "2147483648", "1g", "1GB"]
 VALUE = st.one_of(st.sampled_from(WORDS), st.text(max_size=8),
                   st.integers(-2, 10**20).map(str), st.sampled_from(["DIR", "FILE"]))
 
@@ -122,25 +122,70 @@ SERVE = {"--profile": "dev-zen4-2core", "--model": "opt-6.7b", "--policy": "gpu_
 SERVE_EXTRA = ["--find-rate", "--trace", "--seed", "--max-batch", "--kv-dtype",
                "--tensor-parallel", "--data-parallel", "--gpu-placement", "--slo-ttft",
                "--slo-tpot-ms", "--attainment", "--requests-csv", "--option",
-               "--prefill-chunk"]
+               "--prefill-chunk", "--turns", "--followup", "--think", "--no-prefix-cache"]
+#: The serve flags that take no value.
+SWITCHES = ("--find-rate", "--no-prefix-cache")
+#: Pairs of serve flags cheap one at a time, not together (``drawn_flags``): --output and
+#: --requests each beside the other's small default, so a valid large value costs one of them,
+#: not their product; --prefill-chunk beside a drawn --prompt or --requests (small chunks are as
+#: many iterations); and --turns (up to 1000 a conversation) beside the defaults of the lengths,
+#: the count and the chunk.
+SERVE_ALONE = (("--output", "--requests"), ("--prompt", "--prefill-chunk"),
+               ("--requests", "--prefill-chunk"), ("--turns", "--requests"),
+               ("--turns", "--output"), ("--turns", "--prompt"), ("--turns", "--prefill-chunk"))
+
+
+def serve_argv(flags: dict[str, str]) -> list[str]:
+    if "--find-rate" in flags or "--trace" in flags:  # one load at a time, or argparse's error
+        flags.pop("--rate")
+    argv = ["serve"]
+    for flag, value in flags.items():
+        argv += [flag] if flag in SWITCHES else [flag, value]
+    return argv
 
 
 @FUZZ
 @given(st.data())
 def test_serve_flags(tmp_path_factory, capsys, data):
-    """Lengths and counts stay cheap: --output and --requests are each fuzzed beside the
-    other's small default, so a valid large value costs one of them, not their product; a
-    drawn --prompt or --requests goes without a drawn --prefill-chunk (small chunks are as
-    many iterations)."""
-    flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), SERVE, SERVE_EXTRA,
-                        ("--output", "--requests"), ("--prompt", "--prefill-chunk"),
-                        ("--requests", "--prefill-chunk"))
-    if "--find-rate" in flags or "--trace" in flags:  # one load at a time, or argparse's error
-        flags.pop("--rate")
-    argv = ["serve"]
-    for flag, value in flags.items():
-        argv += [flag] if flag == "--find-rate" else [flag, value]
-    event(f"exit {exits_cleanly(capsys, argv)}")
+    """Lengths and counts stay cheap (``SERVE_ALONE``). --followup, --think and
+    --no-prefix-cache drawn without --turns are refused (they need conversations), with
+    --trace too (its rows are single requests)."""
+    flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), SERVE, SERVE_EXTRA, *SERVE_ALONE)
+    event(f"exit {exits_cleanly(capsys, serve_argv(flags))}")
+
+
+#: Conversations: two of three turns, the flags of a conversation fuzzed with them.
+CONVERSATION = {**SERVE, "--requests": "2", "--turns": "3", "--followup": "256",
+                "--think": "1"}
+
+
+@settings(FUZZ, max_examples=60)
+@given(st.data())
+def test_serve_conversation_flags(tmp_path_factory, capsys, data):
+    """The same invariants with conversations in the base: each drawn value of --turns,
+    --followup, --think, --kv-offload-gb and --kv-offload-tier (a host KV store: a tier of
+    the profile, GB within it, a policy keeping KV in HBM, the prefix cache on) reaches the
+    server or is refused in one line."""
+    flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), CONVERSATION,
+                        ["--no-prefix-cache", "--find-rate", "--slo-ttft", "--max-batch",
+                         "--trace", "--prefill-chunk", "--kv-offload-gb", "--kv-offload-tier",
+                         "--policy"], *SERVE_ALONE)
+    event(f"exit {exits_cleanly(capsys, serve_argv(flags))}")
+
+
+#: Conversations with a host KV store of 1 GB (on dev-zen4-2core's ddr0, the default).
+STORED = {**CONVERSATION, "--kv-offload-gb": "1"}
+
+
+@settings(FUZZ, max_examples=40)
+@given(st.data())
+def test_serve_store_flags(tmp_path_factory, capsys, data):
+    """A store in the base: each drawn tier, size, policy (hybridgen keeps KV in host memory
+    and takes none), --no-prefix-cache (the store serves the cache) or --turns (1: no
+    conversations) reaches the server or is refused in one line."""
+    flags = drawn_flags(data, tmp_path_factory.mktemp("cli"), STORED,
+                        ["--kv-offload-tier", "--no-prefix-cache"], *SERVE_ALONE)
+    event(f"exit {exits_cleanly(capsys, serve_argv(flags))}")
 
 
 @FUZZ

@@ -116,6 +116,42 @@ def test_a_bar_chart_marks_a_feasible_point_without_a_baseline_apart_from_infeas
     plt.close(grid.figure)
 
 
+def test_a_figure_names_a_policy_plainly_where_its_other_roles_tell_settings_apart():
+    """Policies zipped with settings and a label naming them: with the label as the hue the
+    x ticks are the bare policies and the legend the bare labels (they read 'gpu_only
+    (prefix_cache True, kv_offload_gb 256, ..., cache kept + DRAM store)' before); with the
+    settings in no role the policy still names them."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from hgsim.study.plots import figure
+    from hgsim.study.schema import PlotSpec
+
+    points = [("hybridgen", True, 0, "kept"), ("hybridgen", False, 0, "not kept"),
+              ("gpu_only", True, 0, "kept"), ("gpu_only", False, 0, "not kept"),
+              ("gpu_only", True, 256, "kept + store")]
+    frame = pd.DataFrame([{"policy": p, "serving.prefix_cache": c, "serving.kv_offload_gb": g,
+                           "label.cache": lab, "feasible": True, "rate": float(i + 1)}
+                          for i, (p, c, g, lab) in enumerate(points)])
+    zipped_axes = ["policy", "serving.prefix_cache", "serving.kv_offload_gb", "label.cache"]
+    zipped = {a: [b for b in zipped_axes if b != a] for a in zipped_axes}
+    spec = PlotSpec(kind="bar", x="policy", y="rate", hue="label.cache")
+    grid = figure(frame, "r", spec, {}, zipped=zipped)
+    (panel,) = grid.axes.flat
+    assert [t.get_text() for t in panel.get_xticklabels()] == ["hybridgen", "gpu_only"]
+    assert [t.get_text() for t in grid.legend.texts] == ["kept", "not kept", "kept + store"]
+    assert sorted(b.get_height() for b in panel.patches if b.get_height() > 0) == [
+        1.0, 2.0, 3.0, 4.0, 5.0]
+    plt.close(grid.figure)
+    spec = PlotSpec(kind="bar", x="policy", y="rate")  # the settings in no role: named
+    grid = figure(frame, "r", spec, {}, zipped=zipped)
+    ticks = [t.get_text() for t in grid.axes.flat[0].get_xticklabels()]
+    assert len(ticks) == 5 and ticks[-1].startswith("gpu_only (") and "store" in ticks[-1]
+    plt.close(grid.figure)
+
+
 def test_figures_read_counts_as_tables_do_and_no_labels_collide():
     """A log axis of token counts reads 1k, 4k ... 1M (it read 1e+06 and 100000); the
     heatmap's narrow cells slant their labels (64k128k256k ran together), an infeasible cell

@@ -51,6 +51,26 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="chunked prefill: each iteration prefills at most TOKENS of the next "
                         "prompt in the same forward as the decode step (e.g. 2048 or 2k; "
                         "0, the default: prompts prefilled whole, before the step)")
+    p.add_argument("--turns", metavar="N",
+                   help="each arrival a conversation of N turns, a later turn sending the "
+                        "conversation so far plus --followup new tokens; --rate and --requests "
+                        "count conversations (default 1)")
+    p.add_argument("--followup", metavar="DIST",
+                   help="new tokens of each later turn of a conversation, the forms of --prompt "
+                        "(default 1k)")
+    p.add_argument("--think", type=float, metavar="SECONDS",
+                   help="mean seconds (exponential) between a turn's last token and the "
+                        "conversation's next turn (default 30)")
+    p.add_argument("--no-prefix-cache", action="store_true",
+                   help="keep no conversation's KV between its turns (default: kept where "
+                        "memory allows, each later turn prefilling only its new tokens)")
+    p.add_argument("--kv-offload-gb", type=float, metavar="GB",
+                   help="a host KV store of GB for the prefix cache: each finished turn's KV "
+                        "written to host memory too, a later turn whose KV left HBM loading "
+                        "it back as it prefills (vLLM's KV offloading; default 0: none)")
+    p.add_argument("--kv-offload-tier", metavar="TIER",
+                   help="the host memory tier of --kv-offload-gb (default: the DRAM tier of "
+                        "the GPU's socket)")
     p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="element type of the KV cache (default fp16)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -90,14 +110,59 @@ def parallelism_as_flags() -> Iterator[None]:
             from None
 
 
-def arrivals(mix, rate: float):
-    """``mix``'s requests at ``rate``, a mistake naming ``--rate``."""
+@contextmanager
+def mix_as_flags() -> Iterator[None]:
+    """A request mix's mistake (a rate, too many turns) names the flag that asked for it."""
+    flags = {"rate": "--rate", "turns": "--turns"}
     try:
-        return mix.requests(rate)
+        yield
     except UserError as exc:
-        if exc.field != "rate":
+        if exc.field not in flags:
             raise
-        raise UserError(str(exc).removeprefix("rate: "), field="--rate") from None
+        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=flags[exc.field]) \
+            from None
+
+
+def arrivals(mix, rate: float):
+    """``mix``'s requests at ``rate``, a mistake naming ``--rate`` (or ``--turns``)."""
+    with mix_as_flags():
+        return mix.requests(rate)
+
+
+#: The flags of a conversation beside --turns, and their values when not given.
+CONVERSATION_FLAGS = (("followup", "--followup"), ("think", "--think"),
+                      ("no_prefix_cache", "--no-prefix-cache"),
+                      ("kv_offload_gb", "--kv-offload-gb"),
+                      ("kv_offload_tier", "--kv-offload-tier"))
+DEFAULT_FOLLOWUP = "1k"
+DEFAULT_THINK_S = 30.0
+
+
+def conversation_of(args: argparse.Namespace) -> tuple[int, str, float, bool]:
+    """``--turns``, ``--followup``, ``--think`` and whether the prefix cache is on, checked:
+    a trace's rows are single requests, the flags beside --turns need conversations, and a
+    host KV store (``--kv-offload-gb``) the prefix cache."""
+    from hgsim.serving.requests import check_think_s, check_turns
+
+    # given: not None (a switch: not False); 0 is given (--think 0, --kv-offload-gb 0)
+    given = [flag for name, flag in (("turns", "--turns"), *CONVERSATION_FLAGS)
+             if getattr(args, name) is not None and getattr(args, name) is not False]
+    if args.trace is not None and given:
+        raise UserError("a trace's rows are single requests: it takes no conversations",
+                        field=given[0])
+    turns = 1
+    if args.turns is not None:
+        turns = count(args.turns, "--turns")
+        check_turns(turns, "--turns")
+    if turns == 1 and (extra := [flag for flag in given if flag != "--turns"]):
+        raise UserError("applies to conversations: give --turns 2 or more", field=extra[0])
+    think = DEFAULT_THINK_S if args.think is None else args.think
+    check_think_s(think, "--think")
+    if args.no_prefix_cache and args.kv_offload_gb:
+        raise UserError("a store serves the prefix cache: drop --no-prefix-cache",
+                        field="--kv-offload-gb")
+    return (turns, DEFAULT_FOLLOWUP if args.followup is None else args.followup, think,
+            not args.no_prefix_cache)
 
 
 def slo_of(args: argparse.Namespace):
@@ -119,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
         RequestMix,
         StepTimes,
         check_prefill_chunk,
+        kv_offload,
         longest_prompt,
         max_rate,
         read_trace,
@@ -147,9 +213,12 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= requests_n <= MAX_REQUESTS:
         raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",
                         field="--requests")
-    mix = RequestMix(prompt_lengths(args.prompt, "--prompt"),
-                     output_lengths(args.output, "--output"),
-                     count=requests_n, seed=args.seed)
+    turns, followup, think, prefix_cache = conversation_of(args)
+    with mix_as_flags():
+        mix = RequestMix(prompt_lengths(args.prompt, "--prompt"),
+                         output_lengths(args.output, "--output"),
+                         count=requests_n, seed=args.seed, turns=turns,
+                         followup=prompt_lengths(followup, "--followup"), think_s=think)
     if args.trace is not None and not args.trace.strip():
         raise UserError(f"needs the path of a CSV file, got {args.trace!r}", field="--trace")
     trace = read_trace(args.trace) if args.trace is not None else None
@@ -158,27 +227,34 @@ def run(args: argparse.Namespace) -> int:
     options = policy_options(args.option, args.policy)
     model = get_model(args.model)
     listed = trace if trace is not None else (
-        arrivals(mix, args.rate) if args.rate is not None else mix.requests(1.0))
+        arrivals(mix, args.rate if args.rate is not None else 1.0))
     with named_as_flags(), parallelism_as_flags():
         times = StepTimes(load_profile(args.profile), model, args.policy, options,
                           kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel,
                           data_parallel=args.data_parallel, gpu_placement=args.gpu_placement,
                           prefill_chunk=prefill_chunk, longest_prompt=longest_prompt(listed))
         times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
-    labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None)
+    store = kv_offload(times.profile, args.policy,
+                       0.0 if args.kv_offload_gb is None else args.kv_offload_gb,
+                       args.kv_offload_tier, gb_field="--kv-offload-gb",
+                       tier_field="--kv-offload-tier")
+    labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None,
+                        prefix_cache=prefix_cache, kv_offload=store)
     bar = RequestBar(not args.no_progress)
     with named_as_flags():
         try:
             if args.find_rate:
                 search = max_rate(times, mix, max_batch=args.max_batch, slo=slo, labels=labels,
-                                  on_probe=bar.probe)
+                                  on_probe=bar.probe, prefix_cache=prefix_cache,
+                                  kv_offload=store)
                 result = search.result
             else:
                 bar.start(len(listed))
                 offered = math.nan if trace is not None else args.rate
                 result = serve_requests(times, listed, max_batch=args.max_batch,
                                         rate_per_s=offered, slo=slo, labels=labels,
-                                        on_finish=bar.update)
+                                        on_finish=bar.update, prefix_cache=prefix_cache,
+                                        kv_offload=store)
                 search = None
         finally:
             bar.close()
@@ -240,6 +316,12 @@ def print_summary(row: dict, slo, search) -> None:
              f"output {row['output']}")
     if row.get("prefill_chunk"):
         title += f", prefill in chunks of {row['prefill_chunk']}"
+    if row.get("turns", 1) > 1:
+        title += (f", conversations of {row['turns']} turns (follow-up {row['followup']}, "
+                  f"think {row['think_s']:g} s), prefix cache "
+                  f"{'on' if row['prefix_cache'] else 'off'}")
+        if row.get("kv_offload_gb"):
+            title += f", host KV store {row['kv_offload_gb']:g} GB on {row['kv_offload_tier']}"
     if search is not None:
         if search.rate_per_s is None:
             console.print(f"[bold]{title}[/bold]\n[red]no rate meets the SLO[/red] ({slo}): "
@@ -252,18 +334,28 @@ def print_summary(row: dict, slo, search) -> None:
             console.print(f"bound by {search.bound_by.upper()}: {search.bound_note}")
         if "requests" not in row:
             return
+    cached = "prefix_cached_fraction" in row
+    loaded = bool(row.get("kv_offload_gb")) and "prefix_loaded_fraction" in row
     summary = Table(title=title if search is None else "at that rate", title_justify="left",
                     caption="batch: mean decoded together; busy: share of the time the engine "
                             "ran; prefill: share of that spent prefilling (chunked: what the "
-                            "chunks added to their steps)", caption_justify="left")
+                            "chunks added to their steps)"
+                            + ("; cached: share of the served turns' prompt tokens the prefix "
+                               "cache held (not prefilled again)" if cached else "")
+                            + ("; loaded: share of those prompt tokens the host KV store held "
+                               "(loaded back, part of cached)" if loaded else ""),
+                    caption_justify="left")
     for column in ("rate", "done", "rejected", "tokens/s", "req/s", "batch", "busy",
-                   "prefill"):
+                   "prefill", *(("cached",) if cached else ()),
+                   *(("loaded",) if loaded else ())):
         summary.add_column(column, justify="right")
     summary.add_row(f"{row['rate_per_s']:.4g}/s" if math.isfinite(row["rate_per_s"])
                     else "trace", str(row["completed"]), str(row["rejected"]),
                     f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
                     f"{row['mean_batch']:.3g}", f"{row['busy_fraction']:.0%}",
-                    f"{row['prefill_fraction']:.0%}")
+                    f"{row['prefill_fraction']:.0%}",
+                    *((f"{row['prefix_cached_fraction']:.0%}",) if cached else ()),
+                    *((f"{row['prefix_loaded_fraction']:.0%}",) if loaded else ()))
     console.print(summary)
     latency = Table(title="latency per request (seconds; TPOT in ms)", title_justify="left")
     latency.add_column("")

@@ -10,22 +10,27 @@ from typing import Any
 
 from hgsim import tco
 from hgsim.errors import UserError
+from hgsim.serving.kv_offload import KvOffload, kv_offload
 from hgsim.serving.requests import LengthDist, Request, RequestMix, read_trace
 from hgsim.serving.result import ServeResult, Slo
 from hgsim.serving.server import run_server
 from hgsim.serving.step_times import StepTimes
 
-__all__ = ["MIN_PREFILL_CHUNK", "LengthDist", "RateSearch", "Request", "RequestMix",
-           "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "longest_prompt",
+__all__ = ["MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch", "Request", "RequestMix",
+           "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "kv_offload", "longest_prompt",
            "max_rate", "prefill_chunk_problem", "read_trace", "run_labels", "serve_requests"]
 
 
 def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                    rate_per_s: float = math.nan, slo: Slo | None = None,
                    labels: dict[str, Any] | None = None,
-                   on_finish: Callable[[int], None] | None = None) -> ServeResult:
+                   on_finish: Callable[[int], None] | None = None,
+                   prefix_cache: bool = True, kv_offload: KvOffload | None = None
+                   ) -> ServeResult:
     """Serve ``requests`` on the configuration ``times`` describes (its prefill chunk
-    included), to the last request."""
+    included), to the last request; conversations' KV kept between turns with
+    ``prefix_cache``, and written to a host KV store too with ``kv_offload``
+    (``hgsim.serving.kv_offload.kv_offload``)."""
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
     reserved, longest = times.longest_prompt, longest_prompt(requests)
@@ -33,7 +38,8 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
         raise ValueError(f"a {longest}-token prompt on step times that set HBM aside for "
                          f"prompts of at most {reserved} tokens")
     server = run_server(times, requests, max_batch=max_batch, copies=times.data_parallel,
-                        on_finish=on_finish)
+                        on_finish=on_finish, prefix_cache=prefix_cache,
+                        kv_offload=kv_offload)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
                        iterations=server.iterations, slo=slo or Slo(),
                        simulations=times.simulations, copies=times.data_parallel,
@@ -72,15 +78,23 @@ def longest_prompt(requests: list[Request]) -> int:
 
 
 def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
-               traced: bool) -> dict[str, Any]:
+               traced: bool, prefix_cache: bool = True,
+               kv_offload: KvOffload | None = None) -> dict[str, Any]:
     """The columns that say what a run served: configuration, batch limit, prefill chunk (0:
-    prompts prefilled whole) and lengths."""
+    prompts prefilled whole) and lengths; for conversations their turns, follow-up lengths,
+    think time, whether a prefix cache keeps their KV and the host KV store's size (GB, 0:
+    none) and tier."""
+    conversations = {} if traced or mix.turns == 1 else {
+        "turns": mix.turns, "followup": str(mix.followup), "think_s": mix.think_s,
+        "prefix_cache": prefix_cache,
+        "kv_offload_gb": kv_offload.capacity_gb if kv_offload else 0.0,
+        "kv_offload_tier": kv_offload.tier if kv_offload else ""}
     return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
             "tensor_parallel": times.tensor_parallel, "data_parallel": times.data_parallel,
             "gpu_placement": times.gpu_placement, "max_batch": max_batch,
             "prefill_chunk": times.prefill_chunk or 0,
             "prompt": "trace" if traced else str(mix.prompt),
-            "output": "trace" if traced else str(mix.output)}
+            "output": "trace" if traced else str(mix.output), **conversations}
 
 
 @dataclass
@@ -125,22 +139,24 @@ def missed_limits(result: ServeResult) -> tuple[str, str]:
 
 
 def alone_s(times: StepTimes, mix: RequestMix) -> float:
-    """Seconds the median request of ``mix`` takes on an idle machine: the rate search's first
-    guess at a load (1 / this)."""
-    requests = mix.requests(1.0)
+    """Seconds the median request of ``mix`` takes on an idle machine, times the turns of a
+    conversation: the rate search's first guess at a load (1 / this)."""
+    requests = [r for r in mix.requests(1.0) if r.turn == 0]
     prompts = sorted(r.prompt_tokens for r in requests)
     outputs = sorted(r.output_tokens for r in requests)
     prompt, output = prompts[len(prompts) // 2], outputs[len(outputs) // 2]
-    return (times.prefill_s(prompt)
-            + (output - 1) * times.decode_step_s(1, prompt + output / 2))
+    return mix.turns * (times.prefill_s(prompt)
+                        + (output - 1) * times.decode_step_s(1, prompt + output / 2))
 
 
 def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
              tolerance: float = 0.02, labels: dict[str, Any] | None = None,
-             on_probe: Callable[[float, float], None] | None = None) -> RateSearch:
+             on_probe: Callable[[float, float], None] | None = None,
+             prefix_cache: bool = True, kv_offload: KvOffload | None = None) -> RateSearch:
     """Bisect the Poisson arrival rate (geometrically, to within ``tolerance``) for the highest
     one at which at least ``slo.attainment`` of the requests meet ``slo``. The requests are
-    the same at every rate (``RequestMix``), so the share met falls with the rate."""
+    the same at every rate (``RequestMix``), so the share met falls with the rate. With
+    conversations the rate is of conversations (their first turns)."""
     if not slo.set:
         raise UserError("a rate search needs an SLO: a TTFT or a TPOT limit", field="slo")
     if not 0 < tolerance < 1:
@@ -150,7 +166,8 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
 
     def meets(rate: float) -> bool:
         result = serve_requests(times, mix.requests(rate), max_batch=max_batch,
-                                rate_per_s=rate, slo=slo, labels=labels)
+                                rate_per_s=rate, slo=slo, labels=labels,
+                                prefix_cache=prefix_cache, kv_offload=kv_offload)
         results[rate] = result
         probes.append((rate, result.attainment))
         if on_probe is not None:

@@ -3,6 +3,11 @@
 Arrivals are a Poisson process (exponential gaps) or a trace's own times. The gaps are drawn
 once at rate 1 and divided by the rate, so every rate sees the same requests in the same order
 with the same lengths (common random numbers): a rate search then compares loads, not draws.
+
+A multi-turn mix makes each arrival a conversation: its first turn is a prompt, each later
+turn comes a think time after the turn before it has finished and sends the whole conversation
+so far (earlier prompts and answers) plus a new message, as a chat client does. The later
+turns' arrival times are the server's to set (they depend on when the answers finish).
 """
 
 from __future__ import annotations
@@ -31,12 +36,25 @@ MAX_PROMPT_TOKENS = 1 << 32
 MAX_TRACE_BYTES = 256 << 20
 
 
+#: The most turns one conversation takes.
+MAX_TURNS = 1000
+#: The longest think time between turns (a day: a typo with extra zeros is refused).
+MAX_THINK_S = 86_400.0
+
+
 @dataclass(frozen=True)
 class Request:
     id: int
-    arrival_s: float
-    prompt_tokens: int
+    arrival_s: float  # NaN for a later turn until the turn before it has finished
+    prompt_tokens: int  # the whole prompt: ``prefix_tokens`` of earlier turns and the new ones
     output_tokens: int  # tokens generated, the first one by the prefill
+    # a turn of a conversation: which, its number (0: the first), the tokens its prompt
+    # repeats of the turn before (that turn's prompt and answer: what a prefix cache may hold),
+    # and the seconds the user thinks after the turn before has finished
+    conversation: int = -1
+    turn: int = 0
+    prefix_tokens: int = 0
+    think_s: float = 0.0
 
     @property
     def final_tokens(self) -> int:
@@ -127,17 +145,29 @@ def count_text(n: float) -> str:
 @dataclass(frozen=True)
 class RequestMix:
     """Requests to serve: ``count`` of them, ``prompt`` and ``output`` lengths drawn from their
-    distributions, arriving as a Poisson process of ``rate_per_s`` (set per run)."""
+    distributions, arriving as a Poisson process of ``rate_per_s`` (set per run).
+
+    With ``turns`` > 1 each arrival is a conversation of that many turns: a later turn sends
+    the conversation so far plus ``followup`` new tokens, ``think_s`` seconds on average
+    (exponential) after the turn before has finished; ``count`` counts conversations."""
 
     prompt: LengthDist
     output: LengthDist
     count: int = 500
     seed: int = 0
+    turns: int = 1
+    followup: LengthDist | None = None  # new tokens of a later turn (None: as ``prompt``)
+    think_s: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.count <= MAX_REQUESTS:
             raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {self.count}",
                             field="requests")
+        check_turns(self.turns)
+        check_think_s(self.think_s)
+        if self.count * self.turns > MAX_REQUESTS:
+            raise UserError(f"{self.count:,} conversations of {self.turns} turns are more than "
+                            f"{MAX_REQUESTS:,} requests", field="turns")
 
     def requests(self, rate_per_s: float) -> list[Request]:
         if not (math.isfinite(rate_per_s) and rate_per_s > 0):
@@ -152,8 +182,48 @@ class RequestMix:
         if not np.isfinite(arrivals[-1]):
             raise UserError(f"{rate_per_s!r} requests per second puts arrivals beyond any "
                             "time this can count", field="rate")
-        return [Request(i, float(t), int(p), int(o))
-                for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))]
+        if self.turns == 1:
+            return [Request(i, float(t), int(p), int(o))
+                    for i, (t, p, o) in enumerate(zip(arrivals, prompts, outputs, strict=True))]
+        # the later turns drawn after the first ones, so a conversation's first turns are the
+        # requests a one-turn mix of the same seed serves
+        later = (self.count, self.turns - 1)
+        news = (self.followup or self.prompt).draw(rng, later[0] * later[1],
+                                                   most=MAX_PROMPT_TOKENS).reshape(later)
+        answers = self.output.draw(rng, later[0] * later[1],
+                                   most=MAX_OUTPUT_TOKENS).reshape(later)
+        thinks = self.think_s * rng.exponential(1.0, size=later)
+        requests: list[Request] = []
+        for c in range(self.count):
+            prompt, output = int(prompts[c]), int(outputs[c])
+            requests.append(Request(len(requests), float(arrivals[c]), prompt, output, c, 0))
+            for turn in range(1, self.turns):
+                prefix = prompt + output
+                prompt = prefix + int(news[c, turn - 1])
+                output = int(answers[c, turn - 1])
+                if prompt > MAX_PROMPT_TOKENS:
+                    raise UserError(f"turn {turn + 1} of a conversation holds {prompt} tokens, "
+                                    f"more than the {MAX_PROMPT_TOKENS} a prompt may",
+                                    field="turns")
+                requests.append(Request(len(requests), math.nan, prompt, output, c, turn,
+                                        prefix, float(thinks[c, turn - 1])))
+        return requests
+
+
+def check_turns(turns: object, field: str = "turns") -> None:
+    """``turns``: a whole number of turns a conversation, 1 to ``MAX_TURNS``."""
+    if isinstance(turns, bool) or not isinstance(turns, int) or not 1 <= turns <= MAX_TURNS:
+        raise UserError(f"must be a whole number of turns from 1 to {MAX_TURNS}, got {turns!r}",
+                        field=field)
+
+
+def check_think_s(think_s: object, field: str = "think_s") -> None:
+    """``think_s``: the mean seconds between a turn's answer and the next turn, 0 to
+    ``MAX_THINK_S``."""
+    if isinstance(think_s, bool) or not isinstance(think_s, (int, float)) or not (
+            0 <= think_s <= MAX_THINK_S):
+        raise UserError(f"must be a number of seconds from 0 to {MAX_THINK_S:g}, got "
+                        f"{think_s!r}", field=field)
 
 
 TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")

@@ -72,6 +72,8 @@ class ServeResult:
                 "ttft_s": ttft, "tpot_s": tpot, "e2e_s": s.finish_s - r.arrival_s,
                 "rejected": s.rejected,
                 "slo_met": (not s.rejected) and self.slo.met(ttft, tpot),
+                "conversation": r.conversation, "turn": r.turn,
+                "cached_tokens": s.cached_tokens, "loaded_tokens": s.loaded_tokens,
             })
         return pd.DataFrame(rows)
 
@@ -108,6 +110,13 @@ class ServeResult:
             "busy_fraction": busy_s / (span_s * self.copies) if span_s > 0 else math.nan,
             "prefill_fraction": prefill_s / busy_s if busy_s > 0 else math.nan,
         }
+        if len(frame) and (frame.conversation >= 0).any():  # conversations: what the prefix cache held
+            prompts = float(done.prompt_tokens.sum())
+            row["prefix_cached_fraction"] = (float(done.cached_tokens.sum()) / prompts
+                                             if prompts else math.nan)
+            # of those, the share loaded from the host KV store
+            row["prefix_loaded_fraction"] = (float(done.loaded_tokens.sum()) / prompts
+                                             if prompts else math.nan)
         for name in ("queue_s", "ttft_s", "tpot_s", "e2e_s"):
             values = done[name].dropna().to_numpy()
             stem = name[:-2]

@@ -21,17 +21,30 @@ decode step (``StepTimes.mixed_step``), so running requests keep getting a token
 iteration while a long prompt is prefilled. The request's first token comes at the end of the
 iteration that prefills its last chunk, and it decodes from the next. One prompt's chunk per
 iteration: a prompt shorter than the chunk does not share its iteration with the next one's.
+
+Conversations (``Request.conversation``): a later turn arrives ``think_s`` after the turn
+before it has finished (a refused turn ends its conversation: the later turns are refused
+too). With ``prefix_cache`` (vLLM's automatic prefix caching) a finished turn's KV is retained
+rather than freed, in the memory the running requests leave free, and evicted least recently
+used when an admission needs its room; a later turn admitted on the copy that holds its
+conversation's KV prefills only its new tokens, attending to the retained ones (a chunk whose
+past is the prefix, ``StepTimes.mixed_step``), and takes that KV into its own reservation.
+With a host KV store (``hgsim.serving.kv_offload``, shared by the copies) every finished
+turn's KV is written there too, and a later turn whose KV has left the copy's memory loads
+its prefix from the store as its prefill runs.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import simpy
 
+from hgsim.serving.kv_offload import KvOffload, KvStore
 from hgsim.serving.requests import Request
 from hgsim.serving.step_times import StepTimes
 
@@ -46,6 +59,9 @@ class Served:
     finish_s: float = math.nan
     generated: int = 0
     rejected: str = ""  # why it was refused, if it was
+    cached_tokens: int = 0  # prompt tokens whose KV a prefix cache held at admission
+    loaded_tokens: int = 0  # of those, the ones loaded from the host KV store
+    prefilled: int = 0  # prompt tokens whose KV is in place (chunked prefill's progress)
 
     @property
     def context(self) -> int:
@@ -79,9 +95,12 @@ class Engine:
         self.server, self.copy = server, copy
         self.running: list[Served] = []
         self.prefilling: deque[Served] = deque()  # admitted, prompt not yet all prefilled
-        self._prefilled = 0  # tokens of the head of ``prefilling`` prefilled so far
         self._reserved_tokens = 0  # final KV tokens of the admitted requests
         self._context_tokens = 0  # current KV tokens of the running requests
+        # the prefix cache: KV tokens of finished turns by conversation, least recently used
+        # first, in memory no admitted request reserves
+        self.retained: OrderedDict[int, int] = OrderedDict()
+        self._retained_tokens = 0
 
     def run(self):
         server = self.server
@@ -100,7 +119,7 @@ class Engine:
         start = env.now
         admitted = self.admit()
         queued = len(server.waiting)
-        prefills = [times.prefill(s.request.prompt_tokens) for s in admitted]
+        prefills = [self._prefill(s) for s in admitted]
         prefill_s = sum(t for t, _ in prefills)
         # the step times' cells simulate every copy: this copy's share of their joules
         share = 1 / len(server.engines)
@@ -142,9 +161,10 @@ class Engine:
             decode_s, energy_j = times.decode_step(batch, mean_context)
         seconds = decode_s
         if head is not None:
-            tokens = min(server.prefill_chunk, head.request.prompt_tokens - self._prefilled)
+            tokens = min(server.prefill_chunk, head.request.prompt_tokens - head.prefilled)
             seconds, energy_j = times.mixed_step(batch, mean_context if batch else 0.0,
-                                                 self._prefilled, tokens)
+                                                 head.prefilled, tokens,
+                                                 server.stored_tier(head))
         if not math.isfinite(seconds):  # admission let in what the simulator refuses
             raise RuntimeError(f"no step for batch {batch} at mean context {mean_context:.0f} "
                                f"with a {tokens}-token prefill chunk, which admission found "
@@ -154,10 +174,9 @@ class Engine:
             self._generate(s)
         self.running = [s for s in self.running if math.isnan(s.finish_s)]
         if head is not None:
-            self._prefilled += tokens
-            if self._prefilled >= head.request.prompt_tokens:
+            head.prefilled += tokens
+            if head.prefilled >= head.request.prompt_tokens:
                 self.prefilling.popleft()
-                self._prefilled = 0
                 self._first_token(head)
         # the step times' cells simulate every copy: this copy's share of their joules
         server.iterations.append(Iteration(
@@ -173,6 +192,15 @@ class Engine:
         if math.isnan(s.finish_s):
             self.running.append(s)
 
+    def _prefill(self, s: Served) -> tuple[float, float]:
+        """Seconds and joules of ``s``'s prompt prefilled whole, alone: all of it, or with a
+        prefix cache hit only the new tokens, attending to the retained ones."""
+        times, prompt = self.server.times, s.request.prompt_tokens
+        if s.cached_tokens:
+            return times.mixed_step(0, 0.0, s.cached_tokens, prompt - s.cached_tokens,
+                                    self.server.stored_tier(s))
+        return times.prefill(prompt)
+
     def admit(self) -> list[Served]:
         """Waiting requests that join this iteration (first come, first served)."""
         server = self.server
@@ -182,8 +210,9 @@ class Engine:
             head = server.waiting[0]
             batch = held + len(admitted) + 1
             final = self._reserved_tokens + head.request.final_tokens
+            cached, loaded = self._cached(head.request)
             why = ""
-            if not server.prefill_chunk and not math.isfinite(
+            if not server.prefill_chunk and not cached and not math.isfinite(
                     server.times.prefill_s(head.request.prompt_tokens)):
                 why = "its prompt's prefill does not fit alone"
             elif server.times.fits(batch, final):
@@ -191,15 +220,46 @@ class Engine:
                 head.admitted_s = server.env.now
                 admitted.append(head)
                 self._reserved_tokens += head.request.final_tokens
+                if cached and not loaded:  # its conversation's KV is its own again
+                    del self.retained[head.request.conversation]
+                    self._retained_tokens -= cached
+                head.cached_tokens = head.prefilled = cached
+                head.loaded_tokens = cached if loaded else 0
+                self._evict(batch)
                 continue
             elif batch == 1:
                 why = f"its {head.request.final_tokens} tokens of KV do not fit alone"
+                reserve_gb = server.times.prefill_reserve_bytes / 1e9
+                if reserve_gb >= 0.1:  # say what else holds HBM
+                    why += (f" beside the {reserve_gb:.1f} GB of HBM set aside to prefill the "
+                            f"longest prompt ({server.times.longest_prompt} tokens)")
             if not why:
                 break  # it waits for room
             server.waiting.popleft()
-            head.rejected = why
-            server.finished(1)
+            server.refuse(head, why)
         return admitted
+
+    def _cached(self, request: Request) -> tuple[int, bool]:
+        """Tokens of ``request``'s prompt this copy's prefix cache holds (its conversation's
+        KV so far, the turn before's prompt and answer), and whether they come from the host
+        KV store (the copy's memory no longer holds them)."""
+        server = self.server
+        if not server.prefix_cache or request.conversation < 0:
+            return 0, False
+        if request.conversation in self.retained:
+            return min(self.retained[request.conversation], request.prefix_tokens), False
+        if server.store is not None:
+            stored = min(server.store.get(request.conversation), request.prefix_tokens)
+            return stored, stored > 0
+        return 0, False
+
+    def _evict(self, batch: int) -> None:
+        """Evict retained KV, least recently used first, until what the ``batch`` admitted
+        requests reserve and what is retained fit together."""
+        fits = self.server.times.fits
+        while self.retained and not fits(batch, self._reserved_tokens + self._retained_tokens):
+            _, tokens = self.retained.popitem(last=False)
+            self._retained_tokens -= tokens
 
     def _generate(self, s: Served) -> None:
         s.generated += 1
@@ -208,7 +268,15 @@ class Engine:
             s.finish_s = self.server.env.now
             self._reserved_tokens -= s.request.final_tokens
             self._context_tokens -= s.context
+            if self.server.prefix_cache and s.request.conversation >= 0:
+                # its KV stays, now the cache's: it fit reserved, so it fits retained
+                conversation = s.request.conversation
+                self._retained_tokens += s.context - self.retained.pop(conversation, 0)
+                self.retained[conversation] = s.context
+                if self.server.store is not None:  # written through to the host store
+                    self.server.store.put(conversation, s.context)
             self.server.finished(1)
+            self.server.answered(s)
 
 
 class Server:
@@ -218,16 +286,27 @@ class Server:
     with room (one idle, or the first to finish an iteration)."""
 
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
-                 copies: int = 1, on_finish: Callable[[int], None] | None = None):
+                 copies: int = 1, on_finish: Callable[[int], None] | None = None,
+                 prefix_cache: bool = True, kv_offload: KvOffload | None = None):
         self.env, self.times, self.max_batch = env, times, max_batch
         self.prefill_chunk = times.prefill_chunk  # None: prompts prefilled whole
+        self.prefix_cache = prefix_cache
+        self.kv_offload = kv_offload if prefix_cache else None
+        self.store = None if self.kv_offload is None else KvStore(
+            self.kv_offload.capacity_gb * 1e9,
+            times.model.kv_bytes_per_token(times.kv_dtype))
         self.waiting: deque[Served] = deque()
         self.served: list[Served] = []
         self.iterations: list[Iteration] = []
         self.engines = [Engine(self, copy) for copy in range(copies)]
         self.on_finish = on_finish
-        self.all_arrived = False
+        self._unarrived: int | None = None  # requests still to come (None: not yet told)
+        self._later: dict[int, deque[Request]] = {}  # conversations' turns still to come
         self._arrived: simpy.Event | None = None
+
+    @property
+    def all_arrived(self) -> bool:
+        return self._unarrived == 0
 
     def arrival(self) -> simpy.Event:
         """An event that fires at the next arrival (or when the last request has come)."""
@@ -240,15 +319,57 @@ class Server:
             self._arrived.succeed()
 
     def arrivals(self, requests: Iterable[Request]):
+        """The first turns (every request outside a conversation) at their arrival times;
+        the later turns wait for ``answered``."""
+        requests = list(requests)
+        self._unarrived = len(requests)
         for request in requests:
+            if request.turn > 0:
+                self._later.setdefault(request.conversation, deque()).append(request)
+        for request in requests:
+            if request.turn > 0:
+                continue
             if request.arrival_s > self.env.now:
                 yield self.env.timeout(request.arrival_s - self.env.now)
-            served = Served(request)
-            self.served.append(served)
-            self.waiting.append(served)
-            self._announce()
-        self.all_arrived = True
+            self._arrive(request)
         self._announce()
+
+    def _arrive(self, request: Request, rejected: str = "") -> Served:
+        served = Served(request, rejected=rejected)
+        self.served.append(served)
+        self._unarrived -= 1
+        if rejected:
+            self.finished(1)
+        else:
+            self.waiting.append(served)
+        self._announce()
+        return served
+
+    def stored_tier(self, s: Served) -> str | None:
+        """The store's tier where ``s``'s prefill is about to read its past from it (its
+        first chunk after a store hit), else None."""
+        if s.loaded_tokens and s.prefilled == s.cached_tokens:
+            return self.kv_offload.tier
+        return None
+
+    def answered(self, s: Served) -> None:
+        """``s`` has its last token: its conversation's next turn comes after the user's think
+        time."""
+        later = self._later.get(s.request.conversation)
+        if later:
+            self.env.process(self._follow(later.popleft()))
+
+    def _follow(self, request: Request):
+        yield self.env.timeout(request.think_s)
+        self._arrive(dataclasses.replace(request, arrival_s=self.env.now))
+
+    def refuse(self, s: Served, why: str) -> None:
+        """``s`` is refused, and with it its conversation's later turns."""
+        s.rejected = why
+        self.finished(1)
+        for request in self._later.pop(s.request.conversation, ()):
+            self._arrive(dataclasses.replace(request, arrival_s=self.env.now),
+                         rejected="an earlier turn of its conversation was refused")
 
     def finished(self, n: int) -> None:
         if self.on_finish is not None:
@@ -256,12 +377,14 @@ class Server:
 
 
 def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
-               on_finish: Callable[[int], None] | None = None) -> Server:
+               on_finish: Callable[[int], None] | None = None,
+               prefix_cache: bool = True, kv_offload: KvOffload | None = None) -> Server:
     """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue
-    (prompts chunked as ``times.prefill_chunk`` says); the server holds every request's
-    record."""
+    (prompts chunked as ``times.prefill_chunk`` says; conversations' KV kept between turns
+    with ``prefix_cache``); the server holds every request's record."""
     env = simpy.Environment()
-    server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish)
+    server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
+                    prefix_cache=prefix_cache, kv_offload=kv_offload)
     env.process(server.arrivals(requests))
     for engine in server.engines:
         env.process(engine.run())

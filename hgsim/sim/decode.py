@@ -107,10 +107,16 @@ class PrefillChunk:
     tokens`` of one sequence. The prompt is placed as the step's plan places each sequence of
     its batch: the same HBM window (its sink and recent tokens), the rest in the host tiers of
     its placement, so the positions the chunk pushes out of the window go there; where the
-    plan keeps every token in HBM, so does the prompt (admission reserved its room)."""
+    plan keeps every token in HBM, so does the prompt (admission reserved its room).
+
+    ``stored_tier``: the prompt's earlier positions are not in the GPU's memory but in a host
+    KV store on that tier (a server's offloaded prefix cache, as LMCache keeps one), so the
+    chunk reads all of them back, layer by layer, before it attends (only for a plan that
+    keeps every token in HBM: its window is then the whole past)."""
 
     past_tokens: int
     tokens: int
+    stored_tier: str | None = None
 
     def _host_end(self, lp: LayerPlan, end: int) -> int:
         """Where the prompt's host-resident positions end once ``end`` positions exist (its
@@ -121,8 +127,16 @@ class PrefillChunk:
 
     def read_back_tokens(self, lp: LayerPlan) -> int:
         """Earlier positions in host memory when the chunk starts: its attention reads them
-        back (the rest of the past is still in HBM)."""
+        back (the rest of the past is still in HBM; from a store, the whole past)."""
+        if self.stored_tier is not None:
+            return self.past_tokens
         return self._host_end(lp, self.past_tokens) - lp.sink_tokens
+
+    def read_back_fractions(self, lp: LayerPlan) -> tuple[dict[str, float], dict[str, float]]:
+        """The tiers the read-back comes from, as fractions of its K and of its V."""
+        if self.stored_tier is not None:
+            return {self.stored_tier: 1.0}, {self.stored_tier: 1.0}
+        return lp.placement.k_fractions, lp.placement.v_fractions
 
     def written_tokens(self, lp: LayerPlan) -> int:
         """Positions that leave the HBM window while the chunk comes in: written out."""
@@ -435,7 +449,8 @@ class DecodeEngine:
                 back = _read_back_tokens(lp, chunks, c)
                 if back:
                     h2d_tail = env.process(self._read_kv_back(
-                        lp, (h2d_tail, landed[c - 2], kernels[c - 2]), back * kv_token))
+                        (lp.placement.k_fractions, lp.placement.v_fractions),
+                        (h2d_tail, landed[c - 2], kernels[c - 2]), back * kv_token))
                     waits.append(h2d_tail)
                 kernel = self.stream.launch(duration, "prefill", work.flops, work.bytes_,
                                             after=tuple(waits), hbm_s=self._hbm_s(work))
@@ -465,14 +480,15 @@ class DecodeEngine:
         yield from _each_processed(after)
         yield self._write_kv(lp, bytes_, "prefill K+V to host")
 
-    def _read_kv_back(self, lp: LayerPlan, after: tuple[Event | None, ...], bytes_: float):
+    def _read_kv_back(self, fractions: tuple[dict[str, float], dict[str, float]],
+                      after: tuple[Event | None, ...], bytes_: float):
         """Earlier chunks' host-resident K and V (half of ``bytes_`` each) read back on the
-        host-to-device copy engine from the tiers holding them, once ``after`` has happened
-        (the engine's previous read-back, the write-out of the last chunk read, the kernel
-        that last used the landing block)."""
+        host-to-device copy engine from the tiers holding them (``fractions`` of K and of V),
+        once ``after`` has happened (the engine's previous read-back, the write-out of the
+        last chunk read, the kernel that last used the landing block)."""
         yield from _each_processed(after)
-        placement, half = lp.placement, bytes_ / 2
-        yield self.machine.read(_mix((half, placement.k_fractions), (half, placement.v_fractions)),
+        half = bytes_ / 2
+        yield self.machine.read(_mix((half, fractions[0]), (half, fractions[1])),
                                 self.gpu, bytes_, Pattern.DMA, "prefill K+V from host")
 
     def _launch(self, work: Work, label: str, attention: bool = False, *, after=(),
@@ -569,7 +585,7 @@ class DecodeEngine:
                 if back:
                     freed = chunk_kernels[i - 2] if i >= 2 else None
                     h2d_tail = read_back = env.process(self._read_kv_back(
-                        lp, (h2d_tail, freed), back * chunk_kv_token))
+                        chunk.read_back_fractions(lp), (h2d_tail, freed), back * chunk_kv_token))
             qkv, d_qkv, qkv_node = self._launch(
                 _plus(w.qkv, chunk_qkv), "qkv",
                 after=tuple(e for e in (weights, first) if e is not None),

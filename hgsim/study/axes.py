@@ -11,6 +11,7 @@ filters in derived metrics and plots (``where: {workload.context: 32k}``) match 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Collection
 from typing import Any
 
 import pandas as pd
@@ -42,23 +43,27 @@ def held_equal(axes: list[str], varying, zipped: dict[str, list[str]] | None = N
 
 
 def partners(frame: pd.DataFrame, column: str,
-             zipped: dict[str, list[str]] | None = None) -> list[str]:
+             zipped: dict[str, list[str]] | None = None,
+             exclude: Collection[str] = ()) -> list[str]:
     """The axes zipped with ``column`` that tell apart points sharing a value of it
     (``policy: [hybridgen, hybridgen]`` zipped with two top-k ratios): a choice among
-    ``column``'s values is then a value together with these."""
+    ``column``'s values is then a value together with these. ``exclude``: axes that tell
+    them apart already (a figure's other roles)."""
     if column not in frame:
         return []
     return [other for other in (zipped or {}).get(column, ()) if other in frame
+            and other not in exclude
             and frame.groupby(column, dropna=False, sort=False)[other]
             .nunique(dropna=False).gt(1).any()]
 
 
 def choice_names(frame: pd.DataFrame, column: str,
-                 zipped: dict[str, list[str]] | None = None) -> pd.Series:
+                 zipped: dict[str, list[str]] | None = None,
+                 exclude: Collection[str] = ()) -> pd.Series:
     """``column`` as the choices a reader tells apart: its values as they are where each
     names one choice, else text naming the partners too (``hybridgen (topk_ratio 0.05)``),
     so two settings of one policy are neither merged nor printed as the same name."""
-    names = partners(frame, column, zipped)
+    names = partners(frame, column, zipped, exclude)
     if not names:
         return frame[column]
 

@@ -389,11 +389,30 @@ def _serving(study: Study, values: dict[str, Any], locs: dict[str, Loc],
         if "find_rate" in swept and spec.find_rate and "rate_per_s" not in swept:
             # the rate is the one of the points that do not search it
             spec = spec.model_copy(update={"rate_per_s": None})
-    problem = spec.problem()
+    problem = spec.problem(turns_swept="turns" in swept)
     if problem is not None:
         field, message = problem
         raise doc.error(where(field), message)
     return spec
+
+
+def _check_kv_store(serving: ServingSpec, profile: HardwareProfile, policy: str,
+                    locs: dict[str, Loc], doc: YamlDocument) -> None:
+    """The point's host KV store fits its profile (hardware overrides applied) and policy,
+    as its run will check (``hgsim.study.serving.kv_store``): a mistake at the line of the
+    value that caused it, before anything runs."""
+    from hgsim.serving import kv_offload
+
+    if serving.turns == 1:  # a point of one turn where turns is swept: it ignores the store
+        return
+    try:
+        kv_offload(profile, policy, serving.kv_offload_gb, serving.kv_offload_tier,
+                   gb_field="serving.kv_offload_gb", tier_field="serving.kv_offload_tier")
+    except UserError as exc:
+        path = exc.field or "serving.kv_offload_gb"
+        path = path if path.startswith("serving.") else f"serving.{path}"
+        raise doc.error(locs.get(path, tuple(path.split("."))),
+                        str(exc).removeprefix(f"{exc.field}: ")) from None
 
 
 #: The search fields an axis may sweep (``search.<field>``): the latency SLO and the pick.
@@ -557,6 +576,8 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     if search is not None:
         wl[search.field] = search.lo  # placeholder; the search sets it
     serving = _serving(study, values, locs, doc)
+    if serving is not None:
+        _check_kv_store(serving, profile, policy, locs, doc)
     if serving is not None:  # not read: the requests' lengths and max_batch replace them
         wl.update(batch=1, context=1, gen=1)
     workload = _workload(wl, wl_locs, doc)

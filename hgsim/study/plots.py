@@ -428,9 +428,13 @@ def _categories(data: pd.DataFrame, spec: PlotSpec, axis_values: dict[str, list]
         roles += [spec.y]
     orders: dict[str, list[str]] = {}
     data = data.copy()
+    # what the figure tells apart already: its roles, and what a label among them names
+    shown = {c for c in roles if c}
+    shown |= {p for c in shown if c.startswith("label.") for p in (zipped or {}).get(c, ())}
     for column in dict.fromkeys(c for c in roles if c):
-        if ax.partners(data, column, zipped):
-            data[column] = ax.choice_names(data, column, zipped)
+        exclude = shown - {column}
+        if ax.partners(data, column, zipped, exclude):
+            data[column] = ax.choice_names(data, column, zipped, exclude)
             orders[column] = list(dict.fromkeys(data[column]))
             continue
         # null (an option or SLO not set there) is one category, "not set": as NaN it is a

@@ -22,7 +22,7 @@ from hgsim.outputs import written_whole
 from hgsim.study import axes as ax
 from hgsim.study.derived import LOWER_IS_BETTER, better, summarize
 from hgsim.study.plots import short
-from hgsim.study.schema import Study
+from hgsim.study.schema import CONVERSATION_DEFAULTS, Study
 from hgsim.units import dimension_of, parse_quantity, split_quantity
 
 #: What a searched maximum counts, for the heading of its table.
@@ -348,6 +348,9 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
     else:
         serving = study.serving.model_dump(exclude_none=True)
         slo = serving.pop("slo", {})
+        if not study.serving_conversations:  # single requests: a conversation's fields unused
+            for name in CONVERSATION_DEFAULTS:
+                serving.pop(name, None)
         base_rows += [(f"serving.{k}", v) for k, v in serving.items()]
         base_rows += [(f"serving.slo.{k}", v) for k, v in slo.items()]
     # null in a policy_options axis: the option is not set there (the policy lacks it)

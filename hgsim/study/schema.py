@@ -69,6 +69,13 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       output: 256                        # tokens generated per request, the same forms
       max_batch: 16                      # most requests decoded together
       prefill_chunk: 2048                # chunked prefill (tokens an iteration; 0: whole)
+      turns: 4                           # each arrival a conversation of 4 turns (default 1;
+                                         # rate_per_s and requests then count conversations)
+      followup: lognormal:1k:0.5         # new tokens of each later turn (default 1k)
+      think_s: 30                        # mean seconds between an answer and the next turn
+      prefix_cache: true                 # keep a conversation's KV between turns (default)
+      kv_offload_gb: 256                 # a host KV store for that cache (default 0: none)
+      kv_offload_tier: ddr0              # its tier (default: the GPU socket's DRAM)
       seed: 0                            # arrivals and lengths
       slo: {ttft_s: 10, tpot_ms: 100, attainment: 0.9}
     # (a serving point ignores workload.batch/context/gen: its lengths and batch are above;
@@ -433,7 +440,15 @@ class SloSpec(StudyModel):
 
 #: The serving fields an axis may sweep (``serving.<field>``).
 SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch",
-                "prefill_chunk", "seed", "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
+                "prefill_chunk", "turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
+                "kv_offload_tier", "seed", "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
+#: The serving fields of a conversation beside ``turns`` (they need turns 2 or more), with
+#: their defaults.
+CONVERSATION_DEFAULTS = {"followup": "1k", "think_s": 30.0, "prefix_cache": True,
+                         "kv_offload_gb": 0.0, "kv_offload_tier": None}
+#: The fields of a host KV store, left out of a point's key at their defaults (no store): the
+#: points of conversations stored before the store existed keep their keys.
+KV_OFFLOAD_DEFAULTS = {"kv_offload_gb": 0.0, "kv_offload_tier": None}
 
 
 class ServingSpec(StudyModel):
@@ -442,8 +457,14 @@ class ServingSpec(StudyModel):
     ``rate_per_s`` (or, with ``find_rate``, at the highest rate at which ``slo.attainment`` of
     them meet the SLO) and are batched continuously, at most ``max_batch`` at a time, their
     prompts prefilled whole or, with ``prefill_chunk``, at most that many tokens an iteration
-    in the decode step's forward (chunked prefill; 0: whole). The
-    point's workload gives the dtypes and tensor parallelism; its batch, context and gen are
+    in the decode step's forward (chunked prefill; 0: whole). With ``turns`` > 1 each arrival
+    is a conversation of that many turns (``rate_per_s`` and ``requests`` count
+    conversations): a later turn sends the conversation so far plus ``followup`` new tokens,
+    ``think_s`` seconds on average (exponential) after the turn before has finished, and with
+    ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
+    ``kv_offload_gb`` > 0 writes it to a host KV store of that many GB on ``kv_offload_tier``
+    too (default: the DRAM tier of the GPU's socket), a later turn whose KV left HBM loading it
+    back (``hgsim.serving.kv_offload``). The point's workload gives the dtypes and tensor parallelism; its batch, context and gen are
     not used (the lengths come from here)."""
 
     rate_per_s: float | None = Field(default=None, gt=0)
@@ -453,29 +474,54 @@ class ServingSpec(StudyModel):
     output: str | int = 256
     max_batch: int = Field(default=256, ge=1)
     prefill_chunk: int = Field(default=0, ge=0)
+    turns: int = Field(default=1, ge=1)
+    followup: str | int = "1k"
+    think_s: float = Field(default=30.0, ge=0)
+    prefix_cache: bool = True
+    kv_offload_gb: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    kv_offload_tier: str | None = None
     seed: int = Field(default=0, ge=0)
     slo: SloSpec | None = None
 
-    @field_validator("requests", "max_batch", "prefill_chunk", mode="before")
+    @field_validator("requests", "max_batch", "prefill_chunk", "turns", mode="before")
     @classmethod
     def _counts(cls, value: Any) -> Any:
         return parse_count(value) if isinstance(value, str) else value
 
-    @field_validator("prompt", "output", mode="before")
+    @field_validator("prompt", "output", "followup", mode="before")
     @classmethod
     def _lengths(cls, value: Any, info: ValidationInfo) -> Any:
         from hgsim.errors import UserError
         from hgsim.serving.requests import output_lengths, prompt_lengths
 
         try:
-            (prompt_lengths if info.field_name == "prompt" else output_lengths)(value, "length")
+            (output_lengths if info.field_name == "output" else prompt_lengths)(value, "length")
         except UserError as exc:
             raise ValueError(str(exc).removeprefix("length: ")) from None
         return value
 
-    def problem(self) -> tuple[str, str] | None:
+    @field_validator("turns")
+    @classmethod
+    def _turns(cls, value: int) -> int:
+        from hgsim.serving.requests import MAX_TURNS
+
+        if value > MAX_TURNS:
+            raise ValueError(f"at most {MAX_TURNS} turns a conversation, got {value}")
+        return value
+
+    @field_validator("think_s")
+    @classmethod
+    def _think(cls, value: float) -> float:
+        from hgsim.serving.requests import MAX_THINK_S
+
+        if value > MAX_THINK_S:
+            raise ValueError(f"at most {MAX_THINK_S:g} seconds, got {value:g}")
+        return value
+
+    def problem(self, turns_swept: bool = False) -> tuple[str, str] | None:
         """The field and the reason when the fields do not go together (checked per point,
-        where an axis may set any of them), else None."""
+        where an axis may set any of them), else None. The fields of a conversation need
+        turns 2 or more, unless ``turns_swept`` (a point of one turn then ignores them)."""
         if self.find_rate and self.rate_per_s is not None:
             return "find_rate", ("searches the rate itself; drop rate_per_s (or set find_rate: "
                                  "false)")
@@ -488,9 +534,33 @@ class ServingSpec(StudyModel):
         if self.slo is not None and not self.slo.set:
             return "slo", "give ttft_s and/or tpot_ms (an SLO with neither bounds nothing)"
         from hgsim.serving import prefill_chunk_problem
+        from hgsim.serving.requests import MAX_REQUESTS
 
         why = prefill_chunk_problem(self.prefill_chunk)
-        return None if why is None else ("prefill_chunk", why)
+        if why is not None:
+            return "prefill_chunk", why
+        if self.requests * self.turns > MAX_REQUESTS:
+            return "turns", (f"{self.requests:,} conversations of {self.turns} turns are more "
+                             f"than {MAX_REQUESTS:,} requests")
+        if self.turns == 1 and not turns_swept:
+            for name in self.conversation_fields_set():
+                return name, "applies to conversations: set serving.turns 2 or more"
+        if self.turns > 1 and self.kv_offload_gb and not self.prefix_cache:
+            return "kv_offload_gb", ("a store serves the prefix cache: set serving.prefix_cache "
+                                     "true")
+        return None
+
+    def conversation_fields_set(self) -> list[str]:
+        """The fields of a conversation beside ``turns`` that are not at their defaults."""
+        from hgsim.serving.requests import LengthDist
+
+        def same(name: str, value: Any, default: Any) -> bool:
+            if name != "followup":
+                return value == default
+            return str(LengthDist.parse(value, name)) == str(LengthDist.parse(default, name))
+
+        return [name for name, default in CONVERSATION_DEFAULTS.items()
+                if not same(name, getattr(self, name), default)]
 
     def key_config(self) -> dict[str, Any]:
         """The spec as a point's key holds it: lengths in one spelling (32k and 32768 alike)."""
@@ -499,6 +569,16 @@ class ServingSpec(StudyModel):
         data = self.model_dump(mode="json")
         if not data["prefill_chunk"]:  # whole prompts: the key points stored before it had
             del data["prefill_chunk"]
+        if self.turns == 1:  # single requests: the key points stored before conversations had
+            for name in ("turns", *CONVERSATION_DEFAULTS):
+                del data[name]
+        else:
+            data["followup"] = str(LengthDist.parse(data["followup"], "followup"))
+            data["think_s"] = float(data["think_s"])
+            data["kv_offload_gb"] = float(data["kv_offload_gb"])
+            for name, default in KV_OFFLOAD_DEFAULTS.items():  # no store: the key it had before
+                if data[name] == default:
+                    del data[name]
         for name in ("prompt", "output"):
             data[name] = str(LengthDist.parse(data[name], name))
         return data
@@ -662,6 +742,14 @@ class Study(StudyModel):
         attainment and goodput."""
         return self.serving is not None and (
             self.serving.slo is not None or any(a.startswith("serving.slo.") for a in self.axes()))
+
+    @property
+    def serving_conversations(self) -> bool:
+        """Whether any serving point serves conversations (``turns`` above 1, set or swept):
+        its rows then carry their turns, follow-up, think time, prefix cache and the share of
+        prompt tokens the cache held."""
+        return self.serving is not None and (
+            self.serving.turns > 1 or "serving.turns" in self.axes())
 
     @property
     def serving_finds_rate(self) -> bool:

@@ -28,16 +28,21 @@ SLO_COLUMNS = ("slo_ttft_s", "slo_tpot_s", "slo_attainment", "goodput_requests_p
 #: Energy and cost over the run (``ServeResult.energy_and_cost``).
 ENERGY_COLUMNS = ("energy_j", "power_w", "energy_j_per_output_token", "usd_per_mtok",
                   "usd_per_mtok_capex", "usd_per_mtok_energy")
+#: With conversations: the run's labels of them (the host KV store's GB, 0: none, and tier)
+#: and the shares of prompt tokens the prefix cache held and the store loaded back.
+CONVERSATION_COLUMNS = ("turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
+                        "kv_offload_tier", "prefix_cached_fraction", "prefix_loaded_fraction")
 FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
                      "slo_bound_note")
 #: Those of them that hold words.
-TEXT_COLUMNS = ("prompt", "output", "reason", "slo_bound_by", "slo_bound_note")
+TEXT_COLUMNS = ("prompt", "output", "followup", "kv_offload_tier", "reason", "slo_bound_by", "slo_bound_note")
 
 
-def serving_columns(slo: bool, find_rate: bool) -> list[str]:
+def serving_columns(slo: bool, find_rate: bool, conversations: bool = False) -> list[str]:
     return [*LABEL_COLUMNS, *SUMMARY_COLUMNS, *(SLO_COLUMNS if slo else ()), *ENERGY_COLUMNS,
             "simulations",
-            *(FIND_RATE_COLUMNS if find_rate else ())]
+            *(FIND_RATE_COLUMNS if find_rate else ()),
+            *(CONVERSATION_COLUMNS if conversations else ())]
 
 
 def step_times(spec, mix):
@@ -60,7 +65,9 @@ def request_mix(serving: ServingSpec):
 
     return RequestMix(prompt_lengths(serving.prompt, "serving.prompt"),
                       output_lengths(serving.output, "serving.output"),
-                      count=serving.requests, seed=serving.seed)
+                      count=serving.requests, seed=serving.seed, turns=serving.turns,
+                      followup=prompt_lengths(serving.followup, "serving.followup"),
+                      think_s=float(serving.think_s))
 
 
 def slo_of(serving: ServingSpec):
@@ -74,19 +81,36 @@ def slo_of(serving: ServingSpec):
                attainment=s.attainment)
 
 
+def kv_store(spec):
+    """The point's host KV store (None: none, or single requests, which keep no prefixes),
+    checked against its profile (hardware overrides applied) and policy; a mistake names
+    ``serving.kv_offload_gb`` or ``serving.kv_offload_tier``."""
+    from hgsim.serving import kv_offload
+
+    serving: ServingSpec = spec.serving
+    if serving.turns == 1:  # a point of one turn where turns is swept: it ignores the store
+        return None
+    return kv_offload(spec.profile, spec.policy, serving.kv_offload_gb, serving.kv_offload_tier,
+                      gb_field="serving.kv_offload_gb", tier_field="serving.kv_offload_tier")
+
+
 def serving_point(spec) -> dict[str, Any]:
     """The row of one serving point (a ``PointSpec`` whose ``serving`` is set)."""
     from hgsim.serving import max_rate, run_labels, serve_requests
 
     serving: ServingSpec = spec.serving
     mix = request_mix(serving)
+    store = kv_store(spec)
     times = step_times(spec, mix)
     slo = slo_of(serving)
-    labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False)
+    labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False,
+                        prefix_cache=serving.prefix_cache, kv_offload=store)
     if not serving.find_rate:
         result = serve_requests(times, mix.requests(serving.rate_per_s),
                                 max_batch=serving.max_batch, rate_per_s=serving.rate_per_s,
-                                slo=slo, labels=labels)
+                                slo=slo, labels=labels, prefix_cache=serving.prefix_cache,
+                                kv_offload=store)
         return result.summary()
-    search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels)
+    search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels,
+                      prefix_cache=serving.prefix_cache, kv_offload=store)
     return search.row(labels, times.simulations)

@@ -38,7 +38,8 @@ def produced_columns(study: Study, expansion: Expansion) -> list[str]:
     elif study.serving is not None:
         from hgsim.study.serving import serving_columns
 
-        columns += serving_columns(study.serving_slo, study.serving_finds_rate)
+        columns += serving_columns(study.serving_slo, study.serving_finds_rate,
+                                   study.serving_conversations)
     else:
         columns += simulation_columns()
     if study.serving is None:  # a server's row holds no per-tier memory
