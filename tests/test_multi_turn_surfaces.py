@@ -101,7 +101,8 @@ def test_cli_bad_conversation_flags_are_one_line_exit_2(capsys, extra, flag, wor
 
 
 @pytest.mark.parametrize("extra", [["--turns", "2"], ["--turns", "1"], ["--think", "1"],
-                                   ["--no-prefix-cache"], ["--followup", "1k"]])
+                                   ["--no-prefix-cache"], ["--followup", "1k"],
+                                   ["--kv-offload-gb", "64"], ["--kv-offload-tier", "ddr0"]])
 def test_cli_a_trace_takes_no_conversations(tmp_path, capsys, extra):
     trace = tmp_path / "t.csv"
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n")
@@ -339,16 +340,6 @@ def test_cli_store_gb_not_a_number_is_argparses_one_line(capsys):
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1, err
     assert "--kv-offload-gb: invalid float value: 'abc'" in err, err
-
-
-@pytest.mark.parametrize("extra", [STORE, ["--kv-offload-tier", "ddr0"]])
-def test_cli_a_trace_takes_no_store(tmp_path, capsys, extra):
-    trace = tmp_path / "t.csv"
-    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n")
-    capsys.readouterr()
-    assert main([*SERVE, "--trace", str(trace), *extra]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"error: {extra[0]}: a trace's rows are single" in err, err
 
 
 def test_api_store_loads_what_hbm_dropped():
