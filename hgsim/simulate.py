@@ -269,12 +269,13 @@ def simulate_prepared(
 def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload: Workload,
                context: int, chunk_past: int, chunk_tokens: int, *, alone: bool = False,
                policy_options: dict[str, Any] | None = None,
-               stored_tier: str | None = None) -> tuple[float, float]:
+               past_from: str | None = None) -> tuple[float, float]:
     """One decode step of ``workload.batch`` sequences at ``context`` tokens under ``pol``'s
     plans as they stand, with positions ``chunk_past`` to ``chunk_past + chunk_tokens`` of a
     prompt prefilled in the same step (``DecodeEngine.step``; ``alone``: the chunk without a
     decode, the prompt placed as ``pol`` places a sequence of ``context`` tokens; with
-    ``stored_tier`` its past read back from a host KV store there), on a fresh machine: its
+    ``past_from`` its whole past read back from the host, ``PrefillChunk.past_from``), on a
+    fresh machine: its
     seconds and the machine's joules over it (NaN: the profile lacks energy figures)."""
     view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options),
                      workload.data_parallel, workload.gpu_placement)
@@ -283,7 +284,7 @@ def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload
     plan = pol.step_plan(max(context, 1))
     if alone:
         plan = replace(plan, batch=0)
-    chunk = PrefillChunk(chunk_past, chunk_tokens, stored_tier)
+    chunk = PrefillChunk(chunk_past, chunk_tokens, past_from)
     before = machine.recorder.snapshot()
     m = engine.step(plan, chunk)
     activity = _system_activity(view, energy.activity_between(

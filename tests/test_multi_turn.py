@@ -18,7 +18,7 @@ from hgsim.serving import KvOffload, Request, RequestMix, StepTimes, kv_offload,
 from hgsim.serving.kv_offload import KvStore
 from hgsim.serving.requests import LengthDist
 from hgsim.serving.step_times import PREFILL_GRID_PER_OCTAVE, bracket
-from hgsim.sim.decode import PrefillChunk
+from hgsim.sim.decode import PAST_ON_HOST, PrefillChunk
 from hgsim.simulate import new_engine
 from hgsim.workload import Workload
 
@@ -292,3 +292,41 @@ def test_a_turn_evicted_from_hbm_loads_its_prefix_from_the_store(machine, chunk)
     assert turn.first_token_s - r.arrival_s == pytest.approx(expected, rel=1e-12)
     ttft_without = without[1].first_token_s - without[1].request.arrival_s
     assert turn.first_token_s - r.arrival_s < ttft_without / 2
+
+
+def test_a_past_kept_on_the_host_is_read_back_whole_from_the_policys_tiers(machine):
+    """HybridGen at batch 32 keeps keys in DRAM and values on CXL: a retained prefix comes
+    back whole, K from ddr0 and V from cxl0 (its HBM window was written out when its turn
+    ended), where in place only the part beyond the window would."""
+    profile, model = machine
+    past, tokens = 16384, 1024
+    workload = Workload(batch=32, context=past + tokens, gen=1)
+    plan = make_policy("hybridgen", model, profile, workload, {}).step_plan(past + tokens)
+    lp = plan.layer
+    assert lp.placement.k_fractions == {"ddr0": 1.0} and lp.placement.v_fractions == {
+        "cxl0": 1.0}
+    in_place, on_host = PrefillChunk(past, tokens), PrefillChunk(past, tokens, PAST_ON_HOST)
+    assert 0 < in_place.read_back_tokens(lp) < on_host.read_back_tokens(lp) == past
+    engine = new_engine(profile, model, workload)
+    before = dict(engine.machine.recorder.bytes_by_resource())
+    engine.step(replace(plan, batch=0), on_host)
+    moved = engine.machine.recorder.bytes_by_resource()
+    half = plan.num_layers * past * model.kv_bytes_per_token_layer("fp16") / 2
+    for tier in ("ddr0", "cxl0"):
+        assert moved[f"{tier}.read"] - before.get(f"{tier}.read", 0.0) == pytest.approx(
+            half, rel=1e-12)
+
+
+def test_an_offloading_policys_hit_reads_its_prefix_back(machine):
+    """On an idle machine a later turn under FlexGen prefills its new tokens over the prefix
+    read back from the host (PAST_ON_HOST), gpu_only over the prefix still in HBM."""
+    profile, model = machine
+    requests = conversation(0, 0, 0.0, [(12_000, 8), (1_000, 8)], think_s=3.0)
+    for policy, source in (("flexgen", PAST_ON_HOST), ("gpu_only", None)):
+        times = StepTimes(profile, model, policy, longest_prompt=requests[-1].prompt_tokens)
+        turn = by_id(serve_requests(times, requests, max_batch=4))[1]
+        r = turn.request
+        assert turn.cached_tokens == r.prefix_tokens and not turn.loaded_tokens
+        expected = times.mixed_step(0, 0.0, r.prefix_tokens, 1_000, source)[0]
+        assert turn.first_token_s - r.arrival_s == pytest.approx(expected, rel=1e-12)
+    assert expected < times.mixed_step(0, 0.0, r.prefix_tokens, 1_000, PAST_ON_HOST)[0]

@@ -4,7 +4,7 @@ A policy that keeps its KV in HBM (``gpu_only``) can retain few conversations th
 their turns. With a store, every finished turn's KV is also written to host memory (DRAM or a
 CXL expander, ``tier``), least recently used evicted past ``capacity_gb``, and a later turn
 whose KV has left HBM loads its prefix back over PCIe, layer by layer as its prefill runs
-(``PrefillChunk.stored_tier``), instead of computing it again. The write to the store rides
+(``PrefillChunk.past_from``), instead of computing it again. The write to the store rides
 on the device-to-host copy engine, which such a policy leaves idle, while the GPU decodes, so
 it delays nothing and is not timed. Policies that keep KV in host memory themselves retain
 their conversations there already: their prefix cache spans the host tiers, and they take
@@ -32,13 +32,11 @@ class KvOffload:
 def default_tier(profile: HardwareProfile, field: str = "kv_offload_tier") -> str:
     """The DRAM tier of the first GPU's socket (where LMCache's CPU backend puts it), else the
     profile's first DRAM tier; a profile without one is a mistake naming ``field``."""
-    socket = profile.gpus[profile.primary_gpu].socket
-    ddr = [name for name, tier in profile.tiers.items() if tier.kind == "ddr"]
-    local = [name for name in ddr if profile.tiers[name].socket == socket]
-    if not (local or ddr):
+    tier = profile.dram_tier_near(profile.primary_gpu)
+    if tier is None:
         raise UserError(f"profile {profile.name} has no DRAM tier for a KV store: name one",
                         field=field)
-    return (local or ddr)[0]
+    return tier
 
 
 def kv_offload(profile: HardwareProfile, policy: str, capacity_gb: object,

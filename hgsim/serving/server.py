@@ -25,10 +25,13 @@ iteration: a prompt shorter than the chunk does not share its iteration with the
 Conversations (``Request.conversation``): a later turn arrives ``think_s`` after the turn
 before it has finished (a refused turn ends its conversation: the later turns are refused
 too). With ``prefix_cache`` (vLLM's automatic prefix caching) a finished turn's KV is retained
-rather than freed, in the memory the running requests leave free, and evicted least recently
-used when an admission needs its room; a later turn admitted on the copy that holds its
-conversation's KV prefills only its new tokens, attending to the retained ones (a chunk whose
-past is the prefix, ``StepTimes.mixed_step``), and takes that KV into its own reservation.
+rather than freed, in the memory the running requests leave free (a policy that keeps KV in
+host memory keeps it in its host tiers, the HBM window written out to leave HBM to the running
+requests; ``gpu_only`` in HBM), and evicted least recently used when an admission needs its
+room; a later turn admitted on the copy that holds its conversation's KV prefills only its
+new tokens, attending to the retained ones (a chunk whose past is the prefix,
+``StepTimes.mixed_step``, read back from the host tiers where they are there), and takes that
+KV into its own reservation.
 With a host KV store (``hgsim.serving.kv_offload``, shared by the copies) every finished
 turn's KV is written there too, and a later turn whose KV has left the copy's memory loads
 its prefix from the store as its prefill runs.
@@ -47,6 +50,7 @@ import simpy
 from hgsim.serving.kv_offload import KvOffload, KvStore
 from hgsim.serving.requests import Request
 from hgsim.serving.step_times import StepTimes
+from hgsim.sim.decode import PAST_ON_HOST
 
 
 @dataclass
@@ -164,7 +168,7 @@ class Engine:
             tokens = min(server.prefill_chunk, head.request.prompt_tokens - head.prefilled)
             seconds, energy_j = times.mixed_step(batch, mean_context if batch else 0.0,
                                                  head.prefilled, tokens,
-                                                 server.stored_tier(head))
+                                                 server.past_from(head))
         if not math.isfinite(seconds):  # admission let in what the simulator refuses
             raise RuntimeError(f"no step for batch {batch} at mean context {mean_context:.0f} "
                                f"with a {tokens}-token prefill chunk, which admission found "
@@ -198,7 +202,7 @@ class Engine:
         times, prompt = self.server.times, s.request.prompt_tokens
         if s.cached_tokens:
             return times.mixed_step(0, 0.0, s.cached_tokens, prompt - s.cached_tokens,
-                                    self.server.stored_tier(s))
+                                    self.server.past_from(s))
         return times.prefill(prompt)
 
     def admit(self) -> list[Served]:
@@ -292,6 +296,10 @@ class Server:
         self.prefill_chunk = times.prefill_chunk  # None: prompts prefilled whole
         self.prefix_cache = prefix_cache
         self.kv_offload = kv_offload if prefix_cache else None
+        from hgsim.policies.registry import lookup
+
+        # where the policy keeps KV in host memory, so does its prefix cache
+        self._retains_on_host = lookup(times.policy)[0].reads_kv_back
         self.store = None if self.kv_offload is None else KvStore(
             self.kv_offload.capacity_gb * 1e9,
             times.model.kv_bytes_per_token(times.kv_dtype))
@@ -345,12 +353,15 @@ class Server:
         self._announce()
         return served
 
-    def stored_tier(self, s: Served) -> str | None:
-        """The store's tier where ``s``'s prefill is about to read its past from it (its
-        first chunk after a store hit), else None."""
-        if s.loaded_tokens and s.prefilled == s.cached_tokens:
+    def past_from(self, s: Served) -> str | None:
+        """Where the past of ``s``'s next prefill chunk is, if not in place
+        (``PrefillChunk.past_from``): for its first chunk after a hit, the store's tier, or
+        the policy's host tiers where the policy keeps retained KV there."""
+        if not s.cached_tokens or s.prefilled != s.cached_tokens:
+            return None
+        if s.loaded_tokens:
             return self.kv_offload.tier
-        return None
+        return PAST_ON_HOST if self._retains_on_host else None
 
     def answered(self, s: Served) -> None:
         """``s`` has its last token: its conversation's next turn comes after the user's think

@@ -246,7 +246,7 @@ class StepTimes:
         return self.decode_step(batch, mean_context)[1]
 
     def mixed_step(self, batch: int, mean_context: float, past: int, tokens: int,
-                   stored_tier: str | None = None) -> tuple[float, float]:
+                   past_from: str | None = None) -> tuple[float, float]:
         """One iteration that decodes ``batch`` sequences averaging ``mean_context`` tokens
         and prefills positions ``past`` to ``past + tokens`` of a prompt in the same forward
         (chunked prefill; ``batch`` 0: the chunk alone): its seconds and the machine's joules.
@@ -258,63 +258,64 @@ class StepTimes:
         attention and read-back grow linearly with its past, and a cache hit's past is any
         number (simulated at each, every conversation would cost its own steps).
 
-        ``stored_tier``: the prompt's past is read back from a host KV store on that tier
-        (``PrefillChunk.stored_tier``: a prefix the server offloaded)."""
+        ``past_from``: the prompt's whole past is read back from the host, from the policy's
+        host tiers (``PAST_ON_HOST``: a prefix its cache kept there) or from a host KV store
+        on the tier named (``PrefillChunk.past_from``)."""
         on_lattice = past == 0 or (self.prefill_chunk and past % self.prefill_chunk == 0)
         if not on_lattice:
             lo, hi = bracket(past, PREFILL_GRID_PER_OCTAVE)
-            at_hi = self._mixed_step(batch, mean_context, hi, tokens, stored_tier)
+            at_hi = self._mixed_step(batch, mean_context, hi, tokens, past_from)
             if lo < hi and math.isfinite(at_hi[0]):
-                at_lo = self._mixed_step(batch, mean_context, lo, tokens, stored_tier)
+                at_lo = self._mixed_step(batch, mean_context, lo, tokens, past_from)
                 if math.isfinite(at_lo[0]):
                     return (between(past, lo, hi, at_lo[0], at_hi[0]),
                             between(past, lo, hi, at_lo[1], at_hi[1]))
-        return self._mixed_step(batch, mean_context, past, tokens, stored_tier)
+        return self._mixed_step(batch, mean_context, past, tokens, past_from)
 
     def _mixed_step(self, batch: int, mean_context: float, past: int, tokens: int,
-                    stored_tier: str | None = None) -> tuple[float, float]:
+                    past_from: str | None = None) -> tuple[float, float]:
         """``mixed_step`` at ``past`` itself."""
         if batch == 0:
-            return self.mixed_cell(0, 0, past, tokens, stored_tier)
+            return self.mixed_cell(0, 0, past, tokens, past_from)
         c = max(1.0, mean_context)
         cell = grid_cell(batch, c)
         weights = (bilinear_weights(batch, c, *cell)
-                   if self.linear(*cell) and self.mixed_linear(cell, past, tokens, stored_tier)
+                   if self.linear(*cell) and self.mixed_linear(cell, past, tokens, past_from)
                    else self.fine_weights(batch, c))
         seconds = joules = 0.0
         for cell, w in weights:
             if w:
-                t, j = self.mixed_cell(*cell, past, tokens, stored_tier)
+                t, j = self.mixed_cell(*cell, past, tokens, past_from)
                 seconds += w * t
                 joules += w * j
         return seconds, joules
 
     def mixed_linear(self, cell: tuple[int, int, int, int], past: int, tokens: int,
-                     stored_tier: str | None = None) -> bool:
+                     past_from: str | None = None) -> bool:
         """Whether a bilinear ``cell`` (``grid_cell``) is bilinear with the chunk riding on its
         steps too: its middle point (a cell the decode's own check settled) within
         ``LINEAR_TOLERANCE`` of the corners' interpolation. A chunk hidden in the wait for the
         host at one corner and not at another bends the surface where the step alone is
         flat."""
         b_lo, b_hi, c_lo, c_hi = cell
-        key = (*cell, past, tokens, *((stored_tier,) if stored_tier else ()))
+        key = (*cell, past, tokens, *((past_from,) if past_from else ()))
         if key not in self.mixed_linear_cells:
             b_mid = (b_lo + b_hi) // 2 if b_hi - b_lo >= 2 else b_lo
             c_mid = (c_lo + c_hi) // 2 if c_hi - c_lo >= 2 else c_lo
-            exact = self.mixed_cell(b_mid, c_mid, past, tokens, stored_tier)[0]
-            guess = sum(w * self.mixed_cell(*corner, past, tokens, stored_tier)[0]
+            exact = self.mixed_cell(b_mid, c_mid, past, tokens, past_from)[0]
+            guess = sum(w * self.mixed_cell(*corner, past, tokens, past_from)[0]
                         for corner, w
                         in bilinear_weights(b_mid, c_mid, b_lo, b_hi, c_lo, c_hi) if w)
             self.mixed_linear_cells[key] = abs(guess - exact) <= LINEAR_TOLERANCE * exact
         return self.mixed_linear_cells[key]
 
     def mixed_cell(self, batch: int, context: int, past: int, tokens: int,
-                   stored_tier: str | None = None) -> tuple[float, float]:
+                   past_from: str | None = None) -> tuple[float, float]:
         """A decode cell's settled step with a prefill chunk (``simulate.mixed_step``), under
         the policy as the cell's run left it; batch 0: the chunk alone, placed as the policy
-        places one sequence of the chunk's end; ``stored_tier``: its past from a host KV
+        places one sequence of the chunk's end; ``past_from``: its past from a host KV
         store there."""
-        key = (batch, context, past, tokens, *((stored_tier,) if stored_tier else ()))
+        key = (batch, context, past, tokens, *((past_from,) if past_from else ()))
         if key not in self.mixed_cells:
             from hgsim.simulate import mixed_step
 
@@ -333,7 +334,7 @@ class StepTimes:
             at = past + tokens if batch == 0 else context
             self.mixed_cells[key] = (mixed_step(
                 self.serving_profile, self.model, pol, workload, at, past, tokens,
-                alone=batch == 0, policy_options=self.policy_options, stored_tier=stored_tier)
+                alone=batch == 0, policy_options=self.policy_options, past_from=past_from)
                 if ok and pol is not None else (math.inf, math.nan))
         return self.mixed_cells[key]
 

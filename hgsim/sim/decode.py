@@ -100,6 +100,10 @@ class _Chain:
         self.last: _Node | None = None
 
 
+#: ``PrefillChunk.past_from``: the whole past in the host tiers of the plan's placement.
+PAST_ON_HOST = "<host tiers>"
+
+
 @dataclass(frozen=True, slots=True)
 class PrefillChunk:
     """A chunk of one prompt prefilled in the same iteration as a decode step (chunked
@@ -109,14 +113,17 @@ class PrefillChunk:
     its placement, so the positions the chunk pushes out of the window go there; where the
     plan keeps every token in HBM, so does the prompt (admission reserved its room).
 
-    ``stored_tier``: the prompt's earlier positions are not in the GPU's memory but in a host
-    KV store on that tier (a server's offloaded prefix cache, as LMCache keeps one), so the
-    chunk reads all of them back, layer by layer, before it attends (only for a plan that
-    keeps every token in HBM: its window is then the whole past)."""
+    ``past_from``: where the prompt's earlier positions are when the chunk starts, if not in
+    place as the plan places them: ``PAST_ON_HOST``, all of them in the host tiers the plan
+    places host KV in (a prefix cache kept them there when their turn ended, the HBM window
+    written out to make room for the running requests), or the name of the tier of a host KV
+    store holding them (a server's offloaded prefix cache, as LMCache keeps one). Either way
+    the chunk reads the whole past back, layer by layer, before it attends (from then on it is
+    placed as the plan places a sequence)."""
 
     past_tokens: int
     tokens: int
-    stored_tier: str | None = None
+    past_from: str | None = None
 
     def _host_end(self, lp: LayerPlan, end: int) -> int:
         """Where the prompt's host-resident positions end once ``end`` positions exist (its
@@ -128,14 +135,19 @@ class PrefillChunk:
     def read_back_tokens(self, lp: LayerPlan) -> int:
         """Earlier positions in host memory when the chunk starts: its attention reads them
         back (the rest of the past is still in HBM; from a store, the whole past)."""
-        if self.stored_tier is not None:
+        if self.past_from is not None:
             return self.past_tokens
         return self._host_end(lp, self.past_tokens) - lp.sink_tokens
 
-    def read_back_fractions(self, lp: LayerPlan) -> tuple[dict[str, float], dict[str, float]]:
-        """The tiers the read-back comes from, as fractions of its K and of its V."""
-        if self.stored_tier is not None:
-            return {self.stored_tier: 1.0}, {self.stored_tier: 1.0}
+    def read_back_fractions(self, lp: LayerPlan, host_tier: str
+                            ) -> tuple[dict[str, float], dict[str, float]]:
+        """The tiers the read-back comes from, as fractions of its K and of its V: the
+        plan's host placement (``host_tier`` where the plan places nothing in host memory),
+        or the store's tier."""
+        if self.past_from not in (None, PAST_ON_HOST):
+            return {self.past_from: 1.0}, {self.past_from: 1.0}
+        if lp.placement is None:
+            return {host_tier: 1.0}, {host_tier: 1.0}
         return lp.placement.k_fractions, lp.placement.v_fractions
 
     def written_tokens(self, lp: LayerPlan) -> int:
@@ -217,6 +229,8 @@ class DecodeEngine:
         self.attention_only = attention_only
         profile = machine.profile
         self.gpu = profile.primary_gpu
+        # where a past kept on the host is when the plan places nothing there (PAST_ON_HOST)
+        self._host_kv_tier = profile.dram_tier_near(self.gpu) or next(iter(profile.tiers), "")
         self.stream = machine.gpu_stream(self.gpu)
         self._use_host(None)
         gpu_spec = profile.gpus[self.gpu]
@@ -585,7 +599,8 @@ class DecodeEngine:
                 if back:
                     freed = chunk_kernels[i - 2] if i >= 2 else None
                     h2d_tail = read_back = env.process(self._read_kv_back(
-                        chunk.read_back_fractions(lp), (h2d_tail, freed), back * chunk_kv_token))
+                        chunk.read_back_fractions(lp, self._host_kv_tier),
+                        (h2d_tail, freed), back * chunk_kv_token))
             qkv, d_qkv, qkv_node = self._launch(
                 _plus(w.qkv, chunk_qkv), "qkv",
                 after=tuple(e for e in (weights, first) if e is not None),
