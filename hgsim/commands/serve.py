@@ -307,6 +307,8 @@ def print_summary(row: dict, slo, search) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from hgsim.serving import rate_unit
+
     console = Console()
     copies = (f", {row['data_parallel']} copies ({row['gpu_placement']})"
               if row["data_parallel"] > 1 else "")
@@ -328,7 +330,8 @@ def print_summary(row: dict, slo, search) -> None:
                           f"{search.reason}")
         else:
             console.print(f"[bold]{title}[/bold]\nhighest rate meeting {slo}: "
-                          f"[bold]{search.rate_per_s:.4g} requests/s[/bold] "
+                          f"[bold]{search.rate_per_s:.4g} {rate_unit(row.get('turns', 1))}"
+                          "[/bold] "
                           f"({len(search.probes)} rates tried)")
         if search.bound_by:
             console.print(f"bound by {search.bound_by.upper()}: {search.bound_note}")

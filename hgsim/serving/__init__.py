@@ -18,7 +18,8 @@ from hgsim.serving.step_times import StepTimes
 
 __all__ = ["MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch", "Request", "RequestMix",
            "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "kv_offload", "longest_prompt",
-           "max_rate", "prefill_chunk_problem", "read_trace", "run_labels", "serve_requests"]
+           "max_rate", "prefill_chunk_problem", "rate_unit", "read_trace", "run_labels",
+           "serve_requests"]
 
 
 def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
@@ -126,6 +127,11 @@ class RateSearch:
         return row
 
 
+def rate_unit(turns: int) -> str:
+    """What an arrival rate counts: requests, or with conversations, conversations."""
+    return "conversations/s" if turns > 1 else "requests/s"
+
+
 def missed_limits(result: ServeResult) -> tuple[str, str]:
     """Which SLO limit more of ``result``'s requests miss (a rejected request misses TTFT),
     and the shares that miss each."""
@@ -134,7 +140,8 @@ def missed_limits(result: ServeResult) -> tuple[str, str]:
     ttft = ((frame.rejected != "") | ~(frame.ttft_s <= slo.ttft_s)).mean()
     tpot = (frame.tpot_s > slo.tpot_s).mean()
     which = "ttft" if ttft >= tpot else "tpot"
-    rate = "" if math.isnan(result.rate_per_s) else f"at {result.rate_per_s:.4g} requests/s, "
+    unit = rate_unit(result.labels.get("turns", 1))
+    rate = "" if math.isnan(result.rate_per_s) else f"at {result.rate_per_s:.4g} {unit}, "
     return which, f"{rate}{ttft:.0%} of requests missed TTFT and {tpot:.0%} TPOT"
 
 
@@ -197,8 +204,8 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
             hi = rate
         else:
             return RateSearch(None, results[rate], probes,
-                              f"the SLO is missed even at {rate:.3g} requests/s, where requests "
-                              f"rarely overlap", *missed_limits(results[rate]))
+                              f"the SLO is missed even at {rate:.3g} {rate_unit(mix.turns)}, "
+                              "where requests rarely overlap", *missed_limits(results[rate]))
         lo = rate
     while hi / lo > 1 + tolerance:
         mid = math.sqrt(lo * hi)
