@@ -40,6 +40,7 @@ its prefix from the store as its prefill runs.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -296,10 +297,6 @@ class Server:
         self.prefill_chunk = times.prefill_chunk  # None: prompts prefilled whole
         self.prefix_cache = prefix_cache
         self.kv_offload = kv_offload if prefix_cache else None
-        from hgsim.policies.registry import lookup
-
-        # where the policy keeps KV in host memory, so does its prefix cache
-        self._retains_on_host = lookup(times.policy)[0].reads_kv_back
         self.store = None if self.kv_offload is None else KvStore(
             self.kv_offload.capacity_gb * 1e9,
             times.model.kv_bytes_per_token(times.kv_dtype))
@@ -352,6 +349,13 @@ class Server:
             self.waiting.append(served)
         self._announce()
         return served
+
+    @functools.cached_property
+    def _retains_on_host(self) -> bool:
+        """Whether the policy keeps KV in host memory, and so its prefix cache too."""
+        from hgsim.policies.registry import lookup
+
+        return lookup(self.times.policy)[0].reads_kv_back
 
     def past_from(self, s: Served) -> str | None:
         """Where the past of ``s``'s next prefill chunk is, if not in place
