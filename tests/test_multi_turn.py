@@ -157,7 +157,7 @@ def test_a_refused_turn_refuses_the_rest_of_its_conversation(machine):
     assert served[4].cached_tokens == served[4].request.prefix_tokens  # the others go on
 
 
-def test_copies_keep_their_own_cache_and_every_turn_is_served(machine):
+def test_a_later_turn_goes_to_the_copy_that_holds_its_kv(machine):
     model = machine[1]
     mix = RequestMix(LengthDist.parse("4k", "p"), LengthDist.parse("16", "o"), count=12,
                      turns=3, followup=LengthDist.parse("256", "f"), think_s=2.0)
@@ -168,8 +168,12 @@ def test_copies_keep_their_own_cache_and_every_turn_is_served(machine):
     frame = result.requests_frame()
     assert len(frame) == 36 and (frame.rejected == "").all()
     later = frame[frame.turn > 0]
-    assert (later.cached_tokens > 0).any()
-    assert set(later.cached_tokens) <= {0} | set(later.prompt_tokens - 256)
+    # each later turn waited for the copy that held its conversation's KV: every one a hit
+    assert (later.cached_tokens == later.prompt_tokens - 256).all()
+    assert {it.copy for it in result.iterations if it.admitted} == {0, 1}  # both served
+    # without the cache a later turn goes to the first copy with room, as any request
+    plain = serve_requests(times, requests, max_batch=4, prefix_cache=False)
+    assert (plain.requests_frame().rejected == "").all()
     assert result.summary()["prefix_cached_fraction"] == pytest.approx(
         later.cached_tokens.sum() / frame.prompt_tokens.sum())
 

@@ -111,12 +111,17 @@ class Engine:
         server = self.server
         iterate = self._chunked if server.prefill_chunk else self._whole
         while True:
-            if not self.running and not self.prefilling and not server.waiting:
-                if server.all_arrived:
+            if not self.running and not self.prefilling and not self._takes_any():
+                if server.all_arrived and not server.waiting:
                     return
                 yield server.arrival()
                 continue
             yield from iterate()
+
+    def _takes_any(self) -> bool:
+        """Whether a waiting request may come to this copy (its conversation's KV is not in
+        another copy's prefix cache)."""
+        return any(self.server.copy_for(s) in (None, self) for s in self.server.waiting)
 
     def _whole(self):
         """One iteration: the admitted prompts' prefills, whole, then the decode step."""
@@ -207,12 +212,16 @@ class Engine:
         return times.prefill(prompt)
 
     def admit(self) -> list[Served]:
-        """Waiting requests that join this iteration (first come, first served)."""
+        """Waiting requests that join this iteration (first come, first served), passing over
+        later turns whose conversation's KV another copy holds (they wait for that copy)."""
         server = self.server
         admitted: list[Served] = []
         held = len(self.running) + len(self.prefilling)
-        while server.waiting and held + len(admitted) < server.max_batch:
-            head = server.waiting[0]
+        while held + len(admitted) < server.max_batch:
+            head = next((s for s in server.waiting if server.copy_for(s) in (None, self)),
+                        None)
+            if head is None:
+                break
             batch = held + len(admitted) + 1
             final = self._reserved_tokens + head.request.final_tokens
             cached, loaded = self._cached(head.request)
@@ -221,13 +230,12 @@ class Engine:
                     server.times.prefill_s(head.request.prompt_tokens)):
                 why = "its prompt's prefill does not fit alone"
             elif server.times.fits(batch, final):
-                server.waiting.popleft()
+                server.waiting.remove(head)
                 head.admitted_s = server.env.now
                 admitted.append(head)
                 self._reserved_tokens += head.request.final_tokens
                 if cached and not loaded:  # its conversation's KV is its own again
-                    del self.retained[head.request.conversation]
-                    self._retained_tokens -= cached
+                    self._forget(head.request.conversation)
                 head.cached_tokens = head.prefilled = cached
                 head.loaded_tokens = cached if loaded else 0
                 self._evict(batch)
@@ -240,9 +248,17 @@ class Engine:
                             f"longest prompt ({server.times.longest_prompt} tokens)")
             if not why:
                 break  # it waits for room
-            server.waiting.popleft()
+            server.waiting.remove(head)
             server.refuse(head, why)
         return admitted
+
+    def _forget(self, conversation: int) -> int:
+        """Drop ``conversation`` from this copy's prefix cache (taken back, or evicted)."""
+        tokens = self.retained.pop(conversation)
+        self._retained_tokens -= tokens
+        del self.server.holder[conversation]
+        self.server._announce()  # a turn that waited for this copy may go to any now
+        return tokens
 
     def _cached(self, request: Request) -> tuple[int, bool]:
         """Tokens of ``request``'s prompt this copy's prefix cache holds (its conversation's
@@ -263,8 +279,7 @@ class Engine:
         requests reserve and what is retained fit together."""
         fits = self.server.times.fits
         while self.retained and not fits(batch, self._reserved_tokens + self._retained_tokens):
-            _, tokens = self.retained.popitem(last=False)
-            self._retained_tokens -= tokens
+            self._forget(next(iter(self.retained)))
 
     def _generate(self, s: Served) -> None:
         s.generated += 1
@@ -278,6 +293,7 @@ class Engine:
                 conversation = s.request.conversation
                 self._retained_tokens += s.context - self.retained.pop(conversation, 0)
                 self.retained[conversation] = s.context
+                self.server.holder[conversation] = self
                 if self.server.store is not None:  # written through to the host store
                     self.server.store.put(conversation, s.context)
             self.server.finished(1)
@@ -288,7 +304,8 @@ class Server:
     """The queue and ``copies`` engines, as SimPy processes: ``arrivals`` feeds the queue, each
     engine runs iterations until every request has arrived and left. An engine takes the
     head of the queue at the start of its next iteration, so a request goes to the first copy
-    with room (one idle, or the first to finish an iteration)."""
+    with room (one idle, or the first to finish an iteration); a later turn whose
+    conversation's KV a copy's prefix cache holds waits for that copy (``copy_for``)."""
 
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
                  copies: int = 1, on_finish: Callable[[int], None] | None = None,
@@ -307,6 +324,8 @@ class Server:
         self.on_finish = on_finish
         self._unarrived: int | None = None  # requests still to come (None: not yet told)
         self._later: dict[int, deque[Request]] = {}  # conversations' turns still to come
+        # the copy whose prefix cache holds each conversation's KV (a later turn goes there)
+        self.holder: dict[int, Engine] = {}
         self._arrived: simpy.Event | None = None
 
     @property
@@ -349,6 +368,14 @@ class Server:
             self.waiting.append(served)
         self._announce()
         return served
+
+    def copy_for(self, s: Served) -> Engine | None:
+        """The copy ``s`` waits for: the one whose prefix cache holds its conversation's KV
+        (session affinity, as a router in front of several copies sends a conversation's
+        turns where its KV is), or None: any copy."""
+        if not self.prefix_cache or len(self.engines) == 1:
+            return None
+        return self.holder.get(s.request.conversation)
 
     @functools.cached_property
     def _retains_on_host(self) -> bool:
