@@ -174,8 +174,14 @@ def test_a_later_turn_goes_to_the_copy_that_holds_its_kv(machine):
     # without the cache a later turn goes to the first copy with room, as any request
     plain = serve_requests(times, requests, max_batch=4, prefix_cache=False)
     assert (plain.requests_frame().rejected == "").all()
-    assert result.summary()["prefix_cached_fraction"] == pytest.approx(
+    row = result.summary()
+    assert row["prefix_cached_fraction"] == pytest.approx(
         later.cached_tokens.sum() / frame.prompt_tokens.sum())
+    # a first turn's TTFT and a later one's, apart
+    for stem, part in (("ttft_first", frame[frame.turn == 0]), ("ttft_later", later)):
+        assert row[f"{stem}_mean_s"] == pytest.approx(part.ttft_s.mean(), rel=1e-12)
+        assert row[f"{stem}_p90_s"] == pytest.approx(np.percentile(part.ttft_s, 90), rel=1e-12)
+    assert row["ttft_later_mean_s"] < row["ttft_first_mean_s"]
 
 
 # ------------------------------------------------------------------ the step with a cached past

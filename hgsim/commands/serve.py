@@ -364,7 +364,9 @@ def print_summary(row: dict, slo, search) -> None:
     latency.add_column("")
     for q in ("mean", "p50", "p90", "p99"):
         latency.add_column(q, justify="right")
-    for stem, name, scale in (("queue", "queueing", 1), ("ttft", "TTFT", 1),
+    turns = (("ttft_first", "  first turns", 1), ("ttft_later", "  later turns", 1)
+             ) if "ttft_first_mean_s" in row else ()
+    for stem, name, scale in (("queue", "queueing", 1), ("ttft", "TTFT", 1), *turns,
                               ("tpot", "TPOT (ms)", 1e3), ("e2e", "end to end", 1)):
         latency.add_row(name, *(f"{row[f'{stem}_{q}_s'] * scale:.4g}"
                                 for q in ("mean", "p50", "p90", "p99")))

@@ -117,9 +117,12 @@ class ServeResult:
             # of those, the share loaded from the host KV store
             row["prefix_loaded_fraction"] = (float(done.loaded_tokens.sum()) / prompts
                                              if prompts else math.nan)
-        for name in ("queue_s", "ttft_s", "tpot_s", "e2e_s"):
-            values = done[name].dropna().to_numpy()
-            stem = name[:-2]
+        columns = [(name[:-2], done[name]) for name in ("queue_s", "ttft_s", "tpot_s", "e2e_s")]
+        if "prefix_cached_fraction" in row:  # conversations: a first turn's TTFT and a later's
+            columns += [("ttft_first", done.ttft_s[done.turn == 0]),
+                        ("ttft_later", done.ttft_s[done.turn > 0])]
+        for stem, column in columns:
+            values = column.dropna().to_numpy()
             row[f"{stem}_mean_s"] = float(values.mean()) if values.size else math.nan
             for q in PERCENTILES:
                 row[f"{stem}_p{q}_s"] = (float(np.percentile(values, q)) if values.size
