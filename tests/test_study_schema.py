@@ -40,6 +40,11 @@ CASES = {
                                "sweep[0].grid.profile[0]: profile must be a name or path, got ["),
     "label of a list": ("      workload.context: [32k, 64k]", "      label.x: [[1, 2]]", 9,
                         "sweep[0].grid.label.x[0]: a label is a name or a number, got list"),
+    # YAML reads on/off as booleans: a label 'on' plotted and reported as True
+    "label of a YAML boolean": ("      workload.context: [32k, 64k]",
+                                "      label.cache: [kept, off]", 9,
+                                "sweep[0].grid.label.cache[1]: a label is a name or a number, "
+                                "got the YAML boolean false"),
     # accepted: NumPy and torch take no negative seed (`hgsim run --seed -5`: a traceback)
     "negative seed": ("gen: 4}", "gen: 4, seed: -1}", 5,
                       "base.workload.seed: input should be greater than or equal to 0"),

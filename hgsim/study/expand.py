@@ -351,6 +351,10 @@ def _check_axis_path(path: str, study: Study, doc: YamlDocument, loc: Loc) -> No
             if isinstance(value, (dict, list)):
                 raise doc.error((*loc, j), f"a label is a name or a number, got "
                                            f"{type(value).__name__} {value!r}")
+            if isinstance(value, bool):  # YAML reads on/off and yes/no as booleans
+                raise doc.error((*loc, j), f"a label is a name or a number, got the YAML "
+                                           f"boolean {str(value).lower()} (on/off, yes/no and "
+                                           "true/false read as booleans): quote it, 'on'")
 
 
 #: The workload fields a serving point uses (``hgsim.serving.StepTimes``): the others are not
