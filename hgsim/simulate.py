@@ -30,7 +30,7 @@ from hgsim.policies import make_policy
 from hgsim.policies.base import host_shared
 from hgsim.profiles import load_profile
 from hgsim.results import SimResult, StepTiming
-from hgsim.sim.decode import DecodeEngine, PrefillChunk
+from hgsim.sim.decode import PAST_ON_HOST, DecodeEngine, PrefillChunk
 from hgsim.sim.machine import Machine
 from hgsim.sim.trace import trace_bytes
 from hgsim.specs.hardware import HardwareProfile
@@ -284,7 +284,8 @@ def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload
     plan = pol.step_plan(max(context, 1))
     if alone:
         plan = replace(plan, batch=0)
-    chunk = PrefillChunk(chunk_past, chunk_tokens, past_from)
+    chunk = PrefillChunk(chunk_past, chunk_tokens, past_from,
+                         pol.host_kv_placement() if past_from == PAST_ON_HOST else None)
     before = machine.recorder.snapshot()
     m = engine.step(plan, chunk)
     activity = _system_activity(view, energy.activity_between(

@@ -325,6 +325,18 @@ def test_a_past_kept_on_the_host_is_read_back_whole_from_the_policys_tiers(machi
     for tier in ("ddr0", "cxl0"):
         assert moved[f"{tier}.read"] - before.get(f"{tier}.read", 0.0) == pytest.approx(
             half, rel=1e-12)
+    # alone, the prompt fits HBM and the plan places nothing on the host: the policy's own
+    # mapping says where its cache kept the prefix (keys in DRAM, values on CXL)
+    alone = Workload(batch=1, context=past + tokens, gen=1)
+    pol = make_policy("hybridgen", model, profile, alone, {})
+    lone = pol.step_plan(past + tokens)
+    assert lone.layer.placement is None
+    engine = new_engine(profile, model, alone)
+    engine.step(replace(lone, batch=0), PrefillChunk(past, tokens, PAST_ON_HOST,
+                                                     pol.host_kv_placement()))
+    moved = engine.machine.recorder.bytes_by_resource()
+    for tier in ("ddr0", "cxl0"):
+        assert moved[f"{tier}.read"] == pytest.approx(half, rel=1e-12)
 
 
 def test_an_offloading_policys_hit_reads_its_prefix_back(machine):

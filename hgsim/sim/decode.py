@@ -124,6 +124,9 @@ class PrefillChunk:
     past_tokens: int
     tokens: int
     past_from: str | None = None
+    # with ``PAST_ON_HOST``: where the policy keeps host KV (``Policy.host_kv_placement``),
+    # for a plan that places none there (the batch fits HBM)
+    host_placement: KvPlacement | None = None
 
     def _host_end(self, lp: LayerPlan, end: int) -> int:
         """Where the prompt's host-resident positions end once ``end`` positions exist (its
@@ -142,13 +145,14 @@ class PrefillChunk:
     def read_back_fractions(self, lp: LayerPlan, host_tier: str
                             ) -> tuple[dict[str, float], dict[str, float]]:
         """The tiers the read-back comes from, as fractions of its K and of its V: the
-        plan's host placement (``host_tier`` where the plan places nothing in host memory),
-        or the store's tier."""
+        plan's host placement (where it places nothing in host memory, ``host_placement``,
+        else ``host_tier``), or the store's tier."""
         if self.past_from not in (None, PAST_ON_HOST):
             return {self.past_from: 1.0}, {self.past_from: 1.0}
-        if lp.placement is None:
+        placement = lp.placement or self.host_placement
+        if placement is None:
             return {host_tier: 1.0}, {host_tier: 1.0}
-        return lp.placement.k_fractions, lp.placement.v_fractions
+        return placement.k_fractions, placement.v_fractions
 
     def written_tokens(self, lp: LayerPlan) -> int:
         """Positions that leave the HBM window while the chunk comes in: written out."""
