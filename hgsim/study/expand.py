@@ -403,15 +403,12 @@ def _serving(study: Study, values: dict[str, Any], locs: dict[str, Loc],
 def _check_kv_store(serving: ServingSpec, profile: HardwareProfile, policy: str,
                     locs: dict[str, Loc], doc: YamlDocument) -> None:
     """The point's host KV store fits its profile (hardware overrides applied) and policy,
-    as its run will check (``hgsim.study.serving.kv_store``): a mistake at the line of the
-    value that caused it, before anything runs."""
-    from hgsim.serving import kv_offload
+    as its run will check (``hgsim.study.serving.kv_store``, called here): a mistake at the
+    line of the value that caused it, before anything runs."""
+    from hgsim.study.serving import kv_store
 
-    if serving.turns == 1:  # a point of one turn where turns is swept: it ignores the store
-        return
     try:
-        kv_offload(profile, policy, serving.kv_offload_gb, serving.kv_offload_tier,
-                   gb_field="serving.kv_offload_gb", tier_field="serving.kv_offload_tier")
+        kv_store(serving, profile, policy)
     except UserError as exc:
         path = exc.field or "serving.kv_offload_gb"
         path = path if path.startswith("serving.") else f"serving.{path}"
@@ -582,7 +579,7 @@ def _resolve(study: Study, combo: _Combo, doc: YamlDocument, resolver: _Resolver
     serving = _serving(study, values, locs, doc)
     if serving is not None:
         _check_kv_store(serving, profile, policy, locs, doc)
-    if serving is not None:  # not read: the requests' lengths and max_batch replace them
+        # not read: the requests' lengths and max_batch replace them
         wl.update(batch=1, context=1, gen=1)
     workload = _workload(wl, wl_locs, doc)
     try:

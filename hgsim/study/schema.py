@@ -464,8 +464,8 @@ class ServingSpec(StudyModel):
     ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
     ``kv_offload_gb`` > 0 writes it to a host KV store of that many GB on ``kv_offload_tier``
     too (default: the DRAM tier of the GPU's socket), a later turn whose KV left HBM loading it
-    back (``hgsim.serving.kv_offload``). The point's workload gives the dtypes and tensor parallelism; its batch, context and gen are
-    not used (the lengths come from here)."""
+    back (``hgsim.serving.kv_offload``). The point's workload gives the dtypes and tensor
+    parallelism; its batch, context and gen are not used (the lengths come from here)."""
 
     rate_per_s: float | None = Field(default=None, gt=0)
     find_rate: bool = False

@@ -37,7 +37,8 @@ CONVERSATION_COLUMNS = ("turns", "followup", "think_s", "prefix_cache", "kv_offl
 FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
                      "slo_bound_note")
 #: Those of them that hold words.
-TEXT_COLUMNS = ("prompt", "output", "followup", "kv_offload_tier", "reason", "slo_bound_by", "slo_bound_note")
+TEXT_COLUMNS = ("prompt", "output", "followup", "kv_offload_tier", "reason", "slo_bound_by",
+                "slo_bound_note")
 
 
 def serving_columns(slo: bool, find_rate: bool, conversations: bool = False) -> list[str]:
@@ -83,16 +84,15 @@ def slo_of(serving: ServingSpec):
                attainment=s.attainment)
 
 
-def kv_store(spec):
-    """The point's host KV store (None: none, or single requests, which keep no prefixes),
+def kv_store(serving: ServingSpec, profile, policy: str):
+    """A point's host KV store (None: none, or single requests, which keep no prefixes),
     checked against its profile (hardware overrides applied) and policy; a mistake names
     ``serving.kv_offload_gb`` or ``serving.kv_offload_tier``."""
     from hgsim.serving import kv_offload
 
-    serving: ServingSpec = spec.serving
     if serving.turns == 1:  # a point of one turn where turns is swept: it ignores the store
         return None
-    return kv_offload(spec.profile, spec.policy, serving.kv_offload_gb, serving.kv_offload_tier,
+    return kv_offload(profile, policy, serving.kv_offload_gb, serving.kv_offload_tier,
                       gb_field="serving.kv_offload_gb", tier_field="serving.kv_offload_tier")
 
 
@@ -102,7 +102,7 @@ def serving_point(spec) -> dict[str, Any]:
 
     serving: ServingSpec = spec.serving
     mix = request_mix(serving)
-    store = kv_store(spec)
+    store = kv_store(serving, spec.profile, spec.policy)
     times = step_times(spec, mix)
     slo = slo_of(serving)
     labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False,
