@@ -69,7 +69,7 @@ class HostReserve:
     def bytes_(self, profile: HardwareProfile) -> dict[str, float]:
         """Bytes kept back on each host tier of ``profile``."""
         reserved = {n: self.kernel_fraction * t.capacity_gb * GB for n, t in profile.tiers.items()}
-        ddr = _host_tier_order(profile, ("ddr",)) or _host_tier_order(profile, ("cxl",))
+        ddr = host_tier_order(profile, ("ddr",)) or host_tier_order(profile, ("cxl",))
         if ddr:
             reserved[ddr[0]] += self.fixed_gb * GB
         return reserved
@@ -112,7 +112,7 @@ def hbm_capacity_bytes(profile: HardwareProfile) -> float:
     return profile.gpus[profile.primary_gpu].hbm_capacity_gb * GB
 
 
-def _host_tier_order(profile: HardwareProfile, kinds: tuple[str, ...],
+def host_tier_order(profile: HardwareProfile, kinds: tuple[str, ...],
                      near_socket: str | None = None) -> list[str]:
     """Host tiers of the given kinds, those of ``near_socket`` (default: the GPU's) first."""
     near = near_socket or profile.gpus[profile.primary_gpu].socket
@@ -142,10 +142,10 @@ def place_host_kv(
     shortfall.
     """
     kinds = ("ddr", "cxl") if allow_cxl else ("ddr",)
-    ddr = _host_tier_order(profile, ("ddr",), host_socket)
-    cxl = _host_tier_order(profile, ("cxl",), host_socket) if allow_cxl else []
+    ddr = host_tier_order(profile, ("ddr",), host_socket)
+    cxl = host_tier_order(profile, ("cxl",), host_socket) if allow_cxl else []
     free = {n: (profile.tiers[n].capacity_gb * GB if free_bytes is None else free_bytes[n])
-            for n in _host_tier_order(profile, kinds, host_socket)}
+            for n in host_tier_order(profile, kinds, host_socket)}
     if not free:
         raise ValueError("profile has no host memory tier to hold KV")
 

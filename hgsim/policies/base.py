@@ -280,14 +280,12 @@ class Policy(ABC):
     def account_gpu_kv(self, tokens: int) -> None:
         self.footprint.add("hbm", tokens * self.workload.batch * self.kv_token_bytes)
 
-    def host_kv_placement(self) -> KvPlacement | None:
+    def host_kv_placement(self) -> KvPlacement:
         """Where this policy puts KV it keeps in host memory, by its own placement options
-        (semantic mapping: keys in DRAM, values on CXL), whether or not this workload puts
-        any there: where a prefix cache keeps a finished turn's KV. Accounts nothing; None
-        for a policy without a placement option."""
-        strategy = getattr(self.options, "placement", None)
-        if strategy is None:
-            return None
+        (semantic mapping: keys in DRAM, values on CXL; Linux's first touch for a policy
+        without one), whether or not this workload puts any there: where a prefix cache keeps
+        a finished turn's KV. Accounts nothing."""
+        strategy = getattr(self.options, "placement", "first_touch")
         placement, _ = place_host_kv(
             self.profile, 1.0, 1.0, strategy,
             allow_cxl=getattr(self.options, "allow_cxl", True),

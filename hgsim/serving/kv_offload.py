@@ -32,11 +32,13 @@ class KvOffload:
 def default_tier(profile: HardwareProfile, field: str = "kv_offload_tier") -> str:
     """The DRAM tier of the first GPU's socket (where LMCache's CPU backend puts it), else the
     profile's first DRAM tier; a profile without one is a mistake naming ``field``."""
-    tier = profile.dram_tier_near(profile.primary_gpu)
-    if tier is None:
+    from hgsim.capacity import host_tier_order
+
+    ddr = host_tier_order(profile, ("ddr",))  # the GPU's socket's first
+    if not ddr:
         raise UserError(f"profile {profile.name} has no DRAM tier for a KV store: name one",
                         field=field)
-    return tier
+    return ddr[0]
 
 
 def kv_offload(profile: HardwareProfile, policy: str, capacity_gb: object,

@@ -142,16 +142,16 @@ class PrefillChunk:
             return self.past_tokens
         return self._host_end(lp, self.past_tokens) - lp.sink_tokens
 
-    def read_back_fractions(self, lp: LayerPlan, host_tier: str
-                            ) -> tuple[dict[str, float], dict[str, float]]:
+    def read_back_fractions(self, lp: LayerPlan) -> tuple[dict[str, float], dict[str, float]]:
         """The tiers the read-back comes from, as fractions of its K and of its V: the
-        plan's host placement (where it places nothing in host memory, ``host_placement``,
-        else ``host_tier``), or the store's tier."""
+        plan's host placement (where it places nothing in host memory, ``host_placement``),
+        or the store's tier."""
         if self.past_from not in (None, PAST_ON_HOST):
             return {self.past_from: 1.0}, {self.past_from: 1.0}
         placement = lp.placement or self.host_placement
         if placement is None:
-            return {host_tier: 1.0}, {host_tier: 1.0}
+            raise ValueError("a past on the host under a plan that places nothing there "
+                             "needs host_placement (Policy.host_kv_placement)")
         return placement.k_fractions, placement.v_fractions
 
     def written_tokens(self, lp: LayerPlan) -> int:
@@ -233,8 +233,6 @@ class DecodeEngine:
         self.attention_only = attention_only
         profile = machine.profile
         self.gpu = profile.primary_gpu
-        # where a past kept on the host is when the plan places nothing there (PAST_ON_HOST)
-        self._host_kv_tier = profile.dram_tier_near(self.gpu) or next(iter(profile.tiers), "")
         self.stream = machine.gpu_stream(self.gpu)
         self._use_host(None)
         gpu_spec = profile.gpus[self.gpu]
@@ -603,7 +601,7 @@ class DecodeEngine:
                 if back:
                     freed = chunk_kernels[i - 2] if i >= 2 else None
                     h2d_tail = read_back = env.process(self._read_kv_back(
-                        chunk.read_back_fractions(lp, self._host_kv_tier),
+                        chunk.read_back_fractions(lp),
                         (h2d_tail, freed), back * chunk_kv_token))
             qkv, d_qkv, qkv_node = self._launch(
                 _plus(w.qkv, chunk_qkv), "qkv",

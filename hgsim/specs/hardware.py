@@ -320,13 +320,6 @@ class HardwareProfile(SpecModel):
     def tiers_of_kind(self, kind: str) -> list[str]:
         return [name for name, tier in self.tiers.items() if tier.kind == kind]
 
-    def dram_tier_near(self, gpu: str) -> str | None:
-        """The DRAM tier on ``gpu``'s socket, else the first DRAM tier (None: the profile has
-        none): where host-side KV goes when nothing else says where."""
-        ddr = self.tiers_of_kind("ddr")
-        local = [name for name in ddr if self.tiers[name].socket == self.gpus[gpu].socket]
-        return (local or ddr or [None])[0]
-
     def host_capacity_bytes(self) -> float:
         return sum(t.capacity_gb for t in self.tiers.values()) * 1e9
 
