@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -269,14 +269,16 @@ def simulate_prepared(
 def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload: Workload,
                context: int, chunk_past: int, chunk_tokens: int, *, alone: bool = False,
                policy_options: dict[str, Any] | None = None,
-               past_from: str | None = None) -> tuple[float, float]:
+               past_from: str | None = None,
+               packed: Sequence[tuple[int, int]] = ()) -> tuple[float, float]:
     """One decode step of ``workload.batch`` sequences at ``context`` tokens under ``pol``'s
     plans as they stand, with positions ``chunk_past`` to ``chunk_past + chunk_tokens`` of a
     prompt prefilled in the same step (``DecodeEngine.step``; ``alone``: the chunk without a
     decode, the prompt placed as ``pol`` places a sequence of ``context`` tokens; with
-    ``past_from`` its whole past read back from the host, ``PrefillChunk.past_from``), on a
-    fresh machine: its
-    seconds and the machine's joules over it (NaN: the profile lacks energy figures)."""
+    ``past_from`` its whole past read back from the host, ``PrefillChunk.past_from``) and
+    ``packed``, more prompts' chunks (past, tokens) with their past in place, on a fresh
+    machine: its seconds and the machine's joules over it (NaN: the profile lacks energy
+    figures)."""
     view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options),
                      workload.data_parallel, workload.gpu_placement)
     engine = new_engine(profile, model, workload, view=view)
@@ -287,7 +289,7 @@ def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload
     chunk = PrefillChunk(chunk_past, chunk_tokens, past_from,
                          pol.host_kv_placement() if past_from == PAST_ON_HOST else None)
     before = machine.recorder.snapshot()
-    m = engine.step(plan, chunk)
+    m = engine.step(plan, chunk, [PrefillChunk(past, tokens) for past, tokens in packed])
     activity = _system_activity(view, energy.activity_between(
         machine, before, machine.recorder.snapshot(), m.latency_s), engine.allreduce_sent_bytes)
     joules = energy.energy_by_component_j(view.system, activity)

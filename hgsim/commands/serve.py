@@ -48,9 +48,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=256, metavar="N",
                    help="most requests decoded together (vLLM's max_num_seqs; default 256)")
     p.add_argument("--prefill-chunk", metavar="TOKENS",
-                   help="chunked prefill: each iteration prefills at most TOKENS of the next "
-                        "prompt in the same forward as the decode step (e.g. 2048 or 2k; "
-                        "0, the default: prompts prefilled whole, before the step)")
+                   help="chunked prefill: each iteration prefills at most TOKENS of the "
+                        "waiting prompts, in order, in the same forward as the decode step "
+                        "(e.g. 2048 or 2k; 0, the default: prompts prefilled whole, before "
+                        "the step)")
     p.add_argument("--turns", metavar="N",
                    help="each arrival a conversation of N turns, a later turn sending the "
                         "conversation so far plus --followup new tokens; --rate and --requests "

@@ -15,12 +15,13 @@ A request that cannot fit even alone is rejected at the head of the queue (vLLM 
 prompt longer than the cache). Step and prefill times come from ``StepTimes``.
 
 With ``StepTimes.prefill_chunk`` (chunked prefill, as Sarathi-Serve and vLLM run it) step 2
-changes: an admitted request waits in a prefill queue, and each iteration prefills the next
-chunk of at most ``prefill_chunk`` tokens of the queue's head in the same forward as the
-decode step (``StepTimes.mixed_step``), so running requests keep getting a token every
-iteration while a long prompt is prefilled. The request's first token comes at the end of the
-iteration that prefills its last chunk, and it decodes from the next. One prompt's chunk per
-iteration: a prompt shorter than the chunk does not share its iteration with the next one's.
+changes: an admitted request waits in a prefill queue, and each iteration prefills at most
+``prefill_chunk`` tokens of the queue in the same forward as the decode step
+(``StepTimes.mixed_step``), so running requests keep getting a token every iteration while a
+long prompt is prefilled. The request's first token comes at the end of the
+iteration that prefills its last chunk, and it decodes from the next. The chunk is the
+iteration's prefill budget: where the head prompt's rest is shorter, the next prompts' first
+chunks fill it (packed into the same forward, as vLLM's scheduler fills its token budget).
 
 Conversations (``Request.conversation``): a later turn arrives ``think_s`` after the turn
 before it has finished (a refused turn ends its conversation: the later turns are refused
@@ -164,34 +165,50 @@ class Engine:
         queued = len(server.waiting)
         batch = len(self.running)
         mean_context = self._context_tokens / batch if batch else math.nan
-        head = self.prefilling[0] if self.prefilling else None
-        tokens = 0
+        chunks = self._chunks()
+        tokens = sum(n for _, n in chunks)
         decode_s = energy_j = 0.0
         if batch:
             decode_s, energy_j = times.decode_step(batch, mean_context)
         seconds = decode_s
-        if head is not None:
-            tokens = min(server.prefill_chunk, head.request.prompt_tokens - head.prefilled)
+        if chunks:
+            (head, first), packed = chunks[0], tuple((s.prefilled, n) for s, n in chunks[1:])
             seconds, energy_j = times.mixed_step(batch, mean_context if batch else 0.0,
-                                                 head.prefilled, tokens,
-                                                 server.past_from(head))
+                                                 head.prefilled, first,
+                                                 server.past_from(head), packed)
         if not math.isfinite(seconds):  # admission let in what the simulator refuses
             raise RuntimeError(f"no step for batch {batch} at mean context {mean_context:.0f} "
-                               f"with a {tokens}-token prefill chunk, which admission found "
-                               "to fit")
+                               f"with {tokens} tokens of prefill chunks, which admission "
+                               "found to fit")
         yield env.timeout(seconds)
         for s in list(self.running):
             self._generate(s)
         self.running = [s for s in self.running if math.isnan(s.finish_s)]
-        if head is not None:
-            head.prefilled += tokens
-            if head.prefilled >= head.request.prompt_tokens:
-                self.prefilling.popleft()
-                self._first_token(head)
+        for s, n in chunks:
+            s.prefilled += n
+            if s.prefilled >= s.request.prompt_tokens:
+                self.prefilling.remove(s)
+                self._first_token(s)
         # the step times' cells simulate every copy: this copy's share of their joules
         server.iterations.append(Iteration(
             start, max(seconds - decode_s, 0.0), min(decode_s, seconds), batch, len(admitted),
             mean_context, self.copy, queued, energy_j / len(server.engines), tokens))
+
+    def _chunks(self) -> list[tuple[Served, int]]:
+        """This iteration's prefill chunks: the iteration's ``prefill_chunk`` tokens filled
+        from the prompts being prefilled, in order (the head's next chunk, then, where the
+        server packs, the next prompts' first ones, as vLLM's scheduler fills its token
+        budget). A prompt whose past must come back from the host first waits to
+        head an iteration: one landing block a layer for the read-back is what HBM sets aside."""
+        server = self.server
+        budget, chunks = server.prefill_chunk, []
+        for s in self.prefilling:
+            if budget <= 0 or (chunks and (not server.pack or server.past_from(s) is not None)):
+                break
+            n = min(budget, s.request.prompt_tokens - s.prefilled)
+            chunks.append((s, n))
+            budget -= n
+        return chunks
 
     def _first_token(self, s: Served) -> None:
         """``s``'s prompt is prefilled: its first token now, and it decodes from the next
@@ -309,9 +326,13 @@ class Server:
 
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
                  copies: int = 1, on_finish: Callable[[int], None] | None = None,
-                 prefix_cache: bool = True, kv_offload: KvOffload | None = None):
+                 prefix_cache: bool = True, kv_offload: KvOffload | None = None,
+                 pack: bool = True):
         self.env, self.times, self.max_batch = env, times, max_batch
         self.prefill_chunk = times.prefill_chunk  # None: prompts prefilled whole
+        # a chunk budget the head prompt leaves is filled from the next prompts (False: one
+        # prompt's chunk an iteration)
+        self.pack = pack
         self.prefix_cache = prefix_cache
         self.kv_offload = kv_offload if prefix_cache else None
         self.store = None if self.kv_offload is None else KvStore(
@@ -420,13 +441,15 @@ class Server:
 
 def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
                on_finish: Callable[[int], None] | None = None,
-               prefix_cache: bool = True, kv_offload: KvOffload | None = None) -> Server:
+               prefix_cache: bool = True, kv_offload: KvOffload | None = None,
+               pack: bool = True) -> Server:
     """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue
-    (prompts chunked as ``times.prefill_chunk`` says; conversations' KV kept between turns
-    with ``prefix_cache``); the server holds every request's record."""
+    (prompts chunked as ``times.prefill_chunk`` says, a chunk budget the head prompt leaves
+    filled from the next ones with ``pack``; conversations' KV kept between turns with
+    ``prefix_cache``); the server holds every request's record."""
     env = simpy.Environment()
     server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
-                    prefix_cache=prefix_cache, kv_offload=kv_offload)
+                    prefix_cache=prefix_cache, kv_offload=kv_offload, pack=pack)
     env.process(server.arrivals(requests))
     for engine in server.engines:
         env.process(engine.run())

@@ -114,10 +114,10 @@ class StepTimes:
     prefill_energy: dict[int, float] = field(default_factory=dict)
     fit_cells: dict[tuple[int, int], bool] = field(default_factory=dict)
     linear_cells: dict[tuple[int, int, int, int], bool] = field(default_factory=dict)
-    # (batch, context, chunk's past, chunk's tokens) -> seconds and joules of a decode cell's
-    # step with a prefill chunk riding on it (batch 0: the chunk alone)
-    mixed_cells: dict[tuple[int, int, int, int], tuple[float, float]] = field(
-        default_factory=dict)
+    # (batch, context, chunk's past, chunk's tokens[, past_from][, packed chunks]) -> seconds
+    # and joules of a decode cell's step with a prefill chunk riding on it (batch 0: the
+    # chunk alone)
+    mixed_cells: dict[tuple[Any, ...], tuple[float, float]] = field(default_factory=dict)
     mixed_linear_cells: dict[tuple[int, ...], bool] = field(default_factory=dict)
     # the policy as each decode cell's run left it (its scheduler settled), for mixed steps
     _settled: dict[tuple[int, int], Any] = field(default_factory=dict, repr=False, init=False)
@@ -246,7 +246,8 @@ class StepTimes:
         return self.decode_step(batch, mean_context)[1]
 
     def mixed_step(self, batch: int, mean_context: float, past: int, tokens: int,
-                   past_from: str | None = None) -> tuple[float, float]:
+                   past_from: str | None = None,
+                   packed: tuple[tuple[int, int], ...] = ()) -> tuple[float, float]:
         """One iteration that decodes ``batch`` sequences averaging ``mean_context`` tokens
         and prefills positions ``past`` to ``past + tokens`` of a prompt in the same forward
         (chunked prefill; ``batch`` 0: the chunk alone): its seconds and the machine's joules.
@@ -260,7 +261,14 @@ class StepTimes:
 
         ``past_from``: the prompt's whole past is read back from the host, from the policy's
         host tiers (``PAST_ON_HOST``: a prefix its cache kept there) or from a host KV store
-        on the tier named (``PrefillChunk.past_from``)."""
+        on the tier named (``PrefillChunk.past_from``).
+
+        ``packed``: more prompts' chunks in the same forward (past, tokens; their past in
+        place), the rest of the iteration's token budget. Such a step is read from cells with
+        every chunk riding on them at its own past: the prompts packed are each iteration's
+        own, so there is no lattice to share."""
+        if packed:
+            return self._mixed_step(batch, mean_context, past, tokens, past_from, packed)
         on_lattice = past == 0 or (self.prefill_chunk and past % self.prefill_chunk == 0)
         if not on_lattice:
             lo, hi = bracket(past, PREFILL_GRID_PER_OCTAVE)
@@ -273,49 +281,63 @@ class StepTimes:
         return self._mixed_step(batch, mean_context, past, tokens, past_from)
 
     def _mixed_step(self, batch: int, mean_context: float, past: int, tokens: int,
-                    past_from: str | None = None) -> tuple[float, float]:
+                    past_from: str | None = None, packed: tuple[tuple[int, int], ...] = ()
+                    ) -> tuple[float, float]:
         """``mixed_step`` at ``past`` itself."""
+        seconds = joules = 0.0
+        for cell, w in self._cell_weights(batch, mean_context, past, tokens, past_from,
+                                          packed):
+            t, j = self.mixed_cell(*cell, past, tokens, past_from, packed)
+            seconds += w * t
+            joules += w * j
+        return seconds, joules
+
+    def _cell_weights(self, batch: int, mean_context: float, past: int, tokens: int,
+                      past_from: str | None = None, packed: tuple[tuple[int, int], ...] = ()
+                      ) -> list[tuple[tuple[int, int], float]]:
+        """The cells a mixed step is read from, with their weights (none of them 0): the
+        decode's grid cell's corners where the cell is bilinear with the chunks riding on it
+        too, else the batch's own cells (``fine_weights``); batch 0: the chunks alone."""
         if batch == 0:
-            return self.mixed_cell(0, 0, past, tokens, past_from)
+            return [((0, 0), 1.0)]
         c = max(1.0, mean_context)
         cell = grid_cell(batch, c)
         weights = (bilinear_weights(batch, c, *cell)
-                   if self.linear(*cell) and self.mixed_linear(cell, past, tokens, past_from)
+                   if self.linear(*cell)
+                   and self.mixed_linear(cell, past, tokens, past_from, packed)
                    else self.fine_weights(batch, c))
-        seconds = joules = 0.0
-        for cell, w in weights:
-            if w:
-                t, j = self.mixed_cell(*cell, past, tokens, past_from)
-                seconds += w * t
-                joules += w * j
-        return seconds, joules
+        return [(cell, w) for cell, w in weights if w]
 
     def mixed_linear(self, cell: tuple[int, int, int, int], past: int, tokens: int,
-                     past_from: str | None = None) -> bool:
-        """Whether a bilinear ``cell`` (``grid_cell``) is bilinear with the chunk riding on its
-        steps too: its middle point (a cell the decode's own check settled) within
-        ``LINEAR_TOLERANCE`` of the corners' interpolation. A chunk hidden in the wait for the
-        host at one corner and not at another bends the surface where the step alone is
-        flat."""
+                     past_from: str | None = None, packed: tuple[tuple[int, int], ...] = ()
+                     ) -> bool:
+        """Whether a bilinear ``cell`` (``grid_cell``) is bilinear with the chunk (and
+        ``packed``) riding on its steps too: its middle point (a cell the decode's own check
+        settled) within ``LINEAR_TOLERANCE`` of the corners' interpolation. A chunk hidden in
+        the wait for the host at one corner and not at another bends the surface where the
+        step alone is flat."""
         b_lo, b_hi, c_lo, c_hi = cell
-        key = (*cell, past, tokens, *((past_from,) if past_from else ()))
+        key = (*cell, past, tokens, *((past_from,) if past_from else ()),
+               *((packed,) if packed else ()))
         if key not in self.mixed_linear_cells:
             b_mid = (b_lo + b_hi) // 2 if b_hi - b_lo >= 2 else b_lo
             c_mid = (c_lo + c_hi) // 2 if c_hi - c_lo >= 2 else c_lo
-            exact = self.mixed_cell(b_mid, c_mid, past, tokens, past_from)[0]
-            guess = sum(w * self.mixed_cell(*corner, past, tokens, past_from)[0]
+            exact = self.mixed_cell(b_mid, c_mid, past, tokens, past_from, packed)[0]
+            guess = sum(w * self.mixed_cell(*corner, past, tokens, past_from, packed)[0]
                         for corner, w
                         in bilinear_weights(b_mid, c_mid, b_lo, b_hi, c_lo, c_hi) if w)
             self.mixed_linear_cells[key] = abs(guess - exact) <= LINEAR_TOLERANCE * exact
         return self.mixed_linear_cells[key]
 
     def mixed_cell(self, batch: int, context: int, past: int, tokens: int,
-                   past_from: str | None = None) -> tuple[float, float]:
+                   past_from: str | None = None, packed: tuple[tuple[int, int], ...] = ()
+                   ) -> tuple[float, float]:
         """A decode cell's settled step with a prefill chunk (``simulate.mixed_step``), under
         the policy as the cell's run left it; batch 0: the chunk alone, placed as the policy
         places one sequence of the chunk's end; ``past_from``: its past from a host KV
-        store there."""
-        key = (batch, context, past, tokens, *((past_from,) if past_from else ()))
+        store there; ``packed``: more prompts' chunks behind it."""
+        key = (batch, context, past, tokens, *((past_from,) if past_from else ()),
+               *((packed,) if packed else ()))
         if key not in self.mixed_cells:
             from hgsim.simulate import mixed_step
 
@@ -334,7 +356,8 @@ class StepTimes:
             at = past + tokens if batch == 0 else context
             self.mixed_cells[key] = (mixed_step(
                 self.serving_profile, self.model, pol, workload, at, past, tokens,
-                alone=batch == 0, policy_options=self.policy_options, past_from=past_from)
+                alone=batch == 0, policy_options=self.policy_options, past_from=past_from,
+                packed=packed)
                 if ok and pol is not None else (math.inf, math.nan))
         return self.mixed_cells[key]
 

@@ -67,6 +67,8 @@ from hgsim.sim.machine import GB, Machine
 from hgsim.specs.model import ModelSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from hgsim.accuracy.synthetic import AttentionModelSpec
     from hgsim.tensor_parallel import AllReduce
 
@@ -345,7 +347,8 @@ class DecodeEngine:
         return out
 
     # ------------------------------------------------------------------ one step
-    def step(self, plan: StepPlan, chunk: PrefillChunk | None = None) -> StepMeasure:
+    def step(self, plan: StepPlan, chunk: PrefillChunk | None = None,
+             packed: Sequence[PrefillChunk] = ()) -> StepMeasure:
         """Simulate one decode step to completion and return its timing.
 
         With ``chunk`` the step also prefills a chunk of a prompt (chunked prefill: one forward
@@ -359,9 +362,22 @@ class DecodeEngine:
         a double-buffered landing block that layer i-2's chunk attention has freed), beside
         the decode's own uploads, and the positions the chunk pushes out of the HBM window are
         written out on the device-to-host engine once its ``qkv`` has run. The step ends when
-        the last kernel has run and every write has landed."""
+        the last kernel has run and every write has landed.
+
+        ``packed``: more prompts' chunks in the same forward behind ``chunk`` (a server filling
+        its iteration's token budget from several prompts, as vLLM and Sarathi-Serve do), each
+        with its past in place (nothing to read back: a prompt's first chunk, or a prefix kept
+        in HBM). Their rows join the fused GEMMs, their attention joins the chunk's kernel (one
+        variable-length attention kernel over every chunk, as FlashAttention's varlen kernel
+        runs a mixed batch) and their positions that leave the HBM window join its write-out."""
+        if packed and chunk is None:
+            raise ValueError("packed prompts' chunks ride behind a first chunk")
+        for other in packed:
+            if other.past_from is not None or other.read_back_tokens(plan.layer):
+                raise ValueError("a packed chunk's past must be in HBM (only the first chunk "
+                                 "reads its past back)")
         measure = StepMeasure()
-        done = self.env.process(self._step(plan, measure, chunk))
+        done = self.env.process(self._step(plan, measure, chunk, tuple(packed)))
         self.env.run(until=done)
         return measure
 
@@ -528,7 +544,8 @@ class DecodeEngine:
                                    self.weight_dtype, self.kv_dtype,
                                    attention_only=self.attention_only)
 
-    def _step(self, plan: StepPlan, measure: StepMeasure, chunk: PrefillChunk | None = None):
+    def _step(self, plan: StepPlan, measure: StepMeasure, chunk: PrefillChunk | None = None,
+              packed: tuple[PrefillChunk, ...] = ()):
         env = self.env
         t0 = env.now
         self._kernels = []
@@ -575,10 +592,13 @@ class DecodeEngine:
         chunk_writes: list[Event] = []
         h2d_tail = d2h_tail = None
         reduced = plan.batch  # positions each all-reduce carries
-        if chunk is not None:
-            chunk_qkv, chunk_post, chunk_attn = self._chunk_works(chunk)
-            reduced += chunk.tokens
-            chunk_kv_token = self.model.kv_bytes_per_token_layer(self.kv_dtype)
+        chunks = (chunk, *packed) if chunk is not None else ()
+        for c in chunks:  # one forward: the chunks' rows and attention add up
+            qkv_c, post_c, attn_c = self._chunk_works(c)
+            chunk_qkv, chunk_post = _plus(chunk_qkv, qkv_c), _plus(chunk_post, post_c)
+            chunk_attn = _plus(chunk_attn, attn_c)
+            reduced += c.tokens
+        chunk_kv_token = self.model.kv_bytes_per_token_layer(self.kv_dtype)
         if self.allreduce is not None:  # (None attention-only)
             # the vocab-parallel embedding: each rank looks up its share of the vocabulary,
             # an all-reduce sums the new tokens' hidden states before the first layer
@@ -611,7 +631,7 @@ class DecodeEngine:
                 fixed_s=self.op_fixed_s("qkv", lp))
             gpu_busy += d_qkv
             if chunk is not None:
-                out = chunk.written_tokens(lp)
+                out = sum(c.written_tokens(lp) for c in chunks)
                 if out:  # K and V that leave the HBM window, to the host tiers
                     d2h_tail = env.process(self._write_kv_after((d2h_tail, qkv), lp,
                                                                 out * chunk_kv_token))
@@ -660,7 +680,7 @@ class DecodeEngine:
                     gpu_busy += d_ar
             prev_qkv, prev_host = (qkv, qkv_node), (host, times) if host is not None else None
         if not self.attention_only:  # the final norm and LM head, once per step
-            heads = plan.batch + (1 if chunk is not None else 0)  # a chunk's last position
+            heads = plan.batch + len(chunks)  # each chunk's last position
             last, d_head, _ = self._launch(lm_head_work(self.model, heads, self.weight_dtype),
                                            "final_norm+lm_head",
                                            fixed_s=self.op_fixed_s("lm_head"))
