@@ -331,3 +331,27 @@ def test_a_chunk_alone_is_placed_as_one_sequence_of_its_length():
     assert times.mixed_cell(0, 0, past, tokens) == placed
     unplaced = mixed_step(profile, model, pol, workload, 1, past, tokens, alone=True)
     assert placed[1] > unplaced[1]
+
+
+@pytest.mark.parametrize("policy, chunk", [("gpu_only", None), ("gpu_only", 2048),
+                                           ("hybridgen", 2048)])
+def test_the_reserve_is_for_the_longest_prompt_that_can_be_served(machine, policy, chunk):
+    """Prompts far beyond any memory (a conversation's 1,000th turn) do not size the reserve:
+    it is for the longest prompt that fits alone beside its own prefill's reserve (within
+    0.1%), one that long fits and one 0.2% longer does not, and the server refuses the longer
+    prompt while serving the short ones beside it."""
+    profile, model = machine
+    times = StepTimes(profile, model, policy, prefill_chunk=chunk, longest_prompt=50_000_000)
+    reserved = times.reserved_prompt
+    assert 10_000 < reserved < 50_000_000
+    assert times._fits_alone(reserved) and not times._fits_alone(int(reserved * 1.002) + 1)
+    assert times.prefill_reserve_bytes == times.reserve_bytes_for(reserved)
+    result = serve_requests(times, requests((0.0, 50_000_000, 2), (0.0, 4096, 2),
+                                            (0.1, 8192, 2)), max_batch=4)
+    huge, *small = result.served
+    assert f"longer than any whose KV fits beside the HBM its prefill needs ({reserved}" in (
+        huge.rejected)
+    assert all(not s.rejected and math.isfinite(s.finish_s) for s in small)
+    # a longest prompt that fits is the reserve's, as before
+    fits = StepTimes(profile, model, policy, prefill_chunk=chunk, longest_prompt=30_000)
+    assert fits.reserved_prompt == 30_000

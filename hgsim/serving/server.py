@@ -243,7 +243,11 @@ class Engine:
             final = self._reserved_tokens + head.request.final_tokens
             cached, loaded = self._cached(head.request)
             why = ""
-            if not server.prefill_chunk and not cached and not math.isfinite(
+            reserved = server.times.reserved_prompt
+            if server.times.longest_prompt and head.request.prompt_tokens > reserved:
+                why = (f"its {head.request.prompt_tokens}-token prompt is longer than any whose "
+                       f"KV fits beside the HBM its prefill needs ({reserved} tokens)")
+            elif not server.prefill_chunk and not cached and not math.isfinite(
                     server.times.prefill_s(head.request.prompt_tokens)):
                 why = "its prompt's prefill does not fit alone"
             elif server.times.fits(batch, final):
@@ -262,7 +266,7 @@ class Engine:
                 reserve_gb = server.times.prefill_reserve_bytes / 1e9
                 if reserve_gb >= 0.1:  # say what else holds HBM
                     why += (f" beside the {reserve_gb:.1f} GB of HBM set aside to prefill the "
-                            f"longest prompt ({server.times.longest_prompt} tokens)")
+                            f"longest prompt ({reserved} tokens)")
             if not why:
                 break  # it waits for room
             server.waiting.remove(head)

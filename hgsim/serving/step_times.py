@@ -142,29 +142,57 @@ class StepTimes:
     # ------------------------------------------------------------------ HBM for the prefills
     @cached_property
     def prefill_reserve_bytes(self) -> float:
-        """HBM each GPU sets aside for the server's prefills before any KV is placed (vLLM
-        sizes its KV cache after profiling a forward pass of its token budget, for the same
-        reason): one layer's activations over the most positions one forward prefills (a
+        """HBM each GPU sets aside for the server's prefills before any KV is placed
+        (``reserve_bytes_for`` the ``reserved_prompt``)."""
+        return self.reserve_bytes_for(self.reserved_prompt)
+
+    def reserve_bytes_for(self, longest: int) -> float:
+        """HBM each GPU sets aside for prefills of prompts of at most ``longest`` tokens
+        (vLLM sizes its KV cache after profiling a forward pass of its token budget, for the
+        same reason): one layer's activations over the most positions one forward prefills (a
         chunk, or the longest prompt whole), and with chunked prefill where the policy may
         keep KV in host memory, the double-buffered landing block of one layer's read-back of
         the longest prompt's earlier tokens. Of the model shard a GPU holds."""
-        if not self.longest_prompt:
+        if not longest:
             return 0.0
         from hgsim.costs import prefill_activation_bytes
         from hgsim.policies.registry import lookup
 
         shard = self._view.model
-        tokens = min(self.prefill_chunk or self.longest_prompt, self.longest_prompt)
+        tokens = min(self.prefill_chunk or longest, longest)
         reserve = prefill_activation_bytes(shard, 1, tokens, self.weight_dtype)
-        if tokens < self.longest_prompt and lookup(self.policy)[0].reads_kv_back:
-            reserve += 2 * self.longest_prompt * shard.kv_bytes_per_token_layer(self.kv_dtype)
+        if tokens < longest and lookup(self.policy)[0].reads_kv_back:
+            reserve += 2 * longest * shard.kv_bytes_per_token_layer(self.kv_dtype)
         return reserve
 
     @cached_property
-    def serving_profile(self) -> HardwareProfile:
-        """The profile the decode steps and admission see: every GPU's HBM less
-        ``prefill_reserve_bytes`` (the prefill cells, a prompt alone, hold their own)."""
-        reserve_gb = self.prefill_reserve_bytes / 1e9
+    def reserved_prompt(self) -> int:
+        """The longest prompt HBM is set aside for: ``longest_prompt``, or where a prompt that
+        long does not fit alone beside its own prefill's reserve, the longest that does
+        (within 0.1%). A prompt no one can serve would otherwise take from every prompt that
+        can the HBM its own prefill would need (a conversation of many turns, its last turns
+        beyond any memory); the server refuses a prompt longer than this."""
+        longest = self.longest_prompt
+        if not longest or self._fits_alone(longest):
+            return longest
+        lo, hi = 0, longest  # lo fits alone (nothing does trivially), hi does not
+        while hi - lo > max(1, lo // 1000):
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if self._fits_alone(mid) else (lo, mid)
+        return lo
+
+    def _fits_alone(self, prompt: int) -> bool:
+        """Whether one sequence of ``prompt`` tokens fits the policy's memory beside the HBM
+        set aside to prefill prompts that long."""
+        from hgsim.policies import make_policy
+
+        profile = self._less_hbm(self.reserve_bytes_for(prompt))
+        return bool(make_policy(self.policy, self.model, profile,
+                                self._workload(1, prompt, gen=1), self.policy_options).feasible)
+
+    def _less_hbm(self, reserve_bytes: float) -> HardwareProfile:
+        """The profile with every GPU's HBM less ``reserve_bytes``."""
+        reserve_gb = reserve_bytes / 1e9
         if not reserve_gb:
             return self.profile
         from hgsim.profiles import profile_with_overrides
@@ -172,6 +200,12 @@ class StepTimes:
         return profile_with_overrides(self.profile, {
             f"gpus.{name}.hbm_capacity_gb": max(gpu.hbm_capacity_gb - reserve_gb, 1e-3)
             for name, gpu in self.profile.gpus.items()})
+
+    @cached_property
+    def serving_profile(self) -> HardwareProfile:
+        """The profile the decode steps and admission see: every GPU's HBM less
+        ``prefill_reserve_bytes`` (the prefill cells, a prompt alone, hold their own)."""
+        return self._less_hbm(self.prefill_reserve_bytes)
 
     @cached_property
     def _view(self):
