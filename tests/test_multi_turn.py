@@ -151,7 +151,8 @@ def test_a_refused_turn_refuses_the_rest_of_its_conversation(machine):
     result = serve_requests(times, requests, max_batch=8)
     served = by_id(result)
     assert len(result.served) == len(requests)  # every request is accounted for
-    assert not served[0].rejected and "do not fit alone" in served[1].rejected
+    # (the reserve is for the longest prompt that fits alone: a longer one is refused)
+    assert not served[0].rejected and "longer than any whose KV fits" in served[1].rejected
     assert served[2].rejected == "an earlier turn of its conversation was refused"
     assert not served[3].rejected and not served[4].rejected
     assert served[4].cached_tokens == served[4].request.prefix_tokens  # the others go on

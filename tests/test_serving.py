@@ -353,6 +353,26 @@ def test_rate_search_says_when_no_rate_meets_the_slo():
         max_rate(times, mix, max_batch=8, slo=Slo())
 
 
+@pytest.mark.parametrize("count", [1, 4, 20])
+def test_rate_search_says_when_no_rate_limits_a_burst(count):
+    """A loose SLO that even every request arriving at once meets: the search stops once they
+    all arrive within 1% of one request's time alone (faster only squeezes the burst) and
+    reports no rate, saying why, rather than the last of 30 doublings."""
+    from hgsim.serving import BURST_SHARE, alone_s
+
+    times = ConstantTimes(prefill_s=0.1, step_s=0.01)
+    mix = RequestMix(fixed(8000), fixed(8), count=count, seed=1)
+    search = max_rate(times, mix, max_batch=64, slo=Slo(ttft_s=100.0))
+    assert search.rate_per_s is None and search.unbounded
+    assert f"all {count} requests arriving at once" in search.reason
+    top = max(rate for rate, _ in search.probes)
+    arrivals = [r.arrival_s for r in mix.requests(top)]
+    assert max(arrivals) - min(arrivals) <= BURST_SHARE * alone_s(times, mix)
+    assert all(share >= 0.9 for _, share in search.probes)
+    assert len(search.probes) < 30
+    assert math.isnan(search.row({"policy": "x"}, 0)["max_rate_per_s"])
+
+
 # ------------------------------------------------------------------ request mixes and traces
 def test_every_rate_sees_the_same_requests_scaled_in_time():
     mix = RequestMix(LengthDist.parse("lognormal:16k:0.7", "p"), fixed(100), count=200, seed=9)

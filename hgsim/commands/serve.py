@@ -326,7 +326,10 @@ def print_summary(row: dict, slo, search) -> None:
         if row.get("kv_offload_gb"):
             title += f", host KV store {row['kv_offload_gb']:g} GB on {row['kv_offload_tier']}"
     if search is not None:
-        if search.rate_per_s is None:
+        if search.unbounded:
+            console.print(f"[bold]{title}[/bold]\nno limit on the rate found ({slo}): "
+                          f"{search.reason}")
+        elif search.rate_per_s is None:
             console.print(f"[bold]{title}[/bold]\n[red]no rate meets the SLO[/red] ({slo}): "
                           f"{search.reason}")
         else:

@@ -16,8 +16,8 @@ from hgsim.serving.result import ServeResult, Slo
 from hgsim.serving.server import run_server
 from hgsim.serving.step_times import StepTimes
 
-__all__ = ["MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch", "Request", "RequestMix",
-           "ServeResult", "Slo", "StepTimes", "check_prefill_chunk", "kv_offload", "longest_prompt",
+__all__ = ["BURST_SHARE", "MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch", "Request", "RequestMix",
+           "ServeResult", "Slo", "StepTimes", "alone_s", "check_prefill_chunk", "kv_offload", "longest_prompt",
            "max_rate", "prefill_chunk_problem", "rate_unit", "read_trace", "run_labels",
            "serve_requests"]
 
@@ -111,6 +111,8 @@ class RateSearch:
     # limit more requests miss there), "" where every rate met it
     bound_by: str = ""
     bound_note: str = ""  # the shares that missed each limit there
+    # no rate found because none limits: the SLO is met even by a burst of every request
+    unbounded: bool = False
 
     def row(self, labels: dict[str, Any], simulations: int) -> dict[str, Any]:
         """The search as one row: the run at the rate found (``ServeResult.summary()``; where
@@ -156,6 +158,19 @@ def alone_s(times: StepTimes, mix: RequestMix) -> float:
                         + (output - 1) * times.decode_step_s(1, prompt + output / 2))
 
 
+# a rate search stops raising the rate once every request arrives within this share of one
+# request's time alone: faster arrivals then add at most that to any request's wait
+BURST_SHARE = 0.01
+
+
+def _a_burst(mix: RequestMix, rate: float, alone: float) -> bool:
+    """Whether ``mix``'s requests (conversations) at ``rate`` all arrive within 1% of the
+    time one of them takes alone (``alone``: a conversation's turns): a burst, which arriving
+    faster only squeezes (each waits at most that much longer)."""
+    first = [r.arrival_s for r in mix.requests(rate) if r.turn == 0]
+    return max(first) - min(first) <= BURST_SHARE * alone / mix.turns
+
+
 def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
              tolerance: float = 0.02, labels: dict[str, Any] | None = None,
              on_probe: Callable[[float, float], None] | None = None,
@@ -187,13 +202,19 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
     rate = 1.0 / alone
     if meets(rate):
         lo = rate
-        for _ in range(30):
+        while not _a_burst(mix, rate, alone):
             rate *= 2
             if not meets(rate):
                 break
             lo = rate
         else:
-            return RateSearch(lo, results[lo], probes, "met at every rate tried")
+            # arriving faster only squeezes a burst that already meets the SLO: this many
+            # requests set no limit on the rate
+            unit = rate_unit(mix.turns).removesuffix("/s")
+            return RateSearch(None, results[lo], probes,
+                              f"the SLO is met even with all {mix.count} {unit} arriving "
+                              "at once: a burst this size sets no limit on the rate; serve "
+                              "more to find one", unbounded=True)
         hi = rate
     else:
         hi = rate

@@ -243,14 +243,15 @@ class Engine:
             final = self._reserved_tokens + head.request.final_tokens
             cached, loaded = self._cached(head.request)
             why = ""
-            reserved = server.times.reserved_prompt
-            if server.times.longest_prompt and head.request.prompt_tokens > reserved:
+            times = server.times
+            if times.longest_prompt and head.request.prompt_tokens > times.reserved_prompt:
                 why = (f"its {head.request.prompt_tokens}-token prompt is longer than any whose "
-                       f"KV fits beside the HBM its prefill needs ({reserved} tokens)")
+                       f"KV fits beside the HBM its prefill needs ({times.reserved_prompt} "
+                       "tokens)")
             elif not server.prefill_chunk and not cached and not math.isfinite(
-                    server.times.prefill_s(head.request.prompt_tokens)):
+                    times.prefill_s(head.request.prompt_tokens)):
                 why = "its prompt's prefill does not fit alone"
-            elif server.times.fits(batch, final):
+            elif times.fits(batch, final):
                 server.waiting.remove(head)
                 head.admitted_s = server.env.now
                 admitted.append(head)
@@ -263,10 +264,10 @@ class Engine:
                 continue
             elif batch == 1:
                 why = f"its {head.request.final_tokens} tokens of KV do not fit alone"
-                reserve_gb = server.times.prefill_reserve_bytes / 1e9
+                reserve_gb = times.prefill_reserve_bytes / 1e9
                 if reserve_gb >= 0.1:  # say what else holds HBM
                     why += (f" beside the {reserve_gb:.1f} GB of HBM set aside to prefill the "
-                            f"longest prompt ({reserved} tokens)")
+                            f"longest prompt ({times.reserved_prompt} tokens)")
             if not why:
                 break  # it waits for room
             server.waiting.remove(head)
