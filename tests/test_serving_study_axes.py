@@ -9,7 +9,8 @@ from test_serving_study import PLAIN
 from test_study_common import write_study
 
 from hgsim.cli import main
-from hgsim.study import load_study
+from hgsim.study import RunOptions, load_study, run_study
+from hgsim.study.execute import ExecOptions
 
 AXES = "- grid:\n      serving.seed: [3, 4]\n      workload.kv_dtype: [fp16, fp8]"
 assert AXES in PLAIN
@@ -70,3 +71,21 @@ def test_a_filter_matches_the_normalised_values(tmp_path):
                        "where: {serving.prompt: 4096, serving.turns: ['2', 3.0]}}\n")
     plan = load_study(write_study(tmp_path, text))
     assert plan.expansion.axis_values["serving.prompt"] == ["4k", "8k"]
+
+
+def test_a_find_rate_axis_ranks_each_kind_of_point_by_its_own_metric(tmp_path):
+    """Fixed-rate points read "none feasible" under a max_rate_per_s ranking they never had."""
+    text = ("name: fr\nbase: {profile: h100-80gb-spr-cxl, model: llama-3.1-8b}\n"
+            "serving: {rate_per_s: 2, requests: 6, prompt: 2k, output: 8, max_batch: 8,\n"
+            "          slo: {ttft_s: 0.5, tpot_ms: 20, attainment: 0.9}}\n"
+            "sweep:\n  - grid: {serving.find_rate: [false, true], policy: [gpu_only, "
+            "hybridgen]}\n")
+    run = run_study(write_study(tmp_path, text), RunOptions(
+        out=tmp_path / "out", quiet=True, figures=False, execution=ExecOptions(jobs=1)))
+    assert run.ok, run.stats.errors
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Best policy per point at the fixed rate (by slo_attainment)" in report
+    assert "## Best policy per point at the highest rate meeting the SLO (by max_rate_per_s)" \
+        in report
+    assert "none feasible" not in report and "no policy feasible" not in report
+    assert "by output_tokens_per_s" not in report
