@@ -447,3 +447,58 @@ sweep: {grid: {hardware.tiers.ddr0.capacity_gb: [768 GiB, 1000GB, 512],
     assert "| hardware.tiers.ddr0.capacity_gb |  | 825 (768 GiB), 1000, 512 |" in text
     results = text[text.index("## Best"):]
     assert "| 825 |" in results and "GiB" not in results
+
+
+MET = "the SLO is met even with all 10 requests arriving at once"
+MISSED = "the SLO is missed even at 0.01 requests/s, where requests rarely overlap"
+
+
+def _searches() -> pd.DataFrame:
+    """Rate searches at three prompts: one finds a rate and one none (no limit) at 4k, both
+    find no limit at 8k, and both miss the SLO at every rate at 16k."""
+    def row(prompt, policy, rate, bound, reason):
+        return {"serving.prompt": prompt, "policy": policy, "max_rate_per_s": rate,
+                "rates_tried": 0 if reason == "alone" else 9, "slo_bound_by": bound,
+                "reason": reason}
+
+    return pd.DataFrame([row("4k", "gpu_only", 7.6, "tpot", ""),
+                         row("4k", "hybridgen", math.nan, "", MET),
+                         row("8k", "gpu_only", math.nan, "", MET),
+                         row("8k", "hybridgen", math.nan, "", MET),
+                         row("16k", "gpu_only", math.nan, "ttft", MISSED),
+                         row("16k", "hybridgen", math.nan, "ttft", MISSED)])
+
+
+def test_a_rate_search_without_a_limit_is_not_infeasible():
+    from hgsim.study.report import NO_LIMIT, best_table, no_limit
+
+    frame = _searches()
+    assert no_limit(frame).tolist() == [False, True, True, True, False, False]
+    table = best_table(frame, ["serving.prompt", "policy"], "policy", "max_rate_per_s")
+    rows = {r["serving.prompt"]: r for r in table.to_dict("records")}
+    # no limit ranks above any rate found, with its reason
+    assert rows["4k"]["best"] == "hybridgen" and rows["4k"]["max_rate_per_s"] == NO_LIMIT
+    assert rows["4k"]["runner-up"] == "gpu_only" and math.isnan(rows["4k"]["margin"])
+    assert rows["4k"]["note"] == MET
+    assert rows["8k"]["best"] == "gpu_only = hybridgen" and rows["8k"]["note"] == MET
+    assert rows["8k"]["max_rate_per_s"] == NO_LIMIT
+    # missed at every rate: infeasible, and why
+    assert rows["16k"]["best"] == "none feasible" and rows["16k"]["note"] == MISSED
+
+
+def test_a_table_of_rates_found_has_no_note_column():
+    from hgsim.study.report import best_table
+
+    frame = _searches().iloc[:1]
+    frame = pd.concat([frame, frame.assign(policy="hybridgen", max_rate_per_s=3.8)])
+    table = best_table(frame, ["serving.prompt", "policy"], "policy", "max_rate_per_s")
+    assert "note" not in table and table.iloc[0]["margin"] == pytest.approx(2.0)
+
+
+def test_fixed_rate_points_rank_by_what_differs_by_policy():
+    from hgsim.study.report import fixed_rate_metric
+
+    frame = pd.DataFrame({"slo_attainment": [1.0, 0.8], "e2e_mean_s": [1.0, 2.0]})
+    assert fixed_rate_metric(frame) == "slo_attainment"
+    assert fixed_rate_metric(frame.drop(columns="slo_attainment")) == "e2e_mean_s"
+    assert fixed_rate_metric(frame.assign(slo_attainment=math.nan)) == "e2e_mean_s"

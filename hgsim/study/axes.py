@@ -101,6 +101,8 @@ def normalize(column: str, value: Any) -> Any:
         return accuracy_target_label(float(value))
     if column == "model" and isinstance(value, str):
         return _canonical_model(value)
+    if column.startswith("serving."):
+        return serving_value(column.removeprefix("serving."), value)
     last = column.rsplit(".", 1)[-1]
     if last in COUNT_COLUMNS and isinstance(value, (str, int, float)) and not isinstance(
         value, bool
@@ -110,6 +112,37 @@ def normalize(column: str, value: Any) -> Any:
         dimension = dimension_of(last)
         if dimension is not None:
             return parse_quantity(value, dimension)
+    return value
+
+
+#: The serving fields (``serving.<field>`` axes) that hold whole counts, numbers, and lengths
+#: (a fixed count of tokens or a distribution of them).
+SERVING_COUNTS = ("requests", "max_batch", "prefill_chunk", "turns", "seed")
+SERVING_NUMBERS = ("rate_per_s", "think_s", "kv_offload_gb", "slo.ttft_s", "slo.tpot_ms",
+                   "slo.attainment")
+SERVING_LENGTHS = ("prompt", "output", "followup")
+
+
+def serving_value(field: str, value: Any) -> Any:
+    """A ``serving.<field>`` value in the field's type, one spelling per value: counts as
+    ints (``'2'`` and ``2.0`` are 2), numbers as floats, lengths as the serving row's text
+    (``4k``, ``4096`` and ``4K`` are ``4k``; ``uniform:2k:4k`` as written), so that an axis
+    never stores one value under two spellings, nor a column of mixed types. Raises ValueError
+    on a value the field cannot hold."""
+    if isinstance(value, bool) or value is None:
+        return value
+    if field in SERVING_COUNTS:
+        return parse_count(value)
+    if field in SERVING_NUMBERS and isinstance(value, numbers.Real):
+        return float(value)
+    if field in SERVING_LENGTHS and isinstance(value, (str, int)):
+        from hgsim.errors import UserError
+        from hgsim.serving.requests import LengthDist
+
+        try:
+            return str(LengthDist.parse(value, field))
+        except UserError as exc:
+            raise ValueError(str(exc).removeprefix(f"{field}: ")) from None
     return value
 
 

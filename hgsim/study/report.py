@@ -117,6 +117,82 @@ def best_metric(study: Study) -> str:
     return study.search.column if study.search else "tokens_per_s"
 
 
+def fixed_rate_metric(frame: pd.DataFrame) -> str:
+    """What fixed-rate serving points are ranked by: the share of requests meeting the SLO
+    where there is one, else the mean end-to-end latency. Not the throughput: at a fixed
+    Poisson rate every policy that keeps up serves the same load, so it ties."""
+    if "slo_attainment" in frame and pd.to_numeric(frame["slo_attainment"],
+                                                   errors="coerce").notna().any():
+        return "slo_attainment"
+    return "e2e_mean_s"
+
+
+#: Why the fixed-rate ranking is by that metric, per metric.
+FIXED_RATE_WHY = {
+    "slo_attainment": "the share of requests that meet the SLO, higher is better",
+    "e2e_mean_s": "the mean end-to-end latency of a request, lower is better (no SLO is set)",
+}
+
+
+def no_limit(frame: pd.DataFrame) -> pd.Series:
+    """The rows of rate searches that found no limit: no ``max_rate_per_s``, yet rates were
+    tried and none of them missed the SLO (nothing it is lost to, ``slo_bound_by`` empty), as
+    when the SLO is met with every request arriving at once. A search that missed the SLO at
+    every rate names what it was lost to; one that tried no rate is infeasible."""
+    if not {"max_rate_per_s", "rates_tried", "slo_bound_by"} <= set(frame.columns):
+        return pd.Series(False, index=frame.index)
+    missing = pd.to_numeric(frame["max_rate_per_s"], errors="coerce").isna()
+    tried = pd.to_numeric(frame["rates_tried"], errors="coerce").fillna(0) > 0
+    lost = frame["slo_bound_by"].fillna("").astype(str) != ""
+    return missing & tried & ~lost
+
+
+#: The best-per-point table's cell for a search that found no limit.
+NO_LIMIT = "no limit found"
+
+
+@dataclass
+class BestSection:
+    """One best-per-point table: its rows, the axes they vary in, what ranks them, and the
+    words after its heading (``title``) and under it (``why``)."""
+
+    frame: pd.DataFrame
+    axes: list[str]
+    metric: str
+    title: str = ""
+    why: str = ""
+
+
+def best_sections(study: Study, frame: pd.DataFrame, axes: list[str]) -> list[BestSection]:
+    """The best-per-point tables: one, except in a serving study that sweeps ``find_rate``,
+    whose points at a fixed rate and searching points have no metric in common: each is
+    ranked by its own (fixed rate: ``fixed_rate_metric``; searching: ``max_rate_per_s``).
+    ``report.best_metric`` ranks every point by the metric it names."""
+    if study.serving is None or study.report.best_metric:
+        return [BestSection(frame, axes, best_metric(study))]
+
+    def fixed(part: pd.DataFrame, on: list[str]) -> BestSection:
+        metric = fixed_rate_metric(part)
+        return BestSection(part, on, metric, " at the fixed rate",
+                           f"At a fixed arrival rate every policy that keeps up serves the same "
+                           f"load (the same `output_tokens_per_s`), so these points are ranked by "
+                           f"`{metric}`: {FIXED_RATE_WHY[metric]}.\n\n")
+
+    def search(part: pd.DataFrame, on: list[str]) -> BestSection:
+        return BestSection(part, on, "max_rate_per_s", " at the highest rate meeting the SLO",
+                           f"`{NO_LIMIT}`: the rate search found no rate at which the SLO is "
+                           "missed (`note` says why); it ranks above any rate found.\n\n"
+                           if no_limit(part).any() else "")
+
+    column = "serving.find_rate"
+    if column in axes and column in frame:
+        searching = frame[column].fillna(False).astype(bool)
+        rest = [a for a in axes if a != column]
+        return [s for s in (fixed(frame[~searching], rest), search(frame[searching], rest))
+                if len(s.frame)]
+    return [search(frame, axes) if study.serving.find_rate else fixed(frame, axes)]
+
+
 #: How the best-per-point table joins choices tied to the simulation's rounding.
 TIE = " = "
 
@@ -132,13 +208,18 @@ def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
                zipped: dict[str, list[str]] | None = None) -> pd.DataFrame:
     """Per combination of the other axes (less those zipped with ``by``): the best value of
     ``by`` and its margin. A value of ``by`` run at several settings of an axis zipped with
-    it is named with that setting (``hybridgen (topk_ratio 0.05)``)."""
+    it is named with that setting (``hybridgen (topk_ratio 0.05)``). A rate search that found
+    no limit (``no_limit``) ranks above any rate found and reads ``no limit found``; the
+    ``reason`` of every point without a value is in a ``note`` column."""
     if by not in axes or metric not in frame or frame[by].nunique() < 2:
         return pd.DataFrame()
     lower = bool(LOWER_IS_BETTER.search(metric))
     others = ax.held_equal(axes, [by], zipped)
+    values = pd.to_numeric(frame[metric], errors="coerce")
+    unlimited = no_limit(frame) if metric == "max_rate_per_s" else pd.Series(
+        False, index=frame.index)
     data = frame.assign(**{by: ax.choice_names(frame, by, zipped),
-                           "__m": pd.to_numeric(frame[metric], errors="coerce")})
+                           "__m": values.mask(unlimited, math.inf)})
     groups = data.groupby(others, sort=False, dropna=False) if others else [((), data)]
     rows = []
     for key, part in groups:
@@ -150,17 +231,40 @@ def best_table(frame: pd.DataFrame, axes: list[str], by: str, metric: str,
                         "margin": math.nan})
         else:
             first = ranked.iloc[0]
-            tied = same_value(ranked["__m"], first["__m"])
+            tied = (same_value(ranked["__m"], first["__m"]) if math.isfinite(first["__m"])
+                    else ranked["__m"] == first["__m"])  # no limit ties only no limit
             row.update({"best": TIE.join(ranked[tied].sort_index()[by]), metric: first["__m"]})
             rest = ranked[~tied]
             if len(rest):
                 second = rest.iloc[0]
                 ratio = (second["__m"] / first["__m"]) if lower else (first["__m"] / second["__m"])
-                row.update({"runner-up": second[by], "margin": ratio})
+                row.update({"runner-up": second[by],
+                            "margin": ratio if math.isfinite(ratio) else math.nan})
             else:
                 row.update({"runner-up": "-", "margin": math.nan})
+        row["note"] = _notes(part, by)
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    if unlimited.any():
+        table[metric] = table[metric].astype(object).where(table[metric] != math.inf, NO_LIMIT)
+    if not table["note"].astype(bool).any():
+        table = table.drop(columns="note")
+    return table
+
+
+def _notes(part: pd.DataFrame, by: str) -> str:
+    """The reasons of ``part``'s points that have no value, once each where all say the same,
+    else each with its ``by``; "" where none gives one."""
+    if "reason" not in part:
+        return ""
+    why = part[part["__m"].isna() | (part["__m"] == math.inf)]
+    why = why[why["reason"].fillna("").astype(str) != ""]
+    if why.empty:
+        return ""
+    if why["reason"].nunique() == 1:
+        return str(why["reason"].iloc[0])
+    return "; ".join(f"{name}: {reason}" for name, reason in zip(why[by], why["reason"],
+                                                                 strict=True))
 
 
 def capacity_table(frame: pd.DataFrame, axes: list[str], by: str, column: str,
@@ -283,9 +387,18 @@ def _serving_bound_parts(frame: pd.DataFrame, axes: list[str],
     limit more requests miss just above the rate found (``slo_bound_by``) and the shares."""
     if "slo_bound_by" not in frame or not frame["slo_bound_by"].fillna("").astype(bool).any():
         return []
-    shown = [a for a in axes if a in frame and a not in named_by_label(axes, zipped)]
-    table = frame[[*shown, "max_rate_per_s", "slo_bound_by", "slo_bound_note"]].rename(
-        columns={"slo_bound_by": "lost to", "slo_bound_note": "just above the rate found"})
+    if "serving.find_rate" in frame:  # the points at a fixed rate searched nothing
+        frame = frame[frame["serving.find_rate"].fillna(False).astype(bool)]
+    shown = [a for a in axes if a in frame and a not in named_by_label(axes, zipped)
+             and a != "serving.find_rate"]
+    # a search without a rate it lost the SLO at says why (no limit found, or none met)
+    note = frame["slo_bound_note"].fillna("").astype(str)
+    if "reason" in frame:
+        note = note.where(note != "", frame["reason"].fillna("").astype(str))
+    rate = frame["max_rate_per_s"].astype(object).mask(no_limit(frame), NO_LIMIT)
+    table = frame[[*shown, "slo_bound_by"]].assign(max_rate_per_s=rate, __note=note)[
+        [*shown, "max_rate_per_s", "slo_bound_by", "__note"]].rename(
+        columns={"slo_bound_by": "lost to", "__note": "just above the rate found"})
     counts = frame["slo_bound_by"].replace("", pd.NA).dropna().value_counts()
     return ["\n## What the SLO is lost to\n",
             "Per point, the limit more requests miss at the lowest rate tried that misses the "
@@ -396,7 +509,6 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
                      "simulated too, and the one that decodes fastest (tokens/s) is the answer "
                      f"(`fastest_{study.search.field}`; more sequences can push the KV cache "
                      "out of HBM, so the largest is not always the fastest).\n")
-    metric = best_metric(study)
     by = study.report.best_axis
     zipped = study.zipped()
     if study.search:
@@ -422,9 +534,13 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             parts.append(f"\n## Throughput at {where} (tokens/s)\n")
             parts.append(md_table(capacity_table(at, axes, by, "tokens_per_s", zipped), n))
     else:
-        best = best_table(frame, axes, by, metric, zipped)
-        if not best.empty:
-            parts.append(f"\n## Best {by} per point (by {metric})\n")
+        for section in best_sections(study, frame, axes):
+            metric = section.metric
+            best = best_table(section.frame, section.axes, by, metric, zipped)
+            if best.empty:
+                continue
+            parts.append(f"\n## Best {by} per point{section.title} (by {metric})\n")
+            parts.append(section.why)
             wins = best["best"][best["best"] != "none feasible"].value_counts()
             none = int((best["best"] == "none feasible").sum())
             parts.append("Wins: " + ", ".join(f"{k} {v}" for k, v in wins.items())
@@ -433,10 +549,10 @@ def write_report(path: Path, study: Study, frame: pd.DataFrame, axes: list[str],
             ratio = "runner-up / best" if LOWER_IS_BETTER.search(metric) else "best / runner-up"
             parts.append(f"`margin`: {ratio} {metric} (1.10 = the best is 10% better); "
                          f"`a{TIE}b`: tied to a millionth, the margin is to the next.\n\n")
-            parts.append(_label_note(named_by_label(axes, zipped), zipped))
-            parts.append(md_table(best.drop(columns=named_by_label(axes, zipped),
+            parts.append(_label_note(named_by_label(section.axes, zipped), zipped))
+            parts.append(md_table(best.drop(columns=named_by_label(section.axes, zipped),
                                             errors="ignore"), n))
-            parts.append(never_feasible_note(frame, by))
+            parts.append(never_feasible_note(section.frame, by))
 
     parts += binding_parts(frame, axes, by, zipped, n)
     parts += _serving_bound_parts(frame, axes, zipped, n)
