@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from hgsim.profiles import load_profile, profile_with_overrides
 from hgsim.serving import KvOffload, Request, RequestMix, StepTimes, kv_offload, serve_requests
 from hgsim.serving.kv_offload import KvStore
 from hgsim.serving.requests import LengthDist
+from hgsim.serving.server import run_server
 from hgsim.serving.step_times import PREFILL_GRID_PER_OCTAVE, bracket
 from hgsim.sim.decode import PAST_ON_HOST, PrefillChunk
 from hgsim.simulate import new_engine
@@ -183,6 +185,60 @@ def test_a_later_turn_goes_to_the_copy_that_holds_its_kv(machine):
         assert row[f"{stem}_mean_s"] == pytest.approx(part.ttft_s.mean(), rel=1e-12)
         assert row[f"{stem}_p90_s"] == pytest.approx(np.percentile(part.ttft_s, 90), rel=1e-12)
     assert row["ttft_later_mean_s"] < row["ttft_first_mean_s"]
+
+
+def test_a_later_turn_waits_for_its_copy_at_most_the_affinity_wait(machine):
+    """Two copies; conversation 0's first turn runs on copy 0, and just before its second
+    turn arrives a short request keeps copy 1 busy a moment (so copy 0, idle longest, takes
+    the next) and a 60k-token prompt lands on copy 0. Strict affinity: the second turn waits
+    for copy 0 to prefill the long prompt, then hits its cache. With a 0.1 s affinity wait it
+    goes to idle copy 1 exactly 0.1 s after it arrives, prefills its whole prompt there, and
+    copy 0 drops the conversation's KV; its third turn then goes to copy 1."""
+    model = machine[1]
+    times = StepTimes(load_profile("hgx-h100x8-2socket-cxl"), model, "gpu_only",
+                      data_parallel=2, longest_prompt=60_000)
+    chat = conversation(0, 0, 0.0, [(4_000, 4), (500, 4), (100, 4)], 1.0)
+    first = run_server(times, chat, max_batch=4, copies=2).served[0]
+    assert first.copy == 0
+    short = Request(3, first.finish_s + 0.5, 1_000, 2)
+    long = Request(4, first.finish_s + 0.9, 60_000, 4)
+    requests = [*chat, short, long]
+    strict = by_id(serve_requests(times, requests, max_batch=4))
+    assert strict[3].copy == 1 and strict[4].copy == 0 and strict[3].finish_s < long.arrival_s
+    assert strict[1].copy == strict[2].copy == 0
+    assert strict[1].cached_tokens == strict[1].request.prefix_tokens
+    assert strict[1].admitted_s >= strict[4].admitted_s + times.prefill_s(60_000) * 0.99
+    served = run_server(times, requests, max_batch=4, copies=2, affinity_wait_s=0.1).served
+    waited = by_id(SimpleNamespace(served=served))
+    assert waited[4].copy == 0 and waited[1].copy == 1 and waited[2].copy == 1
+    assert waited[1].admitted_s == pytest.approx(waited[1].request.arrival_s + 0.1, abs=1e-9)
+    assert waited[1].cached_tokens == 0 and waited[2].cached_tokens > 0
+    # an infinite wait is strict affinity, request for request
+    same = run_server(times, requests, max_batch=4, copies=2, affinity_wait_s=math.inf)
+    assert [(s.admitted_s, s.copy) for s in same.served] == [
+        (strict[s.request.id].admitted_s, strict[s.request.id].copy) for s in same.served]
+
+
+def test_without_affinity_a_turn_hits_only_where_its_kv_is(machine):
+    """A 0 s affinity wait: a later turn goes to the first copy with room; it hits the cache
+    only on the copy that served its conversation's turn before (and then always)."""
+    model = machine[1]
+    mix = RequestMix(LengthDist.parse("4k", "p"), LengthDist.parse("16", "o"), count=16,
+                     turns=3, followup=LengthDist.parse("256", "f"), think_s=1.0)
+    requests = mix.requests(2.0)
+    times = StepTimes(load_profile("hgx-h100x8-2socket-cxl"), model, "gpu_only",
+                      data_parallel=2, longest_prompt=max(r.prompt_tokens for r in requests))
+    served = run_server(times, requests, max_batch=4, copies=2, affinity_wait_s=0.0).served
+    turns = {(s.request.conversation, s.request.turn): s for s in served}
+    moved = 0
+    for (c, turn), s in turns.items():
+        assert not s.rejected
+        if turn:
+            before = turns[(c, turn - 1)]
+            if s.copy != before.copy:
+                moved += 1
+                assert s.cached_tokens == 0
+    assert moved > 0
 
 
 # ------------------------------------------------------------------ the step with a cached past

@@ -74,6 +74,7 @@ class ServeResult:
                 "slo_met": (not s.rejected) and self.slo.met(ttft, tpot),
                 "conversation": r.conversation, "turn": r.turn,
                 "cached_tokens": s.cached_tokens, "loaded_tokens": s.loaded_tokens,
+                "copy": s.copy,
             })
         return pd.DataFrame(rows)
 

@@ -68,6 +68,7 @@ class Served:
     cached_tokens: int = 0  # prompt tokens whose KV a prefix cache held at admission
     loaded_tokens: int = 0  # of those, the ones loaded from the host KV store
     prefilled: int = 0  # prompt tokens whose KV is in place (chunked prefill's progress)
+    copy: int = -1  # the copy of the model that served it (-1: none)
 
     @property
     def context(self) -> int:
@@ -253,11 +254,13 @@ class Engine:
                 why = "its prompt's prefill does not fit alone"
             elif times.fits(batch, final):
                 server.waiting.remove(head)
-                head.admitted_s = server.env.now
+                head.admitted_s, head.copy = server.env.now, self.copy
                 admitted.append(head)
                 self._reserved_tokens += head.request.final_tokens
                 if cached and not loaded:  # its conversation's KV is its own again
                     self._forget(head.request.conversation)
+                else:  # another copy's cache, if one holds it, is left behind
+                    server.leave_behind(head.request.conversation, self)
                 head.cached_tokens = head.prefilled = cached
                 head.loaded_tokens = cached if loaded else 0
                 self._evict(batch)
@@ -278,7 +281,8 @@ class Engine:
         """Drop ``conversation`` from this copy's prefix cache (taken back, or evicted)."""
         tokens = self.retained.pop(conversation)
         self._retained_tokens -= tokens
-        del self.server.holder[conversation]
+        if self.server.holder.get(conversation) is self:
+            del self.server.holder[conversation]
         self.server._announce()  # a turn that waited for this copy may go to any now
         return tokens
 
@@ -332,8 +336,12 @@ class Server:
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
                  copies: int = 1, on_finish: Callable[[int], None] | None = None,
                  prefix_cache: bool = True, kv_offload: KvOffload | None = None,
-                 pack: bool = True):
+                 pack: bool = True, affinity_wait_s: float = math.inf):
         self.env, self.times, self.max_batch = env, times, max_batch
+        # how long a later turn waits for the copy whose cache holds its KV before any copy
+        # may take it (inf: it always waits, strict session affinity; 0: it goes to the first
+        # copy with room)
+        self.affinity_wait_s = affinity_wait_s
         self.prefill_chunk = times.prefill_chunk  # None: prompts prefilled whole
         # a chunk budget the head prompt leaves is filled from the next prompts (False: one
         # prompt's chunk an iteration)
@@ -392,16 +400,34 @@ class Server:
             self.finished(1)
         else:
             self.waiting.append(served)
+            if (math.isfinite(self.affinity_wait_s) and self.copy_for(served) is not None):
+                self.env.process(self._release(request))
         self._announce()
         return served
 
     def copy_for(self, s: Served) -> Engine | None:
         """The copy ``s`` waits for: the one whose prefix cache holds its conversation's KV
         (session affinity, as a router in front of several copies sends a conversation's
-        turns where its KV is), or None: any copy."""
+        turns where its KV is) until it has waited ``affinity_wait_s``, or None: any copy."""
         if not self.prefix_cache or len(self.engines) == 1:
             return None
+        if self.env.now - s.request.arrival_s >= self.affinity_wait_s:
+            return None
         return self.holder.get(s.request.conversation)
+
+    def leave_behind(self, conversation: int, taker: Engine) -> None:
+        """A turn of ``conversation`` was admitted on ``taker`` without the KV another copy's
+        prefix cache holds (it waited past ``affinity_wait_s``): that copy drops it, its
+        turns from now on going where this one runs."""
+        holder = self.holder.get(conversation)
+        if holder is not None and holder is not taker and conversation in holder.retained:
+            holder._forget(conversation)
+
+    def _release(self, request: Request):
+        """Wake the copies when ``request`` has waited ``affinity_wait_s`` for the copy that
+        holds its KV: any copy may take it now."""
+        yield self.env.timeout(self.affinity_wait_s)
+        self._announce()
 
     @functools.cached_property
     def _retains_on_host(self) -> bool:
@@ -447,14 +473,16 @@ class Server:
 def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
                on_finish: Callable[[int], None] | None = None,
                prefix_cache: bool = True, kv_offload: KvOffload | None = None,
-               pack: bool = True) -> Server:
+               pack: bool = True, affinity_wait_s: float = math.inf) -> Server:
     """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue
     (prompts chunked as ``times.prefill_chunk`` says, a chunk budget the head prompt leaves
     filled from the next ones with ``pack``; conversations' KV kept between turns with
-    ``prefix_cache``); the server holds every request's record."""
+    ``prefix_cache``, a later turn waiting at most ``affinity_wait_s`` for the copy that
+    holds it); the server holds every request's record."""
     env = simpy.Environment()
     server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
-                    prefix_cache=prefix_cache, kv_offload=kv_offload, pack=pack)
+                    prefix_cache=prefix_cache, kv_offload=kv_offload, pack=pack,
+                    affinity_wait_s=affinity_wait_s)
     env.process(server.arrivals(requests))
     for engine in server.engines:
         env.process(engine.run())
