@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hgsim.catalog import get_model
-from hgsim.errors import UserError
+from hgsim.errors import OptionError, TraceTooLarge, UserError
 from hgsim.profiles import load_profile
 from hgsim.serving import (
     LengthDist,
@@ -478,10 +478,60 @@ def test_api_serve_gives_the_command_lines_numbers(capsys):
                                                  "slo_ttft_s"),
     ({"find_rate": True}, "find_rate"), ({"rate": 1, "attainment": 0}, "attainment"),
     ({"rate": 1, "prompt": "big"}, "prompt"),
+    # checked before the first request: inside the simulated server they surfaced mid-run
+    ({"rate": 1, "options": {"nope": 1}}, "policy_options.nope"),
+    ({"rate": 1, "policy": "hybridgen", "options": {"topk_ratio": 5}},
+     "policy_options.topk_ratio"),
+    ({"rate": 1, "options": [1]}, "options"), ({"rate": 1, "kv_dtype": "int4"}, "kv_dtype"),
+    ({"rate": 1, "weight_dtype": "int3"}, "weight_dtype"),
+    ({"rate": 1, "data_parallel": 2}, "data_parallel"),
+    ({"rate": 1, "tensor_parallel": 2}, "tensor_parallel"),
+    ({"rate": 1, "prefill_chunk": "2.5"}, "prefill_chunk"),
+    ({"rate": 1, "prefill_chunk": 8}, "prefill_chunk"),
 ])
 def test_api_serve_bad_arguments_name_the_argument(kwargs, field):
     from hgsim import api
 
+    given = {"policy": "gpu_only", "prompt": "4k", "output": 8, "requests": 3, **kwargs}
     with pytest.raises(UserError) as caught:
-        api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", **kwargs)
+        api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", **given)
     assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ") and "\n" not in str(caught.value)
+
+
+def test_api_serve_takes_the_prefill_chunk_as_the_command_line_does():
+    from hgsim import api
+
+    run = {"rate": 1, "prompt": "4k", "output": 8, "requests": 3}
+    spelled = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", prefill_chunk="2k",
+                        **run)
+    counted = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", prefill_chunk=2048,
+                        **run)
+    assert spelled.summary()["prefill_chunk"] == 2048
+    assert spelled.summary()["ttft_mean_s"] == counted.summary()["ttft_mean_s"]
+
+
+@pytest.mark.parametrize("error", [
+    UserError("bad\nvalue", source="t.csv:3", field="prompt_tokens"),
+    OptionError("topk_ratio", "input should be less than or equal to 1", unknown=False),
+    TraceTooLarge(2e10, 1e6, 20_000, 1e9),
+])
+def test_user_errors_survive_a_simulated_process_and_pickling(error):
+    """simpy re-raises a process's error as ``type(exc)(*exc.args)`` and pickle rebuilds it
+    the same way: each user error comes back whole, not as a TypeError."""
+    import pickle
+
+    import simpy
+
+    def fail(env):
+        yield env.timeout(1)
+        raise error
+
+    env = simpy.Environment()
+    env.process(fail(env))
+    with pytest.raises(type(error)) as caught:
+        env.run()
+    for copy in (caught.value, pickle.loads(pickle.dumps(error))):
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert vars(copy) == vars(error)
+    assert str(error).count("\n") == 0
