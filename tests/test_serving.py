@@ -415,6 +415,18 @@ def test_serve_prints_percentiles_and_writes_each_request(tmp_path, capsys):
     assert len(frame) == 40 and {"ttft_s", "tpot_s", "queue_s"} <= set(frame.columns)
 
 
+def test_serve_json_with_requests_csv_keeps_stdout_one_json_document(tmp_path, capsys):
+    from hgsim.cli import main
+
+    out = tmp_path / "r2.csv"
+    assert main([*SERVE, "--rate", "2", "--requests", "3", "--json", "--no-progress",
+                 "--requests-csv", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["completed"] == 3
+    assert captured.err == f"3 requests written to {out}\n"
+    assert len(out.read_text().splitlines()) == 1 + 3
+
+
 def test_serve_names_the_copies(capsys):
     from hgsim.cli import main
 

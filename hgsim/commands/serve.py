@@ -272,7 +272,11 @@ def run(args: argparse.Namespace) -> int:
     else:
         print_summary(row, slo, search)
     if csv_path is not None and result is not None:
-        print(f"\n{len(result.served)} requests written to {csv_path}")
+        notice = f"{len(result.served)} requests written to {csv_path}"
+        if args.json:  # stdout stays one JSON document
+            print(notice, file=sys.stderr)
+        else:
+            print(f"\n{notice}")
     return 0
 
 
