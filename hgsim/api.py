@@ -142,10 +142,10 @@ def serve(
     rate: float | None = None,
     trace: str | os.PathLike[str] | None = None,
     find_rate: bool = False,
-    prompt: int | str = "32k",
-    output: int | str = 256,
-    requests: int = 500,
-    seed: int = 0,
+    prompt: int | str | None = None,
+    output: int | str | None = None,
+    requests: int | None = None,
+    seed: int | None = None,
     max_batch: int = 256,
     prefill_chunk: int | str | None = None,
     turns: int = 1,
@@ -170,11 +170,13 @@ def serve(
     Exactly one load: ``rate`` (requests per second, Poisson), ``trace`` (a CSV file of
     ``arrival_s, prompt_tokens, output_tokens``) or ``find_rate`` (search the highest rate at
     which ``attainment`` of the requests meet the SLO). ``prompt`` and ``output`` are token
-    counts or distributions (``"uniform:8k:64k"``, ``"lognormal:32k:0.5"``: median, sigma),
-    ``requests`` how many, ``max_batch`` the most decoded together (by each of the
-    ``data_parallel`` copies of the model behind the one queue), ``prefill_chunk`` chunked
-    prefill (at most that many prompt tokens an iteration, ``2048`` or ``"2k"``, in the decode
-    step's forward; None: prompts prefilled whole). With ``turns`` > 1 each arrival is a conversation of that many
+    counts or distributions (``"uniform:8k:64k"``, ``"lognormal:32k:0.5"``: median, sigma;
+    default ``"32k"`` and 256), ``requests`` how many (default 500), ``seed`` the seed of their
+    arrivals and lengths (default 0), all four set by a ``trace``'s rows instead (refused with
+    one), ``max_batch`` the most decoded together (by each of the ``data_parallel`` copies of
+    the model behind the one queue), ``prefill_chunk`` chunked prefill (at most that many
+    prompt tokens an iteration, ``2048`` or ``"2k"``, in the decode step's forward; None:
+    prompts prefilled whole). With ``turns`` > 1 each arrival is a conversation of that many
     turns (``rate`` and ``requests`` count conversations): a later turn sends the conversation
     so far plus ``followup`` new tokens (a count or distribution, as ``prompt``), ``think_s``
     seconds on average (exponential) after the turn before has finished, and with
@@ -215,6 +217,16 @@ def serve(
                                  and math.isfinite(rate) and rate > 0):
         raise UserError(f"must be a positive number of requests per second, got {rate!r}",
                         field="rate")
+    given = next((name for name, value in (("prompt", prompt), ("output", output),
+                                           ("requests", requests), ("seed", seed))
+                  if value is not None), None)
+    if trace is not None and given is not None:  # else silently ignored
+        raise UserError(f"a trace's rows set the requests (their arrivals and lengths): drop "
+                        f"{given} or trace", field=given)
+    prompt = "32k" if prompt is None else prompt
+    output = 256 if output is None else output
+    requests = 500 if requests is None else requests
+    seed = 0 if seed is None else seed
     for name, value, least in (("requests", requests, 1), ("max_batch", max_batch, 1),
                                ("seed", seed, 0), ("tensor_parallel", tensor_parallel, 1),
                                ("data_parallel", data_parallel, 1)):

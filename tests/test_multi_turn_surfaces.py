@@ -107,7 +107,8 @@ def test_cli_a_trace_takes_no_conversations(tmp_path, capsys, extra):
     trace = tmp_path / "t.csv"
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n")
     capsys.readouterr()
-    assert main([*SERVE, "--trace", str(trace), *extra]) == 2
+    traced = [*SERVE[:SERVE.index("--prompt")], "--no-progress"]  # its rows are the requests
+    assert main([*traced, "--trace", str(trace), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {extra[0]}: a trace's rows are single" in err, err
 

@@ -427,6 +427,38 @@ def test_serve_json_with_requests_csv_keeps_stdout_one_json_document(tmp_path, c
     assert len(out.read_text().splitlines()) == 1 + 3
 
 
+@pytest.mark.parametrize("extra", [["--prompt", "4k"], ["--output", "256"],
+                                   ["--requests", "500"], ["--seed", "0"]])
+def test_serve_a_trace_takes_no_drawn_requests(tmp_path, capsys, extra):
+    """A trace's rows are the requests: --prompt, --output, --requests and --seed were
+    silently ignored beside it (a default's value given is refused too: it was given)."""
+    from hgsim.cli import main
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n")
+    argv = ["serve", "--profile", "h100-80gb-spr-cxl", "--model", "llama-3.1-8b", "--policy",
+            "gpu_only", "--no-progress", "--trace", str(trace)]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {extra[0]}: a trace's rows set the requests" in err
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"prompt": "32k"}, {"output": 8}, {"requests": 3},
+                                    {"seed": 0}])
+def test_api_serve_a_trace_takes_no_drawn_requests(tmp_path, kwargs):
+    from hgsim import api
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n0.5,200,3\n")
+    with pytest.raises(UserError, match="a trace's rows set the requests") as caught:
+        api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", trace=trace, **kwargs)
+    assert caught.value.field == next(iter(kwargs))
+    served = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", trace=trace)
+    assert served.requests_frame().prompt_tokens.tolist() == [100, 200]
+
+
 def test_serve_names_the_copies(capsys):
     from hgsim.cli import main
 
@@ -466,7 +498,8 @@ def test_serve_json_and_find_rate(capsys):
 def test_serve_bad_input_is_one_line_exit_2(extra, message, capsys):
     from hgsim.cli import main
 
-    assert main([*SERVE, *extra]) == 2
+    base = SERVE[:SERVE.index("--prompt")] if "--trace" in extra else SERVE  # rows: requests
+    assert main([*base, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 

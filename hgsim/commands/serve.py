@@ -37,14 +37,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "the SLO (--slo-ttft and/or --slo-tpot-ms)")
     load.add_argument("--trace", metavar="REQUESTS.csv",
                       help="requests from a CSV file: arrival_s, prompt_tokens, output_tokens")
-    p.add_argument("--prompt", default="32k", metavar="DIST",
+    p.add_argument("--prompt", metavar="DIST",
                    help="prompt tokens per request: 32k, uniform:8k:64k or lognormal:32k:0.5 "
                         "(median, sigma) (default 32k)")
-    p.add_argument("--output", default="256", metavar="DIST",
+    p.add_argument("--output", metavar="DIST",
                    help="tokens generated per request, the same forms (default 256)")
-    p.add_argument("--requests", default="500", metavar="N",
+    p.add_argument("--requests", metavar="N",
                    help="requests to serve (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default 0)")
+    p.add_argument("--seed", type=int, help="seed of arrivals and lengths (default 0)")
     p.add_argument("--max-batch", type=int, default=256, metavar="N",
                    help="most requests decoded together (vLLM's max_num_seqs; default 256)")
     p.add_argument("--prefill-chunk", metavar="TOKENS",
@@ -130,6 +130,26 @@ def arrivals(mix, rate: float):
         return mix.requests(rate)
 
 
+#: The flags of a drawn mix of requests, which a trace's rows replace, and their values when
+#: not given.
+MIX_FLAGS = (("prompt", "--prompt", "32k"), ("output", "--output", "256"),
+             ("requests", "--requests", "500"), ("seed", "--seed", 0))
+
+
+def mix_flags_of(args: argparse.Namespace) -> dict[str, object]:
+    """``--prompt``, ``--output``, ``--requests`` and ``--seed``, their defaults where not
+    given; a trace's rows set the requests, so with ``--trace`` each given is refused (it
+    would be silently ignored)."""
+    values = {}
+    for name, flag, default in MIX_FLAGS:
+        value = getattr(args, name)
+        if value is not None and args.trace is not None:
+            raise UserError(f"a trace's rows set the requests (their arrivals and lengths): "
+                            f"drop {flag} or --trace", field=flag)
+        values[name] = default if value is None else value
+    return values
+
+
 #: The flags of a conversation beside --turns, and their values when not given.
 CONVERSATION_FLAGS = (("followup", "--followup"), ("think", "--think"),
                       ("no_prefix_cache", "--no-prefix-cache"),
@@ -196,8 +216,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1:
         raise UserError(f"must be >= 1, got {args.max_batch}", field="--max-batch")
-    if args.seed < 0:
-        raise UserError(f"must be >= 0, got {args.seed}", field="--seed")
+    drawn = mix_flags_of(args)
+    if drawn["seed"] < 0:
+        raise UserError(f"must be >= 0, got {drawn['seed']}", field="--seed")
     if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
         raise UserError(f"must be a positive number of requests per second, got {args.rate:g}",
                         field="--rate")
@@ -210,15 +231,15 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None:
         prefill_chunk = count(args.prefill_chunk, "--prefill-chunk")
         check_prefill_chunk(prefill_chunk, "--prefill-chunk")
-    requests_n = count(args.requests, "--requests")
+    requests_n = count(drawn["requests"], "--requests")
     if not 1 <= requests_n <= MAX_REQUESTS:
         raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",
                         field="--requests")
     turns, followup, think, prefix_cache = conversation_of(args)
     with mix_as_flags():
-        mix = RequestMix(prompt_lengths(args.prompt, "--prompt"),
-                         output_lengths(args.output, "--output"),
-                         count=requests_n, seed=args.seed, turns=turns,
+        mix = RequestMix(prompt_lengths(drawn["prompt"], "--prompt"),
+                         output_lengths(drawn["output"], "--output"),
+                         count=requests_n, seed=drawn["seed"], turns=turns,
                          followup=prompt_lengths(followup, "--followup"), think_s=think)
     if args.trace is not None and not args.trace.strip():
         raise UserError(f"needs the path of a CSV file, got {args.trace!r}", field="--trace")
