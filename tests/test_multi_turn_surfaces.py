@@ -79,7 +79,11 @@ def test_cli_find_rate_counts_conversations(capsys):
 @pytest.mark.parametrize(("extra", "flag", "words"), [
     (["--turns", "0"], "--turns", "from 1 to 1000, got 0"),
     (["--turns", "1001"], "--turns", "from 1 to 1000"),
-    (["--turns", "two"], "--turns", "expected a count"),
+    (["--turns", "two"], "--turns", "expected a whole number of turns, got 'two'"),
+    # turns are counted, not tokens: no k/M suffix, no fraction, and a negative one its range
+    (["--turns", "2k"], "--turns", "expected a whole number of turns, got '2k'"),
+    (["--turns", "1.5"], "--turns", "expected a whole number of turns, got '1.5'"),
+    (["--turns", "-1"], "--turns", "from 1 to 1000, got -1"),
     (["--turns", "2", "--think", "-1"], "--think", "from 0 to 86400"),
     (["--turns", "2", "--think", "nan"], "--think", "got nan"),
     (["--turns", "2", "--think", "1e9"], "--think", "from 0 to 86400"),
@@ -90,7 +94,7 @@ def test_cli_find_rate_counts_conversations(capsys):
     (["--think", "0"], "--think", "applies to conversations"),  # 0 is given too
     (["--no-prefix-cache"], "--no-prefix-cache", "applies to conversations"),
     (["--turns", "1", "--think", "1"], "--think", "applies to conversations"),
-    (["--turns", "1000", "--requests", "2k"], "--turns", "more than 1,000,000 requests"),
+    (["--turns", "1000", "--requests", "2048"], "--turns", "more than 1,000,000 requests"),
 ])
 def test_cli_bad_conversation_flags_are_one_line_exit_2(capsys, extra, flag, words):
     capsys.readouterr()

@@ -377,18 +377,38 @@ def test_trace_rows_and_their_errors(tmp_path):
     good = tmp_path / "t.csv"
     good.write_text("arrival_s,prompt_tokens,output_tokens,user\n0,100,5,a\n0.5,2000,7,b\n")
     assert read_trace(good) == [Request(0, 0.0, 100, 5), Request(1, 0.5, 2000, 7)]
+    # a spreadsheet's trailing comma: an unnamed column, its cells empty
+    padded = tmp_path / "padded.csv"
+    padded.write_text("arrival_s,prompt_tokens,output_tokens,,\n0,100,5,,\n0.5,2000,7\n")
+    assert read_trace(padded) == read_trace(good)
     cases = {
         "arrival_s,prompt_tokens\n0,1\n": ":1: needs the columns",
         "arrival_s,prompt_tokens,output_tokens\n0,1,1\n0,x,1\n": ":3: prompt_tokens: expected",
-        "arrival_s,prompt_tokens,output_tokens\n1,1,1\n0.5,1,1\n": ":3: arrival_s: must be",
+        "arrival_s,prompt_tokens,output_tokens\n1,1,1\n0.5,1,1\n": ":3: arrival_s: must not be",
         "arrival_s,prompt_tokens,output_tokens\n0,1,0\n": ":2: output_tokens: must be at least",
         "arrival_s,prompt_tokens,output_tokens\n": "has no requests",
+        # token counts are whole numbers; the first arrival has no row above it
+        "arrival_s,prompt_tokens,output_tokens\n0,1e3,1\n":
+            ":2: prompt_tokens: expected a whole number, got '1e3'",
+        "arrival_s,prompt_tokens,output_tokens\n0,4096.5,1\n":
+            ":2: prompt_tokens: expected a whole number, got '4096.5'",
+        "arrival_s,prompt_tokens,output_tokens\n-1,1,1\n":
+            r":2: arrival_s: must be >= 0 \(seconds from the start\), got -1",
+        "arrival_s,prompt_tokens,output_tokens\nnan,1,1\n": ":2: arrival_s: must be a finite",
+        "arrival_s,prompt_tokens,output_tokens\n2,1,1\n1,1,1\n":
+            r":3: arrival_s: must not be before the row above \(2\), got 1",
+        # malformed files: a column named twice, a row longer than the header
+        "arrival_s,prompt_tokens,output_tokens,arrival_s\n0,1,1,5\n":
+            ":1: the header names the column 'arrival_s' twice",
+        "arrival_s,prompt_tokens,output_tokens\n0,1,1\n0,1,1,7\n":
+            ":3: 4 fields, more than the header's 3",
     }
     for i, (text, message) in enumerate(cases.items()):
         bad = tmp_path / f"bad{i}.csv"
         bad.write_text(text)
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(UserError, match=message) as caught:
             read_trace(bad)
+        assert str(caught.value).startswith(f"{bad}:") and "\n" not in str(caught.value)
     with pytest.raises(UserError, match="cannot read it"):
         read_trace(tmp_path / "missing.csv")
     binary = tmp_path / "b.csv"
@@ -485,7 +505,15 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--attainment", "1.5"], "--attainment: must be in [0, 1]"),
     (["--trace", "/nonexistent/t.csv"], "cannot read it"),
     (["--rate", "1", "--requests", "0"], "--requests: must be between 1 and 1,000,000"),
-    (["--rate", "1", "--requests", "1G"], "--requests: must be between 1 and 1,000,000"),
+    (["--rate", "1", "--requests", "1000001"], "--requests: must be between 1 and 1,000,000"),
+    # requests are counted, not tokens: no k/M suffix (2k would be 2048), no fraction
+    (["--rate", "1", "--requests", "1G"], "--requests: expected a whole number of requests, "
+                                          "got '1G'"),
+    (["--rate", "1", "--requests", "2.5"], "--requests: expected a whole number of requests, "
+                                           "got '2.5'"),
+    (["--rate", "1", "--requests", "-3"], "--requests: must be between 1 and 1,000,000, got -3"),
+    (["--rate", "1", "--slo-ttft", "-1"], "--slo-ttft: must be >= 0, got -1"),
+    (["--rate", "1", "--slo-tpot-ms", "-5"], "--slo-tpot-ms: must be >= 0, got -5"),
     (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),
     # a prompt past the simulator's plausible workload (the fuzz found it: 924575386328)
     (["--rate", "1", "--prompt", "924575386328"], "--prompt: at most 4294967296 tokens"),

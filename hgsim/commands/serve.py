@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from hgsim.commands.checks import check_gpu_placement, count, non_negative
+from hgsim.commands.checks import check_gpu_placement, count, non_negative, whole
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file, finite_for_json
@@ -173,7 +173,7 @@ def conversation_of(args: argparse.Namespace) -> tuple[int, str, float, bool]:
                         field=given[0])
     turns = 1
     if args.turns is not None:
-        turns = count(args.turns, "--turns")
+        turns = whole(args.turns, "--turns", "turns")
         check_turns(turns, "--turns")
     if turns == 1 and (extra := [flag for flag in given if flag != "--turns"]):
         raise UserError("applies to conversations: give --turns 2 or more", field=extra[0])
@@ -231,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None:
         prefill_chunk = count(args.prefill_chunk, "--prefill-chunk")
         check_prefill_chunk(prefill_chunk, "--prefill-chunk")
-    requests_n = count(drawn["requests"], "--requests")
+    requests_n = whole(drawn["requests"], "--requests", "requests")
     if not 1 <= requests_n <= MAX_REQUESTS:
         raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",
                         field="--requests")
