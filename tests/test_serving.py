@@ -479,6 +479,25 @@ def test_api_serve_a_trace_takes_no_drawn_requests(tmp_path, kwargs):
     assert served.requests_frame().prompt_tokens.tolist() == [100, 200]
 
 
+def test_serve_refuses_to_write_the_requests_over_its_trace(tmp_path, capsys, monkeypatch):
+    from hgsim.cli import main
+
+    trace = tmp_path / "t.csv"
+    text = "arrival_s,prompt_tokens,output_tokens\n0,100,4\n"
+    trace.write_text(text)
+    (tmp_path / "link.csv").symlink_to(trace)
+    monkeypatch.chdir(tmp_path)
+    argv = ["serve", "--profile", "h100-80gb-spr-cxl", "--model", "llama-3.1-8b", "--policy",
+            "gpu_only", "--no-progress", "--trace", "t.csv", "--requests-csv"]
+    for same in ("t.csv", str(trace), "./t.csv", "link.csv"):
+        assert main([*argv, same]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error: --requests-csv: " in err and "--trace" in err
+        assert trace.read_text() == text  # the input untouched
+    assert main([*argv, "out.csv"]) == 0
+    assert trace.read_text() == text and (tmp_path / "out.csv").exists()
+
+
 def test_serve_names_the_copies(capsys):
     from hgsim.cli import main
 

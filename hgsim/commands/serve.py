@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from hgsim.commands.checks import check_gpu_placement, count, non_negative, whole
 from hgsim.commands.policy_options import named_as_flags, policy_options
@@ -246,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
     trace = read_trace(args.trace) if args.trace is not None else None
     csv_path = (check_output_file(args.requests_csv, "--requests-csv")
                 if args.requests_csv is not None else None)
+    if csv_path is not None and trace is not None and same_file(csv_path, args.trace):
+        raise UserError(f"{csv_path} is the --trace file this run reads: writing it would "
+                        "replace the trace; give another path", field="--requests-csv")
     options = policy_options(args.option, args.policy)
     model = get_model(args.model)
     listed = trace if trace is not None else (
@@ -299,6 +304,17 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"\n{notice}")
     return 0
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same resolved path (``./t.csv`` and
+    ``t.csv``, through a symbolic link) or, both existing, the same inode (a hard link)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 class RequestBar:
