@@ -70,6 +70,22 @@ def test_cli_summary_names_the_conversations_and_the_cached_share(capsys):
     assert "conversations" not in out and "cached" not in out
 
 
+def test_cli_summary_of_conversations_keeps_every_number_whole(capsys, monkeypatch):
+    """Ten columns with a store are wider than a pipe's 80: the table is printed as wide as
+    its numbers need (rich cut them to "0.25…" and headers to "reje…"), the rate's header
+    counting conversations."""
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = [*SERVE, *CONVERSATIONS, "--rate", "0.25", *STORE]
+    row = _cli(capsys, *argv[len(SERVE):])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "conversations/s" in out and "rejected" in out
+    cells = [f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
+             f"{row['prefix_cached_fraction']:.0%}", f"{row['prefix_loaded_fraction']:.0%}",
+             f"{row['ttft_later_p99_s']:.4g}"]
+    assert all(f" {cell} " in out for cell in cells), (cells, out)
+
+
 def test_cli_find_rate_counts_conversations(capsys):
     row = _cli(capsys, *CONVERSATIONS, "--find-rate", "--slo-ttft", "0.05")
     assert row["max_rate_per_s"] > 0 and row["turns"] == 2

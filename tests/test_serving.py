@@ -498,6 +498,56 @@ def test_serve_refuses_to_write_the_requests_over_its_trace(tmp_path, capsys, mo
     assert trace.read_text() == text and (tmp_path / "out.csv").exists()
 
 
+def test_serve_says_why_when_every_request_is_rejected(capsys, monkeypatch):
+    """1M-token prompts do not fit an H100 beside an 8B model: every request is rejected.
+    The run says why, and its rates of completed work are 0 over the span of the arrivals
+    it refused (not NaN); latencies stay undefined (null in JSON, "-" in the table)."""
+    from hgsim import api
+    from hgsim.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = [*SERVE[:SERVE.index("--prompt")], "--prompt", "1M", "--output", "8", "--requests",
+            "20", "--rate", "1", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)
+    assert captured.err == ("hgsim serve: note: all 20 requests rejected: its prompt's prefill "
+                            "does not fit alone\n")
+    served = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", rate=1, prompt="1M",
+                       output=8, requests=20)
+    arrivals = served.requests_frame().arrival_s
+    assert row["span_s"] == pytest.approx(arrivals.max() - arrivals.min(), rel=1e-12)
+    assert row["completed"] == 0 and row["rejected"] == 20
+    assert row["requests_per_s"] == row["output_tokens_per_s"] == row["busy_fraction"] == 0.0
+    assert row["ttft_mean_s"] is None and row["mean_batch"] is None
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "nan" not in captured.out and "all 20 requests rejected" in captured.err
+    assert "no output token to charge it to" in captured.out
+    # one request: no span to count a rate over, so the rates stay undefined
+    alone = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", rate=1, prompt="1M",
+                      output=8, requests=1).summary()
+    assert alone["completed"] == 0 and math.isnan(alone["requests_per_s"])
+
+
+def test_serve_tables_keep_every_number_whole_in_80_columns(capsys, monkeypatch):
+    """Piped, rich lays tables out in 80 columns and cut numbers to "0.25…" to fit: every
+    number of the JSON row is printed whole, and the rate's header says its unit."""
+    from hgsim.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = [*SERVE, "--rate", "0.25", "--requests", "20", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "requests/s" in out
+    cells = [f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
+             f"{row['mean_batch']:.3g}", f"{row['ttft_p99_s']:.4g}", f"{row['e2e_mean_s']:.4g}",
+             f"{row['tpot_p50_s'] * 1e3:.4g}"]
+    assert all(f" {cell} " in out for cell in cells), (cells, out)
+
+
 def test_serve_names_the_copies(capsys):
     from hgsim.cli import main
 

@@ -297,6 +297,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(finite_for_json(row), indent=2, default=str))
     else:
         print_summary(row, slo, search)
+    if search is None and (note := rejection_note(result)) is not None:
+        print(f"hgsim serve: note: {note}", file=sys.stderr)
     if csv_path is not None and result is not None:
         notice = f"{len(result.served)} requests written to {csv_path}"
         if args.json:  # stdout stays one JSON document
@@ -304,6 +306,20 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"\n{notice}")
     return 0
+
+
+def rejection_note(result) -> str | None:
+    """Why a run served nothing: every request rejected, with the most common reason (None
+    where any request completed)."""
+    from collections import Counter
+
+    reasons = Counter(s.rejected for s in result.served)
+    if not result.served or "" in reasons:
+        return None
+    reason, times = reasons.most_common(1)[0]
+    n = len(result.served)
+    share = "" if times == n else f" ({times} of them)"
+    return f"all {n} requests rejected: {reason}{share}"
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -390,18 +406,19 @@ def print_summary(row: dict, slo, search) -> None:
                             + ("; loaded: share of those prompt tokens the host KV store held "
                                "(loaded back, part of cached)" if loaded else ""),
                     caption_justify="left")
-    for column in ("rate", "done", "rejected", "tokens/s", "req/s", "batch", "busy",
-                   "prefill", *(("cached",) if cached else ()),
-                   *(("loaded",) if loaded else ())):
+    # the rate's unit in its header (a trace's arrivals are its own: "trace")
+    for column in (f"rate\n{rate_unit(row.get('turns', 1))}", "done", "rejected",
+                   "output\ntokens/s", "req/s", "batch", "busy", "prefill",
+                   *(("cached",) if cached else ()), *(("loaded",) if loaded else ())):
         summary.add_column(column, justify="right")
-    summary.add_row(f"{row['rate_per_s']:.4g}/s" if math.isfinite(row["rate_per_s"])
+    summary.add_row(number(row["rate_per_s"], ".4g") if math.isfinite(row["rate_per_s"])
                     else "trace", str(row["completed"]), str(row["rejected"]),
-                    f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
-                    f"{row['mean_batch']:.3g}", f"{row['busy_fraction']:.0%}",
-                    f"{row['prefill_fraction']:.0%}",
-                    *((f"{row['prefix_cached_fraction']:.0%}",) if cached else ()),
-                    *((f"{row['prefix_loaded_fraction']:.0%}",) if loaded else ()))
-    console.print(summary)
+                    number(row["output_tokens_per_s"], ".4g"),
+                    number(row["requests_per_s"], ".4g"), number(row["mean_batch"], ".3g"),
+                    number(row["busy_fraction"], ".0%"), number(row["prefill_fraction"], ".0%"),
+                    *((number(row["prefix_cached_fraction"], ".0%"),) if cached else ()),
+                    *((number(row["prefix_loaded_fraction"], ".0%"),) if loaded else ()))
+    print_whole(console, summary)
     latency = Table(title="latency per request (seconds; TPOT in ms)", title_justify="left")
     latency.add_column("")
     for q in ("mean", "p50", "p90", "p99"):
@@ -410,10 +427,13 @@ def print_summary(row: dict, slo, search) -> None:
              ) if "ttft_first_mean_s" in row else ()
     for stem, name, scale in (("queue", "queueing", 1), ("ttft", "TTFT", 1), *turns,
                               ("tpot", "TPOT (ms)", 1e3), ("e2e", "end to end", 1)):
-        latency.add_row(name, *(f"{row[f'{stem}_{q}_s'] * scale:.4g}"
+        latency.add_row(name, *(number(row[f"{stem}_{q}_s"] * scale, ".4g")
                                 for q in ("mean", "p50", "p90", "p99")))
-    console.print(latency)
-    if math.isfinite(row.get("energy_j", math.nan)):
+    print_whole(console, latency)
+    if math.isfinite(row.get("energy_j", math.nan)) and row["completed"] == 0:
+        console.print(f"energy: {row['power_w']:.4g} W on average ({row['energy_j']:.4g} J), "
+                      "no output token to charge it to")
+    elif math.isfinite(row.get("energy_j", math.nan)):
         console.print(f"energy: {row['power_w']:.4g} W on average ({row['energy_j']:.4g} J), "
                       f"{row['energy_j_per_output_token']:.3g} J per output token; cost "
                       f"${row['usd_per_mtok']:.3g} per million output tokens "
@@ -422,3 +442,26 @@ def print_summary(row: dict, slo, search) -> None:
     if "slo_attainment" in row:
         console.print(f"SLO {slo}: {row['slo_attainment']:.1%} of requests met it "
                       f"(goodput {row['goodput_requests_per_s']:.4g} requests/s)")
+
+
+def number(value: float, spec: str) -> str:
+    """``value`` in format ``spec``, or "-" where it is NaN (no request to measure)."""
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def print_whole(console, table) -> None:
+    """Print ``table`` with every cell whole: at the console's width where its columns fit
+    there, else as wide as they need (rich would cut numbers to "0.25…" to fit 80 columns
+    when the output is a pipe)."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    width = console.width
+    if need <= width:
+        console.print(table)
+        return
+    console.width = need
+    try:
+        console.print(table)
+    finally:
+        console.width = width
