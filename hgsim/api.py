@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,12 +103,7 @@ def simulate(
     if not isinstance(model, (str, os.PathLike, ModelSpec)):
         raise UserError(f"expected a model name, a model file path or a ModelSpec, got "
                         f"{model!r}", field="model")
-    if options is not None and not isinstance(options, Mapping):
-        raise UserError(f"expected a mapping of option names to values, e.g. "
-                        f"{{'topk_ratio': 0.1}}, got {options!r}", field="options")
-    bad_name = next((k for k in options or {} if not isinstance(k, str)), None)
-    if bad_name is not None:
-        raise UserError(f"option names are text, got {bad_name!r}", field="options")
+    options = _options(options)
     base = with_overrides(profile, hardware or {})
     # the study schema's checks of the same knobs: whole numbers, true/false, never a bool
     fidelity = _checked(FidelitySpec, {"decode_samples": samples, "accuracy": accuracy},
@@ -130,11 +126,12 @@ def simulate(
                                          and 0 < trace_max_gb < math.inf):
         raise UserError(f"expected a positive number of GB or None, got {trace_max_gb!r}",
                         field="trace_max_gb")
-    return run(base, model, policy, workload, policy_options=dict(options or {}),
-               fidelity=Fidelity(decode_samples=fidelity.decode_samples,
-                                 accuracy=fidelity.accuracy, **chosen),
-               trace_path=trace,
-               trace_max_bytes=None if trace_max_gb is None else trace_max_gb * 1e9)
+    with _parallelism_as_arguments():
+        return run(base, model, policy, workload, policy_options=options,
+                   fidelity=Fidelity(decode_samples=fidelity.decode_samples,
+                                     accuracy=fidelity.accuracy, **chosen),
+                   trace_path=trace,
+                   trace_max_bytes=None if trace_max_gb is None else trace_max_gb * 1e9)
 
 
 def serve(
@@ -145,12 +142,12 @@ def serve(
     rate: float | None = None,
     trace: str | os.PathLike[str] | None = None,
     find_rate: bool = False,
-    prompt: int | str = "32k",
-    output: int | str = 256,
-    requests: int = 500,
-    seed: int = 0,
+    prompt: int | str | None = None,
+    output: int | str | None = None,
+    requests: int | None = None,
+    seed: int | None = None,
     max_batch: int = 256,
-    prefill_chunk: int | None = None,
+    prefill_chunk: int | str | None = None,
     turns: int = 1,
     followup: int | str = "1k",
     think_s: float = 30.0,
@@ -173,10 +170,12 @@ def serve(
     Exactly one load: ``rate`` (requests per second, Poisson), ``trace`` (a CSV file of
     ``arrival_s, prompt_tokens, output_tokens``) or ``find_rate`` (search the highest rate at
     which ``attainment`` of the requests meet the SLO). ``prompt`` and ``output`` are token
-    counts or distributions (``"uniform:8k:64k"``, ``"lognormal:32k:0.5"``: median, sigma),
-    ``requests`` how many, ``max_batch`` the most decoded together (by each of the
-    ``data_parallel`` copies of the model behind the one queue), ``prefill_chunk`` chunked
-    prefill (at most that many prompt tokens an iteration, in the decode step's forward; None:
+    counts or distributions (``"uniform:8k:64k"``, ``"lognormal:32k:0.5"``: median, sigma;
+    default ``"32k"`` and 256), ``requests`` how many (default 500), ``seed`` the seed of their
+    arrivals and lengths (default 0), all four set by a ``trace``'s rows instead (refused with
+    one), ``max_batch`` the most decoded together (by each of the ``data_parallel`` copies of
+    the model behind the one queue), ``prefill_chunk`` chunked prefill (at most that many
+    prompt tokens an iteration, ``2048`` or ``"2k"``, in the decode step's forward; None:
     prompts prefilled whole). With ``turns`` > 1 each arrival is a conversation of that many
     turns (``rate`` and ``requests`` count conversations): a later turn sends the conversation
     so far plus ``followup`` new tokens (a count or distribution, as ``prompt``), ``think_s``
@@ -194,6 +193,7 @@ def serve(
     ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
     """
     from hgsim.catalog import get_model
+    from hgsim.policies import checked_options
     from hgsim.serving import (
         RequestMix,
         Slo,
@@ -206,6 +206,7 @@ def serve(
     )
     from hgsim.serving import serve_requests as run
     from hgsim.serving.requests import check_think_s, check_turns, output_lengths, prompt_lengths
+    from hgsim.workload import Workload
 
     loads = [name for name, given in (("rate", rate is not None), ("trace", trace is not None),
                                       ("find_rate", bool(find_rate))) if given]
@@ -216,6 +217,16 @@ def serve(
                                  and math.isfinite(rate) and rate > 0):
         raise UserError(f"must be a positive number of requests per second, got {rate!r}",
                         field="rate")
+    given = next((name for name, value in (("prompt", prompt), ("output", output),
+                                           ("requests", requests), ("seed", seed))
+                  if value is not None), None)
+    if trace is not None and given is not None:  # else silently ignored
+        raise UserError(f"a trace's rows set the requests (their arrivals and lengths): drop "
+                        f"{given} or trace", field=given)
+    prompt = "32k" if prompt is None else prompt
+    output = 256 if output is None else output
+    requests = 500 if requests is None else requests
+    seed = 0 if seed is None else seed
     for name, value, least in (("requests", requests, 1), ("max_batch", max_batch, 1),
                                ("seed", seed, 0), ("tensor_parallel", tensor_parallel, 1),
                                ("data_parallel", data_parallel, 1)):
@@ -232,6 +243,13 @@ def serve(
     if gpu_placement != "packed" and data_parallel == 1:
         raise UserError("spread places copies of the model, and data_parallel asks for one",
                         field="gpu_placement")
+    # what the command line's choices and --option checks refuse, refused here before the
+    # first request (inside the simulated server an error would surface mid-run)
+    _checked(Workload, dict(context=1, kv_dtype=kv_dtype, weight_dtype=weight_dtype,
+                            gpu_placement=gpu_placement), names={})
+    options = _options(options)
+    checked_options(policy, options)
+    prefill_chunk = _prefill_chunk(prefill_chunk)
     slo = Slo(ttft_s=limits["slo_ttft_s"], tpot_s=limits["slo_tpot_s"], attainment=attainment)
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
@@ -261,11 +279,13 @@ def serve(
                      followup=followup_dist, think_s=float(think_s))
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     listed = read_trace(trace) if trace is not None else mix.requests(rate or 1.0)
-    times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
-                      dict(options or {}), kv_dtype=kv_dtype, weight_dtype=weight_dtype,
-                      tensor_parallel=tensor_parallel, data_parallel=data_parallel,
-                      gpu_placement=gpu_placement, prefill_chunk=prefill_chunk,
-                      longest_prompt=longest_prompt(listed))
+    with _parallelism_as_arguments():
+        times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
+                          options, kv_dtype=kv_dtype, weight_dtype=weight_dtype,
+                          tensor_parallel=tensor_parallel, data_parallel=data_parallel,
+                          gpu_placement=gpu_placement, prefill_chunk=prefill_chunk,
+                          longest_prompt=longest_prompt(listed))
+        times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
     store = kv_offload(times.profile, policy, kv_offload_gb, kv_offload_tier)
     labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None,
                         prefix_cache=prefix_cache, kv_offload=store)
@@ -275,6 +295,49 @@ def serve(
     offered = math.nan if trace is not None else rate
     return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels,
                prefix_cache=prefix_cache, kv_offload=store)
+
+
+def _options(options: Any) -> dict[str, Any]:
+    """The ``options`` argument as a dict of the policy's options (None: none), or a
+    UserError naming it where it is no mapping of option names."""
+    if options is not None and not isinstance(options, Mapping):
+        raise UserError(f"expected a mapping of option names to values, e.g. "
+                        f"{{'topk_ratio': 0.1}}, got {options!r}", field="options")
+    bad_name = next((k for k in options or {} if not isinstance(k, str)), None)
+    if bad_name is not None:
+        raise UserError(f"option names are text, got {bad_name!r}", field="options")
+    return dict(options or {})
+
+
+def _prefill_chunk(prefill_chunk: Any) -> int | None:
+    """``serve``'s ``prefill_chunk`` as the command line takes it: None, or a token count
+    (``2048``, ``"2k"``), checked (``hgsim.serving.check_prefill_chunk``)."""
+    from hgsim.serving import check_prefill_chunk
+    from hgsim.units import parse_count
+
+    if isinstance(prefill_chunk, str):
+        try:
+            prefill_chunk = parse_count(prefill_chunk)
+        except ValueError as exc:
+            raise UserError(str(exc), field="prefill_chunk") from None
+    check_prefill_chunk(prefill_chunk, "prefill_chunk")
+    return prefill_chunk
+
+
+@contextmanager
+def _parallelism_as_arguments() -> Iterator[None]:
+    """A tensor- or data-parallel error (too many GPUs, a model that does not shard) names
+    the argument that asked for it (``data_parallel``), not the workload field a study sets."""
+    from hgsim.tensor_parallel import DP_FIELD, FIELD
+
+    names = {FIELD: "tensor_parallel", DP_FIELD: "data_parallel"}
+    try:
+        yield
+    except UserError as exc:
+        if exc.field not in names:
+            raise
+        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=names[exc.field]) \
+            from None
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

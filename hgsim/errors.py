@@ -11,16 +11,25 @@ import re
 
 
 class UserError(Exception):
-    """An error in the user's input: printed as one line, exit code 2."""
+    """An error in the user's input: printed as one line, exit code 2.
+
+    ``args`` are the arguments it was made with (``str`` is the one-line message), so
+    ``type(exc)(*exc.args)`` rebuilds it whole, as simpy does to re-raise an error from inside
+    a simulated process and pickle does to carry it out of a worker process; each subclass
+    whose ``__init__`` takes other arguments sets ``args`` to them."""
 
     exit_code = 2
 
-    def __init__(self, message: str, *, source: str | None = None, field: str | None = None):
+    def __init__(self, message: str, source: str | None = None, field: str | None = None):
         self.source = source
         self.field = field
         where = ": ".join(part for part in (source, field) if part)
         # one line whatever value it quotes (a name, a file's field), for the CLI and the API
-        super().__init__(one_line(f"{where}: {message}" if where else message))
+        self.message = one_line(f"{where}: {message}" if where else message)
+        super().__init__(message, source, field)
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class ConfigError(UserError):
@@ -37,9 +46,10 @@ class OptionError(UserError):
     ``option`` and ``reason`` let each caller name the option its own way (``--option topk``
     on the command line, a line of a study file, ``policy_options.topk`` in Python)."""
 
-    def __init__(self, option: str, reason: str, *, unknown: bool):
+    def __init__(self, option: str, reason: str, unknown: bool = False):
         self.option, self.reason, self.unknown = option, reason, unknown
         super().__init__(reason, field=f"policy_options.{option}".rstrip("."))
+        self.args = (option, reason, unknown)
 
 
 class TraceTooLarge(UserError):
@@ -55,6 +65,7 @@ class TraceTooLarge(UserError):
         self.steps, self.limit_bytes = steps, limit_bytes
         super().__init__(f"would be about {size_text(estimate_bytes)} ({self.shape}), over the "
                          f"{size_text(limit_bytes)} limit", field="trace")
+        self.args = (estimate_bytes, per_step_bytes, steps, limit_bytes)
 
     @property
     def shape(self) -> str:

@@ -87,7 +87,7 @@ def test_calibrate_quiet_wait_must_be_finite(capsys, tmp_path):
                       "--quiet-wait", "inf")
     assert line == "hgsim calibrate: error: --quiet-wait: must be a finite number, got inf"
     assert user_error(capsys, "calibrate", "--out", str(tmp_path / "p.yaml"),
-                      "--quiet-wait", "-1") == "hgsim calibrate: error: --quiet-wait must be >= 0"
+                      "--quiet-wait", "-1") == "hgsim calibrate: error: --quiet-wait: must be >= 0, got -1"
 
 
 def test_jobs_beyond_the_machine_are_capped_with_a_warning(tmp_path, capsys, monkeypatch):

@@ -138,6 +138,9 @@ SERVE_ALONE = (("--output", "--requests"), ("--prompt", "--prefill-chunk"),
 def serve_argv(flags: dict[str, str]) -> list[str]:
     if "--find-rate" in flags or "--trace" in flags:  # one load at a time, or argparse's error
         flags.pop("--rate")
+    if "--trace" in flags:  # its rows are the requests: the drawn mix's flags are refused
+        for flag in ("--prompt", "--output", "--requests", "--seed"):
+            flags.pop(flag, None)
     argv = ["serve"]
     for flag, value in flags.items():
         argv += [flag] if flag in SWITCHES else [flag, value]

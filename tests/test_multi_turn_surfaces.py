@@ -70,6 +70,22 @@ def test_cli_summary_names_the_conversations_and_the_cached_share(capsys):
     assert "conversations" not in out and "cached" not in out
 
 
+def test_cli_summary_of_conversations_keeps_every_number_whole(capsys, monkeypatch):
+    """Ten columns with a store are wider than a pipe's 80: the table is printed as wide as
+    its numbers need (rich cut them to "0.25…" and headers to "reje…"), the rate's header
+    counting conversations."""
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = [*SERVE, *CONVERSATIONS, "--rate", "0.25", *STORE]
+    row = _cli(capsys, *argv[len(SERVE):])
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "conversations/s" in out and "rejected" in out
+    cells = [f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
+             f"{row['prefix_cached_fraction']:.0%}", f"{row['prefix_loaded_fraction']:.0%}",
+             f"{row['ttft_later_p99_s']:.4g}"]
+    assert all(f" {cell} " in out for cell in cells), (cells, out)
+
+
 def test_cli_find_rate_counts_conversations(capsys):
     row = _cli(capsys, *CONVERSATIONS, "--find-rate", "--slo-ttft", "0.05")
     assert row["max_rate_per_s"] > 0 and row["turns"] == 2
@@ -79,7 +95,11 @@ def test_cli_find_rate_counts_conversations(capsys):
 @pytest.mark.parametrize(("extra", "flag", "words"), [
     (["--turns", "0"], "--turns", "from 1 to 1000, got 0"),
     (["--turns", "1001"], "--turns", "from 1 to 1000"),
-    (["--turns", "two"], "--turns", "expected a count"),
+    (["--turns", "two"], "--turns", "expected a whole number of turns, got 'two'"),
+    # turns are counted, not tokens: no k/M suffix, no fraction, and a negative one its range
+    (["--turns", "2k"], "--turns", "expected a whole number of turns, got '2k'"),
+    (["--turns", "1.5"], "--turns", "expected a whole number of turns, got '1.5'"),
+    (["--turns", "-1"], "--turns", "from 1 to 1000, got -1"),
     (["--turns", "2", "--think", "-1"], "--think", "from 0 to 86400"),
     (["--turns", "2", "--think", "nan"], "--think", "got nan"),
     (["--turns", "2", "--think", "1e9"], "--think", "from 0 to 86400"),
@@ -90,7 +110,7 @@ def test_cli_find_rate_counts_conversations(capsys):
     (["--think", "0"], "--think", "applies to conversations"),  # 0 is given too
     (["--no-prefix-cache"], "--no-prefix-cache", "applies to conversations"),
     (["--turns", "1", "--think", "1"], "--think", "applies to conversations"),
-    (["--turns", "1000", "--requests", "2k"], "--turns", "more than 1,000,000 requests"),
+    (["--turns", "1000", "--requests", "2048"], "--turns", "more than 1,000,000 requests"),
 ])
 def test_cli_bad_conversation_flags_are_one_line_exit_2(capsys, extra, flag, words):
     capsys.readouterr()
@@ -107,7 +127,8 @@ def test_cli_a_trace_takes_no_conversations(tmp_path, capsys, extra):
     trace = tmp_path / "t.csv"
     trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n")
     capsys.readouterr()
-    assert main([*SERVE, "--trace", str(trace), *extra]) == 2
+    traced = [*SERVE[:SERVE.index("--prompt")], "--no-progress"]  # its rows are the requests
+    assert main([*traced, "--trace", str(trace), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"error: {extra[0]}: a trace's rows are single" in err, err
 

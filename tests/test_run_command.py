@@ -53,6 +53,15 @@ def test_attention_only_json(capsys):
     assert rows["measured"]["final_gpu_tokens"] == 0 and rows["simulated"]["gen"] == 2
 
 
+def test_json_with_out_keeps_stdout_one_json_document(capsys, tmp_path):
+    code = main(["run", *TINY, "--policy", "cpu_offload", "--context", "512", "--gen", "2",
+                 "--warmup", "0", "--attention-only", "--json", "--out", str(tmp_path / "r")])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["simulated"]["gen"] == 2  # the notice is not on stdout
+    assert captured.err.startswith("outputs: ") and str(tmp_path / "r.json") in captured.err
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--context", "1k", "--hbm-budget", "5000TB"], "exceeds this host's RAM"),
     (["--context", "1k", "--hbm-budget", "0.1MB"], "cannot hold tiny-llama's 0.4 MB of"),

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hgsim.catalog import get_model
-from hgsim.errors import UserError
+from hgsim.errors import OptionError, TraceTooLarge, UserError
 from hgsim.profiles import load_profile
 from hgsim.serving import (
     LengthDist,
@@ -397,18 +397,38 @@ def test_trace_rows_and_their_errors(tmp_path):
     good = tmp_path / "t.csv"
     good.write_text("arrival_s,prompt_tokens,output_tokens,user\n0,100,5,a\n0.5,2000,7,b\n")
     assert read_trace(good) == [Request(0, 0.0, 100, 5), Request(1, 0.5, 2000, 7)]
+    # a spreadsheet's trailing comma: an unnamed column, its cells empty
+    padded = tmp_path / "padded.csv"
+    padded.write_text("arrival_s,prompt_tokens,output_tokens,,\n0,100,5,,\n0.5,2000,7\n")
+    assert read_trace(padded) == read_trace(good)
     cases = {
         "arrival_s,prompt_tokens\n0,1\n": ":1: needs the columns",
         "arrival_s,prompt_tokens,output_tokens\n0,1,1\n0,x,1\n": ":3: prompt_tokens: expected",
-        "arrival_s,prompt_tokens,output_tokens\n1,1,1\n0.5,1,1\n": ":3: arrival_s: must be",
+        "arrival_s,prompt_tokens,output_tokens\n1,1,1\n0.5,1,1\n": ":3: arrival_s: must not be",
         "arrival_s,prompt_tokens,output_tokens\n0,1,0\n": ":2: output_tokens: must be at least",
         "arrival_s,prompt_tokens,output_tokens\n": "has no requests",
+        # token counts are whole numbers; the first arrival has no row above it
+        "arrival_s,prompt_tokens,output_tokens\n0,1e3,1\n":
+            ":2: prompt_tokens: expected a whole number, got '1e3'",
+        "arrival_s,prompt_tokens,output_tokens\n0,4096.5,1\n":
+            ":2: prompt_tokens: expected a whole number, got '4096.5'",
+        "arrival_s,prompt_tokens,output_tokens\n-1,1,1\n":
+            r":2: arrival_s: must be >= 0 \(seconds from the start\), got -1",
+        "arrival_s,prompt_tokens,output_tokens\nnan,1,1\n": ":2: arrival_s: must be a finite",
+        "arrival_s,prompt_tokens,output_tokens\n2,1,1\n1,1,1\n":
+            r":3: arrival_s: must not be before the row above \(2\), got 1",
+        # malformed files: a column named twice, a row longer than the header
+        "arrival_s,prompt_tokens,output_tokens,arrival_s\n0,1,1,5\n":
+            ":1: the header names the column 'arrival_s' twice",
+        "arrival_s,prompt_tokens,output_tokens\n0,1,1\n0,1,1,7\n":
+            ":3: 4 fields, more than the header's 3",
     }
     for i, (text, message) in enumerate(cases.items()):
         bad = tmp_path / f"bad{i}.csv"
         bad.write_text(text)
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(UserError, match=message) as caught:
             read_trace(bad)
+        assert str(caught.value).startswith(f"{bad}:") and "\n" not in str(caught.value)
     with pytest.raises(UserError, match="cannot read it"):
         read_trace(tmp_path / "missing.csv")
     binary = tmp_path / "b.csv"
@@ -433,6 +453,119 @@ def test_serve_prints_percentiles_and_writes_each_request(tmp_path, capsys):
 
     frame = pd.read_csv(out)
     assert len(frame) == 40 and {"ttft_s", "tpot_s", "queue_s"} <= set(frame.columns)
+
+
+def test_serve_json_with_requests_csv_keeps_stdout_one_json_document(tmp_path, capsys):
+    from hgsim.cli import main
+
+    out = tmp_path / "r2.csv"
+    assert main([*SERVE, "--rate", "2", "--requests", "3", "--json", "--no-progress",
+                 "--requests-csv", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["completed"] == 3
+    assert captured.err == f"3 requests written to {out}\n"
+    assert len(out.read_text().splitlines()) == 1 + 3
+
+
+@pytest.mark.parametrize("extra", [["--prompt", "4k"], ["--output", "256"],
+                                   ["--requests", "500"], ["--seed", "0"]])
+def test_serve_a_trace_takes_no_drawn_requests(tmp_path, capsys, extra):
+    """A trace's rows are the requests: --prompt, --output, --requests and --seed were
+    silently ignored beside it (a default's value given is refused too: it was given)."""
+    from hgsim.cli import main
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n")
+    argv = ["serve", "--profile", "h100-80gb-spr-cxl", "--model", "llama-3.1-8b", "--policy",
+            "gpu_only", "--no-progress", "--trace", str(trace)]
+    assert main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"error: {extra[0]}: a trace's rows set the requests" in err
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["completed"] == 1
+
+
+@pytest.mark.parametrize("kwargs", [{"prompt": "32k"}, {"output": 8}, {"requests": 3},
+                                    {"seed": 0}])
+def test_api_serve_a_trace_takes_no_drawn_requests(tmp_path, kwargs):
+    from hgsim import api
+
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival_s,prompt_tokens,output_tokens\n0,100,4\n0.5,200,3\n")
+    with pytest.raises(UserError, match="a trace's rows set the requests") as caught:
+        api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", trace=trace, **kwargs)
+    assert caught.value.field == next(iter(kwargs))
+    served = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", trace=trace)
+    assert served.requests_frame().prompt_tokens.tolist() == [100, 200]
+
+
+def test_serve_refuses_to_write_the_requests_over_its_trace(tmp_path, capsys, monkeypatch):
+    from hgsim.cli import main
+
+    trace = tmp_path / "t.csv"
+    text = "arrival_s,prompt_tokens,output_tokens\n0,100,4\n"
+    trace.write_text(text)
+    (tmp_path / "link.csv").symlink_to(trace)
+    monkeypatch.chdir(tmp_path)
+    argv = ["serve", "--profile", "h100-80gb-spr-cxl", "--model", "llama-3.1-8b", "--policy",
+            "gpu_only", "--no-progress", "--trace", "t.csv", "--requests-csv"]
+    for same in ("t.csv", str(trace), "./t.csv", "link.csv"):
+        assert main([*argv, same]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error: --requests-csv: " in err and "--trace" in err
+        assert trace.read_text() == text  # the input untouched
+    assert main([*argv, "out.csv"]) == 0
+    assert trace.read_text() == text and (tmp_path / "out.csv").exists()
+
+
+def test_serve_says_why_when_every_request_is_rejected(capsys, monkeypatch):
+    """1M-token prompts do not fit an H100 beside an 8B model: every request is rejected.
+    The run says why, and its rates of completed work are 0 over the span of the arrivals
+    it refused (not NaN); latencies stay undefined (null in JSON, "-" in the table)."""
+    from hgsim import api
+    from hgsim.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = [*SERVE[:SERVE.index("--prompt")], "--prompt", "1M", "--output", "8", "--requests",
+            "20", "--rate", "1", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    row = json.loads(captured.out)
+    assert captured.err == ("hgsim serve: note: all 20 requests rejected: its prompt's prefill "
+                            "does not fit alone\n")
+    served = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", rate=1, prompt="1M",
+                       output=8, requests=20)
+    arrivals = served.requests_frame().arrival_s
+    assert row["span_s"] == pytest.approx(arrivals.max() - arrivals.min(), rel=1e-12)
+    assert row["completed"] == 0 and row["rejected"] == 20
+    assert row["requests_per_s"] == row["output_tokens_per_s"] == row["busy_fraction"] == 0.0
+    assert row["ttft_mean_s"] is None and row["mean_batch"] is None
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "nan" not in captured.out and "all 20 requests rejected" in captured.err
+    assert "no output token to charge it to" in captured.out
+    # one request: no span to count a rate over, so the rates stay undefined
+    alone = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", rate=1, prompt="1M",
+                      output=8, requests=1).summary()
+    assert alone["completed"] == 0 and math.isnan(alone["requests_per_s"])
+
+
+def test_serve_tables_keep_every_number_whole_in_80_columns(capsys, monkeypatch):
+    """Piped, rich lays tables out in 80 columns and cut numbers to "0.25…" to fit: every
+    number of the JSON row is printed whole, and the rate's header says its unit."""
+    from hgsim.cli import main
+
+    monkeypatch.setenv("COLUMNS", "80")
+    argv = [*SERVE, "--rate", "0.25", "--requests", "20", "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "…" not in out and "requests/s" in out
+    cells = [f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
+             f"{row['mean_batch']:.3g}", f"{row['ttft_p99_s']:.4g}", f"{row['e2e_mean_s']:.4g}",
+             f"{row['tpot_p50_s'] * 1e3:.4g}"]
+    assert all(f" {cell} " in out for cell in cells), (cells, out)
 
 
 def test_serve_names_the_copies(capsys):
@@ -461,7 +594,15 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--attainment", "1.5"], "--attainment: must be in [0, 1]"),
     (["--trace", "/nonexistent/t.csv"], "cannot read it"),
     (["--rate", "1", "--requests", "0"], "--requests: must be between 1 and 1,000,000"),
-    (["--rate", "1", "--requests", "1G"], "--requests: must be between 1 and 1,000,000"),
+    (["--rate", "1", "--requests", "1000001"], "--requests: must be between 1 and 1,000,000"),
+    # requests are counted, not tokens: no k/M suffix (2k would be 2048), no fraction
+    (["--rate", "1", "--requests", "1G"], "--requests: expected a whole number of requests, "
+                                          "got '1G'"),
+    (["--rate", "1", "--requests", "2.5"], "--requests: expected a whole number of requests, "
+                                           "got '2.5'"),
+    (["--rate", "1", "--requests", "-3"], "--requests: must be between 1 and 1,000,000, got -3"),
+    (["--rate", "1", "--slo-ttft", "-1"], "--slo-ttft: must be >= 0, got -1"),
+    (["--rate", "1", "--slo-tpot-ms", "-5"], "--slo-tpot-ms: must be >= 0, got -5"),
     (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),
     # a prompt past the simulator's plausible workload (the fuzz found it: 924575386328)
     (["--rate", "1", "--prompt", "924575386328"], "--prompt: at most 4294967296 tokens"),
@@ -474,7 +615,8 @@ def test_serve_json_and_find_rate(capsys):
 def test_serve_bad_input_is_one_line_exit_2(extra, message, capsys):
     from hgsim.cli import main
 
-    assert main([*SERVE, *extra]) == 2
+    base = SERVE[:SERVE.index("--prompt")] if "--trace" in extra else SERVE  # rows: requests
+    assert main([*base, *extra]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 
@@ -498,10 +640,60 @@ def test_api_serve_gives_the_command_lines_numbers(capsys):
                                                  "slo_ttft_s"),
     ({"find_rate": True}, "find_rate"), ({"rate": 1, "attainment": 0}, "attainment"),
     ({"rate": 1, "prompt": "big"}, "prompt"),
+    # checked before the first request: inside the simulated server they surfaced mid-run
+    ({"rate": 1, "options": {"nope": 1}}, "policy_options.nope"),
+    ({"rate": 1, "policy": "hybridgen", "options": {"topk_ratio": 5}},
+     "policy_options.topk_ratio"),
+    ({"rate": 1, "options": [1]}, "options"), ({"rate": 1, "kv_dtype": "int4"}, "kv_dtype"),
+    ({"rate": 1, "weight_dtype": "int3"}, "weight_dtype"),
+    ({"rate": 1, "data_parallel": 2}, "data_parallel"),
+    ({"rate": 1, "tensor_parallel": 2}, "tensor_parallel"),
+    ({"rate": 1, "prefill_chunk": "2.5"}, "prefill_chunk"),
+    ({"rate": 1, "prefill_chunk": 8}, "prefill_chunk"),
 ])
 def test_api_serve_bad_arguments_name_the_argument(kwargs, field):
     from hgsim import api
 
+    given = {"policy": "gpu_only", "prompt": "4k", "output": 8, "requests": 3, **kwargs}
     with pytest.raises(UserError) as caught:
-        api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", **kwargs)
+        api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", **given)
     assert caught.value.field == field
+    assert str(caught.value).startswith(f"{field}: ") and "\n" not in str(caught.value)
+
+
+def test_api_serve_takes_the_prefill_chunk_as_the_command_line_does():
+    from hgsim import api
+
+    run = {"rate": 1, "prompt": "4k", "output": 8, "requests": 3}
+    spelled = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", prefill_chunk="2k",
+                        **run)
+    counted = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", prefill_chunk=2048,
+                        **run)
+    assert spelled.summary()["prefill_chunk"] == 2048
+    assert spelled.summary()["ttft_mean_s"] == counted.summary()["ttft_mean_s"]
+
+
+@pytest.mark.parametrize("error", [
+    UserError("bad\nvalue", source="t.csv:3", field="prompt_tokens"),
+    OptionError("topk_ratio", "input should be less than or equal to 1", unknown=False),
+    TraceTooLarge(2e10, 1e6, 20_000, 1e9),
+])
+def test_user_errors_survive_a_simulated_process_and_pickling(error):
+    """simpy re-raises a process's error as ``type(exc)(*exc.args)`` and pickle rebuilds it
+    the same way: each user error comes back whole, not as a TypeError."""
+    import pickle
+
+    import simpy
+
+    def fail(env):
+        yield env.timeout(1)
+        raise error
+
+    env = simpy.Environment()
+    env.process(fail(env))
+    with pytest.raises(type(error)) as caught:
+        env.run()
+    for copy in (caught.value, pickle.loads(pickle.dumps(error))):
+        assert type(copy) is type(error) and str(copy) == str(error)
+        assert vars(copy) == vars(error)
+    assert str(error).count("\n") == 0

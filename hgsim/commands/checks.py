@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 
 from hgsim.errors import UserError
@@ -21,7 +22,7 @@ def non_negative(value: float, flag: str, most: float | None = None,
     if not math.isfinite(value):
         raise UserError(f"must be a finite number, got {value}", field=flag)
     if value < 0:
-        raise UserError(f"{flag} must be >= 0")
+        raise UserError(f"must be >= 0, got {value:g}", field=flag)
     if most is not None and value > most:
         raise UserError(f"must be in [0, {most:g}]{unit}, got {value:g}", field=flag)
     return value
@@ -38,6 +39,19 @@ def count(text: str, flag: str) -> int:
         return parse_count(text)
     except ValueError as exc:
         raise UserError(str(exc), field=flag) from None
+
+
+#: A whole number as the command line gives one: digits, perhaps signed (the range is the
+#: caller's to check, so a negative one is told its range, not that it is no number).
+_WHOLE = re.compile(r"[+-]?[0-9]+")
+
+
+def whole(text: str, flag: str, noun: str) -> int:
+    """A count of things other than tokens (requests, turns): a plain whole number, no
+    ``k``/``M`` suffix (those are the tokens' powers of two; 2k requests would be 2048)."""
+    if not _WHOLE.fullmatch(text.strip()):
+        raise UserError(f"expected a whole number of {noun}, got {text!r}", field=flag)
+    return int(text)
 
 
 def local_workers(requested: int | None, flag: str, command: str,

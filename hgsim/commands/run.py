@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from hgsim.commands.checks import count, local_workers
@@ -175,7 +176,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"measured on: {measured_on}")
     if args.out is not None:
         outputs = write_outputs(result, Path(args.out))
-        print("outputs: " + ", ".join(str(p) for p in outputs))
+        # beside --json a notice goes to stderr: stdout stays one JSON document
+        print("outputs: " + ", ".join(str(p) for p in outputs),
+              file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
-from hgsim.commands.checks import check_gpu_placement, count, non_negative
+from hgsim.commands.checks import check_gpu_placement, count, non_negative, whole
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file, finite_for_json
@@ -37,14 +39,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                            "the SLO (--slo-ttft and/or --slo-tpot-ms)")
     load.add_argument("--trace", metavar="REQUESTS.csv",
                       help="requests from a CSV file: arrival_s, prompt_tokens, output_tokens")
-    p.add_argument("--prompt", default="32k", metavar="DIST",
+    p.add_argument("--prompt", metavar="DIST",
                    help="prompt tokens per request: 32k, uniform:8k:64k or lognormal:32k:0.5 "
                         "(median, sigma) (default 32k)")
-    p.add_argument("--output", default="256", metavar="DIST",
+    p.add_argument("--output", metavar="DIST",
                    help="tokens generated per request, the same forms (default 256)")
-    p.add_argument("--requests", default="500", metavar="N",
+    p.add_argument("--requests", metavar="N",
                    help="requests to serve (default 500)")
-    p.add_argument("--seed", type=int, default=0, help="seed of arrivals and lengths (default 0)")
+    p.add_argument("--seed", type=int, help="seed of arrivals and lengths (default 0)")
     p.add_argument("--max-batch", type=int, default=256, metavar="N",
                    help="most requests decoded together (vLLM's max_num_seqs; default 256)")
     p.add_argument("--prefill-chunk", metavar="TOKENS",
@@ -130,6 +132,26 @@ def arrivals(mix, rate: float):
         return mix.requests(rate)
 
 
+#: The flags of a drawn mix of requests, which a trace's rows replace, and their values when
+#: not given.
+MIX_FLAGS = (("prompt", "--prompt", "32k"), ("output", "--output", "256"),
+             ("requests", "--requests", "500"), ("seed", "--seed", 0))
+
+
+def mix_flags_of(args: argparse.Namespace) -> dict[str, object]:
+    """``--prompt``, ``--output``, ``--requests`` and ``--seed``, their defaults where not
+    given; a trace's rows set the requests, so with ``--trace`` each given is refused (it
+    would be silently ignored)."""
+    values = {}
+    for name, flag, default in MIX_FLAGS:
+        value = getattr(args, name)
+        if value is not None and args.trace is not None:
+            raise UserError(f"a trace's rows set the requests (their arrivals and lengths): "
+                            f"drop {flag} or --trace", field=flag)
+        values[name] = default if value is None else value
+    return values
+
+
 #: The flags of a conversation beside --turns, and their values when not given.
 CONVERSATION_FLAGS = (("followup", "--followup"), ("think", "--think"),
                       ("no_prefix_cache", "--no-prefix-cache"),
@@ -153,7 +175,7 @@ def conversation_of(args: argparse.Namespace) -> tuple[int, str, float, bool]:
                         field=given[0])
     turns = 1
     if args.turns is not None:
-        turns = count(args.turns, "--turns")
+        turns = whole(args.turns, "--turns", "turns")
         check_turns(turns, "--turns")
     if turns == 1 and (extra := [flag for flag in given if flag != "--turns"]):
         raise UserError("applies to conversations: give --turns 2 or more", field=extra[0])
@@ -196,8 +218,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_batch < 1:
         raise UserError(f"must be >= 1, got {args.max_batch}", field="--max-batch")
-    if args.seed < 0:
-        raise UserError(f"must be >= 0, got {args.seed}", field="--seed")
+    drawn = mix_flags_of(args)
+    if drawn["seed"] < 0:
+        raise UserError(f"must be >= 0, got {drawn['seed']}", field="--seed")
     if args.rate is not None and not (math.isfinite(args.rate) and args.rate > 0):
         raise UserError(f"must be a positive number of requests per second, got {args.rate:g}",
                         field="--rate")
@@ -210,21 +233,24 @@ def run(args: argparse.Namespace) -> int:
     if args.prefill_chunk is not None:
         prefill_chunk = count(args.prefill_chunk, "--prefill-chunk")
         check_prefill_chunk(prefill_chunk, "--prefill-chunk")
-    requests_n = count(args.requests, "--requests")
+    requests_n = whole(drawn["requests"], "--requests", "requests")
     if not 1 <= requests_n <= MAX_REQUESTS:
         raise UserError(f"must be between 1 and {MAX_REQUESTS:,}, got {requests_n}",
                         field="--requests")
     turns, followup, think, prefix_cache = conversation_of(args)
     with mix_as_flags():
-        mix = RequestMix(prompt_lengths(args.prompt, "--prompt"),
-                         output_lengths(args.output, "--output"),
-                         count=requests_n, seed=args.seed, turns=turns,
+        mix = RequestMix(prompt_lengths(drawn["prompt"], "--prompt"),
+                         output_lengths(drawn["output"], "--output"),
+                         count=requests_n, seed=drawn["seed"], turns=turns,
                          followup=prompt_lengths(followup, "--followup"), think_s=think)
     if args.trace is not None and not args.trace.strip():
         raise UserError(f"needs the path of a CSV file, got {args.trace!r}", field="--trace")
     trace = read_trace(args.trace) if args.trace is not None else None
     csv_path = (check_output_file(args.requests_csv, "--requests-csv")
                 if args.requests_csv is not None else None)
+    if csv_path is not None and trace is not None and same_file(csv_path, args.trace):
+        raise UserError(f"{csv_path} is the --trace file this run reads: writing it would "
+                        "replace the trace; give another path", field="--requests-csv")
     options = policy_options(args.option, args.policy)
     model = get_model(args.model)
     listed = trace if trace is not None else (
@@ -271,9 +297,40 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(finite_for_json(row), indent=2, default=str))
     else:
         print_summary(row, slo, search)
+    if search is None and (note := rejection_note(result)) is not None:
+        print(f"hgsim serve: note: {note}", file=sys.stderr)
     if csv_path is not None and result is not None:
-        print(f"\n{len(result.served)} requests written to {csv_path}")
+        notice = f"{len(result.served)} requests written to {csv_path}"
+        if args.json:  # stdout stays one JSON document
+            print(notice, file=sys.stderr)
+        else:
+            print(f"\n{notice}")
     return 0
+
+
+def rejection_note(result) -> str | None:
+    """Why a run served nothing: every request rejected, with the most common reason (None
+    where any request completed)."""
+    from collections import Counter
+
+    reasons = Counter(s.rejected for s in result.served)
+    if not result.served or "" in reasons:
+        return None
+    reason, times = reasons.most_common(1)[0]
+    n = len(result.served)
+    share = "" if times == n else f" ({times} of them)"
+    return f"all {n} requests rejected: {reason}{share}"
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether paths ``a`` and ``b`` name one file: the same resolved path (``./t.csv`` and
+    ``t.csv``, through a symbolic link) or, both existing, the same inode (a hard link)."""
+    if Path(a).resolve() == Path(b).resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return False
 
 
 class RequestBar:
@@ -352,18 +409,19 @@ def print_summary(row: dict, slo, search) -> None:
                             + ("; loaded: share of those prompt tokens the host KV store held "
                                "(loaded back, part of cached)" if loaded else ""),
                     caption_justify="left")
-    for column in ("rate", "done", "rejected", "tokens/s", "req/s", "batch", "busy",
-                   "prefill", *(("cached",) if cached else ()),
-                   *(("loaded",) if loaded else ())):
+    # the rate's unit in its header (a trace's arrivals are its own: "trace")
+    for column in (f"rate\n{rate_unit(row.get('turns', 1))}", "done", "rejected",
+                   "output\ntokens/s", "req/s", "batch", "busy", "prefill",
+                   *(("cached",) if cached else ()), *(("loaded",) if loaded else ())):
         summary.add_column(column, justify="right")
-    summary.add_row(f"{row['rate_per_s']:.4g}/s" if math.isfinite(row["rate_per_s"])
+    summary.add_row(number(row["rate_per_s"], ".4g") if math.isfinite(row["rate_per_s"])
                     else "trace", str(row["completed"]), str(row["rejected"]),
-                    f"{row['output_tokens_per_s']:.4g}", f"{row['requests_per_s']:.4g}",
-                    f"{row['mean_batch']:.3g}", f"{row['busy_fraction']:.0%}",
-                    f"{row['prefill_fraction']:.0%}",
-                    *((f"{row['prefix_cached_fraction']:.0%}",) if cached else ()),
-                    *((f"{row['prefix_loaded_fraction']:.0%}",) if loaded else ()))
-    console.print(summary)
+                    number(row["output_tokens_per_s"], ".4g"),
+                    number(row["requests_per_s"], ".4g"), number(row["mean_batch"], ".3g"),
+                    number(row["busy_fraction"], ".0%"), number(row["prefill_fraction"], ".0%"),
+                    *((number(row["prefix_cached_fraction"], ".0%"),) if cached else ()),
+                    *((number(row["prefix_loaded_fraction"], ".0%"),) if loaded else ()))
+    print_whole(console, summary)
     latency = Table(title="latency per request (seconds; TPOT in ms)", title_justify="left")
     latency.add_column("")
     for q in ("mean", "p50", "p90", "p99"):
@@ -372,10 +430,13 @@ def print_summary(row: dict, slo, search) -> None:
              ) if "ttft_first_mean_s" in row else ()
     for stem, name, scale in (("queue", "queueing", 1), ("ttft", "TTFT", 1), *turns,
                               ("tpot", "TPOT (ms)", 1e3), ("e2e", "end to end", 1)):
-        latency.add_row(name, *(f"{row[f'{stem}_{q}_s'] * scale:.4g}"
+        latency.add_row(name, *(number(row[f"{stem}_{q}_s"] * scale, ".4g")
                                 for q in ("mean", "p50", "p90", "p99")))
-    console.print(latency)
-    if math.isfinite(row.get("energy_j", math.nan)):
+    print_whole(console, latency)
+    if math.isfinite(row.get("energy_j", math.nan)) and row["completed"] == 0:
+        console.print(f"energy: {row['power_w']:.4g} W on average ({row['energy_j']:.4g} J), "
+                      "no output token to charge it to")
+    elif math.isfinite(row.get("energy_j", math.nan)):
         console.print(f"energy: {row['power_w']:.4g} W on average ({row['energy_j']:.4g} J), "
                       f"{row['energy_j_per_output_token']:.3g} J per output token; cost "
                       f"${row['usd_per_mtok']:.3g} per million output tokens "
@@ -384,3 +445,26 @@ def print_summary(row: dict, slo, search) -> None:
     if "slo_attainment" in row:
         console.print(f"SLO {slo}: {row['slo_attainment']:.1%} of requests met it "
                       f"(goodput {row['goodput_requests_per_s']:.4g} requests/s)")
+
+
+def number(value: float, spec: str) -> str:
+    """``value`` in format ``spec``, or "-" where it is NaN (no request to measure)."""
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def print_whole(console, table) -> None:
+    """Print ``table`` with every cell whole: at the console's width where its columns fit
+    there, else as wide as they need (rich would cut numbers to "0.25…" to fit 80 columns
+    when the output is a pipe)."""
+    from rich.measure import Measurement
+
+    need = Measurement.get(console, console.options.update_width(10_000), table).maximum
+    width = console.width
+    if need <= width:
+        console.print(table)
+        return
+    console.width = need
+    try:
+        console.print(table)
+    finally:
+        console.width = width

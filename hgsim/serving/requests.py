@@ -240,25 +240,40 @@ def read_trace(path: str | Path) -> list[Request]:
     requests: list[Request] = []
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        missing = [c for c in TRACE_COLUMNS if c not in (reader.fieldnames or [])]
+        names = reader.fieldnames or []
+        missing = [c for c in TRACE_COLUMNS if c not in names]
         if missing:
             raise UserError(f"needs the columns {', '.join(TRACE_COLUMNS)}; missing "
                             f"{', '.join(missing)}", source=f"{path}:1")
-        previous = 0.0
+        twice = next((name for i, name in enumerate(names) if name and name in names[:i]), None)
+        if twice is not None:  # else the last one's cells would be read, silently
+            raise UserError(f"the header names the column {twice[:40]!r} twice",
+                            source=f"{path}:1")
+        previous = None
         for row in reader:
             line = reader.line_num
+            if None in row:  # DictReader's key for the cells past the header's
+                raise UserError(f"{len(names) + len(row[None])} fields, more than the header's "
+                                f"{len(names)}", source=f"{path}:{line}")
             values = {}
             for column in TRACE_COLUMNS:
                 cell = (row.get(column) or "").strip()
                 try:
                     values[column] = float(cell) if column == "arrival_s" else int(cell)
                 except ValueError:
-                    raise UserError(f"{column}: expected a number, got {cell[:40]!r}",
+                    what = "a number of seconds" if column == "arrival_s" else "a whole number"
+                    raise UserError(f"{column}: expected {what}, got {cell[:40]!r}",
                                     source=f"{path}:{line}") from None
             t, p, o = values["arrival_s"], values["prompt_tokens"], values["output_tokens"]
-            if not (math.isfinite(t) and t >= previous):
-                raise UserError(f"arrival_s: must be finite and not before the row above "
-                                f"({previous:g}), got {t:g}", source=f"{path}:{line}")
+            if not math.isfinite(t):
+                raise UserError(f"arrival_s: must be a finite number of seconds, got {t:g}",
+                                source=f"{path}:{line}")
+            if previous is None and t < 0:
+                raise UserError(f"arrival_s: must be >= 0 (seconds from the start), got {t:g}",
+                                source=f"{path}:{line}")
+            if previous is not None and t < previous:
+                raise UserError(f"arrival_s: must not be before the row above ({previous:g}), "
+                                f"got {t:g}", source=f"{path}:{line}")
             for column, n in (("prompt_tokens", p), ("output_tokens", o)):
                 if n < 1:
                     raise UserError(f"{column}: must be at least 1, got {n}",

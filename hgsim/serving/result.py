@@ -93,7 +93,12 @@ class ServeResult:
         done = frame[frame.rejected == ""]
         arrivals = frame.arrival_s.to_numpy()
         finishes = done.arrival_s + done.e2e_s
-        span_s = float(finishes.max() - arrivals.min()) if len(done) else math.nan
+        if len(done):
+            span_s = float(finishes.max() - arrivals.min())
+        else:  # nothing finished: the run spans the arrivals it refused, its rates of
+            # completed work 0 over it (NaN where that span is no time: one arrival, or none)
+            known = arrivals[np.isfinite(arrivals)]
+            span_s = float(known.max() - known.min()) if known.size else math.nan
         decode_s = sum(it.decode_s for it in self.iterations)
         batch_s = sum(it.batch * it.decode_s for it in self.iterations)
         busy_s = sum(it.prefill_s + it.decode_s for it in self.iterations)
