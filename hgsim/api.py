@@ -154,6 +154,7 @@ def serve(
     prefix_cache: bool = True,
     kv_offload_gb: float = 0.0,
     kv_offload_tier: str | None = None,
+    affinity_wait_s: float = math.inf,
     kv_dtype: str = "fp16",
     weight_dtype: str = "fp16",
     tensor_parallel: int = 1,
@@ -186,9 +187,11 @@ def serve(
     that many GB on ``kv_offload_tier`` (default: the DRAM tier of the GPU's socket): each
     finished turn's KV is written there too, and a later turn whose KV has left HBM loads it
     back as it prefills (the summary's ``prefix_loaded_fraction``); it needs
-    ``prefix_cache`` and a policy that keeps KV in HBM (``gpu_only``). ``followup``,
-    ``think_s``, ``prefix_cache``, ``kv_offload_gb`` and ``kv_offload_tier`` need ``turns``
-    > 1, and a ``trace`` takes no conversations. Returns a ``ServeResult``
+    ``prefix_cache`` and a policy that keeps KV in HBM (``gpu_only``). With ``data_parallel``
+    copies a later turn waits for the copy whose cache holds its KV at most
+    ``affinity_wait_s`` seconds (default inf: however long) before any copy with room takes
+    it. ``followup``, ``think_s``, ``prefix_cache``, ``kv_offload_gb``, ``kv_offload_tier``
+    and ``affinity_wait_s`` need ``turns`` > 1, and a ``trace`` takes no conversations. Returns a ``ServeResult``
     (``summary()`` a row, ``requests_frame()`` one row per request), or with ``find_rate`` a
     ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
     """
@@ -205,7 +208,13 @@ def serve(
         run_labels,
     )
     from hgsim.serving import serve_requests as run
-    from hgsim.serving.requests import check_think_s, check_turns, output_lengths, prompt_lengths
+    from hgsim.serving.requests import (
+        check_affinity_wait_s,
+        check_think_s,
+        check_turns,
+        output_lengths,
+        prompt_lengths,
+    )
     from hgsim.workload import Workload
 
     loads = [name for name, given in (("rate", rate is not None), ("trace", trace is not None),
@@ -268,12 +277,20 @@ def serve(
         for name, value, default in (("think_s", think_s, 30.0),
                                      ("prefix_cache", prefix_cache, True),
                                      ("kv_offload_gb", kv_offload_gb, 0.0),
-                                     ("kv_offload_tier", kv_offload_tier, None)):
+                                     ("kv_offload_tier", kv_offload_tier, None),
+                                     ("affinity_wait_s", affinity_wait_s, math.inf)):
             if value != default:
                 raise UserError("applies to conversations: give turns 2 or more", field=name)
     if not prefix_cache and kv_offload_gb:
         raise UserError("a store serves the prefix cache: drop prefix_cache=False",
                         field="kv_offload_gb")
+    check_affinity_wait_s(affinity_wait_s)
+    if affinity_wait_s != math.inf and not prefix_cache:
+        raise UserError("a later turn waits for the copy whose prefix cache holds its KV: "
+                        "drop prefix_cache=False", field="affinity_wait_s")
+    if affinity_wait_s != math.inf and data_parallel == 1:
+        raise UserError("applies to several copies: give data_parallel 2 or more",
+                        field="affinity_wait_s")
     mix = RequestMix(prompt_lengths(prompt, "prompt"), output_lengths(output, "output"),
                      count=requests, seed=seed, turns=turns,
                      followup=followup_dist, think_s=float(think_s))
@@ -288,13 +305,15 @@ def serve(
         times.fits(1, 2)  # the policy builds on this machine (options the profile rules out)
     store = kv_offload(times.profile, policy, kv_offload_gb, kv_offload_tier)
     labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None,
-                        prefix_cache=prefix_cache, kv_offload=store)
+                        prefix_cache=prefix_cache, kv_offload=store,
+                        affinity_wait_s=float(affinity_wait_s))
     if find_rate:
         return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels,
-                        prefix_cache=prefix_cache, kv_offload=store)
+                        prefix_cache=prefix_cache, kv_offload=store,
+                        affinity_wait_s=affinity_wait_s)
     offered = math.nan if trace is not None else rate
     return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels,
-               prefix_cache=prefix_cache, kv_offload=store)
+               prefix_cache=prefix_cache, kv_offload=store, affinity_wait_s=affinity_wait_s)
 
 
 def _options(options: Any) -> dict[str, Any]:

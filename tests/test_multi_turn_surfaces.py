@@ -507,3 +507,100 @@ def test_study_bad_store_fields_are_one_line_exit_2(tmp_path, capsys, text, old,
     assert old in text
     err = refused_study(tmp_path, capsys, text.replace(old, new, 1))
     assert words in err, err
+
+
+# --- the affinity wait (several copies) ---------------------------------------------------
+COPIES = {"profile": "hgx-h100x8-2socket-cxl", "data_parallel": 2}
+COPIES_CLI = ["--data-parallel", "2"]
+
+
+def _copies_cli(capsys, *extra: str) -> dict:
+    args = [*SERVE, *CONVERSATIONS, "--rate", "2", *COPIES_CLI, *extra, "--json"]
+    args[args.index("h100-80gb-spr-cxl")] = "hgx-h100x8-2socket-cxl"
+    capsys.readouterr()
+    assert main(args) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_and_api_give_the_servers_numbers_with_an_affinity_wait(capsys):
+    """The flag and the argument reach the server: the same run on each surface, labelled
+    with the wait (strict affinity, the default, as JSON's null for inf)."""
+    row = _copies_cli(capsys, "--affinity-wait", "0")
+    summary = api.serve(COPIES["profile"], "llama-3.1-8b", "gpu_only", **{**TINY, "rate": 2},
+                        data_parallel=2, affinity_wait_s=0.0).summary()
+    assert row["affinity_wait_s"] == summary["affinity_wait_s"] == 0.0
+    for key in ("prefix_cached_fraction", "completed", "ttft_mean_s"):
+        assert summary[key] == pytest.approx(row[key], rel=1e-12)
+    assert _copies_cli(capsys)["affinity_wait_s"] is None  # inf: waits however long
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    (["--affinity-wait", "-1"], "must be a number of seconds >= 0"),
+    (["--affinity-wait", "nan"], "got nan"),
+    (["--affinity-wait", "1", "--no-prefix-cache"], "drop --no-prefix-cache"),
+])
+def test_cli_bad_affinity_wait_is_one_line_exit_2(capsys, extra, words):
+    args = [*SERVE, *CONVERSATIONS, "--rate", "1", *COPIES_CLI, *extra]
+    args[args.index("h100-80gb-spr-cxl")] = "hgx-h100x8-2socket-cxl"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--affinity-wait" in err and words in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("extra", "words"), [
+    ([], "give --data-parallel 2 or more"),
+    (["--turns", "1"], "applies to conversations"),
+])
+def test_cli_affinity_wait_needs_copies_and_conversations(capsys, extra, words):
+    args = [*SERVE, "--rate", "1", *([] if extra else CONVERSATIONS), *extra,
+            "--affinity-wait", "1"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--affinity-wait" in err and words in err
+
+
+@pytest.mark.parametrize(("kwargs", "words"), [
+    ({"affinity_wait_s": -1, **COPIES}, "must be a number of seconds >= 0"),
+    ({"affinity_wait_s": True, **COPIES}, "got True"),
+    ({"affinity_wait_s": 1.0}, "give data_parallel 2 or more"),
+    ({"affinity_wait_s": 1.0, "prefix_cache": False, **COPIES}, "drop prefix_cache=False"),
+    ({"affinity_wait_s": 1.0, "turns": 1, "followup": "1k", "think_s": 30.0, **COPIES},
+     "applies to conversations"),
+])
+def test_api_bad_affinity_wait_names_the_argument(kwargs, words):
+    kwargs = {**TINY, **kwargs}
+    profile = kwargs.pop("profile", "h100-80gb-spr-cxl")
+    with pytest.raises(UserError, match=words) as caught:
+        api.serve(profile, "llama-3.1-8b", "gpu_only", **kwargs)
+    assert caught.value.field == "affinity_wait_s" and "\n" not in str(caught.value)
+
+
+def test_study_affinity_wait_axis_and_the_key_at_its_default(tmp_path):
+    """An axis of waits runs each (the rows carry it); strict affinity, written out or not,
+    keeps the key a conversation point had before the wait existed."""
+    spec = ServingSpec(rate_per_s=0.5, turns=2, followup=256, think_s=1)
+    assert "affinity_wait_s" not in spec.key_config()
+    assert ServingSpec(rate_per_s=0.5, turns=2, affinity_wait_s=0).key_config()[
+        "affinity_wait_s"] == 0.0
+    keys = _keys(tmp_path, STUDY, "mt.yaml")
+    strict = STUDY.replace("  think_s: 1\n", "  think_s: 1\n  affinity_wait_s: null\n")
+    assert _keys(tmp_path, strict, "strict.yaml") == keys
+    swept = STUDY.replace("  policy: gpu_only\n", "  policy: gpu_only\n  workload: "
+                          "{data_parallel: 2}\n").replace(
+        "h100-80gb-spr-cxl", "hgx-h100x8-2socket-cxl").replace(
+        "serving.prefix_cache: [true, false]", "serving.affinity_wait_s: [0, null]").replace(
+        "x: serving.prefix_cache", "x: serving.affinity_wait_s")
+    frame = api.run_study(str(write_study(tmp_path, swept, "aw.yaml")), out=tmp_path / "out",
+                          jobs=1, figures=False)
+    # (a stored row holds however long as JSON does: null, NaN in the frame)
+    assert frame["affinity_wait_s"].isna().sum() == 1 and (frame["completed"] == 8).all()
+    strict_row = frame[frame["affinity_wait_s"].isna()].iloc[0]
+    free_row = frame[frame["affinity_wait_s"] == 0].iloc[0]
+    assert strict_row["prefix_cached_fraction"] >= free_row["prefix_cached_fraction"]
+
+
+def test_study_affinity_wait_without_the_cache_is_refused(tmp_path, capsys):
+    text = STUDY.replace("  think_s: 1\n", "  think_s: 1\n  affinity_wait_s: 1\n").replace(
+        "serving.prefix_cache: [true, false]", "serving.prefix_cache: [false]")
+    err = refused_study(tmp_path, capsys, text)
+    assert "serving.affinity_wait_s: a later turn waits for the copy" in err, err

@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-offload-tier", metavar="TIER",
                    help="the host memory tier of --kv-offload-gb (default: the DRAM tier of "
                         "the GPU's socket)")
+    p.add_argument("--affinity-wait", type=float, metavar="SECONDS",
+                   help="with --data-parallel, the most seconds a later turn waits for the "
+                        "copy whose prefix cache holds its KV before any copy with room takes "
+                        "it, prefilling it again (default: it waits however long)")
     p.add_argument("--kv-dtype", default="fp16", choices=["fp32", "fp16", "bf16", "fp8"],
                    help="element type of the KV cache (default fp16)")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
@@ -156,7 +160,8 @@ def mix_flags_of(args: argparse.Namespace) -> dict[str, object]:
 CONVERSATION_FLAGS = (("followup", "--followup"), ("think", "--think"),
                       ("no_prefix_cache", "--no-prefix-cache"),
                       ("kv_offload_gb", "--kv-offload-gb"),
-                      ("kv_offload_tier", "--kv-offload-tier"))
+                      ("kv_offload_tier", "--kv-offload-tier"),
+                      ("affinity_wait", "--affinity-wait"))
 DEFAULT_FOLLOWUP = "1k"
 DEFAULT_THINK_S = 30.0
 
@@ -164,8 +169,9 @@ DEFAULT_THINK_S = 30.0
 def conversation_of(args: argparse.Namespace) -> tuple[int, str, float, bool]:
     """``--turns``, ``--followup``, ``--think`` and whether the prefix cache is on, checked:
     a trace's rows are single requests, the flags beside --turns need conversations, and a
-    host KV store (``--kv-offload-gb``) the prefix cache."""
-    from hgsim.serving.requests import check_think_s, check_turns
+    host KV store (``--kv-offload-gb``) and ``--affinity-wait`` the prefix cache (the latter
+    several copies too)."""
+    from hgsim.serving.requests import check_affinity_wait_s, check_think_s, check_turns
 
     # given: not None (a switch: not False); 0 is given (--think 0, --kv-offload-gb 0)
     given = [flag for name, flag in (("turns", "--turns"), *CONVERSATION_FLAGS)
@@ -184,6 +190,14 @@ def conversation_of(args: argparse.Namespace) -> tuple[int, str, float, bool]:
     if args.no_prefix_cache and args.kv_offload_gb:
         raise UserError("a store serves the prefix cache: drop --no-prefix-cache",
                         field="--kv-offload-gb")
+    if args.affinity_wait is not None:
+        check_affinity_wait_s(args.affinity_wait, "--affinity-wait")
+        if args.no_prefix_cache:
+            raise UserError("a later turn waits for the copy whose prefix cache holds its KV: "
+                            "drop --no-prefix-cache", field="--affinity-wait")
+        if args.data_parallel == 1:
+            raise UserError("applies to several copies: give --data-parallel 2 or more",
+                            field="--affinity-wait")
     return (turns, DEFAULT_FOLLOWUP if args.followup is None else args.followup, think,
             not args.no_prefix_cache)
 
@@ -265,15 +279,16 @@ def run(args: argparse.Namespace) -> int:
                        0.0 if args.kv_offload_gb is None else args.kv_offload_gb,
                        args.kv_offload_tier, gb_field="--kv-offload-gb",
                        tier_field="--kv-offload-tier")
+    wait = math.inf if args.affinity_wait is None else args.affinity_wait
     labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None,
-                        prefix_cache=prefix_cache, kv_offload=store)
+                        prefix_cache=prefix_cache, kv_offload=store, affinity_wait_s=wait)
     bar = RequestBar(not args.no_progress)
     with named_as_flags():
         try:
             if args.find_rate:
                 search = max_rate(times, mix, max_batch=args.max_batch, slo=slo, labels=labels,
                                   on_probe=bar.probe, prefix_cache=prefix_cache,
-                                  kv_offload=store)
+                                  kv_offload=store, affinity_wait_s=wait)
                 result = search.result
             else:
                 bar.start(len(listed))
@@ -281,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
                 result = serve_requests(times, listed, max_batch=args.max_batch,
                                         rate_per_s=offered, slo=slo, labels=labels,
                                         on_finish=bar.update, prefix_cache=prefix_cache,
-                                        kv_offload=store)
+                                        kv_offload=store, affinity_wait_s=wait)
                 search = None
         finally:
             bar.close()
@@ -382,6 +397,9 @@ def print_summary(row: dict, slo, search) -> None:
                   f"{'on' if row['prefix_cache'] else 'off'}")
         if row.get("kv_offload_gb"):
             title += f", host KV store {row['kv_offload_gb']:g} GB on {row['kv_offload_tier']}"
+        wait = row.get("affinity_wait_s", math.inf)
+        if wait is not None and math.isfinite(wait):
+            title += f", a later turn waits at most {wait:g} s for its copy"
     if search is not None:
         if search.unbounded:
             console.print(f"[bold]{title}[/bold]\nno limit on the rate found ({slo}): "

@@ -26,12 +26,13 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                    rate_per_s: float = math.nan, slo: Slo | None = None,
                    labels: dict[str, Any] | None = None,
                    on_finish: Callable[[int], None] | None = None,
-                   prefix_cache: bool = True, kv_offload: KvOffload | None = None
-                   ) -> ServeResult:
+                   prefix_cache: bool = True, kv_offload: KvOffload | None = None,
+                   affinity_wait_s: float = math.inf) -> ServeResult:
     """Serve ``requests`` on the configuration ``times`` describes (its prefill chunk
     included), to the last request; conversations' KV kept between turns with
     ``prefix_cache``, and written to a host KV store too with ``kv_offload``
-    (``hgsim.serving.kv_offload.kv_offload``)."""
+    (``hgsim.serving.kv_offload.kv_offload``); a later turn waits at most
+    ``affinity_wait_s`` for the copy whose cache holds its KV."""
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
     reserved, longest = times.longest_prompt, longest_prompt(requests)
@@ -40,7 +41,7 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                          f"prompts of at most {reserved} tokens")
     server = run_server(times, requests, max_batch=max_batch, copies=times.data_parallel,
                         on_finish=on_finish, prefix_cache=prefix_cache,
-                        kv_offload=kv_offload)
+                        kv_offload=kv_offload, affinity_wait_s=affinity_wait_s)
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
                        iterations=server.iterations, slo=slo or Slo(),
                        simulations=times.simulations, copies=times.data_parallel,
@@ -80,16 +81,19 @@ def longest_prompt(requests: list[Request]) -> int:
 
 def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
                traced: bool, prefix_cache: bool = True,
-               kv_offload: KvOffload | None = None) -> dict[str, Any]:
+               kv_offload: KvOffload | None = None,
+               affinity_wait_s: float = math.inf) -> dict[str, Any]:
     """The columns that say what a run served: configuration, batch limit, prefill chunk (0:
     prompts prefilled whole) and lengths; for conversations their turns, follow-up lengths,
-    think time, whether a prefix cache keeps their KV and the host KV store's size (GB, 0:
-    none) and tier."""
+    think time, whether a prefix cache keeps their KV, the host KV store's size (GB, 0:
+    none) and tier, and how long a later turn waits for the copy holding its KV (inf: as long
+    as it takes)."""
     conversations = {} if traced or mix.turns == 1 else {
         "turns": mix.turns, "followup": str(mix.followup), "think_s": mix.think_s,
         "prefix_cache": prefix_cache,
         "kv_offload_gb": kv_offload.capacity_gb if kv_offload else 0.0,
-        "kv_offload_tier": kv_offload.tier if kv_offload else ""}
+        "kv_offload_tier": kv_offload.tier if kv_offload else "",
+        "affinity_wait_s": affinity_wait_s}
     return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
             "tensor_parallel": times.tensor_parallel, "data_parallel": times.data_parallel,
             "gpu_placement": times.gpu_placement, "max_batch": max_batch,
@@ -174,7 +178,8 @@ def _a_burst(mix: RequestMix, rate: float, alone: float) -> bool:
 def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
              tolerance: float = 0.02, labels: dict[str, Any] | None = None,
              on_probe: Callable[[float, float], None] | None = None,
-             prefix_cache: bool = True, kv_offload: KvOffload | None = None) -> RateSearch:
+             prefix_cache: bool = True, kv_offload: KvOffload | None = None,
+             affinity_wait_s: float = math.inf) -> RateSearch:
     """Bisect the Poisson arrival rate (geometrically, to within ``tolerance``) for the highest
     one at which at least ``slo.attainment`` of the requests meet ``slo``. The requests are
     the same at every rate (``RequestMix``), so the share met falls with the rate. With
@@ -189,7 +194,8 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
     def meets(rate: float) -> bool:
         result = serve_requests(times, mix.requests(rate), max_batch=max_batch,
                                 rate_per_s=rate, slo=slo, labels=labels,
-                                prefix_cache=prefix_cache, kv_offload=kv_offload)
+                                prefix_cache=prefix_cache, kv_offload=kv_offload,
+                                affinity_wait_s=affinity_wait_s)
         results[rate] = result
         probes.append((rate, result.attainment))
         if on_probe is not None:

@@ -226,6 +226,14 @@ def check_think_s(think_s: object, field: str = "think_s") -> None:
                         f"{think_s!r}", field=field)
 
 
+def check_affinity_wait_s(wait_s: object, field: str = "affinity_wait_s") -> None:
+    """``affinity_wait_s``: the seconds a later turn waits for the copy whose prefix cache
+    holds its KV before any copy may take it, 0 or more (inf: as long as it takes)."""
+    if isinstance(wait_s, bool) or not isinstance(wait_s, (int, float)) or not wait_s >= 0:
+        raise UserError(f"must be a number of seconds >= 0 (inf: wait for that copy however "
+                        f"long), got {wait_s!r}", field=field)
+
+
 TRACE_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 
 

@@ -118,8 +118,8 @@ def normalize(column: str, value: Any) -> Any:
 #: The serving fields (``serving.<field>`` axes) that hold whole counts, numbers, and lengths
 #: (a fixed count of tokens or a distribution of them).
 SERVING_COUNTS = ("requests", "max_batch", "prefill_chunk", "turns", "seed")
-SERVING_NUMBERS = ("rate_per_s", "think_s", "kv_offload_gb", "slo.ttft_s", "slo.tpot_ms",
-                   "slo.attainment")
+SERVING_NUMBERS = ("rate_per_s", "think_s", "kv_offload_gb", "affinity_wait_s", "slo.ttft_s",
+                   "slo.tpot_ms", "slo.attainment")
 SERVING_LENGTHS = ("prompt", "output", "followup")
 
 

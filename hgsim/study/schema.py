@@ -76,6 +76,8 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       prefix_cache: true                 # keep a conversation's KV between turns (default)
       kv_offload_gb: 256                 # a host KV store for that cache (default 0: none)
       kv_offload_tier: ddr0              # its tier (default: the GPU socket's DRAM)
+      affinity_wait_s: 2                 # most seconds a later turn waits for the copy
+                                         # holding its KV (default null: however long)
       seed: 0                            # arrivals and lengths
       slo: {ttft_s: 10, tpot_ms: 100, attainment: 0.9}
     # (a serving point ignores workload.batch/context/gen: its lengths and batch are above;
@@ -441,14 +443,18 @@ class SloSpec(StudyModel):
 #: The serving fields an axis may sweep (``serving.<field>``).
 SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch",
                 "prefill_chunk", "turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
-                "kv_offload_tier", "seed", "slo.ttft_s", "slo.tpot_ms", "slo.attainment")
+                "kv_offload_tier", "affinity_wait_s", "seed", "slo.ttft_s", "slo.tpot_ms",
+                "slo.attainment")
 #: The serving fields of a conversation beside ``turns`` (they need turns 2 or more), with
 #: their defaults.
 CONVERSATION_DEFAULTS = {"followup": "1k", "think_s": 30.0, "prefix_cache": True,
-                         "kv_offload_gb": 0.0, "kv_offload_tier": None}
-#: The fields of a host KV store, left out of a point's key at their defaults (no store): the
-#: points of conversations stored before the store existed keep their keys.
-KV_OFFLOAD_DEFAULTS = {"kv_offload_gb": 0.0, "kv_offload_tier": None}
+                         "kv_offload_gb": 0.0, "kv_offload_tier": None,
+                         "affinity_wait_s": None}
+#: The fields of a host KV store and the affinity wait, left out of a point's key at their
+#: defaults (no store, strict affinity): the points of conversations stored before they
+#: existed keep their keys.
+KV_OFFLOAD_DEFAULTS = {"kv_offload_gb": 0.0, "kv_offload_tier": None,
+                       "affinity_wait_s": None}
 
 
 class ServingSpec(StudyModel):
@@ -464,8 +470,10 @@ class ServingSpec(StudyModel):
     ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
     ``kv_offload_gb`` > 0 writes it to a host KV store of that many GB on ``kv_offload_tier``
     too (default: the DRAM tier of the GPU's socket), a later turn whose KV left HBM loading it
-    back (``hgsim.serving.kv_offload``). The point's workload gives the dtypes and tensor
-    parallelism; its batch, context and gen are not used (the lengths come from here)."""
+    back (``hgsim.serving.kv_offload``); with several copies (``workload.data_parallel``) a
+    later turn waits at most ``affinity_wait_s`` for the copy whose cache holds its KV (no
+    effect with one copy). The point's workload gives the dtypes and tensor parallelism; its
+    batch, context and gen are not used (the lengths come from here)."""
 
     rate_per_s: float | None = Field(default=None, gt=0)
     find_rate: bool = False
@@ -480,6 +488,7 @@ class ServingSpec(StudyModel):
     prefix_cache: bool = True
     kv_offload_gb: float = Field(default=0.0, ge=0, allow_inf_nan=False)
     kv_offload_tier: str | None = None
+    affinity_wait_s: float | None = Field(default=None, ge=0)  # None: however long
     seed: int = Field(default=0, ge=0)
     slo: SloSpec | None = None
 
@@ -548,6 +557,9 @@ class ServingSpec(StudyModel):
         if self.turns > 1 and self.kv_offload_gb and not self.prefix_cache:
             return "kv_offload_gb", ("a store serves the prefix cache: set serving.prefix_cache "
                                      "true")
+        if self.turns > 1 and self.affinity_wait_s is not None and not self.prefix_cache:
+            return "affinity_wait_s", ("a later turn waits for the copy whose prefix cache "
+                                       "holds its KV: set serving.prefix_cache true")
         return None
 
     def conversation_fields_set(self) -> list[str]:
@@ -576,7 +588,7 @@ class ServingSpec(StudyModel):
             data["followup"] = str(LengthDist.parse(data["followup"], "followup"))
             data["think_s"] = float(data["think_s"])
             data["kv_offload_gb"] = float(data["kv_offload_gb"])
-            for name, default in KV_OFFLOAD_DEFAULTS.items():  # no store: the key it had before
+            for name, default in KV_OFFLOAD_DEFAULTS.items():  # defaults: the key it had before
                 if data[name] == default:
                     del data[name]
         for name in ("prompt", "output"):

@@ -31,7 +31,7 @@ ENERGY_COLUMNS = ("energy_j", "power_w", "energy_j_per_output_token", "usd_per_m
 #: With conversations: the run's labels of them (the host KV store's GB, 0: none, and tier)
 #: and the shares of prompt tokens the prefix cache held and the store loaded back.
 CONVERSATION_COLUMNS = ("turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
-                        "kv_offload_tier", "prefix_cached_fraction", "prefix_loaded_fraction",
+                        "kv_offload_tier", "affinity_wait_s", "prefix_cached_fraction", "prefix_loaded_fraction",
                         *(f"ttft_{turns}_{stat}_s" for turns in ("first", "later")
                           for stat in ("mean", "p50", "p90", "p99")))
 FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
@@ -105,14 +105,16 @@ def serving_point(spec) -> dict[str, Any]:
     store = kv_store(serving, spec.profile, spec.policy)
     times = step_times(spec, mix)
     slo = slo_of(serving)
+    wait = math.inf if serving.affinity_wait_s is None else serving.affinity_wait_s
     labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False,
-                        prefix_cache=serving.prefix_cache, kv_offload=store)
+                        prefix_cache=serving.prefix_cache, kv_offload=store,
+                        affinity_wait_s=wait)
     if not serving.find_rate:
         result = serve_requests(times, mix.requests(serving.rate_per_s),
                                 max_batch=serving.max_batch, rate_per_s=serving.rate_per_s,
                                 slo=slo, labels=labels, prefix_cache=serving.prefix_cache,
-                                kv_offload=store)
+                                kv_offload=store, affinity_wait_s=wait)
         return result.summary()
     search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels,
-                      prefix_cache=serving.prefix_cache, kv_offload=store)
+                      prefix_cache=serving.prefix_cache, kv_offload=store, affinity_wait_s=wait)
     return search.row(labels, times.simulations)
