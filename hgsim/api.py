@@ -10,8 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from hgsim.profiles import load_profile, profile_with_overrides
 from hgsim.results import SimResult
 from hgsim.specs.hardware import HardwareProfile
 from hgsim.specs.model import ModelSpec
+from hgsim.tensor_parallel import parallelism_named
 
 __all__ = ["list_models", "list_policies", "list_profiles", "load_profile", "run_study",
            "serve", "simulate", "with_overrides"]
@@ -126,7 +126,7 @@ def simulate(
                                          and 0 < trace_max_gb < math.inf):
         raise UserError(f"expected a positive number of GB or None, got {trace_max_gb!r}",
                         field="trace_max_gb")
-    with _parallelism_as_arguments():
+    with parallelism_named("tensor_parallel", "data_parallel"):
         return run(base, model, policy, workload, policy_options=options,
                    fidelity=Fidelity(decode_samples=fidelity.decode_samples,
                                      accuracy=fidelity.accuracy, **chosen),
@@ -296,7 +296,7 @@ def serve(
                      followup=followup_dist, think_s=float(think_s))
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     listed = read_trace(trace) if trace is not None else mix.requests(rate or 1.0)
-    with _parallelism_as_arguments():
+    with parallelism_named("tensor_parallel", "data_parallel"):
         times = StepTimes(with_overrides(profile, hardware or {}), spec, policy,
                           options, kv_dtype=kv_dtype, weight_dtype=weight_dtype,
                           tensor_parallel=tensor_parallel, data_parallel=data_parallel,
@@ -341,22 +341,6 @@ def _prefill_chunk(prefill_chunk: Any) -> int | None:
             raise UserError(str(exc), field="prefill_chunk") from None
     check_prefill_chunk(prefill_chunk, "prefill_chunk")
     return prefill_chunk
-
-
-@contextmanager
-def _parallelism_as_arguments() -> Iterator[None]:
-    """A tensor- or data-parallel error (too many GPUs, a model that does not shard) names
-    the argument that asked for it (``data_parallel``), not the workload field a study sets."""
-    from hgsim.tensor_parallel import DP_FIELD, FIELD
-
-    names = {FIELD: "tensor_parallel", DP_FIELD: "data_parallel"}
-    try:
-        yield
-    except UserError as exc:
-        if exc.field not in names:
-            raise
-        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=names[exc.field]) \
-            from None
 
 
 def _overrides(name: str, given: Mapping[str, Any] | None):

@@ -15,6 +15,7 @@ from hgsim.commands.checks import check_gpu_placement, count, non_negative, whol
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file, finite_for_json
+from hgsim.tensor_parallel import parallelism_named
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -99,22 +100,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
-
-
-@contextmanager
-def parallelism_as_flags() -> Iterator[None]:
-    """A tensor- or data-parallel error (too many GPUs, a model that does not shard) names the
-    flag that asked for it, not the workload field a study would set."""
-    from hgsim.tensor_parallel import DP_FIELD, FIELD
-
-    flags = {FIELD: "--tensor-parallel", DP_FIELD: "--data-parallel"}
-    try:
-        yield
-    except UserError as exc:
-        if exc.field not in flags:
-            raise
-        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=flags[exc.field]) \
-            from None
 
 
 @contextmanager
@@ -269,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
     model = get_model(args.model)
     listed = trace if trace is not None else (
         arrivals(mix, args.rate if args.rate is not None else 1.0))
-    with named_as_flags(), parallelism_as_flags():
+    with named_as_flags(), parallelism_named("--tensor-parallel", "--data-parallel"):
         times = StepTimes(load_profile(args.profile), model, args.policy, options,
                           kv_dtype=args.kv_dtype, tensor_parallel=args.tensor_parallel,
                           data_parallel=args.data_parallel, gpu_placement=args.gpu_placement,
