@@ -401,3 +401,12 @@ def test_a_count_with_a_control_character_is_refused_naming_its_flag(capsys, val
     line = user_error(capsys, *SIMULATE, "--context", value)
     assert line == (f"hgsim simulate: error: --context: expected a count such as 4096 or 32k, "
                     f"got {value!r}")
+
+
+@pytest.mark.parametrize("command", ["simulate", "run"])
+def test_negative_samples_name_the_flag_in_the_usual_form(capsys, command):
+    args = ([*SIMULATE, "--samples", "-1"] if command == "simulate" else
+            ["run", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+             "--samples", "-1"])
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith("--samples: must be >= 0, got -1")

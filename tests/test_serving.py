@@ -531,8 +531,10 @@ def test_serve_says_why_when_every_request_is_rejected(capsys, monkeypatch):
     assert main([*argv, "--json"]) == 0
     captured = capsys.readouterr()
     row = json.loads(captured.out)
-    assert captured.err == ("hgsim serve: note: all 20 requests rejected: its prompt's prefill "
-                            "does not fit alone\n")
+    assert captured.err.startswith(
+        "hgsim serve: note: all 20 requests rejected: its 1048576-token prompt is longer than "
+        "any whose KV fits beside the HBM its prefill needs (")
+    assert len(captured.err.strip().splitlines()) == 1
     served = api.serve("h100-80gb-spr-cxl", "llama-3.1-8b", "gpu_only", rate=1, prompt="1M",
                        output=8, requests=20)
     arrivals = served.requests_frame().arrival_s
@@ -591,7 +593,11 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--max-batch", "0"], "--max-batch: must be >= 1"),
     (["--find-rate"], "--find-rate: searches the highest rate meeting an SLO"),
     (["--rate", "1", "--prompt", "uniform:3"], "--prompt:"),
-    (["--rate", "1", "--attainment", "1.5"], "--attainment: must be in [0, 1]"),
+    (["--rate", "1", "--slo-ttft", "5", "--attainment", "1.5"],
+     "--attainment: must be in [0, 1]"),
+    # a share of requests meeting an SLO, and no SLO: else silently nothing
+    (["--rate", "1", "--attainment", "0.5"], "--attainment: is the share of requests that "
+                                              "must meet an SLO"),
     (["--trace", "/nonexistent/t.csv"], "cannot read it"),
     (["--rate", "1", "--requests", "0"], "--requests: must be between 1 and 1,000,000"),
     (["--rate", "1", "--requests", "1000001"], "--requests: must be between 1 and 1,000,000"),

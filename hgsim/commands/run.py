@@ -75,7 +75,7 @@ def _config(args: argparse.Namespace):
     from hw_backend.measured_run import RunConfig
 
     if args.samples < 0:
-        raise UserError("--samples must be >= 0")
+        raise UserError(f"must be >= 0, got {args.samples}", field="--samples")
     if args.host_threads is not None and args.host_threads < 1:
         raise UserError("--host-threads must be >= 1")
     host_threads = local_workers(args.host_threads, "--host-threads", "run")

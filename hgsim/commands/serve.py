@@ -93,7 +93,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="time-to-first-token limit a request must meet")
     p.add_argument("--slo-tpot-ms", type=float, metavar="MS",
                    help="time-per-output-token limit a request must meet (milliseconds)")
-    p.add_argument("--attainment", type=float, default=0.9, metavar="SHARE",
+    p.add_argument("--attainment", type=float, metavar="SHARE",
                    help="share of requests that must meet the SLO (default 0.9)")
     p.add_argument("--requests-csv", metavar="OUT.csv",
                    help="write one row per request (lengths, queueing, TTFT, TPOT)")
@@ -193,7 +193,13 @@ def slo_of(args: argparse.Namespace):
     ttft = math.inf if args.slo_ttft is None else non_negative(args.slo_ttft, "--slo-ttft")
     tpot = (math.inf if args.slo_tpot_ms is None
             else non_negative(args.slo_tpot_ms, "--slo-tpot-ms") / 1e3)
-    attainment = non_negative(args.attainment, "--attainment", most=1.0)
+    if args.attainment is None:
+        attainment = 0.9
+    elif math.isinf(ttft) and math.isinf(tpot):  # else silently nothing to attain
+        raise UserError("is the share of requests that must meet an SLO: give --slo-ttft "
+                        "and/or --slo-tpot-ms", field="--attainment")
+    else:
+        attainment = non_negative(args.attainment, "--attainment", most=1.0)
     if attainment == 0:
         raise UserError("must be above 0 (every rate would meet it)", field="--attainment")
     return Slo(ttft_s=ttft, tpot_s=tpot, attainment=attainment)

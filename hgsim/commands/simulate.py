@@ -159,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
                         field="--prefill-chunk")
     check_gpu_placement(args.gpu_placement, args.data_parallel)
     if args.samples < 0:
-        raise UserError("--samples must be >= 0")
+        raise UserError(f"must be >= 0, got {args.samples}", field="--samples")
     # a limit without --trace: else silently nothing to limit (as --prefill-chunk)
     if args.trace_max_gb is not None and args.trace is None:
         raise UserError("limits the trace, which is written only with --trace: add it",
