@@ -243,21 +243,26 @@ def test_without_affinity_a_turn_hits_only_where_its_kv_is(machine):
 
 # ------------------------------------------------------------------ the step with a cached past
 @pytest.mark.parametrize("policy", ["gpu_only", "flexgen", "hybridgen"])
-def test_a_chunk_past_off_the_lattice_reads_between_grid_points(machine, policy):
-    """A cache hit's past is any number: read between the prefill grid points around it,
-    within 0.1% of the step simulated at that past (the chunk's attention and read-back are
-    linear in it)."""
+@pytest.mark.parametrize("chunk", [2048, None])
+def test_a_chunk_past_off_the_lattice_reads_between_lattice_points(machine, policy, chunk):
+    """A cache hit's past (or a packed prompt's resumption) is any number: read between the
+    chunk lattice's points around it (without chunks, the prefill grid's), within 0.1% of the
+    step simulated at that past (the chunk's attention and read-back are linear in it)."""
     profile, model = machine
-    times = StepTimes(profile, model, policy, prefill_chunk=2048, longest_prompt=70_000)
+    times = StepTimes(profile, model, policy, prefill_chunk=chunk, longest_prompt=70_000)
     for batch, context, past, tokens in ((0, 0.0, 33_333, 1024), (8, 20_000.0, 33_333, 1024),
-                                         (16, 30_000.0, 45_555, 2048)):
-        lo, hi = bracket(past, PREFILL_GRID_PER_OCTAVE)
+                                         (16, 30_000.0, 45_555, 2048), (8, 20_000.0, 700, 2048)):
+        lo, hi = times.past_bracket(past)
         assert lo < past < hi
+        assert (lo, hi) == ((past // 2048 * 2048, past // 2048 * 2048 + 2048) if chunk
+                            else bracket(past, PREFILL_GRID_PER_OCTAVE))
         read = times.mixed_step(batch, context, past, tokens)[0]
         exact = times._mixed_step(batch, context, past, tokens)[0]
         assert read == pytest.approx(exact, rel=1e-3)
     # on the chunk lattice, the step itself
-    assert times.mixed_step(4, 9_000.0, 4096, 2048) == times._mixed_step(4, 9_000.0, 4096, 2048)
+    if chunk:
+        assert times.mixed_step(4, 9_000.0, 4096, 2048) == times._mixed_step(4, 9_000.0, 4096,
+                                                                              2048)
 
 
 # ------------------------------------------------------------------ the host KV store

@@ -288,10 +288,11 @@ class StepTimes:
         Read from the cells ``decode_step`` reads, each cell's settled step simulated again
         with the chunk riding on it (``DecodeEngine.step``).
 
-        A ``past`` off the chunk lattice (a prefix cache's hit starts a prompt there) is read
-        between the grid points around it (``PREFILL_GRID_PER_OCTAVE``): the chunk's
-        attention and read-back grow linearly with its past, and a cache hit's past is any
-        number (simulated at each, every conversation would cost its own steps).
+        A ``past`` off the chunk lattice (a prefix cache's hit starts a prompt there, a prompt
+        packed behind another resumes there) is read between the lattice points around it
+        (``past_bracket``; without chunks the prefill grid's): the chunk's attention and
+        read-back grow linearly with its past, and such a past is any number (simulated at
+        each, every conversation would cost its own steps).
 
         ``past_from``: the prompt's whole past is read back from the host, from the policy's
         host tiers (``PAST_ON_HOST``: a prefix its cache kept there) or from a host KV store
@@ -305,7 +306,7 @@ class StepTimes:
             return self._mixed_step(batch, mean_context, past, tokens, past_from, packed)
         on_lattice = past == 0 or (self.prefill_chunk and past % self.prefill_chunk == 0)
         if not on_lattice:
-            lo, hi = bracket(past, PREFILL_GRID_PER_OCTAVE)
+            lo, hi = self.past_bracket(past)
             at_hi = self._mixed_step(batch, mean_context, hi, tokens, past_from)
             if lo < hi and math.isfinite(at_hi[0]):
                 at_lo = self._mixed_step(batch, mean_context, lo, tokens, past_from)
@@ -313,6 +314,15 @@ class StepTimes:
                     return (between(past, lo, hi, at_lo[0], at_hi[0]),
                             between(past, lo, hi, at_lo[1], at_hi[1]))
         return self._mixed_step(batch, mean_context, past, tokens, past_from)
+
+    def past_bracket(self, past: int) -> tuple[int, int]:
+        """The pasts a chunk's step at ``past`` is read between: the chunk lattice's points
+        around it (multiples of ``prefill_chunk``, the pasts every prompt chunked from its
+        start meets, so their cells are shared), or without chunks the prefill grid's."""
+        if self.prefill_chunk:
+            lo = past // self.prefill_chunk * self.prefill_chunk
+            return lo, lo + self.prefill_chunk
+        return bracket(past, PREFILL_GRID_PER_OCTAVE)
 
     def _mixed_step(self, batch: int, mean_context: float, past: int, tokens: int,
                     past_from: str | None = None, packed: tuple[tuple[int, int], ...] = ()
