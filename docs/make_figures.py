@@ -4,7 +4,7 @@
     python docs/make_figures.py --study serving  # one of them
 
 ``cxl_sweep`` (the README's figure) takes ~35 s on 2 cores, ``serving`` (docs/serving.md)
-~2 min, ``chunked_prefill`` (docs/serving.md) ~12 min, ``multi_turn`` (docs/serving.md) ~3 min.
+~2 min, ``chunked_prefill`` (docs/serving.md) ~9 min, ``multi_turn`` (docs/serving.md) ~3 min.
 Every point is recomputed by default: a stored point's key covers its configuration
 and the hgsim version, not changes to the simulator's code, so after a model change reused
 points would draw the old physics. ``--reuse`` keeps stored points (after a figure-only
