@@ -8,6 +8,8 @@ without a traceback; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 
 class UserError(Exception):
@@ -30,6 +32,19 @@ class UserError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+@contextmanager
+def fields_renamed(names: Mapping[str, str]) -> Iterator[None]:
+    """A ``UserError`` raised inside that names one of ``names``' fields names what the
+    caller calls it instead (the flag or argument that set it on the caller's surface)."""
+    try:
+        yield
+    except UserError as exc:
+        if exc.field not in names:
+            raise
+        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=names[exc.field]) \
+            from None
 
 
 class ConfigError(UserError):

@@ -41,11 +41,9 @@ switch.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from hgsim.errors import UserError
+from hgsim.errors import UserError, fields_renamed
 from hgsim.specs.hardware import HardwareProfile, LinkSpec
 from hgsim.specs.model import DTYPE_BYTES, ModelSpec
 
@@ -72,19 +70,11 @@ def check_tensor_parallel(model: ModelSpec, n: int) -> None:
                         f"{model.name}", field=FIELD)
 
 
-@contextmanager
-def parallelism_named(tensor_parallel: str, data_parallel: str) -> Iterator[None]:
-    """A tensor- or data-parallel error raised inside (too many GPUs, a model that does not
-    shard) names what asked for it on the caller's surface (a flag, an argument), not the
+def parallelism_named(tensor_parallel: str, data_parallel: str):
+    """A context in which a tensor- or data-parallel error (too many GPUs, a model that does
+    not shard) names what asked for it on the caller's surface (a flag, an argument), not the
     workload field a study sets."""
-    names = {FIELD: tensor_parallel, DP_FIELD: data_parallel}
-    try:
-        yield
-    except UserError as exc:
-        if exc.field not in names:
-            raise
-        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=names[exc.field]) \
-            from None
+    return fields_renamed({FIELD: tensor_parallel, DP_FIELD: data_parallel})
 
 
 def shard_model(model: ModelSpec, n: int) -> ModelSpec:

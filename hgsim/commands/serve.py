@@ -7,13 +7,11 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from hgsim.commands.checks import check_gpu_placement, count, non_negative, whole
 from hgsim.commands.policy_options import named_as_flags, policy_options
-from hgsim.errors import UserError
+from hgsim.errors import UserError, fields_renamed
 from hgsim.outputs import check_output_file, finite_for_json
 from hgsim.tensor_parallel import parallelism_named
 
@@ -102,17 +100,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
-@contextmanager
-def mix_as_flags() -> Iterator[None]:
-    """A request mix's mistake (a rate, too many turns) names the flag that asked for it."""
-    flags = {"rate": "--rate", "turns": "--turns"}
-    try:
-        yield
-    except UserError as exc:
-        if exc.field not in flags:
-            raise
-        raise UserError(str(exc).removeprefix(f"{exc.field}: "), field=flags[exc.field]) \
-            from None
+def mix_as_flags():
+    """A context in which a request mix's mistake (a rate, too many turns) names the flag
+    that asked for it."""
+    return fields_renamed({"rate": "--rate", "turns": "--turns"})
 
 
 def arrivals(mix, rate: float):
