@@ -16,10 +16,10 @@ from hgsim.serving.result import ServeResult, Slo
 from hgsim.serving.server import run_server
 from hgsim.serving.step_times import StepTimes
 
-__all__ = ["BURST_SHARE", "MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch", "Request", "RequestMix",
-           "ServeResult", "Slo", "StepTimes", "alone_s", "check_prefill_chunk", "kv_offload", "longest_prompt",
-           "max_rate", "prefill_chunk_problem", "rate_unit", "read_trace", "run_labels",
-           "serve_requests"]
+__all__ = ["BURST_SHARE", "MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch",
+           "Request", "RequestMix", "ServeResult", "Slo", "StepTimes", "alone_s",
+           "check_prefill_chunk", "kv_offload", "longest_prompt", "max_rate",
+           "prefill_chunk_problem", "rate_unit", "read_trace", "run_labels", "serve_requests"]
 
 
 def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
@@ -167,12 +167,15 @@ def alone_s(times: StepTimes, mix: RequestMix) -> float:
 BURST_SHARE = 0.01
 
 
-def _a_burst(mix: RequestMix, rate: float, alone: float) -> bool:
-    """Whether ``mix``'s requests (conversations) at ``rate`` all arrive within 1% of the
-    time one of them takes alone (``alone``: a conversation's turns): a burst, which arriving
-    faster only squeezes (each waits at most that much longer)."""
-    first = [r.arrival_s for r in mix.requests(rate) if r.turn == 0]
-    return max(first) - min(first) <= BURST_SHARE * alone / mix.turns
+def _burst(mix: RequestMix, alone: float) -> Callable[[float], bool]:
+    """Whether ``mix``'s requests (conversations) at a rate all arrive within 1% of the time
+    one of them takes alone (``alone``: a conversation's turns): a burst, which arriving
+    faster only squeezes (each waits at most that much longer). Arrivals are the same at
+    every rate, scaled by it (``RequestMix.requests``: at rate r, those at rate 1 over r), so
+    the first and the last are drawn once."""
+    first_turns = [r.arrival_s for r in mix.requests(1.0) if r.turn == 0]
+    earliest, latest = min(first_turns), max(first_turns)
+    return lambda rate: latest / rate - earliest / rate <= BURST_SHARE * alone / mix.turns
 
 
 def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
@@ -207,8 +210,8 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
         return RateSearch(None, None, probes, "the median request does not fit alone")
     rate = 1.0 / alone
     if meets(rate):
-        lo = rate
-        while not _a_burst(mix, rate, alone):
+        lo, a_burst = rate, _burst(mix, alone)
+        while not a_burst(rate):
             rate *= 2
             if not meets(rate):
                 break

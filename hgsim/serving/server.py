@@ -121,9 +121,14 @@ class Engine:
             yield from iterate()
 
     def _takes_any(self) -> bool:
-        """Whether a waiting request may come to this copy (its conversation's KV is not in
-        another copy's prefix cache)."""
-        return any(self.server.copy_for(s) in (None, self) for s in self.server.waiting)
+        """Whether a waiting request may come to this copy."""
+        return self._next_waiting() is not None
+
+    def _next_waiting(self) -> Served | None:
+        """The first waiting request that may come to this copy (its conversation's KV is not
+        in another copy's prefix cache), or None."""
+        return next((s for s in self.server.waiting if self.server.copy_for(s) in (None, self)),
+                    None)
 
     def _whole(self):
         """One iteration: the admitted prompts' prefills, whole, then the decode step."""
@@ -236,8 +241,7 @@ class Engine:
         admitted: list[Served] = []
         held = len(self.running) + len(self.prefilling)
         while held + len(admitted) < server.max_batch:
-            head = next((s for s in server.waiting if server.copy_for(s) in (None, self)),
-                        None)
+            head = self._next_waiting()
             if head is None:
                 break
             batch = held + len(admitted) + 1
@@ -401,7 +405,7 @@ class Server:
         else:
             self.waiting.append(served)
             if (math.isfinite(self.affinity_wait_s) and self.copy_for(served) is not None):
-                self.env.process(self._release(request))
+                self.env.process(self._release())
         self._announce()
         return served
 
@@ -423,9 +427,9 @@ class Server:
         if holder is not None and holder is not taker and conversation in holder.retained:
             holder._forget(conversation)
 
-    def _release(self, request: Request):
-        """Wake the copies when ``request`` has waited ``affinity_wait_s`` for the copy that
-        holds its KV: any copy may take it now."""
+    def _release(self):
+        """Wake the copies once a request just arrived has waited ``affinity_wait_s`` for the
+        copy that holds its KV: any copy may take it then."""
         yield self.env.timeout(self.affinity_wait_s)
         self._announce()
 

@@ -84,6 +84,14 @@ def bilinear_weights(batch: float, context: float, b_lo: int, b_hi: int, c_lo: i
             ((b_hi, c_lo), wb * (1 - wc)), ((b_hi, c_hi), wb * wc)]
 
 
+def _chunk_key(past: int, tokens: int, past_from: str | None,
+               packed: tuple[tuple[int, int], ...]) -> tuple[Any, ...]:
+    """The chunks of a mixed step as its cells' keys hold them: past and tokens, then where
+    the past comes from and the packed chunks, each only where there is one (the keys cells
+    without them had before)."""
+    return (past, tokens, *((past_from,) if past_from else ()), *((packed,) if packed else ()))
+
+
 @dataclass
 class StepTimes:
     """Decode-step and prefill seconds of one copy of one configuration (profile, model,
@@ -361,8 +369,7 @@ class StepTimes:
         the wait for the host at one corner and not at another bends the surface where the
         step alone is flat."""
         b_lo, b_hi, c_lo, c_hi = cell
-        key = (*cell, past, tokens, *((past_from,) if past_from else ()),
-               *((packed,) if packed else ()))
+        key = (*cell, *_chunk_key(past, tokens, past_from, packed))
         if key not in self.mixed_linear_cells:
             b_mid = (b_lo + b_hi) // 2 if b_hi - b_lo >= 2 else b_lo
             c_mid = (c_lo + c_hi) // 2 if c_hi - c_lo >= 2 else c_lo
@@ -380,8 +387,7 @@ class StepTimes:
         the policy as the cell's run left it; batch 0: the chunk alone, placed as the policy
         places one sequence of the chunk's end; ``past_from``: its past from a host KV
         store there; ``packed``: more prompts' chunks behind it."""
-        key = (batch, context, past, tokens, *((past_from,) if past_from else ()),
-               *((packed,) if packed else ()))
+        key = (batch, context, *_chunk_key(past, tokens, past_from, packed))
         if key not in self.mixed_cells:
             from hgsim.simulate import mixed_step
 
