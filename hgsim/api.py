@@ -191,9 +191,10 @@ def serve(
     copies a later turn waits for the copy whose cache holds its KV at most
     ``affinity_wait_s`` seconds (default inf: however long) before any copy with room takes
     it. ``followup``, ``think_s``, ``prefix_cache``, ``kv_offload_gb``, ``kv_offload_tier``
-    and ``affinity_wait_s`` need ``turns`` > 1, and a ``trace`` takes no conversations. Returns a ``ServeResult``
-    (``summary()`` a row, ``requests_frame()`` one row per request), or with ``find_rate`` a
-    ``RateSearch`` (``rate_per_s``, its ``result``, every rate tried in ``probes``).
+    and ``affinity_wait_s`` need ``turns`` > 1, and a ``trace`` takes no conversations.
+    Returns a ``ServeResult`` (``summary()`` a row, ``requests_frame()`` one row per
+    request), or with ``find_rate`` a ``RateSearch`` (``rate_per_s``, its ``result``, every
+    rate tried in ``probes``).
     """
     from hgsim.catalog import get_model
     from hgsim.policies import checked_options

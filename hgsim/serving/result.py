@@ -116,7 +116,8 @@ class ServeResult:
             "busy_fraction": busy_s / (span_s * self.copies) if span_s > 0 else math.nan,
             "prefill_fraction": prefill_s / busy_s if busy_s > 0 else math.nan,
         }
-        if len(frame) and (frame.conversation >= 0).any():  # conversations: what the prefix cache held
+        # conversations: what the prefix cache held
+        if len(frame) and (frame.conversation >= 0).any():
             prompts = float(done.prompt_tokens.sum())
             row["prefix_cached_fraction"] = (float(done.cached_tokens.sum()) / prompts
                                              if prompts else math.nan)

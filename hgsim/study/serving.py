@@ -31,7 +31,8 @@ ENERGY_COLUMNS = ("energy_j", "power_w", "energy_j_per_output_token", "usd_per_m
 #: With conversations: the run's labels of them (the host KV store's GB, 0: none, and tier)
 #: and the shares of prompt tokens the prefix cache held and the store loaded back.
 CONVERSATION_COLUMNS = ("turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
-                        "kv_offload_tier", "affinity_wait_s", "prefix_cached_fraction", "prefix_loaded_fraction",
+                        "kv_offload_tier", "affinity_wait_s", "prefix_cached_fraction",
+                        "prefix_loaded_fraction",
                         *(f"ttft_{turns}_{stat}_s" for turns in ("first", "later")
                           for stat in ("mean", "p50", "p90", "p99")))
 FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
