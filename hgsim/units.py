@@ -114,6 +114,10 @@ def parse_count(value: object) -> int:
     number, suffix = float(match.group(1)), match.group(2)
     if suffix:
         number *= {"k": 1024, "m": 1024**2, "g": 1024**3}[suffix[0].lower()]
+    if number >= 2.0 ** 62:  # 1e309 reads as inf; no context or step count comes near 2^62
+        raise ValueError(f"{value.strip()[:24]!r}... is too large a count (at most 2^62)"
+                         if len(value.strip()) > 24 else
+                         f"{value.strip()!r} is too large a count (at most 2^62)")
     if not number.is_integer():
         raise ValueError(f"{value!r} is not a whole number of tokens")
     return int(number)

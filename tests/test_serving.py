@@ -607,6 +607,11 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--requests", "2.5"], "--requests: expected a whole number of requests, "
                                            "got '2.5'"),
     (["--rate", "1", "--requests", "-3"], "--requests: must be between 1 and 1,000,000, got -3"),
+    # Python refuses to read over 4300 digits as an int (the CLI fuzz found it: ValueError)
+    (["--rate", "1", "--requests", "9" * 5000], "--requests: got a 5000-digit number; a count "
+                                                "of requests has at most 18 digits"),
+    (["--rate", "1", "--prompt", "9" * 400], "--prompt: '999999999999999999999999'... is too "
+                                             "large a count (at most 2^62)"),
     (["--rate", "1", "--slo-ttft", "-1"], "--slo-ttft: must be >= 0, got -1"),
     (["--rate", "1", "--slo-tpot-ms", "-5"], "--slo-tpot-ms: must be >= 0, got -5"),
     (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),

@@ -100,7 +100,8 @@ def test_parse_count(value, expected):
     assert parse_count(value) == expected
 
 
-@pytest.mark.parametrize("value", ["32kb", "many", "0.3k", "1.5", 1.5, True, None, "-5"])
+@pytest.mark.parametrize("value", ["32kb", "many", "0.3k", "1.5", 1.5, True, None, "-5",
+                                   "9" * 400, "9" * 20 + "G"])  # past float, past 2^62
 def test_parse_count_rejects(value):
     with pytest.raises(ValueError):
         parse_count(value)

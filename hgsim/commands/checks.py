@@ -45,12 +45,20 @@ def count(text: str, flag: str) -> int:
 #: caller's to check, so a negative one is told its range, not that it is no number).
 _WHOLE = re.compile(r"[+-]?[0-9]+")
 
+#: More digits than any count of requests or turns can have (an int64 has 19): Python refuses
+#: to read a string of over 4300 digits as an int, and no machine serves 10^18 requests.
+_WHOLE_DIGITS_MAX = 18
+
 
 def whole(text: str, flag: str, noun: str) -> int:
     """A count of things other than tokens (requests, turns): a plain whole number, no
     ``k``/``M`` suffix (those are the tokens' powers of two; 2k requests would be 2048)."""
     if not _WHOLE.fullmatch(text.strip()):
         raise UserError(f"expected a whole number of {noun}, got {text!r}", field=flag)
+    digits = text.strip().lstrip("+-").lstrip("0")
+    if len(digits) > _WHOLE_DIGITS_MAX:
+        raise UserError(f"got a {len(digits)}-digit number; a count of {noun} has at most "
+                        f"{_WHOLE_DIGITS_MAX} digits", field=flag)
     return int(text)
 
 
