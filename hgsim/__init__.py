@@ -5,7 +5,7 @@ From Python use ``hgsim.api`` (``from hgsim import api``); it is imported on fir
 ``import hgsim`` (and every CLI start) stays cheap.
 """
 
-__version__ = "0.3.8"
+__version__ = "0.3.9"
 
 
 def __getattr__(name: str):

@@ -147,6 +147,7 @@ def serve(
     requests: int | None = None,
     seed: int | None = None,
     max_batch: int = 256,
+    admission: str = "reserve",
     prefill_chunk: int | str | None = None,
     turns: int = 1,
     followup: int | str = "1k",
@@ -175,7 +176,10 @@ def serve(
     default ``"32k"`` and 256), ``requests`` how many (default 500), ``seed`` the seed of their
     arrivals and lengths (default 0), all four set by a ``trace``'s rows instead (refused with
     one), ``max_batch`` the most decoded together (by each of the ``data_parallel`` copies of
-    the model behind the one queue), ``prefill_chunk`` chunked prefill (at most that many
+    the model behind the one queue), ``admission`` how requests are admitted (``"reserve"``:
+    each one's final KV reserved, nothing ever preempted; ``"paged"``: on the KV the batch
+    holds now, the request admitted last preempted and recomputed when it runs out, as vLLM's
+    paged allocator), ``prefill_chunk`` chunked prefill (at most that many
     prompt tokens an iteration, ``2048`` or ``"2k"``, in the decode step's forward; None:
     prompts prefilled whole). With ``turns`` > 1 each arrival is a conversation of that many
     turns (``rate`` and ``requests`` count conversations): a later turn sends the conversation
@@ -202,6 +206,7 @@ def serve(
         RequestMix,
         Slo,
         StepTimes,
+        check_admission,
         kv_offload,
         longest_prompt,
         max_rate,
@@ -260,6 +265,7 @@ def serve(
     options = _options(options)
     checked_options(policy, options)
     prefill_chunk = _prefill_chunk(prefill_chunk)
+    check_admission(admission)
     slo = Slo(ttft_s=limits["slo_ttft_s"], tpot_s=limits["slo_tpot_s"], attainment=attainment)
     if find_rate and not slo.set:
         raise UserError("searches the highest rate meeting an SLO: give slo_ttft_s and/or "
@@ -307,14 +313,15 @@ def serve(
     store = kv_offload(times.profile, policy, kv_offload_gb, kv_offload_tier)
     labels = run_labels(times, max_batch=max_batch, mix=mix, traced=trace is not None,
                         prefix_cache=prefix_cache, kv_offload=store,
-                        affinity_wait_s=float(affinity_wait_s))
+                        affinity_wait_s=float(affinity_wait_s), admission=admission)
     if find_rate:
         return max_rate(times, mix, max_batch=max_batch, slo=slo, labels=labels,
                         prefix_cache=prefix_cache, kv_offload=store,
-                        affinity_wait_s=affinity_wait_s)
+                        affinity_wait_s=affinity_wait_s, admission=admission)
     offered = math.nan if trace is not None else rate
     return run(times, listed, max_batch=max_batch, rate_per_s=offered, slo=slo, labels=labels,
-               prefix_cache=prefix_cache, kv_offload=store, affinity_wait_s=affinity_wait_s)
+               prefix_cache=prefix_cache, kv_offload=store, affinity_wait_s=affinity_wait_s,
+               admission=admission)
 
 
 def _options(options: Any) -> dict[str, Any]:

@@ -48,6 +48,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed of arrivals and lengths (default 0)")
     p.add_argument("--max-batch", type=int, default=256, metavar="N",
                    help="most requests decoded together (vLLM's max_num_seqs; default 256)")
+    p.add_argument("--admission", choices=["reserve", "paged"], default="reserve",
+                   help="reserve: admit a request when its final KV (prompt plus output) fits "
+                        "beside the others' final KV, never preempting (the default); paged: "
+                        "admit on the KV the batch holds now and preempt the request admitted "
+                        "last when it runs out, recomputing it later (vLLM's paged allocator)")
     p.add_argument("--prefill-chunk", metavar="TOKENS",
                    help="chunked prefill: each iteration prefills at most TOKENS of the "
                         "waiting prompts, in order, in the same forward as the decode step "
@@ -263,14 +268,16 @@ def run(args: argparse.Namespace) -> int:
                        tier_field="--kv-offload-tier")
     wait = math.inf if args.affinity_wait is None else args.affinity_wait
     labels = run_labels(times, max_batch=args.max_batch, mix=mix, traced=trace is not None,
-                        prefix_cache=prefix_cache, kv_offload=store, affinity_wait_s=wait)
+                        prefix_cache=prefix_cache, kv_offload=store, affinity_wait_s=wait,
+                        admission=args.admission)
     bar = RequestBar(not args.no_progress)
     with named_as_flags():
         try:
             if args.find_rate:
                 search = max_rate(times, mix, max_batch=args.max_batch, slo=slo, labels=labels,
                                   on_probe=bar.probe, prefix_cache=prefix_cache,
-                                  kv_offload=store, affinity_wait_s=wait)
+                                  kv_offload=store, affinity_wait_s=wait,
+                                  admission=args.admission)
                 result = search.result
             else:
                 bar.start(len(listed))
@@ -278,7 +285,8 @@ def run(args: argparse.Namespace) -> int:
                 result = serve_requests(times, listed, max_batch=args.max_batch,
                                         rate_per_s=offered, slo=slo, labels=labels,
                                         on_finish=bar.update, prefix_cache=prefix_cache,
-                                        kv_offload=store, affinity_wait_s=wait)
+                                        kv_offload=store, affinity_wait_s=wait,
+                                        admission=args.admission)
                 search = None
         finally:
             bar.close()
@@ -371,6 +379,8 @@ def print_summary(row: dict, slo, search) -> None:
     title = (f"{row['model']} on {row['profile']}, {row['policy']}{shards}{copies}, max batch "
              f"{row['max_batch']}{' a copy' if copies else ''}, prompt {row['prompt']}, "
              f"output {row['output']}")
+    if row.get("admission") == "paged":
+        title += ", paged admission"
     if row.get("prefill_chunk"):
         title += f", prefill in chunks of {row['prefill_chunk']}"
     if row.get("turns", 1) > 1:
@@ -400,6 +410,7 @@ def print_summary(row: dict, slo, search) -> None:
             return
     cached = "prefix_cached_fraction" in row
     loaded = bool(row.get("kv_offload_gb")) and "prefix_loaded_fraction" in row
+    paged = row.get("admission") == "paged"
     summary = Table(title=title if search is None else "at that rate", title_justify="left",
                     caption="batch: mean decoded together; busy: share of the time the engine "
                             "ran; prefill: share of that spent prefilling (chunked: what the "
@@ -407,12 +418,15 @@ def print_summary(row: dict, slo, search) -> None:
                             + ("; cached: share of the served turns' prompt tokens the prefix "
                                "cache held (not prefilled again)" if cached else "")
                             + ("; loaded: share of those prompt tokens the host KV store held "
-                               "(loaded back, part of cached)" if loaded else ""),
+                               "(loaded back, part of cached)" if loaded else "")
+                            + ("; preempted: requests' KV freed to make room, and the share "
+                               "of prefilled tokens that were recomputed" if paged else ""),
                     caption_justify="left")
     # the rate's unit in its header (a trace's arrivals are its own: "trace")
     for column in (f"rate\n{rate_unit(row.get('turns', 1))}", "done", "rejected",
                    "output\ntokens/s", "req/s", "batch", "busy", "prefill",
-                   *(("cached",) if cached else ()), *(("loaded",) if loaded else ())):
+                   *(("cached",) if cached else ()), *(("loaded",) if loaded else ()),
+                   *(("preempted", "recomputed") if paged else ())):
         summary.add_column(column, justify="right")
     summary.add_row(number(row["rate_per_s"], ".4g") if math.isfinite(row["rate_per_s"])
                     else "trace", str(row["completed"]), str(row["rejected"]),
@@ -420,7 +434,9 @@ def print_summary(row: dict, slo, search) -> None:
                     number(row["requests_per_s"], ".4g"), number(row["mean_batch"], ".3g"),
                     number(row["busy_fraction"], ".0%"), number(row["prefill_fraction"], ".0%"),
                     *((number(row["prefix_cached_fraction"], ".0%"),) if cached else ()),
-                    *((number(row["prefix_loaded_fraction"], ".0%"),) if loaded else ()))
+                    *((number(row["prefix_loaded_fraction"], ".0%"),) if loaded else ()),
+                    *((str(row["preemptions"]), number(row["recomputed_fraction"], ".1%"))
+                      if paged else ()))
     print_whole(console, summary)
     latency = Table(title="latency per request (seconds; TPOT in ms)", title_justify="left")
     latency.add_column("")

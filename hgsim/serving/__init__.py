@@ -13,12 +13,12 @@ from hgsim.errors import UserError
 from hgsim.serving.kv_offload import KvOffload, kv_offload
 from hgsim.serving.requests import LengthDist, Request, RequestMix, read_trace
 from hgsim.serving.result import ServeResult, Slo
-from hgsim.serving.server import run_server
+from hgsim.serving.server import ADMISSIONS, run_server
 from hgsim.serving.step_times import StepTimes
 
-__all__ = ["BURST_SHARE", "MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch",
+__all__ = ["ADMISSIONS", "BURST_SHARE", "MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch",
            "Request", "RequestMix", "ServeResult", "Slo", "StepTimes", "alone_s",
-           "check_prefill_chunk", "kv_offload", "longest_prompt", "max_rate",
+           "check_admission", "check_prefill_chunk", "kv_offload", "longest_prompt", "max_rate",
            "prefill_chunk_problem", "rate_unit", "read_trace", "run_labels", "serve_requests"]
 
 
@@ -27,12 +27,16 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                    labels: dict[str, Any] | None = None,
                    on_finish: Callable[[int], None] | None = None,
                    prefix_cache: bool = True, kv_offload: KvOffload | None = None,
-                   affinity_wait_s: float = math.inf) -> ServeResult:
+                   affinity_wait_s: float = math.inf,
+                   admission: str = "reserve") -> ServeResult:
     """Serve ``requests`` on the configuration ``times`` describes (its prefill chunk
     included), to the last request; conversations' KV kept between turns with
     ``prefix_cache``, and written to a host KV store too with ``kv_offload``
     (``hgsim.serving.kv_offload.kv_offload``); a later turn waits at most
-    ``affinity_wait_s`` for the copy whose cache holds its KV."""
+    ``affinity_wait_s`` for the copy whose cache holds its KV. ``admission``: ``reserve``
+    (each request's final KV reserved at admission) or ``paged`` (admitted on the KV held now,
+    preempted when it runs out, as vLLM's paged allocator)."""
+    check_admission(admission)
     if not (isinstance(max_batch, int) and max_batch >= 1):
         raise UserError(f"must be a whole number >= 1, got {max_batch!r}", field="max_batch")
     reserved, longest = times.longest_prompt, longest_prompt(requests)
@@ -41,7 +45,8 @@ def serve_requests(times: StepTimes, requests: list[Request], *, max_batch: int,
                          f"prompts of at most {reserved} tokens")
     server = run_server(times, requests, max_batch=max_batch, copies=times.data_parallel,
                         on_finish=on_finish, prefix_cache=prefix_cache,
-                        kv_offload=kv_offload, affinity_wait_s=affinity_wait_s)
+                        kv_offload=kv_offload, affinity_wait_s=affinity_wait_s,
+                        paged=admission == "paged")
     return ServeResult(labels=dict(labels or {}), rate_per_s=rate_per_s, served=server.served,
                        iterations=server.iterations, slo=slo or Slo(),
                        simulations=times.simulations, copies=times.data_parallel,
@@ -73,6 +78,13 @@ def check_prefill_chunk(prefill_chunk: Any, field: str = "prefill_chunk") -> Non
         raise UserError(problem, field=field)
 
 
+def check_admission(admission: Any, field: str = "admission") -> None:
+    """``admission`` is one of ``ADMISSIONS``."""
+    if admission not in ADMISSIONS:
+        raise UserError(f"must be one of {', '.join(ADMISSIONS)}, got {admission!r}",
+                        field=field)
+
+
 def longest_prompt(requests: list[Request]) -> int:
     """The longest prompt among ``requests``: what the server's HBM is set aside for
     (``StepTimes.longest_prompt``; a mix's lengths are the same at every rate)."""
@@ -82,9 +94,10 @@ def longest_prompt(requests: list[Request]) -> int:
 def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
                traced: bool, prefix_cache: bool = True,
                kv_offload: KvOffload | None = None,
-               affinity_wait_s: float = math.inf) -> dict[str, Any]:
-    """The columns that say what a run served: configuration, batch limit, prefill chunk (0:
-    prompts prefilled whole) and lengths; for conversations their turns, follow-up lengths,
+               affinity_wait_s: float = math.inf,
+               admission: str = "reserve") -> dict[str, Any]:
+    """The columns that say what a run served: configuration, batch limit, admission, prefill
+    chunk (0: prompts prefilled whole) and lengths; for conversations their turns, follow-up lengths,
     think time, whether a prefix cache keeps their KV, the host KV store's size (GB, 0:
     none) and tier, and how long a later turn waits for the copy holding its KV (inf: as long
     as it takes)."""
@@ -97,7 +110,7 @@ def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
     return {"profile": times.profile.name, "model": times.model.name, "policy": times.policy,
             "tensor_parallel": times.tensor_parallel, "data_parallel": times.data_parallel,
             "gpu_placement": times.gpu_placement, "max_batch": max_batch,
-            "prefill_chunk": times.prefill_chunk or 0,
+            "admission": admission, "prefill_chunk": times.prefill_chunk or 0,
             "prompt": "trace" if traced else str(mix.prompt),
             "output": "trace" if traced else str(mix.output), **conversations}
 
@@ -182,7 +195,7 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
              tolerance: float = 0.02, labels: dict[str, Any] | None = None,
              on_probe: Callable[[float, float], None] | None = None,
              prefix_cache: bool = True, kv_offload: KvOffload | None = None,
-             affinity_wait_s: float = math.inf) -> RateSearch:
+             affinity_wait_s: float = math.inf, admission: str = "reserve") -> RateSearch:
     """Bisect the Poisson arrival rate (geometrically, to within ``tolerance``) for the highest
     one at which at least ``slo.attainment`` of the requests meet ``slo``. The requests are
     the same at every rate (``RequestMix``), so the share met falls with the rate. With
@@ -198,7 +211,7 @@ def max_rate(times: StepTimes, mix: RequestMix, *, max_batch: int, slo: Slo,
         result = serve_requests(times, mix.requests(rate), max_batch=max_batch,
                                 rate_per_s=rate, slo=slo, labels=labels,
                                 prefix_cache=prefix_cache, kv_offload=kv_offload,
-                                affinity_wait_s=affinity_wait_s)
+                                affinity_wait_s=affinity_wait_s, admission=admission)
         results[rate] = result
         probes.append((rate, result.attainment))
         if on_probe is not None:

@@ -74,7 +74,8 @@ class ServeResult:
                 "slo_met": (not s.rejected) and self.slo.met(ttft, tpot),
                 "conversation": r.conversation, "turn": r.turn,
                 "cached_tokens": s.cached_tokens, "loaded_tokens": s.loaded_tokens,
-                "copy": s.copy,
+                "copy": s.copy, "preemptions": s.preemptions,
+                "recomputed_tokens": s.recomputed_tokens,
             })
         return pd.DataFrame(rows)
 
@@ -124,6 +125,11 @@ class ServeResult:
             # of those, the share loaded from the host KV store
             row["prefix_loaded_fraction"] = (float(done.loaded_tokens.sum()) / prompts
                                              if prompts else math.nan)
+        # paged admission: the KV freed to make room and computed again
+        row["preemptions"] = int(frame.preemptions.sum()) if len(frame) else 0
+        prefilled = sum(it.prefill_tokens for it in self.iterations)  # recomputed included
+        row["recomputed_fraction"] = (float(frame.recomputed_tokens.sum()) / prefilled
+                                      if len(frame) and prefilled else 0.0)
         columns = [(name[:-2], done[name]) for name in ("queue_s", "ttft_s", "tpot_s", "e2e_s")]
         if "prefix_cached_fraction" in row:  # conversations: a first turn's TTFT and a later's
             columns += [("ttft_first", done.ttft_s[done.turn == 0]),

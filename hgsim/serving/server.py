@@ -4,7 +4,10 @@ The server is iteration-level batching as vLLM and Orca run it. Each iteration i
 
 1. admits waiting requests first come, first served, while the batch is under ``max_batch``
    and the KV cache the batch will hold once every request has finished (prompt plus output,
-   reserved at admission, so nothing is ever preempted) still fits the policy's memory;
+   reserved at admission, so nothing is ever preempted) still fits the policy's memory; or,
+   with paged admission (vLLM's paged allocator), while the KV it holds now fits, and before
+   that preempts the request admitted last for as long as the running requests' next tokens
+   do not (its KV freed, recomputed when it is readmitted);
 2. prefills the prompts it admitted, one after another, while the running requests wait
    (prefill before decode, vLLM's default without chunked prefill); each admitted request's
    first token comes at the end of that prefill;
@@ -54,6 +57,11 @@ from hgsim.serving.requests import Request
 from hgsim.serving.step_times import StepTimes
 from hgsim.sim.decode import PAST_ON_HOST
 
+#: How the server admits requests: ``reserve`` each one's final KV (prompt plus output) at
+#: admission, so nothing is ever preempted; or ``paged``, on the KV blocks the batch holds now,
+#: preempting the request admitted last when they run out (vLLM's paged allocator).
+ADMISSIONS = ("reserve", "paged")
+
 
 @dataclass
 class Served:
@@ -69,9 +77,14 @@ class Served:
     loaded_tokens: int = 0  # of those, the ones loaded from the host KV store
     prefilled: int = 0  # prompt tokens whose KV is in place (chunked prefill's progress)
     copy: int = -1  # the copy of the model that served it (-1: none)
+    preemptions: int = 0  # times its KV was freed to make room (paged admission)
+    recomputed_tokens: int = 0  # KV tokens it had computed before, computed again
+    order: int = 0  # when its copy last admitted it, in admissions (the latest goes first)
 
     @property
     def context(self) -> int:
+        """Its tokens so far, the prompt and what it has generated: what a prefill computes
+        (a prompt after preemption is the prompt and the tokens generated before it)."""
         return self.request.prompt_tokens + self.generated
 
 
@@ -92,6 +105,7 @@ class Iteration:
     # prompt tokens it prefilled; with chunked prefill its prefill_s is what the chunk added
     # to the decode step (the iteration's seconds beyond the step's alone)
     prefill_tokens: int = 0
+    preempted: int = 0  # requests whose KV it freed to make room (paged admission)
 
 
 class Engine:
@@ -102,6 +116,10 @@ class Engine:
         self.server, self.copy = server, copy
         self.running: list[Served] = []
         self.prefilling: deque[Served] = deque()  # admitted, prompt not yet all prefilled
+        # requests whose KV was freed to make room (paged admission), readmitted before any
+        # waiting request (vLLM puts them back at the head of its queue), last preempted first
+        self.preempted: deque[Served] = deque()
+        self._admissions = 0
         self._reserved_tokens = 0  # final KV tokens of the admitted requests
         self._context_tokens = 0  # current KV tokens of the running requests
         # the prefix cache: KV tokens of finished turns by conversation, least recently used
@@ -122,7 +140,7 @@ class Engine:
 
     def _takes_any(self) -> bool:
         """Whether a waiting request may come to this copy."""
-        return self._next_waiting() is not None
+        return bool(self.preempted) or self._next_waiting() is not None
 
     def _next_waiting(self) -> Served | None:
         """The first waiting request that may come to this copy (its conversation's KV is not
@@ -134,9 +152,11 @@ class Engine:
         """One iteration: the admitted prompts' prefills, whole, then the decode step."""
         server, env, times = self.server, self.server.env, self.server.times
         start = env.now
-        admitted = self.admit()
+        preempted = self._make_room()
+        admitted = [] if preempted else self.admit()
         queued = len(server.waiting)
         prefills = [self._prefill(s) for s in admitted]
+        prefill_tokens = sum(s.context - s.cached_tokens for s in admitted)
         prefill_s = sum(t for t, _ in prefills)
         # the step times' cells simulate every copy: this copy's share of their joules
         share = 1 / len(server.engines)
@@ -159,14 +179,15 @@ class Engine:
             self.running = [s for s in self.running if math.isnan(s.finish_s)]
         server.iterations.append(Iteration(
             start, prefill_s, decode_s, batch, len(admitted), mean_context, self.copy,
-            queued, energy_j, sum(s.request.prompt_tokens for s in admitted)))
+            queued, energy_j, prefill_tokens, preempted))
 
     def _chunked(self):
         """One iteration: the decode step with the next chunk of the head prompt riding on it
         (or either alone)."""
         server, env, times = self.server, self.server.env, self.server.times
         start = env.now
-        admitted = self.admit()
+        preempted = self._make_room()
+        admitted = [] if preempted else self.admit()
         self.prefilling.extend(admitted)
         queued = len(server.waiting)
         batch = len(self.running)
@@ -192,13 +213,14 @@ class Engine:
         self.running = [s for s in self.running if math.isnan(s.finish_s)]
         for s, n in chunks:
             s.prefilled += n
-            if s.prefilled >= s.request.prompt_tokens:
+            if s.prefilled >= s.context:
                 self.prefilling.remove(s)
                 self._first_token(s)
         # the step times' cells simulate every copy: this copy's share of their joules
         server.iterations.append(Iteration(
             start, max(seconds - decode_s, 0.0), min(decode_s, seconds), batch, len(admitted),
-            mean_context, self.copy, queued, energy_j / len(server.engines), tokens))
+            mean_context, self.copy, queued, energy_j / len(server.engines), tokens,
+            preempted))
 
     def _chunks(self) -> list[tuple[Served, int]]:
         """This iteration's prefill chunks: the iteration's ``prefill_chunk`` tokens filled
@@ -211,16 +233,17 @@ class Engine:
         for s in self.prefilling:
             if budget <= 0 or (chunks and (not server.pack or server.past_from(s) is not None)):
                 break
-            n = min(budget, s.request.prompt_tokens - s.prefilled)
+            n = min(budget, s.context - s.prefilled)
             chunks.append((s, n))
             budget -= n
         return chunks
 
     def _first_token(self, s: Served) -> None:
-        """``s``'s prompt is prefilled: its first token now, and it decodes from the next
-        iteration on."""
-        s.first_token_s = self.server.env.now
-        self._context_tokens += s.request.prompt_tokens
+        """``s``'s prompt is prefilled: its first token now (its next, after a preemption),
+        and it decodes from the next iteration on."""
+        if math.isnan(s.first_token_s):
+            s.first_token_s = self.server.env.now
+        self._context_tokens += s.context
         self._generate(s)
         if math.isnan(s.finish_s):
             self.running.append(s)
@@ -228,37 +251,53 @@ class Engine:
     def _prefill(self, s: Served) -> tuple[float, float]:
         """Seconds and joules of ``s``'s prompt prefilled whole, alone: all of it, or with a
         prefix cache hit only the new tokens, attending to the retained ones."""
-        times, prompt = self.server.times, s.request.prompt_tokens
+        times, prompt = self.server.times, s.context
         if s.cached_tokens:
             return times.mixed_step(0, 0.0, s.cached_tokens, prompt - s.cached_tokens,
                                     self.server.past_from(s))
         return times.prefill(prompt)
 
     def admit(self) -> list[Served]:
-        """Waiting requests that join this iteration (first come, first served), passing over
-        later turns whose conversation's KV another copy holds (they wait for that copy)."""
+        """Waiting requests that join this iteration (first come, first served; requests
+        preempted here first), passing over later turns whose conversation's KV another copy
+        holds (they wait for that copy)."""
         server = self.server
         admitted: list[Served] = []
         held = len(self.running) + len(self.prefilling)
         while held + len(admitted) < server.max_batch:
-            head = self._next_waiting()
+            again = bool(self.preempted)
+            head = self.preempted[0] if again else self._next_waiting()
             if head is None:
                 break
             batch = held + len(admitted) + 1
-            final = self._reserved_tokens + head.request.final_tokens
+            if server.paged:  # the blocks it needs now, beside those the others hold now
+                need = self._paged_tokens([*admitted, head])
+            else:  # what it and the others will hold once all have finished
+                need = self._reserved_tokens + head.request.final_tokens
             cached, loaded = self._cached(head.request)
             why = ""
             times = server.times
-            if times.longest_prompt and head.request.prompt_tokens > times.reserved_prompt:
+            if again:
+                pass  # refused or not when first admitted
+            elif times.longest_prompt and head.request.prompt_tokens > times.reserved_prompt:
                 why = (f"its {head.request.prompt_tokens}-token prompt is longer than any whose "
                        f"KV fits beside the HBM its prefill needs ({times.reserved_prompt} "
                        "tokens)")
             elif not server.prefill_chunk and not cached and not math.isfinite(
                     times.prefill_s(head.request.prompt_tokens)):
                 why = "its prompt's prefill does not fit alone"
-            elif times.fits(batch, final):
-                server.waiting.remove(head)
-                head.admitted_s, head.copy = server.env.now, self.copy
+            elif server.paged and not times.fits(1, head.request.final_tokens):
+                why = self._too_long(head)
+            if why:
+                pass
+            elif times.fits(batch, need):
+                if again:
+                    self.preempted.popleft()
+                else:
+                    server.waiting.remove(head)
+                    head.admitted_s, head.copy = server.env.now, self.copy
+                self._admissions += 1
+                head.order = self._admissions
                 admitted.append(head)
                 self._reserved_tokens += head.request.final_tokens
                 if cached and not loaded:  # its conversation's KV is its own again
@@ -267,19 +306,71 @@ class Engine:
                     server.leave_behind(head.request.conversation, self)
                 head.cached_tokens = head.prefilled = cached
                 head.loaded_tokens = cached if loaded else 0
-                self._evict(batch)
+                self._evict(batch, admitted)
                 continue
             elif batch == 1:
-                why = f"its {head.request.final_tokens} tokens of KV do not fit alone"
-                reserve_gb = times.prefill_reserve_bytes / 1e9
-                if reserve_gb >= 0.1:  # say what else holds HBM
-                    why += (f" beside the {reserve_gb:.1f} GB of HBM set aside to prefill the "
-                            f"longest prompt ({times.reserved_prompt} tokens)")
+                why = self._too_long(head)
             if not why:
                 break  # it waits for room
             server.waiting.remove(head)
             server.refuse(head, why)
         return admitted
+
+    def _too_long(self, s: Served) -> str:
+        """Why ``s`` is refused when its final KV does not fit the memory alone."""
+        times = self.server.times
+        why = f"its {s.request.final_tokens} tokens of KV do not fit alone"
+        reserve_gb = times.prefill_reserve_bytes / 1e9 if times.longest_prompt else 0.0
+        if reserve_gb >= 0.1:  # say what else holds HBM
+            why += (f" beside the {reserve_gb:.1f} GB of HBM set aside to prefill the "
+                    f"longest prompt ({times.reserved_prompt} tokens)")
+        return why
+
+    def _paged_tokens(self, admitted: Iterable[Served] = ()) -> int:
+        """KV tokens the blocks of this copy's requests hold once this iteration has run
+        (paged admission): each running request's tokens and the one it adds, each admitted
+        prompt whole (prefilled whole or in chunks) and its first token, and a prompt
+        prefilled whole this iteration the token it decodes in it too."""
+        decodes = 0 if self.server.prefill_chunk else 1
+        pending = sum(s.context + 1 for s in self.prefilling) + sum(
+            s.context + 1 + decodes for s in admitted)
+        return self._context_tokens + len(self.running) + pending
+
+    def _make_room(self) -> int:
+        """Paged admission, before the iteration: while this copy's requests and the token
+        each adds do not fit, free retained KV (least recently used first), then preempt the
+        request admitted last, as vLLM does when its cache runs out (recompute: its KV is
+        freed, and it waits at the head of the queue to prefill its prompt and the tokens it
+        has generated again). Returns the requests preempted."""
+        if not self.server.paged:
+            return 0
+        fits = self.server.times.fits
+        preempted = 0
+        while True:
+            held = len(self.running) + len(self.prefilling)
+            tokens = self._paged_tokens()
+            if not held or fits(held, tokens + self._retained_tokens):
+                return preempted
+            if self.retained:
+                self._forget(next(iter(self.retained)))
+                continue
+            victim = max((*self.running, *self.prefilling), key=lambda s: s.order)
+            self._preempt(victim)
+            preempted += 1
+
+    def _preempt(self, s: Served) -> None:
+        """Free ``s``'s KV; it waits at the head of this copy's queue to be prefilled again."""
+        if s in self.running:
+            self.running.remove(s)
+            self._context_tokens -= s.context
+            s.recomputed_tokens += s.context
+        else:
+            self.prefilling.remove(s)
+            s.recomputed_tokens += s.prefilled
+        s.prefilled = s.cached_tokens = s.loaded_tokens = 0
+        self._reserved_tokens -= s.request.final_tokens  # taken again when it is readmitted
+        s.preemptions += 1
+        self.preempted.appendleft(s)
 
     def _forget(self, conversation: int) -> int:
         """Drop ``conversation`` from this copy's prefix cache (taken back, or evicted)."""
@@ -304,11 +395,14 @@ class Engine:
             return stored, stored > 0
         return 0, False
 
-    def _evict(self, batch: int) -> None:
+    def _evict(self, batch: int, admitted: list[Served]) -> None:
         """Evict retained KV, least recently used first, until what the ``batch`` admitted
-        requests reserve and what is retained fit together."""
-        fits = self.server.times.fits
-        while self.retained and not fits(batch, self._reserved_tokens + self._retained_tokens):
+        requests reserve (with paged admission: hold) and what is retained fit together."""
+        fits, paged = self.server.times.fits, self.server.paged
+        while self.retained:
+            held = self._paged_tokens(admitted) if paged else self._reserved_tokens
+            if fits(batch, held + self._retained_tokens):
+                return
             self._forget(next(iter(self.retained)))
 
     def _generate(self, s: Served) -> None:
@@ -340,8 +434,11 @@ class Server:
     def __init__(self, env: simpy.Environment, times: StepTimes, *, max_batch: int,
                  copies: int = 1, on_finish: Callable[[int], None] | None = None,
                  prefix_cache: bool = True, kv_offload: KvOffload | None = None,
-                 pack: bool = True, affinity_wait_s: float = math.inf):
+                 pack: bool = True, affinity_wait_s: float = math.inf, paged: bool = False):
         self.env, self.times, self.max_batch = env, times, max_batch
+        # admit on the KV blocks requests hold now and preempt when they run out (vLLM's
+        # paged allocator), rather than reserve each request's final KV at admission
+        self.paged = paged
         # how long a later turn waits for the copy whose cache holds its KV before any copy
         # may take it (inf: it always waits, strict session affinity; 0: it goes to the first
         # copy with room)
@@ -477,16 +574,18 @@ class Server:
 def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, copies: int = 1,
                on_finish: Callable[[int], None] | None = None,
                prefix_cache: bool = True, kv_offload: KvOffload | None = None,
-               pack: bool = True, affinity_wait_s: float = math.inf) -> Server:
+               pack: bool = True, affinity_wait_s: float = math.inf,
+               paged: bool = False) -> Server:
     """Serve ``requests`` to the end on ``copies`` copies of the model behind one queue
     (prompts chunked as ``times.prefill_chunk`` says, a chunk budget the head prompt leaves
     filled from the next ones with ``pack``; conversations' KV kept between turns with
     ``prefix_cache``, a later turn waiting at most ``affinity_wait_s`` for the copy that
-    holds it); the server holds every request's record."""
+    holds it; with ``paged`` admitted on the KV they hold now and preempted when it runs
+    out, else on their final KV); the server holds every request's record."""
     env = simpy.Environment()
     server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
                     prefix_cache=prefix_cache, kv_offload=kv_offload, pack=pack,
-                    affinity_wait_s=affinity_wait_s)
+                    affinity_wait_s=affinity_wait_s, paged=paged)
     env.process(server.arrivals(requests))
     for engine in server.engines:
         env.process(engine.run())

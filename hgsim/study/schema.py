@@ -68,6 +68,7 @@ Format (every key but ``base.profile`` and ``base.model`` is optional)::
       prompt: lognormal:32k:0.5          # 32k | uniform:LO:HI | lognormal:MEDIAN:SIGMA
       output: 256                        # tokens generated per request, the same forms
       max_batch: 16                      # most requests decoded together
+      admission: paged                   # reserve (final KV, the default) | paged (vLLM)
       prefill_chunk: 2048                # chunked prefill (tokens an iteration; 0: whole)
       turns: 4                           # each arrival a conversation of 4 turns (default 1;
                                          # rate_per_s and requests then count conversations)
@@ -442,7 +443,7 @@ class SloSpec(StudyModel):
 
 #: The serving fields an axis may sweep (``serving.<field>``).
 SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch",
-                "prefill_chunk", "turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
+                "admission", "prefill_chunk", "turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
                 "kv_offload_tier", "affinity_wait_s", "seed", "slo.ttft_s", "slo.tpot_ms",
                 "slo.attainment")
 #: The serving fields of a conversation beside ``turns`` (they need turns 2 or more), with
@@ -461,8 +462,9 @@ class ServingSpec(StudyModel):
     """An online server at every point (``hgsim.serving``, docs/serving.md): ``requests``
     requests with ``prompt`` and ``output`` lengths arrive as a Poisson process of
     ``rate_per_s`` (or, with ``find_rate``, at the highest rate at which ``slo.attainment`` of
-    them meet the SLO) and are batched continuously, at most ``max_batch`` at a time, their
-    prompts prefilled whole or, with ``prefill_chunk``, at most that many tokens an iteration
+    them meet the SLO) and are batched continuously, at most ``max_batch`` at a time, admitted
+    on their final KV (``admission: reserve``) or on the KV held now, preempted when it runs
+    out (``paged``), their prompts prefilled whole or, with ``prefill_chunk``, at most that many tokens an iteration
     in the decode step's forward (chunked prefill; 0: whole). With ``turns`` > 1 each arrival
     is a conversation of that many turns (``rate_per_s`` and ``requests`` count
     conversations): a later turn sends the conversation so far plus ``followup`` new tokens,
@@ -481,6 +483,7 @@ class ServingSpec(StudyModel):
     prompt: str | int = "32k"
     output: str | int = 256
     max_batch: int = Field(default=256, ge=1)
+    admission: Literal["reserve", "paged"] = "reserve"
     prefill_chunk: int = Field(default=0, ge=0)
     turns: int = Field(default=1, ge=1)
     followup: str | int = "1k"
@@ -581,6 +584,8 @@ class ServingSpec(StudyModel):
         data = self.model_dump(mode="json")
         if not data["prefill_chunk"]:  # whole prompts: the key points stored before it had
             del data["prefill_chunk"]
+        if data["admission"] == "reserve":  # the key points stored before paged admission had
+            del data["admission"]
         if self.turns == 1:  # single requests: the key points stored before conversations had
             for name in ("turns", *CONVERSATION_DEFAULTS):
                 del data[name]

@@ -17,10 +17,12 @@ from hgsim.study.schema import ServingSpec
 #: The columns a serving row holds (``ServeResult.summary()``; the SLO's with an SLO, and
 #: ``max_rate_per_s``, ``rates_tried`` and ``reason`` with ``find_rate``).
 LABEL_COLUMNS = ("profile", "model", "policy", "tensor_parallel", "data_parallel",
-                 "gpu_placement", "max_batch", "prefill_chunk", "prompt", "output")
+                 "gpu_placement", "max_batch", "admission", "prefill_chunk", "prompt",
+                 "output")
 SUMMARY_COLUMNS = (
     "rate_per_s", "requests", "completed", "rejected", "span_s", "requests_per_s",
     "output_tokens_per_s", "mean_batch", "busy_fraction", "prefill_fraction",
+    "preemptions", "recomputed_fraction",
     *(f"{stem}_{q}_s" for stem in ("queue", "ttft", "tpot", "e2e")
       for q in ("mean", "p50", "p90", "p99")),
 )
@@ -38,7 +40,7 @@ CONVERSATION_COLUMNS = ("turns", "followup", "think_s", "prefix_cache", "kv_offl
 FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
                      "slo_bound_note")
 #: Those of them that hold words.
-TEXT_COLUMNS = ("prompt", "output", "followup", "kv_offload_tier", "reason", "slo_bound_by",
+TEXT_COLUMNS = ("admission", "prompt", "output", "followup", "kv_offload_tier", "reason", "slo_bound_by",
                 "slo_bound_note")
 
 
@@ -109,13 +111,15 @@ def serving_point(spec) -> dict[str, Any]:
     wait = math.inf if serving.affinity_wait_s is None else serving.affinity_wait_s
     labels = run_labels(times, max_batch=serving.max_batch, mix=mix, traced=False,
                         prefix_cache=serving.prefix_cache, kv_offload=store,
-                        affinity_wait_s=wait)
+                        affinity_wait_s=wait, admission=serving.admission)
     if not serving.find_rate:
         result = serve_requests(times, mix.requests(serving.rate_per_s),
                                 max_batch=serving.max_batch, rate_per_s=serving.rate_per_s,
                                 slo=slo, labels=labels, prefix_cache=serving.prefix_cache,
-                                kv_offload=store, affinity_wait_s=wait)
+                                kv_offload=store, affinity_wait_s=wait,
+                                admission=serving.admission)
         return result.summary()
     search = max_rate(times, mix, max_batch=serving.max_batch, slo=slo, labels=labels,
-                      prefix_cache=serving.prefix_cache, kv_offload=store, affinity_wait_s=wait)
+                      prefix_cache=serving.prefix_cache, kv_offload=store, affinity_wait_s=wait,
+                      admission=serving.admission)
     return search.row(labels, times.simulations)
