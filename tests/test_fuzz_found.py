@@ -240,3 +240,50 @@ def test_empty_model_in_a_study_names_file_line_and_field(tmp_path, capsys, verb
     assert line.endswith(f"{path}:{2 if verb == 'validate' else 4}: {field}: an empty model "
                          "name; give a name (see `hgsim models`) or the path of a config.json "
                          "or model YAML file"), line
+
+
+# ------------------------------------------------------------------ a serve trace's hostile cells
+TRACE_HEADER = "arrival_s,prompt_tokens,output_tokens\n"
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    # was 'expected a whole number' (Python reads at most 4300 digits as an int)
+    (f"0,{'9' * 5000},4", "prompt_tokens: a 5000-digit number is too large (at most "
+                          "4294967296 a request)"),
+    (f"0,100,{'9' * 5000}", "output_tokens: a 5000-digit number is too large (at most "
+                            "1048576 a request)"),
+    # was 'at most 4294967296 a request, got ' and all 400 digits
+    (f"0,{'9' * 400},4", "prompt_tokens: a 400-digit number is too large (at most 4294967296 "
+                         "a request)"),
+    (f"0,-{'9' * 5000},4", "prompt_tokens: must be at least 1, got a negative 5000-digit "
+                           "number"),
+    # was 'must be a finite number of seconds, got inf' for digits that were no 'inf'
+    (f"{'9' * 5000},100,4", "arrival_s: '999999999999999999999999'... is too large a number "
+                            "of seconds (past a float's range)"),
+    ("1e999,100,4", "arrival_s: '1e999' is too large a number of seconds (past a float's "
+                    "range)"),
+    ("nan,100,4", "arrival_s: must be a finite number of seconds, got nan"),
+    ("inf,100,4", "arrival_s: must be a finite number of seconds, got inf"),
+    ("0,nan,4", "prompt_tokens: expected a whole number, got 'nan'"),
+    ("0,1e999,4", "prompt_tokens: expected a whole number, got '1e999'"),
+    ("0,-0,4", "prompt_tokens: must be at least 1, got 0"),
+])
+def test_serve_trace_hostile_cell_is_one_line(tmp_path, capsys, row, message):
+    trace = write(tmp_path / "t.csv", f"{TRACE_HEADER}{row}\n")
+    line = user_error(capsys, "serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b",
+                      "--policy", "gpu_only", "--no-progress", "--trace", str(trace))
+    assert line == f"hgsim serve: error: {trace}:2: {message}", line
+
+
+@pytest.mark.parametrize("text", [
+    f"\ufeff{TRACE_HEADER}0,100,4\n",  # a spreadsheet's byte-order mark
+    TRACE_HEADER.replace("\n", "\r\n") + "0,100,4\r\n",  # Windows line ends
+    f"{TRACE_HEADER}-0,100,4\n",  # negative zero: the start
+])
+def test_serve_trace_bom_crlf_negative_zero_read_as_plain(tmp_path, text):
+    from hgsim.serving.requests import Request, read_trace
+
+    trace = write(tmp_path / "t.csv", text)
+    requests = read_trace(trace)
+    assert requests == [Request(0, 0.0, 100, 4)]
+    assert str(requests[0].arrival_s) == "0.0"  # not -0.0 (its rows are written out)

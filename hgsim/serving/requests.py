@@ -263,16 +263,8 @@ def read_trace(path: str | Path) -> list[Request]:
             if None in row:  # DictReader's key for the cells past the header's
                 raise UserError(f"{len(names) + len(row[None])} fields, more than the header's "
                                 f"{len(names)}", source=f"{path}:{line}")
-            values = {}
-            for column in TRACE_COLUMNS:
-                cell = (row.get(column) or "").strip()
-                try:
-                    values[column] = float(cell) if column == "arrival_s" else int(cell)
-                except ValueError:
-                    what = "a number of seconds" if column == "arrival_s" else "a whole number"
-                    raise UserError(f"{column}: expected {what}, got {cell[:40]!r}",
-                                    source=f"{path}:{line}") from None
-            t, p, o = values["arrival_s"], values["prompt_tokens"], values["output_tokens"]
+            t, p, o = (_trace_cell(column, (row.get(column) or "").strip(), f"{path}:{line}")
+                       for column in TRACE_COLUMNS)
             if not math.isfinite(t):
                 raise UserError(f"arrival_s: must be a finite number of seconds, got {t:g}",
                                 source=f"{path}:{line}")
@@ -301,6 +293,45 @@ def read_trace(path: str | Path) -> list[Request]:
     if not requests:
         raise UserError("has no requests (a header and one row per request)", source=str(path))
     return requests
+
+
+#: More digits than a trace's token count can have (an int64 has 19): Python refuses to read
+#: over 4300 digits as an int, and a count past MAX_PROMPT_TOKENS is refused anyway.
+_CELL_DIGITS_MAX = 18
+#: The most tokens each token column of a trace takes a request.
+_CELL_MOST = {"prompt_tokens": MAX_PROMPT_TOKENS, "output_tokens": MAX_OUTPUT_TOKENS}
+
+
+def _trace_cell(column: str, cell: str, source: str) -> float | int:
+    """One cell of a trace's row: ``arrival_s`` a float, a token column an int; a cell that
+    is neither is one line naming the column."""
+    if column == "arrival_s":
+        try:
+            seconds = float(cell)
+        except ValueError:
+            raise UserError(f"arrival_s: expected a number of seconds, got {cell[:40]!r}",
+                            source=source) from None
+        if math.isinf(seconds) and "inf" not in cell.lower():  # 1e999, 400 digits
+            raise UserError(f"arrival_s: {_cut(cell)} is too large a number of seconds (past "
+                            "a float's range)", source=source)
+        return seconds + 0.0  # -0 is 0
+    digits = cell.lstrip("+-").replace("_", "").lstrip("0")
+    if digits.isdecimal() and len(digits) > _CELL_DIGITS_MAX:  # what int() reads, or would
+        if cell.startswith("-"):
+            raise UserError(f"{column}: must be at least 1, got a negative {len(digits)}-digit "
+                            "number", source=source)
+        raise UserError(f"{column}: a {len(digits)}-digit number is too large (at most "
+                        f"{_CELL_MOST[column]} a request)", source=source)
+    try:
+        return int(cell)
+    except ValueError:
+        raise UserError(f"{column}: expected a whole number, got {cell[:40]!r}",
+                        source=source) from None
+
+
+def _cut(text: str) -> str:
+    """``text`` quoted, cut after 24 characters."""
+    return f"{text[:24]!r}..." if len(text) > 24 else repr(text)
 
 
 def _trace_text(path: Path) -> str:
