@@ -15,6 +15,7 @@ import sys
 from pydantic import ValidationError
 
 from hgsim import __version__
+from hgsim.commands.checks import argument_int
 from hgsim.errors import UserError, one_line
 
 # Order is the order shown in --help.
@@ -27,6 +28,11 @@ class _Parser(argparse.ArgumentParser):
     offered, a missing flag) is one line like every other user error, not a usage block first.
     Subcommands' parsers are of this class too (``add_subparsers`` makes them of the
     parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # every type=int flag: a 5000-digit value is 'too large' in a line of its own length
+        self.register("type", int, argument_int)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")

@@ -191,6 +191,13 @@ def _argparse_error(capsys, *argv: str) -> str:
     (("models", "--dtype", "fp5"), "hgsim models: error: argument --dtype: invalid choice"),
     (("profiles", "shw"), "hgsim profiles: error: argument ACTION: invalid choice: 'shw'"),
     (("profiles", "show"), "hgsim profiles show: error: the following arguments are required"),
+    # was 'invalid int value:' and all 5000 digits (Python reads at most 4300 as an int)
+    ((*SIMULATE, "--samples", "9" * 5000), "hgsim simulate: error: argument --samples: a "
+     "5000-digit number is too large (at most 18 digits) (see hgsim simulate --help)"),
+    (("run", "--model", "tiny-llama", "--seed", "9" * 5000), "hgsim run: error: argument "
+     "--seed: a 5000-digit number is too large (at most 4300 digits) (see hgsim run --help)"),
+    ((*SIMULATE, "--samples", "x" * 5000), "hgsim simulate: error: argument --samples: invalid "
+     f"int value: '{'x' * 40}'...(5,000 characters) (see hgsim simulate --help)"),
 ])
 def test_argparse_mistakes_are_one_line_without_the_usage_block(capsys, argv, line):
     assert _argparse_error(capsys, *argv).startswith(line)
@@ -410,3 +417,19 @@ def test_negative_samples_name_the_flag_in_the_usual_form(capsys, command):
              "--samples", "-1"])
     assert main(args) == 2
     assert capsys.readouterr().err.strip().endswith("--samples: must be >= 0, got -1")
+
+
+def test_int_flags_read_what_int_reads_up_to_their_digits():
+    """``argument_int`` (every type=int flag) and ``argument_seed`` read what int() reads;
+    only past their digits is a number refused (a seed may be any NumPy takes)."""
+    import argparse
+
+    from hgsim.commands.checks import argument_int, argument_seed
+
+    assert [argument_int(t) for t in (" 7", "+7", "-7", "1_000", "0" * 30 + "5")] == [
+        7, 7, -7, 1000, 5]
+    assert argument_int("9" * 18) == 10**18 - 1
+    assert argument_seed("9" * 23) == 10**23 - 1
+    for reader, text in ((argument_int, "9" * 19), (argument_seed, "9" * 4301)):
+        with pytest.raises(argparse.ArgumentTypeError, match="-digit number is too large"):
+            reader(text)
