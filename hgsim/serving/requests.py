@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hgsim.errors import UserError
+from hgsim.errors import UserError, quoted
 from hgsim.units import parse_count
 
 #: The most requests one run serves (a typo with extra zeros would fill memory, not a queue).
@@ -92,17 +92,17 @@ class LengthDist:
             elif parts[0] == "lognormal" and len(parts) == 3:
                 median, sigma = parse_count(parts[1]), float(parts[2])
                 if not (math.isfinite(sigma) and 0 <= sigma <= 4):
-                    raise ValueError(f"SIGMA must be a number in [0, 4], got {parts[2]}")
+                    raise ValueError(f"SIGMA must be a number in [0, 4], got {quoted(parts[2])}")
                 dist = cls("lognormal", median, sigma)
             else:
                 raise ValueError("expected a token count (32k), uniform:LO:HI or "
                                  "lognormal:MEDIAN:SIGMA")
         except ValueError as exc:
-            raise UserError(f"{exc} (in {text!r})", field=what) from None
+            raise UserError(f"{exc} (in {quoted(text)})", field=what) from None
         if dist.a < 1:
-            raise UserError(f"needs at least 1 token, got {text!r}", field=what)
+            raise UserError(f"needs at least 1 token, got {quoted(text)}", field=what)
         if most is not None and max(dist.a, dist.b if dist.kind == "uniform" else 0) > most:
-            raise UserError(f"at most {most} tokens a request, got {text!r}", field=what)
+            raise UserError(f"at most {most} tokens a request, got {quoted(text)}", field=what)
         return dist
 
     def draw(self, rng: np.random.Generator, n: int, most: float = np.inf) -> np.ndarray:
