@@ -4,6 +4,7 @@ as a plain case: one line naming the file (and field, flag), never a traceback."
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from bad_input import user_error, write
@@ -287,3 +288,20 @@ def test_serve_trace_bom_crlf_negative_zero_read_as_plain(tmp_path, text):
     requests = read_trace(trace)
     assert requests == [Request(0, 0.0, 100, 4)]
     assert str(requests[0].arrival_s) == "0.0"  # not -0.0 (its rows are written out)
+
+
+# ------------------------------------------------------------------ an output the disk refuses
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+@pytest.mark.parametrize("argv", [
+    ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+     "--gen", "4", "--samples", "2", "--trace", "/dev/full"),
+    ("serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--policy", "gpu_only",
+     "--no-progress", "--rate", "1", "--prompt", "1k", "--output", "4", "--requests", "3",
+     "--requests-csv", "/dev/full"),
+])
+def test_output_the_disk_refuses_is_one_line(capsys, argv):
+    """Was OSError: [Errno 28] No space left on device, a traceback after the whole run (found
+    by hand: /dev/full fails every write as a full disk does)."""
+    line = user_error(capsys, *argv)
+    assert line == (f"hgsim {argv[0]}: error: /dev/full: cannot write it (No space left on "
+                    "device)"), line

@@ -12,7 +12,7 @@ from pathlib import Path
 from hgsim.commands.checks import argument_seed, check_gpu_placement, count, non_negative, whole
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError, fields_renamed
-from hgsim.outputs import check_output_file, finite_for_json
+from hgsim.outputs import check_output_file, finite_for_json, written_whole
 from hgsim.tensor_parallel import parallelism_named
 
 
@@ -283,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     if result is not None and csv_path is not None:
-        result.requests_frame().to_csv(csv_path, index=False)
+        with written_whole(csv_path, newline="") as fh:  # a full disk: one line naming it
+            result.requests_frame().to_csv(fh, index=False)
     if search is None:
         row = result.summary()
     else:
