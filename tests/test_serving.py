@@ -624,6 +624,11 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--turns", "2", "--kv-offload-gb", "1", "--kv-offload-tier", "x" * 5000],
      "error: --kv-offload-tier: expected a host memory tier of h100-80gb-spr-cxl (ddr0, "
      f"cxl0), got '{'x' * 40}'...(5,000 characters)\n"),
+    (["--rate", "1", "--option", "x" * 5000 + "=1"], f"error: --option {'x' * 40}...(5,000 "
+     f"characters): policy 'gpu_only' has no option '{'x' * 40}'...(5,000 characters) (its "
+     "options: "),
+    (["--rate", "1", "--policy", "x" * 5000], f"error: policy: unknown policy '{'x' * 40}'..."
+     "(5,000 characters); known: hybridgen, "),
     (["--rate", "1", "--slo-ttft", "-1"], "--slo-ttft: must be >= 0, got -1"),
     (["--rate", "1", "--slo-tpot-ms", "-5"], "--slo-tpot-ms: must be >= 0, got -5"),
     (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),

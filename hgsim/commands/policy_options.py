@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from hgsim.errors import OptionError, UserError
+from hgsim.search_path import shown
 
 
 def policy_options(pairs: list[str], policy: str) -> dict:
@@ -66,7 +67,7 @@ def named_as_flags() -> Iterator[None]:
     try:
         yield
     except OptionError as exc:
-        raise UserError(exc.reason, field=f"--option {exc.option}".strip()) from None
+        raise UserError(exc.reason, field=f"--option {shown(exc.option)}".strip()) from None
 
 
 def command_line_value(text: str):

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hgsim.errors import OptionError, UserError
+from hgsim.errors import OptionError, UserError, quoted
 from hgsim.policies.base import Policy, PolicyOptions
 from hgsim.policies.cpu_offload import CpuOffload
 from hgsim.policies.flexgen import FlexGen, FlexGenCpuAttention
@@ -75,7 +75,7 @@ def checked_options(name: str, options: Mapping[str, Any] | None) -> PolicyOptio
         first = exc.errors(include_url=False)[0]
         key = ".".join(str(part) for part in first["loc"])
         if first["type"] == "extra_forbidden":
-            raise OptionError(key, f"policy '{name}' has no option '{key}' (its options: "
+            raise OptionError(key, f"policy '{name}' has no option {quoted(key)} (its options: "
                                    f"{', '.join(cls.Options.model_fields)})",
                               unknown=True) from None
         raise OptionError(key, humane(first), unknown=False) from None
