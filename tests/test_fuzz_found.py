@@ -305,3 +305,15 @@ def test_output_the_disk_refuses_is_one_line(capsys, argv):
     line = user_error(capsys, *argv)
     assert line == (f"hgsim {argv[0]}: error: /dev/full: cannot write it (No space left on "
                     "device)"), line
+
+
+# ------------------------------------------------------------------ the flag of an unknown policy
+@pytest.mark.parametrize("argv", [
+    ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k"),
+    ("serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--rate", "1"),
+])
+def test_unknown_policy_names_the_policy_flag(capsys, argv):
+    """Was 'error: policy: unknown policy ...': the simulator's field, no flag of the CLI."""
+    line = user_error(capsys, *argv, "--policy", "hybridgn")
+    assert line.startswith(f"hgsim {argv[0]}: error: --policy: unknown policy 'hybridgn' (did "
+                           "you mean 'hybridgen'?); known: hybridgen, gpu_only, "), line

@@ -627,7 +627,7 @@ def test_serve_json_and_find_rate(capsys):
     (["--rate", "1", "--option", "x" * 5000 + "=1"], f"error: --option {'x' * 40}...(5,000 "
      f"characters): policy 'gpu_only' has no option '{'x' * 40}'...(5,000 characters) (its "
      "options: "),
-    (["--rate", "1", "--policy", "x" * 5000], f"error: policy: unknown policy '{'x' * 40}'..."
+    (["--rate", "1", "--policy", "x" * 5000], f"error: --policy: unknown policy '{'x' * 40}'..."
      "(5,000 characters); known: hybridgen, "),
     (["--rate", "1", "--slo-ttft", "-1"], "--slo-ttft: must be >= 0, got -1"),
     (["--rate", "1", "--slo-tpot-ms", "-5"], "--slo-tpot-ms: must be >= 0, got -5"),

@@ -48,16 +48,16 @@ def key_value_pairs(pairs: list[str], flag: str, noun: str) -> dict:
 
 
 def _check(policy: str, options: dict) -> None:
-    """The policy accepts ``options``, or a UserError naming the --option that is wrong
-    (unknown policies are left to the simulator, which lists the known ones)."""
+    """The policy accepts ``options``, or a UserError naming the --option that is wrong, or
+    ``--policy`` for a name no policy has (the simulator named it 'policy', no flag)."""
     from hgsim.policies import checked_options
     from hgsim.policies.registry import UnknownPolicyError
 
     try:
         with named_as_flags():
             checked_options(policy, options)
-    except UnknownPolicyError:
-        return
+    except UnknownPolicyError as exc:
+        raise UserError(str(exc), field="--policy") from None
 
 
 @contextmanager
