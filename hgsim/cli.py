@@ -35,7 +35,18 @@ class _Parser(argparse.ArgumentParser):
         self.register("type", int, argument_int)
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(_cut_values(message))} "
+                     f"(see {self.prog} --help)\n")
+
+
+#: A value argparse quotes in its message ('invalid choice: ...'), long enough to cut.
+_LONG_QUOTED = re.compile(r"'([^'\n]{41,})'")
+
+
+def _cut_values(message: str) -> str:
+    """argparse's ``message`` with each long quoted value cut after 40 characters: a
+    5000-character --kv-dtype is not echoed whole."""
+    return _LONG_QUOTED.sub(lambda m: f"'{m[1][:40]}'...({len(m[1]):,} characters)", message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -86,13 +97,18 @@ def attach_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _cut(text: str) -> str:
+    """``text`` cut after 40 characters, saying how long it was."""
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text):,} characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command they were given to, not by hgsim's top-level parser
         verb = f"hgsim {args.command}" if getattr(args, "command", None) else "hgsim"
-        print(f"{verb}: error: unrecognized arguments: {one_line(' '.join(extra))} "
+        print(f"{verb}: error: unrecognized arguments: {one_line(_cut(' '.join(extra)))} "
               f"(see {verb} --help)",
               file=sys.stderr)
         return 2

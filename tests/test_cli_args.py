@@ -198,9 +198,21 @@ def _argparse_error(capsys, *argv: str) -> str:
      "--seed: a 5000-digit number is too large (at most 4300 digits) (see hgsim run --help)"),
     ((*SIMULATE, "--samples", "x" * 5000), "hgsim simulate: error: argument --samples: invalid "
      f"int value: '{'x' * 40}'...(5,000 characters) (see hgsim simulate --help)"),
+    # a long value argparse quotes is cut (was quoted whole: a line of 5000 characters)
+    ((*SIMULATE, "--kv-dtype", "x" * 5000), "hgsim simulate: error: argument --kv-dtype: "
+     f"invalid choice: '{'x' * 40}'...(5,000 characters) (choose from 'fp32', 'fp16', 'bf16', "
+     "'fp8') (see hgsim simulate --help)"),
+    (("x" * 5000,), f"hgsim: error: argument COMMAND: invalid choice: '{'x' * 40}'...(5,000 "
+     "characters) (choose from 'simulate', "),
 ])
 def test_argparse_mistakes_are_one_line_without_the_usage_block(capsys, argv, line):
     assert _argparse_error(capsys, *argv).startswith(line)
+
+
+def test_long_unrecognized_argument_is_cut(capsys):
+    line = user_error(capsys, *SIMULATE, "x" * 5000)
+    assert line == (f"hgsim simulate: error: unrecognized arguments: {'x' * 40}...(5,000 "
+                    "characters) (see hgsim simulate --help)"), line
 
 
 def test_unknown_flag_is_named_by_its_command(capsys):
