@@ -317,3 +317,28 @@ def test_unknown_policy_names_the_policy_flag(capsys, argv):
     line = user_error(capsys, *argv, "--policy", "hybridgn")
     assert line.startswith(f"hgsim {argv[0]}: error: --policy: unknown policy 'hybridgn' (did "
                            "you mean 'hybridgen'?); known: hybridgen, gpu_only, "), line
+
+
+# ------------------------------------------------------------------ KEY=VALUE flags of many digits
+SIMULATE_SMALL = ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context",
+                  "1k", "--gen", "4", "--samples", "2")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    # was '--option interval: input should be a finite number' (int() refuses over 4300
+    # digits, and the value was read as the float inf)
+    (("--option", f"interval={'9' * 5000}"), "--option interval: a 5000-digit number is too "
+                                             "large (at most 18 digits)"),
+    (("--selection", f"history_queries={'9' * 5000}"), "--selection history_queries: a "
+                                                       "5000-digit number is too large (at most "
+                                                       "18 digits)"),
+    # was '... got ' and all 400 digits
+    (("--selection", f"history_queries={'9' * 400}"), "--selection history_queries: a 400-digit "
+                                                      "number is too large (at most 18 digits)"),
+    # was the whole pair quoted
+    (("--selection", "9" * 5000), f"--selection: expects KEY=VALUE, got '{'9' * 40}'...(5,000 "
+                                  "characters)"),
+])
+def test_key_value_flag_of_many_digits_is_too_large(capsys, extra, message):
+    line = user_error(capsys, *SIMULATE_SMALL, *extra)
+    assert line == f"hgsim simulate: error: {message}", line
