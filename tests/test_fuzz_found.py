@@ -342,3 +342,35 @@ SIMULATE_SMALL = ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7
 def test_key_value_flag_of_many_digits_is_too_large(capsys, extra, message):
     line = user_error(capsys, *SIMULATE_SMALL, *extra)
     assert line == f"hgsim simulate: error: {message}", line
+
+
+MISSING_ALL = "missing arrival_s, prompt_tokens, output_tokens"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # was 'missing arrival_s, ...' with no word of what the header holds instead
+    ("arrival_s;prompt_tokens;output_tokens\n0;1;1\n",
+     f"{MISSING_ALL} (the header: 'arrival_s;prompt_tokens;output_tokens')"),
+    ("arrival_s\tprompt_tokens\toutput_tokens\n0\t1\t1\n",
+     f"{MISSING_ALL} (the header: 'arrival_s\\tprompt_tokens\\toutput_tokens')"),
+    ("\ufeff\ufeffarrival_s,prompt_tokens,output_tokens\n0,1,1\n",  # a BOM twice: one is read
+     "missing arrival_s (the header: '\\ufeffarrival_s,prompt_tokens,output_tokens')"),
+    ("", f"{MISSING_ALL} (the header: none, the first line is empty)"),
+    (f"arrival_s,prompt_tokens,{'y' * 5000}\n0,1,1\n", "missing output_tokens (the header: "
+     f"'arrival_s,prompt_tokens,{'y' * 56}'...(5,024 characters))"),
+])
+def test_serve_trace_header_missing_a_column_shows_the_header(tmp_path, capsys, text, message):
+    trace = write(tmp_path / "t.csv", text)
+    line = user_error(capsys, "serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b",
+                      "--policy", "gpu_only", "--no-progress", "--trace", str(trace))
+    assert line == (f"hgsim serve: error: {trace}:1: needs the columns arrival_s, prompt_tokens, "
+                    f"output_tokens; {message}"), line
+
+
+def test_serve_trace_header_names_are_stripped_as_its_cells(tmp_path):
+    """'arrival_s, prompt_tokens, output_tokens' (a space after each comma) was 'missing
+    prompt_tokens, output_tokens'; the cells were stripped, the names not."""
+    from hgsim.serving.requests import Request, read_trace
+
+    trace = write(tmp_path / "t.csv", "arrival_s, prompt_tokens, output_tokens\n0, 100, 4\n")
+    assert read_trace(trace) == [Request(0, 0.0, 100, 4)]

@@ -248,11 +248,13 @@ def read_trace(path: str | Path) -> list[Request]:
     requests: list[Request] = []
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        names = reader.fieldnames or []
+        # the names stripped as the cells are: 'arrival_s, prompt_tokens' names prompt_tokens
+        names = reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         missing = [c for c in TRACE_COLUMNS if c not in names]
         if missing:
             raise UserError(f"needs the columns {', '.join(TRACE_COLUMNS)}; missing "
-                            f"{', '.join(missing)}", source=f"{path}:1")
+                            f"{', '.join(missing)} (the header: {_header_shown(names)})",
+                            source=f"{path}:1")
         twice = next((name for i, name in enumerate(names) if name and name in names[:i]), None)
         if twice is not None:  # else the last one's cells would be read, silently
             raise UserError(f"the header names the column {twice[:40]!r} twice",
@@ -327,6 +329,15 @@ def _trace_cell(column: str, cell: str, source: str) -> float | int:
     except ValueError:
         raise UserError(f"{column}: expected a whole number, got {cell[:40]!r}",
                         source=source) from None
+
+
+def _header_shown(names: list[str]) -> str:
+    """A trace's header as its error shows it: the names it gave (a ';' or tab between them
+    reads as one name), cut after 80 characters."""
+    if not names:
+        return "none, the first line is empty"
+    text = ",".join(names)
+    return quoted(text, 80)
 
 
 def _cut(text: str) -> str:
