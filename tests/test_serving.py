@@ -629,6 +629,11 @@ def test_serve_json_and_find_rate(capsys):
      "options: "),
     (["--rate", "1", "--policy", "x" * 5000], f"error: --policy: unknown policy '{'x' * 40}'..."
      "(5,000 characters); known: hybridgen, "),
+    # a chunk past any prompt: its lattice point was a step at a context past 10^12, refused
+    # mid-run (TypeError out of simpy; the CLI fuzz found it with conversations)
+    (["--rate", "2", "--output", "4", "--requests", "2", "--turns", "3", "--followup", "256",
+      "--think", "1", "--prefill-chunk", "999999999745"], "error: --prefill-chunk: at most "
+     "4294967296 tokens (the longest a prompt may be), got 999999999745\n"),
     (["--rate", "1", "--slo-ttft", "-1"], "--slo-ttft: must be >= 0, got -1"),
     (["--rate", "1", "--slo-tpot-ms", "-5"], "--slo-tpot-ms: must be >= 0, got -5"),
     (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),
