@@ -374,3 +374,22 @@ def test_serve_trace_header_names_are_stripped_as_its_cells(tmp_path):
 
     trace = write(tmp_path / "t.csv", "arrival_s, prompt_tokens, output_tokens\n0, 100, 4\n")
     assert read_trace(trace) == [Request(0, 0.0, 100, 4)]
+
+
+# ------------------------------------------------------------------ config.json: depth, encoding
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"a": ' * 100_000 + "1" + "}" * 100_000])
+def test_config_json_nested_past_the_stack_names_the_file(tmp_path, capsys, text):
+    """Was RecursionError: maximum recursion depth exceeded while decoding a JSON array."""
+    path = write(tmp_path / "config.json", text)
+    line = user_error(capsys, "models", "show", str(path))
+    assert line == (f"hgsim models: error: {path}: arrays or objects nested too deep for "
+                    "Python's JSON reader (a config.json nests a few levels)"), line
+
+
+def test_config_json_not_utf8_says_json_not_yaml(tmp_path, capsys):
+    """Was '... profiles and studies are UTF-8 YAML)' for a model's config.json."""
+    path = write(tmp_path / "config.json", json.dumps(LLAMA_31_8B).encode("utf-16"))
+    line = user_error(capsys, "models", "show", str(path))
+    assert line == (f"hgsim models: error: {path}:1: not a text file (byte 0xff is not UTF-8; "
+                    "a config.json is UTF-8 JSON)"), line
