@@ -393,3 +393,14 @@ def test_config_json_not_utf8_says_json_not_yaml(tmp_path, capsys):
     line = user_error(capsys, "models", "show", str(path))
     assert line == (f"hgsim models: error: {path}:1: not a text file (byte 0xff is not UTF-8; "
                     "a config.json is UTF-8 JSON)"), line
+
+
+@pytest.mark.parametrize(("flag", "group"), [("--selection", "selection"),
+                                             ("--attention", "attention")])
+def test_unknown_accuracy_field_of_thousands_of_characters_is_cut(capsys, flag, group):
+    """Was the whole key quoted twice: a line of 10,000 characters."""
+    line = user_error(capsys, *SIMULATE_SMALL, flag, "x" * 5000 + "=1")
+    cut = f"{'x' * 40}...(5,000 characters)"
+    assert line.startswith(f"hgsim simulate: error: {flag} {cut}: unknown {group} field "
+                           f"'{'x' * 40}'...(5,000 characters) (known: "), line
+    assert len(line) < 400, line
