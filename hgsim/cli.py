@@ -121,10 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hgsim {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ValidationError as exc:  # a check no command made first: still one line, exit 2
-        from hgsim.config_io import humane
+        from hgsim.config_io import humane, schema_loc
 
         first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in (exc.title, *first["loc"]))
+        where = ".".join(str(part) for part in (exc.title, *schema_loc(first["loc"])))
         print(f"hgsim {args.command}: error: {one_line(f'{where}: {humane(first)}')}",
               file=sys.stderr)
         return 2

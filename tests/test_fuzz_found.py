@@ -404,3 +404,14 @@ def test_unknown_accuracy_field_of_thousands_of_characters_is_cut(capsys, flag, 
     assert line.startswith(f"hgsim simulate: error: {flag} {cut}: unknown {group} field "
                            f"'{'x' * 40}'...(5,000 characters) (known: "), line
     assert len(line) < 400, line
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("inf", "input should be a finite number"),
+    ("1.5", "input should be a valid integer, got a number with a fractional part"),
+])
+def test_option_of_a_union_type_names_the_option_alone(capsys, value, reason):
+    """Was '--option host_socket.int: ...': pydantic's tag of the union's member (host_socket
+    is an index or a name) read as part of the option's name."""
+    line = user_error(capsys, *SIMULATE_SMALL, "--option", f"host_socket={value}")
+    assert line == f"hgsim simulate: error: --option host_socket: {reason}", line

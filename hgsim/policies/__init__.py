@@ -65,7 +65,7 @@ def checked_options(name: str, options: Mapping[str, Any] | None) -> PolicyOptio
     """The options of policy ``name``: ``options`` over its preset, validated. Raises
     ``registry.UnknownPolicyError`` for a name no policy has and ``OptionError`` for the first
     bad option, the one check behind ``simulate``, ``run``, studies and validation studies."""
-    from hgsim.config_io import humane
+    from hgsim.config_io import humane, schema_loc
     from hgsim.policies.registry import lookup
 
     cls, preset, _ = lookup(name)
@@ -73,7 +73,8 @@ def checked_options(name: str, options: Mapping[str, Any] | None) -> PolicyOptio
         return cls.Options(**{**preset, **(options or {})})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        key = ".".join(str(part) for part in first["loc"])
+        # without pydantic's tags: host_socket=inf was '--option host_socket.int'
+        key = ".".join(str(part) for part in schema_loc(first["loc"]))
         if first["type"] == "extra_forbidden":
             raise OptionError(key, f"policy '{name}' has no option {quoted(key)} (its options: "
                                    f"{', '.join(cls.Options.model_fields)})",
