@@ -33,10 +33,17 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         # every type=int flag: a 5000-digit value is 'too large' in a line of its own length
         self.register("type", int, argument_int)
+        # every type=float flag: -0 is 0 (else '--slo-ttft -0' printed 'SLO TTFT <= -0 s')
+        self.register("type", float, _argument_float)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {one_line(_cut_values(message))} "
                      f"(see {self.prog} --help)\n")
+
+
+def _argument_float(text: str) -> float:
+    """argparse's ``type=float``, with -0 read as 0."""
+    return float(text) + 0.0
 
 
 #: A value argparse quotes in its message ('invalid choice: ...'), long enough to cut.

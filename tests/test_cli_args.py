@@ -445,3 +445,12 @@ def test_int_flags_read_what_int_reads_up_to_their_digits():
     for reader, text in ((argument_int, "9" * 19), (argument_seed, "9" * 4301)):
         with pytest.raises(argparse.ArgumentTypeError, match="-digit number is too large"):
             reader(text)
+
+
+def test_float_flags_read_negative_zero_as_zero():
+    """'--slo-ttft -0' printed 'SLO TTFT <= -0 s' and --think -0 wrote think_s -0.0."""
+    from hgsim.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--profile", "p", "--model", "m", "--rate=-0",
+                                      "--slo-ttft=-0", "--think=-0"])
+    assert [str(v) for v in (args.rate, args.slo_ttft, args.think)] == ["0.0"] * 3
