@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import re
 import sys
 
@@ -42,12 +43,19 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _argument_float(text: str) -> float:
-    """argparse's ``type=float``, with -0 read as 0."""
-    return float(text) + 0.0
+    """argparse's ``type=float``, with -0 read as 0, and a number past a float's range (1e999,
+    400 digits) 'too large' rather than read as the inf it was not written as."""
+    value = float(text) + 0.0
+    if math.isinf(value) and "inf" not in text.lower():
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}...({len(text):,} characters)"
+        raise argparse.ArgumentTypeError(f"{shown} is too large a number (a float holds at "
+                                         f"most {sys.float_info.max:.1e})")
+    return value
 
 
 #: A value argparse quotes in its message ('invalid choice: ...'), long enough to cut.
-_LONG_QUOTED = re.compile(r"'([^'\n]{41,})'")
+_LONG_QUOTED = re.compile(r"(?:(?<=invalid choice: )|(?<=invalid float value: ))"
+                          r"'([^'\n]{41,})'")
 
 
 def _cut_values(message: str) -> str:
