@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import re
 import sys
 
 from pydantic import ValidationError
 
 from hgsim import __version__
+from hgsim.commands.checks import argument_int
 from hgsim.errors import UserError, one_line
 
 # Order is the order shown in --help.
@@ -28,8 +30,38 @@ class _Parser(argparse.ArgumentParser):
     Subcommands' parsers are of this class too (``add_subparsers`` makes them of the
     parent's class)."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # every type=int flag: a 5000-digit value is 'too large' in a line of its own length
+        self.register("type", int, argument_int)
+        # every type=float flag: -0 is 0 (else '--slo-ttft -0' printed 'SLO TTFT <= -0 s')
+        self.register("type", float, _argument_float)
+
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+        self.exit(2, f"{self.prog}: error: {one_line(_cut_values(message))} "
+                     f"(see {self.prog} --help)\n")
+
+
+def _argument_float(text: str) -> float:
+    """argparse's ``type=float``, with -0 read as 0, and a number past a float's range (1e999,
+    400 digits) 'too large' rather than read as the inf it was not written as."""
+    value = float(text) + 0.0
+    if math.isinf(value) and "inf" not in text.lower():
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}...({len(text):,} characters)"
+        raise argparse.ArgumentTypeError(f"{shown} is too large a number (a float holds at "
+                                         f"most {sys.float_info.max:.1e})")
+    return value
+
+
+#: A value argparse quotes in its message ('invalid choice: ...'), long enough to cut.
+_LONG_QUOTED = re.compile(r"(?:(?<=invalid choice: )|(?<=invalid float value: ))"
+                          r"'([^'\n]{41,})'")
+
+
+def _cut_values(message: str) -> str:
+    """argparse's ``message`` with each long quoted value cut after 40 characters: a
+    5000-character --kv-dtype is not echoed whole."""
+    return _LONG_QUOTED.sub(lambda m: f"'{m[1][:40]}'...({len(m[1]):,} characters)", message)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,13 +112,18 @@ def attach_negative_values(argv: list[str]) -> list[str]:
     return out
 
 
+def _cut(text: str) -> str:
+    """``text`` cut after 40 characters, saying how long it was."""
+    return text if len(text) <= 60 else f"{text[:40]}...({len(text):,} characters)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = attach_negative_values(sys.argv[1:] if argv is None else list(argv))
     args, extra = parser.parse_known_args(argv)
     if extra:  # named by the command they were given to, not by hgsim's top-level parser
         verb = f"hgsim {args.command}" if getattr(args, "command", None) else "hgsim"
-        print(f"{verb}: error: unrecognized arguments: {one_line(' '.join(extra))} "
+        print(f"{verb}: error: unrecognized arguments: {one_line(_cut(' '.join(extra)))} "
               f"(see {verb} --help)",
               file=sys.stderr)
         return 2
@@ -99,10 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hgsim {args.command}: error: {one_line(str(exc))}", file=sys.stderr)
         return exc.exit_code
     except ValidationError as exc:  # a check no command made first: still one line, exit 2
-        from hgsim.config_io import humane
+        from hgsim.config_io import humane, schema_loc
 
         first = exc.errors(include_url=False)[0]
-        where = ".".join(str(part) for part in (exc.title, *first["loc"]))
+        where = ".".join(str(part) for part in (exc.title, *schema_loc(first["loc"])))
         print(f"hgsim {args.command}: error: {one_line(f'{where}: {humane(first)}')}",
               file=sys.stderr)
         return 2

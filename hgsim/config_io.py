@@ -69,7 +69,7 @@ def validate(model: type[BaseModel], doc: YamlDocument, *, context: dict | None 
 
 def validation_error(exc: ValidationError, doc: YamlDocument) -> ConfigError:
     first, message = _first_cause(exc.errors(include_url=False))
-    loc = tuple(part for part in first["loc"] if not _is_pydantic_tag(part))
+    loc = schema_loc(first["loc"])
     # Cross-field validators raise "a.b.c: message"; recover the field so the line is right.
     head, sep, rest = message.partition(": ")
     if sep and not loc and _FIELD_PATH.match(head):
@@ -113,6 +113,12 @@ def _union_branch(errors: list[dict], first: dict) -> dict:
 #: Union members pydantic names by their type alone (``target_rel_error.float``); no schema
 #: has a key of these names.
 _TYPE_TAGS = frozenset({"float", "int", "str", "bool", "bytes", "none"})
+
+
+def schema_loc(loc: tuple) -> tuple:
+    """A pydantic error's ``loc`` without the tags pydantic adds (a union member's type, a
+    validator's name): the path of keys and indexes a person wrote."""
+    return tuple(part for part in loc if not _is_pydantic_tag(part))
 
 
 def _is_pydantic_tag(part: Any) -> bool:

@@ -83,8 +83,10 @@ def decode(data: bytes, source: str) -> str:
 
 def _binary(data: bytes, at: int, what: str, source: str) -> ConfigError:
     line = data.count(b"\n", 0, at) + 1
-    return ConfigError(f"not a text file ({what}; profiles and studies are UTF-8 YAML)",
-                       source=f"{source}:{line}")
+    # a JSON file read here is a model's config.json, no profile or study
+    kind = ("a config.json is UTF-8 JSON" if source.lower().endswith(".json") else
+            "profiles and studies are UTF-8 YAML")
+    return ConfigError(f"not a text file ({what}; {kind})", source=f"{source}:{line}")
 
 
 def compose(text: str, source: str) -> tuple[Any, dict[Loc, int]]:

@@ -98,3 +98,11 @@ def one_line(message: str) -> str:
     """``message`` with each line break escaped as Python writes it (``\\n``, ``\\x85``), so
     an error stays one line whatever value it quotes."""
     return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], message)
+
+
+def quoted(text: str, most: int = 40) -> str:
+    """``text`` quoted as ``repr`` does, cut after ``most`` characters: an error quoting a value
+    the user typed stays a line to read, whatever its length (a 5000-digit count)."""
+    if len(text) <= most:
+        return repr(text)
+    return f"{text[:most]!r}...({len(text):,} characters)"

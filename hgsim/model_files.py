@@ -157,6 +157,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     except ValueError:  # int() refuses the digits of a number json matched (no line known)
         raise ConfigError(f"a number has more than the {sys.get_int_max_str_digits():,} digits "
                           "Python reads", source=str(path)) from None
+    except RecursionError:  # [[[[... nested past the interpreter's stack
+        raise ConfigError("arrays or objects nested too deep for Python's JSON reader (a "
+                          "config.json nests a few levels)", source=str(path)) from None
     if not isinstance(data, dict):
         raise ConfigError("a config.json holds one JSON object", source=str(path))
     return data

@@ -145,19 +145,33 @@ def written_whole(path: str | os.PathLike[str], mode: str = "w", **open_args: An
 
     A ``path`` that exists and is not a regular file (``/dev/null``, a named pipe) is written
     in place: it holds no earlier result to protect, and the rename would put a regular file
-    where the device or pipe was (as root, ``--trace /dev/null`` replaced /dev/null)."""
+    where the device or pipe was (as root, ``--trace /dev/null`` replaced /dev/null).
+
+    A write the file system refuses (a full disk, ``/dev/full``, a quota) is a UserError
+    naming ``path``, not a traceback at the end of the run."""
     path = Path(path)
     if _special(path):
-        with open(path, mode, **open_args) as fh:
+        with _refused_as_user_error(path), open(path, mode, **open_args) as fh:
             yield fh
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with open(tmp, mode, **open_args) as fh:
-            yield fh
-        os.replace(tmp, path)
+        with _refused_as_user_error(path):
+            with open(tmp, mode, **open_args) as fh:
+                yield fh
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left when the block did not complete
+
+
+@contextmanager
+def _refused_as_user_error(path: Path) -> Iterator[None]:
+    """An OSError while writing ``path`` as one line naming it."""
+    try:
+        yield
+    except OSError as exc:
+        raise UserError(f"cannot write it ({exc.strerror or exc})", source=shown(str(path))
+                        ) from None
 
 
 def remove_earlier(names: Iterable[Path], written: Iterable[Path]) -> list[Path]:

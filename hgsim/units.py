@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import re
 
+from hgsim.errors import quoted
+
 # Conversion factors into each field's canonical unit, keyed by dimension.
 _DIMENSIONS: dict[str, dict[str, float]] = {
     "bandwidth_gbps": {  # canonical: GB/s (1e9 bytes per second)
@@ -108,9 +110,9 @@ def parse_count(value: object) -> int:
         raise ValueError(f"expected a count such as 4096 or 32k, got {value!r}")
     match = _COUNT.fullmatch(value)
     if not match and value.strip(" ").startswith("-"):
-        raise ValueError(f"must be a positive count such as 4096 or 32k, got {value!r}")
+        raise ValueError(f"must be a positive count such as 4096 or 32k, got {quoted(value)}")
     if not match:
-        raise ValueError(f"expected a count such as 4096 or 32k, got {value!r}")
+        raise ValueError(f"expected a count such as 4096 or 32k, got {quoted(value)}")
     number, suffix = float(match.group(1)), match.group(2)
     if suffix:
         number *= {"k": 1024, "m": 1024**2, "g": 1024**3}[suffix[0].lower()]
@@ -119,7 +121,7 @@ def parse_count(value: object) -> int:
                          if len(value.strip()) > 24 else
                          f"{value.strip()!r} is too large a count (at most 2^62)")
     if not number.is_integer():
-        raise ValueError(f"{value!r} is not a whole number of tokens")
+        raise ValueError(f"{quoted(value)} is not a whole number of tokens")
     return int(number)
 
 

@@ -72,13 +72,12 @@ def test_workload_flags_name_the_flag_without_pydantic_prefixes(capsys, flag, va
     assert line.startswith(f"hgsim simulate: error: {flag}: ") and "Value error" not in line
 
 
-@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])  # 1e999: see the argparse mistakes
 def test_validate_float_flags_must_be_finite(capsys, value):
     pytest.importorskip("torch")
     for flag in ("--threshold", "--quiet-wait"):
         line = user_error(capsys, "validate", "--profile", "dev-zen4-2core", f"{flag}={value}")
-        shown = {"1e999": "inf"}.get(value, value)
-        assert line == f"hgsim validate: error: {flag}: must be a finite number, got {shown}"
+        assert line == f"hgsim validate: error: {flag}: must be a finite number, got {value}"
 
 
 def test_calibrate_quiet_wait_must_be_finite(capsys, tmp_path):
@@ -191,9 +190,39 @@ def _argparse_error(capsys, *argv: str) -> str:
     (("models", "--dtype", "fp5"), "hgsim models: error: argument --dtype: invalid choice"),
     (("profiles", "shw"), "hgsim profiles: error: argument ACTION: invalid choice: 'shw'"),
     (("profiles", "show"), "hgsim profiles show: error: the following arguments are required"),
+    # was 'invalid int value:' and all 5000 digits (Python reads at most 4300 as an int)
+    ((*SIMULATE, "--samples", "9" * 5000), "hgsim simulate: error: argument --samples: a "
+     "5000-digit number is too large (at most 18 digits) (see hgsim simulate --help)"),
+    (("run", "--model", "tiny-llama", "--seed", "9" * 5000), "hgsim run: error: argument "
+     "--seed: a 5000-digit number is too large (at most 4300 digits) (see hgsim run --help)"),
+    # a float flag past a float's range was read as inf: 'must be a finite number, got inf',
+    # '--rate: must be a positive number ..., got inf' for a positive number typed
+    (("validate", "--profile", "dev-zen4-2core", "--threshold=1e999"), "hgsim validate: error: "
+     "argument --threshold: '1e999' is too large a number (a float holds at most 1.8e+308) "
+     "(see hgsim validate --help)"),
+    (("serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--rate", "9" * 5000),
+     f"hgsim serve: error: argument --rate: '{'9' * 40}'...(5,000 characters) is too large a "
+     "number (a float holds at most 1.8e+308) (see hgsim serve --help)"),
+    (("serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--rate", "x" * 5000),
+     f"hgsim serve: error: argument --rate: invalid float value: '{'x' * 40}'...(5,000 "
+     "characters) (see hgsim serve --help)"),
+    ((*SIMULATE, "--samples", "x" * 5000), "hgsim simulate: error: argument --samples: invalid "
+     f"int value: '{'x' * 40}'...(5,000 characters) (see hgsim simulate --help)"),
+    # a long value argparse quotes is cut (was quoted whole: a line of 5000 characters)
+    ((*SIMULATE, "--kv-dtype", "x" * 5000), "hgsim simulate: error: argument --kv-dtype: "
+     f"invalid choice: '{'x' * 40}'...(5,000 characters) (choose from 'fp32', 'fp16', 'bf16', "
+     "'fp8') (see hgsim simulate --help)"),
+    (("x" * 5000,), f"hgsim: error: argument COMMAND: invalid choice: '{'x' * 40}'...(5,000 "
+     "characters) (choose from 'simulate', "),
 ])
 def test_argparse_mistakes_are_one_line_without_the_usage_block(capsys, argv, line):
     assert _argparse_error(capsys, *argv).startswith(line)
+
+
+def test_long_unrecognized_argument_is_cut(capsys):
+    line = user_error(capsys, *SIMULATE, "x" * 5000)
+    assert line == (f"hgsim simulate: error: unrecognized arguments: {'x' * 40}...(5,000 "
+                    "characters) (see hgsim simulate --help)"), line
 
 
 def test_unknown_flag_is_named_by_its_command(capsys):
@@ -410,3 +439,28 @@ def test_negative_samples_name_the_flag_in_the_usual_form(capsys, command):
              "--samples", "-1"])
     assert main(args) == 2
     assert capsys.readouterr().err.strip().endswith("--samples: must be >= 0, got -1")
+
+
+def test_int_flags_read_what_int_reads_up_to_their_digits():
+    """``argument_int`` (every type=int flag) and ``argument_seed`` read what int() reads;
+    only past their digits is a number refused (a seed may be any NumPy takes)."""
+    import argparse
+
+    from hgsim.commands.checks import argument_int, argument_seed
+
+    assert [argument_int(t) for t in (" 7", "+7", "-7", "1_000", "0" * 30 + "5")] == [
+        7, 7, -7, 1000, 5]
+    assert argument_int("9" * 18) == 10**18 - 1
+    assert argument_seed("9" * 23) == 10**23 - 1
+    for reader, text in ((argument_int, "9" * 19), (argument_seed, "9" * 4301)):
+        with pytest.raises(argparse.ArgumentTypeError, match="-digit number is too large"):
+            reader(text)
+
+
+def test_float_flags_read_negative_zero_as_zero():
+    """'--slo-ttft -0' printed 'SLO TTFT <= -0 s' and --think -0 wrote think_s -0.0."""
+    from hgsim.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--profile", "p", "--model", "m", "--rate=-0",
+                                      "--slo-ttft=-0", "--think=-0"])
+    assert [str(v) for v in (args.rate, args.slo_ttft, args.think)] == ["0.0"] * 3

@@ -4,6 +4,7 @@ as a plain case: one line naming the file (and field, flag), never a traceback."
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 from bad_input import user_error, write
@@ -240,3 +241,177 @@ def test_empty_model_in_a_study_names_file_line_and_field(tmp_path, capsys, verb
     assert line.endswith(f"{path}:{2 if verb == 'validate' else 4}: {field}: an empty model "
                          "name; give a name (see `hgsim models`) or the path of a config.json "
                          "or model YAML file"), line
+
+
+# ------------------------------------------------------------------ a serve trace's hostile cells
+TRACE_HEADER = "arrival_s,prompt_tokens,output_tokens\n"
+
+
+@pytest.mark.parametrize(("row", "message"), [
+    # was 'expected a whole number' (Python reads at most 4300 digits as an int)
+    (f"0,{'9' * 5000},4", "prompt_tokens: a 5000-digit number is too large (at most "
+                          "4294967296 a request)"),
+    (f"0,100,{'9' * 5000}", "output_tokens: a 5000-digit number is too large (at most "
+                            "1048576 a request)"),
+    # was 'at most 4294967296 a request, got ' and all 400 digits
+    (f"0,{'9' * 400},4", "prompt_tokens: a 400-digit number is too large (at most 4294967296 "
+                         "a request)"),
+    (f"0,-{'9' * 5000},4", "prompt_tokens: must be at least 1, got a negative 5000-digit "
+                           "number"),
+    # was 'must be a finite number of seconds, got inf' for digits that were no 'inf'
+    (f"{'9' * 5000},100,4", "arrival_s: '999999999999999999999999'... is too large a number "
+                            "of seconds (past a float's range)"),
+    ("1e999,100,4", "arrival_s: '1e999' is too large a number of seconds (past a float's "
+                    "range)"),
+    ("nan,100,4", "arrival_s: must be a finite number of seconds, got nan"),
+    ("inf,100,4", "arrival_s: must be a finite number of seconds, got inf"),
+    ("0,nan,4", "prompt_tokens: expected a whole number, got 'nan'"),
+    ("0,1e999,4", "prompt_tokens: expected a whole number, got '1e999'"),
+    ("0,-0,4", "prompt_tokens: must be at least 1, got 0"),
+])
+def test_serve_trace_hostile_cell_is_one_line(tmp_path, capsys, row, message):
+    trace = write(tmp_path / "t.csv", f"{TRACE_HEADER}{row}\n")
+    line = user_error(capsys, "serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b",
+                      "--policy", "gpu_only", "--no-progress", "--trace", str(trace))
+    assert line == f"hgsim serve: error: {trace}:2: {message}", line
+
+
+@pytest.mark.parametrize("text", [
+    f"\ufeff{TRACE_HEADER}0,100,4\n",  # a spreadsheet's byte-order mark
+    TRACE_HEADER.replace("\n", "\r\n") + "0,100,4\r\n",  # Windows line ends
+    f"{TRACE_HEADER}-0,100,4\n",  # negative zero: the start
+])
+def test_serve_trace_bom_crlf_negative_zero_read_as_plain(tmp_path, text):
+    from hgsim.serving.requests import Request, read_trace
+
+    trace = write(tmp_path / "t.csv", text)
+    requests = read_trace(trace)
+    assert requests == [Request(0, 0.0, 100, 4)]
+    assert str(requests[0].arrival_s) == "0.0"  # not -0.0 (its rows are written out)
+
+
+# ------------------------------------------------------------------ an output the disk refuses
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full on this system")
+@pytest.mark.parametrize("argv", [
+    ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+     "--gen", "4", "--samples", "2", "--trace", "/dev/full"),
+    ("serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--policy", "gpu_only",
+     "--no-progress", "--rate", "1", "--prompt", "1k", "--output", "4", "--requests", "3",
+     "--requests-csv", "/dev/full"),
+])
+def test_output_the_disk_refuses_is_one_line(capsys, argv):
+    """Was OSError: [Errno 28] No space left on device, a traceback after the whole run (found
+    by hand: /dev/full fails every write as a full disk does)."""
+    line = user_error(capsys, *argv)
+    assert line == (f"hgsim {argv[0]}: error: /dev/full: cannot write it (No space left on "
+                    "device)"), line
+
+
+# ------------------------------------------------------------------ the flag of an unknown policy
+@pytest.mark.parametrize("argv", [
+    ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k"),
+    ("serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--rate", "1"),
+])
+def test_unknown_policy_names_the_policy_flag(capsys, argv):
+    """Was 'error: policy: unknown policy ...': the simulator's field, no flag of the CLI."""
+    line = user_error(capsys, *argv, "--policy", "hybridgn")
+    assert line.startswith(f"hgsim {argv[0]}: error: --policy: unknown policy 'hybridgn' (did "
+                           "you mean 'hybridgen'?); known: hybridgen, gpu_only, "), line
+
+
+# ------------------------------------------------------------------ KEY=VALUE flags of many digits
+SIMULATE_SMALL = ("simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context",
+                  "1k", "--gen", "4", "--samples", "2")
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    # was '--option interval: input should be a finite number' (int() refuses over 4300
+    # digits, and the value was read as the float inf)
+    (("--option", f"interval={'9' * 5000}"), "--option interval: a 5000-digit number is too "
+                                             "large (at most 18 digits)"),
+    (("--selection", f"history_queries={'9' * 5000}"), "--selection history_queries: a "
+                                                       "5000-digit number is too large (at most "
+                                                       "18 digits)"),
+    # was '... got ' and all 400 digits
+    (("--selection", f"history_queries={'9' * 400}"), "--selection history_queries: a 400-digit "
+                                                      "number is too large (at most 18 digits)"),
+    # was the whole pair quoted
+    (("--selection", "9" * 5000), f"--selection: expects KEY=VALUE, got '{'9' * 40}'...(5,000 "
+                                  "characters)"),
+])
+def test_key_value_flag_of_many_digits_is_too_large(capsys, extra, message):
+    line = user_error(capsys, *SIMULATE_SMALL, *extra)
+    assert line == f"hgsim simulate: error: {message}", line
+
+
+MISSING_ALL = "missing arrival_s, prompt_tokens, output_tokens"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    # was 'missing arrival_s, ...' with no word of what the header holds instead
+    ("arrival_s;prompt_tokens;output_tokens\n0;1;1\n",
+     f"{MISSING_ALL} (the header: 'arrival_s;prompt_tokens;output_tokens')"),
+    ("arrival_s\tprompt_tokens\toutput_tokens\n0\t1\t1\n",
+     f"{MISSING_ALL} (the header: 'arrival_s\\tprompt_tokens\\toutput_tokens')"),
+    ("\ufeff\ufeffarrival_s,prompt_tokens,output_tokens\n0,1,1\n",  # a BOM twice: one is read
+     "missing arrival_s (the header: '\\ufeffarrival_s,prompt_tokens,output_tokens')"),
+    ("", f"{MISSING_ALL} (the header: none, the first line is empty)"),
+    (f"arrival_s,prompt_tokens,{'y' * 5000}\n0,1,1\n", "missing output_tokens (the header: "
+     f"'arrival_s,prompt_tokens,{'y' * 56}'...(5,024 characters))"),
+])
+def test_serve_trace_header_missing_a_column_shows_the_header(tmp_path, capsys, text, message):
+    trace = write(tmp_path / "t.csv", text)
+    line = user_error(capsys, "serve", "--profile", "dev-zen4-2core", "--model", "opt-6.7b",
+                      "--policy", "gpu_only", "--no-progress", "--trace", str(trace))
+    assert line == (f"hgsim serve: error: {trace}:1: needs the columns arrival_s, prompt_tokens, "
+                    f"output_tokens; {message}"), line
+
+
+def test_serve_trace_header_names_are_stripped_as_its_cells(tmp_path):
+    """'arrival_s, prompt_tokens, output_tokens' (a space after each comma) was 'missing
+    prompt_tokens, output_tokens'; the cells were stripped, the names not."""
+    from hgsim.serving.requests import Request, read_trace
+
+    trace = write(tmp_path / "t.csv", "arrival_s, prompt_tokens, output_tokens\n0, 100, 4\n")
+    assert read_trace(trace) == [Request(0, 0.0, 100, 4)]
+
+
+# ------------------------------------------------------------------ config.json: depth, encoding
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"a": ' * 100_000 + "1" + "}" * 100_000])
+def test_config_json_nested_past_the_stack_names_the_file(tmp_path, capsys, text):
+    """Was RecursionError: maximum recursion depth exceeded while decoding a JSON array."""
+    path = write(tmp_path / "config.json", text)
+    line = user_error(capsys, "models", "show", str(path))
+    assert line == (f"hgsim models: error: {path}: arrays or objects nested too deep for "
+                    "Python's JSON reader (a config.json nests a few levels)"), line
+
+
+def test_config_json_not_utf8_says_json_not_yaml(tmp_path, capsys):
+    """Was '... profiles and studies are UTF-8 YAML)' for a model's config.json."""
+    path = write(tmp_path / "config.json", json.dumps(LLAMA_31_8B).encode("utf-16"))
+    line = user_error(capsys, "models", "show", str(path))
+    assert line == (f"hgsim models: error: {path}:1: not a text file (byte 0xff is not UTF-8; "
+                    "a config.json is UTF-8 JSON)"), line
+
+
+@pytest.mark.parametrize(("flag", "group"), [("--selection", "selection"),
+                                             ("--attention", "attention")])
+def test_unknown_accuracy_field_of_thousands_of_characters_is_cut(capsys, flag, group):
+    """Was the whole key quoted twice: a line of 10,000 characters."""
+    line = user_error(capsys, *SIMULATE_SMALL, flag, "x" * 5000 + "=1")
+    cut = f"{'x' * 40}...(5,000 characters)"
+    assert line.startswith(f"hgsim simulate: error: {flag} {cut}: unknown {group} field "
+                           f"'{'x' * 40}'...(5,000 characters) (known: "), line
+    assert len(line) < 400, line
+
+
+@pytest.mark.parametrize(("value", "reason"), [
+    ("inf", "input should be a finite number"),
+    ("1.5", "input should be a valid integer, got a number with a fractional part"),
+])
+def test_option_of_a_union_type_names_the_option_alone(capsys, value, reason):
+    """Was '--option host_socket.int: ...': pydantic's tag of the union's member (host_socket
+    is an index or a name) read as part of the option's name."""
+    line = user_error(capsys, *SIMULATE_SMALL, "--option", f"host_socket={value}")
+    assert line == f"hgsim simulate: error: --option host_socket: {reason}", line

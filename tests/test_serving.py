@@ -612,6 +612,28 @@ def test_serve_json_and_find_rate(capsys):
                                                 "of requests has at most 18 digits"),
     (["--rate", "1", "--prompt", "9" * 400], "--prompt: '999999999999999999999999'... is too "
                                              "large a count (at most 2^62)"),
+    # a long value is quoted cut (was quoted whole: a line of 5000 characters)
+    (["--rate", "1", "--prompt", "x" * 5000], "error: --prompt: expected a count such as 4096 "
+     f"or 32k, got '{'x' * 40}'...(5,000 characters) (in '{'x' * 40}'...(5,000 characters))\n"),
+    (["--rate", "1", "--prompt", "lognormal:1k:" + "9" * 5000], "error: --prompt: SIGMA must "
+     f"be a number in [0, 4], got '{'9' * 40}'...(5,000 characters) (in 'lognormal:1k:"
+     f"{'9' * 27}'...(5,013 characters))\n"),
+    (["--rate", "1", "--turns", "2", "--followup", "9" * 5000], "error: --followup: "
+     f"'{'9' * 24}'... is too large a count (at most 2^62) (in '{'9' * 40}'...(5,000 "
+     "characters))\n"),
+    (["--rate", "1", "--turns", "2", "--kv-offload-gb", "1", "--kv-offload-tier", "x" * 5000],
+     "error: --kv-offload-tier: expected a host memory tier of h100-80gb-spr-cxl (ddr0, "
+     f"cxl0), got '{'x' * 40}'...(5,000 characters)\n"),
+    (["--rate", "1", "--option", "x" * 5000 + "=1"], f"error: --option {'x' * 40}...(5,000 "
+     f"characters): policy 'gpu_only' has no option '{'x' * 40}'...(5,000 characters) (its "
+     "options: "),
+    (["--rate", "1", "--policy", "x" * 5000], f"error: --policy: unknown policy '{'x' * 40}'..."
+     "(5,000 characters); known: hybridgen, "),
+    # a chunk past any prompt: its lattice point was a step at a context past 10^12, refused
+    # mid-run (TypeError out of simpy; the CLI fuzz found it with conversations)
+    (["--rate", "2", "--output", "4", "--requests", "2", "--turns", "3", "--followup", "256",
+      "--think", "1", "--prefill-chunk", "999999999745"], "error: --prefill-chunk: at most "
+     "4294967296 tokens (the longest a prompt may be), got 999999999745\n"),
     (["--rate", "1", "--slo-ttft", "-1"], "--slo-ttft: must be >= 0, got -1"),
     (["--rate", "1", "--slo-tpot-ms", "-5"], "--slo-tpot-ms: must be >= 0, got -5"),
     (["--rate", "1", "--output", "2M"], "--output: at most 1048576 tokens"),

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from hgsim.errors import quoted
+
 
 @dataclass(frozen=True, slots=True)
 class FieldRule:
@@ -90,7 +92,7 @@ class OverrideGroup:
         for field, value in overrides.items():
             rule = self.rules.get(field)
             if rule is None:
-                raise FieldError(field, f"unknown {self.name} field '{field}' (known: "
+                raise FieldError(field, f"unknown {self.name} field {quoted(str(field))} (known: "
                                         f"{', '.join(self.fields)})")
             problem = rule.problem(field, value)
             if problem:

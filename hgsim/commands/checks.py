@@ -7,6 +7,7 @@ machine must start, so a typo with extra zeros should not try to start them all.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import re
@@ -60,6 +61,32 @@ def whole(text: str, flag: str, noun: str) -> int:
         raise UserError(f"got a {len(digits)}-digit number; a count of {noun} has at most "
                         f"{_WHOLE_DIGITS_MAX} digits", field=flag)
     return int(text)
+
+
+def argument_int(text: str) -> int:
+    """argparse's ``type=int`` (``_Parser`` registers it for ``int``), but a number of more
+    digits than any count a flag takes is 'too large', not an 'invalid int value' quoted in
+    full (past 4300 digits Python will not read it), and a long value that is no number is
+    cut."""
+    return _int_of(text, _WHOLE_DIGITS_MAX)
+
+
+def argument_seed(text: str) -> int:
+    """A ``--seed``: any whole number Python reads (NumPy seeds from one of any size), one
+    past that 'too large' in one line."""
+    return _int_of(text, sys.get_int_max_str_digits() or 4300)
+
+
+def _int_of(text: str, most_digits: int) -> int:
+    digits = text.strip().lstrip("+-").replace("_", "").lstrip("0")
+    if digits.isdecimal() and len(digits) > most_digits:
+        raise argparse.ArgumentTypeError(f"a {len(digits)}-digit number is too large (at most "
+                                         f"{most_digits} digits)")
+    try:
+        return int(text)
+    except ValueError:  # argparse's own words, a long value cut
+        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}...({len(text):,} characters)"
+        raise argparse.ArgumentTypeError(f"invalid int value: {shown}") from None
 
 
 def local_workers(requested: int | None, flag: str, command: str,

@@ -7,7 +7,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from hgsim.errors import OptionError, UserError
+from hgsim.errors import OptionError, UserError, quoted
+from hgsim.search_path import shown
 
 
 def policy_options(pairs: list[str], policy: str) -> dict:
@@ -29,6 +30,11 @@ def policy_options(pairs: list[str], policy: str) -> dict:
             options[word] = given[word]
 
 
+#: More digits than any option's, field's or knob's value has: Python reads no int of over
+#: 4300 (command_line_value then read it as the float inf), and none needs 10^18.
+_VALUE_DIGITS_MAX = 18
+
+
 def key_value_pairs(pairs: list[str], flag: str, noun: str) -> dict:
     """The ``KEY=VALUE`` pairs of a repeatable ``flag`` (``--option``, ``--selection``,
     ``--attention``) as a dict of values read as YAML would (``command_line_value``); a key
@@ -38,25 +44,30 @@ def key_value_pairs(pairs: list[str], flag: str, noun: str) -> dict:
         key, sep, value = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UserError(f"expects KEY=VALUE, got {pair!r}", field=flag)
+            raise UserError(f"expects KEY=VALUE, got {quoted(pair)}", field=flag)
         if key in values:
-            raise UserError(f"'{key}' is given twice ({key}={values[key]} and {pair.strip()}); "
-                            f"give each {noun} once", field=flag)
+            raise UserError(f"{quoted(key)} is given twice ({shown(f'{key}={values[key]}')} and "
+                            f"{shown(pair.strip())}); give each {noun} once", field=flag)
+        digits = value.strip().lstrip("+-").replace("_", "").lstrip("0")
+        if digits.isdecimal() and len(digits) > _VALUE_DIGITS_MAX:  # else read as inf, or
+            # quoted whole in the option's own message
+            raise UserError(f"a {len(digits)}-digit number is too large (at most "
+                            f"{_VALUE_DIGITS_MAX} digits)", field=f"{flag} {shown(key)}")
         values[key] = command_line_value(value.strip())
     return values
 
 
 def _check(policy: str, options: dict) -> None:
-    """The policy accepts ``options``, or a UserError naming the --option that is wrong
-    (unknown policies are left to the simulator, which lists the known ones)."""
+    """The policy accepts ``options``, or a UserError naming the --option that is wrong, or
+    ``--policy`` for a name no policy has (the simulator named it 'policy', no flag)."""
     from hgsim.policies import checked_options
     from hgsim.policies.registry import UnknownPolicyError
 
     try:
         with named_as_flags():
             checked_options(policy, options)
-    except UnknownPolicyError:
-        return
+    except UnknownPolicyError as exc:
+        raise UserError(str(exc), field="--policy") from None
 
 
 @contextmanager
@@ -66,7 +77,7 @@ def named_as_flags() -> Iterator[None]:
     try:
         yield
     except OptionError as exc:
-        raise UserError(exc.reason, field=f"--option {exc.option}".strip()) from None
+        raise UserError(exc.reason, field=f"--option {shown(exc.option)}".strip()) from None
 
 
 def command_line_value(text: str):

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from hgsim.commands.checks import count, local_workers
+from hgsim.commands.checks import argument_seed, count, local_workers
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError
 from hgsim.outputs import check_output_file, check_usable_name, finite_for_json, written_whole
@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(the default on CUDA), for comparison")
     p.add_argument("--samples", type=int, default=0,
                    help="simulated steps, the rest interpolated (default 0: every step)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=argument_seed, default=0)
     p.add_argument("--out", metavar="PREFIX", help="also write PREFIX.steps.csv and PREFIX.json")
     p.add_argument("--json", action="store_true", help="print both result rows as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

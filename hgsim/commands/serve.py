@@ -9,10 +9,10 @@ import os
 import sys
 from pathlib import Path
 
-from hgsim.commands.checks import check_gpu_placement, count, non_negative, whole
+from hgsim.commands.checks import argument_seed, check_gpu_placement, count, non_negative, whole
 from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import UserError, fields_renamed
-from hgsim.outputs import check_output_file, finite_for_json
+from hgsim.outputs import check_output_file, finite_for_json, written_whole
 from hgsim.tensor_parallel import parallelism_named
 
 
@@ -45,7 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="tokens generated per request, the same forms (default 256)")
     p.add_argument("--requests", metavar="N",
                    help="requests to serve (default 500)")
-    p.add_argument("--seed", type=int, help="seed of arrivals and lengths (default 0)")
+    p.add_argument("--seed", type=argument_seed, help="seed of arrivals and lengths (default 0)")
     p.add_argument("--max-batch", type=int, default=256, metavar="N",
                    help="most requests decoded together (vLLM's max_num_seqs; default 256)")
     p.add_argument("--admission", choices=["reserve", "paged"], default="reserve",
@@ -291,7 +291,8 @@ def run(args: argparse.Namespace) -> int:
         finally:
             bar.close()
     if result is not None and csv_path is not None:
-        result.requests_frame().to_csv(csv_path, index=False)
+        with written_whole(csv_path, newline="") as fh:  # a full disk: one line naming it
+            result.requests_frame().to_csv(fh, index=False)
     if search is None:
         row = result.summary()
     else:

@@ -13,6 +13,7 @@ from hgsim.commands.policy_options import named_as_flags, policy_options
 from hgsim.errors import TraceTooLarge, UserError
 from hgsim.outputs import TRACE_MAX_BYTES, check_output_file, finite_for_json
 from hgsim.results import SimResult
+from hgsim.search_path import shown
 from hgsim.units import size_text
 
 
@@ -92,7 +93,7 @@ def accuracy_model_fields(pairs: list[str], group: str):
     try:
         return override_groups()[group].build(values)
     except FieldError as exc:
-        raise UserError(exc.reason, field=f"{flag} {exc.field}") from None
+        raise UserError(exc.reason, field=f"{flag} {shown(str(exc.field))}") from None
 
 
 def accuracy_settings(models: dict) -> dict[str, float]:

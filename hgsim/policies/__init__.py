@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hgsim.errors import OptionError, UserError
+from hgsim.errors import OptionError, UserError, quoted
 from hgsim.policies.base import Policy, PolicyOptions
 from hgsim.policies.cpu_offload import CpuOffload
 from hgsim.policies.flexgen import FlexGen, FlexGenCpuAttention
@@ -65,7 +65,7 @@ def checked_options(name: str, options: Mapping[str, Any] | None) -> PolicyOptio
     """The options of policy ``name``: ``options`` over its preset, validated. Raises
     ``registry.UnknownPolicyError`` for a name no policy has and ``OptionError`` for the first
     bad option, the one check behind ``simulate``, ``run``, studies and validation studies."""
-    from hgsim.config_io import humane
+    from hgsim.config_io import humane, schema_loc
     from hgsim.policies.registry import lookup
 
     cls, preset, _ = lookup(name)
@@ -73,9 +73,10 @@ def checked_options(name: str, options: Mapping[str, Any] | None) -> PolicyOptio
         return cls.Options(**{**preset, **(options or {})})
     except ValidationError as exc:
         first = exc.errors(include_url=False)[0]
-        key = ".".join(str(part) for part in first["loc"])
+        # without pydantic's tags: host_socket=inf was '--option host_socket.int'
+        key = ".".join(str(part) for part in schema_loc(first["loc"]))
         if first["type"] == "extra_forbidden":
-            raise OptionError(key, f"policy '{name}' has no option '{key}' (its options: "
+            raise OptionError(key, f"policy '{name}' has no option {quoted(key)} (its options: "
                                    f"{', '.join(cls.Options.model_fields)})",
                               unknown=True) from None
         raise OptionError(key, humane(first), unknown=False) from None

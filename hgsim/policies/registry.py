@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from hgsim.errors import UserError
+from hgsim.errors import UserError, quoted
 
 GROUP = "hgsim.policies"
 
@@ -140,7 +140,8 @@ def lookup(name: Any) -> Entry:
     if entry is None:
         close = difflib.get_close_matches(str(name), entries, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise UnknownPolicyError(f"unknown policy '{name}'{hint}; known: {', '.join(entries)}")
+        raise UnknownPolicyError(f"unknown policy {quoted(str(name))}{hint}; known: "
+                                 f"{', '.join(entries)}")
     return entry
 
 

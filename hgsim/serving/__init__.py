@@ -11,7 +11,7 @@ from typing import Any
 from hgsim import tco
 from hgsim.errors import UserError
 from hgsim.serving.kv_offload import KvOffload, kv_offload
-from hgsim.serving.requests import LengthDist, Request, RequestMix, read_trace
+from hgsim.serving.requests import MAX_PROMPT_TOKENS, LengthDist, Request, RequestMix, read_trace
 from hgsim.serving.result import ServeResult, Slo
 from hgsim.serving.server import ADMISSIONS, run_server
 from hgsim.serving.step_times import StepTimes
@@ -62,11 +62,22 @@ MIN_PREFILL_CHUNK = 16
 
 def prefill_chunk_problem(prefill_chunk: Any) -> str | None:
     """Why ``prefill_chunk`` is no prefill chunk (None or 0: prompts prefilled whole; else a
-    whole number of at least ``MIN_PREFILL_CHUNK`` tokens), or None where it is one."""
+    whole number of ``MIN_PREFILL_CHUNK`` to ``MAX_PROMPT_TOKENS`` tokens), or None where it
+    is one.
+
+    A chunk longer than any prompt may be has no prompt to cut, and its lattice point past a
+    cached prefix (``StepTimes.past_bracket``) was a step at a context of that many tokens:
+    past 10^12 the step's workload was refused mid-run, a traceback (the CLI fuzz found
+    ``--prefill-chunk 999999999745`` with conversations)."""
     if prefill_chunk is None or (isinstance(prefill_chunk, int)
                                  and not isinstance(prefill_chunk, bool)
-                                 and (prefill_chunk == 0 or prefill_chunk >= MIN_PREFILL_CHUNK)):
+                                 and (prefill_chunk == 0 or MIN_PREFILL_CHUNK <= prefill_chunk
+                                      <= MAX_PROMPT_TOKENS)):
         return None
+    if (isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool)
+            and prefill_chunk > MAX_PROMPT_TOKENS):
+        return (f"at most {MAX_PROMPT_TOKENS} tokens (the longest a prompt may be), got "
+                f"{prefill_chunk}")
     return (f"must be 0 (prompts prefilled whole) or at least {MIN_PREFILL_CHUNK} tokens (a "
             f"whole number), got {prefill_chunk!r}")
 

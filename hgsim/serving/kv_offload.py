@@ -17,7 +17,7 @@ import math
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from hgsim.errors import UserError
+from hgsim.errors import UserError, quoted
 from hgsim.specs.hardware import HardwareProfile
 
 
@@ -64,7 +64,7 @@ def kv_offload(profile: HardwareProfile, policy: str, capacity_gb: object,
     spec = profile.tiers.get(name)
     if spec is None or spec.kind == "hbm":
         host = ", ".join(n for n, t in profile.tiers.items() if t.kind != "hbm")
-        raise UserError(f"expected a host memory tier of {profile.name} ({host}), got {name!r}",
+        raise UserError(f"expected a host memory tier of {profile.name} ({host}), got {quoted(name)}",
                         field=tier_field)
     if capacity_gb > spec.capacity_gb:
         raise UserError(f"{capacity_gb:g} GB is more than {name}'s {spec.capacity_gb:g} GB",

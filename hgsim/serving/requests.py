@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hgsim.errors import UserError
+from hgsim.errors import UserError, quoted
 from hgsim.units import parse_count
 
 #: The most requests one run serves (a typo with extra zeros would fill memory, not a queue).
@@ -92,17 +92,17 @@ class LengthDist:
             elif parts[0] == "lognormal" and len(parts) == 3:
                 median, sigma = parse_count(parts[1]), float(parts[2])
                 if not (math.isfinite(sigma) and 0 <= sigma <= 4):
-                    raise ValueError(f"SIGMA must be a number in [0, 4], got {parts[2]}")
+                    raise ValueError(f"SIGMA must be a number in [0, 4], got {quoted(parts[2])}")
                 dist = cls("lognormal", median, sigma)
             else:
                 raise ValueError("expected a token count (32k), uniform:LO:HI or "
                                  "lognormal:MEDIAN:SIGMA")
         except ValueError as exc:
-            raise UserError(f"{exc} (in {text!r})", field=what) from None
+            raise UserError(f"{exc} (in {quoted(text)})", field=what) from None
         if dist.a < 1:
-            raise UserError(f"needs at least 1 token, got {text!r}", field=what)
+            raise UserError(f"needs at least 1 token, got {quoted(text)}", field=what)
         if most is not None and max(dist.a, dist.b if dist.kind == "uniform" else 0) > most:
-            raise UserError(f"at most {most} tokens a request, got {text!r}", field=what)
+            raise UserError(f"at most {most} tokens a request, got {quoted(text)}", field=what)
         return dist
 
     def draw(self, rng: np.random.Generator, n: int, most: float = np.inf) -> np.ndarray:
@@ -248,11 +248,13 @@ def read_trace(path: str | Path) -> list[Request]:
     requests: list[Request] = []
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
-        names = reader.fieldnames or []
+        # the names stripped as the cells are: 'arrival_s, prompt_tokens' names prompt_tokens
+        names = reader.fieldnames = [name.strip() for name in reader.fieldnames or []]
         missing = [c for c in TRACE_COLUMNS if c not in names]
         if missing:
             raise UserError(f"needs the columns {', '.join(TRACE_COLUMNS)}; missing "
-                            f"{', '.join(missing)}", source=f"{path}:1")
+                            f"{', '.join(missing)} (the header: {_header_shown(names)})",
+                            source=f"{path}:1")
         twice = next((name for i, name in enumerate(names) if name and name in names[:i]), None)
         if twice is not None:  # else the last one's cells would be read, silently
             raise UserError(f"the header names the column {twice[:40]!r} twice",
@@ -263,16 +265,8 @@ def read_trace(path: str | Path) -> list[Request]:
             if None in row:  # DictReader's key for the cells past the header's
                 raise UserError(f"{len(names) + len(row[None])} fields, more than the header's "
                                 f"{len(names)}", source=f"{path}:{line}")
-            values = {}
-            for column in TRACE_COLUMNS:
-                cell = (row.get(column) or "").strip()
-                try:
-                    values[column] = float(cell) if column == "arrival_s" else int(cell)
-                except ValueError:
-                    what = "a number of seconds" if column == "arrival_s" else "a whole number"
-                    raise UserError(f"{column}: expected {what}, got {cell[:40]!r}",
-                                    source=f"{path}:{line}") from None
-            t, p, o = values["arrival_s"], values["prompt_tokens"], values["output_tokens"]
+            t, p, o = (_trace_cell(column, (row.get(column) or "").strip(), f"{path}:{line}")
+                       for column in TRACE_COLUMNS)
             if not math.isfinite(t):
                 raise UserError(f"arrival_s: must be a finite number of seconds, got {t:g}",
                                 source=f"{path}:{line}")
@@ -301,6 +295,54 @@ def read_trace(path: str | Path) -> list[Request]:
     if not requests:
         raise UserError("has no requests (a header and one row per request)", source=str(path))
     return requests
+
+
+#: More digits than a trace's token count can have (an int64 has 19): Python refuses to read
+#: over 4300 digits as an int, and a count past MAX_PROMPT_TOKENS is refused anyway.
+_CELL_DIGITS_MAX = 18
+#: The most tokens each token column of a trace takes a request.
+_CELL_MOST = {"prompt_tokens": MAX_PROMPT_TOKENS, "output_tokens": MAX_OUTPUT_TOKENS}
+
+
+def _trace_cell(column: str, cell: str, source: str) -> float | int:
+    """One cell of a trace's row: ``arrival_s`` a float, a token column an int; a cell that
+    is neither is one line naming the column."""
+    if column == "arrival_s":
+        try:
+            seconds = float(cell)
+        except ValueError:
+            raise UserError(f"arrival_s: expected a number of seconds, got {cell[:40]!r}",
+                            source=source) from None
+        if math.isinf(seconds) and "inf" not in cell.lower():  # 1e999, 400 digits
+            raise UserError(f"arrival_s: {_cut(cell)} is too large a number of seconds (past "
+                            "a float's range)", source=source)
+        return seconds + 0.0  # -0 is 0
+    digits = cell.lstrip("+-").replace("_", "").lstrip("0")
+    if digits.isdecimal() and len(digits) > _CELL_DIGITS_MAX:  # what int() reads, or would
+        if cell.startswith("-"):
+            raise UserError(f"{column}: must be at least 1, got a negative {len(digits)}-digit "
+                            "number", source=source)
+        raise UserError(f"{column}: a {len(digits)}-digit number is too large (at most "
+                        f"{_CELL_MOST[column]} a request)", source=source)
+    try:
+        return int(cell)
+    except ValueError:
+        raise UserError(f"{column}: expected a whole number, got {cell[:40]!r}",
+                        source=source) from None
+
+
+def _header_shown(names: list[str]) -> str:
+    """A trace's header as its error shows it: the names it gave (a ';' or tab between them
+    reads as one name), cut after 80 characters."""
+    if not names:
+        return "none, the first line is empty"
+    text = ",".join(names)
+    return quoted(text, 80)
+
+
+def _cut(text: str) -> str:
+    """``text`` quoted, cut after 24 characters."""
+    return f"{text[:24]!r}..." if len(text) > 24 else repr(text)
 
 
 def _trace_text(path: Path) -> str:
