@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from hgsim import __version__
 from hgsim.commands.checks import argument_int
-from hgsim.errors import UserError, one_line
+from hgsim.errors import UserError, one_line, quoted
 
 # Order is the order shown in --help.
 COMMANDS = ["simulate", "serve", "run", "study", "profiles", "models", "policies", "attention", "calibrate",
@@ -47,8 +47,7 @@ def _argument_float(text: str) -> float:
     400 digits) 'too large' rather than read as the inf it was not written as."""
     value = float(text) + 0.0
     if math.isinf(value) and "inf" not in text.lower():
-        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}...({len(text):,} characters)"
-        raise argparse.ArgumentTypeError(f"{shown} is too large a number (a float holds at "
+        raise argparse.ArgumentTypeError(f"{quoted(text)} is too large a number (a float holds at "
                                          f"most {sys.float_info.max:.1e})")
     return value
 

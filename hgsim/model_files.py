@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from hgsim.config_io import humane, load_yaml, validate
 from hgsim.config_read import read_text
-from hgsim.errors import ConfigError
+from hgsim.errors import ConfigError, quoted
 from hgsim.search_path import (
     YAML_SUFFIXES,
     existing_file,
@@ -148,9 +148,27 @@ def _default_name(path: Path) -> str:
     return path.parent.name if path.stem == "config" and path.parent.name else path.stem
 
 
+class _KeyTwice(Exception):
+    """A JSON object names one key twice."""
+
+
+def _no_key_twice(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json``'s object hook: a key given twice is an error (json keeps the last silently,
+    so a hand-edited config.json would run on whichever value came second)."""
+    data: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in data:
+            raise _KeyTwice(key)
+        data[key] = value
+    return data
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(read_text(path))
+        data = json.loads(read_text(path), object_pairs_hook=_no_key_twice)
+    except _KeyTwice as exc:
+        raise ConfigError(f"{quoted(str(exc.args[0]))} is given twice (which one is meant?)",
+                          source=str(path)) from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"not valid JSON: {exc.msg} (line {exc.lineno})",
                           source=str(path)) from None

@@ -147,16 +147,21 @@ def written_whole(path: str | os.PathLike[str], mode: str = "w", **open_args: An
     in place: it holds no earlier result to protect, and the rename would put a regular file
     where the device or pipe was (as root, ``--trace /dev/null`` replaced /dev/null).
 
+    A ``path`` that is a symbolic link is written through it, as ``open`` would: the file it
+    points to is replaced, the link stays.
+
     A write the file system refuses (a full disk, ``/dev/full``, a quota) is a UserError
     naming ``path``, not a traceback at the end of the run."""
-    path = Path(path)
+    named = path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if _special(path):
-        with _refused_as_user_error(path), open(path, mode, **open_args) as fh:
+        with _refused_as_user_error(named), open(path, mode, **open_args) as fh:
             yield fh
         return
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with _refused_as_user_error(path):
+        with _refused_as_user_error(named):
             with open(tmp, mode, **open_args) as fh:
                 yield fh
             os.replace(tmp, path)

@@ -415,3 +415,12 @@ def test_option_of_a_union_type_names_the_option_alone(capsys, value, reason):
     is an index or a name) read as part of the option's name."""
     line = user_error(capsys, *SIMULATE_SMALL, "--option", f"host_socket={value}")
     assert line == f"hgsim simulate: error: --option host_socket: {reason}", line
+
+
+def test_config_json_key_given_twice_names_file_and_key(tmp_path):
+    """json keeps the last of a key given twice; a hand-edited config.json would run on it."""
+    body = json.dumps(LLAMA_31_8B)[:-1] + ', "hidden_size": 1024}'
+    path = write(tmp_path / "config.json", body)
+    with pytest.raises(ConfigError) as info:
+        model_files.load_model_file(path)
+    assert str(info.value) == f"{path}: 'hidden_size' is given twice (which one is meant?)"

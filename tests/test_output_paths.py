@@ -220,6 +220,26 @@ def test_an_interrupted_write_leaves_the_earlier_file_and_no_part_of_the_new(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
 
 
+def test_an_output_that_is_a_symbolic_link_is_written_through_it(tmp_path):
+    """The file the link points to is replaced (whole, as any output), the link stays: a
+    results folder linked elsewhere keeps its link."""
+    from hgsim.outputs import written_whole
+
+    (tmp_path / "data").mkdir()
+    target = write(tmp_path / "data" / "table.csv", "old\n")
+    link = tmp_path / "table.csv"
+    link.symlink_to(target)
+    with written_whole(link) as fh:
+        fh.write("new\n")
+    assert link.is_symlink() and target.read_text() == "new\n"
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["table.csv"]
+    dangling = tmp_path / "later.csv"
+    dangling.symlink_to(tmp_path / "data" / "later.csv")
+    with written_whole(dangling) as fh:
+        fh.write("first\n")
+    assert dangling.is_symlink() and dangling.read_text() == "first\n"
+
+
 def test_simulate_interrupted_while_writing_its_trace_leaves_no_torn_trace(
         tmp_path, capsys, monkeypatch):
     """Ctrl-C while a 5 MB trace was being written left a truncated JSON file that Perfetto

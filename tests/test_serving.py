@@ -412,6 +412,13 @@ def test_trace_rows_and_their_errors(tmp_path):
             ":2: prompt_tokens: expected a whole number, got '1e3'",
         "arrival_s,prompt_tokens,output_tokens\n0,4096.5,1\n":
             ":2: prompt_tokens: expected a whole number, got '4096.5'",
+        # digits as a CSV writer writes them (int() and float() read these too)
+        "arrival_s,prompt_tokens,output_tokens\n0,1_000,1\n":
+            ":2: prompt_tokens: expected a whole number, got '1_000'",
+        "arrival_s,prompt_tokens,output_tokens\n0,\uff11\uff12,1\n":
+            ":2: prompt_tokens: expected a whole number, got '\uff11\uff12'",
+        "arrival_s,prompt_tokens,output_tokens\n1_0.5,1,1\n":
+            ":2: arrival_s: expected a number of seconds, got '1_0.5'",
         "arrival_s,prompt_tokens,output_tokens\n-1,1,1\n":
             r":2: arrival_s: must be >= 0 \(seconds from the start\), got -1",
         "arrival_s,prompt_tokens,output_tokens\nnan,1,1\n": ":2: arrival_s: must be a finite",

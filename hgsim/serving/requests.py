@@ -16,6 +16,7 @@ import csv
 import io
 import math
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,33 +303,35 @@ def read_trace(path: str | Path) -> list[Request]:
 _CELL_DIGITS_MAX = 18
 #: The most tokens each token column of a trace takes a request.
 _CELL_MOST = {"prompt_tokens": MAX_PROMPT_TOKENS, "output_tokens": MAX_OUTPUT_TOKENS}
+#: A trace's numbers as a CSV writer writes them: ASCII digits (Python's int() and float()
+#: also read '1_000' and full-width or Arabic-Indic digits, which no trace means).
+_CELL_WHOLE = re.compile(r"[+-]?[0-9]+")
+_CELL_SECONDS = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+                           r"|[+-]?(?:inf|infinity|nan)", re.IGNORECASE)
 
 
 def _trace_cell(column: str, cell: str, source: str) -> float | int:
     """One cell of a trace's row: ``arrival_s`` a float, a token column an int; a cell that
     is neither is one line naming the column."""
     if column == "arrival_s":
-        try:
-            seconds = float(cell)
-        except ValueError:
+        if not _CELL_SECONDS.fullmatch(cell):
             raise UserError(f"arrival_s: expected a number of seconds, got {cell[:40]!r}",
-                            source=source) from None
+                            source=source)
+        seconds = float(cell)
         if math.isinf(seconds) and "inf" not in cell.lower():  # 1e999, 400 digits
             raise UserError(f"arrival_s: {_cut(cell)} is too large a number of seconds (past "
                             "a float's range)", source=source)
         return seconds + 0.0  # -0 is 0
-    digits = cell.lstrip("+-").replace("_", "").lstrip("0")
-    if digits.isdecimal() and len(digits) > _CELL_DIGITS_MAX:  # what int() reads, or would
+    if not _CELL_WHOLE.fullmatch(cell):
+        raise UserError(f"{column}: expected a whole number, got {cell[:40]!r}", source=source)
+    digits = cell.lstrip("+-").lstrip("0")
+    if len(digits) > _CELL_DIGITS_MAX:  # int() refuses over 4300 digits
         if cell.startswith("-"):
             raise UserError(f"{column}: must be at least 1, got a negative {len(digits)}-digit "
                             "number", source=source)
         raise UserError(f"{column}: a {len(digits)}-digit number is too large (at most "
                         f"{_CELL_MOST[column]} a request)", source=source)
-    try:
-        return int(cell)
-    except ValueError:
-        raise UserError(f"{column}: expected a whole number, got {cell[:40]!r}",
-                        source=source) from None
+    return int(cell)
 
 
 def _header_shown(names: list[str]) -> str:
