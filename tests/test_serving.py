@@ -22,6 +22,7 @@ from hgsim.serving import (
     read_trace,
     serve_requests,
 )
+from hgsim.serving.server import run_server
 from hgsim.serving.step_times import GRID_PER_OCTAVE, bracket, grid_point
 
 
@@ -737,3 +738,20 @@ def test_user_errors_survive_a_simulated_process_and_pickling(error):
         assert type(copy) is type(error) and str(copy) == str(error)
         assert vars(copy) == vars(error)
     assert str(error).count("\n") == 0
+
+
+def test_an_error_of_any_kind_inside_the_server_surfaces_as_itself():
+    """simpy rebuilds a process's error from its args, which pydantic's ValidationError cannot
+    survive: it surfaced as a TypeError from inside simpy (the CLI fuzz found one)."""
+    from pydantic import BaseModel, ValidationError
+
+    class Spec(BaseModel):
+        n: int
+
+    class Refusing(ConstantTimes):
+        def decode_step(self, batch, mean_context):
+            Spec(n="not a number")
+
+    requests = RequestMix(fixed(10), fixed(4), count=2, seed=0).requests(1.0)
+    with pytest.raises(ValidationError, match="valid integer"):
+        run_server(Refusing(0.0, 0.01), requests, max_batch=4)

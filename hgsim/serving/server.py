@@ -586,8 +586,26 @@ def run_server(times: StepTimes, requests: list[Request], *, max_batch: int, cop
     server = Server(env, times, max_batch=max_batch, copies=copies, on_finish=on_finish,
                     prefix_cache=prefix_cache, kv_offload=kv_offload, pack=pack,
                     affinity_wait_s=affinity_wait_s, paged=paged)
-    env.process(server.arrivals(requests))
+    env.process(_carried(server.arrivals(requests)))
     for engine in server.engines:
-        env.process(engine.run())
-    env.run()
+        env.process(_carried(engine.run()))
+    try:
+        env.run()
+    except _Carried as carried:
+        raise carried.args[0] from None
     return server
+
+
+class _Carried(Exception):
+    """An error raised inside a process, carried out of simpy whole (``args``: the error)."""
+
+
+def _carried(process):
+    """``process``, its errors carried out as ``_Carried``: simpy re-raises a process's error
+    as ``type(exc)(*exc.args)``, which an error made from other arguments than its args
+    (pydantic's ValidationError) cannot survive; it surfaced as a TypeError from simpy, not
+    the one-line error it was."""
+    try:
+        return (yield from process)
+    except Exception as exc:
+        raise _Carried(exc) from None
