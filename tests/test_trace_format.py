@@ -192,3 +192,19 @@ def test_a_trace_limit_without_a_trace_is_refused(capsys):
                       "--context", "1k", "--gen", "4", "--samples", "2", "--trace-max-gb", "2")
     assert line == ("hgsim simulate: error: --trace-max-gb: limits the trace, which is written "
                     "only with --trace: add it")
+
+
+def test_simulate_json_with_a_trace_says_where_it_went_on_stderr(tmp_path, capsys):
+    """--json keeps stdout one JSON document; the trace's notice goes to stderr (it was not
+    printed at all)."""
+    import json
+
+    from hgsim.cli import main
+
+    path = tmp_path / "t.json"
+    argv = ["simulate", "--profile", "dev-zen4-2core", "--model", "opt-6.7b", "--context", "1k",
+            "--gen", "4", "--samples", "2", "--trace", str(path), "--json"]
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["feasible"]
+    assert f"trace written to {path}" in captured.err and path.stat().st_size > 0

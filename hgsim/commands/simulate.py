@@ -197,6 +197,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     settings = accuracy_settings(models)
+    # with --json, stdout is the one JSON document: what became of the trace goes to stderr
+    notices = sys.stderr if args.json else sys.stdout
     if args.json:
         print(json.dumps(finite_for_json({**result.to_row(), **settings}), indent=2, default=str))
     else:
@@ -204,14 +206,15 @@ def run(args: argparse.Namespace) -> int:
         if settings:
             print("\naccuracy model: " + ", ".join(
                 f"{key.removeprefix('fidelity.')}={value:g}" for key, value in settings.items()))
-        if trace is not None and result.feasible:
-            simulated = sum(s.simulated for s in result.steps)
-            print(f"\ntrace written to {trace}: {trace.stat().st_size / 1e6:.2f} MB, "
-                  f"{simulated} of {len(result.steps)} decode steps simulated "
-                  "(open in https://ui.perfetto.dev)")
-        elif trace is not None:
-            removed = "; the earlier file there was removed" if earlier_trace else ""
-            print(f"\nno trace written to {trace} (infeasible: nothing was simulated{removed})")
+    if trace is not None and result.feasible:
+        simulated = sum(s.simulated for s in result.steps)
+        print(f"\ntrace written to {trace}: {trace.stat().st_size / 1e6:.2f} MB, "
+              f"{simulated} of {len(result.steps)} decode steps simulated "
+              "(open in https://ui.perfetto.dev)", file=notices)
+    elif trace is not None:
+        removed = "; the earlier file there was removed" if earlier_trace else ""
+        print(f"\nno trace written to {trace} (infeasible: nothing was simulated{removed})",
+              file=notices)
     return 0 if result.feasible else 1
 
 
