@@ -9,6 +9,7 @@ one), so its decisions follow the same cadence as in a full run.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -270,7 +271,8 @@ def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload
                context: int, chunk_past: int, chunk_tokens: int, *, alone: bool = False,
                policy_options: dict[str, Any] | None = None,
                past_from: str | None = None,
-               packed: Sequence[tuple[int, int]] = ()) -> tuple[float, float]:
+               packed: Sequence[tuple[int, int]] = (), adapted: int = 0
+               ) -> tuple[float, float]:
     """One decode step of ``workload.batch`` sequences at ``context`` tokens under ``pol``'s
     plans as they stand, with positions ``chunk_past`` to ``chunk_past + chunk_tokens`` of a
     prompt prefilled in the same step (``DecodeEngine.step``; ``alone``: the chunk without a
@@ -278,18 +280,24 @@ def mixed_step(profile: HardwareProfile, model: ModelSpec, pol: Policy, workload
     ``past_from`` its whole past read back from the host, ``PrefillChunk.past_from``) and
     ``packed``, more prompts' chunks (past, tokens) with their past in place, on a fresh
     machine: its seconds and the machine's joules over it (NaN: the profile lacks energy
-    figures)."""
+    figures). ``adapted``: the step after that many such steps, the policy's scheduler
+    observing each (on a copy of ``pol``), as it would over a long prompt's chunks."""
     view = rank_view(profile, model, workload.tensor_parallel, host_shared(policy_options),
                      workload.data_parallel, workload.gpu_placement)
-    engine = new_engine(profile, model, workload, view=view)
-    machine = engine.machine
-    plan = pol.step_plan(max(context, 1))
-    if alone:
-        plan = replace(plan, batch=0)
     chunk = PrefillChunk(chunk_past, chunk_tokens, past_from,
                          pol.host_kv_placement() if past_from == PAST_ON_HOST else None)
-    before = machine.recorder.snapshot()
-    m = engine.step(plan, chunk, [PrefillChunk(past, tokens) for past, tokens in packed])
+    if adapted:
+        pol = copy.deepcopy(pol)
+    for step in range(adapted + 1):
+        engine = new_engine(profile, model, workload, view=view)
+        machine = engine.machine
+        plan = pol.step_plan(max(context, 1))
+        if alone:
+            plan = replace(plan, batch=0)
+        before = machine.recorder.snapshot()
+        m = engine.step(plan, chunk, [PrefillChunk(past, tokens) for past, tokens in packed])
+        if step < adapted:  # the scheduler sees the step (pol is a copy)
+            pol.observe(m.host_s, m.device_s, m.variable_s)
     activity = _system_activity(view, energy.activity_between(
         machine, before, machine.recorder.snapshot(), m.latency_s), engine.allreduce_sent_bytes)
     joules = energy.energy_by_component_j(view.system, activity)

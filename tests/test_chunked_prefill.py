@@ -139,6 +139,25 @@ def test_hybridgen_hides_a_chunk_in_the_gpus_wait_for_the_host(machine):
     assert mixed - decode < 0.1 * alone
 
 
+@pytest.mark.parametrize(("batch", "context", "past"), [(32, 16384, 16384), (32, 32768, 30720)])
+def test_the_scheduler_seeing_chunked_steps_moves_a_mixed_step_little(batch, context, past):
+    """A mixed cell runs under HybridGen's scheduler as the decode cell left it. Letting it
+    observe eight steps with the chunk riding on them first (a long prompt's chunks, one an
+    iteration) moves the step under 2% (0.4% and 0% here: GPU-bound with the chunk, and
+    host-bound with the chunk's read-back)."""
+    times = StepTimes(load_profile(PROFILE), get_model(MODEL), "hybridgen", {},
+                      prefill_chunk=2048, longest_prompt=32768)
+    assert math.isfinite(times.decode_cell(batch, context))
+    pol = times._settled[(batch, context)]
+    workload = times._workload(batch, context, gen=1)
+    run = dict(profile=times.serving_profile, model=times.model, pol=pol, workload=workload,
+               context=context, chunk_past=past, chunk_tokens=2048)
+    settled, _ = mixed_step(**run)
+    adapted, _ = mixed_step(**run, adapted=8)
+    assert adapted == pytest.approx(settled, rel=0.02)
+    assert mixed_step(**run)[0] == settled  # the settled policy is left as it was
+
+
 @pytest.mark.parametrize("prompt", [2048, 8192, 32768])
 def test_a_whole_prompt_as_one_chunk_alone_is_the_prefill(machine, prompt):
     """Two code paths, one physics: the chunk alone (DecodeEngine.step, three GEMM and
