@@ -8,8 +8,10 @@ stderr with exit code 2 (no traceback for mistakes the user can fix).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import math
+import os
 import re
 import sys
 
@@ -145,5 +147,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"hgsim {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # | head: the reader has what it wanted
+        _stdout_to_devnull()
         return 0
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        # the files hgsim writes say so themselves (outputs.written_whole): this is the
+        # standard output, a full disk or /dev/full behind it
+        _stdout_to_devnull()
+        print(f"hgsim {args.command}: error: cannot write its output ({exc.strerror})",
+              file=sys.stderr)
+        return 2
+
+
+#: A write refused for want of room: a full disk, a quota, a file past its size limit.
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _stdout_to_devnull() -> None:
+    """Point the standard output at /dev/null, so that the interpreter's flush at exit does
+    not fail again with a second error ("Exception ignored ... <stdout>")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # no real file behind it (captured)
+        pass

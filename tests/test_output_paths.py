@@ -320,3 +320,18 @@ def test_an_infeasible_simulation_leaves_a_trace_path_that_is_a_pipe(tmp_path, c
                  "--policy", "gpu_only", "--context", "512k", "--batch", "8", "--gen", "2",
                  "--trace", str(pipe)]) == 1
     assert stat.S_ISFIFO(os.stat(pipe).st_mode)
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_standard_output_with_no_room_is_one_line_exit_2():
+    """``hgsim profiles > /dev/full``: the table cannot be written (a full disk behind the
+    shell's redirect); one line on stderr, exit 2, not rich's traceback."""
+    import subprocess
+    import sys
+
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "-m", "hgsim", "profiles"], stdout=full,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == ("hgsim profiles: error: cannot write its output (No space left on "
+                           "device)\n")
