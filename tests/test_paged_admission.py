@@ -150,3 +150,14 @@ def test_a_study_point_keys_admission_only_when_paged():
     assert ServingSpec(rate_per_s=1.0, admission="paged").key_config()["admission"] == "paged"
     with pytest.raises(ValueError, match="admission"):
         ServingSpec(rate_per_s=1.0, admission="vllm")
+
+
+@pytest.mark.parametrize(("prompt", "output"), [(999, 1), (990, 10)])
+def test_a_request_whose_final_kv_just_fits_alone_is_served(prompt, output):
+    """Its final KV fills the memory exactly (C = P + O): alone it is admitted on its final
+    length, though the tokens counted for its first iteration (prompt, first token and the
+    token decoded with it) are one more. It waited for room forever, and the server spun."""
+    requests = burst(3, prompt=prompt, output=output)
+    times = ConstantTimes(prefill_s=0.0, step_s=0.01, capacity_tokens=prompt + output)
+    server = served("paged", requests, times)
+    assert all(s.generated == output and not s.rejected for s in server.served)

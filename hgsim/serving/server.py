@@ -290,7 +290,9 @@ class Engine:
                 why = self._too_long(head)
             if why:
                 pass
-            elif times.fits(batch, need):
+            # paged, alone: its final KV fits alone (checked above), though the tokens counted
+            # for its first iteration may be one more (the first token and the one decoded)
+            elif times.fits(batch, need) or (server.paged and batch == 1):
                 if again:
                     self.preempted.popleft()
                 else:
