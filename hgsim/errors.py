@@ -100,6 +100,12 @@ def one_line(message: str) -> str:
     return _LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], message)
 
 
+def clipped(text: str, most: int = 24) -> str:
+    """``text`` quoted as ``repr`` does, cut after ``most`` characters with ``...`` (a number
+    too large to read: its first digits say which it was)."""
+    return f"{text[:most]!r}..." if len(text) > most else repr(text)
+
+
 def quoted(text: str, most: int = 40) -> str:
     """``text`` quoted as ``repr`` does, cut after ``most`` characters: an error quoting a value
     the user typed stays a line to read, whatever its length (a 5000-digit count)."""

@@ -10,7 +10,19 @@ from __future__ import annotations
 
 import re
 
-from hgsim.errors import quoted
+from hgsim.errors import clipped, quoted
+
+#: The most digits a whole number typed as text may have (a count, an option's value, a trace's
+#: cell): none needs 10^18 (an int64 has 19), and Python reads no int of over 4300 digits.
+MAX_DIGITS = 18
+
+
+def digits_of(text: str) -> int:
+    """How many significant digits ``text`` has as a whole number ``int()`` reads (sign,
+    underscores and leading zeros aside), 0 where it is no such number: checked against
+    ``MAX_DIGITS`` before ``int()``, which refuses over 4300 and quotes them all."""
+    digits = text.strip().lstrip("+-").replace("_", "").lstrip("0")
+    return len(digits) if digits.isdecimal() else 0
 
 # Conversion factors into each field's canonical unit, keyed by dimension.
 _DIMENSIONS: dict[str, dict[str, float]] = {
@@ -117,9 +129,7 @@ def parse_count(value: object) -> int:
     if suffix:
         number *= {"k": 1024, "m": 1024**2, "g": 1024**3}[suffix[0].lower()]
     if number >= 2.0 ** 62:  # 1e309 reads as inf; no context or step count comes near 2^62
-        raise ValueError(f"{value.strip()[:24]!r}... is too large a count (at most 2^62)"
-                         if len(value.strip()) > 24 else
-                         f"{value.strip()!r} is too large a count (at most 2^62)")
+        raise ValueError(f"{clipped(value.strip())} is too large a count (at most 2^62)")
     if not number.is_integer():
         raise ValueError(f"{quoted(value)} is not a whole number of tokens")
     return int(number)

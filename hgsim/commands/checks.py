@@ -13,8 +13,8 @@ import os
 import re
 import sys
 
-from hgsim.errors import UserError
-from hgsim.units import parse_count
+from hgsim.errors import UserError, quoted
+from hgsim.units import MAX_DIGITS, digits_of, parse_count
 
 
 def non_negative(value: float, flag: str, most: float | None = None,
@@ -46,20 +46,16 @@ def count(text: str, flag: str) -> int:
 #: caller's to check, so a negative one is told its range, not that it is no number).
 _WHOLE = re.compile(r"[+-]?[0-9]+")
 
-#: More digits than any count of requests or turns can have (an int64 has 19): Python refuses
-#: to read a string of over 4300 digits as an int, and no machine serves 10^18 requests.
-_WHOLE_DIGITS_MAX = 18
-
 
 def whole(text: str, flag: str, noun: str) -> int:
     """A count of things other than tokens (requests, turns): a plain whole number, no
     ``k``/``M`` suffix (those are the tokens' powers of two; 2k requests would be 2048)."""
     if not _WHOLE.fullmatch(text.strip()):
         raise UserError(f"expected a whole number of {noun}, got {text!r}", field=flag)
-    digits = text.strip().lstrip("+-").lstrip("0")
-    if len(digits) > _WHOLE_DIGITS_MAX:
-        raise UserError(f"got a {len(digits)}-digit number; a count of {noun} has at most "
-                        f"{_WHOLE_DIGITS_MAX} digits", field=flag)
+    digits = digits_of(text)
+    if digits > MAX_DIGITS:
+        raise UserError(f"got a {digits}-digit number; a count of {noun} has at most "
+                        f"{MAX_DIGITS} digits", field=flag)
     return int(text)
 
 
@@ -68,7 +64,7 @@ def argument_int(text: str) -> int:
     digits than any count a flag takes is 'too large', not an 'invalid int value' quoted in
     full (past 4300 digits Python will not read it), and a long value that is no number is
     cut."""
-    return _int_of(text, _WHOLE_DIGITS_MAX)
+    return _int_of(text, MAX_DIGITS)
 
 
 def argument_seed(text: str) -> int:
@@ -78,15 +74,14 @@ def argument_seed(text: str) -> int:
 
 
 def _int_of(text: str, most_digits: int) -> int:
-    digits = text.strip().lstrip("+-").replace("_", "").lstrip("0")
-    if digits.isdecimal() and len(digits) > most_digits:
-        raise argparse.ArgumentTypeError(f"a {len(digits)}-digit number is too large (at most "
+    digits = digits_of(text)
+    if digits > most_digits:
+        raise argparse.ArgumentTypeError(f"a {digits}-digit number is too large (at most "
                                          f"{most_digits} digits)")
     try:
         return int(text)
     except ValueError:  # argparse's own words, a long value cut
-        shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}...({len(text):,} characters)"
-        raise argparse.ArgumentTypeError(f"invalid int value: {shown}") from None
+        raise argparse.ArgumentTypeError(f"invalid int value: {quoted(text)}") from None
 
 
 def local_workers(requested: int | None, flag: str, command: str,

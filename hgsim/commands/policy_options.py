@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 from hgsim.errors import OptionError, UserError, quoted
 from hgsim.search_path import shown
+from hgsim.units import MAX_DIGITS, digits_of
 
 
 def policy_options(pairs: list[str], policy: str) -> dict:
@@ -30,11 +31,6 @@ def policy_options(pairs: list[str], policy: str) -> dict:
             options[word] = given[word]
 
 
-#: More digits than any option's, field's or knob's value has: Python reads no int of over
-#: 4300 (command_line_value then read it as the float inf), and none needs 10^18.
-_VALUE_DIGITS_MAX = 18
-
-
 def key_value_pairs(pairs: list[str], flag: str, noun: str) -> dict:
     """The ``KEY=VALUE`` pairs of a repeatable ``flag`` (``--option``, ``--selection``,
     ``--attention``) as a dict of values read as YAML would (``command_line_value``); a key
@@ -48,11 +44,11 @@ def key_value_pairs(pairs: list[str], flag: str, noun: str) -> dict:
         if key in values:
             raise UserError(f"{quoted(key)} is given twice ({shown(f'{key}={values[key]}')} and "
                             f"{shown(pair.strip())}); give each {noun} once", field=flag)
-        digits = value.strip().lstrip("+-").replace("_", "").lstrip("0")
-        if digits.isdecimal() and len(digits) > _VALUE_DIGITS_MAX:  # else read as inf, or
-            # quoted whole in the option's own message
-            raise UserError(f"a {len(digits)}-digit number is too large (at most "
-                            f"{_VALUE_DIGITS_MAX} digits)", field=f"{flag} {shown(key)}")
+        digits = digits_of(value)
+        if digits > MAX_DIGITS:  # else read as the float inf (Python reads no int of over
+            # 4300 digits), or quoted whole in the option's own message
+            raise UserError(f"a {digits}-digit number is too large (at most {MAX_DIGITS} "
+                            "digits)", field=f"{flag} {shown(key)}")
         values[key] = command_line_value(value.strip())
     return values
 

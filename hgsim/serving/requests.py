@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hgsim.errors import UserError, quoted
-from hgsim.units import parse_count
+from hgsim.errors import UserError, clipped, quoted
+from hgsim.units import MAX_DIGITS, digits_of, parse_count
 
 #: The most requests one run serves (a typo with extra zeros would fill memory, not a queue).
 MAX_REQUESTS = 1_000_000
@@ -298,9 +298,6 @@ def read_trace(path: str | Path) -> list[Request]:
     return requests
 
 
-#: More digits than a trace's token count can have (an int64 has 19): Python refuses to read
-#: over 4300 digits as an int, and a count past MAX_PROMPT_TOKENS is refused anyway.
-_CELL_DIGITS_MAX = 18
 #: The most tokens each token column of a trace takes a request.
 _CELL_MOST = {"prompt_tokens": MAX_PROMPT_TOKENS, "output_tokens": MAX_OUTPUT_TOKENS}
 #: A trace's numbers as a CSV writer writes them: ASCII digits (Python's int() and float()
@@ -319,17 +316,17 @@ def _trace_cell(column: str, cell: str, source: str) -> float | int:
                             source=source)
         seconds = float(cell)
         if math.isinf(seconds) and "inf" not in cell.lower():  # 1e999, 400 digits
-            raise UserError(f"arrival_s: {_cut(cell)} is too large a number of seconds (past "
+            raise UserError(f"arrival_s: {clipped(cell)} is too large a number of seconds (past "
                             "a float's range)", source=source)
         return seconds + 0.0  # -0 is 0
     if not _CELL_WHOLE.fullmatch(cell):
         raise UserError(f"{column}: expected a whole number, got {cell[:40]!r}", source=source)
-    digits = cell.lstrip("+-").lstrip("0")
-    if len(digits) > _CELL_DIGITS_MAX:  # int() refuses over 4300 digits
+    digits = digits_of(cell)
+    if digits > MAX_DIGITS:  # a count past MAX_PROMPT_TOKENS is refused anyway
         if cell.startswith("-"):
-            raise UserError(f"{column}: must be at least 1, got a negative {len(digits)}-digit "
+            raise UserError(f"{column}: must be at least 1, got a negative {digits}-digit "
                             "number", source=source)
-        raise UserError(f"{column}: a {len(digits)}-digit number is too large (at most "
+        raise UserError(f"{column}: a {digits}-digit number is too large (at most "
                         f"{_CELL_MOST[column]} a request)", source=source)
     return int(cell)
 
@@ -341,11 +338,6 @@ def _header_shown(names: list[str]) -> str:
         return "none, the first line is empty"
     text = ",".join(names)
     return quoted(text, 80)
-
-
-def _cut(text: str) -> str:
-    """``text`` quoted, cut after 24 characters."""
-    return f"{text[:24]!r}..." if len(text) > 24 else repr(text)
 
 
 def _trace_text(path: Path) -> str:
