@@ -16,8 +16,8 @@ from hgsim.serving.result import ServeResult, Slo
 from hgsim.serving.server import ADMISSIONS, run_server
 from hgsim.serving.step_times import StepTimes
 
-__all__ = ["ADMISSIONS", "BURST_SHARE", "MIN_PREFILL_CHUNK", "KvOffload", "LengthDist", "RateSearch",
-           "Request", "RequestMix", "ServeResult", "Slo", "StepTimes", "alone_s",
+__all__ = ["ADMISSIONS", "BURST_SHARE", "MIN_PREFILL_CHUNK", "KvOffload", "LengthDist",
+           "RateSearch", "Request", "RequestMix", "ServeResult", "Slo", "StepTimes", "alone_s",
            "check_admission", "check_prefill_chunk", "kv_offload", "longest_prompt", "max_rate",
            "prefill_chunk_problem", "rate_unit", "read_trace", "run_labels", "serve_requests"]
 
@@ -69,13 +69,11 @@ def prefill_chunk_problem(prefill_chunk: Any) -> str | None:
     cached prefix (``StepTimes.past_bracket``) was a step at a context of that many tokens:
     past 10^12 the step's workload was refused mid-run, a traceback (the CLI fuzz found
     ``--prefill-chunk 999999999745`` with conversations)."""
-    if prefill_chunk is None or (isinstance(prefill_chunk, int)
-                                 and not isinstance(prefill_chunk, bool)
-                                 and (prefill_chunk == 0 or MIN_PREFILL_CHUNK <= prefill_chunk
-                                      <= MAX_PROMPT_TOKENS)):
+    whole = isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool)
+    if prefill_chunk is None or (whole and (prefill_chunk == 0 or MIN_PREFILL_CHUNK
+                                            <= prefill_chunk <= MAX_PROMPT_TOKENS)):
         return None
-    if (isinstance(prefill_chunk, int) and not isinstance(prefill_chunk, bool)
-            and prefill_chunk > MAX_PROMPT_TOKENS):
+    if whole and prefill_chunk > MAX_PROMPT_TOKENS:
         return (f"at most {MAX_PROMPT_TOKENS} tokens (the longest a prompt may be), got "
                 f"{prefill_chunk}")
     return (f"must be 0 (prompts prefilled whole) or at least {MIN_PREFILL_CHUNK} tokens (a "
@@ -108,8 +106,8 @@ def run_labels(times: StepTimes, *, max_batch: int, mix: RequestMix,
                affinity_wait_s: float = math.inf,
                admission: str = "reserve") -> dict[str, Any]:
     """The columns that say what a run served: configuration, batch limit, admission, prefill
-    chunk (0: prompts prefilled whole) and lengths; for conversations their turns, follow-up lengths,
-    think time, whether a prefix cache keeps their KV, the host KV store's size (GB, 0:
+    chunk (0: prompts prefilled whole) and lengths; for conversations their turns, follow-up
+    lengths, think time, whether a prefix cache keeps their KV, the host KV store's size (GB, 0:
     none) and tier, and how long a later turn waits for the copy holding its KV (inf: as long
     as it takes)."""
     conversations = {} if traced or mix.turns == 1 else {

@@ -64,8 +64,8 @@ def kv_offload(profile: HardwareProfile, policy: str, capacity_gb: object,
     spec = profile.tiers.get(name)
     if spec is None or spec.kind == "hbm":
         host = ", ".join(n for n, t in profile.tiers.items() if t.kind != "hbm")
-        raise UserError(f"expected a host memory tier of {profile.name} ({host}), got {quoted(name)}",
-                        field=tier_field)
+        raise UserError(f"expected a host memory tier of {profile.name} ({host}), got "
+                        f"{quoted(name)}", field=tier_field)
     if capacity_gb > spec.capacity_gb:
         raise UserError(f"{capacity_gb:g} GB is more than {name}'s {spec.capacity_gb:g} GB",
                         field=gb_field)

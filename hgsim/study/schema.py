@@ -443,9 +443,9 @@ class SloSpec(StudyModel):
 
 #: The serving fields an axis may sweep (``serving.<field>``).
 SERVING_AXES = ("rate_per_s", "find_rate", "requests", "prompt", "output", "max_batch",
-                "admission", "prefill_chunk", "turns", "followup", "think_s", "prefix_cache", "kv_offload_gb",
-                "kv_offload_tier", "affinity_wait_s", "seed", "slo.ttft_s", "slo.tpot_ms",
-                "slo.attainment")
+                "admission", "prefill_chunk", "turns", "followup", "think_s", "prefix_cache",
+                "kv_offload_gb", "kv_offload_tier", "affinity_wait_s", "seed", "slo.ttft_s",
+                "slo.tpot_ms", "slo.attainment")
 #: The serving fields of a conversation beside ``turns`` (they need turns 2 or more), with
 #: their defaults.
 CONVERSATION_DEFAULTS = {"followup": "1k", "think_s": 30.0, "prefix_cache": True,
@@ -464,10 +464,10 @@ class ServingSpec(StudyModel):
     ``rate_per_s`` (or, with ``find_rate``, at the highest rate at which ``slo.attainment`` of
     them meet the SLO) and are batched continuously, at most ``max_batch`` at a time, admitted
     on their final KV (``admission: reserve``) or on the KV held now, preempted when it runs
-    out (``paged``), their prompts prefilled whole or, with ``prefill_chunk``, at most that many tokens an iteration
-    in the decode step's forward (chunked prefill; 0: whole). With ``turns`` > 1 each arrival
-    is a conversation of that many turns (``rate_per_s`` and ``requests`` count
-    conversations): a later turn sends the conversation so far plus ``followup`` new tokens,
+    out (``paged``), their prompts prefilled whole or, with ``prefill_chunk``, at most that
+    many tokens an iteration in the decode step's forward (chunked prefill; 0: whole). With
+    ``turns`` > 1 each arrival is a conversation of that many turns (``rate_per_s`` and
+    ``requests`` count conversations): a later turn sends the conversation so far plus ``followup`` new tokens,
     ``think_s`` seconds on average (exponential) after the turn before has finished, and with
     ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
     ``kv_offload_gb`` > 0 writes it to a host KV store of that many GB on ``kv_offload_tier``

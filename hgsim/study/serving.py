@@ -40,8 +40,8 @@ CONVERSATION_COLUMNS = ("turns", "followup", "think_s", "prefix_cache", "kv_offl
 FIND_RATE_COLUMNS = ("max_rate_per_s", "rates_tried", "reason", "slo_bound_by",
                      "slo_bound_note")
 #: Those of them that hold words.
-TEXT_COLUMNS = ("admission", "prompt", "output", "followup", "kv_offload_tier", "reason", "slo_bound_by",
-                "slo_bound_note")
+TEXT_COLUMNS = ("admission", "prompt", "output", "followup", "kv_offload_tier", "reason",
+                "slo_bound_by", "slo_bound_note")
 
 
 def serving_columns(slo: bool, find_rate: bool, conversations: bool = False) -> list[str]:
