@@ -467,9 +467,9 @@ class ServingSpec(StudyModel):
     out (``paged``), their prompts prefilled whole or, with ``prefill_chunk``, at most that
     many tokens an iteration in the decode step's forward (chunked prefill; 0: whole). With
     ``turns`` > 1 each arrival is a conversation of that many turns (``rate_per_s`` and
-    ``requests`` count conversations): a later turn sends the conversation so far plus ``followup`` new tokens,
-    ``think_s`` seconds on average (exponential) after the turn before has finished, and with
-    ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
+    ``requests`` count conversations): a later turn sends the conversation so far plus
+    ``followup`` new tokens, ``think_s`` seconds on average (exponential) after the turn
+    before has finished, and with ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
     ``kv_offload_gb`` > 0 writes it to a host KV store of that many GB on ``kv_offload_tier``
     too (default: the DRAM tier of the GPU's socket), a later turn whose KV left HBM loading it
     back (``hgsim.serving.kv_offload``); with several copies (``workload.data_parallel``) a
