@@ -461,15 +461,16 @@ KV_OFFLOAD_DEFAULTS = {"kv_offload_gb": 0.0, "kv_offload_tier": None,
 class ServingSpec(StudyModel):
     """An online server at every point (``hgsim.serving``, docs/serving.md): ``requests``
     requests with ``prompt`` and ``output`` lengths arrive as a Poisson process of
-    ``rate_per_s`` (or, with ``find_rate``, at the highest rate at which ``slo.attainment`` of
-    them meet the SLO) and are batched continuously, at most ``max_batch`` at a time, admitted
-    on their final KV (``admission: reserve``) or on the KV held now, preempted when it runs
-    out (``paged``), their prompts prefilled whole or, with ``prefill_chunk``, at most that
-    many tokens an iteration in the decode step's forward (chunked prefill; 0: whole). With
-    ``turns`` > 1 each arrival is a conversation of that many turns (``rate_per_s`` and
-    ``requests`` count conversations): a later turn sends the conversation so far plus
-    ``followup`` new tokens, ``think_s`` seconds on average (exponential) after the turn
-    before has finished, and with ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
+    ``rate_per_s`` (or, with
+    ``find_rate``, at the highest rate at which ``slo.attainment`` of them meet the SLO) and are
+    batched continuously, at most ``max_batch`` at a time, admitted on their final KV
+    (``admission: reserve``) or on the KV held now, preempted when it runs out (``paged``),
+    their prompts prefilled whole or, with ``prefill_chunk``, at most that many tokens an
+    iteration in the decode step's forward (chunked prefill; 0: whole). With ``turns`` > 1 each
+    arrival is a conversation of that many turns (``rate_per_s`` and ``requests`` count
+    conversations): a later turn sends the conversation so far plus ``followup`` new tokens,
+    ``think_s`` seconds on average (exponential) after the turn before has finished, and with
+    ``prefix_cache`` the server keeps a conversation's KV between its turns, and with
     ``kv_offload_gb`` > 0 writes it to a host KV store of that many GB on ``kv_offload_tier``
     too (default: the DRAM tier of the GPU's socket), a later turn whose KV left HBM loading it
     back (``hgsim.serving.kv_offload``); with several copies (``workload.data_parallel``) a
